@@ -1,0 +1,408 @@
+"""Grouped (mixture-of-)LoRA kernels in Triton, wrapped as torch.library custom ops.
+
+    out[t] = base_out[t] + scale * sum_k gates[t,k] * B[e] @ (A[e] @ x[t]),   e = expert_ids[t,k]
+
+Layout idea: with E*r small (8 experts x rank 16 = 128 columns against 4096 features) every
+expert's shrink fits in one skinny GEMM over x, so we compute h = x @ A_cat^T for all experts
+(A_cat = A.view(E*r, in)) and fold the routing into a per-column gate g[t, c] = sum_k
+gates[t,k] * [c // r == ids[t,k]]. Tokens are never gathered, sorted or counted, so there is no
+host sync and no data-dependent shape; the GEMMs run on tensor cores at full tile size, and the
+work that must touch the big tensors is one read of x (shrink), one read+write of the output
+(expand, accumulated into base_out), one read of dy (dh/dgates epilogue), plus cuBLAS for dB,
+dA and dx. The price is E/top_k times more (tiny) LoRA FLOPs, which is free while E*r <= ~256.
+
+Kernels:
+  _shrink_kernel      h = x @ A_cat^T                                  (T, E*r), x.dtype
+  _expand_kernel      out = base + (scale * g * h) @ B_cat             (T, out), may run in place
+  _expand_bwd_kernel  du = dy @ B_cat^T; dh = scale*g*du; u = scale*g*h; dgates = scale*<du,h>
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    """A few block shapes per kernel; the interpreter gets one (autotuning there is pointless)."""
+    if _INTERPRET:
+        return [triton.Config({"BT": 16, "BR": 16, "BK": 16}, num_warps=4, num_stages=1)]
+    cfgs = []
+    if kind == "shrink":  # reduce over `in` (BK), tile T x R
+        for bt, br, bk, w, s in [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3),
+                                 (32, 128, 128, 4, 3), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3),
+                                 (128, 64, 64, 4, 4), (64, 256, 64, 8, 3)]:
+            cfgs.append(triton.Config({"BT": bt, "BR": br, "BK": bk}, num_warps=w, num_stages=s))
+    elif kind == "expand":  # reduce over R (BR), tile T x out (BK is the out tile here)
+        for bt, br, bk, w, s in [(64, 64, 128, 4, 3), (128, 64, 128, 8, 3), (128, 32, 128, 4, 3),
+                                 (64, 64, 256, 8, 3), (16, 64, 128, 4, 2), (16, 32, 64, 4, 2),
+                                 (128, 64, 256, 8, 3)]:
+            cfgs.append(triton.Config({"BT": bt, "BR": br, "BK": bk}, num_warps=w, num_stages=s))
+    else:  # expand_bwd: reduce over out (BK), tile T x R
+        for bt, br, bk, w, s in [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (32, 128, 128, 4, 3),
+                                 (64, 64, 128, 4, 3), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3),
+                                 (64, 256, 64, 8, 3)]:
+            cfgs.append(triton.Config({"BT": bt, "BR": br, "BK": bk}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles much wider than R (they only multiply wasted work); keep at least one."""
+    r_tot = named_args["R"]
+    cap = max(16, triton.next_power_of_2(r_tot))
+    kept = [c for c in configs if c.kwargs["BR"] <= cap]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _col_gate(gates_ptr, ids_ptr, offs_t, mask_t, offs_c, RANK: tl.constexpr, K: tl.constexpr):
+    """g[t, c] = sum_k gates[t, k] * (ids[t, k] == c // RANK), as float32 (BT, BC)."""
+    e_col = offs_c // RANK
+    g = tl.zeros((offs_t.shape[0], offs_c.shape[0]), dtype=tl.float32)
+    for k in tl.static_range(K):
+        idk = tl.load(ids_ptr + offs_t.to(tl.int64) * K + k, mask=mask_t, other=-1).to(tl.int32)
+        gk = tl.load(gates_ptr + offs_t.to(tl.int64) * K + k, mask=mask_t, other=0.0).to(tl.float32)
+        g += tl.where(idk[:, None] == e_col[None, :], gk[:, None], 0.0)
+    return g
+
+
+@triton.autotune(configs=_configs("shrink"), key=["T_BUCKET", "N_IN", "R"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, h_ptr, T, N_IN, R, T_BUCKET,
+                   BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+                   F32_DOT: tl.constexpr, IEEE: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_r = pid_r * BR + tl.arange(0, BR)
+    offs_k = tl.arange(0, BK)
+    mask_t = offs_t < T
+    mask_r = offs_r < R
+    x_row = x_ptr + offs_t.to(tl.int64)[:, None] * N_IN
+    a_row = a_ptr + offs_r.to(tl.int64)[None, :] * N_IN
+    acc = tl.zeros((BT, BR), dtype=tl.float32)
+    for k0 in range(0, N_IN, BK):
+        kk = k0 + offs_k
+        mk = kk < N_IN
+        xt = tl.load(x_row + kk[None, :], mask=mask_t[:, None] & mk[None, :], other=0.0)
+        at = tl.load(a_row + kk[:, None], mask=mk[:, None] & mask_r[None, :], other=0.0)
+        if F32_DOT:  # the CPU interpreter mis-computes low-precision tl.dot
+            xt = xt.to(tl.float32)
+            at = at.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(xt, at, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, at, acc)
+    h_ptrs = h_ptr + offs_t.to(tl.int64)[:, None] * R + offs_r[None, :]
+    tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_r[None, :])
+
+
+@triton.autotune(configs=_configs("expand"), key=["T_BUCKET", "N_OUT", "R", "K"],
+                 prune_configs_by={"early_config_prune": _prune},
+                 restore_value=["out_ptr"])  # may run in place: tuning runs must not accumulate
+@triton.jit
+def _expand_kernel(base_ptr, h_ptr, b_ptr, gates_ptr, ids_ptr, out_ptr, scale,
+                   T, N_OUT, R, T_BUCKET,
+                   RANK: tl.constexpr, K: tl.constexpr,
+                   BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+                   F32_DOT: tl.constexpr, IEEE: tl.constexpr):
+    # BK is the tile over out-features here; BR the reduction step over the E*r columns.
+    pid_t = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_o = pid_o * BK + tl.arange(0, BK)
+    mask_t = offs_t < T
+    mask_o = offs_o < N_OUT
+    acc = tl.zeros((BT, BK), dtype=tl.float32)
+    for c0 in range(0, R, BR):
+        offs_c = c0 + tl.arange(0, BR)
+        mask_c = offs_c < R
+        g = _col_gate(gates_ptr, ids_ptr, offs_t, mask_t, offs_c, RANK, K)
+        ht = tl.load(h_ptr + offs_t.to(tl.int64)[:, None] * R + offs_c[None, :],
+                     mask=mask_t[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+        u = (ht * g * scale).to(h_ptr.dtype.element_ty)
+        # B is (E, out, r): column c = e*r + j of B_cat sits at e*out*r + o*r + j
+        e_c = (offs_c // RANK).to(tl.int64)
+        j_c = offs_c % RANK
+        b_ptrs = b_ptr + (e_c * N_OUT * RANK + j_c)[:, None] + offs_o.to(tl.int64)[None, :] * RANK
+        bt = tl.load(b_ptrs, mask=mask_c[:, None] & mask_o[None, :], other=0.0)
+        if F32_DOT:
+            u = u.to(tl.float32)
+            bt = bt.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(u, bt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(u, bt, acc)
+    io = offs_t.to(tl.int64)[:, None] * N_OUT + offs_o[None, :]
+    m2 = mask_t[:, None] & mask_o[None, :]
+    base = tl.load(base_ptr + io, mask=m2, other=0.0).to(tl.float32)
+    tl.store(out_ptr + io, (base + acc).to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.autotune(configs=_configs("expand_bwd"), key=["T_BUCKET", "N_OUT", "R", "K"],
+                 prune_configs_by={"early_config_prune": _prune},
+                 reset_to_zero=["dgates_ptr"])
+@triton.jit
+def _expand_bwd_kernel(dy_ptr, h_ptr, b_ptr, gates_ptr, ids_ptr,
+                       dh_ptr, u_ptr, dgates_ptr, scale,
+                       T, N_OUT, R, T_BUCKET,
+                       RANK: tl.constexpr, K: tl.constexpr,
+                       BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+                       F32_DOT: tl.constexpr, IEEE: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_c = pid_r * BR + tl.arange(0, BR)
+    offs_k = tl.arange(0, BK)
+    mask_t = offs_t < T
+    mask_c = offs_c < R
+    e_c = (offs_c // RANK).to(tl.int64)
+    j_c = offs_c % RANK
+    dy_row = dy_ptr + offs_t.to(tl.int64)[:, None] * N_OUT
+    b_col = b_ptr + (e_c * N_OUT * RANK + j_c)[None, :]
+    acc = tl.zeros((BT, BR), dtype=tl.float32)  # du = dy @ B_cat^T
+    for o0 in range(0, N_OUT, BK):
+        oo = o0 + offs_k
+        mo = oo < N_OUT
+        dyt = tl.load(dy_row + oo[None, :], mask=mask_t[:, None] & mo[None, :], other=0.0)
+        bt = tl.load(b_col + oo.to(tl.int64)[:, None] * RANK, mask=mo[:, None] & mask_c[None, :],
+                     other=0.0)
+        if F32_DOT:
+            dyt = dyt.to(tl.float32)
+            bt = bt.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(dyt, bt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(dyt, bt, acc)
+    g = _col_gate(gates_ptr, ids_ptr, offs_t, mask_t, offs_c, RANK, K)
+    m2 = mask_t[:, None] & mask_c[None, :]
+    io = offs_t.to(tl.int64)[:, None] * R + offs_c[None, :]
+    ht = tl.load(h_ptr + io, mask=m2, other=0.0).to(tl.float32)
+    tl.store(dh_ptr + io, (acc * g * scale).to(dh_ptr.dtype.element_ty), mask=m2)
+    tl.store(u_ptr + io, (ht * g * scale).to(u_ptr.dtype.element_ty), mask=m2)
+    # dgates[t,k] = scale * sum_{c of expert ids[t,k]} du[t,c] * h[t,c]; R may span tiles -> atomics
+    prod = acc * ht * scale
+    e_col = offs_c // RANK
+    for k in tl.static_range(K):
+        idk = tl.load(ids_ptr + offs_t.to(tl.int64) * K + k, mask=mask_t, other=-1).to(tl.int32)
+        part = tl.sum(tl.where(idk[:, None] == e_col[None, :], prod, 0.0), axis=1)
+        tl.atomic_add(dgates_ptr + offs_t.to(tl.int64) * K + k, part, mask=mask_t)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _t_bucket(t: int) -> int:
+    # autotune per power-of-two token bucket (decode and training want different tiles)
+    return min(triton.next_power_of_2(max(t, 1)), 8192)
+
+
+def _flags(dtype: torch.dtype) -> dict:
+    return {"F32_DOT": _INTERPRET, "IEEE": dtype == torch.float32}
+
+
+def _shrink(x: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
+    t, n_in = x.shape
+    r_tot = a_cat.shape[0]
+    h = torch.empty((t, r_tot), device=x.device, dtype=x.dtype)
+    if t == 0:
+        return h
+    grid = lambda m: (triton.cdiv(t, m["BT"]), triton.cdiv(r_tot, m["BR"]))  # noqa: E731
+    _shrink_kernel[grid](x, a_cat, h, t, n_in, r_tot, _t_bucket(t), **_flags(x.dtype))
+    return h
+
+
+def _expand(base: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, gates: torch.Tensor,
+            ids: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    t, n_out = base.shape
+    e, _, rank = lora_B.shape
+    if t == 0:
+        return out
+    grid = lambda m: (triton.cdiv(t, m["BT"]), triton.cdiv(n_out, m["BK"]))  # noqa: E731
+    _expand_kernel[grid](base, h, lora_B, gates, ids, out, float(scale), t, n_out, e * rank,
+                         _t_bucket(t), RANK=rank, K=ids.shape[1], **_flags(h.dtype))
+    return out
+
+
+def _expand_bwd(dy, h, lora_B, gates, ids, scale):
+    t, n_out = dy.shape
+    e, _, rank = lora_B.shape
+    r_tot = e * rank
+    dh = torch.empty((t, r_tot), device=dy.device, dtype=h.dtype)
+    u = torch.empty((t, r_tot), device=dy.device, dtype=h.dtype)
+    dgates = torch.zeros((t, ids.shape[1]), device=dy.device, dtype=torch.float32)
+    if t == 0:
+        return dh, u, dgates
+    grid = lambda m: (triton.cdiv(t, m["BT"]), triton.cdiv(r_tot, m["BR"]))  # noqa: E731
+    _expand_bwd_kernel[grid](dy, h, lora_B, gates, ids, dh, u, dgates, float(scale),
+                             t, n_out, r_tot, _t_bucket(t), RANK=rank, K=ids.shape[1],
+                             **_flags(h.dtype))
+    return dh, u, dgates
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("mol::grouped_lora_add_fwd", mutates_args=())
+def _add_fwd(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+             gates: torch.Tensor, expert_ids: torch.Tensor, scale: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
+    out = torch.empty_like(base_out)
+    _expand(base_out, h, lora_B, gates, expert_ids, scale, out)
+    return out, h
+
+
+@_add_fwd.register_fake
+def _(base_out, x, lora_A, lora_B, gates, expert_ids, scale):
+    return torch.empty_like(base_out), x.new_empty((x.shape[0], lora_A.shape[0] * lora_A.shape[1]))
+
+
+@torch.library.custom_op("mol::grouped_lora_linear_fwd", mutates_args=())
+def _linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_A: torch.Tensor, lora_B: torch.Tensor, gates: torch.Tensor,
+                expert_ids: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
+    # base GEMM through cuBLAS, then the expand accumulates into its fresh output in place:
+    # no second (T, out) buffer and no separate add pass.
+    y = torch.nn.functional.linear(x, weight, bias)
+    _expand(y, h, lora_B, gates, expert_ids, scale, y)
+    return y, h
+
+
+@_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, gates, expert_ids, scale):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_A.shape[0] * lora_A.shape[1])))
+
+
+@torch.library.custom_op("mol::grouped_lora_bwd", mutates_args=())
+def _bwd(dy: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, gates: torch.Tensor,
+         expert_ids: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _expand_bwd(dy, h, lora_B, gates, expert_ids, scale)
+
+
+@_bwd.register_fake
+def _(dy, h, lora_B, gates, expert_ids, scale):
+    return torch.empty_like(h), torch.empty_like(h), gates.new_empty(gates.shape, dtype=torch.float32)
+
+
+def _lora_grads(ctx, dy, dx_base=None):
+    """Shared backward: returns (dx, dA, dB, dgates) given dy (T, out)."""
+    x, lora_A, lora_B, gates, ids, h = ctx.saved_tensors[:6]
+    need_x, need_a, need_b, need_g = ctx.needs
+    dy = dy.contiguous()
+    dh, u, dgates = _bwd(dy, h, lora_B, gates, ids, ctx.scale)
+    e, rank, n_in = lora_A.shape
+    n_out = lora_B.shape[1]
+    dx = dA = dB = None
+    if need_x:
+        a_cat = lora_A.reshape(e * rank, n_in)
+        if dx_base is not None:  # fused: accumulate into the base's dx buffer (one r/w pass)
+            dx = dx_base.addmm_(dh, a_cat)
+        else:
+            dx = dh @ a_cat
+    if need_a:
+        dA = (dh.t() @ x).view(e, rank, n_in)
+    if need_b:
+        dB = (dy.t() @ u).view(n_out, e, rank).permute(1, 0, 2).contiguous()
+    return dx, dA, dB, (dgates if need_g else None)
+
+
+def _add_setup(ctx, inputs, output):
+    base_out, x, lora_A, lora_B, gates, expert_ids, scale = inputs
+    ctx.save_for_backward(x, lora_A, lora_B, gates, expert_ids, output[1])
+    ctx.scale = scale
+    ctx.needs = (x.requires_grad, lora_A.requires_grad, lora_B.requires_grad, gates.requires_grad)
+
+
+def _add_backward(ctx, dout, dh_unused):
+    dx, dA, dB, dg = _lora_grads(ctx, dout)
+    return dout, dx, dA, dB, dg, None, None
+
+
+_add_fwd.register_autograd(_add_backward, setup_context=_add_setup)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, gates, expert_ids, scale = inputs
+    ctx.save_for_backward(x, lora_A, lora_B, gates, expert_ids, output[1], weight)
+    ctx.scale = scale
+    ctx.needs = (x.requires_grad, lora_A.requires_grad, lora_B.requires_grad, gates.requires_grad)
+
+
+def _linear_backward(ctx, dout, dh_unused):
+    dout = dout.contiguous()
+    dx_base = dout @ ctx.saved_tensors[6] if ctx.needs[0] else None
+    dx, dA, dB, dg = _lora_grads(ctx, dout, dx_base)
+    return dx, None, None, dA, dB, dg, None, None
+
+
+_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _check(x, lora_A, lora_B, gates, expert_ids, n_out, where):
+    if x.dim() != 2:
+        raise ValueError(f"{where}: x must be (T, in), got shape {tuple(x.shape)}; flatten leading dims first")
+    if lora_A.dim() != 3 or lora_B.dim() != 3:
+        raise ValueError(f"{where}: lora_A must be (E, r, in) and lora_B (E, out, r), got "
+                         f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    e, rank, n_in = lora_A.shape
+    if lora_B.shape != (e, n_out, rank) or n_in != x.shape[1]:
+        raise ValueError(f"{where}: shape mismatch: x {tuple(x.shape)}, lora_A {tuple(lora_A.shape)}, "
+                         f"lora_B {tuple(lora_B.shape)}, out features {n_out}; expected lora_A "
+                         f"(E, r, {x.shape[1]}) and lora_B (E, {n_out}, r)")
+    if gates.shape != expert_ids.shape or gates.dim() != 2 or gates.shape[0] != x.shape[0]:
+        raise ValueError(f"{where}: gates and expert_ids must both be (T={x.shape[0]}, K), got "
+                         f"{tuple(gates.shape)} and {tuple(expert_ids.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{where}: x dtype {x.dtype} unsupported; use bfloat16, float16 or float32")
+    if expert_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{where}: expert_ids must be an integer tensor (int64), got {expert_ids.dtype}")
+    devs = {t.device for t in (x, lora_A, lora_B, gates, expert_ids)}
+    if len(devs) != 1:
+        raise ValueError(f"{where}: all tensors must be on one device, got {sorted(map(str, devs))}")
+
+
+def grouped_lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                     lora_B: torch.Tensor, gates: torch.Tensor, expert_ids: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Return base_out + scale * sum_k gates[:,k] * B[e] (A[e] x), e = expert_ids[:,k].
+
+    x: (T, in); base_out: (T, out) same dtype as x; lora_A: (E, r, in); lora_B: (E, out, r)
+    (cast to x.dtype); gates: (T, K) float; expert_ids: (T, K) int64. Ids outside [0, E)
+    contribute nothing. Differentiable in base_out, x, lora_A, lora_B and gates.
+    """
+    _check(x, lora_A, lora_B, gates, expert_ids, base_out.shape[-1], "grouped_lora_add")
+    if base_out.shape != (x.shape[0], lora_B.shape[1]) or base_out.dtype != x.dtype:
+        raise ValueError(f"grouped_lora_add: base_out must be (T, out) = {(x.shape[0], lora_B.shape[1])} "
+                         f"in {x.dtype}, got {tuple(base_out.shape)} {base_out.dtype}")
+    out, _ = _add_fwd(base_out.contiguous(), x.contiguous(), lora_A.to(x.dtype).contiguous(),
+                      lora_B.to(x.dtype).contiguous(), gates.float().contiguous(),
+                      expert_ids.long().contiguous(), float(scale))
+    return out
+
+
+def grouped_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        lora_A: torch.Tensor, lora_B: torch.Tensor, gates: torch.Tensor,
+                        expert_ids: torch.Tensor, scale: float) -> torch.Tensor:
+    """Fused frozen-base + grouped LoRA: F.linear(x, weight, bias) + the grouped_lora_add delta.
+
+    weight (out, in) and bias are treated as frozen (no gradient; an error if they require one).
+    Saves one read+write pass over dx in backward by accumulating the LoRA dx into the base dx
+    buffer, and the (T, out) temporary in forward.
+    """
+    _check(x, lora_A, lora_B, gates, expert_ids, weight.shape[0], "grouped_lora_linear")
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("grouped_lora_linear: the base weight/bias must be frozen (requires_grad=False); "
+                         "use F.linear + grouped_lora_add to train the base too")
+    if weight.shape[1] != x.shape[1] or weight.dtype != x.dtype:
+        raise ValueError(f"grouped_lora_linear: weight must be (out, {x.shape[1]}) in {x.dtype}, got "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    y, _ = _linear_fwd(x.contiguous(), weight, bias, lora_A.to(x.dtype).contiguous(),
+                       lora_B.to(x.dtype).contiguous(), gates.float().contiguous(),
+                       expert_ids.long().contiguous(), float(scale))
+    return y
