@@ -23,6 +23,16 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Testing aid: fill every kernel output buffer with NaN before launch, so that an element the
+# kernels fail to write shows up in the result instead of hiding behind whatever memory held.
+POISON = False
+
+
+def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    dtype = dtype or like.dtype
+    if POISON:
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+    return torch.empty(shape, device=like.device, dtype=dtype)
 
 
 def _configs(kind: str) -> list[triton.Config]:
@@ -206,7 +216,7 @@ def _flags(dtype: torch.dtype) -> dict:
 def _shrink(x: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
     t, n_in = x.shape
     r_tot = a_cat.shape[0]
-    h = torch.empty((t, r_tot), device=x.device, dtype=x.dtype)
+    h = _alloc((t, r_tot), x)
     if t == 0:
         return h
     grid = lambda m: (triton.cdiv(t, m["BT"]), triton.cdiv(r_tot, m["BR"]))  # noqa: E731
@@ -230,8 +240,8 @@ def _expand_bwd(dy, h, lora_B, gates, ids, scale):
     t, n_out = dy.shape
     e, _, rank = lora_B.shape
     r_tot = e * rank
-    dh = torch.empty((t, r_tot), device=dy.device, dtype=h.dtype)
-    u = torch.empty((t, r_tot), device=dy.device, dtype=h.dtype)
+    dh = _alloc((t, r_tot), h)
+    u = _alloc((t, r_tot), h)
     dgates = torch.zeros((t, ids.shape[1]), device=dy.device, dtype=torch.float32)
     if t == 0:
         return dh, u, dgates
@@ -249,7 +259,7 @@ def _add_fwd(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora
              gates: torch.Tensor, expert_ids: torch.Tensor, scale: float
              ) -> tuple[torch.Tensor, torch.Tensor]:
     h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
-    out = torch.empty_like(base_out)
+    out = _alloc(base_out.shape, base_out)
     _expand(base_out, h, lora_B, gates, expert_ids, scale, out)
     return out, h
 

@@ -1,0 +1,139 @@
+"""Triton grouped-LoRA kernels on CPU (TRITON_INTERPRET=1) against a float64 PyTorch reference."""
+import os
+
+# Must be set before mol.kernels.grouped_lora is imported (Triton decides at @jit time).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+gl = pytest.importorskip("mol.kernels.grouped_lora")
+if not gl._INTERPRET:  # imported earlier without the interpreter: the kernels cannot run on CPU
+    pytest.skip("mol.kernels.grouped_lora was imported before TRITON_INTERPRET=1 was set",
+                allow_module_level=True)
+
+
+def reference(base, x, A, B, gates, ids, scale):
+    """float64 formula, one (token, k) pair at a time through gathered expert weights."""
+    Ae, Be = A[ids], B[ids]  # (T, K, r, in), (T, K, out, r)
+    h = torch.einsum("tkri,ti->tkr", Ae, x)
+    d = torch.einsum("tkor,tkr->tko", Be, h)
+    return base + scale * (gates[..., None] * d).sum(1)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    gl.POISON = True  # every kernel output starts as NaN: an unwritten element fails the check
+    yield
+    gl.POISON = False
+
+
+def make(T, n_in, n_out, E, r, K, dtype, ids_mode="random", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, n_in, generator=g).to(dtype)
+    base = torch.randn(T, n_out, generator=g).to(dtype)
+    A = (torch.randn(E, r, n_in, generator=g) / n_in**0.5).to(dtype)
+    B = torch.randn(E, n_out, r, generator=g).to(dtype)
+    gates = torch.rand(T, K, generator=g).float()
+    if ids_mode == "one_expert":  # every token routed to the last expert only (K copies)
+        ids = torch.full((T, K), E - 1, dtype=torch.long)
+    else:
+        # distinct experts per token, expert 0 never chosen when E > K (an expert with no tokens)
+        lo = 1 if E > K else 0
+        ids = torch.stack([torch.randperm(E - lo, generator=g)[:K] + lo for _ in range(T)])
+    return base, x, A, B, gates, ids
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+CASES = [  # T, in, out, E, r, K, ids_mode
+    (1, 19, 45, 1, 4, 1, "random"),
+    (7, 45, 19, 2, 4, 2, "random"),
+    (33, 19, 45, 8, 4, 2, "random"),
+    (33, 45, 19, 8, 3, 4, "random"),
+    (17, 19, 45, 8, 4, 2, "one_expert"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}_in{}_out{}_E{}_r{}_K{}_{}".format(*c))
+def test_grouped_lora_add_forward_and_grads(case, dtype):
+    T, n_in, n_out, E, r, K, mode = case
+    base, x, A, B, gates, ids = make(T, n_in, n_out, E, r, K, dtype, mode, seed=T * 100 + E)
+    scale = 0.75
+    leaves = [t.clone().requires_grad_() for t in (base, x, A, B, gates)]
+    y = gl.grouped_lora_add(*leaves[:4], leaves[4], ids, scale)
+    dy = torch.randn(T, n_out, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y.backward(dy)
+
+    ref_leaves = [t.detach().double().requires_grad_() for t in (base, x, A, B, gates)]
+    y_ref = reference(*ref_leaves[:4], ref_leaves[4], ids, scale)
+    y_ref.backward(dy.double())
+
+    assert y.dtype == dtype and y.shape == (T, n_out)
+    assert torch.isfinite(y).all()
+    assert rel(y, y_ref) < TOL[dtype], f"forward rel err {rel(y, y_ref)}"
+    for name, a, b in zip(["base_out", "x", "lora_A", "lora_B", "gates"], leaves, ref_leaves):
+        assert a.grad is not None and a.grad.dtype == a.dtype, name
+        assert torch.isfinite(a.grad).all(), f"{name}: non-finite gradient (unwritten element?)"
+        err = rel(a.grad, b.grad) if b.grad.norm() > 0 else a.grad.abs().max().item()
+        assert err < TOL[dtype], f"d{name} rel err {err}"
+    if mode == "random" and E > K:  # expert 0 got no tokens: its gradients are exactly zero
+        assert leaves[2].grad[0].abs().max() == 0 and leaves[3].grad[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_grouped_lora_linear_fused(dtype):
+    T, n_in, n_out, E, r, K = 21, 19, 45, 4, 4, 2
+    base, x, A, B, gates, ids = make(T, n_in, n_out, E, r, K, dtype, seed=7)
+    W = (torch.randn(n_out, n_in) / n_in**0.5).to(dtype)
+    bias = torch.randn(n_out).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, gates)]
+    y = gl.grouped_lora_linear(leaves[0], W, bias, leaves[1], leaves[2], leaves[3], ids, 2.0)
+    dy = torch.randn(T, n_out).to(dtype)
+    y.backward(dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, A, B, gates)]
+    base_ref = ref_leaves[0] @ W.double().t() + bias.double()
+    y_ref = reference(base_ref, *ref_leaves[:3], ref_leaves[3], ids, 2.0)
+    y_ref.backward(dy.double())
+    assert rel(y, y_ref) < TOL[dtype]
+    for name, a, b in zip(["x", "lora_A", "lora_B", "gates"], leaves, ref_leaves):
+        assert rel(a.grad, b.grad) < TOL[dtype], f"d{name} rel err {rel(a.grad, b.grad)}"
+
+
+def test_fp32_params_with_fp16_activations_and_partial_grads():
+    """LoRA weights kept in fp32 (mixed precision) and only some inputs requiring grad."""
+    base, x, A, B, gates, ids = make(9, 19, 45, 2, 4, 1, torch.float32, seed=3)
+    A_p, B_p = A.clone().requires_grad_(), B.clone().requires_grad_()
+    y = gl.grouped_lora_add(base.half(), x.half(), A_p, B_p, gates, ids, 1.0)
+    y.float().sum().backward()
+    assert A_p.grad.dtype == torch.float32 and B_p.grad.dtype == torch.float32
+    Ar, Br = A.double().requires_grad_(), B.double().requires_grad_()
+    reference(base.half().double(), x.half().double(), Ar, Br, gates.double(), ids, 1.0).sum().backward()
+    assert rel(A_p.grad, Ar.grad) < 1e-2 and rel(B_p.grad, Br.grad) < 1e-2
+
+
+def test_custom_op_registration_opcheck():
+    """Schema, fake (meta) kernel and autograd registration agree with the real kernel."""
+    base, x, A, B, gates, ids = make(5, 19, 45, 2, 4, 2, torch.float32, seed=5)
+    args = (base, x.requires_grad_(), A.requires_grad_(), B.requires_grad_(), gates.requires_grad_(), ids, 0.5)
+    gl.POISON = False  # opcheck compares two runs bit-for-bit; poisoning does not matter here
+    torch.library.opcheck(torch.ops.mol.grouped_lora_add_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_bad_inputs_raise_clear_errors():
+    base, x, A, B, gates, ids = make(4, 19, 45, 2, 4, 2, torch.float32)
+    with pytest.raises(ValueError, match="lora_A"):
+        gl.grouped_lora_add(base, x, A[:, :, :5], B, gates, ids, 1.0)
+    with pytest.raises(ValueError, match="gates and expert_ids"):
+        gl.grouped_lora_add(base, x, A, B, gates[:, :1], ids, 1.0)
+    with pytest.raises(TypeError, match="expert_ids"):
+        gl.grouped_lora_add(base, x, A, B, gates, ids.float(), 1.0)
+    with pytest.raises(ValueError, match="frozen"):
+        gl.grouped_lora_linear(x, torch.randn(45, 19, requires_grad=True), None, A, B, gates, ids, 1.0)
