@@ -39,6 +39,9 @@ def _configs(kind: str) -> list[triton.Config]:
     """A few block shapes per kernel; the interpreter gets one (autotuning there is pointless)."""
     if _INTERPRET:
         return [triton.Config({"BT": 16, "BR": 16, "BK": 16}, num_warps=4, num_stages=1)]
+    if os.environ.get("MOL_TRITON_AUTOTUNE", "1") == "0":  # one safe config: fast start, no tuning
+        return [triton.Config({"BT": 64, "BR": 64, "BK": 128 if kind == "expand" else 64},
+                              num_warps=4, num_stages=3)]
     cfgs = []
     if kind == "shrink":  # reduce over `in` (BK), tile T x R
         for bt, br, bk, w, s in [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3),
