@@ -1,0 +1,16 @@
+"""NF4 frozen bases (QLoRA): quantize / dequantize, NF4Linear, and bitsandbytes checkpoint interop."""
+
+from .linear import NF4Linear, load_bnb_4bit, quantize
+from .nf4 import (
+    NF4_LEVELS,
+    NF4Weight,
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    dynamic_map,
+    from_bnb_tensors,
+    quantize_nf4,
+    to_bnb_tensors,
+)
+
+__all__ = ["NF4Linear", "NF4Weight", "NF4_LEVELS", "quantize", "quantize_nf4", "dequantize_nf4",
+           "dequantize_nf4_reference", "dynamic_map", "load_bnb_4bit", "from_bnb_tensors", "to_bnb_tensors"]

@@ -1,0 +1,183 @@
+"""NF4Linear: a frozen 4-bit NF4 base layer (QLoRA), and `quantize(model, "nf4")`."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .nf4 import NF4Weight, dequantize_nf4, from_bnb_tensors, quantize_nf4, to_bnb_tensors, _QS_PREFIX
+
+
+def _use_small_kernel(x2d: torch.Tensor, packed: NF4Weight) -> bool:
+    if not x2d.is_cuda:
+        return False
+    from mol.kernels.nf4 import small_matmul_supported
+    return small_matmul_supported(packed, x2d.shape[0])
+
+
+class _NF4LinearFn(torch.autograd.Function):
+    """y = x W^T + b with W stored in NF4. Saves no dense weight: backward dequantizes W again."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, packed: NF4Weight, bias: torch.Tensor | None, backend: str):
+        ctx.packed, ctx.backend = packed, backend
+        ctx.has_bias = bias is not None
+        ctx.bias_requires_grad = bias is not None and bias.requires_grad
+        if bias is not None and bias.dtype != x2d.dtype:
+            bias = bias.to(x2d.dtype)
+        if backend != "torch" and _use_small_kernel(x2d, packed):
+            from mol.kernels.nf4 import nf4_matmul_small
+            return nf4_matmul_small(x2d, packed, bias)
+        w = dequantize_nf4(packed, x2d.dtype, backend=backend)  # scratch, freed on return
+        return F.linear(x2d, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = dequantize_nf4(ctx.packed, grad_out.dtype, backend=ctx.backend)
+            grad_x = grad_out @ w
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum(0)
+        return grad_x, None, grad_bias, None
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in NF4 with double quantization (QLoRA, ~4.127 bits/param).
+
+    Forward computes in the activation dtype: on CUDA, T <= 16 tokens use a fused Triton dequant-GEMM reading the
+    4-bit codes; larger T dequantize into a scratch weight (Triton) and call cuBLAS. Backward gives dx (and the
+    bias gradient if the bias requires grad); the weight itself is frozen and has no gradient.
+    Buffers follow bitsandbytes' names so `.to()`, `state_dict()` and devices work as for nn.Linear.
+    """
+
+    def __init__(self, packed: NF4Weight, bias: torch.Tensor | None = None, backend: str = "auto"):
+        super().__init__()
+        if len(packed.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-D weight (out_features, in_features); got shape {packed.shape}")
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton'; got {backend!r}")
+        self.out_features, self.in_features = packed.shape
+        self.weight_dtype = packed.dtype
+        self.blocksize = packed.blocksize
+        self.nested_blocksize = packed.nested_blocksize
+        self.backend = backend
+        self.register_buffer("qweight", packed.codes)
+        self.register_buffer("absmax", packed.absmax)
+        self.register_buffer("quant_map", packed.code)
+        if packed.nested:
+            self.register_buffer("nested_absmax", packed.nested_absmax)
+            self.register_buffer("nested_quant_map", packed.nested_code)
+            self.register_buffer("offset", packed.offset.reshape(()))
+        else:
+            self.nested_absmax = self.nested_quant_map = self.offset = None
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @property
+    def packed(self) -> NF4Weight:
+        """The packed weight as an NF4Weight (views of this module's buffers)."""
+        return NF4Weight(self.qweight, self.absmax, self.quant_map, (self.out_features, self.in_features),
+                         self.weight_dtype, self.blocksize, self.nested_absmax, self.nested_quant_map, self.offset,
+                         self.nested_blocksize)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, nested_blocksize: int = 256,
+                    double_quant: bool = True, backend: str = "auto") -> "NF4Linear":
+        """Quantize an nn.Linear (its weight on its own device) into an NF4Linear."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"NF4Linear.from_linear expects nn.Linear, got {type(linear).__name__}")
+        packed = quantize_nf4(linear.weight.data, blocksize, nested_blocksize, double_quant)
+        return cls(packed, linear.bias.data if linear.bias is not None else None, backend)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight (out, in), e.g. for merging; allocates a full-precision copy."""
+        return dequantize_nf4(self.packed, dtype, backend=self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"NF4Linear expects inputs with last dim {self.in_features}, got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        y = _NF4LinearFn.apply(x.reshape(-1, self.in_features), self.packed, self.bias, self.backend)
+        return y.reshape(*lead, self.out_features)
+
+    # ---- bitsandbytes / Hugging Face interop
+    def to_bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The state dict bitsandbytes' Linear4bit would save: '{prefix}weight', '{prefix}weight.absmax',
+        '.quant_map', '.nested_absmax', '.nested_quant_map', '.quant_state.bitsandbytes__nf4', and '{prefix}bias'."""
+        sd = {f"{prefix}weight{k}": v for k, v in to_bnb_tensors(self.packed).items()}
+        if self.bias is not None:
+            sd[f"{prefix}bias"] = self.bias.detach()
+        return sd
+
+    @classmethod
+    def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "", backend: str = "auto") -> "NF4Linear":
+        """Build an NF4Linear from a bitsandbytes 4-bit layer's tensors under `prefix` (no bitsandbytes needed).
+        Raises ValueError for fp4 checkpoints and for weights that are not 4-bit."""
+        packed = from_bnb_tensors(sd, f"{prefix}weight")
+        return cls(packed, sd.get(f"{prefix}bias"), backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"nf4 blocksize={self.blocksize}, double_quant={self.nested_absmax is not None}")
+
+
+def _skip_match(name: str, patterns: list[str]) -> bool:
+    for p in patterns:
+        if name == p or name.endswith("." + p) or re.fullmatch(p, name):
+            return True
+    return False
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = None, blocksize: int = 64,
+             nested_blocksize: int = 256, backend: str = "auto") -> nn.Module:
+    """Replace the model's nn.Linear layers by frozen NF4Linear in place and return the model.
+
+    Skipped: the output head (model.get_output_embeddings(), if the model has one) and every module whose name
+    equals an entry of `skip`, ends with '.' + entry, or fully matches it as a regex.
+    """
+    if method != "nf4":
+        raise ValueError(f"quantize: unknown method {method!r}; the only supported method is 'nf4'")
+    skip = list(skip or [])
+    head = None
+    get_head = getattr(model, "get_output_embeddings", None)
+    if callable(get_head):
+        head = get_head()
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and m is not head and not _skip_match(n, skip)]
+    for name, lin in targets:
+        try:
+            q = NF4Linear.from_linear(lin, blocksize, nested_blocksize, backend=backend)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"quantize: layer {name!r}: {e}") from e
+        _set_module(model, name, q)
+    return model
+
+
+def load_bnb_4bit(model: nn.Module, state_dict: dict[str, torch.Tensor], backend: str = "auto") -> list[str]:
+    """Replace each nn.Linear whose '<name>.weight' is a bitsandbytes 4-bit entry of `state_dict` by an NF4Linear
+    read from it (no bitsandbytes needed). Returns the names replaced; load the other keys yourself
+    (e.g. model.load_state_dict(rest, strict=False))."""
+    replaced = []
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, (nn.Linear, NF4Linear)):
+            continue
+        key = f"{name}.weight" if name else "weight"
+        if not any(k.startswith(key + "." + _QS_PREFIX) for k in state_dict):
+            continue
+        new = NF4Linear.from_bnb_state_dict(state_dict, f"{name}." if name else "", backend)
+        if (new.out_features, new.in_features) != (mod.out_features, mod.in_features):
+            raise ValueError(f"load_bnb_4bit: {name!r} is {mod.out_features}x{mod.in_features} in the model but "
+                             f"{new.out_features}x{new.in_features} in the checkpoint")
+        _set_module(model, name, new)
+        replaced.append(name)
+    return replaced

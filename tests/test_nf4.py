@@ -1,0 +1,272 @@
+"""NF4 (QLoRA) quantization, NF4Linear, bitsandbytes interop and the Triton NF4 kernels (interpreter, CPU)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import io
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mol.quant import (NF4_LEVELS, NF4Linear, dequantize_nf4, dequantize_nf4_reference, load_bnb_4bit, quantize,
+                       quantize_nf4)
+from mol.quant.nf4 import dequantize_absmax, dynamic_map
+
+
+def _gen(seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    return g
+
+
+def _weight(out, inp, dtype=torch.float32, g=None):
+    # heavy-ish tails and per-row scale spread so blocks differ
+    w = torch.randn(out, inp, generator=g) * torch.rand(out, 1, generator=g).add(0.1) * 0.05
+    return w.to(dtype)
+
+
+# ---------------------------------------------------------------- against torchao (independent implementation)
+
+def test_levels_scales_and_codes_match_torchao():
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    g = _gen()
+    w = _weight(96, 512, torch.float32, g)
+    ao = to_nf4(w, 64, 256)
+    p = quantize_nf4(w, 64, 256)
+    # the 16 levels (torchao keeps them rounded to 4 decimals)
+    torch.testing.assert_close(torch.tensor(NF4_LEVELS), ao.nf4.float(), atol=6e-5, rtol=0)
+    # first-level scales: ours (through bnb's dynamic 8-bit map) vs torchao's (linear int8) both approximate absmax
+    ao_scales = ao.dequantize_scalers(ao.quantized_scalers, ao.quantization_factor, ao.scaler_block_size).float()
+    true_absmax = w.reshape(-1, 64).abs().amax(1)
+    ours = dequantize_absmax(p)
+    assert (ours - true_absmax).abs().max() < 0.02 * true_absmax.max()
+    assert (ao_scales - true_absmax).abs().max() < 0.02 * true_absmax.max()
+    # the 4-bit codes: same nibble order, same nearest level except where torchao's rounded levels move a midpoint
+    ours_q = torch.stack([p.codes >> 4, p.codes & 15], 1).reshape(-1).long()
+    ao_q = torch.stack([ao.quantized_data >> 4, ao.quantized_data & 15], 1).reshape(-1).long()
+    diff = ours_q != ao_q
+    assert diff.float().mean() < 2e-3, f"{diff.float().mean():.4%} of codes differ from torchao"
+    assert ((ours_q - ao_q).abs() <= 1).all()
+    # dequantized weight: same levels times our scales (with torchao's codes) reproduce ours where codes agree
+    ours_deq = dequantize_nf4(p).reshape(-1)
+    rebuilt = torch.tensor(NF4_LEVELS)[ao_q] * ours.repeat_interleave(64)
+    torch.testing.assert_close(ours_deq[~diff], rebuilt[~diff], rtol=0, atol=0)
+    # and both implementations land equally close to the original
+    ao_deq = ao.get_original_weight().float().reshape(-1)
+    e_ours = (ours_deq - w.reshape(-1)).norm() / w.norm()
+    e_ao = (ao_deq - w.reshape(-1)).norm() / w.norm()
+    assert abs(e_ours - e_ao) < 0.01 and e_ours < 0.12
+
+
+def test_dynamic_map_is_bitsandbytes_map():
+    m = dynamic_map()
+    assert m.numel() == 256 and torch.all(m[1:] >= m[:-1])
+    assert m[0] == -m[-2] and m[-1] == 1.0 and (m == 0).sum() == 1
+    # the smallest non-zero magnitude is 10^-6 * mean(0.1, 1) / ... per create_dynamic_map's first exponent
+    assert abs(m[m > 0].min().item() - 0.55e-6) < 1e-9
+
+
+# ---------------------------------------------------------------- round trip, storage, errors
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trip_error_bounds(dtype):
+    g = _gen()
+    w = _weight(64, 384, dtype, g)
+    p = quantize_nf4(w)
+    d = dequantize_nf4(p)
+    assert d.dtype == dtype and d.shape == w.shape
+    wf, df = w.float().reshape(-1, 64), d.float().reshape(-1, 64)
+    absmax = wf.abs().amax(1, keepdim=True)
+    # largest half-gap between NF4 levels is (1 - 0.696) / 2 = 0.152 of absmax; plus the 8-bit absmax error
+    deq_absmax = dequantize_absmax(p).unsqueeze(1)
+    bound = 0.1520 * absmax + (deq_absmax - absmax).abs() + 1e-2 * absmax
+    assert ((wf - df).abs() <= bound).all()
+    rel = (wf - df).norm() / wf.norm()
+    assert 0.02 < rel < 0.12
+
+
+def test_bits_per_param():
+    p = quantize_nf4(torch.randn(1024, 4096))
+    assert p.codes.dtype == torch.uint8 and p.absmax.dtype == torch.uint8
+    assert p.bits_per_param() <= 4.127
+    # non-nested storage costs 4.5 bits
+    assert quantize_nf4(torch.randn(64, 64), double_quant=False).bits_per_param() == 4.5
+
+
+def test_errors_are_clear():
+    with pytest.raises(ValueError, match="blocksize=64 does not divide"):
+        quantize_nf4(torch.randn(3, 7))
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        quantize_nf4(torch.randint(0, 5, (64, 64)))
+    with pytest.raises(ValueError, match="blocksize"):
+        quantize_nf4(torch.randn(64, 64), blocksize=48)
+    with pytest.raises(ValueError, match="unknown method 'int4'"):
+        quantize(nn.Sequential(nn.Linear(64, 64)), "int4")
+    with pytest.raises(ValueError, match="layer '0'"):
+        quantize(nn.Sequential(nn.Linear(7, 3)), "nf4")
+
+
+# ---------------------------------------------------------------- NF4Linear
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_nf4linear_forward_backward_vs_float64(bias):
+    g = _gen()
+    lin = nn.Linear(256, 96, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(_weight(96, 256, g=g))
+    q = NF4Linear.from_linear(lin)
+    assert (q.in_features, q.out_features) == (256, 96)
+    assert not any(p.requires_grad for p in q.parameters())
+    w64 = dequantize_nf4_reference(q.packed, torch.float64)
+    x = torch.randn(3, 5, 256, generator=g, requires_grad=True)
+    y = q(x)
+    ref = x.detach().double() @ w64.T + (lin.bias.detach().double() if bias else 0)
+    assert y.shape == (3, 5, 96)
+    assert ((y.double() - ref).norm() / ref.norm()) < 1e-5
+    gy = torch.randn(3, 5, 96, generator=g)
+    y.backward(gy)
+    gref = gy.double() @ w64
+    assert ((x.grad.double() - gref).norm() / gref.norm()) < 1e-5
+
+
+def test_nf4linear_keeps_no_dense_weight_for_backward():
+    q = NF4Linear.from_linear(nn.Linear(128, 64))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(4, 128, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = q(x)
+    assert not any(t.is_floating_point() and t.numel() >= 128 * 64 for t in saved)
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_quantize_model_skips_head_and_names():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.ModuleDict({"q_proj": nn.Linear(64, 64), "v_proj": nn.Linear(64, 128)})
+            self.lm_head = nn.Linear(128, 64)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    m = Tiny()
+    x = torch.randn(2, 64)
+    ref = m.block["v_proj"](m.block["q_proj"](x))
+    out = quantize(m, "nf4", skip=["q_proj"])
+    assert out is m
+    assert isinstance(m.block["v_proj"], NF4Linear)
+    assert type(m.block["q_proj"]) is nn.Linear and type(m.lm_head) is nn.Linear
+    y = m.block["v_proj"](m.block["q_proj"](x))
+    assert ((y - ref).norm() / ref.norm()) < 0.15
+
+
+# ---------------------------------------------------------------- bitsandbytes checkpoint format
+
+def test_bnb_state_dict_round_trip_and_safetensors():
+    from safetensors.torch import load, save
+
+    lin = nn.Linear(128, 64, bias=True, dtype=torch.bfloat16)
+    q = NF4Linear.from_linear(lin)
+    sd = q.to_bnb_state_dict("model.layers.0.mlp.up_proj.")
+    keys = {k.split("up_proj.")[1] for k in sd}
+    assert keys == {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+                    "weight.quant_state.bitsandbytes__nf4", "bias"}
+    assert sd["model.layers.0.mlp.up_proj.weight"].shape == (128 * 64 // 2, 1)
+    meta = json.loads(bytes(sd["model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4"].tolist()))
+    assert meta["quant_type"] == "nf4" and meta["shape"] == [64, 128] and meta["dtype"] == "bfloat16"
+    assert meta["blocksize"] == 64 and meta["nested_blocksize"] == 256
+    sd2 = load(save({k: v.contiguous() for k, v in sd.items()}))
+    q2 = NF4Linear.from_bnb_state_dict(sd2, "model.layers.0.mlp.up_proj.")
+    assert torch.equal(q2.dequantize(), q.dequantize()) and torch.equal(q2.bias, q.bias)
+
+    model = nn.Sequential(nn.Linear(128, 64))
+    sd0 = q.to_bnb_state_dict("0.")
+    assert load_bnb_4bit(model, sd0) == ["0"]
+    assert torch.equal(model[0].dequantize(), q.dequantize())
+
+
+def _fake_bnb_entry(quant_type):
+    blob = json.dumps({"quant_type": quant_type, "blocksize": 64, "dtype": "float16", "shape": [4, 64]}).encode()
+    return {"w.weight": torch.zeros(128, 1, dtype=torch.uint8), "w.weight.absmax": torch.ones(4),
+            "w.weight.quant_map": torch.zeros(16),
+            f"w.weight.quant_state.bitsandbytes__{quant_type}": torch.tensor(list(blob), dtype=torch.uint8)}
+
+
+def test_bnb_fp4_and_non_4bit_checkpoints_raise():
+    with pytest.raises(ValueError, match="quant_type='fp4'"):
+        NF4Linear.from_bnb_state_dict(_fake_bnb_entry("fp4"), "w.")
+    with pytest.raises(ValueError, match="not a bitsandbytes 4-bit"):
+        NF4Linear.from_bnb_state_dict({"w.weight": torch.randn(4, 64)}, "w.")
+    # a non-double-quantized nf4 checkpoint (float32 absmax) loads
+    lin = NF4Linear.from_bnb_state_dict(_fake_bnb_entry("nf4"), "w.")
+    assert lin.nested_absmax is None and lin.dequantize().shape == (4, 64)
+
+
+def test_matches_bitsandbytes_when_available():
+    """bitsandbytes' own quantize/dequantize (its CPU backend runs without a GPU). Installed in the test extras."""
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    g = _gen()
+    w = _weight(64, 320, torch.bfloat16, g)
+    qb, sb = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    p = quantize_nf4(w)
+    assert torch.equal(qb.reshape(-1), p.codes) and torch.equal(sb.absmax, p.absmax)
+    assert torch.equal(sb.state2.absmax, p.nested_absmax) and torch.equal(sb.state2.code, p.nested_code)
+    assert torch.equal(bnbF.dequantize_4bit(qb, sb), dequantize_nf4(p))
+    # our saved state dict is what bitsandbytes reads, and the reverse
+    sd = {k[len("weight."):]: v for k, v in NF4Linear(p).to_bnb_state_dict().items() if k != "weight"}
+    qs = bnbF.QuantState.from_dict(sd, device=torch.device("cpu"))
+    assert torch.equal(bnbF.dequantize_4bit(qb, qs), dequantize_nf4(p))
+    bsd = {"weight": qb, **{"weight." + k: v for k, v in sb.as_dict(packed=True).items()}}
+    assert torch.equal(NF4Linear.from_bnb_state_dict(bsd).dequantize(), bnbF.dequantize_4bit(qb, sb))
+
+
+# ---------------------------------------------------------------- Triton kernels under the interpreter
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_triton_dequantize_matches_reference(nested):
+    from mol.kernels.nf4 import nf4_dequantize
+
+    w = _weight(40, 448, g=_gen())  # 280 blocks: a partial nested block
+    p = quantize_nf4(w, double_quant=nested)
+    out = torch.full(p.shape, float("nan"))
+    nf4_dequantize(p, torch.float32, out=out)
+    ref = dequantize_nf4_reference(p, torch.float64)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("T,bias,nested", [(1, False, True), (5, True, True), (16, True, False)])
+def test_triton_small_matmul_vs_float64(T, bias, nested):
+    from mol.kernels.nf4 import nf4_matmul_small
+
+    g = _gen()
+    N, K = 40, 192  # N not a multiple of BLOCK_N, K not a multiple of BLOCK_K
+    p = quantize_nf4(_weight(N, K, g=g), double_quant=nested)
+    x = torch.randn(T, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    y = nf4_matmul_small(x, p, b)
+    ref = x.double() @ dequantize_nf4_reference(p, torch.float64).T + (b.double() if bias else 0)
+    assert y.shape == (T, N) and torch.isfinite(y).all()
+    assert ((y.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_triton_backend_in_nf4linear():
+    g = _gen()
+    lin = nn.Linear(128, 64)
+    q = NF4Linear.from_linear(lin, backend="triton")
+    x = torch.randn(6, 128, generator=g, requires_grad=True)
+    y = q(x)
+    w64 = dequantize_nf4_reference(q.packed, torch.float64)
+    ref = x.detach().double() @ w64.T + lin.bias.detach().double()
+    assert ((y.double() - ref).norm() / ref.norm()) < 1e-5
+    y.backward(torch.ones_like(y))
+    gref = torch.ones(6, 64, dtype=torch.float64) @ w64
+    assert ((x.grad.double() - gref).norm() / gref.norm()) < 1e-5
