@@ -1,0 +1,22 @@
+"""mol: Mixture-of-LoRA fine-tuning for frozen transformers.
+
+    import mol
+    model = mol.inject(hf_model, mol.MoLConfig(num_experts=8, top_k=2, rank=16, target_modules="all-linear"))
+    loss = task_loss + mol.aux_loss(model)
+    mol.save_adapter(model, "out/adapter")
+"""
+
+from mol.config import LoRAConfig, MethodConfig, MoLConfig, config_from_dict, register_config
+from mol.inject import aux_loss, inject, match_modules, register_method, routing_stats, trainable_parameters
+from mol.io import export_peft, import_peft, load_adapter, merge, save_adapter, unmerge
+from mol.layers import AdapterLayer, MoLLinear
+from mol.routers import Router, RouterOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterLayer", "LoRAConfig", "MethodConfig", "MoLConfig", "MoLLinear", "Router", "RouterOutput",
+    "aux_loss", "config_from_dict", "export_peft", "import_peft", "inject", "load_adapter", "match_modules",
+    "merge", "register_config", "register_method", "routing_stats", "save_adapter", "trainable_parameters",
+    "unmerge",
+]

@@ -1,0 +1,149 @@
+"""One dataclass per method. Each is plain data: JSON round-trips it, Hydra builds it with ``_target_``.
+
+``LoRAConfig`` is not a second implementation: ``to_mol()`` turns it into the one-expert, router-free
+``MoLConfig`` that the same ``MoLLinear`` runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+TargetModules = Union[str, list[str]]
+
+ROUTERS = ("topk", "soft", "switch", "sequence")
+INITS = ("kaiming", "gaussian")
+BACKENDS = ("auto", "torch", "triton")
+QUANT_TYPES = (None, "nf4")
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method config: ``method`` names it in saved JSON."""
+
+    method: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad field and the fix."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+def _check_common(cfg: Any) -> None:
+    name = type(cfg).__name__
+    if not isinstance(cfg.rank, int) or cfg.rank <= 0:
+        raise ValueError(f"{name}.rank must be a positive integer, got {cfg.rank!r}; use e.g. rank=8")
+    if cfg.alpha <= 0:
+        raise ValueError(f"{name}.alpha must be > 0, got {cfg.alpha!r}; the usual choice is alpha = 2 * rank")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"{name}.dropout must be in [0, 1), got {cfg.dropout!r}")
+    if cfg.init not in INITS:
+        raise ValueError(f"{name}.init={cfg.init!r} is unknown; choose one of {INITS}")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"{name}.backend={cfg.backend!r} is unknown; choose one of {BACKENDS}")
+    if cfg.quantize_base not in QUANT_TYPES:
+        raise ValueError(f"{name}.quantize_base={cfg.quantize_base!r} is unknown; use None or 'nf4'")
+    if not cfg.target_modules:
+        raise ValueError(f"{name}.target_modules is empty; give names, suffixes, a regex or 'all-linear'")
+
+
+@dataclass
+class MoLConfig(MethodConfig):
+    """Mixture of LoRA experts on every matched ``nn.Linear``.
+
+    ``target_modules``: ``"all-linear"`` (every linear but the output head), a list of exact names or
+    name suffixes (``["q_proj", "v_proj"]``), or one regex string matched against the full name.
+    ``router``: ``topk`` (softmax, top-k, gates renormalised), ``soft`` (every expert, softmax weights),
+    ``switch`` (top-1, gate = its probability), ``sequence`` (one top-k choice per sequence from the
+    mean-pooled hidden states). ``router_noise``: std of Gaussian noise added to router logits in training.
+    """
+
+    method: ClassVar[str] = "mol"
+
+    rank: int = 8
+    alpha: float = 16.0
+    num_experts: int = 8
+    top_k: int = 2
+    router: str = "topk"
+    target_modules: TargetModules = "all-linear"
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "kaiming"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    router_noise: float = 0.0
+    quantize_base: Optional[str] = None
+    backend: str = "auto"
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        _check_common(self)
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"MoLConfig.num_experts must be >= 1, got {self.num_experts!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"MoLConfig.router={self.router!r} is unknown; choose one of {ROUTERS}")
+        k_max = 1 if self.router == "switch" else self.num_experts
+        if self.router != "soft" and not 1 <= self.top_k <= k_max:
+            raise ValueError(
+                f"MoLConfig.top_k={self.top_k} is outside 1..{k_max} for router={self.router!r} "
+                f"with num_experts={self.num_experts}; set top_k between 1 and {k_max}"
+            )
+        if self.aux_loss_coef < 0 or self.z_loss_coef < 0 or self.router_noise < 0:
+            raise ValueError("MoLConfig.aux_loss_coef, z_loss_coef and router_noise must be >= 0")
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    """Standard LoRA (Hu et al. 2021), as Hugging Face PEFT computes it: the one-expert MoL layer."""
+
+    method: ClassVar[str] = "lora"
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: TargetModules = "all-linear"
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "kaiming"
+    quantize_base: Optional[str] = None
+    backend: str = "auto"
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        _check_common(self)
+
+    def to_mol(self) -> MoLConfig:
+        """The same adapter as a one-expert MoL config (no router, gate 1)."""
+        return MoLConfig(
+            rank=self.rank, alpha=self.alpha, num_experts=1, top_k=1, router="topk",
+            target_modules=self.target_modules, dropout=self.dropout, use_rslora=self.use_rslora,
+            init=self.init, aux_loss_coef=0.0, z_loss_coef=0.0, quantize_base=self.quantize_base,
+            backend=self.backend, modules_to_save=list(self.modules_to_save),
+        )
+
+
+CONFIG_CLASSES: dict[str, type] = {"mol": MoLConfig, "lora": LoRAConfig}
+
+
+def register_config(cls: type) -> type:
+    """Make a method config loadable from saved JSON by its ``method`` name."""
+    CONFIG_CLASSES[cls.method] = cls
+    return cls
+
+
+def config_from_dict(d: dict[str, Any]) -> MethodConfig:
+    """Rebuild a config saved with ``to_dict``; unknown methods or fields raise with the fix."""
+    d = dict(d)
+    method = d.pop("method", None)
+    if method not in CONFIG_CLASSES:
+        raise ValueError(
+            f"adapter config names method {method!r}, which this version of mol does not know "
+            f"(known: {sorted(CONFIG_CLASSES)}); upgrade mol or fix adapter_config.json"
+        )
+    cls = CONFIG_CLASSES[method]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"adapter config for method {method!r} has unknown fields {unknown}; fix adapter_config.json")
+    return cls(**d)

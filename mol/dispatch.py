@@ -1,0 +1,74 @@
+"""Chooses how the routed LoRA delta is computed: the Triton grouped kernels (CUDA) or the PyTorch reference.
+
+The reference computes every expert densely and weights it by a (T, E) gate matrix that is zero for the
+experts a token did not choose. That is E times the LoRA FLOPs, but it has no data-dependent shapes and no
+host sync, so it runs anywhere, compiles with ``fullgraph=True``, and is the oracle the kernels are tested
+against.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def dense_gates(gates: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
+    """(T, K) gates at (T, K) expert ids -> (T, E) matrix, zero where an expert was not chosen."""
+    dense = torch.zeros(gates.shape[0], num_experts, device=gates.device, dtype=gates.dtype)
+    return dense.scatter_add(1, expert_ids, gates)
+
+
+def lora_delta_torch(x: Tensor, lora_A: Tensor, lora_B: Tensor, gates: Tensor, expert_ids: Tensor, scale: float) -> Tensor:
+    """delta[t] = scale * sum_k gates[t, k] * B[e] @ A[e] @ x[t], with e = expert_ids[t, k]. x: (T, in) -> (T, out)."""
+    num_experts, rank, _ = lora_A.shape
+    h = x @ rearrange(lora_A, "e r k -> k (e r)")  # (T, E*r): every expert's shrink in one GEMM
+    g = dense_gates(gates, expert_ids, num_experts).to(h.dtype)
+    h = rearrange(rearrange(h, "t (e r) -> t e r", e=num_experts) * g[:, :, None], "t e r -> t (e r)")
+    return (h @ rearrange(lora_B, "e o r -> (e r) o")) * scale
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        from mol.kernels import grouped_lora  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """'auto' picks Triton for CUDA tensors of a kernel dtype when Triton is installed, else the reference.
+
+    A forced backend that cannot run raises instead of quietly computing with the other one.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
+    kernel_dtype = x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if backend == "auto":
+        return "triton" if x.is_cuda and kernel_dtype and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' was forced but Triton (or mol.kernels) cannot be imported; "
+                               "install triton or use backend='torch'")
+        if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for testing); "
+                               "move the model to a GPU or use backend='torch'")
+        if not kernel_dtype:
+            raise RuntimeError(f"backend='triton' supports float16/bfloat16/float32, got {x.dtype}; use backend='torch'")
+    return backend
+
+
+def add_lora(base_out: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, gates: Tensor, expert_ids: Tensor,
+             scale: float, backend: str = "auto") -> Tensor:
+    """base_out + routed LoRA delta. base_out: (T, out), x: (T, in), gates/expert_ids: (T, K)."""
+    if resolve_backend(backend, x) == "triton":
+        from mol.kernels.grouped_lora import grouped_lora_add
+
+        return grouped_lora_add(base_out, x, lora_A, lora_B, gates, expert_ids, scale)
+    return base_out + lora_delta_torch(x, lora_A, lora_B, gates, expert_ids, scale).to(base_out.dtype)

@@ -1,0 +1,204 @@
+"""Walk a model, match target modules, swap in adapter layers, freeze the rest.
+
+Every method registers one function ``(model, config) -> list of trainable parameter names`` with
+``@register_method(ConfigClass)``. ``inject`` validates the configs, freezes the model, runs each method,
+then unfreezes exactly the adapter tensors (of this call and of earlier ones) plus ``modules_to_save``.
+The configs and the trainable names are kept on the model (``model.mol_configs``,
+``model.mol_trainable``) so ``save_adapter`` knows what to write and ``load_adapter`` what to expect.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from mol.config import LoRAConfig, MethodConfig, MoLConfig
+from mol.layers import AdapterLayer, MoLLinear
+
+MethodFn = Callable[[nn.Module, MethodConfig], list[str]]
+_METHODS: dict[type, MethodFn] = {}
+
+
+def register_method(config_cls: type) -> Callable[[MethodFn], MethodFn]:
+    """Register the function that applies ``config_cls`` to a model (see module docstring)."""
+
+    def deco(fn: MethodFn) -> MethodFn:
+        _METHODS[config_cls] = fn
+        return fn
+
+    return deco
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or a frozen quantized linear (anything marked ``is_quantized_linear``)."""
+    return isinstance(module, nn.Linear) or getattr(module, "is_quantized_linear", False)
+
+
+def _matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """Exact name or dotted suffix (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``)."""
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _under_any(name: str, patterns: Iterable[str]) -> bool:
+    """The module or one of its parents matches a pattern."""
+    parts = name.split(".")
+    return any(_matches_any(".".join(parts[:i]), patterns) for i in range(1, len(parts) + 1))
+
+
+def _inside_adapter(name: str, adapters: set[str]) -> bool:
+    return any(name == a or name.startswith(a + ".") for a in adapters)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return set()
+    return {n for n, m in model.named_modules() if m is head}
+
+
+def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
+                  predicate: Callable[[nn.Module], bool] = is_linear,
+                  exclude: Iterable[str] = ()) -> list[str]:
+    """Names of modules that ``target_modules`` selects, checked to satisfy ``predicate``.
+
+    ``"all-linear"``: every linear but the output head; a string: a regex matched against the full name
+    (``re.fullmatch``, as PEFT does); a list: exact names or name suffixes (``"q_proj"`` matches
+    ``model.layers.0.self_attn.q_proj``). A pattern that matches nothing raises with the names on offer.
+    """
+    exclude = list(exclude)
+    adapters = {n for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    candidates = [(n, m) for n, m in model.named_modules()
+                  if n and not _inside_adapter(n, adapters) and not _under_any(n, exclude)]
+    if target_modules == "all-linear":
+        heads = _output_head_names(model)
+        names = [n for n, m in candidates if predicate(m) and n not in heads]
+        if not names:
+            raise ValueError("target_modules='all-linear' matched no linear layer in this model; "
+                             "name the layers to adapt explicitly")
+        return names
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        names = [n for n, _ in candidates if pattern.fullmatch(n)]
+        what = f"regex {target_modules!r}"
+        unmatched: list[str] = [] if names else [target_modules]
+    else:
+        names, unmatched = [], []
+        for pat in target_modules:
+            hits = [n for n, _ in candidates if _matches_any(n, [pat])]
+            if not hits:
+                unmatched.append(pat)
+            names.extend(h for h in hits if h not in names)
+        what = f"pattern(s) {unmatched!r}"
+    if unmatched and any(_matches_any(a, unmatched) for a in adapters):
+        raise ValueError(f"target_modules {what} selects layers that already carry an adapter; "
+                         "give each method its own layers (or inject the configs as one list on a fresh model)")
+    if unmatched:
+        offered = sorted({n.split(".")[-1] for n, m in candidates if predicate(m)})
+        raise ValueError(f"target_modules {what} matched no module of {type(model).__name__}; "
+                         f"layer names on offer: {offered[:20]}. Fix target_modules (exact names, suffixes such "
+                         f"as 'q_proj', one regex string, or 'all-linear')")
+    modules = dict(model.named_modules())
+    wrong = [n for n in names if not predicate(modules[n])]
+    if wrong:
+        raise ValueError(f"target_modules selected {wrong[0]!r}, a {type(modules[wrong[0]]).__name__}, which this "
+                         f"method cannot adapt; narrow the pattern to the layers it supports")
+    return names
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _quantize_base(model: nn.Module, config: MethodConfig) -> None:
+    if getattr(config, "quantize_base", None) == "nf4":
+        from mol.quant import quantize  # deferred: the NF4 code is only needed for QLoRA
+
+        quantize(model, "nf4")
+
+
+@register_method(MoLConfig)
+def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
+    _quantize_base(model, config)
+    trainable = []
+    for name in match_modules(model, config.target_modules, exclude=config.modules_to_save):
+        layer = MoLLinear(
+            model.get_submodule(name), num_experts=config.num_experts, top_k=config.top_k, rank=config.rank,
+            alpha=config.alpha, router=config.router, dropout=config.dropout, use_rslora=config.use_rslora,
+            init=config.init, aux_loss_coef=config.aux_loss_coef, z_loss_coef=config.z_loss_coef,
+            router_noise=config.router_noise, backend=config.backend,
+        )
+        replace_module(model, name, layer)
+        trainable += [f"{name}.{p}" for p, _ in layer.named_parameters() if not p.startswith("base_layer.")]
+    return trainable
+
+
+@register_method(LoRAConfig)
+def _inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+    return _inject_mol(model, config.to_mol())
+
+
+def inject(model: nn.Module, config: Union[MethodConfig, Sequence[MethodConfig]]) -> nn.Module:
+    """Apply one method config (or several, e.g. MoL on the MLP plus prefix tuning) to ``model`` in place.
+
+    Everything that is not an adapter tensor or in ``modules_to_save`` is frozen. Returns ``model``.
+    """
+    configs = list(config) if isinstance(config, (list, tuple)) else [config]
+    if not configs:
+        raise ValueError("inject got an empty list of configs; pass at least one method config")
+    for cfg in configs:
+        if type(cfg) not in _METHODS:
+            raise TypeError(f"{type(cfg).__name__} is not a registered method config; "
+                            f"known: {sorted(c.__name__ for c in _METHODS)}")
+        cfg.validate()
+
+    trainable: list[str] = list(getattr(model, "mol_trainable", []))
+    for cfg in configs:
+        trainable += _METHODS[type(cfg)](model, cfg)
+        for mod_name in getattr(cfg, "modules_to_save", []):
+            hits = [n for n, _ in model.named_modules() if _matches_any(n, [mod_name])]
+            if not hits:
+                raise ValueError(f"modules_to_save entry {mod_name!r} matches no module; fix modules_to_save")
+            for hit in hits:
+                trainable += [f"{hit}.{p}" for p, _ in model.get_submodule(hit).named_parameters()]
+
+    params = dict(model.named_parameters())
+    trainable = list(dict.fromkeys(trainable))  # de-duplicated, order kept
+    missing = [n for n in trainable if n not in params]
+    if missing:
+        raise RuntimeError(f"internal error: method reported trainable tensor {missing[0]!r} that the model lacks")
+    for p in params.values():
+        p.requires_grad_(False)
+    for n in trainable:
+        params[n].requires_grad_(True)
+    model.mol_configs = list(getattr(model, "mol_configs", [])) + configs
+    model.mol_trainable = trainable
+    return model
+
+
+def adapter_layers(model: nn.Module) -> Iterable[tuple[str, AdapterLayer]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer))
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(number of trainable parameters, total number of parameters)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the coefficient-weighted router losses of the last forward, over all MoL layers (0 if none)."""
+    losses = [loss for _, m in adapter_layers(model) if isinstance(m, MoLLinear) and (loss := m.aux_loss()) is not None]
+    if not losses:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+    return torch.stack([loss.float() for loss in losses]).sum()
+
+
+def routing_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """Per routed layer: load (E,), counts (E,), entropy, load_balance_loss, z_loss of the last forward."""
+    return {n: m.last_stats for n, m in adapter_layers(model) if isinstance(m, MoLLinear) and m.last_stats}

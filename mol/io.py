@@ -1,0 +1,281 @@
+"""Save, load, merge, and move adapters to and from Hugging Face PEFT.
+
+An adapter directory holds ``adapter_config.json`` (the method configs, enough to rebuild the injection on a
+fresh base model) and ``adapter_model.safetensors`` (only the trainable tensors, under the model's own
+parameter names). Files are written to a temporary name and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from mol.config import LoRAConfig, MoLConfig, config_from_dict
+from mol.inject import adapter_layers, inject
+from mol.layers import MoLLinear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "mol-adapter"
+FORMAT_VERSION = 1
+PEFT_PREFIX = "base_model.model."
+
+PathLike = Union[str, os.PathLike]
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through ``write(tmp_path)`` then rename over ``path``; the temp file is removed on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    _atomic_write(path, write)
+
+
+def _write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    # clone: safetensors refuses tensors that share storage (tied or sliced parameters).
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt: save the adapter again") from None
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; the adapter directory is incomplete: save it again")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({e}); save or copy the adapter again") from None
+
+
+def _base_model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "name_or_path", "") or "")
+
+
+def _require_adapter(model: nn.Module) -> None:
+    if not getattr(model, "mol_configs", None):
+        raise ValueError("this model carries no mol adapter; call mol.inject(model, config) first")
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The trainable adapter tensors, keyed by the model's parameter names."""
+    _require_adapter(model)
+    params = dict(model.named_parameters())
+    return {name: params[name] for name in model.mol_trainable}
+
+
+def save_adapter(model: nn.Module, directory: PathLike) -> Path:
+    """Write the adapter of ``model`` (configs + trainable tensors only) to ``directory``."""
+    _require_adapter(model)
+    out = Path(directory)
+    for layer_name, layer in adapter_layers(model):
+        if layer.merged:
+            raise ValueError(f"{layer_name} is merged into its base weight; call mol.unmerge(model) before saving")
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "base_model_name_or_path": _base_model_name(model),
+        "configs": [c.to_dict() for c in model.mol_configs],
+    }
+    _write_tensors(out / WEIGHTS_NAME, adapter_state_dict(model), {"format": FORMAT})
+    _write_json(out / CONFIG_NAME, config)
+    return out
+
+
+def read_adapter_configs(directory: PathLike) -> list:
+    """The method configs saved in an adapter directory."""
+    path = Path(directory) / CONFIG_NAME
+    raw = _read_json(path, "point load_adapter at a directory written by mol.save_adapter")
+    if raw.get("format") != FORMAT:
+        hint = " (it looks like a PEFT adapter: use mol.import_peft)" if "peft_type" in raw else ""
+        raise ValueError(f"{path} is not a mol adapter config{hint}")
+    return [config_from_dict(c) for c in raw["configs"]]
+
+
+def _check_and_copy(model: nn.Module, tensors: dict[str, Tensor], expected: dict[str, Tensor], source: Path) -> None:
+    """Validate every key and shape before touching the model, then copy: a bad file changes nothing."""
+    for name, param in expected.items():
+        if name not in tensors:
+            raise ValueError(f"{source} lacks tensor {name!r} that the model's adapter needs; the adapter was saved "
+                             f"from a different model or config: load it into the model it was trained on")
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)} but the model expects "
+                             f"{tuple(param.shape)}; the adapter does not fit this model (different size or rank)")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ValueError(f"{source} holds tensor {extra[0]!r}, which this model's adapter does not have; the adapter "
+                         f"targets other modules: load it into the model it was trained on")
+    with torch.no_grad():
+        for name, param in expected.items():
+            param.copy_(tensors[name].to(param.dtype))
+
+
+def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
+    """Load an adapter saved with ``save_adapter``; injects it first if ``model`` has no adapter yet."""
+    directory = Path(directory)
+    configs = read_adapter_configs(directory)
+    tensors = _read_tensors(directory / WEIGHTS_NAME)
+    if getattr(model, "mol_configs", None):
+        have = [c.to_dict() for c in model.mol_configs]
+        if have != [c.to_dict() for c in configs]:
+            raise ValueError(f"the model already carries a different adapter ({have}) than {directory} "
+                             f"({[c.to_dict() for c in configs]}); load into a fresh base model")
+    else:
+        inject(model, configs)
+    _check_and_copy(model, tensors, adapter_state_dict(model), directory / WEIGHTS_NAME)
+    return model
+
+
+def _mergeable_layers(model: nn.Module) -> list:
+    _require_adapter(model)
+    layers = list(adapter_layers(model))
+    for name, layer in layers:
+        reason = layer.merge_blocker()
+        if reason:
+            raise ValueError(f"cannot merge {name}: {reason}")
+    return layers
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter delta into its frozen base weight (checked for all layers before any changes)."""
+    for _, layer in _mergeable_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo ``merge``."""
+    for _, layer in _mergeable_layers(model):
+        layer.unmerge()
+    return model
+
+
+# ---- Hugging Face PEFT interop (LoRA) ---------------------------------------------------------------------
+
+
+def _single_lora_config(model: nn.Module) -> LoRAConfig:
+    _require_adapter(model)
+    configs = model.mol_configs
+    if len(configs) == 1 and isinstance(configs[0], LoRAConfig):
+        return configs[0]
+    if len(configs) == 1 and isinstance(configs[0], MoLConfig) and configs[0].num_experts == 1:
+        c = configs[0]
+        return LoRAConfig(rank=c.rank, alpha=c.alpha, target_modules=c.target_modules, dropout=c.dropout,
+                          use_rslora=c.use_rslora, init=c.init, modules_to_save=list(c.modules_to_save))
+    raise ValueError(f"PEFT's LoRA format holds one LoRA adapter; this model carries {[c.method for c in configs]} "
+                     "(token-routed MoL has no PEFT equivalent): export a LoRAConfig adapter or use mol.save_adapter")
+
+
+def export_peft(model: nn.Module, directory: PathLike) -> Path:
+    """Write a LoRA adapter in PEFT's own format (adapter_config.json + adapter_model.safetensors)."""
+    cfg = _single_lora_config(model)
+    out = Path(directory)
+    tensors: dict[str, Tensor] = {}
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, MoLLinear):
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[0]
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[0]
+    params = dict(model.named_parameters())
+    for name in model.mol_trainable:
+        if ".lora_A" not in name and ".lora_B" not in name:  # modules_to_save tensors keep their names
+            tensors[f"{PEFT_PREFIX}{name}"] = params[name]
+    target = cfg.target_modules
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": _peft_task_type(model),
+        "base_model_name_or_path": _base_model_name(model) or None,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": target if isinstance(target, str) else sorted(target),
+        "use_rslora": cfg.use_rslora,
+        "init_lora_weights": True if cfg.init == "kaiming" else cfg.init,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "modules_to_save": list(cfg.modules_to_save) or None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+    _write_tensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
+    _write_json(out / CONFIG_NAME, peft_config)
+    return out
+
+
+def _peft_task_type(model: nn.Module) -> Any:
+    cls = type(model).__name__
+    if cls.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    if cls.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    return None
+
+
+_UNSUPPORTED_PEFT = {"use_dora": False, "fan_in_fan_out": False, "bias": "none"}
+
+
+def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
+    """Inject and load a PEFT LoRA adapter directory into ``model`` (a plain Hugging Face model)."""
+    directory = Path(directory)
+    raw = _read_json(directory / CONFIG_NAME, "point import_peft at a directory saved by PEFT's save_pretrained")
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"{directory} holds a PEFT {raw.get('peft_type')!r} adapter; import_peft reads LORA only")
+    for key, ok in _UNSUPPORTED_PEFT.items():
+        if raw.get(key, ok) != ok:
+            raise ValueError(f"{directory}: PEFT option {key}={raw[key]!r} is not supported by mol (only {ok!r})")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if raw.get(key):
+            raise ValueError(f"{directory}: per-layer {key} is not supported by mol; re-train with one rank/alpha")
+    init = raw.get("init_lora_weights", True)
+    cfg = LoRAConfig(
+        rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), target_modules=raw["target_modules"],
+        dropout=float(raw.get("lora_dropout", 0.0)), use_rslora=bool(raw.get("use_rslora", False)),
+        init="gaussian" if init == "gaussian" else "kaiming", modules_to_save=list(raw.get("modules_to_save") or []),
+    )
+    tensors = _read_tensors(directory / WEIGHTS_NAME)
+    if getattr(model, "mol_configs", None):
+        raise ValueError("import_peft needs a model without an adapter; load into a fresh base model")
+    inject(model, cfg)
+    renamed: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if name.endswith(suffix):
+                name = f"{name[: -len(suffix)]}.{part}"
+                value = value[None]  # PEFT's (r, in) / (out, r) -> our one-expert (1, r, in) / (1, out, r)
+        renamed[name] = value
+    _check_and_copy(model, renamed, adapter_state_dict(model), directory / WEIGHTS_NAME)
+    return model

@@ -1,0 +1,190 @@
+"""MoLLinear: a frozen base linear plus a pool of routed LoRA experts. One expert and no router is LoRA.
+
+Forward, top to bottom (T tokens, in-features k, out-features d, E experts, rank r, K chosen per token):
+
+    out   = base_layer(x)                               # frozen; nn.Linear or NF4Linear
+    gates, expert_ids = router(x)                       # (T, K) each, float32 scores
+    out  += scale * sum_k gates[:, k] * B[e] @ A[e] @ dropout(x)     (dispatch.add_lora)
+
+with ``lora_A``: "e r k", ``lora_B``: "e d r", ``scale = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mol import dispatch
+from mol.routers import Router, RouterOutput
+
+
+class AdapterLayer(nn.Module):
+    """Base of every module that wraps a frozen ``base_layer`` with a trainable delta.
+
+    Subclasses implement ``merge``/``unmerge`` where the delta folds into the frozen weight, and
+    ``merge_blocker`` to say why it cannot.
+    """
+
+    base_layer: nn.Module
+    merged: bool = False
+
+    def merge_blocker(self) -> Optional[str]:
+        """None if ``merge`` can run, else the reason it cannot (shown to the user)."""
+        return f"{type(self).__name__} does not support merging"
+
+    def merge(self) -> None:
+        raise NotImplementedError(self.merge_blocker())
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(self.merge_blocker())
+
+
+def _linear_shape(base: nn.Module) -> tuple[int, int]:
+    try:
+        return int(base.in_features), int(base.out_features)
+    except AttributeError:
+        raise TypeError(f"MoLLinear wraps a linear layer with in_features/out_features (nn.Linear or NF4Linear), "
+                        f"got {type(base).__name__}") from None
+
+
+class MoLLinear(AdapterLayer):
+    """A frozen linear layer plus ``num_experts`` LoRA experts chosen per token by a router.
+
+    With ``num_experts=1`` there is no router and the layer is exactly PEFT's LoRA:
+    ``base(x) + lora_B(lora_A(dropout(x))) * scaling``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        num_experts: int = 8,
+        top_k: int = 2,
+        rank: int = 8,
+        alpha: float = 16.0,
+        router: str = "topk",
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        aux_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.001,
+        router_noise: float = 0.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        in_features, out_features = _linear_shape(base)
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}; use e.g. rank=8")
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts!r}")
+        if router != "soft" and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} is outside 1..num_experts={num_experts}; set top_k between 1 and {num_experts}")
+        if backend not in dispatch.BACKENDS:
+            raise ValueError(f"backend={backend!r} is unknown; choose one of {dispatch.BACKENDS}")
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = in_features, out_features
+        self.num_experts, self.rank, self.alpha = num_experts, rank, alpha
+        self.use_rslora = use_rslora
+        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.backend = backend
+        self.merged = False
+
+        weight = getattr(base, "weight", None)
+        dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else torch.float32
+        device = weight.device if isinstance(weight, Tensor) else None
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank, dtype=dtype, device=device))
+        self.reset_lora(init)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.router: Optional[Router] = None
+        if num_experts > 1:
+            self.router = Router(in_features, num_experts, top_k, router, router_noise).to(device)
+        self._last: Optional[RouterOutput] = None
+
+    @torch.no_grad()
+    def reset_lora(self, init: str = "kaiming") -> None:
+        """A random, B zero (a fresh adapter changes nothing). 'kaiming' is nn.Linear's (and PEFT's) default
+        uniform(+-1/sqrt(in)); 'gaussian' is PEFT's normal(0, 1/r)."""
+        if init == "kaiming":
+            bound = 1.0 / math.sqrt(self.in_features)
+            self.lora_A.uniform_(-bound, bound)
+        elif init == "gaussian":
+            self.lora_A.normal_(0.0, 1.0 / self.rank)
+        else:
+            raise ValueError(f"init={init!r} is unknown; choose 'kaiming' or 'gaussian'")
+        self.lora_B.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+                f"rank={self.rank}, scaling={self.scaling:g}, backend={self.backend}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        x_lora = self.dropout(x).to(self.lora_A.dtype)
+        if self.router is None:
+            # Same ops in the same order as PEFT's LoRA, so the one-expert case matches it to the last bit.
+            delta = F.linear(F.linear(x_lora, self.lora_A[0]), self.lora_B[0]) * self.scaling
+            return out + delta.to(out.dtype)
+
+        routed = self.router(x)
+        self._last = routed
+        flat = dispatch.add_lora(
+            out.reshape(-1, self.out_features), x_lora.reshape(-1, self.in_features),
+            self.lora_A, self.lora_B, routed.gates, routed.expert_ids, self.scaling, self.backend,
+        )
+        return flat.view(out.shape)
+
+    def aux_loss(self) -> Optional[Tensor]:
+        """Coefficient-weighted load-balance + z-loss of the last forward (None before any routed forward)."""
+        if self._last is None:
+            return None
+        return self.aux_loss_coef * self._last.load_balance_loss + self.z_loss_coef * self._last.z_loss
+
+    @property
+    def last_stats(self) -> dict[str, Tensor]:
+        """Detached utilisation stats of the last forward: load (E,) fraction, counts (E,), entropy, losses."""
+        if self._last is None:
+            return {}
+        r = self._last
+        counts = r.counts.detach()
+        return {"load": counts / counts.sum().clamp_min(1), "counts": counts, "entropy": r.entropy.detach(),
+                "load_balance_loss": r.load_balance_loss.detach(), "z_loss": r.z_loss.detach()}
+
+    # Merging folds B @ A into the frozen weight; only input-independent deltas (one expert, no router) fold.
+    def merge_blocker(self) -> Optional[str]:
+        if self.router is not None:
+            return (f"a token-routed MoL layer (num_experts={self.num_experts}, router={self.router.kind}) applies "
+                    "a different mix of experts to every token, so its delta is not one matrix and cannot be merged; "
+                    "merge only LoRA (num_experts=1) adapters, or keep this adapter unmerged")
+        if not isinstance(self.base_layer, nn.Linear):
+            return (f"the base is {type(self.base_layer).__name__}, not a full-precision nn.Linear; merging into a "
+                    "quantized weight would re-quantize it and lose the adapter's precision: keep it unmerged")
+        return None
+
+    def _delta_weight(self) -> Tensor:
+        return (self.lora_B[0].float() @ self.lora_A[0].float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        reason = self.merge_blocker()
+        if reason:
+            raise ValueError(reason)
+        if not self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() + self._delta_weight()).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() - self._delta_weight()).to(w.dtype))
+            self.merged = False

@@ -1,0 +1,93 @@
+"""Routers: hidden states -> (gates, expert_ids), plus their auxiliary losses and utilisation stats.
+
+Every router scores in float32 and returns gates and expert ids of shape (T, K), one row per token
+(the sequence router repeats its per-sequence choice over the sequence's tokens). Nothing here reads a
+value back to the host, so a forward is CUDA-graph capturable and compiles without graph breaks.
+
+Auxiliary losses (kept on the output, collected by ``MoLLinear.aux_loss``):
+- load balance, Switch Transformer (Fedus et al. 2021) form: ``E * sum_e f_e * P_e`` where ``f_e`` is the
+  fraction of routed (token, expert) pairs sent to expert e and ``P_e`` the mean router probability of e.
+  It is 1 at perfect balance and E when everything goes to one expert.
+- router z-loss (Zoph et al. 2022, ST-MoE): ``mean(logsumexp(logits) ** 2)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import repeat
+from torch import Tensor, nn
+
+
+@dataclass
+class RouterOutput:
+    gates: Tensor  # (T, K) float32, weight of each chosen expert
+    expert_ids: Tensor  # (T, K) int64
+    load_balance_loss: Tensor  # scalar
+    z_loss: Tensor  # scalar
+    counts: Tensor  # (E,) float32, routed (token, expert) pairs per expert
+    entropy: Tensor  # scalar, mean entropy of the router distribution
+
+
+class Router(nn.Module):
+    """Linear scorer ``logits = x @ weight.T`` (weight: (E, in)) followed by a selection rule.
+
+    kind: ``topk`` (renormalised top-k of the softmax), ``soft`` (all experts, softmax weights),
+    ``switch`` (top-1, gate = that expert's probability), ``sequence`` (top-k from the mean-pooled
+    hidden state of each sequence, one choice for all its tokens).
+    """
+
+    def __init__(self, in_features: int, num_experts: int, top_k: int = 2, kind: str = "topk", noise_std: float = 0.0):
+        super().__init__()
+        if kind not in ("topk", "soft", "switch", "sequence"):
+            raise ValueError(f"unknown router {kind!r}; choose topk, soft, switch or sequence")
+        if kind == "switch" and top_k != 1:
+            raise ValueError(f"the switch router routes each token to one expert; got top_k={top_k}, set top_k=1")
+        if kind == "soft":
+            top_k = num_experts
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} is outside 1..num_experts={num_experts}; set top_k between 1 and {num_experts}")
+        self.kind = kind
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.noise_std = noise_std
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features))
+        # Small logits at start: the first steps route nearly uniformly instead of locking in a random winner.
+        nn.init.normal_(self.weight, std=0.02)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, num_experts={self.num_experts}, top_k={self.top_k}, noise_std={self.noise_std}"
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        """x: (..., in) for token routers; (batch, seq, in) or (seq, in) for the sequence router."""
+        if self.kind == "sequence":
+            # One decision per sequence, scored on its mean hidden state: "b s k -> b k".
+            seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 2 else x[None]
+            logits = F.linear(seqs.float().mean(dim=1), self.weight.float())  # (B, E)
+        else:
+            logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)
+
+        if self.training and self.noise_std > 0:
+            logits = logits + torch.randn_like(logits) * self.noise_std
+        probs = logits.softmax(dim=-1)
+
+        if self.kind == "soft":
+            gates = probs
+            expert_ids = torch.arange(self.num_experts, device=x.device).expand_as(probs)
+        else:
+            top_probs, expert_ids = probs.topk(self.top_k, dim=-1)
+            gates = top_probs if self.kind == "switch" else top_probs / top_probs.sum(dim=-1, keepdim=True)
+
+        counts = torch.zeros(self.num_experts, device=x.device, dtype=torch.float32)
+        counts = counts.scatter_add(0, expert_ids.reshape(-1), torch.ones_like(gates).reshape(-1))
+        load_balance = self.num_experts * (counts / counts.sum() * probs.mean(dim=0)).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(dim=-1).mean()
+
+        if self.kind == "sequence":
+            seq_len = x.shape[-2] if x.dim() >= 2 else 1
+            gates = repeat(gates, "b k -> (b s) k", s=seq_len)
+            expert_ids = repeat(expert_ids, "b k -> (b s) k", s=seq_len)
+        return RouterOutput(gates, expert_ids, load_balance, z_loss, counts, entropy)
