@@ -270,3 +270,47 @@ def test_triton_backend_in_nf4linear():
     y.backward(torch.ones_like(y))
     gref = torch.ones(6, 64, dtype=torch.float64) @ w64
     assert ((x.grad.double() - gref).norm() / gref.norm()) < 1e-5
+
+
+def test_dtype_casts_keep_quant_state_exact():
+    q = NF4Linear.from_linear(nn.Linear(128, 64))
+    before = q.dequantize(torch.float32)
+    q = q.to(torch.bfloat16)
+    assert q.quant_map.dtype == torch.float32 and q.nested_absmax.dtype == torch.float32
+    assert q.bias.dtype == torch.bfloat16
+    assert torch.equal(q.dequantize(torch.float32), before)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    ref = x.double() @ before.double().T + q.bias.double()
+    assert ((q(x).double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_qlora_mol_inject_equals_dequantized_base():
+    import copy
+
+    import mol
+
+    g = _gen()
+    m = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64))
+    m = mol.inject(m, mol.MoLConfig(rank=4, num_experts=4, top_k=2, quantize_base="nf4"))
+    layers = [mod for mod in m.modules() if isinstance(mod, mol.MoLLinear)]
+    assert len(layers) == 2 and all(isinstance(l.base_layer, NF4Linear) for l in layers)
+    with torch.no_grad():
+        for l in layers:
+            l.lora_B.normal_(generator=g)  # a non-trivial adapter
+    ref = copy.deepcopy(m)
+    for l in (mod for mod in ref.modules() if isinstance(mod, mol.MoLLinear)):
+        q = l.base_layer
+        dense = nn.Linear(q.in_features, q.out_features)
+        with torch.no_grad():
+            dense.weight.copy_(q.dequantize(torch.float32))
+            dense.bias.copy_(q.bias)
+        dense.requires_grad_(False)
+        l.base_layer = dense
+    x = torch.randn(7, 128, generator=g, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    y, yr = m(x), ref(xr)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    yr.square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layers[0].lora_A.grad, ref[0].lora_A.grad, rtol=1e-4, atol=1e-5)

@@ -51,8 +51,12 @@ class NF4Linear(nn.Module):
     Forward computes in the activation dtype: on CUDA, T <= 16 tokens use a fused Triton dequant-GEMM reading the
     4-bit codes; larger T dequantize into a scratch weight (Triton) and call cuBLAS. Backward gives dx (and the
     bias gradient if the bias requires grad); the weight itself is frozen and has no gradient.
-    Buffers follow bitsandbytes' names so `.to()`, `state_dict()` and devices work as for nn.Linear.
+    Buffers follow bitsandbytes' names so `.to()`, `state_dict()` and devices work as for nn.Linear;
+    `.to(dtype)` / `.half()` move the quantization state between devices but never change its dtype (a bf16
+    codebook would silently change every weight), only the bias's.
     """
+
+    is_quantized_linear = True  # mol.inject treats it as a linear target
 
     def __init__(self, packed: NF4Weight, bias: torch.Tensor | None = None, backend: str = "auto"):
         super().__init__()
@@ -75,6 +79,15 @@ class NF4Linear(nn.Module):
         else:
             self.nested_absmax = self.nested_quant_map = self.offset = None
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def _apply(self, fn, recurse=True):
+        state = {n: b for n, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for n, old in state.items():
+            new = self._buffers[n]
+            if new.dtype != old.dtype:  # keep the quant state's dtype, take only the device change
+                self._buffers[n] = old.to(new.device)
+        return self
 
     @property
     def packed(self) -> NF4Weight:
