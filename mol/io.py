@@ -259,10 +259,15 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
         if raw.get(key):
             raise ValueError(f"{directory}: per-layer {key} is not supported by mol; re-train with one rank/alpha")
     init = raw.get("init_lora_weights", True)
+    # PEFT's task types append their usual head names ("classifier", "score") whether or not the model has
+    # them, and PEFT ignores the ones that match nothing; do the same, keeping the saved order.
+    names = [n for n, _ in model.named_modules()]
+    to_save = [m for m in dict.fromkeys(raw.get("modules_to_save") or [])
+               if any(n == m or n.endswith("." + m) for n in names)]
     cfg = LoRAConfig(
         rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), target_modules=raw["target_modules"],
         dropout=float(raw.get("lora_dropout", 0.0)), use_rslora=bool(raw.get("use_rslora", False)),
-        init="gaussian" if init == "gaussian" else "kaiming", modules_to_save=list(raw.get("modules_to_save") or []),
+        init="gaussian" if init == "gaussian" else "kaiming", modules_to_save=to_save,
     )
     tensors = _read_tensors(directory / WEIGHTS_NAME)
     if getattr(model, "mol_configs", None):

@@ -1,0 +1,170 @@
+"""save/load round trips, merge, and the errors a user hits with bad input (each must name the fix)."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+import mol
+from conftest import make_tiny_llama
+
+
+def _train_a_little(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+@pytest.mark.parametrize("config", [
+    mol.MoLConfig(rank=4, num_experts=4, top_k=2, router="topk", target_modules="all-linear"),
+    mol.MoLConfig(rank=2, num_experts=3, top_k=1, router="sequence", target_modules=r".*\.mlp\.(up|down)_proj"),
+    mol.LoRAConfig(rank=3, alpha=5, target_modules=["k_proj", "o_proj"], use_rslora=True),
+])
+def test_save_load_round_trip_on_fresh_base(tmp_path, config):
+    base = make_tiny_llama()
+    model = mol.inject(copy.deepcopy(base), config)
+    _train_a_little(model)
+    ids = torch.randint(0, 101, (2, 7))
+    expected = model(input_ids=ids).logits
+    mol.save_adapter(model, tmp_path / "a")
+    assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    fresh = mol.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    assert torch.equal(fresh(input_ids=ids).logits, expected)
+    # Only the adapter was saved: far smaller than the model.
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert sum(t.numel() for t in saved.values()) == mol.trainable_parameters(model)[0]
+    assert not any("base_layer" in k for k in saved)
+
+
+def test_trainable_parameters_and_head_excluded():
+    model = mol.inject(make_tiny_llama(), mol.MoLConfig(rank=2, num_experts=3, top_k=1))
+    assert not isinstance(model.lm_head, mol.MoLLinear)
+    layers = [m for m in model.modules() if isinstance(m, mol.MoLLinear)]
+    assert len(layers) == 2 * 7  # q k v o gate up down per layer
+    expected = sum(3 * 2 * (m.in_features + m.out_features) + 3 * m.in_features for m in layers)
+    trainable, total = mol.trainable_parameters(model)
+    assert trainable == expected
+    assert total == sum(p.numel() for p in model.parameters())
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n and "router" not in n)
+
+
+def test_load_rejects_adapter_with_other_shapes(tmp_path):
+    base = make_tiny_llama()
+    mol.save_adapter(mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=["q_proj"])), tmp_path)
+    bigger = make_tiny_llama(hidden=48)
+    with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\.self_attn\.q_proj\.lora_A' has shape"):
+        mol.load_adapter(bigger, tmp_path)
+
+
+def test_load_rejects_adapter_for_other_modules(tmp_path):
+    base = make_tiny_llama()
+    model = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=["q_proj"]))
+    mol.save_adapter(model, tmp_path)
+    other = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=["v_proj"]))
+    with pytest.raises(ValueError, match="already carries a different adapter"):
+        mol.load_adapter(other, tmp_path)
+    # Same config, but the tensors on disk are for a 1-layer model: the first missing key is named.
+    one_layer = mol.inject(make_tiny_llama(layers=1), mol.LoRAConfig(rank=4, target_modules=["q_proj"]))
+    mol.save_adapter(one_layer, tmp_path / "small")
+    with pytest.raises(ValueError, match=r"lacks tensor 'model\.layers\.1\.self_attn\.q_proj\.lora_A'"):
+        mol.load_adapter(copy.deepcopy(base), tmp_path / "small")
+
+
+def test_truncated_or_corrupt_files_fail_clearly_and_change_nothing(tmp_path):
+    base = make_tiny_llama()
+    model = mol.inject(copy.deepcopy(base), mol.MoLConfig(rank=2, num_experts=2, top_k=1, target_modules=["q_proj"]))
+    _train_a_little(model)
+    mol.save_adapter(model, tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    target = mol.inject(copy.deepcopy(base), mol.MoLConfig(rank=2, num_experts=2, top_k=1, target_modules=["q_proj"]))
+    before = {n: p.clone() for n, p in target.named_parameters()}
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        mol.load_adapter(target, tmp_path)
+    assert all(torch.equal(before[n], p) for n, p in target.named_parameters())
+    weights.write_bytes(b"\x07" * 64)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        mol.load_adapter(target, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        mol.load_adapter(copy.deepcopy(base), tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        mol.load_adapter(copy.deepcopy(base), tmp_path / "nowhere")
+
+
+def test_failed_save_leaves_previous_adapter_intact(tmp_path, monkeypatch):
+    model = mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=2, target_modules=["q_proj"]))
+    mol.save_adapter(model, tmp_path)
+    good = (tmp_path / "adapter_model.safetensors").read_bytes()
+
+    def half_write(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("mol.io.save_file", half_write)
+    _train_a_little(model)
+    with pytest.raises(OSError, match="disk full"):
+        mol.save_adapter(model, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == good
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_merge_unmerge_lora_keeps_logits():
+    model = mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=4, alpha=8))
+    _train_a_little(model)
+    ids = torch.randint(0, 101, (2, 5))
+    expected = model(input_ids=ids).logits
+    mol.merge(model)
+    merged = model(input_ids=ids).logits
+    assert ((merged - expected).norm() / expected.norm()).item() < 1e-5
+    mol.unmerge(model)
+    assert ((model(input_ids=ids).logits - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_merge_refuses_token_routed_layers_and_changes_nothing():
+    model = mol.inject(make_tiny_llama(), mol.MoLConfig(num_experts=4, top_k=2, target_modules=["q_proj"]))
+    w = model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    with pytest.raises(ValueError, match="token-routed MoL layer .* cannot be merged"):
+        mol.merge(model)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.weight, w)
+
+
+@pytest.mark.parametrize("config,message", [
+    (mol.LoRAConfig(target_modules=["qq_proj"]), r"matched no module of LlamaForCausalLM; layer names on offer"),
+    (mol.LoRAConfig(target_modules=r"model\.nothing\..*"), "matched no module"),
+    (mol.LoRAConfig(target_modules=["self_attn"]), "a LlamaAttention, which this method cannot adapt"),
+    (mol.MoLConfig(num_experts=4, top_k=5), r"top_k=5 is outside 1\.\.4"),
+    (mol.MoLConfig(num_experts=4, top_k=0), r"top_k=0 is outside 1\.\.4"),
+    (mol.MoLConfig(router="switch", top_k=2), r"top_k=2 is outside 1\.\.1"),
+    (mol.MoLConfig(rank=0), "rank must be a positive integer"),
+    (mol.LoRAConfig(rank=-3), "rank must be a positive integer"),
+    (mol.MoLConfig(router="hash"), "router='hash' is unknown"),
+    (mol.MoLConfig(modules_to_save=["nohead"]), "modules_to_save entry 'nohead' matches no module"),
+])
+def test_bad_configs_fail_with_the_fix(config, message):
+    with pytest.raises(ValueError, match=message):
+        mol.inject(make_tiny_llama(), config)
+
+
+def test_second_adapter_on_same_layers_is_refused():
+    model = mol.inject(make_tiny_llama(), mol.LoRAConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already carry an adapter"):
+        mol.inject(model, mol.MoLConfig(target_modules=["q_proj"]))
+
+
+def test_aux_loss_collects_every_routed_layer():
+    model = mol.inject(make_tiny_llama(), mol.MoLConfig(num_experts=4, top_k=2, aux_loss_coef=0.1, z_loss_coef=0.01))
+    assert mol.aux_loss(model).item() == 0.0
+    model(input_ids=torch.randint(0, 101, (2, 6)))
+    layers = [m for m in model.modules() if isinstance(m, mol.MoLLinear)]
+    expected = sum(0.1 * m.last_stats["load_balance_loss"] + 0.01 * m.last_stats["z_loss"] for m in layers)
+    assert torch.allclose(mol.aux_loss(model), expected)
+    stats = mol.routing_stats(model)
+    assert len(stats) == len(layers)
+    assert all(torch.allclose(s["load"].sum(), torch.tensor(1.0)) for s in stats.values())

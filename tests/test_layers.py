@@ -1,0 +1,160 @@
+"""MoLLinear against an independent float64 reference of
+
+    y = base(x) + scale * sum_{e in chosen(x)} g_e(x) * B_e (A_e x)
+
+computed token by token (no dense gate matrix, no shared code with mol.dispatch), for every router,
+including its load-balance and z-loss, and all gradients."""
+
+import math
+
+import pytest
+import torch
+
+from mol import MoLLinear
+
+
+def reference(layer: MoLLinear, x: torch.Tensor):
+    """float64 forward of the formula + aux losses; returns (y, aux, leaf tensors for gradients)."""
+    d = torch.float64
+    W = layer.base_layer.weight.detach().to(d).requires_grad_(False)
+    b = layer.base_layer.bias.detach().to(d) if layer.base_layer.bias is not None else None
+    A = layer.lora_A.detach().to(d).requires_grad_(True)
+    B = layer.lora_B.detach().to(d).requires_grad_(True)
+    Wr = layer.router.weight.detach().to(d).requires_grad_(True)
+    xx = x.detach().to(d).requires_grad_(True)
+    E, K, kind = layer.num_experts, layer.router.top_k, layer.router.kind
+
+    seqs = xx.reshape(-1, x.shape[-2], x.shape[-1])  # (batch, seq, in)
+    rows, lb_f, lb_p, zs, ys = [], torch.zeros(E, dtype=d), [], [], []
+    for s in range(seqs.shape[0]):
+        if kind == "sequence":
+            pooled = seqs[s].mean(0)
+            logit_seq = Wr @ pooled
+        for t in range(seqs.shape[1]):
+            xt = seqs[s, t]
+            logits = logit_seq if kind == "sequence" else Wr @ xt
+            probs = torch.softmax(logits, 0)
+            if kind == "soft":
+                chosen, gates = list(range(E)), probs
+            else:
+                k = 1 if kind == "switch" else K
+                chosen = sorted(range(E), key=lambda e: -probs[e].item())[:k]
+                g = probs[chosen]
+                gates = g if kind == "switch" else g / g.sum()
+            y = W @ xt + (b if b is not None else 0)
+            for e, g in zip(chosen, gates):
+                y = y + layer.scaling * g * (B[e] @ (A[e] @ xt))
+            ys.append(y)
+            if kind != "sequence" or t == 0:
+                for e in chosen:
+                    lb_f[e] += 1
+                lb_p.append(probs)
+                zs.append(torch.logsumexp(logits, 0) ** 2)
+    f = lb_f / lb_f.sum()
+    P = torch.stack(lb_p).mean(0)
+    aux = layer.aux_loss_coef * E * (f * P).sum() + layer.z_loss_coef * torch.stack(zs).mean()
+    out = torch.stack(ys).reshape(*x.shape[:-1], -1)
+    return out, aux, (xx, A, B, Wr)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_layer(kind, E, K, k_in, k_out, r, bias=True):
+    base = torch.nn.Linear(k_in, k_out, bias=bias)
+    layer = MoLLinear(base, num_experts=E, top_k=K, rank=r, alpha=2.0 * r + 1, router=kind,
+                      aux_loss_coef=0.05, z_loss_coef=0.01, backend="torch")
+    with torch.no_grad():  # B starts at zero; give it values so the delta and its gradients are tested
+        layer.lora_B.normal_(0, 0.5)
+        layer.router.weight.normal_(0, 0.5)
+    return layer
+
+
+CASES = [  # kind, E, K, x shape, in, out, r
+    ("topk", 8, 2, (1, 1), 5, 3, 2),
+    ("topk", 4, 3, (1, 7), 19, 45, 4),
+    ("topk", 8, 8, (13,), 6, 11, 3),
+    ("soft", 5, 5, (2, 9), 13, 7, 2),
+    ("switch", 6, 1, (3, 5), 9, 10, 4),
+    ("sequence", 4, 2, (3, 6), 12, 8, 3),
+    ("sequence", 6, 1, (5, 2), 7, 9, 2),
+]
+
+
+@pytest.mark.parametrize("kind,E,K,shape,k_in,k_out,r", CASES)
+def test_forward_backward_matches_float64_reference(kind, E, K, shape, k_in, k_out, r):
+    layer = make_layer(kind, E, K, k_in, k_out, r, bias=(E % 2 == 0))
+    x = torch.randn(*shape, k_in, requires_grad=True)
+    y = layer(x)
+    weights = torch.randn_like(y)
+    ((y * weights).sum() + layer.aux_loss()).backward()
+
+    y_ref, aux_ref, (x_ref, A_ref, B_ref, Wr_ref) = reference(layer, x)
+    ((y_ref * weights.double()).sum() + aux_ref).backward()
+
+    assert y.shape == (*shape, k_out)
+    assert rel(y, y_ref) < 1e-5
+    assert abs(layer.aux_loss().item() - aux_ref.item()) < 1e-5 * max(1.0, abs(aux_ref.item()))
+    assert rel(x.grad, x_ref.grad) < 1e-5
+    assert rel(layer.lora_A.grad, A_ref.grad) < 1e-5
+    assert rel(layer.lora_B.grad, B_ref.grad) < 1e-5
+    assert rel(layer.router.weight.grad, Wr_ref.grad) < 1e-4
+
+
+def test_empty_expert_and_all_tokens_on_one_expert():
+    torch.manual_seed(1)
+    layer = make_layer("topk", 8, 1, 16, 10, 4)
+    direction = torch.randn(16)
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.01)
+        layer.router.weight[3] = 2.0 * direction  # every token scores expert 3 highest
+    x = (torch.randn(2, 11, 16) * 0.1 + direction).requires_grad_(True)
+    y = layer(x)
+    stats = layer.last_stats
+    assert stats["counts"][3].item() == 22 and stats["counts"].sum().item() == 22
+    assert torch.allclose(stats["load"][3], torch.tensor(1.0))
+    # Load balance is E * f_3 * P_3, close to E when all mass sits on one expert.
+    assert layer.last_stats["load_balance_loss"].item() > 0.9 * 8
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    y_ref, _, (x_ref, A_ref, B_ref, _) = reference(layer, x)
+    (y_ref * weights.double()).sum().backward()
+    assert rel(y, y_ref) < 1e-5 and rel(x.grad, x_ref.grad) < 1e-5
+    assert rel(layer.lora_B.grad, B_ref.grad) < 1e-5
+    # Experts that received no token get exactly zero gradient.
+    idle = [e for e in range(8) if e != 3]
+    assert layer.lora_A.grad[idle].abs().max().item() == 0.0
+    assert layer.lora_B.grad[idle].abs().max().item() == 0.0
+
+
+def test_one_expert_is_plain_lora_and_fresh_adapter_is_identity():
+    base = torch.nn.Linear(10, 7)
+    layer = MoLLinear(base, num_experts=1, top_k=1, rank=4, alpha=8, use_rslora=True)
+    assert layer.router is None
+    x = torch.randn(3, 10)
+    assert torch.equal(layer(x), base(x))  # B starts at zero
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    expected = base(x).double() + (x.double() @ layer.lora_A[0].double().T @ layer.lora_B[0].double().T) * 8 / math.sqrt(4)
+    assert rel(layer(x), expected) < 1e-6
+
+
+def test_parameter_shapes_are_predictable():
+    layer = MoLLinear(torch.nn.Linear(12, 20), num_experts=6, top_k=2, rank=3)
+    shapes = {n: tuple(p.shape) for n, p in layer.named_parameters() if p.requires_grad}
+    assert shapes == {"lora_A": (6, 3, 12), "lora_B": (6, 20, 3), "router.weight": (6, 12)}
+    assert not layer.base_layer.weight.requires_grad
+    assert layer.lora_B.abs().max().item() == 0.0
+    # Experts start different from each other (independent random A).
+    assert (layer.lora_A[0] - layer.lora_A[1]).abs().max().item() > 0
+
+
+def test_router_noise_only_in_training():
+    layer = make_layer("topk", 4, 2, 8, 8, 2)
+    layer.router.noise_std = 1.0
+    x = torch.randn(5, 8)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))

@@ -1,0 +1,106 @@
+"""The one-expert MoL layer is PEFT's LoRA: same logits and gradients on a tiny Llama, and adapters move
+between the two libraries in PEFT's own file format."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import mol
+from conftest import make_tiny_llama
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _randomise_peft(peft_model):
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+
+
+def _copy_peft_into_mol(peft_model, mol_model):
+    peft_params = dict(peft_model.named_parameters())
+    for name, layer in mol_model.named_modules():
+        if isinstance(layer, mol.MoLLinear):
+            with torch.no_grad():
+                layer.lora_A[0].copy_(peft_params[f"base_model.model.{name}.lora_A.default.weight"])
+                layer.lora_B[0].copy_(peft_params[f"base_model.model.{name}.lora_B.default.weight"])
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_same_logits_and_gradients_as_peft(use_rslora):
+    base = make_tiny_llama()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=12, target_modules=TARGETS,
+                                                                use_rslora=use_rslora))
+    _randomise_peft(peft_model)
+    ours = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, alpha=12, target_modules=TARGETS,
+                                                          use_rslora=use_rslora))
+    _copy_peft_into_mol(peft_model, ours)
+
+    ids = torch.randint(0, 101, (3, 9))
+    labels = torch.randint(0, 101, (3, 9))
+    out_p = peft_model(input_ids=ids, labels=labels)
+    out_m = ours(input_ids=ids, labels=labels)
+    assert rel(out_m.logits, out_p.logits) <= 1e-6
+    out_p.loss.backward()
+    out_m.loss.backward()
+    grads_p = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    checked = 0
+    for name, layer in ours.named_modules():
+        if isinstance(layer, mol.MoLLinear):
+            assert rel(layer.lora_A.grad[0], grads_p[f"base_model.model.{name}.lora_A.default.weight"]) <= 1e-6
+            assert rel(layer.lora_B.grad[0], grads_p[f"base_model.model.{name}.lora_B.default.weight"]) <= 1e-6
+            checked += 1
+    assert checked == 2 * len(TARGETS)
+    assert mol.trainable_parameters(ours)[0] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def test_export_to_peft_and_import_from_peft(tmp_path):
+    base = make_tiny_llama()
+    ours = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, alpha=8, target_modules=TARGETS, use_rslora=True))
+    with torch.no_grad():
+        for layer in ours.modules():
+            if isinstance(layer, mol.MoLLinear):
+                layer.lora_B.normal_(0, 0.3)
+    ids = torch.randint(0, 101, (2, 8))
+    expected = ours(input_ids=ids).logits
+
+    mol.export_peft(ours, tmp_path / "to_peft")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "to_peft")
+    assert rel(loaded(input_ids=ids).logits, expected) <= 1e-6
+
+    # And back: PEFT writes, mol reads.
+    loaded.save_pretrained(tmp_path / "from_peft")
+    back = mol.import_peft(copy.deepcopy(base), tmp_path / "from_peft")
+    assert rel(back(input_ids=ids).logits, expected) <= 1e-6
+    assert isinstance(back.model.layers[0].self_attn.q_proj, mol.MoLLinear)
+
+
+def test_peft_trained_adapter_with_modules_to_save_imports(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=24, num_labels=3)).eval()
+    peft_model = get_peft_model(copy.deepcopy(bert), LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
+                                                                modules_to_save=["classifier"], task_type="SEQ_CLS"))
+    _randomise_peft(peft_model)
+    with torch.no_grad():
+        peft_model.base_model.model.classifier.modules_to_save["default"].weight.normal_()
+    ids = torch.randint(0, 50, (2, 6))
+    expected = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "p")
+    ours = mol.import_peft(copy.deepcopy(bert), tmp_path / "p")
+    assert rel(ours(input_ids=ids).logits, expected) <= 1e-6
+
+
+def test_export_refuses_routed_mol(tmp_path):
+    model = mol.inject(make_tiny_llama(), mol.MoLConfig(num_experts=4, top_k=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="token-routed MoL has no PEFT equivalent"):
+        mol.export_peft(model, tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
