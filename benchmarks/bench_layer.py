@@ -12,6 +12,7 @@ decode (T=1, 16) forward-only under CUDA-graph replay.
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -127,14 +128,20 @@ def kernels_alone(c, bw):
     h = gl._shrink(x, a_cat)
     out = torch.empty_like(base)
     g32 = gates.detach().float()
+    b_cat = gl._b_cat(B.detach())
     dy = c["dy"]
     res = []
     t = bench(lambda: gl._shrink(x, a_cat))
-    res.append(("shrink  h = x A^T", t, 2 * (T * n_in + R * n_in + T * R)))
-    t = bench(lambda: gl._expand(base, h, B.detach(), g32, ids, s, out))
-    res.append(("expand  y = base + g*h B", t, 2 * (2 * T * n_out + T * R + E * n_out * r) + 12 * T * K))
+    res.append(("shrink  h = x A^T (fp32 h, incl. zero-fill)", t, 2 * (T * n_in + R * n_in) + 4 * T * R))
+    t = bench(lambda: gl._expand(base, h, b_cat, r, g32, ids, s, out))
+    res.append(("expand  y = base + g*h B", t, 2 * (2 * T * n_out + R * n_out) + 4 * T * R + 12 * T * K))
     t = bench(lambda: gl._expand_bwd(dy, h, B.detach(), g32, ids, s))
-    res.append(("expand bwd  dh, u, dgates", t, 2 * (T * n_out + 3 * T * R + E * n_out * r) + 16 * T * K))
+    res.append(("bwd du=dy B^T + epilogue (dh, u, dgates)", t,
+                2 * (T * n_out + R * n_out) + 4 * T * R * 2 + 2 * T * R * 2 + 16 * T * K))
+    t = bench(lambda: torch.mm(x, a_cat.t()))
+    res.append(("(cuBLAS x@A_cat^T, for comparison)", t, 2 * (T * n_in + R * n_in + T * R)))
+    t = bench(lambda: torch.mm(dy, b_cat.t()))
+    res.append(("(cuBLAS dy@B_cat^T, for comparison)", t, 2 * (T * n_out + R * n_out + T * R)))
     return [(n, t * 1e3, b / (t * 1e-3) / 1e9, b / (t * 1e-3) / bw) for n, t, b in res]
 
 
@@ -208,6 +215,30 @@ def main():
             tf = graph_time(lambda: gl.grouped_lora_linear(x, W, None, A, B, gates, ids, 2.0))
             ta = graph_time(lambda: gl.grouped_lora_add(F.linear(x, W), x, A, B, gates, ids, 2.0))
             lines.append(f"| {T} | {tb * 1e3:.1f} | {tf * 1e3:.1f} | {ta * 1e3:.1f} | {tf / tb:.2f}× | ≤ 1.5× |")
+    lines += ["", "Host time per call, T=16 4096→4096 E=8 top-2 r=16 (200 calls, one sync; GPU work is tiny, "
+              "so this is the CPU-side cost):", "", "| what | µs per call |", "| --- | --- |"]
+    c = make_case(16, 4096, 4096, 8, 2, 16, gen)
+    x, W, A, B, gates, ids, dy = (c[k] for k in ("x", "W", "A", "B", "gates", "ids", "dy"))
+    host = {
+        "bare base fwd+bwd": fwd_bwd(lambda: F.linear(x, W), [x], dy),
+        "MoL fused fwd+bwd": fwd_bwd(lambda: gl.grouped_lora_linear(x, W, None, A, B, gates, ids, 2.0),
+                                     [x, A, B, gates], dy),
+        "MoL fused fwd only (no_grad)": lambda: gl.grouped_lora_linear(x.detach(), W, None, A.detach(), B.detach(),
+                                                                      gates.detach(), ids, 2.0),
+        "raw launches: shrink + linear + expand": lambda: gl._expand(
+            F.linear(x.detach(), W), gl._shrink(x.detach(), A.detach().reshape(128, -1)), gl._b_cat(B.detach()), 16,
+            gates.detach(), ids, 2.0, torch.empty(16, 4096, device=DEV, dtype=DT)),
+    }
+    for hn, fn in host.items():
+        with torch.no_grad() if "fwd only" in hn or "raw" in hn else torch.enable_grad():
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                fn()
+            torch.cuda.synchronize()
+        lines.append(f"| {hn} | {(time.perf_counter() - t0) / 200 * 1e6:.0f} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -14,7 +14,8 @@ dA and dx. The price is E/top_k times more (tiny) LoRA FLOPs, which is free whil
 Kernels:
   _shrink_kernel      h = x @ A_cat^T                                  (T, E*r), x.dtype
   _expand_kernel      out = base + (scale * g * h) @ B_cat             (T, out), may run in place
-  _expand_bwd_kernel  du = dy @ B_cat^T; dh = scale*g*du; u = scale*g*h; dgates = scale*<du,h>
+  _du_kernel          du = dy @ B_cat^T  (float32; split over out with atomics when T is small)
+  _bwd_epilogue_kernel dh = scale*g*du; u = scale*g*h; dgates = scale*<du,h> per chosen expert
 """
 import os
 
@@ -35,37 +36,40 @@ def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return torch.empty(shape, device=like.device, dtype=dtype)
 
 
+def _cfg(kind, bt, br, bk, split, w, st):
+    return triton.Config({"BT": bt, "BR": br, "BK": bk, **({"SPLIT": split} if kind != "expand" else {})},
+                         num_warps=w, num_stages=st)
+
+
 def _configs(kind: str) -> list[triton.Config]:
-    """A few block shapes per kernel; the interpreter gets one (autotuning there is pointless)."""
-    if _INTERPRET:
-        return [triton.Config({"BT": 16, "BR": 16, "BK": 16}, num_warps=4, num_stages=1)]
+    """A few block shapes per kernel; the interpreter gets one (autotuning there is pointless).
+
+    BT: token tile; BR: tile over the E*r columns; BK: reduction step (in for the shrink, out
+    for du) or, for the expand, the out tile; SPLIT: reduction split over programs (atomics),
+    which keeps the SMs busy when T/BT is small (decode) without shrinking BT, since every
+    token tile re-reads the whole A_cat / B_cat from L2.
+    """
+    if _INTERPRET:  # SPLIT=2 so the CPU tests exercise the atomic path too
+        return [_cfg(kind, 16, 16, 16, 2, 4, 1)]
     if os.environ.get("MOL_TRITON_AUTOTUNE", "1") == "0":  # one safe config: fast start, no tuning
-        return [triton.Config({"BT": 64, "BR": 64, "BK": 128 if kind == "expand" else 64},
-                              num_warps=4, num_stages=3)]
-    cfgs = []
-    if kind == "shrink":  # reduce over `in` (BK), tile T x R
-        for bt, br, bk, w, s in [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3),
-                                 (32, 128, 128, 4, 3), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3),
-                                 (128, 64, 64, 4, 4), (64, 256, 64, 8, 3)]:
-            cfgs.append(triton.Config({"BT": bt, "BR": br, "BK": bk}, num_warps=w, num_stages=s))
-    elif kind == "expand":  # reduce over R (BR), tile T x out (BK is the out tile here)
-        for bt, br, bk, w, s in [(64, 64, 128, 4, 3), (128, 64, 128, 8, 3), (128, 32, 128, 4, 3),
-                                 (64, 64, 256, 8, 3), (16, 64, 128, 4, 2), (16, 32, 64, 4, 2),
-                                 (128, 64, 256, 8, 3)]:
-            cfgs.append(triton.Config({"BT": bt, "BR": br, "BK": bk}, num_warps=w, num_stages=s))
-    else:  # expand_bwd: reduce over out (BK), tile T x R
-        for bt, br, bk, w, s in [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (32, 128, 128, 4, 3),
-                                 (64, 64, 128, 4, 3), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3),
-                                 (64, 256, 64, 8, 3)]:
-            cfgs.append(triton.Config({"BT": bt, "BR": br, "BK": bk}, num_warps=w, num_stages=s))
-    return cfgs
+        return [_cfg(kind, 64, 64, 128 if kind == "expand" else 64, 2, 4, 3)]
+    if kind == "expand":  # (BT, BR, BO, -, warps, stages)
+        shapes = [(64, 64, 128, 1, 4, 3), (128, 64, 128, 1, 8, 3), (128, 128, 128, 1, 8, 3),
+                  (64, 128, 128, 1, 4, 3), (64, 64, 256, 1, 8, 3), (16, 64, 128, 1, 4, 2),
+                  (16, 128, 64, 1, 4, 2), (128, 64, 256, 1, 8, 3)]
+    else:  # shrink and du: reductions over a long dimension into a (T, R) tile
+        shapes = [(128, 128, 64, 1, 8, 3), (128, 128, 64, 2, 8, 3), (128, 128, 64, 4, 8, 3),
+                  (64, 128, 64, 2, 4, 4), (64, 128, 64, 4, 4, 4), (128, 64, 64, 2, 4, 4),
+                  (64, 256, 64, 2, 8, 3), (16, 64, 128, 8, 4, 3), (16, 32, 128, 8, 4, 3),
+                  (16, 64, 64, 16, 4, 3), (16, 128, 64, 16, 4, 3)]
+    return [_cfg(kind, *sh) for sh in shapes]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles much wider than R (they only multiply wasted work); keep at least one."""
-    r_tot = named_args["R"]
-    cap = max(16, triton.next_power_of_2(r_tot))
-    kept = [c for c in configs if c.kwargs["BR"] <= cap]
+    """Drop tiles much wider than R, and token tiles far taller than T; keep at least one."""
+    r_cap = max(16, triton.next_power_of_2(named_args["R"]))
+    t_cap = max(16, triton.next_power_of_2(named_args["T"]))
+    kept = [c for c in configs if c.kwargs["BR"] <= r_cap and c.kwargs["BT"] <= t_cap]
     return kept or configs[:1]
 
 
@@ -82,24 +86,29 @@ def _col_gate(gates_ptr, ids_ptr, offs_t, mask_t, offs_c, RANK: tl.constexpr, K:
 
 
 @triton.autotune(configs=_configs("shrink"), key=["T_BUCKET", "N_IN", "R"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["h_ptr"])
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, h_ptr, T, N_IN, R, T_BUCKET,
-                   BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+                   BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
                    F32_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """h (float32, zero-initialised) += x[:, chunk] @ A_cat[:, chunk]^T."""
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_t = pid_t * BT + tl.arange(0, BT)
     offs_r = pid_r * BR + tl.arange(0, BR)
     offs_k = tl.arange(0, BK)
     mask_t = offs_t < T
     mask_r = offs_r < R
+    chunk = tl.cdiv(tl.cdiv(N_IN, SPLIT), BK) * BK
+    k_lo = pid_s * chunk
+    k_hi = tl.minimum(k_lo + chunk, N_IN)
     x_row = x_ptr + offs_t.to(tl.int64)[:, None] * N_IN
     a_row = a_ptr + offs_r.to(tl.int64)[None, :] * N_IN
     acc = tl.zeros((BT, BR), dtype=tl.float32)
-    for k0 in range(0, N_IN, BK):
+    for k0 in range(k_lo, k_hi, BK):
         kk = k0 + offs_k
-        mk = kk < N_IN
+        mk = kk < k_hi
         xt = tl.load(x_row + kk[None, :], mask=mask_t[:, None] & mk[None, :], other=0.0)
         at = tl.load(a_row + kk[:, None], mask=mk[:, None] & mask_r[None, :], other=0.0)
         if F32_DOT:  # the CPU interpreter mis-computes low-precision tl.dot
@@ -110,7 +119,11 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, T, N_IN, R, T_BUCKET,
         else:
             acc = tl.dot(xt, at, acc)
     h_ptrs = h_ptr + offs_t.to(tl.int64)[:, None] * R + offs_r[None, :]
-    tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_r[None, :])
+    m2 = mask_t[:, None] & mask_r[None, :]
+    if SPLIT == 1:
+        tl.store(h_ptrs, acc, mask=m2)
+    else:
+        tl.atomic_add(h_ptrs, acc, mask=m2)
 
 
 @triton.autotune(configs=_configs("expand"), key=["T_BUCKET", "N_OUT", "R", "K"],
@@ -122,26 +135,26 @@ def _expand_kernel(base_ptr, h_ptr, b_ptr, gates_ptr, ids_ptr, out_ptr, scale,
                    RANK: tl.constexpr, K: tl.constexpr,
                    BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
                    F32_DOT: tl.constexpr, IEEE: tl.constexpr):
-    # BK is the tile over out-features here; BR the reduction step over the E*r columns.
+    """out = base + (scale * g * h) @ B_cat, B_cat (R, out) contiguous; BK is the out tile."""
     pid_t = tl.program_id(0)
     pid_o = tl.program_id(1)
     offs_t = pid_t * BT + tl.arange(0, BT)
     offs_o = pid_o * BK + tl.arange(0, BK)
     mask_t = offs_t < T
     mask_o = offs_o < N_OUT
+    io = offs_t.to(tl.int64)[:, None] * N_OUT + offs_o[None, :]
+    m2 = mask_t[:, None] & mask_o[None, :]
+    base = tl.load(base_ptr + io, mask=m2, other=0.0)  # issued early: overlaps the small GEMM
     acc = tl.zeros((BT, BK), dtype=tl.float32)
     for c0 in range(0, R, BR):
         offs_c = c0 + tl.arange(0, BR)
         mask_c = offs_c < R
         g = _col_gate(gates_ptr, ids_ptr, offs_t, mask_t, offs_c, RANK, K)
         ht = tl.load(h_ptr + offs_t.to(tl.int64)[:, None] * R + offs_c[None, :],
-                     mask=mask_t[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-        u = (ht * g * scale).to(h_ptr.dtype.element_ty)
-        # B is (E, out, r): column c = e*r + j of B_cat sits at e*out*r + o*r + j
-        e_c = (offs_c // RANK).to(tl.int64)
-        j_c = offs_c % RANK
-        b_ptrs = b_ptr + (e_c * N_OUT * RANK + j_c)[:, None] + offs_o.to(tl.int64)[None, :] * RANK
-        bt = tl.load(b_ptrs, mask=mask_c[:, None] & mask_o[None, :], other=0.0)
+                     mask=mask_t[:, None] & mask_c[None, :], other=0.0)
+        u = (ht * g * scale).to(out_ptr.dtype.element_ty)
+        bt = tl.load(b_ptr + offs_c.to(tl.int64)[:, None] * N_OUT + offs_o[None, :],
+                     mask=mask_c[:, None] & mask_o[None, :], other=0.0)
         if F32_DOT:
             u = u.to(tl.float32)
             bt = bt.to(tl.float32)
@@ -149,37 +162,36 @@ def _expand_kernel(base_ptr, h_ptr, b_ptr, gates_ptr, ids_ptr, out_ptr, scale,
             acc = tl.dot(u, bt, acc, input_precision="ieee")
         else:
             acc = tl.dot(u, bt, acc)
-    io = offs_t.to(tl.int64)[:, None] * N_OUT + offs_o[None, :]
-    m2 = mask_t[:, None] & mask_o[None, :]
-    base = tl.load(base_ptr + io, mask=m2, other=0.0).to(tl.float32)
-    tl.store(out_ptr + io, (base + acc).to(out_ptr.dtype.element_ty), mask=m2)
+    tl.store(out_ptr + io, (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.autotune(configs=_configs("expand_bwd"), key=["T_BUCKET", "N_OUT", "R", "K"],
-                 prune_configs_by={"early_config_prune": _prune},
-                 reset_to_zero=["dgates_ptr"])
+@triton.autotune(configs=_configs("du"), key=["T_BUCKET", "N_OUT", "R"],
+                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["du_ptr"])
 @triton.jit
-def _expand_bwd_kernel(dy_ptr, h_ptr, b_ptr, gates_ptr, ids_ptr,
-                       dh_ptr, u_ptr, dgates_ptr, scale,
-                       T, N_OUT, R, T_BUCKET,
-                       RANK: tl.constexpr, K: tl.constexpr,
-                       BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-                       F32_DOT: tl.constexpr, IEEE: tl.constexpr):
+def _du_kernel(dy_ptr, b_ptr, du_ptr, T, N_OUT, R, T_BUCKET,
+               RANK: tl.constexpr,
+               BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+               F32_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """du (float32, zero-initialised) += dy[:, chunk] @ B_cat^T[chunk, :], B in (E, out, r)."""
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_t = pid_t * BT + tl.arange(0, BT)
     offs_c = pid_r * BR + tl.arange(0, BR)
     offs_k = tl.arange(0, BK)
     mask_t = offs_t < T
     mask_c = offs_c < R
+    chunk = tl.cdiv(tl.cdiv(N_OUT, SPLIT), BK) * BK
+    o_lo = pid_s * chunk
+    o_hi = tl.minimum(o_lo + chunk, N_OUT)
     e_c = (offs_c // RANK).to(tl.int64)
     j_c = offs_c % RANK
     dy_row = dy_ptr + offs_t.to(tl.int64)[:, None] * N_OUT
     b_col = b_ptr + (e_c * N_OUT * RANK + j_c)[None, :]
-    acc = tl.zeros((BT, BR), dtype=tl.float32)  # du = dy @ B_cat^T
-    for o0 in range(0, N_OUT, BK):
+    acc = tl.zeros((BT, BR), dtype=tl.float32)
+    for o0 in range(o_lo, o_hi, BK):
         oo = o0 + offs_k
-        mo = oo < N_OUT
+        mo = oo < o_hi
         dyt = tl.load(dy_row + oo[None, :], mask=mask_t[:, None] & mo[None, :], other=0.0)
         bt = tl.load(b_col + oo.to(tl.int64)[:, None] * RANK, mask=mo[:, None] & mask_c[None, :],
                      other=0.0)
@@ -190,19 +202,35 @@ def _expand_bwd_kernel(dy_ptr, h_ptr, b_ptr, gates_ptr, ids_ptr,
             acc = tl.dot(dyt, bt, acc, input_precision="ieee")
         else:
             acc = tl.dot(dyt, bt, acc)
-    g = _col_gate(gates_ptr, ids_ptr, offs_t, mask_t, offs_c, RANK, K)
+    du_ptrs = du_ptr + offs_t.to(tl.int64)[:, None] * R + offs_c[None, :]
     m2 = mask_t[:, None] & mask_c[None, :]
+    if SPLIT == 1:
+        tl.store(du_ptrs, acc, mask=m2)
+    else:
+        tl.atomic_add(du_ptrs, acc, mask=m2)
+
+
+@triton.jit
+def _bwd_epilogue_kernel(du_ptr, h_ptr, gates_ptr, ids_ptr, dh_ptr, u_ptr, dgates_ptr, scale,
+                         T, R, RANK: tl.constexpr, K: tl.constexpr,
+                         BT: tl.constexpr, BRP: tl.constexpr):
+    """dh = scale*g*du, u = scale*g*h, dgates[t,k] = scale * <du, h> over expert ids[t,k]."""
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    offs_c = tl.arange(0, BRP)
+    mask_t = offs_t < T
+    m2 = mask_t[:, None] & (offs_c < R)[None, :]
     io = offs_t.to(tl.int64)[:, None] * R + offs_c[None, :]
-    ht = tl.load(h_ptr + io, mask=m2, other=0.0).to(tl.float32)
-    tl.store(dh_ptr + io, (acc * g * scale).to(dh_ptr.dtype.element_ty), mask=m2)
-    tl.store(u_ptr + io, (ht * g * scale).to(u_ptr.dtype.element_ty), mask=m2)
-    # dgates[t,k] = scale * sum_{c of expert ids[t,k]} du[t,c] * h[t,c]; R may span tiles -> atomics
-    prod = acc * ht * scale
+    du = tl.load(du_ptr + io, mask=m2, other=0.0)
+    ht = tl.load(h_ptr + io, mask=m2, other=0.0)
+    g = _col_gate(gates_ptr, ids_ptr, offs_t, mask_t, offs_c, RANK, K) * scale
+    tl.store(dh_ptr + io, (du * g).to(dh_ptr.dtype.element_ty), mask=m2)
+    tl.store(u_ptr + io, (ht * g).to(u_ptr.dtype.element_ty), mask=m2)
+    prod = du * ht * scale
     e_col = offs_c // RANK
     for k in tl.static_range(K):
         idk = tl.load(ids_ptr + offs_t.to(tl.int64) * K + k, mask=mask_t, other=-1).to(tl.int32)
         part = tl.sum(tl.where(idk[:, None] == e_col[None, :], prod, 0.0), axis=1)
-        tl.atomic_add(dgates_ptr + offs_t.to(tl.int64) * K + k, part, mask=mask_t)
+        tl.store(dgates_ptr + offs_t.to(tl.int64) * K + k, part, mask=mask_t)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -217,25 +245,30 @@ def _flags(dtype: torch.dtype) -> dict:
 
 
 def _shrink(x: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
+    """h = x @ a_cat^T in float32 (kept for backward: dgates needs it unrounded)."""
     t, n_in = x.shape
     r_tot = a_cat.shape[0]
-    h = _alloc((t, r_tot), x)
+    h = torch.zeros((t, r_tot), device=x.device, dtype=torch.float32)  # split-K accumulates
     if t == 0:
         return h
-    grid = lambda m: (triton.cdiv(t, m["BT"]), triton.cdiv(r_tot, m["BR"]))  # noqa: E731
+    grid = lambda m: (triton.cdiv(t, m["BT"]), triton.cdiv(r_tot, m["BR"]), m["SPLIT"])  # noqa: E731
     _shrink_kernel[grid](x, a_cat, h, t, n_in, r_tot, _t_bucket(t), **_flags(x.dtype))
     return h
 
 
-def _expand(base: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, gates: torch.Tensor,
-            ids: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+def _b_cat(lora_B: torch.Tensor) -> torch.Tensor:
+    e, n_out, rank = lora_B.shape  # (E, out, r) -> (E*r, out), rows contiguous for the expand
+    return lora_B.permute(0, 2, 1).reshape(e * rank, n_out).contiguous()
+
+
+def _expand(base: torch.Tensor, h: torch.Tensor, b_cat: torch.Tensor, rank: int,
+            gates: torch.Tensor, ids: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
     t, n_out = base.shape
-    e, _, rank = lora_B.shape
     if t == 0:
         return out
     grid = lambda m: (triton.cdiv(t, m["BT"]), triton.cdiv(n_out, m["BK"]))  # noqa: E731
-    _expand_kernel[grid](base, h, lora_B, gates, ids, out, float(scale), t, n_out, e * rank,
-                         _t_bucket(t), RANK=rank, K=ids.shape[1], **_flags(h.dtype))
+    _expand_kernel[grid](base, h, b_cat, gates, ids, out, float(scale), t, n_out, b_cat.shape[0],
+                         _t_bucket(t), RANK=rank, K=ids.shape[1], **_flags(base.dtype))
     return out
 
 
@@ -243,15 +276,18 @@ def _expand_bwd(dy, h, lora_B, gates, ids, scale):
     t, n_out = dy.shape
     e, _, rank = lora_B.shape
     r_tot = e * rank
-    dh = _alloc((t, r_tot), h)
-    u = _alloc((t, r_tot), h)
-    dgates = torch.zeros((t, ids.shape[1]), device=dy.device, dtype=torch.float32)
+    du = torch.zeros((t, r_tot), device=dy.device, dtype=torch.float32)
+    dh = _alloc((t, r_tot), dy)
+    u = _alloc((t, r_tot), dy)
+    dgates = _alloc(ids.shape, dy, torch.float32)
     if t == 0:
         return dh, u, dgates
-    grid = lambda m: (triton.cdiv(t, m["BT"]), triton.cdiv(r_tot, m["BR"]))  # noqa: E731
-    _expand_bwd_kernel[grid](dy, h, lora_B, gates, ids, dh, u, dgates, float(scale),
-                             t, n_out, r_tot, _t_bucket(t), RANK=rank, K=ids.shape[1],
-                             **_flags(h.dtype))
+    grid = lambda m: (triton.cdiv(t, m["BT"]), triton.cdiv(r_tot, m["BR"]), m["SPLIT"])  # noqa: E731
+    _du_kernel[grid](dy, lora_B, du, t, n_out, r_tot, _t_bucket(t), RANK=rank, **_flags(dy.dtype))
+    brp = max(16, triton.next_power_of_2(r_tot))
+    bt = max(1, min(64, 4096 // brp))
+    _bwd_epilogue_kernel[(triton.cdiv(t, bt),)](du, h, gates, ids, dh, u, dgates, float(scale), t, r_tot,
+                                               RANK=rank, K=ids.shape[1], BT=bt, BRP=brp)
     return dh, u, dgates
 
 
@@ -263,13 +299,13 @@ def _add_fwd(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora
              ) -> tuple[torch.Tensor, torch.Tensor]:
     h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
     out = _alloc(base_out.shape, base_out)
-    _expand(base_out, h, lora_B, gates, expert_ids, scale, out)
+    _expand(base_out, h, _b_cat(lora_B), lora_B.shape[2], gates, expert_ids, scale, out)
     return out, h
 
 
 @_add_fwd.register_fake
 def _(base_out, x, lora_A, lora_B, gates, expert_ids, scale):
-    return torch.empty_like(base_out), x.new_empty((x.shape[0], lora_A.shape[0] * lora_A.shape[1]))
+    return torch.empty_like(base_out), x.new_empty((x.shape[0], lora_A.shape[0] * lora_A.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("mol::grouped_lora_linear_fwd", mutates_args=())
@@ -280,14 +316,14 @@ def _linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     # base GEMM through cuBLAS, then the expand accumulates into its fresh output in place:
     # no second (T, out) buffer and no separate add pass.
     y = torch.nn.functional.linear(x, weight, bias)
-    _expand(y, h, lora_B, gates, expert_ids, scale, y)
+    _expand(y, h, _b_cat(lora_B), lora_B.shape[2], gates, expert_ids, scale, y)
     return y, h
 
 
 @_linear_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, gates, expert_ids, scale):
     return (x.new_empty((x.shape[0], weight.shape[0])),
-            x.new_empty((x.shape[0], lora_A.shape[0] * lora_A.shape[1])))
+            x.new_empty((x.shape[0], lora_A.shape[0] * lora_A.shape[1]), dtype=torch.float32))
 
 
 @torch.library.custom_op("mol::grouped_lora_bwd", mutates_args=())
@@ -298,7 +334,7 @@ def _bwd(dy: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, gates: torch.T
 
 @_bwd.register_fake
 def _(dy, h, lora_B, gates, expert_ids, scale):
-    return torch.empty_like(h), torch.empty_like(h), gates.new_empty(gates.shape, dtype=torch.float32)
+    return dy.new_empty(h.shape), dy.new_empty(h.shape), gates.new_empty(gates.shape, dtype=torch.float32)
 
 
 def _lora_grads(ctx, dy, dx_base=None):

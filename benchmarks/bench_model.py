@@ -1,0 +1,149 @@
+"""Model benchmark: one AdamW step of a Llama-shaped model (random weights, no download), bf16.
+
+    python benchmarks/bench_model.py [--out results.md] [--tiny]
+
+hidden 2048, 8 layers, batch x seq = 8 x 1024; adapters on every attention and MLP linear
+(q, k, v, o, gate, up, down). Rows: no adapter (frozen model, backward to the embeddings,
+no optimizer: the floor every adapter pays), PEFT LoRA r=16, MoL E=8 top-2 r=16 (Triton
+backend, and the PyTorch reference backend for comparison). Median step time over timed
+steps after warm-up (CUDA events), and peak allocated memory over the timed steps.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import mol  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(tiny: bool, dev: str, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if tiny:
+        cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    else:
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+                          num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).to(device=dev, dtype=dtype)
+    model.requires_grad_(False)
+    return model
+
+
+def variant(name, model):
+    if name == "no adapter":
+        # nothing trainable: let the backward run through every layer to the embeddings anyway
+        model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_())
+        return model, []
+    if name.startswith("PEFT"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    else:
+        backend = "torch" if "reference" in name else "triton"
+        model = mol.inject(model, mol.MoLConfig(rank=16, alpha=32, num_experts=8, top_k=2,
+                                               target_modules=TARGETS, backend=backend))
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():  # never time on zeros: give lora_B values
+        for n, p in model.named_parameters():
+            if p.requires_grad and "lora_B" in n:
+                p.normal_(0, 0.02)
+    return model, params
+
+
+def step_fn(model, params, ids, name):
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step():
+        out = model(input_ids=ids, labels=ids)
+        loss = out.loss
+        if name.startswith("MoL"):
+            loss = loss + mol.aux_loss(model)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tiny", action="store_true", help="smoke test on CPU with a tiny model")
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    dev = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    batch, seq = (2, 16) if args.tiny else (8, 1024)
+    names = ["no adapter", "PEFT LoRA r=16", "MoL E=8 top-2 r=16 (triton)", "MoL E=8 top-2 r=16 (torch reference)"]
+    if args.tiny:
+        names = [n for n in names if "triton" not in n]
+    gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    lines = [f"GPU: {gpu}; torch {torch.__version__}; bf16; Llama hidden 2048, 8 layers, batch x seq = {batch} x {seq}",
+             "", "| variant | trainable params | step ms (median) | × PEFT | peak memory GiB | × PEFT |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    res = {}
+    for name in names:
+        try:
+            model = build(args.tiny, dev, dtype)
+            model, params = variant(name, model)
+            g = torch.Generator(device=dev).manual_seed(1)
+            ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev, generator=g)
+            step = step_fn(model, params, ids, name)
+            for _ in range(3):
+                step()
+            times = []
+            if dev == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                for _ in range(args.steps):
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    step()
+                    e.record()
+                    torch.cuda.synchronize()
+                    times.append(s.elapsed_time(e))
+                peak = torch.cuda.max_memory_allocated() / 2**30
+            else:
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    step()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                peak = float("nan")
+            times.sort()
+            res[name] = (sum(p.numel() for p in params), times[len(times) // 2], peak)
+            print(name, res[name], flush=True)
+        except Exception as ex:  # keep the other rows; report the failure in the table
+            print(f"{name}: FAILED {type(ex).__name__}: {ex}", flush=True)
+            res[name] = None
+        finally:
+            model = params = step = None
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    ref = res.get("PEFT LoRA r=16")
+    for name in names:
+        r = res[name]
+        if r is None:
+            lines.append(f"| {name} | failed | | | | |")
+            continue
+        n, t, m = r
+        rt = f"{t / ref[1]:.2f}×" if ref else ""
+        rm = f"{m / ref[2]:.2f}×" if ref else ""
+        lines.append(f"| {name} | {n / 1e6:.2f} M | {t:.1f} | {rt} | {m:.2f} | {rm} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(args.out + ".tmp", args.out)
+
+
+if __name__ == "__main__":
+    main()
