@@ -22,8 +22,35 @@ MAX_SMALL_T = 16
 
 
 @triton.jit
+def _nf4_level(q, LUT: tl.constexpr, code_ptr):
+    """NF4 level of 4-bit indices q (int32): a gather from the 16-entry table, or (LUT=1) a select tree on the
+    index bits with the bitsandbytes constants, which needs no memory access."""
+    if LUT == 0:
+        return tl.load(code_ptr + q)
+    b0 = (q & 1) != 0
+    b1 = (q & 2) != 0
+    b2 = (q & 4) != 0
+    v00 = tl.where(b0, -0.6961928009986877, -1.0)
+    v01 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
+    v02 = tl.where(b0, -0.18477343022823334, -0.28444138169288635)
+    v03 = tl.where(b0, 0.0, -0.09105003625154495)
+    v04 = tl.where(b0, 0.16093020141124725, 0.07958029955625534)
+    v05 = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
+    v06 = tl.where(b0, 0.5626170039176941, 0.44070982933044434)
+    v07 = tl.where(b0, 1.0, 0.7229568362236023)
+    v10 = tl.where(b1, v01, v00)
+    v11 = tl.where(b1, v03, v02)
+    v12 = tl.where(b1, v05, v04)
+    v13 = tl.where(b1, v07, v06)
+    lo = tl.where(b2, v11, v10)
+    hi = tl.where(b2, v13, v12)
+    return tl.where((q & 8) != 0, hi, lo)
+
+
+@triton.jit
 def _nf4_dequant_kernel(codes_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr, out_ptr, n_bytes,
-                        BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
+                        BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, PACK16: tl.constexpr,
+                        DT16: tl.constexpr, LUT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)  # byte index; byte j holds elements 2j (high nibble), 2j+1
     mask = offs < n_bytes
@@ -34,11 +61,16 @@ def _nf4_dequant_kernel(codes_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, of
         s = tl.load(ncode_ptr + qa) * tl.load(nabs_ptr + blk // NBS, mask=mask, other=0.0) + tl.load(offset_ptr)
     else:
         s = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-    hi = tl.load(code_ptr + (b >> 4)) * s
-    lo = tl.load(code_ptr + (b & 15)) * s
-    v = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))  # interleave: hi, lo, hi, lo, ...
-    out_offs = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + out_offs, v.to(out_ptr.dtype.element_ty), mask=out_offs < 2 * n_bytes)
+    hi = _nf4_level(b >> 4, LUT, code_ptr) * s
+    lo = _nf4_level(b & 15, LUT, code_ptr) * s
+    if PACK16:
+        # out_ptr is the 16-bit output viewed as int32: element 2j is the low half (little endian)
+        h = hi.to(DT16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        l = lo.to(DT16).to(tl.int16, bitcast=True).to(tl.int32)
+        tl.store(out_ptr + offs, h | (l << 16), mask=mask)
+    else:
+        tl.store(out_ptr + 2 * offs, hi.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + 2 * offs + 1, lo.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _tensors(p):
@@ -48,7 +80,11 @@ def _tensors(p):
     return p.absmax, p.absmax, p.absmax
 
 
-def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+_TL16 = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+DEQUANT_LUT = 0  # 0: table gather, 1: select tree (bench_nf4.py measures both)
+
+
+def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, lut: int | None = None) -> torch.Tensor:
     """Dequantize a packed NF4Weight to a dense tensor of `packed.shape` and `dtype` with one Triton launch."""
     n_bytes = packed.codes.numel()
     if 2 * n_bytes >= 2**31:
@@ -57,60 +93,69 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None) 
     if out is None:
         out = torch.empty(packed.shape, dtype=dtype, device=packed.device)
     nabs, ncode, off = _tensors(packed)
+    # 16-bit outputs: store each byte's two values as one 32-bit word (no interleaving shuffle)
+    pack16 = dtype in _TL16 and out.is_contiguous()
+    dst = out.view(-1).view(torch.int32) if pack16 else out
     BLOCK = 1024
     _nf4_dequant_kernel[(triton.cdiv(n_bytes, BLOCK),)](
-        packed.codes, packed.absmax, packed.code, nabs, ncode, off, out, n_bytes,
-        BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested, BLOCK=BLOCK)
+        packed.codes, packed.absmax, packed.code, nabs, ncode, off, dst, n_bytes,
+        BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested, PACK16=pack16,
+        DT16=_TL16.get(dtype, tl.float32), LUT=DEQUANT_LUT if lut is None else lut, BLOCK=BLOCK)
     return out
 
 
 def _small_configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in [(16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 4, 2),
-                                 (32, 512, 8, 3), (64, 256, 4, 3), (64, 512, 8, 2), (16, 1024, 8, 2)]]
+        return [triton.Config({"BLOCK_N": 16, "GPI": 2, "LUT": 0}, num_warps=4, num_stages=1),
+                triton.Config({"BLOCK_N": 16, "GPI": 1, "LUT": 1}, num_warps=4, num_stages=1)][:1]
+    return [triton.Config({"BLOCK_N": bn, "GPI": g, "LUT": lut}, num_warps=w, num_stages=st)
+            for bn, g, w, st in [(16, 8, 4, 3), (16, 16, 4, 3), (32, 4, 4, 3), (32, 8, 4, 3), (32, 16, 4, 3),
+                                 (32, 8, 8, 4), (64, 4, 4, 3), (64, 8, 8, 3)]
+            for lut in (0, 1)]
 
 
-@triton.autotune(configs=_small_configs(), key=["N", "K", "BLOCK_T", "NESTED"])
+@triton.autotune(configs=_small_configs(), key=["N", "K", "NESTED"])
 @triton.jit
 def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr, bias_ptr,
                              y_ptr, T, N, K, stride_xt, stride_yt,
                              BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr, LUT: tl.constexpr):
+    """y[t, n] = sum_k x[t, k] W[n, k]. Each step takes GPI absmax blocks of BLOCK_N rows: the high and low
+    nibbles (even and odd k) are two dots against x's even and odd columns, so no interleaving shuffle is needed,
+    and the block's scale multiplies the (BLOCK_N, BLOCK_T) partial product in float32."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_t = tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
-    offs_kb = tl.arange(0, BLOCK_K // 2)
-    offs_k = tl.arange(0, BLOCK_K)
-    G: tl.constexpr = BLOCK_K // BS  # absmax blocks per tile row (K % BS == 0, so blocks never straddle rows)
-    offs_g = tl.arange(0, G)
+    offs_j = tl.arange(0, BS // 2)  # byte within an absmax block
+    nblk = K // BS  # absmax blocks per row (K % BS == 0)
     row_byte = offs_n.to(tl.int64) * (K // 2)
-    row_blk = offs_n.to(tl.int64) * (K // BS)
+    row_blk = offs_n.to(tl.int64) * nblk
     if NESTED:
         off = tl.load(offset_ptr)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kb = k0 // 2 + offs_kb
-        b = tl.load(codes_ptr + row_byte[:, None] + kb[None, :],
-                    mask=n_mask[:, None] & (kb[None, :] < K // 2), other=0).to(tl.int32)
-        w = tl.reshape(tl.join(tl.load(code_ptr + (b >> 4)), tl.load(code_ptr + (b & 15))), (BLOCK_N, BLOCK_K))
-        g = k0 // BS + offs_g
-        gmask = n_mask[:, None] & (g[None, :] < K // BS)
-        blk = row_blk[:, None] + g[None, :]
-        if NESTED:
-            qa = tl.load(absmax_ptr + blk, mask=gmask, other=0).to(tl.int32)
-            s = tl.load(ncode_ptr + qa) * tl.load(nabs_ptr + blk // NBS, mask=gmask, other=0.0) + off
-        else:
-            s = tl.load(absmax_ptr + blk, mask=gmask, other=0.0)
-        w = tl.reshape(tl.reshape(w, (BLOCK_N, G, BS)) * s[:, :, None], (BLOCK_N, BLOCK_K))
-        kk = k0 + offs_k
-        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + kk[None, :],
-                    mask=t_mask[:, None] & (kk[None, :] < K), other=0.0)
-        # the weight is rounded to the activation dtype first, as the dequantize-then-GEMM path does
-        acc += tl.dot(w.to(x.dtype), tl.trans(x))
+    for g0 in range(0, nblk, GPI):
+        for gi in tl.static_range(GPI):
+            g = g0 + gi
+            okj = (offs_j * 0 + g) < nblk  # as tensors: the interpreter rejects scalar-bool masks
+            okn = n_mask & ((offs_n * 0 + g) < nblk)
+            b = tl.load(codes_ptr + row_byte[:, None] + g * (BS // 2) + offs_j[None, :],
+                        mask=okn[:, None] & okj[None, :], other=0).to(tl.int32)
+            kk = g * BS + 2 * offs_j
+            xp = x_ptr + offs_t[:, None] * stride_xt + kk[None, :]
+            xm = t_mask[:, None] & okj[None, :]
+            xe = tl.load(xp, mask=xm, other=0.0)
+            xo = tl.load(xp + 1, mask=xm, other=0.0)
+            part = tl.dot(_nf4_level(b >> 4, LUT, code_ptr).to(xe.dtype), tl.trans(xe))
+            part = tl.dot(_nf4_level(b & 15, LUT, code_ptr).to(xe.dtype), tl.trans(xo), part)
+            blk = row_blk + g
+            if NESTED:
+                qa = tl.load(absmax_ptr + blk, mask=okn, other=0).to(tl.int32)
+                s = tl.load(ncode_ptr + qa) * tl.load(nabs_ptr + blk // NBS, mask=okn, other=0.0) + off
+            else:
+                s = tl.load(absmax_ptr + blk, mask=okn, other=0.0)
+            acc += part * s[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + offs_t[None, :] * stride_yt + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
@@ -120,11 +165,13 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
 def small_matmul_supported(packed, T: int) -> bool:
     """Whether nf4_matmul_small handles this weight (2-D, rows made of whole blocks, small blocks) and T."""
     return (len(packed.shape) == 2 and T <= MAX_SMALL_T and packed.shape[1] % packed.blocksize == 0
-            and packed.blocksize <= 128)
+            and 32 <= packed.blocksize <= 256)
 
 
-def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for x of shape (T, K), T <= 16, reading W's 4-bit codes directly."""
+def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
+                     config: dict | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for x of shape (T, K), T <= 16, reading W's 4-bit codes directly.
+    `config` (BLOCK_N, GPI, LUT, num_warps, num_stages) bypasses the autotuner, for tests and benchmarks."""
     T, K = x.shape
     N = packed.shape[0]
     if not small_matmul_supported(packed, T) or packed.shape[1] != K:
@@ -134,9 +181,10 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None) 
     y = torch.empty((T, N), dtype=x.dtype, device=x.device)
     nabs, ncode, off = _tensors(packed)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _nf4_matmul_small_kernel[grid](
+    kernel = _nf4_matmul_small_kernel if config is None else _nf4_matmul_small_kernel.fn
+    kernel[grid](
         x, packed.codes, packed.absmax, packed.code, nabs, ncode, off, bias if bias is not None else x, y,
         T, N, K, x.stride(0), y.stride(0),
         BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested, HAS_BIAS=bias is not None,
-        BLOCK_T=16)
+        BLOCK_T=16, **(config or {}))
     return y
