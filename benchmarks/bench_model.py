@@ -83,7 +83,7 @@ def main():
     dtype = torch.float32 if args.tiny else torch.bfloat16
     batch, seq = (2, 16) if args.tiny else (8, 1024)
     names = ["no adapter", "PEFT LoRA r=16", "MoL E=8 top-2 r=16 (triton)", "MoL E=8 top-2 r=16 (torch reference)"]
-    if args.tiny:
+    if args.tiny and os.environ.get("TRITON_INTERPRET") != "1":
         names = [n for n in names if "triton" not in n]
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     lines = [f"GPU: {gpu}; torch {torch.__version__}; bf16; Llama hidden 2048, 8 layers, batch x seq = {batch} x {seq}",
