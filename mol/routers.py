@@ -62,12 +62,14 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor) -> RouterOutput:
         """x: (..., in) for token routers; (batch, seq, in) or (seq, in) for the sequence router."""
-        if self.kind == "sequence":
-            # One decision per sequence, scored on its mean hidden state: "b s k -> b k".
-            seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 2 else x[None]
-            logits = F.linear(seqs.float().mean(dim=1), self.weight.float())  # (B, E)
-        else:
-            logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)
+        # float32 even under autocast: bf16 logits make near-ties flip expert choices from step to step.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if self.kind == "sequence":
+                # One decision per sequence, scored on its mean hidden state: "b s k -> b k".
+                seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 2 else x[None]
+                logits = F.linear(seqs.float().mean(dim=1), self.weight.float())  # (B, E)
+            else:
+                logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)
 
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std

@@ -180,3 +180,14 @@ def test_triton_backend_computes_the_reference_function(kind, E, K):
     assert rel(y_k, y_t) < 1e-5
     for gk, gt in zip(grads_k, grads_t):
         assert rel(gk, gt) < 1e-4
+
+
+def test_router_scores_in_float32_under_autocast():
+    layer = make_layer("topk", 4, 2, 16, 8, 2)
+    x = torch.randn(6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routed = layer.router(x)
+    expected = torch.softmax(x.double() @ layer.router.weight.double().T, -1).topk(2, -1)
+    assert routed.gates.dtype == torch.float32
+    assert torch.equal(routed.expert_ids, expected.indices)
+    assert rel(routed.gates, expected.values / expected.values.sum(-1, keepdim=True)) < 1e-6
