@@ -2,9 +2,12 @@
 
 - `nf4_dequantize`: packed NF4 -> dense (bf16/fp16/fp32) weight, one pass (reads 4.13 bits, writes 16 per value).
 - `nf4_matmul_small`: y = x @ W^T (+ bias) for T <= 16 rows of x, reading the 4-bit codes directly
-  (decode / GEMV): the weight is dequantized tile by tile in registers and never written out.
-For larger T the layer dequantizes into a scratch weight and calls cuBLAS (see mol/quant/linear.py): the
-dequant pass costs ~1-3% of a T=8192 GEMM, and cuBLAS beats a Triton GEMM with a dequant prologue.
+  (decode / GEMV): the weight is dequantized block by block in registers and never written out.
+  OPT-IN (NF4Linear's `fused_decode`, or MOL_NF4_FUSED_DECODE=1): this version is tested under the
+  interpreter but has not been timed on a GPU yet; the first version, timed on an H100, was slower than
+  dequantize + cuBLAS (benchmarks/RESULTS.md), so by default NF4Linear dequantizes for every T.
+For other T the layer dequantizes into a scratch weight and calls cuBLAS (see mol/quant/linear.py): at T=8192
+the dequant pass is ~20 us (4096x4096) against ~400 us for the GEMM.
 
 Under TRITON_INTERPRET=1 use float32 activations (the interpreter mis-computes tl.dot on bf16).
 """
@@ -26,31 +29,33 @@ def _nf4_level(q, LUT: tl.constexpr, code_ptr):
     """NF4 level of 4-bit indices q (int32): a gather from the 16-entry table, or (LUT=1) a select tree on the
     index bits with the bitsandbytes constants, which needs no memory access."""
     if LUT == 0:
-        return tl.load(code_ptr + q)
-    b0 = (q & 1) != 0
-    b1 = (q & 2) != 0
-    b2 = (q & 4) != 0
-    v00 = tl.where(b0, -0.6961928009986877, -1.0)
-    v01 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
-    v02 = tl.where(b0, -0.18477343022823334, -0.28444138169288635)
-    v03 = tl.where(b0, 0.0, -0.09105003625154495)
-    v04 = tl.where(b0, 0.16093020141124725, 0.07958029955625534)
-    v05 = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
-    v06 = tl.where(b0, 0.5626170039176941, 0.44070982933044434)
-    v07 = tl.where(b0, 1.0, 0.7229568362236023)
-    v10 = tl.where(b1, v01, v00)
-    v11 = tl.where(b1, v03, v02)
-    v12 = tl.where(b1, v05, v04)
-    v13 = tl.where(b1, v07, v06)
-    lo = tl.where(b2, v11, v10)
-    hi = tl.where(b2, v13, v12)
-    return tl.where((q & 8) != 0, hi, lo)
+        v = tl.load(code_ptr + q)
+    else:
+        b0 = (q & 1) != 0
+        b1 = (q & 2) != 0
+        b2 = (q & 4) != 0
+        v00 = tl.where(b0, -0.6961928009986877, -1.0)
+        v01 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
+        v02 = tl.where(b0, -0.18477343022823334, -0.28444138169288635)
+        v03 = tl.where(b0, 0.0, -0.09105003625154495)
+        v04 = tl.where(b0, 0.16093020141124725, 0.07958029955625534)
+        v05 = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
+        v06 = tl.where(b0, 0.5626170039176941, 0.44070982933044434)
+        v07 = tl.where(b0, 1.0, 0.7229568362236023)
+        v10 = tl.where(b1, v01, v00)
+        v11 = tl.where(b1, v03, v02)
+        v12 = tl.where(b1, v05, v04)
+        v13 = tl.where(b1, v07, v06)
+        lo = tl.where(b2, v11, v10)
+        hi = tl.where(b2, v13, v12)
+        v = tl.where((q & 8) != 0, hi, lo)
+    return v
 
 
 @triton.jit
 def _nf4_dequant_kernel(codes_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr, out_ptr, n_bytes,
-                        BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, PACK16: tl.constexpr,
-                        DT16: tl.constexpr, LUT: tl.constexpr, BLOCK: tl.constexpr):
+                        BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, LUT: tl.constexpr,
+                        BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)  # byte index; byte j holds elements 2j (high nibble), 2j+1
     mask = offs < n_bytes
@@ -63,14 +68,9 @@ def _nf4_dequant_kernel(codes_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, of
         s = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
     hi = _nf4_level(b >> 4, LUT, code_ptr) * s
     lo = _nf4_level(b & 15, LUT, code_ptr) * s
-    if PACK16:
-        # out_ptr is the 16-bit output viewed as int32: element 2j is the low half (little endian)
-        h = hi.to(DT16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        l = lo.to(DT16).to(tl.int16, bitcast=True).to(tl.int32)
-        tl.store(out_ptr + offs, h | (l << 16), mask=mask)
-    else:
-        tl.store(out_ptr + 2 * offs, hi.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptr + 2 * offs + 1, lo.to(out_ptr.dtype.element_ty), mask=mask)
+    v = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))  # interleave: hi, lo, hi, lo, ...
+    out_offs = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + out_offs, v.to(out_ptr.dtype.element_ty), mask=out_offs < 2 * n_bytes)
 
 
 def _tensors(p):
@@ -80,8 +80,7 @@ def _tensors(p):
     return p.absmax, p.absmax, p.absmax
 
 
-_TL16 = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-DEQUANT_LUT = 0  # 0: table gather, 1: select tree (bench_nf4.py measures both)
+DEQUANT_LUT = 0  # 0: table gather (measured on an H100), 1: select tree (interpreter-tested, not yet timed)
 
 
 def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, lut: int | None = None) -> torch.Tensor:
@@ -93,14 +92,13 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
     if out is None:
         out = torch.empty(packed.shape, dtype=dtype, device=packed.device)
     nabs, ncode, off = _tensors(packed)
-    # 16-bit outputs: store each byte's two values as one 32-bit word (no interleaving shuffle)
-    pack16 = dtype in _TL16 and out.is_contiguous()
-    dst = out.view(-1).view(torch.int32) if pack16 else out
+    if not out.is_contiguous() or tuple(out.shape) != tuple(packed.shape):
+        raise ValueError(f"nf4_dequantize: out must be contiguous with shape {packed.shape}")
     BLOCK = 1024
     _nf4_dequant_kernel[(triton.cdiv(n_bytes, BLOCK),)](
-        packed.codes, packed.absmax, packed.code, nabs, ncode, off, dst, n_bytes,
-        BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested, PACK16=pack16,
-        DT16=_TL16.get(dtype, tl.float32), LUT=DEQUANT_LUT if lut is None else lut, BLOCK=BLOCK)
+        packed.codes, packed.absmax, packed.code, nabs, ncode, off, out, n_bytes,
+        BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested,
+        LUT=DEQUANT_LUT if lut is None else lut, BLOCK=BLOCK)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -11,8 +12,8 @@ import torch.nn.functional as F
 from .nf4 import NF4Weight, dequantize_nf4, from_bnb_tensors, quantize_nf4, to_bnb_tensors, _QS_PREFIX
 
 
-def _use_small_kernel(x2d: torch.Tensor, packed: NF4Weight) -> bool:
-    if not x2d.is_cuda:
+def _use_small_kernel(x2d: torch.Tensor, packed: NF4Weight, fused_decode: bool) -> bool:
+    if not (x2d.is_cuda and (fused_decode or os.environ.get("MOL_NF4_FUSED_DECODE") == "1")):
         return False
     from mol.kernels.nf4 import small_matmul_supported
     return small_matmul_supported(packed, x2d.shape[0])
@@ -22,13 +23,14 @@ class _NF4LinearFn(torch.autograd.Function):
     """y = x W^T + b with W stored in NF4. Saves no dense weight: backward dequantizes W again."""
 
     @staticmethod
-    def forward(ctx, x2d: torch.Tensor, packed: NF4Weight, bias: torch.Tensor | None, backend: str):
+    def forward(ctx, x2d: torch.Tensor, packed: NF4Weight, bias: torch.Tensor | None, backend: str,
+                fused_decode: bool = False):
         ctx.packed, ctx.backend = packed, backend
         ctx.has_bias = bias is not None
         ctx.bias_requires_grad = bias is not None and bias.requires_grad
         if bias is not None and bias.dtype != x2d.dtype:
             bias = bias.to(x2d.dtype)
-        if backend != "torch" and _use_small_kernel(x2d, packed):
+        if backend != "torch" and _use_small_kernel(x2d, packed, fused_decode):
             from mol.kernels.nf4 import nf4_matmul_small
             return nf4_matmul_small(x2d, packed, bias)
         w = dequantize_nf4(packed, x2d.dtype, backend=backend)  # scratch, freed on return
@@ -42,14 +44,16 @@ class _NF4LinearFn(torch.autograd.Function):
             grad_x = grad_out @ w
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(0)
-        return grad_x, None, grad_bias, None
+        return grad_x, None, grad_bias, None, None
 
 
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4 with double quantization (QLoRA, ~4.127 bits/param).
 
-    Forward computes in the activation dtype: on CUDA, T <= 16 tokens use a fused Triton dequant-GEMM reading the
-    4-bit codes; larger T dequantize into a scratch weight (Triton) and call cuBLAS. Backward gives dx (and the
+    Forward computes in the activation dtype: on CUDA it dequantizes into a scratch weight (one Triton pass, freed
+    right after) and calls cuBLAS. With `fused_decode=True` (or MOL_NF4_FUSED_DECODE=1), T <= 16 tokens use a
+    fused Triton dequant-GEMM that reads the 4-bit codes directly (not yet timed on a GPU; see
+    mol/kernels/nf4.py). On other devices the PyTorch reference dequantizes. Backward gives dx (and the
     bias gradient if the bias requires grad); the weight itself is frozen and has no gradient.
     Buffers follow bitsandbytes' names so `.to()`, `state_dict()` and devices work as for nn.Linear;
     `.to(dtype)` / `.half()` move the quantization state between devices but never change its dtype (a bf16
@@ -57,6 +61,7 @@ class NF4Linear(nn.Module):
     """
 
     is_quantized_linear = True  # mol.inject treats it as a linear target
+    fused_decode = False  # class default; set per instance or with MOL_NF4_FUSED_DECODE=1
 
     def __init__(self, packed: NF4Weight, bias: torch.Tensor | None = None, backend: str = "auto"):
         super().__init__()
@@ -113,7 +118,8 @@ class NF4Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"NF4Linear expects inputs with last dim {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        y = _NF4LinearFn.apply(x.reshape(-1, self.in_features), self.packed, self.bias, self.backend)
+        y = _NF4LinearFn.apply(x.reshape(-1, self.in_features), self.packed, self.bias, self.backend,
+                               self.fused_decode)
         return y.reshape(*lead, self.out_features)
 
     # ---- bitsandbytes / Hugging Face interop
