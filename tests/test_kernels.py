@@ -45,7 +45,8 @@ def make(T, n_in, n_out, E, r, K, dtype, ids_mode="random", seed=0):
     else:
         # distinct experts per token, expert 0 never chosen when E > K (an expert with no tokens)
         lo = 1 if E > K else 0
-        ids = torch.stack([torch.randperm(E - lo, generator=g)[:K] + lo for _ in range(T)])
+        ids = torch.stack([torch.randperm(E - lo, generator=g)[:K] + lo for _ in range(T)]) if T else \
+            torch.empty(0, K, dtype=torch.long)
     return base, x, A, B, gates, ids
 
 
@@ -157,3 +158,12 @@ def test_torch_compile_fullgraph_matches_eager():
     assert rel(y, y_e) < 1e-6
     for a, b in zip(leaves, eager):
         assert rel(a.grad, b.grad) < 1e-6
+
+
+def test_zero_tokens():
+    base, x, A, B, gates, ids = make(0, 19, 45, 4, 4, 2, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (base, x, A, B, gates)]
+    y = gl.grouped_lora_add(*leaves[:4], leaves[4], ids, 1.0)
+    assert y.shape == (0, 45)
+    y.sum().backward()
+    assert leaves[2].grad.abs().max() == 0 and leaves[3].grad.abs().max() == 0

@@ -414,6 +414,10 @@ def _check(x, lora_A, lora_B, gates, expert_ids, n_out, where):
     devs = {t.device for t in (x, lora_A, lora_B, gates, expert_ids)}
     if len(devs) != 1:
         raise ValueError(f"{where}: all tensors must be on one device, got {sorted(map(str, devs))}")
+    if not x.is_cuda and not _INTERPRET:
+        raise RuntimeError(f"{where}: the Triton kernels need CUDA tensors (got {x.device}); move the model "
+                           "to a GPU, use the PyTorch reference (backend='torch'), or set TRITON_INTERPRET=1 "
+                           "before importing mol.kernels to run them (slowly) on the CPU")
 
 
 def grouped_lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
