@@ -64,11 +64,24 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     return backend
 
 
-def add_lora(base_out: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, gates: Tensor, expert_ids: Tensor,
-             scale: float, backend: str = "auto") -> Tensor:
-    """base_out + routed LoRA delta. base_out: (T, out), x: (T, in), gates/expert_ids: (T, K)."""
-    if resolve_backend(backend, x) == "triton":
-        from mol.kernels.grouped_lora import grouped_lora_add
+def routed_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A: Tensor, lora_B: Tensor,
+                  gates: Tensor, expert_ids: Tensor, scale: float, backend: str = "auto") -> Tensor:
+    """base_layer(x) + routed LoRA delta of x_lora (x after dropout). x, x_lora: (T, in) -> (T, out).
 
-        return grouped_lora_add(base_out, x, lora_A, lora_B, gates, expert_ids, scale)
-    return base_out + lora_delta_torch(x, lora_A, lora_B, gates, expert_ids, scale).to(base_out.dtype)
+    On the Triton path a frozen full-precision nn.Linear is fused with the experts (one output buffer in
+    forward, the LoRA dx accumulated into the base dx in backward) when nothing changes x between the two
+    (no dropout) and no autocast re-types the base GEMM.
+    """
+    if resolve_backend(backend, x_lora) == "triton":
+        from mol.kernels.grouped_lora import grouped_lora_add, grouped_lora_linear
+
+        weight = getattr(base_layer, "weight", None)
+        fusable = (type(base_layer) is torch.nn.Linear and not weight.requires_grad
+                   and (base_layer.bias is None or not base_layer.bias.requires_grad)
+                   and x_lora is x and weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type))
+        if fusable:
+            return grouped_lora_linear(x, weight, base_layer.bias, lora_A, lora_B, gates, expert_ids, scale)
+        base_out = base_layer(x)
+        return grouped_lora_add(base_out, x_lora.to(base_out.dtype), lora_A, lora_B, gates, expert_ids, scale)
+    base_out = base_layer(x)
+    return base_out + lora_delta_torch(x_lora.to(lora_A.dtype), lora_A, lora_B, gates, expert_ids, scale).to(base_out.dtype)

@@ -4,7 +4,7 @@ Forward, top to bottom (T tokens, in-features k, out-features d, E experts, rank
 
     out   = base_layer(x)                               # frozen; nn.Linear or NF4Linear
     gates, expert_ids = router(x)                       # (T, K) each, float32 scores
-    out  += scale * sum_k gates[:, k] * B[e] @ A[e] @ dropout(x)     (dispatch.add_lora)
+    out  += scale * sum_k gates[:, k] * B[e] @ A[e] @ dropout(x)     (dispatch.routed_linear)
 
 with ``lora_A``: "e r k", ``lora_B``: "e d r", ``scale = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA).
 """
@@ -125,22 +125,23 @@ class MoLLinear(AdapterLayer):
                 f"rank={self.rank}, scaling={self.scaling:g}, backend={self.backend}")
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
         if self.merged:
-            return out
-        x_lora = self.dropout(x).to(self.lora_A.dtype)
+            return self.base_layer(x)
+        x_lora = self.dropout(x)
         if self.router is None:
             # Same ops in the same order as PEFT's LoRA, so the one-expert case matches it to the last bit.
+            out = self.base_layer(x)
+            x_lora = x_lora.to(self.lora_A.dtype)
             delta = F.linear(F.linear(x_lora, self.lora_A[0]), self.lora_B[0]) * self.scaling
             return out + delta.to(out.dtype)
 
         routed = self.router(x)
         self._last = routed
-        flat = dispatch.add_lora(
-            out.reshape(-1, self.out_features), x_lora.reshape(-1, self.in_features),
-            self.lora_A, self.lora_B, routed.gates, routed.expert_ids, self.scaling, self.backend,
-        )
-        return flat.view(out.shape)
+        flat_x = x.reshape(-1, self.in_features)
+        flat_x_lora = flat_x if x_lora is x else x_lora.reshape(-1, self.in_features)
+        out = dispatch.routed_linear(self.base_layer, flat_x, flat_x_lora, self.lora_A, self.lora_B,
+                                     routed.gates, routed.expert_ids, self.scaling, self.backend)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def aux_loss(self) -> Optional[Tensor]:
         """Coefficient-weighted load-balance + z-loss of the last forward (None before any routed forward)."""
