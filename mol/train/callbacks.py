@@ -1,0 +1,155 @@
+"""Callbacks: routing heatmap + per-layer utilisation at each validation, and a per-step loss log."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+import mol
+
+
+def _short(name: str) -> str:
+    """``bert.encoder.layer.3.attention.self.query`` -> ``3.attention.self.query`` (keeps plots readable)."""
+    for marker in (".layer.", ".layers.", ".h.", ".blocks."):
+        if marker in name:
+            return name.split(marker, 1)[1]
+    return name
+
+
+def save_heatmap(load: torch.Tensor, layer_names: list[str], path: Path, title: str) -> None:
+    """Write a layers x experts heatmap of load fractions to ``path`` (PNG, atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    n_layers, n_exp = load.shape
+    fig, ax = plt.subplots(figsize=(2.5 + 0.45 * n_exp, 1.5 + 0.22 * n_layers), dpi=100)
+    im = ax.imshow(load.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(load.max()), 1e-6))
+    ax.set_xticks(range(n_exp))
+    ax.set_xlabel("expert")
+    ax.set_yticks(range(n_layers))
+    ax.set_yticklabels(layer_names, fontsize=6)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label=f"load fraction (uniform = {1 / n_exp:.3f})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class RoutingHeatmap(pl.Callback):
+    """Accumulates expert counts over each validation pass, logs per-layer load and entropy, draws a heatmap.
+
+    Files: ``<out>/heatmaps/routing_step<N>.png`` and ``routing_latest.png``; one JSON line per validation in
+    ``<out>/routing.jsonl`` (per layer: load per expert, router entropy; per task when the data has several).
+    """
+
+    def __init__(self, out_dir: str, log_per_expert: bool = True):
+        self.out_dir = Path(out_dir)
+        self.log_per_expert = log_per_expert
+        self._reset()
+
+    def _reset(self) -> None:
+        self.counts: dict[str, dict[str, torch.Tensor]] = {}  # task -> layer -> (E,)
+        self.entropy: dict[str, torch.Tensor] = {}
+        self.batches = 0
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        stats = mol.routing_stats(pl_module.model)
+        if not stats:
+            return
+        tid = int(batch["task_ids"][0]) if "task_ids" in batch else -1  # eval batches are single-task
+        names = trainer.datamodule.task_names if trainer.datamodule is not None else []
+        task = names[tid] if 0 <= tid < len(names) else "all"
+        per_task = self.counts.setdefault(task, {})
+        for layer, s in stats.items():
+            c = s["counts"].detach().float()
+            per_task[layer] = per_task.get(layer, torch.zeros_like(c)) + c
+            self.entropy[layer] = self.entropy.get(layer, torch.zeros((), device=c.device)) + s["entropy"].detach().float()
+        self.batches += 1
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self.counts:
+            return
+        tasks = sorted(self.counts)
+        layers = list(next(iter(self.counts.values())))
+        # (tasks, layers, E) counts and (layers,) entropy sums, summed over all processes
+        counts = torch.stack([torch.stack([self.counts[t].get(l, torch.zeros_like(self.counts[tasks[0]][l]))
+                                           for l in layers]) for t in tasks])
+        ent = torch.stack([self.entropy[l] for l in layers])
+        nb = torch.tensor(float(self.batches), device=ent.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        ent = trainer.strategy.reduce(ent, reduce_op="sum")
+        nb = trainer.strategy.reduce(nb, reduce_op="sum")
+        total = counts.sum(0)
+        load = (total / total.sum(-1, keepdim=True).clamp_min(1)).cpu()
+        entropy = (ent / nb.clamp_min(1)).cpu()
+        short = [_short(l) for l in layers]
+        for i, name in enumerate(short):
+            pl_module.log(f"util/{name}/entropy", float(entropy[i]), rank_zero_only=True)
+            if self.log_per_expert:
+                for e in range(load.shape[1]):
+                    pl_module.log(f"util/{name}/load_e{e}", float(load[i, e]), rank_zero_only=True)
+        if not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        png = self.out_dir / "heatmaps" / f"routing_step{step:06d}.png"
+        save_heatmap(load, short, png, f"expert load per layer, validation at step {step}")
+        save_heatmap(load, short, self.out_dir / "heatmaps" / "routing_latest.png",
+                     f"expert load per layer, validation at step {step}")
+        record = {"step": step, "layers": short, "load": load.tolist(), "entropy": entropy.tolist()}
+        if len(tasks) > 1:
+            ct = counts.cpu()
+            record["per_task_load"] = {t: (ct[j] / ct[j].sum(-1, keepdim=True).clamp_min(1)).tolist()
+                                       for j, t in enumerate(tasks)}
+        with open(self.out_dir / "routing.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+class LossHistory(pl.Callback):
+    """Appends ``{"step", "loss", "aux"}`` to ``<out>/train_loss.jsonl`` after every optimiser step (rank 0).
+
+    Flushed line by line, so a run killed with SIGKILL still leaves every step it finished.
+    """
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self._acc: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._acc.append(float(loss.detach()))
+        # global_step has already advanced when this batch closed an accumulation window
+        if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
+            return
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": trainer.global_step, "loss": sum(self._acc) / len(self._acc)}) + "\n")
+                fh.flush()
+        self._acc = []
+
+
+def read_loss_history(path: str) -> dict[int, float]:
+    """Step -> loss from a ``train_loss.jsonl``; a later line for the same step (a resumed run) wins."""
+    out: dict[int, float] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                r = json.loads(line)
+                out[int(r["step"])] = float(r["loss"])
+    return out
+

@@ -1,0 +1,376 @@
+"""Data for training: JSONL files (or datasets saved to disk), tokenised once and cached, mixed by task.
+
+Record formats (one JSON object per line), chosen per file from its first record:
+- ``{"text": ...}``                     causal LM on the whole text
+- ``{"prompt": ..., "response": ...}``  causal LM, loss on the response tokens only
+- ``{"text": ..., "label": ...}``       sequence classification (label: string or int)
+Any record may carry ``"task"``; otherwise the task is the source's ``task`` field or the file's stem.
+
+Batches are dicts of tensors (``input_ids``, ``attention_mask``, ``labels``, ``task_ids``) plus the
+host-side int ``num_tokens`` so throughput is logged without reading a device tensor back.
+
+Resuming: the training loader is stateful (Lightning saves ``state_dict()`` in each checkpoint and calls
+``load_state_dict()`` before iterating), so a resumed run skips exactly the batches already consumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Bad data configuration or records; the message names the problem and the fix."""
+
+
+@dataclass
+class Source:
+    """One file of the mixture. ``weight`` scales how often its examples appear per epoch (1 = once)."""
+
+    path: str
+    task: Optional[str] = None
+    weight: float = 1.0
+
+
+def _as_sources(spec: Union[None, str, dict, Sequence[Any]]) -> list[Source]:
+    if spec is None:
+        return []
+    if isinstance(spec, (str, os.PathLike)):
+        return [Source(str(spec))]
+    if isinstance(spec, dict) or hasattr(spec, "keys"):
+        return [Source(**dict(spec))]
+    return [s for item in spec for s in _as_sources(item)]
+
+
+def _read_records(path: Path) -> list[dict]:
+    if path.is_dir():
+        # A Hugging Face dataset saved with `save_to_disk`; the package is optional.
+        try:
+            import datasets  # type: ignore
+        except ImportError as e:
+            raise DataError(f"{path} is a directory (a dataset saved to disk?) but the `datasets` package is not "
+                            "installed; `pip install datasets` or export it to JSONL") from e
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            raise DataError(f"{path} holds a DatasetDict {list(ds)}; point data.train/val/test at one split folder")
+        return [dict(r) for r in ds]
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist; fix the data.* path (paths are relative to where you run)")
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i} is not valid JSON ({e.msg}); one JSON object per line") from e
+    if not records:
+        raise DataError(f"{path} has no records")
+    return records
+
+
+def record_format(rec: dict, where: str) -> str:
+    """``text``, ``prompt_response`` or ``text_label`` for one record; raises naming the expected keys."""
+    if "prompt" in rec and "response" in rec:
+        return "prompt_response"
+    if "text" in rec and "label" in rec:
+        return "text_label"
+    if "text" in rec:
+        return "text"
+    raise DataError(f"{where}: record has keys {sorted(rec)}; expected text, prompt/response or text/label")
+
+
+def _fingerprint(tokenizer: Any) -> str:
+    vocab = tokenizer.get_vocab()
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+    h.update(str((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)).encode())
+    return h.hexdigest()[:16]
+
+
+class TokenizedSet(Dataset):
+    """Tokenised examples: each a dict with ``input_ids`` (list[int]), ``labels`` and ``task``."""
+
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+def tokenize_file(path: Path, tokenizer: Any, task_kind: str, max_length: int, label_to_id: dict[str, int],
+                  default_task: str, cache_dir: Optional[Path]) -> list[dict]:
+    """Tokenise one source, reusing ``cache_dir/<hash>.pt`` when file, tokenizer and settings are unchanged."""
+    key = None
+    if cache_dir is not None and path.is_file():
+        h = hashlib.sha256(path.read_bytes())
+        h.update(json.dumps([_fingerprint(tokenizer), task_kind, max_length, sorted(label_to_id.items()),
+                             default_task]).encode())
+        key = cache_dir / f"{path.stem}-{h.hexdigest()[:20]}.pt"
+        if key.exists():
+            return torch.load(key)
+    records = _read_records(path)
+    examples = []
+    eos = tokenizer.eos_token_id
+    for i, rec in enumerate(records):
+        where = f"{path}:{i + 1}"
+        fmt = record_format(rec, where)
+        task = str(rec.get("task", default_task))
+        if task_kind == "classification":
+            if fmt != "text_label":
+                raise DataError(f"{where}: model.task=classification needs text/label records, got {fmt}; "
+                                "use a causal LM model (model=hf_causal) for text or prompt/response data")
+            label = str(rec["label"])
+            if label not in label_to_id:
+                raise DataError(f"{where}: label {label!r} is not in the training labels {sorted(label_to_id)}")
+            ids = tokenizer(rec["text"], truncation=True, max_length=max_length)["input_ids"]
+            examples.append({"input_ids": ids, "labels": label_to_id[label], "task": task})
+        else:
+            if fmt == "prompt_response":
+                p = tokenizer(rec["prompt"])["input_ids"]
+                r = tokenizer(rec["response"], add_special_tokens=False)["input_ids"]
+                r = r + ([eos] if eos is not None else [])
+                ids = (p + r)[:max_length]
+                labels = ([IGNORE_INDEX] * len(p) + r)[:max_length]  # loss on the response only
+            else:
+                ids = tokenizer(rec["text"], truncation=True, max_length=max_length)["input_ids"]
+                labels = list(ids)
+            examples.append({"input_ids": ids, "labels": labels, "task": task})
+    if key is not None:
+        key.parent.mkdir(parents=True, exist_ok=True)
+        tmp = key.with_suffix(f".tmp{os.getpid()}")
+        torch.save(examples, tmp)
+        os.replace(tmp, key)  # atomic: a killed run never leaves half a cache file
+    return examples
+
+
+class ResumableSampler(Sampler[list[int]]):
+    """Batches of indices: a seeded permutation per epoch, this rank's share, skipping consumed batches.
+
+    The permutation depends only on (seed, epoch), so 1 process with batch B*W sees, step by step, the
+    same examples as W processes with batch B each (rank r takes every W-th index of each global batch).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True, lengths: Optional[Sequence[int]] = None, group_size: int = 32):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.lengths, self.group_size = lengths, group_size
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+        self._skip: Optional[tuple[int, int]] = None  # (epoch, batches) to skip once after a resume
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _global_batches(self) -> list[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        gb = self.batch_size * self.world_size
+        if self.lengths is not None and self.shuffle:
+            # Length grouping: sort each window of group_size global batches by length, so a batch pads to
+            # similar lengths (less wasted compute), then shuffle the batch order again.
+            win = gb * self.group_size
+            order = [i for w in range(0, self.n, win)
+                     for i in sorted(order[w:w + win], key=lambda j: -self.lengths[j])]
+        batches = [order[i:i + gb] for i in range(0, self.n, gb)]
+        if self.drop_last and batches and len(batches[-1]) < gb:
+            batches.pop()
+        if self.lengths is not None and self.shuffle:
+            perm = torch.randperm(len(batches), generator=g).tolist()
+            batches = [batches[i] for i in perm]
+        return batches
+
+    def __len__(self) -> int:
+        gb = self.batch_size * self.world_size
+        return self.n // gb if self.drop_last else -(-self.n // gb)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip = 0
+        if self._skip is not None and self._skip[0] == self.epoch:
+            skip = self._skip[1]
+        self._skip = None
+        for b in self._global_batches()[skip:]:
+            mine = b[self.rank::self.world_size]
+            if mine:
+                yield mine
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position survives a checkpoint (Lightning's ``_Stateful`` protocol).
+
+    ``position_fn`` returns how many batches of the current epoch the trainer has finished; it is read at
+    checkpoint time, so batches the loader has prefetched but not trained on are not counted.
+    """
+
+    def __init__(self, *args: Any, position_fn: Callable[[], tuple[int, int]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.position_fn = position_fn
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, done = self.position_fn()
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler._skip = (int(state["epoch"]), int(state["batches_done"]))
+
+
+class Collator:
+    """Pads a list of examples to the longest one (right padding)."""
+
+    def __init__(self, pad_id: int, task_kind: str, task_to_id: dict[str, int]):
+        self.pad_id, self.task_kind, self.task_to_id = pad_id, task_kind, task_to_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, Any]:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+            mask[i, : len(e["input_ids"])] = 1
+        if self.task_kind == "classification":
+            labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+        else:
+            labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+            for i, e in enumerate(examples):
+                labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+        task_ids = torch.tensor([self.task_to_id.get(e["task"], -1) for e in examples], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_ids": task_ids,
+                "num_tokens": int(mask.sum())}
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Train/val/test splits from JSONL sources, tokenised with the model's tokenizer.
+
+    ``train`` may be one path, a list of paths, or a list of ``{path, task, weight}`` (a task mixture;
+    ``weight`` 2 repeats a source twice per epoch, 0.5 keeps a fixed, seeded half of it).
+    ``group_by_length``: batches of similar lengths (shuffled), which cuts padding a lot on short-text data.
+    """
+
+    def __init__(self, tokenizer: Any, task_kind: str, train: Any, val: Any = None, test: Any = None,
+                 batch_size: int = 16, eval_batch_size: int = 64, max_length: int = 128, seed: int = 0,
+                 cache_dir: Optional[str] = ".cache/mol-tokens", num_workers: int = 0, shuffle: bool = True,
+                 limit_train_examples: Optional[int] = None, group_by_length: bool = True):
+        super().__init__()
+        self.group_by_length = group_by_length
+        if task_kind not in ("classification", "causal_lm"):
+            raise DataError(f"model.task={task_kind!r} is unknown; use classification or causal_lm")
+        if batch_size < 1:
+            raise DataError(f"data.batch_size={batch_size} must be >= 1")
+        self.tokenizer, self.task_kind = tokenizer, task_kind
+        self.sources = {"train": _as_sources(train), "val": _as_sources(val), "test": _as_sources(test)}
+        if not self.sources["train"]:
+            raise DataError("data.train is empty; give a JSONL path (e.g. data.train=my/train.jsonl)")
+        self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
+        self.seed, self.num_workers, self.shuffle = seed, num_workers, shuffle
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.limit_train_examples = limit_train_examples
+        self.label_names: list[str] = []
+        self.task_names: list[str] = []
+        self.splits: dict[str, TokenizedSet] = {}
+        self._prepared = False
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+
+    # Labels and tasks are read before the model is built (the classifier needs num_labels).
+    def scan(self) -> None:
+        """Collect label names and task names from the sources; cheap, no tokenisation."""
+        labels, tasks = set(), []
+        for split, srcs in self.sources.items():
+            for s in srcs:
+                p = Path(s.path)
+                recs = _read_records(p)
+                for i, r in enumerate(recs):
+                    fmt = record_format(r, f"{p}:{i + 1}")
+                    if split == "train" and fmt == "text_label":
+                        labels.add(str(r["label"]))
+                    t = str(r.get("task", s.task or p.stem))
+                    if t not in tasks:
+                        tasks.append(t)
+        if self.task_kind == "classification" and len(labels) < 2:
+            raise DataError(f"classification needs >= 2 distinct labels in data.train, found {sorted(labels)}")
+        self.label_names = sorted(labels)
+        self.task_names = tasks
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self._prepared:
+            return
+        if not self.label_names and not self.task_names:
+            self.scan()
+        label_to_id = {n: i for i, n in enumerate(self.label_names)}
+        for split, srcs in self.sources.items():
+            examples: list[dict] = []
+            for s in srcs:
+                p = Path(s.path)
+                ex = tokenize_file(p, self.tokenizer, self.task_kind, self.max_length, label_to_id,
+                                   s.task or p.stem, self.cache_dir)
+                if split == "train" and s.weight != 1.0:
+                    if s.weight <= 0:
+                        raise DataError(f"data source {s.path} has weight {s.weight}; weights must be > 0")
+                    g = torch.Generator().manual_seed(self.seed)
+                    whole, frac = int(s.weight), s.weight - int(s.weight)
+                    extra = torch.randperm(len(ex), generator=g)[: int(round(frac * len(ex)))].tolist()
+                    ex = ex * whole + [ex[i] for i in extra]
+                examples += ex
+            if split == "train" and self.limit_train_examples:
+                examples = examples[: self.limit_train_examples]
+            if examples:
+                self.splits[split] = TokenizedSet(examples)
+        self._prepared = True
+
+    def _world(self) -> tuple[int, int]:
+        t = getattr(self, "trainer", None)
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def _position(self) -> tuple[int, int]:
+        t = self.trainer
+        return t.current_epoch, t.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def _collator(self) -> Collator:
+        return Collator(self.pad_id, self.task_kind, {n: i for i, n in enumerate(self.task_names)})
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._world()
+        ds = self.splits["train"]
+        if len(ds) < self.batch_size * world:
+            raise DataError(f"data.train has {len(ds)} examples, fewer than one global batch "
+                            f"({self.batch_size} x {world} processes); lower data.batch_size")
+        lengths = [len(e["input_ids"]) for e in ds.examples] if self.group_by_length else None
+        sampler = ResumableSampler(len(ds), self.batch_size, self.seed, self.shuffle, rank, world, lengths=lengths)
+        return ResumableLoader(ds, batch_sampler=sampler, collate_fn=self._collator(),
+                               num_workers=self.num_workers, position_fn=self._position)
+
+    def _eval_loader(self, split: str) -> Optional[DataLoader]:
+        if split not in self.splits:
+            return None
+        rank, world = self._world()
+        ds = self.splits[split]
+        # Eval batches never mix tasks, so routing statistics can be attributed to one task.
+        by_task: dict[str, list[int]] = {}
+        for i, e in enumerate(ds.examples):
+            by_task.setdefault(e["task"], []).append(i)
+        batches = [idx[i:i + self.eval_batch_size] for idx in by_task.values()
+                   for i in range(0, len(idx), self.eval_batch_size)]
+        mine = batches[rank::world]  # no padding: metrics are reduced as sums, so uneven shards are exact
+        return DataLoader(ds, batch_sampler=mine, collate_fn=self._collator(), num_workers=self.num_workers)
+
+    def val_dataloader(self) -> Any:
+        return self._eval_loader("val") or []
+
+    def test_dataloader(self) -> Any:
+        return self._eval_loader("test") or []

@@ -1,0 +1,219 @@
+"""LightningModule around a Hugging Face model carrying mol adapters.
+
+Loss = task loss (cross-entropy from the HF head) + ``mol.aux_loss(model)``. Only tensors with
+``requires_grad`` are optimised and checkpointed, so a checkpoint is the adapter plus optimiser,
+scheduler, RNG and data position: megabytes, not the base model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import time
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import nn
+
+import mol
+
+RNG_KEY = "mol_rng_state"
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory allocated (CUDA) or peak resident set size of this process (CPU), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MoLModule(pl.LightningModule):
+    """Fine-tune ``model`` (a HF ``...ForCausalLM`` or ``...ForSequenceClassification``) through its trainable tensors.
+
+    task: ``classification`` (metric: accuracy) or ``causal_lm`` (metrics: token accuracy, perplexity).
+    """
+
+    def __init__(self, model: nn.Module, task: str, lr: float = 1e-3, weight_decay: float = 0.0,
+                 warmup_ratio: float = 0.06, min_lr_ratio: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 log_routing_every: int = 1):
+        super().__init__()
+        if task not in ("classification", "causal_lm"):
+            raise ValueError(f"task={task!r} is unknown; use classification or causal_lm")
+        self.model, self.task = model, task
+        # from_pretrained returns eval mode; Lightning keeps submodule modes, so dropout would stay off.
+        self.model.train()
+        self.lr, self.weight_decay, self.warmup_ratio, self.min_lr_ratio = lr, weight_decay, warmup_ratio, min_lr_ratio
+        self.betas = tuple(betas)
+        self.log_routing_every = log_routing_every
+        # Checkpoints carry only trainable tensors; the frozen base comes from model.path on resume.
+        self.strict_loading = False
+        self._pending_rng: Optional[dict] = None
+        self._t_last: Optional[float] = None
+        self._eval_sums: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ forward / losses
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+
+    def _metric_sums(self, out: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Sums (not means) so that evaluation over uneven shards and batches reduces exactly."""
+        logits, labels = out.logits.detach().float(), batch["labels"]
+        if self.task == "classification":
+            nll = nn.functional.cross_entropy(logits, labels, reduction="sum")
+            correct = (logits.argmax(-1) == labels).sum().float()
+            count = torch.tensor(float(labels.numel()), device=logits.device)
+        else:
+            logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
+            mask = labels != -100
+            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                              ignore_index=-100, reduction="sum")
+            correct = ((logits.argmax(-1) == labels) & mask).sum().float()
+            count = mask.sum().float()
+        return {"nll": nll, "correct": correct, "count": count}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        aux = mol.aux_loss(self.model)
+        loss = out.loss + aux
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        self.log("train/aux_loss", aux, batch_size=bs)
+        sums = self._metric_sums(out, batch)
+        acc_name = "train/acc" if self.task == "classification" else "train/token_acc"
+        self.log(acc_name, sums["correct"] / sums["count"].clamp_min(1), prog_bar=True, batch_size=bs)
+        if self.task == "causal_lm":
+            self.log("train/ppl", torch.exp(out.loss.detach().float()), batch_size=bs)
+        self._log_throughput(batch)
+        if self.log_routing_every and self.global_step % self.log_routing_every == 0:
+            self._log_router_losses_and_use()
+        return loss
+
+    def _log_throughput(self, batch: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if self._t_last is not None:
+            # Host-side token count from the collator and wall time between steps: no device read-back.
+            self.log("perf/tokens_per_s", batch["num_tokens"] * self.trainer.world_size / (now - self._t_last),
+                     prog_bar=True, batch_size=1)
+        self._t_last = now
+        self.log("perf/peak_mem_mb", peak_memory_mb(self.device), batch_size=1)
+
+    def _log_router_losses_and_use(self) -> None:
+        stats = mol.routing_stats(self.model)
+        if not stats:
+            return
+        ents = [s["entropy"] for s in stats.values() if "entropy" in s]
+        loads = [s["load"] for s in stats.values() if "load" in s]
+        if ents:
+            self.log("route/entropy_mean", torch.stack([e.float() for e in ents]).mean(), batch_size=1)
+        if loads:
+            # max load x E: 1 at perfect balance, E when one expert takes every token
+            imbalance = torch.stack([l.float().max() * l.numel() for l in loads]).mean()
+            self.log("route/imbalance_mean", imbalance, batch_size=1)
+        for key in ("load_balance_loss", "z_loss"):
+            vals = [s[key] for s in stats.values() if key in s]
+            if vals:
+                self.log(f"train/{key}", torch.stack([v.float() for v in vals]).mean(), batch_size=1)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
+        out = self(batch)
+        for k, v in self._metric_sums(out, batch).items():
+            key = f"{prefix}/{k}"
+            self._eval_sums[key] = self._eval_sums.get(key, 0) + v
+
+    def _eval_end(self, prefix: str) -> dict[str, float]:
+        keys = [f"{prefix}/nll", f"{prefix}/correct", f"{prefix}/count"]
+        vals = torch.stack([torch.as_tensor(self._eval_sums.get(k, 0.0), device=self.device, dtype=torch.float32)
+                            for k in keys])
+        vals = self.trainer.strategy.reduce(vals, reduce_op="sum")  # every rank, every batch: exact totals
+        nll, correct, count = vals.tolist()
+        for k in keys:
+            self._eval_sums.pop(k, None)
+        count = max(count, 1.0)
+        metrics = {f"{prefix}/loss": nll / count}
+        if self.task == "classification":
+            metrics[f"{prefix}/acc"] = correct / count
+        else:
+            metrics[f"{prefix}/token_acc"] = correct / count
+            metrics[f"{prefix}/ppl"] = math.exp(min(nll / count, 50.0))
+        for k, v in metrics.items():
+            self.log(k, v, prog_bar=k.endswith(("acc", "ppl")), rank_zero_only=True)
+        return metrics
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable tensors; check method.target_modules / modules_to_save")
+        # No weight decay on biases and norms (1-D tensors), the usual AdamW split.
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, warmup, total, self.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """``model.``-prefixed trainable tensors, the only weights a checkpoint stores."""
+        return {f"model.{n}": p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = set(self.trainable_state_dict())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[RNG_KEY] = _rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(set(self.trainable_state_dict()) - set(checkpoint["state_dict"]))
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]}); it was made "
+                             "with another method/model config: resume with the same overrides as the original run")
+        self._pending_rng = checkpoint.get(RNG_KEY)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restore RNG right before the first resumed step: anything between load and here (sanity checks,
+        # loader set-up) must not shift the random stream that dropout and router noise draw from.
+        if self._pending_rng is not None:
+            _set_rng_state(self._pending_rng)
+            self._pending_rng = None

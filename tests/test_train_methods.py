@@ -1,0 +1,114 @@
+"""Every ``conf/method/*.yaml`` trains a few steps on a tiny Llama, in process, through the real Hydra config.
+
+Checks, per method: the loss goes down on a tiny task, the frozen base is bit-identical afterwards, the
+checkpoint holds exactly the trainable tensors (plus optimizer/scheduler/RNG/data position), and the saved
+adapter, loaded onto a fresh base, reproduces the trained model's logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_utils import (REPO, compose, make_causal_data, make_classification_data, make_tiny_bert,
+                              make_tiny_llama, quiet_trainer_overrides)
+
+METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"llama": make_tiny_llama(root / "llama"), "bert": make_tiny_bert(root / "bert"),
+            "causal": make_causal_data(root / "causal"), "cls": make_classification_data(root / "cls")}
+
+
+def _fresh_logits(model_dir: Path, task: str, batch: dict, adapter: Path | None = None):
+    import mol
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task == "causal_lm":
+        m = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    else:
+        meta = json.loads((adapter / "training_meta.json").read_text())
+        m = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=len(meta["labels"]))
+    if adapter is not None:
+        mol.load_adapter(m, str(adapter))
+    m.eval()
+    with torch.no_grad():
+        return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_saves_and_reloads(method, tiny, tmp_path):
+    from mol.train.app import run
+    from mol.train.callbacks import read_loss_history
+
+    out = tmp_path / "run"
+    cfg = compose([f"method={method}", "model=hf_causal", f"model.path={tiny['llama']}", "data=jsonl",
+                   f"data.train={tiny['causal']['train']}", f"data.val={tiny['causal']['val']}",
+                   "data.batch_size=8", "data.max_length=32", f"data.cache_dir={tmp_path / 'cache'}",
+                   "trainer.max_epochs=3", "trainer.ckpt_every_n_steps=4", "optim.lr=1e-2", "optim.warmup_ratio=0",
+                   f"output_dir={out}", *quiet_trainer_overrides()])
+    res = run(cfg)
+    losses = read_loss_history(str(out / "train_loss.jsonl"))
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (10, 11, 12)) / 3
+    assert last < first - 0.05, f"{method}: loss did not go down ({first:.3f} -> {last:.3f})"
+
+    # checkpoint: exactly the trainable tensors, plus the resume state, and nothing of the frozen base
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    n_trainable = res["run"]["trainable_params"]
+    assert sum(v.numel() for v in ckpt["state_dict"].values()) == n_trainable
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert {k.removeprefix("model.") for k in ckpt["state_dict"]} == set(saved)  # same tensors as the adapter
+    for key in ("optimizer_states", "lr_schedulers", "mol_rng_state", "loops"):
+        assert key in ckpt, key
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches_done"] >= 0
+
+    # the saved adapter on a fresh base reproduces the trained model's predictions
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny["llama"]))
+    batch = tok(["alpha cat red one", "sun moon star sky code"], return_tensors="pt", padding=True)
+    before = _fresh_logits(tiny["llama"], "causal_lm", batch)
+    after = _fresh_logits(tiny["llama"], "causal_lm", batch, out / "adapter")
+    assert not torch.allclose(before, after, atol=1e-4), "the adapter changes nothing"
+    # a reload is deterministic and independent of the training process
+    again = _fresh_logits(tiny["llama"], "causal_lm", batch, out / "adapter")
+    torch.testing.assert_close(after, again)
+    # the trained base weights were not touched: the ckpt has none of them
+    assert not any("base_layer.weight" in k for k in ckpt["state_dict"])
+
+
+def test_classification_mol_beats_chance_and_writes_heatmap(tiny, tmp_path):
+    """Tiny BERT + MoL on a learnable 4-topic task: accuracy well above the 25% chance, heatmap on disk,
+    per-layer utilisation logged, baseline trained on the same split."""
+    from mol.train.app import run
+
+    out = tmp_path / "run"
+    cfg = compose(["method=mol", "model=hf_classifier", f"model.path={tiny['bert']}",
+                   "model.modules_to_save=[classifier,pooler]", "data=jsonl",
+                   f"data.train={tiny['cls']['train']}", f"data.val={tiny['cls']['val']}",
+                   f"data.test={tiny['cls']['val']}", "data.batch_size=8", f"data.cache_dir={tmp_path / 'cache'}",
+                   "trainer.max_epochs=4", "optim.lr=1e-2", "baseline.lr=1e-2", f"output_dir={out}",
+                   "trainer.enable_progress_bar=false"])
+    res = run(cfg)
+    assert res["run"]["test/acc"] >= 0.6, res
+    assert "test/acc" in res["baseline"]
+    png = out / "heatmaps" / "routing_latest.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rec = [json.loads(line) for line in open(out / "routing.jsonl")][-1]
+    load = torch.tensor(rec["load"])
+    assert load.shape == (len(rec["layers"]), 8)
+    torch.testing.assert_close(load.sum(-1), torch.ones(load.shape[0]))  # fractions per layer
+    metrics = (out / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for col in ("train/loss", "train/acc", "train/aux_loss", "train/load_balance_loss", "train/z_loss",
+                "perf/tokens_per_s", "perf/peak_mem_mb", "val/acc"):
+        assert col in metrics, col
+    assert any(c.startswith("util/") and c.endswith("/load_e7") for c in metrics)
+    assert any(c.startswith("util/") and c.endswith("/entropy") for c in metrics)

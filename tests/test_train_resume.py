@@ -1,0 +1,78 @@
+"""SIGKILL a CPU training run part-way, resume it from its last checkpoint, and the remaining loss curve equals
+an uninterrupted run's, step for step. Dropout and router noise are on, so RNG restore is exercised, and the
+run crosses an epoch boundary after the resume, so the data position and the next epoch's shuffle are too."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from test_train_utils import REPO, cli_env, make_causal_data, make_tiny_llama, run_cli
+
+MAX_STEPS = 24  # 32 examples / batch 4 = 8 steps per epoch: three epochs
+KILL_AFTER_STEP = 7
+
+
+def _args(model, data, out, cache):
+    return ["model=hf_causal", f"model.path={model}", "data=jsonl", f"data.train={data['train']}",
+            f"data.val={data['val']}", "data.batch_size=4", "data.max_length=24", f"data.cache_dir={cache}",
+            "method=mol", "method.dropout=0.1", "router.noise=0.5", "trainer.max_epochs=-1",
+            f"trainer.max_steps={MAX_STEPS}", "trainer.ckpt_every_n_steps=5", "trainer.val_check_interval=6",
+            "trainer.enable_progress_bar=false", "optim.lr=5e-3", "baseline.enabled=false", f"output_dir={out}"]
+
+
+def _losses(path, skip_lines=0):
+    rows = [json.loads(line) for line in open(path).read().splitlines()[skip_lines:] if line.strip()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_sigkill_resume_matches_uninterrupted_run(tmp_path):
+    model = make_tiny_llama(tmp_path / "llama")
+    data = make_causal_data(tmp_path / "data")
+    cache = tmp_path / "cache"
+
+    full = tmp_path / "full"
+    p = run_cli(_args(model, data, full, cache), cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    reference = _losses(full / "train_loss.jsonl")
+    assert sorted(reference) == list(range(1, MAX_STEPS + 1))
+
+    # same run, killed with SIGKILL once it has passed KILL_AFTER_STEP (a checkpoint exists at step 5)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "mol.train", *_args(model, data, killed, cache)], cwd=str(REPO),
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = killed / "train_loss.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(_losses(log)) >= KILL_AFTER_STEP:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    ckpt = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed_from = ckpt["global_step"]
+    assert 5 <= resumed_from < MAX_STEPS
+    # small: trainable tensors only (no frozen base weights)
+    assert all("base_layer" not in k and "embed_tokens" not in k for k in ckpt["state_dict"])
+
+    n_before = len(open(log).read().splitlines())
+    p = run_cli(_args(model, data, killed, cache) + ["resume=auto"], cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    resumed = _losses(log, skip_lines=n_before)
+    assert sorted(resumed) == list(range(resumed_from + 1, MAX_STEPS + 1))
+    for step, loss in resumed.items():
+        assert loss == reference[step] or abs(loss - reference[step]) <= 1e-6 * abs(reference[step]), \
+            (step, loss, reference[step])
+    # and the final adapters agree
+    from safetensors.torch import load_file
+
+    a = load_file(str(next((full / "adapter").glob("*.safetensors"))))
+    b = load_file(str(next((killed / "adapter").glob("*.safetensors"))))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
