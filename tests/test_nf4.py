@@ -329,3 +329,26 @@ def test_qlora_mol_inject_equals_dequantized_base():
     yr.square().sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layers[0].lora_A.grad, ref[0].lora_A.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_computes_in_autocast_dtype():
+    g = _gen()
+    q = NF4Linear.from_linear(nn.Linear(128, 64))
+    x = torch.randn(4, 128, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+    assert y.dtype == torch.bfloat16
+    w64 = dequantize_nf4_reference(q.packed, torch.float64)
+    ref = x.detach().double() @ w64.T + q.bias.double()
+    assert ((y.double() - ref).norm() / ref.norm()) < 1e-2
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    gref = torch.ones(4, 64, dtype=torch.float64) @ w64
+    assert ((x.grad.double() - gref).norm() / gref.norm()) < 1e-2
+
+
+def test_incomplete_bnb_entry_names_missing_keys():
+    sd = NF4Linear.from_linear(nn.Linear(128, 64)).to_bnb_state_dict("l.")
+    del sd["l.weight.absmax"]
+    with pytest.raises(KeyError, match="l.weight.absmax"):
+        NF4Linear.from_bnb_state_dict(sd, "l.")

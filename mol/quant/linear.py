@@ -25,9 +25,13 @@ class _NF4LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, packed: NF4Weight, bias: torch.Tensor | None, backend: str,
                 fused_decode: bool = False):
-        ctx.packed, ctx.backend = packed, backend
+        ctx.packed, ctx.backend, ctx.x_dtype = packed, backend, x2d.dtype
         ctx.has_bias = bias is not None
-        ctx.bias_requires_grad = bias is not None and bias.requires_grad
+        dev = x2d.device.type
+        if torch.is_autocast_enabled(dev):
+            # compute in the autocast dtype: dequantizing to float32 only for F.linear to cast it down would
+            # double the scratch weight
+            x2d = x2d.to(torch.get_autocast_dtype(dev))
         if bias is not None and bias.dtype != x2d.dtype:
             bias = bias.to(x2d.dtype)
         if backend != "torch" and _use_small_kernel(x2d, packed, fused_decode):
@@ -41,7 +45,7 @@ class _NF4LinearFn(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             w = dequantize_nf4(ctx.packed, grad_out.dtype, backend=ctx.backend)
-            grad_x = grad_out @ w
+            grad_x = (grad_out @ w).to(ctx.x_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(0)
         return grad_x, None, grad_bias, None, None

@@ -15,7 +15,7 @@ This file is the PyTorch reference (any device). mol.kernels.nf4 holds the Trito
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -86,7 +86,6 @@ class NF4Weight:
     nested_code: torch.Tensor | None = None
     offset: torch.Tensor | None = None
     nested_blocksize: int = 256
-    extra: dict = field(default_factory=dict)
 
     @property
     def nested(self) -> bool:
@@ -106,8 +105,7 @@ class NF4Weight:
     def to(self, device) -> "NF4Weight":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return NF4Weight(mv(self.codes), mv(self.absmax), mv(self.code), self.shape, self.dtype, self.blocksize,
-                         mv(self.nested_absmax), mv(self.nested_code), mv(self.offset), self.nested_blocksize,
-                         dict(self.extra))
+                         mv(self.nested_absmax), mv(self.nested_code), mv(self.offset), self.nested_blocksize)
 
     def storage_bits(self) -> int:
         """Bits stored per weight matrix, excluding the two constant codebooks (16 + 256 floats shared by all
@@ -256,6 +254,13 @@ def from_bnb_tensors(sd: dict[str, torch.Tensor], key: str) -> NF4Weight:
     codes = data.reshape(-1)
     if codes.numel() != numel // 2:
         raise ValueError(f"{key!r}: {codes.numel()} packed bytes but shape {shape} needs {numel // 2}")
+    missing = [key + k for k in (".absmax",) if key + k not in sd]
+    if key + ".nested_absmax" in sd:
+        missing += [key + k for k in (".nested_quant_map",) if key + k not in sd]
+        if "nested_offset" not in meta:
+            missing.append(f"nested_offset in {qs_key}")
+    if missing:
+        raise KeyError(f"incomplete bitsandbytes 4-bit entry for {key!r}: missing {missing}")
     absmax = sd[key + ".absmax"]
     code = sd.get(key + ".quant_map", nf4_code()).to(codes.device).float()
     if key + ".nested_absmax" in sd:
