@@ -37,12 +37,19 @@ def test_ddp_two_processes_equals_one_process(tmp_path):
     a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and len(a) > 0
-    moved = 0.0
+    # Gradients differ only by float summation order (all-reduce of two half-batch means vs one full mean).
+    # Adam divides by sqrt(v): where a gradient entry is ~0 (e.g. the pooler's router, which sees 1 token per
+    # sequence) that rounding noise can move a weight by up to ~lr, so a few entries get a looser bound. A real
+    # DDP bug (unsynchronised gradients, wrong shard) moves weights by O(lr * steps) = 6e-2 everywhere.
+    moved, tight = 0.0, 0
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+        diff = float((a[k] - b[k]).abs().max())
+        assert diff < 2e-3, (k, diff)
+        tight += diff < 2e-5
         if "lora_B" in k:
             moved = max(moved, float(a[k].abs().max()))  # lora_B starts at zero
-    assert moved > 1e-3, "lora_B stayed at its zero init: the comparison would be vacuous"
+    assert tight >= 0.9 * len(a), f"only {tight}/{len(a)} tensors agree to 2e-5"
+    assert moved > 1e-2, "lora_B barely left its zero init: the comparison would be vacuous"
     # both saw 6 optimiser steps with the same data
     assert json.loads((one / "results.json").read_text())["run"]["steps"] == 6
     assert json.loads((two / "results.json").read_text())["run"]["steps"] == 6

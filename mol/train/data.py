@@ -268,6 +268,7 @@ class TextDataModule(pl.LightningDataModule):
                  limit_train_examples: Optional[int] = None, group_by_length: bool = True):
         super().__init__()
         self.group_by_length = group_by_length
+        self.allow_zero_length_dataloader_with_multiple_devices = True  # tiny eval sets on many processes
         if task_kind not in ("classification", "causal_lm"):
             raise DataError(f"model.task={task_kind!r} is unknown; use classification or causal_lm")
         if batch_size < 1:
@@ -364,9 +365,10 @@ class TextDataModule(pl.LightningDataModule):
         by_task: dict[str, list[int]] = {}
         for i, e in enumerate(ds.examples):
             by_task.setdefault(e["task"], []).append(i)
-        batches = [idx[i:i + self.eval_batch_size] for idx in by_task.values()
-                   for i in range(0, len(idx), self.eval_batch_size)]
-        mine = batches[rank::world]  # no padding: metrics are reduced as sums, so uneven shards are exact
+        # Each rank takes every world-th example of each task, without padding: metrics are reduced as sums,
+        # so uneven shards give exact totals.
+        shards = [idx[rank::world] for idx in by_task.values()]
+        mine = [sh[i:i + self.eval_batch_size] for sh in shards for i in range(0, len(sh), self.eval_batch_size)]
         return DataLoader(ds, batch_sampler=mine, collate_fn=self._collator(), num_workers=self.num_workers)
 
     def val_dataloader(self) -> Any:
