@@ -112,3 +112,13 @@ def test_classification_mol_beats_chance_and_writes_heatmap(tiny, tmp_path):
         assert col in metrics, col
     assert any(c.startswith("util/") and c.endswith("/load_e7") for c in metrics)
     assert any(c.startswith("util/") and c.endswith("/entropy") for c in metrics)
+
+    # python -m mol.evaluate on the saved adapter: a fresh base + load_adapter reproduces the run's test metrics
+    from mol.evaluate import evaluate
+
+    ev = evaluate(compose([f"adapter={out / 'adapter'}", "data=jsonl", f"data.train={tiny['cls']['train']}",
+                           f"data.test={tiny['cls']['val']}", f"data.cache_dir={tmp_path / 'cache'}",
+                           "trainer.enable_progress_bar=false"], config_name="evaluate"))
+    assert ev["examples"] == 16
+    assert abs(ev["test/acc"] - res["run"]["test/acc"]) < 1e-6
+    assert abs(ev["test/loss"] - res["run"]["test/loss"]) < 1e-4

@@ -94,7 +94,7 @@ def make_causal_data(out: Path, n_train: int = 32, n_val: int = 8, seed: int = 0
     return paths
 
 
-def compose(overrides: list[str]):
+def compose(overrides: list[str], config_name: str = "config"):
     """The training config as ``python -m mol.train <overrides>`` would compose it."""
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
@@ -105,7 +105,7 @@ def compose(overrides: list[str]):
     register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = hcompose(config_name="config", overrides=overrides)
+        cfg = hcompose(config_name=config_name, overrides=overrides)
     GlobalHydra.instance().clear()
     return cfg
 

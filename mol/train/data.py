@@ -265,7 +265,8 @@ class TextDataModule(pl.LightningDataModule):
     def __init__(self, tokenizer: Any, task_kind: str, train: Any, val: Any = None, test: Any = None,
                  batch_size: int = 16, eval_batch_size: int = 64, max_length: int = 128, seed: int = 0,
                  cache_dir: Optional[str] = ".cache/mol-tokens", num_workers: int = 0, shuffle: bool = True,
-                 limit_train_examples: Optional[int] = None, group_by_length: bool = True):
+                 limit_train_examples: Optional[int] = None, group_by_length: bool = True,
+                 label_names: Optional[list[str]] = None):
         super().__init__()
         self.group_by_length = group_by_length
         self.allow_zero_length_dataloader_with_multiple_devices = True  # tiny eval sets on many processes
@@ -275,12 +276,13 @@ class TextDataModule(pl.LightningDataModule):
             raise DataError(f"data.batch_size={batch_size} must be >= 1")
         self.tokenizer, self.task_kind = tokenizer, task_kind
         self.sources = {"train": _as_sources(train), "val": _as_sources(val), "test": _as_sources(test)}
-        if not self.sources["train"]:
+        if not any(self.sources.values()):
             raise DataError("data.train is empty; give a JSONL path (e.g. data.train=my/train.jsonl)")
         self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
         self.seed, self.num_workers, self.shuffle = seed, num_workers, shuffle
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.limit_train_examples = limit_train_examples
+        self.fixed_labels = list(label_names) if label_names else None  # e.g. from a saved adapter's metadata
         self.label_names: list[str] = []
         self.task_names: list[str] = []
         self.splits: dict[str, TokenizedSet] = {}
@@ -303,15 +305,18 @@ class TextDataModule(pl.LightningDataModule):
                     t = str(r.get("task", s.task or p.stem))
                     if t not in tasks:
                         tasks.append(t)
-        if self.task_kind == "classification" and len(labels) < 2:
-            raise DataError(f"classification needs >= 2 distinct labels in data.train, found {sorted(labels)}")
-        self.label_names = sorted(labels)
+        if self.fixed_labels is not None:
+            self.label_names = self.fixed_labels
+        else:
+            if self.task_kind == "classification" and len(labels) < 2:
+                raise DataError(f"classification needs >= 2 distinct labels in data.train, found {sorted(labels)}")
+            self.label_names = sorted(labels)
         self.task_names = tasks
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self._prepared:
             return
-        if not self.label_names and not self.task_names:
+        if not self.task_names:
             self.scan()
         label_to_id = {n: i for i, n in enumerate(self.label_names)}
         for split, srcs in self.sources.items():
