@@ -83,6 +83,9 @@ def test_method_trains_saves_and_reloads(method, tiny, tmp_path):
     torch.testing.assert_close(after, again)
     # the trained base weights were not touched: the ckpt has none of them
     assert not any("base_layer.weight" in k for k in ckpt["state_dict"])
+    if method == "mol":  # tagged two-task data: routing is reported per task as well
+        rec = [json.loads(line) for line in open(out / "routing.jsonl")][-1]
+        assert sorted(rec["per_task_load"]) == ["even", "odd"]
 
 
 def test_classification_mol_beats_chance_and_writes_heatmap(tiny, tmp_path):
