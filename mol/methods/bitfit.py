@@ -1,0 +1,67 @@
+"""BitFit (Ben Zaken et al. 2022): train only the bias terms of the frozen model.
+
+Target linear layers without a bias (Llama's) get a zero bias, so a fresh adapter changes nothing. The adapter that
+``save_adapter`` writes is exactly these biases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mol.config import MethodConfig, TargetModules, register_config
+from mol.inject import is_linear, match_modules, register_method
+from mol.methods._util import check_modules_to_save, check_targets
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+@register_config
+@dataclass
+class BitFitConfig(MethodConfig):
+    """Bias-only fine-tuning.
+
+    ``target_modules``: the linear layers whose bias trains (a zero bias is added where missing); ``"all-linear"``
+    is every linear but the output head. ``all_biases``: also train every other bias the model already has
+    (LayerNorm biases, as in the BitFit paper).
+    """
+
+    method: ClassVar[str] = "bitfit"
+
+    target_modules: TargetModules = "all-linear"
+    all_biases: bool = True
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        check_targets("BitFitConfig", "target_modules", self.target_modules, allow_none=False)
+        if not isinstance(self.all_biases, bool):
+            raise ValueError(f"BitFitConfig.all_biases must be true or false, got {self.all_biases!r}")
+        check_modules_to_save(self)
+
+
+def _out_features(m: nn.Module) -> int:
+    return int(m.nf) if _is_conv1d(m) else int(m.out_features)
+
+
+@register_method(BitFitConfig)
+def _inject_bitfit(model: nn.Module, cfg: BitFitConfig) -> list[str]:
+    linear = lambda m: is_linear(m) or _is_conv1d(m)  # noqa: E731
+    trainable = []
+    for name in match_modules(model, cfg.target_modules, predicate=linear, exclude=cfg.modules_to_save):
+        layer = model.get_submodule(name)
+        if getattr(layer, "bias", None) is None:
+            ref = next(iter(layer.parameters()), None)
+            device = ref.device if ref is not None else next(iter(layer.buffers())).device
+            dtype = ref.dtype if ref is not None and ref.dtype.is_floating_point else getattr(
+                layer, "weight_dtype", torch.float32)
+            # nn.Linear, Conv1D and NF4Linear all add ``self.bias`` when it is not None.
+            layer.bias = nn.Parameter(torch.zeros(_out_features(layer), device=device, dtype=dtype))
+        trainable.append(f"{name}.bias")
+    if cfg.all_biases:
+        trainable += [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and n not in trainable]
+    return trainable

@@ -1,0 +1,167 @@
+"""IA³ (Liu et al. 2022): learned vectors that rescale activations, as Hugging Face PEFT's ``IA3Config`` defines them.
+
+For a target linear layer ``y = W x + b`` with a vector ``l`` (initialised to ones):
+
+- attention-type targets (keys, values): ``y = (W x + b) * l``, ``l`` has ``out_features`` entries;
+- feed-forward targets (the MLP's down projection): ``y = W (x * l) + b``, ``l`` has ``in_features`` entries.
+
+Both fold exactly into ``W`` (and ``b``), so the adapter merges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mol.config import MethodConfig, TargetModules, register_config
+from mol.inject import is_linear, match_modules, register_method, replace_module
+from mol.layers import AdapterLayer
+from mol.methods._util import check_modules_to_save, check_targets, model_type
+
+# PEFT's defaults per model type (target_modules, feedforward_modules).
+DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
+    **{t: (["k_proj", "v_proj", "down_proj"], ["down_proj"])
+       for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo")},
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    **{t: (["key", "value", "output.dense"], ["output.dense"]) for t in ("bert", "roberta", "xlm-roberta")},
+    "opt": (["k_proj", "v_proj", "fc2"], ["fc2"]),
+}
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D: a linear layer storing its weight as (in, out).
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _io_features(base: nn.Module) -> tuple[int, int]:
+    if _is_conv1d(base):
+        return int(base.weight.shape[0]), int(base.nf)
+    return int(base.in_features), int(base.out_features)
+
+
+def _param_like(base: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and float dtype for a new tensor beside ``base`` (NF4 bases keep codes, not a float weight)."""
+    w = getattr(base, "weight", None)
+    if isinstance(w, Tensor) and w.dtype.is_floating_point:
+        return w.device, w.dtype
+    t = next(iter(base.buffers()), None)
+    return (t.device if t is not None else torch.device("cpu")), getattr(base, "weight_dtype", torch.float32)
+
+
+@register_config
+@dataclass
+class IA3Config(MethodConfig):
+    """IA³ with PEFT's semantics: ``target_modules`` get a vector; those also in ``feedforward_modules`` scale their
+    input, the others their output. None picks PEFT's defaults for the model type (keys, values, MLP down projection).
+    """
+
+    method: ClassVar[str] = "ia3"
+
+    target_modules: Optional[TargetModules] = None
+    feedforward_modules: Optional[TargetModules] = None
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        check_targets("IA3Config", "target_modules", self.target_modules)
+        check_targets("IA3Config", "feedforward_modules", self.feedforward_modules)
+        if self.feedforward_modules is not None and self.target_modules is None:
+            raise ValueError("IA3Config.feedforward_modules is set but target_modules is None; set both "
+                             "(feedforward_modules must be a subset of target_modules) or neither")
+        if (isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list)
+                and not set(self.feedforward_modules) <= set(self.target_modules)):
+            raise ValueError(f"IA3Config.feedforward_modules {self.feedforward_modules} must be a subset of "
+                             f"target_modules {self.target_modules}; add them to target_modules")
+        check_modules_to_save(self)
+
+
+class IA3Linear(AdapterLayer):
+    """A frozen linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) with an IA³ scaling vector ``ia3_l``."""
+
+    def __init__(self, base: nn.Module, feedforward: bool):
+        super().__init__()
+        self.base_layer = base
+        self.feedforward = feedforward
+        in_f, out_f = _io_features(base)
+        device, dtype = _param_like(base)
+        self.ia3_l = nn.Parameter(torch.ones(in_f if feedforward else out_f, device=device, dtype=dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"feedforward={self.feedforward}, features={self.ia3_l.numel()}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        if self.feedforward:
+            return self.base_layer((x * self.ia3_l).to(x.dtype))
+        y = self.base_layer(x)
+        return (y * self.ia3_l).to(y.dtype)
+
+    def merge_blocker(self) -> Optional[str]:
+        if getattr(self.base_layer, "is_quantized_linear", False):
+            return "IA³ on a quantized base would re-quantize the weight; keep it unmerged"
+        return None
+
+    def _scale_weight(self, s: Tensor) -> None:
+        """Multiply the base weight (and, for output scaling, bias) by ``s`` along the scaled axis."""
+        base, w = self.base_layer, self.base_layer.weight
+        out_axis = 1 if _is_conv1d(base) else 0  # Conv1D stores (in, out)
+        axis = 1 - out_axis if self.feedforward else out_axis
+        shape = [1, 1]
+        shape[axis] = -1
+        w.data = (w.data.float() * s.float().view(shape)).to(w.dtype)
+        if not self.feedforward and base.bias is not None:
+            base.bias.data = (base.bias.data.float() * s.float()).to(base.bias.dtype)
+
+    def merge(self) -> None:
+        reason = self.merge_blocker()
+        if reason:
+            raise ValueError(reason)
+        if not self.merged:
+            with torch.no_grad():
+                self._scale_weight(self.ia3_l.detach())
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            l = self.ia3_l.detach()
+            if bool((l == 0).any()):
+                raise ValueError("cannot unmerge IA³: a scaling entry is exactly 0, so the merged weight lost that "
+                                 "row/column; reload the base model and the adapter instead")
+            with torch.no_grad():
+                self._scale_weight(1.0 / l.float())
+            self.merged = False
+
+
+def _resolve(model: nn.Module, cfg: IA3Config) -> tuple[list[str], list[str]]:
+    targets, ff = cfg.target_modules, cfg.feedforward_modules
+    if targets is None:
+        mtype = model_type(model)
+        if mtype not in DEFAULT_TARGETS:
+            raise ValueError(f"IA3Config has no default target_modules for model type {mtype!r}; set target_modules "
+                             "(e.g. ['k_proj', 'v_proj', 'down_proj']) and feedforward_modules (e.g. ['down_proj'])")
+        targets, ff = DEFAULT_TARGETS[mtype]
+    linear = lambda m: is_linear(m) or _is_conv1d(m)  # noqa: E731
+    names = match_modules(model, targets, predicate=linear, exclude=cfg.modules_to_save)
+    if ff is None:
+        ff_names: list[str] = []
+    elif isinstance(ff, str):
+        import re
+
+        ff_names = [n for n in names if re.fullmatch(ff, n)]
+    else:
+        ff_names = [n for n in names if any(n == p or n.endswith("." + p) for p in ff)]
+    return names, ff_names
+
+
+@register_method(IA3Config)
+def _inject_ia3(model: nn.Module, cfg: IA3Config) -> list[str]:
+    names, ff_names = _resolve(model, cfg)
+    trainable = []
+    for name in names:
+        replace_module(model, name, IA3Linear(model.get_submodule(name), feedforward=name in ff_names))
+        trainable.append(f"{name}.ia3_l")
+    return trainable

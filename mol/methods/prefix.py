@@ -1,0 +1,289 @@
+"""Prefix tuning (Li & Liang 2021) and prompt tuning (Lester et al. 2021) for Hugging Face models.
+
+Both add ``num_virtual_tokens`` trainable positions in front of every sequence, computed as Hugging Face PEFT does:
+
+- prefix tuning: trainable keys and values for every attention layer, pre-filled into the KV cache (a
+  ``transformers`` ``Cache``), optionally produced by a reparameterisation MLP;
+- prompt tuning: trainable embeddings prepended to the input embeddings.
+
+The trainable tensors live in a small module attached to the model (``model.mol_prefix`` / ``model.mol_prompt``), so
+``inject``/``save_adapter``/``load_adapter`` treat them like any other adapter tensor. A forward pre-hook on the
+model rewrites each call: it prepends the virtual positions to the attention mask, fills a fresh cache with the
+prefix (or prepends the prompt embeddings) and shifts positions. Callers keep counting only their own tokens
+(attention masks, position ids, labels, generation), so ``model.generate`` works with and without the KV cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mol.config import MethodConfig, register_config
+from mol.inject import register_method
+from mol.layers import AdapterLayer
+from mol.methods._util import check_modules_to_save, config_int, text_config
+
+PROMPT_INITS = ("vocab", "random")
+
+
+def _check_tokens(name: str, n: Any) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{name}.num_virtual_tokens must be a positive integer, got {n!r}; e.g. 20")
+
+
+@register_config
+@dataclass
+class PrefixTuningConfig(MethodConfig):
+    """Trainable key/value prefixes of ``num_virtual_tokens`` positions for every attention layer.
+
+    ``prefix_projection``: produce the prefixes from ``num_virtual_tokens`` embeddings through a two-layer tanh MLP
+    of width ``encoder_hidden_size`` (None: the key/value width), as in the paper and PEFT.
+    """
+
+    method: ClassVar[str] = "prefix"
+
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    encoder_hidden_size: Optional[int] = None
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        _check_tokens("PrefixTuningConfig", self.num_virtual_tokens)
+        if not isinstance(self.prefix_projection, bool):
+            raise ValueError(f"PrefixTuningConfig.prefix_projection must be true or false, got {self.prefix_projection!r}")
+        if self.encoder_hidden_size is not None and (not isinstance(self.encoder_hidden_size, int)
+                                                     or self.encoder_hidden_size < 1):
+            raise ValueError(f"PrefixTuningConfig.encoder_hidden_size must be a positive integer or None, got "
+                             f"{self.encoder_hidden_size!r}")
+        if self.encoder_hidden_size is not None and not self.prefix_projection:
+            raise ValueError("PrefixTuningConfig.encoder_hidden_size only applies with prefix_projection=True; "
+                             "set prefix_projection=True or leave encoder_hidden_size=None")
+        check_modules_to_save(self)
+
+
+@register_config
+@dataclass
+class PromptTuningConfig(MethodConfig):
+    """``num_virtual_tokens`` trainable input embeddings prepended to every sequence.
+
+    ``init``: ``"vocab"`` copies embeddings of random vocabulary tokens (PEFT's SAMPLE_VOCAB), ``"random"`` draws
+    from N(0, 1) (PEFT's RANDOM).
+    """
+
+    method: ClassVar[str] = "prompt"
+
+    num_virtual_tokens: int = 20
+    init: str = "vocab"
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        _check_tokens("PromptTuningConfig", self.num_virtual_tokens)
+        if self.init not in PROMPT_INITS:
+            raise ValueError(f"PromptTuningConfig.init={self.init!r} is unknown; choose one of {PROMPT_INITS}")
+        check_modules_to_save(self)
+
+
+def _call_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments as keywords (positional ones named from ``model.forward``'s signature)."""
+    kw = dict(kwargs)
+    if args:
+        names = [p.name for p in inspect.signature(model.forward).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(args) > len(names):
+            raise TypeError(f"{type(model).__name__} got {len(args)} positional arguments; pass them by name")
+        for name, value in zip(names, args):
+            if name in kw:
+                raise TypeError(f"{type(model).__name__} got {name!r} both by position and by name")
+            kw[name] = value
+    return kw
+
+
+class _VirtualTokens(AdapterLayer):
+    """Shared plumbing of prefix and prompt tuning: the hooks that add virtual positions to every call."""
+
+    num_virtual_tokens: int
+
+    def attach(self, model: nn.Module) -> None:
+        # Bound methods (not closures), so copy.deepcopy(model) gives hooks that point at the copy.
+        model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        model.register_forward_hook(self._post_hook, with_kwargs=True)
+
+    def merge_blocker(self) -> Optional[str]:
+        return f"{type(self).__name__} adds virtual tokens, which no weight can absorb"
+
+    @staticmethod
+    def _use_cache(model: nn.Module, kw: dict) -> bool:
+        use = kw.get("use_cache")
+        return bool(getattr(getattr(model, "config", None), "use_cache", True) if use is None else use)
+
+    def _common(self, model: nn.Module, kw: dict) -> tuple[int, bool]:
+        """Batch size and whether this call starts a sequence (no cache, or an empty one); extends the mask."""
+        from transformers import Cache
+
+        x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        if x is None:
+            raise ValueError(f"{type(self).__name__} needs input_ids or inputs_embeds in the call")
+        batch, n = x.shape[0], self.num_virtual_tokens
+        cache = kw.get("past_key_values")
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"{type(self).__name__} needs past_key_values as a transformers Cache (e.g. DynamicCache), "
+                            f"got {type(cache).__name__}")
+        fresh = cache is None or not self._use_cache(model, kw) or cache.get_seq_length() == 0
+        mask = kw.get("attention_mask")
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dim() != 2:
+                raise ValueError(f"{type(self).__name__} needs a 2-D attention_mask (batch, tokens) counting only the "
+                                 "real tokens; the virtual tokens are added to it here")
+            kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        return batch, fresh
+
+    def _post_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self._use_cache(model, kwargs) and getattr(output, "past_key_values", None) is not None:
+            output.past_key_values = None  # the cache we built only carried the virtual tokens through this call
+        return output
+
+
+class PrefixEncoder(_VirtualTokens):
+    """Keys and values of ``num_virtual_tokens`` positions for ``num_layers`` attention layers.
+
+    Tensor layout as PEFT's ``PrefixEncoder``: ``embedding.weight`` is (tokens, layers * 2 * kv_dim) without the
+    projection, or (tokens, kv_dim) fed through ``transform`` (Linear, Tanh, Linear) with it.
+    """
+
+    def __init__(self, num_virtual_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                 projection: bool = False, encoder_hidden_size: Optional[int] = None,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.num_virtual_tokens, self.num_layers = num_virtual_tokens, num_layers
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        kv_dim = num_kv_heads * head_dim
+        kw = {"device": device, "dtype": dtype}
+        if projection:
+            hidden = encoder_hidden_size or kv_dim
+            self.embedding = nn.Embedding(num_virtual_tokens, kv_dim, **kw)
+            self.transform = nn.Sequential(nn.Linear(kv_dim, hidden, **kw), nn.Tanh(),
+                                           nn.Linear(hidden, num_layers * 2 * kv_dim, **kw))
+        else:
+            self.embedding = nn.Embedding(num_virtual_tokens, num_layers * 2 * kv_dim, **kw)
+            self.transform = None
+
+    def key_values(self, batch: int, dtype: torch.dtype) -> Tensor:
+        """(2 * layers, batch, kv_heads, tokens, head_dim): layer i's keys at 2i, values at 2i + 1."""
+        p = self.embedding.weight
+        if self.transform is not None:
+            p = self.transform(p)
+        n = self.num_virtual_tokens
+        p = p.to(dtype).view(n, 2 * self.num_layers, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        return p.unsqueeze(1).expand(-1, batch, -1, -1, -1)
+
+    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        from transformers import DynamicCache
+
+        kw = _call_kwargs(model, args, kwargs)
+        batch, fresh = self._common(model, kw)
+        if fresh:
+            cache = kw.get("past_key_values")
+            if cache is None or not self._use_cache(model, kw):
+                cache = DynamicCache(config=model.config)
+            kv = self.key_values(batch, model.get_input_embeddings().weight.dtype)
+            for i in range(self.num_layers):
+                cache.update(kv[2 * i], kv[2 * i + 1], i)
+            kw["past_key_values"] = cache
+        if kw.get("position_ids") is not None:
+            kw["position_ids"] = kw["position_ids"] + self.num_virtual_tokens  # the prefix holds positions 0..n-1
+        return (), kw
+
+
+class PromptEmbedding(_VirtualTokens):
+    """``num_virtual_tokens`` trainable input embeddings (``embedding.weight``: tokens x hidden)."""
+
+    def __init__(self, num_virtual_tokens: int, word_embeddings: nn.Embedding, init: str = "vocab"):
+        super().__init__()
+        self.num_virtual_tokens = num_virtual_tokens
+        w = word_embeddings.weight
+        self.embedding = nn.Embedding(num_virtual_tokens, w.shape[1], device=w.device, dtype=w.dtype)
+        if init == "vocab":
+            ids = torch.randint(0, w.shape[0], (num_virtual_tokens,), device=w.device)
+            with torch.no_grad():
+                self.embedding.weight.copy_(w[ids])
+        self._strip = False
+
+    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kw = _call_kwargs(model, args, kwargs)
+        batch, fresh = self._common(model, kw)
+        n = self.num_virtual_tokens
+        # As PEFT: the model numbers positions itself (virtual tokens first), so given position ids are dropped.
+        kw.pop("position_ids", None)
+        self._strip = fresh
+        if not fresh:
+            return (), kw
+        embeds = kw.get("inputs_embeds")
+        if embeds is None:
+            embeds = model.get_input_embeddings()(kw["input_ids"])
+        prompts = self.embedding.weight.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        kw["inputs_embeds"], kw["input_ids"] = torch.cat([prompts, embeds], dim=1), None
+        self._length = embeds.shape[1]
+        if (tt := kw.get("token_type_ids")) is not None:
+            kw["token_type_ids"] = torch.cat([tt.new_zeros(batch, n), tt], dim=1)
+        labels = kw.get("labels")
+        if isinstance(labels, Tensor) and labels.dim() == 2 and labels.shape[1] == embeds.shape[1]:
+            kw["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)  # virtual tokens: no loss
+        return (), kw
+
+    def _post_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        output = super()._post_hook(model, args, kwargs, output)
+        logits = getattr(output, "logits", None)
+        n = self.num_virtual_tokens
+        if self._strip and isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[1] == n + self._length:
+            # Token logits line up with the caller's tokens again (the loss above already saw the full sequence).
+            output.logits = logits[:, n:]
+        self._strip = False
+        return output
+
+
+def _attach(model: nn.Module, attr: str, module: _VirtualTokens) -> str:
+    for other in ("mol_prefix", "mol_prompt"):
+        if hasattr(model, other):
+            raise ValueError(f"{type(model).__name__} already carries {other}; use one of prefix or prompt tuning "
+                             "per model (inject on a fresh model)")
+    model.add_module(attr, module)
+    module.attach(model)
+    return attr
+
+
+@register_method(PrefixTuningConfig)
+def _inject_prefix(model: nn.Module, cfg: PrefixTuningConfig) -> list[str]:
+    hf = text_config(model)
+    sig = inspect.signature(model.forward).parameters
+    if getattr(hf, "is_encoder_decoder", False) or "past_key_values" not in sig:
+        raise ValueError(f"prefix tuning supports decoder-only Hugging Face models whose forward takes a "
+                         f"past_key_values Cache (Llama, GPT-2, Mistral, Qwen ...); {type(model).__name__} does not: "
+                         "use prompt tuning, adapters, IA3, BitFit or LoRA/MoL for it")
+    layers = config_int(hf, "num_hidden_layers", "n_layer", "num_layers")
+    heads = config_int(hf, "num_attention_heads", "n_head")
+    hidden = config_int(hf, "hidden_size", "n_embd", "d_model")
+    if None in (layers, heads, hidden):
+        raise ValueError(f"cannot read num_hidden_layers/num_attention_heads/hidden_size from "
+                         f"{type(model).__name__}.config; prefix tuning needs them")
+    kv_heads = config_int(hf, "num_key_value_heads") or heads
+    head_dim = config_int(hf, "head_dim") or hidden // heads
+    w = model.get_input_embeddings().weight
+    enc = PrefixEncoder(cfg.num_virtual_tokens, layers, kv_heads, head_dim, cfg.prefix_projection,
+                        cfg.encoder_hidden_size, device=w.device, dtype=w.dtype)
+    attr = _attach(model, "mol_prefix", enc)
+    return [f"{attr}.{n}" for n, _ in enc.named_parameters()]
+
+
+@register_method(PromptTuningConfig)
+def _inject_prompt(model: nn.Module, cfg: PromptTuningConfig) -> list[str]:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(emb, nn.Embedding):
+        raise ValueError(f"prompt tuning needs a model with get_input_embeddings() returning an nn.Embedding; "
+                         f"{type(model).__name__} has none")
+    enc = PromptEmbedding(cfg.num_virtual_tokens, emb, cfg.init)
+    attr = _attach(model, "mol_prompt", enc)
+    return [f"{attr}.{n}" for n, _ in enc.named_parameters()]

@@ -1,0 +1,399 @@
+"""Bottleneck adapters, IA³, BitFit, prefix and prompt tuning through the shared inject / save / load path.
+
+References: Hugging Face PEFT (IA³, prefix tuning, prompt tuning) given the same trained tensors; the identity and
+parameter-count formulas (adapters, BitFit); the same model without the KV cache (generation).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import mol
+
+peft = pytest.importorskip("peft")
+
+VOCAB = 101
+
+
+def tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=70, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0,
+                     eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(cfg).eval()
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def batch(b: int = 3, t: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids with one left-padded row and one right-padded row."""
+    ids = torch.randint(1, VOCAB, (b, t))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, -2:] = 0
+    return ids, mask
+
+
+def logits(model: nn.Module, ids, mask, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    assert a.shape == b.shape
+    err = ((a - b).abs().max() / b.abs().max()).item()
+    assert err <= rel, f"relative error {err:.3g} > {rel}"
+
+
+def peft_model(base: nn.Module, cfg) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(base, cfg).eval()
+
+
+def randomize(model: nn.Module) -> None:
+    """Give every adapter tensor a random value (a trained adapter), away from the identity init."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in model.mol_trainable:
+            params[name].copy_(torch.rand_like(params[name]) + 0.5 if name.endswith("ia3_l")
+                               else torch.randn_like(params[name]) * 0.2)
+
+
+def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    trainable = set(model.mol_trainable)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n not in trainable}
+
+
+def step_and_check_frozen(model: nn.Module, ids, mask) -> None:
+    """One AdamW step: every trainable tensor moves, every other tensor stays bit-identical."""
+    model.train()
+    before = frozen_state(model)
+    params = dict(model.named_parameters())
+    trainable_before = {n: params[n].detach().clone() for n in model.mol_trainable}
+    assert {n for n, p in params.items() if p.requires_grad} == set(model.mol_trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    out = model(input_ids=ids, attention_mask=mask, labels=ids if ids.dim() == 2 and model.config.model_type != "bert"
+                else torch.zeros(ids.shape[0], dtype=torch.long))
+    out.loss.backward()
+    for n, p in params.items():
+        assert (p.grad is not None) == (n in trainable_before), n
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in trainable_before:
+            assert not torch.equal(p, trainable_before[n]), f"{n} did not train"
+        else:
+            assert torch.equal(p, before[n]), f"frozen {n} changed"
+    model.eval()
+
+
+def roundtrip(model: nn.Module, fresh: nn.Module, tmp_path, ids, mask) -> nn.Module:
+    """save_adapter then load_adapter into ``fresh``: same logits, file holds exactly the trainable tensors."""
+    mol.save_adapter(model, tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert set(saved) == set(model.mol_trainable)
+    loaded = mol.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(logits(loaded, ids, mask), logits(model, ids, mask))
+    return loaded
+
+
+# ---- IA³ ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_ia3_matches_peft_and_merges(arch, tmp_path):
+    base = MODELS[arch]()
+    ids, mask = batch()
+    ours = mol.inject(copy.deepcopy(base), mol.IA3Config())
+    ref = peft_model(copy.deepcopy(base), peft.IA3Config(task_type="CAUSAL_LM"))
+    randomize(ours)
+    params = dict(ours.named_parameters())
+    copied = 0
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if ".ia3_l." in n:
+                p.copy_(params[n.removeprefix("base_model.model.").replace(".ia3_l.default", ".ia3_l")].view_as(p))
+                copied += 1
+    assert copied == len(ours.mol_trainable) == 3 * 2 - (arch == "gpt2") * 2  # llama: k, v, down; gpt2: c_attn, c_proj
+    out = logits(ours, ids, mask)
+    assert_close(out, logits(ref, ids, mask))
+    assert not torch.allclose(out, logits(base, ids, mask), atol=1e-3)  # the vectors do change the model
+    roundtrip(ours, copy.deepcopy(base), tmp_path, ids, mask)
+
+    w = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    mol.merge(ours)
+    assert_close(logits(ours, ids, mask), out)
+    mol.unmerge(ours)
+    assert_close(logits(ours, ids, mask), out)
+    for n, p in ours.named_parameters():
+        torch.testing.assert_close(p, w[n], rtol=1e-6, atol=1e-7)
+
+
+def test_ia3_feedforward_semantics_and_training():
+    base = tiny_llama()
+    model = mol.inject(copy.deepcopy(base), mol.IA3Config(target_modules=["v_proj", "down_proj"],
+                                                          feedforward_modules=["down_proj"]))
+    layer0 = model.model.layers[0]
+    assert layer0.self_attn.v_proj.ia3_l.shape == (16,)  # out_features: 2 kv heads x 8
+    assert layer0.mlp.down_proj.ia3_l.shape == (70,)  # in_features of the down projection
+    x = torch.randn(5, 70)
+    with torch.no_grad():
+        layer0.mlp.down_proj.ia3_l.uniform_(0.5, 1.5)
+        want = base.model.layers[0].mlp.down_proj(x * layer0.mlp.down_proj.ia3_l)
+    assert torch.equal(layer0.mlp.down_proj(x), want)
+    assert mol.trainable_parameters(model)[0] == 2 * (16 + 70)
+    step_and_check_frozen(model, *batch())
+
+
+# ---- prefix and prompt tuning ---------------------------------------------------------------------------
+
+
+def _copy_prompt_encoder(ours: nn.Module, ref: nn.Module, attr: str) -> None:
+    ours_params = dict(getattr(ours, attr).named_parameters())
+    ref_params = dict(ref.prompt_encoder["default"].named_parameters())
+    assert set(ours_params) == set(ref_params)
+    with torch.no_grad():
+        for n, p in ref_params.items():
+            p.copy_(ours_params[n])
+
+
+@pytest.mark.parametrize("arch,projection", [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)])
+def test_prefix_matches_peft(arch, projection, tmp_path):
+    base = MODELS[arch]()
+    ids, mask = batch()
+    kw = {"encoder_hidden_size": 24} if projection else {}
+    ours = mol.inject(copy.deepcopy(base), mol.PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=projection,
+                                                                  **kw))
+    ref = peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5,
+                                                                   prefix_projection=projection, **kw))
+    randomize(ours)
+    _copy_prompt_encoder(ours, ref, "mol_prefix")
+    out = logits(ours, ids, mask)
+    assert_close(out, logits(ref, ids, mask))
+    assert_close(logits(ours, ids, None), logits(ref, ids, None))
+    assert not torch.allclose(out, logits(base, ids, mask), atol=1e-3)
+    roundtrip(ours, copy.deepcopy(base), tmp_path, ids, mask)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prompt_matches_peft(arch, tmp_path):
+    base = MODELS[arch]()
+    ids, mask = batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    ours = mol.inject(copy.deepcopy(base), mol.PromptTuningConfig(num_virtual_tokens=4))
+    ref = peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    randomize(ours)
+    _copy_prompt_encoder(ours, ref, "mol_prompt")
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask, labels=labels)
+        b = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    # PEFT returns logits for the virtual tokens too; ours line up with the caller's tokens (the loss sees both).
+    assert b.logits.shape[1] == ids.shape[1] + 4 and a.logits.shape[1] == ids.shape[1]
+    assert_close(a.logits, b.logits[:, 4:])
+    assert abs(a.loss.item() - b.loss.item()) <= 1e-5 * abs(b.loss.item())
+    roundtrip(ours, copy.deepcopy(base), tmp_path, ids, mask)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_generation_same_with_and_without_cache(arch, method):
+    base = MODELS[arch]()
+    ids = torch.randint(1, VOCAB, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding, as generation wants
+    mask[2, :1] = 0
+    if method == "prefix":
+        cfg, ref_cfg = mol.PrefixTuningConfig(num_virtual_tokens=6), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                                            num_virtual_tokens=6)
+    else:
+        cfg, ref_cfg = mol.PromptTuningConfig(num_virtual_tokens=6), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                            num_virtual_tokens=6)
+    ours = mol.inject(copy.deepcopy(base), cfg)
+    randomize(ours)
+    gen = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = ours.generate(ids, use_cache=True, **gen)
+        uncached = ours.generate(ids, use_cache=False, **gen)
+    assert cached.shape == (3, 7 + 8)
+    assert torch.equal(cached, uncached)
+    ref = peft_model(copy.deepcopy(base), ref_cfg)
+    _copy_prompt_encoder(ours, ref, f"mol_{method}")
+    with torch.no_grad():
+        assert torch.equal(cached, ref.generate(input_ids=ids, **gen))
+    # the hooks leave the caller's cache usable for a manual next step
+    with torch.no_grad():
+        out = ours(input_ids=ids, attention_mask=mask, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        step = ours(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
+                    past_key_values=out.past_key_values, use_cache=True)
+        full = ours(input_ids=torch.cat([ids, nxt], 1), attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1))
+    assert_close(step.logits[:, -1], full.logits[:, -1], rel=1e-5)
+
+
+def test_prefix_and_prompt_train_only_their_tensors():
+    for cfg in (mol.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True),
+                mol.PromptTuningConfig(num_virtual_tokens=3)):
+        model = mol.inject(tiny_llama(), cfg)
+        step_and_check_frozen(model, *batch())
+
+
+# ---- bottleneck adapters --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+def test_adapter_identity_counts_and_gradients(arch, placement, tmp_path):
+    make = {"bert": tiny_bert, **MODELS}[arch]
+    base = make()
+    ids, mask = batch()
+    model = mol.inject(copy.deepcopy(base), mol.AdapterConfig(placement=placement, reduction_factor=4))
+    assert torch.equal(logits(model, ids, mask), logits(base, ids, mask))  # zero up-projection: identity
+    d, b, layers = 32, 32 // 4, 2
+    per_adapter = d * b + b + b * d + d
+    n_adapters = layers * (2 if placement == "houlsby" else 1)
+    head = sum(p.numel() for p in base.classifier.parameters()) if arch == "bert" else 0
+    assert sum(isinstance(m, mol.methods.BottleneckAdapter) for m in model.modules()) == n_adapters
+    assert mol.trainable_parameters(model)[0] == n_adapters * per_adapter
+    assert head == 0 or not any("classifier" in n for n in model.mol_trainable)
+    randomize(model)
+    assert not torch.allclose(logits(model, ids, mask), logits(base, ids, mask), atol=1e-4)
+    step_and_check_frozen(model, ids, mask)
+    roundtrip(model, copy.deepcopy(base), tmp_path, ids, mask)
+
+
+def test_adapter_bottleneck_size_and_explicit_modules():
+    model = mol.inject(tiny_llama(), mol.AdapterConfig(placement="houlsby", bottleneck_size=5, non_linearity="gelu",
+                                                       attn_modules=["self_attn"], mlp_modules=r".*\.mlp"))
+    assert mol.trainable_parameters(model)[0] == 4 * (32 * 5 + 5 + 5 * 32 + 32)
+    mlp = model.model.layers[1].mlp
+    ad = mlp.mol_adapter
+    h = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        ad.adapter_up.weight.normal_()
+        base_mlp = copy.deepcopy(mlp)
+        base_mlp._forward_hooks.clear()  # the same MLP without its adapter
+        y = base_mlp(h)
+        want = y + ad.adapter_up(nn.functional.gelu(ad.adapter_down(y)))
+    assert not torch.equal(want, y)
+    assert torch.allclose(mlp(h), want, atol=1e-6)
+
+
+# ---- BitFit ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bitfit(arch, tmp_path):
+    base = MODELS[arch]()
+    ids, mask = batch()
+    model = mol.inject(copy.deepcopy(base), mol.BitFitConfig())
+    assert torch.equal(logits(model, ids, mask), logits(base, ids, mask))
+    assert all(n.endswith(".bias") for n in model.mol_trainable)
+    if arch == "llama":  # no biases at all: one zero bias per linear (q, k, v, o, gate, up, down), not lm_head
+        want = 2 * (32 + 16 + 16 + 32 + 70 + 70 + 32)
+        assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() == 0
+    else:  # every bias GPT-2 has (linears and LayerNorms)
+        want = sum(p.numel() for n, p in base.named_parameters() if n.endswith(".bias"))
+    assert mol.trainable_parameters(model)[0] == want
+    randomize(model)
+    step_and_check_frozen(model, ids, mask)
+    roundtrip(model, copy.deepcopy(base), tmp_path, ids, mask)
+
+
+def test_bitfit_linear_biases_only():
+    model = mol.inject(tiny_gpt2(), mol.BitFitConfig(target_modules=["c_attn"], all_biases=False))
+    assert model.mol_trainable == ["transformer.h.0.attn.c_attn.bias", "transformer.h.1.attn.c_attn.bias"]
+
+
+# ---- composition, save/load, errors ---------------------------------------------------------------------
+
+
+def test_composition_mol_mlp_plus_prefix_roundtrip(tmp_path):
+    base = tiny_llama()
+    ids, mask = batch()
+    configs = [mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules=["gate_proj", "up_proj", "down_proj"]),
+               mol.PrefixTuningConfig(num_virtual_tokens=4)]
+    model = mol.inject(copy.deepcopy(base), configs)
+    randomize(model)
+    assert any(n.startswith("mol_prefix.") for n in model.mol_trainable)
+    assert any(".mlp.down_proj.lora_A" in n for n in model.mol_trainable)
+    step_and_check_frozen(model, ids, mask)
+    loaded = roundtrip(model, copy.deepcopy(base), tmp_path, ids, mask)
+    assert [c.to_dict() for c in loaded.mol_configs] == [c.to_dict() for c in configs]
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert [c["method"] for c in saved["configs"]] == ["mol", "prefix"]
+    with torch.no_grad():
+        g1 = loaded.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=True)
+        g2 = loaded.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(g1, g2)
+
+
+def test_composition_adapters_ia3_bitfit(tmp_path):
+    base = tiny_llama()
+    ids, mask = batch()
+    configs = [mol.IA3Config(), mol.AdapterConfig(placement="houlsby"), mol.PromptTuningConfig(num_virtual_tokens=2)]
+    model = mol.inject(copy.deepcopy(base), configs)
+    randomize(model)
+    roundtrip(model, copy.deepcopy(base), tmp_path, ids, mask)
+    with pytest.raises(ValueError, match="cannot merge"):
+        mol.merge(model)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (lambda: mol.AdapterConfig(placement="middle"), "placement"),
+    (lambda: mol.AdapterConfig(reduction_factor=0), "reduction_factor"),
+    (lambda: mol.AdapterConfig(non_linearity="elu"), "non_linearity"),
+    (lambda: mol.AdapterConfig(mlp_modules=["nope"]), "matched no module"),
+    (lambda: mol.IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"]), "subset"),
+    (lambda: mol.IA3Config(target_modules=["self_attn"]), "cannot adapt"),
+    (lambda: mol.BitFitConfig(target_modules=[]), "target_modules"),
+    (lambda: mol.PrefixTuningConfig(num_virtual_tokens=0), "num_virtual_tokens"),
+    (lambda: mol.PrefixTuningConfig(encoder_hidden_size=8), "prefix_projection"),
+    (lambda: mol.PromptTuningConfig(init="text"), "init"),
+])
+def test_bad_configs_raise_with_fix(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        mol.inject(tiny_llama(), cfg())
+
+
+def test_prefix_errors():
+    with pytest.raises(ValueError, match="decoder-only"):
+        mol.inject(tiny_bert(), mol.PrefixTuningConfig())
+    model = mol.inject(tiny_llama(), mol.PromptTuningConfig())
+    with pytest.raises(ValueError, match="one of prefix or prompt"):
+        mol.inject(model, mol.PrefixTuningConfig())
+    ids = torch.randint(0, VOCAB, (2, 4))
+    with pytest.raises(ValueError, match="2-D attention_mask"):
+        model(input_ids=ids, attention_mask=torch.ones(2, 1, 4, 4))
+
+
+def test_configs_reload_from_json():
+    for cfg in (mol.AdapterConfig(placement="houlsby", bottleneck_size=3), mol.IA3Config(target_modules=["k_proj"]),
+                mol.BitFitConfig(all_biases=False), mol.PrefixTuningConfig(prefix_projection=True),
+                mol.PromptTuningConfig(num_virtual_tokens=3, init="random")):
+        d = json.loads(json.dumps(cfg.to_dict()))
+        assert mol.config_from_dict(d) == cfg
