@@ -261,6 +261,7 @@ def bench_qlora_mol(gen, rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--only", choices=["train", "decode", "qlora"], help="run one benchmark section")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_nf4.py needs a CUDA GPU")
@@ -269,9 +270,9 @@ def main():
     rows = []
     if not args.skip_correctness:
         correctness(gen)
-    bench_train(gen, rows)
-    bench_decode(gen, rows)
-    bench_qlora_mol(gen, rows)
+    for name, fn in (("train", bench_train), ("decode", bench_decode), ("qlora", bench_qlora_mol)):
+        if args.only in (None, name):
+            fn(gen, rows)
     print("\n| case | variant | time (us) or MiB | ratio to bf16 base | spread of 3 rounds |\n| --- | --- | --- | --- | --- |")
     for case, name, m, r, s in rows:
         val = f"{m * 1e3:.1f}" if "MiB" not in case else f"{m:.1f}"

@@ -104,41 +104,44 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 
 def _small_configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "GPI": 2, "LUT": 0}, num_warps=4, num_stages=1),
-                triton.Config({"BLOCK_N": 16, "GPI": 1, "LUT": 1}, num_warps=4, num_stages=1)][:1]
-    return [triton.Config({"BLOCK_N": bn, "GPI": g, "LUT": lut}, num_warps=w, num_stages=st)
+        return [triton.Config({"BLOCK_N": 16, "GPI": 2, "LUT": 0}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N": bn, "GPI": g, "LUT": lut}, num_warps=4, num_stages=3)
             # configs without register spills in the sm_90 compiler report (GPI 8-16 at 4 warps spill)
-            for bn, g, w, st in [(16, 2, 4, 3), (16, 4, 4, 3), (32, 2, 4, 3), (32, 4, 4, 3), (64, 4, 4, 3),
-                                 (64, 8, 8, 3), (32, 4, 8, 4)]
-            for lut in (0, 1)]
+            for bn, g in [(16, 2), (32, 2), (32, 4), (64, 4)] for lut in (0, 1)]
 
 
-@triton.autotune(configs=_small_configs(), key=["N", "K", "NESTED"])
+@triton.autotune(configs=_small_configs(), key=["N", "K", "NESTED"], reset_to_zero=["y_ptr"])
 @triton.jit
 def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr, bias_ptr,
                              y_ptr, T, N, K, stride_xt, stride_yt,
                              BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr, LUT: tl.constexpr):
-    """y[t, n] = sum_k x[t, k] W[n, k]. Each step takes GPI absmax blocks of BLOCK_N rows: the high and low
-    nibbles (even and odd k) are two dots against x's even and odd columns, so no interleaving shuffle is needed,
-    and the block's scale multiplies the (BLOCK_N, BLOCK_T) partial product in float32."""
+    """y[t, n] += sum_k x[t, k] W[n, k] into a zeroed float32 y. Program (i, j) takes rows i*BLOCK_N.. and the
+    j-th of num_programs(1) slices of the absmax blocks (split-K: a GEMV has too few row tiles to keep enough
+    bytes in flight). Each step takes GPI absmax blocks: the high and low nibbles (even and odd k) are two dots
+    against x's even and odd columns, so no interleaving shuffle is needed, and the block's scale multiplies
+    the (BLOCK_N, BLOCK_T) partial product in float32."""
     pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_t = tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     offs_j = tl.arange(0, BS // 2)  # byte within an absmax block
     nblk = K // BS  # absmax blocks per row (K % BS == 0)
+    per_split = tl.cdiv(nblk, tl.num_programs(1))
+    g_lo = pid_k * per_split
+    g_hi = tl.minimum(nblk, g_lo + per_split)
     row_byte = offs_n.to(tl.int64) * (K // 2)
     row_blk = offs_n.to(tl.int64) * nblk
     if NESTED:
         off = tl.load(offset_ptr)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for g0 in range(0, nblk, GPI):
+    for g0 in range(g_lo, g_hi, GPI):
         for gi in tl.static_range(GPI):
             g = g0 + gi
-            okj = (offs_j * 0 + g) < nblk  # as tensors: the interpreter rejects scalar-bool masks
-            okn = n_mask & ((offs_n * 0 + g) < nblk)
+            okj = (offs_j * 0 + g) < g_hi  # as tensors: the interpreter rejects scalar-bool masks
+            okn = n_mask & ((offs_n * 0 + g) < g_hi)
             b = tl.load(codes_ptr + row_byte[:, None] + g * (BS // 2) + offs_j[None, :],
                         mask=okn[:, None] & okj[None, :], other=0).to(tl.int32)
             kk = g * BS + 2 * offs_j
@@ -156,9 +159,9 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
                 s = tl.load(absmax_ptr + blk, mask=okn, other=0.0)
             acc += part * s[:, None]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + offs_t[None, :] * stride_yt + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
-             mask=n_mask[:, None] & t_mask[None, :])
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask & ((offs_n * 0 + pid_k) == 0), other=0.0).to(tl.float32)
+        acc += bias[:, None]
+    tl.atomic_add(y_ptr + offs_t[None, :] * stride_yt + offs_n[:, None], acc, mask=n_mask[:, None] & t_mask[None, :])
 
 
 def small_matmul_supported(packed, T: int) -> bool:
@@ -177,13 +180,30 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
         raise ValueError(f"nf4_matmul_small: unsupported x {tuple(x.shape)} for weight {packed.shape} "
                          f"(blocksize {packed.blocksize}); needs T <= {MAX_SMALL_T} and in_features % blocksize == 0")
     x = x.contiguous()
-    y = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    y = torch.zeros((T, N), dtype=torch.float32, device=x.device)  # split-K partial sums land here
     nabs, ncode, off = _tensors(packed)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    nblk = K // packed.blocksize
+    target = _target_programs(x.device)
+    split = lambda bn: max(1, min(nblk, target // triton.cdiv(N, bn)))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split(meta["BLOCK_N"]))  # noqa: E731
     kernel = _nf4_matmul_small_kernel if config is None else _nf4_matmul_small_kernel.fn
     kernel[grid](
         x, packed.codes, packed.absmax, packed.code, nabs, ncode, off, bias if bias is not None else x, y,
         T, N, K, x.stride(0), y.stride(0),
         BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested, HAS_BIAS=bias is not None,
         BLOCK_T=16, **(config or {}))
-    return y
+    return y.to(x.dtype)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _target_programs(device: torch.device) -> int:
+    """About 4 programs per SM, so each SM has several slices' loads in flight (8 under the interpreter, which
+    exercises split-K on small test shapes)."""
+    if _INTERPRET or device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 4 * _SM_COUNT[idx]
