@@ -108,7 +108,54 @@ def main():
               f"{'fused' if fused else 'add':>6} {errs[worst]:>12.2e} {worst:>8} {'yes' if ok else 'NO':>3}")
     torch.cuda.synchronize()
     print(f"{len(cases)} cases, {n_fail} failed, {time.time() - t0:.0f} s")
+    n_fail += check_layer_no_sync_and_graph()
     sys.exit(1 if n_fail else 0)
+
+
+def check_layer_no_sync_and_graph() -> int:
+    """MoLLinear forward+backward on CUDA with sync debug mode 'error' (any host sync raises), then the
+    forward captured in a CUDA graph and replayed on new inputs, compared with eager. Returns failures."""
+    import mol
+
+    failures = 0
+    for backend in ("triton", "torch"):
+        for router, k in (("topk", 2), ("switch", 1), ("soft", 8), ("sequence", 2)):
+            layer = mol.MoLLinear(torch.nn.Linear(1024, 768), num_experts=8, top_k=k, rank=16, router=router,
+                                  backend=backend).cuda().to(torch.bfloat16)
+            with torch.no_grad():
+                layer.lora_B.normal_(0, 0.02)
+            x = torch.randn(4, 257, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2):  # warm-up: autotuning benchmarks (and syncs) once per shape
+                (layer(x).float().square().mean() + layer.aux_loss()).backward()
+            torch.cuda.synchronize()
+            try:
+                torch.cuda.set_sync_debug_mode("error")
+                (layer(x).float().square().mean() + layer.aux_loss()).backward()
+                ok_sync = True
+            except RuntimeError as e:
+                ok_sync, err = False, str(e).splitlines()[0]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            static_x = torch.randn(4, 257, 1024, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                layer(static_x)
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    layer(static_x)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_y = layer(static_x)
+                static_x.copy_(torch.randn_like(static_x))
+                graph.replay()
+                eager = layer(static_x)
+            graph_err = ((static_y.float() - eager.float()).norm() / eager.float().norm()).item()
+            ok = ok_sync and graph_err < 1e-2
+            failures += not ok
+            print(f"layer {backend:>6} {router:>8}: no host sync {'yes' if ok_sync else 'NO (' + err + ')'}, "
+                  f"CUDA graph replay rel err {graph_err:.1e} {'ok' if ok else 'FAIL'}")
+    return failures
 
 
 if __name__ == "__main__":
