@@ -3,9 +3,9 @@
 - `nf4_dequantize`: packed NF4 -> dense (bf16/fp16/fp32) weight, one pass (reads 4.13 bits, writes 16 per value).
 - `nf4_matmul_small`: y = x @ W^T (+ bias) for T <= 16 rows of x, reading the 4-bit codes directly
   (decode / GEMV): the weight is dequantized block by block in registers and never written out.
-  OPT-IN (NF4Linear's `fused_decode`, or MOL_NF4_FUSED_DECODE=1): this version is tested under the
-  interpreter but has not been timed on a GPU yet; the first version, timed on an H100, was slower than
-  dequantize + cuBLAS (benchmarks/RESULTS.md), so by default NF4Linear dequantizes for every T.
+  OPT-IN (NF4Linear's `fused_decode`, or MOL_NF4_FUSED_DECODE=1): timed on an H100 it is no faster than
+  dequantize + cuBLAS yet (27.8 against 26.6 us at T=1, 4096x4096: still latency bound, see
+  benchmarks/RESULTS.md), so by default NF4Linear dequantizes for every T.
 For other T the layer dequantizes into a scratch weight and calls cuBLAS (see mol/quant/linear.py): at T=8192
 the dequant pass is ~20 us (4096x4096) against ~400 us for the GEMM.
 
@@ -80,7 +80,7 @@ def _tensors(p):
     return p.absmax, p.absmax, p.absmax
 
 
-DEQUANT_LUT = 0  # 0: table gather (measured on an H100), 1: select tree (interpreter-tested, not yet timed)
+DEQUANT_LUT = 0  # 0: table gather; 1: select tree (measured ~20% slower for the dequant on an H100)
 
 
 def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, lut: int | None = None) -> torch.Tensor:

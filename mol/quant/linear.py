@@ -56,7 +56,7 @@ class NF4Linear(nn.Module):
 
     Forward computes in the activation dtype: on CUDA it dequantizes into a scratch weight (one Triton pass, freed
     right after) and calls cuBLAS. With `fused_decode=True` (or MOL_NF4_FUSED_DECODE=1), T <= 16 tokens use a
-    fused Triton dequant-GEMM that reads the 4-bit codes directly (not yet timed on a GPU; see
+    fused Triton dequant-GEMM that reads the 4-bit codes directly (on an H100 no faster yet; see
     mol/kernels/nf4.py). On other devices the PyTorch reference dequantizes. Backward gives dx (and the
     bias gradient if the bias requires grad); the weight itself is frozen and has no gradient.
     Buffers follow bitsandbytes' names so `.to()`, `state_dict()` and devices work as for nn.Linear;
