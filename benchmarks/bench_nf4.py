@@ -273,7 +273,8 @@ def main():
     for name, fn in (("train", bench_train), ("decode", bench_decode), ("qlora", bench_qlora_mol)):
         if args.only in (None, name):
             fn(gen, rows)
-    print("\n| case | variant | time (us) or MiB | ratio to bf16 base | spread of 3 rounds |\n| --- | --- | --- | --- | --- |")
+    print("\n| case | variant | time (us) or MiB | ratio to bf16 base | spread of 3 rounds |")
+    print("| --- | --- | --- | --- | --- |")
     for case, name, m, r, s in rows:
         val = f"{m * 1e3:.1f}" if "MiB" not in case else f"{m:.1f}"
         print(f"| {case} | {name} | {val} | {r:.2f}x | {s:.1%} |".replace("nanx", "-"))
