@@ -397,3 +397,58 @@ def test_configs_reload_from_json():
                 mol.PromptTuningConfig(num_virtual_tokens=3, init="random")):
         d = json.loads(json.dumps(cfg.to_dict()))
         assert mol.config_from_dict(d) == cfg
+
+
+@pytest.mark.parametrize("method", ["prompt", "ia3"])
+def test_bert_classifier_matches_peft(method):
+    """Encoders too: prompt tuning and IA³ on a BERT classifier (PEFT's SEQ_CLS), with the head trained alongside."""
+    base = tiny_bert()
+    ids, mask = batch()
+    if method == "prompt":
+        ours_cfg = mol.PromptTuningConfig(num_virtual_tokens=4, modules_to_save=["classifier"])
+        ref_cfg = peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)
+    else:
+        ours_cfg = mol.IA3Config(modules_to_save=["classifier"])
+        ref_cfg = peft.IA3Config(task_type="SEQ_CLS")
+    ours = mol.inject(copy.deepcopy(base), ours_cfg)
+    ref = peft_model(copy.deepcopy(base), ref_cfg)
+    randomize(ours)
+    params = dict(ours.named_parameters())
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n.startswith("prompt_encoder."):
+                p.copy_(params["mol_prompt." + n.split("default.", 1)[1]])
+            elif ".ia3_l." in n:
+                p.copy_(params[n.removeprefix("base_model.model.").replace(".ia3_l.default", ".ia3_l")].view_as(p))
+            elif "classifier.modules_to_save" in n:
+                p.copy_(params["classifier." + n.rsplit(".", 1)[1]])
+    tt = torch.zeros_like(ids)
+    assert_close(logits(ours, ids, mask, token_type_ids=tt), logits(ref, ids, mask, token_type_ids=tt))
+    assert any(n.startswith("classifier.") for n in ours.mol_trainable)
+
+
+def test_ia3_and_bitfit_on_nf4_base_with_mol():
+    """QLoRA-style: MoL quantizes the base to NF4; IA³ and BitFit then adapt NF4 layers (IA³ refuses to merge)."""
+    base = tiny_llama()
+    ids, mask = batch()
+    model = mol.inject(copy.deepcopy(base), [
+        mol.MoLConfig(quantize_base="nf4", target_modules=["q_proj"], num_experts=2, top_k=1, rank=2),
+        mol.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        mol.BitFitConfig(target_modules=["o_proj"], all_biases=False)])
+    assert getattr(model.model.layers[0].self_attn.v_proj.base_layer, "is_quantized_linear", False)
+    randomize(model)
+    step_and_check_frozen(model, ids, mask)
+    assert "quantized" in model.model.layers[0].self_attn.v_proj.merge_blocker()
+
+
+def test_deepcopy_keeps_hooks_on_the_copy():
+    model = mol.inject(tiny_llama(), [mol.PrefixTuningConfig(num_virtual_tokens=3), mol.AdapterConfig()])
+    randomize(model)
+    ids, mask = batch()
+    twin = copy.deepcopy(model)
+    assert torch.equal(logits(twin, ids, mask), logits(model, ids, mask))
+    with torch.no_grad():
+        twin.mol_prefix.embedding.weight.zero_()
+        twin.model.layers[0].mlp.mol_adapter.adapter_up.weight.zero_()
+    assert not torch.allclose(logits(twin, ids, mask), logits(model, ids, mask), atol=1e-4)
+    assert torch.equal(logits(model, ids, mask), logits(copy.deepcopy(model), ids, mask))
