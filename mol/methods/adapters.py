@@ -74,6 +74,10 @@ class AdapterConfig(MethodConfig):
             raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout!r}")
         check_targets("AdapterConfig", "attn_modules", self.attn_modules)
         check_targets("AdapterConfig", "mlp_modules", self.mlp_modules)
+        custom = self.attn_modules is not None or self.mlp_modules is not None
+        if custom and (self.mlp_modules is None or (self.placement == "houlsby" and self.attn_modules is None)):
+            raise ValueError("AdapterConfig: set mlp_modules (and attn_modules for placement='houlsby') together, "
+                             "or leave both None for the model's defaults")
         check_modules_to_save(self)
 
     def bottleneck(self, hidden_size: int) -> int:
@@ -131,9 +135,7 @@ class BottleneckAdapter(AdapterLayer):
 def resolve_places(model: nn.Module, cfg: AdapterConfig) -> tuple[list[str], list[str]]:
     """Names of the attention and MLP sub-layers that get adapters (attention list empty for Pfeiffer)."""
     pick = lambda m: True  # noqa: E731  (any module: the adapter wraps its output, whatever it is)
-    if cfg.attn_modules is not None or cfg.mlp_modules is not None:
-        if cfg.mlp_modules is None or (cfg.placement == "houlsby" and cfg.attn_modules is None):
-            raise ValueError("AdapterConfig: give both attn_modules and mlp_modules (or neither, for the defaults)")
+    if cfg.mlp_modules is not None:
         mlp = match_modules(model, cfg.mlp_modules, predicate=pick, exclude=cfg.modules_to_save)
         attn = (match_modules(model, cfg.attn_modules, predicate=pick, exclude=cfg.modules_to_save)
                 if cfg.placement == "houlsby" else [])

@@ -71,7 +71,9 @@ class PromptTuningConfig(MethodConfig):
     """``num_virtual_tokens`` trainable input embeddings prepended to every sequence.
 
     ``init``: ``"vocab"`` copies embeddings of random vocabulary tokens (PEFT's SAMPLE_VOCAB), ``"random"`` draws
-    from N(0, 1) (PEFT's RANDOM).
+    from N(0, 1) (PEFT's RANDOM). As in PEFT, the loss covers the virtual positions (labels -100) and given
+    ``position_ids`` are ignored (the model numbers positions itself, virtual tokens first); unlike PEFT, token
+    logits come back for the caller's tokens only, so they line up with ``input_ids`` and ``labels``.
     """
 
     method: ClassVar[str] = "prompt"
