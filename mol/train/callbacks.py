@@ -97,14 +97,17 @@ class RoutingHeatmap(pl.Callback):
         load = (total / total.sum(-1, keepdim=True).clamp_min(1)).cpu()
         entropy = (ent / nb.clamp_min(1)).cpu()
         short = [_short(l) for l in layers]
-        for i, name in enumerate(short):
-            pl_module.log(f"util/{name}/entropy", float(entropy[i]), rank_zero_only=True)
-            if self.log_per_expert:
-                for e in range(load.shape[1]):
-                    pl_module.log(f"util/{name}/load_e{e}", float(load[i, e]), rank_zero_only=True)
         if not trainer.is_global_zero:
             return
         step = trainer.global_step
+        # Straight to the loggers: values are already summed over processes, and hundreds of self.log keys
+        # would each ask for a cross-process sync.
+        util = {f"util/{name}/entropy": float(entropy[i]) for i, name in enumerate(short)}
+        if self.log_per_expert:
+            util.update({f"util/{name}/load_e{e}": float(load[i, e]) for i, name in enumerate(short)
+                         for e in range(load.shape[1])})
+        for lg in trainer.loggers:
+            lg.log_metrics(util, step=step)
         png = self.out_dir / "heatmaps" / f"routing_step{step:06d}.png"
         save_heatmap(load, short, png, f"expert load per layer, validation at step {step}")
         save_heatmap(load, short, self.out_dir / "heatmaps" / "routing_latest.png",
