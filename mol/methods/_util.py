@@ -7,6 +7,11 @@ from typing import Any, Optional
 from torch import nn
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear layer that stores its weight as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def text_config(model: nn.Module) -> Any:
     """The (text) config of a Hugging Face model, or raise naming what is missing."""
     cfg = getattr(model, "config", None)

@@ -62,8 +62,8 @@ class AdapterConfig(MethodConfig):
         if self.placement not in PLACEMENTS:
             raise ValueError(f"AdapterConfig.placement={self.placement!r} is unknown; choose one of {PLACEMENTS}")
         if not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
-            raise ValueError(f"AdapterConfig.reduction_factor must be a positive integer, got {self.reduction_factor!r};"
-                             " e.g. 16 gives a bottleneck of hidden_size // 16")
+            raise ValueError(f"AdapterConfig.reduction_factor must be a positive integer, got "
+                             f"{self.reduction_factor!r}; e.g. 16 gives a bottleneck of hidden_size // 16")
         if self.bottleneck_size is not None and (not isinstance(self.bottleneck_size, int) or self.bottleneck_size < 1):
             raise ValueError(f"AdapterConfig.bottleneck_size must be a positive integer or None, got "
                              f"{self.bottleneck_size!r}; None uses hidden_size // reduction_factor")

@@ -14,11 +14,8 @@ from torch import nn
 
 from mol.config import MethodConfig, TargetModules, register_config
 from mol.inject import is_linear, match_modules, register_method
-from mol.methods._util import check_modules_to_save, check_targets
+from mol.methods._util import check_modules_to_save, check_targets, is_conv1d
 
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 @register_config
@@ -45,12 +42,12 @@ class BitFitConfig(MethodConfig):
 
 
 def _out_features(m: nn.Module) -> int:
-    return int(m.nf) if _is_conv1d(m) else int(m.out_features)
+    return int(m.nf) if is_conv1d(m) else int(m.out_features)
 
 
 @register_method(BitFitConfig)
 def _inject_bitfit(model: nn.Module, cfg: BitFitConfig) -> list[str]:
-    linear = lambda m: is_linear(m) or _is_conv1d(m)  # noqa: E731
+    linear = lambda m: is_linear(m) or is_conv1d(m)  # noqa: E731
     trainable = []
     for name in match_modules(model, cfg.target_modules, predicate=linear, exclude=cfg.modules_to_save):
         layer = model.get_submodule(name)

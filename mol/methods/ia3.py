@@ -10,6 +10,7 @@ Both fold exactly into ``W`` (and ``b``), so the adapter merges.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from mol.config import MethodConfig, TargetModules, register_config
 from mol.inject import is_linear, match_modules, register_method, replace_module
 from mol.layers import AdapterLayer
-from mol.methods._util import check_modules_to_save, check_targets, model_type
+from mol.methods._util import check_modules_to_save, check_targets, is_conv1d, model_type
 
 # PEFT's defaults per model type (target_modules, feedforward_modules).
 DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
@@ -31,13 +32,9 @@ DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' GPT-2 Conv1D: a linear layer storing its weight as (in, out).
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
 
 def _io_features(base: nn.Module) -> tuple[int, int]:
-    if _is_conv1d(base):
+    if is_conv1d(base):
         return int(base.weight.shape[0]), int(base.nf)
     return int(base.in_features), int(base.out_features)
 
@@ -108,7 +105,7 @@ class IA3Linear(AdapterLayer):
     def _scale_weight(self, s: Tensor) -> None:
         """Multiply the base weight (and, for output scaling, bias) by ``s`` along the scaled axis."""
         base, w = self.base_layer, self.base_layer.weight
-        out_axis = 1 if _is_conv1d(base) else 0  # Conv1D stores (in, out)
+        out_axis = 1 if is_conv1d(base) else 0  # Conv1D stores (in, out)
         axis = 1 - out_axis if self.feedforward else out_axis
         shape = [1, 1]
         shape[axis] = -1
@@ -144,13 +141,11 @@ def _resolve(model: nn.Module, cfg: IA3Config) -> tuple[list[str], list[str]]:
             raise ValueError(f"IA3Config has no default target_modules for model type {mtype!r}; set target_modules "
                              "(e.g. ['k_proj', 'v_proj', 'down_proj']) and feedforward_modules (e.g. ['down_proj'])")
         targets, ff = DEFAULT_TARGETS[mtype]
-    linear = lambda m: is_linear(m) or _is_conv1d(m)  # noqa: E731
+    linear = lambda m: is_linear(m) or is_conv1d(m)  # noqa: E731
     names = match_modules(model, targets, predicate=linear, exclude=cfg.modules_to_save)
     if ff is None:
         ff_names: list[str] = []
     elif isinstance(ff, str):
-        import re
-
         ff_names = [n for n in names if re.fullmatch(ff, n)]
     else:
         ff_names = [n for n in names if any(n == p or n.endswith("." + p) for p in ff)]

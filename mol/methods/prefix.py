@@ -54,7 +54,8 @@ class PrefixTuningConfig(MethodConfig):
     def validate(self) -> None:
         _check_tokens("PrefixTuningConfig", self.num_virtual_tokens)
         if not isinstance(self.prefix_projection, bool):
-            raise ValueError(f"PrefixTuningConfig.prefix_projection must be true or false, got {self.prefix_projection!r}")
+            raise ValueError(f"PrefixTuningConfig.prefix_projection must be true or false, "
+                             f"got {self.prefix_projection!r}")
         if self.encoder_hidden_size is not None and (not isinstance(self.encoder_hidden_size, int)
                                                      or self.encoder_hidden_size < 1):
             raise ValueError(f"PrefixTuningConfig.encoder_hidden_size must be a positive integer or None, got "
