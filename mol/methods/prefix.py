@@ -191,13 +191,17 @@ class PrefixEncoder(_VirtualTokens):
         if fresh:
             cache = kw.get("past_key_values")
             if cache is None or not self._use_cache(model, kw):
-                cache = DynamicCache(config=model.config)
+                try:
+                    cache = DynamicCache(config=model.config)
+                except TypeError:  # transformers < 4.56 builds its layers lazily
+                    cache = DynamicCache()
             kv = self.key_values(batch, model.get_input_embeddings().weight.dtype)
             for i in range(self.num_layers):
                 cache.update(kv[2 * i], kv[2 * i + 1], i)
             kw["past_key_values"] = cache
-        if kw.get("position_ids") is not None:
-            kw["position_ids"] = kw["position_ids"] + self.num_virtual_tokens  # the prefix holds positions 0..n-1
+        for key in ("position_ids", "cache_position"):  # cache_position: transformers < 5 passes it
+            if kw.get(key) is not None:
+                kw[key] = kw[key] + self.num_virtual_tokens  # the prefix holds positions 0..n-1
         return (), kw
 
 
@@ -221,6 +225,7 @@ class PromptEmbedding(_VirtualTokens):
         n = self.num_virtual_tokens
         # As PEFT: the model numbers positions itself (virtual tokens first), so given position ids are dropped.
         kw.pop("position_ids", None)
+        kw.pop("cache_position", None)  # transformers < 5: let the model count from the cache, as PEFT does
         self._strip = fresh
         if not fresh:
             return (), kw
