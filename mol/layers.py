@@ -51,6 +51,16 @@ def _linear_shape(base: nn.Module) -> tuple[int, int]:
                         f"got {type(base).__name__}") from None
 
 
+def _base_dtype_device(base: nn.Module) -> tuple[torch.dtype, Optional[torch.device]]:
+    """The compute dtype and device adapters should take: a float weight's, else (quantized bases, whose
+    weight is packed codes) their ``weight_dtype`` and the device their buffers live on."""
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, Tensor) and weight.is_floating_point():
+        return weight.dtype, weight.device
+    tensor = next(iter([*base.parameters(), *base.buffers()]), None)
+    return getattr(base, "weight_dtype", torch.float32), (tensor.device if tensor is not None else None)
+
+
 class MoLLinear(AdapterLayer):
     """A frozen linear layer plus ``num_experts`` LoRA experts chosen per token by a router.
 
@@ -95,9 +105,7 @@ class MoLLinear(AdapterLayer):
         self.backend = backend
         self.merged = False
 
-        weight = getattr(base, "weight", None)
-        dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else torch.float32
-        device = weight.device if isinstance(weight, Tensor) else None
+        dtype, device = _base_dtype_device(base)
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank, dtype=dtype, device=device))
         self.reset_lora(init)

@@ -213,3 +213,14 @@ def test_triton_fused_and_unfused_base_paths_match_reference(dropout):
     (y_k.square().sum()).backward()
     assert rel(y_k, y_t) < 1e-5
     assert rel(x.grad, g_t[0]) < 1e-4 and rel(layer.lora_A.grad, g_t[1]) < 1e-4
+
+
+def test_adapters_follow_a_quantized_base_dtype():
+    """An NF4 base has no float weight: the experts take its compute dtype and device, not float32."""
+    from mol.quant import NF4Linear
+
+    base = NF4Linear.from_linear(torch.nn.Linear(128, 64).to(torch.bfloat16))
+    layer = MoLLinear(base, num_experts=4, top_k=2, rank=4)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
+    assert layer.lora_A.device == base.qweight.device
+    assert layer(torch.randn(3, 128, dtype=torch.bfloat16)).dtype == torch.bfloat16
