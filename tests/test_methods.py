@@ -154,6 +154,16 @@ def test_ia3_matches_peft_and_merges(arch, tmp_path):
         torch.testing.assert_close(p, w[n], rtol=1e-6, atol=1e-7)
 
 
+def test_ia3_defaults_are_peft_defaults():
+    from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF,
+                                      TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS)
+
+    from mol.methods.ia3 import DEFAULT_TARGETS
+
+    for model_type, (targets, ff) in DEFAULT_TARGETS.items():
+        assert (TARGETS[model_type], FF[model_type]) == (targets, ff), model_type
+
+
 def test_ia3_feedforward_semantics_and_training():
     base = tiny_llama()
     model = mol.inject(copy.deepcopy(base), mol.IA3Config(target_modules=["v_proj", "down_proj"],

@@ -22,15 +22,15 @@ from mol.inject import is_linear, match_modules, register_method, replace_module
 from mol.layers import AdapterLayer
 from mol.methods._util import check_modules_to_save, check_targets, is_conv1d, model_type
 
-# PEFT's defaults per model type (target_modules, feedforward_modules).
+# PEFT's defaults per model type (target_modules, feedforward_modules), as in peft.utils.constants.
 DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
-    **{t: (["k_proj", "v_proj", "down_proj"], ["down_proj"])
-       for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo")},
+    **{t: (["k_proj", "v_proj", "down_proj"], ["down_proj"]) for t in ("llama", "mistral")},
+    **{t: (["q_proj", "v_proj", "down_proj"], ["down_proj"]) for t in ("qwen2", "qwen3", "gemma", "gemma2")},
+    "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
     "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    **{t: (["key", "value", "output.dense"], ["output.dense"]) for t in ("bert", "roberta", "xlm-roberta")},
-    "opt": (["k_proj", "v_proj", "fc2"], ["fc2"]),
+    **{t: (["key", "value", "output.dense"], ["output.dense"]) for t in ("bert", "roberta")},
+    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
 }
-
 
 
 def _io_features(base: nn.Module) -> tuple[int, int]:
@@ -52,7 +52,8 @@ def _param_like(base: nn.Module) -> tuple[torch.device, torch.dtype]:
 @dataclass
 class IA3Config(MethodConfig):
     """IA³ with PEFT's semantics: ``target_modules`` get a vector; those also in ``feedforward_modules`` scale their
-    input, the others their output. None picks PEFT's defaults for the model type (keys, values, MLP down projection).
+    input, the others their output. None picks PEFT's defaults for the model type (Llama: k_proj, v_proj and the
+    input of down_proj).
     """
 
     method: ClassVar[str] = "ia3"
