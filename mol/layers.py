@@ -162,10 +162,11 @@ class MoLLinear(AdapterLayer):
         """Detached utilisation stats of the last forward: load (E,) fraction, counts (E,), entropy, losses."""
         if self._last is None:
             return {}
-        r = self._last
-        counts = r.counts.detach()
-        return {"load": counts / counts.sum().clamp_min(1), "counts": counts, "entropy": r.entropy.detach(),
-                "load_balance_loss": r.load_balance_loss.detach(), "z_loss": r.z_loss.detach()}
+        with torch.no_grad():
+            r = self._last
+            counts = r.counts
+            return {"load": counts / counts.sum().clamp_min(1), "counts": counts, "entropy": r.entropy,
+                    "load_balance_loss": r.load_balance_loss, "z_loss": r.z_loss}
 
     # Merging folds B @ A into the frozen weight; only input-independent deltas (one expert, no router) fold.
     def merge_blocker(self) -> Optional[str]:

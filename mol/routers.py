@@ -23,12 +23,34 @@ from torch import Tensor, nn
 
 @dataclass
 class RouterOutput:
+    """What one routing decision produced. The losses and stats are computed on demand from the scores,
+    so a forward that never asks for them (inference, decode) pays only for scoring and selection."""
+
     gates: Tensor  # (T, K) float32, weight of each chosen expert
     expert_ids: Tensor  # (T, K) int64
-    load_balance_loss: Tensor  # scalar
-    z_loss: Tensor  # scalar
-    counts: Tensor  # (E,) float32, routed (token, expert) pairs per expert
-    entropy: Tensor  # scalar, mean entropy of the router distribution
+    logits: Tensor  # (N, E) float32; N = tokens, or sequences for the sequence router
+    probs: Tensor  # (N, E) softmax of logits
+    chosen: Tensor  # (N, K) expert ids per scored row (before repeating over a sequence)
+
+    @property
+    def counts(self) -> Tensor:
+        """(E,) float32: routed (row, expert) pairs per expert; a scatter-add, so no host sync."""
+        counts = torch.zeros(self.probs.shape[-1], device=self.probs.device, dtype=torch.float32)
+        return counts.scatter_add(0, self.chosen.reshape(-1), torch.ones_like(self.chosen, dtype=torch.float32).reshape(-1))
+
+    @property
+    def load_balance_loss(self) -> Tensor:
+        counts = self.counts
+        return self.probs.shape[-1] * (counts / counts.sum() * self.probs.mean(dim=0)).sum()
+
+    @property
+    def z_loss(self) -> Tensor:
+        return torch.logsumexp(self.logits, dim=-1).square().mean()
+
+    @property
+    def entropy(self) -> Tensor:
+        """Mean entropy (nats) of the router distribution."""
+        return -(self.probs * torch.log(self.probs.clamp_min(1e-20))).sum(dim=-1).mean()
 
 
 class Router(nn.Module):
@@ -82,14 +104,9 @@ class Router(nn.Module):
             top_probs, expert_ids = probs.topk(self.top_k, dim=-1)
             gates = top_probs if self.kind == "switch" else top_probs / top_probs.sum(dim=-1, keepdim=True)
 
-        counts = torch.zeros(self.num_experts, device=x.device, dtype=torch.float32)
-        counts = counts.scatter_add(0, expert_ids.reshape(-1), torch.ones_like(gates).reshape(-1))
-        load_balance = self.num_experts * (counts / counts.sum() * probs.mean(dim=0)).sum()
-        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
-        entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(dim=-1).mean()
-
+        chosen = expert_ids
         if self.kind == "sequence":
             seq_len = x.shape[-2] if x.dim() >= 2 else 1
             gates = repeat(gates, "b k -> (b s) k", s=seq_len)
             expert_ids = repeat(expert_ids, "b k -> (b s) k", s=seq_len)
-        return RouterOutput(gates, expert_ids, load_balance, z_loss, counts, entropy)
+        return RouterOutput(gates, expert_ids, logits, probs, chosen)
