@@ -156,21 +156,33 @@ def inject(model: nn.Module, config: Union[MethodConfig, Sequence[MethodConfig]]
                             f"known: {sorted(c.__name__ for c in _METHODS)}")
         cfg.validate()
 
-    trainable: list[str] = list(getattr(model, "mol_trainable", []))
+    # Tracked as tensors, not names: a later method may wrap a layer an earlier one adapted (MoL around a BitFit
+    # layer moves its bias to ``<layer>.base_layer.bias``); the names are read back once every method has run.
+    def tensors(names: list[str]) -> list[Tensor]:
+        params = dict(model.named_parameters())
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise RuntimeError(f"internal error: method reported trainable tensor {missing[0]!r} that the model lacks")
+        return [params[n] for n in names]
+
+    tracked = tensors(list(getattr(model, "mol_trainable", [])))
     for cfg in configs:
-        trainable += _METHODS[type(cfg)](model, cfg)
+        names = _METHODS[type(cfg)](model, cfg)
         for mod_name in getattr(cfg, "modules_to_save", []):
             hits = [n for n, _ in model.named_modules() if _matches_any(n, [mod_name])]
             if not hits:
                 raise ValueError(f"modules_to_save entry {mod_name!r} matches no module; fix modules_to_save")
             for hit in hits:
-                trainable += [f"{hit}.{p}" for p, _ in model.get_submodule(hit).named_parameters()]
+                names += [f"{hit}.{p}" for p, _ in model.get_submodule(hit).named_parameters()]
+        tracked += tensors(names)
 
     params = dict(model.named_parameters())
-    trainable = list(dict.fromkeys(trainable))  # de-duplicated, order kept
-    missing = [n for n in trainable if n not in params]
-    if missing:
-        raise RuntimeError(f"internal error: method reported trainable tensor {missing[0]!r} that the model lacks")
+    name_of = {id(p): n for n, p in params.items()}
+    lost = [p for p in tracked if id(p) not in name_of]
+    if lost:
+        raise ValueError(f"a later method replaced a {tuple(lost[0].shape)} tensor that an earlier method trains (e.g. "
+                         "quantize_base='nf4' rebuilding a layer BitFit gave a bias); inject the replacing method first")
+    trainable = list(dict.fromkeys(name_of[id(p)] for p in tracked))  # de-duplicated, order kept
     for p in params.values():
         p.requires_grad_(False)
     for n in trainable:

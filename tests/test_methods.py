@@ -463,3 +463,13 @@ def test_deepcopy_keeps_hooks_on_the_copy():
         twin.model.layers[0].mlp.mol_adapter.adapter_up.weight.zero_()
     assert not torch.allclose(logits(twin, ids, mask), logits(model, ids, mask), atol=1e-4)
     assert torch.equal(logits(model, ids, mask), logits(copy.deepcopy(model), ids, mask))
+
+
+def test_bitfit_then_lora_on_the_same_layers(tmp_path):
+    base = tiny_llama()
+    ids, mask = batch()
+    model = mol.inject(copy.deepcopy(base), [mol.BitFitConfig(all_biases=False), mol.LoRAConfig(rank=2)])
+    assert "model.layers.0.self_attn.q_proj.base_layer.bias" in model.mol_trainable
+    randomize(model)
+    step_and_check_frozen(model, ids, mask)
+    roundtrip(model, copy.deepcopy(base), tmp_path, ids, mask)
