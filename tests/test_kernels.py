@@ -167,3 +167,91 @@ def test_zero_tokens():
     assert y.shape == (0, 45)
     y.sum().backward()
     assert leaves[2].grad.abs().max() == 0 and leaves[3].grad.abs().max() == 0
+
+
+def _run_both(fn_args, dtype, fused):
+    """Forward + backward through the public API; returns (y, grads, grad_fn name)."""
+    base, x, A, B, gates, ids, W = fn_args
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, gates)]
+    if fused:
+        y = gl.grouped_lora_linear(leaves[0], W, None, *leaves[1:], ids, 0.5)
+    else:
+        y = gl.grouped_lora_add(base, *leaves, ids, 0.5)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y.backward(dy)
+    return y.detach(), [t.grad for t in leaves], type(y.grad_fn).__name__, dy
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["add", "linear"])
+def test_eager_fast_path_matches_custom_op_and_reference(fused, monkeypatch):
+    """Eager calls take the autograd.Function fast path; the custom ops (what torch.compile traces) must
+    give the same numbers, and both must match the float64 reference."""
+    dtype = torch.float32
+    base, x, A, B, gates, ids = make(13, 19, 45, 4, 4, 2, dtype, seed=21)
+    W = (torch.randn(45, 19) / 19**0.5).to(dtype)
+    args = (base, x, A, B, gates, ids, W)
+    y_fast, g_fast, fn_fast, dy = _run_both(args, dtype, fused)
+    monkeypatch.setattr(gl, "EAGER_FAST_PATH", False)
+    y_op, g_op, fn_op, _ = _run_both(args, dtype, fused)
+    assert fn_fast in ("_AddFnBackward", "_LinearFnBackward") and fn_op != fn_fast, (fn_fast, fn_op)
+    assert torch.equal(y_fast, y_op)
+    for a, b in zip(g_fast, g_op):
+        assert torch.equal(a, b)
+    ref = [t.double().requires_grad_() for t in (x, A, B, gates)]
+    base_ref = ref[0] @ W.double().t() if fused else base.double()
+    y_ref = reference(base_ref, *ref[:3], ref[3], ids, 0.5)
+    y_ref.backward(dy.double())
+    assert rel(y_fast, y_ref) < TOL[dtype]
+    for name, a, b in zip(["x", "lora_A", "lora_B", "gates"], g_fast, ref):
+        assert rel(a, b.grad) < TOL[dtype], f"d{name} rel err {rel(a, b.grad)}"
+
+
+def test_fast_path_not_taken_under_dispatch_mode():
+    """A TorchDispatchMode (FlopCounter, make_fx, fake tensors) must see the custom op, not the kernels."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    base, x, A, B, gates, ids = make(5, 19, 45, 2, 4, 2, torch.float32, seed=4)
+    with Log():
+        y = gl.grouped_lora_add(base, x, A, B, gates, ids, 1.0)
+    assert any("mol.grouped_lora_add_fwd" in s for s in seen), seen
+    assert rel(y, reference(base.double(), x.double(), A.double(), B.double(), gates.double(), ids, 1.0)) < 1e-5
+
+
+@pytest.fixture
+def split1_configs():
+    """Force SPLIT=1 tiles (plain stores, no zero-filled accumulator) for the shrink and du kernels."""
+    saved = (gl._shrink_kernel.configs, gl._du_kernel.configs, dict(gl._CHOSEN))
+    gl._shrink_kernel.configs = [gl._cfg("shrink", 16, 16, 16, 1, 4, 1)]
+    gl._du_kernel.configs = [gl._cfg("du", 16, 16, 16, 1, 4, 1)]
+    gl._CHOSEN.clear()
+    yield
+    gl._shrink_kernel.configs, gl._du_kernel.configs = saved[:2]
+    gl._CHOSEN.clear()
+    gl._CHOSEN.update(saved[2])
+
+
+def test_split1_skips_zero_fill_and_stays_correct(split1_configs):
+    """Once SPLIT=1 is chosen the accumulators are NaN-poisoned empties: every element must be stored.
+    The first call goes through the autotuner, the second through the cached-config launch."""
+    T, n_in, n_out, E, r, K = 37, 45, 19, 8, 4, 2
+    base, x, A, B, gates, ids = make(T, n_in, n_out, E, r, K, torch.float32, seed=9)
+    ref = [t.double().requires_grad_() for t in (base, x, A, B, gates)]
+    y_ref = reference(*ref[:4], ref[4], ids, 1.5)
+    dy = torch.randn(T, n_out)
+    y_ref.backward(dy.double())
+    for call in range(2):
+        leaves = [t.clone().requires_grad_() for t in (base, x, A, B, gates)]
+        y = gl.grouped_lora_add(*leaves[:4], leaves[4], ids, 1.5)
+        y.backward(dy)
+        assert rel(y, y_ref) < 1e-5, f"call {call}"
+        for name, a, b in zip(["base_out", "x", "lora_A", "lora_B", "gates"], leaves, ref):
+            assert rel(a.grad, b.grad) < 1e-5, f"call {call}: d{name} rel err {rel(a.grad, b.grad)}"
+    assert gl._split(("shrink", gl._t_bucket(T), n_in, E * r, torch.float32)) == 1
+    assert gl._split(("du", gl._t_bucket(T), n_out, E * r, r, torch.float32)) == 1

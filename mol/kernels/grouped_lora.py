@@ -65,10 +65,20 @@ def _configs(kind: str) -> list[triton.Config]:
     return [_cfg(kind, *sh) for sh in shapes]
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1). Plain Python: triton.next_power_of_2 and triton.cdiv are
+    constexpr_function objects whose host-side call costs microseconds each, and a call made ~10 of them."""
+    return 1 << (n - 1).bit_length()
+
+
 def _prune(configs, named_args, **kwargs):
     """Drop tiles much wider than R, and token tiles far taller than T; keep at least one."""
-    r_cap = max(16, triton.next_power_of_2(named_args["R"]))
-    t_cap = max(16, triton.next_power_of_2(named_args["T"]))
+    r_cap = max(16, _pow2(named_args["R"]))
+    t_cap = max(16, _pow2(max(1, named_args["T"])))
     kept = [c for c in configs if c.kwargs["BR"] <= r_cap and c.kwargs["BT"] <= t_cap]
     return kept or configs[:1]
 
@@ -234,31 +244,75 @@ def _bwd_epilogue_kernel(du_ptr, h_ptr, gates_ptr, ids_ptr, dh_ptr, u_ptr, dgate
 
 
 # ----------------------------------------------------------------------------- launchers
+#
+# Host cost matters: at small T a MoL layer's GPU work is a few µs, so every Python-level step of a call
+# shows up in the step time. The launchers therefore
+#   * autotune through triton.autotune once per key, then remember the chosen Config and launch the
+#     underlying JITFunction with it (the Autotuner's per-launch dict building and dtype-string key
+#     cost more than the launch itself);
+#   * zero-fill the split-K accumulators only when the chosen config really splits (SPLIT > 1);
+#   * compute grids and buckets with plain integer arithmetic.
+
+_CHOSEN: dict = {}  # (kernel, autotune key..., dtype) -> triton.Config picked by the autotuner
+
 
 def _t_bucket(t: int) -> int:
     # autotune per power-of-two token bucket (decode and training want different tiles)
-    return min(triton.next_power_of_2(max(t, 1)), 8192)
+    return min(_pow2(max(t, 1)), 8192)
 
 
 def _flags(dtype: torch.dtype) -> dict:
     return {"F32_DOT": _INTERPRET, "IEEE": dtype == torch.float32}
 
 
+def _launch(kernel, key: tuple, grid, args: tuple, consts: dict) -> None:
+    """Launch an autotuned kernel: through the autotuner the first time a key is seen, then straight
+    through its JITFunction with the config the autotuner chose (same arguments as the autotuner
+    passes, so the same compiled kernel). grid: meta-parameters -> grid tuple. Every config is
+    correct for every shape; only SPLIT changes what the caller must allocate (see _accumulator)."""
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
+        kernel[grid](*args, **consts)
+        cfg = getattr(kernel, "best_config", None)
+        if cfg is not None:  # a Triton without .best_config keeps launching through the autotuner
+            _CHOSEN[key] = (cfg.kwargs, cfg.all_kwargs())
+        return
+    meta, all_kwargs = chosen
+    kernel.fn.run(*args, grid=grid(meta), warmup=False, **all_kwargs, **consts)
+
+
+def _split(key: tuple) -> int:
+    """SPLIT of the config chosen for key; 0 while not yet tuned (the tuning run may pick any)."""
+    chosen = _CHOSEN.get(key)
+    return 0 if chosen is None else chosen[0]["SPLIT"]
+
+
+def _accumulator(t: int, r_tot: int, like: torch.Tensor, key: tuple) -> torch.Tensor:
+    # split-K programs add into it with atomics, so it must start at zero; one program per tile stores.
+    if _split(key) == 1:
+        return _alloc((t, r_tot), like, torch.float32)
+    return torch.zeros((t, r_tot), device=like.device, dtype=torch.float32)
+
+
 def _shrink(x: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
     """h = x @ a_cat^T in float32 (kept for backward: dgates needs it unrounded)."""
     t, n_in = x.shape
     r_tot = a_cat.shape[0]
-    h = torch.zeros((t, r_tot), device=x.device, dtype=torch.float32)  # split-K accumulates
+    bucket = _t_bucket(t)
+    key = ("shrink", bucket, n_in, r_tot, x.dtype)
+    h = _accumulator(t, r_tot, x, key)
     if t == 0:
         return h
-    grid = lambda m: (triton.cdiv(t, m["BT"]), triton.cdiv(r_tot, m["BR"]), m["SPLIT"])  # noqa: E731
-    _shrink_kernel[grid](x, a_cat, h, t, n_in, r_tot, _t_bucket(t), **_flags(x.dtype))
+
+    def grid(m):
+        return (_cdiv(t, m["BT"]), _cdiv(r_tot, m["BR"]), m["SPLIT"])
+    _launch(_shrink_kernel, key, grid, (x, a_cat, h, t, n_in, r_tot, bucket), _flags(x.dtype))
     return h
 
 
 def _b_cat(lora_B: torch.Tensor) -> torch.Tensor:
     e, n_out, rank = lora_B.shape  # (E, out, r) -> (E*r, out), rows contiguous for the expand
-    return lora_B.permute(0, 2, 1).reshape(e * rank, n_out).contiguous()
+    return lora_B.permute(0, 2, 1).reshape(e * rank, n_out)
 
 
 def _expand(base: torch.Tensor, h: torch.Tensor, b_cat: torch.Tensor, rank: int,
@@ -266,9 +320,14 @@ def _expand(base: torch.Tensor, h: torch.Tensor, b_cat: torch.Tensor, rank: int,
     t, n_out = base.shape
     if t == 0:
         return out
-    grid = lambda m: (triton.cdiv(t, m["BT"]), triton.cdiv(n_out, m["BK"]))  # noqa: E731
-    _expand_kernel[grid](base, h, b_cat, gates, ids, out, float(scale), t, n_out, b_cat.shape[0],
-                         _t_bucket(t), RANK=rank, K=ids.shape[1], **_flags(base.dtype))
+    r_tot, k = b_cat.shape[0], ids.shape[1]
+    bucket = _t_bucket(t)
+
+    def grid(m):
+        return (_cdiv(t, m["BT"]), _cdiv(n_out, m["BK"]))
+    _launch(_expand_kernel, ("expand", bucket, n_out, r_tot, rank, k, base.dtype), grid,
+            (base, h, b_cat, gates, ids, out, float(scale), t, n_out, r_tot, bucket),
+            {"RANK": rank, "K": k, **_flags(base.dtype)})
     return out
 
 
@@ -276,31 +335,55 @@ def _expand_bwd(dy, h, lora_B, gates, ids, scale):
     t, n_out = dy.shape
     e, _, rank = lora_B.shape
     r_tot = e * rank
-    du = torch.zeros((t, r_tot), device=dy.device, dtype=torch.float32)
-    dh = _alloc((t, r_tot), dy)
+    bucket = _t_bucket(t)
+    key = ("du", bucket, n_out, r_tot, rank, dy.dtype)
+    du = _accumulator(t, r_tot, dy, key)
+    dh = _alloc((t, r_tot), dy)  # separate buffers: custom-op outputs may not alias each other
     u = _alloc((t, r_tot), dy)
     dgates = _alloc(ids.shape, dy, torch.float32)
     if t == 0:
         return dh, u, dgates
-    grid = lambda m: (triton.cdiv(t, m["BT"]), triton.cdiv(r_tot, m["BR"]), m["SPLIT"])  # noqa: E731
-    _du_kernel[grid](dy, lora_B, du, t, n_out, r_tot, _t_bucket(t), RANK=rank, **_flags(dy.dtype))
-    brp = max(16, triton.next_power_of_2(r_tot))
+
+    def grid(m):
+        return (_cdiv(t, m["BT"]), _cdiv(r_tot, m["BR"]), m["SPLIT"])
+    _launch(_du_kernel, key, grid, (dy, lora_B, du, t, n_out, r_tot, bucket), {"RANK": rank, **_flags(dy.dtype)})
+    brp = max(16, _pow2(r_tot))
     bt = max(1, min(64, 4096 // brp))
-    _bwd_epilogue_kernel[(triton.cdiv(t, bt),)](du, h, gates, ids, dh, u, dgates, float(scale), t, r_tot,
-                                               RANK=rank, K=ids.shape[1], BT=bt, BRP=brp)
+    _bwd_epilogue_kernel[(_cdiv(t, bt),)](du, h, gates, ids, dh, u, dgates, float(scale), t, r_tot,
+                                          RANK=rank, K=ids.shape[1], BT=bt, BRP=brp)
     return dh, u, dgates
 
 
+def _add_fwd_impl(base_out, x, lora_A, lora_B, gates, expert_ids, scale):
+    h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
+    out = _alloc(base_out.shape, base_out)
+    b_cat = _b_cat(lora_B)
+    _expand(base_out, h, b_cat if b_cat.is_contiguous() else b_cat.contiguous(), lora_B.shape[2],
+            gates, expert_ids, scale, out)
+    return out, h
+
+
+def _linear_fwd_impl(x, weight, bias, lora_A, lora_B, gates, expert_ids, scale):
+    h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
+    # base GEMM through cuBLAS, then the expand accumulates into its fresh output in place:
+    # no second (T, out) buffer and no separate add pass.
+    y = torch.nn.functional.linear(x, weight, bias)
+    b_cat = _b_cat(lora_B)
+    _expand(y, h, b_cat if b_cat.is_contiguous() else b_cat.contiguous(), lora_B.shape[2],
+            gates, expert_ids, scale, y)
+    return y, h
+
+
 # ----------------------------------------------------------------------------- custom ops
+# What torch.compile (fullgraph) traces: schemas, fake kernels and autograd formulas. Eager calls take
+# the autograd.Function fast path further down, which runs the same implementation functions without the
+# custom-op dispatch (that dispatch cost ~2x the whole rest of a small-T forward+backward on the host).
 
 @torch.library.custom_op("mol::grouped_lora_add_fwd", mutates_args=())
 def _add_fwd(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
              gates: torch.Tensor, expert_ids: torch.Tensor, scale: float
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
-    out = _alloc(base_out.shape, base_out)
-    _expand(base_out, h, _b_cat(lora_B), lora_B.shape[2], gates, expert_ids, scale, out)
-    return out, h
+    return _add_fwd_impl(base_out, x, lora_A, lora_B, gates, expert_ids, scale)
 
 
 @_add_fwd.register_fake
@@ -312,12 +395,7 @@ def _(base_out, x, lora_A, lora_B, gates, expert_ids, scale):
 def _linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_A: torch.Tensor, lora_B: torch.Tensor, gates: torch.Tensor,
                 expert_ids: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
-    # base GEMM through cuBLAS, then the expand accumulates into its fresh output in place:
-    # no second (T, out) buffer and no separate add pass.
-    y = torch.nn.functional.linear(x, weight, bias)
-    _expand(y, h, _b_cat(lora_B), lora_B.shape[2], gates, expert_ids, scale, y)
-    return y, h
+    return _linear_fwd_impl(x, weight, bias, lora_A, lora_B, gates, expert_ids, scale)
 
 
 @_linear_fwd.register_fake
@@ -337,12 +415,15 @@ def _(dy, h, lora_B, gates, expert_ids, scale):
     return dy.new_empty(h.shape), dy.new_empty(h.shape), gates.new_empty(gates.shape, dtype=torch.float32)
 
 
-def _lora_grads(ctx, dy, dx_base=None):
-    """Shared backward: returns (dx, dA, dB, dgates) given dy (T, out)."""
-    x, lora_A, lora_B, gates, ids, h = ctx.saved_tensors[:6]
-    need_x, need_a, need_b, need_g = ctx.needs
-    dy = dy.contiguous()
-    dh, u, dgates = _bwd(dy, h, lora_B, gates, ids, ctx.scale)
+def _lora_grads(saved, scale, needs, dy, dx_base=None, bwd=_bwd):
+    """Shared backward: returns (dx, dA, dB, dgates) given dy (T, out).
+
+    bwd is the custom op when traced by torch.compile, the plain launcher in eager mode."""
+    x, lora_A, lora_B, gates, ids, h = saved[:6]
+    need_x, need_a, need_b, need_g = needs
+    if not dy.is_contiguous():
+        dy = dy.contiguous()
+    dh, u, dgates = bwd(dy, h, lora_B, gates, ids, scale)
     e, rank, n_in = lora_A.shape
     n_out = lora_B.shape[1]
     dx = dA = dB = None
@@ -351,11 +432,11 @@ def _lora_grads(ctx, dy, dx_base=None):
         if dx_base is not None:  # fused: accumulate into the base's dx buffer (one r/w pass)
             dx = dx_base.addmm_(dh, a_cat)
         else:
-            dx = dh @ a_cat
+            dx = torch.mm(dh, a_cat)
     if need_a:
-        dA = (dh.t() @ x).view(e, rank, n_in)
+        dA = torch.mm(dh.t(), x).view(e, rank, n_in)
     if need_b:
-        dB = (dy.t() @ u).view(n_out, e, rank).permute(1, 0, 2).contiguous()
+        dB = torch.mm(dy.t(), u).view(n_out, e, rank).permute(1, 0, 2).contiguous()
     return dx, dA, dB, (dgates if need_g else None)
 
 
@@ -367,7 +448,7 @@ def _add_setup(ctx, inputs, output):
 
 
 def _add_backward(ctx, dout, dh_unused):
-    dx, dA, dB, dg = _lora_grads(ctx, dout)
+    dx, dA, dB, dg = _lora_grads(ctx.saved_tensors, ctx.scale, ctx.needs, dout)
     return dout, dx, dA, dB, dg, None, None
 
 
@@ -382,13 +463,81 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _linear_backward(ctx, dout, dh_unused):
-    dout = dout.contiguous()
-    dx_base = dout @ ctx.saved_tensors[6] if ctx.needs[0] else None
-    dx, dA, dB, dg = _lora_grads(ctx, dout, dx_base)
+    saved = ctx.saved_tensors
+    if not dout.is_contiguous():
+        dout = dout.contiguous()
+    dx_base = torch.mm(dout, saved[6]) if ctx.needs[0] else None
+    dx, dA, dB, dg = _lora_grads(saved, ctx.scale, ctx.needs, dout, dx_base)
     return dx, None, None, dA, dB, dg, None, None
 
 
 _linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ----------------------------------------------------------------------------- eager fast path
+
+class _AddFn(torch.autograd.Function):
+    """Eager twin of mol::grouped_lora_add_fwd (same impl and backward formula, no op dispatch)."""
+
+    @staticmethod
+    def forward(ctx, base_out, x, lora_A, lora_B, gates, expert_ids, scale):
+        out, h = _add_fwd_impl(base_out, x, lora_A, lora_B, gates, expert_ids, scale)
+        ctx.save_for_backward(x, lora_A, lora_B, gates, expert_ids, h)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        n = ctx.needs_input_grad
+        dx, dA, dB, dg = _lora_grads(ctx.saved_tensors, ctx.scale, (n[1], n[2], n[3], n[4]), dout,
+                                     bwd=_expand_bwd)
+        return dout, dx, dA, dB, dg, None, None
+
+
+class _LinearFn(torch.autograd.Function):
+    """Eager twin of mol::grouped_lora_linear_fwd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, gates, expert_ids, scale):
+        y, h = _linear_fwd_impl(x, weight, bias, lora_A, lora_B, gates, expert_ids, scale)
+        ctx.save_for_backward(x, lora_A, lora_B, gates, expert_ids, h, weight)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        n = ctx.needs_input_grad
+        saved = ctx.saved_tensors
+        if not dout.is_contiguous():
+            dout = dout.contiguous()
+        dx_base = torch.mm(dout, saved[6]) if n[0] else None
+        dx, dA, dB, dg = _lora_grads(saved, ctx.scale, (n[0], n[3], n[4], n[5]), dout, dx_base, bwd=_expand_bwd)
+        return dx, None, None, dA, dB, dg, None, None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+# Testing/benchmark switch: False sends eager calls through the custom ops too.
+EAGER_FAST_PATH = True
+
+
+def _use_fast_path(*tensors: torch.Tensor) -> bool:
+    """Eager plain tensors only: torch.compile/export, fake tensors, dispatch modes (make_fx,
+    FlopCounter), functorch transforms and autocast all go through the registered custom ops."""
+    # is_compiling first: Dynamo constant-folds it to True and never traces the rest
+    return (EAGER_FAST_PATH and not torch.compiler.is_compiling()
+            and all(type(t) in _PLAIN for t in tensors)
+            and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._are_functorch_transforms_active()
+            and not torch.is_autocast_enabled(tensors[0].device.type))
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # skip the no-op .to()/.contiguous() dispatches: each is an ATen call on the host
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 # ----------------------------------------------------------------------------- public API
@@ -411,10 +560,11 @@ def _check(x, lora_A, lora_B, gates, expert_ids, n_out, where):
         raise TypeError(f"{where}: x dtype {x.dtype} unsupported; use bfloat16, float16 or float32")
     if expert_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{where}: expert_ids must be an integer tensor (int64), got {expert_ids.dtype}")
-    devs = {t.device for t in (x, lora_A, lora_B, gates, expert_ids)}
-    if len(devs) != 1:
+    dev = x.device
+    if lora_A.device != dev or lora_B.device != dev or gates.device != dev or expert_ids.device != dev:
+        devs = {t.device for t in (x, lora_A, lora_B, gates, expert_ids)}
         raise ValueError(f"{where}: all tensors must be on one device, got {sorted(map(str, devs))}")
-    if not x.is_cuda and not _INTERPRET:
+    if dev.type != "cuda" and not _INTERPRET:
         raise RuntimeError(f"{where}: the Triton kernels need CUDA tensors (got {x.device}); move the model "
                            "to a GPU, use the PyTorch reference (backend='torch'), or set TRITON_INTERPRET=1 "
                            "before importing mol.kernels to run them (slowly) on the CPU")
@@ -433,10 +583,12 @@ def grouped_lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tens
     if base_out.shape != (x.shape[0], lora_B.shape[1]) or base_out.dtype != x.dtype:
         raise ValueError(f"grouped_lora_add: base_out must be (T, out) = {(x.shape[0], lora_B.shape[1])} "
                          f"in {x.dtype}, got {tuple(base_out.shape)} {base_out.dtype}")
-    out, _ = _add_fwd(base_out.contiguous(), x.contiguous(), lora_A.to(x.dtype).contiguous(),
-                      lora_B.to(x.dtype).contiguous(), gates.float().contiguous(),
-                      expert_ids.long().contiguous(), float(scale))
-    return out
+    dt = x.dtype
+    args = (_as(base_out, dt), _as(x, dt), _as(lora_A, dt), _as(lora_B, dt), _as(gates, torch.float32),
+            _as(expert_ids, torch.int64), float(scale))
+    if _use_fast_path(*args[:5]):
+        return _AddFn.apply(*args)
+    return _add_fwd(*args)[0]
 
 
 def grouped_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -455,7 +607,9 @@ def grouped_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if weight.shape[1] != x.shape[1] or weight.dtype != x.dtype:
         raise ValueError(f"grouped_lora_linear: weight must be (out, {x.shape[1]}) in {x.dtype}, got "
                          f"{tuple(weight.shape)} {weight.dtype}")
-    y, _ = _linear_fwd(x.contiguous(), weight, bias, lora_A.to(x.dtype).contiguous(),
-                       lora_B.to(x.dtype).contiguous(), gates.float().contiguous(),
-                       expert_ids.long().contiguous(), float(scale))
-    return y
+    dt = x.dtype
+    args = (_as(x, dt), weight, bias, _as(lora_A, dt), _as(lora_B, dt), _as(gates, torch.float32),
+            _as(expert_ids, torch.int64), float(scale))
+    if _use_fast_path(args[0], weight, args[3], args[4], args[5]):
+        return _LinearFn.apply(*args)
+    return _linear_fwd(*args)[0]
