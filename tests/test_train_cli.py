@@ -55,3 +55,18 @@ def test_unknown_key_and_missing_value_in_process(tmp_path, capsys):
     assert e.value.code == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "model.path" in line and "pass model.path=" in line
+
+
+@pytest.mark.parametrize("exp", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_experiments_compose_and_override_the_base_config(exp):
+    from hydra.utils import instantiate
+
+    import mol  # noqa: F401
+
+    cfg = compose([f"experiment={exp}", "model.path=/x", "data.train=/y", "output_dir=/z"])
+    method = instantiate(cfg.method, _convert_="all")
+    method.validate()
+    if exp == "tiny_llama":
+        assert cfg.model.task == "causal_lm" and cfg.baseline.enabled is False and cfg.trainer.max_epochs == 1
+    if exp == "lora_same_budget":
+        assert type(method).__name__ == "LoRAConfig" and method.rank == 68
