@@ -7,7 +7,10 @@ accumulation is timed), median of CUDA-event timings (triton.testing.do_bench). 
 (gates, expert_ids) is drawn once outside the timed region; gates require grad, so dgates is
 computed. Prints one table with every row and its ratio to the bare base measured in the same
 run, then the shrink/expand kernels alone as a fraction of the measured copy bandwidth, then
-decode (T=1, 16) forward-only under CUDA-graph replay.
+decode (T=1, 16) forward-only under CUDA-graph replay, then the host (CPU) time per call at T=16.
+After timing each case the autotuned kernels' output and gradients are checked against a float32
+PyTorch reference (the tuned tiles may differ from the fixed one gpu_check_kernels.py uses).
+--quick: T=8192 and T=512 (4096→4096 E=8 top-2 r=16) plus the decode and host tables.
 """
 import argparse
 import os
@@ -20,6 +23,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol.kernels.grouped_lora as gl  # noqa: E402
+from mol.dispatch import lora_delta_torch  # noqa: E402
 
 DEV = "cuda"
 DT = torch.bfloat16
@@ -145,6 +149,18 @@ def kernels_alone(c, bw):
     return [(n, t * 1e3, b / (t * 1e-3) / 1e9, b / (t * 1e-3) / bw) for n, t, b in res]
 
 
+def check_tuned(c):
+    """Relative errors of the autotuned fused op (forward and every gradient) against float32 torch."""
+    x, W, A, B, gates, ids, dy, s = (c[k] for k in ("x", "W", "A", "B", "gates", "ids", "dy", "scale"))
+    y = gl.grouped_lora_linear(x, W, None, A, B, gates, ids, s)
+    got = [y] + list(torch.autograd.grad(y, [x, A, B, gates], dy))
+    ref_in = [t.detach().float().requires_grad_() for t in (x, A, B, gates)]
+    y_ref = F.linear(ref_in[0], W.float()) + lora_delta_torch(ref_in[0], ref_in[1], ref_in[2], ref_in[3], ids, s)
+    ref = [y_ref] + list(torch.autograd.grad(y_ref, ref_in, dy.float()))
+    return {n: ((a.float() - b).norm() / b.norm().clamp_min(1e-30)).item()
+            for n, a, b in zip(("y", "dx", "dA", "dB", "dgates"), got, ref)}
+
+
 def graph_time(fn, n=20):
     fn()
     fn()
@@ -180,9 +196,9 @@ def main():
         (512, 4096, 4096, 8, 2, 16, 2.0),
     ]
     if args.quick:
-        cases = cases[:1]
+        cases = [cases[0], cases[4]]
     lines += ["| case | row | ms | × base | target |", "| --- | --- | --- | --- | --- |"]
-    kern = []
+    kern, checks = [], []
     for T, n_in, n_out, E, K, r, target in cases:
         c = make_case(T, n_in, n_out, E, K, r, gen)
         rows = rows_for(c, r, E, with_peft=(r == 16))
@@ -195,10 +211,19 @@ def main():
             tgt = f"≤ {target}×" if rn.startswith("MoL triton fused") else ""
             lines.append(f"| {case} | {rn} | {t:.3f} | {t / tb:.2f}× | {tgt} |")
             print(lines[-1], flush=True)
+        errs = check_tuned(c)
+        print(f"  autotuned check vs fp32 torch: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
+        checks.append((case, errs))
         if T == 8192:
             kern += [(case,) + k for k in kernels_alone(c, bw)]
         del c, rows
         torch.cuda.empty_cache()
+    lines += ["", "Autotuned kernels vs a float32 PyTorch reference (relative error; bf16 tolerance 1e-2):", "",
+              "| case | y | dx | dA | dB | dgates | ok |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for case, e in checks:
+        ok = all(v < 1e-2 for v in e.values())
+        lines.append(f"| {case} | " + " | ".join(f"{e[k]:.1e}" for k in ("y", "dx", "dA", "dB", "dgates"))
+                     + f" | {'yes' if ok else 'NO'} |")
     lines += ["", "Kernels alone (bytes each must move: inputs read once, outputs written once):", "",
               "| case | kernel | µs | GB/s | fraction of copy bandwidth |", "| --- | --- | --- | --- | --- |"]
     for case, n, us, gbs, frac in kern:
@@ -219,25 +244,42 @@ def main():
               "so this is the CPU-side cost):", "", "| what | µs per call |", "| --- | --- |"]
     c = make_case(16, 4096, 4096, 8, 2, 16, gen)
     x, W, A, B, gates, ids, dy = (c[k] for k in ("x", "W", "A", "B", "gates", "ids", "dy"))
+    fused = fwd_bwd(lambda: gl.grouped_lora_linear(x, W, None, A, B, gates, ids, 2.0), [x, A, B, gates], dy)
     host = {
-        "bare base fwd+bwd": fwd_bwd(lambda: F.linear(x, W), [x], dy),
-        "MoL fused fwd+bwd": fwd_bwd(lambda: gl.grouped_lora_linear(x, W, None, A, B, gates, ids, 2.0),
-                                     [x, A, B, gates], dy),
-        "MoL fused fwd only (no_grad)": lambda: gl.grouped_lora_linear(x.detach(), W, None, A.detach(), B.detach(),
-                                                                      gates.detach(), ids, 2.0),
-        "raw launches: shrink + linear + expand": lambda: gl._expand(
-            F.linear(x.detach(), W), gl._shrink(x.detach(), A.detach().reshape(128, -1)), gl._b_cat(B.detach()), 16,
-            gates.detach(), ids, 2.0, torch.empty(16, 4096, device=DEV, dtype=DT)),
+        "bare base fwd+bwd": (fwd_bwd(lambda: F.linear(x, W), [x], dy), None),
+        "MoL fused fwd+bwd (eager fast path: autograd.Function, cached tile config)": (fused, None),
+        "MoL fused fwd+bwd, custom-op dispatch (EAGER_FAST_PATH=False)": (fused, "no_fast"),
+        "MoL fused fwd+bwd, fast path but every launch through triton.autotune + zero-fill": (fused, "no_cache"),
+        "MoL fused fwd+bwd, custom ops + autotune every launch (≈ the path before this change)": (fused, "neither"),
+        "MoL add fwd+bwd (F.linear + grouped_lora_add)": (fwd_bwd(
+            lambda: gl.grouped_lora_add(F.linear(x, W), x, A, B, gates, ids, 2.0), [x, A, B, gates], dy), None),
+        "MoL fused fwd only (no_grad)": (lambda: gl.grouped_lora_linear(
+            x.detach(), W, None, A.detach(), B.detach(), gates.detach(), ids, 2.0), None),
+        "raw launches: shrink + linear + expand": (lambda: gl._expand(
+            F.linear(x.detach(), W), gl._shrink(x.detach(), A.detach().reshape(128, -1)), gl._b_cat(B.detach()).contiguous(),
+            16, gates.detach(), ids, 2.0, torch.empty(16, 4096, device=DEV, dtype=DT)), None),
     }
-    for hn, fn in host.items():
-        with torch.no_grad() if "fwd only" in hn or "raw" in hn else torch.enable_grad():
-            for _ in range(20):
-                fn()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(200):
-                fn()
-            torch.cuda.synchronize()
+
+    class NoCache(dict):  # _launch never finds a chosen config: the pre-change launch path
+        def __setitem__(self, k, v):
+            pass
+
+    for hn, (fn, mode) in host.items():
+        saved = gl.EAGER_FAST_PATH, gl._CHOSEN
+        gl.EAGER_FAST_PATH = mode not in ("no_fast", "neither")
+        if mode in ("no_cache", "neither"):
+            gl._CHOSEN = NoCache()
+        try:
+            with torch.no_grad() if "fwd only" in hn or "raw" in hn else torch.enable_grad():
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    fn()
+                torch.cuda.synchronize()
+        finally:
+            gl.EAGER_FAST_PATH, gl._CHOSEN = saved
         lines.append(f"| {hn} | {(time.perf_counter() - t0) / 200 * 1e6:.0f} |")
     text = "\n".join(lines)
     print(text)
