@@ -177,6 +177,54 @@ def graph_time(fn, n=20):
     return bench(lambda: g.replay()) / n
 
 
+def host_table(gen):
+    """Host (CPU) µs per call at T=16, where the GPU work is tiny."""
+    lines = []
+    lines += ["", "Host time per call, T=16 4096→4096 E=8 top-2 r=16 (200 calls, one sync; GPU work is tiny, "
+              "so this is the CPU-side cost):", "", "| what | µs per call |", "| --- | --- |"]
+    c = make_case(16, 4096, 4096, 8, 2, 16, gen)
+    x, W, A, B, gates, ids, dy = (c[k] for k in ("x", "W", "A", "B", "gates", "ids", "dy"))
+    fused = fwd_bwd(lambda: gl.grouped_lora_linear(x, W, None, A, B, gates, ids, 2.0), [x, A, B, gates], dy)
+    host = {
+        "bare base fwd+bwd": (fwd_bwd(lambda: F.linear(x, W), [x], dy), None),
+        "MoL fused fwd+bwd (eager fast path: autograd.Function, cached tile config)": (fused, None),
+        "MoL fused fwd+bwd, custom-op dispatch (EAGER_FAST_PATH=False)": (fused, "no_fast"),
+        "MoL fused fwd+bwd, fast path but every launch through triton.autotune + zero-fill": (fused, "no_cache"),
+        "MoL fused fwd+bwd, custom ops + autotune every launch (≈ the path before this change)": (fused, "neither"),
+        "MoL add fwd+bwd (F.linear + grouped_lora_add)": (fwd_bwd(
+            lambda: gl.grouped_lora_add(F.linear(x, W), x, A, B, gates, ids, 2.0), [x, A, B, gates], dy), None),
+        "MoL fused fwd only (no_grad)": (lambda: gl.grouped_lora_linear(
+            x.detach(), W, None, A.detach(), B.detach(), gates.detach(), ids, 2.0), None),
+        "raw launches: shrink + linear + expand": (lambda: gl._expand(
+            F.linear(x.detach(), W), gl._shrink(x.detach(), A.detach().reshape(128, -1)), gl._b_cat(B.detach()).contiguous(),
+            16, gates.detach(), ids, 2.0, torch.empty(16, 4096, device=DEV, dtype=DT)), None),
+    }
+
+    class NoCache(dict):  # _launch never finds a chosen config: the pre-change launch path
+        def __setitem__(self, k, v):
+            pass
+
+    for hn, (fn, mode) in host.items():
+        saved = gl.EAGER_FAST_PATH, gl._CHOSEN
+        gl.EAGER_FAST_PATH = mode not in ("no_fast", "neither")
+        if mode in ("no_cache", "neither"):
+            gl._CHOSEN = NoCache()
+        try:
+            with torch.no_grad() if "fwd only" in hn or "raw" in hn else torch.enable_grad():
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    fn()
+                torch.cuda.synchronize()
+        finally:
+            gl.EAGER_FAST_PATH, gl._CHOSEN = saved
+        lines.append(f"| {hn} | {(time.perf_counter() - t0) / 200 * 1e6:.0f} |")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="also write the markdown tables here")
@@ -197,6 +245,8 @@ def main():
     ]
     if args.quick:
         cases = [cases[0], cases[4]]
+    # host table first: the quick GPU run has a hard time limit and this is its main question
+    host_lines = host_table(gen)
     lines += ["| case | row | ms | × base | target |", "| --- | --- | --- | --- | --- |"]
     kern, checks = [], []
     for T, n_in, n_out, E, K, r, target in cases:
@@ -240,47 +290,7 @@ def main():
             tf = graph_time(lambda: gl.grouped_lora_linear(x, W, None, A, B, gates, ids, 2.0))
             ta = graph_time(lambda: gl.grouped_lora_add(F.linear(x, W), x, A, B, gates, ids, 2.0))
             lines.append(f"| {T} | {tb * 1e3:.1f} | {tf * 1e3:.1f} | {ta * 1e3:.1f} | {tf / tb:.2f}× | ≤ 1.5× |")
-    lines += ["", "Host time per call, T=16 4096→4096 E=8 top-2 r=16 (200 calls, one sync; GPU work is tiny, "
-              "so this is the CPU-side cost):", "", "| what | µs per call |", "| --- | --- |"]
-    c = make_case(16, 4096, 4096, 8, 2, 16, gen)
-    x, W, A, B, gates, ids, dy = (c[k] for k in ("x", "W", "A", "B", "gates", "ids", "dy"))
-    fused = fwd_bwd(lambda: gl.grouped_lora_linear(x, W, None, A, B, gates, ids, 2.0), [x, A, B, gates], dy)
-    host = {
-        "bare base fwd+bwd": (fwd_bwd(lambda: F.linear(x, W), [x], dy), None),
-        "MoL fused fwd+bwd (eager fast path: autograd.Function, cached tile config)": (fused, None),
-        "MoL fused fwd+bwd, custom-op dispatch (EAGER_FAST_PATH=False)": (fused, "no_fast"),
-        "MoL fused fwd+bwd, fast path but every launch through triton.autotune + zero-fill": (fused, "no_cache"),
-        "MoL fused fwd+bwd, custom ops + autotune every launch (≈ the path before this change)": (fused, "neither"),
-        "MoL add fwd+bwd (F.linear + grouped_lora_add)": (fwd_bwd(
-            lambda: gl.grouped_lora_add(F.linear(x, W), x, A, B, gates, ids, 2.0), [x, A, B, gates], dy), None),
-        "MoL fused fwd only (no_grad)": (lambda: gl.grouped_lora_linear(
-            x.detach(), W, None, A.detach(), B.detach(), gates.detach(), ids, 2.0), None),
-        "raw launches: shrink + linear + expand": (lambda: gl._expand(
-            F.linear(x.detach(), W), gl._shrink(x.detach(), A.detach().reshape(128, -1)), gl._b_cat(B.detach()).contiguous(),
-            16, gates.detach(), ids, 2.0, torch.empty(16, 4096, device=DEV, dtype=DT)), None),
-    }
-
-    class NoCache(dict):  # _launch never finds a chosen config: the pre-change launch path
-        def __setitem__(self, k, v):
-            pass
-
-    for hn, (fn, mode) in host.items():
-        saved = gl.EAGER_FAST_PATH, gl._CHOSEN
-        gl.EAGER_FAST_PATH = mode not in ("no_fast", "neither")
-        if mode in ("no_cache", "neither"):
-            gl._CHOSEN = NoCache()
-        try:
-            with torch.no_grad() if "fwd only" in hn or "raw" in hn else torch.enable_grad():
-                for _ in range(20):
-                    fn()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(200):
-                    fn()
-                torch.cuda.synchronize()
-        finally:
-            gl.EAGER_FAST_PATH, gl._CHOSEN = saved
-        lines.append(f"| {hn} | {(time.perf_counter() - t0) / 200 * 1e6:.0f} |")
+    lines += host_lines
     text = "\n".join(lines)
     print(text)
     if args.out:
