@@ -8,6 +8,7 @@ against.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,6 +33,7 @@ def lora_delta_torch(x: Tensor, lora_A: Tensor, lora_B: Tensor, gates: Tensor, e
     return (h @ rearrange(lora_B, "e o r -> (e r) o")) * scale
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
