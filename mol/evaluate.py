@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from mol.train.app import (ConfigError, _fail, _one_line, build_datamodule, check_overrides,  # noqa: E402
+from mol.train.app import (ConfigError, _fail, build_datamodule, check_overrides, run_guarded,  # noqa: E402
                            find_conf_dir, load_model, register_resolvers)
 
 
@@ -61,17 +61,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def _task(cfg: DictConfig) -> None:
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
-    from mol.train.data import DataError
-
-    try:
-        evaluate(cfg)
-    except MissingMandatoryValue as e:
-        key = getattr(e, "full_key", None) or "a value"
-        _fail(f"{key} is required; pass {key}=... (e.g. adapter=runs/<run>/adapter)")
-    except (ConfigError, DataError, OmegaConfBaseException, ValueError) as e:
-        _fail(_one_line(e))
+    run_guarded(evaluate, cfg, example=" (e.g. adapter=runs/<run>/adapter)", extra_errors=(ValueError,))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

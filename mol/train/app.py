@@ -353,20 +353,23 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
-def _task(cfg: DictConfig) -> None:
-    from omegaconf.errors import OmegaConfBaseException
+def run_guarded(fn, cfg: DictConfig, example: str = "", extra_errors: tuple = ()) -> None:
+    """Run ``fn(cfg)``; a config or data mistake ends in one line that names the fix, not a stack trace."""
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
     from mol.train.data import DataError
 
-    from omegaconf.errors import MissingMandatoryValue
-
     try:
-        run(cfg)
+        fn(cfg)
     except MissingMandatoryValue as e:
         key = getattr(e, "full_key", None) or "a value"
-        _fail(f"{key} is required and has no default; pass {key}=... on the command line")
-    except (ConfigError, DataError, OmegaConfBaseException) as e:
+        _fail(f"{key} is required and has no default; pass {key}=... on the command line{example}")
+    except (ConfigError, DataError, OmegaConfBaseException, *extra_errors) as e:
         _fail(_one_line(e))
+
+
+def _task(cfg: DictConfig) -> None:
+    run_guarded(run, cfg)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
