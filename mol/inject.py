@@ -37,15 +37,15 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or getattr(module, "is_quantized_linear", False)
 
 
-def _matches_any(name: str, patterns: Iterable[str]) -> bool:
-    """Exact name or dotted suffix (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``)."""
+def name_matches(name: str, patterns: Iterable[str]) -> bool:
+    """``name`` equals a pattern or ends with it as a dotted suffix (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``)."""
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def _under_any(name: str, patterns: Iterable[str]) -> bool:
     """The module or one of its parents matches a pattern."""
     parts = name.split(".")
-    return any(_matches_any(".".join(parts[:i]), patterns) for i in range(1, len(parts) + 1))
+    return any(name_matches(".".join(parts[:i]), patterns) for i in range(1, len(parts) + 1))
 
 
 def _inside_adapter(name: str, adapters: set[str]) -> bool:
@@ -87,12 +87,12 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
     else:
         names, unmatched = [], []
         for pat in target_modules:
-            hits = [n for n, _ in candidates if _matches_any(n, [pat])]
+            hits = [n for n, _ in candidates if name_matches(n, [pat])]
             if not hits:
                 unmatched.append(pat)
             names.extend(h for h in hits if h not in names)
         what = f"pattern(s) {unmatched!r}"
-    if unmatched and any(_matches_any(a, unmatched) for a in adapters):
+    if unmatched and any(name_matches(a, unmatched) for a in adapters):
         raise ValueError(f"target_modules {what} selects layers that already carry an adapter; "
                          "give each method its own layers (or inject the configs as one list on a fresh model)")
     if unmatched:
@@ -169,7 +169,7 @@ def inject(model: nn.Module, config: Union[MethodConfig, Sequence[MethodConfig]]
     for cfg in configs:
         names = _METHODS[type(cfg)](model, cfg)
         for mod_name in getattr(cfg, "modules_to_save", []):
-            hits = [n for n, _ in model.named_modules() if _matches_any(n, [mod_name])]
+            hits = [n for n, _ in model.named_modules() if name_matches(n, [mod_name])]
             if not hits:
                 raise ValueError(f"modules_to_save entry {mod_name!r} matches no module; fix modules_to_save")
             for hit in hits:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MoLConfig, config_from_dict
-from mol.inject import adapter_layers, inject
+from mol.inject import adapter_layers, inject, name_matches
 from mol.layers import MoLLinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -263,7 +263,7 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
     # them, and PEFT ignores the ones that match nothing; do the same, keeping the saved order.
     names = [n for n, _ in model.named_modules()]
     to_save = [m for m in dict.fromkeys(raw.get("modules_to_save") or [])
-               if any(n == m or n.endswith("." + m) for n in names)]
+               if any(name_matches(n, [m]) for n in names)]
     cfg = LoRAConfig(
         rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), target_modules=raw["target_modules"],
         dropout=float(raw.get("lora_dropout", 0.0)), use_rslora=bool(raw.get("use_rslora", False)),

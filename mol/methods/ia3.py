@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mol.config import MethodConfig, TargetModules, register_config
-from mol.inject import is_linear, match_modules, register_method, replace_module
+from mol.inject import is_linear, match_modules, name_matches, register_method, replace_module
 from mol.layers import AdapterLayer
 from mol.methods._util import check_modules_to_save, check_targets, is_conv1d, model_type
 
@@ -149,7 +149,7 @@ def _resolve(model: nn.Module, cfg: IA3Config) -> tuple[list[str], list[str]]:
     elif isinstance(ff, str):
         ff_names = [n for n in names if re.fullmatch(ff, n)]
     else:
-        ff_names = [n for n in names if any(n == p or n.endswith("." + p) for p in ff)]
+        ff_names = [n for n in names if name_matches(n, ff)]
     return names, ff_names
 
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mol.inject import name_matches, replace_module
+
 from .nf4 import NF4Weight, dequantize_nf4, from_bnb_tensors, quantize_nf4, to_bnb_tensors, _QS_PREFIX
 
 
@@ -148,16 +150,7 @@ class NF4Linear(nn.Module):
 
 
 def _skip_match(name: str, patterns: list[str]) -> bool:
-    for p in patterns:
-        if name == p or name.endswith("." + p) or re.fullmatch(p, name):
-            return True
-    return False
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    return name_matches(name, patterns) or any(re.fullmatch(p, name) for p in patterns)
 
 
 @torch.no_grad()
@@ -182,7 +175,7 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
             q = NF4Linear.from_linear(lin, blocksize, nested_blocksize, backend=backend)
         except (ValueError, TypeError) as e:
             raise type(e)(f"quantize: layer {name!r}: {e}") from e
-        _set_module(model, name, q)
+        replace_module(model, name, q)
     return model
 
 
@@ -201,6 +194,6 @@ def load_bnb_4bit(model: nn.Module, state_dict: dict[str, torch.Tensor], backend
         if (new.out_features, new.in_features) != (mod.out_features, mod.in_features):
             raise ValueError(f"load_bnb_4bit: {name!r} is {mod.out_features}x{mod.in_features} in the model but "
                              f"{new.out_features}x{new.in_features} in the checkpoint")
-        _set_module(model, name, new)
+        replace_module(model, name, new)
         replaced.append(name)
     return replaced

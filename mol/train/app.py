@@ -157,11 +157,13 @@ def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]
 
 def freeze_except(model: Any, names: list[str]) -> None:
     """The frozen-base baseline: only modules named in ``names`` (suffix match, e.g. ``classifier``) train."""
+    from mol.inject import name_matches
+
     for p in model.parameters():
         p.requires_grad_(False)
     hit = False
     for n, m in model.named_modules():
-        if any(n == s or n.endswith("." + s) for s in names):
+        if name_matches(n, names):
             hit = True
             for p in m.parameters():
                 p.requires_grad_(True)
