@@ -32,7 +32,8 @@ POISON = False
 def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     dtype = dtype or like.dtype
     if POISON:
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+        fill = float("nan") if dtype.is_floating_point else -(2 ** 31)
+        return torch.full(shape, fill, device=like.device, dtype=dtype)
     return torch.empty(shape, device=like.device, dtype=dtype)
 
 

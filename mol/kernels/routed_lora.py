@@ -1,0 +1,548 @@
+"""A whole routed MoL layer (router + experts + auxiliary losses) in a handful of launches.
+
+The layer-level path MoLLinear takes on the Triton backend. What it saves over running the router module and
+then the grouped-LoRA kernels: the router is scored in the same pass over x as the experts' shrink (it is E
+more output columns), its softmax/top-k/renormalisation, the per-column gates and the load-balance and z-loss
+statistics are one small kernel, and their backward (routing gradient *and* the auxiliary losses' gradient,
+computed in closed form) is another. The router's dx and weight gradient then ride in the same cuBLAS GEMMs as
+the experts' (one more row block of E rows). Nothing is read back to the host and no shape depends on data.
+
+    T tokens, R = E*r expert columns, K experts per token, dt = x's dtype
+
+    forward
+      hl = [x_lora @ A_cat^T | x @ Wr^T]          (T, R+E) fp32      _route_shrink_kernel
+      gates, ids, u, stats = route(hl[:, R:])     u = scale*g*h (dt)  _gate_fwd_kernel
+      aux = lb_coef * LB + z_coef * Z             from stats          _aux_kernel
+      y  = base(x) + u @ B_cat                    cuBLAS, accumulated into the base output
+    backward (dy, daux)
+      du  = dy @ B_cat^T                          (T, R) fp32         grouped_lora._du_kernel
+      dhl = [scale*g*du | dlogits]                (T, R+E) dt         _gate_bwd_kernel
+      dx  = dy @ W + dhl @ [A_cat; Wr]            cuBLAS (one addmm into the base dx)
+      [dA_cat; dWr] = dhl^T @ x,  dB_cat = u^T @ dy
+
+The router scores in (close to) float32 whatever dt is: the router block of the shrink upcasts x and dots it
+with the float32 router weight at tf32x3 precision (three tensor-core products, ~fp32 accuracy). Its
+*backward* GEMMs run in dt like the experts' (dlogits and Wr rounded to dt for dx and dWr), which is where a
+bf16 model's router gradient differs from the reference path by bf16 rounding.
+
+Auxiliary losses, as mol.routers defines them: LB = E * sum_e f_e * P_e with f_e = counts_e / (T*K) and
+P_e = mean_t p_te; Z = mean_t logsumexp(logits_t)^2. Their gradient w.r.t. the logits is
+    dLB/dlogits_t = (E/T) * p_t * (f - <f, p_t>),   dZ/dlogits_t = (2/T) * lse_t * p_t.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from mol.kernels import grouped_lora as gl
+
+KINDS = {"topk": 0, "switch": 1, "soft": 2}
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def _shrink_configs():
+    if gl._INTERPRET:
+        return [triton.Config({"BT": 16, "BR": 16, "BK": 16, "SPLIT": 2}, num_warps=4, num_stages=1)]
+    if os.environ.get("MOL_TRITON_AUTOTUNE", "1") == "0":  # one safe config: fast start, no tuning
+        return [triton.Config({"BT": 64, "BR": 64, "BK": 64, "SPLIT": 2}, num_warps=4, num_stages=3)]
+    shapes = [(64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 64, 128, 1, 4, 3), (64, 128, 64, 2, 4, 4),
+              (128, 128, 64, 2, 8, 3), (16, 64, 128, 8, 4, 3), (16, 128, 64, 16, 4, 3), (16, 32, 128, 16, 4, 3),
+              (32, 128, 64, 4, 4, 3)]
+    return [triton.Config({"BT": bt, "BR": br, "BK": bk, "SPLIT": s}, num_warps=w, num_stages=st)
+            for bt, br, bk, s, w, st in shapes]
+
+
+@triton.autotune(configs=_shrink_configs(), key=["T_BUCKET", "N_IN", "R", "E"],
+                 prune_configs_by={"early_config_prune": gl._prune}, reset_to_zero=["hl_ptr"])
+@triton.jit
+def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, T, N_IN, R, E, T_BUCKET,
+                         EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+                         SPLIT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """hl[:, :R] (+)= x_lora @ A_cat^T; hl[:, R:R+E] (+)= x @ Wr^T (float32 Wr). Row stride of hl: R+E.
+
+    Program column pid_r < cdiv(R, BR) does an expert tile; the last column does the router. With the
+    column axis fastest, the programs that share rows of x run together and reuse them from L2."""
+    pid_r = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n_rt = tl.cdiv(R, BR)
+    ld = R + E
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    mask_t = offs_t < T
+    chunk = tl.cdiv(tl.cdiv(N_IN, SPLIT), BK) * BK
+    k_lo = pid_s * chunk
+    k_hi = tl.minimum(k_lo + chunk, N_IN)
+    if pid_r < n_rt:
+        offs_r = pid_r * BR + tl.arange(0, BR)
+        mask_r = offs_r < R
+        x_row = xl_ptr + offs_t.to(tl.int64)[:, None] * N_IN
+        a_row = a_ptr + offs_r.to(tl.int64)[None, :] * N_IN
+        acc = tl.zeros((BT, BR), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BK):
+            kk = k0 + offs_k
+            mk = kk < k_hi
+            xt = tl.load(x_row + kk[None, :], mask=mask_t[:, None] & mk[None, :], other=0.0)
+            at = tl.load(a_row + kk[:, None], mask=mk[:, None] & mask_r[None, :], other=0.0)
+            if F32_DOT:  # the CPU interpreter mis-computes low-precision tl.dot
+                acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
+            elif IEEE:
+                acc = tl.dot(xt, at, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, at, acc)
+        ptrs = hl_ptr + offs_t.to(tl.int64)[:, None] * ld + offs_r[None, :]
+        m2 = mask_t[:, None] & mask_r[None, :]
+        if SPLIT == 1:
+            tl.store(ptrs, acc, mask=m2)
+        else:
+            tl.atomic_add(ptrs, acc, mask=m2)
+    else:  # the router block; names differ from the expert branch's (Triton unifies same-named variables)
+        offs_e = tl.arange(0, EP)
+        mask_e = offs_e < E
+        xr_row = x_ptr + offs_t.to(tl.int64)[:, None] * N_IN
+        w_row = wr_ptr + offs_e.to(tl.int64)[None, :] * N_IN
+        acc_r = tl.zeros((BT, EP), dtype=tl.float32)
+        for k1 in range(k_lo, k_hi, BK):
+            kr = k1 + offs_k
+            mkr = kr < k_hi
+            xr = tl.load(xr_row + kr[None, :], mask=mask_t[:, None] & mkr[None, :], other=0.0).to(tl.float32)
+            wt = tl.load(w_row + kr[:, None], mask=mkr[:, None] & mask_e[None, :], other=0.0)
+            if F32_DOT or IEEE:
+                acc_r = tl.dot(xr, wt, acc_r, input_precision="ieee")
+            else:  # x is exact in tf32; Wr is split hi+lo: float32-accurate scores on tensor cores
+                acc_r = tl.dot(xr, wt, acc_r, input_precision="tf32x3")
+        ptrs_r = hl_ptr + offs_t.to(tl.int64)[:, None] * ld + R + offs_e[None, :]
+        m2r = mask_t[:, None] & mask_e[None, :]
+        if SPLIT == 1:
+            tl.store(ptrs_r, acc_r, mask=m2r)
+        else:
+            tl.atomic_add(ptrs_r, acc_r, mask=m2r)
+
+
+@triton.jit
+def _expert_onehot(offs_e, offs_c, RANK: tl.constexpr):
+    """(EP, BR) float32: 1 where column c belongs to expert e."""
+    return tl.where(offs_e[:, None] == (offs_c // RANK)[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, R, E, HAS_NOISE: tl.constexpr):
+    """Router softmax of one row block: (probs (BT, EP), lse (BT,)), zero outside the valid rows/experts."""
+    ld = R + E
+    m2 = mask_t[:, None] & mask_e[None, :]
+    logits = tl.load(hl_ptr + offs_t.to(tl.int64)[:, None] * ld + R + offs_e[None, :], mask=m2, other=0.0)
+    if HAS_NOISE:
+        logits += tl.load(noise_ptr + offs_t.to(tl.int64)[:, None] * E + offs_e[None, :], mask=m2, other=0.0)
+    logits = tl.where(mask_e[None, :], logits, float("-inf"))
+    mx = tl.max(logits, axis=1)
+    p = tl.exp(logits - mx[:, None])
+    s = tl.sum(p, axis=1)
+    probs = tl.where(m2, p / s[:, None], 0.0)
+    lse = mx + tl.log(s)
+    return probs, tl.where(mask_t, lse, 0.0)
+
+
+@triton.jit
+def _gate_fwd_kernel(hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, scale, T, R, E,
+                     RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
+                     BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr):
+    """Routing decision and gated shrink output for BT tokens.
+
+    gates/ids (T, K): top-k of the softmax (KIND 0: renormalised; 1: switch, raw probability; 2: soft, every
+    expert). u (T, R) = scale * gate(expert of column) * h in u's dtype. stats (2E+1) += per-expert routed
+    counts, per-expert sums of probabilities, sum of logsumexp^2 (atomics)."""
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    offs_e = tl.arange(0, EP)
+    mask_t = offs_t < T
+    mask_e = offs_e < E
+    probs, lse = _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, R, E, HAS_NOISE)
+    if KIND == 2:
+        dense = probs
+        chosen = tl.where(mask_t[:, None] & mask_e[None, :], 1.0, 0.0)
+        for k in tl.static_range(K):  # K == E: ids are 0..E-1 in order
+            pk = tl.sum(tl.where(offs_e[None, :] == k, probs, 0.0), axis=1)
+            tl.store(gates_ptr + offs_t.to(tl.int64) * K + k, pk, mask=mask_t)
+            tl.store(ids_ptr + offs_t.to(tl.int64) * K + k, tl.zeros_like(offs_t).to(tl.int64) + k, mask=mask_t)
+    else:
+        # K rounds of "take the largest remaining probability" (lowest index on ties). Run twice: the first
+        # pass finds the renormalising sum, the second stores (no re-reading of what this program wrote).
+        sel = tl.where(mask_e[None, :], probs, -1.0)
+        dense = tl.zeros((BT, EP), dtype=tl.float32)
+        for k in tl.static_range(K):
+            pk = tl.max(sel, axis=1)
+            ik = tl.min(tl.where(sel == pk[:, None], offs_e[None, :], EP), axis=1)
+            hit = offs_e[None, :] == ik[:, None]
+            dense = tl.where(hit, pk[:, None], dense)
+            sel = tl.where(hit, -2.0, sel)
+        chosen = tl.where((sel == -2.0) & mask_t[:, None], 1.0, 0.0)
+        denom = tl.zeros_like(offs_t).to(tl.float32) + 1.0
+        if KIND == 0:
+            denom = tl.sum(dense, axis=1)
+            denom = tl.where(denom > 0, denom, 1.0)
+            dense = dense / denom[:, None]
+        sel = tl.where(mask_e[None, :], probs, -1.0)
+        for k in tl.static_range(K):
+            pk = tl.max(sel, axis=1)
+            ik = tl.min(tl.where(sel == pk[:, None], offs_e[None, :], EP), axis=1)
+            sel = tl.where(offs_e[None, :] == ik[:, None], -2.0, sel)
+            tl.store(ids_ptr + offs_t.to(tl.int64) * K + k, ik.to(tl.int64), mask=mask_t)
+            tl.store(gates_ptr + offs_t.to(tl.int64) * K + k, pk / denom, mask=mask_t)
+    # per-column gates by a one-hot product (exact: one nonzero term per output)
+    for c0 in range(0, R, BR):
+        offs_c = c0 + tl.arange(0, BR)
+        mask_c = offs_c < R
+        g = tl.dot(dense, _expert_onehot(offs_e, offs_c, RANK), input_precision="ieee")
+        io = offs_t.to(tl.int64)[:, None] * (R + E) + offs_c[None, :]
+        m2 = mask_t[:, None] & mask_c[None, :]
+        h = tl.load(hl_ptr + io, mask=m2, other=0.0)
+        tl.store(u_ptr + offs_t.to(tl.int64)[:, None] * R + offs_c[None, :],
+                 (h * g * scale).to(u_ptr.dtype.element_ty), mask=m2)
+    tl.atomic_add(stats_ptr + offs_e, tl.sum(chosen, axis=0), mask=mask_e)
+    tl.atomic_add(stats_ptr + E + offs_e, tl.sum(probs, axis=0), mask=mask_e)
+    tl.atomic_add(stats_ptr + 2 * E, tl.sum(lse * lse, axis=0))
+
+
+@triton.jit
+def _aux_kernel(stats_ptr, aux_ptr, E, c_lb, c_z, EP: tl.constexpr):
+    """aux = c_lb * <counts, prob_sums> + c_z * sum(lse^2) (the coefficients carry E, T, K and the weights)."""
+    offs = tl.arange(0, EP)
+    m = offs < E
+    cnt = tl.load(stats_ptr + offs, mask=m, other=0.0)
+    ps = tl.load(stats_ptr + E + offs, mask=m, other=0.0)
+    z = tl.load(stats_ptr + 2 * E)
+    tl.store(aux_ptr, c_lb * tl.sum(cnt * ps, axis=0) + c_z * z)
+
+
+@triton.jit
+def _gate_bwd_kernel(du_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, daux_ptr, dhl_ptr,
+                     scale, c_lb, c_z, T, R, E,
+                     RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
+                     BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_AUX: tl.constexpr):
+    """dhl[:, :R] = scale * g * du (the shrink's output gradient); dhl[:, R:] = d loss / d logits, through the
+    gate selection and, when HAS_AUX, the auxiliary losses (c_lb = lb_coef*E/(T*T*K) and c_z = 2*z_coef/T,
+    scaled by daux). Row stride of hl and dhl: R+E."""
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    offs_e = tl.arange(0, EP)
+    mask_t = offs_t < T
+    mask_e = offs_e < E
+    ld = R + E
+    probs, lse = _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, R, E, HAS_NOISE)
+    dense = tl.zeros((BT, EP), dtype=tl.float32)
+    chosen = tl.zeros((BT, EP), dtype=tl.float32)
+    for k in tl.static_range(K):
+        ik = tl.load(ids_ptr + offs_t.to(tl.int64) * K + k, mask=mask_t, other=-1)
+        gk = tl.load(gates_ptr + offs_t.to(tl.int64) * K + k, mask=mask_t, other=0.0)
+        hit = offs_e[None, :] == ik[:, None]
+        dense = tl.where(hit, gk[:, None], dense)
+        chosen = tl.where(hit, 1.0, chosen)
+    # dgates for every expert (only chosen ones are used): dg[t, e] = scale * sum_{c of e} du * h
+    dg = tl.zeros((BT, EP), dtype=tl.float32)
+    for c0 in range(0, R, BR):
+        offs_c = c0 + tl.arange(0, BR)
+        mask_c = offs_c < R
+        m2 = mask_t[:, None] & mask_c[None, :]
+        du = tl.load(du_ptr + offs_t.to(tl.int64)[:, None] * R + offs_c[None, :], mask=m2, other=0.0)
+        h = tl.load(hl_ptr + offs_t.to(tl.int64)[:, None] * ld + offs_c[None, :], mask=m2, other=0.0)
+        onehot = _expert_onehot(offs_e, offs_c, RANK)
+        g = tl.dot(dense, onehot, input_precision="ieee")
+        tl.store(dhl_ptr + offs_t.to(tl.int64)[:, None] * ld + offs_c[None, :],
+                 (du * g * scale).to(dhl_ptr.dtype.element_ty), mask=m2)
+        dg += tl.dot(du * h, tl.trans(onehot), input_precision="ieee")
+    dg = dg * scale
+    # gates -> probabilities
+    if KIND == 0:  # g_k = p_k / S over the chosen set
+        s = tl.sum(probs * chosen, axis=1)
+        s = tl.where(s > 0, s, 1.0)
+        dp = chosen * (dg - tl.sum(dg * dense, axis=1)[:, None]) / s[:, None]
+    elif KIND == 1:
+        dp = chosen * dg
+    else:
+        dp = dg
+    if HAS_AUX:
+        daux = tl.load(daux_ptr)
+        cnt = tl.load(stats_ptr + offs_e, mask=mask_e, other=0.0)
+        dp += (daux * c_lb) * cnt[None, :]
+    # probabilities -> logits (softmax Jacobian), plus the z-loss term
+    dlogits = probs * (dp - tl.sum(dp * probs, axis=1)[:, None])
+    if HAS_AUX:
+        dlogits += (daux * c_z) * lse[:, None] * probs
+    tl.store(dhl_ptr + offs_t.to(tl.int64)[:, None] * ld + R + offs_e[None, :],
+             dlogits.to(dhl_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_e[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _ep(e: int) -> int:
+    return max(16, gl._pow2(e))
+
+
+def _row_block(r_tot: int, ep: int) -> tuple[int, int]:
+    br = min(128, max(16, gl._pow2(r_tot)))
+    bt = 16 if gl._INTERPRET else (32 if max(br, ep) <= 64 else 16)
+    return bt, br
+
+
+def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
+                      router_w: torch.Tensor) -> torch.Tensor:
+    """(T, R+E) float32: the experts' shrink of x_lora (x when None) and the router's logits of x."""
+    t, n_in = x.shape
+    r_tot, e = a_cat.shape[0], router_w.shape[0]
+    bucket = gl._t_bucket(t)
+    key = ("route_shrink", bucket, n_in, r_tot, e, x.dtype)
+    hl = gl._accumulator(t, r_tot + e, x, key)
+    if t == 0:
+        return hl
+
+    def grid(m):
+        return (gl._cdiv(r_tot, m["BR"]) + 1, gl._cdiv(t, m["BT"]), m["SPLIT"])
+    gl._launch(_route_shrink_kernel, key, grid,
+               (x, x if x_lora is None else x_lora, a_cat, router_w, hl, t, n_in, r_tot, e, bucket),
+               {"EP": _ep(e), **gl._flags(x.dtype)})
+    return hl
+
+
+def gate_fwd_impl(hl: torch.Tensor, noise: torch.Tensor | None, r_tot: int, rank: int, kind: int, top_k: int,
+                  scale: float, dtype: torch.dtype, lb_coef: float, z_coef: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gates (T,K) fp32, ids (T,K) int64, u (T,R) dtype, stats (2E+1,) fp32, aux () fp32)."""
+    t = hl.shape[0]
+    e = hl.shape[1] - r_tot
+    gates = gl._alloc((t, top_k), hl)
+    ids = gl._alloc((t, top_k), hl, torch.int64)
+    u = gl._alloc((t, r_tot), hl, dtype)
+    stats = torch.zeros(2 * e + 1, device=hl.device, dtype=torch.float32)
+    aux = gl._alloc((), hl)
+    ep = _ep(e)
+    if t > 0:
+        bt, br = _row_block(r_tot, ep)
+        _gate_fwd_kernel[(gl._cdiv(t, bt),)](hl, hl if noise is None else noise, gates, ids, u, stats, float(scale),
+                                             t, r_tot, e, RANK=rank, K=top_k, KIND=kind, EP=ep, BT=bt, BR=br,
+                                             HAS_NOISE=noise is not None)
+    c_lb = lb_coef * e / (max(t, 1) * max(t, 1) * top_k)
+    _aux_kernel[(1,)](stats, aux, e, float(c_lb), float(z_coef / max(t, 1)), EP=ep)
+    return gates, ids, u, stats, aux
+
+
+def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None, gates: torch.Tensor,
+                  ids: torch.Tensor, stats: torch.Tensor, daux: torch.Tensor | None, rank: int, kind: int,
+                  scale: float, lb_coef: float, z_coef: float, dtype: torch.dtype) -> torch.Tensor:
+    """(T, R+E) in dtype: [gradient of the shrink output h | gradient of the router logits]."""
+    t, r_tot = du.shape
+    e = hl.shape[1] - r_tot
+    top_k = ids.shape[1]
+    dhl = gl._alloc((t, r_tot + e), hl, dtype)
+    if t > 0:
+        ep = _ep(e)
+        bt, br = _row_block(r_tot, ep)
+        tt = max(t, 1)
+        _gate_bwd_kernel[(gl._cdiv(t, bt),)](
+            du, hl, hl if noise is None else noise, gates, ids, stats, stats if daux is None else daux, dhl,
+            float(scale), float(lb_coef * e / (tt * tt * top_k)), float(2.0 * z_coef / tt), t, r_tot, e,
+            RANK=rank, K=top_k, KIND=kind, EP=ep, BT=bt, BR=br, HAS_NOISE=noise is not None,
+            HAS_AUX=daux is not None)
+    return dhl
+
+
+def lora_du_impl(dy: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """du = dy @ B_cat^T in float32, (T, E*r), B in its (E, out, r) layout."""
+    t, n_out = dy.shape
+    e, _, rank = lora_B.shape
+    r_tot = e * rank
+    bucket = gl._t_bucket(t)
+    key = ("du", bucket, n_out, r_tot, rank, dy.dtype)
+    du = gl._accumulator(t, r_tot, dy, key)
+    if t == 0:
+        return du
+
+    def grid(m):
+        return (gl._cdiv(t, m["BT"]), gl._cdiv(r_tot, m["BR"]), m["SPLIT"])
+    gl._launch(gl._du_kernel, key, grid, (dy, lora_B, du, t, n_out, r_tot, bucket), {"RANK": rank, **gl._flags(dy.dtype)})
+    return du
+
+
+# ----------------------------------------------------------------------------- custom ops (what torch.compile sees)
+
+@torch.library.custom_op("mol::route_shrink", mutates_args=())
+def _route_shrink_op(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
+                     router_w: torch.Tensor) -> torch.Tensor:
+    return route_shrink_impl(x, x_lora, a_cat, router_w)
+
+
+@_route_shrink_op.register_fake
+def _(x, x_lora, a_cat, router_w):
+    return x.new_empty((x.shape[0], a_cat.shape[0] + router_w.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mol::route_gate_fwd", mutates_args=())
+def _gate_fwd_op(hl: torch.Tensor, noise: torch.Tensor | None, r_tot: int, rank: int, kind: int, top_k: int,
+                 scale: float, dtype: torch.dtype, lb_coef: float, z_coef: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gate_fwd_impl(hl, noise, r_tot, rank, kind, top_k, scale, dtype, lb_coef, z_coef)
+
+
+@_gate_fwd_op.register_fake
+def _(hl, noise, r_tot, rank, kind, top_k, scale, dtype, lb_coef, z_coef):
+    t, e = hl.shape[0], hl.shape[1] - r_tot
+    return (hl.new_empty((t, top_k)), hl.new_empty((t, top_k), dtype=torch.int64), hl.new_empty((t, r_tot), dtype=dtype),
+            hl.new_empty((2 * e + 1,)), hl.new_empty(()))
+
+
+@torch.library.custom_op("mol::route_gate_bwd", mutates_args=())
+def _gate_bwd_op(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None, gates: torch.Tensor,
+                 ids: torch.Tensor, stats: torch.Tensor, daux: torch.Tensor | None, rank: int, kind: int,
+                 scale: float, lb_coef: float, z_coef: float, dtype: torch.dtype) -> torch.Tensor:
+    return gate_bwd_impl(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dtype)
+
+
+@_gate_bwd_op.register_fake
+def _(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dtype):
+    return hl.new_empty(hl.shape, dtype=dtype)
+
+
+@torch.library.custom_op("mol::lora_du", mutates_args=())
+def _lora_du_op(dy: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    return lora_du_impl(dy, lora_B)
+
+
+@_lora_du_op.register_fake
+def _(dy, lora_B):
+    return dy.new_empty((dy.shape[0], lora_B.shape[0] * lora_B.shape[2]), dtype=torch.float32)
+
+
+_EAGER = (route_shrink_impl, gate_fwd_impl, gate_bwd_impl, lora_du_impl)
+_OPS = (_route_shrink_op, _gate_fwd_op, _gate_bwd_op, _lora_du_op)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class _RoutedLoRAFn(torch.autograd.Function):
+    """(x, x_lora, weight, bias, base_out, A, B, Wr, noise, meta) -> (y, aux, hl, gates, ids, stats).
+
+    Exactly one of (weight, base_out) is given: a frozen weight (the base GEMM runs here, and its dx shares
+    one buffer with the adapters') or an already computed base output (any base: NF4, autocast, ...)."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise, meta):
+        kind, top_k, scale, lb_coef, z_coef, eager = meta
+        shrink, gate_fwd, _, _ = _EAGER if eager else _OPS
+        e, rank, n_in = lora_A.shape
+        r_tot = e * rank
+        a_cat = lora_A.reshape(r_tot, n_in)
+        hl = shrink(x, x_lora, a_cat, router_w)
+        gates, ids, u, stats, aux = gate_fwd(hl, noise, r_tot, rank, kind, top_k, scale, x.dtype, lb_coef, z_coef)
+        b_cat = lora_B.permute(0, 2, 1).reshape(r_tot, lora_B.shape[1])  # (R, out); one small copy
+        if weight is not None:
+            y = torch.nn.functional.linear(x, weight, bias)
+            y.addmm_(u, b_cat)  # the experts accumulate into the fresh base output: no extra (T, out) buffer
+        else:
+            y = torch.addmm(base_out, u, b_cat)
+        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats)
+        ctx.meta = meta
+        ctx.mark_non_differentiable(hl, gates, ids, stats)
+        return y, aux, hl, gates, ids, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, daux, _dhl, _dgates, _dids, _dstats):
+        x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats = ctx.saved_tensors
+        kind, top_k, scale, lb_coef, z_coef, eager = ctx.meta
+        _, _, gate_bwd, lora_du = _EAGER if eager else _OPS
+        need = ctx.needs_input_grad  # x, x_lora, weight, bias, base_out, A, B, Wr, noise, meta
+        e, rank, n_in = lora_A.shape
+        r_tot, n_out, dt = e * rank, lora_B.shape[1], x.dtype
+        if dy is None:
+            dy = torch.zeros(x.shape[0], n_out, device=x.device, dtype=dt)
+        elif not dy.is_contiguous():
+            dy = dy.contiguous()
+        du = lora_du(dy, lora_B)
+        dhl = gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dt)
+        dh, dlogits = dhl[:, :r_tot], dhl[:, r_tot:]
+        a_cat = lora_A.reshape(r_tot, n_in)
+        dx = dx_lora = d_base = dA = dB = dWr = None
+        if x_lora is None:  # the router and the experts read the same x: one addmm, one weight-gradient GEMM
+            if need[0]:
+                a_ext = torch.cat([a_cat, router_w.to(dt)])
+                dx = torch.mm(dy, weight).addmm_(dhl, a_ext) if weight is not None else torch.mm(dhl, a_ext)
+            if need[5] or need[7]:
+                d_ext = torch.mm(dhl.t(), x)
+                dA, dWr = d_ext[:r_tot].view(e, rank, n_in), d_ext[r_tot:]
+        else:
+            if need[0]:
+                w_r = router_w.to(dt)
+                dx = torch.mm(dy, weight).addmm_(dlogits, w_r) if weight is not None else torch.mm(dlogits, w_r)
+            if need[1]:
+                dx_lora = torch.mm(dh, a_cat)
+            if need[5]:
+                dA = torch.mm(dh.t(), x_lora).view(e, rank, n_in)
+            if need[7]:
+                dWr = torch.mm(dlogits.t(), x)
+        if need[6]:
+            dB = torch.mm(dy.t(), u).view(n_out, e, rank).permute(1, 0, 2).contiguous()
+        if dWr is not None:
+            dWr = dWr.to(router_w.dtype) if need[7] else None
+        if need[4]:
+            d_base = dy
+        return dx, dx_lora, None, None, d_base, dA, dB, dWr, None, None
+
+
+def _check(x, x_lora, lora_A, lora_B, weight, base_out, n_out):
+    where = "routed_lora_linear"
+    if x.dim() != 2 or lora_A.dim() != 3 or lora_B.dim() != 3:
+        raise ValueError(f"{where}: x must be (T, in), lora_A (E, r, in), lora_B (E, out, r); got "
+                         f"{tuple(x.shape)}, {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
+    e, rank, n_in = lora_A.shape
+    if lora_B.shape != (e, n_out, rank) or n_in != x.shape[1]:
+        raise ValueError(f"{where}: shape mismatch: x {tuple(x.shape)}, lora_A {tuple(lora_A.shape)}, lora_B "
+                         f"{tuple(lora_B.shape)}, out features {n_out}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{where}: x dtype {x.dtype} unsupported; use bfloat16, float16 or float32")
+    others = [t for t in (x_lora, lora_A, lora_B, weight, base_out) if t is not None]
+    if any(t.dtype != x.dtype for t in others):
+        raise TypeError(f"{where}: x, x_lora, lora_A, lora_B and the base weight/output must share x's dtype "
+                        f"{x.dtype}; got {sorted({str(t.dtype) for t in others})}")
+    if any(t.device != x.device for t in others):
+        raise ValueError(f"{where}: all tensors must be on one device")
+    if x.device.type != "cuda" and not gl._INTERPRET:
+        raise RuntimeError(f"{where}: the Triton kernels need CUDA tensors (got {x.device}); use backend='torch'")
+
+
+def _fast(*tensors: torch.Tensor) -> bool:
+    return gl._use_fast_path(*(t for t in tensors if t is not None))
+
+
+def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, router_w: torch.Tensor,
+                       kind: str, top_k: int, scale: float, *, weight: torch.Tensor | None = None,
+                       bias: torch.Tensor | None = None, base_out: torch.Tensor | None = None,
+                       x_lora: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                       lb_coef: float = 0.0, z_coef: float = 0.0
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A routed MoL linear layer on the Triton backend: returns (y, aux, hl, gates, expert_ids, stats).
+
+    x, x_lora: (T, in), one dtype (x_lora: the experts' input when it differs from x, e.g. after dropout);
+    lora_A (E, r, in), lora_B (E, out, r) in x's dtype; router_w (E, in) float32; either a frozen ``weight``
+    (out, in) (+ ``bias``) or a computed ``base_out`` (T, out). ``noise`` (T, E) is added to the logits.
+    y = base + scale * sum_k gates[:, k] * B[e] A[e] x_lora; aux = lb_coef * load_balance + z_coef * z_loss
+    (differentiable, 0-d); hl[:, R:] are the router logits (float32); stats = (counts (E), prob sums (E),
+    sum of logsumexp^2). gates, expert_ids, hl and stats carry no gradient.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"routed_lora_linear: router kind {kind!r} is not fused; choose one of {sorted(KINDS)}")
+    if (weight is None) == (base_out is None):
+        raise ValueError("routed_lora_linear: pass exactly one of weight= (frozen base GEMM here) or base_out=")
+    e = lora_A.shape[0]
+    if router_w.shape != (e, x.shape[1]) or router_w.dtype != torch.float32:
+        raise ValueError(f"routed_lora_linear: router_w must be float32 ({e}, {x.shape[1]}), got "
+                         f"{tuple(router_w.shape)} {router_w.dtype}")
+    if kind == "soft":
+        top_k = e
+    if not 1 <= top_k <= e:
+        raise ValueError(f"routed_lora_linear: top_k={top_k} is outside 1..{e}")
+    n_out = weight.shape[0] if weight is not None else base_out.shape[1]
+    _check(x, x_lora, lora_A, lora_B, weight, base_out, n_out)
+    eager = _fast(x, x_lora, weight, base_out, lora_A, lora_B, router_w)
+    meta = (KINDS[kind], int(top_k), float(scale), float(lb_coef), float(z_coef), eager)
+    return _RoutedLoRAFn.apply(x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise, meta)

@@ -1,0 +1,25 @@
+"""Independent float64 formulas the kernels are checked against (importable without side effects, also
+by benchmarks/gpu_check_kernels.py)."""
+import torch
+
+
+def routed_layer_float64(x, x_lora, W, bias, base_out, A, B, Wr, noise, kind, K, scale, lb, zc):
+    """float64: softmax router, top-k selection, per-(token, k) expert products, Switch load balance, z-loss."""
+    logits = x @ Wr.t()
+    if noise is not None:
+        logits = logits + noise
+    probs = logits.softmax(-1)
+    E = Wr.shape[0]
+    if kind == "soft":
+        gates, ids = probs, torch.arange(E, device=x.device).expand_as(probs)
+    else:
+        top, ids = probs.topk(K, -1)
+        gates = top / top.sum(-1, keepdim=True) if kind == "topk" else top
+    h = torch.einsum("tkri,ti->tkr", A[ids], x_lora)
+    d = torch.einsum("tkor,tkr->tko", B[ids], h)
+    base = x @ W.t() + (bias if bias is not None else 0) if W is not None else base_out
+    y = base + scale * (gates[..., None] * d).sum(1)
+    counts = torch.zeros(E, dtype=x.dtype, device=x.device).scatter_add(0, ids.reshape(-1), torch.ones(ids.numel(), dtype=x.dtype, device=x.device))
+    lb_loss = E * (counts / counts.sum() * probs.mean(0)).sum()
+    z_loss = torch.logsumexp(logits, -1).square().mean()
+    return y, lb * lb_loss + zc * z_loss, ids
