@@ -8,6 +8,7 @@ against.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -64,6 +65,55 @@ def resolve_backend(backend: str, x: Tensor) -> str:
         if not kernel_dtype:
             raise RuntimeError(f"backend='triton' supports float16/bfloat16/float32, got {x.dtype}; use backend='torch'")
     return backend
+
+
+FUSED_ROUTERS = ("topk", "switch", "soft")
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def fused_routing_available(router: torch.nn.Module, backend: str, x: Tensor) -> bool:
+    """True when the whole routed layer (router included) runs on the fused Triton path."""
+    return getattr(router, "kind", None) in FUSED_ROUTERS and resolve_backend(backend, x) == "triton"
+
+
+def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                     router: torch.nn.Module, scale: float, lb_coef: float, z_coef: float):
+    """base_layer(x) + routed experts, router and auxiliary losses in one fused Triton pass (see
+    mol.kernels.routed_lora). x: (T, in); x_lora: the experts' input when it differs from x (dropout).
+    Returns (out (T, out), FusedRouterOutput).
+
+    Under autocast everything runs in the autocast dtype, as nn.Linear would; a frozen nn.Linear base of that
+    dtype is computed inside the fused function (its dx shares one buffer with the adapters'), any other base
+    (NF4Linear, a weight of another dtype) runs first and its output is accumulated into.
+    """
+    from mol.kernels.routed_lora import routed_lora_linear
+    from mol.routers import FusedRouterOutput
+
+    dev = x.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    weight = getattr(base_layer, "weight", None)
+    bias = getattr(base_layer, "bias", None)
+    use_weight = (type(base_layer) is torch.nn.Linear and not weight.requires_grad and weight.dtype == dt
+                  and (bias is None or (not bias.requires_grad and bias.dtype == dt)))
+    base_out = None if use_weight else base_layer(x)
+    noise = None
+    if router.training and router.noise_std > 0:
+        noise = torch.randn(x.shape[0], router.num_experts, device=x.device) * router.noise_std
+    w_r = router.weight if router.weight.dtype == torch.float32 else router.weight.float()
+    # entering torch.autocast costs tens of microseconds of host time: only when there is one to switch off
+    with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
+        y, aux, hl, gates, ids, stats = routed_lora_linear(
+            _as(x, dt), _as(lora_A, dt), _as(lora_B, dt), w_r, router.kind, router.top_k, scale,
+            weight=weight if use_weight else None, bias=bias if use_weight else None,
+            base_out=None if use_weight else base_out.to(dt), x_lora=None if x_lora is None else _as(x_lora, dt),
+            noise=noise, lb_coef=lb_coef, z_coef=z_coef)
+    logits = hl[:, lora_A.shape[0] * lora_A.shape[1]:]
+    if noise is not None:
+        logits = logits + noise
+    return y, FusedRouterOutput(gates, ids, logits, stats, aux)
 
 
 def routed_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A: Tensor, lora_B: Tensor,

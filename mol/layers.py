@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mol import dispatch
-from mol.routers import Router, RouterOutput
+from mol.routers import FusedRouterOutput, Router, RouterOutput
 
 
 class AdapterLayer(nn.Module):
@@ -90,7 +90,7 @@ class MoLLinear(AdapterLayer):
             raise ValueError(f"rank must be a positive integer, got {rank!r}; use e.g. rank=8")
         if not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts!r}")
-        if router != "soft" and not 1 <= top_k <= num_experts:
+        if num_experts > 1 and router != "soft" and not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} is outside 1..num_experts={num_experts}; set top_k between 1 and {num_experts}")
         if backend not in dispatch.BACKENDS:
             raise ValueError(f"backend={backend!r} is unknown; choose one of {dispatch.BACKENDS}")
@@ -143,18 +143,26 @@ class MoLLinear(AdapterLayer):
             delta = F.linear(F.linear(x_lora, self.lora_A[0]), self.lora_B[0]) * self.scaling
             return out + delta.to(out.dtype)
 
-        routed = self.router(x)
-        self._last = routed
         flat_x = x.reshape(-1, self.in_features)
         flat_x_lora = flat_x if x_lora is x else x_lora.reshape(-1, self.in_features)
-        out = dispatch.routed_linear(self.base_layer, flat_x, flat_x_lora, self.lora_A, self.lora_B,
-                                     routed.gates, routed.expert_ids, self.scaling, self.backend)
+        if dispatch.fused_routing_available(self.router, self.backend, flat_x):
+            # Triton: router, experts and auxiliary losses in one fused function (few launches, one pass over x)
+            out, routed = dispatch.fused_mol_linear(
+                self.base_layer, flat_x, None if flat_x_lora is flat_x else flat_x_lora, self.lora_A, self.lora_B,
+                self.router, self.scaling, self.aux_loss_coef, self.z_loss_coef)
+        else:
+            routed = self.router(x)
+            out = dispatch.routed_linear(self.base_layer, flat_x, flat_x_lora, self.lora_A, self.lora_B,
+                                         routed.gates, routed.expert_ids, self.scaling, self.backend)
+        self._last = routed
         return out.view(*x.shape[:-1], self.out_features)
 
     def aux_loss(self) -> Optional[Tensor]:
         """Coefficient-weighted load-balance + z-loss of the last forward (None before any routed forward)."""
         if self._last is None:
             return None
+        if isinstance(self._last, FusedRouterOutput):  # already weighted and summed by the kernels
+            return self._last.aux
         return self.aux_loss_coef * self._last.load_balance_loss + self.z_loss_coef * self._last.z_loss
 
     @property

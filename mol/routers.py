@@ -53,6 +53,35 @@ class RouterOutput:
         return -(self.probs * torch.log(self.probs.clamp_min(1e-20))).sum(dim=-1).mean()
 
 
+class FusedRouterOutput(RouterOutput):
+    """The routing of a layer that ran on the fused Triton path (mol.kernels.routed_lora): the kernels already
+    reduced the statistics (``stats`` = per-expert counts, per-expert probability sums, sum of logsumexp^2)
+    and the coefficient-weighted auxiliary loss ``aux`` (differentiable; its gradient is computed in closed
+    form by the backward kernel). ``probs`` is computed from the logits only if something asks for it."""
+
+    def __init__(self, gates: Tensor, expert_ids: Tensor, logits: Tensor, stats: Tensor, aux: Tensor):
+        self.gates, self.expert_ids, self.logits, self.chosen = gates, expert_ids, logits, expert_ids
+        self.stats, self.aux = stats, aux
+
+    @property
+    def probs(self) -> Tensor:  # type: ignore[override]
+        return self.logits.softmax(dim=-1)
+
+    @property
+    def counts(self) -> Tensor:
+        return self.stats[: self.logits.shape[-1]]
+
+    @property
+    def load_balance_loss(self) -> Tensor:
+        rows, num_experts = self.logits.shape
+        counts, prob_sums = self.stats[:num_experts], self.stats[num_experts: 2 * num_experts]
+        return num_experts * (counts / counts.sum() * prob_sums / max(rows, 1)).sum()
+
+    @property
+    def z_loss(self) -> Tensor:
+        return self.stats[-1] / max(self.logits.shape[0], 1)
+
+
 class Router(nn.Module):
     """Linear scorer ``logits = x @ weight.T`` (weight: (E, in)) followed by a selection rule.
 
