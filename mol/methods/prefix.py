@@ -131,9 +131,10 @@ class _VirtualTokens(AdapterLayer):
         if x is None:
             raise ValueError(f"{type(self).__name__} needs input_ids or inputs_embeds in the call")
         batch, n = x.shape[0], self.num_virtual_tokens
-        cache = kw.get("past_key_values")
+        key = _cache_key_in(model, kw)
+        cache = kw.get(key)
         if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(f"{type(self).__name__} needs past_key_values as a transformers Cache (e.g. DynamicCache), "
+            raise TypeError(f"{type(self).__name__} needs {key} as a transformers Cache (e.g. DynamicCache), "
                             f"got {type(cache).__name__}")
         fresh = cache is None or not self._use_cache(model, kw) or cache.get_seq_length() == 0
         mask = kw.get("attention_mask")
@@ -145,8 +146,9 @@ class _VirtualTokens(AdapterLayer):
         return batch, fresh
 
     def _post_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self._use_cache(model, kwargs) and getattr(output, "past_key_values", None) is not None:
-            output.past_key_values = None  # the cache we built only carried the virtual tokens through this call
+        key = cache_kwarg(model) or "past_key_values"
+        if not self._use_cache(model, kwargs) and getattr(output, key, None) is not None:
+            setattr(output, key, None)  # the cache we built only carried the virtual tokens through this call
         return output
 
 
@@ -188,8 +190,9 @@ class PrefixEncoder(_VirtualTokens):
 
         kw = _call_kwargs(model, args, kwargs)
         batch, fresh = self._common(model, kw)
+        key = _cache_key_in(model, kw)
         if fresh:
-            cache = kw.get("past_key_values")
+            cache = kw.get(key)
             if cache is None or not self._use_cache(model, kw):
                 try:
                     cache = DynamicCache(config=model.config)
@@ -198,7 +201,7 @@ class PrefixEncoder(_VirtualTokens):
             kv = self.key_values(batch, model.get_input_embeddings().weight.dtype)
             for i in range(self.num_layers):
                 cache.update(kv[2 * i], kv[2 * i + 1], i)
-            kw["past_key_values"] = cache
+            kw[key] = cache
         for key in ("position_ids", "cache_position"):  # cache_position: transformers < 5 passes it
             if kw.get(key) is not None:
                 kw[key] = kw[key] + self.num_virtual_tokens  # the prefix holds positions 0..n-1
@@ -253,6 +256,24 @@ class PromptEmbedding(_VirtualTokens):
         return output
 
 
+def cache_kwarg(model: nn.Module) -> Optional[str]:
+    """The name a Hugging Face model's forward takes its KV cache under: ``past_key_values``, or ``cache`` from
+    transformers 5.24 on (its outputs use the same name); None when it takes neither."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("past_key_values", "cache"):
+        if name in params:
+            return name
+    return None
+
+
+def _cache_key_in(model: nn.Module, kw: dict) -> str:
+    # the name this call carries its cache under (generate() may still pass the deprecated past_key_values)
+    for name in ("cache", "past_key_values"):
+        if kw.get(name) is not None:
+            return name
+    return cache_kwarg(model) or "past_key_values"
+
+
 def _attach(model: nn.Module, attr: str, module: _VirtualTokens) -> str:
     for other in ("mol_prefix", "mol_prompt"):
         if hasattr(model, other):
@@ -266,8 +287,7 @@ def _attach(model: nn.Module, attr: str, module: _VirtualTokens) -> str:
 @register_method(PrefixTuningConfig)
 def _inject_prefix(model: nn.Module, cfg: PrefixTuningConfig) -> list[str]:
     hf = text_config(model)
-    sig = inspect.signature(model.forward).parameters
-    if getattr(hf, "is_encoder_decoder", False) or "past_key_values" not in sig:
+    if getattr(hf, "is_encoder_decoder", False) or cache_kwarg(model) is None:
         raise ValueError(f"prefix tuning supports decoder-only Hugging Face models whose forward takes a "
                          f"past_key_values Cache (Llama, GPT-2, Mistral, Qwen ...); {type(model).__name__} does not: "
                          "use prompt tuning, adapters, IA3, BitFit or LoRA/MoL for it")
