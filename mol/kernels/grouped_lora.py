@@ -332,22 +332,33 @@ def _expand(base: torch.Tensor, h: torch.Tensor, b_cat: torch.Tensor, rank: int,
     return out
 
 
-def _expand_bwd(dy, h, lora_B, gates, ids, scale):
+def _du(dy: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """du = dy @ B_cat^T in float32, (T, E*r), B in its (E, out, r) layout."""
     t, n_out = dy.shape
     e, _, rank = lora_B.shape
     r_tot = e * rank
     bucket = _t_bucket(t)
     key = ("du", bucket, n_out, r_tot, rank, dy.dtype)
     du = _accumulator(t, r_tot, dy, key)
+    if t == 0:
+        return du
+
+    def grid(m):
+        return (_cdiv(t, m["BT"]), _cdiv(r_tot, m["BR"]), m["SPLIT"])
+    _launch(_du_kernel, key, grid, (dy, lora_B, du, t, n_out, r_tot, bucket), {"RANK": rank, **_flags(dy.dtype)})
+    return du
+
+
+def _expand_bwd(dy, h, lora_B, gates, ids, scale):
+    t = dy.shape[0]
+    rank = lora_B.shape[2]
+    r_tot = lora_B.shape[0] * rank
+    du = _du(dy, lora_B)
     dh = _alloc((t, r_tot), dy)  # separate buffers: custom-op outputs may not alias each other
     u = _alloc((t, r_tot), dy)
     dgates = _alloc(ids.shape, dy, torch.float32)
     if t == 0:
         return dh, u, dgates
-
-    def grid(m):
-        return (_cdiv(t, m["BT"]), _cdiv(r_tot, m["BR"]), m["SPLIT"])
-    _launch(_du_kernel, key, grid, (dy, lora_B, du, t, n_out, r_tot, bucket), {"RANK": rank, **_flags(dy.dtype)})
     brp = max(16, _pow2(r_tot))
     bt = max(1, min(64, 4096 // brp))
     _bwd_epilogue_kernel[(_cdiv(t, bt),)](du, h, gates, ids, dh, u, dgates, float(scale), t, r_tot,

@@ -347,21 +347,7 @@ def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None
     return dhl
 
 
-def lora_du_impl(dy: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
-    """du = dy @ B_cat^T in float32, (T, E*r), B in its (E, out, r) layout."""
-    t, n_out = dy.shape
-    e, _, rank = lora_B.shape
-    r_tot = e * rank
-    bucket = gl._t_bucket(t)
-    key = ("du", bucket, n_out, r_tot, rank, dy.dtype)
-    du = gl._accumulator(t, r_tot, dy, key)
-    if t == 0:
-        return du
-
-    def grid(m):
-        return (gl._cdiv(t, m["BT"]), gl._cdiv(r_tot, m["BR"]), m["SPLIT"])
-    gl._launch(gl._du_kernel, key, grid, (dy, lora_B, du, t, n_out, r_tot, bucket), {"RANK": rank, **gl._flags(dy.dtype)})
-    return du
+lora_du_impl = gl._du  # du = dy @ B_cat^T in float32: the grouped kernels' own du launcher
 
 
 # ----------------------------------------------------------------------------- custom ops (what torch.compile sees)
