@@ -35,7 +35,8 @@ sig = {"x_ptr": "*bf16", "xl_ptr": "*bf16", "a_ptr": "*bf16", "wr_ptr": "*fp32",
        "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "BK": "constexpr", "SPLIT": "constexpr", "F32_DOT": "constexpr", "IEEE": "constexpr"}
 for split in (1, 2):
     comp(fnk(rl._route_shrink_kernel), sig, {"EP": 16, "BT": 64, "BR": 128, "BK": 64, "SPLIT": split, "F32_DOT": False, "IEEE": False})
-sig = {"hl_ptr": "*fp32", "noise_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "u_ptr": "*bf16", "stats_ptr": "*fp32", "scale": "fp32", "T": "i32", "R": "i32", "E": "i32",
+sig = {"hl_ptr": "*fp32", "noise_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "u_ptr": "*bf16", "stats_ptr": "*fp32", "aux_ptr": "*fp32",
+       "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "R": "i32", "E": "i32",
        "RANK": "constexpr", "K": "constexpr", "KIND": "constexpr", "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "HAS_NOISE": "constexpr"}
 for kind, K in ((0, 2), (1, 1), (2, 8)):
     comp(rl._gate_fwd_kernel, sig, {"RANK": 16, "K": K, "KIND": kind, "EP": 16, "BT": 32, "BR": 128, "HAS_NOISE": kind == 0})

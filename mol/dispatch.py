@@ -85,9 +85,9 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
     mol.kernels.routed_lora). x: (T, in); x_lora: the experts' input when it differs from x (dropout).
     Returns (out (T, out), FusedRouterOutput).
 
-    Under autocast everything runs in the autocast dtype, as nn.Linear would; a frozen nn.Linear base of that
-    dtype is computed inside the fused function (its dx shares one buffer with the adapters'), any other base
-    (NF4Linear, a weight of another dtype) runs first and its output is accumulated into.
+    Under autocast everything runs in the autocast dtype, as nn.Linear would. A frozen nn.Linear base of that
+    dtype, or an NF4Linear (dequantized on the fly), is computed inside the fused function: the base GEMMs
+    accumulate into the adapters' output and dx buffers. Any other base runs first and its output is added to.
     """
     from mol.kernels.routed_lora import routed_lora_linear
     from mol.routers import FusedRouterOutput
@@ -96,9 +96,18 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     weight = getattr(base_layer, "weight", None)
     bias = getattr(base_layer, "bias", None)
+    frozen_bias = bias is None or not bias.requires_grad
     use_weight = (type(base_layer) is torch.nn.Linear and not weight.requires_grad and weight.dtype == dt
-                  and (bias is None or (not bias.requires_grad and bias.dtype == dt)))
-    base_out = None if use_weight else base_layer(x)
+                  and (bias is None or (frozen_bias and bias.dtype == dt)))
+    # A quantized base (NF4Linear) is dequantized inside the fused function, in forward and again in backward,
+    # so its GEMMs accumulate into the adapters' buffers like a plain weight's -- unless it has its own kernel
+    # for this input (NF4's fused small-T matmul), which then runs first as a base output.
+    weight_fn = None
+    if not use_weight and frozen_bias and getattr(base_layer, "is_quantized_linear", False):
+        own_kernel = getattr(base_layer, "uses_own_kernel", None)
+        if hasattr(base_layer, "dequantize") and not (own_kernel is not None and own_kernel(x)):
+            weight_fn = base_layer.dequantize
+    base_out = None if use_weight or weight_fn is not None else base_layer(x)
     noise = None
     if router.training and router.noise_std > 0:
         noise = torch.randn(x.shape[0], router.num_experts, device=x.device) * router.noise_std
@@ -107,8 +116,9 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
     with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
         y, aux, hl, gates, ids, stats = routed_lora_linear(
             _as(x, dt), _as(lora_A, dt), _as(lora_B, dt), w_r, router.kind, router.top_k, scale,
-            weight=weight if use_weight else None, bias=bias if use_weight else None,
-            base_out=None if use_weight else base_out.to(dt), x_lora=None if x_lora is None else _as(x_lora, dt),
+            weight=weight if use_weight else None, weight_fn=weight_fn,
+            bias=None if base_out is not None or bias is None else _as(bias, dt),
+            base_out=None if base_out is None else base_out.to(dt), x_lora=None if x_lora is None else _as(x_lora, dt),
             noise=noise, lb_coef=lb_coef, z_coef=z_coef)
     logits = hl[:, lora_A.shape[0] * lora_A.shape[1]:]
     if noise is not None:

@@ -79,7 +79,7 @@ class FusedRouterOutput(RouterOutput):
 
     @property
     def z_loss(self) -> Tensor:
-        return self.stats[-1] / max(self.logits.shape[0], 1)
+        return self.stats[2 * self.logits.shape[-1]] / max(self.logits.shape[0], 1)
 
 
 class Router(nn.Module):

@@ -224,3 +224,35 @@ def test_adapters_follow_a_quantized_base_dtype():
     assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
     assert layer.lora_A.device == base.qweight.device
     assert layer(torch.randn(3, 128, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("own_kernel", [False, True])
+def test_triton_backend_over_an_nf4_base_matches_reference(own_kernel, monkeypatch):
+    """QLoRA-MoL on the fused path: the NF4 base is dequantized inside the fused function (once in forward, once
+    in backward, nothing dense kept between) or, when the base has its own kernel for the input, run first."""
+    pytest.importorskip("triton")
+    from mol.quant import NF4Linear
+
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(torch.nn.Linear(64, 24))
+    layer = MoLLinear(base, num_experts=4, top_k=2, rank=3)
+    torch.nn.init.normal_(layer.lora_B, std=0.5)
+    calls = []
+    dequantize = base.dequantize
+    monkeypatch.setattr(base, "dequantize", lambda dtype=None: calls.append(dtype) or dequantize(dtype))
+    monkeypatch.setattr(base, "uses_own_kernel", lambda x: own_kernel)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    w = torch.randn(2, 5, 24)
+    results = []
+    for backend in ("torch", "triton"):
+        layer.backend = backend
+        x.grad = None
+        layer.zero_grad()
+        calls.clear()
+        y = layer(x)
+        ((y * w).sum() + layer.aux_loss()).backward()
+        results.append([y, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad, list(calls)])
+    ref, fused = results
+    for a, b in zip(fused[:5], ref[:5]):
+        assert rel(a, b) < 1e-4
+    assert fused[5] == ([] if own_kernel else [torch.float32, torch.float32])

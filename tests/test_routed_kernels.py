@@ -37,7 +37,7 @@ CASES = [  # T, in, out, E, r, K, kind
 ]
 
 
-@pytest.mark.parametrize("mode", ["weight", "base_out", "dropout"])
+@pytest.mark.parametrize("mode", ["weight", "weight_fn", "base_out", "dropout"])
 @pytest.mark.parametrize("case", CASES)
 def test_routed_layer_matches_float64(case, mode):
     T, n_in, n_out, E, r, K, kind = case
@@ -46,7 +46,7 @@ def test_routed_layer_matches_float64(case, mode):
     x = torch.randn(T, n_in, generator=g, **f64)
     x_lora = torch.randn(T, n_in, generator=g, **f64) if mode == "dropout" else None
     W = torch.randn(n_out, n_in, generator=g, **f64) / n_in**0.5
-    bias = torch.randn(n_out, generator=g, **f64) if mode == "weight" else None
+    bias = torch.randn(n_out, generator=g, **f64) if mode.startswith("weight") else None
     base_out = torch.randn(T, n_out, generator=g, **f64) if mode == "base_out" else None
     A = torch.randn(E, r, n_in, generator=g, **f64) / n_in**0.5
     B = torch.randn(E, n_out, r, generator=g, **f64)
@@ -67,13 +67,20 @@ def test_routed_layer_matches_float64(case, mode):
     ((y_ref * w_y).sum() + 3.0 * aux_ref).backward()
 
     k_in = {k: v.float().clone().requires_grad_() for k, v in leaves.items()}
+    calls = []
+
+    def weight_fn(dtype):  # a materialized base weight (as an NF4 base dequantizes), asked for in fwd and bwd
+        calls.append(dtype)
+        return W.to(dtype)
     y, aux, hl, gates, ids, stats = rl.routed_lora_linear(
         k_in["x"], k_in["A"], k_in["B"], k_in["Wr"], kind, K, scale,
-        weight=None if mode == "base_out" else W.float(), bias=None if bias is None else bias.float(),
+        weight=W.float() if mode in ("weight", "dropout") else None,
+        weight_fn=weight_fn if mode == "weight_fn" else None, bias=None if bias is None else bias.float(),
         base_out=k_in.get("base_out"), x_lora=k_in.get("x_lora"),
         noise=None if noise is None else noise.float(), lb_coef=lb, z_coef=zc)
     ((y * w_y.float()).sum() + 3.0 * aux).backward()
 
+    assert calls == ([torch.float32] * 2 if mode == "weight_fn" else [])  # forward, then backward's dx
     assert torch.equal(ids, ids_ref)
     assert rel(y, y_ref) < 1e-5
     assert rel(aux, aux_ref) < 1e-5
@@ -114,6 +121,10 @@ def test_bad_inputs_raise_clear_errors():
         rl.routed_lora_linear(x, A, B, Wr.double(), "topk", 2, 1.0, weight=torch.randn(5, 8))
     with pytest.raises(ValueError, match="shape mismatch"):
         rl.routed_lora_linear(x, A, B, Wr, "topk", 2, 1.0, weight=torch.randn(6, 8))
+    with pytest.raises(ValueError, match="bias has shape"):
+        rl.routed_lora_linear(x, A, B, Wr, "topk", 2, 1.0, weight=torch.randn(5, 8), bias=torch.randn(4))
+    with pytest.raises(ValueError, match="exactly one of"):
+        rl.routed_lora_linear(x, A, B, Wr, "topk", 2, 1.0, weight=torch.randn(5, 8), weight_fn=lambda dt: None)
 
 
 def test_custom_ops_opcheck():

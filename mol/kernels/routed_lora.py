@@ -32,6 +32,7 @@ P_e = mean_t p_te; Z = mean_t logsumexp(logits_t)^2. Their gradient w.r.t. the l
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import triton
@@ -147,14 +148,15 @@ def _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, R, E, HAS_NOISE: t
 
 
 @triton.jit
-def _gate_fwd_kernel(hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, scale, T, R, E,
+def _gate_fwd_kernel(hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb, c_z, T, R, E,
                      RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
                      BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr):
     """Routing decision and gated shrink output for BT tokens.
 
     gates/ids (T, K): top-k of the softmax (KIND 0: renormalised; 1: switch, raw probability; 2: soft, every
-    expert). u (T, R) = scale * gate(expert of column) * h in u's dtype. stats (2E+1) += per-expert routed
-    counts, per-expert sums of probabilities, sum of logsumexp^2 (atomics)."""
+    expert). u (T, R) = scale * gate(expert of column) * h in u's dtype. stats (2E+2, zeroed) += per-expert
+    routed counts, per-expert sums of probabilities, sum of logsumexp^2 (atomics); stats[2E+1] counts finished
+    programs, and the last one computes aux from the totals (saves a launch)."""
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
     offs_e = tl.arange(0, EP)
     mask_t = offs_t < T
@@ -204,17 +206,28 @@ def _gate_fwd_kernel(hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, sc
     tl.atomic_add(stats_ptr + offs_e, tl.sum(chosen, axis=0), mask=mask_e)
     tl.atomic_add(stats_ptr + E + offs_e, tl.sum(probs, axis=0), mask=mask_e)
     tl.atomic_add(stats_ptr + 2 * E, tl.sum(lse * lse, axis=0))
+    # acq_rel: this program's adds above are visible before its ticket; the last program's reads see them all
+    ticket = tl.atomic_add(stats_ptr + 2 * E + 1, 1.0, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        _aux_from_stats(stats_ptr, aux_ptr, E, c_lb, c_z, EP)
+
+
+@triton.jit
+def _aux_from_stats(stats_ptr, aux_ptr, E, c_lb, c_z, EP: tl.constexpr):
+    """aux = c_lb * <counts, prob_sums> + c_z * sum(lse^2) (the coefficients carry E, T, K and the weights).
+    Reads through L2 (atomic adds of 0): other programs' atomics never pass through this SM's L1."""
+    offs = tl.arange(0, EP)
+    m = offs < E
+    cnt = tl.atomic_add(stats_ptr + offs, tl.zeros((EP,), dtype=tl.float32), mask=m, sem="relaxed")
+    ps = tl.atomic_add(stats_ptr + E + offs, tl.zeros((EP,), dtype=tl.float32), mask=m, sem="relaxed")
+    z = tl.atomic_add(stats_ptr + 2 * E, 0.0, sem="relaxed")
+    tl.store(aux_ptr, c_lb * tl.sum(tl.where(m, cnt * ps, 0.0), axis=0) + c_z * z)
 
 
 @triton.jit
 def _aux_kernel(stats_ptr, aux_ptr, E, c_lb, c_z, EP: tl.constexpr):
-    """aux = c_lb * <counts, prob_sums> + c_z * sum(lse^2) (the coefficients carry E, T, K and the weights)."""
-    offs = tl.arange(0, EP)
-    m = offs < E
-    cnt = tl.load(stats_ptr + offs, mask=m, other=0.0)
-    ps = tl.load(stats_ptr + E + offs, mask=m, other=0.0)
-    z = tl.load(stats_ptr + 2 * E)
-    tl.store(aux_ptr, c_lb * tl.sum(cnt * ps, axis=0) + c_z * z)
+    """aux from zero tokens' stats (T == 0: the gate kernel has no program to do it)."""
+    _aux_from_stats(stats_ptr, aux_ptr, E, c_lb, c_z, EP)
 
 
 @triton.jit
@@ -308,22 +321,25 @@ def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch
 def gate_fwd_impl(hl: torch.Tensor, noise: torch.Tensor | None, r_tot: int, rank: int, kind: int, top_k: int,
                   scale: float, dtype: torch.dtype, lb_coef: float, z_coef: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gates (T,K) fp32, ids (T,K) int64, u (T,R) dtype, stats (2E+1,) fp32, aux () fp32)."""
+    """(gates (T,K) fp32, ids (T,K) int64, u (T,R) dtype, stats (2E+2,) fp32, aux () fp32).
+    stats = per-expert counts, per-expert prob sums, sum of logsumexp^2, and the kernel's program counter."""
     t = hl.shape[0]
     e = hl.shape[1] - r_tot
     gates = gl._alloc((t, top_k), hl)
     ids = gl._alloc((t, top_k), hl, torch.int64)
     u = gl._alloc((t, r_tot), hl, dtype)
-    stats = torch.zeros(2 * e + 1, device=hl.device, dtype=torch.float32)
+    stats = torch.zeros(2 * e + 2, device=hl.device, dtype=torch.float32)
     aux = gl._alloc((), hl)
     ep = _ep(e)
+    c_lb = float(lb_coef * e / (max(t, 1) * max(t, 1) * top_k))
+    c_z = float(z_coef / max(t, 1))
     if t > 0:
         bt, br = _row_block(r_tot, ep)
-        _gate_fwd_kernel[(gl._cdiv(t, bt),)](hl, hl if noise is None else noise, gates, ids, u, stats, float(scale),
-                                             t, r_tot, e, RANK=rank, K=top_k, KIND=kind, EP=ep, BT=bt, BR=br,
-                                             HAS_NOISE=noise is not None)
-    c_lb = lb_coef * e / (max(t, 1) * max(t, 1) * top_k)
-    _aux_kernel[(1,)](stats, aux, e, float(c_lb), float(z_coef / max(t, 1)), EP=ep)
+        _gate_fwd_kernel[(gl._cdiv(t, bt),)](hl, hl if noise is None else noise, gates, ids, u, stats, aux,
+                                             float(scale), c_lb, c_z, t, r_tot, e, RANK=rank, K=top_k, KIND=kind,
+                                             EP=ep, BT=bt, BR=br, HAS_NOISE=noise is not None)
+    else:
+        _aux_kernel[(1,)](stats, aux, e, c_lb, c_z, EP=ep)
     return gates, ids, u, stats, aux
 
 
@@ -374,7 +390,7 @@ def _gate_fwd_op(hl: torch.Tensor, noise: torch.Tensor | None, r_tot: int, rank:
 def _(hl, noise, r_tot, rank, kind, top_k, scale, dtype, lb_coef, z_coef):
     t, e = hl.shape[0], hl.shape[1] - r_tot
     return (hl.new_empty((t, top_k)), hl.new_empty((t, top_k), dtype=torch.int64), hl.new_empty((t, r_tot), dtype=dtype),
-            hl.new_empty((2 * e + 1,)), hl.new_empty(()))
+            hl.new_empty((2 * e + 2,)), hl.new_empty(()))
 
 
 @torch.library.custom_op("mol::route_gate_bwd", mutates_args=())
@@ -412,7 +428,7 @@ class _RoutedLoRAFn(torch.autograd.Function):
     one buffer with the adapters') or an already computed base output (any base: NF4, autocast, ...)."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise, meta):
+    def forward(ctx, x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta):
         kind, top_k, scale, lb_coef, z_coef, eager = meta
         shrink, gate_fwd, _, _ = _EAGER if eager else _OPS
         e, rank, n_in = lora_A.shape
@@ -421,12 +437,18 @@ class _RoutedLoRAFn(torch.autograd.Function):
         hl = shrink(x, x_lora, a_cat, router_w)
         gates, ids, u, stats, aux = gate_fwd(hl, noise, r_tot, rank, kind, top_k, scale, x.dtype, lb_coef, z_coef)
         b_cat = lora_B.permute(0, 2, 1).reshape(r_tot, lora_B.shape[1])  # (R, out); one small copy
-        if weight is not None:
-            y = torch.nn.functional.linear(x, weight, bias)
-            y.addmm_(u, b_cat)  # the experts accumulate into the fresh base output: no extra (T, out) buffer
+        if base_out is None:
+            # The small expert GEMM writes y first and the base GEMM accumulates into it (beta=1): its epilogue
+            # reads y while the GEMM is compute-bound, where adding the experts after the base would be a
+            # second full read+write pass over y.
+            w = weight if weight is not None else weight_fn(x.dtype)
+            y = torch.mm(u, b_cat) if bias is None else torch.addmm(bias, u, b_cat)
+            y.addmm_(x, w.t())
+            del w  # a dequantized scratch weight (NF4) is not kept for backward: weight_fn runs again there
         else:
             y = torch.addmm(base_out, u, b_cat)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats)
+        ctx.weight_fn = weight_fn
         ctx.meta = meta
         ctx.mark_non_differentiable(hl, gates, ids, stats)
         return y, aux, hl, gates, ids, stats
@@ -437,7 +459,8 @@ class _RoutedLoRAFn(torch.autograd.Function):
         x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats = ctx.saved_tensors
         kind, top_k, scale, lb_coef, z_coef, eager = ctx.meta
         _, _, gate_bwd, lora_du = _EAGER if eager else _OPS
-        need = ctx.needs_input_grad  # x, x_lora, weight, bias, base_out, A, B, Wr, noise, meta
+        # x, x_lora, weight, weight_fn, bias, base_out, A, B, Wr, noise, meta: index as the first ten minus weight_fn
+        need = tuple(n for i, n in enumerate(ctx.needs_input_grad) if i != 3)
         e, rank, n_in = lora_A.shape
         r_tot, n_out, dt = e * rank, lora_B.shape[1], x.dtype
         if dy is None:
@@ -449,33 +472,38 @@ class _RoutedLoRAFn(torch.autograd.Function):
         dh, dlogits = dhl[:, :r_tot], dhl[:, r_tot:]
         a_cat = lora_A.reshape(r_tot, n_in)
         dx = dx_lora = d_base = dA = dB = dWr = None
+        # the dense base weight, if this function owns the base GEMM (re-dequantized for an NF4 base)
+        w = None
+        if need[0] and (weight is not None or ctx.weight_fn is not None):
+            w = weight if weight is not None else ctx.weight_fn(dt)
         if x_lora is None:  # the router and the experts read the same x: one addmm, one weight-gradient GEMM
             if need[0]:
-                a_ext = torch.cat([a_cat, router_w.to(dt)])
-                dx = torch.mm(dy, weight).addmm_(dhl, a_ext) if weight is not None else torch.mm(dhl, a_ext)
+                dx = torch.mm(dhl, torch.cat([a_cat, router_w.to(dt)]))
             if need[5] or need[7]:
                 d_ext = torch.mm(dhl.t(), x)
                 dA, dWr = d_ext[:r_tot].view(e, rank, n_in), d_ext[r_tot:]
         else:
             if need[0]:
-                w_r = router_w.to(dt)
-                dx = torch.mm(dy, weight).addmm_(dlogits, w_r) if weight is not None else torch.mm(dlogits, w_r)
+                dx = torch.mm(dlogits, router_w.to(dt))
             if need[1]:
                 dx_lora = torch.mm(dh, a_cat)
             if need[5]:
                 dA = torch.mm(dh.t(), x_lora).view(e, rank, n_in)
             if need[7]:
                 dWr = torch.mm(dlogits.t(), x)
+        if w is not None:
+            dx.addmm_(dy, w)  # base dx accumulated into the adapters' (beta=1 in the big GEMM, as in forward)
+            del w
         if need[6]:
             dB = torch.mm(dy.t(), u).view(n_out, e, rank).permute(1, 0, 2).contiguous()
         if dWr is not None:
             dWr = dWr.to(router_w.dtype) if need[7] else None
         if need[4]:
             d_base = dy
-        return dx, dx_lora, None, None, d_base, dA, dB, dWr, None, None
+        return dx, dx_lora, None, None, None, d_base, dA, dB, dWr, None, None
 
 
-def _check(x, x_lora, lora_A, lora_B, weight, base_out, n_out):
+def _check(x, x_lora, lora_A, lora_B, weight, base_out, bias, n_out):
     where = "routed_lora_linear"
     if x.dim() != 2 or lora_A.dim() != 3 or lora_B.dim() != 3:
         raise ValueError(f"{where}: x must be (T, in), lora_A (E, r, in), lora_B (E, out, r); got "
@@ -484,9 +512,15 @@ def _check(x, x_lora, lora_A, lora_B, weight, base_out, n_out):
     if lora_B.shape != (e, n_out, rank) or n_in != x.shape[1]:
         raise ValueError(f"{where}: shape mismatch: x {tuple(x.shape)}, lora_A {tuple(lora_A.shape)}, lora_B "
                          f"{tuple(lora_B.shape)}, out features {n_out}")
+    base_shapes = {"weight": (weight, (n_out, n_in)), "base_out": (base_out, (x.shape[0], n_out)),
+                   "bias": (bias, (n_out,))}
+    for name, (t, want) in base_shapes.items():
+        if t is not None and tuple(t.shape) != want:
+            raise ValueError(f"{where}: shape mismatch: {name} has shape {tuple(t.shape)}, expected {want} for x {tuple(x.shape)} "
+                             f"and lora_B {tuple(lora_B.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"{where}: x dtype {x.dtype} unsupported; use bfloat16, float16 or float32")
-    others = [t for t in (x_lora, lora_A, lora_B, weight, base_out) if t is not None]
+    others = [t for t in (x_lora, lora_A, lora_B, weight, base_out, bias) if t is not None]
     if any(t.dtype != x.dtype for t in others):
         raise TypeError(f"{where}: x, x_lora, lora_A, lora_B and the base weight/output must share x's dtype "
                         f"{x.dtype}; got {sorted({str(t.dtype) for t in others})}")
@@ -502,6 +536,7 @@ def _fast(*tensors: torch.Tensor) -> bool:
 
 def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, router_w: torch.Tensor,
                        kind: str, top_k: int, scale: float, *, weight: torch.Tensor | None = None,
+                       weight_fn: Callable[[torch.dtype], torch.Tensor] | None = None,
                        bias: torch.Tensor | None = None, base_out: torch.Tensor | None = None,
                        x_lora: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                        lb_coef: float = 0.0, z_coef: float = 0.0
@@ -509,16 +544,21 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     """A routed MoL linear layer on the Triton backend: returns (y, aux, hl, gates, expert_ids, stats).
 
     x, x_lora: (T, in), one dtype (x_lora: the experts' input when it differs from x, e.g. after dropout);
-    lora_A (E, r, in), lora_B (E, out, r) in x's dtype; router_w (E, in) float32; either a frozen ``weight``
-    (out, in) (+ ``bias``) or a computed ``base_out`` (T, out). ``noise`` (T, E) is added to the logits.
+    lora_A (E, r, in), lora_B (E, out, r) in x's dtype; router_w (E, in) float32; the base is exactly one of
+    a frozen ``weight`` (out, in), a ``weight_fn(dtype)`` that materializes it (e.g. dequantizes an NF4
+    weight; called in forward and again in backward, so no dense copy lives in between), each with an
+    optional ``bias``, or a computed ``base_out`` (T, out). ``noise`` (T, E) is added to the logits.
     y = base + scale * sum_k gates[:, k] * B[e] A[e] x_lora; aux = lb_coef * load_balance + z_coef * z_loss
     (differentiable, 0-d); hl[:, R:] are the router logits (float32); stats = (counts (E), prob sums (E),
-    sum of logsumexp^2). gates, expert_ids, hl and stats carry no gradient.
+    sum of logsumexp^2, a kernel-internal counter). gates, expert_ids, hl and stats carry no gradient.
     """
     if kind not in KINDS:
         raise ValueError(f"routed_lora_linear: router kind {kind!r} is not fused; choose one of {sorted(KINDS)}")
-    if (weight is None) == (base_out is None):
-        raise ValueError("routed_lora_linear: pass exactly one of weight= (frozen base GEMM here) or base_out=")
+    if sum(b is not None for b in (weight, weight_fn, base_out)) != 1:
+        raise ValueError("routed_lora_linear: pass exactly one of weight= or weight_fn= (the frozen base GEMM runs "
+                         "here) or base_out= (a base output computed by the caller)")
+    if bias is not None and base_out is not None:
+        raise ValueError("routed_lora_linear: bias= goes with weight=/weight_fn=; add it to base_out yourself")
     e = lora_A.shape[0]
     if router_w.shape != (e, x.shape[1]) or router_w.dtype != torch.float32:
         raise ValueError(f"routed_lora_linear: router_w must be float32 ({e}, {x.shape[1]}), got "
@@ -527,8 +567,8 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
         top_k = e
     if not 1 <= top_k <= e:
         raise ValueError(f"routed_lora_linear: top_k={top_k} is outside 1..{e}")
-    n_out = weight.shape[0] if weight is not None else base_out.shape[1]
-    _check(x, x_lora, lora_A, lora_B, weight, base_out, n_out)
+    n_out = lora_B.shape[1]
+    _check(x, x_lora, lora_A, lora_B, weight, base_out, bias, n_out)
     eager = _fast(x, x_lora, weight, base_out, lora_A, lora_B, router_w)
     meta = (KINDS[kind], int(top_k), float(scale), float(lb_coef), float(z_coef), eager)
-    return _RoutedLoRAFn.apply(x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise, meta)
+    return _RoutedLoRAFn.apply(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta)

@@ -116,6 +116,11 @@ class NF4Linear(nn.Module):
         packed = quantize_nf4(linear.weight.data, blocksize, nested_blocksize, double_quant)
         return cls(packed, linear.bias.data if linear.bias is not None else None, backend)
 
+    def uses_own_kernel(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) runs the fused small-T NF4 matmul rather than dequantize + dense GEMM."""
+        return self.backend != "torch" and _use_small_kernel(x.reshape(-1, self.in_features), self.packed,
+                                                              self.fused_decode)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight (out, in), e.g. for merging; allocates a full-precision copy."""
         return dequantize_nf4(self.packed, dtype, backend=self.backend)
