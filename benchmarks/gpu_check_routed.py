@@ -50,7 +50,8 @@ def check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen):
     gl.POISON = True
     y, aux, hl, gates, ids, stats = rl.routed_lora_linear(
         got["x"], got["A"], got["B"], got["Wr"], kind, K, scale,
-        weight=None if base_out is not None else W.to(dtype), base_out=got.get("base_out"),
+        weight=W.to(dtype) if mode in ("weight", "dropout") else None,
+        weight_fn=(lambda dt: W.to(dt)) if mode == "weight_fn" else None, base_out=got.get("base_out"),
         x_lora=got.get("x_lora"), lb_coef=lb, z_coef=zc)
     ((y.double() * w_y).sum() + 1e3 * aux.double()).backward()
     gl.POISON = False
@@ -65,7 +66,7 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}")
     routes = [(8, 2, "topk"), (64, 4, "topk"), (2, 2, "topk"), (8, 1, "switch"), (4, 4, "soft")]
-    modes = ["weight", "base_out", "dropout"]
+    modes = ["weight", "base_out", "dropout", "weight_fn"]
     fails = n = 0
     worst = {torch.bfloat16: 0.0, torch.float32: 0.0}
     for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-4)):
@@ -73,7 +74,7 @@ def main():
         for T in (1, 7, 4097):
             for n_in, n_out in ((4095, 11008), (11008, 4095)):
                 for E, K, kind in routes:
-                    mode = modes[i % 3]
+                    mode = modes[i % len(modes)]
                     i += 1
                     r = 8 if E == 64 else 16
                     errs, mism = check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen)
