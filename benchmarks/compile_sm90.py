@@ -31,7 +31,7 @@ def fnk(k):
     return k.fn if hasattr(k, "fn") else k
 
 
-sig = {"x_ptr": "*bf16", "xl_ptr": "*bf16", "a_ptr": "*bf16", "wr_ptr": "*fp32", "hl_ptr": "*fp32", "T": "i32", "N_IN": "i32", "R": "i32", "E": "i32", "T_BUCKET": "i32",
+sig = {"x_ptr": "*bf16", "xl_ptr": "*bf16", "a_ptr": "*bf16", "wr_ptr": "*fp32", "hl_ptr": "*fp32", "stats_ptr": "*fp32", "T": "i32", "N_IN": "i32", "R": "i32", "E": "i32", "T_BUCKET": "i32",
        "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "BK": "constexpr", "SPLIT": "constexpr", "F32_DOT": "constexpr", "IEEE": "constexpr"}
 for split in (1, 2):
     comp(fnk(rl._route_shrink_kernel), sig, {"EP": 16, "BT": 64, "BR": 128, "BK": 64, "SPLIT": split, "F32_DOT": False, "IEEE": False})

@@ -135,10 +135,12 @@ def test_custom_ops_opcheck():
     B, dy = torch.randn(E, n_out, r), torch.randn(T, n_out)
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.mol.route_shrink.default, (x, None, A.reshape(E * r, n_in), Wr), test_utils=checks)
-    hl = rl.route_shrink_impl(x, None, A.reshape(E * r, n_in), Wr)
-    fwd_args = (hl, None, E * r, r, 0, K, 0.5, torch.float32, 0.1, 0.01)
+    hl, stats = rl.route_shrink_impl(x, None, A.reshape(E * r, n_in), Wr)
+    assert torch.equal(stats, torch.zeros(2 * E + 2))  # zeroed by the shrink kernel
+    fwd_args = (hl, stats.clone(), None, E * r, r, 0, K, 0.5, torch.float32, 0.1, 0.01)
     torch.library.opcheck(torch.ops.mol.route_gate_fwd.default, fwd_args, test_utils=checks)
-    gates, ids, u, stats, aux = rl.gate_fwd_impl(*fwd_args)
+    gates, ids, u, aux = rl.gate_fwd_impl(hl, stats, *fwd_args[2:])
+    assert stats[:E].sum() == T * K and stats[-1] == -(-T // 16)  # every routed pair counted; every program
     du = rl.lora_du_impl(dy, B)
     torch.library.opcheck(torch.ops.mol.lora_du.default, (dy, B), test_utils=checks)
     torch.library.opcheck(torch.ops.mol.route_gate_bwd.default,

@@ -60,16 +60,20 @@ def _shrink_configs():
 @triton.autotune(configs=_shrink_configs(), key=["T_BUCKET", "N_IN", "R", "E"],
                  prune_configs_by={"early_config_prune": gl._prune}, reset_to_zero=["hl_ptr"])
 @triton.jit
-def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, T, N_IN, R, E, T_BUCKET,
+def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_IN, R, E, T_BUCKET,
                          EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
                          SPLIT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr):
     """hl[:, :R] (+)= x_lora @ A_cat^T; hl[:, R:R+E] (+)= x @ Wr^T (float32 Wr). Row stride of hl: R+E.
 
     Program column pid_r < cdiv(R, BR) does an expert tile; the last column does the router. With the
-    column axis fastest, the programs that share rows of x run together and reuse them from L2."""
+    column axis fastest, the programs that share rows of x run together and reuse them from L2.
+    Program (0, 0, 0) also zeroes the gate kernel's 2E+2 routing statistics (a fill launch fewer)."""
     pid_r = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if (pid_r == 0) & (pid_t == 0) & (pid_s == 0):
+        offs_z = tl.arange(0, 4 * EP)
+        tl.store(stats_ptr + offs_z, tl.zeros((4 * EP,), dtype=tl.float32), mask=offs_z < 2 * E + 2)
     n_rt = tl.cdiv(R, BR)
     ld = R + E
     offs_t = pid_t * BT + tl.arange(0, BT)
@@ -300,35 +304,36 @@ def _row_block(r_tot: int, ep: int) -> tuple[int, int]:
 
 
 def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
-                      router_w: torch.Tensor) -> torch.Tensor:
-    """(T, R+E) float32: the experts' shrink of x_lora (x when None) and the router's logits of x."""
+                      router_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hl (T, R+E) float32: the experts' shrink of x_lora (x when None) and the router's logits of x; and
+    stats (2E+2,) float32 zeros, for the gate kernel to accumulate into."""
     t, n_in = x.shape
     r_tot, e = a_cat.shape[0], router_w.shape[0]
     bucket = gl._t_bucket(t)
     key = ("route_shrink", bucket, n_in, r_tot, e, x.dtype)
     hl = gl._accumulator(t, r_tot + e, x, key)
     if t == 0:
-        return hl
+        return hl, torch.zeros(2 * e + 2, device=x.device, dtype=torch.float32)
+    stats = torch.empty(2 * e + 2, device=x.device, dtype=torch.float32)
 
     def grid(m):
         return (gl._cdiv(r_tot, m["BR"]) + 1, gl._cdiv(t, m["BT"]), m["SPLIT"])
     gl._launch(_route_shrink_kernel, key, grid,
-               (x, x if x_lora is None else x_lora, a_cat, router_w, hl, t, n_in, r_tot, e, bucket),
+               (x, x if x_lora is None else x_lora, a_cat, router_w, hl, stats, t, n_in, r_tot, e, bucket),
                {"EP": _ep(e), **gl._flags(x.dtype)})
-    return hl
+    return hl, stats
 
 
-def gate_fwd_impl(hl: torch.Tensor, noise: torch.Tensor | None, r_tot: int, rank: int, kind: int, top_k: int,
-                  scale: float, dtype: torch.dtype, lb_coef: float, z_coef: float
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gates (T,K) fp32, ids (T,K) int64, u (T,R) dtype, stats (2E+2,) fp32, aux () fp32).
-    stats = per-expert counts, per-expert prob sums, sum of logsumexp^2, and the kernel's program counter."""
+def gate_fwd_impl(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | None, r_tot: int, rank: int,
+                  kind: int, top_k: int, scale: float, dtype: torch.dtype, lb_coef: float, z_coef: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gates (T,K) fp32, ids (T,K) int64, u (T,R) dtype, aux () fp32); accumulates into the zeroed stats
+    (2E+2,) fp32: per-expert counts, per-expert prob sums, sum of logsumexp^2, the kernel's program counter."""
     t = hl.shape[0]
     e = hl.shape[1] - r_tot
     gates = gl._alloc((t, top_k), hl)
     ids = gl._alloc((t, top_k), hl, torch.int64)
     u = gl._alloc((t, r_tot), hl, dtype)
-    stats = torch.zeros(2 * e + 2, device=hl.device, dtype=torch.float32)
     aux = gl._alloc((), hl)
     ep = _ep(e)
     c_lb = float(lb_coef * e / (max(t, 1) * max(t, 1) * top_k))
@@ -340,7 +345,7 @@ def gate_fwd_impl(hl: torch.Tensor, noise: torch.Tensor | None, r_tot: int, rank
                                              EP=ep, BT=bt, BR=br, HAS_NOISE=noise is not None)
     else:
         _aux_kernel[(1,)](stats, aux, e, c_lb, c_z, EP=ep)
-    return gates, ids, u, stats, aux
+    return gates, ids, u, aux
 
 
 def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None, gates: torch.Tensor,
@@ -370,27 +375,28 @@ lora_du_impl = gl._du  # du = dy @ B_cat^T in float32: the grouped kernels' own 
 
 @torch.library.custom_op("mol::route_shrink", mutates_args=())
 def _route_shrink_op(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
-                     router_w: torch.Tensor) -> torch.Tensor:
+                     router_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return route_shrink_impl(x, x_lora, a_cat, router_w)
 
 
 @_route_shrink_op.register_fake
 def _(x, x_lora, a_cat, router_w):
-    return x.new_empty((x.shape[0], a_cat.shape[0] + router_w.shape[0]), dtype=torch.float32)
+    return (x.new_empty((x.shape[0], a_cat.shape[0] + router_w.shape[0]), dtype=torch.float32),
+            x.new_empty((2 * router_w.shape[0] + 2,), dtype=torch.float32))
 
 
-@torch.library.custom_op("mol::route_gate_fwd", mutates_args=())
-def _gate_fwd_op(hl: torch.Tensor, noise: torch.Tensor | None, r_tot: int, rank: int, kind: int, top_k: int,
-                 scale: float, dtype: torch.dtype, lb_coef: float, z_coef: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gate_fwd_impl(hl, noise, r_tot, rank, kind, top_k, scale, dtype, lb_coef, z_coef)
+@torch.library.custom_op("mol::route_gate_fwd", mutates_args=("stats",))
+def _gate_fwd_op(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | None, r_tot: int, rank: int,
+                 kind: int, top_k: int, scale: float, dtype: torch.dtype, lb_coef: float, z_coef: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gate_fwd_impl(hl, stats, noise, r_tot, rank, kind, top_k, scale, dtype, lb_coef, z_coef)
 
 
 @_gate_fwd_op.register_fake
-def _(hl, noise, r_tot, rank, kind, top_k, scale, dtype, lb_coef, z_coef):
-    t, e = hl.shape[0], hl.shape[1] - r_tot
+def _(hl, stats, noise, r_tot, rank, kind, top_k, scale, dtype, lb_coef, z_coef):
+    t = hl.shape[0]
     return (hl.new_empty((t, top_k)), hl.new_empty((t, top_k), dtype=torch.int64), hl.new_empty((t, r_tot), dtype=dtype),
-            hl.new_empty((2 * e + 2,)), hl.new_empty(()))
+            hl.new_empty(()))
 
 
 @torch.library.custom_op("mol::route_gate_bwd", mutates_args=())
@@ -434,8 +440,8 @@ class _RoutedLoRAFn(torch.autograd.Function):
         e, rank, n_in = lora_A.shape
         r_tot = e * rank
         a_cat = lora_A.reshape(r_tot, n_in)
-        hl = shrink(x, x_lora, a_cat, router_w)
-        gates, ids, u, stats, aux = gate_fwd(hl, noise, r_tot, rank, kind, top_k, scale, x.dtype, lb_coef, z_coef)
+        hl, stats = shrink(x, x_lora, a_cat, router_w)
+        gates, ids, u, aux = gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, x.dtype, lb_coef, z_coef)
         b_cat = lora_B.permute(0, 2, 1).reshape(r_tot, lora_B.shape[1])  # (R, out); one small copy
         if base_out is None:
             # The small expert GEMM writes y first and the base GEMM accumulates into it (beta=1): its epilogue
@@ -451,6 +457,8 @@ class _RoutedLoRAFn(torch.autograd.Function):
         ctx.weight_fn = weight_fn
         ctx.meta = meta
         ctx.mark_non_differentiable(hl, gates, ids, stats)
+        # unused output gradients stay None: materialized, they would be four zero-fills per backward
+        ctx.set_materialize_grads(False)
         return y, aux, hl, gates, ids, stats
 
     @staticmethod
