@@ -28,6 +28,7 @@ from mol.dispatch import lora_delta_torch  # noqa: E402
 
 DEV = "cuda"
 DT = torch.bfloat16
+ONE = None  # the aux loss's gradient seed, made once in main()
 
 
 def routing(T, E, K, gen):
@@ -105,7 +106,10 @@ def rows_for(c, r, E, with_peft):
 
         def whole(m=m, mp=mp):
             y = m(x)
-            torch.autograd.grad([y, m.aux_loss()], [x] + mp, [dy, torch.ones((), device=DEV)])
+            torch.autograd.grad([y, m.aux_loss()], [x] + mp, [dy, ONE])
+            # the layer keeps its last routing (aux loss included) until the next forward; a graph capture
+            # would free the warm-up's there, and ONE (made on the default stream) gave it a use on that stream
+            m._last = None
         label = "fused router+experts" if backend == "triton" else "torch reference backend"
         rows[f"MoLLinear, whole layer with router + aux loss ({label})"] = whole
 
@@ -262,6 +266,8 @@ def main():
     ap.add_argument("--out", default=None, help="also write the markdown tables here")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    global ONE
+    ONE = torch.ones((), device=DEV)
     gen = torch.Generator(device=DEV).manual_seed(0)
     name = torch.cuda.get_device_name()
     lines = [f"GPU: {name}; torch {torch.__version__}; bf16", ""]
