@@ -233,8 +233,10 @@ def host_table(gen):
 
         def whole(m=m, mp=mp):
             y = m(x)
-            torch.autograd.grad([y, m.aux_loss()], [x] + mp, [dy, torch.ones((), device=DEV)])
+            torch.autograd.grad([y, m.aux_loss()], [x] + mp, [dy, ONE])
         host[f"MoLLinear whole layer fwd+bwd incl. router + aux loss ({backend})"] = (whole, None)
+        if backend == "triton":
+            host["same, autograd multithreading off (backward on the calling thread)"] = (whole, "single_thread")
 
     class NoCache(dict):  # _launch never finds a chosen config: the pre-change launch path
         def __setitem__(self, k, v):
@@ -245,6 +247,8 @@ def host_table(gen):
         gl.EAGER_FAST_PATH = mode not in ("no_fast", "neither")
         if mode in ("no_cache", "neither"):
             gl._CHOSEN = NoCache()
+        if mode == "single_thread":
+            torch.autograd.set_multithreading_enabled(False)
         try:
             with torch.no_grad() if "fwd only" in hn or "raw" in hn else torch.enable_grad():
                 for _ in range(20):
@@ -256,6 +260,7 @@ def host_table(gen):
                 torch.cuda.synchronize()
         finally:
             gl.EAGER_FAST_PATH, gl._CHOSEN = saved
+            torch.autograd.set_multithreading_enabled(True)
         lines.append(f"| {hn} | {(time.perf_counter() - t0) / 200 * 1e6:.0f} |")
     print("\n".join(lines), flush=True)
     return lines
