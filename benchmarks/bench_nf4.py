@@ -5,7 +5,8 @@
 bf16 activations. fwd+bwd = forward then torch.autograd.grad w.r.t. x (and the adapter parameters where there
 are any); the frozen weight has no gradient. Median of CUDA-event timings (triton.testing.do_bench), each case
 timed in three interleaved rounds; the table gives the median round and the spread (max-min)/median.
-Decode (T=1, 16) forward is timed both eagerly and under CUDA-graph replay (how decode loops run).
+Decode (T=1, 2, 16) forward is timed both eagerly and under CUDA-graph replay (how decode loops run); the fused
+small-T kernel's rows give the NF4 bytes read per second.
 If bitsandbytes imports, its Linear4bit (NF4, double quant) is timed in the same run and its dequantization
 of our packed tensors is compared bit for bit.
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from mol.kernels.nf4 import nf4_dequantize, nf4_matmul_small  # noqa: E402
+from mol.kernels.nf4 import DOT_CONFIGS, FMA_CONFIGS, nf4_dequantize, nf4_matmul_small  # noqa: E402
 from mol.quant import NF4Linear, dequantize_nf4_reference, quantize_nf4  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
@@ -120,14 +121,13 @@ def correctness(gen):
                      f"(max diff {(bdeq.float() - out.float()).abs().max().item():.3g})")
         print(line)
         w64 = ref.double()
-        for T in (1, 5, 16):
+        for T in (1, 2, 5, 16):
             x = torch.randn(T, n_in, device=DEV, dtype=DT, generator=gen)
             y = nf4_matmul_small(x, p)
-            y0 = nf4_matmul_small(x, p, config=dict(BLOCK_N=32, GPI=4, LUT=0, num_warps=4))
-            y1 = nf4_matmul_small(x, p, config=dict(BLOCK_N=32, GPI=4, LUT=1, num_warps=4))
             yr = x.double() @ w64.T
-            print(f"    fused small-T kernel T={T}: rel err vs float64 {rel(y, yr):.2e} "
-                  f"(LUT gather {rel(y0, yr):.2e}, select tree {rel(y1, yr):.2e})")
+            errs = [rel(nf4_matmul_small(x, p, config=c), yr) for c in (FMA_CONFIGS if T <= 2 else DOT_CONFIGS)]
+            print(f"    fused small-T kernel T={T}: rel err vs float64 {rel(y, yr):.2e} (autotuned), "
+                  f"{max(errs):.2e} (worst of its {len(errs)} configs)")
         lin = NF4Linear(p)
         x = torch.randn(T_TRAIN, n_in, device=DEV, dtype=DT, generator=gen, requires_grad=True)
         dy = torch.randn(T_TRAIN, n_out, device=DEV, dtype=DT, generator=gen)
@@ -175,19 +175,39 @@ def bench_train(gen, rows):
         torch.cuda.empty_cache()
 
 
+def nf4_bytes(p):
+    """Bytes a fused decode kernel must read: codes, absmax (uint8 when nested) and the nested absmax."""
+    n = p.codes.numel() * p.codes.element_size() + p.absmax.numel() * p.absmax.element_size()
+    if p.nested:
+        n += p.nested_absmax.numel() * p.nested_absmax.element_size()
+    return n
+
+
 def bench_decode(gen, rows):
+    """Decode forward: the bf16 base, NF4Linear's default (dequantize + cuBLAS), and the fused small-T kernel through
+    NF4Linear(fused_decode=True) (autotuned) and through nf4_matmul_small with each of its configs (CUDA graph
+    only). TB/s = NF4 bytes (codes + absmax + nested absmax) / time, for the NF4 rows."""
+    from mol.kernels.nf4 import _small_dot, _small_fma
+
     print("== decode forward (no grad) ==")
     with torch.no_grad():
         for n_out, n_in in SHAPES:
             W = torch.randn(n_out, n_in, device=DEV, dtype=DT, generator=gen) * 0.02
             nf4 = NF4Linear(quantize_nf4(W))
+            nf4.fused_decode = False  # the dequantize + cuBLAS path, for comparison
             p = nf4.packed
+            fused = NF4Linear(p)
+            fused.fused_decode = True
+            nbytes = nf4_bytes(p)
+            print(f"  {n_in}->{n_out}: {nbytes / 1e6:.2f} MB of NF4 (bf16 weight {W.numel() * 2 / 1e6:.2f} MB)")
             bl = bnb_linear(W) if bnb is not None else None
-            for T in (1, 16):
+            for T in (1, 2, 16):
                 x = torch.randn(T, n_in, device=DEV, dtype=DT, generator=gen)
+                yr = x.double() @ dequantize_nf4_reference(p, torch.float64).T
+                print(f"    T={T}: fused kernel rel err vs float64 {rel(fused(x), yr):.2e}")
                 cases = {"bf16 frozen base": lambda: F.linear(x, W),
-                         "NF4Linear (mol default: dequant + cuBLAS)": lambda: nf4(x),
-                         "mol fused small-T kernel (opt-in)": lambda: nf4_matmul_small(x, p)}
+                         "NF4Linear fused_decode=False (dequant + cuBLAS)": lambda: nf4(x),
+                         "NF4Linear default (small-T kernel v4, autotuned)": lambda: fused(x)}
                 if bl is not None:
                     cases["bitsandbytes Linear4bit"] = lambda: bl(x)
                 for graph in (True, False):
@@ -196,11 +216,21 @@ def bench_decode(gen, rows):
                     for name, ts in time_group(cases, graph=graph).items():
                         m, spread = summarize(ts)
                         base = base or m
-                        rows.append((f"fwd T={T} {n_in}->{n_out} ({mode})", name, m, m / base, spread))
-                        print(f"T={T:2d} {n_in}->{n_out} {mode:10s} {name:42s} {m * 1e3:8.2f} us  {m / base:5.2f}x")
-                from mol.kernels.nf4 import _nf4_matmul_small_kernel
-                print(f"    autotuned small-T config: {_nf4_matmul_small_kernel.best_config}")
-            del W, nf4
+                        label = name if name.startswith("bf16") else f"{name} [{nbytes / (m * 1e-3) / 1e12:.2f} TB/s]"
+                        rows.append((f"fwd T={T} {n_in}->{n_out} ({mode})", label, m, m / base, spread))
+                        print(f"T={T:2d} {n_in}->{n_out} {mode:10s} {label:78s} {m * 1e3:8.2f} us  {m / base:5.2f}x")
+                    if graph:
+                        t_base = base or float("nan")
+                tuner = _small_fma if T <= 2 else _small_dot
+                print(f"    autotuned small-T config: {getattr(tuner, 'best_config', None)}")
+                configs = FMA_CONFIGS if T <= 2 else DOT_CONFIGS
+                sweep = {str(c): (lambda c=c: nf4_matmul_small(x, p, config=c)) for c in configs}
+                for name, ts in time_group(sweep, graph=True).items():
+                    m, spread = summarize(ts)
+                    label = f"small-T kernel, config {name} [{nbytes / (m * 1e-3) / 1e12:.2f} TB/s]"
+                    rows.append((f"fwd T={T} {n_in}->{n_out} (cuda graph)", label, m, m / t_base, spread))
+                    print(f"T={T:2d} {n_in}->{n_out} cuda graph {label:78s} {m * 1e3:8.2f} us  {m / t_base:5.2f}x")
+            del W, nf4, fused
             torch.cuda.empty_cache()
 
 

@@ -46,3 +46,57 @@ sig = {"du_ptr": "*fp32", "hl_ptr": "*fp32", "noise_ptr": "*fp32", "gates_ptr": 
 for kind, K in ((0, 2), (1, 1), (2, 8)):
     comp(rl._gate_bwd_kernel, sig, {"RANK": 16, "K": K, "KIND": kind, "EP": 16, "BT": 32, "BR": 128, "HAS_NOISE": False, "HAS_AUX": True})
 comp(rl._aux_kernel, {"stats_ptr": "*fp32", "aux_ptr": "*fp32", "E": "i32", "c_lb": "fp32", "c_z": "fp32", "EP": "constexpr"}, {"EP": 16})
+
+# ---------------------------------------------------------------- NF4 small-T (decode) kernel, mol/kernels/nf4.py
+# Every autotuned config of both paths (FMA: T <= 2, tl.dot: T <= 16), plus dtype / nesting / bias / shape variants.
+# Pointers and the row strides are marked 16-divisible, as the JIT specializes them for aligned tensors (without
+# that the 128-bit code loads are not formed). Prints registers / stack (spills) / shared memory from the cubin.
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+
+from mol.kernels import nf4 as nf4k  # noqa: E402
+
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _resources(cubin):
+    if not os.path.exists(_CUOBJDUMP):
+        return "registers ? (no cuobjdump)"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return f"{m[1]} registers, {m[2]} bytes stack, {m[4]} bytes local" if m else "registers ?"
+
+
+def comp_nf4(cfg, T=1, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
+    block_t = T if T <= nf4k.SMALL_FMA_MAX_T else 16
+    sig = {"x_ptr": f"*{xdt}", "codes_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
+           "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
+           "T": "i32", "N": "i32", "stride_xt": "i32", "stride_yt": "i32"}
+    const = dict(K=K, BS=BS, NBS=256, NESTED=nested, HAS_BIAS=bias, BLOCK_T=block_t, IEEE=xdt == "fp32",
+                 **{k: v for k, v in cfg.items() if k != "num_warps"})
+    sig.update({k: "constexpr" for k in const})
+    div16 = {"stride_xt", "stride_yt", "N"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*") or n in div16}
+    src = ASTSource(fn=nf4k._nf4_matmul_small_kernel, signature=sig, constexprs=const, attrs=attrs)
+    k = triton.compile(src, target=tgt, options={"num_warps": cfg["num_warps"], "num_stages": 1})
+    path = "dot" if block_t > 2 else "fma"
+    print(f"nf4 small-T {path} T={T} K={K} bs={BS} {xdt} nested={nested} bias={bias} {cfg}: built for sm_90, "
+          f"{_resources(k.asm['cubin'])}, {k.metadata.shared} bytes shared")
+
+
+for c in nf4k.FMA_CONFIGS:
+    comp_nf4(c, T=1)
+    comp_nf4(c, T=2, bias=True)
+for c in nf4k.DOT_CONFIGS:
+    comp_nf4(c, T=16)
+comp_nf4(nf4k.FMA_CONFIGS[0], T=1, nested=False, bias=True, xdt="fp16")
+comp_nf4(nf4k.FMA_CONFIGS[1], T=2, xdt="fp32")
+comp_nf4(nf4k.FMA_CONFIGS[1], T=1, K=14336)
+comp_nf4(nf4k.FMA_CONFIGS[2], T=1, K=192, BS=128)  # BLOCK_KB does not divide the row: masked steps
+comp_nf4(nf4k.DOT_CONFIGS[0], T=5, nested=False, bias=True, xdt="fp16")
+comp_nf4(nf4k.DOT_CONFIGS[1], T=16, K=14336)
+comp_nf4(nf4k.DOT_CONFIGS[0], T=16, K=320, BS=32, xdt="fp32")

@@ -255,21 +255,75 @@ def test_triton_dequantize_matches_reference(nested, lut, dtype):
         torch.testing.assert_close(out, ref.to(dtype), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("T,bias,nested,config", [
-    (1, False, True, None), (5, True, True, None), (16, True, False, None),
-    (3, False, True, dict(BLOCK_N=32, GPI=2, LUT=1, num_warps=4))])
-def test_triton_small_matmul_vs_float64(T, bias, nested, config):
+def _small_matmul_check(T, config, cases, dtype=torch.float32, tol=1e-5):
+    """nf4_matmul_small against x.double() @ W.double().T + bias, W dequantized by the PyTorch reference."""
     from mol.kernels.nf4 import nf4_matmul_small
 
     g = _gen()
-    N, K = 40, 192  # N not a multiple of BLOCK_N, K not a multiple of BLOCK_K
-    p = quantize_nf4(_weight(N, K, g=g), double_quant=nested)
-    x = torch.randn(T, K, generator=g)
-    b = torch.randn(N, generator=g) if bias else None
-    y = nf4_matmul_small(x, p, b, config=config)
-    ref = x.double() @ dequantize_nf4_reference(p, torch.float64).T + (b.double() if bias else 0)
-    assert y.shape == (T, N) and torch.isfinite(y).all()
-    assert ((y.double() - ref).norm() / ref.norm()) < 1e-5
+    for N, K, nested, bias, bs in cases:
+        p = quantize_nf4(_weight(N, K, g=g), blocksize=bs, double_quant=nested)
+        x = torch.randn(T, K, generator=g).to(dtype)
+        b = torch.randn(N, generator=g).to(dtype) if bias else None
+        y = nf4_matmul_small(x, p, b, config=config)
+        ref = x.double() @ dequantize_nf4_reference(p, torch.float64).T + (b.double() if bias else 0)
+        what = f"T={T} N={N} K={K} nested={nested} bias={bias} blocksize={bs} {dtype} config={config}"
+        assert y.dtype == dtype and y.shape == (T, N), what
+        assert torch.isfinite(y).all(), what
+        err = (y.double() - ref).abs().max() / ref.abs().max()
+        assert err < tol, f"{what}: max error {err:.2e} of max |y|"
+
+
+# N not a multiple of any BLOCK_N; K a multiple of the blocksize (64) but not of a step's 128 / 256 / 512 bytes
+# (K = 64: a single, partial step), a partial nested block (320 / 64 = 5 blocks < 256)
+_SMALL_CASES = [(40, 64, True, False, 64), (72, 192, False, True, 64), (40, 320, True, True, 64)]
+
+
+def _configs(path):
+    from mol.kernels import nf4 as nf4k
+
+    return nf4k.FMA_CONFIGS if path == "fma" else nf4k.DOT_CONFIGS
+
+
+@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize("ci", range(6))
+def test_triton_small_matmul_fma_configs_vs_float64(T, ci):
+    configs = _configs("fma")
+    assert len(configs) == 6  # keep the parametrization in step with the autotune list
+    _small_matmul_check(T, configs[ci], _SMALL_CASES)
+
+
+@pytest.mark.parametrize("T", [3, 16])
+@pytest.mark.parametrize("ci", range(3))
+def test_triton_small_matmul_dot_configs_vs_float64(T, ci):
+    configs = _configs("dot")
+    assert len(configs) == 3
+    _small_matmul_check(T, configs[ci], _SMALL_CASES)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 16])
+def test_triton_small_matmul_autotuned_and_blocksizes(T):
+    # the autotuner's path (config=None), and blocksizes 32 / 128 (words per absmax block 4 / 16)
+    _small_matmul_check(T, None, _SMALL_CASES + [(24, 96, True, True, 32), (40, 384, False, False, 128)])
+
+
+@pytest.mark.parametrize("T,ci", [(1, 0), (2, 2), (5, 0), (16, 1)])
+def test_triton_small_matmul_float16(T, ci):
+    # float16 activations, weights rounded to float16 on the dot path: the output's own rounding dominates
+    cfg = _configs("fma" if T <= 2 else "dot")[ci]
+    _small_matmul_check(T, cfg, [(72, 192, True, True, 64)], dtype=torch.float16, tol=2e-3)
+
+
+def test_triton_small_matmul_supported_and_errors():
+    from mol.kernels.nf4 import nf4_matmul_small, small_matmul_supported
+
+    p = quantize_nf4(torch.randn(16, 128))
+    assert small_matmul_supported(p, 1) and small_matmul_supported(p, 16)
+    assert not small_matmul_supported(p, 0) and not small_matmul_supported(p, 17)
+    q = quantize_nf4(torch.randn(16, 128))
+    q.codes = torch.empty(q.codes.numel() + 1, dtype=torch.uint8)[1:]  # an odd address: not 4-byte aligned
+    assert not small_matmul_supported(q, 1)
+    with pytest.raises(ValueError, match="T <= 16"):
+        nf4_matmul_small(torch.randn(17, 128), p)
 
 
 def test_triton_backend_in_nf4linear():

@@ -2,10 +2,12 @@
 
 - `nf4_dequantize`: packed NF4 -> dense (bf16/fp16/fp32) weight, one pass (reads 4.13 bits, writes 16 per value).
 - `nf4_matmul_small`: y = x @ W^T (+ bias) for T <= 16 rows of x, reading the 4-bit codes directly
-  (decode / GEMV): the weight is dequantized block by block in registers and never written out.
-  OPT-IN (NF4Linear's `fused_decode`, or MOL_NF4_FUSED_DECODE=1): timed on an H100 it is no faster than
-  dequantize + cuBLAS yet (27.8 against 26.6 us at T=1, 4096x4096: still latency bound, see
-  benchmarks/RESULTS.md), so by default NF4Linear dequantizes for every T.
+  (decode / GEMV): one launch, each program streams the codes of BLOCK_N whole rows with 128-bit loads and a
+  one-step software prefetch, looks the levels up in a 16-entry table and accumulates in float32 (FMA for
+  T <= 2, tl.dot for larger T); see the comment above the kernel. On an H100 under CUDA-graph replay (RESULTS
+  run 6): T=1 4096x4096 6.8 us (0.65x the bf16 GEMV; dequantize + cuBLAS 27.4 us), 4096->14336 21.1 us (0.50x);
+  T=16 19.1 / 46.9 us (2.0x / 1.1x). NF4Linear uses it by default for T <= 16 on CUDA (MOL_NF4_FUSED_DECODE=0 or
+  `fused_decode = False` turns it off).
 For other T the layer dequantizes into a scratch weight and calls cuBLAS (see mol/quant/linear.py): at T=8192
 the dequant pass is ~20 us (4096x4096) against ~400 us for the GEMM.
 
@@ -105,108 +107,287 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
     return out
 
 
-def _small_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "GPI": 2, "LUT": 0}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn, "GPI": g, "LUT": lut}, num_warps=4, num_stages=3)
-            # configs without register spills in the sm_90 compiler report (GPI 8-16 at 4 warps spill)
-            for bn, g in [(16, 2), (32, 2), (32, 4), (64, 4)] for lut in (0, 1)]
+# ---------------------------------------------------------------- small T (decode): y = x @ W^T (+ bias)
+#
+# One launch, grid = cdiv(N, BLOCK_N): each program owns BLOCK_N output rows and the whole K, streams their codes
+# once and writes y in x's dtype (bias added): no zero-init, no split-K atomics, no cast pass.
+#
+# The codes are read as int32 words (8 nibbles each), a (BLOCK_N, BLOCK_KB // 4) tile per step: 16 contiguous bytes
+# per thread per row, one 128-bit load. K is a constexpr, so the step count is too. The K loop is a runtime loop
+# with a software prefetch: step s + 1's code words and absmax bytes are loaded (into registers carried by the loop)
+# before step s is dequantized, and the last step is peeled. The prefetch has to be written out: the dequant's
+# shared-memory round trips (the gather, x's layout change) put barriers in every step, and ptxas never moves a
+# load across one. (A fully unrolled K loop did the same but took >25 min to compile at K = 14336.)
+# Each word is cut into its 8 nibbles with a shift and a mask; byte i of a word holds element 2i in its high
+# nibble and 2i+1 in its low nibble (bitsandbytes' order). The 16 NF4 levels are looked up with `tl.gather` from a
+# register copy of the table (LUT=2: one shared-memory load per element, 32-bit address folded into the load) or
+# with `tl.load(code_ptr + q)` from the global table (LUT=0: an L1 hit, plus 64-bit address math per element); the
+# select tree (LUT=1) is not used here. Counted on the sm_90 SASS of the loop body, T = 1, K = 4096: 4.9-5.7
+# instructions per weight element with LUT=2 (shift, mask, LDS, FFMA, plus x and scale handling) and 7.5 with LUT=0
+# under triton 3.9; 5.2-6.0 and 12.6 under triton 3.6. Both are autotuned.
+# - T <= 2 (FMA path, BLOCK_T = T): p = sum_i level_i * x_i per word in float32 (an FFMA chain), summed per absmax
+#   block, times the block's scale, accumulated per (row, block); one reduction over the blocks at the end.
+# - 3 <= T <= 16 (dot path, BLOCK_T = 16): the levels times their block scales are rounded to x's dtype (as the
+#   dequantize + GEMM path rounds them) and multiplied with tl.dot (T padded to 16, float32 accumulation; exact
+#   "ieee" float32 for float32 x). Per element: 5.6-5.9 instructions with wgmma (BLOCK_N >= 64, so only N / 64
+#   programs), 8.2-8.5 with mma.sync (BLOCK_N = 32), whatever T; the FMA path costs ~1.3-1.5 more per extra token
+#   (6.4-7.6 at T = 2). So FMA for T = 1 and 2 (where it also keeps 8-32 rows per program, i.e. more programs), dot
+#   from T = 3. None of this has been timed on a GPU yet.
+
+SMALL_FMA_MAX_T = 2
 
 
-@triton.autotune(configs=_small_configs(), key=["N", "K", "NESTED"], reset_to_zero=["y_ptr"])
+# The autotuned configs (what nf4_matmul_small's `config=` takes). FMA path: with BLOCK_KB = 512 a warp spans 512
+# bytes of one row, so a thread holds BLOCK_N / num_warps rows, which share x's conversion and layout shuffle.
+# Dot path: BLOCK_N >= 64 makes the weight tile the MMA's A operand (wgmma, one warpgroup per 64 rows);
+# BLOCK_N = 32 makes x the A operand (M = 16, mma.sync: no warp repeats another's rows, twice the programs of 64).
+# None of these spills in the sm_90 compile (benchmarks/compile_sm90.py prints registers, stack, shared memory).
+FMA_CONFIGS = ([dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=2, num_warps=w)
+                for bn, kb, w in [(8, 512, 4), (16, 512, 4), (16, 256, 4), (32, 512, 8)]]
+               + [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=0, num_warps=w) for bn, kb, w in [(8, 512, 4), (16, 256, 4)]])
+DOT_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=2, num_warps=w) for bn, kb, w in [(32, 128, 4), (64, 128, 4),
+                                                                                      (128, 128, 8)]]
+
+
+def _autotune_configs(configs):
+    if _INTERPRET:  # one config: the interpreter has nothing to tune (tests pass every config through `config=`)
+        configs = configs[:1]
+    return [triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"], num_stages=1)
+            for c in configs]
+
+
+@triton.jit
+def _nf4_levels8(w, tab, code_ptr, LUT: tl.constexpr):
+    """The 8 NF4 levels (float32) of int32 code words w, in element order: byte i (little endian) of a word holds
+    element 2i in its high nibble and element 2i+1 in its low nibble."""
+    if LUT == 2:
+        # one gather for all 8 nibbles; join(a, b) stacks along a new last axis, so split() takes them back in
+        # the reverse nesting order
+        q = tl.join(tl.join(tl.join((w >> 4) & 15, w & 15), tl.join((w >> 12) & 15, (w >> 8) & 15)),
+                    tl.join(tl.join((w >> 20) & 15, (w >> 16) & 15), tl.join((w >> 28) & 15, (w >> 24) & 15)))
+        lv = tl.reshape(tl.gather(tab, tl.reshape(q, (q.numel,)), 0), q.shape)
+        l0123, l4567 = tl.split(lv)
+        l01, l23 = tl.split(l0123)
+        l45, l67 = tl.split(l4567)
+        l0, l1 = tl.split(l01)
+        l2, l3 = tl.split(l23)
+        l4, l5 = tl.split(l45)
+        l6, l7 = tl.split(l67)
+    else:
+        l0 = _nf4_level((w >> 4) & 15, LUT, code_ptr)
+        l1 = _nf4_level(w & 15, LUT, code_ptr)
+        l2 = _nf4_level((w >> 12) & 15, LUT, code_ptr)
+        l3 = _nf4_level((w >> 8) & 15, LUT, code_ptr)
+        l4 = _nf4_level((w >> 20) & 15, LUT, code_ptr)
+        l5 = _nf4_level((w >> 16) & 15, LUT, code_ptr)
+        l6 = _nf4_level((w >> 28) & 15, LUT, code_ptr)
+        l7 = _nf4_level((w >> 24) & 15, LUT, code_ptr)
+    return l0, l1, l2, l3, l4, l5, l6, l7
+
+
+@triton.jit
+def _x8(x_ptr, kw, km, BW: tl.constexpr):
+    """x[8 kw + i] for i < 8 as eight float32 (BW,) tensors (one contiguous (BW, 8) load, then splits)."""
+    x8 = tl.load(x_ptr + 8 * kw[:, None] + tl.arange(0, 8)[None, :], mask=km[:, None], other=0.0).to(tl.float32)
+    xa, xb = tl.split(tl.reshape(x8, (BW, 4, 2)))  # even / odd columns
+    xa0, xa1 = tl.split(tl.reshape(xa, (BW, 2, 2)))  # columns (0, 4) / (2, 6)
+    xb0, xb1 = tl.split(tl.reshape(xb, (BW, 2, 2)))  # columns (1, 5) / (3, 7)
+    x0, x4 = tl.split(xa0)
+    x2, x6 = tl.split(xa1)
+    x1, x5 = tl.split(xb0)
+    x3, x7 = tl.split(xb1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _dot8(l0, l1, l2, l3, l4, l5, l6, l7, x_ptr, kw, km, BW: tl.constexpr):
+    """sum_i level_i * x[8 kw + i] per word: (BLOCK_N, BW) float32, one FMUL and seven FFMAs per word."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x8(x_ptr, kw, km, BW)
+    p = l0 * x0[None, :]
+    p += l1 * x1[None, :]
+    p += l2 * x2[None, :]
+    p += l3 * x3[None, :]
+    p += l4 * x4[None, :]
+    p += l5 * x5[None, :]
+    p += l6 * x6[None, :]
+    p += l7 * x7[None, :]
+    return p
+
+
+@triton.jit
+def _load_step(wptr, absmax_ptr, row_w, row_blk, s, KW: tl.constexpr, NBLK: tl.constexpr, BW: tl.constexpr,
+               NB: tl.constexpr):
+    """Step s's code words (BLOCK_N, BW) and absmax entries (BLOCK_N, NB); masked only when BW does not divide
+    the row (then only the last step has lanes past the row's end)."""
+    kw = s * BW + tl.arange(0, BW)
+    blk = s * NB + tl.arange(0, NB)
+    wp = wptr + row_w[:, None] + kw[None, :]
+    ap = absmax_ptr + row_blk[:, None] + blk[None, :]
+    if KW % BW == 0:
+        w = tl.load(wp)
+        a = tl.load(ap)
+    else:
+        w = tl.load(wp, mask=(kw < KW)[None, :], other=0)
+        a = tl.load(ap, mask=(blk < NBLK)[None, :], other=0)
+    return w, a
+
+
+@triton.jit
+def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs_ptr, off, row_blk, offs_t, T,
+                stride_xt, K: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, BLOCK_T: tl.constexpr,
+                IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr, WB: tl.constexpr, NB: tl.constexpr,
+                NBLK: tl.constexpr, LUT: tl.constexpr, W_AS_A: tl.constexpr):
+    """Dequantize step s's words w (scales from absmax entries a) and accumulate against x."""
+    KW: tl.constexpr = K // 8
+    blk = s * NB + tl.arange(0, NB)
+    if NESTED:
+        sc = (tl.load(ncode_ptr + a.to(tl.int32)) *
+              tl.load(nabs_ptr + (row_blk[:, None] + blk[None, :]) // NBS, mask=(blk < NBLK)[None, :], other=0.0)
+              + off)
+    else:
+        sc = a
+    kw = s * BW + tl.arange(0, BW)
+    km = kw < KW
+    l0, l1, l2, l3, l4, l5, l6, l7 = _nf4_levels8(w, tab, code_ptr, LUT)
+    if BLOCK_T > 2:
+        # back to element order along the last axis (the inverse of _nf4_levels8's nesting), scaled per block
+        lv = tl.join(tl.join(tl.join(l0, l4), tl.join(l2, l6)), tl.join(tl.join(l1, l5), tl.join(l3, l7)))
+        lv = tl.reshape(lv, (BLOCK_N, NB, WB * 8)) * sc[:, :, None]
+        wt = tl.reshape(lv, (BLOCK_N, BW * 8)).to(x_ptr.dtype.element_ty)
+        kk = 8 * s * BW + tl.arange(0, 8 * BW)
+        if W_AS_A:  # (BLOCK_N, k) @ (k, BLOCK_T): the weight tile is the A operand (wgmma takes M = 64)
+            xt = tl.load(x_ptr + offs_t[None, :] * stride_xt + kk[:, None],
+                         mask=(offs_t < T)[None, :] & (kk < K)[:, None], other=0.0)
+            if IEEE:
+                accd = tl.dot(wt, xt, accd, input_precision="ieee")
+            else:
+                accd = tl.dot(wt, xt, accd)
+        else:  # (BLOCK_T, k) @ (k, BLOCK_N): x is the A operand (M = 16), each warp takes BLOCK_N / num_warps rows
+            xs = tl.load(x_ptr + offs_t[:, None] * stride_xt + kk[None, :],
+                         mask=(offs_t < T)[:, None] & (kk < K)[None, :], other=0.0)
+            if IEEE:
+                accd = tl.dot(xs, tl.trans(wt), accd, input_precision="ieee")
+            else:
+                accd = tl.dot(xs, tl.trans(wt), accd)
+    else:
+        p = _dot8(l0, l1, l2, l3, l4, l5, l6, l7, x_ptr, kw, km, BW)
+        acc0 += tl.sum(tl.reshape(p, (BLOCK_N, NB, WB)), axis=2) * sc
+        if BLOCK_T == 2:
+            p = _dot8(l0, l1, l2, l3, l4, l5, l6, l7, x_ptr + stride_xt, kw, km, BW)
+            acc1 += tl.sum(tl.reshape(p, (BLOCK_N, NB, WB)), axis=2) * sc
+    return acc0, acc1, accd
+
+
 @triton.jit
 def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr, bias_ptr,
-                             y_ptr, T, N, K, stride_xt, stride_yt,
-                             BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr, LUT: tl.constexpr):
-    """y[t, n] += sum_k x[t, k] W[n, k] into a zeroed float32 y. Program (i, j) takes rows i*BLOCK_N.. and the
-    j-th of num_programs(1) slices of the absmax blocks (split-K: a GEMV has too few row tiles to keep enough
-    bytes in flight). Each step takes GPI absmax blocks: the high and low nibbles (even and odd k) are two dots
-    against x's even and odd columns, so no interleaving shuffle is needed, and the block's scale multiplies
-    the (BLOCK_N, BLOCK_T) partial product in float32."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                             y_ptr, T, N, stride_xt, stride_yt,
+                             K: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, LUT: tl.constexpr):
+    """y[t, n] = sum_k x[t, k] W[n, k] (+ bias[n]) for rows n of this program, t < T. BLOCK_T <= 2: FMA path
+    (T == BLOCK_T); BLOCK_T == 16: tl.dot path (T <= 16). Rows past N re-read row N - 1 and are not stored."""
+    KW: tl.constexpr = K // 8  # int32 code words per row
+    BW: tl.constexpr = BLOCK_KB // 4  # words per step
+    WB: tl.constexpr = BS // 8  # words per absmax block
+    NB: tl.constexpr = BW // WB  # absmax blocks per step
+    NBLK: tl.constexpr = K // BS  # absmax blocks per row
+    NSTEPS: tl.constexpr = (KW + BW - 1) // BW
+    W_AS_A: tl.constexpr = BLOCK_N >= 64
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_t = tl.arange(0, BLOCK_T)
-    t_mask = offs_t < T
-    offs_j = tl.arange(0, BS // 2)  # byte within an absmax block
-    nblk = K // BS  # absmax blocks per row (K % BS == 0)
-    per_split = tl.cdiv(nblk, tl.num_programs(1))
-    g_lo = pid_k * per_split
-    g_hi = tl.minimum(nblk, g_lo + per_split)
-    row_byte = offs_n.to(tl.int64) * (K // 2)
-    row_blk = offs_n.to(tl.int64) * nblk
+    rows = tl.minimum(offs_n, N - 1)  # clamped: the loads need no row mask
+    row_w = rows.to(tl.int64) * KW
+    row_blk = rows.to(tl.int64) * NBLK
+    wptr = codes_ptr.to(tl.pointer_type(tl.int32))
+    tab = tl.load(code_ptr + tl.arange(0, 16))
     if NESTED:
         off = tl.load(offset_ptr)
-    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for g0 in range(g_lo, g_hi, GPI):
-        for gi in tl.static_range(GPI):
-            g = g0 + gi
-            okj = (offs_j * 0 + g) < g_hi  # as tensors: the interpreter rejects scalar-bool masks
-            okn = n_mask & ((offs_n * 0 + g) < g_hi)
-            b = tl.load(codes_ptr + row_byte[:, None] + g * (BS // 2) + offs_j[None, :],
-                        mask=okn[:, None] & okj[None, :], other=0).to(tl.int32)
-            kk = g * BS + 2 * offs_j
-            xp = x_ptr + offs_t[:, None] * stride_xt + kk[None, :]
-            xm = t_mask[:, None] & okj[None, :]
-            xe = tl.load(xp, mask=xm, other=0.0)
-            xo = tl.load(xp + 1, mask=xm, other=0.0)
-            part = tl.dot(_nf4_level(b >> 4, LUT, code_ptr).to(xe.dtype), tl.trans(xe))
-            part = tl.dot(_nf4_level(b & 15, LUT, code_ptr).to(xe.dtype), tl.trans(xo), part)
-            blk = row_blk + g
-            if NESTED:
-                qa = tl.load(absmax_ptr + blk, mask=okn, other=0).to(tl.int32)
-                s = tl.load(ncode_ptr + qa) * tl.load(nabs_ptr + blk // NBS, mask=okn, other=0.0) + off
-            else:
-                s = tl.load(absmax_ptr + blk, mask=okn, other=0.0)
-            acc += part * s[:, None]
+    else:
+        off = 0.0
+    offs_t = tl.arange(0, BLOCK_T)
+    acc0 = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+    if W_AS_A:
+        accd = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    else:
+        accd = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    # software prefetch: step s + 1's loads are issued before step s is dequantized (the dequant's shared-memory
+    # round trips put barriers in every step, and no load is moved across a barrier); the last step is peeled
+    w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, 0, KW, NBLK, BW, NB)
+    for s in range(NSTEPS - 1):
+        w = w_next
+        a = a_next
+        w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s + 1, KW, NBLK, BW, NB)
+        acc0, acc1, accd = _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs_ptr, off,
+                                       row_blk, offs_t, T, stride_xt, K, NBS, NESTED, BLOCK_T, IEEE, BLOCK_N, BW,
+                                       WB, NB, NBLK, LUT, W_AS_A)
+    acc0, acc1, accd = _small_step(w_next, a_next, NSTEPS - 1, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr,
+                                   nabs_ptr, off, row_blk, offs_t, T, stride_xt, K, NBS, NESTED, BLOCK_T, IEEE,
+                                   BLOCK_N, BW, WB, NB, NBLK, LUT, W_AS_A)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask & ((offs_n * 0 + pid_k) == 0), other=0.0).to(tl.float32)
-        acc += bias[:, None]
-    tl.atomic_add(y_ptr + offs_t[None, :] * stride_yt + offs_n[:, None], acc, mask=n_mask[:, None] & t_mask[None, :])
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if BLOCK_T > 2:
+        if W_AS_A:
+            if HAS_BIAS:
+                accd += bias[:, None]
+            tl.store(y_ptr + offs_t[None, :] * stride_yt + offs_n[:, None], accd.to(y_ptr.dtype.element_ty),
+                     mask=n_mask[:, None] & (offs_t < T)[None, :])
+        else:
+            if HAS_BIAS:
+                accd += bias[None, :]
+            tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :], accd.to(y_ptr.dtype.element_ty),
+                     mask=(offs_t < T)[:, None] & n_mask[None, :])
+    else:
+        y0 = tl.sum(acc0, axis=1)
+        if HAS_BIAS:
+            y0 += bias
+        tl.store(y_ptr + offs_n, y0.to(y_ptr.dtype.element_ty), mask=n_mask)
+        if BLOCK_T == 2:
+            y1 = tl.sum(acc1, axis=1)
+            if HAS_BIAS:
+                y1 += bias
+            tl.store(y_ptr + stride_yt + offs_n, y1.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+_AUTOTUNE_KEY = ["N", "K", "BLOCK_T", "NESTED", "HAS_BIAS"]
+_small_fma = triton.autotune(configs=_autotune_configs(FMA_CONFIGS), key=_AUTOTUNE_KEY)(_nf4_matmul_small_kernel)
+_small_dot = triton.autotune(configs=_autotune_configs(DOT_CONFIGS), key=_AUTOTUNE_KEY)(_nf4_matmul_small_kernel)
 
 
 def small_matmul_supported(packed, T: int) -> bool:
-    """Whether nf4_matmul_small handles this weight (2-D, rows made of whole blocks, small blocks) and T."""
-    return (len(packed.shape) == 2 and T <= MAX_SMALL_T and packed.shape[1] % packed.blocksize == 0
-            and 32 <= packed.blocksize <= 256)
+    """Whether nf4_matmul_small handles this weight and T: 2-D, rows made of whole absmax blocks of 32..256 values,
+    T <= 16, codes contiguous and 4-byte aligned (they are read as int32 words)."""
+    return (len(packed.shape) == 2 and 1 <= T <= MAX_SMALL_T and packed.shape[1] % packed.blocksize == 0
+            and 32 <= packed.blocksize <= 256 and packed.codes.is_contiguous()
+            and packed.codes.data_ptr() % 4 == 0)
 
 
 def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
                      config: dict | None = None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for x of shape (T, K), T <= 16, reading W's 4-bit codes directly.
-    `config` (BLOCK_N, GPI, LUT, num_warps, num_stages) bypasses the autotuner, for tests and benchmarks."""
+    """y = x @ W^T (+ bias) for x of shape (T, K), T <= 16, reading W's 4-bit codes directly; y in x's dtype.
+    `config` (BLOCK_N, BLOCK_KB, LUT, num_warps[, num_stages]) bypasses the autotuner, for tests and benchmarks;
+    the dot path (T > 2) needs BLOCK_N >= 16."""
     T, K = x.shape
     N = packed.shape[0]
     if not small_matmul_supported(packed, T) or packed.shape[1] != K:
         raise ValueError(f"nf4_matmul_small: unsupported x {tuple(x.shape)} for weight {packed.shape} "
-                         f"(blocksize {packed.blocksize}); needs T <= {MAX_SMALL_T} and in_features % blocksize == 0")
+                         f"(blocksize {packed.blocksize}); needs 1 <= T <= {MAX_SMALL_T}, in_features % blocksize "
+                         "== 0, blocksize in 32..256 and contiguous, 4-byte aligned codes")
     x = x.contiguous()
-    y = torch.zeros((T, N), dtype=torch.float32, device=x.device)  # split-K partial sums land here
+    if bias is not None:
+        bias = bias.contiguous()
+    y = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    if N == 0:
+        return y
     nabs, ncode, off = _tensors(packed)
-    nblk = K // packed.blocksize
-    target = _target_programs(x.device)
-    split = lambda bn: max(1, min(nblk, target // triton.cdiv(N, bn)))  # noqa: E731
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split(meta["BLOCK_N"]))  # noqa: E731
-    kernel = _nf4_matmul_small_kernel if config is None else _nf4_matmul_small_kernel.fn
+    block_t = T if T <= SMALL_FMA_MAX_T else 16
+    kernel = (_small_fma if block_t <= SMALL_FMA_MAX_T else _small_dot) if config is None \
+        else _nf4_matmul_small_kernel
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     kernel[grid](
         x, packed.codes, packed.absmax, packed.code, nabs, ncode, off, bias if bias is not None else x, y,
-        T, N, K, x.stride(0), y.stride(0),
-        BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested, HAS_BIAS=bias is not None,
-        BLOCK_T=16, **(config or {}))
-    return y.to(x.dtype)
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _target_programs(device: torch.device) -> int:
-    """About 4 programs per SM, so each SM has several slices' loads in flight (8 under the interpreter, which
-    exercises split-K on small test shapes)."""
-    if _INTERPRET or device.type != "cuda":
-        return 8
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 4 * _SM_COUNT[idx]
+        T, N, x.stride(0), y.stride(0),
+        K=K, BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested, HAS_BIAS=bias is not None,
+        BLOCK_T=block_t, IEEE=x.dtype == torch.float32, **({"num_stages": 1, **config} if config else {}))
+    return y

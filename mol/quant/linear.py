@@ -15,7 +15,7 @@ from .nf4 import NF4Weight, dequantize_nf4, from_bnb_tensors, quantize_nf4, to_b
 
 
 def _use_small_kernel(x2d: torch.Tensor, packed: NF4Weight, fused_decode: bool) -> bool:
-    if not (x2d.is_cuda and (fused_decode or os.environ.get("MOL_NF4_FUSED_DECODE") == "1")):
+    if not (x2d.is_cuda and fused_decode and os.environ.get("MOL_NF4_FUSED_DECODE", "1") != "0"):
         return False
     from mol.kernels.nf4 import small_matmul_supported
     return small_matmul_supported(packed, x2d.shape[0])
@@ -57,9 +57,9 @@ class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4 with double quantization (QLoRA, ~4.127 bits/param).
 
     Forward computes in the activation dtype: on CUDA it dequantizes into a scratch weight (one Triton pass, freed
-    right after) and calls cuBLAS. With `fused_decode=True` (or MOL_NF4_FUSED_DECODE=1), T <= 16 tokens use a
-    fused Triton dequant-GEMM that reads the 4-bit codes directly (on an H100 no faster yet; see
-    mol/kernels/nf4.py). On other devices the PyTorch reference dequantizes. Backward gives dx (and the
+    right after) and calls cuBLAS, except that T <= 16 tokens (decode) use a fused Triton dequant-GEMV/GEMM that
+    reads the 4-bit codes directly (3-4x faster there, see mol/kernels/nf4.py; `fused_decode = False` or
+    MOL_NF4_FUSED_DECODE=0 turns it off). On other devices the PyTorch reference dequantizes. Backward gives dx (and the
     bias gradient if the bias requires grad); the weight itself is frozen and has no gradient.
     Buffers follow bitsandbytes' names so `.to()`, `state_dict()` and devices work as for nn.Linear;
     `.to(dtype)` / `.half()` move the quantization state between devices but never change its dtype (a bf16
@@ -67,7 +67,7 @@ class NF4Linear(nn.Module):
     """
 
     is_quantized_linear = True  # mol.inject treats it as a linear target
-    fused_decode = False  # class default; set per instance or with MOL_NF4_FUSED_DECODE=1
+    fused_decode = True  # class default; set per instance, or MOL_NF4_FUSED_DECODE=0 for all
 
     def __init__(self, packed: NF4Weight, bias: torch.Tensor | None = None, backend: str = "auto"):
         super().__init__()
