@@ -14,8 +14,10 @@ from mol.inject import name_matches, replace_module
 from .nf4 import NF4Weight, dequantize_nf4, from_bnb_tensors, quantize_nf4, to_bnb_tensors, _QS_PREFIX
 
 
-def _use_small_kernel(x2d: torch.Tensor, packed: NF4Weight, fused_decode: bool) -> bool:
-    if not (x2d.is_cuda and fused_decode and os.environ.get("MOL_NF4_FUSED_DECODE", "1") != "0"):
+def _use_small_kernel(x2d: torch.Tensor, packed: NF4Weight, fused_decode: bool, backend: str) -> bool:
+    """Whether the forward of x2d runs the fused small-T NF4 kernel instead of dequantize + dense GEMM."""
+    if not (backend != "torch" and x2d.is_cuda and fused_decode
+            and os.environ.get("MOL_NF4_FUSED_DECODE", "1") != "0"):
         return False
     from mol.kernels.nf4 import small_matmul_supported
     return small_matmul_supported(packed, x2d.shape[0])
@@ -36,7 +38,7 @@ class _NF4LinearFn(torch.autograd.Function):
             x2d = x2d.to(torch.get_autocast_dtype(dev))
         if bias is not None and bias.dtype != x2d.dtype:
             bias = bias.to(x2d.dtype)
-        if backend != "torch" and _use_small_kernel(x2d, packed, fused_decode):
+        if _use_small_kernel(x2d, packed, fused_decode, backend):
             from mol.kernels.nf4 import nf4_matmul_small
             return nf4_matmul_small(x2d, packed, bias)
         w = dequantize_nf4(packed, x2d.dtype, backend=backend)  # scratch, freed on return
@@ -118,8 +120,7 @@ class NF4Linear(nn.Module):
 
     def uses_own_kernel(self, x: torch.Tensor) -> bool:
         """Whether forward(x) runs the fused small-T NF4 matmul rather than dequantize + dense GEMM."""
-        return self.backend != "torch" and _use_small_kernel(x.reshape(-1, self.in_features), self.packed,
-                                                              self.fused_decode)
+        return _use_small_kernel(x.reshape(-1, self.in_features), self.packed, self.fused_decode, self.backend)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight (out, in), e.g. for merging; allocates a full-precision copy."""
