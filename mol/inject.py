@@ -211,6 +211,13 @@ def aux_loss(model: nn.Module) -> Tensor:
     return torch.stack([loss.float() for loss in losses]).sum()
 
 
+def clear_routing(model: nn.Module) -> None:
+    """Drop every routed layer's kept routing (see MoLLinear.clear_routing): before a CUDA-graph capture."""
+    for _, m in adapter_layers(model):
+        if isinstance(m, MoLLinear):
+            m.clear_routing()
+
+
 def routing_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     """Per routed layer: load (E,), counts (E,), entropy, load_balance_loss, z_loss of the last forward."""
     return {n: m.last_stats for n, m in adapter_layers(model) if isinstance(m, MoLLinear) and m.last_stats}

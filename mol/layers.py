@@ -157,6 +157,13 @@ class MoLLinear(AdapterLayer):
         self._last = routed
         return out.view(*x.shape[:-1], self.out_features)
 
+    def clear_routing(self) -> None:
+        """Forget the routing kept from the last forward (aux loss, stats). Call it (or ``mol.clear_routing``)
+        after the warm-up and before capturing a training step in a CUDA graph: the capture's first forward
+        would otherwise free the warm-up's tensors inside the capture, which CUDA refuses for a tensor that was
+        used on another stream."""
+        self._last = None
+
     def aux_loss(self) -> Optional[Tensor]:
         """Coefficient-weighted load-balance + z-loss of the last forward (None before any routed forward)."""
         if self._last is None:
