@@ -34,6 +34,11 @@ CASES = [  # T, in, out, E, r, K, kind
     (20, 19, 33, 5, 4, 1, "switch"),
     (18, 33, 19, 3, 4, 3, "soft"),
     (17, 21, 23, 40, 2, 4, "topk"),  # E > 32: several router tiles of padding, R = 80
+    # T <= 16: the one-launch small-T forward (shrink producers, one routing program, GEMV consumers)
+    (16, 45, 19, 8, 3, 4, "topk"),
+    (2, 21, 23, 40, 2, 4, "topk"),
+    (5, 19, 33, 5, 4, 1, "switch"),
+    (3, 600, 19, 3, 4, 3, "soft"),  # in > 512: several split-K partial sums
 ]
 
 
@@ -146,6 +151,13 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(torch.ops.mol.route_gate_bwd.default,
                           (du, hl, None, gates, ids, stats, torch.tensor(1.0), r, 0, 0.5, 0.1, 0.01, torch.float32),
                           test_utils=checks)
+    W, bias = torch.randn(n_out, n_in), torch.randn(n_out)
+    small_args = (x, None, A.reshape(E * r, n_in), Wr, W, bias, None, B, None, r, 0, K, 0.5, 0.1, 0.01)
+    torch.library.opcheck(torch.ops.mol.route_small_t_fwd.default, small_args, test_utils=checks)
+    y, hl_s, gates_s, ids_s, u_s, stats_s, aux_s = rl.small_t_fwd_impl(*small_args)
+    # the same routing, statistics and saved tensors as the shrink / gate sequence of larger T
+    assert torch.equal(ids_s, ids) and torch.allclose(gates_s, gates) and torch.allclose(hl_s, hl, atol=1e-5)
+    assert torch.allclose(u_s, u, atol=1e-5) and torch.allclose(stats_s[:-1], stats[:-1]) and torch.allclose(aux_s, aux)
 
 
 @pytest.mark.parametrize("router", ["topk", "soft"])
@@ -185,4 +197,4 @@ def test_kernels_compile_for_sm90():
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compile_sm90.py")
     res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("compiled for sm_90") == 9
+    assert res.stdout.count("compiled for sm_90") == 14  # 9 large-T + 5 small-T variants

@@ -14,6 +14,7 @@ the experts' (one more row block of E rows). Nothing is read back to the host an
       gates, ids, u, stats = route(hl[:, R:])     u = scale*g*h (dt)  _gate_fwd_kernel
       aux = lb_coef * LB + z_coef * Z             from stats          _aux_kernel
       y  = base(x) + u @ B_cat                    cuBLAS, accumulated into the base output
+    forward, 1 <= T <= 16 (decode): all of the above in one launch, _small_t_kernel (its comment block says how)
     backward (dy, daux)
       du  = dy @ B_cat^T                          (T, R) fp32         grouped_lora._du_kernel
       dhl = [scale*g*du | dlogits]                (T, R+E) dt         _gate_bwd_kernel
@@ -45,6 +46,18 @@ KINDS = {"topk": 0, "switch": 1, "soft": 2}
 
 # ----------------------------------------------------------------------------- kernels
 
+@triton.jit
+def _tile_dot(a, b, acc, F32_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """acc += a @ b at the precision the data asks for (float32 data: "ieee"; the CPU interpreter mis-computes
+    low-precision tl.dot, so there everything goes through float32)."""
+    if F32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
 def _shrink_configs():
     if gl._INTERPRET:
         return [triton.Config({"BT": 16, "BR": 16, "BK": 16, "SPLIT": 2}, num_warps=4, num_stages=1)]
@@ -57,23 +70,13 @@ def _shrink_configs():
             for bt, br, bk, s, w, st in shapes]
 
 
-@triton.autotune(configs=_shrink_configs(), key=["T_BUCKET", "N_IN", "R", "E"],
-                 prune_configs_by={"early_config_prune": gl._prune}, reset_to_zero=["hl_ptr"])
 @triton.jit
-def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_IN, R, E, T_BUCKET,
-                         EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-                         SPLIT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr):
-    """hl[:, :R] (+)= x_lora @ A_cat^T; hl[:, R:R+E] (+)= x @ Wr^T (float32 Wr). Row stride of hl: R+E.
-
-    Program column pid_r < cdiv(R, BR) does an expert tile; the last column does the router. With the
-    column axis fastest, the programs that share rows of x run together and reuse them from L2.
-    Program (0, 0, 0) also zeroes the gate kernel's 2E+2 routing statistics (a fill launch fewer)."""
-    pid_r = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    if (pid_r == 0) & (pid_t == 0) & (pid_s == 0):
-        offs_z = tl.arange(0, 4 * EP)
-        tl.store(stats_ptr + offs_z, tl.zeros((4 * EP,), dtype=tl.float32), mask=offs_z < 2 * E + 2)
+def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, N_IN, R, E,
+                 EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+                 F32_DOT: tl.constexpr, IEEE: tl.constexpr, STORE: tl.constexpr):
+    """One (BT rows, BR columns, 1/SPLIT of the input features) tile of [x_lora @ A_cat^T | x @ Wr^T] into out
+    (row stride R+E): stored if STORE, else atomically added. Column tile pid_r < cdiv(R, BR) is an expert
+    tile; the next one is the router's (float32 Wr, scored at ~float32 accuracy)."""
     n_rt = tl.cdiv(R, BR)
     ld = R + E
     offs_t = pid_t * BT + tl.arange(0, BT)
@@ -93,15 +96,10 @@ def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_I
             mk = kk < k_hi
             xt = tl.load(x_row + kk[None, :], mask=mask_t[:, None] & mk[None, :], other=0.0)
             at = tl.load(a_row + kk[:, None], mask=mk[:, None] & mask_r[None, :], other=0.0)
-            if F32_DOT:  # the CPU interpreter mis-computes low-precision tl.dot
-                acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:
-                acc = tl.dot(xt, at, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, at, acc)
-        ptrs = hl_ptr + offs_t.to(tl.int64)[:, None] * ld + offs_r[None, :]
+            acc = _tile_dot(xt, at, acc, F32_DOT, IEEE)
+        ptrs = out_ptr + offs_t.to(tl.int64)[:, None] * ld + offs_r[None, :]
         m2 = mask_t[:, None] & mask_r[None, :]
-        if SPLIT == 1:
+        if STORE:
             tl.store(ptrs, acc, mask=m2)
         else:
             tl.atomic_add(ptrs, acc, mask=m2)
@@ -120,12 +118,33 @@ def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_I
                 acc_r = tl.dot(xr, wt, acc_r, input_precision="ieee")
             else:  # x is exact in tf32; Wr is split hi+lo: float32-accurate scores on tensor cores
                 acc_r = tl.dot(xr, wt, acc_r, input_precision="tf32x3")
-        ptrs_r = hl_ptr + offs_t.to(tl.int64)[:, None] * ld + R + offs_e[None, :]
+        ptrs_r = out_ptr + offs_t.to(tl.int64)[:, None] * ld + R + offs_e[None, :]
         m2r = mask_t[:, None] & mask_e[None, :]
-        if SPLIT == 1:
+        if STORE:
             tl.store(ptrs_r, acc_r, mask=m2r)
         else:
             tl.atomic_add(ptrs_r, acc_r, mask=m2r)
+
+
+@triton.autotune(configs=_shrink_configs(), key=["T_BUCKET", "N_IN", "R", "E"],
+                 prune_configs_by={"early_config_prune": gl._prune}, reset_to_zero=["hl_ptr"])
+@triton.jit
+def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_IN, R, E, T_BUCKET,
+                         EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+                         SPLIT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """hl[:, :R] (+)= x_lora @ A_cat^T; hl[:, R:R+E] (+)= x @ Wr^T (float32 Wr). Row stride of hl: R+E.
+
+    Program column pid_r < cdiv(R, BR) does an expert tile; the last column does the router. With the
+    column axis fastest, the programs that share rows of x run together and reuse them from L2.
+    Program (0, 0, 0) also zeroes the gate kernel's 2E+2 routing statistics (a fill launch fewer)."""
+    pid_r = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    if (pid_r == 0) & (pid_t == 0) & (pid_s == 0):
+        offs_z = tl.arange(0, 4 * EP)
+        tl.store(stats_ptr + offs_z, tl.zeros((4 * EP,), dtype=tl.float32), mask=offs_z < 2 * E + 2)
+    _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, pid_r, pid_t, pid_s, T, N_IN, R, E, EP, BT, BR, BK, SPLIT,
+                 F32_DOT, IEEE, SPLIT == 1)
 
 
 @triton.jit
@@ -135,13 +154,9 @@ def _expert_onehot(offs_e, offs_c, RANK: tl.constexpr):
 
 
 @triton.jit
-def _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, R, E, HAS_NOISE: tl.constexpr):
-    """Router softmax of one row block: (probs (BT, EP), lse (BT,)), zero outside the valid rows/experts."""
-    ld = R + E
+def _softmax_rows(logits, mask_t, mask_e):
+    """Router softmax of a (BT, EP) block of logits: (probs, lse (BT,)), zero outside the valid rows/experts."""
     m2 = mask_t[:, None] & mask_e[None, :]
-    logits = tl.load(hl_ptr + offs_t.to(tl.int64)[:, None] * ld + R + offs_e[None, :], mask=m2, other=0.0)
-    if HAS_NOISE:
-        logits += tl.load(noise_ptr + offs_t.to(tl.int64)[:, None] * E + offs_e[None, :], mask=m2, other=0.0)
     logits = tl.where(mask_e[None, :], logits, float("-inf"))
     mx = tl.max(logits, axis=1)
     p = tl.exp(logits - mx[:, None])
@@ -152,27 +167,29 @@ def _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, R, E, HAS_NOISE: t
 
 
 @triton.jit
-def _gate_fwd_kernel(hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb, c_z, T, R, E,
-                     RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
-                     BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr):
-    """Routing decision and gated shrink output for BT tokens.
+def _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, R, E, HAS_NOISE: tl.constexpr):
+    """Router softmax of one row block of hl's logits (+ noise): (probs (BT, EP), lse (BT,))."""
+    ld = R + E
+    m2 = mask_t[:, None] & mask_e[None, :]
+    logits = tl.load(hl_ptr + offs_t.to(tl.int64)[:, None] * ld + R + offs_e[None, :], mask=m2, other=0.0)
+    if HAS_NOISE:
+        logits += tl.load(noise_ptr + offs_t.to(tl.int64)[:, None] * E + offs_e[None, :], mask=m2, other=0.0)
+    return _softmax_rows(logits, mask_t, mask_e)
 
-    gates/ids (T, K): top-k of the softmax (KIND 0: renormalised; 1: switch, raw probability; 2: soft, every
-    expert). u (T, R) = scale * gate(expert of column) * h in u's dtype. stats (2E+2, zeroed) += per-expert
-    routed counts, per-expert sums of probabilities, sum of logsumexp^2 (atomics); stats[2E+1] counts finished
-    programs, and the last one computes aux from the totals (saves a launch)."""
-    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    offs_e = tl.arange(0, EP)
-    mask_t = offs_t < T
-    mask_e = offs_e < E
-    probs, lse = _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, R, E, HAS_NOISE)
+
+@triton.jit
+def _select_experts(probs, offs_t, mask_t, offs_e, mask_e, gates_ptr, ids_ptr, store_t,
+                    K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr, BT: tl.constexpr):
+    """The routing decision of a row block: (dense (BT, EP) gate of every expert, 0 where not chosen; chosen
+    (BT, EP) 0/1); gates/ids (T, K) stored for the rows where store_t. KIND 0: top-k renormalised; 1: switch
+    (raw probability); 2: soft (every expert, K == E)."""
     if KIND == 2:
         dense = probs
         chosen = tl.where(mask_t[:, None] & mask_e[None, :], 1.0, 0.0)
-        for k in tl.static_range(K):  # K == E: ids are 0..E-1 in order
+        for k in tl.static_range(K):  # ids are 0..E-1 in order
             pk = tl.sum(tl.where(offs_e[None, :] == k, probs, 0.0), axis=1)
-            tl.store(gates_ptr + offs_t.to(tl.int64) * K + k, pk, mask=mask_t)
-            tl.store(ids_ptr + offs_t.to(tl.int64) * K + k, tl.zeros_like(offs_t).to(tl.int64) + k, mask=mask_t)
+            tl.store(gates_ptr + offs_t.to(tl.int64) * K + k, pk, mask=store_t)
+            tl.store(ids_ptr + offs_t.to(tl.int64) * K + k, tl.zeros_like(offs_t).to(tl.int64) + k, mask=store_t)
     else:
         # K rounds of "take the largest remaining probability" (lowest index on ties). Run twice: the first
         # pass finds the renormalising sum, the second stores (no re-reading of what this program wrote).
@@ -195,8 +212,27 @@ def _gate_fwd_kernel(hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, au
             pk = tl.max(sel, axis=1)
             ik = tl.min(tl.where(sel == pk[:, None], offs_e[None, :], EP), axis=1)
             sel = tl.where(offs_e[None, :] == ik[:, None], -2.0, sel)
-            tl.store(ids_ptr + offs_t.to(tl.int64) * K + k, ik.to(tl.int64), mask=mask_t)
-            tl.store(gates_ptr + offs_t.to(tl.int64) * K + k, pk / denom, mask=mask_t)
+            tl.store(ids_ptr + offs_t.to(tl.int64) * K + k, ik.to(tl.int64), mask=store_t)
+            tl.store(gates_ptr + offs_t.to(tl.int64) * K + k, pk / denom, mask=store_t)
+    return dense, chosen
+
+
+@triton.jit
+def _gate_fwd_kernel(hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb, c_z, T, R, E,
+                     RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
+                     BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr):
+    """Routing decision and gated shrink output for BT tokens.
+
+    gates/ids (T, K): top-k of the softmax (KIND 0: renormalised; 1: switch, raw probability; 2: soft, every
+    expert). u (T, R) = scale * gate(expert of column) * h in u's dtype. stats (2E+2, zeroed) += per-expert
+    routed counts, per-expert sums of probabilities, sum of logsumexp^2 (atomics); stats[2E+1] counts finished
+    programs, and the last one computes aux from the totals (saves a launch)."""
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    offs_e = tl.arange(0, EP)
+    mask_t = offs_t < T
+    mask_e = offs_e < E
+    probs, lse = _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, R, E, HAS_NOISE)
+    dense, chosen = _select_experts(probs, offs_t, mask_t, offs_e, mask_e, gates_ptr, ids_ptr, mask_t, K, KIND, EP, BT)
     # per-column gates by a one-hot product (exact: one nonzero term per output)
     for c0 in range(0, R, BR):
         offs_c = c0 + tl.arange(0, BR)
@@ -291,6 +327,180 @@ def _gate_bwd_kernel(du_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, d
              dlogits.to(dhl_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_e[None, :])
 
 
+# ----------------------------------------------------------------------------- small T (decode): one launch
+#
+# For T <= 16 the layer is a GEMV that reads W once, and the router and experts are tiny next to it but form a
+# chain (shrink -> route -> expand) that costs a launch and an L2 round trip per step. One kernel runs all of it:
+# the lowest program ids compute the shrink (split-K partial sums) and the last of them to finish routes the T
+# tokens (atomic ticket) and raises a flag; every other program streams its BN rows of W first and waits for the
+# flag only before adding its experts' columns, so the routing chain hides behind the GEMV. Progress holds because
+# programs start in id order (as CUB's decoupled look-back scan relies on): the producers are resident before any
+# consumer spins.
+
+@triton.jit
+def _route_small(part_ptr, noise_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb, c_z,
+                 T, R, E, N_PART: tl.constexpr, RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr,
+                 EP: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr):
+    """Route T <= 16 tokens in one program from the shrink's N_PART partial sums (read through L2: other SMs
+    wrote them): hl = their sum, gates/ids, u = scale * gate * h, the statistics and the aux loss."""
+    BT: tl.constexpr = 16
+    offs_t = tl.arange(0, BT)
+    offs_e = tl.arange(0, EP)
+    mask_t = offs_t < T
+    mask_e = offs_e < E
+    ld = R + E
+    row = offs_t.to(tl.int64)[:, None] * ld
+    m2e = mask_t[:, None] & mask_e[None, :]
+    logits = tl.zeros((BT, EP), dtype=tl.float32)
+    for s in tl.static_range(N_PART):
+        logits += tl.load(part_ptr + s * T * ld + row + R + offs_e[None, :], mask=m2e, other=0.0, cache_modifier=".cg")
+    tl.store(hl_ptr + row + R + offs_e[None, :], logits, mask=m2e)
+    if HAS_NOISE:
+        logits += tl.load(noise_ptr + offs_t.to(tl.int64)[:, None] * E + offs_e[None, :], mask=m2e, other=0.0)
+    probs, lse = _softmax_rows(logits, mask_t, mask_e)
+    dense, chosen = _select_experts(probs, offs_t, mask_t, offs_e, mask_e, gates_ptr, ids_ptr, mask_t, K, KIND, EP, BT)
+    cnt = tl.sum(chosen, axis=0)
+    psum = tl.sum(probs, axis=0)
+    z = tl.sum(lse * lse, axis=0)
+    tl.store(stats_ptr + offs_e, cnt, mask=mask_e)
+    tl.store(stats_ptr + E + offs_e, psum, mask=mask_e)
+    tl.store(stats_ptr + 2 * E, z)
+    tl.store(stats_ptr + 2 * E + 1, 1.0)  # the gate kernel's program counter: one program did it all
+    tl.store(aux_ptr, c_lb * tl.sum(tl.where(mask_e, cnt * psum, 0.0), axis=0) + c_z * z)
+    for c0 in range(0, R, BR):
+        offs_c = c0 + tl.arange(0, BR)
+        m2c = mask_t[:, None] & (offs_c < R)[None, :]
+        h = tl.zeros((BT, BR), dtype=tl.float32)
+        for s in tl.static_range(N_PART):
+            h += tl.load(part_ptr + s * T * ld + row + offs_c[None, :], mask=m2c, other=0.0, cache_modifier=".cg")
+        g = tl.dot(dense, _expert_onehot(offs_e, offs_c, RANK), input_precision="ieee")
+        tl.store(hl_ptr + row + offs_c[None, :], h, mask=m2c)
+        tl.store(u_ptr + offs_t.to(tl.int64)[:, None] * R + offs_c[None, :],
+                 (h * g * scale).to(u_ptr.dtype.element_ty), mask=m2c)
+
+
+@triton.jit
+def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, part_ptr, sync_ptr, noise_ptr, w_ptr, bias_ptr, base_ptr, b_ptr,
+                    y_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr,
+                    scale, c_lb, c_z, T, N_IN, N_OUT, R, E, stride_be, stride_bn,
+                    N_PART: tl.constexpr, RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr,
+                    EP: tl.constexpr, BRS: tl.constexpr, BKS: tl.constexpr, BR: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr, FMA: tl.constexpr, HAS_W: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """The routed layer's whole forward for T <= 16 tokens. Programs [0, n_shrink): shrink tiles (BRS columns,
+    1/N_PART of the features each) into part (N_PART, T, R+E), then the last one routes (_route_small) and sets
+    sync[1]. The others: y[:, BN rows] = x @ W[rows]^T (or base_out) + u @ B_cat[:, rows] (+ bias), the experts
+    after sync[1] is set. sync (2,) int32 must be zero. FMA (T == 1): float32 multiply-adds on one row of x;
+    else tl.dot with x as the 16-row A operand (mma.sync), or, for BN >= 64, the W tile as the A operand
+    (wgmma takes M = 64) and the transposed product."""
+    BT: tl.constexpr = 16
+    W_AS_A: tl.constexpr = BN >= 64
+    pid = tl.program_id(0)
+    n_cols = tl.cdiv(R, BRS) + 1
+    n_shrink = n_cols * N_PART
+    if pid < n_shrink:
+        pid_s = pid // n_cols
+        _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, part_ptr + pid_s * T * (R + E), pid % n_cols, 0, pid_s, T, N_IN,
+                     R, E, EP, BT, BRS, BKS, N_PART, F32_DOT, IEEE, True)
+        tl.debug_barrier()  # every thread's partial sums are written before the ticket releases them
+        ticket = tl.atomic_add(sync_ptr, 1, sem="acq_rel")
+        if ticket == n_shrink - 1:
+            tl.debug_barrier()
+            _route_small(part_ptr, noise_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb,
+                         c_z, T, R, E, N_PART, RANK, K, KIND, EP, BR, HAS_NOISE)
+            tl.debug_barrier()
+            tl.atomic_xchg(sync_ptr + 1, 1, sem="release")
+    else:
+        offs_t = tl.arange(0, BT)
+        mask_t = offs_t < T
+        offs_n = (pid - n_shrink) * BN + tl.arange(0, BN)
+        mask_n = offs_n < N_OUT
+        offs_k = tl.arange(0, BK)
+        if FMA:
+            acc1 = tl.zeros((BN,), dtype=tl.float32)
+        elif W_AS_A:
+            acc_t = tl.zeros((BN, BT), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BT, BN), dtype=tl.float32)
+        if HAS_W:  # the frozen base, W (N_OUT, N_IN) row-major
+            w_row = w_ptr + offs_n.to(tl.int64) * N_IN
+            for k0 in range(0, N_IN, BK):
+                kk = k0 + offs_k
+                mk = kk < N_IN
+                if FMA:
+                    xv = tl.load(x_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+                    wt = tl.load(w_row[:, None] + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
+                    acc1 += tl.sum(wt.to(tl.float32) * xv[None, :], axis=1)
+                elif W_AS_A:
+                    xt = tl.load(x_ptr + offs_t.to(tl.int64)[None, :] * N_IN + kk[:, None],
+                                 mask=mk[:, None] & mask_t[None, :], other=0.0)
+                    wt = tl.load(w_row[:, None] + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
+                    acc_t = _tile_dot(wt, xt, acc_t, F32_DOT, IEEE)
+                else:
+                    xt = tl.load(x_ptr + offs_t.to(tl.int64)[:, None] * N_IN + kk[None, :],
+                                 mask=mask_t[:, None] & mk[None, :], other=0.0)
+                    wt = tl.load(w_row[None, :] + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
+                    acc = _tile_dot(xt, wt, acc, F32_DOT, IEEE)
+        ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+        while ready == 0:
+            ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+        tl.debug_barrier()  # no thread reads u before the flag was seen
+        for c0 in range(0, R, BR):  # the experts: B_cat[c, n] = B[c // RANK, n, c % RANK]
+            offs_c = c0 + tl.arange(0, BR)
+            mask_c = offs_c < R
+            bt = tl.load(b_ptr + (offs_c // RANK).to(tl.int64)[:, None] * stride_be + offs_n[None, :] * stride_bn
+                         + (offs_c % RANK)[:, None], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+            if FMA:
+                u0 = tl.load(u_ptr + offs_c, mask=mask_c, other=0.0, cache_modifier=".cg").to(tl.float32)
+                acc1 += tl.sum(u0[:, None] * bt.to(tl.float32), axis=0)
+            elif W_AS_A:
+                u_t = tl.load(u_ptr + offs_t.to(tl.int64)[None, :] * R + offs_c[:, None],
+                              mask=mask_c[:, None] & mask_t[None, :], other=0.0, cache_modifier=".cg")
+                acc_t = _tile_dot(tl.trans(bt), u_t, acc_t, F32_DOT, IEEE)
+            else:
+                u = tl.load(u_ptr + offs_t.to(tl.int64)[:, None] * R + offs_c[None, :],
+                            mask=mask_t[:, None] & mask_c[None, :], other=0.0, cache_modifier=".cg")
+                acc = _tile_dot(u, bt, acc, F32_DOT, IEEE)
+        if FMA:
+            if HAS_BIAS:
+                acc1 += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            if not HAS_W:
+                acc1 += tl.load(base_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs_n, acc1.to(y_ptr.dtype.element_ty), mask=mask_n)
+        else:
+            if W_AS_A:
+                acc = tl.trans(acc_t)
+            io = offs_t.to(tl.int64)[:, None] * N_OUT + offs_n[None, :]
+            m2n = mask_t[:, None] & mask_n[None, :]
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if not HAS_W:
+                acc += tl.load(base_ptr + io, mask=m2n, other=0.0).to(tl.float32)
+            tl.store(y_ptr + io, acc.to(y_ptr.dtype.element_ty), mask=m2n)
+
+
+def _small_t_configs(fma: bool) -> list[triton.Config]:
+    if gl._INTERPRET:
+        return [triton.Config({"BN": 16, "BK": 16}, num_warps=4, num_stages=1)]
+    if os.environ.get("MOL_TRITON_AUTOTUNE", "1") == "0":
+        return [triton.Config({"BN": 16 if fma else 32, "BK": 512 if fma else 256}, num_warps=4, num_stages=3)]
+    # FMA: a warp spans BK elements of one row (16 B per thread at BK=256), BN rows per program; more, smaller
+    # programs keep every SM streaming W. Dot: BN=16..32 with x as the A operand, 64 with the W tile as A.
+    shapes = ([(8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3)]
+              if fma else
+              [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 8, 3),
+               (16, 512, 4, 3)])
+    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st) for bn, bk, w, st in shapes]
+
+
+# sync is zeroed before each autotuning trial (its flag and ticket are one-shot)
+_SMALL_T_KEY = ["N_IN", "N_OUT", "R", "E"]
+_small_t_fma = triton.autotune(configs=_small_t_configs(True), key=_SMALL_T_KEY,
+                               reset_to_zero=["sync_ptr"])(_small_t_kernel)
+_small_t_dot = triton.autotune(configs=_small_t_configs(False), key=_SMALL_T_KEY,
+                               reset_to_zero=["sync_ptr"])(_small_t_kernel)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def _ep(e: int) -> int:
@@ -368,6 +578,59 @@ def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None
     return dhl
 
 
+SMALL_T_MAX = 16  # T <= this: the one-launch forward (_small_t_kernel); 0 turns it off
+
+
+def _small_t_split(n_in: int) -> int:
+    """Split-K of the small-T shrink: ~512 input features per program, so a (T <= 16) shrink of a 4096-wide x
+    spreads over (R/32 + 1) * 8 programs; at most 8 partial sums for the routing program to add up."""
+    return max(1, min(8, gl._cdiv(n_in, 512)))
+
+
+def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor, router_w: torch.Tensor,
+                     weight: torch.Tensor | None, bias: torch.Tensor | None, base_out: torch.Tensor | None,
+                     lora_B: torch.Tensor, noise: torch.Tensor | None, rank: int, kind: int, top_k: int,
+                     scale: float, lb_coef: float, z_coef: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
+    """The routed layer's forward for 1 <= T <= 16 in one launch: (y, hl, gates, ids, u, stats, aux), the same
+    outputs (and the same backward) as the shrink / gate / GEMM sequence of larger T."""
+    t, n_in = x.shape
+    r_tot, e = a_cat.shape[0], router_w.shape[0]
+    n_out = lora_B.shape[1]
+    n_part = _small_t_split(n_in)
+    part = gl._alloc((n_part, t, r_tot + e), x, torch.float32)
+    sync = torch.zeros(2, device=x.device, dtype=torch.int32)
+    y = gl._alloc((t, n_out), x)
+    hl = gl._alloc((t, r_tot + e), x, torch.float32)
+    gates = gl._alloc((t, top_k), x, torch.float32)
+    ids = gl._alloc((t, top_k), x, torch.int64)
+    u = gl._alloc((t, r_tot), x)
+    stats = gl._alloc((2 * e + 2,), x, torch.float32)
+    aux = gl._alloc((), x, torch.float32)
+    if lora_B.stride(2) != 1:
+        lora_B = lora_B.contiguous()
+    if weight is not None and weight.stride() != (n_in, 1):
+        weight = weight.contiguous()
+    fma = t == 1
+    brs, bks = (16, 16) if gl._INTERPRET else (32, 128)
+    n_shrink = (gl._cdiv(r_tot, brs) + 1) * n_part
+    key = ("small_t", fma, n_in, n_out, r_tot, e, rank, top_k, kind, weight is not None, bias is not None,
+           noise is not None, x.dtype, n_part)
+
+    def grid(m):
+        return (n_shrink + gl._cdiv(n_out, m["BN"]),)
+    args = (x, x if x_lora is None else x_lora, a_cat, router_w, part, sync, part if noise is None else noise,
+            x if weight is None else weight, x if bias is None else bias, x if base_out is None else base_out,
+            lora_B, y, hl, gates, ids, u, stats, aux,
+            float(scale), float(lb_coef * e / (t * t * top_k)), float(z_coef / t), t, n_in, n_out, r_tot, e,
+            lora_B.stride(0), lora_B.stride(1))
+    gl._launch(_small_t_fma if fma else _small_t_dot, key, grid, args,
+               {"N_PART": n_part, "RANK": rank, "K": top_k, "KIND": kind, "EP": _ep(e), "BRS": brs, "BKS": bks,
+                "BR": min(128, max(16, gl._pow2(r_tot))), "FMA": fma, "HAS_W": weight is not None,
+                "HAS_BIAS": bias is not None, "HAS_NOISE": noise is not None, **gl._flags(x.dtype)})
+    return y, hl, gates, ids, u, stats, aux
+
 lora_du_impl = gl._du  # du = dy @ B_cat^T in float32: the grouped kernels' own du launcher
 
 
@@ -421,8 +684,28 @@ def _(dy, lora_B):
     return dy.new_empty((dy.shape[0], lora_B.shape[0] * lora_B.shape[2]), dtype=torch.float32)
 
 
-_EAGER = (route_shrink_impl, gate_fwd_impl, gate_bwd_impl, lora_du_impl)
-_OPS = (_route_shrink_op, _gate_fwd_op, _gate_bwd_op, _lora_du_op)
+@torch.library.custom_op("mol::route_small_t_fwd", mutates_args=())
+def _small_t_fwd_op(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor, router_w: torch.Tensor,
+                    weight: torch.Tensor | None, bias: torch.Tensor | None, base_out: torch.Tensor | None,
+                    lora_B: torch.Tensor, noise: torch.Tensor | None, rank: int, kind: int, top_k: int, scale: float,
+                    lb_coef: float, z_coef: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor]:
+    return small_t_fwd_impl(x, x_lora, a_cat, router_w, weight, bias, base_out, lora_B, noise, rank, kind, top_k,
+                            scale, lb_coef, z_coef)
+
+
+@_small_t_fwd_op.register_fake
+def _(x, x_lora, a_cat, router_w, weight, bias, base_out, lora_B, noise, rank, kind, top_k, scale, lb_coef, z_coef):
+    t, r_tot, e = x.shape[0], a_cat.shape[0], router_w.shape[0]
+    f32 = torch.float32
+    return (x.new_empty((t, lora_B.shape[1])), x.new_empty((t, r_tot + e), dtype=f32),
+            x.new_empty((t, top_k), dtype=f32), x.new_empty((t, top_k), dtype=torch.int64), x.new_empty((t, r_tot)),
+            x.new_empty((2 * e + 2,), dtype=f32), x.new_empty((), dtype=f32))
+
+
+_EAGER = (route_shrink_impl, gate_fwd_impl, gate_bwd_impl, lora_du_impl, small_t_fwd_impl)
+_OPS = (_route_shrink_op, _gate_fwd_op, _gate_bwd_op, _lora_du_op, _small_t_fwd_op)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -436,23 +719,30 @@ class _RoutedLoRAFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta):
         kind, top_k, scale, lb_coef, z_coef, eager = meta
-        shrink, gate_fwd, _, _ = _EAGER if eager else _OPS
+        shrink, gate_fwd, _, _, small_t = _EAGER if eager else _OPS
         e, rank, n_in = lora_A.shape
         r_tot = e * rank
         a_cat = lora_A.reshape(r_tot, n_in)
-        hl, stats = shrink(x, x_lora, a_cat, router_w)
-        gates, ids, u, aux = gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, x.dtype, lb_coef, z_coef)
-        b_cat = lora_B.permute(0, 2, 1).reshape(r_tot, lora_B.shape[1])  # (R, out); one small copy
-        if base_out is None:
-            # The small expert GEMM writes y first and the base GEMM accumulates into it (beta=1): its epilogue
-            # reads y while the GEMM is compute-bound, where adding the experts after the base would be a
-            # second full read+write pass over y.
-            w = weight if weight is not None else weight_fn(x.dtype)
-            y = torch.mm(u, b_cat) if bias is None else torch.addmm(bias, u, b_cat)
-            y.addmm_(x, w.t())
-            del w  # a dequantized scratch weight (NF4) is not kept for backward: weight_fn runs again there
+        if 0 < x.shape[0] <= SMALL_T_MAX:  # decode: one launch, the base GEMV included
+            w = weight if weight is not None or weight_fn is None else weight_fn(x.dtype)
+            y, hl, gates, ids, u, stats, aux = small_t(x, x_lora, a_cat, router_w, w, bias, base_out, lora_B, noise,
+                                                       rank, kind, top_k, scale, lb_coef, z_coef)
+            del w
         else:
-            y = torch.addmm(base_out, u, b_cat)
+            hl, stats = shrink(x, x_lora, a_cat, router_w)
+            gates, ids, u, aux = gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, x.dtype, lb_coef,
+                                          z_coef)
+            b_cat = lora_B.permute(0, 2, 1).reshape(r_tot, lora_B.shape[1])  # (R, out); one small copy
+            if base_out is None:
+                # The small expert GEMM writes y first and the base GEMM accumulates into it (beta=1): its
+                # epilogue reads y while the GEMM is compute-bound, where adding the experts after the base
+                # would be a second full read+write pass over y.
+                w = weight if weight is not None else weight_fn(x.dtype)
+                y = torch.mm(u, b_cat) if bias is None else torch.addmm(bias, u, b_cat)
+                y.addmm_(x, w.t())
+                del w  # a dequantized scratch weight (NF4) is not kept for backward: weight_fn runs again there
+            else:
+                y = torch.addmm(base_out, u, b_cat)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats)
         ctx.weight_fn = weight_fn
         ctx.meta = meta
@@ -466,7 +756,7 @@ class _RoutedLoRAFn(torch.autograd.Function):
     def backward(ctx, dy, daux, _dhl, _dgates, _dids, _dstats):
         x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats = ctx.saved_tensors
         kind, top_k, scale, lb_coef, z_coef, eager = ctx.meta
-        _, _, gate_bwd, lora_du = _EAGER if eager else _OPS
+        _, _, gate_bwd, lora_du, _ = _EAGER if eager else _OPS
         # x, x_lora, weight, weight_fn, bias, base_out, A, B, Wr, noise, meta: index as the first ten minus weight_fn
         need = tuple(n for i, n in enumerate(ctx.needs_input_grad) if i != 3)
         e, rank, n_in = lora_A.shape
