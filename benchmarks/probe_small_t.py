@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol.kernels.grouped_lora as gl  # noqa: E402
 import mol.kernels.routed_lora as rl  # noqa: E402
 from bench_layer import graph_time  # noqa: E402
+from tests.reference import routed_layer_float64  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
 
@@ -33,14 +34,9 @@ def main():
         Wr = torch.randn(E, n_in, device=DEV, generator=g).div_(n_in ** 0.5)
         for T in (1, 16):
             x = torch.randn(T, n_in, device=DEV, generator=g).to(DT)
-            # float64 reference: the torch formula (routing taken from float64 logits)
-            logits = x.double() @ Wr.double().t()
-            p = logits.softmax(-1)
-            gk, ik = p.topk(K, dim=-1)
-            gk = gk / gk.sum(-1, keepdim=True)
-            h = torch.einsum("ti,eri->ter", x.double(), A.double())
-            d = torch.einsum("ter,eor->teo", h, B.double())
-            ref = x.double() @ W.double().t() + 2.0 * (gk[..., None] * d[torch.arange(T)[:, None], ik]).sum(1)
+            xd = x.double()
+            ref = routed_layer_float64(xd, xd, W.double(), None, None, A.double(), B.double(), Wr.double(), None,
+                                       "topk", K, 2.0, 0.0, 0.0)[0]
             tb = graph_time(lambda: F.linear(x, W))
             shape = f"{n_in}→{n_out} E={E} top-{K} r={r}"
 

@@ -218,6 +218,12 @@ def _select_experts(probs, offs_t, mask_t, offs_e, mask_e, gates_ptr, ids_ptr, s
 
 
 @triton.jit
+def _aux_value(counts, prob_sums, lse_sq_sum, mask_e, c_lb, c_z):
+    """aux = c_lb * <counts, prob_sums> + c_z * sum(lse^2) (the coefficients carry E, T, K and the weights)."""
+    return c_lb * tl.sum(tl.where(mask_e, counts * prob_sums, 0.0), axis=0) + c_z * lse_sq_sum
+
+
+@triton.jit
 def _gate_fwd_kernel(hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb, c_z, T, R, E,
                      RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
                      BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr):
@@ -254,14 +260,14 @@ def _gate_fwd_kernel(hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, au
 
 @triton.jit
 def _aux_from_stats(stats_ptr, aux_ptr, E, c_lb, c_z, EP: tl.constexpr):
-    """aux = c_lb * <counts, prob_sums> + c_z * sum(lse^2) (the coefficients carry E, T, K and the weights).
-    Reads through L2 (atomic adds of 0): other programs' atomics never pass through this SM's L1."""
+    """aux (_aux_value) from the accumulated stats. Reads through L2 (atomic adds of 0): other programs'
+    atomics never pass through this SM's L1."""
     offs = tl.arange(0, EP)
     m = offs < E
     cnt = tl.atomic_add(stats_ptr + offs, tl.zeros((EP,), dtype=tl.float32), mask=m, sem="relaxed")
     ps = tl.atomic_add(stats_ptr + E + offs, tl.zeros((EP,), dtype=tl.float32), mask=m, sem="relaxed")
     z = tl.atomic_add(stats_ptr + 2 * E, 0.0, sem="relaxed")
-    tl.store(aux_ptr, c_lb * tl.sum(tl.where(m, cnt * ps, 0.0), axis=0) + c_z * z)
+    tl.store(aux_ptr, _aux_value(cnt, ps, z, m, c_lb, c_z))
 
 
 @triton.jit
@@ -366,7 +372,7 @@ def _route_small(part_ptr, noise_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_p
     tl.store(stats_ptr + E + offs_e, psum, mask=mask_e)
     tl.store(stats_ptr + 2 * E, z)
     tl.store(stats_ptr + 2 * E + 1, 1.0)  # the gate kernel's program counter: one program did it all
-    tl.store(aux_ptr, c_lb * tl.sum(tl.where(mask_e, cnt * psum, 0.0), axis=0) + c_z * z)
+    tl.store(aux_ptr, _aux_value(cnt, psum, z, mask_e, c_lb, c_z))
     for c0 in range(0, R, BR):
         offs_c = c0 + tl.arange(0, BR)
         m2c = mask_t[:, None] & (offs_c < R)[None, :]
@@ -503,6 +509,12 @@ _small_t_dot = triton.autotune(configs=_small_t_configs(False), key=_SMALL_T_KEY
 
 # ----------------------------------------------------------------------------- launchers
 
+def _aux_coefs(lb_coef: float, z_coef: float, e: int, t: int, top_k: int) -> tuple[float, float]:
+    """(c_lb, c_z) of _aux_value: the load-balance and z-loss weights with E, T and K folded in."""
+    t = max(t, 1)
+    return float(lb_coef * e / (t * t * top_k)), float(z_coef / t)
+
+
 def _ep(e: int) -> int:
     return max(16, gl._pow2(e))
 
@@ -546,8 +558,7 @@ def gate_fwd_impl(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | N
     u = gl._alloc((t, r_tot), hl, dtype)
     aux = gl._alloc((), hl)
     ep = _ep(e)
-    c_lb = float(lb_coef * e / (max(t, 1) * max(t, 1) * top_k))
-    c_z = float(z_coef / max(t, 1))
+    c_lb, c_z = _aux_coefs(lb_coef, z_coef, e, t, top_k)
     if t > 0:
         bt, br = _row_block(r_tot, ep)
         _gate_fwd_kernel[(gl._cdiv(t, bt),)](hl, hl if noise is None else noise, gates, ids, u, stats, aux,
@@ -569,10 +580,10 @@ def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None
     if t > 0:
         ep = _ep(e)
         bt, br = _row_block(r_tot, ep)
-        tt = max(t, 1)
+        c_lb, c_z = _aux_coefs(lb_coef, z_coef, e, t, top_k)
         _gate_bwd_kernel[(gl._cdiv(t, bt),)](
             du, hl, hl if noise is None else noise, gates, ids, stats, stats if daux is None else daux, dhl,
-            float(scale), float(lb_coef * e / (tt * tt * top_k)), float(2.0 * z_coef / tt), t, r_tot, e,
+            float(scale), c_lb, 2.0 * c_z, t, r_tot, e,  # d(lse^2) = 2 lse dlse
             RANK=rank, K=top_k, KIND=kind, EP=ep, BT=bt, BR=br, HAS_NOISE=noise is not None,
             HAS_AUX=daux is not None)
     return dhl
@@ -623,7 +634,7 @@ def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
     args = (x, x if x_lora is None else x_lora, a_cat, router_w, part, sync, part if noise is None else noise,
             x if weight is None else weight, x if bias is None else bias, x if base_out is None else base_out,
             lora_B, y, hl, gates, ids, u, stats, aux,
-            float(scale), float(lb_coef * e / (t * t * top_k)), float(z_coef / t), t, n_in, n_out, r_tot, e,
+            float(scale), *_aux_coefs(lb_coef, z_coef, e, t, top_k), t, n_in, n_out, r_tot, e,
             lora_B.stride(0), lora_B.stride(1))
     gl._launch(_small_t_fma if fma else _small_t_dot, key, grid, args,
                {"N_PART": n_part, "RANK": rank, "K": top_k, "KIND": kind, "EP": _ep(e), "BRS": brs, "BKS": bks,
