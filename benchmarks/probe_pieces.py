@@ -1,0 +1,109 @@
+"""The large-T routed layer's memory-bound pieces, each alone, and the whole layer with each alternative.
+
+    python benchmarks/probe_pieces.py [--quick]
+
+For T = 8192 / 2048, 4096->4096, E=8 top-2 r=16 and E=32 top-4 r=8, bf16, `do_bench` medians:
+- the fused shrink + router scores (`route_shrink_impl`, router at tf32x3) next to cuBLAS's `x @ A_cat^T` alone
+  (the same bytes, no router), and the router logits' worst error against float64;
+- du = dy @ B_cat^T (float32 out) from the Triton kernel and from cuBLAS (`torch.mm(..., out_dtype=float32)`);
+- the weight-gradient GEMMs dA|dWr = dhl^T x and dB = dy^T u as the layer runs them, and dA with the operands swapped;
+- the whole MoLLinear fwd+bwd under CUDA-graph replay with each du, against the bare base.
+Bytes are what each must move (inputs read once, outputs written once); the copy bandwidth is measured here.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import mol.kernels.grouped_lora as gl  # noqa: E402
+import mol.kernels.routed_lora as rl  # noqa: E402
+from bench_layer import copy_bandwidth, graph_time, mol_layer  # noqa: E402
+
+DEV, DT = "cuda", torch.bfloat16
+
+
+def us(fn):
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="T=8192 E=8 only")
+    args = ap.parse_args()
+    g = torch.Generator(device=DEV).manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s; "
+          "µs (do_bench median), fraction of copy bandwidth for the bytes moved")
+    cases = [(8192, 8, 2, 16), (8192, 32, 4, 8), (2048, 8, 2, 16)]
+    if args.quick:
+        cases = cases[:1]
+    n = 4096
+    print("| T E top-k r | piece | variant | µs | GB moved | × copy bw | note |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for T, E, K, r in cases:
+        R = E * r
+        case = f"{T} E={E} top-{K} r={r}"
+        x = torch.randn(T, n, device=DEV, generator=g).to(DT)
+        W = (torch.randn(n, n, device=DEV, generator=g) / n ** 0.5).to(DT)
+        A = (torch.randn(E, r, n, device=DEV, generator=g) / n ** 0.5).to(DT)
+        B = (torch.randn(E, n, r, device=DEV, generator=g) * 0.1).to(DT)
+        Wr = torch.randn(E, n, device=DEV, generator=g) / n ** 0.5
+        dy = torch.randn(T, n, device=DEV, generator=g).to(DT)
+        a_cat = A.reshape(R, n)
+        ref = x.double() @ Wr.double().t()
+
+        def row(piece, variant, t, gb, note=""):
+            print(f"| {case} | {piece} | {variant} | {t:.1f} | {gb:.3f} | {gb * 1e9 / (t * 1e-6) / bw:.0%} | {note} |",
+                  flush=True)
+
+        gb_shrink = (T * n * 2 + R * n * 2 + E * n * 4 + T * (R + E) * 4) / 1e9
+        hl, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
+        err = ((hl[:, R:].double() - ref).abs().max() / ref.abs().max()).item()
+        t = us(lambda: rl.route_shrink_impl(x, None, a_cat, Wr))
+        row("shrink + router", "fused, router tf32x3", t, gb_shrink, f"router logits max err {err:.1e}")
+        row("shrink only", "cuBLAS x @ A_cat^T (bf16 out)", us(lambda: torch.mm(x, a_cat.t())),
+            (T * n * 2 + R * n * 2 + T * R * 2) / 1e9)
+
+        gb_du = (T * n * 2 + R * n * 2 + T * R * 4) / 1e9
+        du_ref = dy.double() @ B.permute(1, 0, 2).reshape(n, R).double()
+        for du_cublas in (False, True):
+            gl.DU_CUBLAS = du_cublas
+            du_err = ((gl._du(dy, B).double() - du_ref).norm() / du_ref.norm()).item()
+            row("du", "cuBLAS out_dtype=float32 (+ B copy)" if du_cublas else "Triton _du_kernel",
+                us(lambda: gl._du(dy, B)), gb_du, f"rel err vs fp64 {du_err:.1e}")
+
+        dhl = torch.randn(T, R + E, device=DEV, generator=g).to(DT)
+        u = torch.randn(T, R, device=DEV, generator=g).to(DT)
+        row("dA|dWr", "mm(dhl^T, x) (as the layer)", us(lambda: torch.mm(dhl.t(), x)),
+            (T * n * 2 + T * (R + E) * 2 + (R + E) * n * 2) / 1e9)
+        row("dA|dWr", "mm(x^T, dhl) (swapped)", us(lambda: torch.mm(x.t(), dhl)),
+            (T * n * 2 + T * (R + E) * 2 + (R + E) * n * 2) / 1e9)
+        row("dB", "mm(dy^T, u) (as the layer)", us(lambda: torch.mm(dy.t(), u)),
+            (T * n * 2 + T * R * 2 + R * n * 2) / 1e9)
+
+        xg = x.clone().requires_grad_()
+        base_t = graph_time(lambda: torch.autograd.grad(F.linear(xg, W), [xg], dy), n=10)
+        m = mol_layer(W, A, B, E, K, r, "triton")
+        mp = [m.lora_A, m.lora_B, m.router.weight]
+        one = torch.ones((), device=DEV)
+
+        def whole():
+            y = m(xg)
+            torch.autograd.grad([y, m.aux_loss()], [xg] + mp, [dy, one])
+            m.clear_routing()
+        for du_cublas in (False, True):
+            gl.DU_CUBLAS = du_cublas
+            t = graph_time(whole, n=10)
+            print(f"| {case} | whole MoLLinear fwd+bwd, CUDA graph | du {'cuBLAS' if du_cublas else 'Triton'} "
+                  f"| {t * 1e3:.1f} | | | {t / base_t:.3f}× the base ({base_t * 1e3:.1f} µs) |", flush=True)
+        gl.DU_CUBLAS = True
+        del x, W, A, B, dy, dhl, u, m, xg
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
