@@ -51,13 +51,14 @@ comp(rl._aux_kernel, {"stats_ptr": "*fp32", "aux_ptr": "*fp32", "E": "i32", "c_l
 for fma, has_w, kind, K, noise, bias, dt, bn, bk in ((True, True, 0, 2, False, True, "bf16", 16, 256), (False, True, 0, 2, True, False, "bf16", 32, 128),
                                                      (False, False, 2, 8, False, False, "bf16", 64, 256), (True, False, 1, 1, False, False, "fp32", 8, 512),
                                                      (False, True, 0, 4, False, False, "fp16", 64, 256)):
-    sig = {"x_ptr": f"*{dt}", "xl_ptr": f"*{dt}", "a_ptr": f"*{dt}", "wr_ptr": "*fp32", "part_ptr": "*fp32", "sync_ptr": "*i32", "noise_ptr": "*fp32",
+    sig = {"x_ptr": f"*{dt}", "xl_ptr": f"*{dt}", "a_ptr": f"*{dt}", "wr_ptr": "*fp32", "acc_ptr": "*fp32", "sync_ptr": "*i32", "noise_ptr": "*fp32",
            "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "base_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}",
            "hl_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "u_ptr": f"*{dt}", "stats_ptr": "*fp32", "aux_ptr": "*fp32",
-           "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "N_IN": "i32", "N_OUT": "i32", "R": "i32", "E": "i32",
+           "prof_ptr": "*i64", "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "N_IN": "i32", "N_OUT": "i32", "R": "i32", "E": "i32",
            "stride_be": "i32", "stride_bn": "i32"}
     const = {"N_PART": 8, "RANK": 16, "K": K, "KIND": kind, "EP": 16, "BRS": 32, "BKS": 128, "BR": 128, "BN": bn, "BK": bk, "FMA": fma,
-             "HAS_W": has_w, "HAS_BIAS": bias, "HAS_NOISE": noise, "F32_DOT": False, "IEEE": dt == "fp32"}
+             "HAS_W": has_w, "HAS_BIAS": bias, "HAS_NOISE": noise, "F32_DOT": False, "IEEE": dt == "fp32",
+             "PROF": fma and has_w}
     sig.update({k: "constexpr" for k in const})
     comp(rl._small_t_kernel, sig, const)
 

@@ -116,7 +116,10 @@ def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, 
             wt = tl.load(w_row + kr[:, None], mask=mkr[:, None] & mask_e[None, :], other=0.0)
             if F32_DOT or IEEE:
                 acc_r = tl.dot(xr, wt, acc_r, input_precision="ieee")
-            else:  # x is exact in tf32; Wr is split hi+lo: float32-accurate scores on tensor cores
+            else:
+                # x is exact in tf32; Wr is split hi+lo: float32-accurate scores on tensor cores. (Measured and
+                # dropped, RESULTS run 8: bf16 x against Wr as three bf16 parts, 14-23 us faster at T=8192 but
+                # 4e-6 worst relative logit error against tf32x3's 3e-7.)
                 acc_r = tl.dot(xr, wt, acc_r, input_precision="tf32x3")
         ptrs_r = out_ptr + offs_t.to(tl.int64)[:, None] * ld + R + offs_e[None, :]
         m2r = mask_t[:, None] & mask_e[None, :]
@@ -337,18 +340,21 @@ def _gate_bwd_kernel(du_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, d
 #
 # For T <= 16 the layer is a GEMV that reads W once, and the router and experts are tiny next to it but form a
 # chain (shrink -> route -> expand) that costs a launch and an L2 round trip per step. One kernel runs all of it:
-# the lowest program ids compute the shrink (split-K partial sums) and the last of them to finish routes the T
-# tokens (atomic ticket) and raises a flag; every other program streams its BN rows of W first and waits for the
-# flag only before adding its experts' columns, so the routing chain hides behind the GEMV. Progress holds because
-# programs start in id order (as CUB's decoupled look-back scan relies on): the producers are resident before any
-# consumer spins.
+# the lowest program ids compute the shrink (split-K partial sums, added with float32 atomics into one zeroed
+# accumulator) and the last of them to finish routes the T tokens (atomic ticket) and raises a flag; every other
+# program streams its BN rows of W first and waits for the flag only before adding its experts' columns, so the
+# routing chain hides behind the GEMV. Progress holds because programs start in id order (as CUB's decoupled
+# look-back scan relies on): the producers are resident before any consumer spins.
+# The chain is the critical path (benchmarks/probe_small_t.py --timeline, RESULTS run 8), so it keeps its L2 round
+# trips few: the routing program reads one accumulated (T, R+E) tile rather than a partial sum per split, and
+# the consumers poll the flag with plain loads (atomics from hundreds of programs on one address contend).
 
 @triton.jit
-def _route_small(part_ptr, noise_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb, c_z,
-                 T, R, E, N_PART: tl.constexpr, RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr,
+def _route_small(acc_ptr, noise_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb, c_z,
+                 T, R, E, RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr,
                  EP: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr):
-    """Route T <= 16 tokens in one program from the shrink's N_PART partial sums (read through L2: other SMs
-    wrote them): hl = their sum, gates/ids, u = scale * gate * h, the statistics and the aux loss."""
+    """Route T <= 16 tokens in one program from the shrink's accumulator (read through L2: other SMs added into
+    it): hl = a copy of it, gates/ids, u = scale * gate * h, the statistics and the aux loss."""
     BT: tl.constexpr = 16
     offs_t = tl.arange(0, BT)
     offs_e = tl.arange(0, EP)
@@ -357,9 +363,7 @@ def _route_small(part_ptr, noise_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_p
     ld = R + E
     row = offs_t.to(tl.int64)[:, None] * ld
     m2e = mask_t[:, None] & mask_e[None, :]
-    logits = tl.zeros((BT, EP), dtype=tl.float32)
-    for s in tl.static_range(N_PART):
-        logits += tl.load(part_ptr + s * T * ld + row + R + offs_e[None, :], mask=m2e, other=0.0, cache_modifier=".cg")
+    logits = tl.load(acc_ptr + row + R + offs_e[None, :], mask=m2e, other=0.0, cache_modifier=".cg")
     tl.store(hl_ptr + row + R + offs_e[None, :], logits, mask=m2e)
     if HAS_NOISE:
         logits += tl.load(noise_ptr + offs_t.to(tl.int64)[:, None] * E + offs_e[None, :], mask=m2e, other=0.0)
@@ -376,9 +380,7 @@ def _route_small(part_ptr, noise_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_p
     for c0 in range(0, R, BR):
         offs_c = c0 + tl.arange(0, BR)
         m2c = mask_t[:, None] & (offs_c < R)[None, :]
-        h = tl.zeros((BT, BR), dtype=tl.float32)
-        for s in tl.static_range(N_PART):
-            h += tl.load(part_ptr + s * T * ld + row + offs_c[None, :], mask=m2c, other=0.0, cache_modifier=".cg")
+        h = tl.load(acc_ptr + row + offs_c[None, :], mask=m2c, other=0.0, cache_modifier=".cg")
         g = tl.dot(dense, _expert_onehot(offs_e, offs_c, RANK), input_precision="ieee")
         tl.store(hl_ptr + row + offs_c[None, :], h, mask=m2c)
         tl.store(u_ptr + offs_t.to(tl.int64)[:, None] * R + offs_c[None, :],
@@ -386,36 +388,52 @@ def _route_small(part_ptr, noise_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_p
 
 
 @triton.jit
-def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, part_ptr, sync_ptr, noise_ptr, w_ptr, bias_ptr, base_ptr, b_ptr,
-                    y_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr,
+def _stamp(prof_ptr, pid, i: tl.constexpr):
+    """prof[pid, i] = the GPU's global nanosecond timer (benchmarks/probe_small_t.py --timeline reads it)."""
+    t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+    tl.store(prof_ptr + pid * 4 + i, t)
+
+
+@triton.jit
+def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, sync_ptr, noise_ptr, w_ptr, bias_ptr, base_ptr, b_ptr,
+                    y_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, prof_ptr,
                     scale, c_lb, c_z, T, N_IN, N_OUT, R, E, stride_be, stride_bn,
                     N_PART: tl.constexpr, RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr,
                     EP: tl.constexpr, BRS: tl.constexpr, BKS: tl.constexpr, BR: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr, FMA: tl.constexpr, HAS_W: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
+                    PROF: tl.constexpr):
     """The routed layer's whole forward for T <= 16 tokens. Programs [0, n_shrink): shrink tiles (BRS columns,
-    1/N_PART of the features each) into part (N_PART, T, R+E), then the last one routes (_route_small) and sets
-    sync[1]. The others: y[:, BN rows] = x @ W[rows]^T (or base_out) + u @ B_cat[:, rows] (+ bias), the experts
-    after sync[1] is set. sync (2,) int32 must be zero. FMA (T == 1): float32 multiply-adds on one row of x;
+    1/N_PART of the features each) added into acc (T, R+E) float32, then the last one routes (_route_small) and
+    sets sync[1]. The others: y[:, BN rows] = x @ W[rows]^T (or base_out) + u @ B_cat[:, rows] (+ bias), the
+    experts after sync[1] is set. sync (2,) int32 and acc must be zero. FMA (T == 1): float32 multiply-adds on one row of x;
     else tl.dot with x as the 16-row A operand (mma.sync), or, for BN >= 64, the W tile as the A operand
-    (wgmma takes M = 64) and the transposed product."""
+    (wgmma takes M = 64) and the transposed product. PROF: write a timeline (see _stamp) to prof (grid, 4) int64."""
     BT: tl.constexpr = 16
     W_AS_A: tl.constexpr = BN >= 64
     pid = tl.program_id(0)
+    if PROF:
+        _stamp(prof_ptr, pid, 0)
     n_cols = tl.cdiv(R, BRS) + 1
     n_shrink = n_cols * N_PART
     if pid < n_shrink:
         pid_s = pid // n_cols
-        _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, part_ptr + pid_s * T * (R + E), pid % n_cols, 0, pid_s, T, N_IN,
-                     R, E, EP, BT, BRS, BKS, N_PART, F32_DOT, IEEE, True)
-        tl.debug_barrier()  # every thread's partial sums are written before the ticket releases them
+        _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, pid % n_cols, 0, pid_s, T, N_IN,
+                     R, E, EP, BT, BRS, BKS, N_PART, F32_DOT, IEEE, N_PART == 1)
+        tl.debug_barrier()  # every thread's partial sums are added before the ticket releases them
+        if PROF:
+            _stamp(prof_ptr, pid, 1)
         ticket = tl.atomic_add(sync_ptr, 1, sem="acq_rel")
         if ticket == n_shrink - 1:
             tl.debug_barrier()
-            _route_small(part_ptr, noise_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb,
-                         c_z, T, R, E, N_PART, RANK, K, KIND, EP, BR, HAS_NOISE)
+            if PROF:
+                _stamp(prof_ptr, pid, 2)
+            _route_small(acc_ptr, noise_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb,
+                         c_z, T, R, E, RANK, K, KIND, EP, BR, HAS_NOISE)
             tl.debug_barrier()
             tl.atomic_xchg(sync_ptr + 1, 1, sem="release")
+            if PROF:
+                _stamp(prof_ptr, pid, 3)
     else:
         offs_t = tl.arange(0, BT)
         mask_t = offs_t < T
@@ -447,10 +465,15 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, part_ptr, sync_ptr, noise_ptr,
                                  mask=mask_t[:, None] & mk[None, :], other=0.0)
                     wt = tl.load(w_row[None, :] + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
                     acc = _tile_dot(xt, wt, acc, F32_DOT, IEEE)
-        ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+        if PROF:
+            _stamp(prof_ptr, pid, 1)
+        ready = tl.load(sync_ptr + 1, volatile=True)
         while ready == 0:
-            ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+            ready = tl.load(sync_ptr + 1, volatile=True)
+        tl.atomic_add(sync_ptr + 1, 0, sem="acquire")  # orders the reads of u after the flag
         tl.debug_barrier()  # no thread reads u before the flag was seen
+        if PROF:
+            _stamp(prof_ptr, pid, 2)
         for c0 in range(0, R, BR):  # the experts: B_cat[c, n] = B[c // RANK, n, c % RANK]
             offs_c = c0 + tl.arange(0, BR)
             mask_c = offs_c < R
@@ -483,6 +506,8 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, part_ptr, sync_ptr, noise_ptr,
             if not HAS_W:
                 acc += tl.load(base_ptr + io, mask=m2n, other=0.0).to(tl.float32)
             tl.store(y_ptr + io, acc.to(y_ptr.dtype.element_ty), mask=m2n)
+        if PROF:
+            _stamp(prof_ptr, pid, 3)
 
 
 def _small_t_configs(fma: bool) -> list[triton.Config]:
@@ -499,12 +524,12 @@ def _small_t_configs(fma: bool) -> list[triton.Config]:
     return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st) for bn, bk, w, st in shapes]
 
 
-# sync is zeroed before each autotuning trial (its flag and ticket are one-shot)
+# sync and acc are zeroed before each autotuning trial (the flag and ticket are one-shot, acc is added into)
 _SMALL_T_KEY = ["N_IN", "N_OUT", "R", "E"]
 _small_t_fma = triton.autotune(configs=_small_t_configs(True), key=_SMALL_T_KEY,
-                               reset_to_zero=["sync_ptr"])(_small_t_kernel)
+                               reset_to_zero=["sync_ptr", "acc_ptr"])(_small_t_kernel)
 _small_t_dot = triton.autotune(configs=_small_t_configs(False), key=_SMALL_T_KEY,
-                               reset_to_zero=["sync_ptr"])(_small_t_kernel)
+                               reset_to_zero=["sync_ptr", "acc_ptr"])(_small_t_kernel)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -590,12 +615,16 @@ def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None
 
 
 SMALL_T_MAX = 16  # T <= this: the one-launch forward (_small_t_kernel); 0 turns it off
+# Profiling aid (CUDA only): an int64 tensor of at least 4 x (grid size) elements makes the small-T kernel stamp
+# each program's start / work done / flag seen (or routing start) / end times into it (benchmarks/probe_small_t.py)
+TIMELINE: torch.Tensor | None = None
 
 
 def _small_t_split(n_in: int) -> int:
-    """Split-K of the small-T shrink: ~512 input features per program, so a (T <= 16) shrink of a 4096-wide x
-    spreads over (R/32 + 1) * 8 programs; at most 8 partial sums for the routing program to add up."""
-    return max(1, min(8, gl._cdiv(n_in, 512)))
+    """Split-K of the small-T shrink: ~256 input features (two BKS steps) per program, at most 16 splits, so a
+    (T <= 16) shrink of a 4096-wide x spreads over (R/32 + 1) * 16 short programs; the split partial sums meet
+    in one accumulator (atomics), so their number costs the routing program nothing."""
+    return max(1, min(16, gl._cdiv(n_in, 256)))
 
 
 def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor, router_w: torch.Tensor,
@@ -610,8 +639,9 @@ def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
     r_tot, e = a_cat.shape[0], router_w.shape[0]
     n_out = lora_B.shape[1]
     n_part = _small_t_split(n_in)
-    part = gl._alloc((n_part, t, r_tot + e), x, torch.float32)
-    sync = torch.zeros(2, device=x.device, dtype=torch.int32)
+    # one zero-fill for the ticket/flag (int32, padded to 16 bytes) and the shrink's float32 accumulator
+    work = torch.zeros(4 + t * (r_tot + e), device=x.device, dtype=torch.int32)
+    sync, acc = work[:2], work[4:].view(torch.float32)
     y = gl._alloc((t, n_out), x)
     hl = gl._alloc((t, r_tot + e), x, torch.float32)
     gates = gl._alloc((t, top_k), x, torch.float32)
@@ -627,20 +657,22 @@ def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
     brs, bks = (16, 16) if gl._INTERPRET else (32, 128)
     n_shrink = (gl._cdiv(r_tot, brs) + 1) * n_part
     key = ("small_t", fma, n_in, n_out, r_tot, e, rank, top_k, kind, weight is not None, bias is not None,
-           noise is not None, x.dtype, n_part)
+           noise is not None, x.dtype, n_part, TIMELINE is not None)
 
     def grid(m):
         return (n_shrink + gl._cdiv(n_out, m["BN"]),)
-    args = (x, x if x_lora is None else x_lora, a_cat, router_w, part, sync, part if noise is None else noise,
+    args = (x, x if x_lora is None else x_lora, a_cat, router_w, acc, sync, acc if noise is None else noise,
             x if weight is None else weight, x if bias is None else bias, x if base_out is None else base_out,
-            lora_B, y, hl, gates, ids, u, stats, aux,
+            lora_B, y, hl, gates, ids, u, stats, aux, acc if TIMELINE is None else TIMELINE,
             float(scale), *_aux_coefs(lb_coef, z_coef, e, t, top_k), t, n_in, n_out, r_tot, e,
             lora_B.stride(0), lora_B.stride(1))
     gl._launch(_small_t_fma if fma else _small_t_dot, key, grid, args,
                {"N_PART": n_part, "RANK": rank, "K": top_k, "KIND": kind, "EP": _ep(e), "BRS": brs, "BKS": bks,
                 "BR": min(128, max(16, gl._pow2(r_tot))), "FMA": fma, "HAS_W": weight is not None,
-                "HAS_BIAS": bias is not None, "HAS_NOISE": noise is not None, **gl._flags(x.dtype)})
+                "HAS_BIAS": bias is not None, "HAS_NOISE": noise is not None,
+                "PROF": TIMELINE is not None, **gl._flags(x.dtype)})
     return y, hl, gates, ids, u, stats, aux
+
 
 lora_du_impl = gl._du  # du = dy @ B_cat^T in float32: the grouped kernels' own du launcher
 
