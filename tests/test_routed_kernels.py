@@ -198,3 +198,22 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("compiled for sm_90") == 14  # 9 large-T + 5 small-T variants
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_router_scores_float32_accurate_for_low_precision_x(dtype):
+    """The router's float32 weight scores bf16 / fp16 x at float32 accuracy (tf32x3 on the GPU): rounding the weight
+    to x's dtype instead would be ~1e-3 off and flip close routes."""
+    g = torch.Generator().manual_seed(11)
+    T, n_in, E, r = 37, 300, 5, 4
+    x = torch.randn(T, n_in, generator=g).to(dtype)
+    a_cat = torch.randn(E * r, n_in, generator=g).to(dtype)
+    Wr = torch.randn(E, n_in, generator=g)
+    hl, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
+    ref = x.double() @ Wr.double().t()
+    one_part = x.double() @ Wr.to(dtype).double().t()
+    err = ((hl[:, E * r:].double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-6, err
+    assert ((one_part - ref).abs().max() / ref.abs().max()).item() > 1e-4  # the test can tell the difference
+    ref_h = x.double() @ a_cat.double().t()
+    assert ((hl[:, :E * r].double() - ref_h).abs().max() / ref_h.abs().max()).item() < 1e-6
