@@ -38,7 +38,8 @@ CASES = [  # T, in, out, E, r, K, kind
     (16, 45, 19, 8, 3, 4, "topk"),
     (2, 21, 23, 40, 2, 4, "topk"),
     (5, 19, 33, 5, 4, 1, "switch"),
-    (3, 600, 19, 3, 4, 3, "soft"),  # in > 512: several split-K partial sums
+    (3, 600, 19, 3, 4, 3, "soft"),  # in > 256: several split-K partial sums
+    (4, 19, 21, 40, 4, 3, "topk"),  # R = 160 > 128: the routing program's expert columns in two chunks
 ]
 
 
