@@ -267,10 +267,18 @@ def bench_qlora_mol(gen, rows):
     lora_nf4 = mol_layer(NF4Linear.from_linear(base), 1, 1)
     lora_nf4.lora_A.data, lora_nf4.lora_B.data = lora_nf4.lora_A.data.to(DT), lora_nf4.lora_B.data.to(DT)
     trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+
+    def layer_step(m):  # fwd+bwd, then drop the kept routing (a CUDA-graph capture must not free it mid-capture)
+        step = fwd_bwd(lambda: m(x), [x] + trainable(m), dy)
+
+        def run():
+            step()
+            m.clear_routing()
+        return run
     cases = {"bf16 frozen base": fwd_bwd(lambda: base(x), [x], dy),
-             "MoL on bf16 base (E=8 top-2 r=16)": fwd_bwd(lambda: mol_bf16(x), [x] + trainable(mol_bf16), dy),
-             "QLoRA-MoL (mol NF4 + E=8 top-2 r=16)": fwd_bwd(lambda: mol_nf4(x), [x] + trainable(mol_nf4), dy),
-             "QLoRA (mol NF4 + LoRA r=16)": fwd_bwd(lambda: lora_nf4(x), [x] + trainable(lora_nf4), dy)}
+             "MoL on bf16 base (E=8 top-2 r=16)": layer_step(mol_bf16),
+             "QLoRA-MoL (mol NF4 + E=8 top-2 r=16)": layer_step(mol_nf4),
+             "QLoRA (mol NF4 + LoRA r=16)": layer_step(lora_nf4)}
     if bnb is not None:
         bl = bnb_linear(W)
         A = (torch.randn(16, n, device=DEV, dtype=DT, generator=gen) / n**0.5).requires_grad_()
@@ -278,14 +286,19 @@ def bench_qlora_mol(gen, rows):
         # PEFT's LoRA-on-Linear4bit computation: base(x) + lora_B(lora_A(x)) * scaling
         cases["bnb QLoRA (Linear4bit + LoRA r=16, PEFT's ops)"] = fwd_bwd(
             lambda: bl(x) + F.linear(F.linear(x, A), B) * 2.0, [x, A, B], dy)
-    b0 = None
-    for name, ts in time_group(cases).items():
-        m, spread = summarize(ts)
-        b0 = b0 or m
-        pk = peak_mib(cases[name])
-        rows.append(("fwd+bwd T=8192 4096->4096 (adapters)", name, m, m / b0, spread))
-        rows.append(("peak extra memory MiB of that fwd+bwd", name, pk, float("nan"), 0.0))
-        print(f"{name:48s} {m * 1e3:9.1f} us  {m / b0:5.2f}x   peak +{pk:8.1f} MiB")
+    for graph in (False, True):  # eager is host-bound on slow hosts; the graph replay is the GPU-side cost
+        mode = "cuda graph" if graph else "eager"
+        b0 = None
+        for name, ts in time_group(cases, graph=graph).items():
+            m, spread = summarize(ts)
+            b0 = b0 or m
+            rows.append((f"fwd+bwd T=8192 4096->4096 (adapters, {mode})", name, m, m / b0, spread))
+            line = f"{mode:10s} {name:48s} {m * 1e3:9.1f} us  {m / b0:5.2f}x"
+            if not graph:
+                pk = peak_mib(cases[name])
+                rows.append(("peak extra memory MiB of that fwd+bwd", name, pk, float("nan"), 0.0))
+                line += f"   peak +{pk:8.1f} MiB"
+            print(line, flush=True)
 
 
 def main():
