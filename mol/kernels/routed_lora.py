@@ -118,7 +118,7 @@ def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, 
                 acc_r = tl.dot(xr, wt, acc_r, input_precision="ieee")
             else:
                 # x is exact in tf32; Wr is split hi+lo: float32-accurate scores on tensor cores. (Measured twice
-                # and dropped, RESULTS runs 8 and 9: bf16 x against Wr as three bf16 parts, the small parts in an
+                # and dropped, RESULTS runs 7b and 9: bf16 x against Wr as three bf16 parts, the small parts in an
                 # accumulator of their own, is 14 us faster alone at T=8192 but no faster in the whole layer,
                 # slower at decode T=16, and 4.1e-6 worst relative logit error against tf32x3's 3.1e-7.)
                 acc_r = tl.dot(xr, wt, acc_r, input_precision="tf32x3")
