@@ -3,8 +3,8 @@
     python benchmarks/gpu_check_routed.py [--small-t | --quick]
 
 Router + experts + auxiliary losses: output, aux loss and the gradients of x, x_lora (dropout mode), base_out,
-lora_A, lora_B and the router weight, against tests/reference.py's float64 formula on upcast inputs; outputs
-poisoned with NaN so an unwritten element fails. Shapes not multiples of any block (T = 1, 7, 16, 4097; 4095 and
+lora_A, lora_B (contiguous, and in MoLLinear's expert-interleaved layout) and the router weight, against
+tests/reference.py's float64 formula on upcast inputs; outputs poisoned with NaN so an unwritten element fails. Shapes not multiples of any block (T = 1, 7, 16, 4097; 4095 and
 11008 features), E up to 64, top-k 1/2/4, soft and switch routers. Pass: bf16 < 1e-2, float32 < 1e-4.
 Exit code 1 on any failure.
 """
@@ -47,6 +47,8 @@ def check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen):
         ref["A"], ref["B"], ref["Wr"], None, kind, K, scale, lb, zc)
     ((y_ref * w_y).sum() + 1e3 * aux_ref).backward()
     got = {k: (v.float() if k == "Wr" else v.to(dtype)).clone().requires_grad_() for k, v in leaves.items()}
+    if mode in ("weight", "dropout"):  # lora_B in MoLLinear's expert-interleaved layout (B_cat and dB are views)
+        got["B"] = B.to(dtype).permute(1, 0, 2).contiguous().permute(1, 0, 2).requires_grad_()
     gl.POISON = True
     y, aux, hl, gates, ids, stats = rl.routed_lora_linear(
         got["x"], got["A"], got["B"], got["Wr"], kind, K, scale,

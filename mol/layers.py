@@ -107,7 +107,10 @@ class MoLLinear(AdapterLayer):
 
         dtype, device = _base_dtype_device(base)
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank, dtype=dtype, device=device))
+        # lora_B is (E, out, r) but stored expert-interleaved, in (out, E, r) memory order: then the experts'
+        # concatenated B_cat (E*r, out) the kernels multiply by, and dB, are views, not copies, every step
+        self.lora_B = nn.Parameter(torch.zeros(out_features, num_experts, rank, dtype=dtype, device=device)
+                                   .permute(1, 0, 2))
         self.reset_lora(init)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router: Optional[Router] = None

@@ -1,5 +1,5 @@
-"""Independent float64 formulas the kernels are checked against (importable without side effects, also
-by benchmarks/gpu_check_kernels.py)."""
+"""Independent float64 formulas the kernels are checked against, and a memory-layout check (importable without
+side effects, also by benchmarks/gpu_check_kernels.py)."""
 import torch
 
 
@@ -23,3 +23,8 @@ def routed_layer_float64(x, x_lora, W, bias, base_out, A, B, Wr, noise, kind, K,
     lb_loss = E * (counts / counts.sum() * probs.mean(0)).sum()
     z_loss = torch.logsumexp(logits, -1).square().mean()
     return y, lb * lb_loss + zc * z_loss, ids
+
+
+def same_layout(a, b) -> bool:
+    """a and b are laid out alike in memory: equal strides wherever a dimension has more than one element."""
+    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)

@@ -13,6 +13,9 @@ if not gl._INTERPRET:  # imported earlier without the interpreter: the kernels c
                 allow_module_level=True)
 
 
+from tests.reference import same_layout  # noqa: E402
+
+
 def reference(base, x, A, B, gates, ids, scale):
     """float64 formula, one (token, k) pair at a time through gathered expert weights."""
     Ae, Be = A[ids], B[ids]  # (T, K, r, in), (T, K, out, r)
@@ -33,12 +36,19 @@ def poison():
     gl.POISON = False
 
 
-def make(T, n_in, n_out, E, r, K, dtype, ids_mode="random", seed=0):
+def interleaved(B):
+    """B (E, out, r) stored in (out, E, r) memory order, as MoLLinear stores its lora_B."""
+    return B.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+
+
+def make(T, n_in, n_out, E, r, K, dtype, ids_mode="random", seed=0, interleave=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, n_in, generator=g).to(dtype)
     base = torch.randn(T, n_out, generator=g).to(dtype)
     A = (torch.randn(E, r, n_in, generator=g) / n_in**0.5).to(dtype)
     B = torch.randn(E, n_out, r, generator=g).to(dtype)
+    if interleave:
+        B = interleaved(B)
     gates = torch.rand(T, K, generator=g).float()
     if ids_mode == "one_expert":  # every token routed to the last expert only (K copies)
         ids = torch.full((T, K), E - 1, dtype=torch.long)
@@ -65,7 +75,9 @@ CASES = [  # T, in, out, E, r, K, ids_mode
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}_in{}_out{}_E{}_r{}_K{}_{}".format(*c))
 def test_grouped_lora_add_forward_and_grads(case, dtype):
     T, n_in, n_out, E, r, K, mode = case
-    base, x, A, B, gates, ids = make(T, n_in, n_out, E, r, K, dtype, mode, seed=T * 100 + E)
+    # fp16 cases take lora_B in MoLLinear's expert-interleaved layout, fp32 cases a contiguous one
+    base, x, A, B, gates, ids = make(T, n_in, n_out, E, r, K, dtype, mode, seed=T * 100 + E,
+                                     interleave=dtype == torch.float16)
     scale = 0.75
     leaves = [t.clone().requires_grad_() for t in (base, x, A, B, gates)]
     y = gl.grouped_lora_add(*leaves[:4], leaves[4], ids, scale)
@@ -86,6 +98,7 @@ def test_grouped_lora_add_forward_and_grads(case, dtype):
         assert err < TOL[dtype], f"d{name} rel err {err}"
     if mode == "random" and E > K:  # expert 0 got no tokens: its gradients are exactly zero
         assert leaves[2].grad[0].abs().max() == 0 and leaves[3].grad[0].abs().max() == 0
+    assert same_layout(leaves[3].grad, leaves[3])  # dB comes in lora_B's own layout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

@@ -11,7 +11,7 @@ gl = pytest.importorskip("mol.kernels.grouped_lora")
 if not gl._INTERPRET:
     pytest.skip("mol.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 from mol.kernels import routed_lora as rl  # noqa: E402
-from tests.reference import routed_layer_float64 as reference  # noqa: E402
+from tests.reference import routed_layer_float64 as reference, same_layout  # noqa: E402
 
 
 def rel(a, b):
@@ -73,6 +73,8 @@ def test_routed_layer_matches_float64(case, mode):
     ((y_ref * w_y).sum() + 3.0 * aux_ref).backward()
 
     k_in = {k: v.float().clone().requires_grad_() for k, v in leaves.items()}
+    if mode in ("weight", "dropout"):  # lora_B in MoLLinear's expert-interleaved layout (a view of B_cat)
+        k_in["B"] = B.float().permute(1, 0, 2).contiguous().permute(1, 0, 2).requires_grad_()
     calls = []
 
     def weight_fn(dtype):  # a materialized base weight (as an NF4 base dequantizes), asked for in fwd and bwd
@@ -93,6 +95,7 @@ def test_routed_layer_matches_float64(case, mode):
     assert rel(hl[:, E * r:], ref_in["x"].detach() @ Wr.t()) < 1e-6
     for name in leaves:
         assert rel(k_in[name].grad, ref_in[name].grad) < 1e-4, name
+    assert same_layout(k_in["B"].grad, k_in["B"])  # dB comes in lora_B's own layout (no copy for it)
 
 
 def test_unused_outputs_and_no_grad():

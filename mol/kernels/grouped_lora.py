@@ -179,11 +179,11 @@ def _expand_kernel(base_ptr, h_ptr, b_ptr, gates_ptr, ids_ptr, out_ptr, scale,
 @triton.autotune(configs=_configs("du"), key=["T_BUCKET", "N_OUT", "R"],
                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["du_ptr"])
 @triton.jit
-def _du_kernel(dy_ptr, b_ptr, du_ptr, T, N_OUT, R, T_BUCKET,
+def _du_kernel(dy_ptr, b_ptr, du_ptr, T, N_OUT, R, T_BUCKET, stride_be, stride_bn,
                RANK: tl.constexpr,
                BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
                F32_DOT: tl.constexpr, IEEE: tl.constexpr):
-    """du (float32, zero-initialised) += dy[:, chunk] @ B_cat^T[chunk, :], B in (E, out, r)."""
+    """du (float32, zero-initialised) += dy[:, chunk] @ B_cat^T[chunk, :], B (E, out, r) with unit rank stride."""
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -198,13 +198,13 @@ def _du_kernel(dy_ptr, b_ptr, du_ptr, T, N_OUT, R, T_BUCKET,
     e_c = (offs_c // RANK).to(tl.int64)
     j_c = offs_c % RANK
     dy_row = dy_ptr + offs_t.to(tl.int64)[:, None] * N_OUT
-    b_col = b_ptr + (e_c * N_OUT * RANK + j_c)[None, :]
+    b_col = b_ptr + (e_c * stride_be + j_c)[None, :]
     acc = tl.zeros((BT, BR), dtype=tl.float32)
     for o0 in range(o_lo, o_hi, BK):
         oo = o0 + offs_k
         mo = oo < o_hi
         dyt = tl.load(dy_row + oo[None, :], mask=mask_t[:, None] & mo[None, :], other=0.0)
-        bt = tl.load(b_col + oo.to(tl.int64)[:, None] * RANK, mask=mo[:, None] & mask_c[None, :],
+        bt = tl.load(b_col + oo.to(tl.int64)[:, None] * stride_bn, mask=mo[:, None] & mask_c[None, :],
                      other=0.0)
         if F32_DOT:
             dyt = dyt.to(tl.float32)
@@ -312,8 +312,18 @@ def _shrink(x: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
 
 
 def _b_cat(lora_B: torch.Tensor) -> torch.Tensor:
-    e, n_out, rank = lora_B.shape  # (E, out, r) -> (E*r, out), rows contiguous for the expand
+    """(E, out, r) -> B_cat (E*r, out): a (transposed) view when lora_B is stored expert-interleaved, as
+    MoLLinear stores it (memory order (out, E, r)), else a copy."""
+    e, n_out, rank = lora_B.shape
     return lora_B.permute(0, 2, 1).reshape(e * rank, n_out)
+
+
+def _grad_b(dy: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """dB = (dy^T u) as (E, out, r), in lora_B's own memory layout where that is the expert-interleaved one (then
+    dy^T u (out, E*r) already is dB, a view: no copy here, and autograd stores it as the .grad without one)."""
+    e, n_out, rank = lora_B.shape
+    d = torch.mm(dy.t(), u).view(n_out, e, rank).permute(1, 0, 2)
+    return d if d.stride() == lora_B.stride() else d.contiguous()
 
 
 def _expand(base: torch.Tensor, h: torch.Tensor, b_cat: torch.Tensor, rank: int,
@@ -344,7 +354,7 @@ def _du(dy: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
     if DU_CUBLAS and dy.is_cuda and _MM_OUT_DTYPE and t > 0:
         # cuBLAS reaches 58% of copy bandwidth here where the Triton kernel reached 29-40% (H100, RESULTS run 8);
         # the kernel stays for torch < 2.8 and the interpreter
-        b_t = lora_B.permute(1, 0, 2).reshape(n_out, r_tot)  # (out, R): a 2*out*R-byte copy
+        b_t = lora_B.permute(1, 0, 2).reshape(n_out, r_tot)  # (out, R): a view for MoLLinear's layout, else a copy
         return torch.mm(dy, b_t) if dy.dtype == torch.float32 else torch.mm(dy, b_t, out_dtype=torch.float32)
     bucket = _t_bucket(t)
     key = ("du", bucket, n_out, r_tot, rank, dy.dtype)
@@ -354,7 +364,10 @@ def _du(dy: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
 
     def grid(m):
         return (_cdiv(t, m["BT"]), _cdiv(r_tot, m["BR"]), m["SPLIT"])
-    _launch(_du_kernel, key, grid, (dy, lora_B, du, t, n_out, r_tot, bucket), {"RANK": rank, **_flags(dy.dtype)})
+    if lora_B.stride(2) != 1:
+        lora_B = lora_B.contiguous()
+    _launch(_du_kernel, key, grid, (dy, lora_B, du, t, n_out, r_tot, bucket, lora_B.stride(0), lora_B.stride(1)),
+            {"RANK": rank, **_flags(dy.dtype)})
     return du
 
 
@@ -457,7 +470,7 @@ def _lora_grads(saved, scale, needs, dy, dx_base=None, bwd=_bwd):
     if need_a:
         dA = torch.mm(dh.t(), x).view(e, rank, n_in)
     if need_b:
-        dB = torch.mm(dy.t(), u).view(n_out, e, rank).permute(1, 0, 2).contiguous()
+        dB = _grad_b(dy, u, lora_B)
     return dx, dA, dB, (dgates if need_g else None)
 
 
@@ -561,6 +574,13 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _as_b(lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """lora_B in dtype; any layout with unit rank stride is kept (the kernels and _b_cat take its strides)."""
+    if lora_B.dtype != dtype:
+        lora_B = lora_B.to(dtype)
+    return lora_B if lora_B.stride(2) == 1 else lora_B.contiguous()
+
+
 # ----------------------------------------------------------------------------- public API
 
 def _check(x, lora_A, lora_B, gates, expert_ids, n_out, where):
@@ -605,7 +625,7 @@ def grouped_lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tens
         raise ValueError(f"grouped_lora_add: base_out must be (T, out) = {(x.shape[0], lora_B.shape[1])} "
                          f"in {x.dtype}, got {tuple(base_out.shape)} {base_out.dtype}")
     dt = x.dtype
-    args = (_as(base_out, dt), _as(x, dt), _as(lora_A, dt), _as(lora_B, dt), _as(gates, torch.float32),
+    args = (_as(base_out, dt), _as(x, dt), _as(lora_A, dt), _as_b(lora_B, dt), _as(gates, torch.float32),
             _as(expert_ids, torch.int64), float(scale))
     if _use_fast_path(*args[:5]):
         return _AddFn.apply(*args)
@@ -629,7 +649,7 @@ def grouped_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         raise ValueError(f"grouped_lora_linear: weight must be (out, {x.shape[1]}) in {x.dtype}, got "
                          f"{tuple(weight.shape)} {weight.dtype}")
     dt = x.dtype
-    args = (_as(x, dt), weight, bias, _as(lora_A, dt), _as(lora_B, dt), _as(gates, torch.float32),
+    args = (_as(x, dt), weight, bias, _as(lora_A, dt), _as_b(lora_B, dt), _as(gates, torch.float32),
             _as(expert_ids, torch.int64), float(scale))
     if _use_fast_path(args[0], weight, args[3], args[4], args[5]):
         return _LinearFn.apply(*args)

@@ -776,7 +776,7 @@ class _RoutedLoRAFn(torch.autograd.Function):
             hl, stats = shrink(x, x_lora, a_cat, router_w)
             gates, ids, u, aux = gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, x.dtype, lb_coef,
                                           z_coef)
-            b_cat = lora_B.permute(0, 2, 1).reshape(r_tot, lora_B.shape[1])  # (R, out); one small copy
+            b_cat = gl._b_cat(lora_B)  # (R, out): a view of MoLLinear's expert-interleaved lora_B
             if base_out is None:
                 # The small expert GEMM writes y first and the base GEMM accumulates into it (beta=1): its
                 # epilogue reads y while the GEMM is compute-bound, where adding the experts after the base
@@ -837,7 +837,7 @@ class _RoutedLoRAFn(torch.autograd.Function):
             dx.addmm_(dy, w)  # base dx accumulated into the adapters' (beta=1 in the big GEMM, as in forward)
             del w
         if need[6]:
-            dB = torch.mm(dy.t(), u).view(n_out, e, rank).permute(1, 0, 2).contiguous()
+            dB = gl._grad_b(dy, u, lora_B)
         if dWr is not None:
             dWr = dWr.to(router_w.dtype) if need[7] else None
         if need[4]:

@@ -1,0 +1,97 @@
+"""Host (Python + ATen dispatch) cost of one MoLLinear on the fused Triton path, on any CPU, with the kernels stubbed.
+
+    python benchmarks/host_overhead.py [repo ...]
+
+On the GPU machines an eager MoLLinear fwd+bwd costs ~0.8-1.5 ms of CPU (benchmarks/RESULTS.md runs 8-9), about its
+GPU time at T=8192. This isolates the part that is ours: the Triton launches are replaced by allocations of their
+outputs, du by the cuBLAS branch's torch.mm (as on CUDA), and everything else (MoLLinear.forward, dispatch, the
+autograd.Function, the small torch ops and GEMMs on tiny CPU tensors) runs as it does on the GPU path. Times are
+the best of 7 rounds of 1000 calls, T=32, 64->64, E=8 top-2 r=16. With several repo paths (e.g. two checkouts) it
+alternates between them, a process per measurement, so machine noise hits both alike.
+"""
+import os
+import subprocess
+import sys
+import time
+
+
+def measure(repo: str) -> str:
+    os.environ["TRITON_INTERPRET"] = "1"  # lets backend="triton" run on CPU tensors; no kernel runs (stubbed)
+    sys.path.insert(0, repo)
+    import torch
+
+    import mol
+    import mol.kernels.routed_lora as rl
+
+    torch.set_num_threads(1)
+
+    def shrink(x, x_lora, a_cat, router_w):
+        return torch.empty(x.shape[0], a_cat.shape[0] + router_w.shape[0]), torch.empty(2 * router_w.shape[0] + 2)
+
+    def gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, dtype, lb, z):
+        t = hl.shape[0]
+        return (torch.zeros(t, top_k), torch.zeros(t, top_k, dtype=torch.int64), torch.empty(t, r_tot, dtype=dtype),
+                torch.zeros(()))
+
+    def gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb, z, dtype):
+        return torch.empty(hl.shape, dtype=dtype)
+
+    def du(dy, lora_B):  # the CUDA branch: cuBLAS on B_cat^T
+        e, n_out, r = lora_B.shape
+        return torch.mm(dy, lora_B.permute(1, 0, 2).reshape(n_out, e * r))
+
+    rl._EAGER = (shrink, gate_fwd, gate_bwd, du, rl._EAGER[4])
+    rl.SMALL_T_MAX = 0  # the large-T sequence
+    n = 64
+    base = torch.nn.Linear(n, n, bias=False)
+    m = mol.MoLLinear(base, num_experts=8, top_k=2, rank=16, alpha=32, backend="triton")
+    x = torch.randn(32, n, requires_grad=True)
+    dy = torch.randn(32, n)
+    params = [m.lora_A, m.lora_B, m.router.weight]
+
+    def train_step():
+        y = m(x)
+        ((y * dy).sum() + m.aux_loss()).backward()
+        for p in params:
+            p.grad = None
+
+    def fwd():
+        with torch.no_grad():
+            m(x)
+
+    def bare():
+        torch.autograd.grad(torch.nn.functional.linear(x, base.weight), [x], dy)
+
+    def best(fn, k=1000, rounds=7):
+        for _ in range(100):
+            fn()
+        out = 1e9
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            out = min(out, (time.perf_counter() - t0) / k * 1e6)
+        return out
+
+    return f"{best(bare):.1f} {best(train_step):.1f} {best(fwd):.1f}"
+
+
+def main():
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        print(measure(sys.argv[2]))
+        return
+    repos = sys.argv[1:] or [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
+    runs = {r: [] for r in repos}
+    for _ in range(5 if len(repos) > 1 else 1):
+        for r in repos:
+            out = subprocess.run([sys.executable, __file__, "--child", r], capture_output=True, text=True, check=True)
+            runs[r].append([float(v) for v in out.stdout.split()])
+    print("| repo | bare nn.Linear fwd+bwd µs | MoLLinear fwd + .backward() µs | MoLLinear no-grad forward µs |")
+    print("| --- | --- | --- | --- |")
+    for r, vals in runs.items():
+        med = [sorted(col)[len(col) // 2] for col in zip(*vals)]
+        print(f"| {r} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
