@@ -17,7 +17,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol.kernels.grouped_lora as gl  # noqa: E402
 from mol.kernels import routed_lora as rl  # noqa: E402
-from tests.reference import routed_layer_float64  # noqa: E402
+from tests.reference import interleaved, routed_layer_float64  # noqa: E402
 
 
 def rel(a, b):
@@ -48,7 +48,7 @@ def check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen):
     ((y_ref * w_y).sum() + 1e3 * aux_ref).backward()
     got = {k: (v.float() if k == "Wr" else v.to(dtype)).clone().requires_grad_() for k, v in leaves.items()}
     if mode in ("weight", "dropout"):  # lora_B in MoLLinear's expert-interleaved layout (B_cat and dB are views)
-        got["B"] = B.to(dtype).permute(1, 0, 2).contiguous().permute(1, 0, 2).requires_grad_()
+        got["B"] = interleaved(B.to(dtype)).requires_grad_()
     gl.POISON = True
     y, aux, hl, gates, ids, stats = rl.routed_lora_linear(
         got["x"], got["A"], got["B"], got["Wr"], kind, K, scale,

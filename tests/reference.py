@@ -1,5 +1,5 @@
-"""Independent float64 formulas the kernels are checked against, and a memory-layout check (importable without
-side effects, also by benchmarks/gpu_check_kernels.py)."""
+"""Independent float64 formulas the kernels are checked against, and lora_B memory-layout helpers (importable
+without side effects, also by the benchmarks/gpu_check_*.py scripts)."""
 import torch
 
 
@@ -23,6 +23,11 @@ def routed_layer_float64(x, x_lora, W, bias, base_out, A, B, Wr, noise, kind, K,
     lb_loss = E * (counts / counts.sum() * probs.mean(0)).sum()
     z_loss = torch.logsumexp(logits, -1).square().mean()
     return y, lb * lb_loss + zc * z_loss, ids
+
+
+def interleaved(B):
+    """B (E, out, r) stored in (out, E, r) memory order, as MoLLinear stores its lora_B."""
+    return B.permute(1, 0, 2).contiguous().permute(1, 0, 2)
 
 
 def same_layout(a, b) -> bool:

@@ -13,7 +13,7 @@ if not gl._INTERPRET:  # imported earlier without the interpreter: the kernels c
                 allow_module_level=True)
 
 
-from tests.reference import same_layout  # noqa: E402
+from tests.reference import interleaved, same_layout  # noqa: E402
 
 
 def reference(base, x, A, B, gates, ids, scale):
@@ -34,11 +34,6 @@ def poison():
     gl.POISON = True  # every kernel output starts as NaN: an unwritten element fails the check
     yield
     gl.POISON = False
-
-
-def interleaved(B):
-    """B (E, out, r) stored in (out, E, r) memory order, as MoLLinear stores its lora_B."""
-    return B.permute(1, 0, 2).contiguous().permute(1, 0, 2)
 
 
 def make(T, n_in, n_out, E, r, K, dtype, ids_mode="random", seed=0, interleave=False):

@@ -11,7 +11,7 @@ gl = pytest.importorskip("mol.kernels.grouped_lora")
 if not gl._INTERPRET:
     pytest.skip("mol.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 from mol.kernels import routed_lora as rl  # noqa: E402
-from tests.reference import routed_layer_float64 as reference, same_layout  # noqa: E402
+from tests.reference import interleaved, routed_layer_float64 as reference, same_layout  # noqa: E402
 
 
 def rel(a, b):
@@ -74,7 +74,7 @@ def test_routed_layer_matches_float64(case, mode):
 
     k_in = {k: v.float().clone().requires_grad_() for k, v in leaves.items()}
     if mode in ("weight", "dropout"):  # lora_B in MoLLinear's expert-interleaved layout (a view of B_cat)
-        k_in["B"] = B.float().permute(1, 0, 2).contiguous().permute(1, 0, 2).requires_grad_()
+        k_in["B"] = interleaved(B.float()).requires_grad_()
     calls = []
 
     def weight_fn(dtype):  # a materialized base weight (as an NF4 base dequantizes), asked for in fwd and bwd
