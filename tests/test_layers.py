@@ -150,6 +150,27 @@ def test_parameter_shapes_are_predictable():
     assert (layer.lora_A[0] - layer.lora_A[1]).abs().max().item() > 0
 
 
+def test_lora_B_is_stored_expert_interleaved_and_keeps_that_layout():
+    """lora_B (E, out, r) lives in (out, E, r) memory order, so the kernels' B_cat and its gradient are views; the
+    layout survives .to(), an optimizer step, and a state-dict round trip."""
+    E, n_in, n_out, r = 4, 12, 20, 3
+    layer = MoLLinear(torch.nn.Linear(n_in, n_out), num_experts=E, top_k=2, rank=r)
+    interleaved = (r, E * r, 1)
+    assert layer.lora_B.stride() == interleaved
+    assert layer.lora_B.permute(0, 2, 1).reshape(E * r, n_out)._base is not None  # B_cat: a view, no copy
+    torch.nn.init.normal_(layer.lora_B)
+    layer = layer.to(torch.float64)
+    assert layer.lora_B.stride() == interleaved
+    x = torch.randn(2, 5, n_in, dtype=torch.float64)
+    (layer(x).square().sum() + layer.aux_loss()).backward()
+    assert layer.lora_B.grad.stride() == interleaved
+    torch.optim.AdamW(layer.parameters(), lr=1e-2).step()
+    assert layer.lora_B.stride() == interleaved
+    fresh = MoLLinear(torch.nn.Linear(n_in, n_out), num_experts=E, top_k=2, rank=r).to(torch.float64)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.lora_B.stride() == interleaved and torch.equal(fresh.lora_B, layer.lora_B)
+
+
 def test_router_noise_only_in_training():
     layer = make_layer("topk", 4, 2, 8, 8, 2)
     layer.router.noise_std = 1.0
