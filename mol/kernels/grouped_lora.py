@@ -364,8 +364,7 @@ def _du(dy: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
 
     def grid(m):
         return (_cdiv(t, m["BT"]), _cdiv(r_tot, m["BR"]), m["SPLIT"])
-    if lora_B.stride(2) != 1:
-        lora_B = lora_B.contiguous()
+    lora_B = _as_b(lora_B, lora_B.dtype)
     _launch(_du_kernel, key, grid, (dy, lora_B, du, t, n_out, r_tot, bucket, lora_B.stride(0), lora_B.stride(1)),
             {"RANK": rank, **_flags(dy.dtype)})
     return du

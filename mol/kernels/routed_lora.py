@@ -650,8 +650,7 @@ def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
     u = gl._alloc((t, r_tot), x)
     stats = gl._alloc((2 * e + 2,), x, torch.float32)
     aux = gl._alloc((), x, torch.float32)
-    if lora_B.stride(2) != 1:
-        lora_B = lora_B.contiguous()
+    lora_B = gl._as_b(lora_B, lora_B.dtype)
     if weight is not None and weight.stride() != (n_in, 1):
         weight = weight.contiguous()
     fma = t == 1
