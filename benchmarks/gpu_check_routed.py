@@ -4,8 +4,9 @@
 
 Router + experts + auxiliary losses: output, aux loss and the gradients of x, x_lora (dropout mode), base_out,
 lora_A, lora_B (contiguous, and in MoLLinear's expert-interleaved layout) and the router weight, against
-tests/reference.py's float64 formula on upcast inputs; outputs poisoned with NaN so an unwritten element fails. Shapes not multiples of any block (T = 1, 7, 16, 4097; 4095 and
-11008 features), E up to 64, top-k 1/2/4, soft and switch routers. Pass: bf16 < 1e-2, float32 < 1e-4.
+tests/reference.py's float64 formula on upcast inputs; outputs poisoned with NaN so an unwritten element fails.
+Shapes not multiples of any block (T = 1, 7, 16, 4097; 4095 and 11008 features), E up to 64, top-k 1/2/4, soft and
+switch routers. Pass: bf16 < 1e-2, float32 < 1e-4.
 Exit code 1 on any failure.
 """
 import os

@@ -2,12 +2,12 @@
 
     python benchmarks/host_overhead.py [repo ...]
 
-On the GPU machines an eager MoLLinear fwd+bwd costs ~0.8-1.5 ms of CPU (benchmarks/RESULTS.md runs 8-9), about its
-GPU time at T=8192. This isolates the part that is ours: the Triton launches are replaced by allocations of their
-outputs, du by the cuBLAS branch's torch.mm (as on CUDA), and everything else (MoLLinear.forward, dispatch, the
-autograd.Function, the small torch ops and GEMMs on tiny CPU tensors) runs as it does on the GPU path. Times are
-the best of 7 rounds of 1000 calls (MOL_HOST_OVERHEAD_CALLS), T=32, 64->64, E=8 top-2 r=16. With several repo paths (e.g. two checkouts) it
-alternates between them, a process per measurement, so machine noise hits both alike.
+On the GPU machines an eager MoLLinear fwd+bwd costs ~0.8-1.5 ms of CPU (benchmarks/RESULTS.md runs 8-9), about
+its GPU time at T=8192. This isolates the part that is ours: the Triton launches are replaced by allocations of
+their outputs, du by the cuBLAS branch's torch.mm (as on CUDA), and everything else (MoLLinear.forward, dispatch,
+the autograd.Function, the small torch ops and GEMMs on tiny CPU tensors) runs as it does on the GPU path. Times
+are the best of 7 rounds of 1000 calls (MOL_HOST_OVERHEAD_CALLS), T=32, 64->64, E=8 top-2 r=16. With several repo
+paths (e.g. two checkouts) it alternates between them, a process per measurement, so machine noise hits both alike.
 """
 import os
 import subprocess

@@ -90,8 +90,8 @@ def main():
         dhl = torch.randn(T, R + E, device=DEV, dtype=DT)
         ae = (torch.randn(R + E, n_in, device=DEV) / n_in ** 0.5).to(DT)
         case = f"{T} {n_in}→{n_out} R={R}"
-        for name, big_a, big_b_t, small_a, small_b, n in (("fwd y", x, W.t(), u, bc, n_out), ("bwd dx", dy, W, dhl, ae, n_in)):
-            # big_b_t is the (K, n) operand of the base GEMM
+        passes = (("fwd y", x, W.t(), u, bc, n_out), ("bwd dx", dy, W, dhl, ae, n_in))
+        for name, big_a, big_b_t, small_a, small_b, n in passes:  # big_b_t: the (K, n) operand of the base GEMM
             ref = big_a.double() @ big_b_t.double() + small_a.double() @ small_b.double()
             now = torch.mm(small_a, small_b).addmm_(big_a, big_b_t)
             new = add_mm_(torch.mm(big_a, big_b_t), small_a, small_b)
