@@ -90,14 +90,14 @@ def comp_nf4(cfg, T=1, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
     block_t = T if T <= nf4k.SMALL_FMA_MAX_T else 16
     sig = {"x_ptr": f"*{xdt}", "codes_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
            "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
-           "T": "i32", "N": "i32", "stride_xt": "i32", "stride_yt": "i32"}
+           "ws_ptr": "*fp32", "ticket_ptr": "*i32", "T": "i32", "N": "i32", "stride_xt": "i32", "stride_yt": "i32"}
     const = dict(K=K, BS=BS, NBS=256, NESTED=nested, HAS_BIAS=bias, BLOCK_T=block_t, IEEE=xdt == "fp32",
-                 **{k: v for k, v in cfg.items() if k != "num_warps"})
+                 **{"SPLIT_K": 1, **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}})
     sig.update({k: "constexpr" for k in const})
     div16 = {"stride_xt", "stride_yt", "N"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*") or n in div16}
     src = ASTSource(fn=nf4k._nf4_matmul_small_kernel, signature=sig, constexprs=const, attrs=attrs)
-    k = triton.compile(src, target=tgt, options={"num_warps": cfg["num_warps"], "num_stages": 1})
+    k = triton.compile(src, target=tgt, options={"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 1)})
     path = "dot" if block_t > 2 else "fma"
     print(f"nf4 small-T {path} T={T} K={K} bs={BS} {xdt} nested={nested} bias={bias} {cfg}: built for sm_90, "
           f"{_resources(k.asm['cubin'])}, {k.metadata.shared} bytes shared")
@@ -115,3 +115,7 @@ comp_nf4(nf4k.FMA_CONFIGS[2], T=1, K=192, BS=128)  # BLOCK_KB does not divide th
 comp_nf4(nf4k.DOT_CONFIGS[0], T=5, nested=False, bias=True, xdt="fp16")
 comp_nf4(nf4k.DOT_CONFIGS[1], T=16, K=14336)
 comp_nf4(nf4k.DOT_CONFIGS[0], T=16, K=320, BS=32, xdt="fp32")
+comp_nf4(dict(nf4k.FMA_CONFIGS[0], SPLIT_K=4), T=1)  # split-K: partials, ticket, last-arriver sum
+comp_nf4(dict(nf4k.FMA_CONFIGS[0], SPLIT_K=4), T=2, bias=True)
+comp_nf4(dict(nf4k.DOT_CONFIGS[1], SPLIT_K=8), T=16)
+comp_nf4(dict(nf4k.DOT_CONFIGS[0], SPLIT_K=3, num_stages=3), T=16, K=14336)

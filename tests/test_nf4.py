@@ -285,18 +285,20 @@ def _configs(path):
 
 
 @pytest.mark.parametrize("T", [1, 2])
-@pytest.mark.parametrize("ci", range(6))
+@pytest.mark.parametrize("ci", range(7))
 def test_triton_small_matmul_fma_configs_vs_float64(T, ci):
     configs = _configs("fma")
     assert len(configs) == 6  # keep the parametrization in step with the autotune list
-    _small_matmul_check(T, configs[ci], _SMALL_CASES)
+    # the last case: the global-table lookup (LUT=0), not autotuned but still selectable
+    cfg = configs[ci] if ci < len(configs) else dict(configs[0], LUT=0)
+    _small_matmul_check(T, cfg, _SMALL_CASES)
 
 
 @pytest.mark.parametrize("T", [3, 16])
-@pytest.mark.parametrize("ci", range(3))
+@pytest.mark.parametrize("ci", range(6))
 def test_triton_small_matmul_dot_configs_vs_float64(T, ci):
     configs = _configs("dot")
-    assert len(configs) == 3
+    assert len(configs) == 6
     _small_matmul_check(T, configs[ci], _SMALL_CASES)
 
 
@@ -304,6 +306,21 @@ def test_triton_small_matmul_dot_configs_vs_float64(T, ci):
 def test_triton_small_matmul_autotuned_and_blocksizes(T):
     # the autotuner's path (config=None), and blocksizes 32 / 128 (words per absmax block 4 / 16)
     _small_matmul_check(T, None, _SMALL_CASES + [(24, 96, True, True, 32), (40, 384, False, False, 128)])
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 16])
+@pytest.mark.parametrize("split_k,block_kb", [(2, 64), (3, 128), (4, 64)])
+def test_triton_small_matmul_split_k(T, split_k, block_kb):
+    # split-K: the partials of 2-4 programs per row block meet in the last one's sum (its ticket). K = 320 / 1024
+    # give 5 / 16 (block_kb 64) and 3 / 8 (block_kb 128) steps: runs of unequal length, and a split count the step
+    # count caps (3 splits of 3 steps). Twice per case: the tickets must be back at zero after each launch.
+    from mol.kernels import nf4 as nf4k
+
+    cfg = dict(BLOCK_N=16, BLOCK_KB=block_kb, LUT=2, num_warps=4, SPLIT_K=split_k)
+    cases = [(40, 320, True, True, 64), (72, 1024, False, False, 64)]
+    for _ in range(2):
+        _small_matmul_check(T, cfg, cases)
+    assert all(int(t.abs().sum()) == 0 for t in nf4k._TICKETS.values())
 
 
 @pytest.mark.parametrize("T,ci", [(1, 0), (2, 2), (5, 0), (16, 1)])

@@ -124,7 +124,7 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 # with `tl.load(code_ptr + q)` from the global table (LUT=0: an L1 hit, plus 64-bit address math per element); the
 # select tree (LUT=1) is not used here. Counted on the sm_90 SASS of the loop body, T = 1, K = 4096: 4.9-5.7
 # instructions per weight element with LUT=2 (shift, mask, LDS, FFMA, plus x and scale handling) and 7.5 with LUT=0
-# under triton 3.9; 5.2-6.0 and 12.6 under triton 3.6. Both are autotuned.
+# under triton 3.9; 5.2-6.0 and 12.6 under triton 3.6. LUT=2 is autotuned; LUT=0 stays selectable by `config=`.
 # - T <= 2 (FMA path, BLOCK_T = T): p = sum_i level_i * x_i per word in float32 (an FFMA chain), summed per absmax
 #   block, times the block's scale, accumulated per (row, block); one reduction over the blocks at the end.
 # - 3 <= T <= 16 (dot path, BLOCK_T = 16): the levels times their block scales are rounded to x's dtype (as the
@@ -137,22 +137,43 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 SMALL_FMA_MAX_T = 2
 
 
-# The autotuned configs (what nf4_matmul_small's `config=` takes). FMA path: with BLOCK_KB = 512 a warp spans 512
-# bytes of one row, so a thread holds BLOCK_N / num_warps rows, which share x's conversion and layout shuffle.
-# Dot path: BLOCK_N >= 64 makes the weight tile the MMA's A operand (wgmma, one warpgroup per 64 rows);
-# BLOCK_N = 32 makes x the A operand (M = 16, mma.sync: no warp repeats another's rows, twice the programs of 64).
-# None of these spills in the sm_90 compile (benchmarks/compile_sm90.py prints registers, stack, shared memory).
-FMA_CONFIGS = ([dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=2, num_warps=w)
-                for bn, kb, w in [(8, 512, 4), (16, 512, 4), (16, 256, 4), (32, 512, 8)]]
-               + [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=0, num_warps=w) for bn, kb, w in [(8, 512, 4), (16, 256, 4)]])
-DOT_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=2, num_warps=w) for bn, kb, w in [(32, 128, 4), (64, 128, 4),
-                                                                                      (128, 128, 8)]]
+# The autotuned configs (what nf4_matmul_small's `config=` takes), the fastest of a sweep of ~120 per path on an
+# H200 (benchmarks/probe_nf4_decode.py, RESULTS NF4 run 6; 4096x4096, 14336x4096 and 4096x14336). FMA path: a
+# warp spans BLOCK_KB bytes of one row, so a thread holds BLOCK_N / num_warps rows, which share x's conversion and
+# layout shuffle; every config lands within 15% of the best (6.9 us at 4096^2), split-K gains nothing at T = 1.
+# Dot path: BLOCK_N >= 64 makes the weight tile the MMA's A operand (wgmma, one warpgroup per 64 rows); at
+# N = 4096 that is 64 programs, so it is split-K (SPLIT_K programs per row block, partials summed by the last,
+# see the kernel) that fills the GPU: 20.3 -> 13.5 us at 4096^2, 65 -> 38 us at 14336x4096. The BLOCK_N = 32 config
+# (x as the A operand, mma.sync) keeps narrow weights covered.
+FMA_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=2, num_warps=w, SPLIT_K=sk)
+               for bn, kb, w, sk in [(16, 512, 4, 1), (8, 512, 2, 1), (8, 1024, 4, 1), (16, 256, 4, 1),
+                                     (32, 256, 4, 2), (8, 512, 4, 1)]]
+DOT_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=2, num_warps=w, SPLIT_K=sk, num_stages=st)
+               for bn, kb, w, sk, st in [(64, 64, 4, 4, 1), (64, 64, 4, 8, 1), (128, 64, 4, 8, 1), (64, 64, 4, 1, 3),
+                                         (64, 128, 4, 4, 1), (32, 128, 4, 1, 1)]]
+
+
+def _bench_graphed(fn, quantiles):
+    """The autotuner's timer: CUDA-graph replay (as decode runs), where a launch-bound eager timing of these
+    ~7-50 us kernels would rank configs by noise (the eager autotuner picked a config 9% / 50% slower than the
+    sweep's best at T = 1 / 16). Eager do_bench when a graph cannot be captured."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    if torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing():
+        # it times on a stream of its own: let this stream's launches (sharing its ticket buffer) finish first
+        torch.cuda.synchronize()
+        try:
+            return do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
+        except RuntimeError:
+            pass
+    return do_bench(fn, quantiles=quantiles)
 
 
 def _autotune_configs(configs):
     if _INTERPRET:  # one config: the interpreter has nothing to tune (tests pass every config through `config=`)
         configs = configs[:1]
-    return [triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"], num_stages=1)
+    return [triton.Config({"SPLIT_K": 1, **{k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}},
+                          num_warps=c["num_warps"], num_stages=c.get("num_stages", 1))
             for c in configs]
 
 
@@ -280,20 +301,32 @@ def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs
 
 @triton.jit
 def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr, bias_ptr,
-                             y_ptr, T, N, stride_xt, stride_yt,
+                             y_ptr, ws_ptr, ticket_ptr, T, N, stride_xt, stride_yt,
                              K: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, LUT: tl.constexpr):
+                             BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, LUT: tl.constexpr,
+                             SPLIT_K: tl.constexpr):
     """y[t, n] = sum_k x[t, k] W[n, k] (+ bias[n]) for rows n of this program, t < T. BLOCK_T <= 2: FMA path
-    (T == BLOCK_T); BLOCK_T == 16: tl.dot path (T <= 16). Rows past N re-read row N - 1 and are not stored."""
+    (T == BLOCK_T); BLOCK_T == 16: tl.dot path (T <= 16). Rows past N re-read row N - 1 and are not stored.
+    SPLIT_K > 1: program (i, j) covers the j-th of _splits(K, BLOCK_KB, SPLIT_K) runs of steps of row block i,
+    stores its float32 partial in ws (splits, BLOCK_T, N), and the last of them to take a ticket
+    (ticket_ptr[i], zero on entry, left zero on exit) adds the partials in split order and writes y."""
     KW: tl.constexpr = K // 8  # int32 code words per row
     BW: tl.constexpr = BLOCK_KB // 4  # words per step
     WB: tl.constexpr = BS // 8  # words per absmax block
     NB: tl.constexpr = BW // WB  # absmax blocks per step
     NBLK: tl.constexpr = K // BS  # absmax blocks per row
     NSTEPS: tl.constexpr = (KW + BW - 1) // BW
+    SPK: tl.constexpr = (NSTEPS + SPLIT_K - 1) // SPLIT_K  # steps per split
+    SPLITS: tl.constexpr = (NSTEPS + SPK - 1) // SPK  # splits that have steps (the grid's second axis)
     W_AS_A: tl.constexpr = BLOCK_N >= 64
     pid = tl.program_id(0)
+    if SPLITS == 1:
+        s_first = 0
+        s_last = NSTEPS - 1
+    else:
+        s_first = tl.program_id(1) * SPK
+        s_last = tl.minimum(s_first + SPK, NSTEPS) - 1
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = tl.minimum(offs_n, N - 1)  # clamped: the loads need no row mask
@@ -314,45 +347,58 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
         accd = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     # software prefetch: step s + 1's loads are issued before step s is dequantized (the dequant's shared-memory
     # round trips put barriers in every step, and no load is moved across a barrier); the last step is peeled
-    w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, 0, KW, NBLK, BW, NB)
-    for s in range(NSTEPS - 1):
+    w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s_first, KW, NBLK, BW, NB)
+    for s in range(s_first, s_last):
         w = w_next
         a = a_next
         w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s + 1, KW, NBLK, BW, NB)
         acc0, acc1, accd = _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs_ptr, off,
                                        row_blk, offs_t, T, stride_xt, K, NBS, NESTED, BLOCK_T, IEEE, BLOCK_N, BW,
                                        WB, NB, NBLK, LUT, W_AS_A)
-    acc0, acc1, accd = _small_step(w_next, a_next, NSTEPS - 1, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr,
+    acc0, acc1, accd = _small_step(w_next, a_next, s_last, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr,
                                    nabs_ptr, off, row_blk, offs_t, T, stride_xt, K, NBS, NESTED, BLOCK_T, IEEE,
                                    BLOCK_N, BW, WB, NB, NBLK, LUT, W_AS_A)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    # this program's sums as (BLOCK_T, BLOCK_N) float32; the FMA path's rows past BLOCK_T stay zero
     if BLOCK_T > 2:
         if W_AS_A:
-            if HAS_BIAS:
-                accd += bias[:, None]
-            tl.store(y_ptr + offs_t[None, :] * stride_yt + offs_n[:, None], accd.to(y_ptr.dtype.element_ty),
-                     mask=n_mask[:, None] & (offs_t < T)[None, :])
+            part = tl.trans(accd)
         else:
-            if HAS_BIAS:
-                accd += bias[None, :]
-            tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :], accd.to(y_ptr.dtype.element_ty),
-                     mask=(offs_t < T)[:, None] & n_mask[None, :])
+            part = accd
     else:
-        y0 = tl.sum(acc0, axis=1)
-        if HAS_BIAS:
-            y0 += bias
-        tl.store(y_ptr + offs_n, y0.to(y_ptr.dtype.element_ty), mask=n_mask)
+        part = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        part += tl.where(offs_t[:, None] == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
         if BLOCK_T == 2:
-            y1 = tl.sum(acc1, axis=1)
-            if HAS_BIAS:
-                y1 += bias
-            tl.store(y_ptr + stride_yt + offs_n, y1.to(y_ptr.dtype.element_ty), mask=n_mask)
+            part += tl.where(offs_t[:, None] == 1, tl.sum(acc1, axis=1)[None, :], 0.0)
+    out_mask = (offs_t < T)[:, None] & n_mask[None, :]
+    if SPLITS > 1:
+        ws_io = offs_t[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + tl.program_id(1) * (BLOCK_T * N) + ws_io, part, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is stored before the ticket publishes them
+        ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel")
+        if ticket == SPLITS - 1:  # the last split of this row block: add all partials, in split order
+            tl.debug_barrier()
+            part = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+            for j in range(SPLITS):
+                part += tl.load(ws_ptr + j * (BLOCK_T * N) + ws_io, mask=out_mask, other=0.0, cache_modifier=".cg")
+            _small_store(part, bias_ptr, y_ptr, offs_t, offs_n, n_mask, out_mask, stride_yt, HAS_BIAS)
+            tl.store(ticket_ptr + pid, 0)  # ready for the next launch on this stream
+    else:
+        _small_store(part, bias_ptr, y_ptr, offs_t, offs_n, n_mask, out_mask, stride_yt, HAS_BIAS)
+
+
+@triton.jit
+def _small_store(acc, bias_ptr, y_ptr, offs_t, offs_n, n_mask, out_mask, stride_yt, HAS_BIAS: tl.constexpr):
+    """y[t, n] = acc (+ bias[n]) in y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 _AUTOTUNE_KEY = ["N", "K", "BLOCK_T", "NESTED", "HAS_BIAS"]
-_small_fma = triton.autotune(configs=_autotune_configs(FMA_CONFIGS), key=_AUTOTUNE_KEY)(_nf4_matmul_small_kernel)
-_small_dot = triton.autotune(configs=_autotune_configs(DOT_CONFIGS), key=_AUTOTUNE_KEY)(_nf4_matmul_small_kernel)
+_small_fma = triton.autotune(configs=_autotune_configs(FMA_CONFIGS), key=_AUTOTUNE_KEY,
+                             do_bench=_bench_graphed)(_nf4_matmul_small_kernel)
+_small_dot = triton.autotune(configs=_autotune_configs(DOT_CONFIGS), key=_AUTOTUNE_KEY,
+                             do_bench=_bench_graphed)(_nf4_matmul_small_kernel)
 
 
 def small_matmul_supported(packed, T: int) -> bool:
@@ -382,12 +428,43 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
         return y
     nabs, ncode, off = _tensors(packed)
     block_t = T if T <= SMALL_FMA_MAX_T else 16
-    kernel = (_small_fma if block_t <= SMALL_FMA_MAX_T else _small_dot) if config is None \
-        else _nf4_matmul_small_kernel
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    fma = block_t <= SMALL_FMA_MAX_T
+    kernel = (_small_fma if fma else _small_dot) if config is None else _nf4_matmul_small_kernel
+    configs = [config] if config is not None else (FMA_CONFIGS if fma else DOT_CONFIGS)
+    # the split-K partials, (splits, BLOCK_T, N) float32: every element a program reads back was written by its
+    # split in the same launch, so no zero-fill; sized for the largest split any candidate config may take
+    max_splits = max(_splits(K, c["BLOCK_KB"], c.get("SPLIT_K", 1)) for c in configs)
+    ws = torch.empty((max_splits, block_t, N) if max_splits > 1 else (1,), dtype=torch.float32, device=x.device)
+    tickets = _tickets(x.device, max(triton.cdiv(N, c["BLOCK_N"]) for c in configs))
+
+    def grid(meta):
+        return triton.cdiv(N, meta["BLOCK_N"]), _splits(K, meta["BLOCK_KB"], meta["SPLIT_K"])
     kernel[grid](
-        x, packed.codes, packed.absmax, packed.code, nabs, ncode, off, bias if bias is not None else x, y,
+        x, packed.codes, packed.absmax, packed.code, nabs, ncode, off, bias if bias is not None else x, y, ws, tickets,
         T, N, x.stride(0), y.stride(0),
         K=K, BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested, HAS_BIAS=bias is not None,
-        BLOCK_T=block_t, IEEE=x.dtype == torch.float32, **({"num_stages": 1, **config} if config else {}))
+        BLOCK_T=block_t, IEEE=x.dtype == torch.float32, **({"num_stages": 1, "SPLIT_K": 1, **config} if config else {}))
     return y
+
+
+def _splits(k: int, block_kb: int, split_k: int) -> int:
+    """The number of split-K programs per row block the kernel runs (its SPLITS): the K steps of block_kb bytes
+    cut into split_k runs of equal length, the last possibly shorter, none empty."""
+    n_steps = triton.cdiv(k // 8, block_kb // 4)
+    per_split = triton.cdiv(n_steps, max(1, min(split_k, n_steps)))
+    return triton.cdiv(n_steps, per_split)
+
+
+_TICKETS: dict = {}
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    """int32 zeros, one per row block, for the split-K kernels' tickets: the last program of a row block resets
+    its ticket, so one buffer serves every launch on a stream (keyed by stream: launches on two streams may
+    overlap). Grown, never shrunk."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _TICKETS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
