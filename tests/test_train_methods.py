@@ -131,3 +131,30 @@ def test_classification_mol_beats_chance_and_writes_heatmap(tiny, tmp_path):
     assert ev["examples"] == 16
     assert abs(ev["test/acc"] - res["run"]["test/acc"]) < 1e-6
     assert abs(ev["test/loss"] - res["run"]["test/loss"]) < 1e-4
+
+
+@pytest.mark.parametrize("override,expect", [(None, False), ("trainer.autograd_multithreading=true", True)])
+def test_backward_runs_with_the_configured_autograd_threading(override, expect, tiny, tmp_path, monkeypatch):
+    """trainer.autograd_multithreading (default false: backward on the training thread, RESULTS "Model level,
+    H200") is in force for every training step, and the caller's setting is restored after the fit."""
+    from mol.train.app import run
+    from mol.train.module import MoLModule
+
+    seen = []
+    step = MoLModule.training_step
+
+    def recording_step(self, *a, **k):
+        seen.append(torch._C._is_multithreading_enabled())
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(MoLModule, "training_step", recording_step)
+    out = tmp_path / "run"
+    cfg = compose(["method=lora", "model=hf_causal", f"model.path={tiny['llama']}", "data=jsonl",
+                   f"data.train={tiny['causal']['train']}", f"data.val={tiny['causal']['val']}",
+                   "data.batch_size=8", "data.max_length=32", f"data.cache_dir={tmp_path / 'cache'}",
+                   "trainer.max_epochs=1", f"output_dir={out}", *quiet_trainer_overrides(),
+                   *([override] if override else [])])
+    assert torch._C._is_multithreading_enabled()
+    run(cfg)
+    assert seen and all(s is expect for s in seen), seen
+    assert torch._C._is_multithreading_enabled()

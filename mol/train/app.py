@@ -177,7 +177,8 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str,
     from lightning.pytorch.loggers import CSVLogger
 
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kw.pop("ckpt_every_n_steps", None)
+    for key in ("ckpt_every_n_steps", "autograd_multithreading"):  # ours, not Lightning's
+        kw.pop(key, None)
     if isinstance(kw.get("strategy"), dict):
         kw["strategy"] = instantiate(kw["strategy"])
     if max_epochs is not None:
@@ -192,6 +193,7 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str,
 def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseline: bool) -> dict[str, Any]:
     """Train one model (a method, or the head-only baseline) and evaluate it on the test split."""
     import lightning.pytorch as pl
+    import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     import mol
@@ -223,7 +225,9 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
     run_dir = out / "baseline" if baseline else out
     trainer = build_trainer(cfg, run_dir, callbacks, "logs", max_epochs=cfg.baseline.get("max_epochs") if baseline else None)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # thread-local, restored on exit; Lightning runs the training loop (and so backward) on this thread
+    with torch.autograd.set_multithreading_enabled(bool(cfg.trainer.get("autograd_multithreading", False))):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_s = time.perf_counter() - t0
     result: dict[str, Any] = {"trainable_params": trainable, "total_params": total, "fit_seconds": round(fit_s, 1),
                               "steps": trainer.global_step}
