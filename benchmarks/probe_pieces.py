@@ -6,6 +6,7 @@ For T = 8192 / 2048, 4096->4096, E=8 top-2 r=16 and E=32 top-4 r=8, bf16, `do_be
 - the fused shrink + router scores (`route_shrink_impl`, router at tf32x3) next to cuBLAS's `x @ A_cat^T` alone
   (the same bytes, no router), and the router logits' worst error against float64;
 - du = dy @ B_cat^T (float32 out) from the Triton kernel and from cuBLAS (`torch.mm(..., out_dtype=float32)`);
+- the gate kernels at the layer's row block and at other row blocks / warp counts;
 - the weight-gradient GEMMs dA|dWr = dhl^T x and dB = dy^T u as the layer runs them, and dA with the operands swapped;
 - the whole MoLLinear fwd+bwd under CUDA-graph replay with each du, against the bare base.
 Bytes are what each must move (inputs read once, outputs written once); the copy bandwidth is measured here.
@@ -85,6 +86,8 @@ def main():
         row("dB", "mm(dy^T, u) (as the layer)", us(lambda: torch.mm(dy.t(), u)),
             (T * n * 2 + T * R * 2 + R * n * 2) / 1e9)
 
+        gate_rows(row, case, hl, R, E, K, r, T, dy.dtype)
+
         xg = x.clone().requires_grad_()
         base_t = graph_time(lambda: torch.autograd.grad(F.linear(xg, W), [xg], dy), n=10)
         m = mol_layer(W, A, B, E, K, r, "triton")
@@ -103,6 +106,38 @@ def main():
         gl.DU_CUBLAS = True
         del x, W, A, B, dy, dhl, u, m, xg
         torch.cuda.empty_cache()
+
+
+def gate_rows(row, case, hl, R, E, K, r, T, dt):
+    """The gate kernels (routing + u, and their backward) at the layer's tile (BT from _row_block, 4 warps) and
+    at other row-block sizes and warp counts, launched as gate_fwd_impl / gate_bwd_impl launch them."""
+    ep = rl._ep(E)
+    bt0, br = rl._row_block(R, ep)
+    stats = torch.zeros(2 * E + 2, device=DEV)
+    gates, ids, u, aux = rl.gate_fwd_impl(hl, stats, None, R, r, 0, K, 2.0, dt, 0.01, 0.001)
+    du = torch.randn(T, R, device=DEV)
+    daux = torch.ones((), device=DEV)
+    dhl = torch.empty(T, R + E, device=DEV, dtype=dt)
+    c_lb, c_z = rl._aux_coefs(0.01, 0.001, E, T, K)
+    gb_f = (T * (R + E) * 4 + T * R * 2 + T * K * 12) / 1e9
+    gb_b = (T * R * 4 + T * (R + E) * 4 + T * K * 12 + T * (R + E) * 2) / 1e9
+    for bt, w in [(bt0, 4), (16, 2), (32, 4), (64, 4), (64, 8), (128, 8)]:
+        tag = f"BT={bt} warps={w}" + (" (the layer's)" if (bt, w) == (bt0, 4) else "")
+
+        def fwd(bt=bt, w=w):
+            rl._gate_fwd_kernel[(gl._cdiv(T, bt),)](hl, hl, gates, ids, u, stats, aux, 2.0, c_lb, c_z, T, R, E,
+                                                    RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=br, HAS_NOISE=False,
+                                                    num_warps=w)
+
+        def bwd(bt=bt, w=w):
+            rl._gate_bwd_kernel[(gl._cdiv(T, bt),)](du, hl, hl, gates, ids, stats, daux, dhl, 2.0, c_lb, 2.0 * c_z,
+                                                    T, R, E, RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=br,
+                                                    HAS_NOISE=False, HAS_AUX=True, num_warps=w)
+        try:
+            row("gate fwd", tag, us(fwd), gb_f)
+            row("gate bwd", tag, us(bwd), gb_b)
+        except Exception as e:  # noqa: BLE001  (a tile that does not fit is a finding, not a crash)
+            print(f"| {case} | gate | {tag} | failed: {type(e).__name__}: {str(e)[:120]} | | | |")
 
 
 if __name__ == "__main__":
