@@ -2,12 +2,12 @@
 
 - `nf4_dequantize`: packed NF4 -> dense (bf16/fp16/fp32) weight, one pass (reads 4.13 bits, writes 16 per value).
 - `nf4_matmul_small`: y = x @ W^T (+ bias) for T <= 16 rows of x, reading the 4-bit codes directly
-  (decode / GEMV): one launch, each program streams the codes of BLOCK_N whole rows with 128-bit loads and a
-  one-step software prefetch, looks the levels up in a 16-entry table and accumulates in float32 (FMA for
-  T <= 2, tl.dot for larger T); see the comment above the kernel. On an H100 under CUDA-graph replay (RESULTS
-  run 6): T=1 4096x4096 6.8 us (0.65x the bf16 GEMV; dequantize + cuBLAS 27.4 us), 4096->14336 21.1 us (0.50x);
-  T=16 19.1 / 46.9 us (2.0x / 1.1x). NF4Linear uses it by default for T <= 16 on CUDA (MOL_NF4_FUSED_DECODE=0 or
-  `fused_decode = False` turns it off).
+  (decode / GEMV): one launch, each program streams the codes of BLOCK_N whole rows (or, split-K, a run of their K
+  steps) with 128-bit loads and a one-step software prefetch, looks the levels up in a 16-entry table and
+  accumulates in float32 (FMA for T <= 2, tl.dot for larger T); see the comment above the kernel. On an H200
+  under CUDA-graph replay (RESULTS run 11): T=1 4096x4096 7.0 us (0.67x the bf16 GEMV; dequantize + cuBLAS
+  23.7 us), 4096->14336 20.9 us (0.68x); T=16 13.6 / 35.7 us (1.41x / 1.16x). NF4Linear uses it by default for
+  T <= 16 on CUDA (MOL_NF4_FUSED_DECODE=0 or `fused_decode = False` turns it off).
 For other T the layer dequantizes into a scratch weight and calls cuBLAS (see mol/quant/linear.py): at T=8192
 the dequant pass is ~20 us (4096x4096) against ~400 us for the GEMM.
 
@@ -109,8 +109,12 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 
 # ---------------------------------------------------------------- small T (decode): y = x @ W^T (+ bias)
 #
-# One launch, grid = cdiv(N, BLOCK_N): each program owns BLOCK_N output rows and the whole K, streams their codes
-# once and writes y in x's dtype (bias added): no zero-init, no split-K atomics, no cast pass.
+# One launch, grid = (cdiv(N, BLOCK_N), splits): with SPLIT_K = 1 each program owns BLOCK_N output rows and the
+# whole K, streams their codes once and writes y in x's dtype (bias added): no zero-init, no atomics, no cast
+# pass. With SPLIT_K > 1 (what fills the GPU on the dot path, where BLOCK_N >= 64 leaves N / 64 programs) each
+# program takes a run of K steps and stores a float32 partial; the last of a row block's programs to take its
+# ticket adds the partials in split order (so results do not depend on timing) and writes y. It also resets the
+# ticket, so the zeroed ticket buffer (one per stream, _tickets) is never refilled: still one launch.
 #
 # The codes are read as int32 words (8 nibbles each), a (BLOCK_N, BLOCK_KB // 4) tile per step: 16 contiguous bytes
 # per thread per row, one 128-bit load. K is a constexpr, so the step count is too. The K loop is a runtime loop
