@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mol.kernels.grouped_lora import bench_graphed
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_SMALL_T = 16
 
@@ -155,22 +157,6 @@ FMA_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=2, num_warps=w, SPLIT_K=sk)
 DOT_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=2, num_warps=w, SPLIT_K=sk, num_stages=st)
                for bn, kb, w, sk, st in [(64, 64, 4, 4, 1), (64, 64, 4, 8, 1), (128, 64, 4, 8, 1), (64, 64, 4, 1, 3),
                                          (64, 128, 4, 4, 1), (32, 128, 4, 1, 1)]]
-
-
-def _bench_graphed(fn, quantiles):
-    """The autotuner's timer: CUDA-graph replay (as decode runs), where a launch-bound eager timing of these
-    ~7-50 us kernels would rank configs by noise (the eager autotuner picked a config 9% / 50% slower than the
-    sweep's best at T = 1 / 16). Eager do_bench when a graph cannot be captured."""
-    from triton.testing import do_bench, do_bench_cudagraph
-
-    if torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing():
-        # it times on a stream of its own: let this stream's launches (sharing its ticket buffer) finish first
-        torch.cuda.synchronize()
-        try:
-            return do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
-        except RuntimeError:
-            pass
-    return do_bench(fn, quantiles=quantiles)
 
 
 def _autotune_configs(configs):
@@ -400,9 +386,9 @@ def _small_store(acc, bias_ptr, y_ptr, offs_t, offs_n, n_mask, out_mask, stride_
 
 _AUTOTUNE_KEY = ["N", "K", "BLOCK_T", "NESTED", "HAS_BIAS"]
 _small_fma = triton.autotune(configs=_autotune_configs(FMA_CONFIGS), key=_AUTOTUNE_KEY,
-                             do_bench=_bench_graphed)(_nf4_matmul_small_kernel)
+                             do_bench=bench_graphed)(_nf4_matmul_small_kernel)
 _small_dot = triton.autotune(configs=_autotune_configs(DOT_CONFIGS), key=_AUTOTUNE_KEY,
-                             do_bench=_bench_graphed)(_nf4_matmul_small_kernel)
+                             do_bench=bench_graphed)(_nf4_matmul_small_kernel)
 
 
 def small_matmul_supported(packed, T: int) -> bool:
