@@ -32,9 +32,10 @@ def fnk(k):
 
 
 sig = {"x_ptr": "*bf16", "xl_ptr": "*bf16", "a_ptr": "*bf16", "wr_ptr": "*fp32", "hl_ptr": "*fp32", "stats_ptr": "*fp32", "T": "i32", "N_IN": "i32", "R": "i32", "E": "i32", "T_BUCKET": "i32",
-       "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "BK": "constexpr", "SPLIT": "constexpr", "F32_DOT": "constexpr", "IEEE": "constexpr"}
-for split in (1, 2):
-    comp(fnk(rl._route_shrink_kernel), sig, {"EP": 16, "BT": 64, "BR": 128, "BK": 64, "SPLIT": split, "F32_DOT": False, "IEEE": False})
+       "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "BK": "constexpr", "SPLIT": "constexpr", "F32_DOT": "constexpr", "IEEE": "constexpr", "ROUTER_X2": "constexpr"}
+for split, x2 in ((1, False), (2, False), (1, True)):
+    comp(fnk(rl._route_shrink_kernel), sig, {"EP": 16, "BT": 64, "BR": 128, "BK": 64, "SPLIT": split, "F32_DOT": False, "IEEE": False,
+                                             "ROUTER_X2": x2})
 sig = {"hl_ptr": "*fp32", "noise_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "u_ptr": "*bf16", "stats_ptr": "*fp32", "aux_ptr": "*fp32",
        "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "R": "i32", "E": "i32",
        "RANK": "constexpr", "K": "constexpr", "KIND": "constexpr", "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "HAS_NOISE": "constexpr"}
@@ -58,7 +59,7 @@ for fma, has_w, kind, K, noise, bias, dt, bn, bk in ((True, True, 0, 2, False, T
            "stride_be": "i32", "stride_bn": "i32"}
     const = {"N_PART": 8, "RANK": 16, "K": K, "KIND": kind, "EP": 16, "BRS": 32, "BKS": 128, "BR": 128, "BN": bn, "BK": bk, "FMA": fma,
              "HAS_W": has_w, "HAS_BIAS": bias, "HAS_NOISE": noise, "F32_DOT": False, "IEEE": dt == "fp32",
-             "PROF": fma and has_w}
+             "PROF": fma and has_w, "ROUTER_X2": kind == 0}
     sig.update({k: "constexpr" for k in const})
     comp(rl._small_t_kernel, sig, const)
 

@@ -73,9 +73,13 @@ def main():
     ap.add_argument("--small-t", action="store_true",
                     help="only T = 1, 7, 16 (the one-launch small-T forward), each also with the W-as-A dot tile")
     ap.add_argument("--quick", action="store_true", help="bf16 only, T = 7 and 4097 (both forward paths)")
+    ap.add_argument("--router", choices=["tf32x3", "tf32x2"], default=None,
+                    help="the router block's precision (mol.kernels.routed_lora.ROUTER_PRECISION; default: its default)")
     args = ap.parse_args()
+    if args.router:
+        rl.ROUTER_PRECISION = args.router
     gen = torch.Generator(device="cuda").manual_seed(0)
-    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, router {rl.ROUTER_PRECISION}", flush=True)
     t_start = time.time()
     tile_variants = [None]
     if args.small_t:  # the autotune-off config (x as the dot's A operand) and the BN=64 one (W tile as A)

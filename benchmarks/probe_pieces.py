@@ -3,12 +3,12 @@
     python benchmarks/probe_pieces.py [--quick]
 
 For T = 8192 / 2048, 4096->4096, E=8 top-2 r=16 and E=32 top-4 r=8, bf16, `do_bench` medians:
-- the fused shrink + router scores (`route_shrink_impl`, router at tf32x3) next to cuBLAS's `x @ A_cat^T` alone
+- the fused shrink + router scores (`route_shrink_impl`, router at tf32x3 and at tf32x2, ROUTER_PRECISION) next to cuBLAS's `x @ A_cat^T` alone
   (the same bytes, no router), and the router logits' worst error against float64;
 - du = dy @ B_cat^T (float32 out) from the Triton kernel and from cuBLAS (`torch.mm(..., out_dtype=float32)`);
 - the gate kernels at the layer's row block and at other row blocks / warp counts;
 - the weight-gradient GEMMs dA|dWr = dhl^T x and dB = dy^T u as the layer runs them, and dA with the operands swapped;
-- the whole MoLLinear fwd+bwd under CUDA-graph replay with each du, against the bare base.
+- the whole MoLLinear fwd+bwd under CUDA-graph replay with each du and router precision, against the bare base.
 Bytes are what each must move (inputs read once, outputs written once); the copy bandwidth is measured here.
 """
 import argparse
@@ -62,10 +62,12 @@ def main():
                   flush=True)
 
         gb_shrink = (T * n * 2 + R * n * 2 + E * n * 4 + T * (R + E) * 4) / 1e9
-        hl, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
-        err = ((hl[:, R:].double() - ref).abs().max() / ref.abs().max()).item()
-        t = us(lambda: rl.route_shrink_impl(x, None, a_cat, Wr))
-        row("shrink + router", "fused, router tf32x3", t, gb_shrink, f"router logits max err {err:.1e}")
+        for prec in ("tf32x2", "tf32x3"):  # the landed default last: hl below is its
+            rl.ROUTER_PRECISION = prec
+            hl, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
+            err = ((hl[:, R:].double() - ref).abs().max() / ref.abs().max()).item()
+            t = us(lambda: rl.route_shrink_impl(x, None, a_cat, Wr))
+            row("shrink + router", f"fused, router {prec}", t, gb_shrink, f"router logits max err {err:.1e}")
         row("shrink only", "cuBLAS x @ A_cat^T (bf16 out)", us(lambda: torch.mm(x, a_cat.t())),
             (T * n * 2 + R * n * 2 + T * R * 2) / 1e9)
 
@@ -98,12 +100,14 @@ def main():
             y = m(xg)
             torch.autograd.grad([y, m.aux_loss()], [xg] + mp, [dy, one])
             m.clear_routing()
-        for du_cublas in (False, True):
+        for du_cublas, prec in ((False, "tf32x3"), (True, "tf32x3"), (True, "tf32x2")):
             gl.DU_CUBLAS = du_cublas
+            rl.ROUTER_PRECISION = prec
             t = graph_time(whole, n=10)
-            print(f"| {case} | whole MoLLinear fwd+bwd, CUDA graph | du {'cuBLAS' if du_cublas else 'Triton'} "
-                  f"| {t * 1e3:.1f} | | | {t / base_t:.3f}× the base ({base_t * 1e3:.1f} µs) |", flush=True)
+            print(f"| {case} | whole MoLLinear fwd+bwd, CUDA graph | du {'cuBLAS' if du_cublas else 'Triton'}, "
+                  f"router {prec} | {t * 1e3:.1f} | | | {t / base_t:.3f}× the base ({base_t * 1e3:.1f} µs) |", flush=True)
         gl.DU_CUBLAS = True
+        rl.ROUTER_PRECISION = "tf32x3"
         del x, W, A, B, dy, dhl, u, m, xg
         torch.cuda.empty_cache()
 

@@ -201,7 +201,7 @@ def test_kernels_compile_for_sm90():
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compile_sm90.py")
     res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("compiled for sm_90") == 14  # 9 large-T + 5 small-T variants
+    assert res.stdout.count("compiled for sm_90") == 15  # 10 large-T (one with the tf32x2 router) + 5 small-T
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

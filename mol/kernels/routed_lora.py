@@ -73,10 +73,11 @@ def _shrink_configs():
 @triton.jit
 def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, N_IN, R, E,
                  EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                 F32_DOT: tl.constexpr, IEEE: tl.constexpr, STORE: tl.constexpr):
+                 F32_DOT: tl.constexpr, IEEE: tl.constexpr, STORE: tl.constexpr, ROUTER_X2: tl.constexpr):
     """One (BT rows, BR columns, 1/SPLIT of the input features) tile of [x_lora @ A_cat^T | x @ Wr^T] into out
     (row stride R+E): stored if STORE, else atomically added. Column tile pid_r < cdiv(R, BR) is an expert
-    tile; the next one is the router's (float32 Wr, scored at ~float32 accuracy)."""
+    tile; the next one is the router's (float32 Wr, scored at ~float32 accuracy: tf32x3, or with ROUTER_X2 two
+    tf32 products, see ROUTER_PRECISION)."""
     n_rt = tl.cdiv(R, BR)
     ld = R + E
     offs_t = pid_t * BT + tl.arange(0, BT)
@@ -121,7 +122,15 @@ def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, 
                 # and dropped, RESULTS runs 7b and 9: bf16 x against Wr as three bf16 parts, the small parts in an
                 # accumulator of their own, is 14 us faster alone at T=8192 but no faster in the whole layer,
                 # slower at decode T=16, and 4.1e-6 worst relative logit error against tf32x3's 3.1e-7.)
-                acc_r = tl.dot(xr, wt, acc_r, input_precision="tf32x3")
+                if ROUTER_X2:
+                    # x (bf16/fp16) is exact in tf32: only Wr is split, hi (its leading 10 mantissa bits) + lo.
+                    # Each step's two products start from zero and join the sum by an IEEE add, as tf32x3's do:
+                    # carried through the MMA over all of K they measured 2.0e-5 worst logit error (run 11).
+                    w_hi = (wt.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                    part = tl.dot(xr, wt - w_hi, tl.zeros((BT, EP), dtype=tl.float32), input_precision="tf32")
+                    acc_r += tl.dot(xr, w_hi, part, input_precision="tf32")
+                else:
+                    acc_r = tl.dot(xr, wt, acc_r, input_precision="tf32x3")
         ptrs_r = out_ptr + offs_t.to(tl.int64)[:, None] * ld + R + offs_e[None, :]
         m2r = mask_t[:, None] & mask_e[None, :]
         if STORE:
@@ -135,7 +144,7 @@ def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, 
 @triton.jit
 def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_IN, R, E, T_BUCKET,
                          EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-                         SPLIT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr):
+                         SPLIT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr, ROUTER_X2: tl.constexpr):
     """hl[:, :R] (+)= x_lora @ A_cat^T; hl[:, R:R+E] (+)= x @ Wr^T (float32 Wr). Row stride of hl: R+E.
 
     Program column pid_r < cdiv(R, BR) does an expert tile; the last column does the router. With the
@@ -148,7 +157,7 @@ def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_I
         offs_z = tl.arange(0, 4 * EP)
         tl.store(stats_ptr + offs_z, tl.zeros((4 * EP,), dtype=tl.float32), mask=offs_z < 2 * E + 2)
     _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, pid_r, pid_t, pid_s, T, N_IN, R, E, EP, BT, BR, BK, SPLIT,
-                 F32_DOT, IEEE, SPLIT == 1)
+                 F32_DOT, IEEE, SPLIT == 1, ROUTER_X2)
 
 
 @triton.jit
@@ -403,7 +412,7 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, sync_ptr, noise_ptr, 
                     EP: tl.constexpr, BRS: tl.constexpr, BKS: tl.constexpr, BR: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr, FMA: tl.constexpr, HAS_W: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
-                    PROF: tl.constexpr):
+                    PROF: tl.constexpr, ROUTER_X2: tl.constexpr):
     """The routed layer's whole forward for T <= 16 tokens. Programs [0, n_shrink): shrink tiles (BRS columns,
     1/N_PART of the features each) added into acc (T, R+E) float32, then the last one routes (_route_small) and
     sets sync[1]. The others: y[:, BN rows] = x @ W[rows]^T (or base_out) + u @ B_cat[:, rows] (+ bias), the
@@ -420,7 +429,7 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, sync_ptr, noise_ptr, 
     if pid < n_shrink:
         pid_s = pid // n_cols
         _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, pid % n_cols, 0, pid_s, T, N_IN,
-                     R, E, EP, BT, BRS, BKS, N_PART, F32_DOT, IEEE, N_PART == 1)
+                     R, E, EP, BT, BRS, BKS, N_PART, F32_DOT, IEEE, N_PART == 1, ROUTER_X2)
         tl.debug_barrier()  # every thread's partial sums are added before the ticket releases them
         if PROF:
             _stamp(prof_ptr, pid, 1)
@@ -552,6 +561,19 @@ def _row_block(r_tot: int, ep: int) -> tuple[int, int]:
     return bt, br
 
 
+# How the router block scores bf16/fp16 x against the float32 router weight on the GPU: "tf32x3" (Triton's three
+# tf32 products, 3.1e-7 worst relative logit error against float64 on an H200) or "tf32x2" (Wr split in two tf32
+# parts, x exact in tf32: a product fewer and no split of x; its first form ran the shrink + router in 54.0 us
+# against 66.7 but lost accuracy, RESULTS run 11; this form, with per-step accumulators, is not yet measured).
+ROUTER_PRECISION = "tf32x3"
+
+
+def _router_x2() -> bool:
+    if ROUTER_PRECISION not in ("tf32x3", "tf32x2"):
+        raise ValueError(f"mol.kernels.routed_lora.ROUTER_PRECISION={ROUTER_PRECISION!r}; use 'tf32x3' or 'tf32x2'")
+    return ROUTER_PRECISION == "tf32x2"
+
+
 def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
                       router_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """hl (T, R+E) float32: the experts' shrink of x_lora (x when None) and the router's logits of x; and
@@ -569,7 +591,7 @@ def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch
         return (gl._cdiv(r_tot, m["BR"]) + 1, gl._cdiv(t, m["BT"]), m["SPLIT"])
     gl._launch(_route_shrink_kernel, key, grid,
                (x, x if x_lora is None else x_lora, a_cat, router_w, hl, stats, t, n_in, r_tot, e, bucket),
-               {"EP": _ep(e), **gl._flags(x.dtype)})
+               {"EP": _ep(e), "ROUTER_X2": _router_x2(), **gl._flags(x.dtype)})
     return hl, stats
 
 
@@ -671,7 +693,7 @@ def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
                {"N_PART": n_part, "RANK": rank, "K": top_k, "KIND": kind, "EP": _ep(e), "BRS": brs, "BKS": bks,
                 "BR": min(128, max(16, gl._pow2(r_tot))), "FMA": fma, "HAS_W": weight is not None,
                 "HAS_BIAS": bias is not None, "HAS_NOISE": noise is not None,
-                "PROF": TIMELINE is not None, **gl._flags(x.dtype)})
+                "PROF": TIMELINE is not None, "ROUTER_X2": _router_x2(), **gl._flags(x.dtype)})
     return y, hl, gates, ids, u, stats, aux
 
 
