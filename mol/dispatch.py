@@ -120,10 +120,7 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
             bias=None if base_out is not None or bias is None else _as(bias, dt),
             base_out=None if base_out is None else base_out.to(dt), x_lora=None if x_lora is None else _as(x_lora, dt),
             noise=noise, lb_coef=lb_coef, z_coef=z_coef)
-    logits = hl[:, lora_A.shape[0] * lora_A.shape[1]:]
-    if noise is not None:
-        logits = logits + noise
-    return y, FusedRouterOutput(gates, ids, logits, stats, aux)
+    return y, FusedRouterOutput(gates, ids, hl, lora_A.shape[0], stats, aux, noise)
 
 
 def routed_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A: Tensor, lora_B: Tensor,

@@ -59,9 +59,18 @@ class FusedRouterOutput(RouterOutput):
     and the coefficient-weighted auxiliary loss ``aux`` (differentiable; its gradient is computed in closed
     form by the backward kernel). ``probs`` is computed from the logits only if something asks for it."""
 
-    def __init__(self, gates: Tensor, expert_ids: Tensor, logits: Tensor, stats: Tensor, aux: Tensor):
-        self.gates, self.expert_ids, self.logits, self.chosen = gates, expert_ids, logits, expert_ids
+    def __init__(self, gates: Tensor, expert_ids: Tensor, hl: Tensor, num_experts: int, stats: Tensor, aux: Tensor,
+                 noise: Tensor | None = None):
+        # hl = [expert shrink | router logits] (T, R+E) as the kernels wrote it; the logits are cut out (and the
+        # noise added) only when asked for: a forward that never looks pays no slice or add
+        self.gates, self.expert_ids, self.chosen = gates, expert_ids, expert_ids
         self.stats, self.aux = stats, aux
+        self._hl, self._num_experts, self._noise = hl, num_experts, noise
+
+    @property
+    def logits(self) -> Tensor:  # type: ignore[override]
+        logits = self._hl[:, self._hl.shape[1] - self._num_experts:]
+        return logits if self._noise is None else logits + self._noise
 
     @property
     def probs(self) -> Tensor:  # type: ignore[override]
@@ -69,17 +78,17 @@ class FusedRouterOutput(RouterOutput):
 
     @property
     def counts(self) -> Tensor:
-        return self.stats[: self.logits.shape[-1]]
+        return self.stats[: self._num_experts]
 
     @property
     def load_balance_loss(self) -> Tensor:
-        rows, num_experts = self.logits.shape
+        rows, num_experts = self._hl.shape[0], self._num_experts
         counts, prob_sums = self.stats[:num_experts], self.stats[num_experts: 2 * num_experts]
         return num_experts * (counts / counts.sum() * prob_sums / max(rows, 1)).sum()
 
     @property
     def z_loss(self) -> Tensor:
-        return self.stats[2 * self.logits.shape[-1]] / max(self.logits.shape[0], 1)
+        return self.stats[2 * self._num_experts] / max(self._hl.shape[0], 1)
 
 
 class Router(nn.Module):

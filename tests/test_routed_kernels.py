@@ -117,6 +117,33 @@ def test_unused_outputs_and_no_grad():
     assert torch.equal(y2, y.detach())
 
 
+@pytest.mark.parametrize("T", [9, 40])  # the one-launch small-T forward and the large-T sequence
+def test_inference_forward_skips_autograd_and_matches_training_forward(T):
+    """With nothing needing a gradient (no_grad, inference_mode, or frozen inputs) routed_lora_linear runs the
+    kernels without an autograd node; every output equals the training forward's."""
+    n_in, n_out, E, r = 16, 12, 4, 2
+    x = torch.randn(T, n_in)
+    A = torch.randn(E, r, n_in, requires_grad=True)
+    B = torch.randn(E, n_out, r, requires_grad=True)
+    Wr = torch.randn(E, n_in, requires_grad=True)
+    W = torch.randn(n_out, n_in)
+
+    def run():
+        return rl.routed_lora_linear(x, A, B, Wr, "topk", 2, 0.5, weight=W, lb_coef=0.1, z_coef=0.01)
+    train = run()
+    assert train[0].grad_fn is not None and train[1].grad_fn is not None
+    frozen = [t.detach() for t in (A, B, Wr)]
+    for mode in ("no_grad", "inference_mode", "frozen"):
+        if mode == "frozen":  # grad mode on, but no input requires grad
+            out = rl.routed_lora_linear(x, *frozen, "topk", 2, 0.5, weight=W, lb_coef=0.1, z_coef=0.01)
+        else:
+            with getattr(torch, mode)():
+                out = run()
+        assert all(o.grad_fn is None and not o.requires_grad for o in out), mode
+        for name, a, b in zip(("y", "aux", "hl", "gates", "ids", "stats"), out, train):
+            assert torch.equal(a, b.detach()), (mode, name)
+
+
 def test_bad_inputs_raise_clear_errors():
     x = torch.randn(3, 8)
     A, B, Wr = torch.randn(4, 2, 8), torch.randn(4, 5, 2), torch.randn(4, 8)

@@ -776,6 +776,37 @@ _OPS = (_route_shrink_op, _gate_fwd_op, _gate_bwd_op, _lora_du_op, _small_t_fwd_
 
 # ----------------------------------------------------------------------------- autograd
 
+def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta):
+    """The routed layer's forward, (y, aux, hl, gates, ids, u, stats): what _RoutedLoRAFn.forward runs, and what
+    routed_lora_linear runs alone when nothing needs a gradient (no autograd node, nothing saved)."""
+    kind, top_k, scale, lb_coef, z_coef, eager = meta
+    shrink, gate_fwd, _, _, small_t = _EAGER if eager else _OPS
+    e, rank, n_in = lora_A.shape
+    r_tot = e * rank
+    a_cat = lora_A.reshape(r_tot, n_in)
+    if 0 < x.shape[0] <= SMALL_T_MAX:  # decode: one launch, the base GEMV included
+        w = weight if weight is not None or weight_fn is None else weight_fn(x.dtype)
+        y, hl, gates, ids, u, stats, aux = small_t(x, x_lora, a_cat, router_w, w, bias, base_out, lora_B, noise,
+                                                   rank, kind, top_k, scale, lb_coef, z_coef)
+        del w
+    else:
+        hl, stats = shrink(x, x_lora, a_cat, router_w)
+        gates, ids, u, aux = gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, x.dtype, lb_coef,
+                                      z_coef)
+        b_cat = gl._b_cat(lora_B)  # (R, out): a view of MoLLinear's expert-interleaved lora_B
+        if base_out is None:
+            # The small expert GEMM writes y first and the base GEMM accumulates into it (beta=1): its
+            # epilogue reads y while the GEMM is compute-bound, where adding the experts after the base
+            # would be a second full read+write pass over y.
+            w = weight if weight is not None else weight_fn(x.dtype)
+            y = torch.mm(u, b_cat) if bias is None else torch.addmm(bias, u, b_cat)
+            y.addmm_(x, w.t())
+            del w  # a dequantized scratch weight (NF4) is not kept for backward: weight_fn runs again there
+        else:
+            y = torch.addmm(base_out, u, b_cat)
+    return y, aux, hl, gates, ids, u, stats
+
+
 class _RoutedLoRAFn(torch.autograd.Function):
     """(x, x_lora, weight, bias, base_out, A, B, Wr, noise, meta) -> (y, aux, hl, gates, ids, stats).
 
@@ -784,31 +815,8 @@ class _RoutedLoRAFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta):
-        kind, top_k, scale, lb_coef, z_coef, eager = meta
-        shrink, gate_fwd, _, _, small_t = _EAGER if eager else _OPS
-        e, rank, n_in = lora_A.shape
-        r_tot = e * rank
-        a_cat = lora_A.reshape(r_tot, n_in)
-        if 0 < x.shape[0] <= SMALL_T_MAX:  # decode: one launch, the base GEMV included
-            w = weight if weight is not None or weight_fn is None else weight_fn(x.dtype)
-            y, hl, gates, ids, u, stats, aux = small_t(x, x_lora, a_cat, router_w, w, bias, base_out, lora_B, noise,
-                                                       rank, kind, top_k, scale, lb_coef, z_coef)
-            del w
-        else:
-            hl, stats = shrink(x, x_lora, a_cat, router_w)
-            gates, ids, u, aux = gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, x.dtype, lb_coef,
-                                          z_coef)
-            b_cat = gl._b_cat(lora_B)  # (R, out): a view of MoLLinear's expert-interleaved lora_B
-            if base_out is None:
-                # The small expert GEMM writes y first and the base GEMM accumulates into it (beta=1): its
-                # epilogue reads y while the GEMM is compute-bound, where adding the experts after the base
-                # would be a second full read+write pass over y.
-                w = weight if weight is not None else weight_fn(x.dtype)
-                y = torch.mm(u, b_cat) if bias is None else torch.addmm(bias, u, b_cat)
-                y.addmm_(x, w.t())
-                del w  # a dequantized scratch weight (NF4) is not kept for backward: weight_fn runs again there
-            else:
-                y = torch.addmm(base_out, u, b_cat)
+        y, aux, hl, gates, ids, u, stats = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A,
+                                                           lora_B, router_w, noise, meta)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats)
         ctx.weight_fn = weight_fn
         ctx.meta = meta
@@ -935,4 +943,11 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     _check(x, x_lora, lora_A, lora_B, weight, base_out, bias, n_out)
     eager = _fast(x, x_lora, weight, base_out, lora_A, lora_B, router_w)
     meta = (KINDS[kind], int(top_k), float(scale), float(lb_coef), float(z_coef), eager)
+    if eager and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w))):
+        # inference (decode, evaluation): the same kernels without an autograd node, which costs host time
+        # every call and would keep nothing useful
+        y, aux, hl, gates, ids, _, stats = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A,
+                                                           lora_B, router_w, noise, meta)
+        return y, aux, hl, gates, ids, stats
     return _RoutedLoRAFn.apply(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta)
