@@ -129,6 +129,14 @@ def test_nf4linear_forward_backward_vs_float64(bias):
     y.backward(gy)
     gref = gy.double() @ w64
     assert ((x.grad.double() - gref).norm() / gref.norm()) < 1e-5
+    # inference (no autograd node built) computes the same output; a trainable bias still gets its gradient
+    with torch.no_grad():
+        y0 = q(x)
+    assert y0.grad_fn is None and torch.equal(y0, y.detach())
+    if bias:
+        q.bias.requires_grad_(True)
+        q(x.detach()).sum().backward()
+        torch.testing.assert_close(q.bias.grad, torch.full((96,), 15.0))
 
 
 def test_nf4linear_keeps_no_dense_weight_for_backward():

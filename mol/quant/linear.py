@@ -23,6 +23,23 @@ def _use_small_kernel(x2d: torch.Tensor, packed: NF4Weight, fused_decode: bool, 
     return small_matmul_supported(packed, x2d.shape[0])
 
 
+def _nf4_linear_forward(x2d: torch.Tensor, packed: NF4Weight, bias: torch.Tensor | None, backend: str,
+                        fused_decode: bool) -> torch.Tensor:
+    """y = x W^T + b: _NF4LinearFn's forward, and NF4Linear's whole forward when nothing needs a gradient."""
+    dev = x2d.device.type
+    if torch.is_autocast_enabled(dev):
+        # compute in the autocast dtype: dequantizing to float32 only for F.linear to cast it down would
+        # double the scratch weight
+        x2d = x2d.to(torch.get_autocast_dtype(dev))
+    if bias is not None and bias.dtype != x2d.dtype:
+        bias = bias.to(x2d.dtype)
+    if _use_small_kernel(x2d, packed, fused_decode, backend):
+        from mol.kernels.nf4 import nf4_matmul_small
+        return nf4_matmul_small(x2d, packed, bias)
+    w = dequantize_nf4(packed, x2d.dtype, backend=backend)  # scratch, freed on return
+    return F.linear(x2d, w, bias)
+
+
 class _NF4LinearFn(torch.autograd.Function):
     """y = x W^T + b with W stored in NF4. Saves no dense weight: backward dequantizes W again."""
 
@@ -31,18 +48,7 @@ class _NF4LinearFn(torch.autograd.Function):
                 fused_decode: bool = False):
         ctx.packed, ctx.backend, ctx.x_dtype = packed, backend, x2d.dtype
         ctx.has_bias = bias is not None
-        dev = x2d.device.type
-        if torch.is_autocast_enabled(dev):
-            # compute in the autocast dtype: dequantizing to float32 only for F.linear to cast it down would
-            # double the scratch weight
-            x2d = x2d.to(torch.get_autocast_dtype(dev))
-        if bias is not None and bias.dtype != x2d.dtype:
-            bias = bias.to(x2d.dtype)
-        if _use_small_kernel(x2d, packed, fused_decode, backend):
-            from mol.kernels.nf4 import nf4_matmul_small
-            return nf4_matmul_small(x2d, packed, bias)
-        w = dequantize_nf4(packed, x2d.dtype, backend=backend)  # scratch, freed on return
-        return F.linear(x2d, w, bias)
+        return _nf4_linear_forward(x2d, packed, bias, backend, fused_decode)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -130,8 +136,11 @@ class NF4Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"NF4Linear expects inputs with last dim {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        y = _NF4LinearFn.apply(x.reshape(-1, self.in_features), self.packed, self.bias, self.backend,
-                               self.fused_decode)
+        bias = self.bias
+        fn = _NF4LinearFn.apply
+        if not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+            fn = _nf4_linear_forward  # inference (decode): no autograd node to build and keep
+        y = fn(x.reshape(-1, self.in_features), self.packed, bias, self.backend, self.fused_decode)
         return y.reshape(*lead, self.out_features)
 
     # ---- bitsandbytes / Hugging Face interop
