@@ -138,7 +138,8 @@ class MoLLinear(AdapterLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
-        x_lora = self.dropout(x)
+        # an nn.Identity call is a module call of host time per layer and step: skip it (same result)
+        x_lora = x if type(self.dropout) is nn.Identity else self.dropout(x)
         if self.router is None:
             # Same ops in the same order as PEFT's LoRA, so the one-expert case matches it to the last bit.
             out = self.base_layer(x)
