@@ -841,7 +841,6 @@ class _RoutedLoRAFn(torch.autograd.Function):
             dy = dy.contiguous()
         du = lora_du(dy, lora_B)
         dhl = gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dt)
-        dh, dlogits = dhl[:, :r_tot], dhl[:, r_tot:]
         a_cat = lora_A.reshape(r_tot, n_in)
         dx = dx_lora = d_base = dA = dB = dWr = None
         # the dense base weight, if this function owns the base GEMM (re-dequantized for an NF4 base)
@@ -855,6 +854,7 @@ class _RoutedLoRAFn(torch.autograd.Function):
                 d_ext = torch.mm(dhl.t(), x)
                 dA, dWr = d_ext[:r_tot].view(e, rank, n_in), d_ext[r_tot:]
         else:
+            dh, dlogits = dhl[:, :r_tot], dhl[:, r_tot:]
             if need[0]:
                 dx = torch.mm(dlogits, router_w.to(dt))
             if need[1]:
