@@ -7,7 +7,9 @@ accumulation is timed), median of CUDA-event timings (triton.testing.do_bench). 
 (gates, expert_ids) is drawn once outside the timed region; gates require grad, so dgates is
 computed. Prints one table with every row and its ratio to the bare base measured in the same
 run, then the shrink/expand kernels alone as a fraction of the measured copy bandwidth, then
-decode (T=1, 16) forward-only under CUDA-graph replay, then the host (CPU) time per call at T=16.
+decode (T=1, 16) forward-only under CUDA-graph replay, then the host (CPU) time per call at T=16. The bare
+base, the whole MoLLinear and PEFT are also timed eager with autograd's worker thread off (the backward on the
+calling thread, as mol.train runs it) and under CUDA-graph replay.
 After timing each case the autotuned kernels' output and gradients are checked against a float32
 PyTorch reference (the tuned tiles may differ from the fixed one gpu_check_kernels.py uses).
 --quick: T=8192 and T=512 (4096→4096 E=8 top-2 r=16) plus the decode and host tables.
@@ -302,11 +304,20 @@ def main():
         times = {}
         for rn, fn in rows.items():
             times[rn] = bench(fn, rep=100 if "naive" in rn else 200)
+        # eager again with the backward on this thread (what mol.train does): the host-bound rows' other half
+        with torch.autograd.set_multithreading_enabled(False):
+            for rn in ("bare frozen base", "MoLLinear, whole layer with router + aux loss (fused router+experts)",
+                       "PEFT LoRA r=16 (one expert)"):
+                if rn in rows:
+                    times[rn + ", autograd threads off"] = bench(rows[rn], rep=200)
         tb = times["bare frozen base"]
         case = f"T={T} {n_in}→{n_out} E={E} top-{K} r={r}"
         for rn, t in times.items():
             tgt = f"≤ {target}×" if rn.startswith("MoL triton fused") or "fused router" in rn else ""
-            lines.append(f"| {case} | {rn} | {t:.3f} | {t / tb:.2f}× | {tgt} |")
+            off = rn.endswith("autograd threads off")  # against the base timed the same way
+            ratio = f"{t / times['bare frozen base, autograd threads off']:.2f}× (base, threads off)" if off \
+                else f"{t / tb:.2f}×"
+            lines.append(f"| {case} | {rn} | {t:.3f} | {ratio} | {tgt} |")
             print(lines[-1], flush=True)
         if True:  # the same fwd+bwd captured once and replayed: the GPU-side cost, without eager host overhead
             for rn in ("bare frozen base", "MoLLinear, whole layer with router + aux loss (fused router+experts)",
