@@ -18,6 +18,7 @@ Kernels:
   _bwd_epilogue_kernel dh = scale*g*du; u = scale*g*h; dgates = scale*<du,h> per chosen expert
 """
 import os
+from typing import Callable
 
 import torch
 import triton
@@ -266,7 +267,7 @@ def _flags(dtype: torch.dtype) -> dict:
     return {"F32_DOT": _INTERPRET, "IEEE": dtype == torch.float32}
 
 
-def bench_graphed(fn, quantiles):
+def bench_graphed(fn: Callable[[], object], quantiles: tuple[float, ...] | None = None) -> list[float] | float:
     """An autotuner timer (`triton.autotune(do_bench=...)`) for kernels of a few to tens of microseconds, which
     run under CUDA-graph replay in decode: times them that way, where eager timing is launch overhead and ranks
     configs by noise (for the NF4 small-T kernel the eager-timed tuner picked configs 9% / 50% slower than the
