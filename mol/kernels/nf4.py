@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mol.kernels.grouped_lora import bench_graphed
+from mol.kernels import grouped_lora as gl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_SMALL_T = 16
@@ -386,9 +386,9 @@ def _small_store(acc, bias_ptr, y_ptr, offs_t, offs_n, n_mask, out_mask, stride_
 
 _AUTOTUNE_KEY = ["N", "K", "BLOCK_T", "NESTED", "HAS_BIAS"]
 _small_fma = triton.autotune(configs=_autotune_configs(FMA_CONFIGS), key=_AUTOTUNE_KEY,
-                             do_bench=bench_graphed)(_nf4_matmul_small_kernel)
+                             do_bench=gl.bench_graphed)(_nf4_matmul_small_kernel)
 _small_dot = triton.autotune(configs=_autotune_configs(DOT_CONFIGS), key=_AUTOTUNE_KEY,
-                             do_bench=bench_graphed)(_nf4_matmul_small_kernel)
+                             do_bench=gl.bench_graphed)(_nf4_matmul_small_kernel)
 
 
 def small_matmul_supported(packed, T: int) -> bool:
@@ -419,21 +419,29 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
     nabs, ncode, off = _tensors(packed)
     block_t = T if T <= SMALL_FMA_MAX_T else 16
     fma = block_t <= SMALL_FMA_MAX_T
-    kernel = (_small_fma if fma else _small_dot) if config is None else _nf4_matmul_small_kernel
-    configs = [config] if config is not None else (FMA_CONFIGS if fma else DOT_CONFIGS)
+    # the autotuner's own key: after the first call gl._launch launches the chosen config directly
+    key = ("nf4_small", fma, N, K, block_t, packed.nested, bias is not None)
+    if config is not None:
+        configs = [{"SPLIT_K": 1, **config}]
+    else:
+        chosen = gl._CHOSEN.get(key)
+        configs = [chosen[0]] if chosen is not None else (FMA_CONFIGS if fma else DOT_CONFIGS)
     # the split-K partials, (splits, BLOCK_T, N) float32: every element a program reads back was written by its
-    # split in the same launch, so no zero-fill; sized for the largest split any candidate config may take
+    # split in the same launch, so no zero-fill; sized for the largest split a config still in the running takes
     max_splits = max(_splits(K, c["BLOCK_KB"], c.get("SPLIT_K", 1)) for c in configs)
     ws = torch.empty((max_splits, block_t, N) if max_splits > 1 else (1,), dtype=torch.float32, device=x.device)
     tickets = _tickets(x.device, max(triton.cdiv(N, c["BLOCK_N"]) for c in configs))
 
     def grid(meta):
         return triton.cdiv(N, meta["BLOCK_N"]), _splits(K, meta["BLOCK_KB"], meta["SPLIT_K"])
-    kernel[grid](
-        x, packed.codes, packed.absmax, packed.code, nabs, ncode, off, bias if bias is not None else x, y, ws, tickets,
-        T, N, x.stride(0), y.stride(0),
-        K=K, BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested, HAS_BIAS=bias is not None,
-        BLOCK_T=block_t, IEEE=x.dtype == torch.float32, **({"num_stages": 1, "SPLIT_K": 1, **config} if config else {}))
+    args = (x, packed.codes, packed.absmax, packed.code, nabs, ncode, off, bias if bias is not None else x, y, ws,
+            tickets, T, N, x.stride(0), y.stride(0))
+    consts = dict(K=K, BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested,
+                  HAS_BIAS=bias is not None, BLOCK_T=block_t, IEEE=x.dtype == torch.float32)
+    if config is not None:
+        _nf4_matmul_small_kernel[grid](*args, **consts, **{"num_stages": 1, **configs[0]})
+    else:
+        gl._launch(_small_fma if fma else _small_dot, key, grid, args, consts)
     return y
 
 
