@@ -32,6 +32,9 @@ from mol.dispatch import lora_delta_torch  # noqa: E402
 DEV = "cuda"
 DT = torch.bfloat16
 ONE = None  # the aux loss's gradient seed, made once in main()
+# the rows also timed with autograd's worker thread off and under CUDA-graph replay
+KEY_ROWS = ("bare frozen base", "MoLLinear, whole layer with router + aux loss (fused router+experts)",
+            "PEFT LoRA r=16 (one expert)")
 
 
 def routing(T, E, K, gen):
@@ -306,8 +309,7 @@ def main():
             times[rn] = bench(fn, rep=100 if "naive" in rn else 200)
         # eager again with the backward on this thread (what mol.train does): the host-bound rows' other half
         with torch.autograd.set_multithreading_enabled(False):
-            for rn in ("bare frozen base", "MoLLinear, whole layer with router + aux loss (fused router+experts)",
-                       "PEFT LoRA r=16 (one expert)"):
+            for rn in KEY_ROWS:
                 if rn in rows:
                     times[rn + ", autograd threads off"] = bench(rows[rn], rep=200)
         tb = times["bare frozen base"]
@@ -320,8 +322,7 @@ def main():
             lines.append(f"| {case} | {rn} | {t:.3f} | {ratio} | {tgt} |")
             print(lines[-1], flush=True)
         if True:  # the same fwd+bwd captured once and replayed: the GPU-side cost, without eager host overhead
-            for rn in ("bare frozen base", "MoLLinear, whole layer with router + aux loss (fused router+experts)",
-                       "PEFT LoRA r=16 (one expert)"):
+            for rn in KEY_ROWS:
                 if rn in rows:
                     try:
                         times[rn + ", CUDA graph"] = graph_time(rows[rn], n=10)
