@@ -1,12 +1,13 @@
 """Sweep the NF4 small-T (decode) kernel's configs on a CUDA GPU, under CUDA-graph replay, against the bf16 GEMV.
 
-    python benchmarks/probe_nf4_decode.py [--top 8] [--quick]
+    python benchmarks/probe_nf4_decode.py [--top 8] [--quick] [--lut 2 3] [--only-t 1]
 
 For T = 1 (FMA path) and T = 16 (tl.dot path) and weights 4096x4096 and 14336x4096 (out x in): every config of a
 grid over BLOCK_N, BLOCK_KB, num_warps, SPLIT_K (and a few num_stages), each checked against float64 (x @ W^T with
 W dequantized by the PyTorch reference) before it is timed; then the best configs again on 4096x14336. Prints, per
 case, the bf16 base, the autotuned default and the `--top` fastest configs with their time, ratio to the bf16
-base and NF4 bytes / time. Compiles run in a thread pool first (the sweep is ~200 kernels).
+base and NF4 bytes / time. `--lut` sweeps the level lookups too (2: gather from the 16 levels; 3: one gather per
+code byte from a 256-entry table of level pairs). Compiles run in a thread pool first (the sweep is ~200 kernels).
 """
 import argparse
 import itertools
@@ -31,7 +32,7 @@ def nf4_bytes(p):
     return n + (p.nested_absmax.numel() * 4 if p.nested else 0)
 
 
-def grid_configs(T, quick):
+def grid_configs(T, quick, luts):
     out = []
     if T <= nf4k.SMALL_FMA_MAX_T:
         bns, kbs, ws, sks = ([4, 8, 16], [512, 1024], [4, 8], [1, 2, 4]) if quick else \
@@ -45,7 +46,7 @@ def grid_configs(T, quick):
             continue
         if nf4k._splits(4096, kb, sk) != sk:  # the same kernel as a smaller SPLIT_K at K = 4096
             continue
-        out.append(dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=2, num_warps=w, SPLIT_K=sk, num_stages=1))
+        out += [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=lut, num_warps=w, SPLIT_K=sk, num_stages=1) for lut in luts]
     # software pipelining by the compiler instead of (on top of) the hand-written one-step prefetch
     for c in list(out[:: max(1, len(out) // 12)]):
         out.append({**c, "num_stages": 3})
@@ -60,17 +61,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--lut", type=int, nargs="+", default=[2], choices=[0, 2, 3])
+    ap.add_argument("--only-t", type=int, nargs="+", default=[1, 16], help="token counts to sweep (default 1 16)")
     args = ap.parse_args()
     gen = torch.Generator(device=DEV).manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     best = {}
-    for (n_out, n_in), T in itertools.product([(4096, 4096), (14336, 4096), (4096, 14336)], [1, 16]):
+    for (n_out, n_in), T in itertools.product([(4096, 4096), (14336, 4096), (4096, 14336)],
+                                             args.only_t):
         W = torch.randn(n_out, n_in, device=DEV, dtype=DT, generator=gen) * 0.02
         p = quantize_nf4(W)
         x = torch.randn(T, n_in, device=DEV, dtype=DT, generator=gen)
         ref = x.double() @ dequantize_nf4_reference(p, torch.float64).T
         nbytes = nf4_bytes(p)
-        configs = grid_configs(T, args.quick) if n_in == 4096 else best[T]
+        configs = grid_configs(T, args.quick, args.lut) if n_in == 4096 else best[T]
         with ThreadPoolExecutor(16) as pool:  # compile everything first; a failing config is reported below
             list(pool.map(lambda c: _try(lambda: nf4k.nf4_matmul_small(x, p, config=c)), configs))
         torch.cuda.synchronize()
@@ -91,6 +95,7 @@ def main():
         rows.sort(key=lambda r: r[0])
         if n_in == 4096 and n_out == 4096:
             best[T] = [c for _, _, c in rows[: args.top]]
+            best[T] += [c for c in _best_per_lut(rows).values() if c not in best[T]]
         worst_err = max((e for _, e, _ in rows), default=float("nan"))
         print(f"\n## T={T} {n_in}->{n_out}: {nbytes / 1e6:.2f} MB NF4; bf16 base {t_base * 1e3:.2f} us; autotuned "
               f"default {t_auto * 1e3:.2f} us ({t_auto / t_base:.2f}x, {getattr(tuner, 'best_config', None)}); "
@@ -98,7 +103,19 @@ def main():
         print("| us | x bf16 | TB/s | rel err | config |\n| --- | --- | --- | --- | --- |")
         for t, err, c in rows[: args.top]:
             print(f"| {t * 1e3:.2f} | {t / t_base:.2f} | {nbytes / (t * 1e-3) / 1e12:.2f} | {err:.1e} | {c} |")
+        if len(args.lut) > 1:
+            for lut, c in _best_per_lut(rows).items():
+                t, err, _ = next(r for r in rows if r[2] is c)
+                print(f"best LUT={lut}: {t * 1e3:.2f} us ({t / t_base:.2f}x), rel err {err:.1e}, {c}")
         sys.stdout.flush()
+
+
+def _best_per_lut(rows):
+    """{LUT: the fastest config with that lookup} of rows sorted by time."""
+    out = {}
+    for _, _, c in rows:
+        out.setdefault(c["LUT"], c)
+    return out
 
 
 def _try(fn):
