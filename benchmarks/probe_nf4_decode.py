@@ -1,13 +1,14 @@
 """Sweep the NF4 small-T (decode) kernel's configs on a CUDA GPU, under CUDA-graph replay, against the bf16 GEMV.
 
-    python benchmarks/probe_nf4_decode.py [--top 8] [--quick] [--lut 2 3] [--only-t 1]
+    python benchmarks/probe_nf4_decode.py [--top 8] [--quick] [--lut 2 0] [--only-t 1]
 
 For T = 1 (FMA path) and T = 16 (tl.dot path) and weights 4096x4096 and 14336x4096 (out x in): every config of a
 grid over BLOCK_N, BLOCK_KB, num_warps, SPLIT_K (and a few num_stages), each checked against float64 (x @ W^T with
 W dequantized by the PyTorch reference) before it is timed; then the best configs again on 4096x14336. Prints, per
 case, the bf16 base, the autotuned default and the `--top` fastest configs with their time, ratio to the bf16
-base and NF4 bytes / time. `--lut` sweeps the level lookups too (2: gather from the 16 levels; 3: one gather per
-code byte from a 256-entry table of level pairs). Compiles run in a thread pool first (the sweep is ~200 kernels).
+base and NF4 bytes / time. `--lut` sweeps the level lookups too (2: gather from the 16 levels in registers; 0: load
+from the global table). A third, one gather per code byte from a 256-entry table of float32 level pairs, was
+1.6x slower than LUT=2 at T=1 (RESULTS NF4 run 7) and was removed. Compiles run in a thread pool first (the sweep is ~200 kernels).
 """
 import argparse
 import itertools
@@ -61,7 +62,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--lut", type=int, nargs="+", default=[2], choices=[0, 2, 3])
+    ap.add_argument("--lut", type=int, nargs="+", default=[2], choices=[0, 2])
     ap.add_argument("--only-t", type=int, nargs="+", default=[1, 16], help="token counts to sweep (default 1 16)")
     args = ap.parse_args()
     gen = torch.Generator(device=DEV).manual_seed(0)

@@ -311,13 +311,6 @@ def test_triton_small_matmul_dot_configs_vs_float64(T, ci):
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 16])
-def test_triton_small_matmul_pair_table_vs_float64(T):
-    # LUT=3: one lookup per code byte in a 256-entry table of level pairs; both paths, blocksizes 32 / 64 / 128
-    cfg = dict(_configs("fma" if T <= 2 else "dot")[0], LUT=3)
-    _small_matmul_check(T, cfg, _SMALL_CASES + [(24, 96, True, True, 32), (40, 384, False, False, 128)])
-
-
-@pytest.mark.parametrize("T", [1, 2, 3, 16])
 def test_triton_small_matmul_autotuned_and_blocksizes(T):
     # the autotuner's path (config=None), and blocksizes 32 / 128 (words per absmax block 4 / 16); twice: the
     # second call launches the config the first one chose directly (grouped_lora._launch)

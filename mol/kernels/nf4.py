@@ -150,13 +150,14 @@ SMALL_FMA_MAX_T = 2
 # Dot path: BLOCK_N >= 64 makes the weight tile the MMA's A operand (wgmma, one warpgroup per 64 rows); at
 # N = 4096 that is 64 programs, so it is split-K (SPLIT_K programs per row block, partials summed by the last,
 # see the kernel) that fills the GPU: 20.3 -> 13.5 us at 4096^2, 65 -> 38 us at 14336x4096. The BLOCK_N = 32 config
-# (x as the A operand, mma.sync) keeps narrow weights covered.
+# (x as the A operand, mma.sync) keeps narrow weights covered. (64, 128, 4, 4, 3) replaced (64, 128, 4, 4, 1) after
+# a second sweep (RESULTS NF4 run 7): 12.9 against 13.4 us at 4096^2, 33.5 against 38.1 at 14336x4096.
 FMA_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=2, num_warps=w, SPLIT_K=sk)
                for bn, kb, w, sk in [(16, 512, 4, 1), (8, 512, 2, 1), (8, 1024, 4, 1), (16, 256, 4, 1),
                                      (32, 256, 4, 2), (8, 512, 4, 1)]]
 DOT_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=2, num_warps=w, SPLIT_K=sk, num_stages=st)
                for bn, kb, w, sk, st in [(64, 64, 4, 4, 1), (64, 64, 4, 8, 1), (128, 64, 4, 8, 1), (64, 64, 4, 1, 3),
-                                         (64, 128, 4, 4, 1), (32, 128, 4, 1, 1)]]
+                                         (64, 128, 4, 4, 3), (32, 128, 4, 1, 1)]]
 
 
 def _autotune_configs(configs):
@@ -171,23 +172,7 @@ def _autotune_configs(configs):
 def _nf4_levels8(w, tab, code_ptr, LUT: tl.constexpr):
     """The 8 NF4 levels (float32) of int32 code words w, in element order: byte i (little endian) of a word holds
     element 2i in its high nibble and element 2i+1 in its low nibble."""
-    if LUT == 3:
-        # tab: 256 int64 level pairs, one per code byte (see _pair_table): one gather per two elements; the low
-        # word is the high nibble's level (element 2i), the high word the low nibble's (element 2i + 1)
-        q = tl.join(tl.join(w & 255, (w >> 8) & 255), tl.join((w >> 16) & 255, (w >> 24) & 255))
-        pv = tl.reshape(tl.gather(tab, tl.reshape(q, (q.numel,)), 0), q.shape)
-        p01, p23 = tl.split(pv)
-        p0, p1 = tl.split(p01)
-        p2, p3 = tl.split(p23)
-        l0 = p0.to(tl.int32).to(tl.float32, bitcast=True)
-        l1 = (p0 >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        l2 = p1.to(tl.int32).to(tl.float32, bitcast=True)
-        l3 = (p1 >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        l4 = p2.to(tl.int32).to(tl.float32, bitcast=True)
-        l5 = (p2 >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        l6 = p3.to(tl.int32).to(tl.float32, bitcast=True)
-        l7 = (p3 >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    elif LUT == 2:
+    if LUT == 2:
         # one gather for all 8 nibbles; join(a, b) stacks along a new last axis, so split() takes them back in
         # the reverse nesting order
         q = tl.join(tl.join(tl.join((w >> 4) & 15, w & 15), tl.join((w >> 12) & 15, (w >> 8) & 15)),
@@ -210,16 +195,6 @@ def _nf4_levels8(w, tab, code_ptr, LUT: tl.constexpr):
         l6 = _nf4_level((w >> 28) & 15, LUT, code_ptr)
         l7 = _nf4_level((w >> 24) & 15, LUT, code_ptr)
     return l0, l1, l2, l3, l4, l5, l6, l7
-
-
-@triton.jit
-def _pair_table(code_ptr):
-    """(256,) int64: entry b holds the float32 bits of level[b >> 4] in its low word and of level[b & 15] in its
-    high word, the two elements of a code byte in element order."""
-    b = tl.arange(0, 256)
-    hi = tl.load(code_ptr + (b >> 4)).to(tl.int32, bitcast=True).to(tl.uint32, bitcast=True).to(tl.int64)
-    lo = tl.load(code_ptr + (b & 15)).to(tl.int32, bitcast=True).to(tl.uint32, bitcast=True).to(tl.int64)
-    return hi | (lo << 32)
 
 
 @triton.jit
@@ -349,10 +324,7 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
     row_w = rows.to(tl.int64) * KW
     row_blk = rows.to(tl.int64) * NBLK
     wptr = codes_ptr.to(tl.pointer_type(tl.int32))
-    if LUT == 3:
-        tab = _pair_table(code_ptr)
-    else:
-        tab = tl.load(code_ptr + tl.arange(0, 16))
+    tab = tl.load(code_ptr + tl.arange(0, 16))
     if NESTED:
         off = tl.load(offset_ptr)
     else:
