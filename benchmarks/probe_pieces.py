@@ -3,7 +3,8 @@
     python benchmarks/probe_pieces.py [--quick]
 
 For T = 8192 / 2048, 4096->4096, E=8 top-2 r=16 and E=32 top-4 r=8, bf16, `do_bench` medians:
-- the fused shrink + router scores (`route_shrink_impl`, router at tf32x3 and at tf32x2, ROUTER_PRECISION) next to cuBLAS's `x @ A_cat^T` alone
+- the fused shrink + router scores (`route_shrink_impl` at each ROUTER_PRECISION: a router tile at tf32x3 / tf32x2, or
+  the router inside the first expert tile at bf16x3) next to cuBLAS's `x @ A_cat^T` alone
   (the same bytes, no router), and the router logits' worst error against float64;
 - du = dy @ B_cat^T (float32 out) from the Triton kernel and from cuBLAS (`torch.mm(..., out_dtype=float32)`);
 - the gate kernels at the layer's row block and at other row blocks / warp counts;
@@ -62,7 +63,7 @@ def main():
                   flush=True)
 
         gb_shrink = (T * n * 2 + R * n * 2 + E * n * 4 + T * (R + E) * 4) / 1e9
-        for prec in ("tf32x2", "tf32x3"):  # the landed default last: hl below is its
+        for prec in ("tf32x2", "bf16x3", "tf32x3"):  # the landed default last: hl below is its
             rl.ROUTER_PRECISION = prec
             hl, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
             err = ((hl[:, R:].double() - ref).abs().max() / ref.abs().max()).item()
@@ -100,7 +101,7 @@ def main():
             y = m(xg)
             torch.autograd.grad([y, m.aux_loss()], [xg] + mp, [dy, one])
             m.clear_routing()
-        for du_cublas, prec in ((False, "tf32x3"), (True, "tf32x3"), (True, "tf32x2")):
+        for du_cublas, prec in ((False, "tf32x3"), (True, "tf32x3"), (True, "tf32x2"), (True, "bf16x3")):
             gl.DU_CUBLAS = du_cublas
             rl.ROUTER_PRECISION = prec
             t = graph_time(whole, n=10)
@@ -113,10 +114,12 @@ def main():
 
 
 def gate_rows(row, case, hl, R, E, K, r, T, dt):
-    """The gate kernels (routing + u, and their backward) at the layer's tile (BT from _row_block, 4 warps) and
-    at other row-block sizes and warp counts, launched as gate_fwd_impl / gate_bwd_impl launch them."""
+    """The gate kernels (routing + u, and their backward) at the layer's tile (BT from _row_block; 4 warps
+    forward, _gate_bwd_warps backward) and at other row-block sizes and warp counts, launched as gate_fwd_impl /
+    gate_bwd_impl launch them."""
     ep = rl._ep(E)
     bt0, br = rl._row_block(R, ep)
+    wb0 = rl._gate_bwd_warps(bt0)
     stats = torch.zeros(2 * E + 2, device=DEV)
     gates, ids, u, aux = rl.gate_fwd_impl(hl, stats, None, R, r, 0, K, 2.0, dt, 0.01, 0.001)
     du = torch.randn(T, R, device=DEV)
@@ -126,7 +129,9 @@ def gate_rows(row, case, hl, R, E, K, r, T, dt):
     gb_f = (T * (R + E) * 4 + T * R * 2 + T * K * 12) / 1e9
     gb_b = (T * R * 4 + T * (R + E) * 4 + T * K * 12 + T * (R + E) * 2) / 1e9
     for bt, w in [(bt0, 4), (16, 2), (32, 4), (64, 4), (64, 8), (128, 8)]:
-        tag = f"BT={bt} warps={w}" + (" (the layer's)" if (bt, w) == (bt0, 4) else "")
+        tag = f"BT={bt} warps={w}"
+        tag_f = tag + (" (the layer's)" if (bt, w) == (bt0, 4) else "")
+        tag_b = tag + (" (the layer's)" if (bt, w) == (bt0, wb0) else "")
 
         def fwd(bt=bt, w=w):
             rl._gate_fwd_kernel[(gl._cdiv(T, bt),)](hl, hl, gates, ids, u, stats, aux, 2.0, c_lb, c_z, T, R, E,
@@ -138,8 +143,8 @@ def gate_rows(row, case, hl, R, E, K, r, T, dt):
                                                     T, R, E, RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=br,
                                                     HAS_NOISE=False, HAS_AUX=True, num_warps=w)
         try:
-            row("gate fwd", tag, us(fwd), gb_f)
-            row("gate bwd", tag, us(bwd), gb_b)
+            row("gate fwd", tag_f, us(fwd), gb_f)
+            row("gate bwd", tag_b, us(bwd), gb_b)
         except Exception as e:  # noqa: BLE001  (a tile that does not fit is a finding, not a crash)
             print(f"| {case} | gate | {tag} | failed: {type(e).__name__}: {str(e)[:120]} | | | |")
 

@@ -71,13 +71,31 @@ def _shrink_configs():
 
 
 @triton.jit
+def _router_dot_bf16x3(xt, wt, acc):
+    """acc + xt @ wt for bf16 xt and float32 wt at ~float32 accuracy with bf16 tensor-core products: wt is cut
+    into three bf16 parts that sum to it exactly (each residual is exact in float32), every product of bf16 x with
+    a part is exact in float32, and this step's products start from zero and join acc by an IEEE add (carried
+    through the MMA's accumulation over all of K they measured 4.1e-6 worst logit error, RESULTS run 9)."""
+    w_hi = wt.to(tl.bfloat16)
+    rest = wt - w_hi.to(tl.float32)
+    w_mid = rest.to(tl.bfloat16)
+    w_lo = (rest - w_mid.to(tl.float32)).to(tl.bfloat16)
+    part = tl.dot(xt, w_lo, tl.zeros(acc.shape, dtype=tl.float32))
+    part = tl.dot(xt, w_mid, part)
+    part = tl.dot(xt, w_hi, part)
+    return acc + part
+
+
+@triton.jit
 def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, N_IN, R, E,
                  EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                 F32_DOT: tl.constexpr, IEEE: tl.constexpr, STORE: tl.constexpr, ROUTER_X2: tl.constexpr):
+                 F32_DOT: tl.constexpr, IEEE: tl.constexpr, STORE: tl.constexpr, ROUTER_X2: tl.constexpr,
+                 ROUTER_FUSED: tl.constexpr):
     """One (BT rows, BR columns, 1/SPLIT of the input features) tile of [x_lora @ A_cat^T | x @ Wr^T] into out
     (row stride R+E): stored if STORE, else atomically added. Column tile pid_r < cdiv(R, BR) is an expert
     tile; the next one is the router's (float32 Wr, scored at ~float32 accuracy: tf32x3, or with ROUTER_X2 two
-    tf32 products, see ROUTER_PRECISION)."""
+    tf32 products, see ROUTER_PRECISION). ROUTER_FUSED (x_lora is x, bf16 or float32 x): there is no router
+    tile; expert tile 0 scores the router from the x tiles it has loaded anyway (bf16: _router_dot_bf16x3)."""
     n_rt = tl.cdiv(R, BR)
     ld = R + E
     offs_t = pid_t * BT + tl.arange(0, BT)
@@ -92,18 +110,37 @@ def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, 
         x_row = xl_ptr + offs_t.to(tl.int64)[:, None] * N_IN
         a_row = a_ptr + offs_r.to(tl.int64)[None, :] * N_IN
         acc = tl.zeros((BT, BR), dtype=tl.float32)
+        offs_f = tl.arange(0, EP)
+        mask_f = offs_f < E
+        wf_row = wr_ptr + offs_f.to(tl.int64)[None, :] * N_IN
+        acc_f = tl.zeros((BT, EP), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
             kk = k0 + offs_k
             mk = kk < k_hi
             xt = tl.load(x_row + kk[None, :], mask=mask_t[:, None] & mk[None, :], other=0.0)
             at = tl.load(a_row + kk[:, None], mask=mk[:, None] & mask_r[None, :], other=0.0)
             acc = _tile_dot(xt, at, acc, F32_DOT, IEEE)
+            if ROUTER_FUSED:
+                if pid_r == 0:
+                    wf = tl.load(wf_row + kk[:, None], mask=mk[:, None] & mask_f[None, :], other=0.0)
+                    if F32_DOT or IEEE:
+                        acc_f = tl.dot(xt.to(tl.float32), wf, acc_f, input_precision="ieee")
+                    else:
+                        acc_f = _router_dot_bf16x3(xt, wf, acc_f)
         ptrs = out_ptr + offs_t.to(tl.int64)[:, None] * ld + offs_r[None, :]
         m2 = mask_t[:, None] & mask_r[None, :]
         if STORE:
             tl.store(ptrs, acc, mask=m2)
         else:
             tl.atomic_add(ptrs, acc, mask=m2)
+        if ROUTER_FUSED:
+            if pid_r == 0:
+                ptrs_f = out_ptr + offs_t.to(tl.int64)[:, None] * ld + R + offs_f[None, :]
+                m2f = mask_t[:, None] & mask_f[None, :]
+                if STORE:
+                    tl.store(ptrs_f, acc_f, mask=m2f)
+                else:
+                    tl.atomic_add(ptrs_f, acc_f, mask=m2f)
     else:  # the router block; names differ from the expert branch's (Triton unifies same-named variables)
         offs_e = tl.arange(0, EP)
         mask_e = offs_e < E
@@ -144,10 +181,12 @@ def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, 
 @triton.jit
 def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_IN, R, E, T_BUCKET,
                          EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-                         SPLIT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr, ROUTER_X2: tl.constexpr):
+                         SPLIT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr, ROUTER_X2: tl.constexpr,
+                         ROUTER_FUSED: tl.constexpr):
     """hl[:, :R] (+)= x_lora @ A_cat^T; hl[:, R:R+E] (+)= x @ Wr^T (float32 Wr). Row stride of hl: R+E.
 
-    Program column pid_r < cdiv(R, BR) does an expert tile; the last column does the router. With the
+    Program column pid_r < cdiv(R, BR) does an expert tile; the last column does the router (ROUTER_FUSED:
+    expert column 0 does, and there is no router column). With the
     column axis fastest, the programs that share rows of x run together and reuse them from L2.
     Program (0, 0, 0) also zeroes the gate kernel's 2E+2 routing statistics (a fill launch fewer)."""
     pid_r = tl.program_id(0)
@@ -157,7 +196,7 @@ def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_I
         offs_z = tl.arange(0, 4 * EP)
         tl.store(stats_ptr + offs_z, tl.zeros((4 * EP,), dtype=tl.float32), mask=offs_z < 2 * E + 2)
     _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, pid_r, pid_t, pid_s, T, N_IN, R, E, EP, BT, BR, BK, SPLIT,
-                 F32_DOT, IEEE, SPLIT == 1, ROUTER_X2)
+                 F32_DOT, IEEE, SPLIT == 1, ROUTER_X2, ROUTER_FUSED)
 
 
 @triton.jit
@@ -429,7 +468,7 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, sync_ptr, noise_ptr, 
     if pid < n_shrink:
         pid_s = pid // n_cols
         _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, pid % n_cols, 0, pid_s, T, N_IN,
-                     R, E, EP, BT, BRS, BKS, N_PART, F32_DOT, IEEE, N_PART == 1, ROUTER_X2)
+                     R, E, EP, BT, BRS, BKS, N_PART, F32_DOT, IEEE, N_PART == 1, ROUTER_X2, False)
         tl.debug_barrier()  # every thread's partial sums are added before the ticket releases them
         if PROF:
             _stamp(prof_ptr, pid, 1)
@@ -561,17 +600,25 @@ def _row_block(r_tot: int, ep: int) -> tuple[int, int]:
     return bt, br
 
 
-# How the router block scores bf16/fp16 x against the float32 router weight on the GPU: "tf32x3" (Triton's three
-# tf32 products, 3.1e-7 worst relative logit error against float64 on an H200) or "tf32x2" (Wr split in two tf32
-# parts, x exact in tf32: a product fewer and no split of x; its first form ran the shrink + router in 54.0 us
-# against 66.7 but lost accuracy, RESULTS run 11; this form, with per-step accumulators, is not yet measured).
+# How the router scores bf16/fp16 x against the float32 router weight on the GPU, at ~float32 accuracy:
+# - "tf32x3": a router tile of its own, Triton's three tf32 products (3.1e-7 worst relative logit error against
+#   float64 on an H200);
+# - "tf32x2": the same tile, Wr split in two tf32 parts, x exact in tf32 (3.8e-7; 76.4 against 80.0 us for the
+#   shrink + router, but the whole layer no faster, RESULTS run 12);
+# - "bf16x3": no router tile: for bf16 (and float32) x read once for experts and router (x_lora is None), the
+#   first expert tile scores the router from its own x tiles against Wr cut into three bf16 parts
+#   (_router_dot_bf16x3); fp16 x and a separate x_lora keep the tf32x3 tile.
 ROUTER_PRECISION = "tf32x3"
+_ROUTER_PRECISIONS = ("tf32x3", "tf32x2", "bf16x3")
 
 
-def _router_x2() -> bool:
-    if ROUTER_PRECISION not in ("tf32x3", "tf32x2"):
-        raise ValueError(f"mol.kernels.routed_lora.ROUTER_PRECISION={ROUTER_PRECISION!r}; use 'tf32x3' or 'tf32x2'")
-    return ROUTER_PRECISION == "tf32x2"
+def _router_mode(x: torch.Tensor, x_lora: torch.Tensor | None) -> tuple[bool, bool]:
+    """(ROUTER_X2, ROUTER_FUSED) for the shrink kernels, from ROUTER_PRECISION."""
+    if ROUTER_PRECISION not in _ROUTER_PRECISIONS:
+        raise ValueError(f"mol.kernels.routed_lora.ROUTER_PRECISION={ROUTER_PRECISION!r}; use one of "
+                         f"{_ROUTER_PRECISIONS}")
+    fused = ROUTER_PRECISION == "bf16x3" and x_lora is None and x.dtype in (torch.bfloat16, torch.float32)
+    return ROUTER_PRECISION == "tf32x2", fused
 
 
 def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
@@ -581,17 +628,18 @@ def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch
     t, n_in = x.shape
     r_tot, e = a_cat.shape[0], router_w.shape[0]
     bucket = gl._t_bucket(t)
-    key = ("route_shrink", bucket, n_in, r_tot, e, x.dtype)
+    router_x2, fused = _router_mode(x, x_lora)
+    key = ("route_shrink", bucket, n_in, r_tot, e, x.dtype, router_x2, fused)
     hl = gl._accumulator(t, r_tot + e, x, key)
     if t == 0:
         return hl, torch.zeros(2 * e + 2, device=x.device, dtype=torch.float32)
     stats = torch.empty(2 * e + 2, device=x.device, dtype=torch.float32)
 
     def grid(m):
-        return (gl._cdiv(r_tot, m["BR"]) + 1, gl._cdiv(t, m["BT"]), m["SPLIT"])
+        return (gl._cdiv(r_tot, m["BR"]) + (0 if fused else 1), gl._cdiv(t, m["BT"]), m["SPLIT"])
     gl._launch(_route_shrink_kernel, key, grid,
                (x, x if x_lora is None else x_lora, a_cat, router_w, hl, stats, t, n_in, r_tot, e, bucket),
-               {"EP": _ep(e), "ROUTER_X2": _router_x2(), **gl._flags(x.dtype)})
+               {"EP": _ep(e), "ROUTER_X2": router_x2, "ROUTER_FUSED": fused, **gl._flags(x.dtype)})
     return hl, stats
 
 
@@ -618,6 +666,12 @@ def gate_fwd_impl(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | N
     return gates, ids, u, aux
 
 
+def _gate_bwd_warps(bt: int) -> int:
+    """Warps of the gate backward: 2 at the 16-row block (22.8-22.9 against 26.6-35.6 us with 4 at T=8192, E=8
+    top-2 r=16 on an H200, RESULTS runs 11 and 12); other blocks were not measured better than 4."""
+    return 2 if bt == 16 else 4
+
+
 def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None, gates: torch.Tensor,
                   ids: torch.Tensor, stats: torch.Tensor, daux: torch.Tensor | None, rank: int, kind: int,
                   scale: float, lb_coef: float, z_coef: float, dtype: torch.dtype) -> torch.Tensor:
@@ -634,7 +688,7 @@ def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None
             du, hl, hl if noise is None else noise, gates, ids, stats, stats if daux is None else daux, dhl,
             float(scale), c_lb, 2.0 * c_z, t, r_tot, e,  # d(lse^2) = 2 lse dlse
             RANK=rank, K=top_k, KIND=kind, EP=ep, BT=bt, BR=br, HAS_NOISE=noise is not None,
-            HAS_AUX=daux is not None)
+            HAS_AUX=daux is not None, num_warps=_gate_bwd_warps(bt))
     return dhl
 
 
@@ -693,7 +747,7 @@ def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
                {"N_PART": n_part, "RANK": rank, "K": top_k, "KIND": kind, "EP": _ep(e), "BRS": brs, "BKS": bks,
                 "BR": min(128, max(16, gl._pow2(r_tot))), "FMA": fma, "HAS_W": weight is not None,
                 "HAS_BIAS": bias is not None, "HAS_NOISE": noise is not None,
-                "PROF": TIMELINE is not None, "ROUTER_X2": _router_x2(), **gl._flags(x.dtype)})
+                "PROF": TIMELINE is not None, "ROUTER_X2": _router_mode(x, x_lora)[0], **gl._flags(x.dtype)})
     return y, hl, gates, ids, u, stats, aux
 
 
