@@ -73,7 +73,7 @@ def main():
     ap.add_argument("--small-t", action="store_true",
                     help="only T = 1, 7, 16 (the one-launch small-T forward), each also with the W-as-A dot tile")
     ap.add_argument("--quick", action="store_true", help="bf16 only, T = 7 and 4097 (both forward paths)")
-    ap.add_argument("--router", choices=["tf32x3", "tf32x2"], default=None,
+    ap.add_argument("--router", choices=list(rl._ROUTER_PRECISIONS), default=None,
                     help="the router block's precision (mol.kernels.routed_lora.ROUTER_PRECISION; default: its default)")
     args = ap.parse_args()
     if args.router:

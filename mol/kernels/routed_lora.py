@@ -608,7 +608,8 @@ def _row_block(r_tot: int, ep: int) -> tuple[int, int]:
 # - "bf16x3": no router tile: for bf16 (and float32) x read once for experts and router (x_lora is None), the
 #   first expert tile scores the router from its own x tiles against Wr cut into three bf16 parts
 #   (_router_dot_bf16x3); fp16 x and a separate x_lora keep the tf32x3 tile.
-ROUTER_PRECISION = "tf32x3"
+# The environment variable MOL_ROUTER_PRECISION sets it at import (benchmarks compare the settings that way).
+ROUTER_PRECISION = os.environ.get("MOL_ROUTER_PRECISION", "tf32x3")
 _ROUTER_PRECISIONS = ("tf32x3", "tf32x2", "bf16x3")
 
 
