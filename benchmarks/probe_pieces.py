@@ -3,8 +3,7 @@
     python benchmarks/probe_pieces.py [--quick]
 
 For T = 8192 / 2048, 4096->4096, E=8 top-2 r=16 and E=32 top-4 r=8, bf16, `do_bench` medians:
-- the fused shrink + router scores (`route_shrink_impl` at each ROUTER_PRECISION: a router tile at tf32x3 / tf32x2, or
-  the router inside the first expert tile at bf16x3) next to cuBLAS's `x @ A_cat^T` alone
+- the fused shrink + router scores (`route_shrink_impl`, router at tf32x3 and at tf32x2, ROUTER_PRECISION) next to cuBLAS's `x @ A_cat^T` alone
   (the same bytes, no router), and the router logits' worst error against float64;
 - du = dy @ B_cat^T (float32 out) from the Triton kernel and from cuBLAS (`torch.mm(..., out_dtype=float32)`);
 - the gate kernels at the layer's row block and at other row blocks / warp counts;
@@ -63,7 +62,7 @@ def main():
                   flush=True)
 
         gb_shrink = (T * n * 2 + R * n * 2 + E * n * 4 + T * (R + E) * 4) / 1e9
-        for prec in ("tf32x2", "bf16x3", "tf32x3"):  # the landed default last: hl below is its
+        for prec in ("tf32x2", "tf32x3"):  # the landed default last: hl below is its
             rl.ROUTER_PRECISION = prec
             hl, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
             err = ((hl[:, R:].double() - ref).abs().max() / ref.abs().max()).item()
@@ -101,7 +100,7 @@ def main():
             y = m(xg)
             torch.autograd.grad([y, m.aux_loss()], [xg] + mp, [dy, one])
             m.clear_routing()
-        for du_cublas, prec in ((False, "tf32x3"), (True, "tf32x3"), (True, "tf32x2"), (True, "bf16x3")):
+        for du_cublas, prec in ((False, "tf32x3"), (True, "tf32x3"), (True, "tf32x2")):
             gl.DU_CUBLAS = du_cublas
             rl.ROUTER_PRECISION = prec
             t = graph_time(whole, n=10)

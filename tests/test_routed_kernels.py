@@ -46,20 +46,6 @@ CASES = [  # T, in, out, E, r, K, kind
 @pytest.mark.parametrize("mode", ["weight", "weight_fn", "base_out", "dropout"])
 @pytest.mark.parametrize("case", CASES)
 def test_routed_layer_matches_float64(case, mode):
-    _check_layer(case, mode)
-
-
-@pytest.mark.parametrize("mode", ["weight", "base_out", "dropout"])
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] > rl.SMALL_T_MAX])
-def test_routed_layer_with_router_fused_into_expert_tile_matches_float64(case, mode, monkeypatch):
-    # ROUTER_PRECISION="bf16x3": no router tile, expert tile 0 scores the router from its x tiles (R > BR here
-    # in most cases, so the other expert tiles must leave the router columns alone; SPLIT=2: atomic partials).
-    # With a separate x_lora (dropout) the router keeps its own tile.
-    monkeypatch.setattr(rl, "ROUTER_PRECISION", "bf16x3")
-    _check_layer(case, mode)
-
-
-def _check_layer(case, mode):
     T, n_in, n_out, E, r, K, kind = case
     g = torch.Generator().manual_seed(hash((case, mode)) % 2**31)
     f64 = dict(dtype=torch.float64)
@@ -242,16 +228,13 @@ def test_kernels_compile_for_sm90():
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compile_sm90.py")
     res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    # 12 large-T (one with the tf32x2 router, two with the fused bf16x3 router) + 5 small-T
-    assert res.stdout.count("compiled for sm_90") == 17
+    assert res.stdout.count("compiled for sm_90") == 15  # 10 large-T (one with the tf32x2 router) + 5 small-T
 
 
-@pytest.mark.parametrize("precision", rl._ROUTER_PRECISIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_router_scores_float32_accurate_for_low_precision_x(dtype, precision, monkeypatch):
+def test_router_scores_float32_accurate_for_low_precision_x(dtype):
     """The router's float32 weight scores bf16 / fp16 x at float32 accuracy (tf32x3 on the GPU): rounding the weight
     to x's dtype instead would be ~1e-3 off and flip close routes."""
-    monkeypatch.setattr(rl, "ROUTER_PRECISION", precision)
     g = torch.Generator().manual_seed(11)
     T, n_in, E, r = 37, 300, 5, 4
     x = torch.randn(T, n_in, generator=g).to(dtype)
@@ -265,19 +248,6 @@ def test_router_scores_float32_accurate_for_low_precision_x(dtype, precision, mo
     assert ((one_part - ref).abs().max() / ref.abs().max()).item() > 1e-4  # the test can tell the difference
     ref_h = x.double() @ a_cat.double().t()
     assert ((hl[:, :E * r].double() - ref_h).abs().max() / ref_h.abs().max()).item() < 1e-6
-
-
-def test_router_bf16x3_split_is_exact():
-    """_router_dot_bf16x3's three bf16 parts of a float32 weight add up to it exactly (the products with bf16 x are
-    then exact in float32), checked here on the same casts in PyTorch for weights over many magnitudes."""
-    g = torch.Generator().manual_seed(5)
-    w = torch.randn(4096, generator=g) * torch.logspace(-6, 3, 4096)
-    hi = w.to(torch.bfloat16)
-    rest = w - hi.float()
-    mid = rest.to(torch.bfloat16)
-    lo = (rest - mid.float()).to(torch.bfloat16)
-    assert torch.equal(hi.float() + mid.float() + lo.float(), w)
-    assert not torch.equal(hi.float() + mid.float(), w)  # the third part is needed
 
 
 def test_unknown_router_precision_is_named(monkeypatch):

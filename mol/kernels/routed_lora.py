@@ -71,31 +71,13 @@ def _shrink_configs():
 
 
 @triton.jit
-def _router_dot_bf16x3(xt, wt, acc):
-    """acc + xt @ wt for bf16 xt and float32 wt at ~float32 accuracy with bf16 tensor-core products: wt is cut
-    into three bf16 parts that sum to it exactly (each residual is exact in float32), every product of bf16 x with
-    a part is exact in float32, and this step's products start from zero and join acc by an IEEE add (carried
-    through the MMA's accumulation over all of K they measured 4.1e-6 worst logit error, RESULTS run 9)."""
-    w_hi = wt.to(tl.bfloat16)
-    rest = wt - w_hi.to(tl.float32)
-    w_mid = rest.to(tl.bfloat16)
-    w_lo = (rest - w_mid.to(tl.float32)).to(tl.bfloat16)
-    part = tl.dot(xt, w_lo, tl.zeros(acc.shape, dtype=tl.float32))
-    part = tl.dot(xt, w_mid, part)
-    part = tl.dot(xt, w_hi, part)
-    return acc + part
-
-
-@triton.jit
 def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, N_IN, R, E,
                  EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                 F32_DOT: tl.constexpr, IEEE: tl.constexpr, STORE: tl.constexpr, ROUTER_X2: tl.constexpr,
-                 ROUTER_FUSED: tl.constexpr):
+                 F32_DOT: tl.constexpr, IEEE: tl.constexpr, STORE: tl.constexpr, ROUTER_X2: tl.constexpr):
     """One (BT rows, BR columns, 1/SPLIT of the input features) tile of [x_lora @ A_cat^T | x @ Wr^T] into out
     (row stride R+E): stored if STORE, else atomically added. Column tile pid_r < cdiv(R, BR) is an expert
     tile; the next one is the router's (float32 Wr, scored at ~float32 accuracy: tf32x3, or with ROUTER_X2 two
-    tf32 products, see ROUTER_PRECISION). ROUTER_FUSED (x_lora is x, bf16 or float32 x): there is no router
-    tile; expert tile 0 scores the router from the x tiles it has loaded anyway (bf16: _router_dot_bf16x3)."""
+    tf32 products, see ROUTER_PRECISION)."""
     n_rt = tl.cdiv(R, BR)
     ld = R + E
     offs_t = pid_t * BT + tl.arange(0, BT)
@@ -110,37 +92,18 @@ def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, 
         x_row = xl_ptr + offs_t.to(tl.int64)[:, None] * N_IN
         a_row = a_ptr + offs_r.to(tl.int64)[None, :] * N_IN
         acc = tl.zeros((BT, BR), dtype=tl.float32)
-        offs_f = tl.arange(0, EP)
-        mask_f = offs_f < E
-        wf_row = wr_ptr + offs_f.to(tl.int64)[None, :] * N_IN
-        acc_f = tl.zeros((BT, EP), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
             kk = k0 + offs_k
             mk = kk < k_hi
             xt = tl.load(x_row + kk[None, :], mask=mask_t[:, None] & mk[None, :], other=0.0)
             at = tl.load(a_row + kk[:, None], mask=mk[:, None] & mask_r[None, :], other=0.0)
             acc = _tile_dot(xt, at, acc, F32_DOT, IEEE)
-            if ROUTER_FUSED:
-                if pid_r == 0:
-                    wf = tl.load(wf_row + kk[:, None], mask=mk[:, None] & mask_f[None, :], other=0.0)
-                    if F32_DOT or IEEE:
-                        acc_f = tl.dot(xt.to(tl.float32), wf, acc_f, input_precision="ieee")
-                    else:
-                        acc_f = _router_dot_bf16x3(xt, wf, acc_f)
         ptrs = out_ptr + offs_t.to(tl.int64)[:, None] * ld + offs_r[None, :]
         m2 = mask_t[:, None] & mask_r[None, :]
         if STORE:
             tl.store(ptrs, acc, mask=m2)
         else:
             tl.atomic_add(ptrs, acc, mask=m2)
-        if ROUTER_FUSED:
-            if pid_r == 0:
-                ptrs_f = out_ptr + offs_t.to(tl.int64)[:, None] * ld + R + offs_f[None, :]
-                m2f = mask_t[:, None] & mask_f[None, :]
-                if STORE:
-                    tl.store(ptrs_f, acc_f, mask=m2f)
-                else:
-                    tl.atomic_add(ptrs_f, acc_f, mask=m2f)
     else:  # the router block; names differ from the expert branch's (Triton unifies same-named variables)
         offs_e = tl.arange(0, EP)
         mask_e = offs_e < E
@@ -158,7 +121,8 @@ def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, 
                 # x is exact in tf32; Wr is split hi+lo: float32-accurate scores on tensor cores. (Measured twice
                 # and dropped, RESULTS runs 7b and 9: bf16 x against Wr as three bf16 parts, the small parts in an
                 # accumulator of their own, is 14 us faster alone at T=8192 but no faster in the whole layer,
-                # slower at decode T=16, and 4.1e-6 worst relative logit error against tf32x3's 3.1e-7.)
+                # slower at decode T=16, and 4.1e-6 worst relative logit error against tf32x3's 3.1e-7. Inside
+                # the first expert tile with per-step fresh accumulators, run 12: 3.0e-7, but 119 against 67 us.)
                 if ROUTER_X2:
                     # x (bf16/fp16) is exact in tf32: only Wr is split, hi (its leading 10 mantissa bits) + lo.
                     # Each step's two products start from zero and join the sum by an IEEE add, as tf32x3's do:
@@ -181,12 +145,10 @@ def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, 
 @triton.jit
 def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_IN, R, E, T_BUCKET,
                          EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-                         SPLIT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr, ROUTER_X2: tl.constexpr,
-                         ROUTER_FUSED: tl.constexpr):
+                         SPLIT: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr, ROUTER_X2: tl.constexpr):
     """hl[:, :R] (+)= x_lora @ A_cat^T; hl[:, R:R+E] (+)= x @ Wr^T (float32 Wr). Row stride of hl: R+E.
 
-    Program column pid_r < cdiv(R, BR) does an expert tile; the last column does the router (ROUTER_FUSED:
-    expert column 0 does, and there is no router column). With the
+    Program column pid_r < cdiv(R, BR) does an expert tile; the last column does the router. With the
     column axis fastest, the programs that share rows of x run together and reuse them from L2.
     Program (0, 0, 0) also zeroes the gate kernel's 2E+2 routing statistics (a fill launch fewer)."""
     pid_r = tl.program_id(0)
@@ -196,7 +158,7 @@ def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_I
         offs_z = tl.arange(0, 4 * EP)
         tl.store(stats_ptr + offs_z, tl.zeros((4 * EP,), dtype=tl.float32), mask=offs_z < 2 * E + 2)
     _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, pid_r, pid_t, pid_s, T, N_IN, R, E, EP, BT, BR, BK, SPLIT,
-                 F32_DOT, IEEE, SPLIT == 1, ROUTER_X2, ROUTER_FUSED)
+                 F32_DOT, IEEE, SPLIT == 1, ROUTER_X2)
 
 
 @triton.jit
@@ -468,7 +430,7 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, sync_ptr, noise_ptr, 
     if pid < n_shrink:
         pid_s = pid // n_cols
         _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, pid % n_cols, 0, pid_s, T, N_IN,
-                     R, E, EP, BT, BRS, BKS, N_PART, F32_DOT, IEEE, N_PART == 1, ROUTER_X2, False)
+                     R, E, EP, BT, BRS, BKS, N_PART, F32_DOT, IEEE, N_PART == 1, ROUTER_X2)
         tl.debug_barrier()  # every thread's partial sums are added before the ticket releases them
         if PROF:
             _stamp(prof_ptr, pid, 1)
@@ -600,26 +562,21 @@ def _row_block(r_tot: int, ep: int) -> tuple[int, int]:
     return bt, br
 
 
-# How the router scores bf16/fp16 x against the float32 router weight on the GPU, at ~float32 accuracy:
-# - "tf32x3": a router tile of its own, Triton's three tf32 products (3.1e-7 worst relative logit error against
-#   float64 on an H200);
-# - "tf32x2": the same tile, Wr split in two tf32 parts, x exact in tf32 (3.8e-7; 76.4 against 80.0 us for the
-#   shrink + router, but the whole layer no faster, RESULTS run 12);
-# - "bf16x3": no router tile: for bf16 (and float32) x read once for experts and router (x_lora is None), the
-#   first expert tile scores the router from its own x tiles against Wr cut into three bf16 parts
-#   (_router_dot_bf16x3); fp16 x and a separate x_lora keep the tf32x3 tile.
-# The environment variable MOL_ROUTER_PRECISION sets it at import (benchmarks compare the settings that way).
+# How the router block scores bf16/fp16 x against the float32 router weight on the GPU, at ~float32 accuracy:
+# "tf32x3" (Triton's three tf32 products, 3.1e-7 worst relative logit error against float64 on an H200) or
+# "tf32x2" (Wr split in two tf32 parts, x exact in tf32; 3.8e-7). tf32x2 runs the shrink + router alone in 54.8
+# against 66.9 us, yet the whole layer was 7-10 us slower with it in both runs that compared them (RESULTS run 12),
+# so tf32x3 stays the default. (A third form, the router inside the first expert tile against Wr in three bf16
+# parts, read x once but took 119 us, run 12, and was removed.) MOL_ROUTER_PRECISION sets it at import.
 ROUTER_PRECISION = os.environ.get("MOL_ROUTER_PRECISION", "tf32x3")
-_ROUTER_PRECISIONS = ("tf32x3", "tf32x2", "bf16x3")
+_ROUTER_PRECISIONS = ("tf32x3", "tf32x2")
 
 
-def _router_mode(x: torch.Tensor, x_lora: torch.Tensor | None) -> tuple[bool, bool]:
-    """(ROUTER_X2, ROUTER_FUSED) for the shrink kernels, from ROUTER_PRECISION."""
+def _router_x2() -> bool:
     if ROUTER_PRECISION not in _ROUTER_PRECISIONS:
         raise ValueError(f"mol.kernels.routed_lora.ROUTER_PRECISION={ROUTER_PRECISION!r}; use one of "
                          f"{_ROUTER_PRECISIONS}")
-    fused = ROUTER_PRECISION == "bf16x3" and x_lora is None and x.dtype in (torch.bfloat16, torch.float32)
-    return ROUTER_PRECISION == "tf32x2", fused
+    return ROUTER_PRECISION == "tf32x2"
 
 
 def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
@@ -629,18 +586,17 @@ def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch
     t, n_in = x.shape
     r_tot, e = a_cat.shape[0], router_w.shape[0]
     bucket = gl._t_bucket(t)
-    router_x2, fused = _router_mode(x, x_lora)
-    key = ("route_shrink", bucket, n_in, r_tot, e, x.dtype, router_x2, fused)
+    key = ("route_shrink", bucket, n_in, r_tot, e, x.dtype)
     hl = gl._accumulator(t, r_tot + e, x, key)
     if t == 0:
         return hl, torch.zeros(2 * e + 2, device=x.device, dtype=torch.float32)
     stats = torch.empty(2 * e + 2, device=x.device, dtype=torch.float32)
 
     def grid(m):
-        return (gl._cdiv(r_tot, m["BR"]) + (0 if fused else 1), gl._cdiv(t, m["BT"]), m["SPLIT"])
+        return (gl._cdiv(r_tot, m["BR"]) + 1, gl._cdiv(t, m["BT"]), m["SPLIT"])
     gl._launch(_route_shrink_kernel, key, grid,
                (x, x if x_lora is None else x_lora, a_cat, router_w, hl, stats, t, n_in, r_tot, e, bucket),
-               {"EP": _ep(e), "ROUTER_X2": router_x2, "ROUTER_FUSED": fused, **gl._flags(x.dtype)})
+               {"EP": _ep(e), "ROUTER_X2": _router_x2(), **gl._flags(x.dtype)})
     return hl, stats
 
 
@@ -668,7 +624,7 @@ def gate_fwd_impl(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | N
 
 
 def _gate_bwd_warps(bt: int) -> int:
-    """Warps of the gate backward: 2 at the 16-row block (22.8-22.9 against 26.6-35.6 us with 4 at T=8192, E=8
+    """Warps of the gate backward: 2 at the 16-row block (22.8-22.9 against 26.6-27.0 us with 4 at T=8192, E=8
     top-2 r=16 on an H200, RESULTS runs 11 and 12); other blocks were not measured better than 4."""
     return 2 if bt == 16 else 4
 
@@ -748,7 +704,7 @@ def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
                {"N_PART": n_part, "RANK": rank, "K": top_k, "KIND": kind, "EP": _ep(e), "BRS": brs, "BKS": bks,
                 "BR": min(128, max(16, gl._pow2(r_tot))), "FMA": fma, "HAS_W": weight is not None,
                 "HAS_BIAS": bias is not None, "HAS_NOISE": noise is not None,
-                "PROF": TIMELINE is not None, "ROUTER_X2": _router_mode(x, x_lora)[0], **gl._flags(x.dtype)})
+                "PROF": TIMELINE is not None, "ROUTER_X2": _router_x2(), **gl._flags(x.dtype)})
     return y, hl, gates, ids, u, stats, aux
 
 
