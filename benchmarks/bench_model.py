@@ -82,12 +82,19 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true", help="smoke test on CPU with a tiny model")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                    help="run only these variants, in this order (exact names of the table's rows)")
     args = ap.parse_args()
     dev = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
     batch, seq = (2, 16) if args.tiny else (8, 1024)
     names = ["no adapter", "PEFT LoRA r=16", "MoL E=8 top-2 r=16 (triton)", "MoL E=8 top-2 r=16 (torch reference)",
              "PEFT LoRA r=16, autograd threads off", "MoL E=8 top-2 r=16 (triton), autograd threads off"]
+    if args.only:
+        unknown = [n for n in args.only if n not in names]
+        if unknown:
+            raise SystemExit(f"--only: unknown variant(s) {unknown}; the variants are {names}")
+        names = list(args.only)
     if args.tiny and os.environ.get("TRITON_INTERPRET") != "1":
         names = [n for n in names if "triton" not in n]
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
