@@ -254,3 +254,17 @@ def test_unknown_router_precision_is_named(monkeypatch):
     monkeypatch.setattr(rl, "ROUTER_PRECISION", "fp8")
     with pytest.raises(ValueError, match="ROUTER_PRECISION='fp8'"):
         rl.route_shrink_impl(torch.randn(3, 8), None, torch.randn(4, 8), torch.randn(2, 8))
+
+
+def test_each_router_precision_is_tuned_for_itself(monkeypatch):
+    """The chosen-config cache keys on the router's precision: switching it in one process must not reuse the
+    other form's tuning (run 12's comparison did)."""
+    T, n_in, E, r = 40, 24, 4, 4
+    x, a_cat, Wr = torch.randn(T, n_in), torch.randn(E * r, n_in), torch.randn(E, n_in)
+    keys = []
+    for prec in rl._ROUTER_PRECISIONS:
+        monkeypatch.setattr(rl, "ROUTER_PRECISION", prec)
+        before = set(gl._CHOSEN)
+        rl.route_shrink_impl(x, None, a_cat, Wr)
+        keys += [k for k in set(gl._CHOSEN) - before if k[0] == "route_shrink"]
+    assert len(keys) == len(rl._ROUTER_PRECISIONS)

@@ -140,7 +140,7 @@ def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, 
             tl.atomic_add(ptrs_r, acc_r, mask=m2r)
 
 
-@triton.autotune(configs=_shrink_configs(), key=["T_BUCKET", "N_IN", "R", "E"],
+@triton.autotune(configs=_shrink_configs(), key=["T_BUCKET", "N_IN", "R", "E", "ROUTER_X2"],
                  prune_configs_by={"early_config_prune": gl._prune}, reset_to_zero=["hl_ptr"])
 @triton.jit
 def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_IN, R, E, T_BUCKET,
@@ -536,7 +536,7 @@ def _small_t_configs(fma: bool) -> list[triton.Config]:
 
 
 # sync and acc are zeroed before each autotuning trial (the flag and ticket are one-shot, acc is added into)
-_SMALL_T_KEY = ["N_IN", "N_OUT", "R", "E"]
+_SMALL_T_KEY = ["N_IN", "N_OUT", "R", "E", "ROUTER_X2"]
 # timed under CUDA-graph replay, as decode runs it (gl.bench_graphed; the zero-fills are captured with each trial)
 _small_t_fma = triton.autotune(configs=_small_t_configs(True), key=_SMALL_T_KEY, do_bench=gl.bench_graphed,
                                reset_to_zero=["sync_ptr", "acc_ptr"])(_small_t_kernel)
@@ -586,7 +586,10 @@ def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch
     t, n_in = x.shape
     r_tot, e = a_cat.shape[0], router_w.shape[0]
     bucket = gl._t_bucket(t)
-    key = ("route_shrink", bucket, n_in, r_tot, e, x.dtype)
+    router_x2 = _router_x2()
+    # the router's precision is part of the key: each form is tuned for itself (run 12 compared them under one
+    # shared choice, whichever ran first)
+    key = ("route_shrink", bucket, n_in, r_tot, e, x.dtype, router_x2)
     hl = gl._accumulator(t, r_tot + e, x, key)
     if t == 0:
         return hl, torch.zeros(2 * e + 2, device=x.device, dtype=torch.float32)
@@ -596,7 +599,7 @@ def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch
         return (gl._cdiv(r_tot, m["BR"]) + 1, gl._cdiv(t, m["BT"]), m["SPLIT"])
     gl._launch(_route_shrink_kernel, key, grid,
                (x, x if x_lora is None else x_lora, a_cat, router_w, hl, stats, t, n_in, r_tot, e, bucket),
-               {"EP": _ep(e), "ROUTER_X2": _router_x2(), **gl._flags(x.dtype)})
+               {"EP": _ep(e), "ROUTER_X2": router_x2, **gl._flags(x.dtype)})
     return hl, stats
 
 
@@ -691,7 +694,7 @@ def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
     brs, bks = (16, 16) if gl._INTERPRET else (32, 128)
     n_shrink = (gl._cdiv(r_tot, brs) + 1) * n_part
     key = ("small_t", fma, n_in, n_out, r_tot, e, rank, top_k, kind, weight is not None, bias is not None,
-           noise is not None, x.dtype, n_part, TIMELINE is not None)
+           noise is not None, x.dtype, n_part, TIMELINE is not None, _router_x2())
 
     def grid(m):
         return (n_shrink + gl._cdiv(n_out, m["BN"]),)
