@@ -122,7 +122,7 @@ def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, 
                 # and dropped, RESULTS runs 7b and 9: bf16 x against Wr as three bf16 parts, the small parts in an
                 # accumulator of their own, is 14 us faster alone at T=8192 but no faster in the whole layer,
                 # slower at decode T=16, and 4.1e-6 worst relative logit error against tf32x3's 3.1e-7. Inside
-                # the first expert tile with per-step fresh accumulators, run 12: 3.0e-7, but 119 against 67 us.)
+                # the first expert tile with per-step fresh accumulators, run 12: 3.0e-7, no measured gain.)
                 if ROUTER_X2:
                     # x (bf16/fp16) is exact in tf32: only Wr is split, hi (its leading 10 mantissa bits) + lo.
                     # Each step's two products start from zero and join the sum by an IEEE add, as tf32x3's do:
@@ -567,7 +567,8 @@ def _row_block(r_tot: int, ep: int) -> tuple[int, int]:
 # "tf32x2" (Wr split in two tf32 parts, x exact in tf32; 3.8e-7). tf32x2 runs the shrink + router alone in 54.8
 # against 66.9 us, yet the whole layer was 7-10 us slower with it in both runs that compared them (RESULTS run 12),
 # so tf32x3 stays the default. (A third form, the router inside the first expert tile against Wr in three bf16
-# parts, read x once but took 119 us, run 12, and was removed.) MOL_ROUTER_PRECISION sets it at import.
+# parts, read x once but took 119 us under a tile tuned for the other forms, and its whole layer tuned for itself
+# was within the spread between machines, run 12; removed.) MOL_ROUTER_PRECISION sets it at import.
 ROUTER_PRECISION = os.environ.get("MOL_ROUTER_PRECISION", "tf32x3")
 _ROUTER_PRECISIONS = ("tf32x3", "tf32x2")
 
