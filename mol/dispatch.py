@@ -9,7 +9,6 @@ against.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -34,15 +33,23 @@ def lora_delta_torch(x: Tensor, lora_A: Tensor, lora_B: Tensor, gates: Tensor, e
     return (h @ rearrange(lora_B, "e o r -> (e r) o")) * scale
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
+_TRITON_OK: bool | None = None
 
-        from mol.kernels import grouped_lora  # noqa: F401
-    except ImportError:
-        return False
-    return True
+
+# constant for a process: torch.compile calls it and takes the answer instead of tracing the imports
+@torch.compiler.assume_constant_result
+def triton_available() -> bool:
+    """Whether Triton and mol.kernels import (checked once per process)."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+
+            from mol.kernels import grouped_lora  # noqa: F401
+            _TRITON_OK = True
+        except ImportError:
+            _TRITON_OK = False
+    return _TRITON_OK
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
