@@ -7,6 +7,7 @@ kernel the real compiler rejects (e.g. a variable whose type differs between the
 passes there and fails on the first GPU. This builds each kernel variant down to a cubin for sm_90 and prints
 its shared-memory use; tests/test_routed_kernels.py runs it in a subprocess (without the interpreter).
 """
+import itertools
 import os
 import sys
 
@@ -38,14 +39,17 @@ for split, x2 in ((1, False), (2, False), (1, True)):
                                              "ROUTER_X2": x2})
 sig = {"hl_ptr": "*fp32", "noise_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "u_ptr": "*bf16", "stats_ptr": "*fp32", "aux_ptr": "*fp32",
        "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "R": "i32", "E": "i32",
-       "RANK": "constexpr", "K": "constexpr", "KIND": "constexpr", "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "HAS_NOISE": "constexpr"}
-for kind, K in ((0, 2), (1, 1), (2, 8)):
-    comp(rl._gate_fwd_kernel, sig, {"RANK": 16, "K": K, "KIND": kind, "EP": 16, "BT": 32, "BR": 128, "HAS_NOISE": kind == 0})
+       "RANK": "constexpr", "K": "constexpr", "KIND": "constexpr", "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "HAS_NOISE": "constexpr",
+       "SELECT": "constexpr"}
+for (kind, K), select in itertools.product(((0, 2), (1, 1), (2, 8)), (False, True)):
+    comp(rl._gate_fwd_kernel, sig, {"RANK": 16, "K": K, "KIND": kind, "EP": 16, "BT": 32, "BR": 128, "HAS_NOISE": kind == 0, "SELECT": select})
 sig = {"du_ptr": "*fp32", "hl_ptr": "*fp32", "noise_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "stats_ptr": "*fp32", "daux_ptr": "*fp32", "dhl_ptr": "*bf16",
        "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "R": "i32", "E": "i32",
-       "RANK": "constexpr", "K": "constexpr", "KIND": "constexpr", "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "HAS_NOISE": "constexpr", "HAS_AUX": "constexpr"}
-for kind, K in ((0, 2), (1, 1), (2, 8)):
-    comp(rl._gate_bwd_kernel, sig, {"RANK": 16, "K": K, "KIND": kind, "EP": 16, "BT": 32, "BR": 128, "HAS_NOISE": False, "HAS_AUX": True})
+       "RANK": "constexpr", "K": "constexpr", "KIND": "constexpr", "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "HAS_NOISE": "constexpr", "HAS_AUX": "constexpr",
+       "SELECT": "constexpr"}
+for (kind, K), select in itertools.product(((0, 2), (1, 1), (2, 8)), (False, True)):
+    comp(rl._gate_bwd_kernel, sig, {"RANK": 16, "K": K, "KIND": kind, "EP": 16, "BT": 32, "BR": 128, "HAS_NOISE": False, "HAS_AUX": True,
+                                    "SELECT": select})
 comp(rl._aux_kernel, {"stats_ptr": "*fp32", "aux_ptr": "*fp32", "E": "i32", "c_lb": "fp32", "c_z": "fp32", "EP": "constexpr"}, {"EP": 16})
 
 # the small-T (decode) forward: shrink producers, one routing program and the GEMV + experts consumers, one launch

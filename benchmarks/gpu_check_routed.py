@@ -1,6 +1,6 @@
 """GPU correctness of the fused routed-layer path (mol.kernels.routed_lora) at real sizes against float64.
 
-    python benchmarks/gpu_check_routed.py [--small-t | --quick]
+    python benchmarks/gpu_check_routed.py [--small-t | --quick] [--router tf32x2] [--gate-columns select]
 
 Router + experts + auxiliary losses: output, aux loss and the gradients of x, x_lora (dropout mode), base_out,
 lora_A, lora_B (contiguous, and in MoLLinear's expert-interleaved layout) and the router weight, against
@@ -75,11 +75,15 @@ def main():
     ap.add_argument("--quick", action="store_true", help="bf16 only, T = 7 and 4097 (both forward paths)")
     ap.add_argument("--router", choices=list(rl._ROUTER_PRECISIONS), default=None,
                     help="the router block's precision (mol.kernels.routed_lora.ROUTER_PRECISION; default: its default)")
+    ap.add_argument("--gate-columns", choices=["onehot", "select"], default=None,
+                    help="how the gate kernels map experts to columns (mol.kernels.routed_lora.GATE_COLUMNS)")
     args = ap.parse_args()
     if args.router:
         rl.ROUTER_PRECISION = args.router
+    if args.gate_columns:
+        rl.GATE_COLUMNS = args.gate_columns
     gen = torch.Generator(device="cuda").manual_seed(0)
-    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, router {rl.ROUTER_PRECISION}", flush=True)
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, router {rl.ROUTER_PRECISION}, gate columns {rl.GATE_COLUMNS}", flush=True)
     t_start = time.time()
     tile_variants = [None]
     if args.small_t:  # the autotune-off config (x as the dot's A operand) and the BN=64 one (W tile as A)

@@ -6,7 +6,7 @@ For T = 8192 / 2048, 4096->4096, E=8 top-2 r=16 and E=32 top-4 r=8, bf16, `do_be
 - the fused shrink + router scores (`route_shrink_impl`, router at tf32x3 and at tf32x2, ROUTER_PRECISION) next to cuBLAS's `x @ A_cat^T` alone
   (the same bytes, no router), and the router logits' worst error against float64;
 - du = dy @ B_cat^T (float32 out) from the Triton kernel and from cuBLAS (`torch.mm(..., out_dtype=float32)`);
-- the gate kernels at the layer's row block and at other row blocks / warp counts;
+- the gate kernels at the layer's row block and at other row blocks / warp counts, and with GATE_COLUMNS="select";
 - the weight-gradient GEMMs dA|dWr = dhl^T x and dB = dy^T u as the layer runs them, and dA with the operands swapped;
 - the whole MoLLinear fwd+bwd under CUDA-graph replay with each du and router precision, against the bare base.
 Bytes are what each must move (inputs read once, outputs written once); the copy bandwidth is measured here.
@@ -100,14 +100,18 @@ def main():
             y = m(xg)
             torch.autograd.grad([y, m.aux_loss()], [xg] + mp, [dy, one])
             m.clear_routing()
-        for du_cublas, prec in ((False, "tf32x3"), (True, "tf32x3"), (True, "tf32x2")):
+        for du_cublas, prec, cols in ((False, "tf32x3", "onehot"), (True, "tf32x3", "onehot"),
+                                      (True, "tf32x2", "onehot"), (True, "tf32x3", "select")):
             gl.DU_CUBLAS = du_cublas
             rl.ROUTER_PRECISION = prec
+            rl.GATE_COLUMNS = cols
             t = graph_time(whole, n=10)
             print(f"| {case} | whole MoLLinear fwd+bwd, CUDA graph | du {'cuBLAS' if du_cublas else 'Triton'}, "
-                  f"router {prec} | {t * 1e3:.1f} | | | {t / base_t:.3f}× the base ({base_t * 1e3:.1f} µs) |", flush=True)
+                  f"router {prec}, gate columns {cols} | {t * 1e3:.1f} | | | {t / base_t:.3f}× the base "
+                  f"({base_t * 1e3:.1f} µs) |", flush=True)
         gl.DU_CUBLAS = True
         rl.ROUTER_PRECISION = "tf32x3"
+        rl.GATE_COLUMNS = "onehot"
         del x, W, A, B, dy, dhl, u, m, xg
         torch.cuda.empty_cache()
 
@@ -127,20 +131,23 @@ def gate_rows(row, case, hl, R, E, K, r, T, dt):
     c_lb, c_z = rl._aux_coefs(0.01, 0.001, E, T, K)
     gb_f = (T * (R + E) * 4 + T * R * 2 + T * K * 12) / 1e9
     gb_b = (T * R * 4 + T * (R + E) * 4 + T * K * 12 + T * (R + E) * 2) / 1e9
-    for bt, w in [(bt0, 4), (16, 2), (32, 4), (64, 4), (64, 8), (128, 8)]:
-        tag = f"BT={bt} warps={w}"
-        tag_f = tag + (" (the layer's)" if (bt, w) == (bt0, 4) else "")
-        tag_b = tag + (" (the layer's)" if (bt, w) == (bt0, wb0) else "")
+    # (BT, warps, gate columns by select); select only at the layer's tiles and the 4-warp backward
+    tiles = [(bt0, 4, False), (16, 2, False), (32, 4, False), (64, 4, False), (64, 8, False), (128, 8, False),
+             (bt0, 4, True), (bt0, wb0, True)]
+    for bt, w, sel in tiles:
+        tag = f"BT={bt} warps={w}" + (", select" if sel else "")
+        tag_f = tag + (" (the layer's)" if (bt, w, sel) == (bt0, 4, False) else "")
+        tag_b = tag + (" (the layer's)" if (bt, w, sel) == (bt0, wb0, False) else "")
 
-        def fwd(bt=bt, w=w):
+        def fwd(bt=bt, w=w, sel=sel):
             rl._gate_fwd_kernel[(gl._cdiv(T, bt),)](hl, hl, gates, ids, u, stats, aux, 2.0, c_lb, c_z, T, R, E,
                                                     RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=br, HAS_NOISE=False,
-                                                    num_warps=w)
+                                                    SELECT=sel, num_warps=w)
 
-        def bwd(bt=bt, w=w):
+        def bwd(bt=bt, w=w, sel=sel):
             rl._gate_bwd_kernel[(gl._cdiv(T, bt),)](du, hl, hl, gates, ids, stats, daux, dhl, 2.0, c_lb, 2.0 * c_z,
                                                     T, R, E, RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=br,
-                                                    HAS_NOISE=False, HAS_AUX=True, num_warps=w)
+                                                    HAS_NOISE=False, HAS_AUX=True, SELECT=sel, num_warps=w)
         try:
             row("gate fwd", tag_f, us(fwd), gb_f)
             row("gate bwd", tag_b, us(bwd), gb_b)

@@ -46,6 +46,19 @@ CASES = [  # T, in, out, E, r, K, kind
 @pytest.mark.parametrize("mode", ["weight", "weight_fn", "base_out", "dropout"])
 @pytest.mark.parametrize("case", CASES)
 def test_routed_layer_matches_float64(case, mode):
+    _check_layer(case, mode)
+
+
+@pytest.mark.parametrize("mode", ["weight", "base_out"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] > rl.SMALL_T_MAX])
+def test_routed_layer_with_gate_columns_by_select_matches_float64(case, mode, monkeypatch):
+    # GATE_COLUMNS="select": per-column gates by a gather, dgates by K masked row sums (top-k, switch; soft keeps
+    # its one-hot product); the large-T cases, where the gate kernels run
+    monkeypatch.setattr(rl, "GATE_COLUMNS", "select")
+    _check_layer(case, mode)
+
+
+def _check_layer(case, mode):
     T, n_in, n_out, E, r, K, kind = case
     g = torch.Generator().manual_seed(hash((case, mode)) % 2**31)
     f64 = dict(dtype=torch.float64)
@@ -228,7 +241,8 @@ def test_kernels_compile_for_sm90():
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compile_sm90.py")
     res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("compiled for sm_90") == 15  # 10 large-T (one with the tf32x2 router) + 5 small-T
+    # 16 large-T (one with the tf32x2 router; the gate kernels with each GATE_COLUMNS) + 5 small-T
+    assert res.stdout.count("compiled for sm_90") == 21
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -268,3 +282,10 @@ def test_each_router_precision_is_tuned_for_itself(monkeypatch):
         rl.route_shrink_impl(x, None, a_cat, Wr)
         keys += [k for k in set(gl._CHOSEN) - before if k[0] == "route_shrink"]
     assert len(keys) == len(rl._ROUTER_PRECISIONS)
+
+
+def test_unknown_gate_columns_is_named(monkeypatch):
+    monkeypatch.setattr(rl, "GATE_COLUMNS", "scatter")
+    hl, stats = rl.route_shrink_impl(torch.randn(3, 8), None, torch.randn(4, 8), torch.randn(2, 8))
+    with pytest.raises(ValueError, match="GATE_COLUMNS='scatter'"):
+        rl.gate_fwd_impl(hl, stats, None, 4, 2, 0, 1, 1.0, torch.float32, 0.0, 0.0)
