@@ -75,7 +75,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="bf16 only, T = 7 and 4097 (both forward paths)")
     ap.add_argument("--router", choices=list(rl._ROUTER_PRECISIONS), default=None,
                     help="the router block's precision (mol.kernels.routed_lora.ROUTER_PRECISION; default: its default)")
-    ap.add_argument("--gate-columns", choices=["onehot", "select"], default=None,
+    ap.add_argument("--gate-columns", choices=list(rl._GATE_COLUMN_CHOICES), default=None,
                     help="how the gate kernels map experts to columns (mol.kernels.routed_lora.GATE_COLUMNS)")
     args = ap.parse_args()
     if args.router:

@@ -335,15 +335,16 @@ def _gate_bwd_kernel(du_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, d
         g = _column_values(dense, offs_e, offs_c, RANK, BT, BR, EP, SELECT)
         tl.store(dhl_ptr + offs_t.to(tl.int64)[:, None] * ld + offs_c[None, :],
                  (du * g * scale).to(dhl_ptr.dtype.element_ty), mask=m2)
+        duh = du * h
         if SELECT and KIND != 2:
             # only the K chosen experts' dgates are used (top-k / switch): K masked row sums
             col_e = (offs_c // RANK)[None, :]
             for k in tl.static_range(K):
                 ik = tl.load(ids_ptr + offs_t.to(tl.int64) * K + k, mask=mask_t, other=-1)
-                dgk = tl.sum(tl.where(col_e == ik[:, None], du * h, 0.0), axis=1)
+                dgk = tl.sum(tl.where(col_e == ik[:, None], duh, 0.0), axis=1)
                 dg += tl.where(offs_e[None, :] == ik[:, None], dgk[:, None], 0.0)
         else:
-            dg += tl.dot(du * h, tl.trans(_expert_onehot(offs_e, offs_c, RANK)), input_precision="ieee")
+            dg += tl.dot(duh, tl.trans(_expert_onehot(offs_e, offs_c, RANK)), input_precision="ieee")
     dg = dg * scale
     # gates -> probabilities
     if KIND == 0:  # g_k = p_k / S over the chosen set
@@ -591,12 +592,28 @@ def _row_block(r_tot: int, ep: int) -> tuple[int, int]:
 ROUTER_PRECISION = os.environ.get("MOL_ROUTER_PRECISION", "tf32x3")
 _ROUTER_PRECISIONS = ("tf32x3", "tf32x2")
 
+# How the gate kernels move values between experts and their columns: "onehot" (a tl.dot with a one-hot matrix,
+# measured) or "select" (a gather for the per-column gates; for top-k / switch, K masked row sums for dgates).
+# In the sm_90 SASS, "select" needs 5-25 KB less shared memory and ~10x fewer FFMAs (RESULTS, compiler report of the
+# gate kernels); it has not been timed on a GPU, so "onehot" stays the default. MOL_GATE_COLUMNS sets it at import.
+GATE_COLUMNS = os.environ.get("MOL_GATE_COLUMNS", "onehot")
+_GATE_COLUMN_CHOICES = ("onehot", "select")
+
+
+def _setting(name: str, choices: tuple[str, ...]) -> str:
+    """The value of this module's switch `name` (read at call time, so tests and benchmarks may set it)."""
+    value = globals()[name]
+    if value not in choices:
+        raise ValueError(f"mol.kernels.routed_lora.{name}={value!r}; use one of {choices}")
+    return value
+
 
 def _router_x2() -> bool:
-    if ROUTER_PRECISION not in _ROUTER_PRECISIONS:
-        raise ValueError(f"mol.kernels.routed_lora.ROUTER_PRECISION={ROUTER_PRECISION!r}; use one of "
-                         f"{_ROUTER_PRECISIONS}")
-    return ROUTER_PRECISION == "tf32x2"
+    return _setting("ROUTER_PRECISION", _ROUTER_PRECISIONS) == "tf32x2"
+
+
+def _gate_select() -> bool:
+    return _setting("GATE_COLUMNS", _GATE_COLUMN_CHOICES) == "select"
 
 
 def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
@@ -645,19 +662,6 @@ def gate_fwd_impl(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | N
     else:
         _aux_kernel[(1,)](stats, aux, e, c_lb, c_z, EP=ep)
     return gates, ids, u, aux
-
-
-# How the gate kernels move values between experts and their columns: "onehot" (a tl.dot with a one-hot matrix,
-# measured) or "select" (a gather for the per-column gates; for top-k / switch, K masked row sums for dgates).
-# In the sm_90 SASS, "select" needs 5-25 KB less shared memory and ~10x fewer FFMAs (RESULTS, compiler report of the
-# gate kernels); it has not been timed on a GPU, so "onehot" stays the default. MOL_GATE_COLUMNS sets it at import.
-GATE_COLUMNS = os.environ.get("MOL_GATE_COLUMNS", "onehot")
-
-
-def _gate_select() -> bool:
-    if GATE_COLUMNS not in ("onehot", "select"):
-        raise ValueError(f"mol.kernels.routed_lora.GATE_COLUMNS={GATE_COLUMNS!r}; use 'onehot' or 'select'")
-    return GATE_COLUMNS == "select"
 
 
 def _gate_bwd_warps(bt: int) -> int:
@@ -725,10 +729,11 @@ def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
     if weight is not None and weight.stride() != (n_in, 1):
         weight = weight.contiguous()
     fma = t == 1
+    router_x2 = _router_x2()
     brs, bks = (16, 16) if gl._INTERPRET else (32, 128)
     n_shrink = (gl._cdiv(r_tot, brs) + 1) * n_part
     key = ("small_t", fma, n_in, n_out, r_tot, e, rank, top_k, kind, weight is not None, bias is not None,
-           noise is not None, x.dtype, n_part, TIMELINE is not None, _router_x2())
+           noise is not None, x.dtype, n_part, TIMELINE is not None, router_x2)
 
     def grid(m):
         return (n_shrink + gl._cdiv(n_out, m["BN"]),)
@@ -741,7 +746,7 @@ def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
                {"N_PART": n_part, "RANK": rank, "K": top_k, "KIND": kind, "EP": _ep(e), "BRS": brs, "BKS": bks,
                 "BR": min(128, max(16, gl._pow2(r_tot))), "FMA": fma, "HAS_W": weight is not None,
                 "HAS_BIAS": bias is not None, "HAS_NOISE": noise is not None,
-                "PROF": TIMELINE is not None, "ROUTER_X2": _router_x2(), **gl._flags(x.dtype)})
+                "PROF": TIMELINE is not None, "ROUTER_X2": router_x2, **gl._flags(x.dtype)})
     return y, hl, gates, ids, u, stats, aux
 
 
