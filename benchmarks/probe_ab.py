@@ -1,0 +1,119 @@
+"""Whole-layer A/B of the routed layer's module switches, interleaved, under CUDA-graph replay.
+
+    python benchmarks/probe_ab.py [--rounds 5] [--variants default gate=select ...] [--nf4] [--t 8192]
+
+A row's time on these GPUs depends on its place in a sequence (clocks under a power cap move by several percent
+over a process), so two settings timed one after the other can differ by more than they do. Here every variant's
+MoLLinear fwd+bwd (T tokens, 4096->4096, E=8 top-2 r=16, bf16) is captured in a CUDA graph of its own first, then
+the graphs (and the bare base's) are replayed in turn, `--rounds` times; the table gives each one's median over
+rounds and its ratio to the base's median. A variant is `default` or comma-joined switches: gate=onehot|select
+(routed_lora.GATE_COLUMNS), router=tf32x3|tf32x2 (ROUTER_PRECISION), du=cublas|triton (grouped_lora.DU_CUBLAS).
+`--nf4` also times each variant on an NF4 base (QLoRA-MoL).
+"""
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import mol  # noqa: E402
+import mol.kernels.grouped_lora as gl  # noqa: E402
+import mol.kernels.routed_lora as rl  # noqa: E402
+from bench_layer import bench, mol_layer  # noqa: E402
+from mol.quant import NF4Linear  # noqa: E402
+
+DEV, DT = "cuda", torch.bfloat16
+SWITCHES = {"gate": (rl, "GATE_COLUMNS", {"onehot": "onehot", "select": "select"}),
+            "router": (rl, "ROUTER_PRECISION", {"tf32x3": "tf32x3", "tf32x2": "tf32x2"}),
+            "du": (gl, "DU_CUBLAS", {"cublas": True, "triton": False})}
+
+
+def apply(variant: str) -> dict:
+    """Set the module switches a variant names; returns the previous values."""
+    old = {}
+    for item in ([] if variant == "default" else variant.split(",")):
+        key, _, val = item.partition("=")
+        if key not in SWITCHES or val not in SWITCHES[key][2]:
+            raise SystemExit(f"unknown switch {item!r}; choose from "
+                             + ", ".join(f"{k}={'|'.join(v[2])}" for k, v in SWITCHES.items()))
+        mod, attr, vals = SWITCHES[key]
+        old[(mod, attr)] = getattr(mod, attr)
+        setattr(mod, attr, vals[val])
+    return old
+
+
+def capture(fn, n=10):
+    """fn captured n times back to back in one CUDA graph (warm-up and capture on a side stream)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        for _ in range(n):
+            fn()
+    return g, n
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--variants", nargs="+", default=["default", "gate=select"])
+    ap.add_argument("--nf4", action="store_true", help="also on an NF4 base (QLoRA-MoL)")
+    ap.add_argument("--t", type=int, default=8192)
+    args = ap.parse_args()
+    g = torch.Generator(device=DEV).manual_seed(0)
+    T, n, E, K, r = args.t, 4096, 8, 2, 16
+    x = torch.randn(T, n, device=DEV, generator=g).to(DT).requires_grad_()
+    W = (torch.randn(n, n, device=DEV, generator=g) / n ** 0.5).to(DT)
+    A = (torch.randn(E, r, n, device=DEV, generator=g) / n ** 0.5).to(DT)
+    B = (torch.randn(E, n, r, device=DEV, generator=g) * 0.1).to(DT)
+    dy = torch.randn(T, n, device=DEV, generator=g).to(DT)
+    one = torch.ones((), device=DEV)
+    layers = {"bf16 base": mol_layer(W, A, B, E, K, r, "triton")}
+    if args.nf4:
+        m = mol.MoLLinear(NF4Linear.from_linear(layers["bf16 base"].base_layer), num_experts=E, top_k=K, rank=r,
+                          alpha=2.0 * r, backend="triton").to(DEV)
+        with torch.no_grad():  # NF4Linear has no dense weight, so MoLLinear made float32 adapters: as on bf16
+            m.lora_A.data = A.clone()
+            m.lora_B.data = B.clone().permute(1, 0, 2).contiguous().permute(1, 0, 2)  # MoLLinear's interleaved layout
+            m.router.weight.data.copy_(layers["bf16 base"].router.weight)
+        layers["NF4 base"] = m
+
+    def step(m):
+        params = [m.lora_A, m.lora_B, m.router.weight]
+
+        def run():
+            y = m(x)
+            torch.autograd.grad([y, m.aux_loss()], [x] + params, [dy, one])
+            m.clear_routing()
+        return run
+    graphs = {"bare bf16 base": capture(lambda: torch.autograd.grad(F.linear(x, W), [x], dy))}
+    for v in args.variants:
+        old = apply(v)
+        for name, m in layers.items():
+            graphs[f"{v} | {name}"] = capture(step(m))
+        for (mod, attr), val in old.items():
+            setattr(mod, attr, val)
+    times = {k: [] for k in graphs}
+    for _ in range(args.rounds):
+        for k, (gr, reps) in graphs.items():
+            times[k].append(bench(lambda gr=gr: gr.replay()) / reps * 1e3)
+    base = statistics.median(times["bare bf16 base"])
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; T={T} 4096->4096 E=8 top-2 r=16 bf16, "
+          f"fwd+bwd under CUDA graphs, {args.rounds} interleaved rounds, µs")
+    print("| variant | base of the layer | median µs | × bare bf16 base | min-max over rounds |")
+    print("| --- | --- | --- | --- | --- |")
+    for k, ts in times.items():
+        v, _, b = k.partition(" | ")
+        med = statistics.median(ts)
+        print(f"| {v} | {b or '-'} | {med:.1f} | {med / base:.3f}× | {min(ts):.1f}-{max(ts):.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

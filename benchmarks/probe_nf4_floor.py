@@ -1,0 +1,80 @@
+"""How fast can the NF4 bytes be read at all? The decode target's floor, under CUDA-graph replay.
+
+    python benchmarks/probe_nf4_floor.py
+
+Issue 4 asks the NF4 decode forward (T = 1 and 16) for <= 0.5x the bf16 GEMV. The NF4 kernel must at least read
+the packed codes and absmax bytes (4.13 bits per weight). This times, per weight shape, a read-only Triton kernel
+over exactly those bytes (128-bit loads, an xor per program so nothing is optimised away; the fastest of a few
+launch shapes), the same kernel over the bf16 weight, the bf16 GEMV itself and the NF4 kernel at T = 1 and 16.
+The read-only NF4 time over the GEMV's is the best ratio any kernel could reach on this GPU.
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from mol.kernels import nf4 as nf4k  # noqa: E402
+from mol.quant import quantize_nf4  # noqa: E402
+
+DEV, DT = "cuda", torch.bfloat16
+
+
+@triton.jit
+def _read_kernel(a_ptr, n_a, b_ptr, n_b, out_ptr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """xor of int32 words [pid * ITERS * BLOCK, ...) of a, then of b: every word read once."""
+    pid = tl.program_id(0)
+    acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    for i in range(ITERS):
+        offs = (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
+        acc ^= tl.load(a_ptr + offs, mask=offs < n_a, other=0)
+        acc ^= tl.load(b_ptr + offs, mask=offs < n_b, other=0)
+    tl.store(out_ptr + pid, tl.xor_sum(acc, 0))
+
+
+def read_time(a: torch.Tensor, b: torch.Tensor) -> tuple[float, str]:
+    """Fastest read of int32 views a and b (b may be empty) over a few launch shapes, µs."""
+    n = max(a.numel(), b.numel())
+    best = (float("inf"), "")
+    for block, iters, warps in [(1024, 1, 4), (2048, 1, 8), (1024, 4, 4), (2048, 4, 8), (4096, 2, 8), (512, 8, 4)]:
+        grid = triton.cdiv(n, block * iters)
+        out = torch.empty(grid, device=DEV, dtype=torch.int32)
+        t = do_bench_cudagraph(lambda: _read_kernel[(grid,)](a, a.numel(), b, b.numel(), out, BLOCK=block,
+                                                             ITERS=iters, num_warps=warps),
+                               rep=100, return_mode="median") * 1e3
+        best = min(best, (t, f"BLOCK {block} x{iters}, {warps} warps, {grid} programs"))
+    return best
+
+
+def main():
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; µs, CUDA-graph replay medians")
+    print("| out x in | bf16 GEMV T=1 | read bf16 W only | NF4 kernel T=1 | NF4 kernel T=16 | read NF4 bytes only "
+          "(MB, TB/s) | floor ratio: NF4 read / GEMV | read launch shape |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for n_out, n_in in [(4096, 4096), (14336, 4096), (4096, 14336)]:
+        W = (torch.randn(n_out, n_in, device=DEV, generator=g) * 0.02).to(DT)
+        p = quantize_nf4(W)
+        x1 = torch.randn(1, n_in, device=DEV, generator=g).to(DT)
+        x16 = torch.randn(16, n_in, device=DEV, generator=g).to(DT)
+        t_gemv = do_bench_cudagraph(lambda: F.linear(x1, W), rep=100, return_mode="median") * 1e3
+        t1 = do_bench_cudagraph(lambda: nf4k.nf4_matmul_small(x1, p), rep=100, return_mode="median") * 1e3
+        t16 = do_bench_cudagraph(lambda: nf4k.nf4_matmul_small(x16, p), rep=100, return_mode="median") * 1e3
+        empty = torch.zeros(1, device=DEV, dtype=torch.int32)[:0]
+        t_w, _ = read_time(W.view(torch.int32).reshape(-1), empty)
+        codes = p.codes.reshape(-1).view(torch.int32)
+        absmax = p.absmax.reshape(-1)
+        absmax = torch.nn.functional.pad(absmax, (0, (-absmax.numel()) % 4)).view(torch.int32)
+        t_nf4, shape = read_time(codes, absmax)
+        mb = (codes.numel() + absmax.numel()) * 4 / 1e6
+        print(f"| {n_out}x{n_in} | {t_gemv:.2f} | {t_w:.2f} | {t1:.2f} ({t1 / t_gemv:.2f}×) | {t16:.2f} "
+              f"({t16 / t_gemv:.2f}×) | {t_nf4:.2f} ({mb:.1f} MB, {mb / t_nf4:.2f} TB/s) | {t_nf4 / t_gemv:.2f}× "
+              f"| {shape} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
