@@ -37,14 +37,21 @@ sig = {"x_ptr": "*bf16", "xl_ptr": "*bf16", "a_ptr": "*bf16", "wr_ptr": "*fp32",
 for split, x2 in ((1, False), (2, False), (1, True)):
     comp(fnk(rl._route_shrink_kernel), sig, {"EP": 16, "BT": 64, "BR": 128, "BK": 64, "SPLIT": split, "F32_DOT": False, "IEEE": False,
                                              "ROUTER_X2": x2})
+# the one-GEMM shrink's operand: A_cat and the router's 16-bit parts, for bf16 and fp16
+for dt in ("bf16", "fp16"):
+    comp(rl._router_parts_kernel, {"a_ptr": f"*{dt}", "wr_ptr": "*fp32", "out_ptr": f"*{dt}", "stats_ptr": "*fp32", "R": "i32", "E": "i32",
+                                   "N_IN": "i32", "c": "fp32", "NPARTS": "constexpr", "EP": "constexpr", "BLOCK": "constexpr"},
+         {"NPARTS": rl.ROUTER_PARTS, "EP": 16, "BLOCK": 1024})
 sig = {"hl_ptr": "*fp32", "noise_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "u_ptr": "*bf16", "stats_ptr": "*fp32", "aux_ptr": "*fp32",
-       "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "R": "i32", "E": "i32",
+       "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "R": "i32", "E": "i32", "LD": "i32", "part_scale": "fp32",
        "RANK": "constexpr", "K": "constexpr", "KIND": "constexpr", "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "HAS_NOISE": "constexpr",
-       "SELECT": "constexpr"}
+       "SELECT": "constexpr", "NPARTS": "constexpr"}
 for (kind, K), select in itertools.product(((0, 2), (1, 1), (2, 8)), (False, True)):
-    comp(rl._gate_fwd_kernel, sig, {"RANK": 16, "K": K, "KIND": kind, "EP": 16, "BT": 32, "BR": 128, "HAS_NOISE": kind == 0, "SELECT": select})
+    # NPARTS: the router's scores as one sum (Triton shrink) or as the one-GEMM shrink's parts
+    comp(rl._gate_fwd_kernel, sig, {"RANK": 16, "K": K, "KIND": kind, "EP": 16, "BT": 32, "BR": 128, "HAS_NOISE": kind == 0, "SELECT": select,
+                                    "NPARTS": rl.ROUTER_PARTS if select == (kind == 0) else 1})
 sig = {"du_ptr": "*fp32", "hl_ptr": "*fp32", "noise_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "stats_ptr": "*fp32", "daux_ptr": "*fp32", "dhl_ptr": "*bf16",
-       "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "R": "i32", "E": "i32",
+       "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "R": "i32", "E": "i32", "LD": "i32",
        "RANK": "constexpr", "K": "constexpr", "KIND": "constexpr", "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "HAS_NOISE": "constexpr", "HAS_AUX": "constexpr",
        "SELECT": "constexpr"}
 for (kind, K), select in itertools.product(((0, 2), (1, 1), (2, 8)), (False, True)):

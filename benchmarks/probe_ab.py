@@ -7,7 +7,8 @@ over a process), so two settings timed one after the other can differ by more th
 MoLLinear fwd+bwd (T tokens, 4096->4096, E=8 top-2 r=16, bf16) is captured in a CUDA graph of its own first, then
 the graphs (and the bare base's) are replayed in turn, `--rounds` times; the table gives each one's median over
 rounds and its ratio to the base's median. A variant is `default` or comma-joined switches: gate=onehot|select
-(routed_lora.GATE_COLUMNS), router=tf32x3|tf32x2 (ROUTER_PRECISION), du=cublas|triton (grouped_lora.DU_CUBLAS).
+(routed_lora.GATE_COLUMNS), router=tf32x3|tf32x2 (ROUTER_PRECISION), du=cublas|triton (grouped_lora.DU_CUBLAS),
+shrink=gemm|triton (routed_lora.SHRINK).
 `--nf4` also times each variant on an NF4 base (QLoRA-MoL).
 """
 import argparse
@@ -28,7 +29,8 @@ from mol.quant import NF4Linear  # noqa: E402
 DEV, DT = "cuda", torch.bfloat16
 SWITCHES = {"gate": (rl, "GATE_COLUMNS", {"onehot": "onehot", "select": "select"}),
             "router": (rl, "ROUTER_PRECISION", {"tf32x3": "tf32x3", "tf32x2": "tf32x2"}),
-            "du": (gl, "DU_CUBLAS", {"cublas": True, "triton": False})}
+            "du": (gl, "DU_CUBLAS", {"cublas": True, "triton": False}),
+            "shrink": (rl, "SHRINK", {"gemm": "gemm", "triton": "triton"})}
 
 
 def apply(variant: str) -> dict:

@@ -3,12 +3,14 @@
     python benchmarks/probe_pieces.py [--quick]
 
 For T = 8192 / 2048, 4096->4096, E=8 top-2 r=16 and E=32 top-4 r=8, bf16, `do_bench` medians:
-- the fused shrink + router scores (`route_shrink_impl`, router at tf32x3 and at tf32x2, ROUTER_PRECISION) next to cuBLAS's `x @ A_cat^T` alone
+- the shrink + router scores as one cuBLAS GEMM against Wr's 16-bit parts (SHRINK="gemm") and as the fused Triton
+  kernel (router at tf32x3 and at tf32x2, ROUTER_PRECISION) next to cuBLAS's `x @ A_cat^T` alone
   (the same bytes, no router), and the router logits' worst error against float64;
 - du = dy @ B_cat^T (float32 out) from the Triton kernel and from cuBLAS (`torch.mm(..., out_dtype=float32)`);
 - the gate kernels at the layer's row block and at other row blocks / warp counts, and with GATE_COLUMNS="select";
 - the weight-gradient GEMMs dA|dWr = dhl^T x and dB = dy^T u as the layer runs them, and dA with the operands swapped;
-- the whole MoLLinear fwd+bwd under CUDA-graph replay with each du and router precision, against the bare base.
+- the whole MoLLinear fwd+bwd under CUDA-graph replay with each shrink, du and router form, against the bare base
+  (one after another: probe_ab.py compares settings interleaved).
 Bytes are what each must move (inputs read once, outputs written once); the copy bandwidth is measured here.
 """
 import argparse
@@ -62,12 +64,20 @@ def main():
                   flush=True)
 
         gb_shrink = (T * n * 2 + R * n * 2 + E * n * 4 + T * (R + E) * 4) / 1e9
-        for prec in ("tf32x2", "tf32x3"):  # the landed default last: hl below is its
+        rl.SHRINK = "gemm"
+        hl_g, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
+        parts = hl_g[:, R:].view(T, rl.ROUTER_PARTS, E)
+        lg = sum(parts[:, j] / rl._part_scale(x.dtype) ** j for j in range(rl.ROUTER_PARTS))
+        err = ((lg.double() - ref).abs().max() / ref.abs().max()).item()
+        row("shrink + router", f"one cuBLAS GEMM, Wr as {rl.ROUTER_PARTS} bf16 parts (SHRINK=gemm)",
+            us(lambda: rl.route_shrink_impl(x, None, a_cat, Wr)), gb_shrink, f"router logits max err {err:.1e}")
+        rl.SHRINK = "triton"
+        for prec in ("tf32x2", "tf32x3"):  # the Triton kernel's default last: hl below is its
             rl.ROUTER_PRECISION = prec
             hl, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
             err = ((hl[:, R:].double() - ref).abs().max() / ref.abs().max()).item()
             t = us(lambda: rl.route_shrink_impl(x, None, a_cat, Wr))
-            row("shrink + router", f"fused, router {prec}", t, gb_shrink, f"router logits max err {err:.1e}")
+            row("shrink + router", f"fused Triton, router {prec}", t, gb_shrink, f"router logits max err {err:.1e}")
         row("shrink only", "cuBLAS x @ A_cat^T (bf16 out)", us(lambda: torch.mm(x, a_cat.t())),
             (T * n * 2 + R * n * 2 + T * R * 2) / 1e9)
 
@@ -100,15 +110,19 @@ def main():
             y = m(xg)
             torch.autograd.grad([y, m.aux_loss()], [xg] + mp, [dy, one])
             m.clear_routing()
-        for du_cublas, prec, cols in ((False, "tf32x3", "onehot"), (True, "tf32x3", "onehot"),
-                                      (True, "tf32x2", "onehot"), (True, "tf32x3", "select")):
+        for shrink, du_cublas, prec, cols in (("gemm", True, "tf32x3", "onehot"), ("triton", True, "tf32x3", "onehot"),
+                                              ("triton", False, "tf32x3", "onehot"), ("triton", True, "tf32x2", "onehot"),
+                                              ("gemm", True, "tf32x3", "select")):
+            rl.SHRINK = shrink
             gl.DU_CUBLAS = du_cublas
             rl.ROUTER_PRECISION = prec
             rl.GATE_COLUMNS = cols
             t = graph_time(whole, n=10)
-            print(f"| {case} | whole MoLLinear fwd+bwd, CUDA graph | du {'cuBLAS' if du_cublas else 'Triton'}, "
-                  f"router {prec}, gate columns {cols} | {t * 1e3:.1f} | | | {t / base_t:.3f}× the base "
-                  f"({base_t * 1e3:.1f} µs) |", flush=True)
+            what = "one GEMM" if shrink == "gemm" else f"Triton, router {prec}"
+            print(f"| {case} | whole MoLLinear fwd+bwd, CUDA graph | shrink {what}, du "
+                  f"{'cuBLAS' if du_cublas else 'Triton'}, gate columns {cols} | {t * 1e3:.1f} | | | "
+                  f"{t / base_t:.3f}× the base ({base_t * 1e3:.1f} µs) |", flush=True)
+        rl.SHRINK = "gemm"
         gl.DU_CUBLAS = True
         rl.ROUTER_PRECISION = "tf32x3"
         rl.GATE_COLUMNS = "onehot"

@@ -58,18 +58,33 @@ def test_routed_layer_with_gate_columns_by_select_matches_float64(case, mode, mo
     _check_layer(case, mode)
 
 
-def _check_layer(case, mode):
+@pytest.mark.parametrize("shrink", rl._SHRINK_CHOICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["weight", "base_out"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] > rl.SMALL_T_MAX][:4])
+def test_routed_layer_in_low_precision_matches_float64(case, mode, dtype, shrink, monkeypatch):
+    # bf16 / fp16 data: with SHRINK="gemm" the shrink and the router's scores are one GEMM (emulated here: exact
+    # products, float32 sums) against Wr's 16-bit parts, which the gate forward sums
+    monkeypatch.setattr(rl, "SHRINK", shrink)
+    _check_layer(case, mode, dtype)
+
+
+def _check_layer(case, mode, dtype=torch.float32):
+    """The routed layer on data of `dtype` against float64 on the same (rounded) values; Wr stays float32."""
     T, n_in, n_out, E, r, K, kind = case
     g = torch.Generator().manual_seed(hash((case, mode)) % 2**31)
     f64 = dict(dtype=torch.float64)
-    x = torch.randn(T, n_in, generator=g, **f64)
-    x_lora = torch.randn(T, n_in, generator=g, **f64) if mode == "dropout" else None
-    W = torch.randn(n_out, n_in, generator=g, **f64) / n_in**0.5
-    bias = torch.randn(n_out, generator=g, **f64) if mode.startswith("weight") else None
-    base_out = torch.randn(T, n_out, generator=g, **f64) if mode == "base_out" else None
-    A = torch.randn(E, r, n_in, generator=g, **f64) / n_in**0.5
-    B = torch.randn(E, n_out, r, generator=g, **f64)
-    Wr = torch.randn(E, n_in, generator=g, **f64)
+
+    def rnd(t):  # the values the kernels will see, kept in float64 for the reference
+        return t.to(dtype).double()
+    x = rnd(torch.randn(T, n_in, generator=g, **f64))
+    x_lora = rnd(torch.randn(T, n_in, generator=g, **f64)) if mode == "dropout" else None
+    W = rnd(torch.randn(n_out, n_in, generator=g, **f64) / n_in**0.5)
+    bias = rnd(torch.randn(n_out, generator=g, **f64)) if mode.startswith("weight") else None
+    base_out = rnd(torch.randn(T, n_out, generator=g, **f64)) if mode == "base_out" else None
+    A = rnd(torch.randn(E, r, n_in, generator=g, **f64) / n_in**0.5)
+    B = rnd(torch.randn(E, n_out, r, generator=g, **f64))
+    Wr = torch.randn(E, n_in, generator=g, **f64).float().double()
     noise = torch.randn(T, E, generator=g, **f64) if T % 2 else None
     w_y = torch.randn(T, n_out, generator=g, **f64)
     scale, lb, zc = 1.7, 0.3, 0.05
@@ -85,9 +100,9 @@ def _check_layer(case, mode):
                                         noise, kind, K, scale, lb, zc)
     ((y_ref * w_y).sum() + 3.0 * aux_ref).backward()
 
-    k_in = {k: v.float().clone().requires_grad_() for k, v in leaves.items()}
+    k_in = {k: v.to(torch.float32 if k == "Wr" else dtype).clone().requires_grad_() for k, v in leaves.items()}
     if mode in ("weight", "dropout"):  # lora_B in MoLLinear's expert-interleaved layout (a view of B_cat)
-        k_in["B"] = interleaved(B.float()).requires_grad_()
+        k_in["B"] = interleaved(B.to(dtype)).requires_grad_()
     calls = []
 
     def weight_fn(dtype):  # a materialized base weight (as an NF4 base dequantizes), asked for in fwd and bwd
@@ -95,19 +110,22 @@ def _check_layer(case, mode):
         return W.to(dtype)
     y, aux, hl, gates, ids, stats = rl.routed_lora_linear(
         k_in["x"], k_in["A"], k_in["B"], k_in["Wr"], kind, K, scale,
-        weight=W.float() if mode in ("weight", "dropout") else None,
-        weight_fn=weight_fn if mode == "weight_fn" else None, bias=None if bias is None else bias.float(),
+        weight=W.to(dtype) if mode in ("weight", "dropout") else None,
+        weight_fn=weight_fn if mode == "weight_fn" else None, bias=None if bias is None else bias.to(dtype),
         base_out=k_in.get("base_out"), x_lora=k_in.get("x_lora"),
         noise=None if noise is None else noise.float(), lb_coef=lb, z_coef=zc)
-    ((y * w_y.float()).sum() + 3.0 * aux).backward()
+    ((y.float() * w_y.float()).sum() + 3.0 * aux).backward()
 
-    assert calls == ([torch.float32] * 2 if mode == "weight_fn" else [])  # forward, then backward's dx
+    tol_y, tol_g = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 1e-2)
+    by_gemm = rl.SHRINK == "gemm" and dtype != torch.float32 and x_lora is None and T > rl.SMALL_T_MAX
+    assert hl.shape[1] == E * r + (rl.ROUTER_PARTS if by_gemm else 1) * E  # the path this case is meant to run
+    assert calls == ([dtype] * 2 if mode == "weight_fn" else [])  # forward, then backward's dx
     assert torch.equal(ids, ids_ref)
-    assert rel(y, y_ref) < 1e-5
+    assert rel(y, y_ref) < tol_y
     assert rel(aux, aux_ref) < 1e-5
-    assert rel(hl[:, E * r:], ref_in["x"].detach() @ Wr.t()) < 1e-6
+    assert rel(hl[:, -E:], ref_in["x"].detach() @ Wr.t()) < 1e-6  # the logits, float32-accurate for any x
     for name in leaves:
-        assert rel(k_in[name].grad, ref_in[name].grad) < 1e-4, name
+        assert rel(k_in[name].grad, ref_in[name].grad) < tol_g, name
     assert same_layout(k_in["B"].grad, k_in["B"])  # dB comes in lora_B's own layout (no copy for it)
 
 
@@ -241,23 +259,29 @@ def test_kernels_compile_for_sm90():
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compile_sm90.py")
     res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    # 16 large-T (one with the tf32x2 router; the gate kernels with each GATE_COLUMNS) + 5 small-T
-    assert res.stdout.count("compiled for sm_90") == 21
+    # 18 large-T (one with the tf32x2 router; the gate kernels with each GATE_COLUMNS and both router score forms;
+    # the one-GEMM shrink's operand kernel for bf16 and fp16) + 5 small-T
+    assert res.stdout.count("compiled for sm_90") == 23
 
 
+@pytest.mark.parametrize("shrink", rl._SHRINK_CHOICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_router_scores_float32_accurate_for_low_precision_x(dtype):
-    """The router's float32 weight scores bf16 / fp16 x at float32 accuracy (tf32x3 on the GPU): rounding the weight
-    to x's dtype instead would be ~1e-3 off and flip close routes."""
+def test_router_scores_float32_accurate_for_low_precision_x(dtype, shrink, monkeypatch):
+    """The router's float32 weight scores bf16 / fp16 x at float32 accuracy (Triton: tf32x3 on the GPU; one GEMM:
+    against Wr's exact 16-bit parts, summed by the gate forward): rounding the weight to x's dtype instead would be
+    ~1e-3 off and flip close routes."""
+    monkeypatch.setattr(rl, "SHRINK", shrink)
     g = torch.Generator().manual_seed(11)
     T, n_in, E, r = 37, 300, 5, 4
     x = torch.randn(T, n_in, generator=g).to(dtype)
     a_cat = torch.randn(E * r, n_in, generator=g).to(dtype)
-    Wr = torch.randn(E, n_in, generator=g)
-    hl, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
+    Wr = torch.randn(E, n_in, generator=g) * 1e-3  # small weights: fp16's parts must be scaled not to flush
+    hl, stats = rl.route_shrink_impl(x, None, a_cat, Wr)
+    assert hl.shape[1] == E * r + (rl.ROUTER_PARTS if shrink == "gemm" else 1) * E
+    rl.gate_fwd_impl(hl, stats, None, E * r, r, 0, 2, 1.0, dtype, 0.0, 0.0)  # leaves the logits in hl[:, -E:]
     ref = x.double() @ Wr.double().t()
     one_part = x.double() @ Wr.to(dtype).double().t()
-    err = ((hl[:, E * r:].double() - ref).abs().max() / ref.abs().max()).item()
+    err = ((hl[:, -E:].double() - ref).abs().max() / ref.abs().max()).item()
     assert err < 1e-6, err
     assert ((one_part - ref).abs().max() / ref.abs().max()).item() > 1e-4  # the test can tell the difference
     ref_h = x.double() @ a_cat.double().t()

@@ -162,6 +162,35 @@ def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_I
 
 
 @triton.jit
+def _router_parts_kernel(a_ptr, wr_ptr, out_ptr, stats_ptr, R, E, N_IN, c, NPARTS: tl.constexpr, EP: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """out (R + NPARTS*E, N_IN) in out's dtype: rows [0, R) = A_cat; row R + j*E + e = the j-th 16-bit part of the
+    float32 router row Wr[e], scaled by c^j, with Wr = sum_j part_j / c^j (each residual is exact in float32, so
+    the parts hold Wr's 24 bits). Program (0, 0) also zeroes the gate kernel's 2E+2 routing statistics."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N_IN
+    if (row == 0) & (tl.program_id(1) == 0):
+        offs_z = tl.arange(0, 4 * EP)
+        tl.store(stats_ptr + offs_z, tl.zeros((4 * EP,), dtype=tl.float32), mask=offs_z < 2 * E + 2)
+    dst = out_ptr + row.to(tl.int64) * N_IN + offs
+    if row < R:
+        tl.store(dst, tl.load(a_ptr + row.to(tl.int64) * N_IN + offs, mask=mask, other=0.0), mask=mask)
+    else:
+        j = (row - R) // E
+        rest = tl.load(wr_ptr + ((row - R) % E).to(tl.int64) * N_IN + offs, mask=mask, other=0.0)
+        part = rest.to(out_ptr.dtype.element_ty)  # part 0
+        out = part
+        scale = 1.0  # c^(i-1)
+        for i in tl.static_range(1, NPARTS):
+            rest = rest - part.to(tl.float32) / scale  # what parts 0..i-1 leave of Wr: exact
+            scale = scale * c
+            part = (rest * scale).to(out_ptr.dtype.element_ty)
+            out = tl.where(j == i, part, out)
+        tl.store(dst, out, mask=mask)
+
+
+@triton.jit
 def _expert_onehot(offs_e, offs_c, RANK: tl.constexpr):
     """(EP, BR) float32: 1 where column c belongs to expert e."""
     return tl.where(offs_e[:, None] == (offs_c // RANK)[None, :], 1.0, 0.0)
@@ -193,11 +222,19 @@ def _softmax_rows(logits, mask_t, mask_e):
 
 
 @triton.jit
-def _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, R, E, HAS_NOISE: tl.constexpr):
-    """Router softmax of one row block of hl's logits (+ noise): (probs (BT, EP), lse (BT,))."""
-    ld = R + E
+def _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, LD, E, part_scale, HAS_NOISE: tl.constexpr,
+           NPARTS: tl.constexpr = 1):
+    """Router softmax of one row block of hl's logits (+ noise): (probs (BT, EP), lse (BT,)). hl's rows are LD
+    floats, the logits its last E columns; NPARTS > 1: its last NPARTS * E columns are the router's partial
+    scores (route_shrink_gemm), logits = sum_j part_j * part_scale^j, written back into the last E columns."""
     m2 = mask_t[:, None] & mask_e[None, :]
-    logits = tl.load(hl_ptr + offs_t.to(tl.int64)[:, None] * ld + R + offs_e[None, :], mask=m2, other=0.0)
+    row = hl_ptr + offs_t.to(tl.int64)[:, None] * LD + offs_e[None, :]
+    logits = tl.load(row + (LD - E), mask=m2, other=0.0)
+    if NPARTS > 1:
+        # the smallest part first: each is a float32 product sum of exact 16-bit parts, added in float32
+        for j in tl.static_range(NPARTS - 1):
+            logits = logits * part_scale + tl.load(row + (LD - (j + 2) * E), mask=m2, other=0.0)
+        tl.store(row + (LD - E), logits, mask=m2)
     if HAS_NOISE:
         logits += tl.load(noise_ptr + offs_t.to(tl.int64)[:, None] * E + offs_e[None, :], mask=m2, other=0.0)
     return _softmax_rows(logits, mask_t, mask_e)
@@ -251,25 +288,27 @@ def _aux_value(counts, prob_sums, lse_sq_sum, mask_e, c_lb, c_z):
 
 @triton.jit
 def _gate_fwd_kernel(hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb, c_z, T, R, E,
-                     RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
-                     BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr, SELECT: tl.constexpr):
+                     LD, part_scale, RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
+                     BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr, SELECT: tl.constexpr,
+                     NPARTS: tl.constexpr):
     """Routing decision and gated shrink output for BT tokens.
 
     gates/ids (T, K): top-k of the softmax (KIND 0: renormalised; 1: switch, raw probability; 2: soft, every
     expert). u (T, R) = scale * gate(expert of column) * h in u's dtype. stats (2E+2, zeroed) += per-expert
     routed counts, per-expert sums of probabilities, sum of logsumexp^2 (atomics); stats[2E+1] counts finished
-    programs, and the last one computes aux from the totals (saves a launch)."""
+    programs, and the last one computes aux from the totals (saves a launch). hl: rows of LD floats, h in the
+    first R columns, the router's NPARTS partial scores in the last NPARTS * E (see _probs)."""
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
     offs_e = tl.arange(0, EP)
     mask_t = offs_t < T
     mask_e = offs_e < E
-    probs, lse = _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, R, E, HAS_NOISE)
+    probs, lse = _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, LD, E, part_scale, HAS_NOISE, NPARTS)
     dense, chosen = _select_experts(probs, offs_t, mask_t, offs_e, mask_e, gates_ptr, ids_ptr, mask_t, K, KIND, EP, BT)
     for c0 in range(0, R, BR):
         offs_c = c0 + tl.arange(0, BR)
         mask_c = offs_c < R
         g = _column_values(dense, offs_e, offs_c, RANK, BT, BR, EP, SELECT)
-        io = offs_t.to(tl.int64)[:, None] * (R + E) + offs_c[None, :]
+        io = offs_t.to(tl.int64)[:, None] * LD + offs_c[None, :]
         m2 = mask_t[:, None] & mask_c[None, :]
         h = tl.load(hl_ptr + io, mask=m2, other=0.0)
         tl.store(u_ptr + offs_t.to(tl.int64)[:, None] * R + offs_c[None, :],
@@ -303,19 +342,20 @@ def _aux_kernel(stats_ptr, aux_ptr, E, c_lb, c_z, EP: tl.constexpr):
 
 @triton.jit
 def _gate_bwd_kernel(du_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, daux_ptr, dhl_ptr,
-                     scale, c_lb, c_z, T, R, E,
+                     scale, c_lb, c_z, T, R, E, LD,
                      RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
                      BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_AUX: tl.constexpr,
                      SELECT: tl.constexpr):
     """dhl[:, :R] = scale * g * du (the shrink's output gradient); dhl[:, R:] = d loss / d logits, through the
     gate selection and, when HAS_AUX, the auxiliary losses (c_lb = lb_coef*E/(T*T*K) and c_z = 2*z_coef/T,
-    scaled by daux). Row stride of hl and dhl: R+E."""
+    scaled by daux). Row stride of hl: LD (its logits in the last E columns, as the gate forward left them);
+    of dhl: R+E."""
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
     offs_e = tl.arange(0, EP)
     mask_t = offs_t < T
     mask_e = offs_e < E
     ld = R + E
-    probs, lse = _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, R, E, HAS_NOISE)
+    probs, lse = _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, LD, E, 1.0, HAS_NOISE)
     dense = tl.zeros((BT, EP), dtype=tl.float32)
     chosen = tl.zeros((BT, EP), dtype=tl.float32)
     for k in tl.static_range(K):
@@ -331,7 +371,7 @@ def _gate_bwd_kernel(du_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, d
         mask_c = offs_c < R
         m2 = mask_t[:, None] & mask_c[None, :]
         du = tl.load(du_ptr + offs_t.to(tl.int64)[:, None] * R + offs_c[None, :], mask=m2, other=0.0)
-        h = tl.load(hl_ptr + offs_t.to(tl.int64)[:, None] * ld + offs_c[None, :], mask=m2, other=0.0)
+        h = tl.load(hl_ptr + offs_t.to(tl.int64)[:, None] * LD + offs_c[None, :], mask=m2, other=0.0)
         g = _column_values(dense, offs_e, offs_c, RANK, BT, BR, EP, SELECT)
         tl.store(dhl_ptr + offs_t.to(tl.int64)[:, None] * ld + offs_c[None, :],
                  (du * g * scale).to(dhl_ptr.dtype.element_ty), mask=m2)
@@ -599,6 +639,17 @@ _ROUTER_PRECISIONS = ("tf32x3", "tf32x2")
 GATE_COLUMNS = os.environ.get("MOL_GATE_COLUMNS", "onehot")
 _GATE_COLUMN_CHOICES = ("onehot", "select")
 
+# How the large-T forward computes hl = [x A_cat^T | x Wr^T] for bf16 / fp16 x: "gemm" (one cuBLAS GEMM against
+# [A_cat; Wr's 16-bit parts], route_shrink_gemm) or "triton" (_route_shrink_kernel, router at ROUTER_PRECISION).
+# The GEMM path needs torch.mm(out_dtype=) (torch >= 2.8) and x_lora None (no dropout); elsewhere, and for float32
+# x, the Triton kernel runs. Measured alone on an H200 (RESULTS run 15): 28.9 against 67.0 us at T=8192 E=8 r=16,
+# 39.0 against 121.2 at E=32 r=8, 14.9 against 50.0 at T=2048; worst logit error 4.7-5.6e-6 of the largest logit
+# against float64 (the tensor cores' float32 accumulation; tf32x3: 3.6e-7, a float32 cuBLAS GEMM: 7.1e-7).
+# MOL_SHRINK sets it at import.
+SHRINK = os.environ.get("MOL_SHRINK", "gemm")
+_SHRINK_CHOICES = ("gemm", "triton")
+ROUTER_PARTS = 3  # 16-bit parts of Wr in the GEMM: 3 hold float32's 24 bits in bf16 (2 hold 16: 3.6e-6 off)
+
 
 def _setting(name: str, choices: tuple[str, ...]) -> str:
     """The value of this module's switch `name` (read at call time, so tests and benchmarks may set it)."""
@@ -616,10 +667,49 @@ def _gate_select() -> bool:
     return _setting("GATE_COLUMNS", _GATE_COLUMN_CHOICES) == "select"
 
 
+def _shrink_by_gemm(x: torch.Tensor, x_lora: torch.Tensor | None) -> bool:
+    """Whether route_shrink runs as one GEMM (route_shrink_gemm): decided from metadata only, so the custom op's
+    fake kernel makes the same choice."""
+    if _setting("SHRINK", _SHRINK_CHOICES) != "gemm" or x_lora is not None or x.shape[0] == 0:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return gl._INTERPRET or (x.device.type == "cuda" and gl._MM_OUT_DTYPE)
+
+
+def _part_scale(dtype: torch.dtype) -> float:
+    """c of route_shrink_gemm's parts (Wr = sum_j part_j / c^j): fp16's narrow exponent range would flush the
+    small parts to zero unscaled; bf16 has float32's."""
+    return 1.0 if dtype == torch.bfloat16 else 2.0 ** 11
+
+
+def route_shrink_gemm(x: torch.Tensor, a_cat: torch.Tensor, router_w: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """hl (T, R + ROUTER_PARTS*E) float32 = x @ [A_cat; parts of Wr]^T, one pass over x (cuBLAS, float32
+    accumulation and output) instead of the Triton kernel's two column groups; the gate forward adds the parts
+    into hl's last E columns, which from then on hold the logits. stats: (2E+2,) zeros."""
+    r_tot, n_in = a_cat.shape
+    e = router_w.shape[0]
+    n_parts = ROUTER_PARTS
+    w_ext = gl._alloc((r_tot + n_parts * e, n_in), x)
+    stats = torch.empty(2 * e + 2, device=x.device, dtype=torch.float32)
+    block = 1024 if not gl._INTERPRET else 64
+    _router_parts_kernel[(r_tot + n_parts * e, gl._cdiv(n_in, block))](
+        a_cat, router_w, w_ext, stats, r_tot, e, n_in, _part_scale(x.dtype), NPARTS=n_parts, EP=_ep(e), BLOCK=block)
+    if x.is_cuda:
+        hl = torch.mm(x, w_ext.t(), out_dtype=torch.float32)
+    else:  # the interpreter's CPU: no low-precision mm with float32 output; exact products, float32 sums alike
+        hl = torch.mm(x.float(), w_ext.float().t())
+    return hl, stats
+
+
 def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
                       router_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hl (T, R+E) float32: the experts' shrink of x_lora (x when None) and the router's logits of x; and
-    stats (2E+2,) float32 zeros, for the gate kernel to accumulate into."""
+    """hl (T, R+E) float32: the experts' shrink of x_lora (x when None) and the router's logits of x (with
+    SHRINK="gemm" for bf16/fp16 x: (T, R + ROUTER_PARTS*E), see route_shrink_gemm); and stats (2E+2,) float32
+    zeros, for the gate kernel to accumulate into."""
+    if _shrink_by_gemm(x, x_lora):
+        return route_shrink_gemm(x, a_cat, router_w)
     t, n_in = x.shape
     r_tot, e = a_cat.shape[0], router_w.shape[0]
     bucket = gl._t_bucket(t)
@@ -646,7 +736,8 @@ def gate_fwd_impl(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | N
     """(gates (T,K) fp32, ids (T,K) int64, u (T,R) dtype, aux () fp32); accumulates into the zeroed stats
     (2E+2,) fp32: per-expert counts, per-expert prob sums, sum of logsumexp^2, the kernel's program counter."""
     t = hl.shape[0]
-    e = hl.shape[1] - r_tot
+    e = r_tot // rank
+    n_parts = (hl.shape[1] - r_tot) // e
     gates = gl._alloc((t, top_k), hl)
     ids = gl._alloc((t, top_k), hl, torch.int64)
     u = gl._alloc((t, r_tot), hl, dtype)
@@ -656,9 +747,10 @@ def gate_fwd_impl(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | N
     if t > 0:
         bt, br = _row_block(r_tot, ep)
         _gate_fwd_kernel[(gl._cdiv(t, bt),)](hl, hl if noise is None else noise, gates, ids, u, stats, aux,
-                                             float(scale), c_lb, c_z, t, r_tot, e, RANK=rank, K=top_k, KIND=kind,
+                                             float(scale), c_lb, c_z, t, r_tot, e, hl.shape[1],
+                                             1.0 / _part_scale(dtype), RANK=rank, K=top_k, KIND=kind,
                                              EP=ep, BT=bt, BR=br, HAS_NOISE=noise is not None,
-                                             SELECT=_gate_select())
+                                             SELECT=_gate_select(), NPARTS=n_parts)
     else:
         _aux_kernel[(1,)](stats, aux, e, c_lb, c_z, EP=ep)
     return gates, ids, u, aux
@@ -675,7 +767,7 @@ def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None
                   scale: float, lb_coef: float, z_coef: float, dtype: torch.dtype) -> torch.Tensor:
     """(T, R+E) in dtype: [gradient of the shrink output h | gradient of the router logits]."""
     t, r_tot = du.shape
-    e = hl.shape[1] - r_tot
+    e = r_tot // rank
     top_k = ids.shape[1]
     dhl = gl._alloc((t, r_tot + e), hl, dtype)
     if t > 0:
@@ -684,7 +776,7 @@ def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None
         c_lb, c_z = _aux_coefs(lb_coef, z_coef, e, t, top_k)
         _gate_bwd_kernel[(gl._cdiv(t, bt),)](
             du, hl, hl if noise is None else noise, gates, ids, stats, stats if daux is None else daux, dhl,
-            float(scale), c_lb, 2.0 * c_z, t, r_tot, e,  # d(lse^2) = 2 lse dlse
+            float(scale), c_lb, 2.0 * c_z, t, r_tot, e, hl.shape[1],  # d(lse^2) = 2 lse dlse
             RANK=rank, K=top_k, KIND=kind, EP=ep, BT=bt, BR=br, HAS_NOISE=noise is not None,
             HAS_AUX=daux is not None, SELECT=_gate_select(), num_warps=_gate_bwd_warps(bt))
     return dhl
@@ -763,11 +855,13 @@ def _route_shrink_op(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
 
 @_route_shrink_op.register_fake
 def _(x, x_lora, a_cat, router_w):
-    return (x.new_empty((x.shape[0], a_cat.shape[0] + router_w.shape[0]), dtype=torch.float32),
+    n_parts = ROUTER_PARTS if _shrink_by_gemm(x, x_lora) else 1
+    return (x.new_empty((x.shape[0], a_cat.shape[0] + n_parts * router_w.shape[0]), dtype=torch.float32),
             x.new_empty((2 * router_w.shape[0] + 2,), dtype=torch.float32))
 
 
-@torch.library.custom_op("mol::route_gate_fwd", mutates_args=("stats",))
+# hl is mutated: with route_shrink_gemm's parts, the gate forward writes the summed logits into its last E columns
+@torch.library.custom_op("mol::route_gate_fwd", mutates_args=("hl", "stats"))
 def _gate_fwd_op(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | None, r_tot: int, rank: int,
                  kind: int, top_k: int, scale: float, dtype: torch.dtype, lb_coef: float, z_coef: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -790,7 +884,7 @@ def _gate_bwd_op(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None,
 
 @_gate_bwd_op.register_fake
 def _(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dtype):
-    return hl.new_empty(hl.shape, dtype=dtype)
+    return hl.new_empty((du.shape[0], du.shape[1] + du.shape[1] // rank), dtype=dtype)
 
 
 @torch.library.custom_op("mol::lora_du", mutates_args=())
