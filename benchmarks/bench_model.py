@@ -61,8 +61,11 @@ def variant(name, model):
 
 def step_fn(model, params, ids, name):
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    import mol.kernels.routed_lora as rl
+    shrink = "triton" if "Triton shrink" in name else rl.SHRINK
 
     def step():
+        rl.SHRINK, before = shrink, rl.SHRINK  # read at each forward call: this variant's setting for its step
         out = model(input_ids=ids, labels=ids)
         loss = out.loss
         if name.startswith("MoL"):
@@ -74,6 +77,7 @@ def step_fn(model, params, ids, name):
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        rl.SHRINK = before
     return step
 
 
@@ -90,10 +94,13 @@ def main():
     batch, seq = (2, 16) if args.tiny else (8, 1024)
     names = ["no adapter", "PEFT LoRA r=16", "MoL E=8 top-2 r=16 (triton)", "MoL E=8 top-2 r=16 (torch reference)",
              "PEFT LoRA r=16, autograd threads off", "MoL E=8 top-2 r=16 (triton), autograd threads off"]
+    # not in the default table: the MoL row with the large-T shrink + router as the Triton kernel instead of one
+    # GEMM (routed_lora.SHRINK), for --only comparisons
+    extra = ["MoL E=8 top-2 r=16 (triton, Triton shrink)"]
     if args.only:
-        unknown = [n for n in args.only if n not in names]
+        unknown = [n for n in args.only if n not in names + extra]
         if unknown:
-            raise SystemExit(f"--only: unknown variant(s) {unknown}; the variants are {names}")
+            raise SystemExit(f"--only: unknown variant(s) {unknown}; the variants are {names + extra}")
         names = list(args.only)
     if args.tiny and os.environ.get("TRITON_INTERPRET") != "1":
         names = [n for n in names if "triton" not in n]
