@@ -644,8 +644,9 @@ _GATE_COLUMN_CHOICES = ("onehot", "select")
 # The GEMM path needs torch.mm(out_dtype=) (torch >= 2.8) and x_lora None (no dropout); elsewhere, and for float32
 # x, the Triton kernel runs. Measured alone on an H200 (RESULTS run 15): 28.9 against 67.0 us at T=8192 E=8 r=16,
 # 39.0 against 121.2 at E=32 r=8, 14.9 against 50.0 at T=2048; worst logit error 4.7-5.6e-6 of the largest logit
-# against float64 (the tensor cores' float32 accumulation; tf32x3: 3.6e-7, a float32 cuBLAS GEMM: 7.1e-7).
-# MOL_SHRINK sets it at import.
+# against float64 at 4096 features, 1.2e-5 at 11008 (the tensor cores' float32 accumulation; tf32x3: 3.6e-7, a
+# float32 cuBLAS GEMM: 7.1e-7). The whole layer, interleaved under CUDA graphs (run 16): 1028 against 1056 us at
+# T=8192, 285 against 318 at T=2048, QLoRA-MoL 1052 against 1093. MOL_SHRINK sets it at import.
 SHRINK = os.environ.get("MOL_SHRINK", "gemm")
 _SHRINK_CHOICES = ("gemm", "triton")
 ROUTER_PARTS = 3  # 16-bit parts of Wr in the GEMM: 3 hold float32's 24 bits in bf16 (2 hold 16: 3.6e-6 off)
