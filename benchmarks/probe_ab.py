@@ -1,10 +1,12 @@
 """Whole-layer A/B of the routed layer's module switches, interleaved, under CUDA-graph replay.
 
-    python benchmarks/probe_ab.py [--rounds 5] [--variants default gate=select ...] [--nf4] [--t 8192]
+    python benchmarks/probe_ab.py [--rounds 5] [--variants default gate=select ...] [--nf4]
+                                  [--t 8192] [--out-features 4096] [--experts 8 --top-k 2 --rank 16]
 
 A row's time on these GPUs depends on its place in a sequence (clocks under a power cap move by several percent
 over a process), so two settings timed one after the other can differ by more than they do. Here every variant's
-MoLLinear fwd+bwd (T tokens, 4096->4096, E=8 top-2 r=16, bf16) is captured in a CUDA graph of its own first, then
+MoLLinear fwd+bwd (T tokens, 4096 -> out features, E experts top-k rank r, bf16) is captured in a CUDA graph of its
+own first, then
 the graphs (and the bare base's) are replayed in turn, `--rounds` times; the table gives each one's median over
 rounds and its ratio to the base's median. A variant is `default` or comma-joined switches: gate=onehot|select
 (routed_lora.GATE_COLUMNS), router=tf32x3|tf32x2 (ROUTER_PRECISION), du=cublas|triton (grouped_lora.DU_CUBLAS),
@@ -23,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol  # noqa: E402
 import mol.kernels.grouped_lora as gl  # noqa: E402
 import mol.kernels.routed_lora as rl  # noqa: E402
-from bench_layer import bench, mol_layer  # noqa: E402
+from bench_layer import bench, capture_graph, mol_layer  # noqa: E402
 from mol.quant import NF4Linear  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
@@ -48,18 +50,7 @@ def apply(variant: str) -> dict:
 
 
 def capture(fn, n=10):
-    """fn captured n times back to back in one CUDA graph (warm-up and capture on a side stream)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for _ in range(n):
-            fn()
-    return g, n
+    return capture_graph(fn, n), n
 
 
 def main():
@@ -68,14 +59,18 @@ def main():
     ap.add_argument("--variants", nargs="+", default=["default", "gate=select"])
     ap.add_argument("--nf4", action="store_true", help="also on an NF4 base (QLoRA-MoL)")
     ap.add_argument("--t", type=int, default=8192)
+    ap.add_argument("--out-features", type=int, default=4096)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args()
     g = torch.Generator(device=DEV).manual_seed(0)
-    T, n, E, K, r = args.t, 4096, 8, 2, 16
+    T, n, n_out, E, K, r = args.t, 4096, args.out_features, args.experts, args.top_k, args.rank
     x = torch.randn(T, n, device=DEV, generator=g).to(DT).requires_grad_()
-    W = (torch.randn(n, n, device=DEV, generator=g) / n ** 0.5).to(DT)
+    W = (torch.randn(n_out, n, device=DEV, generator=g) / n ** 0.5).to(DT)
     A = (torch.randn(E, r, n, device=DEV, generator=g) / n ** 0.5).to(DT)
-    B = (torch.randn(E, n, r, device=DEV, generator=g) * 0.1).to(DT)
-    dy = torch.randn(T, n, device=DEV, generator=g).to(DT)
+    B = (torch.randn(E, n_out, r, device=DEV, generator=g) * 0.1).to(DT)
+    dy = torch.randn(T, n_out, device=DEV, generator=g).to(DT)
     one = torch.ones((), device=DEV)
     layers = {"bf16 base": mol_layer(W, A, B, E, K, r, "triton")}
     if args.nf4:
@@ -107,7 +102,7 @@ def main():
         for k, (gr, reps) in graphs.items():
             times[k].append(bench(lambda gr=gr: gr.replay()) / reps * 1e3)
     base = statistics.median(times["bare bf16 base"])
-    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; T={T} 4096->4096 E=8 top-2 r=16 bf16, "
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; T={T} 4096->{n_out} E={E} top-{K} r={r} bf16, "
           f"fwd+bwd under CUDA graphs, {args.rounds} interleaved rounds, µs")
     print("| variant | base of the layer | median µs | × bare bf16 base | min-max over rounds |")
     print("| --- | --- | --- | --- | --- |")
