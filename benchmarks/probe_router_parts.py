@@ -1,6 +1,6 @@
 """The shrink + router scores as one cuBLAS GEMM: float32 Wr cut into three 16-bit parts that ride with A_cat.
 
-    python benchmarks/probe_router_parts.py [--quick] [--dropout-only]
+    python benchmarks/probe_router_parts.py [--quick]
 
 Today the fused Triton kernel (route_shrink_impl) computes hl = [x A_cat^T | x Wr^T] in float32, the router at
 tf32x3. The alternative measured here is one cuBLAS GEMM, x @ [A_cat; P1; P2; P3]^T with float32 output, where
@@ -8,9 +8,7 @@ Wr = P1 + P2 / c + P3 / c^2 with each P in x's dtype (c = 1 for bf16, whose expo
 for fp16, so the small parts are not flushed), and the logits are the three column blocks summed. x is exact in
 either dtype and the parts hold Wr's 24 bits, so the only error left is the tensor-core accumulation. Printed: µs
 (do_bench medians), the worst logit error against float64 (max |err| / max |ref|, as probe_pieces), and, for
-comparison, a plain float32 cuBLAS GEMM's error on the same logits (TF32 off). Then the layer's own
-route_shrink_impl with dropout (the experts read x_lora, the router x) under SHRINK="gemm" (two GEMMs and a copy)
-and "triton" (the fused kernel); `--dropout-only` runs just that part.
+comparison, a plain float32 cuBLAS GEMM's error on the same logits (TF32 off).
 """
 import argparse
 import os
@@ -41,7 +39,6 @@ def parts(wr: torch.Tensor, dtype: torch.dtype, n: int, c: float) -> list[torch.
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--dropout-only", action="store_true")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device=DEV).manual_seed(0)
@@ -52,7 +49,7 @@ def main():
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; µs (do_bench medians), 4096 in features")
     print("| T E r | x dtype | variant | µs | router logits max err vs float64 |")
     print("| --- | --- | --- | --- | --- |")
-    for T, E, r in ([] if args.dropout_only else cases):
+    for T, E, r in cases:
         R = E * r
         for dt in (torch.bfloat16, torch.float16):
             c = 1.0 if dt == torch.bfloat16 else 2.0 ** 11
@@ -92,23 +89,6 @@ def main():
                  err(torch.mm(xf, wr.t())))
             del x, a_cat, wr, ref, xf
             torch.cuda.empty_cache()
-    for T, E, r in cases:  # with dropout: route_shrink_impl(x, x_lora, ...) as the layer calls it
-        R = E * r
-        x = torch.randn(T, n, device=DEV, generator=g).to(torch.bfloat16)
-        x_lora = torch.nn.functional.dropout(x, 0.1)
-        a_cat = (torch.randn(R, n, device=DEV, generator=g) / n ** 0.5).to(torch.bfloat16)
-        wr = torch.randn(E, n, device=DEV, generator=g) / n ** 0.5
-        ref_h = x_lora.double() @ a_cat.double().t()
-        for shrink in rl._SHRINK_CHOICES:
-            rl.SHRINK = shrink
-            hl, _ = rl.route_shrink_impl(x, x_lora, a_cat, wr)
-            h_err = ((hl[:, :R].double() - ref_h).abs().max() / ref_h.abs().max()).item()
-            t = us(lambda: rl.route_shrink_impl(x, x_lora, a_cat, wr))
-            print(f"| {T} E={E} r={r} | bfloat16 | with dropout: route_shrink_impl, SHRINK={shrink} | {t:.1f} | "
-                  f"(h from x_lora: {h_err:.1e}) |", flush=True)
-        rl.SHRINK = "gemm"
-        del x, x_lora, a_cat, wr, ref_h
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_routed_layer_with_gate_columns_by_select_matches_float64(case, mode, mo
 
 @pytest.mark.parametrize("shrink", rl._SHRINK_CHOICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", ["weight", "base_out", "dropout"])
+@pytest.mark.parametrize("mode", ["weight", "base_out"])
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] > rl.SMALL_T_MAX][:4])
 def test_routed_layer_in_low_precision_matches_float64(case, mode, dtype, shrink, monkeypatch):
     # bf16 / fp16 data: with SHRINK="gemm" the shrink and the router's scores are one GEMM (emulated here: exact
@@ -117,7 +117,7 @@ def _check_layer(case, mode, dtype=torch.float32):
     ((y.float() * w_y.float()).sum() + 3.0 * aux).backward()
 
     tol_y, tol_g = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 1e-2)
-    by_gemm = rl.SHRINK == "gemm" and dtype != torch.float32 and T > rl.SMALL_T_MAX
+    by_gemm = rl.SHRINK == "gemm" and dtype != torch.float32 and x_lora is None and T > rl.SMALL_T_MAX
     assert hl.shape[1] == E * r + (rl.ROUTER_PARTS if by_gemm else 1) * E  # the path this case is meant to run
     assert calls == ([dtype] * 2 if mode == "weight_fn" else [])  # forward, then backward's dx
     assert torch.equal(ids, ids_ref)

@@ -641,8 +641,8 @@ _GATE_COLUMN_CHOICES = ("onehot", "select")
 
 # How the large-T forward computes hl = [x A_cat^T | x Wr^T] for bf16 / fp16 x: "gemm" (one cuBLAS GEMM against
 # [A_cat; Wr's 16-bit parts], route_shrink_gemm) or "triton" (_route_shrink_kernel, router at ROUTER_PRECISION).
-# The GEMM path needs torch.mm(out_dtype=) (torch >= 2.8); without it, and for float32 x, the Triton kernel runs.
-# With dropout (x_lora) it is two GEMMs, the experts' over x_lora and the router's over x, joined by one copy. Measured alone on an H200 (RESULTS run 15): 28.9 against 67.0 us at T=8192 E=8 r=16,
+# The GEMM path needs torch.mm(out_dtype=) (torch >= 2.8) and x_lora None (no dropout); elsewhere, and for float32
+# x, the Triton kernel runs. Measured alone on an H200 (RESULTS run 15): 28.9 against 67.0 us at T=8192 E=8 r=16,
 # 39.0 against 121.2 at E=32 r=8, 14.9 against 50.0 at T=2048; worst logit error 4.7-5.6e-6 of the largest logit
 # against float64 at 4096 features, 1.2e-5 at 11008 (the tensor cores' float32 accumulation; tf32x3: 3.6e-7, a
 # float32 cuBLAS GEMM: 7.1e-7). The whole layer, interleaved under CUDA graphs (run 16): 1028 against 1056 us at
@@ -671,7 +671,7 @@ def _gate_select() -> bool:
 def _shrink_by_gemm(x: torch.Tensor, x_lora: torch.Tensor | None) -> bool:
     """Whether route_shrink runs as one GEMM (route_shrink_gemm): decided from metadata only, so the custom op's
     fake kernel makes the same choice."""
-    if _setting("SHRINK", _SHRINK_CHOICES) != "gemm" or x.shape[0] == 0:
+    if _setting("SHRINK", _SHRINK_CHOICES) != "gemm" or x_lora is not None or x.shape[0] == 0:
         return False
     if x.dtype not in (torch.bfloat16, torch.float16):
         return False
@@ -684,20 +684,11 @@ def _part_scale(dtype: torch.dtype) -> float:
     return 1.0 if dtype == torch.bfloat16 else 2.0 ** 11
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b^T in float32 for 16-bit a, b: cuBLAS with float32 output, or on the interpreter's CPU (which has no
-    such mm) the same exact products summed in float32."""
-    if a.is_cuda:
-        return torch.mm(a, b.t(), out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float().t())
-
-
-def route_shrink_gemm(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor, router_w: torch.Tensor
+def route_shrink_gemm(x: torch.Tensor, a_cat: torch.Tensor, router_w: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """hl (T, R + ROUTER_PARTS*E) float32 = x @ [A_cat; parts of Wr]^T, one pass over x (cuBLAS, float32
     accumulation and output) instead of the Triton kernel's two column groups; the gate forward adds the parts
-    into hl's last E columns, which from then on hold the logits. With x_lora (dropout) the experts' columns are a
-    GEMM of their own over x_lora, the router's over x. stats: (2E+2,) zeros."""
+    into hl's last E columns, which from then on hold the logits. stats: (2E+2,) zeros."""
     r_tot, n_in = a_cat.shape
     e = router_w.shape[0]
     n_parts = ROUTER_PARTS
@@ -706,9 +697,11 @@ def route_shrink_gemm(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch
     block = 1024 if not gl._INTERPRET else 64
     _router_parts_kernel[(r_tot + n_parts * e, gl._cdiv(n_in, block))](
         a_cat, router_w, w_ext, stats, r_tot, e, n_in, _part_scale(x.dtype), NPARTS=n_parts, EP=_ep(e), BLOCK=block)
-    if x_lora is None:
-        return _mm_f32(x, w_ext), stats
-    return torch.cat([_mm_f32(x_lora, w_ext[:r_tot]), _mm_f32(x, w_ext[r_tot:])], dim=1), stats
+    if x.is_cuda:
+        hl = torch.mm(x, w_ext.t(), out_dtype=torch.float32)
+    else:  # the interpreter's CPU: no low-precision mm with float32 output; exact products, float32 sums alike
+        hl = torch.mm(x.float(), w_ext.float().t())
+    return hl, stats
 
 
 def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
@@ -717,7 +710,7 @@ def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch
     SHRINK="gemm" for bf16/fp16 x: (T, R + ROUTER_PARTS*E), see route_shrink_gemm); and stats (2E+2,) float32
     zeros, for the gate kernel to accumulate into."""
     if _shrink_by_gemm(x, x_lora):
-        return route_shrink_gemm(x, x_lora, a_cat, router_w)
+        return route_shrink_gemm(x, a_cat, router_w)
     t, n_in = x.shape
     r_tot, e = a_cat.shape[0], router_w.shape[0]
     bucket = gl._t_bucket(t)
