@@ -108,7 +108,7 @@ def main():
     lines = [f"GPU: {gpu}; torch {torch.__version__}; bf16; Llama hidden 2048, 8 layers, batch x seq = {batch} x {seq}",
              "", "| variant | trainable params | step ms (median) | × PEFT | peak memory GiB | × PEFT |",
              "| --- | --- | --- | --- | --- | --- |"]
-    res = {}
+    res = []  # (name, result or None) in run order: --only may repeat a name (interleaved comparisons)
     for name in names:
         try:
             model = build(args.tiny, dev, dtype)
@@ -137,18 +137,17 @@ def main():
                     times.append((time.perf_counter() - t0) * 1e3)
                 peak = float("nan")
             times.sort()
-            res[name] = (sum(p.numel() for p in params), times[len(times) // 2], peak)
-            print(name, res[name], flush=True)
+            res.append((name, (sum(p.numel() for p in params), times[len(times) // 2], peak)))
+            print(name, res[-1][1], flush=True)
         except Exception as ex:  # keep the other rows; report the failure in the table
             print(f"{name}: FAILED {type(ex).__name__}: {ex}", flush=True)
-            res[name] = None
+            res.append((name, None))
         finally:
             model = params = step = None
             if dev == "cuda":
                 torch.cuda.empty_cache()
-    ref = res.get("PEFT LoRA r=16")
-    for name in names:
-        r = res[name]
+    ref = next((r for n, r in res if n == "PEFT LoRA r=16" and r is not None), None)
+    for name, r in res:
         if r is None:
             lines.append(f"| {name} | failed | | | | |")
             continue
