@@ -308,6 +308,13 @@ def test_each_router_precision_is_tuned_for_itself(monkeypatch):
     assert len(keys) == len(rl._ROUTER_PRECISIONS)
 
 
+def test_unknown_shrink_is_named(monkeypatch):
+    monkeypatch.setattr(rl, "SHRINK", "cutlass")
+    x = torch.randn(20, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="SHRINK='cutlass'"):
+        rl.route_shrink_impl(x, None, torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(2, 8))
+
+
 def test_unknown_gate_columns_is_named(monkeypatch):
     monkeypatch.setattr(rl, "GATE_COLUMNS", "scatter")
     hl, stats = rl.route_shrink_impl(torch.randn(3, 8), None, torch.randn(4, 8), torch.randn(2, 8))
