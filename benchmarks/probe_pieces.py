@@ -133,7 +133,7 @@ def main():
 def gate_rows(row, case, hl, R, E, K, r, T, dt):
     """The gate kernels (routing + u, and their backward) at the layer's tile (BT from _row_block; 4 warps
     forward, _gate_bwd_warps backward) and at other row-block sizes and warp counts, launched as gate_fwd_impl /
-    gate_bwd_impl launch them."""
+    gate_bwd_impl launch them. hl: the Triton shrink's (T, R+E), logits already summed (NPARTS=1)."""
     ep = rl._ep(E)
     bt0, br = rl._row_block(R, ep)
     wb0 = rl._gate_bwd_warps(bt0)
@@ -155,12 +155,12 @@ def gate_rows(row, case, hl, R, E, K, r, T, dt):
 
         def fwd(bt=bt, w=w, sel=sel):
             rl._gate_fwd_kernel[(gl._cdiv(T, bt),)](hl, hl, gates, ids, u, stats, aux, 2.0, c_lb, c_z, T, R, E,
-                                                    RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=br, HAS_NOISE=False,
-                                                    SELECT=sel, num_warps=w)
+                                                    hl.shape[1], 1.0, RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=br,
+                                                    HAS_NOISE=False, SELECT=sel, NPARTS=1, num_warps=w)
 
         def bwd(bt=bt, w=w, sel=sel):
             rl._gate_bwd_kernel[(gl._cdiv(T, bt),)](du, hl, hl, gates, ids, stats, daux, dhl, 2.0, c_lb, 2.0 * c_z,
-                                                    T, R, E, RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=br,
+                                                    T, R, E, hl.shape[1], RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=br,
                                                     HAS_NOISE=False, HAS_AUX=True, SELECT=sel, num_warps=w)
         try:
             row("gate fwd", tag_f, us(fwd), gb_f)
