@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol  # noqa: E402
+import mol.kernels.routed_lora as rl  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -61,7 +62,6 @@ def variant(name, model):
 
 def step_fn(model, params, ids, name):
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    import mol.kernels.routed_lora as rl
     shrink = "triton" if "Triton shrink" in name else rl.SHRINK
 
     def step():

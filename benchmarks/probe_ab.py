@@ -15,7 +15,6 @@ shrink=gemm|triton (routed_lora.SHRINK).
 """
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -25,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol  # noqa: E402
 import mol.kernels.grouped_lora as gl  # noqa: E402
 import mol.kernels.routed_lora as rl  # noqa: E402
-from bench_layer import bench, capture_graph, mol_layer  # noqa: E402
+from bench_layer import interleaved_graph_times, mol_layer  # noqa: E402
 from mol.quant import NF4Linear  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
@@ -35,22 +34,31 @@ SWITCHES = {"gate": (rl, "GATE_COLUMNS", {"onehot": "onehot", "select": "select"
             "shrink": (rl, "SHRINK", {"gemm": "gemm", "triton": "triton"})}
 
 
-def apply(variant: str) -> dict:
-    """Set the module switches a variant names; returns the previous values."""
-    old = {}
+def switches(variant: str) -> list:
+    """[(module, attribute, value)] that a variant names."""
+    out = []
     for item in ([] if variant == "default" else variant.split(",")):
         key, _, val = item.partition("=")
         if key not in SWITCHES or val not in SWITCHES[key][2]:
             raise SystemExit(f"unknown switch {item!r}; choose from "
                              + ", ".join(f"{k}={'|'.join(v[2])}" for k, v in SWITCHES.items()))
         mod, attr, vals = SWITCHES[key]
-        old[(mod, attr)] = getattr(mod, attr)
-        setattr(mod, attr, vals[val])
-    return old
+        out.append((mod, attr, vals[val]))
+    return out
 
 
-def capture(fn, n=10):
-    return capture_graph(fn, n), n
+def with_switches(sets: list, fn):
+    """fn run with the switches set (and restored after): a graph captured from it keeps that variant's kernels."""
+    def run():
+        old = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in sets]
+        for mod, attr, val in sets:
+            setattr(mod, attr, val)
+        try:
+            fn()
+        finally:
+            for mod, attr, val in old:
+                setattr(mod, attr, val)
+    return run
 
 
 def main():
@@ -90,26 +98,21 @@ def main():
             torch.autograd.grad([y, m.aux_loss()], [x] + params, [dy, one])
             m.clear_routing()
         return run
-    graphs = {"bare bf16 base": capture(lambda: torch.autograd.grad(F.linear(x, W), [x], dy))}
+    fns = {"bare bf16 base": lambda: torch.autograd.grad(F.linear(x, W), [x], dy)}
     for v in args.variants:
-        old = apply(v)
+        sets = switches(v)
         for name, m in layers.items():
-            graphs[f"{v} | {name}"] = capture(step(m))
-        for (mod, attr), val in old.items():
-            setattr(mod, attr, val)
-    times = {k: [] for k in graphs}
-    for _ in range(args.rounds):
-        for k, (gr, reps) in graphs.items():
-            times[k].append(bench(lambda gr=gr: gr.replay()) / reps * 1e3)
-    base = statistics.median(times["bare bf16 base"])
+            fns[f"{v} | {name}"] = with_switches(sets, step(m))
+    times = interleaved_graph_times(fns, n=10, rounds=args.rounds)  # ms per call: (median, min, max)
+    base = times["bare bf16 base"][0] * 1e3
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; T={T} 4096->{n_out} E={E} top-{K} r={r} bf16, "
           f"fwd+bwd under CUDA graphs, {args.rounds} interleaved rounds, µs")
     print("| variant | base of the layer | median µs | × bare bf16 base | min-max over rounds |")
     print("| --- | --- | --- | --- | --- |")
-    for k, ts in times.items():
+    for k, (med, lo, hi) in times.items():
         v, _, b = k.partition(" | ")
-        med = statistics.median(ts)
-        print(f"| {v} | {b or '-'} | {med:.1f} | {med / base:.3f}× | {min(ts):.1f}-{max(ts):.1f} |", flush=True)
+        med, lo, hi = med * 1e3, lo * 1e3, hi * 1e3
+        print(f"| {v} | {b or '-'} | {med:.1f} | {med / base:.3f}× | {lo:.1f}-{hi:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,13 @@ def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, 
             tl.atomic_add(ptrs_r, acc_r, mask=m2r)
 
 
+@triton.jit
+def _zero_stats(stats_ptr, E, EP: tl.constexpr):
+    """Zero the gate kernel's 2E+2 routing statistics (done by the shrink's first program: a fill launch fewer)."""
+    offs_z = tl.arange(0, 4 * EP)
+    tl.store(stats_ptr + offs_z, tl.zeros((4 * EP,), dtype=tl.float32), mask=offs_z < 2 * E + 2)
+
+
 @triton.autotune(configs=_shrink_configs(), key=["T_BUCKET", "N_IN", "R", "E", "ROUTER_X2"],
                  prune_configs_by={"early_config_prune": gl._prune}, reset_to_zero=["hl_ptr"])
 @triton.jit
@@ -155,8 +162,7 @@ def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_I
     pid_t = tl.program_id(1)
     pid_s = tl.program_id(2)
     if (pid_r == 0) & (pid_t == 0) & (pid_s == 0):
-        offs_z = tl.arange(0, 4 * EP)
-        tl.store(stats_ptr + offs_z, tl.zeros((4 * EP,), dtype=tl.float32), mask=offs_z < 2 * E + 2)
+        _zero_stats(stats_ptr, E, EP)
     _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, pid_r, pid_t, pid_s, T, N_IN, R, E, EP, BT, BR, BK, SPLIT,
                  F32_DOT, IEEE, SPLIT == 1, ROUTER_X2)
 
@@ -171,8 +177,7 @@ def _router_parts_kernel(a_ptr, wr_ptr, out_ptr, stats_ptr, R, E, N_IN, c, NPART
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N_IN
     if (row == 0) & (tl.program_id(1) == 0):
-        offs_z = tl.arange(0, 4 * EP)
-        tl.store(stats_ptr + offs_z, tl.zeros((4 * EP,), dtype=tl.float32), mask=offs_z < 2 * E + 2)
+        _zero_stats(stats_ptr, E, EP)
     dst = out_ptr + row.to(tl.int64) * N_IN + offs
     if row < R:
         tl.store(dst, tl.load(a_ptr + row.to(tl.int64) * N_IN + offs, mask=mask, other=0.0), mask=mask)
@@ -632,10 +637,12 @@ def _row_block(r_tot: int, ep: int) -> tuple[int, int]:
 ROUTER_PRECISION = os.environ.get("MOL_ROUTER_PRECISION", "tf32x3")
 _ROUTER_PRECISIONS = ("tf32x3", "tf32x2")
 
-# How the gate kernels move values between experts and their columns: "onehot" (a tl.dot with a one-hot matrix,
-# measured) or "select" (a gather for the per-column gates; for top-k / switch, K masked row sums for dgates).
-# In the sm_90 SASS, "select" needs 5-25 KB less shared memory and ~10x fewer FFMAs (RESULTS, compiler report of the
-# gate kernels); it has not been timed on a GPU, so "onehot" stays the default. MOL_GATE_COLUMNS sets it at import.
+# How the gate kernels move values between experts and their columns: "onehot" (a tl.dot with a one-hot matrix)
+# or "select" (a gather for the per-column gates; for top-k / switch, K masked row sums for dgates). In the sm_90
+# SASS, "select" needs 5-25 KB less shared memory and ~10x fewer FFMAs (RESULTS, compiler report of the gate
+# kernels), and its gate backward alone took 13.6 against 23.3 us on an H200 (run 14); but the whole layer,
+# interleaved, moved by less than the rounds' spread either way (run 15), so "onehot" stays the default.
+# MOL_GATE_COLUMNS sets it at import.
 GATE_COLUMNS = os.environ.get("MOL_GATE_COLUMNS", "onehot")
 _GATE_COLUMN_CHOICES = ("onehot", "select")
 
