@@ -26,7 +26,8 @@ def measure(repo: str) -> str:
     torch.set_num_threads(1)
 
     def shrink(x, x_lora, a_cat, router_w):
-        return torch.empty(x.shape[0], a_cat.shape[0] + router_w.shape[0]), torch.empty(2 * router_w.shape[0] + 2)
+        return (torch.empty(x.shape[0], a_cat.shape[0] + router_w.shape[0]), torch.empty(2 * router_w.shape[0] + 2),
+                torch.empty(a_cat.shape[0] + router_w.shape[0], x.shape[1]))
 
     def gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, dtype, lb, z):
         t = hl.shape[0]

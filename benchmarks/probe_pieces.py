@@ -65,7 +65,7 @@ def main():
 
         gb_shrink = (T * n * 2 + R * n * 2 + E * n * 4 + T * (R + E) * 4) / 1e9
         rl.SHRINK = "gemm"
-        hl_g, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
+        hl_g, _, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
         parts = hl_g[:, R:].view(T, rl.ROUTER_PARTS, E)
         lg = sum(parts[:, j] / rl._part_scale(x.dtype) ** j for j in range(rl.ROUTER_PARTS))
         err = ((lg.double() - ref).abs().max() / ref.abs().max()).item()
@@ -74,7 +74,7 @@ def main():
         rl.SHRINK = "triton"
         for prec in ("tf32x2", "tf32x3"):  # the Triton kernel's default last: hl below is its
             rl.ROUTER_PRECISION = prec
-            hl, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
+            hl, _, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
             err = ((hl[:, R:].double() - ref).abs().max() / ref.abs().max()).item()
             t = us(lambda: rl.route_shrink_impl(x, None, a_cat, Wr))
             row("shrink + router", f"fused Triton, router {prec}", t, gb_shrink, f"router logits max err {err:.1e}")

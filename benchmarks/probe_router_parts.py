@@ -64,7 +64,7 @@ def main():
             def line(variant, t, e):
                 print(f"| {T} E={E} r={r} | {str(dt)[6:]} | {variant} | {t:.1f} | {e:.1e} |", flush=True)
 
-            hl, _ = rl.route_shrink_impl(x, None, a_cat, wr)
+            hl, _, _ = rl.route_shrink_impl(x, None, a_cat, wr)
             line("fused Triton shrink + router (tf32x3, today)", us(lambda: rl.route_shrink_impl(x, None, a_cat, wr)),
                  err(hl[:, R:]))
             line("cuBLAS x @ A_cat^T alone (float32 out, no router)",

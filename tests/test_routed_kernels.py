@@ -202,7 +202,7 @@ def test_custom_ops_opcheck():
     B, dy = torch.randn(E, n_out, r), torch.randn(T, n_out)
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.mol.route_shrink.default, (x, None, A.reshape(E * r, n_in), Wr), test_utils=checks)
-    hl, stats = rl.route_shrink_impl(x, None, A.reshape(E * r, n_in), Wr)
+    hl, stats, _ = rl.route_shrink_impl(x, None, A.reshape(E * r, n_in), Wr)
     assert torch.equal(stats, torch.zeros(2 * E + 2))  # zeroed by the shrink kernel
     fwd_args = (hl, stats.clone(), None, E * r, r, 0, K, 0.5, torch.float32, 0.1, 0.01)
     torch.library.opcheck(torch.ops.mol.route_gate_fwd.default, fwd_args, test_utils=checks)
@@ -276,8 +276,17 @@ def test_router_scores_float32_accurate_for_low_precision_x(dtype, shrink, monke
     x = torch.randn(T, n_in, generator=g).to(dtype)
     a_cat = torch.randn(E * r, n_in, generator=g).to(dtype)
     Wr = torch.randn(E, n_in, generator=g) * 1e-3  # small weights: fp16's parts must be scaled not to flush
-    hl, stats = rl.route_shrink_impl(x, None, a_cat, Wr)
+    hl, stats, w_dx = rl.route_shrink_impl(x, None, a_cat, Wr)
     assert hl.shape[1] == E * r + (rl.ROUTER_PARTS if shrink == "gemm" else 1) * E
+    # the backward's dx operand: [A_cat; Wr rounded to x's dtype] where the GEMM built it (else empty: rebuilt)
+    if shrink == "gemm":
+        assert torch.equal(w_dx[:E * r], a_cat)
+        if dtype == torch.float16 or not gl._INTERPRET:
+            assert torch.equal(w_dx[E * r:], Wr.to(dtype))
+        else:  # Wr rounded to nearest on a GPU; the interpreter's bf16 conversion truncates: within one ulp
+            assert ((w_dx[E * r:].float() - Wr).abs() <= torch.finfo(dtype).eps * Wr.abs()).all()
+    else:
+        assert w_dx.shape == (0, n_in)
     rl.gate_fwd_impl(hl, stats, None, E * r, r, 0, 2, 1.0, dtype, 0.0, 0.0)  # leaves the logits in hl[:, -E:]
     ref = x.double() @ Wr.double().t()
     one_part = x.double() @ Wr.to(dtype).double().t()
@@ -317,6 +326,6 @@ def test_unknown_shrink_is_named(monkeypatch):
 
 def test_unknown_gate_columns_is_named(monkeypatch):
     monkeypatch.setattr(rl, "GATE_COLUMNS", "scatter")
-    hl, stats = rl.route_shrink_impl(torch.randn(3, 8), None, torch.randn(4, 8), torch.randn(2, 8))
+    hl, stats, _ = rl.route_shrink_impl(torch.randn(3, 8), None, torch.randn(4, 8), torch.randn(2, 8))
     with pytest.raises(ValueError, match="GATE_COLUMNS='scatter'"):
         rl.gate_fwd_impl(hl, stats, None, 4, 2, 0, 1, 1.0, torch.float32, 0.0, 0.0)

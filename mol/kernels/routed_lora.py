@@ -184,7 +184,8 @@ def _router_parts_kernel(a_ptr, wr_ptr, out_ptr, stats_ptr, R, E, N_IN, c, NPART
     else:
         j = (row - R) // E
         rest = tl.load(wr_ptr + ((row - R) % E).to(tl.int64) * N_IN + offs, mask=mask, other=0.0)
-        part = rest.to(out_ptr.dtype.element_ty)  # part 0
+        # part 0, rounded to nearest, is also the backward's Wr in x's dtype (TRITON_INTERPRET truncates bf16)
+        part = rest.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         out = part
         scale = 1.0  # c^(i-1)
         for i in tl.static_range(1, NPARTS):
@@ -692,10 +693,12 @@ def _part_scale(dtype: torch.dtype) -> float:
 
 
 def route_shrink_gemm(x: torch.Tensor, a_cat: torch.Tensor, router_w: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hl (T, R + ROUTER_PARTS*E) float32 = x @ [A_cat; parts of Wr]^T, one pass over x (cuBLAS, float32
     accumulation and output) instead of the Triton kernel's two column groups; the gate forward adds the parts
-    into hl's last E columns, which from then on hold the logits. stats: (2E+2,) zeros."""
+    into hl's last E columns, which from then on hold the logits. stats: (2E+2,) zeros. w_dx: the operand's
+    first R+E rows, [A_cat; Wr rounded to x's dtype] (the first part is that rounding), which is what the
+    backward's dx = dhl @ [A_cat; Wr] multiplies by: kept, it saves the backward a cat and a cast."""
     r_tot, n_in = a_cat.shape
     e = router_w.shape[0]
     n_parts = ROUTER_PARTS
@@ -708,14 +711,15 @@ def route_shrink_gemm(x: torch.Tensor, a_cat: torch.Tensor, router_w: torch.Tens
         hl = torch.mm(x, w_ext.t(), out_dtype=torch.float32)
     else:  # the interpreter's CPU: no low-precision mm with float32 output; exact products, float32 sums alike
         hl = torch.mm(x.float(), w_ext.float().t())
-    return hl, stats
+    return hl, stats, w_ext[:r_tot + e]
 
 
 def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
-                      router_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      router_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hl (T, R+E) float32: the experts' shrink of x_lora (x when None) and the router's logits of x (with
-    SHRINK="gemm" for bf16/fp16 x: (T, R + ROUTER_PARTS*E), see route_shrink_gemm); and stats (2E+2,) float32
-    zeros, for the gate kernel to accumulate into."""
+    SHRINK="gemm" for bf16/fp16 x: (T, R + ROUTER_PARTS*E), see route_shrink_gemm); stats (2E+2,) float32
+    zeros, for the gate kernel to accumulate into; and the backward's dx operand [A_cat; Wr in x's dtype]
+    (R+E, in) where the GEMM path built it, else an empty (0, in) tensor (the backward then builds it)."""
     if _shrink_by_gemm(x, x_lora):
         return route_shrink_gemm(x, a_cat, router_w)
     t, n_in = x.shape
@@ -726,8 +730,9 @@ def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch
     # shared choice, whichever ran first)
     key = ("route_shrink", bucket, n_in, r_tot, e, x.dtype, router_x2)
     hl = gl._accumulator(t, r_tot + e, x, key)
+    no_operand = x.new_empty((0, n_in))
     if t == 0:
-        return hl, torch.zeros(2 * e + 2, device=x.device, dtype=torch.float32)
+        return hl, torch.zeros(2 * e + 2, device=x.device, dtype=torch.float32), no_operand
     stats = torch.empty(2 * e + 2, device=x.device, dtype=torch.float32)
 
     def grid(m):
@@ -735,7 +740,7 @@ def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch
     gl._launch(_route_shrink_kernel, key, grid,
                (x, x if x_lora is None else x_lora, a_cat, router_w, hl, stats, t, n_in, r_tot, e, bucket),
                {"EP": _ep(e), "ROUTER_X2": router_x2, **gl._flags(x.dtype)})
-    return hl, stats
+    return hl, stats, no_operand
 
 
 def gate_fwd_impl(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | None, r_tot: int, rank: int,
@@ -857,15 +862,16 @@ lora_du_impl = gl._du  # du = dy @ B_cat^T in float32: the grouped kernels' own 
 
 @torch.library.custom_op("mol::route_shrink", mutates_args=())
 def _route_shrink_op(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
-                     router_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     router_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return route_shrink_impl(x, x_lora, a_cat, router_w)
 
 
 @_route_shrink_op.register_fake
 def _(x, x_lora, a_cat, router_w):
-    n_parts = ROUTER_PARTS if _shrink_by_gemm(x, x_lora) else 1
-    return (x.new_empty((x.shape[0], a_cat.shape[0] + n_parts * router_w.shape[0]), dtype=torch.float32),
-            x.new_empty((2 * router_w.shape[0] + 2,), dtype=torch.float32))
+    gemm = _shrink_by_gemm(x, x_lora)
+    r_tot, e = a_cat.shape[0], router_w.shape[0]
+    return (x.new_empty((x.shape[0], r_tot + (ROUTER_PARTS if gemm else 1) * e), dtype=torch.float32),
+            x.new_empty((2 * e + 2,), dtype=torch.float32), x.new_empty((r_tot + e if gemm else 0, x.shape[1])))
 
 
 # hl is mutated: with route_shrink_gemm's parts, the gate forward writes the summed logits into its last E columns
@@ -932,8 +938,9 @@ _OPS = (_route_shrink_op, _gate_fwd_op, _gate_bwd_op, _lora_du_op, _small_t_fwd_
 # ----------------------------------------------------------------------------- autograd
 
 def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta):
-    """The routed layer's forward, (y, aux, hl, gates, ids, u, stats): what _RoutedLoRAFn.forward runs, and what
-    routed_lora_linear runs alone when nothing needs a gradient (no autograd node, nothing saved)."""
+    """The routed layer's forward, (y, aux, hl, gates, ids, u, stats, w_dx): what _RoutedLoRAFn.forward runs, and
+    what routed_lora_linear runs alone when nothing needs a gradient (no autograd node, nothing saved). w_dx: the
+    backward's dx operand [A_cat; Wr in x's dtype] where the shrink built it, else None or empty."""
     kind, top_k, scale, lb_coef, z_coef, eager = meta
     shrink, gate_fwd, _, _, small_t = _EAGER if eager else _OPS
     e, rank, n_in = lora_A.shape
@@ -944,8 +951,9 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
         y, hl, gates, ids, u, stats, aux = small_t(x, x_lora, a_cat, router_w, w, bias, base_out, lora_B, noise,
                                                    rank, kind, top_k, scale, lb_coef, z_coef)
         del w
+        w_dx = None
     else:
-        hl, stats = shrink(x, x_lora, a_cat, router_w)
+        hl, stats, w_dx = shrink(x, x_lora, a_cat, router_w)
         gates, ids, u, aux = gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, x.dtype, lb_coef,
                                       z_coef)
         b_cat = gl._b_cat(lora_B)  # (R, out): a view of MoLLinear's expert-interleaved lora_B
@@ -959,7 +967,7 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
             del w  # a dequantized scratch weight (NF4) is not kept for backward: weight_fn runs again there
         else:
             y = torch.addmm(base_out, u, b_cat)
-    return y, aux, hl, gates, ids, u, stats
+    return y, aux, hl, gates, ids, u, stats, w_dx
 
 
 class _RoutedLoRAFn(torch.autograd.Function):
@@ -970,9 +978,11 @@ class _RoutedLoRAFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta):
-        y, aux, hl, gates, ids, u, stats = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A,
-                                                           lora_B, router_w, noise, meta)
-        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats)
+        y, aux, hl, gates, ids, u, stats, w_dx = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out,
+                                                                 lora_A, lora_B, router_w, noise, meta)
+        if not ctx.needs_input_grad[0] or (w_dx is not None and w_dx.numel() == 0):
+            w_dx = None  # not needed, or not built (the backward builds it)
+        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats, w_dx)
         ctx.weight_fn = weight_fn
         ctx.meta = meta
         ctx.mark_non_differentiable(hl, gates, ids, stats)
@@ -983,7 +993,7 @@ class _RoutedLoRAFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, daux, _dhl, _dgates, _dids, _dstats):
-        x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats = ctx.saved_tensors
+        x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats, w_dx = ctx.saved_tensors
         kind, top_k, scale, lb_coef, z_coef, eager = ctx.meta
         _, _, gate_bwd, lora_du, _ = _EAGER if eager else _OPS
         # x, x_lora, weight, weight_fn, bias, base_out, A, B, Wr, noise, meta: index as the first ten minus weight_fn
@@ -1004,7 +1014,7 @@ class _RoutedLoRAFn(torch.autograd.Function):
             w = weight if weight is not None else ctx.weight_fn(dt)
         if x_lora is None:  # the router and the experts read the same x: one addmm, one weight-gradient GEMM
             if need[0]:
-                dx = torch.mm(dhl, torch.cat([a_cat, router_w.to(dt)]))
+                dx = torch.mm(dhl, w_dx if w_dx is not None else torch.cat([a_cat, router_w.to(dt)]))
             if need[5] or need[7]:
                 d_ext = torch.mm(dhl.t(), x)
                 dA, dWr = d_ext[:r_tot].view(e, rank, n_in), d_ext[r_tot:]
@@ -1102,7 +1112,7 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
             t is not None and t.requires_grad for t in (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w))):
         # inference (decode, evaluation): the same kernels without an autograd node, which costs host time
         # every call and would keep nothing useful
-        y, aux, hl, gates, ids, _, stats = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A,
-                                                           lora_B, router_w, noise, meta)
+        y, aux, hl, gates, ids, _, stats, _ = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A,
+                                                              lora_B, router_w, noise, meta)
         return y, aux, hl, gates, ids, stats
     return _RoutedLoRAFn.apply(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta)
