@@ -6,8 +6,10 @@ hidden 2048, 8 layers, batch x seq = 8 x 1024; adapters on every attention and M
 (q, k, v, o, gate, up, down). Rows: no adapter (frozen model, backward to the embeddings,
 no optimizer: the floor every adapter pays), PEFT LoRA r=16, MoL E=8 top-2 r=16 (Triton
 backend, and the PyTorch reference backend for comparison), and PEFT and MoL again with the backward run on
-the calling thread (torch.autograd.set_multithreading_enabled(False)). Median step time over timed steps after
-warm-up (CUDA events), and peak allocated memory over the timed steps.
+the calling thread (torch.autograd.set_multithreading_enabled(False)), and PEFT and MoL with the whole step
+captured in a CUDA graph and replayed (the GPU's work alone: on hosts as slow as the H200 machines the eager step is
+host-bound). Median step time over timed steps after warm-up (CUDA events), and peak allocated memory over the
+timed steps.
 """
 import argparse
 import os
@@ -60,7 +62,37 @@ def variant(name, model):
     return model, params
 
 
+def graphed_step_fn(model, params, ids, name):
+    """The whole step (forward, backward, AdamW) captured in one CUDA graph and replayed: the GPU's work without
+    the host's (on these machines the eager step is host-bound and its time moves with the host, RESULTS run 18).
+    Warm-up and capture follow torch.cuda.graphs' whole-network recipe (side stream, capturable AdamW, grads set
+    to None before capture so the captured backward writes them fresh each replay)."""
+    opt = torch.optim.AdamW(params, lr=1e-4, capturable=True)
+    routed = name.startswith("MoL")
+
+    def eager():
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        (loss + mol.aux_loss(model) if routed else loss).backward()
+        opt.step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            eager()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    if routed:
+        mol.clear_routing(model)  # the warm-up's routing tensors must not be freed inside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        eager()
+    return graph.replay
+
+
 def step_fn(model, params, ids, name):
+    if "CUDA graph" in name:
+        return graphed_step_fn(model, params, ids, name)
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     shrink = "triton" if "Triton shrink" in name else rl.SHRINK
 
@@ -93,7 +125,8 @@ def main():
     dtype = torch.float32 if args.tiny else torch.bfloat16
     batch, seq = (2, 16) if args.tiny else (8, 1024)
     names = ["no adapter", "PEFT LoRA r=16", "MoL E=8 top-2 r=16 (triton)", "MoL E=8 top-2 r=16 (torch reference)",
-             "PEFT LoRA r=16, autograd threads off", "MoL E=8 top-2 r=16 (triton), autograd threads off"]
+             "PEFT LoRA r=16, autograd threads off", "MoL E=8 top-2 r=16 (triton), autograd threads off",
+             "PEFT LoRA r=16, CUDA graph", "MoL E=8 top-2 r=16 (triton), CUDA graph"]
     # not in the default table: the MoL row with the large-T shrink + router as the Triton kernel instead of one
     # GEMM (routed_lora.SHRINK), for --only comparisons
     extra = ["MoL E=8 top-2 r=16 (triton, Triton shrink)"]
@@ -104,6 +137,8 @@ def main():
         names = list(args.only)
     if args.tiny and os.environ.get("TRITON_INTERPRET") != "1":
         names = [n for n in names if "triton" not in n]
+    if dev != "cuda":
+        names = [n for n in names if "CUDA graph" not in n]
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     lines = [f"GPU: {gpu}; torch {torch.__version__}; bf16; Llama hidden 2048, 8 layers, batch x seq = {batch} x {seq}",
              "", "| variant | trainable params | step ms (median) | × PEFT | peak memory GiB | × PEFT |",

@@ -1,6 +1,6 @@
 """Where a MoLLinear forward+backward spends its time: host cost per kind of launch, and GPU time per kernel.
 
-    python benchmarks/profile_layer.py [--out profile.md]
+    python benchmarks/profile_layer.py [--out profile.md] [--t 8192 512 16] [--backends triton torch] [--kernels-only]
 
 1. Host (CPU) microseconds per call of the building blocks a layer is made of, on tiny tensors so the
    GPU never waits: an allocation, a small torch.mm, a plain Triton kernel launched three ways
@@ -72,6 +72,9 @@ def fwd_bwd(m, x, dy, aux=True):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--t", type=int, nargs="+", default=[8192, 512, 16], help="token counts of the kernel tables")
+    ap.add_argument("--backends", nargs="+", default=["triton", "torch"])
+    ap.add_argument("--kernels-only", action="store_true", help="skip the host-cost table")
     args = ap.parse_args()
     lines = [f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", "",
              "| host cost per call | µs |", "| --- | --- |"]
@@ -90,14 +93,14 @@ def main():
         "triton CompiledKernel.run(raw launcher)": lambda: compiled.run(
             4, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, xs, ys, xs.numel(), 1024),
     }
-    for name, fn in rows.items():
+    for name, fn in ({} if args.kernels_only else rows).items():
         try:
             lines.append(f"| {name} | {host_us(fn):.1f} |")
         except Exception as ex:
             lines.append(f"| {name} | failed: {type(ex).__name__}: {str(ex)[:80]} |")
         print(lines[-1], flush=True)
     gen = torch.Generator(device=DEV).manual_seed(0)
-    for T in (16,):
+    for T in () if args.kernels_only else (16,):
         x = torch.randn(T, 4096, device=DEV, dtype=DT, generator=gen).requires_grad_()
         dy = torch.randn(T, 4096, device=DEV, dtype=DT, generator=gen)
         for kind, backend in (("base", "auto"), ("lora", "torch"), ("mol", "torch"), ("mol", "triton")):
@@ -113,10 +116,10 @@ def main():
             print(lines[-1], flush=True)
 
     from torch.profiler import ProfilerActivity, profile
-    for T in (8192, 512, 16):
+    for T in args.t:
         x = torch.randn(T, 4096, device=DEV, dtype=DT, generator=gen).requires_grad_()
         dy = torch.randn(T, 4096, device=DEV, dtype=DT, generator=gen)
-        for backend in ("triton", "torch"):
+        for backend in args.backends:
             m = layer("mol", backend)
             run = fwd_bwd(m, x, dy)
             for _ in range(5):
