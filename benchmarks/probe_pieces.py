@@ -1,6 +1,6 @@
 """The large-T routed layer's memory-bound pieces, each alone, and the whole layer with each alternative.
 
-    python benchmarks/probe_pieces.py [--quick]
+    python benchmarks/probe_pieces.py [--quick] [--case T E K R ...] [--gates-only]
 
 For T = 8192 / 2048, 4096->4096, E=8 top-2 r=16 and E=32 top-4 r=8, bf16, `do_bench` medians:
 - the shrink + router scores as one cuBLAS GEMM against Wr's 16-bit parts (SHRINK="gemm") and as the fused Triton
@@ -36,6 +36,9 @@ def us(fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="T=8192 E=8 only")
+    ap.add_argument("--case", type=int, nargs=4, action="append", metavar=("T", "E", "K", "R"),
+                    help="only this case (repeatable): tokens, experts, top-k, rank")
+    ap.add_argument("--gates-only", action="store_true", help="only the gate kernels' rows")
     args = ap.parse_args()
     g = torch.Generator(device=DEV).manual_seed(0)
     bw = copy_bandwidth()
@@ -44,6 +47,8 @@ def main():
     cases = [(8192, 8, 2, 16), (8192, 32, 4, 8), (2048, 8, 2, 16)]
     if args.quick:
         cases = cases[:1]
+    if args.case:
+        cases = [tuple(c) for c in args.case]
     n = 4096
     print("| T E top-k r | piece | variant | µs | GB moved | × copy bw | note |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -63,6 +68,12 @@ def main():
             print(f"| {case} | {piece} | {variant} | {t:.1f} | {gb:.3f} | {gb * 1e9 / (t * 1e-6) / bw:.0%} | {note} |",
                   flush=True)
 
+        if args.gates_only:
+            rl.SHRINK = "triton"
+            hl, _, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
+            rl.SHRINK = "gemm"
+            gate_rows(row, case, hl, R, E, K, r, T, dy.dtype)
+            continue
         gb_shrink = (T * n * 2 + R * n * 2 + E * n * 4 + T * (R + E) * 4) / 1e9
         rl.SHRINK = "gemm"
         hl_g, _, _ = rl.route_shrink_impl(x, None, a_cat, Wr)

@@ -43,14 +43,15 @@ def host_us(fn, n=300):
     return (t1 - t0) / n * 1e6
 
 
-def layer(kind, backend, n_in=4096, n_out=4096):
+def layer(kind, backend, n_in=4096, n_out=4096, experts=(8, 2, 16)):
     base = torch.nn.Linear(n_in, n_out, bias=False, device=DEV, dtype=DT)
     if kind == "base":
         return base
     if kind == "lora":
         m = mol.MoLLinear(base, num_experts=1, rank=16, alpha=32, backend=backend)
     else:
-        m = mol.MoLLinear(base, num_experts=8, top_k=2, rank=16, alpha=32, backend=backend)
+        e, k, r = experts
+        m = mol.MoLLinear(base, num_experts=e, top_k=k, rank=r, alpha=2 * r, backend=backend)
     with torch.no_grad():
         m.lora_B.normal_(0, 0.02)
     return m.to(DEV)
@@ -75,6 +76,8 @@ def main():
     ap.add_argument("--t", type=int, nargs="+", default=[8192, 512, 16], help="token counts of the kernel tables")
     ap.add_argument("--backends", nargs="+", default=["triton", "torch"])
     ap.add_argument("--kernels-only", action="store_true", help="skip the host-cost table")
+    ap.add_argument("--experts", type=int, nargs=3, default=[8, 2, 16], metavar=("E", "K", "R"),
+                    help="the routed layer of the kernel tables: experts, top-k, rank")
     args = ap.parse_args()
     lines = [f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", "",
              "| host cost per call | µs |", "| --- | --- |"]
@@ -120,7 +123,7 @@ def main():
         x = torch.randn(T, 4096, device=DEV, dtype=DT, generator=gen).requires_grad_()
         dy = torch.randn(T, 4096, device=DEV, dtype=DT, generator=gen)
         for backend in args.backends:
-            m = layer("mol", backend)
+            m = layer("mol", backend, experts=args.experts)
             run = fwd_bwd(m, x, dy)
             for _ in range(5):
                 run()
@@ -129,8 +132,9 @@ def main():
                 for _ in range(5):
                     run()
                 torch.cuda.synchronize()
-            sort = "cpu_time_total" if T == 16 else "cuda_time_total"
-            lines += ["", f"### T={T} MoLLinear E=8 top-2 r=16 backend={backend}, 5 fwd+bwd", "", "```",
+            sort = "cpu_time_total" if T == 16 else "self_cuda_time_total"
+            e, k, r = args.experts
+            lines += ["", f"### T={T} MoLLinear E={e} top-{k} r={r} backend={backend}, 5 fwd+bwd", "", "```",
                       prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=50),
                       "```"]
             print("\n".join(lines[-4:]), flush=True)
