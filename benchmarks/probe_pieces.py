@@ -147,7 +147,7 @@ def gate_rows(row, case, hl, R, E, K, r, T, dt):
     gate_bwd_impl launch them. hl: the Triton shrink's (T, R+E), logits already summed (NPARTS=1)."""
     ep = rl._ep(E)
     bt0, br = rl._row_block(R, ep)
-    wb0 = rl._gate_bwd_warps(bt0)
+    wb0 = rl._gate_bwd_warps(bt0, False)
     stats = torch.zeros(2 * E + 2, device=DEV)
     gates, ids, u, aux = rl.gate_fwd_impl(hl, stats, None, R, r, 0, K, 2.0, dt, 0.01, 0.001)
     du = torch.randn(T, R, device=DEV)

@@ -51,10 +51,10 @@ def test_routed_layer_matches_float64(case, mode):
 
 @pytest.mark.parametrize("mode", ["weight", "base_out"])
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] > rl.SMALL_T_MAX])
-def test_routed_layer_with_gate_columns_by_select_matches_float64(case, mode, monkeypatch):
-    # GATE_COLUMNS="select": per-column gates by a gather, dgates by K masked row sums (top-k, switch; soft keeps
-    # its one-hot product); the large-T cases, where the gate kernels run
-    monkeypatch.setattr(rl, "GATE_COLUMNS", "select")
+def test_routed_layer_with_gate_columns_by_onehot_matches_float64(case, mode, monkeypatch):
+    # GATE_COLUMNS="onehot" (the default is "select": per-column gates by a gather, dgates by K masked row sums):
+    # experts mapped to columns by a tl.dot with a one-hot matrix; the large-T cases, where the gate kernels run
+    monkeypatch.setattr(rl, "GATE_COLUMNS", "onehot")
     _check_layer(case, mode)
 
 

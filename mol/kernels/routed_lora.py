@@ -638,13 +638,15 @@ def _row_block(r_tot: int, ep: int) -> tuple[int, int]:
 ROUTER_PRECISION = os.environ.get("MOL_ROUTER_PRECISION", "tf32x3")
 _ROUTER_PRECISIONS = ("tf32x3", "tf32x2")
 
-# How the gate kernels move values between experts and their columns: "onehot" (a tl.dot with a one-hot matrix)
-# or "select" (a gather for the per-column gates; for top-k / switch, K masked row sums for dgates). In the sm_90
-# SASS, "select" needs 5-25 KB less shared memory and ~10x fewer FFMAs (RESULTS, compiler report of the gate
-# kernels), and its gate backward alone took 13.6 against 23.3 us on an H200 (run 14); but the whole layer,
-# interleaved, moved by less than the rounds' spread either way (run 15), so "onehot" stays the default.
-# MOL_GATE_COLUMNS sets it at import.
-GATE_COLUMNS = os.environ.get("MOL_GATE_COLUMNS", "onehot")
+# How the gate kernels move values between experts and their columns: "select" (a gather for the per-column
+# gates; for top-k / switch, K masked row sums for dgates) or "onehot" (a tl.dot with a one-hot matrix). In the
+# sm_90 SASS, "select" needs 5-25 KB less shared memory and ~10x fewer FFMAs (RESULTS, compiler report of the gate
+# kernels). Alone at T=8192 on an H200 (RESULTS run 21) its gate backward at 4 warps takes 16.7 against 24.9 us
+# (E=8 top-2 r=16) and 19.1 against 66.2 (E=32 top-4 r=8), the forward 12.1 against 19.3 and 14.6 against 21.3;
+# the whole layer, interleaved under CUDA graphs, is 3-14 us faster in all four issue-3 cases (T=8192 and 2048,
+# 4096->14336, E=32). It became the default then; before, with the one-hot form's 2-warp backward, it had measured
+# no whole-layer gain (runs 14-15). MOL_GATE_COLUMNS sets it at import.
+GATE_COLUMNS = os.environ.get("MOL_GATE_COLUMNS", "select")
 _GATE_COLUMN_CHOICES = ("onehot", "select")
 
 # How the large-T forward computes hl = [x A_cat^T | x Wr^T] for bf16 / fp16 x: "gemm" (one cuBLAS GEMM against
@@ -769,10 +771,11 @@ def gate_fwd_impl(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | N
     return gates, ids, u, aux
 
 
-def _gate_bwd_warps(bt: int) -> int:
-    """Warps of the gate backward: 2 at the 16-row block (22.8-22.9 against 26.6-27.0 us with 4 at T=8192, E=8
-    top-2 r=16 on an H200, RESULTS runs 11 and 12); other blocks were not measured better than 4."""
-    return 2 if bt == 16 else 4
+def _gate_bwd_warps(bt: int, select: bool) -> int:
+    """Warps of the gate backward: one-hot columns, 2 at the 16-row block (22.8-22.9 against 26.6-27.0 us with 4
+    at T=8192, E=8 top-2 r=16 on an H200, RESULTS runs 11 and 12); select, 4 (E=8: 16.7 against 35.9 us with 2,
+    E=32 top-4 r=8: 19.1 against 16.8, RESULTS run 21); other blocks were not measured better than 4."""
+    return 2 if bt == 16 and not select else 4
 
 
 def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None, gates: torch.Tensor,
@@ -784,6 +787,7 @@ def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None
     top_k = ids.shape[1]
     dhl = gl._alloc((t, r_tot + e), hl, dtype)
     if t > 0:
+        select = _gate_select()
         ep = _ep(e)
         bt, br = _row_block(r_tot, ep)
         c_lb, c_z = _aux_coefs(lb_coef, z_coef, e, t, top_k)
@@ -791,7 +795,7 @@ def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None
             du, hl, hl if noise is None else noise, gates, ids, stats, stats if daux is None else daux, dhl,
             float(scale), c_lb, 2.0 * c_z, t, r_tot, e, hl.shape[1],  # d(lse^2) = 2 lse dlse
             RANK=rank, K=top_k, KIND=kind, EP=ep, BT=bt, BR=br, HAS_NOISE=noise is not None,
-            HAS_AUX=daux is not None, SELECT=_gate_select(), num_warps=_gate_bwd_warps(bt))
+            HAS_AUX=daux is not None, SELECT=select, num_warps=_gate_bwd_warps(bt, select))
     return dhl
 
 
