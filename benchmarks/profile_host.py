@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol  # noqa: E402
 from mol.kernels import grouped_lora as gl  # noqa: E402
 from mol.kernels import routed_lora as rl  # noqa: E402
+from probe_autograd_threads import _Identity  # noqa: E402  (a Function whose backward does nothing)
 
 
 @triton.jit
@@ -41,22 +42,8 @@ def _empty24(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, f0, f1, f2, n0, n1, n2, n3,
 _empty3_tuned = triton.autotune(configs=[triton.Config({}, num_warps=4)], key=["n"])(_empty3)
 
 
-class _Nothing(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return dy
-
-
-class _TenOps(torch.autograd.Function):
+class _TenOps(_Identity):
     """A Python backward of ten small torch ops: what moving a backward onto autograd's worker thread costs."""
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
     @staticmethod
     def backward(ctx, dy):
         for _ in range(10):
@@ -159,7 +146,7 @@ def main():
     }
     sq = torch.randn(16, 16, device=dev, requires_grad=True)
     print("\nautograd.Function apply + grad, host us per call: worker-thread / calling-thread backward")
-    for name, fn in (("trivial backward", lambda: torch.autograd.grad(_Nothing.apply(sq), [sq], sq)),
+    for name, fn in (("trivial backward", lambda: torch.autograd.grad(_Identity.apply(sq), [sq], sq)),
                      ("backward of ten 16x16 mm", lambda: torch.autograd.grad(_TenOps.apply(sq), [sq], sq)),
                      ("no Python backward: F.linear 16x16", lambda: torch.autograd.grad(
                          torch.nn.functional.linear(sq, sq.detach()), [sq], sq))):
