@@ -40,6 +40,13 @@ def main():
                     help="only this case (repeatable): tokens, experts, top-k, rank")
     ap.add_argument("--gates-only", action="store_true", help="only the gate kernels' rows")
     args = ap.parse_args()
+    # the module switches each section sets, restored to the library's defaults after it
+    switches = ((rl, "SHRINK"), (gl, "DU_CUBLAS"), (rl, "ROUTER_PRECISION"), (rl, "GATE_COLUMNS"))
+    defaults = [getattr(mod, name) for mod, name in switches]
+
+    def restore_defaults():
+        for (mod, name), value in zip(switches, defaults):
+            setattr(mod, name, value)
     g = torch.Generator(device=DEV).manual_seed(0)
     bw = copy_bandwidth()
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s; "
@@ -71,7 +78,7 @@ def main():
         if args.gates_only:
             rl.SHRINK = "triton"
             hl, _, _ = rl.route_shrink_impl(x, None, a_cat, Wr)
-            rl.SHRINK = "gemm"
+            restore_defaults()
             gate_rows(row, case, hl, R, E, K, r, T, dy.dtype)
             continue
         gb_shrink = (T * n * 2 + R * n * 2 + E * n * 4 + T * (R + E) * 4) / 1e9
@@ -121,9 +128,10 @@ def main():
             y = m(xg)
             torch.autograd.grad([y, m.aux_loss()], [xg] + mp, [dy, one])
             m.clear_routing()
-        for shrink, du_cublas, prec, cols in (("gemm", True, "tf32x3", "onehot"), ("triton", True, "tf32x3", "onehot"),
-                                              ("triton", False, "tf32x3", "onehot"), ("triton", True, "tf32x2", "onehot"),
-                                              ("gemm", True, "tf32x3", "select")):
+        # the defaults first, then one switch away from them at a time (the Triton shrink with each du and router)
+        for shrink, du_cublas, prec, cols in (("gemm", True, "tf32x3", "select"), ("triton", True, "tf32x3", "select"),
+                                              ("triton", False, "tf32x3", "select"), ("triton", True, "tf32x2", "select"),
+                                              ("gemm", True, "tf32x3", "onehot")):
             rl.SHRINK = shrink
             gl.DU_CUBLAS = du_cublas
             rl.ROUTER_PRECISION = prec
@@ -133,10 +141,7 @@ def main():
             print(f"| {case} | whole MoLLinear fwd+bwd, CUDA graph | shrink {what}, du "
                   f"{'cuBLAS' if du_cublas else 'Triton'}, gate columns {cols} | {t * 1e3:.1f} | | | "
                   f"{t / base_t:.3f}× the base ({base_t * 1e3:.1f} µs) |", flush=True)
-        rl.SHRINK = "gemm"
-        gl.DU_CUBLAS = True
-        rl.ROUTER_PRECISION = "tf32x3"
-        rl.GATE_COLUMNS = "onehot"
+        restore_defaults()
         del x, W, A, B, dy, dhl, u, m, xg
         torch.cuda.empty_cache()
 
@@ -147,7 +152,8 @@ def gate_rows(row, case, hl, R, E, K, r, T, dt):
     gate_bwd_impl launch them. hl: the Triton shrink's (T, R+E), logits already summed (NPARTS=1)."""
     ep = rl._ep(E)
     bt0, br = rl._row_block(R, ep)
-    wb0 = rl._gate_bwd_warps(bt0, False)
+    sel0 = rl._gate_select()
+    wb0 = rl._gate_bwd_warps(bt0, sel0)
     stats = torch.zeros(2 * E + 2, device=DEV)
     gates, ids, u, aux = rl.gate_fwd_impl(hl, stats, None, R, r, 0, K, 2.0, dt, 0.01, 0.001)
     du = torch.randn(T, R, device=DEV)
@@ -156,13 +162,13 @@ def gate_rows(row, case, hl, R, E, K, r, T, dt):
     c_lb, c_z = rl._aux_coefs(0.01, 0.001, E, T, K)
     gb_f = (T * (R + E) * 4 + T * R * 2 + T * K * 12) / 1e9
     gb_b = (T * R * 4 + T * (R + E) * 4 + T * K * 12 + T * (R + E) * 2) / 1e9
-    # (BT, warps, gate columns by select); select only at the layer's tiles and the 4-warp backward
+    # (BT, warps, gate columns by select); select at the layer's row block, with 4 and with 2 warps
     tiles = [(bt0, 4, False), (16, 2, False), (32, 4, False), (64, 4, False), (64, 8, False), (128, 8, False),
-             (bt0, 4, True), (bt0, wb0, True)]
+             (bt0, 4, True), (bt0, 2, True)]
     for bt, w, sel in tiles:
         tag = f"BT={bt} warps={w}" + (", select" if sel else "")
-        tag_f = tag + (" (the layer's)" if (bt, w, sel) == (bt0, 4, False) else "")
-        tag_b = tag + (" (the layer's)" if (bt, w, sel) == (bt0, wb0, False) else "")
+        tag_f = tag + (" (the layer's)" if (bt, w, sel) == (bt0, 4, sel0) else "")
+        tag_b = tag + (" (the layer's)" if (bt, w, sel) == (bt0, wb0, sel0) else "")
 
         def fwd(bt=bt, w=w, sel=sel):
             rl._gate_fwd_kernel[(gl._cdiv(T, bt),)](hl, hl, gates, ids, u, stats, aux, 2.0, c_lb, c_z, T, R, E,
