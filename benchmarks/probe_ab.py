@@ -1,6 +1,6 @@
 """Whole-layer A/B of the routed layer's module switches, interleaved, under CUDA-graph replay.
 
-    python benchmarks/probe_ab.py [--rounds 5] [--variants default gate=select ...] [--nf4]
+    python benchmarks/probe_ab.py [--rounds 5] [--variants default gate=onehot ...] [--nf4]
                                   [--t 8192] [--out-features 4096] [--experts 8 --top-k 2 --rank 16]
 
 A row's time on these GPUs depends on its place in a sequence (clocks under a power cap move by several percent
@@ -64,7 +64,7 @@ def with_switches(sets: list, fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--variants", nargs="+", default=["default", "gate=select"])
+    ap.add_argument("--variants", nargs="+", default=["default", "gate=onehot"])  # today's default against the other form
     ap.add_argument("--nf4", action="store_true", help="also on an NF4 base (QLoRA-MoL)")
     ap.add_argument("--t", type=int, default=8192)
     ap.add_argument("--out-features", type=int, default=4096)
