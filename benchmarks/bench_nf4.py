@@ -128,6 +128,13 @@ def correctness(gen):
             errs = [rel(nf4_matmul_small(x, p, config=c), yr) for c in (FMA_CONFIGS if T <= 2 else DOT_CONFIGS)]
             print(f"    fused small-T kernel T={T}: rel err vs float64 {rel(y, yr):.2e} (autotuned), "
                   f"{max(errs):.2e} (worst of its {len(errs)} configs)")
+        for T in (5, 16):  # float16 x: the dot path's byte-permute lookup with float16 levels (mul.rn.f16x2)
+            x = torch.randn(T, n_in, device=DEV, dtype=torch.float16, generator=gen)
+            yr = x.double() @ w64.T
+            errs = [rel(nf4_matmul_small(x, p, config=c), yr) for c in DOT_CONFIGS]
+            y = nf4_matmul_small(x, p)
+            print(f"    fused small-T kernel T={T}, float16 x: rel err vs float64 {rel(y, yr):.2e} (autotuned), "
+                  f"{max(errs):.2e} (worst of its {len(errs)} configs)")
         lin = NF4Linear(p)
         x = torch.randn(T_TRAIN, n_in, device=DEV, dtype=DT, generator=gen, requires_grad=True)
         dy = torch.randn(T_TRAIN, n_out, device=DEV, dtype=DT, generator=gen)

@@ -9,9 +9,12 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+import triton
+import triton.language as tl
 
 from mol.quant import (NF4_LEVELS, NF4Linear, dequantize_nf4, dequantize_nf4_reference, load_bnb_4bit, quantize,
                        quantize_nf4)
+from mol.kernels import nf4 as nf4k
 from mol.quant.nf4 import dequantize_absmax, dynamic_map
 
 
@@ -338,6 +341,35 @@ def test_triton_small_matmul_float16(T, ci):
     # float16 activations, weights rounded to float16 on the dot path: the output's own rounding dominates
     cfg = _configs("fma" if T <= 2 else "dot")[ci]
     _small_matmul_check(T, cfg, [(72, 192, True, True, 64)], dtype=torch.float16, tol=2e-3)
+
+
+@triton.jit
+def _prmt_tile_kernel(w_ptr, s_ptr, code_ptr, out_ptr, R: tl.constexpr, W: tl.constexpr):
+    offs = tl.arange(0, R)[:, None] * W + tl.arange(0, W)[None, :]
+    w = tl.load(w_ptr + offs)
+    sb = tl.load(s_ptr + offs).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    tabs = nf4k._prmt_tables(code_ptr, tl.float16)
+    e = nf4k._nf4_tile_prmt(w, sb | (sb << 16), tabs, tl.float16)
+    tl.store(out_ptr + tl.arange(0, R)[:, None] * (8 * W) + tl.arange(0, 8 * W)[None, :], e)
+
+
+def test_triton_prmt_tile_bit_exact():
+    # the dot path's byte-permute lookup (LUT=4) against an independent statement of what it computes: each
+    # weight is the NF4 level of its nibble rounded to float16, times its word's float16 scale, rounded again;
+    # bitsandbytes' order (byte i holds element 2i in its high nibble). Every code at even and odd positions.
+    g = _gen()
+    R, W = 16, 8
+    codes = torch.randint(0, 16, (R, 8 * W), generator=g)
+    codes[0, :16] = torch.arange(16)
+    codes[1, :16] = torch.arange(16).flip(0)
+    packed = (codes[:, 0::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
+    words = packed.view(torch.int32).reshape(R, W).contiguous()
+    scale = (torch.rand(R, W, generator=g) * 0.1 + 1e-3).half()
+    out = torch.empty(R, 8 * W, dtype=torch.float16)
+    levels = torch.tensor(NF4_LEVELS)
+    _prmt_tile_kernel[(1,)](words, scale, levels, out, R=R, W=W)
+    ref = levels.half()[codes] * scale.repeat_interleave(8, dim=1)
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
 
 
 def test_triton_small_matmul_supported_and_errors():

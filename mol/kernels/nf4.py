@@ -3,11 +3,11 @@
 - `nf4_dequantize`: packed NF4 -> dense (bf16/fp16/fp32) weight, one pass (reads 4.13 bits, writes 16 per value).
 - `nf4_matmul_small`: y = x @ W^T (+ bias) for T <= 16 rows of x, reading the 4-bit codes directly
   (decode / GEMV): one launch, each program streams the codes of BLOCK_N whole rows (or, split-K, a run of their K
-  steps) with 128-bit loads and a one-step software prefetch, looks the levels up in a 16-entry table and
-  accumulates in float32 (FMA for T <= 2, tl.dot for larger T); see the comment above the kernel. On an H200
-  under CUDA-graph replay (RESULTS run 11): T=1 4096x4096 7.0 us (0.67x the bf16 GEMV; dequantize + cuBLAS
-  23.7 us), 4096->14336 20.9 us (0.68x); T=16 13.6 / 35.7 us (1.41x / 1.16x). NF4Linear uses it by default for
-  T <= 16 on CUDA (MOL_NF4_FUSED_DECODE=0 or `fused_decode = False` turns it off).
+  steps) with a one-step software prefetch, looks the levels up in a 16-entry table (T <= 2) or by byte permutes
+  of register tables (T > 2) and accumulates in float32 (FMA for T <= 2, tl.dot for larger T); see the comment
+  above the kernel. On an H200 under CUDA-graph replay (RESULTS run 11, NF4 run 8): T=1 4096x4096 7.0 us (0.67x
+  the bf16 GEMV; dequantize + cuBLAS 23.7 us), 4096->14336 20.9 us (0.68x); T=16 11.9 / 32.5 us. NF4Linear uses it
+  by default for T <= 16 on CUDA (MOL_NF4_FUSED_DECODE=0 or `fused_decode = False` turns it off).
 For other T the layer dequantizes into a scratch weight and calls cuBLAS (see mol/quant/linear.py): at T=8192
 the dequant pass is ~20 us (4096x4096) against ~400 us for the GEMM.
 
@@ -21,10 +21,12 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from mol.kernels import grouped_lora as gl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET_C = tl.constexpr(_INTERPRET)
 MAX_SMALL_T = 16
 
 
@@ -133,12 +135,17 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 # under triton 3.9; 5.2-6.0 and 12.6 under triton 3.6. LUT=2 is autotuned; LUT=0 stays selectable by `config=`.
 # - T <= 2 (FMA path, BLOCK_T = T): p = sum_i level_i * x_i per word in float32 (an FFMA chain), summed per absmax
 #   block, times the block's scale, accumulated per (row, block); one reduction over the blocks at the end.
-# - 3 <= T <= 16 (dot path, BLOCK_T = 16): the levels times their block scales are rounded to x's dtype (as the
-#   dequantize + GEMM path rounds them) and multiplied with tl.dot (T padded to 16, float32 accumulation; exact
-#   "ieee" float32 for float32 x). Per element: 5.6-5.9 instructions with wgmma (BLOCK_N >= 64, so only N / 64
-#   programs), 8.2-8.5 with mma.sync (BLOCK_N = 32), whatever T; the FMA path costs ~1.3-1.5 more per extra token
-#   (6.4-7.6 at T = 2). So FMA for T = 1 and 2 (where it also keeps 8-32 rows per program, i.e. more programs), dot
-#   from T = 3. Timed on an H100 (benchmarks/RESULTS.md, NF4 run 4): LUT=2 beat LUT=0 by ~3.4x under triton 3.6.
+# - 3 <= T <= 16 (dot path, BLOCK_T = 16): the weights in x's dtype, multiplied with tl.dot (T padded to 16,
+#   float32 accumulation; exact "ieee" float32 for float32 x). LUT=2: levels times their block scales in float32,
+#   rounded once (as the dequantize + GEMM path rounds them). LUT=4 (16-bit x; float32 x falls back to LUT=2):
+#   no table gather and no float conversion: byte permutes (PRMT) look the levels' low and high bytes up in eight
+#   int32 registers (levels 0-7 and 8-15, selected by bit 3) and interleave them into pairs of 16-bit levels, which
+#   one mul.rn.bf16x2 / f16x2 scales; each weight is rounded twice (level, then product), ~1 ulp more error. Per
+#   element on the sm_90 SASS (triton 3.6, 64 x 128-byte tile): 5.9 instructions and 0.3 shared-memory ops with
+#   LUT=4, 6.9 and 1.3 with LUT=2; timed 6-10% faster at T = 16 (RESULTS NF4 run 8), so LUT=4 is autotuned. The
+#   dot path takes ~11-12 us at 4096^2 whatever T (its dequant, layout change through shared memory and wgmma run
+#   in sequence in each step), against the FMA path's 6.9 at T = 1: so FMA for T = 1 and 2, dot from T = 3.
+#   Timed on an H100 (benchmarks/RESULTS.md, NF4 run 4): LUT=2 beat LUT=0 by ~3.4x under triton 3.6.
 
 SMALL_FMA_MAX_T = 2
 
@@ -151,11 +158,12 @@ SMALL_FMA_MAX_T = 2
 # N = 4096 that is 64 programs, so it is split-K (SPLIT_K programs per row block, partials summed by the last,
 # see the kernel) that fills the GPU: 20.3 -> 13.5 us at 4096^2, 65 -> 38 us at 14336x4096. The BLOCK_N = 32 config
 # (x as the A operand, mma.sync) keeps narrow weights covered. (64, 128, 4, 4, 3) replaced (64, 128, 4, 4, 1) after
-# a second sweep (RESULTS NF4 run 7): 12.9 against 13.4 us at 4096^2, 33.5 against 38.1 at 14336x4096.
+# a second sweep (RESULTS NF4 run 7): 12.9 against 13.4 us at 4096^2, 33.5 against 38.1 at 14336x4096. A third
+# (NF4 run 8, LUT=4 over the whole grid) found the same six shapes fastest; they now run LUT=4.
 FMA_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=2, num_warps=w, SPLIT_K=sk)
                for bn, kb, w, sk in [(16, 512, 4, 1), (8, 512, 2, 1), (8, 1024, 4, 1), (16, 256, 4, 1),
                                      (32, 256, 4, 2), (8, 512, 4, 1)]]
-DOT_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=2, num_warps=w, SPLIT_K=sk, num_stages=st)
+DOT_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=4, num_warps=w, SPLIT_K=sk, num_stages=st)
                for bn, kb, w, sk, st in [(64, 64, 4, 4, 1), (64, 64, 4, 8, 1), (128, 64, 4, 8, 1), (64, 64, 4, 1, 3),
                                          (64, 128, 4, 4, 3), (32, 128, 4, 1, 1)]]
 
@@ -171,8 +179,9 @@ def _autotune_configs(configs):
 @triton.jit
 def _nf4_levels8(w, tab, code_ptr, LUT: tl.constexpr):
     """The 8 NF4 levels (float32) of int32 code words w, in element order: byte i (little endian) of a word holds
-    element 2i in its high nibble and element 2i+1 in its low nibble."""
-    if LUT == 2:
+    element 2i in its high nibble and element 2i+1 in its low nibble. LUT=4 gathers as LUT=2 (its byte permutes
+    are the dot path's, for 16-bit x)."""
+    if LUT == 2 or LUT == 4:
         # one gather for all 8 nibbles; join(a, b) stacks along a new last axis, so split() takes them back in
         # the reverse nesting order
         q = tl.join(tl.join(tl.join((w >> 4) & 15, w & 15), tl.join((w >> 12) & 15, (w >> 8) & 15)),
@@ -245,10 +254,102 @@ def _load_step(wptr, absmax_ptr, row_w, row_blk, s, KW: tl.constexpr, NBLK: tl.c
 
 
 @triton.jit
+def _prmt(a, b, sel):
+    """PTX prmt.b32 (byte permute) with 3-bit selectors: byte i of the result is byte (sel >> 4i) & 7 of the
+    8-byte value {b, a} (a = bytes 0-3). `sel` may also be a tensor. The interpreter runs the same selection
+    with shifts (it has no libdevice)."""
+    if _INTERPRET_C:
+        ab = (b.to(tl.int64) << 32) | (a.to(tl.int64) & 0xFFFFFFFF)
+        r = ab * 0
+        for i in tl.static_range(4):
+            r |= ((ab >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i)
+        out = r.to(tl.int32)
+    else:
+        out = libdevice.byte_perm(a, b, sel)
+    return out
+
+
+@triton.jit
+def _prmt_tables(code_ptr, DT: tl.constexpr):
+    """The 16 NF4 levels rounded to DT (bf16 / fp16), as eight int32 byte tables for `_prmt`: (low bytes of
+    levels 0-3, 4-7, 8-11, 12-15, then the high bytes likewise). Built once per program from the code table."""
+    i = tl.arange(0, 16)
+    bits = tl.load(code_ptr + i).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    sh = 8 * (i % 4)
+    g = i // 4
+    lo = (bits & 0xFF) << sh
+    hi = (bits >> 8) << sh
+    return (tl.sum(tl.where(g == 0, lo, 0)), tl.sum(tl.where(g == 1, lo, 0)),
+            tl.sum(tl.where(g == 2, lo, 0)), tl.sum(tl.where(g == 3, lo, 0)),
+            tl.sum(tl.where(g == 0, hi, 0)), tl.sum(tl.where(g == 1, hi, 0)),
+            tl.sum(tl.where(g == 2, hi, 0)), tl.sum(tl.where(g == 3, hi, 0)))
+
+
+@triton.jit
+def _prmt_pairs(sel, s2, tabs):
+    """The four 16-bit levels of the 4 codes in the low half of a code word (sel: their 3-bit indices, s2: the
+    select between the lower and upper eight levels; both read in their low 16 bits only), as two int32 words
+    of two levels each, in element order (byte i of a code word holds element 2i in its high nibble)."""
+    lo = _prmt(_prmt(tabs[0], tabs[1], sel), _prmt(tabs[2], tabs[3], sel), s2)
+    hi = _prmt(_prmt(tabs[4], tabs[5], sel), _prmt(tabs[6], tabs[7], sel), s2)
+    # lo / hi byte j: the low / high byte of the level of nibble j; element 0 is nibble 1, element 1 nibble 0
+    return _prmt(lo, hi, 0x4051), _prmt(lo, hi, 0x6273)
+
+
+@triton.jit
+def _half(p, DT: tl.constexpr, HIGH: tl.constexpr):
+    if HIGH:
+        v = (p >> 16).to(tl.int16)
+    else:
+        v = p.to(tl.int16)
+    return v.to(DT, bitcast=True)
+
+
+@triton.jit
+def _mul2(p, s2, DT: tl.constexpr):
+    """Two DT values packed in each int32 of p times those of s2, rounded to nearest (one mul.rn.bf16x2 /
+    f16x2 per pair; the interpreter multiplies the halves)."""
+    if _INTERPRET_C:
+        lo = _half(p, DT, False) * _half(s2, DT, False)
+        hi = _half(p, DT, True) * _half(s2, DT, True)
+        out = ((lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+               | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16))
+    else:
+        op: tl.constexpr = "mul.rn.bf16x2" if DT == tl.bfloat16 else "mul.rn.f16x2"
+        out = tl.inline_asm_elementwise(op + " $0, $1, $2;", "=r,r,r", [p, s2], dtype=tl.int32, is_pure=True,
+                                        pack=1)
+    return out
+
+
+@triton.jit
+def _nf4_tile_prmt(w, s2, tabs, DT: tl.constexpr):
+    """The (rows, 8 * words) tile of the NF4 weights in DT of int32 code words w (s2: each word's scale, twice
+    per int32): the levels by byte permutes of register tables, then scaled a pair at a time; no shared-memory
+    lookup, no float conversion. Each weight is rounded twice (level, then level times scale) where the
+    dequantize path rounds once: ~1 ulp of DT more error per weight."""
+    # a permute reads its selector's low 16 bits: the upper four codes' selectors are the lower ones shifted
+    sel = w & 0x77777777
+    # the select between the lower / upper eight levels: nibble j is j % 4, plus 4 when bit 3 of code j is set
+    hilo = ((w >> 1) & 0x44444444) | 0x32103210
+    p01, p23 = _prmt_pairs(sel, hilo, tabs)
+    p45, p67 = _prmt_pairs(sel >> 16, hilo >> 16, tabs)
+    p01 = _mul2(p01, s2, DT)
+    p23 = _mul2(p23, s2, DT)
+    p45 = _mul2(p45, s2, DT)
+    p67 = _mul2(p67, s2, DT)
+    # join stacks along a new last axis, so the nesting that flattens to element order 0..7 pairs j with j + 4
+    e = tl.join(tl.join(tl.join(_half(p01, DT, False), _half(p45, DT, False)),
+                        tl.join(_half(p23, DT, False), _half(p67, DT, False))),
+                tl.join(tl.join(_half(p01, DT, True), _half(p45, DT, True)),
+                        tl.join(_half(p23, DT, True), _half(p67, DT, True))))
+    return tl.reshape(e, (w.shape[0], w.shape[1] * 8))
+
+
+@triton.jit
 def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs_ptr, off, row_blk, offs_t, T,
                 stride_xt, K: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, BLOCK_T: tl.constexpr,
                 IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr, WB: tl.constexpr, NB: tl.constexpr,
-                NBLK: tl.constexpr, LUT: tl.constexpr, W_AS_A: tl.constexpr):
+                NBLK: tl.constexpr, LUT: tl.constexpr, W_AS_A: tl.constexpr, PRMT: tl.constexpr):
     """Dequantize step s's words w (scales from absmax entries a) and accumulate against x."""
     KW: tl.constexpr = K // 8
     blk = s * NB + tl.arange(0, NB)
@@ -260,12 +361,19 @@ def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs
         sc = a
     kw = s * BW + tl.arange(0, BW)
     km = kw < KW
-    l0, l1, l2, l3, l4, l5, l6, l7 = _nf4_levels8(w, tab, code_ptr, LUT)
     if BLOCK_T > 2:
-        # back to element order along the last axis (the inverse of _nf4_levels8's nesting), scaled per block
-        lv = tl.join(tl.join(tl.join(l0, l4), tl.join(l2, l6)), tl.join(tl.join(l1, l5), tl.join(l3, l7)))
-        lv = tl.reshape(lv, (BLOCK_N, NB, WB * 8)) * sc[:, :, None]
-        wt = tl.reshape(lv, (BLOCK_N, BW * 8)).to(x_ptr.dtype.element_ty)
+        DT: tl.constexpr = x_ptr.dtype.element_ty
+        if PRMT:  # levels in DT by byte permutes, times the block scales in DT
+            # each word's block scale in DT, twice in one int32 (the multiplier of a pair of levels)
+            sb = sc.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            s2 = tl.reshape(tl.broadcast_to((sb | (sb << 16))[:, :, None], (BLOCK_N, NB, WB)), (BLOCK_N, BW))
+            wt = _nf4_tile_prmt(w, s2, tab, DT)
+        else:
+            l0, l1, l2, l3, l4, l5, l6, l7 = _nf4_levels8(w, tab, code_ptr, LUT)
+            # back to element order along the last axis (the inverse of _nf4_levels8's nesting), scaled per block
+            lv = tl.join(tl.join(tl.join(l0, l4), tl.join(l2, l6)), tl.join(tl.join(l1, l5), tl.join(l3, l7)))
+            lv = tl.reshape(lv, (BLOCK_N, NB, WB * 8)) * sc[:, :, None]
+            wt = tl.reshape(lv, (BLOCK_N, BW * 8)).to(DT)
         kk = 8 * s * BW + tl.arange(0, 8 * BW)
         if W_AS_A:  # (BLOCK_N, k) @ (k, BLOCK_T): the weight tile is the A operand (wgmma takes M = 64)
             xt = tl.load(x_ptr + offs_t[None, :] * stride_xt + kk[:, None],
@@ -282,6 +390,7 @@ def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs
             else:
                 accd = tl.dot(xs, tl.trans(wt), accd)
     else:
+        l0, l1, l2, l3, l4, l5, l6, l7 = _nf4_levels8(w, tab, code_ptr, LUT)
         p = _dot8(l0, l1, l2, l3, l4, l5, l6, l7, x_ptr, kw, km, BW)
         acc0 += tl.sum(tl.reshape(p, (BLOCK_N, NB, WB)), axis=2) * sc
         if BLOCK_T == 2:
@@ -324,7 +433,12 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
     row_w = rows.to(tl.int64) * KW
     row_blk = rows.to(tl.int64) * NBLK
     wptr = codes_ptr.to(tl.pointer_type(tl.int32))
-    tab = tl.load(code_ptr + tl.arange(0, 16))
+    # LUT=4 (byte-permute levels) is for the dot path with 16-bit x; elsewhere it is the LUT=2 gather
+    PRMT: tl.constexpr = LUT == 4 and BLOCK_T > 2 and x_ptr.dtype.element_ty != tl.float32
+    if PRMT:
+        tab = _prmt_tables(code_ptr, x_ptr.dtype.element_ty)
+    else:
+        tab = tl.load(code_ptr + tl.arange(0, 16))
     if NESTED:
         off = tl.load(offset_ptr)
     else:
@@ -345,10 +459,10 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
         w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s + 1, KW, NBLK, BW, NB)
         acc0, acc1, accd = _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs_ptr, off,
                                        row_blk, offs_t, T, stride_xt, K, NBS, NESTED, BLOCK_T, IEEE, BLOCK_N, BW,
-                                       WB, NB, NBLK, LUT, W_AS_A)
+                                       WB, NB, NBLK, LUT, W_AS_A, PRMT)
     acc0, acc1, accd = _small_step(w_next, a_next, s_last, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr,
                                    nabs_ptr, off, row_blk, offs_t, T, stride_xt, K, NBS, NESTED, BLOCK_T, IEEE,
-                                   BLOCK_N, BW, WB, NB, NBLK, LUT, W_AS_A)
+                                   BLOCK_N, BW, WB, NB, NBLK, LUT, W_AS_A, PRMT)
     # this program's sums as (BLOCK_T, BLOCK_N) float32; the FMA path's rows past BLOCK_T stay zero
     if BLOCK_T > 2:
         if W_AS_A:
