@@ -1,11 +1,15 @@
 """Compile the fused routed-layer Triton kernels for sm_90 (H100/H200) on any machine, GPU or not.
 
-    python benchmarks/compile_sm90.py
+    python benchmarks/compile_sm90.py [--sass]
 
 The CPU tests run the kernels under TRITON_INTERPRET=1, which executes them but never compiles them, so a
 kernel the real compiler rejects (e.g. a variable whose type differs between the branches of a runtime `if`)
 passes there and fails on the first GPU. This builds each kernel variant down to a cubin for sm_90 and prints
 its shared-memory use; tests/test_routed_kernels.py runs it in a subprocess (without the interpreter).
+`--sass` also prints, for each NF4 small-T kernel, the instruction mix of its K loop's body per weight element
+(from nvdisasm: the longest loop closed by a backward branch, counted once, over the weights a thread dequantizes
+per step); the counts RESULTS quotes come from it (with the triton of the GPU image, e.g. installed by
+`pip install --target DIR triton==3.6.0 --no-deps` and put first on PYTHONPATH).
 """
 import itertools
 import os
@@ -98,6 +102,29 @@ def _resources(cubin):
     return f"{m[1]} registers, {m[2]} bytes stack, {m[4]} bytes local" if m else "registers ?"
 
 
+_SHARED_OPS = ("LDS", "STS", "LDSM", "STSM")
+
+
+def _loop_mix(cubin, weights_per_thread):
+    """(instructions, shared-memory ops, {opcode: count}) per weight element of the cubin's longest loop body."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        lines = subprocess.run([os.path.join(os.path.dirname(_CUOBJDUMP), "nvdisasm"), "-c", f.name],
+                               capture_output=True, text=True).stdout.splitlines()
+    labels = {m[1]: i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    loops = [(labels[m[1]], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)) and labels.get(m[1], i) < i]
+    loops = [(a, b) for a, b in loops if b - a > 32]  # not the split-K sum's or a wait's few-instruction loop
+    if not loops:
+        return None  # the K loop was unrolled (a step count of one or two)
+    start, end = max(loops, key=lambda se: se[1] - se[0])
+    ops = [m[1].split(".")[0] for line in lines[start:end + 1]
+           if (m := re.search(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line))]
+    counts = {op: ops.count(op) / weights_per_thread for op in sorted(set(ops), key=ops.count, reverse=True)}
+    return len(ops) / weights_per_thread, sum(counts.get(o, 0) for o in _SHARED_OPS), counts
+
+
 def comp_nf4(cfg, T=1, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
     block_t = T if T <= nf4k.SMALL_FMA_MAX_T else 16
     sig = {"x_ptr": f"*{xdt}", "codes_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
@@ -113,6 +140,15 @@ def comp_nf4(cfg, T=1, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
     path = "dot" if block_t > 2 else "fma"
     print(f"nf4 small-T {path} T={T} K={K} bs={BS} {xdt} nested={nested} bias={bias} {cfg}: built for sm_90, "
           f"{_resources(k.asm['cubin'])}, {k.metadata.shared} bytes shared")
+    if "--sass" in sys.argv:
+        mix = _loop_mix(k.asm["cubin"], cfg["BLOCK_N"] * cfg["BLOCK_KB"] * 2 / (32 * cfg["num_warps"]))
+        if mix is None:
+            print("    no K loop in the SASS (its steps were unrolled)")
+        else:
+            total, shared, counts = mix
+            top = ", ".join(f"{op} {n:.2f}" for op, n in list(counts.items())[:12])
+            print(f"    K loop per weight (triton {triton.__version__}): {total:.2f} instructions, {shared:.2f} "
+                  f"shared-memory ops; {top}")
 
 
 for c in nf4k.FMA_CONFIGS:

@@ -141,10 +141,11 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 #   no table gather and no float conversion: byte permutes (PRMT) look the levels' low and high bytes up in eight
 #   int32 registers (levels 0-7 and 8-15, selected by bit 3) and interleave them into pairs of 16-bit levels, which
 #   one mul.rn.bf16x2 / f16x2 scales; each weight is rounded twice (level, then product), ~1 ulp more error. Per
-#   element on the sm_90 SASS (triton 3.6, 64 x 128-byte tile): 5.9 instructions and 0.3 shared-memory ops with
-#   LUT=4, 6.9 and 1.3 with LUT=2; timed 6-10% faster at T = 16 (RESULTS NF4 run 8), so LUT=4 is autotuned. The
-#   dot path takes ~11-12 us at 4096^2 whatever T (its dequant, layout change through shared memory and wgmma run
-#   in sequence in each step), against the FMA path's 6.9 at T = 1: so FMA for T = 1 and 2, dot from T = 3.
+#   element on the sm_90 SASS (triton 3.6, 64 x 128-byte tile, nested absmax; `compile_sm90.py --sass`): 6.3
+#   instructions and 0.4 shared-memory ops with LUT=4, 7.3 and 1.4 with LUT=2; timed 6-11% faster at T = 16
+#   (RESULTS NF4 run 8), so LUT=4 is autotuned. The dot path takes ~11-12 us at 4096^2 whatever T (its dequant,
+#   layout change through shared memory and wgmma run in sequence in each step), against the FMA path's 6.9 at
+#   T = 1: so FMA for T = 1 and 2, dot from T = 3.
 #   Timed on an H100 (benchmarks/RESULTS.md, NF4 run 4): LUT=2 beat LUT=0 by ~3.4x under triton 3.6.
 
 SMALL_FMA_MAX_T = 2
@@ -517,8 +518,9 @@ def small_matmul_supported(packed, T: int) -> bool:
 def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
                      config: dict | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x of shape (T, K), T <= 16, reading W's 4-bit codes directly; y in x's dtype.
-    `config` (BLOCK_N, BLOCK_KB, LUT, num_warps[, num_stages]) bypasses the autotuner, for tests and benchmarks;
-    the dot path (T > 2) needs BLOCK_N >= 16."""
+    `config` (BLOCK_N, BLOCK_KB, LUT, num_warps[, SPLIT_K, num_stages]) bypasses the autotuner, for tests and
+    benchmarks; the dot path (T > 2) needs BLOCK_N >= 16. LUT: 2 gathers the levels from a 16-entry table, 0 loads
+    them from the global one, 4 builds them by byte permutes on the dot path for 16-bit x (elsewhere it is 2)."""
     T, K = x.shape
     N = packed.shape[0]
     if not small_matmul_supported(packed, T) or packed.shape[1] != K:
