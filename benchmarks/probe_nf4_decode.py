@@ -65,6 +65,8 @@ def main():
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--lut", type=int, nargs="+", default=[2], choices=[0, 2, 4])
+    ap.add_argument("--library-configs", action="store_true",
+                    help="time the library's autotune lists (FMA_CONFIGS / DOT_CONFIGS) with each --lut, not the grid")
     ap.add_argument("--dot-from-t", type=int, default=None,
                     help="run the tl.dot path from this T on (default: the library's, T >= 3)")
     ap.add_argument("--only-t", type=int, nargs="+", default=[1, 16], help="token counts to sweep (default 1 16)")
@@ -81,7 +83,11 @@ def main():
         x = torch.randn(T, n_in, device=DEV, dtype=DT, generator=gen)
         ref = x.double() @ dequantize_nf4_reference(p, torch.float64).T
         nbytes = nf4_bytes(p)
-        configs = grid_configs(T, args.quick, args.lut) if n_in == 4096 else best[T]
+        if args.library_configs:
+            configs = [dict(c, LUT=lut) for lut in args.lut
+                       for c in (nf4k.FMA_CONFIGS if T <= nf4k.SMALL_FMA_MAX_T else nf4k.DOT_CONFIGS)]
+        else:
+            configs = grid_configs(T, args.quick, args.lut) if n_in == 4096 else best[T]
         with ThreadPoolExecutor(16) as pool:  # compile everything first; a failing config is reported below
             list(pool.map(lambda c: _try(lambda: nf4k.nf4_matmul_small(x, p, config=c)), configs))
         torch.cuda.synchronize()

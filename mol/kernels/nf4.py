@@ -3,11 +3,12 @@
 - `nf4_dequantize`: packed NF4 -> dense (bf16/fp16/fp32) weight, one pass (reads 4.13 bits, writes 16 per value).
 - `nf4_matmul_small`: y = x @ W^T (+ bias) for T <= 16 rows of x, reading the 4-bit codes directly
   (decode / GEMV): one launch, each program streams the codes of BLOCK_N whole rows (or, split-K, a run of their K
-  steps) with a one-step software prefetch, looks the levels up in a 16-entry table (T <= 2) or by byte permutes
-  of register tables (T > 2) and accumulates in float32 (FMA for T <= 2, tl.dot for larger T); see the comment
-  above the kernel. On an H200 under CUDA-graph replay (RESULTS run 11, NF4 run 8): T=1 4096x4096 7.0 us (0.67x
-  the bf16 GEMV; dequantize + cuBLAS 23.7 us), 4096->14336 20.9 us (0.68x); T=16 11.9 / 32.5 us. NF4Linear uses it
-  by default for T <= 16 on CUDA (MOL_NF4_FUSED_DECODE=0 or `fused_decode = False` turns it off).
+  steps) with a one-step software prefetch, builds the levels by byte permutes of register tables (16-bit x; a
+  16-entry table gather for float32 x) and multiplies with packed 16-bit FMAs (T <= 2) or tl.dot (larger T); see
+  the comment above the kernel. On an H200 under CUDA-graph replay (RESULTS NF4 run 8): T=1 4096x4096 6.3 us (0.62x
+  the bf16 GEMV; dequantize + cuBLAS 23.7 us), 14336x4096 17.5 us (0.53x); T=2 7.5 / 21.4 us; T=16 11.9 / 32.5
+  us. NF4Linear uses it by default for T <= 16 on CUDA (MOL_NF4_FUSED_DECODE=0 or `fused_decode = False` turns it
+  off).
 For other T the layer dequantizes into a scratch weight and calls cuBLAS (see mol/quant/linear.py): at T=8192
 the dequant pass is ~20 us (4096x4096) against ~400 us for the GEMM.
 
@@ -132,20 +133,29 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 # with `tl.load(code_ptr + q)` from the global table (LUT=0: an L1 hit, plus 64-bit address math per element); the
 # select tree (LUT=1) is not used here. Counted on the sm_90 SASS of the loop body, T = 1, K = 4096: 4.9-5.7
 # instructions per weight element with LUT=2 (shift, mask, LDS, FFMA, plus x and scale handling) and 7.5 with LUT=0
-# under triton 3.9; 5.2-6.0 and 12.6 under triton 3.6. LUT=2 is autotuned; LUT=0 stays selectable by `config=`.
-# - T <= 2 (FMA path, BLOCK_T = T): p = sum_i level_i * x_i per word in float32 (an FFMA chain), summed per absmax
-#   block, times the block's scale, accumulated per (row, block); one reduction over the blocks at the end.
+# under triton 3.9; 5.2-6.0 and 12.6 under triton 3.6. LUT=4 (16-bit x; float32 x falls back to LUT=2) has no table
+# gather and no float conversion: byte permutes (PRMT) look the levels' low and high bytes up in eight int32
+# registers (levels 0-7 and 8-15, selected by bit 3) and interleave them into int32 pairs of 16-bit levels in
+# element order. LUT=4 is what both paths autotune; LUT=2 and 0 stay selectable by `config=`.
+# - T <= 2 (FMA path, BLOCK_T = T): p = sum_i level_i * x_i per word: LUT=4 multiplies each level pair by x's pair
+#   (read as one int32, no conversion) with fma.rn.bf16x2 / f16x2, four per word into one pair of 16-bit partial
+#   sums, then adds the two halves in float32 (so each four-term partial rounds to x's dtype: relative error vs
+#   float64 3.3-4.2e-3 in bf16 against LUT=2's 1.7-2.3e-3, about the output's own rounding); LUT=2 runs an FFMA chain
+#   in float32. Either way summed per absmax block, times the block's scale, accumulated per (row, block) in float32;
+#   one reduction over the blocks at the end. SASS (`compile_sm90.py --sass`, (16, 512-byte) tile, T = 1): 4.9
+#   instructions and 0.14 shared-memory ops per weight with LUT=4, 5.3 and 1.3 with LUT=2; timed 11-17% faster at
+#   T = 1 and 18-26% at T = 2 (RESULTS NF4 run 8).
 # - 3 <= T <= 16 (dot path, BLOCK_T = 16): the weights in x's dtype, multiplied with tl.dot (T padded to 16,
 #   float32 accumulation; exact "ieee" float32 for float32 x). LUT=2: levels times their block scales in float32,
 #   rounded once (as the dequantize + GEMM path rounds them). LUT=4 (16-bit x; float32 x falls back to LUT=2):
 #   no table gather and no float conversion: byte permutes (PRMT) look the levels' low and high bytes up in eight
-#   int32 registers (levels 0-7 and 8-15, selected by bit 3) and interleave them into pairs of 16-bit levels, which
+#   int32 registers and interleave them into pairs of 16-bit levels (as above), which
 #   one mul.rn.bf16x2 / f16x2 scales; each weight is rounded twice (level, then product), ~1 ulp more error. Per
 #   element on the sm_90 SASS (triton 3.6, 64 x 128-byte tile, nested absmax; `compile_sm90.py --sass`): 6.3
 #   instructions and 0.4 shared-memory ops with LUT=4, 7.3 and 1.4 with LUT=2; timed 6-11% faster at T = 16
 #   (RESULTS NF4 run 8), so LUT=4 is autotuned. The dot path takes ~11-12 us at 4096^2 whatever T (its dequant,
-#   layout change through shared memory and wgmma run in sequence in each step), against the FMA path's 6.9 at
-#   T = 1: so FMA for T = 1 and 2, dot from T = 3.
+#   layout change through shared memory and wgmma run in sequence in each step), against the FMA path's 6.3 at
+#   T = 1 and 7.5 at T = 2: so FMA for T = 1 and 2, dot from T = 3.
 #   Timed on an H100 (benchmarks/RESULTS.md, NF4 run 4): LUT=2 beat LUT=0 by ~3.4x under triton 3.6.
 
 SMALL_FMA_MAX_T = 2
@@ -155,13 +165,14 @@ SMALL_FMA_MAX_T = 2
 # H200 (benchmarks/probe_nf4_decode.py, RESULTS NF4 run 6; 4096x4096, 14336x4096 and 4096x14336). FMA path: a
 # warp spans BLOCK_KB bytes of one row, so a thread holds BLOCK_N / num_warps rows, which share x's conversion and
 # layout shuffle; every config lands within 15% of the best (6.9 us at 4096^2), split-K gains nothing at T = 1.
+# They run LUT=4 since NF4 run 8 (the same six, timed with both lookups: LUT=4 faster in every one at T = 1 and 2).
 # Dot path: BLOCK_N >= 64 makes the weight tile the MMA's A operand (wgmma, one warpgroup per 64 rows); at
 # N = 4096 that is 64 programs, so it is split-K (SPLIT_K programs per row block, partials summed by the last,
 # see the kernel) that fills the GPU: 20.3 -> 13.5 us at 4096^2, 65 -> 38 us at 14336x4096. The BLOCK_N = 32 config
 # (x as the A operand, mma.sync) keeps narrow weights covered. (64, 128, 4, 4, 3) replaced (64, 128, 4, 4, 1) after
 # a second sweep (RESULTS NF4 run 7): 12.9 against 13.4 us at 4096^2, 33.5 against 38.1 at 14336x4096. A third
 # (NF4 run 8, LUT=4 over the whole grid) found the same six shapes fastest; they now run LUT=4.
-FMA_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=2, num_warps=w, SPLIT_K=sk)
+FMA_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=4, num_warps=w, SPLIT_K=sk)
                for bn, kb, w, sk in [(16, 512, 4, 1), (8, 512, 2, 1), (8, 1024, 4, 1), (16, 256, 4, 1),
                                      (32, 256, 4, 2), (8, 512, 4, 1)]]
 DOT_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=4, num_warps=w, SPLIT_K=sk, num_stages=st)
@@ -180,8 +191,8 @@ def _autotune_configs(configs):
 @triton.jit
 def _nf4_levels8(w, tab, code_ptr, LUT: tl.constexpr):
     """The 8 NF4 levels (float32) of int32 code words w, in element order: byte i (little endian) of a word holds
-    element 2i in its high nibble and element 2i+1 in its low nibble. LUT=4 gathers as LUT=2 (its byte permutes
-    are the dot path's, for 16-bit x)."""
+    element 2i in its high nibble and element 2i+1 in its low nibble. LUT=4 gathers as LUT=2 here (float32 x; its
+    byte permutes are for 16-bit x, in _dot8_pairs and _nf4_tile_prmt)."""
     if LUT == 2 or LUT == 4:
         # one gather for all 8 nibbles; join(a, b) stacks along a new last axis, so split() takes them back in
         # the reverse nesting order
@@ -323,6 +334,46 @@ def _mul2(p, s2, DT: tl.constexpr):
 
 
 @triton.jit
+def _fma2(a, b, c, DT: tl.constexpr):
+    """a * b + c on the two DT values packed in each int32 (one fma.rn.bf16x2 / f16x2; the interpreter computes
+    the halves in float32 and rounds each once to DT)."""
+    if _INTERPRET_C:
+        lo = (_half(a, DT, False).to(tl.float32) * _half(b, DT, False).to(tl.float32)
+              + _half(c, DT, False).to(tl.float32)).to(DT)
+        hi = (_half(a, DT, True).to(tl.float32) * _half(b, DT, True).to(tl.float32)
+              + _half(c, DT, True).to(tl.float32)).to(DT)
+        out = ((lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+               | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16))
+    else:
+        op: tl.constexpr = "fma.rn.bf16x2" if DT == tl.bfloat16 else "fma.rn.f16x2"
+        out = tl.inline_asm_elementwise(op + " $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                        is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def _dot8_pairs(w, tabs, x_ptr, kw, km, BW: tl.constexpr, DT: tl.constexpr):
+    """sum_i level_i * x[8 kw + i] per word, (rows, BW) float32, for 16-bit x: the levels as DT pairs by byte
+    permutes (no table gather), the eight products summed in DT pairs by four fma.rn.*x2 (x's pairs read as
+    int32, no conversion), then the two halves in float32. The four-term sums round to DT: ~1 ulp of DT of a
+    word's partial, which over K / 8 words stays below the output's own rounding for random signs."""
+    x32 = x_ptr.to(tl.pointer_type(tl.int32))
+    xq = tl.load(x32 + 4 * kw[:, None] + tl.arange(0, 4)[None, :], mask=km[:, None], other=0)
+    xa, xb = tl.split(tl.reshape(xq, (BW, 2, 2)))  # pairs (0, 2) / (1, 3)
+    x0, x2 = tl.split(xa)
+    x1, x3 = tl.split(xb)
+    sel = w & 0x77777777
+    hilo = ((w >> 1) & 0x44444444) | 0x32103210
+    p01, p23 = _prmt_pairs(sel, hilo, tabs)
+    p45, p67 = _prmt_pairs(sel >> 16, hilo >> 16, tabs)
+    acc = _fma2(p01, x0[None, :], p01 * 0, DT)
+    acc = _fma2(p23, x1[None, :], acc, DT)
+    acc = _fma2(p45, x2[None, :], acc, DT)
+    acc = _fma2(p67, x3[None, :], acc, DT)
+    return _half(acc, DT, False).to(tl.float32) + _half(acc, DT, True).to(tl.float32)
+
+
+@triton.jit
 def _nf4_tile_prmt(w, s2, tabs, DT: tl.constexpr):
     """The (rows, 8 * words) tile of the NF4 weights in DT of int32 code words w (s2: each word's scale, twice
     per int32): the levels by byte permutes of register tables, then scaled a pair at a time; no shared-memory
@@ -390,6 +441,13 @@ def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs
                 accd = tl.dot(xs, tl.trans(wt), accd, input_precision="ieee")
             else:
                 accd = tl.dot(xs, tl.trans(wt), accd)
+    elif PRMT:  # FMA path, 16-bit x: levels and products in DT pairs
+        DT2: tl.constexpr = x_ptr.dtype.element_ty
+        p = _dot8_pairs(w, tab, x_ptr, kw, km, BW, DT2)
+        acc0 += tl.sum(tl.reshape(p, (BLOCK_N, NB, WB)), axis=2) * sc
+        if BLOCK_T == 2:
+            p = _dot8_pairs(w, tab, x_ptr + stride_xt, kw, km, BW, DT2)
+            acc1 += tl.sum(tl.reshape(p, (BLOCK_N, NB, WB)), axis=2) * sc
     else:
         l0, l1, l2, l3, l4, l5, l6, l7 = _nf4_levels8(w, tab, code_ptr, LUT)
         p = _dot8(l0, l1, l2, l3, l4, l5, l6, l7, x_ptr, kw, km, BW)
@@ -435,7 +493,7 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
     row_blk = rows.to(tl.int64) * NBLK
     wptr = codes_ptr.to(tl.pointer_type(tl.int32))
     # LUT=4 (byte-permute levels) is for the dot path with 16-bit x; elsewhere it is the LUT=2 gather
-    PRMT: tl.constexpr = LUT == 4 and BLOCK_T > 2 and x_ptr.dtype.element_ty != tl.float32
+    PRMT: tl.constexpr = LUT == 4 and x_ptr.dtype.element_ty != tl.float32
     if PRMT:
         tab = _prmt_tables(code_ptr, x_ptr.dtype.element_ty)
     else:
@@ -520,7 +578,7 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
     """y = x @ W^T (+ bias) for x of shape (T, K), T <= 16, reading W's 4-bit codes directly; y in x's dtype.
     `config` (BLOCK_N, BLOCK_KB, LUT, num_warps[, SPLIT_K, num_stages]) bypasses the autotuner, for tests and
     benchmarks; the dot path (T > 2) needs BLOCK_N >= 16. LUT: 2 gathers the levels from a 16-entry table, 0 loads
-    them from the global one, 4 builds them by byte permutes on the dot path for 16-bit x (elsewhere it is 2)."""
+    them from the global one, 4 builds them by byte permutes for 16-bit x (for float32 x it is 2)."""
     T, K = x.shape
     N = packed.shape[0]
     if not small_matmul_supported(packed, T) or packed.shape[1] != K:
@@ -528,6 +586,8 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
                          f"(blocksize {packed.blocksize}); needs 1 <= T <= {MAX_SMALL_T}, in_features % blocksize "
                          "== 0, blocksize in 32..256 and contiguous, 4-byte aligned codes")
     x = x.contiguous()
+    if x.data_ptr() % 4:  # LUT=4 reads 16-bit x as int32 pairs (an offset view, e.g. x[1:], is the rare case)
+        x = x.clone()
     if bias is not None:
         bias = bias.contiguous()
     y = torch.empty((T, N), dtype=x.dtype, device=x.device)
