@@ -12,6 +12,7 @@ of our packed tensors is compared bit for bit.
 """
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -121,19 +122,13 @@ def correctness(gen):
                      f"(max diff {(bdeq.float() - out.float()).abs().max().item():.3g})")
         print(line)
         w64 = ref.double()
-        for T in (1, 2, 5, 16):
-            x = torch.randn(T, n_in, device=DEV, dtype=DT, generator=gen)
+        # float16 x too: the byte-permute levels in float16 and the f16x2 multiplies of both paths
+        for xdt, T in itertools.product((DT, torch.float16), (1, 2, 5, 16)):
+            x = torch.randn(T, n_in, device=DEV, dtype=xdt, generator=gen)
             y = nf4_matmul_small(x, p)
             yr = x.double() @ w64.T
             errs = [rel(nf4_matmul_small(x, p, config=c), yr) for c in (FMA_CONFIGS if T <= 2 else DOT_CONFIGS)]
-            print(f"    fused small-T kernel T={T}: rel err vs float64 {rel(y, yr):.2e} (autotuned), "
-                  f"{max(errs):.2e} (worst of its {len(errs)} configs)")
-        for T in (5, 16):  # float16 x: the dot path's byte-permute lookup with float16 levels (mul.rn.f16x2)
-            x = torch.randn(T, n_in, device=DEV, dtype=torch.float16, generator=gen)
-            yr = x.double() @ w64.T
-            errs = [rel(nf4_matmul_small(x, p, config=c), yr) for c in DOT_CONFIGS]
-            y = nf4_matmul_small(x, p)
-            print(f"    fused small-T kernel T={T}, float16 x: rel err vs float64 {rel(y, yr):.2e} (autotuned), "
+            print(f"    fused small-T kernel T={T}, {xdt}: rel err vs float64 {rel(y, yr):.2e} (autotuned), "
                   f"{max(errs):.2e} (worst of its {len(errs)} configs)")
         lin = NF4Linear(p)
         x = torch.randn(T_TRAIN, n_in, device=DEV, dtype=DT, generator=gen, requires_grad=True)

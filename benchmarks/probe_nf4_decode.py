@@ -7,7 +7,7 @@ grid over BLOCK_N, BLOCK_KB, num_warps, SPLIT_K (and a few num_stages), each che
 W dequantized by the PyTorch reference) before it is timed; then the best configs again on 4096x14336. Prints, per
 case, the bf16 base, the autotuned default and the `--top` fastest configs with their time, ratio to the bf16
 base and NF4 bytes / time. `--lut` sweeps the level lookups too (2: gather from the 16 levels in registers; 0: load
-from the global table; 4, the dot path only: byte permutes of register tables). `--dot-from-t 1` runs T = 1 and 2
+from the global table; 4: byte permutes of register tables, the default). `--dot-from-t 1` runs T = 1 and 2
 on the dot path as well. A third, one gather per code byte from a 256-entry table of float32 level pairs, was
 1.6x slower than LUT=2 at T=1 (RESULTS NF4 run 7) and was removed. Compiles run in a thread pool first (the sweep is ~200 kernels).
 """
@@ -48,8 +48,7 @@ def grid_configs(T, quick, luts):
             continue
         if nf4k._splits(4096, kb, sk) != sk:  # the same kernel as a smaller SPLIT_K at K = 4096
             continue
-        out += [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=lut, num_warps=w, SPLIT_K=sk, num_stages=1) for lut in luts
-                if lut != 4 or T > nf4k.SMALL_FMA_MAX_T]  # LUT=4 is the dot path's
+        out += [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=lut, num_warps=w, SPLIT_K=sk, num_stages=1) for lut in luts]
     # software pipelining by the compiler instead of (on top of) the hand-written one-step prefetch
     for c in list(out[:: max(1, len(out) // 12)]):
         out.append({**c, "num_stages": 3})

@@ -347,9 +347,9 @@ def test_triton_small_matmul_float16(T, ci):
 def _prmt_tile_kernel(w_ptr, s_ptr, code_ptr, out_ptr, R: tl.constexpr, W: tl.constexpr):
     offs = tl.arange(0, R)[:, None] * W + tl.arange(0, W)[None, :]
     w = tl.load(w_ptr + offs)
-    sb = tl.load(s_ptr + offs).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    sc = tl.load(s_ptr + offs)
     tabs = nf4k._prmt_tables(code_ptr, tl.float16)
-    e = nf4k._nf4_tile_prmt(w, sb | (sb << 16), tabs, tl.float16)
+    e = nf4k._nf4_tile_prmt(w, nf4k._pack2(sc, sc), tabs, tl.float16)
     tl.store(out_ptr + tl.arange(0, R)[:, None] * (8 * W) + tl.arange(0, 8 * W)[None, :], e)
 
 

@@ -282,11 +282,23 @@ def _prmt(a, b, sel):
 
 
 @triton.jit
+def _bits16(v):
+    """The bit pattern of 16-bit float values v as int32 in [0, 65536)."""
+    return v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _pack2(lo, hi):
+    """Two 16-bit float tensors as int32 pairs: lo in the low half, hi in the high half."""
+    return _bits16(lo) | (_bits16(hi) << 16)
+
+
+@triton.jit
 def _prmt_tables(code_ptr, DT: tl.constexpr):
     """The 16 NF4 levels rounded to DT (bf16 / fp16), as eight int32 byte tables for `_prmt`: (low bytes of
     levels 0-3, 4-7, 8-11, 12-15, then the high bytes likewise). Built once per program from the code table."""
     i = tl.arange(0, 16)
-    bits = tl.load(code_ptr + i).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    bits = _bits16(tl.load(code_ptr + i).to(DT))
     sh = 8 * (i % 4)
     g = i // 4
     lo = (bits & 0xFF) << sh
@@ -309,6 +321,18 @@ def _prmt_pairs(sel, s2, tabs):
 
 
 @triton.jit
+def _prmt_levels(w, tabs):
+    """The 8 levels of int32 code words w as four int32 pairs of 16-bit levels (elements 0-1, 2-3, 4-5, 6-7)."""
+    # a permute reads its selector's low 16 bits: the upper four codes' selectors are the lower ones shifted
+    sel = w & 0x77777777
+    # the select between the lower / upper eight levels: nibble j is j % 4, plus 4 when bit 3 of code j is set
+    hilo = ((w >> 1) & 0x44444444) | 0x32103210
+    p01, p23 = _prmt_pairs(sel, hilo, tabs)
+    p45, p67 = _prmt_pairs(sel >> 16, hilo >> 16, tabs)
+    return p01, p23, p45, p67
+
+
+@triton.jit
 def _half(p, DT: tl.constexpr, HIGH: tl.constexpr):
     if HIGH:
         v = (p >> 16).to(tl.int16)
@@ -322,10 +346,7 @@ def _mul2(p, s2, DT: tl.constexpr):
     """Two DT values packed in each int32 of p times those of s2, rounded to nearest (one mul.rn.bf16x2 /
     f16x2 per pair; the interpreter multiplies the halves)."""
     if _INTERPRET_C:
-        lo = _half(p, DT, False) * _half(s2, DT, False)
-        hi = _half(p, DT, True) * _half(s2, DT, True)
-        out = ((lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
-               | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16))
+        out = _pack2(_half(p, DT, False) * _half(s2, DT, False), _half(p, DT, True) * _half(s2, DT, True))
     else:
         op: tl.constexpr = "mul.rn.bf16x2" if DT == tl.bfloat16 else "mul.rn.f16x2"
         out = tl.inline_asm_elementwise(op + " $0, $1, $2;", "=r,r,r", [p, s2], dtype=tl.int32, is_pure=True,
@@ -342,8 +363,7 @@ def _fma2(a, b, c, DT: tl.constexpr):
               + _half(c, DT, False).to(tl.float32)).to(DT)
         hi = (_half(a, DT, True).to(tl.float32) * _half(b, DT, True).to(tl.float32)
               + _half(c, DT, True).to(tl.float32)).to(DT)
-        out = ((lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
-               | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16))
+        out = _pack2(lo, hi)
     else:
         op: tl.constexpr = "fma.rn.bf16x2" if DT == tl.bfloat16 else "fma.rn.f16x2"
         out = tl.inline_asm_elementwise(op + " $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
@@ -352,20 +372,16 @@ def _fma2(a, b, c, DT: tl.constexpr):
 
 
 @triton.jit
-def _dot8_pairs(w, tabs, x_ptr, kw, km, BW: tl.constexpr, DT: tl.constexpr):
-    """sum_i level_i * x[8 kw + i] per word, (rows, BW) float32, for 16-bit x: the levels as DT pairs by byte
-    permutes (no table gather), the eight products summed in DT pairs by four fma.rn.*x2 (x's pairs read as
-    int32, no conversion), then the two halves in float32. The four-term sums round to DT: ~1 ulp of DT of a
-    word's partial, which over K / 8 words comes to about the output's own rounding (RESULTS NF4 run 8)."""
+def _dot8_pairs(p01, p23, p45, p67, x_ptr, kw, km, BW: tl.constexpr, DT: tl.constexpr):
+    """sum_i level_i * x[8 kw + i] per word, (rows, BW) float32, for 16-bit x: the levels as DT pairs
+    (_prmt_levels), the eight products summed in DT pairs by four fma.rn.*x2 (x's pairs read as int32, no
+    conversion), then the two halves in float32. The four-term sums round to DT: ~1 ulp of DT of a word's
+    partial, which over K / 8 words comes to about the output's own rounding (RESULTS NF4 run 8)."""
     x32 = x_ptr.to(tl.pointer_type(tl.int32))
     xq = tl.load(x32 + 4 * kw[:, None] + tl.arange(0, 4)[None, :], mask=km[:, None], other=0)
     xa, xb = tl.split(tl.reshape(xq, (BW, 2, 2)))  # pairs (0, 2) / (1, 3)
     x0, x2 = tl.split(xa)
     x1, x3 = tl.split(xb)
-    sel = w & 0x77777777
-    hilo = ((w >> 1) & 0x44444444) | 0x32103210
-    p01, p23 = _prmt_pairs(sel, hilo, tabs)
-    p45, p67 = _prmt_pairs(sel >> 16, hilo >> 16, tabs)
     acc = _fma2(p01, x0[None, :], p01 * 0, DT)
     acc = _fma2(p23, x1[None, :], acc, DT)
     acc = _fma2(p45, x2[None, :], acc, DT)
@@ -379,12 +395,7 @@ def _nf4_tile_prmt(w, s2, tabs, DT: tl.constexpr):
     per int32): the levels by byte permutes of register tables, then scaled a pair at a time; no shared-memory
     lookup, no float conversion. Each weight is rounded twice (level, then level times scale) where the
     dequantize path rounds once: ~1 ulp of DT more error per weight."""
-    # a permute reads its selector's low 16 bits: the upper four codes' selectors are the lower ones shifted
-    sel = w & 0x77777777
-    # the select between the lower / upper eight levels: nibble j is j % 4, plus 4 when bit 3 of code j is set
-    hilo = ((w >> 1) & 0x44444444) | 0x32103210
-    p01, p23 = _prmt_pairs(sel, hilo, tabs)
-    p45, p67 = _prmt_pairs(sel >> 16, hilo >> 16, tabs)
+    p01, p23, p45, p67 = _prmt_levels(w, tabs)
     p01 = _mul2(p01, s2, DT)
     p23 = _mul2(p23, s2, DT)
     p45 = _mul2(p45, s2, DT)
@@ -413,12 +424,12 @@ def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs
         sc = a
     kw = s * BW + tl.arange(0, BW)
     km = kw < KW
+    DT: tl.constexpr = x_ptr.dtype.element_ty
     if BLOCK_T > 2:
-        DT: tl.constexpr = x_ptr.dtype.element_ty
         if PRMT:  # levels in DT by byte permutes, times the block scales in DT
             # each word's block scale in DT, twice in one int32 (the multiplier of a pair of levels)
-            sb = sc.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            s2 = tl.reshape(tl.broadcast_to((sb | (sb << 16))[:, :, None], (BLOCK_N, NB, WB)), (BLOCK_N, BW))
+            s2 = tl.reshape(tl.broadcast_to(_pack2(sc.to(DT), sc.to(DT))[:, :, None], (BLOCK_N, NB, WB)),
+                            (BLOCK_N, BW))
             wt = _nf4_tile_prmt(w, s2, tab, DT)
         else:
             l0, l1, l2, l3, l4, l5, l6, l7 = _nf4_levels8(w, tab, code_ptr, LUT)
@@ -442,11 +453,11 @@ def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs
             else:
                 accd = tl.dot(xs, tl.trans(wt), accd)
     elif PRMT:  # FMA path, 16-bit x: levels and products in DT pairs
-        DT2: tl.constexpr = x_ptr.dtype.element_ty
-        p = _dot8_pairs(w, tab, x_ptr, kw, km, BW, DT2)
+        p01, p23, p45, p67 = _prmt_levels(w, tab)
+        p = _dot8_pairs(p01, p23, p45, p67, x_ptr, kw, km, BW, DT)
         acc0 += tl.sum(tl.reshape(p, (BLOCK_N, NB, WB)), axis=2) * sc
         if BLOCK_T == 2:
-            p = _dot8_pairs(w, tab, x_ptr + stride_xt, kw, km, BW, DT2)
+            p = _dot8_pairs(p01, p23, p45, p67, x_ptr + stride_xt, kw, km, BW, DT)
             acc1 += tl.sum(tl.reshape(p, (BLOCK_N, NB, WB)), axis=2) * sc
     else:
         l0, l1, l2, l3, l4, l5, l6, l7 = _nf4_levels8(w, tab, code_ptr, LUT)
@@ -492,7 +503,7 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
     row_w = rows.to(tl.int64) * KW
     row_blk = rows.to(tl.int64) * NBLK
     wptr = codes_ptr.to(tl.pointer_type(tl.int32))
-    # LUT=4 (byte-permute levels) is for the dot path with 16-bit x; elsewhere it is the LUT=2 gather
+    # LUT=4 (byte-permute levels) is for 16-bit x, on both paths; for float32 x it is the LUT=2 gather
     PRMT: tl.constexpr = LUT == 4 and x_ptr.dtype.element_ty != tl.float32
     if PRMT:
         tab = _prmt_tables(code_ptr, x_ptr.dtype.element_ty)
