@@ -78,6 +78,22 @@ for fma, has_w, kind, K, noise, bias, dt, bn, bk in ((True, True, 0, 2, False, T
     sig.update({k: "constexpr" for k in const})
     comp(rl._small_t_kernel, sig, const)
 
+# the base GEMM with the experts' product as extra K (mol/kernels/base_gemm.py): forward (b, v stored (N, K), with a
+# bias) and backward (b, v row-major) forms, at every config it autotunes
+from mol.kernels import base_gemm as bg  # noqa: E402
+
+for cfg, (b_t, bias, dt) in itertools.product(bg.CONFIGS, ((True, True, "bf16"), (False, False, "fp16"))):
+    bm, bn, bk, group_m, warps, stages, epi = cfg
+    sig = {"a_desc": f"tensordesc<{dt}[{bm}, {bk}]>", "b_desc": f"tensordesc<{dt}[{bn}, {bk}]>" if b_t else f"tensordesc<{dt}[{bk}, {bn}]>",
+           "u_desc": f"tensordesc<{dt}[{bm}, {bk}]>", "v_desc": f"tensordesc<{dt}[{bn}, {bk}]>" if b_t else f"tensordesc<{dt}[{bk}, {bn}]>",
+           "c_desc": f"tensordesc<{dt}[{bm}, {bn // epi}]>", "bias_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32", "KR": "i32"}
+    const = dict(BM=bm, BN=bn, BK=bk, GROUP_M=group_m, B_T=b_t, V_T=b_t, HAS_U=True, HAS_BIAS=bias, EPI_SPLIT=epi, NUM_PROGS=132,
+                 F32_DOT=False)
+    sig.update({k: "constexpr" for k in const})
+    k = triton.compile(ASTSource(fn=bg._base_gemm_kernel, signature=sig, constexprs=const), target=tgt,
+                       options={"num_warps": warps, "num_stages": stages})
+    print(f"_base_gemm_kernel {cfg} b_t={b_t}: compiled for sm_90, {k.metadata.shared} bytes of shared memory")
+
 # ---------------------------------------------------------------- NF4 small-T (decode) kernel, mol/kernels/nf4.py
 # Every autotuned config of both paths (FMA: T <= 2, tl.dot: T <= 16), plus dtype / nesting / bias / shape variants.
 # Pointers and the row strides are marked 16-divisible, as the JIT specializes them for aligned tensors (without

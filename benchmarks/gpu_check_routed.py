@@ -1,13 +1,15 @@
 """GPU correctness of the fused routed-layer path (mol.kernels.routed_lora) at real sizes against float64.
 
     python benchmarks/gpu_check_routed.py [--small-t | --quick] [--router tf32x2] [--gate-columns select]
-                                          [--shrink triton]
+                                          [--shrink triton] [--base triton]
 
 Router + experts + auxiliary losses: output, aux loss and the gradients of x, x_lora (dropout mode), base_out,
 lora_A, lora_B (contiguous, and in MoLLinear's expert-interleaved layout) and the router weight, against
 tests/reference.py's float64 formula on upcast inputs; outputs poisoned with NaN so an unwritten element fails.
 Shapes not multiples of any block (T = 1, 7, 16, 4097; 4095 and 11008 features), E up to 64, top-k 1/2/4, soft and
-switch routers. Pass: bf16 < 1e-2, float32 < 1e-4, and the router logits (hl's last E columns) within 5e-5 of
+switch routers; at T = 4097 also 4096 -> 11008, whose 16-byte aligned rows let the base GEMM run as the Triton
+kernel with the experts' product as extra K (mol.kernels.base_gemm; `--base triton` forces it where it can run,
+the default "auto" takes whichever of it and cuBLAS timed faster). Pass: bf16 < 1e-2, float32 < 1e-4, and the router logits (hl's last E columns) within 5e-5 of
 the largest logit: float32-class scores (the one-GEMM shrink's tensor-core sums measured 4.7e-6 at 4096 features
 and 1.2e-5 at 11008, tf32x3 ~4e-7), where Wr rounded to bf16 would be ~1e-3 off.
 Exit code 1 on any failure.
@@ -19,6 +21,7 @@ os.environ.setdefault("MOL_TRITON_AUTOTUNE", "0")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import mol.kernels.base_gemm as bg  # noqa: E402
 import mol.kernels.grouped_lora as gl  # noqa: E402
 from mol.kernels import routed_lora as rl  # noqa: E402
 from tests.reference import interleaved, routed_layer_float64  # noqa: E402
@@ -84,7 +87,11 @@ def main():
                     help="how the gate kernels map experts to columns (mol.kernels.routed_lora.GATE_COLUMNS)")
     ap.add_argument("--shrink", choices=list(rl._SHRINK_CHOICES), default=None,
                     help="the large-T shrink + router scores: one cuBLAS GEMM or the Triton kernel (routed_lora.SHRINK)")
+    ap.add_argument("--base", choices=list(bg._CHOICES), default=None,
+                    help="the base GEMM with the experts' product as extra K: Triton, cuBLAS or the faster (auto)")
     args = ap.parse_args()
+    if args.base:
+        bg.BASE_GEMM = args.base
     if args.shrink:
         rl.SHRINK = args.shrink
     if args.router:
@@ -93,7 +100,7 @@ def main():
         rl.GATE_COLUMNS = args.gate_columns
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, shrink {rl.SHRINK}, router {rl.ROUTER_PRECISION}, "
-          f"gate columns {rl.GATE_COLUMNS}", flush=True)
+          f"gate columns {rl.GATE_COLUMNS}, base GEMM {bg.BASE_GEMM}", flush=True)
     t_start = time.time()
     tile_variants = [None]
     if args.small_t:  # the autotune-off config (x as the dot's A operand) and the BN=64 one (W tile as A)
@@ -124,7 +131,7 @@ def run_cases(t_values, gen, dtypes):
         tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
         i = 0
         for T in t_values:
-            for n_in, n_out in ((4095, 11008), (11008, 4095)):
+            for n_in, n_out in ((4095, 11008), (11008, 4095)) + (((4096, 11008),) if T > rl.SMALL_T_MAX else ()):
                 for E, K, kind in routes:
                     mode = modes[i % len(modes)]
                     i += 1

@@ -10,7 +10,7 @@ own first, then
 the graphs (and the bare base's) are replayed in turn, `--rounds` times; the table gives each one's median over
 rounds and its ratio to the base's median. A variant is `default` or comma-joined switches: gate=onehot|select
 (routed_lora.GATE_COLUMNS), router=tf32x3|tf32x2 (ROUTER_PRECISION), du=cublas|triton (grouped_lora.DU_CUBLAS),
-shrink=gemm|triton (routed_lora.SHRINK).
+shrink=gemm|triton (routed_lora.SHRINK), base=auto|cublas|triton (base_gemm.BASE_GEMM).
 `--nf4` also times each variant on an NF4 base (QLoRA-MoL).
 """
 import argparse
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol  # noqa: E402
+import mol.kernels.base_gemm as bg  # noqa: E402
 import mol.kernels.grouped_lora as gl  # noqa: E402
 import mol.kernels.routed_lora as rl  # noqa: E402
 from bench_layer import interleaved_graph_times, mol_layer  # noqa: E402
@@ -31,7 +32,8 @@ DEV, DT = "cuda", torch.bfloat16
 SWITCHES = {"gate": (rl, "GATE_COLUMNS", {"onehot": "onehot", "select": "select"}),
             "router": (rl, "ROUTER_PRECISION", {"tf32x3": "tf32x3", "tf32x2": "tf32x2"}),
             "du": (gl, "DU_CUBLAS", {"cublas": True, "triton": False}),
-            "shrink": (rl, "SHRINK", {"gemm": "gemm", "triton": "triton"})}
+            "shrink": (rl, "SHRINK", {"gemm": "gemm", "triton": "triton"}),
+            "base": (bg, "BASE_GEMM", {"auto": "auto", "cublas": "cublas", "triton": "triton"})}
 
 
 def switches(variant: str) -> list:

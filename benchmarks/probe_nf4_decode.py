@@ -34,7 +34,7 @@ def nf4_bytes(p):
     return n + (p.nested_absmax.numel() * 4 if p.nested else 0)
 
 
-def grid_configs(T, quick, luts):
+def grid_configs(T, quick, luts, max_words=16, stages=None, min_words=1):
     out = []
     if T <= nf4k.SMALL_FMA_MAX_T:
         bns, kbs, ws, sks = ([4, 8, 16], [512, 1024], [4, 8], [1, 2, 4]) if quick else \
@@ -44,12 +44,14 @@ def grid_configs(T, quick, luts):
             ([16, 32, 64, 128], [64, 128, 256], [4, 8], [1, 2, 4, 8, 16])
     for bn, kb, w, sk in itertools.product(bns, kbs, ws, sks):
         words_per_thread = bn * kb // 4 / (32 * w)
-        if words_per_thread > 16 or words_per_thread < 1 or (T > 2 and bn < 16):
+        if words_per_thread > max_words or words_per_thread < min_words or (T > 2 and bn < 16):
             continue
         if nf4k._splits(4096, kb, sk) != sk:  # the same kernel as a smaller SPLIT_K at K = 4096
             continue
         out += [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=lut, num_warps=w, SPLIT_K=sk, num_stages=1) for lut in luts]
     # software pipelining by the compiler instead of (on top of) the hand-written one-step prefetch
+    if stages:  # every config at each of these
+        return [{**c, "num_stages": st} for c in out for st in stages]
     for c in list(out[:: max(1, len(out) // 12)]):
         out.append({**c, "num_stages": 3})
     return out
@@ -69,6 +71,11 @@ def main():
     ap.add_argument("--dot-from-t", type=int, default=None,
                     help="run the tl.dot path from this T on (default: the library's, T >= 3)")
     ap.add_argument("--only-t", type=int, nargs="+", default=[1, 16], help="token counts to sweep (default 1 16)")
+    ap.add_argument("--max-words", type=int, default=16,
+                    help="largest code words per thread per step in the grid (default 16; 64 admits one-step rows)")
+    ap.add_argument("--min-words", type=int, default=1, help="smallest code words per thread per step (default 1)")
+    ap.add_argument("--stages", type=int, nargs="+", default=None,
+                    help="run every grid config at each of these num_stages (default: 1, and 3 for a sample)")
     args = ap.parse_args()
     if args.dot_from_t is not None:
         nf4k.SMALL_FMA_MAX_T = args.dot_from_t - 1
@@ -86,7 +93,8 @@ def main():
             configs = [dict(c, LUT=lut) for lut in args.lut
                        for c in (nf4k.FMA_CONFIGS if T <= nf4k.SMALL_FMA_MAX_T else nf4k.DOT_CONFIGS)]
         else:
-            configs = grid_configs(T, args.quick, args.lut) if n_in == 4096 else best[T]
+            configs = (grid_configs(T, args.quick, args.lut, args.max_words, args.stages, args.min_words) if n_in == 4096
+                       else best[T])
         with ThreadPoolExecutor(16) as pool:  # compile everything first; a failing config is reported below
             list(pool.map(lambda c: _try(lambda: nf4k.nf4_matmul_small(x, p, config=c)), configs))
         torch.cuda.synchronize()

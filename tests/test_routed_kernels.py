@@ -260,8 +260,11 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     # 18 large-T (one with the tf32x2 router; the gate kernels with each GATE_COLUMNS and both router score forms;
-    # the one-GEMM shrink's operand kernel for bf16 and fp16) + 5 small-T
-    assert res.stdout.count("compiled for sm_90") == 23
+    # the one-GEMM shrink's operand kernel for bf16 and fp16) + 5 small-T + the base GEMM (forward and backward forms) at
+    # each of its configs
+    from mol.kernels import base_gemm as bg
+
+    assert res.stdout.count("compiled for sm_90") == 23 + 2 * len(bg.CONFIGS)
 
 
 @pytest.mark.parametrize("shrink", rl._SHRINK_CHOICES)

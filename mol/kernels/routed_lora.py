@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mol.kernels import base_gemm as bg
 from mol.kernels import grouped_lora as gl
 
 KINDS = {"topk": 0, "switch": 1, "soft": 2}
@@ -935,8 +936,8 @@ def _(x, x_lora, a_cat, router_w, weight, bias, base_out, lora_B, noise, rank, k
             x.new_empty((2 * e + 2,), dtype=f32), x.new_empty((), dtype=f32))
 
 
-_EAGER = (route_shrink_impl, gate_fwd_impl, gate_bwd_impl, lora_du_impl, small_t_fwd_impl)
-_OPS = (_route_shrink_op, _gate_fwd_op, _gate_bwd_op, _lora_du_op, _small_t_fwd_op)
+_EAGER = (route_shrink_impl, gate_fwd_impl, gate_bwd_impl, lora_du_impl, small_t_fwd_impl, bg.base_mm)
+_OPS = (_route_shrink_op, _gate_fwd_op, _gate_bwd_op, _lora_du_op, _small_t_fwd_op, bg.base_mm_op)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -946,7 +947,7 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
     what routed_lora_linear runs alone when nothing needs a gradient (no autograd node, nothing saved). w_dx: the
     backward's dx operand [A_cat; Wr in x's dtype] where the shrink built it, else None or empty."""
     kind, top_k, scale, lb_coef, z_coef, eager = meta
-    shrink, gate_fwd, _, _, small_t = _EAGER if eager else _OPS
+    shrink, gate_fwd, _, _, small_t, base_mm = _EAGER if eager else _OPS
     e, rank, n_in = lora_A.shape
     r_tot = e * rank
     a_cat = lora_A.reshape(r_tot, n_in)
@@ -962,12 +963,10 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
                                       z_coef)
         b_cat = gl._b_cat(lora_B)  # (R, out): a view of MoLLinear's expert-interleaved lora_B
         if base_out is None:
-            # The small expert GEMM writes y first and the base GEMM accumulates into it (beta=1): its
-            # epilogue reads y while the GEMM is compute-bound, where adding the experts after the base
-            # would be a second full read+write pass over y.
+            # y = x W^T + u B_cat (+ bias): the experts' product is R more K steps of the base GEMM (base_gemm)
             w = weight if weight is not None else weight_fn(x.dtype)
-            y = torch.mm(u, b_cat) if bias is None else torch.addmm(bias, u, b_cat)
-            y.addmm_(x, w.t())
+            v, v_t = (b_cat, False) if b_cat.stride(1) == 1 else (b_cat.t(), True)
+            y = base_mm(x, w, True, u, v, v_t, bias)
             del w  # a dequantized scratch weight (NF4) is not kept for backward: weight_fn runs again there
         else:
             y = torch.addmm(base_out, u, b_cat)
@@ -999,7 +998,7 @@ class _RoutedLoRAFn(torch.autograd.Function):
     def backward(ctx, dy, daux, _dhl, _dgates, _dids, _dstats):
         x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats, w_dx = ctx.saved_tensors
         kind, top_k, scale, lb_coef, z_coef, eager = ctx.meta
-        _, _, gate_bwd, lora_du, _ = _EAGER if eager else _OPS
+        _, _, gate_bwd, lora_du, _, base_mm = _EAGER if eager else _OPS
         # x, x_lora, weight, weight_fn, bias, base_out, A, B, Wr, noise, meta: index as the first ten minus weight_fn
         need = tuple(n for i, n in enumerate(ctx.needs_input_grad) if i != 3)
         e, rank, n_in = lora_A.shape
@@ -1016,25 +1015,23 @@ class _RoutedLoRAFn(torch.autograd.Function):
         w = None
         if need[0] and (weight is not None or ctx.weight_fn is not None):
             w = weight if weight is not None else ctx.weight_fn(dt)
-        if x_lora is None:  # the router and the experts read the same x: one addmm, one weight-gradient GEMM
+        if x_lora is None:  # the router and the experts read the same x: one dx GEMM, one weight-gradient GEMM
             if need[0]:
-                dx = torch.mm(dhl, w_dx if w_dx is not None else torch.cat([a_cat, router_w.to(dt)]))
+                dx = _dx(base_mm, dy, w, dhl, w_dx if w_dx is not None else torch.cat([a_cat, router_w.to(dt)]))
             if need[5] or need[7]:
                 d_ext = torch.mm(dhl.t(), x)
                 dA, dWr = d_ext[:r_tot].view(e, rank, n_in), d_ext[r_tot:]
         else:
             dh, dlogits = dhl[:, :r_tot], dhl[:, r_tot:]
             if need[0]:
-                dx = torch.mm(dlogits, router_w.to(dt))
+                dx = _dx(base_mm, dy, w, dlogits, router_w.to(dt))
             if need[1]:
                 dx_lora = torch.mm(dh, a_cat)
             if need[5]:
                 dA = torch.mm(dh.t(), x_lora).view(e, rank, n_in)
             if need[7]:
                 dWr = torch.mm(dlogits.t(), x)
-        if w is not None:
-            dx.addmm_(dy, w)  # base dx accumulated into the adapters' (beta=1 in the big GEMM, as in forward)
-            del w
+        del w
         if need[6]:
             dB = gl._grad_b(dy, u, lora_B)
         if dWr is not None:
@@ -1042,6 +1039,14 @@ class _RoutedLoRAFn(torch.autograd.Function):
         if need[4]:
             d_base = dy
         return dx, dx_lora, None, None, None, d_base, dA, dB, dWr, None, None
+
+
+def _dx(base_mm, dy, w, d_small, w_small):
+    """dx = dy W + d_small w_small: the adapters' product as more K steps of the base's GEMM (base_gemm) where
+    this function owns the base (w given), else the adapters' product alone (the caller's base has its own)."""
+    if w is None:
+        return torch.mm(d_small, w_small)
+    return base_mm(dy, w, False, d_small, w_small, False, None)
 
 
 def _check(x, x_lora, lora_A, lora_B, weight, base_out, bias, n_out):

@@ -1,0 +1,217 @@
+"""The frozen base GEMM with the experts' small GEMM riding in it as extra K, one Triton kernel (TMA, sm_90+).
+
+    c = a @ op(b) + u @ op(v) (+ bias)          op(m) = m^T where m is stored (N, K), else m
+
+The routed layer's forward is y = x W^T + u B_cat (K = in + R) and its backward dx = dy W + dhl [A_cat; Wr]
+(K = out + R + E). cuBLAS runs each as two GEMMs: the small one writes c, the base GEMM reads it back as its C
+(beta = 1), so a T x out tensor is written and read once more than needed. Here one kernel runs the base's K loop
+and then the second pair's few K steps into the same float32 accumulator, and writes c once.
+
+It wins only where this GEMM keeps up with cuBLAS on the base shape, which differs by GPU and shape, so
+BASE_GEMM="auto" times both (the Triton configs below and cuBLAS's two GEMMs) the first time a shape key is seen
+and keeps the faster. Measured on an H200 (RESULTS run 23): T=8192 4096->4096 E=8 r=16, forward 421.9 against
+428.5 us, backward 429.9 against 441.2; T=2048, 104.1 against 106.7 and 105.0 against 110.0.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+from mol.kernels import grouped_lora as gl
+
+try:  # host-side TMA descriptors (triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: cuBLAS only
+    TensorDescriptor = None
+
+# "auto": per shape key, the faster of the Triton kernel (its best config) and cuBLAS's two GEMMs, timed once;
+# "cublas" / "triton": always that one (where the kernel cannot run, e.g. misaligned strides, cuBLAS runs).
+# MOL_BASE_GEMM sets it at import; read at call time, so tests and benchmarks may set it.
+BASE_GEMM = os.environ.get("MOL_BASE_GEMM", "auto")
+_CHOICES = ("auto", "cublas", "triton")
+
+# (BM, BN, BK, GROUP_M, num_warps, num_stages, EPI_SPLIT): persistent programs, one per SM; EPI_SPLIT stores the
+# output tile in halves, which frees shared memory for a fourth stage. The five that were fastest somewhere in a
+# sweep of eleven over nine layer shapes (RESULTS run 23: T = 512-8192, 2048-14336 features, R = 128 and 256);
+# 128x128, 256x128 and 64x256 tiles never were.
+CONFIGS = [(128, 256, 64, 8, 8, 3, 1), (128, 256, 64, 16, 8, 3, 1), (128, 256, 64, 4, 8, 3, 1),
+           (128, 256, 64, 8, 8, 4, 2), (128, 256, 64, 8, 8, 3, 2)]
+TUNE_ROUNDS = 3  # candidates timed in turn, each's best round kept: one pass ranks them by the clock's drift
+_INTERPRET_CONFIG = (16, 16, 16, 2, 4, 1, 2)
+
+
+@triton.jit
+def _base_gemm_kernel(a_desc, b_desc, u_desc, v_desc, c_desc, bias_ptr, M, N, K, KR,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                      B_T: tl.constexpr, V_T: tl.constexpr, HAS_U: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      EPI_SPLIT: tl.constexpr, NUM_PROGS: tl.constexpr, F32_DOT: tl.constexpr):
+    """c (M, N) = a (M, K) @ op(b) + u (M, KR) @ op(v) (+ bias); op(b) = b^T for b (N, K) when B_T, else b (K, N).
+    Out-of-bounds tile elements load as zero (TMA) and are not stored, so no size needs to divide a block."""
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    in_group = GROUP_M * num_n
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS):
+        # grouped order: GROUP_M row tiles share each column tile of b while it is in L2
+        first_m = (tile // in_group) * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        om = (first_m + tile % size_m) * BM
+        on = ((tile % in_group) // size_m) * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            a = a_desc.load([om, k])
+            if B_T:
+                b = b_desc.load([on, k]).T
+            else:
+                b = b_desc.load([k, on])
+            if F32_DOT:  # the CPU interpreter mis-computes low-precision tl.dot
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        if HAS_U:
+            for k in range(0, KR, BK):
+                u = u_desc.load([om, k])
+                if V_T:
+                    v = v_desc.load([on, k]).T
+                else:
+                    v = v_desc.load([k, on])
+                if F32_DOT:
+                    u = u.to(tl.float32)
+                    v = v.to(tl.float32)
+                acc = tl.dot(u, v, acc)
+        if HAS_BIAS:
+            offs_n = on + tl.arange(0, BN)
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if EPI_SPLIT == 2:
+            c0, c1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            c_desc.store([om, on], c0.to(c_desc.dtype))
+            c_desc.store([om, on + BN // 2], c1.to(c_desc.dtype))
+        else:
+            c_desc.store([om, on], acc.to(c_desc.dtype))
+
+
+def _op(m: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return m.t() if transposed else m
+
+
+def _cublas(a, b, b_t, u, v, v_t, bias):
+    """Today's two cuBLAS GEMMs: the small product (with the bias) written first, the base accumulated into it."""
+    if u is None:
+        return torch.mm(a, _op(b, b_t)) if bias is None else torch.addmm(bias, a, _op(b, b_t))
+    c = torch.mm(u, _op(v, v_t)) if bias is None else torch.addmm(bias, u, _op(v, v_t))
+    return c.addmm_(a, _op(b, b_t))
+
+
+def _tma_ok(*ts: torch.Tensor | None) -> bool:
+    """2-D, unit inner stride, 16-byte aligned row strides and base addresses (what a TMA descriptor needs)."""
+    for t in ts:
+        if t is None:
+            continue
+        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def triton_supported(a, b, u=None, v=None, bias=None) -> bool:
+    """Whether the Triton kernel can run these operands (else base_mm runs cuBLAS)."""
+    if TensorDescriptor is None or a.dtype not in (torch.bfloat16, torch.float16) or a.shape[0] == 0:
+        return False
+    if any(t is not None and t.dtype != a.dtype for t in (b, u, v)):
+        return False
+    if gl._INTERPRET:
+        on_device = a.device.type == "cpu"
+    else:
+        on_device = a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9
+    return on_device and _tma_ok(a, b, u, v) and (bias is None or bias.is_contiguous())
+
+
+_NUM_SMS: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device not in _NUM_SMS:
+        _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _NUM_SMS[device]
+
+
+def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None) -> torch.Tensor:
+    """c = a @ op(b) + u @ op(v) (+ bias) by the Triton kernel, in a's dtype (see the module docstring);
+    `config` (BM, BN, BK, GROUP_M, num_warps, num_stages, EPI_SPLIT), default the first of CONFIGS."""
+    bm, bn, bk, group_m, warps, stages, epi = config or (_INTERPRET_CONFIG if gl._INTERPRET else CONFIGS[0])
+    M, K = a.shape
+    N = b.shape[0] if b_t else b.shape[1]
+    c = gl._alloc((M, N), a)
+    a_d = TensorDescriptor.from_tensor(a, [bm, bk])
+    b_d = TensorDescriptor.from_tensor(b, [bn, bk] if b_t else [bk, bn])
+    if u is not None:
+        u_d = TensorDescriptor.from_tensor(u, [bm, bk])
+        v_d = TensorDescriptor.from_tensor(v, [bn, bk] if v_t else [bk, bn])
+        kr = u.shape[1]
+    else:
+        u_d, v_d, kr = a_d, b_d, 0
+    c_d = TensorDescriptor.from_tensor(c, [bm, bn // epi])
+    progs = min(_num_sms(a.device), triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    _base_gemm_kernel[(progs,)](a_d, b_d, u_d, v_d, c_d, bias if bias is not None else a, M, N, K, kr,
+                                BM=bm, BN=bn, BK=bk, GROUP_M=group_m, B_T=b_t, V_T=v_t, HAS_U=u is not None,
+                                HAS_BIAS=bias is not None, EPI_SPLIT=epi, NUM_PROGS=progs, F32_DOT=gl._INTERPRET,
+                                num_warps=warps, num_stages=stages)
+    return c
+
+
+# shape key -> the config chosen, or None for cuBLAS
+_CHOSEN: dict = {}
+
+
+def _choose(key, a, b, b_t, u, v, v_t, bias):
+    """The fastest of CONFIGS (and, for "auto", cuBLAS, as None) for this key: each candidate's best do_bench
+    median over TUNE_ROUNDS interleaved rounds."""
+    if gl._INTERPRET or torch.cuda.is_current_stream_capturing():
+        return _INTERPRET_CONFIG if gl._INTERPRET else None  # nothing can be timed inside a graph capture
+    torch.cuda.synchronize()
+    fns = {None: lambda: _cublas(a, b, b_t, u, v, v_t, bias)} if BASE_GEMM == "auto" else {}
+    for cfg in CONFIGS:
+        try:
+            triton_base_mm(a, b, b_t, u, v, v_t, bias, cfg)
+        except Exception:  # noqa: BLE001 - a config this GPU cannot run (e.g. its shared memory) is left out
+            continue
+        fns[cfg] = lambda cfg=cfg: triton_base_mm(a, b, b_t, u, v, v_t, bias, cfg)
+    best = {c: float("inf") for c in fns}
+    for _ in range(TUNE_ROUNDS):
+        for c, fn in fns.items():
+            best[c] = min(best[c], do_bench(fn, warmup=2, rep=10))
+    choice = min(best, key=best.get) if best else None
+    _CHOSEN[key] = choice
+    return choice
+
+
+def base_mm(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None = None,
+            v: torch.Tensor | None = None, v_t: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """c = a @ op(b) + u @ op(v) (+ bias), op(m) = m^T when the flag is set; a fresh tensor in a's dtype.
+    BASE_GEMM picks the Triton kernel or cuBLAS (see there); both compute the same function."""
+    if BASE_GEMM not in _CHOICES:
+        raise ValueError(f"mol.kernels.base_gemm.BASE_GEMM={BASE_GEMM!r}; use one of {_CHOICES}")
+    if BASE_GEMM == "cublas" or not triton_supported(a, b, u, v, bias):
+        return _cublas(a, b, b_t, u, v, v_t, bias)
+    key = (BASE_GEMM, a.device, a.dtype, gl._t_bucket(a.shape[0]), tuple(b.shape), b_t,
+           None if u is None else (u.shape[1], v_t), bias is not None)
+    cfg = _CHOSEN[key] if key in _CHOSEN else _choose(key, a, b, b_t, u, v, v_t, bias)
+    if cfg is None:
+        return _cublas(a, b, b_t, u, v, v_t, bias)
+    return triton_base_mm(a, b, b_t, u, v, v_t, bias, cfg)
+
+
+@torch.library.custom_op("mol::base_mm", mutates_args=())
+def base_mm_op(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None, v: torch.Tensor | None,
+               v_t: bool, bias: torch.Tensor | None) -> torch.Tensor:
+    """base_mm as a custom op (what torch.compile and dispatch modes see)."""
+    return base_mm(a, b, b_t, u, v, v_t, bias)
+
+
+@base_mm_op.register_fake
+def _(a, b, b_t, u, v, v_t, bias):
+    return a.new_empty((a.shape[0], b.shape[0] if b_t else b.shape[1]))
