@@ -296,10 +296,10 @@ def _configs(path):
 
 
 @pytest.mark.parametrize("T", [1, 2])
-@pytest.mark.parametrize("ci", range(7))
+@pytest.mark.parametrize("ci", range(8))
 def test_triton_small_matmul_fma_configs_vs_float64(T, ci):
     configs = _configs("fma")
-    assert len(configs) == 6  # keep the parametrization in step with the autotune list
+    assert len(configs) == 7  # keep the parametrization in step with the autotune list
     # the last case: the global-table lookup (LUT=0), not autotuned but still selectable
     cfg = configs[ci] if ci < len(configs) else dict(configs[0], LUT=0)
     _small_matmul_check(T, cfg, _SMALL_CASES)

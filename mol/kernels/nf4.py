@@ -166,6 +166,8 @@ SMALL_FMA_MAX_T = 2
 # warp spans BLOCK_KB bytes of one row, so a thread holds BLOCK_N / num_warps rows, which share x's conversion and
 # layout shuffle; every config lands within 15% of the best (6.9 us at 4096^2), split-K gains nothing at T = 1.
 # They run LUT=4 since NF4 run 8 (the same six, timed with both lookups: LUT=4 faster in every one at T = 1 and 2).
+# (8, 2048, 4, 1), a whole 4096-wide row in one step (32 code words per thread), joined in NF4 run 9: 6.01 against
+# 6.18 us at T = 1 4096^2, 17.44 against 17.48 at 4096 -> 14336; no num_stages moved any config by 1%.
 # Dot path: BLOCK_N >= 64 makes the weight tile the MMA's A operand (wgmma, one warpgroup per 64 rows); at
 # N = 4096 that is 64 programs, so it is split-K (SPLIT_K programs per row block, partials summed by the last,
 # see the kernel) that fills the GPU: 20.3 -> 13.5 us at 4096^2, 65 -> 38 us at 14336x4096. The BLOCK_N = 32 config
@@ -174,7 +176,7 @@ SMALL_FMA_MAX_T = 2
 # (NF4 run 8, LUT=4 over the whole grid) found the same six shapes fastest; they now run LUT=4.
 FMA_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=4, num_warps=w, SPLIT_K=sk)
                for bn, kb, w, sk in [(16, 512, 4, 1), (8, 512, 2, 1), (8, 1024, 4, 1), (16, 256, 4, 1),
-                                     (32, 256, 4, 2), (8, 512, 4, 1)]]
+                                     (32, 256, 4, 2), (8, 512, 4, 1), (8, 2048, 4, 1)]]
 DOT_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=4, num_warps=w, SPLIT_K=sk, num_stages=st)
                for bn, kb, w, sk, st in [(64, 64, 4, 4, 1), (64, 64, 4, 8, 1), (128, 64, 4, 8, 1), (64, 64, 4, 1, 3),
                                          (64, 128, 4, 4, 3), (32, 128, 4, 1, 1)]]
