@@ -9,8 +9,9 @@ and then the second pair's few K steps into the same float32 accumulator, and wr
 
 It wins only where this GEMM keeps up with cuBLAS on the base shape, which differs by GPU and shape, so
 BASE_GEMM="auto" times both (the Triton configs below and cuBLAS's two GEMMs) the first time a shape key is seen
-and keeps the faster. Measured on an H200 (RESULTS run 23): T=8192 4096->4096 E=8 r=16, forward 421.9 against
-428.5 us, backward 429.9 against 441.2; T=2048, 104.1 against 106.7 and 105.0 against 110.0.
+and keeps the faster. Measured on an H200 (RESULTS run 23, forward / backward, us, against cuBLAS's two GEMMs):
+T=8192 4096->4096 E=8 r=16 412 / 417 against 416 / 423; E=32 r=8 425 / 433 against 453 / 440; T=2048 99 / 100
+against 104 / 107; 2048->2048 at T=8192 109 / 112 against 117 / 120; at T=512 cuBLAS wins (37 / 34 against 91 / 42).
 """
 from __future__ import annotations
 
