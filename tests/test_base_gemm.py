@@ -102,3 +102,10 @@ def test_routed_layer_runs_the_base_gemm_forward_and_backward(mode, monkeypatch)
     monkeypatch.setattr(bg, "triton_base_mm", lambda a, b, b_t, *rest, **kw: calls.append(b_t) or orig(a, b, b_t, *rest, **kw))
     _check_layer((40, 48, 24, 8, 2, 2, "topk"), mode, dtype)  # dhl: R + E = 24 columns
     assert calls == [True, False]  # the forward's (W stored (out, in)), then the backward's (dy W)
+
+
+def test_empty_sizes_run_cublas():
+    a, b = torch.randn(0, 16).half(), torch.randn(8, 16).half()
+    assert not bg.triton_supported(a, b) and bg.base_mm(a, b, True).shape == (0, 8)
+    a, b = torch.randn(4, 0).half(), torch.randn(8, 0).half()
+    assert not bg.triton_supported(a, b) and torch.equal(bg.base_mm(a, b, True), torch.zeros(4, 8).half())

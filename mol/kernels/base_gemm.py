@@ -118,7 +118,9 @@ def _tma_ok(*ts: torch.Tensor | None) -> bool:
 
 def triton_supported(a, b, u=None, v=None, bias=None) -> bool:
     """Whether the Triton kernel can run these operands (else base_mm runs cuBLAS)."""
-    if TensorDescriptor is None or a.dtype not in (torch.bfloat16, torch.float16) or a.shape[0] == 0:
+    if TensorDescriptor is None or a.dtype not in (torch.bfloat16, torch.float16) or min(*a.shape, *b.shape) == 0:
+        return False
+    if u is not None and min(*u.shape, *v.shape) == 0:
         return False
     if any(t is not None and t.dtype != a.dtype for t in (b, u, v)):
         return False
