@@ -127,19 +127,23 @@ def triton_supported(a, b, u=None, v=None, bias=None) -> bool:
     if gl._INTERPRET:
         on_device = a.device.type == "cpu"
     else:
-        on_device = a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9
+        on_device = a.is_cuda and _props(a.device)[0] >= 9
     return on_device and _tma_ok(a, b, u, v) and (bias is None or bias.is_contiguous())
 
 
-_NUM_SMS: dict = {}
+_PROPS: dict = {}
+
+
+def _props(device: torch.device) -> tuple[int, int]:
+    """(compute capability major, SM count), looked up once per device: these calls cost host time every layer."""
+    if device not in _PROPS:
+        p = torch.cuda.get_device_properties(device)
+        _PROPS[device] = (p.major, p.multi_processor_count)
+    return _PROPS[device]
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    if device not in _NUM_SMS:
-        _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _NUM_SMS[device]
+    return _props(device)[1] if device.type == "cuda" else 4
 
 
 def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None) -> torch.Tensor:
