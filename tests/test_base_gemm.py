@@ -109,3 +109,18 @@ def test_empty_sizes_run_cublas():
     assert not bg.triton_supported(a, b) and bg.base_mm(a, b, True).shape == (0, 8)
     a, b = torch.randn(4, 0).half(), torch.randn(8, 0).half()
     assert not bg.triton_supported(a, b) and torch.equal(bg.base_mm(a, b, True), torch.zeros(4, 8).half())
+
+
+def test_column_major_operands_take_the_kernel(monkeypatch):
+    # b and v handed over as transposed views (column-major), as the routed layer hands over B_cat (a view of
+    # MoLLinear's expert-interleaved lora_B): base_mm reads them as their row-major transposes
+    monkeypatch.setattr(bg, "BASE_GEMM", "triton")
+    g = torch.Generator().manual_seed(7)
+    a, b_nk, u, v_nk = operands(21, 40, 24, 16, torch.float16, True, True, g)  # b (N, K), v (N, KR) row-major
+    calls = []
+    orig = bg.triton_base_mm
+    monkeypatch.setattr(bg, "triton_base_mm", lambda *args, **kw: calls.append((args[2], args[5])) or orig(*args, **kw))
+    c = bg.base_mm(a, b_nk.t(), False, u, v_nk.t(), False)  # op(b) = b_nk^T given as a (K, N) column-major view
+    ref = a.double() @ b_nk.double().t() + u.double() @ v_nk.double().t()
+    assert calls == [(True, True)]  # flags flipped with the layout: b_t, v_t
+    assert rel(c, ref) < 1e-3

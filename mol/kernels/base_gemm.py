@@ -202,14 +202,27 @@ def base_mm(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None 
     BASE_GEMM picks the Triton kernel or cuBLAS (see there); both compute the same function."""
     if BASE_GEMM not in _CHOICES:
         raise ValueError(f"mol.kernels.base_gemm.BASE_GEMM={BASE_GEMM!r}; use one of {_CHOICES}")
-    if BASE_GEMM == "cublas" or not triton_supported(a, b, u, v, bias):
+    if BASE_GEMM == "cublas" or a.dtype not in (torch.bfloat16, torch.float16):
         return _cublas(a, b, b_t, u, v, v_t, bias)
-    key = (BASE_GEMM, a.device, a.dtype, gl._t_bucket(a.shape[0]), tuple(b.shape), b_t,
-           None if u is None else (u.shape[1], v_t), bias is not None)
-    cfg = _CHOSEN[key] if key in _CHOSEN else _choose(key, a, b, b_t, u, v, v_t, bias)
+    # the kernel reads rows: a column-major b or v is taken as its (row-major) transpose, the flag flipped, here
+    # and not by the caller, so that the cuBLAS path pays no view ops for it
+    kb, kb_t = _row_major(b, b_t)
+    kv, kv_t = _row_major(v, v_t)
+    if not triton_supported(a, kb, u, kv, bias):
+        return _cublas(a, b, b_t, u, v, v_t, bias)
+    key = (BASE_GEMM, a.device, a.dtype, gl._t_bucket(a.shape[0]), tuple(kb.shape), kb_t,
+           None if u is None else (u.shape[1], kv_t), bias is not None)
+    cfg = _CHOSEN[key] if key in _CHOSEN else _choose(key, a, kb, kb_t, u, kv, kv_t, bias)
     if cfg is None:
         return _cublas(a, b, b_t, u, v, v_t, bias)
-    return triton_base_mm(a, b, b_t, u, v, v_t, bias, cfg)
+    return triton_base_mm(a, kb, kb_t, u, kv, kv_t, bias, cfg)
+
+
+def _row_major(m: torch.Tensor | None, transposed: bool) -> tuple[torch.Tensor | None, bool]:
+    """(m, transposed), or (m^T, not transposed) where m is column-major: the same op(m), in a row-major tensor."""
+    if m is None or m.stride(1) == 1 or m.stride(0) != 1:
+        return m, transposed
+    return m.t(), not transposed
 
 
 @torch.library.custom_op("mol::base_mm", mutates_args=())

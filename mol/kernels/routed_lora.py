@@ -965,8 +965,7 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
         if base_out is None:
             # y = x W^T + u B_cat (+ bias): the experts' product is R more K steps of the base GEMM (base_gemm)
             w = weight if weight is not None else weight_fn(x.dtype)
-            v, v_t = (b_cat, False) if b_cat.stride(1) == 1 else (b_cat.t(), True)
-            y = base_mm(x, w, True, u, v, v_t, bias)
+            y = base_mm(x, w, True, u, b_cat, False, bias)
             del w  # a dequantized scratch weight (NF4) is not kept for backward: weight_fn runs again there
         else:
             y = torch.addmm(base_out, u, b_cat)
