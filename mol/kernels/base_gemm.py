@@ -46,6 +46,22 @@ _INTERPRET_CONFIG = (16, 16, 16, 2, 4, 1, 2)
 
 
 @triton.jit
+def _k_steps(acc, x_desc, y_desc, om, on, K, BK: tl.constexpr, Y_T: tl.constexpr, F32_DOT: tl.constexpr):
+    """acc += x[om:, :K] @ op(y)[:K, on:], BK columns of K at a time; op(y) = y^T for y stored (N, K) when Y_T."""
+    for k in range(0, K, BK):
+        x = x_desc.load([om, k])
+        if Y_T:
+            y = y_desc.load([on, k]).T
+        else:
+            y = y_desc.load([k, on])
+        if F32_DOT:  # the CPU interpreter mis-computes low-precision tl.dot
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = tl.dot(x, y, acc)
+    return acc
+
+
+@triton.jit
 def _base_gemm_kernel(a_desc, b_desc, u_desc, v_desc, c_desc, bias_ptr, M, N, K, KR,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                       B_T: tl.constexpr, V_T: tl.constexpr, HAS_U: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -61,28 +77,9 @@ def _base_gemm_kernel(a_desc, b_desc, u_desc, v_desc, c_desc, bias_ptr, M, N, K,
         size_m = min(num_m - first_m, GROUP_M)
         om = (first_m + tile % size_m) * BM
         on = ((tile % in_group) // size_m) * BN
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in range(0, K, BK):
-            a = a_desc.load([om, k])
-            if B_T:
-                b = b_desc.load([on, k]).T
-            else:
-                b = b_desc.load([k, on])
-            if F32_DOT:  # the CPU interpreter mis-computes low-precision tl.dot
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+        acc = _k_steps(tl.zeros((BM, BN), dtype=tl.float32), a_desc, b_desc, om, on, K, BK, B_T, F32_DOT)
         if HAS_U:
-            for k in range(0, KR, BK):
-                u = u_desc.load([om, k])
-                if V_T:
-                    v = v_desc.load([on, k]).T
-                else:
-                    v = v_desc.load([k, on])
-                if F32_DOT:
-                    u = u.to(tl.float32)
-                    v = v.to(tl.float32)
-                acc = tl.dot(u, v, acc)
+            acc = _k_steps(acc, u_desc, v_desc, om, on, KR, BK, V_T, F32_DOT)
         if HAS_BIAS:
             offs_n = on + tl.arange(0, BN)
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
