@@ -372,6 +372,31 @@ def test_triton_prmt_tile_bit_exact():
     assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
 
 
+@triton.jit
+def _pair_sum_shr_kernel(p_ptr, sum_ptr, shr_ptr, N: tl.constexpr, DT: tl.constexpr):
+    offs = tl.arange(0, N)
+    p = tl.load(p_ptr + offs)
+    tl.store(sum_ptr + offs, nf4k._pair_sum(p, DT))
+    tl.store(shr_ptr + offs, nf4k._shr(p, 1))
+    tl.store(shr_ptr + N + offs, nf4k._shr(p, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_pair_sum_and_shift_helpers(dtype):
+    # the FMA path's last step (two packed 16-bit partials to one float32 sum; bf16 by mask and multiply) and the
+    # selectors' logical right shifts (a multiply-high on the GPU), against torch on every sign and magnitude
+    g = _gen()
+    halves = (torch.randn(2, 256, generator=g) * 10.0 ** torch.randint(-3, 4, (2, 256), generator=g)).to(dtype)
+    p = (halves[0].view(torch.int16).to(torch.int32) & 0xFFFF) | (halves[1].view(torch.int16).to(torch.int32) << 16)
+    got_sum = torch.empty(256, dtype=torch.float32)
+    got_shr = torch.empty(512, dtype=torch.int32)
+    _pair_sum_shr_kernel[(1,)](p, got_sum, got_shr, N=256, DT=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16)
+    assert torch.equal(got_sum, halves[0].float() + halves[1].float())
+    unsigned = p.to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(got_shr[:256], (unsigned >> 1).to(torch.int32))
+    assert torch.equal(got_shr[256:], (unsigned >> 16).to(torch.int32))
+
+
 def test_triton_small_matmul_supported_and_errors():
     from mol.kernels.nf4 import nf4_matmul_small, small_matmul_supported
 

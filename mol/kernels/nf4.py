@@ -5,10 +5,10 @@
   (decode / GEMV): one launch, each program streams the codes of BLOCK_N whole rows (or, split-K, a run of their K
   steps) with a one-step software prefetch, builds the levels by byte permutes of register tables (16-bit x; a
   16-entry table gather for float32 x) and multiplies with packed 16-bit FMAs (T <= 2) or tl.dot (larger T); see
-  the comment above the kernel. On an H200 under CUDA-graph replay (RESULTS NF4 run 8): T=1 4096x4096 6.3 us (0.62x
-  the bf16 GEMV; dequantize + cuBLAS 23.7 us), 14336x4096 17.5 us (0.53x); T=2 7.5 / 21.4 us; T=16 11.9 / 32.5
-  us. NF4Linear uses it by default for T <= 16 on CUDA (MOL_NF4_FUSED_DECODE=0 or `fused_decode = False` turns it
-  off).
+  the comment above the kernel. On an H200 under CUDA-graph replay (RESULTS NF4 run 10): T=1 4096x4096 5.8 us
+  (0.57-0.60x the bf16 GEMV; dequantize + cuBLAS 23.7 us), 14336x4096 16.1-16.3 us (0.49-0.53x); T=2 6.8 / 19.5
+  us; T=16 11.5 / 31.6 us. NF4Linear uses it by default for T <= 16 on CUDA (MOL_NF4_FUSED_DECODE=0 or
+  `fused_decode = False` turns it off).
 For other T the layer dequantizes into a scratch weight and calls cuBLAS (see mol/quant/linear.py): at T=8192
 the dequant pass is ~20 us (4096x4096) against ~400 us for the GEMM.
 
@@ -22,7 +22,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import libdevice
 
 from mol.kernels import grouped_lora as gl
 
@@ -142,20 +141,27 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 #   sums, then adds the two halves in float32 (so each four-term partial rounds to x's dtype: relative error vs
 #   float64 3.3-4.2e-3 in bf16 against LUT=2's 1.7-2.3e-3, about the output's own rounding); LUT=2 runs an FFMA chain
 #   in float32. Either way summed per absmax block, times the block's scale, accumulated per (row, block) in float32;
-#   one reduction over the blocks at the end. SASS (`compile_sm90.py --sass`, (16, 512-byte) tile, T = 1): 4.9
-#   instructions and 0.14 shared-memory ops per weight with LUT=4, 5.3 and 1.3 with LUT=2; timed 11-17% faster at
-#   T = 1 and 18-26% at T = 2 (RESULTS NF4 run 8).
+#   one reduction over the blocks at the end. SASS (`compile_sm90.py --sass`, (16, 512-byte) tile, T = 1): 4.5
+#   instructions and 0.14 shared-memory ops per weight with LUT=4 (4.9 before the integer-pipe change below), 5.3
+#   and 1.3 with LUT=2; timed 11-17% faster than LUT=2 at T = 1 and 18-26% at T = 2 (RESULTS NF4 run 8).
 # - 3 <= T <= 16 (dot path, BLOCK_T = 16): the weights in x's dtype, multiplied with tl.dot (T padded to 16,
 #   float32 accumulation; exact "ieee" float32 for float32 x). LUT=2: levels times their block scales in float32,
 #   rounded once (as the dequantize + GEMM path rounds them). LUT=4 (16-bit x; float32 x falls back to LUT=2):
 #   no table gather and no float conversion: byte permutes (PRMT) look the levels' low and high bytes up in eight
 #   int32 registers and interleave them into pairs of 16-bit levels (as above), which
 #   one mul.rn.bf16x2 / f16x2 scales; each weight is rounded twice (level, then product), ~1 ulp more error. Per
-#   element on the sm_90 SASS (triton 3.6, 64 x 128-byte tile, nested absmax; `compile_sm90.py --sass`): 6.3
-#   instructions and 0.4 shared-memory ops with LUT=4, 7.3 and 1.4 with LUT=2; timed 6-11% faster at T = 16
-#   (RESULTS NF4 run 8), so LUT=4 is autotuned. The dot path takes ~11-12 us at 4096^2 whatever T (its dequant,
-#   layout change through shared memory and wgmma run in sequence in each step), against the FMA path's 6.3 at
-#   T = 1 and 7.5 at T = 2: so FMA for T = 1 and 2, dot from T = 3.
+#   element on the sm_90 SASS (triton 3.6, 64 x 128-byte tile, nested absmax; `compile_sm90.py --sass`): 6.0
+#   instructions (6.3 before the integer-pipe change) and 0.4 shared-memory ops with LUT=4, 7.3 and 1.4 with LUT=2;
+#   timed 6-11% faster at T = 16 (RESULTS NF4 run 8), so LUT=4 is autotuned. The dot path takes ~11-12 us at 4096^2
+#   whatever T (its dequant, layout change through shared memory and wgmma run in sequence in each step), against
+#   the FMA path's 5.8 at T = 1 and 6.8 at T = 2: so FMA for T = 1 and 2, dot from T = 3. (W as the A operand of
+#   mma.sync with BLOCK_N < 64, tried in SASS only, moves the tile through shared memory too: 0.75 shared-memory
+#   ops per weight.)
+# The integer pipe bounds the LUT=4 lookups: on sm_90 PRMT, LOP3 and SHF issue at half the FMA pipe's rate, and at
+# T = 1 they were 3.4 of the 4.9 instructions per weight. So the permutes are inline prmt.b32 (libdevice.byte_perm
+# masks its selector with one more LOP3 per call; our selectors never set the sign-mode bit), the selectors' right
+# shifts are mul.hi.u32 (an IMAD, FMA pipe; `_shr`), and the bf16 pair sum is a mask and a multiply (`_pair_sum`):
+# 2.7 integer-pipe instructions per weight, 7-9% faster at T = 1-2 and 3% on the dot path (RESULTS NF4 run 10).
 #   Timed on an H100 (benchmarks/RESULTS.md, NF4 run 4): LUT=2 beat LUT=0 by ~3.4x under triton 3.6.
 
 SMALL_FMA_MAX_T = 2
@@ -270,16 +276,54 @@ def _load_step(wptr, absmax_ptr, row_w, row_blk, s, KW: tl.constexpr, NBLK: tl.c
 @triton.jit
 def _prmt(a, b, sel):
     """PTX prmt.b32 (byte permute) with 3-bit selectors: byte i of the result is byte (sel >> 4i) & 7 of the
-    8-byte value {b, a} (a = bytes 0-3). `sel` may also be a tensor. The interpreter runs the same selection
-    with shifts (it has no libdevice)."""
+    8-byte value {b, a} (a = bytes 0-3). `sel` is a tensor whose selector nibbles have bit 3 clear (bit 3 is
+    prmt's sign-replicate mode; libdevice.byte_perm would mask it with one more integer op per call, which
+    the callers' selectors never need). The interpreter runs the same selection with shifts."""
     if _INTERPRET_C:
-        ab = (b.to(tl.int64) << 32) | (a.to(tl.int64) & 0xFFFFFFFF)
-        r = ab * 0
-        for i in tl.static_range(4):
-            r |= ((ab >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i)
-        out = r.to(tl.int32)
+        out = _prmt_emulated(a, b, sel)
     else:
-        out = libdevice.byte_perm(a, b, sel)
+        out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32,
+                                        is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def _prmt_imm(a, b, SEL: tl.constexpr):
+    """_prmt with a constant selector, an immediate of the instruction."""
+    if _INTERPRET_C:
+        out = _prmt_emulated(a, b, SEL)
+    else:
+        tl.static_assert(SEL == 0x4051 or SEL == 0x6273, "add this selector's asm string")
+        if SEL == 0x4051:
+            asm: tl.constexpr = "prmt.b32 $0, $1, $2, 0x4051;"
+        else:
+            asm: tl.constexpr = "prmt.b32 $0, $1, $2, 0x6273;"
+        out = tl.inline_asm_elementwise(asm, "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def _prmt_emulated(a, b, sel):
+    ab = (b.to(tl.int64) << 32) | (a.to(tl.int64) & 0xFFFFFFFF)
+    r = ab * 0
+    for i in tl.static_range(4):
+        r |= ((ab >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i)
+    return r.to(tl.int32)
+
+
+@triton.jit
+def _shr(v, S: tl.constexpr):
+    """v >> S (logical) for int32 v, compiled as a multiply-high: that runs on the FMA pipe, while shifts share
+    the integer pipe with the permutes, which bound the lookups (RESULTS NF4 run 10)."""
+    if _INTERPRET_C:
+        out = (v.to(tl.uint32, bitcast=True) >> S).to(tl.int32, bitcast=True)
+    else:
+        tl.static_assert(S == 1 or S == 16, "add this shift's asm string")
+        if S == 1:
+            asm: tl.constexpr = "mul.hi.u32 $0, $1, 0x80000000;"
+        else:
+            asm: tl.constexpr = "mul.hi.u32 $0, $1, 0x10000;"
+        out = tl.inline_asm_elementwise(asm, "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
     return out
 
 
@@ -319,7 +363,7 @@ def _prmt_pairs(sel, s2, tabs):
     lo = _prmt(_prmt(tabs[0], tabs[1], sel), _prmt(tabs[2], tabs[3], sel), s2)
     hi = _prmt(_prmt(tabs[4], tabs[5], sel), _prmt(tabs[6], tabs[7], sel), s2)
     # lo / hi byte j: the low / high byte of the level of nibble j; element 0 is nibble 1, element 1 nibble 0
-    return _prmt(lo, hi, 0x4051), _prmt(lo, hi, 0x6273)
+    return _prmt_imm(lo, hi, 0x4051), _prmt_imm(lo, hi, 0x6273)
 
 
 @triton.jit
@@ -328,9 +372,9 @@ def _prmt_levels(w, tabs):
     # a permute reads its selector's low 16 bits: the upper four codes' selectors are the lower ones shifted
     sel = w & 0x77777777
     # the select between the lower / upper eight levels: nibble j is j % 4, plus 4 when bit 3 of code j is set
-    hilo = ((w >> 1) & 0x44444444) | 0x32103210
+    hilo = (_shr(w, 1) & 0x44444444) | 0x32103210
     p01, p23 = _prmt_pairs(sel, hilo, tabs)
-    p45, p67 = _prmt_pairs(sel >> 16, hilo >> 16, tabs)
+    p45, p67 = _prmt_pairs(_shr(sel, 16), _shr(hilo, 16), tabs)
     return p01, p23, p45, p67
 
 
@@ -388,7 +432,17 @@ def _dot8_pairs(p01, p23, p45, p67, x_ptr, kw, km, BW: tl.constexpr, DT: tl.cons
     acc = _fma2(p23, x1[None, :], acc, DT)
     acc = _fma2(p45, x2[None, :], acc, DT)
     acc = _fma2(p67, x3[None, :], acc, DT)
-    return _half(acc, DT, False).to(tl.float32) + _half(acc, DT, True).to(tl.float32)
+    return _pair_sum(acc, DT)
+
+
+@triton.jit
+def _pair_sum(p, DT: tl.constexpr):
+    """The two DT values packed in each int32 of p, summed in float32."""
+    if DT == tl.bfloat16:  # a bf16 is a float32's upper half: a mask, and a shift done as a multiply (FMA pipe)
+        out = (p & -65536).to(tl.float32, bitcast=True) + (p * 65536).to(tl.float32, bitcast=True)
+    else:
+        out = _half(p, DT, False).to(tl.float32) + _half(p, DT, True).to(tl.float32)
+    return out
 
 
 @triton.jit
