@@ -143,9 +143,11 @@ def _num_sms(device: torch.device) -> int:
     return _props(device)[1] if device.type == "cuda" else 4
 
 
-def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None) -> torch.Tensor:
+def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None,
+                   num_progs: int | None = None) -> torch.Tensor:
     """c = a @ op(b) + u @ op(v) (+ bias) by the Triton kernel, in a's dtype (see the module docstring);
-    `config` (BM, BN, BK, GROUP_M, num_warps, num_stages, EPI_SPLIT), default the first of CONFIGS."""
+    `config` (BM, BN, BK, GROUP_M, num_warps, num_stages, EPI_SPLIT), default the first of CONFIGS;
+    `num_progs` the persistent programs (default: one per SM, at most one per tile)."""
     bm, bn, bk, group_m, warps, stages, epi = config or (_INTERPRET_CONFIG if gl._INTERPRET else CONFIGS[0])
     M, K = a.shape
     N = b.shape[0] if b_t else b.shape[1]
@@ -159,7 +161,7 @@ def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None)
     else:
         u_d, v_d, kr = a_d, b_d, 0
     c_d = TensorDescriptor.from_tensor(c, [bm, bn // epi])
-    progs = min(_num_sms(a.device), triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    progs = num_progs or min(_num_sms(a.device), triton.cdiv(M, bm) * triton.cdiv(N, bn))
     _base_gemm_kernel[(progs,)](a_d, b_d, u_d, v_d, c_d, bias if bias is not None else a, M, N, K, kr,
                                 BM=bm, BN=bn, BK=bk, GROUP_M=group_m, B_T=b_t, V_T=v_t, HAS_U=u is not None,
                                 HAS_BIAS=bias is not None, EPI_SPLIT=epi, NUM_PROGS=progs, F32_DOT=gl._INTERPRET,
