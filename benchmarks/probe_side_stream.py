@@ -24,36 +24,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol.kernels.base_gemm as bg  # noqa: E402
 import mol.kernels.grouped_lora as gl  # noqa: E402
 from bench_layer import interleaved_graph_times  # noqa: E402
+from probe_overlap import forked  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
-_SIDE = None
-
-
-def forked(main_fn, side_fn, side_first: bool):
-    def run():
-        cur = torch.cuda.current_stream()
-        _SIDE.wait_stream(cur)
-        if side_first:
-            with torch.cuda.stream(_SIDE):
-                side_fn()
-            main_fn()
-        else:
-            main_fn()
-            with torch.cuda.stream(_SIDE):
-                side_fn()
-        cur.wait_stream(_SIDE)
-    return run
 
 
 def main():
-    global _SIDE
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cases", nargs="+", default=["8192x4096x4096x8x16", "8192x4096x14336x8x16",
                                                    "8192x4096x4096x32x8", "2048x4096x4096x8x16"],
                     help="T x in x out x E x r")
     args = ap.parse_args()
-    _SIDE = torch.cuda.Stream()
     g = torch.Generator(device=DEV).manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"# {torch.cuda.get_device_name()}, {sms} SMs, torch {torch.__version__}; µs per call, median (min-max) "
