@@ -6,7 +6,7 @@
   steps) with a one-step software prefetch, builds the levels by byte permutes of register tables (16-bit x; a
   16-entry table gather for float32 x) and multiplies with packed 16-bit FMAs (T <= 2) or tl.dot (larger T); see
   the comment above the kernel. On an H200 under CUDA-graph replay (RESULTS NF4 run 10): T=1 4096x4096 5.8 us
-  (0.57-0.60x the bf16 GEMV; dequantize + cuBLAS 23.7 us), 14336x4096 16.1-16.3 us (0.49-0.53x); T=2 6.8 / 19.5
+  (0.57-0.60x the bf16 GEMV; dequantize + cuBLAS 23.7 us), 14336x4096 15.6-15.7 us (0.49-0.52x); T=2 6.8 / 19.2
   us; T=16 11.5 / 31.6 us. NF4Linear uses it by default for T <= 16 on CUDA (MOL_NF4_FUSED_DECODE=0 or
   `fused_decode = False` turns it off).
 For other T the layer dequantizes into a scratch weight and calls cuBLAS (see mol/quant/linear.py): at T=8192
@@ -141,7 +141,7 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 #   sums, then adds the two halves in float32 (so each four-term partial rounds to x's dtype: relative error vs
 #   float64 3.3-4.2e-3 in bf16 against LUT=2's 1.7-2.3e-3, about the output's own rounding); LUT=2 runs an FFMA chain
 #   in float32. Either way summed per absmax block, times the block's scale, accumulated per (row, block) in float32;
-#   one reduction over the blocks at the end. SASS (`compile_sm90.py --sass`, (16, 512-byte) tile, T = 1): 4.5
+#   one reduction over the blocks at the end. SASS (`compile_sm90.py --sass`, (16, 512-byte) tile, T = 1): 4.4
 #   instructions and 0.14 shared-memory ops per weight with LUT=4 (4.9 before the integer-pipe change below), 5.3
 #   and 1.3 with LUT=2; timed 11-17% faster than LUT=2 at T = 1 and 18-26% at T = 2 (RESULTS NF4 run 8).
 # - 3 <= T <= 16 (dot path, BLOCK_T = 16): the weights in x's dtype, multiplied with tl.dot (T padded to 16,
@@ -160,8 +160,9 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 # The integer pipe bounds the LUT=4 lookups: on sm_90 PRMT, LOP3 and SHF issue at half the FMA pipe's rate, and at
 # T = 1 they were 3.4 of the 4.9 instructions per weight. So the permutes are inline prmt.b32 (libdevice.byte_perm
 # masks its selector with one more LOP3 per call; our selectors never set the sign-mode bit), the selectors' right
-# shifts are mul.hi.u32 (an IMAD, FMA pipe; `_shr`), and the bf16 pair sum is a mask and a multiply (`_pair_sum`):
-# 2.7 integer-pipe instructions per weight, 7-9% faster at T = 1-2 and 3% on the dot path (RESULTS NF4 run 10).
+# shifts are mul.hi.u32 (an IMAD, FMA pipe; `_shr`), the bank select's mask-and-or is one lop3 (`_and_or`), and the
+# bf16 pair sum is a mask and a multiply (`_pair_sum`): 2.55 integer-pipe instructions per weight (16 PRMTs and 3
+# LOP3s per code word), 8-10% faster at T = 1-2 and 3% on the dot path (RESULTS NF4 run 10).
 #   Timed on an H100 (benchmarks/RESULTS.md, NF4 run 4): LUT=2 beat LUT=0 by ~3.4x under triton 3.6.
 
 SMALL_FMA_MAX_T = 2
@@ -372,10 +373,22 @@ def _prmt_levels(w, tabs):
     # a permute reads its selector's low 16 bits: the upper four codes' selectors are the lower ones shifted
     sel = w & 0x77777777
     # the select between the lower / upper eight levels: nibble j is j % 4, plus 4 when bit 3 of code j is set
-    hilo = (_shr(w, 1) & 0x44444444) | 0x32103210
+    hilo = _and_or(_shr(w, 1), 0x44444444, 0x32103210)
     p01, p23 = _prmt_pairs(sel, hilo, tabs)
     p45, p67 = _prmt_pairs(_shr(sel, 16), _shr(hilo, 16), tabs)
     return p01, p23, p45, p67
+
+
+@triton.jit
+def _and_or(v, MASK: tl.constexpr, BITS: tl.constexpr):
+    """(v & MASK) | BITS as one lop3 (two immediates would make two): BITS goes in as a register."""
+    if _INTERPRET_C:
+        out = (v & MASK) | BITS
+    else:
+        tl.static_assert(MASK == 0x44444444, "add this mask's asm string")
+        out = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x44444444, $2, 0xEA;", "=r,r,r",
+                                        [v, tl.full(v.shape, BITS, tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
+    return out
 
 
 @triton.jit
