@@ -160,7 +160,7 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 # The integer pipe bounds the LUT=4 lookups: on sm_90 PRMT, LOP3 and SHF issue at half the FMA pipe's rate, and at
 # T = 1 they were 3.4 of the 4.9 instructions per weight. So the permutes are inline prmt.b32 (libdevice.byte_perm
 # masks its selector with one more LOP3 per call; our selectors never set the sign-mode bit), the selectors' right
-# shifts are mul.hi.u32 (an IMAD, FMA pipe; `_shr`), the bank select's mask-and-or is one lop3 (`_and_or`), and the
+# shifts are mul.hi.u32 (an IMAD, FMA pipe; `_shr`), the bank select's mask-and-or is one lop3 (`_bank_select`), and the
 # bf16 pair sum is a mask and a multiply (`_pair_sum`): 2.55 integer-pipe instructions per weight (16 PRMTs and 3
 # LOP3s per code word), 8-10% faster at T = 1-2 and 3% on the dot path (RESULTS NF4 run 10).
 #   Timed on an H100 (benchmarks/RESULTS.md, NF4 run 4): LUT=2 beat LUT=0 by ~3.4x under triton 3.6.
@@ -372,22 +372,24 @@ def _prmt_levels(w, tabs):
     """The 8 levels of int32 code words w as four int32 pairs of 16-bit levels (elements 0-1, 2-3, 4-5, 6-7)."""
     # a permute reads its selector's low 16 bits: the upper four codes' selectors are the lower ones shifted
     sel = w & 0x77777777
-    # the select between the lower / upper eight levels: nibble j is j % 4, plus 4 when bit 3 of code j is set
-    hilo = _and_or(_shr(w, 1), 0x44444444, 0x32103210)
+    hilo = _bank_select(w)
     p01, p23 = _prmt_pairs(sel, hilo, tabs)
     p45, p67 = _prmt_pairs(_shr(sel, 16), _shr(hilo, 16), tabs)
     return p01, p23, p45, p67
 
 
 @triton.jit
-def _and_or(v, MASK: tl.constexpr, BITS: tl.constexpr):
-    """(v & MASK) | BITS as one lop3 (two immediates would make two): BITS goes in as a register."""
+def _bank_select(w):
+    """The selector between the lower / upper eight levels for the codes of words w: nibble j is j % 4, plus 4
+    when bit 3 of code j is set, i.e. ((w >> 1) & 0x44444444) | 0x32103210, the mask-and-or as one lop3 with the
+    OR constant in a register (two immediates would make two LOP3s)."""
+    v = _shr(w, 1)
     if _INTERPRET_C:
-        out = (v & MASK) | BITS
+        out = (v & 0x44444444) | 0x32103210
     else:
-        tl.static_assert(MASK == 0x44444444, "add this mask's asm string")
         out = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x44444444, $2, 0xEA;", "=r,r,r",
-                                        [v, tl.full(v.shape, BITS, tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
+                                        [v, tl.full(v.shape, 0x32103210, tl.int32)], dtype=tl.int32, is_pure=True,
+                                        pack=1)
     return out
 
 
