@@ -222,6 +222,28 @@ def test_custom_ops_opcheck():
     assert torch.allclose(u_s, u, atol=1e-5) and torch.allclose(stats_s[:-1], stats[:-1]) and torch.allclose(aux_s, aux)
 
 
+def test_small_t_workspace_is_left_zero_and_reused():
+    """The one-launch forward's ticket, flag, counter and accumulator are one cached buffer per device, stream and
+    width, never zero-filled again: each launch must leave it zero, or the next one's router reads stale sums (or
+    never gets its ticket). Back-to-back calls of different T reuse it and each equals a run on a fresh buffer."""
+    n_in, n_out, E, r, K = 600, 21, 5, 4, 2  # in > 256: several split-K programs add into the accumulator
+    A, Wr, B = torch.randn(E * r, n_in), torch.randn(E, n_in), torch.randn(E, n_out, r)
+    W, bias = torch.randn(n_out, n_in), torch.randn(n_out)
+    rl._WORK.clear()
+    work = rl._small_t_work(torch.empty(1), E * r + E)
+    for T in (16, 3, 1, 16):
+        args = (torch.randn(T, n_in), None, A, Wr, W, bias, None, B, None, r, 0, K, 0.5, 0.1, 0.01)
+        outs = rl.small_t_fwd_impl(*args)
+        assert rl._small_t_work(args[0], E * r + E) is work
+        assert torch.count_nonzero(work) == 0, f"T={T}: the kernel left {torch.count_nonzero(work)} words set"
+        rl._WORK.clear()  # the oracle: the same call on a freshly zeroed buffer
+        fresh = rl.small_t_fwd_impl(*args)
+        rl._WORK.clear()
+        rl._WORK[(torch.device("cpu"), 0, E * r + E)] = work
+        for name, a, b in zip(("y", "hl", "gates", "ids", "u", "stats", "aux"), outs, fresh):
+            assert torch.equal(a, b), f"T={T}: {name} differs on the reused buffer"
+
+
 @pytest.mark.parametrize("router", ["topk", "soft"])
 def test_mol_layer_compiles_fullgraph_on_the_fused_path(router):
     """MoLLinear on the Triton backend under torch.compile(fullgraph=True): no graph break, eager numbers."""

@@ -466,6 +466,16 @@ def _route_small(acc_ptr, noise_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_pt
 
 
 @triton.jit
+def _zero_rows(ptr, T, LD, BC: tl.constexpr):
+    """ptr[:T, :LD] = 0 for a (T <= 16, LD) row-major float32 buffer."""
+    offs_t = tl.arange(0, 16)
+    for c0 in range(0, LD, BC):
+        offs_c = c0 + tl.arange(0, BC)
+        tl.store(ptr + offs_t.to(tl.int64)[:, None] * LD + offs_c[None, :], tl.zeros((16, BC), dtype=tl.float32),
+                 mask=(offs_t < T)[:, None] & (offs_c < LD)[None, :])
+
+
+@triton.jit
 def _stamp(prof_ptr, pid, i: tl.constexpr):
     """prof[pid, i] = the GPU's global nanosecond timer (benchmarks/probe_small_t.py --timeline reads it)."""
     t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
@@ -484,9 +494,10 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, sync_ptr, noise_ptr, 
     """The routed layer's whole forward for T <= 16 tokens. Programs [0, n_shrink): shrink tiles (BRS columns,
     1/N_PART of the features each) added into acc (T, R+E) float32, then the last one routes (_route_small) and
     sets sync[1]. The others: y[:, BN rows] = x @ W[rows]^T (or base_out) + u @ B_cat[:, rows] (+ bias), the
-    experts after sync[1] is set. sync (2,) int32 and acc must be zero. FMA (T == 1): float32 multiply-adds on one row of x;
-    else tl.dot with x as the 16-row A operand (mma.sync), or, for BN >= 64, the W tile as the A operand
-    (wgmma takes M = 64) and the transposed product. PROF: write a timeline (see _stamp) to prof (grid, 4) int64."""
+    experts after sync[1] is set. sync (3,) int32 and acc must be zero, and the kernel leaves them zero (the
+    routing program clears acc and the ticket, the last consumer the flag and its counter: _small_t_work). FMA
+    (T == 1): float32 multiply-adds on one row of x; else tl.dot with x as the 16-row A operand (mma.sync), or,
+    for BN >= 64, the W tile as the A operand (wgmma takes M = 64) and the transposed product. PROF: write a timeline (see _stamp) to prof (grid, 4) int64."""
     BT: tl.constexpr = 16
     W_AS_A: tl.constexpr = BN >= 64
     pid = tl.program_id(0)
@@ -508,6 +519,9 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, sync_ptr, noise_ptr, 
                 _stamp(prof_ptr, pid, 2)
             _route_small(acc_ptr, noise_ptr, hl_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb,
                          c_z, T, R, E, RANK, K, KIND, EP, BR, HAS_NOISE)
+            tl.debug_barrier()  # all of acc is read (a thread may load an element another thread stores)
+            _zero_rows(acc_ptr, T, R + E, BR)  # left zero for the next launch, as the ticket:
+            tl.store(sync_ptr, 0)  # every shrink program has drawn its ticket
             tl.debug_barrier()
             tl.atomic_xchg(sync_ptr + 1, 1, sem="release")
             if PROF:
@@ -584,6 +598,13 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, sync_ptr, noise_ptr, 
             if not HAS_W:
                 acc += tl.load(base_ptr + io, mask=m2n, other=0.0).to(tl.float32)
             tl.store(y_ptr + io, acc.to(y_ptr.dtype.element_ty), mask=m2n)
+        # the last consumer lowers the flag and its own counter: every consumer counted has seen the flag, so
+        # none spins on it any more, and the next launch finds sync zero
+        tl.debug_barrier()
+        done = tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel")
+        if done == tl.num_programs(0) - n_shrink - 1:
+            tl.store(sync_ptr + 2, 0)
+            tl.store(sync_ptr + 1, 0)
         if PROF:
             _stamp(prof_ptr, pid, 3)
 
@@ -813,6 +834,26 @@ def _small_t_split(n_in: int) -> int:
     return max(1, min(16, gl._cdiv(n_in, 256)))
 
 
+_WORK: dict[tuple, torch.Tensor] = {}
+
+
+def _small_t_work(x: torch.Tensor, cols: int) -> torch.Tensor:
+    """The small-T kernel's ticket, flag and consumer counter (int32, padded to 16 bytes) and its float32
+    accumulator (up to 16 rows of `cols`): zero before each launch, and each launch leaves them zero, so one
+    buffer per device, stream and width serves every call and a decode step has no zero-fill (a memset node in
+    its CUDA graph: 0.6 µs of the 16 µs at T = 1 and 16, RESULTS run 25). Keyed by stream, as two streams'
+    launches could interleave on one buffer. A width first seen while a graph is being captured gets a fresh
+    zero-fill (captured), not the cache: the capture would record the memset without running it."""
+    stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
+    key = (x.device, stream, cols)
+    work = _WORK.get(key)
+    if work is None:
+        work = torch.zeros(4 + 16 * cols, device=x.device, dtype=torch.int32)
+        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _WORK[key] = work
+    return work
+
+
 def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor, router_w: torch.Tensor,
                      weight: torch.Tensor | None, bias: torch.Tensor | None, base_out: torch.Tensor | None,
                      lora_B: torch.Tensor, noise: torch.Tensor | None, rank: int, kind: int, top_k: int,
@@ -825,9 +866,8 @@ def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
     r_tot, e = a_cat.shape[0], router_w.shape[0]
     n_out = lora_B.shape[1]
     n_part = _small_t_split(n_in)
-    # one zero-fill for the ticket/flag (int32, padded to 16 bytes) and the shrink's float32 accumulator
-    work = torch.zeros(4 + t * (r_tot + e), device=x.device, dtype=torch.int32)
-    sync, acc = work[:2], work[4:].view(torch.float32)
+    work = _small_t_work(x, r_tot + e)
+    sync, acc = work[:3], work[4:4 + t * (r_tot + e)].view(torch.float32)
     y = gl._alloc((t, n_out), x)
     hl = gl._alloc((t, r_tot + e), x, torch.float32)
     gates = gl._alloc((t, top_k), x, torch.float32)
