@@ -333,7 +333,8 @@ def test_triton_small_matmul_split_k(T, split_k, block_kb):
     cases = [(40, 320, True, True, 64), (72, 1024, False, False, 64)]
     for _ in range(2):
         _small_matmul_check(T, cfg, cases)
-    assert all(int(t.abs().sum()) == 0 for t in nf4k._TICKETS.values())
+    tickets = [t for k, t in nf4k.gl._ZEROED.items() if k[2] == "nf4_tickets"]
+    assert tickets and all(int(t.abs().sum()) == 0 for t in tickets)
 
 
 @pytest.mark.parametrize("T,ci", [(1, 0), (2, 2), (5, 0), (16, 1)])

@@ -229,19 +229,33 @@ def test_small_t_workspace_is_left_zero_and_reused():
     n_in, n_out, E, r, K = 600, 21, 5, 4, 2  # in > 256: several split-K programs add into the accumulator
     A, Wr, B = torch.randn(E * r, n_in), torch.randn(E, n_in), torch.randn(E, n_out, r)
     W, bias = torch.randn(n_out, n_in), torch.randn(n_out)
-    rl._WORK.clear()
+    gl._ZEROED.clear()
     work = rl._small_t_work(torch.empty(1), E * r + E)
     for T in (16, 3, 1, 16):
         args = (torch.randn(T, n_in), None, A, Wr, W, bias, None, B, None, r, 0, K, 0.5, 0.1, 0.01)
         outs = rl.small_t_fwd_impl(*args)
         assert rl._small_t_work(args[0], E * r + E) is work
         assert torch.count_nonzero(work) == 0, f"T={T}: the kernel left {torch.count_nonzero(work)} words set"
-        rl._WORK.clear()  # the oracle: the same call on a freshly zeroed buffer
+        saved = dict(gl._ZEROED)
+        gl._ZEROED.clear()  # the oracle: the same call on a freshly zeroed buffer
         fresh = rl.small_t_fwd_impl(*args)
-        rl._WORK.clear()
-        rl._WORK[(torch.device("cpu"), 0, E * r + E)] = work
+        gl._ZEROED.clear()
+        gl._ZEROED.update(saved)
         for name, a, b in zip(("y", "hl", "gates", "ids", "u", "stats", "aux"), outs, fresh):
             assert torch.equal(a, b), f"T={T}: {name} differs on the reused buffer"
+
+
+def test_zeroed_workspace_is_not_cached_from_inside_a_graph_capture(monkeypatch):
+    """A capture records a zero-fill without running it: a buffer first made then must not serve later calls."""
+    gl._ZEROED.clear()
+    monkeypatch.setattr(gl, "_capturing", lambda device: True)
+    inside = gl.zeroed_workspace(torch.device("cpu"), "t", 8)
+    assert not gl._ZEROED and torch.count_nonzero(inside) == 0
+    monkeypatch.setattr(gl, "_capturing", lambda device: False)
+    outside = gl.zeroed_workspace(torch.device("cpu"), "t", 8)
+    assert outside is not inside and gl.zeroed_workspace(torch.device("cpu"), "t", 4) is outside
+    grown = gl.zeroed_workspace(torch.device("cpu"), "t", 9)  # too small: a larger one replaces it
+    assert grown.numel() == 9 and gl.zeroed_workspace(torch.device("cpu"), "t", 8) is grown
 
 
 @pytest.mark.parametrize("router", ["topk", "soft"])

@@ -38,6 +38,30 @@ def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return torch.empty(shape, device=like.device, dtype=dtype)
 
 
+_ZEROED: dict[tuple, torch.Tensor] = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def zeroed_workspace(device: torch.device, tag: object, numel: int) -> torch.Tensor:
+    """A cached int32 buffer of at least `numel` zeros, for kernels that leave it zero when they finish (tickets
+    the last program resets, flags, accumulators a program clears after reading): one zero-fill, not one per
+    launch. Keyed by device, current stream (launches on two streams may overlap) and `tag`; grown, never shrunk.
+    Inside a CUDA-graph capture a buffer not cached yet (or too small) is a fresh zero-fill, captured and not
+    cached: the capture records the memset without running it, so a cached one would hold garbage for the eager
+    calls that come before the first replay."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, tag)
+    buf = _ZEROED.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.zeros(numel, dtype=torch.int32, device=device)
+        if not _capturing(device):
+            _ZEROED[key] = buf
+    return buf
+
+
 def _cfg(kind, bt, br, bk, split, w, st):
     return triton.Config({"BT": bt, "BR": br, "BK": bk, **({"SPLIT": split} if kind != "expand" else {})},
                          num_warps=w, num_stages=st)

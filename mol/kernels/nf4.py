@@ -712,16 +712,7 @@ def _splits(k: int, block_kb: int, split_k: int) -> int:
     return triton.cdiv(n_steps, per_split)
 
 
-_TICKETS: dict = {}
-
-
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
     """int32 zeros, one per row block, for the split-K kernels' tickets: the last program of a row block resets
-    its ticket, so one buffer serves every launch on a stream (keyed by stream: launches on two streams may
-    overlap). Grown, never shrunk."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    buf = _TICKETS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _TICKETS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
+    its ticket, so one buffer serves every launch on a stream (gl.zeroed_workspace)."""
+    return gl.zeroed_workspace(device, "nf4_tickets", max(n, 1024))

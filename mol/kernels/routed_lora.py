@@ -834,24 +834,12 @@ def _small_t_split(n_in: int) -> int:
     return max(1, min(16, gl._cdiv(n_in, 256)))
 
 
-_WORK: dict[tuple, torch.Tensor] = {}
-
-
 def _small_t_work(x: torch.Tensor, cols: int) -> torch.Tensor:
     """The small-T kernel's ticket, flag and consumer counter (int32, padded to 16 bytes) and its float32
     accumulator (up to 16 rows of `cols`): zero before each launch, and each launch leaves them zero, so one
-    buffer per device, stream and width serves every call and a decode step has no zero-fill (a memset node in
-    its CUDA graph: 0.6 µs of the 16 µs at T = 1 and 16, RESULTS run 25). Keyed by stream, as two streams'
-    launches could interleave on one buffer. A width first seen while a graph is being captured gets a fresh
-    zero-fill (captured), not the cache: the capture would record the memset without running it."""
-    stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
-    key = (x.device, stream, cols)
-    work = _WORK.get(key)
-    if work is None:
-        work = torch.zeros(4 + 16 * cols, device=x.device, dtype=torch.int32)
-        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _WORK[key] = work
-    return work
+    buffer (gl.zeroed_workspace) serves every call and a decode step has no zero-fill (a memset node in its CUDA
+    graph: 0.6 µs of the 16 µs at T = 1 and 16, RESULTS run 25)."""
+    return gl.zeroed_workspace(x.device, ("small_t", cols), 4 + 16 * cols)
 
 
 def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor, router_w: torch.Tensor,
