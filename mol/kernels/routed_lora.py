@@ -497,7 +497,8 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, sync_ptr, noise_ptr, 
     experts after sync[1] is set. sync (3,) int32 and acc must be zero, and the kernel leaves them zero (the
     routing program clears acc and the ticket, the last consumer the flag and its counter: _small_t_work). FMA
     (T == 1): float32 multiply-adds on one row of x; else tl.dot with x as the 16-row A operand (mma.sync), or,
-    for BN >= 64, the W tile as the A operand (wgmma takes M = 64) and the transposed product. PROF: write a timeline (see _stamp) to prof (grid, 4) int64."""
+    for BN >= 64, the W tile as the A operand (wgmma takes M = 64) and the transposed product. PROF: write a
+    timeline (see _stamp) to prof (grid, 4) int64."""
     BT: tl.constexpr = 16
     W_AS_A: tl.constexpr = BN >= 64
     pid = tl.program_id(0)
