@@ -33,7 +33,7 @@ def main():
                 torch.testing.assert_close(m(x).float(), ref, rtol=1e-2, atol=1e-2)
             fns = {"base": lambda: F.linear(x, W), "mol": lambda: m(x)}
             if parts:
-                n = 4 + 16 * (8 * 16 + 8)
+                n = 4 + 16 * (8 * 16 + 8)  # _small_t_work's size for E=8 r=16: sync words + 16 rows of R+E
                 fns["mol + one zero-fill"] = lambda: (m(x), torch.zeros(n, device="cuda", dtype=torch.int32))
                 fns["zero-fill alone"] = lambda: torch.zeros(n, device="cuda", dtype=torch.int32)
                 with profile(activities=[ProfilerActivity.CUDA]) as p:

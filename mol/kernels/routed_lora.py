@@ -624,7 +624,8 @@ def _small_t_configs(fma: bool) -> list[triton.Config]:
     return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st) for bn, bk, w, st in shapes]
 
 
-# sync and acc are zeroed before each autotuning trial (the flag and ticket are one-shot, acc is added into)
+# every launch leaves sync and acc zero (_small_t_work); they are also zeroed before each autotuning trial, so
+# no trial's result rests on an earlier config's clean-up
 _SMALL_T_KEY = ["N_IN", "N_OUT", "R", "E", "ROUTER_X2"]
 # timed under CUDA-graph replay, as decode runs it (gl.bench_graphed; the zero-fills are captured with each trial)
 _small_t_fma = triton.autotune(configs=_small_t_configs(True), key=_SMALL_T_KEY, do_bench=gl.bench_graphed,
