@@ -183,3 +183,49 @@ comp_nf4(dict(nf4k.FMA_CONFIGS[0], SPLIT_K=4), T=1)  # split-K: partials, ticket
 comp_nf4(dict(nf4k.FMA_CONFIGS[0], SPLIT_K=4), T=2, bias=True)
 comp_nf4(dict(nf4k.DOT_CONFIGS[1], SPLIT_K=8), T=16)
 comp_nf4(dict(nf4k.DOT_CONFIGS[0], SPLIT_K=3, num_stages=3), T=16, K=14336)
+
+# ---------------------------------------------------------------- NF4 decode on tensor cores from registers (Gluon)
+# mol/kernels/nf4_mma.py: every config it tunes at T = 16 (bf16, double-quantized, K = 4096), then the variants: T <= 8
+# (8-token MMA tiles), fp16, plain float32 absmax with a bias, blocksize 128, K = 14336 and a K the slab does not tile.
+from mol.kernels import nf4_mma  # noqa: E402
+
+
+def comp_nf4_mma(cfg, T=16, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    bt = 8 if T <= 8 else 16
+    cpl = nf4_mma._cpl(K, cfg["cpl"])
+    w_l, x_l, s_l, mma = nf4_mma.layouts(cfg["num_warps"], cfg["m_rep"], bt, cpl)
+    sig = {"x_ptr": f"*{xdt}", "codes_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
+           "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
+           "ws_ptr": "*fp32", "ticket_ptr": "*i32", "T": "i32", "N": "i32", "stride_xt": "i32", "stride_yt": "i32"}
+    const = dict(K=K, BS=BS, NBS=256, NESTED=nested, HAS_BIAS=bias, BT=bt, BM=16 * cfg["num_warps"] * cfg["m_rep"],
+                 CPL=cpl, SPLIT_K=nf4_mma.splits(K, cpl, cfg["split_k"]), PREFETCH=cfg["prefetch"], W_LAYOUT=w_l,
+                 X_LAYOUT=x_l, S_LAYOUT=s_l, MMA=mma)
+    sig.update({k: "constexpr" for k in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*")
+             or n in ("stride_xt", "stride_yt", "N")}
+    k = triton.compile(GluonASTSource(fn=nf4_mma._nf4_mma_kernel, signature=sig, constexprs=const, attrs=attrs),
+                       target=tgt, options={"num_warps": cfg["num_warps"]})
+    print(f"nf4 mma decode T={T} K={K} bs={BS} {xdt} nested={nested} bias={bias} {cfg}: compiled for sm_90, "
+          f"{_resources(k.asm['cubin'])}, {k.metadata.shared} bytes shared")
+    if "--sass" in sys.argv:
+        mix = _loop_mix(k.asm["cubin"], const["BM"] * 64 * cpl / (32 * cfg["num_warps"]))
+        if mix is not None:
+            total, shared, counts = mix
+            top = ", ".join(f"{op} {n:.2f}" for op, n in list(counts.items())[:12])
+            print(f"    K loop per weight (triton {triton.__version__}): {total:.2f} instructions, {shared:.2f} "
+                  f"shared-memory ops; {top}")
+
+
+if nf4_mma.AVAILABLE:
+    for c in nf4_mma.CONFIGS:
+        comp_nf4_mma(c)
+    comp_nf4_mma(nf4_mma.CONFIGS[0], T=5)
+    comp_nf4_mma(nf4_mma.CONFIGS[3], T=3, xdt="fp16")
+    comp_nf4_mma(nf4_mma.CONFIGS[1], T=16, nested=False, bias=True)
+    comp_nf4_mma(nf4_mma.CONFIGS[0], T=7, K=1152, BS=128, bias=True)
+    comp_nf4_mma(nf4_mma.CONFIGS[5], T=16, K=14336)
+    comp_nf4_mma(nf4_mma.CONFIGS[1], T=9, K=4160)  # 65 chunks: cpl 4 falls to 1
+else:
+    print("nf4 mma decode: this Triton has no Gluon, not built")

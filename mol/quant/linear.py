@@ -34,6 +34,10 @@ def _nf4_linear_forward(x2d: torch.Tensor, packed: NF4Weight, bias: torch.Tensor
     if bias is not None and bias.dtype != x2d.dtype:
         bias = bias.to(x2d.dtype)
     if _use_small_kernel(x2d, packed, fused_decode, backend):
+        from mol.kernels import nf4_mma
+        if (x2d.shape[0] >= nf4_mma.MIN_T and os.environ.get("MOL_NF4_MMA_DECODE", "0") == "1"
+                and nf4_mma.supported(packed, x2d)):
+            return nf4_mma.nf4_matmul_decode(x2d, packed, bias)  # tensor cores fed from registers (Gluon)
         from mol.kernels.nf4 import nf4_matmul_small
         return nf4_matmul_small(x2d, packed, bias)
     w = dequantize_nf4(packed, x2d.dtype, backend=backend)  # scratch, freed on return
