@@ -7,8 +7,9 @@
   16-entry table gather for float32 x) and multiplies with packed 16-bit FMAs (T <= 2) or tl.dot (larger T); see
   the comment above the kernel. On an H200 under CUDA-graph replay (RESULTS NF4 run 10): T=1 4096x4096 5.8 us
   (0.57-0.60x the bf16 GEMV; dequantize + cuBLAS 23.7 us), 14336x4096 15.6-15.7 us (0.49-0.52x); T=2 6.8 / 19.2
-  us; T=16 11.5 / 31.6 us. NF4Linear uses it by default for T <= 16 on CUDA (MOL_NF4_FUSED_DECODE=0 or
-  `fused_decode = False` turns it off).
+  us; T=16 11.5 / 31.6 us. NF4Linear uses it by default for T <= 2 on CUDA, and for 3 <= T <= 16 where Triton
+  has no Gluon: there mol/kernels/nf4_mma.py's kernel, which feeds the tensor cores from registers, is 11-26%
+  faster (RESULTS NF4 run 12). MOL_NF4_FUSED_DECODE=0 or `fused_decode = False` turns both off.
 For other T the layer dequantizes into a scratch weight and calls cuBLAS (see mol/quant/linear.py): at T=8192
 the dequant pass is ~20 us (4096x4096) against ~400 us for the GEMM.
 
@@ -624,7 +625,7 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
         if ticket == SPLITS - 1:  # the last split of this row block: add all partials, in split order
             tl.debug_barrier()
             part = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-            for j in range(SPLITS):
+            for j in tl.static_range(SPLITS):  # unrolled: the partials are read at once, not one round trip each
                 part += tl.load(ws_ptr + j * (BLOCK_T * N) + ws_io, mask=out_mask, other=0.0, cache_modifier=".cg")
             _small_store(part, bias_ptr, y_ptr, offs_t, offs_n, n_mask, out_mask, stride_yt, HAS_BIAS)
             tl.store(ticket_ptr + pid, 0)  # ready for the next launch on this stream
