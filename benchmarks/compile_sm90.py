@@ -195,22 +195,22 @@ def comp_nf4_mma(cfg, T=16, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
 
     bt = 8 if T <= 8 else 16
     cpl = nf4_mma._cpl(K, cfg["cpl"])
-    w_l, x_l, s_l, mma = nf4_mma.layouts(cfg["num_warps"], cfg["m_rep"], bt, cpl)
+    w_l, x_l, s_l, mma = nf4_mma.layouts(cfg["warps_k"], cfg["warps_m"], cfg["m_rep"], bt, cpl)
+    bm, nw = 16 * cfg["warps_m"] * cfg["m_rep"], cfg["warps_k"] * cfg["warps_m"]
     sig = {"x_ptr": f"*{xdt}", "codes_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
            "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
            "ws_ptr": "*fp32", "ticket_ptr": "*i32", "T": "i32", "N": "i32", "stride_xt": "i32", "stride_yt": "i32"}
-    const = dict(K=K, BS=BS, NBS=256, NESTED=nested, HAS_BIAS=bias, BT=bt, BM=16 * cfg["num_warps"] * cfg["m_rep"],
-                 CPL=cpl, SPLIT_K=nf4_mma.splits(K, cpl, cfg["split_k"]), PREFETCH=cfg["prefetch"], W_LAYOUT=w_l,
+    const = dict(K=K, BS=BS, NBS=256, NESTED=nested, HAS_BIAS=bias, BT=bt, BM=bm, WK=cfg["warps_k"], CPL=cpl, SPLIT_K=nf4_mma.splits(K, cpl, cfg["split_k"]), PREFETCH=cfg["prefetch"], W_LAYOUT=w_l,
                  X_LAYOUT=x_l, S_LAYOUT=s_l, MMA=mma)
     sig.update({k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*")
              or n in ("stride_xt", "stride_yt", "N")}
     k = triton.compile(GluonASTSource(fn=nf4_mma._nf4_mma_kernel, signature=sig, constexprs=const, attrs=attrs),
-                       target=tgt, options={"num_warps": cfg["num_warps"]})
+                       target=tgt, options={"num_warps": nw})
     print(f"nf4 mma decode T={T} K={K} bs={BS} {xdt} nested={nested} bias={bias} {cfg}: compiled for sm_90, "
           f"{_resources(k.asm['cubin'])}, {k.metadata.shared} bytes shared")
     if "--sass" in sys.argv:
-        mix = _loop_mix(k.asm["cubin"], const["BM"] * 64 * cpl / (32 * cfg["num_warps"]))
+        mix = _loop_mix(k.asm["cubin"], bm * 64 * cpl * cfg["warps_k"] / (32 * nw))
         if mix is not None:
             total, shared, counts = mix
             top = ", ".join(f"{op} {n:.2f}" for op, n in list(counts.items())[:12])

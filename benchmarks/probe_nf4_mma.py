@@ -10,6 +10,7 @@ calls). Timing: median of `do_bench_cudagraph`, the bf16 GEMV (F.linear) and the
 same process, NF4 bytes over time as bandwidth.
 """
 import argparse
+import itertools
 import os
 import sys
 
@@ -69,16 +70,20 @@ def check(failures):
 def grid(full):
     if not full:
         return nf4_mma.CONFIGS
-    return [dict(num_warps=w, m_rep=m, cpl=c, split_k=sk, prefetch=pf) for w in (4, 8) for m in (1, 2)
-            for c in (1, 2, 4) for sk in (4, 8, 16) for pf in (False, True) if w == 4 or (m == 1 and sk == 8)]
+    out = list(nf4_mma.CONFIGS)
+    for wk, wm, c, sk, pf in itertools.product((4, 8), (1, 2), (1, 2, 4), (1, 2), (False, True)):
+        cfg = dict(warps_k=wk, warps_m=wm, m_rep=1, cpl=c, split_k=sk, prefetch=pf)
+        if wk * wm <= 8 and cfg not in out:
+            out.append(cfg)
+    return out
 
 
 def name(c):
-    return f"{c['num_warps']}/{c['m_rep']}/{c['cpl']}/{c['split_k']}/{'p' if c['prefetch'] else '-'}"
+    return f"{c['warps_k']}/{c['warps_m']}/{c['m_rep']}/{c['cpl']}/{c['split_k']}/{'p' if c['prefetch'] else '-'}"
 
 
 def bench(quick, top, full):
-    print("\n| out x in | T | bf16 GEMV us | Triton small-T us (x GEMV) | Gluon MMA best us (x GEMV) | best config (warps/m_rep/cpl/split/prefetch) | "
+    print("\n| out x in | T | bf16 GEMV us | Triton small-T us (x GEMV) | Gluon MMA best us (x GEMV) | best config (warps K/M, m_rep, cpl, split, prefetch) | "
           "GB/s | next configs |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     shapes = [(4096, 4096), (14336, 4096), (4096, 14336)]

@@ -12,9 +12,17 @@ physical k = 16t .. 16t + 15 and we *relabel* k: physical k = 16 t + 8 w + 2 q +
 word, b: element in pair) is logical k' = 32 w + 16 q1 + 8 q0 + 2 t + b. The relabelling is a permutation of k's
 bits, written as reshape + permute, which moves no data; x (the B operand) is loaded with the same relabelling.
 
-Each 64-wide chunk is one absmax block (blocksize 64; 128 and 256 too), so the block scale multiplies the chunk's
-float32 MMA result per row instead of every weight. Split-K and the ticket that sums the partials in split order
-work as in the Triton kernel. Layouts are built here, on the host, and passed as constexprs.
+A 64-wide chunk never spans two absmax blocks (blocksize 64, 128 or 256), so the block scale multiplies the
+chunk's float32 MMA result per row instead of every weight. The warps of a program can split K among themselves
+(`warps_k`: the MMA's leading batch dim; each K warp takes every warps_k-th slab of the program's run, and their
+sums meet once, through shared memory, at the end), so most configs need no global split-K; where one does, the
+ticket that sums the partials in split order works as in the Triton kernel. Layouts are built on the host and
+passed as constexprs.
+
+Measured on an H200 (RESULTS NF4 run 12, CUDA-graph replay): T=16 9.4 us at 4096x4096 (0.96x the bf16 GEMV),
+26.0 / 25.4 us at 14336x4096 / 4096x14336 (0.78x / 0.75x), 11-26% under the Triton dot path; at T=1 the Triton
+FMA path stays faster, so NF4Linear uses this kernel for 3 <= T <= 16 only. It streams the codes at 0.9-1.2 TB/s:
+latency, not instructions (5.8-7 per weight, PRMT 2.1), is what still holds it above 0.5x.
 """
 
 from __future__ import annotations
@@ -35,8 +43,9 @@ try:  # Gluon ships with Triton >= 3.5; the decode path falls back to the Triton
     AVAILABLE = True
     # a CTA-wide barrier: gl.thread_barrier in Triton 3.5-3.6, gl.barrier from 3.7 on
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-    _A_PERM = gl.constexpr(A_PERM)
-    _B_PERM = gl.constexpr(B_PERM)
+    # with the leading K-warp dim
+    _A_PERM3 = gl.constexpr([0] + [d + 1 for d in A_PERM])
+    _B_PERM3 = gl.constexpr([0] + [d + 1 for d in B_PERM])
 except ImportError:  # pragma: no cover - depends on the installed Triton
     AVAILABLE = False
 
@@ -48,28 +57,33 @@ def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
-def layouts(num_warps: int, m_rep: int, block_t: int, cpl: int = 1):
-    """(words, x, scales, mma) layouts for BLOCK_M = 16 * num_warps * m_rep rows, block_t (8 or 16) tokens and slabs of
-    cpl 64-wide chunks loaded at once (the chunk index in registers, outermost)."""
-    bm = 16 * num_warps * m_rep
-    warp_m = [[16 << i, 0] for i in range(_log2(num_warps))]
-    rep_m = [[16 * num_warps << i, 0] for i in range(_log2(m_rep))]
-    # code words (BLOCK_M, 8 cpl) int32: lane (g, t) holds words 2t, 2t + 1 (registers) of rows g, g + 8 (+ reps)
-    words = gl.DistributedLinearLayout(reg_bases=[[0, 1], [8, 0]] + rep_m + [[0, 8 << i] for i in range(_log2(cpl))],
-                                       lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
-                                       warp_bases=warp_m, block_bases=[], shape=[bm, 8 * cpl])
-    # x slab as int32 pairs (32 cpl, block_t) at physical k / 2: lane (g, t) holds pairs 8t .. 8t + 7, i.e.
-    # k = 16t .. 16t + 15 (registers), of tokens g, g + 8
-    x = gl.DistributedLinearLayout(reg_bases=[[1, 0], [2, 0], [4, 0]] + ([[0, 8]] if block_t == 16 else [])
-                                   + [[32 << i, 0] for i in range(_log2(cpl))],
-                                   lane_bases=[[8, 0], [16, 0], [0, 1], [0, 2], [0, 4]],
-                                   warp_bases=[[0, 0]] * _log2(num_warps), block_bases=[],
-                                   shape=[CHUNK // 2 * cpl, block_t])
-    # block scales (BLOCK_M, cpl): the MMA result's row layout (lane g, registers g + 8 and reps), chunks in registers
-    scales = gl.DistributedLinearLayout(reg_bases=[[8, 0]] + rep_m + [[0, 1 << i] for i in range(_log2(cpl))],
-                                        lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
-                                        warp_bases=warp_m, block_bases=[], shape=[bm, cpl])
-    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+def layouts(warps_k: int, warps_m: int, m_rep: int, block_t: int, cpl: int = 1):
+    """(words, x, scales, mma) layouts, each with a leading dim of warps_k: warps_k warps take turns along K (each its
+    own slabs, summed at the end), warps_m split BLOCK_M = 16 * warps_m * m_rep rows; block_t (8 or 16) tokens,
+    slabs of cpl 64-wide chunks loaded at once (the chunk index in registers, outermost)."""
+    bm = 16 * warps_m * m_rep
+    # warp ids: the M warps first, then the K warps (the MMA layout's order for warps_per_cta [warps_k, warps_m, 1])
+    warps = [[0, 16 << i, 0] for i in range(_log2(warps_m))] + [[1 << i, 0, 0] for i in range(_log2(warps_k))]
+    rep_m = [[0, 16 * warps_m << i, 0] for i in range(_log2(m_rep))]
+    # code words (warps_k, BLOCK_M, 8 cpl) int32: lane (g, t) holds words 2t, 2t + 1 (registers) of rows g, g + 8
+    words = gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 8, 0]] + rep_m + [[0, 0, 8 << i] for i in range(_log2(cpl))],
+        lane_bases=[[0, 0, 2], [0, 0, 4], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+        warp_bases=warps, block_bases=[], shape=[warps_k, bm, 8 * cpl])
+    # x slab as int32 pairs (warps_k, 32 cpl, block_t) at physical k / 2: lane (g, t) holds pairs 8t .. 8t + 7, i.e.
+    # k = 16t .. 16t + 15 (registers), of tokens g, g + 8; the same for the M warps
+    x = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0]] + ([[0, 0, 8]] if block_t == 16 else [])
+        + [[0, 32 << i, 0] for i in range(_log2(cpl))],
+        lane_bases=[[0, 8, 0], [0, 16, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
+        warp_bases=[[0, 0, 0]] * _log2(warps_m) + [[1 << i, 0, 0] for i in range(_log2(warps_k))], block_bases=[],
+        shape=[warps_k, CHUNK // 2 * cpl, block_t])
+    # block scales (warps_k, BLOCK_M, cpl): the MMA result's row layout (lane g, registers g + 8 and reps)
+    scales = gl.DistributedLinearLayout(
+        reg_bases=[[0, 8, 0]] + rep_m + [[0, 0, 1 << i] for i in range(_log2(cpl))],
+        lane_bases=[[0, 0, 0], [0, 0, 0], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+        warp_bases=warps, block_bases=[], shape=[warps_k, bm, cpl])
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps_k, warps_m, 1], instr_shape=[1, 16, 8])
     return words, x, scales, mma
 
 
@@ -107,26 +121,26 @@ if AVAILABLE:
         return e0, e1, e2, e3, e4, e5, e6, e7
 
     @gluon.jit
-    def _a_operand(w, tabs, BM: gl.constexpr, DT: gl.constexpr, A_LAYOUT: gl.constexpr):
-        """The (BM, 64) A operand of one chunk from its (BM, 8) code words, at logical k (see the module doc)."""
+    def _a_operand(w, tabs, WK: gl.constexpr, BM: gl.constexpr, DT: gl.constexpr, A_LAYOUT: gl.constexpr):
+        """The (WK, BM, 64) A operand of one chunk from its (WK, BM, 8) code words, at logical k (module doc)."""
         e0, e1, e2, e3, e4, e5, e6, e7 = _levels(w, tabs[0], tabs[1], tabs[2], tabs[3], tabs[4], tabs[5],
                                                  tabs[6], tabs[7], DT)
         # (m, word, b, q0, q1), word = 4 t1 + 2 t0 + w
         e = gl.join(gl.join(gl.join(e0, e1), gl.join(e2, e3)), gl.join(gl.join(e4, e5), gl.join(e6, e7)))
-        e = gl.reshape(e, [BM, 2, 2, 2, 2, 2, 2])  # (m, t1, t0, w, b, q0, q1)
-        e = gl.permute(e, _A_PERM.value)  # (m, w, q1, q0, t1, t0, b): logical k' high to low
-        return gl.convert_layout(gl.reshape(e, [BM, 64]), A_LAYOUT)
+        e = gl.reshape(e, [WK, BM, 2, 2, 2, 2, 2, 2])  # (kw, m, t1, t0, w, b, q0, q1)
+        e = gl.permute(e, _A_PERM3.value)  # (kw, m, w, q1, q0, t1, t0, b): logical k' high to low
+        return gl.convert_layout(gl.reshape(e, [WK, BM, 64]), A_LAYOUT)
 
     @gluon.jit
-    def _b_operand(xp, BT: gl.constexpr, DT: gl.constexpr, B_LAYOUT: gl.constexpr):
-        """x's (64, BT) chunk, loaded as (32, BT) int32 pairs at physical k, relabelled to logical k' (the A
-        operand's order). (x is carried as int32: 16-bit values carried across the prefetch loop cost a repack.)"""
+    def _b_operand(xp, WK: gl.constexpr, BT: gl.constexpr, DT: gl.constexpr, B_LAYOUT: gl.constexpr):
+        """x's (WK, 64, BT) chunk, loaded as (WK, 32, BT) int32 pairs at physical k, relabelled to logical k' (the
+        A operand's order). (x is carried as int32: 16-bit values carried across a loop cost a repack.)"""
         lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [xp], dtype=(DT.value, DT.value),
                                            is_pure=True, pack=1)
-        xv = gl.reshape(gl.permute(gl.join(lo, hi), [0, 2, 1]), [64, BT])  # physical k = 2 pair + half
-        xv = gl.reshape(xv, [2, 2, 2, 2, 2, 2, BT])  # (t1, t0, w, q1, q0, b, token)
-        xv = gl.permute(xv, _B_PERM.value)  # (w, q1, q0, t1, t0, b, token)
-        return gl.convert_layout(gl.reshape(xv, [64, BT]), B_LAYOUT)
+        xv = gl.reshape(gl.permute(gl.join(lo, hi), [0, 1, 3, 2]), [WK, 64, BT])  # physical k = 2 pair + half
+        xv = gl.reshape(xv, [WK, 2, 2, 2, 2, 2, 2, BT])  # (kw, t1, t0, w, q1, q0, b, token)
+        xv = gl.permute(xv, _B_PERM3.value)  # (kw, w, q1, q0, t1, t0, b, token)
+        return gl.convert_layout(gl.reshape(xv, [WK, 64, BT]), B_LAYOUT)
 
     @gluon.jit
     def _tables(code_ptr, DT: gl.constexpr, L: gl.constexpr):
@@ -143,86 +157,106 @@ if AVAILABLE:
                 gl.sum(gl.where(g == 2, hi, 0), 0), gl.sum(gl.where(g == 3, hi, 0), 0))
 
     @gluon.jit
-    def _chunk(w, xv, s, acc, tabs, BM: gl.constexpr, BT: gl.constexpr, DT: gl.constexpr, MMA: gl.constexpr):
-        """acc + s * (the chunk's 64 k of W) @ (x's), s: the chunk's block scale per row, (BM, 1)."""
-        a = _a_operand(w, tabs, BM, DT, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
-        b = _b_operand(xv, BT, DT, gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
-        s = gl.convert_layout(gl.reshape(s, [BM]), gl.SliceLayout(1, MMA))
-        return acc + mma_v2(a, b, gl.zeros([BM, BT], gl.float32, MMA)) * s[:, None]
+    def _chunk(w, xv, s, acc, tabs, WK: gl.constexpr, BM: gl.constexpr, BT: gl.constexpr, DT: gl.constexpr,
+               MMA: gl.constexpr):
+        """acc + s * (the chunk's 64 k of W) @ (x's), s: the chunk's block scale per row, (WK, BM, 1)."""
+        a = _a_operand(w, tabs, WK, BM, DT, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
+        b = _b_operand(xv, WK, BT, DT, gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
+        s = gl.convert_layout(gl.reshape(s, [WK, BM]), gl.SliceLayout(2, MMA))
+        return acc + mma_v2(a, b, gl.zeros([WK, BM, BT], gl.float32, MMA)) * s[:, :, None]
 
     @gluon.jit
-    def _slab(w, xv, sc, acc, tabs, BM: gl.constexpr, BT: gl.constexpr, CPL: gl.constexpr, DT: gl.constexpr,
-              MMA: gl.constexpr):
-        """The CPL chunks of one slab: words (BM, 8 CPL), x pairs (32 CPL, BT), block scales (BM, CPL)."""
+    def _slab(w, xv, sc, acc, tabs, WK: gl.constexpr, BM: gl.constexpr, BT: gl.constexpr, CPL: gl.constexpr,
+              DT: gl.constexpr, MMA: gl.constexpr):
+        """The CPL chunks of one slab: words (WK, BM, 8 CPL), x pairs (WK, 32 CPL, BT), block scales (WK, BM, CPL)."""
         if CPL == 1:
-            acc = _chunk(w, xv, sc, acc, tabs, BM, BT, DT, MMA)
+            acc = _chunk(w, xv, sc, acc, tabs, WK, BM, BT, DT, MMA)
         else:  # halve the slab (chunk index: outermost) and recurse
-            w0, w1 = gl.split(gl.permute(gl.reshape(w, [BM, 2, 8 * CPL // 2]), [0, 2, 1]))
-            x0, x1 = gl.split(gl.permute(gl.reshape(xv, [2, 32 * CPL // 2, BT]), [1, 2, 0]))
-            s0, s1 = gl.split(gl.permute(gl.reshape(sc, [BM, 2, CPL // 2]), [0, 2, 1]))
-            acc = _slab(w0, x0, s0, acc, tabs, BM, BT, CPL // 2, DT, MMA)
-            acc = _slab(w1, x1, s1, acc, tabs, BM, BT, CPL // 2, DT, MMA)
+            w0, w1 = gl.split(gl.permute(gl.reshape(w, [WK, BM, 2, 8 * CPL // 2]), [0, 1, 3, 2]))
+            x0, x1 = gl.split(gl.permute(gl.reshape(xv, [WK, 2, 32 * CPL // 2, BT]), [0, 2, 3, 1]))
+            s0, s1 = gl.split(gl.permute(gl.reshape(sc, [WK, BM, 2, CPL // 2]), [0, 1, 3, 2]))
+            acc = _slab(w0, x0, s0, acc, tabs, WK, BM, BT, CPL // 2, DT, MMA)
+            acc = _slab(w1, x1, s1, acc, tabs, WK, BM, BT, CPL // 2, DT, MMA)
         return acc
 
     @gluon.jit
-    def _scale_loads(absmax_ptr, nabs_ptr, blk, NBS: gl.constexpr, NESTED: gl.constexpr):
+    def _scale_loads(absmax_ptr, nabs_ptr, blk, ok, NBS: gl.constexpr, NESTED: gl.constexpr):
         """What a slab's block scales are made of: (absmax codes, nested absmax), or (absmax, absmax) if not nested."""
         if NESTED:
-            a = gl.load(absmax_ptr + blk).to(gl.int32)
-            nb = gl.load(nabs_ptr + blk // NBS)
+            a = gl.load(absmax_ptr + blk, mask=ok, other=0).to(gl.int32)
+            nb = gl.load(nabs_ptr + blk // NBS, mask=ok, other=0.0)
         else:
-            a = gl.load(absmax_ptr + blk)
+            a = gl.load(absmax_ptr + blk, mask=ok, other=0.0)
             nb = a
         return a, nb
 
     @gluon.jit
-    def _scales(a, nb, ncode_ptr, off, NESTED: gl.constexpr):
+    def _scales(a, nb, ok, ncode_ptr, off, NESTED: gl.constexpr):
+        """The block scales of a slab; zero where ok is false (a K warp past its split's last slab)."""
         if NESTED:
             s = gl.load(ncode_ptr + a) * nb + off  # the 256-entry map stays in L1
         else:
             s = a
-        return s
+        return gl.where(ok, s, 0.0)
 
     @gluon.jit
     def _nf4_mma_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr, bias_ptr,
                         y_ptr, ws_ptr, ticket_ptr, T, N, stride_xt, stride_yt,
                         K: gl.constexpr, BS: gl.constexpr, NBS: gl.constexpr, NESTED: gl.constexpr,
-                        HAS_BIAS: gl.constexpr, BT: gl.constexpr, BM: gl.constexpr, CPL: gl.constexpr,
-                        SPLIT_K: gl.constexpr, PREFETCH: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-                        S_LAYOUT: gl.constexpr, MMA: gl.constexpr):
+                        HAS_BIAS: gl.constexpr, BT: gl.constexpr, BM: gl.constexpr, WK: gl.constexpr,
+                        CPL: gl.constexpr, SPLIT_K: gl.constexpr, PREFETCH: gl.constexpr, W_LAYOUT: gl.constexpr,
+                        X_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr, MMA: gl.constexpr):
         """y[t, n] = sum_k x[t, k] W[n, k] (+ bias[n]) for BM rows n of this program and t < T (BT >= T).
-        K is read in slabs of CPL 64-wide chunks, the next slab's loads issued before this one's math. Program
-        (i, j) covers the j-th of SPLITS runs of slabs; with SPLITS > 1 the last program of a row block to take
-        its ticket (zero on entry, left zero) sums the float32 partials in split order."""
+        K is read in slabs of CPL 64-wide chunks; program (i, j) covers the j-th of SPLITS runs of slabs, its WK
+        K warps taking the run's slabs in turn (warp kw: slabs first + kw, first + kw + WK, ...), their sums
+        added at the end. PREFETCH: a warp's next slab is loaded before this one's math. With SPLITS > 1 the last
+        program of a row block to take its ticket (zero on entry, left zero) sums the partials in split order."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         NSL: gl.constexpr = K // (64 * CPL)  # slabs per row
         SPS: gl.constexpr = (NSL + SPLIT_K - 1) // SPLIT_K  # slabs per split
         SPLITS: gl.constexpr = (NSL + SPS - 1) // SPS
+        STEPS: gl.constexpr = (SPS + WK - 1) // WK  # slabs per K warp
         KW: gl.constexpr = K // 8  # code words per row
-        ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
-        COLS: gl.constexpr = gl.SliceLayout(0, MMA)
+        OUT: gl.constexpr = gl.SliceLayout(0, MMA)
+        ROWS: gl.constexpr = gl.SliceLayout(1, OUT)
+        COLS: gl.constexpr = gl.SliceLayout(0, OUT)
         pid = gl.program_id(0)
         s_first = gl.program_id(1) * SPS
-        s_last = gl.minimum(s_first + SPS, NSL) - 1
+        s_end = gl.minimum(s_first + SPS, NSL)
 
-        # code words: rows clamped to N - 1 (loads need no mask; those rows are not stored)
-        rows_w = gl.minimum(pid * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, W_LAYOUT)), N - 1)
-        wptr = (codes_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + rows_w.to(gl.int64)[:, None] * KW
-                + gl.arange(0, 8 * CPL, layout=gl.SliceLayout(0, W_LAYOUT))[None, :])
+        # code words: rows clamped to N - 1 (loads need no row mask; those rows are not stored)
+        WL2: gl.constexpr = gl.SliceLayout(2, W_LAYOUT)
+        kw_w = gl.arange(0, WK, layout=gl.SliceLayout(1, WL2))
+        rows_w = gl.minimum(pid * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, WL2)), N - 1)
+        words_w = gl.arange(0, 8 * CPL, layout=gl.SliceLayout(0, gl.SliceLayout(1, W_LAYOUT)))
+        wptr = (codes_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + (rows_w.to(gl.int64) * KW)[None, :, None]
+                + (kw_w * (8 * CPL))[:, None, None] + words_w[None, None, :])
+        slab_w = s_first + kw_w  # this K warp's first slab
         # x as int32 pairs at physical k, tokens past T read as zero
-        k_x = gl.arange(0, 32 * CPL, layout=gl.SliceLayout(1, X_LAYOUT))
-        t_x = gl.arange(0, BT, layout=gl.SliceLayout(0, X_LAYOUT))
-        xptr = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + t_x[None, :] * (stride_xt // 2) + k_x[:, None]
-        xmask = (t_x < T)[None, :] & (k_x < 32 * CPL)[:, None]
+        XL2: gl.constexpr = gl.SliceLayout(2, X_LAYOUT)
+        kw_x = gl.arange(0, WK, layout=gl.SliceLayout(1, XL2))
+        k_x = gl.arange(0, 32 * CPL, layout=gl.SliceLayout(0, XL2))
+        t_x = gl.arange(0, BT, layout=gl.SliceLayout(0, gl.SliceLayout(1, X_LAYOUT)))
+        xptr = (x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + t_x[None, None, :] * (stride_xt // 2)
+                + (kw_x * (32 * CPL))[:, None, None] + k_x[None, :, None])
+        slab_x = s_first + kw_x
+        tok_ok = (t_x < T)[None, None, :]
         # each (row, chunk)'s absmax block: flat index of its first weight // BS (a chunk never spans two blocks)
-        rows_s = gl.minimum(pid * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, S_LAYOUT)), N - 1).to(gl.int64)
-        chunk_s = gl.arange(0, CPL, layout=gl.SliceLayout(0, S_LAYOUT))
-        flat_s = rows_s[:, None] * K + chunk_s[None, :] * 64
+        SL2: gl.constexpr = gl.SliceLayout(2, S_LAYOUT)
+        kw_s = gl.arange(0, WK, layout=gl.SliceLayout(1, SL2))
+        rows_s = gl.minimum(pid * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, SL2)), N - 1).to(gl.int64)
+        chunk_s = gl.arange(0, CPL, layout=gl.SliceLayout(0, gl.SliceLayout(1, S_LAYOUT)))
+        flat_s = (rows_s * K)[None, :, None] + (kw_s * (64 * CPL))[:, None, None] + (chunk_s * 64)[None, None, :]
+        slab_s = s_first + kw_s
 
         # the first slab's loads go out before the prologue's table math
-        w_next = gl.load(wptr + s_first * (8 * CPL))
-        x_next = gl.load(xptr + s_first * (32 * CPL), mask=xmask, other=0)
-        a_next, nb_next = _scale_loads(absmax_ptr, nabs_ptr, (flat_s + s_first * (64 * CPL)) // BS, NBS, NESTED)
+        ok_w = (slab_w < s_end)[:, None, None]
+        ok_s = (slab_s < s_end)[:, None, None]
+        w_next = gl.load(wptr + s_first * (8 * CPL), mask=ok_w, other=0)
+        x_next = gl.load(xptr + s_first * (32 * CPL), mask=(slab_x < s_end)[:, None, None] & tok_ok, other=0)
+        a_next, nb_next = _scale_loads(absmax_ptr, nabs_ptr, (flat_s + s_first * (64 * CPL)) // BS, ok_s, NBS,
+                                       NESTED)
+        ok_next = ok_s
         # the levels' byte tables: every thread builds all eight from the 16 levels (no cross-thread reduction)
         tabs = _tables(code_ptr, DT, gl.BlockedLayout([16], [32], [gl.num_warps()], [0]))
         if NESTED:
@@ -230,28 +264,35 @@ if AVAILABLE:
         else:
             off = 0.0
 
-        acc = gl.zeros([BM, BT], gl.float32, MMA)
-        if PREFETCH:  # slab s + 1's loads are issued before slab s's math; the last slab is peeled
-            for sl in range(s_first, s_last):
+        acc = gl.zeros([WK, BM, BT], gl.float32, MMA)
+        if PREFETCH:  # step i + 1's loads are issued before step i's math; the last step is peeled
+            for i in range(1, STEPS):
                 w = w_next
                 xv = x_next
                 a = a_next
                 nb = nb_next
-                w_next = gl.load(wptr + (sl + 1) * (8 * CPL))
-                x_next = gl.load(xptr + (sl + 1) * (32 * CPL), mask=xmask, other=0)
-                a_next, nb_next = _scale_loads(absmax_ptr, nabs_ptr, (flat_s + (sl + 1) * (64 * CPL)) // BS, NBS,
+                ok = ok_next
+                d = s_first + i * WK  # slab offset of this step for K warp 0
+                ok_next = (slab_s + i * WK < s_end)[:, None, None]
+                w_next = gl.load(wptr + d * (8 * CPL), mask=(slab_w + i * WK < s_end)[:, None, None], other=0)
+                x_next = gl.load(xptr + d * (32 * CPL), mask=(slab_x + i * WK < s_end)[:, None, None] & tok_ok,
+                                 other=0)
+                a_next, nb_next = _scale_loads(absmax_ptr, nabs_ptr, (flat_s + d * (64 * CPL)) // BS, ok_next, NBS,
                                                NESTED)
-                acc = _slab(w, xv, _scales(a, nb, ncode_ptr, off, NESTED), acc, tabs, BM, BT, CPL, DT, MMA)
-            acc = _slab(w_next, x_next, _scales(a_next, nb_next, ncode_ptr, off, NESTED), acc, tabs, BM, BT, CPL, DT,
-                        MMA)
+                acc = _slab(w, xv, _scales(a, nb, ok, ncode_ptr, off, NESTED), acc, tabs, WK, BM, BT, CPL, DT, MMA)
+            acc = _slab(w_next, x_next, _scales(a_next, nb_next, ok_next, ncode_ptr, off, NESTED), acc, tabs, WK, BM,
+                        BT, CPL, DT, MMA)
         else:
-            acc = _slab(w_next, x_next, _scales(a_next, nb_next, ncode_ptr, off, NESTED), acc, tabs, BM, BT, CPL, DT,
-                        MMA)
-            for sl in range(s_first + 1, s_last + 1):
-                w = gl.load(wptr + sl * (8 * CPL))
-                xv = gl.load(xptr + sl * (32 * CPL), mask=xmask, other=0)
-                a, nb = _scale_loads(absmax_ptr, nabs_ptr, (flat_s + sl * (64 * CPL)) // BS, NBS, NESTED)
-                acc = _slab(w, xv, _scales(a, nb, ncode_ptr, off, NESTED), acc, tabs, BM, BT, CPL, DT, MMA)
+            acc = _slab(w_next, x_next, _scales(a_next, nb_next, ok_next, ncode_ptr, off, NESTED), acc, tabs, WK, BM,
+                        BT, CPL, DT, MMA)
+            for i in range(1, STEPS):
+                d = s_first + i * WK
+                ok = (slab_s + i * WK < s_end)[:, None, None]
+                w = gl.load(wptr + d * (8 * CPL), mask=(slab_w + i * WK < s_end)[:, None, None], other=0)
+                xv = gl.load(xptr + d * (32 * CPL), mask=(slab_x + i * WK < s_end)[:, None, None] & tok_ok, other=0)
+                a, nb = _scale_loads(absmax_ptr, nabs_ptr, (flat_s + d * (64 * CPL)) // BS, ok, NBS, NESTED)
+                acc = _slab(w, xv, _scales(a, nb, ok, ncode_ptr, off, NESTED), acc, tabs, WK, BM, BT, CPL, DT, MMA)
+        out = gl.sum(acc, 0)  # the K warps' sums (through shared memory when WK > 1)
 
         offs_n = pid * BM + gl.arange(0, BM, layout=ROWS)
         offs_t = gl.arange(0, BT, layout=COLS)
@@ -259,28 +300,29 @@ if AVAILABLE:
         out_mask = (offs_t < T)[None, :] & n_mask[:, None]
         if SPLITS > 1:
             ws_io = offs_t[None, :] * N + offs_n[:, None]
-            gl.store(ws_ptr + gl.program_id(1) * (BT * N) + ws_io, acc, mask=out_mask)
+            gl.store(ws_ptr + gl.program_id(1) * (BT * N) + ws_io, out, mask=out_mask)
             _cta_barrier()  # every thread's partial is stored before the ticket publishes them
             ticket = gl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel")
             if ticket == SPLITS - 1:
                 _cta_barrier()
-                acc = gl.zeros([BM, BT], gl.float32, MMA)
-                for j in range(SPLITS):
-                    acc += gl.load(ws_ptr + j * (BT * N) + ws_io, mask=out_mask, other=0.0, cache_modifier=".cg")
+                out = gl.zeros([BM, BT], gl.float32, OUT)
+                for j in gl.static_range(SPLITS):  # unrolled: the partials are read at once, not one round trip each
+                    out += gl.load(ws_ptr + j * (BT * N) + ws_io, mask=out_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
-                    acc += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[:, None]
-                gl.store(y_ptr + offs_t[None, :] * stride_yt + offs_n[:, None], acc.to(DT), mask=out_mask)
+                    out += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[:, None]
+                gl.store(y_ptr + offs_t[None, :] * stride_yt + offs_n[:, None], out.to(DT), mask=out_mask)
                 gl.store(ticket_ptr + pid, 0)
         else:
             if HAS_BIAS:
-                acc += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[:, None]
-            gl.store(y_ptr + offs_t[None, :] * stride_yt + offs_n[:, None], acc.to(DT), mask=out_mask)
+                out += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[:, None]
+            gl.store(y_ptr + offs_t[None, :] * stride_yt + offs_n[:, None], out.to(DT), mask=out_mask)
 
-# (num_warps, m_rep, cpl, split_k): BLOCK_M = 16 * num_warps * m_rep rows per program, slabs of cpl 64-wide chunks,
-# split_k runs of slabs per row block
-CONFIGS = [dict(num_warps=w, m_rep=m, cpl=c, split_k=s, prefetch=pf) for w, m, c, s, pf in
-           [(4, 1, 2, 8, False), (4, 1, 4, 8, False), (4, 2, 2, 8, False), (4, 1, 2, 16, True), (4, 1, 1, 16, True),
-            (4, 2, 2, 4, True), (8, 1, 2, 8, False), (4, 1, 2, 4, True)]]
+# (warps_k, warps_m, m_rep, cpl, split_k, prefetch): warps_k warps along K and warps_m along M per program
+# (BLOCK_M = 16 * warps_m * m_rep rows), slabs of cpl 64-wide chunks, split_k runs of slabs per row block
+CONFIGS = [dict(warps_k=wk, warps_m=wm, m_rep=m, cpl=c, split_k=s, prefetch=pf) for wk, wm, m, c, s, pf in
+           [(1, 4, 1, 2, 4, True), (1, 4, 1, 4, 4, False), (4, 1, 1, 2, 1, True), (4, 1, 1, 2, 2, True),
+            (8, 1, 1, 1, 1, True), (8, 1, 1, 2, 1, False), (4, 1, 2, 2, 1, True), (4, 2, 1, 2, 1, True),
+            (4, 1, 1, 4, 1, True), (8, 1, 1, 2, 2, True)]]
 
 
 def supported(packed, x: torch.Tensor) -> bool:
@@ -324,8 +366,8 @@ def nf4_matmul_mma(x: torch.Tensor, packed, bias: torch.Tensor | None = None, co
     if x.data_ptr() % 4:  # x is read as int32 pairs (an odd offset view is the rare case)
         x = x.clone()
     bt = 8 if t <= 8 else 16
-    nw, mr, cpl = cfg["num_warps"], cfg["m_rep"], _cpl(k, cfg["cpl"])
-    bm = 16 * nw * mr
+    wk, wm, mr, cpl = cfg["warps_k"], cfg["warps_m"], cfg["m_rep"], _cpl(k, cfg["cpl"])
+    bm = 16 * wm * mr
     n_splits = splits(k, cpl, cfg["split_k"])
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     if ws is None:
@@ -333,12 +375,12 @@ def nf4_matmul_mma(x: torch.Tensor, packed, bias: torch.Tensor | None = None, co
     if tickets is None:
         tickets = glora.zeroed_workspace(x.device, "nf4_tickets", max(triton.cdiv(n, bm), 1024))
     nabs, ncode, off = _tensors(packed)
-    w_layout, x_layout, s_layout, mma = layouts(nw, mr, bt, cpl)
+    w_layout, x_layout, s_layout, mma = layouts(wk, wm, mr, bt, cpl)
     _nf4_mma_kernel[(triton.cdiv(n, bm), n_splits)](
         x, packed.codes, packed.absmax, packed.code, nabs, ncode, off, bias if bias is not None else x, y, ws,
         tickets, t, n, x.stride(0), y.stride(0), K=k, BS=packed.blocksize, NBS=packed.nested_blocksize,
-        NESTED=packed.nested, HAS_BIAS=bias is not None, BT=bt, BM=bm, CPL=cpl, SPLIT_K=n_splits, PREFETCH=cfg.get("prefetch", True),
-        W_LAYOUT=w_layout, X_LAYOUT=x_layout, S_LAYOUT=s_layout, MMA=mma, num_warps=nw)
+        NESTED=packed.nested, HAS_BIAS=bias is not None, BT=bt, BM=bm, WK=wk, CPL=cpl, SPLIT_K=n_splits, PREFETCH=cfg.get("prefetch", True),
+        W_LAYOUT=w_layout, X_LAYOUT=x_layout, S_LAYOUT=s_layout, MMA=mma, num_warps=wk * wm)
     return y
 
 
