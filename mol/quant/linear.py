@@ -35,7 +35,7 @@ def _nf4_linear_forward(x2d: torch.Tensor, packed: NF4Weight, bias: torch.Tensor
         bias = bias.to(x2d.dtype)
     if _use_small_kernel(x2d, packed, fused_decode, backend):
         from mol.kernels import nf4_mma
-        if (x2d.shape[0] >= nf4_mma.MIN_T and os.environ.get("MOL_NF4_MMA_DECODE", "0") == "1"
+        if (x2d.shape[0] >= nf4_mma.MIN_T and os.environ.get("MOL_NF4_MMA_DECODE", "1") != "0"
                 and nf4_mma.supported(packed, x2d)):
             return nf4_mma.nf4_matmul_decode(x2d, packed, bias)  # tensor cores fed from registers (Gluon)
         from mol.kernels.nf4 import nf4_matmul_small
@@ -69,10 +69,11 @@ class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4 with double quantization (QLoRA, ~4.127 bits/param).
 
     Forward computes in the activation dtype: on CUDA it dequantizes into a scratch weight (one Triton pass, freed
-    right after) and calls cuBLAS, except that T <= 16 tokens (decode) use a fused Triton dequant-GEMV/GEMM that
-    reads the 4-bit codes directly (3-4x faster there, see mol/kernels/nf4.py; `fused_decode = False` or
-    MOL_NF4_FUSED_DECODE=0 turns it off). On other devices the PyTorch reference dequantizes. Backward gives dx (and the
-    bias gradient if the bias requires grad); the weight itself is frozen and has no gradient.
+    right after) and calls cuBLAS, except that T <= 16 tokens (decode) use a fused kernel that reads the 4-bit
+    codes directly (2.5-4x faster there; `fused_decode = False` or MOL_NF4_FUSED_DECODE=0 turns it off): the Triton
+    FMA kernel for T <= 2 (mol/kernels/nf4.py), the Gluon kernel that feeds the tensor cores from registers for
+    3 <= T <= 16 where Triton has Gluon (mol/kernels/nf4_mma.py; MOL_NF4_MMA_DECODE=0 keeps the Triton one). On
+    other devices the PyTorch reference dequantizes. Backward gives dx (and the bias gradient if the bias requires grad); the weight itself is frozen and has no gradient.
     Buffers follow bitsandbytes' names so `.to()`, `state_dict()` and devices work as for nn.Linear;
     `.to(dtype)` / `.half()` move the quantization state between devices but never change its dtype (a bf16
     codebook would silently change every weight), only the bias's.
