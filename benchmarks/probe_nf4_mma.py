@@ -1,12 +1,13 @@
 """The Gluon register-operand NF4 decode kernel (mol/kernels/nf4_mma.py) on a CUDA GPU: correctness against float64,
 then every config timed under CUDA-graph replay against the bf16 GEMV and the Triton small-T kernel.
 
-    python benchmarks/probe_nf4_mma.py [--quick] [--top 4]
+    python benchmarks/probe_nf4_mma.py [--quick] [--full] [--top 4]
 
-Correctness: y = x @ W^T (+ bias) with W dequantized by the PyTorch reference, in float64, for odd shapes (N not a
-multiple of any block, T = 1..16, bias, fp16, blocksize 128, not double-quantized); y is NaN-poisoned first (the
-kernel allocates it; the check reads a second call into a poisoned buffer through `out`-free comparison of two
-calls). Timing: median of `do_bench_cudagraph`, the bf16 GEMV (F.linear) and the Triton kernel (autotuned) in the
+Correctness: y = x @ W^T (+ bias) against float64 (W dequantized by the PyTorch reference) for odd shapes (N not a
+multiple of any block, T = 1..16, bias, fp16, blocksize 128 / 256, not double-quantized), every config at 4096^2
+T=16 and two elsewhere: relative error (norm) < 1e-2, y finite, and two calls bitwise equal (the split-K tickets
+were left at zero). The kernel allocates y itself, so an element it never writes is caught only if the allocator's
+leftovers differ between the two calls or are not finite. `--full` times a grid of configs at K = 4096. Timing: median of `do_bench_cudagraph`, the bf16 GEMV (F.linear) and the Triton kernel (autotuned) in the
 same process, NF4 bytes over time as bandwidth.
 """
 import argparse
@@ -83,7 +84,8 @@ def name(c):
 
 
 def bench(quick, top, full):
-    print("\n| out x in | T | bf16 GEMV us | Triton small-T us (x GEMV) | Gluon MMA best us (x GEMV) | best config (warps K/M, m_rep, cpl, split, prefetch) | "
+    print("\n| out x in | T | bf16 GEMV us | Triton small-T us (x GEMV) | Gluon MMA best us (x GEMV) | "
+          "best config (warps K/M, m_rep, cpl, split, prefetch) | "
           "GB/s | next configs |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     shapes = [(4096, 4096), (14336, 4096), (4096, 14336)]

@@ -379,7 +379,8 @@ def nf4_matmul_mma(x: torch.Tensor, packed, bias: torch.Tensor | None = None, co
     _nf4_mma_kernel[(triton.cdiv(n, bm), n_splits)](
         x, packed.codes, packed.absmax, packed.code, nabs, ncode, off, bias if bias is not None else x, y, ws,
         tickets, t, n, x.stride(0), y.stride(0), K=k, BS=packed.blocksize, NBS=packed.nested_blocksize,
-        NESTED=packed.nested, HAS_BIAS=bias is not None, BT=bt, BM=bm, WK=wk, CPL=cpl, SPLIT_K=n_splits, PREFETCH=cfg.get("prefetch", True),
+        NESTED=packed.nested, HAS_BIAS=bias is not None, BT=bt, BM=bm, WK=wk, CPL=cpl, SPLIT_K=n_splits,
+        PREFETCH=cfg.get("prefetch", True),
         W_LAYOUT=w_layout, X_LAYOUT=x_layout, S_LAYOUT=s_layout, MMA=mma, num_warps=wk * wm)
     return y
 

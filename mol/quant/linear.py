@@ -73,7 +73,8 @@ class NF4Linear(nn.Module):
     codes directly (2.5-4x faster there; `fused_decode = False` or MOL_NF4_FUSED_DECODE=0 turns it off): the Triton
     FMA kernel for T <= 2 (mol/kernels/nf4.py), the Gluon kernel that feeds the tensor cores from registers for
     3 <= T <= 16 where Triton has Gluon (mol/kernels/nf4_mma.py; MOL_NF4_MMA_DECODE=0 keeps the Triton one). On
-    other devices the PyTorch reference dequantizes. Backward gives dx (and the bias gradient if the bias requires grad); the weight itself is frozen and has no gradient.
+    other devices the PyTorch reference dequantizes. Backward gives dx (and the bias gradient if the bias requires
+    grad); the weight itself is frozen and has no gradient.
     Buffers follow bitsandbytes' names so `.to()`, `state_dict()` and devices work as for nn.Linear;
     `.to(dtype)` / `.half()` move the quantization state between devices but never change its dtype (a bf16
     codebook would silently change every weight), only the bias's.
