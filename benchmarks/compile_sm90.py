@@ -206,7 +206,8 @@ def comp_nf4_mma(cfg, T=16, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*")
              or n in ("stride_xt", "stride_yt", "N")}
     k = triton.compile(GluonASTSource(fn=nf4_mma._nf4_mma_kernel, signature=sig, constexprs=const, attrs=attrs),
-                       target=tgt, options={"num_warps": nw})
+                       target=tgt, options={"num_warps": nw,
+                                            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {})})
     print(f"nf4 mma decode T={T} K={K} bs={BS} {xdt} nested={nested} bias={bias} {cfg}: compiled for sm_90, "
           f"{_resources(k.asm['cubin'])}, {k.metadata.shared} bytes shared")
     if "--sass" in sys.argv:

@@ -80,7 +80,8 @@ def grid(full):
 
 
 def name(c):
-    return f"{c['warps_k']}/{c['warps_m']}/{c['m_rep']}/{c['cpl']}/{c['split_k']}/{'p' if c['prefetch'] else '-'}"
+    reg = f"/r{c['maxnreg']}" if c.get("maxnreg") else ""
+    return f"{c['warps_k']}/{c['warps_m']}/{c['m_rep']}/{c['cpl']}/{c['split_k']}/{'p' if c['prefetch'] else '-'}{reg}"
 
 
 def bench(quick, top, full):

@@ -21,8 +21,10 @@ passed as constexprs.
 
 Measured on an H200 (RESULTS NF4 run 12, CUDA-graph replay): T=16 9.4 us at 4096x4096 (0.96x the bf16 GEMV),
 26.0 / 25.4 us at 14336x4096 / 4096x14336 (0.78x / 0.75x), 11-26% under the Triton dot path; at T=1 the Triton
-FMA path stays faster, so NF4Linear uses this kernel for 3 <= T <= 16 only. It streams the codes at 0.9-1.2 TB/s:
-latency, not instructions (5.8-7 per weight, PRMT 2.1), is what still holds it above 0.5x.
+FMA path stays faster, so NF4Linear uses this kernel for 3 <= T <= 16 only. It streams the codes at 0.9-1.2 TB/s,
+though a plain kernel reads them in the same narrow per-row steps at 3.4 TB/s and a cp.async pipeline with more
+bytes in flight was slower (RESULTS NF4 run 13): what holds it above 0.5x is issuing 5.6-6.9 instructions per weight
+(PRMT 2.1) with about two warps per scheduler.
 """
 
 from __future__ import annotations
@@ -318,11 +320,15 @@ if AVAILABLE:
             gl.store(y_ptr + offs_t[None, :] * stride_yt + offs_n[:, None], out.to(DT), mask=out_mask)
 
 # (warps_k, warps_m, m_rep, cpl, split_k, prefetch): warps_k warps along K and warps_m along M per program
-# (BLOCK_M = 16 * warps_m * m_rep rows), slabs of cpl 64-wide chunks, split_k runs of slabs per row block
+# (BLOCK_M = 16 * warps_m * m_rep rows), slabs of cpl 64-wide chunks, split_k runs of slabs per row block;
+# maxnreg (optional) caps the registers per thread so that more warps fit on an SM: the kernel is bound by issue
+# and latency inside the SM, not by the bytes in flight (RESULTS NF4 run 13)
 CONFIGS = [dict(warps_k=wk, warps_m=wm, m_rep=m, cpl=c, split_k=s, prefetch=pf) for wk, wm, m, c, s, pf in
            [(1, 4, 1, 2, 4, True), (1, 4, 1, 4, 4, False), (4, 1, 1, 2, 1, True), (4, 1, 1, 2, 2, True),
             (8, 1, 1, 1, 1, True), (8, 1, 1, 2, 1, False), (4, 1, 2, 2, 1, True), (4, 2, 1, 2, 1, True),
             (4, 1, 1, 4, 1, True), (8, 1, 1, 2, 2, True)]]
+CONFIGS += [dict(warps_k=4, warps_m=1, m_rep=1, cpl=4, split_k=1, prefetch=False, maxnreg=128),
+            dict(warps_k=4, warps_m=1, m_rep=1, cpl=2, split_k=1, prefetch=True, maxnreg=128)]
 
 
 def supported(packed, x: torch.Tensor) -> bool:
@@ -381,7 +387,8 @@ def nf4_matmul_mma(x: torch.Tensor, packed, bias: torch.Tensor | None = None, co
         tickets, t, n, x.stride(0), y.stride(0), K=k, BS=packed.blocksize, NBS=packed.nested_blocksize,
         NESTED=packed.nested, HAS_BIAS=bias is not None, BT=bt, BM=bm, WK=wk, CPL=cpl, SPLIT_K=n_splits,
         PREFETCH=cfg.get("prefetch", True),
-        W_LAYOUT=w_layout, X_LAYOUT=x_layout, S_LAYOUT=s_layout, MMA=mma, num_warps=wk * wm)
+        W_LAYOUT=w_layout, X_LAYOUT=x_layout, S_LAYOUT=s_layout, MMA=mma, num_warps=wk * wm,
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return y
 
 
