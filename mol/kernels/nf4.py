@@ -705,12 +705,16 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
     return y
 
 
-def _splits(k: int, block_kb: int, split_k: int) -> int:
-    """The number of split-K programs per row block the kernel runs (its SPLITS): the K steps of block_kb bytes
-    cut into split_k runs of equal length, the last possibly shorter, none empty."""
-    n_steps = triton.cdiv(k // 8, block_kb // 4)
+def split_runs(n_steps: int, split_k: int) -> int:
+    """The split-K programs a row block of n_steps K steps gets (a kernel's SPLITS): the steps cut into split_k runs
+    of equal length, the last possibly shorter, none empty (so fewer than split_k where it does not divide)."""
     per_split = triton.cdiv(n_steps, max(1, min(split_k, n_steps)))
     return triton.cdiv(n_steps, per_split)
+
+
+def _splits(k: int, block_kb: int, split_k: int) -> int:
+    """The small-T kernel's SPLITS: split_runs over its K steps of block_kb bytes."""
+    return split_runs(triton.cdiv(k // 8, block_kb // 4), split_k)
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:

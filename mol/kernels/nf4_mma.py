@@ -32,6 +32,9 @@ from __future__ import annotations
 import torch
 import triton
 
+from mol.kernels import grouped_lora as glora
+from mol.kernels.nf4 import _tensors, _tickets, split_runs
+
 CHUNK = 64  # k per MMA chunk: 4 threads x 2 code words x 8 weights
 # The relabelling of k, as permutations of its bits (module doc): a chunk's levels arrive as (m, t1, t0, w, b, q0, q1)
 # (the join tree's order), x as (t1, t0, w, q1, q0, b, token); both go to logical (w, q1, q0, t1, t0, b)
@@ -342,11 +345,8 @@ def supported(packed, x: torch.Tensor) -> bool:
 
 
 def splits(k: int, cpl: int, split_k: int) -> int:
-    """The programs per row block the kernel runs (its SPLITS): K's slabs of cpl 64-wide chunks cut into split_k
-    runs of equal length, the last possibly shorter, none empty."""
-    n_slabs = k // (CHUNK * cpl)
-    per_split = triton.cdiv(n_slabs, max(1, min(split_k, n_slabs)))
-    return triton.cdiv(n_slabs, per_split)
+    """The programs per row block the kernel runs (its SPLITS): split_runs over K's slabs of cpl 64-wide chunks."""
+    return split_runs(k // (CHUNK * cpl), split_k)
 
 
 def _cpl(k: int, cpl: int) -> int:
@@ -358,9 +358,6 @@ def _cpl(k: int, cpl: int) -> int:
 def nf4_matmul_mma(x: torch.Tensor, packed, bias: torch.Tensor | None = None, config: dict | None = None,
                    ws: torch.Tensor | None = None, tickets: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x (T, K) with T <= 16, W NF4 (N, K); y in x's dtype. `config`: one of CONFIGS."""
-    from mol.kernels import grouped_lora as glora
-    from mol.kernels.nf4 import _tensors
-
     if not supported(packed, x):
         raise ValueError(f"nf4_matmul_mma: unsupported x {tuple(x.shape)} {x.dtype} on {x.device} for weight "
                          f"{packed.shape} (blocksize {packed.blocksize}); needs 16-bit CUDA x with 1..16 rows, "
@@ -379,7 +376,7 @@ def nf4_matmul_mma(x: torch.Tensor, packed, bias: torch.Tensor | None = None, co
     if ws is None:
         ws = torch.empty((n_splits, bt, n) if n_splits > 1 else (1,), dtype=torch.float32, device=x.device)
     if tickets is None:
-        tickets = glora.zeroed_workspace(x.device, "nf4_tickets", max(triton.cdiv(n, bm), 1024))
+        tickets = _tickets(x.device, triton.cdiv(n, bm))
     nabs, ncode, off = _tensors(packed)
     w_layout, x_layout, s_layout, mma = layouts(wk, wm, mr, bt, cpl)
     _nf4_mma_kernel[(triton.cdiv(n, bm), n_splits)](
@@ -400,8 +397,6 @@ def nf4_matmul_decode(x: torch.Tensor, packed, bias: torch.Tensor | None = None)
     """nf4_matmul_mma with its config tuned per (device, shape, dtype, T bucket): the first call of a key times
     every CONFIG under CUDA-graph replay and keeps the fastest (a call inside a graph capture, which cannot time,
     runs CONFIGS[0] and tunes nothing)."""
-    from mol.kernels import grouped_lora as glora
-
     bt = 8 if x.shape[0] <= 8 else 16
     key = (x.device, tuple(packed.shape), packed.blocksize, packed.nested, bias is not None, x.dtype, bt)
     cfg = _CHOSEN.get(key)
