@@ -23,8 +23,11 @@ Measured on an H200 (RESULTS NF4 run 12, CUDA-graph replay): T=16 9.4 us at 4096
 26.0 / 25.4 us at 14336x4096 / 4096x14336 (0.78x / 0.75x), 11-26% under the Triton dot path; at T=1 the Triton
 FMA path stays faster, so NF4Linear uses this kernel for 3 <= T <= 16 only. It streams the codes at 0.9-1.2 TB/s,
 though a plain kernel reads them in the same narrow per-row steps at 3.4 TB/s and a cp.async pipeline with more
-bytes in flight was slower (RESULTS NF4 run 13): what holds it above 0.5x is issuing 5.6-6.9 instructions per weight
-(PRMT 2.1) with about two warps per scheduler.
+bytes in flight was slower (RESULTS NF4 run 13). Nor is the instruction count alone the cap: a form with x and every
+block scale in shared memory, 3.7-4.4 instructions per weight in the loop (against 5.6-6.9 here) and fewer registers,
+was slower still (12.9 against 10.0 us at T=16, run 14): its prologue (all of x and the scales, then a barrier)
+serialises what this form overlaps. Each program's short chain of dependent steps, with few warps to hide it, is
+what is left.
 """
 
 from __future__ import annotations
