@@ -224,13 +224,13 @@ def _row_major(m: torch.Tensor | None, transposed: bool) -> tuple[torch.Tensor |
     return m.t(), not transposed
 
 
-@torch.library.custom_op("mol::base_mm", mutates_args=())
+@gl.kernel_op("base_mm")
 def base_mm_op(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None, v: torch.Tensor | None,
                v_t: bool, bias: torch.Tensor | None) -> torch.Tensor:
     """base_mm as a custom op (what torch.compile and dispatch modes see)."""
     return base_mm(a, b, b_t, u, v, v_t, bias)
 
 
-@base_mm_op.register_fake
+@torch.library.register_fake(base_mm_op)
 def _(a, b, b_t, u, v, v_t, bias):
     return a.new_empty((a.shape[0], b.shape[0] if b_t else b.shape[1]))

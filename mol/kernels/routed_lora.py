@@ -895,13 +895,13 @@ lora_du_impl = gl._du  # du = dy @ B_cat^T in float32: the grouped kernels' own 
 
 # ----------------------------------------------------------------------------- custom ops (what torch.compile sees)
 
-@torch.library.custom_op("mol::route_shrink", mutates_args=())
+@gl.kernel_op("route_shrink")
 def _route_shrink_op(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
                      router_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return route_shrink_impl(x, x_lora, a_cat, router_w)
 
 
-@_route_shrink_op.register_fake
+@torch.library.register_fake(_route_shrink_op)
 def _(x, x_lora, a_cat, router_w):
     gemm = _shrink_by_gemm(x, x_lora)
     r_tot, e = a_cat.shape[0], router_w.shape[0]
@@ -910,43 +910,43 @@ def _(x, x_lora, a_cat, router_w):
 
 
 # hl is mutated: with route_shrink_gemm's parts, the gate forward writes the summed logits into its last E columns
-@torch.library.custom_op("mol::route_gate_fwd", mutates_args=("hl", "stats"))
+@gl.kernel_op("route_gate_fwd", mutates_args=("hl", "stats"))
 def _gate_fwd_op(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | None, r_tot: int, rank: int,
                  kind: int, top_k: int, scale: float, dtype: torch.dtype, lb_coef: float, z_coef: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return gate_fwd_impl(hl, stats, noise, r_tot, rank, kind, top_k, scale, dtype, lb_coef, z_coef)
 
 
-@_gate_fwd_op.register_fake
+@torch.library.register_fake(_gate_fwd_op)
 def _(hl, stats, noise, r_tot, rank, kind, top_k, scale, dtype, lb_coef, z_coef):
     t = hl.shape[0]
     return (hl.new_empty((t, top_k)), hl.new_empty((t, top_k), dtype=torch.int64), hl.new_empty((t, r_tot), dtype=dtype),
             hl.new_empty(()))
 
 
-@torch.library.custom_op("mol::route_gate_bwd", mutates_args=())
+@gl.kernel_op("route_gate_bwd")
 def _gate_bwd_op(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None, gates: torch.Tensor,
                  ids: torch.Tensor, stats: torch.Tensor, daux: torch.Tensor | None, rank: int, kind: int,
                  scale: float, lb_coef: float, z_coef: float, dtype: torch.dtype) -> torch.Tensor:
     return gate_bwd_impl(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dtype)
 
 
-@_gate_bwd_op.register_fake
+@torch.library.register_fake(_gate_bwd_op)
 def _(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dtype):
     return hl.new_empty((du.shape[0], du.shape[1] + du.shape[1] // rank), dtype=dtype)
 
 
-@torch.library.custom_op("mol::lora_du", mutates_args=())
+@gl.kernel_op("lora_du")
 def _lora_du_op(dy: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
     return lora_du_impl(dy, lora_B)
 
 
-@_lora_du_op.register_fake
+@torch.library.register_fake(_lora_du_op)
 def _(dy, lora_B):
     return dy.new_empty((dy.shape[0], lora_B.shape[0] * lora_B.shape[2]), dtype=torch.float32)
 
 
-@torch.library.custom_op("mol::route_small_t_fwd", mutates_args=())
+@gl.kernel_op("route_small_t_fwd")
 def _small_t_fwd_op(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor, router_w: torch.Tensor,
                     weight: torch.Tensor | None, bias: torch.Tensor | None, base_out: torch.Tensor | None,
                     lora_B: torch.Tensor, noise: torch.Tensor | None, rank: int, kind: int, top_k: int, scale: float,
@@ -957,7 +957,7 @@ def _small_t_fwd_op(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.T
                             scale, lb_coef, z_coef)
 
 
-@_small_t_fwd_op.register_fake
+@torch.library.register_fake(_small_t_fwd_op)
 def _(x, x_lora, a_cat, router_w, weight, bias, base_out, lora_B, noise, rank, kind, top_k, scale, lb_coef, z_coef):
     t, r_tot, e = x.shape[0], a_cat.shape[0], router_w.shape[0]
     f32 = torch.float32
