@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import warnings
 
 import torch
 from einops import rearrange
@@ -33,23 +35,52 @@ def lora_delta_torch(x: Tensor, lora_A: Tensor, lora_B: Tensor, gates: Tensor, e
     return (h @ rearrange(lora_B, "e o r -> (e r) o")) * scale
 
 
+# The oldest Triton the kernels are tested on (TRITON_INTERPRET=1 suite, torch 2.7.1 + triton 3.3.1). 3.2's
+# autotuner drops our timer and its interpreter needs a GPU driver, so it cannot be tested on a CPU.
+MIN_TRITON = (3, 3)
 _TRITON_OK: bool | None = None
+_TRITON_WHY = ""
+
+
+def _version(v: str) -> tuple[int, int]:
+    major, minor = v.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 # constant for a process: torch.compile calls it and takes the answer instead of tracing the imports
 @torch.compiler.assume_constant_result
 def triton_available() -> bool:
-    """Whether Triton and mol.kernels import (checked once per process)."""
-    global _TRITON_OK
+    """Whether a Triton new enough for mol.kernels is installed and they import (checked once per process)."""
+    global _TRITON_OK, _TRITON_WHY
     if _TRITON_OK is None:
         try:
-            import triton  # noqa: F401
+            import triton
 
+            if _version(triton.__version__) < MIN_TRITON:
+                raise ImportError(f"triton {triton.__version__} is older than the {MIN_TRITON[0]}.{MIN_TRITON[1]} "
+                                  f"the kernels need (upgrade torch, which pins it, or pip install "
+                                  f"'triton>={MIN_TRITON[0]}.{MIN_TRITON[1]}')")
             from mol.kernels import grouped_lora  # noqa: F401
             _TRITON_OK = True
-        except ImportError:
-            _TRITON_OK = False
+        except ImportError as err:
+            _TRITON_OK, _TRITON_WHY = False, str(err)
+            if "triton" in sys.modules:  # installed but unusable: say so once, not on every auto choice
+                warnings.warn(f"mol: the Triton kernels are off ({err}); CUDA layers run the PyTorch reference path",
+                              stacklevel=2)
     return _TRITON_OK
+
+
+def auto_uses_triton(x: Tensor) -> bool:
+    """backend='auto' on x: the Triton kernels for CUDA tensors when they can run, else the reference."""
+    return x.is_cuda and triton_available()
+
+
+def require_triton(where: str) -> None:
+    """Raise, naming the cause, when backend='triton' is forced but the kernels cannot run."""
+    if not triton_available():
+        raise RuntimeError(f"{where}: backend='triton' was forced but the Triton kernels cannot run "
+                           f"({_TRITON_WHY or 'triton is not installed'}); install a supported triton or use "
+                           f"backend='torch'")
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
@@ -61,11 +92,9 @@ def resolve_backend(backend: str, x: Tensor) -> str:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
     kernel_dtype = x.dtype in (torch.float16, torch.bfloat16, torch.float32)
     if backend == "auto":
-        return "triton" if x.is_cuda and kernel_dtype and triton_available() else "torch"
+        return "triton" if kernel_dtype and auto_uses_triton(x) else "torch"
     if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("backend='triton' was forced but Triton (or mol.kernels) cannot be imported; "
-                               "install triton or use backend='torch'")
+        require_triton("MoLLinear")
         if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
             raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for testing); "
                                "move the model to a GPU or use backend='torch'")

@@ -11,7 +11,7 @@ else
     PY="$ROOT/.venv/bin/python"
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# Any torch >= 2.4 the user already has is kept; on a machine without one, 2.13.0 is installed first so
+# Any torch >= 2.6 the user already has is kept; on a machine without one, 2.13.0 is installed first so
 # the dependency resolver does not pull the newest (multi-GB CUDA) build on its own.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e "$ROOT[$EXTRAS]"

@@ -18,6 +18,7 @@ Kernels:
   _bwd_epilogue_kernel dh = scale*g*du; u = scale*g*h; dgates = scale*<du,h> per chosen expert
 """
 import os
+import time
 from typing import Callable
 
 import torch
@@ -28,6 +29,22 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Testing aid: fill every kernel output buffer with NaN before launch, so that an element the
 # kernels fail to write shows up in the result instead of hiding behind whatever memory held.
 POISON = False
+
+
+def _interpret_bench(fn: Callable[[], object], quantiles: tuple[float, ...] | None = None) -> list[float] | float:
+    """The interpreter's tuner timer: one run, wall milliseconds (the choice does not matter there, the run does)."""
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    return [ms] * len(quantiles) if quantiles else ms
+
+
+def autotune(configs: list[triton.Config], key: list[str], do_bench: Callable | None = None, **kwargs) -> Callable:
+    """``triton.autotune``, with a timer that needs no GPU driver under the interpreter: Triton <= 3.3 asks the
+    driver for one when the tuner is built, and a CPU-only machine has none (the interpreted suite on 3.3.1)."""
+    if do_bench is None and _INTERPRET:
+        do_bench = _interpret_bench
+    return triton.autotune(configs=configs, key=key, do_bench=do_bench, **kwargs)
 
 
 def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -121,7 +138,7 @@ def _col_gate(gates_ptr, ids_ptr, offs_t, mask_t, offs_c, RANK: tl.constexpr, K:
     return g
 
 
-@triton.autotune(configs=_configs("shrink"), key=["T_BUCKET", "N_IN", "R"],
+@autotune(configs=_configs("shrink"), key=["T_BUCKET", "N_IN", "R"],
                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["h_ptr"])
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, h_ptr, T, N_IN, R, T_BUCKET,
@@ -162,7 +179,7 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, T, N_IN, R, T_BUCKET,
         tl.atomic_add(h_ptrs, acc, mask=m2)
 
 
-@triton.autotune(configs=_configs("expand"), key=["T_BUCKET", "N_OUT", "R", "K"],
+@autotune(configs=_configs("expand"), key=["T_BUCKET", "N_OUT", "R", "K"],
                  prune_configs_by={"early_config_prune": _prune},
                  restore_value=["out_ptr"])  # may run in place: tuning runs must not accumulate
 @triton.jit
@@ -201,7 +218,7 @@ def _expand_kernel(base_ptr, h_ptr, b_ptr, gates_ptr, ids_ptr, out_ptr, scale,
     tl.store(out_ptr + io, (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.autotune(configs=_configs("du"), key=["T_BUCKET", "N_OUT", "R"],
+@autotune(configs=_configs("du"), key=["T_BUCKET", "N_OUT", "R"],
                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["du_ptr"])
 @triton.jit
 def _du_kernel(dy_ptr, b_ptr, du_ptr, T, N_OUT, R, T_BUCKET, stride_be, stride_bn,
@@ -455,10 +472,6 @@ def _linear_fwd_impl(x, weight, bias, lora_A, lora_B, gates, expert_ids, scale):
 # custom-op dispatch (that dispatch cost ~2x the whole rest of a small-T forward+backward on the host).
 
 _LIB = torch.library.Library("mol", "FRAGMENT")
-try:
-    _infer_schema = torch.library.infer_schema  # torch >= 2.5
-except AttributeError:
-    from torch._library.infer_schema import infer_schema as _infer_schema
 
 
 def kernel_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], torch._ops.OpOverload]:
@@ -470,7 +483,7 @@ def kernel_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callab
     MoL layers under torch.compile's default mode took twice eager mode's step through custom_op, the same as eager
     this way (RESULTS run 26). Returns the OpOverload; register its fake kernel with ``torch.library.register_fake``."""
     def define(fn: Callable) -> torch._ops.OpOverload:
-        _LIB.define(name + _infer_schema(fn, mutates_args=mutates_args))
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
         _LIB.impl(name, fn, "CompositeExplicitAutograd")
         return getattr(torch.ops.mol, name).default
     return define

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mol import dispatch
 from mol.inject import name_matches, replace_module
 
 from .nf4 import NF4Weight, dequantize_nf4, from_bnb_tensors, quantize_nf4, to_bnb_tensors, _QS_PREFIX
@@ -18,6 +19,10 @@ def _use_small_kernel(x2d: torch.Tensor, packed: NF4Weight, fused_decode: bool, 
     """Whether the forward of x2d runs the fused small-T NF4 kernel instead of dequantize + dense GEMM."""
     if not (backend != "torch" and x2d.is_cuda and fused_decode
             and os.environ.get("MOL_NF4_FUSED_DECODE", "1") != "0"):
+        return False
+    if backend == "triton":
+        dispatch.require_triton("NF4Linear")
+    elif not dispatch.triton_available():
         return False
     from mol.kernels.nf4 import small_matmul_supported
     return small_matmul_supported(packed, x2d.shape[0])

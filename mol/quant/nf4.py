@@ -195,8 +195,11 @@ def dequantize_nf4(packed: NF4Weight, dtype: torch.dtype | None = None, backend:
     """Dequantize to `dtype` (default: the original dtype). backend: "auto" (Triton on CUDA), "torch", "triton"."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton'; got {backend!r}")
-    use_triton = backend == "triton" or (backend == "auto" and packed.device.type == "cuda")
-    if use_triton:
+    from mol import dispatch
+
+    if backend == "triton":
+        dispatch.require_triton("dequantize_nf4")
+    if backend == "triton" or (backend == "auto" and dispatch.auto_uses_triton(packed.codes)):
         from mol.kernels.nf4 import nf4_dequantize
         return nf4_dequantize(packed, dtype or packed.dtype)
     return dequantize_nf4_reference(packed, dtype)
