@@ -139,7 +139,7 @@ def _col_gate(gates_ptr, ids_ptr, offs_t, mask_t, offs_c, RANK: tl.constexpr, K:
 
 
 @autotune(configs=_configs("shrink"), key=["T_BUCKET", "N_IN", "R"],
-                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["h_ptr"])
+         prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["h_ptr"])
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, h_ptr, T, N_IN, R, T_BUCKET,
                    BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
@@ -180,8 +180,8 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, T, N_IN, R, T_BUCKET,
 
 
 @autotune(configs=_configs("expand"), key=["T_BUCKET", "N_OUT", "R", "K"],
-                 prune_configs_by={"early_config_prune": _prune},
-                 restore_value=["out_ptr"])  # may run in place: tuning runs must not accumulate
+         prune_configs_by={"early_config_prune": _prune},
+         restore_value=["out_ptr"])  # may run in place: tuning runs must not accumulate
 @triton.jit
 def _expand_kernel(base_ptr, h_ptr, b_ptr, gates_ptr, ids_ptr, out_ptr, scale,
                    T, N_OUT, R, T_BUCKET,
@@ -219,7 +219,7 @@ def _expand_kernel(base_ptr, h_ptr, b_ptr, gates_ptr, ids_ptr, out_ptr, scale,
 
 
 @autotune(configs=_configs("du"), key=["T_BUCKET", "N_OUT", "R"],
-                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["du_ptr"])
+         prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["du_ptr"])
 @triton.jit
 def _du_kernel(dy_ptr, b_ptr, du_ptr, T, N_OUT, R, T_BUCKET, stride_be, stride_bn,
                RANK: tl.constexpr,

@@ -643,9 +643,9 @@ def _small_store(acc, bias_ptr, y_ptr, offs_t, offs_n, n_mask, out_mask, stride_
 
 _AUTOTUNE_KEY = ["N", "K", "BLOCK_T", "NESTED", "HAS_BIAS"]
 _small_fma = gl.autotune(configs=_autotune_configs(FMA_CONFIGS), key=_AUTOTUNE_KEY,
-                             do_bench=gl.bench_graphed)(_nf4_matmul_small_kernel)
+                         do_bench=gl.bench_graphed)(_nf4_matmul_small_kernel)
 _small_dot = gl.autotune(configs=_autotune_configs(DOT_CONFIGS), key=_AUTOTUNE_KEY,
-                             do_bench=gl.bench_graphed)(_nf4_matmul_small_kernel)
+                         do_bench=gl.bench_graphed)(_nf4_matmul_small_kernel)
 
 
 def small_matmul_supported(packed, T: int) -> bool:

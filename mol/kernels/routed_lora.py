@@ -149,7 +149,7 @@ def _zero_stats(stats_ptr, E, EP: tl.constexpr):
 
 
 @gl.autotune(configs=_shrink_configs(), key=["T_BUCKET", "N_IN", "R", "E", "ROUTER_X2"],
-                 prune_configs_by={"early_config_prune": gl._prune}, reset_to_zero=["hl_ptr"])
+             prune_configs_by={"early_config_prune": gl._prune}, reset_to_zero=["hl_ptr"])
 @triton.jit
 def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_IN, R, E, T_BUCKET,
                          EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
@@ -629,9 +629,9 @@ def _small_t_configs(fma: bool) -> list[triton.Config]:
 _SMALL_T_KEY = ["N_IN", "N_OUT", "R", "E", "ROUTER_X2"]
 # timed under CUDA-graph replay, as decode runs it (gl.bench_graphed; the zero-fills are captured with each trial)
 _small_t_fma = gl.autotune(configs=_small_t_configs(True), key=_SMALL_T_KEY, do_bench=gl.bench_graphed,
-                               reset_to_zero=["sync_ptr", "acc_ptr"])(_small_t_kernel)
+                           reset_to_zero=["sync_ptr", "acc_ptr"])(_small_t_kernel)
 _small_t_dot = gl.autotune(configs=_small_t_configs(False), key=_SMALL_T_KEY, do_bench=gl.bench_graphed,
-                               reset_to_zero=["sync_ptr", "acc_ptr"])(_small_t_kernel)
+                           reset_to_zero=["sync_ptr", "acc_ptr"])(_small_t_kernel)
 
 
 # ----------------------------------------------------------------------------- launchers
