@@ -8,8 +8,8 @@ no optimizer: the floor every adapter pays), PEFT LoRA r=16, MoL E=8 top-2 r=16 
 backend, and the PyTorch reference backend for comparison), and PEFT and MoL again with the backward run on
 the calling thread (torch.autograd.set_multithreading_enabled(False)), and PEFT and MoL with the whole step
 captured in a CUDA graph and replayed (the GPU's work alone: on hosts as slow as the H200 machines the eager step is
-host-bound). With --only, also PEFT and MoL under torch.compile(model) (default mode). Median step time over timed steps after warm-up (CUDA events), and peak allocated memory over the
-timed steps.
+host-bound). With --only, also PEFT and MoL under torch.compile(model) (default mode). Median step time over
+timed steps after warm-up (CUDA events), and peak allocated memory over the timed steps.
 """
 import argparse
 import os
@@ -130,8 +130,8 @@ def main():
              "PEFT LoRA r=16, autograd threads off", "MoL E=8 top-2 r=16 (triton), autograd threads off",
              "PEFT LoRA r=16, CUDA graph", "MoL E=8 top-2 r=16 (triton), CUDA graph"]
     # not in the default table, for --only comparisons: the MoL row with the large-T shrink + router as the Triton
-    # kernel instead of one GEMM (routed_lora.SHRINK), and
-    # the PEFT and MoL rows under torch.compile(model) (default mode; minutes of compiling each)
+    # kernel instead of one GEMM (routed_lora.SHRINK), and the PEFT and MoL rows under torch.compile(model)
+    # (default mode; minutes of compiling each)
     extra = ["MoL E=8 top-2 r=16 (triton, Triton shrink)", "PEFT LoRA r=16, torch.compile",
              "MoL E=8 top-2 r=16 (triton), torch.compile"]
     if args.only:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mol import dispatch
+
 # The 16 NF4 levels, exactly as bitsandbytes hard-codes them (float32).
 NF4_LEVELS = [
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -195,8 +197,6 @@ def dequantize_nf4(packed: NF4Weight, dtype: torch.dtype | None = None, backend:
     """Dequantize to `dtype` (default: the original dtype). backend: "auto" (Triton on CUDA), "torch", "triton"."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton'; got {backend!r}")
-    from mol import dispatch
-
     if backend == "triton":
         dispatch.require_triton("dequantize_nf4")
     if backend == "triton" or (backend == "auto" and dispatch.auto_uses_triton(packed.codes)):
