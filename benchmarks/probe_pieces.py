@@ -148,12 +148,12 @@ def main():
 
 def gate_rows(row, case, hl, R, E, K, r, T, dt):
     """The gate kernels (routing + u, and their backward) at the layer's tile (BT from _row_block; 4 warps
-    forward, _gate_bwd_warps backward) and at other row-block sizes and warp counts, launched as gate_fwd_impl /
+    forward, _gate_bwd_tile's warps backward) and at other row-block sizes and warp counts, launched as gate_fwd_impl /
     gate_bwd_impl launch them. hl: the Triton shrink's (T, R+E), logits already summed (NPARTS=1)."""
     ep = rl._ep(E)
     bt0, br = rl._row_block(R, ep)
     sel0 = rl._gate_select()
-    wb0 = rl._gate_bwd_warps(bt0, sel0)
+    wb0 = rl._gate_bwd_tile(R, ep, sel0)[2]
     stats = torch.zeros(2 * E + 2, device=DEV)
     gates, ids, u, aux = rl.gate_fwd_impl(hl, stats, None, R, r, 0, K, 2.0, dt, 0.01, 0.001)
     du = torch.randn(T, R, device=DEV)

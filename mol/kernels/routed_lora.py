@@ -795,11 +795,16 @@ def gate_fwd_impl(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | N
     return gates, ids, u, aux
 
 
-def _gate_bwd_warps(bt: int, select: bool) -> int:
-    """Warps of the gate backward: one-hot columns, 2 at the 16-row block (22.8-22.9 against 26.6-27.0 us with 4
-    at T=8192, E=8 top-2 r=16 on an H200, RESULTS runs 11 and 12); select, 4 (E=8: 16.7 against 35.9 us with 2,
-    E=32 top-4 r=8: 19.1 against 16.8, RESULTS run 21); other blocks were not measured better than 4."""
-    return 2 if bt == 16 and not select else 4
+def _gate_bwd_tile(r_tot: int, ep: int, select: bool) -> tuple[int, int, int]:
+    """(BT, BR, warps) of the gate backward. Select: 16 rows, at most 64 columns a step, 4 warps. The (16, 128)
+    tile held 237 registers a thread (ncu: two waves of programs at 12.5% occupancy, T=8192); alone, under
+    do_bench with L2 flushed, (16, 64) runs 10.2-10.6 us against 14.1-15.7 at E=8 top-2 r=16 and 15.2-15.3 against
+    17.8-18.7 at E=32 top-4 r=8 (H200, RESULTS run 29). One-hot columns: the forward's tile, 2 warps at 16 rows
+    (22.8-22.9 against 26.6-27.0 us with 4, runs 11 and 12)."""
+    bt, br = _row_block(r_tot, ep)
+    if select:
+        return 16, min(br, 64), 4
+    return bt, br, 2 if bt == 16 else 4
 
 
 def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None, gates: torch.Tensor,
@@ -813,13 +818,13 @@ def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None
     if t > 0:
         select = _gate_select()
         ep = _ep(e)
-        bt, br = _row_block(r_tot, ep)
+        bt, br, warps = _gate_bwd_tile(r_tot, ep, select)
         c_lb, c_z = _aux_coefs(lb_coef, z_coef, e, t, top_k)
         _gate_bwd_kernel[(gl._cdiv(t, bt),)](
             du, hl, hl if noise is None else noise, gates, ids, stats, stats if daux is None else daux, dhl,
             float(scale), c_lb, 2.0 * c_z, t, r_tot, e, hl.shape[1],  # d(lse^2) = 2 lse dlse
             RANK=rank, K=top_k, KIND=kind, EP=ep, BT=bt, BR=br, HAS_NOISE=noise is not None,
-            HAS_AUX=daux is not None, SELECT=select, num_warps=_gate_bwd_warps(bt, select))
+            HAS_AUX=daux is not None, SELECT=select, num_warps=warps)
     return dhl
 
 
