@@ -147,13 +147,12 @@ def main():
 
 
 def gate_rows(row, case, hl, R, E, K, r, T, dt):
-    """The gate kernels (routing + u, and their backward) at the layer's tile (BT from _row_block; 4 warps
-    forward, _gate_bwd_tile's warps backward) and at other row-block sizes and warp counts, launched as gate_fwd_impl /
+    """The gate kernels (routing + u, and their backward) at the layer's tiles (forward: _row_block, 4 warps;
+    backward: _gate_bwd_tile) and at other row blocks, column steps and warp counts, launched as gate_fwd_impl /
     gate_bwd_impl launch them. hl: the Triton shrink's (T, R+E), logits already summed (NPARTS=1)."""
     ep = rl._ep(E)
     bt0, br = rl._row_block(R, ep)
     sel0 = rl._gate_select()
-    wb0 = rl._gate_bwd_tile(R, ep, sel0)[2]
     stats = torch.zeros(2 * E + 2, device=DEV)
     gates, ids, u, aux = rl.gate_fwd_impl(hl, stats, None, R, r, 0, K, 2.0, dt, 0.01, 0.001)
     du = torch.randn(T, R, device=DEV)
@@ -162,22 +161,25 @@ def gate_rows(row, case, hl, R, E, K, r, T, dt):
     c_lb, c_z = rl._aux_coefs(0.01, 0.001, E, T, K)
     gb_f = (T * (R + E) * 4 + T * R * 2 + T * K * 12) / 1e9
     gb_b = (T * R * 4 + T * (R + E) * 4 + T * K * 12 + T * (R + E) * 2) / 1e9
-    # (BT, warps, gate columns by select); select at the layer's row block, with 4 and with 2 warps
-    tiles = [(bt0, 4, False), (16, 2, False), (32, 4, False), (64, 4, False), (64, 8, False), (128, 8, False),
-             (bt0, 4, True), (bt0, 2, True)]
-    for bt, w, sel in tiles:
-        tag = f"BT={bt} warps={w}" + (", select" if sel else "")
-        tag_f = tag + (" (the layer's)" if (bt, w, sel) == (bt0, 4, sel0) else "")
-        tag_b = tag + (" (the layer's)" if (bt, w, sel) == (bt0, wb0, sel0) else "")
+    btb, brb, wb0 = rl._gate_bwd_tile(R, ep, sel0)
+    # (BT, BR, warps, gate columns by select); select at the layer's row block, with 4 and with 2 warps, and at
+    # 64 and 32 columns a step (the backward's tile: (16, 64) since run 29)
+    tiles = [(bt0, br, 4, False), (16, br, 2, False), (32, br, 4, False), (64, br, 4, False), (64, br, 8, False),
+             (128, br, 8, False), (bt0, br, 4, True), (bt0, br, 2, True), (16, min(br, 64), 4, True),
+             (16, min(br, 32), 4, True), (32, min(br, 64), 8, True)]
+    for bt, bc, w, sel in tiles:
+        tag = f"BT={bt} BR={bc} warps={w}" + (", select" if sel else "")
+        tag_f = tag + (" (the layer's)" if (bt, bc, w, sel) == (bt0, br, 4, sel0) else "")
+        tag_b = tag + (" (the layer's)" if (bt, bc, w, sel) == (btb, brb, wb0, sel0) else "")
 
-        def fwd(bt=bt, w=w, sel=sel):
+        def fwd(bt=bt, bc=bc, w=w, sel=sel):
             rl._gate_fwd_kernel[(gl._cdiv(T, bt),)](hl, hl, gates, ids, u, stats, aux, 2.0, c_lb, c_z, T, R, E,
-                                                    hl.shape[1], 1.0, RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=br,
+                                                    hl.shape[1], 1.0, RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=bc,
                                                     HAS_NOISE=False, SELECT=sel, NPARTS=1, num_warps=w)
 
-        def bwd(bt=bt, w=w, sel=sel):
+        def bwd(bt=bt, bc=bc, w=w, sel=sel):
             rl._gate_bwd_kernel[(gl._cdiv(T, bt),)](du, hl, hl, gates, ids, stats, daux, dhl, 2.0, c_lb, 2.0 * c_z,
-                                                    T, R, E, hl.shape[1], RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=br,
+                                                    T, R, E, hl.shape[1], RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=bc,
                                                     HAS_NOISE=False, HAS_AUX=True, SELECT=sel, num_warps=w)
         try:
             row("gate fwd", tag_f, us(fwd), gb_f)

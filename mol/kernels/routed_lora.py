@@ -797,9 +797,10 @@ def gate_fwd_impl(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | N
 
 def _gate_bwd_tile(r_tot: int, ep: int, select: bool) -> tuple[int, int, int]:
     """(BT, BR, warps) of the gate backward. Select: 16 rows, at most 64 columns a step, 4 warps. The (16, 128)
-    tile held 237 registers a thread (ncu: two waves of programs at 12.5% occupancy, T=8192); alone, under
-    do_bench with L2 flushed, (16, 64) runs 10.2-10.6 us against 14.1-15.7 at E=8 top-2 r=16 and 15.2-15.3 against
-    17.8-18.7 at E=32 top-4 r=8 (H200, RESULTS run 29). One-hot columns: the forward's tile, 2 warps at 16 rows
+    tile held 237 registers a thread (ncu: two waves of programs at 12.5% occupancy, T=8192; (16, 64): 123
+    registers, 7.7 against 10.8 us in the layer's step); alone, under
+    do_bench with L2 flushed, (16, 64) runs 10.1-10.6 us against 14.1-15.7 at E=8 top-2 r=16 and 15.2-15.3 against
+    17.8-19.0 at E=32 top-4 r=8 (H200, RESULTS run 29). One-hot columns: the forward's tile, 2 warps at 16 rows
     (22.8-22.9 against 26.6-27.0 us with 4, runs 11 and 12)."""
     bt, br = _row_block(r_tot, ep)
     if select:
