@@ -1,18 +1,20 @@
 """Layer benchmark: MoL grouped-LoRA (Triton) vs the bare frozen base, PEFT LoRA, naive loop, dense.
 
-    python benchmarks/bench_layer.py [--out results.md] [--quick]
+    python benchmarks/bench_layer.py [--out results.md] [--quick | --decode-only | --kernels-only]
 
 bf16, forward+backward with x requiring grad (grads via torch.autograd.grad, so no .grad
 accumulation is timed), median of CUDA-event timings (triton.testing.do_bench). Routing
 (gates, expert_ids) is drawn once outside the timed region; gates require grad, so dgates is
 computed. Prints one table with every row and its ratio to the bare base measured in the same
-run, then the shrink/expand kernels alone as a fraction of the measured copy bandwidth, then
+run, then the shrink/expand/du kernels alone (MoLLinear's and the Triton grouped ones) as a fraction of the
+measured copy bandwidth (timed from CUDA-graph replays over rotating input copies, and by do_bench), then
 decode (T=1, 16) forward-only under CUDA-graph replay, then the host (CPU) time per call at T=16. The bare
 base, the whole MoLLinear and PEFT are also timed eager with autograd's worker thread off (the backward on the
 calling thread, as mol.train runs it) and under CUDA-graph replay.
 After timing each case the autotuned kernels' output and gradients are checked against a float32
 PyTorch reference (the tuned tiles may differ from the fixed one gpu_check_kernels.py uses).
---quick: T=8192 and T=512 (4096→4096 E=8 top-2 r=16) plus the decode and host tables.
+--quick: T=8192 and T=512 (4096→4096 E=8 top-2 r=16) plus the decode and host tables. --kernels-only: the
+kernels-alone table alone.
 """
 import argparse
 import os
@@ -155,32 +157,63 @@ def copy_bandwidth():
     return 2 * a.numel() * 2 / (t * 1e-3)
 
 
+def rotating_graph_time(make_fn, sets=4, n=24):
+    """ms per call of the closures make_fn(0..sets-1), each over its own copies of the inputs, replayed in turn
+    from one CUDA graph of n calls: no launch gaps, no input still in L2 from the call before (each set is one
+    T x features activation or more, four together larger than the 50-60 MB L2), and no dirty lines from
+    do_bench's cache flush written back during the timed kernel (that flush precedes the whole replay here)."""
+    fns = [make_fn(i) for i in range(sets)]
+    step = iter(range(10 ** 9))
+    return graph_time(lambda: fns[next(step) % sets](), n=n)
+
+
 def kernels_alone(c, bw):
+    """The shrink / expand / du kernels alone, each with the bytes it must move (inputs read once, outputs written
+    once): MoLLinear's own (cuBLAS GEMMs of the dense-over-experts design, the router's scores in the shrink) and
+    the Triton grouped kernels of grouped_lora_linear (sorted per expert). Two timings: do_bench (median, L2
+    flushed before each call) and rotating_graph_time (the fraction is taken from it)."""
     x, W, A, B, gates, ids, s = (c[k] for k in ("x", "W", "A", "B", "gates", "ids", "scale"))
     x = x.detach()
     T, n_in = x.shape
     E, r, _ = A.shape
     n_out, R, K = W.shape[0], E * r, ids.shape[1]
+    n_parts = rl.ROUTER_PARTS
     a_cat = A.detach().reshape(R, n_in)
-    base = F.linear(x, W)
-    h = gl._shrink(x, a_cat)
-    out = torch.empty_like(base)
+    wr = torch.randn(E, n_in, device=DEV) / n_in ** 0.5
     g32 = gates.detach().float()
     b_cat = gl._b_cat(B.detach())
     dy = c["dy"]
+    xs = [x] + [x.clone() for _ in range(3)]
+    dys = [dy] + [dy.clone() for _ in range(3)]
+    us = [torch.randn(T, R, device=DEV, dtype=DT) for _ in range(4)]
+    hs = [gl._shrink(xi, a_cat) for xi in xs]
+    bases = [F.linear(xi, W) for xi in xs]
+    outs = [torch.empty_like(b) for b in bases]
+    pieces = [  # (name, make_fn(i) for input set i, bytes)
+        ("MoLLinear shrink + router scores: cuBLAS x @ [A_cat; Wr in 16-bit parts]^T, fp32 out (+ its operand)",
+         lambda i: lambda: rl.route_shrink_gemm(xs[i], a_cat, wr),
+         2 * T * n_in + 2 * (R + n_parts * E) * n_in + 4 * T * (R + n_parts * E)),
+        ("MoLLinear expand where cuBLAS runs the base: u @ B_cat written as y (the base GEMM adds into it)",
+         lambda i: lambda: torch.mm(us[i], b_cat), 2 * (T * R + R * n_out + T * n_out)),
+        ("MoLLinear du: cuBLAS dy @ B_cat^T, fp32 out", lambda i: lambda: gl._du(dys[i], B.detach()),
+         2 * (T * n_out + R * n_out) + 4 * T * R),
+        ("Triton grouped shrink  h = x A^T (fp32 h, incl. zero-fill)", lambda i: lambda: gl._shrink(xs[i], a_cat),
+         2 * (T * n_in + R * n_in) + 4 * T * R),
+        ("Triton grouped expand  y = base + g*h B",
+         lambda i: lambda: gl._expand(bases[i], hs[i], b_cat, r, g32, ids, s, outs[i]),
+         2 * (2 * T * n_out + R * n_out) + 4 * T * R + 12 * T * K),
+        ("Triton grouped bwd du=dy B^T + epilogue (dh, u, dgates)",
+         lambda i: lambda: gl._expand_bwd(dys[i], hs[i], B.detach(), g32, ids, s),
+         2 * (T * n_out + R * n_out) + 4 * T * R * 2 + 2 * T * R * 2 + 16 * T * K),
+    ]
     res = []
-    t = bench(lambda: gl._shrink(x, a_cat))
-    res.append(("shrink  h = x A^T (fp32 h, incl. zero-fill)", t, 2 * (T * n_in + R * n_in) + 4 * T * R))
-    t = bench(lambda: gl._expand(base, h, b_cat, r, g32, ids, s, out))
-    res.append(("expand  y = base + g*h B", t, 2 * (2 * T * n_out + R * n_out) + 4 * T * R + 12 * T * K))
-    t = bench(lambda: gl._expand_bwd(dy, h, B.detach(), g32, ids, s))
-    res.append(("bwd du=dy B^T + epilogue (dh, u, dgates)", t,
-                2 * (T * n_out + R * n_out) + 4 * T * R * 2 + 2 * T * R * 2 + 16 * T * K))
-    t = bench(lambda: torch.mm(x, a_cat.t()))
-    res.append(("(cuBLAS x@A_cat^T, for comparison)", t, 2 * (T * n_in + R * n_in + T * R)))
-    t = bench(lambda: torch.mm(dy, b_cat.t()))
-    res.append(("(cuBLAS dy@B_cat^T, for comparison)", t, 2 * (T * n_out + R * n_out + T * R)))
-    return [(n, t * 1e3, b / (t * 1e-3) / 1e9, b / (t * 1e-3) / bw) for n, t, b in res]
+    for name, make_fn, nbytes in pieces:
+        t_bench = bench(make_fn(0))
+        t_graph = rotating_graph_time(make_fn)
+        res.append((name, t_bench * 1e3, t_graph * 1e3, nbytes / (t_graph * 1e-3) / 1e9,
+                    nbytes / (t_graph * 1e-3) / bw))
+    del xs, dys, us, hs, bases, outs
+    return res
 
 
 def check_tuned(c):
@@ -303,6 +336,7 @@ def main():
     ap.add_argument("--out", default=None, help="also write the markdown tables here")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--decode-only", action="store_true", help="only the decode (CUDA-graph replay) table")
+    ap.add_argument("--kernels-only", action="store_true", help="only the kernels-alone table (the T=8192 cases)")
     args = ap.parse_args()
     global ONE
     ONE = torch.ones((), device=DEV)
@@ -323,12 +357,18 @@ def main():
         cases = [cases[0], cases[4]]
     if args.decode_only:
         cases = []
+    if args.kernels_only:
+        cases = [c for c in cases if c[0] == 8192]
     # host table first: the quick GPU run has a hard time limit and this is its main question
-    host_lines = [] if args.decode_only else host_table(gen)
+    host_lines = [] if args.decode_only or args.kernels_only else host_table(gen)
     lines += ["| case | row | ms | × base | target |", "| --- | --- | --- | --- | --- |"]
     kern, checks = [], []
     for T, n_in, n_out, E, K, r, target in cases:
         c = make_case(T, n_in, n_out, E, K, r, gen)
+        case = f"T={T} {n_in}→{n_out} E={E} top-{K} r={r}"
+        if args.kernels_only:
+            kern += [(case,) + k for k in kernels_alone(c, bw)]
+            continue
         rows = rows_for(c, r, E, with_peft=(r == 16))
         times = {}
         for rn, fn in rows.items():
@@ -339,7 +379,6 @@ def main():
                 if rn in rows:
                     times[rn + ", autograd threads off"] = bench(rows[rn], rep=200)
         tb = times["bare frozen base"]
-        case = f"T={T} {n_in}→{n_out} E={E} top-{K} r={r}"
         for rn, t in times.items():
             tgt = f"≤ {target}×" if rn.startswith("MoL triton fused") or "fused router" in rn else ""
             off = rn.endswith("autograd threads off")  # against the base timed the same way
@@ -369,16 +408,18 @@ def main():
         ok = all(v < 1e-2 for v in e.values())
         lines.append(f"| {case} | " + " | ".join(f"{e[k]:.1e}" for k in ("y", "dx", "dA", "dB", "dgates"))
                      + f" | {'yes' if ok else 'NO'} |")
-    lines += ["", "Kernels alone (bytes each must move: inputs read once, outputs written once):", "",
-              "| case | kernel | µs | GB/s | fraction of copy bandwidth |", "| --- | --- | --- | --- | --- |"]
-    for case, n, us, gbs, frac in kern:
-        lines.append(f"| {case} | {n} | {us:.1f} | {gbs:.0f} | {frac:.0%} |")
+    lines += ["", "Kernels alone (bytes each must move: inputs read once, outputs written once; GB/s and the fraction "
+              "from the rotating-buffer CUDA-graph time, see kernels_alone):", "",
+              "| case | kernel | µs, do_bench (L2 flushed) | µs, graph replay over 4 input sets | GB/s | fraction of "
+              "copy bandwidth |", "| --- | --- | --- | --- | --- | --- |"]
+    for case, n, us_b, us_g, gbs, frac in kern:
+        lines.append(f"| {case} | {n} | {us_b:.1f} | {us_g:.1f} | {gbs:.0f} | {frac:.0%} |")
     lines += ["", "Decode, forward only, CUDA-graph replay (20 calls per graph), 4096→4096 E=8 top-2 r=16:", "",
               "| T | bare base µs | MoL fused µs | MoL add µs | MoLLinear whole layer µs | same, large-T path µs "
               "| × base (fused) | × base (whole layer) | target |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     with torch.no_grad():
-        for T in (1, 16):
+        for T in (() if args.kernels_only else (1, 16)):
             c = make_case(T, 4096, 4096, 8, 2, 16, gen)
             x, W, A, B, ids = c["x"].detach(), c["W"], c["A"].detach(), c["B"].detach(), c["ids"]
             gates = c["gates"].detach()
