@@ -17,6 +17,7 @@ PyTorch reference (the tuned tiles may differ from the fixed one gpu_check_kerne
 kernels-alone table alone.
 """
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -74,6 +75,21 @@ def mol_layer(W, A, B, E, K, r, backend):
     return m.to(DEV)
 
 
+def mol_step(m, x, dy):
+    """One MoLLinear fwd+bwd as training runs it: the gradients of y·dy + the aux loss w.r.t. x and the adapter's
+    parameters (nothing accumulated into .grad)."""
+    params = [m.lora_A, m.lora_B, m.router.weight]
+    one = torch.ones((), device=x.device)
+
+    def step():
+        y = m(x)
+        torch.autograd.grad([y, m.aux_loss()], [x] + params, [dy, one])
+        # the layer keeps its last routing (aux loss included) until the next forward; a graph capture would
+        # free the warm-up's there, and `one` (made on the default stream) gave it a use on that stream
+        m.clear_routing()
+    return step
+
+
 def rows_for(c, r, E, with_peft):
     x, W, A, B, gates, ids, dy, s = (c[k] for k in ("x", "W", "A", "B", "gates", "ids", "dy", "scale"))
     T, n_out = x.shape[0], W.shape[0]
@@ -111,16 +127,8 @@ def rows_for(c, r, E, with_peft):
     # the whole layer as users run it: mol.MoLLinear with its router and auxiliary losses
     for backend in ("triton", "torch"):
         m = mol_layer(W, A, B, E, ids.shape[1], r, backend)
-        mp = [m.lora_A, m.lora_B, m.router.weight]
-
-        def whole(m=m, mp=mp):
-            y = m(x)
-            torch.autograd.grad([y, m.aux_loss()], [x] + mp, [dy, ONE])
-            # the layer keeps its last routing (aux loss included) until the next forward; a graph capture
-            # would free the warm-up's there, and ONE (made on the default stream) gave it a use on that stream
-            m.clear_routing()
         label = "fused router+experts" if backend == "triton" else "torch reference backend"
-        rows[f"MoLLinear, whole layer with router + aux loss ({label})"] = whole
+        rows[f"MoLLinear, whole layer with router + aux loss ({label})"] = mol_step(m, x, dy)
 
     if with_peft:
         try:
@@ -162,9 +170,8 @@ def rotating_graph_time(make_fn, sets=4, n=24):
     from one CUDA graph of n calls: no launch gaps, no input still in L2 from the call before (each set is one
     T x features activation or more, four together larger than the 50-60 MB L2), and no dirty lines from
     do_bench's cache flush written back during the timed kernel (that flush precedes the whole replay here)."""
-    fns = [make_fn(i) for i in range(sets)]
-    step = iter(range(10 ** 9))
-    return graph_time(lambda: fns[next(step) % sets](), n=n)
+    fns = itertools.cycle([make_fn(i) for i in range(sets)])
+    return graph_time(lambda: next(fns)(), n=n)
 
 
 def kernels_alone(c, bw):

@@ -25,7 +25,7 @@ import mol  # noqa: E402
 import mol.kernels.base_gemm as bg  # noqa: E402
 import mol.kernels.grouped_lora as gl  # noqa: E402
 import mol.kernels.routed_lora as rl  # noqa: E402
-from bench_layer import interleaved_graph_times, mol_layer  # noqa: E402
+from bench_layer import interleaved_graph_times, mol_layer, mol_step  # noqa: E402
 from mol.quant import NF4Linear  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
@@ -81,7 +81,6 @@ def main():
     A = (torch.randn(E, r, n, device=DEV, generator=g) / n ** 0.5).to(DT)
     B = (torch.randn(E, n_out, r, device=DEV, generator=g) * 0.1).to(DT)
     dy = torch.randn(T, n_out, device=DEV, generator=g).to(DT)
-    one = torch.ones((), device=DEV)
     layers = {"bf16 base": mol_layer(W, A, B, E, K, r, "triton")}
     if args.nf4:
         m = mol.MoLLinear(NF4Linear.from_linear(layers["bf16 base"].base_layer), num_experts=E, top_k=K, rank=r,
@@ -92,19 +91,11 @@ def main():
             m.router.weight.data.copy_(layers["bf16 base"].router.weight)
         layers["NF4 base"] = m
 
-    def step(m):
-        params = [m.lora_A, m.lora_B, m.router.weight]
-
-        def run():
-            y = m(x)
-            torch.autograd.grad([y, m.aux_loss()], [x] + params, [dy, one])
-            m.clear_routing()
-        return run
     fns = {"bare bf16 base": lambda: torch.autograd.grad(F.linear(x, W), [x], dy)}
     for v in args.variants:
         sets = switches(v)
         for name, m in layers.items():
-            fns[f"{v} | {name}"] = with_switches(sets, step(m))
+            fns[f"{v} | {name}"] = with_switches(sets, mol_step(m, x, dy))
     times = interleaved_graph_times(fns, n=10, rounds=args.rounds)  # ms per call: (median, min, max)
     base = times["bare bf16 base"][0] * 1e3
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; T={T} 4096->{n_out} E={E} top-{K} r={r} bf16, "

@@ -24,7 +24,7 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol.kernels.grouped_lora as gl  # noqa: E402
 import mol.kernels.routed_lora as rl  # noqa: E402
-from bench_layer import copy_bandwidth, graph_time, mol_layer  # noqa: E402
+from bench_layer import copy_bandwidth, graph_time, mol_layer, mol_step  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
 
@@ -121,13 +121,7 @@ def main():
         xg = x.clone().requires_grad_()
         base_t = graph_time(lambda: torch.autograd.grad(F.linear(xg, W), [xg], dy), n=10)
         m = mol_layer(W, A, B, E, K, r, "triton")
-        mp = [m.lora_A, m.lora_B, m.router.weight]
-        one = torch.ones((), device=DEV)
-
-        def whole():
-            y = m(xg)
-            torch.autograd.grad([y, m.aux_loss()], [xg] + mp, [dy, one])
-            m.clear_routing()
+        whole = mol_step(m, xg, dy)
         # the defaults first, then one switch away from them at a time (the Triton shrink with each du and router)
         for shrink, du_cublas, prec, cols in (("gemm", True, "tf32x3", "select"), ("triton", True, "tf32x3", "select"),
                                               ("triton", False, "tf32x3", "select"), ("triton", True, "tf32x2", "select"),
