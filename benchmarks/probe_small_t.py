@@ -29,7 +29,7 @@ DEV, DT = "cuda", torch.bfloat16
 
 
 def _chosen_bn(profiled: bool) -> int:
-    key = next(k for k in reversed(gl._CHOSEN) if k[0] == "small_t" and k[-1] == profiled)
+    key = next(k for k in reversed(gl._CHOSEN) if k[0] == "small_t" and k[-2] == profiled)  # key[-2]: TIMELINE set
     return gl._CHOSEN[key][0]["BN"]
 
 
