@@ -103,14 +103,19 @@ def main():
           f"gate columns {rl.GATE_COLUMNS}, base GEMM {bg.BASE_GEMM}", flush=True)
     t_start = time.time()
     tile_variants = [None]
-    if args.small_t:  # the autotune-off config (x as the dot's A operand) and the BN=64 one (W tile as A)
+    if args.small_t:  # one config each (no autotuning): the FMA path (T = 1) capped at 168 registers a thread,
+        # and the dot path with x as its A operand (BN=32), then with the W tile as A (BN=64)
         import triton
-        tile_variants.append([triton.Config({"BN": 64, "BK": 256}, num_warps=4, num_stages=3)])
+        fma = [triton.Config({"BN": 16, "BK": 512}, num_warps=4, num_stages=3, maxnreg=168)]
+        tile_variants = [("FMA capped at 168 registers, dot with x as A (BN=32)", fma,
+                          [triton.Config({"BN": 32, "BK": 256}, num_warps=4, num_stages=3)]),
+                         ("dot with the W tile as A (BN=64)", fma,
+                          [triton.Config({"BN": 64, "BK": 256}, num_warps=4, num_stages=3)])]
     for tiles in tile_variants:
         if tiles is not None:
-            rl._small_t_dot.configs = tiles
+            name, rl._small_t_fma.configs, rl._small_t_dot.configs = tiles
             gl._CHOSEN.clear()
-            print("small-T dot path with the W tile as the A operand (BN=64):", flush=True)
+            print(f"small-T kernel, {name}:", flush=True)
         t_values = (1, 7, 16) if args.small_t else (7, 4097) if args.quick else (1, 7, 16, 4097)
         n, fails, worst, worst_logit = run_cases(t_values, gen,
                                                  (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float32))
