@@ -621,7 +621,16 @@ def _small_t_configs(fma: bool) -> list[triton.Config]:
               if fma else
               [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 8, 3),
                (16, 512, 4, 3)])
-    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st) for bn, bk, w, st in shapes]
+    configs = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st) for bn, bk, w, st in shapes]
+    # Uncapped, every config takes 255 registers a thread (the shrink and routing branches; the GEMV alone needs
+    # ~150), so an SM holds two 4-warp programs: at 4096x4096, 80 shrink + 256 GEMV programs run in two waves
+    # and the last GEMV programs start only when the shrink programs end (~5 us in). Capped at 168, three fit and
+    # all start at once: T = 1 took 14.5 against 15.9 us on an H200 (RESULTS run 30). The dot path (T > 1) waits
+    # on the routing chain, whose spills the cap lengthens: no capped config was faster there, none is listed.
+    if fma:
+        configs += [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=3, maxnreg=168)
+                    for bn, bk in ((16, 512), (32, 256))]
+    return configs
 
 
 # every launch leaves sync and acc zero (_small_t_work); they are also zeroed before each autotuning trial, so
