@@ -8,7 +8,7 @@ the lines, for A/B runs of two checkouts in alternating processes (RESULTS run 2
 mol/kernels/routed_lora.py between runs). --parts adds the kernels one eager forward launches (profiler) and what
 one more zero-fill node of the small-T workspace's size costs in sequence with the layer. --configs adds the
 layer with each of the one-launch kernel's autotune configs forced (rows of the same interleaved replay), each
-first checked against the autotuned output.
+first checked against float64.
 """
 import os
 import sys
