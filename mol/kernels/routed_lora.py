@@ -1040,49 +1040,58 @@ class _RoutedLoRAFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, daux, _dhl, _dgates, _dids, _dstats):
-        x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats, w_dx = ctx.saved_tensors
-        kind, top_k, scale, lb_coef, z_coef, eager = ctx.meta
-        _, _, gate_bwd, lora_du, _, base_mm = _EAGER if eager else _OPS
         # x, x_lora, weight, weight_fn, bias, base_out, A, B, Wr, noise, meta: index as the first ten minus weight_fn
         need = tuple(n for i, n in enumerate(ctx.needs_input_grad) if i != 3)
-        e, rank, n_in = lora_A.shape
-        r_tot, n_out, dt = e * rank, lora_B.shape[1], x.dtype
-        if dy is None:
-            dy = torch.zeros(x.shape[0], n_out, device=x.device, dtype=dt)
-        elif not dy.is_contiguous():
-            dy = dy.contiguous()
-        du = lora_du(dy, lora_B)
-        dhl = gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dt)
-        a_cat = lora_A.reshape(r_tot, n_in)
-        dx = dx_lora = d_base = dA = dB = dWr = None
-        # the dense base weight, if this function owns the base GEMM (re-dequantized for an NF4 base)
-        w = None
-        if need[0] and (weight is not None or ctx.weight_fn is not None):
-            w = weight if weight is not None else ctx.weight_fn(dt)
-        if x_lora is None:  # the router and the experts read the same x: one dx GEMM, one weight-gradient GEMM
-            if need[0]:
-                dx = _dx(base_mm, dy, w, dhl, w_dx if w_dx is not None else torch.cat([a_cat, router_w.to(dt)]))
-            if need[5] or need[7]:
-                d_ext = torch.mm(dhl.t(), x)
-                dA, dWr = d_ext[:r_tot].view(e, rank, n_in), d_ext[r_tot:]
-        else:
-            dh, dlogits = dhl[:, :r_tot], dhl[:, r_tot:]
-            if need[0]:
-                dx = _dx(base_mm, dy, w, dlogits, router_w.to(dt))
-            if need[1]:
-                dx_lora = torch.mm(dh, a_cat)
-            if need[5]:
-                dA = torch.mm(dh.t(), x_lora).view(e, rank, n_in)
-            if need[7]:
-                dWr = torch.mm(dlogits.t(), x)
-        del w
-        if need[6]:
-            dB = gl._grad_b(dy, u, lora_B)
-        if dWr is not None:
-            dWr = dWr.to(router_w.dtype) if need[7] else None
-        if need[4]:
-            d_base = dy
+        dx, dx_lora, d_base, dA, dB, dWr = _routed_backward(dy, daux, ctx.saved_tensors, need, ctx.weight_fn,
+                                                            ctx.meta)
         return dx, dx_lora, None, None, None, d_base, dA, dB, dWr, None, None
+
+
+def _routed_backward(dy, daux, saved, need, weight_fn, meta):
+    """The routed layer's backward: (dx, dx_lora, d_base_out, dA, dB, dWr), each None where ``need`` (the
+    inputs x, x_lora, weight, bias, base_out, A, B, Wr, noise in that order) says no gradient is wanted.
+    ``saved``: what _RoutedLoRAFn.forward saves."""
+    x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats, w_dx = saved
+    kind, top_k, scale, lb_coef, z_coef, eager = meta
+    _, _, gate_bwd, lora_du, _, base_mm = _EAGER if eager else _OPS
+    e, rank, n_in = lora_A.shape
+    r_tot, n_out, dt = e * rank, lora_B.shape[1], x.dtype
+    if dy is None:
+        dy = torch.zeros(x.shape[0], n_out, device=x.device, dtype=dt)
+    elif not dy.is_contiguous():
+        dy = dy.contiguous()
+    du = lora_du(dy, lora_B)
+    dhl = gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dt)
+    a_cat = lora_A.reshape(r_tot, n_in)
+    dx = dx_lora = d_base = dA = dB = dWr = None
+    # the dense base weight, if this function owns the base GEMM (re-dequantized for an NF4 base)
+    w = None
+    if need[0] and (weight is not None or weight_fn is not None):
+        w = weight if weight is not None else weight_fn(dt)
+    if x_lora is None:  # the router and the experts read the same x: one dx GEMM, one weight-gradient GEMM
+        if need[0]:
+            dx = _dx(base_mm, dy, w, dhl, w_dx if w_dx is not None else torch.cat([a_cat, router_w.to(dt)]))
+        if need[5] or need[7]:
+            d_ext = torch.mm(dhl.t(), x)
+            dA, dWr = d_ext[:r_tot].view(e, rank, n_in), d_ext[r_tot:]
+    else:
+        dh, dlogits = dhl[:, :r_tot], dhl[:, r_tot:]
+        if need[0]:
+            dx = _dx(base_mm, dy, w, dlogits, router_w.to(dt))
+        if need[1]:
+            dx_lora = torch.mm(dh, a_cat)
+        if need[5]:
+            dA = torch.mm(dh.t(), x_lora).view(e, rank, n_in)
+        if need[7]:
+            dWr = torch.mm(dlogits.t(), x)
+    del w
+    if need[6]:
+        dB = gl._grad_b(dy, u, lora_B)
+    if dWr is not None:
+        dWr = dWr.to(router_w.dtype) if need[7] else None
+    if need[4]:
+        d_base = dy
+    return dx, dx_lora, d_base, dA, dB, dWr
 
 
 def _dx(base_mm, dy, w, d_small, w_small):
