@@ -58,6 +58,9 @@ class MoLConfig(MethodConfig):
     ``router``: ``topk`` (softmax, top-k, gates renormalised), ``soft`` (every expert, softmax weights),
     ``switch`` (top-1, gate = its probability), ``sequence`` (one top-k choice per sequence from the
     mean-pooled hidden states). ``router_noise``: std of Gaussian noise added to router logits in training.
+    ``graph_tokens``: on CUDA, training calls of at most this many tokens replay per-layer CUDA graphs of the
+    routed forward and backward (cuts the host cost that bounds small steps; costs static buffers per layer and
+    token count, see mol.kernels.layer_graphs); 0 (default) never captures.
     """
 
     method: ClassVar[str] = "mol"
@@ -76,10 +79,14 @@ class MoLConfig(MethodConfig):
     router_noise: float = 0.0
     quantize_base: Optional[str] = None
     backend: str = "auto"
+    graph_tokens: int = 0
     modules_to_save: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _check_common(self)
+        if not isinstance(self.graph_tokens, int) or isinstance(self.graph_tokens, bool) or self.graph_tokens < 0:
+            raise ValueError(f"MoLConfig.graph_tokens must be an integer >= 0 (0: no captured graphs), "
+                             f"got {self.graph_tokens!r}")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"MoLConfig.num_experts must be >= 1, got {self.num_experts!r}")
         if self.router not in ROUTERS:

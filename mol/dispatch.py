@@ -116,7 +116,7 @@ def fused_routing_available(router: torch.nn.Module, backend: str, x: Tensor) ->
 
 
 def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                     router: torch.nn.Module, scale: float, lb_coef: float, z_coef: float):
+                     router: torch.nn.Module, scale: float, lb_coef: float, z_coef: float, graphs=None):
     """base_layer(x) + routed experts, router and auxiliary losses in one fused Triton pass (see
     mol.kernels.routed_lora). x: (T, in); x_lora: the experts' input when it differs from x (dropout).
     Returns (out (T, out), FusedRouterOutput).
@@ -124,6 +124,7 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
     Under autocast everything runs in the autocast dtype, as nn.Linear would. A frozen nn.Linear base of that
     dtype, or an NF4Linear (dequantized on the fly), is computed inside the fused function: the base GEMMs
     accumulate into the adapters' output and dx buffers. Any other base runs first and its output is added to.
+    ``graphs``: the layer's mol.kernels.layer_graphs.LayerGraphs (small training calls replay CUDA graphs).
     """
     from mol.kernels.routed_lora import routed_lora_linear
     from mol.routers import FusedRouterOutput
@@ -155,7 +156,7 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
             weight=weight if use_weight else None, weight_fn=weight_fn,
             bias=None if base_out is not None or bias is None else _as(bias, dt),
             base_out=None if base_out is None else base_out.to(dt), x_lora=None if x_lora is None else _as(x_lora, dt),
-            noise=noise, lb_coef=lb_coef, z_coef=z_coef)
+            noise=noise, lb_coef=lb_coef, z_coef=z_coef, graphs=graphs)
     return y, FusedRouterOutput(gates, ids, hl, lora_A.shape[0], stats, aux, noise)
 
 

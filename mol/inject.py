@@ -130,7 +130,7 @@ def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
             model.get_submodule(name), num_experts=config.num_experts, top_k=config.top_k, rank=config.rank,
             alpha=config.alpha, router=config.router, dropout=config.dropout, use_rslora=config.use_rslora,
             init=config.init, aux_loss_coef=config.aux_loss_coef, z_loss_coef=config.z_loss_coef,
-            router_noise=config.router_noise, backend=config.backend,
+            router_noise=config.router_noise, backend=config.backend, graph_tokens=config.graph_tokens,
         )
         replace_module(model, name, layer)
         trainable += [f"{name}.{p}" for p, _ in layer.named_parameters() if not p.startswith("base_layer.")]

@@ -83,6 +83,7 @@ class MoLLinear(AdapterLayer):
         z_loss_coef: float = 0.001,
         router_noise: float = 0.0,
         backend: str = "auto",
+        graph_tokens: int = 0,
     ):
         super().__init__()
         in_features, out_features = _linear_shape(base)
@@ -94,6 +95,8 @@ class MoLLinear(AdapterLayer):
             raise ValueError(f"top_k={top_k} is outside 1..num_experts={num_experts}; set top_k between 1 and {num_experts}")
         if backend not in dispatch.BACKENDS:
             raise ValueError(f"backend={backend!r} is unknown; choose one of {dispatch.BACKENDS}")
+        if not isinstance(graph_tokens, int) or isinstance(graph_tokens, bool) or graph_tokens < 0:
+            raise ValueError(f"graph_tokens must be an integer >= 0 (0: no captured graphs), got {graph_tokens!r}")
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -117,6 +120,14 @@ class MoLLinear(AdapterLayer):
         if num_experts > 1:
             self.router = Router(in_features, num_experts, top_k, router, router_noise).to(device)
         self._last: Optional[RouterOutput] = None
+        # routed training calls of <= graph_tokens tokens replay per-layer CUDA graphs (mol.kernels.layer_graphs):
+        # small steps are bound by the host's launch and autograd cost, which a replay cuts to one launch
+        self.graph_tokens = graph_tokens
+        self._graphs = None
+        if graph_tokens and num_experts > 1:
+            from mol.kernels.layer_graphs import LayerGraphs
+
+            self._graphs = LayerGraphs(graph_tokens)
 
     @torch.no_grad()
     def reset_lora(self, init: str = "kaiming") -> None:
@@ -132,8 +143,9 @@ class MoLLinear(AdapterLayer):
         self.lora_B.zero_()
 
     def extra_repr(self) -> str:
+        graphs = f", graph_tokens={self.graph_tokens}" if self.graph_tokens else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
-                f"rank={self.rank}, scaling={self.scaling:g}, backend={self.backend}")
+                f"rank={self.rank}, scaling={self.scaling:g}, backend={self.backend}{graphs}")
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -153,7 +165,7 @@ class MoLLinear(AdapterLayer):
             # Triton: router, experts and auxiliary losses in one fused function (few launches, one pass over x)
             out, routed = dispatch.fused_mol_linear(
                 self.base_layer, flat_x, None if flat_x_lora is flat_x else flat_x_lora, self.lora_A, self.lora_B,
-                self.router, self.scaling, self.aux_loss_coef, self.z_loss_coef)
+                self.router, self.scaling, self.aux_loss_coef, self.z_loss_coef, graphs=self._graphs)
         else:
             routed = self.router(x)
             out = dispatch.routed_linear(self.base_layer, flat_x, flat_x_lora, self.lora_A, self.lora_B,

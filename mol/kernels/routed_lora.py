@@ -33,7 +33,7 @@ P_e = mean_t p_te; Z = mean_t logsumexp(logits_t)^2. Their gradient w.r.t. the l
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import triton
@@ -41,6 +41,9 @@ import triton.language as tl
 
 from mol.kernels import base_gemm as bg
 from mol.kernels import grouped_lora as gl
+
+if TYPE_CHECKING:
+    from mol.kernels.layer_graphs import LayerGraphs
 
 KINDS = {"topk": 0, "switch": 1, "soft": 2}
 
@@ -1050,7 +1053,7 @@ class _RoutedLoRAFn(torch.autograd.Function):
 def _routed_backward(dy, daux, saved, need, weight_fn, meta):
     """The routed layer's backward: (dx, dx_lora, d_base_out, dA, dB, dWr), each None where ``need`` (the
     inputs x, x_lora, weight, bias, base_out, A, B, Wr, noise in that order) says no gradient is wanted.
-    ``saved``: what _RoutedLoRAFn.forward saves."""
+    ``saved``: what _RoutedLoRAFn.forward saves. Shared by _RoutedLoRAFn and the captured graphs (layer_graphs)."""
     x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats, w_dx = saved
     kind, top_k, scale, lb_coef, z_coef, eager = meta
     _, _, gate_bwd, lora_du, _, base_mm = _EAGER if eager else _OPS
@@ -1138,7 +1141,7 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
                        weight_fn: Callable[[torch.dtype], torch.Tensor] | None = None,
                        bias: torch.Tensor | None = None, base_out: torch.Tensor | None = None,
                        x_lora: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                       lb_coef: float = 0.0, z_coef: float = 0.0
+                       lb_coef: float = 0.0, z_coef: float = 0.0, graphs: "LayerGraphs | None" = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A routed MoL linear layer on the Triton backend: returns (y, aux, hl, gates, expert_ids, stats).
 
@@ -1150,6 +1153,7 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     y = base + scale * sum_k gates[:, k] * B[e] A[e] x_lora; aux = lb_coef * load_balance + z_coef * z_loss
     (differentiable, 0-d); hl[:, R:] are the router logits (float32); stats = (counts (E), prob sums (E),
     sum of logsumexp^2, a kernel-internal counter). gates, expert_ids, hl and stats carry no gradient.
+    ``graphs``: a layer's mol.kernels.layer_graphs.LayerGraphs; training calls it accepts replay CUDA graphs.
     """
     if kind not in KINDS:
         raise ValueError(f"routed_lora_linear: router kind {kind!r} is not fused; choose one of {sorted(KINDS)}")
@@ -1177,4 +1181,9 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
         y, aux, hl, gates, ids, _, stats, _ = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A,
                                                               lora_B, router_w, noise, meta)
         return y, aux, hl, gates, ids, stats
+    if graphs is not None and eager:
+        args = (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise)
+        out = graphs.apply(args, weight_fn, meta, tuple(t is not None and t.requires_grad for t in args))
+        if out is not None:
+            return out
     return _RoutedLoRAFn.apply(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta)

@@ -1,0 +1,238 @@
+"""Per-layer CUDA graphs: a routed MoL layer's training forward and backward, captured once per shape.
+
+Why: at a few hundred tokens a step, an eager MoLLinear is bound by the CPU, not the GPU. Its fwd+bwd is about
+a dozen launches plus an autograd node, ~0.6-1.3 ms of host time on an H200 host against ~0.1 ms of GPU work
+at T=512 (benchmarks/RESULTS.md), so a model of such layers runs at the speed of Python. Replaying a captured
+graph costs one launch. ``MoLLinear(graph_tokens=N)`` (``MoLConfig.graph_tokens``) turns this on for training
+calls of at most N tokens; the step itself stays eager (optimizer, loss, hooks, DDP all unchanged).
+
+How, as torch.cuda.make_graphed_callables does it, per layer and call signature (shapes, dtypes, which inputs
+need a gradient, the addresses of the weights):
+
+    first call   warm up the kernels on a side stream (Triton autotuning and cuBLAS set-up cannot be captured),
+                 capture the forward, then the backward, into one private memory pool
+    forward      copy x (and x_lora / base_out / noise) into the static inputs, replay, clone y and aux out
+    backward     copy dy and daux into the static inputs, replay, clone the gradients out
+
+What the caller gets is always a fresh tensor for y, aux and every gradient, so nothing it keeps is overwritten
+by the next replay. The routing tensors (hl, gates, ids, stats) are returned as views of the graph's buffers:
+like the layer's ``_last``, they describe the last forward.
+
+One captured pair holds one set of saved activations, so a second forward of the same layer before the first
+one's backward (a module called twice in a step, a kept graph) runs the ordinary kernels instead; a backward
+whose saved buffers a later replay overwrote (``retain_graph=True`` across another forward) raises, as does one
+whose weights were changed in place or moved since its forward (where eager autograd would raise for a saved
+tensor modified in place; the graph reads weights at the addresses it was captured with).
+Memory: each captured signature keeps about (2*in + 2*out) * T elements of static buffers plus the routing
+tensors, in its own pool; a layer captures at most ``MAX_SIGNATURES`` and runs the ordinary kernels for others.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+
+# routed_lora_linear's tensor inputs, in _RoutedLoRAFn's order (weight_fn and meta are not tensors)
+_NAMES = ("x", "x_lora", "weight", "bias", "base_out", "lora_A", "lora_B", "router_w", "noise")
+_PER_CALL = (0, 1, 4, 8)  # activations: new every call, copied into static buffers
+MAX_SIGNATURES = 4
+
+
+def _signature(args: tuple, weight_fn: Optional[Callable], meta: tuple) -> Optional[tuple]:
+    """What a captured graph depends on, or None where it cannot be captured."""
+    key: list[Any] = [meta]
+    for i, t in enumerate(args):
+        if t is None:
+            key.append(None)
+            continue
+        # weights are read in place by the graph, so their addresses (and layouts) are part of the signature
+        ptr = None if i in _PER_CALL else t.data_ptr()
+        key.append((tuple(t.shape), t.stride(), t.dtype, t.requires_grad, ptr))
+    if weight_fn is not None:
+        owner = getattr(weight_fn, "__self__", None)
+        if not isinstance(owner, torch.nn.Module):
+            return None  # an opaque callable: what it reads cannot be checked between calls
+        key.append((weight_fn.__func__, tuple(b.data_ptr() for b in owner.buffers()),
+                    tuple(p.data_ptr() for p in owner.parameters())))
+    return tuple(key)
+
+
+def _capturable(x: torch.Tensor) -> bool:
+    # not inside a capture of the caller's own (a whole step in one graph): captures do not nest
+    return x.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+_WARM_UP_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _warm_up(step: Callable[[], Any], device: torch.device) -> None:
+    """Run ``step`` once on a side stream: Triton compiles and autotunes, cuBLAS sets up its workspace, and none
+    of that can happen under capture. One side stream per device for every layer: cuBLAS keeps a workspace
+    (tens of MiB) for each stream it ran on, so a stream per capture would keep one per layer."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    side = _WARM_UP_STREAMS.get(index)
+    if side is None:
+        side = _WARM_UP_STREAMS[index] = torch.cuda.Stream(device=index)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def _new_pool() -> Any:
+    return torch.cuda.graph_pool_handle()
+
+
+def _capture(step: Callable[[], Any], pool: Any) -> tuple[Any, Any]:
+    """(graph, step's outputs): step's launches captured into a new CUDA graph whose memory comes from pool."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph, out
+
+
+class _Captured:
+    """One signature's forward and backward graphs, their static inputs and outputs."""
+
+    def __init__(self, args: tuple, weight_fn: Optional[Callable], meta: tuple, need: tuple[bool, ...]):
+        from mol.kernels.routed_lora import _routed_backward, _routed_forward
+
+        self.need = need
+        self.generation = 0
+        self.pending: Optional[weakref.ref] = None
+        # static inputs: the per-call activations get buffers of their own; the weights are used in place
+        self.static_in = [t if t is None or i not in _PER_CALL else torch.empty_like(t, memory_format=torch.contiguous_format)
+                          for i, t in enumerate(args)]
+        with torch.no_grad():  # a copy under grad mode would tie the static buffer to the caller's autograd graph
+            for i in _PER_CALL:
+                if args[i] is not None:
+                    self.static_in[i].copy_(args[i])
+        x = args[0]
+        n_out = args[6].shape[1]
+        self.static_dy = torch.zeros(x.shape[0], n_out, device=x.device, dtype=x.dtype)
+        self.static_daux = torch.zeros((), device=x.device, dtype=torch.float32)
+        (sx, sxl, sw, sb, sbo, sa, sbb, swr, sn) = self.static_in
+
+        def forward():
+            y, aux, hl, gates, ids, u, stats, w_dx = _routed_forward(sx, sxl, sw, weight_fn, sb, sbo, sa, sbb, swr,
+                                                                     sn, meta)
+            if not need[0] or (w_dx is not None and w_dx.numel() == 0):
+                w_dx = None
+            return (y, aux, hl, gates, ids, stats), (sx, sxl, sw, sa, sbb, swr, sn, hl, gates, ids, u, stats, w_dx)
+
+        def backward(saved):
+            return _routed_backward(self.static_dy, self.static_daux, saved, need, weight_fn, meta)
+
+        with torch.no_grad():  # as inside an autograd.Function: the kernels' tensors record no graph
+            _warm_up(lambda: backward(forward()[1]), x.device)
+            pool = _new_pool()
+            self.fwd_graph, (self.static_out, saved) = _capture(forward, pool)
+            self.bwd_graph, self.static_grads = _capture(lambda: backward(saved), pool)
+        self.saved = saved  # the forward's saved activations: they live in the pool, read by the backward graph
+
+    def busy(self) -> bool:
+        """True while a replayed forward still waits for its backward (its saved buffers are in use)."""
+        ctx = self.pending() if self.pending is not None else None
+        return ctx is not None and not getattr(ctx, "backward_done", False)
+
+
+class _GraphedRoutedFn(torch.autograd.Function):
+    """_RoutedLoRAFn's contract, computed by replaying a _Captured pair."""
+
+    @staticmethod
+    def forward(ctx, cap: _Captured, *args):
+        for i in _PER_CALL:
+            if args[i] is not None:
+                cap.static_in[i].copy_(args[i])
+        cap.fwd_graph.replay()
+        cap.generation += 1
+        ctx.cap, ctx.generation, ctx.backward_done = cap, cap.generation, False
+        # the weights the backward graph reads in place: what an eager backward's saved tensors would pin down
+        ctx.weights = [t for i, t in enumerate(args) if t is not None and i not in _PER_CALL]
+        ctx.weight_state = [(t.data_ptr(), t._version) for t in ctx.weights]
+        cap.pending = weakref.ref(ctx)
+        y, aux, hl, gates, ids, stats = cap.static_out
+        routing = tuple(t.detach() for t in (hl, gates, ids, stats))
+        ctx.mark_non_differentiable(*routing)
+        ctx.set_materialize_grads(False)
+        return (y.clone(), aux.clone(), *routing)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, daux, _dhl, _dgates, _dids, _dstats):
+        cap = ctx.cap
+        if ctx.generation != cap.generation:
+            raise RuntimeError(
+                "MoLLinear (graph_tokens): this backward's saved activations were overwritten by a later forward of "
+                "the same layer (a backward with retain_graph=True run again after another forward). Run the layer "
+                "without captured graphs for this (graph_tokens=0).")
+        if [(t.data_ptr(), t._version) for t in ctx.weights] != ctx.weight_state:
+            raise RuntimeError(
+                "MoLLinear (graph_tokens): a weight of this layer was modified in place or moved (e.g. FSDP "
+                "resharding) between its forward and backward; its captured backward would read the new values. "
+                "Run the layer without captured graphs for this (graph_tokens=0).")
+        ctx.backward_done = True
+        if dy is None:
+            cap.static_dy.zero_()
+        else:
+            cap.static_dy.copy_(dy)
+        if daux is None:
+            cap.static_daux.zero_()
+        else:
+            cap.static_daux.copy_(daux)
+        cap.bwd_graph.replay()
+        dx, dx_lora, d_base, dA, dB, dWr = (None if g is None else g.clone() for g in cap.static_grads)
+        if d_base is not None:
+            d_base = dy
+        return None, dx, dx_lora, None, None, d_base, dA, dB, dWr, None
+
+
+class LayerGraphs:
+    """One layer's captured signatures (see the module docstring). ``max_tokens``: the largest T captured."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = int(max_tokens)
+        self.captured: dict[tuple, _Captured] = {}
+        self._warned = False
+
+    def apply(self, args: tuple, weight_fn: Optional[Callable], meta: tuple, need: tuple[bool, ...]):
+        """The graphed forward's outputs (y, aux, hl, gates, ids, stats), or None where this call runs the
+        ordinary kernels: too many tokens, a capture in progress, a pending backward, or a new signature past
+        MAX_SIGNATURES."""
+        x = args[0]
+        if not (0 < x.shape[0] <= self.max_tokens and _capturable(x)):
+            return None
+        key = _signature(args, weight_fn, meta)
+        if key is None:
+            return None
+        cap = self.captured.get(key)
+        if cap is None:
+            if len(self.captured) >= MAX_SIGNATURES:
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        f"MoLLinear (graph_tokens={self.max_tokens}): this layer has captured {MAX_SIGNATURES} call "
+                        "signatures (token counts, dtypes, weight addresses) and runs the ordinary kernels for new "
+                        "ones. Pad batches to a few fixed lengths to keep the graphs in use.", stacklevel=4)
+                return None
+            cap = self.captured[key] = _Captured(args, weight_fn, meta, need)
+        elif cap.busy():
+            return None
+        return _GraphedRoutedFn.apply(cap, *args)
+
+    def clear(self) -> None:
+        """Drop every captured graph and its memory pool."""
+        self.captured.clear()
+
+    # A copied or pickled layer (EMA copies, torch.save(model)) starts with no graphs: they hold addresses
+    # of the original's buffers and cannot be copied.
+    def __deepcopy__(self, memo: dict) -> "LayerGraphs":
+        return LayerGraphs(self.max_tokens)
+
+    def __getstate__(self) -> dict:
+        return {"max_tokens": self.max_tokens}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_tokens"])

@@ -1,0 +1,189 @@
+"""Per-layer CUDA graphs (MoLLinear(graph_tokens=N), mol.kernels.layer_graphs) on CPU.
+
+CUDA graphs need a GPU, so the capture is emulated: a "captured" step is run once and remembered, and each
+replay runs it again and writes its results into the tensors the capture returned, which is what a replay does
+to a graph's static buffers. What is tested is the layer's use of them: static inputs refreshed every call,
+fresh y / aux / gradients handed out (nothing a caller keeps is overwritten), a second forward before the
+first's backward kept off the graph, stale saved buffers refused, the signature limit. The kernels are the
+ordinary ones (Triton under TRITON_INTERPRET=1), so graphed and ungraphed layers must agree to the bit.
+"""
+import copy
+import os
+import pickle
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+gl = pytest.importorskip("mol.kernels.grouped_lora")
+if not gl._INTERPRET:
+    pytest.skip("mol.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+from mol import MoLConfig, MoLLinear  # noqa: E402
+from mol.kernels import layer_graphs as lg  # noqa: E402
+
+
+def _copy_into(old, new):
+    if isinstance(old, torch.Tensor):
+        old.copy_(new)
+    elif isinstance(old, (tuple, list)):
+        for o, n in zip(old, new):
+            _copy_into(o, n)
+
+
+class FakeGraph:
+    def __init__(self, step, out):
+        self.step, self.out, self.replays = step, out, 0
+
+    def replay(self):
+        self.replays += 1
+        _copy_into(self.out, self.step())
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    """Emulated capture; returns the list of FakeGraphs made."""
+    made = []
+
+    def capture(step, pool):
+        out = step()
+        made.append(FakeGraph(step, out))
+        return made[-1], out
+    monkeypatch.setattr(lg, "_capturable", lambda x: True)
+    monkeypatch.setattr(lg, "_warm_up", lambda step, device: step())
+    monkeypatch.setattr(lg, "_new_pool", lambda: None)
+    monkeypatch.setattr(lg, "_capture", capture)
+    return made
+
+
+def _pair(graph_tokens=64, n_in=19, n_out=23, **kw):
+    """A graphed layer and an ungraphed one with the same weights."""
+    kw = {"num_experts": 4, "top_k": 2, "rank": 3, "backend": "triton", "aux_loss_coef": 0.3, "z_loss_coef": 0.05, **kw}
+    plain = MoLLinear(torch.nn.Linear(n_in, n_out), **kw)
+    with torch.no_grad():
+        plain.lora_B.normal_()
+    graphed = MoLLinear(torch.nn.Linear(n_in, n_out), graph_tokens=graph_tokens, **kw)
+    graphed.load_state_dict(plain.state_dict())
+    return plain, graphed
+
+
+def _step(layer, x, w_y):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    loss = (y * w_y).sum() + 3.0 * layer.aux_loss()
+    return x, y, loss
+
+
+def _grads(layer, x):
+    return [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+
+
+def test_graphed_steps_equal_ungraphed_and_hand_out_fresh_tensors(graphs):
+    plain, graphed = _pair()
+    kept = []
+    for step in range(3):
+        x, w_y = torch.randn(2, 9, 19), torch.randn(2, 9, 23)
+        xp, yp, lp = _step(plain, x, w_y)
+        xg, yg, lg_ = _step(graphed, x, w_y)
+        assert torch.equal(yg, yp) and torch.equal(graphed.aux_loss(), plain.aux_loss())
+        lp.backward()
+        lg_.backward()
+        for a, b in zip(_grads(graphed, xg), _grads(plain, xp)):
+            assert torch.equal(a, b)
+        kept.append((yg, yp, graphed.aux_loss(), plain.aux_loss(), xg.grad, xp.grad))
+        for layer in (plain, graphed):
+            layer.zero_grad(set_to_none=True)
+    fwd, bwd = graphs  # one signature: captured once, replayed every step
+    assert fwd.replays == 3 and bwd.replays == 3
+    # the static inputs carry no autograd history: one that did would keep the caller's first graph (and its
+    # leaves' AccumulateGrad nodes, made on another stream) alive, which breaks later captures on a GPU
+    cap, = graphed._graphs.captured.values()
+    assert all(t is None or (t.grad_fn is None and not t.requires_grad) for i, t in enumerate(cap.static_in)
+               if i in lg._PER_CALL)
+    for yg, yp, ag, ap, dxg, dxp in kept:  # later replays overwrote none of what the caller kept
+        assert torch.equal(yg, yp) and torch.equal(ag, ap) and torch.equal(dxg, dxp)
+
+
+def test_gradient_accumulation_adds_up(graphs):
+    plain, graphed = _pair()
+    for _ in range(2):  # two micro-batches into the same .grad: no gradient may alias a graph buffer
+        x, w_y = torch.randn(7, 19), torch.randn(7, 23)
+        for layer in (plain, graphed):
+            _step(layer, x, w_y)[2].backward()
+    for a, b in zip(graphed.parameters(), plain.parameters()):
+        if a.requires_grad:
+            assert torch.equal(a.grad, b.grad)
+
+
+def test_second_forward_before_backward_runs_off_the_graph(graphs):
+    plain, graphed = _pair()
+    x1, x2, w_y = torch.randn(5, 19), torch.randn(5, 19), torch.randn(5, 23)
+    losses = {}
+    for name, layer in (("plain", plain), ("graphed", graphed)):
+        a, b = x1.clone().requires_grad_(), x2.clone().requires_grad_()
+        ya = layer(a)
+        aux_a = layer.aux_loss()
+        yb = layer(b)  # the layer twice in one step: the first call's saved buffers are still needed
+        loss = ((ya + 2 * yb) * w_y).sum() + aux_a + layer.aux_loss()
+        loss.backward()
+        losses[name] = (ya, yb, a.grad, b.grad, [p.grad for p in layer.parameters() if p.requires_grad])
+    fwd, bwd = graphs
+    assert fwd.replays == 1 and bwd.replays == 1
+    for a, b in zip(losses["graphed"][:4], losses["plain"][:4]):
+        assert torch.equal(a, b)
+    for a, b in zip(losses["graphed"][4], losses["plain"][4]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_backward_after_a_later_replay_is_refused(graphs):
+    _, graphed = _pair()
+    y1 = graphed(torch.randn(6, 19, requires_grad=True))
+    y1.sum().backward(retain_graph=True)
+    graphed(torch.randn(6, 19, requires_grad=True)).sum().backward()
+    with pytest.raises(RuntimeError, match="graph_tokens=0"):
+        y1.sum().backward()
+
+
+def test_backward_after_a_weight_changed_in_place_is_refused(graphs):
+    # eager autograd refuses a saved tensor modified in place; the captured backward reads the weights in place
+    _, graphed = _pair()
+    y = graphed(torch.randn(6, 19, requires_grad=True))
+    with torch.no_grad():
+        graphed.lora_A.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place or moved"):
+        y.sum().backward()
+
+
+def test_limits_token_count_and_signatures(graphs):
+    plain, graphed = _pair(graph_tokens=8)
+    graphed(torch.randn(9, 19, requires_grad=True)).sum().backward()  # over graph_tokens: not captured
+    assert not graphs
+    with torch.no_grad():  # inference never captures
+        graphed(torch.randn(4, 19))
+    assert not graphs
+    for t in range(1, lg.MAX_SIGNATURES + 1):
+        graphed(torch.randn(t, 19, requires_grad=True)).sum().backward()
+    assert len(graphs) == 2 * lg.MAX_SIGNATURES
+    x = torch.randn(lg.MAX_SIGNATURES + 1, 19)
+    with pytest.warns(UserWarning, match="Pad batches"):
+        yg = graphed(x.clone().requires_grad_())
+    assert len(graphs) == 2 * lg.MAX_SIGNATURES and torch.equal(yg, plain(x))
+
+
+def test_copies_and_pickles_start_without_graphs(graphs):
+    _, graphed = _pair()
+    graphed(torch.randn(3, 19, requires_grad=True)).sum().backward()
+    assert graphed._graphs.captured
+    graphed.clear_routing()  # the last forward's aux loss (a graph node) cannot be deep-copied, with or without graphs
+    for clone in (copy.deepcopy(graphed), pickle.loads(pickle.dumps(graphed))):
+        assert clone._graphs.max_tokens == 64 and not clone._graphs.captured
+        x = torch.randn(3, 19)
+        assert torch.equal(clone(x), graphed(x))
+
+
+def test_graph_tokens_is_validated():
+    with pytest.raises(ValueError, match="graph_tokens"):
+        MoLLinear(torch.nn.Linear(4, 4), graph_tokens=-1)
+    with pytest.raises(ValueError, match="graph_tokens"):
+        MoLConfig(graph_tokens=1.5).validate()
+    assert MoLLinear(torch.nn.Linear(4, 4), num_experts=1, graph_tokens=8)._graphs is None  # LoRA: no routed path
