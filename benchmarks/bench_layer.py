@@ -13,8 +13,10 @@ base, the whole MoLLinear and PEFT are also timed eager with autograd's worker t
 calling thread, as mol.train runs it) and under CUDA-graph replay.
 After timing each case the autotuned kernels' output and gradients are checked against a float32
 PyTorch reference (the tuned tiles may differ from the fixed one gpu_check_kernels.py uses).
+At T <= 2048 MoLLinear is also timed with per-layer CUDA graphs (graph_tokens=T: the loop eager, the layer
+replaying its own captured forward and backward), eager rows only.
 --quick: T=8192 and T=512 (4096→4096 E=8 top-2 r=16) plus the decode and host tables. --kernels-only: the
-kernels-alone table alone.
+kernels-alone table alone. --only-t T...: only those layer cases (no decode or host table).
 """
 import argparse
 import itertools
@@ -39,6 +41,8 @@ ONE = None  # the aux loss's gradient seed, made once in main()
 # the rows also timed with autograd's worker thread off and under CUDA-graph replay
 KEY_ROWS = ("bare frozen base", "MoLLinear, whole layer with router + aux loss (fused router+experts)",
             "PEFT LoRA r=16 (one expert)")
+# MoLLinear(graph_tokens=T): eager rows only (a capture of the whole step would not nest the layer's own graphs)
+GRAPHED_ROW = "MoLLinear, whole layer with router + aux loss (fused router+experts), per-layer CUDA graphs"
 
 
 def routing(T, E, K, gen):
@@ -64,11 +68,12 @@ def fwd_bwd(fn, inputs, dy):
     return run
 
 
-def mol_layer(W, A, B, E, K, r, backend):
+def mol_layer(W, A, B, E, K, r, backend, graph_tokens=0):
     """A mol.MoLLinear over a frozen nn.Linear holding W, experts initialised from A and B."""
     base = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, device=DEV, dtype=DT)
     base.weight.data.copy_(W)
-    m = mol.MoLLinear(base, num_experts=E, top_k=K, rank=r, alpha=2.0 * r, backend=backend)
+    m = mol.MoLLinear(base, num_experts=E, top_k=K, rank=r, alpha=2.0 * r, backend=backend,
+                      graph_tokens=graph_tokens)
     with torch.no_grad():
         m.lora_A.copy_(A.detach())
         m.lora_B.copy_(B.detach())
@@ -129,6 +134,9 @@ def rows_for(c, r, E, with_peft):
         m = mol_layer(W, A, B, E, ids.shape[1], r, backend)
         label = "fused router+experts" if backend == "triton" else "torch reference backend"
         rows[f"MoLLinear, whole layer with router + aux loss ({label})"] = mol_step(m, x, dy)
+    if T <= 2048:  # the host-bound sizes: the same layer replaying its own captured fwd and bwd, the loop eager
+        m = mol_layer(W, A, B, E, ids.shape[1], r, "triton", graph_tokens=T)
+        rows[GRAPHED_ROW] = mol_step(m, x, dy)
 
     if with_peft:
         try:
@@ -344,6 +352,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--decode-only", action="store_true", help="only the decode (CUDA-graph replay) table")
     ap.add_argument("--kernels-only", action="store_true", help="only the kernels-alone table (the T=8192 cases)")
+    ap.add_argument("--only-t", type=int, nargs="+", default=None, help="only the layer cases with these T")
     args = ap.parse_args()
     global ONE
     ONE = torch.ones((), device=DEV)
@@ -366,8 +375,10 @@ def main():
         cases = []
     if args.kernels_only:
         cases = [c for c in cases if c[0] == 8192]
+    if args.only_t:
+        cases = [c for c in cases if c[0] in args.only_t]
     # host table first: the quick GPU run has a hard time limit and this is its main question
-    host_lines = [] if args.decode_only or args.kernels_only else host_table(gen)
+    host_lines = [] if args.decode_only or args.kernels_only or args.only_t else host_table(gen)
     if not args.kernels_only:
         lines += ["| case | row | ms | × base | target |", "| --- | --- | --- | --- | --- |"]
     kern, checks = [], []
@@ -383,7 +394,7 @@ def main():
             times[rn] = bench(fn, rep=100 if "naive" in rn else 200)
         # eager again with the backward on this thread (what mol.train does): the host-bound rows' other half
         with torch.autograd.set_multithreading_enabled(False):
-            for rn in KEY_ROWS:
+            for rn in KEY_ROWS + (GRAPHED_ROW,):
                 if rn in rows:
                     times[rn + ", autograd threads off"] = bench(rows[rn], rep=200)
         tb = times["bare frozen base"]
@@ -423,14 +434,15 @@ def main():
               "copy bandwidth |", "| --- | --- | --- | --- | --- | --- |"]
     for case, n, us_b, us_g, gbs, frac in kern:
         lines.append(f"| {case} | {n} | {us_b:.1f} | {us_g:.1f} | {gbs:.0f} | {frac:.0%} |")
-    if not args.kernels_only:
+    decode = not (args.kernels_only or args.only_t)
+    if decode:
         lines += ["", "Decode, forward only, CUDA-graph replay (20 calls per graph; the five graphs replayed in turn, "
                   "7 rounds, medians), 4096→4096 E=8 top-2 r=16:", "",
                   "| T | bare base µs | MoL fused µs | MoL add µs | MoLLinear whole layer µs | same, large-T path µs "
                   "| × base (fused) | × base (whole layer) | target |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     with torch.no_grad():
-        for T in (() if args.kernels_only else (1, 16)):
+        for T in ((1, 16) if decode else ()):
             c = make_case(T, 4096, 4096, 8, 2, 16, gen)
             x, W, A, B, ids = c["x"].detach(), c["W"], c["A"].detach(), c["B"].detach(), c["ids"]
             gates = c["gates"].detach()

@@ -1,6 +1,6 @@
 """Model benchmark: one AdamW step of a Llama-shaped model (random weights, no download), bf16.
 
-    python benchmarks/bench_model.py [--out results.md] [--tiny]
+    python benchmarks/bench_model.py [--out results.md] [--tiny] [--batch B --seq S] [--only NAME ...]
 
 hidden 2048, 8 layers, batch x seq = 8 x 1024; adapters on every attention and MLP linear
 (q, k, v, o, gate, up, down). Rows: no adapter (frozen model, backward to the embeddings,
@@ -8,7 +8,8 @@ no optimizer: the floor every adapter pays), PEFT LoRA r=16, MoL E=8 top-2 r=16 
 backend, and the PyTorch reference backend for comparison), and PEFT and MoL again with the backward run on
 the calling thread (torch.autograd.set_multithreading_enabled(False)), and PEFT and MoL with the whole step
 captured in a CUDA graph and replayed (the GPU's work alone: on hosts as slow as the H200 machines the eager step is
-host-bound). With --only, also PEFT and MoL under torch.compile(model) (default mode). Median step time over
+host-bound). With --only, also PEFT and MoL under torch.compile(model) (default mode), and MoL with per-layer
+CUDA graphs (MoLConfig.graph_tokens: the step eager, each layer replaying its captured forward and backward). Median step time over
 timed steps after warm-up (CUDA events), and peak allocated memory over the timed steps.
 """
 import argparse
@@ -41,7 +42,7 @@ def build(tiny: bool, dev: str, dtype):
     return model
 
 
-def variant(name, model):
+def variant(name, model, tokens=0):
     if name == "no adapter":
         # nothing trainable: let the backward run through every layer to the embeddings anyway
         model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_())
@@ -52,8 +53,9 @@ def variant(name, model):
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
     else:
         backend = "torch" if "reference" in name else "triton"
-        model = mol.inject(model, mol.MoLConfig(rank=16, alpha=32, num_experts=8, top_k=2,
-                                               target_modules=TARGETS, backend=backend))
+        graph_tokens = tokens if "layer graphs" in name else 0  # every layer call of the step replays its graphs
+        model = mol.inject(model, mol.MoLConfig(rank=16, alpha=32, num_experts=8, top_k=2, target_modules=TARGETS,
+                                               backend=backend, graph_tokens=graph_tokens))
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():  # never time on zeros: give lora_B values
         for n, p in model.named_parameters():
@@ -120,20 +122,26 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true", help="smoke test on CPU with a tiny model")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; --tiny: 2)")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; --tiny: 16)")
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
                     help="run only these variants, in this order (exact names of the table's rows)")
     args = ap.parse_args()
     dev = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
     batch, seq = (2, 16) if args.tiny else (8, 1024)
+    batch, seq = args.batch or batch, args.seq or seq
     names = ["no adapter", "PEFT LoRA r=16", "MoL E=8 top-2 r=16 (triton)", "MoL E=8 top-2 r=16 (torch reference)",
              "PEFT LoRA r=16, autograd threads off", "MoL E=8 top-2 r=16 (triton), autograd threads off",
              "PEFT LoRA r=16, CUDA graph", "MoL E=8 top-2 r=16 (triton), CUDA graph"]
     # not in the default table, for --only comparisons: the MoL row with the large-T shrink + router as the Triton
     # kernel instead of one GEMM (routed_lora.SHRINK), and the PEFT and MoL rows under torch.compile(model)
     # (default mode; minutes of compiling each)
+    # and MoL with per-layer CUDA graphs (MoLConfig.graph_tokens = batch x seq: every layer call replays its own
+    # captured forward and backward; the step stays eager), for small steps where the eager step is host-bound
     extra = ["MoL E=8 top-2 r=16 (triton, Triton shrink)", "PEFT LoRA r=16, torch.compile",
-             "MoL E=8 top-2 r=16 (triton), torch.compile"]
+             "MoL E=8 top-2 r=16 (triton), torch.compile", "MoL E=8 top-2 r=16 (triton), layer graphs",
+             "MoL E=8 top-2 r=16 (triton), layer graphs, autograd threads off"]
     if args.only:
         unknown = [n for n in args.only if n not in names + extra]
         if unknown:
@@ -151,7 +159,7 @@ def main():
     for name in names:
         try:
             model = build(args.tiny, dev, dtype)
-            model, params = variant(name, model)
+            model, params = variant(name, model, batch * seq)
             g = torch.Generator(device=dev).manual_seed(1)
             ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev, generator=g)
             step = step_fn(model, params, ids, name)

@@ -1,0 +1,181 @@
+"""Per-layer CUDA graphs (MoLLinear(graph_tokens=N), mol.kernels.layer_graphs) on the GPU: correctness, host cost.
+
+    python benchmarks/gpu_check_layer_graphs.py [--out results.md] [--skip-timing | --skip-check]
+
+1. Correctness, real captures: a graphed MoLLinear against the same layer without graphs, over three training
+   steps with fresh inputs, the gradients accumulated into .grad over two micro-batches per step (so a gradient
+   aliasing a graph buffer would show): y, aux and the gradients of x, lora_A, lora_B and the router weight.
+   The graphed layer replays the kernels the ungraphed one launches (whose float64 accuracy
+   gpu_check_routed.py checks), so the two must agree up to the kernels' own run-to-run summation order
+   (the small-T forward's split-K atomics); pass: relative difference < 1e-6 in float32, < 1e-4 in bf16 (a
+   fortieth of one bf16 rounding). bf16 and float32; T = 7, 512, 2048 (T=7 is the one-launch small-T forward);
+   a plain frozen base, dropout (x_lora), router noise, and an NF4 base (dequantized inside the graph). Also
+   checks that the graphs were replayed (not silently skipped). Exit code 1 on any failure.
+2. Time per fwd+bwd at T = 512 and 2048, eager loop, backward on the calling thread, 4096→4096 E=8 top-2 r=16 bf16, the
+   three rows interleaved over rounds: the bare frozen base, MoLLinear, MoLLinear with graph_tokens; host µs per
+   call (no synchronisation in the loop) and wall ms per call with one synchronisation; and the memory each
+   capture keeps (memory_allocated before and after the first graphed call).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import mol  # noqa: E402
+from mol.quant import NF4Linear  # noqa: E402
+
+DEV = "cuda"
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_pair(n_in, n_out, dtype, mode, graph_tokens, gen):
+    kw = dict(num_experts=8, top_k=2, rank=16, alpha=32.0, aux_loss_coef=0.01, z_loss_coef=0.001,
+              dropout=0.1 if mode == "dropout" else 0.0, router_noise=0.5 if mode == "noise" else 0.0)
+    weight = torch.randn(n_out, n_in, device=DEV, generator=gen, dtype=torch.float32) / n_in**0.5
+    layers = []
+    for tokens in (0, graph_tokens):
+        base = torch.nn.Linear(n_in, n_out, bias=True, device=DEV, dtype=dtype)
+        with torch.no_grad():
+            base.weight.copy_(weight)
+            base.bias.fill_(0.1)
+        if mode == "nf4":
+            base = NF4Linear.from_linear(base)
+        layers.append(mol.MoLLinear(base, graph_tokens=tokens, **kw).to(DEV))
+    plain, graphed = layers
+    with torch.no_grad():
+        plain.lora_B.normal_(0, 0.02, generator=gen)
+    graphed.load_state_dict(plain.state_dict())
+    return plain, graphed
+
+
+def check(T, n_in, n_out, dtype, mode, gen):
+    plain, graphed = make_pair(n_in, n_out, dtype, mode, T, gen)
+    worst = 0.0
+    for step in range(3):
+        for layer in (plain, graphed):
+            layer.zero_grad(set_to_none=True)
+        xs, outs = [], {}
+        for micro in range(2):
+            x = torch.randn(T, n_in, device=DEV, dtype=dtype, generator=gen)
+            w_y = torch.randn(T, n_out, device=DEV, dtype=dtype, generator=gen)
+            seed = 1000 * step + micro
+            for name, layer in (("plain", plain), ("graphed", graphed)):
+                torch.manual_seed(seed)  # the same dropout mask and router noise for both
+                xi = x.clone().requires_grad_()
+                y = layer(xi)
+                aux = layer.aux_loss()
+                ((y.float() * w_y.float()).sum() + aux).backward()
+                outs.setdefault(name, []).append((y, aux, xi.grad))
+            xs.append(x)
+        for (yp, ap, dxp), (yg, ag, dxg) in zip(outs["plain"], outs["graphed"]):
+            worst = max(worst, rel(yg, yp), rel(ag, ap), rel(dxg, dxp))
+        for (n, p), (_, q) in zip(plain.named_parameters(), graphed.named_parameters()):
+            if p.requires_grad:
+                worst = max(worst, rel(q.grad, p.grad))
+    caps = list(graphed._graphs.captured.values())
+    replays = len(caps) == 1 and caps[0].generation == 6
+    return worst, replays
+
+
+def host_and_wall(fns: dict, calls=100, rounds=5):
+    """Per row: median over rounds of host µs per call (no sync inside the loop) and wall ms per call."""
+    res = {k: ([], []) for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            res[k][0].append((t1 - t0) / calls * 1e6)
+            res[k][1].append((t2 - t0) / calls * 1e3)
+    return {k: (statistics.median(h), statistics.median(w)) for k, (h, w) in res.items()}
+
+
+def timing(lines, gen):
+    n = 4096
+    lines += ["", "Eager fwd+bwd per call (backward on the calling thread), 4096→4096 E=8 top-2 r=16 bf16, rows "
+              "interleaved, medians of 5 rounds of 100 calls:", "",
+              "| T | row | host µs / call | wall ms / call | × base (wall) | capture keeps MiB |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for T in (512, 2048):
+        plain, graphed = make_pair(n, n, torch.bfloat16, "plain", T, gen)
+        base = plain.base_layer
+        x = torch.randn(T, n, device=DEV, dtype=torch.bfloat16, generator=gen, requires_grad=True)
+        dy = torch.randn(T, n, device=DEV, dtype=torch.bfloat16, generator=gen)
+        one = torch.ones((), device=DEV)
+
+        def base_step():
+            torch.autograd.grad(base(x), [x], dy)
+
+        def layer_step(m):
+            params = [m.lora_A, m.lora_B, m.router.weight]
+
+            def step():
+                y = m(x)
+                torch.autograd.grad([y, m.aux_loss()], [x] + params, [dy, one])
+            return step
+        plain_step, graphed_step = layer_step(plain), layer_step(graphed)
+        with torch.autograd.set_multithreading_enabled(False):
+            plain_step()
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            graphed_step()
+            torch.cuda.synchronize()
+            kept = (torch.cuda.memory_allocated() - before) / 2**20
+            for fn in (base_step, plain_step, graphed_step):
+                for _ in range(10):
+                    fn()
+            res = host_and_wall({"bare frozen base": base_step, "MoLLinear": plain_step,
+                                 f"MoLLinear, graph_tokens={T}": graphed_step})
+        wb = res["bare frozen base"][1]
+        for k, (h, w) in res.items():
+            mem = f"{kept:.1f}" if "graph_tokens" in k else ""
+            lines.append(f"| {T} | {k} | {h:.0f} | {w:.3f} | {w / wb:.2f}× | {mem} |")
+            print(lines[-1], flush=True)
+        del plain, graphed
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--skip-check", action="store_true")
+    args = ap.parse_args()
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}", "",
+             "| case | worst relative difference, graphed vs not | graphs replayed | ok |", "| --- | --- | --- | --- |"]
+    failed = False
+    cases = [(T, 4096, 4096, dt, "plain") for T in (7, 512, 2048) for dt in (torch.bfloat16, torch.float32)]
+    cases += [(512, 4096, 11008, torch.bfloat16, m) for m in ("dropout", "noise", "nf4")]
+    cases += [(7, 4096, 4096, torch.bfloat16, "nf4")]
+    for T, n_in, n_out, dt, mode in ([] if args.skip_check else cases):
+        worst, replayed = check(T, n_in, n_out, dt, mode, gen)
+        ok = worst < (1e-6 if dt == torch.float32 else 1e-4) and replayed
+        failed |= not ok
+        lines.append(f"| T={T} {n_in}→{n_out} {str(dt)[6:]} {mode} | {worst:.1e} | {replayed} | {'yes' if ok else 'NO'} |")
+        print(lines[-1], flush=True)
+        torch.cuda.empty_cache()
+    if not args.skip_timing:
+        timing(lines, gen)
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
