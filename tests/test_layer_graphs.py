@@ -98,8 +98,8 @@ def test_graphed_steps_equal_ungraphed_and_hand_out_fresh_tensors(graphs):
     # the static inputs carry no autograd history: one that did would keep the caller's first graph (and its
     # leaves' AccumulateGrad nodes, made on another stream) alive, which breaks later captures on a GPU
     cap, = graphed._graphs.captured.values()
-    assert all(t is None or (t.grad_fn is None and not t.requires_grad) for i, t in enumerate(cap.static_in)
-               if i in lg._PER_CALL)
+    assert cap.copied == (0,)  # x; the weights are parameters, read in place
+    assert all(t.grad_fn is None and not t.requires_grad for i, t in enumerate(cap.static_in) if i in cap.copied)
     for yg, yp, ag, ap, dxg, dxp in kept:  # later replays overwrote none of what the caller kept
         assert torch.equal(yg, yp) and torch.equal(ag, ap) and torch.equal(dxg, dxp)
 
@@ -142,6 +142,32 @@ def test_backward_after_a_later_replay_is_refused(graphs):
     graphed(torch.randn(6, 19, requires_grad=True)).sum().backward()
     with pytest.raises(RuntimeError, match="graph_tokens=0"):
         y1.sum().backward()
+
+
+def test_weights_that_are_not_parameters_are_copied_in(graphs):
+    # autocast's bf16 copy of an fp32 lora_A is a new tensor every call, at any address: it must be copied into
+    # the graph's static input (one capture for every call), never keyed by its address
+    from mol.kernels import routed_lora as rl
+
+    plain, graphed = _pair()
+    kept = []
+    for step in range(3):
+        x = torch.randn(5, 19)
+        outs = []
+        for layer in (plain, graphed):
+            xi = x.clone().requires_grad_()
+            a = layer.lora_A * (1.0 + step)  # a fresh non-leaf tensor, like a cast
+            kept.append(a)  # kept alive: the next call's copy lands elsewhere
+            y, aux, *_ = rl.routed_lora_linear(
+                xi, a, layer.lora_B, layer.router.weight, "topk", 2, layer.scaling,
+                weight=layer.base_layer.weight, bias=layer.base_layer.bias, lb_coef=0.3, z_coef=0.05,
+                graphs=layer._graphs)
+            (y.sum() + aux).backward()
+            outs.append((y, aux, xi.grad, layer.lora_A.grad.clone()))
+            layer.zero_grad(set_to_none=True)
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+    assert len(graphs) == 2 and graphs[0].replays == 3  # one signature
 
 
 def test_backward_after_a_weight_changed_in_place_is_refused(graphs):

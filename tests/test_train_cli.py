@@ -70,3 +70,19 @@ def test_experiments_compose_and_override_the_base_config(exp):
         assert cfg.model.task == "causal_lm" and cfg.baseline.enabled is False and cfg.trainer.max_epochs == 1
     if exp == "lora_same_budget":
         assert type(method).__name__ == "LoRAConfig" and method.rank == 68
+
+
+def test_graph_tokens_override_reaches_the_layers():
+    # method.graph_tokens is a MoLConfig field; inject hands it to every MoLLinear (on a CPU it never captures)
+    from hydra.utils import instantiate
+
+    import mol
+    from conftest import make_tiny_llama
+
+    cfg = compose(["method=mol", "method.graph_tokens=64", "method.target_modules=all-linear",
+                   "method.modules_to_save=[]", "output_dir=/z"])
+    method = instantiate(cfg.method, _convert_="all")
+    method.validate()
+    model = mol.inject(make_tiny_llama(), method)
+    layers = [m for m in model.modules() if isinstance(m, mol.MoLLinear)]
+    assert layers and all(m._graphs is not None and m._graphs.max_tokens == 64 for m in layers)

@@ -11,7 +11,8 @@ need a gradient, the addresses of the weights):
 
     first call   warm up the kernels on a side stream (Triton autotuning and cuBLAS set-up cannot be captured),
                  capture the forward, then the backward, into one private memory pool
-    forward      copy x (and x_lora / base_out / noise) into the static inputs, replay, clone y and aux out
+    forward      copy x (and x_lora / base_out / noise, and any weight that is not an nn.Parameter, such as
+                 autocast's bf16 copy of an fp32 lora_A) into the static inputs, replay, clone y and aux out
     backward     copy dy and daux into the static inputs, replay, clone the gradients out
 
 What the caller gets is always a fresh tensor for y, aux and every gradient, so nothing it keeps is overwritten
@@ -40,15 +41,22 @@ _PER_CALL = (0, 1, 4, 8)  # activations: new every call, copied into static buff
 MAX_SIGNATURES = 4
 
 
-def _signature(args: tuple, weight_fn: Optional[Callable], meta: tuple) -> Optional[tuple]:
+def _copied(args: tuple) -> tuple[int, ...]:
+    """The inputs copied into static buffers every call: the activations, and any weight that is not an
+    nn.Parameter (a copy cast for autocast, an FSDP view): made anew each call, it may sit anywhere."""
+    return tuple(i for i, t in enumerate(args)
+                 if t is not None and (i in _PER_CALL or not isinstance(t, torch.nn.Parameter)))
+
+
+def _signature(args: tuple, copied: tuple[int, ...], weight_fn: Optional[Callable], meta: tuple) -> Optional[tuple]:
     """What a captured graph depends on, or None where it cannot be captured."""
-    key: list[Any] = [meta]
+    key: list[Any] = [meta, copied]
     for i, t in enumerate(args):
         if t is None:
             key.append(None)
             continue
-        # weights are read in place by the graph, so their addresses (and layouts) are part of the signature
-        ptr = None if i in _PER_CALL else t.data_ptr()
+        # parameters are read in place by the graph, so their addresses (and layouts) are part of the signature
+        ptr = None if i in copied else t.data_ptr()
         key.append((tuple(t.shape), t.stride(), t.dtype, t.requires_grad, ptr))
     if weight_fn is not None:
         owner = getattr(weight_fn, "__self__", None)
@@ -96,19 +104,19 @@ def _capture(step: Callable[[], Any], pool: Any) -> tuple[Any, Any]:
 class _Captured:
     """One signature's forward and backward graphs, their static inputs and outputs."""
 
-    def __init__(self, args: tuple, weight_fn: Optional[Callable], meta: tuple, need: tuple[bool, ...]):
+    def __init__(self, args: tuple, copied: tuple[int, ...], weight_fn: Optional[Callable], meta: tuple,
+                 need: tuple[bool, ...]):
         from mol.kernels.routed_lora import _routed_backward, _routed_forward
 
-        self.need = need
+        self.need, self.copied = need, copied
         self.generation = 0
         self.pending: Optional[weakref.ref] = None
-        # static inputs: the per-call activations get buffers of their own; the weights are used in place
-        self.static_in = [t if t is None or i not in _PER_CALL else torch.empty_like(t, memory_format=torch.contiguous_format)
-                          for i, t in enumerate(args)]
+        # static inputs: what is copied in every call gets buffers of its own (in its own layout: lora_B's is
+        # expert-interleaved); parameters are used in place
+        self.static_in = [torch.empty_like(t) if i in copied else t for i, t in enumerate(args)]
         with torch.no_grad():  # a copy under grad mode would tie the static buffer to the caller's autograd graph
-            for i in _PER_CALL:
-                if args[i] is not None:
-                    self.static_in[i].copy_(args[i])
+            for i in copied:
+                self.static_in[i].copy_(args[i])
         x = args[0]
         n_out = args[6].shape[1]
         self.static_dy = torch.zeros(x.shape[0], n_out, device=x.device, dtype=x.dtype)
@@ -143,14 +151,13 @@ class _GraphedRoutedFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cap: _Captured, *args):
-        for i in _PER_CALL:
-            if args[i] is not None:
-                cap.static_in[i].copy_(args[i])
+        for i in cap.copied:
+            cap.static_in[i].copy_(args[i])
         cap.fwd_graph.replay()
         cap.generation += 1
         ctx.cap, ctx.generation, ctx.backward_done = cap, cap.generation, False
         # the weights the backward graph reads in place: what an eager backward's saved tensors would pin down
-        ctx.weights = [t for i, t in enumerate(args) if t is not None and i not in _PER_CALL]
+        ctx.weights = [t for i, t in enumerate(args) if t is not None and i not in cap.copied]
         ctx.weight_state = [(t.data_ptr(), t._version) for t in ctx.weights]
         cap.pending = weakref.ref(ctx)
         y, aux, hl, gates, ids, stats = cap.static_out
@@ -204,7 +211,8 @@ class LayerGraphs:
         x = args[0]
         if not (0 < x.shape[0] <= self.max_tokens and _capturable(x)):
             return None
-        key = _signature(args, weight_fn, meta)
+        copied = _copied(args)
+        key = _signature(args, copied, weight_fn, meta)
         if key is None:
             return None
         cap = self.captured.get(key)
@@ -217,7 +225,7 @@ class LayerGraphs:
                         "signatures (token counts, dtypes, weight addresses) and runs the ordinary kernels for new "
                         "ones. Pad batches to a few fixed lengths to keep the graphs in use.", stacklevel=4)
                 return None
-            cap = self.captured[key] = _Captured(args, weight_fn, meta, need)
+            cap = self.captured[key] = _Captured(args, copied, weight_fn, meta, need)
         elif cap.busy():
             return None
         return _GraphedRoutedFn.apply(cap, *args)
