@@ -1,6 +1,6 @@
 """Per-layer CUDA graphs (MoLLinear(graph_tokens=N), mol.kernels.layer_graphs) on the GPU: correctness, host cost.
 
-    python benchmarks/gpu_check_layer_graphs.py [--out results.md] [--skip-timing | --skip-check]
+    python benchmarks/gpu_check_layer_graphs.py [--out results.md] [--skip-timing | --skip-check] [--modes M ...]
 
 1. Correctness, real captures: a graphed MoLLinear against the same layer without graphs, over three training
    steps with fresh inputs, the gradients accumulated into .grad over two micro-batches per step (so a gradient
@@ -9,7 +9,8 @@
    gpu_check_routed.py checks), so the two must agree up to the kernels' own run-to-run summation order
    (the small-T forward's split-K atomics); pass: relative difference < 1e-6 in float32, < 1e-4 in bf16 (a
    fortieth of one bf16 rounding). bf16 and float32; T = 7, 512, 2048 (T=7 is the one-launch small-T forward);
-   a plain frozen base, dropout (x_lora), router noise, and an NF4 base (dequantized inside the graph). Also
+   a plain frozen base, dropout (x_lora), router noise, an NF4 base (dequantized inside the graph), and float32
+   layers under bf16 autocast (their lora_A/B cast afresh each call, copied into the graph). Also
    checks that the graphs were replayed (not silently skipped). Exit code 1 on any failure.
 2. Time per fwd+bwd at T = 512 and 2048, eager loop, backward on the calling thread, 4096→4096 E=8 top-2 r=16 bf16, the
    three rows interleaved over rounds: the bare frozen base, MoLLinear, MoLLinear with graph_tokens; host µs per
@@ -70,8 +71,11 @@ def check(T, n_in, n_out, dtype, mode, gen):
             for name, layer in (("plain", plain), ("graphed", graphed)):
                 torch.manual_seed(seed)  # the same dropout mask and router noise for both
                 xi = x.clone().requires_grad_()
-                y = layer(xi)
-                aux = layer.aux_loss()
+                # autocast: float32 parameters, bf16 compute (mol.train's bf16-mixed); lora_A/B reach the kernels
+                # as fresh bf16 casts every call, which the graphs copy in
+                with torch.autocast("cuda", torch.bfloat16, enabled=mode == "autocast"):
+                    y = layer(xi)
+                    aux = layer.aux_loss()
                 ((y.float() * w_y.float()).sum() + aux).backward()
                 outs.setdefault(name, []).append((y, aux, xi.grad))
             xs.append(x)
@@ -152,6 +156,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--modes", nargs="+", default=None, help="only the correctness cases of these modes "
+                    "(plain, dropout, noise, nf4, autocast)")
     args = ap.parse_args()
     gen = torch.Generator(device=DEV).manual_seed(0)
     lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}", "",
@@ -160,9 +166,12 @@ def main():
     cases = [(T, 4096, 4096, dt, "plain") for T in (7, 512, 2048) for dt in (torch.bfloat16, torch.float32)]
     cases += [(512, 4096, 11008, torch.bfloat16, m) for m in ("dropout", "noise", "nf4")]
     cases += [(7, 4096, 4096, torch.bfloat16, "nf4")]
+    cases += [(T, 4096, 4096, torch.float32, "autocast") for T in (7, 512)]
+    if args.modes:
+        cases = [c for c in cases if c[4] in args.modes]
     for T, n_in, n_out, dt, mode in ([] if args.skip_check else cases):
         worst, replayed = check(T, n_in, n_out, dt, mode, gen)
-        ok = worst < (1e-6 if dt == torch.float32 else 1e-4) and replayed
+        ok = worst < (1e-6 if dt == torch.float32 and mode != "autocast" else 1e-4) and replayed
         failed |= not ok
         lines.append(f"| T={T} {n_in}→{n_out} {str(dt)[6:]} {mode} | {worst:.1e} | {replayed} | {'yes' if ok else 'NO'} |")
         print(lines[-1], flush=True)
