@@ -96,7 +96,9 @@ def _new_pool() -> Any:
 def _capture(step: Callable[[], Any], pool: Any) -> tuple[Any, Any]:
     """(graph, step's outputs): step's launches captured into a new CUDA graph whose memory comes from pool."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: the capture happens inside a training step, where other threads (a DataLoader's pin-memory
+    # thread, a logger) may call CUDA; only this thread's calls can break it
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = step()
     return graph, out
 
