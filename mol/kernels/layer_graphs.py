@@ -35,9 +35,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-# routed_lora_linear's tensor inputs, in _RoutedLoRAFn's order (weight_fn and meta are not tensors)
-_NAMES = ("x", "x_lora", "weight", "bias", "base_out", "lora_A", "lora_B", "router_w", "noise")
-_PER_CALL = (0, 1, 4, 8)  # activations: new every call, copied into static buffers
+# routed_lora_linear's tensor inputs are (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise);
+_PER_CALL = (0, 1, 4, 8)  # the activations among them: new every call, copied into static buffers
 MAX_SIGNATURES = 4
 
 
