@@ -12,10 +12,14 @@ import contextlib
 import os
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from einops import rearrange
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from mol.kernels.layer_graphs import LayerGraphs
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -116,7 +120,8 @@ def fused_routing_available(router: torch.nn.Module, backend: str, x: Tensor) ->
 
 
 def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                     router: torch.nn.Module, scale: float, lb_coef: float, z_coef: float, graphs=None):
+                     router: torch.nn.Module, scale: float, lb_coef: float, z_coef: float,
+                     graphs: LayerGraphs | None = None):
     """base_layer(x) + routed experts, router and auxiliary losses in one fused Triton pass (see
     mol.kernels.routed_lora). x: (T, in); x_lora: the experts' input when it differs from x (dropout).
     Returns (out (T, out), FusedRouterOutput).

@@ -97,6 +97,10 @@ class MoLLinear(AdapterLayer):
             raise ValueError(f"backend={backend!r} is unknown; choose one of {dispatch.BACKENDS}")
         if not isinstance(graph_tokens, int) or isinstance(graph_tokens, bool) or graph_tokens < 0:
             raise ValueError(f"graph_tokens must be an integer >= 0 (0: no captured graphs), got {graph_tokens!r}")
+        if graph_tokens and num_experts > 1 and (backend == "torch" or router not in dispatch.FUSED_ROUTERS):
+            raise ValueError(f"graph_tokens={graph_tokens} captures the fused Triton path, which backend={backend!r} "
+                             f"with router={router!r} never runs (it needs backend 'auto' or 'triton' and a router "
+                             f"in {dispatch.FUSED_ROUTERS}); set graph_tokens=0")
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)

@@ -213,3 +213,6 @@ def test_graph_tokens_is_validated():
     with pytest.raises(ValueError, match="graph_tokens"):
         MoLConfig(graph_tokens=1.5).validate()
     assert MoLLinear(torch.nn.Linear(4, 4), num_experts=1, graph_tokens=8)._graphs is None  # LoRA: no routed path
+    for kw in ({"backend": "torch"}, {"router": "sequence"}):  # paths the graphs never see: said, not ignored
+        with pytest.raises(ValueError, match="set graph_tokens=0"):
+            MoLLinear(torch.nn.Linear(4, 4), num_experts=4, graph_tokens=8, **kw)
