@@ -7,8 +7,9 @@
    aliasing a graph buffer would show): y, aux and the gradients of x, lora_A, lora_B and the router weight.
    The graphed layer replays the kernels the ungraphed one launches (whose float64 accuracy
    gpu_check_routed.py checks), so the two must agree up to the kernels' own run-to-run summation order
-   (the small-T forward's split-K atomics); pass: relative difference < 1e-6 in float32, < 1e-4 in bf16 (a
-   fortieth of one bf16 rounding). bf16 and float32; T = 7, 512, 2048 (T=7 is the one-launch small-T forward);
+   (the small-T forward's split-K atomics, which move bf16 outputs by one rounding here and there: 1.4e-5 to
+   9.2e-5 measured at T=7); pass: relative difference < 1e-6 in float32, < 1e-3 in bf16 (a quarter of one bf16
+   rounding; a stale or unwritten buffer is off by O(1)). bf16 and float32; T = 7, 512, 2048 (T=7 is the one-launch small-T forward);
    a plain frozen base, dropout (x_lora), router noise, an NF4 base (dequantized inside the graph), and float32
    layers under bf16 autocast (their lora_A/B cast afresh each call, copied into the graph). Also
    checks that the graphs were replayed (not silently skipped). Exit code 1 on any failure.
@@ -171,7 +172,7 @@ def main():
         cases = [c for c in cases if c[4] in args.modes]
     for T, n_in, n_out, dt, mode in ([] if args.skip_check else cases):
         worst, replayed = check(T, n_in, n_out, dt, mode, gen)
-        ok = worst < (1e-6 if dt == torch.float32 and mode != "autocast" else 1e-4) and replayed
+        ok = worst < (1e-6 if dt == torch.float32 and mode != "autocast" else 1e-3) and replayed
         failed |= not ok
         lines.append(f"| T={T} {n_in}→{n_out} {str(dt)[6:]} {mode} | {worst:.1e} | {replayed} | {'yes' if ok else 'NO'} |")
         print(lines[-1], flush=True)
