@@ -218,6 +218,14 @@ def clear_routing(model: nn.Module) -> None:
             m.clear_routing()
 
 
+def clear_graphs(model: nn.Module) -> None:
+    """Free every MoL layer's captured CUDA graphs and their static buffers (``graph_tokens``), e.g. after
+    training and before long generation; the next training call of a captured size captures again."""
+    for _, m in adapter_layers(model):
+        if isinstance(m, MoLLinear) and m._graphs is not None:
+            m._graphs.clear()
+
+
 def routing_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     """Per routed layer: load (E,), counts (E,), entropy, load_balance_loss, z_loss of the last forward."""
     return {n: m.last_stats for n, m in adapter_layers(model) if isinstance(m, MoLLinear) and m.last_stats}

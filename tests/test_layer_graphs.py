@@ -207,6 +207,19 @@ def test_copies_and_pickles_start_without_graphs(graphs):
         assert torch.equal(clone(x), graphed(x))
 
 
+def test_clear_graphs_frees_and_the_next_call_captures_again(graphs):
+    import mol
+
+    _, graphed = _pair()
+    model = torch.nn.Sequential(graphed)
+    x = torch.randn(4, 19, requires_grad=True)
+    model(x).sum().backward()
+    mol.clear_graphs(model)
+    assert not graphed._graphs.captured
+    model(x).sum().backward()
+    assert len(graphed._graphs.captured) == 1 and len(graphs) == 4
+
+
 def test_graph_tokens_is_validated():
     with pytest.raises(ValueError, match="graph_tokens"):
         MoLLinear(torch.nn.Linear(4, 4), graph_tokens=-1)
