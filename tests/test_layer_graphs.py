@@ -170,6 +170,26 @@ def test_weights_that_are_not_parameters_are_copied_in(graphs):
     assert len(graphs) == 2 and graphs[0].replays == 3  # one signature
 
 
+def test_base_out_path_gets_its_gradient(graphs):
+    # a base computed by the caller (NF4 at small T, autocast): its gradient is dy, handed back by the graphed path
+    from mol.kernels import routed_lora as rl
+
+    plain, graphed = _pair()
+    for step in range(2):
+        x, base_out, w_y = torch.randn(5, 19), torch.randn(5, 23), torch.randn(5, 23)
+        outs = []
+        for layer in (plain, graphed):
+            xi, bi = x.clone().requires_grad_(), base_out.clone().requires_grad_()
+            y, aux, *_ = rl.routed_lora_linear(xi, layer.lora_A, layer.lora_B, layer.router.weight, "topk", 2,
+                                               layer.scaling, base_out=bi, lb_coef=0.3, z_coef=0.05,
+                                               graphs=layer._graphs)
+            ((y * w_y).sum() + aux).backward()
+            outs.append((y, xi.grad, bi.grad))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+    assert graphs and graphs[1].replays == 2
+
+
 def test_backward_after_a_weight_changed_in_place_is_refused(graphs):
     # eager autograd refuses a saved tensor modified in place; the captured backward reads the weights in place
     _, graphed = _pair()

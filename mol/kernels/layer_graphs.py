@@ -107,9 +107,9 @@ class _Captured:
 
     def __init__(self, args: tuple, copied: tuple[int, ...], weight_fn: Optional[Callable], meta: tuple,
                  need: tuple[bool, ...]):
-        from mol.kernels.routed_lora import _routed_backward, _routed_forward
+        from mol.kernels.routed_lora import _routed_backward, _routed_forward_saved
 
-        self.need, self.copied = need, copied
+        self.copied = copied
         self.generation = 0
         self.pending: Optional[weakref.ref] = None
         # static inputs: what is copied in every call gets buffers of its own (in its own layout: lora_B's is
@@ -125,11 +125,7 @@ class _Captured:
         (sx, sxl, sw, sb, sbo, sa, sbb, swr, sn) = self.static_in
 
         def forward():
-            y, aux, hl, gates, ids, u, stats, w_dx = _routed_forward(sx, sxl, sw, weight_fn, sb, sbo, sa, sbb, swr,
-                                                                     sn, meta)
-            if not need[0] or (w_dx is not None and w_dx.numel() == 0):
-                w_dx = None
-            return (y, aux, hl, gates, ids, stats), (sx, sxl, sw, sa, sbb, swr, sn, hl, gates, ids, u, stats, w_dx)
+            return _routed_forward_saved(sx, sxl, sw, weight_fn, sb, sbo, sa, sbb, swr, sn, meta, need[0])
 
         def backward(saved):
             return _routed_backward(self.static_dy, self.static_daux, saved, need, weight_fn, meta)
@@ -191,10 +187,10 @@ class _GraphedRoutedFn(torch.autograd.Function):
         else:
             cap.static_daux.copy_(daux)
         cap.bwd_graph.replay()
-        dx, dx_lora, d_base, dA, dB, dWr = (None if g is None else g.clone() for g in cap.static_grads)
-        if d_base is not None:
-            d_base = dy
-        return None, dx, dx_lora, None, None, d_base, dA, dB, dWr, None
+        dx, dx_lora, d_base, dA, dB, dWr = cap.static_grads
+        dx, dx_lora, dA, dB, dWr = (None if g is None else g.clone() for g in (dx, dx_lora, dA, dB, dWr))
+        # base_out's gradient is dy itself (the graph's is the static copy of it): no clone needed
+        return None, dx, dx_lora, None, None, dy if d_base is not None else None, dA, dB, dWr, None
 
 
 class LayerGraphs:

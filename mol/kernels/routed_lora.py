@@ -1020,6 +1020,18 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
     return y, aux, hl, gates, ids, u, stats, w_dx
 
 
+def _routed_forward_saved(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta,
+                          need_dx: bool):
+    """_routed_forward for training: its outputs (y, aux, hl, gates, ids, stats) and what _routed_backward reads
+    (its ``saved``), for _RoutedLoRAFn and the captured graphs (layer_graphs) alike."""
+    y, aux, hl, gates, ids, u, stats, w_dx = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A,
+                                                             lora_B, router_w, noise, meta)
+    if not need_dx or (w_dx is not None and w_dx.numel() == 0):
+        w_dx = None  # not needed, or not built (the backward builds it)
+    return (y, aux, hl, gates, ids, stats), (x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u,
+                                             stats, w_dx)
+
+
 class _RoutedLoRAFn(torch.autograd.Function):
     """(x, x_lora, weight, bias, base_out, A, B, Wr, noise, meta) -> (y, aux, hl, gates, ids, stats).
 
@@ -1028,17 +1040,15 @@ class _RoutedLoRAFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta):
-        y, aux, hl, gates, ids, u, stats, w_dx = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out,
-                                                                 lora_A, lora_B, router_w, noise, meta)
-        if not ctx.needs_input_grad[0] or (w_dx is not None and w_dx.numel() == 0):
-            w_dx = None  # not needed, or not built (the backward builds it)
-        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats, w_dx)
+        outs, saved = _routed_forward_saved(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w,
+                                            noise, meta, ctx.needs_input_grad[0])
+        ctx.save_for_backward(*saved)
         ctx.weight_fn = weight_fn
         ctx.meta = meta
-        ctx.mark_non_differentiable(hl, gates, ids, stats)
+        ctx.mark_non_differentiable(*outs[2:])  # hl, gates, ids, stats
         # unused output gradients stay None: materialized, they would be four zero-fills per backward
         ctx.set_materialize_grads(False)
-        return y, aux, hl, gates, ids, stats
+        return outs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
