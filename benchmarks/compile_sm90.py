@@ -56,7 +56,7 @@ for (kind, K), select in itertools.product(((0, 2), (1, 1), (2, 8)), (False, Tru
     comp(rl._gate_fwd_kernel, sig, {"RANK": 16, "K": K, "KIND": kind, "EP": 16, "BT": 32, "BR": 128, "HAS_NOISE": kind == 0, "SELECT": select,
                                     "NPARTS": rl.ROUTER_PARTS if select == (kind == 0) else 1})
 sig = {"du_ptr": "*fp32", "hl_ptr": "*fp32", "noise_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "stats_ptr": "*fp32", "daux_ptr": "*fp32", "dhl_ptr": "*bf16",
-       "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "R": "i32", "E": "i32", "LD": "i32",
+       "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "R": "i32", "E": "i32", "LD": "i32", "SDT": "i32", "SDC": "i32",
        "RANK": "constexpr", "K": "constexpr", "KIND": "constexpr", "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "HAS_NOISE": "constexpr", "HAS_AUX": "constexpr",
        "SELECT": "constexpr"}
 for (kind, K), select in itertools.product(((0, 2), (1, 1), (2, 8)), (False, True)):
@@ -83,12 +83,13 @@ for fma, has_w, kind, K, noise, bias, dt, bn, bk in ((True, True, 0, 2, False, T
 # bias) and backward (b, v row-major) forms, at every config it autotunes
 from mol.kernels import base_gemm as bg  # noqa: E402
 
+# the forward form (W and B_cat stored (N, K)) and the backward's (W and [A_cat; Wr] (K, N), dhl stored token-minor)
 for cfg, (b_t, bias, dt) in itertools.product(bg.CONFIGS, ((True, True, "bf16"), (False, False, "fp16"))):
     bm, bn, bk, group_m, warps, stages, epi = cfg
     sig = {"a_desc": f"tensordesc<{dt}[{bm}, {bk}]>", "b_desc": f"tensordesc<{dt}[{bn}, {bk}]>" if b_t else f"tensordesc<{dt}[{bk}, {bn}]>",
-           "u_desc": f"tensordesc<{dt}[{bm}, {bk}]>", "v_desc": f"tensordesc<{dt}[{bn}, {bk}]>" if b_t else f"tensordesc<{dt}[{bk}, {bn}]>",
+           "u_desc": f"tensordesc<{dt}[{bm}, {bk}]>" if b_t else f"tensordesc<{dt}[{bk}, {bm}]>", "v_desc": f"tensordesc<{dt}[{bn}, {bk}]>" if b_t else f"tensordesc<{dt}[{bk}, {bn}]>",
            "c_desc": f"tensordesc<{dt}[{bm}, {bn // epi}]>", "bias_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32", "KR": "i32"}
-    const = dict(BM=bm, BN=bn, BK=bk, GROUP_M=group_m, B_T=b_t, V_T=b_t, HAS_U=True, HAS_BIAS=bias, EPI_SPLIT=epi, NUM_PROGS=132,
+    const = dict(BM=bm, BN=bn, BK=bk, GROUP_M=group_m, B_T=b_t, U_T=not b_t, V_T=b_t, HAS_U=True, HAS_BIAS=bias, EPI_SPLIT=epi, NUM_PROGS=132,
                  F32_DOT=False)
     sig.update({k: "constexpr" for k in const})
     k = triton.compile(ASTSource(fn=bg._base_gemm_kernel, signature=sig, constexprs=const), target=tgt,

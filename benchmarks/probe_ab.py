@@ -10,7 +10,8 @@ own first, then
 the graphs (and the bare base's) are replayed in turn, `--rounds` times; the table gives each one's median over
 rounds and its ratio to the base's median. A variant is `default` or comma-joined switches: gate=onehot|select
 (routed_lora.GATE_COLUMNS), router=tf32x3|tf32x2 (ROUTER_PRECISION), du=cublas|triton (grouped_lora.DU_CUBLAS),
-shrink=gemm|triton (routed_lora.SHRINK), base=auto|cublas|triton (base_gemm.BASE_GEMM).
+shrink=gemm|triton (routed_lora.SHRINK), base=auto|cublas|triton (base_gemm.BASE_GEMM), dhl=tokens|rows
+(routed_lora.DHL_TOKEN_MINOR).
 `--nf4` also times each variant on an NF4 base (QLoRA-MoL).
 """
 import argparse
@@ -33,7 +34,8 @@ SWITCHES = {"gate": (rl, "GATE_COLUMNS", {"onehot": "onehot", "select": "select"
             "router": (rl, "ROUTER_PRECISION", {"tf32x3": "tf32x3", "tf32x2": "tf32x2"}),
             "du": (gl, "DU_CUBLAS", {"cublas": True, "triton": False}),
             "shrink": (rl, "SHRINK", {"gemm": "gemm", "triton": "triton"}),
-            "base": (bg, "BASE_GEMM", {"auto": "auto", "cublas": "cublas", "triton": "triton"})}
+            "base": (bg, "BASE_GEMM", {"auto": "auto", "cublas": "cublas", "triton": "triton"}),
+            "dhl": (rl, "DHL_TOKEN_MINOR", {"tokens": True, "rows": False})}
 
 
 def switches(variant: str) -> list:

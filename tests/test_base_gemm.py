@@ -112,15 +112,23 @@ def test_empty_sizes_run_cublas():
 
 
 def test_column_major_operands_take_the_kernel(monkeypatch):
-    # b and v handed over as transposed views (column-major), as the routed layer hands over B_cat (a view of
-    # MoLLinear's expert-interleaved lora_B): base_mm reads them as their row-major transposes
+    # b, u and v handed over as transposed views (column-major), as the routed layer hands over B_cat (a view of
+    # MoLLinear's expert-interleaved lora_B) and dhl (stored token-minor): base_mm reads them as their row-major
+    # transposes. M = 21 tokens: u's column stride is padded to 24 (16-byte rows for TMA), as the layer pads it.
     monkeypatch.setattr(bg, "BASE_GEMM", "triton")
     g = torch.Generator().manual_seed(7)
     a, b_nk, u, v_nk = operands(21, 40, 24, 16, torch.float16, True, True, g)  # b (N, K), v (N, KR) row-major
+    u_km = torch.full((16, 24), float("nan"), dtype=torch.float16)
+    u_km[:, :21] = u.t()
+    u_view = u_km[:, :21].t()  # (M, KR), strides (1, 24)
     calls = []
     orig = bg.triton_base_mm
-    monkeypatch.setattr(bg, "triton_base_mm", lambda *args, **kw: calls.append((args[2], args[5])) or orig(*args, **kw))
-    c = bg.base_mm(a, b_nk.t(), False, u, v_nk.t(), False)  # op(b) = b_nk^T given as a (K, N) column-major view
+    monkeypatch.setattr(bg, "triton_base_mm",
+                        lambda *args, **kw: calls.append((args[2], kw.get("u_t"), args[5])) or orig(*args, **kw))
+    c = bg.base_mm(a, b_nk.t(), False, u_view, v_nk.t(), False)  # op(b) = b_nk^T given as a (K, N) column-major view
     ref = a.double() @ b_nk.double().t() + u.double() @ v_nk.double().t()
-    assert calls == [(True, True)]  # flags flipped with the layout: b_t, v_t
+    assert calls == [(True, True, True)]  # flags flipped with the layout: b_t, u_t, v_t
     assert rel(c, ref) < 1e-3
+    # and cuBLAS (the other choice of "auto") reads the same views
+    monkeypatch.setattr(bg, "BASE_GEMM", "cublas")
+    assert rel(bg.base_mm(a, b_nk.t(), False, u_view, v_nk.t(), False), ref) < 1e-3

@@ -213,6 +213,10 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(torch.ops.mol.route_gate_bwd.default,
                           (du, hl, None, gates, ids, stats, torch.tensor(1.0), r, 0, 0.5, 0.1, 0.01, torch.float32),
                           test_utils=checks)
+    # dhl is stored token-minor, its column stride padded to 8 (T=6 -> 8): the weight-gradient GEMM dhl^T x then
+    # reads a row-major operand, and the dx GEMM's TMA 16-byte rows (opcheck above: the fake kernel agrees)
+    dhl = rl.gate_bwd_impl(du, hl, None, gates, ids, stats, torch.tensor(1.0), r, 0, 0.5, 0.1, 0.01, torch.float32)
+    assert dhl.shape == (T, E * r + E) and dhl.stride() == (1, 8)
     W, bias = torch.randn(n_out, n_in), torch.randn(n_out)
     small_args = (x, None, A.reshape(E * r, n_in), Wr, W, bias, None, B, None, r, 0, K, 0.5, 0.1, 0.01)
     torch.library.opcheck(torch.ops.mol.route_small_t_fwd.default, small_args, test_utils=checks)

@@ -1,6 +1,7 @@
 """The frozen base GEMM with the experts' small GEMM riding in it as extra K, one Triton kernel (TMA, sm_90+).
 
-    c = a @ op(b) + u @ op(v) (+ bias)          op(m) = m^T where m is stored (N, K), else m
+    c = a @ op(b) + op(u) @ op(v) (+ bias)      op(m) = m^T where m is stored transposed ((N, K) for b and v,
+                                                (K, M) for u: the routed backward's dhl is stored token-minor)
 
 The routed layer's forward is y = x W^T + u B_cat (K = in + R) and its backward dx = dy W + dhl [A_cat; Wr]
 (K = out + R + E). cuBLAS runs each as two GEMMs: the small one writes c, the base GEMM reads it back as its C
@@ -46,10 +47,15 @@ _INTERPRET_CONFIG = (16, 16, 16, 2, 4, 1, 2)
 
 
 @triton.jit
-def _k_steps(acc, x_desc, y_desc, om, on, K, BK: tl.constexpr, Y_T: tl.constexpr, F32_DOT: tl.constexpr):
-    """acc += x[om:, :K] @ op(y)[:K, on:], BK columns of K at a time; op(y) = y^T for y stored (N, K) when Y_T."""
+def _k_steps(acc, x_desc, y_desc, om, on, K, BK: tl.constexpr, Y_T: tl.constexpr, F32_DOT: tl.constexpr,
+             X_T: tl.constexpr = False):
+    """acc += op(x)[om:, :K] @ op(y)[:K, on:], BK columns of K at a time; op(y) = y^T for y stored (N, K) when Y_T,
+    op(x) = x^T for x stored (K, M) when X_T."""
     for k in range(0, K, BK):
-        x = x_desc.load([om, k])
+        if X_T:
+            x = x_desc.load([k, om]).T
+        else:
+            x = x_desc.load([om, k])
         if Y_T:
             y = y_desc.load([on, k]).T
         else:
@@ -64,9 +70,11 @@ def _k_steps(acc, x_desc, y_desc, om, on, K, BK: tl.constexpr, Y_T: tl.constexpr
 @triton.jit
 def _base_gemm_kernel(a_desc, b_desc, u_desc, v_desc, c_desc, bias_ptr, M, N, K, KR,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                      B_T: tl.constexpr, V_T: tl.constexpr, HAS_U: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      B_T: tl.constexpr, U_T: tl.constexpr, V_T: tl.constexpr, HAS_U: tl.constexpr,
+                      HAS_BIAS: tl.constexpr,
                       EPI_SPLIT: tl.constexpr, NUM_PROGS: tl.constexpr, F32_DOT: tl.constexpr):
-    """c (M, N) = a (M, K) @ op(b) + u (M, KR) @ op(v) (+ bias); op(b) = b^T for b (N, K) when B_T, else b (K, N).
+    """c (M, N) = a (M, K) @ op(b) + op(u) (M, KR) @ op(v) (+ bias); op(b) = b^T for b (N, K) when B_T, else b
+    (K, N); op(u) = u^T for u (KR, M) when U_T.
     Out-of-bounds tile elements load as zero (TMA) and are not stored, so no size needs to divide a block."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
@@ -79,7 +87,7 @@ def _base_gemm_kernel(a_desc, b_desc, u_desc, v_desc, c_desc, bias_ptr, M, N, K,
         on = ((tile % in_group) // size_m) * BN
         acc = _k_steps(tl.zeros((BM, BN), dtype=tl.float32), a_desc, b_desc, om, on, K, BK, B_T, F32_DOT)
         if HAS_U:
-            acc = _k_steps(acc, u_desc, v_desc, om, on, KR, BK, V_T, F32_DOT)
+            acc = _k_steps(acc, u_desc, v_desc, om, on, KR, BK, V_T, F32_DOT, U_T)
         if HAS_BIAS:
             offs_n = on + tl.arange(0, BN)
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -95,8 +103,9 @@ def _op(m: torch.Tensor, transposed: bool) -> torch.Tensor:
     return m.t() if transposed else m
 
 
-def _cublas(a, b, b_t, u, v, v_t, bias):
+def _cublas(a, b, b_t, u, v, v_t, bias, u_t=False):
     """Today's two cuBLAS GEMMs: the small product (with the bias) written first, the base accumulated into it."""
+    u = _op(u, u_t) if u is not None else None
     if u is None:
         return torch.mm(a, _op(b, b_t)) if bias is None else torch.addmm(bias, a, _op(b, b_t))
     c = torch.mm(u, _op(v, v_t)) if bias is None else torch.addmm(bias, u, _op(v, v_t))
@@ -144,8 +153,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None,
-                   num_progs: int | None = None) -> torch.Tensor:
-    """c = a @ op(b) + u @ op(v) (+ bias) by the Triton kernel, in a's dtype (see the module docstring);
+                   num_progs: int | None = None, u_t: bool = False) -> torch.Tensor:
+    """c = a @ op(b) + op(u) @ op(v) (+ bias) by the Triton kernel, in a's dtype (see the module docstring);
     `config` (BM, BN, BK, GROUP_M, num_warps, num_stages, EPI_SPLIT), default the first of CONFIGS;
     `num_progs` the persistent programs (default: one per SM, at most one per tile)."""
     bm, bn, bk, group_m, warps, stages, epi = config or (_INTERPRET_CONFIG if gl._INTERPRET else CONFIGS[0])
@@ -155,15 +164,16 @@ def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None,
     a_d = TensorDescriptor.from_tensor(a, [bm, bk])
     b_d = TensorDescriptor.from_tensor(b, [bn, bk] if b_t else [bk, bn])
     if u is not None:
-        u_d = TensorDescriptor.from_tensor(u, [bm, bk])
+        u_d = TensorDescriptor.from_tensor(u, [bk, bm] if u_t else [bm, bk])
         v_d = TensorDescriptor.from_tensor(v, [bn, bk] if v_t else [bk, bn])
-        kr = u.shape[1]
+        kr = u.shape[0] if u_t else u.shape[1]
     else:
         u_d, v_d, kr = a_d, b_d, 0
     c_d = TensorDescriptor.from_tensor(c, [bm, bn // epi])
     progs = num_progs or min(_num_sms(a.device), triton.cdiv(M, bm) * triton.cdiv(N, bn))
     _base_gemm_kernel[(progs,)](a_d, b_d, u_d, v_d, c_d, bias if bias is not None else a, M, N, K, kr,
-                                BM=bm, BN=bn, BK=bk, GROUP_M=group_m, B_T=b_t, V_T=v_t, HAS_U=u is not None,
+                                BM=bm, BN=bn, BK=bk, GROUP_M=group_m, B_T=b_t, U_T=u_t, V_T=v_t,
+                                HAS_U=u is not None,
                                 HAS_BIAS=bias is not None, EPI_SPLIT=epi, NUM_PROGS=progs, F32_DOT=gl._INTERPRET,
                                 num_warps=warps, num_stages=stages)
     return c
@@ -173,19 +183,19 @@ def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None,
 _CHOSEN: dict = {}
 
 
-def _choose(key, a, b, b_t, u, v, v_t, bias):
+def _choose(key, a, b, b_t, u, v, v_t, bias, u_t=False):
     """The fastest of CONFIGS (and, for "auto", cuBLAS, as None) for this key: each candidate's best do_bench
     median over TUNE_ROUNDS interleaved rounds."""
     if gl._INTERPRET or torch.cuda.is_current_stream_capturing():
         return _INTERPRET_CONFIG if gl._INTERPRET else None  # nothing can be timed inside a graph capture
     torch.cuda.synchronize()
-    fns = {None: lambda: _cublas(a, b, b_t, u, v, v_t, bias)} if BASE_GEMM == "auto" else {}
+    fns = {None: lambda: _cublas(a, b, b_t, u, v, v_t, bias, u_t)} if BASE_GEMM == "auto" else {}
     for cfg in CONFIGS:
         try:
-            triton_base_mm(a, b, b_t, u, v, v_t, bias, cfg)
+            triton_base_mm(a, b, b_t, u, v, v_t, bias, cfg, u_t=u_t)
         except Exception:  # noqa: BLE001 - a config this GPU cannot run (e.g. its shared memory) is left out
             continue
-        fns[cfg] = lambda cfg=cfg: triton_base_mm(a, b, b_t, u, v, v_t, bias, cfg)
+        fns[cfg] = lambda cfg=cfg: triton_base_mm(a, b, b_t, u, v, v_t, bias, cfg, u_t=u_t)
     best = {c: float("inf") for c in fns}
     for _ in range(TUNE_ROUNDS):
         for c, fn in fns.items():
@@ -197,24 +207,26 @@ def _choose(key, a, b, b_t, u, v, v_t, bias):
 
 def base_mm(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None = None,
             v: torch.Tensor | None = None, v_t: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """c = a @ op(b) + u @ op(v) (+ bias), op(m) = m^T when the flag is set; a fresh tensor in a's dtype.
+    """c = a @ op(b) + u @ op(v) (+ bias), op(m) = m^T when the flag is set; a fresh tensor in a's dtype. u may be
+    row- or column-major (a transposed view).
     BASE_GEMM picks the Triton kernel or cuBLAS (see there); both compute the same function."""
     if BASE_GEMM not in _CHOICES:
         raise ValueError(f"mol.kernels.base_gemm.BASE_GEMM={BASE_GEMM!r}; use one of {_CHOICES}")
     if BASE_GEMM == "cublas" or a.dtype not in (torch.bfloat16, torch.float16):
         return _cublas(a, b, b_t, u, v, v_t, bias)
-    # the kernel reads rows: a column-major b or v is taken as its (row-major) transpose, the flag flipped, here
+    # the kernel reads rows: a column-major b, u or v is taken as its (row-major) transpose, the flag flipped, here
     # and not by the caller, so that the cuBLAS path pays no view ops for it
     kb, kb_t = _row_major(b, b_t)
+    ku, ku_t = _row_major(u, False)
     kv, kv_t = _row_major(v, v_t)
-    if not triton_supported(a, kb, u, kv, bias):
+    if not triton_supported(a, kb, ku, kv, bias):
         return _cublas(a, b, b_t, u, v, v_t, bias)
     key = (BASE_GEMM, a.device, a.dtype, gl._t_bucket(a.shape[0]), tuple(kb.shape), kb_t,
-           None if u is None else (u.shape[1], kv_t), bias is not None)
-    cfg = _CHOSEN[key] if key in _CHOSEN else _choose(key, a, kb, kb_t, u, kv, kv_t, bias)
+           None if u is None else (u.shape[1], ku_t, kv_t), bias is not None)
+    cfg = _CHOSEN[key] if key in _CHOSEN else _choose(key, a, kb, kb_t, ku, kv, kv_t, bias, ku_t)
     if cfg is None:
         return _cublas(a, b, b_t, u, v, v_t, bias)
-    return triton_base_mm(a, kb, kb_t, u, kv, kv_t, bias, cfg)
+    return triton_base_mm(a, kb, kb_t, ku, kv, kv_t, bias, cfg, u_t=ku_t)
 
 
 def _row_major(m: torch.Tensor | None, transposed: bool) -> tuple[torch.Tensor | None, bool]:
