@@ -151,7 +151,7 @@ def gate_rows(row, case, hl, R, E, K, r, T, dt):
     gates, ids, u, aux = rl.gate_fwd_impl(hl, stats, None, R, r, 0, K, 2.0, dt, 0.01, 0.001)
     du = torch.randn(T, R, device=DEV)
     daux = torch.ones((), device=DEV)
-    dhl = rl._token_minor(T, R + E, hl, dt)  # as the layer stores it
+    dhl = gl._token_minor(T, R + E, hl, dt)  # as the layer stores it
     c_lb, c_z = rl._aux_coefs(0.01, 0.001, E, T, K)
     gb_f = (T * (R + E) * 4 + T * R * 2 + T * K * 12) / 1e9
     gb_b = (T * R * 4 + T * (R + E) * 4 + T * K * 12 + T * (R + E) * 2) / 1e9

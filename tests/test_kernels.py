@@ -29,6 +29,14 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+@pytest.fixture(params=[True, False], ids=["dense_gemms", "triton_shrink_expand"])
+def dense_gemms(request, monkeypatch):
+    """Both forms of the grouped path: cuBLAS + base_gemm (the default where torch.mm takes out_dtype) and the Triton
+    shrink / expand kernels (torch < 2.8, or DENSE_GEMMS off)."""
+    monkeypatch.setattr(gl, "DENSE_GEMMS", request.param)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def poison():
     gl.POISON = True  # every kernel output starts as NaN: an unwritten element fails the check
@@ -68,7 +76,7 @@ CASES = [  # T, in, out, E, r, K, ids_mode
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}_in{}_out{}_E{}_r{}_K{}_{}".format(*c))
-def test_grouped_lora_add_forward_and_grads(case, dtype):
+def test_grouped_lora_add_forward_and_grads(case, dtype, dense_gemms):
     T, n_in, n_out, E, r, K, mode = case
     # fp16 cases take lora_B in MoLLinear's expert-interleaved layout, fp32 cases a contiguous one
     base, x, A, B, gates, ids = make(T, n_in, n_out, E, r, K, dtype, mode, seed=T * 100 + E,
@@ -97,7 +105,7 @@ def test_grouped_lora_add_forward_and_grads(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_grouped_lora_linear_fused(dtype):
+def test_grouped_lora_linear_fused(dtype, dense_gemms):
     T, n_in, n_out, E, r, K = 21, 19, 45, 4, 4, 2
     base, x, A, B, gates, ids = make(T, n_in, n_out, E, r, K, dtype, seed=7)
     W = (torch.randn(n_out, n_in) / n_in**0.5).to(dtype)
@@ -148,7 +156,7 @@ def test_bad_inputs_raise_clear_errors():
         gl.grouped_lora_linear(x, torch.randn(45, 19, requires_grad=True), None, A, B, gates, ids, 1.0)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+def test_torch_compile_fullgraph_matches_eager(dense_gemms):
     """The custom ops trace into one graph (fake kernels + autograd formula), same numbers as eager."""
     base, x, A, B, gates, ids = make(9, 19, 45, 4, 4, 2, torch.float32, seed=11)
     W = torch.randn(45, 19)
@@ -168,7 +176,7 @@ def test_torch_compile_fullgraph_matches_eager():
         assert rel(a.grad, b.grad) < 1e-6
 
 
-def test_zero_tokens():
+def test_zero_tokens(dense_gemms):
     base, x, A, B, gates, ids = make(0, 19, 45, 4, 4, 2, torch.float32)
     leaves = [t.clone().requires_grad_() for t in (base, x, A, B, gates)]
     y = gl.grouped_lora_add(*leaves[:4], leaves[4], ids, 1.0)
@@ -191,7 +199,7 @@ def _run_both(fn_args, dtype, fused):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["add", "linear"])
-def test_eager_fast_path_matches_custom_op_and_reference(fused, monkeypatch):
+def test_eager_fast_path_matches_custom_op_and_reference(fused, monkeypatch, dense_gemms):
     """Eager calls take the autograd.Function fast path; the custom ops (what torch.compile traces) must
     give the same numbers, and both must match the float64 reference."""
     dtype = torch.float32
@@ -245,9 +253,10 @@ def split1_configs():
     gl._CHOSEN.update(saved[2])
 
 
-def test_split1_skips_zero_fill_and_stays_correct(split1_configs):
+def test_split1_skips_zero_fill_and_stays_correct(split1_configs, monkeypatch):
     """Once SPLIT=1 is chosen the accumulators are NaN-poisoned empties: every element must be stored.
     The first call goes through the autotuner, the second through the cached-config launch."""
+    monkeypatch.setattr(gl, "DENSE_GEMMS", False)  # the Triton shrink
     T, n_in, n_out, E, r, K = 37, 45, 19, 8, 4, 2
     base, x, A, B, gates, ids = make(T, n_in, n_out, E, r, K, torch.float32, seed=9)
     ref = [t.double().requires_grad_() for t in (base, x, A, B, gates)]

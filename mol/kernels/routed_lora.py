@@ -819,22 +819,16 @@ def _gate_bwd_tile(r_tot: int, ep: int, select: bool) -> tuple[int, int, int]:
     return bt, br, 2 if bt == 16 else 4
 
 
-# How the gate backward stores dhl (T, R+E): True, token-minor (_token_minor), else row-major. Token-minor, the
-# weight-gradient GEMM [dA; dWr] = dhl^T x reads a row-major dhl^T, which cuBLAS runs 14-16% faster than the
-# transposed view of a row-major dhl (H200, R+E = 136: 32.4 against 37.6 us at T=8192, 12.7 against 14.8 at T=2048;
-# R+E = 288: 39.1 against 41.1; RESULTS run 32); the dx GEMM (base_gemm) reads it as that tensor's transpose.
+# How the gate backward stores dhl (T, R+E): True, token-minor (grouped_lora._token_minor), else row-major.
+# Token-minor, the weight-gradient GEMM [dA; dWr] = dhl^T x reads a row-major dhl^T, which cuBLAS runs 14-16%
+# faster than the transposed view of a row-major dhl (H200, R+E = 136: 32.4 against 37.6 us at T=8192, 12.7 against
+# 14.8 at T=2048; R+E = 288: 39.1 against 41.1; RESULTS run 32); the dx GEMM (base_gemm) reads it as that
+# tensor's transpose.
 DHL_TOKEN_MINOR = True
 
 
-def _token_minor(t: int, cols: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A (t, cols) tensor stored column by column: token stride 1, column stride t rounded up to 8 (16-byte rows
-    of the transpose, as TMA needs)."""
-    ld = -(-t // 8) * 8
-    return gl._alloc((cols, ld), like, dtype)[:, :t].t()
-
-
 def _dhl_buffer(t: int, cols: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return _token_minor(t, cols, like, dtype) if DHL_TOKEN_MINOR else gl._alloc((t, cols), like, dtype)
+    return gl._token_minor(t, cols, like, dtype) if DHL_TOKEN_MINOR else gl._alloc((t, cols), like, dtype)
 
 
 def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None, gates: torch.Tensor,
