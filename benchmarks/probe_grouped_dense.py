@@ -97,15 +97,32 @@ def sequence_case(batch, seq, E, K, r, rounds, gen):
         interleaved_graph_times(fns, n=10, rounds=rounds)
 
 
+def pooling_case(batch, seq, E, rounds, gen):
+    """The sequence router's scores alone, fwd+bwd w.r.t. x: mean-pooled in float32 through a float32 copy of x
+    (before) or with float32 accumulation only (now)."""
+    n = 4096
+    w = torch.randn(E, n, device=DEV, generator=gen) * 0.02
+    x = torch.randn(batch, seq, n, device=DEV, generator=gen).to(DT).requires_grad_()
+    dl = torch.randn(batch, E, device=DEV, generator=gen)
+    fns = {"bare base": lambda: torch.autograd.grad(F.linear(x, torch.zeros(n, n, device=DEV, dtype=DT)), [x],
+                                                    torch.ones(batch, seq, n, device=DEV, dtype=DT))}
+    fns["mean(dtype=float32) (now)"] = lambda: torch.autograd.grad(
+        F.linear(x.mean(dim=1, dtype=torch.float32), w), [x], dl)
+    fns["x.float().mean() (before)"] = lambda: torch.autograd.grad(F.linear(x.float().mean(dim=1), w), [x], dl)
+    return f"sequence router scores alone, {batch}×{seq} tokens, 4096 features, E={E}", \
+        interleaved_graph_times(fns, n=10, rounds=rounds)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--only-sequence", action="store_true", help="only the sequence router's rows")
     args = ap.parse_args()
     gen = torch.Generator(device=DEV).manual_seed(0)
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; bf16, fwd+bwd under CUDA graphs, "
           f"{args.rounds} interleaved rounds, µs")
-    rows = [grouped_case(*c, args.rounds, gen) for c in
-            ((8192, 4096, 8, 2, 16), (8192, 14336, 8, 2, 16), (8192, 4096, 32, 4, 8), (2048, 4096, 8, 2, 16))]
+    rows = [] if args.only_sequence else [grouped_case(*c, args.rounds, gen) for c in (
+        (8192, 4096, 8, 2, 16), (8192, 14336, 8, 2, 16), (8192, 4096, 32, 4, 8), (2048, 4096, 8, 2, 16))]
     rows += [sequence_case(8, 1024, 8, 1, 16, args.rounds, gen), sequence_case(8, 1024, 8, 2, 16, args.rounds, gen)]
     print("\n| case | bare base | " + " | ".join(FORMS) + " |\n| --- | --- | " + "--- | " * len(FORMS))
     for name, times in rows:
@@ -115,6 +132,10 @@ def main():
         base = times["bare base"][0]
         cells = [f"{times[f][0] * 1e3:.1f} ({times[f][0] / base:.3f}×)" if f in times else "-" for f in FORMS]
         print(f"| {name} | {base * 1e3:.1f} | " + " | ".join(cells) + " |")
+    name, times = pooling_case(8, 1024, 8, args.rounds, gen)
+    print(f"\n{name} (the first row: the bare base's fwd+bwd, for scale), µs:\n")
+    for k, (med, lo, hi) in times.items():
+        print(f"- {k}: {med * 1e3:.1f} ({lo * 1e3:.1f}-{hi * 1e3:.1f})")
 
 
 if __name__ == "__main__":
