@@ -19,6 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol  # noqa: E402
 import mol.kernels.grouped_lora as gl  # noqa: E402
+from mol.routers import _MeanPool  # noqa: E402
 from bench_layer import interleaved_graph_times, mol_step  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
@@ -99,14 +100,16 @@ def sequence_case(batch, seq, E, K, r, rounds, gen):
 
 def pooling_case(batch, seq, E, rounds, gen):
     """The sequence router's scores alone, fwd+bwd w.r.t. x: mean-pooled in float32 through a float32 copy of x
-    (before) or with float32 accumulation only (now)."""
+    (before), with float32 accumulation only, and as the router does it now (mol.routers._MeanPool)."""
     n = 4096
     w = torch.randn(E, n, device=DEV, generator=gen) * 0.02
     x = torch.randn(batch, seq, n, device=DEV, generator=gen).to(DT).requires_grad_()
     dl = torch.randn(batch, E, device=DEV, generator=gen)
     fns = {"bare base": lambda: torch.autograd.grad(F.linear(x, torch.zeros(n, n, device=DEV, dtype=DT)), [x],
                                                     torch.ones(batch, seq, n, device=DEV, dtype=DT))}
-    fns["mean(dtype=float32) (now)"] = lambda: torch.autograd.grad(
+    fns["mol.routers._MeanPool (now): float32 accumulation, dx a broadcast view"] = lambda: torch.autograd.grad(
+        F.linear(_MeanPool.apply(x), w), [x], dl)
+    fns["x.mean(dtype=float32), autograd's backward"] = lambda: torch.autograd.grad(
         F.linear(x.mean(dim=1, dtype=torch.float32), w), [x], dl)
     fns["x.float().mean() (before)"] = lambda: torch.autograd.grad(F.linear(x.float().mean(dim=1), w), [x], dl)
     return f"sequence router scores alone, {batch}×{seq} tokens, 4096 features, E={E}", \

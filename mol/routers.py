@@ -91,6 +91,23 @@ class FusedRouterOutput(RouterOutput):
         return self.stats[2 * self._num_experts] / max(self._hl.shape[0], 1)
 
 
+class _MeanPool(torch.autograd.Function):
+    """(B, S, in) -> (B, in) in float32 (float64 for float64 x), the mean over S. Forward: float32 accumulation without a float32 copy of x
+    (x.float().mean() wrote and re-read one: three times x's bytes). Backward: dx as a broadcast view of the
+    (B, in) gradient, which autograd adds into x's other gradient, instead of a materialised float32 (B, S, in)
+    and its cast. The sequence router's scores, fwd+bwd at 8x1024 tokens x 4096 (H200, RESULTS run 33): 46.4 us,
+    against 286.7 through the float32 copy and 177.4 with autograd's own backward of the float32-accumulated mean."""
+
+    @staticmethod
+    def forward(ctx, seqs: Tensor) -> Tensor:
+        ctx.shape, ctx.dtype = seqs.shape, seqs.dtype
+        return seqs.mean(dim=1, dtype=torch.promote_types(seqs.dtype, torch.float32))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return (grad / ctx.shape[1]).to(ctx.dtype)[:, None, :].expand(ctx.shape)
+
+
 class Router(nn.Module):
     """Linear scorer ``logits = x @ weight.T`` (weight: (E, in)) followed by a selection rule.
 
@@ -127,8 +144,7 @@ class Router(nn.Module):
             if self.kind == "sequence":
                 # One decision per sequence, scored on its mean hidden state: "b s k -> b k".
                 seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 2 else x[None]
-                # mean with float32 accumulation, without a float32 copy of x (3x the bytes of x at 8x1024 tokens)
-                logits = F.linear(seqs.mean(dim=1, dtype=torch.float32), self.weight.float())  # (B, E)
+                logits = F.linear(_MeanPool.apply(seqs).float(), self.weight.float())  # (B, E)
             else:
                 logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)
 

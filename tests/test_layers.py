@@ -277,3 +277,19 @@ def test_triton_backend_over_an_nf4_base_matches_reference(own_kernel, monkeypat
     for a, b in zip(fused[:5], ref[:5]):
         assert rel(a, b) < 1e-4
     assert fused[5] == ([] if own_kernel else [torch.float32, torch.float32])
+
+
+def test_sequence_pooling_gradient():
+    """The sequence router's mean pool (float32 accumulation; its dx a broadcast view) against autograd's own
+    derivative of the mean, in float64, to second order; in bf16 its dx comes back in x's dtype and shape."""
+    from mol.routers import _MeanPool
+
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_MeanPool.apply, (x,)) and torch.autograd.gradgradcheck(_MeanPool.apply, (x,))
+    xb = torch.randn(2, 4, 6).bfloat16().requires_grad_()
+    pooled = _MeanPool.apply(xb)
+    assert pooled.dtype == torch.float32 and rel(pooled, xb.double().mean(1)) < 1e-6
+    g = torch.randn(2, 6)
+    pooled.backward(g)
+    assert xb.grad.dtype == torch.bfloat16 and xb.grad.shape == xb.shape
+    assert rel(xb.grad, (g.double() / 4)[:, None, :].expand(2, 4, 6)) < 1e-2
