@@ -184,9 +184,10 @@ def rotating_graph_time(make_fn, sets=4, n=24):
 
 def kernels_alone(c, bw):
     """The shrink / expand / du kernels alone, each with the bytes it must move (inputs read once, outputs written
-    once): MoLLinear's own (cuBLAS GEMMs of the dense-over-experts design, the router's scores in the shrink) and
-    the Triton grouped kernels of grouped_lora_linear (sorted per expert). Two timings: do_bench (median, L2
-    flushed before each call) and rotating_graph_time (the fraction is taken from it)."""
+    once): MoLLinear's own (cuBLAS GEMMs of the dense-over-experts design, the router's scores in the shrink; also
+    grouped_lora_linear's since RESULTS run 33) and the Triton shrink / expand / du kernels that grouped_lora_linear
+    runs where torch.mm has no out_dtype (torch < 2.8) or grouped_lora.DENSE_GEMMS is off. Two timings: do_bench
+    (median, L2 flushed before each call) and rotating_graph_time (the fraction is taken from it)."""
     x, W, A, B, gates, ids, s = (c[k] for k in ("x", "W", "A", "B", "gates", "ids", "scale"))
     x = x.detach()
     T, n_in = x.shape
@@ -212,9 +213,9 @@ def kernels_alone(c, bw):
          lambda i: lambda: torch.mm(us[i], b_cat), 2 * (T * R + R * n_out + T * n_out)),
         ("MoLLinear du: cuBLAS dy @ B_cat^T, fp32 out", lambda i: lambda: gl._du(dys[i], B.detach()),
          2 * (T * n_out + R * n_out) + 4 * T * R),
-        ("Triton grouped shrink  h = x A^T (fp32 h, incl. zero-fill)", lambda i: lambda: gl._shrink(xs[i], a_cat),
+        ("Triton grouped shrink  h = x A^T (fp32 h, incl. zero-fill; the torch < 2.8 fallback)", lambda i: lambda: gl._shrink(xs[i], a_cat),
          2 * (T * n_in + R * n_in) + 4 * T * R),
-        ("Triton grouped expand  y = base + g*h B",
+        ("Triton grouped expand  y = base + g*h B (the torch < 2.8 fallback)",
          lambda i: lambda: gl._expand(bases[i], hs[i], b_cat, r, g32, ids, s, outs[i]),
          2 * (2 * T * n_out + R * n_out) + 4 * T * R + 12 * T * K),
         ("Triton grouped bwd du=dy B^T + epilogue (dh, u, dgates)",
