@@ -18,7 +18,7 @@ the experts' (one more row block of E rows). Nothing is read back to the host an
     backward (dy, daux)
       du  = dy @ B_cat^T                          (T, R) fp32         grouped_lora._du_kernel
       dhl = [scale*g*du | dlogits]                (T, R+E) dt         _gate_bwd_kernel (stored token-minor)
-      dx  = dy @ W + dhl @ [A_cat; Wr]            cuBLAS (one addmm into the base dx)
+      dx  = dy @ W + dhl @ [A_cat; Wr]            base_gemm (extra K of the base's dx GEMM) or cuBLAS
       [dA_cat; dWr] = dhl^T @ x,  dB_cat = u^T @ dy
 
 The router scores in (close to) float32 whatever dt is: the router block of the shrink upcasts x and dots it
