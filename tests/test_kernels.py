@@ -272,3 +272,25 @@ def test_split1_skips_zero_fill_and_stays_correct(split1_configs, monkeypatch):
             assert rel(a.grad, b.grad) < 1e-5, f"call {call}: d{name} rel err {rel(a.grad, b.grad)}"
     assert gl._split(("shrink", gl._t_bucket(T), n_in, E * r, torch.float32)) == 1
     assert gl._split(("du", gl._t_bucket(T), n_out, E * r, r, torch.float32)) == 1
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["add", "linear"])
+def test_float32_call_inside_autocast_keeps_its_dtypes(fused, dense_gemms):
+    """Called with float32 tensors inside a bf16 autocast region (forward and backward), the ops compute in float32
+    and return float32, as their fake kernels declare: autocast must not re-type the cuBLAS calls inside them."""
+    base, x, A, B, gates, ids = make(11, 19, 45, 4, 4, 2, torch.float32, seed=17)
+    W = (torch.randn(45, 19, generator=torch.Generator().manual_seed(18)) / 19**0.5)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, gates)]
+    dy = torch.randn(11, 45, generator=torch.Generator().manual_seed(19))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if fused:
+            y = gl.grouped_lora_linear(leaves[0], W, None, *leaves[1:], ids, 0.5)
+        else:
+            y = gl.grouped_lora_add(base, *leaves, ids, 0.5)
+        y.backward(dy)
+    ref = [t.double().requires_grad_() for t in (x, A, B, gates)]
+    y_ref = reference(ref[0] @ W.double().t() if fused else base.double(), *ref[:3], ref[3], ids, 0.5)
+    y_ref.backward(dy.double())
+    assert y.dtype == torch.float32 and rel(y, y_ref) < 1e-5
+    for name, a, b in zip(["x", "lora_A", "lora_B", "gates"], leaves, ref):
+        assert a.grad.dtype == torch.float32 and rel(a.grad, b.grad) < 1e-5, f"d{name} rel err {rel(a.grad, b.grad)}"

@@ -23,6 +23,7 @@ With DENSE_GEMMS (the default where torch.mm takes out_dtype) the three big prod
 as one base GEMM carrying the adapters as extra K (base_gemm), or u B_cat added to a given base output by cuBLAS;
 the Triton shrink and expand run where it is off or unavailable.
 """
+import contextlib
 import os
 import time
 from typing import Callable
@@ -491,6 +492,14 @@ def _gemm_path(x: torch.Tensor) -> bool:
     return DENSE_GEMMS and x.shape[0] > 0 and (_INTERPRET or (x.is_cuda and _MM_OUT_DTYPE))
 
 
+def _autocast_off(t: torch.Tensor):
+    """Autocast switched off around the dense path's cuBLAS calls (the Triton kernels never see it): a caller's
+    autocast would re-type them (h in bf16, y in bf16 against a float32 base). A no-op context when autocast is
+    off: entering torch.autocast costs host time."""
+    dev = t.device.type
+    return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
+
+
 def _shrink_mm(x: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
     """h = x @ a_cat^T in float32 by cuBLAS (float32 accumulation and output)."""
     if not x.is_cuda:  # the interpreter's CPU: no low-precision mm with float32 output; exact products, fp32 sums
@@ -512,9 +521,10 @@ def _gated(h: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, scale: float
 
 def _add_fwd_impl(base_out, x, lora_A, lora_B, gates, expert_ids, scale):
     if _gemm_path(x):
-        h = _shrink_mm(x, lora_A.reshape(-1, lora_A.shape[-1]))
-        u = _gated(h, gates, expert_ids, scale, lora_B.shape[2], x.dtype)
-        return torch.addmm(base_out, u, _b_cat(lora_B)), h
+        with _autocast_off(x):
+            h = _shrink_mm(x, lora_A.reshape(-1, lora_A.shape[-1]))
+            u = _gated(h, gates, expert_ids, scale, lora_B.shape[2], x.dtype)
+            return torch.addmm(base_out, u, _b_cat(lora_B)), h
     h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
     out = _alloc(base_out.shape, base_out)
     b_cat = _b_cat(lora_B)
@@ -527,13 +537,15 @@ def _linear_fwd_impl(x, weight, bias, lora_A, lora_B, gates, expert_ids, scale):
     if _gemm_path(x):
         from mol.kernels import base_gemm as bg  # it imports this module
 
-        h = _shrink_mm(x, lora_A.reshape(-1, lora_A.shape[-1]))
-        u = _gated(h, gates, expert_ids, scale, lora_B.shape[2], x.dtype)
-        return bg.base_mm(x, weight, True, u, _b_cat(lora_B), False, bias), h
+        with _autocast_off(x):
+            h = _shrink_mm(x, lora_A.reshape(-1, lora_A.shape[-1]))
+            u = _gated(h, gates, expert_ids, scale, lora_B.shape[2], x.dtype)
+            return bg.base_mm(x, weight, True, u, _b_cat(lora_B), False, bias), h
     h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
     # base GEMM through cuBLAS, then the expand accumulates into its fresh output in place:
     # no second (T, out) buffer and no separate add pass.
-    y = torch.nn.functional.linear(x, weight, bias)
+    with _autocast_off(x):  # y in x's dtype, as the op's fake kernel says
+        y = torch.nn.functional.linear(x, weight, bias)
     b_cat = _b_cat(lora_B)
     _expand(y, h, b_cat if b_cat.is_contiguous() else b_cat.contiguous(), lora_B.shape[2],
             gates, expert_ids, scale, y)
@@ -611,22 +623,22 @@ def _lora_grads(saved, scale, needs, dy, weight=None, bwd=_bwd, base_mm=None):
         dy = dy.contiguous()
     dh, u, dgates = bwd(dy, h, lora_B, gates, ids, scale)
     e, rank, n_in = lora_A.shape
-    n_out = lora_B.shape[1]
     dx = dA = dB = None
-    if need_x:
-        a_cat = lora_A.reshape(e * rank, n_in)
-        if weight is None:
-            dx = torch.mm(dh, a_cat)
-        elif _gemm_path(dy):  # the adapters' dx as extra K of the base's dx GEMM (base_gemm): one output pass
-            if base_mm is None:
-                from mol.kernels.base_gemm import base_mm_op as base_mm
-            dx = base_mm(dy, weight, False, dh, a_cat, False, None)
-        else:  # accumulate into the base's dx buffer (one r/w pass)
-            dx = torch.mm(dy, weight).addmm_(dh, a_cat)
-    if need_a:
-        dA = torch.mm(dh.t(), x).view(e, rank, n_in)
-    if need_b:
-        dB = _grad_b(dy, u, lora_B)
+    with _autocast_off(dy):  # a backward run inside autocast: the gradients stay in the forward's dtypes
+        if need_x:
+            a_cat = lora_A.reshape(e * rank, n_in)
+            if weight is None:
+                dx = torch.mm(dh, a_cat)
+            elif _gemm_path(dy):  # the adapters' dx as extra K of the base's dx GEMM (base_gemm): one output pass
+                if base_mm is None:
+                    from mol.kernels.base_gemm import base_mm_op as base_mm
+                dx = base_mm(dy, weight, False, dh, a_cat, False, None)
+            else:  # accumulate into the base's dx buffer (one r/w pass)
+                dx = torch.mm(dy, weight).addmm_(dh, a_cat)
+        if need_a:
+            dA = torch.mm(dh.t(), x).view(e, rank, n_in)
+        if need_b:
+            dB = _grad_b(dy, u, lora_B)
     return dx, dA, dB, (dgates if need_g else None)
 
 
