@@ -96,6 +96,19 @@ for cfg, (b_t, bias, dt) in itertools.product(bg.CONFIGS, ((True, True, "bf16"),
                        options={"num_warps": warps, "num_stages": stages})
     print(f"_base_gemm_kernel {cfg} b_t={b_t}: compiled for sm_90, {k.metadata.shared} bytes of shared memory")
 
+# ---------------------------------------------------------------- the given-routing path's gate kernels, grouped_lora.py
+# (grouped_lora_linear / the sequence router with DENSE_GEMMS: u = scale*g*h before the base GEMM, and the backward's
+# dh (token-minor strides), u and dgates), at E=8 top-2 r=16 (R = 128)
+from mol.kernels import grouped_lora as gl  # noqa: E402
+
+comp(gl._gated_kernel, {"h_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "u_ptr": "*bf16", "scale": "fp32", "T": "i32",
+                        "R": "i32", "RANK": "constexpr", "K": "constexpr", "BT": "constexpr", "BRP": "constexpr"},
+     {"RANK": 16, "K": 2, "BT": 32, "BRP": 128})
+comp(gl._bwd_epilogue_kernel, {"du_ptr": "*fp32", "h_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "dh_ptr": "*bf16",
+                               "u_ptr": "*bf16", "dgates_ptr": "*fp32", "scale": "fp32", "T": "i32", "R": "i32", "SDT": "i32",
+                               "SDC": "i32", "RANK": "constexpr", "K": "constexpr", "BT": "constexpr", "BRP": "constexpr"},
+     {"RANK": 16, "K": 2, "BT": 32, "BRP": 128})
+
 # ---------------------------------------------------------------- NF4 small-T (decode) kernel, mol/kernels/nf4.py
 # Every autotuned config of both paths (FMA: T <= 2, tl.dot: T <= 16), plus dtype / nesting / bias / shape variants.
 # Pointers and the row strides are marked 16-divisible, as the JIT specializes them for aligned tensors (without
