@@ -143,7 +143,7 @@ class Router(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.kind == "sequence":
                 # One decision per sequence, scored on its mean hidden state: "b s k -> b k".
-                seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 2 else x[None]
+                seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 2 else x[None, None]  # (in,): one token
                 logits = F.linear(_MeanPool.apply(seqs).float(), self.weight.float())  # (B, E)
             else:
                 logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)

@@ -293,3 +293,12 @@ def test_sequence_pooling_gradient():
     pooled.backward(g)
     assert xb.grad.dtype == torch.bfloat16 and xb.grad.shape == xb.shape
     assert rel(xb.grad, (g.double() / 4)[:, None, :].expand(2, 4, 6)) < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["topk", "sequence"])
+def test_one_token_without_batch_dims(kind):
+    """A 1-D input (in,) is one token (and, for the sequence router, a sequence of one): the same output as (1, in)."""
+    layer = make_layer(kind, 4, 2, 16, 12, 3)
+    x = torch.randn(16)
+    y = layer(x)
+    assert y.shape == (12,) and torch.allclose(y, layer(x[None])[0])
