@@ -13,6 +13,7 @@ Auxiliary losses (kept on the output, collected by ``MoLLinear.aux_loss``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,19 +39,23 @@ class RouterOutput:
         counts = torch.zeros(self.probs.shape[-1], device=self.probs.device, dtype=torch.float32)
         return counts.scatter_add(0, self.chosen.reshape(-1), torch.ones_like(self.chosen, dtype=torch.float32).reshape(-1))
 
+    # The means below divide by max(rows, 1) and the pair fractions by max(pairs, 1): an empty batch (no rows) gives
+    # zero losses, as the fused kernels do, not NaN that would reach every gradient through the training loss.
     @property
     def load_balance_loss(self) -> Tensor:
         counts = self.counts
-        return self.probs.shape[-1] * (counts / counts.sum() * self.probs.mean(dim=0)).sum()
+        rows = max(self.probs.shape[0], 1)
+        return self.probs.shape[-1] * (counts / counts.sum().clamp_min(1) * self.probs.sum(dim=0) / rows).sum()
 
     @property
     def z_loss(self) -> Tensor:
-        return torch.logsumexp(self.logits, dim=-1).square().mean()
+        return torch.logsumexp(self.logits, dim=-1).square().sum() / max(self.logits.shape[0], 1)
 
     @property
     def entropy(self) -> Tensor:
         """Mean entropy (nats) of the router distribution."""
-        return -(self.probs * torch.log(self.probs.clamp_min(1e-20))).sum(dim=-1).mean()
+        ent = -(self.probs * torch.log(self.probs.clamp_min(1e-20))).sum(dim=-1)
+        return ent.sum() / max(ent.shape[0], 1)
 
 
 class FusedRouterOutput(RouterOutput):
@@ -84,7 +89,7 @@ class FusedRouterOutput(RouterOutput):
     def load_balance_loss(self) -> Tensor:
         rows, num_experts = self._hl.shape[0], self._num_experts
         counts, prob_sums = self.stats[:num_experts], self.stats[num_experts: 2 * num_experts]
-        return num_experts * (counts / counts.sum() * prob_sums / max(rows, 1)).sum()
+        return num_experts * (counts / counts.sum().clamp_min(1) * prob_sums / max(rows, 1)).sum()
 
     @property
     def z_loss(self) -> Tensor:
@@ -101,11 +106,12 @@ class _MeanPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, seqs: Tensor) -> Tensor:
         ctx.shape, ctx.dtype = seqs.shape, seqs.dtype
-        return seqs.mean(dim=1, dtype=torch.promote_types(seqs.dtype, torch.float32))
+        # sum / S rather than mean: an empty sequence pools to zeros (uniform scores), not NaN in the aux losses
+        return seqs.sum(dim=1, dtype=torch.promote_types(seqs.dtype, torch.float32)) / max(seqs.shape[1], 1)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        return (grad / ctx.shape[1]).to(ctx.dtype)[:, None, :].expand(ctx.shape)
+        return (grad / max(ctx.shape[1], 1)).to(ctx.dtype)[:, None, :].expand(ctx.shape)
 
 
 class Router(nn.Module):
@@ -143,7 +149,8 @@ class Router(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.kind == "sequence":
                 # One decision per sequence, scored on its mean hidden state: "b s k -> b k".
-                seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 2 else x[None, None]  # (in,): one token
+                # (in,) is one token; leading dims by product, not -1, which zero-length sequences leave ambiguous
+                seqs = x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:]) if x.dim() >= 2 else x[None, None]
                 logits = F.linear(_MeanPool.apply(seqs).float(), self.weight.float())  # (B, E)
             else:
                 logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)

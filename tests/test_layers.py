@@ -302,3 +302,22 @@ def test_one_token_without_batch_dims(kind):
     x = torch.randn(16)
     y = layer(x)
     assert y.shape == (12,) and torch.allclose(y, layer(x[None])[0])
+
+
+@pytest.mark.parametrize("kind", ["topk", "soft", "switch", "sequence"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape", [(0, 16), (0, 5, 16), (2, 0, 16)], ids=["no_tokens", "no_sequences", "empty_sequences"])
+def test_empty_batch_gives_finite_losses_and_gradients(kind, backend, shape):
+    """A batch without tokens (or of empty sequences) trains through: output and dx of the right shapes, and the aux
+    loss, its statistics and the router's gradient finite (a NaN there would reach every parameter through the
+    training loss). Both backends; the Triton one runs its kernels under TRITON_INTERPRET on CPU."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    layer = make_layer(kind, 4, 1 if kind == "switch" else 2, 16, 12, 3)
+    layer.backend = backend
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    (y.sum() + layer.aux_loss()).backward()
+    assert y.shape == (*shape[:-1], 12) and x.grad.shape == x.shape
+    assert torch.isfinite(layer.aux_loss()) and torch.isfinite(layer.router.weight.grad).all()
+    assert all(torch.isfinite(v).all() for v in layer.last_stats.values())
