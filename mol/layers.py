@@ -152,6 +152,9 @@ class MoLLinear(AdapterLayer):
                 f"rank={self.rank}, scaling={self.scaling:g}, backend={self.backend}{graphs}")
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:  # else a reshape below fails with a message naming neither
+            raise ValueError(f"MoLLinear: the input's last dimension is {x.shape[-1]}, the layer takes "
+                             f"in_features={self.in_features} (input shape {tuple(x.shape)})")
         if self.merged:
             return self.base_layer(x)
         # an nn.Identity call is a module call of host time per layer and step: skip it (same result)

@@ -321,3 +321,9 @@ def test_empty_batch_gives_finite_losses_and_gradients(kind, backend, shape):
     assert y.shape == (*shape[:-1], 12) and x.grad.shape == x.shape
     assert torch.isfinite(layer.aux_loss()) and torch.isfinite(layer.router.weight.grad).all()
     assert all(torch.isfinite(v).all() for v in layer.last_stats.values())
+
+
+def test_wrong_input_width_is_named():
+    layer = make_layer("topk", 4, 2, 16, 12, 3)
+    with pytest.raises(ValueError, match="last dimension is 15.*in_features=16"):
+        layer(torch.randn(3, 15))
