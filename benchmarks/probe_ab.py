@@ -52,13 +52,14 @@ def switches(variant: str) -> list:
 
 
 def with_switches(sets: list, fn):
-    """fn run with the switches set (and restored after): a graph captured from it keeps that variant's kernels."""
+    """fn run with the switches set (and restored after), its result returned: a graph captured from it keeps that
+    variant's kernels."""
     def run():
         old = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in sets]
         for mod, attr, val in sets:
             setattr(mod, attr, val)
         try:
-            fn()
+            return fn()
         finally:
             for mod, attr, val in old:
                 setattr(mod, attr, val)

@@ -21,20 +21,14 @@ import mol  # noqa: E402
 import mol.kernels.grouped_lora as gl  # noqa: E402
 from mol.routers import _MeanPool  # noqa: E402
 from bench_layer import interleaved_graph_times, mol_step  # noqa: E402
+from probe_ab import with_switches  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
 FORMS = {"dense GEMMs (now)": True, "Triton shrink/expand (before)": False}
 
 
 def with_dense(flag, fn):
-    def run():
-        old = gl.DENSE_GEMMS
-        gl.DENSE_GEMMS = flag
-        try:
-            return fn()
-        finally:
-            gl.DENSE_GEMMS = old
-    return run
+    return with_switches([(gl, "DENSE_GEMMS", flag)], fn)
 
 
 def reference(x, W, A, B, gates, ids, scale):

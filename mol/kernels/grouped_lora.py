@@ -446,7 +446,7 @@ def _du(dy: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
         # cuBLAS reaches 58% of copy bandwidth here where the Triton kernel reached 29-40% (H100, RESULTS run 8);
         # the kernel stays for torch < 2.8 and the interpreter
         b_t = lora_B.permute(1, 0, 2).reshape(n_out, r_tot)  # (out, R): a view for MoLLinear's layout, else a copy
-        return torch.mm(dy, b_t) if dy.dtype == torch.float32 else torch.mm(dy, b_t, out_dtype=torch.float32)
+        return _mm_f32(dy, b_t)
     bucket = _t_bucket(t)
     key = ("du", bucket, n_out, r_tot, rank, dy.dtype)
     du = _accumulator(t, r_tot, dy, key)
@@ -461,6 +461,13 @@ def _du(dy: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
     return du
 
 
+def _row_tile(r_tot: int) -> tuple[int, int]:
+    """(BT, BRP) of the per-token kernels that hold all E*r columns of a token block (_gated_kernel, the backward
+    epilogue): the columns padded to a power of two, about 4096 elements a block."""
+    brp = max(16, _pow2(r_tot))
+    return max(1, min(64, 4096 // brp)), brp
+
+
 def _expand_bwd(dy, h, lora_B, gates, ids, scale):
     t = dy.shape[0]
     rank = lora_B.shape[2]
@@ -471,8 +478,7 @@ def _expand_bwd(dy, h, lora_B, gates, ids, scale):
     dgates = _alloc(ids.shape, dy, torch.float32)
     if t == 0:
         return dh, u, dgates
-    brp = max(16, _pow2(r_tot))
-    bt = max(1, min(64, 4096 // brp))
+    bt, brp = _row_tile(r_tot)
     _bwd_epilogue_kernel[(_cdiv(t, bt),)](du, h, gates, ids, dh, u, dgates, float(scale), t, r_tot,
                                           dh.stride(0), dh.stride(1),
                                           RANK=rank, K=ids.shape[1], BT=bt, BRP=brp)
@@ -500,11 +506,12 @@ def _autocast_off(t: torch.Tensor):
     return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
 
 
-def _shrink_mm(x: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
-    """h = x @ a_cat^T in float32 by cuBLAS (float32 accumulation and output)."""
-    if not x.is_cuda:  # the interpreter's CPU: no low-precision mm with float32 output; exact products, fp32 sums
-        return torch.mm(x.float(), a_cat.float().t())
-    return torch.mm(x, a_cat.t()) if x.dtype == torch.float32 else torch.mm(x, a_cat.t(), out_dtype=torch.float32)
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in float32 (float32 accumulation and output) by cuBLAS: the skinny products whose float32 result the
+    gate kernels read (the shrink's h, the backward's du)."""
+    if not a.is_cuda:  # the interpreter's CPU: no low-precision mm with float32 output; exact products, fp32 sums
+        return torch.mm(a.float(), b.float())
+    return torch.mm(a, b) if a.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
 
 
 def _gated(h: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, scale: float, rank: int,
@@ -512,8 +519,7 @@ def _gated(h: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, scale: float
     """u = scale*g*h (T, E*r) in dtype."""
     t, r_tot = h.shape
     u = _alloc((t, r_tot), h, dtype)
-    brp = max(16, _pow2(r_tot))
-    bt = max(1, min(64, 4096 // brp))
+    bt, brp = _row_tile(r_tot)
     _gated_kernel[(_cdiv(t, bt),)](h, gates, ids, u, float(scale), t, r_tot, RANK=rank, K=ids.shape[1], BT=bt,
                                    BRP=brp)
     return u
@@ -522,7 +528,7 @@ def _gated(h: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, scale: float
 def _add_fwd_impl(base_out, x, lora_A, lora_B, gates, expert_ids, scale):
     if _gemm_path(x):
         with _autocast_off(x):
-            h = _shrink_mm(x, lora_A.reshape(-1, lora_A.shape[-1]))
+            h = _mm_f32(x, lora_A.reshape(-1, lora_A.shape[-1]).t())
             u = _gated(h, gates, expert_ids, scale, lora_B.shape[2], x.dtype)
             return torch.addmm(base_out, u, _b_cat(lora_B)), h
     h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
@@ -538,7 +544,7 @@ def _linear_fwd_impl(x, weight, bias, lora_A, lora_B, gates, expert_ids, scale):
         from mol.kernels import base_gemm as bg  # it imports this module
 
         with _autocast_off(x):
-            h = _shrink_mm(x, lora_A.reshape(-1, lora_A.shape[-1]))
+            h = _mm_f32(x, lora_A.reshape(-1, lora_A.shape[-1]).t())
             u = _gated(h, gates, expert_ids, scale, lora_B.shape[2], x.dtype)
             return bg.base_mm(x, weight, True, u, _b_cat(lora_B), False, bias), h
     h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))

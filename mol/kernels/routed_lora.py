@@ -744,11 +744,7 @@ def route_shrink_gemm(x: torch.Tensor, a_cat: torch.Tensor, router_w: torch.Tens
     block = 1024 if not gl._INTERPRET else 64
     _router_parts_kernel[(r_tot + n_parts * e, gl._cdiv(n_in, block))](
         a_cat, router_w, w_ext, stats, r_tot, e, n_in, _part_scale(x.dtype), NPARTS=n_parts, EP=_ep(e), BLOCK=block)
-    if x.is_cuda:
-        hl = torch.mm(x, w_ext.t(), out_dtype=torch.float32)
-    else:  # the interpreter's CPU: no low-precision mm with float32 output; exact products, float32 sums alike
-        hl = torch.mm(x.float(), w_ext.float().t())
-    return hl, stats, w_ext[:r_tot + e]
+    return gl._mm_f32(x, w_ext.t()), stats, w_ext[:r_tot + e]
 
 
 def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
