@@ -1,10 +1,12 @@
 """Host (CPU) cost of one MoLLinear on the Triton path, measured on the GPU machine, piece by piece.
 
-    python benchmarks/profile_host.py [--t 16 512] [--calls 300] [--no-cprofile]
+    python benchmarks/profile_host.py [--t 16 512 2048 8192] [--calls 50] [--no-cprofile]
 
 Eager, a layer's wall time is max(its GPU time, its host time); on the GPU hosts an eager MoLLinear fwd+bwd costs
-~0.7-1.3 ms of CPU (RESULTS runs 9-19), which is what bounds the eager T=512 row and the model-level step. Prints
-(1) host microseconds per call (no synchronisation inside the timed loop) of whole fwd+bwd steps: the bare base,
+~0.7-1.6 ms of CPU (RESULTS runs 9-19, 34), which is what bounds the eager T=512 row and the model-level step, and
+on a slow host even T=8192's. Prints
+(1) host microseconds per call (no synchronisation inside the timed loop, the GPU held busy by a sleep kernel so
+that it never makes the host wait, whatever T) of whole fwd+bwd steps: the bare base,
 PEFT-style LoRA, MoLLinear with the backward on autograd's worker thread and on the calling thread, and the no-grad
 forward; (2) the host cost of each piece the layer calls (our launchers, a trivial Triton launch, small torch ops,
 an empty autograd.Function), each best of 5 rounds; (3) a cProfile of the fwd+bwd step (calling-thread backward,
@@ -23,6 +25,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol  # noqa: E402
+from mol.kernels import base_gemm as bg  # noqa: E402
 from mol.kernels import grouped_lora as gl  # noqa: E402
 from mol.kernels import routed_lora as rl  # noqa: E402
 from probe_autograd_threads import _Identity  # noqa: E402  (a Function whose backward does nothing)
@@ -52,12 +55,16 @@ class _TenOps(_Identity):
 
 
 def host_us(fn, calls: int, rounds: int = 5) -> float:
-    """Best over rounds of the mean host time per call, no synchronisation inside a round."""
-    for _ in range(20):
+    """Best over rounds of the mean host time per call, no synchronisation inside a round. Each round starts
+    behind a GPU sleep longer than the round, so the GPU never makes the host wait: at large T, where a step's
+    GPU work outlasts its host work, this still measures the host. (Keep calls x launches per call under the
+    driver's queue of ~1000 pending launches: past it, a launch blocks until the GPU drains some.)"""
+    for _ in range(5):
         fn()
     torch.cuda.synchronize()
     best = float("inf")
     for _ in range(rounds):
+        torch.cuda._sleep(int(calls * 4e6))  # ~2 ms of GPU clock per call
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -68,8 +75,8 @@ def host_us(fn, calls: int, rounds: int = 5) -> float:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--t", type=int, nargs="+", default=[16, 512])
-    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--t", type=int, nargs="+", default=[16, 512, 2048, 8192])
+    ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--no-cprofile", action="store_true")
     args = ap.parse_args()
     dev, dt, n = "cuda", torch.bfloat16, 4096
@@ -142,6 +149,10 @@ def main():
         "gate_bwd_impl": lambda: rl.gate_bwd_impl(du, hl, None, gates, ids, stats, aux, 16, 0, 2.0, 0.01, 0.001,
                                                   dt),
         "gl._grad_b": lambda: gl._grad_b(dy, u, lb),
+        "bg.triton_base_mm x W^T + u B_cat (five TMA descriptors)": lambda: bg.triton_base_mm(
+            x, base.weight, True, u, gl._b_cat(lb), False, None, bg.CONFIGS[0]),
+        "bg._cublas x W^T + u B_cat (mm + addmm_)": lambda: bg._cublas(x, base.weight, True, u, gl._b_cat(lb),
+                                                                      False, None),
         "rl._check": lambda: rl._check(x, None, m.lora_A, m.lora_B, base.weight, None, None, n),
     }
     sq = torch.randn(16, 16, device=dev, requires_grad=True)
