@@ -42,6 +42,14 @@ _CHOICES = ("auto", "cublas", "triton")
 # 128x128, 256x128 and 64x256 tiles never were.
 CONFIGS = [(128, 256, 64, 8, 8, 3, 1), (128, 256, 64, 16, 8, 3, 1), (128, 256, 64, 4, 8, 3, 1),
            (128, 256, 64, 8, 8, 4, 2), (128, 256, 64, 8, 8, 3, 2)]
+# Eager (uncaptured) CUDA calls of at most this many rows run cuBLAS whatever "auto" tuned: the Triton kernel's
+# launch builds five TMA descriptors on the host, 106-117 µs of CPU per call on an H200 host against 31 for
+# cuBLAS's two GEMMs, while it saves the GPU 5-7 µs at T=2048 (RESULTS runs 23, 34). A layer that small is bound
+# by its host time when run eagerly: an eager 4096² MoLLinear fwd+bwd at T=2048 took 903 against 1081 µs this way
+# (calling-thread backward; 1512 against 1621 on autograd's worker thread; benchmarks/probe_eager_cublas.py, run
+# 34). Under CUDA-graph capture (graph_tokens, a captured step) the launch cost is paid once, so the tuned choice
+# stands there; eager and graphed results then differ by bf16 rounding. 0 turns this off.
+EAGER_CUBLAS_ROWS = 2048
 TUNE_ROUNDS = 3  # candidates timed in turn, each's best round kept: one pass ranks them by the clock's drift
 _INTERPRET_CONFIG = (16, 16, 16, 2, 4, 1, 2)
 
@@ -224,7 +232,8 @@ def base_mm(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None 
     key = (BASE_GEMM, a.device, a.dtype, gl._t_bucket(a.shape[0]), tuple(kb.shape), kb_t,
            None if u is None else (u.shape[1], ku_t, kv_t), bias is not None)
     cfg = _CHOSEN[key] if key in _CHOSEN else _choose(key, a, kb, kb_t, ku, kv, kv_t, bias, ku_t)
-    if cfg is None:
+    if cfg is None or (BASE_GEMM == "auto" and a.shape[0] <= EAGER_CUBLAS_ROWS and a.is_cuda
+                       and not torch.cuda.is_current_stream_capturing()):
         return _cublas(a, b, b_t, u, v, v_t, bias)
     return triton_base_mm(a, kb, kb_t, ku, kv, kv_t, bias, cfg, u_t=ku_t)
 
