@@ -73,6 +73,26 @@ def test_misaligned_operands_run_cublas_and_agree(monkeypatch):
     assert rel(c, ref) < 2e-3
 
 
+def test_small_eager_calls_run_cublas_under_auto(monkeypatch):
+    # an eager CUDA call of <= EAGER_CUBLAS_ROWS rows runs cuBLAS under "auto" whatever was tuned (the kernel's
+    # launch costs the host more than it saves the GPU there); "triton" still forces the kernel, and a CPU tensor
+    # (the interpreter) never counts as such a call, so the tests above keep running the kernel
+    g = torch.Generator().manual_seed(11)
+    a, b, u, v = operands(24, 16, 24, 8, torch.float16, True, False, g)
+    ref = a.double() @ b.double().t() + u.double() @ v.double()
+    assert not bg._eager_small(a)
+    calls = []
+    orig = bg.triton_base_mm
+    monkeypatch.setattr(bg, "triton_base_mm", lambda *args, **kw: calls.append(1) or orig(*args, **kw))
+    monkeypatch.setattr(bg, "BASE_GEMM", "auto")
+    assert rel(bg.base_mm(a, b, True, u, v, False), ref) < 2e-3 and calls == [1]  # tuned: the kernel
+    monkeypatch.setattr(bg, "_eager_small", lambda a: True)  # as a small eager CUDA call
+    assert rel(bg.base_mm(a, b, True, u, v, False), ref) < 2e-3 and calls == [1]  # cuBLAS
+    monkeypatch.setattr(bg, "BASE_GEMM", "triton")
+    bg.base_mm(a, b, True, u, v, False)
+    assert calls == [1, 1]
+
+
 def test_unknown_base_gemm_setting_is_named(monkeypatch):
     monkeypatch.setattr(bg, "BASE_GEMM", "fast")
     a = torch.randn(8, 8, dtype=torch.float16)

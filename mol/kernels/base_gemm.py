@@ -232,10 +232,14 @@ def base_mm(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None 
     key = (BASE_GEMM, a.device, a.dtype, gl._t_bucket(a.shape[0]), tuple(kb.shape), kb_t,
            None if u is None else (u.shape[1], ku_t, kv_t), bias is not None)
     cfg = _CHOSEN[key] if key in _CHOSEN else _choose(key, a, kb, kb_t, ku, kv, kv_t, bias, ku_t)
-    if cfg is None or (BASE_GEMM == "auto" and a.shape[0] <= EAGER_CUBLAS_ROWS and a.is_cuda
-                       and not torch.cuda.is_current_stream_capturing()):
+    if cfg is None or (BASE_GEMM == "auto" and _eager_small(a)):
         return _cublas(a, b, b_t, u, v, v_t, bias)
     return triton_base_mm(a, kb, kb_t, ku, kv, kv_t, bias, cfg, u_t=ku_t)
+
+
+def _eager_small(a: torch.Tensor) -> bool:
+    """An eager CUDA call of at most EAGER_CUBLAS_ROWS rows: "auto" runs cuBLAS for it, whatever was tuned."""
+    return a.shape[0] <= EAGER_CUBLAS_ROWS and a.is_cuda and not torch.cuda.is_current_stream_capturing()
 
 
 def _row_major(m: torch.Tensor | None, transposed: bool) -> tuple[torch.Tensor | None, bool]:
