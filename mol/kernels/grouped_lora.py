@@ -525,11 +525,16 @@ def _gated(h: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, scale: float
     return u
 
 
+def _gated_shrink(x, lora_A, lora_B, gates, expert_ids, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense path's forward up to the expand: (h = x A_cat^T in float32, u = scale*g*h in x's dtype)."""
+    h = _mm_f32(x, lora_A.reshape(-1, lora_A.shape[-1]).t())
+    return h, _gated(h, gates, expert_ids, scale, lora_B.shape[2], x.dtype)
+
+
 def _add_fwd_impl(base_out, x, lora_A, lora_B, gates, expert_ids, scale):
     if _gemm_path(x):
         with _autocast_off(x):
-            h = _mm_f32(x, lora_A.reshape(-1, lora_A.shape[-1]).t())
-            u = _gated(h, gates, expert_ids, scale, lora_B.shape[2], x.dtype)
+            h, u = _gated_shrink(x, lora_A, lora_B, gates, expert_ids, scale)
             return torch.addmm(base_out, u, _b_cat(lora_B)), h
     h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
     out = _alloc(base_out.shape, base_out)
@@ -544,8 +549,7 @@ def _linear_fwd_impl(x, weight, bias, lora_A, lora_B, gates, expert_ids, scale):
         from mol.kernels import base_gemm as bg  # it imports this module
 
         with _autocast_off(x):
-            h = _mm_f32(x, lora_A.reshape(-1, lora_A.shape[-1]).t())
-            u = _gated(h, gates, expert_ids, scale, lora_B.shape[2], x.dtype)
+            h, u = _gated_shrink(x, lora_A, lora_B, gates, expert_ids, scale)
             return bg.base_mm(x, weight, True, u, _b_cat(lora_B), False, bias), h
     h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
     # base GEMM through cuBLAS, then the expand accumulates into its fresh output in place:
