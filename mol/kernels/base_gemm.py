@@ -222,19 +222,30 @@ def base_mm(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None 
         raise ValueError(f"mol.kernels.base_gemm.BASE_GEMM={BASE_GEMM!r}; use one of {_CHOICES}")
     if BASE_GEMM == "cublas" or a.dtype not in (torch.bfloat16, torch.float16):
         return _cublas(a, b, b_t, u, v, v_t, bias)
+    cfg, operands = plan(a, b, b_t, u, v, v_t, bias)
+    if cfg is None or (BASE_GEMM == "auto" and _eager_small(a)):
+        return _cublas(a, b, b_t, u, v, v_t, bias)
+    kb, kb_t, ku, ku_t, kv, kv_t = operands
+    return triton_base_mm(a, kb, kb_t, ku, kv, kv_t, bias, cfg, u_t=ku_t)
+
+
+def plan(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None, v: torch.Tensor | None, v_t: bool,
+         bias: torch.Tensor | None) -> tuple[tuple | None, tuple]:
+    """(config, operands): the Triton config base_mm runs for these operands' shape key, tuned on first sight
+    (None: cuBLAS, or the kernel cannot run them), and the operands as the kernel reads them (kb, kb_t, ku, ku_t,
+    kv, kv_t). The eager small-call rule (_eager_small) is the caller's."""
     # the kernel reads rows: a column-major b, u or v is taken as its (row-major) transpose, the flag flipped, here
     # and not by the caller, so that the cuBLAS path pays no view ops for it
     kb, kb_t = _row_major(b, b_t)
     ku, ku_t = _row_major(u, False)
     kv, kv_t = _row_major(v, v_t)
+    operands = (kb, kb_t, ku, ku_t, kv, kv_t)
     if not triton_supported(a, kb, ku, kv, bias):
-        return _cublas(a, b, b_t, u, v, v_t, bias)
+        return None, operands
     key = (BASE_GEMM, a.device, a.dtype, gl._t_bucket(a.shape[0]), tuple(kb.shape), kb_t,
            None if u is None else (u.shape[1], ku_t, kv_t), bias is not None)
     cfg = _CHOSEN[key] if key in _CHOSEN else _choose(key, a, kb, kb_t, ku, kv, kv_t, bias, ku_t)
-    if cfg is None or (BASE_GEMM == "auto" and _eager_small(a)):
-        return _cublas(a, b, b_t, u, v, v_t, bias)
-    return triton_base_mm(a, kb, kb_t, ku, kv, kv_t, bias, cfg, u_t=ku_t)
+    return cfg, operands
 
 
 def _eager_small(a: torch.Tensor) -> bool:

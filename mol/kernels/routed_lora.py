@@ -301,14 +301,24 @@ def _gate_fwd_kernel(hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, au
                      LD, part_scale, RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
                      BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr, SELECT: tl.constexpr,
                      NPARTS: tl.constexpr):
-    """Routing decision and gated shrink output for BT tokens.
+    """Routing decision and gated shrink output for BT tokens (_gate_fwd_rows), one program per row block."""
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    _gate_fwd_rows(offs_t, hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb, c_z, T, R,
+                   E, LD, part_scale, tl.num_programs(0), RANK, K, KIND, EP, BT, BR, HAS_NOISE, SELECT, NPARTS)
+
+
+@triton.jit
+def _gate_fwd_rows(offs_t, hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb, c_z, T,
+                   R, E, LD, part_scale, n_blocks, RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr,
+                   EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr,
+                   SELECT: tl.constexpr, NPARTS: tl.constexpr):
+    """Routing decision and gated shrink output for the BT tokens offs_t, one of n_blocks row blocks.
 
     gates/ids (T, K): top-k of the softmax (KIND 0: renormalised; 1: switch, raw probability; 2: soft, every
     expert). u (T, R) = scale * gate(expert of column) * h in u's dtype. stats (2E+2, zeroed) += per-expert
     routed counts, per-expert sums of probabilities, sum of logsumexp^2 (atomics); stats[2E+1] counts finished
-    programs, and the last one computes aux from the totals (saves a launch). hl: rows of LD floats, h in the
+    row blocks, and the last one computes aux from the totals (saves a launch). hl: rows of LD floats, h in the
     first R columns, the router's NPARTS partial scores in the last NPARTS * E (see _probs)."""
-    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
     offs_e = tl.arange(0, EP)
     mask_t = offs_t < T
     mask_e = offs_e < E
@@ -326,9 +336,9 @@ def _gate_fwd_kernel(hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, au
     tl.atomic_add(stats_ptr + offs_e, tl.sum(chosen, axis=0), mask=mask_e)
     tl.atomic_add(stats_ptr + E + offs_e, tl.sum(probs, axis=0), mask=mask_e)
     tl.atomic_add(stats_ptr + 2 * E, tl.sum(lse * lse, axis=0))
-    # acq_rel: this program's adds above are visible before its ticket; the last program's reads see them all
+    # acq_rel: this block's adds above are visible before its ticket; the last block's reads see them all
     ticket = tl.atomic_add(stats_ptr + 2 * E + 1, 1.0, sem="acq_rel")
-    if ticket == tl.num_programs(0) - 1:
+    if ticket == n_blocks - 1:
         _aux_from_stats(stats_ptr, aux_ptr, E, c_lb, c_z, EP)
 
 
@@ -356,11 +366,22 @@ def _gate_bwd_kernel(du_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, d
                      RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
                      BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_AUX: tl.constexpr,
                      SELECT: tl.constexpr):
-    """dhl[:, :R] = scale * g * du (the shrink's output gradient); dhl[:, R:] = d loss / d logits, through the
-    gate selection and, when HAS_AUX, the auxiliary losses (c_lb = lb_coef*E/(T*T*K) and c_z = 2*z_coef/T,
-    scaled by daux). Row stride of hl: LD (its logits in the last E columns, as the gate forward left them);
-    dhl's strides: SDT a token, SDC a column."""
+    """The gate backward (_gate_bwd_rows) of BT tokens, one program per row block."""
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    _gate_bwd_rows(offs_t, du_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, daux_ptr, dhl_ptr, scale, c_lb,
+                   c_z, T, R, E, LD, SDT, SDC, RANK, K, KIND, EP, BT, BR, HAS_NOISE, HAS_AUX, SELECT)
+
+
+@triton.jit
+def _gate_bwd_rows(offs_t, du_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, daux_ptr, dhl_ptr,
+                   scale, c_lb, c_z, T, R, E, LD, SDT, SDC,
+                   RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
+                   BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_AUX: tl.constexpr,
+                   SELECT: tl.constexpr):
+    """For the BT tokens offs_t: dhl[:, :R] = scale * g * du (the shrink's output gradient); dhl[:, R:] = d loss /
+    d logits, through the gate selection and, when HAS_AUX, the auxiliary losses (c_lb = lb_coef*E/(T*T*K) and
+    c_z = 2*z_coef/T, scaled by daux). Row stride of hl: LD (its logits in the last E columns, as the gate
+    forward left them); dhl's strides: SDT a token, SDC a column."""
     offs_e = tl.arange(0, EP)
     mask_t = offs_t < T
     mask_e = offs_e < E
@@ -729,13 +750,10 @@ def _part_scale(dtype: torch.dtype) -> float:
     return 1.0 if dtype == torch.bfloat16 else 2.0 ** 11
 
 
-def route_shrink_gemm(x: torch.Tensor, a_cat: torch.Tensor, router_w: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hl (T, R + ROUTER_PARTS*E) float32 = x @ [A_cat; parts of Wr]^T, one pass over x (cuBLAS, float32
-    accumulation and output) instead of the Triton kernel's two column groups; the gate forward adds the parts
-    into hl's last E columns, which from then on hold the logits. stats: (2E+2,) zeros. w_dx: the operand's
-    first R+E rows, [A_cat; Wr rounded to x's dtype] (the first part is that rounding), which is what the
-    backward's dx = dhl @ [A_cat; Wr] multiplies by: kept, it saves the backward a cat and a cast."""
+def shrink_operand(x: torch.Tensor, a_cat: torch.Tensor, router_w: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_ext, stats): the one-GEMM shrink's operand [A_cat; Wr's ROUTER_PARTS 16-bit parts] (R + parts*E, in) in
+    x's dtype, and the gate's statistics (2E+2,) zeroed, by one launch."""
     r_tot, n_in = a_cat.shape
     e = router_w.shape[0]
     n_parts = ROUTER_PARTS
@@ -744,7 +762,18 @@ def route_shrink_gemm(x: torch.Tensor, a_cat: torch.Tensor, router_w: torch.Tens
     block = 1024 if not gl._INTERPRET else 64
     _router_parts_kernel[(r_tot + n_parts * e, gl._cdiv(n_in, block))](
         a_cat, router_w, w_ext, stats, r_tot, e, n_in, _part_scale(x.dtype), NPARTS=n_parts, EP=_ep(e), BLOCK=block)
-    return gl._mm_f32(x, w_ext.t()), stats, w_ext[:r_tot + e]
+    return w_ext, stats
+
+
+def route_shrink_gemm(x: torch.Tensor, a_cat: torch.Tensor, router_w: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hl (T, R + ROUTER_PARTS*E) float32 = x @ [A_cat; parts of Wr]^T, one pass over x (cuBLAS, float32
+    accumulation and output) instead of the Triton kernel's two column groups; the gate forward adds the parts
+    into hl's last E columns, which from then on hold the logits. stats: (2E+2,) zeros. w_dx: the operand's
+    first R+E rows, [A_cat; Wr rounded to x's dtype] (the first part is that rounding), which is what the
+    backward's dx = dhl @ [A_cat; Wr] multiplies by: kept, it saves the backward a cat and a cast."""
+    w_ext, stats = shrink_operand(x, a_cat, router_w)
+    return gl._mm_f32(x, w_ext.t()), stats, w_ext[:a_cat.shape[0] + router_w.shape[0]]
 
 
 def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
@@ -1014,13 +1043,23 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
         del w
         w_dx = None
     else:
-        hl, stats, w_dx = shrink(x, x_lora, a_cat, router_w)
+        b_cat = gl._b_cat(lora_B)  # (R, out): a view of MoLLinear's expert-interleaved lora_B
+        w = None if base_out is not None else weight if weight is not None else weight_fn(x.dtype)
+        if eager and w is not None and _shrink_by_gemm(x, x_lora):
+            w_ext, stats = shrink_operand(x, a_cat, router_w)
+            cfg = rg.config(x, w, True, b_cat, r_tot, bias, w_ext)
+            if cfg is not None:  # the shrink and the gate inside the base GEMM (routed_gemm)
+                y, hl, gates, ids, u, aux = rg.routed_forward(x, w, bias, w_ext, stats, b_cat, noise, rank, kind,
+                                                              top_k, scale, lb_coef, z_coef, cfg)
+                del w
+                return y, aux, hl, gates, ids, u, stats, w_ext[:r_tot + e]
+            hl, w_dx = gl._mm_f32(x, w_ext.t()), w_ext[:r_tot + e]  # route_shrink_gemm, on the operand built
+        else:
+            hl, stats, w_dx = shrink(x, x_lora, a_cat, router_w)
         gates, ids, u, aux = gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, x.dtype, lb_coef,
                                       z_coef)
-        b_cat = gl._b_cat(lora_B)  # (R, out): a view of MoLLinear's expert-interleaved lora_B
         if base_out is None:
             # y = x W^T + u B_cat (+ bias): the experts' product is R more K steps of the base GEMM (base_gemm)
-            w = weight if weight is not None else weight_fn(x.dtype)
             y = base_mm(x, w, True, u, b_cat, False, bias)
             del w  # a dequantized scratch weight (NF4) is not kept for backward: weight_fn runs again there
         else:
@@ -1081,16 +1120,28 @@ def _routed_backward(dy, daux, saved, need, weight_fn, meta):
         dy = torch.zeros(x.shape[0], n_out, device=x.device, dtype=dt)
     elif not dy.is_contiguous():
         dy = dy.contiguous()
-    du = lora_du(dy, lora_B)
-    dhl = gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dt)
     a_cat = lora_A.reshape(r_tot, n_in)
     dx = dx_lora = d_base = dA = dB = dWr = None
     # the dense base weight, if this function owns the base GEMM (re-dequantized for an NF4 base)
-    w = None
-    if need[0] and (weight is not None or weight_fn is not None):
+    owns_base = need[0] and (weight is not None or weight_fn is not None)
+    w = cfg = None
+    if owns_base and eager and x_lora is None and x.shape[0] > SMALL_T_MAX and rg.FUSED != "off":
         w = weight if weight is not None else weight_fn(dt)
+        if w_dx is None:
+            w_dx = torch.cat([a_cat, router_w.to(dt)])
+        b_t = lora_B.permute(1, 0, 2).reshape(n_out, r_tot)  # (out, R): a view of MoLLinear's layout
+        cfg = rg.config(dy, w, False, w_dx, r_tot + e, None, b_t)
+    if cfg is not None:  # du and the gate backward inside the dx GEMM (routed_gemm)
+        dx, dhl = rg.routed_backward(dy, w, b_t, hl, noise, gates, ids, stats, daux, w_dx, rank, kind, scale,
+                                     lb_coef, z_coef, cfg)
+    else:
+        du = lora_du(dy, lora_B)
+        dhl = gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dt)
+        del du
+        if owns_base and w is None:  # after du and dhl: a dequantized weight is not held beside them
+            w = weight if weight is not None else weight_fn(dt)
     if x_lora is None:  # the router and the experts read the same x: one dx GEMM, one weight-gradient GEMM
-        if need[0]:
+        if need[0] and dx is None:
             dx = _dx(base_mm, dy, w, dhl, w_dx if w_dx is not None else torch.cat([a_cat, router_w.to(dt)]))
         if need[5] or need[7]:
             d_ext = torch.mm(dhl.t(), x)
@@ -1205,3 +1256,6 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
         if out is not None:
             return out
     return _RoutedLoRAFn.apply(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta)
+
+
+from mol.kernels import routed_gemm as rg  # noqa: E402  (it builds on this module's gate functions)
