@@ -260,7 +260,7 @@ for cfg, backward in itertools.product(bg.CONFIGS, (False, True)):
            "c_desc": f"tensordesc<{dt}[{bm}, {bn // epi}]>", "bias_ptr": f"*{dt}", "side_ptr": "*fp32", "u_ptr": f"*{dt}",
            "sync_ptr": "*i32", "hl_ptr": "*fp32", "noise_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64",
            "stats_ptr": "*fp32", "aux_ptr": "*fp32", "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "part_scale": "fp32",
-           **{n: "i32" for n in "M N K N_SIDE LD_SIDE KR SU_T SU_C R E LD_HL SIDE_PROGS".split()}}
+           **{n: "i32" for n in "M N K N_SIDE LD_SIDE KR SU_T SU_C R E LD_HL SLACK Q_SLACK Q_OTHER".split()}}
     const = dict(BM=bm, BN=bn, BK=bk, GROUP_M=group_m, SN=sn, B_T=fwd, S_T=fwd, V_T=fwd, HAS_BIAS=fwd, EPI_SPLIT=epi,
                  NUM_PROGS=132, F32_DOT=False, BACKWARD=backward, RANK=16, TOPK=2, KIND=0, EP=16, GBT=rg.GATE_ROWS, BR=64,
                  HAS_NOISE=False, HAS_AUX=backward, SELECT=True, NPARTS=1 if backward else rl.ROUTER_PARTS)

@@ -9,14 +9,15 @@ reads x (or dy) once more at 50-60% of copy bandwidth and the gate kernel is lat
 layer at T=8192 4096² E=8 on an H200, forward, and 38 backward (RESULTS runs 14, 29).
 
 Here the skinny GEMM is cut into *side tiles* (BM rows x SN of its columns) that run inside the base GEMM's
-persistent kernel, on the programs that would otherwise sit idle through the base GEMM's last, partial wave
-(T/BM x N/BN tiles rarely divide evenly over the SMs). The last side tile of a row block to finish (a ticket) runs
-the gate for its BM tokens and raises that row block's flag; each base tile runs its own K loop first and waits
-for its row block's flag only before the adapters' extra K steps, so the chain hides behind the base GEMM. The
-side tiles go to the lowest program ids, each before any base tile of its program, and programs start in id order:
-a program that waits only ever waits for side tiles that a running program has started (as the decode kernel,
-routed_lora._small_t_kernel, relies on). Under the interpreter, which runs programs one after another, program 0
-takes every side tile.
+persistent kernel, mostly on the programs that would otherwise sit idle through the base GEMM's last, partial wave
+(T/BM x N/BN tiles rarely divide evenly over the SMs; _quotas). The last side tile of a row block to finish (a
+ticket) runs the gate for its BM tokens and raises that row block's flag; each base tile runs its own K loop
+first and waits for its row block's flag only before the adapters' extra K steps, so the chain hides behind the
+base GEMM. Side tiles are claimed from one counter, in row-block order; before a base tile starts, its program
+claims (and runs) whatever of its row block's side tiles nobody has claimed yet. So a program only ever waits
+for side tiles that a running program holds and finishes without waiting: the kernel cannot deadlock, however
+few of its programs are resident (other streams' kernels, NCCL), and under the interpreter, which runs programs
+one after another.
 
 The same functions as the unfused path compute the gate (routed_lora._gate_fwd_rows / _gate_bwd_rows), on the
 same float32 hl and du, so routing decisions are identical; y and dx differ from the unfused path by float32
@@ -48,7 +49,7 @@ except ImportError:  # pragma: no cover - older Triton: the unfused path runs
 FUSED = os.environ.get("MOL_ROUTED_GEMM", "off")
 _CHOICES = ("auto", "on", "off")
 SIDE_N = 64  # columns of a side tile: R + 3E = 152 at E=8 r=16 is 3 of them, each a quarter of a 128x256 base tile
-SIDE_PROGRAMS: int | None = None  # testing aid: how many programs claim side tiles first (0: only as base tiles need)
+SIDE_QUOTA: int | None = None  # testing aid: side tiles every program claims first (0: only as base tiles need them)
 GATE_ROWS = 32  # tokens per step of the gate epilogue (its (GATE_ROWS, 64) tiles stay in registers at 8 warps)
 
 
@@ -113,7 +114,7 @@ def _routed_gemm_kernel(
         # the gate's operands (forward: hl = side, u, gates, ids; backward: du = side, hl, gates, ids, dhl = u)
         hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, aux_ptr,
         scale, c_lb, c_z, part_scale,
-        M, N, K, N_SIDE, LD_SIDE, KR, SU_T, SU_C, R, E, LD_HL, SIDE_PROGS,
+        M, N, K, N_SIDE, LD_SIDE, KR, SU_T, SU_C, R, E, LD_HL, SLACK, Q_SLACK, Q_OTHER,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SN: tl.constexpr,
         B_T: tl.constexpr, S_T: tl.constexpr, V_T: tl.constexpr, HAS_BIAS: tl.constexpr, EPI_SPLIT: tl.constexpr,
         NUM_PROGS: tl.constexpr, F32_DOT: tl.constexpr, BACKWARD: tl.constexpr,
@@ -129,20 +130,28 @@ def _routed_gemm_kernel(
     num_n = tl.cdiv(N, BN)
     n_chunks = tl.cdiv(N_SIDE, SN)
     n_side = num_m * n_chunks
-    # Side tiles are claimed in order from one counter. Programs 0..SIDE_PROGS-1 (those the base tiles leave one
-    # short) claim them first; any program claims what is left of a row block's before starting one of its base
-    # tiles. So every side tile a base tile waits for was claimed by a running program, which finishes it without
-    # waiting on anything: no deadlock, however few programs are resident.
-    if pid < SIDE_PROGS:
+    # Side tiles are claimed in order from one counter: first up to a quota per program, Q_SLACK for programs
+    # 0..SLACK-1 (the base tiles, dealt round robin from program SLACK on, leave them one short) and Q_OTHER for the
+    # rest; then, before each base tile, whatever its row block still needs. So every side tile a base tile waits
+    # for was claimed by a running program, which finishes it without waiting on anything: no deadlock, however
+    # few programs are resident.
+    # `seen` is the counter as this program last saw it, always from a scalar atomic, whose result Triton
+    # broadcasts to every thread: a per-thread load could differ between threads and split the CTA at a barrier
+    quota = Q_SLACK if pid < SLACK else Q_OTHER
+    n_done = 0
+    seen = 0
+    while n_done < quota:
         j = tl.atomic_add(sync_ptr, 1, sem="relaxed")
-        while j < n_side:
+        seen = j + 1
+        if j < n_side:
             _side_work(j, a_desc, s_desc, side_ptr, u_ptr, sync_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr,
                        stats_ptr, aux_ptr, scale, c_lb, c_z, part_scale, M, K, N_SIDE, LD_SIDE, SU_T, SU_C, R, E,
                        LD_HL, BM, BK, SN, S_T, F32_DOT, BACKWARD, RANK, TOPK, KIND, EP, GBT, BR, HAS_NOISE, HAS_AUX,
                        SELECT, NPARTS)
-            j = tl.atomic_add(sync_ptr, 1, sem="relaxed")
-    # base tiles: dealt round robin from program SIDE_PROGS on, so the side programs are the ones with one fewer
-    slot = (pid + NUM_PROGS - SIDE_PROGS % NUM_PROGS) % NUM_PROGS
+            n_done += 1
+        else:
+            n_done = quota
+    slot = (pid + NUM_PROGS - SLACK % NUM_PROGS) % NUM_PROGS
     in_group = GROUP_M * num_n
     for tile in tl.range(slot, num_m * num_n, NUM_PROGS):
         first_m = (tile // in_group) * GROUP_M
@@ -150,15 +159,16 @@ def _routed_gemm_kernel(
         m = first_m + tile % size_m
         om = m * BM
         on = ((tile % in_group) // size_m) * BN
-        claimed = tl.load(sync_ptr, volatile=True)
-        while claimed < (m + 1) * n_chunks:  # this row block's side tiles not all claimed yet: take them
+        if seen < (m + 1) * n_chunks:  # (once the counter has passed n_side, no more atomics)
+            seen = tl.atomic_add(sync_ptr, 0, sem="relaxed")
+        while seen < (m + 1) * n_chunks:  # this row block's side tiles not all claimed yet: take them
             j = tl.atomic_add(sync_ptr, 1, sem="relaxed")
             if j < n_side:
                 _side_work(j, a_desc, s_desc, side_ptr, u_ptr, sync_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr,
                            stats_ptr, aux_ptr, scale, c_lb, c_z, part_scale, M, K, N_SIDE, LD_SIDE, SU_T, SU_C, R,
                            E, LD_HL, BM, BK, SN, S_T, F32_DOT, BACKWARD, RANK, TOPK, KIND, EP, GBT, BR, HAS_NOISE,
                            HAS_AUX, SELECT, NPARTS)
-            claimed = j + 1
+            seen = j + 1
         acc = bg._k_steps(tl.zeros((BM, BN), dtype=tl.float32), a_desc, b_desc, om, on, K, BK, B_T, F32_DOT)
         _wait_flag(sync_ptr + 3 + 3 * m)
         offs_m = om + tl.arange(0, BM)
@@ -216,16 +226,19 @@ def config(a: torch.Tensor, w: torch.Tensor, w_t: bool, v: torch.Tensor, kr: int
     return cfg
 
 
-def _side_progs(num_tiles: int, n_side: int, side_cost: float, progs: int) -> int:
-    """How many programs take the side tiles first: those the base tiles leave one short (progs - num_tiles %
-    progs), or more where their share would then exceed about one base tile each. SIDE_PROGRAMS overrides it."""
-    if SIDE_PROGRAMS is not None:
-        return SIDE_PROGRAMS
-    if gl._INTERPRET:
-        return 1  # programs run one after another: program 0 takes every side tile
-    slack = progs - num_tiles % progs if num_tiles % progs else progs
-    need = int(n_side * side_cost + 0.999)
-    return max(1, min(progs, max(slack, need), n_side))
+def _quotas(num_tiles: int, n_side: int, side_cost: float, progs: int) -> tuple[int, int, int]:
+    """(slack, q_slack, q_other): the side tiles each program claims before its base tiles. The base tiles leave
+    `slack` programs one short (progs - num_tiles % progs, none when that divides); those take up to a base tile's
+    worth of side tiles each (side_cost: a side tile's work over a base tile's) and the others share the rest
+    evenly, so the side work fills the last wave's gap and spreads what does not fit. SIDE_QUOTA overrides both
+    quotas (tests: 0, only base tiles claim)."""
+    slack = progs - num_tiles % progs if num_tiles % progs else 0
+    q_slack = max(1, int(1.0 / side_cost))
+    rest = max(0, n_side - slack * q_slack)
+    q_other = -(-rest // (progs - slack)) if progs > slack else 0
+    if SIDE_QUOTA is not None:
+        q_slack = q_other = SIDE_QUOTA
+    return slack, q_slack, q_other
 
 
 def _launch(a, b, b_t, s, s_t, v, v_t, bias, side, u, hl, noise, gates, ids, stats, aux, scale, c_lb, c_z,
@@ -243,7 +256,7 @@ def _launch(a, b, b_t, s, s_t, v, v_t, bias, side, u, hl, noise, gates, ids, sta
     num_m, num_n = triton.cdiv(M, bm), triton.cdiv(N, bn)
     progs = min(bg._num_sms(a.device), num_m * num_n)
     n_side_tiles = num_m * triton.cdiv(n_side, sn)
-    side_progs = _side_progs(num_m * num_n, n_side_tiles, sn / bn, progs)
+    slack, q_slack, q_other = _quotas(num_m * num_n, n_side_tiles, sn / bn, progs)
     sync = gl.zeroed_workspace(a.device, "routed_gemm", 2 + 3 * num_m)
     ep = rl._ep(e)
     br = min(64, max(16, gl._pow2(r_tot)))
@@ -252,7 +265,7 @@ def _launch(a, b, b_t, s, s_t, v, v_t, bias, side, u, hl, noise, gates, ids, sta
         a_d, b_d, s_d, v_d, c_d, bias if bias is not None else a, side, u, sync,
         hl, noise if noise is not None else side, gates, ids, stats, aux,
         float(scale), c_lb, c_z, part_scale,
-        M, N, K, n_side, side.stride(0), kr, su[0], su[1], r_tot, e, hl.stride(0), side_progs,
+        M, N, K, n_side, side.stride(0), kr, su[0], su[1], r_tot, e, hl.stride(0), slack, q_slack, q_other,
         BM=bm, BN=bn, BK=bk, GROUP_M=group_m, SN=sn, B_T=b_t, S_T=s_t, V_T=v_t, HAS_BIAS=bias is not None,
         EPI_SPLIT=epi, NUM_PROGS=progs, F32_DOT=gl._INTERPRET, BACKWARD=backward, RANK=rank, TOPK=top_k,
         KIND=kind, EP=ep, GBT=gbt, BR=br, HAS_NOISE=noise is not None, HAS_AUX=has_aux, SELECT=rl._gate_select(),
