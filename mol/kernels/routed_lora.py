@@ -1044,8 +1044,9 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
         w_dx = None
     else:
         b_cat = gl._b_cat(lora_B)  # (R, out): a view of MoLLinear's expert-interleaved lora_B
-        w = None if base_out is not None else weight if weight is not None else weight_fn(x.dtype)
-        if eager and w is not None and _shrink_by_gemm(x, x_lora):
+        w = None
+        if eager and base_out is None and rg.FUSED != "off" and _shrink_by_gemm(x, x_lora):
+            w = weight if weight is not None else weight_fn(x.dtype)
             w_ext, stats = shrink_operand(x, a_cat, router_w)
             cfg = rg.config(x, w, True, b_cat, r_tot, bias, w_ext)
             if cfg is not None:  # the shrink and the gate inside the base GEMM (routed_gemm)
@@ -1060,6 +1061,8 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
                                       z_coef)
         if base_out is None:
             # y = x W^T + u B_cat (+ bias): the experts' product is R more K steps of the base GEMM (base_gemm)
+            if w is None:  # (materialized after the shrink and the gate, so a dequantized NF4 weight lives less)
+                w = weight if weight is not None else weight_fn(x.dtype)
             y = base_mm(x, w, True, u, b_cat, False, bias)
             del w  # a dequantized scratch weight (NF4) is not kept for backward: weight_fn runs again there
         else:
