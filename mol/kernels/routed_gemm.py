@@ -86,11 +86,11 @@ def _side_work(j, a_desc, s_desc, side_ptr, u_ptr, sync_ptr, hl_ptr, noise_ptr, 
             if BACKWARD:
                 rl._gate_bwd_rows(offs_t, side_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, aux_ptr,
                                   u_ptr, scale, c_lb, c_z, M, R, E, LD_HL, SU_T, SU_C, RANK, TOPK, KIND, EP, GBT,
-                                  BR, HAS_NOISE, HAS_AUX, SELECT)
+                                  BR, HAS_NOISE, HAS_AUX, SELECT, True)
             else:
                 rl._gate_fwd_rows(offs_t, side_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr,
                                   scale, c_lb, c_z, M, R, E, LD_SIDE, part_scale, tl.cdiv(M, BM) * (BM // GBT),
-                                  RANK, TOPK, KIND, EP, GBT, BR, HAS_NOISE, SELECT, NPARTS)
+                                  RANK, TOPK, KIND, EP, GBT, BR, HAS_NOISE, SELECT, NPARTS, True)
         tl.debug_barrier()  # the whole block's u is stored before the flag publishes it
         tl.store(sync_ptr + 2 + 3 * m, 0)
         tl.atomic_xchg(sync_ptr + 3 + 3 * m, 1, sem="release")
@@ -174,8 +174,9 @@ def _routed_gemm_kernel(
         offs_m = om + tl.arange(0, BM)
         for k in range(0, KR, BK):
             offs_k = k + tl.arange(0, BK)
+            # u was written by other programs of this launch: read through L2 (rl._ld)
             u = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * SU_T + offs_k.to(tl.int64)[None, :] * SU_C,
-                        mask=(offs_m < M)[:, None] & (offs_k < KR)[None, :], other=0.0)
+                        mask=(offs_m < M)[:, None] & (offs_k < KR)[None, :], other=0.0, cache_modifier=".cg")
             if V_T:
                 v = v_desc.load([on, k]).T
             else:
