@@ -478,3 +478,20 @@ def test_unknown_fused_gemm_is_named(monkeypatch):
     with pytest.raises(ValueError, match="FUSED='always'"):
         rg.config(x, torch.randn(8, 8, dtype=torch.bfloat16), True, torch.randn(8, 4, dtype=torch.bfloat16), 8, None,
                   torch.randn(8, 8, dtype=torch.bfloat16))
+
+
+def test_fused_gemm_auto_takes_large_calls_where_base_gemm_runs_triton(monkeypatch):
+    """FUSED="auto": fused above base_gemm.EAGER_CUBLAS_ROWS tokens where base_gemm's plan is the Triton kernel,
+    unfused at or below it, and unfused wherever the base GEMM is cuBLAS."""
+    from mol.kernels import base_gemm as bg
+    from mol.kernels import routed_gemm as rg
+
+    monkeypatch.setattr(rg, "FUSED", "auto")
+    monkeypatch.setattr(bg, "EAGER_CUBLAS_ROWS", 16)
+    w, v, side = (torch.randn(*s).to(torch.bfloat16) for s in ((48, 64), (48, 16), (28, 64)))  # v.t(): B_cat
+
+    def cfg(t):
+        return rg.config(torch.randn(t, 64).to(torch.bfloat16), w, True, v.t(), 16, None, side)
+    assert cfg(40) == bg._INTERPRET_CONFIG and cfg(16) is None
+    monkeypatch.setattr(bg, "BASE_GEMM", "cublas")
+    assert cfg(40) is None

@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - older Triton: the unfused path runs
     TensorDescriptor = None
 
 # "auto": fused wherever base_gemm runs its Triton kernel for the pass's base GEMM (base_gemm.plan: tuned
-# against cuBLAS per shape; not for eager calls of <= EAGER_CUBLAS_ROWS rows, which take cuBLAS); "on": wherever the
+# against cuBLAS per shape), above base_gemm.EAGER_CUBLAS_ROWS tokens, eager or captured; "on": wherever the
 # kernel can run (the first base_gemm config where none was tuned); "off": never. The default is "off" until the
 # kernel has been timed on a GPU: it is tested under the interpreter and compiled for sm_90, but no device was
 # lent in the session that wrote it (benchmarks/probe_ab.py --variants default fused=auto is the measurement).
@@ -214,7 +214,9 @@ def config(a: torch.Tensor, w: torch.Tensor, w_t: bool, v: torch.Tensor, kr: int
         raise ValueError(f"mol.kernels.routed_gemm.FUSED={mode!r}; use one of {_CHOICES}")
     if mode == "off" or TensorDescriptor is None or bg.BASE_GEMM == "cublas" or a.shape[0] == 0:
         return None
-    if mode == "auto" and bg._eager_small(a):
+    if mode == "auto" and a.shape[0] <= bg.EAGER_CUBLAS_ROWS:
+        # eager calls this small run cuBLAS (base_gemm's rule); captured ones too here, so that a graph captures
+        # the kernels its eager warm-up compiled (graph_tokens warms up eagerly, then captures)
         return None
     # the operand the base GEMM would take as u (forward u, row-major; backward dhl, token-minor), for its key
     t = a.shape[0]
