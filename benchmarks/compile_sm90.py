@@ -251,9 +251,12 @@ else:
 # B_cat^T and [A_cat; Wr], dhl token-minor, the gate backward with the aux losses' gradient), at every base config
 from mol.kernels import routed_gemm as rg  # noqa: E402
 
-for cfg, backward in itertools.product(bg.CONFIGS, (False, True)):
+# (and at the first config, E=32 top-4 r=8: 32-wide router tiles, the gate epilogue's smaller step)
+for cfg, backward, (rank, top_k, e) in ([(c, b, (16, 2, 8)) for c in bg.CONFIGS for b in (False, True)]
+                                       + [(bg.CONFIGS[0], b, (8, 4, 32)) for b in (False, True)]):
     bm, bn, bk, group_m, warps, stages, epi = cfg
-    dt, sn, fwd = "bf16", rg.SIDE_N, not backward
+    dt, sn, fwd, ep = "bf16", rg.SIDE_N, not backward, rl._ep(e)
+    gbt, br = rg._gate_tile(bm, ep, rank * e, backward)
     sig = {"a_desc": f"tensordesc<{dt}[{bm}, {bk}]>", "b_desc": f"tensordesc<{dt}[{bn}, {bk}]>" if fwd else f"tensordesc<{dt}[{bk}, {bn}]>",
            "s_desc": f"tensordesc<{dt}[{sn}, {bk}]>" if fwd else f"tensordesc<{dt}[{bk}, {sn}]>",
            "v_desc": f"tensordesc<{dt}[{bn}, {bk}]>" if fwd else f"tensordesc<{dt}[{bk}, {bn}]>",
@@ -262,10 +265,10 @@ for cfg, backward in itertools.product(bg.CONFIGS, (False, True)):
            "stats_ptr": "*fp32", "aux_ptr": "*fp32", "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "part_scale": "fp32",
            **{n: "i32" for n in "M N K N_SIDE LD_SIDE KR SU_T SU_C R E LD_HL SLACK Q_SLACK Q_OTHER".split()}}
     const = dict(BM=bm, BN=bn, BK=bk, GROUP_M=group_m, SN=sn, B_T=fwd, S_T=fwd, V_T=fwd, HAS_BIAS=fwd, EPI_SPLIT=epi,
-                 NUM_PROGS=132, F32_DOT=False, BACKWARD=backward, RANK=16, TOPK=2, KIND=0, EP=16, GBT=rg.GATE_ROWS, BR=64,
+                 NUM_PROGS=132, F32_DOT=False, BACKWARD=backward, RANK=rank, TOPK=top_k, KIND=0, EP=ep, GBT=gbt, BR=br,
                  HAS_NOISE=False, HAS_AUX=backward, SELECT=True, NPARTS=1 if backward else rl.ROUTER_PARTS)
     sig.update({k: "constexpr" for k in const})
     k = triton.compile(ASTSource(fn=rg._routed_gemm_kernel, signature=sig, constexprs=const), target=tgt,
                        options={"num_warps": warps, "num_stages": stages})
-    print(f"_routed_gemm_kernel {cfg} {'backward' if backward else 'forward'}: compiled for sm_90, "
-          f"{_resources(k.asm['cubin'])}, {k.metadata.shared} bytes shared")
+    print(f"_routed_gemm_kernel {cfg} {'backward' if backward else 'forward'} E={e} r={rank} gate step ({gbt}, {br}): "
+          f"compiled for sm_90, {_resources(k.asm['cubin'])}, {k.metadata.shared} bytes shared")

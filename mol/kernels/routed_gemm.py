@@ -50,7 +50,6 @@ FUSED = os.environ.get("MOL_ROUTED_GEMM", "off")
 _CHOICES = ("auto", "on", "off")
 SIDE_N = 64  # columns of a side tile: R + 3E = 152 at E=8 r=16 is 3 of them, each a quarter of a 128x256 base tile
 SIDE_QUOTA: int | None = None  # testing aid: side tiles every program claims first (0: only as base tiles need them)
-GATE_ROWS = 32  # tokens per step of the gate epilogue (its (GATE_ROWS, 64) tiles stay in registers at 8 warps)
 
 
 @triton.jit
@@ -244,6 +243,18 @@ def _quotas(num_tiles: int, n_side: int, side_cost: float, progs: int) -> tuple[
     return slack, q_slack, q_other
 
 
+def _gate_tile(bm: int, ep: int, r_tot: int, backward: bool) -> tuple[int, int]:
+    """(tokens, columns) a step of the gate epilogue takes: the largest that compiled for sm_90 without spilling
+    inside the 8-warp kernel (triton 3.6, RESULTS' compiler report of session 31). The epilogue is a chain of
+    dependent L2 round trips per step, so fewer, larger steps: all BM tokens at once where E <= 16 (columns 32
+    forward, 16 backward), 64 tokens and 32 columns for more experts (EP = 32: (128, 32) spilled 176-184 bytes)."""
+    if gl._INTERPRET:
+        return bm, max(16, min(64, gl._pow2(r_tot)))
+    if ep <= 16:
+        return bm, min(16 if backward else 32, max(16, gl._pow2(r_tot)))
+    return min(64, bm), min(32, max(16, gl._pow2(r_tot)))
+
+
 def _launch(a, b, b_t, s, s_t, v, v_t, bias, side, u, hl, noise, gates, ids, stats, aux, scale, c_lb, c_z,
             part_scale, n_side, kr, su, r_tot, e, rank, top_k, kind, backward, has_aux, nparts, cfg):
     bm, bn, bk, group_m, warps, stages, epi = cfg
@@ -262,8 +273,7 @@ def _launch(a, b, b_t, s, s_t, v, v_t, bias, side, u, hl, noise, gates, ids, sta
     slack, q_slack, q_other = _quotas(num_m * num_n, n_side_tiles, sn / bn, progs)
     sync = gl.zeroed_workspace(a.device, "routed_gemm", 2 + 3 * num_m)
     ep = rl._ep(e)
-    br = min(64, max(16, gl._pow2(r_tot)))
-    gbt = min(GATE_ROWS, bm) if not gl._INTERPRET else bm
+    gbt, br = _gate_tile(bm, ep, r_tot, backward)
     _routed_gemm_kernel[(progs,)](
         a_d, b_d, s_d, v_d, c_d, bias if bias is not None else a, side, u, sync,
         hl, noise if noise is not None else side, gates, ids, stats, aux,
