@@ -391,10 +391,11 @@ def _gate_bwd_rows(offs_t, du_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_
                    RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
                    BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_AUX: tl.constexpr,
                    SELECT: tl.constexpr, CG: tl.constexpr = False):
-    """(CG: du was written by other programs of this launch, see _ld.) For the BT tokens offs_t: dhl[:, :R] = scale * g * du (the shrink's output gradient); dhl[:, R:] = d loss /
+    """For the BT tokens offs_t: dhl[:, :R] = scale * g * du (the shrink's output gradient); dhl[:, R:] = d loss /
     d logits, through the gate selection and, when HAS_AUX, the auxiliary losses (c_lb = lb_coef*E/(T*T*K) and
     c_z = 2*z_coef/T, scaled by daux). Row stride of hl: LD (its logits in the last E columns, as the gate
-    forward left them); dhl's strides: SDT a token, SDC a column."""
+    forward left them); dhl's strides: SDT a token, SDC a column. CG: du was written by other programs of this
+    launch (_ld)."""
     offs_e = tl.arange(0, EP)
     mask_t = offs_t < T
     mask_e = offs_e < E
