@@ -499,3 +499,32 @@ def test_fused_gemm_auto_takes_large_calls_where_base_gemm_runs_triton(monkeypat
     assert cfg(40) == bg._INTERPRET_CONFIG and cfg(16) is None
     monkeypatch.setattr(bg, "BASE_GEMM", "cublas")
     assert cfg(40) is None
+
+
+def test_mollinear_runs_the_fused_gemm_when_switched_on(monkeypatch):
+    """A bf16 MoLLinear on backend='triton' (a user's layer, 3-D input, router aux loss) with FUSED="on": both
+    passes fused, and output, aux loss, routing and gradients as with FUSED="off"."""
+    from mol import MoLLinear
+    from mol.kernels import routed_gemm as rg
+
+    base = torch.nn.Linear(32, 24).to(torch.bfloat16)
+    layer = MoLLinear(base, num_experts=4, top_k=2, rank=8, alpha=16, backend="triton").to(torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # lora_B starts at zero: make the experts' delta count
+    x = torch.randn(2, 20, 32).to(torch.bfloat16)
+    w_y = torch.randn(2, 20, 24).to(torch.bfloat16)
+    runs = {}
+    calls = _fused_launches(monkeypatch)
+    for mode in ("off", "on"):
+        calls.clear()
+        monkeypatch.setattr(rg, "FUSED", mode)
+        layer.zero_grad()
+        xs = x.clone().requires_grad_()
+        y = layer(xs)
+        aux = layer.aux_loss()
+        ((y.float() * w_y.float()).sum() + aux).backward()
+        runs[mode] = (list(calls), y, aux, layer.last_stats["counts"], xs.grad, layer.lora_A.grad.clone(),
+                      layer.lora_B.grad.clone(), layer.router.weight.grad.clone())
+    assert runs["off"][0] == [] and runs["on"][0] == [False, True]
+    for name, a, b in zip(("y", "aux", "counts", "dx", "dA", "dB", "dWr"), runs["off"][1:], runs["on"][1:]):
+        assert (torch.equal(a, b) if name == "counts" else rel(b, a) < 1e-2), name
