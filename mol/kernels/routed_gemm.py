@@ -257,6 +257,8 @@ def _gate_tile(bm: int, ep: int, r_tot: int, backward: bool) -> tuple[int, int]:
 
 def _launch(a, b, b_t, s, s_t, v, v_t, bias, side, u, hl, noise, gates, ids, stats, aux, scale, c_lb, c_z,
             part_scale, n_side, kr, su, r_tot, e, rank, top_k, kind, backward, has_aux, nparts, cfg):
+    """c = a @ op(b) + u @ op(v), u the gate's output from side = a @ op(s) (routed_forward / routed_backward
+    name the operands): the descriptors, the schedule (_quotas), the gate step (_gate_tile), one launch."""
     bm, bn, bk, group_m, warps, stages, epi = cfg
     M, K = a.shape
     N = b.shape[0] if b_t else b.shape[1]
