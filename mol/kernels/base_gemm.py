@@ -86,25 +86,38 @@ def _base_gemm_kernel(a_desc, b_desc, u_desc, v_desc, c_desc, bias_ptr, M, N, K,
     Out-of-bounds tile elements load as zero (TMA) and are not stored, so no size needs to divide a block."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
-    in_group = GROUP_M * num_n
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS):
-        # grouped order: GROUP_M row tiles share each column tile of b while it is in L2
-        first_m = (tile // in_group) * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        om = (first_m + tile % size_m) * BM
-        on = ((tile % in_group) // size_m) * BN
+        m, on = _tile_origin(tile, num_m, num_n, GROUP_M, BN)
+        om = m * BM
         acc = _k_steps(tl.zeros((BM, BN), dtype=tl.float32), a_desc, b_desc, om, on, K, BK, B_T, F32_DOT)
         if HAS_U:
             acc = _k_steps(acc, u_desc, v_desc, om, on, KR, BK, V_T, F32_DOT, U_T)
-        if HAS_BIAS:
-            offs_n = on + tl.arange(0, BN)
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        if EPI_SPLIT == 2:
-            c0, c1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
-            c_desc.store([om, on], c0.to(c_desc.dtype))
-            c_desc.store([om, on + BN // 2], c1.to(c_desc.dtype))
-        else:
-            c_desc.store([om, on], acc.to(c_desc.dtype))
+        _store_tile(acc, c_desc, bias_ptr, om, on, N, BM, BN, HAS_BIAS, EPI_SPLIT)
+
+
+@triton.jit
+def _tile_origin(tile, num_m, num_n, GROUP_M: tl.constexpr, BN: tl.constexpr):
+    """(row block, first column) of output tile `tile` in grouped order: GROUP_M row blocks share each column
+    tile of b while it is in L2."""
+    in_group = GROUP_M * num_n
+    first_m = (tile // in_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    return first_m + tile % size_m, ((tile % in_group) // size_m) * BN
+
+
+@triton.jit
+def _store_tile(acc, c_desc, bias_ptr, om, on, N, BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                EPI_SPLIT: tl.constexpr):
+    """c[om:, on:] = acc (+ bias) in c's dtype; EPI_SPLIT == 2 stores it in two column halves."""
+    if HAS_BIAS:
+        offs_n = on + tl.arange(0, BN)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if EPI_SPLIT == 2:
+        c0, c1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+        c_desc.store([om, on], c0.to(c_desc.dtype))
+        c_desc.store([om, on + BN // 2], c1.to(c_desc.dtype))
+    else:
+        c_desc.store([om, on], acc.to(c_desc.dtype))
 
 
 def _op(m: torch.Tensor, transposed: bool) -> torch.Tensor:

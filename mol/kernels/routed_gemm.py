@@ -151,13 +151,9 @@ def _routed_gemm_kernel(
         else:
             n_done = quota
     slot = (pid + NUM_PROGS - SLACK % NUM_PROGS) % NUM_PROGS
-    in_group = GROUP_M * num_n
     for tile in tl.range(slot, num_m * num_n, NUM_PROGS):
-        first_m = (tile // in_group) * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        m = first_m + tile % size_m
+        m, on = bg._tile_origin(tile, num_m, num_n, GROUP_M, BN)
         om = m * BM
-        on = ((tile % in_group) // size_m) * BN
         if seen < (m + 1) * n_chunks:  # (once the counter has passed n_side, no more atomics)
             seen = tl.atomic_add(sync_ptr, 0, sem="relaxed")
         while seen < (m + 1) * n_chunks:  # this row block's side tiles not all claimed yet: take them
@@ -188,15 +184,7 @@ def _routed_gemm_kernel(
         if tl.atomic_add(sync_ptr + 4 + 3 * m, 1, sem="relaxed") == num_n - 1:
             tl.store(sync_ptr + 3 + 3 * m, 0)
             tl.store(sync_ptr + 4 + 3 * m, 0)
-        if HAS_BIAS:
-            offs_n = on + tl.arange(0, BN)
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        if EPI_SPLIT == 2:
-            c0, c1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
-            c_desc.store([om, on], c0.to(c_desc.dtype))
-            c_desc.store([om, on + BN // 2], c1.to(c_desc.dtype))
-        else:
-            c_desc.store([om, on], acc.to(c_desc.dtype))
+        bg._store_tile(acc, c_desc, bias_ptr, om, on, N, BM, BN, HAS_BIAS, EPI_SPLIT)
     # the last program to finish resets the claim counter: every program's claims come before its ticket
     if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == NUM_PROGS - 1:
         tl.store(sync_ptr, 0)
