@@ -480,8 +480,8 @@ def test_unknown_fused_gemm_is_named(monkeypatch):
     monkeypatch.setattr(rg, "FUSED", "always")
     x = torch.randn(20, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="FUSED='always'"):
-        rg.config(x, torch.randn(8, 8, dtype=torch.bfloat16), True, torch.randn(8, 4, dtype=torch.bfloat16), 8, None,
-                  torch.randn(8, 8, dtype=torch.bfloat16))
+        rg.config(x, torch.randn(8, 8, dtype=torch.bfloat16), True, torch.empty(20, 8, dtype=torch.bfloat16),
+                  torch.randn(8, 4, dtype=torch.bfloat16), None, torch.randn(8, 8, dtype=torch.bfloat16))
 
 
 def test_fused_gemm_auto_takes_large_calls_where_base_gemm_runs_triton(monkeypatch):
@@ -495,7 +495,8 @@ def test_fused_gemm_auto_takes_large_calls_where_base_gemm_runs_triton(monkeypat
     w, v, side = (torch.randn(*s).to(torch.bfloat16) for s in ((48, 64), (48, 16), (28, 64)))  # v.t(): B_cat
 
     def cfg(t):
-        return rg.config(torch.randn(t, 64).to(torch.bfloat16), w, True, v.t(), 16, None, side)
+        return rg.config(torch.randn(t, 64).to(torch.bfloat16), w, True, torch.empty(t, 16, dtype=torch.bfloat16),
+                         v.t(), None, side)
     assert cfg(40) == bg._INTERPRET_CONFIG and cfg(16) is None
     monkeypatch.setattr(bg, "BASE_GEMM", "cublas")
     assert cfg(40) is None

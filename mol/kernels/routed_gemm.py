@@ -191,11 +191,12 @@ def _routed_gemm_kernel(
         tl.store(sync_ptr + 1, 0)
 
 
-def config(a: torch.Tensor, w: torch.Tensor, w_t: bool, v: torch.Tensor, kr: int, bias: torch.Tensor | None,
-           side: torch.Tensor) -> tuple | None:
+def config(a: torch.Tensor, w: torch.Tensor, w_t: bool, u: torch.Tensor, v: torch.Tensor,
+           bias: torch.Tensor | None, side: torch.Tensor) -> tuple | None:
     """The base_gemm config to run a pass fused with (FUSED decides), None for the unfused path. a: x or dy; w the
-    frozen weight (w_t: stored (N, K)); v the adapters' extra-K operand (R or R+E rows); kr its K; side the side
-    tiles' operand (forward [A_cat; Wr parts], backward B_cat^T)."""
+    frozen weight (w_t: stored (N, K)); u the buffer the pass's gate fills, the extra-K operand (forward u,
+    backward dhl: what routed_forward / routed_backward are then given); v its weight (R or R+E rows); side the
+    side tiles' operand (forward [A_cat; Wr parts], backward B_cat^T)."""
     mode = FUSED
     if mode not in _CHOICES:
         raise ValueError(f"mol.kernels.routed_gemm.FUSED={mode!r}; use one of {_CHOICES}")
@@ -205,9 +206,6 @@ def config(a: torch.Tensor, w: torch.Tensor, w_t: bool, v: torch.Tensor, kr: int
         # eager calls this small run cuBLAS (base_gemm's rule); captured ones too here, so that a graph captures
         # the kernels its eager warm-up compiled (graph_tokens warms up eagerly, then captures)
         return None
-    # the operand the base GEMM would take as u (forward u, row-major; backward dhl, token-minor), for its key
-    t = a.shape[0]
-    u = gl._alloc((t, kr), a) if w_t else rl._dhl_buffer(t, kr, a, a.dtype)
     cfg, (kb, _, _, _, kv, _) = bg.plan(a, w, w_t, u, v, False, bias)
     if not bg.triton_supported(a, kb, None, kv, bias) or not bg._tma_ok(side):
         return None
@@ -277,12 +275,13 @@ def _launch(a, b, b_t, s, s_t, v, v_t, bias, side, u, hl, noise, gates, ids, sta
 
 
 def routed_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, w_ext: torch.Tensor,
-                   stats: torch.Tensor, b_cat: torch.Tensor, noise: torch.Tensor | None, rank: int, kind: int,
-                   top_k: int, scale: float, lb_coef: float, z_coef: float, cfg: tuple
+                   stats: torch.Tensor, b_cat: torch.Tensor, u: torch.Tensor, noise: torch.Tensor | None, rank: int,
+                   kind: int, top_k: int, scale: float, lb_coef: float, z_coef: float, cfg: tuple
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, hl, gates, ids, u, aux) of the routed forward in one launch: w_ext and the zeroed stats as
     routed_lora.route_shrink_gemm builds them ([A_cat; Wr's ROUTER_PARTS 16-bit parts], (R + parts*E, in)),
-    b_cat (R, out) as gl._b_cat gives it, cfg a base_gemm config."""
+    b_cat (R, out) as gl._b_cat gives it, u a (T, R) buffer in x's dtype that the gate fills, cfg a base_gemm
+    config (config())."""
     t = x.shape[0]
     e = stats.shape[0] // 2 - 1
     r_tot = rank * e
@@ -290,7 +289,6 @@ def routed_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, 
     hl = gl._alloc((t, n_side), x, torch.float32)
     gates = gl._alloc((t, top_k), x, torch.float32)
     ids = gl._alloc((t, top_k), x, torch.int64)
-    u = gl._alloc((t, r_tot), x)
     aux = gl._alloc((), x, torch.float32)
     c_lb, c_z = rl._aux_coefs(lb_coef, z_coef, e, t, top_k)
     v, v_t = bg._row_major(b_cat, False)
@@ -302,17 +300,16 @@ def routed_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, 
 
 def routed_backward(dy: torch.Tensor, w: torch.Tensor, b_t: torch.Tensor, hl: torch.Tensor,
                     noise: torch.Tensor | None, gates: torch.Tensor, ids: torch.Tensor, stats: torch.Tensor,
-                    daux: torch.Tensor | None, w_dx: torch.Tensor, rank: int, kind: int, scale: float,
-                    lb_coef: float, z_coef: float, cfg: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+                    daux: torch.Tensor | None, w_dx: torch.Tensor, dhl: torch.Tensor, rank: int, kind: int,
+                    scale: float, lb_coef: float, z_coef: float, cfg: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dhl) of the routed backward in one launch: dx = dy W + dhl w_dx, dhl = gate_bwd(dy b_t, ...), with
-    b_t = B_cat^T (out, R) row-major and w_dx = [A_cat; Wr] (R+E, in) in dy's dtype; dhl as
-    routed_lora.gate_bwd_impl stores it."""
+    b_t = B_cat^T (out, R) row-major and w_dx = [A_cat; Wr] (R+E, in) in dy's dtype; dhl a (T, R+E) buffer as
+    routed_lora.gate_bwd_impl makes it (_dhl_buffer), which the gate fills; cfg from config()."""
     t = dy.shape[0]
     r_tot = b_t.shape[1]
     e = r_tot // rank
     top_k = ids.shape[1]
     du = gl._alloc((t, r_tot), dy, torch.float32)
-    dhl = rl._dhl_buffer(t, r_tot + e, hl, dy.dtype)
     c_lb, c_z = rl._aux_coefs(lb_coef, z_coef, e, t, top_k)
     dx = _launch(dy, w, False, b_t, False, w_dx, False, None, du, dhl, hl, noise, gates, ids, stats,
                  daux if daux is not None else stats, scale, c_lb, 2.0 * c_z, 1.0, r_tot, r_tot + e,

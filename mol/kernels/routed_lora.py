@@ -1062,10 +1062,11 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
         if eager and base_out is None and rg.FUSED != "off" and _shrink_by_gemm(x, x_lora):
             w = weight if weight is not None else weight_fn(x.dtype)
             w_ext, stats = shrink_operand(x, a_cat, router_w)
-            cfg = rg.config(x, w, True, b_cat, r_tot, bias, w_ext)
+            u = gl._alloc((x.shape[0], r_tot), x)
+            cfg = rg.config(x, w, True, u, b_cat, bias, w_ext)
             if cfg is not None:  # the shrink and the gate inside the base GEMM (routed_gemm)
-                y, hl, gates, ids, u, aux = rg.routed_forward(x, w, bias, w_ext, stats, b_cat, noise, rank, kind,
-                                                              top_k, scale, lb_coef, z_coef, cfg)
+                y, hl, gates, ids, u, aux = rg.routed_forward(x, w, bias, w_ext, stats, b_cat, u, noise, rank,
+                                                              kind, top_k, scale, lb_coef, z_coef, cfg)
                 del w
                 return y, aux, hl, gates, ids, u, stats, w_ext[:r_tot + e]
             hl, w_dx = gl._mm_f32(x, w_ext.t()), w_ext[:r_tot + e]  # route_shrink_gemm, on the operand built
@@ -1147,10 +1148,11 @@ def _routed_backward(dy, daux, saved, need, weight_fn, meta):
         if w_dx is None:
             w_dx = torch.cat([a_cat, router_w.to(dt)])
         b_t = lora_B.permute(1, 0, 2).reshape(n_out, r_tot)  # (out, R): a view of MoLLinear's layout
-        cfg = rg.config(dy, w, False, w_dx, r_tot + e, None, b_t)
+        dhl = _dhl_buffer(x.shape[0], r_tot + e, hl, dt)
+        cfg = rg.config(dy, w, False, dhl, w_dx, None, b_t)
     if cfg is not None:  # du and the gate backward inside the dx GEMM (routed_gemm)
-        dx, dhl = rg.routed_backward(dy, w, b_t, hl, noise, gates, ids, stats, daux, w_dx, rank, kind, scale,
-                                     lb_coef, z_coef, cfg)
+        dx, dhl = rg.routed_backward(dy, w, b_t, hl, noise, gates, ids, stats, daux, w_dx, dhl, rank, kind,
+                                     scale, lb_coef, z_coef, cfg)
     else:
         du = lora_du(dy, lora_B)
         dhl = gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dt)
