@@ -43,6 +43,49 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError(self.merge_blocker())
 
 
+class _DeferredAuxLoss(torch.autograd.Function):
+    """The router loss of a forward that ran without autograd, as a leaf of the caller's loss: its backward
+    records the gradient it receives on the layer, for the recomputed forward to apply (_AuxLossThroughOutput).
+
+    Reentrant activation checkpointing (``use_reentrant=True``: transformers 4's default, PEFT's
+    prepare_model_for_kbit_training) runs a layer's forward under no_grad and recomputes it with autograd inside
+    the backward, from the checkpointed block's outputs only. A loss stashed on the module (``aux_loss``) is then
+    a constant, and ``task_loss + mol.aux_loss(model)`` would silently leave the router untrained by it. Recording
+    the gradient here costs nothing: these nodes are created after the forward, so the engine runs them before
+    the checkpointed blocks that recompute."""
+
+    @staticmethod
+    def forward(ctx, aux: Tensor, anchor: Tensor, layer: "MoLLinear") -> Tensor:
+        ctx.layer = layer  # anchor: a trainable router parameter, so that autograd makes this node at all
+        return aux.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        layer = ctx.layer
+        layer._aux_grad = grad if layer._aux_grad is None else layer._aux_grad + grad
+        return None, None, None
+
+
+class _AuxLossThroughOutput(torch.autograd.Function):
+    """Identity on a layer's output whose backward also sends ``grad`` into the router loss ``aux``: how a
+    forward recomputed by a reentrant checkpoint applies the gradient its _DeferredAuxLoss received (the
+    checkpoint backpropagates from the block's outputs only, so the loss must hang off one)."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, aux: Tensor, grad: Tensor) -> Tensor:
+        ctx.aux_dtype, ctx.grad = aux.dtype, grad
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return grad_out, ctx.grad.to(ctx.aux_dtype), None
+
+
+def _in_backward() -> bool:
+    """True while autograd's engine runs a backward on this thread (a checkpoint recomputing a forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _linear_shape(base: nn.Module) -> tuple[int, int]:
     try:
         return int(base.in_features), int(base.out_features)
@@ -67,6 +110,10 @@ class MoLLinear(AdapterLayer):
     With ``num_experts=1`` there is no router and the layer is exactly PEFT's LoRA:
     ``base(x) + lora_B(lora_A(dropout(x))) * scaling``.
     """
+
+    # the gradient a deferred router loss received, for a reentrant checkpoint's recompute to apply
+    # (_DeferredAuxLoss); a class default, so layers pickled before it existed load
+    _aux_grad: Optional[Tensor] = None
 
     def __init__(
         self,
@@ -178,7 +225,19 @@ class MoLLinear(AdapterLayer):
             out = dispatch.routed_linear(self.base_layer, flat_x, flat_x_lora, self.lora_A, self.lora_B,
                                          routed.gates, routed.expert_ids, self.scaling, self.backend)
         self._last = routed
+        if self._aux_grad is not None:
+            out = self._apply_deferred_aux(out)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _apply_deferred_aux(self, out: Tensor) -> Tensor:
+        grad, self._aux_grad = self._aux_grad, None
+        if not (_in_backward() and torch.is_grad_enabled()):
+            raise RuntimeError(
+                "MoLLinear: the router loss of this layer's previous forward received a gradient that never reached "
+                "the router: that forward ran without autograd (under torch.no_grad or inference_mode) and no "
+                "reentrant activation checkpoint recomputed it. Run the forward with gradients enabled when its "
+                "aux_loss() is part of a loss you backpropagate.")
+        return _AuxLossThroughOutput.apply(out, self._aux_value(), grad)
 
     def clear_routing(self) -> None:
         """Forget the routing kept from the last forward (aux loss, stats). Call it (or ``mol.clear_routing``)
@@ -188,7 +247,17 @@ class MoLLinear(AdapterLayer):
         self._last = None
 
     def aux_loss(self) -> Optional[Tensor]:
-        """Coefficient-weighted load-balance + z-loss of the last forward (None before any routed forward)."""
+        """Coefficient-weighted load-balance + z-loss of the last forward (None before any routed forward).
+
+        Its gradient reaches the router also when that forward ran under a reentrant activation checkpoint
+        (without autograd, recomputed in the backward): see _DeferredAuxLoss."""
+        aux = self._aux_value()
+        if aux is None or aux.requires_grad or not torch.is_grad_enabled():
+            return aux
+        anchor = next((p for p in self.router.parameters() if p.requires_grad), None)
+        return aux if anchor is None else _DeferredAuxLoss.apply(aux, anchor, self)
+
+    def _aux_value(self) -> Optional[Tensor]:
         if self._last is None:
             return None
         if isinstance(self._last, FusedRouterOutput):  # already weighted and summed by the kernels

@@ -24,7 +24,8 @@ one's backward (a module called twice in a step, a kept graph) runs the ordinary
 whose saved buffers a later replay overwrote (``retain_graph=True`` across another forward) raises, as does one
 whose weights were changed in place or moved since its forward (where eager autograd would raise for a saved
 tensor modified in place; the graph reads weights at the addresses it was captured with).
-Memory: each captured signature keeps about (2*in + 2*out) * T elements of static buffers plus the routing
+Inside an activation checkpoint (or under saved-tensor offloading) the layer runs the ordinary kernels: see
+``_checkpointed``. Memory: each captured signature keeps about (2*in + 2*out) * T elements of static buffers plus the routing
 tensors, in its own pool; a layer captures at most ``MAX_SIGNATURES`` and runs the ordinary kernels for others.
 """
 from __future__ import annotations
@@ -64,6 +65,22 @@ def _signature(args: tuple, copied: tuple[int, ...], weight_fn: Optional[Callabl
         key.append((weight_fn.__func__, tuple(b.data_ptr() for b in owner.buffers()),
                     tuple(p.data_ptr() for p in owner.parameters())))
     return tuple(key)
+
+
+def _saved_tensor_hooks_set() -> bool:
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
+    except TypeError:  # torch < 2.5 takes no argument
+        return torch._C._autograd._top_saved_tensors_default_hooks() is not None
+
+
+def _checkpointed() -> bool:
+    """Inside an activation checkpoint (or CPU offload of saved tensors): saved-tensor hooks are set (a
+    non-reentrant checkpoint's forward), or autograd's engine is running a backward on this thread (either kind's
+    recompute). A replay saves nothing through autograd, so a non-reentrant checkpoint's recompute, which runs
+    the ordinary kernels while the replayed forward waits for its backward, would not save what the first pass
+    did; and the static buffers hold on the GPU what checkpointing and offloading exist to free."""
+    return torch._C._current_graph_task_id() != -1 or _saved_tensor_hooks_set()
 
 
 def _capturable(x: torch.Tensor) -> bool:
@@ -203,10 +220,10 @@ class LayerGraphs:
 
     def apply(self, args: tuple, weight_fn: Optional[Callable], meta: tuple, need: tuple[bool, ...]):
         """The graphed forward's outputs (y, aux, hl, gates, ids, stats), or None where this call runs the
-        ordinary kernels: too many tokens, a capture in progress, a pending backward, or a new signature past
-        MAX_SIGNATURES."""
+        ordinary kernels: too many tokens, a capture in progress, activation checkpointing, a pending backward,
+        or a new signature past MAX_SIGNATURES."""
         x = args[0]
-        if not (0 < x.shape[0] <= self.max_tokens and _capturable(x)):
+        if not (0 < x.shape[0] <= self.max_tokens and _capturable(x)) or _checkpointed():
             return None
         copied = _copied(args)
         key = _signature(args, copied, weight_fn, meta)

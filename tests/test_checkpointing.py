@@ -1,0 +1,197 @@
+"""Activation checkpointing: a MoL model trains the same with it as without.
+
+Reentrant checkpointing (``use_reentrant=True``, transformers 4's default and PEFT's QLoRA recipe) runs each
+block's forward without autograd and recomputes it inside the backward, so the router loss that MoLLinear keeps
+from its forward would be a constant; MoLLinear routes its gradient through the recomputed block instead
+(mol.layers._DeferredAuxLoss). Non-reentrant checkpointing drops and recomputes saved tensors. Each test compares
+every gradient with a run without checkpointing, on the same fresh random inputs, and checks that the router
+loss really contributes (the comparison would pass trivially if it contributed nothing either way).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import mol
+from mol.kernels import layer_graphs
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.up, self.down = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        return x + self.down(torch.tanh(self.up(x)))
+
+
+class _Net(nn.Module):
+    """Blocks each wrapped in torch.utils.checkpoint when ``reentrant`` is True or False (None: no checkpoint)."""
+
+    def __init__(self, dim: int = 24, blocks: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block(dim) for _ in range(blocks))
+        self.reentrant: bool | None = None
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x) if self.reentrant is None else checkpoint(b, x, use_reentrant=self.reentrant)
+        return x
+
+
+def _net(dtype, backend="torch", router="topk", seed=0, **kw):
+    torch.manual_seed(seed)
+    net = _Net().to(dtype)
+    mol.inject(net, mol.MoLConfig(num_experts=4, top_k=1 if router == "switch" else 2, rank=4, router=router,
+                                  target_modules=["up", "down"], backend=backend, aux_loss_coef=0.5,
+                                  z_loss_coef=0.05, **kw))
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+            if "router" in n:
+                p.normal_(0, 0.5)  # scores far from uniform: the router loss has a gradient worth comparing
+    return net.train()
+
+
+def _grads(net, x, reentrant, aux_weights=(1.0,), scale=0.5):
+    """Gradients (x and every trainable tensor) of scale * (task + sum_i w_i * mol.aux_loss(net)), each aux term
+    from its own mol.aux_loss call, under the given checkpoint mode. The RNG is reset so router noise and dropout
+    draw the same numbers in every mode."""
+    net.reentrant = reentrant
+    net.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)  # reentrant checkpoints need an input that requires grad
+    torch.manual_seed(1234)
+    y = net(x)
+    loss = y.square().mean() + sum(w * mol.aux_loss(net) for w in aux_weights)
+    (scale * loss).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
+    grads["x"] = x.grad.clone()
+    return grads
+
+
+def _assert_same(got, want, rtol, atol):
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _assert_router_loss_matters(net, x, want):
+    """The router's gradient without the aux terms differs from ``want``: the comparison above tests them."""
+    without = _grads(net, x, None, aux_weights=())
+    for name in want:
+        if "router" in name:
+            assert (without[name] - want[name]).abs().max() > 1e-3 * want[name].abs().max(), name
+
+
+@pytest.mark.parametrize("router", ["topk", "soft", "switch", "sequence"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_reference_path_checkpointed_equals_plain(router, reentrant):
+    net = _net(torch.float64, router=router, router_noise=0.3, dropout=0.1)
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    want = _grads(net, x, None)
+    _assert_same(_grads(net, x, reentrant), want, rtol=1e-12, atol=1e-14)
+    _assert_router_loss_matters(net, x, want)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_router_loss_used_twice_and_scaled(reentrant):
+    """Two mol.aux_loss calls in one loss (each with its own weight) and a scaled loss (gradient accumulation):
+    the recomputed forward applies the sum of what both received. (Without checkpointing each call builds its
+    own float32 router-loss graph, so the two sides differ by float32 rounding.)"""
+    net = _net(torch.float64)
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    want = _grads(net, x, None, aux_weights=(1.0, 2.5), scale=0.25)
+    _assert_same(_grads(net, x, reentrant, aux_weights=(1.0, 2.5), scale=0.25), want, rtol=1e-5, atol=1e-8)
+    _assert_router_loss_matters(net, x, want)
+
+
+@pytest.mark.parametrize("router", ["topk", "soft"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_triton_path_checkpointed_equals_plain(router, reentrant):
+    """The fused kernels (under TRITON_INTERPRET=1 here) recomputed inside the backward."""
+    net = _net(torch.float32, backend="triton", router=router)
+    x = torch.randn(2, 9, 24)
+    want = _grads(net, x, None)
+    _assert_same(_grads(net, x, reentrant), want, rtol=1e-5, atol=1e-6)
+    _assert_router_loss_matters(net, x, want)
+
+
+def _enable_hf_checkpointing(model, reentrant: bool) -> None:
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_hf_llama_gradient_checkpointing(reentrant):
+    """A Llama's own checkpointing switch (what users and HF's Trainer turn on) with MoL on every linear."""
+    torch.manual_seed(0)
+    model = make_tiny_llama(layers=2).double().train()
+    mol.inject(model, mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules="all-linear", backend="torch",
+                                    aux_loss_coef=0.5, z_loss_coef=0.05))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "router" in n:
+                p.normal_(0, 0.2)
+    ids = torch.randint(0, 101, (2, 11))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids)
+        (out.loss + mol.aux_loss(model)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want = grads()
+    _enable_hf_checkpointing(model, reentrant)
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    _assert_same(grads(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_router_loss_of_a_no_grad_forward_is_not_dropped_silently():
+    """A forward under no_grad, then its router loss backpropagated: nothing recomputes that forward, so the
+    gradient cannot reach the router. The layer says so at its next forward instead of training without it."""
+    net = _net(torch.float64)
+    x = torch.randn(2, 3, 24, dtype=torch.float64)
+    with torch.no_grad():
+        net(x)
+    mol.aux_loss(net).backward()
+    with pytest.raises(RuntimeError, match="never reached the router"):
+        net(x)
+
+
+def test_router_loss_of_a_no_grad_forward_without_backward_is_fine():
+    """Evaluation that computes the router loss for logging (no backward) leaves nothing pending."""
+    net = _net(torch.float64)
+    x = torch.randn(2, 3, 24, dtype=torch.float64)
+    with torch.no_grad():
+        net(x)
+    value = float(mol.aux_loss(net).detach())
+    assert value > 0
+    net(x)
+
+
+def test_layer_graphs_stay_off_inside_checkpoints():
+    """graph_tokens' replays save nothing through autograd, which a non-reentrant checkpoint's recompute could
+    not match, and their static buffers keep what checkpointing frees: inside any checkpoint (its forward or its
+    recompute in the backward) the layer runs the ordinary kernels."""
+    seen = []
+
+    def fn(x):
+        seen.append(layer_graphs._checkpointed())
+        return x.sin()
+
+    assert not layer_graphs._checkpointed()
+    for reentrant in (False, True):
+        seen.clear()
+        x = torch.randn(4, requires_grad=True)
+        checkpoint(fn, x, use_reentrant=reentrant).sum().backward()
+        # non-reentrant: its forward runs under saved-tensor hooks; both kinds recompute inside the backward
+        assert seen == [not reentrant, True], (reentrant, seen)
+    with torch.autograd.graph.save_on_cpu():
+        assert layer_graphs._checkpointed()
