@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_llama
+from test_train_utils import REPO, compose
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -195,3 +196,41 @@ def test_layer_graphs_stay_off_inside_checkpoints():
         assert seen == [not reentrant, True], (reentrant, seen)
     with torch.autograd.graph.save_on_cpu():
         assert layer_graphs._checkpointed()
+
+
+METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_under_the_training_cli_checkpointing(method):
+    """What ``model.gradient_checkpointing=true`` turns on (mol.train.app.enable_activation_checkpointing), for
+    every conf/method: the same gradients as without, or (prefix tuning, whose KV-cache prefix transformers drops
+    from checkpointed layers) an error that says so and names the fixes."""
+    from mol.train.app import build_method_config, enable_activation_checkpointing
+
+    method_cfg = build_method_config(compose([f"method={method}", "model=hf_causal", "model.path=unused"]))
+    ids = torch.randint(0, 101, (2, 11))
+
+    def grads(checkpointed: bool):
+        torch.manual_seed(0)
+        model = make_tiny_llama(layers=2).train()
+        mol.inject(model, method_cfg)
+        with torch.no_grad():  # move every trainable tensor off its init (B = 0, IA3 = 1): all gradients nonzero
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+        if checkpointed:
+            enable_activation_checkpointing(model)
+            assert not model.config.use_cache
+        torch.manual_seed(5)
+        out = model(input_ids=ids, labels=ids)
+        (out.loss + mol.aux_loss(model)).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    want = grads(False)
+    if method == "prefix":
+        with pytest.raises(ValueError, match="turn activation checkpointing off"):
+            grads(True)
+        return
+    assert want and all(g is not None for g in want.values())
+    _assert_same(grads(True), want, rtol=1e-5, atol=1e-7)

@@ -158,3 +158,44 @@ def test_backward_runs_with_the_configured_autograd_threading(override, expect, 
     run(cfg)
     assert seen and all(s is expect for s in seen), seen
     assert torch._C._is_multithreading_enabled()
+
+
+def test_gradient_checkpointing_trains_the_same(tiny, tmp_path, monkeypatch):
+    """model.gradient_checkpointing=true: the MoL layers run inside checkpoints and again in each backward, and the
+    run's losses equal those of the same run without it, router loss included; prefix tuning, which transformers
+    cannot checkpoint, is refused before any training with the fixes named."""
+    import mol
+    from mol.kernels.layer_graphs import _checkpointed
+    from mol.train.app import ConfigError, run
+    from mol.train.callbacks import read_loss_history
+
+    calls = []
+    forward = mol.MoLLinear.forward
+
+    def recording(self, x):
+        if self.training:
+            calls.append(_checkpointed())  # inside a checkpoint's forward or its recompute in the backward
+        return forward(self, x)
+
+    monkeypatch.setattr(mol.MoLLinear, "forward", recording)
+
+    def losses(checkpointing: bool, method: str = "mol"):
+        out = tmp_path / f"run_{method}_{checkpointing}"
+        cfg = compose([f"method={method}", "model=hf_causal", f"model.path={tiny['llama']}", "data=jsonl",
+                       f"data.train={tiny['causal']['train']}", f"data.val={tiny['causal']['val']}",
+                       "data.batch_size=8", "data.max_length=32", f"data.cache_dir={tmp_path / 'cache'}",
+                       "trainer.max_epochs=1", "optim.lr=1e-2", f"model.gradient_checkpointing={checkpointing}",
+                       f"output_dir={out}", *quiet_trainer_overrides()])
+        run(cfg)
+        return read_loss_history(str(out / "train_loss.jsonl"))
+
+    plain = losses(False)
+    assert calls and not any(calls)
+    calls.clear()
+    checkpointed = losses(True)
+    assert calls and all(calls)
+    assert plain.keys() == checkpointed.keys() and len(plain) >= 3
+    for step in plain:
+        assert abs(plain[step] - checkpointed[step]) < 1e-5 * abs(plain[step]), (step, plain, checkpointed)
+    with pytest.raises(ConfigError, match="prefix.*turn activation checkpointing off"):
+        losses(True, "prefix")

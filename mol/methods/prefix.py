@@ -189,6 +189,8 @@ class PrefixEncoder(_VirtualTokens):
         from transformers import DynamicCache
 
         kw = _call_kwargs(model, args, kwargs)
+        if model.training and _checkpointing(model):
+            raise ValueError(CHECKPOINTING_BLOCKER)
         batch, fresh = self._common(model, kw)
         key = _cache_key_in(model, kw)
         if fresh:
@@ -254,6 +256,18 @@ class PromptEmbedding(_VirtualTokens):
             output.logits = logits[:, n:]
         self._strip = False
         return output
+
+
+CHECKPOINTING_BLOCKER = (
+    "prefix tuning reaches the attention layers through the KV cache, which transformers drops from checkpointed "
+    "layers in training (it sets past_key_values=None): turn activation checkpointing off "
+    "(model.gradient_checkpointing_disable(), or model.gradient_checkpointing=false in mol.train), or use prompt "
+    "tuning, which works with it")
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    # what transformers' is_activation_checkpointing (4.x: is_gradient_checkpointing) looks at, in any version
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def cache_kwarg(model: nn.Module) -> Optional[str]:

@@ -155,6 +155,22 @@ def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]
     return model, tokenizer
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """``model.gradient_checkpointing=true``: the HF model recomputes each block's activations in the backward
+    (non-reentrant torch.utils.checkpoint) instead of keeping them: less activation memory for about one more
+    forward of compute. MoL's router losses train under it (tests/test_checkpointing.py)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support activation "
+                          "checkpointing in transformers; set model.gradient_checkpointing=false")
+    kwargs = {"use_reentrant": False}  # torch's recommended kind: needs no input that requires grad
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 (gradient_checkpointing_enable: its alias)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model.config, "use_cache", False):
+        model.config.use_cache = False  # a KV cache is for generation; HF warns that it cannot go with recompute
+
+
 def freeze_except(model: Any, names: list[str]) -> None:
     """The frozen-base baseline: only modules named in ``names`` (suffix match, e.g. ``classifier``) train."""
     from mol.inject import name_matches
@@ -210,6 +226,12 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
             mol.inject(model, method_cfg)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"cannot apply {type(method_cfg).__name__} to {type(model).__name__}: {e}") from e
+    if cfg.model.get("gradient_checkpointing", False):
+        if type(method_cfg).__name__ == "PrefixTuningConfig":
+            from mol.methods.prefix import CHECKPOINTING_BLOCKER
+
+            raise ConfigError(f"method=prefix with model.gradient_checkpointing=true: {CHECKPOINTING_BLOCKER}")
+        enable_activation_checkpointing(model)
     trainable, total = mol.trainable_parameters(model)
 
     opt = cfg.baseline if baseline else cfg.optim
