@@ -9,14 +9,16 @@ The configs and the trainable names are kept on the model (``model.mol_configs``
 
 from __future__ import annotations
 
+import inspect
 import re
-from typing import Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MethodConfig, MoLConfig
 from mol.layers import AdapterLayer, MoLLinear
+from mol.routers import SequenceContext
 
 MethodFn = Callable[[nn.Module, MethodConfig], list[str]]
 _METHODS: dict[type, MethodFn] = {}
@@ -121,10 +123,75 @@ def _quantize_base(model: nn.Module, config: MethodConfig) -> None:
         quantize(model, "nf4")
 
 
+def call_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A call's arguments as keywords (positional ones named from ``model.forward``'s signature)."""
+    kw = dict(kwargs)
+    if args:
+        names = [p.name for p in inspect.signature(model.forward).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(args) > len(names):
+            raise TypeError(f"{type(model).__name__} got {len(args)} positional arguments; pass them by name")
+        for name, value in zip(names, args):
+            if name in kw:
+                raise TypeError(f"{type(model).__name__} got {name!r} both by position and by name")
+            kw[name] = value
+    return kw
+
+
+def _continues_cache(kw: dict) -> bool:
+    """Whether a call carries a non-empty KV cache (a Hugging Face Cache, or the legacy per-layer tuples)."""
+    for key in ("cache", "past_key_values"):
+        cache = kw.get(key)
+        if cache is None:
+            continue
+        if hasattr(cache, "get_seq_length"):
+            return cache.get_seq_length() > 0
+        if isinstance(cache, (tuple, list)):
+            return len(cache) > 0 and cache[0] is not None and len(cache[0]) > 0 and cache[0][0].shape[-2] > 0
+    return False
+
+
+class _SequenceCallHooks:
+    """Forward hooks on a model that keep its sequence routers' SequenceContext up to date with each call: the
+    attention mask the caller passed, and whether the call continues a KV cache. A class with bound methods, not
+    closures, so a deep copy of the model gets hooks that update the copy's context."""
+
+    def __init__(self, context: SequenceContext):
+        self.context = context
+
+    def before(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        kw = call_kwargs(model, args, kwargs)
+        mask = kw.get("attention_mask")
+        mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        tokens = next((kw[k] for k in ("input_ids", "inputs_embeds") if isinstance(kw.get(k), Tensor)), mask)
+        self.context.batch_shape = tuple(tokens.shape[:2]) if tokens is not None and tokens.dim() >= 2 else None
+        self.context.attention_mask = mask
+        self.context.continuation = _continues_cache(kw)
+
+    def after(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        # a submodule called on its own afterwards sees no call
+        self.context.batch_shape, self.context.attention_mask, self.context.continuation = None, None, False
+
+
+def sequence_context(model: nn.Module) -> SequenceContext:
+    """The model's SequenceContext, made and hooked to its forward on first use."""
+    context = getattr(model, "mol_sequence_context", None)
+    if context is None:
+        context = SequenceContext()
+        hooks = _SequenceCallHooks(context)
+        # first among pre-hooks: the caller's own mask and cache, before prefix / prompt tuning extend them
+        model.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True)
+        model.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
+        model.mol_sequence_context = context
+    return context
+
+
 @register_method(MoLConfig)
 def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
     _quantize_base(model, config)
     trainable = []
+    # sequence routers pool real tokens only and keep their choice through cached decoding: they read the call
+    context = sequence_context(model) if config.router == "sequence" and config.num_experts > 1 else None
     for name in match_modules(model, config.target_modules, exclude=config.modules_to_save):
         layer = MoLLinear(
             model.get_submodule(name), num_experts=config.num_experts, top_k=config.top_k, rank=config.rank,
@@ -132,6 +199,8 @@ def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
             init=config.init, aux_loss_coef=config.aux_loss_coef, z_loss_coef=config.z_loss_coef,
             router_noise=config.router_noise, backend=config.backend, graph_tokens=config.graph_tokens,
         )
+        if context is not None:
+            layer.router.context = context
         replace_module(model, name, layer)
         trainable += [f"{name}.{p}" for p, _ in layer.named_parameters() if not p.startswith("base_layer.")]
     return trainable

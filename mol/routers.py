@@ -97,21 +97,55 @@ class FusedRouterOutput(RouterOutput):
 
 
 class _MeanPool(torch.autograd.Function):
-    """(B, S, in) -> (B, in) in float32 (float64 for float64 x), the mean over S. Forward: float32 accumulation without a float32 copy of x
+    """(B, S, in) -> (B, in) in float32 (float64 for float64 x), the mean over S, or with ``mask`` (B, S) over the
+    positions it marks nonzero (real tokens, not padding). Forward: float32 accumulation without a float32 copy of x
     (x.float().mean() wrote and re-read one: three times x's bytes). Backward: dx as a broadcast view of the
     (B, in) gradient, which autograd adds into x's other gradient, instead of a materialised float32 (B, S, in)
     and its cast. The sequence router's scores, fwd+bwd at 8x1024 tokens x 4096 (H200, RESULTS run 33): 46.4 us,
-    against 286.7 through the float32 copy and 177.4 with autograd's own backward of the float32-accumulated mean."""
+    against 286.7 through the float32 copy and 177.4 with autograd's own backward of the float32-accumulated mean.
+    (Masked, both directions take one x-sized product with the mask more.)"""
 
     @staticmethod
-    def forward(ctx, seqs: Tensor) -> Tensor:
+    def forward(ctx, seqs: Tensor, mask: Tensor | None = None) -> Tensor:
         ctx.shape, ctx.dtype = seqs.shape, seqs.dtype
-        # sum / S rather than mean: an empty sequence pools to zeros (uniform scores), not NaN in the aux losses
-        return seqs.sum(dim=1, dtype=torch.promote_types(seqs.dtype, torch.float32)) / max(seqs.shape[1], 1)
+        acc = torch.promote_types(seqs.dtype, torch.float32)
+        if mask is None:
+            # sum / S rather than mean: an empty sequence pools to zeros (uniform scores), not NaN in the aux losses
+            ctx.save_for_backward()
+            return seqs.sum(dim=1, dtype=acc) / max(seqs.shape[1], 1)
+        weights = (mask != 0).to(seqs.dtype)
+        counts = weights.sum(dim=1, dtype=acc).clamp_min(1)[:, None]  # a sequence of padding only pools to zeros
+        ctx.save_for_backward(weights, counts)
+        return (seqs * weights[:, :, None]).sum(dim=1, dtype=acc) / counts
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return (grad / max(ctx.shape[1], 1)).to(ctx.dtype)[:, None, :].expand(ctx.shape)
+    def backward(ctx, grad: Tensor):
+        if not ctx.saved_tensors:
+            return (grad / max(ctx.shape[1], 1)).to(ctx.dtype)[:, None, :].expand(ctx.shape), None
+        weights, counts = ctx.saved_tensors
+        return (grad / counts).to(ctx.dtype)[:, None, :] * weights[:, :, None], None
+
+
+class SequenceContext:
+    """What the sequence routers of one model read about the call in progress. ``mol.inject`` makes one per model
+    and sets it from hooks on the model's forward; a MoLLinear used on its own can be given one
+    (``layer.router.context = ctx``) and the caller sets its fields.
+
+    - ``batch_shape`` (batch, positions) of the call's tokens: a 2-D input (N, in) is read with it, as
+      batch * positions flattened tokens when N is their product, and as one vector per sequence (a pooler, a
+      classification head) when N is the batch; else, and without a context, (N, in) is one sequence of N tokens.
+    - ``attention_mask`` (batch, positions), 1 for a real token and 0 for padding: where it has the shape of a
+      layer's (batch, sequence) input, that layer's routers pool only the real tokens, so a sequence routes the
+      same alone and padded into a batch. (Other shapes, e.g. a vision tower's, pool every position.)
+    - ``continuation``: the call continues sequences from a KV cache (generation's decode steps). Each router then
+      reuses the choice it made for those sequences in the call that started them (the prompt), so every position
+      of a sequence, cached or new, went through the same experts: one choice per sequence.
+    """
+
+    def __init__(self) -> None:
+        self.batch_shape: tuple[int, int] | None = None
+        self.attention_mask: Tensor | None = None
+        self.continuation = False
 
 
 class Router(nn.Module):
@@ -139,6 +173,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, in_features))
         # Small logits at start: the first steps route nearly uniformly instead of locking in a random winner.
         nn.init.normal_(self.weight, std=0.02)
+        self.context: SequenceContext | None = None  # the sequence router's view of the model call (mol.inject)
+        self._kept: RouterOutput | None = None  # its per-sequence choice from the call that started the sequences
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, num_experts={self.num_experts}, top_k={self.top_k}, noise_std={self.noise_std}"
@@ -149,9 +185,14 @@ class Router(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.kind == "sequence":
                 # One decision per sequence, scored on its mean hidden state: "b s k -> b k".
-                # (in,) is one token; leading dims by product, not -1, which zero-length sequences leave ambiguous
-                seqs = x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:]) if x.dim() >= 2 else x[None, None]
-                logits = F.linear(_MeanPool.apply(seqs).float(), self.weight.float())  # (B, E)
+                seqs = self._sequences(x)
+                context = self.context
+                if context is not None and context.continuation:
+                    return self._continued(seqs)
+                mask = None if context is None else context.attention_mask
+                if mask is not None and tuple(mask.shape) != tuple(seqs.shape[:2]):
+                    mask = None
+                logits = F.linear(_MeanPool.apply(seqs, mask).float(), self.weight.float())  # (B, E)
             else:
                 logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)
 
@@ -168,7 +209,39 @@ class Router(nn.Module):
 
         chosen = expert_ids
         if self.kind == "sequence":
-            seq_len = x.shape[-2] if x.dim() >= 2 else 1
-            gates = repeat(gates, "b k -> (b s) k", s=seq_len)
-            expert_ids = repeat(expert_ids, "b k -> (b s) k", s=seq_len)
+            if self.context is not None:  # for the cached calls that continue these sequences
+                self._kept = RouterOutput(gates.detach(), expert_ids, logits.detach(), probs.detach(), chosen)
+            return self._per_token(RouterOutput(gates, expert_ids, logits, probs, chosen), seqs.shape[1])
         return RouterOutput(gates, expert_ids, logits, probs, chosen)
+
+    def _sequences(self, x: Tensor) -> Tensor:
+        """x as (sequences, positions, in); see SequenceContext for how a 2-D x is read."""
+        if x.dim() == 1:  # one token: a sequence of one
+            return x[None, None]
+        shape = None if self.context is None else self.context.batch_shape
+        if x.dim() == 2 and shape is not None:
+            batch, positions = shape
+            if x.shape[0] == batch * positions:
+                return x.reshape(batch, positions, x.shape[-1])
+            if x.shape[0] == batch:
+                return x[:, None, :]
+        # leading dims by product, not -1, which zero-length sequences leave ambiguous
+        return x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
+
+    @staticmethod
+    def _per_token(per_seq: RouterOutput, seq_len: int) -> RouterOutput:
+        """A per-sequence choice (B, K) repeated over each sequence's positions: (B * seq_len, K)."""
+        gates = repeat(per_seq.gates, "b k -> (b s) k", s=seq_len)
+        expert_ids = repeat(per_seq.expert_ids, "b k -> (b s) k", s=seq_len)
+        return RouterOutput(gates, expert_ids, per_seq.logits, per_seq.probs, per_seq.chosen)
+
+    def _continued(self, seqs: Tensor) -> RouterOutput:
+        kept = self._kept
+        if kept is None or kept.gates.shape[0] != seqs.shape[0]:
+            had = "no call" if kept is None else f"{kept.gates.shape[0]} sequences"
+            raise ValueError(
+                f"sequence router: this call continues {seqs.shape[0]} sequences from a KV cache, but the call that "
+                f"started them ({had}) is not the last one this router saw; the router reuses that call's choice. "
+                "Start each generation with a fresh cache (model.generate does), or pass the whole sequence "
+                "without a cache")
+        return self._per_token(kept, seqs.shape[1])

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mol.config import MethodConfig, register_config
-from mol.inject import register_method
+from mol.inject import call_kwargs, register_method
 from mol.layers import AdapterLayer
 from mol.methods._util import check_modules_to_save, config_int, text_config
 
@@ -88,21 +88,6 @@ class PromptTuningConfig(MethodConfig):
         if self.init not in PROMPT_INITS:
             raise ValueError(f"PromptTuningConfig.init={self.init!r} is unknown; choose one of {PROMPT_INITS}")
         check_modules_to_save(self)
-
-
-def _call_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The call's arguments as keywords (positional ones named from ``model.forward``'s signature)."""
-    kw = dict(kwargs)
-    if args:
-        names = [p.name for p in inspect.signature(model.forward).parameters.values()
-                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if len(args) > len(names):
-            raise TypeError(f"{type(model).__name__} got {len(args)} positional arguments; pass them by name")
-        for name, value in zip(names, args):
-            if name in kw:
-                raise TypeError(f"{type(model).__name__} got {name!r} both by position and by name")
-            kw[name] = value
-    return kw
 
 
 class _VirtualTokens(AdapterLayer):
@@ -188,7 +173,7 @@ class PrefixEncoder(_VirtualTokens):
     def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         from transformers import DynamicCache
 
-        kw = _call_kwargs(model, args, kwargs)
+        kw = call_kwargs(model, args, kwargs)
         if model.training and _checkpointing(model):
             raise ValueError(CHECKPOINTING_BLOCKER)
         batch, fresh = self._common(model, kw)
@@ -225,7 +210,7 @@ class PromptEmbedding(_VirtualTokens):
         self._strip = False
 
     def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kw = _call_kwargs(model, args, kwargs)
+        kw = call_kwargs(model, args, kwargs)
         batch, fresh = self._common(model, kw)
         n = self.num_virtual_tokens
         # As PEFT: the model numbers positions itself (virtual tokens first), so given position ids are dropped.

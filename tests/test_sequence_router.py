@@ -1,0 +1,144 @@
+"""The sequence router inside Hugging Face models: one choice per sequence, whatever else is in the batch.
+
+mol.inject hooks the model's forward so the routers see the call's attention mask and token shape
+(mol.routers.SequenceContext). Checked here against the same sequence run alone: padding (right or left) and
+the other sequences of a batch change nothing, a pooler's per-sequence vectors are routed one by one, and cached
+generation keeps the choice the prompt made (compared with full forwards routed by that choice).
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+import mol
+
+inject_module = importlib.import_module("mol.inject")  # (mol.inject is also the function's name)
+
+
+def _inject(model, **kw):
+    mol.inject(model, mol.MoLConfig(num_experts=4, top_k=2, rank=4, router="sequence", target_modules="all-linear",
+                                    **kw))
+    with torch.no_grad():  # adapters and scores far from their init: routing changes outputs visibly
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "router" in n:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_labels=3, pad_token_id=0)
+    return BertForSequenceClassification(cfg)
+
+
+def _padded(seqs: list[torch.Tensor], left: bool = False):
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols], mask[i, cols] = s, 1
+    return ids, mask
+
+
+def test_classifier_routes_each_sequence_as_if_alone():
+    """A BERT classifier, MoL on every linear including the pooler (which sees one vector per sequence): each
+    sequence's logits in a padded batch equal its logits alone."""
+    torch.manual_seed(0)
+    model = _inject(_tiny_bert())
+    seqs = [torch.randint(1, 50, (n,)) for n in (5, 12, 1, 8)]
+    ids, mask = _padded(seqs)
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask).logits
+        alone = torch.cat([model(input_ids=s[None]).logits for s in seqs])
+        swapped = model(input_ids=ids.flip(0), attention_mask=mask.flip(0)).logits.flip(0)  # other neighbours
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(swapped, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
+def test_causal_lm_routes_each_sequence_as_if_alone(left):
+    torch.manual_seed(0)
+    model = _inject(make_tiny_llama())
+    seqs = [torch.randint(1, 101, (n,)) for n in (4, 9, 6)]
+    ids, mask = _padded(seqs, left)
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask).logits
+        for i, s in enumerate(seqs):
+            alone = model(input_ids=s[None]).logits[0]
+            rows = batched[i, -len(s):] if left else batched[i, :len(s)]
+            torch.testing.assert_close(rows, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_the_mask_changes_routing_where_padding_would():
+    """The check above can fail: pooled over every position (the mask taken away), the padded sequence's
+    logits move."""
+    torch.manual_seed(0)
+    model = _inject(make_tiny_llama())
+    s, other = torch.randint(1, 101, (4,)), torch.randint(1, 101, (9,))
+    ids, mask = _padded([s, other])
+    with torch.no_grad():
+        alone = model(input_ids=s[None]).logits[0]
+        unmasked = model(input_ids=ids).logits[0, :4]
+    assert (unmasked - alone).abs().max() > 1e-2
+
+
+def test_cached_generation_keeps_the_prompts_choice(monkeypatch):
+    """Greedy generation with the KV cache: every decode step reuses each sequence's choice from the prompt, so
+    each step's scores equal a full forward of the sequence so far routed by that choice (no cache), and the
+    routers' per-sequence expert ids never change."""
+    torch.manual_seed(0)
+    model = _inject(make_tiny_llama())
+    routers = [m.router for m in model.modules() if isinstance(m, mol.MoLLinear)]
+    prompt = torch.randint(1, 101, (2, 6))
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0,
+                             output_scores=True, return_dict_in_generate=True)
+        chosen = [r._kept.chosen.clone() for r in routers]
+        model(input_ids=prompt)  # the prompt's choice again, for the forced full forwards below
+        assert all(torch.equal(r._kept.chosen, c) for r, c in zip(routers, chosen))
+        monkeypatch.setattr(inject_module, "_continues_cache", lambda kw: True)
+        for step, scores in enumerate(out.scores):
+            full = model(input_ids=out.sequences[:, :prompt.shape[1] + step]).logits[:, -1]
+            torch.testing.assert_close(scores, full, rtol=1e-4, atol=1e-5)
+
+
+def test_a_cache_from_another_batch_is_refused():
+    torch.manual_seed(0)
+    model = _inject(make_tiny_llama())
+    with torch.no_grad():
+        cache = model(input_ids=torch.randint(1, 101, (2, 5)), use_cache=True).past_key_values
+        model(input_ids=torch.randint(1, 101, (3, 5)))  # the routers now hold a batch of 3
+        with pytest.raises(ValueError, match="continues 2 sequences from a KV cache"):
+            model(input_ids=torch.randint(1, 101, (2, 1)), past_key_values=cache, use_cache=True)
+
+
+def test_flattened_tokens_are_read_as_the_calls_sequences():
+    """A layer that sees the batch's tokens flattened to (batch * positions, in) routes them per sequence."""
+    from mol.routers import Router, SequenceContext
+
+    router = Router(16, 4, 2, "sequence")
+    router.context = SequenceContext()
+    x = torch.randn(3, 5, 16)
+    router.context.batch_shape = (3, 5)
+    flat, nested = router(x.reshape(15, 16)), router(x)
+    assert torch.equal(flat.expert_ids, nested.expert_ids) and torch.equal(flat.gates, nested.gates)
+    router.context.batch_shape = (3, 7)  # a shape the input does not fit: one sequence of 15 tokens
+    assert router(x.reshape(15, 16)).logits.shape == (1, 4)
+
+
+def test_masked_pool_gradient():
+    """The masked mean pool against autograd's derivative of the masked mean, in float64, to second order."""
+    from mol.routers import _MeanPool
+
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    assert torch.autograd.gradcheck(lambda t: _MeanPool.apply(t, mask), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: _MeanPool.apply(t, mask), (x,))
+    want = torch.stack([x[0, :3].mean(0), x[1].mean(0), torch.zeros(7, dtype=torch.float64)])
+    torch.testing.assert_close(_MeanPool.apply(x, mask), want)
