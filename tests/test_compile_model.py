@@ -12,21 +12,24 @@ import torch  # noqa: E402
 import mol  # noqa: E402
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_hf_model_with_mol_compiles_and_matches_eager(backend, tiny_llama):
+@pytest.mark.parametrize("backend,router", [("torch", "topk"), ("triton", "topk"), ("torch", "sequence")])
+def test_hf_model_with_mol_compiles_and_matches_eager(backend, router, tiny_llama):
+    """(The sequence router reads the call's attention mask through hooks on the model's forward.)"""
     torch._dynamo.reset()
     model = tiny_llama
-    mol.inject(model, mol.MoLConfig(rank=4, alpha=8, num_experts=4, top_k=2,
+    mol.inject(model, mol.MoLConfig(rank=4, alpha=8, num_experts=4, top_k=2, router=router,
                                     target_modules=["q_proj", "v_proj", "up_proj"], backend=backend))
     with torch.no_grad():  # lora_B starts at zero: give the experts (and so the routing gradient) something to do
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0  # right padding
     params = [p for p in model.parameters() if p.requires_grad]
 
     def loss_of(m):
-        return m(input_ids=ids, labels=ids).loss + mol.aux_loss(model)
+        return m(input_ids=ids, attention_mask=mask, labels=ids).loss + mol.aux_loss(model)
     eager = loss_of(model)
     g_eager = torch.autograd.grad(eager, params)
     got = loss_of(torch.compile(model, backend="aot_eager"))
