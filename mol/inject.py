@@ -271,13 +271,16 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def aux_loss(model: nn.Module) -> Tensor:
-    """Sum of the coefficient-weighted router losses of the last forward, over all MoL layers (0 if none)."""
+def aux_loss(model: nn.Module, device: Union[torch.device, str, None] = None) -> Tensor:
+    """Sum of the coefficient-weighted router losses of the last forward, over all MoL layers (0 if none), on
+    ``device``: by default the last routed layer's, which for a model split over several GPUs (``device_map``)
+    is usually where its output and task loss are; pass ``out.loss.device`` to be sure."""
     losses = [loss for _, m in adapter_layers(model) if isinstance(m, MoLLinear) and (loss := m.aux_loss()) is not None]
     if not losses:
         p = next(model.parameters(), None)
-        return torch.zeros((), device=p.device if p is not None else None)
-    return torch.stack([loss.float() for loss in losses]).sum()
+        return torch.zeros((), device=device if device is not None else p.device if p is not None else None)
+    device = losses[-1].device if device is None else torch.device(device)
+    return torch.stack([loss.float().to(device) for loss in losses]).sum()
 
 
 def clear_routing(model: nn.Module) -> None:

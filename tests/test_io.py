@@ -165,9 +165,12 @@ def test_aux_loss_collects_every_routed_layer():
     layers = [m for m in model.modules() if isinstance(m, mol.MoLLinear)]
     expected = sum(0.1 * m.last_stats["load_balance_loss"] + 0.01 * m.last_stats["z_loss"] for m in layers)
     assert torch.allclose(mol.aux_loss(model), expected)
+    # a model split over devices: the sum lands where it is asked for (the meta device stands in for another GPU)
+    assert mol.aux_loss(model, device="meta").device.type == "meta"
     stats = mol.routing_stats(model)
     assert len(stats) == len(layers)
     assert all(torch.allclose(s["load"].sum(), torch.tensor(1.0)) for s in stats.values())
     mol.clear_routing(model)  # what a CUDA-graph capture wants dropped after its warm-up
     assert mol.aux_loss(model).item() == 0.0 and mol.routing_stats(model) == {}
+    assert mol.aux_loss(model, device="meta").device.type == "meta"
     assert all(m.aux_loss() is None for m in layers)
