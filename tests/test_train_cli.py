@@ -86,3 +86,23 @@ def test_graph_tokens_override_reaches_the_layers():
     model = mol.inject(make_tiny_llama(), method)
     layers = [m for m in model.modules() if isinstance(m, mol.MoLLinear)]
     assert layers and all(m._graphs is not None and m._graphs.max_tokens == 64 for m in layers)
+
+
+def test_logger_group_errors_before_any_training(tmp_path, monkeypatch):
+    """logger=...: a logger whose package is missing, or a class that does not import, stops the run in
+    ``prepare`` (before the baseline's fit) with one line naming the logger and what is missing."""
+    import lightning.pytorch.loggers.wandb as lw
+    from lightning_utilities.core.imports import RequirementCache
+
+    from mol.train.app import ConfigError, _task, build_logger
+
+    # as on a machine without wandb, whatever this one has
+    monkeypatch.setattr(lw, "_WANDB_AVAILABLE", RequirementCache("wandb-not-installed-here>=1"))
+    with pytest.raises(ConfigError, match="WandbLogger.*wandb-not-installed-here"):
+        build_logger(compose(["logger=wandb", f"output_dir={tmp_path}"]), tmp_path)
+    cfg = compose(["logger=csv", "logger._target_=no.such.Logger", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="cannot import 'no.such.Logger'"):
+        build_logger(cfg, tmp_path)
+    with pytest.raises(SystemExit):  # the CLI path: one line, no training
+        _task(cfg)
+    assert not any(tmp_path.iterdir())

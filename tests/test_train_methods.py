@@ -199,3 +199,43 @@ def test_gradient_checkpointing_trains_the_same(tiny, tmp_path, monkeypatch):
         assert abs(plain[step] - checkpointed[step]) < 1e-5 * abs(plain[step]), (step, plain, checkpointed)
     with pytest.raises(ConfigError, match="prefix.*turn activation checkpointing off"):
         losses(True, "prefix")
+
+
+def _tensorboard_scalars(log_dir) -> dict[str, list[float]]:
+    """Scalar values by tag from the TFRecord event files under log_dir (length, crc, Event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[float]] = {}
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, []).append(v.simple_value)
+    return scalars
+
+
+def test_tensorboard_logger(tiny, tmp_path):
+    """logger=tensorboard: the run's losses reach TensorBoard event files in <output_dir>/logs, with the values
+    the run's own loss history holds."""
+    from mol.train.app import run
+    from mol.train.callbacks import read_loss_history
+
+    out = tmp_path / "run"
+    cfg = compose(["method=mol", "logger=tensorboard", "model=hf_causal", f"model.path={tiny['llama']}",
+                   "data=jsonl", f"data.train={tiny['causal']['train']}", f"data.val={tiny['causal']['val']}",
+                   "data.batch_size=8", "data.max_length=32", f"data.cache_dir={tmp_path / 'cache'}",
+                   "trainer.max_epochs=1", f"output_dir={out}", *quiet_trainer_overrides()])
+    run(cfg)
+    scalars = _tensorboard_scalars(out / "logs")
+    losses = read_loss_history(str(out / "train_loss.jsonl"))
+    assert "train/loss" in scalars and "val/loss" in scalars, sorted(scalars)
+    assert len(scalars["train/loss"]) == len(scalars["train/aux_loss"]) == len(losses) > 1
+    # the history holds the optimised loss: the task's (train/loss) plus the router losses (train/aux_loss)
+    for task, aux, want in zip(scalars["train/loss"], scalars["train/aux_loss"], [losses[s] for s in sorted(losses)]):
+        assert abs(task + aux - want) < 1e-4 * abs(want)
+    assert not (out / "logs" / "metrics.csv").exists()

@@ -4,12 +4,13 @@ With no overrides it fine-tunes sentence-transformers' all-MiniLM-L6-v2 (package
 with MoL (8 experts, top-2) on a fortune-cookie topic classification set shipped in ``data/fortunes``,
 trains the classifier head alone on the frozen base as a baseline, and prints both held-out accuracies.
 
-Config groups live in ``conf/``: model, method, router, data, trainer, experiment. Everything is local:
+Config groups live in ``conf/``: model, method, router, data, trainer, logger, experiment. Everything is local:
 the hub is never contacted (``HF_HUB_OFFLINE=1``).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -24,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 CONFIG_NAME = "config"
-GROUPS = ("model", "method", "router", "data", "trainer", "experiment")
+GROUPS = ("model", "method", "router", "data", "trainer", "logger", "experiment")
 
 
 class ConfigError(ValueError):
@@ -187,10 +188,35 @@ def freeze_except(model: Any, names: list[str]) -> None:
         raise ConfigError(f"model.modules_to_save={names} matches no module; the baseline needs a trainable head")
 
 
+def build_logger(cfg: DictConfig, out: Path, name: str = "logs") -> Any:
+    """The ``logger`` group's Lightning logger, writing under ``out``: CSV and TensorBoard into ``out/name``
+    (no version subfolder: a resumed run appends to its own logs), others (W&B) with ``save_dir=out``. A key the
+    config sets wins over these defaults. Constructing a logger checks its package but writes nothing yet."""
+    from hydra.utils import get_class, instantiate
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    conf = cfg.get("logger") or {"_target_": "lightning.pytorch.loggers.CSVLogger"}
+    target = conf.get("_target_")
+    try:
+        cls = get_class(str(target))
+    except Exception as e:
+        raise ConfigError(f"logger: cannot import {target!r} ({_one_line(e)}); choose logger=csv, tensorboard or wandb, "
+                          "or a Lightning logger class") from e
+    defaults: dict[str, Any] = {"save_dir": str(out)}
+    if issubclass(cls, (CSVLogger, TensorBoardLogger)):
+        defaults.update(name=name, version="")
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in defaults.items() if k not in conf and k in params}
+    try:
+        return instantiate(conf, **kwargs)
+    except Exception as e:  # a missing package (tensorboard, wandb) or a bad option
+        cause = e.__cause__ or e
+        raise ConfigError(f"cannot build logger {cls.__name__}: {_one_line(cause)}") from e
+
+
 def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str, max_epochs: Optional[int] = None) -> Any:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
-    from lightning.pytorch.loggers import CSVLogger
 
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in ("ckpt_every_n_steps", "autograd_multithreading"):  # ours, not Lightning's
@@ -201,7 +227,7 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str,
         kw["max_epochs"] = max_epochs
     if not any(type(c).__name__ == "ModelCheckpoint" for c in callbacks):
         kw["enable_checkpointing"] = False  # the baseline is not resumable and needs no checkpoint
-    return pl.Trainer(default_root_dir=str(out), logger=CSVLogger(str(out), name=logger_name, version=""),
+    return pl.Trainer(default_root_dir=str(out), logger=build_logger(cfg, out, logger_name),
                       callbacks=callbacks, use_distributed_sampler=False, enable_model_summary=False, **kw)
 
 
@@ -317,6 +343,7 @@ def prepare(cfg: DictConfig) -> tuple[Any, Any]:
     """Validate everything cheap before training: method config, model folder, data files and labels."""
     register_resolvers()
     method_cfg = build_method_config(cfg)
+    build_logger(cfg, Path("."))  # a missing logger package fails here, not after the baseline's fit (writes nothing)
     tokenizer = _tokenizer_only(cfg.model)
     datamodule = build_datamodule(cfg, tokenizer)
     datamodule.scan()

@@ -122,7 +122,8 @@ class RoutingHeatmap(pl.Callback):
 
 
 class LossHistory(pl.Callback):
-    """Appends ``{"step", "loss", "aux"}`` to ``<out>/train_loss.jsonl`` after every optimiser step (rank 0).
+    """Appends ``{"step", "loss"}`` to ``<out>/train_loss.jsonl`` after every optimiser step (rank 0): the loss
+    optimised, the task's plus the router losses, averaged over the step's accumulated batches.
 
     Flushed line by line, so a run killed with SIGKILL still leaves every step it finished.
     """
