@@ -47,21 +47,22 @@ for dt in ("bf16", "fp16"):
     comp(rl._router_parts_kernel, {"a_ptr": f"*{dt}", "wr_ptr": "*fp32", "out_ptr": f"*{dt}", "stats_ptr": "*fp32", "R": "i32", "E": "i32",
                                    "N_IN": "i32", "c": "fp32", "NPARTS": "constexpr", "EP": "constexpr", "BLOCK": "constexpr"},
          {"NPARTS": rl.ROUTER_PARTS, "EP": 16, "BLOCK": 1024})
-sig = {"hl_ptr": "*fp32", "noise_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "u_ptr": "*bf16", "stats_ptr": "*fp32", "aux_ptr": "*fp32",
+sig = {"hl_ptr": "*fp32", "noise_ptr": "*fp32", "w_ptr": "*fp32", "n_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "u_ptr": "*bf16", "stats_ptr": "*fp32", "aux_ptr": "*fp32",
        "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "R": "i32", "E": "i32", "LD": "i32", "part_scale": "fp32",
        "RANK": "constexpr", "K": "constexpr", "KIND": "constexpr", "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "HAS_NOISE": "constexpr",
-       "SELECT": "constexpr", "NPARTS": "constexpr"}
+       "HAS_W": "constexpr", "SELECT": "constexpr", "NPARTS": "constexpr"}
 for (kind, K), select in itertools.product(((0, 2), (1, 1), (2, 8)), (False, True)):
-    # NPARTS: the router's scores as one sum (Triton shrink) or as the one-GEMM shrink's parts
+    # NPARTS: the router's scores as one sum (Triton shrink) or as the one-GEMM shrink's parts; HAS_W: padding
+    # left out of the router losses, as a padded batch of an HF model gives it
     comp(rl._gate_fwd_kernel, sig, {"RANK": 16, "K": K, "KIND": kind, "EP": 16, "BT": 32, "BR": 128, "HAS_NOISE": kind == 0, "SELECT": select,
-                                    "NPARTS": rl.ROUTER_PARTS if select == (kind == 0) else 1})
-sig = {"du_ptr": "*fp32", "hl_ptr": "*fp32", "noise_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "stats_ptr": "*fp32", "daux_ptr": "*fp32", "dhl_ptr": "*bf16",
+                                    "NPARTS": rl.ROUTER_PARTS if select == (kind == 0) else 1, "HAS_W": select})
+sig = {"du_ptr": "*fp32", "hl_ptr": "*fp32", "noise_ptr": "*fp32", "w_ptr": "*fp32", "n_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "stats_ptr": "*fp32", "daux_ptr": "*fp32", "dhl_ptr": "*bf16",
        "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "R": "i32", "E": "i32", "LD": "i32", "SDT": "i32", "SDC": "i32",
        "RANK": "constexpr", "K": "constexpr", "KIND": "constexpr", "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "HAS_NOISE": "constexpr", "HAS_AUX": "constexpr",
-       "SELECT": "constexpr"}
+       "HAS_W": "constexpr", "SELECT": "constexpr"}
 for (kind, K), select in itertools.product(((0, 2), (1, 1), (2, 8)), (False, True)):
     comp(rl._gate_bwd_kernel, sig, {"RANK": 16, "K": K, "KIND": kind, "EP": 16, "BT": 32, "BR": 128, "HAS_NOISE": False, "HAS_AUX": True,
-                                    "SELECT": select})
+                                    "SELECT": select, "HAS_W": select})
 comp(rl._aux_kernel, {"stats_ptr": "*fp32", "aux_ptr": "*fp32", "E": "i32", "c_lb": "fp32", "c_z": "fp32", "EP": "constexpr"}, {"EP": 16})
 
 # the small-T (decode) forward: shrink producers, one routing program and the GEMV + experts consumers, one launch

@@ -1,7 +1,7 @@
 """GPU correctness of the fused routed-layer path (mol.kernels.routed_lora) at real sizes against float64.
 
     python benchmarks/gpu_check_routed.py [--small-t | --quick] [--router tf32x2] [--gate-columns select]
-                                          [--shrink triton] [--base triton] [--fused on]
+                                          [--shrink triton] [--base triton] [--fused on] [--padding]
 
 Router + experts + auxiliary losses: output, aux loss and the gradients of x, x_lora (dropout mode), base_out,
 lora_A, lora_B (contiguous, and in MoLLinear's expert-interleaved layout) and the router weight, against
@@ -15,6 +15,8 @@ and 1.2e-5 at 11008, tf32x3 ~4e-7), where Wr rounded to bf16 would be ~1e-3 off.
 `--fused on` runs the routing chain inside the base GEMMs (mol.kernels.routed_gemm) wherever it can (16-byte aligned
 rows: the 4096 -> 11008 cases, whose modes then alternate between the two that own the base GEMM, weight and
 weight_fn) and prints how many passes it ran.
+`--padding` marks about 30% of the tokens as padding (token_weights = 0): the router losses, their gradients and the
+statistics then count the real tokens only (the reference computes them on those rows alone).
 Exit code 1 on any failure.
 """
 import os
@@ -35,7 +37,7 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen):
+def check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen, pad=False):
     dev = "cuda"
     f64 = dict(device=dev, dtype=torch.float64)
     x = torch.randn(T, n_in, generator=gen, **f64).to(dtype).double()
@@ -47,6 +49,7 @@ def check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen):
     Wr = (torch.randn(E, n_in, generator=gen, **f64) / n_in**0.5).float().double()
     w_y = torch.randn(T, n_out, generator=gen, **f64).to(dtype).double()
     scale, lb, zc = 2.0, 0.01, 0.001
+    real = (torch.rand(T, generator=gen, device=dev) < 0.7) if pad else None
     leaves = {"x": x, "A": A, "B": B, "Wr": Wr}
     if x_lora is not None:
         leaves["x_lora"] = x_lora
@@ -55,7 +58,7 @@ def check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen):
     ref = {k: v.clone().requires_grad_() for k, v in leaves.items()}
     y_ref, aux_ref, ids_ref = routed_layer_float64(
         ref["x"], ref.get("x_lora", ref["x"]), None if base_out is not None else W, None, ref.get("base_out"),
-        ref["A"], ref["B"], ref["Wr"], None, kind, K, scale, lb, zc)
+        ref["A"], ref["B"], ref["Wr"], None, kind, K, scale, lb, zc, real)
     ((y_ref * w_y).sum() + 1e3 * aux_ref).backward()
     got = {k: (v.float() if k == "Wr" else v.to(dtype)).clone().requires_grad_() for k, v in leaves.items()}
     if mode in ("weight", "dropout"):  # lora_B in MoLLinear's expert-interleaved layout (B_cat and dB are views)
@@ -65,11 +68,11 @@ def check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen):
         got["x"], got["A"], got["B"], got["Wr"], kind, K, scale,
         weight=W.to(dtype) if mode in ("weight", "dropout") else None,
         weight_fn=(lambda dt: W.to(dt)) if mode == "weight_fn" else None, base_out=got.get("base_out"),
-        x_lora=got.get("x_lora"), lb_coef=lb, z_coef=zc)
+        x_lora=got.get("x_lora"), lb_coef=lb, z_coef=zc, token_weights=None if real is None else real.float())
     ((y.double() * w_y).sum() + 1e3 * aux.double()).backward()
     gl.POISON = False
     torch.cuda.synchronize()
-    errs = {"y": rel(y, y_ref), "aux": rel(aux, aux_ref)}
+    errs = {"y": rel(y, y_ref), "aux": rel(aux, aux_ref) if aux_ref.abs() > 0 else aux.abs().item()}
     errs.update({f"d{k}": rel(got[k].grad, ref[k].grad) for k in leaves})
     mism = int((ids != ids_ref).any(-1).sum())
     logits_ref = x @ Wr.t()
@@ -95,6 +98,8 @@ def main():
                     help="the base GEMM with the experts' product as extra K: Triton, cuBLAS or the faster (auto)")
     ap.add_argument("--fused", choices=list(rg._CHOICES), default=None,
                     help="the routing chain inside the base GEMMs (mol.kernels.routed_gemm.FUSED)")
+    ap.add_argument("--padding", action="store_true",
+                    help="~30%% of the tokens are padding (token_weights): losses and statistics of the real ones")
     args = ap.parse_args()
     if args.fused:
         rg.FUSED = args.fused
@@ -133,7 +138,8 @@ def main():
             print(f"small-T kernel, {name}:", flush=True)
         t_values = (1, 7, 16) if args.small_t else (7, 4097) if args.quick else (1, 7, 16, 4097)
         n, fails, worst, worst_logit = run_cases(t_values, gen,
-                                                 (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float32))
+                                                 (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float32),
+                                                 args.padding)
         print(f"fused routed layer: {n - fails}/{n} cases pass; worst relative error among cases with identical "
               f"routing: bf16 {worst[torch.bfloat16]:.2e}, fp32 {worst[torch.float32]:.2e}; worst router logit "
               f"error {worst_logit:.1e} of the largest ({time.time() - t_start:.0f} s); fused routed GEMM passes: "
@@ -142,7 +148,7 @@ def main():
             sys.exit(1)
 
 
-def run_cases(t_values, gen, dtypes):
+def run_cases(t_values, gen, dtypes, pad=False):
     routes = [(8, 2, "topk"), (64, 4, "topk"), (2, 2, "topk"), (8, 1, "switch"), (4, 4, "soft")]
     modes = ["weight", "base_out", "dropout", "weight_fn"]
     fails = n = 0
@@ -159,7 +165,7 @@ def run_cases(t_values, gen, dtypes):
                         mode = ("weight", "weight_fn")[i % 2]  # the modes whose base GEMM the layer runs
                     i += 1
                     r = 8 if E == 64 else 16
-                    errs, mism, logit_err = check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen)
+                    errs, mism, logit_err = check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen, pad)
                     bad = {k: v for k, v in errs.items() if not v < tol}
                     worst_logit = max(worst_logit, logit_err)
                     if not logit_err < 5e-5:

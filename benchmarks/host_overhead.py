@@ -29,12 +29,12 @@ def measure(repo: str) -> str:
         return (torch.empty(x.shape[0], a_cat.shape[0] + router_w.shape[0]), torch.empty(2 * router_w.shape[0] + 2),
                 torch.empty(a_cat.shape[0] + router_w.shape[0], x.shape[1]))
 
-    def gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, dtype, lb, z):
+    def gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, dtype, lb, z, *token_weights):
         t = hl.shape[0]
         return (torch.zeros(t, top_k), torch.zeros(t, top_k, dtype=torch.int64), torch.empty(t, r_tot, dtype=dtype),
                 torch.zeros(()))
 
-    def gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb, z, dtype):
+    def gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb, z, dtype, *token_weights):
         return torch.empty(hl.shape, dtype=dtype)
 
     def du(dy, lora_B):  # the CUDA branch: cuBLAS on B_cat^T

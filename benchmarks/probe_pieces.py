@@ -167,14 +167,14 @@ def gate_rows(row, case, hl, R, E, K, r, T, dt):
         tag_b = tag + (" (the layer's)" if (bt, bc, w, sel) == (btb, brb, wb0, sel0) else "")
 
         def fwd(bt=bt, bc=bc, w=w, sel=sel):
-            rl._gate_fwd_kernel[(gl._cdiv(T, bt),)](hl, hl, gates, ids, u, stats, aux, 2.0, c_lb, c_z, T, R, E,
-                                                    hl.shape[1], 1.0, RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=bc,
-                                                    HAS_NOISE=False, SELECT=sel, NPARTS=1, num_warps=w)
+            rl._gate_fwd_kernel[(gl._cdiv(T, bt),)](hl, hl, hl, hl, gates, ids, u, stats, aux, 2.0, c_lb, c_z, T, R,
+                                                    E, hl.shape[1], 1.0, RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=bc,
+                                                    HAS_NOISE=False, HAS_W=False, SELECT=sel, NPARTS=1, num_warps=w)
 
         def bwd(bt=bt, bc=bc, w=w, sel=sel):
-            rl._gate_bwd_kernel[(gl._cdiv(T, bt),)](du, hl, hl, gates, ids, stats, daux, dhl, 2.0, c_lb, 2.0 * c_z,
-                                                    T, R, E, hl.shape[1], dhl.stride(0), dhl.stride(1), RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=bc,
-                                                    HAS_NOISE=False, HAS_AUX=True, SELECT=sel, num_warps=w)
+            rl._gate_bwd_kernel[(gl._cdiv(T, bt),)](du, hl, hl, hl, hl, gates, ids, stats, daux, dhl, 2.0, c_lb,
+                                                    2.0 * c_z, T, R, E, hl.shape[1], dhl.stride(0), dhl.stride(1), RANK=r, K=K, KIND=0, EP=ep, BT=bt, BR=bc,
+                                                    HAS_NOISE=False, HAS_AUX=True, HAS_W=False, SELECT=sel, num_warps=w)
         try:
             row("gate fwd", tag_f, us(fwd), gb_f)
             row("gate bwd", tag_b, us(bwd), gb_b)

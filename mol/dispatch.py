@@ -121,7 +121,7 @@ def fused_routing_available(router: torch.nn.Module, backend: str, x: Tensor) ->
 
 def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                      router: torch.nn.Module, scale: float, lb_coef: float, z_coef: float,
-                     graphs: LayerGraphs | None = None):
+                     graphs: LayerGraphs | None = None, token_weights: Tensor | None = None):
     """base_layer(x) + routed experts, router and auxiliary losses in one fused Triton pass (see
     mol.kernels.routed_lora). x: (T, in); x_lora: the experts' input when it differs from x (dropout).
     Returns (out (T, out), FusedRouterOutput).
@@ -130,6 +130,7 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
     dtype, or an NF4Linear (dequantized on the fly), is computed inside the fused function: the base GEMMs
     accumulate into the adapters' output and dx buffers. Any other base runs first and its output is added to.
     ``graphs``: the layer's mol.kernels.layer_graphs.LayerGraphs (small training calls replay CUDA graphs).
+    ``token_weights`` (T,): 0 for padding, which the router losses and statistics then leave out.
     """
     from mol.kernels.routed_lora import routed_lora_linear
     from mol.routers import FusedRouterOutput
@@ -161,8 +162,8 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
             weight=weight if use_weight else None, weight_fn=weight_fn,
             bias=None if base_out is not None or bias is None else _as(bias, dt),
             base_out=None if base_out is None else base_out.to(dt), x_lora=None if x_lora is None else _as(x_lora, dt),
-            noise=noise, lb_coef=lb_coef, z_coef=z_coef, graphs=graphs)
-    return y, FusedRouterOutput(gates, ids, hl, lora_A.shape[0], stats, aux, noise)
+            noise=noise, lb_coef=lb_coef, z_coef=z_coef, token_weights=token_weights, graphs=graphs)
+    return y, FusedRouterOutput(gates, ids, hl, lora_A.shape[0], stats, aux, noise, token_weights)
 
 
 def routed_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A: Tensor, lora_B: Tensor,

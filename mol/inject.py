@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MethodConfig, MoLConfig
 from mol.layers import AdapterLayer, MoLLinear
-from mol.routers import SequenceContext
+from mol.routers import RoutingContext
 
 MethodFn = Callable[[nn.Module, MethodConfig], list[str]]
 _METHODS: dict[type, MethodFn] = {}
@@ -151,12 +151,12 @@ def _continues_cache(kw: dict) -> bool:
     return False
 
 
-class _SequenceCallHooks:
-    """Forward hooks on a model that keep its sequence routers' SequenceContext up to date with each call: the
+class _RoutingCallHooks:
+    """Forward hooks on a model that keep its routers' RoutingContext up to date with each call: the
     attention mask the caller passed, and whether the call continues a KV cache. A class with bound methods, not
     closures, so a deep copy of the model gets hooks that update the copy's context."""
 
-    def __init__(self, context: SequenceContext):
+    def __init__(self, context: RoutingContext):
         self.context = context
 
     def before(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -173,16 +173,16 @@ class _SequenceCallHooks:
         self.context.batch_shape, self.context.attention_mask, self.context.continuation = None, None, False
 
 
-def sequence_context(model: nn.Module) -> SequenceContext:
-    """The model's SequenceContext, made and hooked to its forward on first use."""
-    context = getattr(model, "mol_sequence_context", None)
+def routing_context(model: nn.Module) -> RoutingContext:
+    """The model's RoutingContext, made and hooked to its forward on first use."""
+    context = getattr(model, "mol_routing_context", None)
     if context is None:
-        context = SequenceContext()
-        hooks = _SequenceCallHooks(context)
+        context = RoutingContext()
+        hooks = _RoutingCallHooks(context)
         # first among pre-hooks: the caller's own mask and cache, before prefix / prompt tuning extend them
         model.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True)
         model.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
-        model.mol_sequence_context = context
+        model.mol_routing_context = context
     return context
 
 
@@ -190,8 +190,9 @@ def sequence_context(model: nn.Module) -> SequenceContext:
 def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
     _quantize_base(model, config)
     trainable = []
-    # sequence routers pool real tokens only and keep their choice through cached decoding: they read the call
-    context = sequence_context(model) if config.router == "sequence" and config.num_experts > 1 else None
+    # routers read the call: its padding (left out of the losses and statistics, and of a sequence router's pool)
+    # and, for a sequence router, its token shape and whether it continues a KV cache (RoutingContext)
+    context = routing_context(model) if config.num_experts > 1 else None
     for name in match_modules(model, config.target_modules, exclude=config.modules_to_save):
         layer = MoLLinear(
             model.get_submodule(name), num_experts=config.num_experts, top_k=config.top_k, rank=config.rank,

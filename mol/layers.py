@@ -217,9 +217,11 @@ class MoLLinear(AdapterLayer):
         flat_x_lora = flat_x if x_lora is x else x_lora.reshape(-1, self.in_features)
         if dispatch.fused_routing_available(self.router, self.backend, flat_x):
             # Triton: router, experts and auxiliary losses in one fused function (few launches, one pass over x)
+            context = self.router.context
             out, routed = dispatch.fused_mol_linear(
                 self.base_layer, flat_x, None if flat_x_lora is flat_x else flat_x_lora, self.lora_A, self.lora_B,
-                self.router, self.scaling, self.aux_loss_coef, self.z_loss_coef, graphs=self._graphs)
+                self.router, self.scaling, self.aux_loss_coef, self.z_loss_coef, graphs=self._graphs,
+                token_weights=None if context is None else context.token_weights(x))
         else:
             routed = self.router(x)
             out = dispatch.routed_linear(self.base_layer, flat_x, flat_x_lora, self.lora_A, self.lora_B,

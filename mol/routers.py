@@ -32,30 +32,42 @@ class RouterOutput:
     logits: Tensor  # (N, E) float32; N = tokens, or sequences for the sequence router
     probs: Tensor  # (N, E) softmax of logits
     chosen: Tensor  # (N, K) expert ids per scored row (before repeating over a sequence)
+    # (N,) float32 or None: each row's weight in the losses and stats, 1 for a real token and 0 for padding
+    token_weights: Tensor | None = None
+
+    def _weighted(self, per_row: Tensor) -> Tensor:
+        """per_row (N, ...) summed over the rows, each times its weight."""
+        w = self.token_weights
+        return per_row.sum(dim=0) if w is None else (per_row * w.reshape(-1, *[1] * (per_row.dim() - 1))).sum(dim=0)
+
+    def _rows(self) -> Tensor | int:
+        # max(rows, 1), and pair fractions over max(pairs, 1): an empty batch (no rows, or padding only) gives zero
+        # losses, as the fused kernels do, not NaN that would reach every gradient through the training loss
+        w = self.token_weights
+        return max(self.probs.shape[0], 1) if w is None else w.sum().clamp_min(1)
 
     @property
     def counts(self) -> Tensor:
         """(E,) float32: routed (row, expert) pairs per expert; a scatter-add, so no host sync."""
         counts = torch.zeros(self.probs.shape[-1], device=self.probs.device, dtype=torch.float32)
-        return counts.scatter_add(0, self.chosen.reshape(-1), torch.ones_like(self.chosen, dtype=torch.float32).reshape(-1))
+        ones = torch.ones_like(self.chosen, dtype=torch.float32)
+        if self.token_weights is not None:
+            ones = ones * self.token_weights[:, None]
+        return counts.scatter_add(0, self.chosen.reshape(-1), ones.reshape(-1))
 
-    # The means below divide by max(rows, 1) and the pair fractions by max(pairs, 1): an empty batch (no rows) gives
-    # zero losses, as the fused kernels do, not NaN that would reach every gradient through the training loss.
     @property
     def load_balance_loss(self) -> Tensor:
         counts = self.counts
-        rows = max(self.probs.shape[0], 1)
-        return self.probs.shape[-1] * (counts / counts.sum().clamp_min(1) * self.probs.sum(dim=0) / rows).sum()
+        return self.probs.shape[-1] * (counts / counts.sum().clamp_min(1) * self._weighted(self.probs) / self._rows()).sum()
 
     @property
     def z_loss(self) -> Tensor:
-        return torch.logsumexp(self.logits, dim=-1).square().sum() / max(self.logits.shape[0], 1)
+        return self._weighted(torch.logsumexp(self.logits, dim=-1).square()) / self._rows()
 
     @property
     def entropy(self) -> Tensor:
         """Mean entropy (nats) of the router distribution."""
-        ent = -(self.probs * torch.log(self.probs.clamp_min(1e-20))).sum(dim=-1)
-        return ent.sum() / max(ent.shape[0], 1)
+        return self._weighted(-(self.probs * torch.log(self.probs.clamp_min(1e-20))).sum(dim=-1)) / self._rows()
 
 
 class FusedRouterOutput(RouterOutput):
@@ -65,11 +77,11 @@ class FusedRouterOutput(RouterOutput):
     form by the backward kernel). ``probs`` is computed from the logits only if something asks for it."""
 
     def __init__(self, gates: Tensor, expert_ids: Tensor, hl: Tensor, num_experts: int, stats: Tensor, aux: Tensor,
-                 noise: Tensor | None = None):
+                 noise: Tensor | None = None, token_weights: Tensor | None = None):
         # hl = [expert shrink | router logits] (T, R+E) as the kernels wrote it; the logits are cut out (and the
         # noise added) only when asked for: a forward that never looks pays no slice or add
         self.gates, self.expert_ids, self.chosen = gates, expert_ids, expert_ids
-        self.stats, self.aux = stats, aux
+        self.stats, self.aux, self.token_weights = stats, aux, token_weights
         self._hl, self._num_experts, self._noise = hl, num_experts, noise
 
     @property
@@ -85,15 +97,20 @@ class FusedRouterOutput(RouterOutput):
     def counts(self) -> Tensor:
         return self.stats[: self._num_experts]
 
+    # the kernels' statistics are already weighted (token_weights)
+    def _rows(self) -> Tensor | int:
+        w = self.token_weights
+        return max(self._hl.shape[0], 1) if w is None else w.sum().clamp_min(1)
+
     @property
     def load_balance_loss(self) -> Tensor:
-        rows, num_experts = self._hl.shape[0], self._num_experts
+        num_experts = self._num_experts
         counts, prob_sums = self.stats[:num_experts], self.stats[num_experts: 2 * num_experts]
-        return num_experts * (counts / counts.sum().clamp_min(1) * prob_sums / max(rows, 1)).sum()
+        return num_experts * (counts / counts.sum().clamp_min(1) * prob_sums / self._rows()).sum()
 
     @property
     def z_loss(self) -> Tensor:
-        return self.stats[2 * self._num_experts] / max(self._hl.shape[0], 1)
+        return self.stats[2 * self._num_experts] / self._rows()
 
 
 class _MeanPool(torch.autograd.Function):
@@ -126,26 +143,40 @@ class _MeanPool(torch.autograd.Function):
         return (grad / counts).to(ctx.dtype)[:, None, :] * weights[:, :, None], None
 
 
-class SequenceContext:
-    """What the sequence routers of one model read about the call in progress. ``mol.inject`` makes one per model
-    and sets it from hooks on the model's forward; a MoLLinear used on its own can be given one
-    (``layer.router.context = ctx``) and the caller sets its fields.
+class RoutingContext:
+    """What the routers of one model read about the call in progress. ``mol.inject`` makes one per model and sets
+    it from hooks on the model's forward; a MoLLinear used on its own can be given one (``layer.router.context =
+    ctx``) and the caller sets its fields.
 
-    - ``batch_shape`` (batch, positions) of the call's tokens: a 2-D input (N, in) is read with it, as
-      batch * positions flattened tokens when N is their product, and as one vector per sequence (a pooler, a
-      classification head) when N is the batch; else, and without a context, (N, in) is one sequence of N tokens.
-    - ``attention_mask`` (batch, positions), 1 for a real token and 0 for padding: where it has the shape of a
-      layer's (batch, sequence) input, that layer's routers pool only the real tokens, so a sequence routes the
-      same alone and padded into a batch. (Other shapes, e.g. a vision tower's, pool every position.)
-    - ``continuation``: the call continues sequences from a KV cache (generation's decode steps). Each router then
-      reuses the choice it made for those sequences in the call that started them (the prompt), so every position
-      of a sequence, cached or new, went through the same experts: one choice per sequence.
+    - ``attention_mask`` (batch, positions), 1 for a real token and 0 for padding, where it covers a layer's
+      input: as (batch, positions, in), or flattened to (batch * positions, in). Token routers then leave padding
+      out of their losses and statistics (every token is still routed: its output is the caller's to ignore), as
+      Hugging Face's MoE models do, so the losses are those of the batch's real tokens; sequence routers pool
+      only the real tokens, so a sequence routes the same alone and padded into a batch. (An input it does not
+      cover, e.g. a vision tower's, counts every position.)
+    - ``batch_shape`` (batch, positions) of the call's tokens: a 2-D input (N, in) to a sequence router is read
+      with it, as batch * positions flattened tokens when N is their product, and as one vector per sequence (a
+      pooler, a classification head) when N is the batch; else, and without a context, (N, in) is one sequence.
+    - ``continuation``: the call continues sequences from a KV cache (generation's decode steps). Each sequence
+      router then reuses the choice it made for those sequences in the call that started them (the prompt), so
+      every position of a sequence, cached or new, went through the same experts: one choice per sequence.
     """
 
     def __init__(self) -> None:
         self.batch_shape: tuple[int, int] | None = None
         self.attention_mask: Tensor | None = None
         self.continuation = False
+
+    def token_weights(self, x: Tensor) -> Tensor | None:
+        """(prod(x.shape[:-1]),) float32: 1 for x's real tokens, 0 for padding; None where the mask does not
+        cover x (no mask, another shape)."""
+        mask = self.attention_mask
+        if mask is None or x.dim() < 2:
+            return None
+        if tuple(x.shape[:-1]) == tuple(mask.shape) or (x.dim() == 2 and x.shape[0] == mask.numel()
+                                                          and self.batch_shape == tuple(mask.shape)):
+            return mask.reshape(-1).to(torch.float32)
+        return None
 
 
 class Router(nn.Module):
@@ -173,7 +204,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, in_features))
         # Small logits at start: the first steps route nearly uniformly instead of locking in a random winner.
         nn.init.normal_(self.weight, std=0.02)
-        self.context: SequenceContext | None = None  # the sequence router's view of the model call (mol.inject)
+        self.context: RoutingContext | None = None  # the router's view of the model call (mol.inject)
         self._kept: RouterOutput | None = None  # its per-sequence choice from the call that started the sequences
 
     def extra_repr(self) -> str:
@@ -195,6 +226,7 @@ class Router(nn.Module):
                 logits = F.linear(_MeanPool.apply(seqs, mask).float(), self.weight.float())  # (B, E)
             else:
                 logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)
+                token_weights = None if self.context is None else self.context.token_weights(x)
 
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
@@ -212,10 +244,10 @@ class Router(nn.Module):
             if self.context is not None:  # for the cached calls that continue these sequences
                 self._kept = RouterOutput(gates.detach(), expert_ids, logits.detach(), probs.detach(), chosen)
             return self._per_token(RouterOutput(gates, expert_ids, logits, probs, chosen), seqs.shape[1])
-        return RouterOutput(gates, expert_ids, logits, probs, chosen)
+        return RouterOutput(gates, expert_ids, logits, probs, chosen, token_weights)
 
     def _sequences(self, x: Tensor) -> Tensor:
-        """x as (sequences, positions, in); see SequenceContext for how a 2-D x is read."""
+        """x as (sequences, positions, in); see RoutingContext for how a 2-D x is read."""
         if x.dim() == 1:  # one token: a sequence of one
             return x[None, None]
         shape = None if self.context is None else self.context.batch_shape

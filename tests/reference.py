@@ -3,8 +3,9 @@ without side effects, also by the benchmarks/gpu_check_*.py scripts)."""
 import torch
 
 
-def routed_layer_float64(x, x_lora, W, bias, base_out, A, B, Wr, noise, kind, K, scale, lb, zc):
-    """float64: softmax router, top-k selection, per-(token, k) expert products, Switch load balance, z-loss."""
+def routed_layer_float64(x, x_lora, W, bias, base_out, A, B, Wr, noise, kind, K, scale, lb, zc, real=None):
+    """float64: softmax router, top-k selection, per-(token, k) expert products, Switch load balance, z-loss.
+    ``real`` (T,) bool: the tokens the losses count (the others are padding); None: all."""
     logits = x @ Wr.t()
     if noise is not None:
         logits = logits + noise
@@ -19,7 +20,13 @@ def routed_layer_float64(x, x_lora, W, bias, base_out, A, B, Wr, noise, kind, K,
     d = torch.einsum("tkor,tkr->tko", B[ids], h)
     base = x @ W.t() + (bias if bias is not None else 0) if W is not None else base_out
     y = base + scale * (gates[..., None] * d).sum(1)
-    counts = torch.zeros(E, dtype=x.dtype, device=x.device).scatter_add(0, ids.reshape(-1), torch.ones(ids.numel(), dtype=x.dtype, device=x.device))
+    if real is not None:  # the losses of the real tokens alone, as if the padding were not in the batch
+        ids_l, probs, logits = ids[real], probs[real], logits[real]
+    else:
+        ids_l = ids
+    if ids_l.numel() == 0:
+        return y, (probs.sum() + logits.sum()) * 0.0, ids
+    counts = torch.zeros(E, dtype=x.dtype, device=x.device).scatter_add(0, ids_l.reshape(-1), torch.ones(ids_l.numel(), dtype=x.dtype, device=x.device))
     lb_loss = E * (counts / counts.sum() * probs.mean(0)).sum()
     z_loss = torch.logsumexp(logits, -1).square().mean()
     return y, lb * lb_loss + zc * z_loss, ids

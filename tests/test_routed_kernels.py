@@ -69,8 +69,22 @@ def test_routed_layer_in_low_precision_matches_float64(case, mode, dtype, shrink
     _check_layer(case, mode, dtype)
 
 
-def _check_layer(case, mode, dtype=torch.float32):
-    """The routed layer on data of `dtype` against float64 on the same (rounded) values; Wr stays float32."""
+@pytest.mark.parametrize("mode", ["weight", "base_out"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[4], CASES[5], CASES[6], CASES[7]])
+def test_routed_layer_with_padding_matches_float64(case, mode):
+    # token_weights (0 for padding): the losses and statistics of the real tokens only; outputs unchanged. T <= 16
+    # takes the regular kernels (the one-launch decode kernel weighs every token alike)
+    _check_layer(case, mode, pad=True)
+
+
+def test_routed_layer_of_padding_only():
+    # no real token: zero losses and statistics, finite gradients (the routing gradient is every token's)
+    _check_layer(CASES[2], "weight", pad="all")
+
+
+def _check_layer(case, mode, dtype=torch.float32, pad=False):
+    """The routed layer on data of `dtype` against float64 on the same (rounded) values; Wr stays float32.
+    pad: random tokens (pad="all": every token) are padding, given to the kernels as token_weights = 0."""
     T, n_in, n_out, E, r, K, kind = case
     g = torch.Generator().manual_seed(hash((case, mode)) % 2**31)
     f64 = dict(dtype=torch.float64)
@@ -88,6 +102,11 @@ def _check_layer(case, mode, dtype=torch.float32):
     noise = torch.randn(T, E, generator=g, **f64) if T % 2 else None
     w_y = torch.randn(T, n_out, generator=g, **f64)
     scale, lb, zc = 1.7, 0.3, 0.05
+    real = None
+    if pad:
+        real = torch.zeros(T, dtype=torch.bool) if pad == "all" else torch.rand(T, generator=g) < 0.6
+        if pad != "all":
+            real[0], real[-1] = True, False  # some of each
 
     leaves = {"x": x, "A": A, "B": B, "Wr": Wr}
     if x_lora is not None:
@@ -97,7 +116,7 @@ def _check_layer(case, mode, dtype=torch.float32):
     ref_in = {k: v.clone().requires_grad_() for k, v in leaves.items()}
     y_ref, aux_ref, ids_ref = reference(ref_in["x"], ref_in.get("x_lora", ref_in["x"]), None if mode == "base_out" else W,
                                         bias, ref_in.get("base_out"), ref_in["A"], ref_in["B"], ref_in["Wr"],
-                                        noise, kind, K, scale, lb, zc)
+                                        noise, kind, K, scale, lb, zc, real)
     ((y_ref * w_y).sum() + 3.0 * aux_ref).backward()
 
     k_in = {k: v.to(torch.float32 if k == "Wr" else dtype).clone().requires_grad_() for k, v in leaves.items()}
@@ -113,8 +132,12 @@ def _check_layer(case, mode, dtype=torch.float32):
         weight=W.to(dtype) if mode in ("weight", "dropout") else None,
         weight_fn=weight_fn if mode == "weight_fn" else None, bias=None if bias is None else bias.to(dtype),
         base_out=k_in.get("base_out"), x_lora=k_in.get("x_lora"),
-        noise=None if noise is None else noise.float(), lb_coef=lb, z_coef=zc)
+        noise=None if noise is None else noise.float(), lb_coef=lb, z_coef=zc,
+        token_weights=None if real is None else real.float())
     ((y.float() * w_y.float()).sum() + 3.0 * aux).backward()
+    if real is not None:  # the statistics count the real tokens' (token, expert) pairs only
+        counts = torch.zeros(E).scatter_add(0, ids_ref[real].reshape(-1), torch.ones(ids_ref[real].numel()))
+        assert torch.equal(stats[:E], counts)
 
     tol_y, tol_g = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 1e-2)
     by_gemm = rl.SHRINK == "gemm" and dtype != torch.float32 and x_lora is None and T > rl.SMALL_T_MAX
@@ -122,7 +145,7 @@ def _check_layer(case, mode, dtype=torch.float32):
     assert calls == ([dtype] * 2 if mode == "weight_fn" else [])  # forward, then backward's dx
     assert torch.equal(ids, ids_ref)
     assert rel(y, y_ref) < tol_y
-    assert rel(aux, aux_ref) < 1e-5
+    assert rel(aux, aux_ref) < 1e-5 if pad != "all" else aux.item() == 0.0
     assert rel(hl[:, -E:], ref_in["x"].detach() @ Wr.t()) < 1e-6  # the logits, float32-accurate for any x
     for name in leaves:
         assert rel(k_in[name].grad, ref_in[name].grad) < tol_g, name

@@ -1,7 +1,7 @@
 """The sequence router inside Hugging Face models: one choice per sequence, whatever else is in the batch.
 
 mol.inject hooks the model's forward so the routers see the call's attention mask and token shape
-(mol.routers.SequenceContext). Checked here against the same sequence run alone: padding (right or left) and
+(mol.routers.RoutingContext). Checked here against the same sequence run alone: padding (right or left) and
 the other sequences of a batch change nothing, a pooler's per-sequence vectors are routed one by one, and cached
 generation keeps the choice the prompt made (compared with full forwards routed by that choice).
 """
@@ -120,10 +120,10 @@ def test_a_cache_from_another_batch_is_refused():
 
 def test_flattened_tokens_are_read_as_the_calls_sequences():
     """A layer that sees the batch's tokens flattened to (batch * positions, in) routes them per sequence."""
-    from mol.routers import Router, SequenceContext
+    from mol.routers import Router, RoutingContext
 
     router = Router(16, 4, 2, "sequence")
-    router.context = SequenceContext()
+    router.context = RoutingContext()
     x = torch.randn(3, 5, 16)
     router.context.batch_shape = (3, 5)
     flat, nested = router(x.reshape(15, 16)), router(x)

@@ -36,8 +36,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-# routed_lora_linear's tensor inputs are (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise);
-_PER_CALL = (0, 1, 4, 8)  # the activations among them: new every call, copied into static buffers
+# routed_lora_linear's tensor inputs are (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise,
+# token_weights);
+_PER_CALL = (0, 1, 4, 8, 9)  # the activations among them: new every call, copied into static buffers
 MAX_SIGNATURES = 4
 
 
@@ -139,10 +140,10 @@ class _Captured:
         n_out = args[6].shape[1]
         self.static_dy = torch.zeros(x.shape[0], n_out, device=x.device, dtype=x.dtype)
         self.static_daux = torch.zeros((), device=x.device, dtype=torch.float32)
-        (sx, sxl, sw, sb, sbo, sa, sbb, swr, sn) = self.static_in
+        (sx, sxl, sw, sb, sbo, sa, sbb, swr, sn, stw) = self.static_in
 
         def forward():
-            return _routed_forward_saved(sx, sxl, sw, weight_fn, sb, sbo, sa, sbb, swr, sn, meta, need[0])
+            return _routed_forward_saved(sx, sxl, sw, weight_fn, sb, sbo, sa, sbb, swr, sn, stw, meta, need[0])
 
         def backward(saved):
             return _routed_backward(self.static_dy, self.static_daux, saved, need, weight_fn, meta)
@@ -207,7 +208,7 @@ class _GraphedRoutedFn(torch.autograd.Function):
         dx, dx_lora, d_base, dA, dB, dWr = cap.static_grads
         dx, dx_lora, dA, dB, dWr = (None if g is None else g.clone() for g in (dx, dx_lora, dA, dB, dWr))
         # base_out's gradient is dy itself (the graph's is the static copy of it): no clone needed
-        return None, dx, dx_lora, None, None, dy if d_base is not None else None, dA, dB, dWr, None
+        return None, dx, dx_lora, None, None, dy if d_base is not None else None, dA, dB, dWr, None, None
 
 
 class LayerGraphs:

@@ -83,13 +83,15 @@ def _side_work(j, a_desc, s_desc, side_ptr, u_ptr, sync_ptr, hl_ptr, noise_ptr, 
         for g0 in tl.range(0, BM, GBT):
             offs_t = m * BM + g0 + tl.arange(0, GBT)
             if BACKWARD:
-                rl._gate_bwd_rows(offs_t, side_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, aux_ptr,
-                                  u_ptr, scale, c_lb, c_z, M, R, E, LD_HL, SU_T, SU_C, RANK, TOPK, KIND, EP, GBT,
-                                  BR, HAS_NOISE, HAS_AUX, SELECT, True)
+                # (token weights: the fused path is not taken with them, HAS_W=False)
+                rl._gate_bwd_rows(offs_t, side_ptr, hl_ptr, noise_ptr, noise_ptr, noise_ptr, gates_ptr, ids_ptr,
+                                  stats_ptr, aux_ptr, u_ptr, scale, c_lb, c_z, M, R, E, LD_HL, SU_T, SU_C, RANK, TOPK,
+                                  KIND, EP, GBT, BR, HAS_NOISE, HAS_AUX, False, SELECT, True)
             else:
-                rl._gate_fwd_rows(offs_t, side_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr,
-                                  scale, c_lb, c_z, M, R, E, LD_SIDE, part_scale, tl.cdiv(M, BM) * (BM // GBT),
-                                  RANK, TOPK, KIND, EP, GBT, BR, HAS_NOISE, SELECT, NPARTS, True)
+                rl._gate_fwd_rows(offs_t, side_ptr, noise_ptr, noise_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr,
+                                  stats_ptr, aux_ptr, scale, c_lb, c_z, M, R, E, LD_SIDE, part_scale,
+                                  tl.cdiv(M, BM) * (BM // GBT), RANK, TOPK, KIND, EP, GBT, BR, HAS_NOISE, False,
+                                  SELECT, NPARTS, True)
         tl.debug_barrier()  # the whole block's u is stored before the flag publishes it
         tl.store(sync_ptr + 2 + 3 * m, 0)
         tl.atomic_xchg(sync_ptr + 3 + 3 * m, 1, sem="release")

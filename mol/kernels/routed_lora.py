@@ -29,6 +29,8 @@ bf16 model's router gradient differs from the reference path by bf16 rounding.
 Auxiliary losses, as mol.routers defines them: LB = E * sum_e f_e * P_e with f_e = counts_e / (T*K) and
 P_e = mean_t p_te; Z = mean_t logsumexp(logits_t)^2. Their gradient w.r.t. the logits is
     dLB/dlogits_t = (E/T) * p_t * (f - <f, p_t>),   dZ/dlogits_t = (2/T) * lse_t * p_t.
+With token weights w (0 for padding) every sum over t is weighted by w_t and T becomes n = sum_t w_t, a device
+scalar the gate kernels read (the host cannot know it without a sync).
 """
 from __future__ import annotations
 
@@ -308,21 +310,31 @@ def _aux_value(counts, prob_sums, lse_sq_sum, mask_e, c_lb, c_z):
 
 
 @triton.jit
-def _gate_fwd_kernel(hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb, c_z, T, R, E,
-                     LD, part_scale, RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
-                     BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr, SELECT: tl.constexpr,
-                     NPARTS: tl.constexpr):
+def _gate_fwd_kernel(hl_ptr, noise_ptr, w_ptr, n_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb,
+                     c_z, T, R, E, LD, part_scale, RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr,
+                     EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr,
+                     HAS_W: tl.constexpr, SELECT: tl.constexpr, NPARTS: tl.constexpr):
     """Routing decision and gated shrink output for BT tokens (_gate_fwd_rows), one program per row block."""
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    _gate_fwd_rows(offs_t, hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb, c_z, T, R,
-                   E, LD, part_scale, tl.num_programs(0), RANK, K, KIND, EP, BT, BR, HAS_NOISE, SELECT, NPARTS)
+    _gate_fwd_rows(offs_t, hl_ptr, noise_ptr, w_ptr, n_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale,
+                   c_lb, c_z, T, R, E, LD, part_scale, tl.num_programs(0), RANK, K, KIND, EP, BT, BR, HAS_NOISE,
+                   HAS_W, SELECT, NPARTS)
 
 
 @triton.jit
-def _gate_fwd_rows(offs_t, hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale, c_lb, c_z, T,
-                   R, E, LD, part_scale, n_blocks, RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr,
-                   EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr,
-                   SELECT: tl.constexpr, NPARTS: tl.constexpr, CG: tl.constexpr = False):
+def _token_weights(w_ptr, n_ptr, offs_t, mask_t, c_lb, c_z):
+    """(w (BT,), c_lb, c_z): the tokens' weights in the router losses (1 real, 0 padding) and the coefficients
+    with the number of real tokens n (at n_ptr) in place of T: the host folded T = 1 into them."""
+    w = tl.load(w_ptr + offs_t, mask=mask_t, other=0.0)
+    n = tl.maximum(tl.load(n_ptr), 1.0)
+    return w, c_lb / (n * n), c_z / n
+
+
+@triton.jit
+def _gate_fwd_rows(offs_t, hl_ptr, noise_ptr, w_ptr, n_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale,
+                   c_lb, c_z, T, R, E, LD, part_scale, n_blocks, RANK: tl.constexpr, K: tl.constexpr,
+                   KIND: tl.constexpr, EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr,
+                   HAS_W: tl.constexpr, SELECT: tl.constexpr, NPARTS: tl.constexpr, CG: tl.constexpr = False):
     """Routing decision and gated shrink output for the BT tokens offs_t, one of n_blocks row blocks (CG: hl was
     written by other programs of this launch, see _ld).
 
@@ -330,7 +342,8 @@ def _gate_fwd_rows(offs_t, hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_p
     expert). u (T, R) = scale * gate(expert of column) * h in u's dtype. stats (2E+2, zeroed) += per-expert
     routed counts, per-expert sums of probabilities, sum of logsumexp^2 (atomics); stats[2E+1] counts finished
     row blocks, and the last one computes aux from the totals (saves a launch). hl: rows of LD floats, h in the
-    first R columns, the router's NPARTS partial scores in the last NPARTS * E (see _probs)."""
+    first R columns, the router's NPARTS partial scores in the last NPARTS * E (see _probs). HAS_W: each token's
+    statistics weighted by w_ptr[t] (0 for padding), aux normalised by their sum at n_ptr (_token_weights)."""
     offs_e = tl.arange(0, EP)
     mask_t = offs_t < T
     mask_e = offs_e < E
@@ -346,9 +359,16 @@ def _gate_fwd_rows(offs_t, hl_ptr, noise_ptr, gates_ptr, ids_ptr, u_ptr, stats_p
         h = _ld(hl_ptr + io, m2, CG)
         tl.store(u_ptr + offs_t.to(tl.int64)[:, None] * R + offs_c[None, :],
                  (h * g * scale).to(u_ptr.dtype.element_ty), mask=m2)
-    tl.atomic_add(stats_ptr + offs_e, tl.sum(chosen, axis=0), mask=mask_e)
-    tl.atomic_add(stats_ptr + E + offs_e, tl.sum(probs, axis=0), mask=mask_e)
-    tl.atomic_add(stats_ptr + 2 * E, tl.sum(lse * lse, axis=0))
+    # (without weights, the statements of the unweighted kernel exactly: its compiled code stays as measured)
+    if HAS_W:
+        w, c_lb, c_z = _token_weights(w_ptr, n_ptr, offs_t, mask_t, c_lb, c_z)
+        tl.atomic_add(stats_ptr + offs_e, tl.sum(chosen * w[:, None], axis=0), mask=mask_e)
+        tl.atomic_add(stats_ptr + E + offs_e, tl.sum(probs * w[:, None], axis=0), mask=mask_e)
+        tl.atomic_add(stats_ptr + 2 * E, tl.sum(lse * lse * w, axis=0))
+    else:
+        tl.atomic_add(stats_ptr + offs_e, tl.sum(chosen, axis=0), mask=mask_e)
+        tl.atomic_add(stats_ptr + E + offs_e, tl.sum(probs, axis=0), mask=mask_e)
+        tl.atomic_add(stats_ptr + 2 * E, tl.sum(lse * lse, axis=0))
     # acq_rel: this block's adds above are visible before its ticket; the last block's reads see them all
     ticket = tl.atomic_add(stats_ptr + 2 * E + 1, 1.0, sem="acq_rel")
     if ticket == n_blocks - 1:
@@ -369,33 +389,36 @@ def _aux_from_stats(stats_ptr, aux_ptr, E, c_lb, c_z, EP: tl.constexpr):
 
 @triton.jit
 def _aux_kernel(stats_ptr, aux_ptr, E, c_lb, c_z, EP: tl.constexpr):
-    """aux from zero tokens' stats (T == 0: the gate kernel has no program to do it)."""
+    """aux from zero tokens' stats (T == 0: the gate kernel has no program to do it; with or without token
+    weights, the statistics are zero and so is aux)."""
     _aux_from_stats(stats_ptr, aux_ptr, E, c_lb, c_z, EP)
 
 
 @triton.jit
-def _gate_bwd_kernel(du_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, daux_ptr, dhl_ptr,
+def _gate_bwd_kernel(du_ptr, hl_ptr, noise_ptr, w_ptr, n_ptr, gates_ptr, ids_ptr, stats_ptr, daux_ptr, dhl_ptr,
                      scale, c_lb, c_z, T, R, E, LD, SDT, SDC,
                      RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
                      BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_AUX: tl.constexpr,
-                     SELECT: tl.constexpr):
+                     HAS_W: tl.constexpr, SELECT: tl.constexpr):
     """The gate backward (_gate_bwd_rows) of BT tokens, one program per row block."""
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    _gate_bwd_rows(offs_t, du_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, daux_ptr, dhl_ptr, scale, c_lb,
-                   c_z, T, R, E, LD, SDT, SDC, RANK, K, KIND, EP, BT, BR, HAS_NOISE, HAS_AUX, SELECT)
+    _gate_bwd_rows(offs_t, du_ptr, hl_ptr, noise_ptr, w_ptr, n_ptr, gates_ptr, ids_ptr, stats_ptr, daux_ptr, dhl_ptr,
+                   scale, c_lb, c_z, T, R, E, LD, SDT, SDC, RANK, K, KIND, EP, BT, BR, HAS_NOISE, HAS_AUX, HAS_W,
+                   SELECT)
 
 
 @triton.jit
-def _gate_bwd_rows(offs_t, du_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_ptr, daux_ptr, dhl_ptr,
-                   scale, c_lb, c_z, T, R, E, LD, SDT, SDC,
+def _gate_bwd_rows(offs_t, du_ptr, hl_ptr, noise_ptr, w_ptr, n_ptr, gates_ptr, ids_ptr, stats_ptr, daux_ptr,
+                   dhl_ptr, scale, c_lb, c_z, T, R, E, LD, SDT, SDC,
                    RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
                    BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_AUX: tl.constexpr,
-                   SELECT: tl.constexpr, CG: tl.constexpr = False):
+                   HAS_W: tl.constexpr, SELECT: tl.constexpr, CG: tl.constexpr = False):
     """For the BT tokens offs_t: dhl[:, :R] = scale * g * du (the shrink's output gradient); dhl[:, R:] = d loss /
     d logits, through the gate selection and, when HAS_AUX, the auxiliary losses (c_lb = lb_coef*E/(T*T*K) and
     c_z = 2*z_coef/T, scaled by daux). Row stride of hl: LD (its logits in the last E columns, as the gate
     forward left them); dhl's strides: SDT a token, SDC a column. CG: du was written by other programs of this
-    launch (_ld)."""
+    launch (_ld). HAS_W: the auxiliary losses weight token t by w_ptr[t] and normalise by their sum (see
+    _gate_fwd_rows); the routing gradient itself is every token's."""
     offs_e = tl.arange(0, EP)
     mask_t = offs_t < T
     mask_e = offs_e < E
@@ -442,11 +465,18 @@ def _gate_bwd_rows(offs_t, du_ptr, hl_ptr, noise_ptr, gates_ptr, ids_ptr, stats_
     if HAS_AUX:
         daux = tl.load(daux_ptr)
         cnt = tl.load(stats_ptr + offs_e, mask=mask_e, other=0.0)
-        dp += (daux * c_lb) * cnt[None, :]
+        if HAS_W:  # each token's share of the losses, times its weight
+            w, c_lb, c_z = _token_weights(w_ptr, n_ptr, offs_t, mask_t, c_lb, c_z)
+            dp += ((daux * c_lb) * w)[:, None] * cnt[None, :]
+        else:
+            dp += (daux * c_lb) * cnt[None, :]
     # probabilities -> logits (softmax Jacobian), plus the z-loss term
     dlogits = probs * (dp - tl.sum(dp * probs, axis=1)[:, None])
     if HAS_AUX:
-        dlogits += (daux * c_z) * lse[:, None] * probs
+        if HAS_W:
+            dlogits += ((daux * c_z) * w)[:, None] * lse[:, None] * probs
+        else:
+            dlogits += (daux * c_z) * lse[:, None] * probs
     tl.store(dhl_rows + (R + offs_e).to(tl.int64)[None, :] * SDC, dlogits.to(dhl_ptr.dtype.element_ty),
              mask=mask_t[:, None] & mask_e[None, :])
 
@@ -820,10 +850,13 @@ def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch
 
 
 def gate_fwd_impl(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | None, r_tot: int, rank: int,
-                  kind: int, top_k: int, scale: float, dtype: torch.dtype, lb_coef: float, z_coef: float
+                  kind: int, top_k: int, scale: float, dtype: torch.dtype, lb_coef: float, z_coef: float,
+                  token_w: torch.Tensor | None = None, n_real: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gates (T,K) fp32, ids (T,K) int64, u (T,R) dtype, aux () fp32); accumulates into the zeroed stats
-    (2E+2,) fp32: per-expert counts, per-expert prob sums, sum of logsumexp^2, the kernel's program counter."""
+    (2E+2,) fp32: per-expert counts, per-expert prob sums, sum of logsumexp^2, the kernel's program counter.
+    token_w (T,) fp32 with n_real = its sum (): the statistics and aux count token t with weight token_w[t]
+    (0 for padding), normalised by n_real instead of T."""
     t = hl.shape[0]
     e = r_tot // rank
     n_parts = (hl.shape[1] - r_tot) // e
@@ -832,13 +865,15 @@ def gate_fwd_impl(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | N
     u = gl._alloc((t, r_tot), hl, dtype)
     aux = gl._alloc((), hl)
     ep = _ep(e)
-    c_lb, c_z = _aux_coefs(lb_coef, z_coef, e, t, top_k)
+    has_w = token_w is not None
+    c_lb, c_z = _aux_coefs(lb_coef, z_coef, e, 1 if has_w else t, top_k)  # weighted: the kernel divides by n_real
     if t > 0:
         bt, br = _row_block(r_tot, ep)
-        _gate_fwd_kernel[(gl._cdiv(t, bt),)](hl, hl if noise is None else noise, gates, ids, u, stats, aux,
+        _gate_fwd_kernel[(gl._cdiv(t, bt),)](hl, hl if noise is None else noise, token_w if has_w else hl,
+                                             n_real if has_w else hl, gates, ids, u, stats, aux,
                                              float(scale), c_lb, c_z, t, r_tot, e, hl.shape[1],
                                              1.0 / _part_scale(dtype), RANK=rank, K=top_k, KIND=kind,
-                                             EP=ep, BT=bt, BR=br, HAS_NOISE=noise is not None,
+                                             EP=ep, BT=bt, BR=br, HAS_NOISE=noise is not None, HAS_W=has_w,
                                              SELECT=_gate_select(), NPARTS=n_parts)
     else:
         _aux_kernel[(1,)](stats, aux, e, c_lb, c_z, EP=ep)
@@ -872,9 +907,10 @@ def _dhl_buffer(t: int, cols: int, like: torch.Tensor, dtype: torch.dtype) -> to
 
 def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None, gates: torch.Tensor,
                   ids: torch.Tensor, stats: torch.Tensor, daux: torch.Tensor | None, rank: int, kind: int,
-                  scale: float, lb_coef: float, z_coef: float, dtype: torch.dtype) -> torch.Tensor:
+                  scale: float, lb_coef: float, z_coef: float, dtype: torch.dtype,
+                  token_w: torch.Tensor | None = None, n_real: torch.Tensor | None = None) -> torch.Tensor:
     """(T, R+E) in dtype: [gradient of the shrink output h | gradient of the router logits], stored token-minor
-    by default (DHL_TOKEN_MINOR)."""
+    by default (DHL_TOKEN_MINOR). token_w, n_real: the forward's (gate_fwd_impl)."""
     t, r_tot = du.shape
     e = r_tot // rank
     top_k = ids.shape[1]
@@ -883,12 +919,14 @@ def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None
         select = _gate_select()
         ep = _ep(e)
         bt, br, warps = _gate_bwd_tile(r_tot, ep, select)
-        c_lb, c_z = _aux_coefs(lb_coef, z_coef, e, t, top_k)
+        has_w = token_w is not None
+        c_lb, c_z = _aux_coefs(lb_coef, z_coef, e, 1 if has_w else t, top_k)
         _gate_bwd_kernel[(gl._cdiv(t, bt),)](
-            du, hl, hl if noise is None else noise, gates, ids, stats, stats if daux is None else daux, dhl,
+            du, hl, hl if noise is None else noise, token_w if has_w else hl, n_real if has_w else hl, gates, ids,
+            stats, stats if daux is None else daux, dhl,
             float(scale), c_lb, 2.0 * c_z, t, r_tot, e, hl.shape[1], dhl.stride(0), dhl.stride(1),  # d(lse^2) = 2 lse dlse
             RANK=rank, K=top_k, KIND=kind, EP=ep, BT=bt, BR=br, HAS_NOISE=noise is not None,
-            HAS_AUX=daux is not None, SELECT=select, num_warps=warps)
+            HAS_AUX=daux is not None, HAS_W=has_w, SELECT=select, num_warps=warps)
     return dhl
 
 
@@ -981,13 +1019,14 @@ def _(x, x_lora, a_cat, router_w):
 # hl is mutated: with route_shrink_gemm's parts, the gate forward writes the summed logits into its last E columns
 @gl.kernel_op("route_gate_fwd", mutates_args=("hl", "stats"))
 def _gate_fwd_op(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | None, r_tot: int, rank: int,
-                 kind: int, top_k: int, scale: float, dtype: torch.dtype, lb_coef: float, z_coef: float
+                 kind: int, top_k: int, scale: float, dtype: torch.dtype, lb_coef: float, z_coef: float,
+                 token_w: torch.Tensor | None = None, n_real: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gate_fwd_impl(hl, stats, noise, r_tot, rank, kind, top_k, scale, dtype, lb_coef, z_coef)
+    return gate_fwd_impl(hl, stats, noise, r_tot, rank, kind, top_k, scale, dtype, lb_coef, z_coef, token_w, n_real)
 
 
 @torch.library.register_fake(_gate_fwd_op)
-def _(hl, stats, noise, r_tot, rank, kind, top_k, scale, dtype, lb_coef, z_coef):
+def _(hl, stats, noise, r_tot, rank, kind, top_k, scale, dtype, lb_coef, z_coef, token_w=None, n_real=None):
     t = hl.shape[0]
     return (hl.new_empty((t, top_k)), hl.new_empty((t, top_k), dtype=torch.int64), hl.new_empty((t, r_tot), dtype=dtype),
             hl.new_empty(()))
@@ -996,12 +1035,14 @@ def _(hl, stats, noise, r_tot, rank, kind, top_k, scale, dtype, lb_coef, z_coef)
 @gl.kernel_op("route_gate_bwd")
 def _gate_bwd_op(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None, gates: torch.Tensor,
                  ids: torch.Tensor, stats: torch.Tensor, daux: torch.Tensor | None, rank: int, kind: int,
-                 scale: float, lb_coef: float, z_coef: float, dtype: torch.dtype) -> torch.Tensor:
-    return gate_bwd_impl(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dtype)
+                 scale: float, lb_coef: float, z_coef: float, dtype: torch.dtype,
+                 token_w: torch.Tensor | None = None, n_real: torch.Tensor | None = None) -> torch.Tensor:
+    return gate_bwd_impl(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dtype,
+                         token_w, n_real)
 
 
 @torch.library.register_fake(_gate_bwd_op)
-def _(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dtype):
+def _(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dtype, token_w=None, n_real=None):
     return _dhl_buffer(du.shape[0], du.shape[1] + du.shape[1] // rank, hl, dtype)
 
 
@@ -1041,16 +1082,19 @@ _OPS = (_route_shrink_op, _gate_fwd_op, _gate_bwd_op, _lora_du_op, _small_t_fwd_
 
 # ----------------------------------------------------------------------------- autograd
 
-def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta):
-    """The routed layer's forward, (y, aux, hl, gates, ids, u, stats, w_dx): what _RoutedLoRAFn.forward runs, and
-    what routed_lora_linear runs alone when nothing needs a gradient (no autograd node, nothing saved). w_dx: the
-    backward's dx operand [A_cat; Wr in x's dtype] where the shrink built it, else None or empty."""
+def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, token_w, meta):
+    """The routed layer's forward, (y, aux, hl, gates, ids, u, stats, w_dx, n_real): what _RoutedLoRAFn.forward
+    runs, and what routed_lora_linear runs alone when nothing needs a gradient (no autograd node, nothing saved).
+    w_dx: the backward's dx operand [A_cat; Wr in x's dtype] where the shrink built it, else None or empty.
+    n_real: token_w's sum (the router losses' token count), None without token_w."""
     kind, top_k, scale, lb_coef, z_coef, eager = meta
     shrink, gate_fwd, _, _, small_t, base_mm = _EAGER if eager else _OPS
     e, rank, n_in = lora_A.shape
     r_tot = e * rank
     a_cat = lora_A.reshape(r_tot, n_in)
-    if 0 < x.shape[0] <= SMALL_T_MAX:  # decode: one launch, the base GEMV included
+    n_real = None if token_w is None else token_w.sum()
+    # the one-launch decode kernel and the fused base GEMM weigh every token alike: token weights take the others
+    if 0 < x.shape[0] <= SMALL_T_MAX and token_w is None:  # decode: one launch, the base GEMV included
         w = weight if weight is not None or weight_fn is None else weight_fn(x.dtype)
         y, hl, gates, ids, u, stats, aux = small_t(x, x_lora, a_cat, router_w, w, bias, base_out, lora_B, noise,
                                                    rank, kind, top_k, scale, lb_coef, z_coef)
@@ -1059,7 +1103,7 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
     else:
         b_cat = gl._b_cat(lora_B)  # (R, out): a view of MoLLinear's expert-interleaved lora_B
         w = None
-        if eager and base_out is None and rg.FUSED != "off" and _shrink_by_gemm(x, x_lora):
+        if eager and base_out is None and token_w is None and rg.FUSED != "off" and _shrink_by_gemm(x, x_lora):
             w = weight if weight is not None else weight_fn(x.dtype)
             w_ext, stats = shrink_operand(x, a_cat, router_w)
             u = gl._alloc((x.shape[0], r_tot), x)
@@ -1068,12 +1112,12 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
                 y, hl, gates, ids, u, aux = rg.routed_forward(x, w, bias, w_ext, stats, b_cat, u, noise, rank,
                                                               kind, top_k, scale, lb_coef, z_coef, cfg)
                 del w
-                return y, aux, hl, gates, ids, u, stats, w_ext[:r_tot + e]
+                return y, aux, hl, gates, ids, u, stats, w_ext[:r_tot + e], n_real
             hl, w_dx = gl._mm_f32(x, w_ext.t()), w_ext[:r_tot + e]  # route_shrink_gemm, on the operand built
         else:
             hl, stats, w_dx = shrink(x, x_lora, a_cat, router_w)
         gates, ids, u, aux = gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, x.dtype, lb_coef,
-                                      z_coef)
+                                      z_coef, token_w, n_real)
         if base_out is None:
             # y = x W^T + u B_cat (+ bias): the experts' product is R more K steps of the base GEMM (base_gemm)
             if w is None:  # (materialized after the shrink and the gate, so a dequantized NF4 weight lives less)
@@ -1082,31 +1126,31 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
             del w  # a dequantized scratch weight (NF4) is not kept for backward: weight_fn runs again there
         else:
             y = torch.addmm(base_out, u, b_cat)
-    return y, aux, hl, gates, ids, u, stats, w_dx
+    return y, aux, hl, gates, ids, u, stats, w_dx, n_real
 
 
-def _routed_forward_saved(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta,
-                          need_dx: bool):
+def _routed_forward_saved(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, token_w,
+                          meta, need_dx: bool):
     """_routed_forward for training: its outputs (y, aux, hl, gates, ids, stats) and what _routed_backward reads
     (its ``saved``), for _RoutedLoRAFn and the captured graphs (layer_graphs) alike."""
-    y, aux, hl, gates, ids, u, stats, w_dx = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A,
-                                                             lora_B, router_w, noise, meta)
+    y, aux, hl, gates, ids, u, stats, w_dx, n_real = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out,
+                                                                     lora_A, lora_B, router_w, noise, token_w, meta)
     if not need_dx or (w_dx is not None and w_dx.numel() == 0):
         w_dx = None  # not needed, or not built (the backward builds it)
     return (y, aux, hl, gates, ids, stats), (x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u,
-                                             stats, w_dx)
+                                             stats, w_dx, token_w, n_real)
 
 
 class _RoutedLoRAFn(torch.autograd.Function):
-    """(x, x_lora, weight, bias, base_out, A, B, Wr, noise, meta) -> (y, aux, hl, gates, ids, stats).
+    """(x, x_lora, weight, bias, base_out, A, B, Wr, noise, token_w, meta) -> (y, aux, hl, gates, ids, stats).
 
     Exactly one of (weight, base_out) is given: a frozen weight (the base GEMM runs here, and its dx shares
     one buffer with the adapters') or an already computed base output (any base: NF4, autocast, ...)."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta):
+    def forward(ctx, x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, token_w, meta):
         outs, saved = _routed_forward_saved(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w,
-                                            noise, meta, ctx.needs_input_grad[0])
+                                            noise, token_w, meta, ctx.needs_input_grad[0])
         ctx.save_for_backward(*saved)
         ctx.weight_fn = weight_fn
         ctx.meta = meta
@@ -1122,14 +1166,14 @@ class _RoutedLoRAFn(torch.autograd.Function):
         need = tuple(n for i, n in enumerate(ctx.needs_input_grad) if i != 3)
         dx, dx_lora, d_base, dA, dB, dWr = _routed_backward(dy, daux, ctx.saved_tensors, need, ctx.weight_fn,
                                                             ctx.meta)
-        return dx, dx_lora, None, None, None, d_base, dA, dB, dWr, None, None
+        return dx, dx_lora, None, None, None, d_base, dA, dB, dWr, None, None, None
 
 
 def _routed_backward(dy, daux, saved, need, weight_fn, meta):
     """The routed layer's backward: (dx, dx_lora, d_base_out, dA, dB, dWr), each None where ``need`` (the
     inputs x, x_lora, weight, bias, base_out, A, B, Wr, noise in that order) says no gradient is wanted.
     ``saved``: what _RoutedLoRAFn.forward saves. Shared by _RoutedLoRAFn and the captured graphs (layer_graphs)."""
-    x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats, w_dx = saved
+    x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats, w_dx, token_w, n_real = saved
     kind, top_k, scale, lb_coef, z_coef, eager = meta
     _, _, gate_bwd, lora_du, _, base_mm = _EAGER if eager else _OPS
     e, rank, n_in = lora_A.shape
@@ -1143,7 +1187,8 @@ def _routed_backward(dy, daux, saved, need, weight_fn, meta):
     # the dense base weight, if this function owns the base GEMM (re-dequantized for an NF4 base)
     owns_base = need[0] and (weight is not None or weight_fn is not None)
     w = cfg = None
-    if owns_base and eager and x_lora is None and x.shape[0] > SMALL_T_MAX and rg.FUSED != "off":
+    if (owns_base and eager and x_lora is None and token_w is None and x.shape[0] > SMALL_T_MAX
+            and rg.FUSED != "off"):
         w = weight if weight is not None else weight_fn(dt)
         if w_dx is None:
             w_dx = torch.cat([a_cat, router_w.to(dt)])
@@ -1155,7 +1200,8 @@ def _routed_backward(dy, daux, saved, need, weight_fn, meta):
                                      scale, lb_coef, z_coef, cfg)
     else:
         du = lora_du(dy, lora_B)
-        dhl = gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dt)
+        dhl = gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dt, token_w,
+                       n_real)
         del du
         if owns_base and w is None:  # after du and dhl: a dequantized weight is not held beside them
             w = weight if weight is not None else weight_fn(dt)
@@ -1229,7 +1275,8 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
                        weight_fn: Callable[[torch.dtype], torch.Tensor] | None = None,
                        bias: torch.Tensor | None = None, base_out: torch.Tensor | None = None,
                        x_lora: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                       lb_coef: float = 0.0, z_coef: float = 0.0, graphs: "LayerGraphs | None" = None
+                       lb_coef: float = 0.0, z_coef: float = 0.0, token_weights: torch.Tensor | None = None,
+                       graphs: "LayerGraphs | None" = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A routed MoL linear layer on the Triton backend: returns (y, aux, hl, gates, expert_ids, stats).
 
@@ -1241,6 +1288,8 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     y = base + scale * sum_k gates[:, k] * B[e] A[e] x_lora; aux = lb_coef * load_balance + z_coef * z_loss
     (differentiable, 0-d); hl[:, R:] are the router logits (float32); stats = (counts (E), prob sums (E),
     sum of logsumexp^2, a kernel-internal counter). gates, expert_ids, hl and stats carry no gradient.
+    ``token_weights`` (T,): each token's weight in aux and stats (1 for a real token, 0 for padding; the losses
+    are then normalised by their sum, as a batch of only the real tokens would give); every token is routed.
     ``graphs``: a layer's mol.kernels.layer_graphs.LayerGraphs; training calls it accepts replay CUDA graphs.
     """
     if kind not in KINDS:
@@ -1260,21 +1309,27 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
         raise ValueError(f"routed_lora_linear: top_k={top_k} is outside 1..{e}")
     n_out = lora_B.shape[1]
     _check(x, x_lora, lora_A, lora_B, weight, base_out, bias, n_out)
+    if token_weights is not None:
+        if token_weights.shape != (x.shape[0],) or token_weights.device != x.device:
+            raise ValueError(f"routed_lora_linear: token_weights must be ({x.shape[0]},) on {x.device}, one per token "
+                             f"of x; got {tuple(token_weights.shape)} on {token_weights.device}")
+        token_weights = token_weights.float()
     eager = _fast(x, x_lora, weight, base_out, lora_A, lora_B, router_w)
     meta = (KINDS[kind], int(top_k), float(scale), float(lb_coef), float(z_coef), eager)
     if eager and not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w))):
         # inference (decode, evaluation): the same kernels without an autograd node, which costs host time
         # every call and would keep nothing useful
-        y, aux, hl, gates, ids, _, stats, _ = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A,
-                                                              lora_B, router_w, noise, meta)
+        y, aux, hl, gates, ids, _, stats, _, _ = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out,
+                                                                 lora_A, lora_B, router_w, noise, token_weights, meta)
         return y, aux, hl, gates, ids, stats
     if graphs is not None and eager:
-        args = (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise)
+        args = (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise, token_weights)
         out = graphs.apply(args, weight_fn, meta, tuple(t is not None and t.requires_grad for t in args))
         if out is not None:
             return out
-    return _RoutedLoRAFn.apply(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, meta)
+    return _RoutedLoRAFn.apply(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise,
+                               token_weights, meta)
 
 
 from mol.kernels import routed_gemm as rg  # noqa: E402  (it builds on this module's gate functions)

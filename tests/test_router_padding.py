@@ -1,0 +1,84 @@
+"""Token routers in a Hugging Face model leave padding out of their losses and statistics.
+
+mol.inject's hooks hand the routers the call's attention mask (mol.routers.RoutingContext). Every token is still
+routed; the load-balance loss, z-loss, counts and entropy are those of the real tokens, as Hugging Face's MoE models
+compute them (load_balancing_loss_func with an attention mask). Checked against the paper's formulas on the real
+tokens alone, and end to end: the same sequences padded to different widths give the same router losses.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import make_tiny_llama  # noqa: E402
+
+import mol  # noqa: E402
+from mol.routers import Router, RoutingContext  # noqa: E402
+
+
+@pytest.mark.parametrize("kind,k", [("topk", 2), ("switch", 1), ("soft", 4)])
+def test_reference_router_losses_count_real_tokens_only(kind, k):
+    """Router (the reference path) on a padded (B, S, in) batch: losses, counts and entropy equal the same router on
+    the real tokens alone, gradients included, and the padded tokens are still routed. (The router scores in
+    float32: the two sides differ by its summation order.)"""
+    torch.manual_seed(0)
+    router = Router(16, 4, k, kind).double()
+    torch.nn.init.normal_(router.weight, std=0.5)
+    router.context = RoutingContext()
+    x = torch.randn(3, 6, 16, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]])
+    router.context.attention_mask = mask
+    padded = router(x)
+    router.context.attention_mask = None
+    alone = router(x[mask.bool()])
+    assert padded.gates.shape == (18, k)  # every position routed
+    for name in ("load_balance_loss", "z_loss", "counts", "entropy"):
+        torch.testing.assert_close(getattr(padded, name), getattr(alone, name), rtol=1e-6, atol=1e-7, msg=name)
+    g_padded = torch.autograd.grad(padded.load_balance_loss + padded.z_loss, router.weight)[0]
+    g_alone = torch.autograd.grad(alone.load_balance_loss + alone.z_loss, router.weight)[0]
+    torch.testing.assert_close(g_padded, g_alone, rtol=1e-5, atol=1e-7)
+
+
+def _padded_batch(seqs, width):
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_router_losses_do_not_depend_on_padding(backend):
+    """A Llama with MoL on every linear: the same sequences right-padded to 9 and to 14 positions give the same
+    router losses, statistics and router gradients; without the mask (padding counted) they would not."""
+    torch.manual_seed(0)
+    model = make_tiny_llama()
+    mol.inject(model, mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules="all-linear", backend=backend,
+                                    aux_loss_coef=0.5, z_loss_coef=0.05))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "router" in n:
+                p.normal_(0, 0.5)
+    seqs = [torch.randint(1, 101, (n,)) for n in (5, 9, 3)]
+    routers = [m.router.weight for m in model.modules() if isinstance(m, mol.MoLLinear)]
+
+    def losses(width, use_mask=True):
+        ids, mask = _padded_batch(seqs, width)
+        model(input_ids=ids, attention_mask=mask if use_mask else None)
+        aux = mol.aux_loss(model)
+        stats = mol.routing_stats(model)
+        return aux, torch.autograd.grad(aux, routers), {n: s["counts"] for n, s in stats.items()}
+
+    aux9, g9, counts9 = losses(9)
+    aux14, g14, counts14 = losses(14)
+    torch.testing.assert_close(aux14, aux9, rtol=1e-5, atol=1e-7)
+    for a, b in zip(g14, g9):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for name in counts9:
+        assert torch.equal(counts14[name], counts9[name]), name
+        assert counts9[name].sum() == 2 * 17  # top-2 of the 17 real tokens
+    unmasked, _, _ = losses(14, use_mask=False)
+    assert (unmasked - aux9).abs() > 1e-3 * aux9.abs()  # the check above can fail
