@@ -61,6 +61,9 @@ class MoLConfig(MethodConfig):
     ``graph_tokens``: on CUDA, training calls of at most this many tokens replay per-layer CUDA graphs of the
     routed forward and backward (cuts the host cost that bounds small steps; costs static buffers per layer and
     token count, see mol.kernels.layer_graphs); 0 (default) never captures.
+    ``aux_loss_in_output``: the model's training forward adds ``mol.aux_loss(model)`` to the ``loss`` it returns
+    (as Hugging Face's MoE models add their router loss), so a loop that backpropagates ``outputs.loss`` alone,
+    such as transformers' Trainer, trains the router losses too; False (default): add them yourself.
     """
 
     method: ClassVar[str] = "mol"
@@ -80,10 +83,13 @@ class MoLConfig(MethodConfig):
     quantize_base: Optional[str] = None
     backend: str = "auto"
     graph_tokens: int = 0
+    aux_loss_in_output: bool = False
     modules_to_save: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _check_common(self)
+        if not isinstance(self.aux_loss_in_output, bool):
+            raise ValueError(f"MoLConfig.aux_loss_in_output must be true or false, got {self.aux_loss_in_output!r}")
         if not isinstance(self.graph_tokens, int) or isinstance(self.graph_tokens, bool) or self.graph_tokens < 0:
             raise ValueError(f"MoLConfig.graph_tokens must be an integer >= 0 (0: no captured graphs), "
                              f"got {self.graph_tokens!r}")

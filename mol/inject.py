@@ -186,9 +186,23 @@ def routing_context(model: nn.Module) -> RoutingContext:
     return context
 
 
+class _AuxLossInOutput:
+    """A forward hook that adds the router losses to the ``loss`` a training forward returns (MoLConfig.
+    aux_loss_in_output). A class with a bound method, so a deep copy of the model gets a hook of its own."""
+
+    def __call__(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        loss = getattr(output, "loss", None)
+        if isinstance(loss, Tensor) and model.training:
+            output.loss = loss + aux_loss(model, device=loss.device).to(loss.dtype)
+        return output
+
+
 @register_method(MoLConfig)
 def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
     _quantize_base(model, config)
+    if config.aux_loss_in_output and not getattr(model, "mol_aux_loss_in_output", False):
+        model.register_forward_hook(_AuxLossInOutput(), with_kwargs=True)
+        model.mol_aux_loss_in_output = True  # mol.train's module then adds nothing itself
     trainable = []
     # routers read the call: its padding (left out of the losses and statistics, and of a sequence router's pool)
     # and, for a sequence router, its token shape and whether it continues a KV cache (RoutingContext)

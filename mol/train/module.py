@@ -105,15 +105,18 @@ class MoLModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self(batch)
         aux = mol.aux_loss(self.model)
-        loss = out.loss + aux
+        if getattr(self.model, "mol_aux_loss_in_output", False):  # the model's loss holds them already
+            loss, task_loss = out.loss, out.loss.detach() - aux.detach()
+        else:
+            loss, task_loss = out.loss + aux, out.loss
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss", task_loss, prog_bar=True, batch_size=bs)
         self.log("train/aux_loss", aux, batch_size=bs)
         sums = self._metric_sums(out, batch)
         acc_name = "train/acc" if self.task == "classification" else "train/token_acc"
         self.log(acc_name, sums["correct"] / sums["count"].clamp_min(1), prog_bar=True, batch_size=bs)
         if self.task == "causal_lm":
-            self.log("train/ppl", torch.exp(out.loss.detach().float()), batch_size=bs)
+            self.log("train/ppl", torch.exp(task_loss.detach().float()), batch_size=bs)
         self._log_throughput(batch)
         if self.log_routing_every and self.global_step % self.log_routing_every == 0:
             self._log_router_losses_and_use()
