@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mol import dispatch
-from mol.routers import FusedRouterOutput, Router, RouterOutput
+from mol.routers import FusedRouterOutput, Router, RouterOutput, in_backward
 
 
 class AdapterLayer(nn.Module):
@@ -79,11 +79,6 @@ class _AuxLossThroughOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         return grad_out, ctx.grad.to(ctx.aux_dtype), None
-
-
-def _in_backward() -> bool:
-    """True while autograd's engine runs a backward on this thread (a checkpoint recomputing a forward)."""
-    return torch._C._current_graph_task_id() != -1
 
 
 def _linear_shape(base: nn.Module) -> tuple[int, int]:
@@ -217,7 +212,7 @@ class MoLLinear(AdapterLayer):
         flat_x_lora = flat_x if x_lora is x else x_lora.reshape(-1, self.in_features)
         if dispatch.fused_routing_available(self.router, self.backend, flat_x):
             # Triton: router, experts and auxiliary losses in one fused function (few launches, one pass over x)
-            context = self.router.context
+            context = self.router.call_context()
             out, routed = dispatch.fused_mol_linear(
                 self.base_layer, flat_x, None if flat_x_lora is flat_x else flat_x_lora, self.lora_A, self.lora_B,
                 self.router, self.scaling, self.aux_loss_coef, self.z_loss_coef, graphs=self._graphs,
@@ -233,7 +228,7 @@ class MoLLinear(AdapterLayer):
 
     def _apply_deferred_aux(self, out: Tensor) -> Tensor:
         grad, self._aux_grad = self._aux_grad, None
-        if not (_in_backward() and torch.is_grad_enabled()):
+        if not (in_backward() and torch.is_grad_enabled()):
             raise RuntimeError(
                 "MoLLinear: the router loss of this layer's previous forward received a gradient that never reached "
                 "the router: that forward ran without autograd (under torch.no_grad or inference_mode) and no "

@@ -137,9 +137,10 @@ class _MeanPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        if not ctx.saved_tensors:
+        saved = ctx.saved_tensors  # once: under activation checkpointing each saved tensor unpacks once
+        if not saved:
             return (grad / max(ctx.shape[1], 1)).to(ctx.dtype)[:, None, :].expand(ctx.shape), None
-        weights, counts = ctx.saved_tensors
+        weights, counts = saved
         return (grad / counts).to(ctx.dtype)[:, None, :] * weights[:, :, None], None
 
 
@@ -166,6 +167,15 @@ class RoutingContext:
         self.batch_shape: tuple[int, int] | None = None
         self.attention_mask: Tensor | None = None
         self.continuation = False
+        self._weights: tuple[Tensor, Tensor] | None = None  # (mask, its flat float32 weights): one cast a call
+
+    def snapshot(self) -> "RoutingContext":
+        """A copy of the call's state as it is now. A router keeps one from each forward, for the forward an
+        activation checkpoint recomputes inside the backward, when the model call (and its hooks) is over."""
+        copy = RoutingContext()
+        copy.batch_shape, copy.attention_mask, copy.continuation = self.batch_shape, self.attention_mask, self.continuation
+        copy._weights = self._weights
+        return copy
 
     def token_weights(self, x: Tensor) -> Tensor | None:
         """(prod(x.shape[:-1]),) float32: 1 for x's real tokens, 0 for padding; None where the mask does not
@@ -175,8 +185,16 @@ class RoutingContext:
             return None
         if tuple(x.shape[:-1]) == tuple(mask.shape) or (x.dim() == 2 and x.shape[0] == mask.numel()
                                                           and self.batch_shape == tuple(mask.shape)):
-            return mask.reshape(-1).to(torch.float32)
+            if self._weights is None or self._weights[0] is not mask:
+                self._weights = (mask, mask.reshape(-1).to(torch.float32))
+            return self._weights[1]
         return None
+
+
+def in_backward() -> bool:
+    """True while autograd's engine runs a backward on this thread (an activation checkpoint recomputing a
+    forward)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class Router(nn.Module):
@@ -205,19 +223,30 @@ class Router(nn.Module):
         # Small logits at start: the first steps route nearly uniformly instead of locking in a random winner.
         nn.init.normal_(self.weight, std=0.02)
         self.context: RoutingContext | None = None  # the router's view of the model call (mol.inject)
+        self._call: RoutingContext | None = None  # the context as its last forward outside a backward saw it
         self._kept: RouterOutput | None = None  # its per-sequence choice from the call that started the sequences
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, num_experts={self.num_experts}, top_k={self.top_k}, noise_std={self.noise_std}"
 
+    def call_context(self) -> RoutingContext | None:
+        """The model call this forward belongs to: the context's current one, except inside a backward, where an
+        activation checkpoint recomputes a forward after its call returned: then the one that forward saw (so the
+        recomputation weighs padding, pools and reuses choices exactly as the first pass did)."""
+        if self.context is None:
+            return None
+        if not in_backward():
+            self._call = self.context.snapshot()
+        return self._call
+
     def forward(self, x: Tensor) -> RouterOutput:
         """x: (..., in) for token routers; (batch, seq, in) or (seq, in) for the sequence router."""
+        context = self.call_context()
         # float32 even under autocast: bf16 logits make near-ties flip expert choices from step to step.
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.kind == "sequence":
                 # One decision per sequence, scored on its mean hidden state: "b s k -> b k".
-                seqs = self._sequences(x)
-                context = self.context
+                seqs = self._sequences(x, context)
                 if context is not None and context.continuation:
                     return self._continued(seqs)
                 mask = None if context is None else context.attention_mask
@@ -226,7 +255,7 @@ class Router(nn.Module):
                 logits = F.linear(_MeanPool.apply(seqs, mask).float(), self.weight.float())  # (B, E)
             else:
                 logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)
-                token_weights = None if self.context is None else self.context.token_weights(x)
+                token_weights = None if context is None else context.token_weights(x)
 
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
@@ -241,16 +270,17 @@ class Router(nn.Module):
 
         chosen = expert_ids
         if self.kind == "sequence":
-            if self.context is not None:  # for the cached calls that continue these sequences
+            if context is not None:  # for the cached calls that continue these sequences
                 self._kept = RouterOutput(gates.detach(), expert_ids, logits.detach(), probs.detach(), chosen)
             return self._per_token(RouterOutput(gates, expert_ids, logits, probs, chosen), seqs.shape[1])
         return RouterOutput(gates, expert_ids, logits, probs, chosen, token_weights)
 
-    def _sequences(self, x: Tensor) -> Tensor:
+    @staticmethod
+    def _sequences(x: Tensor, context: RoutingContext | None) -> Tensor:
         """x as (sequences, positions, in); see RoutingContext for how a 2-D x is read."""
         if x.dim() == 1:  # one token: a sequence of one
             return x[None, None]
-        shape = None if self.context is None else self.context.batch_shape
+        shape = None if context is None else context.batch_shape
         if x.dim() == 2 and shape is not None:
             batch, positions = shape
             if x.shape[0] == batch * positions:
