@@ -167,7 +167,8 @@ class RoutingContext:
         self.batch_shape: tuple[int, int] | None = None
         self.attention_mask: Tensor | None = None
         self.continuation = False
-        self._weights: tuple[Tensor, Tensor] | None = None  # (mask, its flat float32 weights): one cast a call
+        # [(mask, its flat float32 weights)], shared with the snapshots: one cast a call, not one a layer
+        self._weights: list[tuple[Tensor, Tensor]] = []
 
     def snapshot(self) -> "RoutingContext":
         """A copy of the call's state as it is now. A router keeps one from each forward, for the forward an
@@ -185,9 +186,9 @@ class RoutingContext:
             return None
         if tuple(x.shape[:-1]) == tuple(mask.shape) or (x.dim() == 2 and x.shape[0] == mask.numel()
                                                           and self.batch_shape == tuple(mask.shape)):
-            if self._weights is None or self._weights[0] is not mask:
-                self._weights = (mask, mask.reshape(-1).to(torch.float32))
-            return self._weights[1]
+            if not self._weights or self._weights[0][0] is not mask:
+                self._weights[:] = [(mask, mask.reshape(-1).to(torch.float32))]
+            return self._weights[0][1]
         return None
 
 
