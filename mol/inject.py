@@ -163,6 +163,9 @@ class _RoutingCallHooks:
         kw = call_kwargs(model, args, kwargs)
         mask = kw.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            # the mask is the encoder's, and a decoder block of the same length could not tell it is not its own
+            kw, mask = {}, None
         tokens = next((kw[k] for k in ("input_ids", "inputs_embeds") if isinstance(kw.get(k), Tensor)), mask)
         self.context.batch_shape = tuple(tokens.shape[:2]) if tokens is not None and tokens.dim() >= 2 else None
         self.context.attention_mask = mask

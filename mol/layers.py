@@ -32,6 +32,16 @@ class AdapterLayer(nn.Module):
     base_layer: nn.Module
     merged: bool = False
 
+    # Model code reads ``weight`` / ``bias`` of the linears it built (T5 compares its activations' dtype with
+    # ``wo.weight``'s): a wrapped layer answers with its frozen base's, as PEFT's tuner layers do.
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
     def merge_blocker(self) -> Optional[str]:
         """None if ``merge`` can run, else the reason it cannot (shown to the user)."""
         return f"{type(self).__name__} does not support merging"

@@ -154,7 +154,8 @@ class RoutingContext:
       out of their losses and statistics (every token is still routed: its output is the caller's to ignore), as
       Hugging Face's MoE models do, so the losses are those of the batch's real tokens; sequence routers pool
       only the real tokens, so a sequence routes the same alone and padded into a batch. (An input it does not
-      cover, e.g. a vision tower's, counts every position.)
+      cover, e.g. a vision tower's, counts every position; so does every layer of an encoder-decoder model, whose
+      call carries the encoder's mask only.)
     - ``batch_shape`` (batch, positions) of the call's tokens: a 2-D input (N, in) to a sequence router is read
       with it, as batch * positions flattened tokens when N is their product, and as one vector per sequence (a
       pooler, a classification head) when N is the batch; else, and without a context, (N, in) is one sequence.

@@ -82,3 +82,23 @@ def test_router_losses_do_not_depend_on_padding(backend):
         assert counts9[name].sum() == 2 * 17  # top-2 of the 17 real tokens
     unmasked, _, _ = losses(14, use_mask=False)
     assert (unmasked - aux9).abs() > 1e-3 * aux9.abs()  # the check above can fail
+
+
+def test_encoder_decoder_calls_count_every_position():
+    """An encoder-decoder call carries the encoder's mask only, which a decoder block of the same length could not
+    tell from its own: such models count every position (and say nothing wrong about padding)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                num_heads=4, decoder_start_token_id=0))
+    mol.inject(model, mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules="all-linear", backend="torch"))
+    ids = torch.randint(1, 50, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids, labels=ids)
+    layers = [m for m in model.modules() if isinstance(m, mol.MoLLinear)]
+    assert layers and all(m._last.token_weights is None for m in layers)
+    # (T5 reads its linears' weight dtype: the adapted layers answer with their base's, so it runs and trains)
+    (out.loss + mol.aux_loss(model)).backward()
+    assert all(m.router.weight.grad is not None and m.lora_A.grad is not None for m in layers)
