@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MethodConfig, MoLConfig
-from mol.layers import AdapterLayer, MoLLinear
+from mol.layers import AdapterLayer, MoLLinear, is_conv1d
 from mol.routers import RoutingContext
 
 MethodFn = Callable[[nn.Module, MethodConfig], list[str]]
@@ -210,7 +210,9 @@ def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
     # routers read the call: its padding (left out of the losses and statistics, and of a sequence router's pool)
     # and, for a sequence router, its token shape and whether it continues a KV cache (RoutingContext)
     context = routing_context(model) if config.num_experts > 1 else None
-    for name in match_modules(model, config.target_modules, exclude=config.modules_to_save):
+    # nn.Linear, NF4Linear, and transformers' Conv1D (GPT-2), whose (in, out) weight the layer knows to transpose
+    linear = lambda m: is_linear(m) or is_conv1d(m)  # noqa: E731
+    for name in match_modules(model, config.target_modules, predicate=linear, exclude=config.modules_to_save):
         layer = MoLLinear(
             model.get_submodule(name), num_experts=config.num_experts, top_k=config.top_k, rank=config.rank,
             alpha=config.alpha, router=config.router, dropout=config.dropout, use_rslora=config.use_rslora,

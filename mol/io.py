@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MoLConfig, config_from_dict
 from mol.inject import adapter_layers, inject, name_matches
-from mol.layers import MoLLinear
+from mol.layers import MoLLinear, is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -211,6 +211,10 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
         if ".lora_A" not in name and ".lora_B" not in name:  # modules_to_save tensors keep their names
             tensors[f"{PEFT_PREFIX}{name}"] = params[name]
     target = cfg.target_modules
+    conv1d = {is_conv1d(layer.base_layer) for _, layer in adapter_layers(model) if isinstance(layer, MoLLinear)}
+    if len(conv1d) > 1:
+        raise ValueError("PEFT's LoRA format has one fan_in_fan_out for all layers, and this adapter wraps both "
+                         "nn.Linear and Conv1D layers: export the two kinds as separate adapters")
     peft_config = {
         "peft_type": "LORA",
         "task_type": _peft_task_type(model),
@@ -222,7 +226,7 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
         "use_rslora": cfg.use_rslora,
         "init_lora_weights": True if cfg.init == "kaiming" else cfg.init,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": conv1d == {True},  # PEFT's flag for Conv1D bases (GPT-2), whose weight is (in, out)
         "use_dora": False,
         "modules_to_save": list(cfg.modules_to_save) or None,
         "rank_pattern": {},
@@ -243,7 +247,9 @@ def _peft_task_type(model: nn.Module) -> Any:
     return None
 
 
-_UNSUPPORTED_PEFT = {"use_dora": False, "fan_in_fan_out": False, "bias": "none"}
+# (fan_in_fan_out only says the base weights are (in, out), as Conv1D's are: each MoLLinear knows its base's kind,
+# and PEFT itself corrects the flag to the layer it meets, so any value imports)
+_UNSUPPORTED_PEFT = {"use_dora": False, "bias": "none"}
 
 
 def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:

@@ -91,12 +91,19 @@ class _AuxLossThroughOutput(torch.autograd.Function):
         return grad_out, ctx.grad.to(ctx.aux_dtype), None
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and its family): a linear layer that stores its weight as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def _linear_shape(base: nn.Module) -> tuple[int, int]:
+    if is_conv1d(base):
+        return int(base.weight.shape[0]), int(base.nf)
     try:
         return int(base.in_features), int(base.out_features)
     except AttributeError:
-        raise TypeError(f"MoLLinear wraps a linear layer with in_features/out_features (nn.Linear or NF4Linear), "
-                        f"got {type(base).__name__}") from None
+        raise TypeError(f"MoLLinear wraps a linear layer with in_features/out_features (nn.Linear, NF4Linear or "
+                        f"transformers' Conv1D), got {type(base).__name__}") from None
 
 
 def _base_dtype_device(base: nn.Module) -> tuple[torch.dtype, Optional[torch.device]]:
@@ -288,13 +295,15 @@ class MoLLinear(AdapterLayer):
             return (f"a token-routed MoL layer (num_experts={self.num_experts}, router={self.router.kind}) applies "
                     "a different mix of experts to every token, so its delta is not one matrix and cannot be merged; "
                     "merge only LoRA (num_experts=1) adapters, or keep this adapter unmerged")
-        if not isinstance(self.base_layer, nn.Linear):
+        if not (isinstance(self.base_layer, nn.Linear) or is_conv1d(self.base_layer)):
             return (f"the base is {type(self.base_layer).__name__}, not a full-precision nn.Linear; merging into a "
                     "quantized weight would re-quantize it and lose the adapter's precision: keep it unmerged")
         return None
 
     def _delta_weight(self) -> Tensor:
-        return (self.lora_B[0].float() @ self.lora_A[0].float()) * self.scaling
+        """B A * scaling in the base weight's own layout: (out, in), or (in, out) for a Conv1D base."""
+        delta = (self.lora_B[0].float() @ self.lora_A[0].float()) * self.scaling
+        return delta.t() if is_conv1d(self.base_layer) else delta
 
     @torch.no_grad()
     def merge(self) -> None:

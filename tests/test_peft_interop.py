@@ -104,3 +104,73 @@ def test_export_refuses_routed_mol(tmp_path):
     with pytest.raises(ValueError, match="token-routed MoL has no PEFT equivalent"):
         mol.export_peft(model, tmp_path)
     assert not (tmp_path / "adapter_config.json").exists()
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+def test_gpt2_conv1d_layers_as_peft_adapts_them(tmp_path):
+    """GPT-2 builds its linears as transformers' Conv1D (weight stored (in, out)); PEFT adapts them with
+    fan_in_fan_out. LoRA on them equals PEFT's (logits and gradients), merges into the transposed weight, and moves
+    to and from PEFT's format."""
+    base = _tiny_gpt2()
+    targets = ["c_attn", "c_proj", "c_fc"]
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                fan_in_fan_out=True))
+    _randomise_peft(peft_model)
+    ours = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, alpha=8, target_modules=targets))
+    _copy_peft_into_mol(peft_model, ours)
+    adapted = [m for m in ours.modules() if isinstance(m, mol.MoLLinear)]
+    assert len(adapted) == 4 * 2  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+
+    ids = torch.randint(0, 50, (2, 7))
+    out_p, out_m = peft_model(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert rel(out_m.logits, out_p.logits) <= 1e-6
+    out_p.loss.backward()
+    out_m.loss.backward()
+    grads_p = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    for name, layer in ours.named_modules():
+        if isinstance(layer, mol.MoLLinear):
+            assert rel(layer.lora_A.grad[0], grads_p[f"base_model.model.{name}.lora_A.default.weight"]) <= 1e-6
+
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+        mol.merge(ours)
+        assert rel(ours(input_ids=ids).logits, expected) <= 1e-5  # the delta folded into (in, out) weights
+        mol.unmerge(ours)
+        assert rel(ours(input_ids=ids).logits, expected) <= 1e-6
+
+    mol.export_peft(ours, tmp_path / "to_peft")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "to_peft")
+    assert loaded.peft_config["default"].fan_in_fan_out
+    with torch.no_grad():
+        assert rel(loaded(input_ids=ids).logits, expected) <= 1e-6
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    back = mol.import_peft(copy.deepcopy(base), tmp_path / "from_peft")
+    with torch.no_grad():
+        assert rel(back(input_ids=ids).logits, peft_model(input_ids=ids).logits) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpt2_trains_with_mol_on_all_linear(backend):
+    """MoL on GPT-2's Conv1D layers ("all-linear"): a training step moves every adapter and router tensor."""
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    model = mol.inject(_tiny_gpt2().train(), mol.MoLConfig(num_experts=4, top_k=2, rank=4, backend=backend))
+    layers = [m for m in model.modules() if isinstance(m, mol.MoLLinear)]
+    assert len(layers) == 8 and all(mol.layers.is_conv1d(m.base_layer) for m in layers)
+    with torch.no_grad():
+        for m in layers:
+            m.lora_B.normal_(0, 0.1)
+    ids = torch.randint(0, 50, (2, 7))
+    out = model(input_ids=ids, labels=ids)
+    (out.loss + mol.aux_loss(model)).backward()
+    for m in layers:
+        for p in (m.lora_A, m.lora_B, m.router.weight):
+            assert p.grad is not None and p.grad.abs().sum() > 0

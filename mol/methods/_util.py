@@ -7,9 +7,7 @@ from typing import Any, Optional
 from torch import nn
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 ``Conv1D``: a linear layer that stores its weight as (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+from mol.layers import is_conv1d  # noqa: F401  (the methods' name for it; MoLLinear adapts Conv1D too)
 
 
 def text_config(model: nn.Module) -> Any:
