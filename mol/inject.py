@@ -123,12 +123,18 @@ def _quantize_base(model: nn.Module, config: MethodConfig) -> None:
         quantize(model, "nf4")
 
 
+_POSITIONAL: dict[Any, list[str]] = {}  # forward function -> its positional parameter names
+
+
 def call_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     """A call's arguments as keywords (positional ones named from ``model.forward``'s signature)."""
     kw = dict(kwargs)
     if args:
-        names = [p.name for p in inspect.signature(model.forward).parameters.values()
-                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        fn = getattr(model.forward, "__func__", model.forward)
+        names = _POSITIONAL.get(fn)
+        if names is None:  # inspect.signature costs tens of microseconds: once per forward function
+            names = _POSITIONAL[fn] = [p.name for p in inspect.signature(model.forward).parameters.values()
+                                       if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if len(args) > len(names):
             raise TypeError(f"{type(model).__name__} got {len(args)} positional arguments; pass them by name")
         for name, value in zip(names, args):

@@ -102,3 +102,19 @@ def test_encoder_decoder_calls_count_every_position():
     # (T5 reads its linears' weight dtype: the adapted layers answer with their base's, so it runs and trains)
     (out.loss + mol.aux_loss(model)).backward()
     assert all(m.router.weight.grad is not None and m.lora_A.grad is not None for m in layers)
+
+
+def test_mask_passed_by_position_counts_too():
+    """model(input_ids, attention_mask) positionally: the hooks name the arguments from forward's signature."""
+    torch.manual_seed(0)
+    model = make_tiny_llama()
+    mol.inject(model, mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules="all-linear", backend="torch"))
+    ids, mask = _padded_batch([torch.randint(1, 101, (n,)) for n in (3, 8)], 8)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        by_name = mol.aux_loss(model)
+        for _ in range(2):  # (the second call takes the cached parameter names)
+            model(ids, mask)
+            torch.testing.assert_close(mol.aux_loss(model), by_name)
+        model(ids)  # no mask: every position counts, a different loss
+        assert (mol.aux_loss(model) - by_name).abs() > 1e-6
