@@ -497,6 +497,14 @@ def test_fused_gemm_falls_back_where_tma_cannot_read(monkeypatch):
     assert calls == []
 
 
+def test_fused_gemm_falls_back_where_the_output_rows_are_unaligned(monkeypatch):
+    """19 output features: y's rows (and dy's) are 38 bytes, which TMA cannot store (or read): both passes, and
+    the base GEMM itself, run without it (the H200 check crashed here at 11008 -> 4095, RESULTS run 35)."""
+    calls = _fused_launches(monkeypatch)
+    _check_layer((40, 40, 19, 4, 4, 2, "topk"), "weight", torch.bfloat16)
+    assert calls == []
+
+
 def test_unknown_fused_gemm_is_named(monkeypatch):
     from mol.kernels import routed_gemm as rg
 

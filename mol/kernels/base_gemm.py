@@ -253,7 +253,9 @@ def plan(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None, v:
     ku, ku_t = _row_major(u, False)
     kv, kv_t = _row_major(v, v_t)
     operands = (kb, kb_t, ku, ku_t, kv, kv_t)
-    if not triton_supported(a, kb, ku, kv, bias):
+    n_out = kb.shape[0] if kb_t else kb.shape[1]
+    # the output is stored through a TMA descriptor too: its rows must be 16-byte multiples (not 4095 features)
+    if not triton_supported(a, kb, ku, kv, bias) or (n_out * a.element_size()) % 16:
         return None, operands
     key = (BASE_GEMM, a.device, a.dtype, gl._t_bucket(a.shape[0]), tuple(kb.shape), kb_t,
            None if u is None else (u.shape[1], ku_t, kv_t), bias is not None)

@@ -42,10 +42,10 @@ except ImportError:  # pragma: no cover - older Triton: the unfused path runs
 
 # "auto": fused wherever base_gemm runs its Triton kernel for the pass's base GEMM (base_gemm.plan: tuned
 # against cuBLAS per shape), above base_gemm.EAGER_CUBLAS_ROWS tokens, eager or captured; "on": wherever the
-# kernel can run (the first base_gemm config where none was tuned); "off": never. The default is "off" until the
-# kernel has been timed on a GPU: it is tested under the interpreter and compiled for sm_90, but no device was
-# lent in the session that wrote it (benchmarks/probe_ab.py --variants default fused=auto is the measurement).
-# MOL_ROUTED_GEMM sets it at import.
+# kernel can run (the first base_gemm config where none was tuned); "off": never. The default is "off": timed on
+# an H200 the fused pass is slower, 1137 against 983 us for the whole layer at T=8192 4096^2 E=8 top-2 (RESULTS
+# run 35, benchmarks/probe_ab.py --variants default fused=on); the 255-register kernel's base tiles wait for
+# the gate epilogue. MOL_ROUTED_GEMM sets it at import.
 FUSED = os.environ.get("MOL_ROUTED_GEMM", "off")
 _CHOICES = ("auto", "on", "off")
 SIDE_N = 64  # columns of a side tile: R + 3E = 152 at E=8 r=16 is 3 of them, each a quarter of a 128x256 base tile
@@ -209,7 +209,10 @@ def config(a: torch.Tensor, w: torch.Tensor, w_t: bool, u: torch.Tensor, v: torc
         # the kernels its eager warm-up compiled (graph_tokens warms up eagerly, then captures)
         return None
     cfg, (kb, _, _, _, kv, _) = bg.plan(a, w, w_t, u, v, False, bias)
+    n_out = w.shape[0] if w_t else w.shape[1]
     if not bg.triton_supported(a, kb, None, kv, bias) or not bg._tma_ok(side):
+        return None
+    if (n_out * a.element_size()) % 16:  # the output is stored through a TMA descriptor too (4095 features: not)
         return None
     if cfg is None and mode == "on":
         cfg = bg._INTERPRET_CONFIG if gl._INTERPRET else bg.CONFIGS[0]
