@@ -47,7 +47,7 @@ def test_base_mm_matches_float64(dtype, b_t, v_t, with_u, with_bias, setting, mo
     bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
     if not with_u:
         u = v = None
-    assert bg.triton_supported(a, b, u, v, bias)
+    assert bg.triton_supported(a, b, u, v, bias, b_t)
     calls = []
     orig = bg.triton_base_mm
     monkeypatch.setattr(bg, "triton_base_mm", lambda *args, **kw: calls.append(1) or orig(*args, **kw))

@@ -143,8 +143,9 @@ def _tma_ok(*ts: torch.Tensor | None) -> bool:
     return True
 
 
-def triton_supported(a, b, u=None, v=None, bias=None) -> bool:
-    """Whether the Triton kernel can run these operands (else base_mm runs cuBLAS)."""
+def triton_supported(a, b, u=None, v=None, bias=None, b_t: bool = True) -> bool:
+    """Whether the Triton kernel can run these operands (else base_mm runs cuBLAS): TMA reads a, b, u and v and
+    stores the output (a's rows by b's N = b.shape[0] if b_t else b.shape[1]), so all need 16-byte rows."""
     if TensorDescriptor is None or a.dtype not in (torch.bfloat16, torch.float16) or min(*a.shape, *b.shape) == 0:
         return False
     if u is not None and min(*u.shape, *v.shape) == 0:
@@ -155,7 +156,9 @@ def triton_supported(a, b, u=None, v=None, bias=None) -> bool:
         on_device = a.device.type == "cpu"
     else:
         on_device = a.is_cuda and _props(a.device)[0] >= 9
-    return on_device and _tma_ok(a, b, u, v) and (bias is None or bias.is_contiguous())
+    n_out = b.shape[0] if b_t else b.shape[1]
+    return (on_device and _tma_ok(a, b, u, v) and (n_out * a.element_size()) % 16 == 0
+            and (bias is None or bias.is_contiguous()))
 
 
 _PROPS: dict = {}
@@ -253,9 +256,7 @@ def plan(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None, v:
     ku, ku_t = _row_major(u, False)
     kv, kv_t = _row_major(v, v_t)
     operands = (kb, kb_t, ku, ku_t, kv, kv_t)
-    n_out = kb.shape[0] if kb_t else kb.shape[1]
-    # the output is stored through a TMA descriptor too: its rows must be 16-byte multiples (not 4095 features)
-    if not triton_supported(a, kb, ku, kv, bias) or (n_out * a.element_size()) % 16:
+    if not triton_supported(a, kb, ku, kv, bias, kb_t):
         return None, operands
     key = (BASE_GEMM, a.device, a.dtype, gl._t_bucket(a.shape[0]), tuple(kb.shape), kb_t,
            None if u is None else (u.shape[1], ku_t, kv_t), bias is not None)

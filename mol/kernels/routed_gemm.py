@@ -208,11 +208,8 @@ def config(a: torch.Tensor, w: torch.Tensor, w_t: bool, u: torch.Tensor, v: torc
         # eager calls this small run cuBLAS (base_gemm's rule); captured ones too here, so that a graph captures
         # the kernels its eager warm-up compiled (graph_tokens warms up eagerly, then captures)
         return None
-    cfg, (kb, _, _, _, kv, _) = bg.plan(a, w, w_t, u, v, False, bias)
-    n_out = w.shape[0] if w_t else w.shape[1]
-    if not bg.triton_supported(a, kb, None, kv, bias) or not bg._tma_ok(side):
-        return None
-    if (n_out * a.element_size()) % 16:  # the output is stored through a TMA descriptor too (4095 features: not)
+    cfg, (kb, kb_t, _, _, kv, _) = bg.plan(a, w, w_t, u, v, False, bias)
+    if not bg.triton_supported(a, kb, None, kv, bias, kb_t) or not bg._tma_ok(side):
         return None
     if cfg is None and mode == "on":
         cfg = bg._INTERPRET_CONFIG if gl._INTERPRET else bg.CONFIGS[0]

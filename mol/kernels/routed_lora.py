@@ -712,9 +712,11 @@ _small_t_dot = gl.autotune(configs=_small_t_configs(False), key=_SMALL_T_KEY, do
 
 # ----------------------------------------------------------------------------- launchers
 
-def _aux_coefs(lb_coef: float, z_coef: float, e: int, t: int, top_k: int) -> tuple[float, float]:
-    """(c_lb, c_z) of _aux_value: the load-balance and z-loss weights with E, T and K folded in."""
-    t = max(t, 1)
+def _aux_coefs(lb_coef: float, z_coef: float, e: int, t: int, top_k: int, weighted: bool = False
+               ) -> tuple[float, float]:
+    """(c_lb, c_z) of _aux_value: the load-balance and z-loss weights with E, T and K folded in (weighted, with
+    token weights: T as 1, for the gate kernels divide by the real tokens' count, _token_weights)."""
+    t = 1 if weighted else max(t, 1)
     return float(lb_coef * e / (t * t * top_k)), float(z_coef / t)
 
 
@@ -866,7 +868,7 @@ def gate_fwd_impl(hl: torch.Tensor, stats: torch.Tensor, noise: torch.Tensor | N
     aux = gl._alloc((), hl)
     ep = _ep(e)
     has_w = token_w is not None
-    c_lb, c_z = _aux_coefs(lb_coef, z_coef, e, 1 if has_w else t, top_k)  # weighted: the kernel divides by n_real
+    c_lb, c_z = _aux_coefs(lb_coef, z_coef, e, t, top_k, has_w)
     if t > 0:
         bt, br = _row_block(r_tot, ep)
         _gate_fwd_kernel[(gl._cdiv(t, bt),)](hl, hl if noise is None else noise, token_w if has_w else hl,
@@ -920,7 +922,7 @@ def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None
         ep = _ep(e)
         bt, br, warps = _gate_bwd_tile(r_tot, ep, select)
         has_w = token_w is not None
-        c_lb, c_z = _aux_coefs(lb_coef, z_coef, e, 1 if has_w else t, top_k)
+        c_lb, c_z = _aux_coefs(lb_coef, z_coef, e, t, top_k, has_w)
         _gate_bwd_kernel[(gl._cdiv(t, bt),)](
             du, hl, hl if noise is None else noise, token_w if has_w else hl, n_real if has_w else hl, gates, ids,
             stats, stats if daux is None else daux, dhl,
