@@ -97,6 +97,7 @@ for cfg, (b_t, bias, dt) in itertools.product(bg.CONFIGS, ((True, True, "bf16"),
                        options={"num_warps": warps, "num_stages": stages})
     print(f"_base_gemm_kernel {cfg} b_t={b_t}: compiled for sm_90, {k.metadata.shared} bytes of shared memory")
 
+
 # ---------------------------------------------------------------- the given-routing path's gate kernels, grouped_lora.py
 # (grouped_lora_linear / the sequence router with DENSE_GEMMS: u = scale*g*h before the base GEMM, and the backward's
 # dh (token-minor strides), u and dgates), at E=8 top-2 r=16 (R = 128)
@@ -201,6 +202,36 @@ comp_nf4(dict(nf4k.DOT_CONFIGS[1], SPLIT_K=8), T=16)
 comp_nf4(dict(nf4k.DOT_CONFIGS[0], SPLIT_K=3, num_stages=3), T=16, K=14336)
 
 # ---------------------------------------------------------------- NF4 decode on tensor cores from registers (Gluon)
+# the same function as one Gluon pipeline (mol/kernels/base_gemm_gluon.py), at every config it tunes: the forward
+# form with a bias, the backward form (fp16), and the bare base GEMM
+from mol.kernels import base_gemm_gluon as bgg  # noqa: E402
+
+
+def _gluon_desc(shape, dt):
+    from triton.experimental.gluon import language as ttgl
+    layout = ttgl.NVMMASharedLayout.get_default_for(shape, ttgl.bfloat16 if dt == "bf16" else ttgl.float16)
+    return f"tensordesc<{dt}[{shape[0]}, {shape[1]}],{layout!r}>"
+
+
+if bgg.AVAILABLE:
+    from triton.experimental.gluon._runtime import GluonASTSource
+    for cfg, (b_t, bias, dt, has_u) in itertools.product(bgg.CONFIGS, ((True, True, "bf16", True), (False, False, "fp16", True),
+                                                                       (True, False, "bf16", False))):
+        _, bm, bn, bk, group_m, warps, stages, epi = cfg
+        sig = {"a_desc": _gluon_desc([bm, bk], dt), "b_desc": _gluon_desc([bn, bk] if b_t else [bk, bn], dt),
+               "u_desc": _gluon_desc([bm, bk] if b_t else [bk, bm], dt), "v_desc": _gluon_desc([bn, bk] if b_t else [bk, bn], dt),
+               "c_desc": _gluon_desc([bm, bn // epi], dt), "bias_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32", "KR": "i32"}
+        const = dict(GROUP_M=group_m, B_T=b_t, U_T=not b_t, HAS_U=has_u, HAS_BIAS=bias, STAGES=stages, EPI_SPLIT=epi, U_REG=bgg.U_REG,
+                     num_warps=warps)
+        sig.update({k: "constexpr" for k in const})
+        k = triton.compile(GluonASTSource(fn=bgg._base_gemm_gluon_kernel, signature=sig, constexprs=const), target=tgt,
+                           options={"num_warps": warps})
+        print(f"_base_gemm_gluon_kernel {cfg} b_t={b_t} extra K={has_u}: compiled for sm_90, {_resources(k.asm['cubin'])}, "
+              f"{k.metadata.shared} bytes of shared memory")
+else:
+    print("gluon base GEMM: this Triton has no Gluon, not built")
+
+
 # mol/kernels/nf4_mma.py: every config it tunes at T = 16 (bf16, double-quantized, K = 4096), then the variants: T <= 8
 # (8-token MMA tiles), fp16, plain float32 absmax with a bias, blocksize 128, K = 14336 and a K the slab does not tile.
 from mol.kernels import nf4_mma  # noqa: E402

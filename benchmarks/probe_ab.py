@@ -11,7 +11,8 @@ the graphs (and the bare base's) are replayed in turn, `--rounds` times; the tab
 rounds and its ratio to the base's median. A variant is `default` or comma-joined switches: gate=onehot|select
 (routed_lora.GATE_COLUMNS), router=tf32x3|tf32x2 (ROUTER_PRECISION), du=cublas|triton (grouped_lora.DU_CUBLAS),
 shrink=gemm|triton (routed_lora.SHRINK), base=auto|cublas|triton (base_gemm.BASE_GEMM), dhl=tokens|rows
-(routed_lora.DHL_TOKEN_MINOR), fused=auto|on|off (routed_gemm.FUSED).
+(routed_lora.DHL_TOKEN_MINOR), fused=auto|on|off (routed_gemm.FUSED), gluon=on|off (base_gemm.GLUON: whether the
+base-GEMM tuner also times the Gluon kernel).
 `--nf4` also times each variant on an NF4 base (QLoRA-MoL).
 """
 import argparse
@@ -37,7 +38,8 @@ SWITCHES = {"gate": (rl, "GATE_COLUMNS", {"onehot": "onehot", "select": "select"
             "shrink": (rl, "SHRINK", {"gemm": "gemm", "triton": "triton"}),
             "base": (bg, "BASE_GEMM", {"auto": "auto", "cublas": "cublas", "triton": "triton"}),
             "dhl": (rl, "DHL_TOKEN_MINOR", {"tokens": True, "rows": False}),
-            "fused": (rg, "FUSED", {"auto": "auto", "on": "on", "off": "off"})}
+            "fused": (rg, "FUSED", {"auto": "auto", "on": "on", "off": "off"}),
+            "gluon": (bg, "GLUON", {"on": True, "off": False})}
 
 
 def switches(variant: str) -> list:

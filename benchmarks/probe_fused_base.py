@@ -62,7 +62,7 @@ def probe(T, n_in, n_out, R, E, configs, rounds, g):
               f"{med[k] / med[f'{d} cuBLAS two GEMMs']:.3f} | {errs.get(k, float('nan')):.1e} |")
     for d, kw in (("fwd", fwd), ("bwd", bwd)):
         bg.base_mm(kw["a"], kw["b"], kw["b_t"], kw["u"], kw["v"], kw["v_t"])
-        key = [k for k in bg._CHOSEN if k[4] == tuple(kw["b"].shape) and k[5] == kw["b_t"] and k[3] == bg.gl._t_bucket(T)]
+        key = [k for k in bg._CHOSEN if k[5] == tuple(kw["b"].shape) and k[6] == kw["b_t"] and k[4] == bg.gl._t_bucket(T)]
         print(f"auto picks for {d}: {bg._CHOSEN[key[-1]] or 'cuBLAS'}")
     sys.stdout.flush()
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
+from mol.kernels import base_gemm_gluon as bgg
 from mol.kernels import grouped_lora as gl
 
 try:  # host-side TMA descriptors (triton >= 3.3)
@@ -30,11 +31,13 @@ try:  # host-side TMA descriptors (triton >= 3.3)
 except ImportError:  # pragma: no cover - older Triton: cuBLAS only
     TensorDescriptor = None
 
-# "auto": per shape key, the faster of the Triton kernel (its best config) and cuBLAS's two GEMMs, timed once;
-# "cublas" / "triton": always that one (where the kernel cannot run, e.g. misaligned strides, cuBLAS runs).
+# "auto": per shape key, the fastest of the Triton kernel's configs, the Gluon kernel's (base_gemm_gluon.py, where
+# GLUON and a Hopper GPU allow) and cuBLAS's two GEMMs, timed once; "cublas" / "triton": always that one (where the
+# kernel cannot run, e.g. misaligned strides, cuBLAS runs); "gluon": the Gluon kernel where it can run, else the
+# Triton one, else cuBLAS.
 # MOL_BASE_GEMM sets it at import; read at call time, so tests and benchmarks may set it.
 BASE_GEMM = os.environ.get("MOL_BASE_GEMM", "auto")
-_CHOICES = ("auto", "cublas", "triton")
+_CHOICES = ("auto", "cublas", "triton", "gluon")
 
 # (BM, BN, BK, GROUP_M, num_warps, num_stages, EPI_SPLIT): persistent programs, one per SM; EPI_SPLIT stores the
 # output tile in halves, which frees shared memory for a fourth stage. The five that were fastest somewhere in a
@@ -50,6 +53,9 @@ CONFIGS = [(128, 256, 64, 8, 8, 3, 1), (128, 256, 64, 16, 8, 3, 1), (128, 256, 6
 # 34). Under CUDA-graph capture (graph_tokens, a captured step) the launch cost is paid once, so the tuned choice
 # stands there; eager and graphed results then differ by bf16 rounding. 0 turns this off.
 EAGER_CUBLAS_ROWS = 2048
+# Whether "auto" and "triton" also time the Gluon kernel (base_gemm_gluon.py: one pipeline over the base's and the
+# experts' K steps, Hopper only). Off until its GPU check and timing are in RESULTS; MOL_BASE_GEMM_GLUON=1 turns it on.
+GLUON = os.environ.get("MOL_BASE_GEMM_GLUON", "0") != "0"
 TUNE_ROUNDS = 3  # candidates timed in turn, each's best round kept: one pass ranks them by the clock's drift
 _INTERPRET_CONFIG = (16, 16, 16, 2, 4, 1, 2)
 
@@ -180,7 +186,12 @@ def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None,
                    num_progs: int | None = None, u_t: bool = False) -> torch.Tensor:
     """c = a @ op(b) + op(u) @ op(v) (+ bias) by the Triton kernel, in a's dtype (see the module docstring);
     `config` (BM, BN, BK, GROUP_M, num_warps, num_stages, EPI_SPLIT), default the first of CONFIGS;
-    `num_progs` the persistent programs (default: one per SM, at most one per tile)."""
+    `num_progs` the persistent programs (default: one per SM, at most one per tile). A Gluon config (first item
+    "gluon", base_gemm_gluon.CONFIGS) runs that kernel instead."""
+    if config is not None and config[0] == "gluon":
+        M, N = a.shape[0], b.shape[0] if b_t else b.shape[1]
+        return bgg.gluon_base_mm(a, b, b_t, u, v, v_t, bias, config, u_t=u_t, out=gl._alloc((M, N), a),
+                                 num_progs=num_progs)
     bm, bn, bk, group_m, warps, stages, epi = config or (_INTERPRET_CONFIG if gl._INTERPRET else CONFIGS[0])
     M, K = a.shape
     N = b.shape[0] if b_t else b.shape[1]
@@ -214,7 +225,8 @@ def _choose(key, a, b, b_t, u, v, v_t, bias, u_t=False):
         return _INTERPRET_CONFIG if gl._INTERPRET else None  # nothing can be timed inside a graph capture
     torch.cuda.synchronize()
     fns = {None: lambda: _cublas(a, b, b_t, u, v, v_t, bias, u_t)} if BASE_GEMM == "auto" else {}
-    for cfg in CONFIGS:
+    gluon = bgg.CONFIGS if (GLUON or BASE_GEMM == "gluon") and bgg.supported(a, b_t, u, v_t) else []
+    for cfg in (gluon if BASE_GEMM == "gluon" and gluon else CONFIGS + gluon):
         try:
             triton_base_mm(a, b, b_t, u, v, v_t, bias, cfg, u_t=u_t)
         except Exception:  # noqa: BLE001 - a config this GPU cannot run (e.g. its shared memory) is left out
@@ -258,7 +270,7 @@ def plan(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None, v:
     operands = (kb, kb_t, ku, ku_t, kv, kv_t)
     if not triton_supported(a, kb, ku, kv, bias, kb_t):
         return None, operands
-    key = (BASE_GEMM, a.device, a.dtype, gl._t_bucket(a.shape[0]), tuple(kb.shape), kb_t,
+    key = (BASE_GEMM, GLUON, a.device, a.dtype, gl._t_bucket(a.shape[0]), tuple(kb.shape), kb_t,
            None if u is None else (u.shape[1], ku_t, kv_t), bias is not None)
     cfg = _CHOSEN[key] if key in _CHOSEN else _choose(key, a, kb, kb_t, ku, kv, kv_t, bias, ku_t)
     return cfg, operands

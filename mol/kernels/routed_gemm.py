@@ -211,6 +211,8 @@ def config(a: torch.Tensor, w: torch.Tensor, w_t: bool, u: torch.Tensor, v: torc
     cfg, (kb, kb_t, _, _, kv, _) = bg.plan(a, w, w_t, u, v, False, bias)
     if not bg.triton_supported(a, kb, None, kv, bias, kb_t) or not bg._tma_ok(side):
         return None
+    if cfg is not None and cfg[0] == "gluon":  # the tuned base GEMM is the Gluon kernel, which has no fused form
+        cfg = None
     if cfg is None and mode == "on":
         cfg = bg._INTERPRET_CONFIG if gl._INTERPRET else bg.CONFIGS[0]
     return cfg
