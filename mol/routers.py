@@ -255,6 +255,8 @@ class Router(nn.Module):
                 if mask is not None and tuple(mask.shape) != tuple(seqs.shape[:2]):
                     mask = None
                 logits = F.linear(_MeanPool.apply(seqs, mask).float(), self.weight.float())  # (B, E)
+                # a sequence of padding only (a batch filler) is routed but left out of the losses and statistics
+                token_weights = None if mask is None else (mask != 0).any(dim=1).float()
             else:
                 logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)
                 token_weights = None if context is None else context.token_weights(x)
@@ -274,7 +276,8 @@ class Router(nn.Module):
         if self.kind == "sequence":
             if context is not None:  # for the cached calls that continue these sequences
                 self._kept = RouterOutput(gates.detach(), expert_ids, logits.detach(), probs.detach(), chosen)
-            return self._per_token(RouterOutput(gates, expert_ids, logits, probs, chosen), seqs.shape[1])
+            return self._per_token(RouterOutput(gates, expert_ids, logits, probs, chosen, token_weights),
+                                   seqs.shape[1])
         return RouterOutput(gates, expert_ids, logits, probs, chosen, token_weights)
 
     @staticmethod
@@ -297,7 +300,7 @@ class Router(nn.Module):
         """A per-sequence choice (B, K) repeated over each sequence's positions: (B * seq_len, K)."""
         gates = repeat(per_seq.gates, "b k -> (b s) k", s=seq_len)
         expert_ids = repeat(per_seq.expert_ids, "b k -> (b s) k", s=seq_len)
-        return RouterOutput(gates, expert_ids, per_seq.logits, per_seq.probs, per_seq.chosen)
+        return RouterOutput(gates, expert_ids, per_seq.logits, per_seq.probs, per_seq.chosen, per_seq.token_weights)
 
     def _continued(self, seqs: Tensor) -> RouterOutput:
         kept = self._kept

@@ -142,3 +142,34 @@ def test_masked_pool_gradient():
     assert torch.autograd.gradgradcheck(lambda t: _MeanPool.apply(t, mask), (x,))
     want = torch.stack([x[0, :3].mean(0), x[1].mean(0), torch.zeros(7, dtype=torch.float64)])
     torch.testing.assert_close(_MeanPool.apply(x, mask), want)
+
+
+def test_a_sequence_of_padding_only_is_left_out_of_the_losses():
+    """A batch filler (a row whose mask is all zeros) is routed, but the router losses, their gradients and the
+    statistics equal those of the batch without it; counted as a row, it moved them."""
+    torch.manual_seed(0)
+    model = _inject(make_tiny_llama()).train()
+    seqs = [torch.randint(1, 101, (n,)) for n in (4, 9)]
+    ids, mask = _padded(seqs)
+    filler_ids = torch.cat([ids, torch.zeros(1, ids.shape[1], dtype=torch.long)])
+    filler_mask = torch.cat([mask, torch.zeros(1, mask.shape[1], dtype=torch.long)])
+
+    def run(i, m):
+        model.zero_grad()
+        model(input_ids=i, attention_mask=m)
+        aux = mol.aux_loss(model)
+        aux.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if "router" in n}
+        stats = {n: s["counts"].clone() for n, s in mol.routing_stats(model).items()}
+        return aux.detach(), grads, stats
+
+    aux, grads, stats = run(ids, mask)
+    aux_f, grads_f, stats_f = run(filler_ids, filler_mask)
+    torch.testing.assert_close(aux_f, aux, rtol=1e-5, atol=1e-7)
+    for n in grads:
+        torch.testing.assert_close(grads_f[n], grads[n], rtol=1e-4, atol=1e-7)
+    for n in stats:
+        torch.testing.assert_close(stats_f[n], stats[n])
+    # and it can fail: with the filler's mask marking its positions, the losses move
+    aux_real, _, _ = run(filler_ids, torch.cat([mask, torch.ones(1, mask.shape[1], dtype=torch.long)]))
+    assert (aux_real - aux).abs() > 1e-6
