@@ -9,6 +9,7 @@ tests/reference.py's float64 formula on upcast inputs; outputs poisoned with NaN
 Shapes not multiples of any block (T = 1, 7, 16, 4097; 4095 and 11008 features), E up to 64, top-k 1/2/4, soft and
 switch routers; at T = 4097 also 4096 -> 11008, whose 16-byte aligned rows let the base GEMM run as the Triton
 kernel with the experts' product as extra K (mol.kernels.base_gemm; `--base triton` forces it where it can run,
+`--base gluon` its Gluon form on Hopper GPUs,
 the default "auto" takes whichever of it and cuBLAS timed faster). Pass: bf16 < 1e-2, float32 < 1e-4, and the router logits (hl's last E columns) within 5e-5 of
 the largest logit: float32-class scores (the one-GEMM shrink's tensor-core sums measured 4.7e-6 at 4096 features
 and 1.2e-5 at 11008, tf32x3 ~4e-7), where Wr rounded to bf16 would be ~1e-3 off.

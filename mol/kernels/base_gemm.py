@@ -54,8 +54,9 @@ CONFIGS = [(128, 256, 64, 8, 8, 3, 1), (128, 256, 64, 16, 8, 3, 1), (128, 256, 6
 # stands there; eager and graphed results then differ by bf16 rounding. 0 turns this off.
 EAGER_CUBLAS_ROWS = 2048
 # Whether "auto" and "triton" also time the Gluon kernel (base_gemm_gluon.py: one pipeline over the base's and the
-# experts' K steps, Hopper only). Off until its GPU check and timing are in RESULTS; MOL_BASE_GEMM_GLUON=1 turns it on.
-GLUON = os.environ.get("MOL_BASE_GEMM_GLUON", "0") != "0"
+# experts' K steps, Hopper only): at cuBLAS's speed on the bare GEMM and 3-4 µs ahead of the Triton kernel with the
+# extra K, so the layer 0.1-1.4% faster (RESULTS run 36). MOL_BASE_GEMM_GLUON=0 leaves it out.
+GLUON = os.environ.get("MOL_BASE_GEMM_GLUON", "1") != "0"
 TUNE_ROUNDS = 3  # candidates timed in turn, each's best round kept: one pass ranks them by the clock's drift
 _INTERPRET_CONFIG = (16, 16, 16, 2, 4, 1, 2)
 
