@@ -25,7 +25,8 @@ DEV = "cuda"
 
 
 def operands(form, T, n_in, n_out, kr, dt, bias, gen):
-    """(a, b, b_t, u, u_t, v, v_t, bias) of one form; u token-minor (stored (kr, T8)) in the backward form.
+    """(a, b, b_t, u, u_t, v, v_t, bias) of one form, u as the kernels take it: stored (kr, T8) and read transposed
+    (u_t) in the backward form, token-minor as gate_bwd_impl writes dhl.
     Forms "fwdT" / "bwdR": the forward with a token-minor u, the backward with a row-major one."""
     r = lambda *s: (torch.randn(*s, generator=gen, device=DEV) / 8).to(dt)  # noqa: E731
     t8 = -(-T // 8) * 8
@@ -55,14 +56,13 @@ def check(quiet=False):
     fails = 0
     for form, T, n_in, n_out, kr, dt, bias in cases:
         a, b, b_t, u, u_t, v, v_t, bi = operands(form, T, n_in, n_out, kr, dt, bias, gen)
-        ru = u  # the kernels take u as stored: (kr, T) row-major when u_t
         ref = reference(a, b, b_t, u, u_t, v, v_t, bi)
         scale = ref.abs().max().item()
         for cfg, u_reg in [(c, False) for c in bgg.CONFIGS] + [(bgg.CONFIGS[0], True)]:
             bgg.U_REG = u_reg
             for with_u in (True, False):
                 out = torch.full((a.shape[0], ref.shape[1]), float("nan"), device=DEV, dtype=dt)
-                uu, vv = (ru, v) if with_u else (None, None)
+                uu, vv = (u, v) if with_u else (None, None)
                 bgg.gluon_base_mm(a, b, b_t, uu, vv, v_t, bi, cfg, u_t=u_t, out=out)
                 want = ref if with_u else reference(a, b, b_t, None, u_t, None, v_t, bi)
                 err = ((out.double() - want).abs().max() / scale).item()
@@ -88,14 +88,13 @@ def timing(rounds, cases):
         for form in ("fwd", "bwd"):
             kr = r_tot if form == "fwd" else r_tot + e
             a, b, b_t, u, u_t, v, v_t, bi = operands(form, T, n_in, n_out, kr, torch.bfloat16, False, gen)
-            ru = u
             fns = {"cuBLAS base alone": lambda: torch.mm(a, b.t() if b_t else b),
                    "cuBLAS two GEMMs (u v, then base with beta=1)": lambda: bg._cublas(a, b, b_t, u, v, v_t, None, u_t)}
             for cfg in bg.CONFIGS[:3]:
-                fns[f"Triton extra K {cfg[3:6]}"] = lambda cfg=cfg: bg.triton_base_mm(a, b, b_t, ru, v, v_t, None, cfg, u_t=u_t)
+                fns[f"Triton extra K {cfg[3:6]}"] = lambda cfg=cfg: bg.triton_base_mm(a, b, b_t, u, v, v_t, None, cfg, u_t=u_t)
             fns["Triton alone"] = lambda: bg.triton_base_mm(a, b, b_t, None, None, v_t, None, bg.CONFIGS[0])
             for cfg in bgg.CONFIGS:
-                fns[f"Gluon extra K {cfg[4:]}"] = lambda cfg=cfg: bgg.gluon_base_mm(a, b, b_t, ru, v, v_t, None, cfg, u_t=u_t)
+                fns[f"Gluon extra K {cfg[4:]}"] = lambda cfg=cfg: bgg.gluon_base_mm(a, b, b_t, u, v, v_t, None, cfg, u_t=u_t)
             fns["Gluon alone"] = lambda: bgg.gluon_base_mm(a, b, b_t, None, None, v_t, None, bgg.CONFIGS[0])
             for f in fns.values():
                 f()

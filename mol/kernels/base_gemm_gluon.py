@@ -7,10 +7,10 @@ Triton pipelines each loop on its own: every tile drains the pipeline once for t
 extra K, drains it again and refills it for the next tile. At T=8192 4096^2 the extra K cost it 24-28 us a GEMM
 (RESULTS run 29: 372 / 375 us against ~347 for the bare base).
 
-Here a program walks one flat sequence of (tile, k step) pairs, the base's K steps then the extra ones, and its
-TMA loads run STAGES - 1 steps ahead of the MMAs across both kinds of step and across tile boundaries: the stage
-buffers are shared, each load goes to a or u (b or v) by its predicate, and the next tile's first loads are in
-flight while this tile's epilogue stores. One warpgroup MMA stays in flight (a stage is reloaded once the MMA that
+Here a program's loads walk one flat sequence of (tile, k step) pairs, the base's K steps then the extra ones,
+STAGES - 1 steps ahead of the MMAs across both kinds of step and across tile boundaries: the stage buffers are
+shared, each load goes to a or u (b or v) by its predicate, and the next tile's first loads are in flight while
+this tile's epilogue stores. One warpgroup MMA stays in flight (a stage is reloaded once the MMA that
 read it has retired).
 
 Hopper only (wgmma); base_gemm times it beside its Triton configs and cuBLAS and keeps the fastest per shape.
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 import triton
+
+from mol.kernels import base_gemm as bg  # its kernel's tile order (_tile_origin), read when a kernel compiles
 
 try:  # Gluon ships with Triton >= 3.5
     from triton.experimental import gluon
@@ -41,10 +43,11 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 # ("gluon", BM, BN, BK, GROUP_M, num_warps, STAGES, EPI_SPLIT): 128x256 tiles over two warpgroups, as base_gemm's
 # Triton configs; three stages (3 x 48 KB) and the 64 KB output tile fill 208 of sm_90's 227 KB of shared memory,
 # or four with the tile stored in halves (224 KB).
-# u^T tiles (U_T) go to the MMA through registers rather than as a transposed shared-memory operand
-U_REG = False
 CONFIGS = [("gluon", 128, 256, 64, 8, 8, 3, 1), ("gluon", 128, 256, 64, 8, 8, 4, 2),
            ("gluon", 128, 256, 64, 16, 8, 4, 2)]
+# u^T tiles (U_T) go to the MMA through registers rather than as a transposed shared-memory operand (both forms
+# pass probe_gluon_gemm's check, RESULTS run 36; the shared-memory one is the default)
+U_REG = False
 
 
 def supported(a: torch.Tensor, b_t: bool, u: torch.Tensor | None, v_t: bool) -> bool:
@@ -56,14 +59,6 @@ def supported(a: torch.Tensor, b_t: bool, u: torch.Tensor | None, v_t: bool) -> 
 
 
 if AVAILABLE:
-    @gluon.jit
-    def _tile_origin(tile, num_m, num_n, GROUP_M: gl.constexpr):
-        """(row block, column block) of output tile `tile` in grouped order (as base_gemm's kernel)."""
-        in_group = GROUP_M * num_n
-        first_m = (tile // in_group) * GROUP_M
-        size_m = gl.minimum(num_m - first_m, GROUP_M)
-        return first_m + tile % size_m, (tile % in_group) // size_m
-
     @gluon.jit
     def _u_view(buf, u_desc):
         """A stage's a-tile buffer seen as a u^T tile (the same bytes, u_desc's shape and layout)."""
@@ -109,9 +104,8 @@ if AVAILABLE:
         if kk == n_k:
             kk = 0
             tile += nprog
-            m, n = _tile_origin(tile, num_m, num_n, GROUP_M)
+            m, on = bg._tile_origin(tile, num_m, num_n, GROUP_M, BN)
             om = m * BM
-            on = n * BN
         return kk, tile, om, on
 
     @gluon.jit
@@ -144,17 +138,17 @@ if AVAILABLE:
         total = gl.cdiv(num_m * num_n - pid, nprog) * n_k  # this program's (tile, k step) pairs
 
         # the loads run STAGES - 1 steps ahead of the MMAs: (lk, l_tile, l_om, l_on) is the next load's step
-        m0, n0 = _tile_origin(pid, num_m, num_n, GROUP_M)
+        m0, on0 = bg._tile_origin(pid, num_m, num_n, GROUP_M, BN)
         lk = 0
         l_tile = pid
         l_om = m0 * BM
-        l_on = n0 * BN
+        l_on = on0
         for p in gl.static_range(STAGES - 1):
             _issue_loads(lk, l_om, l_on, p, p < total, n_main, a_desc, b_desc, u_desc, v_desc, bars, a_bufs,
                          b_bufs, B_T, U_T, HAS_U)
             lk, l_tile, l_om, l_on = _next_step(lk, l_tile, l_om, l_on, n_k, nprog, num_m, num_n, GROUP_M, BM, BN)
         c_om = m0 * BM  # the tile the MMAs are on
-        c_on = n0 * BN
+        c_on = on0
         c_tile = pid
         c = 0  # steps consumed
         acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_layout)
@@ -213,9 +207,8 @@ if AVAILABLE:
                 fence_async_shared()
                 _tma_store(c_desc, [c_om, c_on], c_smem)
             c_tile += nprog
-            m, n = _tile_origin(c_tile, num_m, num_n, GROUP_M)
+            m, c_on = bg._tile_origin(c_tile, num_m, num_n, GROUP_M, BN)
             c_om = m * BM
-            c_on = n * BN
         tma.store_wait(pendings=0)
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(st))
