@@ -77,6 +77,10 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
     if target_modules == "all-linear":
         heads = _output_head_names(model)
         names = [n for n, m in candidates if predicate(m) and n not in heads]
+        if not names and adapters:  # an earlier inject took them all
+            raise ValueError(f"target_modules='all-linear' matched no linear layer: every one in this model already "
+                             f"carries an adapter ({len(adapters)} adapted layers); give each method its own layers "
+                             "(or inject the configs as one list on a fresh model)")
         if not names:
             raise ValueError("target_modules='all-linear' matched no linear layer in this model; "
                              "name the layers to adapt explicitly")

@@ -158,6 +158,13 @@ def test_second_adapter_on_same_layers_is_refused():
         mol.inject(model, mol.MoLConfig(target_modules=["q_proj"]))
 
 
+def test_all_linear_on_an_all_adapted_model_says_so():
+    # the generic "matched no linear layer" would send the user looking for a naming problem
+    model = mol.inject(make_tiny_llama(), mol.LoRAConfig(target_modules="all-linear"))
+    with pytest.raises(ValueError, match="every one in this model already carries an adapter"):
+        mol.inject(model, mol.MoLConfig(target_modules="all-linear"))
+
+
 def test_aux_loss_collects_every_routed_layer():
     model = mol.inject(make_tiny_llama(), mol.MoLConfig(num_experts=4, top_k=2, aux_loss_coef=0.1, z_loss_coef=0.01))
     assert mol.aux_loss(model).item() == 0.0
