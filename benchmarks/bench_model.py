@@ -9,7 +9,10 @@ backend, and the PyTorch reference backend for comparison), and PEFT and MoL aga
 the calling thread (torch.autograd.set_multithreading_enabled(False)), and PEFT and MoL with the whole step
 captured in a CUDA graph and replayed (the GPU's work alone: on hosts as slow as the H200 machines the eager step is
 host-bound). With --only, also PEFT and MoL under torch.compile(model) (default mode), and MoL with per-layer
-CUDA graphs (MoLConfig.graph_tokens: the step eager, each layer replaying its captured forward and backward). Median step time over
+CUDA graphs (MoLConfig.graph_tokens: the step eager, each layer replaying its captured forward and backward), and
+PEFT and MoL with their adapters in bf16 ("bf16 adapters"; the other rows take each library's default, float32
+adapters on the bf16 model, since mol's adapter_dtype="auto" follows PEFT's autocast_adapter_dtype; runs 28 and
+earlier measured MoL with bf16 adapters against PEFT's float32 ones). Median step time over
 timed steps after warm-up (CUDA events), and peak allocated memory over the timed steps.
 """
 import argparse
@@ -50,12 +53,16 @@ def variant(name, model, tokens=0):
     if name.startswith("PEFT"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+        # each library's default: float32 adapters on the bf16 model (autocast_adapter_dtype; mol's adapter_dtype
+        # "auto"); the "bf16 adapters" rows keep them in the model's dtype
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS),
+                               autocast_adapter_dtype="bf16 adapters" not in name)
     else:
         backend = "torch" if "reference" in name else "triton"
         graph_tokens = tokens if "layer graphs" in name else 0  # every layer call of the step replays its graphs
         model = mol.inject(model, mol.MoLConfig(rank=16, alpha=32, num_experts=8, top_k=2, target_modules=TARGETS,
-                                               backend=backend, graph_tokens=graph_tokens))
+                                               backend=backend, graph_tokens=graph_tokens,
+                                               adapter_dtype="base" if "bf16 adapters" in name else "auto"))
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():  # never time on zeros: give lora_B values
         for n, p in model.named_parameters():
@@ -141,7 +148,8 @@ def main():
     # captured forward and backward; the step stays eager), for small steps where the eager step is host-bound
     extra = ["MoL E=8 top-2 r=16 (triton, Triton shrink)", "PEFT LoRA r=16, torch.compile",
              "MoL E=8 top-2 r=16 (triton), torch.compile", "MoL E=8 top-2 r=16 (triton), layer graphs",
-             "MoL E=8 top-2 r=16 (triton), layer graphs, autograd threads off"]
+             "MoL E=8 top-2 r=16 (triton), layer graphs, autograd threads off",
+             "PEFT LoRA r=16, bf16 adapters", "MoL E=8 top-2 r=16 (triton), bf16 adapters"]
     if args.only:
         unknown = [n for n in args.only if n not in names + extra]
         if unknown:

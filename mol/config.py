@@ -16,6 +16,7 @@ ROUTERS = ("topk", "soft", "switch", "sequence")
 INITS = ("kaiming", "gaussian")
 BACKENDS = ("auto", "torch", "triton")
 QUANT_TYPES = (None, "nf4")
+ADAPTER_DTYPES = ("auto", "base", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -47,6 +48,8 @@ def _check_common(cfg: Any) -> None:
         raise ValueError(f"{name}.quantize_base={cfg.quantize_base!r} is unknown; use None or 'nf4'")
     if not cfg.target_modules:
         raise ValueError(f"{name}.target_modules is empty; give names, suffixes, a regex or 'all-linear'")
+    if cfg.adapter_dtype not in ADAPTER_DTYPES:
+        raise ValueError(f"{name}.adapter_dtype={cfg.adapter_dtype!r} is unknown; choose one of {ADAPTER_DTYPES}")
 
 
 @dataclass
@@ -61,6 +64,12 @@ class MoLConfig(MethodConfig):
     ``graph_tokens``: on CUDA, training calls of at most this many tokens replay per-layer CUDA graphs of the
     routed forward and backward (cuts the host cost that bounds small steps; costs static buffers per layer and
     token count, see mol.kernels.layer_graphs); 0 (default) never captures.
+    ``adapter_dtype``: the dtype of ``lora_A`` / ``lora_B`` (the router's weight is float32 always). ``"auto"``
+    (default): float32 on a 16-bit base (bf16/fp16 weights, or NF4 computing in them), else the base's dtype, as
+    PEFT's ``get_peft_model`` makes them: in a bf16 weight, an AdamW step smaller than ~1/256 of the weight rounds
+    away. The layer still computes in the base's dtype (the adapters are cast per call). ``"base"``: the base's
+    dtype (fewer host ops per call, and 16-bit optimizer states). Or one of ``"float32"``, ``"bfloat16"``,
+    ``"float16"``.
     ``aux_loss_in_output``: the model's training forward adds ``mol.aux_loss(model)`` to the ``loss`` it returns
     (as Hugging Face's MoE models add their router loss), so a loop that backpropagates ``outputs.loss`` alone,
     such as transformers' Trainer, trains the router losses too; False (default): add them yourself.
@@ -84,6 +93,7 @@ class MoLConfig(MethodConfig):
     backend: str = "auto"
     graph_tokens: int = 0
     aux_loss_in_output: bool = False
+    adapter_dtype: str = "auto"
     modules_to_save: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -109,7 +119,8 @@ class MoLConfig(MethodConfig):
 
 @dataclass
 class LoRAConfig(MethodConfig):
-    """Standard LoRA (Hu et al. 2021), as Hugging Face PEFT computes it: the one-expert MoL layer."""
+    """Standard LoRA (Hu et al. 2021), as Hugging Face PEFT computes it: the one-expert MoL layer.
+    ``adapter_dtype`` as in MoLConfig ("auto": float32 adapters on a 16-bit base, as PEFT's default)."""
 
     method: ClassVar[str] = "lora"
 
@@ -121,6 +132,7 @@ class LoRAConfig(MethodConfig):
     init: str = "kaiming"
     quantize_base: Optional[str] = None
     backend: str = "auto"
+    adapter_dtype: str = "auto"
     modules_to_save: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -132,7 +144,7 @@ class LoRAConfig(MethodConfig):
             rank=self.rank, alpha=self.alpha, num_experts=1, top_k=1, router="topk",
             target_modules=self.target_modules, dropout=self.dropout, use_rslora=self.use_rslora,
             init=self.init, aux_loss_coef=0.0, z_loss_coef=0.0, quantize_base=self.quantize_base,
-            backend=self.backend, modules_to_save=list(self.modules_to_save),
+            backend=self.backend, adapter_dtype=self.adapter_dtype, modules_to_save=list(self.modules_to_save),
         )
 
 

@@ -228,6 +228,7 @@ def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
             alpha=config.alpha, router=config.router, dropout=config.dropout, use_rslora=config.use_rslora,
             init=config.init, aux_loss_coef=config.aux_loss_coef, z_loss_coef=config.z_loss_coef,
             router_noise=config.router_noise, backend=config.backend, graph_tokens=config.graph_tokens,
+            adapter_dtype=config.adapter_dtype,
         )
         if context is not None:
             layer.router.context = context

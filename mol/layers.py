@@ -12,7 +12,7 @@ with ``lora_A``: "e r k", ``lora_B``: "e d r", ``scale = alpha / r`` (``alpha / 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +106,24 @@ def _linear_shape(base: nn.Module) -> tuple[int, int]:
                         f"transformers' Conv1D), got {type(base).__name__}") from None
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype_for(choice: Union[None, str, torch.dtype], base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a layer's adapter tensors: ``None`` / ``"base"`` the base's, ``"auto"`` float32 on a 16-bit
+    base (PEFT's default: a 16-bit weight drops AdamW steps below ~1/256 of itself) and the base's otherwise,
+    or a dtype (object or name) as given."""
+    if choice is None or choice == "base":
+        return base_dtype
+    if choice == "auto":
+        return torch.float32 if base_dtype in _HALF else base_dtype
+    dtype = getattr(torch, choice, None) if isinstance(choice, str) else choice
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"adapter_dtype={choice!r} is not a floating dtype; use 'auto', 'base', 'float32', "
+                         f"'bfloat16' or 'float16'")
+    return dtype
+
+
 def _base_dtype_device(base: nn.Module) -> tuple[torch.dtype, Optional[torch.device]]:
     """The compute dtype and device adapters should take: a float weight's, else (quantized bases, whose
     weight is packed codes) their ``weight_dtype`` and the device their buffers live on."""
@@ -121,6 +139,8 @@ class MoLLinear(AdapterLayer):
 
     With ``num_experts=1`` there is no router and the layer is exactly PEFT's LoRA:
     ``base(x) + lora_B(lora_A(dropout(x))) * scaling``.
+    ``adapter_dtype``: dtype of lora_A / lora_B; None (default here) or "base": the base's; "auto": float32 on a
+    16-bit base (what ``mol.inject`` uses by default, as PEFT's get_peft_model); or a dtype. See adapter_dtype_for.
     """
 
     # the gradient a deferred router loss received, for a reentrant checkpoint's recompute to apply
@@ -143,6 +163,7 @@ class MoLLinear(AdapterLayer):
         router_noise: float = 0.0,
         backend: str = "auto",
         graph_tokens: int = 0,
+        adapter_dtype: Union[None, str, torch.dtype] = None,
     ):
         super().__init__()
         in_features, out_features = _linear_shape(base)
@@ -171,7 +192,8 @@ class MoLLinear(AdapterLayer):
         self.backend = backend
         self.merged = False
 
-        dtype, device = _base_dtype_device(base)
+        base_dtype, device = _base_dtype_device(base)
+        dtype = adapter_dtype_for(adapter_dtype, base_dtype)
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, dtype=dtype, device=device))
         # lora_B is (E, out, r) but stored expert-interleaved, in (out, E, r) memory order: then the experts'
         # concatenated B_cat (E*r, out) the kernels multiply by, and dB, are views, not copies, every step
@@ -223,7 +245,8 @@ class MoLLinear(AdapterLayer):
             out = self.base_layer(x)
             x_lora = x_lora.to(self.lora_A.dtype)
             delta = F.linear(F.linear(x_lora, self.lora_A[0]), self.lora_B[0]) * self.scaling
-            return out + delta.to(out.dtype)
+            # added before the cast back, as PEFT does: float32 adapters on a bf16 base round the sum once
+            return (out + delta).to(out.dtype)
 
         flat_x = x.reshape(-1, self.in_features)
         flat_x_lora = flat_x if x_lora is x else x_lora.reshape(-1, self.in_features)

@@ -88,6 +88,33 @@ def test_graph_tokens_override_reaches_the_layers():
     assert layers and all(m._graphs is not None and m._graphs.max_tokens == 64 for m in layers)
 
 
+@pytest.mark.parametrize("model_dtype, choice, expect", [
+    ("bfloat16", "auto", "base"), ("float32", "auto", "auto"), ("bfloat16", "base", "base"),
+    ("bfloat16", "float32", "error")])
+def test_fsdp_keeps_one_dtype_per_flat_parameter(model_dtype, choice, expect, capsys):
+    # FSDP refuses to flatten float32 adapters with a bf16 model's frozen weights ("uniform dtype"): the run
+    # resolves "auto" to the model's dtype and says so, and stops on an explicit mix before loading anything
+    from hydra.utils import instantiate
+
+    import mol  # noqa: F401
+    from mol.train.app import ConfigError, fsdp_uniform_dtype
+
+    cfg = compose(["method=mol", "trainer=fsdp", f"model.dtype={model_dtype}", f"method.adapter_dtype={choice}",
+                   "output_dir=/z"])
+    method = instantiate(cfg.method, _convert_="all")
+    if expect == "error":
+        with pytest.raises(ConfigError, match="method.adapter_dtype=base or model.dtype=float32"):
+            fsdp_uniform_dtype(cfg, method)
+        return
+    fsdp_uniform_dtype(cfg, method)
+    assert method.adapter_dtype == expect
+    assert ("adapters take the model's bfloat16" in capsys.readouterr().out) == (expect != choice)
+    plain = instantiate(compose(["method=mol", f"model.dtype={model_dtype}", "output_dir=/z"]).method,
+                        _convert_="all")
+    fsdp_uniform_dtype(compose(["method=mol", f"model.dtype={model_dtype}", "output_dir=/z"]), plain)
+    assert plain.adapter_dtype == "auto"  # no FSDP: nothing changes
+
+
 def test_logger_group_errors_before_any_training(tmp_path, monkeypatch):
     """logger=...: a logger whose package is missing, or a class that does not import, stops the run in
     ``prepare`` (before the baseline's fit) with one line naming the logger and what is missing."""

@@ -214,6 +214,28 @@ def build_logger(cfg: DictConfig, out: Path, name: str = "logs") -> Any:
         raise ConfigError(f"cannot build logger {cls.__name__}: {_one_line(cause)}") from e
 
 
+def fsdp_uniform_dtype(cfg: DictConfig, method_cfg: Any) -> None:
+    """FSDP flattens each wrapped module's parameters into one tensor, which must have one dtype, so float32
+    adapters on a 16-bit model cannot share one with its frozen weights: under FSDP, adapter_dtype="auto" takes the
+    model's dtype (said on stdout), and an explicit dtype other than the model's stops the run before it starts."""
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    choice = getattr(method_cfg, "adapter_dtype", None)
+    model_dtype = str(cfg.model.get("dtype", "float32"))
+    if "fsdp" not in target.lower() or choice in (None, "base") or choice == model_dtype:
+        return
+    if choice == "auto":
+        if model_dtype in ("bfloat16", "float16"):
+            method_cfg.adapter_dtype = "base"
+            print(f"mol: trainer=fsdp keeps one dtype per flattened module: the adapters take the model's "
+                  f"{model_dtype} (method.adapter_dtype=base); for float32 adapters load the model in float32 "
+                  f"(model.dtype=float32; trainer precision bf16-mixed computes in bf16 either way)")
+        return
+    raise ConfigError(f"method.adapter_dtype={choice} with model.dtype={model_dtype} under FSDP: FSDP flattens a "
+                      f"module's parameters into one tensor of one dtype; set method.adapter_dtype=base or "
+                      f"model.dtype={choice}")
+
+
 def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str, max_epochs: Optional[int] = None) -> Any:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
@@ -343,6 +365,7 @@ def prepare(cfg: DictConfig) -> tuple[Any, Any]:
     """Validate everything cheap before training: method config, model folder, data files and labels."""
     register_resolvers()
     method_cfg = build_method_config(cfg)
+    fsdp_uniform_dtype(cfg, method_cfg)
     build_logger(cfg, Path("."))  # a missing logger package fails here, not after the baseline's fit (writes nothing)
     tokenizer = _tokenizer_only(cfg.model)
     datamodule = build_datamodule(cfg, tokenizer)

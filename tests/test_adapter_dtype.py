@@ -1,0 +1,151 @@
+"""Adapter dtype: on a 16-bit base, ``mol.inject`` makes float32 adapters by default, as PEFT's get_peft_model does,
+because a bf16 weight cannot take an AdamW step much smaller than itself; the layer still computes in the base's
+dtype, on every path."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import mol
+from conftest import make_tiny_llama
+from mol.layers import MoLLinear, adapter_dtype_for
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, MoLLinear)]
+
+
+def test_inject_makes_float32_adapters_on_a_16_bit_base_as_peft_does():
+    base = make_tiny_llama(dtype=torch.bfloat16)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=TARGETS))
+    peft_dtypes = {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n}
+    ours = mol.inject(copy.deepcopy(base), mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules=TARGETS))
+    layers = _layers(ours)
+    assert peft_dtypes == {torch.float32}
+    assert {t.dtype for m in layers for t in (m.lora_A, m.lora_B, m.router.weight)} == {torch.float32}
+    assert {m.base_layer.weight.dtype for m in layers} == {torch.bfloat16}  # the frozen base is left as it was
+
+    kept = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=TARGETS, adapter_dtype="base"))
+    assert {t.dtype for m in _layers(kept) for t in (m.lora_A, m.lora_B)} == {torch.bfloat16}
+    fp32_base = mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=4, target_modules=TARGETS))
+    assert {t.dtype for m in _layers(fp32_base) for t in (m.lora_A, m.lora_B)} == {torch.float32}
+    forced = mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=4, target_modules=TARGETS, adapter_dtype="bfloat16"))
+    assert {t.dtype for m in _layers(forced) for t in (m.lora_A, m.lora_B)} == {torch.bfloat16}
+
+
+def test_adapter_dtype_choices():
+    assert adapter_dtype_for("auto", torch.float16) == torch.float32
+    assert adapter_dtype_for("auto", torch.float64) == torch.float64
+    assert adapter_dtype_for(None, torch.bfloat16) == adapter_dtype_for("base", torch.bfloat16) == torch.bfloat16
+    assert adapter_dtype_for(torch.float16, torch.float32) == torch.float16
+    with pytest.raises(ValueError, match="adapter_dtype='int8' is not a floating dtype"):
+        adapter_dtype_for("int8", torch.float32)
+    with pytest.raises(ValueError, match="MoLConfig.adapter_dtype='fp32' is unknown; choose one of"):
+        mol.inject(make_tiny_llama(), mol.MoLConfig(adapter_dtype="fp32"))
+
+
+def test_lora_with_float32_adapters_on_a_bf16_base_is_peft():
+    """PEFT's default on a bf16 model (float32 adapters, input cast up, the sum rounded once): same logits and
+    gradients to the last bit of float32 ops in the same order."""
+    base = make_tiny_llama(dtype=torch.bfloat16)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=12, target_modules=TARGETS))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.2)
+    ours = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, alpha=12, target_modules=TARGETS))
+    peft_params = dict(peft_model.named_parameters())
+    for name, layer in ours.named_modules():
+        if isinstance(layer, MoLLinear):
+            with torch.no_grad():
+                layer.lora_A[0].copy_(peft_params[f"base_model.model.{name}.lora_A.default.weight"])
+                layer.lora_B[0].copy_(peft_params[f"base_model.model.{name}.lora_B.default.weight"])
+    ids = torch.randint(0, 101, (3, 9))
+    out_p = peft_model(input_ids=ids, labels=ids)
+    out_m = ours(input_ids=ids, labels=ids)
+    assert torch.equal(out_m.logits, out_p.logits)
+    out_p.loss.backward()
+    out_m.loss.backward()
+    for name, layer in ours.named_modules():
+        if isinstance(layer, MoLLinear):
+            assert torch.equal(layer.lora_A.grad[0], peft_params[f"base_model.model.{name}.lora_A.default.weight"].grad)
+            assert torch.equal(layer.lora_B.grad[0], peft_params[f"base_model.model.{name}.lora_B.default.weight"].grad)
+
+
+@pytest.mark.parametrize("adapter_dtype, moved_at_least, moved_at_most", [("auto", 0.99, 1.0), ("base", 0.0, 0.2)])
+def test_small_adamw_steps_reach_float32_adapters(adapter_dtype, moved_at_least, moved_at_most):
+    """Why "auto" upcasts: an AdamW step of lr 1e-5 is below half a bf16 ulp of lora_A's kaiming-initialised
+    values (|a| up to 1/sqrt(in)), so in bf16 nearly every element stays where it was."""
+    model = mol.inject(make_tiny_llama(hidden=64, dtype=torch.bfloat16),
+                       mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules=TARGETS, adapter_dtype=adapter_dtype))
+    with torch.no_grad():
+        for m in _layers(model):
+            m.lora_B.normal_(0, 0.02)  # so that lora_A has a gradient
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [m.lora_A.detach().clone() for m in _layers(model)]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    ids = torch.randint(0, 101, (2, 12))
+    out = model(input_ids=ids, labels=ids)
+    (out.loss + mol.aux_loss(model)).backward()
+    opt.step()
+    moved = torch.cat([(m.lora_A.detach() != b).flatten() for m, b in zip(_layers(model), before)]).float().mean()
+    assert moved_at_least <= moved.item() <= moved_at_most
+
+
+@pytest.mark.parametrize("tokens", [7, 40])  # the one-launch decode kernel, and the regular kernels
+def test_triton_path_computes_in_the_base_dtype_with_float32_adapters(tokens):
+    torch.manual_seed(tokens)
+    base = torch.nn.Linear(48, 40, bias=True).to(torch.bfloat16).requires_grad_(False)
+    ref = MoLLinear(base, num_experts=4, top_k=2, rank=8, alpha=16, adapter_dtype="auto", backend="torch")
+    assert ref.lora_A.dtype == ref.lora_B.dtype == torch.float32
+    with torch.no_grad():
+        ref.lora_B.normal_(0, 0.1)
+        ref.lora_A.copy_(ref.lora_A.bfloat16().float())  # values the bf16 kernels hold exactly
+        ref.lora_B.copy_(ref.lora_B.bfloat16().float())
+    tri = copy.deepcopy(ref)
+    tri.backend = "triton"
+    x = torch.randn(tokens, 48, dtype=torch.bfloat16)
+    dy = torch.randn(tokens, 40, dtype=torch.bfloat16)
+    outs, grads = [], []
+    for layer in (ref, tri):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        torch.autograd.backward([y, layer.aux_loss()], [dy, torch.ones(())])
+        outs.append(y)
+        grads.append((xi.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad))
+    assert outs[1].dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in grads[1][1:])  # the float32 parameters get float32 gradients
+    assert rel(outs[1], outs[0]) < 1e-2
+    for g_tri, g_ref in zip(grads[1], grads[0]):
+        assert rel(g_tri, g_ref) < 2e-2
+
+
+def test_saved_adapter_keeps_its_dtype_and_old_configs_load(tmp_path):
+    model = mol.inject(make_tiny_llama(dtype=torch.bfloat16), mol.LoRAConfig(rank=4, target_modules=TARGETS))
+    with torch.no_grad():
+        for m in _layers(model):
+            m.lora_B.normal_(0, 0.1)
+    mol.save_adapter(model, tmp_path)
+    loaded = mol.load_adapter(make_tiny_llama(dtype=torch.bfloat16), tmp_path)
+    for a, b in zip(_layers(model), _layers(loaded)):
+        assert a.lora_B.dtype == b.lora_B.dtype == torch.float32 and torch.equal(a.lora_B, b.lora_B)
+    # an adapter saved before adapter_dtype existed has no such field: it loads, with the default
+    cfg_file = next(p for p in tmp_path.iterdir() if p.suffix == ".json")
+    saved = json.loads(cfg_file.read_text())
+    entries = saved if isinstance(saved, list) else saved.get("configs", [saved])
+    assert any("adapter_dtype" in e for e in entries if isinstance(e, dict))
+    for e in entries:
+        if isinstance(e, dict):
+            e.pop("adapter_dtype", None)
+    cfg_file.write_text(json.dumps(saved))
+    old = mol.load_adapter(make_tiny_llama(dtype=torch.bfloat16), tmp_path)
+    assert torch.equal(_layers(old)[0].lora_B, _layers(model)[0].lora_B)
