@@ -181,6 +181,79 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+def _remove_hooks(module: nn.Module, owner: Any) -> None:
+    """Remove the forward (pre-)hooks of ``module`` that are ``owner`` or a bound method of it. inject keeps no
+    handles (a deep-copied model's hooks are re-bound to the copy, which a handle would not follow), so they are
+    found by owner, and removed from every table a hook id appears in, as a RemovableHandle would."""
+    tables = [getattr(module, t, None) for t in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                                                "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")]
+    for hooks in (module._forward_hooks, module._forward_pre_hooks):
+        for key, hook in list(hooks.items()):
+            if hook is owner or getattr(hook, "__self__", None) is owner:
+                for table in tables:
+                    if table is not None:
+                        table.pop(key, None)
+
+
+def _unload(model: nn.Module, merge_first: bool) -> nn.Module:
+    _require_adapter(model)
+    from mol.methods.adapters import BottleneckAdapter
+    from mol.methods.prefix import _VirtualTokens
+
+    layers = list(adapter_layers(model))
+    methods = [c.method for c in model.mol_configs]
+    if merge_first:
+        _mergeable_layers(model)  # every layer checked before any changes
+    elif "bitfit" in methods:
+        raise ValueError("BitFit trains the base's own biases in place and keeps no copy of the originals, so it "
+                         "cannot be unloaded; use mol.merge_and_unload(model), which keeps the trained biases")
+    # the outermost adapter of a name first: a wrapper's base_layer may itself be an adapter (MoL around IA³)
+    while layers:
+        name, layer = layers[0]
+        if isinstance(layer, BottleneckAdapter):
+            parent = model.get_submodule(name.rpartition(".")[0])
+            _remove_hooks(parent, layer)
+            delattr(parent, name.rpartition(".")[2])
+        elif isinstance(layer, _VirtualTokens):
+            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            _remove_hooks(owner, layer)
+            delattr(owner, name.rpartition(".")[2])
+        else:  # a wrapper: the frozen layer it holds takes its place
+            if merge_first:
+                layer.merge()
+            elif layer.merged:
+                layer.unmerge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+        layers = list(adapter_layers(model))
+    # what inject put on the model itself: the routers' call hooks and the router-loss hook
+    from mol.inject import _AuxLossInOutput, _RoutingCallHooks
+
+    for hooks in (model._forward_hooks, model._forward_pre_hooks):
+        for hook in list(hooks.values()):
+            owner = getattr(hook, "__self__", hook)
+            if isinstance(owner, (_RoutingCallHooks, _AuxLossInOutput)):
+                _remove_hooks(model, owner)
+    for attr in ("mol_routing_context", "mol_aux_loss_in_output", "mol_configs", "mol_trainable"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weights and remove mol from the model: the plain model (its own module
+    types and parameter names, e.g. for ``save_pretrained`` and serving), as PEFT's ``merge_and_unload``. Only
+    mergeable adapters (LoRA, IA³ on a float base; BitFit's biases are kept as they are); checked for every layer
+    before anything changes."""
+    return _unload(model, merge_first=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter and mol's hooks, leaving the base model as it was before ``inject`` (merged layers
+    are unmerged first), as PEFT's ``unload``. BitFit, which trains the base's biases in place, cannot be."""
+    return _unload(model, merge_first=False)
+
+
 # ---- Hugging Face PEFT interop (LoRA) ---------------------------------------------------------------------
 
 
@@ -192,7 +265,8 @@ def _single_lora_config(model: nn.Module) -> LoRAConfig:
     if len(configs) == 1 and isinstance(configs[0], MoLConfig) and configs[0].num_experts == 1:
         c = configs[0]
         return LoRAConfig(rank=c.rank, alpha=c.alpha, target_modules=c.target_modules, dropout=c.dropout,
-                          use_rslora=c.use_rslora, init=c.init, modules_to_save=list(c.modules_to_save))
+                          use_rslora=c.use_rslora, init=c.init, adapter_dtype=c.adapter_dtype,
+                          modules_to_save=list(c.modules_to_save))
     raise ValueError(f"PEFT's LoRA format holds one LoRA adapter; this model carries {[c.method for c in configs]} "
                      "(token-routed MoL has no PEFT equivalent): export a LoRAConfig adapter or use mol.save_adapter")
 

@@ -1,0 +1,102 @@
+"""merge_and_unload / unload: the plain model back, as PEFT's methods of those names give it; merged, the model
+saves with save_pretrained and reloads as the stock architecture with the adapted outputs."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+import mol
+from conftest import make_tiny_llama
+from mol.layers import AdapterLayer
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+def _randomise(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_merged_lora_and_ia3_save_as_the_stock_model(tmp_path):
+    base = make_tiny_llama()
+    model = mol.inject(copy.deepcopy(base), [mol.LoRAConfig(rank=4, target_modules=["q_proj", "v_proj", "up_proj"]),
+                                             mol.IA3Config(target_modules=["k_proj", "down_proj"],
+                                                           feedforward_modules=["down_proj"])])
+    _randomise(model)
+    ids = torch.randint(0, 101, (2, 9))
+    adapted = _logits(model, ids)
+    assert (adapted - _logits(base, ids)).abs().max() > 1e-3  # the adapters do something
+
+    plain = mol.merge_and_unload(model)
+    assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
+    assert set(plain.state_dict()) == set(base.state_dict())  # the stock names: no base_layer., no lora_
+    assert not hasattr(plain, "mol_configs") and _hook_count(plain) == _hook_count(base)
+    torch.testing.assert_close(_logits(plain, ids), adapted, rtol=1e-5, atol=1e-5)
+
+    plain.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded, ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_unload_gives_back_the_base_model_bit_for_bit():
+    """MoL with its routing hooks and router loss in the output, bottleneck adapters (forward hooks on their
+    sub-layers) and prefix tuning (hooks on the model): all removed, the original outputs exactly."""
+    base = make_tiny_llama()
+    model = mol.inject(copy.deepcopy(base), [
+        mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules=["q_proj", "gate_proj"], aux_loss_in_output=True),
+        mol.AdapterConfig(placement="pfeiffer", reduction_factor=4),
+        mol.PrefixTuningConfig(num_virtual_tokens=3)])
+    _randomise(model)
+    ids = torch.randint(0, 101, (2, 7))
+    assert (_logits(model, ids) - _logits(base, ids)).abs().max() > 1e-3
+    plain = mol.unload(model)
+    assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
+    assert set(plain.state_dict()) == set(base.state_dict())
+    assert _hook_count(plain) == _hook_count(base)
+    assert not any(a in plain.__dict__ for a in ("mol_configs", "mol_trainable", "mol_routing_context",
+                                                  "mol_aux_loss_in_output"))
+    assert torch.equal(_logits(plain, ids), _logits(base, ids))
+    plain.train()
+    out = plain(input_ids=ids, labels=ids)
+    base.train()
+    assert torch.equal(out.loss, base(input_ids=ids, labels=ids).loss)  # no router loss added any more
+
+
+def test_unload_unmerges_a_merged_lora():
+    base = make_tiny_llama()
+    model = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=["v_proj"]))
+    _randomise(model)
+    mol.merge(model)
+    plain = mol.unload(model)
+    ids = torch.randint(0, 101, (2, 5))
+    torch.testing.assert_close(_logits(plain, ids), _logits(base, ids), rtol=1e-5, atol=1e-6)
+
+
+def test_what_cannot_be_merged_or_unloaded_fails_before_any_change():
+    base = make_tiny_llama()
+    model = mol.inject(copy.deepcopy(base), [mol.LoRAConfig(rank=4, target_modules=["v_proj"]),
+                                             mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules=["q_proj"])])
+    names = set(model.state_dict())
+    with pytest.raises(ValueError, match="cannot merge .*q_proj.*token-routed"):
+        mol.merge_and_unload(model)
+    assert set(model.state_dict()) == names and not any(m.merged for m in model.modules()
+                                                         if isinstance(m, AdapterLayer))
+    bitfit = mol.inject(copy.deepcopy(base), mol.BitFitConfig())
+    with pytest.raises(ValueError, match="BitFit trains the base's own biases"):
+        mol.unload(bitfit)
+    assert hasattr(bitfit, "mol_configs")
+    kept = mol.merge_and_unload(bitfit)  # the trained biases are the merged form
+    assert not hasattr(kept, "mol_configs")
+    with pytest.raises(ValueError, match="carries no mol adapter"):
+        mol.unload(base)
