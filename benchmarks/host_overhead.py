@@ -1,6 +1,6 @@
 """Host (Python + ATen dispatch) cost of one MoLLinear on the fused Triton path, on any CPU, with the kernels stubbed.
 
-    python benchmarks/host_overhead.py [repo ...]
+    python benchmarks/host_overhead.py [--base cublas|triton] [repo ...]
 
 On the GPU machines an eager MoLLinear fwd+bwd costs ~0.8-1.5 ms of CPU (benchmarks/RESULTS.md runs 8-9), about
 its GPU time at T=8192. This isolates the part that is ours: the Triton launches are replaced by allocations of
@@ -8,6 +8,9 @@ their outputs, du by the cuBLAS branch's torch.mm (as on CUDA), and everything e
 the autograd.Function, the small torch ops and GEMMs on tiny CPU tensors) runs as it does on the GPU path. Times
 are the best of 7 rounds of 1000 calls (MOL_HOST_OVERHEAD_CALLS), T=32, 64->64, E=8 top-2 r=16. With several repo
 paths (e.g. two checkouts) it alternates between them, a process per measurement, so machine noise hits both alike.
+``--base triton`` measures the path of eager calls above base_gemm.EAGER_CUBLAS_ROWS tokens instead: bf16, the base
+GEMM (with the experts' extra K) through base_gemm's Triton kernel, its launch stubbed (what remains is our glue:
+planning, the TMA descriptors, the call), where the default (float32) takes base_mm's cuBLAS branch.
 """
 import os
 import subprocess
@@ -15,7 +18,7 @@ import sys
 import time
 
 
-def measure(repo: str) -> str:
+def measure(repo: str, base: str = "cublas") -> str:
     os.environ["TRITON_INTERPRET"] = "1"  # lets backend="triton" run on CPU tensors; no kernel runs (stubbed)
     sys.path.insert(0, repo)
     import torch
@@ -24,10 +27,19 @@ def measure(repo: str) -> str:
     import mol.kernels.routed_lora as rl
 
     torch.set_num_threads(1)
+    dt = torch.bfloat16 if base == "triton" else torch.float32
+    if base == "triton":
+        import mol.kernels.base_gemm as bg
+
+        class _NoLaunch:  # the Triton launch itself (the JIT's argument binding, the driver call) is not ours
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: None
+        bg.BASE_GEMM = "triton"
+        bg._base_gemm_kernel = _NoLaunch()
 
     def shrink(x, x_lora, a_cat, router_w):
         return (torch.empty(x.shape[0], a_cat.shape[0] + router_w.shape[0]), torch.empty(2 * router_w.shape[0] + 2),
-                torch.empty(a_cat.shape[0] + router_w.shape[0], x.shape[1]))
+                torch.empty(a_cat.shape[0] + router_w.shape[0], x.shape[1], dtype=x.dtype))
 
     def gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, dtype, lb, z, *token_weights):
         t = hl.shape[0]
@@ -44,10 +56,10 @@ def measure(repo: str) -> str:
     rl._EAGER = (shrink, gate_fwd, gate_bwd, du) + tuple(rl._EAGER[4:])  # small-T, base GEMM (where present) as they are
     rl.SMALL_T_MAX = 0  # the large-T sequence
     n = 64
-    base = torch.nn.Linear(n, n, bias=False)
+    base = torch.nn.Linear(n, n, bias=False, dtype=dt)
     m = mol.MoLLinear(base, num_experts=8, top_k=2, rank=16, alpha=32, backend="triton")
-    x = torch.randn(32, n, requires_grad=True)
-    dy = torch.randn(32, n)
+    x = torch.randn(32, n, dtype=dt, requires_grad=True)
+    dy = torch.randn(32, n, dtype=dt)
     params = [m.lora_A, m.lora_B, m.router.weight]
 
     def train_step():
@@ -78,15 +90,22 @@ def measure(repo: str) -> str:
 
 
 def main():
-    if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        print(measure(sys.argv[2]))
+    if len(sys.argv) > 3 and sys.argv[1] == "--child":
+        print(measure(sys.argv[2], sys.argv[3]))
         return
-    repos = sys.argv[1:] or [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
+    args = sys.argv[1:]
+    base = "cublas"
+    if args[:1] == ["--base"]:
+        base, args = args[1], args[2:]
+        if base not in ("cublas", "triton"):
+            raise SystemExit(f"--base {base!r}: choose cublas or triton")
+    repos = args or [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
     runs = {r: [] for r in repos}
     for _ in range(5 if len(repos) > 1 else 1):
         for r in repos:
-            out = subprocess.run([sys.executable, __file__, "--child", r], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "--child", r, base], capture_output=True, text=True, check=True)
             runs[r].append([float(v) for v in out.stdout.split()])
+    print(f"base GEMM: {base} ({'bf16, Triton kernel, launch stubbed' if base == 'triton' else 'float32, cuBLAS branch'})")
     print("| repo | bare nn.Linear fwd+bwd µs | MoLLinear fwd + .backward() µs | MoLLinear no-grad forward µs |")
     print("| --- | --- | --- | --- |")
     for r, vals in runs.items():
