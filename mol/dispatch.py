@@ -158,7 +158,7 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
     # entering torch.autocast costs tens of microseconds of host time: only when there is one to switch off
     with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
         y, aux, hl, gates, ids, stats = routed_lora_linear(
-            _as(x, dt), _as(lora_A, dt), _as(lora_B, dt), w_r, router.kind, router.top_k, scale,
+            _as(x, dt), lora_A, lora_B, w_r, router.kind, router.top_k, scale,
             weight=weight if use_weight else None, weight_fn=weight_fn,
             bias=None if base_out is not None or bias is None else _as(bias, dt),
             base_out=None if base_out is None else base_out.to(dt), x_lora=None if x_lora is None else _as(x_lora, dt),

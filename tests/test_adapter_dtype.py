@@ -149,3 +149,34 @@ def test_saved_adapter_keeps_its_dtype_and_old_configs_load(tmp_path):
     cfg_file.write_text(json.dumps(saved))
     old = mol.load_adapter(make_tiny_llama(dtype=torch.bfloat16), tmp_path)
     assert torch.equal(_layers(old)[0].lora_B, _layers(model)[0].lora_B)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])  # eager launchers, and the custom ops torch.compile sees
+@pytest.mark.parametrize("tokens", [5, 37])
+def test_routed_kernels_take_float32_adapters_as_their_bf16_copies(tokens, fast_path, monkeypatch):
+    """Adapters of another dtype are cast inside the autograd node (and inside any captured graph): the same
+    outputs, and the same gradients in the adapters' own dtype, as casting them before the call."""
+    from mol.kernels import grouped_lora as gl
+    from mol.kernels.routed_lora import routed_lora_linear
+
+    monkeypatch.setattr(gl, "EAGER_FAST_PATH", fast_path)
+    g = torch.Generator().manual_seed(tokens)
+    E, r, n_in, n_out = 4, 8, 40, 24
+    x = torch.randn(tokens, n_in, generator=g).bfloat16()
+    W = (torch.randn(n_out, n_in, generator=g) / n_in**0.5).bfloat16()
+    A32 = (torch.randn(E, r, n_in, generator=g) / n_in**0.5).bfloat16().float()
+    B32 = torch.randn(n_out, E, r, generator=g).bfloat16().float().permute(1, 0, 2)  # MoLLinear's layout
+    Wr = torch.randn(E, n_in, generator=g)
+    dy = torch.randn(tokens, n_out, generator=g).bfloat16()
+    results = []
+    for cast_before in (True, False):
+        xi, A, B, wr = (t.clone().requires_grad_() for t in (x, A32, B32, Wr))
+        a, b = (A.bfloat16(), B.bfloat16()) if cast_before else (A, B)
+        y, aux, *_ = routed_lora_linear(xi, a, b, wr, "topk", 2, 1.5, weight=W, lb_coef=0.1, z_coef=0.01)
+        torch.autograd.backward([y, aux], [dy, torch.ones(())])
+        results.append((y, xi.grad, A.grad, B.grad, wr.grad))
+        with torch.no_grad():  # the inference branch casts too
+            results[-1] += (routed_lora_linear(x, a, b, Wr, "topk", 2, 1.5, weight=W)[0],)
+    assert results[1][2].dtype == results[1][3].dtype == torch.float32
+    for got, want in zip(results[1], results[0]):
+        assert torch.equal(got, want)

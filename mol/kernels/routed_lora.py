@@ -1089,7 +1089,7 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
     runs, and what routed_lora_linear runs alone when nothing needs a gradient (no autograd node, nothing saved).
     w_dx: the backward's dx operand [A_cat; Wr in x's dtype] where the shrink built it, else None or empty.
     n_real: token_w's sum (the router losses' token count), None without token_w."""
-    kind, top_k, scale, lb_coef, z_coef, eager = meta
+    kind, top_k, scale, lb_coef, z_coef, eager = meta[:6]
     shrink, gate_fwd, _, _, small_t, base_mm = _EAGER if eager else _OPS
     e, rank, n_in = lora_A.shape
     r_tot = e * rank
@@ -1131,10 +1131,21 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
     return y, aux, hl, gates, ids, u, stats, w_dx, n_real
 
 
+def _compute_dtype(lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapters in the layer's compute dtype (a cast of ~E*r*(in+out) elements where they differ; lora_B's
+    expert-interleaved strides are kept: .to() preserves a dense layout)."""
+    return (lora_A if lora_A.dtype == dtype else lora_A.to(dtype)), (lora_B if lora_B.dtype == dtype else
+                                                                      lora_B.to(dtype))
+
+
 def _routed_forward_saved(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, token_w,
                           meta, need_dx: bool):
     """_routed_forward for training: its outputs (y, aux, hl, gates, ids, stats) and what _routed_backward reads
-    (its ``saved``), for _RoutedLoRAFn and the captured graphs (layer_graphs) alike."""
+    (its ``saved``), for _RoutedLoRAFn and the captured graphs (layer_graphs) alike. Adapters of another dtype than
+    x's (float32 on a bf16 layer, MoLConfig.adapter_dtype) are cast here, inside the autograd node and any captured
+    graph, and the copies saved; _routed_backward casts their gradients back."""
+    lora_A, lora_B = _compute_dtype(lora_A, lora_B, x.dtype)
     y, aux, hl, gates, ids, u, stats, w_dx, n_real = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out,
                                                                      lora_A, lora_B, router_w, noise, token_w, meta)
     if not need_dx or (w_dx is not None and w_dx.numel() == 0):
@@ -1176,7 +1187,7 @@ def _routed_backward(dy, daux, saved, need, weight_fn, meta):
     inputs x, x_lora, weight, bias, base_out, A, B, Wr, noise in that order) says no gradient is wanted.
     ``saved``: what _RoutedLoRAFn.forward saves. Shared by _RoutedLoRAFn and the captured graphs (layer_graphs)."""
     x, x_lora, weight, lora_A, lora_B, router_w, noise, hl, gates, ids, u, stats, w_dx, token_w, n_real = saved
-    kind, top_k, scale, lb_coef, z_coef, eager = meta
+    kind, top_k, scale, lb_coef, z_coef, eager, a_dtype, b_dtype = meta
     _, _, gate_bwd, lora_du, _, base_mm = _EAGER if eager else _OPS
     e, rank, n_in = lora_A.shape
     r_tot, n_out, dt = e * rank, lora_B.shape[1], x.dtype
@@ -1228,6 +1239,10 @@ def _routed_backward(dy, daux, saved, need, weight_fn, meta):
         dB = gl._grad_b(dy, u, lora_B)
     if dWr is not None:
         dWr = dWr.to(router_w.dtype) if need[7] else None
+    if dA is not None and dA.dtype != a_dtype:  # float32 adapters of a 16-bit layer (see _compute_dtype)
+        dA = dA.to(a_dtype)
+    if dB is not None and dB.dtype != b_dtype:
+        dB = dB.to(b_dtype)
     if need[4]:
         d_base = dy
     return dx, dx_lora, d_base, dA, dB, dWr
@@ -1258,10 +1273,14 @@ def _check(x, x_lora, lora_A, lora_B, weight, base_out, bias, n_out):
                              f"and lora_B {tuple(lora_B.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"{where}: x dtype {x.dtype} unsupported; use bfloat16, float16 or float32")
-    others = [t for t in (x_lora, lora_A, lora_B, weight, base_out, bias) if t is not None]
+    others = [t for t in (x_lora, weight, base_out, bias) if t is not None]
     if any(t.dtype != x.dtype for t in others):
-        raise TypeError(f"{where}: x, x_lora, lora_A, lora_B and the base weight/output must share x's dtype "
+        raise TypeError(f"{where}: x, x_lora and the base weight/output must share x's dtype "
                         f"{x.dtype}; got {sorted({str(t.dtype) for t in others})}")
+    if not (lora_A.is_floating_point() and lora_B.is_floating_point()):
+        raise TypeError(f"{where}: lora_A and lora_B must be floating point (cast to x's dtype {x.dtype} per call); "
+                        f"got {lora_A.dtype} and {lora_B.dtype}")
+    others += [lora_A, lora_B]
     if any(t.device != x.device for t in others):
         raise ValueError(f"{where}: all tensors must be on one device")
     if x.device.type != "cuda" and not gl._INTERPRET:
@@ -1283,7 +1302,9 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     """A routed MoL linear layer on the Triton backend: returns (y, aux, hl, gates, expert_ids, stats).
 
     x, x_lora: (T, in), one dtype (x_lora: the experts' input when it differs from x, e.g. after dropout);
-    lora_A (E, r, in), lora_B (E, out, r) in x's dtype; router_w (E, in) float32; the base is exactly one of
+    lora_A (E, r, in), lora_B (E, out, r) (in x's dtype, or another float dtype, e.g. float32 adapters of a bf16
+    layer: cast per call inside the autograd node, gradients returned in theirs); router_w (E, in) float32; the
+    base is exactly one of
     a frozen ``weight`` (out, in), a ``weight_fn(dtype)`` that materializes it (e.g. dequantizes an NF4
     weight; called in forward and again in backward, so no dense copy lives in between), each with an
     optional ``bias``, or a computed ``base_out`` (T, out). ``noise`` (T, E) is added to the logits.
@@ -1317,11 +1338,12 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
                              f"of x; got {tuple(token_weights.shape)} on {token_weights.device}")
         token_weights = token_weights.float()
     eager = _fast(x, x_lora, weight, base_out, lora_A, lora_B, router_w)
-    meta = (KINDS[kind], int(top_k), float(scale), float(lb_coef), float(z_coef), eager)
+    meta = (KINDS[kind], int(top_k), float(scale), float(lb_coef), float(z_coef), eager, lora_A.dtype, lora_B.dtype)
     if eager and not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w))):
         # inference (decode, evaluation): the same kernels without an autograd node, which costs host time
         # every call and would keep nothing useful
+        lora_A, lora_B = _compute_dtype(lora_A, lora_B, x.dtype)
         y, aux, hl, gates, ids, _, stats, _, _ = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out,
                                                                  lora_A, lora_B, router_w, noise, token_weights, meta)
         return y, aux, hl, gates, ids, stats
