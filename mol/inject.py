@@ -9,9 +9,10 @@ The configs and the trainable names are kept on the model (``model.mol_configs``
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -205,7 +206,7 @@ class _AuxLossInOutput:
 
     def __call__(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         loss = getattr(output, "loss", None)
-        if isinstance(loss, Tensor) and model.training:
+        if isinstance(loss, Tensor) and model.training and not getattr(model, "mol_adapters_disabled", False):
             output.loss = loss + aux_loss(model, device=loss.device).to(loss.dtype)
         return output
 
@@ -319,6 +320,42 @@ def clear_routing(model: nn.Module) -> None:
     for _, m in adapter_layers(model):
         if isinstance(m, MoLLinear):
             m.clear_routing()
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes as it did before ``inject``: every adapter layer runs its frozen base
+    alone, bottleneck adapters and prefix / prompt tuning add nothing, and ``aux_loss_in_output`` adds no router
+    loss; the adapter tensors and the routing kept from the last adapted forward are left as they were (PEFT's
+    ``disable_adapter``; e.g. a DPO reference model from the policy's own weights). Raises where the original
+    model cannot be had: a merged layer (``mol.unmerge`` first) or BitFit, which trains the base's own biases.
+    ``modules_to_save`` are trained in place, so they stay as trained (a warning says so)."""
+    import warnings
+
+    if not getattr(model, "mol_configs", None):
+        raise ValueError("this model carries no mol adapter; call mol.inject(model, config) first")
+    if any(c.method == "bitfit" for c in model.mol_configs):
+        raise ValueError("BitFit trains the base's own biases in place, so there is no adapter-free model to switch "
+                         "to; keep a copy of the original biases (or model) for reference outputs")
+    layers = [m for _, m in adapter_layers(model)]
+    merged = [n for n, m in adapter_layers(model) if m.merged]
+    if merged:
+        raise ValueError(f"{merged[0]} is merged into its base weights; call mol.unmerge(model) before disabling "
+                         "the adapters")
+    if any(getattr(c, "modules_to_save", None) for c in model.mol_configs):
+        warnings.warn("mol.disable_adapters: modules_to_save are trained in place (no original copy is kept), so "
+                      "they stay as trained inside the block", stacklevel=3)
+    before = [m.disabled for m in layers]
+    was = getattr(model, "mol_adapters_disabled", False)
+    for m in layers:
+        m.disabled = True
+    model.mol_adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for m, d in zip(layers, before):
+            m.disabled = d
+        model.mol_adapters_disabled = was
 
 
 def clear_graphs(model: nn.Module) -> None:

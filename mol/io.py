@@ -234,7 +234,8 @@ def _unload(model: nn.Module, merge_first: bool) -> nn.Module:
             owner = getattr(hook, "__self__", hook)
             if isinstance(owner, (_RoutingCallHooks, _AuxLossInOutput)):
                 _remove_hooks(model, owner)
-    for attr in ("mol_routing_context", "mol_aux_loss_in_output", "mol_configs", "mol_trainable"):
+    for attr in ("mol_routing_context", "mol_aux_loss_in_output", "mol_adapters_disabled", "mol_configs",
+                 "mol_trainable"):
         if attr in model.__dict__:
             delattr(model, attr)
     return model

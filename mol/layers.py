@@ -31,6 +31,8 @@ class AdapterLayer(nn.Module):
 
     base_layer: nn.Module
     merged: bool = False
+    # set by mol.disable_adapters: the layer computes as if it were not there (its adapter tensors untouched)
+    disabled: bool = False
 
     # Model code reads ``weight`` / ``bias`` of the linears it built (T5 compares its activations' dtype with
     # ``wo.weight``'s): a wrapped layer answers with its frozen base's, as PEFT's tuner layers do.
@@ -236,7 +238,7 @@ class MoLLinear(AdapterLayer):
         if x.shape[-1] != self.in_features:  # else a reshape below fails with a message naming neither
             raise ValueError(f"MoLLinear: the input's last dimension is {x.shape[-1]}, the layer takes "
                              f"in_features={self.in_features} (input shape {tuple(x.shape)})")
-        if self.merged:
+        if self.merged or self.disabled:
             return self.base_layer(x)
         # an nn.Identity call is a module call of host time per layer and step: skip it (same result)
         x_lora = x if type(self.dropout) is nn.Identity else self.dropout(x)

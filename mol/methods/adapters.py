@@ -120,6 +120,8 @@ class BottleneckAdapter(AdapterLayer):
         sublayer.register_forward_hook(self._hook)  # a bound method: copy.deepcopy(model) re-binds it to the copy
 
     def _hook(self, sublayer: nn.Module, args: tuple, out: Any) -> Any:
+        if self.disabled:
+            return out
         if isinstance(out, Tensor):
             return self(out)
         if isinstance(out, tuple) and out and isinstance(out[0], Tensor):

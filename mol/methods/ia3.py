@@ -91,7 +91,7 @@ class IA3Linear(AdapterLayer):
         return f"feedforward={self.feedforward}, features={self.ia3_l.numel()}"
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
             return self.base_layer(x)
         if self.feedforward:
             return self.base_layer((x * self.ia3_l).to(x.dtype))

@@ -131,6 +131,8 @@ class _VirtualTokens(AdapterLayer):
         return batch, fresh
 
     def _post_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.disabled:
+            return output
         key = cache_kwarg(model) or "past_key_values"
         if not self._use_cache(model, kwargs) and getattr(output, key, None) is not None:
             setattr(output, key, None)  # the cache we built only carried the virtual tokens through this call
@@ -170,7 +172,9 @@ class PrefixEncoder(_VirtualTokens):
         p = p.to(dtype).view(n, 2 * self.num_layers, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
         return p.unsqueeze(1).expand(-1, batch, -1, -1, -1)
 
-    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        if self.disabled:
+            return None
         from transformers import DynamicCache
 
         kw = call_kwargs(model, args, kwargs)
@@ -209,7 +213,9 @@ class PromptEmbedding(_VirtualTokens):
                 self.embedding.weight.copy_(w[ids])
         self._strip = False
 
-    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        if self.disabled:
+            return None
         kw = call_kwargs(model, args, kwargs)
         batch, fresh = self._common(model, kw)
         n = self.num_virtual_tokens
@@ -233,6 +239,8 @@ class PromptEmbedding(_VirtualTokens):
         return (), kw
 
     def _post_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.disabled:
+            return output
         output = super()._post_hook(model, args, kwargs, output)
         logits = getattr(output, "logits", None)
         n = self.num_virtual_tokens
