@@ -1,6 +1,6 @@
 """Host (Python + ATen dispatch) cost of one MoLLinear on the fused Triton path, on any CPU, with the kernels stubbed.
 
-    python benchmarks/host_overhead.py [--base cublas|triton] [repo ...]
+    python benchmarks/host_overhead.py [--base cublas|triton] [--adapter-dtype base|float32] [repo ...]
 
 On the GPU machines an eager MoLLinear fwd+bwd costs ~0.8-1.5 ms of CPU (benchmarks/RESULTS.md runs 8-9), about
 its GPU time at T=8192. This isolates the part that is ours: the Triton launches are replaced by allocations of
@@ -11,6 +11,8 @@ paths (e.g. two checkouts) it alternates between them, a process per measurement
 ``--base triton`` measures the path of eager calls above base_gemm.EAGER_CUBLAS_ROWS tokens instead: bf16, the base
 GEMM (with the experts' extra K) through base_gemm's Triton kernel, its launch stubbed (what remains is our glue:
 planning, the TMA descriptors, the call), where the default (float32) takes base_mm's cuBLAS branch.
+``--adapter-dtype float32`` gives that bf16 layer float32 adapters (MoLConfig.adapter_dtype="auto" on a bf16
+model), cast to bf16 in the layer every call.
 """
 import os
 import subprocess
@@ -18,7 +20,7 @@ import sys
 import time
 
 
-def measure(repo: str, base: str = "cublas") -> str:
+def measure(repo: str, base: str = "cublas", adapter_dtype: str = "base") -> str:
     os.environ["TRITON_INTERPRET"] = "1"  # lets backend="triton" run on CPU tensors; no kernel runs (stubbed)
     sys.path.insert(0, repo)
     import torch
@@ -57,7 +59,7 @@ def measure(repo: str, base: str = "cublas") -> str:
     rl.SMALL_T_MAX = 0  # the large-T sequence
     n = 64
     base = torch.nn.Linear(n, n, bias=False, dtype=dt)
-    m = mol.MoLLinear(base, num_experts=8, top_k=2, rank=16, alpha=32, backend="triton")
+    m = mol.MoLLinear(base, num_experts=8, top_k=2, rank=16, alpha=32, backend="triton", adapter_dtype=adapter_dtype)
     x = torch.randn(32, n, dtype=dt, requires_grad=True)
     dy = torch.randn(32, n, dtype=dt)
     params = [m.lora_A, m.lora_B, m.router.weight]
@@ -90,22 +92,27 @@ def measure(repo: str, base: str = "cublas") -> str:
 
 
 def main():
-    if len(sys.argv) > 3 and sys.argv[1] == "--child":
-        print(measure(sys.argv[2], sys.argv[3]))
+    if len(sys.argv) > 4 and sys.argv[1] == "--child":
+        print(measure(sys.argv[2], sys.argv[3], sys.argv[4]))
         return
     args = sys.argv[1:]
-    base = "cublas"
-    if args[:1] == ["--base"]:
-        base, args = args[1], args[2:]
-        if base not in ("cublas", "triton"):
-            raise SystemExit(f"--base {base!r}: choose cublas or triton")
+    base, adapter_dtype = "cublas", "base"
+    while args[:1] in (["--base"], ["--adapter-dtype"]):
+        if args[0] == "--base":
+            base = args[1]
+        else:
+            adapter_dtype = args[1]
+        args = args[2:]
+    if base not in ("cublas", "triton") or adapter_dtype not in ("base", "float32"):
+        raise SystemExit(f"--base {base!r} --adapter-dtype {adapter_dtype!r}: choose cublas|triton and base|float32")
     repos = args or [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
     runs = {r: [] for r in repos}
     for _ in range(5 if len(repos) > 1 else 1):
         for r in repos:
-            out = subprocess.run([sys.executable, __file__, "--child", r, base], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "--child", r, base, adapter_dtype], capture_output=True, text=True, check=True)
             runs[r].append([float(v) for v in out.stdout.split()])
-    print(f"base GEMM: {base} ({'bf16, Triton kernel, launch stubbed' if base == 'triton' else 'float32, cuBLAS branch'})")
+    print(f"base GEMM: {base} ({'bf16, Triton kernel, launch stubbed' if base == 'triton' else 'float32, cuBLAS branch'})"
+          f"; adapters: {adapter_dtype}")
     print("| repo | bare nn.Linear fwd+bwd µs | MoLLinear fwd + .backward() µs | MoLLinear no-grad forward µs |")
     print("| --- | --- | --- | --- |")
     for r, vals in runs.items():
