@@ -114,6 +114,12 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the fused path computes in: autocast's where it is on (as nn.Linear would), else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def fused_routing_available(router: torch.nn.Module, backend: str, x: Tensor) -> bool:
     """True when the whole routed layer (router included) runs on the fused Triton path."""
     return getattr(router, "kind", None) in FUSED_ROUTERS and resolve_backend(backend, x) == "triton"
@@ -136,7 +142,7 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
     from mol.routers import FusedRouterOutput
 
     dev = x.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    dt = compute_dtype(x)
     weight = getattr(base_layer, "weight", None)
     bias = getattr(base_layer, "bias", None)
     frozen_bias = bias is None or not bias.requires_grad

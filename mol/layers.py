@@ -255,8 +255,9 @@ class MoLLinear(AdapterLayer):
         if dispatch.fused_routing_available(self.router, self.backend, flat_x):
             # Triton: router, experts and auxiliary losses in one fused function (few launches, one pass over x)
             context = self.router.call_context()
+            lora_A, lora_B = self._adapters_in(dispatch.compute_dtype(flat_x))
             out, routed = dispatch.fused_mol_linear(
-                self.base_layer, flat_x, None if flat_x_lora is flat_x else flat_x_lora, self.lora_A, self.lora_B,
+                self.base_layer, flat_x, None if flat_x_lora is flat_x else flat_x_lora, lora_A, lora_B,
                 self.router, self.scaling, self.aux_loss_coef, self.z_loss_coef, graphs=self._graphs,
                 token_weights=None if context is None else context.token_weights(x))
         else:
@@ -267,6 +268,30 @@ class MoLLinear(AdapterLayer):
         if self._aux_grad is not None:
             out = self._apply_deferred_aux(out)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _adapters_in(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """lora_A, lora_B for a fused call computing in ``dtype``. Adapters of another dtype (float32 on a bf16
+        model, adapter_dtype="auto") are cast inside the routed layer's autograd node when they need a gradient;
+        without one (generation, evaluation) their cast copies are kept and reused until the adapters change (their
+        version counters or storage), so a decode step does not cast them again on every layer. A forward with
+        gradients drops the copies."""
+        a, b = self.lora_A, self.lora_B
+        if a.dtype == dtype and b.dtype == dtype:
+            return a, b
+        if (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)) or torch.compiler.is_compiling():
+            self.__dict__.pop("_cast_adapters", None)
+            return a, b
+        key = (dtype, a._version, b._version, a.data_ptr(), b.data_ptr(), a.device)
+        cached = self.__dict__.get("_cast_adapters")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_cast_adapters"] = (key, a.detach().to(dtype), b.detach().to(dtype))
+        return cached[1], cached[2]
+
+    # the cast copies are a cache: a copied or pickled layer starts without them
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_cast_adapters", None)
+        return state
 
     def _apply_deferred_aux(self, out: Tensor) -> Tensor:
         grad, self._aux_grad = self._aux_grad, None

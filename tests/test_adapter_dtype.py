@@ -180,3 +180,40 @@ def test_routed_kernels_take_float32_adapters_as_their_bf16_copies(tokens, fast_
     assert results[1][2].dtype == results[1][3].dtype == torch.float32
     for got, want in zip(results[1], results[0]):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("tokens", [5, 37])
+def test_inference_reuses_the_cast_adapters_until_they_change(tokens):
+    """Without gradients (generation, evaluation) the bf16 copies of float32 adapters are made once and reused, so a
+    decode step does not cast every layer's adapters again; a change to the adapters (an optimizer step, a load)
+    is seen at once, and a forward with gradients drops the copies."""
+    import io
+
+    torch.manual_seed(tokens)
+    base = torch.nn.Linear(48, 40, bias=False).to(torch.bfloat16).requires_grad_(False)
+    layer = MoLLinear(base, num_experts=4, top_k=2, rank=8, alpha=16, adapter_dtype="auto", backend="triton")
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    x = torch.randn(tokens, 48, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y1 = layer(x)
+        copies = layer.__dict__["_cast_adapters"]
+        y2 = layer(x)
+    assert layer.__dict__["_cast_adapters"] is copies and torch.equal(y1, y2)
+    assert copies[1].dtype == copies[2].dtype == torch.bfloat16
+    with torch.inference_mode():
+        assert torch.equal(layer(x), y1)
+    assert layer.__dict__["_cast_adapters"] is copies
+    fresh = copy.deepcopy(layer)  # a copy carries no cache, and computes the same
+    assert "_cast_adapters" not in fresh.__dict__
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    assert "_cast_adapters" not in torch.load(io.BytesIO(buf.getvalue()), weights_only=False).__dict__
+    with torch.no_grad():
+        assert torch.equal(fresh(x), y1)
+        layer.lora_B.add_(0.05)  # what an optimizer step does: in place
+        fresh.lora_B.add_(0.05)
+        y3 = layer(x)
+        assert not torch.equal(y3, y1) and torch.equal(y3, copy.deepcopy(fresh)(x))
+    y_grad = layer(x)  # with gradients: cast inside the autograd node, the copies dropped
+    assert "_cast_adapters" not in layer.__dict__ and torch.equal(y_grad.detach(), y3)
