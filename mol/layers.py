@@ -274,12 +274,15 @@ class MoLLinear(AdapterLayer):
         model, adapter_dtype="auto") are cast inside the routed layer's autograd node when they need a gradient;
         without one (generation, evaluation) their cast copies are kept and reused until the adapters change (their
         version counters or storage), so a decode step does not cast them again on every layer. A forward with
-        gradients drops the copies."""
+        gradients drops the copies; a CUDA-graph capture and torch.compile cast from the adapters themselves."""
         a, b = self.lora_A, self.lora_B
         if a.dtype == dtype and b.dtype == dtype:
             return a, b
         if (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)) or torch.compiler.is_compiling():
             self.__dict__.pop("_cast_adapters", None)
+            return a, b
+        if a.is_cuda and torch.cuda.is_current_stream_capturing():
+            # a captured graph would keep reading copies that a later training forward frees: let it cast
             return a, b
         key = (dtype, a._version, b._version, a.data_ptr(), b.data_ptr(), a.device)
         cached = self.__dict__.get("_cast_adapters")
