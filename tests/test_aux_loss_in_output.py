@@ -64,6 +64,43 @@ def test_transformers_trainer_trains_the_router_losses(tmp_path):
     torch.testing.assert_close(loss, out.loss + mol.aux_loss(reference))
 
 
+def test_transformers_trainer_checkpoints_resume_and_the_adapter_saves(tmp_path):
+    """What README says of transformers' Trainer: its checkpoints hold the injected model's own state and resume
+    it exactly (max_steps 4: four steps straight equal two, a save, a resumed run of two more); the adapter to
+    ship comes from mol.save_adapter, and reloads onto a fresh base to the same outputs."""
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class Data(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.randint(1, 101, (9,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    torch.manual_seed(0)
+    base = make_tiny_llama()
+
+    def trainer(out, steps):
+        model = mol.inject(copy.deepcopy(base), mol.MoLConfig(num_experts=4, top_k=2, rank=4, aux_loss_in_output=True))
+        args = TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True, per_device_train_batch_size=2,
+                                 max_steps=steps, save_steps=2, seed=0, data_seed=0)
+        return model, Trainer(model=model, args=args, train_dataset=Data())
+
+    straight, t1 = trainer(tmp_path / "a", 4)
+    t1.train()
+    resumed, t2 = trainer(tmp_path / "a", 4)  # the same run, restarted from its step-2 checkpoint
+    t2.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+    mol.save_adapter(straight, tmp_path / "adapter")
+    shipped = mol.load_adapter(copy.deepcopy(base), tmp_path / "adapter").eval()
+    ids = torch.randint(1, 101, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(shipped(input_ids=ids).logits, straight.eval()(input_ids=ids).logits)
+
+
 def test_training_cli_counts_the_router_losses_once(tmp_path):
     """mol.train's module adds the router losses itself unless the model's loss holds them: the same run either way."""
     from test_train_utils import compose, make_causal_data, make_tiny_llama as save_tiny_llama, quiet_trainer_overrides
