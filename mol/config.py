@@ -48,8 +48,14 @@ def _check_common(cfg: Any) -> None:
         raise ValueError(f"{name}.quantize_base={cfg.quantize_base!r} is unknown; use None or 'nf4'")
     if not cfg.target_modules:
         raise ValueError(f"{name}.target_modules is empty; give names, suffixes, a regex or 'all-linear'")
+    check_adapter_dtype(cfg)
+
+
+def check_adapter_dtype(cfg: Any) -> None:
+    """Every method's ``adapter_dtype`` (the dtype of the tensors it trains; see MoLConfig)."""
     if cfg.adapter_dtype not in ADAPTER_DTYPES:
-        raise ValueError(f"{name}.adapter_dtype={cfg.adapter_dtype!r} is unknown; choose one of {ADAPTER_DTYPES}")
+        raise ValueError(f"{type(cfg).__name__}.adapter_dtype={cfg.adapter_dtype!r} is unknown; choose one of "
+                         f"{ADAPTER_DTYPES}")
 
 
 @dataclass

@@ -217,3 +217,34 @@ def test_inference_reuses_the_cast_adapters_until_they_change(tokens):
         assert not torch.equal(y3, y1) and torch.equal(y3, copy.deepcopy(fresh)(x))
     y_grad = layer(x)  # with gradients: cast inside the autograd node, the copies dropped
     assert "_cast_adapters" not in layer.__dict__ and torch.equal(y_grad.detach(), y3)
+
+
+@pytest.mark.parametrize("make", [
+    lambda dt: mol.IA3Config(adapter_dtype=dt),
+    lambda dt: mol.PrefixTuningConfig(num_virtual_tokens=3, adapter_dtype=dt),
+    lambda dt: mol.PromptTuningConfig(num_virtual_tokens=3, adapter_dtype=dt),
+    lambda dt: mol.AdapterConfig(reduction_factor=4, adapter_dtype=dt)], ids=["ia3", "prefix", "prompt", "adapter"])
+def test_every_method_trains_float32_tensors_on_a_bf16_model(make):
+    """PEFT's get_peft_model makes IA3 vectors and prefix / prompt embeddings float32 on a bf16 model (checked here
+    against PEFT itself where it has the method); every mol method does the same by default, and computes in bf16."""
+    import peft
+
+    base = make_tiny_llama(dtype=torch.bfloat16)
+    cfg = make("auto")
+    peft_cfg = {"IA3Config": lambda: peft.IA3Config(task_type="CAUSAL_LM"),
+                "PrefixTuningConfig": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+                "PromptTuningConfig": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+                }.get(type(cfg).__name__)
+    if peft_cfg is not None:
+        ref = get_peft_model(copy.deepcopy(base), peft_cfg())
+        assert {p.dtype for p in ref.parameters() if p.requires_grad} == {torch.float32}
+    model = mol.inject(copy.deepcopy(base), cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and {p.dtype for p in params} == {torch.float32}
+    ids = torch.randint(0, 101, (2, 6))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    kept = mol.inject(copy.deepcopy(base), make("base"))
+    assert {p.dtype for p in kept.parameters() if p.requires_grad} == {torch.bfloat16}

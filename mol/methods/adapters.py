@@ -20,9 +20,9 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from mol.config import MethodConfig, TargetModules, register_config
+from mol.config import MethodConfig, TargetModules, check_adapter_dtype, register_config
 from mol.inject import match_modules, register_method
-from mol.layers import AdapterLayer
+from mol.layers import AdapterLayer, adapter_dtype_for
 from mol.methods._util import check_modules_to_save, check_targets, config_int, text_config
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
@@ -45,6 +45,7 @@ class AdapterConfig(MethodConfig):
     Bottleneck width: ``bottleneck_size`` if given, else ``hidden_size // reduction_factor``.
     ``attn_modules`` / ``mlp_modules``: the sub-layers whose outputs get an adapter (names, suffixes or one regex);
     None picks the defaults for Llama-, GPT-2- and BERT-style models. ``non_linearity``: relu, gelu, silu, tanh.
+    ``adapter_dtype``: as MoLConfig's ("auto": float32 adapters on a 16-bit model; they compute in it).
     """
 
     method: ClassVar[str] = "adapter"
@@ -56,6 +57,7 @@ class AdapterConfig(MethodConfig):
     dropout: float = 0.0
     attn_modules: Optional[TargetModules] = None
     mlp_modules: Optional[TargetModules] = None
+    adapter_dtype: str = "auto"
     modules_to_save: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -72,6 +74,7 @@ class AdapterConfig(MethodConfig):
                              f"choose one of {sorted(ACTIVATIONS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        check_adapter_dtype(self)
         check_targets("AdapterConfig", "attn_modules", self.attn_modules)
         check_targets("AdapterConfig", "mlp_modules", self.mlp_modules)
         custom = self.attn_modules is not None or self.mlp_modules is not None
@@ -94,9 +97,11 @@ class BottleneckAdapter(AdapterLayer):
     """
 
     def __init__(self, hidden_size: int, bottleneck: int, non_linearity: str = "relu", dropout: float = 0.0,
-                 like: Optional[Tensor] = None):
+                 like: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype} if like is not None else {}
+        if dtype is not None:
+            kw["dtype"] = dtype
         self.adapter_down = nn.Linear(hidden_size, bottleneck, **kw)
         self.adapter_act = ACTIVATIONS[non_linearity]()
         self.adapter_up = nn.Linear(bottleneck, hidden_size, **kw)
@@ -164,7 +169,9 @@ def _inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     like = next(model.parameters(), None)
     trainable = []
     for name in attn + mlp:
-        adapter = BottleneckAdapter(hidden, cfg.bottleneck(hidden), cfg.non_linearity, cfg.dropout, like=like)
+        dtype = adapter_dtype_for(cfg.adapter_dtype, like.dtype) if like is not None else None
+        adapter = BottleneckAdapter(hidden, cfg.bottleneck(hidden), cfg.non_linearity, cfg.dropout, like=like,
+                                    dtype=dtype)
         adapter.attach(model.get_submodule(name))
         trainable += [f"{name}.mol_adapter.{p}" for p, _ in adapter.named_parameters()]
     return trainable

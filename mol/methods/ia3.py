@@ -17,9 +17,9 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from mol.config import MethodConfig, TargetModules, register_config
+from mol.config import MethodConfig, TargetModules, check_adapter_dtype, register_config
 from mol.inject import is_linear, match_modules, name_matches, register_method, replace_module
-from mol.layers import AdapterLayer
+from mol.layers import AdapterLayer, adapter_dtype_for
 from mol.methods._util import check_modules_to_save, check_targets, is_conv1d, model_type
 
 # PEFT's defaults per model type (target_modules, feedforward_modules), as in peft.utils.constants.
@@ -53,16 +53,18 @@ def _param_like(base: nn.Module) -> tuple[torch.device, torch.dtype]:
 class IA3Config(MethodConfig):
     """IA³ with PEFT's semantics: ``target_modules`` get a vector; those also in ``feedforward_modules`` scale their
     input, the others their output. None picks PEFT's defaults for the model type (Llama: k_proj, v_proj and the
-    input of down_proj).
+    input of down_proj). ``adapter_dtype``: as MoLConfig's ("auto": float32 vectors on a 16-bit model, as PEFT).
     """
 
     method: ClassVar[str] = "ia3"
 
     target_modules: Optional[TargetModules] = None
     feedforward_modules: Optional[TargetModules] = None
+    adapter_dtype: str = "auto"
     modules_to_save: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        check_adapter_dtype(self)
         check_targets("IA3Config", "target_modules", self.target_modules)
         check_targets("IA3Config", "feedforward_modules", self.feedforward_modules)
         if self.feedforward_modules is not None and self.target_modules is None:
@@ -78,12 +80,13 @@ class IA3Config(MethodConfig):
 class IA3Linear(AdapterLayer):
     """A frozen linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) with an IA³ scaling vector ``ia3_l``."""
 
-    def __init__(self, base: nn.Module, feedforward: bool):
+    def __init__(self, base: nn.Module, feedforward: bool, adapter_dtype: Optional[str] = None):
         super().__init__()
         self.base_layer = base
         self.feedforward = feedforward
         in_f, out_f = _io_features(base)
         device, dtype = _param_like(base)
+        dtype = adapter_dtype_for(adapter_dtype, dtype)
         self.ia3_l = nn.Parameter(torch.ones(in_f if feedforward else out_f, device=device, dtype=dtype))
         self.merged = False
 
@@ -158,6 +161,7 @@ def _inject_ia3(model: nn.Module, cfg: IA3Config) -> list[str]:
     names, ff_names = _resolve(model, cfg)
     trainable = []
     for name in names:
-        replace_module(model, name, IA3Linear(model.get_submodule(name), feedforward=name in ff_names))
+        replace_module(model, name, IA3Linear(model.get_submodule(name), feedforward=name in ff_names,
+                                              adapter_dtype=cfg.adapter_dtype))
         trainable.append(f"{name}.ia3_l")
     return trainable

@@ -22,9 +22,9 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from mol.config import MethodConfig, register_config
+from mol.config import MethodConfig, check_adapter_dtype, register_config
 from mol.inject import call_kwargs, register_method
-from mol.layers import AdapterLayer
+from mol.layers import AdapterLayer, adapter_dtype_for
 from mol.methods._util import check_modules_to_save, config_int, text_config
 
 PROMPT_INITS = ("vocab", "random")
@@ -41,7 +41,8 @@ class PrefixTuningConfig(MethodConfig):
     """Trainable key/value prefixes of ``num_virtual_tokens`` positions for every attention layer.
 
     ``prefix_projection``: produce the prefixes from ``num_virtual_tokens`` embeddings through a two-layer tanh MLP
-    of width ``encoder_hidden_size`` (None: the key/value width), as in the paper and PEFT.
+    of width ``encoder_hidden_size`` (None: the key/value width), as in the paper and PEFT. ``adapter_dtype``: as
+    MoLConfig's ("auto": float32 on a 16-bit model, as PEFT; the prefixes are cast to the model's dtype per call).
     """
 
     method: ClassVar[str] = "prefix"
@@ -49,10 +50,12 @@ class PrefixTuningConfig(MethodConfig):
     num_virtual_tokens: int = 20
     prefix_projection: bool = False
     encoder_hidden_size: Optional[int] = None
+    adapter_dtype: str = "auto"
     modules_to_save: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _check_tokens("PrefixTuningConfig", self.num_virtual_tokens)
+        check_adapter_dtype(self)
         if not isinstance(self.prefix_projection, bool):
             raise ValueError(f"PrefixTuningConfig.prefix_projection must be true or false, "
                              f"got {self.prefix_projection!r}")
@@ -75,16 +78,19 @@ class PromptTuningConfig(MethodConfig):
     from N(0, 1) (PEFT's RANDOM). As in PEFT, the loss covers the virtual positions (labels -100) and given
     ``position_ids`` are ignored (the model numbers positions itself, virtual tokens first); unlike PEFT, token
     logits come back for the caller's tokens only, so they line up with ``input_ids`` and ``labels``.
+    ``adapter_dtype``: as MoLConfig's ("auto": float32 embeddings on a 16-bit model, as PEFT).
     """
 
     method: ClassVar[str] = "prompt"
 
     num_virtual_tokens: int = 20
     init: str = "vocab"
+    adapter_dtype: str = "auto"
     modules_to_save: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _check_tokens("PromptTuningConfig", self.num_virtual_tokens)
+        check_adapter_dtype(self)
         if self.init not in PROMPT_INITS:
             raise ValueError(f"PromptTuningConfig.init={self.init!r} is unknown; choose one of {PROMPT_INITS}")
         check_modules_to_save(self)
@@ -202,11 +208,12 @@ class PrefixEncoder(_VirtualTokens):
 class PromptEmbedding(_VirtualTokens):
     """``num_virtual_tokens`` trainable input embeddings (``embedding.weight``: tokens x hidden)."""
 
-    def __init__(self, num_virtual_tokens: int, word_embeddings: nn.Embedding, init: str = "vocab"):
+    def __init__(self, num_virtual_tokens: int, word_embeddings: nn.Embedding, init: str = "vocab",
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
         w = word_embeddings.weight
-        self.embedding = nn.Embedding(num_virtual_tokens, w.shape[1], device=w.device, dtype=w.dtype)
+        self.embedding = nn.Embedding(num_virtual_tokens, w.shape[1], device=w.device, dtype=dtype or w.dtype)
         if init == "vocab":
             ids = torch.randint(0, w.shape[0], (num_virtual_tokens,), device=w.device)
             with torch.no_grad():
@@ -308,7 +315,7 @@ def _inject_prefix(model: nn.Module, cfg: PrefixTuningConfig) -> list[str]:
     head_dim = config_int(hf, "head_dim") or hidden // heads
     w = model.get_input_embeddings().weight
     enc = PrefixEncoder(cfg.num_virtual_tokens, layers, kv_heads, head_dim, cfg.prefix_projection,
-                        cfg.encoder_hidden_size, device=w.device, dtype=w.dtype)
+                        cfg.encoder_hidden_size, device=w.device, dtype=adapter_dtype_for(cfg.adapter_dtype, w.dtype))
     attr = _attach(model, "mol_prefix", enc)
     return [f"{attr}.{n}" for n, _ in enc.named_parameters()]
 
@@ -319,6 +326,7 @@ def _inject_prompt(model: nn.Module, cfg: PromptTuningConfig) -> list[str]:
     if not isinstance(emb, nn.Embedding):
         raise ValueError(f"prompt tuning needs a model with get_input_embeddings() returning an nn.Embedding; "
                          f"{type(model).__name__} has none")
-    enc = PromptEmbedding(cfg.num_virtual_tokens, emb, cfg.init)
+    enc = PromptEmbedding(cfg.num_virtual_tokens, emb, cfg.init,
+                          dtype=adapter_dtype_for(cfg.adapter_dtype, emb.weight.dtype))
     attr = _attach(model, "mol_prompt", enc)
     return [f"{attr}.{n}" for n, _ in enc.named_parameters()]
