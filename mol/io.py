@@ -7,6 +7,7 @@ parameter names). Files are written to a temporary name and renamed, so a crash 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -141,10 +142,18 @@ def _check_and_copy(model: nn.Module, tensors: dict[str, Tensor], expected: dict
             param.copy_(tensors[name].to(param.dtype))
 
 
-def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
-    """Load an adapter saved with ``save_adapter``; injects it first if ``model`` has no adapter yet."""
+def load_adapter(model: nn.Module, directory: PathLike, quantize_base: bool = True) -> nn.Module:
+    """Load an adapter saved with ``save_adapter``; injects it first if ``model`` has no adapter yet.
+
+    ``quantize_base=False`` puts a QLoRA / QLoRA-MoL adapter (trained with ``quantize_base="nf4"``) on ``model``'s
+    own full-precision linears instead of quantizing them first, as PEFT users load a QLoRA adapter onto a bf16
+    base: e.g. to ``merge_and_unload`` it into a bf16 model. The adapter then acts on the original weights rather
+    than on their NF4 rounding, which it was trained against (a small, usual difference)."""
     directory = Path(directory)
     configs = read_adapter_configs(directory)
+    if not quantize_base:
+        configs = [dataclasses.replace(c, quantize_base=None) if getattr(c, "quantize_base", None) else c
+                   for c in configs]
     tensors = _read_tensors(directory / WEIGHTS_NAME)
     if getattr(model, "mol_configs", None):
         have = [c.to_dict() for c in model.mol_configs]

@@ -100,3 +100,32 @@ def test_what_cannot_be_merged_or_unloaded_fails_before_any_change():
     assert not hasattr(kept, "mol_configs")
     with pytest.raises(ValueError, match="carries no mol adapter"):
         mol.unload(base)
+
+
+def test_a_qlora_adapter_merges_into_the_full_precision_base(tmp_path):
+    """QLoRA trains against the NF4 rounding of the weights; to ship a merged model the adapter goes onto the
+    original weights (load_adapter(..., quantize_base=False), as PEFT users load a QLoRA adapter onto a bf16 base)
+    and merge_and_unload folds it in, giving the stock model with that LoRA's outputs."""
+    from mol.quant import NF4Linear
+
+    base = make_tiny_llama(hidden=64)
+    qlora = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=["q_proj", "v_proj"],
+                                                           quantize_base="nf4"))
+    _randomise(qlora)
+    mol.save_adapter(qlora, tmp_path)
+    assert any(isinstance(m, NF4Linear) for m in mol.load_adapter(copy.deepcopy(base), tmp_path).modules())
+
+    on_fp = mol.load_adapter(copy.deepcopy(base), tmp_path, quantize_base=False)
+    assert not any(isinstance(m, NF4Linear) for m in on_fp.modules())
+    assert all(c.quantize_base is None for c in on_fp.mol_configs)
+    adapted = dict(on_fp.named_parameters())
+    for name, p in qlora.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(adapted[name], p)
+    ids = torch.randint(0, 101, (2, 9))
+    want = _logits(on_fp, ids)
+    plain = mol.merge_and_unload(on_fp)
+    assert set(plain.state_dict()) == set(base.state_dict())
+    torch.testing.assert_close(_logits(plain, ids), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot merge"):  # the quantized base itself does not merge
+        mol.merge_and_unload(qlora)
