@@ -10,8 +10,9 @@
    (the small-T forward's split-K atomics, which move bf16 outputs by one rounding here and there: 1.4e-5 to
    9.2e-5 measured at T=7); pass: relative difference < 1e-6 in float32, < 1e-3 in bf16 (a quarter of one bf16
    rounding; a stale or unwritten buffer is off by O(1)). bf16 and float32; T = 7, 512, 2048 (T=7 is the one-launch small-T forward);
-   a plain frozen base, dropout (x_lora), router noise, an NF4 base (dequantized inside the graph), and float32
-   layers under bf16 autocast (their lora_A/B cast afresh each call, copied into the graph). Also
+   a plain frozen base, dropout (x_lora), router noise, an NF4 base (dequantized inside the graph), float32
+   layers under bf16 autocast, and bf16 layers with float32 adapters (adapter_dtype="auto", mol.inject's default
+   on a bf16 model); in both of the last, lora_A/B are cast inside the captured graph, read in place. Also
    checks that the graphs were replayed (not silently skipped). Exit code 1 on any failure.
 2. Time per fwd+bwd at T = 512 and 2048, eager loop, backward on the calling thread, 4096→4096 E=8 top-2 r=16 bf16, the
    three rows interleaved over rounds: the bare frozen base, MoLLinear, MoLLinear with graph_tokens; host µs per
@@ -41,7 +42,8 @@ def rel(a, b):
 
 def make_pair(n_in, n_out, dtype, mode, graph_tokens, gen):
     kw = dict(num_experts=8, top_k=2, rank=16, alpha=32.0, aux_loss_coef=0.01, z_loss_coef=0.001,
-              dropout=0.1 if mode == "dropout" else 0.0, router_noise=0.5 if mode == "noise" else 0.0)
+              dropout=0.1 if mode == "dropout" else 0.0, router_noise=0.5 if mode == "noise" else 0.0,
+              adapter_dtype="auto" if mode == "f32adapters" else None)
     weight = torch.randn(n_out, n_in, device=DEV, generator=gen, dtype=torch.float32) / n_in**0.5
     layers = []
     for tokens in (0, graph_tokens):
@@ -73,8 +75,8 @@ def check(T, n_in, n_out, dtype, mode, gen):
             for name, layer in (("plain", plain), ("graphed", graphed)):
                 torch.manual_seed(seed)  # the same dropout mask and router noise for both
                 xi = x.clone().requires_grad_()
-                # autocast: float32 parameters, bf16 compute (mol.train's bf16-mixed); lora_A/B reach the kernels
-                # as fresh bf16 casts every call, which the graphs copy in
+                # autocast: float32 parameters, bf16 compute (mol.train's bf16-mixed); lora_A/B reach the routed
+                # layer as float32 parameters and are cast inside it (inside the graph when graphed)
                 with torch.autocast("cuda", torch.bfloat16, enabled=mode == "autocast"):
                     y = layer(xi)
                     aux = layer.aux_loss()
@@ -159,7 +161,7 @@ def main():
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--modes", nargs="+", default=None, help="only the correctness cases of these modes "
-                    "(plain, dropout, noise, nf4, autocast)")
+                    "(plain, dropout, noise, nf4, autocast, f32adapters)")
     args = ap.parse_args()
     # the graphed and the plain layer must run the same kernels for the comparison to hold to 1e-3: eager base
     # GEMMs of <= EAGER_CUBLAS_ROWS rows run cuBLAS, captured ones the tuned Triton kernel (bf16 rounding apart)
@@ -172,6 +174,7 @@ def main():
     cases += [(512, 4096, 11008, torch.bfloat16, m) for m in ("dropout", "noise", "nf4")]
     cases += [(7, 4096, 4096, torch.bfloat16, "nf4")]
     cases += [(T, 4096, 4096, torch.float32, "autocast") for T in (7, 512)]
+    cases += [(T, 4096, 4096, torch.bfloat16, "f32adapters") for T in (7, 512)]
     if args.modes:
         cases = [c for c in cases if c[4] in args.modes]
     for T, n_in, n_out, dt, mode in ([] if args.skip_check else cases):
