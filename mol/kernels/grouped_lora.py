@@ -409,11 +409,12 @@ def _b_cat(lora_B: torch.Tensor) -> torch.Tensor:
     return lora_B.permute(0, 2, 1).reshape(e * rank, n_out)
 
 
-def _grad_b(dy: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+def _grad_b(dy: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, f32: bool = False) -> torch.Tensor:
     """dB = (dy^T u) as (E, out, r), in lora_B's own memory layout where that is the expert-interleaved one (then
-    dy^T u (out, E*r) already is dB, a view: no copy here, and autograd stores it as the .grad without one)."""
+    dy^T u (out, E*r) already is dB, a view: no copy here, and autograd stores it as the .grad without one).
+    f32: computed into float32 (for float32 adapters of a 16-bit layer)."""
     e, n_out, rank = lora_B.shape
-    d = torch.mm(dy.t(), u).view(n_out, e, rank).permute(1, 0, 2)
+    d = (_mm_f32(dy.t(), u) if f32 else torch.mm(dy.t(), u)).view(n_out, e, rank).permute(1, 0, 2)
     return d if d.stride() == lora_B.stride() else d.contiguous()
 
 
