@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
@@ -49,6 +50,37 @@ def _check_common(cfg: Any) -> None:
     if not cfg.target_modules:
         raise ValueError(f"{name}.target_modules is empty; give names, suffixes, a regex or 'all-linear'")
     check_adapter_dtype(cfg)
+    for field_name, integral in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = getattr(cfg, field_name)
+        if not isinstance(patterns, dict):
+            raise ValueError(f"{name}.{field_name} must be a mapping of layer-name patterns to values, got "
+                             f"{type(patterns).__name__}")
+        for key, value in patterns.items():
+            try:
+                re.compile(key)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"{name}.{field_name} key {key!r} is not a regex ({e}); use a layer name or suffix "
+                                 "such as 'v_proj', or a pattern such as 'layers\\.0\\..*'") from None
+            if (integral and (not isinstance(value, int) or isinstance(value, bool))) or not value > 0:
+                kind = "a positive integer" if integral else "> 0"
+                raise ValueError(f"{name}.{field_name}[{key!r}] must be {kind}, got {value!r}")
+
+
+def pattern_value(patterns: dict, name: str, default: Any) -> Any:
+    """The value of the first pattern (in order) that matches ``name`` as PEFT's rank_pattern / alpha_pattern do:
+    the pattern as a regex that must end the name at a dot boundary (``"v_proj"`` matches
+    ``model.layers.0.self_attn.v_proj``); ``default`` where none matches."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _patterns_or_empty(cfg: Any) -> None:
+    """None (how Hydra's configs leave them, so that an override can set a whole mapping) means no pattern."""
+    for name in ("rank_pattern", "alpha_pattern"):
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, {})
 
 
 def check_adapter_dtype(cfg: Any) -> None:
@@ -76,6 +108,8 @@ class MoLConfig(MethodConfig):
     away. The layer still computes in the base's dtype (the adapters are cast per call). ``"base"``: the base's
     dtype (fewer host ops per call, and 16-bit optimizer states). Or one of ``"float32"``, ``"bfloat16"``,
     ``"float16"``.
+    ``rank_pattern`` / ``alpha_pattern``: per-layer ``rank`` / ``alpha`` where a pattern matches the layer's name
+    (PEFT's semantics: the first matching key; a name, a suffix or a regex ending at a dot boundary).
     ``aux_loss_in_output``: the model's training forward adds ``mol.aux_loss(model)`` to the ``loss`` it returns
     (as Hugging Face's MoE models add their router loss), so a loop that backpropagates ``outputs.loss`` alone,
     such as transformers' Trainer, trains the router losses too; False (default): add them yourself.
@@ -100,7 +134,12 @@ class MoLConfig(MethodConfig):
     graph_tokens: int = 0
     aux_loss_in_output: bool = False
     adapter_dtype: str = "auto"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _patterns_or_empty(self)
 
     def validate(self) -> None:
         _check_common(self)
@@ -126,7 +165,7 @@ class MoLConfig(MethodConfig):
 @dataclass
 class LoRAConfig(MethodConfig):
     """Standard LoRA (Hu et al. 2021), as Hugging Face PEFT computes it: the one-expert MoL layer.
-    ``adapter_dtype`` as in MoLConfig ("auto": float32 adapters on a 16-bit base, as PEFT's default)."""
+    ``adapter_dtype``, ``rank_pattern`` and ``alpha_pattern`` as in MoLConfig (PEFT's LoraConfig fields)."""
 
     method: ClassVar[str] = "lora"
 
@@ -139,7 +178,12 @@ class LoRAConfig(MethodConfig):
     quantize_base: Optional[str] = None
     backend: str = "auto"
     adapter_dtype: str = "auto"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _patterns_or_empty(self)
 
     def validate(self) -> None:
         _check_common(self)
@@ -150,7 +194,8 @@ class LoRAConfig(MethodConfig):
             rank=self.rank, alpha=self.alpha, num_experts=1, top_k=1, router="topk",
             target_modules=self.target_modules, dropout=self.dropout, use_rslora=self.use_rslora,
             init=self.init, aux_loss_coef=0.0, z_loss_coef=0.0, quantize_base=self.quantize_base,
-            backend=self.backend, adapter_dtype=self.adapter_dtype, modules_to_save=list(self.modules_to_save),
+            backend=self.backend, adapter_dtype=self.adapter_dtype, rank_pattern=dict(self.rank_pattern),
+            alpha_pattern=dict(self.alpha_pattern), modules_to_save=list(self.modules_to_save),
         )
 
 

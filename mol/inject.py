@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from mol.config import LoRAConfig, MethodConfig, MoLConfig
+from mol.config import LoRAConfig, MethodConfig, MoLConfig, pattern_value
 from mol.layers import AdapterLayer, MoLLinear, is_conv1d
 from mol.routers import RoutingContext
 
@@ -225,8 +225,9 @@ def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
     linear = lambda m: is_linear(m) or is_conv1d(m)  # noqa: E731
     for name in match_modules(model, config.target_modules, predicate=linear, exclude=config.modules_to_save):
         layer = MoLLinear(
-            model.get_submodule(name), num_experts=config.num_experts, top_k=config.top_k, rank=config.rank,
-            alpha=config.alpha, router=config.router, dropout=config.dropout, use_rslora=config.use_rslora,
+            model.get_submodule(name), num_experts=config.num_experts, top_k=config.top_k,
+            rank=pattern_value(config.rank_pattern, name, config.rank),
+            alpha=pattern_value(config.alpha_pattern, name, config.alpha), router=config.router, dropout=config.dropout, use_rslora=config.use_rslora,
             init=config.init, aux_loss_coef=config.aux_loss_coef, z_loss_coef=config.z_loss_coef,
             router_noise=config.router_noise, backend=config.backend, graph_tokens=config.graph_tokens,
             adapter_dtype=config.adapter_dtype,

@@ -276,6 +276,7 @@ def _single_lora_config(model: nn.Module) -> LoRAConfig:
         c = configs[0]
         return LoRAConfig(rank=c.rank, alpha=c.alpha, target_modules=c.target_modules, dropout=c.dropout,
                           use_rslora=c.use_rslora, init=c.init, adapter_dtype=c.adapter_dtype,
+                          rank_pattern=dict(c.rank_pattern), alpha_pattern=dict(c.alpha_pattern),
                           modules_to_save=list(c.modules_to_save))
     raise ValueError(f"PEFT's LoRA format holds one LoRA adapter; this model carries {[c.method for c in configs]} "
                      "(token-routed MoL has no PEFT equivalent): export a LoRAConfig adapter or use mol.save_adapter")
@@ -313,8 +314,8 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
         "fan_in_fan_out": conv1d == {True},  # PEFT's flag for Conv1D bases (GPT-2), whose weight is (in, out)
         "use_dora": False,
         "modules_to_save": list(cfg.modules_to_save) or None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": dict(cfg.rank_pattern),
+        "alpha_pattern": dict(cfg.alpha_pattern),
         "inference_mode": True,
     }
     _write_tensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
@@ -345,9 +346,6 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
     for key, ok in _UNSUPPORTED_PEFT.items():
         if raw.get(key, ok) != ok:
             raise ValueError(f"{directory}: PEFT option {key}={raw[key]!r} is not supported by mol (only {ok!r})")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if raw.get(key):
-            raise ValueError(f"{directory}: per-layer {key} is not supported by mol; re-train with one rank/alpha")
     init = raw.get("init_lora_weights", True)
     # PEFT's task types append their usual head names ("classifier", "score") whether or not the model has
     # them, and PEFT ignores the ones that match nothing; do the same, keeping the saved order.
@@ -358,6 +356,8 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
         rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), target_modules=raw["target_modules"],
         dropout=float(raw.get("lora_dropout", 0.0)), use_rslora=bool(raw.get("use_rslora", False)),
         init="gaussian" if init == "gaussian" else "kaiming", modules_to_save=to_save,
+        rank_pattern={k: int(v) for k, v in (raw.get("rank_pattern") or {}).items()},
+        alpha_pattern={k: float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
     )
     tensors = _read_tensors(directory / WEIGHTS_NAME)
     if getattr(model, "mol_configs", None):

@@ -174,3 +174,63 @@ def test_gpt2_trains_with_mol_on_all_linear(backend):
     for m in layers:
         for p in (m.lora_A, m.lora_B, m.router.weight):
             assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+RANKS, ALPHAS = {"v_proj": 6, r"layers\.1\.mlp\.down_proj": 2}, {"q_proj": 20.0, "down_proj": 3.0}
+
+
+def test_per_layer_ranks_and_alphas_as_peft():
+    """rank_pattern / alpha_pattern with PEFT's matching (first key that ends the name at a dot boundary): the
+    same layer shapes, logits and gradients as PEFT's LoraConfig with the same patterns."""
+    base = make_tiny_llama()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=12, target_modules=TARGETS,
+                                                                rank_pattern=RANKS, alpha_pattern=ALPHAS))
+    _randomise_peft(peft_model)
+    ours = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, alpha=12, target_modules=TARGETS,
+                                                          rank_pattern=RANKS, alpha_pattern=ALPHAS))
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, mol.MoLLinear)}
+    assert layers["model.layers.0.self_attn.v_proj"].rank == 6
+    assert (layers["model.layers.1.mlp.down_proj"].rank, layers["model.layers.0.mlp.down_proj"].rank) == (2, 4)
+    assert layers["model.layers.0.self_attn.q_proj"].scaling == 20.0 / 4
+    assert layers["model.layers.1.mlp.down_proj"].scaling == 3.0 / 2
+    _copy_peft_into_mol(peft_model, ours)
+    ids = torch.randint(0, 101, (3, 9))
+    out_p, out_m = peft_model(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert rel(out_m.logits, out_p.logits) <= 1e-6
+    out_p.loss.backward()
+    out_m.loss.backward()
+    grads_p = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    for name, layer in ours.named_modules():
+        if isinstance(layer, mol.MoLLinear):
+            assert rel(layer.lora_B.grad[0], grads_p[f"base_model.model.{name}.lora_B.default.weight"]) <= 1e-6
+
+
+def test_per_layer_ranks_move_to_and_from_peft(tmp_path):
+    base = make_tiny_llama()
+    ours = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, alpha=8, target_modules=TARGETS,
+                                                          rank_pattern=RANKS, alpha_pattern=ALPHAS))
+    with torch.no_grad():
+        for layer in ours.modules():
+            if isinstance(layer, mol.MoLLinear):
+                layer.lora_B.normal_(0, 0.3)
+    ids = torch.randint(0, 101, (2, 8))
+    expected = ours(input_ids=ids).logits
+    mol.export_peft(ours, tmp_path / "to_peft")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "to_peft")
+    assert rel(loaded(input_ids=ids).logits, expected) <= 1e-6
+    loaded.save_pretrained(tmp_path / "from_peft")  # a PEFT adapter with patterns: mol used to refuse it
+    back = mol.import_peft(copy.deepcopy(base), tmp_path / "from_peft")
+    assert rel(back(input_ids=ids).logits, expected) <= 1e-6
+    mol.save_adapter(back, tmp_path / "mol")  # and the patterns survive mol's own format
+    again = mol.load_adapter(copy.deepcopy(base), tmp_path / "mol")
+    assert rel(again(input_ids=ids).logits, expected) <= 1e-6
+
+
+@pytest.mark.parametrize("patterns, message", [
+    (dict(rank_pattern={"v_proj": 0}), r"rank_pattern\['v_proj'\] must be a positive integer"),
+    (dict(alpha_pattern={"v_proj": -1.0}), r"alpha_pattern\['v_proj'\] must be > 0"),
+    (dict(rank_pattern={"v_proj(": 4}), r"rank_pattern key 'v_proj\(' is not a regex"),
+])
+def test_bad_patterns_name_the_fix(patterns, message):
+    with pytest.raises(ValueError, match=message):
+        mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=4, target_modules=TARGETS, **patterns))

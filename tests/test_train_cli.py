@@ -88,6 +88,22 @@ def test_graph_tokens_override_reaches_the_layers():
     assert layers and all(m._graphs is not None and m._graphs.max_tokens == 64 for m in layers)
 
 
+def test_rank_pattern_override_reaches_the_layers():
+    # a Hydra dict override (method.rank_pattern={v_proj:6}) becomes MoLConfig.rank_pattern: per-layer ranks
+    from hydra.utils import instantiate
+
+    import mol
+    from conftest import make_tiny_llama
+
+    cfg = compose(["method=lora", "method.target_modules=[q_proj,v_proj]", "method.modules_to_save=[]",
+                   "method.rank_pattern={v_proj:6}", "output_dir=/z"])
+    method = instantiate(cfg.method, _convert_="all")
+    method.validate()
+    ranks = {n.rsplit(".", 1)[1]: m.rank for n, m in mol.inject(make_tiny_llama(), method).named_modules()
+             if isinstance(m, mol.MoLLinear)}
+    assert ranks == {"q_proj": method.rank, "v_proj": 6}
+
+
 @pytest.mark.parametrize("model_dtype, choice, expect", [
     ("bfloat16", "auto", "base"), ("float32", "auto", "auto"), ("bfloat16", "base", "base"),
     ("bfloat16", "float32", "error")])
