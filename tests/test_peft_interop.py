@@ -11,6 +11,7 @@ import mol
 from conftest import make_tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
+RANKS, ALPHAS = {"v_proj": 6, r"layers\.1\.mlp\.down_proj": 2}, {"q_proj": 20.0, "down_proj": 3.0}
 
 
 def rel(a, b):
@@ -33,6 +34,23 @@ def _copy_peft_into_mol(peft_model, mol_model):
                 layer.lora_B[0].copy_(peft_params[f"base_model.model.{name}.lora_B.default.weight"])
 
 
+def _same_as_peft(peft_model, ours, ids) -> int:
+    """Logits, and the gradients of every adapter tensor, of ``ours`` equal PEFT's; returns the layers checked."""
+    out_p, out_m = peft_model(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert rel(out_m.logits, out_p.logits) <= 1e-6
+    out_p.loss.backward()
+    out_m.loss.backward()
+    grads_p = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    checked = 0
+    for name, layer in ours.named_modules():
+        if isinstance(layer, mol.MoLLinear):
+            for part in ("lora_A", "lora_B"):
+                want = grads_p[f"base_model.model.{name}.{part}.default.weight"]
+                assert rel(getattr(layer, part).grad[0], want) <= 1e-6
+            checked += 1
+    return checked
+
+
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_same_logits_and_gradients_as_peft(use_rslora):
     base = make_tiny_llama()
@@ -43,27 +61,17 @@ def test_same_logits_and_gradients_as_peft(use_rslora):
                                                           use_rslora=use_rslora))
     _copy_peft_into_mol(peft_model, ours)
 
-    ids = torch.randint(0, 101, (3, 9))
-    labels = torch.randint(0, 101, (3, 9))
-    out_p = peft_model(input_ids=ids, labels=labels)
-    out_m = ours(input_ids=ids, labels=labels)
-    assert rel(out_m.logits, out_p.logits) <= 1e-6
-    out_p.loss.backward()
-    out_m.loss.backward()
-    grads_p = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
-    checked = 0
-    for name, layer in ours.named_modules():
-        if isinstance(layer, mol.MoLLinear):
-            assert rel(layer.lora_A.grad[0], grads_p[f"base_model.model.{name}.lora_A.default.weight"]) <= 1e-6
-            assert rel(layer.lora_B.grad[0], grads_p[f"base_model.model.{name}.lora_B.default.weight"]) <= 1e-6
-            checked += 1
-    assert checked == 2 * len(TARGETS)
+    assert _same_as_peft(peft_model, ours, torch.randint(0, 101, (3, 9))) == 2 * len(TARGETS)
     assert mol.trainable_parameters(ours)[0] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
-def test_export_to_peft_and_import_from_peft(tmp_path):
+@pytest.mark.parametrize("options", [dict(use_rslora=True), dict(rank_pattern=RANKS, alpha_pattern=ALPHAS)],
+                         ids=["rslora", "per-layer"])
+def test_export_to_peft_and_import_from_peft(tmp_path, options):
+    """mol -> PEFT -> mol -> mol's own format, the logits kept; per-layer ranks included (mol used to refuse a PEFT
+    adapter that had them)."""
     base = make_tiny_llama()
-    ours = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, alpha=8, target_modules=TARGETS, use_rslora=True))
+    ours = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, alpha=8, target_modules=TARGETS, **options))
     with torch.no_grad():
         for layer in ours.modules():
             if isinstance(layer, mol.MoLLinear):
@@ -80,6 +88,9 @@ def test_export_to_peft_and_import_from_peft(tmp_path):
     back = mol.import_peft(copy.deepcopy(base), tmp_path / "from_peft")
     assert rel(back(input_ids=ids).logits, expected) <= 1e-6
     assert isinstance(back.model.layers[0].self_attn.q_proj, mol.MoLLinear)
+    mol.save_adapter(back, tmp_path / "mol")
+    again = mol.load_adapter(copy.deepcopy(base), tmp_path / "mol")
+    assert rel(again(input_ids=ids).logits, expected) <= 1e-6
 
 
 def test_peft_trained_adapter_with_modules_to_save_imports(tmp_path):
@@ -129,14 +140,7 @@ def test_gpt2_conv1d_layers_as_peft_adapts_them(tmp_path):
     assert len(adapted) == 4 * 2  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
 
     ids = torch.randint(0, 50, (2, 7))
-    out_p, out_m = peft_model(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
-    assert rel(out_m.logits, out_p.logits) <= 1e-6
-    out_p.loss.backward()
-    out_m.loss.backward()
-    grads_p = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
-    for name, layer in ours.named_modules():
-        if isinstance(layer, mol.MoLLinear):
-            assert rel(layer.lora_A.grad[0], grads_p[f"base_model.model.{name}.lora_A.default.weight"]) <= 1e-6
+    assert _same_as_peft(peft_model, ours, ids) == len(adapted)
 
     with torch.no_grad():
         expected = ours(input_ids=ids).logits
@@ -176,8 +180,6 @@ def test_gpt2_trains_with_mol_on_all_linear(backend):
             assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-RANKS, ALPHAS = {"v_proj": 6, r"layers\.1\.mlp\.down_proj": 2}, {"q_proj": 20.0, "down_proj": 3.0}
-
 
 def test_per_layer_ranks_and_alphas_as_peft():
     """rank_pattern / alpha_pattern with PEFT's matching (first key that ends the name at a dot boundary): the
@@ -194,36 +196,7 @@ def test_per_layer_ranks_and_alphas_as_peft():
     assert layers["model.layers.0.self_attn.q_proj"].scaling == 20.0 / 4
     assert layers["model.layers.1.mlp.down_proj"].scaling == 3.0 / 2
     _copy_peft_into_mol(peft_model, ours)
-    ids = torch.randint(0, 101, (3, 9))
-    out_p, out_m = peft_model(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
-    assert rel(out_m.logits, out_p.logits) <= 1e-6
-    out_p.loss.backward()
-    out_m.loss.backward()
-    grads_p = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
-    for name, layer in ours.named_modules():
-        if isinstance(layer, mol.MoLLinear):
-            assert rel(layer.lora_B.grad[0], grads_p[f"base_model.model.{name}.lora_B.default.weight"]) <= 1e-6
-
-
-def test_per_layer_ranks_move_to_and_from_peft(tmp_path):
-    base = make_tiny_llama()
-    ours = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, alpha=8, target_modules=TARGETS,
-                                                          rank_pattern=RANKS, alpha_pattern=ALPHAS))
-    with torch.no_grad():
-        for layer in ours.modules():
-            if isinstance(layer, mol.MoLLinear):
-                layer.lora_B.normal_(0, 0.3)
-    ids = torch.randint(0, 101, (2, 8))
-    expected = ours(input_ids=ids).logits
-    mol.export_peft(ours, tmp_path / "to_peft")
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "to_peft")
-    assert rel(loaded(input_ids=ids).logits, expected) <= 1e-6
-    loaded.save_pretrained(tmp_path / "from_peft")  # a PEFT adapter with patterns: mol used to refuse it
-    back = mol.import_peft(copy.deepcopy(base), tmp_path / "from_peft")
-    assert rel(back(input_ids=ids).logits, expected) <= 1e-6
-    mol.save_adapter(back, tmp_path / "mol")  # and the patterns survive mol's own format
-    again = mol.load_adapter(copy.deepcopy(base), tmp_path / "mol")
-    assert rel(again(input_ids=ids).logits, expected) <= 1e-6
+    assert _same_as_peft(peft_model, ours, torch.randint(0, 101, (3, 9))) == len(layers)
 
 
 @pytest.mark.parametrize("patterns, message", [
