@@ -183,8 +183,10 @@ def test_routed_kernels_take_float32_adapters_as_their_bf16_copies(tokens, fast_
     for got, want in ((y, results[0][0]), (dx, results[0][1]), (y_inference, results[0][5])):
         assert torch.equal(got, want)
     for got, want in ((dA, results[0][2]), (dB, results[0][3]), (dWr, results[0][4])):
-        assert rel(got, want) < 1e-2
-        assert not torch.equal(got, got.bfloat16().float())  # not a bf16 result cast up
+        if fast_path:  # eager: float32-output GEMMs, not a bf16 result cast up
+            assert rel(got, want) < 1e-2 and not torch.equal(got, got.bfloat16().float())
+        else:  # traced (the custom ops torch.compile sees): the bf16 GEMM, cast after, as every backend lowers it
+            assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("tokens", [5, 37])

@@ -1222,7 +1222,7 @@ def _routed_backward(dy, daux, saved, need, weight_fn, meta):
         if need[0] and dx is None:
             dx = _dx(base_mm, dy, w, dhl, w_dx if w_dx is not None else torch.cat([a_cat, router_w.to(dt)]))
         if need[5] or need[7]:
-            d_ext = _wgrad(dhl.t(), x, a_dtype)
+            d_ext = _wgrad(dhl.t(), x, a_dtype, eager)
             dA, dWr = d_ext[:r_tot].view(e, rank, n_in), d_ext[r_tot:]
     else:
         dh, dlogits = dhl[:, :r_tot], dhl[:, r_tot:]
@@ -1231,12 +1231,12 @@ def _routed_backward(dy, daux, saved, need, weight_fn, meta):
         if need[1]:
             dx_lora = torch.mm(dh, a_cat)
         if need[5]:
-            dA = _wgrad(dh.t(), x_lora, a_dtype).view(e, rank, n_in)
+            dA = _wgrad(dh.t(), x_lora, a_dtype, eager).view(e, rank, n_in)
         if need[7]:
             dWr = torch.mm(dlogits.t(), x)
     del w
     if need[6]:
-        dB = gl._grad_b(dy, u, lora_B, f32=_f32_wgrad(u, b_dtype))
+        dB = gl._grad_b(dy, u, lora_B, f32=_f32_wgrad(u, b_dtype, eager))
     if dWr is not None:
         dWr = dWr.to(router_w.dtype) if need[7] else None
     if dA is not None and dA.dtype != a_dtype:  # float32 adapters of a 16-bit layer (see _compute_dtype)
@@ -1248,15 +1248,17 @@ def _routed_backward(dy, daux, saved, need, weight_fn, meta):
     return dx, dx_lora, d_base, dA, dB, dWr
 
 
-def _f32_wgrad(a: torch.Tensor, want: torch.dtype) -> bool:
+def _f32_wgrad(a: torch.Tensor, want: torch.dtype, eager: bool) -> bool:
     """Whether a weight gradient wanted in float32 (float32 adapters of a 16-bit layer) is computed straight into
-    float32 (cuBLAS's float32 output, torch >= 2.8): no bf16 rounding of it, and no cast after."""
-    return want == torch.float32 and a.dtype != torch.float32 and (gl._MM_OUT_DTYPE or not a.is_cuda)
+    float32 (cuBLAS's float32 output, torch >= 2.8): no bf16 rounding of it, and no cast after. Eager calls only:
+    traced (torch.compile), the product stays a plain mm, cast after, which every backend lowers."""
+    return (eager and want == torch.float32 and a.dtype != torch.float32
+            and (gl._MM_OUT_DTYPE or not a.is_cuda))
 
 
-def _wgrad(a: torch.Tensor, b: torch.Tensor, want: torch.dtype) -> torch.Tensor:
+def _wgrad(a: torch.Tensor, b: torch.Tensor, want: torch.dtype, eager: bool) -> torch.Tensor:
     """a @ b, a weight gradient: in float32 where it is wanted so (_f32_wgrad), else in a's dtype."""
-    return gl._mm_f32(a, b) if _f32_wgrad(a, want) else torch.mm(a, b)
+    return gl._mm_f32(a, b) if _f32_wgrad(a, want, eager) else torch.mm(a, b)
 
 
 def _dx(base_mm, dy, w, d_small, w_small):
