@@ -105,9 +105,9 @@ class MoLConfig(MethodConfig):
     ``adapter_dtype``: the dtype of ``lora_A`` / ``lora_B`` (the router's weight is float32 always). ``"auto"``
     (default): float32 on a 16-bit base (bf16/fp16 weights, or NF4 computing in them), else the base's dtype, as
     PEFT's ``get_peft_model`` makes them: in a bf16 weight, an AdamW step smaller than ~1/256 of the weight rounds
-    away. The layer still computes in the base's dtype (the adapters are cast per call). ``"base"``: the base's
-    dtype (fewer host ops per call, and 16-bit optimizer states). Or one of ``"float32"``, ``"bfloat16"``,
-    ``"float16"``.
+    away. The layer still computes in the base's dtype (the adapters are cast inside it; without gradients the cast
+    copies are kept). ``"base"``: the base's dtype (16-bit optimizer states, two casts fewer a forward). Or one of
+    ``"float32"``, ``"bfloat16"``, ``"float16"``.
     ``rank_pattern`` / ``alpha_pattern``: per-layer ``rank`` / ``alpha`` where a pattern matches the layer's name
     (PEFT's semantics: the first matching key; a name, a suffix or a regex ending at a dot boundary).
     ``aux_loss_in_output``: the model's training forward adds ``mol.aux_loss(model)`` to the ``loss`` it returns
