@@ -335,6 +335,14 @@ def _peft_task_type(model: nn.Module) -> Any:
 # (fan_in_fan_out only says the base weights are (in, out), as Conv1D's are: each MoLLinear knows its base's kind,
 # and PEFT itself corrects the flag to the layer it meets, so any value imports)
 _UNSUPPORTED_PEFT = {"use_dora": False, "bias": "none"}
+# PEFT options that change what a LoRA layer computes, which mol does not do: set to anything but their off value,
+# the import stops and names them (the init-only ones, e.g. loftq_config or eva_config, change nothing to load)
+_PEFT_OFF_ONLY = ("lora_bias", "trainable_token_indices", "layer_replication", "target_parameters",
+                  "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "velora_config",
+                  "monteclora_config")
+# PEFT options that only choose which layers carry the adapter: the adapter's own tensors name those layers, and
+# the import adapts exactly them
+_PEFT_LAYER_CHOICE = ("exclude_modules", "layers_to_transform", "layers_pattern")
 
 
 def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
@@ -346,6 +354,16 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
     for key, ok in _UNSUPPORTED_PEFT.items():
         if raw.get(key, ok) != ok:
             raise ValueError(f"{directory}: PEFT option {key}={raw[key]!r} is not supported by mol (only {ok!r})")
+    for key in _PEFT_OFF_ONLY:
+        if raw.get(key):
+            raise ValueError(f"{directory}: PEFT option {key}={raw[key]!r} changes what a LoRA layer computes, which "
+                             "mol does not do; import an adapter trained without it")
+    tensors = _read_tensors(directory / WEIGHTS_NAME)
+    targets = raw["target_modules"]
+    if any(raw.get(key) for key in _PEFT_LAYER_CHOICE):
+        suffix = ".lora_A.weight"
+        targets = sorted(k[len(PEFT_PREFIX):-len(suffix)] if k.startswith(PEFT_PREFIX) else k[:-len(suffix)]
+                         for k in tensors if k.endswith(suffix))
     init = raw.get("init_lora_weights", True)
     # PEFT's task types append their usual head names ("classifier", "score") whether or not the model has
     # them, and PEFT ignores the ones that match nothing; do the same, keeping the saved order.
@@ -353,13 +371,12 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
     to_save = [m for m in dict.fromkeys(raw.get("modules_to_save") or [])
                if any(name_matches(n, [m]) for n in names)]
     cfg = LoRAConfig(
-        rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), target_modules=raw["target_modules"],
+        rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), target_modules=targets,
         dropout=float(raw.get("lora_dropout", 0.0)), use_rslora=bool(raw.get("use_rslora", False)),
         init="gaussian" if init == "gaussian" else "kaiming", modules_to_save=to_save,
         rank_pattern={k: int(v) for k, v in (raw.get("rank_pattern") or {}).items()},
         alpha_pattern={k: float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
     )
-    tensors = _read_tensors(directory / WEIGHTS_NAME)
     if getattr(model, "mol_configs", None):
         raise ValueError("import_peft needs a model without an adapter; load into a fresh base model")
     inject(model, cfg)

@@ -2,6 +2,7 @@
 between the two libraries in PEFT's own file format."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -207,3 +208,34 @@ def test_per_layer_ranks_and_alphas_as_peft():
 def test_bad_patterns_name_the_fix(patterns, message):
     with pytest.raises(ValueError, match=message):
         mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=4, target_modules=TARGETS, **patterns))
+
+
+@pytest.mark.parametrize("choice", [dict(layers_to_transform=[1], layers_pattern="layers"),
+                                    dict(exclude_modules=["down_proj"])], ids=["layers_to_transform", "exclude"])
+def test_peft_adapters_on_chosen_layers_import(tmp_path, choice):
+    """PEFT options that only choose the layers (layers_to_transform, exclude_modules): the adapter's own tensors
+    name them, and import_peft adapts exactly those."""
+    base = make_tiny_llama()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **choice))
+    _randomise_peft(peft_model)
+    ids = torch.randint(0, 101, (2, 8))
+    expected = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path)
+    ours = mol.import_peft(copy.deepcopy(base), tmp_path)
+    adapted = {n for n, m in ours.named_modules() if isinstance(m, mol.MoLLinear)}
+    want = {n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight")
+            for n, _ in peft_model.named_parameters() if n.endswith(".lora_A.default.weight")}
+    assert adapted == want and len(want) < 2 * len(TARGETS)
+    assert rel(ours(input_ids=ids).logits, expected) <= 1e-6
+
+
+def test_peft_options_mol_does_not_compute_are_refused(tmp_path):
+    base = make_tiny_llama()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=TARGETS))
+    peft_model.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "adapter_config.json"
+    raw = json.loads(cfg_path.read_text())
+    raw["lora_bias"] = True
+    cfg_path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="PEFT option lora_bias=True changes what a LoRA layer computes"):
+        mol.import_peft(copy.deepcopy(base), tmp_path)
