@@ -25,6 +25,7 @@ from mol.layers import MoLLinear, is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PICKLE_NAME = "adapter_model.bin"  # older PEFT adapters
 FORMAT = "mol-adapter"
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
@@ -68,6 +69,22 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt: save the adapter again") from None
+
+
+def _read_peft_tensors(directory: Path) -> dict[str, Tensor]:
+    """A PEFT adapter's tensors: adapter_model.safetensors, or the adapter_model.bin that older PEFT versions and
+    ``save_pretrained(safe_serialization=False)`` write (read with torch.load(weights_only=True): tensors only)."""
+    if (directory / WEIGHTS_NAME).is_file() or not (directory / PEFT_PICKLE_NAME).is_file():
+        return _read_tensors(directory / WEIGHTS_NAME)
+    path = directory / PEFT_PICKLE_NAME
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds for a damaged file
+        raise ValueError(f"{path} is truncated, corrupt or holds more than tensors ({type(e).__name__}: {e}); "
+                         "save or copy the adapter again") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+        raise ValueError(f"{path} does not hold a name -> tensor mapping; it is not a PEFT adapter's weights")
+    return tensors
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
@@ -358,7 +375,7 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
         if raw.get(key):
             raise ValueError(f"{directory}: PEFT option {key}={raw[key]!r} changes what a LoRA layer computes, which "
                              "mol does not do; import an adapter trained without it")
-    tensors = _read_tensors(directory / WEIGHTS_NAME)
+    tensors = _read_peft_tensors(directory)
     targets = raw["target_modules"]
     if any(raw.get(key) for key in _PEFT_LAYER_CHOICE):
         suffix = ".lora_A.weight"

@@ -239,3 +239,20 @@ def test_peft_options_mol_does_not_compute_are_refused(tmp_path):
     cfg_path.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="PEFT option lora_bias=True changes what a LoRA layer computes"):
         mol.import_peft(copy.deepcopy(base), tmp_path)
+
+
+def test_peft_adapter_saved_as_bin_imports(tmp_path):
+    """Older PEFT versions (and safe_serialization=False) write adapter_model.bin: it imports too; a damaged one
+    says so."""
+    base = make_tiny_llama()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    _randomise_peft(peft_model)
+    ids = torch.randint(0, 101, (2, 8))
+    expected = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
+    assert rel(mol.import_peft(copy.deepcopy(base), tmp_path)(input_ids=ids).logits, expected) <= 1e-6
+    data = (tmp_path / "adapter_model.bin").read_bytes()
+    (tmp_path / "adapter_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="adapter_model.bin is truncated, corrupt"):
+        mol.import_peft(copy.deepcopy(base), tmp_path)
