@@ -103,8 +103,15 @@ class _VirtualTokens(AdapterLayer):
 
     def attach(self, model: nn.Module) -> None:
         # Bound methods (not closures), so copy.deepcopy(model) gives hooks that point at the copy.
-        model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        model.register_forward_hook(self._post_hook, with_kwargs=True)
+        model.register_forward_pre_hook(self._on_call, with_kwargs=True)
+        model.register_forward_hook(self._on_return, with_kwargs=True)
+
+    # the hooks as registered: nothing while mol.disable_adapters holds the layer, else the method's own
+    def _on_call(self, model: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        return None if self.disabled else self._pre_hook(model, args, kwargs)
+
+    def _on_return(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return output if self.disabled else self._post_hook(model, args, kwargs, output)
 
     def merge_blocker(self) -> Optional[str]:
         return f"{type(self).__name__} adds virtual tokens, which no weight can absorb"
@@ -137,8 +144,6 @@ class _VirtualTokens(AdapterLayer):
         return batch, fresh
 
     def _post_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if self.disabled:
-            return output
         key = cache_kwarg(model) or "past_key_values"
         if not self._use_cache(model, kwargs) and getattr(output, key, None) is not None:
             setattr(output, key, None)  # the cache we built only carried the virtual tokens through this call
@@ -178,9 +183,7 @@ class PrefixEncoder(_VirtualTokens):
         p = p.to(dtype).view(n, 2 * self.num_layers, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
         return p.unsqueeze(1).expand(-1, batch, -1, -1, -1)
 
-    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
-        if self.disabled:
-            return None
+    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         from transformers import DynamicCache
 
         kw = call_kwargs(model, args, kwargs)
@@ -220,9 +223,7 @@ class PromptEmbedding(_VirtualTokens):
                 self.embedding.weight.copy_(w[ids])
         self._strip = False
 
-    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
-        if self.disabled:
-            return None
+    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = call_kwargs(model, args, kwargs)
         batch, fresh = self._common(model, kw)
         n = self.num_virtual_tokens
@@ -246,8 +247,6 @@ class PromptEmbedding(_VirtualTokens):
         return (), kw
 
     def _post_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if self.disabled:
-            return output
         output = super()._post_hook(model, args, kwargs, output)
         logits = getattr(output, "logits", None)
         n = self.num_virtual_tokens
