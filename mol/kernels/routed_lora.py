@@ -1134,9 +1134,8 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
 def _compute_dtype(lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The adapters in the layer's compute dtype (a cast of ~E*r*(in+out) elements where they differ; lora_B's
-    expert-interleaved strides are kept: .to() preserves a dense layout)."""
-    return (lora_A if lora_A.dtype == dtype else lora_A.to(dtype)), (lora_B if lora_B.dtype == dtype else
-                                                                      lora_B.to(dtype))
+    expert-interleaved layout kept, as the grouped kernels' own casts keep it)."""
+    return gl._as(lora_A, dtype), gl._as_b(lora_B, dtype)
 
 
 def _routed_forward_saved(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, token_w,
