@@ -80,17 +80,41 @@ def test_small_eager_calls_run_cublas_under_auto(monkeypatch):
     g = torch.Generator().manual_seed(11)
     a, b, u, v = operands(24, 16, 24, 8, torch.float16, True, False, g)
     ref = a.double() @ b.double().t() + u.double() @ v.double()
-    assert not bg._eager_small(a)
+    assert not bg._eager_cublas(a)
     calls = []
     orig = bg.triton_base_mm
     monkeypatch.setattr(bg, "triton_base_mm", lambda *args, **kw: calls.append(1) or orig(*args, **kw))
     monkeypatch.setattr(bg, "BASE_GEMM", "auto")
     assert rel(bg.base_mm(a, b, True, u, v, False), ref) < 2e-3 and calls == [1]  # tuned: the kernel
-    monkeypatch.setattr(bg, "_eager_small", lambda a: True)  # as a small eager CUDA call
+    monkeypatch.setattr(bg, "_eager_cublas", lambda a: True)  # as a small eager CUDA call
     assert rel(bg.base_mm(a, b, True, u, v, False), ref) < 2e-3 and calls == [1]  # cuBLAS
     monkeypatch.setattr(bg, "BASE_GEMM", "triton")
     bg.base_mm(a, b, True, u, v, False)
     assert calls == [1, 1]
+
+
+def test_eager_cublas_rule(monkeypatch):
+    # which eager CUDA calls "auto" sends to cuBLAS: small ones always; larger ones only while the stream is idle
+    # (the GPU waits on the host, so the kernel's costlier launch would be on the critical path); never a capture
+    class FakeCuda:
+        is_cuda, device = True, torch.device("cuda", 0)
+
+        def __init__(self, rows):
+            self.shape = (rows, 64)
+    capturing, idle = [False], [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(bg, "_stream_idle", lambda device: idle[0])
+    monkeypatch.setattr(bg, "HOST_BOUND_CUBLAS", True)
+    small, large = FakeCuda(bg.EAGER_CUBLAS_ROWS), FakeCuda(bg.EAGER_CUBLAS_ROWS + 1)
+    assert bg._eager_cublas(small) and not bg._eager_cublas(large)  # the GPU busy: the tuned kernel
+    idle[0] = True
+    assert bg._eager_cublas(small) and bg._eager_cublas(large)  # the GPU waiting on the host: cuBLAS
+    monkeypatch.setattr(bg, "HOST_BOUND_CUBLAS", False)
+    assert bg._eager_cublas(small) and not bg._eager_cublas(large)
+    monkeypatch.setattr(bg, "HOST_BOUND_CUBLAS", True)
+    capturing[0] = True  # a captured launch costs the host nothing per replay: the tuned kernel, whatever the size
+    assert not bg._eager_cublas(small) and not bg._eager_cublas(large)
+    assert not bg._eager_cublas(torch.zeros(4, 4))  # CPU tensors (the interpreter) always run the kernel
 
 
 def test_unknown_base_gemm_setting_is_named(monkeypatch):

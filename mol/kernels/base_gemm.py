@@ -53,6 +53,12 @@ CONFIGS = [(128, 256, 64, 8, 8, 3, 1), (128, 256, 64, 16, 8, 3, 1), (128, 256, 6
 # 34). Under CUDA-graph capture (graph_tokens, a captured step) the launch cost is paid once, so the tuned choice
 # stands there; eager and graphed results then differ by bf16 rounding. 0 turns this off.
 EAGER_CUBLAS_ROWS = 2048
+# Eager CUDA calls of more rows also run cuBLAS under "auto" when the GPU has already finished everything launched
+# before them (the stream's query, no synchronisation): the host is then the step's bottleneck, and the kernel's
+# ~80 µs of extra launch time per call is on the step's critical path while its few µs of GPU time are not. A
+# Llama-shaped model's eager step (8x1024 tokens, 56 MoL layers) is host-bound this way on slow hosts (RESULTS
+# run 37). Where the GPU still has work queued, the tuned choice runs. MOL_BASE_GEMM_HOST_BOUND=0 turns this off.
+HOST_BOUND_CUBLAS = os.environ.get("MOL_BASE_GEMM_HOST_BOUND", "1") != "0"
 # Whether "auto" and "triton" also time the Gluon kernel (base_gemm_gluon.py: one pipeline over the base's and the
 # experts' K steps, Hopper only): at cuBLAS's speed on the bare GEMM and 3-4 µs ahead of the Triton kernel with the
 # extra K, so the layer 0.1-1.4% faster (RESULTS run 36). MOL_BASE_GEMM_GLUON=0 leaves it out.
@@ -253,7 +259,7 @@ def base_mm(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None 
     if BASE_GEMM == "cublas" or a.dtype not in (torch.bfloat16, torch.float16):
         return _cublas(a, b, b_t, u, v, v_t, bias)
     cfg, operands = plan(a, b, b_t, u, v, v_t, bias)
-    if cfg is None or (BASE_GEMM == "auto" and _eager_small(a)):
+    if cfg is None or (BASE_GEMM == "auto" and _eager_cublas(a)):
         return _cublas(a, b, b_t, u, v, v_t, bias)
     kb, kb_t, ku, ku_t, kv, kv_t = operands
     return triton_base_mm(a, kb, kb_t, ku, kv, kv_t, bias, cfg, u_t=ku_t)
@@ -263,7 +269,7 @@ def plan(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None, v:
          bias: torch.Tensor | None) -> tuple[tuple | None, tuple]:
     """(config, operands): the Triton config base_mm runs for these operands' shape key, tuned on first sight
     (None: cuBLAS, or the kernel cannot run them), and the operands as the kernel reads them (kb, kb_t, ku, ku_t,
-    kv, kv_t). The eager small-call rule (_eager_small) is the caller's."""
+    kv, kv_t). The eager rules (_eager_cublas) are the caller's."""
     # the kernel reads rows: a column-major b, u or v is taken as its (row-major) transpose, the flag flipped, here
     # and not by the caller, so that the cuBLAS path pays no view ops for it
     kb, kb_t = _row_major(b, b_t)
@@ -278,9 +284,17 @@ def plan(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None, v:
     return cfg, operands
 
 
-def _eager_small(a: torch.Tensor) -> bool:
-    """An eager CUDA call of at most EAGER_CUBLAS_ROWS rows: "auto" runs cuBLAS for it, whatever was tuned."""
-    return a.shape[0] <= EAGER_CUBLAS_ROWS and a.is_cuda and not torch.cuda.is_current_stream_capturing()
+def _eager_cublas(a: torch.Tensor) -> bool:
+    """An eager CUDA call that "auto" runs on cuBLAS whatever was tuned: at most EAGER_CUBLAS_ROWS rows, or
+    (HOST_BOUND_CUBLAS) any size while the GPU waits on the host."""
+    if not a.is_cuda or torch.cuda.is_current_stream_capturing():
+        return False
+    return a.shape[0] <= EAGER_CUBLAS_ROWS or (HOST_BOUND_CUBLAS and _stream_idle(a.device))
+
+
+def _stream_idle(device: torch.device) -> bool:
+    """Whether the current stream has run everything launched on it (cudaStreamQuery: asks, never waits)."""
+    return torch.cuda.current_stream(device).query()
 
 
 def _row_major(m: torch.Tensor | None, transposed: bool) -> tuple[torch.Tensor | None, bool]:
