@@ -43,6 +43,7 @@ def main():
     m = mol.MoLLinear(base, num_experts=8, top_k=2, rank=16, alpha=32, backend="triton").to(dev)
     params = [m.lora_A, m.lora_B, m.router.weight]
     one = torch.ones((), device=dev)
+    bg.HOST_BOUND_CUBLAS = False  # the row-count rule alone (probe_host_rule.py measures the idle-stream one)
     settings = {"tuned (EAGER_CUBLAS_ROWS=0)": 0, f"cuBLAS at T <= {bg.EAGER_CUBLAS_ROWS}": bg.EAGER_CUBLAS_ROWS}
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; µs per fwd+bwd, medians of {args.rounds} "
           "alternating rounds")
