@@ -71,11 +71,12 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt: save the adapter again") from None
 
 
-def _read_peft_tensors(directory: Path) -> dict[str, Tensor]:
-    """A PEFT adapter's tensors: adapter_model.safetensors, or the adapter_model.bin that older PEFT versions and
-    ``save_pretrained(safe_serialization=False)`` write (read with torch.load(weights_only=True): tensors only)."""
+def _read_peft_tensors(directory: Path) -> tuple[Path, dict[str, Tensor]]:
+    """(the file read, a PEFT adapter's tensors): adapter_model.safetensors, or the adapter_model.bin that older PEFT
+    versions and ``save_pretrained(safe_serialization=False)`` write (read with torch.load(weights_only=True):
+    tensors only)."""
     if (directory / WEIGHTS_NAME).is_file() or not (directory / PEFT_PICKLE_NAME).is_file():
-        return _read_tensors(directory / WEIGHTS_NAME)
+        return directory / WEIGHTS_NAME, _read_tensors(directory / WEIGHTS_NAME)
     path = directory / PEFT_PICKLE_NAME
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
@@ -84,7 +85,7 @@ def _read_peft_tensors(directory: Path) -> dict[str, Tensor]:
                          "save or copy the adapter again") from None
     if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
         raise ValueError(f"{path} does not hold a name -> tensor mapping; it is not a PEFT adapter's weights")
-    return tensors
+    return path, tensors
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
@@ -375,12 +376,11 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
         if raw.get(key):
             raise ValueError(f"{directory}: PEFT option {key}={raw[key]!r} changes what a LoRA layer computes, which "
                              "mol does not do; import an adapter trained without it")
-    tensors = _read_peft_tensors(directory)
+    source, tensors = _read_peft_tensors(directory)
     targets = raw["target_modules"]
     if any(raw.get(key) for key in _PEFT_LAYER_CHOICE):
         suffix = ".lora_A.weight"
-        targets = sorted(k[len(PEFT_PREFIX):-len(suffix)] if k.startswith(PEFT_PREFIX) else k[:-len(suffix)]
-                         for k in tensors if k.endswith(suffix))
+        targets = sorted(k.removeprefix(PEFT_PREFIX).removesuffix(suffix) for k in tensors if k.endswith(suffix))
     init = raw.get("init_lora_weights", True)
     # PEFT's task types append their usual head names ("classifier", "score") whether or not the model has
     # them, and PEFT ignores the ones that match nothing; do the same, keeping the saved order.
@@ -399,12 +399,12 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
     inject(model, cfg)
     renamed: dict[str, Tensor] = {}
     for key, value in tensors.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = key.removeprefix(PEFT_PREFIX)
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
             if name.endswith(suffix):
                 name = f"{name[: -len(suffix)]}.{part}"
                 value = value[None]  # PEFT's (r, in) / (out, r) -> our one-expert (1, r, in) / (1, out, r)
         renamed[name] = value
-    _check_and_copy(model, renamed, adapter_state_dict(model), directory / WEIGHTS_NAME)
+    _check_and_copy(model, renamed, adapter_state_dict(model), source)
     return model

@@ -253,6 +253,12 @@ def test_peft_adapter_saved_as_bin_imports(tmp_path):
     assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
     assert rel(mol.import_peft(copy.deepcopy(base), tmp_path)(input_ids=ids).logits, expected) <= 1e-6
     data = (tmp_path / "adapter_model.bin").read_bytes()
+    tensors = torch.load(tmp_path / "adapter_model.bin", weights_only=True)
+    name = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[name] = tensors[name][:, :-1]  # a shape the model does not fit: the error names the file read
+    torch.save(tensors, tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"adapter_model\.bin: tensor .* has shape"):
+        mol.import_peft(copy.deepcopy(base), tmp_path)
     (tmp_path / "adapter_model.bin").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="adapter_model.bin is truncated, corrupt"):
         mol.import_peft(copy.deepcopy(base), tmp_path)
