@@ -10,7 +10,8 @@ the calling thread (torch.autograd.set_multithreading_enabled(False)), and PEFT 
 captured in a CUDA graph and replayed (the GPU's work alone: on hosts as slow as the H200 machines the eager step is
 host-bound). With --only, also PEFT and MoL under torch.compile(model) (default mode), and MoL with per-layer
 CUDA graphs (MoLConfig.graph_tokens: the step eager, each layer replaying its captured forward and backward), and
-PEFT and MoL with their adapters in bf16 ("bf16 adapters"; the other rows take each library's default, float32
+PEFT and MoL with AdamW(fused=True) ("fused AdamW", mol.train's default on CUDA; the other rows take torch's
+foreach AdamW), and PEFT and MoL with their adapters in bf16 ("bf16 adapters"; the other rows take each library's default, float32
 adapters on the bf16 model, since mol's adapter_dtype="auto" follows PEFT's autocast_adapter_dtype; runs 28 and
 earlier measured MoL with bf16 adapters against PEFT's float32 ones). Median step time over
 timed steps after warm-up (CUDA events), and peak allocated memory over the timed steps.
@@ -104,7 +105,9 @@ def graphed_step_fn(model, params, ids, name):
 def step_fn(model, params, ids, name):
     if "CUDA graph" in name:
         return graphed_step_fn(model, params, ids, name)
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    # "fused AdamW": one kernel for the whole update, mol.train's default on CUDA (optim.fused=auto); the other
+    # rows keep torch's default (foreach), as a plain training loop gets it
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True if "fused AdamW" in name else None) if params else None
     shrink = "triton" if "Triton shrink" in name else rl.SHRINK
 
     def step():
@@ -149,7 +152,10 @@ def main():
     extra = ["MoL E=8 top-2 r=16 (triton, Triton shrink)", "PEFT LoRA r=16, torch.compile",
              "MoL E=8 top-2 r=16 (triton), torch.compile", "MoL E=8 top-2 r=16 (triton), layer graphs",
              "MoL E=8 top-2 r=16 (triton), layer graphs, autograd threads off",
-             "PEFT LoRA r=16, bf16 adapters", "MoL E=8 top-2 r=16 (triton), bf16 adapters"]
+             "PEFT LoRA r=16, bf16 adapters", "MoL E=8 top-2 r=16 (triton), bf16 adapters",
+             "PEFT LoRA r=16, fused AdamW", "MoL E=8 top-2 r=16 (triton), fused AdamW",
+             "PEFT LoRA r=16, autograd threads off, fused AdamW",
+             "MoL E=8 top-2 r=16 (triton), autograd threads off, fused AdamW"]
     if args.only:
         unknown = [n for n in args.only if n not in names + extra]
         if unknown:

@@ -283,8 +283,12 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
     trainable, total = mol.trainable_parameters(model)
 
     opt = cfg.baseline if baseline else cfg.optim
-    module = MoLModule(model, task=str(cfg.model.task), lr=float(opt.lr), weight_decay=float(cfg.optim.weight_decay),
-                       warmup_ratio=float(cfg.optim.warmup_ratio), min_lr_ratio=float(cfg.optim.min_lr_ratio))
+    try:
+        module = MoLModule(model, task=str(cfg.model.task), lr=float(opt.lr),
+                           weight_decay=float(cfg.optim.weight_decay), warmup_ratio=float(cfg.optim.warmup_ratio),
+                           min_lr_ratio=float(cfg.optim.min_lr_ratio), fused=cfg.optim.get("fused", "auto"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     callbacks: list = [LearningRateMonitor(logging_interval="step")]
     ckpt_path = None
     if not baseline:
@@ -294,6 +298,10 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
         ckpt_path = resolve_resume(cfg, out)
     run_dir = out / "baseline" if baseline else out
     trainer = build_trainer(cfg, run_dir, callbacks, "logs", max_epochs=cfg.baseline.get("max_epochs") if baseline else None)
+    try:  # refuse optim.fused=true where it cannot clip before fit starts, not inside it
+        module.fused_adamw(trainer, on_cuda=False)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     t0 = time.perf_counter()
     # thread-local, restored on exit; Lightning runs the training loop (and so backward) on this thread
     with torch.autograd.set_multithreading_enabled(bool(cfg.trainer.get("autograd_multithreading", False))):
