@@ -60,8 +60,11 @@ def test_method_trains_saves_and_reloads(method, tiny, tmp_path):
     res = run(cfg)
     losses = read_loss_history(str(out / "train_loss.jsonl"))
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
-    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (10, 11, 12)) / 3
-    margin = 0.01 if method in WEAK_METHODS else 0.05
+    # an epoch is 4 batches covering all 32 examples, and each epoch has its own order: compare whole epochs
+    first, last = sum(losses[s] for s in (1, 2, 3, 4)) / 4, sum(losses[s] for s in (9, 10, 11, 12)) / 4
+    # same examples on both sides, so the margins need only clear float noise by far; the slowest weight methods
+    # on this random model (bitfit, qlora) drop ~0.045 nats over three epochs
+    margin = 0.01 if method in WEAK_METHODS else 0.03
     assert last < first - margin, f"{method}: loss did not go down ({first:.3f} -> {last:.3f})"
 
     # checkpoint: exactly the trainable tensors, plus the resume state, and nothing of the frozen base

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from test_train_utils import REPO, cli_env, make_causal_data, make_tiny_llama, run_cli
 
@@ -76,3 +77,45 @@ def test_sigkill_resume_matches_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", ["false", "true"])
+def test_resume_after_the_first_epoch_and_each_epoch_reshuffles(fused, tmp_path, monkeypatch):
+    """In process, 4 steps an epoch: a run stopped at step 6 (mid-epoch 1) and resumed to step 10 takes the
+    uninterrupted run's steps 7-10, and each epoch draws its own order. Before the loader handed Lightning's epoch to
+    the batch sampler, every epoch replayed epoch 0's order and this resume skipped nothing. With optim.fused=true the
+    fused AdamW's state (its step counts on the parameters' device) round-trips through last.ckpt too."""
+    from mol.train.app import run
+    from mol.train.callbacks import read_loss_history
+    from mol.train.data import ResumableSampler
+    from test_train_utils import compose, quiet_trainer_overrides
+
+    model, data = make_tiny_llama(tmp_path / "llama"), make_causal_data(tmp_path / "data")
+    orders = []
+    batches = ResumableSampler._global_batches
+
+    def recording(self):
+        out = batches(self)
+        orders.append((self.epoch, out))
+        return out
+
+    monkeypatch.setattr(ResumableSampler, "_global_batches", recording)
+
+    def losses(name, *extra):
+        cfg = compose(["method=mol", "model=hf_causal", f"model.path={model}", "data=jsonl",
+                       f"data.train={data['train']}", f"data.val={data['val']}", "data.batch_size=8",
+                       "data.max_length=32", f"data.cache_dir={tmp_path / 'cache'}", "optim.lr=1e-2",
+                       f"optim.fused={fused}", "optim.warmup_ratio=0", "optim.min_lr_ratio=1.0",
+                       "trainer.max_epochs=-1", "trainer.ckpt_every_n_steps=3", f"output_dir={tmp_path / name}",
+                       *quiet_trainer_overrides(), *extra])
+        run(cfg)
+        return read_loss_history(str(tmp_path / name / "train_loss.jsonl"))
+
+    full = losses("full", "trainer.max_steps=10")
+    assert [e for e, _ in orders] == [0, 1, 2]
+    assert orders[0][1] != orders[1][1] and orders[1][1] != orders[2][1]
+    losses("stopped", "trainer.max_steps=6")
+    resumed = losses("stopped", "trainer.max_steps=10", "resume=auto")
+    assert sorted(full) == sorted(resumed) == list(range(1, 11))
+    for step in range(7, 11):
+        assert abs(resumed[step] - full[step]) <= 1e-6 * abs(full[step]), (step, resumed, full)

@@ -215,12 +215,22 @@ class ResumableLoader(DataLoader):
     """A DataLoader whose position survives a checkpoint (Lightning's ``_Stateful`` protocol).
 
     ``position_fn`` returns how many batches of the current epoch the trainer has finished; it is read at
-    checkpoint time, so batches the loader has prefetched but not trained on are not counted.
+    checkpoint time, so batches the loader has prefetched but not trained on are not counted. ``epoch_fn``
+    returns the trainer's epoch (None without a trainer), handed to the sampler at each ``iter``: Lightning's
+    ``set_epoch`` reaches ``loader.sampler`` and ``loader.batch_sampler.sampler``, never a batch sampler itself, so
+    without it every epoch would replay epoch 0's order and a resume after the first epoch would skip nothing.
     """
 
-    def __init__(self, *args: Any, position_fn: Callable[[], tuple[int, int]], **kwargs: Any):
+    def __init__(self, *args: Any, position_fn: Callable[[], tuple[int, int]],
+                 epoch_fn: Callable[[], Optional[int]] = lambda: None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.position_fn = position_fn
+        self.position_fn, self.epoch_fn = position_fn, epoch_fn
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.epoch_fn()
+        if epoch is not None:
+            self.batch_sampler.set_epoch(epoch)
+        return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
         epoch, done = self.position_fn()
@@ -347,6 +357,10 @@ class TextDataModule(pl.LightningDataModule):
         t = self.trainer
         return t.current_epoch, t.fit_loop.epoch_loop.batch_progress.current.processed
 
+    def _epoch(self) -> Optional[int]:
+        t = getattr(self, "trainer", None)
+        return t.current_epoch if t is not None else None
+
     def _collator(self) -> Collator:
         return Collator(self.pad_id, self.task_kind, {n: i for i, n in enumerate(self.task_names)})
 
@@ -359,7 +373,7 @@ class TextDataModule(pl.LightningDataModule):
         lengths = [len(e["input_ids"]) for e in ds.examples] if self.group_by_length else None
         sampler = ResumableSampler(len(ds), self.batch_size, self.seed, self.shuffle, rank, world, lengths=lengths)
         return ResumableLoader(ds, batch_sampler=sampler, collate_fn=self._collator(),
-                               num_workers=self.num_workers, position_fn=self._position)
+                               num_workers=self.num_workers, position_fn=self._position, epoch_fn=self._epoch)
 
     def _eval_loader(self, split: str) -> Optional[DataLoader]:
         if split not in self.splits:
