@@ -5,8 +5,9 @@
 The setting mol.train's GPU trainer runs (trainer=gpu: bf16-mixed, gradient_clip_val 1.0; here a clip value that
 binds). Lightning alone raises there for a fused optimizer; MoLModule clips it itself. Checks: optim.fused=auto
 builds AdamW(fused=True) on CUDA; every step's clipped gradient norm is at most the clip value; the losses follow
-the foreach run's (optim.fused=false) step by step to 1e-3 relative (bf16 forward) and go down. Prints PASS/FAIL
-lines and exits 1 on any failure. No Hydra needed (the device image has none): the module is built directly.
+the foreach run's (optim.fused=false) and go down; one step from the same start moves the adapters as foreach's
+step does, to 1e-3 of the update. Prints PASS/FAIL lines and exits 1 on any failure. No Hydra needed: the module is
+built directly (mol.train's package still imports omegaconf; on an image without it, put it on PYTHONPATH).
 """
 import argparse
 import os
@@ -44,6 +45,7 @@ def train(fused, device: str, steps: int, clip: float):
             if "lora_B" in n:
                 p.normal_(0, 0.02)
     module = MoLModule(model, task="causal_lm", lr=3e-3, warmup_ratio=0.0, min_lr_ratio=1.0, fused=fused)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     norms, losses = [], []
     clip_norm = torch.nn.utils.clip_grad_norm_
 
@@ -69,7 +71,9 @@ def train(fused, device: str, steps: int, clip: float):
     finally:
         torch.nn.utils.clip_grad_norm_ = clip_norm
     opt = trainer.optimizers[0]
-    return opt.defaults["fused"], losses, norms
+    moved = {n: (p.detach().cpu().float(), start[n].cpu().float()) for n, p in model.named_parameters()
+             if p.requires_grad}
+    return opt.defaults["fused"], losses, norms, moved
 
 
 def main():
@@ -80,9 +84,13 @@ def main():
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device: {gpu}; torch {torch.__version__}; lightning {pl.__version__}")
-    auto, auto_losses, auto_norms = train("auto" if args.device == "cuda" else True, args.device, args.steps,
-                                          args.clip)
-    plain, plain_losses, _ = train(False, args.device, args.steps, args.clip)
+    auto_setting = "auto" if args.device == "cuda" else True
+    auto, auto_losses, auto_norms, _ = train(auto_setting, args.device, args.steps, args.clip)
+    plain, plain_losses, _, _ = train(False, args.device, args.steps, args.clip)
+    # one step from the same start: the two optimizers' updates, compared with the update's own size (over many
+    # steps the bf16 forward's routing amplifies last-bit differences, so the trajectories are only compared loosely)
+    _, _, _, one_fused = train(auto_setting, args.device, 1, args.clip)
+    _, _, _, one_plain = train(False, args.device, 1, args.clip)
     failures = 0
 
     def check(ok, what):
@@ -91,12 +99,17 @@ def main():
         print(("PASS " if ok else "FAIL ") + what, flush=True)
 
     check(auto is True and plain is None, f"AdamW fused flag: auto -> {auto}, false -> {plain}")
+    gap = max(float((one_fused[n][0] - one_plain[n][0]).abs().max()) for n in one_fused)
+    size = max(float((one_plain[n][0] - one_plain[n][1]).abs().max()) for n in one_plain)
+    check(size > 0 and gap < 1e-3 * size, f"one step: fused and foreach updates differ by {gap:.2e}, "
+          f"the update is {size:.2e} (bound 1e-3 of it)")
     check(len(auto_norms) == args.steps and all(b > args.clip and a <= args.clip * (1 + 1e-3)
                                                 for b, a in auto_norms),
           f"clipped each step to {args.clip}: norms before/after {[(round(b, 3), round(a, 4)) for b, a in auto_norms]}")
-    worst = max(abs(a - b) / abs(b) for a, b in zip(auto_losses, plain_losses))
-    check(len(auto_losses) == len(plain_losses) == args.steps and worst < 1e-3,
-          f"fused losses follow foreach's: worst relative difference {worst:.2e} over {args.steps} steps")
+    diffs = [abs(a - b) / abs(b) for a, b in zip(auto_losses, plain_losses)]
+    check(len(auto_losses) == len(plain_losses) == args.steps and diffs[0] == 0 and max(diffs) < 5e-2,
+          f"fused losses follow foreach's (first step equal, every step within 5e-2): relative differences "
+          f"{' '.join(f'{d:.1e}' for d in diffs)}")
     check(auto_losses[-1] < auto_losses[0], f"loss went down: {auto_losses[0]:.4f} -> {auto_losses[-1]:.4f}")
     sys.exit(1 if failures else 0)
 
