@@ -132,7 +132,9 @@ def _resources(cubin):
         f.flush()
         out = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    return f"{m[1]} registers, {m[2]} bytes stack, {m[4]} bytes local" if m else "registers ?"
+    # SHARED: static shared memory (LUT=5's pair table), which Triton's metadata.shared (dynamic) leaves out
+    return (f"{m[1]} registers, {m[2]} bytes stack, {m[4]} bytes local, {m[3]} bytes static shared" if m
+            else "registers ?")
 
 
 _SHARED_OPS = ("LDS", "STS", "LDSM", "STSM")

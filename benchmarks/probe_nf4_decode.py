@@ -7,7 +7,8 @@ grid over BLOCK_N, BLOCK_KB, num_warps, SPLIT_K (and a few num_stages), each che
 W dequantized by the PyTorch reference) before it is timed; then the best configs again on 4096x14336. Prints, per
 case, the bf16 base, the autotuned default and the `--top` fastest configs with their time, ratio to the bf16
 base and NF4 bytes / time. `--lut` sweeps the level lookups too (2: gather from the 16 levels in registers; 0: load
-from the global table; 4: byte permutes of register tables, the default). `--dot-from-t 1` runs T = 1 and 2
+from the global table; 4: byte permutes of register tables; 5: one lookup per code byte in a shared table of
+level pairs, a copy per lane). `--dot-from-t 1` runs T = 1 and 2
 on the dot path as well. A third, one gather per code byte from a 256-entry table of float32 level pairs, was
 1.6x slower than LUT=2 at T=1 (RESULTS NF4 run 7) and was removed. Compiles run in a thread pool first (the sweep is ~200 kernels).
 """
@@ -65,7 +66,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--lut", type=int, nargs="+", default=[2], choices=[0, 2, 4])
+    ap.add_argument("--lut", type=int, nargs="+", default=[2], choices=[0, 2, 4, 5])
     ap.add_argument("--library-configs", action="store_true",
                     help="time the library's autotune lists (FMA_CONFIGS / DOT_CONFIGS) with each --lut, not the grid")
     ap.add_argument("--dot-from-t", type=int, default=None,

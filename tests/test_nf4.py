@@ -296,10 +296,10 @@ def _configs(path):
 
 
 @pytest.mark.parametrize("T", [1, 2])
-@pytest.mark.parametrize("ci", range(8))
+@pytest.mark.parametrize("ci", range(9))
 def test_triton_small_matmul_fma_configs_vs_float64(T, ci):
     configs = _configs("fma")
-    assert len(configs) == 7  # keep the parametrization in step with the autotune list
+    assert len(configs) == 8  # keep the parametrization in step with the autotune list
     # the last case: the global-table lookup (LUT=0), not autotuned but still selectable
     cfg = configs[ci] if ci < len(configs) else dict(configs[0], LUT=0)
     _small_matmul_check(T, cfg, _SMALL_CASES)
@@ -337,25 +337,31 @@ def test_triton_small_matmul_split_k(T, split_k, block_kb):
     assert tickets and all(int(t.abs().sum()) == 0 for t in tickets)
 
 
-@pytest.mark.parametrize("T,ci", [(1, 0), (2, 2), (5, 0), (16, 1)])
-def test_triton_small_matmul_float16(T, ci):
-    # float16 activations, weights rounded to float16 on the dot path: the output's own rounding dominates
-    cfg = _configs("fma" if T <= 2 else "dot")[ci]
+@pytest.mark.parametrize("T,ci,lut", [(1, 0, 5), (1, 0, 4), (2, 2, 5), (2, 2, 4), (5, 0, 4), (16, 1, 4)])
+def test_triton_small_matmul_float16(T, ci, lut):
+    # float16 activations (the pair lookups run: LUT=4 byte permutes, LUT=5 the shared pair table, FMA path
+    # only), weights rounded to float16 on the dot path: the output's own rounding dominates
+    cfg = dict(_configs("fma" if T <= 2 else "dot")[ci], LUT=lut)
     _small_matmul_check(T, cfg, [(72, 192, True, True, 64)], dtype=torch.float16, tol=2e-3)
 
 
 @triton.jit
-def _prmt_tile_kernel(w_ptr, s_ptr, code_ptr, out_ptr, R: tl.constexpr, W: tl.constexpr):
+def _prmt_tile_kernel(w_ptr, s_ptr, code_ptr, out_ptr, R: tl.constexpr, W: tl.constexpr, LUT: tl.constexpr):
     offs = tl.arange(0, R)[:, None] * W + tl.arange(0, W)[None, :]
     w = tl.load(w_ptr + offs)
     sc = tl.load(s_ptr + offs)
-    tabs = nf4k._prmt_tables(code_ptr, tl.float16)
-    e = nf4k._nf4_tile_prmt(w, nf4k._pack2(sc, sc), tabs, tl.float16)
+    if LUT == 5:
+        tabs = nf4k._pair_lanes(w)
+    else:
+        tabs = nf4k._prmt_tables(code_ptr, tl.float16)
+    e = nf4k._nf4_tile_prmt(w, nf4k._pack2(sc, sc), tabs, code_ptr, LUT, tl.float16)
     tl.store(out_ptr + tl.arange(0, R)[:, None] * (8 * W) + tl.arange(0, 8 * W)[None, :], e)
 
 
-def test_triton_prmt_tile_bit_exact():
-    # the dot path's byte-permute lookup (LUT=4) against an independent statement of what it computes: each
+@pytest.mark.parametrize("lut", [4, 5])
+def test_triton_prmt_tile_bit_exact(lut):
+    # the dot path's pair lookups (LUT=4: byte permutes; LUT=5: the shared pair table, which the interpreter
+    # builds from the code table) against an independent statement of what they compute: each
     # weight is the NF4 level of its nibble rounded to float16, times its word's float16 scale, rounded again;
     # bitsandbytes' order (byte i holds element 2i in its high nibble). Every code at even and odd positions.
     g = _gen()
@@ -368,7 +374,7 @@ def test_triton_prmt_tile_bit_exact():
     scale = (torch.rand(R, W, generator=g) * 0.1 + 1e-3).half()
     out = torch.empty(R, 8 * W, dtype=torch.float16)
     levels = torch.tensor(NF4_LEVELS)
-    _prmt_tile_kernel[(1,)](words, scale, levels, out, R=R, W=W)
+    _prmt_tile_kernel[(1,)](words, scale, levels, out, R=R, W=W, LUT=lut)
     ref = levels.half()[codes] * scale.repeat_interleave(8, dim=1)
     assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
 
@@ -409,6 +415,9 @@ def test_triton_small_matmul_supported_and_errors():
     assert not small_matmul_supported(q, 1)
     with pytest.raises(ValueError, match="T <= 16"):
         nf4_matmul_small(torch.randn(17, 128), p)
+    # the shared pair table is for the FMA path: asking for it on the dot path names the lookup to use instead
+    with pytest.raises(ValueError, match="LUT=5 is for T <= 2.*use LUT=4"):
+        nf4_matmul_small(torch.randn(3, 128), p, config=dict(BLOCK_N=16, BLOCK_KB=64, LUT=5, num_warps=4))
 
 
 def test_triton_backend_in_nf4linear():

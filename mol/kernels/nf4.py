@@ -4,10 +4,12 @@
 - `nf4_matmul_small`: y = x @ W^T (+ bias) for T <= 16 rows of x, reading the 4-bit codes directly
   (decode / GEMV): one launch, each program streams the codes of BLOCK_N whole rows (or, split-K, a run of their K
   steps) with a one-step software prefetch, builds the levels by byte permutes of register tables (16-bit x; a
-  16-entry table gather for float32 x) and multiplies with packed 16-bit FMAs (T <= 2) or tl.dot (larger T); see
-  the comment above the kernel. On an H200 under CUDA-graph replay (RESULTS NF4 run 10): T=1 4096x4096 5.8 us
-  (0.57-0.60x the bf16 GEMV; dequantize + cuBLAS 23.7 us), 14336x4096 15.6-15.7 us (0.49-0.52x); T=2 6.8 / 19.2
-  us; T=16 11.5 / 31.6 us. NF4Linear uses it by default for T <= 2 on CUDA, and for 3 <= T <= 16 where Triton
+  16-entry table gather for float32 x; for T <= 2 also one lookup per code byte in a shared table of level pairs)
+  and multiplies with packed 16-bit FMAs (T <= 2) or tl.dot (larger T); see
+  the comment above the kernel. On an H100 under CUDA-graph replay, autotuned (RESULTS run 39): T=1 4096x4096
+  6.24 us (0.60x the bf16 GEMV), in 14336 -> out 4096 12.3 us (0.28x), 4096 -> 14336 14.5 us (0.35x); T=2 0.67x,
+  0.40x, 0.45x. (On an H200, NF4 run 10: dequantize + cuBLAS 23.7 us at T=1 4096x4096; T=16 11.5 / 31.6 us.)
+  NF4Linear uses it by default for T <= 2 on CUDA, and for 3 <= T <= 16 where Triton
   has no Gluon: there mol/kernels/nf4_mma.py's kernel, which feeds the tensor cores from registers, is 11-26%
   faster (RESULTS NF4 run 12). MOL_NF4_FUSED_DECODE=0 or `fused_decode = False` turns both off.
 For other T the layer dequantizes into a scratch weight and calls cuBLAS (see mol/quant/linear.py): at T=8192
@@ -136,7 +138,11 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 # under triton 3.9; 5.2-6.0 and 12.6 under triton 3.6. LUT=4 (16-bit x; float32 x falls back to LUT=2) has no table
 # gather and no float conversion: byte permutes (PRMT) look the levels' low and high bytes up in eight int32
 # registers (levels 0-7 and 8-15, selected by bit 3) and interleave them into int32 pairs of 16-bit levels in
-# element order. LUT=4 is what both paths autotune; LUT=2 and 0 stay selectable by `config=`.
+# element order. LUT=5 (16-bit x, FMA path only) looks each code byte up as one pair of levels in a 256-entry table
+# in shared memory, one copy per lane, so no lookup waits on a bank (see _pair_table_fill): 0.5 integer-pipe
+# instructions per weight instead of 2.55. The FMA path autotunes LUT=5 and LUT=4 configs, the dot path LUT=4 (its
+# tiles plus the 32 KiB table pass the 48 KiB a launch gets without opting in); LUT=2 and 0 stay selectable by
+# `config=`.
 # - T <= 2 (FMA path, BLOCK_T = T): p = sum_i level_i * x_i per word: LUT=4 multiplies each level pair by x's pair
 #   (read as one int32, no conversion) with fma.rn.bf16x2 / f16x2, four per word into one pair of 16-bit partial
 #   sums, then adds the two halves in float32 (so each four-term partial rounds to x's dtype: relative error vs
@@ -173,7 +179,10 @@ SMALL_FMA_MAX_T = 2
 # H200 (benchmarks/probe_nf4_decode.py, RESULTS NF4 run 6; 4096x4096, 14336x4096 and 4096x14336). FMA path: a
 # warp spans BLOCK_KB bytes of one row, so a thread holds BLOCK_N / num_warps rows, which share x's conversion and
 # layout shuffle; every config lands within 15% of the best (6.9 us at 4096^2), split-K gains nothing at T = 1.
-# They run LUT=4 since NF4 run 8 (the same six, timed with both lookups: LUT=4 faster in every one at T = 1 and 2).
+# They ran LUT=4 from NF4 run 8 (the same six, timed with both lookups: LUT=4 faster in every one at T = 1 and 2).
+# Run 39 (H100) added four LUT=5 configs, the fastest of a T = 1 sweep, and dropped three LUT=4 ones that were
+# never among the fastest: at T = 1 the pair table is 2.5-15% faster (4096x4096 6.34 against 6.50 us, 14336 ->
+# 4096 12.8 against 15.0), at T = 2 the two lookups are within 3% of each other, so both stay (the tuner picks).
 # (8, 2048, 4, 1), a whole 4096-wide row in one step (32 code words per thread), joined in NF4 run 9: 6.01 against
 # 6.18 us at T = 1 4096^2, 17.44 against 17.48 at 4096 -> 14336; no num_stages moved any config by 1%.
 # Dot path: BLOCK_N >= 64 makes the weight tile the MMA's A operand (wgmma, one warpgroup per 64 rows); at
@@ -182,9 +191,10 @@ SMALL_FMA_MAX_T = 2
 # (x as the A operand, mma.sync) keeps narrow weights covered. (64, 128, 4, 4, 3) replaced (64, 128, 4, 4, 1) after
 # a second sweep (RESULTS NF4 run 7): 12.9 against 13.4 us at 4096^2, 33.5 against 38.1 at 14336x4096. A third
 # (NF4 run 8, LUT=4 over the whole grid) found the same six shapes fastest; they now run LUT=4.
-FMA_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=4, num_warps=w, SPLIT_K=sk)
-               for bn, kb, w, sk in [(16, 512, 4, 1), (8, 512, 2, 1), (8, 1024, 4, 1), (16, 256, 4, 1),
-                                     (32, 256, 4, 2), (8, 512, 4, 1), (8, 2048, 4, 1)]]
+FMA_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=lut, num_warps=w, SPLIT_K=sk, num_stages=st)
+               for bn, kb, w, sk, st, lut in [(16, 512, 4, 1, 1, 5), (16, 512, 4, 1, 3, 5), (16, 1024, 8, 1, 1, 5),
+                                              (8, 1024, 4, 1, 3, 5), (16, 512, 4, 1, 1, 4), (8, 512, 2, 1, 1, 4),
+                                              (8, 2048, 4, 1, 1, 4), (32, 256, 4, 2, 1, 4)]]
 DOT_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KB=kb, LUT=4, num_warps=w, SPLIT_K=sk, num_stages=st)
                for bn, kb, w, sk, st in [(64, 64, 4, 4, 1), (64, 64, 4, 8, 1), (128, 64, 4, 8, 1), (64, 64, 4, 1, 3),
                                          (64, 128, 4, 4, 3), (32, 128, 4, 1, 1)]]
@@ -201,9 +211,9 @@ def _autotune_configs(configs):
 @triton.jit
 def _nf4_levels8(w, tab, code_ptr, LUT: tl.constexpr):
     """The 8 NF4 levels (float32) of int32 code words w, in element order: byte i (little endian) of a word holds
-    element 2i in its high nibble and element 2i+1 in its low nibble. LUT=4 gathers as LUT=2 here (float32 x; its
-    byte permutes are for 16-bit x, in _dot8_pairs and _nf4_tile_prmt)."""
-    if LUT == 2 or LUT == 4:
+    element 2i in its high nibble and element 2i+1 in its low nibble. LUT=4 and 5 gather as LUT=2 here (float32 x;
+    their pair lookups are for 16-bit x, in _dot8_pairs and _nf4_tile_prmt)."""
+    if LUT == 2 or LUT == 4 or LUT == 5:
         # one gather for all 8 nibbles; join(a, b) stacks along a new last axis, so split() takes them back in
         # the reverse nesting order
         q = tl.join(tl.join(tl.join((w >> 4) & 15, w & 15), tl.join((w >> 12) & 15, (w >> 8) & 15)),
@@ -379,6 +389,84 @@ def _prmt_levels(w, tabs):
     return p01, p23, p45, p67
 
 
+# LUT=5: a code byte (two weights) looked up as one pair of 16-bit levels in a 256-entry table in shared memory,
+# kept in 32 copies (entry e, copy c at word 32 e + c) so that each lane reads its own copy and a warp's 32 lookups
+# fall in 32 different banks, whatever the codes. Per byte that is one multiply-high (the shift, FMA pipe), one lop3
+# (mask, and the lane's copy or-ed in) and one LDS: in the sm_90 SASS of the K loop (T = 1, triton 3.6) 3.30
+# instructions per weight, 0.8 of them on the integer pipe, against LUT=4's 4.47 and 2.6, whose permutes bound it
+# (RESULTS NF4 run 10). Triton has no shared-memory gather with a per-lane index, so
+# the table is a static .shared array declared and addressed in inline PTX (32 KiB besides Triton's own; a program
+# fills it once, 64 words a thread at 4 warps). Measured on an H100 (RESULTS run 39, T = 1, same process): 2.5%
+# faster than LUT=4 at 4096x4096 (6.34 against 6.50 us), 6% at 4096 -> 14336, 15% at 14336 -> 4096.
+_PAIR_SHIFT = ("mul.lo.u32 t, $1, 128;", "mul.hi.u32 t, $1, 0x80000000;", "mul.hi.u32 t, $1, 0x800000;",
+               "mul.hi.u32 t, $1, 0x8000;")  # byte i of a word to bits 7-14: << 7, >> 1, >> 9, >> 17
+_PAIR_LOOKUP0, _PAIR_LOOKUP1, _PAIR_LOOKUP2, _PAIR_LOOKUP3 = (
+    tl.constexpr("{ .reg .b32 t, a; " + sh + " lop3.b32 t, t, 0x7F80, $2, 0xEA; mov.u32 a, mol_nf4_pairs; "
+                 "add.u32 t, t, a; ld.shared.b32 $0, [t]; }") for sh in _PAIR_SHIFT)
+
+
+@triton.jit
+def _pair_table_fill(code_ptr, DT: tl.constexpr):
+    """Declare the shared pair table and fill it: entry e holds the levels of codes e >> 4 (element 2i, low half)
+    and e & 15 (element 2i + 1, high half) in DT, as byte e of a code word needs them. Ends with a CTA barrier."""
+    tl.inline_asm_elementwise(".shared .align 16 .b32 mol_nf4_pairs[8192];\n\tmov.u32 $0, 0;", "=r,r",
+                              [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    # (entry, copy), the copies along a warp's lanes (conflict-free stores); an entry's pair is built once per
+    # thread that holds it and broadcast along the copies (5% faster at T = 1 4096^2 than an (8192,) pass with two
+    # loads per word, RESULTS run 39)
+    e = tl.arange(0, 256)
+    v = _pack2(tl.load(code_ptr + e // 16).to(DT), tl.load(code_ptr + e % 16).to(DT))
+    word = e[:, None] * 32 + tl.arange(0, 32)[None, :]
+    v = v[:, None] + word * 0
+    tl.inline_asm_elementwise("{ .reg .b32 a; mov.u32 a, mol_nf4_pairs; add.u32 a, a, $1; st.shared.b32 [a], $2; "
+                              "mov.u32 $0, 0; }", "=r,r,r", [word * 4, v], dtype=tl.int32, is_pure=False, pack=1)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _pair_lanes(w):
+    """4 * the lane of the thread holding each element of w (the byte offset of its copy in the pair table), built
+    from w so that it has w's layout: a layout change would move values between threads."""
+    if _INTERPRET_C:
+        out = w * 0
+    else:
+        out = tl.inline_asm_elementwise("mov.u32 $0, %laneid;\n\tshl.b32 $0, $0, 2;", "=r,r", [w * 0],
+                                        dtype=tl.int32, is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def _pair_byte(w, lanes, code_ptr, I: tl.constexpr, DT: tl.constexpr):
+    """The level pair of byte I of code words w (elements 2I, 2I + 1 in the low, high half), from the pair table;
+    the interpreter builds it from the code table."""
+    if _INTERPRET_C:
+        out = _pack2(tl.load(code_ptr + ((w >> (8 * I + 4)) & 15)).to(DT),
+                     tl.load(code_ptr + ((w >> (8 * I)) & 15)).to(DT))
+    else:
+        if I == 0:
+            asm: tl.constexpr = _PAIR_LOOKUP0
+        elif I == 1:
+            asm: tl.constexpr = _PAIR_LOOKUP1
+        elif I == 2:
+            asm: tl.constexpr = _PAIR_LOOKUP2
+        else:
+            asm: tl.constexpr = _PAIR_LOOKUP3
+        out = tl.inline_asm_elementwise(asm, "=r,r,r", [w, lanes], dtype=tl.int32, is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def _level_pairs(w, tab, code_ptr, LUT: tl.constexpr, DT: tl.constexpr):
+    """The 8 levels of int32 code words w as four int32 pairs of DT levels (elements 0-1, 2-3, 4-5, 6-7): from the
+    shared pair table (LUT=5, tab = _pair_lanes) or by byte permutes of register tables (LUT=4, tab =
+    _prmt_tables)."""
+    if LUT == 5:
+        return (_pair_byte(w, tab, code_ptr, 0, DT), _pair_byte(w, tab, code_ptr, 1, DT),
+                _pair_byte(w, tab, code_ptr, 2, DT), _pair_byte(w, tab, code_ptr, 3, DT))
+    else:
+        return _prmt_levels(w, tab)
+
+
 @triton.jit
 def _bank_select(w):
     """The selector between the lower / upper eight levels for the codes of words w: nibble j is j % 4, plus 4
@@ -462,12 +550,12 @@ def _pair_sum(p, DT: tl.constexpr):
 
 
 @triton.jit
-def _nf4_tile_prmt(w, s2, tabs, DT: tl.constexpr):
+def _nf4_tile_prmt(w, s2, tabs, code_ptr, LUT: tl.constexpr, DT: tl.constexpr):
     """The (rows, 8 * words) tile of the NF4 weights in DT of int32 code words w (s2: each word's scale, twice
     per int32): the levels by byte permutes of register tables, then scaled a pair at a time; no shared-memory
     lookup, no float conversion. Each weight is rounded twice (level, then level times scale) where the
     dequantize path rounds once: ~1 ulp of DT more error per weight."""
-    p01, p23, p45, p67 = _prmt_levels(w, tabs)
+    p01, p23, p45, p67 = _level_pairs(w, tabs, code_ptr, LUT, DT)
     p01 = _mul2(p01, s2, DT)
     p23 = _mul2(p23, s2, DT)
     p45 = _mul2(p45, s2, DT)
@@ -502,7 +590,7 @@ def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs
             # each word's block scale in DT, twice in one int32 (the multiplier of a pair of levels)
             s2 = tl.reshape(tl.broadcast_to(_pack2(sc.to(DT), sc.to(DT))[:, :, None], (BLOCK_N, NB, WB)),
                             (BLOCK_N, BW))
-            wt = _nf4_tile_prmt(w, s2, tab, DT)
+            wt = _nf4_tile_prmt(w, s2, tab, code_ptr, LUT, DT)
         else:
             l0, l1, l2, l3, l4, l5, l6, l7 = _nf4_levels8(w, tab, code_ptr, LUT)
             # back to element order along the last axis (the inverse of _nf4_levels8's nesting), scaled per block
@@ -525,7 +613,7 @@ def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs
             else:
                 accd = tl.dot(xs, tl.trans(wt), accd)
     elif PRMT:  # FMA path, 16-bit x: levels and products in DT pairs
-        p01, p23, p45, p67 = _prmt_levels(w, tab)
+        p01, p23, p45, p67 = _level_pairs(w, tab, code_ptr, LUT, DT)
         p = _dot8_pairs(p01, p23, p45, p67, x_ptr, kw, km, BW, DT)
         acc0 += tl.sum(tl.reshape(p, (BLOCK_N, NB, WB)), axis=2) * sc
         if BLOCK_T == 2:
@@ -575,10 +663,15 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
     row_w = rows.to(tl.int64) * KW
     row_blk = rows.to(tl.int64) * NBLK
     wptr = codes_ptr.to(tl.pointer_type(tl.int32))
-    # LUT=4 (byte-permute levels) is for 16-bit x, on both paths; for float32 x it is the LUT=2 gather
-    PRMT: tl.constexpr = LUT == 4 and x_ptr.dtype.element_ty != tl.float32
+    # LUT=4 (byte-permute levels) and LUT=5 (shared pair table) are for 16-bit x, on both paths; for float32 x
+    # they are the LUT=2 gather
+    PRMT: tl.constexpr = (LUT == 4 or LUT == 5) and x_ptr.dtype.element_ty != tl.float32
     if PRMT:
-        tab = _prmt_tables(code_ptr, x_ptr.dtype.element_ty)
+        if LUT == 5:
+            if not _INTERPRET_C:
+                _pair_table_fill(code_ptr, x_ptr.dtype.element_ty)
+        else:
+            tab = _prmt_tables(code_ptr, x_ptr.dtype.element_ty)
     else:
         tab = tl.load(code_ptr + tl.arange(0, 16))
     if NESTED:
@@ -595,6 +688,8 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
     # software prefetch: step s + 1's loads are issued before step s is dequantized (the dequant's shared-memory
     # round trips put barriers in every step, and no load is moved across a barrier); the last step is peeled
     w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s_first, KW, NBLK, BW, NB)
+    if PRMT and LUT == 5:
+        tab = _pair_lanes(w_next)
     for s in range(s_first, s_last):
         w = w_next
         a = a_next
@@ -664,6 +759,10 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
     them from the global one, 4 builds them by byte permutes for 16-bit x (for float32 x it is 2)."""
     T, K = x.shape
     N = packed.shape[0]
+    if config is not None and config.get("LUT") == 5 and T > SMALL_FMA_MAX_T:
+        raise ValueError(f"nf4_matmul_small: LUT=5 is for T <= {SMALL_FMA_MAX_T} (the FMA path); with T = {T} "
+                         "use LUT=4 (the pair table's 32 KiB and the dot path's tiles exceed the 48 KiB a launch "
+                         "gets by default)")
     if not small_matmul_supported(packed, T) or packed.shape[1] != K:
         raise ValueError(f"nf4_matmul_small: unsupported x {tuple(x.shape)} for weight {packed.shape} "
                          f"(blocksize {packed.blocksize}); needs 1 <= T <= {MAX_SMALL_T}, in_features % blocksize "
