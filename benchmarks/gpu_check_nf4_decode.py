@@ -6,11 +6,15 @@ Every FMA_CONFIGS entry (the shared pair table, LUT=5, and the byte permutes, LU
 3 runs, at T = 1 and 2, in bf16 and fp16, with and without a bias, on weights of 40-14336 rows, 64-14336 inputs,
 absmax blocks of 32-128, double-quantized or not. The CPU tests run the kernel under TRITON_INTERPRET=1, where the
 pair table's inline PTX is replaced by the code table it is built from; this runs the PTX. Exits 1 on a failure
-(relative error of the largest output >= 1e-2, or a non-finite output).
+(error >= 2e-2 of the largest output in bf16, 4e-3 in fp16, or a non-finite output: the FMA path rounds each
+four-product partial to x's dtype, which on a short row of a bf16 run reaches ~1.3e-2). K is a compile-time constant of the
+kernel, so this builds ~450 variants: they are compiled in a thread pool first (one at a time, the check took
+most of a 500 s device call in RESULTS run 39).
 """
 import itertools
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -25,25 +29,41 @@ CASES = [(40, 64, 64, True), (72, 192, 64, False), (4095, 320, 64, True), (11008
 
 def main() -> int:
     gen = torch.Generator(device="cuda").manual_seed(1)
-    fails, worst, runs = 0, 0.0, 0
+    cases = []
     for (n, k, bs, nested), t, dt in itertools.product(CASES, [1, 2], [torch.bfloat16, torch.float16]):
         p = quantize_nf4(torch.randn(n, k, device="cuda", generator=gen) * 0.02, blocksize=bs, double_quant=nested)
         x = torch.randn(t, k, device="cuda", dtype=dt, generator=gen)
         bias = torch.randn(n, device="cuda", dtype=dt, generator=gen) if t == 1 else None
+        configs = [dict(c, SPLIT_K=s) for c in nf4k.FMA_CONFIGS for s in sorted({c["SPLIT_K"], 3})]
+        cases.append(((n, k, bs, nested), p, x, bias, configs))
+    with ThreadPoolExecutor(16) as pool:  # compile every variant first; the checks below report any failure
+        list(pool.map(lambda job: _try(lambda: nf4k.nf4_matmul_small(job[0], job[1], bias=job[2], config=job[3])),
+                      [(x, p, bias, c) for _, p, x, bias, configs in cases for c in configs]))
+    torch.cuda.synchronize()
+    fails, runs, worst = 0, 0, {torch.bfloat16: 0.0, torch.float16: 0.0}
+    for (n, k, bs, nested), p, x, bias, configs in cases:
+        t, dt = x.shape[0], x.dtype
         ref = x.double() @ dequantize_nf4_reference(p, torch.float64).T
         if bias is not None:
             ref += bias.double()
-        for cfg in nf4k.FMA_CONFIGS:
-            for split_k in sorted({cfg["SPLIT_K"], 3}):
-                y = nf4k.nf4_matmul_small(x, p, bias=bias, config=dict(cfg, SPLIT_K=split_k))
-                err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
-                runs += 1
-                worst = max(worst, err)
-                if not (err < 1e-2 and torch.isfinite(y).all()):
-                    fails += 1
-                    print(f"FAIL {n}x{k} blocksize {bs} nested {nested} T={t} {dt} {cfg} SPLIT_K={split_k}: {err:.2e}")
-    print(f"{torch.cuda.get_device_name()}: {runs} runs, {fails} failures, worst relative error {worst:.2e}")
+        for cfg in configs:
+            y = nf4k.nf4_matmul_small(x, p, bias=bias, config=cfg)
+            err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+            runs += 1
+            worst[dt] = max(worst[dt], err)
+            if not (err < (2e-2 if dt == torch.bfloat16 else 4e-3) and torch.isfinite(y).all()):
+                fails += 1
+                print(f"FAIL {n}x{k} blocksize {bs} nested {nested} T={t} {dt} {cfg}: {err:.2e}")
+    print(f"{torch.cuda.get_device_name()}: {runs} runs, {fails} failures, worst relative error "
+          f"{worst[torch.bfloat16]:.2e} (bf16), {worst[torch.float16]:.2e} (fp16)")
     return 1 if fails else 0
+
+
+def _try(fn):
+    try:
+        fn()
+    except Exception:  # noqa: BLE001  (reported by the check that runs it again)
+        pass
 
 
 if __name__ == "__main__":
