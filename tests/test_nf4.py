@@ -346,22 +346,17 @@ def test_triton_small_matmul_float16(T, ci, lut):
 
 
 @triton.jit
-def _prmt_tile_kernel(w_ptr, s_ptr, code_ptr, out_ptr, R: tl.constexpr, W: tl.constexpr, LUT: tl.constexpr):
+def _prmt_tile_kernel(w_ptr, s_ptr, code_ptr, out_ptr, R: tl.constexpr, W: tl.constexpr):
     offs = tl.arange(0, R)[:, None] * W + tl.arange(0, W)[None, :]
     w = tl.load(w_ptr + offs)
     sc = tl.load(s_ptr + offs)
-    if LUT == 5:
-        tabs = nf4k._pair_lanes(w)
-    else:
-        tabs = nf4k._prmt_tables(code_ptr, tl.float16)
-    e = nf4k._nf4_tile_prmt(w, nf4k._pack2(sc, sc), tabs, code_ptr, LUT, tl.float16)
+    tabs = nf4k._prmt_tables(code_ptr, tl.float16)
+    e = nf4k._nf4_tile_prmt(w, nf4k._pack2(sc, sc), tabs, tl.float16)
     tl.store(out_ptr + tl.arange(0, R)[:, None] * (8 * W) + tl.arange(0, 8 * W)[None, :], e)
 
 
-@pytest.mark.parametrize("lut", [4, 5])
-def test_triton_prmt_tile_bit_exact(lut):
-    # the dot path's pair lookups (LUT=4: byte permutes; LUT=5: the shared pair table, which the interpreter
-    # builds from the code table) against an independent statement of what they compute: each
+def test_triton_prmt_tile_bit_exact():
+    # the dot path's byte-permute lookup (LUT=4) against an independent statement of what it computes: each
     # weight is the NF4 level of its nibble rounded to float16, times its word's float16 scale, rounded again;
     # bitsandbytes' order (byte i holds element 2i in its high nibble). Every code at even and odd positions.
     g = _gen()
@@ -374,9 +369,39 @@ def test_triton_prmt_tile_bit_exact(lut):
     scale = (torch.rand(R, W, generator=g) * 0.1 + 1e-3).half()
     out = torch.empty(R, 8 * W, dtype=torch.float16)
     levels = torch.tensor(NF4_LEVELS)
-    _prmt_tile_kernel[(1,)](words, scale, levels, out, R=R, W=W, LUT=lut)
+    _prmt_tile_kernel[(1,)](words, scale, levels, out, R=R, W=W)
     ref = levels.half()[codes] * scale.repeat_interleave(8, dim=1)
     assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
+
+
+@triton.jit
+def _level_pairs_kernel(w_ptr, code_ptr, out_ptr, N: tl.constexpr, LUT: tl.constexpr):
+    w = tl.load(w_ptr + tl.arange(0, N))
+    if LUT == 5:
+        tab = nf4k._pair_lanes(w)
+    else:
+        tab = nf4k._prmt_tables(code_ptr, tl.bfloat16)
+    p01, p23, p45, p67 = nf4k._level_pairs(w, tab, code_ptr, LUT, tl.bfloat16)
+    offs = tl.arange(0, N) * 4
+    tl.store(out_ptr + offs, p01)
+    tl.store(out_ptr + offs + 1, p23)
+    tl.store(out_ptr + offs + 2, p45)
+    tl.store(out_ptr + offs + 3, p67)
+
+
+@pytest.mark.parametrize("lut", [4, 5])
+def test_triton_level_pairs_bit_exact(lut):
+    # the FMA path's level pairs (LUT=4: byte permutes; LUT=5: the shared pair table, whose entries the interpreter
+    # builds from the code table as the GPU's fill does) against levels[codes] in bf16, in element order: pair j of
+    # a word holds elements 2j (low half) and 2j + 1, byte j's high and low nibble. Every byte value occurs.
+    codes = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 15], dim=1).reshape(64, 8)
+    codes = torch.cat([codes, codes.flip(0)])
+    packed = (codes[:, 0::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
+    words = packed.view(torch.int32).reshape(-1).contiguous()
+    out = torch.empty(words.numel() * 4, dtype=torch.int32)
+    _level_pairs_kernel[(1,)](words, torch.tensor(NF4_LEVELS), out, N=words.numel(), LUT=lut)
+    ref = torch.tensor(NF4_LEVELS).bfloat16()[codes].reshape(-1)
+    assert torch.equal(out.view(torch.bfloat16), ref)
 
 
 @triton.jit

@@ -139,8 +139,8 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 # gather and no float conversion: byte permutes (PRMT) look the levels' low and high bytes up in eight int32
 # registers (levels 0-7 and 8-15, selected by bit 3) and interleave them into int32 pairs of 16-bit levels in
 # element order. LUT=5 (16-bit x, FMA path only) looks each code byte up as one pair of levels in a 256-entry table
-# in shared memory, one copy per lane, so no lookup waits on a bank (see _pair_table_fill): 0.5 integer-pipe
-# instructions per weight instead of 2.55. The FMA path autotunes LUT=5 and LUT=4 configs, the dot path LUT=4 (its
+# in shared memory, one copy per lane, so no lookup waits on a bank (see _pair_table_fill): 0.8 integer-pipe
+# instructions per weight instead of 2.6 (sm_90 SASS). The FMA path autotunes LUT=5 and LUT=4 configs, the dot path LUT=4 (its
 # tiles plus the 32 KiB table pass the 48 KiB a launch gets without opting in); LUT=2 and 0 stay selectable by
 # `config=`.
 # - T <= 2 (FMA path, BLOCK_T = T): p = sum_i level_i * x_i per word: LUT=4 multiplies each level pair by x's pair
@@ -457,9 +457,9 @@ def _pair_byte(w, lanes, code_ptr, I: tl.constexpr, DT: tl.constexpr):
 
 @triton.jit
 def _level_pairs(w, tab, code_ptr, LUT: tl.constexpr, DT: tl.constexpr):
-    """The 8 levels of int32 code words w as four int32 pairs of DT levels (elements 0-1, 2-3, 4-5, 6-7): from the
-    shared pair table (LUT=5, tab = _pair_lanes) or by byte permutes of register tables (LUT=4, tab =
-    _prmt_tables)."""
+    """The 8 levels of int32 code words w as four int32 pairs of DT levels (elements 0-1, 2-3, 4-5, 6-7) for the FMA
+    path: from the shared pair table (LUT=5, tab = _pair_lanes) or by byte permutes of register tables (LUT=4, tab
+    = _prmt_tables)."""
     if LUT == 5:
         return (_pair_byte(w, tab, code_ptr, 0, DT), _pair_byte(w, tab, code_ptr, 1, DT),
                 _pair_byte(w, tab, code_ptr, 2, DT), _pair_byte(w, tab, code_ptr, 3, DT))
@@ -550,12 +550,12 @@ def _pair_sum(p, DT: tl.constexpr):
 
 
 @triton.jit
-def _nf4_tile_prmt(w, s2, tabs, code_ptr, LUT: tl.constexpr, DT: tl.constexpr):
+def _nf4_tile_prmt(w, s2, tabs, DT: tl.constexpr):
     """The (rows, 8 * words) tile of the NF4 weights in DT of int32 code words w (s2: each word's scale, twice
     per int32): the levels by byte permutes of register tables, then scaled a pair at a time; no shared-memory
     lookup, no float conversion. Each weight is rounded twice (level, then level times scale) where the
     dequantize path rounds once: ~1 ulp of DT more error per weight."""
-    p01, p23, p45, p67 = _level_pairs(w, tabs, code_ptr, LUT, DT)
+    p01, p23, p45, p67 = _prmt_levels(w, tabs)
     p01 = _mul2(p01, s2, DT)
     p23 = _mul2(p23, s2, DT)
     p45 = _mul2(p45, s2, DT)
@@ -590,7 +590,7 @@ def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs
             # each word's block scale in DT, twice in one int32 (the multiplier of a pair of levels)
             s2 = tl.reshape(tl.broadcast_to(_pack2(sc.to(DT), sc.to(DT))[:, :, None], (BLOCK_N, NB, WB)),
                             (BLOCK_N, BW))
-            wt = _nf4_tile_prmt(w, s2, tab, code_ptr, LUT, DT)
+            wt = _nf4_tile_prmt(w, s2, tab, DT)
         else:
             l0, l1, l2, l3, l4, l5, l6, l7 = _nf4_levels8(w, tab, code_ptr, LUT)
             # back to element order along the last axis (the inverse of _nf4_levels8's nesting), scaled per block
@@ -663,9 +663,10 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
     row_w = rows.to(tl.int64) * KW
     row_blk = rows.to(tl.int64) * NBLK
     wptr = codes_ptr.to(tl.pointer_type(tl.int32))
-    # LUT=4 (byte-permute levels) and LUT=5 (shared pair table) are for 16-bit x, on both paths; for float32 x
-    # they are the LUT=2 gather
+    # LUT=4 (byte-permute levels, both paths) and LUT=5 (shared pair table, FMA path) are for 16-bit x; for
+    # float32 x they are the LUT=2 gather
     PRMT: tl.constexpr = (LUT == 4 or LUT == 5) and x_ptr.dtype.element_ty != tl.float32
+    tl.static_assert(LUT != 5 or BLOCK_T <= 2, "LUT=5 is for the FMA path (T <= 2)")
     if PRMT:
         if LUT == 5:
             if not _INTERPRET_C:
