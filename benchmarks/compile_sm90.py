@@ -124,14 +124,19 @@ from mol.kernels import nf4 as nf4k  # noqa: E402
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def _resources(cubin):
+def _resource_usage(cubin):
+    """cuobjdump's REG / STACK / SHARED (static) / LOCAL line of the cubin as a match, or None."""
     if not os.path.exists(_CUOBJDUMP):
-        return "registers ? (no cuobjdump)"
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+
+
+def _resources(cubin):
+    m = _resource_usage(cubin)
     # SHARED: static shared memory (LUT=5's pair table), which Triton's metadata.shared (dynamic) leaves out
     return (f"{m[1]} registers, {m[2]} bytes stack, {m[4]} bytes local, {m[3]} bytes static shared" if m
             else "registers ?")
@@ -175,6 +180,13 @@ def comp_nf4(cfg, T=1, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
     path = "dot" if block_t > 2 else "fma"
     print(f"nf4 small-T {path} T={T} K={K} bs={BS} {xdt} nested={nested} bias={bias} {cfg}: built for sm_90, "
           f"{_resources(k.asm['cubin'])}, {k.metadata.shared} bytes shared")
+    # Triton opts a launch into more than 48 KiB of shared memory only when its own (dynamic) part needs it, so a
+    # static table plus Triton's part above 48 KiB fails at launch ("invalid argument", RESULTS run 39)
+    usage = _resource_usage(k.asm["cubin"])
+    static = int(usage[3]) if usage else 0
+    if static + k.metadata.shared > 48 * 1024:
+        raise SystemExit(f"nf4 small-T {cfg}: {static} static + {k.metadata.shared} dynamic bytes of shared memory "
+                         "pass the 48 KiB a launch gets without opting in")
     if "--sass" in sys.argv:
         mix = _loop_mix(k.asm["cubin"], cfg["BLOCK_N"] * cfg["BLOCK_KB"] * 2 / (32 * cfg["num_warps"]))
         if mix is None:
