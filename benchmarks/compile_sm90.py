@@ -135,8 +135,9 @@ def _resource_usage(cubin):
     return re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
 
 
-def _resources(cubin):
-    m = _resource_usage(cubin)
+def _resources(cubin, usage=None):
+    """The cubin's registers, stack, local and static shared memory as text (`usage`: its _resource_usage)."""
+    m = usage or _resource_usage(cubin)
     # SHARED: static shared memory (LUT=5's pair table), which Triton's metadata.shared (dynamic) leaves out
     return (f"{m[1]} registers, {m[2]} bytes stack, {m[4]} bytes local, {m[3]} bytes static shared" if m
             else "registers ?")
@@ -178,11 +179,11 @@ def comp_nf4(cfg, T=1, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
     src = ASTSource(fn=nf4k._nf4_matmul_small_kernel, signature=sig, constexprs=const, attrs=attrs)
     k = triton.compile(src, target=tgt, options={"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 1)})
     path = "dot" if block_t > 2 else "fma"
+    usage = _resource_usage(k.asm["cubin"])
     print(f"nf4 small-T {path} T={T} K={K} bs={BS} {xdt} nested={nested} bias={bias} {cfg}: built for sm_90, "
-          f"{_resources(k.asm['cubin'])}, {k.metadata.shared} bytes shared")
+          f"{_resources(k.asm['cubin'], usage)}, {k.metadata.shared} bytes shared")
     # Triton opts a launch into more than 48 KiB of shared memory only when its own (dynamic) part needs it, so a
     # static table plus Triton's part above 48 KiB fails at launch ("invalid argument", RESULTS run 39)
-    usage = _resource_usage(k.asm["cubin"])
     static = int(usage[3]) if usage else 0
     if static + k.metadata.shared > 48 * 1024:
         raise SystemExit(f"nf4 small-T {cfg}: {static} static + {k.metadata.shared} dynamic bytes of shared memory "

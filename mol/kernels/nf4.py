@@ -140,9 +140,9 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 # registers (levels 0-7 and 8-15, selected by bit 3) and interleave them into int32 pairs of 16-bit levels in
 # element order. LUT=5 (16-bit x, FMA path only) looks each code byte up as one pair of levels in a 256-entry table
 # in shared memory, one copy per lane, so no lookup waits on a bank (see _pair_table_fill): 0.8 integer-pipe
-# instructions per weight instead of 2.6 (sm_90 SASS). The FMA path autotunes LUT=5 and LUT=4 configs, the dot path LUT=4 (its
-# tiles plus the 32 KiB table pass the 48 KiB a launch gets without opting in); LUT=2 and 0 stay selectable by
-# `config=`.
+# instructions per weight instead of 2.6 (sm_90 SASS). The FMA path autotunes LUT=5 and LUT=4 configs, the dot
+# path LUT=4 (its tiles plus the 32 KiB table pass the 48 KiB a launch gets without opting in); LUT=2 and 0 stay
+# selectable by `config=`.
 # - T <= 2 (FMA path, BLOCK_T = T): p = sum_i level_i * x_i per word: LUT=4 multiplies each level pair by x's pair
 #   (read as one int32, no conversion) with fma.rn.bf16x2 / f16x2, four per word into one pair of 16-bit partial
 #   sums, then adds the two halves in float32 (so each four-term partial rounds to x's dtype: relative error vs
@@ -212,7 +212,7 @@ def _autotune_configs(configs):
 def _nf4_levels8(w, tab, code_ptr, LUT: tl.constexpr):
     """The 8 NF4 levels (float32) of int32 code words w, in element order: byte i (little endian) of a word holds
     element 2i in its high nibble and element 2i+1 in its low nibble. LUT=4 and 5 gather as LUT=2 here (float32 x;
-    their pair lookups are for 16-bit x, in _dot8_pairs and _nf4_tile_prmt)."""
+    their pair lookups are for 16-bit x, in _level_pairs and, LUT=4 only, _nf4_tile_prmt)."""
     if LUT == 2 or LUT == 4 or LUT == 5:
         # one gather for all 8 nibbles; join(a, b) stacks along a new last axis, so split() takes them back in
         # the reverse nesting order
