@@ -6,9 +6,9 @@
   steps) with a one-step software prefetch, builds the levels by byte permutes of register tables (16-bit x; a
   16-entry table gather for float32 x; for T <= 2 also one lookup per code byte in a shared table of level pairs)
   and multiplies with packed 16-bit FMAs (T <= 2) or tl.dot (larger T); see
-  the comment above the kernel. On an H100 under CUDA-graph replay, autotuned (RESULTS run 39): T=1 4096x4096
-  6.24 us (0.60x the bf16 GEMV), in 14336 -> out 4096 12.3 us (0.28x), 4096 -> 14336 14.5 us (0.35x); T=2 0.67x,
-  0.40x, 0.45x. (On an H200, NF4 run 10: dequantize + cuBLAS 23.7 us at T=1 4096x4096; T=16 11.5 / 31.6 us.)
+  the comment above the kernel. On an H100 under CUDA-graph replay, autotuned (RESULTS run 40): T=1 4096x4096
+  5.1-6.2 us (0.51-0.58x the bf16 GEMV, by machine), in 14336 -> out 4096 12.2 us (0.28x), 4096 -> 14336
+  12.8-13.1 us (0.32-0.33x); T=2 0.64-0.67x, 0.41x, 0.46-0.48x. (On an H200, NF4 run 10: dequantize + cuBLAS 23.7 us at T=1 4096x4096; T=16 11.5 / 31.6 us.)
   NF4Linear uses it by default for T <= 2 on CUDA, and for 3 <= T <= 16 where Triton
   has no Gluon: there mol/kernels/nf4_mma.py's kernel, which feeds the tensor cores from registers, is 11-26%
   faster (RESULTS NF4 run 12). MOL_NF4_FUSED_DECODE=0 or `fused_decode = False` turns both off.
@@ -396,8 +396,9 @@ def _prmt_levels(w, tabs):
 # instructions per weight, 0.8 of them on the integer pipe, against LUT=4's 4.47 and 2.6, whose permutes bound it
 # (RESULTS NF4 run 10). Triton has no shared-memory gather with a per-lane index, so
 # the table is a static .shared array declared and addressed in inline PTX (32 KiB besides Triton's own; a program
-# fills it once, 64 words a thread at 4 warps). Measured on an H100 (RESULTS run 39, T = 1, same process): 2.5%
-# faster than LUT=4 at 4096x4096 (6.34 against 6.50 us), 6% at 4096 -> 14336, 15% at 14336 -> 4096.
+# fills it once, 64 words a thread at 4 warps, behind the first step's loads). Measured on an H100 (RESULTS run
+# 39, T = 1, same process, filled first): 2.5% faster than LUT=4 at 4096x4096 (6.34 against 6.50 us), 6% at
+# 4096 -> 14336, 15% at 14336 -> 4096.
 _PAIR_SHIFT = ("mul.lo.u32 t, $1, 128;", "mul.hi.u32 t, $1, 0x80000000;", "mul.hi.u32 t, $1, 0x800000;",
                "mul.hi.u32 t, $1, 0x8000;")  # byte i of a word to bits 7-14: << 7, >> 1, >> 9, >> 17
 _PAIR_LOOKUP0, _PAIR_LOOKUP1, _PAIR_LOOKUP2, _PAIR_LOOKUP3 = (
