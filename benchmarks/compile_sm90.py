@@ -143,6 +143,16 @@ def _resources(cubin, usage=None):
             else "registers ?")
 
 
+def _fits_48k(what, usage, dynamic):
+    """Fail if static (`usage`: _resource_usage) plus dynamic shared memory pass 48 KiB: Triton opts a launch into
+    more only when its own (dynamic) part needs it, so a static table plus Triton's part above 48 KiB fails at
+    launch ("invalid argument", RESULTS run 39)."""
+    static = int(usage[3]) if usage else 0
+    if static + dynamic > 48 * 1024:
+        raise SystemExit(f"{what}: {static} static + {dynamic} dynamic bytes of shared memory pass the 48 KiB a "
+                         "launch gets without opting in")
+
+
 _SHARED_OPS = ("LDS", "STS", "LDSM", "STSM")
 
 
@@ -182,12 +192,7 @@ def comp_nf4(cfg, T=1, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
     usage = _resource_usage(k.asm["cubin"])
     print(f"nf4 small-T {path} T={T} K={K} bs={BS} {xdt} nested={nested} bias={bias} {cfg}: built for sm_90, "
           f"{_resources(k.asm['cubin'], usage)}, {k.metadata.shared} bytes shared")
-    # Triton opts a launch into more than 48 KiB of shared memory only when its own (dynamic) part needs it, so a
-    # static table plus Triton's part above 48 KiB fails at launch ("invalid argument", RESULTS run 39)
-    static = int(usage[3]) if usage else 0
-    if static + k.metadata.shared > 48 * 1024:
-        raise SystemExit(f"nf4 small-T {cfg}: {static} static + {k.metadata.shared} dynamic bytes of shared memory "
-                         "pass the 48 KiB a launch gets without opting in")
+    _fits_48k(f"nf4 small-T {cfg}", usage, k.metadata.shared)
     if "--sass" in sys.argv:
         mix = _loop_mix(k.asm["cubin"], cfg["BLOCK_N"] * cfg["BLOCK_KB"] * 2 / (32 * cfg["num_warps"]))
         if mix is None:
@@ -262,7 +267,7 @@ def comp_nf4_mma(cfg, T=16, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
     sig = {"x_ptr": f"*{xdt}", "codes_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
            "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
            "ws_ptr": "*fp32", "ticket_ptr": "*i32", "T": "i32", "N": "i32", "stride_xt": "i32", "stride_yt": "i32"}
-    const = dict(K=K, BS=BS, NBS=256, NESTED=nested, HAS_BIAS=bias, BT=bt, BM=bm, WK=cfg["warps_k"], CPL=cpl, SPLIT_K=nf4_mma.splits(K, cpl, cfg["split_k"]), PREFETCH=cfg["prefetch"], W_LAYOUT=w_l,
+    const = dict(K=K, BS=BS, NBS=256, NESTED=nested, HAS_BIAS=bias, BT=bt, BM=bm, WK=cfg["warps_k"], CPL=cpl, SPLIT_K=nf4_mma.splits(K, cpl, cfg["split_k"]), PREFETCH=cfg["prefetch"], PAIRS=cfg.get("pairs", False), W_LAYOUT=w_l,
                  X_LAYOUT=x_l, S_LAYOUT=s_l, MMA=mma)
     sig.update({k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*")
@@ -270,8 +275,10 @@ def comp_nf4_mma(cfg, T=16, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
     k = triton.compile(GluonASTSource(fn=nf4_mma._nf4_mma_kernel, signature=sig, constexprs=const, attrs=attrs),
                        target=tgt, options={"num_warps": nw,
                                             **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {})})
+    usage = _resource_usage(k.asm["cubin"])
     print(f"nf4 mma decode T={T} K={K} bs={BS} {xdt} nested={nested} bias={bias} {cfg}: compiled for sm_90, "
-          f"{_resources(k.asm['cubin'])}, {k.metadata.shared} bytes shared")
+          f"{_resources(k.asm['cubin'], usage)}, {k.metadata.shared} bytes shared")
+    _fits_48k(f"nf4 mma decode {cfg}", usage, k.metadata.shared)
     if "--sass" in sys.argv:
         mix = _loop_mix(k.asm["cubin"], bm * 64 * cpl * cfg["warps_k"] / (32 * nw))
         if mix is not None:
@@ -290,6 +297,7 @@ if nf4_mma.AVAILABLE:
     comp_nf4_mma(nf4_mma.CONFIGS[0], T=7, K=1152, BS=128, bias=True)
     comp_nf4_mma(nf4_mma.CONFIGS[5], T=16, K=14336)
     comp_nf4_mma(nf4_mma.CONFIGS[1], T=9, K=4160)  # 65 chunks: cpl 4 falls to 1
+    comp_nf4_mma(nf4_mma.CONFIGS[-1], T=5, K=1152, BS=128, bias=True, xdt="fp16")  # pairs: fp16 levels, cpl 2
 else:
     print("nf4 mma decode: this Triton has no Gluon, not built")
 

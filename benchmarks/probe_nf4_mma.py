@@ -1,19 +1,23 @@
 """The Gluon register-operand NF4 decode kernel (mol/kernels/nf4_mma.py) on a CUDA GPU: correctness against float64,
 then every config timed under CUDA-graph replay against the bf16 GEMV and the Triton small-T kernel.
 
-    python benchmarks/probe_nf4_mma.py [--quick] [--full] [--top 4]
+    python benchmarks/probe_nf4_mma.py [--quick] [--full] [--top 4] [--pairs] [--ts 16]
 
 Correctness: y = x @ W^T (+ bias) against float64 (W dequantized by the PyTorch reference) for odd shapes (N not a
 multiple of any block, T = 1..16, bias, fp16, blocksize 128 / 256, not double-quantized), every config at 4096^2
 T=16 and two elsewhere: relative error (norm) < 1e-2, y finite, and two calls bitwise equal (the split-K tickets
 were left at zero). The kernel allocates y itself, so an element it never writes is caught only if the allocator's
-leftovers differ between the two calls or are not finite. `--full` times a grid of configs at K = 4096. Timing: median of `do_bench_cudagraph`, the bf16 GEMV (F.linear) and the Triton kernel (autotuned) in the
-same process, NF4 bytes over time as bandwidth.
+leftovers differ between the two calls or are not finite. `--full` times a grid of configs at K = 4096.
+Timing: median of `do_bench_cudagraph`, the bf16 GEMV (F.linear) and the Triton kernel (autotuned) in the
+same process, NF4 bytes over time as bandwidth. `--pairs` adds every config with the levels from the shared table of
+level pairs (`pairs=True`, LUT=5 of the Triton kernel) to the check and the timing; `--ts` picks the token counts timed.
+Compiles run in a thread pool first.
 """
 import argparse
 import itertools
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +41,11 @@ def nf4_bytes(p):
     return n + (p.nested_absmax.numel() * 4 if p.nested else 0)
 
 
-def check(failures):
+def variants(cfgs, pairs):
+    return [dict(c, pairs=True) for c in cfgs] if pairs else cfgs
+
+
+def check(failures, pairs=False):
     torch.manual_seed(0)
     cases = [(4096, 4096, t, torch.bfloat16, 64, True, False) for t in (1, 2, 5, 8, 9, 16)]
     cases += [(4001, 4096, 3, torch.bfloat16, 64, True, True), (4096, 14336, 16, torch.float16, 64, True, False),
@@ -54,6 +62,9 @@ def check(failures):
         if bias is not None:
             ref += bias.double()
         cfgs = nf4_mma.CONFIGS if (n, k, t) == (4096, 4096, 16) else nf4_mma.CONFIGS[:1] + nf4_mma.CONFIGS[3:4]
+        cfgs = variants(cfgs, pairs)
+        with ThreadPoolExecutor(8) as ex:  # compile in parallel
+            list(ex.map(lambda c: nf4_mma.nf4_matmul_mma(x, p, bias, c), cfgs))
         for cfg in cfgs:
             y = nf4_mma.nf4_matmul_mma(x, p, bias, cfg)
             y2 = nf4_mma.nf4_matmul_mma(x, p, bias, cfg)  # the tickets were left at zero by the first call
@@ -68,9 +79,9 @@ def check(failures):
         print("  FAIL", f)
 
 
-def grid(full):
+def grid(full, pairs=False):
     if not full:
-        return nf4_mma.CONFIGS
+        return nf4_mma.CONFIGS + (variants(nf4_mma.CONFIGS, True) if pairs else [])
     out = list(nf4_mma.CONFIGS)
     for wk, wm, c, sk, pf in itertools.product((4, 8), (1, 2), (1, 2, 4), (1, 2), (False, True)):
         cfg = dict(warps_k=wk, warps_m=wm, m_rep=1, cpl=c, split_k=sk, prefetch=pf)
@@ -81,10 +92,12 @@ def grid(full):
 
 def name(c):
     reg = f"/r{c['maxnreg']}" if c.get("maxnreg") else ""
-    return f"{c['warps_k']}/{c['warps_m']}/{c['m_rep']}/{c['cpl']}/{c['split_k']}/{'p' if c['prefetch'] else '-'}{reg}"
+    pairs = "/pairs" if c.get("pairs") else ""
+    return (f"{c['warps_k']}/{c['warps_m']}/{c['m_rep']}/{c['cpl']}/{c['split_k']}/{'p' if c['prefetch'] else '-'}"
+            f"{reg}{pairs}")
 
 
-def bench(quick, top, full):
+def bench(quick, top, full, pairs=False, ts=None):
     print("\n| out x in | T | bf16 GEMV us | Triton small-T us (x GEMV) | Gluon MMA best us (x GEMV) | "
           "best config (warps K/M, m_rep, cpl, split, prefetch) | "
           "GB/s | next configs |")
@@ -94,12 +107,14 @@ def bench(quick, top, full):
         torch.manual_seed(1)
         w = (torch.randn(n, k, device=DEV) * 0.02).to(torch.bfloat16)
         p = quantize_nf4(w)
-        for t in ((1, 16) if quick else (1, 2, 8, 16)):
+        for t in ts or ((1, 16) if quick else (1, 2, 8, 16)):
             x = torch.randn(t, k, device=DEV, dtype=torch.bfloat16)
+            with ThreadPoolExecutor(8) as ex:  # compile in parallel
+                list(ex.map(lambda c: nf4_mma.nf4_matmul_mma(x, p, None, c), grid(full and k == 4096, pairs)))
             base = do_bench_cudagraph(lambda: F.linear(x, w), rep=50)
             tri = do_bench_cudagraph(lambda: nf4k.nf4_matmul_small(x, p), rep=50)
             times = []
-            for cfg in grid(full and k == 4096):
+            for cfg in grid(full and k == 4096, pairs):
                 n_splits = nf4_mma.splits(k, 1, cfg["split_k"])
                 ws = torch.empty((n_splits, 16, n), dtype=torch.float32, device=DEV)
                 nf4_mma.nf4_matmul_mma(x, p, None, cfg, ws=ws)
@@ -119,12 +134,14 @@ def main():
     ap.add_argument("--top", type=int, default=4)
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--full", action="store_true", help="time a grid of configs (num_warps/m_rep/cpl/split_k/prefetch)")
+    ap.add_argument("--pairs", action="store_true", help="check and time every config with pairs=True as well")
+    ap.add_argument("--ts", type=int, nargs="+", default=None, help="token counts to time (default 1 16 / 1 2 8 16)")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     failures = []
     if not args.skip_check:
-        check(failures)
-    bench(args.quick, args.top, args.full)
+        check(failures, args.pairs)
+    bench(args.quick, args.top, args.full, args.pairs, args.ts)
     sys.exit(1 if failures else 0)
 
 

@@ -325,14 +325,14 @@ def test_kernels_compile_for_sm90():
     # 18 large-T (one with the tf32x2 router; the gate kernels with each GATE_COLUMNS and both router score forms;
     # the one-GEMM shrink's operand kernel for bf16 and fp16) + 5 small-T + the base GEMM (forward and backward forms) at
     # each of its configs + the given-routing path's 2 gate kernels + the Gluon NF4 decode kernel at each of its configs
-    # and 6 variants (where Triton has Gluon) + the fused routed GEMM (forward and backward) at each base config and
+    # and 7 variants (where Triton has Gluon) + the fused routed GEMM (forward and backward) at each base config and
     # at E=32
     # + the Gluon base GEMM (forward with bias, backward, no extra K) at each of its configs
     from mol.kernels import base_gemm as bg
     from mol.kernels import base_gemm_gluon as bgg
     from mol.kernels import nf4_mma
 
-    n_mma = len(nf4_mma.CONFIGS) + 6 if nf4_mma.AVAILABLE else 0
+    n_mma = len(nf4_mma.CONFIGS) + 7 if nf4_mma.AVAILABLE else 0
     n_gluon = 3 * len(bgg.CONFIGS) if bgg.AVAILABLE else 0
     assert res.stdout.count("compiled for sm_90") == 25 + 4 * len(bg.CONFIGS) + 2 + n_mma + n_gluon
 

@@ -27,7 +27,10 @@ bytes in flight was slower (RESULTS NF4 run 13). Nor is the instruction count al
 block scale in shared memory, 3.7-4.4 instructions per weight in the loop (against 5.6-6.9 here) and fewer registers,
 was slower still (12.9 against 10.0 us at T=16, run 14): its prologue (all of x and the scales, then a barrier)
 serialises what this form overlaps. Each program's short chain of dependent steps, with few warps to hide it, is
-what is left.
+what is left. Fewer instructions did not pay a second time either: `pairs` configs look the levels up in the Triton
+kernel's shared table of level pairs (one lookup per code byte) instead of byte permutes, up to 2.2 fewer
+instructions per weight, and on an H100 they are 5% faster at 4096 -> 14336 but 4-6% slower at the other two shapes
+(RESULTS run 40).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 import triton
 
 from mol.kernels import grouped_lora as glora
-from mol.kernels.nf4 import _tensors, _tickets, split_runs
+from mol.kernels.nf4 import _PAIR_LOOKUP0, _PAIR_LOOKUP1, _PAIR_LOOKUP2, _PAIR_LOOKUP3, _tensors, _tickets, split_runs
 
 CHUNK = 64  # k per MMA chunk: 4 threads x 2 code words x 8 weights
 # The relabelling of k, as permutations of its bits (module doc): a chunk's levels arrive as (m, t1, t0, w, b, q0, q1)
@@ -129,10 +132,57 @@ if AVAILABLE:
         return e0, e1, e2, e3, e4, e5, e6, e7
 
     @gluon.jit
-    def _a_operand(w, tabs, WK: gl.constexpr, BM: gl.constexpr, DT: gl.constexpr, A_LAYOUT: gl.constexpr):
-        """The (WK, BM, 64) A operand of one chunk from its (WK, BM, 8) code words, at logical k (module doc)."""
-        e0, e1, e2, e3, e4, e5, e6, e7 = _levels(w, tabs[0], tabs[1], tabs[2], tabs[3], tabs[4], tabs[5],
-                                                 tabs[6], tabs[7], DT)
+    def _pair_fill(code_ptr, DT: gl.constexpr):
+        """Declare the shared table of level pairs and fill it (as mol/kernels/nf4.py's _pair_table_fill: entry e,
+        copy c at word 32 e + c holds the levels of codes e >> 4, low half, and e & 15, high half); ends with a CTA
+        barrier."""
+        L: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [gl.num_warps(), 1], [1, 0])
+        e = gl.arange(0, 256, layout=gl.SliceLayout(1, L))
+        lo = gl.load(code_ptr + e // 16).to(DT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        hi = gl.load(code_ptr + e % 16).to(DT).to(gl.int16, bitcast=True).to(gl.int32) << 16
+        word = e[:, None] * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, L))[None, :]
+        v = (lo | hi)[:, None] + word * 0
+        one = gl.full([1], 0, gl.int32, gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))  # one declaration
+        gl.inline_asm_elementwise(".shared .align 16 .b32 mol_nf4_pairs[8192];\n\tmov.u32 $0, 0;", "=r,r", [one],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise("{ .reg .b32 a; mov.u32 a, mol_nf4_pairs; add.u32 a, a, $1; st.shared.b32 [a], $2; "
+                                  "mov.u32 $0, 0; }", "=r,r,r", [word * 4, v], dtype=gl.int32, is_pure=False, pack=1)
+        _cta_barrier()
+
+    @gluon.jit
+    def _pair_lanes(w):
+        """4 * the lane holding each element of w (its copy's byte offset in the pair table), in w's layout."""
+        return gl.inline_asm_elementwise("mov.u32 $0, %laneid;\n\tshl.b32 $0, $0, 2;", "=r,r", [w], dtype=gl.int32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _pair_levels(w, lanes, DT: gl.constexpr):
+        """The 8 levels of code words w as DT tensors in element order, one pair-table lookup per byte (a
+        multiply-high for the shift, a lop3 for the mask and the lane's copy, an LDS; mol/kernels/nf4.py, LUT=5)."""
+        p0 = gl.inline_asm_elementwise(_PAIR_LOOKUP0, "=r,r,r", [w, lanes], dtype=gl.int32, is_pure=True, pack=1)
+        p1 = gl.inline_asm_elementwise(_PAIR_LOOKUP1, "=r,r,r", [w, lanes], dtype=gl.int32, is_pure=True, pack=1)
+        p2 = gl.inline_asm_elementwise(_PAIR_LOOKUP2, "=r,r,r", [w, lanes], dtype=gl.int32, is_pure=True, pack=1)
+        p3 = gl.inline_asm_elementwise(_PAIR_LOOKUP3, "=r,r,r", [w, lanes], dtype=gl.int32, is_pure=True, pack=1)
+        e0, e1 = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [p0], dtype=(DT.value, DT.value),
+                                           is_pure=True, pack=1)
+        e2, e3 = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [p1], dtype=(DT.value, DT.value),
+                                           is_pure=True, pack=1)
+        e4, e5 = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [p2], dtype=(DT.value, DT.value),
+                                           is_pure=True, pack=1)
+        e6, e7 = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [p3], dtype=(DT.value, DT.value),
+                                           is_pure=True, pack=1)
+        return e0, e1, e2, e3, e4, e5, e6, e7
+
+    @gluon.jit
+    def _a_operand(w, tabs, WK: gl.constexpr, BM: gl.constexpr, DT: gl.constexpr, A_LAYOUT: gl.constexpr,
+                   PAIRS: gl.constexpr):
+        """The (WK, BM, 64) A operand of one chunk from its (WK, BM, 8) code words, at logical k (module doc).
+        tabs: the byte tables, or with PAIRS the pair table's lane offsets in w's layout."""
+        if PAIRS:
+            e0, e1, e2, e3, e4, e5, e6, e7 = _pair_levels(w, tabs, DT)
+        else:
+            e0, e1, e2, e3, e4, e5, e6, e7 = _levels(w, tabs[0], tabs[1], tabs[2], tabs[3], tabs[4], tabs[5],
+                                                     tabs[6], tabs[7], DT)
         # (m, word, b, q0, q1), word = 4 t1 + 2 t0 + w
         e = gl.join(gl.join(gl.join(e0, e1), gl.join(e2, e3)), gl.join(gl.join(e4, e5), gl.join(e6, e7)))
         e = gl.reshape(e, [WK, BM, 2, 2, 2, 2, 2, 2])  # (kw, m, t1, t0, w, b, q0, q1)
@@ -166,25 +216,31 @@ if AVAILABLE:
 
     @gluon.jit
     def _chunk(w, xv, s, acc, tabs, WK: gl.constexpr, BM: gl.constexpr, BT: gl.constexpr, DT: gl.constexpr,
-               MMA: gl.constexpr):
+               MMA: gl.constexpr, PAIRS: gl.constexpr):
         """acc + s * (the chunk's 64 k of W) @ (x's), s: the chunk's block scale per row, (WK, BM, 1)."""
-        a = _a_operand(w, tabs, WK, BM, DT, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
+        a = _a_operand(w, tabs, WK, BM, DT, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2), PAIRS)
         b = _b_operand(xv, WK, BT, DT, gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
         s = gl.convert_layout(gl.reshape(s, [WK, BM]), gl.SliceLayout(2, MMA))
         return acc + mma_v2(a, b, gl.zeros([WK, BM, BT], gl.float32, MMA)) * s[:, :, None]
 
     @gluon.jit
     def _slab(w, xv, sc, acc, tabs, WK: gl.constexpr, BM: gl.constexpr, BT: gl.constexpr, CPL: gl.constexpr,
-              DT: gl.constexpr, MMA: gl.constexpr):
-        """The CPL chunks of one slab: words (WK, BM, 8 CPL), x pairs (WK, 32 CPL, BT), block scales (WK, BM, CPL)."""
+              DT: gl.constexpr, MMA: gl.constexpr, PAIRS: gl.constexpr):
+        """The CPL chunks of one slab: words (WK, BM, 8 CPL), x pairs (WK, 32 CPL, BT), block scales (WK, BM, CPL).
+        With PAIRS, tabs holds the pair table's lane offsets in the words' layout and is halved with them."""
         if CPL == 1:
-            acc = _chunk(w, xv, sc, acc, tabs, WK, BM, BT, DT, MMA)
+            acc = _chunk(w, xv, sc, acc, tabs, WK, BM, BT, DT, MMA, PAIRS)
         else:  # halve the slab (chunk index: outermost) and recurse
             w0, w1 = gl.split(gl.permute(gl.reshape(w, [WK, BM, 2, 8 * CPL // 2]), [0, 1, 3, 2]))
             x0, x1 = gl.split(gl.permute(gl.reshape(xv, [WK, 2, 32 * CPL // 2, BT]), [0, 2, 3, 1]))
             s0, s1 = gl.split(gl.permute(gl.reshape(sc, [WK, BM, 2, CPL // 2]), [0, 1, 3, 2]))
-            acc = _slab(w0, x0, s0, acc, tabs, WK, BM, BT, CPL // 2, DT, MMA)
-            acc = _slab(w1, x1, s1, acc, tabs, WK, BM, BT, CPL // 2, DT, MMA)
+            if PAIRS:
+                t0, t1 = gl.split(gl.permute(gl.reshape(tabs, [WK, BM, 2, 8 * CPL // 2]), [0, 1, 3, 2]))
+            else:
+                t0 = tabs
+                t1 = tabs
+            acc = _slab(w0, x0, s0, acc, t0, WK, BM, BT, CPL // 2, DT, MMA, PAIRS)
+            acc = _slab(w1, x1, s1, acc, t1, WK, BM, BT, CPL // 2, DT, MMA, PAIRS)
         return acc
 
     @gluon.jit
@@ -213,7 +269,8 @@ if AVAILABLE:
                         K: gl.constexpr, BS: gl.constexpr, NBS: gl.constexpr, NESTED: gl.constexpr,
                         HAS_BIAS: gl.constexpr, BT: gl.constexpr, BM: gl.constexpr, WK: gl.constexpr,
                         CPL: gl.constexpr, SPLIT_K: gl.constexpr, PREFETCH: gl.constexpr, W_LAYOUT: gl.constexpr,
-                        X_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr, MMA: gl.constexpr):
+                        X_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr, MMA: gl.constexpr,
+                        PAIRS: gl.constexpr = False):
         """y[t, n] = sum_k x[t, k] W[n, k] (+ bias[n]) for BM rows n of this program and t < T (BT >= T).
         K is read in slabs of CPL 64-wide chunks; program (i, j) covers the j-th of SPLITS runs of slabs, its WK
         K warps taking the run's slabs in turn (warp kw: slabs first + kw, first + kw + WK, ...), their sums
@@ -265,8 +322,11 @@ if AVAILABLE:
         a_next, nb_next = _scale_loads(absmax_ptr, nabs_ptr, (flat_s + s_first * (64 * CPL)) // BS, ok_s, NBS,
                                        NESTED)
         ok_next = ok_s
-        # the levels' byte tables: every thread builds all eight from the 16 levels (no cross-thread reduction)
-        tabs = _tables(code_ptr, DT, gl.BlockedLayout([16], [32], [gl.num_warps()], [0]))
+        if PAIRS:  # the pair table, filled while the first loads are in flight
+            _pair_fill(code_ptr, DT)
+            tabs = _pair_lanes(w_next)
+        else:  # the levels' byte tables: every thread builds all eight from the 16 levels (no cross-thread reduction)
+            tabs = _tables(code_ptr, DT, gl.BlockedLayout([16], [32], [gl.num_warps()], [0]))
         if NESTED:
             off = gl.load(offset_ptr)
         else:
@@ -287,19 +347,21 @@ if AVAILABLE:
                                  other=0)
                 a_next, nb_next = _scale_loads(absmax_ptr, nabs_ptr, (flat_s + d * (64 * CPL)) // BS, ok_next, NBS,
                                                NESTED)
-                acc = _slab(w, xv, _scales(a, nb, ok, ncode_ptr, off, NESTED), acc, tabs, WK, BM, BT, CPL, DT, MMA)
+                acc = _slab(w, xv, _scales(a, nb, ok, ncode_ptr, off, NESTED), acc, tabs, WK, BM, BT, CPL, DT, MMA,
+                            PAIRS)
             acc = _slab(w_next, x_next, _scales(a_next, nb_next, ok_next, ncode_ptr, off, NESTED), acc, tabs, WK, BM,
-                        BT, CPL, DT, MMA)
+                        BT, CPL, DT, MMA, PAIRS)
         else:
             acc = _slab(w_next, x_next, _scales(a_next, nb_next, ok_next, ncode_ptr, off, NESTED), acc, tabs, WK, BM,
-                        BT, CPL, DT, MMA)
+                        BT, CPL, DT, MMA, PAIRS)
             for i in range(1, STEPS):
                 d = s_first + i * WK
                 ok = (slab_s + i * WK < s_end)[:, None, None]
                 w = gl.load(wptr + d * (8 * CPL), mask=(slab_w + i * WK < s_end)[:, None, None], other=0)
                 xv = gl.load(xptr + d * (32 * CPL), mask=(slab_x + i * WK < s_end)[:, None, None] & tok_ok, other=0)
                 a, nb = _scale_loads(absmax_ptr, nabs_ptr, (flat_s + d * (64 * CPL)) // BS, ok, NBS, NESTED)
-                acc = _slab(w, xv, _scales(a, nb, ok, ncode_ptr, off, NESTED), acc, tabs, WK, BM, BT, CPL, DT, MMA)
+                acc = _slab(w, xv, _scales(a, nb, ok, ncode_ptr, off, NESTED), acc, tabs, WK, BM, BT, CPL, DT, MMA,
+                            PAIRS)
         out = gl.sum(acc, 0)  # the K warps' sums (through shared memory when WK > 1)
 
         offs_n = pid * BM + gl.arange(0, BM, layout=ROWS)
@@ -335,6 +397,12 @@ CONFIGS = [dict(warps_k=wk, warps_m=wm, m_rep=m, cpl=c, split_k=s, prefetch=pf) 
             (4, 1, 1, 4, 1, True), (8, 1, 1, 2, 2, True)]]
 CONFIGS += [dict(warps_k=4, warps_m=1, m_rep=1, cpl=4, split_k=1, prefetch=False, maxnreg=128),
             dict(warps_k=4, warps_m=1, m_rep=1, cpl=2, split_k=1, prefetch=True, maxnreg=128)]
+# pairs: the levels from the Triton kernel's shared table of level pairs (LUT=5, one lookup per code byte) instead of
+# byte permutes: 0.2-2.2 fewer instructions per weight in the K loop (sm_90 SASS), yet at T = 16 on an H100 (RESULTS
+# run 40, same process) 5% faster only at 4096 -> 14336 (24.6 against 25.8 us) and 4-6% slower at 4096^2 and
+# 14336 -> 4096; these two were the fastest, and the tuner keeps them where they win
+CONFIGS += [dict(warps_k=4, warps_m=1, m_rep=1, cpl=2, split_k=1, prefetch=True, maxnreg=128, pairs=True),
+            dict(warps_k=4, warps_m=1, m_rep=1, cpl=4, split_k=1, prefetch=True, pairs=True)]
 
 
 def supported(packed, x: torch.Tensor) -> bool:
@@ -386,7 +454,7 @@ def nf4_matmul_mma(x: torch.Tensor, packed, bias: torch.Tensor | None = None, co
         x, packed.codes, packed.absmax, packed.code, nabs, ncode, off, bias if bias is not None else x, y, ws,
         tickets, t, n, x.stride(0), y.stride(0), K=k, BS=packed.blocksize, NBS=packed.nested_blocksize,
         NESTED=packed.nested, HAS_BIAS=bias is not None, BT=bt, BM=bm, WK=wk, CPL=cpl, SPLIT_K=n_splits,
-        PREFETCH=cfg.get("prefetch", True),
+        PREFETCH=cfg.get("prefetch", True), PAIRS=cfg.get("pairs", False),
         W_LAYOUT=w_layout, X_LAYOUT=x_layout, S_LAYOUT=s_layout, MMA=mma, num_warps=wk * wm,
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return y
