@@ -7,7 +7,7 @@
   16-entry table gather for float32 x; for T <= 2 also one lookup per code byte in a shared table of level pairs)
   and multiplies with packed 16-bit FMAs (T <= 2) or tl.dot (larger T); see
   the comment above the kernel. On an H100 under CUDA-graph replay, autotuned (RESULTS run 40): T=1 4096x4096
-  5.1-6.2 us (0.51-0.58x the bf16 GEMV, by machine), in 14336 -> out 4096 12.2 us (0.28x), 4096 -> 14336
+  5.1-6.4 us (0.51-0.65x the bf16 GEMV, by machine), in 14336 -> out 4096 12.2 us (0.28x), 4096 -> 14336
   12.8-13.1 us (0.32-0.33x); T=2 0.64-0.67x, 0.41x, 0.46-0.48x. (On an H200, NF4 run 10: dequantize + cuBLAS 23.7 us at T=1 4096x4096; T=16 11.5 / 31.6 us.)
   NF4Linear uses it by default for T <= 2 on CUDA, and for 3 <= T <= 16 where Triton
   has no Gluon: there mol/kernels/nf4_mma.py's kernel, which feeds the tensor cores from registers, is 11-26%
