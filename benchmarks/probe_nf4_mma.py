@@ -80,13 +80,14 @@ def check(failures, pairs=False):
 
 
 def grid(full, pairs=False):
-    if not full:
-        return nf4_mma.CONFIGS + (variants(nf4_mma.CONFIGS, True) if pairs else [])
     out = list(nf4_mma.CONFIGS)
-    for wk, wm, c, sk, pf in itertools.product((4, 8), (1, 2), (1, 2, 4), (1, 2), (False, True)):
-        cfg = dict(warps_k=wk, warps_m=wm, m_rep=1, cpl=c, split_k=sk, prefetch=pf)
-        if wk * wm <= 8 and cfg not in out:
-            out.append(cfg)
+    if full:
+        for wk, wm, c, sk, pf in itertools.product((4, 8), (1, 2), (1, 2, 4), (1, 2), (False, True)):
+            cfg = dict(warps_k=wk, warps_m=wm, m_rep=1, cpl=c, split_k=sk, prefetch=pf)
+            if wk * wm <= 8 and cfg not in out:
+                out.append(cfg)
+    if pairs:  # every config with and without (CONFIGS holds some with pairs already)
+        out += [c for c in variants(out, True) if c not in out]
     return out
 
 

@@ -8,7 +8,8 @@
   and multiplies with packed 16-bit FMAs (T <= 2) or tl.dot (larger T); see
   the comment above the kernel. On an H100 under CUDA-graph replay, autotuned (RESULTS run 40): T=1 4096x4096
   5.1-6.4 us (0.51-0.65x the bf16 GEMV, by machine), in 14336 -> out 4096 12.2 us (0.28x), 4096 -> 14336
-  12.8-13.1 us (0.32-0.33x); T=2 0.64-0.67x, 0.41x, 0.46-0.48x. (On an H200, NF4 run 10: dequantize + cuBLAS 23.7 us at T=1 4096x4096; T=16 11.5 / 31.6 us.)
+  12.8-13.1 us (0.32-0.33x); T=2 0.64-0.67x, 0.41x, 0.46-0.48x. (On an H200, NF4 run 10: dequantize + cuBLAS
+  23.7 us at T=1 4096x4096; T=16 11.5 / 31.6 us.)
   NF4Linear uses it by default for T <= 2 on CUDA, and for 3 <= T <= 16 where Triton
   has no Gluon: there mol/kernels/nf4_mma.py's kernel, which feeds the tensor cores from registers, is 11-26%
   faster (RESULTS NF4 run 12). MOL_NF4_FUSED_DECODE=0 or `fused_decode = False` turns both off.
@@ -688,7 +689,7 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
     # round trips put barriers in every step, and no load is moved across a barrier); the last step is peeled
     w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s_first, KW, NBLK, BW, NB)
     if PRMT and LUT == 5:
-        # the fill's 64 shared stores a thread and its barrier overlap the first loads' latency: 3-10% faster at
+        # the fill's 64 shared stores a thread and its barrier overlap the first loads' latency: 1-11% faster at
         # T = 1 than filling first (RESULTS run 40)
         if not _INTERPRET_C:
             _pair_table_fill(code_ptr, x_ptr.dtype.element_ty)
