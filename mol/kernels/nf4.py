@@ -405,14 +405,20 @@ _PAIR_SHIFT = ("mul.lo.u32 t, $1, 128;", "mul.hi.u32 t, $1, 0x80000000;", "mul.h
 _PAIR_LOOKUP0, _PAIR_LOOKUP1, _PAIR_LOOKUP2, _PAIR_LOOKUP3 = (
     tl.constexpr("{ .reg .b32 t, a; " + sh + " lop3.b32 t, t, 0x7F80, $2, 0xEA; mov.u32 a, mol_nf4_pairs; "
                  "add.u32 t, t, a; ld.shared.b32 $0, [t]; }") for sh in _PAIR_SHIFT)
+# the table's declaration (once per thread), one word's store ($1: byte offset, $2: the pair) and a lane's copy
+# offset (4 * %laneid); the Gluon kernel (nf4_mma.py) builds the same table with them
+_PAIR_DECLARE = tl.constexpr(".shared .align 16 .b32 mol_nf4_pairs[8192];\n\tmov.u32 $0, 0;")
+_PAIR_STORE = tl.constexpr("{ .reg .b32 a; mov.u32 a, mol_nf4_pairs; add.u32 a, a, $1; st.shared.b32 [a], $2; "
+                           "mov.u32 $0, 0; }")
+_PAIR_LANE = tl.constexpr("mov.u32 $0, %laneid;\n\tshl.b32 $0, $0, 2;")
 
 
 @triton.jit
 def _pair_table_fill(code_ptr, DT: tl.constexpr):
     """Declare the shared pair table and fill it: entry e holds the levels of codes e >> 4 (element 2i, low half)
     and e & 15 (element 2i + 1, high half) in DT, as byte e of a code word needs them. Ends with a CTA barrier."""
-    tl.inline_asm_elementwise(".shared .align 16 .b32 mol_nf4_pairs[8192];\n\tmov.u32 $0, 0;", "=r,r",
-                              [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    tl.inline_asm_elementwise(_PAIR_DECLARE, "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False,
+                              pack=1)
     # (entry, copy), the copies along a warp's lanes (conflict-free stores); an entry's pair is built once per
     # thread that holds it and broadcast along the copies (5% faster at T = 1 4096^2 than an (8192,) pass with two
     # loads per word, RESULTS run 39)
@@ -420,8 +426,7 @@ def _pair_table_fill(code_ptr, DT: tl.constexpr):
     v = _pack2(tl.load(code_ptr + e // 16).to(DT), tl.load(code_ptr + e % 16).to(DT))
     word = e[:, None] * 32 + tl.arange(0, 32)[None, :]
     v = v[:, None] + word * 0
-    tl.inline_asm_elementwise("{ .reg .b32 a; mov.u32 a, mol_nf4_pairs; add.u32 a, a, $1; st.shared.b32 [a], $2; "
-                              "mov.u32 $0, 0; }", "=r,r,r", [word * 4, v], dtype=tl.int32, is_pure=False, pack=1)
+    tl.inline_asm_elementwise(_PAIR_STORE, "=r,r,r", [word * 4, v], dtype=tl.int32, is_pure=False, pack=1)
     tl.debug_barrier()
 
 
@@ -432,8 +437,7 @@ def _pair_lanes(w):
     if _INTERPRET_C:
         out = w * 0
     else:
-        out = tl.inline_asm_elementwise("mov.u32 $0, %laneid;\n\tshl.b32 $0, $0, 2;", "=r,r", [w * 0],
-                                        dtype=tl.int32, is_pure=True, pack=1)
+        out = tl.inline_asm_elementwise(_PAIR_LANE, "=r,r", [w * 0], dtype=tl.int32, is_pure=True, pack=1)
     return out
 
 

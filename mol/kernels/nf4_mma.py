@@ -39,7 +39,8 @@ import torch
 import triton
 
 from mol.kernels import grouped_lora as glora
-from mol.kernels.nf4 import _PAIR_LOOKUP0, _PAIR_LOOKUP1, _PAIR_LOOKUP2, _PAIR_LOOKUP3, _tensors, _tickets, split_runs
+from mol.kernels.nf4 import (_PAIR_DECLARE, _PAIR_LANE, _PAIR_LOOKUP0, _PAIR_LOOKUP1, _PAIR_LOOKUP2, _PAIR_LOOKUP3,
+                             _PAIR_STORE, _tensors, _tickets, split_runs)
 
 CHUNK = 64  # k per MMA chunk: 4 threads x 2 code words x 8 weights
 # The relabelling of k, as permutations of its bits (module doc): a chunk's levels arrive as (m, t1, t0, w, b, q0, q1)
@@ -143,17 +144,14 @@ if AVAILABLE:
         word = e[:, None] * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, L))[None, :]
         v = (lo | hi)[:, None] + word * 0
         one = gl.full([1], 0, gl.int32, gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))  # one declaration
-        gl.inline_asm_elementwise(".shared .align 16 .b32 mol_nf4_pairs[8192];\n\tmov.u32 $0, 0;", "=r,r", [one],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-        gl.inline_asm_elementwise("{ .reg .b32 a; mov.u32 a, mol_nf4_pairs; add.u32 a, a, $1; st.shared.b32 [a], $2; "
-                                  "mov.u32 $0, 0; }", "=r,r,r", [word * 4, v], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise(_PAIR_DECLARE, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise(_PAIR_STORE, "=r,r,r", [word * 4, v], dtype=gl.int32, is_pure=False, pack=1)
         _cta_barrier()
 
     @gluon.jit
     def _pair_lanes(w):
         """4 * the lane holding each element of w (its copy's byte offset in the pair table), in w's layout."""
-        return gl.inline_asm_elementwise("mov.u32 $0, %laneid;\n\tshl.b32 $0, $0, 2;", "=r,r", [w], dtype=gl.int32,
-                                         is_pure=True, pack=1)
+        return gl.inline_asm_elementwise(_PAIR_LANE, "=r,r", [w], dtype=gl.int32, is_pure=True, pack=1)
 
     @gluon.jit
     def _pair_levels(w, lanes, DT: gl.constexpr):
