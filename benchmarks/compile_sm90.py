@@ -267,8 +267,9 @@ def comp_nf4_mma(cfg, T=16, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
     sig = {"x_ptr": f"*{xdt}", "codes_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
            "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
            "ws_ptr": "*fp32", "ticket_ptr": "*i32", "T": "i32", "N": "i32", "stride_xt": "i32", "stride_yt": "i32"}
-    const = dict(K=K, BS=BS, NBS=256, NESTED=nested, HAS_BIAS=bias, BT=bt, BM=bm, WK=cfg["warps_k"], CPL=cpl, SPLIT_K=nf4_mma.splits(K, cpl, cfg["split_k"]), PREFETCH=cfg["prefetch"], PAIRS=cfg.get("pairs", False), W_LAYOUT=w_l,
-                 X_LAYOUT=x_l, S_LAYOUT=s_l, MMA=mma)
+    const = dict(K=K, BS=BS, NBS=256, NESTED=nested, HAS_BIAS=bias, BT=bt, BM=bm, WK=cfg["warps_k"], CPL=cpl,
+                 SPLIT_K=nf4_mma.splits(K, cpl, cfg["split_k"]), PREFETCH=cfg["prefetch"],
+                 PAIRS=cfg.get("pairs", False), W_LAYOUT=w_l, X_LAYOUT=x_l, S_LAYOUT=s_l, MMA=mma)
     sig.update({k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*")
              or n in ("stride_xt", "stride_yt", "N")}

@@ -9,8 +9,9 @@ T=16 and two elsewhere: relative error (norm) < 1e-2, y finite, and two calls bi
 were left at zero). The kernel allocates y itself, so an element it never writes is caught only if the allocator's
 leftovers differ between the two calls or are not finite. `--full` times a grid of configs at K = 4096.
 Timing: median of `do_bench_cudagraph`, the bf16 GEMV (F.linear) and the Triton kernel (autotuned) in the
-same process, NF4 bytes over time as bandwidth. `--pairs` adds every config with the levels from the shared table of
-level pairs (`pairs=True`, LUT=5 of the Triton kernel) to the check and the timing; `--ts` picks the token counts timed.
+same process, NF4 bytes over time as bandwidth. `--pairs` checks every config with the levels from the shared table
+of level pairs (`pairs=True`, LUT=5 of the Triton kernel) instead of without, and times each both ways; `--ts` picks
+the token counts timed.
 Compiles run in a thread pool first.
 """
 import argparse
