@@ -345,6 +345,41 @@ def test_triton_small_matmul_float16(T, ci, lut):
     _small_matmul_check(T, cfg, [(72, 192, True, True, 64)], dtype=torch.float16, tol=2e-3)
 
 
+@pytest.mark.parametrize("T", [1, 2])
+def test_triton_small_matmul_x_asm_plumbing(T, monkeypatch):
+    """X_ASM (x's pairs by inline-PTX loads, nf4._x_pairs) from the host side: a config's X_ASM reaches the kernel
+    for 16-bit x only, x reaches it 16-byte aligned (a view 4 bytes off is copied first), and the results equal
+    float64's, also on a row the step does not divide (where the kernel keeps tl.load). The interpreter runs
+    tl.load either way; the PTX itself runs in benchmarks/gpu_check_nf4_decode.py on a GPU."""
+    from mol.kernels import nf4 as nf4k
+
+    seen = []
+
+    class Recording:  # the kernel as nf4_matmul_small launches it with config=, recording what it is given
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((args[0].data_ptr() % 16, kwargs["X_ASM"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    real = nf4k._nf4_matmul_small_kernel
+    monkeypatch.setattr(nf4k, "_nf4_matmul_small_kernel", Recording())
+    cfg = dict(nf4k.FMA_CONFIGS[0], X_ASM=True)
+    g = _gen()
+    for n, k in [(40, 320), (72, 192)]:  # BLOCK_KB = 512 bytes: 320 / 192 are one partial step, 1024 two
+        p = quantize_nf4(_weight(n, k, g=g))
+        ref_w = dequantize_nf4_reference(p, torch.float64)
+        for dtype in (torch.float16, torch.float32):
+            buf = torch.randn(T * k + 2, generator=g).to(dtype)
+            for x in (buf[:T * k].view(T, k), buf[2:].view(T, k)):  # aligned, and 4 (fp16) / 8 bytes off
+                seen.clear()
+                y = nf4k.nf4_matmul_small(x, p, config=cfg)
+                ref = x.double() @ ref_w.T
+                assert ((y.double() - ref).abs().max() / ref.abs().max()) < (2e-3 if dtype == torch.float16 else 1e-5)
+                assert seen == [(0, True)] if dtype == torch.float16 else seen[0][1] is False, (dtype, seen)
+    assert cfg["X_ASM"] is True  # the caller's config is not changed
+
+
 @triton.jit
 def _prmt_tile_kernel(w_ptr, s_ptr, code_ptr, out_ptr, R: tl.constexpr, W: tl.constexpr):
     offs = tl.arange(0, R)[:, None] * W + tl.arange(0, W)[None, :]

@@ -174,6 +174,11 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 #   Timed on an H100 (benchmarks/RESULTS.md, NF4 run 4): LUT=2 beat LUT=0 by ~3.4x under triton 3.6.
 
 SMALL_FMA_MAX_T = 2
+# x's pairs by inline-PTX loads on the 16-bit FMA path (_x_pairs). sm_90 SASS of the K loop, T = 1, (16, 512)
+# tile (`compile_sm90.py --sass`): CTA barriers per step 12 -> 4 and instructions per weight 3.29 -> 3.20 under
+# triton 3.6; 10 -> 2 and 3.12 -> 3.22 under triton 3.9, with 128 -> 96 registers. Off until timed on a GPU
+# (benchmarks/probe_nf4_x_asm.py); MOL_NF4_X_ASM=1, or config=dict(..., X_ASM=True), turns it on
+X_ASM = os.environ.get("MOL_NF4_X_ASM", "0") == "1"
 
 
 # The autotuned configs (what nf4_matmul_small's `config=` takes), the fastest of a sweep of ~120 per path on an
@@ -528,16 +533,32 @@ def _fma2(a, b, c, DT: tl.constexpr):
 
 
 @triton.jit
-def _dot8_pairs(p01, p23, p45, p67, x_ptr, kw, km, BW: tl.constexpr, DT: tl.constexpr):
+def _x_pairs(x32, kw, km, BW: tl.constexpr, X_ASM: tl.constexpr):
+    """x's four int32 pairs of each word kw (elements 8 kw .. 8 kw + 7), as four (BW,) tensors. X_ASM: each
+    word's 16 bytes by one ld.global.v4 in inline PTX, which Triton's layout passes see as elementwise, so the
+    pairs come out in the layout of the code words that use them. A tl.load of the (BW, 4) tile is an anchor
+    with a layout of its own (a word a thread), and its four (BW,) slices each went through shared memory to
+    the words' layout (4 words a lane, every warp): 8 of the K loop's 12 CTA barriers per step (sm_90 SASS,
+    T = 1, (16, 512) tile). Needs x 16-byte aligned and no masked word (the caller's and the kernel's checks)."""
+    if X_ASM and not _INTERPRET_C:
+        x0, x1, x2, x3 = tl.inline_asm_elementwise(
+            "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [(x32 + 4 * kw).to(tl.int64)],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        xq = tl.load(x32 + 4 * kw[:, None] + tl.arange(0, 4)[None, :], mask=km[:, None], other=0)
+        xa, xb = tl.split(tl.reshape(xq, (BW, 2, 2)))  # pairs (0, 2) / (1, 3)
+        x0, x2 = tl.split(xa)
+        x1, x3 = tl.split(xb)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _dot8_pairs(p01, p23, p45, p67, x_ptr, kw, km, BW: tl.constexpr, DT: tl.constexpr, X_ASM: tl.constexpr):
     """sum_i level_i * x[8 kw + i] per word, (rows, BW) float32, for 16-bit x: the levels as DT pairs
     (_prmt_levels), the eight products summed in DT pairs by four fma.rn.*x2 (x's pairs read as int32, no
     conversion), then the two halves in float32. The four-term sums round to DT: ~1 ulp of DT of a word's
     partial, which over K / 8 words comes to about the output's own rounding (RESULTS NF4 run 8)."""
-    x32 = x_ptr.to(tl.pointer_type(tl.int32))
-    xq = tl.load(x32 + 4 * kw[:, None] + tl.arange(0, 4)[None, :], mask=km[:, None], other=0)
-    xa, xb = tl.split(tl.reshape(xq, (BW, 2, 2)))  # pairs (0, 2) / (1, 3)
-    x0, x2 = tl.split(xa)
-    x1, x3 = tl.split(xb)
+    x0, x1, x2, x3 = _x_pairs(x_ptr.to(tl.pointer_type(tl.int32)), kw, km, BW, X_ASM)
     acc = _fma2(p01, x0[None, :], p01 * 0, DT)
     acc = _fma2(p23, x1[None, :], acc, DT)
     acc = _fma2(p45, x2[None, :], acc, DT)
@@ -578,7 +599,8 @@ def _nf4_tile_prmt(w, s2, tabs, DT: tl.constexpr):
 def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs_ptr, off, row_blk, offs_t, T,
                 stride_xt, K: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, BLOCK_T: tl.constexpr,
                 IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr, WB: tl.constexpr, NB: tl.constexpr,
-                NBLK: tl.constexpr, LUT: tl.constexpr, W_AS_A: tl.constexpr, PRMT: tl.constexpr):
+                NBLK: tl.constexpr, LUT: tl.constexpr, W_AS_A: tl.constexpr, PRMT: tl.constexpr,
+                X_ASM: tl.constexpr):
     """Dequantize step s's words w (scales from absmax entries a) and accumulate against x."""
     KW: tl.constexpr = K // 8
     blk = s * NB + tl.arange(0, NB)
@@ -620,10 +642,10 @@ def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs
                 accd = tl.dot(xs, tl.trans(wt), accd)
     elif PRMT:  # FMA path, 16-bit x: levels and products in DT pairs
         p01, p23, p45, p67 = _level_pairs(w, tab, code_ptr, LUT, DT)
-        p = _dot8_pairs(p01, p23, p45, p67, x_ptr, kw, km, BW, DT)
+        p = _dot8_pairs(p01, p23, p45, p67, x_ptr, kw, km, BW, DT, X_ASM)
         acc0 += tl.sum(tl.reshape(p, (BLOCK_N, NB, WB)), axis=2) * sc
         if BLOCK_T == 2:
-            p = _dot8_pairs(p01, p23, p45, p67, x_ptr + stride_xt, kw, km, BW, DT)
+            p = _dot8_pairs(p01, p23, p45, p67, x_ptr + stride_xt, kw, km, BW, DT, X_ASM)
             acc1 += tl.sum(tl.reshape(p, (BLOCK_N, NB, WB)), axis=2) * sc
     else:
         l0, l1, l2, l3, l4, l5, l6, l7 = _nf4_levels8(w, tab, code_ptr, LUT)
@@ -641,14 +663,17 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
                              K: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, LUT: tl.constexpr,
-                             SPLIT_K: tl.constexpr):
+                             SPLIT_K: tl.constexpr, X_ASM: tl.constexpr = False):
     """y[t, n] = sum_k x[t, k] W[n, k] (+ bias[n]) for rows n of this program, t < T. BLOCK_T <= 2: FMA path
     (T == BLOCK_T); BLOCK_T == 16: tl.dot path (T <= 16). Rows past N re-read row N - 1 and are not stored.
     SPLIT_K > 1: program (i, j) covers the j-th of _splits(K, BLOCK_KB, SPLIT_K) runs of steps of row block i,
     stores its float32 partial in ws (splits, BLOCK_T, N), and the last of them to take a ticket
-    (ticket_ptr[i], zero on entry, left zero on exit) adds the partials in split order and writes y."""
+    (ticket_ptr[i], zero on entry, left zero on exit) adds the partials in split order and writes y.
+    X_ASM: x's pairs by inline-PTX loads on the FMA path where BLOCK_KB divides the row (see _x_pairs); x must
+    then be 16-byte aligned."""
     KW: tl.constexpr = K // 8  # int32 code words per row
     BW: tl.constexpr = BLOCK_KB // 4  # words per step
+    XA: tl.constexpr = X_ASM and KW % BW == 0  # the PTX loads take whole steps of x (no masked words)
     WB: tl.constexpr = BS // 8  # words per absmax block
     NB: tl.constexpr = BW // WB  # absmax blocks per step
     NBLK: tl.constexpr = K // BS  # absmax blocks per row
@@ -704,10 +729,10 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
         w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s + 1, KW, NBLK, BW, NB)
         acc0, acc1, accd = _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs_ptr, off,
                                        row_blk, offs_t, T, stride_xt, K, NBS, NESTED, BLOCK_T, IEEE, BLOCK_N, BW,
-                                       WB, NB, NBLK, LUT, W_AS_A, PRMT)
+                                       WB, NB, NBLK, LUT, W_AS_A, PRMT, XA)
     acc0, acc1, accd = _small_step(w_next, a_next, s_last, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr,
                                    nabs_ptr, off, row_blk, offs_t, T, stride_xt, K, NBS, NESTED, BLOCK_T, IEEE,
-                                   BLOCK_N, BW, WB, NB, NBLK, LUT, W_AS_A, PRMT)
+                                   BLOCK_N, BW, WB, NB, NBLK, LUT, W_AS_A, PRMT, XA)
     # this program's sums as (BLOCK_T, BLOCK_N) float32; the FMA path's rows past BLOCK_T stay zero
     if BLOCK_T > 2:
         if W_AS_A:
@@ -762,8 +787,8 @@ def small_matmul_supported(packed, T: int) -> bool:
 def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
                      config: dict | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x of shape (T, K), T <= 16, reading W's 4-bit codes directly; y in x's dtype.
-    `config` (BLOCK_N, BLOCK_KB, LUT, num_warps[, SPLIT_K, num_stages]) bypasses the autotuner, for tests and
-    benchmarks; the dot path (T > 2) needs BLOCK_N >= 16. LUT: 2 gathers the levels from a 16-entry table, 0 loads
+    `config` (BLOCK_N, BLOCK_KB, LUT, num_warps[, SPLIT_K, num_stages, X_ASM]) bypasses the autotuner, for tests
+    and benchmarks; the dot path (T > 2) needs BLOCK_N >= 16. LUT: 2 gathers the levels from a 16-entry table, 0 loads
     them from the global one, 4 builds them by byte permutes for 16-bit x (for float32 x it is 2)."""
     T, K = x.shape
     N = packed.shape[0]
@@ -775,8 +800,13 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
         raise ValueError(f"nf4_matmul_small: unsupported x {tuple(x.shape)} for weight {packed.shape} "
                          f"(blocksize {packed.blocksize}); needs 1 <= T <= {MAX_SMALL_T}, in_features % blocksize "
                          "== 0, blocksize in 32..256 and contiguous, 4-byte aligned codes")
+    block_t = T if T <= SMALL_FMA_MAX_T else 16
+    fma = block_t <= SMALL_FMA_MAX_T
+    config = None if config is None else dict(config)
+    x_asm = (X_ASM if config is None else config.pop("X_ASM", X_ASM)) and fma and x.dtype != torch.float32
     x = x.contiguous()
-    if x.data_ptr() % 4:  # LUT=4 reads 16-bit x as int32 pairs (an offset view, e.g. x[1:], is the rare case)
+    # LUT=4/5 read 16-bit x as int32 pairs, X_ASM as 16-byte words (an offset view, e.g. x[1:], is the rare case)
+    if x.data_ptr() % (16 if x_asm else 4):
         x = x.clone()
     if bias is not None:
         bias = bias.contiguous()
@@ -784,10 +814,8 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
     if N == 0:
         return y
     nabs, ncode, off = _tensors(packed)
-    block_t = T if T <= SMALL_FMA_MAX_T else 16
-    fma = block_t <= SMALL_FMA_MAX_T
     # the autotuner's own key: after the first call gl._launch launches the chosen config directly
-    key = ("nf4_small", fma, N, K, block_t, packed.nested, bias is not None)
+    key = ("nf4_small", fma, N, K, block_t, packed.nested, bias is not None, x_asm)
     if config is not None:
         configs = [{"SPLIT_K": 1, **config}]
     else:
@@ -804,7 +832,7 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
     args = (x, packed.codes, packed.absmax, packed.code, nabs, ncode, off, bias if bias is not None else x, y, ws,
             tickets, T, N, x.stride(0), y.stride(0))
     consts = dict(K=K, BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested,
-                  HAS_BIAS=bias is not None, BLOCK_T=block_t, IEEE=x.dtype == torch.float32)
+                  HAS_BIAS=bias is not None, BLOCK_T=block_t, IEEE=x.dtype == torch.float32, X_ASM=x_asm)
     if config is not None:
         _nf4_matmul_small_kernel[grid](*args, **consts, **{"num_stages": 1, **configs[0]})
     else:
