@@ -2,11 +2,12 @@
 
     python benchmarks/probe_nf4_x_asm.py [--rounds 5]
 
-X_ASM (mol/kernels/nf4.py, _x_pairs) loads each code word's 16 bytes of x with one ld.global.v4 that Triton's
-layout passes treat as elementwise, so x arrives in the code words' layout: the four shared-memory layout changes
-per K step of the tl.load form go, and with them 8 of the loop's 12 CTA barriers (sm_90 SASS, T = 1, (16, 512)
-tile: 3.29 -> 3.20 instructions per weight). The interpreter cannot run the PTX, and no GPU was lent when it was
-written: this is the timing that decides whether it becomes the default.
+X_ASM (mol/kernels/nf4.py, _x_pairs and _load_step) loads each code word's 16 bytes of x with one ld.global.v4,
+and the absmax codes with ld.global.u8, in inline PTX that Triton's layout passes treat as elementwise, so both
+arrive in the layout of their use: five of the six shared-memory layout changes per K step of the tl.load form go,
+and with them 10 of the loop's 12 CTA barriers (sm_90 SASS, triton 3.6, T = 1, (16, 512) tile: 3.29 -> 3.16
+instructions per weight). The interpreter cannot run the PTX, and no GPU was lent when it was written: this is the
+timing that decides whether it becomes the default.
 
 Per weight shape (out x in) and T in {1, 2}: first each form against float64 (relative error of the largest
 output, and X_ASM's output against the tl.load form's: the same products in the same order, so expected equal);

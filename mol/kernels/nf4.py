@@ -174,10 +174,11 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 #   Timed on an H100 (benchmarks/RESULTS.md, NF4 run 4): LUT=2 beat LUT=0 by ~3.4x under triton 3.6.
 
 SMALL_FMA_MAX_T = 2
-# x's pairs by inline-PTX loads on the 16-bit FMA path (_x_pairs). sm_90 SASS of the K loop, T = 1, (16, 512)
-# tile (`compile_sm90.py --sass`): CTA barriers per step 12 -> 4 and instructions per weight 3.29 -> 3.20 under
-# triton 3.6; 10 -> 2 and 3.12 -> 3.22 under triton 3.9, with 128 -> 96 registers. Off until timed on a GPU
-# (benchmarks/probe_nf4_x_asm.py); MOL_NF4_X_ASM=1, or config=dict(..., X_ASM=True), turns it on
+# x's pairs (_x_pairs) and the absmax codes (_load_step) by inline-PTX loads on the 16-bit FMA path. sm_90 SASS of
+# the K loop, (16, 512) tile, nested absmax (`compile_sm90.py --sass`), under triton 3.6 (the GPU image's): CTA
+# barriers per step 12 -> 2, instructions per weight 3.29 -> 3.16 at T = 1 and 4.55 -> 4.29 at T = 2; under triton
+# 3.9: 10 -> 2, 3.12 -> 3.26 and 4.37 -> 4.35. Off until timed on a GPU (benchmarks/probe_nf4_x_asm.py):
+# MOL_NF4_X_ASM=1, or config=dict(..., X_ASM=True), turns it on
 X_ASM = os.environ.get("MOL_NF4_X_ASM", "0") == "1"
 
 
@@ -275,14 +276,19 @@ def _dot8(l0, l1, l2, l3, l4, l5, l6, l7, x_ptr, kw, km, BW: tl.constexpr):
 
 @triton.jit
 def _load_step(wptr, absmax_ptr, row_w, row_blk, s, KW: tl.constexpr, NBLK: tl.constexpr, BW: tl.constexpr,
-               NB: tl.constexpr):
+               NB: tl.constexpr, A_ASM: tl.constexpr = False):
     """Step s's code words (BLOCK_N, BW) and absmax entries (BLOCK_N, NB); masked only when BW does not divide
-    the row (then only the last step has lanes past the row's end)."""
+    the row (then only the last step has lanes past the row's end). A_ASM: the absmax codes (uint8, as int32)
+    by inline PTX, so they arrive in the layout of the block scales they index (see _x_pairs)."""
     kw = s * BW + tl.arange(0, BW)
     blk = s * NB + tl.arange(0, NB)
     wp = wptr + row_w[:, None] + kw[None, :]
     ap = absmax_ptr + row_blk[:, None] + blk[None, :]
-    if KW % BW == 0:
+    if A_ASM and not _INTERPRET_C and KW % BW == 0:
+        w = tl.load(wp)
+        a = tl.inline_asm_elementwise("ld.global.u8 $0, [$1];", "=r,l", [ap.to(tl.int64)], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    elif KW % BW == 0:
         w = tl.load(wp)
         a = tl.load(ap)
     else:
@@ -539,7 +545,8 @@ def _x_pairs(x32, kw, km, BW: tl.constexpr, X_ASM: tl.constexpr):
     pairs come out in the layout of the code words that use them. A tl.load of the (BW, 4) tile is an anchor
     with a layout of its own (a word a thread), and its four (BW,) slices each went through shared memory to
     the words' layout (4 words a lane, every warp): 8 of the K loop's 12 CTA barriers per step (sm_90 SASS,
-    T = 1, (16, 512) tile). Needs x 16-byte aligned and no masked word (the caller's and the kernel's checks)."""
+    T = 1, (16, 512) tile, triton 3.6). Needs x 16-byte aligned and no masked word (the caller's and the kernel's
+    checks)."""
     if X_ASM and not _INTERPRET_C:
         x0, x1, x2, x3 = tl.inline_asm_elementwise(
             "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [(x32 + 4 * kw).to(tl.int64)],
@@ -669,8 +676,8 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
     SPLIT_K > 1: program (i, j) covers the j-th of _splits(K, BLOCK_KB, SPLIT_K) runs of steps of row block i,
     stores its float32 partial in ws (splits, BLOCK_T, N), and the last of them to take a ticket
     (ticket_ptr[i], zero on entry, left zero on exit) adds the partials in split order and writes y.
-    X_ASM: x's pairs by inline-PTX loads on the FMA path where BLOCK_KB divides the row (see _x_pairs); x must
-    then be 16-byte aligned."""
+    X_ASM: x's pairs and the (nested) absmax codes by inline-PTX loads on the FMA path where BLOCK_KB divides the
+    row (see _x_pairs, _load_step); x must then be 16-byte aligned."""
     KW: tl.constexpr = K // 8  # int32 code words per row
     BW: tl.constexpr = BLOCK_KB // 4  # words per step
     XA: tl.constexpr = X_ASM and KW % BW == 0  # the PTX loads take whole steps of x (no masked words)
@@ -716,7 +723,7 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
         accd = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     # software prefetch: step s + 1's loads are issued before step s is dequantized (the dequant's shared-memory
     # round trips put barriers in every step, and no load is moved across a barrier); the last step is peeled
-    w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s_first, KW, NBLK, BW, NB)
+    w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s_first, KW, NBLK, BW, NB, XA and NESTED)
     if PRMT and LUT == 5:
         # the fill's 64 shared stores a thread and its barrier overlap the first loads' latency: 1-11% faster at
         # T = 1 than filling first (RESULTS run 40)
@@ -726,7 +733,7 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
     for s in range(s_first, s_last):
         w = w_next
         a = a_next
-        w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s + 1, KW, NBLK, BW, NB)
+        w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s + 1, KW, NBLK, BW, NB, XA and NESTED)
         acc0, acc1, accd = _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs_ptr, off,
                                        row_blk, offs_t, T, stride_xt, K, NBS, NESTED, BLOCK_T, IEEE, BLOCK_N, BW,
                                        WB, NB, NBLK, LUT, W_AS_A, PRMT, XA)
