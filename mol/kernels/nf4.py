@@ -776,7 +776,7 @@ def _small_store(acc, bias_ptr, y_ptr, offs_t, offs_n, n_mask, out_mask, stride_
     tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-_AUTOTUNE_KEY = ["N", "K", "BLOCK_T", "NESTED", "HAS_BIAS"]
+_AUTOTUNE_KEY = ["N", "K", "BLOCK_T", "NESTED", "HAS_BIAS", "X_ASM"]  # X_ASM: each form tuned for itself
 _small_fma = gl.autotune(configs=_autotune_configs(FMA_CONFIGS), key=_AUTOTUNE_KEY,
                          do_bench=gl.bench_graphed)(_nf4_matmul_small_kernel)
 _small_dot = gl.autotune(configs=_autotune_configs(DOT_CONFIGS), key=_AUTOTUNE_KEY,
