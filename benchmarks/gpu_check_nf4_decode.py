@@ -3,14 +3,14 @@
     python benchmarks/gpu_check_nf4_decode.py
 
 Every FMA_CONFIGS entry (the shared pair table, LUT=5, and the byte permutes, LUT=4), each also split over K in
-3 runs and with x's pairs read by inline PTX (X_ASM; once more from an x 4 bytes off 16, which must give the
-same bits), at T = 1 and 2, in bf16 and fp16, with and without a bias, on weights of 40-14336 rows, 64-14336 inputs,
-absmax blocks of 32-128, double-quantized or not. The CPU tests run the kernel under TRITON_INTERPRET=1, where the
-pair table's and X_ASM's inline PTX is replaced by tl.load and the code table; this runs the PTX. Exits 1 on a failure
-(error >= 2e-2 of the largest output in bf16, 4e-3 in fp16, or a non-finite output: the FMA path rounds each
-four-product partial to x's dtype, which on a short row of a bf16 run reaches ~1.3e-2). K is a compile-time
-constant of the kernel, so this builds ~450 variants: they are compiled in a thread pool first (one at a time,
-the check took most of a 500 s device call in RESULTS run 39).
+3 runs and with x and the absmax codes read by inline PTX (X_ASM; once more from an x 4 bytes off 16, which must
+give the same bits), at T = 1 and 2, in bf16 and fp16, with and without a bias, on weights of 40-14336 rows,
+64-14336 inputs, absmax blocks of 32-128, double-quantized or not. The CPU tests run the kernel under
+TRITON_INTERPRET=1, where the pair table's and X_ASM's inline PTX is replaced by the code table and tl.load; this
+runs the PTX. Exits 1 on a failure (error >= 2e-2 of the largest output in bf16, 4e-3 in fp16, or a non-finite
+output: the FMA path rounds each four-product partial to x's dtype, which on a short row of a bf16 run reaches
+~1.3e-2). K is a compile-time constant of the kernel, so this builds ~670 variants: they are compiled in a thread
+pool first (one at a time, the check took most of a 500 s device call in RESULTS run 39).
 """
 import itertools
 import os

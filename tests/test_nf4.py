@@ -347,9 +347,9 @@ def test_triton_small_matmul_float16(T, ci, lut):
 
 @pytest.mark.parametrize("T", [1, 2])
 def test_triton_small_matmul_x_asm_plumbing(T, monkeypatch):
-    """X_ASM (x's pairs by inline-PTX loads, nf4._x_pairs) from the host side: a config's X_ASM reaches the kernel
-    for 16-bit x only, x reaches it 16-byte aligned (a view 4 bytes off is copied first), and the results equal
-    float64's, also on a row the step does not divide (where the kernel keeps tl.load). The interpreter runs
+    """X_ASM (x's pairs and the absmax codes by inline-PTX loads) from the host side: a config's X_ASM reaches the
+    kernel for 16-bit x only, x reaches it 16-byte aligned (a view 4 bytes off is copied first), and the results
+    equal float64's, also on a row the step does not divide (where the kernel keeps tl.load). The interpreter runs
     tl.load either way; the PTX itself runs in benchmarks/gpu_check_nf4_decode.py on a GPU."""
     from mol.kernels import nf4 as nf4k
 
@@ -366,7 +366,8 @@ def test_triton_small_matmul_x_asm_plumbing(T, monkeypatch):
     monkeypatch.setattr(nf4k, "_nf4_matmul_small_kernel", Recording())
     cfg = dict(nf4k.FMA_CONFIGS[0], X_ASM=True)
     g = _gen()
-    for n, k in [(40, 320), (72, 192)]:  # BLOCK_KB = 512 bytes: 320 / 192 are one partial step, 1024 two
+    # BLOCK_KB = 512 bytes, 1024 weights: K = 2048 is two whole steps (the PTX loads on a GPU), 320 one partial step
+    for n, k in [(24, 2048), (40, 320)]:
         p = quantize_nf4(_weight(n, k, g=g))
         ref_w = dequantize_nf4_reference(p, torch.float64)
         for dtype in (torch.float16, torch.float32):
