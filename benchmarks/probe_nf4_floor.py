@@ -12,7 +12,8 @@ The read-only NF4 time over the GEMV's is the best ratio any kernel could reach 
 run 40: the same code ran 4096^2 at 5.1-5.4 us on one H100 and at 6.1-6.4 on four others). An empty kernel's
 replay time (1 and 256 programs), then the bf16 GEMV and the NF4 kernel (one fixed config, (16, 512) LUT=5, with
 x by tl.load and by inline PTX, X_ASM) over K = 1024..16384 at N = 4096 and N = 1024..16384 at K = 4096, and a
-least-squares line through each: time = intercept + bytes / slope.
+least-squares line through each: time = intercept + bytes / slope. Replays leave weights under ~50 MB in L2 (every
+NF4 shape here, and the smaller bf16 ones), so the slope is not a DRAM rate: compare it between machines.
 """
 import argparse
 import os
