@@ -221,7 +221,7 @@ comp_nf4(dict(nf4k.FMA_CONFIGS[0], SPLIT_K=4), T=1)  # split-K: partials, ticket
 comp_nf4(dict(nf4k.FMA_CONFIGS[0], SPLIT_K=4), T=2, bias=True)
 comp_nf4(dict(nf4k.DOT_CONFIGS[1], SPLIT_K=8), T=16)
 comp_nf4(dict(nf4k.DOT_CONFIGS[0], SPLIT_K=3, num_stages=3), T=16, K=14336)
-# X_ASM, x's pairs by inline-PTX loads (nf4._x_pairs): the LUT=5 configs at T = 1 and 2, fp16, K = 14336, and a row
+# X_ASM, x's pairs and the absmax codes by inline-PTX loads (nf4._x_pairs, _load_step): the LUT=5 configs at T = 1 and 2, fp16, K = 14336, and a row
 # the step does not divide (the kernel keeps tl.load there)
 for c in nf4k.FMA_CONFIGS[:4]:
     comp_nf4(dict(c, X_ASM=True), T=1)

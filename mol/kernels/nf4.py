@@ -284,13 +284,13 @@ def _load_step(wptr, absmax_ptr, row_w, row_blk, s, KW: tl.constexpr, NBLK: tl.c
     blk = s * NB + tl.arange(0, NB)
     wp = wptr + row_w[:, None] + kw[None, :]
     ap = absmax_ptr + row_blk[:, None] + blk[None, :]
-    if A_ASM and not _INTERPRET_C and KW % BW == 0:
+    if KW % BW == 0:
         w = tl.load(wp)
-        a = tl.inline_asm_elementwise("ld.global.u8 $0, [$1];", "=r,l", [ap.to(tl.int64)], dtype=tl.int32,
-                                      is_pure=True, pack=1)
-    elif KW % BW == 0:
-        w = tl.load(wp)
-        a = tl.load(ap)
+        if A_ASM and not _INTERPRET_C:
+            a = tl.inline_asm_elementwise("ld.global.u8 $0, [$1];", "=r,l", [ap.to(tl.int64)], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+        else:
+            a = tl.load(ap)
     else:
         w = tl.load(wp, mask=(kw < KW)[None, :], other=0)
         a = tl.load(ap, mask=(blk < NBLK)[None, :], other=0)
@@ -796,7 +796,8 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
     """y = x @ W^T (+ bias) for x of shape (T, K), T <= 16, reading W's 4-bit codes directly; y in x's dtype.
     `config` (BLOCK_N, BLOCK_KB, LUT, num_warps[, SPLIT_K, num_stages, X_ASM]) bypasses the autotuner, for tests
     and benchmarks; the dot path (T > 2) needs BLOCK_N >= 16. LUT: 2 gathers the levels from a 16-entry table, 0 loads
-    them from the global one, 4 builds them by byte permutes for 16-bit x (for float32 x it is 2)."""
+    them from the global one, 4 builds them by byte permutes for 16-bit x (for float32 x it is 2), 5 looks each code
+    byte up in a shared table of level pairs (16-bit x, T <= 2). X_ASM: see the module's X_ASM."""
     T, K = x.shape
     N = packed.shape[0]
     if config is not None and config.get("LUT") == 5 and T > SMALL_FMA_MAX_T:
