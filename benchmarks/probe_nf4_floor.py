@@ -29,6 +29,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mol.kernels import nf4 as nf4k  # noqa: E402
 from mol.quant import quantize_nf4  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from probe_nf4_x_asm import FIXED  # noqa: E402  (the T = 1 config both probes time)
+
 DEV, DT = "cuda", torch.bfloat16
 
 
@@ -78,7 +81,7 @@ def sweep():
     buf = torch.zeros(16, device=DEV, dtype=torch.int32)
     print(f"\nempty Triton kernel, CUDA-graph replay: 1 program {bench(lambda: _empty_kernel[(1,)](buf)):.2f} µs, "
           f"256 programs {bench(lambda: _empty_kernel[(256,)](buf)):.2f} µs")
-    cfg = dict(BLOCK_N=16, BLOCK_KB=512, LUT=5, num_warps=4, SPLIT_K=1, num_stages=3)
+    cfg = FIXED
     g = torch.Generator(device=DEV).manual_seed(0)
     print("| out x in | bf16 GEMV µs | NF4 T=1 µs (x by tl.load) | NF4 T=1 µs (X_ASM) | NF4 MB | "
           "X_ASM == tl.load |")
