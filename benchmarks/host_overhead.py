@@ -1,18 +1,22 @@
 """Host (Python + ATen dispatch) cost of one MoLLinear on the fused Triton path, on any CPU, with the kernels stubbed.
 
-    python benchmarks/host_overhead.py [--base cublas|triton] [--adapter-dtype base|float32] [repo ...]
+    python benchmarks/host_overhead.py [--base cublas|triton] [--adapter-dtype base|float32] [--graph] [repo ...]
 
 On the GPU machines an eager MoLLinear fwd+bwd costs ~0.8-1.5 ms of CPU (benchmarks/RESULTS.md runs 8-9), about
 its GPU time at T=8192. This isolates the part that is ours: the Triton launches are replaced by allocations of
 their outputs, du by the cuBLAS branch's torch.mm (as on CUDA), and everything else (MoLLinear.forward, dispatch,
 the autograd.Function, the small torch ops and GEMMs on tiny CPU tensors) runs as it does on the GPU path. Times
-are the best of 7 rounds of 1000 calls (MOL_HOST_OVERHEAD_CALLS), T=32, 64->64, E=8 top-2 r=16. With several repo
+are the best of 7 rounds of 1000 calls (MOL_HOST_OVERHEAD_CALLS), x of shape (2, 16, 64) as a model passes it
+(T=32; before 2026-12-05's session 40 it was (32, 64)), 64->64, E=8 top-2 r=16. With several repo
 paths (e.g. two checkouts) it alternates between them, a process per measurement, so machine noise hits both alike.
 ``--base triton`` measures the path of eager calls above base_gemm.EAGER_CUBLAS_ROWS tokens instead: bf16, the base
 GEMM (with the experts' extra K) through base_gemm's Triton kernel, its launch stubbed (what remains is our glue:
 planning, the TMA descriptors, the call), where the default (float32) takes base_mm's cuBLAS branch.
 ``--adapter-dtype float32`` gives that bf16 layer float32 adapters (MoLConfig.adapter_dtype="auto" on a bf16
 model), cast to bf16 in the layer every call.
+``--graph`` measures ``MoLLinear(graph_tokens=512)``'s calls (mol.kernels.layer_graphs): the capture is faked on the
+CPU (a "graph" whose replay does nothing), so what remains is the host's side of a replayed call: the layer's glue,
+the autograd node, the copies in and the clones out. CUDA graph launches themselves are not in it.
 """
 import os
 import subprocess
@@ -20,7 +24,7 @@ import sys
 import time
 
 
-def measure(repo: str, base: str = "cublas", adapter_dtype: str = "base") -> str:
+def measure(repo: str, base: str = "cublas", adapter_dtype: str = "base", graph: bool = False) -> str:
     os.environ["TRITON_INTERPRET"] = "1"  # lets backend="triton" run on CPU tensors; no kernel runs (stubbed)
     sys.path.insert(0, repo)
     import torch
@@ -57,11 +61,22 @@ def measure(repo: str, base: str = "cublas", adapter_dtype: str = "base") -> str
 
     rl._EAGER = (shrink, gate_fwd, gate_bwd, du) + tuple(rl._EAGER[4:])  # small-T, base GEMM (where present) as they are
     rl.SMALL_T_MAX = 0  # the large-T sequence
+    if graph:
+        import mol.kernels.layer_graphs as lg
+
+        class _NoGraph:  # a captured graph whose replay launches nothing (on a GPU: one cudaGraphLaunch)
+            def replay(self):
+                pass
+        lg._capturable = lambda x: True
+        lg._warm_up = lambda step, device: step()
+        lg._new_pool = lambda: None
+        lg._capture = lambda step, pool: (_NoGraph(), step())
     n = 64
     base = torch.nn.Linear(n, n, bias=False, dtype=dt)
-    m = mol.MoLLinear(base, num_experts=8, top_k=2, rank=16, alpha=32, backend="triton", adapter_dtype=adapter_dtype)
-    x = torch.randn(32, n, dtype=dt, requires_grad=True)
-    dy = torch.randn(32, n, dtype=dt)
+    m = mol.MoLLinear(base, num_experts=8, top_k=2, rank=16, alpha=32, backend="triton", adapter_dtype=adapter_dtype,
+                      graph_tokens=512 if graph else 0)
+    x = torch.randn(2, 16, n, dtype=dt, requires_grad=True)
+    dy = torch.randn(2, 16, n, dtype=dt)
     params = [m.lora_A, m.lora_B, m.router.weight]
 
     def train_step():
@@ -88,16 +103,22 @@ def measure(repo: str, base: str = "cublas", adapter_dtype: str = "base") -> str
             out = min(out, (time.perf_counter() - t0) / k * 1e6)
         return out
 
-    return f"{best(bare):.1f} {best(train_step):.1f} {best(fwd):.1f}"
+    result = f"{best(bare):.1f} {best(train_step):.1f} {best(fwd):.1f}"
+    if graph and len(m._graphs.captured) != 1:
+        raise SystemExit(f"--graph: expected one captured signature, found {len(m._graphs.captured)}")
+    return result
 
 
 def main():
-    if len(sys.argv) > 4 and sys.argv[1] == "--child":
-        print(measure(sys.argv[2], sys.argv[3], sys.argv[4]))
+    if len(sys.argv) > 5 and sys.argv[1] == "--child":
+        print(measure(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "graph"))
         return
     args = sys.argv[1:]
-    base, adapter_dtype = "cublas", "base"
-    while args[:1] in (["--base"], ["--adapter-dtype"]):
+    base, adapter_dtype, graph = "cublas", "base", False
+    while args[:1] in (["--base"], ["--adapter-dtype"], ["--graph"]):
+        if args[0] == "--graph":
+            graph, args = True, args[1:]
+            continue
         if args[0] == "--base":
             base = args[1]
         else:
@@ -109,10 +130,11 @@ def main():
     runs = {r: [] for r in repos}
     for _ in range(5 if len(repos) > 1 else 1):
         for r in repos:
-            out = subprocess.run([sys.executable, __file__, "--child", r, base, adapter_dtype], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "--child", r, base, adapter_dtype,
+                                  "graph" if graph else "eager"], capture_output=True, text=True, check=True)
             runs[r].append([float(v) for v in out.stdout.split()])
     print(f"base GEMM: {base} ({'bf16, Triton kernel, launch stubbed' if base == 'triton' else 'float32, cuBLAS branch'})"
-          f"; adapters: {adapter_dtype}")
+          f"; adapters: {adapter_dtype}; {'graph_tokens=512, replays faked' if graph else 'eager kernels'}")
     print("| repo | bare nn.Linear fwd+bwd µs | MoLLinear fwd + .backward() µs | MoLLinear no-grad forward µs |")
     print("| --- | --- | --- | --- |")
     for r, vals in runs.items():

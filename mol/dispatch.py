@@ -9,6 +9,7 @@ against.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import warnings
@@ -129,8 +130,8 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
                      router: torch.nn.Module, scale: float, lb_coef: float, z_coef: float,
                      graphs: LayerGraphs | None = None, token_weights: Tensor | None = None):
     """base_layer(x) + routed experts, router and auxiliary losses in one fused Triton pass (see
-    mol.kernels.routed_lora). x: (T, in); x_lora: the experts' input when it differs from x (dropout).
-    Returns (out (T, out), FusedRouterOutput).
+    mol.kernels.routed_lora). x: (..., in), at least 2-D; x_lora: the experts' input when it differs from x
+    (dropout), of x's shape. Returns (out (..., out), FusedRouterOutput, whose tensors have one row per token).
 
     Under autocast everything runs in the autocast dtype, as nn.Linear would. A frozen nn.Linear base of that
     dtype, or an NF4Linear (dequantized on the fly), is computed inside the fused function: the base GEMMs
@@ -159,7 +160,7 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
     base_out = None if use_weight or weight_fn is not None else base_layer(x)
     noise = None
     if router.training and router.noise_std > 0:
-        noise = torch.randn(x.shape[0], router.num_experts, device=x.device) * router.noise_std
+        noise = torch.randn(math.prod(x.shape[:-1]), router.num_experts, device=x.device) * router.noise_std
     w_r = router.weight if router.weight.dtype == torch.float32 else router.weight.float()
     # entering torch.autocast costs tens of microseconds of host time: only when there is one to switch off
     with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():

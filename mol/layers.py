@@ -250,24 +250,27 @@ class MoLLinear(AdapterLayer):
             # added before the cast back, as PEFT does: float32 adapters on a bf16 base round the sum once
             return (out + delta).to(out.dtype)
 
-        flat_x = x.reshape(-1, self.in_features)
-        flat_x_lora = flat_x if x_lora is x else x_lora.reshape(-1, self.in_features)
-        if dispatch.fused_routing_available(self.router, self.backend, flat_x):
-            # Triton: router, experts and auxiliary losses in one fused function (few launches, one pass over x)
+        if dispatch.fused_routing_available(self.router, self.backend, x):
+            # Triton: router, experts and auxiliary losses in one fused function (few launches, one pass over x).
+            # x keeps its leading dims: a call replayed from graph_tokens' graphs then makes no view of x or y
+            # (each an autograd node: host time every call, forward and backward)
+            lead_x, lead_x_lora = (x, x_lora) if x.dim() >= 2 else (x.reshape(1, -1), x_lora.reshape(1, -1))
             context = self.router.call_context()
-            lora_A, lora_B = self._adapters_in(dispatch.compute_dtype(flat_x))
+            lora_A, lora_B = self._adapters_in(dispatch.compute_dtype(x))
             out, routed = dispatch.fused_mol_linear(
-                self.base_layer, flat_x, None if flat_x_lora is flat_x else flat_x_lora, lora_A, lora_B,
+                self.base_layer, lead_x, None if x_lora is x else lead_x_lora, lora_A, lora_B,
                 self.router, self.scaling, self.aux_loss_coef, self.z_loss_coef, graphs=self._graphs,
                 token_weights=None if context is None else context.token_weights(x))
         else:
             routed = self.router(x)
+            flat_x = x.reshape(-1, self.in_features)
+            flat_x_lora = flat_x if x_lora is x else x_lora.reshape(-1, self.in_features)
             out = dispatch.routed_linear(self.base_layer, flat_x, flat_x_lora, self.lora_A, self.lora_B,
                                          routed.gates, routed.expert_ids, self.scaling, self.backend)
         self._last = routed
         if self._aux_grad is not None:
             out = self._apply_deferred_aux(out)
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if out.dim() == x.dim() else out.view(*x.shape[:-1], self.out_features)
 
     def _adapters_in(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """lora_A, lora_B for a fused call computing in ``dtype``. Adapters of another dtype (float32 on a bf16

@@ -86,6 +86,10 @@ def test_graphed_steps_equal_ungraphed_and_hand_out_fresh_tensors(graphs):
         xp, yp, lp = _step(plain, x, w_y)
         xg, yg, lg_ = _step(graphed, x, w_y)
         assert torch.equal(yg, yp) and torch.equal(graphed.aux_loss(), plain.aux_loss())
+        # a replayed call takes (B, S, in) x as it comes: y is the graphed node's own output, with no view node
+        # around it (each costs host time forward and backward), and a tensor the caller may modify in place
+        assert yg.shape == (2, 9, 23) and not yg._is_view() and type(yg.grad_fn).__name__ == "_GraphedRoutedFnBackward"
+        assert xg in [fn.variable for fn, _ in yg.grad_fn.next_functions if hasattr(fn, "variable")]
         lp.backward()
         lg_.backward()
         for a, b in zip(_grads(graphed, xg), _grads(plain, xp)):

@@ -198,6 +198,43 @@ def test_inference_forward_skips_autograd_and_matches_training_forward(T):
             assert torch.equal(a, b.detach()), (mode, name)
 
 
+@pytest.mark.parametrize("mode", ["weight", "dropout", "base_out", "padding"])
+def test_leading_dims_give_the_flat_calls_numbers(mode):
+    """x of shape (B, S, in): the same numbers as the flattened call, bit for bit, with outputs and gradients in the
+    caller's shapes; y stays modifiable in place, as a layer's output is."""
+    B, S, n_in, n_out, E, r = 2, 7, 16, 12, 4, 2
+    x0, w_y = torch.randn(B, S, n_in), torch.randn(B, S, n_out)
+    A, Bw, Wr = torch.randn(E, r, n_in), torch.randn(E, n_out, r), torch.randn(E, n_in)
+    W = torch.randn(n_out, n_in)
+    xl0, base0 = torch.randn(B, S, n_in), torch.randn(B, S, n_out)
+    tw = (torch.rand(B * S) > 0.3).float() if mode == "padding" else None
+
+    def run(shape):
+        x = x0.reshape(shape).clone().requires_grad_()
+        base_out = base0.reshape(*shape[:-1], n_out).clone().requires_grad_() if mode == "base_out" else None
+        x_lora = xl0.reshape(shape).clone().requires_grad_() if mode == "dropout" else None
+        leaves = [t.clone().requires_grad_() for t in (A, Bw, Wr)]
+        y, aux, *routing = rl.routed_lora_linear(x, *leaves, "topk", 2, 0.5, weight=None if mode == "base_out" else W,
+                                                 base_out=base_out, x_lora=x_lora, lb_coef=0.1, z_coef=0.01,
+                                                 token_weights=tw)
+        y2 = y * 1.0  # a copy to modify in place: the test's y is compared below
+        y2.mul_(2.0)
+        ((y2 * w_y.reshape(*shape[:-1], n_out)).sum() + aux).backward()
+        grads = [t.grad for t in (x, x_lora, base_out, *leaves) if t is not None]
+        return y, aux, routing, grads
+    y3, aux3, routing3, grads3 = run((B, S, n_in))
+    y2, aux2, routing2, grads2 = run((B * S, n_in))
+    assert y3.shape == (B, S, n_out)
+    assert torch.equal(y3.reshape(B * S, n_out), y2) and torch.equal(aux3, aux2)
+    assert all(torch.equal(a, b) for a, b in zip(routing3, routing2))
+    for g3, g2 in zip(grads3, grads2):
+        assert g3.shape[-1] == g2.shape[-1] and torch.equal(g3.reshape(g2.shape), g2)
+    assert grads3[0].shape == (B, S, n_in)
+    with torch.no_grad():  # the path without an autograd node keeps the leading dims too
+        y_ng, *_ = rl.routed_lora_linear(x0, A, Bw, Wr, "topk", 2, 0.5, weight=W)
+    assert y_ng.shape == (B, S, n_out)
+
+
 def test_bad_inputs_raise_clear_errors():
     x = torch.randn(3, 8)
     A, B, Wr = torch.randn(4, 2, 8), torch.randn(4, 5, 2), torch.randn(4, 8)

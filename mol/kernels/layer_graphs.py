@@ -125,7 +125,7 @@ class _Captured:
 
     def __init__(self, args: tuple, copied: tuple[int, ...], weight_fn: Optional[Callable], meta: tuple,
                  need: tuple[bool, ...]):
-        from mol.kernels.routed_lora import _routed_backward, _routed_forward_saved
+        from mol.kernels.routed_lora import _flat, _routed_backward, _routed_forward_saved
 
         self.copied = copied
         self.generation = 0
@@ -138,15 +138,17 @@ class _Captured:
                 self.static_in[i].copy_(args[i])
         x = args[0]
         n_out = args[6].shape[1]
-        self.static_dy = torch.zeros(x.shape[0], n_out, device=x.device, dtype=x.dtype)
+        # x, x_lora, base_out and dy keep the caller's leading dims; the captured steps read (T, n) views of them
+        self.static_dy = torch.zeros(*x.shape[:-1], n_out, device=x.device, dtype=x.dtype)
         self.static_daux = torch.zeros((), device=x.device, dtype=torch.float32)
         (sx, sxl, sw, sb, sbo, sa, sbb, swr, sn, stw) = self.static_in
+        sx, sxl, sbo, sdy = _flat(sx), _flat(sxl), _flat(sbo), _flat(self.static_dy)
 
         def forward():
             return _routed_forward_saved(sx, sxl, sw, weight_fn, sb, sbo, sa, sbb, swr, sn, stw, meta, need[0])
 
         def backward(saved):
-            return _routed_backward(self.static_dy, self.static_daux, saved, need, weight_fn, meta)
+            return _routed_backward(sdy, self.static_daux, saved, need, weight_fn, meta)
 
         with torch.no_grad():  # as inside an autograd.Function: the kernels' tensors record no graph
             _warm_up(lambda: backward(forward()[1]), x.device)
@@ -154,6 +156,10 @@ class _Captured:
             self.fwd_graph, (self.static_out, saved) = _capture(forward, pool)
             self.bwd_graph, self.static_grads = _capture(lambda: backward(saved), pool)
         self.saved = saved  # the forward's saved activations: they live in the pool, read by the backward graph
+        # what each call clones out, in the caller's shapes (y: x's leading dims; dx, dx_lora: x's shape)
+        y = self.static_out[0]
+        self.y_out = y.view(*x.shape[:-1], y.shape[-1])
+        self.dx_out = [None if g is None else g.view(x.shape) for g in self.static_grads[:2]]
 
     def busy(self) -> bool:
         """True while a replayed forward still waits for its backward (its saved buffers are in use)."""
@@ -175,11 +181,11 @@ class _GraphedRoutedFn(torch.autograd.Function):
         ctx.weights = [t for i, t in enumerate(args) if t is not None and i not in cap.copied]
         ctx.weight_state = [(t.data_ptr(), t._version) for t in ctx.weights]
         cap.pending = weakref.ref(ctx)
-        y, aux, hl, gates, ids, stats = cap.static_out
+        _, aux, hl, gates, ids, stats = cap.static_out
         routing = tuple(t.detach() for t in (hl, gates, ids, stats))
         ctx.mark_non_differentiable(*routing)
         ctx.set_materialize_grads(False)
-        return (y.clone(), aux.clone(), *routing)
+        return (cap.y_out.clone(), aux.clone(), *routing)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -205,8 +211,8 @@ class _GraphedRoutedFn(torch.autograd.Function):
         else:
             cap.static_daux.copy_(daux)
         cap.bwd_graph.replay()
-        dx, dx_lora, d_base, dA, dB, dWr = cap.static_grads
-        dx, dx_lora, dA, dB, dWr = (None if g is None else g.clone() for g in (dx, dx_lora, dA, dB, dWr))
+        _, _, d_base, dA, dB, dWr = cap.static_grads
+        dx, dx_lora, dA, dB, dWr = (None if g is None else g.clone() for g in (*cap.dx_out, dA, dB, dWr))
         # base_out's gradient is dy itself (the graph's is the static copy of it): no clone needed
         return None, dx, dx_lora, None, None, dy if d_base is not None else None, dA, dB, dWr, None, None
 

@@ -34,6 +34,7 @@ scalar the gate kernels read (the host cannot know it without a sync).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING, Callable
 
@@ -1153,6 +1154,11 @@ def _routed_forward_saved(x, x_lora, weight, weight_fn, bias, base_out, lora_A, 
                                              stats, w_dx, token_w, n_real)
 
 
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(..., n) -> (T, n)."""
+    return t if t is None or t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
 class _RoutedLoRAFn(torch.autograd.Function):
     """(x, x_lora, weight, bias, base_out, A, B, Wr, noise, token_w, meta) -> (y, aux, hl, gates, ids, stats).
 
@@ -1270,19 +1276,18 @@ def _dx(base_mm, dy, w, d_small, w_small):
 
 def _check(x, x_lora, lora_A, lora_B, weight, base_out, bias, n_out):
     where = "routed_lora_linear"
-    if x.dim() != 2 or lora_A.dim() != 3 or lora_B.dim() != 3:
-        raise ValueError(f"{where}: x must be (T, in), lora_A (E, r, in), lora_B (E, out, r); got "
-                         f"{tuple(x.shape)}, {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
+    if x.dim() < 2 or lora_A.dim() != 3 or lora_B.dim() != 3:
+        raise ValueError(f"{where}: x must be (..., in) with at least 2 dims, lora_A (E, r, in), lora_B (E, out, r); "
+                         f"got {tuple(x.shape)}, {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
     e, rank, n_in = lora_A.shape
-    if lora_B.shape != (e, n_out, rank) or n_in != x.shape[1]:
+    if lora_B.shape != (e, n_out, rank) or n_in != x.shape[-1]:
         raise ValueError(f"{where}: shape mismatch: x {tuple(x.shape)}, lora_A {tuple(lora_A.shape)}, lora_B "
                          f"{tuple(lora_B.shape)}, out features {n_out}")
-    base_shapes = {"weight": (weight, (n_out, n_in)), "base_out": (base_out, (x.shape[0], n_out)),
-                   "bias": (bias, (n_out,))}
-    for name, (t, want) in base_shapes.items():
-        if t is not None and tuple(t.shape) != want:
-            raise ValueError(f"{where}: shape mismatch: {name} has shape {tuple(t.shape)}, expected {want} for x {tuple(x.shape)} "
-                             f"and lora_B {tuple(lora_B.shape)}")
+    for name, t, want in (("x_lora", x_lora, x.shape), ("weight", weight, (n_out, n_in)),
+                          ("base_out", base_out, (*x.shape[:-1], n_out)), ("bias", bias, (n_out,))):
+        if t is not None and t.shape != want:
+            raise ValueError(f"{where}: shape mismatch: {name} has shape {tuple(t.shape)}, expected {tuple(want)} "
+                             f"for x {tuple(x.shape)} and lora_B {tuple(lora_B.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"{where}: x dtype {x.dtype} unsupported; use bfloat16, float16 or float32")
     others = [t for t in (x_lora, weight, base_out, bias) if t is not None]
@@ -1313,7 +1318,8 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A routed MoL linear layer on the Triton backend: returns (y, aux, hl, gates, expert_ids, stats).
 
-    x, x_lora: (T, in), one dtype (x_lora: the experts' input when it differs from x, e.g. after dropout);
+    x, x_lora: (..., in), T = prod(x.shape[:-1]) tokens, one dtype (x_lora: the experts' input when it differs from
+    x, e.g. after dropout); y and base_out: (..., out); the routing tensors (hl, gates, ids): one row per token;
     lora_A (E, r, in), lora_B (E, out, r) (in x's dtype, or another float dtype, e.g. float32 adapters of a bf16
     layer: cast per call inside the autograd node, gradients returned in theirs); router_w (E, in) float32; the
     base is exactly one of
@@ -1335,8 +1341,8 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     if bias is not None and base_out is not None:
         raise ValueError("routed_lora_linear: bias= goes with weight=/weight_fn=; add it to base_out yourself")
     e = lora_A.shape[0]
-    if router_w.shape != (e, x.shape[1]) or router_w.dtype != torch.float32:
-        raise ValueError(f"routed_lora_linear: router_w must be float32 ({e}, {x.shape[1]}), got "
+    if router_w.shape != (e, x.shape[-1]) or router_w.dtype != torch.float32:
+        raise ValueError(f"routed_lora_linear: router_w must be float32 ({e}, {x.shape[-1]}), got "
                          f"{tuple(router_w.shape)} {router_w.dtype}")
     if kind == "soft":
         top_k = e
@@ -1344,28 +1350,36 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
         raise ValueError(f"routed_lora_linear: top_k={top_k} is outside 1..{e}")
     n_out = lora_B.shape[1]
     _check(x, x_lora, lora_A, lora_B, weight, base_out, bias, n_out)
+    tokens = math.prod(x.shape[:-1])
     if token_weights is not None:
-        if token_weights.shape != (x.shape[0],) or token_weights.device != x.device:
-            raise ValueError(f"routed_lora_linear: token_weights must be ({x.shape[0]},) on {x.device}, one per token "
+        if token_weights.shape != (tokens,) or token_weights.device != x.device:
+            raise ValueError(f"routed_lora_linear: token_weights must be ({tokens},) on {x.device}, one per token "
                              f"of x; got {tuple(token_weights.shape)} on {token_weights.device}")
         token_weights = token_weights.float()
     eager = _fast(x, x_lora, weight, base_out, lora_A, lora_B, router_w)
     meta = (KINDS[kind], int(top_k), float(scale), float(lb_coef), float(z_coef), eager, lora_A.dtype, lora_B.dtype)
-    if eager and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w))):
+    grad = eager and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w))
+    if graphs is not None and grad:
+        # x keeps its leading dims: the graphs' static buffers take them as they come, the captured steps read
+        # (T, n) views made once at capture, so a replayed call makes no view (an autograd node each, host time)
+        args = (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise, token_weights)
+        out = graphs.apply(args, weight_fn, meta, tuple(t is not None and t.requires_grad for t in args))
+        if out is not None:
+            return out
+    lead = x.shape[:-1] if x.dim() != 2 else None
+    if lead is not None:
+        x, x_lora, base_out = _flat(x), _flat(x_lora), _flat(base_out)
+    if eager and not grad:
         # inference (decode, evaluation): the same kernels without an autograd node, which costs host time
         # every call and would keep nothing useful
         lora_A, lora_B = _compute_dtype(lora_A, lora_B, x.dtype)
         y, aux, hl, gates, ids, _, stats, _, _ = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out,
                                                                  lora_A, lora_B, router_w, noise, token_weights, meta)
-        return y, aux, hl, gates, ids, stats
-    if graphs is not None and eager:
-        args = (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise, token_weights)
-        out = graphs.apply(args, weight_fn, meta, tuple(t is not None and t.requires_grad for t in args))
-        if out is not None:
-            return out
-    return _RoutedLoRAFn.apply(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise,
-                               token_weights, meta)
+    else:
+        y, aux, hl, gates, ids, stats = _RoutedLoRAFn.apply(x, x_lora, weight, weight_fn, bias, base_out, lora_A,
+                                                            lora_B, router_w, noise, token_weights, meta)
+    return y if lead is None else y.view(*lead, y.shape[-1]), aux, hl, gates, ids, stats
 
 
 from mol.kernels import routed_gemm as rg  # noqa: E402  (it builds on this module's gate functions)
