@@ -5,12 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_host_overhead_runs_and_prints_its_table():
+@pytest.mark.parametrize("flags", [[], ["--graph"]])
+def test_host_overhead_runs_and_prints_its_table(flags):
     env = dict(os.environ, MOL_HOST_OVERHEAD_CALLS="5")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py")], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), *flags], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     row = out.stdout.strip().splitlines()[-1].split("|")
