@@ -108,6 +108,24 @@ def test_graphed_steps_equal_ungraphed_and_hand_out_fresh_tensors(graphs):
         assert torch.equal(yg, yp) and torch.equal(ag, ap) and torch.equal(dxg, dxp)
 
 
+def test_non_contiguous_x_reaches_the_captured_step(graphs):
+    """x as a (B, S, in) view of (S, B, in) activations: no (T, in) view of a buffer in x's own layout exists, so
+    the static buffer must be dense for the captured step to read each call's x through its view."""
+    plain, graphed = _pair()
+    for _ in range(3):  # fresh values every step: a step reading a stale copy of the first x would differ
+        x, w_y = torch.randn(9, 2, 19).transpose(0, 1), torch.randn(2, 9, 23)
+        xp, yp, lp = _step(plain, x, w_y)
+        xg, yg, lg_ = _step(graphed, x.detach().transpose(0, 1).contiguous().transpose(0, 1), w_y)
+        assert not xg.is_contiguous() and torch.equal(yg, yp)
+        lp.backward()
+        lg_.backward()
+        for a, b in zip(_grads(graphed, xg), _grads(plain, xp)):
+            assert torch.equal(a, b)
+        for layer in (plain, graphed):
+            layer.zero_grad(set_to_none=True)
+    assert [g.replays for g in graphs] == [3, 3]
+
+
 def test_gradient_accumulation_adds_up(graphs):
     plain, graphed = _pair()
     for _ in range(2):  # two micro-batches into the same .grad: no gradient may alias a graph buffer

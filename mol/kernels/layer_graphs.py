@@ -130,9 +130,12 @@ class _Captured:
         self.copied = copied
         self.generation = 0
         self.pending: Optional[weakref.ref] = None
-        # static inputs: what is copied in every call gets buffers of its own (in its own layout: lora_B's is
-        # expert-interleaved); parameters are used in place
-        self.static_in = [torch.empty_like(t) if i in copied else t for i, t in enumerate(args)]
+        # static inputs: what is copied in every call gets buffers of its own; parameters are used in place. The
+        # activations' buffers are dense, so that the (T, n) views the captured steps read exist (a permuted x
+        # has none: its reshape would be a copy made once, at capture); a weight's keep its layout (lora_B's is
+        # expert-interleaved)
+        self.static_in = [(torch.empty(t.shape, dtype=t.dtype, device=t.device) if i in _PER_CALL else
+                           torch.empty_like(t)) if i in copied else t for i, t in enumerate(args)]
         with torch.no_grad():  # a copy under grad mode would tie the static buffer to the caller's autograd graph
             for i in copied:
                 self.static_in[i].copy_(args[i])
