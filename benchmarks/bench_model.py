@@ -166,7 +166,9 @@ def main():
     if dev != "cuda":
         names = [n for n in names if "CUDA graph" not in n]
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    lines = [f"GPU: {gpu}; torch {torch.__version__}; bf16; Llama hidden 2048, 8 layers, batch x seq = {batch} x {seq}",
+    shape = ("tiny Llama (hidden 64, 2 layers), float32, a smoke test" if args.tiny
+             else "bf16; Llama hidden 2048, 8 layers")
+    lines = [f"GPU: {gpu}; torch {torch.__version__}; {shape}, batch x seq = {batch} x {seq}",
              "", "| variant | trainable params | step ms (median) | × PEFT | peak memory GiB | × PEFT |",
              "| --- | --- | --- | --- | --- | --- |"]
     res = []  # (name, result or None) in run order: --only may repeat a name (interleaved comparisons)
