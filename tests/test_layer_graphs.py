@@ -225,6 +225,7 @@ def test_backward_after_a_weight_changed_in_place_is_refused(graphs):
 def test_limits_token_count_and_signatures(graphs):
     plain, graphed = _pair(graph_tokens=8)
     graphed(torch.randn(9, 19, requires_grad=True)).sum().backward()  # over graph_tokens: not captured
+    graphed(torch.randn(3, 3, 19, requires_grad=True)).sum().backward()  # 9 tokens in (B, S, in) form: neither
     assert not graphs
     with torch.no_grad():  # inference never captures
         graphed(torch.randn(4, 19))

@@ -233,7 +233,8 @@ class LayerGraphs:
         ordinary kernels: too many tokens, a capture in progress, activation checkpointing, a pending backward,
         or a new signature past MAX_SIGNATURES."""
         x = args[0]
-        if not (0 < x.shape[0] <= self.max_tokens and _capturable(x)) or _checkpointed():
+        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0  # x is (..., in): the tokens, not its first dim
+        if not (0 < tokens <= self.max_tokens and _capturable(x)) or _checkpointed():
             return None
         copied = _copied(args)
         key = _signature(args, copied, weight_fn, meta)
