@@ -1350,8 +1350,8 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
         raise ValueError(f"routed_lora_linear: top_k={top_k} is outside 1..{e}")
     n_out = lora_B.shape[1]
     _check(x, x_lora, lora_A, lora_B, weight, base_out, bias, n_out)
-    tokens = math.prod(x.shape[:-1])
     if token_weights is not None:
+        tokens = math.prod(x.shape[:-1])
         if token_weights.shape != (tokens,) or token_weights.device != x.device:
             raise ValueError(f"routed_lora_linear: token_weights must be ({tokens},) on {x.device}, one per token "
                              f"of x; got {tuple(token_weights.shape)} on {token_weights.device}")
