@@ -197,8 +197,8 @@ def test_base_out_path_gets_its_gradient(graphs):
     from mol.kernels import routed_lora as rl
 
     plain, graphed = _pair()
-    for step in range(2):
-        x, base_out, w_y = torch.randn(5, 19), torch.randn(5, 23), torch.randn(5, 23)
+    for step in range(2):  # (B, S, n) inputs: base_out's gradient comes back in its shape
+        x, base_out, w_y = torch.randn(1, 5, 19), torch.randn(1, 5, 23), torch.randn(1, 5, 23)
         outs = []
         for layer in (plain, graphed):
             xi, bi = x.clone().requires_grad_(), base_out.clone().requires_grad_()
@@ -210,6 +210,28 @@ def test_base_out_path_gets_its_gradient(graphs):
         for a, b in zip(*outs):
             assert torch.equal(a, b)
     assert graphs and graphs[1].replays == 2
+
+
+def test_dropout_and_router_noise_copied_in_with_leading_dims(graphs):
+    """Dropout (the experts' own input x_lora) and router noise are new tensors every call, copied into static
+    buffers; with x of shape (B, S, in) both reach the captured step, and dx_lora comes back in x's shape."""
+    plain, graphed = _pair(dropout=0.3, router_noise=0.5)
+    for layer in (plain, graphed):
+        layer.train()
+    for step in range(3):
+        x, w_y = torch.randn(2, 6, 19), torch.randn(2, 6, 23)
+        outs = []
+        for layer in (plain, graphed):
+            torch.manual_seed(step)  # the same dropout mask and noise for both layers
+            xi, y, loss = _step(layer, x, w_y)
+            loss.backward()
+            outs.append((y, layer.aux_loss(), *_grads(layer, xi)))
+            layer.zero_grad(set_to_none=True)
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+    cap, = graphed._graphs.captured.values()
+    assert cap.copied == (0, 1, 8)  # x, x_lora (dropout), noise
+    assert [g.replays for g in graphs] == [3, 3]
 
 
 def test_backward_after_a_weight_changed_in_place_is_refused(graphs):
