@@ -14,6 +14,8 @@ GEMM (with the experts' extra K) through base_gemm's Triton kernel, its launch s
 planning, the TMA descriptors, the call), where the default (float32) takes base_mm's cuBLAS branch.
 ``--adapter-dtype float32`` gives that bf16 layer float32 adapters (MoLConfig.adapter_dtype="auto" on a bf16
 model), cast to bf16 in the layer every call.
+The last two columns are a decode step: one token, x of shape (1, 1, 64), no grad, through the routed layer's
+one-launch small-T forward (its launch stubbed), beside a bare F.linear of the same token.
 ``--graph`` measures ``MoLLinear(graph_tokens=512)``'s calls (mol.kernels.layer_graphs): the capture is faked on the
 CPU (a "graph" whose replay does nothing), so what remains is the host's side of a replayed call: the layer's glue,
 the autograd node, the copies in and the clones out. CUDA graph launches themselves are not in it.
@@ -60,7 +62,7 @@ def measure(repo: str, base: str = "cublas", adapter_dtype: str = "base", graph:
         return torch.mm(dy, lora_B.permute(1, 0, 2).reshape(n_out, e * r))
 
     rl._EAGER = (shrink, gate_fwd, gate_bwd, du) + tuple(rl._EAGER[4:])  # small-T, base GEMM (where present) as they are
-    rl.SMALL_T_MAX = 0  # the large-T sequence
+    small_t_max, rl.SMALL_T_MAX = rl.SMALL_T_MAX, 0  # the large-T sequence (decode below restores it)
     if graph:
         import mol.kernels.layer_graphs as lg
 
@@ -103,7 +105,24 @@ def measure(repo: str, base: str = "cublas", adapter_dtype: str = "base", graph:
             out = min(out, (time.perf_counter() - t0) / k * 1e6)
         return out
 
-    result = f"{best(bare):.1f} {best(train_step):.1f} {best(fwd):.1f}"
+    # decode: one token (1, 1, in), no grad, through the one-launch small-T forward (its launch stubbed)
+    import mol.kernels.grouped_lora as gl
+    x1 = torch.randn(1, 1, n, dtype=dt)
+    launches = []
+    gl._launch = lambda *args, **kwargs: launches.append(1)
+    rl.SMALL_T_MAX = small_t_max
+
+    def decode():
+        with torch.no_grad():
+            m(x1)
+
+    def bare_decode():
+        with torch.no_grad():
+            torch.nn.functional.linear(x1, base.weight)
+
+    result = f"{best(bare):.1f} {best(train_step):.1f} {best(fwd):.1f} {best(bare_decode):.1f} {best(decode):.1f}"
+    if not launches:
+        raise SystemExit("decode: the small-T forward was not reached")
     if graph and len(m._graphs.captured) != 1:
         raise SystemExit(f"--graph: expected one captured signature, found {len(m._graphs.captured)}")
     return result
@@ -135,11 +154,12 @@ def main():
             runs[r].append([float(v) for v in out.stdout.split()])
     print(f"base GEMM: {base} ({'bf16, Triton kernel, launch stubbed' if base == 'triton' else 'float32, cuBLAS branch'})"
           f"; adapters: {adapter_dtype}; {'graph_tokens=512, replays faked' if graph else 'eager kernels'}")
-    print("| repo | bare nn.Linear fwd+bwd µs | MoLLinear fwd + .backward() µs | MoLLinear no-grad forward µs |")
-    print("| --- | --- | --- | --- |")
+    print("| repo | bare nn.Linear fwd+bwd µs | MoLLinear fwd + .backward() µs | MoLLinear no-grad forward µs "
+          "| decode, one token: bare F.linear µs | decode: MoLLinear µs |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r, vals in runs.items():
         med = [sorted(col)[len(col) // 2] for col in zip(*vals)]
-        print(f"| {r} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.1f} |")
+        print(f"| {r} | " + " | ".join(f"{v:.1f}" for v in med) + " |")
 
 
 if __name__ == "__main__":
