@@ -30,6 +30,7 @@ tensors, in its own pool; a layer captures at most ``MAX_SIGNATURES`` and runs t
 """
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from typing import Any, Callable, Optional
@@ -233,8 +234,8 @@ class LayerGraphs:
         ordinary kernels: too many tokens, a capture in progress, activation checkpointing, a pending backward,
         or a new signature past MAX_SIGNATURES."""
         x = args[0]
-        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0  # x is (..., in): the tokens, not its first dim
-        if not (0 < tokens <= self.max_tokens and _capturable(x)) or _checkpointed():
+        # x is (..., in): its tokens, not its first dim (as routed_lora_linear counts them)
+        if not (0 < math.prod(x.shape[:-1]) <= self.max_tokens and _capturable(x)) or _checkpointed():
             return None
         copied = _copied(args)
         key = _signature(args, copied, weight_fn, meta)
