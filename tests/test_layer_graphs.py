@@ -78,6 +78,22 @@ def _grads(layer, x):
     return [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
 
 
+def _steps_agree(plain, graphed, x, w_y, seed=None):
+    """One training step of each layer on x (with seed: the same dropout mask and router noise for both): y, the
+    aux loss and every gradient bit-equal; .grad cleared after. Returns the graphed step's x."""
+    outs = []
+    for layer in (plain, graphed):
+        if seed is not None:
+            torch.manual_seed(seed)
+        xi, y, loss = _step(layer, x, w_y)
+        loss.backward()
+        outs.append((xi, y, layer.aux_loss(), *_grads(layer, xi)))
+        layer.zero_grad(set_to_none=True)
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        assert torch.equal(a, b)
+    return outs[1][0]
+
+
 def test_graphed_steps_equal_ungraphed_and_hand_out_fresh_tensors(graphs):
     plain, graphed = _pair()
     kept = []
@@ -114,15 +130,7 @@ def test_non_contiguous_x_reaches_the_captured_step(graphs):
     plain, graphed = _pair()
     for _ in range(3):  # fresh values every step: a step reading a stale copy of the first x would differ
         x, w_y = torch.randn(9, 2, 19).transpose(0, 1), torch.randn(2, 9, 23)
-        xp, yp, lp = _step(plain, x, w_y)
-        xg, yg, lg_ = _step(graphed, x.detach().transpose(0, 1).contiguous().transpose(0, 1), w_y)
-        assert not xg.is_contiguous() and torch.equal(yg, yp)
-        lp.backward()
-        lg_.backward()
-        for a, b in zip(_grads(graphed, xg), _grads(plain, xp)):
-            assert torch.equal(a, b)
-        for layer in (plain, graphed):
-            layer.zero_grad(set_to_none=True)
+        assert not _steps_agree(plain, graphed, x, w_y).is_contiguous()  # (_step's clone keeps x's layout)
     assert [g.replays for g in graphs] == [3, 3]
 
 
@@ -219,16 +227,7 @@ def test_dropout_and_router_noise_copied_in_with_leading_dims(graphs):
     for layer in (plain, graphed):
         layer.train()
     for step in range(3):
-        x, w_y = torch.randn(2, 6, 19), torch.randn(2, 6, 23)
-        outs = []
-        for layer in (plain, graphed):
-            torch.manual_seed(step)  # the same dropout mask and noise for both layers
-            xi, y, loss = _step(layer, x, w_y)
-            loss.backward()
-            outs.append((y, layer.aux_loss(), *_grads(layer, xi)))
-            layer.zero_grad(set_to_none=True)
-        for a, b in zip(*outs):
-            assert torch.equal(a, b)
+        _steps_agree(plain, graphed, torch.randn(2, 6, 19), torch.randn(2, 6, 23), seed=step)
     cap, = graphed._graphs.captured.values()
     assert cap.copied == (0, 1, 8)  # x, x_lora (dropout), noise
     assert [g.replays for g in graphs] == [3, 3]
