@@ -102,6 +102,9 @@ class MoLConfig(MethodConfig):
     ``graph_tokens``: on CUDA, training calls of at most this many tokens replay per-layer CUDA graphs of the
     routed forward and backward (cuts the host cost that bounds small steps; costs static buffers per layer and
     token count, see mol.kernels.layer_graphs); 0 (default) never captures.
+    ``graph_inference_tokens``: likewise for calls without gradients in eval mode, forward only: set it to the
+    generation batch size, and each decode step's layer call is one copy, one replay and a clone instead of the
+    forward's Python and launches (eager generation on MoL layers is otherwise bound by the host); 0 (default) off.
     ``adapter_dtype``: the dtype of ``lora_A`` / ``lora_B`` (the router's weight is float32 always). ``"auto"``
     (default): float32 on a 16-bit base (bf16/fp16 weights, or NF4 computing in them), else the base's dtype, as
     PEFT's ``get_peft_model`` makes them: in a bf16 weight, an AdamW step smaller than ~1/256 of the weight rounds
@@ -132,6 +135,7 @@ class MoLConfig(MethodConfig):
     quantize_base: Optional[str] = None
     backend: str = "auto"
     graph_tokens: int = 0
+    graph_inference_tokens: int = 0
     aux_loss_in_output: bool = False
     adapter_dtype: str = "auto"
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -145,9 +149,10 @@ class MoLConfig(MethodConfig):
         _check_common(self)
         if not isinstance(self.aux_loss_in_output, bool):
             raise ValueError(f"MoLConfig.aux_loss_in_output must be true or false, got {self.aux_loss_in_output!r}")
-        if not isinstance(self.graph_tokens, int) or isinstance(self.graph_tokens, bool) or self.graph_tokens < 0:
-            raise ValueError(f"MoLConfig.graph_tokens must be an integer >= 0 (0: no captured graphs), "
-                             f"got {self.graph_tokens!r}")
+        for name in ("graph_tokens", "graph_inference_tokens"):
+            tokens = getattr(self, name)
+            if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+                raise ValueError(f"MoLConfig.{name} must be an integer >= 0 (0: no captured graphs), got {tokens!r}")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"MoLConfig.num_experts must be >= 1, got {self.num_experts!r}")
         if self.router not in ROUTERS:

@@ -230,7 +230,7 @@ def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
             alpha=pattern_value(config.alpha_pattern, name, config.alpha), router=config.router, dropout=config.dropout, use_rslora=config.use_rslora,
             init=config.init, aux_loss_coef=config.aux_loss_coef, z_loss_coef=config.z_loss_coef,
             router_noise=config.router_noise, backend=config.backend, graph_tokens=config.graph_tokens,
-            adapter_dtype=config.adapter_dtype,
+            adapter_dtype=config.adapter_dtype, graph_inference_tokens=config.graph_inference_tokens,
         )
         if context is not None:
             layer.router.context = context
@@ -360,8 +360,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def clear_graphs(model: nn.Module) -> None:
-    """Free every MoL layer's captured CUDA graphs and their static buffers (``graph_tokens``), e.g. after
-    training and before long generation; the next training call of a captured size captures again."""
+    """Free every MoL layer's captured CUDA graphs and their static buffers (``graph_tokens``,
+    ``graph_inference_tokens``), e.g. after training and before long generation; the next call of a captured size
+    captures again."""
     for _, m in adapter_layers(model):
         if isinstance(m, MoLLinear) and m._graphs is not None:
             m._graphs.clear()

@@ -143,11 +143,15 @@ class MoLLinear(AdapterLayer):
     ``base(x) + lora_B(lora_A(dropout(x))) * scaling``.
     ``adapter_dtype``: dtype of lora_A / lora_B; None (default here) or "base": the base's; "auto": float32 on a
     16-bit base (what ``mol.inject`` uses by default, as PEFT's get_peft_model); or a dtype. See adapter_dtype_for.
+    ``graph_tokens`` / ``graph_inference_tokens``: on CUDA, training calls / calls without gradients in eval mode
+    (generation's decode steps, evaluation) of at most this many tokens replay per-layer CUDA graphs; see
+    mol.kernels.layer_graphs. 0 (default): never captured.
     """
 
     # the gradient a deferred router loss received, for a reentrant checkpoint's recompute to apply
     # (_DeferredAuxLoss); a class default, so layers pickled before it existed load
     _aux_grad: Optional[Tensor] = None
+    graph_inference_tokens: int = 0  # likewise
 
     def __init__(
         self,
@@ -166,6 +170,7 @@ class MoLLinear(AdapterLayer):
         backend: str = "auto",
         graph_tokens: int = 0,
         adapter_dtype: Union[None, str, torch.dtype] = None,
+        graph_inference_tokens: int = 0,
     ):
         super().__init__()
         in_features, out_features = _linear_shape(base)
@@ -177,12 +182,13 @@ class MoLLinear(AdapterLayer):
             raise ValueError(f"top_k={top_k} is outside 1..num_experts={num_experts}; set top_k between 1 and {num_experts}")
         if backend not in dispatch.BACKENDS:
             raise ValueError(f"backend={backend!r} is unknown; choose one of {dispatch.BACKENDS}")
-        if not isinstance(graph_tokens, int) or isinstance(graph_tokens, bool) or graph_tokens < 0:
-            raise ValueError(f"graph_tokens must be an integer >= 0 (0: no captured graphs), got {graph_tokens!r}")
-        if graph_tokens and num_experts > 1 and (backend == "torch" or router not in dispatch.FUSED_ROUTERS):
-            raise ValueError(f"graph_tokens={graph_tokens} captures the fused Triton path, which backend={backend!r} "
-                             f"with router={router!r} never runs (it needs backend 'auto' or 'triton' and a router "
-                             f"in {dispatch.FUSED_ROUTERS}); set graph_tokens=0")
+        for name, tokens in (("graph_tokens", graph_tokens), ("graph_inference_tokens", graph_inference_tokens)):
+            if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0: no captured graphs), got {tokens!r}")
+            if tokens and num_experts > 1 and (backend == "torch" or router not in dispatch.FUSED_ROUTERS):
+                raise ValueError(f"{name}={tokens} captures the fused Triton path, which backend={backend!r} "
+                                 f"with router={router!r} never runs (it needs backend 'auto' or 'triton' and a router "
+                                 f"in {dispatch.FUSED_ROUTERS}); set {name}=0")
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -207,14 +213,16 @@ class MoLLinear(AdapterLayer):
         if num_experts > 1:
             self.router = Router(in_features, num_experts, top_k, router, router_noise).to(device)
         self._last: Optional[RouterOutput] = None
-        # routed training calls of <= graph_tokens tokens replay per-layer CUDA graphs (mol.kernels.layer_graphs):
-        # small steps are bound by the host's launch and autograd cost, which a replay cuts to one launch
+        # routed training calls of <= graph_tokens tokens, and calls without gradients of <= graph_inference_tokens
+        # (decode steps), replay per-layer CUDA graphs (mol.kernels.layer_graphs): small calls are bound by the
+        # host's launch and autograd cost, which a replay cuts to one launch
         self.graph_tokens = graph_tokens
+        self.graph_inference_tokens = graph_inference_tokens
         self._graphs = None
-        if graph_tokens and num_experts > 1:
+        if (graph_tokens or graph_inference_tokens) and num_experts > 1:
             from mol.kernels.layer_graphs import LayerGraphs
 
-            self._graphs = LayerGraphs(graph_tokens)
+            self._graphs = LayerGraphs(graph_tokens, graph_inference_tokens)
 
     @torch.no_grad()
     def reset_lora(self, init: str = "kaiming") -> None:
@@ -231,6 +239,8 @@ class MoLLinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         graphs = f", graph_tokens={self.graph_tokens}" if self.graph_tokens else ""
+        if self.graph_inference_tokens:
+            graphs += f", graph_inference_tokens={self.graph_inference_tokens}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
                 f"rank={self.rank}, scaling={self.scaling:g}, backend={self.backend}{graphs}")
 
@@ -256,10 +266,21 @@ class MoLLinear(AdapterLayer):
             # (each an autograd node: host time every call, forward and backward)
             lead_x, lead_x_lora = (x, x_lora) if x.dim() >= 2 else (x.reshape(1, -1), x_lora.reshape(1, -1))
             context = self.router.call_context()
-            lora_A, lora_B = self._adapters_in(dispatch.compute_dtype(x))
+            graphs = self._graphs
+            if graphs is not None and self.training and not torch.is_grad_enabled():
+                # a no-grad call in training mode is a reentrant checkpoint's first pass: static buffers would
+                # keep on the GPU what checkpointing frees
+                graphs = None
+            if (graphs is not None and not torch.is_grad_enabled()
+                    and math.prod(x.shape[:-1]) <= graphs.inference_tokens):
+                # a captured no-grad forward casts the adapters itself: it reads them in place, and parameters keep
+                # their addresses where the cast copies kept between calls are made anew whenever the adapters change
+                lora_A, lora_B = self.lora_A, self.lora_B
+            else:
+                lora_A, lora_B = self._adapters_in(dispatch.compute_dtype(x))
             out, routed = dispatch.fused_mol_linear(
                 self.base_layer, lead_x, None if x_lora is x else lead_x_lora, lora_A, lora_B,
-                self.router, self.scaling, self.aux_loss_coef, self.z_loss_coef, graphs=self._graphs,
+                self.router, self.scaling, self.aux_loss_coef, self.z_loss_coef, graphs=graphs,
                 token_weights=None if context is None else context.token_weights(x))
         else:
             routed = self.router(x)

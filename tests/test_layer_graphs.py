@@ -56,13 +56,14 @@ def graphs(monkeypatch):
     return made
 
 
-def _pair(graph_tokens=64, n_in=19, n_out=23, **kw):
+def _pair(graph_tokens=64, n_in=19, n_out=23, graph_inference_tokens=0, dtype=torch.float32, **kw):
     """A graphed layer and an ungraphed one with the same weights."""
     kw = {"num_experts": 4, "top_k": 2, "rank": 3, "backend": "triton", "aux_loss_coef": 0.3, "z_loss_coef": 0.05, **kw}
-    plain = MoLLinear(torch.nn.Linear(n_in, n_out), **kw)
+    plain = MoLLinear(torch.nn.Linear(n_in, n_out, dtype=dtype), **kw)
     with torch.no_grad():
         plain.lora_B.normal_()
-    graphed = MoLLinear(torch.nn.Linear(n_in, n_out), graph_tokens=graph_tokens, **kw)
+    graphed = MoLLinear(torch.nn.Linear(n_in, n_out, dtype=dtype), graph_tokens=graph_tokens,
+                        graph_inference_tokens=graph_inference_tokens, **kw)
     graphed.load_state_dict(plain.state_dict())
     return plain, graphed
 
@@ -293,3 +294,106 @@ def test_graph_tokens_is_validated():
     for kw in ({"backend": "torch"}, {"router": "sequence"}):  # paths the graphs never see: said, not ignored
         with pytest.raises(ValueError, match="set graph_tokens=0"):
             MoLLinear(torch.nn.Linear(4, 4), num_experts=4, graph_tokens=8, **kw)
+
+
+# ----------------------------------------------------------------------------- calls without gradients
+
+def _eval_pair(tokens=4, **kw):
+    plain, graphed = _pair(graph_tokens=0, graph_inference_tokens=tokens, **kw)
+    return plain.eval(), graphed.eval()
+
+
+def _agree(plain, graphed, x):
+    yp, yg = plain(x), graphed(x)
+    assert torch.equal(yg, yp) and torch.equal(graphed.aux_loss(), plain.aux_loss())
+    assert torch.equal(graphed._last.expert_ids, plain._last.expert_ids)
+    assert torch.equal(graphed._last.gates, plain._last.gates)
+    return yg
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_no_grad_calls_replay_forward_graphs_and_hand_out_fresh_tensors(graphs, mode):
+    plain, graphed = _eval_pair()
+    kept = []
+    with mode():
+        for step in range(3):
+            x = torch.randn(1, 1, 19)  # a decode step of one sequence
+            yg = _agree(plain, graphed, x)
+            assert yg.shape == (1, 1, 23)
+            kept.append((yg, plain(x), graphed.aux_loss()))
+    fwd, = graphs  # one signature, forward only: captured once, replayed every call
+    assert fwd.replays == 3 and not graphed._graphs.captured
+    for yg, yp, aux in kept[:-1]:  # later replays overwrote none of what the caller kept
+        assert torch.equal(yg, yp) and not torch.equal(aux, graphed.aux_loss())
+    # an input of another layout reaches the graph through the copy: a (B, S, in) view of (S, B, in) activations
+    with mode():
+        for _ in range(2):
+            x = torch.randn(2, 2, 19).transpose(0, 1)  # 4 tokens, non-contiguous
+            _agree(plain, graphed, x)
+    assert len(graphs) == 2 and graphs[1].replays == 2 and not x.is_contiguous()
+
+
+def test_no_grad_graphs_read_weights_in_place(graphs):
+    """Parameters are read where they lie, a change in place shows in the next replay; float32 adapters on a bf16
+    layer are cast inside the graph (not passed as the cast copies MoLLinear keeps between no-grad calls, which are
+    made anew, elsewhere, whenever the adapters change: a new signature each time)."""
+    for base_dtype, adapter_dtype in ((torch.float32, None), (torch.bfloat16, "auto")):
+        graphs.clear()
+        plain, graphed = _eval_pair(dtype=base_dtype, adapter_dtype=adapter_dtype)
+        assert graphed.lora_A.dtype == (torch.float32 if adapter_dtype else base_dtype)
+        x = torch.randn(2, 19, dtype=base_dtype)
+        with torch.no_grad():
+            _agree(plain, graphed, x)
+            for layer in (plain, graphed):
+                layer.lora_B.add_(0.25)
+                layer.router.weight.mul_(-1.0)
+                layer.base_layer.weight.add_(0.5)
+            _agree(plain, graphed, x)
+            _agree(plain, graphed, x)
+        assert len(graphs) == 1 and graphs[0].replays == 3
+
+
+def test_no_grad_graphs_limits(graphs):
+    plain, graphed = _eval_pair(tokens=2)
+    with torch.no_grad():
+        _agree(plain, graphed, torch.randn(3, 19))  # over graph_inference_tokens: ordinary kernels
+        graphed.train(), plain.train()
+        _agree(plain, graphed, torch.randn(2, 19))  # training mode, no grad: a reentrant checkpoint's first pass
+    assert not graphs
+    x = torch.randn(2, 19, requires_grad=True)  # training calls are graph_tokens' (0 here)
+    graphed(x).sum().backward()
+    assert not graphs
+    graphed.eval(), plain.eval()
+    with torch.no_grad():
+        for t in (1, 2):
+            for dtype in (torch.float32, torch.bfloat16):
+                graphed.to(dtype), plain.to(dtype)
+                _agree(plain, graphed, torch.randn(t, 19, dtype=dtype))
+        assert len(graphs) == lg.MAX_SIGNATURES
+        graphed.half(), plain.half()
+        with pytest.warns(UserWarning, match="graph_inference_tokens=2"):
+            _agree(plain, graphed, torch.randn(1, 19, dtype=torch.float16))
+    assert len(graphs) == lg.MAX_SIGNATURES
+
+
+def test_graph_inference_tokens_is_validated_copied_and_injected(graphs):
+    import mol
+
+    with pytest.raises(ValueError, match="graph_inference_tokens"):
+        MoLLinear(torch.nn.Linear(4, 4), graph_inference_tokens=-1)
+    with pytest.raises(ValueError, match="graph_inference_tokens"):
+        MoLConfig(graph_inference_tokens=True).validate()
+    with pytest.raises(ValueError, match="set graph_inference_tokens=0"):
+        MoLLinear(torch.nn.Linear(4, 4), num_experts=4, graph_inference_tokens=8, backend="torch")
+    model = mol.inject(torch.nn.Sequential(torch.nn.Linear(19, 23), torch.nn.ReLU(), torch.nn.Linear(23, 19)),
+                       MoLConfig(num_experts=4, rank=3, backend="triton", graph_inference_tokens=2))
+    model.eval()
+    layer = model[0]
+    assert layer.graph_inference_tokens == 2 and "graph_inference_tokens=2" in repr(layer)
+    with torch.no_grad():
+        model(torch.randn(2, 19))
+    assert len(graphs) == 2
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone._graphs.inference_tokens == 2 and not clone._graphs.inference
+    mol.clear_graphs(model)
+    assert not layer._graphs.inference

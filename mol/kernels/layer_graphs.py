@@ -24,6 +24,12 @@ one's backward (a module called twice in a step, a kept graph) runs the ordinary
 whose saved buffers a later replay overwrote (``retain_graph=True`` across another forward) raises, as does one
 whose weights were changed in place or moved since its forward (where eager autograd would raise for a saved
 tensor modified in place; the graph reads weights at the addresses it was captured with).
+Calls without gradients (``MoLLinear(graph_inference_tokens=N)``: generation's decode steps, evaluation; in eval
+mode) have graphs of their own, forward only: x copied in, one replay, y and aux cloned out. Every weight is read
+in place, at the address the call's signature holds, so nothing but the activations is copied; adapters of
+another dtype (float32 on a bf16 layer) are cast inside the graph, from the parameters, as in training. An eager
+decode step of a MoL layer is otherwise bound by the host: its Python and one Triton launch of ~30 arguments
+against a GEMV of ~10 µs.
 Inside an activation checkpoint (or under saved-tensor offloading) the layer runs the ordinary kernels: see
 ``_checkpointed``. Memory: each captured signature keeps about (2*in + 2*out) * T elements of static buffers plus the routing
 tensors, in its own pool; a layer captures at most ``MAX_SIGNATURES`` and runs the ordinary kernels for others.
@@ -171,6 +177,45 @@ class _Captured:
         return ctx is not None and not getattr(ctx, "backward_done", False)
 
 
+class _CapturedForward:
+    """One signature's forward graph for calls without gradients (generation, evaluation): no backward, nothing
+    saved. Only the activations are copied in; every weight is read in place, at the address its signature holds
+    (adapters of another dtype than x's are cast inside the graph)."""
+
+    def __init__(self, args: tuple, copied: tuple[int, ...], weight_fn: Optional[Callable], meta: tuple):
+        from mol.kernels.routed_lora import _compute_dtype, _flat, _routed_forward
+
+        self.copied = copied
+        self.static_in = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if i in copied else t
+                          for i, t in enumerate(args)]
+        for i in copied:
+            self.static_in[i].copy_(args[i])
+        (sx, sxl, sw, sb, sbo, sa, sbb, swr, sn, stw) = self.static_in
+        sx, sxl, sbo = _flat(sx), _flat(sxl), _flat(sbo)
+
+        def forward():
+            a, b = _compute_dtype(sa, sbb, sx.dtype)
+            y, aux, hl, gates, ids, _, stats, _, _ = _routed_forward(sx, sxl, sw, weight_fn, sb, sbo, a, b, swr, sn,
+                                                                     stw, meta)
+            return y, aux, hl, gates, ids, stats
+
+        x = args[0]
+        _warm_up(forward, x.device)
+        self.graph, self.static_out = _capture(forward, _new_pool())
+        y = self.static_out[0]
+        self.y_out = y.view(*x.shape[:-1], y.shape[-1])
+        self.replays = 0
+
+    def __call__(self, args: tuple) -> tuple:
+        for i in self.copied:
+            self.static_in[i].copy_(args[i])
+        self.graph.replay()
+        self.replays += 1
+        _, aux, hl, gates, ids, stats = self.static_out
+        # y and aux are the caller's to keep; the routing tensors describe the last forward, as in training
+        return self.y_out.clone(), aux.clone(), hl, gates, ids, stats
+
+
 class _GraphedRoutedFn(torch.autograd.Function):
     """_RoutedLoRAFn's contract, computed by replaying a _Captured pair."""
 
@@ -222,12 +267,43 @@ class _GraphedRoutedFn(torch.autograd.Function):
 
 
 class LayerGraphs:
-    """One layer's captured signatures (see the module docstring). ``max_tokens``: the largest T captured."""
+    """One layer's captured signatures (see the module docstring). ``max_tokens``: the largest T captured for
+    training calls; ``inference_tokens``: the largest T captured for calls without gradients (0: none)."""
 
-    def __init__(self, max_tokens: int):
+    def __init__(self, max_tokens: int, inference_tokens: int = 0):
         self.max_tokens = int(max_tokens)
+        self.inference_tokens = int(inference_tokens)
         self.captured: dict[tuple, _Captured] = {}
+        self.inference: dict[tuple, _CapturedForward] = {}
         self._warned = False
+        self._warned_inference = False
+
+    def apply_inference(self, args: tuple, weight_fn: Optional[Callable], meta: tuple):
+        """The forward's outputs (y, aux, hl, gates, ids, stats) replayed from a captured forward graph, or None
+        where this call runs the ordinary kernels: too many tokens, a capture in progress, or a new signature
+        past MAX_SIGNATURES."""
+        x = args[0]
+        if not (0 < math.prod(x.shape[:-1]) <= self.inference_tokens and _capturable(x)) or _checkpointed():
+            return None
+        copied = tuple(i for i in _PER_CALL if args[i] is not None)
+        key = _signature(args, copied, weight_fn, meta)
+        if key is None:
+            return None
+        # buffers made under inference_mode can only be written under it, and the reverse
+        key = (key, torch.is_inference_mode_enabled())
+        cap = self.inference.get(key)
+        if cap is None:
+            if len(self.inference) >= MAX_SIGNATURES:
+                if not self._warned_inference:
+                    self._warned_inference = True
+                    warnings.warn(
+                        f"MoLLinear (graph_inference_tokens={self.inference_tokens}): this layer has captured "
+                        f"{MAX_SIGNATURES} no-grad call signatures (token counts, dtypes, weight addresses) and runs "
+                        "the ordinary kernels for new ones. Set graph_inference_tokens to the decode batch size, "
+                        "below the prompt lengths, so that only decode steps are captured.", stacklevel=4)
+                return None
+            cap = self.inference[key] = _CapturedForward(args, copied, weight_fn, meta)
+        return cap(args)
 
     def apply(self, args: tuple, weight_fn: Optional[Callable], meta: tuple, need: tuple[bool, ...]):
         """The graphed forward's outputs (y, aux, hl, gates, ids, stats), or None where this call runs the
@@ -259,14 +335,15 @@ class LayerGraphs:
     def clear(self) -> None:
         """Drop every captured graph and its memory pool."""
         self.captured.clear()
+        self.inference.clear()
 
     # A copied or pickled layer (EMA copies, torch.save(model)) starts with no graphs: they hold addresses
     # of the original's buffers and cannot be copied.
     def __deepcopy__(self, memo: dict) -> "LayerGraphs":
-        return LayerGraphs(self.max_tokens)
+        return LayerGraphs(self.max_tokens, self.inference_tokens)
 
     def __getstate__(self) -> dict:
-        return {"max_tokens": self.max_tokens}
+        return {"max_tokens": self.max_tokens, "inference_tokens": self.inference_tokens}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["max_tokens"])
+        self.__init__(state["max_tokens"], state.get("inference_tokens", 0))

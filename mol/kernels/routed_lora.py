@@ -1331,7 +1331,8 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     sum of logsumexp^2, a kernel-internal counter). gates, expert_ids, hl and stats carry no gradient.
     ``token_weights`` (T,): each token's weight in aux and stats (1 for a real token, 0 for padding; the losses
     are then normalised by their sum, as a batch of only the real tokens would give); every token is routed.
-    ``graphs``: a layer's mol.kernels.layer_graphs.LayerGraphs; training calls it accepts replay CUDA graphs.
+    ``graphs``: a layer's mol.kernels.layer_graphs.LayerGraphs; the calls it accepts replay CUDA graphs (training
+    calls up to its max_tokens, calls without gradients up to its inference_tokens).
     """
     if kind not in KINDS:
         raise ValueError(f"routed_lora_linear: router kind {kind!r} is not fused; choose one of {sorted(KINDS)}")
@@ -1365,6 +1366,12 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
         # (T, n) views made once at capture, so a replayed call makes no view (an autograd node each, host time)
         args = (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise, token_weights)
         out = graphs.apply(args, weight_fn, meta, tuple(t is not None and t.requires_grad for t in args))
+        if out is not None:
+            return out
+    elif graphs is not None and eager and graphs.inference_tokens:
+        # generation and evaluation: one copy, one replay and a clone instead of the forward's launches
+        args = (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise, token_weights)
+        out = graphs.apply_inference(args, weight_fn, meta)
         if out is not None:
             return out
     lead = x.shape[:-1] if x.dim() != 2 else None
