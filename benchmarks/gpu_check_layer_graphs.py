@@ -1,6 +1,7 @@
 """Per-layer CUDA graphs (MoLLinear(graph_tokens=N), mol.kernels.layer_graphs) on the GPU: correctness, host cost.
 
     python benchmarks/gpu_check_layer_graphs.py [--out results.md] [--skip-timing | --skip-check] [--modes M ...]
+                                                [--decode-only]
 
 1. Correctness, real captures: a graphed MoLLinear against the same layer without graphs, over three training
    steps with fresh inputs, the gradients accumulated into .grad over two micro-batches per step (so a gradient
@@ -18,6 +19,11 @@
    three rows interleaved over rounds: the bare frozen base, MoLLinear, MoLLinear with graph_tokens; host µs per
    call (no synchronisation in the loop) and wall ms per call with one synchronisation; and the memory each
    capture keeps (memory_allocated before and after the first graphed call).
+3. graph_inference_tokens (calls without gradients, eval mode): correctness as in 1, four calls under no_grad and
+   inference_mode with every y and aux kept to the end, at T = 1 and 16 (the one-launch small-T forward), an NF4
+   base (its own GEMV kernel), float32 adapters, autocast and T = 512; then the eager decode forward per call at
+   B = 1 and 8 tokens, rows interleaved: the bare base, a LoRA (PEFT's ops), MoLLinear eager and graphed with bf16
+   and float32 adapters, and the memory each capture keeps. --decode-only runs only this part.
 """
 import argparse
 import os
@@ -40,7 +46,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def make_pair(n_in, n_out, dtype, mode, graph_tokens, gen):
+def make_pair(n_in, n_out, dtype, mode, graph_tokens, gen, inference=False):
     kw = dict(num_experts=8, top_k=2, rank=16, alpha=32.0, aux_loss_coef=0.01, z_loss_coef=0.001,
               dropout=0.1 if mode == "dropout" else 0.0, router_noise=0.5 if mode == "noise" else 0.0,
               adapter_dtype="auto" if mode == "f32adapters" else None)
@@ -53,7 +59,8 @@ def make_pair(n_in, n_out, dtype, mode, graph_tokens, gen):
             base.bias.fill_(0.1)
         if mode == "nf4":
             base = NF4Linear.from_linear(base)
-        layers.append(mol.MoLLinear(base, graph_tokens=tokens, **kw).to(DEV))
+        layers.append(mol.MoLLinear(base, **{"graph_inference_tokens" if inference else "graph_tokens": tokens},
+                                    **kw).to(DEV))
     plain, graphed = layers
     with torch.no_grad():
         plain.lora_B.normal_(0, 0.02, generator=gen)
@@ -91,6 +98,23 @@ def check(T, n_in, n_out, dtype, mode, gen):
     caps = list(graphed._graphs.captured.values())
     replays = len(caps) == 1 and caps[0].generation == 6
     return worst, replays
+
+
+def check_inference(T, n_in, n_out, dtype, mode, gen):
+    """graph_inference_tokens: eval-mode calls without gradients, under no_grad and inference_mode, against the
+    same layer without graphs: y and aux of four calls with fresh x each, kept until the end (a later replay
+    overwriting one would show). Returns (worst relative difference, every call replayed)."""
+    plain, graphed = make_pair(n_in, n_out, dtype, mode, T, gen, inference=True)
+    plain.eval(), graphed.eval()
+    outs = {"plain": [], "graphed": []}
+    for grad_mode in (torch.no_grad, torch.no_grad, torch.inference_mode, torch.inference_mode):
+        x = torch.randn(1, T, n_in, device=DEV, dtype=dtype, generator=gen)
+        with grad_mode(), torch.autocast("cuda", torch.bfloat16, enabled=mode == "autocast"):
+            for name, layer in (("plain", plain), ("graphed", graphed)):
+                outs[name].append((layer(x), layer.aux_loss()))
+    worst = max(rel(g, p) for pair in zip(outs["graphed"], outs["plain"]) for g, p in zip(*pair))
+    caps = list(graphed._graphs.inference.values())
+    return worst, len(caps) == 2 and all(c.replays == 2 for c in caps)
 
 
 def host_and_wall(fns: dict, calls=100, rounds=5):
@@ -155,6 +179,45 @@ def timing(lines, gen):
         torch.cuda.empty_cache()
 
 
+def timing_decode(lines, gen, n=4096):
+    lines += ["", f"Eager decode forward per call (no_grad, eval mode), {n}→{n} E=8 top-2 r=16 bf16, x (B, 1, {n}), "
+              "rows interleaved, medians of 5 rounds of 100 calls:", "",
+              "| B | row | host µs / call | wall µs / call | × base (wall) | capture keeps MiB, allocated / reserved |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for B in (1, 8):
+        rows = {}
+        x = torch.randn(B, 1, n, device=DEV, dtype=torch.bfloat16, generator=gen)
+        for adapters in ("bf16", "float32"):
+            mode = "f32adapters" if adapters == "float32" else "plain"
+            plain, graphed = make_pair(n, n, torch.bfloat16, mode, B, gen, inference=True)
+            plain.eval(), graphed.eval()
+            if adapters == "bf16":
+                base = plain.base_layer
+                lora = mol.MoLLinear(base, num_experts=1, rank=16, alpha=32.0).to(DEV).eval()
+                rows["bare frozen base"] = lambda: base(x)
+                rows["LoRA r=16 (PEFT's ops: base + B(A x))"] = lambda lora=lora: lora(x)
+            rows[f"MoLLinear, {adapters} adapters"] = lambda m=plain: m(x)
+            rows[f"MoLLinear, {adapters} adapters, graph_inference_tokens={B}"] = lambda m=graphed: m(x)
+        kept = {}
+        with torch.no_grad():
+            for k, fn in rows.items():
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+                fn()  # a graphed row captures here: what its pool keeps
+                torch.cuda.synchronize()
+                kept[k] = [(a - b) / 2**20 for a, b in zip((torch.cuda.memory_allocated(), torch.cuda.memory_reserved()),
+                                                           before)]
+                for _ in range(10):
+                    fn()
+            res = host_and_wall(rows)
+        wb = res["bare frozen base"][1]
+        for k, (h, w) in res.items():
+            mem = "{:.2f} / {:.2f}".format(*kept[k]) if "graph_" in k else ""
+            lines.append(f"| {B} | {k} | {h:.1f} | {w * 1e3:.1f} | {w / wb:.2f}× | {mem} |")
+            print(lines[-1], flush=True)
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -162,6 +225,8 @@ def main():
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--modes", nargs="+", default=None, help="only the correctness cases of these modes "
                     "(plain, dropout, noise, nf4, autocast, f32adapters)")
+    ap.add_argument("--decode-only", action="store_true", help="only graph_inference_tokens: its check and the "
+                    "eager decode timing")
     args = ap.parse_args()
     # the graphed and the plain layer must run the same kernels for the comparison to hold to 1e-3: eager base
     # GEMMs of <= EAGER_CUBLAS_ROWS rows run cuBLAS, captured ones the tuned Triton kernel (bf16 rounding apart)
@@ -178,15 +243,29 @@ def main():
     cases += [(T, 4096, 4096, torch.bfloat16, "f32adapters") for T in (7, 512)]
     if args.modes:
         cases = [c for c in cases if c[4] in args.modes]
-    for T, n_in, n_out, dt, mode in ([] if args.skip_check else cases):
-        worst, replayed = check(T, n_in, n_out, dt, mode, gen)
+    # graph_inference_tokens: decode-sized calls (the one-launch small-T forward; NF4's own GEMV kernel as the base)
+    # and an evaluation-sized one (the multi-kernel forward)
+    inference = [(T, 4096, 4096, dt, "plain") for T in (1, 16) for dt in (torch.bfloat16, torch.float32)]
+    inference += [(1, 4096, 11008, torch.bfloat16, m) for m in ("nf4", "f32adapters")]
+    inference += [(7, 4096, 4096, torch.float32, "autocast"), (512, 4096, 4096, torch.bfloat16, "f32adapters")]
+    if args.modes:
+        inference = [c for c in inference if c[4] in args.modes]
+    if args.decode_only:
+        cases = []
+    todo = [(c, check) for c in cases] + [(c, check_inference) for c in inference]
+    for (T, n_in, n_out, dt, mode), fn in ([] if args.skip_check else todo):
+        worst, replayed = fn(T, n_in, n_out, dt, mode, gen)
         ok = worst < (1e-6 if dt == torch.float32 and mode != "autocast" else 1e-3) and replayed
         failed |= not ok
-        lines.append(f"| T={T} {n_in}→{n_out} {str(dt)[6:]} {mode} | {worst:.1e} | {replayed} | {'yes' if ok else 'NO'} |")
+        what = "no-grad (graph_inference_tokens)" if fn is check_inference else "fwd+bwd"
+        lines.append(f"| T={T} {n_in}→{n_out} {str(dt)[6:]} {mode}, {what} | {worst:.1e} | {replayed} | "
+                     f"{'yes' if ok else 'NO'} |")
         print(lines[-1], flush=True)
         torch.cuda.empty_cache()
     if not args.skip_timing:
-        timing(lines, gen)
+        if not args.decode_only:
+            timing(lines, gen)
+        timing_decode(lines, gen)
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:

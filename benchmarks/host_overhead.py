@@ -18,8 +18,11 @@ The last two columns are a decode step: one token, x of shape (1, 1, 64), no gra
 one-launch small-T forward (its launch stubbed), beside a bare F.linear of the same token.
 ``--graph`` measures ``MoLLinear(graph_tokens=512)``'s calls (mol.kernels.layer_graphs): the capture is faked on the
 CPU (a "graph" whose replay does nothing), so what remains is the host's side of a replayed call: the layer's glue,
-the autograd node, the copies in and the clones out. CUDA graph launches themselves are not in it.
+the autograd node, the copies in and the clones out. CUDA graph launches themselves are not in it. The decode
+columns then measure ``graph_inference_tokens=1`` (where the checkout has it): the no-grad call's copy in, (faked)
+replay and clone out.
 """
+import inspect
 import os
 import subprocess
 import sys
@@ -75,8 +78,11 @@ def measure(repo: str, base: str = "cublas", adapter_dtype: str = "base", graph:
         lg._capture = lambda step, pool: (_NoGraph(), step())
     n = 64
     base = torch.nn.Linear(n, n, bias=False, dtype=dt)
+    graphs = {"graph_tokens": 512} if graph else {}
+    if graph and "graph_inference_tokens" in inspect.signature(mol.MoLLinear).parameters:  # older checkouts: none
+        graphs["graph_inference_tokens"] = 1
     m = mol.MoLLinear(base, num_experts=8, top_k=2, rank=16, alpha=32, backend="triton", adapter_dtype=adapter_dtype,
-                      graph_tokens=512 if graph else 0)
+                      **graphs)
     x = torch.randn(2, 16, n, dtype=dt, requires_grad=True)
     dy = torch.randn(2, 16, n, dtype=dt)
     params = [m.lora_A, m.lora_B, m.router.weight]
@@ -112,7 +118,7 @@ def measure(repo: str, base: str = "cublas", adapter_dtype: str = "base", graph:
     gl._launch = lambda *args, **kwargs: launches.append(1)
     rl.SMALL_T_MAX = small_t_max
 
-    def decode():
+    def decode():  # generation runs in eval mode (and a no-grad call in training mode is never graphed)
         with torch.no_grad():
             m(x1)
 
@@ -120,11 +126,15 @@ def measure(repo: str, base: str = "cublas", adapter_dtype: str = "base", graph:
         with torch.no_grad():
             torch.nn.functional.linear(x1, base.weight)
 
-    result = f"{best(bare):.1f} {best(train_step):.1f} {best(fwd):.1f} {best(bare_decode):.1f} {best(decode):.1f}"
+    result = f"{best(bare):.1f} {best(train_step):.1f} {best(fwd):.1f} {best(bare_decode):.1f}"
+    m.eval()
+    result += f" {best(decode):.1f}"
     if not launches:
         raise SystemExit("decode: the small-T forward was not reached")
     if graph and len(m._graphs.captured) != 1:
         raise SystemExit(f"--graph: expected one captured signature, found {len(m._graphs.captured)}")
+    if len(getattr(m._graphs, "inference", ())) != (1 if "graph_inference_tokens" in graphs else 0):
+        raise SystemExit("--graph: the decode call was not captured (graph_inference_tokens=1)")
     return result
 
 
