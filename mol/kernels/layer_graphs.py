@@ -275,62 +275,62 @@ class LayerGraphs:
         self.inference_tokens = int(inference_tokens)
         self.captured: dict[tuple, _Captured] = {}
         self.inference: dict[tuple, _CapturedForward] = {}
-        self._warned = False
-        self._warned_inference = False
+        self._warned: set[str] = set()
 
-    def apply_inference(self, args: tuple, weight_fn: Optional[Callable], meta: tuple):
-        """The forward's outputs (y, aux, hl, gates, ids, stats) replayed from a captured forward graph, or None
-        where this call runs the ordinary kernels: too many tokens, a capture in progress, or a new signature
-        past MAX_SIGNATURES."""
+    def _find(self, table: dict, limit: int, args: tuple, copied: tuple[int, ...], weight_fn: Optional[Callable],
+              meta: tuple, full: str) -> Optional[tuple]:
+        """(key, its capture or None) for a call that may replay one of ``table``'s graphs; None where it runs the
+        ordinary kernels: more than ``limit`` tokens, a capture in progress, activation checkpointing, an opaque
+        weight_fn, or a new signature with the table full (then warns once, with ``full``)."""
         x = args[0]
-        if not (0 < math.prod(x.shape[:-1]) <= self.inference_tokens and _capturable(x)) or _checkpointed():
+        # x is (..., in): its tokens, not its first dim (as routed_lora_linear counts them)
+        if not (0 < math.prod(x.shape[:-1]) <= limit and _capturable(x)) or _checkpointed():
             return None
-        copied = tuple(i for i in _PER_CALL if args[i] is not None)
         key = _signature(args, copied, weight_fn, meta)
         if key is None:
             return None
         # buffers made under inference_mode can only be written under it, and the reverse
         key = (key, torch.is_inference_mode_enabled())
-        cap = self.inference.get(key)
-        if cap is None:
-            if len(self.inference) >= MAX_SIGNATURES:
-                if not self._warned_inference:
-                    self._warned_inference = True
-                    warnings.warn(
-                        f"MoLLinear (graph_inference_tokens={self.inference_tokens}): this layer has captured "
-                        f"{MAX_SIGNATURES} no-grad call signatures (token counts, dtypes, weight addresses) and runs "
-                        "the ordinary kernels for new ones. Set graph_inference_tokens to the decode batch size, "
-                        "below the prompt lengths, so that only decode steps are captured.", stacklevel=4)
-                return None
-            cap = self.inference[key] = _CapturedForward(args, copied, weight_fn, meta)
-        return cap(args)
+        cap = table.get(key)
+        if cap is None and len(table) >= MAX_SIGNATURES:
+            if full not in self._warned:
+                self._warned.add(full)
+                warnings.warn(full, stacklevel=5)
+            return None
+        return key, cap
 
     def apply(self, args: tuple, weight_fn: Optional[Callable], meta: tuple, need: tuple[bool, ...]):
         """The graphed forward's outputs (y, aux, hl, gates, ids, stats), or None where this call runs the
-        ordinary kernels: too many tokens, a capture in progress, activation checkpointing, a pending backward,
-        or a new signature past MAX_SIGNATURES."""
-        x = args[0]
-        # x is (..., in): its tokens, not its first dim (as routed_lora_linear counts them)
-        if not (0 < math.prod(x.shape[:-1]) <= self.max_tokens and _capturable(x)) or _checkpointed():
-            return None
+        ordinary kernels: see _find, and a pending backward."""
         copied = _copied(args)
-        key = _signature(args, copied, weight_fn, meta)
-        if key is None:
+        found = self._find(self.captured, self.max_tokens, args, copied, weight_fn, meta, (
+            f"MoLLinear (graph_tokens={self.max_tokens}): this layer has captured {MAX_SIGNATURES} call signatures "
+            "(token counts, dtypes, weight addresses) and runs the ordinary kernels for new ones. Pad batches to a "
+            "few fixed lengths to keep the graphs in use."))
+        if found is None:
             return None
-        cap = self.captured.get(key)
+        key, cap = found
         if cap is None:
-            if len(self.captured) >= MAX_SIGNATURES:
-                if not self._warned:
-                    self._warned = True
-                    warnings.warn(
-                        f"MoLLinear (graph_tokens={self.max_tokens}): this layer has captured {MAX_SIGNATURES} call "
-                        "signatures (token counts, dtypes, weight addresses) and runs the ordinary kernels for new "
-                        "ones. Pad batches to a few fixed lengths to keep the graphs in use.", stacklevel=4)
-                return None
             cap = self.captured[key] = _Captured(args, copied, weight_fn, meta, need)
         elif cap.busy():
             return None
         return _GraphedRoutedFn.apply(cap, *args)
+
+    def apply_inference(self, args: tuple, weight_fn: Optional[Callable], meta: tuple):
+        """For a call without gradients: the forward's outputs (y, aux, hl, gates, ids, stats) replayed from a
+        captured forward graph, or None where it runs the ordinary kernels (see _find)."""
+        copied = tuple(i for i in _PER_CALL if args[i] is not None)
+        found = self._find(self.inference, self.inference_tokens, args, copied, weight_fn, meta, (
+            f"MoLLinear (graph_inference_tokens={self.inference_tokens}): this layer has captured {MAX_SIGNATURES} "
+            "no-grad call signatures (token counts, dtypes, weight addresses) and runs the ordinary kernels for new "
+            "ones. Set graph_inference_tokens to the decode batch size, below the prompt lengths, so that only "
+            "decode steps are captured."))
+        if found is None:
+            return None
+        key, cap = found
+        if cap is None:
+            cap = self.inference[key] = _CapturedForward(args, copied, weight_fn, meta)
+        return cap(args)
 
     def clear(self) -> None:
         """Drop every captured graph and its memory pool."""
