@@ -397,3 +397,28 @@ def test_graph_inference_tokens_is_validated_copied_and_injected(graphs):
         assert clone._graphs.inference_tokens == 2 and not clone._graphs.inference
     mol.clear_graphs(model)
     assert not layer._graphs.inference
+
+
+def test_generation_with_decode_graphs_matches_eager(graphs, tiny_llama):
+    """The user's case: Hugging Face generate() on a MoL model with graph_inference_tokens = the batch size. The
+    decode steps replay the graphs, the prompt runs the ordinary kernels, and the tokens and logits equal the same
+    model's without graphs."""
+    import mol
+
+    pytest.importorskip("transformers")
+    ids = torch.randint(0, 101, (2, 5))
+    outs = []
+    for tokens in (0, 2):
+        model = copy.deepcopy(tiny_llama)
+        torch.manual_seed(0)  # the same adapters in both
+        mol.inject(model, MoLConfig(num_experts=4, rank=4, backend="triton", graph_inference_tokens=tokens))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+        model.eval()
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        outs.append((out.sequences, torch.stack(out.logits)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    layers = [m for m in model.modules() if isinstance(m, MoLLinear)]
+    # one signature per layer, the decode step's 2 tokens: captured on the first, replayed on the other two
+    assert len(graphs) == len(layers) == 14 and all(g.replays == 3 for g in graphs)
