@@ -20,3 +20,14 @@ def test_host_overhead_runs_and_prints_its_table(flags):
     times = [float(v) for v in row[2:5]]
     assert all(t > 0 for t in times), out.stdout
     assert times[1] > times[2]  # a forward plus backward costs more host time than the no-grad forward alone
+
+
+def test_bench_generate_tiny_runs_and_prints_its_table():
+    pytest.importorskip("peft")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_generate.py"), "--tiny", "--batch", "2",
+                          "--rounds", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [r.split("|") for r in out.stdout.splitlines() if r.startswith("| 2 |")]
+    assert len(rows) == 4 and all(float(r[3]) > 0 for r in rows), out.stdout
+    assert rows[-1][2].strip().endswith("graph_inference_tokens=2") and rows[-1][6].strip() == "yes"
