@@ -30,4 +30,4 @@ def test_bench_generate_tiny_runs_and_prints_its_table():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [r.split("|") for r in out.stdout.splitlines() if r.startswith("| 2 |")]
     assert len(rows) == 4 and all(float(r[3]) > 0 for r in rows), out.stdout
-    assert rows[-1][2].strip().endswith("graph_inference_tokens=2") and rows[-1][6].strip() == "yes"
+    assert rows[-1][2].strip().endswith("graph_inference_tokens=2") and rows[-1][6].strip() == "100%"
