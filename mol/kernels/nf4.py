@@ -177,8 +177,10 @@ SMALL_FMA_MAX_T = 2
 # x's pairs (_x_pairs) and the absmax codes (_load_step) by inline-PTX loads on the 16-bit FMA path. sm_90 SASS of
 # the K loop, (16, 512) tile, nested absmax (`compile_sm90.py --sass`), under triton 3.6 (the GPU image's): CTA
 # barriers per step 12 -> 2, instructions per weight 3.29 -> 3.16 at T = 1 and 4.55 -> 4.29 at T = 2; under triton
-# 3.9: 10 -> 2, 3.12 -> 3.26 and 4.37 -> 4.35. Off until timed on a GPU (benchmarks/probe_nf4_x_asm.py):
-# MOL_NF4_X_ASM=1, or config=dict(..., X_ASM=True), turns it on
+# 3.9: 10 -> 2, 3.12 -> 3.26 and 4.37 -> 4.35. Timed on an H100 it is no faster: 1-12% slower autotuned, 0-2% with
+# the config fixed (RESULTS run 41, benchmarks/probe_nf4_x_asm.py), so it stays off (why fewer barriers and
+# instructions gained nothing was not profiled). MOL_NF4_X_ASM=1, or
+# config=dict(..., X_ASM=True), turns it on
 X_ASM = os.environ.get("MOL_NF4_X_ASM", "0") == "1"
 
 
