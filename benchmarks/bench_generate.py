@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol  # noqa: E402
-from bench_model import TARGETS, build  # noqa: E402
+from bench_model import TARGETS, build, emit  # noqa: E402
 
 ROWS = ["no adapter", "PEFT LoRA r=16", "MoL E=8 top-2 r=16", "MoL E=8 top-2 r=16, graph_inference_tokens"]
 
@@ -109,12 +109,7 @@ def main():
             shown = name.replace("graph_inference_tokens", f"graph_inference_tokens={batch}")
             lines.append(f"| {batch} | {shown} | {res[name]:.2f} | {res[name] / res['no adapter']:.2f}× | "
                          f"{res[name] / res['PEFT LoRA r=16']:.2f}× | {same} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(args.out + ".tmp", args.out)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import mol  # noqa: E402
 import mol.kernels.grouped_lora as gl  # noqa: E402
 import mol.kernels.routed_lora as rl  # noqa: E402
 from mol.dispatch import lora_delta_torch  # noqa: E402
+from bench_model import emit  # noqa: E402
 
 DEV = "cuda"
 DT = torch.bfloat16
@@ -468,12 +469,7 @@ def main():
                          f"| {tf / tb:.2f}× | {tm / tb:.2f}× | ≤ 1.5× |")
             print(lines[-1], flush=True)
     lines += host_lines
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(args.out + ".tmp", args.out)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

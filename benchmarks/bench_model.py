@@ -127,6 +127,17 @@ def step_fn(model, params, ids, name):
     return step
 
 
+def emit(lines: list[str], out: str | None) -> None:
+    """Print the table and, with --out, write it whole: to a temporary file first, so an interrupted run leaves
+    no half-written table behind."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        with open(out + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(out + ".tmp", out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -221,12 +232,7 @@ def main():
             continue
         rm = f"{m / ref[2]:.2f}×" if ref else ""
         lines.append(f"| {name} | {n / 1e6:.2f} M | {t:.1f} | {rt} | {m:.2f} | {rm} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(args.out + ".tmp", args.out)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
