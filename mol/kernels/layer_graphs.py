@@ -127,6 +127,19 @@ def _capture(step: Callable[[], Any], pool: Any) -> tuple[Any, Any]:
     return graph, out
 
 
+def _static_inputs(args: tuple, copied: tuple[int, ...]) -> list:
+    """A captured step's inputs: what is copied in every call gets a buffer of its own, filled from this call;
+    parameters are used in place. The activations' buffers are dense, so that the (T, n) views the captured steps
+    read exist (a permuted x has none: its reshape would be a copy made once, at capture); a weight's keep its
+    layout (lora_B's is expert-interleaved)."""
+    static = [(torch.empty(t.shape, dtype=t.dtype, device=t.device) if i in _PER_CALL else torch.empty_like(t))
+              if i in copied else t for i, t in enumerate(args)]
+    with torch.no_grad():  # a copy under grad mode would tie the static buffer to the caller's autograd graph
+        for i in copied:
+            static[i].copy_(args[i])
+    return static
+
+
 class _Captured:
     """One signature's forward and backward graphs, their static inputs and outputs."""
 
@@ -137,15 +150,7 @@ class _Captured:
         self.copied = copied
         self.generation = 0
         self.pending: Optional[weakref.ref] = None
-        # static inputs: what is copied in every call gets buffers of its own; parameters are used in place. The
-        # activations' buffers are dense, so that the (T, n) views the captured steps read exist (a permuted x
-        # has none: its reshape would be a copy made once, at capture); a weight's keep its layout (lora_B's is
-        # expert-interleaved)
-        self.static_in = [(torch.empty(t.shape, dtype=t.dtype, device=t.device) if i in _PER_CALL else
-                           torch.empty_like(t)) if i in copied else t for i, t in enumerate(args)]
-        with torch.no_grad():  # a copy under grad mode would tie the static buffer to the caller's autograd graph
-            for i in copied:
-                self.static_in[i].copy_(args[i])
+        self.static_in = _static_inputs(args, copied)
         x = args[0]
         n_out = args[6].shape[1]
         # x, x_lora, base_out and dy keep the caller's leading dims; the captured steps read (T, n) views of them
@@ -186,10 +191,7 @@ class _CapturedForward:
         from mol.kernels.routed_lora import _compute_dtype, _flat, _routed_forward
 
         self.copied = copied
-        self.static_in = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if i in copied else t
-                          for i, t in enumerate(args)]
-        for i in copied:
-            self.static_in[i].copy_(args[i])
+        self.static_in = _static_inputs(args, copied)
         (sx, sxl, sw, sb, sbo, sa, sbb, swr, sn, stw) = self.static_in
         sx, sxl, sbo = _flat(sx), _flat(sxl), _flat(sbo)
 
@@ -275,13 +277,14 @@ class LayerGraphs:
         self.inference_tokens = int(inference_tokens)
         self.captured: dict[tuple, _Captured] = {}
         self.inference: dict[tuple, _CapturedForward] = {}
-        self._warned: set[str] = set()
+        self._warned: set[int] = set()  # the tables (by id) whose full-table warning was given
 
     def _find(self, table: dict, limit: int, args: tuple, copied: tuple[int, ...], weight_fn: Optional[Callable],
-              meta: tuple, full: str) -> Optional[tuple]:
+              meta: tuple, full: Callable[[], str]) -> Optional[tuple]:
         """(key, its capture or None) for a call that may replay one of ``table``'s graphs; None where it runs the
         ordinary kernels: more than ``limit`` tokens, a capture in progress, activation checkpointing, an opaque
-        weight_fn, or a new signature with the table full (then warns once, with ``full``)."""
+        weight_fn, or a new signature with the table full (then warns once per table, with ``full()``: composed
+        only then, not on every call)."""
         x = args[0]
         # x is (..., in): its tokens, not its first dim (as routed_lora_linear counts them)
         if not (0 < math.prod(x.shape[:-1]) <= limit and _capturable(x)) or _checkpointed():
@@ -293,9 +296,9 @@ class LayerGraphs:
         key = (key, torch.is_inference_mode_enabled())
         cap = table.get(key)
         if cap is None and len(table) >= MAX_SIGNATURES:
-            if full not in self._warned:
-                self._warned.add(full)
-                warnings.warn(full, stacklevel=5)
+            if id(table) not in self._warned:
+                self._warned.add(id(table))
+                warnings.warn(full(), stacklevel=5)
             return None
         return key, cap
 
@@ -303,7 +306,7 @@ class LayerGraphs:
         """The graphed forward's outputs (y, aux, hl, gates, ids, stats), or None where this call runs the
         ordinary kernels: see _find, and a pending backward."""
         copied = _copied(args)
-        found = self._find(self.captured, self.max_tokens, args, copied, weight_fn, meta, (
+        found = self._find(self.captured, self.max_tokens, args, copied, weight_fn, meta, lambda: (
             f"MoLLinear (graph_tokens={self.max_tokens}): this layer has captured {MAX_SIGNATURES} call signatures "
             "(token counts, dtypes, weight addresses) and runs the ordinary kernels for new ones. Pad batches to a "
             "few fixed lengths to keep the graphs in use."))
@@ -320,7 +323,7 @@ class LayerGraphs:
         """For a call without gradients: the forward's outputs (y, aux, hl, gates, ids, stats) replayed from a
         captured forward graph, or None where it runs the ordinary kernels (see _find)."""
         copied = tuple(i for i in _PER_CALL if args[i] is not None)
-        found = self._find(self.inference, self.inference_tokens, args, copied, weight_fn, meta, (
+        found = self._find(self.inference, self.inference_tokens, args, copied, weight_fn, meta, lambda: (
             f"MoLLinear (graph_inference_tokens={self.inference_tokens}): this layer has captured {MAX_SIGNATURES} "
             "no-grad call signatures (token counts, dtypes, weight addresses) and runs the ordinary kernels for new "
             "ones. Set graph_inference_tokens to the decode batch size, below the prompt lengths, so that only "
