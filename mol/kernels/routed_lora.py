@@ -1361,17 +1361,13 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     meta = (KINDS[kind], int(top_k), float(scale), float(lb_coef), float(z_coef), eager, lora_A.dtype, lora_B.dtype)
     grad = eager and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w))
-    if graphs is not None and grad:
+    if graphs is not None and (grad or (eager and graphs.inference_tokens)):
         # x keeps its leading dims: the graphs' static buffers take them as they come, the captured steps read
-        # (T, n) views made once at capture, so a replayed call makes no view (an autograd node each, host time)
+        # (T, n) views made once at capture, so a replayed call makes no view (an autograd node each, host time).
+        # Without gradients (generation, evaluation): one copy, one replay and a clone instead of the launches
         args = (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise, token_weights)
-        out = graphs.apply(args, weight_fn, meta, tuple(t is not None and t.requires_grad for t in args))
-        if out is not None:
-            return out
-    elif graphs is not None and eager and graphs.inference_tokens:
-        # generation and evaluation: one copy, one replay and a clone instead of the forward's launches
-        args = (x, x_lora, weight, bias, base_out, lora_A, lora_B, router_w, noise, token_weights)
-        out = graphs.apply_inference(args, weight_fn, meta)
+        out = (graphs.apply(args, weight_fn, meta, tuple(t is not None and t.requires_grad for t in args)) if grad
+               else graphs.apply_inference(args, weight_fn, meta))
         if out is not None:
             return out
     lead = x.shape[:-1] if x.dim() != 2 else None
