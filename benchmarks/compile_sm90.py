@@ -310,30 +310,3 @@ if nf4_mma.AVAILABLE:
     comp_nf4_mma(nf4_mma.CONFIGS[-1], T=5, K=1152, BS=128, bias=True, xdt="fp16")  # pairs: fp16 levels, cpl 2
 else:
     print("nf4 mma decode: this Triton has no Gluon, not built")
-
-# ---------------------------------------------------------------- the routing chain inside the base GEMM, routed_gemm.py
-# forward (W, [A_cat; Wr parts] and B_cat^T stored (N, K), a bias, the gate forward) and backward (row-major W,
-# B_cat^T and [A_cat; Wr], dhl token-minor, the gate backward with the aux losses' gradient), at every base config
-from mol.kernels import routed_gemm as rg  # noqa: E402
-
-# (and at the first config, E=32 top-4 r=8: 32-wide router tiles, the gate epilogue's smaller step)
-for cfg, backward, (rank, top_k, e) in ([(c, b, (16, 2, 8)) for c in bg.CONFIGS for b in (False, True)]
-                                       + [(bg.CONFIGS[0], b, (8, 4, 32)) for b in (False, True)]):
-    bm, bn, bk, group_m, warps, stages, epi = cfg
-    dt, sn, fwd, ep = "bf16", rg.SIDE_N, not backward, rl._ep(e)
-    gbt, br = rg._gate_tile(bm, ep, rank * e, backward)
-    sig = {"a_desc": f"tensordesc<{dt}[{bm}, {bk}]>", "b_desc": f"tensordesc<{dt}[{bn}, {bk}]>" if fwd else f"tensordesc<{dt}[{bk}, {bn}]>",
-           "s_desc": f"tensordesc<{dt}[{sn}, {bk}]>" if fwd else f"tensordesc<{dt}[{bk}, {sn}]>",
-           "v_desc": f"tensordesc<{dt}[{bn}, {bk}]>" if fwd else f"tensordesc<{dt}[{bk}, {bn}]>",
-           "c_desc": f"tensordesc<{dt}[{bm}, {bn // epi}]>", "bias_ptr": f"*{dt}", "side_ptr": "*fp32", "u_ptr": f"*{dt}",
-           "sync_ptr": "*i32", "hl_ptr": "*fp32", "noise_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64",
-           "stats_ptr": "*fp32", "aux_ptr": "*fp32", "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "part_scale": "fp32",
-           **{n: "i32" for n in "M N K N_SIDE LD_SIDE KR SU_T SU_C R E LD_HL SLACK Q_SLACK Q_OTHER".split()}}
-    const = dict(BM=bm, BN=bn, BK=bk, GROUP_M=group_m, SN=sn, B_T=fwd, S_T=fwd, V_T=fwd, HAS_BIAS=fwd, EPI_SPLIT=epi,
-                 NUM_PROGS=132, F32_DOT=False, BACKWARD=backward, RANK=rank, TOPK=top_k, KIND=0, EP=ep, GBT=gbt, BR=br,
-                 HAS_NOISE=False, HAS_AUX=backward, SELECT=True, NPARTS=1 if backward else rl.ROUTER_PARTS)
-    sig.update({k: "constexpr" for k in const})
-    k = triton.compile(ASTSource(fn=rg._routed_gemm_kernel, signature=sig, constexprs=const), target=tgt,
-                       options={"num_warps": warps, "num_stages": stages})
-    print(f"_routed_gemm_kernel {cfg} {'backward' if backward else 'forward'} E={e} r={rank} gate step ({gbt}, {br}): "
-          f"compiled for sm_90, {_resources(k.asm['cubin'])}, {k.metadata.shared} bytes shared")

@@ -1,7 +1,7 @@
 """GPU correctness of the fused routed-layer path (mol.kernels.routed_lora) at real sizes against float64.
 
     python benchmarks/gpu_check_routed.py [--small-t | --quick] [--router tf32x2] [--gate-columns select]
-                                          [--shrink triton] [--base triton] [--fused on] [--padding]
+                                          [--shrink triton] [--base triton] [--padding]
 
 Router + experts + auxiliary losses: output, aux loss and the gradients of x, x_lora (dropout mode), base_out,
 lora_A, lora_B (contiguous, and in MoLLinear's expert-interleaved layout) and the router weight, against
@@ -13,9 +13,6 @@ kernel with the experts' product as extra K (mol.kernels.base_gemm; `--base trit
 the default "auto" takes whichever of it and cuBLAS timed faster). Pass: bf16 < 1e-2, float32 < 1e-4, and the router logits (hl's last E columns) within 5e-5 of
 the largest logit: float32-class scores (the one-GEMM shrink's tensor-core sums measured 4.7e-6 at 4096 features
 and 1.2e-5 at 11008, tf32x3 ~4e-7), where Wr rounded to bf16 would be ~1e-3 off.
-`--fused on` runs the routing chain inside the base GEMMs (mol.kernels.routed_gemm) wherever it can (16-byte aligned
-rows: the 4096 -> 11008 cases, whose modes then alternate between the two that own the base GEMM, weight and
-weight_fn) and prints how many passes it ran.
 `--padding` marks about 30% of the tokens as padding (token_weights = 0): the router losses, their gradients and the
 statistics then count the real tokens only (the reference computes them on those rows alone).
 Exit code 1 on any failure.
@@ -29,7 +26,6 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol.kernels.base_gemm as bg  # noqa: E402
 import mol.kernels.grouped_lora as gl  # noqa: E402
-from mol.kernels import routed_gemm as rg  # noqa: E402
 from mol.kernels import routed_lora as rl  # noqa: E402
 from tests.reference import interleaved, routed_layer_float64  # noqa: E402
 
@@ -97,20 +93,9 @@ def main():
                     help="the large-T shrink + router scores: one cuBLAS GEMM or the Triton kernel (routed_lora.SHRINK)")
     ap.add_argument("--base", choices=list(bg._CHOICES), default=None,
                     help="the base GEMM with the experts' product as extra K: Triton, cuBLAS or the faster (auto)")
-    ap.add_argument("--fused", choices=list(rg._CHOICES), default=None,
-                    help="the routing chain inside the base GEMMs (mol.kernels.routed_gemm.FUSED)")
     ap.add_argument("--padding", action="store_true",
                     help="~30%% of the tokens are padding (token_weights): losses and statistics of the real ones")
     args = ap.parse_args()
-    if args.fused:
-        rg.FUSED = args.fused
-    fused_passes = []
-    launch = rg._launch
-
-    def counted(*a, **kw):
-        fused_passes.append(a[-4])  # _launch(..., backward, has_aux, nparts, cfg)
-        return launch(*a, **kw)
-    rg._launch = counted
     if args.base:
         bg.BASE_GEMM = args.base
     if args.shrink:
@@ -121,7 +106,7 @@ def main():
         rl.GATE_COLUMNS = args.gate_columns
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, shrink {rl.SHRINK}, router {rl.ROUTER_PRECISION}, "
-          f"gate columns {rl.GATE_COLUMNS}, base GEMM {bg.BASE_GEMM}, fused routed GEMM {rg.FUSED}", flush=True)
+          f"gate columns {rl.GATE_COLUMNS}, base GEMM {bg.BASE_GEMM}", flush=True)
     t_start = time.time()
     tile_variants = [None]
     if args.small_t:  # one config each (no autotuning): the FMA path (T = 1) capped at 168 registers a thread,
@@ -143,8 +128,7 @@ def main():
                                                  args.padding)
         print(f"fused routed layer: {n - fails}/{n} cases pass; worst relative error among cases with identical "
               f"routing: bf16 {worst[torch.bfloat16]:.2e}, fp32 {worst[torch.float32]:.2e}; worst router logit "
-              f"error {worst_logit:.1e} of the largest ({time.time() - t_start:.0f} s); fused routed GEMM passes: "
-              f"{fused_passes.count(False)} forward, {fused_passes.count(True)} backward", flush=True)
+              f"error {worst_logit:.1e} of the largest ({time.time() - t_start:.0f} s)", flush=True)
         if fails:
             sys.exit(1)
 
@@ -162,8 +146,6 @@ def run_cases(t_values, gen, dtypes, pad=False):
             for n_in, n_out in ((4095, 11008), (11008, 4095)) + (((4096, 11008),) if T > rl.SMALL_T_MAX else ()):
                 for E, K, kind in routes:
                     mode = modes[i % len(modes)]
-                    if rg.FUSED != "off" and n_in % 8 == 0 and n_out % 8 == 0:
-                        mode = ("weight", "weight_fn")[i % 2]  # the modes whose base GEMM the layer runs
                     i += 1
                     r = 8 if E == 64 else 16
                     errs, mism, logit_err = check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen, pad)

@@ -11,8 +11,8 @@ the graphs (and the bare base's) are replayed in turn, `--rounds` times; the tab
 rounds and its ratio to the base's median. A variant is `default` or comma-joined switches: gate=onehot|select
 (routed_lora.GATE_COLUMNS), router=tf32x3|tf32x2 (ROUTER_PRECISION), du=cublas|triton (grouped_lora.DU_CUBLAS),
 shrink=gemm|triton (routed_lora.SHRINK), base=auto|cublas|triton (base_gemm.BASE_GEMM), dhl=tokens|rows
-(routed_lora.DHL_TOKEN_MINOR), fused=auto|on|off (routed_gemm.FUSED), gluon=on|off (base_gemm.GLUON: whether the
-base-GEMM tuner also times the Gluon kernel).
+(routed_lora.DHL_TOKEN_MINOR), gluon=on|off (base_gemm.GLUON: whether the base-GEMM tuner also times the Gluon
+kernel).
 `--nf4` also times each variant on an NF4 base (QLoRA-MoL).
 """
 import argparse
@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol  # noqa: E402
 import mol.kernels.base_gemm as bg  # noqa: E402
 import mol.kernels.grouped_lora as gl  # noqa: E402
-import mol.kernels.routed_gemm as rg  # noqa: E402
 import mol.kernels.routed_lora as rl  # noqa: E402
 from bench_layer import interleaved_graph_times, mol_layer, mol_step  # noqa: E402
 from mol.quant import NF4Linear  # noqa: E402
@@ -38,7 +37,6 @@ SWITCHES = {"gate": (rl, "GATE_COLUMNS", {"onehot": "onehot", "select": "select"
             "shrink": (rl, "SHRINK", {"gemm": "gemm", "triton": "triton"}),
             "base": (bg, "BASE_GEMM", {"auto": "auto", "cublas": "cublas", "triton": "triton"}),
             "dhl": (rl, "DHL_TOKEN_MINOR", {"tokens": True, "rows": False}),
-            "fused": (rg, "FUSED", {"auto": "auto", "on": "on", "off": "off"}),
             "gluon": (bg, "GLUON", {"on": True, "off": False})}
 
 

@@ -360,18 +360,17 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     # 18 large-T (one with the tf32x2 router; the gate kernels with each GATE_COLUMNS and both router score forms;
-    # the one-GEMM shrink's operand kernel for bf16 and fp16) + 5 small-T + the base GEMM (forward and backward forms) at
-    # each of its configs + the given-routing path's 2 gate kernels + the Gluon NF4 decode kernel at each of its configs
-    # and 7 variants (where Triton has Gluon) + the fused routed GEMM (forward and backward) at each base config and
-    # at E=32
-    # + the Gluon base GEMM (forward with bias, backward, no extra K) at each of its configs
+    # the one-GEMM shrink's operand kernel for bf16 and fp16) + 5 small-T + the given-routing path's 2 gate kernels
+    # + the base GEMM (forward and backward forms) at each of its configs + the Gluon NF4 decode kernel at each of
+    # its configs and 7 variants (where Triton has Gluon) + the Gluon base GEMM (forward with bias, backward, no
+    # extra K) at each of its configs
     from mol.kernels import base_gemm as bg
     from mol.kernels import base_gemm_gluon as bgg
     from mol.kernels import nf4_mma
 
     n_mma = len(nf4_mma.CONFIGS) + 7 if nf4_mma.AVAILABLE else 0
     n_gluon = 3 * len(bgg.CONFIGS) if bgg.AVAILABLE else 0
-    assert res.stdout.count("compiled for sm_90") == 25 + 4 * len(bg.CONFIGS) + 2 + n_mma + n_gluon
+    assert res.stdout.count("compiled for sm_90") == 25 + 2 * len(bg.CONFIGS) + n_mma + n_gluon
 
 
 @pytest.mark.parametrize("shrink", rl._SHRINK_CHOICES)
@@ -439,164 +438,3 @@ def test_unknown_gate_columns_is_named(monkeypatch):
     hl, stats, _ = rl.route_shrink_impl(torch.randn(3, 8), None, torch.randn(4, 8), torch.randn(2, 8))
     with pytest.raises(ValueError, match="GATE_COLUMNS='scatter'"):
         rl.gate_fwd_impl(hl, stats, None, 4, 2, 0, 1, 1.0, torch.float32, 0.0, 0.0)
-
-
-# ----------------------------------------------------------------------------- the routing chain inside the base GEMM
-# (mol.kernels.routed_gemm, routed_gemm.FUSED): side tiles of the shrink / du, the gate as their epilogue, flags
-
-FUSED_CASES = [  # T, in, out, E, r, K, kind: in, out and E*r multiples of 8 (TMA's 16-byte rows)
-    (40, 64, 48, 4, 8, 2, "topk"),  # R + 3E = 44: three 16-wide side tiles a row block, the last partial
-    # T not a multiple of the 16-row tile: a partial last row block. (Not E=2: with two experts the router's two
-    # logit gradients cancel across tokens, and dWr, computed from bf16 dlogits on every path, came 2.3e-2 from
-    # float64 for one input of 25, fused and unfused alike.)
-    (33, 48, 80, 4, 8, 1, "switch"),
-    (20, 32, 32, 4, 4, 4, "soft"),
-    (37, 40, 24, 8, 2, 3, "topk"),  # R = 16, R + 3E = 40
-]
-
-
-def _fused_launches(monkeypatch) -> list:
-    from mol.kernels import routed_gemm as rg
-
-    monkeypatch.setattr(rg, "FUSED", "on")
-    calls = []
-    launch = rg._launch
-
-    def counted(*args, **kwargs):
-        calls.append(args[-4])  # _launch(..., backward, has_aux, nparts, cfg)
-        return launch(*args, **kwargs)
-    monkeypatch.setattr(rg, "_launch", counted)
-    return calls
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", ["weight", "weight_fn"])
-@pytest.mark.parametrize("case", FUSED_CASES)
-def test_routed_layer_fused_gemm_matches_float64(case, mode, dtype, monkeypatch):
-    """routed_gemm.FUSED="on": the forward and the dx GEMM each one launch with the routing chain inside; output,
-    aux, routing and every gradient against float64 as the unfused path is checked."""
-    calls = _fused_launches(monkeypatch)
-    _check_layer(case, mode, dtype)
-    assert calls == [False, True]  # the forward, then the backward, each fused
-
-
-@pytest.mark.parametrize("quota", [0, 1, 100])
-def test_fused_gemm_base_tiles_claim_side_tiles(quota, monkeypatch):
-    """Whatever the side tiles each program claims up front (none, one, all), base tiles claim what their row
-    block still needs before they start: the same results, and no program waits for a side tile nobody claimed
-    (under the interpreter, which runs programs one after another, such a wait would never end)."""
-    from mol.kernels import routed_gemm as rg
-
-    monkeypatch.setattr(rg, "SIDE_QUOTA", quota)
-    calls = _fused_launches(monkeypatch)
-    _check_layer(FUSED_CASES[0], "weight", torch.bfloat16)
-    assert calls == [False, True]
-
-
-def test_fused_gemm_agrees_with_unfused_and_leaves_its_workspace_zero(monkeypatch):
-    """Fused and unfused passes on the same inputs: the same float32 router scores and routing (the gate runs the
-    same functions), y and dx equal up to float32 summation order; the tickets, flags and claim counter are one
-    cached buffer that each launch must leave zero (or the next launch skips a side tile and waits forever)."""
-    from mol.kernels import routed_gemm as rg
-
-    T, n_in, n_out, E, r, K = 45, 64, 56, 4, 8, 2
-    g = torch.Generator().manual_seed(5)
-    dt = torch.bfloat16
-    x = torch.randn(T, n_in, generator=g).to(dt)
-    W = (torch.randn(n_out, n_in, generator=g) / n_in ** 0.5).to(dt)
-    bias = torch.randn(n_out, generator=g).to(dt)
-    A = (torch.randn(E, r, n_in, generator=g) / n_in ** 0.5).to(dt)
-    B = interleaved(torch.randn(E, n_out, r, generator=g).to(dt))
-    Wr = torch.randn(E, n_in, generator=g) / n_in ** 0.5
-    noise = torch.randn(T, E, generator=g)
-    dy = torch.randn(T, n_out, generator=g).to(dt)
-    gl._ZEROED.clear()
-    outs = {}
-    for mode in ("off", "on", "on"):
-        monkeypatch.setattr(rg, "FUSED", mode)
-        xs, As, Bs = (t.clone().requires_grad_() for t in (x, A, B))
-        y, aux, hl, gates, ids, stats = rl.routed_lora_linear(xs, As, Bs, Wr, "topk", K, 0.5, weight=W, bias=bias,
-                                                              noise=noise, lb_coef=0.1, z_coef=0.01)
-        torch.autograd.backward([y, aux], [dy, torch.tensor(2.0)])
-        outs.setdefault(mode, []).append((y, aux, hl, gates, ids, stats, xs.grad, As.grad, Bs.grad))
-        for key, buf in gl._ZEROED.items():
-            assert torch.count_nonzero(buf) == 0, f"{key}: {torch.count_nonzero(buf)} words left set"
-    (ref,), (first, second) = outs["off"], outs["on"]
-    for name, a, b, c in zip(("y", "aux", "hl", "gates", "ids", "stats", "dx", "dA", "dB"), ref, first, second):
-        assert torch.equal(b, c), f"{name}: a second fused launch on the reused workspace differs"
-        if name in ("ids", "gates", "stats", "hl"):
-            assert torch.equal(a, b) if name == "ids" else torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
-        else:
-            assert rel(b, a) < 1e-2, name
-
-
-def test_fused_gemm_falls_back_where_tma_cannot_read(monkeypatch):
-    """E*r = 12: B_cat^T's rows are 24 bytes, not TMA's 16-byte multiple, so the unfused path runs (and is right)."""
-    calls = _fused_launches(monkeypatch)
-    _check_layer((40, 64, 48, 4, 3, 2, "topk"), "weight", torch.bfloat16)
-    assert calls == []
-
-
-def test_fused_gemm_falls_back_where_the_output_rows_are_unaligned(monkeypatch):
-    """19 output features: y's rows (and dy's) are 38 bytes, which TMA cannot store (or read): both passes, and
-    the base GEMM itself, run without it (the H200 check crashed here at 11008 -> 4095, RESULTS run 35)."""
-    calls = _fused_launches(monkeypatch)
-    _check_layer((40, 40, 19, 4, 4, 2, "topk"), "weight", torch.bfloat16)
-    assert calls == []
-
-
-def test_unknown_fused_gemm_is_named(monkeypatch):
-    from mol.kernels import routed_gemm as rg
-
-    monkeypatch.setattr(rg, "FUSED", "always")
-    x = torch.randn(20, 8, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="FUSED='always'"):
-        rg.config(x, torch.randn(8, 8, dtype=torch.bfloat16), True, torch.empty(20, 8, dtype=torch.bfloat16),
-                  torch.randn(8, 4, dtype=torch.bfloat16), None, torch.randn(8, 8, dtype=torch.bfloat16))
-
-
-def test_fused_gemm_auto_takes_large_calls_where_base_gemm_runs_triton(monkeypatch):
-    """FUSED="auto": fused above base_gemm.EAGER_CUBLAS_ROWS tokens where base_gemm's plan is the Triton kernel,
-    unfused at or below it, and unfused wherever the base GEMM is cuBLAS."""
-    from mol.kernels import base_gemm as bg
-    from mol.kernels import routed_gemm as rg
-
-    monkeypatch.setattr(rg, "FUSED", "auto")
-    monkeypatch.setattr(bg, "EAGER_CUBLAS_ROWS", 16)
-    w, v, side = (torch.randn(*s).to(torch.bfloat16) for s in ((48, 64), (48, 16), (28, 64)))  # v.t(): B_cat
-
-    def cfg(t):
-        return rg.config(torch.randn(t, 64).to(torch.bfloat16), w, True, torch.empty(t, 16, dtype=torch.bfloat16),
-                         v.t(), None, side)
-    assert cfg(40) == bg._INTERPRET_CONFIG and cfg(16) is None
-    monkeypatch.setattr(bg, "BASE_GEMM", "cublas")
-    assert cfg(40) is None
-
-
-def test_mollinear_runs_the_fused_gemm_when_switched_on(monkeypatch):
-    """A bf16 MoLLinear on backend='triton' (a user's layer, 3-D input, router aux loss) with FUSED="on": both
-    passes fused, and output, aux loss, routing and gradients as with FUSED="off"."""
-    from mol import MoLLinear
-    from mol.kernels import routed_gemm as rg
-
-    base = torch.nn.Linear(32, 24).to(torch.bfloat16)
-    layer = MoLLinear(base, num_experts=4, top_k=2, rank=8, alpha=16, backend="triton").to(torch.bfloat16)
-    with torch.no_grad():
-        layer.lora_B.normal_()  # lora_B starts at zero: make the experts' delta count
-    x = torch.randn(2, 20, 32).to(torch.bfloat16)
-    w_y = torch.randn(2, 20, 24).to(torch.bfloat16)
-    runs = {}
-    calls = _fused_launches(monkeypatch)
-    for mode in ("off", "on"):
-        calls.clear()
-        monkeypatch.setattr(rg, "FUSED", mode)
-        layer.zero_grad()
-        xs = x.clone().requires_grad_()
-        y = layer(xs)
-        aux = layer.aux_loss()
-        ((y.float() * w_y.float()).sum() + aux).backward()
-        runs[mode] = (list(calls), y, aux, layer.last_stats["counts"], xs.grad, layer.lora_A.grad.clone(),
-                      layer.lora_B.grad.clone(), layer.router.weight.grad.clone())
-    assert runs["off"][0] == [] and runs["on"][0] == [False, True]
-    for name, a, b in zip(("y", "aux", "counts", "dx", "dA", "dB", "dWr"), runs["off"][1:], runs["on"][1:]):
-        assert (torch.equal(a, b) if name == "counts" else rel(b, a) < 1e-2), name

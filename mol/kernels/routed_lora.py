@@ -797,21 +797,6 @@ def _part_scale(dtype: torch.dtype) -> float:
     return 1.0 if dtype == torch.bfloat16 else 2.0 ** 11
 
 
-def shrink_operand(x: torch.Tensor, a_cat: torch.Tensor, router_w: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w_ext, stats): the one-GEMM shrink's operand [A_cat; Wr's ROUTER_PARTS 16-bit parts] (R + parts*E, in) in
-    x's dtype, and the gate's statistics (2E+2,) zeroed, by one launch."""
-    r_tot, n_in = a_cat.shape
-    e = router_w.shape[0]
-    n_parts = ROUTER_PARTS
-    w_ext = gl._alloc((r_tot + n_parts * e, n_in), x)
-    stats = torch.empty(2 * e + 2, device=x.device, dtype=torch.float32)
-    block = 1024 if not gl._INTERPRET else 64
-    _router_parts_kernel[(r_tot + n_parts * e, gl._cdiv(n_in, block))](
-        a_cat, router_w, w_ext, stats, r_tot, e, n_in, _part_scale(x.dtype), NPARTS=n_parts, EP=_ep(e), BLOCK=block)
-    return w_ext, stats
-
-
 def route_shrink_gemm(x: torch.Tensor, a_cat: torch.Tensor, router_w: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hl (T, R + ROUTER_PARTS*E) float32 = x @ [A_cat; parts of Wr]^T, one pass over x (cuBLAS, float32
@@ -819,8 +804,16 @@ def route_shrink_gemm(x: torch.Tensor, a_cat: torch.Tensor, router_w: torch.Tens
     into hl's last E columns, which from then on hold the logits. stats: (2E+2,) zeros. w_dx: the operand's
     first R+E rows, [A_cat; Wr rounded to x's dtype] (the first part is that rounding), which is what the
     backward's dx = dhl @ [A_cat; Wr] multiplies by: kept, it saves the backward a cat and a cast."""
-    w_ext, stats = shrink_operand(x, a_cat, router_w)
-    return gl._mm_f32(x, w_ext.t()), stats, w_ext[:a_cat.shape[0] + router_w.shape[0]]
+    r_tot, n_in = a_cat.shape
+    e = router_w.shape[0]
+    n_parts = ROUTER_PARTS
+    w_ext = gl._alloc((r_tot + n_parts * e, n_in), x)
+    stats = torch.empty(2 * e + 2, device=x.device, dtype=torch.float32)
+    block = 1024 if not gl._INTERPRET else 64
+    # one launch builds the operand and zeroes stats
+    _router_parts_kernel[(r_tot + n_parts * e, gl._cdiv(n_in, block))](
+        a_cat, router_w, w_ext, stats, r_tot, e, n_in, _part_scale(x.dtype), NPARTS=n_parts, EP=_ep(e), BLOCK=block)
+    return gl._mm_f32(x, w_ext.t()), stats, w_ext[:r_tot + e]
 
 
 def route_shrink_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.Tensor,
@@ -1096,7 +1089,7 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
     r_tot = e * rank
     a_cat = lora_A.reshape(r_tot, n_in)
     n_real = None if token_w is None else token_w.sum()
-    # the one-launch decode kernel and the fused base GEMM weigh every token alike: token weights take the others
+    # the one-launch decode kernel weighs every token alike: token weights take the other kernels
     if 0 < x.shape[0] <= SMALL_T_MAX and token_w is None:  # decode: one launch, the base GEMV included
         w = weight if weight is not None or weight_fn is None else weight_fn(x.dtype)
         y, hl, gates, ids, u, stats, aux = small_t(x, x_lora, a_cat, router_w, w, bias, base_out, lora_B, noise,
@@ -1105,26 +1098,13 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
         w_dx = None
     else:
         b_cat = gl._b_cat(lora_B)  # (R, out): a view of MoLLinear's expert-interleaved lora_B
-        w = None
-        if eager and base_out is None and token_w is None and rg.FUSED != "off" and _shrink_by_gemm(x, x_lora):
-            w = weight if weight is not None else weight_fn(x.dtype)
-            w_ext, stats = shrink_operand(x, a_cat, router_w)
-            u = gl._alloc((x.shape[0], r_tot), x)
-            cfg = rg.config(x, w, True, u, b_cat, bias, w_ext)
-            if cfg is not None:  # the shrink and the gate inside the base GEMM (routed_gemm)
-                y, hl, gates, ids, u, aux = rg.routed_forward(x, w, bias, w_ext, stats, b_cat, u, noise, rank,
-                                                              kind, top_k, scale, lb_coef, z_coef, cfg)
-                del w
-                return y, aux, hl, gates, ids, u, stats, w_ext[:r_tot + e], n_real
-            hl, w_dx = gl._mm_f32(x, w_ext.t()), w_ext[:r_tot + e]  # route_shrink_gemm, on the operand built
-        else:
-            hl, stats, w_dx = shrink(x, x_lora, a_cat, router_w)
+        hl, stats, w_dx = shrink(x, x_lora, a_cat, router_w)
         gates, ids, u, aux = gate_fwd(hl, stats, noise, r_tot, rank, kind, top_k, scale, x.dtype, lb_coef,
                                       z_coef, token_w, n_real)
         if base_out is None:
-            # y = x W^T + u B_cat (+ bias): the experts' product is R more K steps of the base GEMM (base_gemm)
-            if w is None:  # (materialized after the shrink and the gate, so a dequantized NF4 weight lives less)
-                w = weight if weight is not None else weight_fn(x.dtype)
+            # y = x W^T + u B_cat (+ bias): the experts' product is R more K steps of the base GEMM (base_gemm);
+            # the weight is materialized after the shrink and the gate, so a dequantized NF4 weight lives less
+            w = weight if weight is not None else weight_fn(x.dtype)
             y = base_mm(x, w, True, u, b_cat, False, bias)
             del w  # a dequantized scratch weight (NF4) is not kept for backward: weight_fn runs again there
         else:
@@ -1202,29 +1182,16 @@ def _routed_backward(dy, daux, saved, need, weight_fn, meta):
         dy = dy.contiguous()
     a_cat = lora_A.reshape(r_tot, n_in)
     dx = dx_lora = d_base = dA = dB = dWr = None
-    # the dense base weight, if this function owns the base GEMM (re-dequantized for an NF4 base)
-    owns_base = need[0] and (weight is not None or weight_fn is not None)
-    w = cfg = None
-    if (owns_base and eager and x_lora is None and token_w is None and x.shape[0] > SMALL_T_MAX
-            and rg.FUSED != "off"):
+    du = lora_du(dy, lora_B)
+    dhl = gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dt, token_w, n_real)
+    del du
+    # the dense base weight, if this function owns the base GEMM (re-dequantized for an NF4 base), after du and
+    # dhl: a dequantized weight is not held beside them
+    w = None
+    if need[0] and (weight is not None or weight_fn is not None):
         w = weight if weight is not None else weight_fn(dt)
-        if w_dx is None:
-            w_dx = torch.cat([a_cat, router_w.to(dt)])
-        b_t = lora_B.permute(1, 0, 2).reshape(n_out, r_tot)  # (out, R): a view of MoLLinear's layout
-        dhl = _dhl_buffer(x.shape[0], r_tot + e, hl, dt)
-        cfg = rg.config(dy, w, False, dhl, w_dx, None, b_t)
-    if cfg is not None:  # du and the gate backward inside the dx GEMM (routed_gemm)
-        dx, dhl = rg.routed_backward(dy, w, b_t, hl, noise, gates, ids, stats, daux, w_dx, dhl, rank, kind,
-                                     scale, lb_coef, z_coef, cfg)
-    else:
-        du = lora_du(dy, lora_B)
-        dhl = gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dt, token_w,
-                       n_real)
-        del du
-        if owns_base and w is None:  # after du and dhl: a dequantized weight is not held beside them
-            w = weight if weight is not None else weight_fn(dt)
     if x_lora is None:  # the router and the experts read the same x: one dx GEMM, one weight-gradient GEMM
-        if need[0] and dx is None:
+        if need[0]:
             dx = _dx(base_mm, dy, w, dhl, w_dx if w_dx is not None else torch.cat([a_cat, router_w.to(dt)]))
         if need[5] or need[7]:
             d_ext = _wgrad(dhl.t(), x, a_dtype, eager)
@@ -1384,5 +1351,3 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
                                                             lora_B, router_w, noise, token_weights, meta)
     return y if lead is None else y.view(*lead, y.shape[-1]), aux, hl, gates, ids, stats
 
-
-from mol.kernels import routed_gemm as rg  # noqa: E402  (it builds on this module's gate functions)
