@@ -182,8 +182,7 @@ def comp_nf4(cfg, T=1, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
            "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
            "ws_ptr": "*fp32", "ticket_ptr": "*i32", "T": "i32", "N": "i32", "stride_xt": "i32", "stride_yt": "i32"}
     const = dict(K=K, BS=BS, NBS=256, NESTED=nested, HAS_BIAS=bias, BLOCK_T=block_t, IEEE=xdt == "fp32",
-                 **{"SPLIT_K": 1, "X_ASM": False,
-                    **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}})
+                 **{"SPLIT_K": 1, **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}})
     sig.update({k: "constexpr" for k in const})
     div16 = {"stride_xt", "stride_yt", "N"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*") or n in div16}
@@ -221,14 +220,6 @@ comp_nf4(dict(nf4k.FMA_CONFIGS[0], SPLIT_K=4), T=1)  # split-K: partials, ticket
 comp_nf4(dict(nf4k.FMA_CONFIGS[0], SPLIT_K=4), T=2, bias=True)
 comp_nf4(dict(nf4k.DOT_CONFIGS[1], SPLIT_K=8), T=16)
 comp_nf4(dict(nf4k.DOT_CONFIGS[0], SPLIT_K=3, num_stages=3), T=16, K=14336)
-# X_ASM, x's pairs and the absmax codes by inline-PTX loads (nf4._x_pairs, _load_step): the LUT=5 configs at T = 1 and 2, fp16, K = 14336, and a row
-# the step does not divide (the kernel keeps tl.load there)
-for c in nf4k.FMA_CONFIGS[:4]:
-    comp_nf4(dict(c, X_ASM=True), T=1)
-    comp_nf4(dict(c, X_ASM=True), T=2, bias=True)
-comp_nf4(dict(nf4k.FMA_CONFIGS[0], X_ASM=True), T=1, nested=False, bias=True, xdt="fp16")
-comp_nf4(dict(nf4k.FMA_CONFIGS[1], X_ASM=True), T=1, K=14336)
-comp_nf4(dict(nf4k.FMA_CONFIGS[2], X_ASM=True), T=1, K=192, BS=128)
 
 # ---------------------------------------------------------------- NF4 decode on tensor cores from registers (Gluon)
 # the same function as one Gluon pipeline (mol/kernels/base_gemm_gluon.py), at every config it tunes: the forward

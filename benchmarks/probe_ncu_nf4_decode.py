@@ -3,8 +3,7 @@
     ncu --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section SchedulerStats python benchmarks/probe_ncu_nf4_decode.py
 
-4096x4096 bf16, in this order: the T = 1 FMA kernel ((16, 512) tile, LUT=5) with x by tl.load, the same with X_ASM
-(x and the absmax codes by inline PTX), the T = 1 bf16 GEMV, the T = 16 Gluon MMA kernel with the fastest plain
+4096x4096 bf16, in this order: the T = 1 FMA kernel ((16, 512) tile, LUT=5), the T = 1 bf16 GEMV, the T = 16 Gluon MMA kernel with the fastest plain
 and the fastest pairs configs of RESULTS run 40 (where Triton has Gluon), and the T = 16 GEMV. Runs 13-14 read
 the decode kernels as bound by each warp's chain of dependent steps (load, lookups, FMA or MMA, scale) with few
 warps to hide it; the warp-state sections say what they stall on. ncu runs each kernel alone (caches flushed), so
@@ -21,10 +20,8 @@ from mol.kernels import nf4 as nf4k  # noqa: E402
 from mol.kernels import nf4_mma  # noqa: E402
 from mol.quant import quantize_nf4  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from probe_nf4_x_asm import FIXED as FMA  # noqa: E402  (the T = 1 config the A/B times)
-
 DEV, DT = "cuda", torch.bfloat16
+FMA = dict(BLOCK_N=16, BLOCK_KB=512, LUT=5, num_warps=4, SPLIT_K=1, num_stages=3)
 MMA_PLAIN = dict(warps_k=4, warps_m=1, m_rep=1, cpl=4, split_k=1, prefetch=False, maxnreg=128)
 MMA_PAIRS = dict(warps_k=4, warps_m=1, m_rep=1, cpl=2, split_k=1, prefetch=True, maxnreg=128, pairs=True)
 
@@ -36,7 +33,6 @@ def main():
     x1 = torch.randn(1, 4096, device=DEV, dtype=DT, generator=g)
     x16 = torch.randn(16, 4096, device=DEV, dtype=DT, generator=g)
     calls = [lambda: nf4k.nf4_matmul_small(x1, p, config=FMA),
-             lambda: nf4k.nf4_matmul_small(x1, p, config=dict(FMA, X_ASM=True)),
              lambda: F.linear(x1, w)]
     if nf4_mma.AVAILABLE:
         calls += [lambda: nf4_mma.nf4_matmul_mma(x16, p, None, MMA_PLAIN),

@@ -10,8 +10,8 @@ The read-only NF4 time over the GEMV's is the best ratio any kernel could reach 
 
 `--sweep` also splits the T = 1 decode time into a fixed part and a part per byte, to tell machines apart (RESULTS
 run 40: the same code ran 4096^2 at 5.1-5.4 us on one H100 and at 6.1-6.4 on four others). An empty kernel's
-replay time (1 and 256 programs), then the bf16 GEMV and the NF4 kernel (one fixed config, (16, 512) LUT=5, with
-x by tl.load and by inline PTX, X_ASM) over K = 1024..16384 at N = 4096 and N = 1024..16384 at K = 4096, and a
+replay time (1 and 256 programs), then the bf16 GEMV and the NF4 kernel (one fixed config, (16, 512) LUT=5)
+over K = 1024..16384 at N = 4096 and N = 1024..16384 at K = 4096, and a
 least-squares line through each: time = intercept + bytes / slope. Replays leave weights under ~50 MB in L2 (every
 NF4 shape here, and the smaller bf16 ones), so the slope is not a DRAM rate: compare it between machines.
 """
@@ -29,10 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mol.kernels import nf4 as nf4k  # noqa: E402
 from mol.quant import quantize_nf4  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from probe_nf4_x_asm import FIXED  # noqa: E402  (the T = 1 config both probes time)
-
 DEV, DT = "cuda", torch.bfloat16
+FIXED = dict(BLOCK_N=16, BLOCK_KB=512, LUT=5, num_warps=4, SPLIT_K=1, num_stages=3)  # the T = 1 config --sweep times
 
 
 @triton.jit
@@ -83,26 +81,20 @@ def sweep():
           f"256 programs {bench(lambda: _empty_kernel[(256,)](buf)):.2f} µs")
     cfg = FIXED
     g = torch.Generator(device=DEV).manual_seed(0)
-    print("| out x in | bf16 GEMV µs | NF4 T=1 µs (x by tl.load) | NF4 T=1 µs (X_ASM) | NF4 MB | "
-          "X_ASM == tl.load |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    pts = {"gemv": [], "nf4": [], "x_asm": []}
+    print("| out x in | bf16 GEMV µs | NF4 T=1 µs | NF4 MB |")
+    print("| --- | --- | --- | --- |")
+    pts = {"gemv": [], "nf4": []}
     for n_out, n_in in [(4096, 1024), (4096, 2048), (4096, 4096), (4096, 8192), (4096, 16384), (1024, 4096),
                         (2048, 4096), (8192, 4096), (16384, 4096)]:
         W = (torch.randn(n_out, n_in, device=DEV, generator=g) * 0.02).to(DT)
         p = quantize_nf4(W)
         x = torch.randn(1, n_in, device=DEV, generator=g).to(DT)
-        same = torch.equal(nf4k.nf4_matmul_small(x, p, config=cfg),
-                           nf4k.nf4_matmul_small(x, p, config=dict(cfg, X_ASM=True)))
-        t = {"gemv": bench(lambda: F.linear(x, W)), "nf4": bench(lambda: nf4k.nf4_matmul_small(x, p, config=cfg)),
-             "x_asm": bench(lambda: nf4k.nf4_matmul_small(x, p, config=dict(cfg, X_ASM=True)))}
+        t = {"gemv": bench(lambda: F.linear(x, W)), "nf4": bench(lambda: nf4k.nf4_matmul_small(x, p, config=cfg))}
         mb = (p.codes.numel() + p.absmax.numel() + (p.nested_absmax.numel() * 4 if p.nested else 0)) / 1e6
         pts["gemv"].append((W.numel() * 2 / 1e6, t["gemv"]))
         pts["nf4"].append((mb, t["nf4"]))
-        pts["x_asm"].append((mb, t["x_asm"]))
-        print(f"| {n_out}x{n_in} | {t['gemv']:.2f} | {t['nf4']:.2f} | {t['x_asm']:.2f} | {mb:.2f} | {same} |",
-              flush=True)
-    for name, what in [("gemv", "bf16 GEMV"), ("nf4", "NF4 T=1, x by tl.load"), ("x_asm", "NF4 T=1, X_ASM")]:
+        print(f"| {n_out}x{n_in} | {t['gemv']:.2f} | {t['nf4']:.2f} | {mb:.2f} |", flush=True)
+    for name, what in [("gemv", "bf16 GEMV"), ("nf4", "NF4 T=1")]:
         a, slope = _fit(pts[name])
         print(f"{what}: time = {a:.2f} µs + MB / {slope:.2f} TB/s")
 

@@ -346,39 +346,38 @@ def test_triton_small_matmul_float16(T, ci, lut):
 
 
 @pytest.mark.parametrize("T", [1, 2])
-def test_triton_small_matmul_x_asm_plumbing(T, monkeypatch):
-    """X_ASM (x's pairs and the absmax codes by inline-PTX loads) from the host side: a config's X_ASM reaches the
-    kernel for 16-bit x only, x reaches it 16-byte aligned (a view 4 bytes off is copied first), and the results
-    equal float64's, also on a row the step does not divide (where the kernel keeps tl.load). The interpreter runs
-    tl.load either way; the PTX itself runs in benchmarks/gpu_check_nf4_decode.py on a GPU."""
+def test_triton_small_matmul_copies_an_unaligned_x(T, monkeypatch):
+    """The FMA path reads 16-bit x as int32 pairs, which a GPU cannot load from an address 2 bytes off 4 (a view
+    such as x[1:] of a half tensor): such an x reaches the kernel copied to an aligned buffer, an aligned one as
+    it is, and the results equal float64's either way. (The interpreter would read across the word boundary
+    without complaint, so the test records the address the kernel is given.)"""
     from mol.kernels import nf4 as nf4k
 
     seen = []
 
-    class Recording:  # the kernel as nf4_matmul_small launches it with config=, recording what it is given
+    class Recording:  # the kernel as nf4_matmul_small launches it with config=, recording x's address
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                seen.append((args[0].data_ptr() % 16, kwargs["X_ASM"]))
+                seen.append(args[0].data_ptr())
                 return real[grid](*args, **kwargs)
             return launch
 
     real = nf4k._nf4_matmul_small_kernel
     monkeypatch.setattr(nf4k, "_nf4_matmul_small_kernel", Recording())
-    cfg = dict(nf4k.FMA_CONFIGS[0], X_ASM=True)
     g = _gen()
-    # BLOCK_KB = 512 bytes, 1024 weights: K = 2048 is two whole steps (the PTX loads on a GPU), 320 one partial step
-    for n, k in [(24, 2048), (40, 320)]:
-        p = quantize_nf4(_weight(n, k, g=g))
-        ref_w = dequantize_nf4_reference(p, torch.float64)
-        for dtype in (torch.float16, torch.float32):
-            buf = torch.randn(T * k + 2, generator=g).to(dtype)
-            for x in (buf[:T * k].view(T, k), buf[2:].view(T, k)):  # aligned, and 4 (fp16) / 8 bytes off
-                seen.clear()
-                y = nf4k.nf4_matmul_small(x, p, config=cfg)
-                ref = x.double() @ ref_w.T
-                assert ((y.double() - ref).abs().max() / ref.abs().max()) < (2e-3 if dtype == torch.float16 else 1e-5)
-                assert seen == [(0, True)] if dtype == torch.float16 else seen[0][1] is False, (dtype, seen)
-    assert cfg["X_ASM"] is True  # the caller's config is not changed
+    k = 320
+    p = quantize_nf4(_weight(24, k, g=g))
+    ref_w = dequantize_nf4_reference(p, torch.float64)
+    buf = torch.randn(T * k + 1, generator=g).to(torch.float16)
+    for lut in (4, 5):
+        cfg = dict(nf4k.FMA_CONFIGS[0], LUT=lut)
+        for x, aligned in ((buf[:T * k].view(T, k), True), (buf[1:].view(T, k), False)):
+            seen.clear()
+            y = nf4k.nf4_matmul_small(x, p, config=cfg)
+            ref = x.double() @ ref_w.T
+            assert ((y.double() - ref).abs().max() / ref.abs().max()) < 2e-3, (lut, aligned)
+            assert len(seen) == 1 and seen[0] % 4 == 0, (lut, aligned, seen)
+            assert (seen[0] == x.data_ptr()) == aligned, (lut, aligned)
 
 
 @triton.jit

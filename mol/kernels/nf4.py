@@ -174,14 +174,6 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
 #   Timed on an H100 (benchmarks/RESULTS.md, NF4 run 4): LUT=2 beat LUT=0 by ~3.4x under triton 3.6.
 
 SMALL_FMA_MAX_T = 2
-# x's pairs (_x_pairs) and the absmax codes (_load_step) by inline-PTX loads on the 16-bit FMA path. sm_90 SASS of
-# the K loop, (16, 512) tile, nested absmax (`compile_sm90.py --sass`), under triton 3.6 (the GPU image's): CTA
-# barriers per step 12 -> 2, instructions per weight 3.29 -> 3.16 at T = 1 and 4.55 -> 4.29 at T = 2; under triton
-# 3.9: 10 -> 2, 3.12 -> 3.26 and 4.37 -> 4.35. Timed on an H100 it is no faster: 1-12% slower autotuned, 0-2% with
-# the config fixed (RESULTS run 41, benchmarks/probe_nf4_x_asm.py), so it stays off (why fewer barriers and
-# instructions gained nothing was not profiled). MOL_NF4_X_ASM=1, or
-# config=dict(..., X_ASM=True), turns it on
-X_ASM = os.environ.get("MOL_NF4_X_ASM", "0") == "1"
 
 
 # The autotuned configs (what nf4_matmul_small's `config=` takes), the fastest of a sweep of ~120 per path on an
@@ -278,21 +270,16 @@ def _dot8(l0, l1, l2, l3, l4, l5, l6, l7, x_ptr, kw, km, BW: tl.constexpr):
 
 @triton.jit
 def _load_step(wptr, absmax_ptr, row_w, row_blk, s, KW: tl.constexpr, NBLK: tl.constexpr, BW: tl.constexpr,
-               NB: tl.constexpr, A_ASM: tl.constexpr = False):
+               NB: tl.constexpr):
     """Step s's code words (BLOCK_N, BW) and absmax entries (BLOCK_N, NB); masked only when BW does not divide
-    the row (then only the last step has lanes past the row's end). A_ASM: the absmax codes (uint8, as int32)
-    by inline PTX, so they arrive in the layout of the block scales they index (see _x_pairs)."""
+    the row (then only the last step has lanes past the row's end)."""
     kw = s * BW + tl.arange(0, BW)
     blk = s * NB + tl.arange(0, NB)
     wp = wptr + row_w[:, None] + kw[None, :]
     ap = absmax_ptr + row_blk[:, None] + blk[None, :]
     if KW % BW == 0:
         w = tl.load(wp)
-        if A_ASM and not _INTERPRET_C:
-            a = tl.inline_asm_elementwise("ld.global.u8 $0, [$1];", "=r,l", [ap.to(tl.int64)], dtype=tl.int32,
-                                          is_pure=True, pack=1)
-        else:
-            a = tl.load(ap)
+        a = tl.load(ap)
     else:
         w = tl.load(wp, mask=(kw < KW)[None, :], other=0)
         a = tl.load(ap, mask=(blk < NBLK)[None, :], other=0)
@@ -541,33 +528,16 @@ def _fma2(a, b, c, DT: tl.constexpr):
 
 
 @triton.jit
-def _x_pairs(x32, kw, km, BW: tl.constexpr, X_ASM: tl.constexpr):
-    """x's four int32 pairs of each word kw (elements 8 kw .. 8 kw + 7), as four (BW,) tensors. X_ASM: each
-    word's 16 bytes by one ld.global.v4 in inline PTX, which Triton's layout passes see as elementwise, so the
-    pairs come out in the layout of the code words that use them. A tl.load of the (BW, 4) tile is an anchor
-    with a layout of its own (a word a thread), and its four (BW,) slices each went through shared memory to
-    the words' layout (4 words a lane, every warp): 8 of the K loop's 12 CTA barriers per step (sm_90 SASS,
-    T = 1, (16, 512) tile, triton 3.6). Needs x 16-byte aligned and no masked word (the caller's and the kernel's
-    checks)."""
-    if X_ASM and not _INTERPRET_C:
-        x0, x1, x2, x3 = tl.inline_asm_elementwise(
-            "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [(x32 + 4 * kw).to(tl.int64)],
-            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
-    else:
-        xq = tl.load(x32 + 4 * kw[:, None] + tl.arange(0, 4)[None, :], mask=km[:, None], other=0)
-        xa, xb = tl.split(tl.reshape(xq, (BW, 2, 2)))  # pairs (0, 2) / (1, 3)
-        x0, x2 = tl.split(xa)
-        x1, x3 = tl.split(xb)
-    return x0, x1, x2, x3
-
-
-@triton.jit
-def _dot8_pairs(p01, p23, p45, p67, x_ptr, kw, km, BW: tl.constexpr, DT: tl.constexpr, X_ASM: tl.constexpr):
+def _dot8_pairs(p01, p23, p45, p67, x_ptr, kw, km, BW: tl.constexpr, DT: tl.constexpr):
     """sum_i level_i * x[8 kw + i] per word, (rows, BW) float32, for 16-bit x: the levels as DT pairs
     (_prmt_levels), the eight products summed in DT pairs by four fma.rn.*x2 (x's pairs read as int32, no
     conversion), then the two halves in float32. The four-term sums round to DT: ~1 ulp of DT of a word's
     partial, which over K / 8 words comes to about the output's own rounding (RESULTS NF4 run 8)."""
-    x0, x1, x2, x3 = _x_pairs(x_ptr.to(tl.pointer_type(tl.int32)), kw, km, BW, X_ASM)
+    x32 = x_ptr.to(tl.pointer_type(tl.int32))
+    xq = tl.load(x32 + 4 * kw[:, None] + tl.arange(0, 4)[None, :], mask=km[:, None], other=0)
+    xa, xb = tl.split(tl.reshape(xq, (BW, 2, 2)))  # pairs (0, 2) / (1, 3)
+    x0, x2 = tl.split(xa)
+    x1, x3 = tl.split(xb)
     acc = _fma2(p01, x0[None, :], p01 * 0, DT)
     acc = _fma2(p23, x1[None, :], acc, DT)
     acc = _fma2(p45, x2[None, :], acc, DT)
@@ -608,8 +578,7 @@ def _nf4_tile_prmt(w, s2, tabs, DT: tl.constexpr):
 def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs_ptr, off, row_blk, offs_t, T,
                 stride_xt, K: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, BLOCK_T: tl.constexpr,
                 IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr, WB: tl.constexpr, NB: tl.constexpr,
-                NBLK: tl.constexpr, LUT: tl.constexpr, W_AS_A: tl.constexpr, PRMT: tl.constexpr,
-                X_ASM: tl.constexpr):
+                NBLK: tl.constexpr, LUT: tl.constexpr, W_AS_A: tl.constexpr, PRMT: tl.constexpr):
     """Dequantize step s's words w (scales from absmax entries a) and accumulate against x."""
     KW: tl.constexpr = K // 8
     blk = s * NB + tl.arange(0, NB)
@@ -651,10 +620,10 @@ def _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs
                 accd = tl.dot(xs, tl.trans(wt), accd)
     elif PRMT:  # FMA path, 16-bit x: levels and products in DT pairs
         p01, p23, p45, p67 = _level_pairs(w, tab, code_ptr, LUT, DT)
-        p = _dot8_pairs(p01, p23, p45, p67, x_ptr, kw, km, BW, DT, X_ASM)
+        p = _dot8_pairs(p01, p23, p45, p67, x_ptr, kw, km, BW, DT)
         acc0 += tl.sum(tl.reshape(p, (BLOCK_N, NB, WB)), axis=2) * sc
         if BLOCK_T == 2:
-            p = _dot8_pairs(p01, p23, p45, p67, x_ptr + stride_xt, kw, km, BW, DT, X_ASM)
+            p = _dot8_pairs(p01, p23, p45, p67, x_ptr + stride_xt, kw, km, BW, DT)
             acc1 += tl.sum(tl.reshape(p, (BLOCK_N, NB, WB)), axis=2) * sc
     else:
         l0, l1, l2, l3, l4, l5, l6, l7 = _nf4_levels8(w, tab, code_ptr, LUT)
@@ -672,17 +641,14 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
                              K: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, LUT: tl.constexpr,
-                             SPLIT_K: tl.constexpr, X_ASM: tl.constexpr = False):
+                             SPLIT_K: tl.constexpr):
     """y[t, n] = sum_k x[t, k] W[n, k] (+ bias[n]) for rows n of this program, t < T. BLOCK_T <= 2: FMA path
     (T == BLOCK_T); BLOCK_T == 16: tl.dot path (T <= 16). Rows past N re-read row N - 1 and are not stored.
     SPLIT_K > 1: program (i, j) covers the j-th of _splits(K, BLOCK_KB, SPLIT_K) runs of steps of row block i,
     stores its float32 partial in ws (splits, BLOCK_T, N), and the last of them to take a ticket
-    (ticket_ptr[i], zero on entry, left zero on exit) adds the partials in split order and writes y.
-    X_ASM: x's pairs and the (nested) absmax codes by inline-PTX loads on the FMA path where BLOCK_KB divides the
-    row (see _x_pairs, _load_step); x must then be 16-byte aligned."""
+    (ticket_ptr[i], zero on entry, left zero on exit) adds the partials in split order and writes y."""
     KW: tl.constexpr = K // 8  # int32 code words per row
     BW: tl.constexpr = BLOCK_KB // 4  # words per step
-    XA: tl.constexpr = X_ASM and KW % BW == 0  # the PTX loads take whole steps of x (no masked words)
     WB: tl.constexpr = BS // 8  # words per absmax block
     NB: tl.constexpr = BW // WB  # absmax blocks per step
     NBLK: tl.constexpr = K // BS  # absmax blocks per row
@@ -725,7 +691,7 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
         accd = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     # software prefetch: step s + 1's loads are issued before step s is dequantized (the dequant's shared-memory
     # round trips put barriers in every step, and no load is moved across a barrier); the last step is peeled
-    w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s_first, KW, NBLK, BW, NB, XA and NESTED)
+    w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s_first, KW, NBLK, BW, NB)
     if PRMT and LUT == 5:
         # the fill's 64 shared stores a thread and its barrier overlap the first loads' latency: 1-11% faster at
         # T = 1 than filling first (RESULTS run 40)
@@ -735,13 +701,13 @@ def _nf4_matmul_small_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, nabs_ptr, n
     for s in range(s_first, s_last):
         w = w_next
         a = a_next
-        w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s + 1, KW, NBLK, BW, NB, XA and NESTED)
+        w_next, a_next = _load_step(wptr, absmax_ptr, row_w, row_blk, s + 1, KW, NBLK, BW, NB)
         acc0, acc1, accd = _small_step(w, a, s, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr, nabs_ptr, off,
                                        row_blk, offs_t, T, stride_xt, K, NBS, NESTED, BLOCK_T, IEEE, BLOCK_N, BW,
-                                       WB, NB, NBLK, LUT, W_AS_A, PRMT, XA)
+                                       WB, NB, NBLK, LUT, W_AS_A, PRMT)
     acc0, acc1, accd = _small_step(w_next, a_next, s_last, acc0, acc1, accd, x_ptr, tab, code_ptr, ncode_ptr,
                                    nabs_ptr, off, row_blk, offs_t, T, stride_xt, K, NBS, NESTED, BLOCK_T, IEEE,
-                                   BLOCK_N, BW, WB, NB, NBLK, LUT, W_AS_A, PRMT, XA)
+                                   BLOCK_N, BW, WB, NB, NBLK, LUT, W_AS_A, PRMT)
     # this program's sums as (BLOCK_T, BLOCK_N) float32; the FMA path's rows past BLOCK_T stay zero
     if BLOCK_T > 2:
         if W_AS_A:
@@ -778,7 +744,7 @@ def _small_store(acc, bias_ptr, y_ptr, offs_t, offs_n, n_mask, out_mask, stride_
     tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-_AUTOTUNE_KEY = ["N", "K", "BLOCK_T", "NESTED", "HAS_BIAS", "X_ASM"]  # X_ASM: each form tuned for itself
+_AUTOTUNE_KEY = ["N", "K", "BLOCK_T", "NESTED", "HAS_BIAS"]
 _small_fma = gl.autotune(configs=_autotune_configs(FMA_CONFIGS), key=_AUTOTUNE_KEY,
                          do_bench=gl.bench_graphed)(_nf4_matmul_small_kernel)
 _small_dot = gl.autotune(configs=_autotune_configs(DOT_CONFIGS), key=_AUTOTUNE_KEY,
@@ -796,10 +762,10 @@ def small_matmul_supported(packed, T: int) -> bool:
 def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
                      config: dict | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x of shape (T, K), T <= 16, reading W's 4-bit codes directly; y in x's dtype.
-    `config` (BLOCK_N, BLOCK_KB, LUT, num_warps[, SPLIT_K, num_stages, X_ASM]) bypasses the autotuner, for tests
+    `config` (BLOCK_N, BLOCK_KB, LUT, num_warps[, SPLIT_K, num_stages]) bypasses the autotuner, for tests
     and benchmarks; the dot path (T > 2) needs BLOCK_N >= 16. LUT: 2 gathers the levels from a 16-entry table, 0 loads
     them from the global one, 4 builds them by byte permutes for 16-bit x (for float32 x it is 2), 5 looks each code
-    byte up in a shared table of level pairs (16-bit x, T <= 2). X_ASM: see the module's X_ASM."""
+    byte up in a shared table of level pairs (16-bit x, T <= 2)."""
     T, K = x.shape
     N = packed.shape[0]
     if config is not None and config.get("LUT") == 5 and T > SMALL_FMA_MAX_T:
@@ -812,11 +778,8 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
                          "== 0, blocksize in 32..256 and contiguous, 4-byte aligned codes")
     block_t = T if T <= SMALL_FMA_MAX_T else 16
     fma = block_t <= SMALL_FMA_MAX_T
-    config = None if config is None else dict(config)
-    x_asm = (X_ASM if config is None else config.pop("X_ASM", X_ASM)) and fma and x.dtype != torch.float32
     x = x.contiguous()
-    # LUT=4/5 read 16-bit x as int32 pairs, X_ASM as 16-byte words (an offset view, e.g. x[1:], is the rare case)
-    if x.data_ptr() % (16 if x_asm else 4):
+    if x.data_ptr() % 4:  # LUT=4/5 read 16-bit x as int32 pairs (an offset view, e.g. x[1:], is the rare case)
         x = x.clone()
     if bias is not None:
         bias = bias.contiguous()
@@ -825,7 +788,7 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
         return y
     nabs, ncode, off = _tensors(packed)
     # the autotuner's own key: after the first call gl._launch launches the chosen config directly
-    key = ("nf4_small", fma, N, K, block_t, packed.nested, bias is not None, x_asm)
+    key = ("nf4_small", fma, N, K, block_t, packed.nested, bias is not None)
     if config is not None:
         configs = [{"SPLIT_K": 1, **config}]
     else:
@@ -842,7 +805,7 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
     args = (x, packed.codes, packed.absmax, packed.code, nabs, ncode, off, bias if bias is not None else x, y, ws,
             tickets, T, N, x.stride(0), y.stride(0))
     consts = dict(K=K, BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested,
-                  HAS_BIAS=bias is not None, BLOCK_T=block_t, IEEE=x.dtype == torch.float32, X_ASM=x_asm)
+                  HAS_BIAS=bias is not None, BLOCK_T=block_t, IEEE=x.dtype == torch.float32)
     if config is not None:
         _nf4_matmul_small_kernel[grid](*args, **consts, **{"num_stages": 1, **configs[0]})
     else:
