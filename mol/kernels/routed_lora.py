@@ -235,29 +235,18 @@ def _softmax_rows(logits, mask_t, mask_e):
 
 
 @triton.jit
-def _ld(ptrs, mask, CG: tl.constexpr):
-    """A masked float load (0 elsewhere); CG: through L2 only (.cg), for what other programs of the same launch
-    wrote (an SM's L1 is not kept coherent with other SMs' stores)."""
-    if CG:
-        v = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-    else:
-        v = tl.load(ptrs, mask=mask, other=0.0)
-    return v
-
-
-@triton.jit
 def _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, LD, E, part_scale, HAS_NOISE: tl.constexpr,
-           NPARTS: tl.constexpr = 1, CG: tl.constexpr = False):
+           NPARTS: tl.constexpr = 1):
     """Router softmax of one row block of hl's logits (+ noise): (probs (BT, EP), lse (BT,)). hl's rows are LD
     floats, the logits its last E columns; NPARTS > 1: its last NPARTS * E columns are the router's partial
     scores (route_shrink_gemm), logits = sum_j part_j * part_scale^j, written back into the last E columns."""
     m2 = mask_t[:, None] & mask_e[None, :]
     row = hl_ptr + offs_t.to(tl.int64)[:, None] * LD + offs_e[None, :]
-    logits = _ld(row + (LD - E), m2, CG)
+    logits = tl.load(row + (LD - E), mask=m2, other=0.0)
     if NPARTS > 1:
         # the smallest part first: each is a float32 product sum of exact 16-bit parts, added in float32
         for j in tl.static_range(NPARTS - 1):
-            logits = logits * part_scale + _ld(row + (LD - (j + 2) * E), m2, CG)
+            logits = logits * part_scale + tl.load(row + (LD - (j + 2) * E), mask=m2, other=0.0)
         tl.store(row + (LD - E), logits, mask=m2)
     if HAS_NOISE:
         logits += tl.load(noise_ptr + offs_t.to(tl.int64)[:, None] * E + offs_e[None, :], mask=m2, other=0.0)
@@ -335,9 +324,8 @@ def _token_weights(w_ptr, n_ptr, offs_t, mask_t, c_lb, c_z):
 def _gate_fwd_rows(offs_t, hl_ptr, noise_ptr, w_ptr, n_ptr, gates_ptr, ids_ptr, u_ptr, stats_ptr, aux_ptr, scale,
                    c_lb, c_z, T, R, E, LD, part_scale, n_blocks, RANK: tl.constexpr, K: tl.constexpr,
                    KIND: tl.constexpr, EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr,
-                   HAS_W: tl.constexpr, SELECT: tl.constexpr, NPARTS: tl.constexpr, CG: tl.constexpr = False):
-    """Routing decision and gated shrink output for the BT tokens offs_t, one of n_blocks row blocks (CG: hl was
-    written by other programs of this launch, see _ld).
+                   HAS_W: tl.constexpr, SELECT: tl.constexpr, NPARTS: tl.constexpr):
+    """Routing decision and gated shrink output for the BT tokens offs_t, one of n_blocks row blocks.
 
     gates/ids (T, K): top-k of the softmax (KIND 0: renormalised; 1: switch, raw probability; 2: soft, every
     expert). u (T, R) = scale * gate(expert of column) * h in u's dtype. stats (2E+2, zeroed) += per-expert
@@ -348,8 +336,7 @@ def _gate_fwd_rows(offs_t, hl_ptr, noise_ptr, w_ptr, n_ptr, gates_ptr, ids_ptr, 
     offs_e = tl.arange(0, EP)
     mask_t = offs_t < T
     mask_e = offs_e < E
-    probs, lse = _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, LD, E, part_scale, HAS_NOISE, NPARTS,
-                        CG)
+    probs, lse = _probs(hl_ptr, noise_ptr, offs_t, mask_t, offs_e, mask_e, LD, E, part_scale, HAS_NOISE, NPARTS)
     dense, chosen = _select_experts(probs, offs_t, mask_t, offs_e, mask_e, gates_ptr, ids_ptr, mask_t, K, KIND, EP, BT)
     for c0 in range(0, R, BR):
         offs_c = c0 + tl.arange(0, BR)
@@ -357,7 +344,7 @@ def _gate_fwd_rows(offs_t, hl_ptr, noise_ptr, w_ptr, n_ptr, gates_ptr, ids_ptr, 
         g = _column_values(dense, offs_e, offs_c, RANK, BT, BR, EP, SELECT)
         io = offs_t.to(tl.int64)[:, None] * LD + offs_c[None, :]
         m2 = mask_t[:, None] & mask_c[None, :]
-        h = _ld(hl_ptr + io, m2, CG)
+        h = tl.load(hl_ptr + io, mask=m2, other=0.0)
         tl.store(u_ptr + offs_t.to(tl.int64)[:, None] * R + offs_c[None, :],
                  (h * g * scale).to(u_ptr.dtype.element_ty), mask=m2)
     # (without weights, the statements of the unweighted kernel exactly: its compiled code stays as measured)
@@ -413,13 +400,12 @@ def _gate_bwd_rows(offs_t, du_ptr, hl_ptr, noise_ptr, w_ptr, n_ptr, gates_ptr, i
                    dhl_ptr, scale, c_lb, c_z, T, R, E, LD, SDT, SDC,
                    RANK: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, EP: tl.constexpr,
                    BT: tl.constexpr, BR: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_AUX: tl.constexpr,
-                   HAS_W: tl.constexpr, SELECT: tl.constexpr, CG: tl.constexpr = False):
+                   HAS_W: tl.constexpr, SELECT: tl.constexpr):
     """For the BT tokens offs_t: dhl[:, :R] = scale * g * du (the shrink's output gradient); dhl[:, R:] = d loss /
     d logits, through the gate selection and, when HAS_AUX, the auxiliary losses (c_lb = lb_coef*E/(T*T*K) and
     c_z = 2*z_coef/T, scaled by daux). Row stride of hl: LD (its logits in the last E columns, as the gate
-    forward left them); dhl's strides: SDT a token, SDC a column. CG: du was written by other programs of this
-    launch (_ld). HAS_W: the auxiliary losses weight token t by w_ptr[t] and normalise by their sum (see
-    _gate_fwd_rows); the routing gradient itself is every token's."""
+    forward left them); dhl's strides: SDT a token, SDC a column. HAS_W: the auxiliary losses weight token t by
+    w_ptr[t] and normalise by their sum (see _gate_fwd_rows); the routing gradient itself is every token's."""
     offs_e = tl.arange(0, EP)
     mask_t = offs_t < T
     mask_e = offs_e < E
@@ -439,7 +425,7 @@ def _gate_bwd_rows(offs_t, du_ptr, hl_ptr, noise_ptr, w_ptr, n_ptr, gates_ptr, i
         offs_c = c0 + tl.arange(0, BR)
         mask_c = offs_c < R
         m2 = mask_t[:, None] & mask_c[None, :]
-        du = _ld(du_ptr + offs_t.to(tl.int64)[:, None] * R + offs_c[None, :], m2, CG)
+        du = tl.load(du_ptr + offs_t.to(tl.int64)[:, None] * R + offs_c[None, :], mask=m2, other=0.0)
         h = tl.load(hl_ptr + offs_t.to(tl.int64)[:, None] * LD + offs_c[None, :], mask=m2, other=0.0)
         g = _column_values(dense, offs_e, offs_c, RANK, BT, BR, EP, SELECT)
         tl.store(dhl_rows + offs_c.to(tl.int64)[None, :] * SDC, (du * g * scale).to(dhl_ptr.dtype.element_ty), mask=m2)
