@@ -22,25 +22,16 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import mol  # noqa: E402
-from bench_model import TARGETS, build, emit  # noqa: E402
+from bench_model import add_adapters, build, emit  # noqa: E402
 
 ROWS = ["no adapter", "PEFT LoRA r=16", "MoL E=8 top-2 r=16", "MoL E=8 top-2 r=16, graph_inference_tokens"]
 
 
 def with_adapters(model, name: str, batch: int):
     if name.startswith("PEFT"):
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+        model = add_adapters(model, name)
     elif name.startswith("MoL"):
-        tokens = batch if "graph_inference_tokens" in name else 0
-        model = mol.inject(model, mol.MoLConfig(rank=16, alpha=32, num_experts=8, top_k=2, target_modules=TARGETS,
-                                               graph_inference_tokens=tokens))
-    with torch.no_grad():  # never time on zeros: give lora_B values
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
+        model = add_adapters(model, name, graph_inference_tokens=batch if "graph_inference_tokens" in name else 0)
     return model.eval()
 
 

@@ -46,29 +46,39 @@ def build(tiny: bool, dev: str, dtype):
     return model
 
 
+def add_adapters(model, name: str, **mol_options):
+    """PEFT LoRA r=16 (a name starting "PEFT") or MoL E=8 top-2 r=16 (mol_options: more MoLConfig fields) on every
+    TARGETS linear, lora_B given values (never time on zeros). Each library's default adapter dtype, float32 on the
+    bf16 model (PEFT's autocast_adapter_dtype, mol's adapter_dtype "auto"); names with "bf16 adapters" keep the
+    model's dtype. Shared by bench_model and bench_generate."""
+    if name.startswith("PEFT"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS),
+                               autocast_adapter_dtype="bf16 adapters" not in name)
+    else:
+        model = mol.inject(model, mol.MoLConfig(rank=16, alpha=32, num_experts=8, top_k=2, target_modules=TARGETS,
+                                               adapter_dtype="base" if "bf16 adapters" in name else "auto",
+                                               **mol_options))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and "lora_B" in n:
+                p.normal_(0, 0.02)
+    return model
+
+
 def variant(name, model, tokens=0):
     if name == "no adapter":
         # nothing trainable: let the backward run through every layer to the embeddings anyway
         model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_())
         return model, []
-    if name.startswith("PEFT"):
-        from peft import LoraConfig, get_peft_model
-
-        # each library's default: float32 adapters on the bf16 model (autocast_adapter_dtype; mol's adapter_dtype
-        # "auto"); the "bf16 adapters" rows keep them in the model's dtype
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS),
-                               autocast_adapter_dtype="bf16 adapters" not in name)
-    else:
-        backend = "torch" if "reference" in name else "triton"
-        graph_tokens = tokens if "layer graphs" in name else 0  # every layer call of the step replays its graphs
-        model = mol.inject(model, mol.MoLConfig(rank=16, alpha=32, num_experts=8, top_k=2, target_modules=TARGETS,
-                                               backend=backend, graph_tokens=graph_tokens,
-                                               adapter_dtype="base" if "bf16 adapters" in name else "auto"))
+    mol_options = {}
+    if not name.startswith("PEFT"):
+        # graph_tokens: every layer call of the step replays its graphs
+        mol_options = dict(backend="torch" if "reference" in name else "triton",
+                           graph_tokens=tokens if "layer graphs" in name else 0)
+    model = add_adapters(model, name, **mol_options)
     params = [p for p in model.parameters() if p.requires_grad]
-    with torch.no_grad():  # never time on zeros: give lora_B values
-        for n, p in model.named_parameters():
-            if p.requires_grad and "lora_B" in n:
-                p.normal_(0, 0.02)
     if "torch.compile" in name:  # the model's forward and backward compiled (default mode), AdamW eager
         model = torch.compile(model)
     return model, params
