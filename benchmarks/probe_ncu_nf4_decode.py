@@ -20,8 +20,10 @@ from mol.kernels import nf4 as nf4k  # noqa: E402
 from mol.kernels import nf4_mma  # noqa: E402
 from mol.quant import quantize_nf4  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from probe_nf4_floor import FIXED as FMA  # noqa: E402  (the T = 1 config probe_nf4_floor --sweep times)
+
 DEV, DT = "cuda", torch.bfloat16
-FMA = dict(BLOCK_N=16, BLOCK_KB=512, LUT=5, num_warps=4, SPLIT_K=1, num_stages=3)
 MMA_PLAIN = dict(warps_k=4, warps_m=1, m_rep=1, cpl=4, split_k=1, prefetch=False, maxnreg=128)
 MMA_PAIRS = dict(warps_k=4, warps_m=1, m_rep=1, cpl=2, split_k=1, prefetch=True, maxnreg=128, pairs=True)
 
