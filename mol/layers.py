@@ -111,6 +111,10 @@ def _linear_shape(base: nn.Module) -> tuple[int, int]:
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _tensor_key(t: Optional[Tensor]) -> Optional[tuple]:
+    return None if t is None else (id(t), t.data_ptr(), t.dtype, t.shape, t.stride(), t.requires_grad)
+
+
 def adapter_dtype_for(choice: Union[None, str, torch.dtype], base_dtype: torch.dtype) -> torch.dtype:
     """The dtype of a layer's adapter tensors: ``None`` / ``"base"`` the base's, ``"auto"`` float32 on a 16-bit
     base (PEFT's default: a 16-bit weight drops AdamW steps below ~1/256 of itself) and the base's otherwise,
@@ -248,6 +252,18 @@ class MoLLinear(AdapterLayer):
         if x.shape[-1] != self.in_features:  # else a reshape below fails with a message naming neither
             raise ValueError(f"MoLLinear: the input's last dimension is {x.shape[-1]}, the layer takes "
                              f"in_features={self.in_features} (input shape {tuple(x.shape)})")
+        graphs, key, rest = self._graphs, None, None
+        # (a call without gradients in training mode is never replayed: see below; nor is one torch.compile traces)
+        if graphs is not None and self._aux_grad is None and x.dim() >= 2 and not torch.compiler.is_compiling() and (
+                graphs.max_tokens if torch.is_grad_enabled() else graphs.inference_tokens and not self.training):
+            # a call like an earlier one that replayed a captured graph replays it again, skipping the way there
+            key, rest = self._graph_key(x)
+            out = graphs.replay_hit(key, x, rest)
+            if out is not None:
+                y, aux, hl, gates, ids, stats = out
+                self._last = FusedRouterOutput(gates, ids, hl, self.num_experts, stats, aux)
+                return y
+            graphs.replayed = None
         if self.merged or self.disabled:
             return self.base_layer(x)
         # an nn.Identity call is a module call of host time per layer and step: skip it (same result)
@@ -289,9 +305,34 @@ class MoLLinear(AdapterLayer):
             out = dispatch.routed_linear(self.base_layer, flat_x, flat_x_lora, self.lora_A, self.lora_B,
                                          routed.gates, routed.expert_ids, self.scaling, self.backend)
         self._last = routed
+        if self._graphs is not None:
+            # a call that replayed with the arguments _graph_key gives (no dropout, noise or cast copies) is one
+            # that a call of the same key may take the shortcut to
+            self._graphs.remember(key, rest)
         if self._aux_grad is not None:
             out = self._apply_deferred_aux(out)
         return out if out.dim() == x.dim() else out.view(*x.shape[:-1], self.out_features)
+
+    def _graph_key(self, x: Tensor) -> tuple[tuple, tuple]:
+        """(key, rest): everything besides global modes that decides which captured graph, if any, a call of x
+        replays (tensors by identity and layout), and the arguments after x the fused path passes for an
+        nn.Linear base without dropout, noise or cast copies (mol.kernels.layer_graphs.LayerGraphs.remember)."""
+        # the module and parameter dicts directly: nn.Module.__getattr__ costs ~0.6 us a lookup, and this runs
+        # on every call of a graphed layer
+        modules, params = self._modules, self._parameters
+        base, router, dropout = modules["base_layer"], modules["router"], modules["dropout"]
+        lora_A, lora_B = params["lora_A"], params["lora_B"]
+        weight, bias = base._parameters.get("weight"), base._parameters.get("bias")
+        router_w = router._parameters["weight"]
+        # per call, as the fused path takes them (padding in the call's attention mask): the same tensor object
+        token_weights = None if router.context is None else router.context.token_weights(x)
+        key = (x.shape, x.stride(), x.dtype, x.device, x.requires_grad, type(x), torch.is_grad_enabled(),
+               torch.is_inference_mode_enabled(), self.training, self.merged, self.disabled, self.backend,
+               type(dropout) is nn.Identity or not dropout.training, self.scaling, self.aux_loss_coef,
+               self.z_loss_coef, type(base), id(base), id(router), router.training, router.noise_std, router.kind,
+               router.top_k, token_weights is None, _tensor_key(weight), _tensor_key(bias), _tensor_key(lora_A),
+               _tensor_key(lora_B), _tensor_key(router_w))
+        return key, (None, weight, bias, None, lora_A, lora_B, router_w, None, token_weights)
 
     def _adapters_in(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """lora_A, lora_B for a fused call computing in ``dtype``. Adapters of another dtype (float32 on a bf16

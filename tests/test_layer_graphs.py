@@ -285,6 +285,129 @@ def test_clear_graphs_frees_and_the_next_call_captures_again(graphs):
     assert len(graphed._graphs.captured) == 1 and len(graphs) == 4
 
 
+@pytest.fixture
+def slow_calls(monkeypatch):
+    """Counts the calls that reach LayerGraphs.apply / apply_inference (the way to a replay the layer's shortcut
+    skips), by kind."""
+    calls = {"train": 0, "inference": 0}
+    for name, kind in (("apply", "train"), ("apply_inference", "inference")):
+        def counted(self, *args, _f=getattr(lg.LayerGraphs, name), _k=kind):
+            calls[_k] += 1
+            return _f(self, *args)
+        monkeypatch.setattr(lg.LayerGraphs, name, counted)
+    return calls
+
+
+def test_repeated_calls_replay_through_the_shortcut(graphs, slow_calls):
+    """A call like an earlier replayed one (same key) replays its capture without the fused path's way there;
+    outputs and gradients stay equal to the ungraphed layer's, for training steps and no-grad decode calls."""
+    plain, graphed = _pair(graph_inference_tokens=2)
+    for step in range(4):
+        _steps_agree(plain, graphed, torch.randn(2, 5, 19), torch.randn(2, 5, 23))
+    assert slow_calls == {"train": 1, "inference": 0}  # the first step captured; the next three took the shortcut
+    assert [g.replays for g in graphs] == [4, 4]
+    plain.eval(), graphed.eval()
+    with torch.no_grad():
+        for step in range(3):
+            _agree(plain, graphed, torch.randn(1, 1, 19))
+    assert slow_calls == {"train": 1, "inference": 1} and graphs[2].replays == 3
+
+
+def _set(name, value):
+    return lambda layer: setattr(layer, name, value)
+
+
+def _replace_lora_a(layer):
+    layer.lora_A = torch.nn.Parameter(layer.lora_A.detach() * 2.0)
+
+
+def _move_lora_b(layer):  # the same Parameter, its data elsewhere (the graph would read the old address)
+    layer.lora_B.data = layer.lora_B.detach().clone().add_(0.5)
+
+
+def _context(layer):
+    from mol.routers import RoutingContext
+
+    layer.router.context = RoutingContext()
+    layer.router.context.attention_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+
+
+CHANGES = {
+    "scaling": _set("scaling", 0.37),
+    "aux coefficients": _set("aux_loss_coef", 0.9),
+    "top_k": lambda layer: setattr(layer.router, "top_k", 1),
+    "router noise": lambda layer: setattr(layer.router, "noise_std", 0.5),
+    "token weights": _context,
+    "lora_A replaced": _replace_lora_a,
+    "lora_B moved": _move_lora_b,
+    "lora_B frozen": lambda layer: layer.lora_B.requires_grad_(False),
+    "changed in place": lambda layer: layer.router.weight.data.mul_(-1.0),
+    "eval": lambda layer: layer.eval(),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_shortcut_follows_what_changes_between_calls(graphs, change):
+    """Every state the fused path's choice reads, changed between steps on both layers: the graphed layer (its
+    shortcut warm) must still compute exactly what the ungraphed one does. A stale replay would use the old
+    settings, parameters or addresses."""
+    plain, graphed = _pair()
+    x, w_y = torch.randn(2, 5, 19), torch.randn(2, 5, 23)
+    for step in range(2):
+        _steps_agree(plain, graphed, x, w_y, seed=step)
+    for layer in (plain, graphed):
+        CHANGES[change](layer)
+    for step in range(2):
+        _steps_agree(plain, graphed, torch.randn(2, 5, 19), w_y, seed=10 + step)
+    # a new signature is a new capture (the emulated replay reads parameters by object, so a graph left reading
+    # a moved tensor's old address would not show in the values here); an in-place change or eval mode keeps it
+    assert len(graphs) == (2 if change in ("changed in place", "eval") else 4)
+
+
+def test_shortcut_follows_the_attention_mask(graphs, slow_calls):
+    """Token weights come from the call's attention mask (mol.inject's RoutingContext), a per-call input: a
+    shortcut taken without a mask must not be taken once one covers x, and with a mask each call's own weights
+    reach the graph."""
+    from mol.routers import RoutingContext
+
+    plain, graphed = _pair()
+    for layer in (plain, graphed):
+        layer.router.context = RoutingContext()
+    w_y = torch.randn(2, 5, 23)
+    masks = [None, None, torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), torch.tensor([[1, 0, 0, 0, 0], [1, 1, 1, 1, 0]]),
+             torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]), None]
+    for mask in masks:
+        for layer in (plain, graphed):
+            layer.router.context.attention_mask = mask
+        _steps_agree(plain, graphed, torch.randn(2, 5, 19), w_y)
+    # two signatures (without and with token weights), each captured once; the calls after each one's first
+    # took the shortcut: without a mask steps 2 and 6, with one steps 4 and 5
+    assert len(graphs) == 4 and slow_calls["train"] == 2
+
+
+def test_shortcut_steps_aside_for_global_modes(graphs, slow_calls):
+    """Modes no key holds: autocast, a pending backward, and a call without gradients in training mode send a
+    call past the shortcut to the fused path, which runs the ordinary kernels for them."""
+    plain, graphed = _pair()
+    x, w_y = torch.randn(6, 19), torch.randn(6, 23)
+    for step in range(2):
+        _steps_agree(plain, graphed, x, w_y)
+    assert slow_calls["train"] == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yp, yg = plain(x), graphed(x)
+    assert torch.equal(yp, yg) and yg.dtype == torch.bfloat16 and slow_calls["train"] == 2
+    with torch.no_grad():
+        assert torch.equal(plain(x), graphed(x))
+    assert slow_calls["train"] == 2  # (no-grad calls in training mode do not look for a graph at all)
+    graphed.disabled = True  # (PEFT's disable_adapters): the base alone
+    assert torch.equal(graphed(x.clone().requires_grad_()), graphed.base_layer(x))
+    graphed.disabled = False
+    x1 = x.clone().requires_grad_()
+    graphed(x1)  # its backward pending: the next forward must not overwrite its saved buffers
+    graphed(x.clone().requires_grad_())
+    assert slow_calls["train"] == 3 and graphs[0].replays == 3
+
+
 def test_graph_tokens_is_validated():
     with pytest.raises(ValueError, match="graph_tokens"):
         MoLLinear(torch.nn.Linear(4, 4), graph_tokens=-1)

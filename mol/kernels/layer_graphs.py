@@ -278,6 +278,10 @@ class LayerGraphs:
         self.captured: dict[tuple, _Captured] = {}
         self.inference: dict[tuple, _CapturedForward] = {}
         self._warned: set[int] = set()  # the tables (by id) whose full-table warning was given
+        # the last call that replayed a graph, for the layer's shortcut (see remember / replay_hit): set by apply
+        # and apply_inference, (capture, its args) or None
+        self.replayed: Optional[tuple] = None
+        self._hits: dict[tuple, tuple] = {}
 
     def _find(self, table: dict, limit: int, args: tuple, copied: tuple[int, ...], weight_fn: Optional[Callable],
               meta: tuple, full: Callable[[], str]) -> Optional[tuple]:
@@ -317,6 +321,7 @@ class LayerGraphs:
             cap = self.captured[key] = _Captured(args, copied, weight_fn, meta, need)
         elif cap.busy():
             return None
+        self.replayed = (cap, args)
         return _GraphedRoutedFn.apply(cap, *args)
 
     def apply_inference(self, args: tuple, weight_fn: Optional[Callable], meta: tuple):
@@ -333,12 +338,52 @@ class LayerGraphs:
         key, cap = found
         if cap is None:
             cap = self.inference[key] = _CapturedForward(args, copied, weight_fn, meta)
+        self.replayed = (cap, args)
         return cap(args)
+
+    # The shortcut. A replayed call spends most of its host time on the way to the replay: the layer's branches,
+    # the fused function's checks, the signature above (~40 of ~145 us a training step on a 2-core CPU,
+    # benchmarks/host_overhead.py --graph). A layer that can say in one tuple everything that choice depends on
+    # (its key: x's layout, the grad / inference / training modes, its tensors by identity, address, dtype,
+    # layout and requires_grad, its settings) remembers the capture a call replayed under that call's key, if the
+    # call passed the arguments the layer says it would (its parameters, and token weights or None). A later call
+    # with an equal key replays that capture with its own arguments directly, after the checks that no key holds:
+    # the global modes that send a call to the ordinary kernels, and a pending backward.
+
+    def remember(self, key: Optional[tuple], rest: Optional[tuple]) -> None:
+        """After a layer's call: if it replayed a capture, passing x and then exactly ``rest`` (object for object),
+        keep that capture for calls with an equal ``key`` (None: keep nothing)."""
+        replayed, self.replayed = self.replayed, None
+        if replayed is None or key is None or len(rest) != len(replayed[1]) - 1 or not all(
+                a is b for a, b in zip(rest, replayed[1][1:])):
+            return
+        if len(self._hits) >= 4 * MAX_SIGNATURES:  # keys of replaced parameters: drop them, and what they hold
+            self._hits.clear()
+        self._hits[key] = replayed[0]
+
+    def replay_hit(self, key: tuple, x: torch.Tensor, rest: tuple) -> Optional[tuple]:
+        """The outputs (y, aux, hl, gates, ids, stats) of the capture remembered under ``key``, replayed with
+        arguments (x, *rest); None where there is none, or where a global mode or a pending backward sends this
+        call elsewhere."""
+        cap = self._hits.get(key)
+        if cap is None:
+            return None
+        if (torch.compiler.is_compiling() or not _capturable(x) or _checkpointed()
+                or torch.is_autocast_enabled(x.device.type) or torch._C._len_torch_dispatch_stack()
+                or torch._C._are_functorch_transforms_active()):
+            return None
+        if isinstance(cap, _CapturedForward):
+            return cap((x, *rest))
+        if cap.busy():
+            return None
+        return _GraphedRoutedFn.apply(cap, x, *rest)
 
     def clear(self) -> None:
         """Drop every captured graph and its memory pool."""
         self.captured.clear()
         self.inference.clear()
+        self.replayed = None
+        self._hits.clear()
 
     # A copied or pickled layer (EMA copies, torch.save(model)) starts with no graphs: they hold addresses
     # of the original's buffers and cannot be copied.
