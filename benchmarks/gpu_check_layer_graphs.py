@@ -36,9 +36,29 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mol  # noqa: E402
 from mol.kernels import base_gemm as bg  # noqa: E402
+from mol.kernels import layer_graphs as lg  # noqa: E402
 from mol.quant import NF4Linear  # noqa: E402
 
 DEV = "cuda"
+# calls that replayed through the layer's shortcut (LayerGraphs.replay_hit: a call like an earlier replayed one)
+SHORTCUTS = [0]
+_replay_hit = lg.LayerGraphs.replay_hit
+
+
+def _counted_replay_hit(self, *args):
+    out = _replay_hit(self, *args)
+    SHORTCUTS[0] += out is not None
+    return out
+
+
+lg.LayerGraphs.replay_hit = _counted_replay_hit
+
+
+def shortcuts_expected(mode: str, calls: int, signatures: int) -> int:
+    """Calls that should take the shortcut: every call after each signature's first, where the layer passes only
+    its parameters after x (a plain nn.Linear base, adapters of either dtype); none with dropout or noise (new
+    tensors each call), an NF4 base (dequantized through weight_fn) or autocast (the ordinary kernels)."""
+    return calls - signatures if mode in ("plain", "f32adapters") else 0
 
 
 def rel(a, b):
@@ -71,6 +91,7 @@ def make_pair(n_in, n_out, dtype, mode, graph_tokens, gen, inference=False):
 def check(T, n_in, n_out, dtype, mode, gen):
     plain, graphed = make_pair(n_in, n_out, dtype, mode, T, gen)
     worst = 0.0
+    SHORTCUTS[0] = 0
     for step in range(3):
         for layer in (plain, graphed):
             layer.zero_grad(set_to_none=True)
@@ -97,7 +118,7 @@ def check(T, n_in, n_out, dtype, mode, gen):
                 worst = max(worst, rel(q.grad, p.grad))
     caps = list(graphed._graphs.captured.values())
     replays = len(caps) == 1 and caps[0].generation == 6
-    return worst, replays
+    return worst, replays, SHORTCUTS[0], shortcuts_expected(mode, 6, 1)
 
 
 def check_inference(T, n_in, n_out, dtype, mode, gen):
@@ -107,6 +128,7 @@ def check_inference(T, n_in, n_out, dtype, mode, gen):
     plain, graphed = make_pair(n_in, n_out, dtype, mode, T, gen, inference=True)
     plain.eval(), graphed.eval()
     outs = {"plain": [], "graphed": []}
+    SHORTCUTS[0] = 0
     for grad_mode in (torch.no_grad, torch.no_grad, torch.inference_mode, torch.inference_mode):
         x = torch.randn(1, T, n_in, device=DEV, dtype=dtype, generator=gen)
         with grad_mode(), torch.autocast("cuda", torch.bfloat16, enabled=mode == "autocast"):
@@ -114,7 +136,8 @@ def check_inference(T, n_in, n_out, dtype, mode, gen):
                 outs[name].append((layer(x), layer.aux_loss()))
     worst = max(rel(g, p) for pair in zip(outs["graphed"], outs["plain"]) for g, p in zip(*pair))
     caps = list(graphed._graphs.inference.values())
-    return worst, len(caps) == 2 and all(c.replays == 2 for c in caps)
+    return (worst, len(caps) == 2 and all(c.replays == 2 for c in caps), SHORTCUTS[0],
+            shortcuts_expected(mode, 4, 2))  # no_grad and inference_mode: a signature each
 
 
 def host_and_wall(fns: dict, calls=100, rounds=5):
@@ -234,7 +257,8 @@ def main():
     bg.HOST_BOUND_CUBLAS = False  # nor cuBLAS for eager calls made while the GPU is idle
     gen = torch.Generator(device=DEV).manual_seed(0)
     lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}", "",
-             "| case | worst relative difference, graphed vs not | graphs replayed | ok |", "| --- | --- | --- | --- |"]
+             "| case | worst relative difference, graphed vs not | graphs replayed | calls through the shortcut "
+             "(expected) | ok |", "| --- | --- | --- | --- | --- |"]
     failed = False
     cases = [(T, 4096, 4096, dt, "plain") for T in (7, 512, 2048) for dt in (torch.bfloat16, torch.float32)]
     cases += [(512, 4096, 11008, torch.bfloat16, m) for m in ("dropout", "noise", "nf4")]
@@ -254,12 +278,13 @@ def main():
         cases = []
     todo = [(c, check) for c in cases] + [(c, check_inference) for c in inference]
     for (T, n_in, n_out, dt, mode), fn in ([] if args.skip_check else todo):
-        worst, replayed = fn(T, n_in, n_out, dt, mode, gen)
+        worst, replayed, shortcuts, expected = fn(T, n_in, n_out, dt, mode, gen)
         ok = worst < (1e-6 if dt == torch.float32 and mode != "autocast" else 1e-3) and replayed
+        ok &= shortcuts == expected
         failed |= not ok
         what = "no-grad (graph_inference_tokens)" if fn is check_inference else "fwd+bwd"
         lines.append(f"| T={T} {n_in}→{n_out} {str(dt)[6:]} {mode}, {what} | {worst:.1e} | {replayed} | "
-                     f"{'yes' if ok else 'NO'} |")
+                     f"{shortcuts} ({expected}) | {'yes' if ok else 'NO'} |")
         print(lines[-1], flush=True)
         torch.cuda.empty_cache()
     if not args.skip_timing:

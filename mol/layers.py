@@ -258,7 +258,7 @@ class MoLLinear(AdapterLayer):
                 graphs.max_tokens if torch.is_grad_enabled() else graphs.inference_tokens and not self.training):
             # a call like an earlier one that replayed a captured graph replays it again, skipping the way there
             key, rest = self._graph_key(x)
-            out = graphs.replay_hit(key, x, rest)
+            out = None if key is None else graphs.replay_hit(key, x, rest)
             if out is not None:
                 y, aux, hl, gates, ids, stats = out
                 self._last = FusedRouterOutput(gates, ids, hl, self.num_experts, stats, aux)
@@ -313,14 +313,19 @@ class MoLLinear(AdapterLayer):
             out = self._apply_deferred_aux(out)
         return out if out.dim() == x.dim() else out.view(*x.shape[:-1], self.out_features)
 
-    def _graph_key(self, x: Tensor) -> tuple[tuple, tuple]:
+    def _graph_key(self, x: Tensor) -> tuple[Optional[tuple], Optional[tuple]]:
         """(key, rest): everything besides global modes that decides which captured graph, if any, a call of x
         replays (tensors by identity and layout), and the arguments after x the fused path passes for an
-        nn.Linear base without dropout, noise or cast copies (mol.kernels.layer_graphs.LayerGraphs.remember)."""
+        nn.Linear base without dropout, noise or cast copies (mol.kernels.layer_graphs.LayerGraphs.remember);
+        (None, None) for other bases."""
         # the module and parameter dicts directly: nn.Module.__getattr__ costs ~0.6 us a lookup, and this runs
         # on every call of a graphed layer
         modules, params = self._modules, self._parameters
         base, router, dropout = modules["base_layer"], modules["router"], modules["dropout"]
+        if type(base) is not nn.Linear:
+            # another base reaches the graph through what its tensors (an NF4 weight's codes and scales, read by
+            # weight_fn) or its own output hold, which these items do not say: no shortcut
+            return None, None
         lora_A, lora_B = params["lora_A"], params["lora_B"]
         weight, bias = base._parameters.get("weight"), base._parameters.get("bias")
         router_w = router._parameters["weight"]

@@ -385,6 +385,23 @@ def test_shortcut_follows_the_attention_mask(graphs, slow_calls):
     assert len(graphs) == 4 and slow_calls["train"] == 2
 
 
+def test_no_shortcut_over_an_nf4_base(graphs, slow_calls):
+    """An NF4 base reaches the graph through weight_fn (its codes and scales, which the layer's key does not
+    hold): each call takes the way through the signature, which does."""
+    from mol.quant import NF4Linear
+
+    kw = dict(num_experts=4, top_k=2, rank=3, backend="triton", aux_loss_coef=0.3, z_loss_coef=0.05)
+    base = NF4Linear.from_linear(torch.nn.Linear(64, 32))
+    plain = MoLLinear(base, **kw)
+    with torch.no_grad():
+        plain.lora_B.normal_()
+    graphed = MoLLinear(copy.deepcopy(base), graph_tokens=64, **kw)
+    graphed.load_state_dict(plain.state_dict())
+    for step in range(3):
+        _steps_agree(plain, graphed, torch.randn(2, 24, 64), torch.randn(2, 24, 32))
+    assert slow_calls["train"] == 3 and [g.replays for g in graphs] == [3, 3]
+
+
 def test_shortcut_steps_aside_for_global_modes(graphs, slow_calls):
     """Modes no key holds: autocast, a pending backward, and a call without gradients in training mode send a
     call past the shortcut to the fused path, which runs the ordinary kernels for them."""
