@@ -111,6 +111,9 @@ def _linear_shape(base: nn.Module) -> tuple[int, int]:
 _HALF = (torch.float16, torch.bfloat16)
 
 
+_PLAIN = (Tensor, nn.Parameter)
+
+
 def _tensor_key(t: Optional[Tensor]) -> Optional[tuple]:
     return None if t is None else (id(t), t.data_ptr(), t.dtype, t.shape, t.stride(), t.requires_grad)
 
@@ -326,9 +329,13 @@ class MoLLinear(AdapterLayer):
             # another base reaches the graph through what its tensors (an NF4 weight's codes and scales, read by
             # weight_fn) or its own output hold, which these items do not say: no shortcut
             return None, None
-        lora_A, lora_B = params["lora_A"], params["lora_B"]
+        lora_A, lora_B = params.get("lora_A"), params.get("lora_B")
         weight, bias = base._parameters.get("weight"), base._parameters.get("bias")
-        router_w = router._parameters["weight"]
+        router_w = router._parameters.get("weight")
+        if any(type(t) not in _PLAIN for t in (x, weight, lora_A, lora_B, router_w, bias if bias is not None else x)):
+            # tensor subclasses (FSDP2's DTensors, a parametrization's output) take the fused path's ordinary
+            # kernels; some have no address to key by
+            return None, None
         # per call, as the fused path takes them (padding in the call's attention mask): the same tensor object
         token_weights = None if router.context is None else router.context.token_weights(x)
         key = (x.shape, x.stride(), x.dtype, x.device, x.requires_grad, type(x), torch.is_grad_enabled(),

@@ -402,6 +402,23 @@ def test_no_shortcut_over_an_nf4_base(graphs, slow_calls):
     assert slow_calls["train"] == 3 and [g.replays for g in graphs] == [3, 3]
 
 
+def test_no_shortcut_for_a_parametrized_adapter(graphs, slow_calls):
+    """A parametrized lora_A (torch.nn.utils.parametrize) is a new tensor every call, not in the layer's parameter
+    dict: the key gives up (no KeyError), and each call copies it into the graph as the signature path does."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, a):
+            return 2.0 * a
+
+    plain, graphed = _pair()
+    for layer in (plain, graphed):
+        parametrize.register_parametrization(layer, "lora_A", Doubled())
+    for step in range(3):
+        _steps_agree(plain, graphed, torch.randn(2, 5, 19), torch.randn(2, 5, 23))
+    assert slow_calls["train"] == 3 and [g.replays for g in graphs] == [3, 3]
+
+
 def test_shortcut_steps_aside_for_global_modes(graphs, slow_calls):
     """Modes no key holds: autocast, a pending backward, and a call without gradients in training mode send a
     call past the shortcut to the fused path, which runs the ordinary kernels for them."""
