@@ -264,7 +264,7 @@ class MoLLinear(AdapterLayer):
             out = None if key is None else graphs.replay_hit(key, x, rest)
             if out is not None:
                 y, aux, hl, gates, ids, stats = out
-                self._last = FusedRouterOutput(gates, ids, hl, self.num_experts, stats, aux)
+                self._last = FusedRouterOutput(gates, ids, hl, self.num_experts, stats, aux, token_weights=rest[-1])
                 return y
             graphs.replayed = None
         if self.merged or self.disabled:

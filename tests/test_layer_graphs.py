@@ -88,7 +88,9 @@ def _steps_agree(plain, graphed, x, w_y, seed=None):
             torch.manual_seed(seed)
         xi, y, loss = _step(layer, x, w_y)
         loss.backward()
-        outs.append((xi, y, layer.aux_loss(), *_grads(layer, xi)))
+        # the routing kept for the caller too: its losses are normalised by the real (unpadded) tokens
+        routing = layer._last
+        outs.append((xi, y, layer.aux_loss(), routing.load_balance_loss, routing.z_loss, *_grads(layer, xi)))
         layer.zero_grad(set_to_none=True)
     for a, b in zip(outs[0][1:], outs[1][1:]):
         assert torch.equal(a, b)
