@@ -308,7 +308,7 @@ class MoLLinear(AdapterLayer):
             out = dispatch.routed_linear(self.base_layer, flat_x, flat_x_lora, self.lora_A, self.lora_B,
                                          routed.gates, routed.expert_ids, self.scaling, self.backend)
         self._last = routed
-        if self._graphs is not None:
+        if key is not None:
             # a call that replayed with the arguments _graph_key gives (no dropout, noise or cast copies) is one
             # that a call of the same key may take the shortcut to
             self._graphs.remember(key, rest)

@@ -421,6 +421,20 @@ def test_no_shortcut_for_a_parametrized_adapter(graphs, slow_calls):
     assert slow_calls["train"] == 3 and [g.replays for g in graphs] == [3, 3]
 
 
+def test_graphed_layer_compiles_whole_and_leaves_the_shortcut_alone(graphs):
+    """torch.compile traces the custom ops, not the graphs (Dynamo's fake tensors have no addresses): a layer with
+    graph_tokens compiles with fullgraph=True, matches the ungraphed layer, and remembers nothing."""
+    plain, graphed = _pair()
+    compiled = torch.compile(graphed, fullgraph=True, backend="eager")
+    x, w_y = torch.randn(2, 5, 19), torch.randn(2, 5, 23)
+    xp, yp, lp = _step(plain, x, w_y)
+    xg, yg, lg_ = _step(compiled, x, w_y)
+    lp.backward()
+    lg_.backward()
+    assert torch.allclose(yg, yp, rtol=1e-5, atol=1e-6) and torch.allclose(xg.grad, xp.grad, rtol=1e-5, atol=1e-6)
+    assert not graphs and not graphed._graphs._hits and graphed._graphs.replayed is None
+
+
 def test_shortcut_steps_aside_for_global_modes(graphs, slow_calls):
     """Modes no key holds: autocast, a pending backward, and a call without gradients in training mode send a
     call past the shortcut to the fused path, which runs the ordinary kernels for them."""
