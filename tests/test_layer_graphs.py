@@ -449,6 +449,12 @@ def test_shortcut_steps_aside_for_global_modes(graphs, slow_calls):
     with torch.no_grad():
         assert torch.equal(plain(x), graphed(x))
     assert slow_calls["train"] == 2  # (no-grad calls in training mode do not look for a graph at all)
+    gl.EAGER_FAST_PATH = False  # the testing switch that sends eager calls through the custom ops, unreplayed
+    try:
+        assert torch.equal(plain(x), graphed(x.clone().requires_grad_()))
+    finally:
+        gl.EAGER_FAST_PATH = True
+    assert slow_calls["train"] == 2 and graphs[0].replays == 2
     graphed.disabled = True  # (PEFT's disable_adapters): the base alone
     assert torch.equal(graphed(x.clone().requires_grad_()), graphed.base_layer(x))
     graphed.disabled = False

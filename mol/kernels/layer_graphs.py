@@ -37,6 +37,7 @@ tensors, in its own pool; a layer captures at most ``MAX_SIGNATURES`` and runs t
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 import weakref
 from typing import Any, Callable, Optional
@@ -368,7 +369,11 @@ class LayerGraphs:
         cap = self._hits.get(key)
         if cap is None:
             return None
-        if (torch.compiler.is_compiling() or not _capturable(x) or _checkpointed()
+        # the conditions routed_lora_linear's own way checks (grouped_lora._use_fast_path, _find) on every call;
+        # grouped_lora is loaded by now (a capture ran its kernels), and is read here without an import statement's
+        # cost on every call
+        if (not sys.modules["mol.kernels.grouped_lora"].EAGER_FAST_PATH or torch.compiler.is_compiling()
+                or not _capturable(x) or _checkpointed()
                 or torch.is_autocast_enabled(x.device.type) or torch._C._len_torch_dispatch_stack()
                 or torch._C._are_functorch_transforms_active()):
             return None
