@@ -14,7 +14,9 @@
    a plain frozen base, dropout (x_lora), router noise, an NF4 base (dequantized inside the graph), float32
    layers under bf16 autocast, and bf16 layers with float32 adapters (adapter_dtype="auto", mol.inject's default
    on a bf16 model); in both of the last, lora_A/B are cast inside the captured graph, read in place. Also
-   checks that the graphs were replayed (not silently skipped). Exit code 1 on any failure.
+   checks that the graphs were replayed (not silently skipped), and that the calls after each signature's first
+   replayed through the layer's shortcut exactly where it applies (LayerGraphs.replay_hit: a plain or
+   float32-adapter layer; not with dropout, noise, an NF4 base or autocast). Exit code 1 on any failure.
 2. Time per fwd+bwd at T = 512 and 2048, eager loop, backward on the calling thread, 4096→4096 E=8 top-2 r=16 bf16, the
    three rows interleaved over rounds: the bare frozen base, MoLLinear, MoLLinear with graph_tokens; host µs per
    call (no synchronisation in the loop) and wall ms per call with one synchronisation; and the memory each
