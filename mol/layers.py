@@ -266,7 +266,6 @@ class MoLLinear(AdapterLayer):
                 y, aux, hl, gates, ids, stats = out
                 self._last = FusedRouterOutput(gates, ids, hl, self.num_experts, stats, aux, token_weights=rest[-1])
                 return y
-            graphs.replayed = None
         if self.merged or self.disabled:
             return self.base_layer(x)
         # an nn.Identity call is a module call of host time per layer and step: skip it (same result)
@@ -308,9 +307,9 @@ class MoLLinear(AdapterLayer):
             out = dispatch.routed_linear(self.base_layer, flat_x, flat_x_lora, self.lora_A, self.lora_B,
                                          routed.gates, routed.expert_ids, self.scaling, self.backend)
         self._last = routed
-        if key is not None:
+        if self._graphs is not None:
             # a call that replayed with the arguments _graph_key gives (no dropout, noise or cast copies) is one
-            # that a call of the same key may take the shortcut to
+            # that a call of the same key may take the shortcut to; every call hands back what apply kept of it
             self._graphs.remember(key, rest)
         if self._aux_grad is not None:
             out = self._apply_deferred_aux(out)

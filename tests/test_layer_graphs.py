@@ -402,6 +402,7 @@ def test_no_shortcut_over_an_nf4_base(graphs, slow_calls):
     for step in range(3):
         _steps_agree(plain, graphed, torch.randn(2, 24, 64), torch.randn(2, 24, 32))
     assert slow_calls["train"] == 3 and [g.replays for g in graphs] == [3, 3]
+    assert graphed._graphs.replayed is None  # the last call's arguments (its x) are not held past it
 
 
 def test_no_shortcut_for_a_parametrized_adapter(graphs, slow_calls):

@@ -279,8 +279,9 @@ class LayerGraphs:
         self.captured: dict[tuple, _Captured] = {}
         self.inference: dict[tuple, _CapturedForward] = {}
         self._warned: set[int] = set()  # the tables (by id) whose full-table warning was given
-        # the last call that replayed a graph, for the layer's shortcut (see remember / replay_hit): set by apply
-        # and apply_inference, (capture, its args) or None
+        # the call being made, if it replayed a graph, for the layer's shortcut: (capture, its args), set by apply
+        # and apply_inference, cleared by replay_hit before the call's way there and by remember after it (so no
+        # call's activations are held past it)
         self.replayed: Optional[tuple] = None
         self._hits: dict[tuple, tuple] = {}
 
@@ -366,6 +367,7 @@ class LayerGraphs:
         """The outputs (y, aux, hl, gates, ids, stats) of the capture remembered under ``key``, replayed with
         arguments (x, *rest); None where there is none, or where a global mode or a pending backward sends this
         call elsewhere."""
+        self.replayed = None  # (what a call that raised before its remember left)
         cap = self._hits.get(key)
         if cap is None:
             return None
