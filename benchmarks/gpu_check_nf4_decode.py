@@ -6,10 +6,11 @@ Every FMA_CONFIGS entry (the shared pair table, LUT=5, and the byte permutes, LU
 3 runs, at T = 1 and 2, in bf16 and fp16, with and without a bias, on weights of 40-14336 rows, 64-14336 inputs,
 absmax blocks of 32-128, double-quantized or not; each once more from an x 2 bytes off 4 (copied to an aligned
 buffer before the kernel reads its int32 pairs), which must give the same bits. The CPU tests run the kernel
-under TRITON_INTERPRET=1, where the pair table's inline PTX is replaced by the code table; this runs the PTX. Exits 1 on a failure (error >= 2e-2 of the largest output in bf16, 4e-3 in fp16, or a non-finite
-output: the FMA path rounds each four-product partial to x's dtype, which on a short row of a bf16 run reaches
-~1.3e-2). K is a compile-time constant of the kernel, so this builds ~450 variants: they are compiled in a thread
-pool first (one at a time, the check took most of a 500 s device call in RESULTS run 39).
+under TRITON_INTERPRET=1, where the pair table's inline PTX is replaced by the code table; this runs the PTX.
+Exits 1 on a failure (error >= 2e-2 of the largest output in bf16, 4e-3 in fp16, or a non-finite output: the
+FMA path rounds each four-product partial to x's dtype, which on a short row of a bf16 run reaches ~1.3e-2). K is
+a compile-time constant of the kernel, so this builds ~450 variants: they are compiled in a thread pool first
+(one at a time, the check took most of a 500 s device call in RESULTS run 39).
 """
 import itertools
 import os

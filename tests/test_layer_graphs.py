@@ -376,8 +376,8 @@ def test_shortcut_follows_the_attention_mask(graphs, slow_calls):
     for layer in (plain, graphed):
         layer.router.context = RoutingContext()
     w_y = torch.randn(2, 5, 23)
-    masks = [None, None, torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), torch.tensor([[1, 0, 0, 0, 0], [1, 1, 1, 1, 0]]),
-             torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]), None]
+    masks = [None, None, torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+             torch.tensor([[1, 0, 0, 0, 0], [1, 1, 1, 1, 0]]), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]), None]
     for mask in masks:
         for layer in (plain, graphed):
             layer.router.context.attention_mask = mask
