@@ -20,8 +20,8 @@ one-launch small-T forward (its launch stubbed), beside a bare F.linear of the s
 CPU (a "graph" whose replay does nothing), so what remains is the host's side of a replayed call: the layer's glue,
 the autograd node, the copies in and the clones out. After the first call every timed call takes the layer's
 shortcut to its replay (LayerGraphs.replay_hit; checkouts before 81917f6 go the whole way each time). CUDA graph
-launches themselves are not in it. The decode columns then measure ``graph_inference_tokens=1`` (where the checkout has it): the no-grad call's copy in, (faked)
-replay and clone out.
+launches themselves are not in it. The decode columns then measure ``graph_inference_tokens=1`` (where the
+checkout has it): the no-grad call's copy in, (faked) replay and clone out.
 """
 import inspect
 import os
