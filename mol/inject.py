@@ -178,13 +178,10 @@ class _RoutingCallHooks:
             # the mask is the encoder's, and a decoder block of the same length could not tell it is not its own
             kw, mask = {}, None
         tokens = next((kw[k] for k in ("input_ids", "inputs_embeds") if isinstance(kw.get(k), Tensor)), mask)
-        self.context.batch_shape = tuple(tokens.shape[:2]) if tokens is not None and tokens.dim() >= 2 else None
-        self.context.attention_mask = mask
-        self.context.continuation = _continues_cache(kw)
+        self.context.begin_call(tokens, mask, _continues_cache(kw))
 
     def after(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        # a submodule called on its own afterwards sees no call
-        self.context.batch_shape, self.context.attention_mask, self.context.continuation = None, None, False
+        self.context.end_call()
 
 
 def routing_context(model: nn.Module) -> RoutingContext:

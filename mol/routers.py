@@ -164,18 +164,51 @@ class RoutingContext:
       every position of a sequence, cached or new, went through the same experts: one choice per sequence.
     """
 
+    # True between the model's forward hooks (mol.inject's): the forward running now is that call's, not an
+    # activation checkpoint's recompute inside a backward (see Router.call_context). Class defaults: contexts made
+    # by hand, and pickled before these existed, have them
+    in_call = False
+    _batch_shape: tuple[int, int] | None = None
+    _shape_of: Tensor | None = None
+
     def __init__(self) -> None:
-        self.batch_shape: tuple[int, int] | None = None
         self.attention_mask: Tensor | None = None
         self.continuation = False
         # [(mask, its flat float32 weights)], shared with the snapshots: one cast a call, not one a layer
         self._weights: list[tuple[Tensor, Tensor]] = []
 
+    @property
+    def batch_shape(self) -> tuple[int, int] | None:
+        # read from the call's tokens when the hooks set it, not kept as ints: under torch.compile a tuple of ints
+        # in an object is a constant the compiled graph is guarded on, so every new sequence length would compile
+        # the model again; a tensor's dims can stay symbolic
+        if self._shape_of is not None:
+            return (self._shape_of.shape[0], self._shape_of.shape[1])
+        return self._batch_shape
+
+    @batch_shape.setter
+    def batch_shape(self, shape: tuple[int, int] | None) -> None:
+        self._batch_shape, self._shape_of = shape, None
+
+    def begin_call(self, tokens: Tensor | None, attention_mask: Tensor | None, continuation: bool) -> None:
+        """The model's call starts (a forward pre-hook): ``tokens`` (batch, positions, ...) give batch_shape."""
+        self._batch_shape, self._shape_of = None, tokens if tokens is not None and tokens.dim() >= 2 else None
+        self.attention_mask, self.continuation, self.in_call = attention_mask, continuation, True
+        # a new list, not cleared in place: the snapshots of earlier calls keep theirs; and a compiled model then
+        # finds it empty at each call, not holding the last call's tensors (inputs it would be guarded on)
+        self._weights = []
+
+    def end_call(self) -> None:
+        """The model's call is over (a forward hook): a submodule called on its own afterwards sees no call."""
+        self._batch_shape, self._shape_of, self.attention_mask, self.continuation = None, None, None, False
+        self.in_call, self._weights = False, []
+
     def snapshot(self) -> "RoutingContext":
         """A copy of the call's state as it is now. A router keeps one from each forward, for the forward an
         activation checkpoint recomputes inside the backward, when the model call (and its hooks) is over."""
         copy = RoutingContext()
-        copy.batch_shape, copy.attention_mask, copy.continuation = self.batch_shape, self.attention_mask, self.continuation
+        copy._batch_shape, copy._shape_of = self._batch_shape, self._shape_of
+        copy.attention_mask, copy.continuation = self.attention_mask, self.continuation
         copy._weights = self._weights
         return copy
 
@@ -237,7 +270,9 @@ class Router(nn.Module):
         recomputation weighs padding, pools and reuses choices exactly as the first pass did)."""
         if self.context is None:
             return None
-        if not in_backward():
+        # inside the model's call no recompute runs, so autograd's engine is asked only outside one: its task id is
+        # an int torch.compile cannot trace, which would break a compiled model's graph at every layer
+        if self.context.in_call or not in_backward():
             self._call = self.context.snapshot()
         return self._call
 

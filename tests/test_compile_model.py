@@ -66,3 +66,40 @@ def test_bf16_model_with_float32_adapters_compiles_and_matches_eager():
     assert torch.allclose(got.float(), eager.float(), rtol=1e-3, atol=1e-4), (got.item(), eager.item())
     for a, b in zip(g, g_eager):
         assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend,router", [("torch", "topk"), ("triton", "topk"), ("torch", "sequence")])
+def test_one_graph_for_every_sequence_length(backend, router, tiny_llama):
+    """A compiled model with MoL adapters is one graph (no break at any layer) and, over four sequence lengths,
+    compiles twice: for the first length, then once with dynamic shapes. The routers' call context used to break
+    the graph in every layer (autograd's task id, an int) and to pin the call's shape as constants (its batch shape
+    as ints, the last call's cached mask), so every length compiled every layer again, up to torch's recompile
+    limit, after which they ran eagerly. Each step's loss equals eager mode's."""
+    torch._dynamo.reset()
+    model = tiny_llama
+    mol.inject(model, mol.MoLConfig(rank=4, alpha=8, num_experts=4, top_k=2, router=router,
+                                    target_modules=["q_proj", "v_proj", "up_proj"], backend=backend))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+
+    def batch(length):
+        ids = torch.randint(0, model.config.vocab_size, (3, length))
+        mask = torch.ones_like(ids)
+        mask[0, length - 2:] = 0
+        return dict(input_ids=ids, attention_mask=mask, labels=ids)
+
+    explained = torch._dynamo.explain(model)(**batch(7))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    for length in (5, 6, 9, 12):
+        b = batch(length)
+        got = compiled(**b).loss + mol.aux_loss(model)
+        got.backward()
+        want = model(**b).loss + mol.aux_loss(model)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (length, got.item(), want.item())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2, dict(torch._dynamo.utils.counters["stats"])
+    torch._dynamo.reset()
