@@ -354,7 +354,10 @@ class MoLLinear(AdapterLayer):
         a, b = self.lora_A, self.lora_B
         if a.dtype == dtype and b.dtype == dtype:
             return a, b
-        if (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)) or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            # the cache is left as it is: a dict pop is a graph break for dynamo, in every layer of a compiled model
+            return a, b
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             self.__dict__.pop("_cast_adapters", None)
             return a, b
         if a.is_cuda and torch.cuda.is_current_stream_capturing():

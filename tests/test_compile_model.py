@@ -42,7 +42,8 @@ def test_hf_model_with_mol_compiles_and_matches_eager(backend, router, tiny_llam
 
 def test_bf16_model_with_float32_adapters_compiles_and_matches_eager():
     """adapter_dtype="auto" on a bf16 model: float32 adapters, cast inside the routed layer's autograd node; the
-    compiled model (the kernels through their custom ops) gives eager mode's loss and float32 gradients."""
+    compiled model (the kernels through their custom ops) gives eager mode's loss and float32 gradients, in one
+    graph (the layer's cache of cast adapters, kept for no-grad calls, used to break it in every layer)."""
     from conftest import make_tiny_llama
 
     torch._dynamo.reset()
@@ -61,6 +62,9 @@ def test_bf16_model_with_float32_adapters_compiles_and_matches_eager():
         return m(input_ids=ids, labels=ids).loss + mol.aux_loss(model)
     eager = loss_of(model)
     g_eager = torch.autograd.grad(eager, params)
+    explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
     got = loss_of(torch.compile(model, backend="aot_eager"))
     g = torch.autograd.grad(got, params)
     assert torch.allclose(got.float(), eager.float(), rtol=1e-3, atol=1e-4), (got.item(), eager.item())
