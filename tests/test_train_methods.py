@@ -204,6 +204,47 @@ def test_gradient_checkpointing_trains_the_same(tiny, tmp_path, monkeypatch):
         losses(True, "prefix")
 
 
+def test_compiled_model_trains_the_same(tiny, tmp_path):
+    """trainer.compile=true: the run's forward and backward go through torch.compile (aot_eager here: the same ATen
+    ops as eager, no C compiler needed), its per-step losses (task + router) equal the eager run's, and the saved
+    adapter keeps eager's tensor names; bad compile options and FSDP are refused before any training."""
+    from safetensors.torch import load_file
+
+    from mol.io import WEIGHTS_NAME
+    from mol.train.app import ConfigError, run
+    from mol.train.callbacks import read_loss_history
+
+    def train(compile_: bool, *extra: str):
+        out = tmp_path / f"run_{compile_}_{len(extra)}"
+        cfg = compose(["method=mol", "model=hf_causal", f"model.path={tiny['llama']}", "data=jsonl",
+                       f"data.train={tiny['causal']['train']}", f"data.val={tiny['causal']['val']}",
+                       "data.batch_size=8", "data.max_length=32", f"data.cache_dir={tmp_path / 'cache'}",
+                       "trainer.max_epochs=1", "optim.lr=1e-2", "model.target_modules=[q_proj,v_proj]",
+                       f"trainer.compile={compile_}",
+                       "trainer.compile_options.backend=aot_eager", f"output_dir={out}", *extra,
+                       *quiet_trainer_overrides()])
+        run(cfg)
+        return read_loss_history(str(out / "train_loss.jsonl")), load_file(str(out / "adapter" / WEIGHTS_NAME))
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager, eager_adapter = train(False)
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled, compiled_adapter = train(True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the model's forward was compiled
+    assert eager.keys() == compiled.keys() and len(eager) >= 3
+    for step in eager:
+        assert abs(eager[step] - compiled[step]) < 1e-5 * abs(eager[step]), (step, eager, compiled)
+    assert eager_adapter.keys() == compiled_adapter.keys()  # no "_orig_mod." in any name
+    for name, t in eager_adapter.items():
+        assert (compiled_adapter[name] - t).abs().max() <= 1e-4 * t.abs().max(), name  # AdamW steps of rounding
+    with pytest.raises(ConfigError, match="compile_options has \\['backnd'\\]"):
+        train(True, "+trainer.compile_options.backnd=eager")
+    with pytest.raises(ConfigError, match="FSDP.*trainer.compile=false"):
+        train(True, "trainer.strategy=fsdp")
+    torch._dynamo.reset()
+
+
 def _tensorboard_scalars(log_dir) -> dict[str, list[float]]:
     """Scalar values by tag from the TFRecord event files under log_dir (length, crc, Event proto, crc)."""
     import struct

@@ -236,12 +236,33 @@ def fsdp_uniform_dtype(cfg: DictConfig, method_cfg: Any) -> None:
                       f"model.dtype={choice}")
 
 
+def compile_model(model: Any, trainer_cfg: DictConfig) -> None:
+    """``trainer.compile=true``: torch.compile ``model`` in place (``nn.Module.compile``, so its state dict, the
+    checkpoints and the saved adapter keep their names) with ``trainer.compile_options`` as torch.compile's
+    keyword arguments. Checked here, before any training: the options' names, and the strategy (FSDP would wrap
+    the modules of an already compiled model, a combination mol.train does not run)."""
+    import torch
+
+    options = OmegaConf.to_container(trainer_cfg.get("compile_options") or {}, resolve=True)
+    accepted = [n for n in inspect.signature(torch.compile).parameters if n != "model"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"trainer.compile_options has {unknown}, which torch.compile does not take; use "
+                          f"{accepted}")
+    strategy = trainer_cfg.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    if "fsdp" in target.lower():
+        raise ConfigError("trainer.compile=true with an FSDP strategy: mol.train compiles the model before Lightning "
+                          "wraps it, which FSDP does not support; set trainer.compile=false, or use trainer=ddp")
+    model.compile(**{k: v for k, v in options.items() if v is not None})
+
+
 def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str, max_epochs: Optional[int] = None) -> Any:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in ("ckpt_every_n_steps", "autograd_multithreading"):  # ours, not Lightning's
+    for key in ("ckpt_every_n_steps", "autograd_multithreading", "compile", "compile_options"):  # ours, not Lightning's
         kw.pop(key, None)
     if isinstance(kw.get("strategy"), dict):
         kw["strategy"] = instantiate(kw["strategy"])
@@ -280,6 +301,8 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
 
             raise ConfigError(f"method=prefix with model.gradient_checkpointing=true: {CHECKPOINTING_BLOCKER}")
         enable_activation_checkpointing(model)
+    if cfg.trainer.get("compile", False):
+        compile_model(model, cfg.trainer)
     trainable, total = mol.trainable_parameters(model)
 
     opt = cfg.baseline if baseline else cfg.optim
