@@ -8,7 +8,8 @@ no optimizer: the floor every adapter pays), PEFT LoRA r=16, MoL E=8 top-2 r=16 
 backend, and the PyTorch reference backend for comparison), and PEFT and MoL again with the backward run on
 the calling thread (torch.autograd.set_multithreading_enabled(False)), and PEFT and MoL with the whole step
 captured in a CUDA graph and replayed (the GPU's work alone: on hosts as slow as the H200 machines the eager step is
-host-bound). With --only, also PEFT and MoL under torch.compile(model) (default mode), and MoL with per-layer
+host-bound). With --only, also PEFT and MoL under torch.compile(model) (default mode, and "reduce-overhead": the
+compiled graphs replayed as CUDA graphs), and MoL with per-layer
 CUDA graphs (MoLConfig.graph_tokens: the step eager, each layer replaying its captured forward and backward), and
 PEFT and MoL with AdamW(fused=True) ("fused AdamW", mol.train's default on CUDA; the other rows take torch's
 foreach AdamW), and PEFT and MoL with their adapters in bf16 ("bf16 adapters"; the other rows take each library's default, float32
@@ -80,7 +81,9 @@ def variant(name, model, tokens=0):
     model = add_adapters(model, name, **mol_options)
     params = [p for p in model.parameters() if p.requires_grad]
     if "torch.compile" in name:  # the model's forward and backward compiled (default mode), AdamW eager
-        model = torch.compile(model)
+        # reduce-overhead: also replayed as CUDA graphs (torch's cudagraph trees), what trainer.compile_options.mode
+        # gives mol.train
+        model = torch.compile(model, mode="reduce-overhead" if "reduce-overhead" in name else None)
     return model, params
 
 
@@ -172,6 +175,8 @@ def main():
     # captured forward and backward; the step stays eager), for small steps where the eager step is host-bound
     extra = ["MoL E=8 top-2 r=16 (triton, Triton shrink)", "PEFT LoRA r=16, torch.compile",
              "MoL E=8 top-2 r=16 (triton), torch.compile", "MoL E=8 top-2 r=16 (triton), layer graphs",
+             "PEFT LoRA r=16, torch.compile reduce-overhead",
+             "MoL E=8 top-2 r=16 (triton), torch.compile reduce-overhead",
              "MoL E=8 top-2 r=16 (triton), layer graphs, autograd threads off",
              "PEFT LoRA r=16, bf16 adapters", "MoL E=8 top-2 r=16 (triton), bf16 adapters",
              "PEFT LoRA r=16, fused AdamW", "MoL E=8 top-2 r=16 (triton), fused AdamW",
