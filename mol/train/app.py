@@ -240,7 +240,7 @@ def compile_model(model: Any, trainer_cfg: DictConfig) -> None:
     """``trainer.compile=true``: torch.compile ``model`` in place (``nn.Module.compile``, so its state dict, the
     checkpoints and the saved adapter keep their names) with ``trainer.compile_options`` as torch.compile's
     keyword arguments. Checked here, before any training: the options' names, and the strategy (FSDP would wrap
-    the modules of an already compiled model, a combination mol.train does not run)."""
+    the modules of an already compiled model, which no test here runs: refused)."""
     import torch
 
     options = OmegaConf.to_container(trainer_cfg.get("compile_options") or {}, resolve=True)
@@ -252,8 +252,9 @@ def compile_model(model: Any, trainer_cfg: DictConfig) -> None:
     strategy = trainer_cfg.get("strategy")
     target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
     if "fsdp" in target.lower():
-        raise ConfigError("trainer.compile=true with an FSDP strategy: mol.train compiles the model before Lightning "
-                          "wraps it, which FSDP does not support; set trainer.compile=false, or use trainer=ddp")
+        raise ConfigError("trainer.compile=true with an FSDP strategy is not supported: mol.train compiles the model "
+                          "before Lightning wraps it, an order never run with FSDP here; set trainer.compile=false, "
+                          "or use trainer=ddp")
     model.compile(**{k: v for k, v in options.items() if v is not None})
 
 
