@@ -2,45 +2,36 @@
 
     python benchmarks/probe_launch_cost.py
 
-Times (host µs per call, GPU held busy so the host never waits, best of 5 rounds of 200) the launch as the layer
-makes it (`kernel[grid](...)`), then its parts inside triton's JITFunction.run (triton 3.6: the binder that
-specializes the arguments, the cache key, launch_metadata, the C launcher `kernel.run`, the stream lookup), a
-launch that skips the cache key, the C launcher alone, and a few small torch ops for scale; then a cProfile of 100
-launches. RESULTS run 44: a warm launch is ~28 µs, of which the C launcher is 7.5-14 and the binder 6.3, so a
-launch path of our own would save ~4 µs of a layer step's ~1 ms. Leans on triton's internals: a part a later
-triton moved is reported as failed, the rest still timed.
+Times (host µs per call, the GPU held busy so the host never waits: profile_host.host_us, 200 calls a round) the
+launch as the layer makes it (`kernel[grid](...)`), then its parts inside triton's JITFunction.run (triton 3.6:
+the binder that specializes the arguments, the cache key, launch_metadata, the C launcher `kernel.run`, the stream
+lookup), a launch that skips the cache key, the C launcher alone, and a few small torch ops for scale; then a
+cProfile of 100 launches. RESULTS run 44: a warm launch is ~28 µs, of which the C launcher is 7.5-14 and the binder
+6.3, so a launch path of our own would save ~4 µs of a layer step's ~1 ms. Leans on triton's internals: a part a
+later triton moved is reported as failed, the rest still timed.
 """
 import cProfile
 import io
 import os
 import pstats
 import sys
-import time
 
 import torch
 import triton
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mol  # noqa: E402
+import profile_host  # noqa: E402
 from mol.kernels import grouped_lora as gl  # noqa: E402
 from mol.kernels import routed_lora as rl  # noqa: E402
 
 DEV, DT, N, T = "cuda", torch.bfloat16, 4096, 512
 
 
-def host_us(fn, calls: int = 200, rounds: int = 5) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(rounds):
-        torch.cuda._sleep(int(2e8))  # the GPU busy: the host never waits for it
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-        torch.cuda.synchronize()
-    return best
+def host_us(fn) -> float:
+    """profile_host's timer (the GPU held busy by a sleep, best of 5 rounds) over 200 calls a round."""
+    return profile_host.host_us(fn, 200)
 
 
 def captured_launch(gate_fwd):
