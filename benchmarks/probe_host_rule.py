@@ -1,11 +1,14 @@
-"""base_gemm.HOST_BOUND_CUBLAS off against on, interleaved, on bench_model's MoL step (one model, one process).
+"""The eager base GEMM's rules compared, interleaved, on bench_model's MoL step (one model, one process).
 
-    python benchmarks/probe_host_rule.py [--rounds 5] [--steps 8]
+    python benchmarks/probe_host_rule.py [--rounds 5] [--steps 8] [--settings NAME ...] [--variants NAME ...]
 
-The rule (eager base GEMMs above EAGER_CUBLAS_ROWS run cuBLAS while the stream is idle) is read at each call, so
-one model alternates between the settings round by round: the host's drift hits both alike, which separate
-processes (RESULTS run 37, calls 2-3) could not promise. Prints each setting's per-round medians (ms per step,
-CUDA events) for the backward on autograd's worker thread and on the calling thread.
+Settings (base_gemm's switches, read at each call): "idle-off" / "idle-on" (HOST_BOUND_CUBLAS: eager base GEMMs
+above EAGER_CUBLAS_ROWS run cuBLAS while the stream is idle; the default pair), "cublas" (every uncaptured call
+cuBLAS), "device-desc" (idle-on, with the Triton kernel's descriptors made on the device, DEVICE_DESCRIPTORS, at a
+commit that has it). One model alternates between the settings round by round: the host's drift hits all alike,
+which separate processes (RESULTS run 37, calls 2-3) could not promise. Prints each setting's per-round medians (ms
+per step, CUDA events) for each of bench_model's MoL variants named (default: the backward on autograd's worker
+thread and on the calling thread; "..., torch.compile" compiles the model once, its custom ops read the switches).
 """
 import argparse
 import os
@@ -20,24 +23,39 @@ from bench_model import build, step_fn, variant  # noqa: E402
 import mol.kernels.base_gemm as bg  # noqa: E402  (bench_model put the repository on the path)
 
 
+SETTINGS = {"idle-off": dict(HOST_BOUND_CUBLAS=False), "idle-on": dict(HOST_BOUND_CUBLAS=True),
+            "cublas": dict(EAGER_CUBLAS_ROWS=1 << 62), "device-desc": dict(HOST_BOUND_CUBLAS=True, DEVICE_DESCRIPTORS=True)}
+
+
+def apply(setting: str) -> None:
+    bg.HOST_BOUND_CUBLAS, bg.EAGER_CUBLAS_ROWS = True, 2048
+    if hasattr(bg, "DEVICE_DESCRIPTORS"):
+        bg.DEVICE_DESCRIPTORS = False
+    for k, v in SETTINGS[setting].items():
+        setattr(bg, k, v)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--settings", nargs="+", default=["idle-off", "idle-on"], choices=sorted(SETTINGS))
+    ap.add_argument("--variants", nargs="+", default=["MoL E=8 top-2 r=16 (triton)",
+                                                      "MoL E=8 top-2 r=16 (triton), autograd threads off"])
     args = ap.parse_args()
     print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}")
-    for name in ("MoL E=8 top-2 r=16 (triton)", "MoL E=8 top-2 r=16 (triton), autograd threads off"):
+    for name in args.variants:
         model, params = variant(name, build(False, "cuda", torch.bfloat16))
         ids = torch.randint(0, model.config.vocab_size, (8, 1024), device="cuda")
         step = step_fn(model, params, ids, name)
-        rounds = {False: [], True: []}
-        for setting in (False, True):  # warm-up (and the base GEMM's tuning) under both settings
-            bg.HOST_BOUND_CUBLAS = setting
+        rounds = {setting: [] for setting in args.settings}
+        for setting in args.settings:  # warm-up (and the base GEMM's tuning) under every setting
+            apply(setting)
             for _ in range(3):
                 step()
         for _ in range(args.rounds):
-            for setting in (False, True):
-                bg.HOST_BOUND_CUBLAS = setting
+            for setting in args.settings:
+                apply(setting)
                 times = []
                 for _ in range(args.steps):
                     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -48,9 +66,9 @@ def main():
                     torch.cuda.synchronize()
                     times.append(s.elapsed_time(e))
                 rounds[setting].append(statistics.median(times))
-        for setting in (False, True):
+        for setting in args.settings:
             r = rounds[setting]
-            print(f"{name} | HOST_BOUND_CUBLAS={setting} | median of rounds {statistics.median(r):.1f} ms | "
+            print(f"{name} | {setting} | median of rounds {statistics.median(r):.1f} ms | "
                   f"rounds {' '.join(f'{t:.1f}' for t in r)}", flush=True)
         model = params = step = None
         torch.cuda.empty_cache()

@@ -39,18 +39,21 @@ def operands(M, K, N, KR, dtype, b_t, v_t, g):
 @pytest.mark.parametrize("b_t, v_t, with_u, with_bias", [(True, True, True, True), (False, False, True, False),
                                                          (True, False, True, False), (False, True, False, True)])
 @pytest.mark.parametrize("setting", ["triton", "auto"])
-def test_base_mm_matches_float64(dtype, b_t, v_t, with_u, with_bias, setting, monkeypatch):
+@pytest.mark.parametrize("device_desc", [True, False], ids=["device-descriptors", "host-descriptors"])
+def test_base_mm_matches_float64(dtype, b_t, v_t, with_u, with_bias, setting, device_desc, monkeypatch):
     monkeypatch.setattr(bg, "BASE_GEMM", setting)
-    g = torch.Generator().manual_seed(hash((dtype, b_t, v_t, with_u, with_bias, setting)) % 2**31)
+    monkeypatch.setattr(bg, "DEVICE_DESCRIPTORS", device_desc)
+    g = torch.Generator().manual_seed(hash((dtype, b_t, v_t, with_u, with_bias, setting, device_desc)) % 2**31)
     M, K, N, KR = 37, 40, 24, 24  # the interpreter's tile is 16: no size is a multiple of it but N
     a, b, u, v = operands(M, K, N, KR, dtype, b_t, v_t, g)
     bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
     if not with_u:
         u = v = None
     assert bg.triton_supported(a, b, u, v, bias, b_t)
-    calls = []
-    orig = bg.triton_base_mm
+    calls, made_on_device = [], []
+    orig, orig_desc = bg.triton_base_mm, bg._device_descriptors
     monkeypatch.setattr(bg, "triton_base_mm", lambda *args, **kw: calls.append(1) or orig(*args, **kw))
+    monkeypatch.setattr(bg, "_device_descriptors", lambda a: made_on_device.append(orig_desc(a)) or made_on_device[-1])
     c = bg.base_mm(a, b, b_t, u, v, v_t, bias)
     ref = a.double() @ bg._op(b.double(), b_t)
     if with_u:
@@ -58,8 +61,36 @@ def test_base_mm_matches_float64(dtype, b_t, v_t, with_u, with_bias, setting, mo
     if with_bias:
         ref = ref + bias.double()
     assert calls == [1] and c.dtype == dtype and c.shape == (M, N)
+    assert made_on_device == [device_desc and bg._MAKE_DESCRIPTOR]
     # float32 sums rounded once to the output's dtype (the interpreter's bf16 rounding is coarser than the GPU's)
     assert rel(c, ref) < (1e-3 if dtype == torch.float16 else 8e-3)
+
+
+def test_device_descriptors_set_an_allocator_in_each_thread_and_keep_a_users():
+    """Triton's allocator is a context variable: unset in a new thread (autograd's backward thread on CUDA), where a
+    device-descriptor launch without one fails. _device_descriptors sets ours where none is set, and only there."""
+    if not bg._MAKE_DESCRIPTOR:
+        pytest.skip("this Triton has no tl.make_tensor_descriptor: descriptors are made on the host")
+    import threading
+
+    import triton
+    from triton.runtime._allocation import _allocator
+
+    def mine(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+    seen = {}
+
+    def in_thread(preset):
+        if preset:
+            triton.set_allocator(mine)
+        seen[preset] = (_allocator.get(), bg._device_descriptors(torch.empty(16, 16)), _allocator.get())
+    for preset in (False, True):
+        t = threading.Thread(target=in_thread, args=(preset,))
+        t.start()
+        t.join()
+    before, used, after = seen[False]
+    assert type(before).__name__ == "NullAllocator" and used and after is bg._scratch
+    assert seen[True] == (mine, True, mine)
 
 
 def test_misaligned_operands_run_cublas_and_agree(monkeypatch):
