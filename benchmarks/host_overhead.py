@@ -9,9 +9,9 @@ the autograd.Function, the small torch ops and GEMMs on tiny CPU tensors) runs a
 are the best of 7 rounds of 1000 calls (MOL_HOST_OVERHEAD_CALLS), x of shape (2, 16, 64) as a model passes it
 (T=32; before 2026-12-05's session 40 it was (32, 64)), 64->64, E=8 top-2 r=16. With several repo
 paths (e.g. two checkouts) it alternates between them, a process per measurement, so machine noise hits both alike.
-``--base triton`` measures the path of eager calls above base_gemm.EAGER_CUBLAS_ROWS tokens instead: bf16, the base
-GEMM (with the experts' extra K) through base_gemm's Triton kernel, its launch stubbed (what remains is our glue:
-planning, the TMA descriptors, the call), where the default (float32) takes base_mm's cuBLAS branch.
+``--base triton`` measures the path of base_gemm.EAGER_CUBLAS=0's eager calls instead: bf16, the base GEMM (with
+the experts' extra K) through base_gemm's Triton kernel, its launch stubbed (what remains is our glue: planning,
+the TMA descriptors, the call), where the default (float32) takes base_mm's cuBLAS branch.
 ``--adapter-dtype float32`` gives that bf16 layer float32 adapters (MoLConfig.adapter_dtype="auto" on a bf16
 model), cast to bf16 in the layer every call.
 The last two columns are a decode step: one token, x of shape (1, 1, 64), no grad, through the routed layer's

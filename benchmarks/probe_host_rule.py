@@ -1,14 +1,14 @@
-"""The eager base GEMM's rules compared, interleaved, on bench_model's MoL step (one model, one process).
+"""The eager base GEMM's rule compared, interleaved, on bench_model's MoL step (one model, one process).
 
     python benchmarks/probe_host_rule.py [--rounds 5] [--steps 8] [--settings NAME ...] [--variants NAME ...]
 
-Settings (base_gemm's switches, read at each call): "idle-off" / "idle-on" (HOST_BOUND_CUBLAS: eager base GEMMs
-above EAGER_CUBLAS_ROWS run cuBLAS while the stream is idle; the default pair), "cublas" (every uncaptured call
-cuBLAS), "device-desc" (idle-on, with the Triton kernel's descriptors made on the device, DEVICE_DESCRIPTORS, at a
-commit that has it). One model alternates between the settings round by round: the host's drift hits all alike,
-which separate processes (RESULTS run 37, calls 2-3) could not promise. Prints each setting's per-round medians (ms
-per step, CUDA events) for each of bench_model's MoL variants named (default: the backward on autograd's worker
-thread and on the calling thread; "..., torch.compile" compiles the model once, its custom ops read the switches).
+Settings (base_gemm.EAGER_CUBLAS, read at each call): "cublas" (every uncaptured base GEMM on cuBLAS, the default)
+and "tuned" (uncaptured calls run the tuned choice, as captured ones do). Run 45's call 2 ran this script at
+03b4964, whose settings were the rules EAGER_CUBLAS replaced. One model alternates between the settings round by
+round: the host's drift hits all alike, which separate processes (RESULTS run 37, calls 2-3) could not promise.
+Prints each setting's per-round medians (ms per step, CUDA events) for each of bench_model's MoL variants named
+(default: the backward on autograd's worker thread and on the calling thread; "..., torch.compile" compiles the
+model once, its custom ops read the switch).
 """
 import argparse
 import os
@@ -23,23 +23,18 @@ from bench_model import build, step_fn, variant  # noqa: E402
 import mol.kernels.base_gemm as bg  # noqa: E402  (bench_model put the repository on the path)
 
 
-SETTINGS = {"idle-off": dict(HOST_BOUND_CUBLAS=False), "idle-on": dict(HOST_BOUND_CUBLAS=True),
-            "cublas": dict(EAGER_CUBLAS_ROWS=1 << 62), "device-desc": dict(HOST_BOUND_CUBLAS=True, DEVICE_DESCRIPTORS=True)}
+SETTINGS = {"cublas": True, "tuned": False}
 
 
 def apply(setting: str) -> None:
-    bg.HOST_BOUND_CUBLAS, bg.EAGER_CUBLAS_ROWS = True, 2048
-    if hasattr(bg, "DEVICE_DESCRIPTORS"):
-        bg.DEVICE_DESCRIPTORS = False
-    for k, v in SETTINGS[setting].items():
-        setattr(bg, k, v)
+    bg.EAGER_CUBLAS = SETTINGS[setting]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--settings", nargs="+", default=["idle-off", "idle-on"], choices=sorted(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=["tuned", "cublas"], choices=sorted(SETTINGS))
     ap.add_argument("--variants", nargs="+", default=["MoL E=8 top-2 r=16 (triton)",
                                                       "MoL E=8 top-2 r=16 (triton), autograd threads off"])
     args = ap.parse_args()

@@ -39,21 +39,18 @@ def operands(M, K, N, KR, dtype, b_t, v_t, g):
 @pytest.mark.parametrize("b_t, v_t, with_u, with_bias", [(True, True, True, True), (False, False, True, False),
                                                          (True, False, True, False), (False, True, False, True)])
 @pytest.mark.parametrize("setting", ["triton", "auto"])
-@pytest.mark.parametrize("device_desc", [True, False], ids=["device-descriptors", "host-descriptors"])
-def test_base_mm_matches_float64(dtype, b_t, v_t, with_u, with_bias, setting, device_desc, monkeypatch):
+def test_base_mm_matches_float64(dtype, b_t, v_t, with_u, with_bias, setting, monkeypatch):
     monkeypatch.setattr(bg, "BASE_GEMM", setting)
-    monkeypatch.setattr(bg, "DEVICE_DESCRIPTORS", device_desc)
-    g = torch.Generator().manual_seed(hash((dtype, b_t, v_t, with_u, with_bias, setting, device_desc)) % 2**31)
+    g = torch.Generator().manual_seed(hash((dtype, b_t, v_t, with_u, with_bias, setting)) % 2**31)
     M, K, N, KR = 37, 40, 24, 24  # the interpreter's tile is 16: no size is a multiple of it but N
     a, b, u, v = operands(M, K, N, KR, dtype, b_t, v_t, g)
     bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
     if not with_u:
         u = v = None
     assert bg.triton_supported(a, b, u, v, bias, b_t)
-    calls, made_on_device = [], []
-    orig, orig_desc = bg.triton_base_mm, bg._device_descriptors
+    calls = []
+    orig = bg.triton_base_mm
     monkeypatch.setattr(bg, "triton_base_mm", lambda *args, **kw: calls.append(1) or orig(*args, **kw))
-    monkeypatch.setattr(bg, "_device_descriptors", lambda a: made_on_device.append(orig_desc(a)) or made_on_device[-1])
     c = bg.base_mm(a, b, b_t, u, v, v_t, bias)
     ref = a.double() @ bg._op(b.double(), b_t)
     if with_u:
@@ -61,36 +58,8 @@ def test_base_mm_matches_float64(dtype, b_t, v_t, with_u, with_bias, setting, de
     if with_bias:
         ref = ref + bias.double()
     assert calls == [1] and c.dtype == dtype and c.shape == (M, N)
-    assert made_on_device == [device_desc and bg._MAKE_DESCRIPTOR]
     # float32 sums rounded once to the output's dtype (the interpreter's bf16 rounding is coarser than the GPU's)
     assert rel(c, ref) < (1e-3 if dtype == torch.float16 else 8e-3)
-
-
-def test_device_descriptors_set_an_allocator_in_each_thread_and_keep_a_users():
-    """Triton's allocator is a context variable: unset in a new thread (autograd's backward thread on CUDA), where a
-    device-descriptor launch without one fails. _device_descriptors sets ours where none is set, and only there."""
-    if not bg._MAKE_DESCRIPTOR:
-        pytest.skip("this Triton has no tl.make_tensor_descriptor: descriptors are made on the host")
-    import threading
-
-    import triton
-    from triton.runtime._allocation import _allocator
-
-    def mine(size, alignment, stream):
-        return torch.empty(size, dtype=torch.int8)
-    seen = {}
-
-    def in_thread(preset):
-        if preset:
-            triton.set_allocator(mine)
-        seen[preset] = (_allocator.get(), bg._device_descriptors(torch.empty(16, 16)), _allocator.get())
-    for preset in (False, True):
-        t = threading.Thread(target=in_thread, args=(preset,))
-        t.start()
-        t.join()
-    before, used, after = seen[False]
-    assert type(before).__name__ == "NullAllocator" and used and after is bg._scratch
-    assert seen[True] == (mine, True, mine)
 
 
 def test_misaligned_operands_run_cublas_and_agree(monkeypatch):
@@ -104,10 +73,10 @@ def test_misaligned_operands_run_cublas_and_agree(monkeypatch):
     assert rel(c, ref) < 2e-3
 
 
-def test_small_eager_calls_run_cublas_under_auto(monkeypatch):
-    # an eager CUDA call of <= EAGER_CUBLAS_ROWS rows runs cuBLAS under "auto" whatever was tuned (the kernel's
-    # launch costs the host more than it saves the GPU there); "triton" still forces the kernel, and a CPU tensor
-    # (the interpreter) never counts as such a call, so the tests above keep running the kernel
+def test_eager_calls_run_cublas_under_auto(monkeypatch):
+    # an eager (uncaptured) CUDA call runs cuBLAS under "auto" whatever was tuned (the kernel's launch costs the host
+    # more than it saves the GPU); "triton" still forces the kernel, and a CPU tensor (the interpreter) never counts
+    # as such a call, so the tests above keep running the kernel
     g = torch.Generator().manual_seed(11)
     a, b, u, v = operands(24, 16, 24, 8, torch.float16, True, False, g)
     ref = a.double() @ b.double().t() + u.double() @ v.double()
@@ -117,7 +86,7 @@ def test_small_eager_calls_run_cublas_under_auto(monkeypatch):
     monkeypatch.setattr(bg, "triton_base_mm", lambda *args, **kw: calls.append(1) or orig(*args, **kw))
     monkeypatch.setattr(bg, "BASE_GEMM", "auto")
     assert rel(bg.base_mm(a, b, True, u, v, False), ref) < 2e-3 and calls == [1]  # tuned: the kernel
-    monkeypatch.setattr(bg, "_eager_cublas", lambda a: True)  # as a small eager CUDA call
+    monkeypatch.setattr(bg, "_eager_cublas", lambda a: True)  # as an eager CUDA call
     assert rel(bg.base_mm(a, b, True, u, v, False), ref) < 2e-3 and calls == [1]  # cuBLAS
     monkeypatch.setattr(bg, "BASE_GEMM", "triton")
     bg.base_mm(a, b, True, u, v, False)
@@ -125,26 +94,22 @@ def test_small_eager_calls_run_cublas_under_auto(monkeypatch):
 
 
 def test_eager_cublas_rule(monkeypatch):
-    # which eager CUDA calls "auto" sends to cuBLAS: small ones always; larger ones only while the stream is idle
-    # (the GPU waits on the host, so the kernel's costlier launch would be on the critical path); never a capture
+    # which CUDA calls "auto" sends to cuBLAS: every eager one, whatever its size; never one being captured (its
+    # launch costs the host nothing per replay), nor any with EAGER_CUBLAS off
     class FakeCuda:
         is_cuda, device = True, torch.device("cuda", 0)
 
         def __init__(self, rows):
             self.shape = (rows, 64)
-    capturing, idle = [False], [False]
+    capturing = [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    monkeypatch.setattr(bg, "_stream_idle", lambda device: idle[0])
-    monkeypatch.setattr(bg, "HOST_BOUND_CUBLAS", True)
-    small, large = FakeCuda(bg.EAGER_CUBLAS_ROWS), FakeCuda(bg.EAGER_CUBLAS_ROWS + 1)
-    assert bg._eager_cublas(small) and not bg._eager_cublas(large)  # the GPU busy: the tuned kernel
-    idle[0] = True
-    assert bg._eager_cublas(small) and bg._eager_cublas(large)  # the GPU waiting on the host: cuBLAS
-    monkeypatch.setattr(bg, "HOST_BOUND_CUBLAS", False)
-    assert bg._eager_cublas(small) and not bg._eager_cublas(large)
-    monkeypatch.setattr(bg, "HOST_BOUND_CUBLAS", True)
-    assert not bg._eager_cublas(torch.zeros(4, 4))  # CPU tensors (the interpreter) always run the kernel, idle or not
-    capturing[0] = True  # a captured launch costs the host nothing per replay: the tuned kernel, whatever the size
+    small, large = FakeCuda(16), FakeCuda(1 << 20)
+    assert bg.EAGER_CUBLAS and bg._eager_cublas(small) and bg._eager_cublas(large)
+    assert not bg._eager_cublas(torch.zeros(4, 4))  # CPU tensors (the interpreter) always run the kernel
+    capturing[0] = True
+    assert not bg._eager_cublas(small) and not bg._eager_cublas(large)
+    capturing[0] = False
+    monkeypatch.setattr(bg, "EAGER_CUBLAS", False)
     assert not bg._eager_cublas(small) and not bg._eager_cublas(large)
 
 

@@ -45,37 +45,23 @@ _CHOICES = ("auto", "cublas", "triton", "gluon")
 # 128x128, 256x128 and 64x256 tiles never were.
 CONFIGS = [(128, 256, 64, 8, 8, 3, 1), (128, 256, 64, 16, 8, 3, 1), (128, 256, 64, 4, 8, 3, 1),
            (128, 256, 64, 8, 8, 4, 2), (128, 256, 64, 8, 8, 3, 2)]
-# Eager (uncaptured) CUDA calls of at most this many rows run cuBLAS whatever "auto" tuned: the Triton kernel's
-# launch builds five TMA descriptors on the host, 106-117 µs of CPU per call on an H200 host against 31 for
-# cuBLAS's two GEMMs, while it saves the GPU 5-7 µs at T=2048 (RESULTS runs 23, 34). A layer that small is bound
-# by its host time when run eagerly: an eager 4096² MoLLinear fwd+bwd at T=2048 took 903 against 1081 µs this way
-# (calling-thread backward; 1512 against 1621 on autograd's worker thread; benchmarks/probe_eager_cublas.py, run
-# 34). Under CUDA-graph capture (graph_tokens, a captured step) the launch cost is paid once, so the tuned choice
-# stands there; eager and graphed results then differ by bf16 rounding. 0 turns this off.
-EAGER_CUBLAS_ROWS = 2048
-# Eager CUDA calls of more rows also run cuBLAS under "auto" when the GPU has already finished everything launched
-# before them (the stream's query, no synchronisation): the host is then the step's bottleneck, and the kernel's
-# ~80 µs of extra launch time per call is on the step's critical path while its few µs of GPU time are not. A
-# Llama-shaped model's eager step (8x1024 tokens, 56 MoL layers) is host-bound this way on slow hosts (RESULTS
-# run 37). Where the GPU still has work queued, the tuned choice runs. MOL_BASE_GEMM_HOST_BOUND=0 turns this off.
-HOST_BOUND_CUBLAS = os.environ.get("MOL_BASE_GEMM_HOST_BOUND", "1") != "0"
+# Eager (uncaptured) CUDA calls run cuBLAS under "auto" whatever was tuned; calls being captured into a CUDA graph
+# (graph_tokens, a captured step, torch.compile's reduce-overhead) run the tuned choice. The Triton and Gluon
+# kernels' launch hands Triton five TMA descriptors to encode on the host: 87-138 µs of CPU per call on an H100
+# host against 36-52 for cuBLAS's two GEMMs, to save the GPU 4-17 µs of a 420-440 µs GEMM at T=8192 (RESULTS run
+# 45; 106-117 against 31 µs on an H200, runs 23 and 34), and eager steps on these hosts are host-bound. On
+# bench_model's MoL step (calling-thread backward, settings interleaved on one model) cuBLAS for every eager call
+# took 111.9 against 131.2 ms with the tuned choice in one run, 97.4 against 94.3 (within the rounds' spread) in
+# another, and 84.1 against 113.0 against the rules it replaces (cuBLAS at <= 2048 rows, or while the stream was
+# idle; run 45). It also makes eager results independent of timing, which the idle-stream rule was not. Descriptors
+# made on the device (tl.make_tensor_descriptor) cut the launch to 56-93 µs but slowed the kernel 3-20 µs (run
+# 45), so they were dropped. MOL_BASE_GEMM_EAGER_CUBLAS=0 lets eager calls run the tuned choice too (a GPU-bound
+# eager step may gain ~1-4% of its base GEMMs' time); BASE_GEMM="triton" forces the kernel everywhere.
+EAGER_CUBLAS = os.environ.get("MOL_BASE_GEMM_EAGER_CUBLAS", "1") != "0"
 # Whether "auto" and "triton" also time the Gluon kernel (base_gemm_gluon.py: one pipeline over the base's and the
 # experts' K steps, Hopper only): at cuBLAS's speed on the bare GEMM and 3-4 µs ahead of the Triton kernel with the
 # extra K, so the layer 0.1-1.4% faster (RESULTS run 36). MOL_BASE_GEMM_GLUON=0 leaves it out.
 GLUON = os.environ.get("MOL_BASE_GEMM_GLUON", "1") != "0"
-# Where the Triton kernel's five TMA descriptors are made for a call that is not being captured: True, on the
-# device by each program (_base_gemm_dev_kernel: the launch passes pointers and strides), else on the host
-# (TensorDescriptor, which Triton's launcher encodes on every call: most of the 106-117 µs of CPU a launch took on
-# an H200 host, RESULTS runs 23 and 34, where cuBLAS's two GEMMs took 31). A captured call (CUDA graphs) always
-# gets host descriptors: encoded once at capture, they cost its replays nothing. MOL_BASE_GEMM_DEVICE_DESC=0 turns
-# it off; Triton without tl.make_tensor_descriptor (< 3.4) makes them on the host.
-DEVICE_DESCRIPTORS = os.environ.get("MOL_BASE_GEMM_DEVICE_DESC", "1") != "0"
-_MAKE_DESCRIPTOR = hasattr(tl, "make_tensor_descriptor")
-try:  # the allocator Triton asks for the device descriptors' scratch: a context variable, unset in a new thread
-    from triton.runtime._allocation import NullAllocator as _NullAllocator
-    from triton.runtime._allocation import _allocator as _triton_allocator
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    _MAKE_DESCRIPTOR = False
 TUNE_ROUNDS = 3  # candidates timed in turn, each's best round kept: one pass ranks them by the clock's drift
 _INTERPRET_CONFIG = (16, 16, 16, 2, 4, 1, 2)
 
@@ -108,49 +94,8 @@ def _base_gemm_kernel(a_desc, b_desc, u_desc, v_desc, c_desc, bias_ptr, M, N, K,
                       HAS_BIAS: tl.constexpr,
                       EPI_SPLIT: tl.constexpr, NUM_PROGS: tl.constexpr, F32_DOT: tl.constexpr):
     """c (M, N) = a (M, K) @ op(b) + op(u) (M, KR) @ op(v) (+ bias); op(b) = b^T for b (N, K) when B_T, else b
-    (K, N); op(u) = u^T for u (KR, M) when U_T. The TMA descriptors are made on the host (triton_base_mm).
+    (K, N); op(u) = u^T for u (KR, M) when U_T.
     Out-of-bounds tile elements load as zero (TMA) and are not stored, so no size needs to divide a block."""
-    _base_gemm_tiles(a_desc, b_desc, u_desc, v_desc, c_desc, bias_ptr, M, N, K, KR, BM, BN, BK, GROUP_M, B_T, U_T,
-                     V_T, HAS_U, HAS_BIAS, EPI_SPLIT, NUM_PROGS, F32_DOT)
-
-
-@triton.jit
-def _base_gemm_dev_kernel(a_ptr, b_ptr, u_ptr, v_ptr, c_ptr, bias_ptr, M, N, K, KR, s_a, s_b, s_u, s_v, s_c,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                          B_T: tl.constexpr, U_T: tl.constexpr, V_T: tl.constexpr, HAS_U: tl.constexpr,
-                          HAS_BIAS: tl.constexpr,
-                          EPI_SPLIT: tl.constexpr, NUM_PROGS: tl.constexpr, F32_DOT: tl.constexpr):
-    """_base_gemm_kernel with its TMA descriptors made on the device, by each program, from the operands' row
-    strides s_* (see DEVICE_DESCRIPTORS): the launch passes pointers and ints, nothing the host must encode."""
-    a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [s_a, 1], [BM, BK])
-    if B_T:
-        b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [s_b, 1], [BN, BK])
-    else:
-        b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [s_b, 1], [BK, BN])
-    c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [s_c, 1], [BM, BN // EPI_SPLIT])
-    if HAS_U:
-        if U_T:
-            u_desc = tl.make_tensor_descriptor(u_ptr, [KR, M], [s_u, 1], [BK, BM])
-        else:
-            u_desc = tl.make_tensor_descriptor(u_ptr, [M, KR], [s_u, 1], [BM, BK])
-        if V_T:
-            v_desc = tl.make_tensor_descriptor(v_ptr, [N, KR], [s_v, 1], [BN, BK])
-        else:
-            v_desc = tl.make_tensor_descriptor(v_ptr, [KR, N], [s_v, 1], [BK, BN])
-        _base_gemm_tiles(a_desc, b_desc, u_desc, v_desc, c_desc, bias_ptr, M, N, K, KR, BM, BN, BK, GROUP_M, B_T,
-                         U_T, V_T, HAS_U, HAS_BIAS, EPI_SPLIT, NUM_PROGS, F32_DOT)
-    else:
-        _base_gemm_tiles(a_desc, b_desc, a_desc, b_desc, c_desc, bias_ptr, M, N, K, KR, BM, BN, BK, GROUP_M, B_T,
-                         U_T, V_T, HAS_U, HAS_BIAS, EPI_SPLIT, NUM_PROGS, F32_DOT)
-
-
-@triton.jit
-def _base_gemm_tiles(a_desc, b_desc, u_desc, v_desc, c_desc, bias_ptr, M, N, K, KR,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                     B_T: tl.constexpr, U_T: tl.constexpr, V_T: tl.constexpr, HAS_U: tl.constexpr,
-                     HAS_BIAS: tl.constexpr,
-                     EPI_SPLIT: tl.constexpr, NUM_PROGS: tl.constexpr, F32_DOT: tl.constexpr):
-    """The persistent loop of both kernels: this program's output tiles, each a K loop (and the extra K)."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS):
@@ -258,17 +203,6 @@ def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None,
     M, K = a.shape
     N = b.shape[0] if b_t else b.shape[1]
     c = gl._alloc((M, N), a)
-    progs = num_progs or min(_num_sms(a.device), triton.cdiv(M, bm) * triton.cdiv(N, bn))
-    if _device_descriptors(a):
-        kr = 0 if u is None else (u.shape[0] if u_t else u.shape[1])
-        _base_gemm_dev_kernel[(progs,)](a, b, a if u is None else u, b if v is None else v, c,
-                                        bias if bias is not None else a, M, N, K, kr, a.stride(0), b.stride(0),
-                                        a.stride(0) if u is None else u.stride(0),
-                                        b.stride(0) if v is None else v.stride(0), c.stride(0),
-                                        BM=bm, BN=bn, BK=bk, GROUP_M=group_m, B_T=b_t, U_T=u_t, V_T=v_t,
-                                        HAS_U=u is not None, HAS_BIAS=bias is not None, EPI_SPLIT=epi,
-                                        NUM_PROGS=progs, F32_DOT=gl._INTERPRET, num_warps=warps, num_stages=stages)
-        return c
     a_d = TensorDescriptor.from_tensor(a, [bm, bk])
     b_d = TensorDescriptor.from_tensor(b, [bn, bk] if b_t else [bk, bn])
     if u is not None:
@@ -278,6 +212,7 @@ def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None,
     else:
         u_d, v_d, kr = a_d, b_d, 0
     c_d = TensorDescriptor.from_tensor(c, [bm, bn // epi])
+    progs = num_progs or min(_num_sms(a.device), triton.cdiv(M, bm) * triton.cdiv(N, bn))
     _base_gemm_kernel[(progs,)](a_d, b_d, u_d, v_d, c_d, bias if bias is not None else a, M, N, K, kr,
                                 BM=bm, BN=bn, BK=bk, GROUP_M=group_m, B_T=b_t, U_T=u_t, V_T=v_t,
                                 HAS_U=u is not None,
@@ -286,18 +221,15 @@ def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None,
     return c
 
 
-# shape key -> (the config chosen, the one chosen without the Gluon kernel's); a config None is cuBLAS
+# shape key -> the config chosen, or None for cuBLAS
 _CHOSEN: dict = {}
 
 
 def _choose(key, a, b, b_t, u, v, v_t, bias, u_t=False):
-    """(best, best_device) for this key: the fastest of CONFIGS, the Gluon kernel's (where it runs) and, for "auto",
-    cuBLAS (as None), each candidate's best do_bench median over TUNE_ROUNDS interleaved rounds; best_device is the
-    fastest but for the Gluon configs, whose descriptors are made on the host (for uncaptured calls, see
-    DEVICE_DESCRIPTORS)."""
+    """The fastest of CONFIGS (and, for "auto", cuBLAS, as None) for this key: each candidate's best do_bench
+    median over TUNE_ROUNDS interleaved rounds."""
     if gl._INTERPRET or torch.cuda.is_current_stream_capturing():
-        # nothing can be timed inside a graph capture
-        return (_INTERPRET_CONFIG,) * 2 if gl._INTERPRET else (None, None)
+        return _INTERPRET_CONFIG if gl._INTERPRET else None  # nothing can be timed inside a graph capture
     torch.cuda.synchronize()
     fns = {None: lambda: _cublas(a, b, b_t, u, v, v_t, bias, u_t)} if BASE_GEMM == "auto" else {}
     gluon = bgg.CONFIGS if (GLUON or BASE_GEMM == "gluon") and bgg.supported(a, b_t, u, v_t) else []
@@ -312,10 +244,8 @@ def _choose(key, a, b, b_t, u, v, v_t, bias, u_t=False):
         for c, fn in fns.items():
             best[c] = min(best[c], do_bench(fn, warmup=2, rep=10))
     choice = min(best, key=best.get) if best else None
-    device = [c for c in best if c is None or c[0] != "gluon"]
-    choices = (choice, min(device, key=best.get) if device else choice)
-    _CHOSEN[key] = choices
-    return choices
+    _CHOSEN[key] = choice
+    return choice
 
 
 def base_mm(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None = None,
@@ -338,7 +268,7 @@ def plan(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None, v:
          bias: torch.Tensor | None) -> tuple[tuple | None, tuple]:
     """(config, operands): the Triton config base_mm runs for these operands' shape key, tuned on first sight
     (None: cuBLAS, or the kernel cannot run them), and the operands as the kernel reads them (kb, kb_t, ku, ku_t,
-    kv, kv_t). The eager rules (_eager_cublas) are the caller's."""
+    kv, kv_t). The eager rule (_eager_cublas) is the caller's."""
     # the kernel reads rows: a column-major b, u or v is taken as its (row-major) transpose, the flag flipped, here
     # and not by the caller, so that the cuBLAS path pays no view ops for it
     kb, kb_t = _row_major(b, b_t)
@@ -349,40 +279,13 @@ def plan(a: torch.Tensor, b: torch.Tensor, b_t: bool, u: torch.Tensor | None, v:
         return None, operands
     key = (BASE_GEMM, GLUON, a.device, a.dtype, gl._t_bucket(a.shape[0]), tuple(kb.shape), kb_t,
            None if u is None else (u.shape[1], ku_t, kv_t), bias is not None)
-    best, best_device = _CHOSEN[key] if key in _CHOSEN else _choose(key, a, kb, kb_t, ku, kv, kv_t, bias, ku_t)
-    return (best_device if _device_descriptors(a) else best), operands
+    cfg = _CHOSEN[key] if key in _CHOSEN else _choose(key, a, kb, kb_t, ku, kv, kv_t, bias, ku_t)
+    return cfg, operands
 
 
 def _eager_cublas(a: torch.Tensor) -> bool:
-    """An eager CUDA call that "auto" runs on cuBLAS whatever was tuned: at most EAGER_CUBLAS_ROWS rows, or
-    (HOST_BOUND_CUBLAS) any size while the GPU waits on the host."""
-    if not a.is_cuda or torch.cuda.is_current_stream_capturing():
-        return False
-    return a.shape[0] <= EAGER_CUBLAS_ROWS or (HOST_BOUND_CUBLAS and _stream_idle(a.device))
-
-
-def _stream_idle(device: torch.device) -> bool:
-    """Whether the current stream has run everything launched on it (cudaStreamQuery: asks, never waits)."""
-    return torch.cuda.current_stream(device).query()
-
-
-def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Triton's global scratch for a launch (the device descriptors, 128 bytes each per program): from PyTorch's
-    caching allocator, so it is stream-ordered and, under a graph capture, from the graph's pool."""
-    return torch.empty(size, device="cuda", dtype=torch.int8)
-
-
-def _device_descriptors(a: torch.Tensor) -> bool:
-    """Whether this call's kernel makes its TMA descriptors on the device (DEVICE_DESCRIPTORS); sets Triton's
-    allocator where this thread has none (autograd runs CUDA backwards on a thread of its own, where the context
-    variable set on the main thread is unset). A user's own allocator is kept."""
-    if not (DEVICE_DESCRIPTORS and _MAKE_DESCRIPTOR):
-        return False
-    if a.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    if isinstance(_triton_allocator.get(), _NullAllocator):
-        triton.set_allocator(_scratch)
-    return True
+    """An eager (uncaptured) CUDA call, which "auto" runs on cuBLAS whatever was tuned (EAGER_CUBLAS)."""
+    return EAGER_CUBLAS and a.is_cuda and not torch.cuda.is_current_stream_capturing()
 
 
 def _row_major(m: torch.Tensor | None, transposed: bool) -> tuple[torch.Tensor | None, bool]:
