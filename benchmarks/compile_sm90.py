@@ -42,11 +42,14 @@ sig = {"x_ptr": "*bf16", "xl_ptr": "*bf16", "a_ptr": "*bf16", "wr_ptr": "*fp32",
 for split, x2 in ((1, False), (2, False), (1, True)):
     comp(fnk(rl._route_shrink_kernel), sig, {"EP": 16, "BT": 64, "BR": 128, "BK": 64, "SPLIT": split, "F32_DOT": False, "IEEE": False,
                                              "ROUTER_X2": x2})
-# the one-GEMM shrink's operand: A_cat and the router's 16-bit parts, for bf16 and fp16
+# the one-GEMM shrink's operand: A_cat (in x's dtype, or float32 adapters rounded here) and the router's 16-bit
+# parts, for bf16 and fp16
 for dt in ("bf16", "fp16"):
-    comp(rl._router_parts_kernel, {"a_ptr": f"*{dt}", "wr_ptr": "*fp32", "out_ptr": f"*{dt}", "stats_ptr": "*fp32", "R": "i32", "E": "i32",
-                                   "N_IN": "i32", "c": "fp32", "NPARTS": "constexpr", "EP": "constexpr", "BLOCK": "constexpr"},
-         {"NPARTS": rl.ROUTER_PARTS, "EP": 16, "BLOCK": 1024})
+    for a_dt in (dt, "fp32"):
+        comp(rl._router_parts_kernel, {"a_ptr": f"*{a_dt}", "wr_ptr": "*fp32", "out_ptr": f"*{dt}", "stats_ptr": "*fp32",
+                                       "R": "i32", "E": "i32", "N_IN": "i32", "c": "fp32", "NPARTS": "constexpr",
+                                       "EP": "constexpr", "BLOCK": "constexpr", "A_CAST": "constexpr"},
+             {"NPARTS": rl.ROUTER_PARTS, "EP": 16, "BLOCK": 1024, "A_CAST": a_dt == "fp32"})
 sig = {"hl_ptr": "*fp32", "noise_ptr": "*fp32", "w_ptr": "*fp32", "n_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "u_ptr": "*bf16", "stats_ptr": "*fp32", "aux_ptr": "*fp32",
        "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "R": "i32", "E": "i32", "LD": "i32", "part_scale": "fp32",
        "RANK": "constexpr", "K": "constexpr", "KIND": "constexpr", "EP": "constexpr", "BT": "constexpr", "BR": "constexpr", "HAS_NOISE": "constexpr",

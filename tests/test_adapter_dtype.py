@@ -190,6 +190,37 @@ def test_routed_kernels_take_float32_adapters_as_their_bf16_copies(tokens, fast_
 
 
 @pytest.mark.parametrize("tokens", [5, 37])
+def test_float32_lora_A_is_rounded_by_the_shrink_operand_kernel_as_torch_rounds_it(tokens):
+    """Above the small-T kernel, the one-GEMM shrink reads a float32 lora_A as it is (no cast launch, no bf16 copy
+    held until backward): its operand kernel rounds A to bf16 itself, to nearest even as torch's .to() does, so the
+    layer's output and dx keep the bits of casting A first, also for float32 values bf16 cannot hold. (On the GPU
+    the kernel asks for rtne; here conftest makes the interpreter's every float32 -> bf16 cast round so.)"""
+    from mol.kernels import routed_lora as rl
+
+    g = torch.Generator().manual_seed(100 + tokens)
+    E, r, n_in, n_out = 4, 8, 40, 24
+    x = torch.randn(tokens, n_in, generator=g).bfloat16()
+    W = (torch.randn(n_out, n_in, generator=g) / n_in**0.5).bfloat16()
+    A32 = torch.randn(E, r, n_in, generator=g) / n_in**0.5  # full float32 mantissas: the rounding shows
+    assert not torch.equal(A32, A32.bfloat16().float())
+    B = torch.randn(n_out, E, r, generator=g).bfloat16().permute(1, 0, 2)
+    Wr = torch.randn(E, n_in, generator=g)
+    dy = torch.randn(tokens, n_out, generator=g).bfloat16()
+    kept = rl._compute_dtype(A32, B, x, eager=True)[0]
+    assert (kept is A32) == (tokens > rl.SMALL_T_MAX)  # small T: the one-launch kernel needs A in x's dtype
+    if tokens > rl.SMALL_T_MAX:
+        w_dx = rl.route_shrink_gemm(x, A32.reshape(E * r, n_in), Wr)[2]
+        assert torch.equal(w_dx[:E * r], A32.reshape(E * r, n_in).bfloat16())
+    results = []
+    for a in (A32.bfloat16(), A32):
+        xi = x.clone().requires_grad_()
+        y, aux, *_ = rl.routed_lora_linear(xi, a, B, Wr, "topk", 2, 1.5, weight=W, lb_coef=0.1, z_coef=0.01)
+        torch.autograd.backward([y, aux], [dy, torch.ones(())])
+        results.append((y, xi.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("tokens", [5, 37])
 def test_inference_reuses_the_cast_adapters_until_they_change(tokens):
     """Without gradients (generation, evaluation) the bf16 copies of float32 adapters are made once and reused, so a
     decode step does not cast every layer's adapters again; a change to the adapters (an optimizer step, a load)

@@ -197,7 +197,7 @@ class _CapturedForward:
         sx, sxl, sbo = _flat(sx), _flat(sxl), _flat(sbo)
 
         def forward():
-            a, b = _compute_dtype(sa, sbb, sx.dtype)
+            a, b = _compute_dtype(sa, sbb, sx, sxl, stw, meta[5])
             y, aux, hl, gates, ids, _, stats, _, _ = _routed_forward(sx, sxl, sw, weight_fn, sb, sbo, a, b, swr, sn,
                                                                      stw, meta)
             return y, aux, hl, gates, ids, stats

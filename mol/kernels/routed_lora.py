@@ -176,8 +176,8 @@ def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_I
 
 @triton.jit
 def _router_parts_kernel(a_ptr, wr_ptr, out_ptr, stats_ptr, R, E, N_IN, c, NPARTS: tl.constexpr, EP: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    """out (R + NPARTS*E, N_IN) in out's dtype: rows [0, R) = A_cat; row R + j*E + e = the j-th 16-bit part of the
+                         BLOCK: tl.constexpr, A_CAST: tl.constexpr):
+    """out (R + NPARTS*E, N_IN) in out's dtype: rows [0, R) = A_cat (A_CAST: float32 A, rounded); row R + j*E + e = the j-th 16-bit part of the
     float32 router row Wr[e], scaled by c^j, with Wr = sum_j part_j / c^j (each residual is exact in float32, so
     the parts hold Wr's 24 bits). Program (0, 0) also zeroes the gate kernel's 2E+2 routing statistics."""
     row = tl.program_id(0)
@@ -187,7 +187,10 @@ def _router_parts_kernel(a_ptr, wr_ptr, out_ptr, stats_ptr, R, E, N_IN, c, NPART
         _zero_stats(stats_ptr, E, EP)
     dst = out_ptr + row.to(tl.int64) * N_IN + offs
     if row < R:
-        tl.store(dst, tl.load(a_ptr + row.to(tl.int64) * N_IN + offs, mask=mask, other=0.0), mask=mask)
+        a = tl.load(a_ptr + row.to(tl.int64) * N_IN + offs, mask=mask, other=0.0)
+        if A_CAST:  # float32 adapters: rounded to nearest even, as torch's .to() rounds
+            a = a.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        tl.store(dst, a, mask=mask)
     else:
         j = (row - R) // E
         rest = tl.load(wr_ptr + ((row - R) % E).to(tl.int64) * N_IN + offs, mask=mask, other=0.0)
@@ -798,7 +801,8 @@ def route_shrink_gemm(x: torch.Tensor, a_cat: torch.Tensor, router_w: torch.Tens
     block = 1024 if not gl._INTERPRET else 64
     # one launch builds the operand and zeroes stats
     _router_parts_kernel[(r_tot + n_parts * e, gl._cdiv(n_in, block))](
-        a_cat, router_w, w_ext, stats, r_tot, e, n_in, _part_scale(x.dtype), NPARTS=n_parts, EP=_ep(e), BLOCK=block)
+        a_cat, router_w, w_ext, stats, r_tot, e, n_in, _part_scale(x.dtype), NPARTS=n_parts, EP=_ep(e), BLOCK=block,
+        A_CAST=a_cat.dtype != x.dtype)
     return gl._mm_f32(x, w_ext.t()), stats, w_ext[:r_tot + e]
 
 
@@ -1075,8 +1079,7 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
     r_tot = e * rank
     a_cat = lora_A.reshape(r_tot, n_in)
     n_real = None if token_w is None else token_w.sum()
-    # the one-launch decode kernel weighs every token alike: token weights take the other kernels
-    if 0 < x.shape[0] <= SMALL_T_MAX and token_w is None:  # decode: one launch, the base GEMV included
+    if _small_t(x, token_w):  # decode: one launch, the base GEMV included
         w = weight if weight is not None or weight_fn is None else weight_fn(x.dtype)
         y, hl, gates, ids, u, stats, aux = small_t(x, x_lora, a_cat, router_w, w, bias, base_out, lora_B, noise,
                                                    rank, kind, top_k, scale, lb_coef, z_coef)
@@ -1098,11 +1101,23 @@ def _routed_forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B
     return y, aux, hl, gates, ids, u, stats, w_dx, n_real
 
 
-def _compute_dtype(lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The adapters in the layer's compute dtype (a cast of ~E*r*(in+out) elements where they differ; lora_B's
-    expert-interleaved layout kept, as the grouped kernels' own casts keep it)."""
-    return gl._as(lora_A, dtype), gl._as_b(lora_B, dtype)
+def _small_t(x: torch.Tensor, token_w: torch.Tensor | None) -> bool:
+    """Whether _routed_forward runs the one-launch small-T forward (which weighs every token alike: token weights
+    take the other kernels)."""
+    return 0 < x.shape[0] <= SMALL_T_MAX and token_w is None
+
+
+def _compute_dtype(lora_A: torch.Tensor, lora_B: torch.Tensor, x: torch.Tensor, x_lora: torch.Tensor | None = None,
+                   token_w: torch.Tensor | None = None, eager: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapters as _routed_forward reads them for x: in x's dtype (a cast of ~E*r*(in+out) elements where they
+    differ; lora_B's expert-interleaved layout kept, as the grouped kernels' own casts keep it), except a float32
+    lora_A that the large-T shrink GEMM takes as it is: its operand kernel (_router_parts_kernel) rounds A into x's
+    dtype anyway, as .to() would (to nearest even), and the backward reads that copy (w_dx), so a cast here would be
+    a launch, and 1 MB a 4096-wide layer held until backward, for nothing. Eager calls only: traced, the cast is one
+    of the element-wise ops inductor fuses (and the switches _shrink_by_gemm reads are not traceable)."""
+    keep_a = (eager and lora_A.dtype == torch.float32 and x.dtype != torch.float32 and not _small_t(x, token_w)
+              and _shrink_by_gemm(x, x_lora))
+    return (lora_A if keep_a else gl._as(lora_A, x.dtype)), gl._as_b(lora_B, x.dtype)
 
 
 def _routed_forward_saved(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, token_w,
@@ -1111,7 +1126,7 @@ def _routed_forward_saved(x, x_lora, weight, weight_fn, bias, base_out, lora_A, 
     (its ``saved``), for _RoutedLoRAFn and the captured graphs (layer_graphs) alike. Adapters of another dtype than
     x's (float32 on a bf16 layer, MoLConfig.adapter_dtype) are cast here, inside the autograd node and any captured
     graph, and the copies saved; _routed_backward casts their gradients back."""
-    lora_A, lora_B = _compute_dtype(lora_A, lora_B, x.dtype)
+    lora_A, lora_B = _compute_dtype(lora_A, lora_B, x, x_lora, token_w, meta[5])
     y, aux, hl, gates, ids, u, stats, w_dx, n_real = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out,
                                                                      lora_A, lora_B, router_w, noise, token_w, meta)
     if not need_dx or (w_dx is not None and w_dx.numel() == 0):
@@ -1329,7 +1344,7 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     if eager and not grad:
         # inference (decode, evaluation): the same kernels without an autograd node, which costs host time
         # every call and would keep nothing useful
-        lora_A, lora_B = _compute_dtype(lora_A, lora_B, x.dtype)
+        lora_A, lora_B = _compute_dtype(lora_A, lora_B, x, x_lora, token_weights, eager)
         y, aux, hl, gates, ids, _, stats, _, _ = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out,
                                                                  lora_A, lora_B, router_w, noise, token_weights, meta)
     else:
