@@ -93,6 +93,23 @@ def test_eager_calls_run_cublas_under_auto(monkeypatch):
     assert calls == [1, 1]
 
 
+def test_eager_calls_plan_each_shape_once(monkeypatch):
+    # eager "auto" calls run cuBLAS; the first of a shape still plans it (tuning it for the graph captures to come,
+    # which cannot time anything), the next ones of that shape skip the planning
+    monkeypatch.setattr(bg, "BASE_GEMM", "auto")
+    monkeypatch.setattr(bg, "_EAGER_PLANNED", set())
+    monkeypatch.setattr(bg, "_eager_cublas", lambda a: True)
+    planned = []
+    orig = bg.plan
+    monkeypatch.setattr(bg, "plan", lambda *args: planned.append(args[0].shape) or orig(*args))
+    g = torch.Generator().manual_seed(12)
+    for M in (24, 24, 24, 40, 40):
+        a, b, u, v = operands(M, 16, 24, 8, torch.float16, True, False, g)
+        c = bg.base_mm(a, b, True, u, v, False)
+        assert rel(c, a.double() @ b.double().t() + u.double() @ v.double()) < 2e-3
+    assert planned == [(24, 16), (40, 16)]
+
+
 def test_eager_cublas_rule(monkeypatch):
     # which CUDA calls "auto" sends to cuBLAS: every eager one, whatever its size; never one being captured (its
     # launch costs the host nothing per replay), nor any with EAGER_CUBLAS off
