@@ -177,9 +177,10 @@ def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_I
 @triton.jit
 def _router_parts_kernel(a_ptr, wr_ptr, out_ptr, stats_ptr, R, E, N_IN, c, NPARTS: tl.constexpr, EP: tl.constexpr,
                          BLOCK: tl.constexpr, A_CAST: tl.constexpr):
-    """out (R + NPARTS*E, N_IN) in out's dtype: rows [0, R) = A_cat (A_CAST: float32 A, rounded); row R + j*E + e = the j-th 16-bit part of the
-    float32 router row Wr[e], scaled by c^j, with Wr = sum_j part_j / c^j (each residual is exact in float32, so
-    the parts hold Wr's 24 bits). Program (0, 0) also zeroes the gate kernel's 2E+2 routing statistics."""
+    """out (R + NPARTS*E, N_IN) in out's dtype: rows [0, R) = A_cat (A_CAST: a float32 A, rounded); row R + j*E + e
+    = the j-th 16-bit part of the float32 router row Wr[e], scaled by c^j, with Wr = sum_j part_j / c^j (each
+    residual is exact in float32, so the parts hold Wr's 24 bits). Program (0, 0) also zeroes the gate kernel's
+    2E+2 routing statistics."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N_IN
@@ -1125,7 +1126,8 @@ def _routed_forward_saved(x, x_lora, weight, weight_fn, bias, base_out, lora_A, 
     """_routed_forward for training: its outputs (y, aux, hl, gates, ids, stats) and what _routed_backward reads
     (its ``saved``), for _RoutedLoRAFn and the captured graphs (layer_graphs) alike. Adapters of another dtype than
     x's (float32 on a bf16 layer, MoLConfig.adapter_dtype) are cast here, inside the autograd node and any captured
-    graph, and the copies saved; _routed_backward casts their gradients back."""
+    graph, and the copies saved (but a float32 lora_A that the shrink GEMM rounds itself, _compute_dtype);
+    _routed_backward casts their gradients back."""
     lora_A, lora_B = _compute_dtype(lora_A, lora_B, x, x_lora, token_w, meta[5])
     y, aux, hl, gates, ids, u, stats, w_dx, n_real = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out,
                                                                      lora_A, lora_B, router_w, noise, token_w, meta)
