@@ -31,7 +31,8 @@ import mol.kernels.routed_lora as rl  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(tiny: bool, dev: str, dtype):
+def build(tiny: bool, dev: str, dtype, layers: int = 8):
+    """The benchmark's Llama (``layers`` deep; the tiny one has 2), random weights, frozen."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -39,7 +40,7 @@ def build(tiny: bool, dev: str, dtype):
         cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     else:
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
                           num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg).to(device=dev, dtype=dtype)

@@ -21,27 +21,18 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import mol  # noqa: E402
+import bench_model as bm  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+import mol  # noqa: E402
 
 
 def build(layers: int, quantize: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
-    cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).requires_grad_(False)
-    mol.inject(model, mol.MoLConfig(rank=16, alpha=32, num_experts=8, top_k=2, target_modules=TARGETS,
-                                    backend="triton", quantize_base="nf4" if quantize else None))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad and "lora_B" in n:
-                p.normal_(0, 0.02)
-    return model
+    """bench_model's Llama, ``layers`` deep, with its MoL adapters (float32, lora_B given values) on NF4 bases
+    where ``quantize``."""
+    model = bm.build(False, "cuda", torch.bfloat16, layers=layers)
+    return bm.add_adapters(model, "MoL E=8 top-2 r=16", backend="triton", quantize_base="nf4" if quantize else None)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

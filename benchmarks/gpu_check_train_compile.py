@@ -40,7 +40,6 @@ def main():
     if importlib.util.find_spec("matplotlib") is None:  # a GPU image without it: not what this checks
         callbacks.save_heatmap = lambda *args, **kwargs: None
         print("matplotlib is not installed: the routing heatmaps are skipped")
-    from mol.train.callbacks import read_loss_history
 
     tmp = Path(tempfile.mkdtemp(prefix="mol-train-compile-"))
     llama, data = make_tiny_llama(tmp / "llama"), make_causal_data(tmp / "data")
@@ -64,7 +63,7 @@ def main():
                        f"trainer={'cpu' if args.cpu else 'gpu'}", "trainer.precision=32-true",
                        f"output_dir={out}", *extra, *quiet_trainer_overrides()])
         val = run(cfg)["run"]["val/loss"]
-        losses = read_loss_history(str(out / "train_loss.jsonl"))
+        losses = callbacks.read_loss_history(str(out / "train_loss.jsonl"))
         adapter = load_file(str(out / "adapter" / WEIGHTS_NAME))
         if eager is None:
             eager = (losses, adapter, val)
