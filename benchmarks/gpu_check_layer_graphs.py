@@ -18,7 +18,8 @@
    replayed through the layer's shortcut exactly where it applies (LayerGraphs.replay_hit: a plain or
    float32-adapter layer; not with dropout, noise, an NF4 base or autocast). Exit code 1 on any failure.
 2. Time per fwd+bwd at T = 512 and 2048, eager loop, backward on the calling thread, 4096→4096 E=8 top-2 r=16 bf16, the
-   three rows interleaved over rounds: the bare frozen base, MoLLinear, MoLLinear with graph_tokens; host µs per
+   four rows interleaved over rounds: the bare frozen base, MoLLinear, MoLLinear with graph_tokens, with bf16 and
+   with float32 adapters; host µs per
    call (no synchronisation in the loop) and wall ms per call with one synchronisation; and the memory each
    capture keeps (memory_allocated before and after the first graphed call).
 3. graph_inference_tokens (calls without gradients, eval mode): correctness as in 1, four calls under no_grad and
@@ -167,6 +168,7 @@ def timing(lines, gen):
               "| --- | --- | --- | --- | --- | --- |"]
     for T in (512, 2048):
         plain, graphed = make_pair(n, n, torch.bfloat16, "plain", T, gen)
+        graphed32 = make_pair(n, n, torch.bfloat16, "f32adapters", T, gen)[1]  # mol.inject's default adapters
         base = plain.base_layer
         x = torch.randn(T, n, device=DEV, dtype=torch.bfloat16, generator=gen, requires_grad=True)
         dy = torch.randn(T, n, device=DEV, dtype=torch.bfloat16, generator=gen)
@@ -182,25 +184,28 @@ def timing(lines, gen):
                 y = m(x)
                 torch.autograd.grad([y, m.aux_loss()], [x] + params, [dy, one])
             return step
-        plain_step, graphed_step = layer_step(plain), layer_step(graphed)
+        plain_step, graphed_step, graphed32_step = layer_step(plain), layer_step(graphed), layer_step(graphed32)
         with torch.autograd.set_multithreading_enabled(False):
             plain_step()
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            graphed_step()
-            torch.cuda.synchronize()
-            kept = (torch.cuda.memory_allocated() - before) / 2**20
-            for fn in (base_step, plain_step, graphed_step):
+            kept = []
+            for step in (graphed_step, graphed32_step):
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                step()
+                torch.cuda.synchronize()
+                kept.append((torch.cuda.memory_allocated() - before) / 2**20)
+            for fn in (base_step, plain_step, graphed_step, graphed32_step):
                 for _ in range(10):
                     fn()
             res = host_and_wall({"bare frozen base": base_step, "MoLLinear": plain_step,
-                                 f"MoLLinear, graph_tokens={T}": graphed_step})
+                                 f"MoLLinear, graph_tokens={T}": graphed_step,
+                                 f"MoLLinear, float32 adapters, graph_tokens={T}": graphed32_step})
         wb = res["bare frozen base"][1]
         for k, (h, w) in res.items():
-            mem = f"{kept:.1f}" if "graph_tokens" in k else ""
+            mem = f"{kept[1 if 'float32' in k else 0]:.1f}" if "graph_tokens" in k else ""
             lines.append(f"| {T} | {k} | {h:.0f} | {w:.3f} | {w / wb:.2f}× | {mem} |")
             print(lines[-1], flush=True)
-        del plain, graphed
+        del plain, graphed, graphed32
         torch.cuda.empty_cache()
 
 

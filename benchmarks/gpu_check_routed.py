@@ -1,7 +1,7 @@
 """GPU correctness of the fused routed-layer path (mol.kernels.routed_lora) at real sizes against float64.
 
     python benchmarks/gpu_check_routed.py [--small-t | --quick] [--router tf32x2] [--gate-columns select]
-                                          [--shrink triton] [--base triton] [--padding]
+                                          [--shrink triton] [--base triton] [--padding] [--adapter-dtype float32]
 
 Router + experts + auxiliary losses: output, aux loss and the gradients of x, x_lora (dropout mode), base_out,
 lora_A, lora_B (contiguous, and in MoLLinear's expert-interleaved layout) and the router weight, against
@@ -15,6 +15,9 @@ the largest logit: float32-class scores (the one-GEMM shrink's tensor-core sums 
 and 1.2e-5 at 11008, tf32x3 ~4e-7), where Wr rounded to bf16 would be ~1e-3 off.
 `--padding` marks about 30% of the tokens as padding (token_weights = 0): the router losses, their gradients and the
 statistics then count the real tokens only (the reference computes them on those rows alone).
+`--adapter-dtype float32` passes lora_A and lora_B in float32 to the 16-bit layer (MoLConfig's default adapter_dtype):
+at large T the shrink GEMM's operand kernel rounds A itself (routed_lora._compute_dtype); the reference reads the
+float32 values, so the bf16 tolerance covers that rounding.
 Exit code 1 on any failure.
 """
 import os
@@ -34,15 +37,16 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen, pad=False):
+def check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen, pad=False, adapter_dtype=None):
     dev = "cuda"
+    adt = adapter_dtype or dtype  # float32 adapters on a 16-bit layer: MoLConfig's default adapter_dtype
     f64 = dict(device=dev, dtype=torch.float64)
     x = torch.randn(T, n_in, generator=gen, **f64).to(dtype).double()
     x_lora = torch.randn(T, n_in, generator=gen, **f64).to(dtype).double() if mode == "dropout" else None
     W = (torch.randn(n_out, n_in, generator=gen, **f64) / n_in**0.5).to(dtype).double()
     base_out = torch.randn(T, n_out, generator=gen, **f64).to(dtype).double() if mode == "base_out" else None
-    A = (torch.randn(E, r, n_in, generator=gen, **f64) / n_in**0.5).to(dtype).double()
-    B = (torch.randn(E, n_out, r, generator=gen, **f64) / r).to(dtype).double()
+    A = (torch.randn(E, r, n_in, generator=gen, **f64) / n_in**0.5).to(adt).double()
+    B = (torch.randn(E, n_out, r, generator=gen, **f64) / r).to(adt).double()
     Wr = (torch.randn(E, n_in, generator=gen, **f64) / n_in**0.5).float().double()
     w_y = torch.randn(T, n_out, generator=gen, **f64).to(dtype).double()
     scale, lb, zc = 2.0, 0.01, 0.001
@@ -57,9 +61,10 @@ def check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen, pad=False):
         ref["x"], ref.get("x_lora", ref["x"]), None if base_out is not None else W, None, ref.get("base_out"),
         ref["A"], ref["B"], ref["Wr"], None, kind, K, scale, lb, zc, real)
     ((y_ref * w_y).sum() + 1e3 * aux_ref).backward()
-    got = {k: (v.float() if k == "Wr" else v.to(dtype)).clone().requires_grad_() for k, v in leaves.items()}
+    got = {k: v.to(torch.float32 if k == "Wr" else adt if k in ("A", "B") else dtype).clone().requires_grad_()
+           for k, v in leaves.items()}
     if mode in ("weight", "dropout"):  # lora_B in MoLLinear's expert-interleaved layout (B_cat and dB are views)
-        got["B"] = interleaved(B.to(dtype)).requires_grad_()
+        got["B"] = interleaved(B.to(adt)).requires_grad_()
     gl.POISON = True
     y, aux, hl, gates, ids, stats = rl.routed_lora_linear(
         got["x"], got["A"], got["B"], got["Wr"], kind, K, scale,
@@ -95,6 +100,8 @@ def main():
                     help="the base GEMM with the experts' product as extra K: Triton, cuBLAS or the faster (auto)")
     ap.add_argument("--padding", action="store_true",
                     help="~30%% of the tokens are padding (token_weights): losses and statistics of the real ones")
+    ap.add_argument("--adapter-dtype", choices=["float32"], default=None,
+                    help="lora_A and lora_B in float32 on the 16-bit layer (default: the layer's dtype)")
     args = ap.parse_args()
     if args.base:
         bg.BASE_GEMM = args.base
@@ -125,15 +132,21 @@ def main():
         t_values = (1, 7, 16) if args.small_t else (7, 4097) if args.quick else (1, 7, 16, 4097)
         n, fails, worst, worst_logit = run_cases(t_values, gen,
                                                  (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float32),
-                                                 args.padding)
+                                                 args.padding, torch.float32 if args.adapter_dtype else None)
         print(f"fused routed layer: {n - fails}/{n} cases pass; worst relative error among cases with identical "
               f"routing: bf16 {worst[torch.bfloat16]:.2e}, fp32 {worst[torch.float32]:.2e}; worst router logit "
               f"error {worst_logit:.1e} of the largest ({time.time() - t_start:.0f} s)", flush=True)
+        if args.adapter_dtype:  # the path under test: large T passes float32 A uncast to the shrink GEMM
+            for T in t_values:
+                x = torch.empty(T, 4096, device="cuda", dtype=torch.bfloat16)
+                a, b = (torch.empty(8, 16, 4096, device="cuda") for _ in range(2))
+                kept = rl._compute_dtype(a, b, x, None, None, True)[0].dtype == torch.float32
+                print(f"T={T}: float32 lora_A {'read by the shrink GEMM as it is' if kept else 'cast to bf16 first'}")
         if fails:
             sys.exit(1)
 
 
-def run_cases(t_values, gen, dtypes, pad=False):
+def run_cases(t_values, gen, dtypes, pad=False, adapter_dtype=None):
     routes = [(8, 2, "topk"), (64, 4, "topk"), (2, 2, "topk"), (8, 1, "switch"), (4, 4, "soft")]
     modes = ["weight", "base_out", "dropout", "weight_fn"]
     fails = n = 0
@@ -148,7 +161,8 @@ def run_cases(t_values, gen, dtypes, pad=False):
                     mode = modes[i % len(modes)]
                     i += 1
                     r = 8 if E == 64 else 16
-                    errs, mism, logit_err = check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen, pad)
+                    errs, mism, logit_err = check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen, pad,
+                                                    adapter_dtype)
                     bad = {k: v for k, v in errs.items() if not v < tol}
                     worst_logit = max(worst_logit, logit_err)
                     if not logit_err < 5e-5:

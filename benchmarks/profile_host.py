@@ -1,6 +1,6 @@
 """Host (CPU) cost of one MoLLinear on the Triton path, measured on the GPU machine, piece by piece.
 
-    python benchmarks/profile_host.py [--t 16 512 2048 8192] [--calls 50] [--no-cprofile]
+    python benchmarks/profile_host.py [--t 16 512 2048 8192] [--calls 50] [--no-cprofile] [--adapter-dtype auto]
 
 Eager, a layer's wall time is max(its GPU time, its host time); on the GPU hosts an eager MoLLinear fwd+bwd costs
 ~0.7-1.6 ms of CPU (RESULTS runs 9-19, 34), which is what bounds the eager T=512 row and the model-level step, and
@@ -78,11 +78,14 @@ def main():
     ap.add_argument("--t", type=int, nargs="+", default=[16, 512, 2048, 8192])
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--no-cprofile", action="store_true")
+    ap.add_argument("--adapter-dtype", choices=["base", "auto"], default="base",
+                    help="MoLLinear's adapter_dtype: 'auto' gives the bf16 layer float32 adapters, as mol.inject does")
     args = ap.parse_args()
     dev, dt, n = "cuda", torch.bfloat16, 4096
     torch.manual_seed(0)
     base = torch.nn.Linear(n, n, bias=False, device=dev, dtype=dt).requires_grad_(False)
-    m = mol.MoLLinear(base, num_experts=8, top_k=2, rank=16, alpha=32, backend="triton").to(dev)
+    m = mol.MoLLinear(base, num_experts=8, top_k=2, rank=16, alpha=32, backend="triton",
+                      adapter_dtype=args.adapter_dtype).to(dev)
     with torch.no_grad():
         m.lora_B.normal_(0, 0.01)
     params = [m.lora_A, m.lora_B, m.router.weight]
@@ -90,7 +93,7 @@ def main():
     lora_b = torch.zeros(n, 16, device=dev, dtype=dt, requires_grad=True)
     one = torch.ones((), device=dev)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{os.cpu_count()} CPUs; host us per call (best of 5 rounds of {args.calls})")
+          f"{os.cpu_count()} CPUs, {m.lora_A.dtype} adapters; host us per call (best of 5 rounds of {args.calls})")
 
     for t in args.t:
         x = torch.randn(t, n, device=dev, dtype=dt, requires_grad=True)
@@ -126,9 +129,9 @@ def main():
     t = 512
     x = torch.randn(t, n, device=dev, dtype=dt)
     dy = torch.randn(t, n, device=dev, dtype=dt)
-    a_cat = m.lora_A.detach().reshape(128, n)
+    a_cat = m.lora_A.detach().to(dt).reshape(128, n)
     wr = m.router.weight.detach()
-    lb = m.lora_B.detach()
+    lb = m.lora_B.detach().to(dt)
     hl, stats, _ = rl.route_shrink_impl(x, None, a_cat, wr)
     gates, ids, u, aux = rl.gate_fwd_impl(hl, stats, None, 128, 16, 0, 2, 2.0, dt, 0.01, 0.001)
     du = rl.lora_du_impl(dy, lb)

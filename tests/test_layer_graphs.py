@@ -97,11 +97,14 @@ def _steps_agree(plain, graphed, x, w_y, seed=None):
     return outs[1][0]
 
 
-def test_graphed_steps_equal_ungraphed_and_hand_out_fresh_tensors(graphs):
-    plain, graphed = _pair()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_steps_equal_ungraphed_and_hand_out_fresh_tensors(graphs, dtype):
+    """Every gradient a fresh tensor, in the eager gradient's dtype and layout (lora_B's is expert-interleaved), in
+    the layer's dtype and in bf16 (whose router keeps float32)."""
+    plain, graphed = _pair(dtype=dtype)
     kept = []
     for step in range(3):
-        x, w_y = torch.randn(2, 9, 19), torch.randn(2, 9, 23)
+        x, w_y = torch.randn(2, 9, 19, dtype=dtype), torch.randn(2, 9, 23, dtype=dtype)
         xp, yp, lp = _step(plain, x, w_y)
         xg, yg, lg_ = _step(graphed, x, w_y)
         assert torch.equal(yg, yp) and torch.equal(graphed.aux_loss(), plain.aux_loss())
@@ -112,8 +115,8 @@ def test_graphed_steps_equal_ungraphed_and_hand_out_fresh_tensors(graphs):
         lp.backward()
         lg_.backward()
         for a, b in zip(_grads(graphed, xg), _grads(plain, xp)):
-            assert torch.equal(a, b)
-        kept.append((yg, yp, graphed.aux_loss(), plain.aux_loss(), xg.grad, xp.grad))
+            assert torch.equal(a, b) and a.stride() == b.stride() and a.dtype == b.dtype
+        kept.append((yg, yp, graphed.aux_loss(), plain.aux_loss(), _grads(graphed, xg), _grads(plain, xp)))
         for layer in (plain, graphed):
             layer.zero_grad(set_to_none=True)
     fwd, bwd = graphs  # one signature: captured once, replayed every step
@@ -123,8 +126,8 @@ def test_graphed_steps_equal_ungraphed_and_hand_out_fresh_tensors(graphs):
     cap, = graphed._graphs.captured.values()
     assert cap.copied == (0,)  # x; the weights are parameters, read in place
     assert all(t.grad_fn is None and not t.requires_grad for i, t in enumerate(cap.static_in) if i in cap.copied)
-    for yg, yp, ag, ap, dxg, dxp in kept:  # later replays overwrote none of what the caller kept
-        assert torch.equal(yg, yp) and torch.equal(ag, ap) and torch.equal(dxg, dxp)
+    for yg, yp, ag, ap, dg, dp in kept:  # later replays overwrote none of what the caller kept
+        assert torch.equal(yg, yp) and torch.equal(ag, ap) and all(torch.equal(a, b) for a, b in zip(dg, dp))
 
 
 def test_non_contiguous_x_reaches_the_captured_step(graphs):
