@@ -57,3 +57,15 @@ def test_cpl_tiles_k():
     assert nf4_mma._cpl(4096, 4) == 4
     assert nf4_mma._cpl(4160, 4) == 1  # 65 chunks
     assert nf4_mma._cpl(4224, 4) == 2  # 66 chunks
+
+
+@pytest.mark.skipif(not nf4_mma.AVAILABLE, reason="this Triton has no Gluon")
+def test_layouts_are_built_once_per_config_and_equal_a_fresh_build():
+    """Eager decode calls reuse one config's layouts (building them cost ~45 µs a call); the kernel's constexprs,
+    and so its compiled-kernel cache key, are the same as a fresh build's."""
+    cfg = (4, 1, 1, 16, 2)
+    cached = nf4_mma.layouts(*cfg)
+    assert all(a is b for a, b in zip(nf4_mma.layouts(*cfg), cached))
+    fresh = nf4_mma.layouts.__wrapped__(*cfg)
+    assert all(a == b and hash(a) == hash(b) and a is not b for a, b in zip(cached, fresh))
+    assert nf4_mma.layouts(4, 1, 1, 8, 2)[1] != cached[1]  # another token block: another x layout

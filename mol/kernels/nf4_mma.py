@@ -35,6 +35,8 @@ instructions per weight, and on an H100 they are 5% faster at 4096 -> 14336 but 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -69,6 +71,8 @@ def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
+# built once per config: the four layouts cost ~45 µs of host time to build, most of an eager decode call's own
+@functools.lru_cache(maxsize=None)
 def layouts(warps_k: int, warps_m: int, m_rep: int, block_t: int, cpl: int = 1):
     """(words, x, scales, mma) layouts, each with a leading dim of warps_k: warps_k warps take turns along K (each its
     own slabs, summed at the end), warps_m split BLOCK_M = 16 * warps_m * m_rep rows; block_t (8 or 16) tokens,
@@ -409,8 +413,14 @@ def supported(packed, x: torch.Tensor) -> bool:
     chunk never spans two), contiguous codes."""
     return (AVAILABLE and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 1 <= x.shape[0] <= 16
             and len(packed.shape) == 2 and packed.shape[1] == x.shape[1] and x.shape[1] % CHUNK == 0
-            and packed.blocksize in (64, 128, 256) and packed.codes.is_contiguous()
-            and torch.cuda.get_device_capability(x.device)[0] >= 8)
+            and packed.blocksize in (64, 128, 256) and packed.codes.is_contiguous() and _sm_major(x.device) >= 8)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_major(device: torch.device) -> int:
+    """The device's compute capability major, asked of the driver once: torch's query costs ~10 µs of host time, and
+    supported() runs twice in each eager decode call."""
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def splits(k: int, cpl: int, split_k: int) -> int:
