@@ -20,10 +20,12 @@ extra K's cost, most of it is the steps' own MMAs. The layer gained 1-19 us (0.1
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
-from mol.kernels import base_gemm as bg  # its kernel's tile order (_tile_origin), read when a kernel compiles
+from mol.kernels import base_gemm as bg  # its tile order (read when a kernel compiles) and device properties
 
 try:  # Gluon ships with Triton >= 3.5
     from triton.experimental import gluon
@@ -53,7 +55,7 @@ U_REG = False
 def supported(a: torch.Tensor, b_t: bool, u: torch.Tensor | None, v_t: bool) -> bool:
     """Whether the Gluon kernel can take these (TMA-ready, base_gemm.triton_supported) operands: a Hopper GPU, and
     b and v in the same orientation (their tiles share the stage buffers)."""
-    if not AVAILABLE or not a.is_cuda or torch.cuda.get_device_capability(a.device)[0] != 9:
+    if not AVAILABLE or not a.is_cuda or bg._props(a.device)[0] != 9:
         return False
     return u is None or v_t == b_t
 
@@ -214,9 +216,13 @@ if AVAILABLE:
             mbarrier.invalidate(bars.index(st))
 
 
+@functools.lru_cache(maxsize=None)  # each costs ~4 µs of host time to build, and a call makes five
+def _smem_layout(block: tuple[int, int], dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
 def _desc(t: torch.Tensor, block: list[int]):
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
-    return GluonDescriptor.from_tensor(t, block, layout)
+    return GluonDescriptor.from_tensor(t, block, _smem_layout(tuple(block), t.dtype))
 
 
 def gluon_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None, u_t: bool = False,
@@ -236,8 +242,7 @@ def gluon_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None, 
     else:
         u_d, v_d, kr, u_t = a_d, b_d, 0, False
     c_d = _desc(c, [bm, bn // epi])
-    n_sm = torch.cuda.get_device_properties(a.device).multi_processor_count
-    progs = num_progs or min(n_sm, triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    progs = num_progs or min(bg._num_sms(a.device), triton.cdiv(M, bm) * triton.cdiv(N, bn))
     _base_gemm_gluon_kernel[(progs,)](a_d, b_d, u_d, v_d, c_d, bias if bias is not None else a, M, N, K, kr,
                                       GROUP_M=group_m, B_T=b_t, U_T=u_t, HAS_U=u is not None,
                                       HAS_BIAS=bias is not None, STAGES=stages, EPI_SPLIT=epi, U_REG=U_REG,

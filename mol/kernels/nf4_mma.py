@@ -40,6 +40,7 @@ import functools
 import torch
 import triton
 
+from mol.kernels import base_gemm as bg
 from mol.kernels import grouped_lora as glora
 from mol.kernels.nf4 import (_PAIR_DECLARE, _PAIR_LANE, _PAIR_LOOKUP0, _PAIR_LOOKUP1, _PAIR_LOOKUP2, _PAIR_LOOKUP3,
                              _PAIR_STORE, _tensors, _tickets, split_runs)
@@ -413,14 +414,8 @@ def supported(packed, x: torch.Tensor) -> bool:
     chunk never spans two), contiguous codes."""
     return (AVAILABLE and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 1 <= x.shape[0] <= 16
             and len(packed.shape) == 2 and packed.shape[1] == x.shape[1] and x.shape[1] % CHUNK == 0
-            and packed.blocksize in (64, 128, 256) and packed.codes.is_contiguous() and _sm_major(x.device) >= 8)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_major(device: torch.device) -> int:
-    """The device's compute capability major, asked of the driver once: torch's query costs ~10 µs of host time, and
-    supported() runs twice in each eager decode call."""
-    return torch.cuda.get_device_capability(device)[0]
+            and packed.blocksize in (64, 128, 256) and packed.codes.is_contiguous()
+            and bg._props(x.device)[0] >= 8)  # cached: torch's query costs ~10 µs, and this runs twice a call
 
 
 def splits(k: int, cpl: int, split_k: int) -> int:
