@@ -196,7 +196,7 @@ def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None,
     "gluon", base_gemm_gluon.CONFIGS) runs that kernel instead."""
     if config is not None and config[0] == "gluon":
         M, N = a.shape[0], b.shape[0] if b_t else b.shape[1]
-        progs = num_progs or min(_num_sms(a.device), triton.cdiv(M, config[1]) * triton.cdiv(N, config[2]))
+        progs = num_progs or min(_num_sms(a.device), gl._cdiv(M, config[1]) * gl._cdiv(N, config[2]))
         return bgg.gluon_base_mm(a, b, b_t, u, v, v_t, bias, config, u_t=u_t, out=gl._alloc((M, N), a),
                                  num_progs=progs)
     bm, bn, bk, group_m, warps, stages, epi = config or (_INTERPRET_CONFIG if gl._INTERPRET else CONFIGS[0])
@@ -212,7 +212,7 @@ def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None,
     else:
         u_d, v_d, kr = a_d, b_d, 0
     c_d = TensorDescriptor.from_tensor(c, [bm, bn // epi])
-    progs = num_progs or min(_num_sms(a.device), triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    progs = num_progs or min(_num_sms(a.device), gl._cdiv(M, bm) * gl._cdiv(N, bn))
     _base_gemm_kernel[(progs,)](a_d, b_d, u_d, v_d, c_d, bias if bias is not None else a, M, N, K, kr,
                                 BM=bm, BN=bn, BK=bk, GROUP_M=group_m, B_T=b_t, U_T=u_t, V_T=v_t,
                                 HAS_U=u is not None,

@@ -23,9 +23,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from mol.kernels import base_gemm as bg  # its tile order (read when a kernel compiles) and device properties
+from mol.kernels.grouped_lora import _cdiv  # plain Python: triton.cdiv costs ~1.5 µs a host call
 
 try:  # Gluon ships with Triton >= 3.5
     from triton.experimental import gluon
@@ -242,7 +242,7 @@ def gluon_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None, 
     else:
         u_d, v_d, kr, u_t = a_d, b_d, 0, False
     c_d = _desc(c, [bm, bn // epi])
-    progs = num_progs or min(bg._num_sms(a.device), triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    progs = num_progs or min(bg._num_sms(a.device), _cdiv(M, bm) * _cdiv(N, bn))
     _base_gemm_gluon_kernel[(progs,)](a_d, b_d, u_d, v_d, c_d, bias if bias is not None else a, M, N, K, kr,
                                       GROUP_M=group_m, B_T=b_t, U_T=u_t, HAS_U=u is not None,
                                       HAS_BIAS=bias is not None, STAGES=stages, EPI_SPLIT=epi, U_REG=U_REG,

@@ -105,7 +105,7 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
     if not out.is_contiguous() or tuple(out.shape) != tuple(packed.shape):
         raise ValueError(f"nf4_dequantize: out must be contiguous with shape {packed.shape}")
     BLOCK = 1024
-    _nf4_dequant_kernel[(triton.cdiv(n_bytes, BLOCK),)](
+    _nf4_dequant_kernel[(gl._cdiv(n_bytes, BLOCK),)](
         packed.codes, packed.absmax, packed.code, nabs, ncode, off, out, n_bytes,
         BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested,
         LUT=DEQUANT_LUT if lut is None else lut, BLOCK=BLOCK,
@@ -798,10 +798,10 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
     # split in the same launch, so no zero-fill; sized for the largest split a config still in the running takes
     max_splits = max(_splits(K, c["BLOCK_KB"], c.get("SPLIT_K", 1)) for c in configs)
     ws = torch.empty((max_splits, block_t, N) if max_splits > 1 else (1,), dtype=torch.float32, device=x.device)
-    tickets = _tickets(x.device, max(triton.cdiv(N, c["BLOCK_N"]) for c in configs))
+    tickets = _tickets(x.device, max(gl._cdiv(N, c["BLOCK_N"]) for c in configs))
 
     def grid(meta):
-        return triton.cdiv(N, meta["BLOCK_N"]), _splits(K, meta["BLOCK_KB"], meta["SPLIT_K"])
+        return gl._cdiv(N, meta["BLOCK_N"]), _splits(K, meta["BLOCK_KB"], meta["SPLIT_K"])
     args = (x, packed.codes, packed.absmax, packed.code, nabs, ncode, off, bias if bias is not None else x, y, ws,
             tickets, T, N, x.stride(0), y.stride(0))
     consts = dict(K=K, BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested,
@@ -816,13 +816,13 @@ def nf4_matmul_small(x: torch.Tensor, packed, bias: torch.Tensor | None = None,
 def split_runs(n_steps: int, split_k: int) -> int:
     """The split-K programs a row block of n_steps K steps gets (a kernel's SPLITS): the steps cut into split_k runs
     of equal length, the last possibly shorter, none empty (so fewer than split_k where it does not divide)."""
-    per_split = triton.cdiv(n_steps, max(1, min(split_k, n_steps)))
-    return triton.cdiv(n_steps, per_split)
+    per_split = gl._cdiv(n_steps, max(1, min(split_k, n_steps)))
+    return gl._cdiv(n_steps, per_split)
 
 
 def _splits(k: int, block_kb: int, split_k: int) -> int:
     """The small-T kernel's SPLITS: split_runs over its K steps of block_kb bytes."""
-    return split_runs(triton.cdiv(k // 8, block_kb // 4), split_k)
+    return split_runs(gl._cdiv(k // 8, block_kb // 4), split_k)
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:

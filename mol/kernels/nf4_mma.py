@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from mol.kernels import base_gemm as bg
 from mol.kernels import grouped_lora as glora
@@ -450,10 +449,10 @@ def nf4_matmul_mma(x: torch.Tensor, packed, bias: torch.Tensor | None = None, co
     if ws is None:
         ws = torch.empty((n_splits, bt, n) if n_splits > 1 else (1,), dtype=torch.float32, device=x.device)
     if tickets is None:
-        tickets = _tickets(x.device, triton.cdiv(n, bm))
+        tickets = _tickets(x.device, glora._cdiv(n, bm))
     nabs, ncode, off = _tensors(packed)
     w_layout, x_layout, s_layout, mma = layouts(wk, wm, mr, bt, cpl)
-    _nf4_mma_kernel[(triton.cdiv(n, bm), n_splits)](
+    _nf4_mma_kernel[(glora._cdiv(n, bm), n_splits)](
         x, packed.codes, packed.absmax, packed.code, nabs, ncode, off, bias if bias is not None else x, y, ws,
         tickets, t, n, x.stride(0), y.stride(0), K=k, BS=packed.blocksize, NBS=packed.nested_blocksize,
         NESTED=packed.nested, HAS_BIAS=bias is not None, BT=bt, BM=bm, WK=wk, CPL=cpl, SPLIT_K=n_splits,
