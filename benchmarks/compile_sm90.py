@@ -13,7 +13,10 @@ per step); the counts RESULTS quotes come from it (with the triton of the GPU im
 """
 import itertools
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 import triton  # noqa: E402
@@ -24,13 +27,27 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mol.kernels import routed_lora as rl  # noqa: E402
 
 tgt = GPUTarget("cuda", 90, 32)
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def comp(fn, sig, const, maxnreg=None):
+def _resource_usage(cubin):
+    """cuobjdump's REG / STACK / SHARED (static) / LOCAL line of the cubin as a match, or None."""
+    if not os.path.exists(_CUOBJDUMP):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+
+
+def comp(fn, sig, const, maxnreg=None, usage=False, label=""):
     src = ASTSource(fn=fn, signature=sig, constexprs=const)
     k = triton.compile(src, target=tgt, options={"num_warps": 4, "num_stages": 3,
                                                  **({"maxnreg": maxnreg} if maxnreg else {})})
-    print(f"{fn.__name__}: compiled for sm_90, {k.metadata.shared} bytes of shared memory")
+    ru = _resource_usage(k.asm["cubin"]) if usage else None
+    regs = f", {ru.group(1)} registers, {ru.group(2)} bytes of stack" if ru else ""
+    print(f"{fn.__name__}{label}: compiled for sm_90, {k.metadata.shared} bytes of shared memory{regs}")
 
 
 def fnk(k):
@@ -68,20 +85,25 @@ for (kind, K), select in itertools.product(((0, 2), (1, 1), (2, 8)), (False, Tru
                                     "SELECT": select, "HAS_W": select})
 comp(rl._aux_kernel, {"stats_ptr": "*fp32", "aux_ptr": "*fp32", "E": "i32", "c_lb": "fp32", "c_z": "fp32", "EP": "constexpr"}, {"EP": 16})
 
-# the small-T (decode) forward: shrink producers, one routing program and the GEMV + experts consumers, one launch
-for fma, has_w, kind, K, noise, bias, dt, bn, bk in ((True, True, 0, 2, False, True, "bf16", 16, 256), (False, True, 0, 2, True, False, "bf16", 32, 128),
-                                                     (False, False, 2, 8, False, False, "bf16", 64, 256), (True, False, 1, 1, False, False, "fp32", 8, 512),
-                                                     (False, True, 0, 4, False, False, "fp16", 64, 256)):
-    sig = {"x_ptr": f"*{dt}", "xl_ptr": f"*{dt}", "a_ptr": f"*{dt}", "wr_ptr": "*fp32", "acc_ptr": "*fp32", "sync_ptr": "*i32", "noise_ptr": "*fp32",
-           "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "base_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}",
+# the small-T (decode) forward: shrink producers, one routing program and the GEMV + experts consumers, one launch;
+# the first two also with float32 adapters, which the kernel rounds as it loads them (A_CAST, B_CAST): registers and
+# stack printed for each, to compare
+for fma, has_w, kind, K, noise, bias, dt, bn, bk, ad in (
+        (True, True, 0, 2, False, True, "bf16", 16, 256, "bf16"), (True, True, 0, 2, False, True, "bf16", 16, 256, "fp32"),
+        (False, True, 0, 2, True, False, "bf16", 32, 128, "bf16"), (False, True, 0, 2, True, False, "bf16", 32, 128, "fp32"),
+        (False, False, 2, 8, False, False, "bf16", 64, 256, "bf16"), (True, False, 1, 1, False, False, "fp32", 8, 512, "fp32"),
+        (False, True, 0, 4, False, False, "fp16", 64, 256, "fp16")):
+    sig = {"x_ptr": f"*{dt}", "xl_ptr": f"*{dt}", "a_ptr": f"*{ad}", "wr_ptr": "*fp32", "acc_ptr": "*fp32", "sync_ptr": "*i32", "noise_ptr": "*fp32",
+           "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "base_ptr": f"*{dt}", "b_ptr": f"*{ad}", "y_ptr": f"*{dt}",
            "hl_ptr": "*fp32", "gates_ptr": "*fp32", "ids_ptr": "*i64", "u_ptr": f"*{dt}", "stats_ptr": "*fp32", "aux_ptr": "*fp32",
            "prof_ptr": "*i64", "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "N_IN": "i32", "N_OUT": "i32", "R": "i32", "E": "i32",
            "stride_be": "i32", "stride_bn": "i32"}
     const = {"N_PART": 8, "RANK": 16, "K": K, "KIND": kind, "EP": 16, "BRS": 32, "BKS": 128, "BR": 128, "BN": bn, "BK": bk, "FMA": fma,
              "HAS_W": has_w, "HAS_BIAS": bias, "HAS_NOISE": noise, "F32_DOT": False, "IEEE": dt == "fp32",
-             "PROF": fma and has_w, "ROUTER_X2": kind == 0}
+             "PROF": fma and has_w, "ROUTER_X2": kind == 0, "A_CAST": ad != dt, "B_CAST": ad != dt}
     sig.update({k: "constexpr" for k in const})
-    comp(rl._small_t_kernel, sig, const, maxnreg=168 if fma else None)  # as the capped FMA configs run
+    comp(rl._small_t_kernel, sig, const, maxnreg=168 if fma else None,  # as the capped FMA configs run
+         usage=True, label=f" ({'FMA' if fma else 'dot'} BN={bn} BK={bk}, x {dt}, adapters {ad})")
 
 # the base GEMM with the experts' product as extra K (mol/kernels/base_gemm.py): forward (b, v stored (N, K), with a
 # bias) and backward (b, v row-major) forms, at every config it autotunes
@@ -118,24 +140,7 @@ comp(gl._bwd_epilogue_kernel, {"du_ptr": "*fp32", "h_ptr": "*fp32", "gates_ptr":
 # Every autotuned config of both paths (FMA: T <= 2, tl.dot: T <= 16), plus dtype / nesting / bias / shape variants.
 # Pointers and the row strides are marked 16-divisible, as the JIT specializes them for aligned tensors (without
 # that the 128-bit code loads are not formed). Prints registers / stack (spills) / shared memory from the cubin.
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-
 from mol.kernels import nf4 as nf4k  # noqa: E402
-
-_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
-def _resource_usage(cubin):
-    """cuobjdump's REG / STACK / SHARED (static) / LOCAL line of the cubin as a match, or None."""
-    if not os.path.exists(_CUOBJDUMP):
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    return re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
 
 
 def _resources(cubin, usage=None):

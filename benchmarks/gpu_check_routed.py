@@ -16,8 +16,9 @@ and 1.2e-5 at 11008, tf32x3 ~4e-7), where Wr rounded to bf16 would be ~1e-3 off.
 `--padding` marks about 30% of the tokens as padding (token_weights = 0): the router losses, their gradients and the
 statistics then count the real tokens only (the reference computes them on those rows alone).
 `--adapter-dtype float32` passes lora_A and lora_B in float32 to the 16-bit layer (MoLConfig's default adapter_dtype):
-at large T the shrink GEMM's operand kernel rounds A itself (routed_lora._compute_dtype); the reference reads the
-float32 values, so the bf16 tolerance covers that rounding.
+at large T the shrink GEMM's operand kernel rounds A itself, and without gradients the small-T kernel rounds A and B
+as it loads them (routed_lora._compute_dtype), so each case also runs a no-grad forward (but dropout's, whose x_lora
+only training passes); the reference reads the float32 values, so the bf16 tolerance covers that rounding.
 Exit code 1 on any failure.
 """
 import os
@@ -72,9 +73,19 @@ def check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen, pad=False, adapter_dt
         weight_fn=(lambda dt: W.to(dt)) if mode == "weight_fn" else None, base_out=got.get("base_out"),
         x_lora=got.get("x_lora"), lb_coef=lb, z_coef=zc, token_weights=None if real is None else real.float())
     ((y.double() * w_y).sum() + 1e3 * aux.double()).backward()
+    y_nograd = None
+    if adt != dtype and mode != "dropout":  # without gradients (decode): small T reads the float32 adapters as they are
+        with torch.no_grad():
+            y_nograd = rl.routed_lora_linear(
+                got["x"], got["A"], got["B"], got["Wr"], kind, K, scale,
+                weight=W.to(dtype) if mode == "weight" else None,
+                weight_fn=(lambda dt: W.to(dt)) if mode == "weight_fn" else None, base_out=got.get("base_out"),
+                lb_coef=lb, z_coef=zc, token_weights=None if real is None else real.float())[0]
     gl.POISON = False
     torch.cuda.synchronize()
     errs = {"y": rel(y, y_ref), "aux": rel(aux, aux_ref) if aux_ref.abs() > 0 else aux.abs().item()}
+    if y_nograd is not None:
+        errs["y (no grad)"] = rel(y_nograd, y_ref)
     errs.update({f"d{k}": rel(got[k].grad, ref[k].grad) for k in leaves})
     mism = int((ids != ids_ref).any(-1).sum())
     logits_ref = x @ Wr.t()

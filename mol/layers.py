@@ -350,7 +350,8 @@ class MoLLinear(AdapterLayer):
         model, adapter_dtype="auto") are cast inside the routed layer's autograd node when they need a gradient;
         without one (generation, evaluation) their cast copies are kept and reused until the adapters change (their
         version counters or storage), so a decode step does not cast them again on every layer. A forward with
-        gradients drops the copies; a CUDA-graph capture and torch.compile cast from the adapters themselves."""
+        gradients drops the copies. A CUDA-graph capture reads the adapters themselves (cast inside the graph, or at
+        decode sizes rounded by the one-launch kernel as it loads them), and torch.compile casts them."""
         a, b = self.lora_A, self.lora_B
         if a.dtype == dtype and b.dtype == dtype:
             return a, b

@@ -220,6 +220,33 @@ def test_float32_lora_A_is_rounded_by_the_shrink_operand_kernel_as_torch_rounds_
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("tokens", [1, 7])  # the small-T kernel's FMA (T=1) and dot forms
+def test_small_t_kernel_rounds_float32_adapters_as_torch_rounds_them(tokens):
+    """Without gradients (decode; graph_inference_tokens replays), the one-launch small-T forward reads float32
+    lora_A and lora_B as they are and rounds them to bf16 as it loads them (no cast launches inside each replayed
+    decode graph): y, the routing and aux keep the bits of casting first, also for float32 values bf16 cannot hold.
+    With gradients the backward needs bf16 copies, so those calls still cast."""
+    from mol.kernels import routed_lora as rl
+
+    g = torch.Generator().manual_seed(200 + tokens)
+    E, r, n_in, n_out = 4, 8, 40, 24
+    x = torch.randn(tokens, n_in, generator=g).bfloat16()
+    W = (torch.randn(n_out, n_in, generator=g) / n_in**0.5).bfloat16()
+    A32 = torch.randn(E, r, n_in, generator=g) / n_in**0.5
+    B32 = torch.randn(n_out, E, r, generator=g).permute(1, 0, 2)  # MoLLinear's expert-interleaved layout
+    assert not torch.equal(A32, A32.bfloat16().float()) and not torch.equal(B32, B32.bfloat16().float())
+    Wr = torch.randn(E, n_in, generator=g)
+    a, b = rl._compute_dtype(A32, B32, x, eager=True, grad=False)
+    assert a is A32 and b is B32
+    a, b = rl._compute_dtype(A32, B32, x, eager=True)  # with gradients
+    assert a.dtype == b.dtype == torch.bfloat16
+    with torch.no_grad():
+        outs = [rl.routed_lora_linear(x, A, B, Wr, "topk", 2, 1.5, weight=W, lb_coef=0.1, z_coef=0.01)
+                for A, B in ((A32.bfloat16(), B32.bfloat16()), (A32, B32))]
+    for got, want in zip(outs[1], outs[0]):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("tokens", [5, 37])
 def test_inference_reuses_the_cast_adapters_until_they_change(tokens):
     """Without gradients (generation, evaluation) the bf16 copies of float32 adapters are made once and reused, so a

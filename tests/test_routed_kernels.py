@@ -360,8 +360,8 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     # 20 large-T (one with the tf32x2 router; the gate kernels with each GATE_COLUMNS and both router score forms;
-    # the one-GEMM shrink's operand kernel for bf16 and fp16, each with A in x's dtype and in float32) + 5 small-T
-    # + the given-routing path's 2 gate kernels + the base GEMM (forward and backward forms) at each of its configs
+    # the one-GEMM shrink's operand kernel for bf16 and fp16, each with A in x's dtype and in float32) + 7 small-T
+    # (two of them with float32 adapters, rounded as they load) + the given-routing path's 2 gate kernels + the base GEMM (forward and backward forms) at each of its configs
     # + the Gluon NF4 decode kernel at each of its configs and 7 variants (where Triton has Gluon) + the Gluon base
     # GEMM (forward with bias, backward, no extra K) at each of its configs
     from mol.kernels import base_gemm as bg
@@ -370,7 +370,7 @@ def test_kernels_compile_for_sm90():
 
     n_mma = len(nf4_mma.CONFIGS) + 7 if nf4_mma.AVAILABLE else 0
     n_gluon = 3 * len(bgg.CONFIGS) if bgg.AVAILABLE else 0
-    assert res.stdout.count("compiled for sm_90") == 27 + 2 * len(bg.CONFIGS) + n_mma + n_gluon
+    assert res.stdout.count("compiled for sm_90") == 29 + 2 * len(bg.CONFIGS) + n_mma + n_gluon
 
 
 @pytest.mark.parametrize("shrink", rl._SHRINK_CHOICES)

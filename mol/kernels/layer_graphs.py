@@ -27,7 +27,8 @@ tensor modified in place; the graph reads weights at the addresses it was captur
 Calls without gradients (``MoLLinear(graph_inference_tokens=N)``: generation's decode steps, evaluation; in eval
 mode) have graphs of their own, forward only: x copied in, one replay, y and aux cloned out. Every weight is read
 in place, at the address the call's signature holds, so nothing but the activations is copied; adapters of
-another dtype (float32 on a bf16 layer) are cast inside the graph, from the parameters, as in training. An eager
+another dtype (float32 on a bf16 layer) are cast inside the graph, from the parameters, as in training (at decode
+sizes, T <= routed_lora.SMALL_T_MAX, the one-launch forward rounds them as it reads them: no cast kernels). An eager
 decode step of a MoL layer is otherwise bound by the host: its Python and one Triton launch of ~30 arguments
 against a GEMV of ~10 µs.
 Inside an activation checkpoint (or under saved-tensor offloading) the layer runs the ordinary kernels: see
@@ -186,7 +187,7 @@ class _Captured:
 class _CapturedForward:
     """One signature's forward graph for calls without gradients (generation, evaluation): no backward, nothing
     saved. Only the activations are copied in; every weight is read in place, at the address its signature holds
-    (adapters of another dtype than x's are cast inside the graph)."""
+    (adapters of another dtype than x's are cast inside the graph, or at small T rounded by the kernel itself)."""
 
     def __init__(self, args: tuple, copied: tuple[int, ...], weight_fn: Optional[Callable], meta: tuple):
         from mol.kernels.routed_lora import _compute_dtype, _flat, _routed_forward
@@ -197,7 +198,7 @@ class _CapturedForward:
         sx, sxl, sbo = _flat(sx), _flat(sxl), _flat(sbo)
 
         def forward():
-            a, b = _compute_dtype(sa, sbb, sx, sxl, stw, meta[5])
+            a, b = _compute_dtype(sa, sbb, sx, sxl, stw, meta[5], grad=False)
             y, aux, hl, gates, ids, _, stats, _, _ = _routed_forward(sx, sxl, sw, weight_fn, sb, sbo, a, b, swr, sn,
                                                                      stw, meta)
             return y, aux, hl, gates, ids, stats

@@ -80,11 +80,13 @@ def _shrink_configs():
 @triton.jit
 def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, N_IN, R, E,
                  EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                 F32_DOT: tl.constexpr, IEEE: tl.constexpr, STORE: tl.constexpr, ROUTER_X2: tl.constexpr):
+                 F32_DOT: tl.constexpr, IEEE: tl.constexpr, STORE: tl.constexpr, ROUTER_X2: tl.constexpr,
+                 A_CAST: tl.constexpr):
     """One (BT rows, BR columns, 1/SPLIT of the input features) tile of [x_lora @ A_cat^T | x @ Wr^T] into out
     (row stride R+E): stored if STORE, else atomically added. Column tile pid_r < cdiv(R, BR) is an expert
     tile; the next one is the router's (float32 Wr, scored at ~float32 accuracy: tf32x3, or with ROUTER_X2 two
-    tf32 products, see ROUTER_PRECISION)."""
+    tf32 products, see ROUTER_PRECISION). A_CAST: A_cat is float32 (adapters of a 16-bit layer), rounded to x's
+    dtype as it is loaded, as torch's .to() rounds (to nearest even)."""
     n_rt = tl.cdiv(R, BR)
     ld = R + E
     offs_t = pid_t * BT + tl.arange(0, BT)
@@ -104,6 +106,8 @@ def _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, out_ptr, pid_r, pid_t, pid_s, T, 
             mk = kk < k_hi
             xt = tl.load(x_row + kk[None, :], mask=mask_t[:, None] & mk[None, :], other=0.0)
             at = tl.load(a_row + kk[:, None], mask=mk[:, None] & mask_r[None, :], other=0.0)
+            if A_CAST:
+                at = at.to(xl_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
             acc = _tile_dot(xt, at, acc, F32_DOT, IEEE)
         ptrs = out_ptr + offs_t.to(tl.int64)[:, None] * ld + offs_r[None, :]
         m2 = mask_t[:, None] & mask_r[None, :]
@@ -171,7 +175,7 @@ def _route_shrink_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, stats_ptr, T, N_I
     if (pid_r == 0) & (pid_t == 0) & (pid_s == 0):
         _zero_stats(stats_ptr, E, EP)
     _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, hl_ptr, pid_r, pid_t, pid_s, T, N_IN, R, E, EP, BT, BR, BK, SPLIT,
-                 F32_DOT, IEEE, SPLIT == 1, ROUTER_X2)
+                 F32_DOT, IEEE, SPLIT == 1, ROUTER_X2, False)
 
 
 @triton.jit
@@ -548,7 +552,7 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, sync_ptr, noise_ptr, 
                     EP: tl.constexpr, BRS: tl.constexpr, BKS: tl.constexpr, BR: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr, FMA: tl.constexpr, HAS_W: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
-                    PROF: tl.constexpr, ROUTER_X2: tl.constexpr):
+                    PROF: tl.constexpr, ROUTER_X2: tl.constexpr, A_CAST: tl.constexpr, B_CAST: tl.constexpr):
     """The routed layer's whole forward for T <= 16 tokens. Programs [0, n_shrink): shrink tiles (BRS columns,
     1/N_PART of the features each) added into acc (T, R+E) float32, then the last one routes (_route_small) and
     sets sync[1]. The others: y[:, BN rows] = x @ W[rows]^T (or base_out) + u @ B_cat[:, rows] (+ bias), the
@@ -556,7 +560,8 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, sync_ptr, noise_ptr, 
     routing program clears acc and the ticket, the last consumer the flag and its counter: _small_t_work). FMA
     (T == 1): float32 multiply-adds on one row of x; else tl.dot with x as the 16-row A operand (mma.sync), or,
     for BN >= 64, the W tile as the A operand (wgmma takes M = 64) and the transposed product. PROF: write a
-    timeline (see _stamp) to prof (grid, 4) int64."""
+    timeline (see _stamp) to prof (grid, 4) int64. A_CAST / B_CAST: A / B are float32 (adapters of a 16-bit layer),
+    rounded to x's dtype as they are loaded, as a cast before the launch would round them."""
     BT: tl.constexpr = 16
     W_AS_A: tl.constexpr = BN >= 64
     pid = tl.program_id(0)
@@ -567,7 +572,7 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, sync_ptr, noise_ptr, 
     if pid < n_shrink:
         pid_s = pid // n_cols
         _shrink_tile(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, pid % n_cols, 0, pid_s, T, N_IN,
-                     R, E, EP, BT, BRS, BKS, N_PART, F32_DOT, IEEE, N_PART == 1, ROUTER_X2)
+                     R, E, EP, BT, BRS, BKS, N_PART, F32_DOT, IEEE, N_PART == 1, ROUTER_X2, A_CAST)
         tl.debug_barrier()  # every thread's partial sums are added before the ticket releases them
         if PROF:
             _stamp(prof_ptr, pid, 1)
@@ -630,6 +635,8 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, sync_ptr, noise_ptr, 
             mask_c = offs_c < R
             bt = tl.load(b_ptr + (offs_c // RANK).to(tl.int64)[:, None] * stride_be + offs_n[None, :] * stride_bn
                          + (offs_c % RANK)[:, None], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+            if B_CAST:
+                bt = bt.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
             if FMA:
                 u0 = tl.load(u_ptr + offs_c, mask=mask_c, other=0.0, cache_modifier=".cg").to(tl.float32)
                 acc1 += tl.sum(u0[:, None] * bt.to(tl.float32), axis=0)
@@ -960,6 +967,8 @@ def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
     stats = gl._alloc((2 * e + 2,), x, torch.float32)
     aux = gl._alloc((), x, torch.float32)
     lora_B = gl._as_b(lora_B, lora_B.dtype)
+    # float32 adapters of a 16-bit layer are read as they are and rounded in the kernel (_compute_dtype)
+    a_cast, b_cast = a_cat.dtype != x.dtype, lora_B.dtype != x.dtype
     if weight is not None and weight.stride() != (n_in, 1):
         weight = weight.contiguous()
     fma = t == 1
@@ -967,7 +976,7 @@ def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
     brs, bks = (16, 16) if gl._INTERPRET else (32, 128)
     n_shrink = (gl._cdiv(r_tot, brs) + 1) * n_part
     key = ("small_t", fma, n_in, n_out, r_tot, e, rank, top_k, kind, weight is not None, bias is not None,
-           noise is not None, x.dtype, n_part, TIMELINE is not None, router_x2)
+           noise is not None, x.dtype, n_part, TIMELINE is not None, router_x2, a_cast, b_cast)
 
     def grid(m):
         return (n_shrink + gl._cdiv(n_out, m["BN"]),)
@@ -980,7 +989,8 @@ def small_t_fwd_impl(x: torch.Tensor, x_lora: torch.Tensor | None, a_cat: torch.
                {"N_PART": n_part, "RANK": rank, "K": top_k, "KIND": kind, "EP": _ep(e), "BRS": brs, "BKS": bks,
                 "BR": min(128, max(16, gl._pow2(r_tot))), "FMA": fma, "HAS_W": weight is not None,
                 "HAS_BIAS": bias is not None, "HAS_NOISE": noise is not None,
-                "PROF": TIMELINE is not None, "ROUTER_X2": router_x2, **gl._flags(x.dtype)})
+                "PROF": TIMELINE is not None, "ROUTER_X2": router_x2, "A_CAST": a_cast, "B_CAST": b_cast,
+                **gl._flags(x.dtype)})
     return y, hl, gates, ids, u, stats, aux
 
 
@@ -1109,16 +1119,23 @@ def _small_t(x: torch.Tensor, token_w: torch.Tensor | None) -> bool:
 
 
 def _compute_dtype(lora_A: torch.Tensor, lora_B: torch.Tensor, x: torch.Tensor, x_lora: torch.Tensor | None = None,
-                   token_w: torch.Tensor | None = None, eager: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   token_w: torch.Tensor | None = None, eager: bool = False, grad: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The adapters as _routed_forward reads them for x: in x's dtype (a cast of ~E*r*(in+out) elements where they
-    differ; lora_B's expert-interleaved layout kept, as the grouped kernels' own casts keep it), except a float32
-    lora_A that the large-T shrink GEMM takes as it is: its operand kernel (_router_parts_kernel) rounds A into x's
-    dtype anyway, as .to() would (to nearest even), and the backward reads that copy (w_dx), so a cast here would be
-    a launch, and 1 MB a 4096-wide layer held until backward, for nothing. Eager calls only: traced, the cast is one
-    of the element-wise ops inductor fuses (and the switches _shrink_by_gemm reads are not traceable)."""
-    keep_a = (eager and lora_A.dtype == torch.float32 and x.dtype != torch.float32 and not _small_t(x, token_w)
-              and _shrink_by_gemm(x, x_lora))
-    return (lora_A if keep_a else gl._as(lora_A, x.dtype)), gl._as_b(lora_B, x.dtype)
+    differ; lora_B's expert-interleaved layout kept, as the grouped kernels' own casts keep it), except float32
+    adapters that a kernel rounds itself, as .to() would (to nearest even), where a cast here would be a launch (on
+    the GPU hosts tens of µs each) and a copy for nothing:
+    - lora_A at large T, for the one-GEMM shrink: its operand kernel (_router_parts_kernel) rounds A into x's
+      dtype anyway, and the backward reads that copy (w_dx);
+    - lora_A and lora_B of a call without gradients (``grad`` False: decode, evaluation) at small T: the one-launch
+      forward (_small_t_kernel) rounds them as it loads them. With gradients the backward needs the copies.
+    Eager calls only: traced, the cast is one of the element-wise ops inductor fuses (and the switches
+    _shrink_by_gemm reads are not traceable)."""
+    f32 = eager and x.dtype != torch.float32
+    small = _small_t(x, token_w)
+    keep_b = f32 and lora_B.dtype == torch.float32 and small and not grad
+    keep_a = f32 and lora_A.dtype == torch.float32 and (keep_b if small else _shrink_by_gemm(x, x_lora))
+    return (lora_A if keep_a else gl._as(lora_A, x.dtype)), (lora_B if keep_b else gl._as_b(lora_B, x.dtype))
 
 
 def _routed_forward_saved(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, token_w,
@@ -1346,7 +1363,7 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     if eager and not grad:
         # inference (decode, evaluation): the same kernels without an autograd node, which costs host time
         # every call and would keep nothing useful
-        lora_A, lora_B = _compute_dtype(lora_A, lora_B, x, x_lora, token_weights, eager)
+        lora_A, lora_B = _compute_dtype(lora_A, lora_B, x, x_lora, token_weights, eager, grad=False)
         y, aux, hl, gates, ids, _, stats, _, _ = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out,
                                                                  lora_A, lora_B, router_w, noise, token_weights, meta)
     else:
