@@ -66,21 +66,20 @@ def check(T, n_in, n_out, E, r, K, kind, mode, dtype, gen, pad=False, adapter_dt
            for k, v in leaves.items()}
     if mode in ("weight", "dropout"):  # lora_B in MoLLinear's expert-interleaved layout (B_cat and dB are views)
         got["B"] = interleaved(B.to(adt)).requires_grad_()
+
+    def layer():
+        return rl.routed_lora_linear(
+            got["x"], got["A"], got["B"], got["Wr"], kind, K, scale,
+            weight=W.to(dtype) if mode in ("weight", "dropout") else None,
+            weight_fn=(lambda dt: W.to(dt)) if mode == "weight_fn" else None, base_out=got.get("base_out"),
+            x_lora=got.get("x_lora"), lb_coef=lb, z_coef=zc, token_weights=None if real is None else real.float())
     gl.POISON = True
-    y, aux, hl, gates, ids, stats = rl.routed_lora_linear(
-        got["x"], got["A"], got["B"], got["Wr"], kind, K, scale,
-        weight=W.to(dtype) if mode in ("weight", "dropout") else None,
-        weight_fn=(lambda dt: W.to(dt)) if mode == "weight_fn" else None, base_out=got.get("base_out"),
-        x_lora=got.get("x_lora"), lb_coef=lb, z_coef=zc, token_weights=None if real is None else real.float())
+    y, aux, hl, gates, ids, stats = layer()
     ((y.double() * w_y).sum() + 1e3 * aux.double()).backward()
     y_nograd = None
     if adt != dtype and mode != "dropout":  # without gradients (decode): small T reads the float32 adapters as they are
         with torch.no_grad():
-            y_nograd = rl.routed_lora_linear(
-                got["x"], got["A"], got["B"], got["Wr"], kind, K, scale,
-                weight=W.to(dtype) if mode == "weight" else None,
-                weight_fn=(lambda dt: W.to(dt)) if mode == "weight_fn" else None, base_out=got.get("base_out"),
-                lb_coef=lb, z_coef=zc, token_weights=None if real is None else real.float())[0]
+            y_nograd = layer()[0]
     gl.POISON = False
     torch.cuda.synchronize()
     errs = {"y": rel(y, y_ref), "aux": rel(aux, aux_ref) if aux_ref.abs() > 0 else aux.abs().item()}
