@@ -1,7 +1,8 @@
 """GPU correctness of the fused routed-layer path (mol.kernels.routed_lora) at real sizes against float64.
 
-    python benchmarks/gpu_check_routed.py [--small-t | --quick] [--router tf32x2] [--gate-columns select]
-                                          [--shrink triton] [--base triton] [--padding] [--adapter-dtype float32]
+    python benchmarks/gpu_check_routed.py [--small-t [--small-t-tiles x-as-a|w-as-a] | --quick] [--router tf32x2]
+                                          [--gate-columns select] [--shrink triton] [--base triton] [--padding]
+                                          [--adapter-dtype float32]
 
 Router + experts + auxiliary losses: output, aux loss and the gradients of x, x_lora (dropout mode), base_out,
 lora_A, lora_B (contiguous, and in MoLLinear's expert-interleaved layout) and the router weight, against
@@ -99,6 +100,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small-t", action="store_true",
                     help="only T = 1, 7, 16 (the one-launch small-T forward), each also with the W-as-A dot tile")
+    ap.add_argument("--small-t-tiles", choices=["x-as-a", "w-as-a"], default=None,
+                    help="with --small-t: only the dot path with x (BN=32) or with the W tile (BN=64) as the A operand")
     ap.add_argument("--quick", action="store_true", help="bf16 only, T = 7 and 4097 (both forward paths)")
     ap.add_argument("--router", choices=list(rl._ROUTER_PRECISIONS), default=None,
                     help="the router block's precision (mol.kernels.routed_lora.ROUTER_PRECISION; default: its default)")
@@ -134,6 +137,8 @@ def main():
                           [triton.Config({"BN": 32, "BK": 256}, num_warps=4, num_stages=3)]),
                          ("dot with the W tile as A (BN=64)", fma,
                           [triton.Config({"BN": 64, "BK": 256}, num_warps=4, num_stages=3)])]
+        if args.small_t_tiles:
+            tile_variants = tile_variants[:1] if args.small_t_tiles == "x-as-a" else tile_variants[1:]
     for tiles in tile_variants:
         if tiles is not None:
             name, rl._small_t_fma.configs, rl._small_t_dot.configs = tiles

@@ -77,6 +77,45 @@ def test_routed_layer_with_padding_matches_float64(case, mode):
     _check_layer(case, mode, pad=True)
 
 
+@pytest.fixture
+def w_tile_as_a():
+    """The small-T forward's dot path with BN=64: the W tile as the A operand (wgmma takes M = 64) and the product
+    transposed. The GPU's autotuner may pick it (routed_lora._small_t_configs); the interpreter's one config
+    (BN=16, x as A) never runs it."""
+    import triton
+
+    saved = rl._small_t_dot.configs
+    rl._small_t_dot.configs = [triton.Config({"BN": 64, "BK": 16}, num_warps=4, num_stages=1)]
+    gl._CHOSEN.clear()  # the config chosen per key is remembered: forget the interpreter's
+    yield
+    rl._small_t_dot.configs = saved
+    gl._CHOSEN.clear()
+
+
+@pytest.mark.parametrize("mode", ["weight", "base_out", "dropout"])
+@pytest.mark.parametrize("case", [c for c in CASES if 1 < c[0] <= rl.SMALL_T_MAX])
+def test_small_t_with_the_w_tile_as_a_matches_float64(case, mode, w_tile_as_a):
+    _check_layer(case, mode)
+
+
+def test_small_t_with_the_w_tile_as_a_rounds_float32_adapters_on_load(w_tile_as_a):
+    """Without gradients the W-as-A form reads float32 lora_A / lora_B and rounds them to bf16 as it loads them:
+    the bits of casting them first (as the x-as-A form, tests/test_adapter_dtype.py)."""
+    g = torch.Generator().manual_seed(301)
+    T, E, r, n_in, n_out = 7, 4, 8, 40, 70  # n_out: one full 64-row tile and a partial one
+    x = torch.randn(T, n_in, generator=g).bfloat16()
+    W = (torch.randn(n_out, n_in, generator=g) / n_in**0.5).bfloat16()
+    A32 = torch.randn(E, r, n_in, generator=g) / n_in**0.5
+    B32 = torch.randn(n_out, E, r, generator=g).permute(1, 0, 2)  # MoLLinear's expert-interleaved layout
+    Wr = torch.randn(E, n_in, generator=g)
+    with torch.no_grad():
+        outs = [rl.routed_lora_linear(x, A, B, Wr, "topk", 2, 1.5, weight=W, lb_coef=0.1, z_coef=0.01)
+                for A, B in ((A32.bfloat16(), B32.bfloat16()), (A32, B32))]
+    assert gl._CHOSEN and all(c[0]["BN"] == 64 for k, c in gl._CHOSEN.items() if k[0] == "small_t")
+    for got, want in zip(outs[1], outs[0]):
+        assert torch.equal(got, want)
+
+
 def test_routed_layer_of_padding_only():
     # no real token: zero losses and statistics, finite gradients (the routing gradient is every token's)
     _check_layer(CASES[2], "weight", pad="all")
