@@ -7,7 +7,8 @@
 """
 
 from mol.config import LoRAConfig, MethodConfig, MoLConfig, config_from_dict, register_config
-from mol.inject import aux_loss, clear_graphs, clear_routing, disable_adapters, inject, match_modules, register_method, routing_stats, trainable_parameters
+from mol.inject import (aux_loss, clear_graphs, clear_routing, disable_adapters, inject, match_modules, register_method,
+                        routing_stats, set_graphs, trainable_parameters)
 from mol.io import export_peft, import_peft, load_adapter, merge, merge_and_unload, save_adapter, unload, unmerge
 from mol.layers import AdapterLayer, MoLLinear
 from mol.quant import NF4Linear, quantize
@@ -21,5 +22,5 @@ __all__ = [
     "AdapterLayer", "LoRAConfig", "NF4Linear", "MethodConfig", "MoLConfig", "MoLLinear", "Router", "RouterOutput",
     "aux_loss", "clear_graphs", "clear_routing", "config_from_dict", "disable_adapters", "export_peft", "import_peft", "inject", "load_adapter", "match_modules",
     "merge", "merge_and_unload", "quantize", "register_config", "register_method", "routing_stats", "save_adapter",
-    "trainable_parameters", "unload", "unmerge",
+    "set_graphs", "trainable_parameters", "unload", "unmerge",
 ]

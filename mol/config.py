@@ -29,8 +29,16 @@ class MethodConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field and the fix."""
 
+    # how the layers run, not what they compute: two configs that differ only here make the same adapter
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("backend", "graph_tokens", "graph_inference_tokens")
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
+
+    def adapter_dict(self) -> dict[str, Any]:
+        """to_dict() without RUNTIME_FIELDS: what load_adapter compares between a model's adapter and a saved one
+        (a model injected with graph_inference_tokens, or backend="torch", loads an adapter trained without)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
 
 
 def _check_common(cfg: Any) -> None:

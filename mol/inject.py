@@ -10,9 +10,10 @@ The configs and the trainable names are kept on the model (``model.mol_configs``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import re
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -363,6 +364,28 @@ def clear_graphs(model: nn.Module) -> None:
     for _, m in adapter_layers(model):
         if isinstance(m, MoLLinear) and m._graphs is not None:
             m._graphs.clear()
+
+
+def set_graphs(model: nn.Module, graph_tokens: Optional[int] = None,
+               graph_inference_tokens: Optional[int] = None) -> nn.Module:
+    """Set ``graph_tokens`` / ``graph_inference_tokens`` (MoLConfig) on every routed MoL layer of ``model`` after
+    injection: e.g. on a model ``load_adapter`` built, ``set_graphs(model, graph_inference_tokens=batch_size)``
+    before ``generate()`` makes each decode step's layer calls replay captured CUDA graphs. None keeps a setting, 0
+    turns it off; the graphs captured so far are freed. Every layer is checked before any changes; the model's
+    ``mol_configs`` record the new values, which ``save_adapter`` writes and ``load_adapter`` ignores when it
+    compares adapters (they say how the layers run, not what they compute). Returns ``model``."""
+    layers = [m for _, m in adapter_layers(model) if isinstance(m, MoLLinear) and m.router is not None]
+    if not layers:
+        raise ValueError("set_graphs: the model has no routed MoL layer (MoLConfig with num_experts > 1); per-layer "
+                         "graphs capture the routed layer's fused path, which plain LoRA layers do not run")
+    settings = [m._checked_graph_tokens(graph_tokens, graph_inference_tokens) for m in layers]  # a bad one: no change
+    for m, tokens in zip(layers, settings):
+        m._set_graphs(*tokens)
+    changes = {k: v for k, v in (("graph_tokens", graph_tokens), ("graph_inference_tokens", graph_inference_tokens))
+               if v is not None}
+    model.mol_configs = [dataclasses.replace(c, **changes) if isinstance(c, MoLConfig) and c.num_experts > 1 else c
+                         for c in model.mol_configs]
+    return model
 
 
 def routing_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:

@@ -174,10 +174,10 @@ def load_adapter(model: nn.Module, directory: PathLike, quantize_base: bool = Tr
                    for c in configs]
     tensors = _read_tensors(directory / WEIGHTS_NAME)
     if getattr(model, "mol_configs", None):
-        have = [c.to_dict() for c in model.mol_configs]
-        if have != [c.to_dict() for c in configs]:
+        have = [c.adapter_dict() for c in model.mol_configs]
+        if have != [c.adapter_dict() for c in configs]:
             raise ValueError(f"the model already carries a different adapter ({have}) than {directory} "
-                             f"({[c.to_dict() for c in configs]}); load into a fresh base model")
+                             f"({[c.adapter_dict() for c in configs]}); load into a fresh base model")
     else:
         inject(model, configs)
     _check_and_copy(model, tensors, adapter_state_dict(model), directory / WEIGHTS_NAME)

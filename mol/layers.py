@@ -143,6 +143,18 @@ def _base_dtype_device(base: nn.Module) -> tuple[torch.dtype, Optional[torch.dev
     return getattr(base, "weight_dtype", torch.float32), (tensor.device if tensor is not None else None)
 
 
+def _check_graph_tokens(graph_tokens: int, graph_inference_tokens: int, num_experts: int, backend: str,
+                       router: Optional[str]) -> None:
+    """MoLLinear's graph_tokens / graph_inference_tokens, checked against the path the layer runs."""
+    for name, tokens in (("graph_tokens", graph_tokens), ("graph_inference_tokens", graph_inference_tokens)):
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            raise ValueError(f"{name} must be an integer >= 0 (0: no captured graphs), got {tokens!r}")
+        if tokens and num_experts > 1 and (backend == "torch" or router not in dispatch.FUSED_ROUTERS):
+            raise ValueError(f"{name}={tokens} captures the fused Triton path, which backend={backend!r} "
+                             f"with router={router!r} never runs (it needs backend 'auto' or 'triton' and a router "
+                             f"in {dispatch.FUSED_ROUTERS}); set {name}=0")
+
+
 class MoLLinear(AdapterLayer):
     """A frozen linear layer plus ``num_experts`` LoRA experts chosen per token by a router.
 
@@ -189,13 +201,7 @@ class MoLLinear(AdapterLayer):
             raise ValueError(f"top_k={top_k} is outside 1..num_experts={num_experts}; set top_k between 1 and {num_experts}")
         if backend not in dispatch.BACKENDS:
             raise ValueError(f"backend={backend!r} is unknown; choose one of {dispatch.BACKENDS}")
-        for name, tokens in (("graph_tokens", graph_tokens), ("graph_inference_tokens", graph_inference_tokens)):
-            if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
-                raise ValueError(f"{name} must be an integer >= 0 (0: no captured graphs), got {tokens!r}")
-            if tokens and num_experts > 1 and (backend == "torch" or router not in dispatch.FUSED_ROUTERS):
-                raise ValueError(f"{name}={tokens} captures the fused Triton path, which backend={backend!r} "
-                                 f"with router={router!r} never runs (it needs backend 'auto' or 'triton' and a router "
-                                 f"in {dispatch.FUSED_ROUTERS}); set {name}=0")
+        _check_graph_tokens(graph_tokens, graph_inference_tokens, num_experts, backend, router)
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -223,10 +229,31 @@ class MoLLinear(AdapterLayer):
         # routed training calls of <= graph_tokens tokens, and calls without gradients of <= graph_inference_tokens
         # (decode steps), replay per-layer CUDA graphs (mol.kernels.layer_graphs): small calls are bound by the
         # host's launch and autograd cost, which a replay cuts to one launch
+        self._graphs = None
+        self._set_graphs(graph_tokens, graph_inference_tokens)
+
+    def set_graphs(self, graph_tokens: Optional[int] = None, graph_inference_tokens: Optional[int] = None) -> None:
+        """Change ``graph_tokens`` / ``graph_inference_tokens`` (see the class docstring) after construction, e.g.
+        on a layer that ``mol.load_adapter`` built, before generation (``mol.set_graphs`` does it for a model).
+        None keeps a setting, 0 turns it off. The graphs captured so far and their buffers are freed either way;
+        the next call of a size still captured captures again."""
+        self._set_graphs(*self._checked_graph_tokens(graph_tokens, graph_inference_tokens))
+
+    def _checked_graph_tokens(self, graph_tokens: Optional[int], graph_inference_tokens: Optional[int]
+                              ) -> tuple[int, int]:
+        """The (graph_tokens, graph_inference_tokens) set_graphs would give the layer, checked."""
+        tokens = (self.graph_tokens if graph_tokens is None else graph_tokens,
+                  self.graph_inference_tokens if graph_inference_tokens is None else graph_inference_tokens)
+        _check_graph_tokens(*tokens, self.num_experts, self.backend, None if self.router is None else self.router.kind)
+        return tokens
+
+    def _set_graphs(self, graph_tokens: int, graph_inference_tokens: int) -> None:
+        if self._graphs is not None:
+            self._graphs.clear()
         self.graph_tokens = graph_tokens
         self.graph_inference_tokens = graph_inference_tokens
         self._graphs = None
-        if (graph_tokens or graph_inference_tokens) and num_experts > 1:
+        if (graph_tokens or graph_inference_tokens) and self.num_experts > 1:
             from mol.kernels.layer_graphs import LayerGraphs
 
             self._graphs = LayerGraphs(graph_tokens, graph_inference_tokens)

@@ -605,3 +605,69 @@ def test_generation_with_decode_graphs_matches_eager(graphs, tiny_llama):
     layers = [m for m in model.modules() if isinstance(m, MoLLinear)]
     # one signature per layer, the decode step's 2 tokens: captured on the first, replayed on the other two
     assert len(graphs) == len(layers) == 14 and all(g.replays == 3 for g in graphs)
+
+
+def test_set_graphs_turns_decode_graphs_on_for_a_loaded_adapter(graphs, tiny_llama, tmp_path):
+    """An adapter trained without graphs, loaded for generation: mol.set_graphs(model, graph_inference_tokens=B)
+    makes the decode steps replay graphs with the tokens and logits of eager generation. A model injected with
+    graph settings loads an adapter saved without them (they say how the layers run, not what they compute); a bad
+    setting is refused before any layer changes."""
+    import mol
+
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    trained = mol.inject(copy.deepcopy(tiny_llama), MoLConfig(num_experts=4, rank=4, backend="triton"))
+    for name, p in trained.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    mol.save_adapter(trained, tmp_path)
+    ids = torch.randint(0, 101, (2, 5))
+
+    def generate(model):
+        out = model.eval().generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.logits)
+    want = generate(trained)
+    assert not graphs
+
+    loaded = mol.load_adapter(copy.deepcopy(tiny_llama), tmp_path)
+    layers = [m for m in loaded.modules() if isinstance(m, MoLLinear)]
+    for bad, match in (({"graph_inference_tokens": -2}, "graph_inference_tokens must be an integer"),
+                       ({"graph_tokens": 1.5}, "graph_tokens must be an integer")):
+        with pytest.raises(ValueError, match=match):
+            mol.set_graphs(loaded, **bad)
+        assert all(m._graphs is None for m in layers)
+    assert mol.set_graphs(loaded, graph_inference_tokens=2) is loaded
+    assert all(m.graph_inference_tokens == 2 and m.graph_tokens == 0 and m._graphs.inference_tokens == 2
+               for m in layers)
+    assert loaded.mol_configs[0].graph_inference_tokens == 2
+    got = generate(loaded)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(graphs) == len(layers) == 14 and all(g.replays == 3 for g in graphs)
+    mol.set_graphs(loaded, graph_inference_tokens=0)  # off again: the captured graphs are dropped
+    assert all(m._graphs is None for m in layers)
+
+    # the other way round: a model injected with graphs loads the adapter saved without them, and keeps its settings
+    graphs.clear()
+    injected = mol.inject(copy.deepcopy(tiny_llama), MoLConfig(num_experts=4, rank=4, backend="triton",
+                                                               graph_inference_tokens=2))
+    mol.load_adapter(injected, tmp_path)
+    got = generate(injected)
+    assert torch.equal(got[0], want[0]) and len(graphs) == 14
+    with pytest.raises(ValueError, match="already carries a different adapter"):  # what it computes still counts
+        mol.load_adapter(mol.inject(copy.deepcopy(tiny_llama), MoLConfig(num_experts=4, rank=8)), tmp_path)
+    with pytest.raises(ValueError, match="no routed MoL layer"):
+        mol.set_graphs(mol.inject(copy.deepcopy(tiny_llama), mol.LoRAConfig(rank=4)), graph_inference_tokens=2)
+    with pytest.raises(ValueError, match="set graph_inference_tokens=0"):  # the reference path is never captured
+        mol.set_graphs(mol.inject(copy.deepcopy(tiny_llama), MoLConfig(num_experts=4, rank=4, backend="torch")),
+                       graph_inference_tokens=2)
+    # a sequence router's layers (after the attention's in module order) refuse it, and the top-k ones stay as
+    # they were: every layer is checked before any changes
+    mixed = mol.inject(copy.deepcopy(tiny_llama), [MoLConfig(num_experts=4, rank=4, target_modules=["q_proj"]),
+                                                   MoLConfig(num_experts=4, rank=4, router="sequence",
+                                                             target_modules=["up_proj"])])
+    with pytest.raises(ValueError, match="router='sequence'"):
+        mol.set_graphs(mixed, graph_inference_tokens=2)
+    assert all(m._graphs is None and m.graph_inference_tokens == 0 for m in mixed.modules()
+               if isinstance(m, MoLLinear))
+    assert [c.graph_inference_tokens for c in mixed.mol_configs] == [0, 0]
