@@ -13,7 +13,8 @@
    rounding; a stale or unwritten buffer is off by O(1)). bf16 and float32; T = 7, 512, 2048 (T=7 is the one-launch small-T forward);
    a plain frozen base, dropout (x_lora), router noise, an NF4 base (dequantized inside the graph), float32
    layers under bf16 autocast, and bf16 layers with float32 adapters (adapter_dtype="auto", mol.inject's default
-   on a bf16 model); in both of the last, lora_A/B are cast inside the captured graph, read in place. Also
+   on a bf16 model); in both of the last, lora_A/B are cast inside the captured graph, read in place; and a layer
+   given its graphs after construction (MoLLinear.set_graphs, what mol.set_graphs does on a loaded adapter). Also
    checks that the graphs were replayed (not silently skipped), and that the calls after each signature's first
    replayed through the layer's shortcut exactly where it applies (LayerGraphs.replay_hit: a plain or
    float32-adapter layer; not with dropout, noise, an NF4 base or autocast). Exit code 1 on any failure.
@@ -24,9 +25,10 @@
    capture keeps (memory_allocated before and after the first graphed call).
 3. graph_inference_tokens (calls without gradients, eval mode): correctness as in 1, four calls under no_grad and
    inference_mode with every y and aux kept to the end, at T = 1 and 16 (the one-launch small-T forward), an NF4
-   base (its own GEMV kernel), float32 adapters, autocast and T = 512; then the eager decode forward per call at
-   B = 1 and 8 tokens, rows interleaved: the bare base, a LoRA (PEFT's ops), MoLLinear eager and graphed with bf16
-   and float32 adapters, and the memory each capture keeps. --decode-only runs only this part.
+   base (its own GEMV kernel), float32 adapters, autocast, T = 512, and T = 8 given by set_graphs; then the eager
+   decode forward per call at B = 1 and 8 tokens, rows interleaved: the bare base, a LoRA (PEFT's ops), MoLLinear
+   eager and graphed with bf16 and float32 adapters, and the memory each capture keeps. --decode-only runs only
+   this part.
 """
 import argparse
 import os
@@ -61,7 +63,7 @@ def shortcuts_expected(mode: str, calls: int, signatures: int) -> int:
     """Calls that should take the shortcut: every call after each signature's first, where the layer passes only
     its parameters after x (a plain nn.Linear base, adapters of either dtype); none with dropout or noise (new
     tensors each call), an NF4 base (dequantized through weight_fn) or autocast (the ordinary kernels)."""
-    return calls - signatures if mode in ("plain", "f32adapters") else 0
+    return calls - signatures if mode in ("plain", "f32adapters", "set_graphs") else 0
 
 
 def rel(a, b):
@@ -82,9 +84,11 @@ def make_pair(n_in, n_out, dtype, mode, graph_tokens, gen, inference=False):
             base.bias.fill_(0.1)
         if mode == "nf4":
             base = NF4Linear.from_linear(base)
-        layers.append(mol.MoLLinear(base, **{"graph_inference_tokens" if inference else "graph_tokens": tokens},
-                                    **kw).to(DEV))
+        graphs = {"graph_inference_tokens" if inference else "graph_tokens": tokens}
+        layers.append(mol.MoLLinear(base, **({} if mode == "set_graphs" else graphs), **kw).to(DEV))
     plain, graphed = layers
+    if mode == "set_graphs":  # given its graphs after construction, as mol.set_graphs does on a loaded adapter
+        graphed.set_graphs(**graphs)
     with torch.no_grad():
         plain.lora_B.normal_(0, 0.02, generator=gen)
     graphed.load_state_dict(plain.state_dict())
@@ -254,7 +258,7 @@ def main():
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--modes", nargs="+", default=None, help="only the correctness cases of these modes "
-                    "(plain, dropout, noise, nf4, autocast, f32adapters)")
+                    "(plain, dropout, noise, nf4, autocast, f32adapters, set_graphs)")
     ap.add_argument("--decode-only", action="store_true", help="only graph_inference_tokens: its check and the "
                     "eager decode timing")
     args = ap.parse_args()
@@ -271,6 +275,7 @@ def main():
     cases += [(7, 4096, 4096, torch.bfloat16, "nf4")]
     cases += [(T, 4096, 4096, torch.float32, "autocast") for T in (7, 512)]
     cases += [(T, 4096, 4096, torch.bfloat16, "f32adapters") for T in (7, 512)]
+    cases += [(512, 4096, 4096, torch.bfloat16, "set_graphs")]
     if args.modes:
         cases = [c for c in cases if c[4] in args.modes]
     # graph_inference_tokens: decode-sized calls (the one-launch small-T forward; NF4's own GEMV kernel as the base)
@@ -278,6 +283,7 @@ def main():
     inference = [(T, 4096, 4096, dt, "plain") for T in (1, 16) for dt in (torch.bfloat16, torch.float32)]
     inference += [(1, 4096, 11008, torch.bfloat16, m) for m in ("nf4", "f32adapters")]
     inference += [(7, 4096, 4096, torch.float32, "autocast"), (512, 4096, 4096, torch.bfloat16, "f32adapters")]
+    inference += [(8, 4096, 4096, torch.bfloat16, "set_graphs")]
     if args.modes:
         inference = [c for c in inference if c[4] in args.modes]
     if args.decode_only:
