@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 
+from probe_nf4_eager_host import rounds_and_repos
+
 CHILD = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -44,11 +46,7 @@ print("RESULT", " | ".join(f"T={t}: {o}" for t, o in zip((1, 8, 16), out)))
 
 
 def main():
-    args = sys.argv[1:]
-    rounds = 2
-    if args[:1] == ["--rounds"]:
-        rounds, args = int(args[1]), args[2:]
-    repos = args or [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
+    rounds, repos = rounds_and_repos(sys.argv[1:])
     for i in range(rounds):
         for repo in repos:
             res = subprocess.run([sys.executable, "-c", CHILD, os.path.abspath(repo),

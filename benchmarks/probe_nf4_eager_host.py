@@ -39,12 +39,16 @@ print(" | ".join(row))
 """
 
 
-def main():
-    args = sys.argv[1:]
+def rounds_and_repos(argv: list[str]) -> tuple[int, list[str]]:
+    """``[--rounds N] [repo ...]``: N (default 2) and the checkouts to alternate (default this one)."""
     rounds = 2
-    if args[:1] == ["--rounds"]:
-        rounds, args = int(args[1]), args[2:]
-    repos = args or [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
+    if argv[:1] == ["--rounds"]:
+        rounds, argv = int(argv[1]), argv[2:]
+    return rounds, argv or [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
+
+
+def main():
+    rounds, repos = rounds_and_repos(sys.argv[1:])
     print("| round | repo | T=1 µs (y sum) | T=3 | T=8 | T=16 |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in range(rounds):
