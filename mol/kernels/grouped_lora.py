@@ -76,7 +76,12 @@ def zeroed_workspace(device: torch.device, tag: object, numel: int) -> torch.Ten
     Inside a CUDA-graph capture a buffer not cached yet (or too small) is a fresh zero-fill, captured and not
     cached: the capture records the memset without running it, so a cached one would hold garbage for the eager
     calls that come before the first replay."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    # the raw handle, as triton's own launcher reads it: torch.cuda.current_stream() builds a Stream object, several
+    # µs of host time on the GPU machines in every decode call
+    stream = 0
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        stream = torch._C._cuda_getCurrentRawStream(index)
     key = (device, stream, tag)
     buf = _ZEROED.get(key)
     if buf is None or buf.numel() < numel:
