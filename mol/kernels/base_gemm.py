@@ -195,10 +195,8 @@ def triton_base_mm(a, b, b_t, u=None, v=None, v_t=False, bias=None, config=None,
     `num_progs` the persistent programs (default: one per SM, at most one per tile). A Gluon config (first item
     "gluon", base_gemm_gluon.CONFIGS) runs that kernel instead."""
     if config is not None and config[0] == "gluon":
-        M, N = a.shape[0], b.shape[0] if b_t else b.shape[1]
-        progs = num_progs or min(_num_sms(a.device), gl._cdiv(M, config[1]) * gl._cdiv(N, config[2]))
-        return bgg.gluon_base_mm(a, b, b_t, u, v, v_t, bias, config, u_t=u_t, out=gl._alloc((M, N), a),
-                                 num_progs=progs)
+        out = gl._alloc((a.shape[0], b.shape[0] if b_t else b.shape[1]), a)
+        return bgg.gluon_base_mm(a, b, b_t, u, v, v_t, bias, config, u_t=u_t, out=out, num_progs=num_progs)
     bm, bn, bk, group_m, warps, stages, epi = config or (_INTERPRET_CONFIG if gl._INTERPRET else CONFIGS[0])
     M, K = a.shape
     N = b.shape[0] if b_t else b.shape[1]
