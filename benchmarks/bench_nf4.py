@@ -6,7 +6,8 @@ bf16 activations. fwd+bwd = forward then torch.autograd.grad w.r.t. x (and the a
 are any); the frozen weight has no gradient. Median of CUDA-event timings (triton.testing.do_bench), each case
 timed in three interleaved rounds; the table gives the median round and the spread (max-min)/median.
 Decode (T=1, 2, 16) forward is timed both eagerly and under CUDA-graph replay (how decode loops run); the fused
-small-T kernel's rows give the NF4 bytes read per second.
+small-T kernel's rows give the NF4 bytes read per second. Those replay one layer back to back, so its weight stays
+(partly) in the L2 cache; the "stack" rows replay a stack of distinct layers, as a model's decode step reads them.
 If bitsandbytes imports, its Linear4bit (NF4, double quant) is timed in the same run and its dequantization
 of our packed tensors is compared bit for bit.
 """
@@ -236,6 +237,49 @@ def bench_decode(gen, rows):
             torch.cuda.empty_cache()
 
 
+def bench_decode_stack(gen, rows):
+    """Decode forward as a model runs it: a stack of distinct layers, each weight read once per step, so no weight
+    is still in the L2 cache from its previous call (as it is when one layer is replayed back to back, the decode
+    rows above: a 4096x4096 bf16 weight is 34 MB of an H100's 50 MB L2, its NF4 form 8.7 MB). The stack holds
+    enough layers for its NF4 weights to fill the L2 three times over; one CUDA graph runs them all on the same x,
+    and a row is the graph's time over the number of layers."""
+    l2 = torch.cuda.get_device_properties(DEV).L2_cache_size
+    print(f"== decode forward through a stack of distinct layers (L2 {l2 / 2**20:.0f} MiB) ==")
+    with torch.no_grad():
+        for n_out, n_in in SHAPES:
+            p0 = quantize_nf4(torch.randn(n_out, n_in, device=DEV, dtype=DT, generator=gen) * 0.02)
+            n_layers = -(-3 * l2 // nf4_bytes(p0))
+            Ws = [torch.randn(n_out, n_in, device=DEV, dtype=DT, generator=gen) * 0.02 for _ in range(n_layers)]
+            nf4s = [NF4Linear(quantize_nf4(W)) for W in Ws]
+            bls = [bnb_linear(W) for W in Ws] if bnb is not None else None
+            print(f"  {n_in}->{n_out}: {n_layers} layers, {n_layers * Ws[0].numel() * 2 / 1e6:.0f} MB bf16, "
+                  f"{n_layers * nf4_bytes(nf4s[0].packed) / 1e6:.0f} MB NF4")
+            for T in (1, 2, 16):
+                x = torch.randn(T, n_in, device=DEV, dtype=DT, generator=gen)
+                # the stacks, and their first layer alone replayed back to back, timed in the same rounds
+                cases = {("stack", "bf16 frozen base"): lambda: [F.linear(x, W) for W in Ws],
+                         ("stack", "NF4Linear default"): lambda: [m(x) for m in nf4s],
+                         ("one", "bf16 frozen base"): lambda: F.linear(x, Ws[0]),
+                         ("one", "NF4Linear default"): lambda: nf4s[0](x)}
+                if bls is not None:
+                    cases["stack", "bitsandbytes Linear4bit"] = lambda: [m(x) for m in bls]
+                    cases["one", "bitsandbytes Linear4bit"] = lambda: bls[0](x)
+                times = time_group(cases, graph=True)
+                for form, per, what in (("stack", n_layers, f"{n_layers} distinct layers, per layer"),
+                                        ("one", 1, "one layer back to back")):
+                    base = None
+                    for (f, name), ts in times.items():
+                        if f != form:
+                            continue
+                        m, spread = summarize([t / per for t in ts])
+                        base = base or m
+                        rows.append((f"fwd T={T} {n_in}->{n_out} (cuda graph, {what})", name, m, m / base, spread))
+                        print(f"T={T:2d} {n_in}->{n_out} {what:34s} {name:24s} {m * 1e3:8.2f} us  {m / base:5.2f}x",
+                              flush=True)
+            del Ws, nf4s, bls
+            torch.cuda.empty_cache()
+
+
 def bench_qlora_mol(gen, rows):
     print("== QLoRA-MoL: NF4 base + E=8 top-2 r=16, fwd+bwd, T=8192, 4096->4096 ==")
     try:
@@ -306,7 +350,7 @@ def bench_qlora_mol(gen, rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-correctness", action="store_true")
-    ap.add_argument("--only", choices=["train", "decode", "qlora"], help="run one benchmark section")
+    ap.add_argument("--only", choices=["train", "decode", "stack", "qlora"], help="run one benchmark section")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_nf4.py needs a CUDA GPU")
@@ -315,7 +359,8 @@ def main():
     rows = []
     if not args.skip_correctness:
         correctness(gen)
-    for name, fn in (("train", bench_train), ("decode", bench_decode), ("qlora", bench_qlora_mol)):
+    for name, fn in (("train", bench_train), ("decode", bench_decode), ("stack", bench_decode_stack),
+                     ("qlora", bench_qlora_mol)):
         if args.only in (None, name):
             fn(gen, rows)
     print("\n| case | variant | time (us) or MiB | ratio to bf16 base | spread of 3 rounds |")
