@@ -25,14 +25,10 @@ from triton.testing import do_bench_cudagraph
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mol.kernels import nf4 as nf4k  # noqa: E402
 from mol.kernels import nf4_mma  # noqa: E402
+from probe_nf4_decode import nf4_bytes  # noqa: E402  (benchmarks/ is the script's dir)
 from mol.quant import dequantize_nf4_reference, quantize_nf4  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
-
-
-def nf4_bytes(p):
-    n = p.codes.numel() + p.absmax.numel() * p.absmax.element_size()
-    return n + (p.nested_absmax.numel() * 4 if p.nested else 0)
 
 
 def paths(T, no_dot=False):

@@ -27,6 +27,7 @@ from triton.testing import do_bench_cudagraph
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mol.kernels import nf4 as nf4k  # noqa: E402
 from mol.kernels import nf4_mma  # noqa: E402
+from probe_nf4_decode import nf4_bytes  # noqa: E402  (benchmarks/ is the script's dir)
 from mol.quant import quantize_nf4  # noqa: E402
 from mol.quant.nf4 import dequantize_nf4_reference  # noqa: E402
 
@@ -35,11 +36,6 @@ DEV = "cuda"
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def nf4_bytes(p):
-    n = p.codes.numel() + p.absmax.numel() * p.absmax.element_size()
-    return n + (p.nested_absmax.numel() * 4 if p.nested else 0)
 
 
 def variants(cfgs, pairs):
