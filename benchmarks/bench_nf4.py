@@ -247,10 +247,11 @@ def bench_decode_stack(gen, rows):
     print(f"== decode forward through a stack of distinct layers (L2 {l2 / 2**20:.0f} MiB) ==")
     with torch.no_grad():
         for n_out, n_in in SHAPES:
-            p0 = quantize_nf4(torch.randn(n_out, n_in, device=DEV, dtype=DT, generator=gen) * 0.02)
-            n_layers = -(-3 * l2 // nf4_bytes(p0))
-            Ws = [torch.randn(n_out, n_in, device=DEV, dtype=DT, generator=gen) * 0.02 for _ in range(n_layers)]
-            nf4s = [NF4Linear(quantize_nf4(W)) for W in Ws]
+            Ws = [torch.randn(n_out, n_in, device=DEV, dtype=DT, generator=gen) * 0.02]
+            nf4s = [NF4Linear(quantize_nf4(Ws[0]))]
+            n_layers = -(-3 * l2 // nf4_bytes(nf4s[0].packed))
+            Ws += [torch.randn(n_out, n_in, device=DEV, dtype=DT, generator=gen) * 0.02 for _ in range(n_layers - 1)]
+            nf4s += [NF4Linear(quantize_nf4(W)) for W in Ws[1:]]
             bls = [bnb_linear(W) for W in Ws] if bnb is not None else None
             print(f"  {n_in}->{n_out}: {n_layers} layers, {n_layers * Ws[0].numel() * 2 / 1e6:.0f} MB bf16, "
                   f"{n_layers * nf4_bytes(nf4s[0].packed) / 1e6:.0f} MB NF4")
