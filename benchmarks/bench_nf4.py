@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from mol.kernels import grouped_lora as gl, nf4_mma  # noqa: E402
 from mol.kernels.nf4 import DOT_CONFIGS, FMA_CONFIGS, nf4_dequantize, nf4_matmul_small  # noqa: E402
 from mol.quant import NF4Linear, dequantize_nf4_reference, quantize_nf4  # noqa: E402
 
@@ -237,6 +238,14 @@ def bench_decode(gen, rows):
             torch.cuda.empty_cache()
 
 
+def decode_choices(n_out, n_in):
+    """The configs NF4Linear's decode tuners have chosen so far for this weight shape, by T bucket: the tuners time
+    one call back to back, and their pick moves a stack row by up to ~20% (configs ranked in RESULTS run 49)."""
+    fma = {k[4]: v[0] for k, v in gl._CHOSEN.items() if k[0] == "nf4_small" and k[2:4] == (n_out, n_in)}
+    mma = {k[-1]: v for k, v in nf4_mma._CHOSEN.items() if k[1] == (n_out, n_in)}
+    return {**{f"T={t} Triton": c for t, c in fma.items()}, **{f"T<={t} Gluon MMA": c for t, c in mma.items()}}
+
+
 def bench_decode_stack(gen, rows):
     """Decode forward as a model runs it: a stack of distinct layers, each weight read once per step, so no weight
     is still in the L2 cache from its previous call (as it is when one layer is replayed back to back, the decode
@@ -277,6 +286,7 @@ def bench_decode_stack(gen, rows):
                         rows.append((f"fwd T={T} {n_in}->{n_out} (cuda graph, {what})", name, m, m / base, spread))
                         print(f"T={T:2d} {n_in}->{n_out} {what:34s} {name:24s} {m * 1e3:8.2f} us  {m / base:5.2f}x",
                               flush=True)
+            print(f"  {n_in}->{n_out} decode configs chosen: {decode_choices(n_out, n_in)}", flush=True)
             del Ws, nf4s, bls
             torch.cuda.empty_cache()
 
