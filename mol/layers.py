@@ -108,10 +108,29 @@ def _linear_shape(base: nn.Module) -> tuple[int, int]:
                         f"transformers' Conv1D), got {type(base).__name__}") from None
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 _PLAIN = (Tensor, nn.Parameter)
+
+
+def dense_weight_blocker(base: nn.Module) -> Optional[str]:
+    """None if a delta can be folded into ``base``'s weight in place, else why not: that needs a plain floating
+    tensor of the layer's own shape, (out, in) or (in, out) for Conv1D. A quantized base holds something else there
+    (NF4Linear packed codes; bitsandbytes' Linear4bit, an nn.Linear subclass, packed uint8 codes; its Linear8bitLt
+    int8 codes of the weight's shape; torchao a tensor subclass), and writing a float delta into it would
+    re-quantize the weight or corrupt its codes."""
+    w = getattr(base, "weight", None)
+    if isinstance(base, nn.Linear) or is_conv1d(base):
+        n_in, n_out = _linear_shape(base)
+        if (type(w) in _PLAIN and w.is_floating_point()
+                and tuple(w.shape) == ((n_in, n_out) if is_conv1d(base) else (n_out, n_in))):
+            return None
+    what = (f"holds a {type(w).__name__} of {w.dtype} {tuple(w.shape)} as its weight, not a full-precision one"
+            if isinstance(w, Tensor) else "is not a full-precision linear layer")
+    return (f"the base {type(base).__name__} {what}; merging into a quantized weight would re-quantize it (or write "
+            "into its codes) and lose the adapter's precision: keep the adapter unmerged, or merge it into the "
+            "full-precision model")
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _tensor_key(t: Optional[Tensor]) -> Optional[tuple]:
@@ -455,10 +474,7 @@ class MoLLinear(AdapterLayer):
             return (f"a token-routed MoL layer (num_experts={self.num_experts}, router={self.router.kind}) applies "
                     "a different mix of experts to every token, so its delta is not one matrix and cannot be merged; "
                     "merge only LoRA (num_experts=1) adapters, or keep this adapter unmerged")
-        if not (isinstance(self.base_layer, nn.Linear) or is_conv1d(self.base_layer)):
-            return (f"the base is {type(self.base_layer).__name__}, not a full-precision nn.Linear; merging into a "
-                    "quantized weight would re-quantize it and lose the adapter's precision: keep it unmerged")
-        return None
+        return dense_weight_blocker(self.base_layer)
 
     def _delta_weight(self) -> Tensor:
         """B A * scaling in the base weight's own layout: (out, in), or (in, out) for a Conv1D base."""

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mol.config import MethodConfig, TargetModules, check_adapter_dtype, register_config
 from mol.inject import is_linear, match_modules, name_matches, register_method, replace_module
-from mol.layers import AdapterLayer, adapter_dtype_for
+from mol.layers import AdapterLayer, adapter_dtype_for, dense_weight_blocker
 from mol.methods._util import check_modules_to_save, check_targets, is_conv1d, model_type
 
 # PEFT's defaults per model type (target_modules, feedforward_modules), as in peft.utils.constants.
@@ -102,9 +102,7 @@ class IA3Linear(AdapterLayer):
         return (y * self.ia3_l).to(y.dtype)
 
     def merge_blocker(self) -> Optional[str]:
-        if getattr(self.base_layer, "is_quantized_linear", False):
-            return "IA³ on a quantized base would re-quantize the weight; keep it unmerged"
-        return None
+        return dense_weight_blocker(self.base_layer)
 
     def _scale_weight(self, s: Tensor) -> None:
         """Multiply the base weight (and, for output scaling, bias) by ``s`` along the scaled axis."""
