@@ -111,23 +111,31 @@ def _linear_shape(base: nn.Module) -> tuple[int, int]:
 _PLAIN = (Tensor, nn.Parameter)
 
 
-def dense_weight_blocker(base: nn.Module) -> Optional[str]:
-    """None if a delta can be folded into ``base``'s weight in place, else why not: that needs a plain floating
-    tensor of the layer's own shape, (out, in) or (in, out) for Conv1D. A quantized base holds something else there
-    (NF4Linear packed codes; bitsandbytes' Linear4bit, an nn.Linear subclass, packed uint8 codes; its Linear8bitLt
-    int8 codes of the weight's shape; torchao a tensor subclass), and writing a float delta into it would
-    re-quantize the weight or corrupt its codes."""
+def not_full_precision(base: nn.Module) -> Optional[str]:
+    """None if ``base`` holds its weight as a plain floating tensor of the layer's own shape, (out, in) or (in, out)
+    for Conv1D, else what it holds instead. A quantized base holds something else there (NF4Linear packed codes;
+    bitsandbytes' Linear4bit, an nn.Linear subclass, packed uint8 codes; its Linear8bitLt int8 codes of the
+    weight's shape; torchao a tensor subclass), which neither a merged delta nor NF4 quantization may be written
+    over."""
     w = getattr(base, "weight", None)
     if isinstance(base, nn.Linear) or is_conv1d(base):
         n_in, n_out = _linear_shape(base)
         if (type(w) in _PLAIN and w.is_floating_point()
                 and tuple(w.shape) == ((n_in, n_out) if is_conv1d(base) else (n_out, n_in))):
             return None
-    what = (f"holds a {type(w).__name__} of {w.dtype} {tuple(w.shape)} as its weight, not a full-precision one"
-            if isinstance(w, Tensor) else "is not a full-precision linear layer")
-    return (f"the base {type(base).__name__} {what}; merging into a quantized weight would re-quantize it (or write "
-            "into its codes) and lose the adapter's precision: keep the adapter unmerged, or merge it into the "
-            "full-precision model")
+    if isinstance(w, Tensor):
+        return (f"the base {type(base).__name__} holds a {type(w).__name__} of {w.dtype} {tuple(w.shape)} as its "
+                "weight, not a full-precision one")
+    return f"the base {type(base).__name__} is not a full-precision linear layer"
+
+
+def dense_weight_blocker(base: nn.Module) -> Optional[str]:
+    """None if a delta can be folded into ``base``'s weight in place, else why not (see not_full_precision):
+    a float delta written into a quantized weight would re-quantize it or corrupt its codes."""
+    what = not_full_precision(base)
+    return None if what is None else (f"{what}; merging into a quantized weight would re-quantize it (or write into "
+                                      "its codes) and lose the adapter's precision: keep the adapter unmerged, or "
+                                      "merge it into the full-precision model")
 
 
 _HALF = (torch.float16, torch.bfloat16)

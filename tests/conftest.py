@@ -65,3 +65,32 @@ def make_tiny_llama(layers: int = 2, hidden: int = 32, vocab: int = 101, dtype=t
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+class Bnb8bitLike(torch.nn.Linear):
+    """bitsandbytes' Linear8bitLt (what transformers' BitsAndBytesConfig(load_in_8bit=True) loads) as mol sees
+    it, for a CPU suite without bitsandbytes: an nn.Linear subclass whose `.weight` holds int8 codes of the
+    weight's own shape (a row scale beside them)."""
+
+    def __init__(self, lin):
+        super().__init__(lin.in_features, lin.out_features, bias=False)
+        scale = lin.weight.detach().abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
+        self.weight = torch.nn.Parameter((lin.weight.detach() / scale).round().to(torch.int8), requires_grad=False)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, (self.weight.float() * self.scale).to(x.dtype))
+
+
+class Bnb4bitLike(torch.nn.Linear):
+    """bitsandbytes' Linear4bit (load_in_4bit=True) as mol sees it: an nn.Linear subclass whose `.weight` holds
+    packed uint8 codes, two per byte, shape (out * in / 2, 1) (the dense weight kept aside here, for the forward)."""
+
+    def __init__(self, lin):
+        super().__init__(lin.in_features, lin.out_features, bias=False)
+        self.register_buffer("dense", lin.weight.detach().clone())
+        self.weight = torch.nn.Parameter(torch.randint(0, 256, (lin.weight.numel() // 2, 1), dtype=torch.uint8),
+                                         requires_grad=False)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.dense.to(x.dtype))

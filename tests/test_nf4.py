@@ -179,6 +179,35 @@ def test_quantize_model_skips_head_and_names():
     assert ((y - ref).norm() / ref.norm()) < 0.15
 
 
+
+@pytest.mark.parametrize("odd", ["8bit", "4bit", "float64"])
+def test_quantize_refuses_a_layer_it_cannot_quantize_before_changing_any(odd):
+    """A layer already quantized by another library (bitsandbytes' nn.Linear subclasses holding codes) or of a dtype
+    NF4 does not take fails the whole call, naming the layer and the way out, before any layer is replaced; and
+    MoLConfig(quantize_base="nf4") fails the same way and leaves the model as it was."""
+    import mol
+    from conftest import Bnb4bitLike, Bnb8bitLike, make_tiny_llama
+    from mol.inject import replace_module
+
+    base = make_tiny_llama(hidden=64)
+    name = "model.layers.1.mlp.up_proj"  # late in module order: the layers before it would be replaced first
+    lin = base.get_submodule(name)
+    if odd == "float64":
+        lin.double()
+    else:
+        replace_module(base, name, (Bnb8bitLike if odd == "8bit" else Bnb4bitLike)(lin))
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    types = {n: type(m) for n, m in base.named_modules()}
+    want = (r"quantized already; load the model in full precision" if odd != "float64"
+            else r"float16, bfloat16 or float32 weights; got torch.float64: cast the model first")
+    for call in (lambda: quantize(base, "nf4"),
+                 lambda: mol.inject(base, mol.MoLConfig(num_experts=2, top_k=1, rank=4, quantize_base="nf4"))):
+        with pytest.raises(TypeError, match=rf"layer '{name}': .*{want}"):
+            call()
+        assert {n: type(m) for n, m in base.named_modules()} == types
+        assert all(torch.equal(base.state_dict()[k], v) for k, v in state.items())
+
+
 # ---------------------------------------------------------------- bitsandbytes checkpoint format
 
 def test_bnb_state_dict_round_trip_and_safetensors():

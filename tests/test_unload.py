@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import mol
-from conftest import make_tiny_llama
+from conftest import Bnb4bitLike, Bnb8bitLike, make_tiny_llama
 from mol.layers import AdapterLayer
 
 
@@ -131,34 +131,6 @@ def test_a_qlora_adapter_merges_into_the_full_precision_base(tmp_path):
         mol.merge_and_unload(qlora)
 
 
-class _Int8Linear(torch.nn.Linear):
-    """bitsandbytes' Linear8bitLt as mol sees it: an nn.Linear subclass whose `.weight` holds int8 codes of the
-    weight's own shape (a row scale beside them)."""
-
-    def __init__(self, lin):
-        super().__init__(lin.in_features, lin.out_features, bias=False)
-        scale = lin.weight.detach().abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
-        self.weight = torch.nn.Parameter((lin.weight.detach() / scale).round().to(torch.int8), requires_grad=False)
-        self.register_buffer("scale", scale)
-
-    def forward(self, x):
-        return torch.nn.functional.linear(x, (self.weight.float() * self.scale).to(x.dtype))
-
-
-class _Packed4bitLinear(torch.nn.Linear):
-    """bitsandbytes' Linear4bit as mol sees it: an nn.Linear subclass whose `.weight` holds packed uint8 codes,
-    two per byte, shape (out * in / 2, 1) (the dense weight kept aside here, for the forward)."""
-
-    def __init__(self, lin):
-        super().__init__(lin.in_features, lin.out_features, bias=False)
-        self.register_buffer("dense", lin.weight.detach().clone())
-        self.weight = torch.nn.Parameter(torch.randint(0, 256, (lin.weight.numel() // 2, 1), dtype=torch.uint8),
-                                         requires_grad=False)
-
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.dense.to(x.dtype))
-
-
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_adapters_on_other_libraries_quantized_linears_refuse_to_merge_and_change_nothing(method):
     """A model loaded 8- or 4-bit through transformers' BitsAndBytesConfig holds bitsandbytes' Linear8bitLt /
@@ -170,9 +142,9 @@ def test_adapters_on_other_libraries_quantized_linears_refuse_to_merge_and_chang
     base = make_tiny_llama()
     for name, mod in list(base.named_modules()):
         if name.endswith(("q_proj", "k_proj")):
-            replace_module(base, name, _Int8Linear(mod))
+            replace_module(base, name, Bnb8bitLike(mod))
         elif name.endswith(("v_proj", "up_proj")):
-            replace_module(base, name, _Packed4bitLinear(mod))
+            replace_module(base, name, Bnb4bitLike(mod))
     # the 4-bit layers come after a plain one and an 8-bit one in module order: a check made layer by layer while
     # merging would have changed those before failing
     targets = ["o_proj", "q_proj", "v_proj", "k_proj", "up_proj"]
@@ -185,7 +157,7 @@ def test_adapters_on_other_libraries_quantized_linears_refuse_to_merge_and_chang
     assert (adapted - _logits(base, ids)).abs().max() > 1e-3  # the adapters run on these bases
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for fn in (mol.merge, mol.merge_and_unload):
-        with pytest.raises(ValueError, match=r"cannot merge .*q_proj.*Int8Linear holds a Parameter of torch.int8"):
+        with pytest.raises(ValueError, match=r"cannot merge .*q_proj.*Bnb8bitLike holds a Parameter of torch.int8"):
             fn(model)
         after = model.state_dict()
         assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
@@ -195,5 +167,5 @@ def test_adapters_on_other_libraries_quantized_linears_refuse_to_merge_and_chang
     packed = ["v_proj", "up_proj"]
     only_4bit = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=packed) if method == "lora"
                            else mol.IA3Config(target_modules=packed, feedforward_modules=["up_proj"]))
-    with pytest.raises(ValueError, match=r"_Packed4bitLinear holds a Parameter of torch.uint8 \(\d+, 1\)"):
+    with pytest.raises(ValueError, match=r"Bnb4bitLike holds a Parameter of torch.uint8 \(\d+, 1\)"):
         mol.merge_and_unload(only_4bit)

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from mol import dispatch
 from mol.inject import name_matches, replace_module
+from mol.layers import not_full_precision
 
-from .nf4 import NF4Weight, dequantize_nf4, from_bnb_tensors, quantize_nf4, to_bnb_tensors, _QS_PREFIX
+from .nf4 import (NF4Weight, SUPPORTED_DTYPES, dequantize_nf4, from_bnb_tensors, quantize_nf4, to_bnb_tensors,
+                  _QS_PREFIX)
 
 
 def _use_small_kernel(x2d: torch.Tensor, packed: NF4Weight, fused_decode: bool, backend: str) -> bool:
@@ -196,6 +198,15 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
         head = get_head()
     targets = [(n, m) for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and m is not head and not _skip_match(n, skip)]
+    for name, lin in targets:  # all checked before any layer changes: an error leaves the model as it was
+        what = not_full_precision(lin)
+        if what is not None:
+            raise TypeError(f"quantize: layer {name!r}: {what}, so it is quantized already; load the model in full "
+                            "precision to put it in NF4, or inject without quantize_base to train adapters on its "
+                            "own quantization")
+        if lin.weight.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"quantize: layer {name!r}: NF4 quantizes float16, bfloat16 or float32 weights; got "
+                            f"{lin.weight.dtype}: cast the model first, e.g. model.float()")
     for name, lin in targets:
         try:
             q = NF4Linear.from_linear(lin, blocksize, nested_blocksize, backend=backend)
