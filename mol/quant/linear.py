@@ -202,8 +202,8 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
         what = not_full_precision(lin)
         if what is not None:
             raise TypeError(f"quantize: layer {name!r}: {what}, so it is quantized already; load the model in full "
-                            "precision to put it in NF4, or inject without quantize_base to train adapters on its "
-                            "own quantization")
+                            "precision to put it in NF4, or keep its own quantization: inject without quantize_base "
+                            "(mol.load_adapter(..., quantize_base=False))")
         if lin.weight.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"quantize: layer {name!r}: NF4 quantizes float16, bfloat16 or float32 weights; got "
                             f"{lin.weight.dtype}: cast the model first, e.g. model.float()")
