@@ -179,7 +179,6 @@ def test_quantize_model_skips_head_and_names():
     assert ((y - ref).norm() / ref.norm()) < 0.15
 
 
-
 @pytest.mark.parametrize("odd", ["8bit", "4bit", "float64"])
 def test_quantize_refuses_a_layer_it_cannot_quantize_before_changing_any(odd):
     """A layer already quantized by another library (bitsandbytes' nn.Linear subclasses holding codes) or of a dtype

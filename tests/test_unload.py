@@ -145,8 +145,8 @@ def test_adapters_on_other_libraries_quantized_linears_refuse_to_merge_and_chang
             replace_module(base, name, Bnb8bitLike(mod))
         elif name.endswith(("v_proj", "up_proj")):
             replace_module(base, name, Bnb4bitLike(mod))
-    # the 4-bit layers come after a plain one and an 8-bit one in module order: a check made layer by layer while
-    # merging would have changed those before failing
+    # in module order the 8-bit q_proj and k_proj come before the 4-bit v_proj: merged layer by layer, as the old
+    # check let them be, they were corrupted before the merge failed there
     targets = ["o_proj", "q_proj", "v_proj", "k_proj", "up_proj"]
     cfg = (mol.LoRAConfig(rank=4, target_modules=targets) if method == "lora"
            else mol.IA3Config(target_modules=targets, feedforward_modules=["up_proj"]))
