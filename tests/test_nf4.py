@@ -205,6 +205,8 @@ def test_quantize_refuses_a_layer_it_cannot_quantize_before_changing_any(odd):
             call()
         assert {n: type(m) for n, m in base.named_modules()} == types
         assert all(torch.equal(base.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(TypeError, match=want):  # the layer alone says the same
+        NF4Linear.from_linear(base.get_submodule(name))
 
 
 # ---------------------------------------------------------------- bitsandbytes checkpoint format

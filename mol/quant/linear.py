@@ -134,6 +134,7 @@ class NF4Linear(nn.Module):
         """Quantize an nn.Linear (its weight on its own device) into an NF4Linear."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"NF4Linear.from_linear expects nn.Linear, got {type(linear).__name__}")
+        _check_quantizable(linear)
         packed = quantize_nf4(linear.weight.data, blocksize, nested_blocksize, double_quant)
         return cls(packed, linear.bias.data if linear.bias is not None else None, backend)
 
@@ -198,22 +199,32 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
         head = get_head()
     targets = [(n, m) for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and m is not head and not _skip_match(n, skip)]
-    for name, lin in targets:  # all checked before any layer changes: an error leaves the model as it was
-        what = not_full_precision(lin)
-        if what is not None:
-            raise TypeError(f"quantize: layer {name!r}: {what}, so it is quantized already; load the model in full "
-                            "precision to put it in NF4, or keep its own quantization: inject without quantize_base "
-                            "(mol.load_adapter(..., quantize_base=False))")
-        if lin.weight.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"quantize: layer {name!r}: NF4 quantizes float16, bfloat16 or float32 weights; got "
-                            f"{lin.weight.dtype}: cast the model first, e.g. model.float()")
+    for name, lin in targets:  # every layer checked before any changes: an error leaves the model as it was
+        _naming_layer(name, _check_quantizable, lin)
     for name, lin in targets:
-        try:
-            q = NF4Linear.from_linear(lin, blocksize, nested_blocksize, backend=backend)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"quantize: layer {name!r}: {e}") from e
-        replace_module(model, name, q)
+        replace_module(model, name, _naming_layer(name, NF4Linear.from_linear, lin, blocksize, nested_blocksize,
+                                                  backend=backend))
     return model
+
+
+def _naming_layer(name: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs), its ValueError / TypeError prefixed with the layer's name."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"quantize: layer {name!r}: {e}") from e
+
+
+def _check_quantizable(linear: nn.Linear) -> None:
+    """Raise TypeError, naming the way out, where NF4Linear.from_linear cannot quantize this layer's weight."""
+    what = not_full_precision(linear)
+    if what is not None:
+        raise TypeError(f"{what}, so it is quantized already; load the model in full precision to put it in NF4, or "
+                        "keep its own quantization: inject without quantize_base (mol.load_adapter(..., "
+                        "quantize_base=False))")
+    if linear.weight.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"NF4 quantizes float16, bfloat16 or float32 weights; got {linear.weight.dtype}: cast the "
+                        "model first, e.g. model.float()")
 
 
 def load_bnb_4bit(model: nn.Module, state_dict: dict[str, torch.Tensor], backend: str = "auto") -> list[str]:
