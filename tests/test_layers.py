@@ -236,6 +236,30 @@ def test_triton_fused_and_unfused_base_paths_match_reference(dropout):
     assert rel(x.grad, g_t[0]) < 1e-4 and rel(layer.lora_A.grad, g_t[1]) < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_triton_backend_over_a_bitsandbytes_style_base_matches_reference(kind):
+    """A base that subclasses nn.Linear but holds codes as its weight (bitsandbytes' Linear8bitLt / Linear4bit, as
+    transformers loads them, which README says take adapters as they are): the fused path runs it as a module and
+    the experts add to its output, the same function, and gradients, as the reference path's."""
+    pytest.importorskip("triton")
+    from conftest import Bnb4bitLike, Bnb8bitLike
+
+    torch.manual_seed(0)
+    base = (Bnb8bitLike if kind == "8bit" else Bnb4bitLike)(torch.nn.Linear(40, 24, bias=False))
+    layer = MoLLinear(base, num_experts=4, top_k=2, rank=3)
+    torch.nn.init.normal_(layer.lora_B, std=0.5)
+    x = torch.randn(7, 40, requires_grad=True)
+    grads = {}
+    for backend in ("torch", "triton"):
+        layer.backend = backend
+        y = layer(x)
+        dx, dA, dB = torch.autograd.grad(y.square().sum() + layer.aux_loss(), (x, layer.lora_A, layer.lora_B))
+        grads[backend] = (y, dx, dA, dB)
+    for got, want in zip(grads["triton"], grads["torch"]):
+        assert rel(got, want) < 1e-4
+    assert rel(grads["torch"][0], base(x)) > 1e-2  # the experts contribute
+
+
 def test_adapters_follow_a_quantized_base_dtype():
     """An NF4 base has no float weight: the experts take its compute dtype and device, not float32."""
     from mol.quant import NF4Linear
