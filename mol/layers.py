@@ -160,14 +160,28 @@ def adapter_dtype_for(choice: Union[None, str, torch.dtype], base_dtype: torch.d
     return dtype
 
 
-def _base_dtype_device(base: nn.Module) -> tuple[torch.dtype, Optional[torch.device]]:
-    """The compute dtype and device adapters should take: a float weight's, else (quantized bases, whose
-    weight is packed codes) their ``weight_dtype`` and the device their buffers live on."""
+def base_compute_dtype(base: nn.Module) -> torch.dtype:
+    """The float dtype a base layer computes in, for tensors trained beside it: a float weight's dtype; for a
+    quantized base, whose weight holds codes, the dtype it dequantizes to (NF4Linear's ``weight_dtype``;
+    bitsandbytes' Linear4bit ``compute_dtype``, else the dtype its ``quant_state`` was quantized from), else its
+    bias's; float32 if nothing says."""
     weight = getattr(base, "weight", None)
     if isinstance(weight, Tensor) and weight.is_floating_point():
-        return weight.dtype, weight.device
+        return weight.dtype
+    bias = getattr(base, "bias", None)
+    for dtype in (getattr(base, "weight_dtype", None), getattr(base, "compute_dtype", None),
+                  getattr(getattr(weight, "quant_state", None), "dtype", None),
+                  bias.dtype if isinstance(bias, Tensor) else None):
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+    return torch.float32
+
+
+def _base_dtype_device(base: nn.Module) -> tuple[torch.dtype, Optional[torch.device]]:
+    """The compute dtype (base_compute_dtype) and device adapters should take: the device the base's tensors
+    live on."""
     tensor = next(iter([*base.parameters(), *base.buffers()]), None)
-    return getattr(base, "weight_dtype", torch.float32), (tensor.device if tensor is not None else None)
+    return base_compute_dtype(base), (tensor.device if tensor is not None else None)
 
 
 def _check_graph_tokens(graph_tokens: int, graph_inference_tokens: int, num_experts: int, backend: str,

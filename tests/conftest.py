@@ -1,6 +1,7 @@
 """Shared fixtures: tiny Hugging Face models built from configs (no download), fresh seeds per test."""
 
 import os
+import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -84,13 +85,20 @@ class Bnb8bitLike(torch.nn.Linear):
 
 class Bnb4bitLike(torch.nn.Linear):
     """bitsandbytes' Linear4bit (load_in_4bit=True) as mol sees it: an nn.Linear subclass whose `.weight` holds
-    packed uint8 codes, two per byte, shape (out * in / 2, 1) (the dense weight kept aside here, for the forward)."""
+    packed uint8 codes, two per byte, shape (out * in / 2, 1) (the dense weight kept aside here, for the forward),
+    with Linear4bit's ``compute_dtype`` (None until bitsandbytes' first forward unless the loader set it) and the
+    weight's ``quant_state.dtype``, the dtype the codes were quantized from."""
 
-    def __init__(self, lin):
-        super().__init__(lin.in_features, lin.out_features, bias=False)
+    def __init__(self, lin, compute_dtype=None):
+        super().__init__(lin.in_features, lin.out_features, bias=lin.bias is not None)
         self.register_buffer("dense", lin.weight.detach().clone())
         self.weight = torch.nn.Parameter(torch.randint(0, 256, (lin.weight.numel() // 2, 1), dtype=torch.uint8),
                                          requires_grad=False)
+        self.weight.quant_state = types.SimpleNamespace(dtype=lin.weight.dtype)
+        if lin.bias is not None:
+            self.bias = torch.nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        self.compute_dtype = compute_dtype
 
     def forward(self, x):
-        return torch.nn.functional.linear(x, self.dense.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.dense.to(x.dtype), bias)

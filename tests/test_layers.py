@@ -271,6 +271,38 @@ def test_adapters_follow_a_quantized_base_dtype():
     assert layer(torch.randn(3, 128, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("case", ["4bit compute_dtype", "4bit quant_state", "8bit bias"])
+def test_adapters_follow_a_bitsandbytes_base_dtype(case):
+    """bitsandbytes' layers hold codes as their weight: "base" adapters, IA³ vectors and BitFit biases take the
+    dtype the layer computes in (Linear4bit's compute_dtype, else the dtype its quant_state came from, else the
+    bias's), as on an NF4Linear; "auto" stays float32 on a 16-bit base, as PEFT's."""
+    from conftest import Bnb4bitLike, Bnb8bitLike
+
+    import mol
+    from mol.layers import base_compute_dtype
+    from mol.methods.bitfit import BitFitConfig
+    from mol.methods.ia3 import IA3Linear
+
+    lin = torch.nn.Linear(32, 16, bias=case == "8bit bias")
+    if case == "4bit compute_dtype":  # loaded from float32 weights, computing in bf16
+        base, want = Bnb4bitLike(lin, compute_dtype=torch.bfloat16), torch.bfloat16
+    elif case == "4bit quant_state":  # compute_dtype not set yet: the dtype the codes came from
+        base, want = Bnb4bitLike(lin.to(torch.float16)), torch.float16
+    else:
+        base, want = Bnb8bitLike(lin), torch.bfloat16
+        base.bias = torch.nn.Parameter(lin.bias.detach().to(torch.bfloat16), requires_grad=False)
+    assert base_compute_dtype(base) == want
+    layer = MoLLinear(base, num_experts=2, top_k=1, rank=4, adapter_dtype="base")
+    assert layer.lora_A.dtype == layer.lora_B.dtype == want
+    layer = MoLLinear(base, num_experts=2, top_k=1, rank=4, adapter_dtype="auto")
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    assert IA3Linear(base, feedforward=False, adapter_dtype="base").ia3_l.dtype == want
+    if case != "8bit bias":
+        model = torch.nn.Sequential(base)
+        mol.inject(model, BitFitConfig(target_modules=["0"]))
+        assert base.bias.dtype == want and base.bias.requires_grad
+
+
 @pytest.mark.parametrize("own_kernel", [False, True])
 def test_triton_backend_over_an_nf4_base_matches_reference(own_kernel, monkeypatch):
     """QLoRA-MoL on the fused path: the NF4 base is dequantized inside the fused function (once in forward, once

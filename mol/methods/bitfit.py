@@ -14,6 +14,7 @@ from torch import nn
 
 from mol.config import MethodConfig, TargetModules, register_config
 from mol.inject import is_linear, match_modules, register_method
+from mol.layers import base_compute_dtype
 from mol.methods._util import check_modules_to_save, check_targets, is_conv1d
 
 
@@ -54,8 +55,7 @@ def _inject_bitfit(model: nn.Module, cfg: BitFitConfig) -> list[str]:
         if getattr(layer, "bias", None) is None:
             ref = next(iter(layer.parameters()), None)
             device = ref.device if ref is not None else next(iter(layer.buffers())).device
-            dtype = ref.dtype if ref is not None and ref.dtype.is_floating_point else getattr(
-                layer, "weight_dtype", torch.float32)
+            dtype = base_compute_dtype(layer)
             # nn.Linear, Conv1D and NF4Linear all add ``self.bias`` when it is not None.
             layer.bias = nn.Parameter(torch.zeros(_out_features(layer), device=device, dtype=dtype))
         trainable.append(f"{name}.bias")

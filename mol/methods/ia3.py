@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mol.config import MethodConfig, TargetModules, check_adapter_dtype, register_config
 from mol.inject import is_linear, match_modules, name_matches, register_method, replace_module
-from mol.layers import AdapterLayer, adapter_dtype_for, dense_weight_blocker
+from mol.layers import AdapterLayer, adapter_dtype_for, base_compute_dtype, dense_weight_blocker
 from mol.methods._util import check_modules_to_save, check_targets, is_conv1d, model_type
 
 # PEFT's defaults per model type (target_modules, feedforward_modules), as in peft.utils.constants.
@@ -41,11 +41,8 @@ def _io_features(base: nn.Module) -> tuple[int, int]:
 
 def _param_like(base: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and float dtype for a new tensor beside ``base`` (NF4 bases keep codes, not a float weight)."""
-    w = getattr(base, "weight", None)
-    if isinstance(w, Tensor) and w.dtype.is_floating_point:
-        return w.device, w.dtype
-    t = next(iter(base.buffers()), None)
-    return (t.device if t is not None else torch.device("cpu")), getattr(base, "weight_dtype", torch.float32)
+    t = next(iter([*base.parameters(), *base.buffers()]), None)
+    return (t.device if t is not None else torch.device("cpu")), base_compute_dtype(base)
 
 
 @register_config
