@@ -179,14 +179,6 @@ def bench_train(gen, rows):
         torch.cuda.empty_cache()
 
 
-def nf4_bytes(p):
-    """Bytes a fused decode kernel must read: codes, absmax (uint8 when nested) and the nested absmax."""
-    n = p.codes.numel() * p.codes.element_size() + p.absmax.numel() * p.absmax.element_size()
-    if p.nested:
-        n += p.nested_absmax.numel() * p.nested_absmax.element_size()
-    return n
-
-
 def bench_decode(gen, rows):
     """Decode forward: the bf16 base, NF4Linear's default (dequantize + cuBLAS), and the fused small-T kernel through
     NF4Linear(fused_decode=True) (autotuned) and through nf4_matmul_small with each of its configs (CUDA graph
@@ -202,7 +194,7 @@ def bench_decode(gen, rows):
             p = nf4.packed
             fused = NF4Linear(p)
             fused.fused_decode = True
-            nbytes = nf4_bytes(p)
+            nbytes = p.storage_bits() // 8
             print(f"  {n_in}->{n_out}: {nbytes / 1e6:.2f} MB of NF4 (bf16 weight {W.numel() * 2 / 1e6:.2f} MB)")
             bl = bnb_linear(W) if bnb is not None else None
             for T in (1, 2, 16):
@@ -259,12 +251,12 @@ def bench_decode_stack(gen, rows):
         for n_out, n_in in SHAPES:
             Ws = [torch.randn(n_out, n_in, device=DEV, dtype=DT, generator=gen) * 0.02]
             nf4s = [NF4Linear(quantize_nf4(Ws[0]))]
-            n_layers = -(-3 * l2 // nf4_bytes(nf4s[0].packed))
+            n_layers = -(-3 * l2 // (nf4s[0].packed.storage_bits() // 8))
             Ws += [torch.randn(n_out, n_in, device=DEV, dtype=DT, generator=gen) * 0.02 for _ in range(n_layers - 1)]
             nf4s += [NF4Linear(quantize_nf4(W)) for W in Ws[1:]]
             bls = [bnb_linear(W) for W in Ws] if bnb is not None else None
             print(f"  {n_in}->{n_out}: {n_layers} layers, {n_layers * Ws[0].numel() * 2 / 1e6:.0f} MB bf16, "
-                  f"{n_layers * nf4_bytes(nf4s[0].packed) / 1e6:.0f} MB NF4")
+                  f"{n_layers * (nf4s[0].packed.storage_bits() // 8) / 1e6:.0f} MB NF4")
             for T in (1, 2, 16):
                 x = torch.randn(T, n_in, device=DEV, dtype=DT, generator=gen)
                 # the stacks, and their first layer alone replayed back to back, timed in the same rounds

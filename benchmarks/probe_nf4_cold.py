@@ -25,7 +25,6 @@ from triton.testing import do_bench_cudagraph
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mol.kernels import nf4 as nf4k  # noqa: E402
 from mol.kernels import nf4_mma  # noqa: E402
-from probe_nf4_decode import nf4_bytes  # noqa: E402  (benchmarks/ is the script's dir)
 from mol.quant import dequantize_nf4_reference, quantize_nf4  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
@@ -74,7 +73,7 @@ def main():
             n_out, n_in = map(int, shape.split("x"))
             Ws = [torch.randn(n_out, n_in, device=DEV, dtype=DT, generator=gen) * 0.02]
             ps = [quantize_nf4(Ws[0])]
-            n_layers = -(-3 * l2 // nf4_bytes(ps[0]))
+            n_layers = -(-3 * l2 // (ps[0].storage_bits() // 8))
             Ws += [torch.randn(n_out, n_in, device=DEV, dtype=DT, generator=gen) * 0.02 for _ in range(n_layers - 1)]
             ps += [quantize_nf4(W) for W in Ws[1:]]
             for T in args.ts:
@@ -105,7 +104,8 @@ def main():
                                                                   key=lambda n: med[n][k]))} for k in ("one",
                                                                                                        "stack",
                                                                                                        "flush")}
-                print(f"\n{n_in}->{n_out} T={T}: {n_layers} layers in the stack, {nf4_bytes(ps[0]) / 1e6:.2f} MB "
+                print(f"\n{n_in}->{n_out} T={T}: {n_layers} layers in the stack, "
+                      f"{ps[0].storage_bits() / 8e6:.2f} MB "
                       f"NF4 each; the read of 2x L2 alone {f0:.2f} us")
                 print("| config | one us (rank) | stack us (rank) | flush us (rank) | stack / bf16 stack |")
                 print("| --- | --- | --- | --- | --- |")

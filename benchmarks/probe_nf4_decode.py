@@ -30,11 +30,6 @@ from mol.quant.nf4 import dequantize_nf4_reference  # noqa: E402
 DEV, DT = "cuda", torch.bfloat16
 
 
-def nf4_bytes(p):
-    n = p.codes.numel() + p.absmax.numel() * p.absmax.element_size()
-    return n + (p.nested_absmax.numel() * 4 if p.nested else 0)
-
-
 def grid_configs(T, quick, luts, max_words=16, stages=None, min_words=1):
     out = []
     if T <= nf4k.SMALL_FMA_MAX_T:
@@ -89,7 +84,7 @@ def main():
         p = quantize_nf4(W)
         x = torch.randn(T, n_in, device=DEV, dtype=DT, generator=gen)
         ref = x.double() @ dequantize_nf4_reference(p, torch.float64).T
-        nbytes = nf4_bytes(p)
+        nbytes = p.storage_bits() // 8
         if args.library_configs:
             configs = [dict(c, LUT=lut) for lut in args.lut
                        for c in (nf4k.FMA_CONFIGS if T <= nf4k.SMALL_FMA_MAX_T else nf4k.DOT_CONFIGS)]

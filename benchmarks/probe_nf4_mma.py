@@ -27,7 +27,6 @@ from triton.testing import do_bench_cudagraph
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mol.kernels import nf4 as nf4k  # noqa: E402
 from mol.kernels import nf4_mma  # noqa: E402
-from probe_nf4_decode import nf4_bytes  # noqa: E402  (benchmarks/ is the script's dir)
 from mol.quant import quantize_nf4  # noqa: E402
 from mol.quant.nf4 import dequantize_nf4_reference  # noqa: E402
 
@@ -123,7 +122,7 @@ def bench(quick, top, full, pairs=False, ts=None):
             nxt = "; ".join(f"{name(c)} {tm * 1e3:.1f}" for tm, c in times[1:1 + top])
             print(f"| {n}x{k} | {t} | {base * 1e3:.2f} | {tri * 1e3:.2f} ({tri / base:.2f}x) | "
                   f"**{best * 1e3:.2f} ({best / base:.2f}x)** | {name(cfg)} | "
-                  f"{nf4_bytes(p) / best / 1e6:.0f} | {nxt} |", flush=True)
+                  f"{(p.storage_bits() // 8) / best / 1e6:.0f} | {nxt} |", flush=True)
 
 
 def main():
