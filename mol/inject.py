@@ -123,10 +123,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _quantize_base(model: nn.Module, config: MethodConfig) -> None:
+    """QLoRA: the model's linears to NF4, but for the modules this config (or an earlier inject's) trains whole."""
     if getattr(config, "quantize_base", None) == "nf4":
         from mol.quant import quantize  # deferred: the NF4 code is only needed for QLoRA
 
-        quantize(model, "nf4")
+        keep = [n for c in [*getattr(model, "mol_configs", []), config] for n in getattr(c, "modules_to_save", [])]
+        quantize(model, "nf4", skip=keep)
 
 
 _POSITIONAL: dict[Any, list[str]] = {}  # forward function -> its positional parameter names
@@ -242,6 +244,34 @@ def _inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     return _inject_mol(model, config.to_mol())
 
 
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module) -> Iterator[nn.Module]:
+    """A block that changes ``model``'s structure (inject, load_adapter, import_peft, load_bnb_4bit): if it raises,
+    every module of the model as it was is put back as it was (its children, parameters, buffers, hooks and other
+    attributes) and every parameter's ``requires_grad``, so a failed call leaves the model as it found it and a
+    corrected call can follow. Tensor values written in place are not undone: such writes come after the checks.
+    The original modules stay referenced until the block ends (a quantized base frees its full-precision layers
+    then, not layer by layer)."""
+    saved = []
+    for module in model.modules():
+        state = dict(module.__dict__)
+        # the inner dicts (_modules, _parameters, _buffers, hooks) are changed in place: keep their contents too
+        saved.append((module, state, {k: dict(v) for k, v in state.items() if isinstance(v, dict)}))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield model
+    except BaseException:
+        for module, state, inner in saved:
+            module.__dict__.clear()
+            module.__dict__.update(state)
+            for key, contents in inner.items():
+                state[key].clear()
+                state[key].update(contents)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
 def inject(model: nn.Module, config: Union[MethodConfig, Sequence[MethodConfig]]) -> nn.Module:
     """Apply one method config (or several, e.g. MoL on the MLP plus prefix tuning) to ``model`` in place.
 
@@ -256,10 +286,20 @@ def inject(model: nn.Module, config: Union[MethodConfig, Sequence[MethodConfig]]
                             f"known: {sorted(c.__name__ for c in _METHODS)}")
         cfg.validate()
 
+    with all_or_nothing(model):
+        _apply(model, configs)
+    return model
+
+
+def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:
+    """inject's changes, made inside all_or_nothing: a method or check that fails undoes the methods before it."""
+
     # Tracked as tensors, not names: a later method may wrap a layer an earlier one adapted (MoL around a BitFit
     # layer moves its bias to ``<layer>.base_layer.bias``); the names are read back once every method has run.
+    # Every name of a tied tensor is looked up (modules_to_save=["lm_head"] on a model whose head shares the input
+    # embedding's weight trains that one tensor, saved under its first name).
     def tensors(names: list[str]) -> list[Tensor]:
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))
         missing = [n for n in names if n not in params]
         if missing:
             raise RuntimeError(f"internal error: method reported trainable tensor {missing[0]!r} that the model lacks")
@@ -289,7 +329,6 @@ def inject(model: nn.Module, config: Union[MethodConfig, Sequence[MethodConfig]]
         params[n].requires_grad_(True)
     model.mol_configs = list(getattr(model, "mol_configs", [])) + configs
     model.mol_trainable = trainable
-    return model
 
 
 def adapter_layers(model: nn.Module) -> Iterable[tuple[str, AdapterLayer]]:

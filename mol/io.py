@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MoLConfig, config_from_dict
-from mol.inject import adapter_layers, inject, name_matches
+from mol.inject import adapter_layers, all_or_nothing, inject, name_matches
 from mol.layers import MoLLinear, is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
@@ -47,13 +47,13 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic_write(path, write)
+def _json_text(obj: Any, who: str) -> str:
+    try:
+        return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{who}: the adapter config holds a value JSON cannot store ({e}); give config fields plain "
+                        "Python values (str, int, float, list, dict; e.g. OmegaConf.to_container(...) for a "
+                        "Hydra list, float(x) for a numpy number). Nothing was written") from None
 
 
 def _write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
@@ -127,8 +127,10 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
         "base_model_name_or_path": _base_model_name(model),
         "configs": [c.to_dict() for c in model.mol_configs],
     }
+    # serialized before anything is written: a config JSON cannot hold fails here, not beside new tensors
+    text = _json_text(config, "save_adapter")
     _write_tensors(out / WEIGHTS_NAME, adapter_state_dict(model), {"format": FORMAT})
-    _write_json(out / CONFIG_NAME, config)
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return out
 
 
@@ -136,10 +138,19 @@ def read_adapter_configs(directory: PathLike) -> list:
     """The method configs saved in an adapter directory."""
     path = Path(directory) / CONFIG_NAME
     raw = _read_json(path, "point load_adapter at a directory written by mol.save_adapter")
-    if raw.get("format") != FORMAT:
-        hint = " (it looks like a PEFT adapter: use mol.import_peft)" if "peft_type" in raw else ""
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        hint = " (it looks like a PEFT adapter: use mol.import_peft)" if isinstance(raw, dict) and "peft_type" in raw \
+            else ""
         raise ValueError(f"{path} is not a mol adapter config{hint}")
-    return [config_from_dict(c) for c in raw["configs"]]
+    version = raw.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {version!r}; this mol reads version {FORMAT_VERSION} or "
+                         "older: upgrade mol to load it")
+    configs = raw.get("configs")
+    if not isinstance(configs, list) or not configs or not all(isinstance(c, dict) for c in configs):
+        raise ValueError(f"{path}: 'configs' must be a non-empty list of method configs (JSON objects), got "
+                         f"{json.dumps(configs)[:80]}; the file is damaged: save the adapter again")
+    return [config_from_dict(c) for c in configs]
 
 
 def _check_and_copy(model: nn.Module, tensors: dict[str, Tensor], expected: dict[str, Tensor], source: Path) -> None:
@@ -178,9 +189,14 @@ def load_adapter(model: nn.Module, directory: PathLike, quantize_base: bool = Tr
         if have != [c.adapter_dict() for c in configs]:
             raise ValueError(f"the model already carries a different adapter ({have}) than {directory} "
                              f"({[c.adapter_dict() for c in configs]}); load into a fresh base model")
-    else:
-        inject(model, configs)
-    _check_and_copy(model, tensors, adapter_state_dict(model), directory / WEIGHTS_NAME)
+        for layer_name, layer in adapter_layers(model):
+            if layer.merged:  # new tensors under a merged delta: unmerging would subtract the wrong one
+                raise ValueError(f"{layer_name} is merged into its base weight; call mol.unmerge(model) before "
+                                 "loading another adapter into it")
+    with all_or_nothing(model):  # a file that does not fit leaves a fresh model fresh
+        if not getattr(model, "mol_configs", None):
+            inject(model, configs)
+        _check_and_copy(model, tensors, adapter_state_dict(model), directory / WEIGHTS_NAME)
     return model
 
 
@@ -336,8 +352,9 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
         "alpha_pattern": dict(cfg.alpha_pattern),
         "inference_mode": True,
     }
+    text = _json_text(peft_config, "export_peft")
     _write_tensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
-    _write_json(out / CONFIG_NAME, peft_config)
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return out
 
 
@@ -396,7 +413,6 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
     )
     if getattr(model, "mol_configs", None):
         raise ValueError("import_peft needs a model without an adapter; load into a fresh base model")
-    inject(model, cfg)
     renamed: dict[str, Tensor] = {}
     for key, value in tensors.items():
         name = key.removeprefix(PEFT_PREFIX)
@@ -406,5 +422,7 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
                 name = f"{name[: -len(suffix)]}.{part}"
                 value = value[None]  # PEFT's (r, in) / (out, r) -> our one-expert (1, r, in) / (1, out, r)
         renamed[name] = value
-    _check_and_copy(model, renamed, adapter_state_dict(model), source)
+    with all_or_nothing(model):  # an adapter that does not fit leaves the model without one
+        inject(model, cfg)
+        _check_and_copy(model, renamed, adapter_state_dict(model), source)
     return model

@@ -181,3 +181,107 @@ def test_aux_loss_collects_every_routed_layer():
     assert mol.aux_loss(model).item() == 0.0 and mol.routing_stats(model) == {}
     assert mol.aux_loss(model, device="meta").device.type == "meta"
     assert all(m.aux_loss() is None for m in layers)
+
+
+def _structure(model):
+    """What a failed call must leave as it was: module types by name, parameters' identities and flags, hooks."""
+    return ([(n, type(m).__name__) for n, m in model.named_modules()],
+            [(n, id(p), p.requires_grad) for n, p in model.named_parameters()],
+            [(n, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()],
+            getattr(model, "mol_configs", None))
+
+
+def test_failed_load_into_a_fresh_model_leaves_it_fresh(tmp_path):
+    """load_adapter injects before it reads the tensors: a file that does not fit must undo that injection, so the
+    same model takes the right adapter next."""
+    mol.save_adapter(mol.inject(make_tiny_llama(hidden=48), mol.MoLConfig(rank=4, num_experts=2, top_k=1)),
+                     tmp_path / "wide")
+    base = make_tiny_llama()
+    model = copy.deepcopy(base)
+    before = _structure(model)
+    with pytest.raises(ValueError, match="has shape"):
+        mol.load_adapter(model, tmp_path / "wide")
+    assert _structure(model) == before
+    good = mol.inject(copy.deepcopy(base), mol.MoLConfig(rank=4, num_experts=2, top_k=1))
+    _train_a_little(good)
+    mol.save_adapter(good, tmp_path / "good")
+    ids = torch.randint(0, 101, (2, 5))
+    assert torch.equal(mol.load_adapter(model, tmp_path / "good")(input_ids=ids).logits, good(input_ids=ids).logits)
+
+
+def test_failed_inject_changes_nothing():
+    """A list whose second config matches nothing, or a modules_to_save typo, is found after the first method ran:
+    the model is put back, and the corrected call works on it."""
+    model = make_tiny_llama()
+    before = _structure(model)
+    with pytest.raises(ValueError, match="matched no module"):
+        mol.inject(model, [mol.LoRAConfig(rank=2, target_modules=["q_proj"]), mol.IA3Config(target_modules=["nope"])])
+    assert _structure(model) == before
+    with pytest.raises(ValueError, match="modules_to_save entry 'lm_haed' matches no module"):
+        mol.inject(model, mol.LoRAConfig(rank=2, target_modules=["q_proj"], modules_to_save=["lm_haed"]))
+    assert _structure(model) == before
+    mol.inject(model, mol.LoRAConfig(rank=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, mol.MoLLinear) and model.lm_head.weight.requires_grad
+
+
+def test_load_into_a_merged_model_is_refused(tmp_path):
+    """Loading new tensors under a merged delta would make unmerge subtract the wrong delta from the base."""
+    base = make_tiny_llama()
+    model = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, target_modules=["q_proj"]))
+    _train_a_little(model)
+    mol.save_adapter(model, tmp_path)
+    mol.merge(model)
+    weight = model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    with pytest.raises(ValueError, match=r"q_proj is merged into its base weight; call mol\.unmerge"):
+        mol.load_adapter(model, tmp_path)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.weight, weight)
+    mol.unmerge(model)
+    original = dict(base.named_parameters())
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            assert torch.allclose(p, original[n.replace("base_layer.", "")], atol=1e-6), n
+
+
+def test_modules_to_save_on_a_tied_head_trains_the_shared_tensor(tmp_path):
+    """Tied embeddings (tie_word_embeddings): the head and the input embedding are one tensor, which trains and is
+    saved once, under the model's own name for it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    base = LlamaForCausalLM(cfg)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    model = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, target_modules=["q_proj"],
+                                                           modules_to_save=["lm_head"]))
+    assert model.lm_head.weight.requires_grad and "model.embed_tokens.weight" in model.mol_trainable
+    _train_a_little(model)
+    mol.save_adapter(model, tmp_path)
+    ids = torch.randint(0, 101, (1, 6))
+    fresh = mol.load_adapter(copy.deepcopy(base), tmp_path)
+    assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_save_with_a_config_json_cannot_hold_writes_nothing(tmp_path):
+    """A config field holding a value JSON cannot store (a numpy number, an OmegaConf list) fails before any file is
+    written: the directory keeps the previous adapter whole, not new tensors beside an old config."""
+    np = pytest.importorskip("numpy")
+    model = mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=2, target_modules=["q_proj"]))
+    mol.save_adapter(model, tmp_path)
+    files = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    model.mol_configs[0].alpha = np.float32(4.0)
+    _train_a_little(model)
+    with pytest.raises(TypeError, match="JSON cannot store.*Nothing was written"):
+        mol.save_adapter(model, tmp_path)
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == files
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[]", "is not a mol adapter config"),
+    ('{"format": "mol-adapter", "format_version": 1}', "'configs' must be a non-empty list"),
+    ('{"format": "mol-adapter", "format_version": 1, "configs": [null]}', "'configs' must be a non-empty list"),
+    ('{"format": "mol-adapter", "format_version": 99, "configs": []}', "format_version 99.*upgrade mol"),
+])
+def test_damaged_adapter_config_is_named(tmp_path, text, message):
+    (tmp_path / "adapter_config.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        mol.io.read_adapter_configs(tmp_path)
