@@ -209,6 +209,80 @@ def test_quantize_refuses_a_layer_it_cannot_quantize_before_changing_any(odd):
         NF4Linear.from_linear(base.get_submodule(name))
 
 
+def test_qlora_keeps_modules_to_save_and_adapters_in_full_precision():
+    """quantize_base quantizes the frozen base only: a classifier head in modules_to_save (a container of linears
+    here, as RoBERTa's) stays a trainable nn.Linear, and a bottleneck adapter's own linears, injected in the same
+    call or earlier, are neither quantized by it nor by a later mol.quantize."""
+    import mol
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(hidden=64)
+    model.head = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
+    mol.inject(model, [mol.AdapterConfig(), mol.MoLConfig(num_experts=2, top_k=1, rank=4, quantize_base="nf4",
+                                                           target_modules=["q_proj"], modules_to_save=["head"])])
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, NF4Linear)
+    assert isinstance(model.model.layers[0].mlp.up_proj, NF4Linear)
+    assert type(model.head[0]) is nn.Linear and model.head[0].weight.requires_grad
+    assert "head.2.weight" in model.mol_trainable
+    down = model.model.layers[0].mlp.mol_adapter.adapter_down
+    assert type(down) is nn.Linear and down.weight.requires_grad
+
+    later = make_tiny_llama(hidden=64)
+    mol.inject(later, mol.AdapterConfig())
+    trainable = mol.trainable_parameters(later)[0]
+    quantize(later, "nf4")
+    assert isinstance(later.model.layers[0].mlp.up_proj, NF4Linear)
+    assert type(later.model.layers[0].mlp.mol_adapter.adapter_down) is nn.Linear
+    assert mol.trainable_parameters(later)[0] == trainable
+
+
+def test_quantize_gpt2_conv1d_layers():
+    """GPT-2's linears are transformers' Conv1D (weight (in, out)): quantize puts them in NF4 too, as transformers'
+    bitsandbytes loading does, and QLoRA-MoL then runs on them; the output equals the model with each Conv1D
+    weight replaced by its own NF4 rounding."""
+    import mol
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=50, n_embd=64, n_layer=1, n_head=4, n_positions=32)
+    base = GPT2LMHeadModel(cfg).eval()
+    ref = GPT2LMHeadModel(cfg).eval()
+    ref.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for name, m in ref.named_modules():
+            if type(m).__name__ == "Conv1D":
+                m.weight.copy_(dequantize_nf4_reference(NF4Linear.from_linear(_as_linear(m)).packed).t())
+    quantize(base, "nf4")
+    conv = [n for n, m in ref.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv) == 4 and all(isinstance(base.get_submodule(n), NF4Linear) for n in conv)
+    ids = torch.randint(0, 50, (2, 9))
+    assert torch.allclose(base(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5)
+    model = mol.inject(GPT2LMHeadModel(cfg), mol.MoLConfig(num_experts=2, top_k=1, rank=4, quantize_base="nf4",
+                                                             target_modules=["c_attn"]))
+    assert isinstance(model.transformer.h[0].attn.c_attn.base_layer, NF4Linear)
+    model(input_ids=ids).logits.sum().backward()
+    assert model.transformer.h[0].attn.c_attn.lora_A.grad is not None
+
+
+def _as_linear(conv1d):
+    lin = nn.Linear(*conv1d.weight.shape, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(conv1d.weight.t())
+    return lin
+
+
+def test_quantize_with_nothing_to_quantize_says_so():
+    class HeadOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(64, 64)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    with pytest.raises(ValueError, match="no linear layer to quantize"):
+        quantize(HeadOnly(), "nf4")
+
+
 # ---------------------------------------------------------------- bitsandbytes checkpoint format
 
 def test_bnb_state_dict_round_trip_and_safetensors():
@@ -232,6 +306,12 @@ def test_bnb_state_dict_round_trip_and_safetensors():
     sd0 = q.to_bnb_state_dict("0.")
     assert load_bnb_4bit(model, sd0) == ["0"]
     assert torch.equal(model[0].dequantize(), q.dequantize())
+
+    # a checkpoint whose last layer does not fit the model: named, and no layer replaced
+    two = nn.Sequential(nn.Linear(128, 64), nn.Linear(128, 32))
+    with pytest.raises(ValueError, match=r"'1' is 32x128 \(out x in\) in the model but 64x128 in the checkpoint"):
+        load_bnb_4bit(two, {**sd0, **q.to_bnb_state_dict("1.")})
+    assert [type(m) for m in two] == [nn.Linear, nn.Linear]
 
 
 def _fake_bnb_entry(quant_type):

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mol import dispatch
-from mol.inject import name_matches, replace_module
-from mol.layers import not_full_precision
+from mol.inject import all_or_nothing, name_matches, replace_module
+from mol.layers import AdapterLayer, is_conv1d, not_full_precision
 
 from .nf4 import (NF4Weight, SUPPORTED_DTYPES, dequantize_nf4, from_bnb_tensors, quantize_nf4, to_bnb_tensors,
                   _QS_PREFIX)
@@ -185,10 +185,15 @@ def _skip_match(name: str, patterns: list[str]) -> bool:
 @torch.no_grad()
 def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = None, blocksize: int = 64,
              nested_blocksize: int = 256, backend: str = "auto") -> nn.Module:
-    """Replace the model's nn.Linear layers by frozen NF4Linear in place and return the model.
+    """Replace the model's nn.Linear layers (and transformers' Conv1D layers, GPT-2's, whose (in, out) weight is
+    transposed into NF4Linear's (out, in) as transformers' bitsandbytes loading does) by frozen NF4Linear in place
+    and return the model.
 
-    Skipped: the output head (model.get_output_embeddings(), if the model has one) and every module whose name
-    equals an entry of `skip`, ends with '.' + entry, or fully matches it as a regex.
+    Skipped: the output head (model.get_output_embeddings(), if the model has one); every module whose name, or a
+    parent's, equals an entry of `skip`, ends with '.' + entry, or fully matches it as a regex; and every layer
+    whose tensors an adapter trains (``model.mol_trainable``: modules_to_save, earlier adapters) or that belongs to a
+    mol adapter (a bottleneck adapter's or prefix encoder's own linears; an adapter layer's base_layer is quantized).
+    Raises if the model would hold no NF4 layer at all: a model believed 4-bit that is not would be a silent no-op.
     """
     if method != "nf4":
         raise ValueError(f"quantize: unknown method {method!r}; the only supported method is 'nf4'")
@@ -197,14 +202,51 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
     get_head = getattr(model, "get_output_embeddings", None)
     if callable(get_head):
         head = get_head()
-    targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and m is not head and not _skip_match(n, skip)]
+    trained = set(getattr(model, "mol_trainable", ()))
+    targets = []
+    for name, m in model.named_modules():
+        if not (isinstance(m, nn.Linear) or is_conv1d(m)) or m is head or _skip_match_any_parent(name, skip):
+            continue
+        if any(f"{name}.{p}" in trained for p, _ in m.named_parameters()) or _adapter_part(model, name):
+            continue
+        targets.append((name, _linear_of_conv1d(m) if is_conv1d(m) else m))
+    if not targets and not any(isinstance(m, NF4Linear) for m in model.modules()):
+        raise ValueError(f"quantize: {type(model).__name__} has no linear layer to quantize (the output head, "
+                         "`skip` and trained layers are left out): check `skip`, or drop quantize_base for this model")
     for name, lin in targets:  # every layer checked before any changes: an error leaves the model as it was
         _naming_layer(name, _check_quantizable, lin)
     for name, lin in targets:
         replace_module(model, name, _naming_layer(name, NF4Linear.from_linear, lin, blocksize, nested_blocksize,
                                                   backend=backend))
     return model
+
+
+def _skip_match_any_parent(name: str, patterns: list[str]) -> bool:
+    """``name`` or one of its parents matches a `skip` entry (a skipped block keeps every linear inside it)."""
+    parts = name.split(".")
+    return any(_skip_match(".".join(parts[:i]), patterns) for i in range(1, len(parts) + 1))
+
+
+def _adapter_part(model: nn.Module, name: str) -> bool:
+    """Whether module ``name`` belongs to a mol adapter (a bottleneck adapter's or a prefix encoder's linears)
+    rather than to the frozen base an adapter layer wraps (its ``base_layer``)."""
+    module = model
+    for part in name.split("."):
+        if isinstance(module, AdapterLayer) and part != "base_layer":
+            return True
+        module = getattr(module, part)
+    return False
+
+
+def _linear_of_conv1d(conv: nn.Module) -> nn.Linear:
+    """An nn.Linear computing what transformers' Conv1D (weight (in, out)) computes, its weight a transposed view
+    (quantize_nf4 reads it; nothing is copied here)."""
+    n_in, n_out = conv.weight.shape
+    lin = nn.Linear(n_in, n_out, bias=conv.bias is not None, device="meta")
+    lin.weight = nn.Parameter(conv.weight.detach().t(), requires_grad=False)
+    if conv.bias is not None:
+        lin.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
+    return lin
 
 
 def _naming_layer(name: str, fn, *args, **kwargs):
@@ -228,20 +270,24 @@ def _check_quantizable(linear: nn.Linear) -> None:
 
 
 def load_bnb_4bit(model: nn.Module, state_dict: dict[str, torch.Tensor], backend: str = "auto") -> list[str]:
-    """Replace each nn.Linear whose '<name>.weight' is a bitsandbytes 4-bit entry of `state_dict` by an NF4Linear
-    read from it (no bitsandbytes needed). Returns the names replaced; load the other keys yourself
-    (e.g. model.load_state_dict(rest, strict=False))."""
+    """Replace each nn.Linear (or Conv1D) whose '<name>.weight' is a bitsandbytes 4-bit entry of `state_dict` by an
+    NF4Linear read from it (no bitsandbytes needed). Returns the names replaced; load the other keys yourself
+    (e.g. model.load_state_dict(rest, strict=False)). A layer whose shape does not fit raises and leaves the model
+    as it was."""
     replaced = []
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, (nn.Linear, NF4Linear)):
-            continue
-        key = f"{name}.weight" if name else "weight"
-        if not any(k.startswith(key + "." + _QS_PREFIX) for k in state_dict):
-            continue
-        new = NF4Linear.from_bnb_state_dict(state_dict, f"{name}." if name else "", backend)
-        if (new.out_features, new.in_features) != (mod.out_features, mod.in_features):
-            raise ValueError(f"load_bnb_4bit: {name!r} is {mod.out_features}x{mod.in_features} in the model but "
-                             f"{new.out_features}x{new.in_features} in the checkpoint")
-        replace_module(model, name, new)
-        replaced.append(name)
+    with all_or_nothing(model):
+        for name, mod in list(model.named_modules()):
+            if not isinstance(mod, (nn.Linear, NF4Linear)) and not is_conv1d(mod):
+                continue
+            key = f"{name}.weight" if name else "weight"
+            if not any(k.startswith(key + "." + _QS_PREFIX) for k in state_dict):
+                continue
+            new = NF4Linear.from_bnb_state_dict(state_dict, f"{name}." if name else "", backend)
+            shape = tuple(mod.weight.shape[::-1]) if is_conv1d(mod) else (mod.out_features, mod.in_features)
+            if (new.out_features, new.in_features) != shape:
+                raise ValueError(f"load_bnb_4bit: {name!r} is {shape[0]}x{shape[1]} (out x in) in the model but "
+                                 f"{new.out_features}x{new.in_features} in the checkpoint; load the checkpoint into "
+                                 "the model it was saved from")
+            replace_module(model, name, new)
+            replaced.append(name)
     return replaced
