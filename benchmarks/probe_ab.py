@@ -12,7 +12,7 @@ rounds and its ratio to the base's median. A variant is `default` or comma-joine
 (routed_lora.GATE_COLUMNS), router=tf32x3|tf32x2 (ROUTER_PRECISION), du=cublas|triton (grouped_lora.DU_CUBLAS),
 shrink=gemm|triton (routed_lora.SHRINK), base=auto|cublas|triton (base_gemm.BASE_GEMM), dhl=tokens|rows
 (routed_lora.DHL_TOKEN_MINOR), gluon=on|off (base_gemm.GLUON: whether the base-GEMM tuner also times the Gluon
-kernel).
+kernel), db=first|last (routed_lora.DB_FIRST).
 `--nf4` also times each variant on an NF4 base (QLoRA-MoL).
 """
 import argparse
@@ -37,7 +37,8 @@ SWITCHES = {"gate": (rl, "GATE_COLUMNS", {"onehot": "onehot", "select": "select"
             "shrink": (rl, "SHRINK", {"gemm": "gemm", "triton": "triton"}),
             "base": (bg, "BASE_GEMM", {"auto": "auto", "cublas": "cublas", "triton": "triton"}),
             "dhl": (rl, "DHL_TOKEN_MINOR", {"tokens": True, "rows": False}),
-            "gluon": (bg, "GLUON", {"on": True, "off": False})}
+            "gluon": (bg, "GLUON", {"on": True, "off": False}),
+            "db": (rl, "DB_FIRST", {"first": True, "last": False})}
 
 
 def switches(variant: str) -> list:

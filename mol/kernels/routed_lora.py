@@ -924,6 +924,9 @@ def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None
     return dhl
 
 
+# dB = dy^T u right after du = dy B_cat^T, the other read of dy, instead of after the dx GEMM: where dy fits in L2
+# beside the rest (T <= ~2048 at 4096 features on an H100's 50 MB) the second read comes from L2
+DB_FIRST = os.environ.get("MOL_DB_FIRST", "0") == "1"
 SMALL_T_MAX = 16  # T <= this: the one-launch forward (_small_t_kernel); 0 turns it off
 # Profiling aid (CUDA only): an int64 tensor of at least 4 x (grid size) elements makes the small-T kernel stamp
 # each program's start / work done / flag seen (or routing start) / end times into it (benchmarks/probe_small_t.py)
@@ -1203,6 +1206,8 @@ def _routed_backward(dy, daux, saved, need, weight_fn, meta):
     a_cat = lora_A.reshape(r_tot, n_in)
     dx = dx_lora = d_base = dA = dB = dWr = None
     du = lora_du(dy, lora_B)
+    if need[6] and DB_FIRST:
+        dB = gl._grad_b(dy, u, lora_B, f32=_f32_wgrad(u, b_dtype, eager))
     dhl = gate_bwd(du, hl, noise, gates, ids, stats, daux, rank, kind, scale, lb_coef, z_coef, dt, token_w, n_real)
     del du
     # the dense base weight, if this function owns the base GEMM (re-dequantized for an NF4 base), after du and
@@ -1227,7 +1232,7 @@ def _routed_backward(dy, daux, saved, need, weight_fn, meta):
         if need[7]:
             dWr = torch.mm(dlogits.t(), x)
     del w
-    if need[6]:
+    if need[6] and not DB_FIRST:
         dB = gl._grad_b(dy, u, lora_B, f32=_f32_wgrad(u, b_dtype, eager))
     if dWr is not None:
         dWr = dWr.to(router_w.dtype) if need[7] else None
