@@ -320,6 +320,13 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
     """Write a LoRA adapter in PEFT's own format (adapter_config.json + adapter_model.safetensors)."""
     cfg = _single_lora_config(model)
     out = Path(directory)
+    task = _peft_task_type(model)
+    heads = [n for n, _ in adapter_layers(model) if task == "SEQ_CLS" and n in _PEFT_SEQ_CLS_HEADS]
+    if heads:  # PEFT would wrap the head whole and fail on its LoRA keys: refuse before writing a broken directory
+        raise ValueError(f"export_peft: LoRA on the classification head {heads[0]!r} cannot be read by PEFT, which "
+                         f"trains a SEQ_CLS model's head whole (modules_to_save); adapt the head with "
+                         f"modules_to_save=[{heads[0]!r}] and target_modules without it, or keep this adapter in "
+                         "mol's format (mol.save_adapter)")
     tensors: dict[str, Tensor] = {}
     for name, layer in adapter_layers(model):
         if isinstance(layer, MoLLinear):
@@ -336,7 +343,7 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
                          "nn.Linear and Conv1D layers: export the two kinds as separate adapters")
     peft_config = {
         "peft_type": "LORA",
-        "task_type": _peft_task_type(model),
+        "task_type": task,
         "base_model_name_or_path": _base_model_name(model) or None,
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
@@ -356,6 +363,9 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
     _write_tensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
     _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return out
+
+
+_PEFT_SEQ_CLS_HEADS = ("classifier", "score")  # the heads PEFT's PeftModelForSequenceClassification trains whole
 
 
 def _peft_task_type(model: nn.Module) -> Any:

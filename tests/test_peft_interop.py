@@ -111,6 +111,31 @@ def test_peft_trained_adapter_with_modules_to_save_imports(tmp_path):
     assert rel(ours(input_ids=ids).logits, expected) <= 1e-6
 
 
+def test_export_refuses_lora_on_a_sequence_classifier_head(tmp_path):
+    """PEFT's SEQ_CLS models wrap the head whole (modules_to_save), so a LoRA on `score` written in PEFT's format
+    fails in PeftModel.from_pretrained: export refuses it, naming the fix, and writes nothing; the same head through
+    modules_to_save exports and loads in PEFT with the same logits."""
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    base = LlamaForSequenceClassification(cfg).eval()
+    model = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, target_modules=["q_proj", "score"]))
+    with pytest.raises(ValueError, match=r"classification head 'score'.*modules_to_save=\['score'\]"):
+        mol.export_peft(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    model = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, target_modules=["q_proj"], modules_to_save=["score"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    mol.export_peft(model, tmp_path / "b")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b").eval()
+    ids = torch.randint(1, 50, (2, 6))
+    assert rel(peft_model(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-6
+
+
 def test_export_refuses_routed_mol(tmp_path):
     model = mol.inject(make_tiny_llama(), mol.MoLConfig(num_experts=4, top_k=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="token-routed MoL has no PEFT equivalent"):
