@@ -35,8 +35,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"{adapter} has no training_meta.json (not written by mol.train?); "
                           "point adapter= at <run>/adapter")
     meta = json.loads(meta_file.read_text())
-    model_cfg = OmegaConf.merge(cfg.model, {"task": meta["task"],
-                                            "path": str(cfg.base_model or meta["model_path"])})
+    # the tokenizer and dtype the run trained with, unless given here (older metas record neither)
+    model_cfg = OmegaConf.merge(cfg.model, {"task": meta["task"], "path": str(cfg.base_model or meta["model_path"]),
+                                            "tokenizer": cfg.model.get("tokenizer") or meta.get("tokenizer"),
+                                            "dtype": cfg.model.get("dtype") or meta.get("dtype") or "float32"})
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split={cfg.split} is unknown; use split=test or split=val")
     data_cfg = OmegaConf.merge(cfg.data, {"train": None, "val": None, "test": cfg.data.get(cfg.split),

@@ -79,12 +79,14 @@ def test_sigkill_resume_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("fused", ["false", "true"])
-def test_resume_after_the_first_epoch_and_each_epoch_reshuffles(fused, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused, max_epochs", [("false", -1), ("true", -1), ("false", 3)])
+def test_resume_after_the_first_epoch_and_each_epoch_reshuffles(fused, max_epochs, tmp_path, monkeypatch):
     """In process, 4 steps an epoch: a run stopped at step 6 (mid-epoch 1) and resumed to step 10 takes the
     uninterrupted run's steps 7-10, and each epoch draws its own order. Before the loader handed Lightning's epoch to
     the batch sampler, every epoch replayed epoch 0's order and this resume skipped nothing. With optim.fused=true the
-    fused AdamW's state (its step counts on the parameters' device) round-trips through last.ckpt too."""
+    fused AdamW's state (its step counts on the parameters' device) round-trips through last.ckpt too. With a finite
+    trainer.max_epochs (the default config's form) the learning-rate schedule used to ask Lightning for the run's
+    length before the checkpoint was restored, which built the loader early: the resumed run replayed epoch 0."""
     from mol.train.app import run
     from mol.train.callbacks import read_loss_history
     from mol.train.data import ResumableSampler
@@ -106,7 +108,8 @@ def test_resume_after_the_first_epoch_and_each_epoch_reshuffles(fused, tmp_path,
                        f"data.train={data['train']}", f"data.val={data['val']}", "data.batch_size=8",
                        "data.max_length=32", f"data.cache_dir={tmp_path / 'cache'}", "optim.lr=1e-2",
                        f"optim.fused={fused}", "optim.warmup_ratio=0", "optim.min_lr_ratio=1.0",
-                       "trainer.max_epochs=-1", "trainer.ckpt_every_n_steps=3", f"output_dir={tmp_path / name}",
+                       f"trainer.max_epochs={max_epochs}", "trainer.ckpt_every_n_steps=3",
+                       f"output_dir={tmp_path / name}",
                        *quiet_trainer_overrides(), *extra])
         run(cfg)
         return read_loss_history(str(tmp_path / name / "train_loss.jsonl"))

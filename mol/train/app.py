@@ -334,6 +334,8 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
     result: dict[str, Any] = {"trainable_params": trainable, "total_params": total, "fit_seconds": round(fit_s, 1),
                               "steps": trainer.global_step}
     if "val" in datamodule.splits:
+        if module.validated_at != trainer.global_step:  # the last validation saw an earlier model: see the final one
+            trainer.validate(module, datamodule=datamodule, verbose=False)
         result.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
     if "test" in datamodule.splits:
         metrics = trainer.test(module, datamodule=datamodule, verbose=False)
@@ -341,8 +343,11 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
     if not baseline and trainer.is_global_zero:
         adapter_dir = out / "adapter"
         mol.save_adapter(model, str(adapter_dir))
+        tok = cfg.model.get("tokenizer")
         meta = {"task": str(cfg.model.task), "labels": datamodule.label_names, "model_path": str(cfg.model.path),
-                "max_length": int(cfg.data.max_length)}
+                "max_length": int(cfg.data.max_length), "dtype": str(cfg.model.get("dtype") or "float32"),
+                "tokenizer": str(Path(str(tok)).expanduser().resolve()) if tok and Path(str(tok)).expanduser().exists()
+                else (str(tok) if tok else None)}
         tmp = adapter_dir / ".training_meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, adapter_dir / "training_meta.json")
@@ -396,6 +401,9 @@ def _tokenizer_only(model_cfg: DictConfig) -> Any:
 def prepare(cfg: DictConfig) -> tuple[Any, Any]:
     """Validate everything cheap before training: method config, model folder, data files and labels."""
     register_resolvers()
+    if int(cfg.trainer.get("max_steps", -1)) == -1 and cfg.trainer.get("max_epochs") == -1:
+        raise ConfigError("trainer.max_epochs=-1 with trainer.max_steps=-1 never ends, and the learning-rate schedule "
+                          "needs the run's length: set trainer.max_steps=N or a finite trainer.max_epochs")
     method_cfg = build_method_config(cfg)
     fsdp_uniform_dtype(cfg, method_cfg)
     build_logger(cfg, Path("."))  # a missing logger package fails here, not after the baseline's fit (writes nothing)
@@ -410,6 +418,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out = output_dir(cfg)
     method_cfg, datamodule = prepare(cfg)
+    resolve_resume(cfg, out)  # a wrong resume= path fails now, not after the baseline's fit
     datamodule.setup()
     results: dict[str, Any] = {"method": type(method_cfg).__name__, "method_config": method_cfg.to_dict()
                                if hasattr(method_cfg, "to_dict") else str(method_cfg), "seed": int(cfg.seed)}

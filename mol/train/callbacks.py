@@ -131,14 +131,21 @@ class LossHistory(pl.Callback):
     def __init__(self, path: str):
         self.path = Path(path)
         self._acc: list[float] = []
+        self._step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._acc, self._step = [], trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self._acc.append(float(loss.detach()))
-        # global_step has already advanced when this batch closed an accumulation window
-        if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
+        # Lightning hands back the loss it backpropagated, divided by accumulate_grad_batches
+        self._acc.append(float(loss.detach()) * trainer.accumulate_grad_batches)
+        # an optimizer step closed this batch's window (global_step advanced): a full window, or the shorter one
+        # Lightning closes at an epoch's end
+        if trainer.global_step == self._step:
             return
+        self._step = trainer.global_step
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:

@@ -94,6 +94,7 @@ class MoLModule(pl.LightningModule):
         # from_pretrained returns eval mode; Lightning keeps submodule modes, so dropout would stay off.
         self.model.train()
         self.lr, self.weight_decay, self.warmup_ratio, self.min_lr_ratio = lr, weight_decay, warmup_ratio, min_lr_ratio
+        self.validated_at: Optional[int] = None  # global_step of the last validation (results report the final model)
         self.betas = tuple(betas)
         self.log_routing_every = log_routing_every
         self.fused = fused
@@ -200,6 +201,8 @@ class MoLModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")
+        if not self.trainer.sanity_checking:
+            self.validated_at = self.trainer.global_step
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "test")
@@ -219,11 +222,31 @@ class MoLModule(pl.LightningModule):
         fused = self.fused_adamw(self.trainer, on_cuda=all(p.is_cuda for p in params))
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas,
                                 fused=True if fused else None)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.warmup_ratio * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, warmup, total, self.min_lr_ratio))
+        # The schedule's length is read in on_train_start, not here: asking Lightning for estimated_stepping_batches
+        # now would build the train loader before a checkpoint is restored, and a resumed run with a finite
+        # max_epochs would then never get its loader's position back (it replayed epoch 0 from the start).
+        self._total_steps = None
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: self._lr_factor(s))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _lr_factor(self, step: int) -> float:
+        """warmup_cosine over the run's optimizer steps (1.0 until on_train_start knows how many)."""
+        if self._total_steps is None:
+            return 1.0
+        return warmup_cosine(step, int(self.warmup_ratio * self._total_steps), self._total_steps, self.min_lr_ratio)
+
+    def on_train_start(self) -> None:
+        total = self.trainer.estimated_stepping_batches  # the loaders exist by now, restored where resuming
+        if not math.isfinite(total):
+            raise ValueError("the learning-rate schedule needs a finite run: set trainer.max_steps, or a finite "
+                             "trainer.max_epochs")
+        self._total_steps = max(1, int(total))
+        for config in self.trainer.lr_scheduler_configs:  # the rates of the step the run starts at, now known
+            sched = config.scheduler
+            lrs = [base * self._lr_factor(sched.last_epoch) for base in sched.base_lrs]
+            for group, lr in zip(sched.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            sched._last_lr = lrs
 
     def fused_adamw(self, trainer: pl.Trainer, on_cuda: bool) -> bool:
         """``fused_adamw`` for this module's ``optim.fused`` under ``trainer``'s precision, clipping and strategy."""
