@@ -60,3 +60,13 @@ def test_an_endless_run_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match="never ends.*set trainer.max_steps=N or a finite trainer.max_epochs"):
         prepare(_cfg(model, data, tmp_path / "run", "trainer.max_epochs=-1", "trainer.max_steps=-1"))
     assert not (tmp_path / "run").exists()
+
+
+def test_lightning_setting_that_does_not_fit_the_data_is_one_config_error(tmp_path):
+    """val_check_interval=100 on an 8-batch epoch: Lightning's own check, raised inside fit, reaches the CLI as a
+    ConfigError (one line, no traceback) naming the setting."""
+    from mol.train.app import ConfigError, run
+
+    model, data = make_tiny_llama(tmp_path / "llama"), make_causal_data(tmp_path / "data")
+    with pytest.raises(ConfigError, match="val_check_interval"):
+        run(_cfg(model, data, tmp_path / "run", "trainer.max_epochs=1", "trainer.val_check_interval=100"))

@@ -328,8 +328,17 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
         raise ConfigError(str(e)) from e
     t0 = time.perf_counter()
     # thread-local, restored on exit; Lightning runs the training loop (and so backward) on this thread
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     with torch.autograd.set_multithreading_enabled(bool(cfg.trainer.get("autograd_multithreading", False))):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except (MisconfigurationException, ValueError) as e:
+            # Lightning's own checks of the trainer settings against the data (e.g. val_check_interval larger than
+            # an epoch): one line naming the setting, as for our own checks; anything else keeps its traceback
+            if isinstance(e, MisconfigurationException) or "val_check_interval" in str(e):
+                raise ConfigError(f"the trainer settings do not fit this run: {e}") from e
+            raise
     fit_s = time.perf_counter() - t0
     result: dict[str, Any] = {"trainable_params": trainable, "total_params": total, "fit_seconds": round(fit_s, 1),
                               "steps": trainer.global_step}
