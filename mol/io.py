@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Union
 
@@ -281,6 +282,15 @@ def _unload(model: nn.Module, merge_first: bool) -> nn.Module:
                  "mol_trainable"):
         if attr in model.__dict__:
             delattr(model, attr)
+    if "bitfit" in methods:
+        from mol.methods.bitfit import declare_added_biases
+
+        uncovered = declare_added_biases(model)
+        if uncovered:
+            warnings.warn(f"merge_and_unload: BitFit gave {len(uncovered)} layers a bias their model config does not "
+                          f"declare (e.g. {uncovered[0]!r}); the returned model computes with them, but a "
+                          "save_pretrained checkpoint of it reloads without them in transformers. Save the model "
+                          "with torch.save / safetensors, or keep the adapter (mol.save_adapter) instead")
     return model
 
 

@@ -49,6 +49,28 @@ def test_merged_lora_and_ia3_save_as_the_stock_model(tmp_path):
     torch.testing.assert_close(_logits(reloaded, ids), adapted, rtol=1e-5, atol=1e-5)
 
 
+def test_merged_bitfit_declares_its_added_biases_for_save_pretrained(tmp_path):
+    """BitFit gives Llama's linears biases its config says they lack: merge_and_unload sets attention_bias /
+    mlp_bias, so save_pretrained + from_pretrained reload them (transformers dropped them as unexpected keys and the
+    reloaded model lost the training). A model whose config has no such flag gets a warning naming a layer."""
+    base = make_tiny_llama()
+    model = mol.inject(copy.deepcopy(base), mol.BitFitConfig(target_modules=["q_proj", "up_proj"]))
+    _randomise(model)
+    ids = torch.randint(0, 101, (2, 9))
+    adapted = _logits(model, ids)
+    plain = mol.merge_and_unload(model)
+    assert plain.config.attention_bias and plain.config.mlp_bias
+    plain.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded, ids), adapted, rtol=1e-5, atol=1e-5)
+
+    bare = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.ReLU(), torch.nn.Linear(8, 4, bias=False))
+    mol.inject(bare, mol.BitFitConfig(target_modules=["0"], all_biases=False))
+    with pytest.warns(UserWarning, match=r"BitFit gave 1 layers a bias their model config does not declare "
+                                         r"\(e\.g\. '0'\)"):
+        mol.merge_and_unload(bare)
+
+
 def test_unload_gives_back_the_base_model_bit_for_bit():
     """MoL with its routing hooks and router loss in the output, bottleneck adapters (forward hooks on their
     sub-layers) and prefix tuning (hooks on the model): all removed, the original outputs exactly."""

@@ -58,7 +58,32 @@ def _inject_bitfit(model: nn.Module, cfg: BitFitConfig) -> list[str]:
             dtype = base_compute_dtype(layer)
             # nn.Linear, Conv1D and NF4Linear all add ``self.bias`` when it is not None.
             layer.bias = nn.Parameter(torch.zeros(_out_features(layer), device=device, dtype=dtype))
+            layer.mol_added_bias = True  # merge_and_unload declares it in the model's config (declare_added_biases)
         trainable.append(f"{name}.bias")
     if cfg.all_biases:
         trainable += [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and n not in trainable]
     return trainable
+
+
+# transformers config flags that give a family's linears a bias: (flag, a name part of the layers it covers)
+_BIAS_FLAGS = (("attention_bias", ("attn", "attention")), ("mlp_bias", ("mlp",)))
+
+
+def declare_added_biases(model: nn.Module) -> list[str]:
+    """After merge_and_unload: biases BitFit added to layers that had none must be in the model's config, or
+    transformers' ``from_pretrained`` drops them from a ``save_pretrained`` checkpoint. Sets the config's
+    ``attention_bias`` / ``mlp_bias`` (Llama-style configs) where they cover the layers; returns the names of added
+    biases no flag covers (the caller warns), and clears the marks."""
+    config = getattr(model, "config", None)
+    uncovered = []
+    for name, module in model.named_modules():
+        if not module.__dict__.pop("mol_added_bias", False):
+            continue
+        parts = name.split(".")
+        flag = next((f for f, keys in _BIAS_FLAGS if hasattr(config, f) and any(k in p for p in parts for k in keys)),
+                    None)
+        if flag is None:
+            uncovered.append(name)
+        else:
+            setattr(config, flag, True)
+    return uncovered
