@@ -84,6 +84,31 @@ def test_router_losses_do_not_depend_on_padding(backend):
     assert (unmasked - aux9).abs() > 1e-3 * aux9.abs()  # the check above can fail
 
 
+@pytest.mark.parametrize("router", ["topk", "sequence"])
+def test_prompt_tuning_keeps_padding_out_of_the_routers(router):
+    """MoL with prompt tuning: the layers see the virtual tokens before the caller's, so the routers' mask must
+    cover them too. MoL on layer 0's q_proj only (its input does not depend on positions): one sequence alone and
+    left-padded by 3 gives the same router loss, counts and (sequence router) choice, as without prompt tuning."""
+    torch.manual_seed(0)
+    model = make_tiny_llama().double()
+    mol.inject(model, [mol.MoLConfig(num_experts=4, top_k=1, rank=4, router=router,
+                                     target_modules=["model.layers.0.self_attn.q_proj"]),
+                       mol.PromptTuningConfig(num_virtual_tokens=3)])
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.router.weight.normal_()
+    model.train()
+    ids = torch.randint(1, 101, (1, 5))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    alone, counts, chosen = mol.aux_loss(model), layer.last_stats["counts"], layer._last.expert_ids.flatten()[0]
+    model(input_ids=padded, attention_mask=(padded != 0).long())
+    torch.testing.assert_close(mol.aux_loss(model), alone, rtol=1e-9, atol=0)
+    assert torch.equal(layer.last_stats["counts"], counts)
+    assert counts.sum() == (1 if router == "sequence" else 3 + 5)  # a choice per sequence; per real token
+    assert layer._last.expert_ids.flatten()[0] == chosen
+
+
 def test_encoder_decoder_calls_count_every_position():
     """An encoder-decoder call carries the encoder's mask only, which a decoder block of the same length could not
     tell from its own: such models count every position (and say nothing wrong about padding)."""

@@ -244,6 +244,13 @@ class PromptEmbedding(_VirtualTokens):
         labels = kw.get("labels")
         if isinstance(labels, Tensor) and labels.dim() == 2 and labels.shape[1] == embeds.shape[1]:
             kw["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)  # virtual tokens: no loss
+        # The routers' view of the call (set by mol.inject's first pre-hook, from the caller's tokens and mask) must
+        # cover what the layers now see: the virtual tokens, as real ones, before the caller's. Without this a
+        # routed layer's (batch, n + S) input met a (batch, S) mask and counted the padding (prefix tuning adds
+        # keys and values only, so its layers keep the caller's S positions and view).
+        context = getattr(model, "mol_routing_context", None)
+        if context is not None and context.in_call:
+            context.begin_call(kw["inputs_embeds"], kw.get("attention_mask"), context.continuation)
         return (), kw
 
     def _post_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
