@@ -11,8 +11,9 @@ with ``lora_A``: "e r k", ``lora_B``: "e d r", ``scale = alpha / r`` (``alpha / 
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,15 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def _tensor_key(t: Optional[Tensor]) -> Optional[tuple]:
     return None if t is None else (id(t), t.data_ptr(), t.dtype, t.shape, t.stride(), t.requires_grad)
+
+
+def _detached(obj: Any) -> Any:
+    """A shallow copy of obj whose tensor attributes are detached from autograd."""
+    out = copy.copy(obj)
+    for name, value in vars(out).items():
+        if isinstance(value, Tensor) and (value.requires_grad or value.grad_fn is not None):
+            setattr(out, name, value.detach())
+    return out
 
 
 def adapter_dtype_for(choice: Union[None, str, torch.dtype], base_dtype: torch.dtype) -> torch.dtype:
@@ -438,10 +448,14 @@ class MoLLinear(AdapterLayer):
             cached = self.__dict__["_cast_adapters"] = (key, a.detach().to(dtype), b.detach().to(dtype))
         return cached[1], cached[2]
 
-    # the cast copies are a cache: a copied or pickled layer starts without them
+    # the cast copies are a cache: a copied or pickled layer starts without them. The routing kept from the last
+    # forward holds tensors of that forward's graph, which deepcopy refuses (only graph leaves copy) and a pickle
+    # has no use for: the copy keeps it detached (its aux_loss() is then a value, not part of the original's graph)
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.pop("_cast_adapters", None)
+        if state.get("_last") is not None:
+            state["_last"] = _detached(state["_last"])
         return state
 
     def _apply_deferred_aux(self, out: Tensor) -> Tensor:

@@ -383,3 +383,25 @@ def test_wrong_input_width_is_named():
     layer = make_layer("topk", 4, 2, 16, 12, 3)
     with pytest.raises(ValueError, match="last dimension is 15.*in_features=16"):
         layer(torch.randn(3, 15))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_deepcopy_after_a_training_forward(backend):
+    """An EMA or DPO reference copy taken mid-training: the routing a layer keeps from its last forward holds that
+    forward's graph, which deepcopy refused ("only graph leaves"). The copy keeps it detached: the same router loss
+    value; the original still backpropagates into its own router only, and the copy trains on its own."""
+    import copy
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    torch.manual_seed(0)
+    layer = MoLLinear(torch.nn.Linear(24, 16), num_experts=4, top_k=2, rank=3, backend=backend)
+    torch.nn.init.normal_(layer.lora_B, std=0.5)
+    x = torch.randn(5, 24)
+    y = layer(x)
+    twin = copy.deepcopy(layer)
+    torch.testing.assert_close(twin.aux_loss().detach(), layer.aux_loss().detach())
+    (y.square().sum() + layer.aux_loss()).backward()
+    assert layer.router.weight.grad is not None and twin.router.weight.grad is None
+    (twin(x).square().sum() + twin.aux_loss()).backward()
+    torch.testing.assert_close(twin.router.weight.grad, layer.router.weight.grad)
