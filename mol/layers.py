@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mol import dispatch
+from mol.config import ROUTERS
 from mol.routers import FusedRouterOutput, Router, RouterOutput, in_backward
 
 
@@ -244,10 +245,23 @@ class MoLLinear(AdapterLayer):
     ):
         super().__init__()
         in_features, out_features = _linear_shape(base)
-        if not isinstance(rank, int) or rank <= 0:
+        # the checks MoLConfig.validate makes, for layers built by hand: a zero alpha or a dropout of 1 would
+        # silently never train, a float top_k fail only at the first forward
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank!r}; use e.g. rank=8")
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts!r}")
+        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
+        if not isinstance(top_k, int) or isinstance(top_k, bool):
+            raise ValueError(f"top_k must be an integer, got {top_k!r}")
+        if router not in ROUTERS:
+            raise ValueError(f"router={router!r} is unknown; choose one of {ROUTERS}")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha!r}; the usual choice is alpha = 2 * rank")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if min(aux_loss_coef, z_loss_coef, router_noise) < 0:
+            raise ValueError(f"aux_loss_coef, z_loss_coef and router_noise must be >= 0, got {aux_loss_coef!r}, "
+                             f"{z_loss_coef!r}, {router_noise!r}")
         if num_experts > 1 and router != "soft" and not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} is outside 1..num_experts={num_experts}; set top_k between 1 and {num_experts}")
         if backend not in dispatch.BACKENDS:

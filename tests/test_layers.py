@@ -405,3 +405,21 @@ def test_deepcopy_after_a_training_forward(backend):
     assert layer.router.weight.grad is not None and twin.router.weight.grad is None
     (twin(x).square().sum() + twin.aux_loss()).backward()
     torch.testing.assert_close(twin.router.weight.grad, layer.router.weight.grad)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"alpha": 0.0}, r"alpha must be > 0, got 0.0"),
+    ({"alpha": -2.0}, r"alpha must be > 0"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+    ({"dropout": -0.5}, r"dropout must be in \[0, 1\)"),
+    ({"num_experts": True}, r"num_experts must be an integer >= 1, got True"),
+    ({"top_k": 2.0}, r"top_k must be an integer, got 2.0"),
+    ({"num_experts": 1, "router": "tpok"}, r"router='tpok' is unknown; choose one of"),
+    ({"aux_loss_coef": -0.1}, r"aux_loss_coef, z_loss_coef and router_noise must be >= 0"),
+    ({"router_noise": -1.0}, r"must be >= 0"),
+])
+def test_layer_built_by_hand_refuses_what_the_config_refuses(kwargs, message):
+    """MoLLinear made directly (not through MoLConfig): an alpha of 0 or a dropout of 1 would silently never train,
+    a bool num_experts or float top_k fail deep inside; each is refused naming the argument."""
+    with pytest.raises(ValueError, match=message):
+        MoLLinear(torch.nn.Linear(8, 8), **kwargs)
