@@ -218,8 +218,10 @@ class RoutingContext:
         mask = self.attention_mask
         if mask is None or x.dim() < 2:
             return None
+        # flattened (batch * positions, in): where the call's batch_shape is the mask's, or unset (a context made by
+        # hand with only its mask, as the class docstring allows)
         if tuple(x.shape[:-1]) == tuple(mask.shape) or (x.dim() == 2 and x.shape[0] == mask.numel()
-                                                          and self.batch_shape == tuple(mask.shape)):
+                                                          and self.batch_shape in (None, tuple(mask.shape))):
             if not self._weights or self._weights[0][0] is not mask:
                 self._weights[:] = [(mask, mask.reshape(-1).to(torch.float32))]
             return self._weights[0][1]

@@ -143,3 +143,19 @@ def test_mask_passed_by_position_counts_too():
             torch.testing.assert_close(mol.aux_loss(model), by_name)
         model(ids)  # no mask: every position counts, a different loss
         assert (mol.aux_loss(model) - by_name).abs() > 1e-6
+
+
+def test_hand_made_context_masks_a_flattened_input():
+    """A RoutingContext made by hand with only its attention_mask covers a (batch * positions, in) input too, as its
+    docstring says: the same losses and counts as the (batch, positions, in) form (padding was counted before)."""
+    torch.manual_seed(0)
+    layer = mol.MoLLinear(torch.nn.Linear(16, 8), num_experts=4, top_k=2, rank=2, backend="torch")
+    ctx = RoutingContext()
+    ctx.attention_mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    layer.router.context = ctx
+    x = torch.randn(2, 5, 16)
+    layer(x)
+    aux3, counts3 = layer.aux_loss(), layer.last_stats["counts"]
+    layer(x.reshape(10, 16))
+    assert counts3.sum() == 2 * 9 and torch.equal(layer.last_stats["counts"], counts3)
+    torch.testing.assert_close(layer.aux_loss(), aux3)
