@@ -70,3 +70,18 @@ def test_lightning_setting_that_does_not_fit_the_data_is_one_config_error(tmp_pa
     model, data = make_tiny_llama(tmp_path / "llama"), make_causal_data(tmp_path / "data")
     with pytest.raises(ConfigError, match="val_check_interval"):
         run(_cfg(model, data, tmp_path / "run", "trainer.max_epochs=1", "trainer.val_check_interval=100"))
+
+
+def test_a_wrong_resume_path_fails_before_anything_trains(tmp_path):
+    """resume=<no such file> used to surface only in the method's fit, after the head-only baseline had trained."""
+    from mol.train.app import ConfigError, run
+    from test_train_utils import make_classification_data, make_tiny_bert
+
+    model, data = make_tiny_bert(tmp_path / "bert"), make_classification_data(tmp_path / "data")
+    cfg = compose(["method=lora", "model=hf_classifier", f"model.path={model}", "data=jsonl",
+                   f"data.train={data['train']}", f"data.val={data['val']}", f"data.cache_dir={tmp_path / 'cache'}",
+                   f"output_dir={tmp_path / 'run'}", "trainer.enable_progress_bar=false", "baseline.enabled=true",
+                   f"resume={tmp_path / 'nowhere.ckpt'}"])
+    with pytest.raises(ConfigError, match="is not a checkpoint file"):
+        run(cfg)
+    assert not (tmp_path / "run" / "baseline").exists()
