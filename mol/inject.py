@@ -46,10 +46,10 @@ def name_matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def _under_any(name: str, patterns: Iterable[str]) -> bool:
-    """The module or one of its parents matches a pattern."""
+def _under_any(name: str, patterns: Iterable[str], match: Callable[[str, Any], bool] = name_matches) -> bool:
+    """The module or one of its parents matches a pattern (by ``match``: name_matches, or quantize's skip rule)."""
     parts = name.split(".")
-    return any(name_matches(".".join(parts[:i]), patterns) for i in range(1, len(parts) + 1))
+    return any(match(".".join(parts[:i]), patterns) for i in range(1, len(parts) + 1))
 
 
 def _inside_adapter(name: str, adapters: set[str]) -> bool:

@@ -57,6 +57,10 @@ def _json_text(obj: Any, who: str) -> str:
                         "Hydra list, float(x) for a numpy number). Nothing was written") from None
 
 
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def _write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     # clone: safetensors refuses tensors that share storage (tied or sliced parameters).
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -131,7 +135,7 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     # serialized before anything is written: a config JSON cannot hold fails here, not beside new tensors
     text = _json_text(config, "save_adapter")
     _write_tensors(out / WEIGHTS_NAME, adapter_state_dict(model), {"format": FORMAT})
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    _write_text(out / CONFIG_NAME, text)
     return out
 
 
@@ -371,7 +375,7 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
     }
     text = _json_text(peft_config, "export_peft")
     _write_tensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    _write_text(out / CONFIG_NAME, text)
     return out
 
 

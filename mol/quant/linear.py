@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mol import dispatch
-from mol.inject import all_or_nothing, name_matches, replace_module
+from mol.inject import _under_any, all_or_nothing, name_matches, replace_module
 from mol.layers import AdapterLayer, is_conv1d, not_full_precision
 
 from .nf4 import (NF4Weight, SUPPORTED_DTYPES, dequantize_nf4, from_bnb_tensors, quantize_nf4, to_bnb_tensors,
@@ -205,7 +205,7 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
     trained = set(getattr(model, "mol_trainable", ()))
     targets = []
     for name, m in model.named_modules():
-        if not (isinstance(m, nn.Linear) or is_conv1d(m)) or m is head or _skip_match_any_parent(name, skip):
+        if not (isinstance(m, nn.Linear) or is_conv1d(m)) or m is head or _under_any(name, skip, _skip_match):
             continue
         if any(f"{name}.{p}" in trained for p, _ in m.named_parameters()) or _adapter_part(model, name):
             continue
@@ -219,12 +219,6 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
         replace_module(model, name, _naming_layer(name, NF4Linear.from_linear, lin, blocksize, nested_blocksize,
                                                   backend=backend))
     return model
-
-
-def _skip_match_any_parent(name: str, patterns: list[str]) -> bool:
-    """``name`` or one of its parents matches a `skip` entry (a skipped block keeps every linear inside it)."""
-    parts = name.split(".")
-    return any(_skip_match(".".join(parts[:i]), patterns) for i in range(1, len(parts) + 1))
 
 
 def _adapter_part(model: nn.Module, name: str) -> bool:
