@@ -188,9 +188,9 @@ def base_compute_dtype(base: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _base_dtype_device(base: nn.Module) -> tuple[torch.dtype, Optional[torch.device]]:
-    """The compute dtype (base_compute_dtype) and device adapters should take: the device the base's tensors
-    live on."""
+def base_dtype_device(base: nn.Module) -> tuple[torch.dtype, Optional[torch.device]]:
+    """The compute dtype (base_compute_dtype) and device tensors trained beside ``base`` should take: the device
+    its parameters or buffers live on (None if it has neither)."""
     tensor = next(iter([*base.parameters(), *base.buffers()]), None)
     return base_compute_dtype(base), (tensor.device if tensor is not None else None)
 
@@ -278,7 +278,7 @@ class MoLLinear(AdapterLayer):
         self.backend = backend
         self.merged = False
 
-        base_dtype, device = _base_dtype_device(base)
+        base_dtype, device = base_dtype_device(base)
         dtype = adapter_dtype_for(adapter_dtype, base_dtype)
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, dtype=dtype, device=device))
         # lora_B is (E, out, r) but stored expert-interleaved, in (out, E, r) memory order: then the experts'

@@ -14,7 +14,7 @@ from torch import nn
 
 from mol.config import MethodConfig, TargetModules, register_config
 from mol.inject import is_linear, match_modules, register_method
-from mol.layers import base_compute_dtype
+from mol.layers import base_dtype_device
 from mol.methods._util import check_modules_to_save, check_targets, is_conv1d
 
 
@@ -53,9 +53,7 @@ def _inject_bitfit(model: nn.Module, cfg: BitFitConfig) -> list[str]:
     for name in match_modules(model, cfg.target_modules, predicate=linear, exclude=cfg.modules_to_save):
         layer = model.get_submodule(name)
         if getattr(layer, "bias", None) is None:
-            ref = next(iter(layer.parameters()), None)
-            device = ref.device if ref is not None else next(iter(layer.buffers())).device
-            dtype = base_compute_dtype(layer)
+            dtype, device = base_dtype_device(layer)
             # nn.Linear, Conv1D and NF4Linear all add ``self.bias`` when it is not None.
             layer.bias = nn.Parameter(torch.zeros(_out_features(layer), device=device, dtype=dtype))
             layer.mol_added_bias = True  # merge_and_unload declares it in the model's config (declare_added_biases)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mol.config import MethodConfig, TargetModules, check_adapter_dtype, register_config
 from mol.inject import is_linear, match_modules, name_matches, register_method, replace_module
-from mol.layers import AdapterLayer, adapter_dtype_for, base_compute_dtype, dense_weight_blocker
+from mol.layers import AdapterLayer, adapter_dtype_for, base_dtype_device, dense_weight_blocker
 from mol.methods._util import check_modules_to_save, check_targets, is_conv1d, model_type
 
 # PEFT's defaults per model type (target_modules, feedforward_modules), as in peft.utils.constants.
@@ -37,12 +37,6 @@ def _io_features(base: nn.Module) -> tuple[int, int]:
     if is_conv1d(base):
         return int(base.weight.shape[0]), int(base.nf)
     return int(base.in_features), int(base.out_features)
-
-
-def _param_like(base: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and float dtype for a new tensor beside ``base`` (NF4 bases keep codes, not a float weight)."""
-    t = next(iter([*base.parameters(), *base.buffers()]), None)
-    return (t.device if t is not None else torch.device("cpu")), base_compute_dtype(base)
 
 
 @register_config
@@ -82,7 +76,7 @@ class IA3Linear(AdapterLayer):
         self.base_layer = base
         self.feedforward = feedforward
         in_f, out_f = _io_features(base)
-        device, dtype = _param_like(base)
+        dtype, device = base_dtype_device(base)
         dtype = adapter_dtype_for(adapter_dtype, dtype)
         self.ia3_l = nn.Parameter(torch.ones(in_f if feedforward else out_f, device=device, dtype=dtype))
         self.merged = False
