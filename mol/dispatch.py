@@ -186,7 +186,8 @@ def routed_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A
 
         weight = getattr(base_layer, "weight", None)
         fusable = (type(base_layer) is torch.nn.Linear and not weight.requires_grad
-                   and (base_layer.bias is None or not base_layer.bias.requires_grad)
+                   and (base_layer.bias is None or (not base_layer.bias.requires_grad
+                                                    and base_layer.bias.dtype == x.dtype))
                    and x_lora is x and weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type))
         if fusable:
             return grouped_lora_linear(x, weight, base_layer.bias, lora_A, lora_B, gates, expert_ids, scale)

@@ -154,6 +154,9 @@ def test_bad_inputs_raise_clear_errors():
         gl.grouped_lora_add(base, x, A, B, gates, ids.float(), 1.0)
     with pytest.raises(ValueError, match="frozen"):
         gl.grouped_lora_linear(x, torch.randn(45, 19, requires_grad=True), None, A, B, gates, ids, 1.0)
+    for bad_bias in (torch.zeros(19), torch.zeros(45, dtype=torch.float64), torch.zeros(1, 45)):
+        with pytest.raises(ValueError, match=r"bias must be \(out,\) = \(45,\)"):
+            gl.grouped_lora_linear(x, torch.randn(45, 19), bad_bias, A, B, gates, ids, 1.0)
 
 
 def test_torch_compile_fullgraph_matches_eager(dense_gemms):

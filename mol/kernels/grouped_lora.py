@@ -833,6 +833,9 @@ def grouped_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if weight.shape[1] != x.shape[1] or weight.dtype != x.dtype:
         raise ValueError(f"grouped_lora_linear: weight must be (out, {x.shape[1]}) in {x.dtype}, got "
                          f"{tuple(weight.shape)} {weight.dtype}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"grouped_lora_linear: bias must be (out,) = ({weight.shape[0]},) in {x.dtype} on "
+                         f"{x.device}, got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
     dt = x.dtype
     args = (_as(x, dt), weight, bias, _as(lora_A, dt), _as_b(lora_B, dt), _as(gates, torch.float32),
             _as(expert_ids, torch.int64), float(scale))
