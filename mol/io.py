@@ -335,11 +335,13 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
     cfg = _single_lora_config(model)
     out = Path(directory)
     task = _peft_task_type(model)
-    heads = [n for n, _ in adapter_layers(model) if task == "SEQ_CLS" and n in _PEFT_SEQ_CLS_HEADS]
+    heads = [n for n, _ in adapter_layers(model)
+             if task == "SEQ_CLS" and any(n == h or n.startswith(h + ".") for h in _PEFT_SEQ_CLS_HEADS)]
     if heads:  # PEFT would wrap the head whole and fail on its LoRA keys: refuse before writing a broken directory
         raise ValueError(f"export_peft: LoRA on the classification head {heads[0]!r} cannot be read by PEFT, which "
                          f"trains a SEQ_CLS model's head whole (modules_to_save); adapt the head with "
-                         f"modules_to_save=[{heads[0]!r}] and target_modules without it, or keep this adapter in "
+                         f"modules_to_save=[{heads[0].split('.')[0]!r}] and target_modules without it, or keep this "
+                         "adapter in "
                          "mol's format (mol.save_adapter)")
     tensors: dict[str, Tensor] = {}
     for name, layer in adapter_layers(model):

@@ -16,6 +16,7 @@ prefix (or prepends the prompt embeddings) and shifts positions. Callers keep co
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -146,7 +147,12 @@ class _VirtualTokens(AdapterLayer):
     def _post_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         key = cache_kwarg(model) or "past_key_values"
         if not self._use_cache(model, kwargs) and getattr(output, key, None) is not None:
-            setattr(output, key, None)  # the cache we built only carried the virtual tokens through this call
+            # the cache we built only carried the virtual tokens through this call. A ModelOutput keeps its dict
+            # entry when the attribute is set to None (and refuses `del`): drop the entry, or out[key],
+            # to_tuple() and generate(use_cache=False) beam search would still meet it
+            if isinstance(output, OrderedDict) and key in output:
+                OrderedDict.__delitem__(output, key)
+            setattr(output, key, None)
         return output
 
 
@@ -317,7 +323,9 @@ def _inject_prefix(model: nn.Module, cfg: PrefixTuningConfig) -> list[str]:
     if None in (layers, heads, hidden):
         raise ValueError(f"cannot read num_hidden_layers/num_attention_heads/hidden_size from "
                          f"{type(model).__name__}.config; prefix tuning needs them")
-    kv_heads = config_int(hf, "num_key_value_heads") or heads
+    kv_heads = config_int(hf, "num_key_value_heads") or heads  # Falcon-40B's cache holds every head: its count
+    if getattr(hf, "multi_query", False) is True and not getattr(hf, "new_decoder_architecture", False):
+        kv_heads = 1  # Falcon-7B / GPTBigCode multi-query attention: one key-value head in the cache
     head_dim = config_int(hf, "head_dim") or hidden // heads
     w = model.get_input_embeddings().weight
     enc = PrefixEncoder(cfg.num_virtual_tokens, layers, kv_heads, head_dim, cfg.prefix_projection,

@@ -1,0 +1,85 @@
+"""Methods on architectures beyond Llama / GPT-2 / BERT: multi-query caches, encoder-decoder models, inputs that
+are not token ids, classification heads that are modules.
+
+References: the same model's full forward (cached steps), the model without the adapter, Hugging Face PEFT given the
+same tensors, and the adapter's own formula.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mol
+
+VOCAB = 97
+
+
+def _falcon(**kw) -> nn.Module:
+    from transformers import FalconConfig, FalconForCausalLM
+
+    cfg = FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **kw)
+    return FalconForCausalLM(cfg).eval()
+
+
+def _randomize(model: nn.Module) -> None:
+    with torch.no_grad():
+        for n in model.mol_trainable:
+            p = model.get_parameter(n)
+            p.copy_(torch.randn_like(p) * 0.5)
+
+
+@pytest.mark.parametrize("kw", [dict(multi_query=True, new_decoder_architecture=False),
+                                dict(multi_query=False, new_decoder_architecture=False),
+                                dict(new_decoder_architecture=True, num_kv_heads=2)],
+                         ids=["falcon-7b-mqa", "falcon-mha", "falcon-40b-gqa"])
+def test_prefix_on_falcon_caches_fit_and_a_cached_step_equals_the_full_forward(kw):
+    # Falcon-7B's multi-query attention caches one key-value head though its config counts every head
+    model = mol.inject(_falcon(**kw), mol.PrefixTuningConfig(num_virtual_tokens=3))
+    _randomize(model)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        first = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        step = model(input_ids=ids[:, 5:], attention_mask=mask, past_key_values=first.past_key_values, use_cache=True)
+        full = model(input_ids=ids, attention_mask=mask).logits
+        plain = mol.unload(model)(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(step.logits[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
+    assert (full - plain).abs().max() > 1e-3  # the prefix reached the attention
+
+
+def test_prefix_without_cache_returns_no_cache_entry_and_beam_search_runs():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = mol.inject(base, mol.PrefixTuningConfig(num_virtual_tokens=3))
+    _randomize(model)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        assert out.past_key_values is None and "past_key_values" not in out and len(out.to_tuple()) == 1
+        gen = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, num_beams=2, do_sample=False,
+                   pad_token_id=0)
+        assert torch.equal(model.generate(ids, use_cache=False, **gen), model.generate(ids, use_cache=True, **gen))
+
+
+def test_export_peft_refuses_lora_inside_a_classification_head_module(tmp_path):
+    # RoBERTa's head is a module (classifier.dense, classifier.out_proj): PEFT trains it whole and cannot read LoRA
+    # keys under it, so the export must refuse before writing, as it does for a one-layer head
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=40, num_labels=3)
+    model = mol.inject(RobertaForSequenceClassification(cfg), mol.LoRAConfig(rank=2))
+    with pytest.raises(ValueError, match=r"classification head 'classifier\.(dense|out_proj)'.*"
+                                         r"modules_to_save=\['classifier'\]"):
+        mol.export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    ok = mol.inject(RobertaForSequenceClassification(cfg), mol.LoRAConfig(rank=2, modules_to_save=["classifier"]))
+    mol.export_peft(ok, tmp_path / "ok")
+    assert (tmp_path / "ok" / "adapter_config.json").exists()
