@@ -211,6 +211,39 @@ class _AuxLossInOutput:
         return output
 
 
+class _InputsRequireGrad:
+    """A forward hook on a model's input embeddings (ViT's patch embedding, Whisper's convolutions) that makes
+    their output require grad: under reentrant activation checkpointing a checkpointed block whose inputs do not
+    require grad gives its adapters none. transformers does this itself only for models that take input_ids
+    (``enable_input_require_grads`` when checkpointing is enabled). A class, so deep copies get their own."""
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, Tensor) and torch.is_grad_enabled() and not output.requires_grad:
+            output.requires_grad_(True)
+        return output
+
+
+def _hook_inputs_require_grad(model: nn.Module) -> None:
+    """_InputsRequireGrad on the input embeddings of every Hugging Face (sub)model of a model whose main input is
+    not input_ids (pixel_values, input_features): once per embedding module."""
+    if getattr(model, "main_input_name", "input_ids") == "input_ids" or not hasattr(model, "get_input_embeddings"):
+        return
+    seen = set()
+    for sub in model.modules():
+        get = getattr(sub, "get_input_embeddings", None)
+        if not callable(get) or not hasattr(sub, "main_input_name"):
+            continue
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            continue
+        if not isinstance(emb, nn.Module) or id(emb) in seen:
+            continue
+        seen.add(id(emb))
+        if not any(isinstance(getattr(h, "__self__", h), _InputsRequireGrad) for h in emb._forward_hooks.values()):
+            emb.register_forward_hook(_InputsRequireGrad())
+
+
 @register_method(MoLConfig)
 def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
     _quantize_base(model, config)
@@ -329,6 +362,7 @@ def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:
         params[n].requires_grad_(True)
     model.mol_configs = list(getattr(model, "mol_configs", [])) + configs
     model.mol_trainable = trainable
+    _hook_inputs_require_grad(model)
 
 
 def adapter_layers(model: nn.Module) -> Iterable[tuple[str, AdapterLayer]]:

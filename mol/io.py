@@ -275,13 +275,14 @@ def _unload(model: nn.Module, merge_first: bool) -> nn.Module:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
         layers = list(adapter_layers(model))
     # what inject put on the model itself: the routers' call hooks and the router-loss hook
-    from mol.inject import _AuxLossInOutput, _RoutingCallHooks
+    from mol.inject import _AuxLossInOutput, _InputsRequireGrad, _RoutingCallHooks
 
-    for hooks in (model._forward_hooks, model._forward_pre_hooks):
-        for hook in list(hooks.values()):
-            owner = getattr(hook, "__self__", hook)
-            if isinstance(owner, (_RoutingCallHooks, _AuxLossInOutput)):
-                _remove_hooks(model, owner)
+    for module in model.modules():  # the input-grad hooks sit on the embeddings, the others on the model
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for hook in list(hooks.values()):
+                owner = getattr(hook, "__self__", hook)
+                if isinstance(owner, (_RoutingCallHooks, _AuxLossInOutput, _InputsRequireGrad)):
+                    _remove_hooks(module, owner)
     for attr in ("mol_routing_context", "mol_aux_loss_in_output", "mol_adapters_disabled", "mol_configs",
                  "mol_trainable"):
         if attr in model.__dict__:

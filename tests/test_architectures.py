@@ -83,3 +83,39 @@ def test_export_peft_refuses_lora_inside_a_classification_head_module(tmp_path):
     ok = mol.inject(RobertaForSequenceClassification(cfg), mol.LoRAConfig(rank=2, modules_to_save=["classifier"]))
     mol.export_peft(ok, tmp_path / "ok")
     assert (tmp_path / "ok" / "adapter_config.json").exists()
+
+
+def _vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=48, num_labels=3)
+    return ViTForImageClassification(cfg)
+
+
+def _grads(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "none of the inputs require grad" is what the old code met
+        model(**batch).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_reentrant_checkpointing_trains_adapters_of_a_model_fed_pixel_values():
+    # transformers makes the embeddings' output require grad only for input_ids models; without it a reentrant
+    # checkpointed ViT block gives its adapters no gradient
+    torch.manual_seed(0)
+    base = _vit()
+    batch = dict(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 2]))
+    plain = mol.inject(base, mol.MoLConfig(num_experts=2, top_k=1, rank=2, modules_to_save=["classifier"]))
+    _randomize(plain)
+    plain.train()
+    want = _grads(plain, batch)
+    plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    got = _grads(plain, batch)
+    assert set(got) == set(want) and all(g is not None for g in got.values())
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
+    mol.unload(plain)
+    assert not [h for m in plain.modules() for h in m._forward_hooks.values()
+                if type(getattr(h, "__self__", h)).__name__ == "_InputsRequireGrad"]
