@@ -15,7 +15,7 @@ from conftest import make_tiny_llama
 
 import mol
 
-inject_module = importlib.import_module("mol.inject")  # (mol.inject is also the function's name)
+calls_module = importlib.import_module("mol.calls")
 
 
 def _inject(model, **kw):
@@ -102,7 +102,7 @@ def test_cached_generation_keeps_the_prompts_choice(monkeypatch):
         chosen = [r._kept.chosen.clone() for r in routers]
         model(input_ids=prompt)  # the prompt's choice again, for the forced full forwards below
         assert all(torch.equal(r._kept.chosen, c) for r, c in zip(routers, chosen))
-        monkeypatch.setattr(inject_module, "_continues_cache", lambda kw: True)
+        monkeypatch.setattr(calls_module, "_continues_cache", lambda kw: True)
         for step, scores in enumerate(out.scores):
             full = model(input_ids=out.sequences[:, :prompt.shape[1] + step]).logits[:, -1]
             torch.testing.assert_close(scores, full, rtol=1e-4, atol=1e-5)

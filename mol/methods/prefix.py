@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from mol.config import MethodConfig, check_adapter_dtype, register_config
-from mol.inject import call_kwargs, register_method
+from mol.calls import call_kwargs
+from mol.inject import register_method
 from mol.layers import AdapterLayer, adapter_dtype_for
 from mol.methods._util import check_modules_to_save, config_int, text_config
 
