@@ -124,9 +124,10 @@ class NF4Linear(nn.Module):
     @property
     def packed(self) -> NF4Weight:
         """The packed weight as an NF4Weight (views of this module's buffers)."""
-        return NF4Weight(self.qweight, self.absmax, self.quant_map, (self.out_features, self.in_features),
-                         self.weight_dtype, self.blocksize, self.nested_absmax, self.nested_quant_map, self.offset,
-                         self.nested_blocksize)
+        b = self._buffers  # read directly: each forward builds this, and Module.__getattr__ costs a frame per buffer
+        return NF4Weight(b["qweight"], b["absmax"], b["quant_map"], (self.out_features, self.in_features),
+                         self.weight_dtype, self.blocksize, b.get("nested_absmax"), b.get("nested_quant_map"),
+                         b.get("offset"), self.nested_blocksize)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, nested_blocksize: int = 256,
@@ -137,6 +138,18 @@ class NF4Linear(nn.Module):
         _check_quantizable(linear)
         packed = quantize_nf4(linear.weight.data, blocksize, nested_blocksize, double_quant)
         return cls(packed, linear.bias.data if linear.bias is not None else None, backend)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight":
+                raise
+        # model code that reads `.weight` (T5's dtype check, nn.MultiheadAttention's F.linear) would otherwise get
+        # "'NF4Linear' object has no attribute 'weight'", which does not say why
+        raise AttributeError(f"{type(self).__name__} ({self.out_features}x{self.in_features}) has no dense `weight`: "
+                             "its weight is stored 4-bit (NF4 codes in `qweight`); call `dequantize()` for a "
+                             "full-precision copy, or keep this layer out of quantize (skip=[its name])")
 
     def uses_own_kernel(self, x: torch.Tensor) -> bool:
         """Whether forward(x) runs the fused small-T NF4 matmul rather than dequantize + dense GEMM."""
@@ -203,9 +216,12 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
     if callable(get_head):
         head = get_head()
     trained = set(getattr(model, "mol_trainable", ()))
+    kept = _kept_full_precision(model)
     targets = []
     for name, m in model.named_modules():
-        if not (isinstance(m, nn.Linear) or is_conv1d(m)) or m is head or _under_any(name, skip, _skip_match):
+        if not (isinstance(m, nn.Linear) or is_conv1d(m)) or m is head or name in kept:
+            continue
+        if _under_any(name, skip, _skip_match):
             continue
         if any(f"{name}.{p}" in trained for p, _ in m.named_parameters()) or _adapter_part(model, name):
             continue
@@ -219,6 +235,39 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
         replace_module(model, name, _naming_layer(name, NF4Linear.from_linear, lin, blocksize, nested_blocksize,
                                                   backend=backend))
     return model
+
+
+def _kept_full_precision(model: nn.Module) -> set[str]:
+    """Names of the modules the model itself asks to keep in full precision: those its (or a sub-model's)
+    ``_keep_in_fp32_modules`` / ``_keep_in_fp32_modules_strict`` name, as transformers' bitsandbytes loading keeps
+    them (T5's feed-forward reads ``wo.weight.dtype``; MoE routers list their gate), and their submodules."""
+    kept: set[str] = set()
+    for prefix, sub in model.named_modules():
+        patterns = []
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+            value = getattr(sub, attr, None)
+            if isinstance(value, (list, tuple, set, frozenset)):
+                # entries name modules or their tensors ("mlp.gate.weight"): the module is what stays unquantized
+                patterns += [p.removesuffix(".weight").removesuffix(".bias") for p in value if isinstance(p, str) and p]
+        if not patterns:
+            continue
+        for rel, _ in sub.named_modules():
+            if rel and _under_any(rel, patterns, _lenient_match):
+                kept.add(f"{prefix}.{rel}" if prefix else rel)
+    return kept
+
+
+def _lenient_match(name: str, patterns: list[str]) -> bool:
+    """quantize's skip rule for patterns the model gives (not the user's): one that is no valid regex is a name."""
+    if name_matches(name, patterns):
+        return True
+    for p in patterns:
+        try:
+            if re.fullmatch(p, name):
+                return True
+        except re.error:
+            pass
+    return False
 
 
 def _adapter_part(model: nn.Module, name: str) -> bool:

@@ -1,0 +1,101 @@
+"""mol.quantize on whole models: the layers it leaves in full precision (as transformers' bitsandbytes loading does),
+and the errors of NF4Linear where model code expects an nn.Linear."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mol
+from mol.quant import NF4Linear, dequantize_nf4_reference, quantize
+
+
+def _dequantized_copy(model: nn.Module) -> nn.Module:
+    """The model with every NF4Linear replaced by an nn.Linear holding its dequantized weight: the reference a
+    quantized model must compute exactly."""
+    ref = copy.deepcopy(model)
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, NF4Linear):
+            dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(dequantize_nf4_reference(m.packed, torch.float32))
+                if m.bias is not None:
+                    dense.bias.copy_(m.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(ref.get_submodule(parent) if parent else ref, child, dense)
+    return ref
+
+
+def _t5(kind):
+    import transformers
+
+    cfg_cls, model_cls = {"t5": ("T5Config", "T5ForConditionalGeneration"),
+                          "mt5": ("MT5Config", "MT5ForConditionalGeneration"),
+                          "umt5": ("UMT5Config", "UMT5ForConditionalGeneration")}[kind]
+    cfg = getattr(transformers, cfg_cls)(vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
+                                         decoder_start_token_id=0, feed_forward_proj="gated-gelu"
+                                         if kind != "t5" else "relu")
+    return getattr(transformers, model_cls)(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["t5", "mt5", "umt5"])
+def test_t5_keeps_wo_in_full_precision(kind):
+    """T5's feed-forward reads `self.wo.weight.dtype`; the model lists `wo` in _keep_in_fp32_modules, and
+    quantize (alone or through QLoRA) leaves it an nn.Linear as transformers' bitsandbytes loading does. The
+    quantized model computes what the model with each NF4 layer's dequantized weight computes."""
+    model = _t5(kind)
+    ids = torch.randint(0, 96, (2, 7))
+    labels = torch.randint(0, 96, (2, 5))
+    quantize(model, "nf4")
+    wo = [n for n, m in model.named_modules() if n.endswith(".wo")]
+    assert wo and all(type(model.get_submodule(n)) is nn.Linear for n in wo)
+    assert isinstance(model.encoder.block[0].layer[0].SelfAttention.q, NF4Linear)
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+        ref = _dequantized_copy(model)(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+    qlora = mol.inject(_t5(kind), mol.LoRAConfig(rank=4, quantize_base="nf4"))
+    assert all(type(qlora.get_submodule(n).base_layer) is nn.Linear for n in wo)
+    qlora(input_ids=ids, labels=labels).loss.backward()
+
+
+def test_keep_in_fp32_modules_of_a_sub_model_and_strict_tensor_names():
+    """Entries of _keep_in_fp32_modules(_strict) on any sub-model count, relative to it; an entry naming a tensor
+    ('mlp.gate.weight', as MoE models list their router) keeps its module."""
+
+    class Block(nn.Module):
+        _keep_in_fp32_modules_strict = ["mlp.gate.weight"]
+
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.ModuleDict({"gate": nn.Linear(64, 8), "up": nn.Linear(64, 64)})
+            self.out = nn.Linear(64, 64)
+
+    class Model(nn.Module):
+        _keep_in_fp32_modules = ["out"]
+
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.proj = nn.Linear(64, 64)
+
+    m = quantize(Model(), "nf4")
+    for b in m.blocks:
+        assert type(b.mlp.gate) is nn.Linear and type(b.out) is nn.Linear
+        assert isinstance(b.mlp.up, NF4Linear)
+    assert isinstance(m.proj, NF4Linear)
+
+
+def test_reading_weight_of_nf4linear_says_it_is_4bit():
+    q = NF4Linear.from_linear(nn.Linear(128, 64))
+    with pytest.raises(AttributeError, match=r"NF4Linear \(64x128\) has no dense `weight`.*4-bit.*dequantize\(\)"):
+        q.weight
+    assert not hasattr(q, "weight") and getattr(q, "weight", None) is None  # code probing for a dense weight
+    with pytest.raises(AttributeError, match="'NF4Linear' object has no attribute 'nothing'"):
+        q.nothing
