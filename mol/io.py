@@ -399,10 +399,13 @@ def _peft_task_type(model: nn.Module) -> Any:
 # and PEFT itself corrects the flag to the layer it meets, so any value imports)
 _UNSUPPORTED_PEFT = {"use_dora": False, "bias": "none"}
 # PEFT options that change what a LoRA layer computes, which mol does not do: set to anything but their off value,
-# the import stops and names them (the init-only ones, e.g. loftq_config or eva_config, change nothing to load)
+# the import stops and names them (init-only options such as eva_config change nothing to load; the inits that
+# rewrite the base weight are refused below)
 _PEFT_OFF_ONLY = ("lora_bias", "trainable_token_indices", "layer_replication", "target_parameters",
                   "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "velora_config",
                   "monteclora_config")
+# PEFT inits (besides "pissa*") that replace the base weight by its residual: the adapter only fits that base
+_PEFT_BASE_REWRITING_INITS = ("olora", "corda", "loftq")
 # PEFT options that only choose which layers carry the adapter: the adapter's own tensors name those layers, and
 # the import adapts exactly them
 _PEFT_LAYER_CHOICE = ("exclude_modules", "layers_to_transform", "layers_pattern")
@@ -427,6 +430,11 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
         suffix = ".lora_A.weight"
         targets = sorted(k.removeprefix(PEFT_PREFIX).removesuffix(suffix) for k in tensors if k.endswith(suffix))
     init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and (init.startswith("pissa") or init in _PEFT_BASE_REWRITING_INITS):
+        raise ValueError(f"{directory}: PEFT's init_lora_weights={init!r} rewrites the base weights (W - scale * B0 "
+                         "A0) when it builds the adapter, so these tensors on the original base compute something "
+                         "else; have PEFT convert it to plain LoRA first: peft_model.save_pretrained(out_dir, "
+                         "path_initial_model_for_weight_conversion=<the adapter as initialised>), then import out_dir")
     # PEFT's task types append their usual head names ("classifier", "score") whether or not the model has
     # them, and PEFT ignores the ones that match nothing; do the same, keeping the saved order.
     names = [n for n, _ in model.named_modules()]

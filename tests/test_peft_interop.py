@@ -287,3 +287,28 @@ def test_peft_adapter_saved_as_bin_imports(tmp_path):
     (tmp_path / "adapter_model.bin").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="adapter_model.bin is truncated, corrupt"):
         mol.import_peft(copy.deepcopy(base), tmp_path)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_import_refuses_inits_that_rewrite_the_base_and_takes_peft_s_conversion(init, tmp_path):
+    # PiSSA / OLoRA replace each base weight by W - scale * B0 A0 when PEFT builds (or reloads) the adapter: the
+    # tensors alone on the original base compute something else, so import must refuse them; PEFT's conversion to
+    # plain LoRA (the refusal's advice) imports exactly
+    base = make_tiny_llama()
+    ids = torch.randint(0, 101, (2, 7))
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights=init))
+    pm.peft_config["default"].init_lora_weights = True  # the initial adapter, as PEFT's docs save it
+    pm.save_pretrained(tmp_path / "initial")
+    pm.peft_config["default"].init_lora_weights = init
+    _randomise_peft(pm)
+    pm.save_pretrained(tmp_path / "trained")
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}' rewrites the base weights.*"
+                                         "path_initial_model_for_weight_conversion"):
+        mol.import_peft(copy.deepcopy(base), tmp_path / "trained")
+    pm.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    ours = mol.import_peft(copy.deepcopy(base), tmp_path / "converted").eval()
+    with torch.no_grad():
+        want = pm.eval()(input_ids=ids).logits
+        assert (want - base(input_ids=ids).logits).abs().max() > 1e-3
+        assert rel(ours(input_ids=ids).logits, want) < 1e-5
