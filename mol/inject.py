@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MethodConfig, MoLConfig, pattern_value
-from mol.layers import AdapterLayer, MoLLinear, is_conv1d
+from mol.layers import AdapterLayer, MoLLinear, is_conv1d, not_full_precision
 from mol.calls import routing_context
 
 MethodFn = Callable[[nn.Module, MethodConfig], list[str]]
@@ -121,13 +121,23 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _quantize_base(model: nn.Module, config: MethodConfig) -> None:
-    """QLoRA: the model's linears to NF4, but for the modules this config (or an earlier inject's) trains whole."""
-    if getattr(config, "quantize_base", None) == "nf4":
+def _quantize_base(model: nn.Module, configs: list[MethodConfig]) -> None:
+    """QLoRA: the model's linears to NF4 before any method of the call runs (so each method wraps the layer it
+    will compute with), but for the modules a config of this call (or of an earlier inject) trains whole."""
+    if any(getattr(c, "quantize_base", None) == "nf4" for c in configs):
         from mol.quant import quantize  # deferred: the NF4 code is only needed for QLoRA
 
-        keep = [n for c in [*getattr(model, "mol_configs", []), config] for n in getattr(c, "modules_to_save", [])]
+        keep = [n for c in [*getattr(model, "mol_configs", []), *configs] for n in getattr(c, "modules_to_save", [])]
         quantize(model, "nf4", skip=keep)
+
+
+def _quantized_in(module: nn.Module) -> Optional[str]:
+    """The name (relative to ``module``) of a quantized linear inside it, whose codes no optimizer can train."""
+    for name, sub in module.named_modules():
+        if getattr(sub, "is_quantized_linear", False) or (
+                (isinstance(sub, nn.Linear) or is_conv1d(sub)) and not_full_precision(sub) is not None):
+            return name or "."
+    return None
 
 
 
@@ -177,7 +187,6 @@ def _hook_inputs_require_grad(model: nn.Module) -> None:
 
 @register_method(MoLConfig)
 def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
-    _quantize_base(model, config)
     if config.aux_loss_in_output and not getattr(model, "mol_aux_loss_in_output", False):
         model.register_forward_hook(_AuxLossInOutput(), with_kwargs=True)
         model.mol_aux_loss_in_output = True  # mol.train's module then adds nothing itself
@@ -270,6 +279,7 @@ def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:
         return [params[n] for n in names]
 
     tracked = tensors(list(getattr(model, "mol_trainable", [])))
+    _quantize_base(model, configs)
     for cfg in configs:
         names = _METHODS[type(cfg)](model, cfg)
         for mod_name in getattr(cfg, "modules_to_save", []):
@@ -277,6 +287,14 @@ def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:
             if not hits:
                 raise ValueError(f"modules_to_save entry {mod_name!r} matches no module; fix modules_to_save")
             for hit in hits:
+                inner = _quantized_in(model.get_submodule(hit))
+                if inner is not None:
+                    where = hit if inner == "." else f"{hit}.{inner}"
+                    raise ValueError(f"modules_to_save entry {mod_name!r} holds the quantized layer {where!r}, whose "
+                                     "4-bit codes cannot train (only its bias would): quantize the model with "
+                                     f"mol.quantize(..., skip=[{mod_name!r}]), or give quantize_base='nf4' and "
+                                     "every config in one inject call (the base is then quantized but for all "
+                                     "their modules_to_save)")
                 names += [f"{hit}.{p}" for p, _ in model.get_submodule(hit).named_parameters()]
         tracked += tensors(names)
 
@@ -285,7 +303,8 @@ def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:
     lost = [p for p in tracked if id(p) not in name_of]
     if lost:
         raise ValueError(f"a later method replaced a {tuple(lost[0].shape)} tensor that an earlier method trains (e.g. "
-                         "quantize_base='nf4' rebuilding a layer BitFit gave a bias); inject the replacing method first")
+                         "quantize_base='nf4' rebuilding a layer BitFit gave a bias in an earlier inject); inject the configs in "
+                         "one call (quantize_base runs before every method of its call) or the replacing method first")
     trainable = list(dict.fromkeys(name_of[id(p)] for p in tracked))  # de-duplicated, order kept
     for p in params.values():
         p.requires_grad_(False)
