@@ -99,3 +99,51 @@ def test_reading_weight_of_nf4linear_says_it_is_4bit():
     assert not hasattr(q, "weight") and getattr(q, "weight", None) is None  # code probing for a dense weight
     with pytest.raises(AttributeError, match="'NF4Linear' object has no attribute 'nothing'"):
         q.nothing
+
+
+def test_multihead_attention_linears_stay_full_precision():
+    """nn.MultiheadAttention computes F.linear(..., self.out_proj.weight, ...) itself, and nn.TransformerEncoderLayer's
+    inference fast path hands linear1 / linear2's weights to one fused op: quantize leaves those alone (and the
+    linears around them it quantizes); the model computes what its dequantized copy computes, in training and in
+    eval under no_grad (the fast path)."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(32, 64)
+            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True), 2,
+                                                 enable_nested_tensor=False)
+            self.pool = nn.MultiheadAttention(64, 4, batch_first=True)
+            self.proj = nn.Linear(64, 64)
+
+        def forward(self, x):
+            h = self.encoder(self.embed(x))
+            return self.proj(self.pool(h, h, h)[0])
+
+    model = quantize(Model(), "nf4")
+    kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert sorted(kept) == sorted(["pool.out_proj"] + [f"encoder.layers.{i}.{c}" for i in range(2)
+                                                        for c in ("self_attn.out_proj", "linear1", "linear2")])
+    assert isinstance(model.embed, NF4Linear) and isinstance(model.proj, NF4Linear)
+    ref = _dequantized_copy(model)
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_siglip_pooling_head_attention():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    cfg = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                             image_size=32, patch_size=8)
+    pixels = torch.randn(2, 3, 32, 32)
+    model = quantize(SiglipVisionModel(cfg).eval(), "nf4")
+    assert type(model.head.attention.out_proj) is not NF4Linear
+    assert isinstance(model.head.mlp.fc1, NF4Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixels).pooler_output,
+                                   _dequantized_copy(model)(pixel_values=pixels).pooler_output, rtol=1e-5, atol=1e-5)
+    qlora = mol.inject(SiglipVisionModel(cfg), mol.LoRAConfig(rank=4, quantize_base="nf4"))
+    qlora(pixel_values=pixels).pooler_output.sum().backward()

@@ -238,11 +238,18 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
 
 
 def _kept_full_precision(model: nn.Module) -> set[str]:
-    """Names of the modules the model itself asks to keep in full precision: those its (or a sub-model's)
-    ``_keep_in_fp32_modules`` / ``_keep_in_fp32_modules_strict`` name, as transformers' bitsandbytes loading keeps
-    them (T5's feed-forward reads ``wo.weight.dtype``; MoE routers list their gate), and their submodules."""
+    """Names of the modules the model itself needs in full precision, and their submodules: those its (or a
+    sub-model's) ``_keep_in_fp32_modules`` / ``_keep_in_fp32_modules_strict`` name, as transformers' bitsandbytes
+    loading keeps them (T5's feed-forward reads ``wo.weight.dtype``; MoE routers list their gate), and the linears
+    that torch's own modules read the weight of: an nn.MultiheadAttention's (it computes ``F.linear(...,
+    self.out_proj.weight, ...)`` itself) and an nn.TransformerEncoderLayer's ``linear1`` / ``linear2`` (its
+    inference fast path hands their weights to one fused op)."""
     kept: set[str] = set()
     for prefix, sub in model.named_modules():
+        if isinstance(sub, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+            read = None if isinstance(sub, nn.MultiheadAttention) else ("linear1", "linear2")  # None: all of them
+            kept.update(f"{prefix}.{rel}" if prefix else rel for rel, _ in sub.named_modules()
+                        if rel and (read is None or rel.split(".")[0] in read))
         patterns = []
         for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
             value = getattr(sub, attr, None)
