@@ -75,9 +75,13 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
     adapters = {n for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
     candidates = [(n, m) for n, m in model.named_modules()
                   if n and not _inside_adapter(n, adapters) and not _under_any(n, exclude)]
+    # nn.MultiheadAttention passes out_proj.weight to its functional form and never calls the layer: an adapter
+    # there would compute nothing
+    mha_owned = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+                 if isinstance(m, nn.MultiheadAttention)}
     if target_modules == "all-linear":
         heads = _output_head_names(model)
-        names = [n for n, m in candidates if predicate(m) and n not in heads]
+        names = [n for n, m in candidates if predicate(m) and n not in heads and n not in mha_owned]
         if not names and adapters:  # an earlier inject took them all
             raise ValueError(f"target_modules='all-linear' matched no linear layer: every one in this model already "
                              f"carries an adapter ({len(adapters)} adapted layers); give each method its own layers "
@@ -107,6 +111,11 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
         raise ValueError(f"target_modules {what} matched no module of {type(model).__name__}; "
                          f"layer names on offer: {offered[:20]}. Fix target_modules (exact names, suffixes such "
                          f"as 'q_proj', one regex string, or 'all-linear')")
+    owned = [n for n in names if n in mha_owned]
+    if owned:
+        raise ValueError(f"target_modules selected {owned[0]!r}, the output projection of an nn.MultiheadAttention, "
+                         "which reads its weight directly and never calls the layer, so an adapter there would change "
+                         "nothing; narrow target_modules to leave it out")
     modules = dict(model.named_modules())
     wrong = [n for n in names if not predicate(modules[n])]
     if wrong:

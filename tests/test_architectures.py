@@ -119,3 +119,18 @@ def test_reentrant_checkpointing_trains_adapters_of_a_model_fed_pixel_values():
     mol.unload(plain)
     assert not [h for m in plain.modules() for h in m._forward_hooks.values()
                 if type(getattr(h, "__self__", h)).__name__ == "_InputsRequireGrad"]
+
+
+def test_multihead_attention_out_proj_is_never_adapted():
+    # nn.MultiheadAttention reads out_proj.weight itself: LoRA there changed nothing, silently
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=48, batch_first=True)
+    mol.inject(layer, mol.LoRAConfig(rank=2))  # all-linear
+    adapted = sorted(n for n, m in layer.named_modules() if isinstance(m, mol.MoLLinear))
+    assert adapted == ["linear1", "linear2"]
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        layer.linear2.lora_B.normal_()
+    assert (layer(x) - mol.unload(layer)(x)).abs().max() > 1e-3  # what is adapted computes
+    with pytest.raises(ValueError, match=r"'self_attn\.out_proj', the output projection of an nn.MultiheadAttention"):
+        mol.inject(nn.TransformerEncoderLayer(d_model=32, nhead=4, batch_first=True),
+                   mol.LoRAConfig(rank=2, target_modules=["out_proj", "linear1"]))
