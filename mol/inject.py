@@ -62,6 +62,10 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if m is head}
 
 
+# BitFit trains a layer in place and the wrapping methods keep what it did, not the other way round
+_ORDER_HINT = " (BitFitConfig before LoRAConfig / MoLConfig / IA3Config, in one list or an earlier inject)"
+
+
 def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
                   predicate: Callable[[nn.Module], bool] = is_linear,
                   exclude: Iterable[str] = ()) -> list[str]:
@@ -84,8 +88,8 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
         names = [n for n, m in candidates if predicate(m) and n not in heads and n not in mha_owned]
         if not names and adapters:  # an earlier inject took them all
             raise ValueError(f"target_modules='all-linear' matched no linear layer: every one in this model already "
-                             f"carries an adapter ({len(adapters)} adapted layers); give each method its own layers "
-                             "(or inject the configs as one list on a fresh model)")
+                             f"carries an adapter ({len(adapters)} adapted layers); give each method its own layers, "
+                             f"or put this config before the one that wrapped them{_ORDER_HINT}")
         if not names:
             raise ValueError("target_modules='all-linear' matched no linear layer in this model; "
                              "name the layers to adapt explicitly")
@@ -104,8 +108,8 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
             names.extend(h for h in hits if h not in names)
         what = f"pattern(s) {unmatched!r}"
     if unmatched and any(name_matches(a, unmatched) for a in adapters):
-        raise ValueError(f"target_modules {what} selects layers that already carry an adapter; "
-                         "give each method its own layers (or inject the configs as one list on a fresh model)")
+        raise ValueError(f"target_modules {what} selects layers that already carry an adapter; give each method "
+                         f"its own layers, or put this config before the one that wrapped them{_ORDER_HINT}")
     if unmatched:
         offered = sorted({n.split(".")[-1] for n, m in candidates if predicate(m)})
         raise ValueError(f"target_modules {what} matched no module of {type(model).__name__}; "

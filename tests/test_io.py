@@ -163,6 +163,11 @@ def test_all_linear_on_an_all_adapted_model_says_so():
     model = mol.inject(make_tiny_llama(), mol.LoRAConfig(target_modules="all-linear"))
     with pytest.raises(ValueError, match="every one in this model already carries an adapter"):
         mol.inject(model, mol.MoLConfig(target_modules="all-linear"))
+    # BitFit after a wrapping method in one list: the advice is the order that works, which then does
+    with pytest.raises(ValueError, match=r"put this config before the one that wrapped them \(BitFitConfig before"):
+        mol.inject(make_tiny_llama(), [mol.LoRAConfig(), mol.BitFitConfig()])
+    both = mol.inject(make_tiny_llama(), [mol.BitFitConfig(), mol.LoRAConfig()])
+    assert any(n.endswith("q_proj.base_layer.bias") for n in both.mol_trainable)
 
 
 def test_aux_loss_collects_every_routed_layer():
