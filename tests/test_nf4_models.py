@@ -147,3 +147,72 @@ def test_siglip_pooling_head_attention():
                                    _dequantized_copy(model)(pixel_values=pixels).pooler_output, rtol=1e-5, atol=1e-5)
     qlora = mol.inject(SiglipVisionModel(cfg), mol.LoRAConfig(rank=4, quantize_base="nf4"))
     qlora(pixel_values=pixels).pooler_output.sum().backward()
+
+
+def _tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, pad_token_id=0, **kw)
+
+
+def test_sequence_classification_head_stays_full_precision(tmp_path):
+    """A sequence classifier's head (Llama's `score`, which has no get_output_embeddings) stays a trainable
+    nn.Linear, and every other linear goes to NF4: the same layers transformers' bitsandbytes 4-bit loading
+    quantizes (compared with it where bitsandbytes imports)."""
+    from transformers import LlamaForSequenceClassification
+
+    cfg = _tiny_llama_config(num_labels=3)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
+    model = quantize(LlamaForSequenceClassification.from_pretrained(tmp_path), "nf4")
+    assert type(model.score) is nn.Linear
+    nf4 = {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    assert len(nf4) == 7
+    ids = torch.randint(1, 96, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, _dequantized_copy(model)(ids).logits, rtol=1e-5, atol=1e-5)
+    qlora = mol.inject(LlamaForSequenceClassification.from_pretrained(tmp_path),
+                       mol.LoRAConfig(rank=4, quantize_base="nf4", target_modules=["q_proj"], modules_to_save=["score"]))
+    assert type(qlora.score) is nn.Linear and "score.weight" in qlora.mol_trainable
+
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except Exception:  # pragma: no cover - bitsandbytes absent or broken on this machine
+        return
+    bnb = LlamaForSequenceClassification.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+        device_map="cpu")
+    assert {n for n, m in bnb.named_modules() if type(m).__name__ == "Linear4bit"} == nf4
+
+
+def test_bert_classifier_with_bias_stays_full_precision():
+    """BERT's `classifier` has a bias, so its model's last parameter is `classifier.bias`: still the head, kept in
+    full precision; quantize first and modules_to_save=['classifier'] later then trains its weight too."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+                     num_labels=4)
+    model = quantize(BertForSequenceClassification(cfg).eval(), "nf4")
+    assert type(model.classifier) is nn.Linear
+    assert isinstance(model.bert.pooler.dense, NF4Linear)
+    mol.inject(model, mol.LoRAConfig(rank=4, target_modules=["query"], modules_to_save=["classifier"]))
+    assert {"classifier.weight", "classifier.bias"} <= set(model.mol_trainable)
+
+
+def test_head_under_an_adapter_and_tied_linears_stay_full_precision():
+    """The head rule looks past adapters (a LoRA on `score` injected before quantize keeps its base in full
+    precision), and two linears sharing one weight (tied) both stay nn.Linear: NF4 would untie them silently."""
+    from transformers import LlamaForSequenceClassification
+
+    model = mol.inject(LlamaForSequenceClassification(_tiny_llama_config(num_labels=2)),
+                       mol.LoRAConfig(rank=4, target_modules=["score", "v_proj"]))
+    quantize(model, "nf4")
+    assert type(model.score.base_layer) is nn.Linear
+    assert isinstance(model.model.layers[0].self_attn.v_proj.base_layer, NF4Linear)
+
+    tied = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 64))
+    tied[2].weight = tied[0].weight
+    quantize(tied, "nf4")
+    assert type(tied[0]) is nn.Linear and type(tied[2]) is nn.Linear and tied[0].weight is tied[2].weight
+    assert isinstance(tied[3], NF4Linear)

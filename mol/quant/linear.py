@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import torch
 import torch.nn as nn
@@ -202,10 +203,18 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
     transposed into NF4Linear's (out, in) as transformers' bitsandbytes loading does) by frozen NF4Linear in place
     and return the model.
 
-    Skipped: the output head (model.get_output_embeddings(), if the model has one); every module whose name, or a
-    parent's, equals an entry of `skip`, ends with '.' + entry, or fully matches it as a regex; and every layer
-    whose tensors an adapter trains (``model.mol_trainable``: modules_to_save, earlier adapters) or that belongs to a
-    mol adapter (a bottleneck adapter's or prefix encoder's own linears; an adapter layer's base_layer is quantized).
+    Kept in full precision, as transformers' bitsandbytes loading keeps them:
+    - the output head (``model.get_output_embeddings()``) and every linear holding a tied tensor;
+    - in a transformers model, the module holding its last parameter: the task head (a sequence classifier's
+      ``score`` / ``classifier``, with or without a bias);
+    - the modules the model's (or a sub-model's) ``_keep_in_fp32_modules`` / ``_keep_in_fp32_modules_strict`` name
+      (T5's ``wo``, whose dtype its feed-forward reads);
+    - the linears torch's attention modules read the weight of: all of an nn.MultiheadAttention's (``out_proj``),
+      an nn.TransformerEncoderLayer's ``linear1`` / ``linear2`` (its inference fast path).
+    Also kept: every module whose name, or a parent's, equals an entry of `skip`, ends with '.' + entry, or fully
+    matches it as a regex; and every layer whose tensors an adapter trains (``model.mol_trainable``:
+    modules_to_save, earlier adapters) or that belongs to a mol adapter (a bottleneck adapter's or prefix encoder's
+    own linears; an adapter layer's base_layer is quantized).
     Raises if the model would hold no NF4 layer at all: a model believed 4-bit that is not would be a silent no-op.
     """
     if method != "nf4":
@@ -216,7 +225,7 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
     if callable(get_head):
         head = get_head()
     trained = set(getattr(model, "mol_trainable", ()))
-    kept = _kept_full_precision(model)
+    kept = _kept_full_precision(model) | _heads_and_tied(model)
     targets = []
     for name, m in model.named_modules():
         if not (isinstance(m, nn.Linear) or is_conv1d(m)) or m is head or name in kept:
@@ -261,6 +270,27 @@ def _kept_full_precision(model: nn.Module) -> set[str]:
         for rel, _ in sub.named_modules():
             if rel and _under_any(rel, patterns, _lenient_match):
                 kept.add(f"{prefix}.{rel}" if prefix else rel)
+    return kept
+
+
+def _heads_and_tied(model: nn.Module) -> set[str]:
+    """The modules transformers' bitsandbytes loading keeps in full precision besides the output embeddings
+    (transformers' get_keys_to_not_convert): those holding a tied tensor (a layer sharing its weight with another
+    module; quantizing one would silently untie them) and, in a transformers model, the one holding the last
+    parameter: its task head (a sequence classifier's `score` / `classifier`). transformers 5 strips only
+    '.weight' from that last name and so quantizes a head with a bias (BERT's `classifier`); a head is small and
+    is what fine-tuning trains, so it is kept here with or without one, as transformers 4 kept it."""
+    owners: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), set()).add(name.rpartition(".")[0])
+    kept = {n for names in owners.values() if len(names) > 1 for n in names}
+    transformers = sys.modules.get("transformers")  # a transformers model means transformers is imported already
+    if transformers is not None and isinstance(model, getattr(transformers, "PreTrainedModel", ())):
+        # the base's last parameter, not an adapter's (a LoRA's lora_B, a prefix encoder attached as mol_prefix)
+        owner = [name.rpartition(".")[0] for name, _ in model.named_parameters()]
+        base = [n for n in owner if n and not n.startswith("mol_") and not _adapter_part(model, n)]
+        if base:
+            kept.add(base[-1])
     return kept
 
 
