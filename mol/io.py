@@ -264,7 +264,8 @@ def _unload(model: nn.Module, merge_first: bool) -> nn.Module:
             delattr(parent, name.rpartition(".")[2])
         elif isinstance(layer, _VirtualTokens):
             owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            _remove_hooks(owner, layer)
+            for module in owner.modules():  # the model's hooks, and prompt tuning's on an encoder-decoder's encoder
+                _remove_hooks(module, layer)
             delattr(owner, name.rpartition(".")[2])
         else:  # a wrapper: the frozen layer it holds takes its place
             if merge_first:

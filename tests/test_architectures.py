@@ -134,3 +134,68 @@ def test_multihead_attention_out_proj_is_never_adapted():
     with pytest.raises(ValueError, match=r"'self_attn\.out_proj', the output projection of an nn.MultiheadAttention"):
         mol.inject(nn.TransformerEncoderLayer(d_model=32, nhead=4, batch_first=True),
                    mol.LoRAConfig(rank=2, target_modules=["out_proj", "linear1"]))
+
+
+def _seq2seq(kind: str) -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        cfg = T.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                         num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        return T.T5ForConditionalGeneration(cfg).eval()
+    cfg = T.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                       decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                       pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    return T.BartForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_prompt_tuning_on_encoder_decoder_models_matches_peft(kind):
+    # the prompt goes in front of the encoder's tokens (PEFT's num_transformer_submodules=1); labels, decoder inputs
+    # and decoder logits are the decoder's own, whatever their length
+    peft = pytest.importorskip("peft")
+    n = 3
+    ours = mol.inject(_seq2seq(kind), mol.PromptTuningConfig(num_virtual_tokens=n))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(_seq2seq(kind), peft.PromptTuningConfig(
+            task_type="SEQ_2_SEQ_LM", num_virtual_tokens=n, num_transformer_submodules=1)).eval()
+    with torch.no_grad():
+        ours.mol_prompt.embedding.weight.normal_()
+        ref.prompt_encoder.default.embedding.weight.copy_(ours.mol_prompt.embedding.weight)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        for length in (5, 6, 6 + n):  # 6 and 6 + n: the lengths the decoder-only rules mistook for the encoder's
+            labels = torch.randint(3, VOCAB, (2, length))
+            a = ours(input_ids=ids, attention_mask=mask, labels=labels)
+            b = ref(input_ids=ids, attention_mask=mask, labels=labels)
+            assert a.logits.shape == (2, length, VOCAB)
+            torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+        gen = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        out = ours.generate(input_ids=ids, **gen)
+        assert torch.equal(out, ref.generate(input_ids=ids, **gen))
+        with mol.disable_adapters(ours):
+            plain = ours(input_ids=ids, attention_mask=mask, labels=labels).logits
+        torch.testing.assert_close(plain, _seq2seq(kind)(input_ids=ids, attention_mask=mask, labels=labels).logits)
+        mol.unload(ours)
+        assert not [h for m in ours.modules() for h in m._forward_pre_hooks.values()
+                    if type(getattr(h, "__self__", None)).__name__ == "PromptEmbedding"]
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask, labels=labels).logits, plain)
+
+
+def test_prompt_tuning_on_t5_keeps_the_encoder_mask_from_the_decoder_routers():
+    # MoL beside prompt tuning: a decoder as long as the prompted encoder input counted the encoder's padding
+    n = 2
+    ids = torch.randint(3, VOCAB, (2, 4))
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    model = mol.inject(_seq2seq("t5"), [mol.PromptTuningConfig(num_virtual_tokens=n),
+                                        mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules=["q"])])
+    for length in (5, 4 + n):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.randint(3, VOCAB, (2, length)))
+        counts = mol.routing_stats(model)["decoder.block.0.layer.0.SelfAttention.q"]["counts"]
+        assert counts.sum().item() == 2 * length * 2  # every decoder token, top-2: the decoder has no padding

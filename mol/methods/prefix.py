@@ -229,8 +229,55 @@ class PromptEmbedding(_VirtualTokens):
             with torch.no_grad():
                 self.embedding.weight.copy_(w[ids])
         self._strip = False
+        self._encoder_decoder = False
+
+    def attach(self, model: nn.Module) -> None:
+        super().attach(model)
+        # An encoder-decoder model takes the prompt on its encoder's input (Lester et al.'s T5 setting; PEFT's
+        # num_transformer_submodules=1): a hook on the encoder itself, which generate() calls on its own
+        self._encoder_decoder = bool(getattr(text_config(model), "is_encoder_decoder", False))
+        if self._encoder_decoder:
+            model.get_encoder().register_forward_pre_hook(self._on_encoder_call, with_kwargs=True)
+
+    def _on_encoder_call(self, encoder: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        return None if self.disabled else self._encoder_pre_hook(encoder, args, kwargs)
+
+    def _encoder_pre_hook(self, encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The prompt in front of the encoder's input; its mask extended unless the model's own hook did."""
+        kw = call_kwargs(encoder, args, kwargs)
+        embeds = kw.get("inputs_embeds")
+        if embeds is None:
+            if kw.get("input_ids") is None:
+                raise ValueError(f"{type(self).__name__} needs input_ids or inputs_embeds in the encoder's call")
+            embeds = encoder.get_input_embeddings()(kw["input_ids"])
+        batch, n = embeds.shape[0], self.num_virtual_tokens
+        prompts = self.embedding.weight.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        kw["inputs_embeds"], kw["input_ids"] = torch.cat([prompts, embeds], dim=1), None
+        mask = kw.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[1] == embeds.shape[1]:
+            kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        return (), kw
+
+    def _encoder_decoder_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """An encoder-decoder model's call: the encoder's hook adds the prompt; here only the caller's encoder mask
+        (which the decoder's cross-attention reads too) gains the virtual positions. Labels, decoder inputs and
+        logits are the decoder's and stay as they are."""
+        kw = call_kwargs(model, args, kwargs)
+        mask = kw.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            n, encoded = self.num_virtual_tokens, kw.get("encoder_outputs")
+            if encoded is not None:  # generate()'s decode steps: the encoder ran with the prompt already
+                extend = mask.shape[1] + n == encoded[0].shape[1]
+            else:
+                x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+                extend = x is not None and mask.shape[1] == x.shape[1]
+            if extend:
+                kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+        return (), kw
 
     def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self._encoder_decoder:
+            return self._encoder_decoder_pre_hook(model, args, kwargs)
         kw = call_kwargs(model, args, kwargs)
         batch, fresh = self._common(model, kw)
         n = self.num_virtual_tokens
@@ -338,9 +385,12 @@ def _inject_prefix(model: nn.Module, cfg: PrefixTuningConfig) -> list[str]:
 @register_method(PromptTuningConfig)
 def _inject_prompt(model: nn.Module, cfg: PromptTuningConfig) -> list[str]:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if getattr(text_config(model), "is_encoder_decoder", False):  # the prompt goes on the encoder's tokens
+        encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
+        emb = encoder.get_input_embeddings() if hasattr(encoder, "get_input_embeddings") else None
     if not isinstance(emb, nn.Embedding):
-        raise ValueError(f"prompt tuning needs a model with get_input_embeddings() returning an nn.Embedding; "
-                         f"{type(model).__name__} has none")
+        raise ValueError(f"prompt tuning needs a model whose input (its encoder's, for an encoder-decoder model) is "
+                         f"token ids embedded by an nn.Embedding; {type(model).__name__} has none")
     enc = PromptEmbedding(cfg.num_virtual_tokens, emb, cfg.init,
                           dtype=adapter_dtype_for(cfg.adapter_dtype, emb.weight.dtype))
     attr = _attach(model, "mol_prompt", enc)
