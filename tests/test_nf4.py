@@ -669,3 +669,24 @@ def test_incomplete_bnb_entry_names_missing_keys():
     del sd["l.weight.absmax"]
     with pytest.raises(KeyError, match="l.weight.absmax"):
         NF4Linear.from_bnb_state_dict(sd, "l.")
+
+
+@pytest.mark.parametrize("nbs", [0, -5, 1.5, 3, 48, True, "256", 8192])
+def test_nested_blocksize_is_validated(nbs):
+    """nested_blocksize takes bitsandbytes' blocksizes only, as blocksize does; quantize checks it before changing
+    any layer."""
+    w = torch.randn(64, 128)
+    with pytest.raises(ValueError, match=rf"nested_blocksize must be an int power of two in 32..4096.*got {nbs!r}"):
+        quantize_nf4(w, 64, nbs)
+    with pytest.raises(ValueError, match=r"nested_blocksize must be"):
+        NF4Linear.from_linear(nn.Linear(128, 64), nested_blocksize=nbs)
+    model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 64))
+    with pytest.raises(ValueError, match=r"quantize: nested_blocksize must be"):
+        quantize(model, "nf4", nested_blocksize=nbs)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+    # every valid one round-trips (the nested blocks' count follows it)
+    for ok in (32, 256, 4096):
+        p = quantize_nf4(w, 64, ok)
+        assert p.nested_absmax.numel() == -(-p.absmax.numel() // ok)
+        torch.testing.assert_close(dequantize_nf4_reference(p), dequantize_nf4_reference(quantize_nf4(w)),
+                                   atol=0.02 * w.abs().max().item(), rtol=0)

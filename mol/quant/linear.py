@@ -14,8 +14,8 @@ from mol import dispatch
 from mol.inject import _under_any, all_or_nothing, name_matches, replace_module
 from mol.layers import AdapterLayer, is_conv1d, not_full_precision
 
-from .nf4 import (NF4Weight, SUPPORTED_DTYPES, dequantize_nf4, from_bnb_tensors, quantize_nf4, to_bnb_tensors,
-                  _QS_PREFIX)
+from .nf4 import (NF4Weight, SUPPORTED_DTYPES, check_blocksize, dequantize_nf4, from_bnb_tensors, quantize_nf4,
+                  to_bnb_tensors, _QS_PREFIX)
 
 
 def _use_small_kernel(x2d: torch.Tensor, packed: NF4Weight, fused_decode: bool, backend: str) -> bool:
@@ -219,6 +219,8 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
     """
     if method != "nf4":
         raise ValueError(f"quantize: unknown method {method!r}; the only supported method is 'nf4'")
+    check_blocksize("blocksize", blocksize, 64, "quantize")
+    check_blocksize("nested_blocksize", nested_blocksize, 256, "quantize")
     skip = list(skip or [])
     head = None
     get_head = getattr(model, "get_output_embeddings", None)

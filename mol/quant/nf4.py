@@ -121,10 +121,20 @@ class NF4Weight:
         return self.storage_bits() / self.numel
 
 
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit / quantize_blockwise set
+
+
+def check_blocksize(what: str, value, default: int, where: str = "NF4") -> int:
+    """`value` as an int if it is one of bitsandbytes' blocksizes, else a ValueError naming `what` and the default."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in BLOCKSIZES:
+        raise ValueError(f"{where}: {what} must be an int power of two in 32..4096 (bitsandbytes' set); got "
+                         f"{value!r}. Use the QLoRA default {what}={default}.")
+    return int(value)
+
+
 def _check_blocksizes(numel: int, blocksize: int, nested_blocksize: int) -> None:
-    if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-        raise ValueError(f"NF4 blocksize must be a power of two in 32..4096 (bitsandbytes' set); got {blocksize}. "
-                         "Use the QLoRA default blocksize=64.")
+    check_blocksize("blocksize", blocksize, 64)
+    check_blocksize("nested_blocksize", nested_blocksize, 256)
     if numel % blocksize != 0:
         raise ValueError(f"NF4: the weight has {numel} elements, which blocksize={blocksize} does not divide. "
                          f"Pad the weight to a multiple of {blocksize} elements, or leave this layer unquantized "
