@@ -690,3 +690,24 @@ def test_nested_blocksize_is_validated(nbs):
         assert p.nested_absmax.numel() == -(-p.absmax.numel() // ok)
         torch.testing.assert_close(dequantize_nf4_reference(p), dequantize_nf4_reference(quantize_nf4(w)),
                                    atol=0.02 * w.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_nonfinite_weight_raises(bad):
+    """One inf / nan would make every block's scale nan through the double quantization's mean: quantize_nf4
+    refuses it, naming the problem and where; quantize names the layer and replaces none (the bad layer is the
+    second: the first must stay as it was)."""
+    g = _gen()
+    w = _weight(48, 192, torch.bfloat16, g)
+    r, c = int(torch.randint(0, 48, (), generator=g)), int(torch.randint(0, 192, (), generator=g))
+    w[r, c] = bad
+    with pytest.raises(ValueError, match=rf"inf or nan \(1 of 9216 values, the first at index \({r}, {c}\)\)"):
+        quantize_nf4(w)
+    with pytest.raises(ValueError, match=r"inf or nan"):
+        quantize_nf4(w, double_quant=False)
+    model = nn.Sequential(nn.Linear(192, 48), nn.Linear(192, 48))
+    with torch.no_grad():
+        model[1].weight[r, c] = bad
+    with pytest.raises(ValueError, match=r"quantize: layer '1': NF4 cannot quantize a weight holding inf or nan"):
+        quantize(model, "nf4")
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]

@@ -14,8 +14,8 @@ from mol import dispatch
 from mol.inject import _under_any, all_or_nothing, name_matches, replace_module
 from mol.layers import AdapterLayer, is_conv1d, not_full_precision
 
-from .nf4 import (NF4Weight, SUPPORTED_DTYPES, check_blocksize, dequantize_nf4, from_bnb_tensors, quantize_nf4,
-                  to_bnb_tensors, _QS_PREFIX)
+from .nf4 import (NF4Weight, SUPPORTED_DTYPES, check_blocksize, check_finite, dequantize_nf4, from_bnb_tensors,
+                  quantize_nf4, to_bnb_tensors, _QS_PREFIX)
 
 
 def _use_small_kernel(x2d: torch.Tensor, packed: NF4Weight, fused_decode: bool, backend: str) -> bool:
@@ -349,6 +349,7 @@ def _check_quantizable(linear: nn.Linear) -> None:
     if linear.weight.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"NF4 quantizes float16, bfloat16 or float32 weights; got {linear.weight.dtype}: cast the "
                         "model first, e.g. model.float()")
+    check_finite(linear.weight.detach())  # here too: quantize checks every layer before it replaces the first
 
 
 def load_bnb_4bit(model: nn.Module, state_dict: dict[str, torch.Tensor], backend: str = "auto") -> list[str]:

@@ -141,6 +141,20 @@ def _check_blocksizes(numel: int, blocksize: int, nested_blocksize: int) -> None
                          "(quantize(model, 'nf4', skip=[name])).")
 
 
+def check_finite(weight: torch.Tensor) -> None:
+    """Raise ValueError if `weight` holds inf or nan: one such value makes its block's absmax inf/nan, and through
+    the double quantization's mean every block's, so the whole layer would dequantize to nan without a word."""
+    if weight.is_meta:
+        return
+    bad = ~torch.isfinite(weight)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"NF4 cannot quantize a weight holding inf or nan ({int(bad.sum())} of {weight.numel()} "
+                         f"values, the first at index {first}): its block's scale, and through the double "
+                         "quantization every block's, would be inf/nan. Fix the weight (an overflow in float16? load "
+                         "it in bfloat16 or float32), or keep this layer unquantized")
+
+
 def _nearest(x: torch.Tensor, sorted_code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level; a value exactly on a midpoint goes to the lower level (as bitsandbytes)."""
     bounds = (sorted_code[:-1] + sorted_code[1:]) / 2
@@ -166,6 +180,8 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, nested_blocksize: in
     code = nf4_code(device)
     w = weight.detach().reshape(-1, blocksize).float()
     absmax = w.abs().amax(dim=1)
+    if not absmax.is_meta and not bool(torch.isfinite(absmax).all()):  # amax keeps a nan: one check per block
+        check_finite(weight)
     scaled = (w * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-1, 1).reshape(-1)
     q = _nearest(scaled, code).to(torch.uint8)
     codes = (q[0::2] << 4) | q[1::2]
