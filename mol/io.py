@@ -352,9 +352,18 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
             tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[0]
             tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[0]
     params = dict(model.named_parameters())
+    aliases = _tied_names(model)
+    tied_modules: list[str] = []
     for name in model.mol_trainable:
         if ".lora_A" not in name and ".lora_B" not in name:  # modules_to_save tensors keep their names
-            tensors[f"{PEFT_PREFIX}{name}"] = params[name]
+            # A tied tensor (an input embedding shared with the head) trains as one here. PEFT makes an untied
+            # copy of each module it saves, so it needs the tensor under every name and the modules tied again
+            # (ensure_weight_tying) to compute what this model computes.
+            for alias in aliases.get(name, [name]):
+                tensors[f"{PEFT_PREFIX}{alias}"] = params[name]
+                module = alias.rpartition(".")[0]
+                if len(aliases.get(name, ())) > 1 and not name_matches(module, cfg.modules_to_save):
+                    tied_modules.append(module)
     target = cfg.target_modules
     conv1d = {is_conv1d(layer.base_layer) for _, layer in adapter_layers(model) if isinstance(layer, MoLLinear)}
     if len(conv1d) > 1:
@@ -373,15 +382,25 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
         "bias": "none",
         "fan_in_fan_out": conv1d == {True},  # PEFT's flag for Conv1D bases (GPT-2), whose weight is (in, out)
         "use_dora": False,
-        "modules_to_save": list(cfg.modules_to_save) or None,
+        "modules_to_save": list(cfg.modules_to_save) + list(dict.fromkeys(tied_modules)) or None,
         "rank_pattern": dict(cfg.rank_pattern),
         "alpha_pattern": dict(cfg.alpha_pattern),
         "inference_mode": True,
     }
+    if any(len(aliases.get(n, ())) > 1 for n in model.mol_trainable):
+        peft_config["ensure_weight_tying"] = True
     text = _json_text(peft_config, "export_peft")
     _write_tensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
     _write_text(out / CONFIG_NAME, text)
     return out
+
+
+def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """For each parameter known by several names (tied weights), its first name -> all of its names."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return {ns[0]: ns for ns in names.values() if len(ns) > 1}
 
 
 _PEFT_SEQ_CLS_HEADS = ("classifier", "score")  # the heads PEFT's PeftModelForSequenceClassification trains whole
@@ -461,5 +480,29 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
         renamed[name] = value
     with all_or_nothing(model):  # an adapter that does not fit leaves the model without one
         inject(model, cfg)
-        _check_and_copy(model, renamed, adapter_state_dict(model), source)
+        _check_and_copy(model, _tied_as_one(model, renamed, directory, bool(raw.get("ensure_weight_tying"))),
+                        adapter_state_dict(model), source)
     return model
+
+
+def _tied_as_one(model: nn.Module, tensors: dict[str, Tensor], directory: Path, tied: bool) -> dict[str, Tensor]:
+    """PEFT's saved copies of a tied tensor's modules, under the one name mol trains it by. Refused unless PEFT
+    kept them tied (``tied``: ensure_weight_tying) or saved one equal copy under every name: PEFT trains each saved
+    module as an untied copy, and a head trained apart from the embedding is not what a tied model computes."""
+    out = dict(tensors)
+    for name, names in _tied_names(model).items():
+        if name not in model.mol_trainable:
+            continue
+        found = [n for n in names if n in out]
+        if found and (any(not torch.equal(out[found[0]], out[n]) for n in found[1:])
+                      or (not tied and len(found) < len(names))):
+            raise ValueError(f"{directory}: PEFT trained its own copy of {found[0].rpartition('.')[0]!r}, whose "
+                             f"weight this model ties to {[n for n in names if n != found[0]]} (one tensor for "
+                             "both, as mol trains it): untie it first (e.g. model.config.tie_word_embeddings = "
+                             "False; model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())), "
+                             "then import")
+        for n in found:
+            value = out.pop(n)
+        if found:
+            out[name] = value
+    return out

@@ -312,3 +312,47 @@ def test_import_refuses_inits_that_rewrite_the_base_and_takes_peft_s_conversion(
         want = pm.eval()(input_ids=ids).logits
         assert (want - base(input_ids=ids).logits).abs().max() > 1e-3
         assert rel(ours(input_ids=ids).logits, want) < 1e-5
+
+
+def test_modules_to_save_on_tied_embeddings_cross_both_ways(tmp_path):
+    # mol trains a tied embedding/head as the one tensor; PEFT trains an untied copy of each saved module, so the
+    # export writes every name and asks PEFT to tie them again, and an import of PEFT's untied copy is refused
+    # until the model is untied as PEFT's is
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+
+    def base():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg).eval()
+
+    ids = torch.randint(0, 101, (2, 7))
+    ours = mol.inject(base(), mol.LoRAConfig(rank=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for n in ours.mol_trainable:
+            ours.get_parameter(n).add_(torch.randn_like(ours.get_parameter(n)) * 0.1)
+        want = ours(input_ids=ids).logits
+    mol.export_peft(ours, tmp_path / "mol")
+    peft_side = PeftModel.from_pretrained(base(), tmp_path / "mol").eval()
+    back = mol.import_peft(base(), tmp_path / "mol").eval()
+    with torch.no_grad():
+        assert rel(peft_side(input_ids=ids).logits, want) < 1e-6
+        assert rel(back(input_ids=ids).logits, want) < 1e-6
+
+    pm = get_peft_model(base(), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    _randomise_peft(pm)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path / "peft")
+    with pytest.raises(ValueError, match=r"PEFT trained its own copy of 'lm_head', whose weight this model ties to "
+                                         r"\['model\.embed_tokens\.weight'\].*untie it first"):
+        mol.import_peft(base(), tmp_path / "peft")
+    untied = base()
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    got = mol.import_peft(untied, tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert rel(got(input_ids=ids).logits, pm.eval()(input_ids=ids).logits) < 1e-6
