@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MethodConfig, MoLConfig, pattern_value
 from mol.layers import AdapterLayer, MoLLinear, is_conv1d, not_full_precision
-from mol.calls import routing_context
+from mol.calls import call_kwargs, routing_context
 
 MethodFn = Callable[[nn.Module, MethodConfig], list[str]]
 _METHODS: dict[type, MethodFn] = {}
@@ -159,10 +159,24 @@ class _AuxLossInOutput:
     aux_loss_in_output). A class with a bound method, so a deep copy of the model gets a hook of its own."""
 
     def __call__(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not model.training or getattr(model, "mol_adapters_disabled", False):
+            return output
+        if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) when the call had labels
+            if tuple_loss_index(model, args, kwargs, output) is not None:
+                return (output[0] + aux_loss(model, device=output[0].device).to(output[0].dtype),) + output[1:]
+            return output
         loss = getattr(output, "loss", None)
-        if isinstance(loss, Tensor) and model.training and not getattr(model, "mol_adapters_disabled", False):
+        if isinstance(loss, Tensor):
             output.loss = loss + aux_loss(model, device=loss.device).to(loss.dtype)
         return output
+
+
+def tuple_loss_index(model: nn.Module, args: tuple, kwargs: dict, output: tuple) -> Optional[int]:
+    """0 if a Hugging Face model's tuple output (return_dict=False) starts with the loss, as it does when the call
+    passed labels, else None."""
+    has_labels = call_kwargs(model, args, kwargs).get("labels") is not None
+    first = output[0] if output else None
+    return 0 if has_labels and isinstance(first, Tensor) and first.dim() == 0 else None
 
 
 class _InputsRequireGrad:

@@ -49,6 +49,25 @@ def test_training_loss_includes_the_router_losses():
     torch.testing.assert_close(twin(input_ids=ids, labels=ids).loss, want)
 
 
+def test_tuple_outputs_get_the_router_losses_and_prompt_logits_line_up():
+    # return_dict=False gives (loss, logits, ...): the hooks read and write the tuple as they do the ModelOutput
+    ids = torch.randint(1, 101, (2, 9))
+    model = _model(True).train()
+    as_dict = model(input_ids=ids, labels=ids)
+    as_tuple = model(input_ids=ids, labels=ids, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.loss)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits)
+    assert mol.aux_loss(model) > 0
+    prompt = mol.inject(make_tiny_llama(), mol.PromptTuningConfig(num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        for labels in (None, ids):
+            want = prompt(input_ids=ids, labels=labels).logits
+            got = prompt(input_ids=ids, labels=labels, return_dict=False)
+            torch.testing.assert_close(got[0 if labels is None else 1], want)
+            assert want.shape[1] == ids.shape[1]
+
+
 def test_transformers_trainer_trains_the_router_losses(tmp_path):
     """transformers' Trainer computes the loss as outputs.loss: with the option, its loss is task + router losses."""
     from transformers import Trainer, TrainingArguments

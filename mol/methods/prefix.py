@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from mol.config import MethodConfig, check_adapter_dtype, register_config
 from mol.calls import call_kwargs
-from mol.inject import register_method
+from mol.inject import register_method, tuple_loss_index
 from mol.layers import AdapterLayer, adapter_dtype_for
 from mol.methods._util import check_modules_to_save, config_int, text_config
 
@@ -309,12 +309,18 @@ class PromptEmbedding(_VirtualTokens):
 
     def _post_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         output = super()._post_hook(model, args, kwargs, output)
-        logits = getattr(output, "logits", None)
+        strip, self._strip = self._strip, False
         n = self.num_virtual_tokens
-        if self._strip and isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[1] == n + self._length:
+        if isinstance(output, tuple):  # return_dict=False: the logits follow the loss when the call had labels
+            i = 1 if tuple_loss_index(model, args, kwargs, output) == 0 else 0
+            logits = output[i] if len(output) > i else None
+        else:
+            logits = getattr(output, "logits", None)
+        if strip and isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[1] == n + self._length:
             # Token logits line up with the caller's tokens again (the loss above already saw the full sequence).
+            if isinstance(output, tuple):
+                return output[:i] + (logits[:, n:],) + output[i + 1:]
             output.logits = logits[:, n:]
-        self._strip = False
         return output
 
 
