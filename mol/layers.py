@@ -441,7 +441,8 @@ class MoLLinear(AdapterLayer):
         """lora_A, lora_B for a fused call computing in ``dtype``. Adapters of another dtype (float32 on a bf16
         model, adapter_dtype="auto") are cast inside the routed layer's autograd node when they need a gradient;
         without one (generation, evaluation) their cast copies are kept and reused until the adapters change (their
-        version counters or storage), so a decode step does not cast them again on every layer. A forward with
+        version counters or storage; writes through ``.data``, which move neither, are seen after the next
+        ``train()`` / ``eval()``), so a decode step does not cast them again on every layer. A forward with
         gradients drops the copies. A CUDA-graph capture reads the adapters themselves (cast inside the graph, or at
         decode sizes rounded by the one-launch kernel as it loads them), and torch.compile casts them."""
         a, b = self.lora_A, self.lora_B
@@ -461,6 +462,12 @@ class MoLLinear(AdapterLayer):
         if cached is None or cached[0] != key:
             cached = self.__dict__["_cast_adapters"] = (key, a.detach().to(dtype), b.detach().to(dtype))
         return cached[1], cached[2]
+
+    def train(self, mode: bool = True) -> "MoLLinear":
+        # Writes through .data (an EMA's copy_to, then eval()) bump no version counter; a mode switch is where
+        # such swaps happen, so the cast copies are dropped there
+        self.__dict__.pop("_cast_adapters", None)
+        return super().train(mode)
 
     # the cast copies are a cache: a copied or pickled layer starts without them. The routing kept from the last
     # forward holds tensors of that forward's graph, which deepcopy refuses (only graph leaves copy) and a pickle

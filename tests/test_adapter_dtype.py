@@ -282,6 +282,14 @@ def test_inference_reuses_the_cast_adapters_until_they_change(tokens):
         assert not torch.equal(y3, y1) and torch.equal(y3, copy.deepcopy(fresh)(x))
     y_grad = layer(x)  # with gradients: cast inside the autograd node, the copies dropped
     assert "_cast_adapters" not in layer.__dict__ and torch.equal(y_grad.detach(), y3)
+    # an EMA swap writes through .data (no version bump) and then switches to eval(): the switch drops the copies
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+        layer.lora_B.data.copy_(torch.randn_like(layer.lora_B) * 0.1)
+        fresh.lora_B.data.copy_(layer.lora_B.data)
+        layer.eval()
+        assert torch.equal(layer(x), copy.deepcopy(fresh)(x))
 
 
 @pytest.mark.parametrize("make", [
