@@ -99,16 +99,19 @@ def test_bits_per_param():
 
 
 def test_errors_are_clear():
-    with pytest.raises(ValueError, match="blocksize=64 does not divide"):
-        quantize_nf4(torch.randn(3, 7))
+    with pytest.raises(ValueError, match=r"empty weight \(shape \(0, 64\)\)"):
+        quantize_nf4(torch.randn(0, 64))
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         quantize_nf4(torch.randint(0, 5, (64, 64)))
     with pytest.raises(ValueError, match="blocksize"):
         quantize_nf4(torch.randn(64, 64), blocksize=48)
     with pytest.raises(ValueError, match="unknown method 'int4'"):
         quantize(nn.Sequential(nn.Linear(64, 64)), "int4")
+    bad = nn.Sequential(nn.Linear(7, 3))  # a partial block is fine (test_partial_last_block_*); a nan is not
+    with torch.no_grad():
+        bad[0].weight[1, 2] = float("nan")
     with pytest.raises(ValueError, match="layer '0'"):
-        quantize(nn.Sequential(nn.Linear(7, 3)), "nf4")
+        quantize(bad, "nf4")
 
 
 # ---------------------------------------------------------------- NF4Linear
@@ -711,3 +714,124 @@ def test_nonfinite_weight_raises(bad):
     with pytest.raises(ValueError, match=r"quantize: layer '1': NF4 cannot quantize a weight holding inf or nan"):
         quantize(model, "nf4")
     assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+
+
+# ---------------------------------------------------------------- a partial last block (bitsandbytes quantizes any size)
+
+# (out, in, blocksize): 800 values = 12 blocks of 64 + 32; odd sizes (21, 65 values: one padding nibble); a
+# partial block of 128; 2100 values (33 blocks of 64, the last of 52)
+_PARTIAL = [(20, 40, 64), (3, 7, 64), (5, 13, 64), (33, 100, 128), (21, 100, 64)]
+
+
+@pytest.mark.parametrize("out,inp,bs", _PARTIAL)
+@pytest.mark.parametrize("nested", [True, False])
+def test_partial_last_block_quantize_and_reference(out, inp, bs, nested):
+    """Against an independent per-element statement of the format: value i is level[nibble i] times the absmax of
+    block i // blocksize (the last block holding what is left); each block's absmax is its own max |w|; the round
+    trip lands within half the widest level gap of the block's absmax."""
+    g = _gen()
+    w = _weight(out, inp, torch.float32, g)
+    p = quantize_nf4(w, blocksize=bs, double_quant=nested)
+    n = out * inp
+    nblk = -(-n // bs)
+    assert p.codes.numel() == (n + 1) // 2 and p.absmax.numel() == nblk
+    if n % 2:
+        assert int(p.codes[-1]) & 15 == 7  # the padding nibble: the code of 0.0, as bitsandbytes writes it
+    flat = w.reshape(-1).double()
+    true_absmax = torch.stack([flat[i * bs:(i + 1) * bs].abs().max() for i in range(nblk)])
+    absmax = dequantize_absmax(p).double()
+    assert ((absmax - true_absmax).abs() <= 0.01 * true_absmax.max()).all()
+    nib = [(int(p.codes[i // 2]) >> 4) if i % 2 == 0 else (int(p.codes[i // 2]) & 15) for i in range(n)]
+    expect = torch.tensor([NF4_LEVELS[nib[i]] for i in range(n)], dtype=torch.float64) * absmax[torch.arange(n) // bs]
+    got = dequantize_nf4_reference(p, torch.float64).reshape(-1)
+    torch.testing.assert_close(got, expect, rtol=1e-6, atol=0)
+    blk_max = true_absmax[torch.arange(n) // bs]
+    assert ((got - flat).abs() <= 0.1520 * blk_max + (absmax - true_absmax).abs()[torch.arange(n) // bs]
+            + 1e-6).all()
+
+
+@pytest.mark.parametrize("out,inp,bs", _PARTIAL)
+def test_partial_last_block_matches_bitsandbytes(out, inp, bs):
+    """bitsandbytes' own quantize_4bit of a weight its blocksize does not divide: the same codes, nested state and
+    offset as ours, and its tensors read by from_bnb_tensors dequantize to exactly what bitsandbytes computes."""
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    from mol.quant import from_bnb_tensors
+
+    w = _weight(out, inp, torch.bfloat16, _gen())
+    qb, sb = bnbF.quantize_4bit(w, blocksize=bs, compress_statistics=True, quant_type="nf4")
+    p = quantize_nf4(w, blocksize=bs)
+    assert torch.equal(qb.reshape(-1), p.codes)
+    assert torch.equal(sb.state2.absmax, p.nested_absmax) and torch.equal(sb.offset, p.offset)
+    # bnb's CPU rounding of near-ties, as above; where a nested block's absmax is 0 (one block: it equals the
+    # offset) any code gives the same value, and bnb's 0/0 picks another than ours
+    live = p.nested_absmax[torch.arange(p.absmax.numel()) // 256] != 0
+    assert ((sb.absmax.int() - p.absmax.int())[live].abs() <= 1).all()
+    sd = {"w.weight": qb, **{"w.weight." + k: v for k, v in sb.as_dict(packed=True).items()}}
+    assert torch.equal(dequantize_nf4_reference(from_bnb_tensors(sd, "w.weight")), bnbF.dequantize_4bit(qb, sb))
+
+
+@pytest.mark.parametrize("out,inp,bs", _PARTIAL)
+@pytest.mark.parametrize("nested", [True, False])
+def test_partial_last_block_triton_dequantize_and_nf4linear(out, inp, bs, nested):
+    """The Triton dequantize kernel (interpreter) on partial and odd-sized weights equals the reference, writing
+    no value past the weight (an odd size's padding nibble); NF4Linear's forward and backward through it and
+    through the reference equal float64 with the reference's weight."""
+    g = _gen()
+    lin = nn.Linear(inp, out)
+    with torch.no_grad():
+        lin.weight.copy_(_weight(out, inp, g=g))
+    ref_w = None
+    for backend in ("triton", "torch"):
+        q = NF4Linear.from_linear(lin, blocksize=bs, double_quant=nested, backend=backend)
+        p = q.packed
+        ref_w = dequantize_nf4_reference(p, torch.float64)
+        torch.testing.assert_close(dequantize_nf4(p, torch.float32, backend=backend).double(), ref_w,
+                                   rtol=1e-6, atol=0)
+        x = torch.randn(4, inp, generator=g, requires_grad=True)
+        y = q(x)
+        ref = x.detach().double() @ ref_w.T + lin.bias.detach().double()
+        assert ((y.double() - ref).norm() / ref.norm()) < 1e-5, backend
+        y.backward(torch.ones_like(y))
+        gref = torch.ones(4, out, dtype=torch.float64) @ ref_w
+        assert ((x.grad.double() - gref).norm() / gref.norm()) < 1e-5, backend
+
+
+def test_partial_last_block_kernel_writes_nothing_past_the_weight():
+    """nf4_dequantize on an odd-sized weight, through dequantize_nf4: the element past the weight in a shared
+    buffer keeps its value (the kernel stores both nibbles of each byte)."""
+    from mol.kernels import nf4 as nf4k
+
+    p = quantize_nf4(_weight(3, 7, g=_gen()))
+    real = nf4k.nf4_dequantize
+    seen = []
+
+    def recording(packed, dtype, out=None, lut=None):
+        buf = torch.full((packed.numel + 8,), 123.0, dtype=dtype)
+        out = buf[:packed.numel].view(packed.shape)
+        real(packed, dtype, out=out, lut=lut)
+        seen.append(buf[packed.numel:].clone())
+        return out
+
+    nf4k.nf4_dequantize = recording
+    try:
+        got = dequantize_nf4(p, torch.float32, backend="triton")
+    finally:
+        nf4k.nf4_dequantize = real
+    assert seen and torch.equal(seen[0], torch.full((8,), 123.0))
+    torch.testing.assert_close(got, dequantize_nf4_reference(p, torch.float32), rtol=0, atol=0)
+
+
+def test_load_bnb_4bit_partial_last_block_checkpoint():
+    """A checkpoint bitsandbytes wrote for a 20x40 layer (12 blocks of 64 and one of 32) loads, and the layer
+    computes what bitsandbytes' dequantized weight computes."""
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+
+    w = _weight(20, 40, torch.float32, _gen())
+    qb, sb = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    sd = {"k_proj.weight": qb, **{"k_proj.weight." + k: v for k, v in sb.as_dict(packed=True).items()}}
+    model = nn.Sequential()
+    model.add_module("k_proj", nn.Linear(40, 20, bias=False))
+    assert load_bnb_4bit(model, sd) == ["k_proj"]
+    x = torch.randn(3, 40)
+    ref = x.double() @ bnbF.dequantize_4bit(qb, sb).double().T
+    assert ((model.k_proj(x).double() - ref).norm() / ref.norm()) < 1e-5

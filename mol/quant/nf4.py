@@ -1,7 +1,8 @@
 """NF4 (4-bit NormalFloat) with double quantization, bit-compatible with bitsandbytes.
 
 Format (QLoRA, Dettmers et al. 2023, as bitsandbytes stores it):
-- the weight is flattened row-major and cut into blocks of `blocksize` (64) values;
+- the weight is flattened row-major and cut into blocks of `blocksize` (64) values, the last one partial where
+  the blocksize does not divide the weight's size;
 - each block keeps absmax = max|w|; every value w/absmax is rounded to the nearest of 16 NF4 levels;
 - two 4-bit codes per byte, the even element in the high nibble (bitsandbytes' order);
 - double quantization: offset = mean(absmax); (absmax - offset) is quantized again in blocks of
@@ -70,8 +71,10 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
 class NF4Weight:
     """A packed NF4 weight (bitsandbytes layout).
 
-    codes:          uint8 (numel/2,), two 4-bit level indices per byte, even element in the high nibble.
-    absmax:         uint8 (n_blocks,) when nested (double quantized), else float32 (n_blocks,).
+    codes:          uint8 (ceil(numel/2),), two 4-bit level indices per byte, even element in the high nibble.
+    absmax:         uint8 (n_blocks,) when nested (double quantized), else float32 (n_blocks,); n_blocks =
+                    ceil(numel/blocksize), the last block partial where blocksize does not divide numel (as
+                    bitsandbytes quantizes any weight).
     code:           float32 (16,), the NF4 levels.
     nested_absmax:  float32 (ceil(n_blocks/nested_blocksize),) or None.
     nested_code:    float32 (256,) bitsandbytes' dynamic map, or None.
@@ -132,13 +135,9 @@ def check_blocksize(what: str, value, default: int, where: str = "NF4") -> int:
     return int(value)
 
 
-def _check_blocksizes(numel: int, blocksize: int, nested_blocksize: int) -> None:
-    check_blocksize("blocksize", blocksize, 64)
-    check_blocksize("nested_blocksize", nested_blocksize, 256)
-    if numel % blocksize != 0:
-        raise ValueError(f"NF4: the weight has {numel} elements, which blocksize={blocksize} does not divide. "
-                         f"Pad the weight to a multiple of {blocksize} elements, or leave this layer unquantized "
-                         "(quantize(model, 'nf4', skip=[name])).")
+def n_blocks(numel: int, blocksize: int) -> int:
+    """Absmax blocks of a weight of `numel` values: the last one partial where `blocksize` does not divide it."""
+    return -(-numel // blocksize)
 
 
 def check_finite(weight: torch.Tensor) -> None:
@@ -174,16 +173,25 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, nested_blocksize: in
     if weight.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"NF4 can quantize float16, bfloat16 or float32 weights; got {weight.dtype}. "
                         "Convert first, e.g. weight.float().")
+    check_blocksize("blocksize", blocksize, 64)
+    check_blocksize("nested_blocksize", nested_blocksize, 256)
     numel = weight.numel()
-    _check_blocksizes(numel, blocksize, nested_blocksize)
+    if numel == 0:
+        raise ValueError(f"NF4 cannot quantize an empty weight (shape {tuple(weight.shape)})")
     device = weight.device
     code = nf4_code(device)
-    w = weight.detach().reshape(-1, blocksize).float()
+    w = weight.detach().reshape(-1).float()
+    nb = n_blocks(numel, blocksize)
+    if nb * blocksize != numel:
+        # a partial last block, as bitsandbytes quantizes it: zeros never raise its absmax, and the codes of the
+        # padding past the last byte are dropped (an odd numel's last low nibble is the code of 0.0, as bnb's)
+        w = torch.cat([w, w.new_zeros(nb * blocksize - numel)])
+    w = w.view(nb, blocksize)
     absmax = w.abs().amax(dim=1)
     if not absmax.is_meta and not bool(torch.isfinite(absmax).all()):  # amax keeps a nan: one check per block
         check_finite(weight)
     scaled = (w * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-1, 1).reshape(-1)
-    q = _nearest(scaled, code).to(torch.uint8)
+    q = _nearest(scaled, code).to(torch.uint8)[:2 * -(-numel // 2)]
     codes = (q[0::2] << 4) | q[1::2]
     if not double_quant:
         return NF4Weight(codes, absmax, code, tuple(weight.shape), weight.dtype, blocksize)
@@ -215,8 +223,12 @@ def dequantize_absmax(packed: NF4Weight) -> torch.Tensor:
 def dequantize_nf4_reference(packed: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """PyTorch reference dequantization (any device); float32 math, cast to `dtype` (default: the original)."""
     q = torch.stack([packed.codes >> 4, packed.codes & 0xF], dim=1).reshape(-1).long()
-    vals = packed.code[q].view(-1, packed.blocksize) * dequantize_absmax(packed).unsqueeze(1)
-    return vals.reshape(packed.shape).to(dtype or packed.dtype)
+    numel, absmax = packed.numel, dequantize_absmax(packed)
+    padded = absmax.numel() * packed.blocksize
+    if q.numel() != padded:  # a partial last block: pad to whole blocks, drop the padding after scaling
+        q = torch.cat([q, q.new_zeros(padded - q.numel())])
+    vals = packed.code[q].view(-1, packed.blocksize) * absmax.unsqueeze(1)
+    return vals.reshape(-1)[:numel].reshape(packed.shape).to(dtype or packed.dtype)
 
 
 def dequantize_nf4(packed: NF4Weight, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
@@ -227,7 +239,14 @@ def dequantize_nf4(packed: NF4Weight, dtype: torch.dtype | None = None, backend:
         dispatch.require_triton("dequantize_nf4")
     if backend == "triton" or (backend == "auto" and dispatch.auto_uses_triton(packed.codes)):
         from mol.kernels.nf4 import nf4_dequantize
-        return nf4_dequantize(packed, dtype or packed.dtype)
+        if packed.numel % 2 == 0:
+            return nf4_dequantize(packed, dtype or packed.dtype)
+        # the kernel writes both nibbles of every byte: an odd numel's last byte holds one padding code, which
+        # lands in an extra element of a 1-D output (indexing by flat position, the kernel sees the same blocks)
+        flat = NF4Weight(packed.codes, packed.absmax, packed.code, (packed.numel + 1,), packed.dtype,
+                         packed.blocksize, packed.nested_absmax, packed.nested_code, packed.offset,
+                         packed.nested_blocksize)
+        return nf4_dequantize(flat, dtype or packed.dtype)[:packed.numel].view(packed.shape)
     return dequantize_nf4_reference(packed, dtype)
 
 
@@ -279,10 +298,10 @@ def from_bnb_tensors(sd: dict[str, torch.Tensor], key: str) -> NF4Weight:
     numel = 1
     for s in shape:
         numel *= s
-    _check_blocksizes(numel, blocksize, 256)
+    check_blocksize("blocksize", blocksize, 64, repr(key))
     codes = data.reshape(-1)
-    if codes.numel() != numel // 2:
-        raise ValueError(f"{key!r}: {codes.numel()} packed bytes but shape {shape} needs {numel // 2}")
+    if codes.numel() != -(-numel // 2):
+        raise ValueError(f"{key!r}: {codes.numel()} packed bytes but shape {shape} needs {-(-numel // 2)}")
     missing = [key + k for k in (".absmax",) if key + k not in sd]
     if key + ".nested_absmax" in sd:
         missing += [key + k for k in (".nested_quant_map",) if key + k not in sd]
