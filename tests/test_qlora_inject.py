@@ -64,3 +64,8 @@ def test_modules_to_save_on_a_quantized_layer_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.up_proj'.*every config in one inject call"):
         mol.inject(model, mol.IA3Config(target_modules=["k_proj"],
                                         modules_to_save=["up_proj"]))
+
+
+def test_the_bitsandbytes_loader_is_public_beside_inject():
+    # the README lists load_bnb_4bit beside inject / load_adapter / import_peft
+    assert mol.load_bnb_4bit is mol.quant.load_bnb_4bit and "load_bnb_4bit" in mol.__all__
