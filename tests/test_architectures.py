@@ -199,3 +199,31 @@ def test_prompt_tuning_on_t5_keeps_the_encoder_mask_from_the_decoder_routers():
             model(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.randint(3, VOCAB, (2, length)))
         counts = mol.routing_stats(model)["decoder.block.0.layer.0.SelfAttention.q"]["counts"]
         assert counts.sum().item() == 2 * length * 2  # every decoder token, top-2: the decoder has no padding
+
+
+def _neox() -> nn.Module:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4)).eval()
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart", "neox"])
+def test_ia3_defaults_cover_peft_s_model_types_and_compute_what_peft_does(kind):
+    peft = pytest.importorskip("peft")
+    make = _neox if kind == "neox" else (lambda: _seq2seq(kind))
+    ours = mol.inject(make(), mol.IA3Config())  # no targets given: PEFT's defaults for the model type
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(make(), peft.IA3Config(task_type="SEQ_2_SEQ_LM" if kind != "neox" else "CAUSAL_LM"))
+    ref_vectors = {n.replace("base_model.model.", "").replace(".default", ""): p
+                   for n, p in ref.named_parameters() if "ia3_l" in n}
+    assert set(ref_vectors) == set(ours.mol_trainable)
+    with torch.no_grad():
+        for n in ours.mol_trainable:
+            ours.get_parameter(n).uniform_(0.5, 1.5)
+            ref_vectors[n].copy_(ours.get_parameter(n).view_as(ref_vectors[n]))
+        ids = torch.randint(3, VOCAB, (2, 6))
+        kw = dict(input_ids=ids) if kind == "neox" else dict(input_ids=ids, decoder_input_ids=ids[:, :4])
+        torch.testing.assert_close(ours(**kw).logits, ref.eval()(**kw).logits, rtol=1e-5, atol=1e-5)

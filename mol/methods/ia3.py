@@ -30,6 +30,18 @@ DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
     "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
     **{t: (["key", "value", "output.dense"], ["output.dense"]) for t in ("bert", "roberta")},
     "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
+    "t5": (["k", "v", "wo"], ["wo"]),
+    "mt5": (["k", "v", "wi_1"], []),
+    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
+    "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
+    **{t: (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]) for t in ("falcon", "gpt_neox")},
+    "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
+    "gptj": (["q_proj", "v_proj", "fc_out"], ["fc_out"]),
+    "gpt_neo": (["q_proj", "v_proj", "c_proj"], ["c_proj"]),
+    "gpt_bigcode": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "deberta": (["in_proj", "output.dense"], ["output.dense"]),
+    "deberta-v2": (["key_proj", "value_proj", "output.dense"], ["output.dense"]),
+    **{t: (["q_proj", "v_proj", "down_proj"], ["down_proj"]) for t in ("gemma3_text", "llama4")},
 }
 
 
