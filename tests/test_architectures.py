@@ -227,3 +227,16 @@ def test_ia3_defaults_cover_peft_s_model_types_and_compute_what_peft_does(kind):
         ids = torch.randint(3, VOCAB, (2, 6))
         kw = dict(input_ids=ids) if kind == "neox" else dict(input_ids=ids, decoder_input_ids=ids[:, :4])
         torch.testing.assert_close(ours(**kw).logits, ref.eval()(**kw).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_and_prompt_with_a_static_cache_say_why_they_cannot():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(3, VOCAB, (2, 5))
+    for method in (mol.PrefixTuningConfig(num_virtual_tokens=2), mol.PromptTuningConfig(num_virtual_tokens=2)):
+        model = mol.inject(LlamaForCausalLM(cfg).eval(), method)
+        with pytest.raises(ValueError, match=r"got a 4-D tensor .*static or sliding-window cache.*dynamic cache"):
+            model(input_ids=ids, attention_mask=torch.ones(2, 1, 5, 5))
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)  # dynamic: fine

@@ -140,8 +140,11 @@ class _VirtualTokens(AdapterLayer):
         mask = kw.get("attention_mask")
         if mask is not None:
             if not isinstance(mask, Tensor) or mask.dim() != 2:
+                why = (" (generate() builds a 4-D one for a static or sliding-window cache, "
+                       "cache_implementation=...: generate with the default dynamic cache)"
+                       if isinstance(mask, Tensor) and mask.dim() == 4 else "")
                 raise ValueError(f"{type(self).__name__} needs a 2-D attention_mask (batch, tokens) counting only the "
-                                 "real tokens; the virtual tokens are added to it here")
+                                 f"real tokens, to add the virtual tokens to; got {_shape_of(mask)}{why}")
             kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
         return batch, fresh
 
@@ -322,6 +325,10 @@ class PromptEmbedding(_VirtualTokens):
                 return output[:i] + (logits[:, n:],) + output[i + 1:]
             output.logits = logits[:, n:]
         return output
+
+
+def _shape_of(x: Any) -> str:
+    return f"a {x.dim()}-D tensor {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
 
 
 CHECKPOINTING_BLOCKER = (
