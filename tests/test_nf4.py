@@ -835,3 +835,103 @@ def test_load_bnb_4bit_partial_last_block_checkpoint():
     x = torch.randn(3, 40)
     ref = x.double() @ bnbF.dequantize_4bit(qb, sb).double().T
     assert ((model.k_proj(x).double() - ref).norm() / ref.norm()) < 1e-5
+
+
+# ---------------------------------------------------------------- inconsistent bitsandbytes entries
+
+_QS = "l.weight.quant_state.bitsandbytes__nf4"
+
+
+def _set_meta(sd, **kw):
+    m = json.loads(bytes(sd[_QS].tolist()).decode())
+    m.update(kw)
+    for k, v in list(m.items()):
+        if v is _DROP:
+            del m[k]
+    sd[_QS] = torch.tensor(list(json.dumps(m).encode()), dtype=torch.uint8)
+
+
+_DROP = object()
+
+# (what is done to a valid entry, which entries it applies to, error type, a phrase of the message)
+_CORRUPT = [
+    ("nested_absmax missing", True, lambda sd: sd.pop("l.weight.nested_absmax"), KeyError,
+     r"missing \['l.weight.nested_absmax \(its absmax holds uint8 codes"),
+    ("absmax one short", None, lambda sd: sd.__setitem__("l.weight.absmax", sd["l.weight.absmax"][:-1]), ValueError,
+     r"'l.weight.absmax' has \d+ entries, but shape \(\d+, \d+\) in blocks of 64 has"),
+    ("absmax one long", None, lambda sd: sd.__setitem__("l.weight.absmax", torch.cat([sd["l.weight.absmax"]] * 2)),
+     ValueError, r"'l.weight.absmax' has \d+ entries"),
+    ("float absmax beside nested", True,
+     lambda sd: sd.__setitem__("l.weight.absmax", sd["l.weight.absmax"].float()), ValueError,
+     r"is torch.float32 beside a nested_absmax"),
+    ("uint8 absmax, not nested", False,
+     lambda sd: sd.__setitem__("l.weight.absmax", sd["l.weight.absmax"].to(torch.uint8)), KeyError,
+     r"l.weight.nested_absmax \(its absmax holds uint8 codes"),
+    ("quant_map of 4", None, lambda sd: sd.__setitem__("l.weight.quant_map", sd["l.weight.quant_map"][:4]),
+     ValueError, r"'l.weight.quant_map' is torch.float32 of 4 entries; bitsandbytes writes 16"),
+    ("nested_quant_map of 255", True,
+     lambda sd: sd.__setitem__("l.weight.nested_quant_map", sd["l.weight.nested_quant_map"][:255]), ValueError,
+     r"'l.weight.nested_quant_map' is torch.float32 of 255 entries; bitsandbytes writes 256"),
+    ("nested_absmax of 2", True,
+     lambda sd: sd.__setitem__("l.weight.nested_absmax", sd["l.weight.nested_absmax"].repeat(2)), ValueError,
+     r"'l.weight.nested_absmax' is torch.float32 of 4 entries, but 288 absmax blocks in nested blocks of 256 need 2"),
+    ("blocksize 128 in the metadata", None, lambda sd: _set_meta(sd, blocksize=128), ValueError,
+     r"'l.weight.absmax' has \d+ entries, but shape .* in blocks of 128"),
+    ("blocksize 100", None, lambda sd: _set_meta(sd, blocksize=100), ValueError,
+     r"quant_state.bitsandbytes__nf4': blocksize must be an int power of two.*got 100. The checkpoint is damaged"),
+    ("blocksize missing", None, lambda sd: _set_meta(sd, blocksize=_DROP), ValueError, r"blocksize must be .*got None"),
+    ("nested_blocksize 0", True, lambda sd: _set_meta(sd, nested_blocksize=0), ValueError,
+     r"nested_blocksize must be an int power of two.*got 0"),
+    ("nested_blocksize 3", True, lambda sd: _set_meta(sd, nested_blocksize=3), ValueError, r"got 3"),
+    ("nested_blocksize missing", True, lambda sd: _set_meta(sd, nested_blocksize=_DROP), KeyError,
+     r"missing \['nested_blocksize in l.weight.quant_state"),
+    ("nested_offset nan", True, lambda sd: _set_meta(sd, nested_offset="nan"), ValueError,
+     r"nested_offset must be a finite number"),
+    ("blob truncated", None, lambda sd: sd.__setitem__(_QS, sd[_QS][:-5]), ValueError,
+     r"'l.weight.quant_state.bitsandbytes__nf4' is not bitsandbytes' quant_state JSON"),
+    ("blob not UTF-8", None, lambda sd: sd.__setitem__(_QS, torch.tensor([0xFF, 0xFE, 0x7B], dtype=torch.uint8)),
+     ValueError, r"is not bitsandbytes' quant_state JSON \('utf-8' codec"),
+    ("blob a JSON list", None, lambda sd: sd.__setitem__(_QS, torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)),
+     ValueError, r"holds JSON list, not bitsandbytes' quant_state object"),
+    ("shape missing", None, lambda sd: _set_meta(sd, shape=_DROP), ValueError,
+     r"'l.weight.quant_state.bitsandbytes__nf4': the quant_state has no valid 'shape' \(got None"),
+    ("shape null", None, lambda sd: _set_meta(sd, shape=None), ValueError, r"no valid 'shape'"),
+    ("shape with a zero", None, lambda sd: _set_meta(sd, shape=[0, 128]), ValueError, r"no valid 'shape'"),
+    ("codes one byte short", None, lambda sd: sd.__setitem__("l.weight", sd["l.weight"][:-1]), ValueError,
+     r"'l.weight': \d+ packed bytes but shape"),
+]
+
+
+@pytest.mark.parametrize("case,nested", [(c, n) for c in _CORRUPT for n in (True, False) if c[1] in (None, n)],
+                         ids=[f"{c[0]}-{'nested' if n else 'plain'}" for c in _CORRUPT for n in (True, False)
+                              if c[1] in (None, n)])
+def test_inconsistent_bnb_entries_raise_naming_the_key(case, nested):
+    """Each inconsistency of a 4-bit entry fails the load with an error naming the entry, instead of loading
+    garbage or failing at the first forward; load_bnb_4bit then leaves the model as it was. (96x192: 288 blocks
+    of 64, two nested blocks of 256.)"""
+    _, _, mutate, exc, phrase = case
+    g = _gen()
+    lin = nn.Linear(192, 96)
+    with torch.no_grad():
+        lin.weight.copy_(_weight(96, 192, g=g))
+    good = NF4Linear.from_linear(lin, double_quant=nested).to_bnb_state_dict("l.")
+    NF4Linear.from_bnb_state_dict(good, "l.")  # the entry as written loads
+    sd = {k: v.clone() for k, v in good.items()}
+    mutate(sd)
+    with pytest.raises(exc, match=phrase):
+        NF4Linear.from_bnb_state_dict(sd, "l.")
+    model = nn.Sequential()
+    model.add_module("l", nn.Linear(192, 96))
+    with pytest.raises(exc, match=phrase):
+        load_bnb_4bit(model, sd)
+    assert type(model.l) is nn.Linear
+
+
+def test_bnb_entry_uses_the_checkpoints_nested_blocksize():
+    """A valid entry double-quantized in nested blocks of 128 (not bitsandbytes' usual 256) loads with its own
+    nested blocksize: the same weight as the layer that wrote it."""
+    q = NF4Linear.from_linear(nn.Linear(128, 160), nested_blocksize=128)  # 320 blocks: 3 nested blocks of 128
+    sd = q.to_bnb_state_dict("l.")
+    assert sd["l.weight.nested_absmax"].numel() == 3
+    q2 = NF4Linear.from_bnb_state_dict(sd, "l.")
+    assert q2.nested_blocksize == 128 and torch.equal(q2.dequantize(), q.dequantize())

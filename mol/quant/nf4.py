@@ -16,6 +16,7 @@ This file is the PyTorch reference (any device). mol.kernels.nf4 holds the Trito
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -127,11 +128,12 @@ class NF4Weight:
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit / quantize_blockwise set
 
 
-def check_blocksize(what: str, value, default: int, where: str = "NF4") -> int:
-    """`value` as an int if it is one of bitsandbytes' blocksizes, else a ValueError naming `what` and the default."""
+def check_blocksize(what: str, value, default: int, where: str = "NF4", fix: str | None = None) -> int:
+    """`value` as an int if it is one of bitsandbytes' blocksizes, else a ValueError naming `what` and the way out
+    (`fix`; by default: use the QLoRA default)."""
     if isinstance(value, bool) or not isinstance(value, int) or value not in BLOCKSIZES:
         raise ValueError(f"{where}: {what} must be an int power of two in 32..4096 (bitsandbytes' set); got "
-                         f"{value!r}. Use the QLoRA default {what}={default}.")
+                         f"{value!r}. {fix or f'Use the QLoRA default {what}={default}.'}")
     return int(value)
 
 
@@ -253,6 +255,7 @@ def dequantize_nf4(packed: NF4Weight, dtype: torch.dtype | None = None, backend:
 # ---------------------------------------------------------------- bitsandbytes / Hugging Face checkpoint format
 
 _QS_PREFIX = "quant_state.bitsandbytes__"
+_DAMAGED = "The checkpoint is damaged or was not written by bitsandbytes."
 
 
 def to_bnb_tensors(packed: NF4Weight) -> dict[str, torch.Tensor]:
@@ -279,41 +282,93 @@ def from_bnb_tensors(sd: dict[str, torch.Tensor], key: str) -> NF4Weight:
                              "weight (an 8-bit or unquantized checkpoint?). Load it as nn.Linear and call "
                              "mol.quantize(model, 'nf4') instead.")
         raise KeyError(f"no bitsandbytes 4-bit weight under {key!r} in the state dict")
+    if len(qs_keys) > 1:
+        raise ValueError(f"{key!r} has {len(qs_keys)} quant_state entries ({sorted(qs_keys)}); a bitsandbytes 4-bit "
+                         "weight has one: the state dict mixes two checkpoints")
     qs_key = qs_keys[0]
-    quant_type = qs_key[len(key + "." + _QS_PREFIX):]
-    meta = json.loads(bytes(sd[qs_key].cpu().tolist()).decode("utf-8"))
-    quant_type = meta.get("quant_type", quant_type)
+    meta = _read_quant_state(sd[qs_key], qs_key)
+    quant_type = meta.get("quant_type", qs_key[len(key + "." + _QS_PREFIX):])
     if quant_type != "nf4":
         raise ValueError(f"{key!r} was saved with bitsandbytes quant_type={quant_type!r}; mol reads only 'nf4' "
                          "checkpoints. Re-quantize the original model with bnb_4bit_quant_type='nf4', or load it "
                          "with bitsandbytes.")
-    dtype_name = meta["dtype"]
+    dtype_name = meta.get("dtype")
     if dtype_name not in _DTYPE_NAMES:
-        raise ValueError(f"{key!r}: unsupported original dtype {dtype_name!r} (expected one of {list(_DTYPE_NAMES)})")
-    shape = tuple(int(s) for s in meta["shape"])
-    blocksize = int(meta["blocksize"])
+        raise ValueError(f"{qs_key!r}: unsupported original dtype {dtype_name!r} (expected one of "
+                         f"{list(_DTYPE_NAMES)})")
+    shape = meta.get("shape")
+    if (not isinstance(shape, (list, tuple)) or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise ValueError(f"{qs_key!r}: the quant_state has no valid 'shape' (got {shape!r}, expected a list of "
+                         "positive ints): the checkpoint is damaged or was not written by bitsandbytes")
+    shape = tuple(shape)
+    blocksize = check_blocksize("blocksize", meta.get("blocksize"), 64, f"{qs_key!r}", _DAMAGED)
+    numel = 1
+    for d in shape:
+        numel *= d
     data = sd[key]
     if data.dtype != torch.uint8:  # bnb allows another quant_storage dtype: the bytes are the same
         data = data.contiguous().view(torch.uint8)
-    numel = 1
-    for s in shape:
-        numel *= s
-    check_blocksize("blocksize", blocksize, 64, repr(key))
     codes = data.reshape(-1)
     if codes.numel() != -(-numel // 2):
         raise ValueError(f"{key!r}: {codes.numel()} packed bytes but shape {shape} needs {-(-numel // 2)}")
+
+    nested = key + ".nested_absmax" in sd
     missing = [key + k for k in (".absmax",) if key + k not in sd]
-    if key + ".nested_absmax" in sd:
+    if key + ".absmax" in sd and sd[key + ".absmax"].dtype == torch.uint8 and not nested:
+        missing.append(key + ".nested_absmax (its absmax holds uint8 codes of a double quantization)")
+    if nested:
         missing += [key + k for k in (".nested_quant_map",) if key + k not in sd]
-        if "nested_offset" not in meta:
-            missing.append(f"nested_offset in {qs_key}")
+        missing += [f"{k} in {qs_key}" for k in ("nested_offset", "nested_blocksize") if k not in meta]
     if missing:
         raise KeyError(f"incomplete bitsandbytes 4-bit entry for {key!r}: missing {missing}")
-    absmax = sd[key + ".absmax"]
-    code = sd.get(key + ".quant_map", nf4_code()).to(codes.device).float()
-    if key + ".nested_absmax" in sd:
-        return NF4Weight(codes, absmax.to(torch.uint8), code, shape, _DTYPE_NAMES[dtype_name], blocksize,
-                         sd[key + ".nested_absmax"].float(), sd[key + ".nested_quant_map"].float(),
-                         torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=codes.device),
-                         int(meta["nested_blocksize"]))
-    return NF4Weight(codes, absmax.float(), code, shape, _DTYPE_NAMES[dtype_name], blocksize)
+    absmax = sd[key + ".absmax"].reshape(-1)
+    blocks = n_blocks(numel, blocksize)
+    if absmax.numel() != blocks:
+        raise ValueError(f"{key + '.absmax'!r} has {absmax.numel()} entries, but shape {shape} in blocks of "
+                         f"{blocksize} has {blocks}: the absmax does not belong to this weight or blocksize")
+    if nested and absmax.dtype != torch.uint8:
+        raise ValueError(f"{key + '.absmax'!r} is {absmax.dtype} beside a nested_absmax: a double-quantized absmax "
+                         "holds uint8 codes")
+    if not nested and not absmax.is_floating_point():
+        raise ValueError(f"{key + '.absmax'!r} is {absmax.dtype}: without a nested_absmax it must hold the float "
+                         "block scales")
+    code = _table(sd, key + ".quant_map", 16).to(codes.device) if key + ".quant_map" in sd else nf4_code(codes.device)
+    if not nested:
+        return NF4Weight(codes, absmax.float(), code, shape, _DTYPE_NAMES[dtype_name], blocksize)
+    nested_blocksize = check_blocksize("nested_blocksize", meta["nested_blocksize"], 256, f"{qs_key!r}", _DAMAGED)
+    nested_absmax = sd[key + ".nested_absmax"].reshape(-1)
+    if nested_absmax.numel() != n_blocks(blocks, nested_blocksize) or not nested_absmax.is_floating_point():
+        raise ValueError(f"{key + '.nested_absmax'!r} is {nested_absmax.dtype} of {nested_absmax.numel()} entries, "
+                         f"but {blocks} absmax blocks in nested blocks of {nested_blocksize} need "
+                         f"{n_blocks(blocks, nested_blocksize)} float values")
+    offset = meta["nested_offset"]
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise ValueError(f"{qs_key!r}: nested_offset must be a finite number; got {offset!r}")
+    return NF4Weight(codes, absmax, code, shape, _DTYPE_NAMES[dtype_name], blocksize, nested_absmax.float(),
+                     _table(sd, key + ".nested_quant_map", 256),
+                     torch.tensor(float(offset), dtype=torch.float32, device=codes.device), nested_blocksize)
+
+
+def _read_quant_state(blob: torch.Tensor, qs_key: str) -> dict:
+    """The JSON metadata bitsandbytes packs as a uint8 tensor, or a ValueError naming the key."""
+    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8:
+        raise ValueError(f"{qs_key!r} must be a uint8 tensor of UTF-8 JSON bytes; got "
+                         f"{getattr(blob, 'dtype', type(blob).__name__)}")
+    try:
+        meta = json.loads(bytes(blob.reshape(-1).cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{qs_key!r} is not bitsandbytes' quant_state JSON ({e}): the checkpoint is damaged or "
+                         "truncated; re-save or re-download it") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{qs_key!r} holds JSON {type(meta).__name__}, not bitsandbytes' quant_state object")
+    return meta
+
+
+def _table(sd: dict[str, torch.Tensor], key: str, size: int) -> torch.Tensor:
+    """A codebook entry (quant_map: the 16 NF4 levels; nested_quant_map: the 256-value dynamic map) as float32."""
+    t = sd[key]
+    if t.numel() != size or not t.is_floating_point():
+        raise ValueError(f"{key!r} is {t.dtype} of {t.numel()} entries; bitsandbytes writes {size} float32 values "
+                         "there: the checkpoint is damaged or not an NF4 one")
+    return t.reshape(-1).float()
