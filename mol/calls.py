@@ -1,5 +1,9 @@
 """How a Hugging Face model's calls reach its routers: a call's arguments by name, and the forward hooks that hand
-the routers each call's attention mask, token shape and KV-cache state (``RoutingContext``)."""
+the routers each call's attention mask, token shape and KV-cache state (``RoutingContext``).
+
+A sequence router's choice for a batch of sequences is kept with the KV cache of the call that started them (an
+attribute of the Cache object, or of the first key tensor of the legacy per-layer tuples), so a call that continues
+a cache reuses that cache's choice, whatever other sequences the model served in between."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from torch import Tensor, nn
 from mol.routers import RoutingContext
 
 _POSITIONAL: dict[Any, list[str]] = {}  # forward function -> its positional parameter names
+_CHOICES = "_mol_sequence_choices"  # the attribute a KV cache keeps its sequence routers' choices under
 
 
 def call_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -44,6 +49,50 @@ def _continues_cache(kw: dict) -> bool:
     return False
 
 
+def _cache_in(kw: dict) -> Any:
+    """The KV cache a call carries (``cache`` from transformers 5.24, ``past_key_values`` before), or None."""
+    for key in ("cache", "past_key_values"):
+        if kw.get(key) is not None:
+            return kw[key]
+    return None
+
+
+def _output_cache(output: Any) -> Any:
+    """The KV cache a model call returned: a ModelOutput's, or the Cache in a tuple output (return_dict=False)."""
+    for key in ("cache", "past_key_values"):
+        cache = getattr(output, key, None)
+        if cache is not None:
+            return cache
+    if isinstance(output, tuple):
+        return next((o for o in output if hasattr(o, "get_seq_length")), None)
+    return None
+
+
+def _carrier(cache: Any) -> Any:
+    """The object a cache's choices are kept on: a Cache itself; for the legacy per-layer tuples, which are new
+    tuples at each call but whose tensors the next call passes back, the first layer's key tensor."""
+    if isinstance(cache, (tuple, list)):
+        layer = cache[0] if len(cache) > 0 else None
+        key = layer[0] if isinstance(layer, (tuple, list)) and len(layer) > 0 else None
+        return key if isinstance(key, Tensor) else None
+    return cache
+
+
+def sequence_choices(cache: Any) -> dict | None:
+    """The sequence routers' choices (``id(router)`` -> RouterOutput) kept with a KV cache, or None."""
+    carrier = _carrier(cache)
+    return None if carrier is None else getattr(carrier, _CHOICES, None)
+
+
+def _keep_choices(cache: Any, choices: dict) -> None:
+    carrier = _carrier(cache)
+    if carrier is not None:
+        try:
+            setattr(carrier, _CHOICES, choices)
+        except (AttributeError, TypeError):  # takes no attributes: a continuation of it raises, naming the problem
+            pass
+
+
 class _RoutingCallHooks:
     """Forward hooks on a model that keep its routers' RoutingContext up to date with each call: the
     attention mask the caller passed, and whether the call continues a KV cache. A class with bound methods, not
@@ -51,19 +100,32 @@ class _RoutingCallHooks:
 
     def __init__(self, context: RoutingContext):
         self.context = context
+        self._cache: Any = None  # the KV cache the call in progress came with
 
     def before(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         kw = call_kwargs(model, args, kwargs)
         mask = kw.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        self._cache = _cache_in(kw)
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             # the mask is the encoder's, and a decoder block of the same length could not tell it is not its own
             kw, mask = {}, None
         tokens = next((kw[k] for k in ("input_ids", "inputs_embeds") if isinstance(kw.get(k), Tensor)), mask)
-        self.context.begin_call(tokens, mask, _continues_cache(kw))
+        continuation = _continues_cache(kw)
+        choices = sequence_choices(self._cache) if continuation else None
+        self.context.begin_call(tokens, mask, continuation, choices=choices)
 
     def after(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self.context.end_call()
+        context, cache, self._cache = self.context, self._cache, None
+        try:
+            if context.in_call and context.choices is not None:
+                # the choices go with the cache the call came with and the one it returned (the same Cache object,
+                # or new legacy tuples): a call that starts sequences replaces whatever the cache kept before
+                for c in (cache, _output_cache(output)):
+                    if c is not None:
+                        _keep_choices(c, context.choices)
+        finally:
+            context.end_call()
 
 
 def routing_context(model: nn.Module) -> RoutingContext:

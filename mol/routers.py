@@ -146,8 +146,8 @@ class _MeanPool(torch.autograd.Function):
 
 class RoutingContext:
     """What the routers of one model read about the call in progress. ``mol.inject`` makes one per model and sets
-    it from hooks on the model's forward; a MoLLinear used on its own can be given one (``layer.router.context =
-    ctx``) and the caller sets its fields.
+    it from hooks on the model's forward (mol.calls); a MoLLinear used on its own can be given one
+    (``layer.router.context = ctx``) and the caller sets its fields.
 
     - ``attention_mask`` (batch, positions), 1 for a real token and 0 for padding, where it covers a layer's
       input: as (batch, positions, in), or flattened to (batch * positions, in). Token routers then leave padding
@@ -160,8 +160,12 @@ class RoutingContext:
       with it, as batch * positions flattened tokens when N is their product, and as one vector per sequence (a
       pooler, a classification head) when N is the batch; else, and without a context, (N, in) is one sequence.
     - ``continuation``: the call continues sequences from a KV cache (generation's decode steps). Each sequence
-      router then reuses the choice it made for those sequences in the call that started them (the prompt), so
-      every position of a sequence, cached or new, went through the same experts: one choice per sequence.
+      router then reuses the choice it made for those sequences in the call that started the cache, so every
+      position of a sequence, cached or new, went through the same experts: one choice per sequence.
+    - ``choices``: where sequence routers keep those choices, by ``id(router)``. The hooks hand each call that
+      starts sequences a new dict and keep it with the call's cache (mol.calls), and a continuation the dict of
+      the cache it continues (None if that cache has none). A hand-made context keeps one dict: a continuation
+      reuses the last choice.
     """
 
     # True between the model's forward hooks (mol.inject's): the forward running now is that call's, not an
@@ -170,10 +174,12 @@ class RoutingContext:
     in_call = False
     _batch_shape: tuple[int, int] | None = None
     _shape_of: Tensor | None = None
+    choices: dict | None = None
 
     def __init__(self) -> None:
         self.attention_mask: Tensor | None = None
         self.continuation = False
+        self.choices = {}
         # [(mask, its flat float32 weights)], shared with the snapshots: one cast a call, not one a layer
         self._weights: list[tuple[Tensor, Tensor]] = []
 
@@ -190,18 +196,30 @@ class RoutingContext:
     def batch_shape(self, shape: tuple[int, int] | None) -> None:
         self._batch_shape, self._shape_of = shape, None
 
-    def begin_call(self, tokens: Tensor | None, attention_mask: Tensor | None, continuation: bool) -> None:
-        """The model's call starts (a forward pre-hook): ``tokens`` (batch, positions, ...) give batch_shape."""
-        self._batch_shape, self._shape_of = None, tokens if tokens is not None and tokens.dim() >= 2 else None
-        self.attention_mask, self.continuation, self.in_call = attention_mask, continuation, True
+    def begin_call(self, tokens: Tensor | None, attention_mask: Tensor | None, continuation: bool, *,
+                   choices: dict | None = None) -> None:
+        """The model's call starts (a forward pre-hook): ``tokens`` (batch, positions, ...) give batch_shape;
+        ``attention_mask`` counts only as a 2-D (batch, positions) mask; ``choices``: those the continued cache
+        keeps (a call that starts sequences gets a new dict). Called again during a call (prompt tuning's hook,
+        once it prepended its virtual tokens), it changes only the tokens and mask: the call's continuation and
+        choices stay."""
+        tokens = tokens if isinstance(tokens, Tensor) and tokens.dim() >= 2 else None
+        self._batch_shape, self._shape_of = None, tokens
+        two_d = isinstance(attention_mask, Tensor) and attention_mask.dim() == 2
+        self.attention_mask = attention_mask if two_d else None
         # a new list, not cleared in place: the snapshots of earlier calls keep theirs; and a compiled model then
         # finds it empty at each call, not holding the last call's tensors (inputs it would be guarded on)
         self._weights = []
+        if self.in_call:
+            return
+        self.continuation, self.in_call = continuation, True
+        self.choices = choices if continuation else {}
 
     def end_call(self) -> None:
         """The model's call is over (a forward hook): a submodule called on its own afterwards sees no call."""
-        self._batch_shape, self._shape_of, self.attention_mask, self.continuation = None, None, None, False
-        self.in_call, self._weights = False, []
+        self._batch_shape, self._shape_of, self.attention_mask = None, None, None
+        self.continuation, self.in_call, self._weights = False, False, []
+        self.choices = {}  # a layer called on its own now keeps its choice here, out of the call's cache
 
     def snapshot(self) -> "RoutingContext":
         """A copy of the call's state as it is now. A router keeps one from each forward, for the forward an
@@ -209,7 +227,7 @@ class RoutingContext:
         copy = RoutingContext()
         copy._batch_shape, copy._shape_of = self._batch_shape, self._shape_of
         copy.attention_mask, copy.continuation = self.attention_mask, self.continuation
-        copy._weights = self._weights
+        copy._weights, copy.choices = self._weights, self.choices
         return copy
 
     def token_weights(self, x: Tensor) -> Tensor | None:
@@ -261,7 +279,6 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
         self.context: RoutingContext | None = None  # the router's view of the model call (mol.inject)
         self._call: RoutingContext | None = None  # the context as its last forward outside a backward saw it
-        self._kept: RouterOutput | None = None  # its per-sequence choice from the call that started the sequences
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, num_experts={self.num_experts}, top_k={self.top_k}, noise_std={self.noise_std}"
@@ -287,7 +304,7 @@ class Router(nn.Module):
                 # One decision per sequence, scored on its mean hidden state: "b s k -> b k".
                 seqs = self._sequences(x, context)
                 if context is not None and context.continuation:
-                    return self._continued(seqs)
+                    return self._continued(seqs, context)
                 mask = None if context is None else context.attention_mask
                 if mask is not None and tuple(mask.shape) != tuple(seqs.shape[:2]):
                     mask = None
@@ -311,8 +328,10 @@ class Router(nn.Module):
 
         chosen = expert_ids
         if self.kind == "sequence":
-            if context is not None:  # for the cached calls that continue these sequences
-                self._kept = RouterOutput(gates.detach(), expert_ids, logits.detach(), probs.detach(), chosen)
+            if context is not None and context.choices is not None:
+                # kept with the call's KV cache (mol.calls), for the calls that continue these sequences from it
+                context.choices[id(self)] = RouterOutput(gates.detach(), expert_ids, logits.detach(), probs.detach(),
+                                                         chosen)
             return self._per_token(RouterOutput(gates, expert_ids, logits, probs, chosen, token_weights),
                                    seqs.shape[1])
         return RouterOutput(gates, expert_ids, logits, probs, chosen, token_weights)
@@ -339,13 +358,20 @@ class Router(nn.Module):
         expert_ids = repeat(per_seq.expert_ids, "b k -> (b s) k", s=seq_len)
         return RouterOutput(gates, expert_ids, per_seq.logits, per_seq.probs, per_seq.chosen, per_seq.token_weights)
 
-    def _continued(self, seqs: Tensor) -> RouterOutput:
-        kept = self._kept
-        if kept is None or kept.gates.shape[0] != seqs.shape[0]:
-            had = "no call" if kept is None else f"{kept.gates.shape[0]} sequences"
+    def _continued(self, seqs: Tensor, context: RoutingContext) -> RouterOutput:
+        """The choice this router made in the call that started the continued cache, for these sequences."""
+        kept = None if context.choices is None else context.choices.get(id(self))
+        if kept is None:
             raise ValueError(
-                f"sequence router: this call continues {seqs.shape[0]} sequences from a KV cache, but the call that "
-                f"started them ({had}) is not the last one this router saw; the router reuses that call's choice. "
-                "Start each generation with a fresh cache (model.generate does), or pass the whole sequence "
-                "without a cache")
+                f"sequence router: this call continues {seqs.shape[0]} sequences from a KV cache for which the router "
+                "kept no expert choice (a cache filled by another model, with the adapters disabled, or outside "
+                "the model's call); the router reuses the choice it made in the call that started the cache. Start "
+                "the sequences with a fresh cache through this model (model.generate does), or pass the whole "
+                "sequence without a cache")
+        if kept.gates.shape[0] != seqs.shape[0]:
+            raise ValueError(
+                f"sequence router: this call continues {seqs.shape[0]} sequences from a KV cache whose first call "
+                f"routed {kept.gates.shape[0]}; the router reuses that call's choice per sequence, so the batch "
+                "must stay as it was. Continue the cache with the batch that started it, or pass the whole "
+                "sequences without a cache")
         return self._per_token(kept, seqs.shape[1])

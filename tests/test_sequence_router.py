@@ -88,34 +88,76 @@ def test_the_mask_changes_routing_where_padding_would():
     assert (unmasked - alone).abs().max() > 1e-2
 
 
+def _routed_by(monkeypatch, choices):
+    """From now on every sequence router routes whatever it is given by the per-sequence choice ``choices`` holds
+    for it (id(router) -> RouterOutput): a full forward without a cache, routed as the cached steps were."""
+    from mol.routers import Router
+
+    def forward(self, x):
+        return Router._per_token(choices[id(self)], Router._sequences(x, self.call_context()).shape[1])
+    monkeypatch.setattr(Router, "forward", forward)
+
+
 def test_cached_generation_keeps_the_prompts_choice(monkeypatch):
     """Greedy generation with the KV cache: every decode step reuses each sequence's choice from the prompt, so
     each step's scores equal a full forward of the sequence so far routed by that choice (no cache), and the
-    routers' per-sequence expert ids never change."""
-    torch.manual_seed(0)
+    per-sequence expert ids the cache keeps are the prompt's."""
     model = _inject(make_tiny_llama())
-    routers = [m.router for m in model.modules() if isinstance(m, mol.MoLLinear)]
     prompt = torch.randint(1, 101, (2, 6))
     with torch.no_grad():
         out = model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0,
                              output_scores=True, return_dict_in_generate=True)
-        chosen = [r._kept.chosen.clone() for r in routers]
-        model(input_ids=prompt)  # the prompt's choice again, for the forced full forwards below
-        assert all(torch.equal(r._kept.chosen, c) for r, c in zip(routers, chosen))
-        monkeypatch.setattr(calls_module, "_continues_cache", lambda kw: True)
+        kept = calls_module.sequence_choices(out.past_key_values)
+        prompt_only = calls_module.sequence_choices(model(input_ids=prompt, use_cache=True).past_key_values)
+        assert kept.keys() == prompt_only.keys() and len(kept) == 2 * 7  # every MoL layer's router
+        assert all(torch.equal(kept[k].chosen, prompt_only[k].chosen) for k in kept)
+        _routed_by(monkeypatch, kept)
         for step, scores in enumerate(out.scores):
             full = model(input_ids=out.sequences[:, :prompt.shape[1] + step]).logits[:, -1]
             torch.testing.assert_close(scores, full, rtol=1e-4, atol=1e-5)
 
 
-def test_a_cache_from_another_batch_is_refused():
-    torch.manual_seed(0)
+def test_each_cache_keeps_its_own_choice():
+    """Two batches served alternately, each continuing its own KV cache (a server's sessions): A's prompt, B's
+    prompt, then A's cache continued token by token. A's continuation equals A generated in one go: each cache
+    keeps the choice of the call that started it. (The choice was one per router, shared by every cache: A's
+    continuation took B's, silently, the batch sizes being equal.)"""
     model = _inject(make_tiny_llama())
+    a, b = torch.randint(1, 101, (2, 5)), torch.randint(1, 101, (2, 7))
+    kw = dict(do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
-        cache = model(input_ids=torch.randint(1, 101, (2, 5)), use_cache=True).past_key_values
-        model(input_ids=torch.randint(1, 101, (3, 5)))  # the routers now hold a batch of 3
-        with pytest.raises(ValueError, match="continues 2 sequences from a KV cache"):
+        whole = model.generate(input_ids=a, max_new_tokens=8, **kw)
+        first = model.generate(input_ids=a, max_new_tokens=4, **kw)
+        model.generate(input_ids=b, max_new_tokens=4, **kw)
+        # the cache holds all but the last generated token: each continuation call carries one new token
+        second = model.generate(input_ids=first.sequences, past_key_values=first.past_key_values,
+                                max_new_tokens=4, **kw)
+    assert torch.equal(second.sequences, whole.sequences)
+    torch.testing.assert_close(torch.stack(first.scores + second.scores), torch.stack(whole.scores),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_cache_without_a_kept_choice_is_refused():
+    """A cache that no call of this model started (filled by the model without its adapters) carries no choice:
+    continuing it raises rather than reuse the choice the router made for other sequences."""
+    import copy
+
+    plain = make_tiny_llama()
+    model = _inject(copy.deepcopy(plain))
+    with torch.no_grad():
+        cache = plain(input_ids=torch.randint(1, 101, (2, 5)), use_cache=True).past_key_values
+        model(input_ids=torch.randint(1, 101, (2, 5)))  # the routers made a choice for two other sequences
+        with pytest.raises(ValueError, match="kept no expert choice"):
             model(input_ids=torch.randint(1, 101, (2, 1)), past_key_values=cache, use_cache=True)
+
+
+def test_a_cache_continued_with_another_batch_is_refused():
+    with torch.no_grad():
+        model = _inject(make_tiny_llama())
+        cache = model(input_ids=torch.randint(1, 101, (2, 5)), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(2)
+        with pytest.raises(ValueError, match="continues 4 sequences from a KV cache whose first call routed 2"):
+            model(input_ids=torch.randint(1, 101, (4, 1)), past_key_values=cache, use_cache=True)
 
 
 def test_flattened_tokens_are_read_as_the_calls_sequences():
