@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mol import dispatch
-from mol.inject import _under_any, all_or_nothing, name_matches, replace_module
+from mol.inject import _under_any, name_matches, replace_module
 from mol.layers import AdapterLayer, is_conv1d, not_full_precision
 
 from .nf4 import (NF4Weight, SUPPORTED_DTYPES, check_blocksize, check_finite, dequantize_nf4, from_bnb_tensors,
@@ -355,22 +355,69 @@ def _check_quantizable(linear: nn.Linear) -> None:
 def load_bnb_4bit(model: nn.Module, state_dict: dict[str, torch.Tensor], backend: str = "auto") -> list[str]:
     """Replace each nn.Linear (or Conv1D) whose '<name>.weight' is a bitsandbytes 4-bit entry of `state_dict` by an
     NF4Linear read from it (no bitsandbytes needed). Returns the names replaced; load the other keys yourself
-    (e.g. model.load_state_dict(rest, strict=False)). A layer whose shape does not fit raises and leaves the model
-    as it was."""
-    replaced = []
-    with all_or_nothing(model):
-        for name, mod in list(model.named_modules()):
-            if not isinstance(mod, (nn.Linear, NF4Linear)) and not is_conv1d(mod):
-                continue
-            key = f"{name}.weight" if name else "weight"
-            if not any(k.startswith(key + "." + _QS_PREFIX) for k in state_dict):
-                continue
-            new = NF4Linear.from_bnb_state_dict(state_dict, f"{name}." if name else "", backend)
-            shape = tuple(mod.weight.shape[::-1]) if is_conv1d(mod) else (mod.out_features, mod.in_features)
-            if (new.out_features, new.in_features) != shape:
-                raise ValueError(f"load_bnb_4bit: {name!r} is {shape[0]}x{shape[1]} (out x in) in the model but "
-                                 f"{new.out_features}x{new.in_features} in the checkpoint; load the checkpoint into "
-                                 "the model it was saved from")
-            replace_module(model, name, new)
-            replaced.append(name)
-    return replaced
+    (e.g. model.load_state_dict(rest, strict=False)).
+    Raises, leaving the model as it was, when an entry is inconsistent, when a layer's shape differs from its
+    entry's, when an entry names a module that is not a linear layer, when the state dict holds 4-bit entries but
+    none names a module of the model (a prefix that differs: a LlamaForCausalLM checkpoint into a LlamaModel), and
+    when it holds bitsandbytes 8-bit entries (not supported). A state dict without 4-bit entries (a shard holding
+    only the embeddings) replaces nothing and returns []."""
+    eight = sorted(k for k in state_dict if k == "SCB" or k.endswith(".SCB"))
+    if eight:
+        raise ValueError(f"load_bnb_4bit: the state dict holds bitsandbytes 8-bit (LLM.int8) entries ({eight[:3]}"
+                         f"{' ...' if len(eight) > 3 else ''}); mol reads 4-bit NF4 checkpoints only, 8-bit is not "
+                         "supported. Load it with transformers and bitsandbytes (BitsAndBytesConfig(load_in_8bit="
+                         "True)), or load the full-precision model and call mol.quantize(model, 'nf4')")
+    marker = "weight." + _QS_PREFIX
+    entries: dict[str, str] = {}  # module name -> its quant_state key
+    for k in state_dict:
+        if k.startswith(marker):
+            entries.setdefault("", k)
+        elif "." + marker in k:
+            entries.setdefault(k[:k.index("." + marker)], k)
+    if not entries:
+        return []
+    modules = dict(model.named_modules())
+    linears = [n for n, m in modules.items() if n and _bnb_target(m)]
+    if not any(n in modules for n in entries):
+        raise ValueError(f"load_bnb_4bit: none of the state dict's {len(entries)} 4-bit entries names a module of "
+                         f"{type(model).__name__}: e.g. {[f'{n}.weight' for n in list(entries)[:3]]}, while its linear "
+                         f"layers are named e.g. {linears[:3]}. {_prefix_hint(list(entries), linears)}")
+    built = []
+    for name, qs_key in entries.items():
+        if name not in modules:
+            continue  # a layer this model lacks (the list returned says which were replaced)
+        mod = modules[name]
+        if not name:
+            raise ValueError(f"load_bnb_4bit: {qs_key!r} is the model's own weight; it replaces submodules: build the "
+                             "layer with NF4Linear.from_bnb_state_dict(state_dict) instead")
+        if not _bnb_target(mod):
+            raise ValueError(f"load_bnb_4bit: {qs_key!r} is for {name!r}, a {type(mod).__name__}, not an nn.Linear "
+                             "or Conv1D; load the 4-bit base into the plain model (before mol.inject), or load this "
+                             "checkpoint into the model class it was saved from")
+        new = NF4Linear.from_bnb_state_dict(state_dict, f"{name}.", backend)
+        shape = tuple(mod.weight.shape[::-1]) if is_conv1d(mod) else (mod.out_features, mod.in_features)
+        if (new.out_features, new.in_features) != shape:
+            raise ValueError(f"load_bnb_4bit: {name!r} is {shape[0]}x{shape[1]} (out x in) in the model but "
+                             f"{new.out_features}x{new.in_features} in the checkpoint; load the checkpoint into "
+                             "the model it was saved from")
+        built.append((name, new))
+    for name, new in built:  # every entry checked and read: nothing below can fail half-way
+        replace_module(model, name, new)
+    return [name for name, _ in built]
+
+
+def _bnb_target(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, NF4Linear)) or is_conv1d(module)
+
+
+def _prefix_hint(entries: list[str], linears: list[str]) -> str:
+    """How the checkpoint's names differ from the model's, where one is a dotted prefix longer than the other."""
+    for e in entries:
+        for n in linears:
+            if e.endswith("." + n):
+                return (f"The checkpoint's names carry the prefix {e[:-len(n)]!r} that the model's lack: strip it "
+                        "from the keys, or load into the model class the checkpoint was saved from.")
+            if n.endswith("." + e):
+                return (f"The model's names carry the prefix {n[:-len(e)]!r} that the checkpoint's lack: add it to "
+                        "the keys, or load into the model's sub-module the checkpoint was saved from.")
+    return "Load the checkpoint into the model class it was saved from."
