@@ -935,3 +935,38 @@ def test_bnb_entry_uses_the_checkpoints_nested_blocksize():
     assert sd["l.weight.nested_absmax"].numel() == 3
     q2 = NF4Linear.from_bnb_state_dict(sd, "l.")
     assert q2.nested_blocksize == 128 and torch.equal(q2.dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_nf4linear_refuses_a_non_float_input(dtype):
+    """nn.Linear fails on an integer input; NF4Linear computed in x's dtype and returned zeros. Now a TypeError
+    naming the dtype, with or without autograd."""
+    q = NF4Linear.from_linear(nn.Linear(128, 64))
+    x = torch.randint(0, 5, (2, 128)).to(dtype)
+    with pytest.raises(RuntimeError):
+        nn.Linear(128, 64)(x)
+    with pytest.raises(TypeError, match=rf"NF4Linear expects a floating-point input, as nn.Linear does; got {dtype}"):
+        q(x)
+    q.bias.requires_grad_(True)  # the autograd path
+    with pytest.raises(TypeError, match="floating-point input"):
+        q(x)
+
+
+def test_nf4linear_on_meta_gives_a_meta_output():
+    """On the meta device NF4Linear infers the output shape and dtype as nn.Linear does (it crashed in the autocast
+    check); a quantized model moved to meta runs its forward there like the unquantized one."""
+    import copy
+
+    from conftest import make_tiny_llama
+
+    q = copy.deepcopy(NF4Linear.from_linear(nn.Linear(128, 64))).to("meta")
+    for dtype in (torch.float32, torch.bfloat16):
+        y = q(torch.empty(3, 5, 128, device="meta", dtype=dtype))
+        assert y.is_meta and y.shape == (3, 5, 64) and y.dtype == dtype
+    with pytest.raises(RuntimeError, match="the input is on cpu but the layer on meta"):
+        q(torch.randn(2, 128))
+    model = quantize(make_tiny_llama(hidden=64), "nf4")
+    dense = make_tiny_llama(hidden=64).to("meta")
+    ids = torch.randint(0, 101, (2, 7), device="meta")
+    out = model.to("meta")(input_ids=ids).logits
+    assert out.is_meta and out.shape == dense(input_ids=ids).logits.shape == (2, 7, 101)

@@ -163,7 +163,16 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"NF4Linear expects inputs with last dim {self.in_features}, got {tuple(x.shape)}")
+        if not x.is_floating_point():  # the kernels would compute in x's dtype: an int x gave all zeros
+            raise TypeError(f"NF4Linear expects a floating-point input, as nn.Linear does; got {x.dtype}. Cast it "
+                            "first (e.g. x.float()), or embed token ids before the linear layers")
         lead = x.shape[:-1]
+        codes = self._buffers["qweight"]
+        if x.is_meta or codes.is_meta:  # shape inference (e.g. a model built on the meta device), as nn.Linear
+            if x.device != codes.device:
+                raise RuntimeError(f"NF4Linear: the input is on {x.device} but the layer on {codes.device}; move "
+                                   "them to one device")
+            return x.new_empty(*lead, self.out_features)
         bias = self.bias
         fn = _NF4LinearFn.apply
         if not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
