@@ -93,6 +93,19 @@ def _keep_choices(cache: Any, choices: dict) -> None:
             pass
 
 
+def _drafts_error(kw: dict, continuation: bool) -> str | None:
+    """Why a sequence router cannot route this call, if it is assisted decoding's first: a call that starts a KV
+    cache and keeps the logits of more than its last position scores the prompt followed by draft tokens."""
+    keep = kw.get("logits_to_keep", kw.get("num_logits_to_keep"))  # num_: transformers < 4.50
+    if continuation or _cache_in(kw) is None or not isinstance(keep, int) or keep <= 1:
+        return None
+    return (f"this call starts a KV cache and keeps the logits of its last {keep} positions, as assisted decoding "
+            "(generate(assistant_model=...) or prompt_lookup_num_tokens) does with the prompt followed by the "
+            "assistant's draft tokens; the router would choose each sequence's experts from the drafts too, and "
+            "greedy output would change with the assistant. Generate without assisted decoding (or call the model "
+            "with logits_to_keep=1, or without a cache)")
+
+
 class _RoutingCallHooks:
     """Forward hooks on a model that keep its routers' RoutingContext up to date with each call: the
     attention mask the caller passed, and whether the call continues a KV cache. A class with bound methods, not
@@ -113,7 +126,8 @@ class _RoutingCallHooks:
         tokens = next((kw[k] for k in ("input_ids", "inputs_embeds") if isinstance(kw.get(k), Tensor)), mask)
         continuation = _continues_cache(kw)
         choices = sequence_choices(self._cache) if continuation else None
-        self.context.begin_call(tokens, mask, continuation, choices=choices)
+        self.context.begin_call(tokens, mask, continuation, choices=choices,
+                                sequence_error=_drafts_error(kw, continuation))
 
     def after(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         context, cache, self._cache = self.context, self._cache, None

@@ -166,6 +166,8 @@ class RoutingContext:
       starts sequences a new dict and keep it with the call's cache (mol.calls), and a continuation the dict of
       the cache it continues (None if that cache has none). A hand-made context keeps one dict: a continuation
       reuses the last choice.
+    - ``sequence_error``: why a sequence router cannot route the call as one choice per sequence (the draft tokens
+      of assisted decoding scored with the prompt); a sequence router raises it.
     """
 
     # True between the model's forward hooks (mol.inject's): the forward running now is that call's, not an
@@ -175,6 +177,7 @@ class RoutingContext:
     _batch_shape: tuple[int, int] | None = None
     _shape_of: Tensor | None = None
     choices: dict | None = None
+    sequence_error: str | None = None
 
     def __init__(self) -> None:
         self.attention_mask: Tensor | None = None
@@ -197,7 +200,7 @@ class RoutingContext:
         self._batch_shape, self._shape_of = shape, None
 
     def begin_call(self, tokens: Tensor | None, attention_mask: Tensor | None, continuation: bool, *,
-                   choices: dict | None = None) -> None:
+                   choices: dict | None = None, sequence_error: str | None = None) -> None:
         """The model's call starts (a forward pre-hook): ``tokens`` (batch, positions, ...) give batch_shape;
         ``attention_mask`` counts only as a 2-D (batch, positions) mask; ``choices``: those the continued cache
         keeps (a call that starts sequences gets a new dict). Called again during a call (prompt tuning's hook,
@@ -212,13 +215,13 @@ class RoutingContext:
         self._weights = []
         if self.in_call:
             return
-        self.continuation, self.in_call = continuation, True
+        self.continuation, self.in_call, self.sequence_error = continuation, True, sequence_error
         self.choices = choices if continuation else {}
 
     def end_call(self) -> None:
         """The model's call is over (a forward hook): a submodule called on its own afterwards sees no call."""
         self._batch_shape, self._shape_of, self.attention_mask = None, None, None
-        self.continuation, self.in_call, self._weights = False, False, []
+        self.continuation, self.in_call, self._weights, self.sequence_error = False, False, [], None
         self.choices = {}  # a layer called on its own now keeps its choice here, out of the call's cache
 
     def snapshot(self) -> "RoutingContext":
@@ -227,7 +230,7 @@ class RoutingContext:
         copy = RoutingContext()
         copy._batch_shape, copy._shape_of = self._batch_shape, self._shape_of
         copy.attention_mask, copy.continuation = self.attention_mask, self.continuation
-        copy._weights, copy.choices = self._weights, self.choices
+        copy._weights, copy.choices, copy.sequence_error = self._weights, self.choices, self.sequence_error
         return copy
 
     def token_weights(self, x: Tensor) -> Tensor | None:
@@ -302,6 +305,8 @@ class Router(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.kind == "sequence":
                 # One decision per sequence, scored on its mean hidden state: "b s k -> b k".
+                if context is not None and context.sequence_error is not None:
+                    raise ValueError(f"sequence router: {context.sequence_error}")
                 seqs = self._sequences(x, context)
                 if context is not None and context.continuation:
                     return self._continued(seqs, context)
@@ -374,4 +379,14 @@ class Router(nn.Module):
                 f"routed {kept.gates.shape[0]}; the router reuses that call's choice per sequence, so the batch "
                 "must stay as it was. Continue the cache with the batch that started it, or pass the whole "
                 "sequences without a cache")
+        if seqs.shape[1] > 1:
+            # the choice was made without these tokens: a call adding them all at once (the prompt) would have
+            # pooled them, so the result would depend on how the sequence was cut into calls
+            raise ValueError(
+                f"sequence router: this call continues a KV cache with {seqs.shape[1]} new tokens per sequence; the "
+                "router chooses once per sequence, in the call that starts the cache, so only one token at a time "
+                "may follow (generation's decode steps). generate(prefill_chunk_size=...) (chunked prefill) and "
+                "generate(assistant_model=...) or prompt_lookup_num_tokens (assisted decoding) add several, as "
+                "does a new turn appended to a reused cache: generate without those options, or pass the whole "
+                "sequence without a cache")
         return self._per_token(kept, seqs.shape[1])

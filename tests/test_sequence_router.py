@@ -18,8 +18,8 @@ import mol
 calls_module = importlib.import_module("mol.calls")
 
 
-def _inject(model, **kw):
-    mol.inject(model, mol.MoLConfig(num_experts=4, top_k=2, rank=4, router="sequence", target_modules="all-linear",
+def _inject(model, router="sequence", **kw):
+    mol.inject(model, mol.MoLConfig(num_experts=4, top_k=2, rank=4, router=router, target_modules="all-linear",
                                     **kw))
     with torch.no_grad():  # adapters and scores far from their init: routing changes outputs visibly
         for n, p in model.named_parameters():
@@ -158,6 +158,36 @@ def test_a_cache_continued_with_another_batch_is_refused():
         cache.batch_repeat_interleave(2)
         with pytest.raises(ValueError, match="continues 4 sequences from a KV cache whose first call routed 2"):
             model(input_ids=torch.randint(1, 101, (4, 1)), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("option", ["assistant_model", "prefill_chunk_size", "new turn"])
+def test_calls_that_add_several_tokens_to_a_cache_are_refused(option):
+    """The choice is made once per sequence, in the call that starts the cache. Assisted decoding (its first call
+    scores the prompt with draft tokens, later ones several drafts on the cache), chunked prefill (the first chunk
+    would choose) and a new turn appended to a reused cache would each route by a choice made without some of the
+    sequence's tokens: greedy output changed with the assistant or the chunk size. They raise, naming the option;
+    with the topk router the generate options give plain greedy's tokens, and so do chunks as long as the prompt."""
+    prompt = torch.randint(1, 101, (1, 8))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+    def run(model):
+        if option == "new turn":
+            first = model.generate(input_ids=prompt, return_dict_in_generate=True, **kw)
+            turn = torch.cat([first.sequences, torch.randint(1, 101, (1, 3))], 1)
+            return model.generate(input_ids=turn, past_key_values=first.past_key_values, **kw)
+        extra = dict(assistant_model=make_tiny_llama(layers=1)) if option == "assistant_model" else \
+            dict(prefill_chunk_size=3)
+        return model.generate(input_ids=prompt, **kw, **extra)
+
+    with torch.no_grad():
+        topk = _inject(make_tiny_llama(), router="topk")
+        if option != "new turn":
+            assert torch.equal(run(topk), topk.generate(input_ids=prompt, **kw))  # the check below can pass
+        model = _inject(make_tiny_llama())
+        with pytest.raises(ValueError, match=option):
+            run(model)
+        greedy = model.generate(input_ids=prompt, **kw)
+        assert torch.equal(model.generate(input_ids=prompt, prefill_chunk_size=8, **kw), greedy)
 
 
 def test_flattened_tokens_are_read_as_the_calls_sequences():
