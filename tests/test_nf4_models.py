@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import copy
+import re
 
 import pytest
 import torch
@@ -216,3 +217,56 @@ def test_head_under_an_adapter_and_tied_linears_stay_full_precision():
     quantize(tied, "nf4")
     assert type(tied[0]) is nn.Linear and type(tied[2]) is nn.Linear and tied[0].weight is tied[2].weight
     assert isinstance(tied[3], NF4Linear)
+
+
+def _two_proj():
+    m = nn.Sequential()
+    m.add_module("q_proj", nn.Linear(64, 64))
+    m.add_module("v_proj", nn.Linear(64, 64))
+    return m
+
+
+def test_skip_entry_matching_nothing_raises_with_names_on_offer():
+    """A typo in skip used to quantize the layer it meant to keep, silently; now it raises naming the entry and the
+    names on offer, and leaves the model as it was. Names, suffixes, parents and regexes still match."""
+    m = _two_proj()
+    with pytest.raises(ValueError, match=r"quantize: skip entry \['q_porj'\] matches no module of Sequential; module "
+                                         r"names on offer: \['q_proj', 'v_proj'\]"):
+        quantize(m, "nf4", skip=["q_porj"])
+    assert [type(x) for x in m] == [nn.Linear, nn.Linear]
+    with pytest.raises(ValueError, match=r"skip entries \['a', 'b'\] match no module"):
+        quantize(m, "nf4", skip=["q_proj", "a", "b"])
+    for skip in (["q_proj"], "q_proj", [r"q_.*"], [r".*q_proj"]):
+        m = quantize(_two_proj(), "nf4", skip=skip)
+        assert type(m.q_proj) is nn.Linear and isinstance(m.v_proj, NF4Linear), skip
+    from conftest import make_tiny_llama
+
+    llama = quantize(make_tiny_llama(hidden=64), "nf4", skip=["layers.1", "mlp.up_proj"])  # a parent, a suffix
+    assert all(type(x) is nn.Linear for x in llama.model.layers[1].modules() if isinstance(x, nn.Linear))
+    assert type(llama.model.layers[0].mlp.up_proj) is nn.Linear
+    assert isinstance(llama.model.layers[0].mlp.down_proj, NF4Linear)
+
+
+@pytest.mark.parametrize("pattern", ["*.q_proj", "q_proj[", "(q_proj"])
+def test_skip_entry_that_is_no_regex_raises_a_valueerror_naming_skip(pattern):
+    m = _two_proj()
+    with pytest.raises(ValueError, match=rf"quantize: skip entry {re.escape(repr(pattern))} is neither a module name "
+                                         r"nor a valid regex .*not a glob"):
+        quantize(m, "nf4", skip=[pattern])
+    assert [type(x) for x in m] == [nn.Linear, nn.Linear]
+
+
+def test_qlora_inject_passes_modules_to_save_as_skip():
+    """inject hands quantize its configs' modules_to_save as skip: they match, so QLoRA still works, and a typo
+    there now fails before any layer is quantized (the model unchanged)."""
+    from conftest import make_tiny_llama
+
+    model = mol.inject(make_tiny_llama(hidden=64), mol.LoRAConfig(rank=4, target_modules=["q_proj"],
+                                                                   quantize_base="nf4", modules_to_save=["lm_head"]))
+    assert type(model.lm_head) is nn.Linear and isinstance(model.model.layers[0].mlp.up_proj, NF4Linear)
+    fresh = make_tiny_llama(hidden=64)
+    before = {n: type(x) for n, x in fresh.named_modules()}
+    with pytest.raises(ValueError, match=r"'lm_haed'.*(matches no module|match no module)"):
+        mol.inject(fresh, mol.LoRAConfig(rank=4, target_modules=["q_proj"], quantize_base="nf4",
+                                         modules_to_save=["lm_haed"]))
+    assert {n: type(x) for n, x in fresh.named_modules()} == before

@@ -230,7 +230,7 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
         raise ValueError(f"quantize: unknown method {method!r}; the only supported method is 'nf4'")
     check_blocksize("blocksize", blocksize, 64, "quantize")
     check_blocksize("nested_blocksize", nested_blocksize, 256, "quantize")
-    skip = list(skip or [])
+    skip = _checked_skip(model, skip)
     head = None
     get_head = getattr(model, "get_output_embeddings", None)
     if callable(get_head):
@@ -255,6 +255,34 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
         replace_module(model, name, _naming_layer(name, NF4Linear.from_linear, lin, blocksize, nested_blocksize,
                                                   backend=backend))
     return model
+
+
+def _checked_skip(model: nn.Module, skip) -> list[str]:
+    """`skip` as a list of patterns, each a valid regex that matches some module (a typo would silently quantize
+    the layer it meant to keep)."""
+    if isinstance(skip, str):
+        skip = [skip]
+    skip = list(skip or [])
+    bad = [p for p in skip if not isinstance(p, str) or not p]
+    if bad:
+        raise ValueError(f"quantize: skip entries must be non-empty module names or regexes; got {bad[0]!r}")
+    for p in skip:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"quantize: skip entry {p!r} is neither a module name nor a valid regex ({e}); give a "
+                             "name or suffix such as 'q_proj', or a Python regex matched against the full name such "
+                             r"as r'.*\.q_proj' (not a glob like '*.q_proj')") from e
+    names = [n for n, _ in model.named_modules() if n]
+    unmatched = [p for p in skip if not any(_skip_match(n, [p]) for n in names)]
+    if unmatched:
+        offered = sorted({n.rpartition(".")[2] for n in names if not n.rpartition(".")[2].isdigit()})
+        raise ValueError(f"quantize: skip entr{'ies' if len(unmatched) > 1 else 'y'} {unmatched} match"
+                         f"{'' if len(unmatched) > 1 else 'es'} no module of {type(model).__name__}; module names on "
+                         f"offer: {offered[:30]}{' ...' if len(offered) > 30 else ''}. Fix skip (through inject: "
+                         "modules_to_save, which QLoRA keeps out of NF4): exact names, suffixes such as 'q_proj', or "
+                         "regexes matched against the full name")
+    return skip
 
 
 def _kept_full_precision(model: nn.Module) -> set[str]:
