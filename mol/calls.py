@@ -106,30 +106,50 @@ def _drafts_error(kw: dict, continuation: bool) -> str | None:
             "with logits_to_keep=1, or without a cache)")
 
 
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 class _RoutingCallHooks:
     """Forward hooks on a model that keep its routers' RoutingContext up to date with each call: the
     attention mask the caller passed, and whether the call continues a KV cache. A class with bound methods, not
-    closures, so a deep copy of the model gets hooks that update the copy's context."""
+    closures, so a deep copy of the model gets hooks that update the copy's context.
 
-    def __init__(self, context: RoutingContext):
-        self.context = context
+    ``encoder=True``: the hooks of an encoder-decoder model's encoder. An encoder that runs inside a call that
+    continues a cache (a decode loop that passes the encoder's input at every step) routes that input afresh, as
+    in the call that started the cache: the continuation, and the choices reused, are the decoder's."""
+
+    def __init__(self, context: RoutingContext, encoder: bool = False):
+        self.context, self.encoder = context, encoder
         self._cache: Any = None  # the KV cache the call in progress came with
+        self._resume: dict | None = None  # encoder: the continued call's choices, while the encoder runs
 
     def before(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        context = self.context
+        if self.encoder:
+            if context.in_call and context.continuation:
+                self._resume, context.continuation, context.choices = context.choices, False, {}
+            return
         kw = call_kwargs(model, args, kwargs)
         mask = kw.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
         self._cache = _cache_in(kw)
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            # the mask is the encoder's, and a decoder block of the same length could not tell it is not its own
-            kw, mask = {}, None
-        tokens = next((kw[k] for k in ("input_ids", "inputs_embeds") if isinstance(kw.get(k), Tensor)), mask)
+        # from the real arguments: an encoder-decoder's cache (EncoderDecoderCache) gives its decoder
+        # self-attention's length, so its decode steps continue the sequences the first decoder call started
         continuation = _continues_cache(kw)
+        if _is_encoder_decoder(model):
+            # the mask is the encoder's, and a decoder block of the same length could not tell it is not its own
+            tokens = mask = None
+        else:
+            tokens = next((kw[k] for k in ("input_ids", "inputs_embeds") if isinstance(kw.get(k), Tensor)), mask)
         choices = sequence_choices(self._cache) if continuation else None
-        self.context.begin_call(tokens, mask, continuation, choices=choices,
-                                sequence_error=_drafts_error(kw, continuation))
+        context.begin_call(tokens, mask, continuation, choices=choices, sequence_error=_drafts_error(kw, continuation))
 
     def after(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.encoder:
+            if self._resume is not None:
+                self.context.continuation, self.context.choices, self._resume = True, self._resume, None
+            return
         context, cache, self._cache = self.context, self._cache, None
         try:
             if context.in_call and context.choices is not None:
@@ -151,6 +171,23 @@ def routing_context(model: nn.Module) -> RoutingContext:
         # first among pre-hooks: the caller's own mask and cache, before prefix / prompt tuning extend them
         model.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True)
         model.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
+        encoder = _encoder_of(model)
+        if encoder is not None:
+            hooks = _RoutingCallHooks(context, encoder=True)
+            encoder.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True)
+            encoder.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
         model.mol_routing_context = context
     return context
+
+
+def _encoder_of(model: nn.Module) -> nn.Module | None:
+    """An encoder-decoder model's encoder (``get_encoder()``), or None."""
+    get = getattr(model, "get_encoder", None)
+    if not _is_encoder_decoder(model) or not callable(get):
+        return None
+    try:
+        encoder = get()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    return encoder if isinstance(encoder, nn.Module) and encoder is not model else None
 

@@ -88,12 +88,23 @@ def test_the_mask_changes_routing_where_padding_would():
     assert (unmasked - alone).abs().max() > 1e-2
 
 
+def _tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                               decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+
 def _routed_by(monkeypatch, choices):
-    """From now on every sequence router routes whatever it is given by the per-sequence choice ``choices`` holds
-    for it (id(router) -> RouterOutput): a full forward without a cache, routed as the cached steps were."""
+    """From now on every sequence router that ``choices`` (id(router) -> RouterOutput) holds a per-sequence choice
+    for routes whatever it is given by it: a full forward without a cache, routed as the cached steps were."""
     from mol.routers import Router
 
+    route = Router.forward
+
     def forward(self, x):
+        if id(self) not in choices:
+            return route(self, x)
         return Router._per_token(choices[id(self)], Router._sequences(x, self.call_context()).shape[1])
     monkeypatch.setattr(Router, "forward", forward)
 
@@ -114,6 +125,39 @@ def test_cached_generation_keeps_the_prompts_choice(monkeypatch):
         _routed_by(monkeypatch, kept)
         for step, scores in enumerate(out.scores):
             full = model(input_ids=out.sequences[:, :prompt.shape[1] + step]).logits[:, -1]
+            torch.testing.assert_close(scores, full, rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_decoder_decode_steps_keep_the_first_calls_choice(monkeypatch):
+    """T5 (an EncoderDecoderCache): generate's decode steps reuse the choice of its first decoder call, as a
+    decoder-only model's reuse the prompt's: each step's scores equal a full forward of the decoder sequence so far
+    routed by that choice. So does a decode loop that passes the encoder's input at every step (the encoder, run
+    afresh, routes it afresh). Every decode step used to route its one new token on its own."""
+    from mol.routers import RouterOutput
+
+    model = _inject(_tiny_t5())
+    decoder = [m for n, m in model.named_modules() if isinstance(m, mol.MoLLinear) and n.startswith("decoder.")]
+    first = {}
+    def keep_first(layer, args, out):  # the first decoder call's choice per sequence
+        r = layer._last
+        gates = r.gates.reshape(r.chosen.shape[0], -1, r.gates.shape[-1])[:, 0]
+        first.setdefault(id(layer.router), RouterOutput(gates, r.chosen, r.logits, r.probs, r.chosen))
+    for layer in decoder:
+        layer.register_forward_hook(keep_first)
+    ids = torch.randint(2, 50, (2, 7))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        assert len(first) == len(decoder) > 0
+        cache = None
+        for step, scores in enumerate(out.logits):
+            dec = out.sequences[:, step:step + 1] if cache is not None else out.sequences[:, :1]
+            o = model(input_ids=ids, decoder_input_ids=dec, past_key_values=cache, use_cache=True)
+            torch.testing.assert_close(o.logits[:, -1], scores, rtol=1e-4, atol=1e-5)
+            cache = o.past_key_values
+        _routed_by(monkeypatch, first)
+        for step, scores in enumerate(out.logits):
+            full = model(input_ids=ids, decoder_input_ids=out.sequences[:, :step + 1]).logits[:, -1]
             torch.testing.assert_close(scores, full, rtol=1e-4, atol=1e-5)
 
 
