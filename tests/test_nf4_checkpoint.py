@@ -87,3 +87,99 @@ def test_load_bnb_4bit_refuses_an_entry_for_a_module_that_is_no_linear():
                                          r"for 'model.layers.0.self_attn.q_proj', a MoLLinear, not an nn.Linear"):
         load_bnb_4bit(model, sd)
     assert _types(model) == before
+
+
+# ---------------------------------------------------------------- exporting a mol-quantized model
+
+def _models():
+    import transformers
+
+    return {
+        "llama": lambda: _llama(),
+        "llama-tied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True)).eval(),
+        "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(  # Conv1D layers
+            vocab_size=96, n_embd=64, n_layer=1, n_head=4, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0)).eval(),
+        "bert-cls": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(  # a kept head
+            vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+            num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval(),
+    }
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-tied", "gpt2", "bert-cls"])
+def test_save_bnb_4bit_loads_back_with_load_bnb_4bit(kind, tmp_path):
+    """The directory's state dict, read into a fresh full-precision model of the same class with load_bnb_4bit
+    (the 4-bit layers) and load_state_dict (the rest), gives the saved model's outputs exactly; nothing is left
+    over or missing, and the model saved is not changed (its config gains no quantization_config)."""
+    from safetensors.torch import load_file
+
+    from mol.quant import bnb_4bit_state_dict, save_bnb_4bit
+
+    build = _models()[kind]
+    model = quantize(build(), "nf4")
+    ids = torch.randint(1, 96, (2, 9))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    sd_before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert save_bnb_4bit(model, tmp_path) == tmp_path
+    assert not hasattr(model.config, "quantization_config") or model.config.quantization_config is None
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd_before.items())
+    sd = load_file(tmp_path / "model.safetensors")
+    assert {k for k in sd if "quant_state" in k} == {k for k in bnb_4bit_state_dict(model) if "quant_state" in k}
+    assert not any(k.endswith((".qweight", ".offset")) for k in sd)
+    fresh = build()
+    names = load_bnb_4bit(fresh, sd)
+    assert sorted(names) == sorted(n for n, m in model.named_modules() if isinstance(m, NF4Linear))
+    rest = {k: v for k, v in sd.items() if not any(k.startswith(n + ".") for n in names)}
+    missing, unexpected = fresh.load_state_dict(rest, strict=False)
+    assert unexpected == [] and all(any(k.startswith(n + ".") for n in names) for k in missing)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, ref)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-tied", "gpt2", "bert-cls"])
+def test_save_bnb_4bit_loads_in_transformers_with_bitsandbytes(kind, tmp_path):
+    """transformers' from_pretrained of the directory builds bitsandbytes Linear4bit layers exactly where mol has
+    NF4Linear ones (its quantization_config lists the layers mol kept) and computes the saved model's logits.
+    (Compared in training mode, dropout off: in eval bitsandbytes' CPU path repacks the weights to compute in
+    bfloat16.)"""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        pytest.skip("bitsandbytes does not import here")
+    from mol.quant import save_bnb_4bit
+
+    model = quantize(_models()[kind](), "nf4")
+    ids = torch.randint(1, 96, (2, 9))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    save_bnb_4bit(model, tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, device_map="cpu").train()
+    assert ({n for n, m in loaded.named_modules() if type(m).__name__ == "Linear4bit"}
+            == {n for n, m in model.named_modules() if isinstance(m, NF4Linear)})
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ref, rtol=0, atol=1e-6)
+
+
+def test_exporters_refuse_what_they_cannot_write(tmp_path):
+    import mol
+    from mol.quant import bnb_4bit_state_dict, save_bnb_4bit
+
+    with pytest.raises(ValueError, match="holds no NF4Linear layer; quantize it first"):
+        bnb_4bit_state_dict(_llama())
+    adapted = mol.inject(_llama(), mol.LoRAConfig(rank=4, target_modules=["q_proj"], quantize_base="nf4"))
+    with pytest.raises(ValueError, match=r"save_bnb_4bit: the model carries mol adapters \(\['model.layers.0.self_attn.q_proj'\]\).*mol.unload"):
+        save_bnb_4bit(adapted, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written
+    mol.unload(adapted)  # the NF4 base stays: it exports
+    assert isinstance(adapted.model.layers[0].self_attn.q_proj, NF4Linear)
+    save_bnb_4bit(adapted, tmp_path)
+    plain = quantize(nn.Sequential(nn.Linear(64, 64)), "nf4")
+    assert set(bnb_4bit_state_dict(plain)) >= {"0.weight", "0.weight.absmax", "0.bias"}
+    with pytest.raises(ValueError, match="has no transformers config to write config.json"):
+        save_bnb_4bit(plain, tmp_path / "other")
+    with pytest.raises(ValueError, match="compute_dtype must be"):
+        save_bnb_4bit(quantize(_llama(), "nf4"), tmp_path / "other", compute_dtype=torch.int8)
+    assert not (tmp_path / "other").exists()

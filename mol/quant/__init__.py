@@ -1,5 +1,6 @@
 """NF4 frozen bases (QLoRA): quantize / dequantize, NF4Linear, and bitsandbytes checkpoint interop."""
 
+from .checkpoint import bnb_4bit_state_dict, save_bnb_4bit
 from .linear import NF4Linear, load_bnb_4bit, quantize
 from .nf4 import (
     NF4_LEVELS,
@@ -13,4 +14,5 @@ from .nf4 import (
 )
 
 __all__ = ["NF4Linear", "NF4Weight", "NF4_LEVELS", "quantize", "quantize_nf4", "dequantize_nf4",
-           "dequantize_nf4_reference", "dynamic_map", "load_bnb_4bit", "from_bnb_tensors", "to_bnb_tensors"]
+           "dequantize_nf4_reference", "dynamic_map", "load_bnb_4bit", "from_bnb_tensors", "to_bnb_tensors",
+           "bnb_4bit_state_dict", "save_bnb_4bit"]
