@@ -290,3 +290,22 @@ def test_damaged_adapter_config_is_named(tmp_path, text, message):
     (tmp_path / "adapter_config.json").write_text(text)
     with pytest.raises(ValueError, match=message):
         mol.io.read_adapter_configs(tmp_path)
+
+
+def test_saved_files_get_the_mode_the_umask_gives_other_files(tmp_path):
+    # the atomic write went through mkstemp, whose 0600 left adapters unreadable to a server under another user
+    import os
+    import stat
+
+    model = mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=2))
+    old = os.umask(0o022)
+    try:
+        mol.save_adapter(model, tmp_path / "a")
+        mol.export_peft(model, tmp_path / "p")
+        os.umask(0o077)
+        mol.save_adapter(model, tmp_path / "private")
+    finally:
+        os.umask(old)
+    for d, mode in (("a", 0o644), ("p", 0o644), ("private", 0o600)):
+        for f in (tmp_path / d).iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == mode, (f, oct(f.stat().st_mode))
