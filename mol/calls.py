@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from mol.routers import RoutingContext
@@ -106,6 +107,37 @@ def _drafts_error(kw: dict, continuation: bool) -> str | None:
             "with logits_to_keep=1, or without a cache)")
 
 
+def _padding_mask(mask: Any, tokens: Tensor | None, continuation: bool) -> tuple[Tensor | None, str | None]:
+    """The call's (batch, positions) padding mask, 1 for a real token, and where a sequence router cannot get it,
+    why. A 2-D mask is one. generate with a static cache (cache_implementation="static", or any compilable cache)
+    passes a 4-D (batch, 1, queries, keys) mask, boolean or additive (0 where a query sees a key), with keys beyond
+    the prompt for the cache's empty slots: in a call that starts the sequences, a position is real where its query
+    sees its own key, which holds for causal, sliding-window and bidirectional masks alike. A call that continues a
+    cache needs none (its sequence routers reuse their choice, and the mask covers the cache, not the new tokens)."""
+    if isinstance(mask, dict):  # per layer type (transformers' models with sliding-window layers)
+        mask = mask.get("full_attention", next((m for m in mask.values() if m is not None), None))
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        return mask, None
+    if mask is None or continuation or (isinstance(mask, Tensor) and mask.dim() != 4):
+        return None, None
+    if isinstance(mask, Tensor) and tokens is not None:
+        batch, n = tokens.shape[0], tokens.shape[1]
+        if mask.shape[0] in (1, batch) and mask.shape[-2] == n and mask.shape[-1] >= n:
+            own = mask[:, 0, :, :n].diagonal(dim1=-2, dim2=-1)  # (batch, n): each query and its own key
+            if own.dtype == torch.bool:
+                real = own
+            elif own.is_floating_point():
+                real = own > torch.finfo(own.dtype).min / 2
+            else:
+                real = own != 0
+            return real.expand(batch, n), None
+    what = f"a {type(mask).__name__}" if not isinstance(mask, Tensor) else f"of shape {tuple(mask.shape)}"
+    return None, (f"the call's attention mask ({what}) is not one the routers can read the padding from, so the "
+                  "router would pool padding into each sequence's choice. Pass a 2-D attention_mask (batch, "
+                  "tokens), or generate with the default dynamic cache (a static cache under flex attention "
+                  "passes a BlockMask)")
+
+
 def _is_encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
@@ -131,19 +163,21 @@ class _RoutingCallHooks:
                 self._resume, context.continuation, context.choices = context.choices, False, {}
             return
         kw = call_kwargs(model, args, kwargs)
-        mask = kw.get("attention_mask")
-        mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
         self._cache = _cache_in(kw)
         # from the real arguments: an encoder-decoder's cache (EncoderDecoderCache) gives its decoder
         # self-attention's length, so its decode steps continue the sequences the first decoder call started
         continuation = _continues_cache(kw)
+        mask_error = None
         if _is_encoder_decoder(model):
             # the mask is the encoder's, and a decoder block of the same length could not tell it is not its own
             tokens = mask = None
         else:
-            tokens = next((kw[k] for k in ("input_ids", "inputs_embeds") if isinstance(kw.get(k), Tensor)), mask)
+            tokens = next((kw[k] for k in ("input_ids", "inputs_embeds") if isinstance(kw.get(k), Tensor)), None)
+            mask, mask_error = _padding_mask(kw.get("attention_mask"), tokens, continuation)
+            tokens = mask if tokens is None else tokens
         choices = sequence_choices(self._cache) if continuation else None
-        context.begin_call(tokens, mask, continuation, choices=choices, sequence_error=_drafts_error(kw, continuation))
+        context.begin_call(tokens, mask, continuation, choices=choices,
+                           sequence_error=mask_error or _drafts_error(kw, continuation))
 
     def after(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.encoder:

@@ -75,6 +75,49 @@ def test_causal_lm_routes_each_sequence_as_if_alone(left):
             torch.testing.assert_close(rows, alone, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_static_cache_generation_routes_each_sequence_as_if_alone(attn):
+    """generate(cache_implementation="static") hands the model a 4-D mask (batch, 1, queries, cache slots), boolean
+    under sdpa and additive under eager attention, not the caller's 2-D one: each row of a left-padded batch must
+    still generate as the sequence alone does (the logits of every step). The routers read the padding from the
+    4-D mask; they used to see none and pool the padding."""
+    model = _inject(make_tiny_llama())
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn)
+    else:  # transformers < 4.56
+        model.config._attn_implementation = attn
+    seqs = [torch.randint(1, 101, (n,)) for n in (3, 8, 5)]
+    ids, mask = _padded(seqs, left=True)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        batched = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kw)
+        for i, s in enumerate(seqs):
+            alone = model.generate(input_ids=s[None], **kw)
+            torch.testing.assert_close(torch.stack(batched.logits)[:, i], torch.stack(alone.logits)[:, 0],
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_a_mask_without_readable_padding_is_refused():
+    """A mask the hooks cannot read the padding from (a flex-attention BlockMask, an odd shape) reaches a sequence
+    router as the reason it cannot route the call, and it raises with it; token routers run."""
+    from mol.routers import Router, RoutingContext
+
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    for mask in (object(), torch.ones(2, 1, 4, 5, dtype=torch.bool)):
+        derived, error = calls_module._padding_mask(mask, tokens, continuation=False)
+        assert derived is None and "not one the routers can read the padding from" in error
+    context = RoutingContext()
+    context.begin_call(tokens, None, False, sequence_error=error)
+    for kind in ("topk", "sequence"):
+        router = Router(16, 4, 2, kind)
+        router.context = context
+        if kind == "sequence":
+            with pytest.raises(ValueError, match="sequence router: the call's attention mask"):
+                router(torch.randn(2, 5, 16))
+        else:
+            router(torch.randn(2, 5, 16))
+
+
 def test_the_mask_changes_routing_where_padding_would():
     """The check above can fail: pooled over every position (the mask taken away), the padded sequence's
     logits move."""
