@@ -36,8 +36,9 @@ def register_method(config_cls: type) -> Callable[[MethodFn], MethodFn]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear or a frozen quantized linear (anything marked ``is_quantized_linear``)."""
-    return isinstance(module, nn.Linear) or getattr(module, "is_quantized_linear", False)
+    """A layer the linear methods adapt: nn.Linear, transformers' Conv1D (GPT-2), or a frozen quantized linear
+    (anything marked ``is_quantized_linear``)."""
+    return isinstance(module, nn.Linear) or getattr(module, "is_quantized_linear", False) or is_conv1d(module)
 
 
 def name_matches(name: str, patterns: Iterable[str]) -> bool:
@@ -222,8 +223,7 @@ def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
     # and, for a sequence router, its token shape and whether it continues a KV cache (RoutingContext)
     context = routing_context(model) if config.num_experts > 1 else None
     # nn.Linear, NF4Linear, and transformers' Conv1D (GPT-2), whose (in, out) weight the layer knows to transpose
-    linear = lambda m: is_linear(m) or is_conv1d(m)  # noqa: E731
-    for name in match_modules(model, config.target_modules, predicate=linear, exclude=config.modules_to_save):
+    for name in match_modules(model, config.target_modules, exclude=config.modules_to_save):
         layer = MoLLinear(
             model.get_submodule(name), num_experts=config.num_experts, top_k=config.top_k,
             rank=pattern_value(config.rank_pattern, name, config.rank),

@@ -309,3 +309,12 @@ def test_saved_files_get_the_mode_the_umask_gives_other_files(tmp_path):
     for d, mode in (("a", 0o644), ("p", 0o644), ("private", 0o600)):
         for f in (tmp_path / d).iterdir():
             assert stat.S_IMODE(f.stat().st_mode) == mode, (f, oct(f.stat().st_mode))
+
+
+def test_match_modules_previews_what_inject_adapts_on_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16))
+    preview = mol.match_modules(gpt2, "all-linear")  # raised 'matched no linear layer' on Conv1D-only GPT-2
+    mol.inject(gpt2, mol.LoRAConfig(rank=2))
+    assert len(preview) == 8 and preview == [n for n, m in gpt2.named_modules() if isinstance(m, mol.MoLLinear)]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mol.config import MethodConfig, TargetModules, register_config
-from mol.inject import is_linear, match_modules, register_method
+from mol.inject import match_modules, register_method
 from mol.layers import base_dtype_device
 from mol.methods._util import check_modules_to_save, check_targets, is_conv1d
 
@@ -48,9 +48,8 @@ def _out_features(m: nn.Module) -> int:
 
 @register_method(BitFitConfig)
 def _inject_bitfit(model: nn.Module, cfg: BitFitConfig) -> list[str]:
-    linear = lambda m: is_linear(m) or is_conv1d(m)  # noqa: E731
     trainable = []
-    for name in match_modules(model, cfg.target_modules, predicate=linear, exclude=cfg.modules_to_save):
+    for name in match_modules(model, cfg.target_modules, exclude=cfg.modules_to_save):
         layer = model.get_submodule(name)
         if getattr(layer, "bias", None) is None:
             dtype, device = base_dtype_device(layer)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mol.config import MethodConfig, TargetModules, check_adapter_dtype, register_config
-from mol.inject import is_linear, match_modules, name_matches, register_method, replace_module
+from mol.inject import match_modules, name_matches, register_method, replace_module
 from mol.layers import AdapterLayer, adapter_dtype_for, base_dtype_device, dense_weight_blocker
 from mol.methods._util import check_modules_to_save, check_targets, is_conv1d, model_type
 
@@ -146,8 +146,7 @@ def _resolve(model: nn.Module, cfg: IA3Config) -> tuple[list[str], list[str]]:
             raise ValueError(f"IA3Config has no default target_modules for model type {mtype!r}; set target_modules "
                              "(e.g. ['k_proj', 'v_proj', 'down_proj']) and feedforward_modules (e.g. ['down_proj'])")
         targets, ff = DEFAULT_TARGETS[mtype]
-    linear = lambda m: is_linear(m) or is_conv1d(m)  # noqa: E731
-    names = match_modules(model, targets, predicate=linear, exclude=cfg.modules_to_save)
+    names = match_modules(model, targets, exclude=cfg.modules_to_save)
     if ff is None:
         ff_names: list[str] = []
     elif isinstance(ff, str):
