@@ -5,8 +5,24 @@ according to the environment at the moment mol.kernels.grouped_lora is first imp
 importing `mol` never pulls in Triton by itself.
 """
 import importlib
+import os
 
 __all__ = ["grouped_lora_add", "grouped_lora_linear"]
+
+_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off switch from the environment variable ``name`` (1/0, true/false, on/off, yes/no; unset: default).
+    Anything else raises rather than silently meaning off."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise ValueError(f"{name}={value!r} is not an on/off value; set it to 1 or 0 (or true/false, on/off)")
 
 
 def __getattr__(name):

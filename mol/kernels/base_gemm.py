@@ -24,6 +24,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 from mol.kernels import base_gemm_gluon as bgg
+from mol.kernels import env_flag
 from mol.kernels import grouped_lora as gl
 
 try:  # host-side TMA descriptors (triton >= 3.3)
@@ -57,11 +58,11 @@ CONFIGS = [(128, 256, 64, 8, 8, 3, 1), (128, 256, 64, 16, 8, 3, 1), (128, 256, 6
 # made on the device (tl.make_tensor_descriptor) cut the launch to 56-93 µs but slowed the kernel 3-20 µs (run
 # 45), so they were dropped. MOL_BASE_GEMM_EAGER_CUBLAS=0 lets eager calls run the tuned choice too (a GPU-bound
 # eager step may gain ~1-4% of its base GEMMs' time); BASE_GEMM="triton" forces the kernel everywhere.
-EAGER_CUBLAS = os.environ.get("MOL_BASE_GEMM_EAGER_CUBLAS", "1") != "0"
+EAGER_CUBLAS = env_flag("MOL_BASE_GEMM_EAGER_CUBLAS", True)
 # Whether "auto" and "triton" also time the Gluon kernel (base_gemm_gluon.py: one pipeline over the base's and the
 # experts' K steps, Hopper only): at cuBLAS's speed on the bare GEMM and 3-4 µs ahead of the Triton kernel with the
 # extra K, so the layer 0.1-1.4% faster (RESULTS run 36). MOL_BASE_GEMM_GLUON=0 leaves it out.
-GLUON = os.environ.get("MOL_BASE_GEMM_GLUON", "1") != "0"
+GLUON = env_flag("MOL_BASE_GEMM_GLUON", True)
 TUNE_ROUNDS = 3  # candidates timed in turn, each's best round kept: one pass ranks them by the clock's drift
 _INTERPRET_CONFIG = (16, 16, 16, 2, 4, 1, 2)
 

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mol.kernels import env_flag
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Testing aid: fill every kernel output buffer with NaN before launch, so that an element the
 # kernels fail to write shows up in the result instead of hiding behind whatever memory held.
@@ -106,7 +108,7 @@ def _configs(kind: str) -> list[triton.Config]:
     """
     if _INTERPRET:  # SPLIT=2 so the CPU tests exercise the atomic path too
         return [_cfg(kind, 16, 16, 16, 2, 4, 1)]
-    if os.environ.get("MOL_TRITON_AUTOTUNE", "1") == "0":  # one safe config: fast start, no tuning
+    if not env_flag("MOL_TRITON_AUTOTUNE", True):  # one safe config: fast start, no tuning
         return [_cfg(kind, 64, 64, 128 if kind == "expand" else 64, 2, 4, 3)]
     if kind == "expand":  # (BT, BR, BO, -, warps, stages)
         shapes = [(64, 64, 128, 1, 4, 3), (128, 64, 128, 1, 8, 3), (128, 128, 128, 1, 8, 3),

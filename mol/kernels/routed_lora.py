@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from mol.kernels import base_gemm as bg
+from mol.kernels import env_flag
 from mol.kernels import grouped_lora as gl
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def _tile_dot(a, b, acc, F32_DOT: tl.constexpr, IEEE: tl.constexpr):
 def _shrink_configs():
     if gl._INTERPRET:
         return [triton.Config({"BT": 16, "BR": 16, "BK": 16, "SPLIT": 2}, num_warps=4, num_stages=1)]
-    if os.environ.get("MOL_TRITON_AUTOTUNE", "1") == "0":  # one safe config: fast start, no tuning
+    if not env_flag("MOL_TRITON_AUTOTUNE", True):  # one safe config: fast start, no tuning
         return [triton.Config({"BT": 64, "BR": 64, "BK": 64, "SPLIT": 2}, num_warps=4, num_stages=3)]
     shapes = [(64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 64, 128, 1, 4, 3), (64, 128, 64, 2, 4, 4),
               (128, 128, 64, 2, 8, 3), (16, 64, 128, 8, 4, 3), (16, 128, 64, 16, 4, 3), (16, 32, 128, 16, 4, 3),
@@ -678,7 +679,7 @@ def _small_t_kernel(x_ptr, xl_ptr, a_ptr, wr_ptr, acc_ptr, sync_ptr, noise_ptr, 
 def _small_t_configs(fma: bool) -> list[triton.Config]:
     if gl._INTERPRET:
         return [triton.Config({"BN": 16, "BK": 16}, num_warps=4, num_stages=1)]
-    if os.environ.get("MOL_TRITON_AUTOTUNE", "1") == "0":
+    if not env_flag("MOL_TRITON_AUTOTUNE", True):
         return [triton.Config({"BN": 16 if fma else 32, "BK": 512 if fma else 256}, num_warps=4, num_stages=3)]
     # FMA: a warp spans BK elements of one row (16 B per thread at BK=256), BN rows per program; more, smaller
     # programs keep every SM streaming W. Dot: BN=16..32 with x as the A operand, 64 with the W tile as A.
@@ -928,7 +929,7 @@ def gate_bwd_impl(du: torch.Tensor, hl: torch.Tensor, noise: torch.Tensor | None
 # beside the rest (T <= ~2048 at 4096 features on an H100's 50 MB) the second read comes from L2. On an H100 (RESULTS
 # run 50, CUDA graphs, interleaved): T=2048 4096^2 -5.1 / -2.6 us (1.301x -> 1.276x, 1.315x -> 1.302x), E=32 top-4
 # -14.5 us, T=512 -0.9 us; T=8192 4096->14336 +18 us inside the rounds' spread. MOL_DB_FIRST=0: after the dx GEMM.
-DB_FIRST = os.environ.get("MOL_DB_FIRST", "1") == "1"
+DB_FIRST = env_flag("MOL_DB_FIRST", True)
 SMALL_T_MAX = 16  # T <= this: the one-launch forward (_small_t_kernel); 0 turns it off
 # Profiling aid (CUDA only): an int64 tensor of at least 4 x (grid size) elements makes the small-T kernel stamp
 # each program's start / work done / flag seen (or routing start) / end times into it (benchmarks/probe_small_t.py)
