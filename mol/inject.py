@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -223,7 +224,14 @@ def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
     # and, for a sequence router, its token shape and whether it continues a KV cache (RoutingContext)
     context = routing_context(model) if config.num_experts > 1 else None
     # nn.Linear, NF4Linear, and transformers' Conv1D (GPT-2), whose (in, out) weight the layer knows to transpose
-    for name in match_modules(model, config.target_modules, exclude=config.modules_to_save):
+    names = match_modules(model, config.target_modules, exclude=config.modules_to_save)
+    for field in ("rank_pattern", "alpha_pattern"):  # a key for no adapted layer would silently change nothing
+        idle = [k for k in getattr(config, field) if not any(pattern_value({k: 1}, n, None) for n in names)]
+        if idle:
+            warnings.warn(f"{field} keys {idle} match none of the {len(names)} adapted "
+                          f"layers (e.g. {names[0]!r}), so they change nothing; a key must end a layer's name at a "
+                          "dot, as a name, suffix or regex", stacklevel=4)
+    for name in names:
         layer = MoLLinear(
             model.get_submodule(name), num_experts=config.num_experts, top_k=config.top_k,
             rank=pattern_value(config.rank_pattern, name, config.rank),

@@ -318,3 +318,15 @@ def test_match_modules_previews_what_inject_adapts_on_gpt2():
     preview = mol.match_modules(gpt2, "all-linear")  # raised 'matched no linear layer' on Conv1D-only GPT-2
     mol.inject(gpt2, mol.LoRAConfig(rank=2))
     assert len(preview) == 8 and preview == [n for n, m in gpt2.named_modules() if isinstance(m, mol.MoLLinear)]
+
+
+def test_a_rank_pattern_key_for_no_adapted_layer_warns():
+    # the README's method.rank_pattern={v_proj:16} on a BERT (whose layer is 'value') changed nothing, silently
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"rank_pattern keys \['value'\] match none of the .* adapted layers"):
+        model = mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=2, rank_pattern={"value": 8, "v_proj": 4}))
+    assert model.model.layers[0].self_attn.v_proj.lora_A.shape[1] == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=2, rank_pattern={"v_proj": 4}, alpha_pattern={"q_proj": 3}))
