@@ -716,7 +716,7 @@ def test_nonfinite_weight_raises(bad):
     assert [type(m) for m in model] == [nn.Linear, nn.Linear]
 
 
-# ---------------------------------------------------------------- a partial last block (bitsandbytes quantizes any size)
+# ---------------------------------------------------------------- a partial last block (bitsandbytes: any size)
 
 # (out, in, blocksize): 800 values = 12 blocks of 64 + 32; odd sizes (21, 65 values: one padding nibble); a
 # partial block of 128; 2100 values (33 blocks of 64, the last of 52)

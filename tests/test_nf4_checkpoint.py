@@ -170,7 +170,8 @@ def test_exporters_refuse_what_they_cannot_write(tmp_path):
     with pytest.raises(ValueError, match="holds no NF4Linear layer; quantize it first"):
         bnb_4bit_state_dict(_llama())
     adapted = mol.inject(_llama(), mol.LoRAConfig(rank=4, target_modules=["q_proj"], quantize_base="nf4"))
-    with pytest.raises(ValueError, match=r"save_bnb_4bit: the model carries mol adapters \(\['model.layers.0.self_attn.q_proj'\]\).*mol.unload"):
+    with pytest.raises(ValueError, match=r"save_bnb_4bit: the model carries mol adapters "
+                                         r"\(\['model.layers.0.self_attn.q_proj'\]\).*mol.unload"):
         save_bnb_4bit(adapted, tmp_path)
     assert not any(tmp_path.iterdir())  # nothing written
     mol.unload(adapted)  # the NF4 base stays: it exports

@@ -112,8 +112,8 @@ def test_multihead_attention_linears_stay_full_precision():
         def __init__(self):
             super().__init__()
             self.embed = nn.Linear(32, 64)
-            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True), 2,
-                                                 enable_nested_tensor=False)
+            layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
             self.pool = nn.MultiheadAttention(64, 4, batch_first=True)
             self.proj = nn.Linear(64, 64)
 
@@ -173,7 +173,8 @@ def test_sequence_classification_head_stays_full_precision(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, _dequantized_copy(model)(ids).logits, rtol=1e-5, atol=1e-5)
     qlora = mol.inject(LlamaForSequenceClassification.from_pretrained(tmp_path),
-                       mol.LoRAConfig(rank=4, quantize_base="nf4", target_modules=["q_proj"], modules_to_save=["score"]))
+                       mol.LoRAConfig(rank=4, quantize_base="nf4", target_modules=["q_proj"],
+                                      modules_to_save=["score"]))
     assert type(qlora.score) is nn.Linear and "score.weight" in qlora.mol_trainable
 
     try:
