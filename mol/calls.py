@@ -17,6 +17,10 @@ from mol.routers import RoutingContext
 
 _POSITIONAL: dict[Any, list[str]] = {}  # forward function -> its positional parameter names
 _CHOICES = "_mol_sequence_choices"  # the attribute a KV cache keeps its sequence routers' choices under
+# inputs whose first dim is the call's batch, where it has no tokens of its layers' length (vision, audio and
+# encoder-decoder models): a (batch, in) input is then read as one vector per sequence (a classification head's)
+_BATCHED = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "pixel_values",
+            "input_features", "input_values", "pixel_values_videos")
 
 
 def call_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -175,8 +179,9 @@ class _RoutingCallHooks:
             tokens = next((kw[k] for k in ("input_ids", "inputs_embeds") if isinstance(kw.get(k), Tensor)), None)
             mask, mask_error = _padding_mask(kw.get("attention_mask"), tokens, continuation)
             tokens = mask if tokens is None else tokens
+        batch = next((kw[k] for k in _BATCHED if isinstance(kw.get(k), Tensor) and kw[k].dim() >= 2), None)
         choices = sequence_choices(self._cache) if continuation else None
-        context.begin_call(tokens, mask, continuation, choices=choices,
+        context.begin_call(tokens, mask, continuation, batch=batch, choices=choices,
                            sequence_error=mask_error or _drafts_error(kw, continuation))
 
     def after(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

@@ -158,7 +158,9 @@ class RoutingContext:
       call carries the encoder's mask only.)
     - ``batch_shape`` (batch, positions) of the call's tokens: a 2-D input (N, in) to a sequence router is read
       with it, as batch * positions flattened tokens when N is their product, and as one vector per sequence (a
-      pooler, a classification head) when N is the batch; else, and without a context, (N, in) is one sequence.
+      pooler, a classification head) when N is the batch; ``batch_size`` alone (a call of pixel values, audio
+      features, or an encoder-decoder's, which has no tokens of its layers' length) reads only the latter; else,
+      and without a context, (N, in) is one sequence.
     - ``continuation``: the call continues sequences from a KV cache (generation's decode steps). Each sequence
       router then reuses the choice it made for those sequences in the call that started the cache, so every
       position of a sequence, cached or new, went through the same experts: one choice per sequence.
@@ -176,6 +178,7 @@ class RoutingContext:
     in_call = False
     _batch_shape: tuple[int, int] | None = None
     _shape_of: Tensor | None = None
+    _batch_of: Tensor | None = None
     choices: dict | None = None
     sequence_error: str | None = None
 
@@ -197,17 +200,28 @@ class RoutingContext:
 
     @batch_shape.setter
     def batch_shape(self, shape: tuple[int, int] | None) -> None:
-        self._batch_shape, self._shape_of = shape, None
+        self._batch_shape, self._shape_of, self._batch_of = shape, None, None
+
+    @property
+    def batch_size(self) -> int | None:
+        """The call's batch size: from its tokens, or from any batched input (pixel values, audio features)."""
+        if self._batch_of is not None:
+            return self._batch_of.shape[0]
+        shape = self._batch_shape
+        return None if shape is None else shape[0]
 
     def begin_call(self, tokens: Tensor | None, attention_mask: Tensor | None, continuation: bool, *,
-                   choices: dict | None = None, sequence_error: str | None = None) -> None:
-        """The model's call starts (a forward pre-hook): ``tokens`` (batch, positions, ...) give batch_shape;
+                   batch: Tensor | None = None, choices: dict | None = None,
+                   sequence_error: str | None = None) -> None:
+        """The model's call starts (a forward pre-hook): ``tokens`` (batch, positions, ...) give batch_shape,
+        ``batch`` (any input whose first dim is the batch) batch_size where there are no tokens;
         ``attention_mask`` counts only as a 2-D (batch, positions) mask; ``choices``: those the continued cache
         keeps (a call that starts sequences gets a new dict). Called again during a call (prompt tuning's hook,
-        once it prepended its virtual tokens), it changes only the tokens and mask: the call's continuation and
-        choices stay."""
+        once it prepended its virtual tokens), it changes only the tokens, batch and mask: the call's
+        continuation, choices and sequence_error stay."""
         tokens = tokens if isinstance(tokens, Tensor) and tokens.dim() >= 2 else None
-        self._batch_shape, self._shape_of = None, tokens
+        batch = batch if isinstance(batch, Tensor) and batch.dim() >= 1 else None
+        self._batch_shape, self._shape_of, self._batch_of = None, tokens, tokens if tokens is not None else batch
         two_d = isinstance(attention_mask, Tensor) and attention_mask.dim() == 2
         self.attention_mask = attention_mask if two_d else None
         # a new list, not cleared in place: the snapshots of earlier calls keep theirs; and a compiled model then
@@ -220,7 +234,7 @@ class RoutingContext:
 
     def end_call(self) -> None:
         """The model's call is over (a forward hook): a submodule called on its own afterwards sees no call."""
-        self._batch_shape, self._shape_of, self.attention_mask = None, None, None
+        self._batch_shape, self._shape_of, self._batch_of, self.attention_mask = None, None, None, None
         self.continuation, self.in_call, self._weights, self.sequence_error = False, False, [], None
         self.choices = {}  # a layer called on its own now keeps its choice here, out of the call's cache
 
@@ -228,7 +242,7 @@ class RoutingContext:
         """A copy of the call's state as it is now. A router keeps one from each forward, for the forward an
         activation checkpoint recomputes inside the backward, when the model call (and its hooks) is over."""
         copy = RoutingContext()
-        copy._batch_shape, copy._shape_of = self._batch_shape, self._shape_of
+        copy._batch_shape, copy._shape_of, copy._batch_of = self._batch_shape, self._shape_of, self._batch_of
         copy.attention_mask, copy.continuation = self.attention_mask, self.continuation
         copy._weights, copy.choices, copy.sequence_error = self._weights, self.choices, self.sequence_error
         return copy
@@ -346,12 +360,11 @@ class Router(nn.Module):
         """x as (sequences, positions, in); see RoutingContext for how a 2-D x is read."""
         if x.dim() == 1:  # one token: a sequence of one
             return x[None, None]
-        shape = None if context is None else context.batch_shape
-        if x.dim() == 2 and shape is not None:
-            batch, positions = shape
-            if x.shape[0] == batch * positions:
-                return x.reshape(batch, positions, x.shape[-1])
-            if x.shape[0] == batch:
+        if x.dim() == 2 and context is not None:
+            shape = context.batch_shape
+            if shape is not None and x.shape[0] == shape[0] * shape[1]:
+                return x.reshape(shape[0], shape[1], x.shape[-1])
+            if x.shape[0] == context.batch_size:
                 return x[:, None, :]
         # leading dims by product, not -1, which zero-length sequences leave ambiguous
         return x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])

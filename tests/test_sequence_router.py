@@ -61,6 +61,38 @@ def test_classifier_routes_each_sequence_as_if_alone():
     torch.testing.assert_close(swapped, alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["vit", "bart"])
+def test_heads_of_calls_without_tokens_route_each_example_as_if_alone(arch):
+    """A ViT (its call has pixel_values, no tokens) and a BART classifier (an encoder-decoder: its call's tokens are
+    not its layers' length) feed their classification heads one (batch, hidden) vector per example. The hooks take
+    the batch size from any batched input, so each vector is routed on its own and an example's logits in a batch
+    equal its logits alone; the head used to route the batch as one sequence of `batch` tokens, one choice for all."""
+    import transformers
+
+    if arch == "vit":
+        model = transformers.ViTForImageClassification(transformers.ViTConfig(
+            image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, num_labels=3))
+        head, inputs = "classifier", {"pixel_values": torch.randn(4, 3, 16, 16)}
+    else:
+        model = transformers.BartForSequenceClassification(transformers.BartConfig(
+            vocab_size=50, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=3))
+        ids = torch.randint(3, 50, (4, 7))
+        ids[:, -1] = 2  # the head reads the hidden state at the end-of-sequence token
+        head, inputs = "classification_head.dense", {"input_ids": ids}
+    model = _inject(model)
+    layer = model.get_submodule(head)
+    assert isinstance(layer, mol.MoLLinear)
+    with torch.no_grad():
+        batched = model(**inputs).logits
+        choices = layer._last.chosen.shape[0]
+        alone = torch.cat([model(**{k: v[i:i + 1] for k, v in inputs.items()}).logits for i in range(4)])
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
+    assert choices == 4  # a choice per example
+
+
 @pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
 def test_causal_lm_routes_each_sequence_as_if_alone(left):
     torch.manual_seed(0)
