@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--new", type=int, default=None, help="tokens generated per sequence (default 64; --tiny: 4)")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if not args.tiny and not torch.cuda.is_available():
+        sys.exit("bench_generate.py needs a CUDA GPU and none is visible here; --tiny runs a smoke test on the CPU")
     args.prompt = args.prompt or (8 if args.tiny else 64)
     args.new = args.new or (4 if args.tiny else 64)
     if args.new < 2:

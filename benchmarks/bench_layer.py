@@ -373,6 +373,8 @@ def main():
     ap.add_argument("--kernels-only", action="store_true", help="only the kernels-alone table (the T=8192 cases)")
     ap.add_argument("--only-t", type=int, nargs="+", default=None, help="only the layer cases with these T")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_layer.py times the Triton kernels on a CUDA GPU and none is visible here")
     global ONE
     ONE = torch.ones((), device=DEV)
     gen = torch.Generator(device=DEV).manual_seed(0)

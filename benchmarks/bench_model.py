@@ -162,6 +162,8 @@ def main():
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
                     help="run only these variants, in this order (exact names of the table's rows)")
     args = ap.parse_args()
+    if not args.tiny and not torch.cuda.is_available():
+        sys.exit("bench_model.py needs a CUDA GPU and none is visible here; --tiny runs a smoke test on the CPU")
     dev = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
     batch, seq = (2, 16) if args.tiny else (8, 1024)

@@ -29,6 +29,8 @@ CASES = [(40, 64, 64, True), (72, 192, 64, False), (4095, 320, 64, True), (11008
 
 
 def main() -> int:
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check_nf4_decode.py checks the NF4 kernels on a CUDA GPU and none is visible here")
     gen = torch.Generator(device="cuda").manual_seed(1)
     cases = []
     for (n, k, bs, nested), t, dt in itertools.product(CASES, [1, 2], [torch.bfloat16, torch.float16]):

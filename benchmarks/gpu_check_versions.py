@@ -15,6 +15,8 @@ import triton  # noqa: E402
 import mol  # noqa: E402
 from mol import dispatch  # noqa: E402
 
+if not torch.cuda.is_available():
+    sys.exit("gpu_check_versions.py checks the version gate on a CUDA GPU and none is visible here")
 print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())
 with warnings.catch_warnings():
     warnings.simplefilter("error")

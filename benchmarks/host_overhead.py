@@ -143,20 +143,19 @@ def main():
     if len(sys.argv) > 5 and sys.argv[1] == "--child":
         print(measure(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "graph"))
         return
-    args = sys.argv[1:]
-    base, adapter_dtype, graph = "cublas", "base", False
-    while args[:1] in (["--base"], ["--adapter-dtype"], ["--graph"]):
-        if args[0] == "--graph":
-            graph, args = True, args[1:]
-            continue
-        if args[0] == "--base":
-            base = args[1]
-        else:
-            adapter_dtype = args[1]
-        args = args[2:]
-    if base not in ("cublas", "triton") or adapter_dtype not in ("base", "float32"):
-        raise SystemExit(f"--base {base!r} --adapter-dtype {adapter_dtype!r}: choose cublas|triton and base|float32")
-    repos = args or [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", choices=["cublas", "triton"], default="cublas")
+    ap.add_argument("--adapter-dtype", choices=["base", "float32"], default="base")
+    ap.add_argument("--graph", action="store_true", help="graph_tokens=512's replayed calls (replays faked)")
+    ap.add_argument("repos", nargs="*", help="checkouts to compare (default: this one)")
+    opts = ap.parse_args()
+    base, adapter_dtype, graph = opts.base, opts.adapter_dtype, opts.graph
+    repos = opts.repos or [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
+    for r in repos:  # the child imports mol from the checkout: elsewhere it would time whatever mol is installed
+        if not os.path.isfile(os.path.join(r, "mol", "__init__.py")):
+            ap.error(f"{r!r} is not a mol checkout (no mol/__init__.py in it)")
     runs = {r: [] for r in repos}
     for _ in range(5 if len(repos) > 1 else 1):
         for r in repos:

@@ -32,3 +32,20 @@ def test_bench_generate_tiny_runs_and_prints_its_table():
     rows = [r.split("|") for r in out.stdout.splitlines() if r.startswith("| 2 |")]
     assert len(rows) == 4 and all(float(r[3]) > 0 for r in rows), out.stdout
     assert rows[-1][2].strip().endswith("graph_inference_tokens=2") and rows[-1][6].strip() == "100%"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message a machine without CUDA gets")
+@pytest.mark.parametrize("script", ["bench_layer.py", "bench_model.py", "bench_generate.py", "bench_nf4.py",
+                                    "gpu_check_nf4_decode.py", "gpu_check_versions.py"])
+def test_gpu_scripts_say_they_need_cuda_instead_of_a_traceback(script):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "CUDA GPU" in out.stderr.strip().splitlines()[-1]
+
+
+def test_host_overhead_refuses_a_path_that_is_not_a_checkout():
+    # the child imported whatever mol was installed and printed a row labelled with the wrong path
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "/nonexistent/checkout"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "is not a mol checkout" in out.stderr, out.stderr[-2000:]
