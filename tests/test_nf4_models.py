@@ -271,3 +271,13 @@ def test_qlora_inject_passes_modules_to_save_as_skip():
         mol.inject(fresh, mol.LoRAConfig(rank=4, target_modules=["q_proj"], quantize_base="nf4",
                                          modules_to_save=["lm_haed"]))
     assert {n: type(x) for n, x in fresh.named_modules()} == before
+
+
+def test_a_model_of_torch_attention_alone_says_why_nothing_is_quantized():
+    """A bare nn.TransformerEncoderLayer holds only linears its own code reads the weight of: quantize says so
+    rather than quantizing layers whose eval forward would then fail."""
+    layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+    with pytest.raises(ValueError, match=r"no linear layer to quantize \(left out: .*nn.MultiheadAttention / "
+                                         r"nn.TransformerEncoderLayer read the weight of"):
+        quantize(layer, "nf4")
+    assert type(layer.linear1) is nn.Linear and type(layer.self_attn.out_proj) is not NF4Linear

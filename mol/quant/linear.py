@@ -247,8 +247,10 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
             continue
         targets.append((name, _linear_of_conv1d(m) if is_conv1d(m) else m))
     if not targets and not any(isinstance(m, NF4Linear) for m in model.modules()):
-        raise ValueError(f"quantize: {type(model).__name__} has no linear layer to quantize (the output head, "
-                         "`skip` and trained layers are left out): check `skip`, or drop quantize_base for this model")
+        raise ValueError(f"quantize: {type(model).__name__} has no linear layer to quantize (left out: the output "
+                         "and task heads, tied layers, the model's _keep_in_fp32_modules, the linears "
+                         "nn.MultiheadAttention / nn.TransformerEncoderLayer read the weight of, `skip` and trained "
+                         "layers): check `skip`, or drop quantize_base for this model")
     for name, lin in targets:  # every layer checked before any changes: an error leaves the model as it was
         _naming_layer(name, _check_quantizable, lin)
     for name, lin in targets:
