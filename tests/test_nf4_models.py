@@ -281,3 +281,37 @@ def test_a_model_of_torch_attention_alone_says_why_nothing_is_quantized():
                                          r"nn.TransformerEncoderLayer read the weight of"):
         quantize(layer, "nf4")
     assert type(layer.linear1) is nn.Linear and type(layer.self_attn.out_proj) is not NF4Linear
+
+
+def _hf_models():
+    import transformers as tf
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
+    return {
+        "llama-seq-cls": lambda: tf.LlamaForSequenceClassification(_tiny_llama_config(num_labels=3)),
+        "llama-tied": lambda: tf.LlamaForCausalLM(_tiny_llama_config(tie_word_embeddings=True)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_embd=64, n_layer=1, n_head=4)),
+        "t5": lambda: _t5("t5"),
+        "clip": lambda: tf.CLIPModel(tf.CLIPConfig(text_config=dict(vocab_size=96, **small), projection_dim=32,
+                                                   vision_config=dict(image_size=32, patch_size=8, **small))),
+        "bert-seq-cls": lambda: tf.BertForSequenceClassification(tf.BertConfig(vocab_size=96, num_labels=3, **small)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["llama-seq-cls", "llama-tied", "gpt2", "t5", "clip", "bert-seq-cls"])
+def test_kept_layers_are_the_ones_transformers_keeps(kind):
+    """The linears quantize leaves in full precision are those transformers' bitsandbytes loading leaves
+    (get_keys_to_not_convert plus _keep_in_fp32_modules, matched as transformers matches them), but for a task
+    head with a bias, which transformers 5 quantizes (it strips only '.weight' from the last parameter's name)
+    and quantize keeps (BERT's classifier)."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    model = _hf_models()[kind]()
+    patterns = get_keys_to_not_convert(model) + list(model._keep_in_fp32_modules or [])
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    theirs = {n for n in linears if not should_convert_module(n, patterns)}
+    quantize(model, "nf4")
+    ours = {n for n in linears if not isinstance(model.get_submodule(n), NF4Linear)}
+    assert ours == theirs | ({"classifier"} if kind == "bert-seq-cls" else set())
+    assert ours  # every one of these models keeps something

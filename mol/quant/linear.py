@@ -329,8 +329,8 @@ def _heads_and_tied(model: nn.Module) -> set[str]:
     if transformers is not None and isinstance(model, getattr(transformers, "PreTrainedModel", ())):
         # the base's last parameter, not an adapter's (a LoRA's lora_B, a prefix encoder attached as mol_prefix)
         owner = [name.rpartition(".")[0] for name, _ in model.named_parameters()]
-        base = [n for n in owner if n and not n.startswith("mol_") and not _adapter_part(model, n)]
-        if base:
+        base = [n for n in owner if not n.startswith("mol_") and not (n and _adapter_part(model, n))]
+        if base and base[-1]:  # a parameter of the model itself (CLIP's logit_scale) names no module to keep
             kept.add(base[-1])
     return kept
 
