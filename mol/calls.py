@@ -151,6 +151,10 @@ class _RoutingCallHooks:
     attention mask the caller passed, and whether the call continues a KV cache. A class with bound methods, not
     closures, so a deep copy of the model gets hooks that update the copy's context.
 
+    The model's own hooks, and those of its inner model (``base_model``, ``get_decoder()``: ``model.model(...)``
+    is a common call for embeddings or a reward head), start a call only when none is in progress: the first of
+    them to run owns the call, and ends it.
+
     ``encoder=True``: the hooks of an encoder-decoder model's encoder. An encoder that runs inside a call that
     continues a cache (a decode loop that passes the encoder's input at every step) routes that input afresh, as
     in the call that started the cache: the continuation, and the choices reused, are the decoder's."""
@@ -159,12 +163,17 @@ class _RoutingCallHooks:
         self.context, self.encoder = context, encoder
         self._cache: Any = None  # the KV cache the call in progress came with
         self._resume: dict | None = None  # encoder: the continued call's choices, while the encoder runs
+        self._owns = False  # these hooks started the call in progress
 
     def before(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         context = self.context
         if self.encoder:
             if context.in_call and context.continuation:
                 self._resume, context.continuation, context.choices = context.choices, False, {}
+            return
+        # an inner model inside the model's call: the call is already described (by the caller's own arguments)
+        self._owns = not context.in_call
+        if not self._owns:
             return
         kw = call_kwargs(model, args, kwargs)
         self._cache = _cache_in(kw)
@@ -189,7 +198,9 @@ class _RoutingCallHooks:
             if self._resume is not None:
                 self.context.continuation, self.context.choices, self._resume = True, self._resume, None
             return
-        context, cache, self._cache = self.context, self._cache, None
+        if not self._owns:
+            return
+        context, cache, self._cache, self._owns = self.context, self._cache, None, False
         try:
             if context.in_call and context.choices is not None:
                 # the choices go with the cache the call came with and the one it returned (the same Cache object,
@@ -202,14 +213,15 @@ class _RoutingCallHooks:
 
 
 def routing_context(model: nn.Module) -> RoutingContext:
-    """The model's RoutingContext, made and hooked to its forward on first use."""
+    """The model's RoutingContext, made and hooked to its forward (and its inner model's) on first use."""
     context = getattr(model, "mol_routing_context", None)
     if context is None:
         context = RoutingContext()
-        hooks = _RoutingCallHooks(context)
-        # first among pre-hooks: the caller's own mask and cache, before prefix / prompt tuning extend them
-        model.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True)
-        model.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
+        for module in [model, *_inner_models(model)]:
+            hooks = _RoutingCallHooks(context)
+            # first among pre-hooks: the caller's own mask and cache, before prefix / prompt tuning extend them
+            module.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True)
+            module.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
         encoder = _encoder_of(model)
         if encoder is not None:
             hooks = _RoutingCallHooks(context, encoder=True)
@@ -217,6 +229,23 @@ def routing_context(model: nn.Module) -> RoutingContext:
             encoder.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
         model.mol_routing_context = context
     return context
+
+
+def _inner_models(model: nn.Module) -> list[nn.Module]:
+    """The modules a caller may call instead of the model: its base model and, in a decoder-only model, its
+    decoder (a multimodal model's language model)."""
+    found: list[nn.Module] = []
+    candidates = [getattr(model, "base_model", None)]
+    get = getattr(model, "get_decoder", None)
+    if callable(get) and not _is_encoder_decoder(model):
+        try:
+            candidates.append(get())
+        except (AttributeError, NotImplementedError, ValueError, TypeError):
+            pass
+    for module in candidates:
+        if isinstance(module, nn.Module) and module is not model and all(module is not m for m in found):
+            found.append(module)
+    return found
 
 
 def _encoder_of(model: nn.Module) -> nn.Module | None:

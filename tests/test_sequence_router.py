@@ -150,6 +150,24 @@ def test_a_mask_without_readable_padding_is_refused():
             router(torch.randn(2, 5, 16))
 
 
+@pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
+def test_inner_model_called_directly_routes_each_sequence_as_if_alone(left):
+    """model.model(...), the decoder without its head (embeddings, a reward head), is hooked too: each row's last
+    hidden states in a padded batch equal the sequence's alone, and the head on them gives the outer call's logits
+    (inside model(...) the inner hooks leave the call to the outer ones). Called directly it used to pool the
+    padding."""
+    model = _inject(make_tiny_llama())
+    seqs = [torch.randint(1, 101, (n,)) for n in (4, 9, 6)]
+    ids, mask = _padded(seqs, left)
+    with torch.no_grad():
+        inner = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(model.lm_head(inner), model(input_ids=ids, attention_mask=mask).logits)
+        for i, s in enumerate(seqs):
+            alone = model.model(input_ids=s[None]).last_hidden_state[0]
+            rows = slice(ids.shape[1] - len(s), None) if left else slice(0, len(s))
+            torch.testing.assert_close(inner[i, rows], alone, rtol=1e-4, atol=1e-5)
+
+
 def test_the_mask_changes_routing_where_padding_would():
     """The check above can fail: pooled over every position (the mask taken away), the padded sequence's
     logits move."""
