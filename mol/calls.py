@@ -162,14 +162,14 @@ class _RoutingCallHooks:
     def __init__(self, context: RoutingContext, encoder: bool = False):
         self.context, self.encoder = context, encoder
         self._cache: Any = None  # the KV cache the call in progress came with
-        self._resume: dict | None = None  # encoder: the continued call's choices, while the encoder runs
+        self._resume: tuple | None = None  # encoder: (the continued call's choices,) while the encoder runs
         self._owns = False  # these hooks started the call in progress
 
     def before(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         context = self.context
         if self.encoder:
             if context.in_call and context.continuation:
-                self._resume, context.continuation, context.choices = context.choices, False, {}
+                self._resume, context.continuation, context.choices = (context.choices,), False, {}
             return
         # an inner model inside the model's call: the call is already described (by the caller's own arguments)
         self._owns = not context.in_call
@@ -196,7 +196,7 @@ class _RoutingCallHooks:
     def after(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.encoder:
             if self._resume is not None:
-                self.context.continuation, self.context.choices, self._resume = True, self._resume, None
+                self.context.continuation, self.context.choices, self._resume = True, self._resume[0], None
             return
         if not self._owns:
             return

@@ -168,8 +168,9 @@ class RoutingContext:
       starts sequences a new dict and keep it with the call's cache (mol.calls), and a continuation the dict of
       the cache it continues (None if that cache has none). A hand-made context keeps one dict: a continuation
       reuses the last choice.
-    - ``sequence_error``: why a sequence router cannot route the call as one choice per sequence (the draft tokens
-      of assisted decoding scored with the prompt); a sequence router raises it.
+    - ``sequence_error``: why a sequence router cannot route the call as one choice per sequence of real tokens (a
+      mask it cannot read the padding from, the draft tokens of assisted decoding scored with the prompt); a
+      sequence router raises it.
     """
 
     # True between the model's forward hooks (mol.inject's): the forward running now is that call's, not an

@@ -274,18 +274,27 @@ def test_each_cache_keeps_its_own_choice():
                                rtol=1e-4, atol=1e-5)
 
 
-def test_a_cache_without_a_kept_choice_is_refused():
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_a_cache_without_a_kept_choice_is_refused(arch):
     """A cache that no call of this model started (filled by the model without its adapters) carries no choice:
-    continuing it raises rather than reuse the choice the router made for other sequences."""
+    continuing it raises rather than reuse the choice the router made for other sequences. (T5: with the encoder
+    run again in the continuing call, whose own routers route afresh.)"""
     import copy
 
-    plain = make_tiny_llama()
+    plain = make_tiny_llama() if arch == "llama" else _tiny_t5()
     model = _inject(copy.deepcopy(plain))
+
+    def inputs(new):
+        ids = torch.randint(2, 50, (2, 5))
+        return dict(input_ids=ids) if arch == "llama" else dict(input_ids=ids, decoder_input_ids=ids[:, :new])
     with torch.no_grad():
-        cache = plain(input_ids=torch.randint(1, 101, (2, 5)), use_cache=True).past_key_values
-        model(input_ids=torch.randint(1, 101, (2, 5)))  # the routers made a choice for two other sequences
+        cache = plain(**inputs(3), use_cache=True).past_key_values
+        model(**inputs(3))  # the routers made a choice for two other sequences
         with pytest.raises(ValueError, match="kept no expert choice"):
-            model(input_ids=torch.randint(1, 101, (2, 1)), past_key_values=cache, use_cache=True)
+            step = inputs(1)
+            if arch == "llama":
+                step["input_ids"] = step["input_ids"][:, :1]
+            model(**step, past_key_values=cache, use_cache=True)
 
 
 def test_a_cache_continued_with_another_batch_is_refused():
