@@ -17,8 +17,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from mol.train.app import (ConfigError, _fail, build_datamodule, check_overrides, run_guarded,  # noqa: E402
-                           find_conf_dir, load_model, register_resolvers)
+from mol.train.app import (ConfigError, _fail, build_datamodule, check_accelerator, check_overrides,  # noqa: E402
+                           find_conf_dir, load_model, register_resolvers, run_guarded)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -34,6 +34,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if not meta_file.is_file():
         raise ConfigError(f"{adapter} has no training_meta.json (not written by mol.train?); "
                           "point adapter= at <run>/adapter")
+    check_accelerator(cfg.trainer, check_devices=False)  # evaluate runs on one device
     meta = json.loads(meta_file.read_text())
     # the tokenizer and dtype the run trained with, unless given here (older metas record neither)
     model_cfg = OmegaConf.merge(cfg.model, {"task": meta["task"], "path": str(cfg.base_model or meta["model_path"]),

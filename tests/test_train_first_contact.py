@@ -36,6 +36,45 @@ def _one_error_line(stderr: str) -> str:
     return err[0]
 
 
+# ---------------------------------------------------------------------------- 2: trainer=gpu without a GPU
+@pytest.mark.parametrize("trainer", ["gpu", "fsdp"])
+def test_a_gpu_trainer_without_a_gpu_is_one_line_before_loading(trainer, tiny, tmp_path, monkeypatch):
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    import mol.train.app as app
+
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: False))
+    monkeypatch.setattr(MPSAccelerator, "is_available", staticmethod(lambda: False))
+    monkeypatch.setattr(app, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    cfg = compose([f"trainer={trainer}", "model=hf_causal", f"model.path={tiny['llama']}", "data=jsonl",
+                   f"data.train={tiny['causal']['train']}", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(app.ConfigError, match="trainer.accelerator=gpu but torch sees no GPU.*use trainer=cpu"):
+        app.run(cfg)
+
+
+def test_more_devices_than_gpus_is_one_line(tiny, tmp_path, monkeypatch):
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    import mol.train.app as app
+
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: True))
+    monkeypatch.setattr(CUDAAccelerator, "auto_device_count", staticmethod(lambda: 1))
+    cfg = compose(["trainer=fsdp", "model=hf_causal", f"model.path={tiny['llama']}", "data=jsonl",
+                   f"data.train={tiny['causal']['train']}", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(app.ConfigError, match="trainer.devices=2 but torch sees 1 GPU.*set trainer.devices=1"):
+        app.run(cfg)
+
+
+def test_a_gpu_trainer_without_a_gpu_from_the_cli(tiny, tmp_path):
+    env = {**cli_env(), "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run([sys.executable, "-m", "mol.train", "trainer=gpu", "model=hf_causal",
+                        f"model.path={tiny['llama']}", "data=jsonl", f"data.train={tiny['causal']['train']}",
+                        f"output_dir={tmp_path / 'run'}"], cwd=str(tmp_path), env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "trainer=cpu" in _one_error_line(p.stderr)
+
+
 # ---------------------------------------------------------------------------- 9: each log line once
 def test_each_lightning_line_is_printed_once(tiny, tmp_path):
     p = run_cli(["model=hf_causal", f"model.path={tiny['llama']}", "data=jsonl",

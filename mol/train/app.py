@@ -236,6 +236,25 @@ def fsdp_uniform_dtype(cfg: DictConfig, method_cfg: Any) -> None:
                       f"model.dtype={choice}")
 
 
+def check_accelerator(trainer_cfg: DictConfig, check_devices: bool = True) -> None:
+    """trainer=gpu / fsdp on a machine without a GPU: Lightning says so only once the model has loaded, in a long
+    traceback; here it is one line before anything loads. Lightning's own availability checks, so MPS counts."""
+    acc = str(trainer_cfg.get("accelerator") or "auto").lower()
+    if acc not in ("gpu", "cuda"):
+        return
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    cuda = CUDAAccelerator.is_available()
+    if not cuda and not (acc == "gpu" and MPSAccelerator.is_available()):
+        hidden = " (CUDA_VISIBLE_DEVICES is empty)" if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else ""
+        raise ConfigError(f"trainer.accelerator={acc} but torch sees no GPU{hidden}; on this machine use "
+                          f"trainer=cpu (or trainer.accelerator=cpu)")
+    devices = trainer_cfg.get("devices")
+    if check_devices and cuda and isinstance(devices, int) and devices > CUDAAccelerator.auto_device_count():
+        n = CUDAAccelerator.auto_device_count()
+        raise ConfigError(f"trainer.devices={devices} but torch sees {n} GPU(s); set trainer.devices={n}")
+
+
 def compile_model(model: Any, trainer_cfg: DictConfig) -> None:
     """``trainer.compile=true``: torch.compile ``model`` in place (``nn.Module.compile``, so its state dict, the
     checkpoints and the saved adapter keep their names) with ``trainer.compile_options`` as torch.compile's
@@ -413,6 +432,7 @@ def prepare(cfg: DictConfig) -> tuple[Any, Any]:
     if int(cfg.trainer.get("max_steps", -1)) == -1 and cfg.trainer.get("max_epochs") == -1:
         raise ConfigError("trainer.max_epochs=-1 with trainer.max_steps=-1 never ends, and the learning-rate schedule "
                           "needs the run's length: set trainer.max_steps=N or a finite trainer.max_epochs")
+    check_accelerator(cfg.trainer)
     method_cfg = build_method_config(cfg)
     fsdp_uniform_dtype(cfg, method_cfg)
     build_logger(cfg, Path("."))  # a missing logger package fails here, not after the baseline's fit (writes nothing)
