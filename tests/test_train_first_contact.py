@@ -36,6 +36,49 @@ def _one_error_line(stderr: str) -> str:
     return err[0]
 
 
+# ---------------------------------------------------------------------------- 1: the method checked before the baseline
+@pytest.mark.parametrize("override, match", [
+    ("method=prefix", "cannot apply PrefixTuningConfig to BertForSequenceClassification.*use prompt tuning"),
+    ("model.target_modules=nomatch", "'nomatch' matched no module.*set model.target_modules"),
+])
+def test_a_method_that_cannot_apply_fails_before_the_baseline_trains(override, match, tiny, tmp_path):
+    """Prefix tuning on an encoder, or target_modules matching nothing, used to surface after the head-only baseline
+    had trained (minutes on the default model)."""
+    from mol.train.app import ConfigError, run
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=match):
+        run(_cls_cfg(tiny, out, override, "baseline.enabled=true"))
+    assert not (out / "baseline").exists()
+
+
+def _snapshot(model):
+    return ([(n, type(m).__name__, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()],
+            {k: v.clone() for k, v in model.state_dict().items()},
+            [(n, p.requires_grad) for n, p in model.named_parameters()], dict(model.__dict__))
+
+
+@pytest.mark.parametrize("method", ["mol", "lora", "qlora-mol", "prefix", "prompt", "ia3", "bitfit", "adapter"])
+def test_the_trial_injection_leaves_the_model_as_it_was(method, tiny, tmp_path):
+    """check_injection injects and undoes it: the same modules, tensors, requires_grad flags, hooks and attributes,
+    and the global RNG where it was (the baseline then trains as it did without the check)."""
+    from transformers import AutoModelForCausalLM
+
+    from mol.train.app import build_method_config, check_injection
+
+    cfg = compose([f"method={method}", "model=hf_causal", f"model.path={tiny['llama']}", "data=jsonl",
+                   f"data.train={tiny['causal']['train']}", f"output_dir={tmp_path}"])
+    model = AutoModelForCausalLM.from_pretrained(str(tiny["llama"]))
+    before, rng = _snapshot(model), torch.get_rng_state()
+    check_injection(model, build_method_config(cfg))
+    after = _snapshot(model)
+    assert after[0] == before[0] and after[2] == before[2] and after[3].keys() == before[3].keys()
+    assert after[1].keys() == before[1].keys()
+    assert all(torch.equal(after[1][k], v) for k, v in before[1].items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not any(type(m).__name__ == "NF4Linear" for m in model.modules())
+
+
 # ---------------------------------------------------------------------------- 2: trainer=gpu without a GPU
 @pytest.mark.parametrize("trainer", ["gpu", "fsdp"])
 def test_a_gpu_trainer_without_a_gpu_is_one_line_before_loading(trainer, tiny, tmp_path, monkeypatch):

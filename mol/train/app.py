@@ -295,9 +295,56 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str,
 
 
 # ---------------------------------------------------------------------------- one fit
-def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseline: bool) -> dict[str, Any]:
-    """Train one model (a method, or the head-only baseline) and evaluate it on the test split."""
+def _seeded_model(cfg: DictConfig, datamodule: Any) -> Any:
+    """The run's seed, then the model (a new classification head draws its initial weights from that seed)."""
     import lightning.pytorch as pl
+
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    return load_model(cfg.model, datamodule.label_names)[0]
+
+
+def _inject_error(method_cfg: Any, model: Any, e: Exception) -> ConfigError:
+    # the method group takes target_modules / modules_to_save from the model group: name the keys to set
+    keys = [k for k in ("target_modules", "modules_to_save") if k in str(e)]
+    hint = f" (set {', '.join('model.' + k for k in keys)})" if keys else ""
+    return ConfigError(f"cannot apply {type(method_cfg).__name__} to {type(model).__name__}: {_one_line(e)}{hint}")
+
+
+class _DryRun(Exception):
+    """Unwinds check_injection's trial inject (all_or_nothing restores the model on any exception)."""
+
+
+def check_injection(model: Any, method_cfg: Any) -> None:
+    """Inject ``method_cfg`` into ``model`` and undo it, so that a method that cannot apply to this model (prefix
+    tuning on an encoder, a target_modules or modules_to_save entry that matches nothing) is refused before the
+    head-only baseline trains for minutes rather than after. The model comes back as it was: modules, tensors,
+    requires_grad flags, hooks; the global RNG too (new adapter weights draw from it), so the baseline trains as
+    without this check. NF4 quantization of the base is left out: it is slow, and inject checks the config first."""
+    import dataclasses
+
+    import torch
+
+    import mol
+    from mol.inject import all_or_nothing
+
+    configs = list(method_cfg) if isinstance(method_cfg, (list, tuple)) else [method_cfg]
+    configs = [dataclasses.replace(c, quantize_base=None) if getattr(c, "quantize_base", None) else c
+               for c in configs]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with all_or_nothing(model):
+                mol.inject(model, configs)
+                raise _DryRun
+        except _DryRun:
+            pass
+        except (ValueError, TypeError) as e:
+            raise _inject_error(method_cfg, model, e) from e
+
+
+def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseline: bool,
+         model: Any = None) -> dict[str, Any]:
+    """Train one model (a method, or the head-only baseline) and evaluate it on the test split. ``model``: one
+    ``_seeded_model`` already loaded, else loaded here."""
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
@@ -305,8 +352,8 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
     from mol.train.callbacks import LossHistory, RoutingHeatmap
     from mol.train.module import MoLModule
 
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    model, _ = load_model(cfg.model, datamodule.label_names)
+    if model is None:
+        model = _seeded_model(cfg, datamodule)
     modules_to_save = list(cfg.model.get("modules_to_save") or [])
     if baseline:
         freeze_except(model, modules_to_save)
@@ -314,7 +361,7 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
         try:
             mol.inject(model, method_cfg)
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"cannot apply {type(method_cfg).__name__} to {type(model).__name__}: {e}") from e
+            raise _inject_error(method_cfg, model, e) from e
     if cfg.model.get("gradient_checkpointing", False):
         if type(method_cfg).__name__ == "PrefixTuningConfig":
             from mol.methods.prefix import CHECKPOINTING_BLOCKER
@@ -456,7 +503,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if base_file.exists():  # a resumed run does not retrain its baseline
             results["baseline"] = json.loads(base_file.read_text())
         else:
-            results["baseline"] = _fit(cfg, out, datamodule, None, baseline=True)
+            model = _seeded_model(cfg, datamodule)
+            check_injection(model, method_cfg)  # a method that cannot apply fails now, not after the baseline
+            results["baseline"] = _fit(cfg, out, datamodule, None, baseline=True, model=model)
+            del model
             if results["baseline"].pop("is_global_zero"):
                 base_file.parent.mkdir(parents=True, exist_ok=True)
                 base_file.write_text(json.dumps(results["baseline"], indent=1))
