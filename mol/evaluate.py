@@ -1,7 +1,8 @@
 """Evaluate a saved adapter: ``python -m mol.evaluate adapter=runs/<run>/adapter [split=val] [data.test=...]``.
 
 Loads the base model recorded in ``<adapter>/training_meta.json`` (or ``base_model=DIR``), applies the adapter
-with ``mol.load_adapter`` and reports loss and accuracy (classification) or perplexity (causal LM).
+with ``mol.load_adapter`` and reports loss and accuracy (classification) or perplexity (causal LM) on the run's own
+test (or val) files, also recorded there, unless ``data.test=`` / ``data.val=`` names others.
 """
 
 from __future__ import annotations
@@ -10,19 +11,59 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from mol.train.app import (ConfigError, _fail, build_datamodule, check_accelerator, check_overrides,  # noqa: E402
-                           find_conf_dir, load_model, register_resolvers, run_guarded)
+from mol.train.app import (ConfigError, _fail, asset_path, build_datamodule,  # noqa: E402
+                           check_accelerator, check_overrides, find_conf_dir, load_model, register_resolvers,
+                           run_guarded)
+
+
+def _base_model(cfg: DictConfig, meta: dict, meta_file: Path) -> str:
+    """``base_model=`` (or ``model.path=``, the training key), else the model.path the run recorded."""
+    given = cfg.get("base_model") or cfg.model.get("path")
+    path = str(given or meta["model_path"])
+    if not (Path(path).expanduser() / "config.json").is_file():
+        if given:
+            raise ConfigError(f"base_model={path} is not a Hugging Face model folder (no config.json there); pass "
+                              "base_model=DIR, a local folder made with save_pretrained")
+        raise ConfigError(f"the base model {path} that {meta_file} records is not a Hugging Face model folder (no "
+                          f"config.json there: moved or deleted?); pass base_model=DIR")
+    return path
+
+
+def _eval_data(cfg: DictConfig, meta: dict, meta_file: Path) -> Any:
+    """The ``split`` data: ``data.<split>=`` if given, else the files the run recorded in training_meta.json,
+    else (a run from before those were recorded) the bundled fortunes split, as mol.evaluate always took."""
+    split = cfg.split
+    given = cfg.data.get(split)
+    if given is not None:
+        return OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else given
+    recorded = meta.get("data")
+    if recorded is None:
+        path = asset_path(f"fortunes/{split}.jsonl")
+        print(f"mol.evaluate: {meta_file} does not record the run's data (written before mol.train did): evaluating "
+              f"on the bundled fortunes {split} split, {path}; pass data.{split}=FILE for other data",
+              file=sys.stderr, flush=True)
+        return path
+    sources = recorded.get(split) or []
+    if not sources:
+        raise ConfigError(f"the run had no data.{split} (see {meta_file}); pass data.{split}=FILE, or split=test/val")
+    for src in sources:
+        if not Path(src["path"]).exists():
+            raise ConfigError(f"the run's data.{split} file {src['path']} (recorded in {meta_file}) no longer exists; "
+                              f"pass data.{split}=FILE")
+    print(f"mol.evaluate: data.{split} = the run's {', '.join(s['path'] for s in sources)}", file=sys.stderr,
+          flush=True)
+    return sources
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Metrics of ``cfg.adapter`` on ``cfg.split`` of the data group; also printed as one JSON line."""
+    """Metrics of ``cfg.adapter`` on ``cfg.split`` of the run's data (or ``data.*``); also printed as one JSON line."""
     import lightning.pytorch as pl
 
     import mol
@@ -30,22 +71,27 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     register_resolvers()
     adapter = Path(str(cfg.adapter)).expanduser()
+    if not adapter.exists():
+        raise ConfigError(f"adapter={adapter} does not exist; point adapter= at the adapter folder of a mol.train run "
+                          "(<output_dir>/adapter)")
     meta_file = adapter / "training_meta.json"
     if not meta_file.is_file():
         raise ConfigError(f"{adapter} has no training_meta.json (not written by mol.train?); "
                           "point adapter= at <run>/adapter")
-    check_accelerator(cfg.trainer, check_devices=False)  # evaluate runs on one device
-    meta = json.loads(meta_file.read_text())
-    # the tokenizer and dtype the run trained with, unless given here (older metas record neither)
-    model_cfg = OmegaConf.merge(cfg.model, {"task": meta["task"], "path": str(cfg.base_model or meta["model_path"]),
-                                            "tokenizer": cfg.model.get("tokenizer") or meta.get("tokenizer"),
-                                            "dtype": cfg.model.get("dtype") or meta.get("dtype") or "float32"})
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split={cfg.split} is unknown; use split=test or split=val")
-    data_cfg = OmegaConf.merge(cfg.data, {"train": None, "val": None, "test": cfg.data.get(cfg.split),
+    check_accelerator(cfg.trainer, check_devices=False)  # evaluate runs on one device
+    meta = json.loads(meta_file.read_text())
+    tokenizer = cfg.model.get("tokenizer") or meta.get("tokenizer")
+    if tokenizer and not cfg.model.get("tokenizer") and not Path(str(tokenizer)).expanduser().exists():
+        raise ConfigError(f"the tokenizer {tokenizer} that {meta_file} records does not exist (moved?); pass "
+                          "model.tokenizer=DIR")
+    # the tokenizer and dtype the run trained with, unless given here (older metas record neither)
+    model_cfg = OmegaConf.merge(cfg.model, {"task": meta["task"], "path": _base_model(cfg, meta, meta_file),
+                                            "tokenizer": tokenizer,
+                                            "dtype": cfg.model.get("dtype") or meta.get("dtype") or "float32"})
+    data_cfg = OmegaConf.merge(cfg.data, {"train": None, "val": None, "test": _eval_data(cfg, meta, meta_file),
                                           "max_length": meta.get("max_length", cfg.data.max_length)})
-    if data_cfg.test is None:
-        raise ConfigError(f"data.{cfg.split} is not set; pass data.{cfg.split}=path/to.jsonl")
     run_cfg = OmegaConf.create({"model": model_cfg, "data": data_cfg, "seed": 0})
     model, tokenizer = load_model(run_cfg.model, meta.get("labels") or [])
     mol.load_adapter(model, str(adapter))

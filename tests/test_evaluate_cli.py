@@ -39,6 +39,63 @@ def _copy_run(trained, tmp_path):
     return adapter, json.loads((adapter / "training_meta.json").read_text())
 
 
+def test_evaluate_takes_the_runs_own_data(trained, capsys):
+    """Not the bundled fortunes set: the run's test file (5 records), which reproduces the run's test loss."""
+    meta = json.loads((trained["adapter"] / "training_meta.json").read_text())
+    assert meta["data"]["test"] == [{"path": str(trained["test"].resolve()), "task": None, "weight": 1.0}]
+    got = _evaluate(f"adapter={trained['adapter']}")
+    assert got["examples"] == 5
+    assert got["test/loss"] == pytest.approx(trained["results"]["run"]["test/loss"], rel=1e-6)
+    assert f"the run's {trained['test'].resolve()}" in capsys.readouterr().err
+    val = _evaluate(f"adapter={trained['adapter']}", "split=val")
+    assert val["examples"] == 8
+    # data.test= still chooses other files
+    assert _evaluate(f"adapter={trained['adapter']}", "data=jsonl", f"data.test={trained['data']['val']}")[
+        "examples"] == 8
+
+
+def test_evaluate_says_when_the_runs_data_is_gone(trained, tmp_path):
+    from mol.train.app import ConfigError
+
+    adapter, meta = _copy_run(trained, tmp_path)
+    meta["data"]["test"][0]["path"] = str(tmp_path / "moved.jsonl")
+    (adapter / "training_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="moved.jsonl .* no longer exists; pass data.test=FILE"):
+        _evaluate(f"adapter={adapter}")
+
+
+def test_an_older_run_without_recorded_data_says_which_data_it_uses(trained, tmp_path, capsys):
+    adapter, meta = _copy_run(trained, tmp_path)
+    del meta["data"]
+    (adapter / "training_meta.json").write_text(json.dumps(meta))
+    got = _evaluate(f"adapter={adapter}")
+    assert got["examples"] > 100  # the bundled fortunes test split, as before
+    assert "evaluating on the bundled fortunes test split" in capsys.readouterr().err
+
+
+def test_a_moved_base_model_names_base_model(trained, tmp_path):
+    from mol.train.app import ConfigError
+
+    adapter, meta = _copy_run(trained, tmp_path)
+    meta["model_path"] = str(tmp_path / "was_moved")
+    (adapter / "training_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="was_moved that .* records is not a Hugging Face model folder.*base_model="):
+        _evaluate(f"adapter={adapter}")
+    want = trained["results"]["run"]["test/loss"]
+    assert _evaluate(f"adapter={adapter}", f"base_model={trained['model']}")["test/loss"] == pytest.approx(want)
+    # model.path, the key mol.train takes, works too
+    assert _evaluate(f"adapter={adapter}", f"model.path={trained['model']}")["test/loss"] == pytest.approx(want)
+    with pytest.raises(ConfigError, match="base_model=.*nowhere is not a Hugging Face model folder"):
+        _evaluate(f"adapter={adapter}", f"base_model={tmp_path / 'nowhere'}")
+
+
+def test_a_missing_adapter_says_it_does_not_exist(tmp_path):
+    from mol.train.app import ConfigError
+
+    with pytest.raises(ConfigError, match="adapter=.*no_such_adapter does not exist"):
+        _evaluate(f"adapter={tmp_path / 'no_such_adapter'}")
+
+
 def test_evaluate_with_a_gpu_trainer_and_no_gpu(trained, monkeypatch):
     from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 

@@ -422,7 +422,8 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
         meta = {"task": str(cfg.model.task), "labels": datamodule.label_names, "model_path": str(cfg.model.path),
                 "max_length": int(cfg.data.max_length), "dtype": str(cfg.model.get("dtype") or "float32"),
                 "tokenizer": str(Path(str(tok)).expanduser().resolve()) if tok and Path(str(tok)).expanduser().exists()
-                else (str(tok) if tok else None)}
+                else (str(tok) if tok else None),
+                "data": datamodule.source_specs()}  # mol.evaluate's default data: the run's own files
         tmp = adapter_dir / ".training_meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, adapter_dir / "training_meta.json")

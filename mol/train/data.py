@@ -323,6 +323,12 @@ class TextDataModule(pl.LightningDataModule):
             self.label_names = sorted(labels)
         self.task_names = tasks
 
+    def source_specs(self) -> dict[str, list[dict]]:
+        """The sources of each split as ``{path, task, weight}`` with absolute paths: what a saved run records so
+        that ``mol.evaluate`` finds the same files from anywhere."""
+        return {split: [{"path": str(Path(s.path).expanduser().resolve()), "task": s.task, "weight": s.weight}
+                        for s in srcs] for split, srcs in self.sources.items()}
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self._prepared:
             return
