@@ -118,6 +118,32 @@ def test_a_gpu_trainer_without_a_gpu_from_the_cli(tiny, tmp_path):
     assert "trainer=cpu" in _one_error_line(p.stderr)
 
 
+# ---------------------------------------------------------------------------- 3: a saved head of another size
+def test_a_saved_classifier_with_another_label_count_gets_a_new_head(tiny, tmp_path, capsys):
+    """The tiny BERT was saved with a 4-label head; data with 2 labels used to stop in transformers
+    (ignore_mismatched_sizes). The head is re-initialised, trains with modules_to_save, and mol.evaluate loads it."""
+    from mol.evaluate import evaluate
+    from mol.train.app import run
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        rows = [json.loads(line) for line in open(tiny["cls"][split])]
+        (data / f"{split}.jsonl").write_text("".join(
+            json.dumps({"text": r["text"], "label": "fruit" if r["label"] == "fruit" else "other"}) + "\n"
+            for r in rows))
+    out = tmp_path / "run"
+    res = run(compose(["method=lora", "model=hf_classifier", f"model.path={tiny['bert']}", "data=jsonl",
+                       f"data.train={data / 'train.jsonl'}", f"data.val={data / 'val.jsonl'}",
+                       f"data.test={data / 'val.jsonl'}", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=8",
+                       "trainer.max_steps=2", f"output_dir={out}", "trainer.enable_progress_bar=false"]))
+    assert capsys.readouterr().out.count("4-label classification head and the data 2 labels") == 1  # not per fit
+    assert "test/acc" in res["baseline"]
+    ev = evaluate(compose([f"adapter={out / 'adapter'}", "trainer.enable_progress_bar=false",
+                           f"data.cache_dir={tmp_path / 'cache'}"], config_name="evaluate"))
+    assert ev["test/acc"] == pytest.approx(res["run"]["test/acc"], abs=1e-6)
+
+
 # ---------------------------------------------------------------------------- 9: each log line once
 def test_each_lightning_line_is_printed_once(tiny, tmp_path):
     p = run_cli(["model=hf_causal", f"model.path={tiny['llama']}", "data=jsonl",

@@ -129,6 +129,9 @@ def build_method_config(cfg: DictConfig) -> Any:
     return method_cfg
 
 
+_reported_new_heads: set[tuple[str, int]] = set()
+
+
 def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]:
     """Tokenizer and HF model from a local folder; classification heads get ``len(label_names)`` outputs."""
     import torch
@@ -142,9 +145,24 @@ def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]
     tokenizer = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
     dtype = getattr(torch, str(model_cfg.get("dtype", "float32")))
     if model_cfg.task == "classification":
+        from transformers import AutoConfig
+
+        # A saved classifier with another label count than the data: its head cannot load, and need not (a new
+        # head trains with model.modules_to_save and is saved with the adapter), so it starts from scratch
+        saved_labels = AutoConfig.from_pretrained(str(path), local_files_only=True).num_labels
+        resize = saved_labels != len(label_names)
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path), num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)}, dtype=dtype, local_files_only=True)
+            label2id={n: i for i, n in enumerate(label_names)}, dtype=dtype, local_files_only=True,
+            **({"ignore_mismatched_sizes": True, "output_loading_info": True} if resize else {}))
+        if resize:
+            model, info = model
+            mismatched = sorted(k[0] for k in info.get("mismatched_keys") or ())
+            if mismatched and (str(path), len(label_names)) not in _reported_new_heads:  # once, not per fit
+                _reported_new_heads.add((str(path), len(label_names)))
+                print(f"mol: {path} has a {saved_labels}-label classification head and the data "
+                      f"{len(label_names)} labels: {', '.join(mismatched)} re-initialised with {len(label_names)} "
+                      f"outputs (model.modules_to_save trains it)", flush=True)
     elif model_cfg.task == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     else:
