@@ -144,6 +144,40 @@ def test_a_saved_classifier_with_another_label_count_gets_a_new_head(tiny, tmp_p
     assert ev["test/acc"] == pytest.approx(res["run"]["test/acc"], abs=1e-6)
 
 
+# ---------------------------------------------------------------------------- 7: data that does not fit the model
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("rows, kind", [([{"prompt": "red blue", "response": "cat"}] * 4, "prompt/response"),
+                                        ([{"text": "one two"}] * 4, "text")])
+def test_a_classifier_on_records_without_labels_says_so(rows, kind, tmp_path):
+    from mol.train.data import DataError, TextDataModule
+
+    tok = make_tokenizer(tmp_path / "tok")
+    dm = TextDataModule(tok, "classification", train=_write(tmp_path / "a.jsonl", rows), cache_dir=None)
+    with pytest.raises(DataError, match=f"no records with a `label` field \\({kind} records in .*model=hf_causal"):
+        dm.scan()
+
+
+def test_a_causal_lm_on_labelled_records_warns_once(tmp_path):
+    import warnings
+
+    from mol.train.data import TextDataModule
+
+    tok = make_tokenizer(tmp_path / "tok")
+    rows = [{"text": "cat dog", "label": "animal"}, {"text": "red", "label": "color"}] * 4
+    dm = TextDataModule(tok, "causal_lm", train=_write(tmp_path / "a.jsonl", rows),
+                        val=_write(tmp_path / "b.jsonl", rows), cache_dir=None)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        dm.setup()
+    mine = [w for w in seen if "ignores every `label`" in str(w.message)]
+    assert len(mine) == 1 and "model=hf_classifier" in str(mine[0].message)
+    assert len(dm.splits["train"]) == 8  # trains on the text all the same
+
+
 # ---------------------------------------------------------------------------- 9: each log line once
 def test_each_lightning_line_is_printed_once(tiny, tmp_path):
     p = run_cli(["model=hf_causal", f"model.path={tiny['llama']}", "data=jsonl",

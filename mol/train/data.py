@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -304,20 +305,35 @@ class TextDataModule(pl.LightningDataModule):
     def scan(self) -> None:
         """Collect label names and task names from the sources; cheap, no tokenisation."""
         labels, tasks = set(), []
+        formats: dict[str, str] = {}  # record format -> first file holding it
+        train_formats: dict[str, str] = {}
         for split, srcs in self.sources.items():
             for s in srcs:
                 p = Path(s.path)
                 recs = _read_records(p)
                 for i, r in enumerate(recs):
                     fmt = record_format(r, f"{p}:{i + 1}")
+                    formats.setdefault(fmt, str(p))
+                    if split == "train":
+                        train_formats.setdefault(fmt, str(p))
                     if split == "train" and fmt == "text_label":
                         labels.add(str(r["label"]))
                     t = str(r.get("task", s.task or p.stem))
                     if t not in tasks:
                         tasks.append(t)
+        if self.task_kind == "causal_lm" and "text_label" in formats:
+            # a causal LM learns the text alone: the labels would vanish without a word
+            warnings.warn(f"{formats['text_label']} has text/label records; a causal LM (model.task=causal_lm) reads "
+                          "only the text and ignores every `label` (to classify, use a classifier: "
+                          "model=hf_classifier)", stacklevel=3)
         if self.fixed_labels is not None:
             self.label_names = self.fixed_labels
         else:
+            if self.task_kind == "classification" and not labels:
+                kinds = ", ".join(f"{f.replace('_', '/')} records in {p}" for f, p in train_formats.items())
+                raise DataError(f"data.train has no records with a `label` field ({kinds or 'no records'}); "
+                                "model.task=classification trains on text/label records: for text or prompt/response "
+                                "data use a causal LM (model=hf_causal model.path=DIR)")
             if self.task_kind == "classification" and len(labels) < 2:
                 raise DataError(f"classification needs >= 2 distinct labels in data.train, found {sorted(labels)}")
             self.label_names = sorted(labels)
