@@ -18,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from mol.train.app import (ConfigError, _fail, asset_path, build_datamodule,  # noqa: E402
+from mol.train.app import (ConfigError, _config_dir_args, _fail, asset_path, build_datamodule,  # noqa: E402
                            check_accelerator, check_overrides, find_conf_dir, load_model, register_resolvers,
                            run_guarded)
 
@@ -119,8 +119,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     conf_dir = find_conf_dir()
     register_resolvers()
-    if not any(a.startswith("-") for a in argv):
-        msg = check_overrides(argv, conf_dir, config_name="evaluate")
+    overrides, config_dirs = _config_dir_args(argv)
+    if not any(a.startswith("-") for a in overrides):
+        msg = check_overrides(overrides, conf_dir, config_name="evaluate", extra_dirs=tuple(config_dirs))
         if msg:
             _fail(msg)
     sys.argv = [sys.argv[0]] + argv

@@ -144,6 +144,34 @@ def test_a_saved_classifier_with_another_label_count_gets_a_new_head(tiny, tmp_p
     assert ev["test/acc"] == pytest.approx(res["run"]["test/acc"], abs=1e-6)
 
 
+# ---------------------------------------------------------------------------- 6: a mistyped key
+@pytest.mark.parametrize("overrides, must, must_not", [
+    (["method.rnak=8"], ["method.rnak", "MoLConfig", "did you mean method.rank?", "num_experts"], ["+method"]),
+    (["method=lora", "method.num_experts=4"], ["LoRAConfig has no key 'num_experts'", "rank"], ["+method"]),
+    (["router.topk=1"], ["did you mean router.top_k?"], ["+router"]),
+    (["trainer.max_step=3"], ["did you mean trainer.max_steps?"], ["+trainer"]),
+    (["model.targt_modules=x"], ["did you mean model.target_modules?"], ["+model"]),
+    (["trainer.limit_train_batches=2"], ["+trainer.limit_train_batches=2"], []),  # a Trainer argument: '+' is right
+    (["method.init=gaussian"], ["+method.init=gaussian"], []),  # a MoLConfig field the yaml leaves out
+])
+def test_a_mistyped_key_names_the_keys_there_are(overrides, must, must_not):
+    from mol.train.app import check_overrides
+
+    msg = check_overrides(overrides, REPO / "conf")
+    assert msg is not None and "\n" not in msg
+    for word in must:
+        assert word in msg, (word, msg)
+    for word in must_not:
+        assert word not in msg, (word, msg)
+
+
+def test_a_key_added_with_plus_that_is_no_field_names_the_fields(tmp_path):
+    from mol.train.app import ConfigError, build_method_config
+
+    with pytest.raises(ConfigError, match=r"method.rnak: MoLConfig has no key 'rnak' \(did you mean method.rank\?\)"):
+        build_method_config(compose(["+method.rnak=8", f"output_dir={tmp_path}"]))
+
+
 # ---------------------------------------------------------------------------- 7: data that does not fit the model
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -176,6 +204,34 @@ def test_a_causal_lm_on_labelled_records_warns_once(tmp_path):
     mine = [w for w in seen if "ignores every `label`" in str(w.message)]
     assert len(mine) == 1 and "model=hf_classifier" in str(mine[0].message)
     assert len(dm.splits["train"]) == 8  # trains on the text all the same
+
+
+# ---------------------------------------------------------------------------- 8: own configs of an installed package
+def test_an_unknown_group_option_names_config_dir(tmp_path, monkeypatch):
+    import mol.train.app as app
+
+    msg = app.check_overrides(["method=mymol"], REPO / "conf")
+    assert "or add conf/method/mymol.yaml, or DIR/method/mymol.yaml and pass --config-dir DIR" in msg
+    installed = tmp_path / "site" / "mol"
+    shutil.copytree(REPO / "conf", installed / "conf")
+    monkeypatch.setattr(app, "_package_dir", lambda: installed)
+    msg = app.check_overrides(["method=mymol"], installed / "conf")
+    assert "(or write DIR/method/mymol.yaml and pass --config-dir DIR)" in msg and "conf/method" not in msg
+
+
+def test_config_dir_options_are_checked_like_the_shipped_ones(tiny, tmp_path):
+    """``--config-dir DIR``: DIR's options are accepted, and a typo in one of their keys is one line as well."""
+    from mol.train.app import _config_dir_args, check_overrides
+
+    own = tmp_path / "myconf"
+    (own / "method").mkdir(parents=True)
+    (own / "method" / "mymol.yaml").write_text("defaults:\n  - mol\n  - _self_\nrank: 4\n")
+    assert _config_dir_args(["--config-dir", str(own), "method=mymol"]) == (["method=mymol"], [str(own)])
+    assert check_overrides(["method=mymol"], REPO / "conf", extra_dirs=(str(own),)) is None
+    p = run_cli(["--config-dir", str(own), "method=mymol", "method.rnk=2", f"output_dir={tmp_path / 'run'}"],
+                cwd=tmp_path, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "did you mean method.rank?" in _one_error_line(p.stderr)
 
 
 # ---------------------------------------------------------------------------- 9: each log line once

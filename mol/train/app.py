@@ -76,25 +76,115 @@ def _one_line(msg: str) -> str:
     return re.sub(r"\s+", " ", str(msg)).strip()
 
 
-def check_overrides(overrides: list[str], conf_dir: Path, config_name: str = CONFIG_NAME) -> Optional[str]:
-    """Compose the config once to catch bad overrides; returns a one-line message naming the fix, or None."""
+def _config_dir_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's ``--config-dir DIR`` / ``-cd DIR`` (another config folder searched too) split from the other args."""
+    rest, dirs, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith("--config-dir="):
+            dirs.append(a.partition("=")[2])
+        else:
+            rest.append(a)
+        i += 1
+    return rest, dirs
+
+
+def _add_config_hint(conf_dir: Path, group: str, value: str) -> str:
+    # an installed package's configs live in site-packages: a user's own go in a folder of theirs (--config-dir)
+    own = f"DIR/{group}/{value}.yaml and pass --config-dir DIR"
+    if conf_dir.resolve() == (_package_dir() / "conf").resolve():
+        return f"or write {own}"
+    return f"or add conf/{group}/{value}.yaml, or {own}"
+
+
+def _keys_of(group: str, node: Any) -> Optional[list[str]]:
+    """The keys ``group.<key>=`` may set, when that set is closed (so a missing one is a typo, not a key to add with
+    '+'): a dataclass config's fields (method), a class's parameters (logger), Lightning Trainer arguments plus
+    ours (trainer), or the keys the config holds (router, model, data, optim, baseline). None: open."""
+    import dataclasses
+
+    keys = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if target:
+        from hydra.utils import get_class
+
+        import mol  # noqa: F401  (registers the method config classes)
+
+        try:
+            cls = get_class(str(target))
+        except Exception:
+            return None
+        if dataclasses.is_dataclass(cls):
+            return [f.name for f in dataclasses.fields(cls) if f.init]
+        params = inspect.signature(cls.__init__).parameters
+        if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            return None
+        return [n for n in params if n != "self"]
+    if group == "trainer":
+        import lightning.pytorch as pl
+
+        return list(dict.fromkeys(keys + [n for n in inspect.signature(pl.Trainer.__init__).parameters
+                                          if n != "self"]))
+    if group in ("router", "model", "data", "optim", "baseline"):
+        return keys
+    return None
+
+
+def _unknown_key(key: str, cfg: DictConfig) -> Optional[str]:
+    """For ``group.key=value`` whose key the group lacks: the keys it has, closest first (instead of Hydra's advice
+    to add the key with '+', which for a closed set such as a method's fields only fails later)."""
+    import difflib
+
+    group, _, sub = key.partition(".")
+    if not sub or "." in sub or group not in cfg:
+        return None
+    keys = _keys_of(group, cfg[group])
+    if not keys or sub in keys:
+        return None  # an open set, or a real field the yaml leaves out: '+key=' is the right advice
+    close = difflib.get_close_matches(sub, keys, n=3, cutoff=0.5)
+    ordered = close + sorted(k for k in keys if k not in close and k != "_target_")
+    what = str(cfg[group].get("_target_") or group).rpartition(".")[2]
+    guess = f" (did you mean {group}.{close[0]}?)" if close else ""
+    return f"{key}: {what} has no key '{sub}'{guess}; its keys: {', '.join(ordered)}"
+
+
+def check_overrides(overrides: list[str], conf_dir: Path, config_name: str = CONFIG_NAME,
+                    extra_dirs: tuple[str, ...] = ()) -> Optional[str]:
+    """Compose the config once to catch bad overrides; returns a one-line message naming the fix, or None.
+    ``extra_dirs``: the ``--config-dir`` folders Hydra searches besides ``conf_dir``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     for ov in overrides:
         key, _, value = ov.lstrip("+~").partition("=")
         if key in GROUPS and value not in ("", "null"):
-            options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+            options = sorted({p.stem for d in (conf_dir, *map(Path, extra_dirs)) for p in (d / key).glob("*.yaml")})
             if value not in options:
                 return (f"unknown {key} '{value}'; choose one of: {', '.join(options)} "
-                        f"(or add conf/{key}/{value}.yaml)")
+                        f"({_add_config_hint(conf_dir, key, value)})")
     plain = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "+hydra"))]
+    search = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in extra_dirs)}]"] \
+        if extra_dirs else []
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            compose(config_name=config_name, overrides=plain)
-    except Exception as e:  # Hydra raises several types; all are user errors in the overrides
-        return f"bad override: {_one_line(e)} (see `python -m mol.train --help`; list a group with `--cfg job`)"
+            try:
+                compose(config_name=config_name, overrides=plain + search)
+            except Exception as e:  # Hydra raises several types; all are user errors in the overrides
+                bad = re.search(r"Could not override '([^']+)'", str(e))
+                if bad:
+                    rest = [o for o in plain if o.partition("=")[0] != bad.group(1)]
+                    try:
+                        msg = _unknown_key(bad.group(1), compose(config_name=config_name, overrides=rest + search))
+                    except Exception:
+                        msg = None
+                    if msg:
+                        return msg
+                return f"bad override: {_one_line(e)} (see `python -m mol.train --help`; list a group with `--cfg job`)"
     finally:
         GlobalHydra.instance().clear()
     return None
@@ -120,6 +210,10 @@ def build_method_config(cfg: DictConfig) -> Any:
         method_cfg = instantiate(cfg.method, _convert_="all")
     except Exception as e:
         cause = e.__cause__ or e
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+        msg = bad and _unknown_key(f"method.{bad.group(1)}", cfg)  # +method.rnak=8: name the fields there are
+        if msg:
+            raise ConfigError(msg) from e
         raise ConfigError(f"cannot build method config ({cfg.method.get('_target_')}): {_one_line(cause)}") from e
     if hasattr(method_cfg, "validate"):
         try:
@@ -599,8 +693,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except ConfigError as e:
         _fail(str(e))
     register_resolvers()
-    if not any(a.startswith("-") for a in argv):  # Hydra flags (--help, --cfg, -m) take their own path
-        msg = check_overrides(argv, conf_dir)
+    overrides, config_dirs = _config_dir_args(argv)
+    if not any(a.startswith("-") for a in overrides):  # Hydra flags (--help, --cfg, -m) take their own path
+        msg = check_overrides(overrides, conf_dir, extra_dirs=tuple(config_dirs))
         if msg:
             _fail(msg)
     sys.argv = [sys.argv[0]] + argv
