@@ -52,7 +52,9 @@ def _eval_data(cfg: DictConfig, meta: dict, meta_file: Path) -> Any:
         return path
     sources = recorded.get(split) or []
     if not sources:
-        raise ConfigError(f"the run had no data.{split} (see {meta_file}); pass data.{split}=FILE, or split=test/val")
+        other = "val" if split == "test" else "test"
+        alt = f", or split={other} (the run's data.{other})" if recorded.get(other) else ""
+        raise ConfigError(f"the run had no data.{split} (see {meta_file}); pass data.{split}=FILE{alt}")
     for src in sources:
         if not Path(src["path"]).exists():
             raise ConfigError(f"the run's data.{split} file {src['path']} (recorded in {meta_file}) no longer exists; "

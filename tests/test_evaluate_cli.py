@@ -64,6 +64,17 @@ def test_evaluate_says_when_the_runs_data_is_gone(trained, tmp_path):
         _evaluate(f"adapter={adapter}")
 
 
+def test_a_run_without_a_test_split_says_what_to_pass(trained, tmp_path):
+    from mol.train.app import ConfigError
+
+    adapter, meta = _copy_run(trained, tmp_path)
+    meta["data"]["test"] = []
+    (adapter / "training_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"the run had no data.test .*pass data.test=FILE, or split=val"):
+        _evaluate(f"adapter={adapter}")
+    assert _evaluate(f"adapter={adapter}", "split=val")["examples"] == 8
+
+
 def test_an_older_run_without_recorded_data_says_which_data_it_uses(trained, tmp_path, capsys):
     adapter, meta = _copy_run(trained, tmp_path)
     del meta["data"]
