@@ -64,7 +64,7 @@ def _nf4_level(q, LUT: tl.constexpr, code_ptr):
 
 @triton.jit
 def _nf4_dequant_kernel(codes_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr, out_ptr, n_bytes,
-                        BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, LUT: tl.constexpr,
+                        numel, BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, LUT: tl.constexpr,
                         BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)  # byte index; byte j holds elements 2j (high nibble), 2j+1
@@ -80,7 +80,8 @@ def _nf4_dequant_kernel(codes_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, of
     lo = _nf4_level(b & 15, LUT, code_ptr) * s
     v = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))  # interleave: hi, lo, hi, lo, ...
     out_offs = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + out_offs, v.to(out_ptr.dtype.element_ty), mask=out_offs < 2 * n_bytes)
+    # numel, not 2 * n_bytes: an odd-sized weight's last byte holds one padding code, which has no element
+    tl.store(out_ptr + out_offs, v.to(out_ptr.dtype.element_ty), mask=out_offs < numel)
 
 
 def _tensors(p):
@@ -106,7 +107,7 @@ def nf4_dequantize(packed, dtype: torch.dtype, out: torch.Tensor | None = None, 
         raise ValueError(f"nf4_dequantize: out must be contiguous with shape {packed.shape}")
     BLOCK = 1024
     _nf4_dequant_kernel[(gl._cdiv(n_bytes, BLOCK),)](
-        packed.codes, packed.absmax, packed.code, nabs, ncode, off, out, n_bytes,
+        packed.codes, packed.absmax, packed.code, nabs, ncode, off, out, n_bytes, packed.numel,
         BS=packed.blocksize, NBS=packed.nested_blocksize, NESTED=packed.nested,
         LUT=DEQUANT_LUT if lut is None else lut, BLOCK=BLOCK,
         # no FMA contraction: absmax = code2[q] * absmax2 + offset must round twice, as bitsandbytes and the

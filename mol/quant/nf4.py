@@ -241,14 +241,7 @@ def dequantize_nf4(packed: NF4Weight, dtype: torch.dtype | None = None, backend:
         dispatch.require_triton("dequantize_nf4")
     if backend == "triton" or (backend == "auto" and dispatch.auto_uses_triton(packed.codes)):
         from mol.kernels.nf4 import nf4_dequantize
-        if packed.numel % 2 == 0:
-            return nf4_dequantize(packed, dtype or packed.dtype)
-        # the kernel writes both nibbles of every byte: an odd numel's last byte holds one padding code, which
-        # lands in an extra element of a 1-D output (indexing by flat position, the kernel sees the same blocks)
-        flat = NF4Weight(packed.codes, packed.absmax, packed.code, (packed.numel + 1,), packed.dtype,
-                         packed.blocksize, packed.nested_absmax, packed.nested_code, packed.offset,
-                         packed.nested_blocksize)
-        return nf4_dequantize(flat, dtype or packed.dtype)[:packed.numel].view(packed.shape)
+        return nf4_dequantize(packed, dtype or packed.dtype)
     return dequantize_nf4_reference(packed, dtype)
 
 
