@@ -314,6 +314,11 @@ def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:
         return [params[n] for n in names]
 
     tracked = tensors(list(getattr(model, "mol_trainable", [])))
+    names = [n for n, _ in model.named_modules()]
+    for cfg in configs:  # before quantize_base, which takes them as its skip list and would blame that instead
+        for mod_name in getattr(cfg, "modules_to_save", []):
+            if not any(name_matches(n, [mod_name]) for n in names):
+                raise ValueError(f"modules_to_save entry {mod_name!r} matches no module; fix modules_to_save")
     _quantize_base(model, configs)
     for cfg in configs:
         names = _METHODS[type(cfg)](model, cfg)

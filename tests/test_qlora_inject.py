@@ -69,3 +69,13 @@ def test_modules_to_save_on_a_quantized_layer_is_refused_and_changes_nothing():
 def test_the_bitsandbytes_loader_is_public_beside_inject():
     # the README lists load_bnb_4bit beside inject / load_adapter / import_peft
     assert mol.load_bnb_4bit is mol.quant.load_bnb_4bit and "load_bnb_4bit" in mol.__all__
+
+
+def test_a_modules_to_save_typo_under_qlora_names_modules_to_save():
+    # quantize_base takes modules_to_save as its skip list: the typo used to be reported as a bad `skip` entry
+    model = _llama()
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"^modules_to_save entry 'lm_haed' matches no module; fix modules_to_save$"):
+        mol.inject(model, mol.LoRAConfig(rank=4, quantize_base="nf4", modules_to_save=["lm_haed"]))
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert mol.save_bnb_4bit is mol.quant.save_bnb_4bit and mol.bnb_4bit_state_dict is mol.quant.bnb_4bit_state_dict
