@@ -155,7 +155,6 @@ def _quantized_in(module: nn.Module) -> Optional[str]:
     return None
 
 
-
 class _AuxLossInOutput:
     """A forward hook that adds the router losses to the ``loss`` a training forward returns (MoLConfig.
     aux_loss_in_output). A class with a bound method, so a deep copy of the model gets a hook of its own."""
