@@ -18,10 +18,10 @@ from mol.routers import Router, RouterOutput
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "BitFitConfig", "IA3Config", "PrefixTuningConfig", "PromptTuningConfig",
-    "AdapterLayer", "LoRAConfig", "bnb_4bit_state_dict", "save_bnb_4bit", "NF4Linear", "MethodConfig", "MoLConfig", "MoLLinear", "Router", "RouterOutput",
-    "aux_loss", "clear_graphs", "clear_routing", "config_from_dict", "disable_adapters", "export_peft", "import_peft", "inject", "load_adapter",
-    "load_bnb_4bit", "match_modules",
-    "merge", "merge_and_unload", "quantize", "register_config", "register_method", "routing_stats", "save_adapter",
+    "AdapterConfig", "BitFitConfig", "IA3Config", "PrefixTuningConfig", "PromptTuningConfig", "AdapterLayer",
+    "LoRAConfig", "bnb_4bit_state_dict", "save_bnb_4bit", "NF4Linear", "MethodConfig", "MoLConfig", "MoLLinear",
+    "Router", "RouterOutput", "aux_loss", "clear_graphs", "clear_routing", "config_from_dict", "disable_adapters",
+    "export_peft", "import_peft", "inject", "load_adapter", "load_bnb_4bit", "match_modules", "merge",
+    "merge_and_unload", "quantize", "register_config", "register_method", "routing_stats", "save_adapter",
     "set_graphs", "trainable_parameters", "unload", "unmerge",
 ]

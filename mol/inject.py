@@ -342,8 +342,9 @@ def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:
     lost = [p for p in tracked if id(p) not in name_of]
     if lost:
         raise ValueError(f"a later method replaced a {tuple(lost[0].shape)} tensor that an earlier method trains (e.g. "
-                         "quantize_base='nf4' rebuilding a layer BitFit gave a bias in an earlier inject); inject the configs in "
-                         "one call (quantize_base runs before every method of its call) or the replacing method first")
+                         "quantize_base='nf4' rebuilding a layer BitFit gave a bias in an earlier inject); inject the "
+                         "configs in one call (quantize_base runs before every method of its call) or the replacing "
+                         "method first")
     trainable = list(dict.fromkeys(name_of[id(p)] for p in tracked))  # de-duplicated, order kept
     for p in params.values():
         p.requires_grad_(False)
