@@ -187,8 +187,13 @@ class _InputsRequireGrad:
     (``enable_input_require_grads`` when checkpointing is enabled). A class, so deep copies get their own."""
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if isinstance(output, Tensor) and torch.is_grad_enabled() and not output.requires_grad:
-            output.requires_grad_(True)
+        # Not under torch.compile: AOTAutograd refuses a requires_grad_() on an intermediate (a fullgraph compile
+        # of the model failed); a compiled model's checkpoints are not reentrant. Swin's patch embedding returns
+        # (embeddings, dimensions): the first tensor is the one the blocks take.
+        first = output[0] if isinstance(output, tuple) and output else output
+        if (isinstance(first, Tensor) and torch.is_grad_enabled() and not first.requires_grad
+                and first.is_floating_point() and not torch.compiler.is_compiling()):
+            first.requires_grad_(True)
         return output
 
 

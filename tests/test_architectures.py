@@ -101,11 +101,19 @@ def _grads(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_reentrant_checkpointing_trains_adapters_of_a_model_fed_pixel_values():
+def _swin() -> nn.Module:
+    from transformers import SwinConfig, SwinForImageClassification
+
+    cfg = SwinConfig(image_size=16, patch_size=4, embed_dim=16, depths=[1], num_heads=[2], window_size=2, num_labels=3)
+    return SwinForImageClassification(cfg)
+
+
+@pytest.mark.parametrize("make", [_vit, _swin], ids=["vit", "swin-tuple-embeddings"])
+def test_reentrant_checkpointing_trains_adapters_of_a_model_fed_pixel_values(make):
     # transformers makes the embeddings' output require grad only for input_ids models; without it a reentrant
-    # checkpointed ViT block gives its adapters no gradient
+    # checkpointed ViT block gives its adapters no gradient (Swin's patch embedding returns a tuple)
     torch.manual_seed(0)
-    base = _vit()
+    base = make()
     batch = dict(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 2]))
     plain = mol.inject(base, mol.MoLConfig(num_experts=2, top_k=1, rank=2, modules_to_save=["classifier"]))
     _randomize(plain)
@@ -240,3 +248,19 @@ def test_prefix_and_prompt_with_a_static_cache_say_why_they_cannot():
         with pytest.raises(ValueError, match=r"got a 4-D tensor .*static or sliding-window cache.*dynamic cache"):
             model(input_ids=ids, attention_mask=torch.ones(2, 1, 5, 5))
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)  # dynamic: fine
+
+
+def test_a_model_fed_pixel_values_compiles_whole_and_trains_as_eager():
+    # the embeddings hook's requires_grad_() made AOTAutograd refuse a fullgraph compile of the model
+    torch.manual_seed(0)
+    model = mol.inject(_vit(), mol.MoLConfig(num_experts=2, top_k=1, rank=2, backend="torch"))
+    _randomize(model)
+    model.train()
+    batch = dict(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 2]))
+    want = _grads(model, batch)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    model.zero_grad()
+    compiled(**batch).loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)

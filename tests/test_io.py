@@ -302,11 +302,12 @@ def test_saved_files_get_the_mode_the_umask_gives_other_files(tmp_path):
     try:
         mol.save_adapter(model, tmp_path / "a")
         mol.export_peft(model, tmp_path / "p")
+        mol.save_bnb_4bit(mol.quantize(make_tiny_llama(hidden=64), "nf4"), tmp_path / "bnb")
         os.umask(0o077)
         mol.save_adapter(model, tmp_path / "private")
     finally:
         os.umask(old)
-    for d, mode in (("a", 0o644), ("p", 0o644), ("private", 0o600)):
+    for d, mode in (("a", 0o644), ("p", 0o644), ("bnb", 0o644), ("private", 0o600)):
         for f in (tmp_path / d).iterdir():
             assert stat.S_IMODE(f.stat().st_mode) == mode, (f, oct(f.stat().st_mode))
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Union
 
 import torch
 import torch.nn as nn
@@ -86,6 +85,8 @@ def save_bnb_4bit(model: nn.Module, directory: PathLike, compute_dtype: torch.dt
 
     from safetensors.torch import save_file
 
+    from mol.io import _atomic_write  # one atomic write for every file mol saves (and the umask's file mode)
+
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -126,16 +127,3 @@ def _check_no_adapters(model: nn.Module, who: str) -> None:
         raise ValueError(f"{who}: the model carries mol adapters ({(adapted + extra)[:3]}); a bitsandbytes checkpoint "
                          "holds the base only: save the adapter with mol.save_adapter, then mol.unload(model) (which "
                          "keeps the NF4 base) and export that")
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """write(tmp) then rename over `path`, so a failure never leaves a half-written file under its name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
