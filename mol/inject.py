@@ -318,19 +318,18 @@ def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:
         return [params[n] for n in names]
 
     tracked = tensors(list(getattr(model, "mol_trainable", [])))
-    names = [n for n, _ in model.named_modules()]
-    for cfg in configs:  # before quantize_base, which takes them as its skip list and would blame that instead
+    # checked before quantize_base, which takes them as its skip list and would blame that instead; the methods
+    # below only wrap or add modules, so every entry still matches after them
+    module_names = [n for n, _ in model.named_modules()]
+    for cfg in configs:
         for mod_name in getattr(cfg, "modules_to_save", []):
-            if not any(name_matches(n, [mod_name]) for n in names):
+            if not any(name_matches(n, [mod_name]) for n in module_names):
                 raise ValueError(f"modules_to_save entry {mod_name!r} matches no module; fix modules_to_save")
     _quantize_base(model, configs)
     for cfg in configs:
         names = _METHODS[type(cfg)](model, cfg)
         for mod_name in getattr(cfg, "modules_to_save", []):
-            hits = [n for n, _ in model.named_modules() if name_matches(n, [mod_name])]
-            if not hits:
-                raise ValueError(f"modules_to_save entry {mod_name!r} matches no module; fix modules_to_save")
-            for hit in hits:
+            for hit in [n for n, _ in model.named_modules() if name_matches(n, [mod_name])]:
                 inner = _quantized_in(model.get_submodule(hit))
                 if inner is not None:
                     where = hit if inner == "." else f"{hit}.{inner}"
