@@ -84,6 +84,11 @@ def pattern_value(patterns: dict, name: str, default: Any) -> Any:
     return default
 
 
+def without_quantize_base(configs: list) -> list:
+    """The configs with ``quantize_base`` off where it was on (the adapter on a full-precision base)."""
+    return [dataclasses.replace(c, quantize_base=None) if getattr(c, "quantize_base", None) else c for c in configs]
+
+
 def _patterns_or_empty(cfg: Any) -> None:
     """None (how Hydra's configs leave them, so that an override can set a whole mapping) means no pattern."""
     for name in ("rank_pattern", "alpha_pattern"):

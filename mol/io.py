@@ -7,7 +7,6 @@ parameter names). Files are written to a temporary name and renamed, so a crash 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -20,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mol.config import LoRAConfig, MoLConfig, config_from_dict
+from mol.config import LoRAConfig, MoLConfig, config_from_dict, without_quantize_base
 from mol.inject import adapter_layers, all_or_nothing, inject, name_matches
 from mol.layers import MoLLinear, is_conv1d
 
@@ -191,8 +190,7 @@ def load_adapter(model: nn.Module, directory: PathLike, quantize_base: bool = Tr
     directory = Path(directory)
     configs = read_adapter_configs(directory)
     if not quantize_base:
-        configs = [dataclasses.replace(c, quantize_base=None) if getattr(c, "quantize_base", None) else c
-                   for c in configs]
+        configs = without_quantize_base(configs)
     tensors = _read_tensors(directory / WEIGHTS_NAME)
     if getattr(model, "mol_configs", None):
         have = [c.adapter_dict() for c in model.mol_configs]

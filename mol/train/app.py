@@ -432,16 +432,13 @@ def check_injection(model: Any, method_cfg: Any) -> None:
     head-only baseline trains for minutes rather than after. The model comes back as it was: modules, tensors,
     requires_grad flags, hooks; the global RNG too (new adapter weights draw from it), so the baseline trains as
     without this check. NF4 quantization of the base is left out: it is slow, and inject checks the config first."""
-    import dataclasses
-
     import torch
 
     import mol
+    from mol.config import without_quantize_base
     from mol.inject import all_or_nothing
 
-    configs = list(method_cfg) if isinstance(method_cfg, (list, tuple)) else [method_cfg]
-    configs = [dataclasses.replace(c, quantize_base=None) if getattr(c, "quantize_base", None) else c
-               for c in configs]
+    configs = without_quantize_base(list(method_cfg) if isinstance(method_cfg, (list, tuple)) else [method_cfg])
     with torch.random.fork_rng(devices=[]):
         try:
             with all_or_nothing(model):
