@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 
@@ -11,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mol import dispatch
+from mol.kernels import env_flag
 from mol.inject import _under_any, name_matches, replace_module
 from mol.layers import AdapterLayer, is_conv1d, not_full_precision
 
@@ -21,7 +21,7 @@ from .nf4 import (NF4Weight, SUPPORTED_DTYPES, check_blocksize, check_finite, de
 def _use_small_kernel(x2d: torch.Tensor, packed: NF4Weight, fused_decode: bool, backend: str) -> bool:
     """Whether the forward of x2d runs the fused small-T NF4 kernel instead of dequantize + dense GEMM."""
     if not (backend != "torch" and x2d.is_cuda and fused_decode
-            and os.environ.get("MOL_NF4_FUSED_DECODE", "1") != "0"):
+            and env_flag("MOL_NF4_FUSED_DECODE", True)):
         return False
     if backend == "triton":
         dispatch.require_triton("NF4Linear")
@@ -43,7 +43,7 @@ def _nf4_linear_forward(x2d: torch.Tensor, packed: NF4Weight, bias: torch.Tensor
         bias = bias.to(x2d.dtype)
     if _use_small_kernel(x2d, packed, fused_decode, backend):
         from mol.kernels import nf4_mma
-        if (x2d.shape[0] >= nf4_mma.MIN_T and os.environ.get("MOL_NF4_MMA_DECODE", "1") != "0"
+        if (x2d.shape[0] >= nf4_mma.MIN_T and env_flag("MOL_NF4_MMA_DECODE", True)
                 and nf4_mma.supported(packed, x2d)):
             return nf4_mma.nf4_matmul_decode(x2d, packed, bias)  # tensor cores fed from registers (Gluon)
         from mol.kernels.nf4 import nf4_matmul_small
