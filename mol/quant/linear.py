@@ -202,7 +202,18 @@ class NF4Linear(nn.Module):
 
 
 def _skip_match(name: str, patterns: list[str]) -> bool:
-    return name_matches(name, patterns) or any(re.fullmatch(p, name) for p in patterns)
+    """quantize's skip rule: a pattern equals the name, ends it at a dot, or fully matches it as a regex. A pattern
+    that is no valid regex counts as a name only: `skip` is checked to compile (_checked_skip), and the patterns a
+    model gives (_keep_in_fp32_modules) are names."""
+    if name_matches(name, patterns):
+        return True
+    for p in patterns:
+        try:
+            if re.fullmatch(p, name):
+                return True
+        except re.error:
+            pass
+    return False
 
 
 @torch.no_grad()
@@ -309,7 +320,7 @@ def _kept_full_precision(model: nn.Module) -> set[str]:
         if not patterns:
             continue
         for rel, _ in sub.named_modules():
-            if rel and _under_any(rel, patterns, _lenient_match):
+            if rel and _under_any(rel, patterns, _skip_match):
                 kept.add(f"{prefix}.{rel}" if prefix else rel)
     return kept
 
@@ -333,19 +344,6 @@ def _heads_and_tied(model: nn.Module) -> set[str]:
         if base and base[-1]:  # a parameter of the model itself (CLIP's logit_scale) names no module to keep
             kept.add(base[-1])
     return kept
-
-
-def _lenient_match(name: str, patterns: list[str]) -> bool:
-    """quantize's skip rule for patterns the model gives (not the user's): one that is no valid regex is a name."""
-    if name_matches(name, patterns):
-        return True
-    for p in patterns:
-        try:
-            if re.fullmatch(p, name):
-                return True
-        except re.error:
-            pass
-    return False
 
 
 def _adapter_part(model: nn.Module, name: str) -> bool:
