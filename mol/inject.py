@@ -130,6 +130,14 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
     return names
 
 
+def tied_parameter_names(model: nn.Module) -> dict[str, list[str]]:
+    """For each parameter known by several names (tied weights), its first name -> all of its names."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return {ns[0]: ns for ns in names.values() if len(ns) > 1}
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MoLConfig, config_from_dict, without_quantize_base
-from mol.inject import adapter_layers, all_or_nothing, inject, name_matches
+from mol.inject import adapter_layers, all_or_nothing, inject, name_matches, tied_parameter_names
 from mol.layers import MoLLinear, is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
@@ -355,7 +355,7 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
             tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[0]
             tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[0]
     params = dict(model.named_parameters())
-    aliases = _tied_names(model)
+    aliases = tied_parameter_names(model)
     tied_modules: list[str] = []
     for name in model.mol_trainable:
         if ".lora_A" not in name and ".lora_B" not in name:  # modules_to_save tensors keep their names
@@ -396,14 +396,6 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
     _write_tensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
     _write_text(out / CONFIG_NAME, text)
     return out
-
-
-def _tied_names(model: nn.Module) -> dict[str, list[str]]:
-    """For each parameter known by several names (tied weights), its first name -> all of its names."""
-    names: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
-    return {ns[0]: ns for ns in names.values() if len(ns) > 1}
 
 
 _PEFT_SEQ_CLS_HEADS = ("classifier", "score")  # the heads PEFT's PeftModelForSequenceClassification trains whole
@@ -493,7 +485,7 @@ def _tied_as_one(model: nn.Module, tensors: dict[str, Tensor], directory: Path, 
     kept them tied (``tied``: ensure_weight_tying) or saved one equal copy under every name: PEFT trains each saved
     module as an untied copy, and a head trained apart from the embedding is not what a tied model computes."""
     out = dict(tensors)
-    for name, names in _tied_names(model).items():
+    for name, names in tied_parameter_names(model).items():
         if name not in model.mol_trainable:
             continue
         found = [n for n in names if n in out]

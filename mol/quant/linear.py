@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mol import dispatch
 from mol.kernels import env_flag
-from mol.inject import _under_any, name_matches, replace_module
+from mol.inject import _under_any, name_matches, replace_module, tied_parameter_names
 from mol.layers import AdapterLayer, is_conv1d, not_full_precision
 
 from .nf4 import (NF4Weight, SUPPORTED_DTYPES, check_blocksize, check_finite, dequantize_nf4, from_bnb_tensors,
@@ -332,10 +332,11 @@ def _heads_and_tied(model: nn.Module) -> set[str]:
     parameter: its task head (a sequence classifier's `score` / `classifier`). transformers 5 strips only
     '.weight' from that last name and so quantizes a head with a bias (BERT's `classifier`); a head is small and
     is what fine-tuning trains, so it is kept here with or without one, as transformers 4 kept it."""
-    owners: dict[int, set[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), set()).add(name.rpartition(".")[0])
-    kept = {n for names in owners.values() if len(names) > 1 for n in names}
+    kept: set[str] = set()
+    for names in tied_parameter_names(model).values():
+        owners = {n.rpartition(".")[0] for n in names}
+        if len(owners) > 1:  # two modules share the tensor (one module holding it twice unties nothing)
+            kept |= owners
     transformers = sys.modules.get("transformers")  # a transformers model means transformers is imported already
     if transformers is not None and isinstance(model, getattr(transformers, "PreTrainedModel", ())):
         # the base's last parameter, not an adapter's (a LoRA's lora_B, a prefix encoder attached as mol_prefix)
