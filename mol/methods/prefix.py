@@ -130,7 +130,7 @@ class _VirtualTokens(AdapterLayer):
         x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         if x is None:
             raise ValueError(f"{type(self).__name__} needs input_ids or inputs_embeds in the call")
-        batch, n = x.shape[0], self.num_virtual_tokens
+        batch = x.shape[0]
         key = _cache_key_in(model, kw)
         cache = kw.get(key)
         if cache is not None and not isinstance(cache, Cache):
@@ -145,7 +145,7 @@ class _VirtualTokens(AdapterLayer):
                        if isinstance(mask, Tensor) and mask.dim() == 4 else "")
                 raise ValueError(f"{type(self).__name__} needs a 2-D attention_mask (batch, tokens) counting only the "
                                  f"real tokens, to add the virtual tokens to; got {_shape_of(mask)}{why}")
-            kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+            kw["attention_mask"] = _real_in_front(mask, self.num_virtual_tokens)
         return batch, fresh
 
     def _post_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -234,6 +234,11 @@ class PromptEmbedding(_VirtualTokens):
         self._strip = False
         self._encoder_decoder = False
 
+    def _prompted(self, embeds: Tensor) -> Tensor:
+        """The prompt's embeddings in front of each sequence's: (batch, n + S, hidden)."""
+        prompts = self.embedding.weight.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+        return torch.cat([prompts, embeds], dim=1)
+
     def attach(self, model: nn.Module) -> None:
         super().attach(model)
         # An encoder-decoder model takes the prompt on its encoder's input (Lester et al.'s T5 setting; PEFT's
@@ -253,12 +258,10 @@ class PromptEmbedding(_VirtualTokens):
             if kw.get("input_ids") is None:
                 raise ValueError(f"{type(self).__name__} needs input_ids or inputs_embeds in the encoder's call")
             embeds = encoder.get_input_embeddings()(kw["input_ids"])
-        batch, n = embeds.shape[0], self.num_virtual_tokens
-        prompts = self.embedding.weight.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        kw["inputs_embeds"], kw["input_ids"] = torch.cat([prompts, embeds], dim=1), None
+        kw["inputs_embeds"], kw["input_ids"] = self._prompted(embeds), None
         mask = kw.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[1] == embeds.shape[1]:
-            kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+            kw["attention_mask"] = _real_in_front(mask, self.num_virtual_tokens)
         return (), kw
 
     def _encoder_decoder_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -275,7 +278,7 @@ class PromptEmbedding(_VirtualTokens):
                 x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
                 extend = x is not None and mask.shape[1] == x.shape[1]
             if extend:
-                kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+                kw["attention_mask"] = _real_in_front(mask, n)
         return (), kw
 
     def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -293,8 +296,7 @@ class PromptEmbedding(_VirtualTokens):
         embeds = kw.get("inputs_embeds")
         if embeds is None:
             embeds = model.get_input_embeddings()(kw["input_ids"])
-        prompts = self.embedding.weight.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        kw["inputs_embeds"], kw["input_ids"] = torch.cat([prompts, embeds], dim=1), None
+        kw["inputs_embeds"], kw["input_ids"] = self._prompted(embeds), None
         self._length = embeds.shape[1]
         if (tt := kw.get("token_type_ids")) is not None:
             kw["token_type_ids"] = torch.cat([tt.new_zeros(batch, n), tt], dim=1)
@@ -325,6 +327,11 @@ class PromptEmbedding(_VirtualTokens):
                 return output[:i] + (logits[:, n:],) + output[i + 1:]
             output.logits = logits[:, n:]
         return output
+
+
+def _real_in_front(mask: Tensor, n: int) -> Tensor:
+    """A (batch, S) attention mask with n real positions (the virtual tokens) in front: (batch, n + S)."""
+    return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
 
 
 def _shape_of(x: Any) -> str:
