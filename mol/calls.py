@@ -155,7 +155,9 @@ class _RoutingCallHooks:
     is a common call for embeddings or a reward head), start a call only when none is in progress: the first of
     them to run owns the call, and ends it.
 
-    ``encoder=True``: the hooks of an encoder-decoder model's encoder. An encoder that runs inside a call that
+    ``encoder=True``: the hooks of an encoder-decoder model's encoder. While the encoder runs, its routers see the
+    encoder's own tokens and padding mask, and the decoder's view comes back after it; an encoder called on its own
+    (``generate`` runs it before the decode loop) is a call of its own. An encoder that runs inside a call that
     continues a cache (a decode loop that passes the encoder's input at every step) routes that input afresh, as
     in the call that started the cache: the continuation, and the choices reused, are the decoder's."""
 
@@ -163,13 +165,14 @@ class _RoutingCallHooks:
         self.context, self.encoder = context, encoder
         self._cache: Any = None  # the KV cache the call in progress came with
         self._resume: tuple | None = None  # encoder: (the continued call's choices,) while the encoder runs
+        self._outer: tuple | None = None  # encoder: the model call's view of its tokens, while the encoder runs
+        self._encoder_mask: Tensor | None = None  # encoder: the padding mask of its tokens, while it runs
         self._owns = False  # these hooks started the call in progress
 
     def before(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         context = self.context
         if self.encoder:
-            if context.in_call and context.continuation:
-                self._resume, context.continuation, context.choices = (context.choices,), False, {}
+            self._encoder_before(model, args, kwargs)
             return
         # an inner model inside the model's call: the call is already described (by the caller's own arguments)
         self._owns = not context.in_call
@@ -180,23 +183,23 @@ class _RoutingCallHooks:
         # from the real arguments: an encoder-decoder's cache (EncoderDecoderCache) gives its decoder
         # self-attention's length, so its decode steps continue the sequences the first decoder call started
         continuation = _continues_cache(kw)
-        mask_error = None
-        if _is_encoder_decoder(model):
-            # the mask is the encoder's, and a decoder block of the same length could not tell it is not its own
-            tokens = mask = None
-        else:
-            tokens = next((kw[k] for k in ("input_ids", "inputs_embeds") if isinstance(kw.get(k), Tensor)), None)
-            mask, mask_error = _padding_mask(kw.get("attention_mask"), tokens, continuation)
-            tokens = mask if tokens is None else tokens
+        # an encoder-decoder's call describes its decoder's tokens: the encoder's hooks swap in the encoder's own
+        tokens, mask, mask_error = _tokens_and_mask(kw, continuation, "decoder_" if _is_encoder_decoder(model) else "")
         batch = next((kw[k] for k in _BATCHED if isinstance(kw.get(k), Tensor) and kw[k].dim() >= 2), None)
         choices = sequence_choices(self._cache) if continuation else None
         context.begin_call(tokens, mask, continuation, batch=batch, choices=choices,
                            sequence_error=mask_error or _drafts_error(kw, continuation))
+        if _is_encoder_decoder(model):  # the encoder's states given (generate's decoder calls), or none yet
+            encoded = kw.get("encoder_outputs")
+            memory = encoded[0] if isinstance(encoded, (tuple, list)) or hasattr(encoded, "last_hidden_state") \
+                else None
+            context.memory = memory if isinstance(memory, Tensor) else None
+            encoder_mask = kw.get("attention_mask")
+            context.memory_mask = encoder_mask if isinstance(encoder_mask, Tensor) and encoder_mask.dim() == 2 else None
 
     def after(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.encoder:
-            if self._resume is not None:
-                self.context.continuation, self.context.choices, self._resume = True, self._resume[0], None
+            self._encoder_after(output)
             return
         if not self._owns:
             return
@@ -212,6 +215,47 @@ class _RoutingCallHooks:
             context.end_call()
 
 
+    def _encoder_before(self, encoder: nn.Module, args: tuple, kwargs: dict) -> None:
+        context = self.context
+        tokens, mask, mask_error = _tokens_and_mask(call_kwargs(encoder, args, kwargs), False, "")
+        self._encoder_mask = mask
+        self._owns = not context.in_call
+        if self._owns:
+            context.begin_call(tokens, mask, False, batch=tokens, sequence_error=mask_error)
+            return
+        self._outer = (context._batch_shape, context._shape_of, context._batch_of, context.attention_mask,
+                       context._weights, context.sequence_error)
+        if context.continuation:
+            self._resume, context.continuation, context.choices = (context.choices,), False, {}
+        context.begin_call(tokens, mask, False, batch=tokens)
+        context.sequence_error = mask_error
+
+    def _encoder_after(self, output: Any) -> None:
+        context, mask, self._encoder_mask = self.context, self._encoder_mask, None
+        if self._owns:
+            self._owns = False
+            context.end_call()
+            return
+        if self._outer is not None:
+            (context._batch_shape, context._shape_of, context._batch_of, context.attention_mask,
+             context._weights, context.sequence_error), self._outer = self._outer, None
+        # what the decoder's cross-attention reads, and its padding (with prompt tuning's virtual tokens in front)
+        states = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", None)
+        context.memory = states if isinstance(states, Tensor) else None
+        context.memory_mask = mask
+        if self._resume is not None:
+            context.continuation, context.choices, self._resume = True, self._resume[0], None
+
+
+def _tokens_and_mask(kw: dict, continuation: bool, prefix: str) -> tuple[Tensor | None, Tensor | None, str | None]:
+    """A call's tokens (``input_ids`` or ``inputs_embeds``, or the decoder's with ``prefix="decoder_"``), its
+    padding mask, and why a sequence router cannot read one (see _padding_mask)."""
+    tokens = next((kw[prefix + k] for k in ("input_ids", "inputs_embeds") if isinstance(kw.get(prefix + k), Tensor)),
+                  None)
+    mask, mask_error = _padding_mask(kw.get(prefix + "attention_mask"), tokens, continuation)
+    return (mask if tokens is None else tokens), mask, mask_error
+
+
 def routing_context(model: nn.Module) -> RoutingContext:
     """The model's RoutingContext, made and hooked to its forward (and its inner model's) on first use."""
     context = getattr(model, "mol_routing_context", None)
@@ -225,7 +269,9 @@ def routing_context(model: nn.Module) -> RoutingContext:
         encoder = _encoder_of(model)
         if encoder is not None:
             hooks = _RoutingCallHooks(context, encoder=True)
-            encoder.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True)
+            # last among pre-hooks: the encoder's tokens and mask as its layers get them, after prompt tuning's hook
+            # (prepended) put its virtual tokens in front
+            encoder.register_forward_pre_hook(hooks.before, with_kwargs=True)
             encoder.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
         model.mol_routing_context = context
     return context

@@ -154,8 +154,11 @@ class RoutingContext:
       out of their losses and statistics (every token is still routed: its output is the caller's to ignore), as
       Hugging Face's MoE models do, so the losses are those of the batch's real tokens; sequence routers pool
       only the real tokens, so a sequence routes the same alone and padded into a batch. (An input it does not
-      cover, e.g. a vision tower's, counts every position; so does every layer of an encoder-decoder model, whose
-      call carries the encoder's mask only.)
+      cover, e.g. a vision tower's, counts every position.) In an encoder-decoder model's call it is the decoder's
+      (``decoder_attention_mask``), and the encoder's while the encoder runs.
+    - ``memory`` and ``memory_mask``: the encoder's output that an encoder-decoder's decoder attends to, and its
+      padding mask, for the inputs of the decoder's cross-attention keys and values (``memory`` itself, or where
+      only ``memory_mask``'s shape fits).
     - ``batch_shape`` (batch, positions) of the call's tokens: a 2-D input (N, in) to a sequence router is read
       with it, as batch * positions flattened tokens when N is their product, and as one vector per sequence (a
       pooler, a classification head) when N is the batch; ``batch_size`` alone (a call of pixel values, audio
@@ -182,6 +185,8 @@ class RoutingContext:
     _batch_of: Tensor | None = None
     choices: dict | None = None
     sequence_error: str | None = None
+    memory: Tensor | None = None
+    memory_mask: Tensor | None = None
 
     def __init__(self) -> None:
         self.attention_mask: Tensor | None = None
@@ -237,6 +242,7 @@ class RoutingContext:
         """The model's call is over (a forward hook): a submodule called on its own afterwards sees no call."""
         self._batch_shape, self._shape_of, self._batch_of, self.attention_mask = None, None, None, None
         self.continuation, self.in_call, self._weights, self.sequence_error = False, False, [], None
+        self.memory, self.memory_mask = None, None
         self.choices = {}  # a layer called on its own now keeps its choice here, out of the call's cache
 
     def snapshot(self) -> "RoutingContext":
@@ -246,22 +252,40 @@ class RoutingContext:
         copy._batch_shape, copy._shape_of, copy._batch_of = self._batch_shape, self._shape_of, self._batch_of
         copy.attention_mask, copy.continuation = self.attention_mask, self.continuation
         copy._weights, copy.choices, copy.sequence_error = self._weights, self.choices, self.sequence_error
+        copy.memory, copy.memory_mask = self.memory, self.memory_mask
         return copy
+
+    def mask_for(self, x: Tensor) -> Tensor | None:
+        """The (batch, positions) padding mask that covers x, (batch, positions, in) or flattened: the call's, or
+        for the encoder states a decoder's cross-attention reads, the encoder's; None where neither does."""
+        memory_mask = self.memory_mask
+        if memory_mask is not None and x is self.memory and tuple(x.shape[:-1]) == tuple(memory_mask.shape):
+            return memory_mask
+        mask = self.attention_mask
+        # flattened (batch * positions, in): where the call's batch_shape is the mask's, or unset (a context made by
+        # hand with only its mask, as the class docstring allows)
+        if mask is not None and x.dim() >= 2 and (
+                tuple(x.shape[:-1]) == tuple(mask.shape) or (x.dim() == 2 and x.shape[0] == mask.numel()
+                                                             and self.batch_shape in (None, tuple(mask.shape)))):
+            return mask
+        # the encoder states as a copy (beam search's expanded batch): by shape, where it is not the call's own
+        if memory_mask is not None and x.dim() >= 2 and tuple(x.shape[:-1]) == tuple(memory_mask.shape) \
+                and tuple(x.shape[:-1]) != self.batch_shape:
+            return memory_mask
+        return None
 
     def token_weights(self, x: Tensor) -> Tensor | None:
         """(prod(x.shape[:-1]),) float32: 1 for x's real tokens, 0 for padding; None where the mask does not
         cover x (no mask, another shape)."""
-        mask = self.attention_mask
-        if mask is None or x.dim() < 2:
+        mask = self.mask_for(x)
+        if mask is None:
             return None
-        # flattened (batch * positions, in): where the call's batch_shape is the mask's, or unset (a context made by
-        # hand with only its mask, as the class docstring allows)
-        if tuple(x.shape[:-1]) == tuple(mask.shape) or (x.dim() == 2 and x.shape[0] == mask.numel()
-                                                          and self.batch_shape in (None, tuple(mask.shape))):
-            if not self._weights or self._weights[0][0] is not mask:
-                self._weights[:] = [(mask, mask.reshape(-1).to(torch.float32))]
-            return self._weights[0][1]
-        return None
+        for known, weights in self._weights:
+            if known is mask:
+                return weights
+        weights = mask.reshape(-1).to(torch.float32)
+        self._weights.append((mask, weights))
+        return weights
 
 
 def in_backward() -> bool:
@@ -325,7 +349,7 @@ class Router(nn.Module):
                 seqs = self._sequences(x, context)
                 if context is not None and context.continuation:
                     return self._continued(seqs, context)
-                mask = None if context is None else context.attention_mask
+                mask = None if context is None else context.mask_for(x)
                 if mask is not None and tuple(mask.shape) != tuple(seqs.shape[:2]):
                     mask = None
                 logits = F.linear(_MeanPool.apply(seqs, mask).float(), self.weight.float())  # (B, E)

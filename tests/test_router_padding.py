@@ -109,9 +109,11 @@ def test_prompt_tuning_keeps_padding_out_of_the_routers(router):
     assert layer._last.expert_ids.flatten()[0] == chosen
 
 
-def test_encoder_decoder_calls_count_every_position():
-    """An encoder-decoder call carries the encoder's mask only, which a decoder block of the same length could not
-    tell from its own: such models count every position (and say nothing wrong about padding)."""
+def test_encoder_decoder_layers_each_read_their_own_mask():
+    """An encoder-decoder call, encoder and decoder of the same length: the encoder's layers and the decoder's
+    cross-attention keys and values (which read the encoder's states) leave the encoder's padding out, the
+    decoder's other layers the decoder's (decoder_attention_mask), or count every position where it has none.
+    Every layer used to count every position: the call's hooks could not tell one mask from the other."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
@@ -121,12 +123,25 @@ def test_encoder_decoder_calls_count_every_position():
     ids = torch.randint(1, 50, (2, 6))
     mask = torch.ones_like(ids)
     mask[0, 4:] = 0
-    out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids, labels=ids)
-    layers = [m for m in model.modules() if isinstance(m, mol.MoLLinear)]
-    assert layers and all(m._last.token_weights is None for m in layers)
+    dec_mask = torch.ones_like(ids)
+    dec_mask[1, 3:] = 0
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, mol.MoLLinear)}
+
+    def reads_encoder(name):
+        return name.startswith("encoder.") or name.endswith(("EncDecAttention.k", "EncDecAttention.v"))
+    for decoder_mask in (None, dec_mask):
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids, decoder_attention_mask=decoder_mask,
+                    labels=ids)
+        for name, layer in layers.items():
+            want = mask if reads_encoder(name) else decoder_mask
+            got = layer._last.token_weights
+            if want is None:
+                assert got is None, name
+            else:
+                assert got is not None and torch.equal(got, want.reshape(-1).float()), name
     # (T5 reads its linears' weight dtype: the adapted layers answer with their base's, so it runs and trains)
     (out.loss + mol.aux_loss(model)).backward()
-    assert all(m.router.weight.grad is not None and m.lora_A.grad is not None for m in layers)
+    assert all(m.router.weight.grad is not None and m.lora_A.grad is not None for m in layers.values())
 
 
 def test_mask_passed_by_position_counts_too():

@@ -391,3 +391,59 @@ def test_a_sequence_of_padding_only_is_left_out_of_the_losses():
     # and it can fail: with the filler's mask marking its positions, the losses move
     aux_real, _, _ = run(filler_ids, torch.cat([mask, torch.ones(1, mask.shape[1], dtype=torch.long)]))
     assert (aux_real - aux).abs() > 1e-6
+
+
+def _padded_t5_batch():
+    seqs = [torch.randint(2, 50, (n,)) for n in (4, 9, 6)]
+    ids, mask = _padded(seqs)
+    return seqs, ids, mask
+
+
+@pytest.mark.parametrize("prompt", [False, True], ids=["mol", "mol_with_prompt_tuning"])
+def test_encoder_decoder_routes_each_sequence_as_if_alone(prompt):
+    """T5, the sequence router on every linear, a right-padded batch of encoder inputs: each example's logits equal
+    its logits alone, in a model call and in generate (which runs the encoder on its own, before the decode loop);
+    with prompt tuning the encoder's routers also see the virtual tokens as real. The encoder's routers used to
+    pool the padding into each sequence's choice (the call's hooks described the decoder's tokens only)."""
+    torch.manual_seed(0)
+    model = _tiny_t5()
+    if prompt:
+        mol.inject(model, mol.PromptTuningConfig(num_virtual_tokens=3))
+    model = _inject(model)
+    seqs, ids, mask = _padded_t5_batch()
+    dec = torch.randint(2, 50, (3, 4))
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        generated = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        for i, s in enumerate(seqs):
+            alone = model(input_ids=s[None], decoder_input_ids=dec[i:i + 1]).logits[0]
+            torch.testing.assert_close(batched[i], alone, rtol=1e-4, atol=1e-4)
+            one = model.generate(input_ids=s[None], **kw)
+            assert torch.equal(generated.sequences[i], one.sequences[0])
+            torch.testing.assert_close(torch.stack(generated.logits)[:, i], torch.stack(one.logits)[:, 0],
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_decoder_token_router_losses_leave_encoder_padding_out():
+    """T5 with top-k routers: what stands at the encoder's padded positions changes neither the outputs (attention
+    masks it) nor the routers' losses and statistics, which count the real tokens only. The encoder's layers used
+    to count every position, padding included."""
+    torch.manual_seed(0)
+    model = _inject(_tiny_t5(), router="topk")
+    _, ids, mask = _padded_t5_batch()
+    other = torch.where(mask.bool(), ids, torch.randint(2, 50, ids.shape))
+    dec = torch.randint(2, 50, (3, 4))
+    results = []
+    with torch.no_grad():
+        for i in (ids, other):
+            logits = model(input_ids=i, attention_mask=mask, decoder_input_ids=dec).logits
+            stats = mol.routing_stats(model)
+            results.append((logits, mol.aux_loss(model), stats))
+    (l0, a0, s0), (l1, a1, s1) = results
+    torch.testing.assert_close(l0, l1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a0, a1, rtol=1e-5, atol=1e-7)
+    assert s0.keys() == s1.keys() and any(k.startswith("encoder.") for k in s0)
+    for name in s0:
+        for key in s0[name]:
+            torch.testing.assert_close(s0[name][key], s1[name][key], rtol=1e-5, atol=1e-7, msg=f"{name} {key}")

@@ -245,7 +245,8 @@ class PromptEmbedding(_VirtualTokens):
         # num_transformer_submodules=1): a hook on the encoder itself, which generate() calls on its own
         self._encoder_decoder = bool(getattr(text_config(model), "is_encoder_decoder", False))
         if self._encoder_decoder:
-            model.get_encoder().register_forward_pre_hook(self._on_encoder_call, with_kwargs=True)
+            # first among the encoder's pre-hooks: the routers' hook (mol.calls) reads the prompted tokens and mask
+            model.get_encoder().register_forward_pre_hook(self._on_encoder_call, with_kwargs=True, prepend=True)
 
     def _on_encoder_call(self, encoder: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
         return None if self.disabled else self._encoder_pre_hook(encoder, args, kwargs)
@@ -279,6 +280,10 @@ class PromptEmbedding(_VirtualTokens):
                 extend = x is not None and mask.shape[1] == x.shape[1]
             if extend:
                 kw["attention_mask"] = _real_in_front(mask, n)
+                # the routers' mask of the encoder states (set by mol.inject's first pre-hook from the caller's)
+                context = getattr(model, "mol_routing_context", None)
+                if context is not None and context.in_call and context.memory_mask is mask:
+                    context.memory_mask = kw["attention_mask"]
         return (), kw
 
     def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
