@@ -191,6 +191,64 @@ def _check_layer(case, mode, dtype=torch.float32, pad=False):
     assert same_layout(k_in["B"].grad, k_in["B"])  # dB comes in lora_B's own layout (no copy for it)
 
 
+def _strided(t, layout):
+    """(leaf, view of it with t's values in a layout that is not dense row-major): "slice", the first columns of a
+    wider tensor; "transpose", the transpose of a row-major one; "expand", a row (t's first) broadcast over t's rows
+    (t's other rows are then ignored); "step", every other element of a longer 1-D tensor."""
+    if layout == "slice":
+        leaf = torch.cat([t, torch.randn(*t.shape[:-1], 5)], dim=-1).requires_grad_()
+        return leaf, leaf[..., :t.shape[-1]]
+    if layout == "transpose":
+        leaf = t.t().contiguous().requires_grad_()
+        return leaf, leaf.t()
+    if layout == "expand":
+        leaf = t[0].clone().requires_grad_()
+        return leaf, leaf.expand(t.shape)
+    leaf = torch.stack([t, torch.randn_like(t)], dim=1).reshape(-1).requires_grad_()  # "step"
+    return leaf, leaf[::2]
+
+
+@pytest.mark.parametrize("T", [6, 40])  # the one-launch small-T forward and the large-T kernels
+@pytest.mark.parametrize("mode, x_layout", [("weight", "slice"), ("base_out", "transpose"), ("dropout", "expand")])
+def test_any_input_layout_gives_the_dense_layouts_numbers(T, mode, x_layout):
+    """Inputs the kernels read row-major, given as strided views (x a feature slice, a transpose or an expand, the
+    router weight stored transposed, base_out, x_lora, bias, noise, token weights and the output gradient dy not
+    dense either): the outputs and every gradient of the same call on .contiguous() copies of them."""
+    n_in, n_out, E, r, K = 12, 10, 4, 3, 2
+    leaves = {"x": _strided(torch.randn(T, n_in), x_layout), "Wr": _strided(torch.randn(E, n_in), "transpose")}
+    if mode == "base_out":
+        leaves["base_out"] = _strided(torch.randn(T, n_out), "slice")
+    bias = None if mode == "base_out" else _strided(torch.randn(n_out), "step")[1].detach()  # frozen, as W
+    if mode == "dropout":
+        leaves["x_lora"] = _strided(torch.randn(T, n_in), "transpose")
+    W = torch.randn(n_in, n_out).t()  # frozen, stored transposed
+    A, B = torch.randn(E, r, n_in, requires_grad=True), torch.randn(E, n_out, r, requires_grad=True)
+    noise = torch.randn(E, T).t()
+    # token weights take the large-T kernels: the small-T forward weighs every token alike
+    tw = _strided((torch.rand(T) < 0.7).float(), "step")[1].detach() if T > rl.SMALL_T_MAX else None
+    w_y = torch.randn(T, n_out)
+
+    def run(dense):
+        for t in (A, B, *(leaf for leaf, _ in leaves.values())):
+            t.grad = None
+        view = {k: v.contiguous() if dense else v for k, (_, v) in leaves.items()}
+        y, aux, *routing = rl.routed_lora_linear(
+            view["x"], A, B, view["Wr"], "topk", K, 0.7, weight=None if mode == "base_out" else W,
+            bias=None if bias is None else (bias.contiguous() if dense else bias), base_out=view.get("base_out"), x_lora=view.get("x_lora"),
+            noise=noise.contiguous() if dense else noise, lb_coef=0.2, z_coef=0.03,
+            token_weights=None if tw is None else (tw.contiguous() if dense else tw))
+        # the strided call's dy is a transpose (dy through y.t()), the dense call's row-major
+        loss = (y * w_y).sum() if dense else (y.t() * w_y.t()).sum()
+        (loss + aux).backward()
+        return [y.detach(), aux.detach(), *routing, A.grad, B.grad, *(leaf.grad for leaf, _ in leaves.values())]
+
+    dense = run(True)
+    strided = run(False)
+    for name, a, b in zip(["y", "aux", "hl", "gates", "ids", "stats", "dA", "dB", *(f"d{k}" for k in leaves)],
+                          strided, dense):
+        assert rel(a, b) < 1e-6, name
+
+
 def test_unused_outputs_and_no_grad():
     """Only the auxiliary loss in the loss (y unused), and a forward under no_grad."""
     T, n_in, n_out, E, r = 9, 16, 12, 4, 2
@@ -386,6 +444,23 @@ def test_mol_layer_compiles_fullgraph_on_the_fused_path(router):
     assert rel(loss, eager) < 1e-6 and rel(x.grad, x2.grad) < 1e-5
     for g, p in zip(grads, (layer.lora_A, layer.lora_B, layer.router.weight)):
         assert rel(g, p.grad) < 1e-5
+
+
+def test_mol_layer_compiled_reads_a_strided_x_and_router_weight():
+    """Under torch.compile too, a feature slice of a wider x and a router weight stored transposed give the numbers
+    of dense copies of them."""
+    from mol import MoLLinear
+
+    torch._dynamo.reset()
+    layer = MoLLinear(torch.nn.Linear(16, 12), num_experts=4, top_k=2, rank=3, backend="triton")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.router.weight = torch.nn.Parameter(torch.randn(16, 4).t())
+    wide = torch.randn(2, 5, 20)
+    y = torch.compile(layer, fullgraph=True, backend="aot_eager")(wide[..., :16])
+    with torch.no_grad():
+        layer.router.weight = torch.nn.Parameter(layer.router.weight.contiguous())
+    assert rel(y, layer(wide[..., :16].contiguous())) < 1e-6
 
 
 def test_kernels_compile_for_sm90():

@@ -1140,7 +1140,9 @@ def _compute_dtype(lora_A: torch.Tensor, lora_B: torch.Tensor, x: torch.Tensor, 
     f32 = eager and x.dtype != torch.float32
     small = _small_t(x, token_w)
     keep_b = f32 and lora_B.dtype == torch.float32 and small and not grad
-    keep_a = f32 and lora_A.dtype == torch.float32 and (keep_b if small else _shrink_by_gemm(x, x_lora))
+    # kept as it is only when dense: the kernels read A_cat = lora_A.reshape(E*r, in) as a row-major array
+    keep_a = (f32 and lora_A.dtype == torch.float32 and lora_A.is_contiguous()
+              and (keep_b if small else _shrink_by_gemm(x, x_lora)))
     return (lora_A if keep_a else gl._as(lora_A, x.dtype)), (lora_B if keep_b else gl._as_b(lora_B, x.dtype))
 
 
@@ -1160,8 +1162,13 @@ def _routed_forward_saved(x, x_lora, weight, weight_fn, bias, base_out, lora_A, 
                                              stats, w_dx, token_w, n_real)
 
 
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t in a dense row-major layout: t itself when it already is (no dispatch), else a copy."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
-    """(..., n) -> (T, n)."""
+    """(..., n) -> (T, n): a view of a dense t (see _dense)."""
     return t if t is None or t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
@@ -1328,6 +1335,8 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     are then normalised by their sum, as a batch of only the real tokens would give); every token is routed.
     ``graphs``: a layer's mol.kernels.layer_graphs.LayerGraphs; the calls it accepts replay CUDA graphs (training
     calls up to its max_tokens, calls without gradients up to its inference_tokens).
+    Any tensor may come in any layout (strided views, transposes, expands): what the kernels read row-major and is
+    not stored so is copied first.
     """
     if kind not in KINDS:
         raise ValueError(f"routed_lora_linear: router kind {kind!r} is not fused; choose one of {sorted(KINDS)}")
@@ -1352,6 +1361,11 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
             raise ValueError(f"routed_lora_linear: token_weights must be ({tokens},) on {x.device}, one per token "
                              f"of x; got {tuple(token_weights.shape)} on {token_weights.device}")
         token_weights = token_weights.float()
+    # The kernels index these as dense row-major arrays: another layout (a feature slice x[..., :n], a transpose,
+    # an expand, a router weight stored transposed) is copied here, before the autograd node and the graphs, so
+    # that autograd maps the gradients back through the copy. The dense common case costs one check each.
+    x, x_lora, base_out, bias, router_w, noise, token_weights = (
+        _dense(t) for t in (x, x_lora, base_out, bias, router_w, noise, token_weights))
     eager = _fast(x, x_lora, weight, base_out, lora_A, lora_B, router_w)
     meta = (KINDS[kind], int(top_k), float(scale), float(lb_coef), float(z_coef), eager, lora_A.dtype, lora_B.dtype)
     grad = eager and torch.is_grad_enabled() and any(
