@@ -38,7 +38,12 @@ class RouterOutput:
     def _weighted(self, per_row: Tensor) -> Tensor:
         """per_row (N, ...) summed over the rows, each times its weight."""
         w = self.token_weights
-        return per_row.sum(dim=0) if w is None else (per_row * w.reshape(-1, *[1] * (per_row.dim() - 1))).sum(dim=0)
+        if w is None:
+            return per_row.sum(dim=0)
+        w = w.reshape(-1, *[1] * (per_row.dim() - 1))
+        # padding selected out, not multiplied by 0: its scores may be NaN/inf (attention that leaves fully masked
+        # rows NaN), and NaN * 0 would make the losses NaN
+        return torch.where(w != 0, per_row * w, 0.0).sum(dim=0)
 
     def _rows(self) -> Tensor | int:
         # max(rows, 1), and pair fractions over max(pairs, 1): an empty batch (no rows, or padding only) gives zero
@@ -120,7 +125,7 @@ class _MeanPool(torch.autograd.Function):
     (B, in) gradient, which autograd adds into x's other gradient, instead of a materialised float32 (B, S, in)
     and its cast. The sequence router's scores, fwd+bwd at 8x1024 tokens x 4096 (H200, RESULTS run 33): 46.4 us,
     against 286.7 through the float32 copy and 177.4 with autograd's own backward of the float32-accumulated mean.
-    (Masked, both directions take one x-sized product with the mask more.)"""
+    (Masked, both directions take one x-sized pass more: a select forward, a product with the mask backward.)"""
 
     @staticmethod
     def forward(ctx, seqs: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -133,7 +138,9 @@ class _MeanPool(torch.autograd.Function):
         weights = (mask != 0).to(seqs.dtype)
         counts = weights.sum(dim=1, dtype=acc).clamp_min(1)[:, None]  # a sequence of padding only pools to zeros
         ctx.save_for_backward(weights, counts)
-        return (seqs * weights[:, :, None]).sum(dim=1, dtype=acc) / counts
+        # padding selected out, not multiplied by 0: a NaN/inf there (attention that leaves fully masked rows NaN)
+        # would reach the pool, and every real token of the sequence through its expert choice
+        return torch.where(weights[:, :, None] != 0, seqs, 0).sum(dim=1, dtype=acc) / counts
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -377,7 +384,7 @@ class Router(nn.Module):
                 context.choices[id(self)] = RouterOutput(gates.detach(), expert_ids, logits.detach(), probs.detach(),
                                                          chosen)
             return self._per_token(RouterOutput(gates, expert_ids, logits, probs, chosen, token_weights),
-                                   seqs.shape[1])
+                                   seqs.shape[1], mask)
         return RouterOutput(gates, expert_ids, logits, probs, chosen, token_weights)
 
     @staticmethod
@@ -395,9 +402,13 @@ class Router(nn.Module):
         return x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
 
     @staticmethod
-    def _per_token(per_seq: RouterOutput, seq_len: int) -> RouterOutput:
-        """A per-sequence choice (B, K) repeated over each sequence's positions: (B * seq_len, K)."""
+    def _per_token(per_seq: RouterOutput, seq_len: int, mask: Tensor | None = None) -> RouterOutput:
+        """A per-sequence choice (B, K) repeated over each sequence's positions: (B * seq_len, K). With the pool's
+        ``mask`` (B, seq_len), the choice's gradient comes from the real tokens only, as its scores do: a padding
+        position's gate gradient is 0 * its hidden state, NaN where that is NaN (fully masked attention rows)."""
         gates = repeat(per_seq.gates, "b k -> (b s) k", s=seq_len)
+        if mask is not None:
+            gates = torch.where(mask.reshape(-1, 1) != 0, gates, gates.detach())
         expert_ids = repeat(per_seq.expert_ids, "b k -> (b s) k", s=seq_len)
         return RouterOutput(gates, expert_ids, per_seq.logits, per_seq.probs, per_seq.chosen, per_seq.token_weights)
 

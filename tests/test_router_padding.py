@@ -174,3 +174,34 @@ def test_hand_made_context_masks_a_flattened_input():
     layer(x.reshape(10, 16))
     assert counts3.sum() == 2 * 9 and torch.equal(layer.last_stats["counts"], counts3)
     torch.testing.assert_close(layer.aux_loss(), aux3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("kind", ["topk", "switch", "soft", "sequence"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nonfinite_padding_reaches_neither_real_tokens_nor_losses(backend, kind, bad):
+    """Hidden states that are NaN or inf at padding (some attention implementations leave fully masked, e.g.
+    left-padded, rows NaN): the real tokens' outputs and input gradients, the losses and the statistics are those of
+    the same batch with finite values there. (Padding is selected out, not multiplied by its weight 0.)"""
+    layer = mol.MoLLinear(torch.nn.Linear(12, 10), num_experts=4, top_k=1 if kind == "switch" else 2, rank=3,
+                          router=kind, backend=backend, aux_loss_coef=0.3, z_loss_coef=0.05)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    ctx = RoutingContext()
+    ctx.attention_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    layer.router.context = ctx
+    real = ctx.attention_mask.bool()
+    clean = torch.randn(3, 5, 12)
+    garbage = clean.clone()
+    garbage[~real] = bad
+
+    def run(x):
+        x = x.clone().requires_grad_()
+        y = layer(x)
+        aux = layer.aux_loss()
+        (y[real].square().sum() + aux).backward()
+        return y.detach()[real], aux.detach(), dict(layer.last_stats), x.grad[real]
+
+    want, got = run(clean), run(garbage)
+    for name, a, b in zip(("y", "aux", "stats", "dx"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)

@@ -358,10 +358,14 @@ def _gate_fwd_rows(offs_t, hl_ptr, noise_ptr, w_ptr, n_ptr, gates_ptr, ids_ptr, 
                  (h * g * scale).to(u_ptr.dtype.element_ty), mask=m2)
     # (without weights, the statements of the unweighted kernel exactly: its compiled code stays as measured)
     if HAS_W:
+        # padding selected out, not multiplied by its weight 0: its scores may be NaN/inf (attention that leaves
+        # fully masked rows NaN), and NaN * 0 would reach the statistics and the losses
         w, c_lb, c_z = _token_weights(w_ptr, n_ptr, offs_t, mask_t, c_lb, c_z)
+        real = w != 0
         tl.atomic_add(stats_ptr + offs_e, tl.sum(chosen * w[:, None], axis=0), mask=mask_e)
-        tl.atomic_add(stats_ptr + E + offs_e, tl.sum(probs * w[:, None], axis=0), mask=mask_e)
-        tl.atomic_add(stats_ptr + 2 * E, tl.sum(lse * lse * w, axis=0))
+        tl.atomic_add(stats_ptr + E + offs_e, tl.sum(tl.where(real[:, None], probs * w[:, None], 0.0), axis=0),
+                      mask=mask_e)
+        tl.atomic_add(stats_ptr + 2 * E, tl.sum(tl.where(real, lse * lse * w, 0.0), axis=0))
     else:
         tl.atomic_add(stats_ptr + offs_e, tl.sum(chosen, axis=0), mask=mask_e)
         tl.atomic_add(stats_ptr + E + offs_e, tl.sum(probs, axis=0), mask=mask_e)
@@ -469,8 +473,8 @@ def _gate_bwd_rows(offs_t, du_ptr, hl_ptr, noise_ptr, w_ptr, n_ptr, gates_ptr, i
     # probabilities -> logits (softmax Jacobian), plus the z-loss term
     dlogits = probs * (dp - tl.sum(dp * probs, axis=1)[:, None])
     if HAS_AUX:
-        if HAS_W:
-            dlogits += ((daux * c_z) * w)[:, None] * lse[:, None] * probs
+        if HAS_W:  # selected, as in the forward (a padding row's own routing gradient is NaN with its scores)
+            dlogits += tl.where((w != 0)[:, None], ((daux * c_z) * w)[:, None] * lse[:, None] * probs, 0.0)
         else:
             dlogits += (daux * c_z) * lse[:, None] * probs
     tl.store(dhl_rows + (R + offs_e).to(tl.int64)[None, :] * SDC, dlogits.to(dhl_ptr.dtype.element_ty),
