@@ -1,6 +1,6 @@
 """Routers: hidden states -> (gates, expert_ids), plus their auxiliary losses and utilisation stats.
 
-Every router scores in float32 and returns gates and expert ids of shape (T, K), one row per token
+Every router scores in float32 (float64 for float64 inputs) and returns gates and expert ids of shape (T, K), one row per token
 (the sequence router repeats its per-sequence choice over the sequence's tokens). Nothing here reads a
 value back to the host, so a forward is CUDA-graph capturable and compiles without graph breaks.
 
@@ -27,7 +27,7 @@ class RouterOutput:
     """What one routing decision produced. The losses and stats are computed on demand from the scores,
     so a forward that never asks for them (inference, decode) pays only for scoring and selection."""
 
-    gates: Tensor  # (T, K) float32, weight of each chosen expert
+    gates: Tensor  # (T, K) float32 (float64 for float64 x, as logits and probs), weight of each chosen expert
     expert_ids: Tensor  # (T, K) int64
     logits: Tensor  # (N, E) float32; N = tokens, or sequences for the sequence router
     probs: Tensor  # (N, E) softmax of logits
@@ -53,9 +53,9 @@ class RouterOutput:
 
     @property
     def counts(self) -> Tensor:
-        """(E,) float32: routed (row, expert) pairs per expert; a scatter-add, so no host sync."""
-        counts = torch.zeros(self.probs.shape[-1], device=self.probs.device, dtype=torch.float32)
-        ones = torch.ones_like(self.chosen, dtype=torch.float32)
+        """(E,) in the scores' dtype: routed (row, expert) pairs per expert; a scatter-add, so no host sync."""
+        counts = torch.zeros(self.probs.shape[-1], device=self.probs.device, dtype=self.probs.dtype)
+        ones = torch.ones_like(self.chosen, dtype=self.probs.dtype)
         if self.token_weights is not None:
             ones = ones * self.token_weights[:, None]
         return counts.scatter_add(0, self.chosen.reshape(-1), ones.reshape(-1))
@@ -347,7 +347,9 @@ class Router(nn.Module):
     def forward(self, x: Tensor) -> RouterOutput:
         """x: (..., in) for token routers; (batch, seq, in) or (seq, in) for the sequence router."""
         context = self.call_context()
-        # float32 even under autocast: bf16 logits make near-ties flip expert choices from step to step.
+        # float32 even under autocast: bf16 logits make near-ties flip expert choices from step to step. float64 x is
+        # scored in float64: a float64 layer is float64-accurate (gradcheck), not float32-accurate
+        score = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.kind == "sequence":
                 # One decision per sequence, scored on its mean hidden state: "b s k -> b k".
@@ -359,11 +361,11 @@ class Router(nn.Module):
                 mask = None if context is None else context.mask_for(x)
                 if mask is not None and tuple(mask.shape) != tuple(seqs.shape[:2]):
                     mask = None
-                logits = F.linear(_MeanPool.apply(seqs, mask).float(), self.weight.float())  # (B, E)
+                logits = F.linear(_MeanPool.apply(seqs, mask).to(score), self.weight.to(score))  # (B, E)
                 # a sequence of padding only (a batch filler) is routed but left out of the losses and statistics
                 token_weights = None if mask is None else (mask != 0).any(dim=1).float()
             else:
-                logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)
+                logits = F.linear(x.reshape(-1, x.shape[-1]).to(score), self.weight.to(score))  # (T, E)
                 token_weights = None if context is None else context.token_weights(x)
 
         if self.training and self.noise_std > 0:

@@ -102,6 +102,31 @@ def test_forward_backward_matches_float64_reference(kind, E, K, shape, k_in, k_o
     assert rel(layer.router.weight.grad, Wr_ref.grad) < 1e-4
 
 
+@pytest.mark.parametrize("kind,E,K,shape,k_in,k_out,r", CASES)
+def test_float64_layer_is_float64_accurate(kind, E, K, shape, k_in, k_out, r):
+    """A float64 layer scores its router in float64 (16- and 32-bit ones in float32): output, aux loss and every
+    gradient equal the float64 formula to float64 rounding, and gradcheck passes for x and every parameter."""
+    layer = make_layer(kind, E, K, k_in, k_out, r, bias=(E % 2 == 0)).double()
+    x = torch.randn(*shape, k_in, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    weights = torch.randn_like(y)
+    ((y * weights).sum() + layer.aux_loss()).backward()
+    y_ref, aux_ref, (x_ref, A_ref, B_ref, Wr_ref) = reference(layer, x)
+    ((y_ref * weights).sum() + aux_ref).backward()
+    assert rel(y, y_ref) < 1e-12 and rel(layer.aux_loss(), aux_ref) < 1e-12
+    for got, want in ((x.grad, x_ref.grad), (layer.lora_A.grad, A_ref.grad), (layer.lora_B.grad, B_ref.grad),
+                      (layer.router.weight.grad, Wr_ref.grad)):
+        assert rel(got, want) < 1e-10
+
+    names = ("lora_A", "lora_B", "router.weight")
+
+    def f(x, *params):
+        y = torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+        return y, layer.aux_loss()
+    params = [getattr(layer, n) if "." not in n else layer.router.weight for n in names]
+    assert torch.autograd.gradcheck(f, (x.detach().requires_grad_(), *(p.detach().requires_grad_() for p in params)))
+
+
 def test_empty_expert_and_all_tokens_on_one_expert():
     torch.manual_seed(1)
     layer = make_layer("topk", 8, 1, 16, 10, 4)
