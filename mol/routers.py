@@ -1,7 +1,7 @@
 """Routers: hidden states -> (gates, expert_ids), plus their auxiliary losses and utilisation stats.
 
-Every router scores in float32 (float64 for float64 inputs) and returns gates and expert ids of shape (T, K), one row per token
-(the sequence router repeats its per-sequence choice over the sequence's tokens). Nothing here reads a
+Every router scores in float32 (float64 for float64 inputs) and returns gates and expert ids of shape (T, K), one
+row per token (the sequence router repeats its per-sequence choice over the sequence's tokens). Nothing here reads a
 value back to the host, so a forward is CUDA-graph capturable and compiles without graph breaks.
 
 Auxiliary losses (kept on the output, collected by ``MoLLinear.aux_loss``):
@@ -127,20 +127,34 @@ class _MeanPool(torch.autograd.Function):
     against 286.7 through the float32 copy and 177.4 with autograd's own backward of the float32-accumulated mean.
     (Masked, both directions take one x-sized pass more: a select forward, a product with the mask backward.)"""
 
+    generate_vmap_rule = True  # plain tensor ops: torch.func.vmap runs them batched
+
     @staticmethod
-    def forward(ctx, seqs: Tensor, mask: Tensor | None = None) -> Tensor:
-        ctx.shape, ctx.dtype = seqs.shape, seqs.dtype
+    def forward(seqs: Tensor, mask: Tensor | None = None) -> Tensor:
         acc = torch.promote_types(seqs.dtype, torch.float32)
         if mask is None:
             # sum / S rather than mean: an empty sequence pools to zeros (uniform scores), not NaN in the aux losses
-            ctx.save_for_backward()
             return seqs.sum(dim=1, dtype=acc) / max(seqs.shape[1], 1)
-        weights = (mask != 0).to(seqs.dtype)
-        counts = weights.sum(dim=1, dtype=acc).clamp_min(1)[:, None]  # a sequence of padding only pools to zeros
-        ctx.save_for_backward(weights, counts)
+        weights, counts = _MeanPool._weights(mask, seqs.dtype)
         # padding selected out, not multiplied by 0: a NaN/inf there (attention that leaves fully masked rows NaN)
         # would reach the pool, and every real token of the sequence through its expert choice
         return torch.where(weights[:, :, None] != 0, seqs, 0).sum(dim=1, dtype=acc) / counts
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        seqs, mask = inputs
+        ctx.shape, ctx.dtype = seqs.shape, seqs.dtype
+        if mask is None:
+            ctx.save_for_backward()
+        else:  # the mask's small (B, S) weights and counts again, rather than as outputs of forward
+            ctx.save_for_backward(*_MeanPool._weights(mask, seqs.dtype))
+
+    @staticmethod
+    def _weights(mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(weights (B, S) in dtype, 1 for a real position, 0 for padding; counts (B, 1) of real positions, at
+        least 1: a sequence of padding only pools to zeros) in the accumulation dtype."""
+        weights = (mask != 0).to(dtype)
+        return weights, weights.sum(dim=1, dtype=torch.promote_types(dtype, torch.float32)).clamp_min(1)[:, None]
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -1196,12 +1196,47 @@ class _RoutedLoRAFn(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, daux, _dhl, _dgates, _dids, _dstats):
+    def backward(ctx, dy, daux, *_unused):  # _unused: hl, gates, ids, stats (and _FuncRoutedLoRAFn's extras)
         # x, x_lora, weight, weight_fn, bias, base_out, A, B, Wr, noise, meta: index as the first ten minus weight_fn
         need = tuple(n for i, n in enumerate(ctx.needs_input_grad) if i != 3)
         dx, dx_lora, d_base, dA, dB, dWr = _routed_backward(dy, daux, ctx.saved_tensors, need, ctx.weight_fn,
                                                             ctx.meta)
         return dx, dx_lora, None, None, None, d_base, dA, dB, dWr, None, None, None
+
+
+class _FuncRoutedLoRAFn(torch.autograd.Function):
+    """_RoutedLoRAFn under torch.func's transforms (grad, jacrev, vjp over functional_call), which need forward and
+    setup_context apart: the tensors the backward reads that forward makes are returned after the six outputs
+    (routed_lora_linear drops them). Eager and compiled calls keep _RoutedLoRAFn, whose forward saves them itself
+    (no extra outputs, which Dynamo's tracing of a Function would also have to handle as None)."""
+
+    @staticmethod
+    def forward(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w, noise, token_w, meta):
+        outs, saved = _routed_forward_saved(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B, router_w,
+                                            noise, token_w, meta, True)
+        a, b, u, w_dx, n_real = saved[3], saved[4], saved[10], saved[12], saved[14]
+        # the adapters as the kernels read them, None where that is the input itself (an input returned as an
+        # output would come back as a view of it): setup_context takes those from the inputs
+        return (*outs, None if a is lora_A else a, None if b is lora_B else b, u, w_dx, n_real)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, x_lora, weight, weight_fn, _, _, lora_A, lora_B, router_w, noise, token_w, meta = inputs
+        _, _, hl, gates, ids, stats, a, b, u, w_dx, n_real = output
+        ctx.save_for_backward(x, x_lora, weight, lora_A if a is None else a, lora_B if b is None else b, router_w,
+                              noise, hl, gates, ids, u, stats, w_dx if ctx.needs_input_grad[0] else None, token_w,
+                              n_real)
+        ctx.weight_fn = weight_fn
+        ctx.meta = meta
+        ctx.mark_non_differentiable(*(t for t in output[2:] if t is not None))
+        ctx.set_materialize_grads(False)
+
+    backward = staticmethod(_RoutedLoRAFn.backward)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError("routed_lora_linear: torch.func.vmap cannot batch the fused Triton kernels (they have no "
+                           "batching rule); vmap a layer with backend='torch', or loop over the batch")
 
 
 def _routed_backward(dy, daux, saved, need, weight_fn, meta):
@@ -1393,7 +1428,10 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
         y, aux, hl, gates, ids, _, stats, _, _ = _routed_forward(x, x_lora, weight, weight_fn, bias, base_out,
                                                                  lora_A, lora_B, router_w, noise, token_weights, meta)
     else:
-        y, aux, hl, gates, ids, stats = _RoutedLoRAFn.apply(x, x_lora, weight, weight_fn, bias, base_out, lora_A,
-                                                            lora_B, router_w, noise, token_weights, meta)
+        # (eager is False under torch.func's transforms: their tensors are wrapped)
+        transforms = not eager and not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+        fn = _FuncRoutedLoRAFn if transforms else _RoutedLoRAFn
+        y, aux, hl, gates, ids, stats = fn.apply(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B,
+                                                 router_w, noise, token_weights, meta)[:6]
     return y if lead is None else y.view(*lead, y.shape[-1]), aux, hl, gates, ids, stats
 
