@@ -115,10 +115,21 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for a device autocast does not know (meta), where torch raises."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context that switches autocast off for the device, entered only where it is on: entering torch.autocast
+    costs tens of microseconds of host time, and fails for a device autocast does not know (meta)."""
+    return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else contextlib.nullcontext()
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the fused path computes in: autocast's where it is on (as nn.Linear would), else x's."""
     dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return torch.get_autocast_dtype(dev) if autocast_enabled(dev) else x.dtype
 
 
 def fused_routing_available(router: torch.nn.Module, backend: str, x: Tensor) -> bool:
@@ -162,8 +173,7 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
     if router.training and router.noise_std > 0:
         noise = torch.randn(math.prod(x.shape[:-1]), router.num_experts, device=x.device) * router.noise_std
     w_r = router.weight if router.weight.dtype == torch.float32 else router.weight.float()
-    # entering torch.autocast costs tens of microseconds of host time: only when there is one to switch off
-    with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
+    with autocast_off(dev):
         y, aux, hl, gates, ids, stats = routed_lora_linear(
             _as(x, dt), lora_A, lora_B, w_r, router.kind, router.top_k, scale,
             weight=weight if use_weight else None, weight_fn=weight_fn,
@@ -188,7 +198,7 @@ def routed_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A
         fusable = (type(base_layer) is torch.nn.Linear and not weight.requires_grad
                    and (base_layer.bias is None or (not base_layer.bias.requires_grad
                                                     and base_layer.bias.dtype == x.dtype))
-                   and x_lora is x and weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type))
+                   and x_lora is x and weight.dtype == x.dtype and not autocast_enabled(x.device.type))
         if fusable:
             return grouped_lora_linear(x, weight, base_layer.bias, lora_A, lora_B, gates, expert_ids, scale)
         base_out = base_layer(x)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor, nn
 
+from mol.dispatch import autocast_off
+
 
 @dataclass
 class RouterOutput:
@@ -364,7 +366,7 @@ class Router(nn.Module):
         # float32 even under autocast: bf16 logits make near-ties flip expert choices from step to step. float64 x is
         # scored in float64: a float64 layer is float64-accurate (gradcheck), not float32-accurate
         score = torch.float64 if x.dtype == torch.float64 else torch.float32
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             if self.kind == "sequence":
                 # One decision per sequence, scored on its mean hidden state: "b s k -> b k".
                 if context is not None and context.sequence_error is not None:

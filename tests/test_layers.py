@@ -159,6 +159,18 @@ def test_torch_func_transforms_match_the_float64_reference(backend, kind, E, K):
         assert rel(torch.func.vmap(layer)(x), torch.stack([layer(xi) for xi in x])) < 1e-6
 
 
+@pytest.mark.parametrize("kind", ["topk", "soft", "switch", "sequence"])
+def test_routed_layer_runs_on_the_meta_device(kind):
+    """On the meta device (shape inference, init_empty_weights), for which torch has no autocast: a routed layer's
+    forward gives nn.Linear's output shape, and a scalar aux loss."""
+    layer = MoLLinear(torch.nn.Linear(12, 10), num_experts=4, top_k=1 if kind == "switch" else 2, rank=3,
+                      router=kind).to("meta")
+    x = torch.randn(2, 5, 12, device="meta")
+    y = layer(x)
+    assert y.device.type == "meta" and y.shape == torch.nn.Linear(12, 10, device="meta")(x).shape
+    assert layer.aux_loss().shape == ()
+
+
 def test_empty_expert_and_all_tokens_on_one_expert():
     torch.manual_seed(1)
     layer = make_layer("topk", 8, 1, 16, 10, 4)
