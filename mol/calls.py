@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mol.routers import RoutingContext
+from mol.routers import RoutingContext, in_backward
 
 _POSITIONAL: dict[Any, list[str]] = {}  # forward function -> its positional parameter names
 _CHOICES = "_mol_sequence_choices"  # the attribute a KV cache keeps its sequence routers' choices under
@@ -146,6 +146,67 @@ def _is_encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
+class _RecomputeIn:
+    """A function a checkpoint runs, bound to the routing of the model call it ran in: when the checkpoint
+    recomputes it inside the backward, the routers inside read that call's snapshot (``context.recompute``), not
+    the context of whichever call ran last (the next micro-batch, DPO's rejected half, an evaluation)."""
+
+    def __init__(self, function: Any, context: RoutingContext, call: RoutingContext):
+        self.function, self.context, self.call = function, context, call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not in_backward():  # the first pass (a reentrant checkpoint's runs in a no-grad forward, not a backward)
+            return self.function(*args, **kwargs)
+        context = self.context
+        outer, context.recompute = context.recompute, self.call
+        try:
+            return self.function(*args, **kwargs)
+        finally:  # also when a non-reentrant recompute stops early, once it has what the backward needs
+            context.recompute = outer
+
+
+class _CheckpointRouting:
+    """A module's ``_gradient_checkpointing_func`` (what transformers' checkpointed layers, and older models' layer
+    loops, checkpoint through) that binds each checkpointed function to the call in progress (_RecomputeIn). The
+    model's call hooks put it in place of whatever function checkpointing was enabled with, before or after
+    ``inject``. A class, so a deep copy of the model binds to the copy's context."""
+
+    def __init__(self, checkpoint: Any, context: RoutingContext):
+        self.checkpoint, self.context = checkpoint, context
+
+    def __call__(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        context = self.context
+        # compiled: the recompute is part of the compiled backward, which runs no Python forward
+        if context.in_call and not torch.compiler.is_compiling():
+            function = _RecomputeIn(function, context, context.snapshot())
+        return self.checkpoint(function, *args, **kwargs)
+
+
+_CHECKPOINT_FUNC = "_gradient_checkpointing_func"
+
+
+def _checkpointing_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that transformers gives a checkpoint function (``gradient_checkpointing_enable``
+    sets one on every module with a ``gradient_checkpointing`` flag)."""
+    return [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+
+
+def _bind_checkpoints(modules: list[nn.Module], context: RoutingContext) -> None:
+    """Wrap each module's checkpoint function in _CheckpointRouting, where checkpointing put a new one."""
+    for module in modules:
+        function = module.__dict__.get(_CHECKPOINT_FUNC)
+        if function is not None and type(function) is not _CheckpointRouting:
+            module.__dict__[_CHECKPOINT_FUNC] = _CheckpointRouting(function, context)
+
+
+def unbind_checkpoints(model: nn.Module) -> None:
+    """Put back the checkpoint functions _CheckpointRouting wraps (mol.unload)."""
+    for module in model.modules():
+        function = module.__dict__.get(_CHECKPOINT_FUNC)
+        if type(function) is _CheckpointRouting:
+            module.__dict__[_CHECKPOINT_FUNC] = function.checkpoint
+
+
 class _RoutingCallHooks:
     """Forward hooks on a model that keep its routers' RoutingContext up to date with each call: the
     attention mask the caller passed, and whether the call continues a KV cache. A class with bound methods, not
@@ -161,8 +222,12 @@ class _RoutingCallHooks:
     continues a cache (a decode loop that passes the encoder's input at every step) routes that input afresh, as
     in the call that started the cache: the continuation, and the choices reused, are the decoder's."""
 
-    def __init__(self, context: RoutingContext, encoder: bool = False):
+    _checkpointing: list[nn.Module] = []  # a class default (read only): hooks pickled before it existed have it
+
+    def __init__(self, context: RoutingContext, encoder: bool = False, checkpointing: list[nn.Module] = ()):
         self.context, self.encoder = context, encoder
+        # the modules of the hooked model whose checkpoint function its calls bind (_CheckpointRouting)
+        self._checkpointing = list(checkpointing)
         self._cache: Any = None  # the KV cache the call in progress came with
         self._resume: tuple | None = None  # encoder: (the continued call's choices,) while the encoder runs
         self._outer: tuple | None = None  # encoder: the model call's view of its tokens, while the encoder runs
@@ -178,6 +243,9 @@ class _RoutingCallHooks:
         self._owns = not context.in_call
         if not self._owns:
             return
+        if self._checkpointing and model.training and not torch.compiler.is_compiling():
+            # a dict lookup per checkpointable layer: checkpointing may have been enabled since the last call
+            _bind_checkpoints(self._checkpointing, context)
         kw = call_kwargs(model, args, kwargs)
         self._cache = _cache_in(kw)
         # from the real arguments: an encoder-decoder's cache (EncoderDecoderCache) gives its decoder
@@ -262,7 +330,7 @@ def routing_context(model: nn.Module) -> RoutingContext:
     if context is None:
         context = RoutingContext()
         for module in [model, *_inner_models(model)]:
-            hooks = _RoutingCallHooks(context)
+            hooks = _RoutingCallHooks(context, checkpointing=_checkpointing_modules(module))
             # first among pre-hooks: the caller's own mask and cache, before prefix / prompt tuning extend them
             module.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True)
             module.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)

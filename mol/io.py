@@ -279,8 +279,10 @@ def _unload(model: nn.Module, merge_first: bool) -> nn.Module:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
         layers = list(adapter_layers(model))
     # what inject put on the model itself: the routers' call hooks and the router-loss hook
-    from mol.calls import _RoutingCallHooks
+    from mol.calls import _RoutingCallHooks, unbind_checkpoints
     from mol.inject import _AuxLossInOutput, _InputsRequireGrad
+
+    unbind_checkpoints(model)
 
     for module in model.modules():  # the input-grad hooks sit on the embeddings, the others on the model
         for hooks in (module._forward_hooks, module._forward_pre_hooks):

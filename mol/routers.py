@@ -203,6 +203,9 @@ class RoutingContext:
     # activation checkpoint's recompute inside a backward (see Router.call_context). Class defaults: contexts made
     # by hand, and pickled before these existed, have them
     in_call = False
+    # while a checkpoint recomputes a forward inside the backward: the snapshot of the call that forward belonged
+    # to, bound to the checkpoint when it ran (mol.calls._CheckpointRouting), for the routers inside to read
+    recompute: "RoutingContext | None" = None
     _batch_shape: tuple[int, int] | None = None
     _shape_of: Tensor | None = None
     _batch_of: Tensor | None = None
@@ -351,13 +354,20 @@ class Router(nn.Module):
     def call_context(self) -> RoutingContext | None:
         """The model call this forward belongs to: the context's current one, except inside a backward, where an
         activation checkpoint recomputes a forward after its call returned: then the one that forward saw (so the
-        recomputation weighs padding, pools and reuses choices exactly as the first pass did)."""
-        if self.context is None:
+        recomputation weighs padding, pools and reuses choices exactly as the first pass did). That is the snapshot
+        bound to the checkpoint (``context.recompute``: transformers' checkpointed layers, mol.calls), else the
+        one this router kept from its last forward outside a backward (a checkpoint mol cannot see into: right
+        while each forward is backpropagated before the next one runs)."""
+        context = self.context
+        if context is None:
             return None
+        bound = context.recompute
+        if bound is not None:
+            return bound
         # inside the model's call no recompute runs, so autograd's engine is asked only outside one: its task id is
         # an int torch.compile cannot trace, which would break a compiled model's graph at every layer
-        if self.context.in_call or not in_backward():
-            self._call = self.context.snapshot()
+        if context.in_call or not in_backward():
+            self._call = context.snapshot()
         return self._call
 
     def forward(self, x: Tensor) -> RouterOutput:

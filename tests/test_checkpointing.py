@@ -242,3 +242,96 @@ def test_every_method_under_the_training_cli_checkpointing(method):
         return
     assert want and all(g is not None for g in want.values())
     _assert_same(grads(True), want, rtol=1e-5, atol=1e-7)
+
+
+def _tiny_llama_mol(router: str, checkpointing: bool | None = None, reentrant: bool = False):
+    """A float64 tiny Llama with MoL on every linear, adapters and routers off their init; ``checkpointing``:
+    enabled before inject (True), after it (False), or not at all (None)."""
+    model = make_tiny_llama(layers=2).double().train()
+    if checkpointing:
+        _enable_hf_checkpointing(model, reentrant)
+    mol.inject(model, mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules="all-linear", router=router,
+                                    aux_loss_coef=0.5, z_loss_coef=0.05))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "router" in n:
+                p.normal_(0, 0.2)
+    if checkpointing is False:
+        _enable_hf_checkpointing(model, reentrant)
+    return model
+
+
+def _two_padded_batches(width: int = 9):
+    """Two batches of random tokens whose padding differs: the first right-padded, the second left-padded."""
+    batches = []
+    for left in (False, True):
+        ids = torch.randint(0, 101, (2, width))
+        mask = torch.ones_like(ids)
+        for row, real in enumerate(torch.randint(3, width - 1, (2,)).tolist()):
+            if left:
+                mask[row, : width - real] = 0
+            else:
+                mask[row, real:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def _log_probs(model, batch):
+    logits = model(**batch).logits[:, :-1]
+    lp = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    return (lp * batch["attention_mask"][:, 1:]).sum(-1)
+
+
+def _step_grads(model, scenario: str, first: dict, second: dict) -> dict:
+    """The gradients of one training step with two model calls before its backward."""
+    model.zero_grad(set_to_none=True)
+
+    def loss_of(batch):
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return model(**batch, labels=labels).loss + mol.aux_loss(model)
+
+    if scenario == "accumulate":  # micro-batch losses summed, one backward
+        loss = loss_of(first) + loss_of(second)
+    elif scenario == "eval_between":  # an evaluation forward between a training forward and its backward
+        loss = loss_of(first)
+        model.eval()
+        with torch.no_grad():
+            model(**second)
+        model.train()
+    else:  # DPO: policy forwards on chosen and rejected, the reference (adapters off) under no_grad
+        chosen, aux_chosen = _log_probs(model, first), mol.aux_loss(model)
+        rejected, aux_rejected = _log_probs(model, second), mol.aux_loss(model)
+        with torch.no_grad(), mol.disable_adapters(model):
+            ref_chosen, ref_rejected = _log_probs(model, first), _log_probs(model, second)
+        margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+        loss = -torch.nn.functional.logsigmoid(0.1 * margin).mean() + aux_chosen + aux_rejected
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("scenario", ["accumulate", "eval_between", "dpo"])
+@pytest.mark.parametrize("router", ["topk", "sequence"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_hf_checkpointing_with_a_second_call_before_backward(reentrant, router, scenario):
+    """Two model calls before one backward (summed micro-batches, an evaluation in between, DPO's chosen and
+    rejected halves): each checkpointed block recomputes with the padding of the call it ran in, not the last
+    call's, so the step's gradients are those without checkpointing. (The routing snapshot used to be one per
+    router, overwritten by the later call: relative gradient errors up to 2.) DPO's model had checkpointing
+    enabled before inject."""
+    first, second = _two_padded_batches()
+    seed = int(torch.randint(0, 2**31, ()))
+    torch.manual_seed(seed)
+    want = _step_grads(_tiny_llama_mol(router), scenario, first, second)
+    torch.manual_seed(seed)
+    model = _tiny_llama_mol(router, checkpointing=scenario != "dpo", reentrant=reentrant)
+    assert model.is_gradient_checkpointing
+    _assert_same(_step_grads(model, scenario, first, second), want, rtol=1e-10, atol=1e-12)
+
+
+def test_unload_puts_back_the_checkpoint_function():
+    model = _tiny_llama_mol("topk", checkpointing=False)
+    layer = model.model.layers[0]
+    model(**_two_padded_batches()[0])
+    assert type(layer._gradient_checkpointing_func).__name__ == "_CheckpointRouting"
+    mol.unload(model)
+    assert type(layer._gradient_checkpointing_func).__name__ == "partial"
