@@ -398,13 +398,16 @@ class MoLLinear(AdapterLayer):
             flat_x_lora = flat_x if x_lora is x else x_lora.reshape(-1, self.in_features)
             out = dispatch.routed_linear(self.base_layer, flat_x, flat_x_lora, self.lora_A, self.lora_B,
                                          routed.gates, routed.expert_ids, self.scaling, self.backend)
-        self._last = routed
+        if not self._recomputing():
+            # what aux_loss() and routing_stats report: the last forward, not one a checkpoint recomputes in the
+            # backward (an earlier micro-batch's)
+            self._last = routed
         if self._graphs is not None:
             # a call that replayed with the arguments _graph_key gives (no dropout, noise or cast copies) is one
             # that a call of the same key may take the shortcut to; every call hands back what apply kept of it
             self._graphs.remember(key, rest)
         if self._aux_grad is not None:
-            out = self._apply_deferred_aux(out)
+            out = self._apply_deferred_aux(out, routed)
         return out if out.dim() == x.dim() else out.view(*x.shape[:-1], self.out_features)
 
     def _graph_key(self, x: Tensor) -> tuple[Optional[tuple], Optional[tuple]]:
@@ -479,7 +482,18 @@ class MoLLinear(AdapterLayer):
             state["_last"] = _detached(state["_last"])
         return state
 
-    def _apply_deferred_aux(self, out: Tensor) -> Tensor:
+    def _recomputing(self) -> bool:
+        """Whether this forward is an activation checkpoint's recompute inside the backward."""
+        context = self.router.context
+        if context is not None:
+            if context.recompute is not None:  # a checkpoint bound to its call (mol.calls)
+                return True
+            if context.in_call:  # no recompute runs inside the model's call; spares the engine query below
+                return False
+        # a compiled graph replays no Python forward in its backward, and the engine's task id would break it
+        return not torch.compiler.is_compiling() and in_backward()
+
+    def _apply_deferred_aux(self, out: Tensor, routed: RouterOutput) -> Tensor:
         grad, self._aux_grad = self._aux_grad, None
         if not (in_backward() and torch.is_grad_enabled()):
             raise RuntimeError(
@@ -487,7 +501,8 @@ class MoLLinear(AdapterLayer):
                 "the router: that forward ran without autograd (under torch.no_grad or inference_mode) and no "
                 "reentrant activation checkpoint recomputed it. Run the forward with gradients enabled when its "
                 "aux_loss() is part of a loss you backpropagate.")
-        return _AuxLossThroughOutput.apply(out, self._aux_value(), grad)
+        # the recompute's own routing, with autograd (the layer's kept routing is the first pass's, a constant)
+        return _AuxLossThroughOutput.apply(out, self._aux_value(routed), grad)
 
     def clear_routing(self) -> None:
         """Forget the routing kept from the last forward (aux loss, stats). Call it (or ``mol.clear_routing``)
@@ -507,12 +522,14 @@ class MoLLinear(AdapterLayer):
         anchor = next((p for p in self.router.parameters() if p.requires_grad), None)
         return aux if anchor is None else _DeferredAuxLoss.apply(aux, anchor, self)
 
-    def _aux_value(self) -> Optional[Tensor]:
-        if self._last is None:
+    def _aux_value(self, routed: Optional[RouterOutput] = None) -> Optional[Tensor]:
+        """The coefficient-weighted router loss of ``routed``, by default the last forward's."""
+        routed = self._last if routed is None else routed
+        if routed is None:
             return None
-        if isinstance(self._last, FusedRouterOutput):  # already weighted and summed by the kernels
-            return self._last.aux
-        return self.aux_loss_coef * self._last.load_balance_loss + self.z_loss_coef * self._last.z_loss
+        if isinstance(routed, FusedRouterOutput):  # already weighted and summed by the kernels
+            return routed.aux
+        return self.aux_loss_coef * routed.load_balance_loss + self.z_loss_coef * routed.z_loss
 
     @property
     def last_stats(self) -> dict[str, Tensor]:

@@ -335,3 +335,40 @@ def test_unload_puts_back_the_checkpoint_function():
     assert type(layer._gradient_checkpointing_func).__name__ == "_CheckpointRouting"
     mol.unload(model)
     assert type(layer._gradient_checkpointing_func).__name__ == "partial"
+
+
+def _stats(model) -> dict:
+    return {(n, k): v.clone() for n, s in mol.routing_stats(model).items() for k, v in s.items()}
+
+
+@pytest.mark.parametrize("model_kind", ["hf", "own_checkpoint"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_routing_read_after_backward_is_the_last_forwards(reentrant, model_kind):
+    """Two micro-batches, then one backward: mol.routing_stats and mol.aux_loss read after it report the last
+    forward, as without checkpointing, not the earlier micro-batch that the checkpoint recomputed in the backward
+    (which the layers used to keep)."""
+    if model_kind == "hf":
+        model = _tiny_llama_mol("topk", checkpointing=False, reentrant=reentrant)
+        first, second = _two_padded_batches()
+
+        def loss_of(batch):
+            return model(**batch, labels=batch["input_ids"]).loss + mol.aux_loss(model)
+    else:  # torch.utils.checkpoint in the model's own forward
+        model = _net(torch.float64)
+        model.reentrant = reentrant
+        first, second = (torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+        def loss_of(x):
+            return model(x).square().mean() + mol.aux_loss(model)
+
+    loss = loss_of(first)
+    first_stats = _stats(model)
+    loss = loss + loss_of(second)
+    want, want_aux = _stats(model), mol.aux_loss(model).item()
+    assert any(not torch.equal(first_stats[k], want[k]) for k in want)  # the two micro-batches route differently
+    loss.backward()
+    got = _stats(model)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=str(k))
+    assert mol.aux_loss(model).item() == want_aux
