@@ -8,6 +8,7 @@ a cache reuses that cache's choice, whatever other sequences the model served in
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any
 
 import torch
@@ -214,7 +215,9 @@ class _RoutingCallHooks:
 
     The model's own hooks, and those of its inner model (``base_model``, ``get_decoder()``: ``model.model(...)``
     is a common call for embeddings or a reward head), start a call only when none is in progress: the first of
-    them to run owns the call, and ends it.
+    them to run owns the call, and ends it. An outer call whose arguments say nothing the routers can read (a
+    wrapper of the user's own, ``forward(self, batch)``, around a Hugging Face model) leaves the description to
+    each model call inside it: the first hook to run in that one describes it, and ends its part.
 
     ``encoder=True``: the hooks of an encoder-decoder model's encoder. While the encoder runs, its routers see the
     encoder's own tokens and padding mask, and the decoder's view comes back after it; an encoder called on its own
@@ -233,6 +236,7 @@ class _RoutingCallHooks:
         self._outer: tuple | None = None  # encoder: the model call's view of its tokens, while the encoder runs
         self._encoder_mask: Tensor | None = None  # encoder: the padding mask of its tokens, while it runs
         self._owns = False  # these hooks started the call in progress
+        self._inside = False  # ... or describe the part of one that an outer call left undescribed
 
     def before(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         context = self.context
@@ -240,9 +244,13 @@ class _RoutingCallHooks:
             self._encoder_before(model, args, kwargs)
             return
         # an inner model inside the model's call: the call is already described (by the caller's own arguments)
-        self._owns = not context.in_call
+        self._owns, self._inside = not context.in_call, False
         if not self._owns:
-            return
+            if not _undescribed(context):
+                return
+            # the outer call's arguments described nothing (a wrapper's forward(batch)): this call describes its part
+            self._owns = self._inside = True
+            context.in_call = False
         if self._checkpointing and model.training and not torch.compiler.is_compiling():
             # a dict lookup per checkpointable layer: checkpointing may have been enabled since the last call
             _bind_checkpoints(self._checkpointing, context)
@@ -281,6 +289,8 @@ class _RoutingCallHooks:
                         _keep_choices(c, context.choices)
         finally:
             context.end_call()
+            if self._inside:  # the outer call goes on, as undescribed as it came
+                self._inside, context.in_call = False, True
 
 
     def _encoder_before(self, encoder: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -315,6 +325,13 @@ class _RoutingCallHooks:
             context.continuation, context.choices, self._resume = True, self._resume[0], None
 
 
+def _undescribed(context: RoutingContext) -> bool:
+    """Whether the call in progress told the routers nothing: no tokens, batch, mask, cache or encoder states."""
+    return (context._shape_of is None and context._batch_of is None and context._batch_shape is None
+            and context.attention_mask is None and not context.continuation and context.sequence_error is None
+            and context.memory is None and context.memory_mask is None)
+
+
 def _tokens_and_mask(kw: dict, continuation: bool, prefix: str) -> tuple[Tensor | None, Tensor | None, str | None]:
     """A call's tokens (``input_ids`` or ``inputs_embeds``, or the decoder's with ``prefix="decoder_"``), its
     padding mask, and why a sequence router cannot read one (see _padding_mask)."""
@@ -329,20 +346,46 @@ def routing_context(model: nn.Module) -> RoutingContext:
     context = getattr(model, "mol_routing_context", None)
     if context is None:
         context = RoutingContext()
-        for module in [model, *_inner_models(model)]:
-            hooks = _RoutingCallHooks(context, checkpointing=_checkpointing_modules(module))
-            # first among pre-hooks: the caller's own mask and cache, before prefix / prompt tuning extend them
-            module.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True)
-            module.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
-        encoder = _encoder_of(model)
-        if encoder is not None:
-            hooks = _RoutingCallHooks(context, encoder=True)
-            # last among pre-hooks: the encoder's tokens and mask as its layers get them, after prompt tuning's hook
-            # (prepended) put its virtual tokens in front
-            encoder.register_forward_pre_hook(hooks.before, with_kwargs=True)
-            encoder.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
+        hooked: list[nn.Module] = []
+        # and the Hugging Face models inside a wrapper of the user's own, whose forward may take its inputs in any
+        # form (forward(self, batch)): their calls carry the mask by name
+        for outer in [model, *(m for m in hf_models(model) if m is not model)]:
+            for module in [outer, *_inner_models(outer)]:
+                if any(module is m for m in hooked):
+                    continue
+                hooked.append(module)
+                hooks = _RoutingCallHooks(context, checkpointing=_checkpointing_modules(module))
+                # first among pre-hooks: the caller's own mask and cache, before prefix / prompt tuning extend them
+                module.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True)
+                module.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
+            encoder = _encoder_of(outer)
+            if encoder is not None:
+                hooks = _RoutingCallHooks(context, encoder=True)
+                # last among pre-hooks: the encoder's tokens and mask as its layers get them, after prompt tuning's
+                # hook (prepended) put its virtual tokens in front
+                encoder.register_forward_pre_hook(hooks.before, with_kwargs=True)
+                encoder.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
         model.mol_routing_context = context
     return context
+
+
+def hf_models(model: nn.Module) -> list[nn.Module]:
+    """The outermost Hugging Face models (``PreTrainedModel``) in ``model``: the model itself if it is one, else
+    those a module of the user's own holds."""
+    transformers = sys.modules.get("transformers")  # a transformers model means transformers is imported already
+    pretrained = getattr(transformers, "PreTrainedModel", None) if transformers is not None else None
+    if pretrained is None:
+        return []
+    found: list[nn.Module] = []
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, pretrained):
+            if all(module is not m for m in found):
+                found.append(module)
+        else:
+            stack.extend(reversed(list(module.children())))
+    return found
 
 
 def _inner_models(model: nn.Module) -> list[nn.Module]:

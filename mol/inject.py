@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MethodConfig, MoLConfig, pattern_value
 from mol.layers import AdapterLayer, MoLLinear, is_conv1d, not_full_precision
-from mol.calls import call_kwargs, routing_context
+from mol.calls import call_kwargs, hf_models, routing_context
 
 MethodFn = Callable[[nn.Module, MethodConfig], list[str]]
 _METHODS: dict[type, MethodFn] = {}
@@ -58,10 +58,15 @@ def _inside_adapter(name: str, adapters: set[str]) -> bool:
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        return set()
-    return {n for n, m in model.named_modules() if m is head}
+    """The names of the output heads of ``model`` and of the Hugging Face models a wrapper of the user's own
+    holds (their ``get_output_embeddings()``)."""
+    heads = []
+    for owner in [model, *hf_models(model)]:
+        get = getattr(owner, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        if isinstance(head, nn.Module):
+            heads.append(head)
+    return {n for n, m in model.named_modules() if any(m is h for h in heads)}
 
 
 # BitFit trains a layer in place and the wrapping methods keep what it did, not the other way round

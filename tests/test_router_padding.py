@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from conftest import make_tiny_llama  # noqa: E402
 
 import mol  # noqa: E402
+from mol.inject import adapter_layers  # noqa: E402
 from mol.routers import Router, RoutingContext  # noqa: E402
 
 
@@ -205,3 +206,59 @@ def test_nonfinite_padding_reaches_neither_real_tokens_nor_losses(backend, kind,
     want, got = run(clean), run(garbage)
     for name, a, b in zip(("y", "aux", "stats", "dx"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+class _Wrapper(torch.nn.Module):
+    """A module of the user's own around a Hugging Face model (a LightningModule's ``forward(batch)``)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch):
+        return self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+
+
+@pytest.mark.parametrize("target_modules", ["all-linear", ["q_proj", "v_proj", "down_proj"]])
+def test_wrapper_of_a_hf_model_routes_as_the_model_itself(target_modules):
+    """inject on a wrapper whose forward takes a batch dict: the router losses, statistics and gradients leave the
+    padding out as with the Hugging Face model injected directly (the hooks used to read the wrapper's arguments
+    only, and counted padding), and "all-linear" leaves the inner model's output head out as it does there."""
+    config = mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules=target_modules, backend="torch",
+                           aux_loss_coef=0.5, z_loss_coef=0.05)
+    seed = int(torch.randint(0, 2**31, ()))
+    torch.manual_seed(seed)
+    direct = mol.inject(make_tiny_llama(), config)
+    torch.manual_seed(seed)
+    wrapped = mol.inject(_Wrapper(make_tiny_llama()), config)
+    with torch.no_grad():
+        for n, p in direct.named_parameters():
+            if "lora_B" in n or "router" in n:
+                p.normal_(0, 0.5)
+    wrapped.lm.load_state_dict(direct.state_dict())
+    assert sorted(n for n, _ in adapter_layers(direct)) == sorted(
+        n.removeprefix("lm.") for n, _ in adapter_layers(wrapped))
+    ids, mask = _padded_batch([torch.randint(1, 101, (n,)) for n in (4, 9, 6)], 9)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    def run(model, call):
+        model.train().zero_grad(set_to_none=True)
+        out = call()
+        loss = out.loss + mol.aux_loss(model)
+        loss.backward()
+        stats = {n.removeprefix("lm."): s for n, s in mol.routing_stats(model).items()}
+        grads = {n.removeprefix("lm."): p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return mol.aux_loss(model).detach(), stats, grads
+
+    want_aux, want_stats, want_grads = run(direct, lambda: direct(**batch))
+    got_aux, got_stats, got_grads = run(wrapped, lambda: wrapped(batch))
+    torch.testing.assert_close(got_aux, want_aux, rtol=0, atol=0)
+    assert got_stats.keys() == want_stats.keys() and got_grads.keys() == want_grads.keys()
+    for name in want_stats:
+        for key in want_stats[name]:
+            torch.testing.assert_close(got_stats[name][key], want_stats[name][key], rtol=0, atol=0)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=0, atol=0, msg=name)
+    with torch.no_grad():  # the padding counted would change the losses
+        direct(input_ids=ids, labels=batch["labels"])
+    assert (mol.aux_loss(direct) - want_aux).abs() > 1e-6

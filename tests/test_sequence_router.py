@@ -14,6 +14,7 @@ import torch
 from conftest import make_tiny_llama
 
 import mol
+from mol.inject import adapter_layers
 
 calls_module = importlib.import_module("mol.calls")
 
@@ -447,3 +448,42 @@ def test_encoder_decoder_token_router_losses_leave_encoder_padding_out():
     for name in s0:
         for key in s0[name]:
             torch.testing.assert_close(s0[name][key], s1[name][key], rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
+
+
+class _PairWrapper(torch.nn.Module):
+    """A module of the user's own around a Hugging Face model: one call per half of a batch dict (a reward
+    model's chosen and rejected), then a routed head of its own."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.head = torch.nn.Linear(lm.config.vocab_size, 3)
+
+    def forward(self, batch):
+        halves = [self.lm(input_ids=batch[f"{k}_ids"], attention_mask=batch[f"{k}_mask"]).logits
+                  for k in ("chosen", "rejected")]
+        return halves, self.head(halves[0])
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
+def test_wrapper_of_a_hf_model_routes_each_sequence_as_if_alone(left):
+    """inject on a wrapper whose forward takes a batch dict and calls the inner model twice: each inner call pools
+    its own sequences' real tokens, as the model injected directly does (the hooks used to read the wrapper's
+    arguments only, and pooled padding)."""
+    seed = int(torch.randint(0, 2**31, ()))
+    torch.manual_seed(seed)
+    direct = _inject(make_tiny_llama())
+    torch.manual_seed(seed)
+    wrapped = _inject(_PairWrapper(make_tiny_llama()))
+    wrapped.lm.load_state_dict(direct.state_dict())
+    assert "lm.lm_head" not in dict(adapter_layers(wrapped))  # all-linear: the inner model's head left out
+    assert "head" in dict(adapter_layers(wrapped))
+    batch = {}
+    for k, lengths in (("chosen", (4, 9, 6)), ("rejected", (7, 3, 5))):
+        batch[f"{k}_ids"], batch[f"{k}_mask"] = _padded([torch.randint(1, 101, (n,)) for n in lengths], left)
+    with torch.no_grad():
+        halves, _ = wrapped(batch)
+        for k, got in zip(("chosen", "rejected"), halves):
+            want = direct(input_ids=batch[f"{k}_ids"], attention_mask=batch[f"{k}_mask"]).logits
+            real = batch[f"{k}_mask"].bool()
+            torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-6)
