@@ -234,7 +234,8 @@ def test_any_input_layout_gives_the_dense_layouts_numbers(T, mode, x_layout):
         view = {k: v.contiguous() if dense else v for k, (_, v) in leaves.items()}
         y, aux, *routing = rl.routed_lora_linear(
             view["x"], A, B, view["Wr"], "topk", K, 0.7, weight=None if mode == "base_out" else W,
-            bias=None if bias is None else (bias.contiguous() if dense else bias), base_out=view.get("base_out"), x_lora=view.get("x_lora"),
+            bias=None if bias is None else (bias.contiguous() if dense else bias), base_out=view.get("base_out"),
+            x_lora=view.get("x_lora"),
             noise=noise.contiguous() if dense else noise, lb_coef=0.2, z_coef=0.03,
             token_weights=None if tw is None else (tw.contiguous() if dense else tw))
         # the strided call's dy is a transpose (dy through y.t()), the dense call's row-major
