@@ -69,6 +69,28 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if any(m is h for h in heads)}
 
 
+# the attributes Hugging Face's task models keep their new, randomly initialised heads under
+_TASK_HEADS = ("classifier", "score", "classification_head", "qa_outputs")
+_TASK_MODELS = ("ForSequenceClassification", "ForTokenClassification", "ForImageClassification",
+                "ForAudioClassification", "ForQuestionAnswering", "ForMultipleChoice")
+
+
+def _warn_task_heads(model: nn.Module, names: list[str]) -> None:
+    """Warn where "all-linear" picked a task model's head: a head fresh from its init needs its own weights
+    trained (modules_to_save, as PEFT's task_type="SEQ_CLS" does), not a low-rank update of random weights."""
+    modules = list(model.named_modules())
+    for owner in [model, *(m for m in hf_models(model) if m is not model)]:
+        if not type(owner).__name__.endswith(_TASK_MODELS):
+            continue
+        heads = [getattr(owner, attr, None) for attr in _TASK_HEADS]
+        found = [n for n, m in modules if any(m is h for h in heads if isinstance(h, nn.Module))]
+        hits = [n for n in names if any(n == h or n.startswith(h + ".") for h in found)]
+        if hits:
+            warnings.warn(f"target_modules='all-linear' adapts {hits}, the task head of {type(owner).__name__}, "
+                          f"which starts from random weights: train it in full with modules_to_save={found} "
+                          "(all-linear then leaves it out), or name the layers to adapt", stacklevel=2)
+
+
 # BitFit trains a layer in place and the wrapping methods keep what it did, not the other way round
 _ORDER_HINT = " (BitFitConfig before LoRAConfig / MoLConfig / IA3Config, in one list or an earlier inject)"
 
@@ -93,6 +115,7 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
     if target_modules == "all-linear":
         heads = _output_head_names(model)
         names = [n for n, m in candidates if predicate(m) and n not in heads and n not in mha_owned]
+        _warn_task_heads(model, names)
         if not names and adapters:  # an earlier inject took them all
             raise ValueError(f"target_modules='all-linear' matched no linear layer: every one in this model already "
                              f"carries an adapter ({len(adapters)} adapted layers); give each method its own layers, "
@@ -212,10 +235,15 @@ class _InputsRequireGrad:
 
 def _hook_inputs_require_grad(model: nn.Module) -> None:
     """_InputsRequireGrad on the input embeddings of every Hugging Face (sub)model of a model whose main input is
-    not input_ids (pixel_values, input_features): once per embedding module."""
-    if getattr(model, "main_input_name", "input_ids") == "input_ids" or not hasattr(model, "get_input_embeddings"):
-        return
-    seen = set()
+    not input_ids (pixel_values, input_features), or of such models that a wrapper of the user's own holds: once
+    per embedding module."""
+    seen: set[int] = set()
+    for owner in [model, *(m for m in hf_models(model) if m is not model)]:
+        if getattr(owner, "main_input_name", "input_ids") != "input_ids" and hasattr(owner, "get_input_embeddings"):
+            _hook_embeddings(owner, seen)
+
+
+def _hook_embeddings(model: nn.Module, seen: set[int]) -> None:
     for sub in model.modules():
         get = getattr(sub, "get_input_embeddings", None)
         if not callable(get) or not hasattr(sub, "main_input_name"):

@@ -264,3 +264,57 @@ def test_a_model_fed_pixel_values_compiles_whole_and_trains_as_eager():
     got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
+
+
+class _Wrapper(nn.Module):
+    """A module of the user's own around a Hugging Face model (a LightningModule's ``forward(batch)``)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **batch):
+        return self.inner(**batch)
+
+
+def test_reentrant_checkpointing_trains_adapters_of_a_wrapped_model_fed_pixel_values():
+    """inject on a wrapper that holds a ViT: the ViT's embeddings are hooked as when it is injected directly, so a
+    reentrant checkpointed block still gives every adapter its gradient (the hook looked at the wrapper only)."""
+    torch.manual_seed(0)
+    batch = dict(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 2]))
+    model = mol.inject(_Wrapper(_vit()), mol.MoLConfig(num_experts=2, top_k=1, rank=2,
+                                                       modules_to_save=["classifier"]))
+    _randomize(model)
+    model.train()
+    want = _grads(model, batch)
+    model.inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    got = _grads(model, batch)
+    assert set(got) == set(want) and all(g is not None for g in got.values())
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_all_linear_over_a_new_task_head_warns_and_names_modules_to_save(wrapped):
+    """"all-linear" on a sequence classifier adapts its randomly initialised head unless modules_to_save names it
+    (as PEFT without task_type): it says so, naming the head; with the head in modules_to_save, or on a causal LM,
+    it says nothing."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    def classifier():
+        cfg = RobertaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=4, num_labels=3)
+        model = RobertaForSequenceClassification(cfg)
+        return _Wrapper(model) if wrapped else model
+
+    def head_warnings(model, **kw):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mol.inject(model, mol.LoRAConfig(**kw))
+        return [str(w.message) for w in caught if "task head" in str(w.message)]
+
+    prefix = "inner." if wrapped else ""
+    (message,) = head_warnings(classifier())
+    assert f"'{prefix}classifier.dense'" in message and f"modules_to_save=['{prefix}classifier']" in message
+    assert head_warnings(classifier(), modules_to_save=["classifier"]) == []
+    assert head_warnings(_falcon()) == []
