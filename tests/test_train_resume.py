@@ -122,3 +122,43 @@ def test_resume_after_the_first_epoch_and_each_epoch_reshuffles(fused, max_epoch
     assert sorted(full) == sorted(resumed) == list(range(1, 11))
     for step in range(7, 11):
         assert abs(resumed[step] - full[step]) <= 1e-6 * abs(full[step]), (step, resumed, full)
+
+
+def _cls_cfg(tmp_path, out, *extra):
+    from test_train_utils import compose, make_classification_data, make_tiny_bert
+
+    model = tmp_path / "bert"
+    if not model.exists():
+        make_tiny_bert(model)
+        make_classification_data(tmp_path / "cls", n_train=32, n_val=8)
+    return compose(["model=hf_classifier", f"model.path={model}", "data=jsonl",
+                    f"data.train={tmp_path / 'cls/train.jsonl'}",
+                    f"data.val={tmp_path / 'cls/val.jsonl'}", f"data.cache_dir={tmp_path / 'cache'}",
+                    "data.batch_size=8", "trainer.max_epochs=-1", "trainer.max_steps=2",
+                    "trainer.ckpt_every_n_steps=1",
+                    "trainer.enable_progress_bar=false", "baseline.max_epochs=1", f"output_dir={out}", *extra])
+
+
+def test_a_fresh_run_into_a_used_output_dir_is_refused_or_replaces_it(tmp_path):
+    """A second run into the first one's output_dir without resume used to report the first run's baseline as its
+    own and append its losses to the first run's train_loss.jsonl. Now it is refused before anything trains (the
+    first run's files untouched); with overwrite=true it replaces them and reports what a run into a new folder
+    reports."""
+    from mol.train.app import ConfigError, run
+    from mol.train.callbacks import read_loss_history
+
+    out = tmp_path / "run"
+    run(_cls_cfg(tmp_path, out, "seed=0"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"already holds a run .*resume=auto.*output_dir=.*overwrite=true"):
+        run(_cls_cfg(tmp_path, out, "seed=1", "baseline.lr=1e-1"))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    second = run(_cls_cfg(tmp_path, out, "seed=1", "baseline.lr=1e-1", "overwrite=true"))
+    reference = run(_cls_cfg(tmp_path, tmp_path / "ref", "seed=1", "baseline.lr=1e-1"))
+    for part in ("baseline", "run"):
+        assert second[part]["val/loss"] == reference[part]["val/loss"], part
+    assert json.loads((out / "baseline" / "results.json").read_text())["val/loss"] == reference["baseline"]["val/loss"]
+    losses = read_loss_history(str(out / "train_loss.jsonl"))
+    assert len((out / "train_loss.jsonl").read_text().splitlines()) == 2
+    assert losses == read_loss_history(str(tmp_path / "ref" / "train_loss.jsonl"))

@@ -491,7 +491,9 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
     callbacks: list = [LearningRateMonitor(logging_interval="step")]
     ckpt_path = None
     if not baseline:
-        callbacks += [RoutingHeatmap(str(out)), LossHistory(str(out / "train_loss.jsonl")),
+        append = resuming(cfg)  # a fresh run starts its logs; a resumed one continues them
+        callbacks += [RoutingHeatmap(str(out), append=append),
+                      LossHistory(str(out / "train_loss.jsonl"), append=append),
                       ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0,
                                       every_n_train_steps=int(cfg.trainer.ckpt_every_n_steps))]
         ckpt_path = resolve_resume(cfg, out)
@@ -542,6 +544,40 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
             result["heatmap"] = str(heat)
     result["is_global_zero"] = trainer.is_global_zero
     return result
+
+
+# What a run writes into its output_dir (Hydra's own .hydra/ aside): a fresh run refuses a folder holding any of them
+RUN_FILES = ("results.json", "train_loss.jsonl", "routing.jsonl", "checkpoints", "adapter", "baseline", "logs",
+             "heatmaps")
+
+
+def _launching_process() -> bool:
+    """True in the process the user started; False in the DDP workers Lightning (or torchrun) starts beside it."""
+    return all(int(os.environ.get(k) or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def resuming(cfg: DictConfig) -> bool:
+    return cfg.get("resume") not in (None, "", False)
+
+
+def claim_output_dir(cfg: DictConfig, out: Path) -> None:
+    """A fresh run (no ``resume``) into a folder that holds another run's files would mix its logs and results with
+    that run's and overwrite its adapter: refused, unless ``overwrite=true``, which removes those files first (and
+    only those: anything else in the folder stays)."""
+    if resuming(cfg) or not _launching_process():
+        return
+    found = [n for n in RUN_FILES if (out / n).exists()]
+    if not found:
+        return
+    if not cfg.get("overwrite", False):
+        raise ConfigError(f"output_dir={out} already holds a run ({', '.join(found)}); continue it with resume=auto, "
+                          f"pick a new output_dir=..., or replace it with overwrite=true")
+    import shutil
+
+    for n in found:
+        path = out / n
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    print(f"mol: overwrite=true: removed the previous run's {', '.join(found)} from {out}", flush=True)
 
 
 def resolve_resume(cfg: DictConfig, out: Path) -> Optional[str]:
@@ -605,12 +641,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = output_dir(cfg)
     method_cfg, datamodule = prepare(cfg)
     resolve_resume(cfg, out)  # a wrong resume= path fails now, not after the baseline's fit
+    claim_output_dir(cfg, out)
     datamodule.setup()
     results: dict[str, Any] = {"method": type(method_cfg).__name__, "method_config": method_cfg.to_dict()
                                if hasattr(method_cfg, "to_dict") else str(method_cfg), "seed": int(cfg.seed)}
     if cfg.baseline.enabled and cfg.model.task == "classification":
         base_file = out / "baseline" / "results.json"
-        if base_file.exists():  # a resumed run does not retrain its baseline
+        if resuming(cfg) and base_file.exists():  # a resumed run does not retrain its baseline
             results["baseline"] = json.loads(base_file.read_text())
         else:
             model = _seeded_model(cfg, datamodule)

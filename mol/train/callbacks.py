@@ -52,10 +52,15 @@ class RoutingHeatmap(pl.Callback):
     ``<out>/routing.jsonl`` (per layer: load per expert, router entropy; per task when the data has several).
     """
 
-    def __init__(self, out_dir: str, log_per_expert: bool = True):
+    def __init__(self, out_dir: str, log_per_expert: bool = True, append: bool = True):
         self.out_dir = Path(out_dir)
         self.log_per_expert = log_per_expert
+        self.append = append  # False: a fresh run, whose routing.jsonl starts empty
         self._reset()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.append and trainer.is_global_zero:
+            (self.out_dir / "routing.jsonl").unlink(missing_ok=True)
 
     def _reset(self) -> None:
         self.counts: dict[str, dict[str, torch.Tensor]] = {}  # task -> layer -> (E,)
@@ -128,13 +133,16 @@ class LossHistory(pl.Callback):
     Flushed line by line, so a run killed with SIGKILL still leaves every step it finished.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, append: bool = True):
         self.path = Path(path)
+        self.append = append  # False: a fresh run, whose file starts empty
         self._acc: list[float] = []
         self._step = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._acc, self._step = [], trainer.global_step
+        if not self.append and trainer.is_global_zero:
+            self.path.unlink(missing_ok=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
