@@ -11,6 +11,7 @@ import math
 import random
 import resource
 import time
+import warnings
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -56,6 +57,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every process (``[obj]`` without a process group)."""
+    import torch.distributed as dist
+
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def fused_adamw(setting: bool | str, on_cuda: bool, grad_scaler: bool, clipping: bool, sharded: bool) -> bool:
@@ -276,14 +288,30 @@ class MoLModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = set(self.trainable_state_dict())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint[RNG_KEY] = _rng_state()
+        # every process's own state, indexed by global rank: under DDP each rank's stream has advanced differently
+        # (its batches differ), so one rank's state restored everywhere leaves the uninterrupted run's dropout
+        checkpoint[RNG_KEY] = _gather_objects(_rng_state(), self.trainer.world_size if self._trainer else 1)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(set(self.trainable_state_dict()) - set(checkpoint["state_dict"]))
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]}); it was made "
                              "with another method/model config: resume with the same overrides as the original run")
-        self._pending_rng = checkpoint.get(RNG_KEY)
+        self._pending_rng = self._own_rng_state(checkpoint.get(RNG_KEY))
+
+    def _own_rng_state(self, saved: Any) -> Optional[dict]:
+        """This rank's RNG state from a checkpoint's (a list by global rank; a dict in older checkpoints)."""
+        if saved is None:
+            return None
+        states = [saved] if isinstance(saved, dict) else list(saved)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
+        if len(states) == world:
+            return states[rank]
+        if rank == 0:
+            warnings.warn(f"the checkpoint holds the RNG state of {len(states)} process(es) and this run has {world}: "
+                          f"every process restores the first one's, so dropout and router noise do not follow the "
+                          f"original run's; resume with trainer.devices={len(states)} to follow it exactly")
+        return states[0]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restore RNG right before the first resumed step: anything between load and here (sanity checks,
