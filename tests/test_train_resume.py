@@ -162,3 +162,24 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused_or_replaces_it(tmp_path):
     losses = read_loss_history(str(out / "train_loss.jsonl"))
     assert len((out / "train_loss.jsonl").read_text().splitlines()) == 2
     assert losses == read_loss_history(str(tmp_path / "ref" / "train_loss.jsonl"))
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_the_baseline(tmp_path):
+    """resume= a checkpoint of another method (mol -> lora) or shape (8 -> 4 experts) used to train the baseline
+    first and then die in a ~70-line size-mismatch traceback; a truncated one in PytorchStreamReader's traceback.
+    Now each is one ConfigError, naming the first differing tensor and both shapes, before the baseline trains."""
+    from mol.train.app import ConfigError, run
+
+    run(_cls_cfg(tmp_path, tmp_path / "mol", "baseline.enabled=false"))
+    ckpt = tmp_path / "mol" / "checkpoints" / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    cases = [("method=lora", ckpt, r"another method or model config \(.*\[.*\].*\); resume with the original"),
+             ("method.num_experts=4", ckpt, r"\(model\.\S+ is \[8, .*\] in the checkpoint and \[4, .*\] in this run\)"),
+             ("seed=0", truncated, r"cannot read .*truncated\.ckpt .*truncated or not a checkpoint")]
+    for i, (override, path, match) in enumerate(cases):
+        out = tmp_path / f"late{i}"
+        with pytest.raises(ConfigError, match=match) as e:
+            run(_cls_cfg(tmp_path, out, override, f"resume={path}"))
+        assert "\n" not in str(e.value) and "new output_dir=" in str(e.value)
+        assert not (out / "baseline").exists()

@@ -426,12 +426,13 @@ class _DryRun(Exception):
     """Unwinds check_injection's trial inject (all_or_nothing restores the model on any exception)."""
 
 
-def check_injection(model: Any, method_cfg: Any) -> None:
+def check_injection(model: Any, method_cfg: Any) -> dict[str, tuple[int, ...]]:
     """Inject ``method_cfg`` into ``model`` and undo it, so that a method that cannot apply to this model (prefix
     tuning on an encoder, a target_modules or modules_to_save entry that matches nothing) is refused before the
     head-only baseline trains for minutes rather than after. The model comes back as it was: modules, tensors,
     requires_grad flags, hooks; the global RNG too (new adapter weights draw from it), so the baseline trains as
-    without this check. NF4 quantization of the base is left out: it is slow, and inject checks the config first."""
+    without this check. NF4 quantization of the base is left out: it is slow, and inject checks the config first.
+    Returns the trained tensors' shapes by checkpoint key (``model.<name>``), for ``check_checkpoint_fits``."""
     import torch
 
     import mol
@@ -439,15 +440,53 @@ def check_injection(model: Any, method_cfg: Any) -> None:
     from mol.inject import all_or_nothing
 
     configs = without_quantize_base(list(method_cfg) if isinstance(method_cfg, (list, tuple)) else [method_cfg])
+    shapes: dict[str, tuple[int, ...]] = {}
     with torch.random.fork_rng(devices=[]):
         try:
             with all_or_nothing(model):
                 mol.inject(model, configs)
+                shapes.update((f"model.{n}", tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad)
                 raise _DryRun
         except _DryRun:
             pass
         except (ValueError, TypeError) as e:
             raise _inject_error(method_cfg, model, e) from e
+    return shapes
+
+
+def read_checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of a checkpoint's ``state_dict``; an unreadable file is a one-line ConfigError."""
+    import torch
+
+    fix = "pass another .ckpt as resume=..., or start afresh (no resume) in a new output_dir=..."
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        first = _one_line(e).split(". ")[0][:200]  # torch's reader adds a paragraph of advice
+        raise ConfigError(f"resume: cannot read {path} ({first}); it is truncated or not a checkpoint: {fix}") from e
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigError(f"resume: {path} holds no state_dict, so it is no mol.train checkpoint: {fix}")
+    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def check_checkpoint_fits(path: str, saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
+    """The checkpoint's trained tensors are this run's, name for name and shape for shape (else loading it fails
+    after the baseline has trained, in a long size-mismatch traceback)."""
+    why = None
+    for key, shape in expected.items():
+        if key not in saved:
+            why = f"this run trains {key} {list(shape)}, which the checkpoint lacks"
+        elif saved[key] != shape:
+            why = f"{key} is {list(saved[key])} in the checkpoint and {list(shape)} in this run"
+        if why:
+            break
+    extra = [k for k in saved if k not in expected]
+    if why is None and extra:
+        why = f"the checkpoint holds {extra[0]} {list(saved[extra[0]])}, which this run does not train"
+    if why:
+        raise ConfigError(f"resume: {path} was made with another method or model config ({why}); resume with the "
+                          f"original run's overrides, or start afresh (no resume) in a new output_dir=...")
 
 
 def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseline: bool,
@@ -640,23 +679,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out = output_dir(cfg)
     method_cfg, datamodule = prepare(cfg)
-    resolve_resume(cfg, out)  # a wrong resume= path fails now, not after the baseline's fit
+    ckpt = resolve_resume(cfg, out)  # a wrong resume= path fails now, not after the baseline's fit
     claim_output_dir(cfg, out)
+    # a checkpoint that cannot be read fails before the model loads
+    saved = read_checkpoint_shapes(ckpt) if ckpt and Path(ckpt).is_file() else None
     datamodule.setup()
     results: dict[str, Any] = {"method": type(method_cfg).__name__, "method_config": method_cfg.to_dict()
                                if hasattr(method_cfg, "to_dict") else str(method_cfg), "seed": int(cfg.seed)}
-    if cfg.baseline.enabled and cfg.model.task == "classification":
-        base_file = out / "baseline" / "results.json"
-        if resuming(cfg) and base_file.exists():  # a resumed run does not retrain its baseline
+    base_file = out / "baseline" / "results.json"
+    with_baseline = bool(cfg.baseline.enabled) and cfg.model.task == "classification"
+    train_baseline = with_baseline and not (resuming(cfg) and base_file.exists())  # a resumed run keeps its own
+    model = None
+    if train_baseline or saved is not None:
+        # a method that cannot apply, or a checkpoint of another method or shape, fails now, not after the baseline
+        model = _seeded_model(cfg, datamodule)
+        shapes = check_injection(model, method_cfg)
+        if saved is not None:
+            check_checkpoint_fits(str(ckpt), saved, shapes)
+    if with_baseline:
+        if not train_baseline:
             results["baseline"] = json.loads(base_file.read_text())
         else:
-            model = _seeded_model(cfg, datamodule)
-            check_injection(model, method_cfg)  # a method that cannot apply fails now, not after the baseline
             results["baseline"] = _fit(cfg, out, datamodule, None, baseline=True, model=model)
-            del model
             if results["baseline"].pop("is_global_zero"):
                 base_file.parent.mkdir(parents=True, exist_ok=True)
                 base_file.write_text(json.dumps(results["baseline"], indent=1))
+    del model
     res = _fit(cfg, out, datamodule, method_cfg, baseline=False)
     is_zero = res.pop("is_global_zero")
     results["run"] = res
