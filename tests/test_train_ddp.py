@@ -84,3 +84,35 @@ def test_ddp_resume_follows_the_uninterrupted_run_with_dropout(tmp_path):
     b = load_file(str(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_ddp_loss_logs_are_the_global_batch_loss(tmp_path):
+    """train_loss.jsonl and metrics.csv's train/loss under 2 processes (batch 4 each) equal 1 process's (batch 8),
+    dropout-free with the router losses off, so both compute the same function. They used to record rank 0's loss
+    over its half of the batch."""
+    import csv
+
+    from mol.train.callbacks import read_loss_history
+
+    model = make_tiny_bert(tmp_path / "bert")
+    data = make_classification_data(tmp_path / "data", n_train=48, n_val=8)
+    cache = tmp_path / "cache"
+    runs = {"one": ["trainer=cpu", "data.batch_size=8"],
+            "two": ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=4"]}
+    for name, extra in runs.items():
+        p = run_cli(_args(model, data, tmp_path / name, cache) + extra + ["trainer.max_steps=3",
+                                                                          "trainer.log_every_n_steps=1"], cwd=REPO)
+        assert p.returncode == 0, p.stderr[-3000:]
+    one, two = (read_loss_history(str(tmp_path / n / "train_loss.jsonl")) for n in runs)
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one, two)
+
+    def csv_losses(name):
+        rows = csv.DictReader(open(tmp_path / name / "logs" / "metrics.csv"))
+        return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+    a, b = csv_losses("one"), csv_losses("two")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-5 * abs(x), (a, b)

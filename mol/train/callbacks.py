@@ -128,7 +128,9 @@ class RoutingHeatmap(pl.Callback):
 
 class LossHistory(pl.Callback):
     """Appends ``{"step", "loss"}`` to ``<out>/train_loss.jsonl`` after every optimiser step (rank 0): the loss
-    optimised, the task's plus the router losses, averaged over the step's accumulated batches.
+    optimised, the task's plus the router losses, averaged over the step's accumulated batches. Under DDP each
+    batch's loss is that of the global batch: the processes' losses weighted by what each averages over
+    (``MoLModule.loss_weight``: examples, or a causal LM's predicted tokens).
 
     Flushed line by line, so a run killed with SIGKILL still leaves every step it finished.
     """
@@ -136,7 +138,7 @@ class LossHistory(pl.Callback):
     def __init__(self, path: str, append: bool = True):
         self.path = Path(path)
         self.append = append  # False: a fresh run, whose file starts empty
-        self._acc: list[float] = []
+        self._acc: list[tuple[float, float]] = []  # (loss, weight) of each batch of the step
         self._step = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -148,16 +150,24 @@ class LossHistory(pl.Callback):
                            batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         # Lightning hands back the loss it backpropagated, divided by accumulate_grad_batches
-        self._acc.append(float(loss.detach()) * trainer.accumulate_grad_batches)
+        weight = getattr(pl_module, "loss_weight", None)
+        self._acc.append((float(loss.detach()) * trainer.accumulate_grad_batches,
+                          1.0 if weight is None else float(weight)))
         # an optimizer step closed this batch's window (global_step advanced): a full window, or the shorter one
         # Lightning closes at an epoch's end
         if trainer.global_step == self._step:
             return
         self._step = trainer.global_step
+        if trainer.world_size > 1:  # every process reaches this step together: one small all-reduce per step
+            sums = torch.tensor([[l * w, w] for l, w in self._acc], dtype=torch.float64, device=pl_module.device)
+            sums = trainer.strategy.reduce(sums, reduce_op="sum").cpu()
+            losses = (sums[:, 0] / sums[:, 1].clamp_min(1e-12)).tolist()
+        else:
+            losses = [l for l, _ in self._acc]
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": trainer.global_step, "loss": sum(self._acc) / len(self._acc)}) + "\n")
+                fh.write(json.dumps({"step": trainer.global_step, "loss": sum(losses) / len(losses)}) + "\n")
                 fh.flush()
         self._acc = []
 

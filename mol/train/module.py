@@ -113,6 +113,7 @@ class MoLModule(pl.LightningModule):
         # Checkpoints carry only trainable tensors; the frozen base comes from model.path on resume.
         self.strict_loading = False
         self._pending_rng: Optional[dict] = None
+        self.loss_weight: Optional[torch.Tensor] = None  # the last training batch's, see training_step
         self._t_last: Optional[float] = None
         self._eval_sums: dict[str, torch.Tensor] = {}
 
@@ -144,9 +145,13 @@ class MoLModule(pl.LightningModule):
         else:
             loss, task_loss = out.loss + aux, out.loss
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", task_loss, prog_bar=True, batch_size=bs)
+        # mean over the processes (DDP): each holds its own shard's loss, and rank 0 alone writes the logs
+        self.log("train/loss", task_loss, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("train/aux_loss", aux, batch_size=bs)
         sums = self._metric_sums(out, batch)
+        # what this shard's loss averages over (examples; a causal LM's predicted tokens): LossHistory weighs the
+        # processes' losses by it, so a DDP step logs the loss of its global batch, as one process would
+        self.loss_weight = sums["count"]
         acc_name = "train/acc" if self.task == "classification" else "train/token_acc"
         self.log(acc_name, sums["correct"] / sums["count"].clamp_min(1), prog_bar=True, batch_size=bs)
         if self.task == "causal_lm":
