@@ -33,6 +33,24 @@ def test_bad_override_is_one_line(override, must_mention, tmp_path):
     assert not (tmp_path / "out" / "checkpoints").exists()  # nothing trained, nothing half-written
 
 
+@pytest.mark.parametrize("override, must_mention", [
+    (["trainer=fsdp", "trainer.accelerator=cpu"], ["trainer=fsdp needs GPUs", "trainer=ddp"]),
+    (["trainer.max_steps=abc"], ["trainer.max_steps=abc is not a whole number", "trainer.max_steps=10"]),
+    (["trainer.devices=two"], ["trainer.devices=two", "trainer.devices=2"]),
+    (["-m", "method.rnak=4"], ["no key 'rnak'", "did you mean method.rank?"]),
+    (["--multirun", "router=topk,nosuch"], ["unknown router 'nosuch'", "choose one of"]),
+])
+def test_trainer_value_mistakes_are_one_line(override, must_mention, tmp_path):
+    """These used to end in tracebacks (Lightning's "fsdp requires a GPU accelerator", int('abc'), Lightning's
+    TypeError), or, under -m, in Hydra's advice to add the mistyped key with '+'."""
+    p = run_cli([*override, f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, timeout=180)
+    assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    line = _one_error_line(p.stderr)
+    for word in must_mention:
+        assert word in line, (word, line)
+    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "multirun").exists()
+
+
 def test_evaluate_without_adapter_is_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "mol.evaluate", "adapter=/no/such/adapter"], cwd=str(tmp_path),
                        env=cli_env(), capture_output=True, text=True, timeout=180)

@@ -348,10 +348,43 @@ def fsdp_uniform_dtype(cfg: DictConfig, method_cfg: Any) -> None:
                       f"model.dtype={choice}")
 
 
+_WHOLE_NUMBERS = ("max_steps", "max_epochs", "accumulate_grad_batches", "ckpt_every_n_steps", "log_every_n_steps",
+                  "num_sanity_val_steps", "check_val_every_n_epoch")
+
+
+def check_trainer_values(trainer_cfg: DictConfig) -> None:
+    """Values of the wrong kind (``trainer.max_steps=abc``, ``trainer.devices=two``) fail in Lightning or in int()
+    with a traceback; here in one line."""
+    for key in _WHOLE_NUMBERS:
+        v = trainer_cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ConfigError(f"trainer.{key}={v} is not a whole number; pass e.g. trainer.{key}=10")
+    v = trainer_cfg.get("gradient_clip_val")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise ConfigError(f"trainer.gradient_clip_val={v} is not a number; pass e.g. trainer.gradient_clip_val=1.0 "
+                          "(or null: no clipping)")
+    v = trainer_cfg.get("devices")
+    ok = (isinstance(v, int) and not isinstance(v, bool)) or v is None or (
+        isinstance(v, str) and (v == "auto" or re.fullmatch(r"-?\d+|\d+(,\d*)+", v.replace(" ", "")))) or (
+        OmegaConf.is_list(v) and all(isinstance(i, int) and not isinstance(i, bool) for i in v))
+    if not ok:
+        raise ConfigError(f"trainer.devices={v} is not a device count or list; pass e.g. trainer.devices=2, "
+                          "trainer.devices=[0,1] or trainer.devices=auto")
+
+
 def check_accelerator(trainer_cfg: DictConfig, check_devices: bool = True) -> None:
     """trainer=gpu / fsdp on a machine without a GPU: Lightning says so only once the model has loaded, in a long
     traceback; here it is one line before anything loads. Lightning's own availability checks, so MPS counts."""
     acc = str(trainer_cfg.get("accelerator") or "auto").lower()
+    strategy = trainer_cfg.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    if "fsdp" in target.lower() and acc not in ("gpu", "cuda"):
+        from lightning.pytorch.accelerators import CUDAAccelerator
+
+        if acc != "auto" or not CUDAAccelerator.is_available():  # Lightning: "fsdp requires a GPU accelerator"
+            raise ConfigError(f"trainer=fsdp needs GPUs and this run has trainer.accelerator={acc}"
+                              f"{'' if acc != 'auto' else ' on a machine without one'}; on CPUs use trainer=ddp "
+                              f"trainer.accelerator=cpu, or drop trainer.accelerator=... on a GPU machine")
     if acc not in ("gpu", "cuda"):
         return
     from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
@@ -661,6 +694,7 @@ def _tokenizer_only(model_cfg: DictConfig) -> Any:
 def prepare(cfg: DictConfig) -> tuple[Any, Any]:
     """Validate everything cheap before training: method config, model folder, data files and labels."""
     register_resolvers()
+    check_trainer_values(cfg.trainer)
     if int(cfg.trainer.get("max_steps", -1)) == -1 and cfg.trainer.get("max_epochs") == -1:
         raise ConfigError("trainer.max_epochs=-1 with trainer.max_steps=-1 never ends, and the learning-rate schedule "
                           "needs the run's length: set trainer.max_steps=N or a finite trainer.max_epochs")
@@ -765,6 +799,25 @@ def _task(cfg: DictConfig) -> None:
     run_guarded(run, cfg)
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def _sweep_combinations(overrides: list[str], limit: int = 8) -> list[list[str]]:
+    """A sweep's overrides (``router=topk,switch``) as plain override lists to check: the i-th combination takes
+    each sweep's i-th value (its last where it has fewer), so every value is checked once, in at most ``limit``
+    compositions. Overrides Hydra cannot parse are left to Hydra, which names them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        values = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+                  else [raw] for raw, o in zip(overrides, parsed)]
+    except Exception:
+        return []
+    n = min(limit, max((len(v) for v in values), default=1))
+    return [[v[min(i, len(v) - 1)] for v in values if v] for i in range(n)]
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry: validate overrides (one-line errors), then hand over to Hydra."""
     import hydra
@@ -776,10 +829,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         _fail(str(e))
     register_resolvers()
     overrides, config_dirs = _config_dir_args(argv)
-    if not any(a.startswith("-") for a in overrides):  # Hydra flags (--help, --cfg, -m) take their own path
-        msg = check_overrides(overrides, conf_dir, extra_dirs=tuple(config_dirs))
-        if msg:
-            _fail(msg)
+    flags = [a for a in overrides if a.startswith("-")]
+    if not flags or all(f in MULTIRUN_FLAGS for f in flags):  # other Hydra flags (--help, --cfg) take their own path
+        plain = [a for a in overrides if a not in MULTIRUN_FLAGS]
+        for combo in _sweep_combinations(plain) if flags else [plain]:
+            msg = check_overrides(combo, conf_dir, extra_dirs=tuple(config_dirs))
+            if msg:
+                _fail(msg)
     sys.argv = [sys.argv[0]] + argv
     hydra.main(config_path=str(conf_dir), config_name=CONFIG_NAME, version_base="1.3")(_task)()
 
