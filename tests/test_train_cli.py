@@ -5,6 +5,7 @@ The three cases the issue names run the real CLI in a subprocess; more cases run
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -167,3 +168,26 @@ def test_logger_group_errors_before_any_training(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # the CLI path: one line, no training
         _task(cfg)
     assert not any(tmp_path.iterdir())
+
+
+def test_multirun_writes_to_output_dir_and_resumes_there(tmp_path):
+    """`-m ... output_dir=D` puts job n in D/n (it used to go to ./multirun/<time>/n, output_dir ignored), so the
+    same sweep re-launched with resume=auto finds each job's checkpoint and continues it."""
+    from test_train_utils import make_classification_data, make_tiny_bert
+
+    model, data = make_tiny_bert(tmp_path / "bert"), make_classification_data(tmp_path / "data", n_train=32, n_val=8)
+    out = tmp_path / "sweep"
+    args = ["-m", "router=topk,switch", "model=hf_classifier", f"model.path={model}", "data=jsonl",
+            f"data.train={data['train']}", f"data.val={data['val']}", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.batch_size=8", "trainer.max_epochs=-1", "trainer.ckpt_every_n_steps=1", "baseline.enabled=false",
+            "trainer.enable_progress_bar=false", f"output_dir={out}"]
+    p = run_cli(args + ["trainer.max_steps=1"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not (tmp_path / "multirun").exists()
+    for job in ("0", "1"):
+        assert (out / job / "results.json").is_file() and (out / job / "checkpoints" / "last.ckpt").is_file()
+    p = run_cli(args + ["trainer.max_steps=2", "resume=auto"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for job in ("0", "1"):  # step 1 from the first launch, step 2 from the resumed one (a restart would log 1 again)
+        steps = [json.loads(line)["step"] for line in (out / job / "train_loss.jsonl").read_text().splitlines()]
+        assert steps == [1, 2], (job, steps)

@@ -818,6 +818,18 @@ def _sweep_combinations(overrides: list[str], limit: int = 8) -> list[list[str]]
     return [[v[min(i, len(v) - 1)] for v in values if v] for i in range(n)]
 
 
+def _sweep_dir_overrides(overrides: list[str]) -> list[str]:
+    """``-m ... output_dir=D``: job n writes to D/n. Hydra's sweep folder (multirun/<time>/n) ignores output_dir,
+    so a re-launched ``-m ... resume=auto`` could never find a killed sweep's checkpoints. Without output_dir (or
+    with hydra.sweep.dir given, or output_dir itself swept) Hydra's own folders stay."""
+    if any(o.startswith(("hydra.sweep.dir=", "+hydra.sweep.dir=")) for o in overrides):
+        return []
+    given = [o.partition("=")[2] for o in overrides if o.startswith("output_dir=")]
+    if len(given) != 1 or _sweep_combinations([f"output_dir={given[0]}"]) != [[f"output_dir={given[0]}"]]:
+        return []
+    return [f"hydra.sweep.dir={given[0]}", "hydra.sweep.subdir=${hydra.job.num}"]
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry: validate overrides (one-line errors), then hand over to Hydra."""
     import hydra
@@ -836,6 +848,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             msg = check_overrides(combo, conf_dir, extra_dirs=tuple(config_dirs))
             if msg:
                 _fail(msg)
+    if any(f in MULTIRUN_FLAGS for f in flags):
+        argv += _sweep_dir_overrides(overrides)
     sys.argv = [sys.argv[0]] + argv
     hydra.main(config_path=str(conf_dir), config_name=CONFIG_NAME, version_base="1.3")(_task)()
 
