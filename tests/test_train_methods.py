@@ -208,10 +208,11 @@ def test_compiled_model_trains_the_same(tiny, tmp_path):
     """trainer.compile=true: the run's forward and backward go through torch.compile (aot_eager here: the same ATen
     ops as eager, no C compiler needed), its per-step losses (task + router) equal the eager run's, and the saved
     adapter keeps eager's tensor names; bad compile options and FSDP are refused before any training."""
+    from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
     from mol.io import WEIGHTS_NAME
-    from mol.train.app import ConfigError, run
+    from mol.train.app import ConfigError, compile_model, run
     from mol.train.callbacks import read_loss_history
 
     def train(compile_: bool, *extra: str):
@@ -240,7 +241,10 @@ def test_compiled_model_trains_the_same(tiny, tmp_path):
         assert (compiled_adapter[name] - t).abs().max() <= 1e-4 * t.abs().max(), name  # AdamW steps of rounding
     with pytest.raises(ConfigError, match="compile_options has \\['backnd'\\]"):
         train(True, "+trainer.compile_options.backnd=eager")
+    # (a whole run with trainer.strategy=fsdp stops earlier on this CPU machine: FSDP needs GPUs)
     with pytest.raises(ConfigError, match="FSDP.*trainer.compile=false"):
+        compile_model(torch.nn.Linear(2, 2), OmegaConf.create({"compile": True, "compile_options": {}, "strategy": "fsdp"}))
+    with pytest.raises(ConfigError, match="trainer=fsdp needs GPUs"):
         train(True, "trainer.strategy=fsdp")
     torch._dynamo.reset()
 

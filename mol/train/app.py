@@ -330,11 +330,9 @@ def fsdp_uniform_dtype(cfg: DictConfig, method_cfg: Any) -> None:
     """FSDP flattens each wrapped module's parameters into one tensor, which must have one dtype, so float32
     adapters on a 16-bit model cannot share one with its frozen weights: under FSDP, adapter_dtype="auto" takes the
     model's dtype (said on stdout), and an explicit dtype other than the model's stops the run before it starts."""
-    strategy = cfg.trainer.get("strategy")
-    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
     choice = getattr(method_cfg, "adapter_dtype", None)
     model_dtype = str(cfg.model.get("dtype", "float32"))
-    if "fsdp" not in target.lower() or choice in (None, "base") or choice == model_dtype:
+    if not fsdp_strategy(cfg.trainer) or choice in (None, "base") or choice == model_dtype:
         return
     if choice == "auto":
         if model_dtype in ("bfloat16", "float16"):
@@ -372,13 +370,18 @@ def check_trainer_values(trainer_cfg: DictConfig) -> None:
                           "trainer.devices=[0,1] or trainer.devices=auto")
 
 
+def fsdp_strategy(trainer_cfg: DictConfig) -> bool:
+    """Whether the trainer's strategy is FSDP: by name (``strategy=fsdp``) or by class (``_target_``)."""
+    strategy = trainer_cfg.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    return "fsdp" in target.lower()
+
+
 def check_accelerator(trainer_cfg: DictConfig, check_devices: bool = True) -> None:
     """trainer=gpu / fsdp on a machine without a GPU: Lightning says so only once the model has loaded, in a long
     traceback; here it is one line before anything loads. Lightning's own availability checks, so MPS counts."""
     acc = str(trainer_cfg.get("accelerator") or "auto").lower()
-    strategy = trainer_cfg.get("strategy")
-    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
-    if "fsdp" in target.lower() and acc not in ("gpu", "cuda"):
+    if fsdp_strategy(trainer_cfg) and acc not in ("gpu", "cuda"):
         from lightning.pytorch.accelerators import CUDAAccelerator
 
         if acc != "auto" or not CUDAAccelerator.is_available():  # Lightning: "fsdp requires a GPU accelerator"
@@ -413,9 +416,7 @@ def compile_model(model: Any, trainer_cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError(f"trainer.compile_options has {unknown}, which torch.compile does not take; use "
                           f"{accepted}")
-    strategy = trainer_cfg.get("strategy")
-    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
-    if "fsdp" in target.lower():
+    if fsdp_strategy(trainer_cfg):
         raise ConfigError("trainer.compile=true with an FSDP strategy is not supported: mol.train compiles the model "
                           "before Lightning wraps it, an order never run with FSDP here; set trainer.compile=false, "
                           "or use trainer=ddp")
