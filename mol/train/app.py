@@ -410,7 +410,8 @@ def compile_model(model: Any, trainer_cfg: DictConfig) -> None:
     the modules of an already compiled model, which no test here runs: refused)."""
     import torch
 
-    options = OmegaConf.to_container(trainer_cfg.get("compile_options") or {}, resolve=True)
+    options = trainer_cfg.get("compile_options")
+    options = {} if options is None else OmegaConf.to_container(options, resolve=True)
     accepted = [n for n in inspect.signature(torch.compile).parameters if n != "model"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
