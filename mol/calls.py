@@ -260,12 +260,15 @@ class _RoutingCallHooks:
         # self-attention's length, so its decode steps continue the sequences the first decoder call started
         continuation = _continues_cache(kw)
         # an encoder-decoder's call describes its decoder's tokens: the encoder's hooks swap in the encoder's own
-        tokens, mask, mask_error = _tokens_and_mask(kw, continuation, "decoder_" if _is_encoder_decoder(model) else "")
+        encoder_decoder = _is_encoder_decoder(model)
+        tokens, mask, mask_error = _tokens_and_mask(kw, continuation, "decoder_" if encoder_decoder else "")
+        if encoder_decoder and tokens is None and isinstance(kw.get("labels"), Tensor) and kw["labels"].dim() == 2:
+            tokens = kw["labels"]  # the decoder's inputs are the labels shifted right: their shape, the decoder's
         batch = next((kw[k] for k in _BATCHED if isinstance(kw.get(k), Tensor) and kw[k].dim() >= 2), None)
         choices = sequence_choices(self._cache) if continuation else None
         context.begin_call(tokens, mask, continuation, batch=batch, choices=choices,
                            sequence_error=mask_error or _drafts_error(kw, continuation))
-        if _is_encoder_decoder(model):  # the encoder's states given (generate's decoder calls), or none yet
+        if encoder_decoder:  # the encoder's states given (generate's decoder calls), or none yet
             encoded = kw.get("encoder_outputs")
             memory = encoded[0] if isinstance(encoded, (tuple, list)) or hasattr(encoded, "last_hidden_state") \
                 else None

@@ -294,9 +294,11 @@ class RoutingContext:
                 tuple(x.shape[:-1]) == tuple(mask.shape) or (x.dim() == 2 and x.shape[0] == mask.numel()
                                                              and self.batch_shape in (None, tuple(mask.shape)))):
             return mask
-        # the encoder states as a copy (beam search's expanded batch): by shape, where it is not the call's own
-        if memory_mask is not None and x.dim() >= 2 and tuple(x.shape[:-1]) == tuple(memory_mask.shape) \
-                and tuple(x.shape[:-1]) != self.batch_shape:
+        # the encoder states as a copy (beam search's expanded batch): by shape, where that is known not to be the
+        # call's own (the decoder's)
+        shape = self.batch_shape
+        if memory_mask is not None and shape is not None and x.dim() >= 2 \
+                and tuple(x.shape[:-1]) == tuple(memory_mask.shape) and tuple(x.shape[:-1]) != shape:
             return memory_mask
         return None
 

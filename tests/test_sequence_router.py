@@ -487,3 +487,23 @@ def test_wrapper_of_a_hf_model_routes_each_sequence_as_if_alone(left):
             want = direct(input_ids=batch[f"{k}_ids"], attention_mask=batch[f"{k}_mask"]).logits
             real = batch[f"{k}_mask"].bool()
             torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("router", ["sequence", "topk"])
+def test_encoder_decoder_called_with_labels_only_routes_as_with_its_decoder_inputs(router):
+    """T5 given labels only (the usual seq2seq training call; the model shifts them right into its decoder inputs),
+    encoder and labels of one length, a padded encoder batch: logits and router losses equal the same call with
+    the shifted decoder inputs passed. The decoder's hidden states, of the encoder's length, took the encoder's
+    padding mask when the call named no decoder tokens."""
+    torch.manual_seed(0)
+    model = _inject(_tiny_t5(), router=router)
+    _, ids, mask = _padded_t5_batch()
+    labels = torch.randint(2, 50, ids.shape)
+    with torch.no_grad():
+        by_labels = model(input_ids=ids, attention_mask=mask, labels=labels)
+        aux_labels = mol.aux_loss(model)
+        given = model(input_ids=ids, attention_mask=mask, labels=labels,
+                      decoder_input_ids=model._shift_right(labels))
+        aux_given = mol.aux_loss(model)
+    torch.testing.assert_close(by_labels.logits, given.logits, rtol=0, atol=0)
+    torch.testing.assert_close(aux_labels, aux_given, rtol=0, atol=0)
