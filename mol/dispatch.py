@@ -8,7 +8,6 @@ against.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -18,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 from einops import rearrange
 from torch import Tensor
+
+from mol.kernels import autocast_enabled, autocast_off
 
 if TYPE_CHECKING:
     from mol.kernels.layer_graphs import LayerGraphs
@@ -113,17 +114,6 @@ FUSED_ROUTERS = ("topk", "switch", "soft")
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
-
-
-def autocast_enabled(device_type: str) -> bool:
-    """torch.is_autocast_enabled(device_type), False for a device autocast does not know (meta), where torch raises."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
-def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """A context that switches autocast off for the device, entered only where it is on: entering torch.autocast
-    costs tens of microseconds of host time, and fails for a device autocast does not know (meta)."""
-    return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor, nn
 
-from mol.dispatch import autocast_off
+from mol.kernels import autocast_off
 
 
 @dataclass

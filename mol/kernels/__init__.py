@@ -4,8 +4,11 @@ Imported lazily: the Triton kernels are compiled (or, with TRITON_INTERPRET=1, i
 according to the environment at the moment mol.kernels.grouped_lora is first imported, so
 importing `mol` never pulls in Triton by itself.
 """
+import contextlib
 import importlib
 import os
+
+import torch
 
 __all__ = ["grouped_lora_add", "grouped_lora_linear"]
 
@@ -23,6 +26,17 @@ def env_flag(name: str, default: bool) -> bool:
     if value.strip().lower() in _FALSE:
         return False
     raise ValueError(f"{name}={value!r} is not an on/off value; set it to 1 or 0 (or true/false, on/off)")
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for a device autocast does not know (meta), where torch raises."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context that switches autocast off for the device, entered only where it is on: entering torch.autocast
+    costs tens of microseconds of host time, and fails for a device autocast does not know (meta)."""
+    return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 def __getattr__(name):

@@ -23,7 +23,6 @@ With DENSE_GEMMS (the default where torch.mm takes out_dtype) the three big prod
 as one base GEMM carrying the adapters as extra K (base_gemm), or u B_cat added to a given base output by cuBLAS;
 the Triton shrink and expand run where it is off or unavailable.
 """
-import contextlib
 import os
 import time
 from typing import Callable
@@ -32,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mol.kernels import env_flag
+from mol.kernels import autocast_enabled, autocast_off, env_flag
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Testing aid: fill every kernel output buffer with NaN before launch, so that an element the
@@ -506,13 +505,6 @@ def _gemm_path(x: torch.Tensor) -> bool:
     return DENSE_GEMMS and x.shape[0] > 0 and (_INTERPRET or (x.is_cuda and _MM_OUT_DTYPE))
 
 
-def _autocast_off(t: torch.Tensor):
-    """Autocast switched off around the dense path's cuBLAS calls (the Triton kernels never see it): a caller's
-    autocast would re-type them (h in bf16, y in bf16 against a float32 base). A no-op context when autocast is
-    off: entering torch.autocast costs host time."""
-    dev = t.device.type
-    return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
-
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in float32 (float32 accumulation and output) by cuBLAS: the skinny products whose float32 result the
@@ -541,7 +533,8 @@ def _gated_shrink(x, lora_A, lora_B, gates, expert_ids, scale) -> tuple[torch.Te
 
 def _add_fwd_impl(base_out, x, lora_A, lora_B, gates, expert_ids, scale):
     if _gemm_path(x):
-        with _autocast_off(x):
+        # a caller's autocast would re-type these cuBLAS calls (h in bf16, y in bf16 against a float32 base)
+        with autocast_off(x.device.type):
             h, u = _gated_shrink(x, lora_A, lora_B, gates, expert_ids, scale)
             return torch.addmm(base_out, u, _b_cat(lora_B)), h
     h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
@@ -556,13 +549,13 @@ def _linear_fwd_impl(x, weight, bias, lora_A, lora_B, gates, expert_ids, scale):
     if _gemm_path(x):
         from mol.kernels import base_gemm as bg  # it imports this module
 
-        with _autocast_off(x):
+        with autocast_off(x.device.type):
             h, u = _gated_shrink(x, lora_A, lora_B, gates, expert_ids, scale)
             return bg.base_mm(x, weight, True, u, _b_cat(lora_B), False, bias), h
     h = _shrink(x, lora_A.reshape(-1, lora_A.shape[-1]))
     # base GEMM through cuBLAS, then the expand accumulates into its fresh output in place:
     # no second (T, out) buffer and no separate add pass.
-    with _autocast_off(x):  # y in x's dtype, as the op's fake kernel says
+    with autocast_off(x.device.type):  # y in x's dtype, as the op's fake kernel says
         y = torch.nn.functional.linear(x, weight, bias)
     b_cat = _b_cat(lora_B)
     _expand(y, h, b_cat if b_cat.is_contiguous() else b_cat.contiguous(), lora_B.shape[2],
@@ -642,7 +635,7 @@ def _lora_grads(saved, scale, needs, dy, weight=None, bwd=_bwd, base_mm=None):
     dh, u, dgates = bwd(dy, h, lora_B, gates, ids, scale)
     e, rank, n_in = lora_A.shape
     dx = dA = dB = None
-    with _autocast_off(dy):  # a backward run inside autocast: the gradients stay in the forward's dtypes
+    with autocast_off(dy.device.type):  # a backward run inside autocast: the gradients stay in the forward's dtypes
         if need_x:
             a_cat = lora_A.reshape(e * rank, n_in)
             if weight is None:
@@ -751,7 +744,7 @@ def _use_fast_path(*tensors: torch.Tensor) -> bool:
             and all(type(t) in _PLAIN for t in tensors)
             and not torch._C._len_torch_dispatch_stack()
             and not torch._C._are_functorch_transforms_active()
-            and not torch.is_autocast_enabled(tensors[0].device.type))
+            and not autocast_enabled(tensors[0].device.type))
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
