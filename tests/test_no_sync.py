@@ -31,3 +31,21 @@ def test_forward_backward_compiles_without_graph_breaks(router):
     eager.backward()
     assert torch.allclose(loss, eager, rtol=1e-5, atol=1e-6)
     assert torch.allclose(x.grad, x2.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiles_where_dynamo_cannot_trace_autocast_availability(monkeypatch, backend, autocast):
+    """Dynamo of torch 2.11 cannot trace torch.amp.is_autocast_available (a graph break at every routed layer, seen
+    on an H100 in gpu_check_compile). Made untraceable here the same way, the layer must still compile whole."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch.amp, "is_autocast_available", torch._dynamo.disable(torch.amp.is_autocast_available))
+    layer = MoLLinear(torch.nn.Linear(16, 12), num_experts=4, top_k=2, rank=3, backend=backend)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return layer(x).float().square().mean() + layer.aux_loss()
+
+    x = torch.randn(2, 5, 16)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    assert torch.allclose(compiled, step(x), rtol=1e-3 if autocast else 1e-5)

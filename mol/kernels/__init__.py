@@ -28,9 +28,14 @@ def env_flag(name: str, default: bool) -> bool:
     raise ValueError(f"{name}={value!r} is not an on/off value; set it to 1 or 0 (or true/false, on/off)")
 
 
+# torch keeps no autocast state for these (is_autocast_enabled raises). A set, not torch.amp.is_autocast_available:
+# Dynamo of torch 2.11 cannot trace that builtin and broke the graph at every routed layer (gpu_check_compile, H100).
+_NO_AUTOCAST = frozenset({"meta"})
+
+
 def autocast_enabled(device_type: str) -> bool:
     """torch.is_autocast_enabled(device_type), False for a device autocast does not know (meta), where torch raises."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return device_type not in _NO_AUTOCAST and torch.is_autocast_enabled(device_type)
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
