@@ -731,6 +731,34 @@ class _LinearFn(torch.autograd.Function):
         return dx, None, None, dA, dB, dg, None, None
 
 
+def _no_vmap(info, in_dims, *args):
+    raise RuntimeError("grouped_lora: torch.func.vmap cannot batch the Triton kernels (they have no batching rule); "
+                       "vmap a layer with backend='torch', or loop over the batch")
+
+
+class _FuncAddFn(torch.autograd.Function):
+    """mol::grouped_lora_add_fwd under torch.func's transforms (grad, jacrev, vjp over functional_call): the
+    Function torch.library.register_autograd makes has no setup_context, which the transforms need."""
+
+    forward = staticmethod(_add_fwd_impl)
+    setup_context = staticmethod(_add_setup)
+    backward = staticmethod(_add_backward)
+    vmap = staticmethod(_no_vmap)
+
+
+class _FuncLinearFn(torch.autograd.Function):
+    """mol::grouped_lora_linear_fwd under torch.func's transforms (see _FuncAddFn)."""
+
+    forward = staticmethod(_linear_fwd_impl)
+    setup_context = staticmethod(_linear_setup)
+    backward = staticmethod(_linear_backward)
+    vmap = staticmethod(_no_vmap)
+
+
+def _functorch() -> bool:
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # Testing/benchmark switch: False sends eager calls through the custom ops too.
 EAGER_FAST_PATH = True
@@ -809,6 +837,8 @@ def grouped_lora_add(base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tens
             _as(expert_ids, torch.int64), float(scale))
     if _use_fast_path(*args[:5]):
         return _AddFn.apply(*args)
+    if _functorch():
+        return _FuncAddFn.apply(*args)[0]
     return _add_fwd(*args)[0]
 
 
@@ -836,4 +866,6 @@ def grouped_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             _as(expert_ids, torch.int64), float(scale))
     if _use_fast_path(args[0], weight, args[3], args[4], args[5]):
         return _LinearFn.apply(*args)
+    if _functorch():
+        return _FuncLinearFn.apply(*args)[0]
     return _linear_fwd(*args)[0]
