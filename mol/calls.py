@@ -217,7 +217,10 @@ class _RoutingCallHooks:
     is a common call for embeddings or a reward head), start a call only when none is in progress: the first of
     them to run owns the call, and ends it. An outer call whose arguments say nothing the routers can read (a
     wrapper of the user's own, ``forward(self, batch)``, around a Hugging Face model) leaves the description to
-    each model call inside it: the first hook to run in that one describes it, and ends its part.
+    each model call inside it: the first hook to run in that one describes it, and ends its part. ``wrapper=True``
+    (the hooks of such a module): the wrapper's own layers that run outside those parts (a head on the model's
+    output) route each example on its own, with the padding of the part whose shape their input has
+    (``RoutingContext.outside_masks``), not the batch as one sequence.
 
     ``encoder=True``: the hooks of an encoder-decoder model's encoder. While the encoder runs, its routers see the
     encoder's own tokens and padding mask, and the decoder's view comes back after it; an encoder called on its own
@@ -225,10 +228,15 @@ class _RoutingCallHooks:
     continues a cache (a decode loop that passes the encoder's input at every step) routes that input afresh, as
     in the call that started the cache: the continuation, and the choices reused, are the decoder's."""
 
-    _checkpointing: list[nn.Module] = []  # a class default (read only): hooks pickled before it existed have it
+    # class defaults (read only): hooks pickled before these existed have them
+    _checkpointing: list[nn.Module] = []
+    _wrapper = False
+    _outside: tuple[Tensor, ...] | None = None  # the wrapper's outside_masks, while a part of its call runs
+    _part_masks: tuple[Tensor, ...] = ()  # the padding masks the caller gave the part in progress
 
-    def __init__(self, context: RoutingContext, encoder: bool = False, checkpointing: list[nn.Module] = ()):
-        self.context, self.encoder = context, encoder
+    def __init__(self, context: RoutingContext, encoder: bool = False, checkpointing: list[nn.Module] = (),
+                 wrapper: bool = False):
+        self.context, self.encoder, self._wrapper = context, encoder, wrapper
         # the modules of the hooked model whose checkpoint function its calls bind (_CheckpointRouting)
         self._checkpointing = list(checkpointing)
         self._cache: Any = None  # the KV cache the call in progress came with
@@ -250,7 +258,7 @@ class _RoutingCallHooks:
                 return
             # the outer call's arguments described nothing (a wrapper's forward(batch)): this call describes its part
             self._owns = self._inside = True
-            context.in_call = False
+            self._outside, context.in_call = context.outside_masks, False
         if self._checkpointing and model.training and not torch.compiler.is_compiling():
             # a dict lookup per checkpointable layer: checkpointing may have been enabled since the last call
             _bind_checkpoints(self._checkpointing, context)
@@ -268,6 +276,10 @@ class _RoutingCallHooks:
         choices = sequence_choices(self._cache) if continuation else None
         context.begin_call(tokens, mask, continuation, batch=batch, choices=choices,
                            sequence_error=mask_error or _drafts_error(kw, continuation))
+        if self._inside:  # the caller's mask: a head of the wrapper's on this call's output has its positions
+            self._part_masks = () if mask is None else (mask,)
+        elif self._wrapper and _undescribed(context):
+            context.outside_masks = ()  # its own layers run outside any model call, until one starts
         if encoder_decoder:  # the encoder's states given (generate's decoder calls), or none yet
             encoded = kw.get("encoder_outputs")
             memory = encoded[0] if isinstance(encoded, (tuple, list)) or hasattr(encoded, "last_hidden_state") \
@@ -291,17 +303,25 @@ class _RoutingCallHooks:
                     if c is not None:
                         _keep_choices(c, context.choices)
         finally:
+            inside, outside, masks = self._inside, self._outside, self._part_masks
+            if inside and context.attention_mask is not None:  # its layers' (prompt tuning's: with virtual tokens)
+                masks += (context.attention_mask,)
+            self._inside, self._outside, self._part_masks = False, None, ()
             context.end_call()
-            if self._inside:  # the outer call goes on, as undescribed as it came
-                self._inside, context.in_call = False, True
+            if inside:  # the outer call goes on, as undescribed as it came
+                context.in_call = True
+                _leave_part(context, outside, masks)
 
 
     def _encoder_before(self, encoder: nn.Module, args: tuple, kwargs: dict) -> None:
         context = self.context
         tokens, mask, mask_error = _tokens_and_mask(call_kwargs(encoder, args, kwargs), False, "")
         self._encoder_mask = mask
-        self._owns = not context.in_call
+        # called by a wrapper's forward outside the model's own call: it describes its part, as a model call would
+        self._outside = context.outside_masks if context.in_call else None
+        self._owns = not context.in_call or self._outside is not None
         if self._owns:
+            context.in_call = False
             context.begin_call(tokens, mask, False, batch=tokens, sequence_error=mask_error)
             return
         self._outer = (context._batch_shape, context._shape_of, context._batch_of, context.attention_mask,
@@ -314,8 +334,11 @@ class _RoutingCallHooks:
     def _encoder_after(self, output: Any) -> None:
         context, mask, self._encoder_mask = self.context, self._encoder_mask, None
         if self._owns:
-            self._owns = False
+            self._owns, outside, self._outside = False, self._outside, None
             context.end_call()
+            if outside is not None:
+                context.in_call = True
+                _leave_part(context, outside, () if mask is None else (mask,))
             return
         if self._outer is not None:
             (context._batch_shape, context._shape_of, context._batch_of, context.attention_mask,
@@ -326,6 +349,14 @@ class _RoutingCallHooks:
         context.memory_mask = mask
         if self._resume is not None:
             context.continuation, context.choices, self._resume = True, self._resume[0], None
+
+
+def _leave_part(context: RoutingContext, outside: tuple[Tensor, ...] | None, masks: tuple[Tensor, ...]) -> None:
+    """A model call inside a wrapper's call returned: the wrapper's layers after it get its padding masks."""
+    if outside is not None:
+        # by identity: the same mask given to two calls (a wrapper calling the model twice) is one padding
+        context.outside_masks = outside + tuple(m for i, m in enumerate(masks)
+                                                if all(m is not o for o in (*outside, *masks[:i])))
 
 
 def _undescribed(context: RoutingContext) -> bool:
@@ -352,12 +383,14 @@ def routing_context(model: nn.Module) -> RoutingContext:
         hooked: list[nn.Module] = []
         # and the Hugging Face models inside a wrapper of the user's own, whose forward may take its inputs in any
         # form (forward(self, batch)): their calls carry the mask by name
-        for outer in [model, *(m for m in hf_models(model) if m is not model)]:
+        inner = [m for m in hf_models(model) if m is not model]  # empty for a Hugging Face model itself
+        for outer in [model, *inner]:
             for module in [outer, *_inner_models(outer)]:
                 if any(module is m for m in hooked):
                     continue
                 hooked.append(module)
-                hooks = _RoutingCallHooks(context, checkpointing=_checkpointing_modules(module))
+                hooks = _RoutingCallHooks(context, checkpointing=_checkpointing_modules(module),
+                                          wrapper=module is model and bool(inner))
                 # first among pre-hooks: the caller's own mask and cache, before prefix / prompt tuning extend them
                 module.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True)
                 module.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)

@@ -185,8 +185,15 @@ class RoutingContext:
     - ``batch_shape`` (batch, positions) of the call's tokens: a 2-D input (N, in) to a sequence router is read
       with it, as batch * positions flattened tokens when N is their product, and as one vector per sequence (a
       pooler, a classification head) when N is the batch; ``batch_size`` alone (a call of pixel values, audio
-      features, or an encoder-decoder's, which has no tokens of its layers' length) reads only the latter; else,
-      and without a context, (N, in) is one sequence.
+      features, or an encoder-decoder's, which has no tokens of its layers' length) reads only the latter; else
+      (``outside_masks`` aside), and without a context, (N, in) is one sequence.
+    - ``outside_masks``: None, except in the call of a module of the user's own that holds Hugging Face models and
+      whose arguments describe nothing (``forward(self, batch)``), outside the model calls inside it, where its own
+      layers run (a head on the inner model's output): then the 2-D padding masks of the model calls inside it that
+      returned so far. There each row of a 2-D input (N, in) is one sequence (an example's vector), and each row of
+      a (batch, positions, in) input is one sequence, its padding that of the one such call whose mask has its
+      shape (of several with different masks, which is unknown: a sequence router raises, a token router counts
+      every position); where none has, every position is real.
     - ``continuation``: the call continues sequences from a KV cache (generation's decode steps). Each sequence
       router then reuses the choice it made for those sequences in the call that started the cache, so every
       position of a sequence, cached or new, went through the same experts: one choice per sequence.
@@ -213,6 +220,7 @@ class RoutingContext:
     sequence_error: str | None = None
     memory: Tensor | None = None
     memory_mask: Tensor | None = None
+    outside_masks: tuple[Tensor, ...] | None = None
 
     def __init__(self) -> None:
         self.attention_mask: Tensor | None = None
@@ -254,6 +262,7 @@ class RoutingContext:
         tokens = tokens if isinstance(tokens, Tensor) and tokens.dim() >= 2 else None
         batch = batch if isinstance(batch, Tensor) and batch.dim() >= 1 else None
         self._batch_shape, self._shape_of, self._batch_of = None, tokens, tokens if tokens is not None else batch
+        self.outside_masks = None  # the layers of a described call run inside it
         two_d = isinstance(attention_mask, Tensor) and attention_mask.dim() == 2
         self.attention_mask = attention_mask if two_d else None
         # a new list, not cleared in place: the snapshots of earlier calls keep theirs; and a compiled model then
@@ -268,7 +277,7 @@ class RoutingContext:
         """The model's call is over (a forward hook): a submodule called on its own afterwards sees no call."""
         self._batch_shape, self._shape_of, self._batch_of, self.attention_mask = None, None, None, None
         self.continuation, self.in_call, self._weights, self.sequence_error = False, False, [], None
-        self.memory, self.memory_mask = None, None
+        self.memory, self.memory_mask, self.outside_masks = None, None, None
         self.choices = {}  # a layer called on its own now keeps its choice here, out of the call's cache
 
     def snapshot(self) -> "RoutingContext":
@@ -278,12 +287,17 @@ class RoutingContext:
         copy._batch_shape, copy._shape_of, copy._batch_of = self._batch_shape, self._shape_of, self._batch_of
         copy.attention_mask, copy.continuation = self.attention_mask, self.continuation
         copy._weights, copy.choices, copy.sequence_error = self._weights, self.choices, self.sequence_error
-        copy.memory, copy.memory_mask = self.memory, self.memory_mask
+        copy.memory, copy.memory_mask, copy.outside_masks = self.memory, self.memory_mask, self.outside_masks
         return copy
 
-    def mask_for(self, x: Tensor) -> Tensor | None:
+    def mask_for(self, x: Tensor, strict: bool = False) -> Tensor | None:
         """The (batch, positions) padding mask that covers x, (batch, positions, in) or flattened: the call's, or
-        for the encoder states a decoder's cross-attention reads, the encoder's; None where neither does."""
+        for the encoder states a decoder's cross-attention reads, the encoder's, or outside the model calls of a
+        wrapper's call, that of the one call with x's shape (``outside_masks``); None where none does. ``strict``:
+        raise ValueError where x's shape is that of several such calls' different masks, rather than None."""
+        outside = self.outside_masks
+        if outside is not None:
+            return self._outside_mask(x, outside, strict)
         memory_mask = self.memory_mask
         if memory_mask is not None and x is self.memory and tuple(x.shape[:-1]) == tuple(memory_mask.shape):
             return memory_mask
@@ -301,6 +315,19 @@ class RoutingContext:
                 and tuple(x.shape[:-1]) == tuple(memory_mask.shape) and tuple(x.shape[:-1]) != shape:
             return memory_mask
         return None
+
+    @staticmethod
+    def _outside_mask(x: Tensor, masks: tuple[Tensor, ...], strict: bool) -> Tensor | None:
+        """The one of ``masks`` (different objects) whose shape is x's leading dims: by shape alone, so where
+        several are, which one x's positions are is unknown."""
+        found = [m for m in masks if x.dim() >= 2 and tuple(m.shape) == tuple(x.shape[:-1])]
+        if len(found) > 1 and strict:
+            raise ValueError(
+                f"sequence router: a layer of the module given to mol.inject, run after Hugging Face model calls "
+                f"inside its forward, got an input of shape {tuple(x.shape)}, the shape of the attention masks of "
+                f"{len(found)} of those calls; the router cannot tell which call's padding to leave out of each "
+                "sequence's pool. Pad those calls to different widths")
+        return found[0] if len(found) == 1 else None
 
     def token_weights(self, x: Tensor) -> Tensor | None:
         """(prod(x.shape[:-1]),) float32: 1 for x's real tokens, 0 for padding; None where the mask does not
@@ -386,7 +413,7 @@ class Router(nn.Module):
                 seqs = self._sequences(x, context)
                 if context is not None and context.continuation:
                     return self._continued(seqs, context)
-                mask = None if context is None else context.mask_for(x)
+                mask = None if context is None else context.mask_for(x, strict=True)
                 if mask is not None and tuple(mask.shape) != tuple(seqs.shape[:2]):
                     mask = None
                 logits = F.linear(_MeanPool.apply(seqs, mask).to(score), self.weight.to(score))  # (B, E)
@@ -426,7 +453,7 @@ class Router(nn.Module):
             shape = context.batch_shape
             if shape is not None and x.shape[0] == shape[0] * shape[1]:
                 return x.reshape(shape[0], shape[1], x.shape[-1])
-            if x.shape[0] == context.batch_size:
+            if x.shape[0] == context.batch_size or context.outside_masks is not None:
                 return x[:, None, :]
         # leading dims by product, not -1, which zero-length sequences leave ambiguous
         return x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])

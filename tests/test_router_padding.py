@@ -262,3 +262,39 @@ def test_wrapper_of_a_hf_model_routes_as_the_model_itself(target_modules):
     with torch.no_grad():  # the padding counted would change the losses
         direct(input_ids=ids, labels=batch["labels"])
     assert (mol.aux_loss(direct) - want_aux).abs() > 1e-6
+
+
+class _TokenHeadWrapper(torch.nn.Module):
+    """A module of the user's own: a Llama backbone, then a per-token head of its own on the states it returned."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.backbone = lm.model
+        self.head = torch.nn.Linear(lm.config.hidden_size, 5)
+
+    def forward(self, batch):
+        return self.head(self.backbone(**batch).last_hidden_state)
+
+
+def test_wrapper_head_after_the_model_call_leaves_padding_out():
+    """A wrapper's own per-token head, top-2 routers, run after the backbone's call returned: the same sequences
+    right-padded to 9 and to 14 positions give the head the same router losses and counts, those of the real
+    tokens. The backbone's mask ended with its call, so the head counted the padding."""
+    torch.manual_seed(0)
+    model = mol.inject(_TokenHeadWrapper(make_tiny_llama()), mol.MoLConfig(
+        num_experts=4, top_k=2, rank=4, target_modules=["q_proj", "head"], backend="torch"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "router" in n:
+                p.normal_(0, 0.5)
+    seqs = [torch.randint(1, 101, (n,)) for n in (5, 9, 3)]
+
+    def head_routing(width):
+        ids, mask = _padded_batch(seqs, width)
+        with torch.no_grad():
+            model({"input_ids": ids, "attention_mask": mask})
+        return model.head.aux_loss(), mol.routing_stats(model)["head"]["counts"]
+
+    (aux9, counts9), (aux14, counts14) = head_routing(9), head_routing(14)
+    assert counts9.sum() == 2 * 17 and torch.equal(counts14, counts9)  # top-2 of the 17 real tokens
+    torch.testing.assert_close(aux14, aux9, rtol=1e-5, atol=1e-7)

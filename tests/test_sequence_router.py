@@ -489,6 +489,60 @@ def test_wrapper_of_a_hf_model_routes_each_sequence_as_if_alone(left):
             torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-6)
 
 
+class _HeadWrapper(torch.nn.Module):
+    """A module of the user's own around a Hugging Face model's backbone, with a head of its own applied to the
+    states the backbone returned: per example (the last position's vector, under left padding) or per token."""
+
+    def __init__(self, lm, per_token: bool):
+        super().__init__()
+        self.backbone, self.per_token = lm.model, per_token
+        self.head = torch.nn.Linear(lm.config.hidden_size, 3)
+
+    def forward(self, batch):
+        states = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return self.head(states if self.per_token else states[:, -1])
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_example", "per_token"])
+def test_wrapper_head_after_the_model_call_routes_each_example_as_if_alone(per_token):
+    """inject on a wrapper whose forward takes a batch dict, with a routed head of its own run after the backbone's
+    call returned: each example's head output in a left-padded batch equals its output alone and stays as it is
+    when the other examples change. The head used to run in the wrapper's call with nothing described (the
+    backbone's part ended when it returned): its (batch, hidden) input was routed as one sequence of `batch`
+    tokens, one choice for all, and its (batch, positions, hidden) input pooled the padding."""
+    torch.manual_seed(0)
+    model = _inject(_HeadWrapper(make_tiny_llama(), per_token))
+    assert isinstance(model.head, mol.MoLLinear)
+    seqs = [torch.randint(1, 101, (n,)) for n in (5, 9, 3, 7)]
+    others = [seqs[0], *(torch.randint(1, 101, (n,)) for n in (8, 2, 6))]
+
+    def run(batch_seqs):
+        ids, mask = _padded(batch_seqs, left=True)
+        out = model({"input_ids": ids, "attention_mask": mask})
+        return [out[i, -len(s):] if per_token else out[i] for i, s in enumerate(batch_seqs)]
+
+    with torch.no_grad():
+        batched = run(seqs)
+        assert model.head._last.chosen.shape[0] == len(seqs)  # a choice per example
+        neighbours = run(others)[0]
+        alone = [run([s])[0] for s in seqs]
+    for got, want in zip(batched, alone):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(neighbours, alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_wrapper_head_on_positions_of_two_calls_of_one_width_is_refused():
+    """The pair wrapper's head on the first call's per-token logits, both calls padded to one width: which call's
+    padding those positions have is unknown, so the sequence router raises rather than pool either."""
+    torch.manual_seed(0)
+    wrapped = _inject(_PairWrapper(make_tiny_llama()))
+    batch = {}
+    for k, lengths in (("chosen", (4, 9, 6)), ("rejected", (7, 3, 9))):
+        batch[f"{k}_ids"], batch[f"{k}_mask"] = _padded([torch.randint(1, 101, (n,)) for n in lengths])
+    with torch.no_grad(), pytest.raises(ValueError, match="cannot tell which call.s padding"):
+        wrapped(batch)
+
+
 @pytest.mark.parametrize("router", ["sequence", "topk"])
 def test_encoder_decoder_called_with_labels_only_routes_as_with_its_decoder_inputs(router):
     """T5 given labels only (the usual seq2seq training call; the model shifts them right into its decoder inputs),
