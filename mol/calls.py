@@ -376,7 +376,8 @@ def _tokens_and_mask(kw: dict, continuation: bool, prefix: str) -> tuple[Tensor 
 
 
 def routing_context(model: nn.Module) -> RoutingContext:
-    """The model's RoutingContext, made and hooked to its forward (and its inner model's) on first use."""
+    """The model's RoutingContext, made and hooked to its forward (and its inner model's) on first use. Every
+    module whose calls it hooks keeps it as ``mol_routing_context``, as the model does."""
     context = getattr(model, "mol_routing_context", None)
     if context is None:
         context = RoutingContext()
@@ -401,7 +402,10 @@ def routing_context(model: nn.Module) -> RoutingContext:
                 # hook (prepended) put its virtual tokens in front
                 encoder.register_forward_pre_hook(hooks.before, with_kwargs=True)
                 encoder.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
-        model.mol_routing_context = context
+        # prompt tuning's hook on a hooked model (mol.methods.prefix) tells the context of its virtual tokens: it
+        # finds it there, also on a Hugging Face model inside a wrapper and on a model's inner model
+        for module in [model, *hooked]:
+            module.mol_routing_context = context
     return context
 
 

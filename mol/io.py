@@ -290,8 +290,10 @@ def _unload(model: nn.Module, merge_first: bool) -> nn.Module:
                 owner = getattr(hook, "__self__", hook)
                 if isinstance(owner, (_RoutingCallHooks, _AuxLossInOutput, _InputsRequireGrad)):
                     _remove_hooks(module, owner)
-    for attr in ("mol_routing_context", "mol_aux_loss_in_output", "mol_adapters_disabled", "mol_configs",
-                 "mol_trainable"):
+    for module in model.modules():  # the routing context sits on every model its hooks are on (routing_context)
+        if "mol_routing_context" in module.__dict__:
+            delattr(module, "mol_routing_context")
+    for attr in ("mol_aux_loss_in_output", "mol_adapters_disabled", "mol_configs", "mol_trainable"):
         if attr in model.__dict__:
             delattr(model, attr)
     if "bitfit" in methods:

@@ -400,22 +400,26 @@ def _padded_t5_batch():
     return seqs, ids, mask
 
 
-@pytest.mark.parametrize("prompt", [False, True], ids=["mol", "mol_with_prompt_tuning"])
-def test_encoder_decoder_routes_each_sequence_as_if_alone(prompt):
+@pytest.mark.parametrize("prompt,wrapped", [(False, False), (True, False), (True, True)],
+                         ids=["mol", "mol_with_prompt_tuning", "mol_on_a_wrapper_with_prompt_tuning"])
+def test_encoder_decoder_routes_each_sequence_as_if_alone(prompt, wrapped):
     """T5, the sequence router on every linear, a right-padded batch of encoder inputs: each example's logits equal
     its logits alone, in a model call and in generate (which runs the encoder on its own, before the decode loop);
     with prompt tuning the encoder's routers also see the virtual tokens as real. The encoder's routers used to
-    pool the padding into each sequence's choice (the call's hooks described the decoder's tokens only)."""
+    pool the padding into each sequence's choice (the call's hooks described the decoder's tokens only). On a
+    wrapper (the routers injected on it, the prompt on the T5 inside): generate's decoder calls, given the
+    encoder's states, used to give the cross-attention's routers the caller's mask, without the virtual tokens."""
     torch.manual_seed(0)
     model = _tiny_t5()
     if prompt:
         mol.inject(model, mol.PromptTuningConfig(num_virtual_tokens=3))
-    model = _inject(model)
+    wrapper = _inject(_BatchWrapper(model) if wrapped else model)
     seqs, ids, mask = _padded_t5_batch()
     dec = torch.randint(2, 50, (3, 4))
     kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        batched = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+        batched = wrapper(batch) if wrapped else model(**batch).logits
         generated = model.generate(input_ids=ids, attention_mask=mask, **kw)
         for i, s in enumerate(seqs):
             alone = model(input_ids=s[None], decoder_input_ids=dec[i:i + 1]).logits[0]
@@ -541,6 +545,60 @@ def test_wrapper_head_on_positions_of_two_calls_of_one_width_is_refused():
         batch[f"{k}_ids"], batch[f"{k}_mask"] = _padded([torch.randint(1, 101, (n,)) for n in lengths])
     with torch.no_grad(), pytest.raises(ValueError, match="cannot tell which call.s padding"):
         wrapped(batch)
+
+
+class _BatchWrapper(torch.nn.Module):
+    """A module of the user's own around a Hugging Face model, called with a batch dict: a causal LM's logits,
+    or a backbone's last hidden states (the prompt's positions in front)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        out = self.model(**batch)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _prompted(model, wrapped: bool):
+    """Prompt tuning on the Hugging Face model (the method needs its config and embeddings, which a wrapper lacks)
+    and the sequence router on every linear: of the model itself, or of a wrapper around it."""
+    mol.inject(model, mol.PromptTuningConfig(num_virtual_tokens=3))
+    return _inject(_BatchWrapper(model) if wrapped else model)
+
+
+@pytest.mark.parametrize("inner", ["causal_lm", "backbone"])
+def test_prompt_tuning_inside_a_wrapper_routes_each_sequence_as_if_alone(inner):
+    """Prompt tuning on a Hugging Face model inside a wrapper, the sequence router injected on the wrapper: in a
+    right-padded batch each sequence's outputs equal its outputs alone and the model's injected directly, in the
+    wrapper's call and in generate. The prompt's hook looked for the routing context on the model it is on, but
+    only the module given to mol.inject kept it: the routers got the caller's mask, which no longer fitted their
+    inputs (the virtual tokens in front), and pooled the padding."""
+    torch.manual_seed(0)
+    make = make_tiny_llama if inner == "causal_lm" else (lambda: make_tiny_llama().model)
+    direct = _prompted(make(), wrapped=False)
+    wrapped = _prompted(make(), wrapped=True)
+    wrapped.model.load_state_dict(direct.state_dict())
+    seqs = [torch.randint(1, 101, (n,)) for n in (5, 9, 3, 7)]
+    # right-padded: left padding would stand between the prompt and the tokens, moving them apart (positions)
+    ids, mask = _padded(seqs)
+    with torch.no_grad():
+        got = wrapped({"input_ids": ids, "attention_mask": mask})
+        want = _BatchWrapper(direct)({"input_ids": ids, "attention_mask": mask})
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        extra = got.shape[1] - ids.shape[1]  # the prompt's positions of a backbone's hidden states
+        for i, s in enumerate(seqs):
+            alone = wrapped({"input_ids": s[None]})[0]
+            torch.testing.assert_close(got[i, :extra + len(s)], alone, rtol=1e-4, atol=1e-4)
+        if inner == "causal_lm":  # generate calls the model itself, outside the wrapper's forward
+            left, left_mask = _padded(seqs, left=True)
+            kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True,
+                      return_dict_in_generate=True)
+            generated = wrapped.model.generate(input_ids=left, attention_mask=left_mask, **kw)
+            reference = direct.generate(input_ids=left, attention_mask=left_mask, **kw)
+            assert torch.equal(generated.sequences, reference.sequences)
+            torch.testing.assert_close(torch.stack(generated.logits), torch.stack(reference.logits),
+                                       rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("router", ["sequence", "topk"])

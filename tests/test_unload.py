@@ -88,6 +88,8 @@ def test_unload_gives_back_the_base_model_bit_for_bit():
     assert _hook_count(plain) == _hook_count(base)
     assert not any(a in plain.__dict__ for a in ("mol_configs", "mol_trainable", "mol_routing_context",
                                                   "mol_aux_loss_in_output"))
+    # the routing context sits on every model the routers' hooks are on (its inner model too): gone from each
+    assert not any("mol_routing_context" in m.__dict__ for m in plain.modules())
     assert torch.equal(_logits(plain, ids), _logits(base, ids))
     plain.train()
     out = plain(input_ids=ids, labels=ids)
