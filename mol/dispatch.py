@@ -170,6 +170,10 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
             bias=None if base_out is not None or bias is None else _as(bias, dt),
             base_out=None if base_out is None else base_out.to(dt), x_lora=None if x_lora is None else _as(x_lora, dt),
             noise=noise, lb_coef=lb_coef, z_coef=z_coef, token_weights=token_weights, graphs=graphs)
+    if torch.compiler.is_compiling():
+        # views, free in the graph: Dynamo (seen in torch 2.13) fails with "... does not belong to this Graph" when a
+        # layer inside an activation checkpoint keeps (MoLLinear._last) the very tensors an autograd.Function returned
+        aux, hl, gates, ids, stats = (t.view_as(t) for t in (aux, hl, gates, ids, stats))
     return y, FusedRouterOutput(gates, ids, hl, lora_A.shape[0], stats, aux, noise, token_weights)
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from mol import dispatch
 from mol.config import ROUTERS
-from mol.routers import FusedRouterOutput, Router, RouterOutput, in_backward
+from mol.routers import FusedRouterOutput, Router, RouterOutput, in_backward, keep_state
 
 
 class AdapterLayer(nn.Module):
@@ -401,10 +401,11 @@ class MoLLinear(AdapterLayer):
         if not self._recomputing():
             # what aux_loss() and routing_stats report: the last forward, not one a checkpoint recomputes in the
             # backward (an earlier micro-batch's)
-            self._last = routed
-        if self._graphs is not None:
+            keep_state(setattr, self, "_last", routed)
+        if self._graphs is not None and not torch.compiler.is_compiling():
             # a call that replayed with the arguments _graph_key gives (no dropout, noise or cast copies) is one
-            # that a call of the same key may take the shortcut to; every call hands back what apply kept of it
+            # that a call of the same key may take the shortcut to; every call hands back what apply kept of it.
+            # A compiled call replays none, and this write would be refused inside an activation checkpoint
             self._graphs.remember(key, rest)
         if self._aux_grad is not None:
             out = self._apply_deferred_aux(out, routed)

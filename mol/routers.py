@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -339,7 +340,7 @@ class RoutingContext:
             if known is mask:
                 return weights
         weights = mask.reshape(-1).to(torch.float32)
-        self._weights.append((mask, weights))
+        keep_state(self._weights.append, (mask, weights))
         return weights
 
 
@@ -347,6 +348,30 @@ def in_backward() -> bool:
     """True while autograd's engine runs a backward on this thread (an activation checkpoint recomputing a
     forward)."""
     return torch._C._current_graph_task_id() != -1
+
+
+def keep_state(write: Callable[..., Any], *args: Any) -> Any:
+    """``write(*args)``: a forward's write to the routing state that mol keeps beside the layers' outputs (the
+    routing a layer keeps for aux_loss and routing_stats, a router's snapshot of the call, the call's padding
+    weights, a sequence router's choice for the call's KV cache).
+
+    Inside an activation checkpoint, torch.compile's Dynamo refuses writes to objects from outside the checkpointed
+    function ("HOP: Unsafe side effect"): eager checkpointing repeats them when the backward recomputes the forward,
+    and a compiled backward cannot. A recompute must not repeat these ones: mol keeps no state from it
+    (Router.call_context, MoLLinear._recomputing), and what a recompute reads (the padding weights, a sequence
+    router's choice) the first pass wrote. So while compiling, the write goes through Dynamo's exemption for the
+    function it traces now (torch._dynamo.utils._disable_side_effect_safety_checks_for_current_subtracer), which
+    makes it once, with the forward: these writes only, not the rest of the checkpointed function, and no global
+    setting (Dynamo's skip_fwd_side_effects_in_bwd_under_checkpoint) for the user to turn on. Only from torch 2.10,
+    the first with that setting: torch 2.8 and 2.9 have the exemption but drop the writes it lets through, which
+    would leave aux_loss() a previous call's. There, and outside torch.compile, a plain call (which Dynamo refuses
+    inside a checkpoint, as before)."""
+    if torch.compiler.is_compiling() and hasattr(torch._dynamo.config,
+                                                 "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        allow = getattr(torch._dynamo.utils, "_disable_side_effect_safety_checks_for_current_subtracer", None)
+        if allow is not None:
+            return allow(write, *args)
+    return write(*args)
 
 
 class Router(nn.Module):
@@ -396,7 +421,7 @@ class Router(nn.Module):
         # inside the model's call no recompute runs, so autograd's engine is asked only outside one: its task id is
         # an int torch.compile cannot trace, which would break a compiled model's graph at every layer
         if context.in_call or not in_backward():
-            self._call = context.snapshot()
+            keep_state(setattr, self, "_call", context.snapshot())
         return self._call
 
     def forward(self, x: Tensor) -> RouterOutput:
@@ -438,8 +463,8 @@ class Router(nn.Module):
         if self.kind == "sequence":
             if context is not None and context.choices is not None:
                 # kept with the call's KV cache (mol.calls), for the calls that continue these sequences from it
-                context.choices[id(self)] = RouterOutput(gates.detach(), expert_ids, logits.detach(), probs.detach(),
-                                                         chosen)
+                keep_state(context.choices.__setitem__, id(self),
+                           RouterOutput(gates.detach(), expert_ids, logits.detach(), probs.detach(), chosen))
             return self._per_token(RouterOutput(gates, expert_ids, logits, probs, chosen, token_weights),
                                    seqs.shape[1], mask)
         return RouterOutput(gates, expert_ids, logits, probs, chosen, token_weights)

@@ -139,3 +139,64 @@ def test_qlora_mol_compiles_in_one_graph_and_matches_eager(tiny_llama):
     for a, b in zip(g, g_eager):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("backend,router", [("torch", "topk"), ("torch", "sequence"), ("triton", "topk")])
+def test_checkpointed_model_compiles_in_one_graph_and_matches_eager(backend, router, reentrant):
+    """Activation checkpointing on (transformers' switch, either use_reentrant) and the model compiled with
+    fullgraph=True: one graph, and the loss (task + router losses), every gradient, and the routing the layers keep
+    for mol.aux_loss / routing_stats equal the eager checkpointed run's and the run's without checkpointing. Dynamo
+    used to refuse the routers' writes to their own state inside the checkpointed function ("HOP: Unsafe side
+    effect"), which a recompute must not repeat anyway: they are made once, in the forward (mol.routers.keep_state).
+    Needs torch >= 2.10 (older Dynamo drops such writes: mol leaves them refused there)."""
+    if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        pytest.skip("this torch's Dynamo refuses writes inside an activation checkpoint (torch >= 2.10 keeps them)")
+    from conftest import make_tiny_llama
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = make_tiny_llama()
+    mol.inject(model, mol.MoLConfig(rank=4, alpha=8, num_experts=4, top_k=2, router=router,
+                                    target_modules=["q_proj", "v_proj", "up_proj"], backend=backend))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+            if "router" in n:
+                p.normal_(0, 0.5)  # scores far from uniform: the router losses' gradients are worth comparing
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(m):
+        model.zero_grad(set_to_none=True)
+        loss = m(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss + mol.aux_loss(model)
+        stats = {n: {k: v.clone() for k, v in s.items()} for n, s in mol.routing_stats(model).items()}
+        loss.backward()  # (reentrant checkpoints take no torch.autograd.grad)
+        return loss.detach(), [p.grad for p in params], mol.aux_loss(model).detach(), stats
+
+    plain = step(model)
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    eager = step(model)
+    # transformers' hook that makes the embeddings' output require grad (reentrant checkpointing's need, eager):
+    # Dynamo refuses that requires_grad_() in a fullgraph compile, mol or not
+    model.disable_input_require_grads()
+    mol.clear_routing(model)
+    compiled = step(torch.compile(model, backend="aot_eager", fullgraph=True))
+    for want in (eager, plain):
+        assert torch.allclose(compiled[0], want[0], rtol=1e-5, atol=1e-6), (compiled[0].item(), want[0].item())
+        for a, b in zip(compiled[1], want[1]):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(compiled[2], want[2], rtol=1e-5, atol=1e-7)
+        assert compiled[3].keys() == want[3].keys() and len(want[3]) == 6
+        for name, stats in want[3].items():
+            for key, value in stats.items():
+                assert torch.allclose(compiled[3][name][key], value, rtol=1e-5, atol=1e-6), (name, key)
+    torch._dynamo.reset()
