@@ -15,7 +15,6 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 from mol.kernels import autocast_enabled, autocast_off
@@ -34,11 +33,14 @@ def dense_gates(gates: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
 
 def lora_delta_torch(x: Tensor, lora_A: Tensor, lora_B: Tensor, gates: Tensor, expert_ids: Tensor, scale: float) -> Tensor:
     """delta[t] = scale * sum_k gates[t, k] * B[e] @ A[e] @ x[t], with e = expert_ids[t, k]. x: (T, in) -> (T, out)."""
-    num_experts, rank, _ = lora_A.shape
-    h = x @ rearrange(lora_A, "e r k -> k (e r)")  # (T, E*r): every expert's shrink in one GEMM
+    num_experts, rank, in_features = lora_A.shape
+    # plain permutes and reshapes, the ops einops' rearrange ran here: einops caches its backend in a global dict at
+    # its first call, a write that torch.compile refuses inside an activation checkpoint
+    h = x @ lora_A.permute(2, 0, 1).reshape(in_features, num_experts * rank)  # (T, E*r): all shrinks in one GEMM
     g = dense_gates(gates, expert_ids, num_experts).to(h.dtype)
-    h = rearrange(rearrange(h, "t (e r) -> t e r", e=num_experts) * g[:, :, None], "t e r -> t (e r)")
-    return (h @ rearrange(lora_B, "e o r -> (e r) o")) * scale
+    tokens = h.shape[0]
+    h = (h.reshape(tokens, num_experts, rank) * g[:, :, None]).reshape(tokens, num_experts * rank)
+    return (h @ lora_B.permute(0, 2, 1).reshape(num_experts * rank, lora_B.shape[1])) * scale
 
 
 # The oldest Triton the kernels are tested on (TRITON_INTERPRET=1 suite, torch 2.7.1 + triton 3.3.1). 3.2's

@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from einops import repeat
 from torch import Tensor, nn
 
 from mol.kernels import autocast_off
@@ -374,6 +373,13 @@ def keep_state(write: Callable[..., Any], *args: Any) -> Any:
     return write(*args)
 
 
+def _repeat_rows(per_seq: Tensor, times: int) -> Tensor:
+    """(B, K) -> (B * times, K), each row repeated ``times`` times in a row. The ops einops' repeat ran: einops
+    caches its backend in a global dict at its first call, a write torch.compile refuses inside a checkpoint."""
+    rows, k = per_seq.shape
+    return per_seq.unsqueeze(1).expand(rows, times, k).reshape(rows * times, k)
+
+
 class Router(nn.Module):
     """Linear scorer ``logits = x @ weight.T`` (weight: (E, in)) followed by a selection rule.
 
@@ -488,10 +494,10 @@ class Router(nn.Module):
         """A per-sequence choice (B, K) repeated over each sequence's positions: (B * seq_len, K). With the pool's
         ``mask`` (B, seq_len), the choice's gradient comes from the real tokens only, as its scores do: a padding
         position's gate gradient is 0 * its hidden state, NaN where that is NaN (fully masked attention rows)."""
-        gates = repeat(per_seq.gates, "b k -> (b s) k", s=seq_len)
+        gates = _repeat_rows(per_seq.gates, seq_len)
         if mask is not None:
             gates = torch.where(mask.reshape(-1, 1) != 0, gates, gates.detach())
-        expert_ids = repeat(per_seq.expert_ids, "b k -> (b s) k", s=seq_len)
+        expert_ids = _repeat_rows(per_seq.expert_ids, seq_len)
         return RouterOutput(gates, expert_ids, per_seq.logits, per_seq.probs, per_seq.chosen, per_seq.token_weights)
 
     def _continued(self, seqs: Tensor, context: RoutingContext) -> RouterOutput:
