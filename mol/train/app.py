@@ -280,6 +280,10 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model, "_require_grads_hook", None) is not None:
+        # transformers 5 also hooks the input embeddings to make their output require grad, which only reentrant
+        # checkpointing needs; under trainer.compile its requires_grad_() breaks the graph, and fullgraph refuses it
+        model.disable_input_require_grads()
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # a KV cache is for generation; HF warns that it cannot go with recompute
 
