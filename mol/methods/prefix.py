@@ -7,7 +7,8 @@ Both add ``num_virtual_tokens`` trainable positions in front of every sequence, 
 - prompt tuning: trainable embeddings prepended to the input embeddings.
 
 The trainable tensors live in a small module attached to the model (``model.mol_prefix`` / ``model.mol_prompt``), so
-``inject``/``save_adapter``/``load_adapter`` treat them like any other adapter tensor. A forward pre-hook on the
+``inject``/``save_adapter``/``load_adapter`` treat them like any other adapter tensor. Injected on a module of the
+user's own that holds one Hugging Face model, they go on that model (``wrapper.lm.mol_prompt``). A forward pre-hook on the
 model rewrites each call: it prepends the virtual positions to the attention mask, fills a fresh cache with the
 prefix (or prepends the prompt embeddings) and shifts positions. Callers keep counting only their own tokens
 (attention masks, position ids, labels, generation), so ``model.generate`` works with and without the KV cache.
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mol.config import MethodConfig, check_adapter_dtype, register_config
-from mol.calls import call_kwargs
+from mol.calls import call_kwargs, hf_models
 from mol.inject import register_method, tuple_loss_index
 from mol.layers import AdapterLayer, adapter_dtype_for
 from mol.methods._util import check_modules_to_save, config_int, text_config
@@ -383,8 +384,31 @@ def _attach(model: nn.Module, attr: str, module: _VirtualTokens) -> str:
     return attr
 
 
+def _hf_model_in(model: nn.Module, cfg: MethodConfig) -> tuple[nn.Module, str]:
+    """The Hugging Face model prefix / prompt tuning goes on and its name in ``model`` plus a dot ("" for ``model``
+    itself): a wrapper of the user's own that holds exactly one has it applied to that one, whose config,
+    embeddings and calls the method needs (the wrapper's forward may take anything, e.g. a batch dict)."""
+    found = hf_models(model)
+    if not found and getattr(model, "config", None) is None:
+        raise ValueError(f"{type(cfg).__name__} needs a Hugging Face (transformers) model, whose config and input "
+                         f"embeddings it uses; {type(model).__name__} is none and holds none: inject it on a "
+                         "transformers model, or on a module of your own that holds one")
+    if not found or any(m is model for m in found):  # a Hugging Face model itself (or a model with a config)
+        return model, ""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    if len(found) > 1:
+        held = [names[id(m)] for m in found]
+        raise ValueError(f"{type(cfg).__name__} on {type(model).__name__}, which holds {len(found)} Hugging Face "
+                         f"models ({held}): the virtual tokens go in front of one model's input, and which one is "
+                         f"unknown. Inject it on the one you mean, with any other configs for that model, before "
+                         f"injecting the wrapper: mol.inject(wrapper.{held[0]}, {type(cfg).__name__}(...)), then "
+                         "mol.inject(wrapper, [...]) for the rest")
+    return found[0], names[id(found[0])] + "."
+
+
 @register_method(PrefixTuningConfig)
-def _inject_prefix(model: nn.Module, cfg: PrefixTuningConfig) -> list[str]:
+def _inject_prefix(wrapper: nn.Module, cfg: PrefixTuningConfig) -> list[str]:
+    model, where = _hf_model_in(wrapper, cfg)
     hf = text_config(model)
     if getattr(hf, "is_encoder_decoder", False) or cache_kwarg(model) is None:
         raise ValueError(f"prefix tuning supports decoder-only Hugging Face models whose forward takes a "
@@ -404,11 +428,12 @@ def _inject_prefix(model: nn.Module, cfg: PrefixTuningConfig) -> list[str]:
     enc = PrefixEncoder(cfg.num_virtual_tokens, layers, kv_heads, head_dim, cfg.prefix_projection,
                         cfg.encoder_hidden_size, device=w.device, dtype=adapter_dtype_for(cfg.adapter_dtype, w.dtype))
     attr = _attach(model, "mol_prefix", enc)
-    return [f"{attr}.{n}" for n, _ in enc.named_parameters()]
+    return [f"{where}{attr}.{n}" for n, _ in enc.named_parameters()]
 
 
 @register_method(PromptTuningConfig)
-def _inject_prompt(model: nn.Module, cfg: PromptTuningConfig) -> list[str]:
+def _inject_prompt(wrapper: nn.Module, cfg: PromptTuningConfig) -> list[str]:
+    model, where = _hf_model_in(wrapper, cfg)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if getattr(text_config(model), "is_encoder_decoder", False):  # the prompt goes on the encoder's tokens
         encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
@@ -419,4 +444,4 @@ def _inject_prompt(model: nn.Module, cfg: PromptTuningConfig) -> list[str]:
     enc = PromptEmbedding(cfg.num_virtual_tokens, emb, cfg.init,
                           dtype=adapter_dtype_for(cfg.adapter_dtype, emb.weight.dtype))
     attr = _attach(model, "mol_prompt", enc)
-    return [f"{attr}.{n}" for n, _ in enc.named_parameters()]
+    return [f"{where}{attr}.{n}" for n, _ in enc.named_parameters()]
