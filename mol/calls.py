@@ -380,14 +380,26 @@ def routing_context(model: nn.Module) -> RoutingContext:
     module whose calls it hooks keeps it as ``mol_routing_context``, as the model does."""
     context = getattr(model, "mol_routing_context", None)
     if context is None:
-        context = RoutingContext()
+        # An inject on a model inside this one (before this inject, which takes its adapter over) hooked that model
+        # to a context of its own: one context for all, or the model's calls would be hooked twice, to two
+        # contexts, and prompt tuning's hook would tell only one of them of its virtual tokens.
+        found: list[RoutingContext] = []
+        for module in model.modules():
+            other = module.__dict__.get("mol_routing_context")
+            if other is not None and all(other is not c for c in found):
+                found.append(other)
+        context = found[0] if found else RoutingContext()
+        for other in found[1:]:
+            _rebind(model, other, context)
         hooked: list[nn.Module] = []
         # and the Hugging Face models inside a wrapper of the user's own, whose forward may take its inputs in any
         # form (forward(self, batch)): their calls carry the mask by name
         inner = [m for m in hf_models(model) if m is not model]  # empty for a Hugging Face model itself
         for outer in [model, *inner]:
+            if "mol_routing_context" in outer.__dict__:  # hooked already, with its inner models and encoder
+                continue
             for module in [outer, *_inner_models(outer)]:
-                if any(module is m for m in hooked):
+                if any(module is m for m in hooked) or "mol_routing_context" in module.__dict__:
                     continue
                 hooked.append(module)
                 hooks = _RoutingCallHooks(context, checkpointing=_checkpointing_modules(module),
@@ -407,6 +419,25 @@ def routing_context(model: nn.Module) -> RoutingContext:
         for module in [model, *hooked]:
             module.mol_routing_context = context
     return context
+
+
+def _rebind(model: nn.Module, old: RoutingContext, new: RoutingContext) -> None:
+    """Point everything in ``model`` that uses ``old`` (the routers, the call and checkpoint hooks, the modules'
+    ``mol_routing_context``) at ``new``. Between calls a context holds no state of its own worth keeping."""
+    for module in model.modules():
+        if module.__dict__.get("mol_routing_context") is old:
+            module.mol_routing_context = new
+        router = getattr(module, "router", None)
+        if getattr(router, "context", None) is old:
+            router.context = new
+        function = module.__dict__.get(_CHECKPOINT_FUNC)
+        if type(function) is _CheckpointRouting and function.context is old:
+            function.context = new
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for hook in hooks.values():
+                owner = getattr(hook, "__self__", None)
+                if isinstance(owner, _RoutingCallHooks) and owner.context is old:
+                    owner.context = new
 
 
 def hf_models(model: nn.Module) -> list[nn.Module]:

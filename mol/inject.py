@@ -5,6 +5,12 @@ Every method registers one function ``(model, config) -> list of trainable param
 then unfreezes exactly the adapter tensors (of this call and of earlier ones) plus ``modules_to_save``.
 The configs and the trainable names are kept on the model (``model.mol_configs``,
 ``model.mol_trainable``) so ``save_adapter`` knows what to write and ``load_adapter`` what to expect.
+
+An inject on a module that holds an injected one (a wrapper of the user's own around a Hugging Face model
+injected first) takes the inner one's adapter over: its trainable names join the outer list, its configs are
+kept with its path (``model.mol_nested``), and save / load / unload / disable_adapters of the outer module cover
+both. The modules inside an injected one are marked (``mol_inside_inject``): an inject on one of them later would
+freeze the outer inject's tensors in it and stay out of its save, so it is refused.
 """
 
 from __future__ import annotations
@@ -259,6 +265,51 @@ def _hook_embeddings(model: nn.Module, seen: set[int]) -> None:
             emb.register_forward_hook(_InputsRequireGrad())
 
 
+_INSIDE = "mol_inside_inject"  # set on every module inside an injected one: that one's adapter covers it
+
+
+def nested_configs(model: nn.Module) -> list[tuple[str, list[MethodConfig]]]:
+    """The configs of the injects on modules inside ``model`` that an inject on ``model`` took over, each with the
+    module's name in ``model``, in the order they were injected (all before ``model.mol_configs``)."""
+    return [(path, list(configs)) for path, configs in getattr(model, "mol_nested", [])]
+
+
+def all_configs(model: nn.Module) -> list[MethodConfig]:
+    """Every method config whose adapter ``model`` carries: those taken over from inner injects, then its own."""
+    return [c for _, configs in nested_configs(model) for c in configs] + list(getattr(model, "mol_configs", []))
+
+
+def injected_inside(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules inside ``model`` (not itself) that carry an adapter of their own (``mol_configs``)."""
+    return [(n, m) for n, m in model.named_modules() if n and "mol_configs" in m.__dict__]
+
+
+def require_adapter(model: nn.Module) -> None:
+    """Raise, naming the fix, unless ``model`` carries an adapter (``mol.inject`` or ``load_adapter`` ran on it)."""
+    if getattr(model, "mol_configs", None):
+        return
+    if model.__dict__.get(_INSIDE):
+        raise ValueError(f"this {type(model).__name__} sits inside a module that mol.inject adapted, whose adapter "
+                         "covers this one's (and took over any inject made on it before): call this on that outer "
+                         "module")
+    raise ValueError("this model carries no mol adapter; call mol.inject(model, config) first")
+
+
+def _take_over_inner(model: nn.Module) -> None:
+    """Make the adapters of the injected modules inside ``model`` part of ``model``'s: their trainable tensors stay
+    trainable (inject freezes everything else) and are saved, loaded and unloaded with ``model``'s, their configs
+    kept under their paths. Without this each inject froze the other's tensors, silently."""
+    nested, trainable = nested_configs(model), list(getattr(model, "mol_trainable", []))
+    for name, inner in injected_inside(model):
+        nested += [(f"{name}.{path}", configs) for path, configs in nested_configs(inner)]
+        nested.append((name, list(inner.mol_configs)))
+        trainable += [f"{name}.{n}" for n in inner.mol_trainable]
+        for attr in ("mol_configs", "mol_trainable", "mol_nested"):
+            inner.__dict__.pop(attr, None)
+    if nested:
+        model.mol_nested, model.mol_trainable = nested, trainable
+
+
 @register_method(MoLConfig)
 def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
     if config.aux_loss_in_output and not getattr(model, "mol_aux_loss_in_output", False):
@@ -338,6 +389,12 @@ def inject(model: nn.Module, config: Union[MethodConfig, Sequence[MethodConfig]]
             raise TypeError(f"{type(cfg).__name__} is not a registered method config; "
                             f"known: {sorted(c.__name__ for c in _METHODS)}")
         cfg.validate()
+    if model.__dict__.get(_INSIDE):
+        raise ValueError(f"this {type(model).__name__} sits inside a module that mol.inject adapted already: an "
+                         "inject here would freeze that module's trainable tensors inside it, and its own would be "
+                         "left out of that module's save_adapter. Inject these configs on the outer module (prompt "
+                         "and prefix tuning given a wrapper go on the one Hugging Face model it holds), or inject "
+                         "this module before the outer one, whose inject then takes this one's adapter over")
 
     with all_or_nothing(model):
         _apply(model, configs)
@@ -358,6 +415,7 @@ def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:
             raise RuntimeError(f"internal error: method reported trainable tensor {missing[0]!r} that the model lacks")
         return [params[n] for n in names]
 
+    _take_over_inner(model)
     tracked = tensors(list(getattr(model, "mol_trainable", [])))
     # checked before quantize_base, which takes them as its skip list and would blame that instead; the methods
     # below only wrap or add modules, so every entry still matches after them
@@ -397,6 +455,9 @@ def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:
         params[n].requires_grad_(True)
     model.mol_configs = list(getattr(model, "mol_configs", [])) + configs
     model.mol_trainable = trainable
+    for module in model.modules():
+        if module is not model:
+            module.__dict__[_INSIDE] = True
     _hook_inputs_require_grad(model)
 
 
@@ -439,9 +500,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     ``modules_to_save`` are trained in place, so they stay as trained (a warning says so)."""
     import warnings
 
-    if not getattr(model, "mol_configs", None):
-        raise ValueError("this model carries no mol adapter; call mol.inject(model, config) first")
-    if any(c.method == "bitfit" for c in model.mol_configs):
+    require_adapter(model)
+    configs = all_configs(model)
+    if any(c.method == "bitfit" for c in configs):
         raise ValueError("BitFit trains the base's own biases in place, so there is no adapter-free model to switch "
                          "to; keep a copy of the original biases (or model) for reference outputs")
     layers = [m for _, m in adapter_layers(model)]
@@ -449,20 +510,24 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     if merged:
         raise ValueError(f"{merged[0]} is merged into its base weights; call mol.unmerge(model) before disabling "
                          "the adapters")
-    if any(getattr(c, "modules_to_save", None) for c in model.mol_configs):
+    if any(getattr(c, "modules_to_save", None) for c in configs):
         warnings.warn("mol.disable_adapters: modules_to_save are trained in place (no original copy is kept), so "
                       "they stay as trained inside the block", stacklevel=3)
     before = [m.disabled for m in layers]
-    was = getattr(model, "mol_adapters_disabled", False)
+    # the model and any inner model whose inject (taken over) put the router loss in its output
+    owners = [model, *(m for m in model.modules() if m is not model and "mol_aux_loss_in_output" in m.__dict__)]
+    was = [getattr(m, "mol_adapters_disabled", False) for m in owners]
     for m in layers:
         m.disabled = True
-    model.mol_adapters_disabled = True
+    for m in owners:
+        m.mol_adapters_disabled = True
     try:
         yield model
     finally:
         for m, d in zip(layers, before):
             m.disabled = d
-        model.mol_adapters_disabled = was
+        for m, w in zip(owners, was):
+            m.mol_adapters_disabled = w
 
 
 def clear_graphs(model: nn.Module) -> None:
@@ -491,8 +556,14 @@ def set_graphs(model: nn.Module, graph_tokens: Optional[int] = None,
         m._set_graphs(*tokens)
     changes = {k: v for k, v in (("graph_tokens", graph_tokens), ("graph_inference_tokens", graph_inference_tokens))
                if v is not None}
-    model.mol_configs = [dataclasses.replace(c, **changes) if isinstance(c, MoLConfig) and c.num_experts > 1 else c
-                         for c in model.mol_configs]
+
+    def changed(configs: list[MethodConfig]) -> list[MethodConfig]:
+        return [dataclasses.replace(c, **changes) if isinstance(c, MoLConfig) and c.num_experts > 1 else c
+                for c in configs]
+
+    model.mol_configs = changed(model.mol_configs)
+    if hasattr(model, "mol_nested"):
+        model.mol_nested = [(path, changed(configs)) for path, configs in model.mol_nested]
     return model
 
 

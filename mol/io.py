@@ -20,14 +20,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MoLConfig, config_from_dict, without_quantize_base
-from mol.inject import adapter_layers, all_or_nothing, inject, name_matches, tied_parameter_names
+from mol.inject import (adapter_layers, all_configs, all_or_nothing, inject, injected_inside, name_matches,
+                        nested_configs, require_adapter, tied_parameter_names)
 from mol.layers import MoLLinear, is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PICKLE_NAME = "adapter_model.bin"  # older PEFT adapters
 FORMAT = "mol-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "nested", the configs of inner injects an outer one took over (written only then)
 PEFT_PREFIX = "base_model.model."
 
 PathLike = Union[str, os.PathLike]
@@ -111,31 +112,35 @@ def _base_model_name(model: nn.Module) -> str:
     return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "name_or_path", "") or "")
 
 
-def _require_adapter(model: nn.Module) -> None:
-    if not getattr(model, "mol_configs", None):
-        raise ValueError("this model carries no mol adapter; call mol.inject(model, config) first")
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The trainable adapter tensors, keyed by the model's parameter names."""
-    _require_adapter(model)
+    require_adapter(model)
     params = dict(model.named_parameters())
     return {name: params[name] for name in model.mol_trainable}
 
 
 def save_adapter(model: nn.Module, directory: PathLike) -> Path:
-    """Write the adapter of ``model`` (configs + trainable tensors only) to ``directory``."""
-    _require_adapter(model)
+    """Write the adapter of ``model`` (configs + trainable tensors only) to ``directory``; with those of the
+    injects on modules inside it that its inject took over (each config under its module's name)."""
+    require_adapter(model)
     out = Path(directory)
+    inner = injected_inside(model)
+    if inner:  # injected after the model's own inject (on a module added since): its tensors are not in the list
+        raise ValueError(f"{inner[0][0]!r} inside this model carries an adapter of its own, injected after this "
+                         "model's (on a module added since), which save_adapter would leave out: inject its configs "
+                         "on this model instead; nothing was written")
     for layer_name, layer in adapter_layers(model):
         if layer.merged:
             raise ValueError(f"{layer_name} is merged into its base weight; call mol.unmerge(model) before saving")
+    nested = nested_configs(model)
     config = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if nested else 1,  # 1 where it holds nothing older versions miss
         "base_model_name_or_path": _base_model_name(model),
         "configs": [c.to_dict() for c in model.mol_configs],
     }
+    if nested:
+        config["nested"] = [{"module": path, "configs": [c.to_dict() for c in configs]} for path, configs in nested]
     # serialized before anything is written: a config JSON cannot hold fails here, not beside new tensors
     text = _json_text(config, "save_adapter")
     _write_tensors(out / WEIGHTS_NAME, adapter_state_dict(model), {"format": FORMAT})
@@ -144,7 +149,16 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
 
 
 def read_adapter_configs(directory: PathLike) -> list:
-    """The method configs saved in an adapter directory."""
+    """The method configs saved in an adapter directory (of the module saved; see read_nested_configs)."""
+    return _read_configs(directory)[0]
+
+
+def read_nested_configs(directory: PathLike) -> list[tuple[str, list]]:
+    """The configs of the inner injects the saved module's inject took over: (module name, configs), in order."""
+    return _read_configs(directory)[1]
+
+
+def _read_configs(directory: PathLike) -> tuple[list, list[tuple[str, list]]]:
     path = Path(directory) / CONFIG_NAME
     raw = _read_json(path, "point load_adapter at a directory written by mol.save_adapter")
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
@@ -159,7 +173,18 @@ def read_adapter_configs(directory: PathLike) -> list:
     if not isinstance(configs, list) or not configs or not all(isinstance(c, dict) for c in configs):
         raise ValueError(f"{path}: 'configs' must be a non-empty list of method configs (JSON objects), got "
                          f"{json.dumps(configs)[:80]}; the file is damaged: save the adapter again")
-    return [config_from_dict(c) for c in configs]
+    nested = raw.get("nested", [])
+
+    def entry(e: Any) -> bool:
+        return (isinstance(e, dict) and isinstance(e.get("module"), str) and bool(e["module"])
+                and isinstance(e.get("configs"), list) and bool(e["configs"])
+                and all(isinstance(c, dict) for c in e["configs"]))
+
+    if not isinstance(nested, list) or not all(entry(e) for e in nested):
+        raise ValueError(f"{path}: 'nested' must be a list of {{'module': name, 'configs': [...]}}, got "
+                         f"{json.dumps(nested)[:80]}; the file is damaged: save the adapter again")
+    return ([config_from_dict(c) for c in configs],
+            [(e["module"], [config_from_dict(c) for c in e["configs"]]) for e in nested])
 
 
 def _check_and_copy(model: nn.Module, tensors: dict[str, Tensor], expected: dict[str, Tensor], source: Path) -> None:
@@ -188,28 +213,41 @@ def load_adapter(model: nn.Module, directory: PathLike, quantize_base: bool = Tr
     base: e.g. to ``merge_and_unload`` it into a bf16 model. The adapter then acts on the original weights rather
     than on their NF4 rounding, which it was trained against (a small, usual difference)."""
     directory = Path(directory)
-    configs = read_adapter_configs(directory)
+    configs, nested = _read_configs(directory)
     if not quantize_base:
         configs = without_quantize_base(configs)
+        nested = [(path, without_quantize_base(c)) for path, c in nested]
     tensors = _read_tensors(directory / WEIGHTS_NAME)
+
+    def described(own: list, inner: list) -> list:
+        return [*([path, [c.adapter_dict() for c in cs]] for path, cs in inner), [c.adapter_dict() for c in own]]
+
     if getattr(model, "mol_configs", None):
-        have = [c.adapter_dict() for c in model.mol_configs]
-        if have != [c.adapter_dict() for c in configs]:
+        have, want = described(model.mol_configs, nested_configs(model)), described(configs, nested)
+        if have != want:
             raise ValueError(f"the model already carries a different adapter ({have}) than {directory} "
-                             f"({[c.adapter_dict() for c in configs]}); load into a fresh base model")
+                             f"({want}); load into a fresh base model")
         for layer_name, layer in adapter_layers(model):
             if layer.merged:  # new tensors under a merged delta: unmerging would subtract the wrong one
                 raise ValueError(f"{layer_name} is merged into its base weight; call mol.unmerge(model) before "
                                  "loading another adapter into it")
     with all_or_nothing(model):  # a file that does not fit leaves a fresh model fresh
         if not getattr(model, "mol_configs", None):
+            for path, inner in nested:  # injected first, in their order: the last inject takes them over
+                try:
+                    module = model.get_submodule(path)
+                except AttributeError:
+                    raise ValueError(f"{directory} holds an adapter for the module {path!r} inside the model it was "
+                                     f"saved from, which {type(model).__name__} lacks: load it into a model built "
+                                     "as that one was") from None
+                inject(module, inner)
             inject(model, configs)
         _check_and_copy(model, tensors, adapter_state_dict(model), directory / WEIGHTS_NAME)
     return model
 
 
 def _mergeable_layers(model: nn.Module) -> list:
-    _require_adapter(model)
+    require_adapter(model)
     layers = list(adapter_layers(model))
     for name, layer in layers:
         reason = layer.merge_blocker()
@@ -247,12 +285,12 @@ def _remove_hooks(module: nn.Module, owner: Any) -> None:
 
 
 def _unload(model: nn.Module, merge_first: bool) -> nn.Module:
-    _require_adapter(model)
+    require_adapter(model)
     from mol.methods.adapters import BottleneckAdapter
     from mol.methods.prefix import _VirtualTokens
 
     layers = list(adapter_layers(model))
-    methods = [c.method for c in model.mol_configs]
+    methods = [c.method for c in all_configs(model)]
     if merge_first:
         _mergeable_layers(model)  # every layer checked before any changes
     elif "bitfit" in methods:
@@ -293,7 +331,10 @@ def _unload(model: nn.Module, merge_first: bool) -> nn.Module:
     for module in model.modules():  # the routing context sits on every model its hooks are on (routing_context)
         if "mol_routing_context" in module.__dict__:
             delattr(module, "mol_routing_context")
-    for attr in ("mol_aux_loss_in_output", "mol_adapters_disabled", "mol_configs", "mol_trainable"):
+    for module in model.modules():  # an inner inject's (taken over), and the marks of the modules inside
+        for attr in ("mol_aux_loss_in_output", "mol_adapters_disabled", "mol_inside_inject"):
+            module.__dict__.pop(attr, None)
+    for attr in ("mol_configs", "mol_trainable", "mol_nested"):
         if attr in model.__dict__:
             delattr(model, attr)
     if "bitfit" in methods:
@@ -326,8 +367,12 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def _single_lora_config(model: nn.Module) -> LoRAConfig:
-    _require_adapter(model)
-    configs = model.mol_configs
+    require_adapter(model)
+    configs = all_configs(model)
+    if nested_configs(model):
+        raise ValueError(f"PEFT's LoRA format holds one LoRA adapter of one model; this one carries adapters "
+                         f"injected on {[p for p, _ in nested_configs(model)]} inside it and its own: export each "
+                         "model's LoRA from an inject of its own, or use mol.save_adapter")
     if len(configs) == 1 and isinstance(configs[0], LoRAConfig):
         return configs[0]
     if len(configs) == 1 and isinstance(configs[0], MoLConfig) and configs[0].num_experts == 1:

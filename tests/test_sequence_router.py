@@ -561,8 +561,8 @@ class _BatchWrapper(torch.nn.Module):
 
 
 def _prompted(model, wrapped: bool):
-    """Prompt tuning on the Hugging Face model (the method needs its config and embeddings, which a wrapper lacks)
-    and the sequence router on every linear: of the model itself, or of a wrapper around it."""
+    """Prompt tuning on the Hugging Face model and the sequence router on every linear: of the model itself, or of
+    a wrapper around it (a second inject, which takes the model's adapter over)."""
     mol.inject(model, mol.PromptTuningConfig(num_virtual_tokens=3))
     return _inject(_BatchWrapper(model) if wrapped else model)
 

@@ -4,6 +4,7 @@ parameter names."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -146,3 +147,187 @@ def test_virtual_tokens_on_a_wrapper_of_several_models_or_none_is_refused(method
     assert not hasattr(pair, "mol_configs") and all(p.requires_grad for p in pair.parameters())
     with pytest.raises(ValueError, match="needs a Hugging Face .transformers. model.*Sequential is none"):
         mol.inject(nn.Sequential(nn.Linear(4, 4)), cls(num_virtual_tokens=2))
+
+
+# ---- injects on nested modules: the outer inject takes the inner one's adapter over ---------------------------
+
+
+def _two_injects(arch: str, router: str, method: str, base: nn.Module) -> _Wrapper:
+    """Prompt / prefix tuning on the Hugging Face model, then MoL on the wrapper around it: two injects."""
+    mol_cfg, virtual = _configs(arch, router, method)
+    wrapped = _Wrapper(copy.deepcopy(base)).eval()
+    mol.inject(wrapped.lm, virtual)
+    return mol.inject(wrapped, mol_cfg)
+
+
+NESTED = CASES[:3] + CASES[4:5]
+
+
+@pytest.mark.parametrize("arch,router,method", NESTED, ids=["-".join(c) for c in NESTED])
+def test_an_inject_around_an_injected_model_takes_its_adapter_over(arch, router, method, tmp_path):
+    """Prompt (or prefix) tuning injected on the Hugging Face model, then MoL on the wrapper around it: the prompt
+    stays trainable beside every LoRA / router tensor (the second inject used to freeze it, silently), the wrapper's
+    calls route through one routing context (the model was hooked to two), save_adapter through the wrapper writes
+    both and load_adapter rebuilds both in a fresh wrapper, outputs equal to the same configs on the model itself,
+    and unload gives the base back bit for bit."""
+    from mol.calls import _RoutingCallHooks
+
+    base = _base(arch)
+    plain = _Wrapper(copy.deepcopy(base)).eval()
+    mol_cfg, virtual = _configs(arch, router, method)
+    direct = mol.inject(copy.deepcopy(base), [virtual, mol_cfg])
+    _randomise(direct)
+    wrapped = _two_injects(arch, router, method, base)
+    wrapped.head.load_state_dict(plain.head.state_dict())
+    wrapped.lm.load_state_dict(direct.state_dict())
+
+    assert sorted(wrapped.mol_trainable) == sorted(f"lm.{n}" for n in direct.mol_trainable)
+    assert {n for n, p in wrapped.named_parameters() if p.requires_grad} == set(wrapped.mol_trainable)
+    assert f"lm.mol_{method}.embedding.weight" in wrapped.mol_trainable
+    assert not hasattr(wrapped.lm, "mol_configs") and not hasattr(wrapped.lm, "mol_trainable")
+    assert [(p, [c.method for c in cs]) for p, cs in wrapped.mol_nested] == [("lm", [method])]
+    contexts = {id(m.mol_routing_context) for m in wrapped.modules() if "mol_routing_context" in m.__dict__}
+    routers = {id(m.router.context) for m in wrapped.modules() if isinstance(m, mol.MoLLinear)}
+    assert len(contexts) == 1 and routers == contexts
+    assert sum(isinstance(getattr(h, "__self__", None), _RoutingCallHooks)
+               for h in wrapped.lm._forward_pre_hooks.values()) == 1  # hooked once
+
+    batch = _batch(arch)
+    with torch.no_grad():
+        got = wrapped(batch)
+        want = wrapped.head(direct(**batch).logits)
+        before = plain(batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    mol.save_adapter(wrapped, tmp_path)
+    assert [e["module"] for e in json.loads((tmp_path / "adapter_config.json").read_text())["nested"]] == ["lm"]
+    fresh = _Wrapper(copy.deepcopy(base)).eval()
+    fresh.head.load_state_dict(plain.head.state_dict())
+    mol.load_adapter(fresh, tmp_path)
+    assert fresh.mol_trainable == wrapped.mol_trainable and fresh.mol_nested == wrapped.mol_nested
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == set(fresh.mol_trainable)
+    with torch.no_grad():
+        assert torch.equal(fresh(batch), got)
+        with mol.disable_adapters(fresh):
+            torch.testing.assert_close(fresh(batch), before, rtol=1e-5, atol=1e-6)
+    mol.load_adapter(fresh, tmp_path)  # into the same adapter again: the nested configs compare equal
+
+    mol.unload(wrapped)
+    assert set(wrapped.state_dict()) == set(plain.state_dict()) and _hooks(wrapped) == _hooks(plain)
+    assert not any(k.startswith("mol_") for m in wrapped.modules() for k in m.__dict__)
+    with torch.no_grad():
+        assert torch.equal(wrapped(batch), before)
+
+
+def test_an_inject_inside_an_injected_module_is_refused():
+    """MoL on the wrapper, then prompt tuning on the model inside: the second inject would freeze the wrapper's
+    LoRA / router tensors in that model (it used to, silently) and stay out of the wrapper's save, so it raises,
+    naming the fix, and changes nothing. The model inside says whose adapter covers it when saved or unloaded."""
+    wrapped = _Wrapper(make_tiny_llama())
+    mol.inject(wrapped, mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules=["q_proj", "v_proj"]))
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="inside a module that mol.inject adapted already.*Inject these configs on "
+                                         "the outer module"):
+        mol.inject(wrapped.lm, mol.PromptTuningConfig(num_virtual_tokens=3))
+    assert {n for n, p in wrapped.named_parameters() if p.requires_grad} == trainable
+    assert not hasattr(wrapped.lm, "mol_prompt") and not hasattr(wrapped.lm, "mol_configs")
+    with pytest.raises(ValueError, match="call this on that outer module"):
+        mol.save_adapter(wrapped.lm, "unused")
+    mol.inject(wrapped, mol.PromptTuningConfig(num_virtual_tokens=3))  # the fix: on the wrapper
+    assert {n for n, p in wrapped.named_parameters() if p.requires_grad} == trainable | {
+        "lm.mol_prompt.embedding.weight"}
+
+
+class _Pair2(nn.Module):
+    """Two Hugging Face models (a policy and a reward model) and a head of the user's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.policy, self.reward = make_tiny_llama(), make_tiny_llama()
+        self.head = nn.Linear(101, 1)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.head(self.policy(**batch).logits + self.reward(**batch).logits)
+
+
+def test_two_injected_models_in_a_wrapper_share_one_routing_context(tmp_path):
+    """Each model inside injected on its own (prompt tuning on one, routed MoL on both), then routed MoL on the
+    wrapper's head: one routing context for all (each model's was made apart), every tensor trainable, and the
+    adapter saves and loads through the wrapper; the wrapper's outputs equal the models' injected directly."""
+    seqs = (mol.MoLConfig(num_experts=4, top_k=2, rank=4, router="sequence", target_modules=["q_proj"]),
+            mol.PromptTuningConfig(num_virtual_tokens=2))
+    pair = _Pair2().eval()
+    base = copy.deepcopy(pair)
+    mol.inject(pair.policy, list(seqs))
+    mol.inject(pair.reward, seqs[0])
+    mol.inject(pair, mol.MoLConfig(num_experts=4, top_k=2, rank=4, router="sequence", target_modules=["head"]))
+    _randomise(pair)
+    contexts = {id(m.router.context) for m in pair.modules() if isinstance(m, mol.MoLLinear)}
+    assert len(contexts) == 1 and all(id(m.mol_routing_context) in contexts
+                                      for m in pair.modules() if "mol_routing_context" in m.__dict__)
+    assert {n for n, p in pair.named_parameters() if p.requires_grad} == set(pair.mol_trainable)
+    assert "policy.mol_prompt.embedding.weight" in pair.mol_trainable
+    assert any(n.startswith("reward.") and ".lora_A" in n for n in pair.mol_trainable)
+    batch = _batch("llama")
+    policy = mol.inject(copy.deepcopy(base.policy), list(seqs))
+    policy.load_state_dict(pair.policy.state_dict())
+    reward = mol.inject(copy.deepcopy(base.reward), seqs[0])
+    reward.load_state_dict(pair.reward.state_dict())
+    with torch.no_grad():
+        got = pair(batch)
+        per_model = policy(**batch).logits + reward(**batch).logits
+        # the head alone on the sum, routed per example (as the wrapper's head outside the models' calls)
+        alone = torch.stack([pair.head(per_model[i:i + 1, :int(batch["attention_mask"][i].sum())])[0, -1]
+                             for i in range(len(per_model))])
+    torch.testing.assert_close(got[torch.arange(len(got)), batch["attention_mask"].sum(1) - 1], alone,
+                               rtol=1e-4, atol=1e-4)
+    mol.save_adapter(pair, tmp_path)
+    fresh = copy.deepcopy(base)
+    mol.load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(batch), got)
+
+
+def test_disable_adapters_through_the_wrapper_switches_the_inner_router_loss_off():
+    """MoL with aux_loss_in_output injected on the model, LoRA on the wrapper's head after: inside the wrapper's
+    disable_adapters the model's training loss is the base's (its own hook, taken over, adds no router loss)."""
+    base = make_tiny_llama()
+    wrapped = _Wrapper(copy.deepcopy(base))
+    mol.inject(wrapped.lm, mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules=["q_proj"],
+                                         aux_loss_in_output=True))
+    mol.inject(wrapped, mol.LoRAConfig(rank=4, target_modules=["head"]))
+    ids = torch.randint(0, 101, (2, 7))
+    wrapped.train()
+    base.train()
+    with torch.no_grad():
+        assert wrapped.lm(input_ids=ids, labels=ids).loss != base(input_ids=ids, labels=ids).loss
+        with mol.disable_adapters(wrapped):
+            assert torch.equal(wrapped.lm(input_ids=ids, labels=ids).loss, base(input_ids=ids, labels=ids).loss)
+        assert wrapped.lm(input_ids=ids, labels=ids).loss != base(input_ids=ids, labels=ids).loss
+
+
+def test_a_saved_nested_adapter_that_does_not_fit_is_refused(tmp_path):
+    """A wrapper whose model inside was injected first saves that inject under its module's name (format_version
+    2, so an older mol refuses it rather than load half); a model without that module, or a damaged entry, is
+    refused naming the problem, and the model stays as it was."""
+    wrapped = _Wrapper(make_tiny_llama())
+    mol.inject(wrapped.lm, mol.PromptTuningConfig(num_virtual_tokens=2))
+    mol.inject(wrapped, mol.LoRAConfig(rank=4, target_modules=["head"]))
+    mol.save_adapter(wrapped, tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["format_version"] == 2 and raw["nested"][0]["module"] == "lm"
+
+    class Other(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = make_tiny_llama()
+            self.head = nn.Linear(101, 3)
+
+    other = Other()
+    with pytest.raises(ValueError, match="for the module 'lm' inside the model it was saved from, which Other lacks"):
+        mol.load_adapter(other, tmp_path)
+    assert not any(k.startswith("mol_") for m in other.modules() for k in m.__dict__)
+    raw["nested"] = [{"module": "lm"}]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="'nested' must be a list"):
+        mol.load_adapter(_Wrapper(make_tiny_llama()), tmp_path)
