@@ -326,7 +326,8 @@ class RoutingContext:
                 f"sequence router: a layer of the module given to mol.inject, run after Hugging Face model calls "
                 f"inside its forward, got an input of shape {tuple(x.shape)}, the shape of the attention masks of "
                 f"{len(found)} of those calls; the router cannot tell which call's padding to leave out of each "
-                "sequence's pool. Pad those calls to different widths")
+                "sequence's pool. Pad those calls to different widths (or run them as one batch), route this "
+                "layer per token (a top-k router), or leave it out of target_modules")
         return found[0] if len(found) == 1 else None
 
     def token_weights(self, x: Tensor) -> Tensor | None:

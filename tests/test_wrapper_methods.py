@@ -331,3 +331,35 @@ def test_a_saved_nested_adapter_that_does_not_fit_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="'nested' must be a list"):
         mol.load_adapter(_Wrapper(make_tiny_llama()), tmp_path)
+
+
+class _TwoPasses(nn.Module):
+    """Two passes of one batch through the backbone (R-Drop / SimCSE style), a per-token head after each."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.backbone = lm.model
+        self.head = nn.Linear(lm.config.hidden_size, 3)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.head(self.backbone(**batch).last_hidden_state)
+        return first, self.head(self.backbone(**batch).last_hidden_state)
+
+
+def test_two_passes_of_one_batch_with_prompt_tuning_are_one_padding():
+    """Prompt tuning builds each call's mask with its virtual tokens afresh: two passes of the same batch are still
+    one padding, so the wrapper's sequence-routed head takes it (it raised: two masks of one shape) and routes
+    each example as alone."""
+    torch.manual_seed(0)
+    model = _TwoPasses(make_tiny_llama())
+    mol.inject(model, [mol.MoLConfig(num_experts=4, top_k=2, rank=4, router="sequence"),
+                       mol.PromptTuningConfig(num_virtual_tokens=2)])
+    _randomise(model)
+    model.eval()
+    batch = _batch("llama")
+    with torch.no_grad():
+        first, second = model(batch)
+        assert torch.equal(first, second)
+        for i, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+            alone, _ = model({k: v[i:i + 1, :n] for k, v in batch.items()})
+            assert (first[i, :2 + n] - alone[0]).abs().max() < 1e-4, i
