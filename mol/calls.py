@@ -232,6 +232,7 @@ class _RoutingCallHooks:
     _checkpointing: list[nn.Module] = []
     _wrapper = False
     _outside: tuple[Tensor, ...] | None = None  # the wrapper's outside_masks, while a part of its call runs
+    _outside_states: tuple[tuple[Tensor, Tensor], ...] = ()  # and its outside_states
     _part_masks: tuple[Tensor, ...] = ()  # the padding masks the caller gave the part in progress
 
     def __init__(self, context: RoutingContext, encoder: bool = False, checkpointing: list[nn.Module] = (),
@@ -258,7 +259,7 @@ class _RoutingCallHooks:
                 return
             # the outer call's arguments described nothing (a wrapper's forward(batch)): this call describes its part
             self._owns = self._inside = True
-            self._outside, context.in_call = context.outside_masks, False
+            self._outside, self._outside_states, context.in_call = context.outside_masks, context.outside_states, False
         if self._checkpointing and model.training and not torch.compiler.is_compiling():
             # a dict lookup per checkpointable layer: checkpointing may have been enabled since the last call
             _bind_checkpoints(self._checkpointing, context)
@@ -303,7 +304,8 @@ class _RoutingCallHooks:
                     if c is not None:
                         _keep_choices(c, context.choices)
         finally:
-            inside, outside, masks = self._inside, self._outside, self._part_masks
+            inside, outside, masks, states = self._inside, self._outside, self._part_masks, self._outside_states
+            layers_mask = context.attention_mask
             # the caller's mask given before (a second pass over one batch): its layers' mask, which prompt tuning
             # builds afresh each call, is the padding the first pass added, not another one
             again = bool(masks) and outside is not None and any(masks[0] is o for o in outside)
@@ -313,7 +315,7 @@ class _RoutingCallHooks:
             context.end_call()
             if inside:  # the outer call goes on, as undescribed as it came
                 context.in_call = True
-                _leave_part(context, outside, masks)
+                _leave_part(context, outside, masks, states, output, layers_mask)
 
 
     def _encoder_before(self, encoder: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -322,6 +324,7 @@ class _RoutingCallHooks:
         self._encoder_mask = mask
         # called by a wrapper's forward outside the model's own call: it describes its part, as a model call would
         self._outside = context.outside_masks if context.in_call else None
+        self._outside_states = context.outside_states
         self._owns = not context.in_call or self._outside is not None
         if self._owns:
             context.in_call = False
@@ -341,7 +344,7 @@ class _RoutingCallHooks:
             context.end_call()
             if outside is not None:
                 context.in_call = True
-                _leave_part(context, outside, () if mask is None else (mask,))
+                _leave_part(context, outside, () if mask is None else (mask,), self._outside_states, output, mask)
             return
         if self._outer is not None:
             (context._batch_shape, context._shape_of, context._batch_of, context.attention_mask,
@@ -354,12 +357,22 @@ class _RoutingCallHooks:
             context.continuation, context.choices, self._resume = True, self._resume[0], None
 
 
-def _leave_part(context: RoutingContext, outside: tuple[Tensor, ...] | None, masks: tuple[Tensor, ...]) -> None:
-    """A model call inside a wrapper's call returned: the wrapper's layers after it get its padding masks."""
-    if outside is not None:
-        # by identity: the same mask given to two calls (a wrapper calling the model twice) is one padding
-        context.outside_masks = outside + tuple(m for i, m in enumerate(masks)
-                                                if all(m is not o for o in (*outside, *masks[:i])))
+def _leave_part(context: RoutingContext, outside: tuple[Tensor, ...] | None, masks: tuple[Tensor, ...],
+                states: tuple[tuple[Tensor, Tensor], ...], output: Any, layers_mask: Tensor | None) -> None:
+    """A model call inside a wrapper's call returned: the wrapper's layers after it get its padding masks, and its
+    returned (batch, positions, hidden) states keep the mask of their shape (for a head on them after several
+    calls padded to one width)."""
+    if outside is None:
+        return
+    # by identity: the same mask given to two calls (a wrapper calling the model twice) is one padding
+    context.outside_masks = outside + tuple(m for i, m in enumerate(masks)
+                                            if all(m is not o for o in (*outside, *masks[:i])))
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    found = [t for v in values for t in (v if isinstance(v, (tuple, list)) else (v,))
+             if isinstance(t, Tensor) and t.dim() == 3]
+    candidates = (*(() if layers_mask is None else (layers_mask,)), *masks)  # its layers' first: they saw them
+    pairs = ((t, next((m for m in candidates if tuple(m.shape) == tuple(t.shape[:2])), None)) for t in found)
+    context.outside_states = states + tuple((t, m) for t, m in pairs if m is not None)
 
 
 def _undescribed(context: RoutingContext) -> bool:

@@ -221,6 +221,9 @@ class RoutingContext:
     memory: Tensor | None = None
     memory_mask: Tensor | None = None
     outside_masks: tuple[Tensor, ...] | None = None
+    # beside outside_masks: the 3-D states those calls returned, each with its call's mask, so that an input that is
+    # one of them (a head on one call's last_hidden_state) takes that call's mask where the shape fits several
+    outside_states: tuple[tuple[Tensor, Tensor], ...] = ()
 
     def __init__(self) -> None:
         self.attention_mask: Tensor | None = None
@@ -262,7 +265,7 @@ class RoutingContext:
         tokens = tokens if isinstance(tokens, Tensor) and tokens.dim() >= 2 else None
         batch = batch if isinstance(batch, Tensor) and batch.dim() >= 1 else None
         self._batch_shape, self._shape_of, self._batch_of = None, tokens, tokens if tokens is not None else batch
-        self.outside_masks = None  # the layers of a described call run inside it
+        self.outside_masks, self.outside_states = None, ()  # the layers of a described call run inside it
         two_d = isinstance(attention_mask, Tensor) and attention_mask.dim() == 2
         self.attention_mask = attention_mask if two_d else None
         # a new list, not cleared in place: the snapshots of earlier calls keep theirs; and a compiled model then
@@ -277,7 +280,7 @@ class RoutingContext:
         """The model's call is over (a forward hook): a submodule called on its own afterwards sees no call."""
         self._batch_shape, self._shape_of, self._batch_of, self.attention_mask = None, None, None, None
         self.continuation, self.in_call, self._weights, self.sequence_error = False, False, [], None
-        self.memory, self.memory_mask, self.outside_masks = None, None, None
+        self.memory, self.memory_mask, self.outside_masks, self.outside_states = None, None, None, ()
         self.choices = {}  # a layer called on its own now keeps its choice here, out of the call's cache
 
     def snapshot(self) -> "RoutingContext":
@@ -288,6 +291,7 @@ class RoutingContext:
         copy.attention_mask, copy.continuation = self.attention_mask, self.continuation
         copy._weights, copy.choices, copy.sequence_error = self._weights, self.choices, self.sequence_error
         copy.memory, copy.memory_mask, copy.outside_masks = self.memory, self.memory_mask, self.outside_masks
+        copy.outside_states = self.outside_states
         return copy
 
     def mask_for(self, x: Tensor, strict: bool = False) -> Tensor | None:
@@ -297,7 +301,7 @@ class RoutingContext:
         raise ValueError where x's shape is that of several such calls' different masks, rather than None."""
         outside = self.outside_masks
         if outside is not None:
-            return self._outside_mask(x, outside, strict)
+            return self._outside_mask(x, outside, self.outside_states, strict)
         memory_mask = self.memory_mask
         if memory_mask is not None and x is self.memory and tuple(x.shape[:-1]) == tuple(memory_mask.shape):
             return memory_mask
@@ -317,10 +321,15 @@ class RoutingContext:
         return None
 
     @staticmethod
-    def _outside_mask(x: Tensor, masks: tuple[Tensor, ...], strict: bool) -> Tensor | None:
-        """The one of ``masks`` (different objects) whose shape is x's leading dims: by shape alone, so where
-        several are, which one x's positions are is unknown."""
+    def _outside_mask(x: Tensor, masks: tuple[Tensor, ...], states: tuple[tuple[Tensor, Tensor], ...],
+                      strict: bool) -> Tensor | None:
+        """The one of ``masks`` (different objects) whose shape is x's leading dims; where several are, that of the
+        call x is a returned state of (or a view of one), else which one x's positions are is unknown."""
         found = [m for m in masks if x.dim() >= 2 and tuple(m.shape) == tuple(x.shape[:-1])]
+        if len(found) > 1:
+            for state, mask in states:
+                if (x is state or x._base is state) and tuple(mask.shape) == tuple(x.shape[:-1]):
+                    return mask
         if len(found) > 1 and strict:
             raise ValueError(
                 f"sequence router: a layer of the module given to mol.inject, run after Hugging Face model calls "

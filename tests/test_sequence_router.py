@@ -458,15 +458,21 @@ class _PairWrapper(torch.nn.Module):
     """A module of the user's own around a Hugging Face model: one call per half of a batch dict (a reward
     model's chosen and rejected), then a routed head of its own."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, derived=False, interleaved=False):
         super().__init__()
         self.lm = lm
         self.head = torch.nn.Linear(lm.config.vocab_size, 3)
+        self.derived, self.interleaved = derived, interleaved  # the head on a new tensor; after each call
 
     def forward(self, batch):
-        halves = [self.lm(input_ids=batch[f"{k}_ids"], attention_mask=batch[f"{k}_mask"]).logits
-                  for k in ("chosen", "rejected")]
-        return halves, self.head(halves[0])
+        halves, heads = [], []
+        for k in ("chosen", "rejected"):
+            halves.append(self.lm(input_ids=batch[f"{k}_ids"], attention_mask=batch[f"{k}_mask"]).logits)
+            if self.interleaved:
+                heads.append(self.head(halves[-1]))
+        if not self.interleaved:
+            heads = [self.head(h.clone() if self.derived else h) for h in halves]
+        return halves, heads
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
@@ -535,11 +541,36 @@ def test_wrapper_head_after_the_model_call_routes_each_example_as_if_alone(per_t
     torch.testing.assert_close(neighbours, alone[0], rtol=1e-4, atol=1e-4)
 
 
-def test_wrapper_head_on_positions_of_two_calls_of_one_width_is_refused():
-    """The pair wrapper's head on the first call's per-token logits, both calls padded to one width: which call's
-    padding those positions have is unknown, so the sequence router raises rather than pool either."""
+@pytest.mark.parametrize("interleaved", [False, True], ids=["heads_after_both_calls", "head_after_each_call"])
+def test_wrapper_head_on_a_call_s_returned_states_takes_that_call_s_padding(interleaved):
+    """Two calls padded to one width (a reward model's chosen and rejected), the wrapper's routed head on each
+    call's returned logits, after both calls or after each: each example's head output equals its own alone (the
+    returned states carry their call's mask, where the shape fits both)."""
     torch.manual_seed(0)
-    wrapped = _inject(_PairWrapper(make_tiny_llama()))
+    wrapped = _inject(_PairWrapper(make_tiny_llama(), interleaved=interleaved))
+    seqs = {"chosen": [torch.randint(1, 101, (n,)) for n in (4, 9, 6)],
+            "rejected": [torch.randint(1, 101, (n,)) for n in (7, 3, 9)]}
+    batch = {}
+    for k, ss in seqs.items():
+        batch[f"{k}_ids"], batch[f"{k}_mask"] = _padded(ss)
+    with torch.no_grad():
+        _, heads = wrapped(batch)
+        for i in range(3):
+            alone = {}
+            for k, ss in seqs.items():
+                alone[f"{k}_ids"], alone[f"{k}_mask"] = _padded([ss[i]])
+            _, heads_alone = wrapped(alone)
+            for half, k in enumerate(seqs):
+                n = len(seqs[k][i])
+                torch.testing.assert_close(heads[half][i, :n], heads_alone[half][0], rtol=1e-4, atol=1e-4)
+
+
+def test_wrapper_head_on_positions_of_two_calls_of_one_width_is_refused():
+    """The pair wrapper's head on a new tensor of the first call's per-token logits' shape, both calls padded to
+    one width: which call's padding those positions have is unknown, so the sequence router raises rather than
+    pool either."""
+    torch.manual_seed(0)
+    wrapped = _inject(_PairWrapper(make_tiny_llama(), derived=True))
     batch = {}
     for k, lengths in (("chosen", (4, 9, 6)), ("rejected", (7, 3, 9))):
         batch[f"{k}_ids"], batch[f"{k}_mask"] = _padded([torch.randint(1, 101, (n,)) for n in lengths])
