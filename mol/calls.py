@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -232,7 +233,7 @@ class _RoutingCallHooks:
     _checkpointing: list[nn.Module] = []
     _wrapper = False
     _outside: tuple[Tensor, ...] | None = None  # the wrapper's outside_masks, while a part of its call runs
-    _outside_states: tuple[tuple[Tensor, Tensor], ...] = ()  # and its outside_states
+    _outside_states: tuple = ()  # and its outside_states
     _part_masks: tuple[Tensor, ...] = ()  # the padding masks the caller gave the part in progress
 
     def __init__(self, context: RoutingContext, encoder: bool = False, checkpointing: list[nn.Module] = (),
@@ -259,7 +260,8 @@ class _RoutingCallHooks:
                 return
             # the outer call's arguments described nothing (a wrapper's forward(batch)): this call describes its part
             self._owns = self._inside = True
-            self._outside, self._outside_states, context.in_call = context.outside_masks, context.outside_states, False
+            self._outside, self._outside_states = context.outside_masks, context.outside_states
+            context.in_call = False
         if self._checkpointing and model.training and not torch.compiler.is_compiling():
             # a dict lookup per checkpointable layer: checkpointing may have been enabled since the last call
             _bind_checkpoints(self._checkpointing, context)
@@ -344,7 +346,8 @@ class _RoutingCallHooks:
             context.end_call()
             if outside is not None:
                 context.in_call = True
-                _leave_part(context, outside, () if mask is None else (mask,), self._outside_states, output, mask)
+                masks = () if mask is None else (mask,)
+                _leave_part(context, outside, masks, self._outside_states, output, mask)
             return
         if self._outer is not None:
             (context._batch_shape, context._shape_of, context._batch_of, context.attention_mask,
@@ -358,7 +361,7 @@ class _RoutingCallHooks:
 
 
 def _leave_part(context: RoutingContext, outside: tuple[Tensor, ...] | None, masks: tuple[Tensor, ...],
-                states: tuple[tuple[Tensor, Tensor], ...], output: Any, layers_mask: Tensor | None) -> None:
+                states: tuple, output: Any, layers_mask: Tensor | None) -> None:
     """A model call inside a wrapper's call returned: the wrapper's layers after it get its padding masks, and its
     returned (batch, positions, hidden) states keep the mask of their shape (for a head on them after several
     calls padded to one width)."""
@@ -367,12 +370,14 @@ def _leave_part(context: RoutingContext, outside: tuple[Tensor, ...] | None, mas
     # by identity: the same mask given to two calls (a wrapper calling the model twice) is one padding
     context.outside_masks = outside + tuple(m for i, m in enumerate(masks)
                                             if all(m is not o for o in (*outside, *masks[:i])))
+    if torch.compiler.is_compiling():  # no weak references in a traced graph: several calls' masks of one
+        return                          # shape then stay unknown, as for any new tensor
     values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
     found = [t for v in values for t in (v if isinstance(v, (tuple, list)) else (v,))
              if isinstance(t, Tensor) and t.dim() == 3]
     candidates = (*(() if layers_mask is None else (layers_mask,)), *masks)  # its layers' first: they saw them
     pairs = ((t, next((m for m in candidates if tuple(m.shape) == tuple(t.shape[:2])), None)) for t in found)
-    context.outside_states = states + tuple((t, m) for t, m in pairs if m is not None)
+    context.outside_states = states + tuple((weakref.ref(t), m) for t, m in pairs if m is not None)
 
 
 def _undescribed(context: RoutingContext) -> bool:

@@ -14,6 +14,7 @@ Auxiliary losses (kept on the output, collected by ``MoLLinear.aux_loss``):
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -222,8 +223,9 @@ class RoutingContext:
     memory_mask: Tensor | None = None
     outside_masks: tuple[Tensor, ...] | None = None
     # beside outside_masks: the 3-D states those calls returned, each with its call's mask, so that an input that is
-    # one of them (a head on one call's last_hidden_state) takes that call's mask where the shape fits several
-    outside_states: tuple[tuple[Tensor, Tensor], ...] = ()
+    # one of them (a head on one call's last_hidden_state) takes that call's mask where the shape fits several. Weak
+    # references: a router's snapshot of the call outlives it, and must not keep a call's logits alive
+    outside_states: tuple[tuple[weakref.ref, Tensor], ...] = ()
 
     def __init__(self) -> None:
         self.attention_mask: Tensor | None = None
@@ -321,14 +323,15 @@ class RoutingContext:
         return None
 
     @staticmethod
-    def _outside_mask(x: Tensor, masks: tuple[Tensor, ...], states: tuple[tuple[Tensor, Tensor], ...],
+    def _outside_mask(x: Tensor, masks: tuple[Tensor, ...], states: tuple[tuple[weakref.ref, Tensor], ...],
                       strict: bool) -> Tensor | None:
         """The one of ``masks`` (different objects) whose shape is x's leading dims; where several are, that of the
         call x is a returned state of (or a view of one), else which one x's positions are is unknown."""
         found = [m for m in masks if x.dim() >= 2 and tuple(m.shape) == tuple(x.shape[:-1])]
         if len(found) > 1:
-            for state, mask in states:
-                if (x is state or x._base is state) and tuple(mask.shape) == tuple(x.shape[:-1]):
+            for ref, mask in states:
+                state = ref()
+                if state is not None and (x is state or x._base is state) and tuple(mask.shape) == tuple(x.shape[:-1]):
                     return mask
         if len(found) > 1 and strict:
             raise ValueError(

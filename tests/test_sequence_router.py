@@ -563,6 +563,9 @@ def test_wrapper_head_on_a_call_s_returned_states_takes_that_call_s_padding(inte
             for half, k in enumerate(seqs):
                 n = len(seqs[k][i])
                 torch.testing.assert_close(heads[half][i, :n], heads_alone[half][0], rtol=1e-4, atol=1e-4)
+    kept = wrapped.head.router._call.outside_states  # the head's snapshot of the call outlives it
+    del heads, heads_alone, _
+    assert kept and all(ref() is None for ref, _ in kept)  # it keeps no call's logits alive
 
 
 def test_wrapper_head_on_positions_of_two_calls_of_one_width_is_refused():
