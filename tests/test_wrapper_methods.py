@@ -363,3 +363,41 @@ def test_two_passes_of_one_batch_with_prompt_tuning_are_one_padding():
         for i, n in enumerate(batch["attention_mask"].sum(1).tolist()):
             alone, _ = model({k: v[i:i + 1, :n] for k, v in batch.items()})
             assert (first[i, :2 + n] - alone[0]).abs().max() < 1e-4, i
+
+
+class _ValueHead(nn.Module):
+    """A value-head wrapper that exposes the model's config and input embeddings and passes its inputs through."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm, self.config = lm, lm.config
+        self.v_head = nn.Linear(lm.config.hidden_size, 1)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.lm.get_input_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                      output_hidden_states=True)
+        return out.logits, self.v_head(out.hidden_states[-1]).squeeze(-1)
+
+
+def test_prompt_tuning_on_a_wrapper_with_a_config_of_its_own_stays_on_it(tmp_path):
+    """A wrapper with a config of its own took prompt tuning itself before wrappers were resolved to the model
+    inside: it still does, so adapters saved from it (mol_prompt.embedding.weight) load as they were written."""
+    torch.manual_seed(0)
+    model = _ValueHead(make_tiny_llama())
+    mol.inject(model, [mol.MoLConfig(num_experts=4, top_k=2, rank=4, router="sequence"),
+                       mol.PromptTuningConfig(num_virtual_tokens=2)])
+    assert "mol_prompt.embedding.weight" in model.mol_trainable
+    _randomise(model)
+    batch = _batch("llama")
+    with torch.no_grad():
+        want = model(**batch)
+    mol.save_adapter(model, tmp_path)
+    torch.manual_seed(0)
+    fresh = _ValueHead(make_tiny_llama())
+    mol.load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        for got, ref in zip(fresh(**batch), want):
+            assert torch.equal(got, ref)

@@ -393,7 +393,10 @@ def _hf_model_in(model: nn.Module, cfg: MethodConfig) -> tuple[nn.Module, str]:
         raise ValueError(f"{type(cfg).__name__} needs a Hugging Face (transformers) model, whose config and input "
                          f"embeddings it uses; {type(model).__name__} is none and holds none: inject it on a "
                          "transformers model, or on a module of your own that holds one")
-    if not found or any(m is model for m in found):  # a Hugging Face model itself (or a model with a config)
+    # a Hugging Face model itself, or a module with a config of its own that passes the model's inputs through (a
+    # value-head wrapper exposing config and get_input_embeddings): the method goes on it, as before wrappers
+    # were resolved, so adapters saved from it keep their names
+    if not found or any(m is model for m in found) or getattr(model, "config", None) is not None:
         return model, ""
     names = {id(m): n for n, m in model.named_modules() if n}
     if len(found) > 1:
