@@ -112,8 +112,15 @@ def _base_model_name(model: nn.Module) -> str:
     return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "name_or_path", "") or "")
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module torch.compile wrapped (its OptimizedModule names every parameter ``_orig_mod.``...), else model."""
+    inner = model._modules.get("_orig_mod") if type(model).__name__ == "OptimizedModule" else None
+    return model if inner is None else inner
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The trainable adapter tensors, keyed by the model's parameter names."""
+    model = _uncompiled(model)
     require_adapter(model)
     params = dict(model.named_parameters())
     return {name: params[name] for name in model.mol_trainable}
@@ -122,6 +129,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     """Write the adapter of ``model`` (configs + trainable tensors only) to ``directory``; with those of the
     injects on modules inside it that its inject took over (each config under its module's name)."""
+    model = _uncompiled(model)
     require_adapter(model)
     out = Path(directory)
     inner = injected_inside(model)

@@ -208,3 +208,17 @@ def test_checkpointed_model_compiles_in_one_graph_and_matches_eager(backend, rou
             for key, value in stats.items():
                 assert torch.allclose(compiled[3][name][key], value, rtol=1e-5, atol=1e-6), (name, key)
     torch._dynamo.reset()
+
+
+def test_save_adapter_of_a_compiled_model_writes_the_model_s_adapter(tiny_llama, tmp_path):
+    """mol.save_adapter(torch.compile(model)) writes what saving the model itself writes (it raised, naming the
+    compiled wrapper's '_orig_mod' as an adapter injected later)."""
+    mol.inject(tiny_llama, mol.MoLConfig(num_experts=4, top_k=2, rank=4, target_modules=["q_proj", "v_proj"]))
+    mol.save_adapter(torch.compile(tiny_llama, backend="eager"), tmp_path / "compiled")
+    mol.save_adapter(tiny_llama, tmp_path / "plain")
+    from safetensors.torch import load_file
+
+    got, want = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("compiled", "plain"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert (tmp_path / "compiled" / "adapter_config.json").read_text() == \
+        (tmp_path / "plain" / "adapter_config.json").read_text()
