@@ -72,6 +72,16 @@ def test_bf16_model_with_float32_adapters_compiles_and_matches_eager():
         assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=2e-2, atol=1e-3)
 
 
+def _inject_three(model, router: str, backend: str) -> None:
+    """MoL E=4 top-2 r=4 on q/v/up projections, lora_B drawn so the experts' deltas show."""
+    mol.inject(model, mol.MoLConfig(rank=4, alpha=8, num_experts=4, top_k=2, router=router,
+                                    target_modules=["q_proj", "v_proj", "up_proj"], backend=backend))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+
+
 @pytest.mark.parametrize("backend,router", [("torch", "topk"), ("triton", "topk"), ("torch", "sequence")])
 def test_one_graph_for_every_sequence_length(backend, router, tiny_llama):
     """A compiled model with MoL adapters is one graph (no break at any layer) and, over four sequence lengths,
@@ -81,12 +91,7 @@ def test_one_graph_for_every_sequence_length(backend, router, tiny_llama):
     limit, after which they ran eagerly. Each step's loss equals eager mode's."""
     torch._dynamo.reset()
     model = tiny_llama
-    mol.inject(model, mol.MoLConfig(rank=4, alpha=8, num_experts=4, top_k=2, router=router,
-                                    target_modules=["q_proj", "v_proj", "up_proj"], backend=backend))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    _inject_three(model, router, backend)
 
     def batch(length):
         ids = torch.randint(0, model.config.vocab_size, (3, length))
@@ -159,12 +164,9 @@ def test_checkpointed_model_compiles_in_one_graph_and_matches_eager(backend, rou
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = make_tiny_llama()
-    mol.inject(model, mol.MoLConfig(rank=4, alpha=8, num_experts=4, top_k=2, router=router,
-                                    target_modules=["q_proj", "v_proj", "up_proj"], backend=backend))
+    _inject_three(model, router, backend)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
             if "router" in n:
                 p.normal_(0, 0.5)  # scores far from uniform: the router losses' gradients are worth comparing
     model.train()

@@ -66,6 +66,17 @@ def _randomise(model: nn.Module) -> None:
                 p.normal_(0, 0.5)
 
 
+def _as_direct(wrapped: nn.Module, direct: nn.Module, plain: nn.Module, batch: dict):
+    """The wrapper's output, checked equal to its head on the directly injected model's logits; and the plain
+    (adapter-free) wrapper's output."""
+    with torch.no_grad():
+        got = wrapped(batch)
+        want = wrapped.head(direct(**batch).logits)
+        before = plain(batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    return got, before
+
+
 def _hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
@@ -98,11 +109,7 @@ def test_virtual_tokens_on_a_wrapper_act_as_on_the_model_inside(arch, router, me
     assert any(".router." in n for n in wrapped.mol_trainable)
 
     batch = _batch(arch)
-    with torch.no_grad():
-        got = wrapped(batch)
-        want = wrapped.head(direct(**batch).logits)
-        before = plain(batch)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got, before = _as_direct(wrapped, direct, plain, batch)
     assert (got - before).abs().max() > 1e-2  # the adapters act
 
     wrapped.train()
@@ -193,11 +200,7 @@ def test_an_inject_around_an_injected_model_takes_its_adapter_over(arch, router,
                for h in wrapped.lm._forward_pre_hooks.values()) == 1  # hooked once
 
     batch = _batch(arch)
-    with torch.no_grad():
-        got = wrapped(batch)
-        want = wrapped.head(direct(**batch).logits)
-        before = plain(batch)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got, before = _as_direct(wrapped, direct, plain, batch)
 
     mol.save_adapter(wrapped, tmp_path)
     assert [e["module"] for e in json.loads((tmp_path / "adapter_config.json").read_text())["nested"]] == ["lm"]
