@@ -311,8 +311,8 @@ class _RoutingCallHooks:
             # the caller's mask given before (a second pass over one batch): its layers' mask, which prompt tuning
             # builds afresh each call, is the padding the first pass added, not another one
             again = bool(masks) and outside is not None and any(masks[0] is o for o in outside)
-            if inside and context.attention_mask is not None and not again:  # its layers' (prompt tuning's: with
-                masks += (context.attention_mask,)                           # virtual tokens)
+            if inside and layers_mask is not None and not again:  # its layers' (prompt tuning's: with virtual
+                masks += (layers_mask,)                             # tokens)
             self._inside, self._outside, self._part_masks = False, None, ()
             context.end_call()
             if inside:  # the outer call goes on, as undescribed as it came

@@ -732,8 +732,9 @@ class _LinearFn(torch.autograd.Function):
 
 
 def _no_vmap(info, in_dims, *args):
-    raise RuntimeError("grouped_lora: torch.func.vmap cannot batch the Triton kernels (they have no batching rule); "
-                       "vmap a layer with backend='torch', or loop over the batch")
+    """The vmap rule of the Functions torch.func's transforms use (here and routed_lora's): none exists."""
+    raise RuntimeError("mol: torch.func.vmap cannot batch the Triton kernels (they have no batching rule); vmap a "
+                       "layer with backend='torch', or loop over the batch")
 
 
 class _FuncAddFn(torch.autograd.Function):
@@ -756,6 +757,7 @@ class _FuncLinearFn(torch.autograd.Function):
 
 
 def _functorch() -> bool:
+    """Whether torch.func's transforms are active (outside torch.compile, which handles them itself)."""
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 

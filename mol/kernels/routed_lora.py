@@ -1233,10 +1233,7 @@ class _FuncRoutedLoRAFn(torch.autograd.Function):
 
     backward = staticmethod(_RoutedLoRAFn.backward)
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        raise RuntimeError("routed_lora_linear: torch.func.vmap cannot batch the fused Triton kernels (they have no "
-                           "batching rule); vmap a layer with backend='torch', or loop over the batch")
+    vmap = staticmethod(gl._no_vmap)
 
 
 def _routed_backward(dy, daux, saved, need, weight_fn, meta):
@@ -1429,8 +1426,7 @@ def routed_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
                                                                  lora_A, lora_B, router_w, noise, token_weights, meta)
     else:
         # (eager is False under torch.func's transforms: their tensors are wrapped)
-        transforms = not eager and not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
-        fn = _FuncRoutedLoRAFn if transforms else _RoutedLoRAFn
+        fn = _FuncRoutedLoRAFn if not eager and gl._functorch() else _RoutedLoRAFn
         y, aux, hl, gates, ids, stats = fn.apply(x, x_lora, weight, weight_fn, bias, base_out, lora_A, lora_B,
                                                  router_w, noise, token_weights, meta)[:6]
     return y if lead is None else y.view(*lead, y.shape[-1]), aux, hl, gates, ids, stats
