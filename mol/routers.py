@@ -475,7 +475,10 @@ class Router(nn.Module):
             gates = probs
             expert_ids = torch.arange(self.num_experts, device=x.device).expand_as(probs)
         else:
-            top_probs, expert_ids = probs.topk(self.top_k, dim=-1)
+            # a stable sort, not topk: equal probabilities (a zero-initialised router) choose the lowest expert ids,
+            # as the Triton kernels do; topk leaves ties to the platform (the CPU chose experts 6 and 5 of 8)
+            top_probs, expert_ids = probs.sort(dim=-1, descending=True, stable=True)
+            top_probs, expert_ids = top_probs[:, : self.top_k], expert_ids[:, : self.top_k]
             gates = top_probs if self.kind == "switch" else top_probs / top_probs.sum(dim=-1, keepdim=True)
 
         chosen = expert_ids

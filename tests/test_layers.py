@@ -275,6 +275,34 @@ def test_triton_backend_computes_the_reference_function(kind, E, K):
         assert rel(gk, gt) < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind,E,K", [("topk", 8, 2), ("switch", 8, 1), ("topk", 64, 4), ("sequence", 8, 3)])
+def test_tied_router_scores_choose_the_lowest_expert_ids(kind, E, K, backend):
+    """Equal router probabilities (a zero-initialised router) choose the lowest expert ids on every backend, as the
+    Triton kernels do. torch.topk leaves ties to the platform (on the CPU it chose experts 6 and 5 of 8), so the
+    reference path computed another output and other statistics than the kernels for the same weights."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    layer = make_layer(kind, E, K, 13, 9, 3)
+    layer.backend = backend
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    x = torch.randn(2, 5, 13, requires_grad=True)
+    y = layer(x)
+    assert torch.equal(layer._last.expert_ids.reshape(-1, K), torch.arange(K).expand(10, K))
+    # float64: every probability is 1/E, so topk's renormalised gates are 1/K and switch's gate is 1/E
+    gate = 1 / E if kind == "switch" else 1 / K
+    A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    xd = x.detach().double()
+    base = layer.base_layer
+    y_ref = torch.nn.functional.linear(xd, base.weight.double(), None if base.bias is None else base.bias.double())
+    y_ref = y_ref + layer.scaling * gate * sum(xd @ A[e].T @ B[e].T for e in range(K))
+    assert rel(y, y_ref) < 1e-5
+    seqs_or_tokens = 2 if kind == "sequence" else 10
+    counts = torch.zeros(E).index_fill_(0, torch.arange(K), seqs_or_tokens)
+    assert torch.equal(layer.last_stats["counts"], counts)
+
+
 def test_router_scores_in_float32_under_autocast():
     layer = make_layer("topk", 4, 2, 16, 8, 2)
     x = torch.randn(6, 16)
