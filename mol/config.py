@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
@@ -43,9 +45,10 @@ class MethodConfig:
 
 def _check_common(cfg: Any) -> None:
     name = type(cfg).__name__
-    if not isinstance(cfg.rank, int) or cfg.rank <= 0:
+    if not isinstance(cfg.rank, int) or isinstance(cfg.rank, bool) or cfg.rank <= 0:
         raise ValueError(f"{name}.rank must be a positive integer, got {cfg.rank!r}; use e.g. rank=8")
-    if cfg.alpha <= 0:
+    # "not > 0" rather than "<= 0": a NaN alpha (NaN compares false) would make every adapter output NaN
+    if not 0 < cfg.alpha < math.inf:
         raise ValueError(f"{name}.alpha must be > 0, got {cfg.alpha!r}; the usual choice is alpha = 2 * rank")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"{name}.dropout must be in [0, 1), got {cfg.dropout!r}")
@@ -72,6 +75,15 @@ def _check_common(cfg: Any) -> None:
             if (integral and (not isinstance(value, int) or isinstance(value, bool))) or not value > 0:
                 kind = "a positive integer" if integral else "> 0"
                 raise ValueError(f"{name}.{field_name}[{key!r}] must be {kind}, got {value!r}")
+
+
+def nonnegative_number_problem(value: Any) -> Optional[str]:
+    """None if ``value`` is a finite number >= 0 (a router loss coefficient or noise std), else what is wrong with it,
+    the fix included. NaN is caught too ("< 0" is false for it): it would make every router loss, and so the whole
+    training loss, NaN."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+        return f"must be a finite number >= 0 (0 turns it off), got {value!r}"
+    return None
 
 
 def pattern_value(patterns: dict, name: str, default: Any) -> Any:
@@ -166,18 +178,22 @@ class MoLConfig(MethodConfig):
             tokens = getattr(self, name)
             if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
                 raise ValueError(f"MoLConfig.{name} must be an integer >= 0 (0: no captured graphs), got {tokens!r}")
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ValueError(f"MoLConfig.num_experts must be >= 1, got {self.num_experts!r}")
+        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 1:
+            raise ValueError(f"MoLConfig.num_experts must be an integer >= 1, got {self.num_experts!r}")
         if self.router not in ROUTERS:
             raise ValueError(f"MoLConfig.router={self.router!r} is unknown; choose one of {ROUTERS}")
+        if self.router != "soft" and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)):
+            raise ValueError(f"MoLConfig.top_k must be an integer, got {self.top_k!r}; use e.g. top_k=2")
         k_max = 1 if self.router == "switch" else self.num_experts
         if self.router != "soft" and not 1 <= self.top_k <= k_max:
             raise ValueError(
                 f"MoLConfig.top_k={self.top_k} is outside 1..{k_max} for router={self.router!r} "
                 f"with num_experts={self.num_experts}; set top_k between 1 and {k_max}"
             )
-        if self.aux_loss_coef < 0 or self.z_loss_coef < 0 or self.router_noise < 0:
-            raise ValueError("MoLConfig.aux_loss_coef, z_loss_coef and router_noise must be >= 0")
+        for field_name in ("aux_loss_coef", "z_loss_coef", "router_noise"):
+            problem = nonnegative_number_problem(getattr(self, field_name))
+            if problem:
+                raise ValueError(f"MoLConfig.{field_name} {problem}")
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mol import dispatch
-from mol.config import ROUTERS
+from mol.config import ROUTERS, nonnegative_number_problem
 from mol.routers import FusedRouterOutput, Router, RouterOutput, in_backward, keep_state
 
 
@@ -259,9 +259,11 @@ class MoLLinear(AdapterLayer):
             raise ValueError(f"alpha must be > 0, got {alpha!r}; the usual choice is alpha = 2 * rank")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if min(aux_loss_coef, z_loss_coef, router_noise) < 0:
-            raise ValueError(f"aux_loss_coef, z_loss_coef and router_noise must be >= 0, got {aux_loss_coef!r}, "
-                             f"{z_loss_coef!r}, {router_noise!r}")
+        for name, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef),
+                            ("router_noise", router_noise)):
+            problem = nonnegative_number_problem(value)
+            if problem:
+                raise ValueError(f"{name} {problem}")
         if num_experts > 1 and router != "soft" and not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} is outside 1..num_experts={num_experts}; set top_k between 1 and {num_experts}")
         if backend not in dispatch.BACKENDS:

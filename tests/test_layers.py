@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from mol import MoLLinear
+from mol import MoLConfig, MoLLinear
 
 
 def reference(layer: MoLLinear, x: torch.Tensor):
@@ -515,11 +515,35 @@ def test_deepcopy_after_a_training_forward(backend):
     ({"num_experts": True}, r"num_experts must be an integer >= 1, got True"),
     ({"top_k": 2.0}, r"top_k must be an integer, got 2.0"),
     ({"num_experts": 1, "router": "tpok"}, r"router='tpok' is unknown; choose one of"),
-    ({"aux_loss_coef": -0.1}, r"aux_loss_coef, z_loss_coef and router_noise must be >= 0"),
-    ({"router_noise": -1.0}, r"must be >= 0"),
+    ({"aux_loss_coef": -0.1}, r"aux_loss_coef must be a finite number >= 0 \(0 turns it off\), got -0.1"),
+    ({"z_loss_coef": float("nan")}, r"z_loss_coef must be a finite number >= 0 \(0 turns it off\), got nan"),
+    ({"router_noise": -1.0}, r"router_noise must be a finite number >= 0"),
 ])
 def test_layer_built_by_hand_refuses_what_the_config_refuses(kwargs, message):
     """MoLLinear made directly (not through MoLConfig): an alpha of 0 or a dropout of 1 would silently never train,
     a bool num_experts or float top_k fail deep inside; each is refused naming the argument."""
     with pytest.raises(ValueError, match=message):
         MoLLinear(torch.nn.Linear(8, 8), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"aux_loss_coef": -0.1}, r"MoLConfig.aux_loss_coef must be a finite number >= 0 \(0 turns it off\), got -0.1"),
+    ({"z_loss_coef": -1e-3}, r"MoLConfig.z_loss_coef must be a finite number >= 0 .*got -0.001"),
+    ({"router_noise": -1.0}, r"MoLConfig.router_noise must be a finite number >= 0 .*got -1.0"),
+    ({"aux_loss_coef": float("nan")}, r"MoLConfig.aux_loss_coef must be a finite number >= 0 .*got nan"),
+    ({"z_loss_coef": float("inf")}, r"MoLConfig.z_loss_coef must be a finite number >= 0 .*got inf"),
+    ({"alpha": float("nan")}, r"MoLConfig.alpha must be > 0, got nan"),
+    ({"rank": True}, r"MoLConfig.rank must be a positive integer, got True"),
+    ({"rank": 0}, r"MoLConfig.rank must be a positive integer, got 0; use e.g. rank=8"),
+    ({"top_k": 2.0}, r"MoLConfig.top_k must be an integer, got 2.0; use e.g. top_k=2"),
+    ({"num_experts": True}, r"MoLConfig.num_experts must be an integer >= 1, got True"),
+    ({"num_experts": 4, "top_k": 5}, r"MoLConfig.top_k=5 is outside 1..4 .*set top_k between 1 and 4"),
+    ({"top_k": 0}, r"MoLConfig.top_k=0 is outside 1..8 .*set top_k between 1 and 8"),
+    ({"router": "expert_choice"}, r"MoLConfig.router='expert_choice' is unknown; choose one of"),
+])
+def test_config_refuses_bad_router_settings_naming_the_field_and_fix(kwargs, message):
+    """MoLConfig.validate names the bad field, its value and the fix. A NaN or inf coefficient (which "< 0" let
+    through) makes every router loss and so the training loss NaN; a negative one was refused without saying which
+    of the three it was; a float top_k or a bool rank / num_experts passed the config and failed only in inject."""
+    with pytest.raises(ValueError, match=message):
+        MoLConfig(**kwargs).validate()
