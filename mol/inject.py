@@ -474,7 +474,8 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 def aux_loss(model: nn.Module, device: Union[torch.device, str, None] = None) -> Tensor:
     """Sum of the coefficient-weighted router losses of the last forward, over all MoL layers (0 if none), on
     ``device``: by default the last routed layer's, which for a model split over several GPUs (``device_map``)
-    is usually where its output and task loss are; pass ``out.loss.device`` to be sure."""
+    is usually where its output and task loss are; pass ``out.loss.device`` to be sure. Each layer contributes its
+    last call's loss: a layer called several times in one forward (shared across depth, as ALBERT's) only its last."""
     losses = [loss for _, m in adapter_layers(model) if isinstance(m, MoLLinear) and (loss := m.aux_loss()) is not None]
     if not losses:
         p = next(model.parameters(), None)
@@ -568,5 +569,6 @@ def set_graphs(model: nn.Module, graph_tokens: Optional[int] = None,
 
 
 def routing_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
-    """Per routed layer: load (E,), counts (E,), entropy, load_balance_loss, z_loss of the last forward."""
+    """Per routed layer: load (E,), counts (E,), entropy, load_balance_loss, z_loss of the layer's last call (one of
+    several where a forward calls it several times, as ALBERT's shared layers)."""
     return {n: m.last_stats for n, m in adapter_layers(model) if isinstance(m, MoLLinear) and m.last_stats}

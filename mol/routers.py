@@ -7,7 +7,9 @@ value back to the host, so a forward is CUDA-graph capturable and compiles witho
 Auxiliary losses (kept on the output, collected by ``MoLLinear.aux_loss``):
 - load balance, Switch Transformer (Fedus et al. 2021) form: ``E * sum_e f_e * P_e`` where ``f_e`` is the
   fraction of routed (token, expert) pairs sent to expert e and ``P_e`` the mean router probability of e.
-  It is 1 at perfect balance and E when everything goes to one expert.
+  It is 1 at perfect balance and E when everything goes to one expert (top-1; with top-k, at most E / k, when
+  every token picks the same k experts). For the soft router, which sends every token to every expert, it is
+  1 whatever the probabilities, with zero gradient (conf/router/soft.yaml sets its coefficient to 0).
 - router z-loss (Zoph et al. 2022, ST-MoE): ``mean(logsumexp(logits) ** 2)``.
 """
 
