@@ -179,7 +179,8 @@ class MoLModule(pl.LightningModule):
         if ents:
             self.log("route/entropy_mean", torch.stack([e.float() for e in ents]).mean(), batch_size=1)
         if loads:
-            # max load x E: 1 at perfect balance, E when one expert takes every token
+            # max load x E: 1 at perfect balance; load counts (token, expert) pairs, so E / top_k when one expert
+            # is in every token's choice (E only for top-1)
             imbalance = torch.stack([l.float().max() * l.numel() for l in loads]).mean()
             self.log("route/imbalance_mean", imbalance, batch_size=1)
         for key in ("load_balance_loss", "z_loss"):
