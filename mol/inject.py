@@ -416,6 +416,7 @@ def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:
         return [params[n] for n in names]
 
     _take_over_inner(model)
+    before = set(model.modules())
     tracked = tensors(list(getattr(model, "mol_trainable", [])))
     # checked before quantize_base, which takes them as its skip list and would blame that instead; the methods
     # below only wrap or add modules, so every entry still matches after them
@@ -453,6 +454,11 @@ def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:
         p.requires_grad_(False)
     for n in trainable:
         params[n].requires_grad_(True)
+    # a new module starts in training mode: on a model in eval mode (as from_pretrained gives it) LoRA's and the
+    # adapters' dropout would then drop activations in inference. Only the new ones: the model's own keep theirs
+    for module in model.modules():
+        if module not in before:
+            module.training = model.training
     model.mol_configs = list(getattr(model, "mol_configs", [])) + configs
     model.mol_trainable = trainable
     for module in model.modules():

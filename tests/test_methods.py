@@ -473,3 +473,26 @@ def test_bitfit_then_lora_on_the_same_layers(tmp_path):
     randomize(model)
     step_and_check_frozen(model, ids, mask)
     roundtrip(model, copy.deepcopy(base), tmp_path, ids, mask)
+
+
+def test_layers_injected_into_an_eval_model_run_in_eval_mode(tmp_path):
+    """from_pretrained hands back a model in eval mode: the layers inject and load_adapter add (LoRA's and the
+    bottleneck adapters' dropout) must take that mode, or inference drops activations at random. The reference is
+    PEFT's PeftModel.from_pretrained of the same LoRA (eval mode) and the adapted model switched to eval itself."""
+    base = tiny_llama()
+    ids, mask = batch()
+    trained = mol.inject(copy.deepcopy(base).train(), mol.LoRAConfig(rank=4, dropout=0.3, target_modules="all-linear"))
+    randomize(trained)
+    mol.export_peft(trained, tmp_path / "peft")
+    mol.save_adapter(trained, tmp_path / "mol")
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    for loaded in (mol.load_adapter(copy.deepcopy(base), tmp_path / "mol"),
+                   mol.import_peft(copy.deepcopy(base), tmp_path / "peft")):
+        assert not any(m.training for m in loaded.modules())
+        assert_close(logits(loaded, ids, mask), logits(ref, ids, mask), rel=1e-6)
+    adapters = mol.inject(copy.deepcopy(base), mol.AdapterConfig(dropout=0.3))
+    randomize(adapters)
+    first = logits(adapters, ids, mask)
+    assert torch.equal(first, logits(adapters.eval(), ids, mask))
+    train_base = copy.deepcopy(base).train()
+    assert all(m.training for m in mol.inject(train_base, mol.LoRAConfig(rank=2, dropout=0.1)).modules())
