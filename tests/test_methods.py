@@ -154,6 +154,30 @@ def test_ia3_matches_peft_and_merges(arch, tmp_path):
         torch.testing.assert_close(p, w[n], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("targets,feedforward", [(["k_proj", "down_proj"], "down_proj"),
+                                                 (r".*\.(k_proj|down_proj)", ["up_proj"]),
+                                                 (r".*\.(k_proj|down_proj)", r".*\.up_proj")])
+def test_ia3_feedforward_modules_that_select_no_target_are_named(targets, feedforward):
+    """A feedforward_modules entry that selects none of the targeted layers (a bare name given as a regex string,
+    which must match the full name; a layer not in target_modules) used to be dropped silently: the layer meant
+    scaled its output, not its input. The fixed pattern gives PEFT's model."""
+    with pytest.raises(ValueError, match=r"feedforward_modules .* matches none of the 4 layers target_modules"):
+        mol.inject(tiny_llama(), mol.IA3Config(target_modules=targets, feedforward_modules=feedforward))
+    base = tiny_llama()
+    ours = mol.inject(copy.deepcopy(base), mol.IA3Config(target_modules=["k_proj", "down_proj"],
+                                                         feedforward_modules=r".*\.down_proj"))
+    ref = peft_model(copy.deepcopy(base), peft.IA3Config(target_modules=["k_proj", "down_proj"],
+                                                         feedforward_modules=r".*\.down_proj"))
+    randomize(ours)
+    params = dict(ours.named_parameters())
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if ".ia3_l." in n:
+                p.copy_(params[n.removeprefix("base_model.model.").replace(".ia3_l.default", ".ia3_l")].view_as(p))
+    ids, mask = batch()
+    assert_close(logits(ours, ids, mask), logits(ref, ids, mask))
+
+
 def test_ia3_defaults_are_peft_defaults():
     from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF,
                                       TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS)

@@ -147,12 +147,19 @@ def _resolve(model: nn.Module, cfg: IA3Config) -> tuple[list[str], list[str]]:
                              "(e.g. ['k_proj', 'v_proj', 'down_proj']) and feedforward_modules (e.g. ['down_proj'])")
         targets, ff = DEFAULT_TARGETS[mtype]
     names = match_modules(model, targets, exclude=cfg.modules_to_save)
-    if ff is None:
-        ff_names: list[str] = []
-    elif isinstance(ff, str):
+    ff_names: list[str] = []
+    idle: list[str] = []
+    if isinstance(ff, str):
         ff_names = [n for n in names if re.fullmatch(ff, n)]
-    else:
+        idle = [] if ff_names else [ff]
+    elif ff is not None:
         ff_names = [n for n in names if name_matches(n, ff)]
+        idle = [p for p in ff if not any(name_matches(n, [p]) for n in names)]
+    if idle:
+        # silently dropped, the layers it meant would scale their output instead of their input
+        raise ValueError(f"IA3Config.feedforward_modules {idle[0]!r} matches none of the {len(names)} layers "
+                         f"target_modules selected (e.g. {names[0]!r}); a regex string must match a layer's full "
+                         "name (e.g. r'.*\\.down_proj'), a list entry its name or suffix (['down_proj'])")
     return names, ff_names
 
 
