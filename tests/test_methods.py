@@ -337,6 +337,22 @@ def test_adapter_bottleneck_size_and_explicit_modules():
     assert torch.allclose(mlp(h), want, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_adapters_take_their_blocks_device(arch):
+    """A model split over devices (device_map) has each block on its own: every adapter is built where its
+    sub-layer computes (BERT's hooked dropout has no tensors: its parent's), not on the model's first tensor's
+    device. The meta device stands in for a second GPU."""
+    model = {"bert": tiny_bert, **MODELS}[arch]()
+    blocks = model.model.layers if arch == "llama" else model.bert.encoder.layer
+    blocks[1].to("meta")
+    model = mol.inject(model, mol.AdapterConfig(placement="houlsby", reduction_factor=4))
+    adapters = {n: m for n, m in model.named_modules() if isinstance(m, mol.methods.BottleneckAdapter)}
+    assert len(adapters) == 4
+    for name, adapter in adapters.items():
+        where = "meta" if (".layers.1." in name or ".layer.1." in name) else "cpu"
+        assert {p.device.type for p in adapter.parameters()} == {where}, name
+
+
 # ---- BitFit ---------------------------------------------------------------------------------------------
 
 

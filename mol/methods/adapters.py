@@ -166,9 +166,13 @@ def _inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     if hidden is None:
         raise ValueError(f"cannot read hidden_size from {type(model).__name__}.config; adapters need it")
     attn, mlp = resolve_places(model, cfg)
-    like = next(model.parameters(), None)
     trainable = []
     for name in attn + mlp:
+        # the device and dtype of the block the sub-layer is in, not of the model's first tensor: a model split over
+        # devices (device_map) has each block on its own. A parameter-less sub-layer (BERT's dropout) asks its parent
+        parts = name.split(".")
+        like = next((p for i in range(len(parts), -1, -1)
+                     for p in model.get_submodule(".".join(parts[:i])).parameters()), None)
         dtype = adapter_dtype_for(cfg.adapter_dtype, like.dtype) if like is not None else None
         adapter = BottleneckAdapter(hidden, cfg.bottleneck(hidden), cfg.non_linearity, cfg.dropout, like=like,
                                     dtype=dtype)
