@@ -353,6 +353,13 @@ def test_adapters_take_their_blocks_device(arch):
         assert {p.device.type for p in adapter.parameters()} == {where}, name
 
 
+def test_adapter_on_a_sublayer_of_another_width_is_named():
+    model = mol.inject(tiny_llama(), mol.AdapterConfig(mlp_modules=["gate_proj"]))  # 70 wide, hidden 32
+    with pytest.raises(ValueError, match=r"hidden size 32 sits on a Linear whose output is \(3, 9, 70\): point "
+                                         "attn_modules/mlp_modules"):
+        logits(model, *batch())
+
+
 # ---- BitFit ---------------------------------------------------------------------------------------------
 
 

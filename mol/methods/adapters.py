@@ -127,6 +127,13 @@ class BottleneckAdapter(AdapterLayer):
     def _hook(self, sublayer: nn.Module, args: tuple, out: Any) -> Any:
         if self.disabled:
             return out
+        h = out[0] if isinstance(out, tuple) and out else out
+        if isinstance(h, Tensor) and h.shape[-1:] != (self.adapter_down.in_features,):
+            # else a matmul error naming neither the sub-layer nor the sizes
+            raise ValueError(f"a bottleneck adapter of hidden size {self.adapter_down.in_features} sits on a "
+                             f"{type(sublayer).__name__} whose output is {tuple(h.shape)}: point "
+                             "attn_modules/mlp_modules at sub-layers whose output has the model's hidden size (the "
+                             "attention or MLP block, or its output projection)")
         if isinstance(out, Tensor):
             return self(out)
         if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
