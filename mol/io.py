@@ -487,6 +487,9 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
     """Inject and load a PEFT LoRA adapter directory into ``model`` (a plain Hugging Face model)."""
     directory = Path(directory)
     raw = _read_json(directory / CONFIG_NAME, "point import_peft at a directory saved by PEFT's save_pretrained")
+    if raw.get("format") == FORMAT:
+        raise ValueError(f"{directory} holds a mol adapter (written by mol.save_adapter), not a PEFT one: load it with "
+                         "mol.load_adapter(model, directory)")
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"{directory} holds a PEFT {raw.get('peft_type')!r} adapter; import_peft reads LORA only")
     for key, ok in _UNSUPPORTED_PEFT.items():

@@ -266,6 +266,20 @@ def test_peft_options_mol_does_not_compute_are_refused(tmp_path):
         mol.import_peft(copy.deepcopy(base), tmp_path)
 
 
+def test_import_peft_of_a_mol_adapter_names_load_adapter(tmp_path):
+    """It said 'holds a PEFT None adapter; import_peft reads LORA only', naming neither what the directory is nor
+    the call that reads it."""
+    base = make_tiny_llama()
+    ours = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=TARGETS))
+    mol.save_adapter(ours, tmp_path)
+    with pytest.raises(ValueError, match=r"holds a mol adapter \(written by mol.save_adapter\), not a PEFT one: load it "
+                                         r"with mol.load_adapter"):
+        mol.import_peft(copy.deepcopy(base), tmp_path)
+    ids = torch.randint(0, 101, (2, 6))
+    assert torch.equal(mol.load_adapter(copy.deepcopy(base), tmp_path)(input_ids=ids).logits,
+                       ours(input_ids=ids).logits)
+
+
 def test_peft_adapter_saved_as_bin_imports(tmp_path):
     """Older PEFT versions (and safe_serialization=False) write adapter_model.bin: it imports too; a damaged one
     says so."""
