@@ -102,10 +102,14 @@ def without_quantize_base(configs: list) -> list:
 
 
 def _patterns_or_empty(cfg: Any) -> None:
-    """None (how Hydra's configs leave them, so that an override can set a whole mapping) means no pattern."""
+    """None (how Hydra's configs leave them, so that an override can set a whole mapping) means no pattern. A set of
+    names (as PEFT's LoraConfig takes them) becomes a sorted list, which the saved JSON can hold."""
     for name in ("rank_pattern", "alpha_pattern"):
         if getattr(cfg, name) is None:
             setattr(cfg, name, {})
+    for name in ("target_modules", "modules_to_save"):
+        if isinstance(getattr(cfg, name), (set, frozenset)):
+            setattr(cfg, name, sorted(getattr(cfg, name)))
 
 
 def check_adapter_dtype(cfg: Any) -> None:

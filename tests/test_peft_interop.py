@@ -280,6 +280,22 @@ def test_import_peft_of_a_mol_adapter_names_load_adapter(tmp_path):
                        ours(input_ids=ids).logits)
 
 
+def test_target_modules_as_a_set_as_peft_takes_them(tmp_path):
+    """PEFT's LoraConfig takes target_modules as a set; mol's took one too, trained, and only save_adapter failed
+    (JSON holds no set): the set is now a sorted list, and the adapter is PEFT's and saves."""
+    base = make_tiny_llama()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=set(TARGETS)))
+    _randomise_peft(peft_model)
+    ours = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, alpha=8, target_modules=set(TARGETS),
+                                                          modules_to_save={"lm_head"}))
+    _copy_peft_into_mol(peft_model, ours)
+    ids = torch.randint(0, 101, (2, 6))
+    assert rel(ours(input_ids=ids).logits, peft_model(input_ids=ids).logits) <= 1e-6
+    mol.save_adapter(ours, tmp_path)
+    assert torch.equal(mol.load_adapter(copy.deepcopy(base), tmp_path)(input_ids=ids).logits,
+                       ours(input_ids=ids).logits)
+
+
 def test_peft_adapter_saved_as_bin_imports(tmp_path):
     """Older PEFT versions (and safe_serialization=False) write adapter_model.bin: it imports too; a damaged one
     says so."""
