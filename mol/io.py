@@ -257,8 +257,18 @@ def load_adapter(model: nn.Module, directory: PathLike, quantize_base: bool = Tr
 def _mergeable_layers(model: nn.Module) -> list:
     require_adapter(model)
     layers = list(adapter_layers(model))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = {id(params[first]): names for first, names in tied_parameter_names(model).items()}
     for name, layer in layers:
         reason = layer.merge_blocker()
+        weight = getattr(getattr(layer, "base_layer", None), "weight", None)
+        if not reason and id(weight) in tied:
+            # the delta written into a shared tensor changes every module that reads it (a tied head's input
+            # embedding), not only this layer
+            others = [n for n in tied[id(weight)] if not n.startswith(name + ".")]
+            reason = (f"its base weight is tied to {others} (one tensor), which a merge would change too; untie it "
+                      "first (e.g. model.config.tie_word_embeddings = False; model.lm_head.base_layer.weight = "
+                      "nn.Parameter(model.lm_head.base_layer.weight.detach().clone())) or keep the adapter unmerged")
         if reason:
             raise ValueError(f"cannot merge {name}: {reason}")
     return layers

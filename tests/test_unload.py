@@ -193,3 +193,32 @@ def test_adapters_on_other_libraries_quantized_linears_refuse_to_merge_and_chang
                            else mol.IA3Config(target_modules=packed, feedforward_modules=["up_proj"]))
     with pytest.raises(ValueError, match=r"Bnb4bitLike holds a Parameter of torch.uint8 \(\d+, 1\)"):
         mol.merge_and_unload(only_4bit)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_a_layer_on_a_tied_weight_refuses_to_merge(method):
+    """LoRA / IA³ on a head that shares its weight with the input embedding (named explicitly; "all-linear" leaves
+    the head out): a merge wrote the delta into the shared tensor, so the embedding changed too and the merged model
+    computed something else than the adapter, silently. Refused before any change, naming the tie; once the head
+    is untied it merges to the adapter's logits."""
+    from transformers import LlamaConfig
+
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=70, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    cfg = (mol.LoRAConfig(rank=4, target_modules=["lm_head", "q_proj"]) if method == "lora"
+           else mol.IA3Config(target_modules=["lm_head", "v_proj"]))
+    model = mol.inject(copy.deepcopy(base), cfg)
+    _randomise(model)
+    ids = torch.randint(0, 101, (2, 9))
+    adapted = _logits(model, ids)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for fn in (mol.merge, mol.merge_and_unload):
+        with pytest.raises(ValueError, match=r"cannot merge lm_head: its base weight is tied to "
+                                             r"\['model.embed_tokens.weight'\]"):
+            fn(model)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    model.config.tie_word_embeddings = False
+    model.lm_head.base_layer.weight = torch.nn.Parameter(model.lm_head.base_layer.weight.detach().clone(),
+                                                         requires_grad=False)
+    torch.testing.assert_close(_logits(mol.merge_and_unload(model), ids), adapted, rtol=1e-5, atol=1e-5)
