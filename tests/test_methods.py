@@ -289,6 +289,24 @@ def test_generation_same_with_and_without_cache(arch, method):
     assert_close(step.logits[:, -1], full.logits[:, -1], rel=1e-5)
 
 
+def test_prompt_vocab_init_takes_the_embeddings_the_model_computes():
+    """init="vocab" (PEFT's SAMPLE_VOCAB) copied rows of the embedding's raw weight; Gemma 3's embedding scales its
+    output by sqrt(hidden), so the prompt started that many times smaller than the token embeddings beside it
+    (PEFT embeds the sampled ids through the module). Every prompt row is now the module's embedding of a token."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    base = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              head_dim=8, max_position_embeddings=64)).eval()
+    for model in (base, tiny_llama()):
+        emb = model.get_input_embeddings()
+        with torch.no_grad():
+            table = emb(torch.arange(VOCAB))
+        prompt = mol.inject(copy.deepcopy(model), mol.PromptTuningConfig(num_virtual_tokens=5)).mol_prompt
+        for row in prompt.embedding.weight.detach():
+            assert (table == row).all(-1).any(), type(emb).__name__
+
+
 def test_prefix_and_prompt_train_only_their_tensors():
     for cfg in (mol.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True),
                 mol.PromptTuningConfig(num_virtual_tokens=3)):

@@ -231,7 +231,9 @@ class PromptEmbedding(_VirtualTokens):
         if init == "vocab":
             ids = torch.randint(0, w.shape[0], (num_virtual_tokens,), device=w.device)
             with torch.no_grad():
-                self.embedding.weight.copy_(w[ids])
+                # through the module, as PEFT's SAMPLE_VOCAB: an embedding that scales its output (Gemma 3's
+                # sqrt(hidden)) gives the prompt the scale of the token embeddings it sits beside
+                self.embedding.weight.copy_(word_embeddings(ids))
         self._strip = False
         self._encoder_decoder = False
 
