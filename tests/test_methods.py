@@ -444,6 +444,8 @@ def test_composition_adapters_ia3_bitfit(tmp_path):
     (lambda: mol.AdapterConfig(non_linearity="elu"), "non_linearity"),
     (lambda: mol.AdapterConfig(mlp_modules=["nope"]), "matched no module"),
     (lambda: mol.AdapterConfig(placement="houlsby", mlp_modules=["mlp"]), "attn_modules"),
+    (lambda: mol.AdapterConfig(attn_modules=["self_attn"], mlp_modules=["mlp"]), "attn_modules only applies with "
+                                                                                  "placement='houlsby'"),
     (lambda: mol.IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"]), "subset"),
     (lambda: mol.IA3Config(target_modules=["self_attn"]), "cannot adapt"),
     (lambda: mol.BitFitConfig(target_modules=[]), "target_modules"),

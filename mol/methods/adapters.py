@@ -81,6 +81,10 @@ class AdapterConfig(MethodConfig):
         if custom and (self.mlp_modules is None or (self.placement == "houlsby" and self.attn_modules is None)):
             raise ValueError("AdapterConfig: set mlp_modules (and attn_modules for placement='houlsby') together, "
                              "or leave both None for the model's defaults")
+        if self.placement == "pfeiffer" and self.attn_modules is not None:
+            # else dropped without a word: Pfeiffer adapts the MLP outputs alone
+            raise ValueError("AdapterConfig.attn_modules only applies with placement='houlsby' (Pfeiffer adapts the "
+                             "MLP outputs alone); set placement='houlsby' or leave attn_modules=None")
         check_modules_to_save(self)
 
     def bottleneck(self, hidden_size: int) -> int:
