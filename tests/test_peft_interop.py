@@ -272,8 +272,8 @@ def test_import_peft_of_a_mol_adapter_names_load_adapter(tmp_path):
     base = make_tiny_llama()
     ours = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=TARGETS))
     mol.save_adapter(ours, tmp_path)
-    with pytest.raises(ValueError, match=r"holds a mol adapter \(written by mol.save_adapter\), not a PEFT one: load it "
-                                         r"with mol.load_adapter"):
+    with pytest.raises(ValueError, match=r"holds a mol adapter \(written by mol.save_adapter\), not a PEFT one: "
+                                         r"load it with mol.load_adapter"):
         mol.import_peft(copy.deepcopy(base), tmp_path)
     ids = torch.randint(0, 101, (2, 6))
     assert torch.equal(mol.load_adapter(copy.deepcopy(base), tmp_path)(input_ids=ids).logits,
