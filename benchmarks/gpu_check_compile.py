@@ -1,7 +1,7 @@
 """A bf16 Llama with MoL adapters under torch.compile (inductor) on a GPU: one graph, and eager mode's loss and
 gradients, on a plain base and on NF4 bases (QLoRA-MoL).
 
-    python benchmarks/gpu_check_compile.py [--layers 2] [--tokens 2048]
+    python benchmarks/gpu_check_compile.py [--layers 2] [--tokens 2048] [--checkpointing]
 
 The CPU suite checks this under aot_eager with the kernels interpreted (tests/test_compile_model.py); here inductor
 compiles the model around the real kernels' custom ops. For each form: torch._dynamo.explain's graph and break
@@ -12,6 +12,8 @@ differently, and a token whose top-2 experts are nearly tied then routes differe
 gradient (a sum over tokens of small terms of either sign) most. So each gradient is held to its noise floor: the
 eager model's own difference when the embeddings' output is perturbed at bf16's resolution (each element times
 1 ± 2^-8, random signs). Bounds: 1e-2 for the loss; for each gradient max(5e-2, 3 × its floor).
+--checkpointing: the same with transformers' gradient checkpointing on (non-reentrant), eager and compiled, in one
+graph (torch >= 2.10: mol.routers.keep_state lets Dynamo keep the routers' writes inside the checkpoints).
 """
 import argparse
 import os
@@ -43,15 +45,23 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=2048, help="batch x sequence, as 2 sequences")
+    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on (non-reentrant)")
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; Llama hidden 2048, {args.layers} layers, "
-          f"2 x {args.tokens // 2} tokens, MoL E=8 top-2 r=16 on all 7 linears, float32 adapters")
+          f"2 x {args.tokens // 2} tokens, MoL E=8 top-2 r=16 on all 7 linears, float32 adapters"
+          + (", gradient checkpointing (non-reentrant)" if args.checkpointing else ""))
     print("| base | graphs / breaks | loss rel diff | the gradient nearest its bound: rel diff, its noise floor "
           "(which) | eager ms | compiled ms | ok |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     failed = False
     for quantize in (False, True):
         model = build(args.layers, quantize)
+        if args.checkpointing:
+            model.train()  # transformers checkpoints only in training
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # its hook making the embeddings' output require grad (for reentrant checkpoints) is a requires_grad_()
+            # Dynamo refuses in one graph, mol or not (README)
+            model.disable_input_require_grads()
         ids = torch.randint(0, 32000, (2, args.tokens // 2), device="cuda",
                             generator=torch.Generator(device="cuda").manual_seed(1))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
