@@ -76,3 +76,51 @@ def DataLoaderOf(dm):
 
     ds = dm.splits["train"]
     return DataLoader(ds, batch_sampler=ResumableSampler(len(ds), dm.batch_size, 0, True), collate_fn=dm._collator())
+
+
+@pytest.mark.parametrize("line, kind, match", [
+    ('"a text on its own"', "causal_lm", r"bad.jsonl:1: record is \"a text on its own\", not a JSON object"),
+    ("42", "causal_lm", "bad.jsonl:1: record is 42, not a JSON object"),
+    ('{"text": null}', "causal_lm", "bad.jsonl:1: `text` is null, not a string"),
+    ('{"prompt": "red", "response": 3}', "causal_lm", "bad.jsonl:1: `response` is 3, not a string"),
+    ('{"text": "red", "label": null}', "classification", "bad.jsonl:1: `label` is null; a label is a string or"),
+    ('{"text": "red", "label": 1.0}', "classification", "`label` is 1.0"),
+    ('{"text": "red", "label": true}', "classification", "`label` is true"),
+])
+def test_a_record_of_the_wrong_shape_is_one_data_error(line, kind, match, tmp_path):
+    """These reached the tokenizer (AttributeError, TypeError, transformers' ValueError) or became classes named
+    "None" / "1.0" / "True"; a JSON string record even passed as a text record (`"text" in "...text..."`)."""
+    from mol.train.data import DataError, TextDataModule
+
+    tok = make_tokenizer(tmp_path / "tok")
+    good = '{"text": "cat dog", "label": "animal"}\n{"text": "red", "label": "color"}\n'
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(line + "\n" + good)
+    with pytest.raises(DataError, match=match):
+        TextDataModule(tok, kind, train=str(bad), batch_size=1, cache_dir=None).scan()
+
+
+def test_labels_mixing_numbers_and_strings_are_refused(tmp_path):
+    """str() made 1 and "1" one class without a word; a file of integer labels alone still trains."""
+    from mol.train.data import DataError, TextDataModule
+
+    tok = make_tokenizer(tmp_path / "tok")
+    tr = _write(tmp_path / "tr.jsonl", [{"text": "cat", "label": 1}, {"text": "red", "label": 0}] * 2)
+    val = _write(tmp_path / "val.jsonl", [{"text": "dog", "label": "1"}])
+    with pytest.raises(DataError, match=r"mix whole numbers and strings .*tr.jsonl:1 \(1\) and .*val.jsonl:1"):
+        TextDataModule(tok, "classification", train=str(tr), val=str(val), cache_dir=None).scan()
+    dm = TextDataModule(tok, "classification", train=str(tr), batch_size=2, cache_dir=None)
+    dm.setup()
+    assert dm.label_names == ["0", "1"]
+
+
+def test_an_empty_text_is_refused_also_from_the_token_cache(tmp_path):
+    """A record of no tokens crashed the model's forward (reshape of 0 elements) once a batch held only such."""
+    from mol.train.data import DataError, TextDataModule
+
+    tok = make_tokenizer(tmp_path / "tok")  # adds no special tokens: "" is zero tokens
+    tr = _write(tmp_path / "tr.jsonl", [{"text": "cat dog", "label": "a"}, {"text": "", "label": "b"}])
+    for _ in range(2):  # the second pass reads the first one's cache file
+        with pytest.raises(DataError, match=r"tr.jsonl:2: the record tokenizes to no tokens"):
+            TextDataModule(tok, "classification", train=str(tr), cache_dir=str(tmp_path / "cache")).setup()
+

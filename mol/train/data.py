@@ -80,15 +80,28 @@ def _read_records(path: Path) -> list[dict]:
     return records
 
 
-def record_format(rec: dict, where: str) -> str:
-    """``text``, ``prompt_response`` or ``text_label`` for one record; raises naming the expected keys."""
+def _shown(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)[:60]
+
+
+def record_format(rec: Any, where: str) -> str:
+    """``text``, ``prompt_response`` or ``text_label`` for one record; raises naming the expected keys, or the text
+    field that is no string (it would reach the tokenizer)."""
+    if not isinstance(rec, dict):  # `"text" in rec` would test a substring of a JSON string
+        raise DataError(f"{where}: record is {_shown(rec)}, not a JSON object; write one object per line, e.g. "
+                        '{"text": "..."}')
     if "prompt" in rec and "response" in rec:
-        return "prompt_response"
-    if "text" in rec and "label" in rec:
-        return "text_label"
-    if "text" in rec:
-        return "text"
-    raise DataError(f"{where}: record has keys {sorted(rec)}; expected text, prompt/response or text/label")
+        fmt, fields = "prompt_response", ("prompt", "response")
+    elif "text" in rec and "label" in rec:
+        fmt, fields = "text_label", ("text",)
+    elif "text" in rec:
+        fmt, fields = "text", ("text",)
+    else:
+        raise DataError(f"{where}: record has keys {sorted(rec)}; expected text, prompt/response or text/label")
+    for f in fields:
+        if not isinstance(rec[f], str):
+            raise DataError(f"{where}: `{f}` is {_shown(rec[f])}, not a string; write each {f} as a JSON string")
+    return fmt
 
 
 def _fingerprint(tokenizer: Any) -> str:
@@ -307,6 +320,7 @@ class TextDataModule(pl.LightningDataModule):
         labels, tasks = set(), []
         formats: dict[str, str] = {}  # record format -> first file holding it
         train_formats: dict[str, str] = {}
+        label_kinds: dict[type, str] = {}  # str / int -> where the first such label is
         for split, srcs in self.sources.items():
             for s in srcs:
                 p = Path(s.path)
@@ -314,6 +328,12 @@ class TextDataModule(pl.LightningDataModule):
                 for i, r in enumerate(recs):
                     fmt = record_format(r, f"{p}:{i + 1}")
                     formats.setdefault(fmt, str(p))
+                    if fmt == "text_label" and self.task_kind == "classification":
+                        label = r["label"]
+                        if isinstance(label, bool) or not isinstance(label, (str, int)):  # a class named "None"
+                            raise DataError(f"{p}:{i + 1}: `label` is {_shown(label)}; a label is a string or a "
+                                            "whole number")
+                        label_kinds.setdefault(type(label), f"{p}:{i + 1} ({_shown(label)})")
                     if split == "train":
                         train_formats.setdefault(fmt, str(p))
                     if split == "train" and fmt == "text_label":
@@ -321,6 +341,10 @@ class TextDataModule(pl.LightningDataModule):
                     t = str(r.get("task", s.task or p.stem))
                     if t not in tasks:
                         tasks.append(t)
+        if len(label_kinds) > 1:
+            # labels are compared as text: 1 and "1" would silently be one class
+            raise DataError(f"the labels mix whole numbers and strings (e.g. {label_kinds[int]} and "
+                            f"{label_kinds[str]}); write every label of data.train/val/test in one kind")
         if self.task_kind == "causal_lm" and "text_label" in formats:
             # a causal LM learns the text alone: the labels would vanish without a word
             warnings.warn(f"{formats['text_label']} has text/label records; a causal LM (model.task=causal_lm) reads "
@@ -357,6 +381,10 @@ class TextDataModule(pl.LightningDataModule):
                 p = Path(s.path)
                 ex = tokenize_file(p, self.tokenizer, self.task_kind, self.max_length, label_to_id,
                                    s.task or p.stem, self.cache_dir)
+                empty = next((i for i, e in enumerate(ex) if not e["input_ids"]), None)
+                if empty is not None:  # a batch of such records has no shape the model can take
+                    raise DataError(f"{p}:{empty + 1}: the record tokenizes to no tokens (empty text?); fill it in "
+                                    "or remove it")
                 if split == "train" and s.weight != 1.0:
                     if s.weight <= 0:
                         raise DataError(f"data source {s.path} has weight {s.weight}; weights must be > 0")
