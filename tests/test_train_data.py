@@ -124,3 +124,23 @@ def test_an_empty_text_is_refused_also_from_the_token_cache(tmp_path):
         with pytest.raises(DataError, match=r"tr.jsonl:2: the record tokenizes to no tokens"):
             TextDataModule(tok, "classification", train=str(tr), cache_dir=str(tmp_path / "cache")).setup()
 
+
+def test_causal_examples_with_nothing_to_learn_within_max_length_are_left_out(tmp_path):
+    """A prompt of max_length tokens or more truncated its whole response away: batches of only such examples
+    logged a NaN loss (0/0) and trained nothing."""
+    from mol.train.data import DataError, TextDataModule
+
+    tok = make_tokenizer(tmp_path / "tok")
+    tr = _write(tmp_path / "tr.jsonl", [{"prompt": "red blue green", "response": "cat"},
+                                        {"prompt": "red", "response": "cat dog"}] * 3)
+    dm = TextDataModule(tok, "causal_lm", train=str(tr), val=str(tr), batch_size=1, max_length=3, cache_dir=None)
+    with pytest.warns(UserWarning, match="3 of 6 examples have no token to learn within data.max_length=3"):
+        dm.setup()
+    assert len(dm.splits["train"]) == 3 and len(dm.splits["val"]) == 6  # evaluation keeps every example
+    for batch in DataLoaderOf(dm):
+        assert (batch["labels"][:, 1:] != -100).any()
+    with pytest.raises(DataError, match="no data.train example has a token to learn within data.max_length=1"):
+        TextDataModule(tok, "causal_lm", train=str(tr), batch_size=1, max_length=1, cache_dir=None).setup()
+    only_test = TextDataModule(tok, "causal_lm", train=None, test=str(tr), max_length=1, cache_dir=None)
+    only_test.setup()  # as mol.evaluate builds it: no train split to filter
+    assert len(only_test.splits["test"]) == 6

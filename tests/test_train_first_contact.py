@@ -195,7 +195,8 @@ def test_a_causal_lm_on_labelled_records_warns_once(tmp_path):
     from mol.train.data import TextDataModule
 
     tok = make_tokenizer(tmp_path / "tok")
-    rows = [{"text": "cat dog", "label": "animal"}, {"text": "red", "label": "color"}] * 4
+    # two tokens each: a one-token text has nothing to predict and is left out of training
+    rows = [{"text": "cat dog", "label": "animal"}, {"text": "red blue", "label": "color"}] * 4
     dm = TextDataModule(tok, "causal_lm", train=_write(tmp_path / "a.jsonl", rows),
                         val=_write(tmp_path / "b.jsonl", rows), cache_dir=None)
     with warnings.catch_warnings(record=True) as seen:

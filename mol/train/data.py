@@ -395,6 +395,20 @@ class TextDataModule(pl.LightningDataModule):
                 examples += ex
             if split == "train" and self.limit_train_examples:
                 examples = examples[: self.limit_train_examples]
+            if split == "train" and examples and self.task_kind == "causal_lm":  # mol.evaluate has no train split
+                # a prompt of max_length tokens or more (or a one-token text) leaves no token to learn: a batch of
+                # only such examples has a loss of 0/0 (NaN in the logs) and trains nothing
+                kept = [e for e in examples if any(t != IGNORE_INDEX for t in e["labels"][1:])]
+                if not kept:
+                    raise DataError(f"no data.train example has a token to learn within data.max_length="
+                                    f"{self.max_length} (prompts fill it, or texts are one token); raise "
+                                    "data.max_length")
+                if len(kept) < len(examples):
+                    warnings.warn(f"data.train: {len(examples) - len(kept)} of {len(examples)} examples have no "
+                                  f"token to learn within data.max_length={self.max_length} (a prompt that fills it, "
+                                  "or a one-token text) and are left out; raise data.max_length to keep the prompts",
+                                  stacklevel=2)
+                examples = kept
             if examples:
                 self.splits[split] = TokenizedSet(examples)
         self._prepared = True
