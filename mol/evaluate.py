@@ -19,8 +19,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from mol.train.app import (ConfigError, _config_dir_args, _fail, asset_path, build_datamodule,  # noqa: E402
-                           check_accelerator, check_overrides, find_conf_dir, load_model, register_resolvers,
-                           run_guarded)
+                           check_accelerator, check_data_values, check_overrides, find_conf_dir, load_model,
+                           register_resolvers, run_guarded)
 
 
 def _base_model(cfg: DictConfig, meta: dict, meta_file: Path) -> str:
@@ -83,6 +83,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split={cfg.split} is unknown; use split=test or split=val")
     check_accelerator(cfg.trainer, check_devices=False)  # evaluate runs on one device
+    check_data_values(cfg.data)
     meta = json.loads(meta_file.read_text())
     tokenizer = cfg.model.get("tokenizer") or meta.get("tokenizer")
     if tokenizer and not cfg.model.get("tokenizer") and not Path(str(tokenizer)).expanduser().exists():

@@ -118,3 +118,13 @@ def test_evaluate_with_a_gpu_trainer_and_no_gpu(trained, monkeypatch):
     monkeypatch.setattr(mol.evaluate, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
     with pytest.raises(ConfigError, match="no GPU.*use trainer=cpu"):
         _evaluate(f"adapter={trained['adapter']}", "trainer=gpu")
+
+
+@pytest.mark.parametrize("override, match", [("data.eval_batch_size=0", "data.eval_batch_size=0 is not a whole"),
+                                             ("model.dtype=bfloat17", "model.dtype=bfloat17 is not a torch")])
+def test_a_value_evaluate_cannot_use_is_one_config_error(trained, override, match):
+    # were a ValueError from range() in the loader and an AttributeError from getattr(torch, ...)
+    from mol.train.app import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        _evaluate(f"adapter={trained['adapter']}", override)

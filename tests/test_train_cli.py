@@ -40,6 +40,7 @@ def test_bad_override_is_one_line(override, must_mention, tmp_path):
     (["trainer.devices=two"], ["trainer.devices=two", "trainer.devices=2"]),
     (["-m", "method.rnak=4"], ["no key 'rnak'", "did you mean method.rank?"]),
     (["--multirun", "router=topk,nosuch"], ["unknown router 'nosuch'", "choose one of"]),
+    (["trainer.max_steps=0"], ["trainer.max_steps=0 trains nothing", "N >= 1"]),
 ])
 def test_trainer_value_mistakes_are_one_line(override, must_mention, tmp_path):
     """These used to end in tracebacks (Lightning's "fsdp requires a GPU accelerator", int('abc'), Lightning's
@@ -191,3 +192,34 @@ def test_multirun_writes_to_output_dir_and_resumes_there(tmp_path):
     for job in ("0", "1"):  # step 1 from the first launch, step 2 from the resumed one (a restart would log 1 again)
         steps = [json.loads(line)["step"] for line in (out / job / "train_loss.jsonl").read_text().splitlines()]
         assert steps == [1, 2], (job, steps)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("trainer.max_steps=0", "trainer.max_steps=0 trains nothing; pass trainer.max_steps=N with N >= 1, or -1"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0 trains nothing"),
+    ("trainer.max_steps=-5", "trainer.max_steps=-5 is out of range"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 trains nothing"),
+    ("data.max_length=0", "data.max_length=0 is not a whole number >= 1"),
+    ("data.batch_size=abc", "data.batch_size=abc is not a whole number"),
+    ("data.eval_batch_size=0", "data.eval_batch_size=0 is not"),
+    ("data.limit_train_examples=0", r"data.limit_train_examples=0 .*\(null: every example\)"),
+    ("seed=abc", "seed=abc is not a whole number"),
+    ("optim.lr=abc", "optim.lr=abc is not a number"),
+    ("baseline.max_epochs=0", "baseline.max_epochs=0 is not a whole number >= 1"),
+    ("model.dtype=bfloat17", "model.dtype=bfloat17 is not a torch floating-point dtype"),
+    ("model.tokenizer=/no/such/tok", "model.tokenizer=/no/such/tok is not a folder"),
+])
+def test_values_that_cannot_train_stop_before_anything_loads(override, match, tmp_path, monkeypatch):
+    """These trained an untrained adapter into results (max_steps/max_epochs 0: Lightning's fit returns at once),
+    ignored the limit (limit_train_examples=0), or ended in tracebacks from int(), float(), getattr(torch, ...),
+    transformers' hub lookup or inside the model; optim.lr=abc only after the head-only baseline had trained."""
+    from mol.train import app
+    from test_train_utils import make_tokenizer
+
+    make_tokenizer(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{}")
+    monkeypatch.setattr(app, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    cfg = compose(["model=hf_classifier", f"model.path={tmp_path / 'm'}", override, f"output_dir={tmp_path / 'o'}"])
+    with pytest.raises(app.ConfigError, match=match):
+        app.prepare(cfg)
+    assert not (tmp_path / "o").exists()

@@ -223,6 +223,15 @@ def build_method_config(cfg: DictConfig) -> Any:
     return method_cfg
 
 
+def _tokenizer_path(model_cfg: DictConfig, model_path: Path) -> str:
+    """``model.tokenizer`` (a local folder; the hub is never asked), else the model's own folder."""
+    tok = model_cfg.get("tokenizer")
+    if tok and not Path(str(tok)).expanduser().is_dir():  # transformers would take it for a hub repo id
+        raise ConfigError(f"model.tokenizer={tok} is not a folder; set model.tokenizer to a local folder made with "
+                          "save_pretrained, or drop it to use model.path's tokenizer")
+    return str(Path(str(tok or model_path)).expanduser())
+
+
 _reported_new_heads: set[tuple[str, int]] = set()
 
 
@@ -235,9 +244,8 @@ def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path={path} is not a Hugging Face model folder (no config.json there); "
                           "set model.path to a local folder made with save_pretrained")
-    tok_path = Path(str(model_cfg.get("tokenizer") or path)).expanduser()
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
-    dtype = getattr(torch, str(model_cfg.get("dtype", "float32")))
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_path(model_cfg, path), local_files_only=True)
+    dtype = torch_dtype(model_cfg)
     if model_cfg.task == "classification":
         from transformers import AutoConfig
 
@@ -361,6 +369,14 @@ def check_trainer_values(trainer_cfg: DictConfig) -> None:
         v = trainer_cfg.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise ConfigError(f"trainer.{key}={v} is not a whole number; pass e.g. trainer.{key}=10")
+    # Lightning takes 0 (fit returns at once: an untrained adapter saved as the run's) and divides by a zero
+    # accumulate_grad_batches; below -1 it raises with a traceback
+    for key, lowest, fix in (("max_steps", 1, "or -1 to train for trainer.max_epochs"),
+                             ("max_epochs", 1, "or -1 with trainer.max_steps=N"), ("accumulate_grad_batches", 1, "")):
+        v = trainer_cfg.get(key)
+        if v is not None and v < lowest and not (v == -1 and key != "accumulate_grad_batches"):
+            raise ConfigError(f"trainer.{key}={v} {'trains nothing' if v == 0 else 'is out of range'}; pass "
+                              f"trainer.{key}=N with N >= {lowest}{', ' + fix if fix else ''}")
     v = trainer_cfg.get("gradient_clip_val")
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
         raise ConfigError(f"trainer.gradient_clip_val={v} is not a number; pass e.g. trainer.gradient_clip_val=1.0 "
@@ -372,6 +388,54 @@ def check_trainer_values(trainer_cfg: DictConfig) -> None:
     if not ok:
         raise ConfigError(f"trainer.devices={v} is not a device count or list; pass e.g. trainer.devices=2, "
                           "trainer.devices=[0,1] or trainer.devices=auto")
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_data_values(data_cfg: DictConfig) -> None:
+    """``data.max_length=abc`` failed in int() and ``data.max_length=0`` / ``data.eval_batch_size=0`` inside the
+    model or a loader, with a traceback; ``data.limit_train_examples=0`` meant no limit. Here in one line."""
+    for key, lowest in (("batch_size", 1), ("eval_batch_size", 1), ("max_length", 1), ("num_workers", 0),
+                        ("limit_train_examples", 1)):
+        v = data_cfg.get(key)
+        if v is None and key in ("limit_train_examples", "num_workers"):
+            continue
+        if not _whole(v) or v < lowest:
+            unset = " (null: every example)" if key == "limit_train_examples" else ""
+            raise ConfigError(f"data.{key}={v} is not a whole number >= {lowest}; pass e.g. data.{key}="
+                              f"{max(lowest, 8)}{unset}")
+
+
+def check_run_values(cfg: DictConfig) -> None:
+    """The seed, data and optimizer values of a training run: of the wrong kind they failed in int() / float()
+    with a traceback, ``optim.lr=abc`` only after the head-only baseline had trained."""
+    if not _whole(cfg.get("seed")):
+        raise ConfigError(f"seed={cfg.get('seed')} is not a whole number; pass e.g. seed=0")
+    check_data_values(cfg.data)
+    for group in ("optim", "baseline"):
+        keys = ("lr", "weight_decay", "warmup_ratio", "min_lr_ratio") if group == "optim" else ("lr",)
+        for key in keys:
+            v = cfg[group].get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{group}.{key}={v} is not a number; pass e.g. {group}.{key}=1e-3")
+    epochs = cfg.baseline.get("max_epochs")
+    if cfg.baseline.get("enabled") and cfg.model.get("task") == "classification" and epochs is not None and (
+            not _whole(epochs) or epochs == 0 or epochs < -1):
+        raise ConfigError(f"baseline.max_epochs={epochs} is not a whole number >= 1; pass e.g. baseline.max_epochs=2 "
+                          "(or baseline.enabled=false)")
+
+
+def torch_dtype(model_cfg: DictConfig) -> Any:
+    """``model.dtype`` as a torch floating dtype (``model.dtype=bfloat17`` was an AttributeError traceback)."""
+    import torch
+
+    name = str(model_cfg.get("dtype") or "float32")
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"model.dtype={name} is not a torch floating-point dtype; use float32, bfloat16 or float16")
+    return dtype
 
 
 def fsdp_strategy(trainer_cfg: DictConfig) -> bool:
@@ -691,7 +755,7 @@ def _tokenizer_only(model_cfg: DictConfig) -> Any:
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path={path} is not a Hugging Face model folder (no config.json there); "
                           "set model.path to a local folder made with save_pretrained")
-    tok = AutoTokenizer.from_pretrained(str(model_cfg.get("tokenizer") or path), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(_tokenizer_path(model_cfg, path), local_files_only=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -701,6 +765,8 @@ def prepare(cfg: DictConfig) -> tuple[Any, Any]:
     """Validate everything cheap before training: method config, model folder, data files and labels."""
     register_resolvers()
     check_trainer_values(cfg.trainer)
+    check_run_values(cfg)
+    torch_dtype(cfg.model)
     if int(cfg.trainer.get("max_steps", -1)) == -1 and cfg.trainer.get("max_epochs") == -1:
         raise ConfigError("trainer.max_epochs=-1 with trainer.max_steps=-1 never ends, and the learning-rate schedule "
                           "needs the run's length: set trainer.max_steps=N or a finite trainer.max_epochs")
