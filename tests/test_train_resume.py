@@ -183,3 +183,19 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_the_baseline(tmp_path)
             run(_cls_cfg(tmp_path, out, override, f"resume={path}"))
         assert "\n" not in str(e.value) and "new output_dir=" in str(e.value)
         assert not (out / "baseline").exists()
+
+
+def test_empty_folders_of_a_run_stopped_before_training_do_not_block_the_next(tmp_path):
+    """A run stopped by Lightning's own check of the settings (val_check_interval longer than an epoch) has made
+    logs/ and nothing in it; the corrected command into the same output_dir was refused as "already holds a run"."""
+    from mol.train.app import ConfigError, claim_output_dir
+    from test_train_utils import compose
+
+    out = tmp_path / "run"
+    (out / "logs").mkdir(parents=True)
+    (out / "heatmaps").mkdir()
+    cfg = compose([f"output_dir={out}"])
+    claim_output_dir(cfg, out)  # nothing there is a run's
+    (out / "logs" / "metrics.csv").write_text("step\n")
+    with pytest.raises(ConfigError, match=r"already holds a run \(logs\)"):
+        claim_output_dir(cfg, out)

@@ -708,7 +708,9 @@ def claim_output_dir(cfg: DictConfig, out: Path) -> None:
     only those: anything else in the folder stays)."""
     if resuming(cfg) or not _launching_process():
         return
-    found = [n for n in RUN_FILES if (out / n).exists()]
+    # an empty folder holds no run: a run stopped by a config error inside fit (val_check_interval longer than an
+    # epoch) leaves logs/ empty, and the corrected command must not be refused for it
+    found = [n for n in RUN_FILES if (out / n).exists() and not ((out / n).is_dir() and not any((out / n).iterdir()))]
     if not found:
         return
     if not cfg.get("overwrite", False):
