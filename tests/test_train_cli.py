@@ -223,3 +223,14 @@ def test_values_that_cannot_train_stop_before_anything_loads(override, match, tm
     with pytest.raises(app.ConfigError, match=match):
         app.prepare(cfg)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_mistyped_top_level_key_names_the_keys_there_are():
+    """Hydra's advice for `seeed=3` was to add it with '+seeed=3', which composes and is then never read; for
+    mol.evaluate the line pointed at `python -m mol.train --help`."""
+    from mol.train.app import check_overrides
+
+    msg = check_overrides(["seeed=3"], REPO / "conf")
+    assert msg is not None and "no key 'seeed' (did you mean seed?)" in msg and "+seeed" not in msg, msg
+    msg = check_overrides(["adapter=x", "spilt=val"], REPO / "conf", config_name="evaluate")
+    assert msg is not None and "did you mean split?" in msg and "mol.train" not in msg, msg

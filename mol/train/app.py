@@ -140,6 +140,12 @@ def _unknown_key(key: str, cfg: DictConfig) -> Optional[str]:
     import difflib
 
     group, _, sub = key.partition(".")
+    if not sub and group not in cfg:  # a top-level typo: '+seeed=3' would be composed and then never read
+        keys = [str(k) for k in cfg.keys() if k != "hydra"]
+        close = difflib.get_close_matches(group, keys, n=3, cutoff=0.5)
+        guess = f" (did you mean {close[0]}?)" if close else ""
+        ordered = close + sorted(set(keys) - set(close))
+        return f"{key}: the config has no key '{key}'{guess}; its keys: {', '.join(ordered)}"
     if not sub or "." in sub or group not in cfg:
         return None
     keys = _keys_of(group, cfg[group])
@@ -184,7 +190,8 @@ def check_overrides(overrides: list[str], conf_dir: Path, config_name: str = CON
                         msg = None
                     if msg:
                         return msg
-                return f"bad override: {_one_line(e)} (see `python -m mol.train --help`; list a group with `--cfg job`)"
+                app = "mol.evaluate" if config_name == "evaluate" else "mol.train"
+                return f"bad override: {_one_line(e)} (see `python -m {app} --help`; list a group with `--cfg job`)"
     finally:
         GlobalHydra.instance().clear()
     return None
