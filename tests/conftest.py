@@ -1,6 +1,7 @@
 """Shared fixtures: tiny Hugging Face models built from configs (no download), fresh seeds per test."""
 
 import os
+import re
 import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,6 +46,33 @@ def _interpreter_rounds_bf16_to_nearest() -> None:
 
 
 _interpreter_rounds_bf16_to_nearest()
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def interpreter_numpy_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why the kernels' tests cannot run in this Triton's interpreter with this numpy, with the fix; else None.
+    Triton < 3.7's interpreter reads a scalar kernel argument with int() of a 1-element array, which numpy >= 2.3
+    refuses ("only 0-dimensional arrays can be converted to Python scalars"): every interpreted kernel test would
+    fail with that error, far from its cause (measured: 3.3.1, 3.5.0 and 3.6.0 fail, 3.7.0 to 3.9 pass)."""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 3):
+        return (f"Triton {triton_version}'s interpreter, which runs the kernels' tests on the CPU, does not work with "
+                f"numpy {numpy_version}: install numpy < 2.3 (pip install 'numpy<2.3') or Triton >= 3.7")
+    return None
+
+
+def pytest_configure(config):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton
+    except ImportError:  # pragma: no cover - no Triton: the kernels' tests say so themselves
+        return
+    problem = interpreter_numpy_problem(triton.__version__, np.__version__)
+    if problem:
+        raise pytest.UsageError(problem)
 
 
 @pytest.fixture(autouse=True)
