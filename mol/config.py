@@ -35,7 +35,8 @@ class MethodConfig:
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("backend", "graph_tokens", "graph_inference_tokens")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **dataclasses.asdict(self)}
+        """The fields and ``method``, as saved JSON holds them (tuples as lists): ``config_from_dict`` rebuilds it."""
+        return {"method": self.method, **_as_json(dataclasses.asdict(self))}
 
     def adapter_dict(self) -> dict[str, Any]:
         """to_dict() without RUNTIME_FIELDS: what load_adapter compares between a model's adapter and a saved one
@@ -43,15 +44,28 @@ class MethodConfig:
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
 
 
+def _as_json(value: Any) -> Any:
+    """``value`` with its tuples as lists, as JSON reads them back: a config given a tuple of target_modules then
+    compares equal to its saved copy (load_adapter into the model it was saved from refused it)."""
+    if isinstance(value, dict):
+        return {k: _as_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_json(v) for v in value]
+    return value
+
+
 def _check_common(cfg: Any) -> None:
     name = type(cfg).__name__
     if not isinstance(cfg.rank, int) or isinstance(cfg.rank, bool) or cfg.rank <= 0:
         raise ValueError(f"{name}.rank must be a positive integer, got {cfg.rank!r}; use e.g. rank=8")
     # "not > 0" rather than "<= 0": a NaN alpha (NaN compares false) would make every adapter output NaN
-    if not 0 < cfg.alpha < math.inf:
+    if not is_number(cfg.alpha) or not 0 < cfg.alpha < math.inf:
         raise ValueError(f"{name}.alpha must be > 0, got {cfg.alpha!r}; the usual choice is alpha = 2 * rank")
-    if not 0.0 <= cfg.dropout < 1.0:
+    if not is_number(cfg.dropout) or not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"{name}.dropout must be in [0, 1), got {cfg.dropout!r}")
+    # a string such as "false" from a command line is truthy: it would silently turn rsLoRA's scaling on
+    if not isinstance(cfg.use_rslora, bool):
+        raise ValueError(f"{name}.use_rslora must be true or false, got {cfg.use_rslora!r}")
     if cfg.init not in INITS:
         raise ValueError(f"{name}.init={cfg.init!r} is unknown; choose one of {INITS}")
     if cfg.backend not in BACKENDS:
@@ -60,6 +74,8 @@ def _check_common(cfg: Any) -> None:
         raise ValueError(f"{name}.quantize_base={cfg.quantize_base!r} is unknown; use None or 'nf4'")
     if not cfg.target_modules:
         raise ValueError(f"{name}.target_modules is empty; give names, suffixes, a regex or 'all-linear'")
+    check_targets(name, "target_modules", cfg.target_modules, allow_none=False)
+    check_modules_to_save(cfg)
     check_adapter_dtype(cfg)
     for field_name, integral in (("rank_pattern", True), ("alpha_pattern", False)):
         patterns = getattr(cfg, field_name)
@@ -75,6 +91,32 @@ def _check_common(cfg: Any) -> None:
             if (integral and (not isinstance(value, int) or isinstance(value, bool))) or not value > 0:
                 kind = "a positive integer" if integral else "> 0"
                 raise ValueError(f"{name}.{field_name}[{key!r}] must be {kind}, got {value!r}")
+
+
+def is_number(value: Any) -> bool:
+    """A real number, bool excluded (a config's ``True`` is a typo, not 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_modules_to_save(cfg: Any) -> None:
+    """Raise, naming the fix, unless ``cfg.modules_to_save`` is a list of module names."""
+    name, value = type(cfg).__name__, cfg.modules_to_save
+    if isinstance(value, str):  # iterated, each letter would be taken for a module name
+        raise ValueError(f"{name}.modules_to_save must be a list of module names, got the string {value!r}; use "
+                         f"modules_to_save=[{value!r}]")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) for m in value):
+        raise ValueError(f"{name}.modules_to_save must be a list of module names, got {value!r}")
+
+
+def check_targets(name: str, field: str, value: Any, allow_none: bool = True) -> None:
+    """Raise, naming the fix, unless ``value`` is a regex string or a list of names (or None if ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    ok = (isinstance(value, str) and value) or (isinstance(value, (list, tuple)) and value
+                                                and all(isinstance(v, str) and v for v in value))
+    if not ok:
+        raise ValueError(f"{name}.{field}={value!r} is invalid; give a list of module names/suffixes, one regex string"
+                         + (", or None for the model's defaults" if allow_none else ""))
 
 
 def nonnegative_number_problem(value: Any) -> Optional[str]:

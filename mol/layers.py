@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mol import dispatch
-from mol.config import ROUTERS, nonnegative_number_problem
+from mol.config import ROUTERS, is_number, nonnegative_number_problem
 from mol.routers import FusedRouterOutput, Router, RouterOutput, in_backward, keep_state
 
 
@@ -255,9 +255,9 @@ class MoLLinear(AdapterLayer):
             raise ValueError(f"top_k must be an integer, got {top_k!r}")
         if router not in ROUTERS:
             raise ValueError(f"router={router!r} is unknown; choose one of {ROUTERS}")
-        if not alpha > 0:
+        if not is_number(alpha) or not 0 < alpha < math.inf:
             raise ValueError(f"alpha must be > 0, got {alpha!r}; the usual choice is alpha = 2 * rank")
-        if not 0.0 <= dropout < 1.0:
+        if not is_number(dropout) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         for name, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef),
                             ("router_noise", router_noise)):

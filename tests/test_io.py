@@ -331,3 +331,14 @@ def test_a_rank_pattern_key_for_no_adapted_layer_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=2, rank_pattern={"v_proj": 4}, alpha_pattern={"q_proj": 3}))
+
+
+def test_a_tuple_of_target_modules_reloads_into_its_own_model(tmp_path):
+    """The saved JSON holds the tuple as a list: compared as given, the model it was saved from refused it as
+    "a different adapter"."""
+    model = mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=2, target_modules=("q_proj",)))
+    _train_a_little(model)
+    mol.save_adapter(model, tmp_path)
+    ids = torch.randint(0, 101, (1, 5))
+    expected = model(input_ids=ids).logits
+    assert torch.equal(mol.load_adapter(model, tmp_path)(input_ids=ids).logits, expected)

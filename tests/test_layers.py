@@ -518,6 +518,9 @@ def test_deepcopy_after_a_training_forward(backend):
     ({"aux_loss_coef": -0.1}, r"aux_loss_coef must be a finite number >= 0 \(0 turns it off\), got -0.1"),
     ({"z_loss_coef": float("nan")}, r"z_loss_coef must be a finite number >= 0 \(0 turns it off\), got nan"),
     ({"router_noise": -1.0}, r"router_noise must be a finite number >= 0"),
+    ({"alpha": "16"}, r"alpha must be > 0, got '16'"),
+    ({"alpha": float("inf")}, r"alpha must be > 0, got inf"),
+    ({"dropout": None}, r"dropout must be in \[0, 1\), got None"),
 ])
 def test_layer_built_by_hand_refuses_what_the_config_refuses(kwargs, message):
     """MoLLinear made directly (not through MoLConfig): an alpha of 0 or a dropout of 1 would silently never train,
@@ -540,6 +543,15 @@ def test_layer_built_by_hand_refuses_what_the_config_refuses(kwargs, message):
     ({"num_experts": 4, "top_k": 5}, r"MoLConfig.top_k=5 is outside 1..4 .*set top_k between 1 and 4"),
     ({"top_k": 0}, r"MoLConfig.top_k=0 is outside 1..8 .*set top_k between 1 and 8"),
     ({"router": "expert_choice"}, r"MoLConfig.router='expert_choice' is unknown; choose one of"),
+    # each of these failed with a bare TypeError from a comparison or a loop, or (use_rslora, modules_to_save as a
+    # string) passed: "false" turned rsLoRA on, and each letter of "lm_head" was taken for a module name
+    ({"alpha": "16"}, r"MoLConfig.alpha must be > 0, got '16'"),
+    ({"dropout": None}, r"MoLConfig.dropout must be in \[0, 1\), got None"),
+    ({"use_rslora": "false"}, r"MoLConfig.use_rslora must be true or false, got 'false'"),
+    ({"target_modules": 5}, r"MoLConfig.target_modules=5 is invalid; give a list of module names"),
+    ({"target_modules": ["q_proj", None]}, r"MoLConfig.target_modules=\['q_proj', None\] is invalid"),
+    ({"modules_to_save": "lm_head"}, r"got the string 'lm_head'; use modules_to_save=\['lm_head'\]"),
+    ({"modules_to_save": None}, r"MoLConfig.modules_to_save must be a list of module names, got None"),
 ])
 def test_config_refuses_bad_router_settings_naming_the_field_and_fix(kwargs, message):
     """MoLConfig.validate names the bad field, its value and the fix. A NaN or inf coefficient (which "< 0" let

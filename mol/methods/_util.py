@@ -7,6 +7,7 @@ from typing import Any, Optional
 from torch import nn
 
 
+from mol.config import check_modules_to_save, check_targets  # noqa: F401  (shared with MoLConfig / LoRAConfig)
 from mol.layers import is_conv1d  # noqa: F401  (the methods' name for it; MoLLinear adapts Conv1D too)
 
 
@@ -31,19 +32,3 @@ def config_int(cfg: Any, *names: str) -> Optional[int]:
 def model_type(model: nn.Module) -> str:
     cfg = getattr(model, "config", None)
     return str(getattr(cfg, "model_type", "") or "")
-
-
-def check_modules_to_save(cfg: Any) -> None:
-    name = type(cfg).__name__
-    if not isinstance(cfg.modules_to_save, (list, tuple)) or not all(isinstance(m, str) for m in cfg.modules_to_save):
-        raise ValueError(f"{name}.modules_to_save must be a list of module names, got {cfg.modules_to_save!r}")
-
-
-def check_targets(name: str, field: str, value: Any, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    ok = (isinstance(value, str) and value) or (isinstance(value, (list, tuple)) and value
-                                                and all(isinstance(v, str) and v for v in value))
-    if not ok:
-        raise ValueError(f"{name}.{field}={value!r} is invalid; give a list of module names/suffixes, one regex string"
-                         + (", or None for the model's defaults" if allow_none else ""))

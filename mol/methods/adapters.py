@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from mol.config import MethodConfig, TargetModules, check_adapter_dtype, register_config
+from mol.config import MethodConfig, TargetModules, check_adapter_dtype, is_number, register_config
 from mol.inject import match_modules, register_method
 from mol.layers import AdapterLayer, adapter_dtype_for
 from mol.methods._util import check_modules_to_save, check_targets, config_int, text_config
@@ -72,7 +72,7 @@ class AdapterConfig(MethodConfig):
         if self.non_linearity not in ACTIVATIONS:
             raise ValueError(f"AdapterConfig.non_linearity={self.non_linearity!r} is unknown; "
                              f"choose one of {sorted(ACTIVATIONS)}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout!r}")
         check_adapter_dtype(self)
         check_targets("AdapterConfig", "attn_modules", self.attn_modules)
