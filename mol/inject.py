@@ -148,7 +148,12 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
                          f"its own layers, or put this config before the one that wrapped them{_ORDER_HINT}")
     if unmatched:
         offered = sorted({n.split(".")[-1] for n, m in candidates if predicate(m)})
-        raise ValueError(f"target_modules {what} matched no module of {type(model).__name__}; "
+        # a bare layer name given as a string is a regex that must match the whole name, so it matches no layer
+        hint = (f"; a string is one regex matched against the full name (as in PEFT): for every layer named so, pass "
+                f"a list, target_modules=[{target_modules!r}]"
+                if isinstance(target_modules, str) and any(name_matches(n, [target_modules]) for n, _ in candidates)
+                else "")
+        raise ValueError(f"target_modules {what} matched no module of {type(model).__name__}{hint}; "
                          f"layer names on offer: {offered[:20]}. Fix target_modules (exact names, suffixes such "
                          f"as 'q_proj', one regex string, or 'all-linear')")
     owned = [n for n in names if n in mha_owned]

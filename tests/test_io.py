@@ -138,6 +138,8 @@ def test_merge_refuses_token_routed_layers_and_changes_nothing():
 @pytest.mark.parametrize("config,message", [
     (mol.LoRAConfig(target_modules=["qq_proj"]), r"matched no module of LlamaForCausalLM; layer names on offer"),
     (mol.LoRAConfig(target_modules=r"model\.nothing\..*"), "matched no module"),
+    # a bare name as a string is a regex on the full name, which PEFT matches the same way: the list is the fix
+    (mol.LoRAConfig(target_modules="q_proj"), r"a string is one regex .*full name.* target_modules=\['q_proj'\]"),
     (mol.LoRAConfig(target_modules=["self_attn"]), "a LlamaAttention, which this method cannot adapt"),
     (mol.MoLConfig(num_experts=4, top_k=5), r"top_k=5 is outside 1\.\.4"),
     (mol.MoLConfig(num_experts=4, top_k=0), r"top_k=0 is outside 1\.\.4"),
