@@ -283,13 +283,18 @@ CONFIG_CLASSES: dict[str, type] = {"mol": MoLConfig, "lora": LoRAConfig}
 
 
 def register_config(cls: type) -> type:
-    """Make a method config loadable from saved JSON by its ``method`` name."""
+    """Make a method config loadable from saved JSON by its ``method`` name; returns ``cls`` (a decorator)."""
+    if not isinstance(cls, type) or not isinstance(getattr(cls, "method", None), str) or not cls.method:
+        raise TypeError(f"register_config takes a config class with a non-empty class attribute `method` (the name "
+                        f"saved JSON gives it), got {cls!r}")
     CONFIG_CLASSES[cls.method] = cls
     return cls
 
 
 def config_from_dict(d: dict[str, Any]) -> MethodConfig:
     """Rebuild a config saved with ``to_dict``; unknown methods or fields raise with the fix."""
+    if not isinstance(d, dict):
+        raise TypeError(f"config_from_dict takes a dict as to_dict() gives it, got {type(d).__name__}")
     d = dict(d)
     method = d.pop("method", None)
     if method not in CONFIG_CLASSES:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from mol.config import LoRAConfig, MethodConfig, MoLConfig, pattern_value
+from mol.config import LoRAConfig, MethodConfig, MoLConfig, check_targets, pattern_value
 from mol.layers import AdapterLayer, MoLLinear, is_conv1d, not_full_precision
 from mol.calls import call_kwargs, hf_models, routing_context
 
@@ -34,6 +35,9 @@ _METHODS: dict[type, MethodFn] = {}
 
 def register_method(config_cls: type) -> Callable[[MethodFn], MethodFn]:
     """Register the function that applies ``config_cls`` to a model (see module docstring)."""
+    if not isinstance(config_cls, type):  # inject looks methods up by their config's class
+        raise TypeError(f"register_method takes a config class, got {type(config_cls).__name__}; use "
+                        "@register_method(MyConfig)")
 
     def deco(fn: MethodFn) -> MethodFn:
         _METHODS[config_cls] = fn
@@ -110,6 +114,8 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
     (``re.fullmatch``, as PEFT does); a list: exact names or name suffixes (``"q_proj"`` matches
     ``model.layers.0.self_attn.q_proj``). A pattern that matches nothing raises with the names on offer.
     """
+    check_model(model, "match_modules")
+    check_targets("match_modules", "target_modules", target_modules, allow_none=False)
     exclude = list(exclude)
     adapters = {n for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
     candidates = [(n, m) for n, m in model.named_modules()
@@ -289,6 +295,23 @@ def injected_inside(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if n and "mol_configs" in m.__dict__]
 
 
+def check_model(model: Any, who: str, then_directory: bool = False) -> None:
+    """Raise TypeError, naming the fix, unless ``model`` is an ``nn.Module``: a path or a tuple (as
+    ``from_pretrained(..., output_loading_info=True)`` returns) in its place failed deep inside with an
+    AttributeError. ``then_directory``: ``who`` takes a directory after the model, which a path may be swapped with."""
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, (str, os.PathLike)):
+        fix = ("; load the model first (e.g. AutoModelForCausalLM.from_pretrained(path)) and pass it"
+               + (f": mol.{who}(model, directory)" if then_directory else ""))
+    elif isinstance(model, tuple):
+        fix = "; from_pretrained(..., output_loading_info=True) returns (model, info): pass the model alone"
+    else:
+        fix = "; pass the model"
+    shown = f" {str(model)!r:.80}" if isinstance(model, (str, os.PathLike)) else ""
+    raise TypeError(f"mol.{who} takes a model (a torch.nn.Module), got {type(model).__name__}{shown}{fix}")
+
+
 def require_adapter(model: nn.Module) -> None:
     """Raise, naming the fix, unless ``model`` carries an adapter (``mol.inject`` or ``load_adapter`` ran on it)."""
     if getattr(model, "mol_configs", None):
@@ -386,6 +409,7 @@ def inject(model: nn.Module, config: Union[MethodConfig, Sequence[MethodConfig]]
 
     Everything that is not an adapter tensor or in ``modules_to_save`` is frozen. Returns ``model``.
     """
+    check_model(model, "inject")
     configs = list(config) if isinstance(config, (list, tuple)) else [config]
     if not configs:
         raise ValueError("inject got an empty list of configs; pass at least one method config")
@@ -478,6 +502,7 @@ def adapter_layers(model: nn.Module) -> Iterable[tuple[str, AdapterLayer]]:
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(number of trainable parameters, total number of parameters)."""
+    check_model(model, "trainable_parameters")
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
@@ -487,6 +512,7 @@ def aux_loss(model: nn.Module, device: Union[torch.device, str, None] = None) ->
     ``device``: by default the last routed layer's, which for a model split over several GPUs (``device_map``)
     is usually where its output and task loss are; pass ``out.loss.device`` to be sure. Each layer contributes its
     last call's loss: a layer called several times in one forward (shared across depth, as ALBERT's) only its last."""
+    check_model(model, "aux_loss")
     losses = [loss for _, m in adapter_layers(model) if isinstance(m, MoLLinear) and (loss := m.aux_loss()) is not None]
     if not losses:
         p = next(model.parameters(), None)
@@ -497,6 +523,7 @@ def aux_loss(model: nn.Module, device: Union[torch.device, str, None] = None) ->
 
 def clear_routing(model: nn.Module) -> None:
     """Drop every routed layer's kept routing (see MoLLinear.clear_routing): before a CUDA-graph capture."""
+    check_model(model, "clear_routing")
     for _, m in adapter_layers(model):
         if isinstance(m, MoLLinear):
             m.clear_routing()
@@ -512,6 +539,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     ``modules_to_save`` are trained in place, so they stay as trained (a warning says so)."""
     import warnings
 
+    check_model(model, "disable_adapters")
     require_adapter(model)
     configs = all_configs(model)
     if any(c.method == "bitfit" for c in configs):
@@ -546,6 +574,7 @@ def clear_graphs(model: nn.Module) -> None:
     """Free every MoL layer's captured CUDA graphs and their static buffers (``graph_tokens``,
     ``graph_inference_tokens``), e.g. after training and before long generation; the next call of a captured size
     captures again."""
+    check_model(model, "clear_graphs")
     for _, m in adapter_layers(model):
         if isinstance(m, MoLLinear) and m._graphs is not None:
             m._graphs.clear()
@@ -559,6 +588,7 @@ def set_graphs(model: nn.Module, graph_tokens: Optional[int] = None,
     turns it off; the graphs captured so far are freed. Every layer is checked before any changes; the model's
     ``mol_configs`` record the new values, which ``save_adapter`` writes and ``load_adapter`` ignores when it
     compares adapters (they say how the layers run, not what they compute). Returns ``model``."""
+    check_model(model, "set_graphs")
     layers = [m for _, m in adapter_layers(model) if isinstance(m, MoLLinear) and m.router is not None]
     if not layers:
         raise ValueError("set_graphs: the model has no routed MoL layer (MoLConfig with num_experts > 1); per-layer "
@@ -582,4 +612,5 @@ def set_graphs(model: nn.Module, graph_tokens: Optional[int] = None,
 def routing_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     """Per routed layer: load (E,), counts (E,), entropy, load_balance_loss, z_loss of the layer's last call (one of
     several where a forward calls it several times, as ALBERT's shared layers)."""
+    check_model(model, "routing_stats")
     return {n: m.last_stats for n, m in adapter_layers(model) if isinstance(m, MoLLinear) and m.last_stats}

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MoLConfig, config_from_dict, without_quantize_base
-from mol.inject import (adapter_layers, all_configs, all_or_nothing, inject, injected_inside, name_matches,
-                        nested_configs, require_adapter, tied_parameter_names)
+from mol.inject import (adapter_layers, all_configs, all_or_nothing, check_model, inject, injected_inside,
+                        name_matches, nested_configs, require_adapter, tied_parameter_names)
 from mol.layers import MoLLinear, is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
@@ -51,6 +51,19 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _directory(directory: Any, who: str, writing: bool = False) -> Path:
+    """``directory`` as a Path, refused (before anything is written) where it cannot be one: not a path, or, to write
+    to, an existing file (mkdir then failed with a bare FileExistsError)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"{who}: directory must be a path (str or os.PathLike), got {type(directory).__name__}; "
+                        f"call mol.{who}(model, directory)")
+    out = Path(directory)
+    if writing and out.exists() and not out.is_dir():
+        raise ValueError(f"{who}: {out} is a file, and {who} writes a directory of files; give a directory path "
+                         "(it is created if missing). Nothing was written")
+    return out
 
 
 def _json_text(obj: Any, who: str) -> str:
@@ -129,9 +142,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     """Write the adapter of ``model`` (configs + trainable tensors only) to ``directory``; with those of the
     injects on modules inside it that its inject took over (each config under its module's name)."""
+    check_model(model, "save_adapter", then_directory=True)
     model = _uncompiled(model)
     require_adapter(model)
-    out = Path(directory)
+    out = _directory(directory, "save_adapter", writing=True)
     inner = injected_inside(model)
     if inner:  # injected after the model's own inject (on a module added since): its tensors are not in the list
         raise ValueError(f"{inner[0][0]!r} inside this model carries an adapter of its own, injected after this "
@@ -220,7 +234,8 @@ def load_adapter(model: nn.Module, directory: PathLike, quantize_base: bool = Tr
     own full-precision linears instead of quantizing them first, as PEFT users load a QLoRA adapter onto a bf16
     base: e.g. to ``merge_and_unload`` it into a bf16 model. The adapter then acts on the original weights rather
     than on their NF4 rounding, which it was trained against (a small, usual difference)."""
-    directory = Path(directory)
+    check_model(model, "load_adapter", then_directory=True)
+    directory = _directory(directory, "load_adapter")
     configs, nested = _read_configs(directory)
     if not quantize_base:
         configs = without_quantize_base(configs)
@@ -276,6 +291,7 @@ def _mergeable_layers(model: nn.Module) -> list:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter delta into its frozen base weight (checked for all layers before any changes)."""
+    check_model(model, "merge")
     for _, layer in _mergeable_layers(model):
         layer.merge()
     return model
@@ -283,6 +299,7 @@ def merge(model: nn.Module) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge``."""
+    check_model(model, "unmerge")
     for _, layer in _mergeable_layers(model):
         layer.unmerge()
     return model
@@ -303,6 +320,7 @@ def _remove_hooks(module: nn.Module, owner: Any) -> None:
 
 
 def _unload(model: nn.Module, merge_first: bool) -> nn.Module:
+    check_model(model, "merge_and_unload" if merge_first else "unload")
     require_adapter(model)
     from mol.methods.adapters import BottleneckAdapter
     from mol.methods.prefix import _VirtualTokens
@@ -405,8 +423,9 @@ def _single_lora_config(model: nn.Module) -> LoRAConfig:
 
 def export_peft(model: nn.Module, directory: PathLike) -> Path:
     """Write a LoRA adapter in PEFT's own format (adapter_config.json + adapter_model.safetensors)."""
+    check_model(model, "export_peft", then_directory=True)
     cfg = _single_lora_config(model)
-    out = Path(directory)
+    out = _directory(directory, "export_peft", writing=True)
     task = _peft_task_type(model)
     heads = [n for n, _ in adapter_layers(model)
              if task == "SEQ_CLS" and any(n == h or n.startswith(h + ".") for h in _PEFT_SEQ_CLS_HEADS)]
@@ -495,7 +514,8 @@ _PEFT_LAYER_CHOICE = ("exclude_modules", "layers_to_transform", "layers_pattern"
 
 def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
     """Inject and load a PEFT LoRA adapter directory into ``model`` (a plain Hugging Face model)."""
-    directory = Path(directory)
+    check_model(model, "import_peft", then_directory=True)
+    directory = _directory(directory, "import_peft")
     raw = _read_json(directory / CONFIG_NAME, "point import_peft at a directory saved by PEFT's save_pretrained")
     if raw.get("format") == FORMAT:
         raise ValueError(f"{directory} holds a mol adapter (written by mol.save_adapter), not a PEFT one: load it with "

@@ -344,3 +344,49 @@ def test_a_tuple_of_target_modules_reloads_into_its_own_model(tmp_path):
     ids = torch.randint(0, 101, (1, 5))
     expected = model(input_ids=ids).logits
     assert torch.equal(mol.load_adapter(model, tmp_path)(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, d: mol.inject(m, mol.LoRAConfig()), mol.save_adapter, mol.load_adapter, mol.import_peft,
+    mol.export_peft, mol.save_bnb_4bit, lambda m, d: mol.load_bnb_4bit(m, {}),
+    *[(lambda f: lambda m, d: f(m))(f) for f in (
+        mol.merge, mol.unmerge, mol.unload, mol.merge_and_unload, mol.aux_loss, mol.routing_stats,
+        mol.trainable_parameters, mol.clear_routing, mol.clear_graphs, mol.set_graphs, mol.quantize,
+        mol.bnb_4bit_state_dict, lambda m: mol.disable_adapters(m).__enter__(),
+        lambda m: mol.match_modules(m, "all-linear"))],
+])
+def test_a_path_where_the_model_goes_is_named(tmp_path, call):
+    """A path (the arguments swapped) or a (model, info) tuple in the model's place failed with "'str' object has no
+    attribute '__dict__'" or the like from deep inside; every function that takes a model names it, first."""
+    with pytest.raises(TypeError, match=r"takes a model \(a torch\.nn\.Module\), got str 'adapter/'; load the model"):
+        call("adapter/", tmp_path)
+    with pytest.raises(TypeError, match=r"got tuple; .*returns \(model, info\): pass the model alone"):
+        call((make_tiny_llama(), {}), tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_to_a_file_or_a_non_path_says_so_and_writes_nothing(tmp_path):
+    model = mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=2, target_modules=["q_proj"]))
+    (tmp_path / "adapter").write_text("not a directory")
+    for save in (mol.save_adapter, mol.export_peft):
+        with pytest.raises(ValueError, match=r"adapter is a file, and \w+ writes a directory.*Nothing was written"):
+            save(model, tmp_path / "adapter")
+        with pytest.raises(TypeError, match=r"directory must be a path \(str or os\.PathLike\), got NoneType"):
+            save(model, None)
+    with pytest.raises(TypeError, match=r"directory must be a path \(str or os\.PathLike\), got NoneType"):
+        mol.load_adapter(make_tiny_llama(), None)
+    assert os.listdir(tmp_path) == ["adapter"] and (tmp_path / "adapter").read_text() == "not a directory"
+
+
+def test_helpers_given_the_wrong_kind_of_argument_say_what_they_take():
+    # each failed with an unrelated TypeError / AttributeError, or (register_method) registered a string silently
+    with pytest.raises(TypeError, match="config_from_dict takes a dict as to_dict"):
+        mol.config_from_dict("lora")
+    with pytest.raises(TypeError, match="register_config takes a config class"):
+        mol.register_config("lora")
+    with pytest.raises(TypeError, match=r"register_method takes a config class, got str"):
+        mol.register_method("lora")
+    with pytest.raises(ValueError, match=r"match_modules.target_modules=None is invalid"):
+        mol.match_modules(make_tiny_llama(), None)
+    with pytest.raises(TypeError, match=r"load_bnb_4bit takes a state dict .*got PosixPath"):
+        mol.load_bnb_4bit(make_tiny_llama(), __import__("pathlib").Path("model.safetensors"))

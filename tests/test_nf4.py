@@ -112,6 +112,9 @@ def test_errors_are_clear():
         bad[0].weight[1, 2] = float("nan")
     with pytest.raises(ValueError, match="layer '0'"):
         quantize(bad, "nf4")
+    # an nn.Linear given to the constructor (as MoLLinear takes one) failed with "no attribute 'shape'"
+    with pytest.raises(TypeError, match=r"NF4Linear takes an NF4Weight .*got Linear; .*NF4Linear\.from_linear"):
+        NF4Linear(nn.Linear(64, 64))
 
 
 # ---------------------------------------------------------------- NF4Linear

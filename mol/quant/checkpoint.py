@@ -14,6 +14,7 @@ from typing import Union
 import torch
 import torch.nn as nn
 
+from mol.inject import check_model
 from mol.layers import AdapterLayer, is_conv1d
 
 from .linear import NF4Linear
@@ -27,6 +28,7 @@ def bnb_4bit_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     '.weight.quant_state.bitsandbytes__nf4', '<layer>.bias'); every other tensor as ``model.state_dict()`` has it.
     Raises if the model carries mol adapters: export the base after ``mol.unload`` and the adapter with
     ``mol.save_adapter``."""
+    check_model(model, "bnb_4bit_state_dict")
     _check_no_adapters(model, "bnb_4bit_state_dict")
     nf4 = {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
     if not nf4:
@@ -50,6 +52,7 @@ def save_bnb_4bit(model: nn.Module, directory: PathLike, compute_dtype: torch.dt
     directory. Load it with ``AutoModel...from_pretrained(directory)`` (bitsandbytes installed), or without
     bitsandbytes: build the full-precision model, ``load_bnb_4bit(model, sd)``, then
     ``model.load_state_dict(rest, strict=False)``."""
+    check_model(model, "save_bnb_4bit", then_directory=True)
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(config, "to_json_string", None)):
         raise ValueError(f"save_bnb_4bit: {type(model).__name__} has no transformers config to write config.json "
@@ -85,9 +88,9 @@ def save_bnb_4bit(model: nn.Module, directory: PathLike, compute_dtype: torch.dt
 
     from safetensors.torch import save_file
 
-    from mol.io import _atomic_write  # one atomic write for every file mol saves (and the umask's file mode)
+    from mol.io import _atomic_write, _directory  # one atomic write for every file mol saves (and its mode)
 
-    out = Path(directory)
+    out = _directory(directory, "save_bnb_4bit", writing=True)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(cfg.to_json_string(use_diff=True)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from mol import dispatch
 from mol.kernels import env_flag
-from mol.inject import _under_any, name_matches, replace_module, tied_parameter_names
+from mol.inject import _under_any, check_model, name_matches, replace_module, tied_parameter_names
 from mol.layers import AdapterLayer, is_conv1d, not_full_precision
 
 from .nf4 import (NF4Weight, SUPPORTED_DTYPES, check_blocksize, check_finite, dequantize_nf4, from_bnb_tensors,
@@ -93,6 +94,9 @@ class NF4Linear(nn.Module):
 
     def __init__(self, packed: NF4Weight, bias: torch.Tensor | None = None, backend: str = "auto"):
         super().__init__()
+        if not isinstance(packed, NF4Weight):
+            raise TypeError(f"NF4Linear takes an NF4Weight (quantize_nf4(weight)), got {type(packed).__name__}; to "
+                            "quantize an nn.Linear use NF4Linear.from_linear(linear)")
         if len(packed.shape) != 2:
             raise ValueError(f"NF4Linear needs a 2-D weight (out_features, in_features); got shape {packed.shape}")
         if backend not in ("auto", "torch", "triton"):
@@ -237,6 +241,7 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
     own linears; an adapter layer's base_layer is quantized).
     Raises if the model would hold no NF4 layer at all: a model believed 4-bit that is not would be a silent no-op.
     """
+    check_model(model, "quantize")
     if method != "nf4":
         raise ValueError(f"quantize: unknown method {method!r}; the only supported method is 'nf4'")
     check_blocksize("blocksize", blocksize, 64, "quantize")
@@ -399,6 +404,10 @@ def load_bnb_4bit(model: nn.Module, state_dict: dict[str, torch.Tensor], backend
     none names a module of the model (a prefix that differs: a LlamaForCausalLM checkpoint into a LlamaModel), and
     when it holds bitsandbytes 8-bit entries (not supported). A state dict without 4-bit entries (a shard holding
     only the embeddings) replaces nothing and returns []."""
+    check_model(model, "load_bnb_4bit")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"load_bnb_4bit takes a state dict (name -> tensor), got {type(state_dict).__name__}; read "
+                        "the checkpoint first, e.g. safetensors.torch.load_file(path)")
     eight = sorted(k for k in state_dict if k == "SCB" or k.endswith(".SCB"))
     if eight:
         raise ValueError(f"load_bnb_4bit: the state dict holds bitsandbytes 8-bit (LLM.int8) entries ({eight[:3]}"
