@@ -418,6 +418,14 @@ def inject(model: nn.Module, config: Union[MethodConfig, Sequence[MethodConfig]]
             raise TypeError(f"{type(cfg).__name__} is not a registered method config; "
                             f"known: {sorted(c.__name__ for c in _METHODS)}")
         cfg.validate()
+    # BitFit's inject of an equal config ran again without a word (the other methods refuse wrapped layers): the model
+    # then recorded the adapter twice, and no longer took load_adapter of the adapter it was given once
+    seen = list(getattr(model, "mol_configs", []))
+    for cfg in configs:
+        if any(type(cfg) is type(c) and cfg == c for c in seen):
+            raise ValueError(f"inject got {cfg} twice: the model carries this adapter already (or the list repeats "
+                             "it); inject each config once, on a fresh model to start over")
+        seen.append(cfg)
     if model.__dict__.get(_INSIDE):
         raise ValueError(f"this {type(model).__name__} sits inside a module that mol.inject adapted already: an "
                          "inject here would freeze that module's trainable tensors inside it, and its own would be "

@@ -160,6 +160,19 @@ def test_second_adapter_on_same_layers_is_refused():
         mol.inject(model, mol.MoLConfig(target_modules=["q_proj"]))
 
 
+def test_the_same_config_twice_is_refused_and_changes_nothing():
+    # BitFit took an equal second config without a word (the wrapping methods refuse adapted layers), recording the
+    # adapter twice, so the model then refused load_adapter of the adapter it was given once
+    for cfg in (mol.BitFitConfig(), mol.LoRAConfig(rank=2, target_modules=["q_proj"])):
+        model = mol.inject(make_tiny_llama(), cfg)
+        before = _structure(model)
+        with pytest.raises(ValueError, match=r"inject got \w+Config\(.*\) twice: the model carries this adapter"):
+            mol.inject(model, copy.deepcopy(cfg))
+        assert _structure(model) == before
+        with pytest.raises(ValueError, match="twice: .*or the list repeats it"):
+            mol.inject(make_tiny_llama(), [cfg, cfg])
+
+
 def test_all_linear_on_an_all_adapted_model_says_so():
     # the generic "matched no linear layer" would send the user looking for a naming problem
     model = mol.inject(make_tiny_llama(), mol.LoRAConfig(target_modules="all-linear"))
