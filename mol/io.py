@@ -517,6 +517,9 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
     check_model(model, "import_peft", then_directory=True)
     directory = _directory(directory, "import_peft")
     raw = _read_json(directory / CONFIG_NAME, "point import_peft at a directory saved by PEFT's save_pretrained")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{directory / CONFIG_NAME} holds a JSON {type(raw).__name__}, not a PEFT adapter config "
+                         "(an object); point import_peft at a directory saved by PEFT's save_pretrained")
     if raw.get("format") == FORMAT:
         raise ValueError(f"{directory} holds a mol adapter (written by mol.save_adapter), not a PEFT one: load it with "
                          "mol.load_adapter(model, directory)")

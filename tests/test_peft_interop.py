@@ -280,6 +280,13 @@ def test_import_peft_of_a_mol_adapter_names_load_adapter(tmp_path):
                        ours(input_ids=ids).logits)
 
 
+def test_import_peft_of_a_config_that_is_no_json_object_names_it(tmp_path):
+    # it failed with "'list' object has no attribute 'get'"
+    (tmp_path / "adapter_config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"adapter_config.json holds a JSON list, not a PEFT adapter config"):
+        mol.import_peft(make_tiny_llama(), tmp_path)
+
+
 def test_target_modules_as_a_set_as_peft_takes_them(tmp_path):
     """PEFT's LoraConfig takes target_modules as a set; mol's took one too, trained, and only save_adapter failed
     (JSON holds no set): the set is now a sorted list, and the adapter is PEFT's and saves."""
