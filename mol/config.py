@@ -165,6 +165,19 @@ def check_adapter_dtype(cfg: Any) -> None:
 class MoLConfig(MethodConfig):
     """Mixture of LoRA experts on every matched ``nn.Linear``.
 
+    Each adapted layer computes ``base(x) + scaling * sum over the chosen experts e of gate_e * B_e A_e x``.
+    ``rank``: r of each expert; ``alpha``: ``scaling = alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``,
+    rank-stabilised LoRA). ``num_experts``: E, the LoRA experts per layer (1: plain LoRA, no router); ``top_k``: the
+    experts each token uses (ignored by ``soft``; 1 for ``switch``). ``dropout``: on the experts' input, in
+    training. ``init``: ``"kaiming"`` (A uniform as nn.Linear's init, PEFT's default) or ``"gaussian"`` (A normal
+    with std 1/r); B starts at zero, so a fresh adapter changes nothing. ``aux_loss_coef`` / ``z_loss_coef``: the
+    weights of each routed layer's load-balance loss and router z-loss in ``mol.aux_loss(model)`` (0 turns one
+    off). ``quantize_base="nf4"``: QLoRA, the model's linears quantized to frozen NF4 before the experts wrap them
+    (but ``modules_to_save`` and what ``mol.quantize`` keeps, such as the output head); None (default) keeps them.
+    ``backend``: ``"auto"`` (the Triton kernels on CUDA, else PyTorch), ``"torch"`` or ``"triton"`` (raises where it
+    cannot run).
+    ``modules_to_save``: modules (names or suffixes) trained in full and saved with the adapter, such as a new
+    classification head.
     ``target_modules``: ``"all-linear"`` (every linear but the output head), a list of exact names or
     name suffixes (``["q_proj", "v_proj"]``), or one regex string matched against the full name.
     ``router``: ``topk`` (softmax, top-k, gates renormalised), ``soft`` (every expert, softmax weights),
@@ -244,8 +257,11 @@ class MoLConfig(MethodConfig):
 
 @dataclass
 class LoRAConfig(MethodConfig):
-    """Standard LoRA (Hu et al. 2021), as Hugging Face PEFT computes it: the one-expert MoL layer.
-    ``adapter_dtype``, ``rank_pattern`` and ``alpha_pattern`` as in MoLConfig (PEFT's LoraConfig fields)."""
+    """Standard LoRA (Hu et al. 2021), as Hugging Face PEFT computes it: the one-expert MoL layer,
+    ``base(x) + scaling * B A dropout(x)``. Every field means what MoLConfig's of the same name does (``rank``,
+    ``alpha``, ``target_modules``, ``dropout``, ``use_rslora``, ``init``, ``quantize_base``, ``backend``,
+    ``adapter_dtype``, ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``: PEFT's LoraConfig fields
+    ``r``, ``lora_alpha``, ``lora_dropout``, ... of the same meaning)."""
 
     method: ClassVar[str] = "lora"
 

@@ -40,10 +40,12 @@ class AdapterLayer(nn.Module):
     # ``wo.weight``'s): a wrapped layer answers with its frozen base's, as PEFT's tuner layers do.
     @property
     def weight(self) -> Tensor:
+        """The frozen base layer's weight."""
         return self.base_layer.weight
 
     @property
     def bias(self) -> Optional[Tensor]:
+        """The frozen base layer's bias (None if it has none)."""
         return getattr(self.base_layer, "bias", None)
 
     def merge_blocker(self) -> Optional[str]:
@@ -51,9 +53,11 @@ class AdapterLayer(nn.Module):
         return f"{type(self).__name__} does not support merging"
 
     def merge(self) -> None:
+        """Fold the delta into the base weight (the layer then computes the base alone); raises if it cannot."""
         raise NotImplementedError(self.merge_blocker())
 
     def unmerge(self) -> None:
+        """Subtract a merged delta from the base weight again."""
         raise NotImplementedError(self.merge_blocker())
 
 
@@ -217,6 +221,8 @@ class MoLLinear(AdapterLayer):
     ``graph_tokens`` / ``graph_inference_tokens``: on CUDA, training calls / calls without gradients in eval mode
     (generation's decode steps, evaluation) of at most this many tokens replay per-layer CUDA graphs; see
     mol.kernels.layer_graphs. 0 (default): never captured.
+    The other arguments mean what MoLConfig's fields of the same name do (``router`` its ``router``), with the same
+    defaults but ``adapter_dtype``'s; ``base`` is the frozen layer (nn.Linear, NF4Linear or transformers' Conv1D).
     """
 
     # the gradient a deferred router loss received, for a reentrant checkpoint's recompute to apply
@@ -346,6 +352,8 @@ class MoLLinear(AdapterLayer):
                 f"rank={self.rank}, scaling={self.scaling:g}, backend={self.backend}{graphs}")
 
     def forward(self, x: Tensor) -> Tensor:
+        """``base(x)`` plus the gated low-rank updates of the experts routed to each token, shaped as ``base(x)``;
+        the routing is kept for ``aux_loss()`` and ``last_stats``."""
         if x.shape[-1] != self.in_features:  # else a reshape below fails with a message naming neither
             raise ValueError(f"MoLLinear: the input's last dimension is {x.shape[-1]}, the layer takes "
                              f"in_features={self.in_features} (input shape {tuple(x.shape)})")

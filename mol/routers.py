@@ -67,11 +67,13 @@ class RouterOutput:
 
     @property
     def load_balance_loss(self) -> Tensor:
+        """Switch Transformer's load-balance loss: E * sum_e (fraction routed to e) * (mean probability of e)."""
         counts = self.counts
         return self.probs.shape[-1] * (counts / counts.sum().clamp_min(1) * self._weighted(self.probs) / self._rows()).sum()
 
     @property
     def z_loss(self) -> Tensor:
+        """ST-MoE's router z-loss: the mean squared logsumexp of the logits."""
         return self._weighted(torch.logsumexp(self.logits, dim=-1).square()) / self._rows()
 
     @property

@@ -45,7 +45,8 @@ class AdapterConfig(MethodConfig):
     Bottleneck width: ``bottleneck_size`` if given, else ``hidden_size // reduction_factor``.
     ``attn_modules`` / ``mlp_modules``: the sub-layers whose outputs get an adapter (names, suffixes or one regex);
     None picks the defaults for Llama-, GPT-2- and BERT-style models. ``non_linearity``: relu, gelu, silu, tanh.
-    ``adapter_dtype``: as MoLConfig's ("auto": float32 adapters on a 16-bit model; they compute in it).
+    ``dropout``: on the adapter's input, in training. ``adapter_dtype``: as MoLConfig's ("auto": float32 adapters
+    on a 16-bit model; they compute in it). ``modules_to_save``: as MoLConfig's (trained in full, saved along).
     """
 
     method: ClassVar[str] = "adapter"

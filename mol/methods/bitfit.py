@@ -26,7 +26,7 @@ class BitFitConfig(MethodConfig):
 
     ``target_modules``: the linear layers whose bias trains (a zero bias is added where missing); ``"all-linear"``
     is every linear but the output head. ``all_biases``: also train every other bias the model already has
-    (LayerNorm biases, as in the BitFit paper).
+    (LayerNorm biases, as in the BitFit paper). ``modules_to_save``: as MoLConfig's (trained in full, saved along).
     """
 
     method: ClassVar[str] = "bitfit"

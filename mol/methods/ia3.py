@@ -57,6 +57,7 @@ class IA3Config(MethodConfig):
     """IA³ with PEFT's semantics: ``target_modules`` get a vector; those also in ``feedforward_modules`` scale their
     input, the others their output. None picks PEFT's defaults for the model type (Llama: k_proj, v_proj and the
     input of down_proj). ``adapter_dtype``: as MoLConfig's ("auto": float32 vectors on a 16-bit model, as PEFT).
+    ``modules_to_save``: as MoLConfig's (trained in full, saved along).
     """
 
     method: ClassVar[str] = "ia3"

@@ -46,6 +46,7 @@ class PrefixTuningConfig(MethodConfig):
     ``prefix_projection``: produce the prefixes from ``num_virtual_tokens`` embeddings through a two-layer tanh MLP
     of width ``encoder_hidden_size`` (None: the key/value width), as in the paper and PEFT. ``adapter_dtype``: as
     MoLConfig's ("auto": float32 on a 16-bit model, as PEFT; the prefixes are cast to the model's dtype per call).
+    ``modules_to_save``: as MoLConfig's (trained in full, saved along).
     """
 
     method: ClassVar[str] = "prefix"
@@ -82,6 +83,7 @@ class PromptTuningConfig(MethodConfig):
     ``position_ids`` are ignored (the model numbers positions itself, virtual tokens first); unlike PEFT, token
     logits come back for the caller's tokens only, so they line up with ``input_ids`` and ``labels``.
     ``adapter_dtype``: as MoLConfig's ("auto": float32 embeddings on a 16-bit model, as PEFT).
+    ``modules_to_save``: as MoLConfig's (trained in full, saved along).
     """
 
     method: ClassVar[str] = "prompt"

@@ -80,6 +80,9 @@ class NF4Weight:
     nested_absmax:  float32 (ceil(n_blocks/nested_blocksize),) or None.
     nested_code:    float32 (256,) bitsandbytes' dynamic map, or None.
     offset:         float32 0-d tensor, mean of the first-level absmax (kept as a tensor: no host sync).
+    shape:          the dense weight's shape, (out_features, in_features) for a linear layer.
+    dtype:          the dtype the weight was quantized from (what dequantize returns by default).
+    blocksize / nested_blocksize: values per absmax block of the first / second (double) quantization.
     """
 
     codes: torch.Tensor
@@ -95,10 +98,12 @@ class NF4Weight:
 
     @property
     def nested(self) -> bool:
+        """Whether the absmax is itself quantized (double quantization)."""
         return self.nested_absmax is not None
 
     @property
     def numel(self) -> int:
+        """Number of weights (the product of ``shape``)."""
         n = 1
         for s in self.shape:
             n *= s
@@ -106,9 +111,11 @@ class NF4Weight:
 
     @property
     def device(self) -> torch.device:
+        """The device of the codes (every tensor is on it)."""
         return self.codes.device
 
-    def to(self, device) -> "NF4Weight":
+    def to(self, device: torch.device | str) -> "NF4Weight":
+        """A copy with every tensor on ``device`` (dtypes unchanged)."""
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return NF4Weight(mv(self.codes), mv(self.absmax), mv(self.code), self.shape, self.dtype, self.blocksize,
                          mv(self.nested_absmax), mv(self.nested_code), mv(self.offset), self.nested_blocksize)
@@ -122,6 +129,7 @@ class NF4Weight:
         return bits
 
     def bits_per_param(self) -> float:
+        """``storage_bits()`` per weight (~4.127 with double quantization at the default blocksizes)."""
         return self.storage_bits() / self.numel
 
 
