@@ -113,6 +113,7 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
     ``"all-linear"``: every linear but the output head; a string: a regex matched against the full name
     (``re.fullmatch``, as PEFT does); a list: exact names or name suffixes (``"q_proj"`` matches
     ``model.layers.0.self_attn.q_proj``). A pattern that matches nothing raises with the names on offer.
+    Modules under an ``exclude`` entry (a name or suffix) and inside adapter layers are never selected.
     """
     check_model(model, "match_modules")
     check_targets("match_modules", "target_modules", target_modules, allow_none=False)

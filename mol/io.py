@@ -141,7 +141,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     """Write the adapter of ``model`` (configs + trainable tensors only) to ``directory``; with those of the
-    injects on modules inside it that its inject took over (each config under its module's name)."""
+    injects on modules inside it that its inject took over (each config under its module's name). Returns the
+    directory (created if missing)."""
     check_model(model, "save_adapter", then_directory=True)
     model = _uncompiled(model)
     require_adapter(model)
@@ -228,7 +229,8 @@ def _check_and_copy(model: nn.Module, tensors: dict[str, Tensor], expected: dict
 
 
 def load_adapter(model: nn.Module, directory: PathLike, quantize_base: bool = True) -> nn.Module:
-    """Load an adapter saved with ``save_adapter``; injects it first if ``model`` has no adapter yet.
+    """Load an adapter saved with ``save_adapter`` into ``model`` and return it; injects it first if ``model`` has
+    no adapter yet (a model that carries one must carry the same configs). A file that does not fit changes nothing.
 
     ``quantize_base=False`` puts a QLoRA / QLoRA-MoL adapter (trained with ``quantize_base="nf4"``) on ``model``'s
     own full-precision linears instead of quantizing them first, as PEFT users load a QLoRA adapter onto a bf16
@@ -290,7 +292,8 @@ def _mergeable_layers(model: nn.Module) -> list:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter delta into its frozen base weight (checked for all layers before any changes)."""
+    """Fold every adapter delta into its frozen base weight (checked for all layers before any changes); returns
+    ``model``."""
     check_model(model, "merge")
     for _, layer in _mergeable_layers(model):
         layer.merge()
@@ -298,7 +301,7 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo ``merge``."""
+    """Undo ``merge`` (subtract each merged delta again); returns ``model``."""
     check_model(model, "unmerge")
     for _, layer in _mergeable_layers(model):
         layer.unmerge()
@@ -422,7 +425,8 @@ def _single_lora_config(model: nn.Module) -> LoRAConfig:
 
 
 def export_peft(model: nn.Module, directory: PathLike) -> Path:
-    """Write a LoRA adapter in PEFT's own format (adapter_config.json + adapter_model.safetensors)."""
+    """Write a LoRA adapter in PEFT's own format (adapter_config.json + adapter_model.safetensors) to
+    ``directory`` and return it; a routed MoL adapter or a mix of methods is refused (PEFT has no such format)."""
     check_model(model, "export_peft", then_directory=True)
     cfg = _single_lora_config(model)
     out = _directory(directory, "export_peft", writing=True)
@@ -513,7 +517,8 @@ _PEFT_LAYER_CHOICE = ("exclude_modules", "layers_to_transform", "layers_pattern"
 
 
 def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
-    """Inject and load a PEFT LoRA adapter directory into ``model`` (a plain Hugging Face model)."""
+    """Inject and load a PEFT LoRA adapter directory into ``model`` (a plain Hugging Face model without an
+    adapter); returns ``model``. Options mol does not compute (DoRA, LoRA biases, base-rewriting inits) are refused."""
     check_model(model, "import_peft", then_directory=True)
     directory = _directory(directory, "import_peft")
     raw = _read_json(directory / CONFIG_NAME, "point import_peft at a directory saved by PEFT's save_pretrained")
