@@ -405,12 +405,20 @@ def all_or_nothing(model: nn.Module) -> Iterator[nn.Module]:
         raise
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module torch.compile wrapped (its OptimizedModule names every parameter ``_orig_mod.``...), else model:
+    the adapter lives on, and is named after, the model itself, so that it saves and loads either way."""
+    inner = model._modules.get("_orig_mod") if type(model).__name__ == "OptimizedModule" else None
+    return model if inner is None else inner
+
+
 def inject(model: nn.Module, config: Union[MethodConfig, Sequence[MethodConfig]]) -> nn.Module:
     """Apply one method config (or several, e.g. MoL on the MLP plus prefix tuning) to ``model`` in place.
 
     Everything that is not an adapter tensor or in ``modules_to_save`` is frozen. Returns ``model``.
     """
     check_model(model, "inject")
+    given, model = model, _uncompiled(model)
     configs = list(config) if isinstance(config, (list, tuple)) else [config]
     if not configs:
         raise ValueError("inject got an empty list of configs; pass at least one method config")
@@ -436,7 +444,7 @@ def inject(model: nn.Module, config: Union[MethodConfig, Sequence[MethodConfig]]
 
     with all_or_nothing(model):
         _apply(model, configs)
-    return model
+    return given
 
 
 def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:

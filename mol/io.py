@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MoLConfig, config_from_dict, without_quantize_base
-from mol.inject import (adapter_layers, all_configs, all_or_nothing, check_model, inject, injected_inside,
-                        name_matches, nested_configs, require_adapter, tied_parameter_names)
+from mol.inject import (_uncompiled, adapter_layers, all_configs, all_or_nothing, check_model, inject,
+                        injected_inside, name_matches, nested_configs, require_adapter, tied_parameter_names)
 from mol.layers import MoLLinear, is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
@@ -123,12 +123,6 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 def _base_model_name(model: nn.Module) -> str:
     cfg = getattr(model, "config", None)
     return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "name_or_path", "") or "")
-
-
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """The module torch.compile wrapped (its OptimizedModule names every parameter ``_orig_mod.``...), else model."""
-    inner = model._modules.get("_orig_mod") if type(model).__name__ == "OptimizedModule" else None
-    return model if inner is None else inner
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -237,6 +231,7 @@ def load_adapter(model: nn.Module, directory: PathLike, quantize_base: bool = Tr
     base: e.g. to ``merge_and_unload`` it into a bf16 model. The adapter then acts on the original weights rather
     than on their NF4 rounding, which it was trained against (a small, usual difference)."""
     check_model(model, "load_adapter", then_directory=True)
+    given, model = model, _uncompiled(model)
     directory = _directory(directory, "load_adapter")
     configs, nested = _read_configs(directory)
     if not quantize_base:
@@ -268,7 +263,7 @@ def load_adapter(model: nn.Module, directory: PathLike, quantize_base: bool = Tr
                 inject(module, inner)
             inject(model, configs)
         _check_and_copy(model, tensors, adapter_state_dict(model), directory / WEIGHTS_NAME)
-    return model
+    return given
 
 
 def _mergeable_layers(model: nn.Module) -> list:
@@ -428,6 +423,7 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
     """Write a LoRA adapter in PEFT's own format (adapter_config.json + adapter_model.safetensors) to
     ``directory`` and return it; a routed MoL adapter or a mix of methods is refused (PEFT has no such format)."""
     check_model(model, "export_peft", then_directory=True)
+    model = _uncompiled(model)  # else every PEFT key would start with its "_orig_mod."
     cfg = _single_lora_config(model)
     out = _directory(directory, "export_peft", writing=True)
     task = _peft_task_type(model)
@@ -520,6 +516,7 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
     """Inject and load a PEFT LoRA adapter directory into ``model`` (a plain Hugging Face model without an
     adapter); returns ``model``. Options mol does not compute (DoRA, LoRA biases, base-rewriting inits) are refused."""
     check_model(model, "import_peft", then_directory=True)
+    given, model = model, _uncompiled(model)
     directory = _directory(directory, "import_peft")
     raw = _read_json(directory / CONFIG_NAME, "point import_peft at a directory saved by PEFT's save_pretrained")
     if not isinstance(raw, dict):
@@ -575,7 +572,7 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
         inject(model, cfg)
         _check_and_copy(model, _tied_as_one(model, renamed, directory, bool(raw.get("ensure_weight_tying"))),
                         adapter_state_dict(model), source)
-    return model
+    return given
 
 
 def _tied_as_one(model: nn.Module, tensors: dict[str, Tensor], directory: Path, tied: bool) -> dict[str, Tensor]:

@@ -224,3 +224,33 @@ def test_save_adapter_of_a_compiled_model_writes_the_model_s_adapter(tiny_llama,
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert (tmp_path / "compiled" / "adapter_config.json").read_text() == \
         (tmp_path / "plain" / "adapter_config.json").read_text()
+
+
+def test_inject_load_and_export_through_a_compiled_wrapper_act_on_the_model(tmp_path):
+    """mol.inject(torch.compile(model), ...) kept the trainable names with the wrapper's '_orig_mod.' prefix, so
+    save_adapter then raised a KeyError; load_adapter / import_peft into a compiled model raised one too, and
+    export_peft would have written every PEFT key with the prefix. Each now acts on the model inside and returns
+    what it was given."""
+    import copy
+
+    from conftest import make_tiny_llama
+
+    base = make_tiny_llama()
+    cfg = mol.LoRAConfig(rank=2, target_modules=["q_proj"])
+    compiled = torch.compile(copy.deepcopy(base), backend="eager")
+    assert mol.inject(compiled, cfg) is compiled
+    assert compiled._orig_mod.mol_trainable[0] == "model.layers.0.self_attn.q_proj.lora_A"
+    with torch.no_grad():
+        compiled._orig_mod.model.layers[0].self_attn.q_proj.lora_B.normal_()
+    mol.save_adapter(compiled, tmp_path / "a")
+    mol.export_peft(compiled, tmp_path / "peft")
+    from safetensors.torch import load_file
+
+    assert all(k.startswith("base_model.model.model.layers.")
+               for k in load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    ids = torch.randint(0, 101, (1, 5))
+    want = compiled._orig_mod(input_ids=ids).logits
+    for load, directory in ((mol.load_adapter, "a"), (mol.import_peft, "peft")):
+        fresh = torch.compile(copy.deepcopy(base), backend="eager")
+        assert load(fresh, tmp_path / directory) is fresh
+        assert torch.equal(fresh._orig_mod(input_ids=ids).logits, want)
