@@ -265,6 +265,8 @@ class MoLLinear(AdapterLayer):
             raise ValueError(f"alpha must be > 0, got {alpha!r}; the usual choice is alpha = 2 * rank")
         if not is_number(dropout) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not isinstance(use_rslora, bool):  # "false" is truthy: rsLoRA's scaling would be on
+            raise ValueError(f"use_rslora must be true or false, got {use_rslora!r}")
         for name, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef),
                             ("router_noise", router_noise)):
             problem = nonnegative_number_problem(value)

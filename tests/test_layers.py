@@ -521,12 +521,21 @@ def test_deepcopy_after_a_training_forward(backend):
     ({"alpha": "16"}, r"alpha must be > 0, got '16'"),
     ({"alpha": float("inf")}, r"alpha must be > 0, got inf"),
     ({"dropout": None}, r"dropout must be in \[0, 1\), got None"),
+    ({"use_rslora": "false"}, r"use_rslora must be true or false, got 'false'"),
 ])
 def test_layer_built_by_hand_refuses_what_the_config_refuses(kwargs, message):
     """MoLLinear made directly (not through MoLConfig): an alpha of 0 or a dropout of 1 would silently never train,
     a bool num_experts or float top_k fail deep inside; each is refused naming the argument."""
     with pytest.raises(ValueError, match=message):
         MoLLinear(torch.nn.Linear(8, 8), **kwargs)
+
+
+def test_router_built_by_hand_names_a_bad_expert_count():
+    # it said "top_k=2 is outside 1..num_experts=0; set top_k between 1 and 0"
+    from mol.routers import Router
+
+    with pytest.raises(ValueError, match=r"num_experts must be an integer >= 1, got 0"):
+        Router(8, 0)
 
 
 @pytest.mark.parametrize("kwargs, message", [
