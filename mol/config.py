@@ -99,8 +99,12 @@ def is_number(value: Any) -> bool:
 
 
 def check_modules_to_save(cfg: Any) -> None:
-    """Raise, naming the fix, unless ``cfg.modules_to_save`` is a list of module names."""
+    """Raise, naming the fix, unless ``cfg.modules_to_save`` is a list of module names; None (PEFT's default, and
+    Hydra's ``model.modules_to_save=null``) becomes the empty list."""
     name, value = type(cfg).__name__, cfg.modules_to_save
+    if value is None:
+        cfg.modules_to_save = []
+        return
     if isinstance(value, str):  # iterated, each letter would be taken for a module name
         raise ValueError(f"{name}.modules_to_save must be a list of module names, got the string {value!r}; use "
                          f"modules_to_save=[{value!r}]")

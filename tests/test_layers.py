@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import mol
 from mol import MoLConfig, MoLLinear
 
 
@@ -560,7 +561,7 @@ def test_router_built_by_hand_names_a_bad_expert_count():
     ({"target_modules": 5}, r"MoLConfig.target_modules=5 is invalid; give a list of module names"),
     ({"target_modules": ["q_proj", None]}, r"MoLConfig.target_modules=\['q_proj', None\] is invalid"),
     ({"modules_to_save": "lm_head"}, r"got the string 'lm_head'; use modules_to_save=\['lm_head'\]"),
-    ({"modules_to_save": None}, r"MoLConfig.modules_to_save must be a list of module names, got None"),
+    ({"modules_to_save": 5}, r"MoLConfig.modules_to_save must be a list of module names, got 5"),
 ])
 def test_config_refuses_bad_router_settings_naming_the_field_and_fix(kwargs, message):
     """MoLConfig.validate names the bad field, its value and the fix. A NaN or inf coefficient (which "< 0" let
@@ -568,3 +569,13 @@ def test_config_refuses_bad_router_settings_naming_the_field_and_fix(kwargs, mes
     of the three it was; a float top_k or a bool rank / num_experts passed the config and failed only in inject."""
     with pytest.raises(ValueError, match=message):
         MoLConfig(**kwargs).validate()
+
+
+@pytest.mark.parametrize("config_class", [MoLConfig, mol.LoRAConfig, mol.IA3Config])
+def test_modules_to_save_none_means_none_as_in_peft(config_class):
+    """PEFT's default modules_to_save is None (and Hydra's ``model.modules_to_save=null``): no module saved in full,
+    as the empty list; the saved config holds the list."""
+    cfg = config_class(modules_to_save=None)
+    cfg.validate()
+    assert cfg.modules_to_save == [] and cfg.to_dict()["modules_to_save"] == []
+
