@@ -546,45 +546,70 @@ def clear_routing(model: nn.Module) -> None:
             m.clear_routing()
 
 
-@contextlib.contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+def disable_adapters(model: nn.Module) -> "_AdaptersDisabled":
     """Inside the block the model computes as it did before ``inject``: every adapter layer runs its frozen base
     alone, bottleneck adapters and prefix / prompt tuning add nothing, and ``aux_loss_in_output`` adds no router
     loss; the adapter tensors and the routing kept from the last adapted forward are left as they were (PEFT's
-    ``disable_adapter``; e.g. a DPO reference model from the policy's own weights). Raises where the original
-    model cannot be had: a merged layer (``mol.unmerge`` first) or BitFit, which trains the base's own biases.
-    ``modules_to_save`` are trained in place, so they stay as trained (a warning says so)."""
-    import warnings
+    ``disable_adapter``; e.g. a DPO reference model from the policy's own weights). Use it as
+    ``with mol.disable_adapters(model): ...``; a call outside a ``with`` changes nothing and warns so. Raises where
+    the original model cannot be had: a merged layer (``mol.unmerge`` first) or BitFit, which trains the base's own
+    biases. ``modules_to_save`` are trained in place, so they stay as trained (a warning says so)."""
+    return _AdaptersDisabled(model)
 
-    check_model(model, "disable_adapters")
-    require_adapter(model)
-    configs = all_configs(model)
-    if any(c.method == "bitfit" for c in configs):
-        raise ValueError("BitFit trains the base's own biases in place, so there is no adapter-free model to switch "
-                         "to; keep a copy of the original biases (or model) for reference outputs")
-    layers = [m for _, m in adapter_layers(model)]
-    merged = [n for n, m in adapter_layers(model) if m.merged]
-    if merged:
-        raise ValueError(f"{merged[0]} is merged into its base weights; call mol.unmerge(model) before disabling "
-                         "the adapters")
-    if any(getattr(c, "modules_to_save", None) for c in configs):
-        warnings.warn("mol.disable_adapters: modules_to_save are trained in place (no original copy is kept), so "
-                      "they stay as trained inside the block", stacklevel=3)
-    before = [m.disabled for m in layers]
-    # the model and any inner model whose inject (taken over) put the router loss in its output
-    owners = [model, *(m for m in model.modules() if m is not model and "mol_aux_loss_in_output" in m.__dict__)]
-    was = [getattr(m, "mol_adapters_disabled", False) for m in owners]
-    for m in layers:
-        m.disabled = True
-    for m in owners:
-        m.mol_adapters_disabled = True
-    try:
-        yield model
-    finally:
-        for m, d in zip(layers, before):
+
+class _AdaptersDisabled:
+    """The context manager ``disable_adapters`` returns (see there). A class rather than a generator so that a call
+    without ``with``, which would silently leave the adapters on, is reported when the object is dropped."""
+
+    _armed = False  # set once __init__ has checked everything: a refused call warns nothing more
+
+    def __init__(self, model: nn.Module) -> None:
+        check_model(model, "disable_adapters")
+        require_adapter(model)
+        configs = all_configs(model)
+        if any(c.method == "bitfit" for c in configs):
+            raise ValueError("BitFit trains the base's own biases in place, so there is no adapter-free model to "
+                             "switch to; keep a copy of the original biases (or model) for reference outputs")
+        merged = [n for n, m in adapter_layers(model) if m.merged]
+        if merged:
+            raise ValueError(f"{merged[0]} is merged into its base weights; call mol.unmerge(model) before "
+                             "disabling the adapters")
+        self.model, self._modules_to_save = model, any(getattr(c, "modules_to_save", None) for c in configs)
+        self._entered, self._armed = False, True
+
+    def __enter__(self) -> nn.Module:
+        import warnings
+
+        self._entered = True
+        model = self.model
+        if self._modules_to_save:
+            warnings.warn("mol.disable_adapters: modules_to_save are trained in place (no original copy is kept), so "
+                          "they stay as trained inside the block", stacklevel=2)
+        self._layers = [m for _, m in adapter_layers(model)]
+        self._before = [m.disabled for m in self._layers]
+        # the model and any inner model whose inject (taken over) put the router loss in its output
+        self._owners = [model, *(m for m in model.modules()
+                                 if m is not model and "mol_aux_loss_in_output" in m.__dict__)]
+        self._was = [getattr(m, "mol_adapters_disabled", False) for m in self._owners]
+        for m in self._layers:
+            m.disabled = True
+        for m in self._owners:
+            m.mol_adapters_disabled = True
+        return model
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, d in zip(self._layers, self._before):
             m.disabled = d
-        for m, w in zip(owners, was):
+        for m, w in zip(self._owners, self._was):
             m.mol_adapters_disabled = w
+
+    def __del__(self) -> None:
+        if self._armed and not self._entered:
+            import warnings
+
+            warnings.warn("mol.disable_adapters(model) was called outside a `with` block, which changes nothing: write "
+                          "`with mol.disable_adapters(model): ...` to run the model without its adapters",
+                          RuntimeWarning, stacklevel=2)
 
 
 def clear_graphs(model: nn.Module) -> None:

@@ -93,3 +93,24 @@ def test_what_has_no_base_to_switch_to_is_refused():
     with pytest.warns(UserWarning, match="modules_to_save are trained in place"):
         with mol.disable_adapters(kept):
             pass
+
+
+def test_a_call_outside_a_with_block_warns_that_it_changed_nothing():
+    """``mol.disable_adapters(model)`` as a statement (no ``with``) used to return a context manager nobody entered,
+    and the model kept its adapters without a word; it now warns, and the model's outputs are indeed the adapted
+    ones. A call that was refused (BitFit) raises alone, and a ``with`` block warns nothing."""
+    base = make_tiny_llama()
+    model = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=["v_proj"]))
+    _randomise(model)
+    ids = torch.randint(0, 101, (2, 7))
+    adapted = model(input_ids=ids).logits
+    with pytest.warns(RuntimeWarning, match="outside a `with` block, which changes nothing"):
+        mol.disable_adapters(model)
+    assert torch.equal(model(input_ids=ids).logits, adapted)
+    assert (adapted - base(input_ids=ids).logits).abs().max() > 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with mol.disable_adapters(model):
+            assert torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-6)
+        with pytest.raises(ValueError, match="BitFit"):
+            mol.disable_adapters(mol.inject(copy.deepcopy(base), mol.BitFitConfig()))
