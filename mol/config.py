@@ -127,7 +127,7 @@ def nonnegative_number_problem(value: Any) -> Optional[str]:
     """None if ``value`` is a finite number >= 0 (a router loss coefficient or noise std), else what is wrong with it,
     the fix included. NaN is caught too ("< 0" is false for it): it would make every router loss, and so the whole
     training loss, NaN."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+    if not is_number(value) or not 0 <= value < math.inf:
         return f"must be a finite number >= 0 (0 turns it off), got {value!r}"
     return None
 

@@ -6,8 +6,6 @@ from typing import Any, Optional
 
 from torch import nn
 
-
-from mol.config import check_modules_to_save, check_targets  # noqa: F401  (shared with MoLConfig / LoRAConfig)
 from mol.layers import is_conv1d  # noqa: F401  (the methods' name for it; MoLLinear adapts Conv1D too)
 
 

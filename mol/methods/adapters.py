@@ -20,10 +20,11 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from mol.config import MethodConfig, TargetModules, check_adapter_dtype, is_number, register_config
+from mol.config import (MethodConfig, TargetModules, check_adapter_dtype, check_modules_to_save, check_targets,
+                        is_number, register_config)
 from mol.inject import match_modules, register_method
 from mol.layers import AdapterLayer, adapter_dtype_for
-from mol.methods._util import check_modules_to_save, check_targets, config_int, text_config
+from mol.methods._util import config_int, text_config
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
 PLACEMENTS = ("pfeiffer", "houlsby")

@@ -12,10 +12,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from mol.config import MethodConfig, TargetModules, register_config
+from mol.config import MethodConfig, TargetModules, check_modules_to_save, check_targets, register_config
 from mol.inject import match_modules, register_method
 from mol.layers import base_dtype_device
-from mol.methods._util import check_modules_to_save, check_targets, is_conv1d
+from mol.methods._util import is_conv1d
 
 
 

@@ -17,10 +17,11 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from mol.config import MethodConfig, TargetModules, check_adapter_dtype, register_config
+from mol.config import (MethodConfig, TargetModules, check_adapter_dtype, check_modules_to_save, check_targets,
+                        register_config)
 from mol.inject import match_modules, name_matches, register_method, replace_module
 from mol.layers import AdapterLayer, adapter_dtype_for, base_dtype_device, dense_weight_blocker
-from mol.methods._util import check_modules_to_save, check_targets, is_conv1d, model_type
+from mol.methods._util import is_conv1d, model_type
 
 # PEFT's defaults per model type (target_modules, feedforward_modules), as in peft.utils.constants.
 DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {

@@ -8,8 +8,8 @@ Both add ``num_virtual_tokens`` trainable positions in front of every sequence, 
 
 The trainable tensors live in a small module attached to the model (``model.mol_prefix`` / ``model.mol_prompt``), so
 ``inject``/``save_adapter``/``load_adapter`` treat them like any other adapter tensor. Injected on a module of the
-user's own that holds one Hugging Face model, they go on that model (``wrapper.lm.mol_prompt``). A forward pre-hook on the
-model rewrites each call: it prepends the virtual positions to the attention mask, fills a fresh cache with the
+user's own that holds one Hugging Face model, they go on that model (``wrapper.lm.mol_prompt``). A forward pre-hook
+on the model rewrites each call: it prepends the virtual positions to the attention mask, fills a fresh cache with the
 prefix (or prepends the prompt embeddings) and shifts positions. Callers keep counting only their own tokens
 (attention masks, position ids, labels, generation), so ``model.generate`` works with and without the KV cache.
 """
@@ -24,11 +24,11 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from mol.config import MethodConfig, check_adapter_dtype, register_config
+from mol.config import MethodConfig, check_adapter_dtype, check_modules_to_save, register_config
 from mol.calls import call_kwargs, hf_models
 from mol.inject import register_method, tuple_loss_index
 from mol.layers import AdapterLayer, adapter_dtype_for
-from mol.methods._util import check_modules_to_save, config_int, text_config
+from mol.methods._util import config_int, text_config
 
 PROMPT_INITS = ("vocab", "random")
 
