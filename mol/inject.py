@@ -578,8 +578,6 @@ class _AdaptersDisabled:
         self._entered, self._armed = False, True
 
     def __enter__(self) -> nn.Module:
-        import warnings
-
         self._entered = True
         model = self.model
         if self._modules_to_save:
@@ -605,8 +603,6 @@ class _AdaptersDisabled:
 
     def __del__(self) -> None:
         if self._armed and not self._entered:
-            import warnings
-
             warnings.warn("mol.disable_adapters(model) was called outside a `with` block, which changes nothing: write "
                           "`with mol.disable_adapters(model): ...` to run the model without its adapters",
                           RuntimeWarning, stacklevel=2)
