@@ -56,7 +56,7 @@ def _as_json(value: Any) -> Any:
 
 def _check_common(cfg: Any) -> None:
     name = type(cfg).__name__
-    if not isinstance(cfg.rank, int) or isinstance(cfg.rank, bool) or cfg.rank <= 0:
+    if not is_whole(cfg.rank) or cfg.rank <= 0:
         raise ValueError(f"{name}.rank must be a positive integer, got {cfg.rank!r}; use e.g. rank=8")
     # "not > 0" rather than "<= 0": a NaN alpha (NaN compares false) would make every adapter output NaN
     if not is_number(cfg.alpha) or not 0 < cfg.alpha < math.inf:
@@ -88,7 +88,7 @@ def _check_common(cfg: Any) -> None:
             except (re.error, TypeError) as e:
                 raise ValueError(f"{name}.{field_name} key {key!r} is not a regex ({e}); use a layer name or suffix "
                                  "such as 'v_proj', or a pattern such as 'layers\\.0\\..*'") from None
-            if (integral and (not isinstance(value, int) or isinstance(value, bool))) or not value > 0:
+            if (integral and not is_whole(value)) or not value > 0:
                 kind = "a positive integer" if integral else "> 0"
                 raise ValueError(f"{name}.{field_name}[{key!r}] must be {kind}, got {value!r}")
 
@@ -96,6 +96,11 @@ def _check_common(cfg: Any) -> None:
 def is_number(value: Any) -> bool:
     """A real number, bool excluded (a config's ``True`` is a typo, not 1)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_whole(value: Any) -> bool:
+    """A Python int, bool excluded (``True`` is an int to Python, and a typo in a config)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_modules_to_save(cfg: Any) -> None:
@@ -239,13 +244,13 @@ class MoLConfig(MethodConfig):
             raise ValueError(f"MoLConfig.aux_loss_in_output must be true or false, got {self.aux_loss_in_output!r}")
         for name in ("graph_tokens", "graph_inference_tokens"):
             tokens = getattr(self, name)
-            if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            if not is_whole(tokens) or tokens < 0:
                 raise ValueError(f"MoLConfig.{name} must be an integer >= 0 (0: no captured graphs), got {tokens!r}")
-        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 1:
+        if not is_whole(self.num_experts) or self.num_experts < 1:
             raise ValueError(f"MoLConfig.num_experts must be an integer >= 1, got {self.num_experts!r}")
         if self.router not in ROUTERS:
             raise ValueError(f"MoLConfig.router={self.router!r} is unknown; choose one of {ROUTERS}")
-        if self.router != "soft" and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)):
+        if self.router != "soft" and not is_whole(self.top_k):
             raise ValueError(f"MoLConfig.top_k must be an integer, got {self.top_k!r}; use e.g. top_k=2")
         k_max = 1 if self.router == "switch" else self.num_experts
         if self.router != "soft" and not 1 <= self.top_k <= k_max:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mol import dispatch
-from mol.config import ROUTERS, is_number, nonnegative_number_problem
+from mol.config import ROUTERS, is_number, is_whole, nonnegative_number_problem
 from mol.routers import FusedRouterOutput, Router, RouterOutput, in_backward, keep_state
 
 
@@ -203,7 +203,7 @@ def _check_graph_tokens(graph_tokens: int, graph_inference_tokens: int, num_expe
                        router: Optional[str]) -> None:
     """MoLLinear's graph_tokens / graph_inference_tokens, checked against the path the layer runs."""
     for name, tokens in (("graph_tokens", graph_tokens), ("graph_inference_tokens", graph_inference_tokens)):
-        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        if not is_whole(tokens) or tokens < 0:
             raise ValueError(f"{name} must be an integer >= 0 (0: no captured graphs), got {tokens!r}")
         if tokens and num_experts > 1 and (backend == "torch" or router not in dispatch.FUSED_ROUTERS):
             raise ValueError(f"{name}={tokens} captures the fused Triton path, which backend={backend!r} "
@@ -253,11 +253,11 @@ class MoLLinear(AdapterLayer):
         in_features, out_features = _linear_shape(base)
         # the checks MoLConfig.validate makes, for layers built by hand: a zero alpha or a dropout of 1 would
         # silently never train, a float top_k fail only at the first forward
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        if not is_whole(rank) or rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank!r}; use e.g. rank=8")
-        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+        if not is_whole(num_experts) or num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
-        if not isinstance(top_k, int) or isinstance(top_k, bool):
+        if not is_whole(top_k):
             raise ValueError(f"top_k must be an integer, got {top_k!r}")
         if router not in ROUTERS:
             raise ValueError(f"router={router!r} is unknown; choose one of {ROUTERS}")

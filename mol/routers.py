@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mol.config import is_whole
 from mol.kernels import autocast_off
 
 
@@ -411,7 +412,7 @@ class Router(nn.Module):
         if kind not in ("topk", "soft", "switch", "sequence"):
             raise ValueError(f"unknown router {kind!r}; choose topk, soft, switch or sequence")
         # else the top_k check below asked for a top_k "between 1 and 0"
-        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+        if not is_whole(num_experts) or num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
         if kind == "switch" and top_k != 1:
             raise ValueError(f"the switch router routes each token to one expert; got top_k={top_k}, set top_k=1")

@@ -24,6 +24,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from mol.config import is_whole  # noqa: E402
+
 CONFIG_NAME = "config"
 GROUPS = ("model", "method", "router", "data", "trainer", "logger", "experiment")
 
@@ -374,7 +376,7 @@ def check_trainer_values(trainer_cfg: DictConfig) -> None:
     with a traceback; here in one line."""
     for key in _WHOLE_NUMBERS:
         v = trainer_cfg.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+        if v is not None and not is_whole(v):
             raise ConfigError(f"trainer.{key}={v} is not a whole number; pass e.g. trainer.{key}=10")
     # Lightning takes 0 (fit returns at once: an untrained adapter saved as the run's) and divides by a zero
     # accumulate_grad_batches; below -1 it raises with a traceback
@@ -389,16 +391,12 @@ def check_trainer_values(trainer_cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.gradient_clip_val={v} is not a number; pass e.g. trainer.gradient_clip_val=1.0 "
                           "(or null: no clipping)")
     v = trainer_cfg.get("devices")
-    ok = (isinstance(v, int) and not isinstance(v, bool)) or v is None or (
+    ok = is_whole(v) or v is None or (
         isinstance(v, str) and (v == "auto" or re.fullmatch(r"-?\d+|\d+(,\d*)+", v.replace(" ", "")))) or (
-        OmegaConf.is_list(v) and all(isinstance(i, int) and not isinstance(i, bool) for i in v))
+        OmegaConf.is_list(v) and all(is_whole(i) for i in v))
     if not ok:
         raise ConfigError(f"trainer.devices={v} is not a device count or list; pass e.g. trainer.devices=2, "
                           "trainer.devices=[0,1] or trainer.devices=auto")
-
-
-def _whole(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def check_data_values(data_cfg: DictConfig) -> None:
@@ -409,7 +407,7 @@ def check_data_values(data_cfg: DictConfig) -> None:
         v = data_cfg.get(key)
         if v is None and key in ("limit_train_examples", "num_workers"):
             continue
-        if not _whole(v) or v < lowest:
+        if not is_whole(v) or v < lowest:
             unset = " (null: every example)" if key == "limit_train_examples" else ""
             raise ConfigError(f"data.{key}={v} is not a whole number >= {lowest}; pass e.g. data.{key}="
                               f"{max(lowest, 8)}{unset}")
@@ -418,7 +416,7 @@ def check_data_values(data_cfg: DictConfig) -> None:
 def check_run_values(cfg: DictConfig) -> None:
     """The seed, data and optimizer values of a training run: of the wrong kind they failed in int() / float()
     with a traceback, ``optim.lr=abc`` only after the head-only baseline had trained."""
-    if not _whole(cfg.get("seed")):
+    if not is_whole(cfg.get("seed")):
         raise ConfigError(f"seed={cfg.get('seed')} is not a whole number; pass e.g. seed=0")
     check_data_values(cfg.data)
     for group in ("optim", "baseline"):
@@ -429,7 +427,7 @@ def check_run_values(cfg: DictConfig) -> None:
                 raise ConfigError(f"{group}.{key}={v} is not a number; pass e.g. {group}.{key}=1e-3")
     epochs = cfg.baseline.get("max_epochs")
     if cfg.baseline.get("enabled") and cfg.model.get("task") == "classification" and epochs is not None and (
-            not _whole(epochs) or epochs == 0 or epochs < -1):
+            not is_whole(epochs) or epochs == 0 or epochs < -1):
         raise ConfigError(f"baseline.max_epochs={epochs} is not a whole number >= 1; pass e.g. baseline.max_epochs=2 "
                           "(or baseline.enabled=false)")
 
