@@ -31,6 +31,15 @@ class MethodConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field and the fix."""
 
+    def names_as_lists(self) -> None:
+        """Turn every field given as a set of module names (as PEFT's configs take ``target_modules`` and
+        ``modules_to_save``) into a sorted list: the matching ignores order, and saved JSON holds no set. Every
+        method's fields, in one place: inject calls it before ``validate``."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (set, frozenset)):
+                setattr(self, f.name, sorted(value))
+
     # how the layers run, not what they compute: two configs that differ only here make the same adapter
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("backend", "graph_tokens", "graph_inference_tokens")
 
@@ -153,14 +162,12 @@ def without_quantize_base(configs: list) -> list:
 
 
 def _patterns_or_empty(cfg: Any) -> None:
-    """None (how Hydra's configs leave them, so that an override can set a whole mapping) means no pattern. A set of
-    names (as PEFT's LoraConfig takes them) becomes a sorted list, which the saved JSON can hold."""
+    """None (how Hydra's configs leave them, so that an override can set a whole mapping) means no pattern; sets of
+    names become sorted lists (MethodConfig.names_as_lists)."""
     for name in ("rank_pattern", "alpha_pattern"):
         if getattr(cfg, name) is None:
             setattr(cfg, name, {})
-    for name in ("target_modules", "modules_to_save"):
-        if isinstance(getattr(cfg, name), (set, frozenset)):
-            setattr(cfg, name, sorted(getattr(cfg, name)))
+    cfg.names_as_lists()
 
 
 def check_adapter_dtype(cfg: Any) -> None:

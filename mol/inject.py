@@ -105,7 +105,7 @@ def _warn_task_heads(model: nn.Module, names: list[str]) -> None:
 _ORDER_HINT = " (BitFitConfig before LoRAConfig / MoLConfig / IA3Config, in one list or an earlier inject)"
 
 
-def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
+def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str], set[str]],
                   predicate: Callable[[nn.Module], bool] = is_linear,
                   exclude: Iterable[str] = ()) -> list[str]:
     """Names of modules that ``target_modules`` selects, checked to satisfy ``predicate``.
@@ -116,6 +116,8 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str]],
     Modules under an ``exclude`` entry (a name or suffix) and inside adapter layers are never selected.
     """
     check_model(model, "match_modules")
+    if isinstance(target_modules, (set, frozenset)):  # as PEFT's configs take them; the matching ignores order
+        target_modules = sorted(target_modules)
     check_targets("match_modules", "target_modules", target_modules, allow_none=False)
     exclude = list(exclude)
     adapters = {n for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
@@ -426,6 +428,7 @@ def inject(model: nn.Module, config: Union[MethodConfig, Sequence[MethodConfig]]
         if type(cfg) not in _METHODS:
             raise TypeError(f"{type(cfg).__name__} is not a registered method config; "
                             f"known: {sorted(c.__name__ for c in _METHODS)}")
+        cfg.names_as_lists()
         cfg.validate()
     # BitFit's inject of an equal config ran again without a word (the other methods refuse wrapped layers): the model
     # then recorded the adapter twice, and no longer took load_adapter of the adapter it was given once

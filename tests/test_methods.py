@@ -563,3 +563,34 @@ def test_layers_injected_into_an_eval_model_run_in_eval_mode(tmp_path):
     assert torch.equal(first, logits(adapters.eval(), ids, mask))
     train_base = copy.deepcopy(base).train()
     assert all(m.training for m in mol.inject(train_base, mol.LoRAConfig(rank=2, dropout=0.1)).modules())
+
+
+@pytest.mark.parametrize("method, fields", [
+    ("IA3Config", {"target_modules": {"k_proj", "down_proj"}, "feedforward_modules": {"down_proj"}}),
+    ("BitFitConfig", {"target_modules": {"q_proj", "up_proj"}}),
+    ("AdapterConfig", {"placement": "houlsby", "attn_modules": {"o_proj"}, "mlp_modules": {"down_proj"},
+                       "reduction_factor": 4}),
+    ("PrefixTuningConfig", {"num_virtual_tokens": 3, "modules_to_save": {"lm_head"}}),
+    ("LoRAConfig", {"rank": 4, "target_modules": {"q_proj", "v_proj"}, "modules_to_save": {"lm_head"}}),
+])
+def test_every_method_takes_sets_of_module_names_as_peft_does(method, fields, tmp_path):
+    """PEFT's configs take sets of module names. Only LoRA / MoL took them here: IA3Config, BitFitConfig and
+    AdapterConfig refused a set as 'invalid', and a set in modules_to_save was refused by every other method. A set
+    now gives the adapter the same names as a sorted list give, and saves and reloads."""
+    base = tiny_llama()
+    as_lists = {k: sorted(v) if isinstance(v, set) else v for k, v in fields.items()}
+    torch.manual_seed(0)
+    ours = mol.inject(copy.deepcopy(base), getattr(mol, method)(**fields))
+    torch.manual_seed(0)
+    ref = mol.inject(copy.deepcopy(base), getattr(mol, method)(**as_lists))
+    randomize(ours)
+    ref.load_state_dict(ours.state_dict())
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == \
+        [n for n, p in ref.named_parameters() if p.requires_grad]
+    ids, mask = batch()
+    assert_close(logits(ours, ids, mask), logits(ref, ids, mask))
+    mol.save_adapter(ours, tmp_path / "a")
+    saved = json.loads(next((tmp_path / "a").glob("*.json")).read_text())
+    assert all(not isinstance(v, set) for v in saved.values())
+    assert torch.equal(logits(mol.load_adapter(copy.deepcopy(base), tmp_path / "a"), ids, mask), logits(ours, ids, mask))
+    assert mol.match_modules(base, {"v_proj", "q_proj"}) == mol.match_modules(base, ["q_proj", "v_proj"])
