@@ -2,7 +2,8 @@
 
 An adapter directory holds ``adapter_config.json`` (the method configs, enough to rebuild the injection on a
 fresh base model) and ``adapter_model.safetensors`` (only the trainable tensors, under the model's own
-parameter names). Files are written to a temporary name and renamed, so a crash never leaves half a file.
+parameter names). Files are written to temporary names and renamed once all are written, so a crash never leaves
+half a file, nor new tensors beside an old config.
 """
 
 from __future__ import annotations
@@ -34,22 +35,29 @@ PEFT_PREFIX = "base_model.model."
 PathLike = Union[str, os.PathLike]
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` then rename over ``path``; the temp file is removed on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _atomic_write_files(directory: Path, writes: list[tuple[str, Callable[[str], None]]]) -> None:
+    """Write each ``(name, write)`` through ``write(tmp_path)`` into ``directory``, and only once every one is written
+    rename them over their names: a save of several files (tensors, then config) that fails on a later one (disk
+    full) leaves the previous save whole, not new tensors beside an old config, and no temp file behind."""
+    directory.mkdir(parents=True, exist_ok=True)
+    # mkstemp makes the file 0600; give it the mode an open() would (0666 less the umask), so that a server
+    # under another user can read the adapter as it can PEFT's
+    umask = os.umask(0)
+    os.umask(umask)
+    tmps: list[str] = []
     try:
-        write(tmp)
-        # mkstemp makes the file 0600; give it the mode an open() would (0666 less the umask), so that a server
-        # under another user can read the adapter as it can PEFT's
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        for name, write in writes:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            tmps.append(tmp)
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~umask)
+        for (name, _), tmp in zip(writes, tmps):  # renames within one directory: they do not run out of space
+            os.replace(tmp, directory / name)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
 
 
@@ -75,14 +83,14 @@ def _json_text(obj: Any, who: str) -> str:
                         "Hydra list, float(x) for a numpy number). Nothing was written") from None
 
 
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+def _text_writer(text: str) -> Callable[[str], None]:
+    return lambda tmp: Path(tmp).write_text(text)
 
 
-def _write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+def _tensor_writer(tensors: dict[str, Tensor], metadata: dict[str, str]) -> Callable[[str], None]:
     # clone: safetensors refuses tensors that share storage (tied or sliced parameters).
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+    return lambda tmp: save_file(cpu, tmp, metadata=metadata)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -160,8 +168,8 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
         config["nested"] = [{"module": path, "configs": [c.to_dict() for c in configs]} for path, configs in nested]
     # serialized before anything is written: a config JSON cannot hold fails here, not beside new tensors
     text = _json_text(config, "save_adapter")
-    _write_tensors(out / WEIGHTS_NAME, adapter_state_dict(model), {"format": FORMAT})
-    _write_text(out / CONFIG_NAME, text)
+    _atomic_write_files(out, [(WEIGHTS_NAME, _tensor_writer(adapter_state_dict(model), {"format": FORMAT})),
+                              (CONFIG_NAME, _text_writer(text))])
     return out
 
 
@@ -479,8 +487,8 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
     if any(len(aliases.get(n, ())) > 1 for n in model.mol_trainable):
         peft_config["ensure_weight_tying"] = True
     text = _json_text(peft_config, "export_peft")
-    _write_tensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
-    _write_text(out / CONFIG_NAME, text)
+    _atomic_write_files(out, [(WEIGHTS_NAME, _tensor_writer(tensors, {"format": "pt"})),
+                              (CONFIG_NAME, _text_writer(text))])
     return out
 
 

@@ -403,3 +403,28 @@ def test_helpers_given_the_wrong_kind_of_argument_say_what_they_take():
         mol.match_modules(make_tiny_llama(), None)
     with pytest.raises(TypeError, match=r"load_bnb_4bit takes a state dict .*got PosixPath"):
         mol.load_bnb_4bit(make_tiny_llama(), __import__("pathlib").Path("model.safetensors"))
+
+
+@pytest.mark.parametrize("save", ["save_adapter", "export_peft", "save_bnb_4bit"])
+def test_a_save_failing_on_its_second_file_keeps_the_previous_save_whole(tmp_path, monkeypatch, save):
+    """Each save writes two files; the second (the config) failing (disk full) left the new tensors beside the old
+    config, a directory that loaded as neither save ("lacks tensor ..."). Every file is written before any replaces
+    its predecessor, so the previous save stays whole and no temp file is left."""
+    import pathlib
+
+    if save == "save_bnb_4bit":
+        first, second = mol.quantize(make_tiny_llama(hidden=64), "nf4"), mol.quantize(make_tiny_llama(hidden=64), "nf4")
+    else:
+        base = make_tiny_llama()
+        first = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, target_modules=["q_proj"]))
+        second = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=["v_proj"]))
+    getattr(mol, save)(first, tmp_path)
+    files = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        getattr(mol, save)(second, tmp_path)
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == files

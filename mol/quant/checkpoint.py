@@ -88,12 +88,11 @@ def save_bnb_4bit(model: nn.Module, directory: PathLike, compute_dtype: torch.dt
 
     from safetensors.torch import save_file
 
-    from mol.io import _atomic_write, _directory  # one atomic write for every file mol saves (and its mode)
+    from mol.io import _atomic_write_files, _directory  # one atomic write for every file mol saves (and its mode)
 
     out = _directory(directory, "save_bnb_4bit", writing=True)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(cfg.to_json_string(use_diff=True)))
+    _atomic_write_files(out, [("model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
+                              ("config.json", lambda tmp: Path(tmp).write_text(cfg.to_json_string(use_diff=True)))])
     return out
 
 
