@@ -221,6 +221,12 @@ def _check_and_copy(model: nn.Module, tensors: dict[str, Tensor], expected: dict
         if tuple(tensors[name].shape) != tuple(param.shape):
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)} but the model expects "
                              f"{tuple(param.shape)}; the adapter does not fit this model (different size or rank)")
+        # another float dtype is a precision choice, cast below; integers or booleans are no adapter's weights,
+        # and copy_ would cast them without a word
+        if param.is_floating_point() and not tensors[name].is_floating_point():
+            raise ValueError(f"{source}: tensor {name!r} is {str(tensors[name].dtype).removeprefix('torch.')}, not a "
+                             "floating-point type, so it holds no trained weights: the file is damaged: save or copy "
+                             "the adapter again")
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise ValueError(f"{source} holds tensor {extra[0]!r}, which this model's adapter does not have; the adapter "

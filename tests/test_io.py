@@ -428,3 +428,28 @@ def test_a_save_failing_on_its_second_file_keeps_the_previous_save_whole(tmp_pat
     with pytest.raises(OSError, match="disk full"):
         getattr(mol, save)(second, tmp_path)
     assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == files
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_a_tensor_of_a_non_float_dtype_is_refused_not_cast(tmp_path, dtype):
+    """An adapter tensor stored as integers or booleans (a damaged or hand-edited file) was cast into the float
+    parameter without a word: the model then computed with truncated weights."""
+    from safetensors.torch import load_file, save_file
+
+    base = make_tiny_llama()
+    model = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, target_modules=["q_proj"]))
+    _train_a_little(model)
+    mol.save_adapter(model, tmp_path / "a")
+    mol.export_peft(model, tmp_path / "p")
+    for directory, load in ((tmp_path / "a", mol.load_adapter), (tmp_path / "p", mol.import_peft)):
+        weights = directory / "adapter_model.safetensors"
+        tensors = load_file(str(weights))
+        key = sorted(tensors)[0]
+        tensors[key] = tensors[key].to(dtype)
+        save_file(tensors, str(weights))
+        target = copy.deepcopy(base)
+        before = _structure(target)
+        with pytest.raises(ValueError, match=rf"tensor '[\w.]+lora_A' is {str(dtype)[6:]}, not a floating-point "
+                                             r"type.*damaged: save or copy the adapter again"):
+            load(target, directory)
+        assert _structure(target) == before
