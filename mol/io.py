@@ -9,6 +9,7 @@ half a file, nor new tensors beside an old config.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -20,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mol.config import LoRAConfig, MoLConfig, config_from_dict, without_quantize_base
+from mol.config import LoRAConfig, MoLConfig, config_from_dict, is_number, is_whole, without_quantize_base
 from mol.inject import (_uncompiled, adapter_layers, all_configs, all_or_nothing, check_model, inject,
                         injected_inside, name_matches, nested_configs, require_adapter, tied_parameter_names)
 from mol.layers import MoLLinear, is_conv1d
@@ -526,6 +527,51 @@ _PEFT_BASE_REWRITING_INITS = ("olora", "corda", "loftq")
 _PEFT_LAYER_CHOICE = ("exclude_modules", "layers_to_transform", "layers_pattern")
 
 
+def _peft_lora_fields(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The LoRA fields of a PEFT adapter config, each checked for its type: a bare KeyError / TypeError named none of
+    them, and int() / bool() misread others without a word (r=2.7 as rank 2, use_rslora="false" as True)."""
+    def bad(key: str, kind: str, value: Any, entry: str = "") -> ValueError:
+        return ValueError(f"{path}: PEFT config field {key!r}{entry} must be {kind}, got {repr(value)[:80]}; the file "
+                          "is damaged or hand-edited: fix the field, or save the adapter again with PEFT's "
+                          "save_pretrained")
+
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in raw:
+            raise ValueError(f"{path}: PEFT config lacks {key!r}, which PEFT's save_pretrained always writes; the file "
+                             "is damaged or hand-written: add it, or save the adapter again with save_pretrained")
+    out = {key: raw.get(key, default) for key, default in (
+        ("r", None), ("lora_alpha", None), ("target_modules", None), ("lora_dropout", 0.0), ("use_rslora", False),
+        ("rank_pattern", None), ("alpha_pattern", None), ("modules_to_save", None))}
+    if not is_whole(out["r"]) or out["r"] <= 0:
+        raise bad("r", "a positive integer", out["r"])
+    alpha, dropout = out["lora_alpha"], out["lora_dropout"]
+    if not (is_number(alpha) and 0 < alpha < math.inf):  # a NaN compares false: refused too
+        raise bad("lora_alpha", "a number > 0", alpha)
+    if not (is_number(dropout) and 0 <= dropout < 1):
+        raise bad("lora_dropout", "a number in [0, 1)", dropout)
+    targets = out["target_modules"]
+    if not ((isinstance(targets, str) and targets)
+            or (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets))):
+        raise bad("target_modules", "a list of module names or one regex string", targets)
+    if not isinstance(out["use_rslora"], bool):
+        raise bad("use_rslora", "true or false", out["use_rslora"])
+    for key, what, ok, kind in (("rank_pattern", "rank", lambda v: is_whole(v) and v > 0, "a positive integer"),
+                                ("alpha_pattern", "alpha", lambda v: is_number(v) and 0 < v < math.inf,
+                                 "a number > 0")):
+        patterns = out[key] or {}
+        if not isinstance(patterns, dict):
+            raise bad(key, f"a JSON object (layer pattern -> {what})", patterns)
+        for pattern, value in patterns.items():
+            if not ok(value):
+                raise bad(key, kind, value, f"[{pattern!r}]")
+        out[key] = dict(patterns)
+    to_save = out["modules_to_save"] or []
+    if not isinstance(to_save, list) or not all(isinstance(m, str) for m in to_save):
+        raise bad("modules_to_save", "a list of module names", to_save)  # a string would be read letter by letter
+    out["modules_to_save"] = to_save
+    return out
+
+
 def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
     """Inject and load a PEFT LoRA adapter directory into ``model`` (a plain Hugging Face model without an
     adapter); returns ``model``. Options mol does not compute (DoRA, LoRA biases, base-rewriting inits) are refused."""
@@ -548,8 +594,9 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
         if raw.get(key):
             raise ValueError(f"{directory}: PEFT option {key}={raw[key]!r} changes what a LoRA layer computes, which "
                              "mol does not do; import an adapter trained without it")
+    fields = _peft_lora_fields(raw, directory / CONFIG_NAME)
     source, tensors = _read_peft_tensors(directory)
-    targets = raw["target_modules"]
+    targets = fields["target_modules"]
     if any(raw.get(key) for key in _PEFT_LAYER_CHOICE):
         suffix = ".lora_A.weight"
         targets = sorted(k.removeprefix(PEFT_PREFIX).removesuffix(suffix) for k in tensors if k.endswith(suffix))
@@ -562,14 +609,12 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
     # PEFT's task types append their usual head names ("classifier", "score") whether or not the model has
     # them, and PEFT ignores the ones that match nothing; do the same, keeping the saved order.
     names = [n for n, _ in model.named_modules()]
-    to_save = [m for m in dict.fromkeys(raw.get("modules_to_save") or [])
-               if any(name_matches(n, [m]) for n in names)]
+    to_save = [m for m in dict.fromkeys(fields["modules_to_save"]) if any(name_matches(n, [m]) for n in names)]
     cfg = LoRAConfig(
-        rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), target_modules=targets,
-        dropout=float(raw.get("lora_dropout", 0.0)), use_rslora=bool(raw.get("use_rslora", False)),
+        rank=fields["r"], alpha=float(fields["lora_alpha"]), target_modules=targets,
+        dropout=float(fields["lora_dropout"]), use_rslora=fields["use_rslora"],
         init="gaussian" if init == "gaussian" else "kaiming", modules_to_save=to_save,
-        rank_pattern={k: int(v) for k, v in (raw.get("rank_pattern") or {}).items()},
-        alpha_pattern={k: float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
+        rank_pattern=fields["rank_pattern"], alpha_pattern={k: float(v) for k, v in fields["alpha_pattern"].items()},
     )
     if getattr(model, "mol_configs", None):
         raise ValueError("import_peft needs a model without an adapter; load into a fresh base model")

@@ -453,3 +453,41 @@ def test_a_tensor_of_a_non_float_dtype_is_refused_not_cast(tmp_path, dtype):
                                              r"type.*damaged: save or copy the adapter again"):
             load(target, directory)
         assert _structure(target) == before
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"r": None}, r"'r' must be a positive integer, got None"),
+    ({"r": 2.7}, r"'r' must be a positive integer, got 2\.7"),  # was read as rank 2
+    ({"r": "two"}, r"'r' must be a positive integer, got 'two'"),
+    ({"lora_alpha": "x"}, r"'lora_alpha' must be a number > 0, got 'x'"),
+    ({"lora_dropout": None}, r"'lora_dropout' must be a number in \[0, 1\), got None"),
+    ({"use_rslora": "false"}, r"'use_rslora' must be true or false, got 'false'"),  # was read as True
+    ({"rank_pattern": [1]}, r"'rank_pattern' must be a JSON object \(layer pattern -> rank\), got \[1\]"),
+    ({"alpha_pattern": {"q_proj": "x"}}, r"'alpha_pattern'\['q_proj'\] must be a number > 0, got 'x'"),
+    ({"modules_to_save": "lm_head"}, r"'modules_to_save' must be a list of module names, got 'lm_head'"),  # dropped
+    ({"target_modules": 3}, r"'target_modules' must be a list of module names or one regex string, got 3"),
+    ({"r": ...}, r"lacks 'r', which PEFT's save_pretrained always writes"),
+    ({"lora_alpha": ...}, r"lacks 'lora_alpha', which PEFT's save_pretrained always writes"),
+    ({"target_modules": ...}, r"lacks 'target_modules', which PEFT's save_pretrained always writes"),
+])
+def test_import_peft_names_a_config_field_of_the_wrong_type(tmp_path, change, message):
+    """A PEFT config field missing or of the wrong type failed with a bare KeyError / TypeError / AttributeError, or
+    was silently misread: r=2.7 as rank 2, use_rslora="false" as True, modules_to_save="lm_head" as its letters
+    (so the head's trained weights were left out)."""
+    import json
+
+    model = mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=2, target_modules=["q_proj"]))
+    mol.export_peft(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    raw = json.loads(path.read_text())
+    for key, value in change.items():
+        if value is ...:
+            del raw[key]
+        else:
+            raw[key] = value
+    path.write_text(json.dumps(raw))
+    target = make_tiny_llama()
+    before = _structure(target)
+    with pytest.raises(ValueError, match=rf"adapter_config\.json: PEFT config .*{message}"):
+        mol.import_peft(target, tmp_path)
+    assert _structure(target) == before
