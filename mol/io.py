@@ -72,6 +72,8 @@ def _directory(directory: Any, who: str, writing: bool = False) -> Path:
     if writing and out.exists() and not out.is_dir():
         raise ValueError(f"{who}: {out} is a file, and {who} writes a directory of files; give a directory path "
                          "(it is created if missing). Nothing was written")
+    if not writing and out.is_file():  # else ".../adapter_config.json/adapter_config.json does not exist"
+        raise ValueError(f"{who}: {out} is a file; give the directory that holds it ({out.parent})")
     return out
 
 
@@ -94,7 +96,13 @@ def _tensor_writer(tensors: dict[str, Tensor], metadata: dict[str, str]) -> Call
     return lambda tmp: save_file(cpu, tmp, metadata=metadata)
 
 
+def _not_a_directory(path: Path) -> None:
+    if path.is_dir():  # else opening it says "Is a directory" or, worse, "does not exist"
+        raise ValueError(f"{path} is a directory, not a file; the adapter directory is damaged: save it again")
+
+
 def _read_json(path: Path, what: str) -> dict[str, Any]:
+    _not_a_directory(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; {what}")
     try:
@@ -121,6 +129,7 @@ def _read_peft_tensors(directory: Path) -> tuple[Path, dict[str, Tensor]]:
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
+    _not_a_directory(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; the adapter directory is incomplete: save it again")
     try:
@@ -192,7 +201,10 @@ def _read_configs(directory: PathLike) -> tuple[list, list[tuple[str, list]]]:
             else ""
         raise ValueError(f"{path} is not a mol adapter config{hint}")
     version = raw.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not is_whole(version) or version < 1:  # every mol wrote one from 1: a newer mol would not help
+        raise ValueError(f"{path} has no valid format_version (got {version!r}; mol writes a whole number from 1); "
+                         "the file is damaged: save the adapter again")
+    if version > FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {version!r}; this mol reads version {FORMAT_VERSION} or "
                          "older: upgrade mol to load it")
     configs = raw.get("configs")

@@ -1,6 +1,7 @@
 """save/load round trips, merge, and the errors a user hits with bad input (each must name the fix)."""
 
 import copy
+import json
 import os
 
 import pytest
@@ -491,3 +492,45 @@ def test_import_peft_names_a_config_field_of_the_wrong_type(tmp_path, change, me
     with pytest.raises(ValueError, match=rf"adapter_config\.json: PEFT config .*{message}"):
         mol.import_peft(target, tmp_path)
     assert _structure(target) == before
+
+
+@pytest.mark.parametrize("version, message", [
+    (None, r"has no valid format_version \(got None;.*damaged: save the adapter again"),  # said "upgrade mol"
+    ('"1"', r"has no valid format_version \(got '1';.*damaged: save the adapter again"),
+    ("true", r"has no valid format_version \(got True;"),  # was read as version 1
+    ("0", r"has no valid format_version \(got 0;"),  # no mol wrote it: was read as the current format
+    ("3", r"has format_version 3; this mol reads version 2 or older: upgrade mol to load it"),
+])
+def test_a_bad_format_version_is_told_from_a_newer_one(tmp_path, version, message):
+    model = mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=2, target_modules=["q_proj"]))
+    mol.save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    raw = json.loads(path.read_text())
+    del raw["format_version"]
+    if version is not None:
+        raw["format_version"] = json.loads(version)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=message):
+        mol.load_adapter(make_tiny_llama(), tmp_path)
+
+
+def test_a_file_where_a_directory_is_expected_and_the_reverse_are_named(tmp_path):
+    """load_adapter / import_peft given the adapter's config file said '.../adapter_config.json/adapter_config.json
+    does not exist'; an adapter_model.safetensors that is a directory 'does not exist'."""
+    model = mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=2, target_modules=["q_proj"]))
+    mol.save_adapter(model, tmp_path / "a")
+    mol.export_peft(model, tmp_path / "p")
+    for load, d in ((mol.load_adapter, tmp_path / "a"), (mol.import_peft, tmp_path / "p")):
+        with pytest.raises(ValueError, match=rf"{load.__name__}: .*adapter_config\.json is a file; give the directory "
+                                             r"that holds it \(.*[ap]\)"):
+            load(make_tiny_llama(), d / "adapter_config.json")
+        weights = d / "adapter_model.safetensors"
+        weights.unlink()
+        weights.mkdir()
+        with pytest.raises(ValueError, match=r"adapter_model\.safetensors is a directory, not a file"):
+            load(make_tiny_llama(), d)
+        weights.rmdir()
+        (d / "adapter_config.json").unlink()
+        (d / "adapter_config.json").mkdir()
+        with pytest.raises(ValueError, match=r"adapter_config\.json is a directory, not a file"):
+            load(make_tiny_llama(), d)
