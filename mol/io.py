@@ -40,7 +40,10 @@ def _atomic_write_files(directory: Path, writes: list[tuple[str, Callable[[str],
     """Write each ``(name, write)`` through ``write(tmp_path)`` into ``directory``, and only once every one is written
     rename them over their names: a save of several files (tensors, then config) that fails on a later one (disk
     full) leaves the previous save whole, not new tensors beside an old config, and no temp file behind."""
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(directory, e) from None
     # mkstemp makes the file 0600; give it the mode an open() would (0666 less the umask), so that a server
     # under another user can read the adapter as it can PEFT's
     umask = os.umask(0)
@@ -48,7 +51,10 @@ def _atomic_write_files(directory: Path, writes: list[tuple[str, Callable[[str],
     tmps: list[str] = []
     try:
         for name, write in writes:
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            except OSError as e:  # the OS's error names the temp file, which the user never asked for
+                raise _unwritable(directory, e) from None
             os.close(fd)
             tmps.append(tmp)
             write(tmp)
@@ -60,6 +66,14 @@ def _atomic_write_files(directory: Path, writes: list[tuple[str, Callable[[str],
             if os.path.exists(tmp):
                 os.unlink(tmp)
         raise
+
+
+def _unwritable(directory: Path, e: OSError) -> OSError:
+    """``e`` (its type kept, for callers that catch it) saying which directory could not be written, and why."""
+    blocker = next((p for p in (*reversed(directory.parents), directory) if p.exists() and not p.is_dir()), None)
+    why = f"{blocker} is a file, not a directory" if blocker else (e.strerror or str(e))
+    return type(e)(e.errno, f"cannot write to {directory}: {why}; save to a directory you can write to. Nothing was "
+                            "written")
 
 
 def _directory(directory: Any, who: str, writing: bool = False) -> Path:

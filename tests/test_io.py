@@ -534,3 +534,25 @@ def test_a_file_where_a_directory_is_expected_and_the_reverse_are_named(tmp_path
         (d / "adapter_config.json").mkdir()
         with pytest.raises(ValueError, match=r"adapter_config\.json is a directory, not a file"):
             load(make_tiny_llama(), d)
+
+
+def test_an_unwritable_save_directory_is_named_with_the_fix(tmp_path, monkeypatch):
+    """A directory below a file, or one the user may not write to, failed with the OS's bare error, naming mkdir's
+    path or a temp file the user never asked for (".adapter_model.safetensors.x1y2.tmp")."""
+    import tempfile
+
+    model = mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=2, target_modules=["q_proj"]))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"cannot write to .*file/sub/a: .*file is a file, not a directory; "
+                                                 r"save to a directory you can write to\. Nothing was written"):
+        mol.save_adapter(model, tmp_path / "file" / "sub" / "a")
+
+    def denied(*args, **kwargs):  # as chmod 555 does, for a user other than root
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".adapter_model.safetensors.x1y2.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    for save in (mol.save_adapter, mol.export_peft):
+        with pytest.raises(PermissionError, match=r"cannot write to .*: Permission denied; save to a directory you can "
+                                                  r"write to\. Nothing was written"):
+            save(model, tmp_path)
+    assert os.listdir(tmp_path) == ["file"]
