@@ -23,9 +23,26 @@ from mol.train.app import (ConfigError, _config_dir_args, _fail, asset_path, bui
                            register_resolvers, run_guarded)
 
 
+def _read_meta(meta_file: Path) -> dict:
+    """The run's training_meta.json; a damaged one is one ConfigError (it failed with a bare JSONDecodeError,
+    AttributeError or KeyError)."""
+    fix = "copy the run's adapter folder again, or point adapter= at <run>/adapter of a mol.train run"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{meta_file} is not valid JSON ({e}); the file is damaged: {fix}") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{meta_file} holds a JSON {type(meta).__name__}, not the run's record (an object); {fix}")
+    if not isinstance(meta.get("task"), str):
+        raise ConfigError(f"{meta_file} lacks 'task' (the run's model.task), which mol.train writes; {fix}")
+    return meta
+
+
 def _base_model(cfg: DictConfig, meta: dict, meta_file: Path) -> str:
     """``base_model=`` (or ``model.path=``, the training key), else the model.path the run recorded."""
     given = cfg.get("base_model") or cfg.model.get("path")
+    if not given and not meta.get("model_path"):
+        raise ConfigError(f"{meta_file} records no model_path (the run's base model); pass base_model=DIR")
     path = str(given or meta["model_path"])
     if not (Path(path).expanduser() / "config.json").is_file():
         if given:
@@ -84,7 +101,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"split={cfg.split} is unknown; use split=test or split=val")
     check_accelerator(cfg.trainer, check_devices=False)  # evaluate runs on one device
     check_data_values(cfg.data)
-    meta = json.loads(meta_file.read_text())
+    meta = _read_meta(meta_file)
     tokenizer = cfg.model.get("tokenizer") or meta.get("tokenizer")
     if tokenizer and not cfg.model.get("tokenizer") and not Path(str(tokenizer)).expanduser().exists():
         raise ConfigError(f"the tokenizer {tokenizer} that {meta_file} records does not exist (moved?); pass "

@@ -107,6 +107,21 @@ def test_a_missing_adapter_says_it_does_not_exist(tmp_path):
         _evaluate(f"adapter={tmp_path / 'no_such_adapter'}")
 
 
+@pytest.mark.parametrize("text, match", [
+    ("{not json", r"training_meta\.json is not valid JSON"),
+    ("[]", r"training_meta\.json holds a JSON list, not the run's record \(an object\)"),
+    ('{"labels": []}', r"training_meta\.json lacks 'task'"),
+])
+def test_a_damaged_training_meta_is_one_config_error(tmp_path, text, match):
+    # each failed with a bare JSONDecodeError / AttributeError / KeyError traceback
+    from mol.train.app import ConfigError
+
+    (tmp_path / "training_meta.json").write_text(text)
+    with pytest.raises(ConfigError, match=rf"{match}.*copy the run's adapter folder again, or point adapter= at "
+                                          r"<run>/adapter"):
+        _evaluate(f"adapter={tmp_path}")
+
+
 def test_evaluate_with_a_gpu_trainer_and_no_gpu(trained, monkeypatch):
     from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 
