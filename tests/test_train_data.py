@@ -47,6 +47,33 @@ def test_mixture_formats_and_cache(tmp_path):
     assert dm2.splits["train"].examples == ex
 
 
+@pytest.mark.parametrize("damage", [b"", b"\x80\x02garbage", None])
+def test_a_damaged_token_cache_file_is_rebuilt_with_a_warning(tmp_path, damage):
+    """A cache file cut short (a copy or a full disk), or one that holds no list of examples, failed setup with
+    torch.load's bare error (or fed the data module garbage); it is a cache: the examples are tokenised again from
+    the data file, which is said, and the file rewritten."""
+    from mol.train.data import TextDataModule
+
+    tok = make_tokenizer(tmp_path / "tok")
+    a = _write(tmp_path / "a.jsonl", [{"text": "one two three"}] * 6)
+
+    def examples():
+        dm = TextDataModule(tok, "causal_lm", train=str(a), batch_size=2, max_length=16,
+                            cache_dir=str(tmp_path / "cache"), seed=1)
+        dm.setup()
+        return dm.splits["train"].examples
+
+    good = examples()
+    (cache,) = (tmp_path / "cache").glob("*.pt")
+    if damage is None:
+        torch.save({"not": "a list"}, cache)
+    else:
+        cache.write_bytes(damage)
+    with pytest.warns(UserWarning, match=rf"token cache {cache} .*tokenising .*a\.jsonl again"):
+        assert examples() == good
+    assert torch.load(cache) == good
+
+
 def test_classification_labels_and_errors(tmp_path):
     from mol.train.data import DataError, TextDataModule
 

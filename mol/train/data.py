@@ -135,7 +135,15 @@ def tokenize_file(path: Path, tokenizer: Any, task_kind: str, max_length: int, l
                              default_task]).encode())
         key = cache_dir / f"{path.stem}-{h.hexdigest()[:20]}.pt"
         if key.exists():
-            return torch.load(key)
+            try:
+                cached = torch.load(key)
+            except Exception as e:  # noqa: BLE001 - torch.load raises many kinds for a damaged file
+                cached = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'cut short'}"
+            if isinstance(cached, list) and all(isinstance(x, dict) for x in cached):
+                return cached
+            # only a cache: the data file still holds every example, so read it again rather than stop the run
+            why = cached if isinstance(cached, str) else f"it holds a {type(cached).__name__}, not a list of examples"
+            warnings.warn(f"token cache {key} is damaged ({why}); tokenising {path} again and rewriting it")
     records = _read_records(path)
     examples = []
     eos = tokenizer.eos_token_id
