@@ -184,3 +184,17 @@ def test_exporters_refuse_what_they_cannot_write(tmp_path):
     with pytest.raises(ValueError, match="compute_dtype must be"):
         save_bnb_4bit(quantize(_llama(), "nf4"), tmp_path / "other", compute_dtype=torch.int8)
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("bias", [torch.zeros(3), torch.zeros(64, 2), torch.zeros(64, dtype=torch.int64)])
+def test_load_bnb_4bit_refuses_a_bias_that_does_not_fit_its_layer(bias):
+    """A '<layer>.bias' of another length (a checkpoint of another model mixed in) was taken as the NF4Linear's bias
+    without a word; the model failed only at its first forward, far from the file."""
+    sd = _bnb_sd(quantize(_llama(), "nf4"))
+    sd["model.layers.0.self_attn.q_proj.bias"] = bias
+    model = _llama()
+    before = _types(model)
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj.bias' is .* but the layer's bias is 64 "
+                                         r"floats \(out_features\): the checkpoint is damaged or mixes two models"):
+        load_bnb_4bit(model, sd)
+    assert _types(model) == before

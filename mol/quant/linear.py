@@ -196,9 +196,15 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "", backend: str = "auto") -> "NF4Linear":
         """Build an NF4Linear from a bitsandbytes 4-bit layer's tensors under `prefix` (no bitsandbytes needed).
-        Raises ValueError for fp4 checkpoints and for weights that are not 4-bit."""
+        Raises ValueError for fp4 checkpoints, for weights that are not 4-bit, and for a bias that does not fit."""
         packed = from_bnb_tensors(sd, f"{prefix}weight")
-        return cls(packed, sd.get(f"{prefix}bias"), backend)
+        bias = sd.get(f"{prefix}bias")
+        # checked here, naming the key: else the layer takes any tensor and fails at its first forward
+        if bias is not None and (tuple(bias.shape) != (packed.shape[0],) or not bias.is_floating_point()):
+            raise ValueError(f"{prefix + 'bias'!r} is {str(bias.dtype).removeprefix('torch.')} of shape "
+                             f"{tuple(bias.shape)}, but the layer's bias is {packed.shape[0]} floats (out_features): "
+                             "the checkpoint is damaged or mixes two models; re-save or re-download it")
+        return cls(packed, bias, backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
