@@ -135,7 +135,11 @@ def _read_peft_tensors(directory: Path) -> tuple[Path, dict[str, Tensor]]:
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many kinds for a damaged file
-        raise ValueError(f"{path} is truncated, corrupt or holds more than tensors ({type(e).__name__}: {e}); "
+        # torch's refusal of a non-tensor pickle is a paragraph advising weights_only=False (running the file's
+        # code): keep only what it found
+        text = str(e).split("WeightsUnpickler error:")[-1].strip()
+        why = text.splitlines()[0].split(". ")[0][:160] if text else "cut short"
+        raise ValueError(f"{path} is truncated, corrupt or holds more than tensors ({type(e).__name__}: {why}); "
                          "save or copy the adapter again") from None
     if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
         raise ValueError(f"{path} does not hold a name -> tensor mapping; it is not a PEFT adapter's weights")

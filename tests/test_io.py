@@ -556,3 +556,15 @@ def test_an_unwritable_save_directory_is_named_with_the_fix(tmp_path, monkeypatc
                                                   r"write to\. Nothing was written"):
             save(model, tmp_path)
     assert os.listdir(tmp_path) == ["file"]
+
+
+def test_a_peft_bin_holding_more_than_tensors_is_named_in_one_line(tmp_path):
+    """The error quoted torch.load's whole paragraph, advising to re-run it with weights_only=False: arbitrary code
+    from the file, for a file that is not a PEFT adapter's weights anyway."""
+    model = mol.inject(make_tiny_llama(), mol.LoRAConfig(rank=2, target_modules=["q_proj"]))
+    mol.export_peft(model, tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    torch.save({"layer": torch.nn.Linear(2, 2)}, tmp_path / "adapter_model.bin")  # a pickled module, not tensors
+    with pytest.raises(ValueError, match=r"adapter_model\.bin is truncated, corrupt or holds more than tensors") as e:
+        mol.import_peft(make_tiny_llama(), tmp_path)
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value) and len(str(e.value)) < 400
