@@ -199,3 +199,18 @@ def test_empty_folders_of_a_run_stopped_before_training_do_not_block_the_next(tm
     (out / "logs" / "metrics.csv").write_text("step\n")
     with pytest.raises(ConfigError, match=r"already holds a run \(logs\)"):
         claim_output_dir(cfg, out)
+
+
+@pytest.mark.parametrize("content", [b"", b'{"a": 1}', b"\x00" * 64])
+def test_a_resume_file_that_is_no_torch_archive_says_so_without_torch_s_mmap_advice(tmp_path, content):
+    """torch.load(mmap=True) of a zero-byte or non-zip file says "mmap can only be used with files saved with
+    torch.save(..., _use_new_zipfile_serialization=True), please torch.save your checkpoint with this option": advice
+    to re-save, quoted as the reason, for a file that is no checkpoint at all."""
+    from mol.train.app import ConfigError, read_checkpoint_shapes
+
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=r"cannot read .*last\.ckpt \((empty file|not a torch\.save zip archive)\); "
+                                          r"it is truncated or not a checkpoint") as e:
+        read_checkpoint_shapes(str(path))
+    assert "mmap" not in str(e.value)

@@ -567,6 +567,13 @@ def read_checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
     import torch
 
     fix = "pass another .ckpt as resume=..., or start afresh (no resume) in a new output_dir=..."
+    # torch.load(mmap=True) answers an empty or non-zip file with advice to re-save it with the zip format
+    import zipfile
+
+    size = os.path.getsize(path)
+    if size == 0 or not zipfile.is_zipfile(path):
+        why = "empty file" if size == 0 else "not a torch.save zip archive"
+        raise ConfigError(f"resume: cannot read {path} ({why}); it is truncated or not a checkpoint: {fix}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
