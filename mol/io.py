@@ -77,8 +77,9 @@ def _unwritable(directory: Path, e: OSError) -> OSError:
 
 
 def _directory(directory: Any, who: str, writing: bool = False) -> Path:
-    """``directory`` as a Path, refused (before anything is written) where it cannot be one: not a path, or, to write
-    to, an existing file (mkdir then failed with a bare FileExistsError)."""
+    """``directory`` as a Path, refused (before anything is written) where it cannot be one: not a path; to write
+    to, an existing file (mkdir then failed with a bare FileExistsError); to read from, a file (the adapter's own
+    file given for its directory)."""
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"{who}: directory must be a path (str or os.PathLike), got {type(directory).__name__}; "
                         f"call mol.{who}(model, directory)")
