@@ -9,7 +9,9 @@
   `mol.load_adapter(bf16_model, dir, quantize_base=False)`, ...) are parameters of those calls, and an argument
   named after a parameter stands where that parameter is (`mol.LoRAConfig(rank, alpha, target_modules, ...)`).
 - The Hydra overrides of every `bash scripts/train.sh ...`, `mol-train ...` and `python -m mol.evaluate ...`
-  command compose (mol.train's own check), sweeps value by value, `--config-dir` with the README's `mymol.yaml`.
+  command compose (mol.train's own check), sweeps value by value, `--config-dir` with the README's `mymol.yaml`;
+  so do the choices a command's comment lists (`# mol | lora | ...`) and the overrides the prose names alone
+  (`experiment=lora_same_budget`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import mol
 
@@ -32,6 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
 # The placeholders a ```python block may load a model from, each replaced by a tiny model built offline.
 MODEL_PLACEHOLDERS = ("path/to/model",)
+# The training config's top-level keys: its config groups and its own keys (seed, resume, optim, ...)
+TRAIN_KEYS = {"model", "method", "router", "data", "trainer", "logger", "experiment"} | set(
+    yaml.safe_load((REPO / "conf" / "config.yaml").read_text()))
 
 
 def python_blocks(text: str) -> list[str]:
@@ -180,6 +186,24 @@ def test_call_arguments_match_the_signatures():
     assert not wrong, "README.md's calls do not match the code:\n" + "\n".join(wrong)
 
 
+def _is_override(word: str) -> bool:
+    """Whether ``word``, alone in the prose, is a Hydra override of mol.train: a key=value whose key starts with a
+    key of the training config, or whose value no Python keyword argument could have (`precision=16-mixed`); not
+    a Python keyword argument (`graph_tokens=N`) or an environment variable (`MOL_DB_FIRST=0`)."""
+    key, eq, value = word.partition("=")
+    if not eq or not re.fullmatch(r"[a-z_][\w.]*", key):
+        return False
+    if key.split(".")[0] in TRAIN_KEYS:
+        return True
+    if not value or value.isidentifier():  # `graph_tokens=`, `graph_tokens=N`
+        return False
+    try:
+        ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return True
+    return False
+
+
 def _commands(text: str) -> list[list[str]]:
     """The training and evaluation commands in ``text`` as [app, *arguments]; "`... router=switch`" (the Quick
     start's shorthand for train.sh) included. A comment listing a group's choices after `group=value`
@@ -200,6 +224,11 @@ def _commands(text: str) -> list[list[str]]:
                     words = choice.split()
                     out.append([app, f"{group.group(1)}={words[0]}"] + [w for w in words[1:] if "=" in w])
             break
+        else:
+            # a bare override in the prose (`experiment=lora_same_budget`, `method.rank_pattern={value:16}`)
+            words = line.split()
+            if words and all(_is_override(w) for w in words):
+                out.append(["train"] + words)
     return out
 
 
