@@ -143,6 +143,11 @@ def test_sampler_shards_partition_the_global_batch(n, b, w, grouped):
     assert sorted(i for batch in single for i in batch) == sorted(set(i for batch in single for i in batch))
     s = ResumableSampler(n, b * w, seed=3, shuffle=True, lengths=lengths, group_size=4)
     s._skip = (0, 2)
-    assert list(s) == single[2:]
+    if len(single) > 2:
+        assert list(s) == single[2:]
+    else:  # a checkpoint on the epoch's last batch: the resume starts the next epoch
+        following = ResumableSampler(n, b * w, seed=3, shuffle=True, lengths=lengths, group_size=4)
+        following.set_epoch(1)
+        assert list(s) == list(following) != single
     s.set_epoch(1)
     assert list(s) != single  # a new shuffle each epoch, and the skip applied only once

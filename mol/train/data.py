@@ -224,8 +224,13 @@ class ResumableSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         skip = 0
-        if self._skip is not None and self._skip[0] == self.epoch:
-            skip = self._skip[1]
+        if self._skip is not None:
+            # The first pass after a resume continues the checkpoint's position, whatever epoch the loader was
+            # told: restored on an epoch's last batch, Lightning opens this iterator while still in the finished
+            # epoch and runs it as the next one. A finished epoch resumes as the next epoch from its start.
+            self.epoch, skip = self._skip
+            if skip >= len(self):
+                self.epoch, skip = self.epoch + 1, 0
         self._skip = None
         for b in self._global_batches()[skip:]:
             mine = b[self.rank::self.world_size]
