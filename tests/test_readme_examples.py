@@ -25,19 +25,18 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
 import mol
+from mol.train.app import GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
 # The placeholders a ```python block may load a model from, each replaced by a tiny model built offline.
 MODEL_PLACEHOLDERS = ("path/to/model",)
 # The training config's top-level keys: its config groups and its own keys (seed, resume, optim, ...)
-TRAIN_KEYS = {"model", "method", "router", "data", "trainer", "logger", "experiment"} | set(
-    yaml.safe_load((REPO / "conf" / "config.yaml").read_text()))
+TRAIN_KEYS = set(GROUPS) | set(yaml.safe_load((REPO / "conf" / "config.yaml").read_text()))
 
 
 def python_blocks(text: str) -> list[str]:
@@ -53,7 +52,6 @@ def inline_code(text: str) -> list[str]:
 
 
 def test_python_blocks_run_as_written(tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM
     from conftest import make_tiny_llama
 
     blocks = python_blocks(README)
@@ -64,6 +62,7 @@ def test_python_blocks_run_as_written(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, device=None: self)
     ids = torch.randint(0, 101, (2, 9))
+    checked = False
     for i, block in enumerate(blocks):
         used = [p for p in MODEL_PLACEHOLDERS if p in block]
         assert used or "from_pretrained" not in block, (
@@ -76,10 +75,12 @@ def test_python_blocks_run_as_written(tmp_path, monkeypatch):
         with contextlib.redirect_stdout(printed):
             exec(compile(block, f"README.md python block {i}", "exec"), ns)
         if "model" in ns and "fresh" in ns:
-            _check_use_it_in_your_own_model(ns, printed.getvalue(), tmp_path)
+            _check_use_it_in_your_own_model(ns, block, printed.getvalue(), tmp_path)
+            checked = True
+    assert checked, "no README ```python block defines `model` and `fresh`: the checks of the results were skipped"
 
 
-def _check_use_it_in_your_own_model(ns: dict, printed: str, tmp_path: Path) -> None:
+def _check_use_it_in_your_own_model(ns: dict, block: str, printed: str, tmp_path: Path) -> None:
     """What the "Use it in your own model" block's comments say of its results."""
     model, fresh = ns["model"], ns["fresh"]
     trainable, total = ast.literal_eval(printed.splitlines()[0])  # "# (trainable, total)"
@@ -99,8 +100,9 @@ def _check_use_it_in_your_own_model(ns: dict, printed: str, tmp_path: Path) -> N
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(torch.equal(fresh_params[n], p) for n, p in trained.items()), \
         "load_adapter did not restore the saved tensors"
+    tokens = int(re.search(r"set_graphs\(.*graph_inference_tokens=(\d+)", block).group(1))
     layers = [m for m in fresh.modules() if isinstance(m, mol.MoLLinear)]
-    assert layers and all(m.graph_inference_tokens == 8 for m in layers), "set_graphs did not reach the layers"
+    assert layers and all(m.graph_inference_tokens == tokens for m in layers), "set_graphs did not reach the layers"
 
 
 def _resolve(dotted: str):
@@ -241,11 +243,11 @@ def test_shell_commands_compose(tmp_path):
     (tmp_path / "method").mkdir()
     (tmp_path / "method" / "mymol.yaml").write_text("defaults: [mol, _self_]\nrank: 4\n")
     problems = []
-    for app, *args in commands:
+    for app, *args in dict.fromkeys(map(tuple, commands)):  # each distinct command once
         extra: tuple[str, ...] = ()
         if "--config-dir" in args:
             at = args.index("--config-dir")
-            extra, args = (str(tmp_path),), args[:at] + args[at + 2:]
+            extra, args = (str(tmp_path),), [*args[:at], *args[at + 2:]]
         overrides = [a for a in args if a not in ("-m", "--multirun")]
         # a sweep (router=topk,switch) is one job per value
         jobs = [[]]
