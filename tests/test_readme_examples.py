@@ -23,6 +23,7 @@ import inspect
 import io
 import re
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -105,7 +106,7 @@ def _check_use_it_in_your_own_model(ns: dict, block: str, printed: str, tmp_path
     assert layers and all(m.graph_inference_tokens == tokens for m in layers), "set_graphs did not reach the layers"
 
 
-def _resolve(dotted: str):
+def _resolve(dotted: str) -> object:
     """The object a dotted name ``mol.a.b.C`` names: the longest importable module prefix, then attributes."""
     parts = dotted.split(".")
     for cut in range(len(parts), 0, -1):
@@ -147,7 +148,7 @@ def test_kernel_switches_and_their_environment_variables():
         assert f'"{variable}"' in source, f"README.md names the variable {variable}, which no kernel reads"
 
 
-def _calls(code: str):
+def _calls(code: str) -> Iterator[tuple[str, list[str]]]:
     """(name, [argument texts]) for each call of a mol function or class in ``code``, nested calls included."""
     public = set(mol.__all__)
     for m in re.finditer(r"(?<![\w.])(?:mol\.)?([A-Za-z_]\w*)\(", code):
