@@ -124,11 +124,10 @@ def test_resume_after_the_first_epoch_and_each_epoch_reshuffles(fused, max_epoch
         assert abs(resumed[step] - full[step]) <= 1e-6 * abs(full[step]), (step, resumed, full)
 
 
-
 def test_resume_from_an_epochs_last_step_takes_the_next_epochs_order(tmp_path):
     """A run stopped on an epoch's last step (step 4 of 4 an epoch; a kill after a checkpoint that falls there, as
-    ckpt_every_n_steps=20 does at 40 steps an epoch) and resumed to step 8 takes the uninterrupted run's steps 5-8.
-    Lightning, restored on the last batch, opens the loader while still in the finished epoch and runs it as the next:
+    ckpt_every_n_steps=20 does at 40 steps an epoch) and resumed to step 12 takes the uninterrupted run's steps 5-12,
+    the epoch after the next one included. Lightning, restored on the last batch, opens the loader while still in the finished epoch and runs it as the next:
     the sampler skipped the whole finished epoch, so that epoch passed empty and training went on with epoch 2's
     order instead of epoch 1's."""
     from mol.train.app import run
@@ -146,12 +145,13 @@ def test_resume_from_an_epochs_last_step_takes_the_next_epochs_order(tmp_path):
                      *extra]))
         return read_loss_history(str(tmp_path / name / "train_loss.jsonl"))
 
-    full = losses("full", "trainer.max_steps=8")
+    full = losses("full", "trainer.max_steps=12")
     losses("stopped", "trainer.max_steps=4")
-    resumed = losses("stopped", "trainer.max_steps=8", "resume=auto")
-    assert sorted(full) == sorted(resumed) == list(range(1, 9))
-    for step in range(5, 9):
+    resumed = losses("stopped", "trainer.max_steps=12", "resume=auto")
+    assert sorted(full) == sorted(resumed) == list(range(1, 13))
+    for step in range(5, 13):
         assert abs(resumed[step] - full[step]) <= 1e-6 * abs(full[step]), (step, resumed, full)
+
 
 def _cls_cfg(tmp_path, out, *extra):
     from test_train_utils import compose, make_classification_data, make_tiny_bert
