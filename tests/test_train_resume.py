@@ -127,9 +127,9 @@ def test_resume_after_the_first_epoch_and_each_epoch_reshuffles(fused, max_epoch
 def test_resume_from_an_epochs_last_step_takes_the_next_epochs_order(tmp_path):
     """A run stopped on an epoch's last step (step 4 of 4 an epoch; a kill after a checkpoint that falls there, as
     ckpt_every_n_steps=20 does at 40 steps an epoch) and resumed to step 12 takes the uninterrupted run's steps 5-12,
-    the epoch after the next one included. Lightning, restored on the last batch, opens the loader while still in the finished epoch and runs it as the next:
-    the sampler skipped the whole finished epoch, so that epoch passed empty and training went on with epoch 2's
-    order instead of epoch 1's."""
+    the epoch after the next one included. Lightning, restored on the last batch, opens the loader while still in the
+    finished epoch and runs it as the next: the sampler skipped the whole finished epoch, so that epoch passed empty
+    and training went on with epoch 2's order instead of epoch 1's."""
     from mol.train.app import run
     from mol.train.callbacks import read_loss_history
     from test_train_utils import compose, quiet_trainer_overrides
