@@ -184,7 +184,7 @@ class MoLConfig(MethodConfig):
     Each adapted layer computes ``base(x) + scaling * sum over the chosen experts e of gate_e * B_e A_e x``.
     ``rank``: r of each expert; ``alpha``: ``scaling = alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``,
     rank-stabilised LoRA). ``num_experts``: E, the LoRA experts per layer (1: plain LoRA, no router); ``top_k``: the
-    experts each token uses (ignored by ``soft``; 1 for ``switch``). ``dropout``: on the experts' input, in
+    experts each token uses (default: 1 for ``switch``, which takes one, else 2; ignored by ``soft``). ``dropout``: on the experts' input, in
     training. ``init``: ``"kaiming"`` (A uniform as nn.Linear's init, PEFT's default) or ``"gaussian"`` (A normal
     with std 1/r); B starts at zero, so a fresh adapter changes nothing. ``aux_loss_coef`` / ``z_loss_coef``: the
     weights of each routed layer's load-balance loss and router z-loss in ``mol.aux_loss(model)`` (0 turns one
@@ -223,7 +223,7 @@ class MoLConfig(MethodConfig):
     rank: int = 8
     alpha: float = 16.0
     num_experts: int = 8
-    top_k: int = 2
+    top_k: Optional[int] = None
     router: str = "topk"
     target_modules: TargetModules = "all-linear"
     dropout: float = 0.0
@@ -244,6 +244,8 @@ class MoLConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         _patterns_or_empty(self)
+        if self.top_k is None:  # MoLConfig(router="switch") is top-1 by definition: it must not need top_k=1 too
+            self.top_k = 1 if self.router == "switch" else 2
 
     def validate(self) -> None:
         _check_common(self)
@@ -259,6 +261,9 @@ class MoLConfig(MethodConfig):
             raise ValueError(f"MoLConfig.router={self.router!r} is unknown; choose one of {ROUTERS}")
         if self.router != "soft" and not is_whole(self.top_k):
             raise ValueError(f"MoLConfig.top_k must be an integer, got {self.top_k!r}; use e.g. top_k=2")
+        if self.router == "switch" and self.top_k != 1:
+            raise ValueError(f"MoLConfig.top_k={self.top_k!r}, but router='switch' takes one expert per token; set "
+                             "top_k=1 or leave it out (or use router='topk' for top-k)")
         k_max = 1 if self.router == "switch" else self.num_experts
         if self.router != "soft" and not 1 <= self.top_k <= k_max:
             raise ValueError(

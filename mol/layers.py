@@ -234,7 +234,7 @@ class MoLLinear(AdapterLayer):
         self,
         base: nn.Module,
         num_experts: int = 8,
-        top_k: int = 2,
+        top_k: Optional[int] = None,
         rank: int = 8,
         alpha: float = 16.0,
         router: str = "topk",
@@ -257,6 +257,8 @@ class MoLLinear(AdapterLayer):
             raise ValueError(f"rank must be a positive integer, got {rank!r}; use e.g. rank=8")
         if not is_whole(num_experts) or num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
+        if top_k is None:  # as MoLConfig: 1 for the switch router, which takes one, else 2
+            top_k = 1 if router == "switch" else 2
         if not is_whole(top_k):
             raise ValueError(f"top_k must be an integer, got {top_k!r}")
         if router not in ROUTERS:

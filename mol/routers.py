@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -404,18 +404,22 @@ class Router(nn.Module):
     kind: ``topk`` (renormalised top-k of the softmax), ``soft`` (all experts, softmax weights),
     ``switch`` (top-1, gate = that expert's probability), ``sequence`` (top-k from the mean-pooled
     hidden state of each sequence, one choice for all its tokens). ``top_k``: experts per token (all of them for
-    ``soft``, 1 for ``switch``); ``noise_std``: std of the Gaussian noise added to the logits in training.
+    ``soft``, 1 for ``switch``; default 1 for ``switch``, else 2); ``noise_std``: std of the Gaussian noise added to the logits in training.
     """
 
-    def __init__(self, in_features: int, num_experts: int, top_k: int = 2, kind: str = "topk", noise_std: float = 0.0):
+    def __init__(self, in_features: int, num_experts: int, top_k: Optional[int] = None, kind: str = "topk",
+                 noise_std: float = 0.0):
         super().__init__()
+        if top_k is None:  # 1 for switch, which takes one, else 2
+            top_k = 1 if kind == "switch" else 2
         if kind not in ("topk", "soft", "switch", "sequence"):
             raise ValueError(f"unknown router {kind!r}; choose topk, soft, switch or sequence")
         # else the top_k check below asked for a top_k "between 1 and 0"
         if not is_whole(num_experts) or num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
         if kind == "switch" and top_k != 1:
-            raise ValueError(f"the switch router routes each token to one expert; got top_k={top_k}, set top_k=1")
+            raise ValueError(f"the switch router routes each token to one expert; got top_k={top_k}: set top_k=1 "
+                             "or leave it out")
         if kind == "soft":
             top_k = num_experts
         if not 1 <= top_k <= num_experts:

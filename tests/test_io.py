@@ -144,7 +144,7 @@ def test_merge_refuses_token_routed_layers_and_changes_nothing():
     (mol.LoRAConfig(target_modules=["self_attn"]), "a LlamaAttention, which this method cannot adapt"),
     (mol.MoLConfig(num_experts=4, top_k=5), r"top_k=5 is outside 1\.\.4"),
     (mol.MoLConfig(num_experts=4, top_k=0), r"top_k=0 is outside 1\.\.4"),
-    (mol.MoLConfig(router="switch", top_k=2), r"top_k=2 is outside 1\.\.1"),
+    (mol.MoLConfig(router="switch", top_k=2), r"top_k=2, but router=.switch. takes one expert per token; set top_k=1"),
     (mol.MoLConfig(rank=0), "rank must be a positive integer"),
     (mol.LoRAConfig(rank=-3), "rank must be a positive integer"),
     (mol.MoLConfig(router="hash"), "router='hash' is unknown"),

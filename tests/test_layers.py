@@ -579,3 +579,21 @@ def test_modules_to_save_none_means_none_as_in_peft(config_class):
     cfg.validate()
     assert cfg.modules_to_save == [] and cfg.to_dict()["modules_to_save"] == []
 
+
+
+def test_switch_router_needs_no_top_k_and_the_default_stays_two():
+    """The switch router takes one expert per token by definition; MoLConfig(router="switch"), MoLLinear(...,
+    router="switch") and Router(kind="switch") refused to build without top_k=1 spelled out (the README calls it
+    top-1). Left out, top_k is now 1 for switch and 2 otherwise; a top_k given is checked as before."""
+    from mol.routers import Router
+
+    cfg = mol.MoLConfig(router="switch", num_experts=4)
+    assert cfg.top_k == 1 and mol.MoLConfig(num_experts=4).top_k == 2 == mol.MoLConfig(router="sequence").top_k
+    assert cfg == mol.MoLConfig(router="switch", num_experts=4, top_k=1)  # what a saved switch adapter holds
+    model = mol.inject(torch.nn.Sequential(torch.nn.Linear(6, 5)), cfg)
+    assert model[0].router.top_k == 1
+    assert MoLLinear(torch.nn.Linear(6, 5), num_experts=4, router="switch").router.top_k == 1
+    assert MoLLinear(torch.nn.Linear(6, 5), num_experts=4).router.top_k == 2
+    assert Router(6, 4, kind="switch").top_k == 1 and Router(6, 4).top_k == 2
+    with pytest.raises(ValueError, match="top_k=1"):
+        mol.inject(torch.nn.Sequential(torch.nn.Linear(6, 5)), mol.MoLConfig(router="switch", top_k=2))
