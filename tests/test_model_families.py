@@ -1,0 +1,116 @@
+"""mol on the model families people fine-tune in transformers 5 that test_architectures.py does not build: Qwen3
+(q/k norms), Gemma 2 (soft-capping, tied and scaled embeddings), Phi-3 (fused qkv_proj / gate_up_proj), ModernBERT
+and DeBERTa-v2 classifiers, and the mixture-of-experts models whose experts are fused 3-D tensors (Qwen3-MoE) or
+whose router subclasses nn.Linear but returns a tuple (Llama 4).
+
+Reference: Hugging Face PEFT given the same tensors (mol's LoRA is PEFT's to the bit), and the model itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers as T
+from torch import nn
+
+import mol
+
+peft = pytest.importorskip("peft")
+
+VOCAB = 101
+_DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+_ENCODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_labels=3, pad_token_id=0)
+FAMILIES = {
+    "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**_DECODER, head_dim=8)),
+    "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**_DECODER, head_dim=8, sliding_window=4)),
+    "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(**_DECODER)),
+    "modernbert": lambda: T.ModernBertForSequenceClassification(T.ModernBertConfig(**_ENCODER)),
+    "debertav2": lambda: T.DebertaV2ForSequenceClassification(T.DebertaV2Config(**_ENCODER)),
+}
+
+
+def _qwen3_moe() -> nn.Module:
+    return T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**_DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                                  moe_intermediate_size=16))
+
+
+def _llama4() -> nn.Module:
+    return T.Llama4ForCausalLM(T.Llama4TextConfig(**_DECODER, head_dim=8, num_local_experts=2,
+                                                  intermediate_size_mlp=48))
+
+
+def _make(make) -> nn.Module:
+    torch.manual_seed(0)
+    return make().eval()
+
+
+def _batch(causal: bool) -> dict:
+    ids = torch.randint(3, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    if causal:
+        mask[1, :2] = 0  # left padding, as a decoder's batch for generate() is padded
+    else:
+        mask[1, 5:] = 0
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _peft_lora_names(model: nn.Module) -> list[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
+                  if isinstance(m, LoraLayer) and not n.endswith(".base_layer"))
+
+
+def _adapted(model: nn.Module) -> list[str]:
+    return sorted(n for n, m in model.named_modules() if isinstance(m, mol.MoLLinear))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_all_linear_lora_is_peft_s_and_merges_exports_and_generates_the_same(family, tmp_path):
+    base = _make(FAMILIES[family])
+    causal = family not in ("modernbert", "debertav2")
+    task = "CAUSAL_LM" if causal else "SEQ_CLS"
+    keep = [] if causal else ["classifier"]  # PEFT's SEQ_CLS trains the head whole
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                       task_type=task)).eval()
+    ours = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, alpha=8, modules_to_save=keep))
+    assert _adapted(ours) == _peft_lora_names(ref)  # Phi-3's fused qkv_proj / gate_up_proj are layers like any
+    params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name in _adapted(ours):
+            layer = ours.get_submodule(name)
+            for part in ("lora_A", "lora_B"):
+                getattr(layer, part)[0].copy_(params[f"base_model.model.{name}.{part}.default.weight"].normal_(0, .2))
+        if keep:
+            ours.classifier.weight.normal_()
+            ref.base_model.model.classifier.modules_to_save["default"].weight.copy_(ours.classifier.weight)
+    batch = _batch(causal)
+    want = _logits(ours, batch)
+    torch.testing.assert_close(want, _logits(ref, batch), rtol=0, atol=0)
+
+    mol.export_peft(ours, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    torch.testing.assert_close(_logits(loaded, batch), want, rtol=1e-6, atol=1e-6)
+    mol.save_adapter(ours, tmp_path / "mol")
+    torch.testing.assert_close(_logits(mol.load_adapter(copy.deepcopy(base), tmp_path / "mol"), batch), want,
+                               rtol=0, atol=0)
+    if causal:  # a KV cache (Gemma 2's sliding-window layers included) decodes what the full forward does
+        gen = dict(attention_mask=batch["attention_mask"], max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        with torch.no_grad():
+            assert torch.equal(ours.generate(batch["input_ids"], use_cache=True, **gen),
+                               ours.generate(batch["input_ids"], use_cache=False, **gen))
+    merged = mol.merge_and_unload(ours)
+    assert not _adapted(merged)
+    torch.testing.assert_close(_logits(merged, batch), want, rtol=1e-5, atol=1e-5)
