@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MethodConfig, MoLConfig, check_targets, pattern_value
-from mol.layers import AdapterLayer, MoLLinear, is_conv1d, not_full_precision
+from mol.layers import AdapterLayer, MoLLinear, is_conv1d, linear_forward_problem, not_full_precision
 from mol.calls import call_kwargs, hf_models, routing_context
 
 MethodFn = Callable[[nn.Module, MethodConfig], list[str]]
@@ -130,6 +130,17 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str], se
     if target_modules == "all-linear":
         heads = _output_head_names(model)
         names = [n for n, m in candidates if predicate(m) and n not in heads and n not in mha_owned]
+        modules = dict(candidates)
+        odd = {n: why for n in names if (why := linear_forward_problem(modules[n]))}
+        if odd:
+            first = next(iter(odd))
+            shown = f"{sorted(odd)[:4]}{' ...' if len(odd) > 4 else ''}"
+            warnings.warn(f"target_modules='all-linear' leaves out {shown}: "
+                          f"{type(modules[first]).__name__} subclasses nn.Linear but is no linear layer "
+                          f"({odd[first]}), "
+                          "so an adapter on its output would fail or compute something else (PEFT's all-linear adapts "
+                          "it anyway and fails at the first forward); it stays frozen", stacklevel=2)
+            names = [n for n in names if n not in odd]
         _warn_task_heads(model, names)
         if not names and adapters:  # an earlier inject took them all
             raise ValueError(f"target_modules='all-linear' matched no linear layer: every one in this model already "
@@ -175,6 +186,12 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str], se
     if wrong:
         raise ValueError(f"target_modules selected {wrong[0]!r}, a {type(modules[wrong[0]]).__name__}, which this "
                          f"method cannot adapt; narrow the pattern to the layers it supports")
+    odd = [(n, why) for n in names if (why := linear_forward_problem(modules[n]))]
+    if odd:
+        n, why = odd[0]
+        raise ValueError(f"target_modules selected {n!r}, a {type(modules[n]).__name__}, which subclasses nn.Linear "
+                         f"but is no linear layer ({why}): an adapter on its output would fail or compute something "
+                         "else; narrow target_modules to leave it out")
     return names
 
 

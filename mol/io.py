@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from mol.config import LoRAConfig, MoLConfig, config_from_dict, is_number, is_whole, without_quantize_base
 from mol.inject import (_uncompiled, adapter_layers, all_configs, all_or_nothing, check_model, inject,
                         injected_inside, name_matches, nested_configs, require_adapter, tied_parameter_names)
-from mol.layers import MoLLinear, is_conv1d
+from mol.layers import MoLLinear, is_conv1d, linear_forward_problem
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -500,6 +500,10 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
                 if len(aliases.get(name, ())) > 1 and not name_matches(module, cfg.modules_to_save):
                     tied_modules.append(module)
     target = cfg.target_modules
+    if target == "all-linear" and _peft_all_linear_takes_more(model):
+        # PEFT would expand "all-linear" over layers mol left out (a router that subclasses nn.Linear) and fail at
+        # the first forward, so the layers mol adapted are written by name
+        target = [n for n, layer in adapter_layers(model) if isinstance(layer, MoLLinear)]
     conv1d = {is_conv1d(layer.base_layer) for _, layer in adapter_layers(model) if isinstance(layer, MoLLinear)}
     if len(conv1d) > 1:
         raise ValueError("PEFT's LoRA format has one fan_in_fan_out for all layers, and this adapter wraps both "
@@ -528,6 +532,15 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
     _atomic_write_files(out, [(WEIGHTS_NAME, _tensor_writer(tensors, {"format": "pt"})),
                               (CONFIG_NAME, _text_writer(text))])
     return out
+
+
+def _peft_all_linear_takes_more(model: nn.Module) -> bool:
+    """Whether ``model`` holds layers that mol's "all-linear" leaves out and PEFT's takes: nn.Linear subclasses that
+    are no linear map (Llama 4's router)."""
+    adapted = {n for n, _ in adapter_layers(model)}
+    modules = [(n, m) for n, m in model.named_modules()
+               if n and not any(n == a or n.startswith(a + ".") for a in adapted)]
+    return any(linear_forward_problem(m) for _, m in modules if isinstance(m, nn.Linear))
 
 
 _PEFT_SEQ_CLS_HEADS = ("classifier", "score")  # the heads PEFT's PeftModelForSequenceClassification trains whole

@@ -135,6 +135,41 @@ def not_full_precision(base: nn.Module) -> Optional[str]:
     return f"the base {type(base).__name__} is not a full-precision linear layer"
 
 
+def linear_forward_problem(module: nn.Module) -> Optional[str]:
+    """None if ``module`` computes ``x @ weight.T + bias`` as an nn.Linear does, else how its forward differs.
+
+    Only an nn.Linear subclass with a forward of its own, holding a full-precision weight, is looked at: Llama 4's
+    and PhiMoE's routers subclass nn.Linear and return a tuple (scores, logits), DeepSeek-V4's grouped projection
+    computes a block-diagonal product. An adapter added to their output fails or computes something else, and an
+    NF4Linear in their place drops their forward. The forward is run once on a (2, in_features) input in eval mode
+    (a router's input jitter is a training-only noise); a quantized subclass (bitsandbytes' Linear4bit) holds codes,
+    not the weight the comparison needs, and is taken at its word."""
+    if (not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward
+            or not_full_precision(module) is not None):
+        return None
+    w = module.weight
+    x = torch.randn(2, module.in_features, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            out = module(x)
+    except Exception as e:  # a forward that needs other inputs or shapes is no plain linear map either
+        return f"its forward fails on a (2, in_features) input ({type(e).__name__}: {str(e)[:80]})"
+    finally:
+        module.train(training)
+    if not isinstance(out, Tensor):
+        return f"its forward returns a {type(out).__name__}, not one output tensor"
+    if tuple(out.shape) != (2, module.out_features):
+        return (f"its forward maps a (2, {module.in_features}) input to {tuple(out.shape)}, not "
+                f"(2, {module.out_features})")
+    if w.device.type != "meta":
+        want = F.linear(x, w, module.bias)
+        if not torch.allclose(out.float(), want.float(), rtol=1e-2, atol=1e-2 * float(want.abs().max()) + 1e-6):
+            return "its forward computes something other than x @ weight.T + bias"
+    return None
+
+
 def dense_weight_blocker(base: nn.Module) -> Optional[str]:
     """None if a delta can be folded into ``base``'s weight in place, else why not (see not_full_precision):
     a float delta written into a quantized weight would re-quantize it or corrupt its codes."""

@@ -114,3 +114,36 @@ def test_all_linear_lora_is_peft_s_and_merges_exports_and_generates_the_same(fam
     merged = mol.merge_and_unload(ours)
     assert not _adapted(merged)
     torch.testing.assert_close(_logits(merged, batch), want, rtol=1e-5, atol=1e-5)
+
+
+def test_llama4_router_that_returns_a_tuple_is_left_out_and_refused_by_name(tmp_path):
+    """Llama4Router subclasses nn.Linear but returns (scores, logits): LoRA on it crashed the first forward
+    ('can only concatenate tuple'), as PEFT's all-linear does, and mol.quantize replaced it by an NF4Linear that
+    returns one tensor ('too many values to unpack')."""
+    base = _make(_llama4)
+    batch = _batch(True)
+    with pytest.warns(UserWarning, match=r"leaves out \['model\.layers\.0\.feed_forward\.router', .*Llama4Router "
+                                         r"subclasses nn\.Linear but is no linear layer \(its forward returns a tuple"):
+        model = mol.inject(copy.deepcopy(base), mol.MoLConfig(num_experts=4, top_k=2, rank=4))
+    assert not [n for n in _adapted(model) if n.endswith("router")] and "shared_expert.down_proj" in _adapted(model)[0]
+    model.train()
+    (model(**batch, labels=batch["input_ids"]).loss + mol.aux_loss(model)).backward()
+    with pytest.raises(ValueError, match=r"selected 'model\.layers\.0\.feed_forward\.router', a Llama4Router, which "
+                                         r"subclasses nn\.Linear but is no linear layer.*narrow target_modules"):
+        mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=["q_proj", "router"]))
+
+    qlora = mol.quantize(copy.deepcopy(base), "nf4")  # transformers' bitsandbytes loading converts nn.Linear only
+    assert type(qlora.model.layers[0].feed_forward.router).__name__ == "Llama4Router"
+    _logits(qlora, batch)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4))
+    with torch.no_grad():
+        for layer in lora.modules():
+            if isinstance(layer, mol.MoLLinear):
+                layer.lora_B.normal_(0, 0.2)
+    mol.export_peft(lora, tmp_path)  # "all-linear" read by PEFT would put LoRA on the router and crash
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert _peft_lora_names(loaded) == _adapted(lora)
+    torch.testing.assert_close(_logits(loaded, batch), _logits(lora, batch), rtol=1e-6, atol=1e-6)

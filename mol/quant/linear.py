@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mol import dispatch
 from mol.kernels import env_flag
 from mol.inject import _under_any, check_model, name_matches, replace_module, tied_parameter_names
-from mol.layers import AdapterLayer, is_conv1d, not_full_precision
+from mol.layers import AdapterLayer, is_conv1d, linear_forward_problem, not_full_precision
 
 from .nf4 import (NF4Weight, SUPPORTED_DTYPES, check_blocksize, check_finite, dequantize_nf4, from_bnb_tensors,
                   quantize_nf4, to_bnb_tensors, _QS_PREFIX)
@@ -241,6 +241,8 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
       (T5's ``wo``, whose dtype its feed-forward reads);
     - the linears torch's attention modules read the weight of: all of an nn.MultiheadAttention's (``out_proj``),
       an nn.TransformerEncoderLayer's ``linear1`` / ``linear2`` (its inference fast path).
+    - the nn.Linear subclasses whose forward is not the linear map (Llama 4's and PhiMoE's routers return a tuple):
+      transformers' bitsandbytes loading converts only layers of type nn.Linear itself.
     Also kept: every module whose name, or a parent's, equals an entry of `skip`, ends with '.' + entry, or fully
     matches it as a regex; and every layer whose tensors an adapter trains (``model.mol_trainable``:
     modules_to_save, earlier adapters) or that belongs to a mol adapter (a bottleneck adapter's or prefix encoder's
@@ -266,6 +268,8 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
         if _under_any(name, skip, _skip_match):
             continue
         if any(f"{name}.{p}" in trained for p, _ in m.named_parameters()) or _adapter_part(model, name):
+            continue
+        if linear_forward_problem(m) is not None:  # NF4Linear's plain x @ W.T in its place would drop its forward
             continue
         targets.append((name, _linear_of_conv1d(m) if is_conv1d(m) else m))
     if not targets and not any(isinstance(m, NF4Linear) for m in model.modules()):
