@@ -101,6 +101,60 @@ def _warn_task_heads(model: nn.Module, names: list[str]) -> None:
                           "(all-linear then leaves it out), or name the layers to adapt", stacklevel=2)
 
 
+def fused_experts(candidates: list[tuple[str, nn.Module]]) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """The modules that hold weights of three or more dimensions themselves, name -> [(tensor, shape)]: in
+    transformers 5 a mixture-of-experts layer keeps all its experts in one module (Mixtral's and Qwen3-MoE's
+    ``experts.gate_up_proj`` (experts, 2 * intermediate, hidden), ``experts.down_proj``), with no nn.Linear per
+    expert for a linear method to wrap. A tensor counts if it has one slice per expert (its first dimension is the
+    module's ``num_experts``) or its module is named for experts: ViT's 3-D position embeddings and convolution
+    kernels are no experts."""
+    found = {}
+    for name, m in candidates:
+        if isinstance(m, nn.modules.conv._ConvNd):
+            continue
+        count = getattr(m, "num_experts", None)
+        named = "expert" in type(m).__name__.lower()
+        tensors = [(t, tuple(p.shape)) for t, p in m.named_parameters(recurse=False)
+                   if p.dim() >= 3 and (named or p.shape[0] == count)]
+        if tensors:
+            found[name] = tensors
+    return found
+
+
+def _describe_experts(fused: dict[str, list[tuple[str, tuple[int, ...]]]], modules: dict[str, nn.Module]) -> str:
+    name, tensors = next(iter(fused.items()))
+    shapes = ", ".join(f"{t} {shape}" for t, shape in tensors)
+    more = f"; {len(fused)} such modules" if len(fused) > 1 else ""
+    return f"{name!r}, a {type(modules[name]).__name__} holding {shapes}{more}"
+
+
+# said wherever mol meets fused experts: what it cannot do, and what PEFT offers instead
+_NO_FUSED = ("mol adapts linear layers only and has no counterpart of PEFT's LoraConfig(target_parameters=[...]), "
+             "which puts LoRA on such 3-D expert tensors")
+
+
+def _warn_fused_experts(model: nn.Module, candidates: list[tuple[str, nn.Module]], names: list[str],
+                        predicate: Callable[[nn.Module], bool]) -> None:
+    """Warn that "all-linear" leaves a fused mixture-of-experts MLP, and the router beside it, without adapters:
+    PEFT's all-linear adapts both on Mixtral and Qwen3-MoE (through target_parameters), and a user reading
+    "all-linear" expects the MLP, where most of such a model's weights are, to be among the adapted layers."""
+    fused = fused_experts(candidates)
+    if not fused:
+        return
+    modules = dict(candidates)
+    parents = {n.rpartition(".")[0] for n in fused}
+    # the router: a module beside the experts that holds a 2-D weight but is no linear layer (Qwen3MoeTopKRouter
+    # computes F.linear(x, self.weight) itself)
+    routers = [n for n, m in candidates if n.rpartition(".")[0] in parents and n not in fused and n not in names
+               and not predicate(m) and getattr(m, "weight", None) is not None and m.weight.dim() == 2]
+    router_text = f" and the routers beside them ({routers[:2]}{' ...' if len(routers) > 2 else ''})" if routers else ""
+    warnings.warn(f"target_modules='all-linear' on {type(model).__name__} leaves its fused mixture-of-experts "
+                  f"layers ({_describe_experts(fused, modules)}){router_text} frozen, with no adapter: only the "
+                  f"{len(names)} linear layers (attention, dense or shared-expert MLPs) are adapted. {_NO_FUSED}. "
+                  "Name the layers to adapt (target_modules=['q_proj', ...]) to say this is what you want",
+                  stacklevel=2)
+
+
 # BitFit trains a layer in place and the wrapping methods keep what it did, not the other way round
 _ORDER_HINT = " (BitFitConfig before LoRAConfig / MoLConfig / IA3Config, in one list or an earlier inject)"
 
@@ -142,6 +196,7 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str], se
                           "it anyway and fails at the first forward); it stays frozen", stacklevel=2)
             names = [n for n in names if n not in odd]
         _warn_task_heads(model, names)
+        _warn_fused_experts(model, candidates, names, predicate)
         if not names and adapters:  # an earlier inject took them all
             raise ValueError(f"target_modules='all-linear' matched no linear layer: every one in this model already "
                              f"carries an adapter ({len(adapters)} adapted layers); give each method its own layers, "
@@ -166,6 +221,23 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str], se
     if unmatched and any(name_matches(a, unmatched) for a in adapters):
         raise ValueError(f"target_modules {what} selects layers that already carry an adapter; give each method "
                          f"its own layers, or put this config before the one that wrapped them{_ORDER_HINT}")
+    fused = fused_experts(candidates)
+    tensors = [f"{n}.{t}" for n, ts in fused.items() for t, _ in ts]
+    patterns = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    hit = {p: [t for t in tensors if (re.fullmatch(p, t) if isinstance(target_modules, str) else name_matches(t, [p]))]
+           for p in patterns}
+    in_experts = [t for p in patterns for t in hit[p]]
+    if in_experts:
+        experts = {t.rpartition(".")[0] for t in in_experts}
+        what_experts = _describe_experts({n: fused[n] for n in fused if n in experts}, dict(candidates))
+        if any(hit[p] for p in unmatched):  # a pattern that names expert tensors only: nothing of it is adapted
+            raise ValueError(f"target_modules {what} names the fused expert tensors of a mixture-of-experts layer "
+                             f"({what_experts}), not linear layers: {_NO_FUSED}. Target the attention, dense or "
+                             "shared-expert layers instead (target_modules='all-linear' picks them all)")
+        warnings.warn(f"target_modules {target_modules!r} also names the fused expert tensors of "
+                      f"{type(model).__name__}'s mixture-of-experts layers ({what_experts}), which stay frozen with "
+                      f"no adapter: only the {len(names)} linear layers so named are adapted. {_NO_FUSED}",
+                      stacklevel=2)
     if unmatched:
         offered = sorted({n.split(".")[-1] for n, m in candidates if predicate(m)})
         # a bare layer name given as a string is a regex that must match the whole name, so it matches no layer
@@ -184,8 +256,9 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str], se
     modules = dict(model.named_modules())
     wrong = [n for n in names if not predicate(modules[n])]
     if wrong:
+        holds = (f" (it holds its experts' weights as 3-D tensors: {_NO_FUSED})" if wrong[0] in fused else "")
         raise ValueError(f"target_modules selected {wrong[0]!r}, a {type(modules[wrong[0]]).__name__}, which this "
-                         f"method cannot adapt; narrow the pattern to the layers it supports")
+                         f"method cannot adapt{holds}; narrow the pattern to the layers it supports")
     odd = [(n, why) for n in names if (why := linear_forward_problem(modules[n]))]
     if odd:
         n, why = odd[0]

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MoLConfig, config_from_dict, is_number, is_whole, without_quantize_base
 from mol.inject import (_uncompiled, adapter_layers, all_configs, all_or_nothing, check_model, inject,
-                        injected_inside, name_matches, nested_configs, require_adapter, tied_parameter_names)
+                        fused_experts, injected_inside, name_matches, nested_configs, require_adapter,
+                        tied_parameter_names)
 from mol.layers import MoLLinear, is_conv1d, linear_forward_problem
 
 CONFIG_NAME = "adapter_config.json"
@@ -501,8 +502,9 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
                     tied_modules.append(module)
     target = cfg.target_modules
     if target == "all-linear" and _peft_all_linear_takes_more(model):
-        # PEFT would expand "all-linear" over layers mol left out (a router that subclasses nn.Linear) and fail at
-        # the first forward, so the layers mol adapted are written by name
+        # PEFT would expand "all-linear" over layers mol left out (fused experts through target_parameters, a
+        # router that subclasses nn.Linear): it then loads adapters this one never trained, or fails at the first
+        # forward, so the layers mol adapted are written by name
         target = [n for n, layer in adapter_layers(model) if isinstance(layer, MoLLinear)]
     conv1d = {is_conv1d(layer.base_layer) for _, layer in adapter_layers(model) if isinstance(layer, MoLLinear)}
     if len(conv1d) > 1:
@@ -535,12 +537,13 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
 
 
 def _peft_all_linear_takes_more(model: nn.Module) -> bool:
-    """Whether ``model`` holds layers that mol's "all-linear" leaves out and PEFT's takes: nn.Linear subclasses that
-    are no linear map (Llama 4's router)."""
+    """Whether ``model`` holds layers that mol's "all-linear" leaves out and PEFT's may take: modules with 3-D
+    expert tensors (and the routers beside them) or nn.Linear subclasses that are no linear map (Llama 4's router)."""
     adapted = {n for n, _ in adapter_layers(model)}
-    modules = [(n, m) for n, m in model.named_modules()
+    modules = [(n, m) for n, m in model.named_modules()  # an adapter's own lora_A (experts, rank, in) is no expert
                if n and not any(n == a or n.startswith(a + ".") for a in adapted)]
-    return any(linear_forward_problem(m) for _, m in modules if isinstance(m, nn.Linear))
+    return bool(fused_experts(modules)) or any(linear_forward_problem(m) for _, m in modules
+                                               if isinstance(m, nn.Linear))
 
 
 _PEFT_SEQ_CLS_HEADS = ("classifier", "score")  # the heads PEFT's PeftModelForSequenceClassification trains whole

@@ -9,6 +9,7 @@ Reference: Hugging Face PEFT given the same tensors (mol's LoRA is PEFT's to the
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -147,3 +148,51 @@ def test_llama4_router_that_returns_a_tuple_is_left_out_and_refused_by_name(tmp_
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     assert _peft_lora_names(loaded) == _adapted(lora)
     torch.testing.assert_close(_logits(loaded, batch), _logits(lora, batch), rtol=1e-6, atol=1e-6)
+
+
+def test_fused_moe_experts_are_named_where_mol_cannot_adapt_them(tmp_path):
+    """Qwen3-MoE in transformers 5 keeps its experts as 3-D tensors in one module: "all-linear" adapted the attention
+    alone without a word (PEFT's adapts the experts and router too, through target_parameters), and a target naming
+    the experts' tensors got 'matched no module' with a list lacking them."""
+    base = _make(_qwen3_moe)
+    with pytest.warns(UserWarning, match=r"fused mixture-of-experts layers \('model\.layers\.0\.mlp\.experts', a "
+                                         r"Qwen3MoeExperts holding gate_up_proj \(4, 32, 32\), down_proj \(4, 32, 16\)"
+                                         r".*routers beside them \(\['model\.layers\.0\.mlp\.gate'.*target_parameters"):
+        model = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4))
+    assert all(n.split(".")[-2] == "self_attn" for n in _adapted(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named layers: the user chose them, nothing to say
+        mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+    for targets in (["q_proj", "gate_up_proj"], ["down_proj"], r".*\.experts\.down_proj"):
+        with pytest.raises(ValueError, match=r"names the fused expert tensors of a mixture-of-experts layer .*"
+                                             r"mol adapts linear layers only"):
+            mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=targets))
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.experts', a Qwen3MoeExperts, which this method "
+                                         r"cannot adapt \(it holds its experts' weights as 3-D tensors"):
+        mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=["experts"]))
+
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, mol.MoLLinear):
+                layer.lora_B.normal_(0, 0.2)
+    mol.export_peft(model, tmp_path)  # PEFT would read "all-linear" as the attention plus the experts and router
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert _peft_lora_names(loaded) == _adapted(model)
+    batch = _batch(True)
+    torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), rtol=1e-6, atol=1e-6)
+
+
+def test_lora_export_of_a_dense_model_keeps_all_linear_and_vit_is_no_mixture_of_experts(tmp_path):
+    """The fused-experts rules look at experts only: ViT's 3-D position embeddings and an adapter's own (experts,
+    rank, in) tensors are none, so a ViT says nothing of experts and a dense model's adapter goes to PEFT as
+    "all-linear", as before."""
+    vit = T.ViTModel(T.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=4, intermediate_size=48))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mol.inject(vit, mol.MoLConfig(num_experts=2, top_k=1, rank=2))
+    model = mol.inject(_make(FAMILIES["qwen3"]), mol.LoRAConfig(rank=2))
+    mol.export_peft(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == "all-linear"
