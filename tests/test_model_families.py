@@ -196,3 +196,15 @@ def test_lora_export_of_a_dense_model_keeps_all_linear_and_vit_is_no_mixture_of_
     model = mol.inject(_make(FAMILIES["qwen3"]), mol.LoRAConfig(rank=2))
     mol.export_peft(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == "all-linear"
+
+
+def test_ia3_defaults_naming_pre_fusion_expert_layers_say_so():
+    """IA3Config() takes PEFT's defaults for the model type, and Mixtral's name 'w2', an expert layer transformers 5
+    fused into a 3-D tensor: the error blamed "target_modules pattern(s) ['w2']", which the user never set."""
+    base = _make(lambda: T.MixtralForCausalLM(T.MixtralConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)))
+    with pytest.raises(ValueError, match=r"IA3Config's default targets for model type 'mixtral', PEFT's "
+                                         r"\['k_proj', 'v_proj', 'w2'\], name \['w2'\].*set "
+                                         r"target_modules=\['k_proj', 'v_proj'\] for what PEFT does"):
+        mol.inject(copy.deepcopy(base), mol.IA3Config())
+    model = mol.inject(copy.deepcopy(base), mol.IA3Config(target_modules=["k_proj", "v_proj"]))
+    assert len(model.mol_trainable) == 4  # PEFT's IA3Config() on this model: k_proj and v_proj of both layers

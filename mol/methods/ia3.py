@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mol.config import (MethodConfig, TargetModules, check_adapter_dtype, check_modules_to_save, check_targets,
                         register_config)
-from mol.inject import match_modules, name_matches, register_method, replace_module
+from mol.inject import fused_experts, match_modules, name_matches, register_method, replace_module
 from mol.layers import AdapterLayer, adapter_dtype_for, base_dtype_device, dense_weight_blocker
 from mol.methods._util import is_conv1d, model_type
 
@@ -148,6 +148,19 @@ def _resolve(model: nn.Module, cfg: IA3Config) -> tuple[list[str], list[str]]:
             raise ValueError(f"IA3Config has no default target_modules for model type {mtype!r}; set target_modules "
                              "(e.g. ['k_proj', 'v_proj', 'down_proj']) and feedforward_modules (e.g. ['down_proj'])")
         targets, ff = DEFAULT_TARGETS[mtype]
+        missing = [t for t in targets if not any(name_matches(n, [t]) for n, _ in model.named_modules())]
+        if missing:
+            # PEFT's table predates transformers 5, which fused Mixtral's w1/w2/w3 experts into 3-D tensors: the
+            # error of match_modules would blame a target_modules the user never set
+            kept = [t for t in targets if t not in missing]
+            kept_ff = [f for f in ff if f not in missing]
+            why = ("transformers 5 keeps the experts of a mixture-of-experts model as fused 3-D tensors, which mol "
+                   "cannot adapt; " if fused_experts(list(model.named_modules())) else "")
+            raise ValueError(f"IA3Config's default targets for model type {mtype!r}, PEFT's {targets}, name "
+                             f"{missing}, which is no layer of this {type(model).__name__} ({why}PEFT drops the "
+                             f"name and adapts the rest): set target_modules={kept}"
+                             + (f" and feedforward_modules={kept_ff}" if kept_ff else "")
+                             + " for what PEFT does, or name the layers to adapt")
     names = match_modules(model, targets, exclude=cfg.modules_to_save)
     ff_names: list[str] = []
     idle: list[str] = []
