@@ -637,6 +637,13 @@ def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
     for key, ok in _UNSUPPORTED_PEFT.items():
         if raw.get(key, ok) != ok:
             raise ValueError(f"{directory}: PEFT option {key}={raw[key]!r} is not supported by mol (only {ok!r})")
+    if raw.get("target_parameters"):  # PEFT's all-linear sets it itself on Mixtral / Qwen3-MoE in transformers 5
+        raise ValueError(f"{directory}: PEFT put LoRA on parameters, target_parameters={raw['target_parameters']!r} "
+                         "(the fused 3-D expert tensors or the router weight of a mixture-of-experts model; PEFT's "
+                         "target_modules='all-linear' adds them itself on Mixtral and Qwen3-MoE): mol adapts linear "
+                         "layers only and cannot compute these; import an adapter trained on linear layers alone "
+                         "(PEFT: target_modules naming them, e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj'], and no "
+                         "target_parameters)")
     for key in _PEFT_OFF_ONLY:
         if raw.get(key):
             raise ValueError(f"{directory}: PEFT option {key}={raw[key]!r} changes what a LoRA layer computes, which "

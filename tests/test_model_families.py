@@ -208,3 +208,16 @@ def test_ia3_defaults_naming_pre_fusion_expert_layers_say_so():
         mol.inject(copy.deepcopy(base), mol.IA3Config())
     model = mol.inject(copy.deepcopy(base), mol.IA3Config(target_modules=["k_proj", "v_proj"]))
     assert len(model.mol_trainable) == 4  # PEFT's IA3Config() on this model: k_proj and v_proj of both layers
+
+
+def test_import_of_a_peft_all_linear_adapter_with_expert_parameters_names_them(tmp_path):
+    """PEFT's all-linear on Qwen3-MoE writes target_parameters (experts and router) that the user never set: the
+    refusal said the option 'changes what a LoRA layer computes', which left them wondering what they had done."""
+    base = _make(_qwen3_moe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules="all-linear",
+                                                                 task_type="CAUSAL_LM")).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"PEFT put LoRA on parameters, target_parameters=\[.*'gate_up_proj'.*fused "
+                                         r"3-D expert tensors.*adds them itself on Mixtral and Qwen3-MoE"):
+        mol.import_peft(copy.deepcopy(base), tmp_path)
