@@ -133,6 +133,9 @@ def test_llama4_router_that_returns_a_tuple_is_left_out_and_refused_by_name(tmp_
                                          r"subclasses nn\.Linear but is no linear layer.*narrow target_modules"):
         mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=["q_proj", "router"]))
 
+    adapters = mol.inject(copy.deepcopy(base), mol.AdapterConfig())  # Llama 4 names its MLP feed_forward
+    assert {n.split(".")[3] for n in adapters.mol_trainable} == {"feed_forward"}
+
     qlora = mol.quantize(copy.deepcopy(base), "nf4")  # transformers' bitsandbytes loading converts nn.Linear only
     assert type(qlora.model.layers[0].feed_forward.router).__name__ == "Llama4Router"
     _logits(qlora, batch)

@@ -33,6 +33,7 @@ PLACEMENTS = ("pfeiffer", "houlsby")
 DEFAULT_PLACES: list[tuple[TargetModules, TargetModules]] = [
     (["self_attn"], ["mlp"]),                                            # Llama, Mistral, Qwen, Gemma, Phi-3 ...
     (["attn"], ["mlp"]),                                                 # GPT-2, GPT-J, GPT-NeoX style
+    (["self_attn"], ["feed_forward"]),                                   # Llama 4 (its MoE or dense MLP)
     (r".*\.attention\.output\.dropout", r".*\.layer\.\d+\.output\.dropout"),  # BERT, RoBERTa, MiniLM
 ]
 
