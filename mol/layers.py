@@ -141,9 +141,10 @@ def linear_forward_problem(module: nn.Module) -> Optional[str]:
     Only an nn.Linear subclass with a forward of its own, holding a full-precision weight, is looked at: Llama 4's
     and PhiMoE's routers subclass nn.Linear and return a tuple (scores, logits), DeepSeek-V4's grouped projection
     computes a block-diagonal product. An adapter added to their output fails or computes something else, and an
-    NF4Linear in their place drops their forward. The forward is run once on a (2, in_features) input in eval mode
-    (a router's input jitter is a training-only noise); a quantized subclass (bitsandbytes' Linear4bit) holds codes,
-    not the weight the comparison needs, and is taken at its word."""
+    NF4Linear in their place drops their forward. The class's forward is run once on a (2, in_features) input in
+    eval mode (a router's input jitter is a training-only noise), on the meta device for a model built there (the
+    shape alone is then compared); a quantized subclass (bitsandbytes' Linear4bit) holds codes, not the weight the
+    comparison needs, and is taken at its word."""
     if (not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward
             or not_full_precision(module) is not None):
         return None
@@ -152,8 +153,8 @@ def linear_forward_problem(module: nn.Module) -> Optional[str]:
     training = module.training
     try:
         module.eval()
-        with torch.no_grad():
-            out = module(x)
+        with torch.no_grad():  # the class's own forward: no hooks of the model's (output recorders) see this call
+            out = type(module).forward(module, x)
     except Exception as e:  # a forward that needs other inputs or shapes is no plain linear map either
         return f"its forward fails on a (2, in_features) input ({type(e).__name__}: {str(e)[:80]})"
     finally:
