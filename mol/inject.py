@@ -146,7 +146,7 @@ def _warn_fused_experts(model: nn.Module, candidates: list[tuple[str, nn.Module]
     # the router: a module beside the experts that holds a 2-D weight but is no linear layer (Qwen3MoeTopKRouter
     # computes F.linear(x, self.weight) itself)
     routers = [n for n, m in candidates if n.rpartition(".")[0] in parents and n not in fused and n not in names
-               and not predicate(m) and getattr(m, "weight", None) is not None and m.weight.dim() == 2]
+               and not predicate(m) and isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2]
     router_text = f" and the routers beside them ({routers[:2]}{' ...' if len(routers) > 2 else ''})" if routers else ""
     warnings.warn(f"target_modules='all-linear' on {type(model).__name__} leaves its fused mixture-of-experts "
                   f"layers ({_describe_experts(fused, modules)}){router_text} frozen, with no adapter: only the "
