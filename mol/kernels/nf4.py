@@ -500,14 +500,18 @@ def _half(p, DT: tl.constexpr, HIGH: tl.constexpr):
 
 @triton.jit
 def _mul2(p, s2, DT: tl.constexpr):
-    """Two DT values packed in each int32 of p times those of s2, rounded to nearest (one mul.rn.bf16x2 /
-    f16x2 per pair; the interpreter multiplies the halves)."""
+    """Two DT values packed in each int32 of p times those of s2, rounded to nearest (one fma.rn.bf16x2 with
+    -0 added / mul.rn.f16x2 per pair; the interpreter multiplies the halves)."""
     if _INTERPRET_C:
         out = _pack2(_half(p, DT, False) * _half(s2, DT, False), _half(p, DT, True) * _half(s2, DT, True))
+    elif DT == tl.bfloat16:
+        # mul.bf16x2 needs sm_90 (ptxas rejects it for sm_80-89); fma.rn.bf16x2 (sm_80) adding -0 rounds the
+        # product once, as mul.rn does, and keeps a -0 product's sign, so the bits are the same
+        out = tl.inline_asm_elementwise("{ .reg .b32 nz; mov.b32 nz, 0x80008000; fma.rn.bf16x2 $0, $1, $2, nz; }",
+                                        "=r,r,r", [p, s2], dtype=tl.int32, is_pure=True, pack=1)
     else:
-        op: tl.constexpr = "mul.rn.bf16x2" if DT == tl.bfloat16 else "mul.rn.f16x2"
-        out = tl.inline_asm_elementwise(op + " $0, $1, $2;", "=r,r,r", [p, s2], dtype=tl.int32, is_pure=True,
-                                        pack=1)
+        out = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [p, s2], dtype=tl.int32,
+                                        is_pure=True, pack=1)
     return out
 
 
