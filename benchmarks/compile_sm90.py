@@ -1,6 +1,6 @@
-"""Compile the fused routed-layer Triton kernels for sm_90 (H100/H200) on any machine, GPU or not.
+"""Compile the fused routed-layer Triton kernels for sm_90 (H100/H200), or another target, on any machine, GPU or not.
 
-    python benchmarks/compile_sm90.py [--sass]
+    python benchmarks/compile_sm90.py [--arch 80] [--all-configs] [--sass]
 
 The CPU tests run the kernels under TRITON_INTERPRET=1, which executes them but never compiles them, so a
 kernel the real compiler rejects (e.g. a variable whose type differs between the branches of a runtime `if`)
@@ -10,6 +10,13 @@ its shared-memory use; tests/test_routed_kernels.py runs it in a subprocess (wit
 (from nvdisasm: the longest loop closed by a backward branch, counted once, over the weights a thread dequantizes
 per step); the counts RESULTS quotes come from it (with the triton of the GPU image, e.g. installed by
 `pip install --target DIR triton==3.6.0 --no-deps` and put first on PYTHONPATH).
+
+`--arch CC` builds for sm_CC instead (75, 80, 86, 89, 90, 100, 120): only the kernels the dispatch runs there (the
+TMA base GEMM needs sm_90+, the Gluon one sm_90 exactly, the Gluon NF4 decode sm_80+), and every kernel's dynamic
+shared memory is checked against the target's per-block limit (SMEM_LIMIT): a kernel launched at one fixed config
+must fit. `--all-configs` also builds every config each autotuner (and each hand-rolled tuner) may pick, plus the
+MOL_TRITON_AUTOTUNE=0 ones, and reports how many fit: the autotuner skips one that does not (Triton raises
+OutOfResources at its launch), so each tuner needs one that fits, and a fixed config must. Exit status 1 if not.
 """
 import itertools
 import os
@@ -26,7 +33,21 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mol.kernels import routed_lora as rl  # noqa: E402
 
-tgt = GPUTarget("cuda", 90, 32)
+ARCH = int(sys.argv[sys.argv.index("--arch") + 1]) if "--arch" in sys.argv else 90
+SM = f"sm_{ARCH}"
+tgt = GPUTarget("cuda", ARCH, 32)
+# the most dynamic shared memory a block may opt into, per target (CUDA programming guide, compute capabilities
+# table): the Triton launcher raises OutOfResources above it
+SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+              100: 227 * 1024, 120: 99 * 1024}
+LIMIT = SMEM_LIMIT.get(ARCH, 99 * 1024)
+PROBLEMS: list[str] = []
+
+
+def _check_fits(what, shared):
+    """Record a fixed-config kernel whose dynamic shared memory passes the target's limit (fails at launch)."""
+    if shared > LIMIT:
+        PROBLEMS.append(f"{what}: {shared} bytes of shared memory, over {SM}'s {LIMIT}")
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -47,7 +68,8 @@ def comp(fn, sig, const, maxnreg=None, usage=False, label=""):
                                                  **({"maxnreg": maxnreg} if maxnreg else {})})
     ru = _resource_usage(k.asm["cubin"]) if usage else None
     regs = f", {ru.group(1)} registers, {ru.group(2)} bytes of stack" if ru else ""
-    print(f"{fn.__name__}{label}: compiled for sm_90, {k.metadata.shared} bytes of shared memory{regs}")
+    print(f"{fn.__name__}{label}: compiled for {SM}, {k.metadata.shared} bytes of shared memory{regs}")
+    _check_fits(f"{fn.__name__}{label}", k.metadata.shared)
 
 
 def fnk(k):
@@ -109,8 +131,9 @@ for fma, has_w, kind, K, noise, bias, dt, bn, bk, ad in (
 # bias) and backward (b, v row-major) forms, at every config it autotunes
 from mol.kernels import base_gemm as bg  # noqa: E402
 
+# (sm_90+ only: TMA descriptors; base_gemm.triton_supported gates it)
 # the forward form (W and B_cat stored (N, K)) and the backward's (W and [A_cat; Wr] (K, N), dhl stored token-minor)
-for cfg, (b_t, bias, dt) in itertools.product(bg.CONFIGS, ((True, True, "bf16"), (False, False, "fp16"))):
+for cfg, (b_t, bias, dt) in itertools.product(bg.CONFIGS if ARCH >= 90 else [], ((True, True, "bf16"), (False, False, "fp16"))):
     bm, bn, bk, group_m, warps, stages, epi = cfg
     sig = {"a_desc": f"tensordesc<{dt}[{bm}, {bk}]>", "b_desc": f"tensordesc<{dt}[{bn}, {bk}]>" if b_t else f"tensordesc<{dt}[{bk}, {bn}]>",
            "u_desc": f"tensordesc<{dt}[{bm}, {bk}]>" if b_t else f"tensordesc<{dt}[{bk}, {bm}]>", "v_desc": f"tensordesc<{dt}[{bn}, {bk}]>" if b_t else f"tensordesc<{dt}[{bk}, {bn}]>",
@@ -120,7 +143,8 @@ for cfg, (b_t, bias, dt) in itertools.product(bg.CONFIGS, ((True, True, "bf16"),
     sig.update({k: "constexpr" for k in const})
     k = triton.compile(ASTSource(fn=bg._base_gemm_kernel, signature=sig, constexprs=const), target=tgt,
                        options={"num_warps": warps, "num_stages": stages})
-    print(f"_base_gemm_kernel {cfg} b_t={b_t}: compiled for sm_90, {k.metadata.shared} bytes of shared memory")
+    # autotuned (base_gemm._choose leaves out a config that fails): on sm_120's 99 KB none fits, cuBLAS runs
+    print(f"_base_gemm_kernel {cfg} b_t={b_t}: compiled for {SM}, {k.metadata.shared} bytes of shared memory")
 
 
 # ---------------------------------------------------------------- the given-routing path's gate kernels, grouped_lora.py
@@ -152,11 +176,13 @@ def _resources(cubin, usage=None):
 
 
 def _fits_48k(what, usage, dynamic):
-    """Fail if static (`usage`: _resource_usage) plus dynamic shared memory pass 48 KiB: Triton opts a launch into
-    more only when its own (dynamic) part needs it, so a static table plus Triton's part above 48 KiB fails at
-    launch ("invalid argument", RESULTS run 39)."""
+    """Fail if static (`usage`: _resource_usage) plus dynamic shared memory pass 48 KiB while the dynamic part alone
+    does not: Triton opts a launch into more only when its own (dynamic) part needs it, so a static table plus
+    Triton's part above 48 KiB fails at launch ("invalid argument", RESULTS run 39)."""
     static = int(usage[3]) if usage else 0
-    if static + dynamic > 48 * 1024:
+    # a dynamic part above 48 KiB alone is opted in (with the static part beside it; e.g. the dot path's
+    # (64, 128-byte, 3-stage) tile takes 52 KiB on sm_80), so only a dynamic part under it with a static table fails
+    if dynamic <= 48 * 1024 < static + dynamic or static + dynamic > LIMIT:
         raise SystemExit(f"{what}: {static} static + {dynamic} dynamic bytes of shared memory pass the 48 KiB a "
                          "launch gets without opting in")
 
@@ -198,9 +224,10 @@ def comp_nf4(cfg, T=1, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
     k = triton.compile(src, target=tgt, options={"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 1)})
     path = "dot" if block_t > 2 else "fma"
     usage = _resource_usage(k.asm["cubin"])
-    print(f"nf4 small-T {path} T={T} K={K} bs={BS} {xdt} nested={nested} bias={bias} {cfg}: built for sm_90, "
+    print(f"nf4 small-T {path} T={T} K={K} bs={BS} {xdt} nested={nested} bias={bias} {cfg}: built for {SM}, "
           f"{_resources(k.asm['cubin'], usage)}, {k.metadata.shared} bytes shared")
     _fits_48k(f"nf4 small-T {cfg}", usage, k.metadata.shared)
+    _check_fits(f"nf4 small-T {cfg}", k.metadata.shared)
     if "--sass" in sys.argv:
         mix = _loop_mix(k.asm["cubin"], cfg["BLOCK_N"] * cfg["BLOCK_KB"] * 2 / (32 * cfg["num_warps"]))
         if mix is None:
@@ -241,7 +268,7 @@ def _gluon_desc(shape, dt):
     return f"tensordesc<{dt}[{shape[0]}, {shape[1]}],{layout!r}>"
 
 
-if bgg.AVAILABLE:
+if bgg.AVAILABLE and ARCH == 90:  # wgmma: base_gemm_gluon.supported gates it to sm_90
     from triton.experimental.gluon._runtime import GluonASTSource
     for cfg, (b_t, bias, dt, has_u) in itertools.product(bgg.CONFIGS, ((True, True, "bf16", True), (False, False, "fp16", True),
                                                                        (True, False, "bf16", False))):
@@ -254,8 +281,10 @@ if bgg.AVAILABLE:
         sig.update({k: "constexpr" for k in const})
         k = triton.compile(GluonASTSource(fn=bgg._base_gemm_gluon_kernel, signature=sig, constexprs=const), target=tgt,
                            options={"num_warps": warps})
-        print(f"_base_gemm_gluon_kernel {cfg} b_t={b_t} extra K={has_u}: compiled for sm_90, {_resources(k.asm['cubin'])}, "
+        print(f"_base_gemm_gluon_kernel {cfg} b_t={b_t} extra K={has_u}: compiled for {SM}, {_resources(k.asm['cubin'])}, "
               f"{k.metadata.shared} bytes of shared memory")
+elif bgg.AVAILABLE:
+    print(f"gluon base GEMM: Hopper only (wgmma), not built for {SM}")
 else:
     print("gluon base GEMM: this Triton has no Gluon, not built")
 
@@ -285,9 +314,10 @@ def comp_nf4_mma(cfg, T=16, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
                        target=tgt, options={"num_warps": nw,
                                             **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {})})
     usage = _resource_usage(k.asm["cubin"])
-    print(f"nf4 mma decode T={T} K={K} bs={BS} {xdt} nested={nested} bias={bias} {cfg}: compiled for sm_90, "
+    print(f"nf4 mma decode T={T} K={K} bs={BS} {xdt} nested={nested} bias={bias} {cfg}: compiled for {SM}, "
           f"{_resources(k.asm['cubin'], usage)}, {k.metadata.shared} bytes shared")
     _fits_48k(f"nf4 mma decode {cfg}", usage, k.metadata.shared)
+    _check_fits(f"nf4 mma decode {cfg}", k.metadata.shared)
     if "--sass" in sys.argv:
         mix = _loop_mix(k.asm["cubin"], bm * 64 * cpl * cfg["warps_k"] / (32 * nw))
         if mix is not None:
@@ -297,7 +327,7 @@ def comp_nf4_mma(cfg, T=16, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
                   f"shared-memory ops; {top}")
 
 
-if nf4_mma.AVAILABLE:
+if nf4_mma.AVAILABLE and ARCH >= 80:  # mma.sync m16n8k16: nf4_mma.supported gates it to sm_80+
     for c in nf4_mma.CONFIGS:
         comp_nf4_mma(c)
     comp_nf4_mma(nf4_mma.CONFIGS[0], T=5)
@@ -307,5 +337,89 @@ if nf4_mma.AVAILABLE:
     comp_nf4_mma(nf4_mma.CONFIGS[5], T=16, K=14336)
     comp_nf4_mma(nf4_mma.CONFIGS[1], T=9, K=4160)  # 65 chunks: cpl 4 falls to 1
     comp_nf4_mma(nf4_mma.CONFIGS[-1], T=5, K=1152, BS=128, bias=True, xdt="fp16")  # pairs: fp16 levels, cpl 2
+elif nf4_mma.AVAILABLE:
+    print(f"nf4 mma decode: needs sm_80+, not built for {SM}")
 else:
     print("nf4 mma decode: this Triton has no Gluon, not built")
+
+
+# ---------------------------------------------------------------- --all-configs: every config a tuner may pick
+def _tuned(name, fn, sig, const, configs, fixed=None):
+    """Build fn at each triton.Config of `configs` (and `fixed`, the MOL_TRITON_AUTOTUNE=0 config, which must
+    fit); record a tuner none of whose configs fits the target's shared memory."""
+    fits = []
+    for c in configs + ([fixed] if fixed else []):
+        opts = {"num_warps": c.num_warps, "num_stages": c.num_stages,
+                **({"maxnreg": c.maxnreg} if getattr(c, "maxnreg", None) else {})}
+        full = {**const, **c.kwargs}
+        every = {**sig, **{n: "constexpr" for n in full}}
+        ordered = {n: every[n] for n in fn.arg_names}  # the kernel's own argument order
+        k = triton.compile(ASTSource(fn=fn, signature=ordered, constexprs=full), target=tgt, options=opts)
+        ok = k.metadata.shared <= LIMIT
+        print(f"{name} {c.kwargs} warps={c.num_warps} stages={c.num_stages}: config built for {SM}, "
+              f"{k.metadata.shared} bytes of shared memory{'' if ok else ' (over the limit: skipped at run time)'}")
+        if c is fixed and not ok:
+            PROBLEMS.append(f"{name}: the MOL_TRITON_AUTOTUNE=0 config {c} does not fit {SM}")
+        elif c is not fixed:
+            fits.append(ok)
+    print(f"{name}: {sum(fits)} of {len(fits)} autotuned configs fit {SM}")
+    if not any(fits):
+        PROBLEMS.append(f"{name}: none of its {len(fits)} autotuned configs fits {SM}'s {LIMIT} bytes")
+
+
+def _fixed(configs_fn, *args):
+    """The config list configs_fn builds with MOL_TRITON_AUTOTUNE=0 (its one config)."""
+    os.environ["MOL_TRITON_AUTOTUNE"] = "0"
+    try:
+        return configs_fn(*args)[0]
+    finally:
+        del os.environ["MOL_TRITON_AUTOTUNE"]
+
+
+if "--all-configs" in sys.argv:
+    for dt in ("bf16", "fp16"):
+        _tuned(f"_route_shrink_kernel {dt}", rl._route_shrink_kernel.fn,
+               {"x_ptr": f"*{dt}", "xl_ptr": f"*{dt}", "a_ptr": f"*{dt}", "wr_ptr": "*fp32", "hl_ptr": "*fp32",
+                "stats_ptr": "*fp32", "T": "i32", "N_IN": "i32", "R": "i32", "E": "i32", "T_BUCKET": "i32"},
+               {"EP": 16, "F32_DOT": False, "IEEE": False, "ROUTER_X2": False},
+               rl._shrink_configs(), _fixed(rl._shrink_configs))
+        _tuned(f"grouped _shrink_kernel {dt}", gl._shrink_kernel.fn,
+               {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "h_ptr": "*fp32", "T": "i32", "N_IN": "i32", "R": "i32",
+                "T_BUCKET": "i32"}, {"F32_DOT": False, "IEEE": False},
+               gl._configs("shrink"), _fixed(gl._configs, "shrink"))
+        _tuned(f"grouped _expand_kernel {dt}", gl._expand_kernel.fn,
+               {"base_ptr": f"*{dt}", "h_ptr": "*fp32", "b_ptr": f"*{dt}", "gates_ptr": "*fp32", "ids_ptr": "*i64",
+                "out_ptr": f"*{dt}", "scale": "fp32", "T": "i32", "N_OUT": "i32", "R": "i32", "T_BUCKET": "i32"},
+               {"RANK": 16, "K": 2, "F32_DOT": False, "IEEE": False},
+               gl._configs("expand"), _fixed(gl._configs, "expand"))
+        _tuned(f"grouped _du_kernel {dt}", gl._du_kernel.fn,
+               {"dy_ptr": f"*{dt}", "b_ptr": f"*{dt}", "du_ptr": "*fp32", "T": "i32", "N_OUT": "i32", "R": "i32",
+                "T_BUCKET": "i32", "stride_be": "i32", "stride_bn": "i32"},
+               {"RANK": 16, "F32_DOT": False, "IEEE": False}, gl._configs("du"), _fixed(gl._configs, "du"))
+        for fma in (True, False):
+            sig = {"x_ptr": f"*{dt}", "xl_ptr": f"*{dt}", "a_ptr": f"*{dt}", "wr_ptr": "*fp32", "acc_ptr": "*fp32",
+                   "sync_ptr": "*i32", "noise_ptr": "*fp32", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
+                   "base_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "hl_ptr": "*fp32", "gates_ptr": "*fp32",
+                   "ids_ptr": "*i64", "u_ptr": f"*{dt}", "stats_ptr": "*fp32", "aux_ptr": "*fp32", "prof_ptr": "*i64",
+                   "scale": "fp32", "c_lb": "fp32", "c_z": "fp32", "T": "i32", "N_IN": "i32", "N_OUT": "i32",
+                   "R": "i32", "E": "i32", "stride_be": "i32", "stride_bn": "i32"}
+            const = {"N_PART": 16, "RANK": 16, "K": 2, "KIND": 0, "EP": 16, "BRS": 32, "BKS": 128, "BR": 128,
+                     "FMA": fma, "HAS_W": True, "HAS_BIAS": False, "HAS_NOISE": False, "F32_DOT": False,
+                     "IEEE": False, "PROF": False, "ROUTER_X2": False, "A_CAST": False, "B_CAST": False}
+            _tuned(f"_small_t_kernel {'FMA' if fma else 'dot'} {dt}", rl._small_t_kernel, sig, const,
+                   rl._small_t_configs(fma), _fixed(rl._small_t_configs, fma))
+    # the NF4 kernels' tuners (FMA: T <= 2, dot: T <= 16) at every config, bf16
+    for configs, T in ((nf4k.FMA_CONFIGS, 2), (nf4k.DOT_CONFIGS, 16)):
+        for c in configs:
+            comp_nf4(c, T=T)
+        comp_nf4(configs[-1], T=T, xdt="fp16")
+    for dt in ("bf16", "fp16"):
+        comp(nf4k._nf4_dequant_kernel, {"codes_ptr": "*u8", "absmax_ptr": "*u8", "code_ptr": "*fp32", "nabs_ptr": "*fp32",
+                                        "ncode_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": f"*{dt}", "n_bytes": "i32",
+                                        "numel": "i32", "BS": "constexpr", "NBS": "constexpr", "NESTED": "constexpr",
+                                        "LUT": "constexpr", "BLOCK": "constexpr"},
+             {"BS": 64, "NBS": 256, "NESTED": True, "LUT": nf4k.DEQUANT_LUT, "BLOCK": 1024}, label=f" ({dt})")
+
+if PROBLEMS:
+    print("\n".join(["PROBLEMS:"] + PROBLEMS))
+    sys.exit(1)
