@@ -168,21 +168,42 @@ def triton_supported(a, b, u=None, v=None, bias=None, b_t: bool = True) -> bool:
     if gl._INTERPRET:
         on_device = a.device.type == "cpu"
     else:
-        on_device = a.is_cuda and _props(a.device)[0] >= 9
+        # TMA descriptors need sm_90+; the 128x256 tiles' shared memory sm_90 / sm_100 (not sm_120's 99 KB)
+        on_device = a.is_cuda and _props(a.device)[0] >= 9 and bool(fitting(CONFIGS, a.device))
     n_out = b.shape[0] if b_t else b.shape[1]
     return (on_device and _tma_ok(a, b, u, v) and (n_out * a.element_size()) % 16 == 0
             and (bias is None or bias.is_contiguous()))
 
 
 _PROPS: dict = {}
+# the shared memory a block may opt into by compute capability, for a torch whose device properties lack
+# shared_memory_per_block_optin (CUDA programming guide; sm_86 / 89 / 120: 99 KB, sm_75: 64 KB)
+_SMEM_OPTIN = {(7, 5): 64 * 1024, (8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024, (10, 0): 227 * 1024,
+               (10, 3): 227 * 1024}
 
 
-def _props(device: torch.device) -> tuple[int, int]:
-    """(compute capability major, SM count), looked up once per device: these calls cost host time every layer."""
+def _props(device: torch.device) -> tuple[int, int, int]:
+    """(compute capability major, SM count, shared memory a block may opt into), looked up once per device: these
+    calls cost host time every layer."""
     if device not in _PROPS:
         p = torch.cuda.get_device_properties(device)
-        _PROPS[device] = (p.major, p.multi_processor_count)
+        smem = getattr(p, "shared_memory_per_block_optin", 0) or _SMEM_OPTIN.get((p.major, p.minor), 99 * 1024)
+        _PROPS[device] = (p.major, p.multi_processor_count, smem)
     return _PROPS[device]
+
+
+def config_smem(cfg: tuple) -> int:
+    """Shared memory a 16-bit config (BM, BN, BK, GROUP_M, num_warps, num_stages, EPI_SPLIT) of the Triton kernel or
+    ("gluon", ...) of the Gluon one takes: its stages of a and b tiles and the output tile (the compiler's figure is
+    within 2 KB above, barriers; 177-225 KB for CONFIGS, which only sm_90 / sm_100's 227 KB hold)."""
+    bm, bn, bk, _, _, stages, epi = cfg[1:] if cfg[0] == "gluon" else cfg
+    return 2 * (stages * (bm + bn) * bk + bm * bn // epi) + 2048
+
+
+def fitting(configs: list, device: torch.device) -> list:
+    """The configs whose shared memory this GPU holds: none on a 99 KB one (sm_120, RTX 50xx), where cuBLAS runs
+    rather than compiling each config only to see its launch fail."""
+    return [c for c in configs if config_smem(c) <= _props(device)[2]]
 
 
 def _num_sms(device: torch.device) -> int:
@@ -234,7 +255,7 @@ def _choose(key, a, b, b_t, u, v, v_t, bias, u_t=False):
     torch.cuda.synchronize()
     fns = {None: lambda: _cublas(a, b, b_t, u, v, v_t, bias, u_t)} if BASE_GEMM == "auto" else {}
     gluon = bgg.CONFIGS if (GLUON or BASE_GEMM == "gluon") and bgg.supported(a, b_t, u, v_t) else []
-    for cfg in (gluon if BASE_GEMM == "gluon" and gluon else CONFIGS + gluon):
+    for cfg in fitting(gluon if BASE_GEMM == "gluon" and gluon else CONFIGS + gluon, a.device):
         try:
             triton_base_mm(a, b, b_t, u, v, v_t, bias, cfg, u_t=u_t)
         except Exception:  # noqa: BLE001 - a config this GPU cannot run (e.g. its shared memory) is left out
