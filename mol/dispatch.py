@@ -83,6 +83,49 @@ def auto_uses_triton(x: Tensor) -> bool:
     return x.is_cuda and triton_available()
 
 
+# The oldest GPUs whose tensor cores Triton's tl.dot uses: below sm_80 Triton (3.x) lowers every tl.dot to scalar
+# FMAs (its tensor-core path for sm_75 was dropped), so the MoL kernels, GEMMs in tl.dot, would run several times
+# slower than the reference path's cuBLAS GEMMs there; sm_75 has no bfloat16 arithmetic at all.
+MIN_DOT_CAPABILITY = (8, 0)
+_CAPABILITY: dict = {}
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device, looked up once per device (the query costs ~10 µs of
+    host time, and this runs every layer call). torch.compile folds it to a constant."""
+    cap = _CAPABILITY.get(device)
+    if cap is None:
+        p = torch.cuda.get_device_properties(device)
+        cap = _CAPABILITY[device] = (p.major, p.minor)
+    return cap
+
+
+def tensor_core_dots(x: Tensor) -> bool:
+    """Whether Triton's tl.dot runs on tensor cores for CUDA tensor x (sm_80+; see MIN_DOT_CAPABILITY)."""
+    return device_capability(x.device) >= MIN_DOT_CAPABILITY
+
+
+def check_dot_capability(x: Tensor, where: str) -> None:
+    """For a forced backend='triton' on a CUDA x: raise where the dot kernels cannot run x's dtype (bfloat16 below
+    sm_80), warn once where they run but slower than backend='torch' (float16 / float32 below sm_80)."""
+    cap = device_capability(x.device)
+    if cap >= MIN_DOT_CAPABILITY:
+        return
+    sm = f"sm_{cap[0]}{cap[1]}"
+    if x.dtype == torch.bfloat16:
+        raise RuntimeError(f"{where}: backend='triton' with bfloat16 on a compute capability {cap[0]}.{cap[1]} GPU "
+                           f"({sm}): it has no bfloat16 arithmetic, and Triton runs its matrix products without "
+                           "tensor cores below sm_80; use float16 (model.half()) or backend='torch'")
+    if (where, cap) not in _WARNED:
+        _WARNED.add((where, cap))
+        warnings.warn(f"{where}: backend='triton' on a compute capability {cap[0]}.{cap[1]} GPU ({sm}): Triton runs "
+                      "its matrix products without tensor cores below sm_80, so the kernels are slower than "
+                      "backend='torch' (cuBLAS), which backend='auto' picks there", stacklevel=3)
+
+
+_WARNED: set = set()
+
+
 def require_triton(where: str) -> None:
     """Raise, naming the cause, when backend='triton' is forced but the kernels cannot run."""
     if not triton_available():
@@ -92,7 +135,8 @@ def require_triton(where: str) -> None:
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
-    """'auto' picks Triton for CUDA tensors of a kernel dtype when Triton is installed, else the reference.
+    """'auto' picks Triton for CUDA tensors of a kernel dtype when Triton is installed and the GPU is sm_80+ (below,
+    Triton's matrix products have no tensor cores: see MIN_DOT_CAPABILITY), else the reference.
 
     A forced backend that cannot run raises instead of quietly computing with the other one.
     """
@@ -100,7 +144,7 @@ def resolve_backend(backend: str, x: Tensor) -> str:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
     kernel_dtype = x.dtype in (torch.float16, torch.bfloat16, torch.float32)
     if backend == "auto":
-        return "triton" if kernel_dtype and auto_uses_triton(x) else "torch"
+        return "triton" if kernel_dtype and auto_uses_triton(x) and tensor_core_dots(x) else "torch"
     if backend == "triton":
         require_triton("MoLLinear")
         if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
@@ -108,6 +152,8 @@ def resolve_backend(backend: str, x: Tensor) -> str:
                                "move the model to a GPU or use backend='torch'")
         if not kernel_dtype:
             raise RuntimeError(f"backend='triton' supports float16/bfloat16/float32, got {x.dtype}; use backend='torch'")
+        if x.is_cuda:
+            check_dot_capability(x, "MoLLinear")
     return backend
 
 

@@ -28,8 +28,17 @@ def _use_small_kernel(x2d: torch.Tensor, packed: NF4Weight, fused_decode: bool, 
         dispatch.require_triton("NF4Linear")
     elif not dispatch.triton_available():
         return False
-    from mol.kernels.nf4 import small_matmul_supported
-    return small_matmul_supported(packed, x2d.shape[0])
+    from mol.kernels.nf4 import SMALL_FMA_MAX_T, small_matmul_supported
+    if not small_matmul_supported(packed, x2d.shape[0]):
+        return False
+    # below sm_80 the kernel's bfloat16 pair arithmetic (fma.rn.bf16x2) does not exist, and its dot path (T > 2)
+    # runs tl.dot without tensor cores: there "auto" dequantizes for cuBLAS instead
+    if dispatch.device_capability(x2d.device) < dispatch.MIN_DOT_CAPABILITY:
+        fma_path = x2d.shape[0] <= SMALL_FMA_MAX_T and x2d.dtype != torch.bfloat16
+        if backend == "triton" and not fma_path:
+            dispatch.check_dot_capability(x2d, "NF4Linear")  # bfloat16 raises, the dot path warns once
+        return backend == "triton" or fma_path
+    return True
 
 
 def _nf4_linear_forward(x2d: torch.Tensor, packed: NF4Weight, bias: torch.Tensor | None, backend: str,
@@ -81,8 +90,9 @@ class NF4Linear(nn.Module):
     right after) and calls cuBLAS, except that T <= 16 tokens (decode) use a fused kernel that reads the 4-bit
     codes directly (2.5-4x faster there; `fused_decode = False` or MOL_NF4_FUSED_DECODE=0 turns it off): the Triton
     FMA kernel for T <= 2 (mol/kernels/nf4.py), the Gluon kernel that feeds the tensor cores from registers for
-    3 <= T <= 16 where Triton has Gluon (mol/kernels/nf4_mma.py; MOL_NF4_MMA_DECODE=0 keeps the Triton one). On
-    other devices the PyTorch reference dequantizes. Backward gives dx (and the bias gradient if the bias requires
+    3 <= T <= 16 where Triton has Gluon and the GPU is sm_80+ (mol/kernels/nf4_mma.py; MOL_NF4_MMA_DECODE=0 keeps
+    the Triton one). Below sm_80 (T4) only float16 / float32 x at T <= 2 take a fused kernel. On other devices the
+    PyTorch reference dequantizes. Backward gives dx (and the bias gradient if the bias requires
     grad); the weight itself is frozen and has no gradient.
     Buffers follow bitsandbytes' names so `.to()`, `state_dict()` and devices work as for nn.Linear;
     `.to(dtype)` / `.half()` move the quantization state between devices but never change its dtype (a bf16
