@@ -1,6 +1,6 @@
 """Compile the fused routed-layer Triton kernels for sm_90 (H100/H200), or another target, on any machine, GPU or not.
 
-    python benchmarks/compile_sm90.py [--arch 80] [--all-configs] [--sass]
+    python benchmarks/compile_sm90.py [--arch 80] [--all-configs | --quick] [--sass]
 
 The CPU tests run the kernels under TRITON_INTERPRET=1, which executes them but never compiles them, so a
 kernel the real compiler rejects (e.g. a variable whose type differs between the branches of a runtime `if`)
@@ -17,6 +17,7 @@ shared memory is checked against the target's per-block limit (SMEM_LIMIT): a ke
 must fit. `--all-configs` also builds every config each autotuner (and each hand-rolled tuner) may pick, plus the
 MOL_TRITON_AUTOTUNE=0 ones, and reports how many fit: the autotuner skips one that does not (Triton raises
 OutOfResources at its launch), so each tuner needs one that fits, and a fixed config must. Exit status 1 if not.
+`--quick` builds one variant of each kernel and path (tests/test_routed_kernels.py's check for sm_80, in seconds).
 """
 import itertools
 import os
@@ -42,6 +43,17 @@ SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 
               100: 227 * 1024, 120: 99 * 1024}
 LIMIT = SMEM_LIMIT.get(ARCH, 99 * 1024)
 PROBLEMS: list[str] = []
+QUICK = "--quick" in sys.argv
+_BUILT: set = set()
+
+
+def _skip(key) -> bool:
+    """--quick: whether a variant of this kernel and path (key) was built already."""
+    if not QUICK:
+        return False
+    seen = key in _BUILT
+    _BUILT.add(key)
+    return seen
 
 
 def _check_fits(what, shared):
@@ -63,6 +75,8 @@ def _resource_usage(cubin):
 
 
 def comp(fn, sig, const, maxnreg=None, usage=False, label=""):
+    if _skip((fn.__name__, "FMA" in label)):
+        return
     src = ASTSource(fn=fn, signature=sig, constexprs=const)
     k = triton.compile(src, target=tgt, options={"num_warps": 4, "num_stages": 3,
                                                  **({"maxnreg": maxnreg} if maxnreg else {})})
@@ -212,6 +226,8 @@ def _loop_mix(cubin, weights_per_thread):
 
 def comp_nf4(cfg, T=1, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
     block_t = T if T <= nf4k.SMALL_FMA_MAX_T else 16
+    if _skip(("nf4", block_t > 2, cfg["LUT"])):
+        return
     sig = {"x_ptr": f"*{xdt}", "codes_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
            "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
            "ws_ptr": "*fp32", "ticket_ptr": "*i32", "T": "i32", "N": "i32", "stride_xt": "i32", "stride_yt": "i32"}
@@ -284,7 +300,7 @@ if bgg.AVAILABLE and ARCH == 90:  # wgmma: base_gemm_gluon.supported gates it to
         print(f"_base_gemm_gluon_kernel {cfg} b_t={b_t} extra K={has_u}: compiled for {SM}, {_resources(k.asm['cubin'])}, "
               f"{k.metadata.shared} bytes of shared memory")
 elif bgg.AVAILABLE:
-    print(f"gluon base GEMM: Hopper only (wgmma), not built for {SM}")
+    print(f"gluon base GEMM: Hopper only (wgmma), none for {SM}")
 else:
     print("gluon base GEMM: this Triton has no Gluon, not built")
 
@@ -298,6 +314,8 @@ def comp_nf4_mma(cfg, T=16, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     bt = 8 if T <= 8 else 16
+    if _skip(("nf4_mma", cfg.get("pairs", False))):
+        return
     cpl = nf4_mma._cpl(K, cfg["cpl"])
     w_l, x_l, s_l, mma = nf4_mma.layouts(cfg["warps_k"], cfg["warps_m"], cfg["m_rep"], bt, cpl)
     bm, nw = 16 * cfg["warps_m"] * cfg["m_rep"], cfg["warps_k"] * cfg["warps_m"]
@@ -338,7 +356,7 @@ if nf4_mma.AVAILABLE and ARCH >= 80:  # mma.sync m16n8k16: nf4_mma.supported gat
     comp_nf4_mma(nf4_mma.CONFIGS[1], T=9, K=4160)  # 65 chunks: cpl 4 falls to 1
     comp_nf4_mma(nf4_mma.CONFIGS[-1], T=5, K=1152, BS=128, bias=True, xdt="fp16")  # pairs: fp16 levels, cpl 2
 elif nf4_mma.AVAILABLE:
-    print(f"nf4 mma decode: needs sm_80+, not built for {SM}")
+    print(f"nf4 mma decode: needs sm_80+, none for {SM}")
 else:
     print("nf4 mma decode: this Triton has no Gluon, not built")
 

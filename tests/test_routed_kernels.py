@@ -488,6 +488,30 @@ def test_kernels_compile_for_sm90():
     assert res.stdout.count("compiled for sm_90") == 29 + 2 * len(bg.CONFIGS) + n_mma + n_gluon
 
 
+@pytest.mark.parametrize("arch", [80, 86])
+def test_kernels_compile_for_ampere_and_ada(arch):
+    """One variant of each kernel and path built for sm_80 (A100) and sm_86 (A10, RTX 30xx; sm_89's L4 / RTX 40xx
+    has its limits), which no one has run: PTX that only sm_90 has (the NF4 kernel's mul.bf16x2 was), or a fixed
+    config over the target's shared memory (99 KB on sm_86 / 89), fails here. `compile_sm90.py --arch 80
+    --all-configs` builds every autotuned config too (minutes)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compile_sm90.py")
+    res = subprocess.run([sys.executable, script, "--arch", str(arch), "--quick"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    from mol.kernels import nf4_mma
+
+    # route shrink, router parts, gate fwd / bwd, aux, small-T FMA and dot, the given-routing path's 2 gate kernels,
+    # NF4 small-T FMA (pair table and byte permutes) and dot, the Gluon NF4 decode with and without the pair table
+    built = res.stdout.count(f"compiled for sm_{arch}") + res.stdout.count(f"built for sm_{arch}")
+    assert built == 12 + (2 if nf4_mma.AVAILABLE else 0), res.stdout
+    assert "_base_gemm" not in res.stdout  # TMA / wgmma: sm_90 only, never dispatched here
+
+
 @pytest.mark.parametrize("shrink", rl._SHRINK_CHOICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_router_scores_float32_accurate_for_low_precision_x(dtype, shrink, monkeypatch):
