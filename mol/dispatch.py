@@ -90,9 +90,11 @@ MIN_DOT_CAPABILITY = (8, 0)
 _CAPABILITY: dict = {}
 
 
+# a constant of the device: torch.compile calls it while tracing and keeps the answer, as for triton_available
+@torch.compiler.assume_constant_result
 def device_capability(device: torch.device) -> tuple[int, int]:
     """(major, minor) compute capability of a CUDA device, looked up once per device (the query costs ~10 µs of
-    host time, and this runs every layer call). torch.compile folds it to a constant."""
+    host time, and this runs every layer call)."""
     cap = _CAPABILITY.get(device)
     if cap is None:
         p = torch.cuda.get_device_properties(device)
