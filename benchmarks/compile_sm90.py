@@ -226,6 +226,8 @@ def _loop_mix(cubin, weights_per_thread):
 
 def comp_nf4(cfg, T=1, K=4096, BS=64, nested=True, bias=False, xdt="bf16"):
     block_t = T if T <= nf4k.SMALL_FMA_MAX_T else 16
+    if ARCH < 80 and (xdt == "bf16" or block_t > 2):
+        return  # bf16x2 arithmetic needs sm_80; below it NF4Linear runs only the FMA path, float16 / float32 x
     if _skip(("nf4", block_t > 2, cfg["LUT"])):
         return
     sig = {"x_ptr": f"*{xdt}", "codes_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
