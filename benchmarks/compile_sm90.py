@@ -147,7 +147,8 @@ from mol.kernels import base_gemm as bg  # noqa: E402
 
 # (sm_90+ only: TMA descriptors; base_gemm.triton_supported gates it)
 # the forward form (W and B_cat stored (N, K)) and the backward's (W and [A_cat; Wr] (K, N), dhl stored token-minor)
-for cfg, (b_t, bias, dt) in itertools.product(bg.CONFIGS if ARCH >= 90 else [], ((True, True, "bf16"), (False, False, "fp16"))):
+_FORMS = ((True, True, "bf16"), (False, False, "fp16"))
+for cfg, (b_t, bias, dt) in itertools.product(bg.CONFIGS if ARCH >= 90 else [], _FORMS):
     bm, bn, bk, group_m, warps, stages, epi = cfg
     sig = {"a_desc": f"tensordesc<{dt}[{bm}, {bk}]>", "b_desc": f"tensordesc<{dt}[{bn}, {bk}]>" if b_t else f"tensordesc<{dt}[{bk}, {bn}]>",
            "u_desc": f"tensordesc<{dt}[{bm}, {bk}]>" if b_t else f"tensordesc<{dt}[{bk}, {bm}]>", "v_desc": f"tensordesc<{dt}[{bn}, {bk}]>" if b_t else f"tensordesc<{dt}[{bk}, {bn}]>",
@@ -299,7 +300,8 @@ if bgg.AVAILABLE and ARCH == 90:  # wgmma: base_gemm_gluon.supported gates it to
         sig.update({k: "constexpr" for k in const})
         k = triton.compile(GluonASTSource(fn=bgg._base_gemm_gluon_kernel, signature=sig, constexprs=const), target=tgt,
                            options={"num_warps": warps})
-        print(f"_base_gemm_gluon_kernel {cfg} b_t={b_t} extra K={has_u}: compiled for {SM}, {_resources(k.asm['cubin'])}, "
+        print(f"_base_gemm_gluon_kernel {cfg} b_t={b_t} extra K={has_u}: compiled for {SM}, "
+              f"{_resources(k.asm['cubin'])}, "
               f"{k.metadata.shared} bytes of shared memory")
 elif bgg.AVAILABLE:
     print(f"gluon base GEMM: Hopper only (wgmma), none for {SM}")
@@ -434,10 +436,10 @@ if "--all-configs" in sys.argv:
             comp_nf4(c, T=T)
         comp_nf4(configs[-1], T=T, xdt="fp16")
     for dt in ("bf16", "fp16"):
-        comp(nf4k._nf4_dequant_kernel, {"codes_ptr": "*u8", "absmax_ptr": "*u8", "code_ptr": "*fp32", "nabs_ptr": "*fp32",
-                                        "ncode_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": f"*{dt}", "n_bytes": "i32",
-                                        "numel": "i32", "BS": "constexpr", "NBS": "constexpr", "NESTED": "constexpr",
-                                        "LUT": "constexpr", "BLOCK": "constexpr"},
+        comp(nf4k._nf4_dequant_kernel,
+             {"codes_ptr": "*u8", "absmax_ptr": "*u8", "code_ptr": "*fp32", "nabs_ptr": "*fp32", "ncode_ptr": "*fp32",
+              "offset_ptr": "*fp32", "out_ptr": f"*{dt}", "n_bytes": "i32", "numel": "i32", "BS": "constexpr",
+              "NBS": "constexpr", "NESTED": "constexpr", "LUT": "constexpr", "BLOCK": "constexpr"},
              {"BS": 64, "NBS": 256, "NESTED": True, "LUT": nf4k.DEQUANT_LUT, "BLOCK": 1024}, label=f" ({dt})")
 
 if PROBLEMS:
