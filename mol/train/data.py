@@ -4,7 +4,10 @@ Record formats (one JSON object per line), chosen per file from its first record
 - ``{"text": ...}``                     causal LM on the whole text
 - ``{"prompt": ..., "response": ...}``  causal LM, loss on the response tokens only
 - ``{"text": ..., "label": ...}``       sequence classification (label: string or int)
+- ``{"messages": [{"role": ..., "content": ...}, ...]}``  a chat, rendered with the tokenizer's chat template,
+  loss on the assistant turns only (roles: system, user, assistant)
 Any record may carry ``"task"``; otherwise the task is the source's ``task`` field or the file's stem.
+The field names can be mapped to a dataset's own columns (``Fields``: data.text_field=sentence ...).
 
 Batches are dicts of tensors (``input_ids``, ``attention_mask``, ``labels``, ``task_ids``) plus the
 host-side int ``num_tokens`` so throughput is logged without reading a device tensor back.
@@ -18,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -41,6 +45,26 @@ class Source:
     path: str
     task: Optional[str] = None
     weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Fields:
+    """The record keys each format reads (data.text_field, data.label_field, ...): a dataset's own column names,
+    e.g. ``Fields(text="sentence")`` or ``Fields(prompt="instruction", response="output")``."""
+
+    text: str = "text"
+    label: str = "label"
+    prompt: str = "prompt"
+    response: str = "response"
+    messages: str = "messages"
+
+    def name(self, kind: str) -> str:
+        """``sentence`` (data.text_field) where mapped, else the plain key: what an error message shows."""
+        key = getattr(self, kind)
+        return f"{key} (data.{kind}_field)" if key != kind else key
+
+
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 def _as_sources(spec: Union[None, str, dict, Sequence[Any]]) -> list[Source]:
@@ -84,24 +108,120 @@ def _shown(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)[:60]
 
 
-def record_format(rec: Any, where: str) -> str:
-    """``text``, ``prompt_response`` or ``text_label`` for one record; raises naming the expected keys, or the text
-    field that is no string (it would reach the tokenizer)."""
+def _check_messages(messages: Any, where: str, key: str) -> None:
+    """A chat's ``messages``: a non-empty list of {role, content} dicts with a known role and string content, and
+    at least one assistant turn (the only tokens it trains on)."""
+    example = '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: `{key}` is {_shown(messages)}, not a non-empty list of messages; write e.g. "
+                        f"{example}")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: message {j} of `{key}` is {_shown(m)}, not an object with `role` and "
+                            f"`content`; write each message as {{\"role\": ..., \"content\": ...}}")
+        if m["role"] not in CHAT_ROLES:
+            raise DataError(f"{where}: message {j} has role {_shown(m['role'])}; use one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: message {j} has content {_shown(m['content'])}, not a string; write each "
+                            "content as a JSON string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the chat has no assistant message, so nothing to learn (the loss is on the "
+                        "assistant turns only); add the assistant's reply or remove the record")
+
+
+def record_format(rec: Any, where: str, fields: Fields = Fields()) -> str:
+    """``chat``, ``text``, ``prompt_response`` or ``text_label`` for one record; raises naming the expected keys
+    (as mapped by ``fields``), or the field that is no string / no valid chat (it would reach the tokenizer)."""
     if not isinstance(rec, dict):  # `"text" in rec` would test a substring of a JSON string
         raise DataError(f"{where}: record is {_shown(rec)}, not a JSON object; write one object per line, e.g. "
                         '{"text": "..."}')
-    if "prompt" in rec and "response" in rec:
-        fmt, fields = "prompt_response", ("prompt", "response")
-    elif "text" in rec and "label" in rec:
-        fmt, fields = "text_label", ("text",)
-    elif "text" in rec:
-        fmt, fields = "text", ("text",)
+    f = fields
+    if f.messages in rec:
+        _check_messages(rec[f.messages], where, f.messages)
+        return "chat"
+    if f.prompt in rec and f.response in rec:
+        fmt, keys = "prompt_response", (f.prompt, f.response)
+    elif f.text in rec and f.label in rec:
+        fmt, keys = "text_label", (f.text,)
+    elif f.text in rec:
+        fmt, keys = "text", (f.text,)
     else:
-        raise DataError(f"{where}: record has keys {sorted(rec)}; expected text, prompt/response or text/label")
-    for f in fields:
-        if not isinstance(rec[f], str):
-            raise DataError(f"{where}: `{f}` is {_shown(rec[f])}, not a string; write each {f} as a JSON string")
+        mapped = [k for k in ("text", "label", "prompt", "response", "messages") if getattr(f, k) != k]
+        hint = (f"; the mapped field{'s' if len(mapped) > 1 else ''} "
+                f"{', '.join(f.name(k) for k in mapped)} must name keys the records have" if mapped else "")
+        raise DataError(f"{where}: record has keys {sorted(rec)}; expected {f.text}, {f.prompt}/{f.response}, "
+                        f"{f.text}/{f.label} or {f.messages}{hint}")
+    for k in keys:
+        if not isinstance(rec[k], str):
+            raise DataError(f"{where}: `{k}` is {_shown(rec[k])}, not a string; write each {k} as a JSON string")
     return fmt
+
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+NO_TEMPLATE_FIX = ("set model.chat_template to a Jinja chat template (the text, or a .jinja file), or use a chat "
+                   "model's tokenizer (model.tokenizer=DIR)")
+
+
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def chat_tokens(tokenizer: Any, messages: list[dict], where: str = "chat") -> tuple[list[int], list[int]]:
+    """``input_ids`` and ``labels`` of one chat, rendered with the tokenizer's chat template; labels are
+    IGNORE_INDEX except on the assistant turns (their content and end-of-turn tokens, as the template writes them).
+
+    A template with ``{% generation %}`` markers names the assistant tokens itself (transformers'
+    ``return_assistant_tokens_mask``, what TRL's ``assistant_only_loss`` reads). Otherwise each assistant turn is
+    located by rendering the chat up to it (with the generation prompt, so the assistant header is not learned) and
+    through it: both must be prefixes of the whole rendering, else the template rewrites earlier turns (e.g. drops
+    past reasoning) and no span can be trusted: a DataError says so."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise DataError(f"{where}: chat records need a chat template, and the tokenizer has none; {NO_TEMPLATE_FIX}")
+    fast = getattr(tokenizer, "is_fast", False)
+    try:
+        if fast and isinstance(template, str) and _GENERATION_TAG.search(template):
+            out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+            ids = list(out["input_ids"])
+            return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"])]
+        whole = _render(tokenizer, messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            through = _render(tokenizer, messages[: i + 1])
+            before = _render(tokenizer, messages[:i]) if i > 0 else ""  # an empty chat renders nothing
+            if not (whole.startswith(through) and whole.startswith(before)):
+                raise DataError(f"{where}: the chat template renders the conversation up to message {i} differently "
+                                "from the same turns inside the whole conversation (it rewrites earlier turns), so the "
+                                "assistant tokens cannot be located; use a template that marks them with "
+                                "{% generation %} ... {% endgeneration %} (model.chat_template=...)")
+            # start after the assistant header the generation prompt writes (never learned, as with TRL's markers),
+            # where the template's generation prompt is how the turn begins; else at the end of the previous turn
+            header = _render(tokenizer, messages[:i], True) if i > 0 else ""
+            start = len(header) if through.startswith(header) else len(before)
+            end = len(through)
+            spans.append((start, end))
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a template raises whatever its Jinja code raises
+        why = str(e).splitlines()[0][:160] if str(e) else ""
+        raise DataError(f"{where}: the chat template failed on this chat ({type(e).__name__}: {why}); fix the record "
+                        f"or {NO_TEMPLATE_FIX}") from e
+    if fast:
+        enc = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        # a token is learned if any of its characters lies in an assistant span (as transformers' assistant mask)
+        keep = [any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"]]
+    else:  # no offsets: count the tokens of each prefix (exact when tokens do not merge across a turn boundary)
+        ids = list(tokenizer(whole, add_special_tokens=False)["input_ids"])
+        keep = [False] * len(ids)
+        for s, e in spans:
+            a = len(tokenizer(whole[:s], add_special_tokens=False)["input_ids"])
+            b = len(tokenizer(whole[:e], add_special_tokens=False)["input_ids"])
+            keep[a:b] = [True] * (b - a)
+    return ids, [t if k else IGNORE_INDEX for t, k in zip(ids, keep)]
 
 
 def _fingerprint(tokenizer: Any) -> str:
@@ -109,6 +229,8 @@ def _fingerprint(tokenizer: Any) -> str:
     h = hashlib.sha256(type(tokenizer).__name__.encode())
     h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
     h.update(str((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)).encode())
+    # chats are rendered with the template: another template (model.chat_template) must re-tokenise them
+    h.update(json.dumps(getattr(tokenizer, "chat_template", None), ensure_ascii=False, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -126,13 +248,14 @@ class TokenizedSet(Dataset):
 
 
 def tokenize_file(path: Path, tokenizer: Any, task_kind: str, max_length: int, label_to_id: dict[str, int],
-                  default_task: str, cache_dir: Optional[Path]) -> list[dict]:
-    """Tokenise one source, reusing ``cache_dir/<hash>.pt`` when file, tokenizer and settings are unchanged."""
+                  default_task: str, cache_dir: Optional[Path], fields: Fields = Fields()) -> list[dict]:
+    """Tokenise one source, reusing ``cache_dir/<hash>.pt`` when file, tokenizer (with its chat template), field
+    mapping and settings are unchanged."""
     key = None
     if cache_dir is not None and path.is_file():
         h = hashlib.sha256(path.read_bytes())
         h.update(json.dumps([_fingerprint(tokenizer), task_kind, max_length, sorted(label_to_id.items()),
-                             default_task]).encode())
+                             default_task, sorted(asdict(fields).items())]).encode())
         key = cache_dir / f"{path.stem}-{h.hexdigest()[:20]}.pt"
         if key.exists():
             try:
@@ -149,26 +272,30 @@ def tokenize_file(path: Path, tokenizer: Any, task_kind: str, max_length: int, l
     eos = tokenizer.eos_token_id
     for i, rec in enumerate(records):
         where = f"{path}:{i + 1}"
-        fmt = record_format(rec, where)
+        fmt = record_format(rec, where, fields)
         task = str(rec.get("task", default_task))
         if task_kind == "classification":
             if fmt != "text_label":
                 raise DataError(f"{where}: model.task=classification needs text/label records, got {fmt}; "
-                                "use a causal LM model (model=hf_causal) for text or prompt/response data")
-            label = str(rec["label"])
+                                "use a causal LM model (model=hf_causal) for text, prompt/response or chat data")
+            label = str(rec[fields.label])
             if label not in label_to_id:
                 raise DataError(f"{where}: label {label!r} is not in the training labels {sorted(label_to_id)}")
-            ids = tokenizer(rec["text"], truncation=True, max_length=max_length)["input_ids"]
+            ids = tokenizer(rec[fields.text], truncation=True, max_length=max_length)["input_ids"]
             examples.append({"input_ids": ids, "labels": label_to_id[label], "task": task})
         else:
-            if fmt == "prompt_response":
-                p = tokenizer(rec["prompt"])["input_ids"]
-                r = tokenizer(rec["response"], add_special_tokens=False)["input_ids"]
+            if fmt == "chat":
+                # the template writes the special tokens (bos, end of turn) itself: no eos appended
+                ids, labels = chat_tokens(tokenizer, rec[fields.messages], where)
+                ids, labels = ids[:max_length], labels[:max_length]
+            elif fmt == "prompt_response":
+                p = tokenizer(rec[fields.prompt])["input_ids"]
+                r = tokenizer(rec[fields.response], add_special_tokens=False)["input_ids"]
                 r = r + ([eos] if eos is not None else [])
                 ids = (p + r)[:max_length]
                 labels = ([IGNORE_INDEX] * len(p) + r)[:max_length]  # loss on the response only
             else:
-                ids = tokenizer(rec["text"], truncation=True, max_length=max_length)["input_ids"]
+                ids = tokenizer(rec[fields.text], truncation=True, max_length=max_length)["input_ids"]
                 labels = list(ids)
             examples.append({"input_ids": ids, "labels": labels, "task": task})
     if key is not None:
@@ -297,14 +424,16 @@ class TextDataModule(pl.LightningDataModule):
     ``train`` may be one path, a list of paths, or a list of ``{path, task, weight}`` (a task mixture;
     ``weight`` 2 repeats a source twice per epoch, 0.5 keeps a fixed, seeded half of it).
     ``group_by_length``: batches of similar lengths (shuffled), which cuts padding a lot on short-text data.
+    ``fields``: the record keys to read, for a dataset with its own column names (default: text, label, ...).
     """
 
     def __init__(self, tokenizer: Any, task_kind: str, train: Any, val: Any = None, test: Any = None,
                  batch_size: int = 16, eval_batch_size: int = 64, max_length: int = 128, seed: int = 0,
                  cache_dir: Optional[str] = ".cache/mol-tokens", num_workers: int = 0, shuffle: bool = True,
                  limit_train_examples: Optional[int] = None, group_by_length: bool = True,
-                 label_names: Optional[list[str]] = None):
+                 label_names: Optional[list[str]] = None, fields: Optional[Fields] = None):
         super().__init__()
+        self.fields = fields or Fields()
         self.group_by_length = group_by_length
         self.allow_zero_length_dataloader_with_multiple_devices = True  # tiny eval sets on many processes
         if task_kind not in ("classification", "causal_lm"):
@@ -339,18 +468,18 @@ class TextDataModule(pl.LightningDataModule):
                 p = Path(s.path)
                 recs = _read_records(p)
                 for i, r in enumerate(recs):
-                    fmt = record_format(r, f"{p}:{i + 1}")
+                    fmt = record_format(r, f"{p}:{i + 1}", self.fields)
                     formats.setdefault(fmt, str(p))
                     if fmt == "text_label" and self.task_kind == "classification":
-                        label = r["label"]
+                        label = r[self.fields.label]
                         if isinstance(label, bool) or not isinstance(label, (str, int)):  # a class named "None"
-                            raise DataError(f"{p}:{i + 1}: `label` is {_shown(label)}; a label is a string or a "
-                                            "whole number")
+                            raise DataError(f"{p}:{i + 1}: `{self.fields.label}` is {_shown(label)}; a label is a "
+                                            "string or a whole number")
                         label_kinds.setdefault(type(label), f"{p}:{i + 1} ({_shown(label)})")
                     if split == "train":
                         train_formats.setdefault(fmt, str(p))
                     if split == "train" and fmt == "text_label":
-                        labels.add(str(r["label"]))
+                        labels.add(str(r[self.fields.label]))
                     t = str(r.get("task", s.task or p.stem))
                     if t not in tasks:
                         tasks.append(t)
@@ -368,7 +497,8 @@ class TextDataModule(pl.LightningDataModule):
         else:
             if self.task_kind == "classification" and not labels:
                 kinds = ", ".join(f"{f.replace('_', '/')} records in {p}" for f, p in train_formats.items())
-                raise DataError(f"data.train has no records with a `label` field ({kinds or 'no records'}); "
+                raise DataError(f"data.train has no records with a `{self.fields.name('label')}` field "
+                                f"({kinds or 'no records'}); "
                                 "model.task=classification trains on text/label records: for text or prompt/response "
                                 "data use a causal LM (model=hf_causal model.path=DIR)")
             if self.task_kind == "classification" and len(labels) < 2:
@@ -393,7 +523,7 @@ class TextDataModule(pl.LightningDataModule):
             for s in srcs:
                 p = Path(s.path)
                 ex = tokenize_file(p, self.tokenizer, self.task_kind, self.max_length, label_to_id,
-                                   s.task or p.stem, self.cache_dir)
+                                   s.task or p.stem, self.cache_dir, self.fields)
                 empty = next((i for i, e in enumerate(ex) if not e["input_ids"]), None)
                 if empty is not None:  # a batch of such records has no shape the model can take
                     raise DataError(f"{p}:{empty + 1}: the record tokenizes to no tokens (empty text?); fill it in "
@@ -409,17 +539,20 @@ class TextDataModule(pl.LightningDataModule):
             if split == "train" and self.limit_train_examples:
                 examples = examples[: self.limit_train_examples]
             if split == "train" and examples and self.task_kind == "causal_lm":  # mol.evaluate has no train split
-                # a prompt of max_length tokens or more (or a one-token text) leaves no token to learn: a batch of
-                # only such examples has a loss of 0/0 (NaN in the logs) and trains nothing
+                # a prompt of max_length tokens or more (or a one-token text, or a chat whose turns before the first
+                # assistant reply fill max_length) leaves no token to learn: a batch of only such examples has a
+                # loss of 0/0 (NaN in the logs) and trains nothing
                 kept = [e for e in examples if any(t != IGNORE_INDEX for t in e["labels"][1:])]
                 if not kept:
                     raise DataError(f"no data.train example has a token to learn within data.max_length="
-                                    f"{self.max_length} (prompts fill it, or texts are one token); raise "
+                                    f"{self.max_length} (prompts or chat turns before the first assistant reply "
+                                    "fill it, or texts are one token); raise "
                                     "data.max_length")
                 if len(kept) < len(examples):
                     warnings.warn(f"data.train: {len(examples) - len(kept)} of {len(examples)} examples have no "
-                                  f"token to learn within data.max_length={self.max_length} (a prompt that fills it, "
-                                  "or a one-token text) and are left out; raise data.max_length to keep the prompts",
+                                  f"token to learn within data.max_length={self.max_length} (a prompt, or chat turns "
+                                  "before the first assistant reply, that fill it, or a one-token text) and are left "
+                                  "out; raise data.max_length to keep them",
                                   stacklevel=2)
                 examples = kept
             if examples:

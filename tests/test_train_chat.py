@@ -1,0 +1,211 @@
+"""Chat records ({"messages": [...]}) rendered with the tokenizer's chat template, loss on the assistant turns only;
+the field mapping (data.text_field ...); the token cache keyed by template and mapping.
+
+The expected labels are written out by hand from a word-level tokenizer (one token per word), not derived from the
+code under test: a token is learned exactly when it is an assistant content word or the end-of-turn token after it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_train_utils import WORDS
+
+ROLES = ["system", "user", "assistant"]
+VOCAB = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "<s>", "</s>"] + list(WORDS) + ROLES)}
+VOCAB_INV = {i: t for t, i in VOCAB.items()}
+# a Llama-3-like template: each turn is "<role> <content> </s> ", the generation prompt opens an assistant turn
+PLAIN = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {{ eos_token }} {% endfor %}"
+         "{% if add_generation_prompt %}assistant {% endif %}")
+# the same rendering with TRL-style {% generation %} markers around what the assistant writes
+MARKED = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} {% if m['role'] == 'assistant' %}{% generation %}"
+          "{{ m['content'] }} {{ eos_token }}{% endgeneration %}{% else %}{{ m['content'] }} {{ eos_token }}{% endif %}"
+          " {% endfor %}{% if add_generation_prompt %}assistant {% endif %}")
+CHAT = [{"role": "system", "content": "sky star"}, {"role": "user", "content": "red blue"},
+        {"role": "assistant", "content": "cat dog"}, {"role": "user", "content": "one two three"},
+        {"role": "assistant", "content": "sun moon bird"}]
+
+
+def chat_tokenizer(out: Path | None = None, template: str | None = PLAIN):
+    """A whitespace word-level fast tokenizer that also knows the role words, with ``template`` as chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(vocab=dict(VOCAB), unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>",
+                                  eos_token="</s>")
+    tok.chat_template = template
+    if out is not None:
+        tok.save_pretrained(str(out))
+    return tok
+
+
+def hand_tokens(messages: list[dict], with_header_loss: bool = False) -> tuple[list[int], list[int]]:
+    """ids and labels of ``messages`` under PLAIN/MARKED, written from the template's shape by hand."""
+    ids, labels = [VOCAB["<s>"]], [-100]
+    for m in messages:
+        role = [VOCAB[m["role"]]]
+        body = [VOCAB[w] for w in m["content"].split()] + [VOCAB["</s>"]]
+        learn = m["role"] == "assistant"
+        ids += role + body
+        labels += (role if learn and with_header_loss else [-100]) + (body if learn else [-100] * len(body))
+    return ids, labels
+
+
+def _write(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("template", [PLAIN, MARKED], ids=["prefix_by_prefix", "generation_markers"])
+def test_multi_turn_labels_are_the_assistant_turns_only(template):
+    from mol.train.data import chat_tokens
+
+    tok = chat_tokenizer(template=template)
+    ids, labels = chat_tokens(tok, CHAT)
+    want_ids, want_labels = hand_tokens(CHAT)
+    assert ids == want_ids
+    assert labels == want_labels
+    learned = [VOCAB_INV[t] for t in labels if t != -100]
+    assert learned == ["cat", "dog", "</s>", "sun", "moon", "bird", "</s>"]  # both turns, each with its end of turn
+
+
+def test_markers_agree_with_transformers_assistant_mask():
+    """The generation-marker path is what TRL's assistant_only_loss reads: transformers' assistant mask."""
+    from mol.train.data import chat_tokens
+
+    tok = chat_tokenizer(template=MARKED)
+    out = tok.apply_chat_template(CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    trl_labels = [t if m else -100 for t, m in zip(out["input_ids"], out["assistant_masks"])]
+    assert chat_tokens(tok, CHAT) == (list(out["input_ids"]), trl_labels)
+    # and the prefix-by-prefix path on the unmarked template finds the very same tokens
+    assert chat_tokens(chat_tokenizer(template=PLAIN), CHAT)[1] == trl_labels
+
+
+def test_a_template_without_generation_prompt_learns_the_assistant_header():
+    """Without an add_generation_prompt branch the turn starts where the previous one ends: the role word is
+    learned too (a documented fallback, not silently dropped tokens)."""
+    from mol.train.data import chat_tokens
+
+    no_prompt = PLAIN.split("{% if add_generation_prompt %}")[0]
+    ids, labels = chat_tokens(chat_tokenizer(template=no_prompt), CHAT)
+    assert (ids, labels) == hand_tokens(CHAT, with_header_loss=True)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused():
+    from mol.train.data import DataError, chat_tokens
+
+    # drops the content of every assistant turn but the last (as reasoning templates drop past thinking)
+    rewriting = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} {% if m['role'] != 'assistant' or loop.last %}"
+                 "{{ m['content'] }} {% endif %}{{ eos_token }} {% endfor %}")
+    with pytest.raises(DataError, match=r"rewrites earlier turns.*\{% generation %\}.*model.chat_template"):
+        chat_tokens(chat_tokenizer(template=rewriting), CHAT)
+
+
+def test_a_tokenizer_without_template_names_the_fix(tmp_path):
+    from mol.train.data import DataError, TextDataModule
+
+    tok = chat_tokenizer(template=None)
+    f = _write(tmp_path / "c.jsonl", [{"messages": CHAT}] * 2)
+    with pytest.raises(DataError, match=r"c\.jsonl:1: chat records need a chat template.*model\.chat_template.*"
+                                        r"chat model's tokenizer"):
+        TextDataModule(tok, "causal_lm", train=str(f), batch_size=1, cache_dir=None).setup()
+
+
+@pytest.mark.parametrize("record,match", [
+    ({"messages": []}, r"`messages` is \[\], not a non-empty list"),
+    ({"messages": "hi"}, r"`messages` is \"hi\", not a non-empty list"),
+    ({"messages": [["user", "hi"]]}, r"message 0 of `messages` is .*not an object with `role` and `content`"),
+    ({"messages": [{"role": "user", "content": "red"}, {"role": "bot", "content": "cat"}]},
+     r"message 1 has role \"bot\"; use one of system, user, assistant"),
+    ({"messages": [{"role": "assistant", "content": ["cat"]}]},
+     r"message 0 has content \[\"cat\"\], not a string"),
+    ({"messages": [{"role": "user", "content": "red"}]}, r"the chat has no assistant message.*add the assistant"),
+])
+def test_bad_chat_records_name_file_record_and_fix(tmp_path, record, match):
+    from mol.train.data import DataError, TextDataModule
+
+    good = {"messages": CHAT}
+    f = _write(tmp_path / "c.jsonl", [good, good, record])
+    with pytest.raises(DataError, match=rf"c\.jsonl:3: {match}"):
+        TextDataModule(chat_tokenizer(), "causal_lm", train=str(f), batch_size=1, cache_dir=None).scan()
+
+
+def test_truncation_and_chats_with_nothing_left_to_learn(tmp_path):
+    from mol.train.data import DataError, TextDataModule
+
+    tok = chat_tokenizer()
+    short = [{"role": "user", "content": "red"}, {"role": "assistant", "content": "cat dog"}]  # <s> user red </s> ..
+    long_user = [{"role": "user", "content": " ".join(WORDS[:12])}, {"role": "assistant", "content": "cat"}]
+    f = _write(tmp_path / "c.jsonl", [{"messages": short}, {"messages": long_user}, {"messages": CHAT},
+                                      {"text": "one two three"}])  # formats mix per record, as before
+    dm = TextDataModule(tok, "causal_lm", train=str(f), batch_size=1, max_length=11, cache_dir=None)
+    with pytest.warns(UserWarning, match="1 of 4 examples have no token to learn within data.max_length=11"):
+        dm.setup()
+    ex = dm.splits["train"].examples
+    assert len(ex) == 3 and all(len(e["input_ids"]) <= 11 for e in ex)
+    assert (ex[0]["input_ids"], ex[0]["labels"]) == hand_tokens(short)  # 8 tokens: untouched
+    ids, labels = hand_tokens(CHAT)
+    assert (ex[1]["input_ids"], ex[1]["labels"]) == (ids[:11], labels[:11])  # cut inside the first assistant turn
+    assert [VOCAB_INV[t] for t in ex[1]["labels"] if t != -100] == ["cat"]
+    only_long = _write(tmp_path / "long.jsonl", [{"messages": long_user}] * 2)
+    with pytest.raises(DataError, match="no data.train example has a token to learn within data.max_length=11"):
+        TextDataModule(tok, "causal_lm", train=str(only_long), batch_size=1, max_length=11, cache_dir=None).setup()
+
+
+def test_field_mapping(tmp_path):
+    from mol.train.data import DataError, Fields, TextDataModule
+
+    tok = chat_tokenizer()
+    cls = _write(tmp_path / "cls.jsonl", [{"sentence": "red blue", "label": "color"},
+                                          {"sentence": "cat dog", "label": "animal"}] * 2)
+    dm = TextDataModule(tok, "classification", train=str(cls), batch_size=2, cache_dir=None,
+                        fields=Fields(text="sentence"))
+    dm.setup()
+    assert dm.label_names == ["animal", "color"]
+    assert dm.splits["train"].examples[0]["input_ids"] == [VOCAB["red"], VOCAB["blue"]]
+    with pytest.raises(DataError, match=r"cls\.jsonl:1: record has keys \['label', 'sentence'\]; expected text"):
+        TextDataModule(tok, "classification", train=str(cls), cache_dir=None).scan()  # unmapped: refused
+    with pytest.raises(DataError, match=r"expected phrase, .*the mapped field phrase \(data\.text_field\) must name"):
+        TextDataModule(tok, "classification", train=str(cls), cache_dir=None, fields=Fields(text="phrase")).scan()
+
+    inst = _write(tmp_path / "inst.jsonl", [{"instruction": "red blue", "output": "cat dog"}] * 2)
+    dm = TextDataModule(tok, "causal_lm", train=str(inst), batch_size=1, cache_dir=None,
+                        fields=Fields(prompt="instruction", response="output"))
+    dm.setup()
+    e = dm.splits["train"].examples[0]
+    red, blue, cat, dog, eos = (VOCAB[w] for w in ("red", "blue", "cat", "dog", "</s>"))
+    assert (e["input_ids"], e["labels"]) == ([red, blue, cat, dog, eos], [-100, -100, cat, dog, eos])
+
+    conv = _write(tmp_path / "conv.jsonl", [{"conversation": CHAT}] * 2)
+    dm = TextDataModule(tok, "causal_lm", train=str(conv), batch_size=1, cache_dir=None,
+                        fields=Fields(messages="conversation"))
+    dm.setup()
+    assert (dm.splits["train"].examples[0]["input_ids"], dm.splits["train"].examples[0]["labels"]) == hand_tokens(CHAT)
+
+
+def test_the_token_cache_follows_the_template_and_the_mapping(tmp_path):
+    from mol.train.data import Fields, TextDataModule
+
+    f = _write(tmp_path / "c.jsonl", [{"messages": CHAT, "text": "red blue"}] * 2)
+    cache = tmp_path / "cache"
+
+    def examples(tok, fields=None):
+        dm = TextDataModule(tok, "causal_lm", train=str(f), batch_size=1, cache_dir=str(cache), fields=fields)
+        dm.setup()
+        return dm.splits["train"].examples
+
+    plain = examples(chat_tokenizer())
+    assert plain[0]["input_ids"] == hand_tokens(CHAT)[0]
+    assert len(list(cache.glob("*.pt"))) == 1
+    assert examples(chat_tokenizer()) == plain and len(list(cache.glob("*.pt"))) == 1  # reused
+    # another template renders the system turn differently: re-tokenised, not read back from the cache
+    other = PLAIN.replace("{{ m['role'] }} {{ m['content'] }}", "{{ m['role'] }} {{ m['content'] }} {{ m['role'] }}")
+    assert examples(chat_tokenizer(template=other))[0]["input_ids"] != plain[0]["input_ids"]
+    assert len(list(cache.glob("*.pt"))) == 2
+    # a mapping that no longer finds the messages reads the `text` field instead
+    assert examples(chat_tokenizer(), Fields(messages="conversation"))[0]["input_ids"] == [VOCAB["red"], VOCAB["blue"]]
+    assert len(list(cache.glob("*.pt"))) == 3
