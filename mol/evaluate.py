@@ -16,7 +16,7 @@ from typing import Any, Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from mol.train.app import (ConfigError, _config_dir_args, _fail, asset_path, build_datamodule,  # noqa: E402
                            check_accelerator, check_data_values, check_overrides, find_conf_dir, load_model,
@@ -112,6 +112,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                                             "dtype": cfg.model.get("dtype") or meta.get("dtype") or "float32"})
     data_cfg = OmegaConf.merge(cfg.data, {"train": None, "val": None, "test": _eval_data(cfg, meta, meta_file),
                                           "max_length": meta.get("max_length", cfg.data.max_length)})
+    # chat data is read as the run read it: its chat template and field names, unless given here
+    with open_dict(model_cfg), open_dict(data_cfg):
+        model_cfg.chat_template = cfg.model.get("chat_template") or meta.get("chat_template")
+        for kind, name in (meta.get("fields") or {}).items():
+            data_cfg[f"{kind}_field"] = cfg.data.get(f"{kind}_field") or name
     run_cfg = OmegaConf.create({"model": model_cfg, "data": data_cfg, "seed": 0})
     model, tokenizer = load_model(run_cfg.model, meta.get("labels") or [])
     mol.load_adapter(model, str(adapter))

@@ -1,5 +1,5 @@
 """Chat records ({"messages": [...]}) rendered with the tokenizer's chat template, loss on the assistant turns only;
-the field mapping (data.text_field ...); the token cache keyed by template and mapping.
+the field mapping (data.text_field ...); the token cache keyed by template and mapping; a 2-step training run.
 
 The expected labels are written out by hand from a word-level tokenizer (one token per word), not derived from the
 code under test: a token is learned exactly when it is an assistant content word or the end-of-turn token after it.
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_train_utils import WORDS
+from test_train_utils import WORDS, compose, quiet_trainer_overrides
 
 ROLES = ["system", "user", "assistant"]
 VOCAB = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "<s>", "</s>"] + list(WORDS) + ROLES)}
@@ -187,6 +187,19 @@ def test_field_mapping(tmp_path):
     assert (dm.splits["train"].examples[0]["input_ids"], dm.splits["train"].examples[0]["labels"]) == hand_tokens(CHAT)
 
 
+def test_hydra_keys_reach_the_field_mapping(tmp_path):
+    from mol.train.app import ConfigError, build_datamodule
+    from mol.train.data import Fields
+
+    cfg = compose(["model=hf_causal", "model.path=x", "data=jsonl", "data.train=x.jsonl", "data.text_field=sentence",
+                   "data.messages_field=conversation"])
+    dm = build_datamodule(cfg, chat_tokenizer())
+    assert dm.fields == Fields(text="sentence", messages="conversation")
+    assert build_datamodule(compose(["data=jsonl", "data.train=x.jsonl"]), chat_tokenizer()).fields == Fields()
+    with pytest.raises(ConfigError, match="data.label_field=3 is not a field name; pass e.g. data.label_field=my_"):
+        build_datamodule(compose(["data=jsonl", "data.train=x.jsonl", "data.label_field=3"]), chat_tokenizer())
+
+
 def test_the_token_cache_follows_the_template_and_the_mapping(tmp_path):
     from mol.train.data import Fields, TextDataModule
 
@@ -209,3 +222,59 @@ def test_the_token_cache_follows_the_template_and_the_mapping(tmp_path):
     # a mapping that no longer finds the messages reads the `text` field instead
     assert examples(chat_tokenizer(), Fields(messages="conversation"))[0]["input_ids"] == [VOCAB["red"], VOCAB["blue"]]
     assert len(list(cache.glob("*.pt"))) == 3
+
+
+def test_model_chat_template_from_a_file_or_text(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mol.train.app import ConfigError, apply_model_chat_template
+
+    tok = chat_tokenizer(template=None)
+    (tmp_path / "t.jinja").write_text(MARKED)
+    apply_model_chat_template(tok, OmegaConf.create({"chat_template": str(tmp_path / "t.jinja")}))
+    assert tok.chat_template == MARKED
+    apply_model_chat_template(tok, OmegaConf.create({"chat_template": PLAIN}))
+    assert tok.chat_template == PLAIN
+    apply_model_chat_template(tok, OmegaConf.create({"chat_template": None}))
+    assert tok.chat_template == PLAIN  # unset: the tokenizer's own stays
+    with pytest.raises(ConfigError, match="model.chat_template=nope.jinja is neither a file nor a Jinja template"):
+        apply_model_chat_template(tok, OmegaConf.create({"chat_template": "nope.jinja"}))
+
+
+@pytest.mark.parametrize("where", ["tokenizer", "model.chat_template"])
+def test_two_training_steps_on_chat_data_then_evaluate(tmp_path, where):
+    """mol.train end to end on chat records with a mapped field: a tiny Llama whose tokenizer has a chat template,
+    or whose tokenizer has none and model.chat_template gives one; mol.evaluate reads the data as the run did."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mol.evaluate import evaluate
+    from mol.train.app import run
+    from mol.train.callbacks import read_loss_history
+
+    model_dir = tmp_path / "llama"
+    tok = chat_tokenizer(model_dir, template=MARKED if where == "tokenizer" else None)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
+    (tmp_path / "chat.jinja").write_text(PLAIN)
+    template = [f"model.chat_template={tmp_path / 'chat.jinja'}"] if where == "model.chat_template" else []
+    train = _write(tmp_path / "chat.jsonl", [{"conversation": CHAT}, {"conversation": CHAT[1:3]}] * 4)
+    out = tmp_path / "run"
+    res = run(compose(["method=mol", "model=hf_causal", f"model.path={model_dir}", *template, "data=jsonl",
+                       f"data.train={train}", "data.messages_field=conversation", "data.batch_size=2",
+                       "data.max_length=32", f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2",
+                       f"output_dir={out}", *quiet_trainer_overrides()]))
+    assert res["run"]["steps"] == 2
+    losses = read_loss_history(str(out / "train_loss.jsonl"))
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    meta = json.loads((out / "adapter" / "training_meta.json").read_text())
+    assert meta["fields"]["messages"] == "conversation"
+    assert meta["chat_template"] == (PLAIN if template else None)
+    # without the run's mapping (and, for a template-less tokenizer, its template) this file could not be read
+    got = evaluate(compose([f"adapter={out / 'adapter'}", "data=jsonl", f"data.test={train}",
+                            f"data.cache_dir={tmp_path / 'cache'}", "trainer.enable_progress_bar=false"],
+                           config_name="evaluate"))
+    assert got["examples"] == 8 and torch.isfinite(torch.tensor(got["test/loss"]))

@@ -10,6 +10,7 @@ the hub is never contacted (``HF_HUB_OFFLINE=1``).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -241,6 +242,28 @@ def _tokenizer_path(model_cfg: DictConfig, model_path: Path) -> str:
     return str(Path(str(tok or model_path)).expanduser())
 
 
+def chat_template_text(value: Any) -> Optional[str]:
+    """``model.chat_template``: Jinja text, or a file holding it (e.g. a ``.jinja`` file); None when unset."""
+    if value in (None, ""):
+        return None
+    text = str(value)
+    if "{{" in text or "{%" in text:  # a template, written inline
+        return text
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.chat_template={text[:80]} is neither a file nor a Jinja template; pass a .jinja file "
+                          "or the template text ({% for message in messages %}...), or null for the tokenizer's own")
+    return path.read_text(encoding="utf-8")
+
+
+def apply_model_chat_template(tokenizer: Any, model_cfg: DictConfig) -> None:
+    """``model.chat_template``, where set, replaces the tokenizer's own (or gives one to a base model's tokenizer)
+    for chat records: they are rendered with it."""
+    template = chat_template_text(model_cfg.get("chat_template"))
+    if template is not None:
+        tokenizer.chat_template = template
+
+
 _reported_new_heads: set[tuple[str, int]] = set()
 
 
@@ -254,6 +277,7 @@ def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]
         raise ConfigError(f"model.path={path} is not a Hugging Face model folder (no config.json there); "
                           "set model.path to a local folder made with save_pretrained")
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_path(model_cfg, path), local_files_only=True)
+    apply_model_chat_template(tokenizer, model_cfg)
     dtype = torch_dtype(model_cfg)
     if model_cfg.task == "classification":
         from transformers import AutoConfig
@@ -688,7 +712,10 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
                 "max_length": int(cfg.data.max_length), "dtype": str(cfg.model.get("dtype") or "float32"),
                 "tokenizer": str(Path(str(tok)).expanduser().resolve()) if tok and Path(str(tok)).expanduser().exists()
                 else (str(tok) if tok else None),
-                "data": datamodule.source_specs()}  # mol.evaluate's default data: the run's own files
+                "data": datamodule.source_specs(),  # mol.evaluate's default data: the run's own files
+                # and the way it read them: evaluating chat data needs the same template and field names
+                "chat_template": chat_template_text(cfg.model.get("chat_template")),
+                "fields": dataclasses.asdict(datamodule.fields)}
         tmp = adapter_dir / ".training_meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, adapter_dir / "training_meta.json")
@@ -749,6 +776,21 @@ def resolve_resume(cfg: DictConfig, out: Path) -> Optional[str]:
     return str(r)
 
 
+def data_fields(data_cfg: DictConfig) -> Any:
+    """The record keys (``data.text_field`` ... ``data.messages_field``), each the plain name unless mapped."""
+    from mol.train.data import Fields
+
+    names = {}
+    for kind in ("text", "label", "prompt", "response", "messages"):
+        v = data_cfg.get(f"{kind}_field")
+        if v in (None, ""):
+            continue
+        if not isinstance(v, str):
+            raise ConfigError(f"data.{kind}_field={v} is not a field name; pass e.g. data.{kind}_field=my_{kind}")
+        names[kind] = v
+    return Fields(**names)
+
+
 def build_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
     from mol.train.data import TextDataModule
 
@@ -759,7 +801,8 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
         test=OmegaConf.to_container(d.test, resolve=True) if OmegaConf.is_config(d.test) else d.get("test"),
         batch_size=int(d.batch_size), eval_batch_size=int(d.eval_batch_size), max_length=int(d.max_length),
         seed=int(cfg.seed), cache_dir=d.get("cache_dir"), num_workers=int(d.get("num_workers", 0)),
-        limit_train_examples=d.get("limit_train_examples"), group_by_length=bool(d.get("group_by_length", True)))
+        limit_train_examples=d.get("limit_train_examples"), group_by_length=bool(d.get("group_by_length", True)),
+        fields=data_fields(d))
 
 
 def _tokenizer_only(model_cfg: DictConfig) -> Any:
@@ -770,6 +813,7 @@ def _tokenizer_only(model_cfg: DictConfig) -> Any:
         raise ConfigError(f"model.path={path} is not a Hugging Face model folder (no config.json there); "
                           "set model.path to a local folder made with save_pretrained")
     tok = AutoTokenizer.from_pretrained(_tokenizer_path(model_cfg, path), local_files_only=True)
+    apply_model_chat_template(tok, model_cfg)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
