@@ -85,6 +85,46 @@ def test_markers_agree_with_transformers_assistant_mask():
     assert chat_tokens(chat_tokenizer(template=PLAIN), CHAT)[1] == trl_labels
 
 
+class _NoOffsets:
+    """A tokenizer as a slow (Python) one looks to chat_tokens: no offsets, so token counts of prefixes are used."""
+
+    is_fast = False
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, text, **kw):
+        assert "return_offsets_mapping" not in kw
+        return self._tok(text, **kw)
+
+
+def test_a_tokenizer_without_offsets_finds_the_same_tokens():
+    from mol.train.data import chat_tokens
+
+    assert chat_tokens(_NoOffsets(chat_tokenizer(template=MARKED)), CHAT) == hand_tokens(CHAT)
+
+
+def test_a_chatml_template_with_special_tokens():
+    """ChatML (Qwen, ...): role headers and end-of-turn are special tokens; the header and the newlines stay out."""
+    from mol.train.data import chat_tokens
+
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = chat_tokenizer(template=chatml)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    ids, labels = chat_tokens(tok, CHAT)
+    want_ids, want_labels = [], []
+    for m in CHAT:
+        body = [VOCAB[w] for w in m["content"].split()] + [end]
+        want_ids += [start, VOCAB[m["role"]]] + body
+        want_labels += [-100, -100] + (body if m["role"] == "assistant" else [-100] * len(body))
+    assert (ids, labels) == (want_ids, want_labels)
+
+
 def test_a_template_without_generation_prompt_learns_the_assistant_header():
     """Without an add_generation_prompt branch the turn starts where the previous one ends: the role word is
     learned too (a documented fallback, not silently dropped tokens)."""
