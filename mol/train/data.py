@@ -1,6 +1,6 @@
 """Data for training: JSONL files (or datasets saved to disk), tokenised once and cached, mixed by task.
 
-Record formats (one JSON object per line), chosen per file from its first record:
+Record formats (one JSON object per line), told apart record by record (a file may mix them):
 - ``{"text": ...}``                     causal LM on the whole text
 - ``{"prompt": ..., "response": ...}``  causal LM, loss on the response tokens only
 - ``{"text": ..., "label": ...}``       sequence classification (label: string or int)
