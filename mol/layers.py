@@ -165,7 +165,8 @@ def linear_forward_problem(module: nn.Module) -> Optional[str]:
         return (f"its forward maps a (2, {module.in_features}) input to {tuple(out.shape)}, not "
                 f"(2, {module.out_features})")
     if w.device.type != "meta":
-        want = F.linear(x, w, module.bias)
+        with torch.no_grad():  # else a graph through the trainable weight, and float() of it warns
+            want = F.linear(x, w, module.bias)
         if not torch.allclose(out.float(), want.float(), rtol=1e-2, atol=1e-2 * float(want.abs().max()) + 1e-6):
             return "its forward computes something other than x @ weight.T + bias"
     return None

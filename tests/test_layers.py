@@ -6,6 +6,7 @@ computed token by token (no dense gate matrix, no shared code with mol.dispatch)
 including its load-balance and z-loss, and all gradients."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -597,3 +598,23 @@ def test_switch_router_needs_no_top_k_and_the_default_stays_two():
     assert Router(6, 4, kind="switch").top_k == 1 and Router(6, 4).top_k == 2
     with pytest.raises(ValueError, match="top_k=1"):
         mol.inject(torch.nn.Sequential(torch.nn.Linear(6, 5)), mol.MoLConfig(router="switch", top_k=2))
+
+
+def test_linear_forward_problem_builds_no_graph_and_warns_nothing():
+    """The reference product of linear_forward_problem ran outside no_grad: for a subclass whose weight requires grad
+    (every fresh model's), it built an autograd graph and float() of it warned 'Converting a tensor with
+    requires_grad=True to a scalar' at every inject / quantize."""
+    from mol.layers import linear_forward_problem
+
+    class Passthrough(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x)
+
+    class Halved(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) / 2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert linear_forward_problem(Passthrough(16, 8)) is None
+        assert "something other than" in linear_forward_problem(Halved(16, 8))
