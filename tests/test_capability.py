@@ -112,3 +112,21 @@ def test_config_smem_bounds_the_compilers_figure():
     for cfg, shared in compiled.items():
         assert shared <= bg.config_smem(cfg) <= shared + 3072
     assert bg.config_smem((128, 256, 64, 8, 8, 4, 2)) <= 227 * 1024
+
+
+def test_base_gemm_support_check_reads_the_fit_once_per_device(gpu, monkeypatch):
+    """triton_supported runs on every call base_mm plans (captures, MOL_BASE_GEMM_EAGER_CUBLAS=0): the configs'
+    shared-memory fit is a property of the device, worked out once, not ~1 µs of Python per layer call."""
+    if bg.TensorDescriptor is None:
+        pytest.skip("this Triton has no host-side TMA descriptors")
+    sizes = []
+    real = bg.config_smem
+    monkeypatch.setattr(bg, "config_smem", lambda cfg: sizes.append(cfg) or real(cfg))
+    monkeypatch.setattr(bg.gl, "_INTERPRET", False)  # the CPU suite runs the interpreter, which skips the device
+    # an `a` the TMA checks turn down (3-D) once the device has passed: only the device part is under test
+    a = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(8, 8),
+                              dim=lambda: 3)
+    b = torch.zeros(8, 8, dtype=torch.bfloat16)
+    for _ in range(3):
+        assert not bg.triton_supported(a, b)
+    assert len(sizes) <= len(bg.CONFIGS)

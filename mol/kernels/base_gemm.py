@@ -168,8 +168,7 @@ def triton_supported(a, b, u=None, v=None, bias=None, b_t: bool = True) -> bool:
     if gl._INTERPRET:
         on_device = a.device.type == "cpu"
     else:
-        # TMA descriptors need sm_90+; the 128x256 tiles' shared memory sm_90 / sm_100 (not sm_120's 99 KB)
-        on_device = a.is_cuda and _props(a.device)[0] >= 9 and bool(fitting(CONFIGS, a.device))
+        on_device = a.is_cuda and _props(a.device)[3]
     n_out = b.shape[0] if b_t else b.shape[1]
     return (on_device and _tma_ok(a, b, u, v) and (n_out * a.element_size()) % 16 == 0
             and (bias is None or bias.is_contiguous()))
@@ -182,13 +181,16 @@ _SMEM_OPTIN = {(7, 5): 64 * 1024, (8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0)
                (10, 3): 227 * 1024}
 
 
-def _props(device: torch.device) -> tuple[int, int, int]:
-    """(compute capability major, SM count, shared memory a block may opt into), looked up once per device: these
-    calls cost host time every layer."""
+def _props(device: torch.device) -> tuple[int, int, int, bool]:
+    """(compute capability major, SM count, shared memory a block may opt into, whether the TMA kernel runs there),
+    looked up once per device: these calls cost host time every layer."""
     if device not in _PROPS:
         p = torch.cuda.get_device_properties(device)
         smem = getattr(p, "shared_memory_per_block_optin", 0) or _SMEM_OPTIN.get((p.major, p.minor), 99 * 1024)
-        _PROPS[device] = (p.major, p.multi_processor_count, smem)
+        # TMA descriptors need sm_90+; the 128x256 tiles' shared memory sm_90 / sm_100 (not sm_120's 99 KB).
+        # Worked out here: triton_supported runs on every planned call, and fitting() costs ~1 µs of Python
+        kernel = p.major >= 9 and any(config_smem(c) <= smem for c in CONFIGS)
+        _PROPS[device] = (p.major, p.multi_processor_count, smem, kernel)
     return _PROPS[device]
 
 
