@@ -184,12 +184,13 @@ class MoLConfig(MethodConfig):
     Each adapted layer computes ``base(x) + scaling * sum over the chosen experts e of gate_e * B_e A_e x``.
     ``rank``: r of each expert; ``alpha``: ``scaling = alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``,
     rank-stabilised LoRA). ``num_experts``: E, the LoRA experts per layer (1: plain LoRA, no router); ``top_k``: the
-    experts each token uses (default: 1 for ``switch``, which takes one, else 2; ignored by ``soft``). ``dropout``: on the experts' input, in
-    training. ``init``: ``"kaiming"`` (A uniform as nn.Linear's init, PEFT's default) or ``"gaussian"`` (A normal
-    with std 1/r); B starts at zero, so a fresh adapter changes nothing. ``aux_loss_coef`` / ``z_loss_coef``: the
-    weights of each routed layer's load-balance loss and router z-loss in ``mol.aux_loss(model)`` (0 turns one
-    off). ``quantize_base="nf4"``: QLoRA, the model's linears quantized to frozen NF4 before the experts wrap them
-    (but ``modules_to_save`` and what ``mol.quantize`` keeps, such as the output head); None (default) keeps them.
+    experts each token uses (default: 1 for ``switch``, which takes one, else 2; ignored by ``soft``).
+    ``dropout``: on the experts' input, in training. ``init``: ``"kaiming"`` (A uniform as nn.Linear's init,
+    PEFT's default) or ``"gaussian"`` (A normal with std 1/r); B starts at zero, so a fresh adapter changes nothing.
+    ``aux_loss_coef`` / ``z_loss_coef``: the weights of each routed layer's load-balance loss and router z-loss in
+    ``mol.aux_loss(model)`` (0 turns one off). ``quantize_base="nf4"``: QLoRA, the model's linears quantized to
+    frozen NF4 before the experts wrap them (but ``modules_to_save`` and what ``mol.quantize`` keeps, such as the
+    output head); None (default) keeps them.
     ``backend``: ``"auto"`` (the Triton kernels on CUDA, else PyTorch), ``"torch"`` or ``"triton"`` (raises where it
     cannot run).
     ``modules_to_save``: modules (names or suffixes) trained in full and saved with the adapter, such as a new

@@ -404,7 +404,8 @@ class Router(nn.Module):
     kind: ``topk`` (renormalised top-k of the softmax), ``soft`` (all experts, softmax weights),
     ``switch`` (top-1, gate = that expert's probability), ``sequence`` (top-k from the mean-pooled
     hidden state of each sequence, one choice for all its tokens). ``top_k``: experts per token (all of them for
-    ``soft``, 1 for ``switch``; default 1 for ``switch``, else 2); ``noise_std``: std of the Gaussian noise added to the logits in training.
+    ``soft``, 1 for ``switch``; default 1 for ``switch``, else 2); ``noise_std``: std of the Gaussian noise added
+    to the logits in training.
     """
 
     def __init__(self, in_features: int, num_experts: int, top_k: Optional[int] = None, kind: str = "topk",
