@@ -142,31 +142,42 @@ def linear_forward_problem(module: nn.Module) -> Optional[str]:
     and PhiMoE's routers subclass nn.Linear and return a tuple (scores, logits), DeepSeek-V4's grouped projection
     computes a block-diagonal product. An adapter added to their output fails or computes something else, and an
     NF4Linear in their place drops their forward. The class's forward is run once on a (2, in_features) input in
-    eval mode (a router's input jitter is a training-only noise), on the meta device for a model built there (the
-    shape alone is then compared); a quantized subclass (bitsandbytes' Linear4bit) holds codes, not the weight the
+    eval mode (a router's input jitter is a training-only noise); a layer accelerate offloads is brought in by its
+    hook for that call, as for a forward; on a model built on the meta device with no weights anywhere only the
+    output's shape can be compared (a subclass of the right shape is then taken as linear); a quantized subclass (bitsandbytes' Linear4bit) holds codes, not the weight the
     comparison needs, and is taken at its word."""
     if (not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward
             or not_full_precision(module) is not None):
         return None
     w = module.weight
-    x = torch.randn(2, module.in_features, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    # accelerate's offload (device_map with "cpu" / "disk") keeps the weights on meta and brings them in around each
+    # forward through the layer's hook: do as that forward does, else only the shape could be compared there, and
+    # "all-linear" would pick other layers on an offloaded model than on the same model in memory
+    hook = getattr(module, "_hf_hook", None)
+    onload = w.device.type == "meta" and callable(getattr(hook, "pre_forward", None))
+    x = torch.randn(2, module.in_features, generator=torch.Generator().manual_seed(0))
+    x = x.to(w.dtype) if onload else x.to(w.device, w.dtype)  # the hook moves x to its execution device
     training = module.training
     try:
         module.eval()
         with torch.no_grad():  # the class's own forward: no hooks of the model's (output recorders) see this call
+            if onload:
+                (x,), _ = hook.pre_forward(module, x)
             out = type(module).forward(module, x)
+            # the reference, while an offloaded weight is in (no_grad: else a graph through the trainable weight)
+            want = None if module.weight.device.type == "meta" else F.linear(x, module.weight, module.bias)
     except Exception as e:  # a forward that needs other inputs or shapes is no plain linear map either
         return f"its forward fails on a (2, in_features) input ({type(e).__name__}: {str(e)[:80]})"
     finally:
+        if onload:
+            hook.post_forward(module, torch.empty(0))  # offloads the weights again
         module.train(training)
     if not isinstance(out, Tensor):
         return f"its forward returns a {type(out).__name__}, not one output tensor"
     if tuple(out.shape) != (2, module.out_features):
         return (f"its forward maps a (2, {module.in_features}) input to {tuple(out.shape)}, not "
                 f"(2, {module.out_features})")
-    if w.device.type != "meta":
-        with torch.no_grad():  # else a graph through the trainable weight, and float() of it warns
-            want = F.linear(x, w, module.bias)
+    if want is not None:
         if not torch.allclose(out.float(), want.float(), rtol=1e-2, atol=1e-2 * float(want.abs().max()) + 1e-6):
             return "its forward computes something other than x @ weight.T + bias"
     return None

@@ -618,3 +618,37 @@ def test_linear_forward_problem_builds_no_graph_and_warns_nothing():
         warnings.simplefilter("error")
         assert linear_forward_problem(Passthrough(16, 8)) is None
         assert "something other than" in linear_forward_problem(Halved(16, 8))
+
+
+def test_linear_forward_problem_reads_weights_accelerate_offloaded():
+    """A model dispatched by accelerate with offload (device_map with "cpu" / "disk") holds its weights on the meta
+    device, brought in by a hook around each forward. The check compared the output's shape alone there, so a
+    subclass whose forward is no linear map but keeps the shape (a block-diagonal projection) was adapted by
+    "all-linear" on the offloaded model and left out on the same model in memory: an adapter trained on one failed
+    to load into the other ("lacks tensor '1.lora_A'")."""
+    accelerate = pytest.importorskip("accelerate")
+    from mol.layers import linear_forward_problem
+
+    class BlockDiagonal(torch.nn.Linear):
+        def forward(self, x):
+            w = self.weight.clone()
+            w[: self.out_features // 2, self.in_features // 2:] = 0
+            return torch.nn.functional.linear(x, w, self.bias)
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 16), BlockDiagonal(16, 16), torch.nn.Linear(16, 4))
+
+    offloaded = make()
+    accelerate.cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert offloaded[1].weight.device.type == "meta"
+    assert "something other than" in linear_forward_problem(offloaded[1])
+    assert offloaded[1].weight.device.type == "meta"  # offloaded again, as after a forward
+    assert linear_forward_problem(offloaded[0]) is None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained = mol.inject(make(), mol.LoRAConfig(rank=2))
+        mol.inject(offloaded, mol.LoRAConfig(rank=2))
+    adapted = [n for n, m in trained.named_modules() if isinstance(m, MoLLinear)]
+    assert adapted == [n for n, m in offloaded.named_modules() if isinstance(m, MoLLinear)] == ["0", "2"]
