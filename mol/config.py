@@ -16,6 +16,12 @@ from typing import Any, ClassVar, Optional, Union
 TargetModules = Union[str, list[str]]
 
 ROUTERS = ("topk", "soft", "switch", "sequence")
+
+
+def default_top_k(router: str) -> int:
+    """The top_k a router takes when none is given: 1 for ``switch`` (top-1 by definition), else 2. One place for
+    MoLConfig, MoLLinear and Router, which each default it."""
+    return 1 if router == "switch" else 2
 INITS = ("kaiming", "gaussian")
 BACKENDS = ("auto", "torch", "triton")
 QUANT_TYPES = (None, "nf4")
@@ -246,7 +252,7 @@ class MoLConfig(MethodConfig):
     def __post_init__(self) -> None:
         _patterns_or_empty(self)
         if self.top_k is None:  # MoLConfig(router="switch") is top-1 by definition: it must not need top_k=1 too
-            self.top_k = 1 if self.router == "switch" else 2
+            self.top_k = default_top_k(self.router)
 
     def validate(self) -> None:
         _check_common(self)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mol import dispatch
-from mol.config import ROUTERS, is_number, is_whole, nonnegative_number_problem
+from mol.config import ROUTERS, default_top_k, is_number, is_whole, nonnegative_number_problem
 from mol.routers import FusedRouterOutput, Router, RouterOutput, in_backward, keep_state
 
 
@@ -306,7 +306,7 @@ class MoLLinear(AdapterLayer):
         if not is_whole(num_experts) or num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
         if top_k is None:  # as MoLConfig: 1 for the switch router, which takes one, else 2
-            top_k = 1 if router == "switch" else 2
+            top_k = default_top_k(router)
         if not is_whole(top_k):
             raise ValueError(f"top_k must be an integer, got {top_k!r}")
         if router not in ROUTERS:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mol.config import is_whole
+from mol.config import default_top_k, is_whole
 from mol.kernels import autocast_off
 
 
@@ -412,7 +412,7 @@ class Router(nn.Module):
                  noise_std: float = 0.0):
         super().__init__()
         if top_k is None:  # 1 for switch, which takes one, else 2
-            top_k = 1 if kind == "switch" else 2
+            top_k = default_top_k(kind)
         if kind not in ("topk", "soft", "switch", "sequence"):
             raise ValueError(f"unknown router {kind!r}; choose topk, soft, switch or sequence")
         # else the top_k check below asked for a top_k "between 1 and 0"
