@@ -2,8 +2,9 @@
 
 An adapter directory holds ``adapter_config.json`` (the method configs, enough to rebuild the injection on a
 fresh base model) and ``adapter_model.safetensors`` (only the trainable tensors, under the model's own
-parameter names). Files are written to temporary names and renamed once all are written, so a crash never leaves
-half a file, nor new tensors beside an old config.
+parameter names). Files are written to temporary names and renamed once all are written, so a failure or crash
+while writing never leaves half a file, nor new tensors beside an old config (only a crash between the renames,
+which follow each other at once, could: two files cannot be replaced in one step).
 """
 
 from __future__ import annotations
