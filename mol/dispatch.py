@@ -118,14 +118,24 @@ def check_dot_capability(x: Tensor, where: str) -> None:
         raise RuntimeError(f"{where}: backend='triton' with bfloat16 on a compute capability {cap[0]}.{cap[1]} GPU "
                            f"({sm}): it has no bfloat16 arithmetic, and Triton runs its matrix products without "
                            "tensor cores below sm_80; use float16 (model.half()) or backend='torch'")
-    if (where, cap) not in _WARNED:
-        _WARNED.add((where, cap))
-        warnings.warn(f"{where}: backend='triton' on a compute capability {cap[0]}.{cap[1]} GPU ({sm}): Triton runs "
-                      "its matrix products without tensor cores below sm_80, so the kernels are slower than "
-                      "backend='torch' (cuBLAS), which backend='auto' picks there", stacklevel=3)
+    _warn_slow_dots(where, cap)
 
 
 _WARNED: set = set()
+
+
+# a constant for torch.compile, which runs it while tracing: a warnings.warn in a traced forward is a graph break,
+# and fullgraph=True then failed to compile the model at all
+@torch.compiler.assume_constant_result
+def _warn_slow_dots(where: str, cap: tuple[int, int]) -> bool:
+    """Warn once per (where, capability) that a forced backend='triton' runs its dots without tensor cores."""
+    if (where, cap) not in _WARNED:
+        _WARNED.add((where, cap))
+        warnings.warn(f"{where}: backend='triton' on a compute capability {cap[0]}.{cap[1]} GPU "
+                      f"(sm_{cap[0]}{cap[1]}): Triton runs its matrix products without tensor cores below sm_80, so "
+                      "the kernels are slower than backend='torch' (cuBLAS), which backend='auto' picks there",
+                      stacklevel=4)
+    return True
 
 
 def require_triton(where: str) -> None:

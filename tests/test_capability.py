@@ -130,3 +130,24 @@ def test_base_gemm_support_check_reads_the_fit_once_per_device(gpu, monkeypatch)
     for _ in range(3):
         assert not bg.triton_supported(a, b)
     assert len(sizes) <= len(bg.CONFIGS)
+
+
+def test_the_slow_dots_warning_keeps_fullgraph_compiling(monkeypatch):
+    """backend='triton' forced on an sm_75 in float16 warns once from inside the layer's forward; a warnings.warn
+    traced by Dynamo is a graph break, so torch.compile(fullgraph=True) of such a model failed outright. The check
+    runs on a CPU tensor here, its device given sm_75's capability."""
+    monkeypatch.setattr(dispatch, "_CAPABILITY", {torch.device("cpu"): (7, 5)})
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    torch._dynamo.reset()
+
+    def forward(x):
+        dispatch.check_dot_capability(x, "MoLLinear")
+        return x * 2
+
+    compiled = torch.compile(forward, fullgraph=True, backend="eager")
+    with pytest.warns(UserWarning, match=r"sm_75.*without tensor cores"):
+        assert torch.equal(compiled(torch.ones(3, dtype=torch.float16)), torch.full((3,), 2.0, dtype=torch.float16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        compiled(torch.ones(3, dtype=torch.float16))
+    torch._dynamo.reset()
