@@ -90,8 +90,6 @@ MIN_DOT_CAPABILITY = (8, 0)
 _CAPABILITY: dict = {}
 
 
-# a constant of the device: torch.compile calls it while tracing and keeps the answer, as for triton_available
-@torch.compiler.assume_constant_result
 def device_capability(device: torch.device) -> tuple[int, int]:
     """(major, minor) compute capability of a CUDA device, looked up once per device (the query costs ~10 µs of
     host time, and this runs every layer call)."""
@@ -102,23 +100,35 @@ def device_capability(device: torch.device) -> tuple[int, int]:
     return cap
 
 
+# a constant of the device: torch.compile calls it while tracing and keeps the answer, as for triton_available. It
+# returns the comparison, not the capability: torch 2.11's Dynamo failed to compare the (major, minor) tuple inside a
+# traced forward (InternalTorchDynamoError in its tuple >= polyfill; RESULTS run 55), which no compiled MoL or NF4
+# layer on a GPU survived
+@torch.compiler.assume_constant_result
+def dots_on_tensor_cores(device: torch.device) -> bool:
+    """Whether Triton's tl.dot runs on tensor cores on this CUDA device (sm_80+; see MIN_DOT_CAPABILITY)."""
+    return device_capability(device) >= MIN_DOT_CAPABILITY
+
+
 def tensor_core_dots(x: Tensor) -> bool:
     """Whether Triton's tl.dot runs on tensor cores for CUDA tensor x (sm_80+; see MIN_DOT_CAPABILITY)."""
-    return device_capability(x.device) >= MIN_DOT_CAPABILITY
+    return dots_on_tensor_cores(x.device)
 
 
 def check_dot_capability(x: Tensor, where: str) -> None:
     """For a forced backend='triton' on a CUDA x: raise where the dot kernels cannot run x's dtype (bfloat16 below
     sm_80), warn once where they run but slower than backend='torch' (float16 / float32 below sm_80)."""
-    cap = device_capability(x.device)
-    if cap >= MIN_DOT_CAPABILITY:
+    if dots_on_tensor_cores(x.device):
         return
+    if x.dtype != torch.bfloat16:
+        _warn_slow_dots(where, x.device)
+        return
+    cap = device_capability(x.device)
     sm = f"sm_{cap[0]}{cap[1]}"
     if x.dtype == torch.bfloat16:
         raise RuntimeError(f"{where}: backend='triton' with bfloat16 on a compute capability {cap[0]}.{cap[1]} GPU "
                            f"({sm}): it has no bfloat16 arithmetic, and Triton runs its matrix products without "
                            "tensor cores below sm_80; use float16 (model.half()) or backend='torch'")
-    _warn_slow_dots(where, cap)
 
 
 _WARNED: set = set()
@@ -127,8 +137,9 @@ _WARNED: set = set()
 # a constant for torch.compile, which runs it while tracing: a warnings.warn in a traced forward is a graph break,
 # and fullgraph=True then failed to compile the model at all
 @torch.compiler.assume_constant_result
-def _warn_slow_dots(where: str, cap: tuple[int, int]) -> bool:
+def _warn_slow_dots(where: str, device: torch.device) -> bool:
     """Warn once per (where, capability) that a forced backend='triton' runs its dots without tensor cores."""
+    cap = device_capability(device)
     if (where, cap) not in _WARNED:
         _WARNED.add((where, cap))
         warnings.warn(f"{where}: backend='triton' on a compute capability {cap[0]}.{cap[1]} GPU "

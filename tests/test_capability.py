@@ -151,3 +151,20 @@ def test_the_slow_dots_warning_keeps_fullgraph_compiling(monkeypatch):
         warnings.simplefilter("error")  # once
         compiled(torch.ones(3, dtype=torch.float16))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cap, expect", [((9, 0), 2.0), ((7, 5), 0.0)])
+def test_the_auto_decision_traces_in_one_graph(cap, expect, monkeypatch):
+    """The auto choice and NF4Linear's decode check run inside every traced forward. They compared the (major,
+    minor) tuple there, which torch 2.11's Dynamo failed on (InternalTorchDynamoError in its tuple >= polyfill, on
+    an H100: RESULTS run 55); the comparison now happens inside a constant-result function, so a traced forward
+    meets only its bool. (torch 2.13, this suite's, traced the tuple too: this guards the path, run 55 the bug.)"""
+    monkeypatch.setattr(dispatch, "_CAPABILITY", {torch.device("cpu"): cap})
+    assert getattr(dispatch.dots_on_tensor_cores, "_dynamo_marked_constant", False)
+    torch._dynamo.reset()
+
+    def forward(x):
+        return x * 2 if dispatch.tensor_core_dots(x) else x * 0
+
+    assert torch.equal(torch.compile(forward, fullgraph=True, backend="eager")(torch.ones(3)), torch.full((3,), expect))
+    torch._dynamo.reset()

@@ -33,7 +33,7 @@ def _use_small_kernel(x2d: torch.Tensor, packed: NF4Weight, fused_decode: bool, 
         return False
     # below sm_80 the kernel's bfloat16 pair arithmetic (fma.rn.bf16x2) does not exist, and its dot path (T > 2)
     # runs tl.dot without tensor cores: there "auto" dequantizes for cuBLAS instead
-    if dispatch.device_capability(x2d.device) < dispatch.MIN_DOT_CAPABILITY:
+    if not dispatch.dots_on_tensor_cores(x2d.device):
         fma_path = x2d.shape[0] <= SMALL_FMA_MAX_T and x2d.dtype != torch.bfloat16
         if backend == "triton" and not fma_path:
             dispatch.check_dot_capability(x2d, "NF4Linear")  # bfloat16 raises, the dot path warns once
