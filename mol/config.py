@@ -16,16 +16,16 @@ from typing import Any, ClassVar, Optional, Union
 TargetModules = Union[str, list[str]]
 
 ROUTERS = ("topk", "soft", "switch", "sequence")
+INITS = ("kaiming", "gaussian")
+BACKENDS = ("auto", "torch", "triton")
+QUANT_TYPES = (None, "nf4")
+ADAPTER_DTYPES = ("auto", "base", "float32", "bfloat16", "float16")
 
 
 def default_top_k(router: str) -> int:
     """The top_k a router takes when none is given: 1 for ``switch`` (top-1 by definition), else 2. One place for
     MoLConfig, MoLLinear and Router, which each default it."""
     return 1 if router == "switch" else 2
-INITS = ("kaiming", "gaussian")
-BACKENDS = ("auto", "torch", "triton")
-QUANT_TYPES = (None, "nf4")
-ADAPTER_DTYPES = ("auto", "base", "float32", "bfloat16", "float16")
 
 
 @dataclass
