@@ -185,7 +185,7 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str], se
         heads = _output_head_names(model)
         names = [n for n, m in candidates if predicate(m) and n not in heads and n not in mha_owned]
         modules = dict(candidates)
-        odd = {n: why for n in names if (why := linear_forward_problem(modules[n]))}
+        odd = {n: why for n in names if (why := linear_forward_problem(modules[n], False))}
         if odd:
             first = next(iter(odd))
             shown = f"{sorted(odd)[:4]}{' ...' if len(odd) > 4 else ''}"
@@ -259,7 +259,7 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str], se
         holds = (f" (it holds its experts' weights as 3-D tensors: {_NO_FUSED})" if wrong[0] in fused else "")
         raise ValueError(f"target_modules selected {wrong[0]!r}, a {type(modules[wrong[0]]).__name__}, which this "
                          f"method cannot adapt{holds}; narrow the pattern to the layers it supports")
-    odd = [(n, why) for n in names if (why := linear_forward_problem(modules[n]))]
+    odd = [(n, why) for n in names if (why := linear_forward_problem(modules[n], False))]
     if odd:
         n, why = odd[0]
         raise ValueError(f"target_modules selected {n!r}, a {type(modules[n]).__name__}, which subclasses nn.Linear "

@@ -543,7 +543,7 @@ def _peft_all_linear_takes_more(model: nn.Module) -> bool:
     adapted = {n for n, _ in adapter_layers(model)}
     modules = [(n, m) for n, m in model.named_modules()  # an adapter's own lora_A (experts, rank, in) is no expert
                if n and not any(n == a or n.startswith(a + ".") for a in adapted)]
-    return bool(fused_experts(modules)) or any(linear_forward_problem(m) for _, m in modules
+    return bool(fused_experts(modules)) or any(linear_forward_problem(m, False) for _, m in modules
                                                if isinstance(m, nn.Linear))
 
 

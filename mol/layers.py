@@ -135,17 +135,21 @@ def not_full_precision(base: nn.Module) -> Optional[str]:
     return f"the base {type(base).__name__} is not a full-precision linear layer"
 
 
-def linear_forward_problem(module: nn.Module) -> Optional[str]:
+def linear_forward_problem(module: nn.Module, compare_values: bool = True) -> Optional[str]:
     """None if ``module`` computes ``x @ weight.T + bias`` as an nn.Linear does, else how its forward differs.
+    ``compare_values=False`` asks only for one output tensor of the linear's shape, what an adapter added to the
+    output needs: inject asks that, so a subclass whose values differ (torchao's QAT ``FakeQuantizedLinear``, which
+    fake-quantizes its weight) is adapted as PEFT adapts it; ``mol.quantize`` compares the values too, since an
+    NF4Linear in the layer's place computes the plain product.
 
     Only an nn.Linear subclass with a forward of its own, holding a full-precision weight, is looked at: Llama 4's
-    and PhiMoE's routers subclass nn.Linear and return a tuple (scores, logits), DeepSeek-V4's grouped projection
-    computes a block-diagonal product. An adapter added to their output fails or computes something else, and an
-    NF4Linear in their place drops their forward. The class's forward is run once on a (2, in_features) input in
-    eval mode (a router's input jitter is a training-only noise); a layer accelerate offloads is brought in by its
-    hook for that call, as for a forward; on a model built on the meta device with no weights anywhere only the
-    output's shape can be compared (a subclass of the right shape is then taken as linear); a quantized subclass (bitsandbytes' Linear4bit) holds codes, not the weight the
-    comparison needs, and is taken at its word."""
+    and PhiMoE's routers subclass nn.Linear and return a tuple (scores, logits): an adapter added to their output
+    fails. DeepSeek-V4's grouped projection computes a block-diagonal product: an NF4Linear in its place would drop
+    its forward. The class's forward is run once on a (2, in_features) input in eval mode (a router's input jitter
+    is a training-only noise); a layer accelerate offloads is brought in by its hook for that call, as for a
+    forward; on a model built on the meta device with no weights anywhere only the output's shape can be compared
+    (a subclass of the right shape is then taken as linear); a quantized subclass (bitsandbytes' Linear4bit) holds
+    codes, not the weight the comparison needs, and is taken at its word."""
     if (not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward
             or not_full_precision(module) is not None):
         return None
@@ -177,7 +181,7 @@ def linear_forward_problem(module: nn.Module) -> Optional[str]:
     if tuple(out.shape) != (2, module.out_features):
         return (f"its forward maps a (2, {module.in_features}) input to {tuple(out.shape)}, not "
                 f"(2, {module.out_features})")
-    if want is not None:
+    if want is not None and compare_values:
         if not torch.allclose(out.float(), want.float(), rtol=1e-2, atol=1e-2 * float(want.abs().max()) + 1e-6):
             return "its forward computes something other than x @ weight.T + bias"
     return None

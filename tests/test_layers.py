@@ -5,6 +5,7 @@
 computed token by token (no dense gate matrix, no shared code with mol.dispatch), for every router,
 including its load-balance and z-loss, and all gradients."""
 
+import copy
 import math
 import warnings
 
@@ -651,4 +652,36 @@ def test_linear_forward_problem_reads_weights_accelerate_offloaded():
         trained = mol.inject(make(), mol.LoRAConfig(rank=2))
         mol.inject(offloaded, mol.LoRAConfig(rank=2))
     adapted = [n for n, m in trained.named_modules() if isinstance(m, MoLLinear)]
-    assert adapted == [n for n, m in offloaded.named_modules() if isinstance(m, MoLLinear)] == ["0", "2"]
+    # an adapter on its output only needs the output's shape, which both forms give: adapted on both alike
+    assert adapted == [n for n, m in offloaded.named_modules() if isinstance(m, MoLLinear)] == ["0", "1", "2"]
+
+
+def test_a_qat_fake_quantized_linear_is_adapted_but_not_nf4_quantized():
+    """torchao's QAT FakeQuantizedLinear subclasses nn.Linear and fake-quantizes its weight in forward, so its
+    values differ from x @ W.T; LoRA on it (QAT + LoRA) is a standard recipe, and PEFT's all-linear adapts it. The
+    check that kept tuple-returning routers out of "all-linear" (which compares values) refused it too. Adapters now
+    ask only for one output tensor of the linear's shape; mol.quantize, whose NF4Linear would drop the fake
+    quantization, still keeps such a layer in full precision."""
+    from mol.layers import linear_forward_problem
+
+    class FakeQuantized(torch.nn.Linear):
+        def forward(self, x):
+            scale = self.weight.detach().abs().amax() / 7
+            w = self.weight + ((self.weight / scale).round() * scale - self.weight).detach()  # straight-through
+            return torch.nn.functional.linear(x, w, self.bias)
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(FakeQuantized(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    assert "something other than" in linear_forward_problem(base[0])
+    assert linear_forward_problem(base[0], compare_values=False) is None
+    x = torch.randn(3, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "leaves out" warning
+        model = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, target_modules=["0"]))
+    layer = model[0]
+    assert isinstance(layer, MoLLinear)
+    torch.nn.init.normal_(layer.lora_B)
+    delta = x @ layer.lora_A[0].T @ layer.lora_B[0].T * layer.scaling
+    torch.testing.assert_close(model(x), base[2](torch.relu(base[0](x) + delta)))
+    quantized = mol.quantize(copy.deepcopy(base), "nf4", skip=[])
+    assert type(quantized[0]) is FakeQuantized
