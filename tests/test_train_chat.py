@@ -318,3 +318,25 @@ def test_two_training_steps_on_chat_data_then_evaluate(tmp_path, where):
                             f"data.cache_dir={tmp_path / 'cache'}", "trainer.enable_progress_bar=false"],
                            config_name="evaluate"))
     assert got["examples"] == 8 and torch.isfinite(torch.tensor(got["test/loss"]))
+
+
+# a Qwen-like template: a default system turn is written when the chat has none first
+DEFAULT_SYSTEM = ("{{ bos_token }}{% if not messages or messages[0]['role'] != 'system' %}system sky star "
+                  "{{ eos_token }} {% endif %}" + PLAIN.removeprefix("{{ bos_token }}"))
+
+
+@pytest.mark.parametrize("empty_chat_renders", [True, False])
+def test_a_chat_opened_by_the_assistant_learns_neither_default_system_prompt_nor_header(empty_chat_renders):
+    """A chat whose first message is the assistant's took its span from the very start of the rendering: the
+    template's default system prompt (Qwen's templates insert one) and the assistant header were learned. They are
+    not now, whether the template can render an empty chat (its generation prompt is then the header) or not (the
+    text before the first reply's content is)."""
+    from mol.train.data import chat_tokens
+
+    template = DEFAULT_SYSTEM if empty_chat_renders else (
+        "{% if messages[0]['role'] %}{% endif %}" + DEFAULT_SYSTEM)  # reads messages[0]: an empty chat fails
+    chat = [{"role": "assistant", "content": "cat dog"}, {"role": "user", "content": "red blue"},
+            {"role": "assistant", "content": "sun moon bird"}]
+    ids, labels = chat_tokens(chat_tokenizer(template=template), chat)
+    want_ids, want_labels = hand_tokens([{"role": "system", "content": "sky star"}] + chat)
+    assert (ids, labels) == (want_ids, want_labels)

@@ -166,6 +166,18 @@ def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool = Fals
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def _first_header(tokenizer: Any, through: str, message: dict) -> str:
+    """What the template writes before a chat's first message when that message is the assistant's: the generation
+    prompt of an empty chat, which holds any default system prompt the template inserts (Qwen's "You are ...") and
+    the assistant header, neither of them learned. A template that cannot render an empty chat (it reads
+    messages[0]) gives the text before the message's content instead."""
+    try:
+        return _render(tokenizer, [], True)
+    except Exception:  # noqa: BLE001 - a template raises whatever its Jinja code raises on an empty chat
+        at = through.find(message["content"]) if message["content"] else -1
+        return through[:at] if at >= 0 else ""
+
+
 def chat_tokens(tokenizer: Any, messages: list[dict], where: str = "chat") -> tuple[list[int], list[int]]:
     """``input_ids`` and ``labels`` of one chat, rendered with the tokenizer's chat template; labels are
     IGNORE_INDEX except on the assistant turns (their content and end-of-turn tokens, as the template writes them).
@@ -199,7 +211,7 @@ def chat_tokens(tokenizer: Any, messages: list[dict], where: str = "chat") -> tu
                                 "{% generation %} ... {% endgeneration %} (model.chat_template=...)")
             # start after the assistant header the generation prompt writes (never learned, as with TRL's markers),
             # where the template's generation prompt is how the turn begins; else at the end of the previous turn
-            header = _render(tokenizer, messages[:i], True) if i > 0 else ""
+            header = _render(tokenizer, messages[:i], True) if i > 0 else _first_header(tokenizer, through, m)
             start = len(header) if through.startswith(header) else len(before)
             end = len(through)
             spans.append((start, end))
