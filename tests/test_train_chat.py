@@ -14,7 +14,8 @@ import pytest
 from test_train_utils import WORDS, compose, quiet_trainer_overrides
 
 ROLES = ["system", "user", "assistant"]
-VOCAB = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "<s>", "</s>"] + list(WORDS) + ROLES)}
+VOCAB = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "<s>", "</s>"] + list(WORDS) + ROLES
+                                    + ["tool", "developer", "call"])}
 VOCAB_INV = {i: t for t, i in VOCAB.items()}
 # a Llama-3-like template: each turn is "<role> <content> </s> ", the generation prompt opens an assistant turn
 PLAIN = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {{ eos_token }} {% endfor %}"
@@ -160,9 +161,11 @@ def test_a_tokenizer_without_template_names_the_fix(tmp_path):
     ({"messages": "hi"}, r"`messages` is \"hi\", not a non-empty list"),
     ({"messages": [["user", "hi"]]}, r"message 0 of `messages` is .*not an object with `role` and `content`"),
     ({"messages": [{"role": "user", "content": "red"}, {"role": "bot", "content": "cat"}]},
-     r"message 1 has role \"bot\"; use one of system, user, assistant"),
+     r"message 1 has role \"bot\"; use one of system, developer, user, assistant, tool"),
     ({"messages": [{"role": "assistant", "content": ["cat"]}]},
      r"message 0 has content \[\"cat\"\], not a string"),
+    ({"messages": [{"role": "user", "content": "red"}, {"role": "assistant", "content": None}]},
+     r"message 1 has content null, not a string.*null only in an assistant turn with tool_calls"),
     ({"messages": [{"role": "user", "content": "red"}]}, r"the chat has no assistant message.*add the assistant"),
 ])
 def test_bad_chat_records_name_file_record_and_fix(tmp_path, record, match):
@@ -340,3 +343,30 @@ def test_a_chat_opened_by_the_assistant_learns_neither_default_system_prompt_nor
     ids, labels = chat_tokens(chat_tokenizer(template=template), chat)
     want_ids, want_labels = hand_tokens([{"role": "system", "content": "sky star"}] + chat)
     assert (ids, labels) == (want_ids, want_labels)
+
+
+# OpenAI-style tool use: an assistant turn of tool_calls (no content), rendered "call <name>", and a tool result turn
+TOOLS = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} "
+         "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}call {{ c['function']['name'] }} {% endfor %}{% else %}{{ m['content'] }} {% endif %}{{ eos_token }} "
+         "{% endfor %}{% if add_generation_prompt %}assistant {% endif %}")
+
+
+def test_tool_calls_are_learned_and_tool_results_are_not(tmp_path):
+    """Function-calling data (OpenAI's format, which chat templates render): the assistant's tool-call turn, whose
+    content is null, is learned like any reply; the tool's result and a developer turn are not. The roles
+    'tool' / 'developer' and a null content beside tool_calls were refused as bad records."""
+    from mol.train.data import TextDataModule, chat_tokens
+
+    chat = [{"role": "developer", "content": "sky"}, {"role": "user", "content": "red blue"},
+            {"role": "assistant", "content": None, "tool_calls": [{"type": "function",
+                                                                   "function": {"name": "cat", "arguments": {}}}]},
+            {"role": "tool", "content": "sun"}, {"role": "assistant", "content": "moon bird"}]
+    v, ig = VOCAB, -100
+    want_ids = [v["<s>"], v["developer"], v["sky"], v["</s>"], v["user"], v["red"], v["blue"], v["</s>"],
+                v["assistant"], v["call"], v["cat"], v["</s>"], v["tool"], v["sun"], v["</s>"],
+                v["assistant"], v["moon"], v["bird"], v["</s>"]]
+    want_labels = [ig] * 9 + [v["call"], v["cat"], v["</s>"]] + [ig] * 4 + [v["moon"], v["bird"], v["</s>"]]
+    assert chat_tokens(chat_tokenizer(template=TOOLS), chat) == (want_ids, want_labels)
+    f = _write(tmp_path / "tools.jsonl", [{"messages": chat}] * 2)
+    dm = TextDataModule(chat_tokenizer(template=TOOLS), "causal_lm", train=str(f), batch_size=1, cache_dir=None)
+    dm.scan()  # the records' check, which refused them: raises on a bad record

@@ -5,7 +5,7 @@ Record formats (one JSON object per line), told apart record by record (a file m
 - ``{"prompt": ..., "response": ...}``  causal LM, loss on the response tokens only
 - ``{"text": ..., "label": ...}``       sequence classification (label: string or int)
 - ``{"messages": [{"role": ..., "content": ...}, ...]}``  a chat, rendered with the tokenizer's chat template,
-  loss on the assistant turns only (roles: system, user, assistant)
+  loss on the assistant turns only (roles: system, developer, user, assistant, tool; assistant tool_calls too)
 Any record may carry ``"task"``; otherwise the task is the source's ``task`` field or the file's stem.
 The field names can be mapped to a dataset's own columns (``Fields``: data.text_field=sentence ...).
 
@@ -64,7 +64,7 @@ class Fields:
         return f"{key} (data.{kind}_field)" if key != kind else key
 
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def _as_sources(spec: Union[None, str, dict, Sequence[Any]]) -> list[Source]:
@@ -110,20 +110,24 @@ def _shown(value: Any) -> str:
 
 def _check_messages(messages: Any, where: str, key: str) -> None:
     """A chat's ``messages``: a non-empty list of {role, content} dicts with a known role and string content, and
-    at least one assistant turn (the only tokens it trains on)."""
+    at least one assistant turn (the only tokens it trains on). An assistant turn that calls tools (a non-empty
+    ``tool_calls`` list, OpenAI's format, which chat templates render) may have no content; ``tool`` turns carry
+    the tools' results and, like ``developer`` (OpenAI's newer system role), are not learned."""
     example = '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: `{key}` is {_shown(messages)}, not a non-empty list of messages; write e.g. "
                         f"{example}")
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list) \
+            and bool(m["tool_calls"])
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
             raise DataError(f"{where}: message {j} of `{key}` is {_shown(m)}, not an object with `role` and "
                             f"`content`; write each message as {{\"role\": ..., \"content\": ...}}")
         if m["role"] not in CHAT_ROLES:
             raise DataError(f"{where}: message {j} has role {_shown(m['role'])}; use one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(m["content"], str):
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
             raise DataError(f"{where}: message {j} has content {_shown(m['content'])}, not a string; write each "
-                            "content as a JSON string")
+                            "content as a JSON string (null only in an assistant turn with tool_calls)")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the chat has no assistant message, so nothing to learn (the loss is on the "
                         "assistant turns only); add the assistant's reply or remove the record")
@@ -174,7 +178,7 @@ def _first_header(tokenizer: Any, through: str, message: dict) -> str:
     try:
         return _render(tokenizer, [], True)
     except Exception:  # noqa: BLE001 - a template raises whatever its Jinja code raises on an empty chat
-        at = through.find(message["content"]) if message["content"] else -1
+        at = through.find(message["content"]) if message.get("content") else -1
         return through[:at] if at >= 0 else ""
 
 
