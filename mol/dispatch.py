@@ -124,11 +124,9 @@ def check_dot_capability(x: Tensor, where: str) -> None:
         _warn_slow_dots(where, x.device)
         return
     cap = device_capability(x.device)
-    sm = f"sm_{cap[0]}{cap[1]}"
-    if x.dtype == torch.bfloat16:
-        raise RuntimeError(f"{where}: backend='triton' with bfloat16 on a compute capability {cap[0]}.{cap[1]} GPU "
-                           f"({sm}): it has no bfloat16 arithmetic, and Triton runs its matrix products without "
-                           "tensor cores below sm_80; use float16 (model.half()) or backend='torch'")
+    raise RuntimeError(f"{where}: backend='triton' with bfloat16 on a compute capability {cap[0]}.{cap[1]} GPU "
+                       f"(sm_{cap[0]}{cap[1]}): it has no bfloat16 arithmetic, and Triton runs its matrix products "
+                       "without tensor cores below sm_80; use float16 (model.half()) or backend='torch'")
 
 
 _WARNED: set = set()
