@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -92,6 +93,69 @@ def _directory(directory: Any, who: str, writing: bool = False) -> Path:
     if not writing and out.is_file():  # else ".../adapter_config.json/adapter_config.json does not exist"
         raise ValueError(f"{who}: {out} is a file; give the directory that holds it ({out.parent})")
     return out
+
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _hub_repo_id(source: Any) -> Optional[str]:
+    """``source`` as a Hugging Face Hub repo id (``owner/name``), or None where it is a local path: a Path object,
+    a path that exists, or a string that is no ``owner/name`` (``./x``, ``/abs``, ``a/b/c``, ``dir/``)."""
+    if not isinstance(source, str) or os.path.exists(source) or not _REPO_ID.fullmatch(source):
+        return None
+    return None if ".." in source or source.endswith((".json", ".safetensors", ".bin")) else source
+
+
+def _adapter_source(source: Any, who: str, files: tuple[str, ...], revision: Optional[str],
+                    subfolder: Optional[str], token: Union[str, bool, None]) -> Path:
+    """The local directory of an adapter given as a directory or as a Hub repo id (``owner/name``): the repo's
+    ``files`` (under ``subfolder``) are downloaded into Hugging Face's cache, or read from it offline. A path that
+    does not exist and reads as ``owner/name`` is a repo id, so the error for either says both."""
+    if subfolder is not None and (not isinstance(subfolder, str) or not subfolder.strip("/")
+                                  or ".." in Path(subfolder).parts):
+        raise ValueError(f"{who}: subfolder={subfolder!r} must name a folder inside the adapter's directory or repo, "
+                         "e.g. subfolder='checkpoint-100'")
+    sub = subfolder.strip("/") if subfolder else None
+    repo_id = _hub_repo_id(source)
+    if repo_id is None:
+        if revision is not None or token is not None:
+            raise ValueError(f"{who}: revision= and token= choose what to download from the Hugging Face Hub, but "
+                             f"{str(source)!r} is a local path; leave them out, or give the repo id (owner/name)")
+        directory = _directory(source, who)
+        return directory / sub if sub else directory
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
+    except ImportError:  # transformers depends on it: only a broken environment lacks it
+        raise ImportError(f"{who}: {source!r} is no local directory, and reading it as a Hugging Face Hub repo "
+                          "needs the huggingface_hub package: pip install huggingface_hub") from None
+    patterns = [f"{sub}/{f}" if sub else f for f in files]
+    where = f"the Hugging Face Hub repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token))
+    except GatedRepoError:
+        raise PermissionError(f"{who}: {where} is gated: accept its terms on the Hub, then log in (`hf auth login`) "
+                              "or pass token=") from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"{who}: {where} has no such revision; give a branch, tag or commit the repo "
+                                "has") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{who}: {source!r} is neither a local directory nor a repo on the Hugging Face Hub "
+                                "that this token can see (a typo, or a private repo: log in with `hf auth login` or "
+                                "pass token=)") from None
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(f"{who}: {source!r} is no local directory, and {where} is not in the local Hugging "
+                                "Face cache and cannot be downloaded (offline: HF_HUB_OFFLINE=1, or no network); "
+                                f"download it where there is a network (`hf download {repo_id}`) or give a local "
+                                "directory") from None
+    except HfHubHTTPError as e:
+        raise OSError(f"{who}: downloading {where} failed ({e}); try again, or give a local directory") from None
+    directory = snapshot / sub if sub else snapshot
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{who}: {where} holds no {'/'.join([*([sub] if sub else []), CONFIG_NAME])}, so it "
+                                "is no adapter" + ("" if sub else " (is it in a subfolder? pass subfolder=)"))
+    return directory
 
 
 def _json_text(obj: Any, who: str) -> str:
@@ -270,9 +334,14 @@ def _check_and_copy(model: nn.Module, tensors: dict[str, Tensor], expected: dict
             param.copy_(tensors[name].to(param.dtype))
 
 
-def load_adapter(model: nn.Module, directory: PathLike, quantize_base: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, directory: PathLike, quantize_base: bool = True, *, revision: Optional[str] = None,
+                 subfolder: Optional[str] = None, token: Union[str, bool, None] = None) -> nn.Module:
     """Load an adapter saved with ``save_adapter`` into ``model`` and return it; injects it first if ``model`` has
     no adapter yet (a model that carries one must carry the same configs). A file that does not fit changes nothing.
+
+    ``directory`` is a local directory or a Hugging Face Hub repo id (``owner/name``, as ``push_to_hub`` writes):
+    its two adapter files, at ``revision`` (branch, tag or commit) and under ``subfolder``, are downloaded into
+    Hugging Face's cache (read from it offline); ``token`` for private or gated repos.
 
     ``quantize_base=False`` puts a QLoRA / QLoRA-MoL adapter (trained with ``quantize_base="nf4"``) on ``model``'s
     own full-precision linears instead of quantizing them first, as PEFT users load a QLoRA adapter onto a bf16
@@ -280,7 +349,7 @@ def load_adapter(model: nn.Module, directory: PathLike, quantize_base: bool = Tr
     than on their NF4 rounding, which it was trained against (a small, usual difference)."""
     check_model(model, "load_adapter", then_directory=True)
     given, model = model, _uncompiled(model)
-    directory = _directory(directory, "load_adapter")
+    directory = _adapter_source(directory, "load_adapter", (CONFIG_NAME, WEIGHTS_NAME), revision, subfolder, token)
     configs, nested = _read_configs(directory)
     if not quantize_base:
         configs = without_quantize_base(configs)
@@ -537,6 +606,55 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
     return out
 
 
+def push_to_hub(model: nn.Module, repo_id: str, *, peft_format: bool = False, private: Optional[bool] = None,
+                token: Union[str, bool, None] = None, revision: Optional[str] = None,
+                commit_message: Optional[str] = None) -> Any:
+    """Upload the adapter of ``model`` to the Hugging Face Hub repo ``repo_id`` (``owner/name``; created if missing,
+    ``private`` then) in one commit, and return huggingface_hub's CommitInfo (``.commit_url``). It holds what
+    ``save_adapter`` writes (``peft_format=True``: what ``export_peft`` writes, for a LoRA adapter that PEFT users
+    then load with ``PeftModel.from_pretrained``) and, where the repo has none yet, a README model card saying how
+    to load it. Load it back with ``mol.load_adapter(base_model, repo_id)`` (or ``mol.import_peft``). The adapter is
+    written to a temporary directory first, so an adapter that cannot be saved uploads nothing."""
+    check_model(model, "push_to_hub")
+    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id):
+        raise ValueError(f"push_to_hub: repo_id must be a Hugging Face Hub repo id 'owner/name', got {repo_id!r}")
+    from huggingface_hub import HfApi  # transformers' own dependency; imported here, where it is needed
+
+    with tempfile.TemporaryDirectory(prefix="mol-push-") as tmp:
+        (export_peft if peft_format else save_adapter)(model, tmp)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        if not api.file_exists(repo_id, "README.md", revision=revision):  # a card the owner wrote stays theirs
+            Path(tmp, "README.md").write_text(_model_card(model, repo_id, peft_format))
+        return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
+                                 commit_message=commit_message or f"Upload {'PEFT LoRA' if peft_format else 'mol'} "
+                                                                  "adapter")
+
+
+def _model_card(model: nn.Module, repo_id: str, peft_format: bool) -> str:
+    """A short README: the Hub's metadata (base model, library, tags) and the lines that load the adapter."""
+    base = _base_model_name(model)
+    methods = sorted({c.method for c in all_configs(model)})
+    if peft_format:
+        load = ("from peft import PeftModel\n"
+                f"model = PeftModel.from_pretrained(base_model, {repo_id!r})")
+    else:
+        load = f"import mol\nmodel = mol.load_adapter(base_model, {repo_id!r})"
+    header = ["---", f"library_name: {'peft' if peft_format else 'mol'}"]
+    if base and not os.path.isabs(base):  # a local path names nothing on the Hub
+        header.append(f"base_model: {base}")
+    header += ["tags:", *(f"- {t}" for t in dict.fromkeys(["mol", *methods])), "---", ""]
+    base_line = (f"base_model = AutoModel.from_pretrained({base!r})  # the model class it was trained with"
+                 if base else "base_model = ...  # the model the adapter was trained on")
+    return "\n".join(header + [
+        f"# {repo_id.split('/')[-1]}", "",
+        f"An adapter ({', '.join(methods)}) trained with `mol` (Mixture-of-LoRA fine-tuning)"
+        + (f" on `{base}`." if base else "."), "",
+        "```python", "from transformers import AutoModel", base_line, load, "```", ""])
+
+
 def _peft_all_linear_takes_more(model: nn.Module) -> bool:
     """Whether ``model`` holds layers that mol's "all-linear" leaves out and PEFT's may take: modules with 3-D
     expert tensors (and the routers beside them) or nn.Linear subclasses that are no linear map (Llama 4's router)."""
@@ -620,12 +738,16 @@ def _peft_lora_fields(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     return out
 
 
-def import_peft(model: nn.Module, directory: PathLike) -> nn.Module:
-    """Inject and load a PEFT LoRA adapter directory into ``model`` (a plain Hugging Face model without an
-    adapter); returns ``model``. Options mol does not compute (DoRA, LoRA biases, base-rewriting inits) are refused."""
+def import_peft(model: nn.Module, directory: PathLike, *, revision: Optional[str] = None,
+                subfolder: Optional[str] = None, token: Union[str, bool, None] = None) -> nn.Module:
+    """Inject and load a PEFT LoRA adapter into ``model`` (a plain Hugging Face model without an adapter); returns
+    ``model``. ``directory`` is a local directory or a Hub repo id (``owner/name``; ``revision``, ``subfolder``,
+    ``token`` as in ``load_adapter``), as PEFT's ``PeftModel.from_pretrained`` takes. Options mol does not compute
+    (DoRA, LoRA biases, base-rewriting inits) are refused."""
     check_model(model, "import_peft", then_directory=True)
     given, model = model, _uncompiled(model)
-    directory = _directory(directory, "import_peft")
+    directory = _adapter_source(directory, "import_peft", (CONFIG_NAME, WEIGHTS_NAME, PEFT_PICKLE_NAME), revision,
+                                subfolder, token)
     raw = _read_json(directory / CONFIG_NAME, "point import_peft at a directory saved by PEFT's save_pretrained")
     if not isinstance(raw, dict):
         raise ValueError(f"{directory / CONFIG_NAME} holds a JSON {type(raw).__name__}, not a PEFT adapter config "

@@ -1,0 +1,233 @@
+"""Adapters on the Hugging Face Hub: load_adapter / import_peft given a repo id, and push_to_hub.
+
+No network: repos are laid out in a Hugging Face cache of our own (refs/<revision> naming a snapshot folder, as
+huggingface_hub writes it) and read with HF_HUB_OFFLINE, which is how huggingface_hub serves a downloaded repo; the
+upload goes to a stand-in HfApi that commits the folder into that cache. The reference is always the same adapter
+loaded from its local directory, or PEFT's own loader for the PEFT format."""
+
+import copy
+import hashlib
+import shutil
+from pathlib import Path
+
+import huggingface_hub
+import huggingface_hub.constants
+import pytest
+import torch
+
+import mol
+from conftest import make_tiny_llama
+from mol.io import _hub_repo_id
+
+
+def _trained(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _commit(cache: Path, repo_id: str, folder: Path, revision: str = "main") -> str:
+    """Put ``folder``'s files into ``cache`` as the snapshot of ``repo_id`` at branch ``revision``; its commit hash."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    taken = len(list(repo.glob("snapshots/*")))
+    sha = hashlib.sha1(f"{repo_id}{revision}{taken}".encode()).hexdigest()
+    shutil.copytree(folder, repo / "snapshots" / sha)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(sha)
+    return sha
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.fixture
+def base():
+    torch.manual_seed(0)
+    return make_tiny_llama()
+
+
+IDS = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def test_a_repo_id_loads_the_adapter_as_its_local_directory_does_at_each_revision_and_subfolder(tmp_path, hub_cache,
+                                                                                               base):
+    config = mol.MoLConfig(rank=4, num_experts=4, top_k=2, target_modules="all-linear")
+    first, second = (_trained(mol.inject(copy.deepcopy(base), config)) for _ in range(2))
+    mol.save_adapter(first, tmp_path / "v1")
+    mol.save_adapter(second, tmp_path / "v2" / "checkpoint-2")
+    _commit(hub_cache, "someone/tiny-mol", tmp_path / "v1")
+    sha = _commit(hub_cache, "someone/tiny-mol", tmp_path / "v2", revision="later")
+
+    with torch.no_grad():
+        want1, want2 = first(input_ids=IDS).logits, second(input_ids=IDS).logits
+        local = mol.load_adapter(copy.deepcopy(base), tmp_path / "v1")(input_ids=IDS).logits
+        main = mol.load_adapter(copy.deepcopy(base), "someone/tiny-mol")(input_ids=IDS).logits
+        later = mol.load_adapter(copy.deepcopy(base), "someone/tiny-mol", revision="later",
+                                 subfolder="checkpoint-2")(input_ids=IDS).logits
+        by_hash = mol.load_adapter(copy.deepcopy(base), "someone/tiny-mol", revision=sha,
+                                   subfolder="checkpoint-2/")(input_ids=IDS).logits
+    assert torch.equal(local, want1) and torch.equal(main, want1)
+    assert torch.equal(later, want2) and torch.equal(by_hash, want2)
+    assert not torch.equal(want1, want2)
+
+
+def test_a_peft_adapter_on_the_hub_imports_as_peft_loads_it(tmp_path, hub_cache, base):
+    peft = pytest.importorskip("peft")
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                          target_modules=["q_proj", "v_proj"]))
+    _trained(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    _commit(hub_cache, "someone/tiny-peft", tmp_path / "peft")
+    with torch.no_grad():
+        want = peft_model(input_ids=IDS).logits
+        got = mol.import_peft(copy.deepcopy(base), "someone/tiny-peft")(input_ids=IDS).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_hub_errors_name_the_repo_and_the_fix_and_leave_the_model_as_it_was(tmp_path, hub_cache, base, monkeypatch):
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FileNotFoundError, match=r"'nobody/nothing' is no local directory.*not in the local Hugging "
+                                                r"Face cache.*HF_HUB_OFFLINE.*hf download nobody/nothing"):
+        mol.load_adapter(model, "nobody/nothing")
+    with pytest.raises(FileNotFoundError, match="import_peft: 'nobody/nothing' is no local directory"):
+        mol.import_peft(model, "nobody/nothing")
+    # a repo that holds something else
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    _commit(hub_cache, "someone/a-model", tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match=r"'someone/a-model' holds no adapter_config.json.*pass subfolder="):
+        mol.load_adapter(model, "someone/a-model")
+    with pytest.raises(FileNotFoundError, match=r"holds no ckpt/adapter_config.json, so it is no adapter$"):
+        mol.load_adapter(model, "someone/a-model", subfolder="ckpt")
+    # Hub options on a local path; a subfolder that climbs out
+    mol.save_adapter(_trained(mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2))), tmp_path / "local")
+    with pytest.raises(ValueError, match=r"revision= and token= .* is a local path"):
+        mol.load_adapter(model, tmp_path / "local", revision="main")
+    with pytest.raises(ValueError, match=r"subfolder='\.\./x' must name a folder inside"):
+        mol.load_adapter(model, "someone/a-model", subfolder="../x")
+    # a local path that does not exist and reads as no repo id keeps the local error
+    with pytest.raises(FileNotFoundError, match=r"does not exist; point load_adapter at a directory"):
+        mol.load_adapter(model, str(tmp_path / "missing"))
+    assert not getattr(model, "mol_configs", None)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    # online failures are told apart (stand-ins for what huggingface_hub raises)
+    from huggingface_hub import errors
+
+    def raising(exc):
+        def download(*args, **kwargs):
+            raise exc
+        return download
+
+    response = type("Response", (), {"status_code": 404, "headers": {}, "request": None, "url": "u"})()
+    for exc, match in [(errors.RepositoryNotFoundError("x", response=response), "neither a local directory nor a "
+                        "repo on the Hugging Face Hub"),
+                       (errors.RevisionNotFoundError("x", response=response), "at revision 'v9' has no such "
+                        "revision"),
+                       (errors.GatedRepoError("x", response=response), "is gated: accept its terms")]:
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(exc))
+        with pytest.raises((FileNotFoundError, PermissionError), match=match):
+            mol.load_adapter(model, "someone/private", revision="v9")
+
+
+@pytest.mark.parametrize("source, repo", [
+    ("owner/name", "owner/name"), ("Org-1/model.v2_x", "Org-1/model.v2_x"),
+    (Path("owner/name"), None), ("./owner/name", None), ("/abs/dir", None), ("a/b/c", None), ("dir/", None),
+    ("name", None), ("owner/../x", None), ("owner/adapter_config.json", None),
+])
+def test_which_sources_are_hub_repo_ids(source, repo):
+    assert _hub_repo_id(source) == repo
+
+
+def test_an_existing_local_directory_is_never_a_repo_id(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "adapter").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert _hub_repo_id("runs/adapter") is None and _hub_repo_id("runs/other") == "runs/other"
+
+
+class _FakeHub:
+    """huggingface_hub.HfApi's calls that push_to_hub makes, committing each upload into a local cache."""
+
+    def __init__(self, cache: Path, readme: bool = False):
+        self.cache, self.readme, self.calls = cache, readme, []
+
+    def __call__(self, token=None):
+        self.calls.append(("HfApi", token))
+        return self
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, private, exist_ok))
+
+    def create_branch(self, repo_id, branch, exist_ok=False):
+        self.calls.append(("create_branch", repo_id, branch))
+
+    def file_exists(self, repo_id, filename, revision=None):
+        return self.readme
+
+    def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None):
+        self.calls.append(("upload_folder", repo_id, revision, commit_message,
+                           sorted(p.name for p in Path(folder_path).iterdir())))
+        card = Path(folder_path) / "README.md"
+        self.card = card.read_text() if card.exists() else None
+        _commit(self.cache, repo_id, Path(folder_path), revision or "main")
+        return "commit-info"
+
+
+def test_push_to_hub_uploads_what_load_adapter_reads_back(hub_cache, base, monkeypatch):
+    model = _trained(mol.inject(copy.deepcopy(base), mol.MoLConfig(rank=4, num_experts=4, top_k=2)))
+    model.config._name_or_path = "org/tiny-llama"
+    hub = _FakeHub(hub_cache)
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub)
+    assert mol.push_to_hub(model, "me/tiny-mol", private=True, token="tok") == "commit-info"
+    assert hub.calls == [("HfApi", "tok"), ("create_repo", "me/tiny-mol", True, True),
+                         ("upload_folder", "me/tiny-mol", None, "Upload mol adapter",
+                          ["README.md", "adapter_config.json", "adapter_model.safetensors"])]
+    assert "library_name: mol" in hub.card and "base_model: org/tiny-llama" in hub.card
+    assert "mol.load_adapter(base_model, 'me/tiny-mol')" in hub.card
+    with torch.no_grad():
+        got = mol.load_adapter(copy.deepcopy(base), "me/tiny-mol")(input_ids=IDS).logits
+        assert torch.equal(got, model(input_ids=IDS).logits)
+
+    # to a branch, where the repo already has a card: the owner's card is left alone
+    hub2 = _FakeHub(hub_cache, readme=True)
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub2)
+    mol.push_to_hub(model, "me/tiny-mol", revision="exp", commit_message="step 100")
+    assert hub2.calls[2] == ("create_branch", "me/tiny-mol", "exp")
+    assert hub2.calls[3][1:] == ("me/tiny-mol", "exp", "step 100", ["adapter_config.json",
+                                                                     "adapter_model.safetensors"])
+
+
+def test_push_to_hub_in_peft_format_is_read_by_peft(hub_cache, base, monkeypatch, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = _trained(mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, alpha=8,
+                                                                    target_modules=["q_proj", "v_proj"])))
+    hub = _FakeHub(hub_cache)
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub)
+    mol.push_to_hub(model, "me/tiny-lora", peft_format=True)
+    assert "library_name: peft" in hub.card and "PeftModel.from_pretrained(base_model, 'me/tiny-lora')" in hub.card
+    snapshot = next((hub_cache / "models--me--tiny-lora" / "snapshots").iterdir())
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(snapshot))(input_ids=IDS).logits
+        torch.testing.assert_close(theirs, model(input_ids=IDS).logits, rtol=0, atol=1e-6)
+
+
+def test_push_to_hub_refuses_before_touching_the_hub(base, monkeypatch):
+    hub = _FakeHub(Path("/nonexistent"))
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub)
+    routed = mol.inject(copy.deepcopy(base), mol.MoLConfig(rank=2, num_experts=2, top_k=1))
+    with pytest.raises(ValueError, match="routed"):
+        mol.push_to_hub(routed, "me/x", peft_format=True)
+    with pytest.raises(ValueError, match="repo_id must be a Hugging Face Hub repo id 'owner/name', got 'x'"):
+        mol.push_to_hub(routed, "x")
+    with pytest.raises(ValueError, match="carries no mol adapter"):
+        mol.push_to_hub(copy.deepcopy(base), "me/x")
+    assert hub.calls == []
