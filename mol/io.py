@@ -618,19 +618,30 @@ def push_to_hub(model: nn.Module, repo_id: str, *, peft_format: bool = False, pr
     check_model(model, "push_to_hub")
     if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id):
         raise ValueError(f"push_to_hub: repo_id must be a Hugging Face Hub repo id 'owner/name', got {repo_id!r}")
-    from huggingface_hub import HfApi  # transformers' own dependency; imported here, where it is needed
-
     with tempfile.TemporaryDirectory(prefix="mol-push-") as tmp:
         (export_peft if peft_format else save_adapter)(model, tmp)
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision is not None:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        if not api.file_exists(repo_id, "README.md", revision=revision):  # a card the owner wrote stays theirs
-            Path(tmp, "README.md").write_text(_model_card(model, repo_id, peft_format))
-        return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
-                                 commit_message=commit_message or f"Upload {'PEFT LoRA' if peft_format else 'mol'} "
-                                                                  "adapter")
+        return push_folder(Path(tmp), repo_id, _model_card(model, repo_id, peft_format), private=private,
+                           token=token, revision=revision,
+                           commit_message=commit_message or f"Upload {'PEFT LoRA' if peft_format else 'mol'} adapter")
+
+
+def push_folder(folder: Path, repo_id: str, card: str, *, private: Optional[bool] = None,
+                token: Union[str, bool, None] = None, revision: Optional[str] = None,
+                commit_message: str = "Upload mol adapter") -> Any:
+    """Upload the files of ``folder`` (an adapter directory) to ``repo_id`` in one commit, creating the repo (and
+    the branch ``revision``) where missing, with ``card`` as README.md where the repo has none (a card its owner
+    wrote stays theirs). Returns huggingface_hub's CommitInfo."""
+    from huggingface_hub import CommitOperationAdd, HfApi  # transformers' own dependency; imported where needed
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
+    if not api.file_exists(repo_id, "README.md", revision=revision):
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
 
 
 def _model_card(model: nn.Module, repo_id: str, peft_format: bool) -> str:

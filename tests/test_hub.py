@@ -7,6 +7,7 @@ loaded from its local directory, or PEFT's own loader for the PEFT format."""
 
 import copy
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -173,12 +174,19 @@ class _FakeHub:
     def file_exists(self, repo_id, filename, revision=None):
         return self.readme
 
-    def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None):
-        self.calls.append(("upload_folder", repo_id, revision, commit_message,
-                           sorted(p.name for p in Path(folder_path).iterdir())))
-        card = Path(folder_path) / "README.md"
-        self.card = card.read_text() if card.exists() else None
-        _commit(self.cache, repo_id, Path(folder_path), revision or "main")
+    def create_commit(self, repo_id, operations, commit_message=None, revision=None):
+        files = {}
+        for op in operations:
+            with op.as_file() as f:
+                files[op.path_in_repo] = f.read()
+        self.calls.append(("create_commit", repo_id, revision, commit_message, sorted(files)))
+        self.card = files["README.md"].decode() if "README.md" in files else None
+        folder = self.cache / "upload"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        _commit(self.cache, repo_id, folder, revision or "main")
         return "commit-info"
 
 
@@ -189,7 +197,7 @@ def test_push_to_hub_uploads_what_load_adapter_reads_back(hub_cache, base, monke
     monkeypatch.setattr(huggingface_hub, "HfApi", hub)
     assert mol.push_to_hub(model, "me/tiny-mol", private=True, token="tok") == "commit-info"
     assert hub.calls == [("HfApi", "tok"), ("create_repo", "me/tiny-mol", True, True),
-                         ("upload_folder", "me/tiny-mol", None, "Upload mol adapter",
+                         ("create_commit", "me/tiny-mol", None, "Upload mol adapter",
                           ["README.md", "adapter_config.json", "adapter_model.safetensors"])]
     assert "library_name: mol" in hub.card and "base_model: org/tiny-llama" in hub.card
     assert "mol.load_adapter(base_model, 'me/tiny-mol')" in hub.card
@@ -231,3 +239,89 @@ def test_push_to_hub_refuses_before_touching_the_hub(base, monkeypatch):
     with pytest.raises(ValueError, match="carries no mol adapter"):
         mol.push_to_hub(copy.deepcopy(base), "me/x")
     assert hub.calls == []
+
+
+# ------------------------------------------------------------------ mol.train's hub.* settings
+
+def _train_cfg(tmp_path, *extra):
+    from test_train_utils import compose, make_causal_data, make_tiny_llama as tiny_llama_dir, quiet_trainer_overrides
+
+    model, data = tiny_llama_dir(tmp_path / "llama"), make_causal_data(tmp_path / "data")
+    return compose(["model=hf_causal", f"model.path={model}", "data=jsonl", f"data.train={data['train']}",
+                    "data.batch_size=4", "data.max_length=24", f"data.cache_dir={tmp_path / 'cache'}",
+                    f"output_dir={tmp_path / 'run'}", "trainer.max_epochs=-1", "trainer.max_steps=2",
+                    *quiet_trainer_overrides(), *extra])
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """What check_hub asks before training: not offline, and a token."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "tok")
+
+
+@pytest.mark.parametrize("method, peft_format", [("mol", False), ("lora", True)])
+def test_a_training_run_uploads_its_saved_adapter(tmp_path, hub_cache, online, monkeypatch, method, peft_format):
+    from transformers import AutoModelForCausalLM
+
+    from mol.train.app import run
+
+    hub = _FakeHub(hub_cache)
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub)
+    cfg = _train_cfg(tmp_path, f"method={method}", "hub.repo_id=me/run", f"hub.peft_format={str(peft_format).lower()}")
+    results = run(cfg)
+    assert results["run"]["hub"] == "commit-info"
+    assert hub.calls[1] == ("create_repo", "me/run", True, True)
+    local = tmp_path / "run" / "adapter"
+    snapshot = max((hub_cache / "models--me--run" / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime)
+    if not peft_format:  # the run's own files, training_meta.json (mol.evaluate's) with them
+        assert hub.calls[2][4] == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                   "training_meta.json"]
+        for name in ("adapter_config.json", "adapter_model.safetensors", "training_meta.json"):
+            assert (snapshot / name).read_bytes() == (local / name).read_bytes()
+    else:  # PEFT's format: PEFT loads it, and computes what the run's own adapter computes
+        peft = pytest.importorskip("peft")
+        base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"))
+        ids = torch.randint(0, base.config.vocab_size, (2, 9))
+        with torch.no_grad():
+            theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(snapshot))(input_ids=ids).logits
+            ours = mol.load_adapter(copy.deepcopy(base), local)(input_ids=ids).logits
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["run"]["hub"] == "commit-info"
+
+
+def test_a_failed_upload_keeps_the_run_and_says_how_to_upload_it(tmp_path, hub_cache, online, monkeypatch):
+    from mol.train.app import ConfigError, run
+
+    hub = _FakeHub(hub_cache)
+
+    def down(*args, **kwargs):
+        raise OSError("connection reset")
+
+    hub.create_commit = down
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub)
+    with pytest.raises(ConfigError, match=r"the run finished and is saved in .*run, but uploading its adapter to "
+                                          r"me/run failed \(OSError: connection reset\); upload it with `hf upload "
+                                          r"me/run .*adapter`"):
+        run(_train_cfg(tmp_path, "hub.repo_id=me/run"))
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["run"]["hub_error"] == "OSError: connection reset"
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_an_upload_that_cannot_happen_is_refused_before_training(tmp_path, online, monkeypatch):
+    from mol.train.app import ConfigError, prepare
+
+    for extra, match in [(["hub.repo_id=not-a-repo"], "hub.repo_id=not-a-repo is not a Hugging Face Hub repo id"),
+                         (["hub.repo_id=me/x", "hub.private=maybe"], "hub.private=maybe is not true or false"),
+                         (["hub.repo_id=me/x", "hub.peft_format=true"],
+                          "PEFT's format holds a LoRA adapter, and this run trains MoLConfig; use method=lora")]:
+        with pytest.raises(ConfigError, match=match):
+            prepare(_train_cfg(tmp_path, *extra))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(ConfigError, match="no Hugging Face token is set: log in with `hf auth login` or set HF_TOKEN"):
+        prepare(_train_cfg(tmp_path, "hub.repo_id=me/x"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
+        prepare(_train_cfg(tmp_path, "hub.repo_id=me/x"))
+    assert not (tmp_path / "run").exists()

@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from mol.config import is_whole  # noqa: E402
+from mol.config import LoRAConfig, MoLConfig, is_whole  # noqa: E402
 
 CONFIG_NAME = "config"
 GROUPS = ("model", "method", "router", "data", "trainer", "logger", "experiment")
@@ -456,6 +456,54 @@ def check_run_values(cfg: DictConfig) -> None:
                           "(or baseline.enabled=false)")
 
 
+def check_hub(cfg: DictConfig, method_cfg: Any) -> None:
+    """``hub.*``, before training: an upload that cannot happen (no token, offline, PEFT's format for a method PEFT
+    cannot hold) would otherwise fail only once the run has finished."""
+    hub = cfg.get("hub") or {}
+    repo_id = hub.get("repo_id")
+    if repo_id in (None, ""):
+        return
+    from mol.io import _REPO_ID
+
+    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id):
+        raise ConfigError(f"hub.repo_id={repo_id} is not a Hugging Face Hub repo id; pass hub.repo_id=owner/name")
+    for key in ("private", "peft_format"):
+        if not isinstance(hub.get(key, False), bool):
+            raise ConfigError(f"hub.{key}={hub.get(key)} is not true or false")
+    import huggingface_hub
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"hub.repo_id={repo_id} uploads the adapter, but HF_HUB_OFFLINE is set; unset it, or leave "
+                          "hub.repo_id out and upload later with `hf upload <repo> <output_dir>/adapter`")
+    if huggingface_hub.get_token() is None:
+        raise ConfigError(f"hub.repo_id={repo_id} uploads the adapter, and no Hugging Face token is set: log in with "
+                          "`hf auth login` or set HF_TOKEN before training")
+    if hub.get("peft_format") and not (isinstance(method_cfg, LoRAConfig) or (
+            isinstance(method_cfg, MoLConfig) and method_cfg.num_experts == 1)):
+        raise ConfigError(f"hub.peft_format=true: PEFT's format holds a LoRA adapter, and this run trains "
+                          f"{type(method_cfg).__name__}; use method=lora (or qlora), or hub.peft_format=false")
+
+
+def push_adapter(cfg: DictConfig, model: Any, adapter_dir: Path) -> str:
+    """Upload the saved adapter as ``hub.*`` says; the commit's URL. PEFT's format is exported from the model."""
+    import tempfile
+
+    from mol.io import _model_card, export_peft, push_folder
+
+    hub, repo_id = cfg.hub, str(cfg.hub.repo_id)
+    peft_format = bool(hub.get("peft_format", False))
+    card = _model_card(model, repo_id, peft_format)
+    message = f"mol.train: {cfg.get('output_dir')}"
+    if not peft_format:
+        info = push_folder(adapter_dir, repo_id, card, private=bool(hub.get("private", True)), commit_message=message)
+    else:
+        with tempfile.TemporaryDirectory(prefix="mol-push-") as tmp:
+            export_peft(model, tmp)
+            info = push_folder(Path(tmp), repo_id, card, private=bool(hub.get("private", True)),
+                               commit_message=message)
+    return str(getattr(info, "commit_url", info))
+
+
 def torch_dtype(model_cfg: DictConfig) -> Any:
     """``model.dtype`` as a torch floating dtype (``model.dtype=bfloat17`` was an AttributeError traceback)."""
     import torch
@@ -720,6 +768,12 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, adapter_dir / "training_meta.json")
         result["adapter"] = str(adapter_dir)
+        if (cfg.get("hub") or {}).get("repo_id"):
+            try:
+                result["hub"] = push_adapter(cfg, model, adapter_dir)
+            except Exception as e:  # noqa: BLE001 - any failure: the run's files are kept, and it says so
+                # recorded, not raised here: results.json is still written; run() then fails naming the fix
+                result["hub_error"] = f"{type(e).__name__}: {_one_line(e)}"
         heat = out / "heatmaps" / "routing_latest.png"
         if heat.exists():
             result["heatmap"] = str(heat)
@@ -831,6 +885,7 @@ def prepare(cfg: DictConfig) -> tuple[Any, Any]:
     check_accelerator(cfg.trainer)
     method_cfg = build_method_config(cfg)
     fsdp_uniform_dtype(cfg, method_cfg)
+    check_hub(cfg, method_cfg)
     build_logger(cfg, Path("."))  # a missing logger package fails here, not after the baseline's fit (writes nothing)
     tokenizer = _tokenizer_only(cfg.model)
     datamodule = build_datamodule(cfg, tokenizer)
@@ -880,6 +935,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tmp.write_text(json.dumps(results, indent=1))
         os.replace(tmp, out / "results.json")
         print_summary(cfg, results, out)
+        if "hub_error" in res:
+            raise ConfigError(f"the run finished and is saved in {out}, but uploading its adapter to "
+                              f"{cfg.hub.repo_id} failed ({res['hub_error']}); upload it with `hf upload "
+                              f"{cfg.hub.repo_id} {res['adapter']}`")
     return results
 
 
@@ -897,6 +956,8 @@ def print_summary(cfg: DictConfig, results: dict[str, Any], out: Path) -> None:
             lines.append(f"{label}: {r[metric]:.4f}")
     if "adapter" in r:
         lines.append(f"adapter: {r['adapter']}")
+    if "hub" in r:
+        lines.append(f"uploaded: {r['hub']}")
     if "heatmap" in r:
         lines.append(f"routing heatmap: {r['heatmap']}")
     lines.append(f"results: {out / 'results.json'}   time: {results['total_seconds']:.0f} s wall, "
