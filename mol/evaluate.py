@@ -8,18 +8,15 @@ test (or val) files, also recorded there, unless ``data.test=`` / ``data.val=`` 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
-
-from mol.train.app import (ConfigError, _config_dir_args, _fail, asset_path, build_datamodule,  # noqa: E402
-                           check_accelerator, check_data_values, check_overrides, find_conf_dir, load_model,
+from mol.io import CONFIG_NAME, WEIGHTS_NAME, _adapter_source, _hub_repo_id
+from mol.train.app import (ConfigError, _config_dir_args, _fail, asset_path, build_datamodule, check_accelerator,
+                           check_data_values, check_overrides, find_conf_dir, load_model, model_source,
                            register_resolvers, run_guarded)
 
 
@@ -44,13 +41,11 @@ def _base_model(cfg: DictConfig, meta: dict, meta_file: Path) -> str:
     if not given and not meta.get("model_path"):
         raise ConfigError(f"{meta_file} records no model_path (the run's base model); pass base_model=DIR")
     path = str(given or meta["model_path"])
-    if not (Path(path).expanduser() / "config.json").is_file():
-        if given:
-            raise ConfigError(f"base_model={path} is not a Hugging Face model folder (no config.json there); pass "
-                              "base_model=DIR, a local folder made with save_pretrained")
-        raise ConfigError(f"the base model {path} that {meta_file} records is not a Hugging Face model folder (no "
-                          f"config.json there: moved or deleted?); pass base_model=DIR")
-    return path
+    if given:
+        return model_source(path, "base_model", "pass base_model=DIR, a local folder made with save_pretrained, or "
+                                                "a Hub repo id")[0]
+    return model_source(path, "base_model", "moved or deleted? pass base_model=DIR",
+                        shown=f"the base model {path} that {meta_file} records")[0]
 
 
 def _eval_data(cfg: DictConfig, meta: dict, meta_file: Path) -> Any:
@@ -90,6 +85,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     register_resolvers()
     adapter = Path(str(cfg.adapter)).expanduser()
+    if not adapter.exists() and _hub_repo_id(str(cfg.adapter)):  # a run's adapter that hub.repo_id uploaded
+        try:
+            adapter = _adapter_source(str(cfg.adapter), "mol.evaluate",
+                                      (CONFIG_NAME, WEIGHTS_NAME, "training_meta.json"), None, None, None)
+        except OSError as e:
+            raise ConfigError(str(e)) from None
     if not adapter.exists():
         raise ConfigError(f"adapter={adapter} does not exist; point adapter= at the adapter folder of a mol.train run "
                           "(<output_dir>/adapter)")

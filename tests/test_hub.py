@@ -325,3 +325,61 @@ def test_an_upload_that_cannot_happen_is_refused_before_training(tmp_path, onlin
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
         prepare(_train_cfg(tmp_path, "hub.repo_id=me/x"))
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ Hub repo ids as mol.train's and mol.evaluate's models
+
+def test_a_run_trains_a_hub_model_from_the_cache_and_evaluates_from_hub_repos(tmp_path, hub_cache):
+    """model.path=org/tiny-llama is read from the Hugging Face cache (offline), as a local folder of the same files
+    is; the run records the repo id, and mol.evaluate, given the adapter as a repo id too, reproduces the run's
+    validation loss."""
+    from test_train_utils import compose, make_causal_data, make_tiny_llama as tiny_llama_dir, quiet_trainer_overrides
+
+    from mol.evaluate import evaluate
+    from mol.train.app import run
+
+    _commit(hub_cache, "org/tiny-llama", tiny_llama_dir(tmp_path / "llama"))
+    data = make_causal_data(tmp_path / "data")
+
+    def train(model_path, out):
+        return run(compose(["model=hf_causal", f"model.path={model_path}", "data=jsonl", f"data.train={data['train']}",
+                            f"data.val={data['val']}", "data.batch_size=4", "data.max_length=24",
+                            f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={out}", "trainer.max_epochs=-1",
+                            "trainer.max_steps=3", "optim.lr=1e-2", *quiet_trainer_overrides()]))
+
+    from_hub = train("org/tiny-llama", tmp_path / "hub-run")
+    from_folder = train(tmp_path / "llama", tmp_path / "folder-run")
+    assert from_hub["run"]["val/loss"] == from_folder["run"]["val/loss"]
+    meta = json.loads((tmp_path / "hub-run" / "adapter" / "training_meta.json").read_text())
+    assert meta["model_path"] == "org/tiny-llama"
+
+    _commit(hub_cache, "me/run", tmp_path / "hub-run" / "adapter")
+    got = evaluate(compose(["adapter=me/run", "split=val", f"data.val={data['val']}",
+                            "trainer.enable_progress_bar=false"], config_name="evaluate"))
+    assert got["val/loss"] == pytest.approx(from_hub["run"]["val/loss"], rel=1e-6, abs=0)
+
+
+def test_a_hub_model_that_cannot_be_had_is_one_config_error(tmp_path, hub_cache):
+    from test_train_utils import compose, make_causal_data
+
+    from mol.train.app import ConfigError, prepare
+
+    data = make_causal_data(tmp_path / "data")
+
+    def cfg(path):
+        return compose(["model=hf_causal", f"model.path={path}", "data=jsonl", f"data.train={data['train']}",
+                        f"output_dir={tmp_path / 'run'}"])
+
+    with pytest.raises(ConfigError, match=r"model.path=org/absent is no local folder, and as a Hub repo it is not in "
+                                          r"the local Hugging Face cache and HF_HUB_OFFLINE is set .*hf download "
+                                          r"org/absent"):
+        prepare(cfg("org/absent"))
+    with pytest.raises(ConfigError, match=r"model.path=a/b/c is not a Hugging Face model folder \(no config.json "
+                                          r"there\) nor a Hub repo id; set model.path to a local folder"):
+        prepare(cfg("a/b/c"))
+    (tmp_path / "cfgless").mkdir()
+    (tmp_path / "cfgless" / "README.md").write_text("no model here")
+    _commit(hub_cache, "org/cfgless", tmp_path / "cfgless")
+    with pytest.raises(ConfigError, match=r"model.path=org/cfgless"):
+        prepare(cfg("org/cfgless"))
+    assert not (tmp_path / "run").exists()

@@ -4,8 +4,9 @@ With no overrides it fine-tunes sentence-transformers' all-MiniLM-L6-v2 (package
 with MoL (8 experts, top-2) on a fortune-cookie topic classification set shipped in ``data/fortunes``,
 trains the classifier head alone on the frozen base as a baseline, and prints both held-out accuracies.
 
-Config groups live in ``conf/``: model, method, router, data, trainer, logger, experiment. Everything is local:
-the hub is never contacted (``HF_HUB_OFFLINE=1``).
+Config groups live in ``conf/``: model, method, router, data, trainer, logger, experiment. Local folders are read
+without asking the Hugging Face Hub; a Hub repo id (model.path, hub.repo_id) follows huggingface_hub's own settings
+(``HF_HUB_OFFLINE=1``: its cache only).
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
@@ -233,13 +231,64 @@ def build_method_config(cfg: DictConfig) -> Any:
     return method_cfg
 
 
-def _tokenizer_path(model_cfg: DictConfig, model_path: Path) -> str:
-    """``model.tokenizer`` (a local folder; the hub is never asked), else the model's own folder."""
+def model_source(value: Any, key: str = "model.path", fix: str = "", shown: str = "") -> tuple[str, bool]:
+    """(what ``from_pretrained`` takes, whether it is a local folder) for a model given as a local folder made with
+    ``save_pretrained`` or as a Hugging Face Hub repo id (``owner/name``). A repo id is checked now, by fetching its
+    config.json (or finding it in the cache offline), so that a typo, a gated repo or a missing network fails
+    before anything trains, in one line."""
+    from mol.io import _hub_repo_id
+
+    path = Path(str(value)).expanduser()
+    if (path / "config.json").is_file():
+        return str(path), True
+    repo_id = _hub_repo_id(str(value))
+    if repo_id is None or path.exists():
+        fix = fix or f"set {key} to a local folder made with save_pretrained or a repo id such as Qwen/Qwen2.5-0.5B"
+        raise ConfigError(f"{shown or f'{key}={value}'} is not a Hugging Face model folder (no config.json there) "
+                          f"nor a Hub repo id; {fix}")
+    _check_hub_model(repo_id, key)
+    return repo_id, False
+
+
+def _check_hub_model(repo_id: str, key: str) -> None:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+
+    try:
+        hf_hub_download(repo_id, "config.json")
+    except GatedRepoError:
+        raise ConfigError(f"{key}={repo_id} is a gated repo: accept its terms on the Hub, then log in (`hf auth "
+                          "login` or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{key}={repo_id} is neither a local folder nor a Hub repo this machine can see (a typo, "
+                          "or a private repo: log in with `hf auth login` or set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        why = ("HF_HUB_OFFLINE is set"
+               if constants.HF_HUB_OFFLINE else "there is no network")
+        raise ConfigError(f"{key}={repo_id} is no local folder, and as a Hub repo it is not in the local Hugging Face "
+                          f"cache and {why}: download it first (`hf download {repo_id}`), allow downloads, or give "
+                          "a local folder") from None
+    except HfHubHTTPError as e:
+        raise ConfigError(f"{key}={repo_id}: fetching its config.json from the Hub failed ({_one_line(e)})") from None
+    except ValueError as e:  # EntryNotFound and the like: a repo that is no transformers model
+        raise ConfigError(f"{key}={repo_id} has no config.json, so it is no Hugging Face model ({_one_line(e)})") \
+            from None
+
+
+def _tokenizer_path(model_cfg: DictConfig, model_path: str) -> tuple[str, bool]:
+    """``model.tokenizer`` (a local folder or a Hub repo id), else the model's own; and whether it is local."""
     tok = model_cfg.get("tokenizer")
-    if tok and not Path(str(tok)).expanduser().is_dir():  # transformers would take it for a hub repo id
-        raise ConfigError(f"model.tokenizer={tok} is not a folder; set model.tokenizer to a local folder made with "
-                          "save_pretrained, or drop it to use model.path's tokenizer")
-    return str(Path(str(tok or model_path)).expanduser())
+    if not tok:
+        return model_path, Path(model_path).is_dir()
+    if Path(str(tok)).expanduser().is_dir():
+        return str(Path(str(tok)).expanduser()), True
+    from mol.io import _hub_repo_id
+
+    if _hub_repo_id(str(tok)) is None:  # transformers would take it for a hub repo id and fail far from here
+        raise ConfigError(f"model.tokenizer={tok} is neither a folder nor a Hub repo id; set model.tokenizer to a "
+                          "local folder made with save_pretrained or a repo id, or drop it to use model.path's")
+    return str(tok), False
 
 
 def chat_template_text(value: Any) -> Optional[str]:
@@ -268,15 +317,13 @@ _reported_new_heads: set[tuple[str, int]] = set()
 
 
 def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]:
-    """Tokenizer and HF model from a local folder; classification heads get ``len(label_names)`` outputs."""
+    """Tokenizer and HF model from a local folder or a Hub repo id; classification heads get ``len(label_names)``
+    outputs."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    path = Path(str(model_cfg.path)).expanduser()
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.path={path} is not a Hugging Face model folder (no config.json there); "
-                          "set model.path to a local folder made with save_pretrained")
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_path(model_cfg, path), local_files_only=True)
+    path, local = model_source(model_cfg.path)
+    tokenizer = _load_tokenizer(model_cfg, path)
     apply_model_chat_template(tokenizer, model_cfg)
     dtype = torch_dtype(model_cfg)
     if model_cfg.task == "classification":
@@ -284,22 +331,22 @@ def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]
 
         # A saved classifier with another label count than the data: its head cannot load, and need not (a new
         # head trains with model.modules_to_save and is saved with the adapter), so it starts from scratch
-        saved_labels = AutoConfig.from_pretrained(str(path), local_files_only=True).num_labels
+        saved_labels = AutoConfig.from_pretrained(path, local_files_only=local).num_labels
         resize = saved_labels != len(label_names)
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)}, dtype=dtype, local_files_only=True,
+            path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)}, dtype=dtype, local_files_only=local,
             **({"ignore_mismatched_sizes": True, "output_loading_info": True} if resize else {}))
         if resize:
             model, info = model
             mismatched = sorted(k[0] for k in info.get("mismatched_keys") or ())
-            if mismatched and (str(path), len(label_names)) not in _reported_new_heads:  # once, not per fit
-                _reported_new_heads.add((str(path), len(label_names)))
+            if mismatched and (path, len(label_names)) not in _reported_new_heads:  # once, not per fit
+                _reported_new_heads.add((path, len(label_names)))
                 print(f"mol: {path} has a {saved_labels}-label classification head and the data "
                       f"{len(label_names)} labels: {', '.join(mismatched)} re-initialised with {len(label_names)} "
                       f"outputs (model.modules_to_save trains it)", flush=True)
     elif model_cfg.task == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local)
     else:
         raise ConfigError(f"model.task={model_cfg.task!r} is unknown; use classification or causal_lm")
     if tokenizer.pad_token_id is None:
@@ -473,8 +520,9 @@ def check_hub(cfg: DictConfig, method_cfg: Any) -> None:
     import huggingface_hub
 
     if huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise ConfigError(f"hub.repo_id={repo_id} uploads the adapter, but HF_HUB_OFFLINE is set; unset it, or leave "
-                          "hub.repo_id out and upload later with `hf upload <repo> <output_dir>/adapter`")
+        raise ConfigError(f"hub.repo_id={repo_id} uploads the adapter, but HF_HUB_OFFLINE is set; pass "
+                          "HF_HUB_OFFLINE=0, or leave hub.repo_id out and upload later with `hf upload <repo> "
+                          "<output_dir>/adapter`")
     if huggingface_hub.get_token() is None:
         raise ConfigError(f"hub.repo_id={repo_id} uploads the adapter, and no Hugging Face token is set: log in with "
                           "`hf auth login` or set HF_TOKEN before training")
@@ -859,14 +907,17 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
         fields=data_fields(d))
 
 
-def _tokenizer_only(model_cfg: DictConfig) -> Any:
+def _load_tokenizer(model_cfg: DictConfig, model_path: str) -> Any:
+    """The tokenizer of ``model.tokenizer`` or of the model; a local folder is read without asking the Hub (some
+    tokenizers' loading looks a repo up otherwise)."""
     from transformers import AutoTokenizer
 
-    path = Path(str(model_cfg.path)).expanduser()
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.path={path} is not a Hugging Face model folder (no config.json there); "
-                          "set model.path to a local folder made with save_pretrained")
-    tok = AutoTokenizer.from_pretrained(_tokenizer_path(model_cfg, path), local_files_only=True)
+    source, local = _tokenizer_path(model_cfg, model_path)
+    return AutoTokenizer.from_pretrained(source, local_files_only=local)
+
+
+def _tokenizer_only(model_cfg: DictConfig) -> Any:
+    tok = _load_tokenizer(model_cfg, model_source(model_cfg.path)[0])
     apply_model_chat_template(tok, model_cfg)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
