@@ -38,13 +38,86 @@ class DataError(ValueError):
     """Bad data configuration or records; the message names the problem and the fix."""
 
 
+SOURCE_KEYS = ("path", "task", "weight", "split", "name", "revision")
+# suffixes read through `datasets` (its builder names in mol.train.hf_data); .json is read here, as an array or lines
+DATASETS_SUFFIXES = (".parquet", ".csv")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt", ".tsv")  # a path, never a Hub id
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
 @dataclass
 class Source:
-    """One file of the mixture. ``weight`` scales how often its examples appear per epoch (1 = once)."""
+    """One source of the mixture. ``weight`` scales how often its examples appear per epoch (1 = once).
+
+    ``path``: a JSONL / JSON / parquet / csv file, a dataset folder (data files laid out like a Hub dataset repo, or
+    written by ``save_to_disk``), or a Hugging Face Hub dataset id. ``split`` (datasets' syntax: ``train``,
+    ``train[:95%]``, ``train+validation``), ``name`` (the dataset's config) and ``revision`` (Hub only) apply to
+    the sources read through ``datasets``; see ``kind``."""
 
     path: str
     task: Optional[str] = None
     weight: float = 1.0
+    split: Optional[str] = None
+    name: Optional[str] = None
+    revision: Optional[str] = None
+
+    @property
+    def kind(self) -> str:
+        """How it is read: ``jsonl`` (also any unlisted suffix, and a missing path), ``json`` (an array or lines),
+        ``file`` (parquet / csv), ``disk`` (a ``save_to_disk`` folder), ``dir`` (a folder of data files) or ``hub``.
+        An existing local path always wins; a missing one is a Hub id if it reads ``owner/name`` without a data file
+        suffix, or a bare ``name`` given with ``split``/``name``/``revision``."""
+        p = Path(self.path)
+        if p.is_dir():
+            return "disk" if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file() else "dir"
+        suffix = p.suffix.lower()
+        if p.exists():
+            return "file" if suffix in DATASETS_SUFFIXES else "json" if suffix == ".json" else "jsonl"
+        hub_options = any(v is not None for v in (self.split, self.name, self.revision))
+        if _HUB_ID.fullmatch(self.path) and suffix not in FILE_SUFFIXES and ("/" in self.path or hub_options):
+            return "hub"
+        return "jsonl"
+
+    def kind_text(self) -> str:
+        """The kind in words, for messages."""
+        return {"jsonl": "a JSONL file", "json": "a JSON file", "file": f"a {Path(self.path).suffix[1:]} file",
+                "disk": "a dataset saved with save_to_disk", "dir": "a dataset folder",
+                "hub": "a Hugging Face Hub dataset"}[self.kind]
+
+    def label(self) -> str:
+        """The path with the options that pick its rows: ``org/ds (name=x, split=train[:95%])``."""
+        opts = [f"{k}={v}" for k, v in (("name", self.name), ("split", self.split), ("revision", self.revision))
+                if v is not None]
+        return f"{self.path} ({', '.join(opts)})" if opts else self.path
+
+    def where(self, i: int) -> str:
+        """Where record ``i`` (0-based) is, for messages: ``file:line`` for JSON lines, ``source row i`` (an index
+        into the dataset, as ``ds[i]``) otherwise."""
+        return f"{self.path}:{i + 1}" if self.kind == "jsonl" else f"{self.label()} row {i}"
+
+    @property
+    def default_task(self) -> str:
+        """The task of records without their own tag: the source's ``task``, else the file's (or dataset's) stem."""
+        return self.task or Path(self.path).stem
+
+    def spec(self) -> dict[str, Any]:
+        """As a saved run records it (local paths made absolute, so ``mol.evaluate`` finds them from anywhere);
+        ``Source(**spec)`` reads it back."""
+        path = self.path if self.kind == "hub" else str(Path(self.path).expanduser().resolve())
+        out: dict[str, Any] = {"path": path, "task": self.task, "weight": self.weight}
+        out.update({k: getattr(self, k) for k in ("split", "name", "revision") if getattr(self, k) is not None})
+        return out
+
+    def check_options(self) -> None:
+        """``split`` / ``name`` / ``revision`` only where they mean something, never silently ignored."""
+        kind = self.kind
+        allowed = {"jsonl": (), "json": (), "file": ("split",), "disk": ("split",), "dir": ("split", "name"),
+                   "hub": ("split", "name", "revision")}[kind]
+        extra = [k for k in ("split", "name", "revision") if getattr(self, k) is not None and k not in allowed]
+        if extra:
+            takes = f"it takes only {', '.join(allowed)}" if allowed else "a JSON(L) file is read whole"
+            raise DataError(f"data source {self.path} is {self.kind_text()}, which has no {'/'.join(extra)} ({takes}); "
+                            "drop it, or use a parquet/csv file, a dataset folder or a Hub id for split/name/revision")
 
 
 @dataclass(frozen=True)
@@ -73,24 +146,27 @@ def _as_sources(spec: Union[None, str, dict, Sequence[Any]]) -> list[Source]:
     if isinstance(spec, (str, os.PathLike)):
         return [Source(str(spec))]
     if isinstance(spec, dict) or hasattr(spec, "keys"):
-        return [Source(**dict(spec))]
+        d = dict(spec)
+        unknown = sorted(str(k) for k in d if k not in SOURCE_KEYS)
+        if unknown or "path" not in d:
+            plural = "s" if len(unknown) > 1 else ""
+            what = f"has unknown key{plural} {', '.join(unknown)}" if unknown else "has no path"
+            raise DataError(f"data source {d} {what}; a source takes {', '.join(SOURCE_KEYS)} (path required), e.g. "
+                            "{path: org/dataset, split: train, task: qa, weight: 1}")
+        for k in ("split", "name", "revision"):  # `split: 1` from YAML
+            if d.get(k) is not None:
+                d[k] = str(d[k])
+        return [Source(**d)]
     return [s for item in spec for s in _as_sources(item)]
 
 
 def _read_records(path: Path) -> list[dict]:
-    if path.is_dir():
-        # A Hugging Face dataset saved with `save_to_disk`; the package is optional.
-        try:
-            import datasets  # type: ignore
-        except ImportError as e:
-            raise DataError(f"{path} is a directory (a dataset saved to disk?) but the `datasets` package is not "
-                            "installed; `pip install datasets` or export it to JSONL") from e
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            raise DataError(f"{path} holds a DatasetDict {list(ds)}; point data.train/val/test at one split folder")
-        return [dict(r) for r in ds]
+    """The records of a JSONL file (one JSON value per line)."""
     if not path.exists():
-        raise DataError(f"data file {path} does not exist; fix the data.* path (paths are relative to where you run)")
+        hint = (" (a Hugging Face Hub dataset is named owner/name, or give {path: NAME, split: train})"
+                if not path.suffix and "/" not in str(path) else "")
+        raise DataError(f"data file {path} does not exist; fix the data.* path (paths are relative to where you "
+                        f"run){hint}")
     records = []
     with open(path, encoding="utf-8") as fh:
         for i, line in enumerate(fh, 1):
@@ -102,6 +178,68 @@ def _read_records(path: Path) -> list[dict]:
     if not records:
         raise DataError(f"{path} has no records")
     return records
+
+
+def _read_json(path: Path) -> list[Any]:
+    """The records of a .json file: a JSON array of records, or JSON lines (as a .jsonl file)."""
+    text = path.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("["):
+        return _read_records(path)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno} is not valid JSON ({e.msg}); a .json file holds one array of records "
+                        "or one JSON object per line") from e
+    if not records:
+        raise DataError(f"{path} has no records")
+    return records
+
+
+class _Opened:
+    """A source ready to read: what identifies its content for the token cache (None: no cache), and its records
+    (read when first asked: a cache hit never converts a dataset's rows)."""
+
+    def __init__(self, source: Source):
+        self.source, self.columns = source, None
+        self._records: Optional[list] = None
+        self._dataset: Any = None
+        kind = source.kind
+        if Path(source.path).exists() or kind == "hub":  # a missing file: _read_records says so, options aside
+            source.check_options()
+        if kind in ("jsonl", "json"):
+            p = Path(source.path)
+            self.identity = p.read_bytes() if p.is_file() else None  # a missing file: _read_records says so
+        else:
+            from mol.train import hf_data
+
+            self._dataset = hf_data.load(source)
+            self.columns = list(self._dataset.column_names)
+            # datasets' _fingerprint changes with the data (local files: their modification times; Hub: the
+            # resolved files), the options pick the rows
+            self.identity = json.dumps({"kind": kind, "source": source.spec(), "fingerprint":
+                                        self._dataset._fingerprint}, sort_keys=True).encode()
+
+    def records(self) -> list:
+        if self._records is None:
+            kind, p = self.source.kind, Path(self.source.path)
+            if kind == "jsonl":
+                self._records = _read_records(p)
+            elif kind == "json":
+                self._records = _read_json(p)
+            else:
+                from mol.train import hf_data
+
+                self._records = hf_data.records(self._dataset)
+        return self._records
+
+    def format(self, rec: Any, i: int, fields: Fields) -> str:
+        """``record_format`` of record ``i``; a dataset's error also lists its columns (the names to map)."""
+        try:
+            return record_format(rec, self.source.where(i), fields)
+        except DataError as e:
+            if self.columns is None:
+                raise
+            raise DataError(f"{e}; {self.source.label()} has columns {self.columns}") from e
 
 
 def _shown(value: Any) -> str:
@@ -265,11 +403,20 @@ class TokenizedSet(Dataset):
 
 def tokenize_file(path: Path, tokenizer: Any, task_kind: str, max_length: int, label_to_id: dict[str, int],
                   default_task: str, cache_dir: Optional[Path], fields: Fields = Fields()) -> list[dict]:
-    """Tokenise one source, reusing ``cache_dir/<hash>.pt`` when file, tokenizer (with its chat template), field
-    mapping and settings are unchanged."""
+    """``tokenize_source`` of one file (any source ``Source(str(path))`` reads)."""
+    return tokenize_source(Source(str(path)), tokenizer, task_kind, max_length, label_to_id, default_task, cache_dir,
+                           fields)
+
+
+def tokenize_source(source: Source, tokenizer: Any, task_kind: str, max_length: int, label_to_id: dict[str, int],
+                    default_task: str, cache_dir: Optional[Path], fields: Fields = Fields()) -> list[dict]:
+    """Tokenise one source, reusing ``cache_dir/<hash>.pt`` when its content (a file's bytes; a dataset's
+    fingerprint and options), tokenizer (with its chat template), field mapping and settings are unchanged."""
+    path = Path(source.path)
+    opened = _Opened(source)
     key = None
-    if cache_dir is not None and path.is_file():
-        h = hashlib.sha256(path.read_bytes())
+    if cache_dir is not None and opened.identity is not None:
+        h = hashlib.sha256(opened.identity)
         h.update(json.dumps([_fingerprint(tokenizer), task_kind, max_length, sorted(label_to_id.items()),
                              default_task, sorted(asdict(fields).items())]).encode())
         key = cache_dir / f"{path.stem}-{h.hexdigest()[:20]}.pt"
@@ -282,13 +429,12 @@ def tokenize_file(path: Path, tokenizer: Any, task_kind: str, max_length: int, l
                 return cached
             # only a cache: the data file still holds every example, so read it again rather than stop the run
             why = cached if isinstance(cached, str) else f"it holds a {type(cached).__name__}, not a list of examples"
-            warnings.warn(f"token cache {key} is damaged ({why}); tokenising {path} again and rewriting it")
-    records = _read_records(path)
+            warnings.warn(f"token cache {key} is damaged ({why}); tokenising {source.label()} again and rewriting it")
     examples = []
     eos = tokenizer.eos_token_id
-    for i, rec in enumerate(records):
-        where = f"{path}:{i + 1}"
-        fmt = record_format(rec, where, fields)
+    for i, rec in enumerate(opened.records()):
+        where = source.where(i)
+        fmt = opened.format(rec, i, fields)
         task = str(rec.get("task", default_task))
         if task_kind == "classification":
             if fmt != "text_label":
@@ -481,22 +627,22 @@ class TextDataModule(pl.LightningDataModule):
         label_kinds: dict[type, str] = {}  # str / int -> where the first such label is
         for split, srcs in self.sources.items():
             for s in srcs:
-                p = Path(s.path)
-                recs = _read_records(p)
-                for i, r in enumerate(recs):
-                    fmt = record_format(r, f"{p}:{i + 1}", self.fields)
-                    formats.setdefault(fmt, str(p))
+                p = s.label()
+                opened = _Opened(s)
+                for i, r in enumerate(opened.records()):
+                    fmt = opened.format(r, i, self.fields)
+                    formats.setdefault(fmt, p)
                     if fmt == "text_label" and self.task_kind == "classification":
                         label = r[self.fields.label]
                         if isinstance(label, bool) or not isinstance(label, (str, int)):  # a class named "None"
-                            raise DataError(f"{p}:{i + 1}: `{self.fields.label}` is {_shown(label)}; a label is a "
-                                            "string or a whole number")
-                        label_kinds.setdefault(type(label), f"{p}:{i + 1} ({_shown(label)})")
+                            raise DataError(f"{s.where(i)}: `{self.fields.label}` is {_shown(label)}; a label is "
+                                            "a string or a whole number")
+                        label_kinds.setdefault(type(label), f"{s.where(i)} ({_shown(label)})")
                     if split == "train":
-                        train_formats.setdefault(fmt, str(p))
+                        train_formats.setdefault(fmt, p)
                     if split == "train" and fmt == "text_label":
                         labels.add(str(r[self.fields.label]))
-                    t = str(r.get("task", s.task or p.stem))
+                    t = str(r.get("task", s.default_task))
                     if t not in tasks:
                         tasks.append(t)
         if len(label_kinds) > 1:
@@ -523,10 +669,10 @@ class TextDataModule(pl.LightningDataModule):
         self.task_names = tasks
 
     def source_specs(self) -> dict[str, list[dict]]:
-        """The sources of each split as ``{path, task, weight}`` with absolute paths: what a saved run records so
-        that ``mol.evaluate`` finds the same files from anywhere."""
-        return {split: [{"path": str(Path(s.path).expanduser().resolve()), "task": s.task, "weight": s.weight}
-                        for s in srcs] for split, srcs in self.sources.items()}
+        """The sources of each split as ``{path, task, weight}`` (plus ``split``/``name``/``revision`` where set)
+        with absolute local paths: what a saved run records so that ``mol.evaluate`` finds the same data from
+        anywhere."""
+        return {split: [s.spec() for s in srcs] for split, srcs in self.sources.items()}
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self._prepared:
@@ -537,12 +683,11 @@ class TextDataModule(pl.LightningDataModule):
         for split, srcs in self.sources.items():
             examples: list[dict] = []
             for s in srcs:
-                p = Path(s.path)
-                ex = tokenize_file(p, self.tokenizer, self.task_kind, self.max_length, label_to_id,
-                                   s.task or p.stem, self.cache_dir, self.fields)
+                ex = tokenize_source(s, self.tokenizer, self.task_kind, self.max_length, label_to_id,
+                                     s.default_task, self.cache_dir, self.fields)
                 empty = next((i for i, e in enumerate(ex) if not e["input_ids"]), None)
                 if empty is not None:  # a batch of such records has no shape the model can take
-                    raise DataError(f"{p}:{empty + 1}: the record tokenizes to no tokens (empty text?); fill it in "
+                    raise DataError(f"{s.where(empty)}: the record tokenizes to no tokens (empty text?); fill it in "
                                     "or remove it")
                 if split == "train" and s.weight != 1.0:
                     if s.weight <= 0:
