@@ -67,11 +67,14 @@ def _eval_data(cfg: DictConfig, meta: dict, meta_file: Path) -> Any:
         other = "val" if split == "test" else "test"
         alt = f", or split={other} (the run's data.{other})" if recorded.get(other) else ""
         raise ConfigError(f"the run had no data.{split} (see {meta_file}); pass data.{split}=FILE{alt}")
-    for src in sources:
-        if not Path(src["path"]).exists():
-            raise ConfigError(f"the run's data.{split} file {src['path']} (recorded in {meta_file}) no longer exists; "
+    from mol.train.data import Source  # torch and lightning: not before a config error can be reported
+
+    recorded_sources = [Source(**src) for src in sources]
+    for src in recorded_sources:
+        if src.kind != "hub" and not Path(src.path).exists():  # a Hub dataset is found (or not) when it loads
+            raise ConfigError(f"the run's data.{split} file {src.path} (recorded in {meta_file}) no longer exists; "
                               f"pass data.{split}=FILE")
-    print(f"mol.evaluate: data.{split} = the run's {', '.join(s['path'] for s in sources)}", file=sys.stderr,
+    print(f"mol.evaluate: data.{split} = the run's {', '.join(s.label() for s in recorded_sources)}", file=sys.stderr,
           flush=True)
     return sources
 
