@@ -1,4 +1,9 @@
-"""Data for training: JSONL files (or datasets saved to disk), tokenised once and cached, mixed by task.
+"""Data for training: JSONL files and Hugging Face datasets, tokenised once and cached, mixed by task.
+
+A source (``Source``) is a JSONL file, or, read through ``datasets`` (``mol.train.hf_data``, imported only then),
+a .json / .parquet / .csv file, a dataset folder (Hub repo layout or ``save_to_disk``) or a Hub id, with optional
+``split`` / ``name`` / ``revision``; ``Source.kind`` says which. Rows of a dataset become the same records as
+JSONL lines (null fields left out).
 
 Record formats (one JSON object per line), told apart record by record (a file may mix them):
 - ``{"text": ...}``                     causal LM on the whole text
@@ -581,10 +586,11 @@ class Collator:
 
 
 class TextDataModule(pl.LightningDataModule):
-    """Train/val/test splits from JSONL sources, tokenised with the model's tokenizer.
+    """Train/val/test splits from JSONL (or datasets) sources, tokenised with the model's tokenizer.
 
     ``train`` may be one path, a list of paths, or a list of ``{path, task, weight}`` (a task mixture;
-    ``weight`` 2 repeats a source twice per epoch, 0.5 keeps a fixed, seeded half of it).
+    ``weight`` 2 repeats a source twice per epoch, 0.5 keeps a fixed, seeded half of it; ``split``, ``name``,
+    ``revision``: see ``Source``).
     ``group_by_length``: batches of similar lengths (shuffled), which cuts padding a lot on short-text data.
     ``fields``: the record keys to read, for a dataset with its own column names (default: text, label, ...).
     """
