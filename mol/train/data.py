@@ -29,6 +29,7 @@ import os
 import re
 import warnings
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -66,7 +67,7 @@ class Source:
     name: Optional[str] = None
     revision: Optional[str] = None
 
-    @property
+    @cached_property  # read for each record's message location: the file system is asked once
     def kind(self) -> str:
         """How it is read: ``jsonl`` (also any unlisted suffix, and a missing path), ``json`` (an array or lines),
         ``file`` (parquet / csv), ``disk`` (a ``save_to_disk`` folder), ``dir`` (a folder of data files) or ``hub``.
