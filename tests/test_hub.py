@@ -371,7 +371,7 @@ def test_a_hub_model_that_cannot_be_had_is_one_config_error(tmp_path, hub_cache)
                         f"output_dir={tmp_path / 'run'}"])
 
     with pytest.raises(ConfigError, match=r"model.path=org/absent is no local folder, and as a Hub repo it is not in "
-                                          r"the local Hugging Face cache and HF_HUB_OFFLINE is set .*hf download "
+                                          r"the local Hugging Face cache and HF_HUB_OFFLINE is set: .*hf download "
                                           r"org/absent"):
         prepare(cfg("org/absent"))
     with pytest.raises(ConfigError, match=r"model.path=a/b/c is not a Hugging Face model folder \(no config.json "

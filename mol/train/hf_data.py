@@ -79,9 +79,9 @@ def _load_error(e: BaseException, source: "Source", datasets: ModuleType) -> Dat
                          "its splits, or a slice such as train[:90%]")
     if source.kind == "hub":
         if datasets.config.HF_HUB_OFFLINE:
-            fix = ("the hub is not contacted (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1; mol.train and mol.evaluate "
-                   "set HF_HUB_OFFLINE=1 unless it is set), so only a dataset already in the datasets cache loads: "
-                   "run once with HF_HUB_OFFLINE=0 to download it, or point data.* at a local file or folder")
+            fix = ("the hub is not contacted (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1 is set), so only a dataset "
+                   "already in the datasets cache loads: run once without them (where there is a network) to "
+                   "download it, or point data.* at a local file or folder")
         else:
             fix = ("check the id (https://huggingface.co/datasets/<id>), its name: (config) and revision:, the "
                    "network, and a token for a gated dataset (hf auth login); or point data.* at a local file or "
