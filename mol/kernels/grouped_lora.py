@@ -334,7 +334,13 @@ def _token_minor(t: int, cols: int, like: torch.Tensor, dtype=None) -> torch.Ten
     GEMM dA = dh^T x then reads a row-major dh^T, which cuBLAS runs 14-16% faster than the transposed view of a
     row-major dh (H200, RESULTS run 32), and base_gemm reads it as that tensor's transpose."""
     ld = -(-t // 8) * 8
-    return _alloc((cols, ld), like, dtype)[:, :t].t()
+    buf = _alloc((cols, ld), like, dtype)
+    if ld > t and not like.is_cuda:
+        # torch's CPU bfloat16 mm (oneDNN) reads a strided operand's rows past their t columns: NaN or inf bits
+        # left there by the allocator made whole rows of dA NaN, now and then (torch 2.13; a (36, 37) view of
+        # stride 40). cuBLAS reads only the view, so the GPU skips this fill
+        buf[:, t:].zero_()
+    return buf[:, :t].t()
 
 
 def _t_bucket(t: int) -> int:
