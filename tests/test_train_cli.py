@@ -207,7 +207,7 @@ def test_multirun_writes_to_output_dir_and_resumes_there(tmp_path):
     ("optim.lr=abc", "optim.lr=abc is not a number"),
     ("baseline.max_epochs=0", "baseline.max_epochs=0 is not a whole number >= 1"),
     ("model.dtype=bfloat17", "model.dtype=bfloat17 is not a torch floating-point dtype"),
-    ("model.tokenizer=/no/such/tok", "model.tokenizer=/no/such/tok is not a folder"),
+    ("model.tokenizer=/no/such/tok", "model.tokenizer=/no/such/tok is neither a folder nor a Hub repo id"),
 ])
 def test_values_that_cannot_train_stop_before_anything_loads(override, match, tmp_path, monkeypatch):
     """These trained an untrained adapter into results (max_steps/max_epochs 0: Lightning's fit returns at once),

@@ -365,7 +365,9 @@ def test_two_passes_of_one_batch_with_prompt_tuning_are_one_padding():
         assert torch.equal(first, second)
         for i, n in enumerate(batch["attention_mask"].sum(1).tolist()):
             alone, _ = model({k: v[i:i + 1, :n] for k, v in batch.items()})
-            assert (first[i, :2 + n] - alone[0]).abs().max() < 1e-4, i
+            # float32 rounding of a padded batch's products against one row's (2e-4 on logits near 15 with torch
+            # 2.13's CPU kernels); another routing of the example would move them by ~1e-1
+            assert (first[i, :2 + n] - alone[0]).abs().max() < 1e-4 * alone[0].abs().max(), i
 
 
 class _ValueHead(nn.Module):
