@@ -96,6 +96,7 @@ def _directory(directory: Any, who: str, writing: bool = False) -> Path:
 
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # owner/name, or a canonical name (gpt2)
 
 
 def _hub_repo_id(source: Any) -> Optional[str]:
@@ -654,7 +655,9 @@ def _model_card(model: nn.Module, repo_id: str, peft_format: bool) -> str:
     else:
         load = f"import mol\nmodel = mol.load_adapter(base_model, {repo_id!r})"
     header = ["---", f"library_name: {'peft' if peft_format else 'mol'}"]
-    if base and not os.path.isabs(base):  # a local path names nothing on the Hub
+    # the Hub refuses a commit whose card's base_model is no model id: a local folder (relative ones too) or a
+    # name YAML cannot hold as written is left out of the metadata
+    if base and not os.path.exists(base) and ".." not in base and _MODEL_ID.fullmatch(base):
         header.append(f"base_model: {base}")
     header += ["tags:", *(f"- {t}" for t in dict.fromkeys(["mol", *methods])), "---", ""]
     base_line = (f"base_model = AutoModel.from_pretrained({base!r})  # the model class it was trained with"

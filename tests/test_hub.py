@@ -214,6 +214,26 @@ def test_push_to_hub_uploads_what_load_adapter_reads_back(hub_cache, base, monke
                                                                      "adapter_model.safetensors"])
 
 
+@pytest.mark.parametrize("name_or_path", ["models/tiny-llama", "./tiny", "tiny: v2", "C:\\models\\tiny",
+                                          "../models/x"])
+def test_the_model_card_names_no_local_path_as_base_model(hub_cache, base, monkeypatch, tmp_path, name_or_path):
+    """The Hub rejects a commit whose card has a base_model that is no model id (400 Bad Request: the whole upload
+    fails): a base model loaded from a relative local folder, or a name YAML cannot hold, is left out of the
+    metadata. A local folder named like a repo id (models/tiny-llama, existing here) is a path, not a repo."""
+    (tmp_path / "models" / "tiny-llama").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    model = _trained(mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2)))
+    model.config._name_or_path = name_or_path
+    hub = _FakeHub(hub_cache)
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub)
+    mol.push_to_hub(model, "me/tiny")
+    header = hub.card.split("---")[1]
+    assert "base_model" not in header and "library_name: mol" in header
+    import yaml
+
+    assert yaml.safe_load(header)["library_name"] == "mol"
+
+
 def test_push_to_hub_in_peft_format_is_read_by_peft(hub_cache, base, monkeypatch, tmp_path):
     peft = pytest.importorskip("peft")
     model = _trained(mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, alpha=8,
