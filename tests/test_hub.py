@@ -7,6 +7,7 @@ loaded from its local directory, or PEFT's own loader for the PEFT format."""
 
 import copy
 import hashlib
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -311,6 +312,8 @@ def test_a_training_run_uploads_its_saved_adapter(tmp_path, hub_cache, online, m
 
 
 def test_a_failed_upload_keeps_the_run_and_says_how_to_upload_it(tmp_path, hub_cache, online, monkeypatch):
+    importlib.import_module("transformers")  # before HfApi is replaced: its hints use the real class
+
     from mol.train.app import ConfigError, run
 
     hub = _FakeHub(hub_cache)
@@ -322,11 +325,38 @@ def test_a_failed_upload_keeps_the_run_and_says_how_to_upload_it(tmp_path, hub_c
     monkeypatch.setattr(huggingface_hub, "HfApi", hub)
     with pytest.raises(ConfigError, match=r"the run finished and is saved in .*run, but uploading its adapter to "
                                           r"me/run failed \(OSError: connection reset\); upload it with `hf upload "
-                                          r"me/run .*adapter`"):
+                                          r"me/run .*adapter --private`"):
         run(_train_cfg(tmp_path, "hub.repo_id=me/run"))
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["run"]["hub_error"] == "OSError: connection reset"
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_upload_commands_a_run_suggests_keep_the_repo_private(tmp_path, hub_cache, online, monkeypatch):
+    """hub.private=true (the default) asks for a private repo; `hf upload` creates a public one unless told
+    --private, so the commands suggested for a failed or skipped upload say it. A PEFT-format upload is no `hf
+    upload` of the run's adapter folder (mol's format): mol.push_to_hub(..., peft_format=True) is suggested."""
+    importlib.import_module("transformers")  # before HfApi is replaced: its hints use the real class
+
+    from mol.train.app import ConfigError, check_hub, run
+
+    hub = _FakeHub(hub_cache)
+
+    def down(*args, **kwargs):
+        raise OSError("connection reset")
+
+    hub.create_repo = down
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub)
+    with pytest.raises(ConfigError, match=r"upload it with `hf upload me/run \S*adapter --private`"):
+        run(_train_cfg(tmp_path, "hub.repo_id=me/run"))
+    with pytest.raises(ConfigError, match=r"mol.push_to_hub\(mol.load_adapter\(base_model, '\S*adapter'\), 'me/run', "
+                                          r"peft_format=True, private=True\)"):
+        run(_train_cfg(tmp_path, "hub.repo_id=me/run", "method=lora", "hub.peft_format=true", "overwrite=true"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for private, flag in (("true", " --private`"), ("false", "`")):
+        with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set") as err:
+            check_hub(_train_cfg(tmp_path, "hub.repo_id=me/x", f"hub.private={private}"), None)
+        assert f"`hf upload me/x <output_dir>/adapter{flag}" in str(err.value)
 
 
 def test_an_upload_that_cannot_happen_is_refused_before_training(tmp_path, online, monkeypatch):

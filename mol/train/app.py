@@ -521,8 +521,8 @@ def check_hub(cfg: DictConfig, method_cfg: Any) -> None:
 
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise ConfigError(f"hub.repo_id={repo_id} uploads the adapter, but HF_HUB_OFFLINE is set; pass "
-                          "HF_HUB_OFFLINE=0, or leave hub.repo_id out and upload later with `hf upload <repo> "
-                          "<output_dir>/adapter`")
+                          "HF_HUB_OFFLINE=0, or leave hub.repo_id out and upload later with "
+                          f"{_upload_command(cfg, '<output_dir>/adapter')}")
     if huggingface_hub.get_token() is None:
         raise ConfigError(f"hub.repo_id={repo_id} uploads the adapter, and no Hugging Face token is set: log in with "
                           "`hf auth login` or set HF_TOKEN before training")
@@ -530,6 +530,16 @@ def check_hub(cfg: DictConfig, method_cfg: Any) -> None:
             isinstance(method_cfg, MoLConfig) and method_cfg.num_experts == 1)):
         raise ConfigError(f"hub.peft_format=true: PEFT's format holds a LoRA adapter, and this run trains "
                           f"{type(method_cfg).__name__}; use method=lora (or qlora), or hub.peft_format=false")
+
+
+def _upload_command(cfg: DictConfig, adapter: str) -> str:
+    """The command that uploads a run's adapter as ``hub.*`` asks, for a message: ``hf upload`` creates a public
+    repo unless told ``--private``; PEFT's format is exported from the adapter, which holds mol's."""
+    hub = cfg.hub
+    if hub.get("peft_format", False):
+        return (f"mol.push_to_hub(mol.load_adapter(base_model, {str(adapter)!r}), {str(hub.repo_id)!r}, "
+                f"peft_format=True, private={bool(hub.get('private', True))})")
+    return f"`hf upload {hub.repo_id} {adapter}{' --private' if hub.get('private', True) else ''}`"
 
 
 def push_adapter(cfg: DictConfig, model: Any, adapter_dir: Path) -> str:
@@ -988,8 +998,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print_summary(cfg, results, out)
         if "hub_error" in res:
             raise ConfigError(f"the run finished and is saved in {out}, but uploading its adapter to "
-                              f"{cfg.hub.repo_id} failed ({res['hub_error']}); upload it with `hf upload "
-                              f"{cfg.hub.repo_id} {res['adapter']}`")
+                              f"{cfg.hub.repo_id} failed ({res['hub_error']}); upload it with "
+                              f"{_upload_command(cfg, res['adapter'])}")
     return results
 
 
