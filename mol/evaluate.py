@@ -107,7 +107,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_data_values(cfg.data)
     meta = _read_meta(meta_file)
     tokenizer = cfg.model.get("tokenizer") or meta.get("tokenizer")
-    if tokenizer and not cfg.model.get("tokenizer") and not Path(str(tokenizer)).expanduser().exists():
+    if (tokenizer and not cfg.model.get("tokenizer") and not Path(str(tokenizer)).expanduser().exists()
+            and not _hub_repo_id(str(tokenizer))):  # a Hub tokenizer (model.tokenizer=owner/name) loads from there
         raise ConfigError(f"the tokenizer {tokenizer} that {meta_file} records does not exist (moved?); pass "
                           "model.tokenizer=DIR")
     # the tokenizer and dtype the run trained with, unless given here (older metas record neither)

@@ -433,3 +433,38 @@ def test_a_hub_model_that_cannot_be_had_is_one_config_error(tmp_path, hub_cache)
     with pytest.raises(ConfigError, match=r"model.path=org/cfgless"):
         prepare(cfg("org/cfgless"))
     assert not (tmp_path / "run").exists()
+
+
+def _train_and_evaluate(tmp_path, model_path, *extra):
+    from test_train_utils import compose, make_causal_data, quiet_trainer_overrides
+
+    from mol.train.app import run
+
+    data = make_causal_data(tmp_path / "data")
+    result = run(compose(["model=hf_causal", f"model.path={model_path}", "data=jsonl", f"data.train={data['train']}",
+                          f"data.val={data['val']}", "data.batch_size=4", "data.max_length=24",
+                          f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}",
+                          "trainer.max_epochs=-1", "trainer.max_steps=2", *quiet_trainer_overrides(), *extra]))
+    return result, lambda: _evaluate(tmp_path / "run" / "adapter")
+
+
+def _evaluate(adapter):
+    from test_train_utils import compose
+
+    from mol.evaluate import evaluate
+
+    return evaluate(compose([f"adapter={adapter}", "split=val", "trainer.enable_progress_bar=false"],
+                            config_name="evaluate"))
+
+
+def test_a_run_with_a_hub_tokenizer_evaluates_with_it(tmp_path, hub_cache):
+    """model.tokenizer=org/name is recorded as the repo id; mol.evaluate loads it from there (it refused it as a
+    tokenizer folder that had moved)."""
+    from test_train_utils import make_tiny_llama as tiny_llama_dir
+
+    _commit(hub_cache, "org/tiny-tok", tiny_llama_dir(tmp_path / "llama"))
+    result, evaluate = _train_and_evaluate(tmp_path, tmp_path / "llama", "model.tokenizer=org/tiny-tok")
+    meta = json.loads((tmp_path / "run" / "adapter" / "training_meta.json").read_text())
+    assert meta["tokenizer"] == "org/tiny-tok"
+    assert evaluate()["val/loss"] == pytest.approx(result["run"]["val/loss"], rel=1e-6, abs=0)
+
