@@ -468,3 +468,17 @@ def test_a_run_with_a_hub_tokenizer_evaluates_with_it(tmp_path, hub_cache):
     assert meta["tokenizer"] == "org/tiny-tok"
     assert evaluate()["val/loss"] == pytest.approx(result["run"]["val/loss"], rel=1e-6, abs=0)
 
+
+def test_a_run_from_a_relative_model_folder_evaluates_from_another_directory(tmp_path, hub_cache, monkeypatch):
+    """model.path=models/llama (relative to where the run started) is recorded as the absolute folder, as the
+    tokenizer and data are: mol.evaluate run from elsewhere finds it rather than asking the Hub for a repo
+    'models/llama'."""
+    from test_train_utils import make_tiny_llama as tiny_llama_dir
+
+    tiny_llama_dir(tmp_path / "start" / "models" / "llama")
+    monkeypatch.chdir(tmp_path / "start")
+    result, evaluate = _train_and_evaluate(tmp_path, "models/llama")
+    meta = json.loads((tmp_path / "run" / "adapter" / "training_meta.json").read_text())
+    assert meta["model_path"] == str(tmp_path / "start" / "models" / "llama")
+    monkeypatch.chdir(tmp_path)
+    assert evaluate()["val/loss"] == pytest.approx(result["run"]["val/loss"], rel=1e-6, abs=0)

@@ -814,7 +814,11 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
         adapter_dir = out / "adapter"
         mol.save_adapter(model, str(adapter_dir))
         tok = cfg.model.get("tokenizer")
-        meta = {"task": str(cfg.model.task), "labels": datamodule.label_names, "model_path": str(cfg.model.path),
+        # a local folder made absolute (a Hub id kept), so that mol.evaluate finds it from any directory
+        model_dir = Path(str(cfg.model.path)).expanduser()
+        local_model = (model_dir / "config.json").is_file()
+        meta = {"task": str(cfg.model.task), "labels": datamodule.label_names,
+                "model_path": str(model_dir.resolve()) if local_model else str(cfg.model.path),
                 "max_length": int(cfg.data.max_length), "dtype": str(cfg.model.get("dtype") or "float32"),
                 "tokenizer": str(Path(str(tok)).expanduser().resolve()) if tok and Path(str(tok)).expanduser().exists()
                 else (str(tok) if tok else None),
