@@ -262,7 +262,26 @@ def test_a_hub_dataset_out_of_reach_is_one_clear_error(tmp_path):
                           "Face dataset could not be loaded (")
     assert "HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1" in msg and "point data.* at a local file or folder" in msg
     msg = _error(tok, "someorg/not-cached")
-    assert "is a dataset of named splits (its splits could not be listed here); choose one with split:" in msg
+    assert msg.startswith("someorg/not-cached: no local file or folder of that name, and as a Hugging Face Hub "
+                          "dataset its splits could not be listed (offline, a typo, or a private or gated dataset")
+
+
+def test_a_missing_local_path_read_as_a_hub_id_says_there_is_no_such_file(tmp_path, monkeypatch):
+    """data.train=data/train (a typo for data/train.jsonl, or run from another directory) reads as a Hub id: the
+    error says first that no such local file or folder exists, not only that the dataset needs a split: or the
+    datasets package."""
+    import sys
+
+    tok = make_tokenizer(tmp_path / "tok")
+    monkeypatch.chdir(tmp_path)
+    msg = _error(tok, "data/train")
+    assert msg.startswith("data/train: no local file or folder of that name, and as a Hugging Face Hub dataset its "
+                          "splits could not be listed"), msg
+    assert "fix the path, or choose a split with split:, e.g. {path: data/train, split: train}" in msg
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    msg = _error(tok, "data/train")
+    assert msg.startswith("data/train: no local file or folder of that name; as a Hugging Face Hub dataset, reading "
+                          "it needs the `datasets` package"), msg
 
 
 def test_without_datasets_installed_the_error_says_how_to_install_it(tmp_path, monkeypatch):

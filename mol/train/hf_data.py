@@ -24,8 +24,10 @@ def import_datasets(source: "Source") -> ModuleType:
     try:
         import datasets
     except ImportError as e:
-        raise DataError(f"{source.label()} is {source.kind_text()}: reading it needs the `datasets` package, which is "
-                        f"not installed; {INSTALL}, or export the data to JSONL") from e
+        what = (": no local file or folder of that name; as a Hugging Face Hub dataset, reading it" if source.kind ==
+                "hub" else f" is {source.kind_text()}: reading it")
+        raise DataError(f"{source.label()}{what} needs the `datasets` package, which is not installed; {INSTALL}, "
+                        "or export the data to JSONL") from e
     return datasets
 
 
@@ -110,6 +112,11 @@ def load(source: "Source") -> Any:
     else:
         if source.split is None and kind != "file":
             names = _split_names(datasets, source)
+            if names is None and kind == "hub":  # also what a mistyped local path (data/train) reads as
+                raise DataError(f"{source.label()}: no local file or folder of that name, and as a Hugging Face Hub "
+                                "dataset its splits could not be listed (offline, a typo, or a private or gated "
+                                "dataset); fix the path, or choose a split with split:, e.g. "
+                                f"{{path: {source.path}, split: train}}")
             listed = f"its splits are {names}" if names else "its splits could not be listed here"
             raise DataError(f"{source.label()} is a dataset of named splits ({listed}); choose one with split:, "
                             f"e.g. {{path: {source.path}, split: {(names or ['train'])[0]}}}")
