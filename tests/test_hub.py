@@ -482,3 +482,24 @@ def test_a_run_from_a_relative_model_folder_evaluates_from_another_directory(tmp
     assert meta["model_path"] == str(tmp_path / "start" / "models" / "llama")
     monkeypatch.chdir(tmp_path)
     assert evaluate()["val/loss"] == pytest.approx(result["run"]["val/loss"], rel=1e-6, abs=0)
+
+
+@pytest.mark.parametrize("overrides, clash", [
+    (["router=topk,switch", "hub.repo_id=me/x"], True),
+    (["optim.lr=1e-3,1e-4", "router=topk,switch", "hub.repo_id=me/a,me/b"], True),  # 4 jobs, 2 repos
+    (["router=topk,switch", "hub.repo_id=me/a,me/b"], True),  # Hydra's product: each repo gets two jobs
+    (["hub.repo_id=me/a,me/b"], False),
+    (["router=topk", "hub.repo_id=me/x"], False), (["router=topk,switch"], False), (["hub.repo_id=null"], False),
+])
+def test_a_sweep_that_would_upload_several_jobs_to_one_repo_is_refused(overrides, clash, capsys):
+    """-m router=topk,switch hub.repo_id=me/x: every job uploaded its adapter over the previous job's, in the same
+    repo (the last to finish won, silently); refused before anything trains."""
+    from mol.train.app import _sweep_hub_clash, main
+
+    msg = _sweep_hub_clash(overrides)
+    assert (msg is not None) == clash
+    if clash:
+        assert "upload their adapters to the same repo, each over the one before" in msg
+        with pytest.raises(SystemExit):
+            main(["-m", *overrides, "output_dir=/nonexistent/sweep"])
+        assert "upload their adapters to the same repo, each over the one before" in capsys.readouterr().err

@@ -1074,6 +1074,27 @@ def _sweep_combinations(overrides: list[str], limit: int = 8) -> list[list[str]]
     return [[v[min(i, len(v) - 1)] for v in values if v] for i in range(n)]
 
 
+def _sweep_hub_clash(overrides: list[str]) -> Optional[str]:
+    """A sweep whose jobs outnumber its ``hub.repo_id`` values: each job would upload its adapter over another's in
+    the same repo (the last to finish kept, silently)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    jobs, repos = 1, None
+    try:
+        for o in OverridesParser.create().parse_overrides(overrides):
+            values = [str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [str(o.value())]
+            jobs *= len(values)
+            if o.get_key_element().lstrip("+~") == "hub.repo_id":
+                repos = {v for v in values if v not in ("None", "null", "")}
+    except Exception:  # Hydra names what it cannot parse; a sweep it cannot list (an interval) is left to it
+        return None
+    if not repos or jobs <= len(repos):
+        return None
+    return (f"this sweep runs {jobs} jobs for hub.repo_id={','.join(sorted(repos))}: jobs would upload their adapters "
+            "to the same repo, each over the one before; leave hub.repo_id out of the sweep and upload the jobs you "
+            "keep with `hf upload`, or run them one at a time, each with its own hub.repo_id")
+
+
 def _sweep_dir_overrides(overrides: list[str]) -> list[str]:
     """``-m ... output_dir=D``: job n writes to D/n. Hydra's sweep folder (multirun/<time>/n) ignores output_dir,
     so a re-launched ``-m ... resume=auto`` could never find a killed sweep's checkpoints. Without output_dir (or
@@ -1105,6 +1126,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             if msg:
                 _fail(msg)
     if any(f in MULTIRUN_FLAGS for f in flags):
+        msg = _sweep_hub_clash([a for a in overrides if not a.startswith("-")])
+        if msg:
+            _fail(msg)
         argv += _sweep_dir_overrides(overrides)
     sys.argv = [sys.argv[0]] + argv
     hydra.main(config_path=str(conf_dir), config_name=CONFIG_NAME, version_base="1.3")(_task)()
