@@ -5,8 +5,8 @@ with MoL (8 experts, top-2) on a fortune-cookie topic classification set shipped
 trains the classifier head alone on the frozen base as a baseline, and prints both held-out accuracies.
 
 Config groups live in ``conf/``: model, method, router, data, trainer, logger, experiment. Local folders are read
-without asking the Hugging Face Hub; a Hub repo id (model.path, a data.* dataset, hub.repo_id) follows huggingface_hub's own settings
-(``HF_HUB_OFFLINE=1``: its cache only).
+without asking the Hugging Face Hub; a Hub repo id (model.path, a data.* dataset, hub.repo_id) follows
+huggingface_hub's own settings (``HF_HUB_OFFLINE=1``: its cache only).
 """
 
 from __future__ import annotations
