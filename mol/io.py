@@ -108,10 +108,12 @@ def _hub_repo_id(source: Any) -> Optional[str]:
 
 
 def _adapter_source(source: Any, who: str, files: tuple[str, ...], revision: Optional[str],
-                    subfolder: Optional[str], token: Union[str, bool, None]) -> Path:
+                    subfolder: Optional[str], token: Union[str, bool, None], *, required: str = CONFIG_NAME,
+                    what: str = "adapter") -> Path:
     """The local directory of an adapter given as a directory or as a Hub repo id (``owner/name``): the repo's
     ``files`` (under ``subfolder``) are downloaded into Hugging Face's cache, or read from it offline. A path that
-    does not exist and reads as ``owner/name`` is a repo id, so the error for either says both."""
+    does not exist and reads as ``owner/name`` is a repo id, so the error for either says both. A repo without
+    ``required`` is no ``what`` (from_bnb_4bit asks for a model's config.json)."""
     if subfolder is not None and (not isinstance(subfolder, str) or not subfolder.strip("/")
                                   or ".." in Path(subfolder).parts):
         raise ValueError(f"{who}: subfolder={subfolder!r} must name a folder inside the adapter's directory or repo, "
@@ -153,9 +155,10 @@ def _adapter_source(source: Any, who: str, files: tuple[str, ...], revision: Opt
     except HfHubHTTPError as e:
         raise OSError(f"{who}: downloading {where} failed ({e}); try again, or give a local directory") from None
     directory = snapshot / sub if sub else snapshot
-    if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{who}: {where} holds no {'/'.join([*([sub] if sub else []), CONFIG_NAME])}, so it "
-                                "is no adapter" + ("" if sub else " (is it in a subfolder? pass subfolder=)"))
+    if not (directory / required).is_file():
+        hint = "" if sub or what != "adapter" else " (is it in a subfolder? pass subfolder=)"
+        raise FileNotFoundError(f"{who}: {where} holds no {'/'.join([*([sub] if sub else []), required])}, so it "
+                                f"is no {what}{hint}")
     return directory
 
 

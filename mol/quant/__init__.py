@@ -12,7 +12,8 @@ from .nf4 import (
     quantize_nf4,
     to_bnb_tensors,
 )
+from .pretrained import from_bnb_4bit
 
 __all__ = ["NF4Linear", "NF4Weight", "NF4_LEVELS", "quantize", "quantize_nf4", "dequantize_nf4",
            "dequantize_nf4_reference", "dynamic_map", "load_bnb_4bit", "from_bnb_tensors", "to_bnb_tensors",
-           "bnb_4bit_state_dict", "save_bnb_4bit"]
+           "bnb_4bit_state_dict", "save_bnb_4bit", "from_bnb_4bit"]
