@@ -1,0 +1,224 @@
+"""mol.from_bnb_4bit: a bitsandbytes 4-bit NF4 checkpoint (written by save_bnb_4bit) loaded into NF4Linear layers on
+a model built on the meta device. References: the quantized model the checkpoint was saved from, and the manual
+path (a full-precision model, load_bnb_4bit, load_state_dict of the rest)."""
+
+import json
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import mol
+from mol.quant import NF4Linear, load_bnb_4bit
+
+IDS = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _llama(tied=False, **kw):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                   max_position_embeddings=64, tie_word_embeddings=tied, **kw)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _saved(tmp_path, tied=False, name="ckpt"):
+    model = mol.quantize(_llama(tied), "nf4")
+    return model, mol.save_bnb_4bit(model, tmp_path / name)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def _shard(directory):
+    """Split model.safetensors into two shards and an index, as save_pretrained(max_shard_size=...) does; the
+    boundary runs through a 4-bit layer's entries (its quant_state in the other shard than its codes)."""
+    sd = load_file(directory / "model.safetensors")
+    keys = sorted(sd)
+    split = keys.index("model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4")
+    names = {"model-00001-of-00002.safetensors": keys[:split], "model-00002-of-00002.safetensors": keys[split:]}
+    for file, part in names.items():
+        save_file({k: sd[k] for k in part}, directory / file, metadata={"format": "pt"})
+    (directory / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {k: f for f, part in names.items() for k in part}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return directory
+
+
+@pytest.mark.parametrize("tied, sharded", [(False, False), (True, False), (False, True)])
+def test_loads_the_saved_model_exactly(tmp_path, tied, sharded):
+    model, directory = _saved(tmp_path, tied)
+    if sharded:
+        _shard(directory)
+    loaded = mol.from_bnb_4bit(directory)
+    assert type(loaded) is type(model) and not loaded.training
+    assert ({n for n, m in loaded.named_modules() if isinstance(m, NF4Linear)}
+            == {n for n, m in model.named_modules() if isinstance(m, NF4Linear)})
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+    assert getattr(loaded.config, "quantization_config", None) is None  # as a mol.quantize'd model
+    ref = _logits(model)
+    assert torch.equal(_logits(loaded), ref)
+    # rotary inv_freq is a non-persistent buffer, not in the checkpoint: computed, not left empty
+    for name in ("inv_freq", "original_inv_freq"):
+        assert torch.equal(getattr(loaded.model.rotary_emb, name), getattr(model.model.rotary_emb, name))
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    # the manual path: a full-precision model, load_bnb_4bit, the rest with load_state_dict
+    if not sharded:
+        sd = load_file(directory / "model.safetensors")
+        fresh = _llama(tied)
+        names = load_bnb_4bit(fresh, sd)
+        fresh.load_state_dict({k: v for k, v in sd.items() if not any(k.startswith(n + ".") for n in names)},
+                              strict=False)
+        assert torch.equal(_logits(fresh), ref)
+
+
+def test_no_layer_is_built_in_full_precision(tmp_path, monkeypatch):
+    """Every nn.Linear and nn.Embedding the loader constructs holds a meta weight: nothing of the model's size is
+    allocated before the checkpoint's tensors are read."""
+    _, directory = _saved(tmp_path)
+    devices = []
+    for cls in (nn.Linear, nn.Embedding):
+        original = cls.reset_parameters
+
+        def spy(self, original=original):
+            devices.append(self.weight.device.type)
+            return original(self)
+        monkeypatch.setattr(cls, "reset_parameters", spy)
+    mol.from_bnb_4bit(directory)
+    assert devices and set(devices) == {"meta"}
+
+
+def test_dtype_defaults_to_the_compute_dtype_and_can_be_set(tmp_path):
+    model, directory = _saved(tmp_path)
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["quantization_config"]["bnb_4bit_compute_dtype"] = "bfloat16"
+    (directory / "config.json").write_text(json.dumps(cfg))
+    loaded = mol.from_bnb_4bit(directory)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16 and loaded.lm_head.weight.dtype == torch.bfloat16
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32  # as transformers keeps it
+    as32 = mol.from_bnb_4bit(directory, dtype=torch.float32)
+    assert torch.equal(_logits(as32), _logits(model))
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        mol.from_bnb_4bit(directory, dtype=torch.int8)
+
+
+def test_qlora_on_the_loaded_model_trains_and_the_base_round_trips(tmp_path):
+    _, directory = _saved(tmp_path)
+    loaded = mol.from_bnb_4bit(directory)
+    mol.inject(loaded, mol.LoRAConfig(rank=4, target_modules="all-linear"))
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj.base_layer, NF4Linear)  # not quantized twice
+    trained = [n for n, p in loaded.named_parameters() if p.requires_grad]
+    assert trained and all("lora" in n for n in trained)
+    opt = torch.optim.AdamW([p for p in loaded.parameters() if p.requires_grad], lr=1e-2)
+    loaded.train()
+    losses = []
+    for _ in range(3):
+        loss = loaded(input_ids=IDS, labels=IDS).loss
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in loaded.parameters() if not p.requires_grad)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    # the base written back is the checkpoint read
+    mol.unload(loaded)
+    mol.save_bnb_4bit(loaded, tmp_path / "again")
+    a, b = load_file(directory / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_hub_repo_id_loads_as_its_local_directory(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from test_hub import _commit
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model, directory = _saved(tmp_path)
+    _commit(cache, "org/tiny-bnb", directory)
+    _commit(cache, "org/tiny-bnb-sharded", _shard(_saved(tmp_path, name="other")[1]))
+    ref = _logits(mol.from_bnb_4bit(directory))
+    assert torch.equal(_logits(mol.from_bnb_4bit("org/tiny-bnb")), ref)
+    assert torch.equal(_logits(mol.from_bnb_4bit("org/tiny-bnb-sharded")), ref)
+    with pytest.raises(FileNotFoundError, match=r"'org/missing' is no local directory.*not in the local Hugging Face "
+                                                r"cache"):
+        mol.from_bnb_4bit("org/missing")
+
+
+def _edit_config(directory, **changes):
+    cfg = json.loads((directory / "config.json").read_text())
+    qc = cfg.get("quantization_config", {})
+    for k, v in changes.items():
+        if v is None:
+            qc.pop(k, None)
+        else:
+            qc[k] = v
+    if changes.get("quant_method") is None and "quant_method" in changes:
+        del cfg["quantization_config"]
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, error", [
+    ({"bnb_4bit_quant_type": "fp4"}, r"bitsandbytes 4-bit checkpoint of quant_type 'fp4'; mol reads NF4 only"),
+    ({"load_in_4bit": False, "load_in_8bit": True}, r"is a bitsandbytes 8-bit \(LLM.int8\) checkpoint; mol reads "
+                                                    r"4-bit NF4 only"),
+    ({"quant_method": "gptq"}, r"is quantized with quant_method='gptq'; mol reads bitsandbytes 4-bit NF4 "
+                               r"checkpoints only: load this one with transformers and its gptq package"),
+    ({"quant_method": None}, r"has no quantization_config: the checkpoint is full precision. Load it with "
+                             r"from_pretrained and call mol.quantize\(model, 'nf4'\)"),
+])
+def test_refuses_what_is_no_bnb_nf4_checkpoint(tmp_path, changes, error):
+    _, directory = _saved(tmp_path)
+    _edit_config(directory, **changes)
+    with pytest.raises(ValueError, match=error):
+        mol.from_bnb_4bit(directory)
+
+
+def test_refuses_a_damaged_or_mismatched_checkpoint(tmp_path):
+    import transformers
+
+    _, directory = _saved(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"holds no config.json"):
+        mol.from_bnb_4bit(tmp_path)
+    # an architecture the tensors do not fit: another model class
+    with pytest.raises(ValueError, match=r"none of the state dict's 14 4-bit entries names a module of LlamaModel"):
+        mol.from_bnb_4bit(directory, transformers.LlamaModel)
+    with pytest.raises(TypeError, match="model_class must be a transformers model class or auto class"):
+        mol.from_bnb_4bit(directory, nn.Linear)
+    # a config of another size: a shape mismatch, named
+    cfg = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**cfg, "vocab_size": 100}))
+    with pytest.raises(ValueError, match=r"do not fit LlamaForCausalLM: \['lm_head.weight: \(96, 64\) in the "
+                                         r"checkpoint, \(100, 64\) in the model'"):
+        mol.from_bnb_4bit(directory)
+    # more layers than the checkpoint holds: missing tensors, named
+    (directory / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match=r"lacks 9 tensors of LlamaForCausalLM, e.g. \['model.layers.2.input_"
+                                         r"layernorm.weight'.*does not match the architecture"):
+        mol.from_bnb_4bit(directory)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    # a tensor the model has no place for
+    sd = load_file(directory / "model.safetensors")
+    save_file({**sd, "model.extra.weight": torch.zeros(3)}, directory / "model.safetensors")
+    with pytest.raises(ValueError, match=r"holds 1 tensors that LlamaForCausalLM has no place for, e.g. "
+                                         r"\['model.extra.weight'\]"):
+        mol.from_bnb_4bit(directory)
+    save_file(sd, directory / "model.safetensors")
+    # a sharded checkpoint with a shard missing
+    _shard(directory)
+    (directory / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lists 2 shards, of which \['model-00002-of-00002.safetensors'\] is "
+                                                r"missing"):
+        mol.from_bnb_4bit(directory)
+    (directory / "model.safetensors.index.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"holds neither model.safetensors nor model.safetensors.index.json"):
+        mol.from_bnb_4bit(directory)
