@@ -222,3 +222,44 @@ def test_refuses_a_damaged_or_mismatched_checkpoint(tmp_path):
     (directory / "model.safetensors.index.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"holds neither model.safetensors nor model.safetensors.index.json"):
         mol.from_bnb_4bit(directory)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_mol_train_trains_lora_on_a_bnb_4bit_checkpoint(tmp_path, monkeypatch, method):
+    """model.path holding a bitsandbytes 4-bit checkpoint: mol.train loads it with from_bnb_4bit (no bitsandbytes)
+    and trains LoRA on its NF4 layers; quantize_base=nf4 (method=qlora) on it quantizes nothing twice. The adapter
+    saved loads back on the same checkpoint."""
+    import transformers
+
+    import mol.quant
+    from mol.train.app import run
+    from test_hub import _train_cfg
+
+    cfg = _train_cfg(tmp_path, f"method={method}", "method.rank=4")
+    model_dir = cfg.model.path
+    mol.save_bnb_4bit(mol.quantize(transformers.LlamaForCausalLM.from_pretrained(model_dir), "nf4"), model_dir)
+    loaded = []
+    original = mol.quant.from_bnb_4bit
+    monkeypatch.setattr(mol.quant, "from_bnb_4bit", lambda *a, **kw: loaded.append(original(*a, **kw)) or loaded[-1])
+    results = run(cfg)
+    assert results["run"]["steps"] == 2
+    model = loaded[0]
+    layers = [m for m in model.modules() if isinstance(m, mol.MoLLinear)]
+    assert layers and all(isinstance(m.base_layer, NF4Linear) for m in layers)
+    adapter = tmp_path / "run" / "adapter"
+    again = mol.load_adapter(mol.from_bnb_4bit(model_dir), adapter)
+    ids = torch.randint(4, 20, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def test_mol_train_refuses_a_bnb_4bit_checkpoint_for_classification(tmp_path):
+    from mol.train.app import ConfigError, load_model
+    from test_hub import _train_cfg
+
+    cfg = _train_cfg(tmp_path, "method=lora")
+    mol.save_bnb_4bit(mol.quantize(_llama(), "nf4"), tmp_path / "bnb")
+    cfg.model.path, cfg.model.task, cfg.model.tokenizer = str(tmp_path / "bnb"), "classification", cfg.model.path
+    with pytest.raises(ConfigError, match=r"is a bitsandbytes 4-bit checkpoint, which mol.train loads for "
+                                          r"model.task=causal_lm only"):
+        load_model(cfg.model, ["a", "b"])

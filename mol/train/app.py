@@ -326,7 +326,20 @@ def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]
     tokenizer = _load_tokenizer(model_cfg, path)
     apply_model_chat_template(tokenizer, model_cfg)
     dtype = torch_dtype(model_cfg)
-    if model_cfg.task == "classification":
+    if model_cfg.task in ("classification", "causal_lm") and _bnb_4bit_checkpoint(path, local):
+        # a pre-quantized bitsandbytes checkpoint: from_pretrained would need bitsandbytes; mol reads it into
+        # NF4Linear layers itself (the method's LoRA / MoL then trains on the NF4 base: QLoRA)
+        if model_cfg.task == "classification":
+            raise ConfigError(f"model.path={model_cfg.path} is a bitsandbytes 4-bit checkpoint, which mol.train loads "
+                              "for model.task=causal_lm only (a classification head absent from it is not "
+                              "initialised here); load the full-precision model with method.quantize_base=nf4")
+        from mol.quant import from_bnb_4bit
+
+        try:
+            model = from_bnb_4bit(path, AutoModelForCausalLM, dtype=dtype)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"model.path={model_cfg.path}: {_one_line(e)}") from e
+    elif model_cfg.task == "classification":
         from transformers import AutoConfig
 
         # A saved classifier with another label count than the data: its head cannot load, and need not (a new
@@ -354,6 +367,16 @@ def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last real token
     return model, tokenizer
+
+
+def _bnb_4bit_checkpoint(path: str, local: bool) -> bool:
+    """Whether the model's config.json holds a bitsandbytes 4-bit quantization_config (a Hub repo's config.json is
+    in the cache already: model_source fetched it)."""
+    from transformers import AutoConfig
+
+    from mol.quant.pretrained import is_bnb_4bit_config
+
+    return is_bnb_4bit_config(AutoConfig.from_pretrained(path, local_files_only=local))
 
 
 def enable_activation_checkpointing(model: Any) -> None:
