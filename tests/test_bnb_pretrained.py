@@ -263,3 +263,14 @@ def test_mol_train_refuses_a_bnb_4bit_checkpoint_for_classification(tmp_path):
     with pytest.raises(ConfigError, match=r"is a bitsandbytes 4-bit checkpoint, which mol.train loads for "
                                           r"model.task=causal_lm only"):
         load_model(cfg.model, ["a", "b"])
+
+
+def test_mol_train_takes_only_nf4_checkpoints_to_from_bnb_4bit():
+    """fp4 and 8-bit checkpoints still go to from_pretrained (bitsandbytes' own layers, where it is installed)."""
+    from mol.quant.pretrained import is_bnb_nf4_config
+
+    nf4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    assert is_bnb_nf4_config({"quantization_config": nf4})
+    for other in ({**nf4, "bnb_4bit_quant_type": "fp4"}, {k: v for k, v in nf4.items() if k != "bnb_4bit_quant_type"},
+                  {"quant_method": "bitsandbytes", "load_in_8bit": True}, {**nf4, "quant_method": "gptq"}, None):
+        assert not is_bnb_nf4_config({"quantization_config": other})

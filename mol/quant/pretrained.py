@@ -45,9 +45,10 @@ def from_bnb_4bit(source: PathLike, model_class: Any = None, *, dtype: Optional[
     and so the compute dtype (default: ``bnb_4bit_compute_dtype``, else the config's dtype, else float32).
     ``backend``: NF4Linear's kernel backend. Returns the model on ``device`` in eval mode, as a model that
     ``mol.quantize`` put in NF4 (its config carries no ``quantization_config``): ``mol.inject`` on top gives QLoRA,
-    ``mol.save_bnb_4bit`` writes it back. Raises, before any tensor is read, on a missing file or shard, on an
-    fp4, 8-bit or non-bitsandbytes checkpoint, on a checkpoint without quantization, and on keys or shapes the
-    architecture does not have or lacks."""
+    ``mol.save_bnb_4bit`` writes it back. Raises before reading any tensor on a missing file or shard, on an fp4,
+    8-bit or non-bitsandbytes checkpoint and on a checkpoint without quantization; after the 4-bit layers but
+    before any full-precision tensor, on entries that do not fit (load_bnb_4bit's checks) and on keys or shapes
+    the architecture does not have or lacks."""
     import transformers
 
     directory = _checkpoint_dir(source, revision, token)
@@ -68,11 +69,13 @@ def from_bnb_4bit(source: PathLike, model_class: Any = None, *, dtype: Optional[
     return model.to(device).eval()
 
 
-def is_bnb_4bit_config(config: Any) -> bool:
-    """Whether a transformers config (or config.json's dict) holds a bitsandbytes 4-bit quantization_config."""
+def is_bnb_nf4_config(config: Any) -> bool:
+    """Whether a transformers config (or config.json's dict) holds a bitsandbytes 4-bit NF4 quantization_config,
+    which from_bnb_4bit reads."""
     qc = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
     qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
-    return isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+    return (isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+            and not qc.get("load_in_8bit") and qc.get("bnb_4bit_quant_type", "fp4") == "nf4")
 
 
 # ---------------------------------------------------------------- files

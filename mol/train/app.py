@@ -327,7 +327,7 @@ def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]
     apply_model_chat_template(tokenizer, model_cfg)
     dtype = torch_dtype(model_cfg)
     if model_cfg.task in ("classification", "causal_lm") and _bnb_4bit_checkpoint(path, local):
-        # a pre-quantized bitsandbytes checkpoint: from_pretrained would need bitsandbytes; mol reads it into
+        # a pre-quantized bitsandbytes NF4 checkpoint: from_pretrained would need bitsandbytes; mol reads it into
         # NF4Linear layers itself (the method's LoRA / MoL then trains on the NF4 base: QLoRA)
         if model_cfg.task == "classification":
             raise ConfigError(f"model.path={model_cfg.path} is a bitsandbytes 4-bit checkpoint, which mol.train loads "
@@ -370,13 +370,14 @@ def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]
 
 
 def _bnb_4bit_checkpoint(path: str, local: bool) -> bool:
-    """Whether the model's config.json holds a bitsandbytes 4-bit quantization_config (a Hub repo's config.json is
-    in the cache already: model_source fetched it)."""
+    """Whether the model's config.json holds a bitsandbytes 4-bit NF4 quantization_config (a Hub repo's config.json
+    is in the cache already: model_source fetched it). Others (fp4, 8-bit) load with from_pretrained, as before,
+    where bitsandbytes is installed."""
     from transformers import AutoConfig
 
-    from mol.quant.pretrained import is_bnb_4bit_config
+    from mol.quant.pretrained import is_bnb_nf4_config
 
-    return is_bnb_4bit_config(AutoConfig.from_pretrained(path, local_files_only=local))
+    return is_bnb_nf4_config(AutoConfig.from_pretrained(path, local_files_only=local))
 
 
 def enable_activation_checkpointing(model: Any) -> None:
