@@ -36,7 +36,7 @@ def test_bench_generate_tiny_runs_and_prints_its_table():
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message a machine without CUDA gets")
 @pytest.mark.parametrize("script", ["bench_layer.py", "bench_model.py", "bench_generate.py", "bench_nf4.py",
-                                    "gpu_check_nf4_decode.py", "gpu_check_versions.py"])
+                                    "gpu_check_nf4_decode.py", "gpu_check_versions.py", "gpu_check_bnb_load.py"])
 def test_gpu_scripts_say_they_need_cuda_instead_of_a_traceback(script):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
