@@ -24,13 +24,16 @@ import mol  # noqa: E402
 def main() -> int:
     if not torch.cuda.is_available():
         sys.exit("gpu_check_bnb_load.py checks from_bnb_4bit on a CUDA GPU and none is visible here")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
                       tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    # built in bf16 as from_pretrained(dtype=torch.bfloat16) builds it: the rotary inv_freq stays float32 (a
+    # model.to(torch.bfloat16) would round it, and the loaded model, which computes it as transformers does, then
+    # differs from the saved one by that rounding)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     mol.quantize(model, "nf4")
     model = model.cuda().eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 96), device="cuda")
@@ -53,8 +56,9 @@ def main() -> int:
         ok = False
     with torch.no_grad():
         same = torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
-        gen_a = model.generate(ids[:, :16], max_new_tokens=24, do_sample=False)
-        gen_b = loaded.generate(ids[:, :16], max_new_tokens=24, do_sample=False)
+        prompt = {"input_ids": ids[:, :16], "attention_mask": torch.ones_like(ids[:, :16])}
+        gen_a = model.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)
+        gen_b = loaded.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)
     print(f"logits bit-identical: {same}; greedy generate() tokens identical: {torch.equal(gen_a, gen_b)}")
     ok &= same and torch.equal(gen_a, gen_b)
 
