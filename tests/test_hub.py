@@ -420,9 +420,9 @@ def test_a_hub_model_that_cannot_be_had_is_one_config_error(tmp_path, hub_cache)
         return compose(["model=hf_causal", f"model.path={path}", "data=jsonl", f"data.train={data['train']}",
                         f"output_dir={tmp_path / 'run'}"])
 
-    with pytest.raises(ConfigError, match=r"model.path=org/absent is no local folder, and as a Hub repo it is not in "
-                                          r"the local Hugging Face cache and HF_HUB_OFFLINE is set: .*hf download "
-                                          r"org/absent"):
+    with pytest.raises(ConfigError, match=r"model.path: 'org/absent' is no local directory, and the Hugging Face "
+                                          r"Hub repo 'org/absent' is not in the local Hugging Face cache and cannot "
+                                          r"be downloaded \(offline: HF_HUB_OFFLINE=1.*hf download org/absent"):
         prepare(cfg("org/absent"))
     with pytest.raises(ConfigError, match=r"model.path=a/b/c is not a Hugging Face model folder \(no config.json "
                                           r"there\) nor a Hub repo id; set model.path to a local folder"):
@@ -430,7 +430,8 @@ def test_a_hub_model_that_cannot_be_had_is_one_config_error(tmp_path, hub_cache)
     (tmp_path / "cfgless").mkdir()
     (tmp_path / "cfgless" / "README.md").write_text("no model here")
     _commit(hub_cache, "org/cfgless", tmp_path / "cfgless")
-    with pytest.raises(ConfigError, match=r"model.path=org/cfgless"):
+    with pytest.raises(ConfigError, match=r"model.path: the Hugging Face Hub repo 'org/cfgless' holds no "
+                                          r"config.json, so it is no Hugging Face model$"):
         prepare(cfg("org/cfgless"))
     assert not (tmp_path / "run").exists()
 

@@ -251,29 +251,15 @@ def model_source(value: Any, key: str = "model.path", fix: str = "", shown: str 
 
 
 def _check_hub_model(repo_id: str, key: str) -> None:
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
+    """Fetch the repo's config.json (or find it in the cache offline): one ConfigError, naming the fix, for a typo,
+    a private or gated repo, a repo that is no model, or one neither cached nor downloadable."""
+    from mol.io import _adapter_source
 
     try:
-        hf_hub_download(repo_id, "config.json")
-    except GatedRepoError:
-        raise ConfigError(f"{key}={repo_id} is a gated repo: accept its terms on the Hub, then log in (`hf auth "
-                          "login` or HF_TOKEN)") from None
-    except RepositoryNotFoundError:
-        raise ConfigError(f"{key}={repo_id} is neither a local folder nor a Hub repo this machine can see (a typo, "
-                          "or a private repo: log in with `hf auth login` or set HF_TOKEN)") from None
-    except LocalEntryNotFoundError:
-        why = ("HF_HUB_OFFLINE is set"
-               if constants.HF_HUB_OFFLINE else "there is no network")
-        raise ConfigError(f"{key}={repo_id} is no local folder, and as a Hub repo it is not in the local Hugging Face "
-                          f"cache and {why}: download it first (`hf download {repo_id}`), allow downloads, or give "
-                          "a local folder") from None
-    except HfHubHTTPError as e:
-        raise ConfigError(f"{key}={repo_id}: fetching its config.json from the Hub failed ({_one_line(e)})") from None
-    except ValueError as e:  # EntryNotFound and the like: a repo that is no transformers model
-        raise ConfigError(f"{key}={repo_id} has no config.json, so it is no Hugging Face model ({_one_line(e)})") \
-            from None
+        _adapter_source(repo_id, key, ("config.json",), None, None, None, required="config.json",
+                        what="Hugging Face model")
+    except OSError as e:  # FileNotFoundError, PermissionError and the download's own failures, each worded there
+        raise ConfigError(str(e)) from None
 
 
 def _tokenizer_path(model_cfg: DictConfig, model_path: str) -> tuple[str, bool]:
