@@ -337,3 +337,33 @@ def test_train_on_parquet_splits_then_evaluate_the_recorded_source(tmp_path):
     got = evaluate(compose([f"adapter={out / 'adapter'}", f"data.cache_dir={tmp_path / 'cache'}",
                             "trainer.enable_progress_bar=false"], config_name="evaluate"))
     assert got["examples"] == 4 and torch.isfinite(torch.tensor(got["test/loss"]))
+
+
+def test_a_classlabel_column_gives_its_class_names_as_string_labels_in_jsonl_do(tmp_path):
+    """sst2 / imdb store `label` as a ClassLabel: its class names are the labels (as a JSONL file of string labels
+    gives them), in save_to_disk folders and in parquet files (which keep the features); GLUE's -1 (an unlabelled
+    test row) is no class."""
+    from mol.train.data import TextDataModule
+
+    tok = make_tokenizer(tmp_path / "tok")
+    rows = [{"text": "red blue", "label": "pos"}, {"text": "sun moon", "label": "neg"}, {"text": "cat", "label": "pos"}]
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "pos"])})
+    ds = datasets.Dataset.from_dict({"text": [r["text"] for r in rows], "label": [1, 0, 1]}, features=features)
+    ds.save_to_disk(str(tmp_path / "disk"))
+    ds.to_parquet(str(tmp_path / "rows.parquet"))
+
+    def scanned(source):
+        dm = TextDataModule(tok, "classification", train=source, batch_size=1, max_length=16, cache_dir=None)
+        dm.setup()
+        return dm.label_names, [(e["input_ids"], e["labels"]) for e in dm.splits["train"].examples]
+
+    want = scanned(str(_jsonl(tmp_path / "ref.jsonl", rows)))
+    assert want[0] == ["neg", "pos"]
+    assert scanned(str(tmp_path / "disk")) == want
+    assert scanned(str(tmp_path / "rows.parquet")) == want
+
+    from mol.train import hf_data
+
+    unlabelled = datasets.Dataset.from_dict({"text": ["x", "y"], "label": [-1, 0]}, features=features)
+    assert hf_data.records(unlabelled) == [{"text": "x"}, {"text": "y", "label": "neg"}]

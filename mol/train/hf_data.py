@@ -137,5 +137,19 @@ def load(source: "Source") -> Any:
 def records(ds: Any) -> list[dict]:
     """The rows of a Dataset as plain dicts, as a JSONL file gives them. A null is how a table stores a field the
     record lacks (a column another record has), so null fields are left out: a file mixing formats (text rows and
-    prompt/response rows), or tagging only some rows with ``task``, reads as the same JSONL would."""
-    return [{k: v for k, v in row.items() if v is not None} for row in ds]
+    prompt/response rows), or tagging only some rows with ``task``, reads as the same JSONL would.
+
+    A ``ClassLabel`` column (sst2's and imdb's ``label``) gives its class names, as a JSONL file of string labels
+    would: the classifier's labels, results and training_meta.json then say ``positive``, not ``1``. Its -1 (GLUE's
+    unlabelled test rows) is no class: left out, as a null is."""
+    import datasets
+
+    names = {k: f for k, f in (ds.features or {}).items() if isinstance(f, datasets.ClassLabel)}
+
+    def value(k: str, v: Any) -> Any:
+        if k in names and isinstance(v, int) and not isinstance(v, bool):
+            return names[k].int2str(v) if v >= 0 else None
+        return v
+
+    rows = ({k: value(k, v) for k, v in row.items()} for row in ds)
+    return [{k: v for k, v in row.items() if v is not None} for row in rows]
