@@ -163,7 +163,14 @@ def test_a_tokenizer_without_template_names_the_fix(tmp_path):
     ({"messages": [{"role": "user", "content": "red"}, {"role": "bot", "content": "cat"}]},
      r"message 1 has role \"bot\"; use one of system, developer, user, assistant, tool"),
     ({"messages": [{"role": "assistant", "content": ["cat"]}]},
-     r"message 0 has content \[\"cat\"\], not a string"),
+     r"message 0 has content parts \[\"cat\"\]; mol trains on text: give the content as a string or as text parts"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}},
+                                                 {"type": "text", "text": "red"}]},
+                   {"role": "assistant", "content": "cat"}]},
+     r"message 0 has content parts .* of type image_url; mol trains on text"),
+    ({"messages": [{"role": "user", "content": {"text": "red"}}, {"role": "assistant", "content": "cat"}]},
+     r"message 0 has content \{\"text\": \"red\"\}, not a string; write each content as a JSON string or a list "
+     r"of text parts"),
     ({"messages": [{"role": "user", "content": "red"}, {"role": "assistant", "content": None}]},
      r"message 1 has content null, not a string.*null only in an assistant turn with tool_calls"),
     ({"messages": [{"role": "user", "content": "red"}]}, r"the chat has no assistant message.*add the assistant"),
@@ -370,3 +377,23 @@ def test_tool_calls_are_learned_and_tool_results_are_not(tmp_path):
     f = _write(tmp_path / "tools.jsonl", [{"messages": chat}] * 2)
     dm = TextDataModule(chat_tokenizer(template=TOOLS), "causal_lm", train=str(f), batch_size=1, cache_dir=None)
     dm.scan()  # the records' check, which refused them: raises on a bad record
+
+
+def test_content_given_as_text_parts_trains_as_the_same_string(tmp_path):
+    """OpenAI-format datasets give content as a list of parts even for plain text; text parts are joined into the
+    string a text-only template renders (it would write the list's repr), so the tokens and labels are those of
+    the same chat written with strings."""
+    from mol.train.data import TextDataModule
+
+    parts = [{"role": "system", "content": [{"type": "text", "text": "sky star"}]},
+             {"role": "user", "content": [{"type": "text", "text": "red "}, {"type": "text", "text": "blue"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "cat dog"}]},
+             {"role": "user", "content": "one two three"},
+             {"role": "assistant", "content": [{"type": "text", "text": "sun"},
+                                               {"type": "text", "text": " moon bird"}]}]
+    f = _write(tmp_path / "parts.jsonl", [{"messages": parts}])
+    dm = TextDataModule(chat_tokenizer(), "causal_lm", train=str(f), batch_size=1, max_length=64, cache_dir=None)
+    dm.setup()
+    example = dm.splits["train"].examples[0]
+    want_ids, want_labels = hand_tokens(CHAT)
+    assert (example["input_ids"], example["labels"]) == (want_ids, want_labels)

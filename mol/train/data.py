@@ -252,6 +252,21 @@ def _shown(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)[:60]
 
 
+def _text_parts(content: Any) -> Optional[str]:
+    """The text of a content given as a list of parts (OpenAI's format, ``[{"type": "text", "text": ...}]``, which
+    datasets in that format use for plain text too), its parts joined as given; None where it is no such list."""
+    if not isinstance(content, list) or not content:
+        return None
+    texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+    return "".join(texts) if len(texts) == len(content) and all(isinstance(t, str) for t in texts) else None
+
+
+def text_messages(messages: list[dict]) -> list[dict]:
+    """``messages`` with each content given as text parts joined into one string: what a text-only chat template
+    renders (it would write a list's Python repr), and what a multimodal one renders the same."""
+    return [{**m, "content": text} if (text := _text_parts(m.get("content"))) is not None else m for m in messages]
+
+
 def _check_messages(messages: Any, where: str, key: str) -> None:
     """A chat's ``messages``: a non-empty list of {role, content} dicts with a known role and string content, and
     at least one assistant turn (the only tokens it trains on). An assistant turn that calls tools (a non-empty
@@ -269,9 +284,16 @@ def _check_messages(messages: Any, where: str, key: str) -> None:
                             f"`content`; write each message as {{\"role\": ..., \"content\": ...}}")
         if m["role"] not in CHAT_ROLES:
             raise DataError(f"{where}: message {j} has role {_shown(m['role'])}; use one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
-            raise DataError(f"{where}: message {j} has content {_shown(m['content'])}, not a string; write each "
-                            "content as a JSON string (null only in an assistant turn with tool_calls)")
+        content = m.get("content")
+        if isinstance(content, list) and content and _text_parts(content) is None:
+            kinds = sorted({str(p.get("type")) for p in content if isinstance(p, dict)} - {"text"})
+            raise DataError(f"{where}: message {j} has content parts {_shown(content)}"
+                            + (f" of type {', '.join(kinds)}" if kinds else "") + "; mol trains on text: give the "
+                            "content as a string or as text parts only ([{\"type\": \"text\", \"text\": ...}])")
+        if not isinstance(content, str) and _text_parts(content) is None and not (calls and content is None):
+            raise DataError(f"{where}: message {j} has content {_shown(content)}, not a string; write each "
+                            "content as a JSON string or a list of text parts (null only in an assistant turn with "
+                            "tool_calls)")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the chat has no assistant message, so nothing to learn (the loss is on the "
                         "assistant turns only); add the assistant's reply or remove the record")
@@ -454,7 +476,7 @@ def tokenize_source(source: Source, tokenizer: Any, task_kind: str, max_length: 
         else:
             if fmt == "chat":
                 # the template writes the special tokens (bos, end of turn) itself: no eos appended
-                ids, labels = chat_tokens(tokenizer, rec[fields.messages], where)
+                ids, labels = chat_tokens(tokenizer, text_messages(rec[fields.messages]), where)
                 ids, labels = ids[:max_length], labels[:max_length]
             elif fmt == "prompt_response":
                 p = tokenizer(rec[fields.prompt])["input_ids"]
