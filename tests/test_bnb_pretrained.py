@@ -253,16 +253,63 @@ def test_mol_train_trains_lora_on_a_bnb_4bit_checkpoint(tmp_path, monkeypatch, m
         assert torch.equal(again(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
 
 
-def test_mol_train_refuses_a_bnb_4bit_checkpoint_for_classification(tmp_path):
-    from mol.train.app import ConfigError, load_model
-    from test_hub import _train_cfg
+def test_a_causal_checkpoint_read_as_a_classifier_gets_a_new_head_and_the_saved_body(tmp_path):
+    """AutoModelForSequenceClassification from a causal LM's bitsandbytes checkpoint: the body is the checkpoint's
+    (its hidden states equal the causal model's to the bit), the `score` head it lacks is initialised as
+    transformers initialises it (a warning names it, and the unused lm_head); without new_heads it is refused."""
+    import transformers
 
-    cfg = _train_cfg(tmp_path, "method=lora")
-    mol.save_bnb_4bit(mol.quantize(_llama(), "nf4"), tmp_path / "bnb")
-    cfg.model.path, cfg.model.task, cfg.model.tokenizer = str(tmp_path / "bnb"), "classification", cfg.model.path
-    with pytest.raises(ConfigError, match=r"is a bitsandbytes 4-bit checkpoint, which mol.train loads for "
-                                          r"model.task=causal_lm only"):
-        load_model(cfg.model, ["a", "b"])
+    model, directory = _saved(tmp_path)
+    overrides = {"num_labels": 3, "id2label": {0: "a", 1: "b", 2: "c"}, "label2id": {"a": 0, "b": 1, "c": 2}}
+    with pytest.raises(ValueError, match=r"holds 1 tensors that LlamaForSequenceClassification has no place for, "
+                                         r"e.g. \['lm_head.weight'\].*name the new task head this class adds in "
+                                         r"new_heads="):
+        mol.from_bnb_4bit(directory, transformers.AutoModelForSequenceClassification, config_overrides=overrides)
+    with pytest.warns(UserWarning, match=r"score: not in .* initialised as transformers initialises a new head.*"
+                                         r"1 tensors of .* left unused, e.g. \['lm_head.weight'\]"):
+        clf = mol.from_bnb_4bit(directory, transformers.AutoModelForSequenceClassification, new_heads=["score"],
+                                config_overrides=overrides)
+    assert isinstance(clf, transformers.LlamaForSequenceClassification) and clf.config.id2label[2] == "c"
+    assert clf.score.weight.shape == (3, 64) and torch.isfinite(clf.score.weight).all()
+    std = clf.config.initializer_range
+    assert 0.5 * std < clf.score.weight.std().item() < 1.5 * std  # transformers' normal init, not leftover memory
+    with torch.no_grad():
+        want = model.model(input_ids=IDS).last_hidden_state
+        got = clf.model(input_ids=IDS).last_hidden_state
+        assert torch.equal(got, want)
+        logits = clf(input_ids=IDS).logits
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+def test_mol_train_trains_a_classifier_on_a_bnb_4bit_checkpoint(tmp_path, monkeypatch):
+    """model=hf_classifier on a causal LM's bitsandbytes checkpoint: a new `score` head for the data's labels,
+    trained through modules_to_save beside LoRA on the NF4 layers, and saved with the adapter."""
+    import transformers
+
+    import mol.quant
+    from mol.train.app import run
+    from test_train_utils import compose, make_classification_data, make_tiny_llama, quiet_trainer_overrides
+
+    llama = make_tiny_llama(tmp_path / "llama")
+    mol.save_bnb_4bit(mol.quantize(transformers.LlamaForCausalLM.from_pretrained(llama), "nf4"), tmp_path / "bnb")
+    data = make_classification_data(tmp_path / "data")
+    loaded = []
+    original = mol.quant.from_bnb_4bit
+    monkeypatch.setattr(mol.quant, "from_bnb_4bit", lambda *a, **kw: loaded.append(original(*a, **kw)) or loaded[-1])
+    with pytest.warns(UserWarning, match="score: not in"):
+        results = run(compose(["model=hf_classifier", f"model.path={tmp_path / 'bnb'}", f"model.tokenizer={llama}",
+                               "model.modules_to_save=[score]", "method=lora", "method.rank=4", "data=jsonl",
+                               f"data.train={data['train']}", f"data.val={data['val']}", "data.batch_size=8",
+                               "data.max_length=24", f"data.cache_dir={tmp_path / 'cache'}", "baseline.enabled=false",
+                               f"output_dir={tmp_path / 'run'}", "trainer.max_epochs=-1", "trainer.max_steps=3",
+                               *quiet_trainer_overrides()]))
+    model = loaded[0]
+    assert results["run"]["steps"] == 3 and "val/acc" in results["run"]
+    assert isinstance(model, transformers.LlamaForSequenceClassification) and model.score.weight.shape[0] == 4
+    layers = [m for m in model.modules() if isinstance(m, mol.MoLLinear)]
+    assert layers and all(isinstance(m.base_layer, NF4Linear) for m in layers)
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert torch.equal(saved["score.weight"], model.score.weight.detach().float().cpu().to(saved["score.weight"].dtype))
 
 
 def test_mol_train_takes_only_nf4_checkpoints_to_from_bnb_4bit():

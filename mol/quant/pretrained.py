@@ -12,12 +12,15 @@ import copy
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
+
+from mol.inject import name_matches
 
 from .linear import NF4Linear, load_bnb_4bit
 
@@ -32,7 +35,8 @@ GENERATION = "generation_config.json"
 
 def from_bnb_4bit(source: PathLike, model_class: Any = None, *, dtype: Optional[torch.dtype] = None,
                   device: Union[str, torch.device] = "cpu", backend: str = "auto", revision: Optional[str] = None,
-                  token: Union[str, bool, None] = None) -> nn.Module:
+                  token: Union[str, bool, None] = None, new_heads: Sequence[str] = (),
+                  config_overrides: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """Load a transformers model saved with bitsandbytes 4-bit NF4 into NF4Linear layers, without bitsandbytes and
     without ever allocating its 4-bit layers in full precision.
 
@@ -48,19 +52,28 @@ def from_bnb_4bit(source: PathLike, model_class: Any = None, *, dtype: Optional[
     ``mol.save_bnb_4bit`` writes it back. Raises before reading any tensor on a missing file or shard, on an fp4,
     8-bit or non-bitsandbytes checkpoint and on a checkpoint without quantization; after the 4-bit layers but
     before any full-precision tensor, on entries that do not fit (load_bnb_4bit's checks) and on keys or shapes
-    the architecture does not have or lacks."""
+    the architecture does not have or lacks.
+
+    A task head the checkpoint lacks (a causal LM read as ``AutoModelForSequenceClassification``: ``score``) is
+    named in ``new_heads`` (module names, as ``modules_to_save`` matches them): such a head is read where the
+    checkpoint holds it in the model's shape, else initialised as transformers initialises a new head (a warning
+    names it), and the checkpoint's tensors the model has no place for (the LM's ``lm_head``) are left unused, as
+    from_pretrained leaves them. ``config_overrides`` are set on the config before the model is built (e.g.
+    ``num_labels``, ``id2label``, ``label2id``)."""
     import transformers
 
     directory = _checkpoint_dir(source, revision, token)
     config = transformers.AutoConfig.from_pretrained(str(directory))
     qc = _check_quantization(config, directory)
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
     dtype = _dtype(dtype, qc, config)
     cls = _model_class(model_class, config)
     files = _shards(directory)
     tensors = _LazyTensors(files)
     try:
         model = _build(cls, config, dtype)
-        _load(model, tensors, backend, directory, dtype)
+        _load(model, tensors, backend, directory, dtype, list(new_heads))
     finally:
         tensors.close()
     if (directory / GENERATION).is_file() and getattr(model, "generation_config", None) is not None:
@@ -262,7 +275,8 @@ def _ignored_unexpected(model: nn.Module) -> list[re.Pattern]:
     return [re.compile(p) for p in patterns]
 
 
-def _load(model: nn.Module, tensors: _LazyTensors, backend: str, directory: Path, dtype: torch.dtype) -> None:
+def _load(model: nn.Module, tensors: _LazyTensors, backend: str, directory: Path, dtype: torch.dtype,
+          new_heads: list[str]) -> None:
     # the 4-bit layers first: load_bnb_4bit checks every entry before it replaces the first layer
     replaced = set(load_bnb_4bit(model, tensors, backend=backend))
     if not replaced:
@@ -273,15 +287,28 @@ def _load(model: nn.Module, tensors: _LazyTensors, backend: str, directory: Path
     ignored = _ignored_unexpected(model)
     unexpected = [k for k in rest if k not in expected and not any(p.search(k) for p in ignored)]
     rest = [k for k in rest if k in expected]
+    heads = {n for n, _ in model.named_modules() if n and name_matches(n, new_heads)}
+
+    def in_head(key: str) -> bool:
+        return any(key.startswith(h + ".") for h in heads)
+
+    unused = []
+    if new_heads:  # a checkpoint of another head: its tensors are left unused, as from_pretrained leaves them
+        unused, unexpected = unexpected, []
     if unexpected:
         raise ValueError(f"{WHO}: {directory} holds {len(unexpected)} tensors that {type(model).__name__} has no "
                          f"place for, e.g. {unexpected[:3]}; load it with the model class it was saved from "
-                         "(model_class=)")
-    mismatched = []
+                         "(model_class=), or name the new task head this class adds in new_heads= (e.g. "
+                         "['score'] for a causal LM read as a classifier)")
+    mismatched, resized = [], []
     for k in rest:
         shape = tuple(tensors._handles[tensors.file(k)].get_slice(k).get_shape())
         if shape != tuple(expected[k].shape):
-            mismatched.append(f"{k}: {shape} in the checkpoint, {tuple(expected[k].shape)} in the model")
+            if in_head(k):  # a head of another size (another label count): initialised anew below
+                resized.append(k)
+            else:
+                mismatched.append(f"{k}: {shape} in the checkpoint, {tuple(expected[k].shape)} in the model")
+    rest = [k for k in rest if k not in resized]
     if mismatched:
         raise ValueError(f"{WHO}: {len(mismatched)} tensors of {directory} do not fit {type(model).__name__}: "
                          f"{mismatched[:3]}; the checkpoint is of another architecture or config")
@@ -291,7 +318,7 @@ def _load(model: nn.Module, tensors: _LazyTensors, backend: str, directory: Path
     untied = [k for k in sorted(missing) if not any(
         (k == t and s not in missing) or (k == s and t not in missing) for t, s in tied.items())]
     nonpersistent = _non_persistent(model)
-    untied = [k for k in untied if k not in nonpersistent]
+    untied = [k for k in untied if k not in nonpersistent and not in_head(k)]
     if untied:
         raise ValueError(f"{WHO}: {directory} lacks {len(untied)} tensors of {type(model).__name__}, e.g. "
                          f"{untied[:3]}; the checkpoint does not match the architecture: load it with the model "
@@ -309,6 +336,7 @@ def _load(model: nn.Module, tensors: _LazyTensors, backend: str, directory: Path
         t._is_hf_initialized = True  # transformers' init functions leave flagged tensors alone
     model.tie_weights(missing_keys=missing)
     _compute_non_persistent_buffers(model)
+    _init_new_heads(model, heads, unused, directory)
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:
         raise ValueError(f"{WHO}: {len(on_meta)} tensors of {type(model).__name__} were not in {directory} "
@@ -316,6 +344,29 @@ def _load(model: nn.Module, tensors: _LazyTensors, backend: str, directory: Path
     for m in model.modules():
         if isinstance(m, NF4Linear) and m.bias is not None and m.bias.dtype != dtype:
             m.bias.data = m.bias.data.to(dtype)  # as every other full-precision tensor
+
+
+def _init_new_heads(model: nn.Module, heads: set[str], unused: list[str], directory: Path) -> None:
+    """Initialise, by the model's own ``_init_weights`` (transformers' init of a new head), the head modules the
+    checkpoint did not fill; warn naming them and the checkpoint tensors left unused."""
+    fresh = []
+    for name in sorted(heads):
+        module = model.get_submodule(name)
+        if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+            module.to_empty(device="cpu")
+            with torch.no_grad():
+                for sub in module.modules():
+                    model._init_weights(sub)
+            fresh.append(name)
+    said = []
+    if fresh:
+        said.append(f"{', '.join(fresh)}: not in {directory} in this model's shape, initialised as transformers "
+                    "initialises a new head (train it: modules_to_save)")
+    if unused:
+        said.append(f"{len(unused)} tensors of {directory} this model has no place for are left unused, e.g. "
+                    f"{unused[:2]}")
+    if said:
+        warnings.warn(f"{WHO}: " + "; ".join(said), stacklevel=3)
 
 
 def _non_persistent(model: nn.Module) -> set[str]:

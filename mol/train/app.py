@@ -315,14 +315,18 @@ def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]
     if model_cfg.task in ("classification", "causal_lm") and _bnb_4bit_checkpoint(path, local):
         # a pre-quantized bitsandbytes NF4 checkpoint: from_pretrained would need bitsandbytes; mol reads it into
         # NF4Linear layers itself (the method's LoRA / MoL then trains on the NF4 base: QLoRA)
-        if model_cfg.task == "classification":
-            raise ConfigError(f"model.path={model_cfg.path} is a bitsandbytes 4-bit checkpoint, which mol.train loads "
-                              "for model.task=causal_lm only (a classification head absent from it is not "
-                              "initialised here); load the full-precision model with method.quantize_base=nf4")
         from mol.quant import from_bnb_4bit
 
+        if model_cfg.task == "classification":
+            # the head the data needs, read where the checkpoint holds it in that shape, else new (as from_pretrained
+            # makes it), trained through model.modules_to_save
+            cls, heads = AutoModelForSequenceClassification, list(model_cfg.get("modules_to_save") or [])
+            overrides = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+                         "label2id": {n: i for i, n in enumerate(label_names)}}
+        else:
+            cls, heads, overrides = AutoModelForCausalLM, [], None
         try:
-            model = from_bnb_4bit(path, AutoModelForCausalLM, dtype=dtype)
+            model = from_bnb_4bit(path, cls, dtype=dtype, new_heads=heads, config_overrides=overrides)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"model.path={model_cfg.path}: {_one_line(e)}") from e
     elif model_cfg.task == "classification":
