@@ -521,6 +521,20 @@ def unload(model: nn.Module) -> nn.Module:
 # ---- Hugging Face PEFT interop (LoRA) ---------------------------------------------------------------------
 
 
+def as_lora_config(config: Any) -> Optional[LoRAConfig]:
+    """``config`` as the LoRAConfig PEFT's format holds: itself, or a one-expert MoLConfig's LoRA; None for any
+    other method (a token-routed MoL has no PEFT equivalent)."""
+    if isinstance(config, LoRAConfig):
+        return config
+    if isinstance(config, MoLConfig) and config.num_experts == 1:
+        c = config
+        return LoRAConfig(rank=c.rank, alpha=c.alpha, target_modules=c.target_modules, dropout=c.dropout,
+                          use_rslora=c.use_rslora, init=c.init, adapter_dtype=c.adapter_dtype,
+                          rank_pattern=dict(c.rank_pattern), alpha_pattern=dict(c.alpha_pattern),
+                          modules_to_save=list(c.modules_to_save))
+    return None
+
+
 def _single_lora_config(model: nn.Module) -> LoRAConfig:
     require_adapter(model)
     configs = all_configs(model)
@@ -528,14 +542,9 @@ def _single_lora_config(model: nn.Module) -> LoRAConfig:
         raise ValueError(f"PEFT's LoRA format holds one LoRA adapter of one model; this one carries adapters "
                          f"injected on {[p for p, _ in nested_configs(model)]} inside it and its own: export each "
                          "model's LoRA from an inject of its own, or use mol.save_adapter")
-    if len(configs) == 1 and isinstance(configs[0], LoRAConfig):
-        return configs[0]
-    if len(configs) == 1 and isinstance(configs[0], MoLConfig) and configs[0].num_experts == 1:
-        c = configs[0]
-        return LoRAConfig(rank=c.rank, alpha=c.alpha, target_modules=c.target_modules, dropout=c.dropout,
-                          use_rslora=c.use_rslora, init=c.init, adapter_dtype=c.adapter_dtype,
-                          rank_pattern=dict(c.rank_pattern), alpha_pattern=dict(c.alpha_pattern),
-                          modules_to_save=list(c.modules_to_save))
+    lora = as_lora_config(configs[0]) if len(configs) == 1 else None
+    if lora is not None:
+        return lora
     raise ValueError(f"PEFT's LoRA format holds one LoRA adapter; this model carries {[c.method for c in configs]} "
                      "(token-routed MoL has no PEFT equivalent): export a LoRAConfig adapter or use mol.save_adapter")
 

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from mol.config import LoRAConfig, MoLConfig, is_whole  # noqa: E402
+from mol.config import is_whole  # noqa: E402
 
 CONFIG_NAME = "config"
 GROUPS = ("model", "method", "router", "data", "trainer", "logger", "experiment")
@@ -540,8 +540,9 @@ def check_hub(cfg: DictConfig, method_cfg: Any) -> None:
     if huggingface_hub.get_token() is None:
         raise ConfigError(f"hub.repo_id={repo_id} uploads the adapter, and no Hugging Face token is set: log in with "
                           "`hf auth login` or set HF_TOKEN before training")
-    if hub.get("peft_format") and not (isinstance(method_cfg, LoRAConfig) or (
-            isinstance(method_cfg, MoLConfig) and method_cfg.num_experts == 1)):
+    from mol.io import as_lora_config  # export_peft's own rule
+
+    if hub.get("peft_format") and as_lora_config(method_cfg) is None:
         raise ConfigError(f"hub.peft_format=true: PEFT's format holds a LoRA adapter, and this run trains "
                           f"{type(method_cfg).__name__}; use method=lora (or qlora), or hub.peft_format=false")
 
@@ -557,22 +558,16 @@ def _upload_command(cfg: DictConfig, adapter: str) -> str:
 
 
 def push_adapter(cfg: DictConfig, model: Any, adapter_dir: Path) -> str:
-    """Upload the saved adapter as ``hub.*`` says; the commit's URL. PEFT's format is exported from the model."""
-    import tempfile
-
-    from mol.io import _model_card, export_peft, push_folder
+    """Upload the saved adapter as ``hub.*`` says; the commit's URL."""
+    from mol.io import _model_card, push_folder, push_to_hub
 
     hub, repo_id = cfg.hub, str(cfg.hub.repo_id)
-    peft_format = bool(hub.get("peft_format", False))
-    card = _model_card(model, repo_id, peft_format)
-    message = f"mol.train: {cfg.get('output_dir')}"
-    if not peft_format:
-        info = push_folder(adapter_dir, repo_id, card, private=bool(hub.get("private", True)), commit_message=message)
-    else:
-        with tempfile.TemporaryDirectory(prefix="mol-push-") as tmp:
-            export_peft(model, tmp)
-            info = push_folder(Path(tmp), repo_id, card, private=bool(hub.get("private", True)),
-                               commit_message=message)
+    private, message = bool(hub.get("private", True)), f"mol.train: {cfg.get('output_dir')}"
+    if hub.get("peft_format", False):  # exported from the model: the run's folder holds mol's format
+        info = push_to_hub(model, repo_id, peft_format=True, private=private, commit_message=message)
+    else:  # the run's own folder, with the training_meta.json that mol.evaluate reads
+        info = push_folder(adapter_dir, repo_id, _model_card(model, repo_id, False), private=private,
+                           commit_message=message)
     return str(getattr(info, "commit_url", info))
 
 
