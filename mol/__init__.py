@@ -11,6 +11,7 @@ from mol.inject import (aux_loss, clear_graphs, clear_routing, disable_adapters,
                         routing_stats, set_graphs, trainable_parameters)
 from mol.io import (export_peft, import_peft, load_adapter, merge, merge_and_unload, push_to_hub, save_adapter, unload,
                     unmerge)
+from mol.experts import ExpertsLoRA
 from mol.layers import AdapterLayer, MoLLinear
 from mol.quant import NF4Linear, bnb_4bit_state_dict, from_bnb_4bit, load_bnb_4bit, quantize, save_bnb_4bit
 from mol.methods import AdapterConfig, BitFitConfig, IA3Config, PrefixTuningConfig, PromptTuningConfig
@@ -19,7 +20,7 @@ from mol.routers import Router, RouterOutput
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "BitFitConfig", "IA3Config", "PrefixTuningConfig", "PromptTuningConfig", "AdapterLayer",
+    "AdapterConfig", "BitFitConfig", "ExpertsLoRA", "IA3Config", "PrefixTuningConfig", "PromptTuningConfig", "AdapterLayer",
     "LoRAConfig", "bnb_4bit_state_dict", "save_bnb_4bit", "NF4Linear", "MethodConfig", "MoLConfig", "MoLLinear",
     "Router", "RouterOutput", "aux_loss", "clear_graphs", "clear_routing", "config_from_dict", "disable_adapters",
     "export_peft", "from_bnb_4bit", "import_peft", "inject", "load_adapter", "load_bnb_4bit", "match_modules",

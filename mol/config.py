@@ -69,7 +69,7 @@ def _as_json(value: Any) -> Any:
     return value
 
 
-def _check_common(cfg: Any) -> None:
+def _check_common(cfg: Any, targets_required: bool = True) -> None:
     name = type(cfg).__name__
     if not is_whole(cfg.rank) or cfg.rank <= 0:
         raise ValueError(f"{name}.rank must be a positive integer, got {cfg.rank!r}; use e.g. rank=8")
@@ -87,9 +87,10 @@ def _check_common(cfg: Any) -> None:
         raise ValueError(f"{name}.backend={cfg.backend!r} is unknown; choose one of {BACKENDS}")
     if cfg.quantize_base not in QUANT_TYPES:
         raise ValueError(f"{name}.quantize_base={cfg.quantize_base!r} is unknown; use None or 'nf4'")
-    if not cfg.target_modules:
-        raise ValueError(f"{name}.target_modules is empty; give names, suffixes, a regex or 'all-linear'")
-    check_targets(name, "target_modules", cfg.target_modules, allow_none=False)
+    if targets_required or cfg.target_modules:
+        if not cfg.target_modules:
+            raise ValueError(f"{name}.target_modules is empty; give names, suffixes, a regex or 'all-linear'")
+        check_targets(name, "target_modules", cfg.target_modules, allow_none=False)
     check_modules_to_save(cfg)
     check_adapter_dtype(cfg)
     for field_name, integral in (("rank_pattern", True), ("alpha_pattern", False)):
@@ -289,7 +290,13 @@ class LoRAConfig(MethodConfig):
     ``base(x) + scaling * B A dropout(x)``. Every field means what MoLConfig's of the same name does (``rank``,
     ``alpha``, ``target_modules``, ``dropout``, ``use_rslora``, ``init``, ``quantize_base``, ``backend``,
     ``adapter_dtype``, ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``: PEFT's LoraConfig fields
-    ``r``, ``lora_alpha``, ``lora_dropout``, ... of the same meaning)."""
+    ``r``, ``lora_alpha``, ``lora_dropout``, ... of the same meaning).
+
+    ``target_parameters``: the fused expert tensors of mixture-of-experts layers to put LoRA on, one pair per expert
+    (PEFT's field of that name): full names or dotted suffixes such as ``["experts.gate_up_proj",
+    "experts.down_proj"]`` (transformers 5's Mixtral, Qwen3-MoE, GPT-OSS, ... keep each MoE layer's experts as 3-D
+    tensors, with no nn.Linear per expert); see mol.experts. With it ``target_modules`` may be empty (``[]``) to adapt
+    the experts alone; ``rank_pattern`` / ``alpha_pattern`` keys match the tensors' names as they match layers'."""
 
     method: ClassVar[str] = "lora"
 
@@ -305,15 +312,32 @@ class LoRAConfig(MethodConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
+    target_parameters: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _patterns_or_empty(self)
+        if self.target_parameters is None:  # PEFT's default, and Hydra's method.target_parameters=null
+            self.target_parameters = []
+        if self.target_modules is None and self.target_parameters:  # PEFT's target_modules=None: the experts alone
+            self.target_modules = []
 
     def validate(self) -> None:
-        _check_common(self)
+        value = self.target_parameters
+        if isinstance(value, str):  # iterated, each letter would be taken for a tensor name
+            raise ValueError(f"LoRAConfig.target_parameters must be a list of tensor names, got the string {value!r}; "
+                             f"use target_parameters=[{value!r}]")
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f"LoRAConfig.target_parameters must be a list of tensor names or suffixes such as "
+                             f"['experts.gate_up_proj', 'experts.down_proj'], got {value!r}")
+        if not self.target_modules and not value:
+            raise ValueError("LoRAConfig.target_modules is empty and so is target_parameters: give the layers to "
+                             "adapt (names, suffixes, a regex or 'all-linear') or the expert tensors "
+                             "(target_parameters=['experts.gate_up_proj', 'experts.down_proj'])")
+        _check_common(self, targets_required=not value)
 
     def to_mol(self) -> MoLConfig:
-        """The same adapter as a one-expert MoL config (no router, gate 1)."""
+        """The same adapter on the linear layers (``target_modules``) as a one-expert MoL config (no router, gate
+        1); ``target_parameters`` has no MoL counterpart (mol.experts adapts those)."""
         return MoLConfig(
             rank=self.rank, alpha=self.alpha, num_experts=1, top_k=1, router="topk",
             target_modules=self.target_modules, dropout=self.dropout, use_rslora=self.use_rslora,

@@ -129,8 +129,8 @@ def _describe_experts(fused: dict[str, list[tuple[str, tuple[int, ...]]]], modul
 
 
 # said wherever mol meets fused experts: what it cannot do, and what PEFT offers instead
-_NO_FUSED = ("mol adapts linear layers only and has no counterpart of PEFT's LoraConfig(target_parameters=[...]), "
-             "which puts LoRA on such 3-D expert tensors")
+_NO_FUSED = ("target_modules selects linear layers; LoRA on such 3-D expert tensors is LoRAConfig(target_parameters="
+             "['experts.gate_up_proj', 'experts.down_proj']), as in PEFT")
 
 
 def _warn_fused_experts(model: nn.Module, candidates: list[tuple[str, nn.Module]], names: list[str],
@@ -232,8 +232,9 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str], se
         what_experts = _describe_experts({n: fused[n] for n in fused if n in experts}, dict(candidates))
         if any(hit[p] for p in unmatched):  # a pattern that names expert tensors only: nothing of it is adapted
             raise ValueError(f"target_modules {what} names the fused expert tensors of a mixture-of-experts layer "
-                             f"({what_experts}), not linear layers: {_NO_FUSED}. Target the attention, dense or "
-                             "shared-expert layers instead (target_modules='all-linear' picks them all)")
+                             f"({what_experts}), not linear layers: {_NO_FUSED}. Move those names to "
+                             "target_parameters, and keep the attention, dense or shared-expert layers in "
+                             "target_modules (target_modules='all-linear' picks them all)")
         warnings.warn(f"target_modules {target_modules!r} also names the fused expert tensors of "
                       f"{type(model).__name__}'s mixture-of-experts layers ({what_experts}), which stay frozen with "
                       f"no adapter: only the {len(names)} linear layers so named are adapted. {_NO_FUSED}",
@@ -431,8 +432,19 @@ def _take_over_inner(model: nn.Module) -> None:
         model.mol_nested, model.mol_trainable = nested, trainable
 
 
+def _warn_idle_patterns(config: MethodConfig, names: list[str]) -> None:
+    """Warn about rank_pattern / alpha_pattern keys that match none of the adapted ``names``: such a key would
+    silently change nothing."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        idle = [k for k in getattr(config, field) if not any(pattern_value({k: 1}, n, None) for n in names)]
+        if idle:
+            warnings.warn(f"{field} keys {idle} match none of the {len(names)} adapted "
+                          f"layers (e.g. {names[0]!r}), so they change nothing; a key must end a layer's name at a "
+                          "dot, as a name, suffix or regex", stacklevel=5)
+
+
 @register_method(MoLConfig)
-def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
+def _inject_mol(model: nn.Module, config: MoLConfig, patterns_checked: bool = False) -> list[str]:
     if config.aux_loss_in_output and not getattr(model, "mol_aux_loss_in_output", False):
         model.register_forward_hook(_AuxLossInOutput(), with_kwargs=True)
         model.mol_aux_loss_in_output = True  # mol.train's module then adds nothing itself
@@ -442,12 +454,8 @@ def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
     context = routing_context(model) if config.num_experts > 1 else None
     # nn.Linear, NF4Linear, and transformers' Conv1D (GPT-2), whose (in, out) weight the layer knows to transpose
     names = match_modules(model, config.target_modules, exclude=config.modules_to_save)
-    for field in ("rank_pattern", "alpha_pattern"):  # a key for no adapted layer would silently change nothing
-        idle = [k for k in getattr(config, field) if not any(pattern_value({k: 1}, n, None) for n in names)]
-        if idle:
-            warnings.warn(f"{field} keys {idle} match none of the {len(names)} adapted "
-                          f"layers (e.g. {names[0]!r}), so they change nothing; a key must end a layer's name at a "
-                          "dot, as a name, suffix or regex", stacklevel=4)
+    if not patterns_checked:
+        _warn_idle_patterns(config, names)
     for name in names:
         layer = MoLLinear(
             model.get_submodule(name), num_experts=config.num_experts, top_k=config.top_k,
@@ -466,7 +474,85 @@ def _inject_mol(model: nn.Module, config: MoLConfig) -> list[str]:
 
 @register_method(LoRAConfig)
 def _inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    return _inject_mol(model, config.to_mol())
+    trainable, names = [], []
+    if config.target_parameters:
+        # first: the wrapped experts then sit inside an adapter, which "all-linear" no longer warns is left out
+        experts = match_parameters(model, config.target_parameters, exclude=config.modules_to_save)
+        names += [f"{m}.{t}" for m, tensors in experts.items() for t in tensors]
+        trainable += _inject_experts(model, config, experts)
+    if config.target_modules:
+        linear = match_modules(model, config.target_modules, exclude=config.modules_to_save)
+        names += linear
+        trainable += _inject_mol(model, dataclasses.replace(config.to_mol(), target_modules=linear), True)
+    _warn_idle_patterns(config, names)
+    return trainable
+
+
+def match_parameters(model: nn.Module, target_parameters: Sequence[str], exclude: Iterable[str] = ()
+                     ) -> dict[str, list[str]]:
+    """The expert tensors ``target_parameters`` selects, module name -> [tensor name]: each entry is a tensor's full
+    name or a dotted suffix of it (``"experts.gate_up_proj"`` matches ``model.layers.0.mlp.experts.gate_up_proj``),
+    as PEFT matches its ``target_parameters``. Each tensor must be one an ExpertsLoRA adapts (mol.experts); an entry
+    that matches nothing raises with the 3-D tensors on offer."""
+    from mol.experts import EXPERT_TENSORS, experts_problem
+
+    exclude = list(exclude)
+    adapters = {n for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    modules = [(n, m) for n, m in model.named_modules() if n and not _under_any(n, exclude)]
+    found: dict[str, list[str]] = {}
+    unmatched, wrapped = [], []
+    for pattern in target_parameters:
+        hits = [(n, t) for n, m in modules for t, _ in m.named_parameters(recurse=False)
+                if name_matches(f"{n}.{t}", [pattern])]
+        if not hits:
+            unmatched.append(pattern)
+        for n, t in hits:
+            if _inside_adapter(n, adapters):
+                wrapped.append(f"{n}.{t}")
+            elif t not in found.setdefault(n, []):
+                found[n].append(t)
+    found = {n: ts for n, ts in found.items() if ts}
+    if wrapped:
+        raise ValueError(f"target_parameters {list(target_parameters)!r} selects {wrapped[0]!r}, inside a module that "
+                         f"already carries an adapter; give each method its own tensors{_ORDER_HINT}")
+    if unmatched:
+        fused = fused_experts([(n, m) for n, m in modules if not _inside_adapter(n, adapters)])
+        offered = sorted({f"{n.rpartition('.')[2]}.{t}" for n, ts in fused.items() for t, _ in ts})
+        raise ValueError(f"target_parameters {unmatched!r} matched no tensor of {type(model).__name__}; "
+                         + (f"expert tensors on offer: {offered}. " if offered else
+                            "it holds no mixture-of-experts layer with fused 3-D expert tensors (adapt its linear "
+                            "layers with target_modules). ")
+                         + "Give full names or dotted suffixes such as 'experts.gate_up_proj'")
+    owned = dict(modules)
+    for n, tensors in found.items():
+        module = owned[n]
+        bad = [t for t in tensors if t not in EXPERT_TENSORS or getattr(module, t).dim() != 3]
+        if bad:
+            raise ValueError(f"target_parameters selected {n}.{bad[0]}, a {tuple(getattr(module, bad[0]).shape)} "
+                             f"tensor of {type(module).__name__}: mol puts LoRA on the 3-D expert tensors "
+                             f"{EXPERT_TENSORS} of mixture-of-experts layers only (adapt linear layers with "
+                             "target_modules); narrow target_parameters")
+        problem = experts_problem(module)
+        if problem:
+            raise ValueError(f"target_parameters selected {n}.{tensors[0]}, but {problem}; narrow "
+                             "target_parameters to the experts of a supported model")
+    return found
+
+
+def _inject_experts(model: nn.Module, config: LoRAConfig, experts: dict[str, list[str]]) -> list[str]:
+    from mol.experts import ExpertsLoRA
+
+    trainable = []
+    for name, tensors in experts.items():
+        keys = {t: f"{name}.{t}" for t in tensors}
+        layer = ExpertsLoRA(model.get_submodule(name), tensors,
+                            rank={t: pattern_value(config.rank_pattern, k, config.rank) for t, k in keys.items()},
+                            alpha={t: pattern_value(config.alpha_pattern, k, config.alpha) for t, k in keys.items()},
+                            dropout=config.dropout, use_rslora=config.use_rslora, init=config.init,
+                            adapter_dtype=config.adapter_dtype)
+        replace_module(model, name, layer)
+        trainable += [f"{name}.{p}" for p, _ in layer.named_parameters() if not p.startswith("base_layer.")]
+    return trainable
 
 
 @contextlib.contextmanager

@@ -153,7 +153,7 @@ def test_llama4_router_that_returns_a_tuple_is_left_out_and_refused_by_name(tmp_
     torch.testing.assert_close(_logits(loaded, batch), _logits(lora, batch), rtol=1e-6, atol=1e-6)
 
 
-def test_fused_moe_experts_are_named_where_mol_cannot_adapt_them(tmp_path):
+def test_fused_moe_experts_are_named_where_target_modules_leaves_them(tmp_path):
     """Qwen3-MoE in transformers 5 keeps its experts as 3-D tensors in one module: "all-linear" adapted the attention
     alone without a word (PEFT's adapts the experts and router too, through target_parameters), and a target naming
     the experts' tensors got 'matched no module' with a list lacking them."""
@@ -168,7 +168,7 @@ def test_fused_moe_experts_are_named_where_mol_cannot_adapt_them(tmp_path):
         mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=["q_proj", "v_proj"]))
     for targets in (["q_proj", "gate_up_proj"], ["down_proj"], r".*\.experts\.down_proj"):
         with pytest.raises(ValueError, match=r"names the fused expert tensors of a mixture-of-experts layer .*"
-                                             r"mol adapts linear layers only"):
+                                             r"LoRAConfig\(target_parameters=.*Move those names to target_parameters"):
             mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=targets))
     with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.experts', a Qwen3MoeExperts, which this method "
                                          r"cannot adapt \(it holds its experts' weights as 3-D tensors"):
