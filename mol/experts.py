@@ -63,8 +63,12 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 def _aligned(*tensors: Tensor) -> bool:
     """The 16-byte alignment of pointers and of every stride but the unit one that grouped GEMM kernels need."""
-    return all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride() if s != 1)
-               for t in tensors)
+    strides = all((s * t.element_size()) % 16 == 0 for t in tensors for s in t.stride() if s != 1)
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace data_ptr(); what reaches here is a parameter, a fresh gather or cast (the caching
+        # allocator aligns them to 512 bytes), and inductor lays out the operands of the grouped GEMM it emits
+        return strides
+    return strides and all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def grouped_mm_runs(x: Tensor, weight: Tensor) -> bool:
