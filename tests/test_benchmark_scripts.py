@@ -36,7 +36,8 @@ def test_bench_generate_tiny_runs_and_prints_its_table():
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message a machine without CUDA gets")
 @pytest.mark.parametrize("script", ["bench_layer.py", "bench_model.py", "bench_generate.py", "bench_nf4.py",
-                                    "gpu_check_nf4_decode.py", "gpu_check_versions.py", "gpu_check_bnb_load.py"])
+                                    "gpu_check_nf4_decode.py", "gpu_check_versions.py", "gpu_check_bnb_load.py",
+                                    "bench_moe.py"])
 def test_gpu_scripts_say_they_need_cuda_instead_of_a_traceback(script):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -49,3 +50,20 @@ def test_host_overhead_refuses_a_path_that_is_not_a_checkout():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "/nonexistent/checkout"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "is not a mol checkout" in out.stderr, out.stderr[-2000:]
+
+
+def test_bench_moe_check_holds_mol_and_peft_to_its_float64_reference_on_a_cpu():
+    """bench_moe.py's correctness table runs on the CPU at its tiny shapes: both libraries' bf16 output and
+    gradients within bf16's error of the script's own float64 loop over the experts (a wrong reference, or a
+    library's adapter read in the wrong layout, gives errors near 1), and mol's at token counts no tile divides."""
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_moe
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = bench_moe.check(bench_moe.TINY["qwen3"], 64, "cpu")
+    assert [lib for lib, _, _ in rows] == ["mol", "PEFT"]
+    for lib, errs, finite in rows:
+        assert finite and len(errs) == 6 and all(0 < e < 2e-2 for e in errs.values()), (lib, errs)
+    assert all(0 < e < 2e-2 for _, e in bench_moe.odd_sizes(bench_moe.TINY["qwen3"], "cpu"))
