@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MoLConfig, config_from_dict, is_number, is_whole, without_quantize_base
+from mol.experts import ExpertsLoRA
 from mol.inject import (_uncompiled, adapter_layers, all_configs, all_or_nothing, check_model, inject,
                         fused_experts, injected_inside, name_matches, nested_configs, require_adapter,
                         tied_parameter_names)
@@ -549,9 +550,63 @@ def _single_lora_config(model: nn.Module) -> LoRAConfig:
                      "(token-routed MoL has no PEFT equivalent): export a LoRAConfig adapter or use mol.save_adapter")
 
 
+def _peft_expert_paths(name: str, layer: ExpertsLoRA) -> dict[str, str]:
+    """Where PEFT keeps the LoRA of each expert tensor that ``layer`` (the ExpertsLoRA at ``name``) adapts: tensor ->
+    module path. PEFT's target_parameters put one lora.ParamWrapper around the module per tensor, each around the
+    one before, in the order its _inject_parameters meets them (the module's named_parameters(recurse=False)): the
+    first tensor met ends deepest, under one ".base_layer" per tensor met after it; a lone tensor has none."""
+    order = [t for t, _ in layer.base_layer.named_parameters(recurse=False) if t in layer.lora_A]
+    return {t: name + ".base_layer" * (len(order) - 1 - i) for i, t in enumerate(order)}
+
+
+def _experts_to_peft(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """ExpertsLoRA's A (experts, r, in) and B (experts, out, r) as PEFT's ParamWrapper keeps them: lora_A.weight
+    (experts * r, in), expert-major, and lora_B.weight (out, r * experts), expert-minor (its get_delta_weight reads
+    them back as A.reshape(experts, r, in) and B.reshape(out, r, experts))."""
+    experts, out, rank = b.shape
+    return a.reshape(experts * rank, a.shape[-1]), b.permute(1, 2, 0).reshape(out, rank * experts)
+
+
+def _experts_from_peft(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
+    """The tensors of every ExpertsLoRA in ``model``, taken out of ``tensors`` (a PEFT adapter's, keyed without
+    PEFT_PREFIX) and converted to mol's layout, under the model's parameter names; each checked for its shape first
+    (a reshape would take a wrong one without a word when the sizes multiply alike)."""
+    out = {}
+    for name, layer in adapter_layers(model):
+        if not isinstance(layer, ExpertsLoRA):
+            continue
+        for tensor, path in _peft_expert_paths(name, layer).items():
+            experts, in_features, out_features = layer.shape(tensor)
+            rank = layer.rank[tensor]
+            pair = []
+            for part, shape in (("lora_A", (rank * experts, in_features)), ("lora_B", (out_features, rank * experts))):
+                key = f"{path}.{part}.weight"
+                if key not in tensors:
+                    raise ValueError(f"{source} lacks tensor {PEFT_PREFIX + key!r}, PEFT's {part} of {name}.{tensor}, "
+                                     "which the adapter's target_parameters select in this model; the adapter was "
+                                     "saved from a different model or config: import it into the model it was "
+                                     "trained on")
+                value = tensors.pop(key)
+                if tuple(value.shape) != shape:
+                    raise ValueError(f"{source}: tensor {PEFT_PREFIX + key!r} has shape {tuple(value.shape)}, but "
+                                     f"{name}.{tensor} of this model ({experts} experts, {in_features} in, "
+                                     f"{out_features} out, rank {rank}) needs {shape} (PEFT keeps lora_A as (rank * "
+                                     "experts, in), lora_B as (out, rank * experts)); the adapter does not fit this "
+                                     "model (other sizes, number of experts or rank): import it into the model it "
+                                     "was trained on")
+                pair.append(value)
+            a, b = pair
+            out[f"{name}.lora_A.{tensor}"] = a.reshape(experts, rank, in_features)
+            out[f"{name}.lora_B.{tensor}"] = b.reshape(out_features, rank, experts).permute(2, 0, 1)
+    return out
+
+
 def export_peft(model: nn.Module, directory: PathLike) -> Path:
     """Write a LoRA adapter in PEFT's own format (adapter_config.json + adapter_model.safetensors) to
-    ``directory`` and return it; a routed MoL adapter or a mix of methods is refused (PEFT has no such format)."""
+    ``directory`` and return it; a routed MoL adapter or a mix of methods is refused (PEFT has no such format).
+    LoRA on fused expert tensors (``target_parameters``) goes to PEFT's ``target_parameters``, as its nested
+    ParamWrappers keep it; PEFT refuses dropout there, so such an adapter is written with ``lora_dropout=0.0`` (with
+    a warning where it trained with dropout: the same at inference, none in further training)."""
     check_model(model, "export_peft", then_directory=True)
     model = _uncompiled(model)  # else every PEFT key would start with its "_orig_mod."
     cfg = _single_lora_config(model)
@@ -570,6 +625,12 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
         if isinstance(layer, MoLLinear):
             tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[0]
             tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[0]
+        elif isinstance(layer, ExpertsLoRA):
+            for tensor, path in _peft_expert_paths(name, layer).items():
+                a, b = _experts_to_peft(layer.lora_A[tensor], layer.lora_B[tensor])
+                tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a
+                tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b
+    experts = [name for name, layer in adapter_layers(model) if isinstance(layer, ExpertsLoRA)]
     params = dict(model.named_parameters())
     aliases = tied_parameter_names(model)
     tied_modules: list[str] = []
@@ -584,11 +645,22 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
                 if len(aliases.get(name, ())) > 1 and not name_matches(module, cfg.modules_to_save):
                     tied_modules.append(module)
     target = cfg.target_modules
-    if target == "all-linear" and _peft_all_linear_takes_more(model):
-        # PEFT would expand "all-linear" over layers mol left out (fused experts through target_parameters, a
-        # router that subclasses nn.Linear): it then loads adapters this one never trained, or fails at the first
-        # forward, so the layers mol adapted are written by name
+    if isinstance(target, str) and (experts or _peft_all_linear_takes_more(model)):
+        # PEFT would expand "all-linear" over layers mol left out (fused experts and their routers through
+        # target_parameters, a router that subclasses nn.Linear): it then loads adapters this one never trained, or
+        # fails at the first forward. And on the mixture-of-experts models whose layout transformers 5 changed
+        # (Mixtral, Qwen3-MoE, ...) PEFT's loader rewrites any string target to the bare names of the layers it
+        # matches, so a regex for one layer takes that name in every block. The layers mol adapted are written by
+        # name instead.
         target = [n for n, layer in adapter_layers(model) if isinstance(layer, MoLLinear)]
+    dropout = cfg.dropout
+    if experts and dropout:
+        warnings.warn(f"export_peft: this adapter trains with dropout={dropout}, which PEFT refuses on "
+                      "target_parameters (its LoRA on expert tensors adds B A to the weight, which leaves no input to "
+                      "drop): the exported config says lora_dropout=0.0. Dropout acts only in training, so the "
+                      "adapter computes the same in PEFT; training it further there runs without dropout, on the "
+                      "linear layers too", UserWarning, stacklevel=2)
+        dropout = 0.0
     conv1d = {is_conv1d(layer.base_layer) for _, layer in adapter_layers(model) if isinstance(layer, MoLLinear)}
     if len(conv1d) > 1:
         raise ValueError("PEFT's LoRA format has one fan_in_fan_out for all layers, and this adapter wraps both "
@@ -599,7 +671,7 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
         "base_model_name_or_path": _base_model_name(model) or None,
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
+        "lora_dropout": dropout,
         "target_modules": target if isinstance(target, str) else sorted(target),
         "use_rslora": cfg.use_rslora,
         "init_lora_weights": True if cfg.init == "kaiming" else cfg.init,
@@ -611,6 +683,8 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
         "alpha_pattern": dict(cfg.alpha_pattern),
         "inference_mode": True,
     }
+    if experts:
+        peft_config["target_parameters"] = list(cfg.target_parameters)
     if any(len(aliases.get(n, ())) > 1 for n in model.mol_trainable):
         peft_config["ensure_weight_tying"] = True
     text = _json_text(peft_config, "export_peft")

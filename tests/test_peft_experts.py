@@ -1,0 +1,226 @@
+"""PEFT interop for LoRA on the fused expert tensors of transformers 5 mixture-of-experts layers
+(``LoRAConfig(target_parameters=[...])``, mol.ExpertsLoRA): export_peft writes what PEFT's
+``LoraConfig(target_parameters=[...])`` saves (one nested lora.ParamWrapper per tensor, A (r * experts, in), B (out,
+r * experts)), import_peft reads it back, on Qwen3-MoE, Mixtral and GPT-OSS (transposed expert tensors, biases,
+interleaved gate/up).
+
+Reference: Hugging Face PEFT itself, loading mol's export and saving what mol imports; float64 models, whose logits
+then agree to the last bit or nearly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from safetensors.torch import load_file
+from torch import nn
+
+import mol
+
+peft = pytest.importorskip("peft")
+
+VOCAB = 101
+_DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, pad_token_id=0)
+FAMILIES = {
+    "qwen3_moe": lambda **kw: T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(
+        **_DECODER, max_position_embeddings=64, head_dim=8, num_experts_per_tok=2,
+        **{"num_experts": 4, "moe_intermediate_size": 16, **kw})),
+    "mixtral": lambda **kw: T.MixtralForCausalLM(T.MixtralConfig(
+        **_DECODER, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2, **kw)),
+    # GPT-OSS's YaRN factor (32) is checked against max_position_embeddings / 4096
+    "gpt_oss": lambda **kw: T.GptOssForCausalLM(T.GptOssConfig(
+        **_DECODER, max_position_embeddings=131072, head_dim=8, num_local_experts=4, num_experts_per_tok=2, **kw)),
+}
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def _base(family: str, dtype: torch.dtype = torch.float64, **config) -> nn.Module:
+    torch.manual_seed(0)
+    model = FAMILIES[family](**config).to(dtype).eval()
+    if dtype == torch.float64:  # transformers' grouped_mm experts forward has no float64 kernel on the CPU
+        model.config._experts_implementation = "eager"
+    return model
+
+
+def _batch() -> dict:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**_batch()).logits
+
+
+def _randomise(model: nn.Module, *names: str) -> nn.Module:
+    """Random nonzero B (and A) in every adapter tensor whose name holds one of ``names``: a fresh B is zero, so
+    a wrong layout would compute the base and go unseen."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and any(n in name for n in names):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+    return model
+
+
+def _peft_load(base: nn.Module, directory: Path) -> nn.Module:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
+    missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+    assert not missing, missing
+    return model
+
+
+def _lora_linears(model: nn.Module) -> list[str]:
+    """The linear layers that carry LoRA, mol's or PEFT's."""
+    from peft.tuners.lora import Linear
+
+    return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
+                  if isinstance(m, (mol.MoLLinear, Linear)))
+
+
+def _peft_experts(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT's expert LoRA in mol's layout, "<module>.<tensor>" -> (A (experts, r, in), B (experts, out, r)), read
+    off its ParamWrappers."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ParamWrapper):
+            experts = module.num_experts
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            owner = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            out[f"{owner}.{module.parameter_name}"] = (a.reshape(experts, -1, a.shape[-1]),
+                                                       b.reshape(b.shape[0], -1, experts).permute(2, 0, 1))
+    return out
+
+
+def _mol_experts(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {f"{n}.{t}": (layer.lora_A[t], layer.lora_B[t]) for n, layer in model.named_modules()
+            if isinstance(layer, mol.ExpertsLoRA) for t in layer.lora_A}
+
+
+def _assert_same_tensors(ours: dict, theirs: dict) -> None:
+    assert sorted(ours) == sorted(theirs)
+    for key in ours:
+        for x, y in zip(ours[key], theirs[key]):
+            assert x.shape == y.shape and torch.equal(x.to(y.dtype), y), key
+
+
+# ---- mol -> PEFT ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("targets", [[], ["q_proj", "v_proj"], "all-linear"])
+def test_peft_loads_mol_s_expert_lora_and_computes_the_same(family, targets, tmp_path):
+    base = _base(family)
+    model = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, alpha=4, target_modules=targets,
+                                                           target_parameters=EXPERTS, rank_pattern={"down_proj": 3}))
+    _randomise(model, "lora_B")
+    mol.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_parameters"] == EXPERTS and config["rank_pattern"] == {"down_proj": 3}
+    if targets == "all-linear":  # PEFT would add the routers (and, on Qwen3-MoE, its own gate_up_proj ranks)
+        assert config["target_modules"] == sorted(n for n, m in model.named_modules() if isinstance(m, mol.MoLLinear))
+    loaded = _peft_load(base, tmp_path)
+    _assert_same_tensors(_mol_experts(model), _peft_experts(loaded))
+    assert _lora_linears(loaded) == _lora_linears(model)
+    ours = _logits(model)
+    assert (ours - _logits(base)).abs().max() > 0.1  # the experts' LoRA does something
+    torch.testing.assert_close(_logits(loaded), ours, rtol=1e-12, atol=1e-12)
+
+
+def test_one_adapted_tensor_has_no_nested_wrapper_and_float32_matches_too(tmp_path):
+    """A module with one adapted tensor is one ParamWrapper, no base_layer level; float32 on transformers' default
+    (grouped_mm) experts forward."""
+    base = _base("qwen3_moe", torch.float32)
+    model = _randomise(mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=4, target_modules=["q_proj"],
+                                                                      target_parameters=["experts.down_proj"])),
+                       "lora_B")
+    mol.export_peft(model, tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.1.mlp.experts.lora_A.weight" in keys
+    assert keys["base_model.model.model.layers.1.mlp.experts.lora_B.weight"].shape == (32, 4 * 4)
+    assert not any("base_layer" in k for k in keys)
+    loaded = _peft_load(base, tmp_path)
+    _assert_same_tensors(_mol_experts(model), _peft_experts(loaded))
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_export_follows_peft_s_nesting_order_not_the_config_s(tmp_path):
+    """PEFT nests the wrappers in the order it meets the tensors in the module (gate_up_proj, then down_proj), not
+    in target_parameters' order: gate_up_proj's LoRA sits under base_layer either way."""
+    base = _base("mixtral")
+    model = _randomise(mol.inject(copy.deepcopy(base), mol.LoRAConfig(
+        rank=2, target_modules=[], target_parameters=["down_proj", "model.layers.0.mlp.experts.gate_up_proj",
+                                                      "model.layers.1.mlp.experts.gate_up_proj"])), "lora_B")
+    mol.export_peft(model, tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert keys["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"].shape == (2 * 4, 32)
+    assert keys["base_model.model.model.layers.0.mlp.experts.lora_A.weight"].shape == (2 * 4, 48)
+    loaded = _peft_load(base, tmp_path)
+    _assert_same_tensors(_mol_experts(model), _peft_experts(loaded))
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-12, atol=1e-12)
+
+
+def test_export_of_expert_lora_with_dropout_writes_none_and_says_why(tmp_path):
+    base = _base("qwen3_moe")
+    model = _randomise(mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, dropout=0.1, target_modules=["q_proj"],
+                                                                      target_parameters=EXPERTS)), "lora_B")
+    with pytest.warns(UserWarning, match=r"dropout=0\.1, which PEFT refuses on target_parameters.*lora_dropout=0\.0"
+                                         r".*computes the same in PEFT; training it further there runs without"):
+        mol.export_peft(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_dropout"] == 0.0
+    loaded = _peft_load(base, tmp_path)  # PEFT raises for lora_dropout != 0 on its ParamWrapper
+    model.eval()
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-12, atol=1e-12)
+    # linear layers alone keep their dropout, without a word
+    linear = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, dropout=0.1, target_modules=["q_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mol.export_peft(linear, tmp_path / "linear")
+    assert json.loads((tmp_path / "linear" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+
+
+def test_a_regex_target_on_a_mixture_of_experts_model_is_written_by_name(tmp_path):
+    """On Qwen3-MoE (a model whose layout transformers 5 changed) PEFT's loader rewrites a string target_modules to
+    the bare names it matches: a regex for layer 0's q_proj took q_proj in every layer."""
+    base = _base("qwen3_moe")
+    for sub, experts in (("without", []), ("with", EXPERTS)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the experts left frozen
+            model = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, target_modules=r".*\.0\.self_attn\.q_proj",
+                                                                   target_parameters=experts))
+        _randomise(model, "lora_B")
+        mol.export_peft(model, tmp_path / sub)
+        assert json.loads((tmp_path / sub / "adapter_config.json").read_text())["target_modules"] == [
+            "model.layers.0.self_attn.q_proj"]
+        loaded = _peft_load(base, tmp_path / sub)
+        assert "base_model.model.model.layers.1.self_attn.q_proj.lora_A" not in dict(loaded.named_modules())
+        torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-12, atol=1e-12)
+
+
+def test_push_to_hub_in_peft_format_carries_the_expert_lora(tmp_path, monkeypatch):
+    base = _base("qwen3_moe")
+    model = _randomise(mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, target_modules=[],
+                                                                      target_parameters=EXPERTS)), "lora_B")
+    pushed = tmp_path / "pushed"
+
+    def push_folder(folder, repo_id, card, **kwargs):
+        shutil.copytree(folder, pushed)
+        return "commit-info"
+
+    monkeypatch.setattr(mol.io, "push_folder", push_folder)
+    assert mol.push_to_hub(model, "me/moe-lora", peft_format=True) == "commit-info"
+    torch.testing.assert_close(_logits(_peft_load(base, pushed)), _logits(model), rtol=1e-12, atol=1e-12)
