@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MoLConfig, config_from_dict, is_number, is_whole, without_quantize_base
-from mol.experts import ExpertsLoRA
+from mol.experts import EXPERT_TENSORS, ExpertsLoRA, experts_problem
 from mol.inject import (_uncompiled, adapter_layers, all_configs, all_or_nothing, check_model, inject,
                         fused_experts, injected_inside, name_matches, nested_configs, require_adapter,
                         tied_parameter_names)
@@ -783,9 +783,8 @@ _UNSUPPORTED_PEFT = {"use_dora": False, "bias": "none"}
 # PEFT options that change what a LoRA layer computes, which mol does not do: set to anything but their off value,
 # the import stops and names them (init-only options such as eva_config change nothing to load; the inits that
 # rewrite the base weight are refused below)
-_PEFT_OFF_ONLY = ("lora_bias", "trainable_token_indices", "layer_replication", "target_parameters",
-                  "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "velora_config",
-                  "monteclora_config")
+_PEFT_OFF_ONLY = ("lora_bias", "trainable_token_indices", "layer_replication", "alora_invocation_tokens",
+                  "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "velora_config", "monteclora_config")
 # PEFT inits (besides "pissa*") that replace the base weight by its residual: the adapter only fits that base
 _PEFT_BASE_REWRITING_INITS = ("olora", "corda", "loftq")
 # PEFT options that only choose which layers carry the adapter: the adapter's own tensors name those layers, and
@@ -801,7 +800,10 @@ def _peft_lora_fields(raw: dict[str, Any], path: Path) -> dict[str, Any]:
                           "is damaged or hand-edited: fix the field, or save the adapter again with PEFT's "
                           "save_pretrained")
 
-    for key in ("r", "lora_alpha", "target_modules"):
+    parameters = raw.get("target_parameters") or []
+    if not isinstance(parameters, list) or not all(isinstance(t, str) and t for t in parameters):
+        raise bad("target_parameters", "a list of tensor names", parameters)
+    for key in ("r", "lora_alpha", *(() if parameters else ("target_modules",))):
         if key not in raw:
             raise ValueError(f"{path}: PEFT config lacks {key!r}, which PEFT's save_pretrained always writes; the file "
                              "is damaged or hand-written: add it, or save the adapter again with save_pretrained")
@@ -816,9 +818,12 @@ def _peft_lora_fields(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     if not (is_number(dropout) and 0 <= dropout < 1):
         raise bad("lora_dropout", "a number in [0, 1)", dropout)
     targets = out["target_modules"]
-    if not ((isinstance(targets, str) and targets)
-            or (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets))):
+    if parameters and not targets:  # the expert tensors alone (PEFT's target_modules=None or [])
+        targets = out["target_modules"] = []
+    elif not ((isinstance(targets, str) and targets)
+              or (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets))):
         raise bad("target_modules", "a list of module names or one regex string", targets)
+    out["target_parameters"] = list(parameters)
     if not isinstance(out["use_rslora"], bool):
         raise bad("use_rslora", "true or false", out["use_rslora"])
     for key, what, ok, kind in (("rank_pattern", "rank", lambda v: is_whole(v) and v > 0, "a positive integer"),
@@ -842,8 +847,9 @@ def import_peft(model: nn.Module, directory: PathLike, *, revision: Optional[str
                 subfolder: Optional[str] = None, token: Union[str, bool, None] = None) -> nn.Module:
     """Inject and load a PEFT LoRA adapter into ``model`` (a plain Hugging Face model without an adapter); returns
     ``model``. ``directory`` is a local directory or a Hub repo id (``owner/name``; ``revision``, ``subfolder``,
-    ``token`` as in ``load_adapter``), as PEFT's ``PeftModel.from_pretrained`` takes. Options mol does not compute
-    (DoRA, LoRA biases, base-rewriting inits) are refused."""
+    ``token`` as in ``load_adapter``), as PEFT's ``PeftModel.from_pretrained`` takes. LoRA on fused expert tensors
+    (PEFT's ``target_parameters``) becomes mol.ExpertsLoRA; options mol does not compute (DoRA, LoRA biases,
+    base-rewriting inits, LoRA on a router's weight) are refused."""
     check_model(model, "import_peft", then_directory=True)
     given, model = model, _uncompiled(model)
     directory = _adapter_source(directory, "import_peft", (CONFIG_NAME, WEIGHTS_NAME, PEFT_PICKLE_NAME), revision,
@@ -860,23 +866,21 @@ def import_peft(model: nn.Module, directory: PathLike, *, revision: Optional[str
     for key, ok in _UNSUPPORTED_PEFT.items():
         if raw.get(key, ok) != ok:
             raise ValueError(f"{directory}: PEFT option {key}={raw[key]!r} is not supported by mol (only {ok!r})")
-    if raw.get("target_parameters"):  # PEFT's all-linear sets it itself on Mixtral / Qwen3-MoE in transformers 5
-        raise ValueError(f"{directory}: PEFT put LoRA on parameters, target_parameters={raw['target_parameters']!r} "
-                         "(the fused 3-D expert tensors or the router weight of a mixture-of-experts model; PEFT's "
-                         "target_modules='all-linear' adds them itself on Mixtral and Qwen3-MoE): mol adapts linear "
-                         "layers only and cannot compute these; import an adapter trained on linear layers alone "
-                         "(PEFT: target_modules naming them, e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj'], and no "
-                         "target_parameters)")
     for key in _PEFT_OFF_ONLY:
         if raw.get(key):
             raise ValueError(f"{directory}: PEFT option {key}={raw[key]!r} changes what a LoRA layer computes, which "
                              "mol does not do; import an adapter trained without it")
     fields = _peft_lora_fields(raw, directory / CONFIG_NAME)
+    if getattr(model, "mol_configs", None):  # before target_parameters are matched against its wrapped tensors
+        raise ValueError("import_peft needs a model without an adapter; load into a fresh base model")
+    experts = _peft_target_parameters(model, fields["target_parameters"], directory)
     source, tensors = _read_peft_tensors(directory)
     targets = fields["target_modules"]
     if any(raw.get(key) for key in _PEFT_LAYER_CHOICE):
         suffix = ".lora_A.weight"
-        targets = sorted(k.removeprefix(PEFT_PREFIX).removesuffix(suffix) for k in tensors if k.endswith(suffix))
+        targets = sorted(k for k in (k.removeprefix(PEFT_PREFIX).removesuffix(suffix) for k in tensors
+                                     if k.endswith(suffix))
+                         if k.replace(".base_layer", "") not in experts)  # an expert tensor's (nested) wrapper
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and (init.startswith("pissa") or init in _PEFT_BASE_REWRITING_INITS):
         raise ValueError(f"{directory}: PEFT's init_lora_weights={init!r} rewrites the base weights (W - scale * B0 "
@@ -892,23 +896,65 @@ def import_peft(model: nn.Module, directory: PathLike, *, revision: Optional[str
         dropout=float(fields["lora_dropout"]), use_rslora=fields["use_rslora"],
         init="gaussian" if init == "gaussian" else "kaiming", modules_to_save=to_save,
         rank_pattern=fields["rank_pattern"], alpha_pattern={k: float(v) for k, v in fields["alpha_pattern"].items()},
+        target_parameters=fields["target_parameters"],
     )
-    if getattr(model, "mol_configs", None):
-        raise ValueError("import_peft needs a model without an adapter; load into a fresh base model")
-    renamed: dict[str, Tensor] = {}
-    for key, value in tensors.items():
-        name = key.removeprefix(PEFT_PREFIX)
-        for part in ("lora_A", "lora_B"):
-            suffix = f".{part}.weight"
-            if name.endswith(suffix):
-                name = f"{name[: -len(suffix)]}.{part}"
-                value = value[None]  # PEFT's (r, in) / (out, r) -> our one-expert (1, r, in) / (1, out, r)
-        renamed[name] = value
     with all_or_nothing(model):  # an adapter that does not fit leaves the model without one
         inject(model, cfg)
-        _check_and_copy(model, _tied_as_one(model, renamed, directory, bool(raw.get("ensure_weight_tying"))),
-                        adapter_state_dict(model), source)
+        unprefixed = {key.removeprefix(PEFT_PREFIX): value for key, value in tensors.items()}
+        converted = _experts_from_peft(model, unprefixed, source)  # takes the experts' tensors out of unprefixed
+        renamed: dict[str, Tensor] = {}
+        for name, value in unprefixed.items():
+            for part in ("lora_A", "lora_B"):
+                suffix = f".{part}.weight"
+                if name.endswith(suffix):
+                    name = f"{name[: -len(suffix)]}.{part}"
+                    value = value[None]  # PEFT's (r, in) / (out, r) -> our one-expert (1, r, in) / (1, out, r)
+            renamed[name] = value
+        renamed = _tied_as_one(model, renamed, directory, bool(raw.get("ensure_weight_tying")))
+        _check_and_copy(model, {**renamed, **converted}, adapter_state_dict(model), source)
     return given
+
+
+def _peft_target_parameters(model: nn.Module, patterns: list[str], directory: Path) -> dict[str, list[str]]:
+    """The tensors a PEFT adapter's ``target_parameters`` select in ``model``, module -> [tensor], matched as PEFT
+    matches them (a full name or a dotted suffix); refused, before anything changes, where one selects nothing (the
+    adapter was trained on another model) or a tensor mol cannot adapt (a router's weight, which PEFT's
+    target_modules='all-linear' adds itself on Mixtral and Qwen3-MoE)."""
+    if not patterns:
+        return {}
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    found: dict[str, list[str]] = {}
+    unmatched = []
+    for pattern in patterns:
+        hits = [(n, m, t) for n, m in modules for t, _ in m.named_parameters(recurse=False)
+                if name_matches(f"{n}.{t}", [pattern])]
+        if not hits:
+            unmatched.append(pattern)
+        for n, m, t in hits:
+            tensor = getattr(m, t)
+            if t not in EXPERT_TENSORS or tensor.dim() != 3:
+                raise ValueError(f"{directory}: PEFT put LoRA on parameters, target_parameters={patterns!r}, which "
+                                 f"select {n}.{t}, a {tuple(tensor.shape)} tensor of {type(m).__name__}: mol puts "
+                                 f"LoRA on the fused 3-D expert tensors {EXPERT_TENSORS} of mixture-of-experts layers "
+                                 "only (PEFT's target_modules='all-linear' adds the routers' weights, e.g. "
+                                 "'gate.weight', itself on Mixtral and Qwen3-MoE); import an adapter trained without "
+                                 "it (PEFT: target_parameters naming expert tensors alone, e.g. "
+                                 "['experts.gate_up_proj', 'experts.down_proj'], and target_modules naming the linear "
+                                 "layers, not 'all-linear')")
+            problem = experts_problem(m)
+            if problem:
+                raise ValueError(f"{directory}: the PEFT adapter's target_parameters select {n}.{t}, but {problem}; "
+                                 "import it into a model mol can adapt the experts of")
+            if t not in found.setdefault(n, []):
+                found[n].append(t)
+    if unmatched:
+        offered = sorted({f"{n.rpartition('.')[2]}.{t}" for n, ts in fused_experts(modules).items() for t, _ in ts})
+        raise ValueError(f"{directory}: the PEFT adapter's target_parameters {unmatched!r} match no tensor of "
+                         f"{type(model).__name__} ("
+                         + (f"its expert tensors: {offered}" if offered else
+                            "it holds no mixture-of-experts layer with fused 3-D expert tensors")
+                         + "), so it was trained on another model: import it into the model it was trained on")
+    return found
 
 
 def _tied_as_one(model: nn.Module, tensors: dict[str, Tensor], directory: Path, tied: bool) -> dict[str, Tensor]:

@@ -215,12 +215,15 @@ def test_ia3_defaults_naming_pre_fusion_expert_layers_say_so():
 
 def test_import_of_a_peft_all_linear_adapter_with_expert_parameters_names_them(tmp_path):
     """PEFT's all-linear on Qwen3-MoE writes target_parameters (experts and router) that the user never set: the
-    refusal said the option 'changes what a LoRA layer computes', which left them wondering what they had done."""
+    refusal said the option 'changes what a LoRA layer computes', which left them wondering what they had done. mol
+    imports the expert tensors (tests/test_peft_experts.py) but has no LoRA for a router: it names that."""
     base = _make(_qwen3_moe)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules="all-linear",
                                                                  task_type="CAUSAL_LM")).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"PEFT put LoRA on parameters, target_parameters=\[.*'gate_up_proj'.*fused "
-                                         r"3-D expert tensors.*adds them itself on Mixtral and Qwen3-MoE"):
+    with pytest.raises(ValueError, match=r"PEFT put LoRA on parameters, target_parameters=\[.*'gate_up_proj'.*select "
+                                         r"model\.layers\.0\.mlp\.gate\.weight, a \(4, 32\) tensor of "
+                                         r"Qwen3MoeTopKRouter: mol puts LoRA on the fused 3-D expert tensors.*adds the "
+                                         r"routers' weights, e\.g\. 'gate\.weight', itself on Mixtral and Qwen3-MoE"):
         mol.import_peft(copy.deepcopy(base), tmp_path)

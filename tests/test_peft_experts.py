@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mol
+from mol.io import adapter_state_dict
 
 peft = pytest.importorskip("peft")
 
@@ -224,3 +225,135 @@ def test_push_to_hub_in_peft_format_carries_the_expert_lora(tmp_path, monkeypatc
     monkeypatch.setattr(mol.io, "push_folder", push_folder)
     assert mol.push_to_hub(model, "me/moe-lora", peft_format=True) == "commit-info"
     torch.testing.assert_close(_logits(_peft_load(base, pushed)), _logits(model), rtol=1e-12, atol=1e-12)
+
+
+# ---- PEFT -> mol ---------------------------------------------------------------------------------------------------
+
+def _peft_saved(base: nn.Module, directory: Path, **config) -> nn.Module:
+    """A PEFT LoRA adapter on ``base`` with random nonzero tensors, saved to ``directory``; returns the PeftModel."""
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config)).eval()
+    _randomise(model, "lora_A", "lora_B")
+    model.save_pretrained(str(directory))
+    return model
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("parameters", [EXPERTS, ["experts.down_proj"]])
+def test_import_of_peft_s_expert_lora_computes_what_peft_does(family, parameters, tmp_path):
+    base = _base(family)
+    theirs = _peft_saved(base, tmp_path, r=2, lora_alpha=5, target_modules=["q_proj", "v_proj"],
+                         target_parameters=parameters, rank_pattern={"gate_up_proj": 3}, alpha_pattern={"down_proj": 7})
+    model = mol.import_peft(copy.deepcopy(base), tmp_path)
+    (cfg,) = model.mol_configs
+    assert sorted(cfg.target_parameters) == sorted(parameters) and cfg.dropout == 0.0  # PEFT saves them as a set
+    layer = model.get_submodule("model.layers.1.mlp.experts")
+    assert layer.rank == {t.split(".")[-1]: 3 if "gate_up" in t else 2 for t in parameters}
+    assert layer.alpha["down_proj"] == 7 and layer.scaling["down_proj"] == 7 / 2
+    _assert_same_tensors(_mol_experts(model), _peft_experts(theirs))
+    torch.testing.assert_close(_logits(model), _logits(theirs), rtol=1e-12, atol=1e-12)
+
+
+def test_import_of_experts_alone_and_of_layers_to_transform(tmp_path):
+    """PEFT's target_modules=None with target_parameters (the experts alone); and layers_to_transform, whose
+    linear targets mol reads off the saved keys, which then hold the experts' wrappers too."""
+    base = _base("qwen3_moe")
+    theirs = _peft_saved(base, tmp_path / "alone", r=2, target_parameters=EXPERTS)
+    path = tmp_path / "alone" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "target_modules": None}))  # PEFT saves [] or None
+    model = mol.import_peft(copy.deepcopy(base), tmp_path / "alone")
+    assert not any(isinstance(m, mol.MoLLinear) for m in model.modules())
+    torch.testing.assert_close(_logits(model), _logits(theirs), rtol=1e-12, atol=1e-12)
+
+    theirs = _peft_saved(base, tmp_path / "layers", r=2, target_modules=["q_proj"], layers_to_transform=[1],
+                         target_parameters=EXPERTS)
+    model = mol.import_peft(copy.deepcopy(base), tmp_path / "layers")
+    assert [n for n, m in model.named_modules() if isinstance(m, mol.MoLLinear)] == ["model.layers.1.self_attn.q_proj"]
+    torch.testing.assert_close(_logits(model), _logits(theirs), rtol=1e-12, atol=1e-12)
+
+
+# ---- round trips ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_round_trips_are_bit_identical(family, tmp_path):
+    base = _base(family, torch.float32)
+    model = _randomise(mol.inject(copy.deepcopy(base), mol.LoRAConfig(
+        rank=3, alpha=5, target_modules=["o_proj"], target_parameters=EXPERTS, alpha_pattern={"gate_up_proj": 9})),
+        "lora_A", "lora_B")
+    mol.export_peft(model, tmp_path / "mol")
+    back = mol.import_peft(copy.deepcopy(base), tmp_path / "mol")
+    assert back.mol_configs[0].adapter_dict() == model.mol_configs[0].adapter_dict()
+    ours, again = adapter_state_dict(model), adapter_state_dict(back)
+    assert list(ours) == list(again) and all(torch.equal(ours[k], again[k]) for k in ours)
+
+    _peft_saved(base, tmp_path / "peft", r=2, target_modules=["k_proj"], target_parameters=EXPERTS,
+                rank_pattern={"down_proj": 4})
+    mol.export_peft(mol.import_peft(copy.deepcopy(base), tmp_path / "peft"), tmp_path / "again")
+    saved, exported = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "again"))
+    assert sorted(saved) == sorted(exported) and all(torch.equal(saved[k], exported[k]) for k in saved)
+
+
+# ---- what does not fit ---------------------------------------------------------------------------------------------
+
+def _untouched(model: nn.Module, before: dict[str, torch.Tensor], types: list[type]) -> None:
+    assert not getattr(model, "mol_configs", None)
+    assert [type(m) for m in model.modules()] == types
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_an_adapter_for_other_tensors_or_sizes_is_refused_and_changes_nothing(tmp_path):
+    base = _base("qwen3_moe")
+    _peft_saved(base, tmp_path / "moe", r=2, target_modules=["q_proj"], target_parameters=EXPERTS)
+
+    dense = T.Qwen3ForCausalLM(T.Qwen3Config(**_DECODER, max_position_embeddings=64, head_dim=8)).double().eval()
+    before, types = dense.state_dict(), [type(m) for m in dense.modules()]
+    with pytest.raises(ValueError, match=r"target_parameters \['experts\.\w+', 'experts\.\w+'\] match no "
+                                         r"tensor of Qwen3ForCausalLM \(it holds no mixture-of-experts layer.*"
+                                         r"import it into the model it was trained on"):
+        mol.import_peft(dense, tmp_path / "moe")
+    _untouched(dense, before, types)
+
+    for config, needs in (({"moe_intermediate_size": 24}, r"lora_B\.weight' has shape \(32, 8\), but .*\.gate_up_proj "
+                                                           r"of this model \(4 experts, 32 in, 48 out, rank 2\) needs "
+                                                           r"\(48, 8\)"),
+                          ({"num_experts": 8}, r"lora_A\.weight' has shape \(8, 32\), but .*\.gate_up_proj of this "
+                                              r"model \(8 experts, 32 in, 32 out, rank 2\) needs \(16, 32\)")):
+        other = _base("qwen3_moe", **config)
+        before, types = other.state_dict(), [type(m) for m in other.modules()]
+        with pytest.raises(ValueError, match=r"tensor 'base_model\.model\.model\.layers\.0\.mlp\.experts\.base_layer\."
+                                             rf"{needs} \(PEFT keeps.*the adapter does not fit this model"):
+            mol.import_peft(other, tmp_path / "moe")
+        _untouched(other, before, types)
+        theirs = _peft_saved(other, tmp_path / "own", r=2, target_parameters=EXPERTS)
+        # the refusal left the model fresh: its own adapter imports
+        torch.testing.assert_close(_logits(mol.import_peft(other, tmp_path / "own")), _logits(theirs))
+        shutil.rmtree(tmp_path / "own")
+
+    # a file lacking one expert tensor's LoRA
+    tensors = load_file(tmp_path / "moe" / "adapter_model.safetensors")
+    del tensors["base_model.model.model.layers.1.mlp.experts.lora_B.weight"]
+    shutil.copy(tmp_path / "moe" / "adapter_config.json", tmp_path / "adapter_config.json")
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    fresh = copy.deepcopy(base)
+    before, types = fresh.state_dict(), [type(m) for m in fresh.modules()]
+    with pytest.raises(ValueError, match=r"lacks tensor 'base_model\.model\.model\.layers\.1\.mlp\.experts\.lora_B\."
+                                         r"weight', PEFT's lora_B of model\.layers\.1\.mlp\.experts\.down_proj"):
+        mol.import_peft(fresh, tmp_path)
+    _untouched(fresh, before, types)
+
+
+def test_peft_s_router_lora_is_refused_by_name(tmp_path):
+    """PEFT's all-linear on Qwen3-MoE adds the experts and the routers' weights (gate.weight) as target_parameters;
+    mol imports expert tensors but has no LoRA for a router."""
+    base = _base("qwen3_moe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _peft_saved(base, tmp_path, r=2, target_modules="all-linear")
+    assert "gate.weight" in json.loads((tmp_path / "adapter_config.json").read_text())["target_parameters"]
+    fresh = copy.deepcopy(base)
+    before, types = fresh.state_dict(), [type(m) for m in fresh.modules()]
+    with pytest.raises(ValueError, match=r"select model\.layers\.0\.mlp\.gate\.weight, a \(4, 32\) tensor of "
+                                         r"Qwen3MoeTopKRouter: mol puts LoRA on the fused 3-D expert tensors.*"
+                                         r"import an adapter trained without it"):
+        mol.import_peft(fresh, tmp_path)
+    _untouched(fresh, before, types)
