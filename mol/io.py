@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MoLConfig, config_from_dict, is_number, is_whole, without_quantize_base
-from mol.experts import EXPERT_TENSORS, ExpertsLoRA, experts_problem
+from mol.experts import ExpertsLoRA
 from mol.inject import (_uncompiled, adapter_layers, all_configs, all_or_nothing, check_model, inject,
-                        fused_experts, injected_inside, name_matches, nested_configs, require_adapter,
-                        tied_parameter_names)
+                        fused_experts, injected_inside, match_parameters, name_matches, nested_configs,
+                        require_adapter, tied_parameter_names)
 from mol.layers import MoLLinear, is_conv1d, linear_forward_problem
 
 CONFIG_NAME = "adapter_config.json"
@@ -916,45 +916,19 @@ def import_peft(model: nn.Module, directory: PathLike, *, revision: Optional[str
 
 
 def _peft_target_parameters(model: nn.Module, patterns: list[str], directory: Path) -> dict[str, list[str]]:
-    """The tensors a PEFT adapter's ``target_parameters`` select in ``model``, module -> [tensor], matched as PEFT
-    matches them (a full name or a dotted suffix); refused, before anything changes, where one selects nothing (the
-    adapter was trained on another model) or a tensor mol cannot adapt (a router's weight, which PEFT's
+    """The tensors a PEFT adapter's ``target_parameters`` select in ``model``, module -> [tensor], matched as inject
+    matches them (a full name or a dotted suffix, as PEFT does); refused, before anything changes, where one selects
+    nothing (the adapter was trained on another model) or a tensor mol cannot adapt (a router's weight, which PEFT's
     target_modules='all-linear' adds itself on Mixtral and Qwen3-MoE)."""
     if not patterns:
         return {}
-    modules = [(n, m) for n, m in model.named_modules() if n]
-    found: dict[str, list[str]] = {}
-    unmatched = []
-    for pattern in patterns:
-        hits = [(n, m, t) for n, m in modules for t, _ in m.named_parameters(recurse=False)
-                if name_matches(f"{n}.{t}", [pattern])]
-        if not hits:
-            unmatched.append(pattern)
-        for n, m, t in hits:
-            tensor = getattr(m, t)
-            if t not in EXPERT_TENSORS or tensor.dim() != 3:
-                raise ValueError(f"{directory}: PEFT put LoRA on parameters, target_parameters={patterns!r}, which "
-                                 f"select {n}.{t}, a {tuple(tensor.shape)} tensor of {type(m).__name__}: mol puts "
-                                 f"LoRA on the fused 3-D expert tensors {EXPERT_TENSORS} of mixture-of-experts layers "
-                                 "only (PEFT's target_modules='all-linear' adds the routers' weights, e.g. "
-                                 "'gate.weight', itself on Mixtral and Qwen3-MoE); import an adapter trained without "
-                                 "it (PEFT: target_parameters naming expert tensors alone, e.g. "
-                                 "['experts.gate_up_proj', 'experts.down_proj'], and target_modules naming the linear "
-                                 "layers, not 'all-linear')")
-            problem = experts_problem(m)
-            if problem:
-                raise ValueError(f"{directory}: the PEFT adapter's target_parameters select {n}.{t}, but {problem}; "
-                                 "import it into a model mol can adapt the experts of")
-            if t not in found.setdefault(n, []):
-                found[n].append(t)
-    if unmatched:
-        offered = sorted({f"{n.rpartition('.')[2]}.{t}" for n, ts in fused_experts(modules).items() for t, _ in ts})
-        raise ValueError(f"{directory}: the PEFT adapter's target_parameters {unmatched!r} match no tensor of "
-                         f"{type(model).__name__} ("
-                         + (f"its expert tensors: {offered}" if offered else
-                            "it holds no mixture-of-experts layer with fused 3-D expert tensors")
-                         + "), so it was trained on another model: import it into the model it was trained on")
-    return found
+    try:
+        return match_parameters(model, patterns)
+    except ValueError as e:
+        raise ValueError(f"{directory}: PEFT put LoRA on parameters, target_parameters={patterns!r}: {e}. Import "
+                         "it into the model it was trained on, or import an adapter whose target_parameters name "
+                         "expert tensors alone (PEFT's target_modules='all-linear' adds the routers' weights, e.g. "
+                         "'gate.weight', itself on Mixtral and Qwen3-MoE: name the linear layers instead)") from None
 
 
 def _tied_as_one(model: nn.Module, tensors: dict[str, Tensor], directory: Path, tied: bool) -> dict[str, Tensor]:

@@ -307,9 +307,9 @@ def test_an_adapter_for_other_tensors_or_sizes_is_refused_and_changes_nothing(tm
 
     dense = T.Qwen3ForCausalLM(T.Qwen3Config(**_DECODER, max_position_embeddings=64, head_dim=8)).double().eval()
     before, types = dense.state_dict(), [type(m) for m in dense.modules()]
-    with pytest.raises(ValueError, match=r"target_parameters \['experts\.\w+', 'experts\.\w+'\] match no "
-                                         r"tensor of Qwen3ForCausalLM \(it holds no mixture-of-experts layer.*"
-                                         r"import it into the model it was trained on"):
+    with pytest.raises(ValueError, match=r"target_parameters \['experts\.\w+', 'experts\.\w+'\] matched no "
+                                         r"tensor of Qwen3ForCausalLM; it holds no mixture-of-experts layer.*"
+                                         r"Import it into the model it was trained on"):
         mol.import_peft(dense, tmp_path / "moe")
     _untouched(dense, before, types)
 
@@ -352,8 +352,8 @@ def test_peft_s_router_lora_is_refused_by_name(tmp_path):
     assert "gate.weight" in json.loads((tmp_path / "adapter_config.json").read_text())["target_parameters"]
     fresh = copy.deepcopy(base)
     before, types = fresh.state_dict(), [type(m) for m in fresh.modules()]
-    with pytest.raises(ValueError, match=r"select model\.layers\.0\.mlp\.gate\.weight, a \(4, 32\) tensor of "
-                                         r"Qwen3MoeTopKRouter: mol puts LoRA on the fused 3-D expert tensors.*"
-                                         r"import an adapter trained without it"):
+    with pytest.raises(ValueError, match=r"selected model\.layers\.0\.mlp\.gate\.weight, a \(4, 32\) tensor of "
+                                         r"Qwen3MoeTopKRouter: mol puts LoRA on the 3-D expert tensors.*"
+                                         r"import an adapter whose target_parameters name expert tensors alone"):
         mol.import_peft(fresh, tmp_path)
     _untouched(fresh, before, types)
