@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,74 @@ def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[-1])
 
 
+def expert_tensors(module: nn.Module) -> dict[str, tuple[torch.Size, torch.dtype, torch.device]]:
+    """The 3-D expert tensors (EXPERT_TENSORS) an experts module multiplies by, in the order it holds them: name ->
+    (shape, dtype, device). A quantized one (mol.quant.NF4Experts) reports the tensors it keeps in NF4, with the
+    dtype it computes in."""
+    quantized = getattr(module, "quantized_expert_tensors", None)
+    if quantized is not None:
+        return quantized()
+    return {n: (p.shape, p.dtype, p.device) for n, p in module.named_parameters(recurse=False)
+            if n in EXPERT_TENSORS and p.dim() == 3}
+
+
+def routing_inputs(module: nn.Module) -> tuple[inspect.Signature, list[str]]:
+    """The signature of an experts module's forward and the names it gives its three inputs (hidden states, expert
+    ids, routing weights: GPT-OSS calls the last two router_indices and routing_weights)."""
+    signature = getattr(module, "routing_signature", None) or inspect.signature(module.forward)
+    return signature, list(signature.parameters)[:3]
+
+
+def bind_inputs(signature: inspect.Signature, names: list[str], args: tuple, kwargs: dict) -> tuple:
+    """(hidden_states, top_k_index, top_k_weights) of one call of an experts module."""
+    if len(args) == 3 and not kwargs:  # as the MoE blocks call it
+        return args
+    bound = signature.bind(*args, **kwargs)
+    return tuple(bound.arguments.get(n) for n in names)
+
+
+def grouped_experts(experts: nn.Module, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                    project: Callable[[str, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+    """transformers' grouped experts forward, read off the experts module's flags, with ``project(name, x_pairs,
+    offsets, expert_ids)`` computing each projection of the (token, expert) pairs (bias included).
+    x: (tokens, hidden); top_k_index, top_k_weights: (tokens, k) -> (tokens, hidden)."""
+    tokens, k = top_k_index.shape
+    # one row per (token, expert) pair, sorted by expert: each expert's pairs are one contiguous group
+    expert_ids, order = torch.sort(top_k_index.reshape(-1))
+    # where each expert's group ends, on the device (no host sync): the number of pairs with ids <= e
+    offsets = torch.searchsorted(expert_ids, torch.arange(experts.num_experts, device=x.device), right=True)
+    offsets = offsets.to(torch.int32)
+    x_pairs = x[order // k]                                                         # (pairs, hidden)
+
+    up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+    h = project(up_name, x_pairs, offsets, expert_ids)                              # (pairs, [2 *] intermediate)
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)          # (pairs, intermediate)
+    out = project("down_proj", h, offsets, expert_ids)                             # (pairs, hidden)
+    if getattr(experts, "has_post_expert_norm", False):
+        out = experts.post_expert_norm(out)
+    out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
+    # back to (token, k) order, then each token's k outputs summed
+    unsort = torch.empty_like(order)
+    unsort[order] = torch.arange(order.numel(), device=order.device)
+    y = out[unsort].view(tokens, k, out.shape[-1]).sum(dim=1)                      # (t k) d -> t d
+    return y.to(x.dtype)
+
+
+def base_projection(experts: nn.Module, name: str, x: Tensor, offsets: Tensor, expert_ids: Tensor) -> Tensor:
+    """Each pair's row of ``x`` times its expert's slice of the frozen expert tensor ``name``, plus its bias:
+    (pairs, in) -> (pairs, out), in the tensor's dtype (the model's activations may be float32 on a 16-bit base:
+    autocast, a float32 norm). A quantized experts module (NF4Experts) computes it from its NF4 codes."""
+    quantized = getattr(experts, "project_quantized", None)
+    if quantized is not None:
+        y = quantized(name, x, offsets)
+    else:
+        w = getattr(experts, name)
+        y = grouped_mm(x.to(w.dtype), w if experts.is_transposed else w.transpose(-2, -1), offsets)
+    if experts.has_bias:
+        y = y + getattr(experts, f"{name}_bias")[expert_ids]
+    return y
+
+
 def _padded_rank(rank: int) -> int:
     """The rank the grouped GEMMs run at: a multiple of 8, so that a (pairs, rank) operand's rows are 16-byte
     aligned in 16-bit dtypes, as their kernels need. The padding is zeros in A and B, so it changes nothing."""
@@ -124,12 +192,12 @@ class ExpertsLoRA(AdapterLayer):
         parameters = list(dict.fromkeys(parameters))
         if not parameters:
             raise ValueError("ExpertsLoRA needs at least one expert tensor to adapt, e.g. parameters=['gate_up_proj']")
+        held = expert_tensors(base)
         for name in parameters:
-            w = getattr(base, name, None)
-            if name not in EXPERT_TENSORS or not isinstance(w, Tensor) or w.dim() != 3:
-                held = [n for n, p in base.named_parameters(recurse=False) if p.dim() == 3]
+            if name not in held:
                 raise ValueError(f"ExpertsLoRA adapts the 3-D expert tensors {EXPERT_TENSORS} its forward multiplies "
-                                 f"by; {type(base).__name__} has no such tensor {name!r} (its 3-D tensors: {held})")
+                                 f"by; {type(base).__name__} has no such tensor {name!r} (its expert tensors: "
+                                 f"{list(held)})")
         if not is_number(dropout) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if not isinstance(use_rslora, bool):
@@ -139,10 +207,9 @@ class ExpertsLoRA(AdapterLayer):
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)
-        # the names the experts module's forward gives its three inputs (GPT-OSS: router_indices, routing_weights)
-        self._signature = inspect.signature(base.forward)
-        self._inputs = list(self._signature.parameters)[:3]
-        self.num_experts = getattr(base, parameters[0]).shape[0]
+        self._signature, self._inputs = routing_inputs(base)
+        self._tensors = held
+        self.num_experts = held[parameters[0]][0][0]
         self.use_rslora, self.init = use_rslora, init
         self.rank: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
@@ -156,13 +223,13 @@ class ExpertsLoRA(AdapterLayer):
                 raise ValueError(f"rank of {name} must be a positive integer, got {r!r}")
             if not is_number(a) or not 0 < a < math.inf:
                 raise ValueError(f"alpha of {name} must be > 0, got {a!r}")
-            w = getattr(base, name)
+            _, base_dtype, device = held[name]
             experts, in_features, out_features = self.shape(name)
-            dtype = adapter_dtype_for(adapter_dtype, w.dtype)
+            dtype = adapter_dtype_for(adapter_dtype, base_dtype)
             self.rank[name], self.alpha[name] = r, a
             self.scaling[name] = a / math.sqrt(r) if use_rslora else a / r
-            self.lora_A[name] = nn.Parameter(torch.empty(experts, r, in_features, dtype=dtype, device=w.device))
-            self.lora_B[name] = nn.Parameter(torch.zeros(experts, out_features, r, dtype=dtype, device=w.device))
+            self.lora_A[name] = nn.Parameter(torch.empty(experts, r, in_features, dtype=dtype, device=device))
+            self.lora_B[name] = nn.Parameter(torch.zeros(experts, out_features, r, dtype=dtype, device=device))
         self.reset_lora(init)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
@@ -170,7 +237,7 @@ class ExpertsLoRA(AdapterLayer):
     def shape(self, name: str) -> tuple[int, int, int]:
         """(experts, in_features, out_features) of expert tensor ``name``: (E, out, in) as stored, or (E, in, out)
         where the module says ``is_transposed`` (GPT-OSS)."""
-        experts, d1, d2 = getattr(self.base_layer, name).shape
+        experts, d1, d2 = self._tensors[name][0]
         return (experts, d1, d2) if self.base_layer.is_transposed else (experts, d2, d1)
 
     @torch.no_grad()
@@ -193,44 +260,17 @@ class ExpertsLoRA(AdapterLayer):
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         if self.merged or self.disabled:
             return self.base_layer(*args, **kwargs)
-        if len(args) == 3 and not kwargs:  # as the MoE blocks call it
-            x, top_k_index, top_k_weights = args
-        else:
-            bound = self._signature.bind(*args, **kwargs)
-            x, top_k_index, top_k_weights = (bound.arguments.get(n) for n in self._inputs)
-        base = self.base_layer
-        tokens, k = top_k_index.shape
-        # one row per (token, expert) pair, sorted by expert: each expert's pairs are one contiguous group
-        expert_ids, order = torch.sort(top_k_index.reshape(-1))
-        # where each expert's group ends, on the device (no host sync): the number of pairs with ids <= e
-        offsets = torch.searchsorted(expert_ids, torch.arange(self.num_experts, device=x.device), right=True)
-        offsets = offsets.to(torch.int32)
-        x_pairs = x[order // k]                                                     # (pairs, hidden)
-
-        up_name = "gate_up_proj" if base.has_gate else "up_proj"
-        h = self._project(up_name, x_pairs, offsets, expert_ids)                    # (pairs, [2 *] intermediate)
-        h = base._apply_gate(h) if base.has_gate else base.act_fn(h)               # (pairs, intermediate)
-        out = self._project("down_proj", h, offsets, expert_ids)                   # (pairs, hidden)
-        if getattr(base, "has_post_expert_norm", False):
-            out = base.post_expert_norm(out)
-        out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
-        # back to (token, k) order, then each token's k outputs summed
-        unsort = torch.empty_like(order)
-        unsort[order] = torch.arange(order.numel(), device=order.device)
-        y = out[unsort].view(tokens, k, out.shape[-1]).sum(dim=1)                  # (t k) d -> t d
-        return y.to(x.dtype)
+        x, top_k_index, top_k_weights = bind_inputs(self._signature, self._inputs, args, kwargs)
+        return grouped_experts(self.base_layer, x, top_k_index, top_k_weights, self._project)
 
     def _project(self, name: str, x: Tensor, offsets: Tensor, expert_ids: Tensor) -> Tensor:
-        """Each pair's row of ``x`` times its expert's slice of expert tensor ``name``, plus its bias and, where
-        ``name`` is adapted, its LoRA delta: (pairs, in) -> (pairs, out)."""
-        w = getattr(self.base_layer, name)
-        weight = w if self.base_layer.is_transposed else w.transpose(-2, -1)       # (experts, in, out)
-        x = x.to(w.dtype)  # the model's activations may be float32 (autocast, a float32 norm) on a 16-bit base
-        y = grouped_mm(x, weight, offsets)
-        if self.base_layer.has_bias:
-            y = y + getattr(self.base_layer, f"{name}_bias")[expert_ids]
+        """The base projection of the pairs (base_projection) plus, where ``name`` is adapted, each pair's expert's
+        LoRA delta: (pairs, in) -> (pairs, out)."""
+        dtype = self._tensors[name][1]
+        x = x.to(dtype)
+        y = base_projection(self.base_layer, name, x, offsets, expert_ids)
         if name in self.lora_A:
-            a, b = self._factors(name, w.dtype)
+            a, b = self._factors(name, dtype)
             h = grouped_mm(self.dropout(x), a, offsets)                            # (pairs, rank)
             y = y + grouped_mm(h, b, offsets) * self.scaling[name]
         return y
@@ -253,6 +293,9 @@ class ExpertsLoRA(AdapterLayer):
         return delta.transpose(-2, -1) if self.base_layer.is_transposed else delta
 
     def merge_blocker(self) -> Optional[str]:
+        if getattr(self.base_layer, "project_quantized", None) is not None:
+            return ("the expert tensors are stored in NF4 (QLoRA), where a merged delta would be rounded to 4 bits; "
+                    "load the adapter onto the full-precision model to merge it")
         for name in self.lora_A:
             w = getattr(self.base_layer, name)
             if not w.is_floating_point() or type(w) not in (Tensor, nn.Parameter):

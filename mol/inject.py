@@ -494,16 +494,18 @@ def match_parameters(model: nn.Module, target_parameters: Sequence[str], exclude
     name or a dotted suffix of it (``"experts.gate_up_proj"`` matches ``model.layers.0.mlp.experts.gate_up_proj``),
     as PEFT matches its ``target_parameters``. Each tensor must be one an ExpertsLoRA adapts (mol.experts); an entry
     that matches nothing raises with the 3-D tensors on offer."""
-    from mol.experts import EXPERT_TENSORS, experts_problem
+    from mol.experts import EXPERT_TENSORS, expert_tensors, experts_problem
 
     exclude = list(exclude)
     adapters = {n for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
     modules = [(n, m) for n, m in model.named_modules() if n and not _under_any(n, exclude)]
+    # a module's own parameters, and the expert tensors an NF4Experts holds quantized (as buffers of its children)
+    held = {n: {**{t: tuple(p.shape) for t, p in m.named_parameters(recurse=False)},
+                **{t: tuple(info[0]) for t, info in expert_tensors(m).items()}} for n, m in modules}
     found: dict[str, list[str]] = {}
     unmatched, wrapped = [], []
     for pattern in target_parameters:
-        hits = [(n, t) for n, m in modules for t, _ in m.named_parameters(recurse=False)
-                if name_matches(f"{n}.{t}", [pattern])]
+        hits = [(n, t) for n, _ in modules for t in held[n] if name_matches(f"{n}.{t}", [pattern])]
         if not hits:
             unmatched.append(pattern)
         for n, t in hits:
@@ -526,9 +528,9 @@ def match_parameters(model: nn.Module, target_parameters: Sequence[str], exclude
     owned = dict(modules)
     for n, tensors in found.items():
         module = owned[n]
-        bad = [t for t in tensors if t not in EXPERT_TENSORS or getattr(module, t).dim() != 3]
+        bad = [t for t in tensors if t not in EXPERT_TENSORS or len(held[n][t]) != 3]
         if bad:
-            raise ValueError(f"target_parameters selected {n}.{bad[0]}, a {tuple(getattr(module, bad[0]).shape)} "
+            raise ValueError(f"target_parameters selected {n}.{bad[0]}, a {held[n][bad[0]]} "
                              f"tensor of {type(module).__name__}: mol puts LoRA on the 3-D expert tensors "
                              f"{EXPERT_TENSORS} of mixture-of-experts layers only (adapt linear layers with "
                              "target_modules); narrow target_parameters")

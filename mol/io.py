@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MoLConfig, config_from_dict, is_number, is_whole, without_quantize_base
-from mol.experts import ExpertsLoRA
+from mol.experts import ExpertsLoRA, expert_tensors
 from mol.inject import (_uncompiled, adapter_layers, all_configs, all_or_nothing, check_model, inject,
                         fused_experts, injected_inside, match_parameters, name_matches, nested_configs,
                         require_adapter, tied_parameter_names)
@@ -555,7 +555,7 @@ def _peft_expert_paths(name: str, layer: ExpertsLoRA) -> dict[str, str]:
     module path. PEFT's target_parameters put one lora.ParamWrapper around the module per tensor, each around the
     one before, in the order its _inject_parameters meets them (the module's named_parameters(recurse=False)): the
     first tensor met ends deepest, under one ".base_layer" per tensor met after it; a lone tensor has none."""
-    order = [t for t, _ in layer.base_layer.named_parameters(recurse=False) if t in layer.lora_A]
+    order = [t for t in expert_tensors(layer.base_layer) if t in layer.lora_A]
     return {t: name + ".base_layer" * (len(order) - 1 - i) for i, t in enumerate(order)}
 
 

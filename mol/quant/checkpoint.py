@@ -17,6 +17,7 @@ import torch.nn as nn
 from mol.inject import check_model
 from mol.layers import AdapterLayer, is_conv1d
 
+from .experts import NF4Experts
 from .linear import NF4Linear
 
 PathLike = Union[str, os.PathLike]
@@ -30,6 +31,13 @@ def bnb_4bit_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ``mol.save_adapter``."""
     check_model(model, "bnb_4bit_state_dict")
     _check_no_adapters(model, "bnb_4bit_state_dict")
+    experts = [name for name, m in model.named_modules() if isinstance(m, NF4Experts)]
+    if experts:  # bitsandbytes quantizes linear layers only: no checkpoint of its holds 4-bit 3-D expert tensors
+        raise ValueError(f"bnb_4bit_state_dict: {type(model).__name__} holds fused mixture-of-experts tensors in NF4 "
+                         f"({experts[0]!r}, {len(experts)} such modules), which bitsandbytes' 4-bit format has no "
+                         "entry for; keep the full-precision checkpoint and quantize after loading "
+                         "(mol.quantize(model, 'nf4'), or quantize_base='nf4'), or mol.quantize(model, 'nf4', "
+                         "skip=['experts']) for a checkpoint with 4-bit linears and 16-bit experts")
     nf4 = {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
     if not nf4:
         raise ValueError(f"bnb_4bit_state_dict: {type(model).__name__} holds no NF4Linear layer; quantize it first "

@@ -83,7 +83,55 @@ class _NF4LinearFn(torch.autograd.Function):
         return grad_x, None, grad_bias, None, None
 
 
-class NF4Linear(nn.Module):
+class NF4Tensor(nn.Module):
+    """A frozen tensor of any shape stored in NF4 with double quantization (~4.127 bits/param), as buffers named as
+    bitsandbytes names them (``qweight``, ``absmax``, ``quant_map``, ``nested_absmax``, ``nested_quant_map``,
+    ``offset``), so that ``.to()``, ``state_dict()`` and devices work as for a parameter. ``.to(dtype)`` /
+    ``.half()`` move the quantization state between devices but never change its dtype (a bf16 codebook would
+    silently change every weight). NF4Linear's weight, and each fused expert tensor of an NF4Experts."""
+
+    def __init__(self, packed: NF4Weight, backend: str = "auto"):
+        super().__init__()
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton'; got {backend!r}")
+        self.weight_shape = tuple(packed.shape)
+        self.weight_dtype = packed.dtype
+        self.blocksize = packed.blocksize
+        self.nested_blocksize = packed.nested_blocksize
+        self.backend = backend
+        self.register_buffer("qweight", packed.codes)
+        self.register_buffer("absmax", packed.absmax)
+        self.register_buffer("quant_map", packed.code)
+        if packed.nested:
+            self.register_buffer("nested_absmax", packed.nested_absmax)
+            self.register_buffer("nested_quant_map", packed.nested_code)
+            self.register_buffer("offset", packed.offset.reshape(()))
+        else:
+            self.nested_absmax = self.nested_quant_map = self.offset = None
+
+    def _apply(self, fn, recurse=True):
+        state = {n: b for n, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for n, old in state.items():
+            new = self._buffers[n]
+            if new.dtype != old.dtype:  # keep the quant state's dtype, take only the device change
+                self._buffers[n] = old.to(new.device)
+        return self
+
+    @property
+    def packed(self) -> NF4Weight:
+        """The packed weight as an NF4Weight (views of this module's buffers)."""
+        b = self._buffers  # read directly: each forward builds this, and Module.__getattr__ costs a frame per buffer
+        return NF4Weight(b["qweight"], b["absmax"], b["quant_map"], self.weight_shape, self.weight_dtype,
+                         self.blocksize, b.get("nested_absmax"), b.get("nested_quant_map"), b.get("offset"),
+                         self.nested_blocksize)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense tensor, in ``dtype`` (default: the one it was quantized from); allocates a full-precision copy."""
+        return dequantize_nf4(self.packed, dtype, backend=self.backend)
+
+
+class NF4Linear(NF4Tensor):
     """A frozen linear layer whose weight is stored in NF4 with double quantization (QLoRA, ~4.127 bits/param).
 
     Forward computes in the activation dtype: on CUDA it dequantizes into a scratch weight (one Triton pass, freed
@@ -103,46 +151,19 @@ class NF4Linear(nn.Module):
     fused_decode = True  # class default; set per instance, or MOL_NF4_FUSED_DECODE=0 for all
 
     def __init__(self, packed: NF4Weight, bias: torch.Tensor | None = None, backend: str = "auto"):
-        super().__init__()
         if not isinstance(packed, NF4Weight):
             raise TypeError(f"NF4Linear takes an NF4Weight (quantize_nf4(weight)), got {type(packed).__name__}; to "
                             "quantize an nn.Linear use NF4Linear.from_linear(linear)")
         if len(packed.shape) != 2:
             raise ValueError(f"NF4Linear needs a 2-D weight (out_features, in_features); got shape {packed.shape}")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton'; got {backend!r}")
+        super().__init__(packed, backend)
         self.out_features, self.in_features = packed.shape
-        self.weight_dtype = packed.dtype
-        self.blocksize = packed.blocksize
-        self.nested_blocksize = packed.nested_blocksize
-        self.backend = backend
-        self.register_buffer("qweight", packed.codes)
-        self.register_buffer("absmax", packed.absmax)
-        self.register_buffer("quant_map", packed.code)
-        if packed.nested:
-            self.register_buffer("nested_absmax", packed.nested_absmax)
-            self.register_buffer("nested_quant_map", packed.nested_code)
-            self.register_buffer("offset", packed.offset.reshape(()))
-        else:
-            self.nested_absmax = self.nested_quant_map = self.offset = None
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    def _apply(self, fn, recurse=True):
-        state = {n: b for n, b in self._buffers.items() if b is not None}
-        super()._apply(fn, recurse)
-        for n, old in state.items():
-            new = self._buffers[n]
-            if new.dtype != old.dtype:  # keep the quant state's dtype, take only the device change
-                self._buffers[n] = old.to(new.device)
-        return self
-
-    @property
-    def packed(self) -> NF4Weight:
-        """The packed weight as an NF4Weight (views of this module's buffers)."""
-        b = self._buffers  # read directly: each forward builds this, and Module.__getattr__ costs a frame per buffer
-        return NF4Weight(b["qweight"], b["absmax"], b["quant_map"], (self.out_features, self.in_features),
-                         self.weight_dtype, self.blocksize, b.get("nested_absmax"), b.get("nested_quant_map"),
-                         b.get("offset"), self.nested_blocksize)
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "weight_shape" not in self.__dict__:  # pickled before NF4Tensor held the shape
+            self.weight_shape = (self.out_features, self.in_features)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, nested_blocksize: int = 256,
@@ -169,10 +190,6 @@ class NF4Linear(nn.Module):
     def uses_own_kernel(self, x: torch.Tensor) -> bool:
         """Whether forward(x) runs the fused small-T NF4 matmul rather than dequantize + dense GEMM."""
         return _use_small_kernel(x.reshape(-1, self.in_features), self.packed, self.fused_decode, self.backend)
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight (out, in), e.g. for merging; allocates a full-precision copy."""
-        return dequantize_nf4(self.packed, dtype, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -241,7 +258,8 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
              nested_blocksize: int = 256, backend: str = "auto") -> nn.Module:
     """Replace the model's nn.Linear layers (and transformers' Conv1D layers, GPT-2's, whose (in, out) weight is
     transposed into NF4Linear's (out, in) as transformers' bitsandbytes loading does) by frozen NF4Linear in place
-    and return the model.
+    and return the model. The fused experts of a mixture-of-experts model (transformers 5's Mixtral, Qwen3-MoE,
+    GPT-OSS, ...: 3-D expert tensors, no linear per expert) become NF4Experts, their expert tensors in NF4.
 
     Kept in full precision, as transformers' bitsandbytes loading keeps them:
     - the output head (``model.get_output_embeddings()``) and every linear holding a tied tensor;
@@ -282,17 +300,44 @@ def quantize(model: nn.Module, method: str = "nf4", skip: list[str] | None = Non
         if linear_forward_problem(m) is not None:  # NF4Linear's plain x @ W.T in its place would drop its forward
             continue
         targets.append((name, _linear_of_conv1d(m) if is_conv1d(m) else m))
-    if not targets and not any(isinstance(m, NF4Linear) for m in model.modules()):
+    from .experts import NF4Experts  # it builds on NF4Tensor, defined here
+
+    experts = _experts_to_quantize(model, kept, skip, trained)
+    if not targets and not experts and not any(isinstance(m, (NF4Linear, NF4Experts)) for m in model.modules()):
         raise ValueError(f"quantize: {type(model).__name__} has no linear layer to quantize (left out: the output "
                          "and task heads, tied layers, the model's _keep_in_fp32_modules, the linears "
                          "nn.MultiheadAttention / nn.TransformerEncoderLayer read the weight of, `skip` and trained "
                          "layers): check `skip`, or drop quantize_base for this model")
     for name, lin in targets:  # every layer checked before any changes: an error leaves the model as it was
         _naming_layer(name, _check_quantizable, lin)
+    for name, module in experts:
+        _naming_layer(name, NF4Experts.check, module)
     for name, lin in targets:
         replace_module(model, name, _naming_layer(name, NF4Linear.from_linear, lin, blocksize, nested_blocksize,
                                                   backend=backend))
+    for name, module in experts:
+        replace_module(model, name, NF4Experts(module, blocksize, nested_blocksize, backend))
     return model
+
+
+def _experts_to_quantize(model: nn.Module, kept: set[str], skip: list[str], trained: set[str]
+                         ) -> list[tuple[str, nn.Module]]:
+    """The fused experts modules of a mixture-of-experts model (mol.experts) that quantize turns into NF4Experts:
+    by the rules it keeps linears by (skip, the model's full-precision modules, trained tensors)."""
+    from mol.experts import expert_tensors, experts_problem
+
+    from .experts import NF4Experts
+
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Experts) or name in kept or _under_any(name, skip, _skip_match):
+            continue
+        if not expert_tensors(m) or experts_problem(m) is not None:
+            continue
+        if any(f"{name}.{p}" in trained for p, _ in m.named_parameters()) or _adapter_part(model, name):
+            continue
+        found.append((name, m))
+    return found
 
 
 def _checked_skip(model: nn.Module, skip) -> list[str]:
