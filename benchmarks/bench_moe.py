@@ -9,18 +9,20 @@ before each forward (a new (experts, out, in) tensor per targeted tensor, kept f
 to the activations of each (token, expert) pair.
 
 check: one experts module of the "qwen3" shape below at T=2048, bf16, against a float64 reference (a loop over the
-experts, written here): relative error of the output and of every gradient (dx, dA, dB of both tensors), for mol
-and, for scale, PEFT.
+experts, written here): relative error of the output and of every gradient (dx, dA, dB of both tensors), for mol,
+for scale PEFT, and mol QLoRA (against the reference on its dequantized NF4 values).
 
 layer: one experts module, forward + backward with x requiring grad (the weights frozen), T=8192 tokens routed by
 random logits (top-k, softmax weights), r=16 alpha=32 on gate_up_proj and down_proj; time is triton's do_bench
 median, peak is the memory allocated over what the inputs and the module hold. Shapes: "qwen3" is Qwen3-30B-A3B's
 (hidden 2048, 128 experts of intermediate 768, top-8), "mixtral" Mixtral-8x7B's (hidden 4096, 8 experts of 14336,
-top-2). Rows: the bare frozen experts (transformers' grouped_mm implementation, the floor), mol, PEFT.
+top-2). Rows: the bare frozen experts (transformers' grouped_mm implementation, the floor), mol, PEFT, and mol
+QLoRA (the expert tensors in NF4, mol.NF4Experts, with the same LoRA: PEFT has no 4-bit expert tensors).
 
 model: a Qwen3-MoE-shaped model (hidden 2048, 4 layers, 16/4 heads of 128, 64 experts of 768, top-8, vocab 32000),
 one AdamW step at batch x seq = 8 x 1024; LoRA r=16 on q/k/v/o and on the experts; median step time (CUDA events)
-and peak memory. Rows: no adapter (frozen, backward to the embeddings), PEFT, mol.
+and peak memory. Rows: no adapter (frozen, backward to the embeddings), PEFT, mol, mol QLoRA (quantize_base="nf4":
+the attention linears and the experts in NF4).
 """
 import argparse
 import copy
@@ -77,7 +79,8 @@ def routing(tokens, shape, dev, seed=1):
 
 
 def with_lora(holder, lib):
-    """``holder`` copied, with LoRA r=16 alpha=32 on both expert tensors (lib "mol" or "PEFT"), B random."""
+    """``holder`` copied, with LoRA r=16 alpha=32 on both expert tensors, B random: lib "mol", "PEFT", or "mol
+    QLoRA" (the expert tensors in NF4 first, quantize_base="nf4")."""
     holder = copy.deepcopy(holder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -87,8 +90,8 @@ def with_lora(holder, lib):
             holder = inject_adapter_in_model(LoraConfig(r=16, lora_alpha=32, target_modules=[],
                                                         target_parameters=EXPERTS), holder)
         else:
-            holder = mol.inject(holder, mol.LoRAConfig(rank=16, alpha=32, target_modules=[],
-                                                       target_parameters=EXPERTS))
+            holder = mol.inject(holder, mol.LoRAConfig(rank=16, alpha=32, target_modules=[], target_parameters=EXPERTS,
+                                                       quantize_base="nf4" if "QLoRA" in lib else None))
     with torch.no_grad():
         for n, p in holder.named_parameters():
             if "lora_" in n:
@@ -101,7 +104,7 @@ def with_lora(holder, lib):
 def lora_factors(holder, lib):
     """{tensor: (A (E, r, in), B (E, out, r))} of either library's adapter, as float64 views in mol's layout."""
     out = {}
-    if lib == "mol":
+    if lib.startswith("mol"):
         layer = holder.experts
         for name in layer.lora_A:
             out[name] = (layer.lora_A[name], layer.lora_B[name])
@@ -115,9 +118,18 @@ def lora_factors(holder, lib):
     return out
 
 
-def reference(experts, x, index, weights, factors, scaling):
+def base_tensors(holder):
+    """(gate_up_proj, down_proj) the holder's experts compute with: the dense ones, or NF4's dequantized values."""
+    experts = holder.experts
+    experts = getattr(experts, "base_layer", experts)
+    if isinstance(experts, mol.NF4Experts):
+        return experts.nf4["gate_up_proj"].dequantize(), experts.nf4["down_proj"].dequantize()
+    return experts.gate_up_proj, experts.down_proj
+
+
+def reference(tensors, x, index, weights, factors, scaling):
     """The float64 forward of Qwen3-MoE experts plus LoRA, one expert at a time (independent of both libraries)."""
-    w_up, w_down = experts.gate_up_proj.double(), experts.down_proj.double()
+    w_up, w_down = (t.double() for t in tensors)
     x = x.double()
     y = torch.zeros_like(x)
     a_up, b_up = (t.double() for t in factors["gate_up_proj"])
@@ -145,7 +157,7 @@ def check(shape, tokens, dev):
     x = (torch.randn(tokens, shape[0], device=dev) * 0.5).to(torch.bfloat16)
     dy = torch.randn(tokens, shape[0], device=dev, dtype=torch.bfloat16)
     rows = []
-    for lib in ("mol", "PEFT"):
+    for lib in ("mol", "PEFT", "mol QLoRA"):
         holder = with_lora(base, lib)
         xg = x.clone().requires_grad_(True)
         y = holder(xg, index, weights)
@@ -154,11 +166,11 @@ def check(shape, tokens, dev):
         # the reference's gradients: its own autograd in float64, from leaves holding the same values
         x64 = x.double().requires_grad_(True)
         f64 = {n: tuple(t.detach().double().requires_grad_(True) for t in ab) for n, ab in factors.items()}
-        y64 = reference(base.experts, x64, index, weights, f64, 2.0)
+        y64 = reference(base_tensors(holder if "QLoRA" in lib else base), x64, index, weights, f64, 2.0)
         y64.backward(dy.double())
         errs = {"y": rel(y, y64), "dx": rel(xg.grad, x64.grad)}
         for n, (a, b) in factors.items():
-            da, db = (a.grad, b.grad) if lib == "mol" else (_peft_grad(holder, n, "A"), _peft_grad(holder, n, "B"))
+            da, db = (a.grad, b.grad) if lib != "PEFT" else (_peft_grad(holder, n, "A"), _peft_grad(holder, n, "B"))
             errs[f"dA {n}"], errs[f"dB {n}"] = rel(da, f64[n][0].grad), rel(db, f64[n][1].grad)
         rows.append((lib, errs, bool(torch.isfinite(y).all())))
         del holder
@@ -177,15 +189,15 @@ def odd_sizes(shape, dev, sizes=(1, 7, 4097)):
         factors = {n: tuple(t.detach() for t in ab) for n, ab in lora_factors(holder, "mol").items()}
         with torch.no_grad():
             y = holder(x, index, weights)
-        out.append((tokens, rel(y, reference(base.experts, x, index, weights, factors, 2.0))))
+        out.append((tokens, rel(y, reference(base_tensors(base), x, index, weights, factors, 2.0))))
     return out
 
 
-def graph_and_compile(shape, tokens, dev):
+def graph_and_compile(shape, tokens, dev, lib="mol"):
     """mol's forward captured in a CUDA graph (a host sync inside would make the capture fail) and replayed on new
     inputs, and fwd + bwd under torch.compile(fullgraph=True), each against the same eager calls."""
     base = make_experts(shape, dev)
-    holder = with_lora(base, "mol").eval()
+    holder = with_lora(base, lib).eval()
     x = (torch.randn(tokens, shape[0], device=dev) * 0.5).to(torch.bfloat16)
     index, weights = routing(tokens, shape, dev)
     static = (x.clone(), index.clone(), weights.clone())
@@ -240,9 +252,9 @@ def bench_layer(shape, tokens, dev, rounds=3):
     index, weights = routing(tokens, shape, dev)
     x = (torch.randn(tokens, shape[0], device=dev) * 0.5).to(torch.bfloat16).requires_grad_(True)
     dy = torch.randn(tokens, shape[0], device=dev, dtype=torch.bfloat16)
-    names = ("bare experts", "mol", "PEFT")
+    names = ("bare experts", "mol", "PEFT", "mol QLoRA")
     times = {n: [] for n in names}
-    peaks = {}
+    peaks, weights = {}, {}
     for _ in range(rounds):  # interleaved, so that a clock or neighbour drift lands on every row alike
         for name in names:
             holder = base if name == "bare experts" else with_lora(base, name)
@@ -263,11 +275,13 @@ def bench_layer(shape, tokens, dev, rounds=3):
             step()
             torch.cuda.synchronize()
             peaks[name] = (torch.cuda.max_memory_allocated() - held) / 2**20
+            weights[name] = sum(t.numel() * t.element_size() for t in [*holder.parameters(), *holder.buffers()]) / 2**20
             x.grad = None
             if holder is not base:
                 del holder, params
             torch.cuda.empty_cache()
-    return [(n, sorted(times[n])[len(times[n]) // 2], min(times[n]), max(times[n]), peaks[n]) for n in names]
+    return [(n, sorted(times[n])[len(times[n]) // 2], min(times[n]), max(times[n]), peaks[n], weights[n])
+            for n in names]
 
 
 def build_model(tiny, dev):
@@ -294,7 +308,7 @@ def build_model(tiny, dev):
 
 def bench_model(tiny, dev, batch, seq, steps=10):
     rows = []
-    for name in ("no adapter", "PEFT", "mol"):
+    for name in ("no adapter", "PEFT", "mol", "mol QLoRA"):
         model = build_model(tiny, dev)
         if name == "no adapter":
             model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_())
@@ -309,7 +323,8 @@ def bench_model(tiny, dev, batch, seq, steps=10):
                                                              target_parameters=EXPERTS))
                 else:
                     model = mol.inject(model, mol.LoRAConfig(rank=16, alpha=32, target_modules=attn,
-                                                             target_parameters=EXPERTS))
+                                                             target_parameters=EXPERTS,
+                                                             quantize_base="nf4" if "QLoRA" in name else None))
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     if p.requires_grad and "lora_B" in n:
@@ -364,7 +379,8 @@ def main():
     batch, seq = (2, 32) if args.tiny else (args.batch, args.seq)
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", ""]
     if "check" in args.only:
-        lines += ["check (qwen3 shape, T=2048, bf16 against float64): relative error", "",
+        lines += ["check (qwen3 shape, T=2048, bf16 against float64; mol QLoRA against the float64 forward of "
+                  "its dequantized NF4 values): relative error", "",
                   "| library | y | dx | dA gate_up | dB gate_up | dA down | dB down | finite |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for lib, errs, finite in check(shapes["qwen3"], 64 if args.tiny else 2048, dev):
@@ -374,20 +390,22 @@ def main():
         sizes = odd_sizes(shapes["qwen3"], dev)
         lines += ["", "mol at token counts no tile divides (forward, bf16 against float64): "
                   + ", ".join(f"T={t}: {e:.2e}" for t, e in sizes)]
-        graph_diff, compile_err = graph_and_compile(shapes["qwen3"], 64 if args.tiny else 2048, dev)
-        lines += [f"mol forward captured in a CUDA graph, replayed on new tokens and routing: max |replay - eager| = "
-                  f"{graph_diff:.3g}; torch.compile(fullgraph=True) fwd+bwd against eager, largest relative "
-                  f"difference of y, dx and every dA/dB: {compile_err:.2e}", ""]
+        for lib in ("mol", "mol QLoRA"):
+            graph_diff, compile_err = graph_and_compile(shapes["qwen3"], 64 if args.tiny else 2048, dev, lib)
+            lines += [f"{lib} forward captured in a CUDA graph, replayed on new tokens and routing: max |replay - "
+                      f"eager| = {graph_diff:.3g}; torch.compile(fullgraph=True) fwd+bwd against eager, largest "
+                      f"relative difference of y, dx and every dA/dB: {compile_err:.2e}"]
+        lines.append("")
     if "layer" in args.only:
         lines += [f"layer: experts forward + backward, T={tokens}, bf16, r=16 on gate_up_proj and down_proj", "",
                   "| shape (hidden, intermediate, experts, top-k) | row | ms, median of 3 rounds (range) | × bare | "
-                  "peak extra MiB |", "| --- | --- | --- | --- | --- |"]
+                  "weights + adapter MiB | peak extra MiB |", "| --- | --- | --- | --- | --- | --- |"]
         for key, shape in shapes.items():
             rows = bench_layer(shape, tokens, dev)
             bare = rows[0][1]
-            for name, ms, lo, hi, peak in rows:
+            for name, ms, lo, hi, peak, held in rows:
                 lines.append(f"| {key} {shape} | {name} | {ms:.3f} ({lo:.3f}-{hi:.3f}) | {ms / bare:.2f}× | "
-                             f"{peak:.0f} |")
+                             f"{held:.0f} | {peak:.0f} |")
         lines.append("")
     if "model" in args.only:
         lines += [f"model: Qwen3-MoE-shaped, one AdamW step at {batch}x{seq}, bf16, LoRA r=16 on q/k/v/o + experts",

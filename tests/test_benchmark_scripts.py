@@ -54,8 +54,9 @@ def test_host_overhead_refuses_a_path_that_is_not_a_checkout():
 
 def test_bench_moe_check_holds_mol_and_peft_to_its_float64_reference_on_a_cpu():
     """bench_moe.py's correctness table runs on the CPU at its tiny shapes: both libraries' bf16 output and
-    gradients within bf16's error of the script's own float64 loop over the experts (a wrong reference, or a
-    library's adapter read in the wrong layout, gives errors near 1), and mol's at token counts no tile divides."""
+    gradients (and mol's on NF4 experts, against the reference on their dequantized values) within bf16's error of
+    the script's own float64 loop over the experts (a wrong reference, or a library's adapter read in the wrong
+    layout, gives errors near 1), and mol's at token counts no tile divides."""
     pytest.importorskip("peft")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -63,7 +64,7 @@ def test_bench_moe_check_holds_mol_and_peft_to_its_float64_reference_on_a_cpu():
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     rows = bench_moe.check(bench_moe.TINY["qwen3"], 64, "cpu")
-    assert [lib for lib, _, _ in rows] == ["mol", "PEFT"]
+    assert [lib for lib, _, _ in rows] == ["mol", "PEFT", "mol QLoRA"]
     for lib, errs, finite in rows:
         assert finite and len(errs) == 6 and all(0 < e < 2e-2 for e in errs.values()), (lib, errs)
     assert all(0 < e < 2e-2 for _, e in bench_moe.odd_sizes(bench_moe.TINY["qwen3"], "cpu"))
