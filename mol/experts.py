@@ -74,9 +74,13 @@ def _aligned(*tensors: Tensor) -> bool:
 def grouped_mm_runs(x: Tensor, weight: Tensor) -> bool:
     """Whether torch's grouped GEMM computes ``x`` (pairs, in) by ``weight`` (groups, in, out) here: bfloat16 on
     a CUDA GPU of sm_80+ (sm_90 only before torch 2.9); float32 / 16-bit on the CPU from torch 2.11 (none before
-    2.9, and 2.9-2.10's needed aligned pointers that memory-mapped checkpoints do not give); aligned strides."""
+    2.9, and 2.9-2.10's needed aligned pointers that memory-mapped checkpoints do not give); aligned strides.
+    Under torch.compile bfloat16 alone, as transformers' own grouped forward (other dtypes take the loop, whose
+    read of the offsets breaks the graph)."""
     if _GROUPED_MM is None or x.dtype != weight.dtype or not _aligned(x, weight):
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # torch's meta function of grouped_mm, which tracing runs, takes bf16 alone (torch 2.9-2.13)
     if x.device.type == "cuda":
         from mol.dispatch import device_capability
 
@@ -145,7 +149,8 @@ def grouped_experts(experts: nn.Module, x: Tensor, top_k_index: Tensor, top_k_we
     out = project("down_proj", h, offsets, expert_ids)                             # (pairs, hidden)
     if getattr(experts, "has_post_expert_norm", False):
         out = experts.post_expert_norm(out)
-    out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
+    # as transformers weighs: float32 routing weights (Mixtral's router) on bf16 experts sum in float32
+    out = out * top_k_weights.reshape(-1)[order, None]
     # back to (token, k) order, then each token's k outputs summed
     unsort = torch.empty_like(order)
     unsort[order] = torch.arange(order.numel(), device=order.device)
@@ -266,12 +271,10 @@ class ExpertsLoRA(AdapterLayer):
     def _project(self, name: str, x: Tensor, offsets: Tensor, expert_ids: Tensor) -> Tensor:
         """The base projection of the pairs (base_projection) plus, where ``name`` is adapted, each pair's expert's
         LoRA delta: (pairs, in) -> (pairs, out)."""
-        dtype = self._tensors[name][1]
-        x = x.to(dtype)
-        y = base_projection(self.base_layer, name, x, offsets, expert_ids)
+        y = base_projection(self.base_layer, name, x, offsets, expert_ids)  # in the base tensor's dtype
         if name in self.lora_A:
-            a, b = self._factors(name, dtype)
-            h = grouped_mm(self.dropout(x), a, offsets)                            # (pairs, rank)
+            a, b = self._factors(name, y.dtype)
+            h = grouped_mm(self.dropout(x.to(y.dtype)), a, offsets)                # (pairs, rank)
             y = y + grouped_mm(h, b, offsets) * self.scaling[name]
         return y
 

@@ -517,6 +517,14 @@ def match_parameters(model: nn.Module, target_parameters: Sequence[str], exclude
     if wrapped:
         raise ValueError(f"target_parameters {list(target_parameters)!r} selects {wrapped[0]!r}, inside a module that "
                          f"already carries an adapter; give each method its own tensors{_ORDER_HINT}")
+    # a tensor an earlier inject wrapped is named <adapter>.base_layer.<tensor> now, which its old suffix no longer
+    # matches: say that, not that the model has no such tensor
+    taken = [f"{n}.{t}" for n, _ in modules if _inside_adapter(n, adapters) for t in held[n]
+             if name_matches(f"{n}.{t}".replace(".base_layer.", "."), unmatched)]
+    if taken:
+        raise ValueError(f"target_parameters {unmatched!r} selects {taken[0]!r}, an expert tensor that already carries "
+                         "an adapter (an earlier inject's); give each method its own tensors, or inject on a fresh "
+                         "model to start over")
     if unmatched:
         fused = fused_experts([(n, m) for n, m in modules if not _inside_adapter(n, adapters)])
         offered = sorted({f"{n.rpartition('.')[2]}.{t}" for n, ts in fused.items() for t, _ in ts})
