@@ -152,11 +152,22 @@ def _unknown_key(key: str, cfg: DictConfig) -> Optional[str]:
     keys = _keys_of(group, cfg[group])
     if not keys or sub in keys:
         return None  # an open set, or a real field the yaml leaves out: '+key=' is the right advice
+    if group == "method" and sub == "target_parameters":  # difflib's guess, target_modules, would mislead
+        return _no_target_parameters(cfg[group], key)
     close = difflib.get_close_matches(sub, keys, n=3, cutoff=0.5)
     ordered = close + sorted(k for k in keys if k not in close and k != "_target_")
     what = str(cfg[group].get("_target_") or group).rpartition(".")[2]
     guess = f" (did you mean {group}.{close[0]}?)" if close else ""
     return f"{key}: {what} has no key '{sub}'{guess}; its keys: {', '.join(ordered)}"
+
+
+def _no_target_parameters(method: Any, given: str) -> str:
+    """Why ``given`` (expert tensors to adapt) does not fit ``method``, a method config without target_parameters,
+    and the fix: LoRA on fused mixture-of-experts tensors is LoRAConfig's alone."""
+    what = str(method.get("_target_") or "this method").rpartition(".")[2]
+    return (f"{given}: {what} has no target_parameters. LoRA on the fused expert tensors of a mixture-of-experts "
+            "model is LoRAConfig's: use method=lora (or method=qlora) with the same target_parameters, or leave them "
+            f"out to train {what} on linear layers alone")
 
 
 def check_overrides(overrides: list[str], conf_dir: Path, config_name: str = CONFIG_NAME,
@@ -223,12 +234,22 @@ def build_method_config(cfg: DictConfig) -> Any:
         if msg:
             raise ConfigError(msg) from e
         raise ConfigError(f"cannot build method config ({cfg.method.get('_target_')}): {_one_line(cause)}") from e
+    given = cfg.model.get("target_parameters")
+    if given and not hasattr(method_cfg, "target_parameters"):  # else this method would leave the experts out silently
+        raise ConfigError(_no_target_parameters(cfg.method, f"model.target_parameters={_listing(given)}"))
     if hasattr(method_cfg, "validate"):
         try:
             method_cfg.validate()
         except ValueError as e:
             raise ConfigError(f"invalid method config: {e} (Hydra keys: method.*, router.*)") from e
     return method_cfg
+
+
+def _listing(value: Any) -> str:
+    """A list from the config as a command line writes it: ``[experts.gate_up_proj,experts.down_proj]``."""
+    if OmegaConf.is_list(value) or isinstance(value, (list, tuple)):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
 
 
 def model_source(value: Any, key: str = "model.path", fix: str = "", shown: str = "") -> tuple[str, bool]:
@@ -663,8 +684,10 @@ def _seeded_model(cfg: DictConfig, datamodule: Any) -> Any:
 
 
 def _inject_error(method_cfg: Any, model: Any, e: Exception) -> ConfigError:
-    # the method group takes target_modules / modules_to_save from the model group: name the keys to set
-    keys = [k for k in ("target_modules", "modules_to_save") if k in str(e)]
+    # the method group takes target_modules / target_parameters / modules_to_save from the model group: name the keys
+    # to set, the one the message is about first (a target_parameters error names target_modules as the other option)
+    keys = sorted((k for k in ("target_modules", "target_parameters", "modules_to_save") if k in str(e)),
+                  key=str(e).index)
     hint = f" (set {', '.join('model.' + k for k in keys)})" if keys else ""
     return ConfigError(f"cannot apply {type(method_cfg).__name__} to {type(model).__name__}: {_one_line(e)}{hint}")
 
