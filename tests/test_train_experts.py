@@ -209,3 +209,45 @@ def test_target_parameters_that_fit_nothing_stop_before_training(model, targets,
                                f"model.path={path}")))
     assert re.search(r"\(set model\.target_parameters(, model\.target_modules)?\)$", str(err.value)), str(err.value)
     assert not (out / "checkpoints").exists() and not (out / "train_loss.jsonl").exists()
+
+
+def test_a_peft_format_upload_holds_the_expert_adapters(tiny, tmp_path, monkeypatch):
+    """hub.peft_format=true passes check_hub before training and uploads the trained model in PEFT's format, with the
+    expert pairs as PEFT's target_parameters: PEFT's own loader computes what the run's saved adapter computes (the
+    export used to write the attention's LoRA alone). The upload itself is a stand-in for push_to_hub."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    import mol
+    import mol.io
+    from mol.train.app import run
+
+    peft = pytest.importorskip("peft")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # what check_hub asks: online, a token
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "tok")
+    uploaded = tmp_path / "uploaded"
+
+    def push_to_hub(model, repo_id, peft_format=False, **kwargs):
+        assert (repo_id, peft_format) == ("me/moe", True)
+        mol.export_peft(model, uploaded)
+        return "commit-url"
+
+    monkeypatch.setattr(mol.io, "push_to_hub", push_to_hub)
+    out = tmp_path / "run"
+    res = run(compose(_overrides(tiny, out, "experiment=qwen3_moe_lora", "trainer=cpu", "model.dtype=float32",
+                                 "hub.repo_id=me/moe", "hub.peft_format=true")))
+    assert res["run"]["hub"] == "commit-url"
+    config = json.loads((uploaded / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["experts.gate_up_proj", "experts.down_proj"], config
+
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(4, 30, (2, 9))
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny["moe"])),
+                                                str(uploaded)).eval()(input_ids=ids).logits
+        ours = mol.load_adapter(AutoModelForCausalLM.from_pretrained(str(tiny["moe"])),
+                                str(out / "adapter")).eval()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(str(tiny["moe"])).eval()(input_ids=ids).logits
+    assert not torch.allclose(ours, base, atol=1e-4)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
