@@ -254,7 +254,7 @@ def bench_layer(shape, tokens, dev, rounds=3):
     dy = torch.randn(tokens, shape[0], device=dev, dtype=torch.bfloat16)
     names = ("bare experts", "mol", "PEFT", "mol QLoRA")
     times = {n: [] for n in names}
-    peaks, weights = {}, {}
+    peaks, sizes = {}, {}
     for _ in range(rounds):  # interleaved, so that a clock or neighbour drift lands on every row alike
         for name in names:
             holder = base if name == "bare experts" else with_lora(base, name)
@@ -275,12 +275,12 @@ def bench_layer(shape, tokens, dev, rounds=3):
             step()
             torch.cuda.synchronize()
             peaks[name] = (torch.cuda.max_memory_allocated() - held) / 2**20
-            weights[name] = sum(t.numel() * t.element_size() for t in [*holder.parameters(), *holder.buffers()]) / 2**20
+            sizes[name] = sum(t.numel() * t.element_size() for t in [*holder.parameters(), *holder.buffers()]) / 2**20
             x.grad = None
             if holder is not base:
                 del holder, params
             torch.cuda.empty_cache()
-    return [(n, sorted(times[n])[len(times[n]) // 2], min(times[n]), max(times[n]), peaks[n], weights[n])
+    return [(n, sorted(times[n])[len(times[n]) // 2], min(times[n]), max(times[n]), peaks[n], sizes[n])
             for n in names]
 
 
