@@ -164,7 +164,7 @@ def base_projection(experts: nn.Module, name: str, x: Tensor, offsets: Tensor, e
     autocast, a float32 norm). A quantized experts module (NF4Experts) computes it from its NF4 codes."""
     quantized = getattr(experts, "project_quantized", None)
     if quantized is not None:
-        y = quantized(name, x, offsets)
+        y = quantized(name, x, offsets, expert_ids)
     else:
         w = getattr(experts, name)
         y = grouped_mm(x.to(w.dtype), w if experts.is_transposed else w.transpose(-2, -1), offsets)

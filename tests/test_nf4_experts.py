@@ -199,3 +199,43 @@ def test_nf4_experts_move_devices_but_keep_their_quantization_state_dtype():
         with torch.no_grad():
             out = quantized(_ids()).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_a_decode_step_dequantizes_only_the_chosen_experts_and_computes_the_same(monkeypatch):
+    """With fewer (token, expert) pairs than experts (decode: T * k rows), the NF4 experts dequantize the pairs' own
+    expert slices instead of the whole tensor (on Qwen3-30B-A3B at T=1, 8 of 128 experts). Forward and dx equal the
+    whole-tensor path's and transformers' on the dequantized values; the slices taken are the chosen experts'."""
+    from mol.quant import experts as nf4_experts
+
+    torch.manual_seed(0)
+    # slices of 16384 values (whole blocks at both NF4 levels), as every real expert tensor's are
+    model = T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**{**_DECODER, "hidden_size": 128}, max_position_embeddings=64,
+                                                  head_dim=32, num_experts=8, num_experts_per_tok=2,
+                                                  moe_intermediate_size=128)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.normal_(0, 0.05)
+    quantized = mol.quantize(copy.deepcopy(model), "nf4", skip=["self_attn"])
+    twin = _dequantized_twin(model, quantized)
+    selected = []
+    real = nf4_experts._selected
+    monkeypatch.setattr(nf4_experts, "_selected", lambda packed, ids: selected.append(ids.clone()) or real(packed, ids))
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5))  # 3 tokens, top-2: 6 pairs of 8 experts
+    index = torch.tensor([[1, 6], [6, 3], [0, 1]])
+    weights = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.9, 0.1]])
+    outs, grads = [], []
+    for experts in (quantized.model.layers[0].mlp.experts, twin.model.layers[0].mlp.experts):
+        xg = x.clone().requires_grad_(True)
+        y = experts(xg, index, weights)
+        y.backward(torch.ones_like(y))
+        outs.append(y.detach())
+        grads.append(xg.grad)
+    # forward: gate_up and down; backward: both again; each on the pairs' experts in sorted order
+    assert len(selected) == 4 and all(ids.tolist() == [0, 1, 1, 3, 6, 6] for ids in selected)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(nf4_experts, "_selected", lambda packed, ids: None)  # the whole-tensor path
+    with torch.no_grad():
+        whole = quantized.model.layers[0].mlp.experts(x, index, weights)
+    torch.testing.assert_close(outs[0], whole, rtol=1e-5, atol=1e-6)
