@@ -1,6 +1,6 @@
 """MoE benchmark: LoRA on the fused experts of a mixture-of-experts layer, mol against PEFT, bf16 (random weights).
 
-    python benchmarks/bench_moe.py [--out results.md] [--tiny] [--only check layer model]
+    python benchmarks/bench_moe.py [--out results.md] [--tiny] [--only check layer decode model]
 
 transformers 5 keeps a MoE layer's experts as 3-D tensors; LoRA on them is PEFT's
 LoraConfig(target_parameters=["experts.gate_up_proj", "experts.down_proj"]) and mol's LoRAConfig of the same field
@@ -18,6 +18,10 @@ median, peak is the memory allocated over what the inputs and the module hold. S
 (hidden 2048, 128 experts of intermediate 768, top-8), "mixtral" Mixtral-8x7B's (hidden 4096, 8 experts of 14336,
 top-2). Rows: the bare frozen experts (transformers' grouped_mm implementation, the floor), mol, PEFT, and mol
 QLoRA (the expert tensors in NF4, mol.NF4Experts, with the same LoRA: PEFT has no 4-bit expert tensors).
+
+decode: the "qwen3" experts' forward at T = 1 and 4 tokens (8 and 32 pairs of 128 experts), each call replayed from a
+CUDA graph: bare experts, mol, mol QLoRA (dequantizing only the pairs' expert slices), and mol QLoRA dequantizing
+whole tensors (forced), µs.
 
 model: a Qwen3-MoE-shaped model (hidden 2048, 4 layers, 16/4 heads of 128, 64 experts of 768, top-8, vocab 32000),
 one AdamW step at batch x seq = 8 x 1024; LoRA r=16 on q/k/v/o and on the experts; median step time (CUDA events)
@@ -284,6 +288,45 @@ def bench_layer(shape, tokens, dev, rounds=3):
             for n in names]
 
 
+def bench_decode(shape, dev, token_counts=(1, 4)):
+    """Forward only, as a decode step calls the experts: T tokens (T * k pairs, fewer than the experts), each row's
+    call captured in a CUDA graph and replayed (do_bench median). Rows: bare experts, mol (LoRA on bf16 experts), mol
+    QLoRA (NF4 experts: the pairs' slices dequantized), and mol QLoRA dequantizing whole tensors (its path for
+    many pairs, forced here) to show what the slices save."""
+    from triton.testing import do_bench
+
+    from mol.quant import experts as nf4_experts
+
+    base = make_experts(shape, dev)
+    holders = {"bare experts": base, "mol": with_lora(base, "mol").eval(), "mol QLoRA": with_lora(base, "mol QLoRA")}
+    holders["mol QLoRA"].eval()
+    rows, outputs = [], {}
+    for tokens in token_counts:
+        index, weights = routing(tokens, shape, dev, seed=tokens)
+        x = (torch.randn(tokens, shape[0], device=dev) * 0.5).to(torch.bfloat16)
+        for name in (*holders, "mol QLoRA, whole tensors"):
+            holder = holders[name.split(",")[0]]
+            real = nf4_experts._selected
+            if name.endswith("whole tensors"):
+                nf4_experts._selected = lambda packed, ids: None
+            try:
+                with torch.no_grad():
+                    outputs[name] = holder(x, index, weights)
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        holder(x, index, weights)
+                us = do_bench(graph.replay, warmup=50, rep=300, return_mode="median") * 1000
+            finally:
+                nf4_experts._selected = real
+            rows.append((tokens, name, us))
+            del graph
+        # the two QLoRA paths compute the same function: their difference is the GEMMs' rounding
+        rows.append((tokens, "QLoRA paths, |slices - whole| / |whole|",
+                     rel(outputs["mol QLoRA"], outputs["mol QLoRA, whole tensors"])))
+    return rows
+
+
 def build_model(tiny, dev):
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
@@ -366,7 +409,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="also write the tables to this markdown file")
     ap.add_argument("--tiny", action="store_true", help="small shapes (a smoke run)")
-    ap.add_argument("--only", nargs="*", default=["check", "layer", "model"], choices=["check", "layer", "model"])
+    ap.add_argument("--only", nargs="*", default=["check", "layer", "decode", "model"],
+                    choices=["check", "layer", "decode", "model"])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
@@ -406,6 +450,15 @@ def main():
             for name, ms, lo, hi, peak, held in rows:
                 lines.append(f"| {key} {shape} | {name} | {ms:.3f} ({lo:.3f}-{hi:.3f}) | {ms / bare:.2f}× | "
                              f"{held:.0f} | {peak:.0f} |")
+        lines.append("")
+    if "decode" in args.only:
+        lines += ["decode: experts forward at T = 1 and 4 (fewer pairs than experts), CUDA graph replay, qwen3 shape",
+                  "", "| T | row | µs | × bare |", "| --- | --- | --- | --- |"]
+        rows = bench_decode(shapes["qwen3"], dev)
+        bare = {t: us for t, name, us in rows if name == "bare experts"}
+        for tokens, name, us in rows:
+            lines.append(f"| {tokens} | {name} | {us:.3g} | |" if name.startswith("QLoRA paths") else
+                         f"| {tokens} | {name} | {us:.1f} | {us / bare[tokens]:.2f}× |")
         lines.append("")
     if "model" in args.only:
         lines += [f"model: Qwen3-MoE-shaped, one AdamW step at {batch}x{seq}, bf16, LoRA r=16 on q/k/v/o + experts",
