@@ -31,6 +31,22 @@ import mol.kernels.routed_lora as rl  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def cuda_step_times(step, steps: int) -> tuple[list[float], float]:
+    """``steps`` calls of ``step`` (warmed up already), each timed with CUDA events (ms), and the peak GiB they
+    allocate. Shared by bench_model and bench_moe."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times, torch.cuda.max_memory_allocated() / 2**30
+
+
 def build(tiny: bool, dev: str, dtype, layers: int = 8):
     """The benchmark's Llama (``layers`` deep; the tiny one has 2), random weights, frozen."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -212,16 +228,7 @@ def main():
                 step()
             times = []
             if dev == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                for _ in range(args.steps):
-                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record()
-                    step()
-                    e.record()
-                    torch.cuda.synchronize()
-                    times.append(s.elapsed_time(e))
-                peak = torch.cuda.max_memory_allocated() / 2**30
+                times, peak = cuda_step_times(step, args.steps)
             else:
                 for _ in range(args.steps):
                     t0 = time.perf_counter()

@@ -350,6 +350,8 @@ def build_model(tiny, dev):
 
 
 def bench_model(tiny, dev, batch, seq, steps=10):
+    from bench_model import cuda_step_times  # the timing loop bench_model.py uses
+
     rows = []
     for name in ("no adapter", "PEFT", "mol", "mol QLoRA"):
         model = build_model(tiny, dev)
@@ -387,17 +389,7 @@ def bench_model(tiny, dev, batch, seq, steps=10):
 
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        times, peak = cuda_step_times(step, steps)
         trainable = sum(p.numel() for p in params)
         rows.append((name, sorted(times)[len(times) // 2], peak, trainable))
         model = opt = params = step = None  # free them before the next row builds its model
