@@ -251,3 +251,48 @@ def test_a_peft_format_upload_holds_the_expert_adapters(tiny, tmp_path, monkeypa
         base = AutoModelForCausalLM.from_pretrained(str(tiny["moe"])).eval()(input_ids=ids).logits
     assert not torch.allclose(ours, base, atol=1e-4)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qlora_on_the_experts_trains_nf4_experts_and_evaluates_to_the_same_loss(dtype, tiny, tmp_path):
+    """method=qlora with model.target_parameters (a float32 and a bfloat16 base): the base's expert tensors are
+    held in NF4 (NF4Experts under each ExpertsLoRA) and the attention's linears too; every expert's LoRA pair trains,
+    the adapter file holds exactly the LoRA tensors (no NF4 code, no base weight), and mol.evaluate of the saved
+    adapter, which quantizes a fresh base again, reproduces the run's validation loss."""
+    from safetensors.torch import load_file
+
+    import mol
+    from mol.evaluate import evaluate
+    from mol.io import WEIGHTS_NAME
+    from mol.train.app import run
+
+    out = tmp_path / "run"
+    res = run(compose(_overrides(tiny, out, "method=qlora", "model.target_modules=[q_proj,v_proj]",
+                                 "model.target_parameters=[experts.gate_up_proj,experts.down_proj]",
+                                 f"model.dtype={dtype}")))
+    saved = load_file(str(out / "adapter" / WEIGHTS_NAME))
+    experts = {k: v for k, v in saved.items() if ".mlp.experts." in k}
+    assert set(experts) == _expert_names()
+    others = set(saved) - set(experts)
+    assert others and all(re.search(r"\.self_attn\.[qv]_proj\.lora_[AB]$", k) for k in others), sorted(others)
+    for name, t in experts.items():
+        assert t.dtype == torch.float32 and t.shape[0] == NUM_EXPERTS, (name, t.dtype, t.shape)
+        if ".lora_B." in name:
+            assert t.abs().amax() > 0, name
+    assert res["run"]["trainable_params"] == sum(t.numel() for t in saved.values())
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert {k.removeprefix("model.") for k in ckpt["state_dict"]} == set(saved)
+    recorded = json.loads((out / "results.json").read_text())
+    assert recorded["method_config"]["quantize_base"] == "nf4"
+    assert recorded["method_config"]["target_parameters"] == ["experts.gate_up_proj", "experts.down_proj"]
+
+    ev = evaluate(compose([f"adapter={out / 'adapter'}", "split=val", "trainer.enable_progress_bar=false",
+                           f"data.cache_dir={tmp_path / 'cache'}"], config_name="evaluate"))
+    assert ev["val/loss"] == pytest.approx(res["run"]["val/loss"], rel=1e-5, abs=1e-5)
+
+    from transformers import AutoModelForCausalLM
+
+    loaded = mol.load_adapter(AutoModelForCausalLM.from_pretrained(str(tiny["moe"])), str(out / "adapter"))
+    layers = [m for m in loaded.modules() if isinstance(m, mol.ExpertsLoRA)]
+    assert len(layers) == LAYERS
+    assert all(isinstance(layer.base_layer, mol.NF4Experts) for layer in layers)
