@@ -620,6 +620,15 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
                          f"modules_to_save=[{heads[0].split('.')[0]!r}] and target_modules without it, or keep this "
                          "adapter in "
                          "mol's format (mol.save_adapter)")
+    rewritten = _peft_rewritten_linears(model)
+    if rewritten:
+        raise ValueError(f"export_peft: LoRA on {rewritten[0]!r} ({len(rewritten)} such layers) cannot be read by "
+                         f"PEFT: on a {model.config.model_type} model PEFT's loader takes every target_modules entry "
+                         f"ending in {rewritten[0].rpartition('.')[2]!r} for the expert projection of a transformers "
+                         "4 adapter and moves it to target_parameters, so the loaded adapter would put no LoRA on "
+                         "this layer (a dense MLP or shared expert) and compute something else. Leave such layers out "
+                         "of target_modules (e.g. target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'], and the "
+                         "experts through target_parameters), or keep this adapter in mol's format (mol.save_adapter)")
     tensors: dict[str, Tensor] = {}
     for name, layer in adapter_layers(model):
         if isinstance(layer, MoLLinear):
@@ -753,6 +762,27 @@ def _model_card(model: nn.Module, repo_id: str, peft_format: bool) -> str:
         f"An adapter ({', '.join(methods)}) trained with `mol` (Mixture-of-LoRA fine-tuning)"
         + (f" on `{base}`." if base else "."), "",
         "```python", "from transformers import AutoModel", base_line, load, "```", ""])
+
+
+# The mixture-of-experts layouts whose transformers 4 adapters PEFT converts when it loads one into a transformers 5
+# model (peft.utils.transformers_weight_conversion._MOE_TARGET_MODULE_MAPPING): a target_modules entry ending in one of
+# these names is moved to target_parameters, whatever layer it named
+_PEFT_MOE_REWRITES = {"mixtral": ("gate", "w1", "w2", "w3"), "qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj")}
+
+
+def _peft_rewritten_linears(model: nn.Module) -> list[str]:
+    """The linear layers with LoRA that PEFT's loader would take for transformers 4 expert projections in ``model``
+    (see _PEFT_MOE_REWRITES): on Qwen3-MoE, DeepSeek-V3, Mixtral, ... every layer named ``*.gate_proj``, ``*.up_proj``,
+    ``*.down_proj`` (or w1 / w2 / w3) that is not an expert, e.g. a dense MLP layer's or a shared expert's."""
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
+    except ImportError:  # transformers 4: no fused experts, nothing to convert
+        return []
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    layout = "mixtral" if model_type == "mixtral" else _MODEL_TO_CONVERSION_PATTERN.get(model_type)
+    leaves = _PEFT_MOE_REWRITES.get(layout, ())
+    return [n for n, layer in adapter_layers(model) if isinstance(layer, MoLLinear)
+            and n.rpartition(".")[2] in leaves]
 
 
 def _peft_all_linear_takes_more(model: nn.Module) -> bool:

@@ -212,6 +212,31 @@ def test_a_regex_target_on_a_mixture_of_experts_model_is_written_by_name(tmp_pat
         torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("experts", [[], EXPERTS])
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "mlp.down_proj"]])
+def test_lora_on_a_dense_mlp_of_a_model_peft_rewrites_is_refused(targets, experts, tmp_path):
+    """Qwen3-MoE with a dense MLP layer (mlp_only_layers; DeepSeek-V3's first_k_dense_replace alike): PEFT's loader
+    takes every target_modules entry ending in gate_proj / up_proj / down_proj on such a model for the expert
+    projections of a transformers 4 adapter and moves it to target_parameters. The export PEFT then loaded put no
+    LoRA on the dense MLP (with the expert tensors too, their rank doubled: a size mismatch), so it computed
+    something else with a mere warning. The export is refused, naming the layer and the fix, and writes nothing."""
+    base = _base("qwen3_moe", mlp_only_layers=[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the experts left frozen
+        model = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, target_modules=targets,
+                                                               target_parameters=experts))
+    with pytest.raises(ValueError, match=r"export_peft: .*'model\.layers\.0\.mlp\.(gate|down)_proj'.*PEFT's loader .*"
+                                         r"target_parameters.*mol\.save_adapter"):
+        mol.export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # the attention alone exports, and PEFT computes what mol does
+    model = _randomise(mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, target_modules=["q_proj", "v_proj"],
+                                                                      target_parameters=experts)), "lora_B")
+    mol.export_peft(model, tmp_path / "attention")
+    torch.testing.assert_close(_logits(_peft_load(base, tmp_path / "attention")), _logits(model), rtol=1e-12,
+                               atol=1e-12)
+
+
 def test_push_to_hub_in_peft_format_carries_the_expert_lora(tmp_path, monkeypatch):
     base = _base("qwen3_moe")
     model = _randomise(mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, target_modules=[],
