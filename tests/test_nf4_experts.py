@@ -239,3 +239,34 @@ def test_a_decode_step_dequantizes_only_the_chosen_experts_and_computes_the_same
     with torch.no_grad():
         whole = quantized.model.layers[0].mlp.experts(x, index, weights)
     torch.testing.assert_close(outs[0], whole, rtol=1e-5, atol=1e-6)
+
+
+def test_nf4_experts_compute_in_the_dtype_the_model_is_cast_to(monkeypatch):
+    """A model quantized in float32 and then cast to bfloat16 (model.to, Lightning's bf16-true): dense experts would
+    compute in bfloat16, and so does NF4Experts (NF4Linear computes in its input's dtype). It went on dequantizing
+    to float32 and computing in it: twice the scratch memory, and on a GPU torch's grouped GEMM (bfloat16 only) left
+    for a per-expert loop that reads the offsets on the host. Its dequantize() (mol.unload) follows too."""
+    import mol.quant.experts as nf4_experts
+
+    quantized = mol.quantize(_base("qwen3_moe"), "nf4").to(torch.bfloat16)
+    seen = []
+    real = nf4_experts.grouped_mm
+
+    def recording(x, weight, offsets):
+        seen.append((x.dtype, weight.dtype))
+        return real(x, weight, offsets)
+
+    monkeypatch.setattr(nf4_experts, "grouped_mm", recording)
+    with torch.no_grad():
+        out = quantized(_ids()).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}, set(seen)
+    m = _experts_modules(quantized)[0][1]
+    assert {info[1] for info in m.quantized_expert_tensors().values()} == {torch.bfloat16}
+    assert all(t.dequantize().dtype == torch.bfloat16 for t in m.nf4.values())
+    assert all(b.dtype in (torch.uint8, torch.float32) for b in m.buffers())  # the NF4 state keeps its dtypes
+    # a device move alone changes nothing; .float() goes back to float32
+    quantized.to("cpu")
+    assert {info[1] for info in m.quantized_expert_tensors().values()} == {torch.bfloat16}
+    quantized.float()
+    assert {info[1] for info in m.quantized_expert_tensors().values()} == {torch.float32}
