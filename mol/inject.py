@@ -526,8 +526,12 @@ def match_parameters(model: nn.Module, target_parameters: Sequence[str], exclude
                          "an adapter (an earlier inject's); give each method its own tensors, or inject on a fresh "
                          "model to start over")
     if unmatched:
-        fused = fused_experts([(n, m) for n, m in modules if not _inside_adapter(n, adapters)])
-        offered = sorted({f"{n.rpartition('.')[2]}.{t}" for n, ts in fused.items() for t, _ in ts})
+        free = [(n, m) for n, m in modules if not _inside_adapter(n, adapters)]
+        fused = fused_experts(free)
+        offered = sorted({f"{n.rpartition('.')[2]}.{t}" for n, ts in fused.items() for t, _ in ts}
+                         # an NF4Experts (quantize_base="nf4" ran first) holds its expert tensors as NF4 buffers
+                         | {f"{n.rpartition('.')[2]}.{t}" for n, m in free
+                            if getattr(m, "quantized_expert_tensors", None) is not None for t in expert_tensors(m)})
         raise ValueError(f"target_parameters {unmatched!r} matched no tensor of {type(model).__name__}; "
                          + (f"expert tensors on offer: {offered}. " if offered else
                             "it holds no mixture-of-experts layer with fused 3-D expert tensors (adapt its linear "

@@ -270,3 +270,23 @@ def test_nf4_experts_compute_in_the_dtype_the_model_is_cast_to(monkeypatch):
     assert {info[1] for info in m.quantized_expert_tensors().values()} == {torch.bfloat16}
     quantized.float()
     assert {info[1] for info in m.quantized_expert_tensors().values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("how", ["quantize_base", "quantized_first"])
+def test_a_target_parameters_typo_on_nf4_experts_lists_the_tensors_on_offer(how):
+    """With quantize_base="nf4" (or on a model mol.quantize made) the expert tensors are NF4 buffers when
+    target_parameters are matched: a typo was answered "it holds no mixture-of-experts layer with fused 3-D expert
+    tensors (adapt its linear layers with target_modules)", which sends the user the wrong way. The error lists the
+    tensors on offer, and the model is left as it was."""
+    base = _base("qwen3_moe")
+    if how == "quantized_first":
+        mol.quantize(base, "nf4")
+    before = {n: t.clone() for n, t in base.state_dict().items()}
+    config = mol.LoRAConfig(rank=2, target_modules=["q_proj"], target_parameters=["experts.gate_up"],
+                            quantize_base="nf4")
+    with pytest.raises(ValueError, match=r"target_parameters \['experts\.gate_up'\] matched no tensor of "
+                                         r"Qwen3MoeForCausalLM; expert tensors on offer: \['experts\.down_proj', "
+                                         r"'experts\.gate_up_proj'\]"):
+        mol.inject(base, config)
+    after = base.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())
