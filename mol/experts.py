@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mol.config import INITS, is_number, is_whole
+from mol.dispatch import _version
 from mol.layers import AdapterLayer, adapter_dtype_for
 
 # the 3-D tensors the grouped forward multiplies by: an experts module's other parameters (biases, norms) take none
@@ -53,12 +54,8 @@ def experts_problem(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_TORCH = _version(torch.__version__)  # read once: grouped_mm_runs asks on every projection
 
 
 def _aligned(*tensors: Tensor) -> bool:
@@ -85,10 +82,10 @@ def grouped_mm_runs(x: Tensor, weight: Tensor) -> bool:
         from mol.dispatch import device_capability
 
         cap = device_capability(x.device)
-        new = hasattr(F, "grouped_mm") or _torch_version() >= (2, 9)
+        new = hasattr(F, "grouped_mm") or _TORCH >= (2, 9)
         return x.dtype == torch.bfloat16 and (cap >= (8, 0) if new else cap[0] == 9)
     if x.device.type == "cpu":
-        return _torch_version() >= (2, 11) and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        return _TORCH >= (2, 11) and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
     return False
 
 
