@@ -296,3 +296,29 @@ def test_qlora_on_the_experts_trains_nf4_experts_and_evaluates_to_the_same_loss(
     layers = [m for m in loaded.modules() if isinstance(m, mol.ExpertsLoRA)]
     assert len(layers) == LAYERS
     assert all(isinstance(layer.base_layer, mol.NF4Experts) for layer in layers)
+
+
+def test_ddp_two_processes_train_the_expert_adapters_as_one_process(tiny, tmp_path):
+    """Lightning DDP (2 CPU processes, gloo) with LoRA on the experts alone gives the adapter 1 process gives with
+    the same global batch: every expert pair takes part in every step's gradient (the grouped GEMM covers experts
+    no token of a rank chose, with zero gradients), so DDP's all-reduce sees the same parameters on both ranks and
+    none goes unused."""
+    from safetensors.torch import load_file
+
+    from test_train_utils import run_cli
+
+    common = ["method=lora", EXPERTS, "method.target_modules=[]", "trainer.max_epochs=-1", "trainer.max_steps=4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = run_cli([*_overrides(tiny, one, *common, "trainer=cpu")], cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_cli([*_overrides(tiny, two, *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                             "data.batch_size=4")], cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    assert set(a) == set(b) == _expert_names()
+    moved = max(float(a[k].abs().max()) for k in a if ".lora_B." in k)
+    assert moved > 1e-2, "lora_B barely left its zero init: the comparison would be vacuous"
+    for k in a:  # float summation order only (two half-batch means all-reduced against one full mean)
+        assert float((a[k] - b[k]).abs().max()) < 2e-3, k
+    assert json.loads((two / "results.json").read_text())["run"]["steps"] == 4
