@@ -444,7 +444,9 @@ def _warn_idle_patterns(config: MethodConfig, names: list[str]) -> None:
 
 
 @register_method(MoLConfig)
-def _inject_mol(model: nn.Module, config: MoLConfig, patterns_checked: bool = False) -> list[str]:
+def _inject_mol(model: nn.Module, config: MoLConfig, names: Optional[list[str]] = None) -> list[str]:
+    """MoLConfig's method; ``names``: the layers to wrap, matched and checked already (LoRAConfig's method, which
+    also checks the patterns against its expert tensors), else matched here from ``config.target_modules``."""
     if config.aux_loss_in_output and not getattr(model, "mol_aux_loss_in_output", False):
         model.register_forward_hook(_AuxLossInOutput(), with_kwargs=True)
         model.mol_aux_loss_in_output = True  # mol.train's module then adds nothing itself
@@ -453,8 +455,8 @@ def _inject_mol(model: nn.Module, config: MoLConfig, patterns_checked: bool = Fa
     # and, for a sequence router, its token shape and whether it continues a KV cache (RoutingContext)
     context = routing_context(model) if config.num_experts > 1 else None
     # nn.Linear, NF4Linear, and transformers' Conv1D (GPT-2), whose (in, out) weight the layer knows to transpose
-    names = match_modules(model, config.target_modules, exclude=config.modules_to_save)
-    if not patterns_checked:
+    if names is None:
+        names = match_modules(model, config.target_modules, exclude=config.modules_to_save)
         _warn_idle_patterns(config, names)
     for name in names:
         layer = MoLLinear(
@@ -483,7 +485,7 @@ def _inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     if config.target_modules:
         linear = match_modules(model, config.target_modules, exclude=config.modules_to_save)
         names += linear
-        trainable += _inject_mol(model, dataclasses.replace(config.to_mol(), target_modules=linear), True)
+        trainable += _inject_mol(model, config.to_mol(), linear)
     _warn_idle_patterns(config, names)
     return trainable
 
