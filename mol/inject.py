@@ -708,8 +708,20 @@ def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:
     _hook_inputs_require_grad(model)
 
 
+# the attribute names under which torch's FSDP (auto-wrapping) and activation-checkpoint wrappers nest a module
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's or module's name as it was before FSDP's auto-wrapping (or a checkpoint wrapper) nested its
+    module: the name an adapter is saved and loaded under."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name.removesuffix("._fsdp_wrapped_module").removesuffix("._checkpoint_wrapped_module")
+
+
 def adapter_layers(model: nn.Module) -> Iterable[tuple[str, AdapterLayer]]:
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer))
+    return ((unwrapped_name(n), m) for n, m in model.named_modules() if isinstance(m, AdapterLayer))
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

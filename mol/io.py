@@ -27,7 +27,7 @@ from mol.config import LoRAConfig, MoLConfig, config_from_dict, is_number, is_wh
 from mol.experts import ExpertsLoRA, expert_tensors
 from mol.inject import (_uncompiled, adapter_layers, all_configs, all_or_nothing, check_model, inject,
                         fused_experts, injected_inside, match_parameters, name_matches, nested_configs,
-                        require_adapter, tied_parameter_names)
+                        require_adapter, tied_parameter_names, unwrapped_name)
 from mol.layers import MoLLinear, is_conv1d, linear_forward_problem
 
 CONFIG_NAME = "adapter_config.json"
@@ -237,7 +237,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The trainable adapter tensors, keyed by the model's parameter names."""
     model = _uncompiled(model)
     require_adapter(model)
-    params = dict(model.named_parameters())
+    params = {unwrapped_name(n): p for n, p in model.named_parameters()}  # FSDP may have nested modules since
     return {name: params[name] for name in model.mol_trainable}
 
 
@@ -640,7 +640,7 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
                 tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a
                 tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b
     experts = [name for name, layer in adapter_layers(model) if isinstance(layer, ExpertsLoRA)]
-    params = dict(model.named_parameters())
+    params = {unwrapped_name(n): p for n, p in model.named_parameters()}
     aliases = tied_parameter_names(model)
     tied_modules: list[str] = []
     for name in model.mol_trainable:
