@@ -657,6 +657,34 @@ def compile_model(model: Any, trainer_cfg: DictConfig) -> None:
     model.compile(**{k: v for k, v in options.items() if v is not None})
 
 
+def fsdp_wrap_classes(model: Any, policy: Any) -> Optional[set]:
+    """``trainer.strategy.auto_wrap_policy`` as the set of module classes MoLModule.configure_model makes FSDP units
+    of (each gathers its weights only while it computes, then frees them): ``no_split_modules`` names the
+    model's own ``_no_split_modules`` (its decoder layers, as Hugging Face Accelerate's transformer-based wrapping
+    does), a list names classes; null wraps the model whole (every weight gathered for the whole forward)."""
+    if policy is None:
+        return None
+    present = {type(m).__name__: type(m) for m in model.modules()}
+    if policy == "no_split_modules":
+        names = list(getattr(model, "_no_split_modules", None) or [])
+        if not names:
+            raise ConfigError(f"trainer.strategy.auto_wrap_policy=no_split_modules but {type(model).__name__} names "
+                              f"no _no_split_modules: name the classes to wrap (trainer.strategy.auto_wrap_policy="
+                              f"[ClassName, ...]) or wrap the model whole with trainer.strategy.auto_wrap_policy=null")
+        names = [n for n in names if n in present]  # Hugging Face lists classes some configs leave out
+    elif isinstance(policy, (list, tuple)) and all(isinstance(n, str) for n in policy):
+        names = list(policy)
+        unknown = [n for n in names if n not in present]
+        if unknown:
+            layers = sorted(n for n in present if re.search(r"(Layer|Block)$", n)) or sorted(present)[:20]
+            raise ConfigError(f"trainer.strategy.auto_wrap_policy names {unknown}, which {type(model).__name__} does "
+                              f"not contain; its layer classes: {layers}")
+    else:
+        raise ConfigError(f"trainer.strategy.auto_wrap_policy={policy!r} is not understood: use no_split_modules, a "
+                          "list of module class names, or null")
+    return {present[n] for n in names} or None
+
+
 def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str, max_epochs: Optional[int] = None) -> Any:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
@@ -665,6 +693,8 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str,
     for key in ("ckpt_every_n_steps", "autograd_multithreading", "compile", "compile_options"):  # ours, not Lightning's
         kw.pop(key, None)
     if isinstance(kw.get("strategy"), dict):
+        if fsdp_strategy(cfg.trainer):  # the units are made by MoLModule.configure_model, not by Lightning
+            kw["strategy"].pop("auto_wrap_policy", None)
         kw["strategy"] = instantiate(kw["strategy"])
     if max_epochs is not None:
         kw["max_epochs"] = max_epochs
@@ -814,6 +844,11 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
                                       every_n_train_steps=int(cfg.trainer.ckpt_every_n_steps))]
         ckpt_path = resolve_resume(cfg, out)
     run_dir = out / "baseline" if baseline else out
+    if fsdp_strategy(cfg.trainer):
+        strategy = cfg.trainer.strategy
+        policy = strategy.get("auto_wrap_policy") if isinstance(strategy, DictConfig) else None
+        module.fsdp_units = fsdp_wrap_classes(model, OmegaConf.to_container(policy) if OmegaConf.is_config(policy)
+                                              else policy)
     trainer = build_trainer(cfg, run_dir, callbacks, "logs", max_epochs=cfg.baseline.get("max_epochs") if baseline else None)
     try:  # refuse optim.fused=true where it cannot clip before fit starts, not inside it
         module.fused_adamw(trainer, on_cuda=False)
@@ -842,37 +877,63 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
     if "test" in datamodule.splits:
         metrics = trainer.test(module, datamodule=datamodule, verbose=False)
         result.update({k: float(v) for k, v in (metrics[0] if metrics else {}).items()})
-    if not baseline and trainer.is_global_zero:
-        adapter_dir = out / "adapter"
-        mol.save_adapter(model, str(adapter_dir))
-        tok = cfg.model.get("tokenizer")
-        # a local folder made absolute (a Hub id kept), so that mol.evaluate finds it from any directory
-        model_dir = Path(str(cfg.model.path)).expanduser()
-        local_model = (model_dir / "config.json").is_file()
-        meta = {"task": str(cfg.model.task), "labels": datamodule.label_names,
-                "model_path": str(model_dir.resolve()) if local_model else str(cfg.model.path),
-                "max_length": int(cfg.data.max_length), "dtype": str(cfg.model.get("dtype") or "float32"),
-                "tokenizer": str(Path(str(tok)).expanduser().resolve()) if tok and Path(str(tok)).expanduser().exists()
-                else (str(tok) if tok else None),
-                "data": datamodule.source_specs(),  # mol.evaluate's default data: the run's own files
-                # and the way it read them: evaluating chat data needs the same template and field names
-                "chat_template": chat_template_text(cfg.model.get("chat_template")),
-                "fields": dataclasses.asdict(datamodule.fields)}
-        tmp = adapter_dir / ".training_meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, adapter_dir / "training_meta.json")
-        result["adapter"] = str(adapter_dir)
-        if (cfg.get("hub") or {}).get("repo_id"):
-            try:
-                result["hub"] = push_adapter(cfg, model, adapter_dir)
-            except Exception as e:  # noqa: BLE001 - any failure: the run's files are kept, and it says so
-                # recorded, not raised here: results.json is still written; run() then fails naming the fix
-                result["hub_error"] = f"{type(e).__name__}: {_one_line(e)}"
-        heat = out / "heatmaps" / "routing_latest.png"
-        if heat.exists():
-            result["heatmap"] = str(heat)
+    if not baseline:
+        with whole_parameters(trainer):  # every process enters: under FSDP, gathering the shards is collective
+            if trainer.is_global_zero:
+                _save_run_adapter(cfg, out, datamodule, model, result)
     result["is_global_zero"] = trainer.is_global_zero
     return result
+
+
+def whole_parameters(trainer: Any) -> Any:
+    """A context in which the model's parameters are whole on rank 0. Between steps FSDP leaves each parameter a
+    view of this process's shard (a flat slice), which save_adapter would write as such. Elsewhere: nothing to do."""
+    import contextlib
+
+    from mol.train.module import _fsdp_root
+
+    root = _fsdp_root(trainer.lightning_module)
+    if root is None:
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    # on GPUs rank 0 gathers each unit's weights into CPU memory, as Lightning's full-state-dict checkpoints do
+    return FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True,
+                                                       offload_to_cpu=root.compute_device.type == "cuda")
+
+
+def _save_run_adapter(cfg: DictConfig, out: Path, datamodule: Any, model: Any, result: dict[str, Any]) -> None:
+    """Rank 0: the run's adapter (with training_meta.json) to ``out``/adapter, and to the Hub if asked."""
+    import mol
+
+    adapter_dir = out / "adapter"
+    mol.save_adapter(model, str(adapter_dir))
+    tok = cfg.model.get("tokenizer")
+    # a local folder made absolute (a Hub id kept), so that mol.evaluate finds it from any directory
+    model_dir = Path(str(cfg.model.path)).expanduser()
+    local_model = (model_dir / "config.json").is_file()
+    meta = {"task": str(cfg.model.task), "labels": datamodule.label_names,
+            "model_path": str(model_dir.resolve()) if local_model else str(cfg.model.path),
+            "max_length": int(cfg.data.max_length), "dtype": str(cfg.model.get("dtype") or "float32"),
+            "tokenizer": str(Path(str(tok)).expanduser().resolve()) if tok and Path(str(tok)).expanduser().exists()
+            else (str(tok) if tok else None),
+            "data": datamodule.source_specs(),  # mol.evaluate's default data: the run's own files
+            # and the way it read them: evaluating chat data needs the same template and field names
+            "chat_template": chat_template_text(cfg.model.get("chat_template")),
+            "fields": dataclasses.asdict(datamodule.fields)}
+    tmp = adapter_dir / ".training_meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, adapter_dir / "training_meta.json")
+    result["adapter"] = str(adapter_dir)
+    if (cfg.get("hub") or {}).get("repo_id"):
+        try:
+            result["hub"] = push_adapter(cfg, model, adapter_dir)
+        except Exception as e:  # noqa: BLE001 - any failure: the run's files are kept, and it says so
+            # recorded, not raised here: results.json is still written; run() then fails naming the fix
+            result["hub_error"] = f"{type(e).__name__}: {_one_line(e)}"
+    heat = out / "heatmaps" / "routing_latest.png"
+    if heat.exists():
+        result["heatmap"] = str(heat)
 
 
 # What a run writes into its output_dir (Hydra's own .hydra/ aside): a fresh run refuses a folder holding any of them

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import mol
+from mol.inject import unwrapped_name
 
 RNG_KEY = "mol_rng_state"
 
@@ -88,6 +89,16 @@ def fused_adamw(setting: bool | str, on_cuda: bool, grad_scaler: bool, clipping:
     return setting is True
 
 
+def _fsdp_root(module: Optional[pl.LightningModule]) -> Optional[nn.Module]:
+    """The FullyShardedDataParallel unit ``configure_model`` made of the module's model, else None."""
+    model = getattr(module, "model", None)
+    if model is None or not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return model if isinstance(model, FullyShardedDataParallel) else None
+
+
 class MoLModule(pl.LightningModule):
     """Fine-tune ``model`` (a HF ``...ForCausalLM`` or ``...ForSequenceClassification``) through its trainable tensors.
 
@@ -116,6 +127,32 @@ class MoLModule(pl.LightningModule):
         self.loss_weight: Optional[torch.Tensor] = None  # the last training batch's, see training_step
         self._t_last: Optional[float] = None
         self._eval_sums: dict[str, torch.Tensor] = {}
+        self.fsdp_units: Optional[set[type]] = None  # under FSDP: the module classes that each become a unit
+
+    def configure_model(self) -> None:
+        """Under an FSDP strategy: the model made one FSDP unit, each module of a class in ``fsdp_units`` a unit
+        inside it (the strategy's settings come through Lightning's wrapping context). Done here, once, rather than by
+        Lightning's own auto-wrapping, which it repeats at each later stage, so that trainer.validate / test after
+        fit found the layers wrapped and left the root's tensors as the shard views of the fit's wrapper (Lightning
+        issue #19015)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if not isinstance(self.trainer.strategy, FSDPStrategy) or _fsdp_root(self) is not None:
+            return
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy, wrap
+
+        for p in self.model.parameters():
+            # FSDP keeps a tensor stored in another order than its shape's (MoLLinear's lora_B is (E, out, r) in
+            # (out, E, r) memory order) in that memory order, but writes and reads its optimizer state in the shape's
+            # order: a resumed run's Adam moments landed on the wrong elements. Contiguous tensors have one order.
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+        with warnings.catch_warnings():
+            # "has both parameters with requires_grad=True and False": every unit holds frozen weights beside
+            # the adapters that train them, so FSDP keeps a gradient buffer the size of each unit's shard
+            warnings.filterwarnings("ignore", message=".*has both parameters with requires_grad=True and False")
+            self.model = wrap(self.model, auto_wrap_policy=ModuleWrapPolicy(self.fsdp_units) if self.fsdp_units
+                              else None)
 
     # ------------------------------------------------------------------ forward / losses
     def forward(self, batch: dict[str, Any]) -> Any:
@@ -278,6 +315,12 @@ class MoLModule(pl.LightningModule):
         """Clip a fused AdamW's gradients here: Lightning's mixed-precision plugin refuses any optimizer that
         unscales inside ``step()``, even under bf16-mixed where no GradScaler exists (Lightning issue #21435).
         ``fused_adamw`` only picks the fused optimizer without a scaler, so these gradients are the true ones."""
+        fsdp = _fsdp_root(self)
+        if gradient_clip_val and gradient_clip_algorithm != "value" and fsdp is not None:
+            # Lightning clips FSDP's gradients by value only (its issue #19235): each rank holds a shard of every
+            # gradient, and FSDP's own clip_grad_norm_ all-reduces the shards' norms so all ranks scale alike
+            fsdp.clip_grad_norm_(gradient_clip_val)
+            return None
         if not (gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False)):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -289,7 +332,8 @@ class MoLModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """``model.``-prefixed trainable tensors, the only weights a checkpoint stores."""
-        return {f"model.{n}": p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        # FSDP's auto-wrapping nests modules under wrappers; its full state dict, which the checkpoint holds, does not
+        return {f"model.{unwrapped_name(n)}": p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = set(self.trainable_state_dict())
@@ -299,7 +343,9 @@ class MoLModule(pl.LightningModule):
         checkpoint[RNG_KEY] = _gather_objects(_rng_state(), self.trainer.world_size if self._trainer else 1)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(set(self.trainable_state_dict()) - set(checkpoint["state_dict"]))
+        # Lightning's FSDP strategy loads the tensors itself and pops them first; mol.train checked the file's names
+        # and shapes against this run before fit (check_checkpoint_fits)
+        missing = sorted(set(self.trainable_state_dict()) - set(checkpoint.get("state_dict", self.trainable_state_dict())))
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]}); it was made "
                              "with another method/model config: resume with the same overrides as the original run")

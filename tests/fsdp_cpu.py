@@ -1,0 +1,69 @@
+"""``python tests/fsdp_cpu.py [hydra overrides]``: ``python -m mol.train`` under Lightning's FSDPStrategy on CPU
+processes (gloo), so that tests/test_train_fsdp.py can run real FSDP sharding (FULL_SHARD over 2 processes) on a
+machine without GPUs. Not a test file itself; Lightning starts the other ranks by running this script again.
+
+Three things differ from a GPU run, each only where torch or Lightning refuse the CPU outright:
+- Lightning accepts FSDP only with a GPU accelerator, unless the strategy is a subclass: ``CPUFSDPStrategy``;
+- FSDP needs ``device_id=cpu`` to run on the CPU (Lightning passes the GPU's index, None here);
+- Lightning's full-state-dict context offloads to the CPU, which on tensors already there hands back views of
+  storage FSDP frees (a segfault): offloading is turned off.
+mol.train's refusal of trainer=fsdp without GPUs is bypassed likewise. Set ``MOL_FSDP_UNITS=<file>`` to have rank 0
+write the number of FSDP units the model was wrapped in.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed.fsdp as fsdp
+from lightning.pytorch.strategies import FSDPStrategy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy, accepted with ``accelerator=cpu`` (its check is on the exact class)."""
+
+
+_fsdp_init = fsdp.FullyShardedDataParallel.__init__
+
+
+def _cpu_init(self, *args, device_id=None, **kwargs):
+    _fsdp_init(self, *args, device_id=torch.device("cpu"), **kwargs)
+
+
+def _full_state_dict_context(module, world_size, rank0_only=True):
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+
+    return fsdp.FullyShardedDataParallel.state_dict_type(
+        module=module, state_dict_type=StateDictType.FULL_STATE_DICT,
+        state_dict_config=FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+        optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
+
+
+def main() -> None:
+    import lightning.pytorch.strategies.fsdp as lightning_fsdp
+
+    import mol.train.app as app
+    import mol.train.module as module
+
+    fsdp.FullyShardedDataParallel.__init__ = _cpu_init
+    lightning_fsdp._get_full_state_dict_context = _full_state_dict_context
+    app.check_accelerator = lambda trainer_cfg, check_devices=True: None
+    report = os.environ.get("MOL_FSDP_UNITS")
+    if report:
+        configure = module.MoLModule.configure_model
+
+        def configure_and_count(self):
+            configure(self)
+            if self.global_rank == 0:
+                units = sum(isinstance(m, fsdp.FullyShardedDataParallel) for m in self.modules())
+                Path(report).write_text(json.dumps({"units": units}))
+
+        module.MoLModule.configure_model = configure_and_count
+    app.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""``python -m mol.train trainer=fsdp`` with real sharding: Lightning's FSDPStrategy, FULL_SHARD over 2 CPU
+processes (gloo), through tests/fsdp_cpu.py (which lets FSDP run without GPUs), on a tiny Llama. FSDP trains what one
+process trains with the same global batch (norm clipping included), saves a whole adapter from sharded
+parameters, validates after fit with decoder layers wrapped, and resumes to exactly the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_utils import REPO, cli_env, make_causal_data, make_tiny_llama, quiet_trainer_overrides
+
+FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+        "trainer.strategy._target_=__main__.CPUFSDPStrategy", "+trainer.strategy.process_group_backend=gloo"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"llama": make_tiny_llama(root / "llama"), "data": make_causal_data(root / "data")}
+
+
+def _train(tiny, out: Path, *extra: str, driver: bool = True) -> subprocess.CompletedProcess:
+    args = ["model=hf_causal", f"model.path={tiny['llama']}", "data=jsonl", f"data.train={tiny['data']['train']}",
+            f"data.val={tiny['data']['val']}", "data.max_length=32", f"data.cache_dir={out.parent / 'cache'}",
+            "trainer.max_epochs=-1", "optim.lr=1e-2", "optim.warmup_ratio=0", f"output_dir={out}",
+            *quiet_trainer_overrides(), *extra]
+    cmd = [sys.executable, str(REPO / "tests" / "fsdp_cpu.py")] if driver else [sys.executable, "-m", "mol.train"]
+    env = cli_env()
+    env["MOL_FSDP_UNITS"] = str(out.parent / f"{out.name}.units.json")
+    p = subprocess.run([*cmd, *args], cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_loss.jsonl").read_text().splitlines()]
+
+
+def test_fsdp_trains_saves_and_validates_as_one_process(tiny, tmp_path):
+    """LoRA, 3 steps (so the final validation runs after fit, with the decoder layers wrapped: Lightning issue
+    #19015), gradients clipped by a norm they exceed: the losses, the saved adapter and the validation loss of 2
+    sharded processes with batch 4 are one process's with batch 8, within float32 summation order."""
+    common = ["method=lora", "trainer.max_steps=3", "trainer.gradient_clip_val=0.05"]
+    _train(tiny, tmp_path / "one", *common, "trainer=cpu", "data.batch_size=8", driver=False)
+    unclipped = tmp_path / "unclipped"
+    _train(tiny, unclipped, *common[:2], "trainer=cpu", "data.batch_size=8", "trainer.gradient_clip_val=null",
+           driver=False)
+    _train(tiny, tmp_path / "fsdp", *common, *FSDP, "data.batch_size=4")
+    # the root and each of the 2 decoder layers (Llama's _no_split_modules, fsdp.yaml's auto_wrap_policy)
+    assert json.loads((tmp_path / "fsdp.units.json").read_text()) == {"units": 3}
+    one, fsdp = _adapter(tmp_path / "one"), _adapter(tmp_path / "fsdp")
+    assert one.keys() == fsdp.keys() and len(one) == 28
+    for k in one:
+        assert fsdp[k].shape == one[k].shape, k  # whole tensors, not this rank's flat shard
+        assert torch.allclose(fsdp[k], one[k], rtol=0, atol=2e-5), k
+    assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    # the clipping bound: without it the third step's loss differs
+    assert _losses(unclipped)[2] != pytest.approx(_losses(tmp_path / "one")[2], rel=1e-4)
+    res_one = json.loads((tmp_path / "one" / "results.json").read_text())["run"]
+    res_fsdp = json.loads((tmp_path / "fsdp" / "results.json").read_text())["run"]
+    assert res_fsdp["val/loss"] == pytest.approx(res_one["val/loss"], rel=1e-5)
+    ckpt = torch.load(tmp_path / "fsdp" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert {k.removeprefix("model.") for k in ckpt["state_dict"]} == set(one)  # trainable tensors, plain names
+
+
+def test_a_resumed_fsdp_run_follows_the_uninterrupted_one(tiny, tmp_path):
+    """MoL (whose lora_B is stored in another memory order than its shape's), the model wrapped whole
+    (auto_wrap_policy=null): stopped at step 2 and resumed to step 4, the run logs the uninterrupted run's losses
+    and saves its adapter; the Adam moments of a resumed FSDP run used to land on permuted elements of lora_B."""
+    common = ["method=mol", "method.target_modules=[q_proj,v_proj,up_proj]", *FSDP, "data.batch_size=4",
+              "trainer.strategy.auto_wrap_policy=null", "optim.min_lr_ratio=1.0", "trainer.ckpt_every_n_steps=1"]
+    _train(tiny, tmp_path / "full", *common, "trainer.max_steps=4")
+    assert json.loads((tmp_path / "full.units.json").read_text()) == {"units": 1}
+    _train(tiny, tmp_path / "stopped", *common, "trainer.max_steps=2")
+    _train(tiny, tmp_path / "stopped", *common, "trainer.max_steps=4", "resume=auto")
+    assert len(_losses(tmp_path / "full")) == 4
+    assert _losses(tmp_path / "stopped") == pytest.approx(_losses(tmp_path / "full"), rel=1e-6)
+    full, resumed = _adapter(tmp_path / "full"), _adapter(tmp_path / "stopped")
+    assert full.keys() == resumed.keys()
+    assert max(float(v.abs().max()) for k, v in full.items() if ".lora_B" in k) > 1e-2
+    for k in full:
+        assert torch.allclose(resumed[k], full[k], rtol=0, atol=1e-6), k
+
+
+def test_fsdp_wrap_classes_resolves_the_policy_or_names_the_fix(tiny):
+    from transformers import AutoModelForCausalLM, BertConfig, BertModel
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from mol.train.app import ConfigError, fsdp_wrap_classes
+
+    llama = AutoModelForCausalLM.from_pretrained(str(tiny["llama"]))
+    assert fsdp_wrap_classes(llama, "no_split_modules") == {LlamaDecoderLayer}
+    assert fsdp_wrap_classes(llama, ["LlamaDecoderLayer"]) == {LlamaDecoderLayer}
+    assert fsdp_wrap_classes(llama, None) is None
+    with pytest.raises(ConfigError, match=r"\['LlamaLayer'\], which LlamaForCausalLM does not contain; its layer "
+                                          r"classes: \['LlamaDecoderLayer'\]"):
+        fsdp_wrap_classes(llama, ["LlamaLayer"])
+    with pytest.raises(ConfigError, match="is not understood: use no_split_modules"):
+        fsdp_wrap_classes(llama, "decoder_layers")
+    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
+    bert._no_split_modules = None
+    with pytest.raises(ConfigError, match=r"names no _no_split_modules: name the classes to wrap \(trainer.strategy"):
+        fsdp_wrap_classes(bert, "no_split_modules")
