@@ -74,6 +74,23 @@ def test_fsdp_trains_saves_and_validates_as_one_process(tiny, tmp_path):
     assert {k.removeprefix("model.") for k in ckpt["state_dict"]} == set(one)  # trainable tensors, plain names
 
 
+def test_fsdp_trains_lora_on_the_fused_experts_as_one_process(tiny, tmp_path):
+    """LoRA on a tiny Qwen3-MoE's 3-D expert tensors (mol.ExpertsLoRA's ParameterDicts), decoder layers as units:
+    2 sharded processes save one process's adapter."""
+    from test_train_experts import make_tiny_qwen3_moe
+
+    moe = make_tiny_qwen3_moe(tmp_path / "moe")
+    common = [f"model.path={moe}", "method=lora", "method.target_parameters=[experts.gate_up_proj,experts.down_proj]",
+              "method.rank=4", "method.alpha=8", "trainer.max_steps=3"]
+    _train(tiny, tmp_path / "one", *common, "trainer=cpu", "data.batch_size=8", driver=False)
+    _train(tiny, tmp_path / "fsdp", *common, *FSDP, "data.batch_size=4")
+    assert json.loads((tmp_path / "fsdp.units.json").read_text()) == {"units": 3}
+    one, fsdp = _adapter(tmp_path / "one"), _adapter(tmp_path / "fsdp")
+    assert one.keys() == fsdp.keys() and any(".experts.lora_B." in k for k in one)
+    for k in one:
+        assert fsdp[k].shape == one[k].shape and torch.allclose(fsdp[k], one[k], rtol=0, atol=2e-5), k
+
+
 def test_a_resumed_fsdp_run_follows_the_uninterrupted_one(tiny, tmp_path):
     """MoL (whose lora_B is stored in another memory order than its shape's), the model wrapped whole
     (auto_wrap_policy=null): stopped at step 2 and resumed to step 4, the run logs the uninterrupted run's losses
@@ -112,3 +129,28 @@ def test_fsdp_wrap_classes_resolves_the_policy_or_names_the_fix(tiny):
     bert._no_split_modules = None
     with pytest.raises(ConfigError, match=r"names no _no_split_modules: name the classes to wrap \(trainer.strategy"):
         fsdp_wrap_classes(bert, "no_split_modules")
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true"])
+def test_fsdp_mixed_precision_keeps_buffers_in_their_dtype(precision, tmp_path):
+    """Under bf16-mixed / 16-mixed FSDP gathers parameters and reduces gradients in 16 bits, as Lightning sets it,
+    but leaves buffers alone: Lightning's own setting casts every floating buffer, rounding NF4's float32 code
+    table and scales. 32-true: Lightning's own (no MixedPrecision of ours). A mixed_precision given in the config wins."""
+    from test_train_utils import compose
+
+    from mol.train.app import build_trainer
+
+    base = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1", f"trainer.precision={precision}",
+            "trainer.strategy._target_=fsdp_cpu.CPUFSDPStrategy", f"output_dir={tmp_path}"]
+    strategy = build_trainer(compose(base), tmp_path, [], "logs").strategy
+    if precision == "32-true":
+        assert strategy.mixed_precision is None
+    else:
+        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        mp = strategy.mixed_precision
+        assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (dtype, dtype, None)
+        # what Lightning would have used: the buffers cast too
+        assert strategy.precision_plugin.mixed_precision_config.buffer_dtype == dtype
+    given = build_trainer(compose([*base, "+trainer.strategy.mixed_precision._target_=torch.distributed.fsdp."
+                                          "MixedPrecision"]), tmp_path, [], "logs").strategy
+    assert given.mixed_precision.param_dtype is None

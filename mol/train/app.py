@@ -685,6 +685,22 @@ def fsdp_wrap_classes(model: Any, policy: Any) -> Optional[set]:
     return {present[n] for n in names} or None
 
 
+def fsdp_mixed_precision(precision: str) -> Any:
+    """FSDP's MixedPrecision for ``trainer.precision`` 16-mixed / bf16-mixed: Lightning's (parameters gathered and
+    gradients reduced in the 16-bit dtype), except that buffers keep their dtype. Lightning casts every floating
+    buffer to 16 bits as well, which rounds an NF4 layer's float32 code table and scales (QLoRA computing with other
+    weights than its checkpoint's) and the rotary embeddings' inv_freq. None for other precisions: Lightning's."""
+    import torch
+
+    dtype = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "16-mixed": torch.float16, "16": torch.float16}.get(
+        precision)
+    if dtype is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecision
+
+    return MixedPrecision(param_dtype=dtype, reduce_dtype=dtype, buffer_dtype=None)
+
+
 def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str, max_epochs: Optional[int] = None) -> Any:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
@@ -693,9 +709,13 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str,
     for key in ("ckpt_every_n_steps", "autograd_multithreading", "compile", "compile_options"):  # ours, not Lightning's
         kw.pop(key, None)
     if isinstance(kw.get("strategy"), dict):
-        if fsdp_strategy(cfg.trainer):  # the units are made by MoLModule.configure_model, not by Lightning
-            kw["strategy"].pop("auto_wrap_policy", None)
-        kw["strategy"] = instantiate(kw["strategy"])
+        extra = {}
+        if fsdp_strategy(cfg.trainer):
+            kw["strategy"].pop("auto_wrap_policy", None)  # the units are made by MoLModule.configure_model
+            if "mixed_precision" not in kw["strategy"]:
+                extra["mixed_precision"] = fsdp_mixed_precision(str(kw.get("precision")))
+        # an object a config cannot hold (a MixedPrecision) goes beside what the config instantiates
+        kw["strategy"] = instantiate(kw["strategy"], _partial_=True)(**{k: v for k, v in extra.items() if v})
     if max_epochs is not None:
         kw["max_epochs"] = max_epochs
     if not any(type(c).__name__ == "ModelCheckpoint" for c in callbacks):
