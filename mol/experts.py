@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mol.config import INITS, is_number, is_whole
-from mol.dispatch import _version
+from mol.dispatch import _version, autocast_enabled
 from mol.layers import AdapterLayer, adapter_dtype_for
 
 # the 3-D tensors the grouped forward multiplies by: an experts module's other parameters (biases, norms) take none
@@ -155,18 +155,27 @@ def grouped_experts(experts: nn.Module, x: Tensor, top_k_index: Tensor, top_k_we
     return y.to(x.dtype)
 
 
+def projection_dtype(x: Tensor, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an expert projection computes in: autocast's where it is on, as nn.Linear's matmul would (so float32
+    experts under bf16-mixed take the bf16 grouped GEMM, not the per-expert loop), else the expert tensor's (the
+    model's activations may be float32 on a 16-bit base: a float32 norm)."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if autocast_enabled(dev) and weight_dtype != torch.float64 else weight_dtype
+
+
 def base_projection(experts: nn.Module, name: str, x: Tensor, offsets: Tensor, expert_ids: Tensor) -> Tensor:
     """Each pair's row of ``x`` times its expert's slice of the frozen expert tensor ``name``, plus its bias:
-    (pairs, in) -> (pairs, out), in the tensor's dtype (the model's activations may be float32 on a 16-bit base:
-    autocast, a float32 norm). A quantized experts module (NF4Experts) computes it from its NF4 codes."""
+    (pairs, in) -> (pairs, out), in ``projection_dtype``. A quantized experts module (NF4Experts) computes it from
+    its NF4 codes."""
     quantized = getattr(experts, "project_quantized", None)
     if quantized is not None:
         y = quantized(name, x, offsets, expert_ids)
     else:
         w = getattr(experts, name)
+        w = w.to(projection_dtype(x, w.dtype))
         y = grouped_mm(x.to(w.dtype), w if experts.is_transposed else w.transpose(-2, -1), offsets)
     if experts.has_bias:
-        y = y + getattr(experts, f"{name}_bias")[expert_ids]
+        y = y + getattr(experts, f"{name}_bias")[expert_ids].to(y.dtype)  # as F.linear's bias under autocast
     return y
 
 
@@ -268,7 +277,7 @@ class ExpertsLoRA(AdapterLayer):
     def _project(self, name: str, x: Tensor, offsets: Tensor, expert_ids: Tensor) -> Tensor:
         """The base projection of the pairs (base_projection) plus, where ``name`` is adapted, each pair's expert's
         LoRA delta: (pairs, in) -> (pairs, out)."""
-        y = base_projection(self.base_layer, name, x, offsets, expert_ids)  # in the base tensor's dtype
+        y = base_projection(self.base_layer, name, x, offsets, expert_ids)  # in projection_dtype
         if name in self.lora_A:
             a, b = self._factors(name, y.dtype)
             h = grouped_mm(self.dropout(x.to(y.dtype)), a, offsets)                # (pairs, rank)

@@ -513,6 +513,34 @@ def test_float32_adapters_on_a_bf16_base(grouped_calls):
     assert bf16.model.layers[0].mlp.experts.lora_B["down_proj"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_float32_experts_compute_in_the_autocast_dtype(family, grouped_calls):
+    """Under autocast (mol.train's bf16-mixed on a float32 model) float32 expert tensors compute in bf16, as
+    nn.Linear's matmuls do: every grouped GEMM gets bf16 operands (on a GPU: torch's bf16 grouped GEMM, not the
+    per-expert loop and its host syncs). The output is the layer's own on bf16 copies of its tensors, within the
+    final rounding, and the float32 adapters get float32 gradients near the float64 reference's."""
+    layer = _layer(family)
+    index, weights = _routing(9, 2)
+    x = torch.randn(9, H)
+    xx = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(xx, index, weights)
+    assert grouped_calls and set(grouped_calls) == {torch.bfloat16}
+    assert y.dtype == torch.float32 and layer.base_layer.down_proj.dtype == torch.float32
+    bf16 = copy.deepcopy(layer).to(torch.bfloat16)
+    with torch.no_grad():
+        _assert_close(y, bf16(x.to(torch.bfloat16), index, weights), 1e-2, "autocast against bf16 tensors")
+    ref, x64, _, lora = _reference_of(layer, family, x, index, weights)
+    _assert_close(y, ref, 3e-2, "autocast against float64")
+    g = torch.randn_like(ref)
+    (y * g.float()).sum().backward()
+    (ref * g).sum().backward()
+    for name, (a, b) in lora.items():
+        assert layer.lora_A[name].grad.dtype == layer.lora_B[name].grad.dtype == torch.float32
+        _assert_close(layer.lora_B[name].grad, b.grad, 5e-2, f"grad lora_B[{name}]")
+    _assert_close(xx.grad, x64.grad, 5e-2, "grad x")
+
+
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(reentrant):

@@ -272,6 +272,29 @@ def test_nf4_experts_compute_in_the_dtype_the_model_is_cast_to(monkeypatch):
     assert {info[1] for info in m.quantized_expert_tensors().values()} == {torch.float32}
 
 
+def test_nf4_experts_compute_in_the_autocast_dtype(monkeypatch):
+    """A float32 model quantized to NF4 under autocast (mol.train's bf16-mixed): the experts dequantize into bf16
+    and multiply in it, as dense float32 experts do there (ExpertsLoRA's projection_dtype), and the logits agree
+    with the dequantized twin's under the same autocast."""
+    import mol.quant.experts as nf4_experts
+
+    base = _base("qwen3_moe")
+    quantized = mol.quantize(copy.deepcopy(base), "nf4", skip=["lm_head", "self_attn"])
+    seen = []
+    real = nf4_experts.grouped_mm
+
+    def recording(x, weight, offsets):
+        seen.append((x.dtype, weight.dtype))
+        return real(x, weight, offsets)
+
+    monkeypatch.setattr(nf4_experts, "grouped_mm", recording)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = quantized(_ids()).logits
+        twin = _dequantized_twin(base, quantized)(_ids()).logits
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}, set(seen)
+    assert torch.allclose(out.float(), twin.float(), rtol=0, atol=2e-2 * float(twin.abs().max()))
+
+
 @pytest.mark.parametrize("how", ["quantize_base", "quantized_first"])
 def test_a_target_parameters_typo_on_nf4_experts_lists_the_tensors_on_offer(how):
     """With quantize_base="nf4" (or on a model mol.quantize made) the expert tensors are NF4 buffers when

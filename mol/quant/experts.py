@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from mol.experts import (base_projection, bind_inputs, expert_tensors, experts_problem, grouped_experts, grouped_mm,
-                         routing_inputs)
+                         projection_dtype, routing_inputs)
 
 from .linear import NF4Tensor
 from .nf4 import NF4Weight, check_finite, dequantize_nf4, quantize_nf4, SUPPORTED_DTYPES
@@ -139,7 +139,7 @@ class NF4Experts(nn.Module):
         """Each pair's row of ``x`` (pairs, in) times its expert's slice of expert tensor ``name`` (no bias); the
         pairs sorted by expert, ``offsets`` where each expert's rows end, ``expert_ids`` each row's expert."""
         tensor = self.nf4[name]
-        x = x.to(tensor.weight_dtype)
+        x = x.to(projection_dtype(x, tensor.weight_dtype))  # dequantized into it
         transposed = self.experts.is_transposed
         if torch.is_grad_enabled() and x.requires_grad:
             return _NF4GroupedFn.apply(x, tensor.packed, offsets, expert_ids, transposed, self.backend)
