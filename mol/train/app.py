@@ -910,9 +910,9 @@ def whole_parameters(trainer: Any) -> Any:
     view of this process's shard (a flat slice), which save_adapter would write as such. Elsewhere: nothing to do."""
     import contextlib
 
-    from mol.train.module import _fsdp_root
+    from mol.train.module import fsdp_root
 
-    root = _fsdp_root(trainer.lightning_module)
+    root = fsdp_root(trainer.lightning_module)
     if root is None:
         return contextlib.nullcontext()
     from torch.distributed.fsdp import FullyShardedDataParallel

@@ -89,7 +89,7 @@ def fused_adamw(setting: bool | str, on_cuda: bool, grad_scaler: bool, clipping:
     return setting is True
 
 
-def _fsdp_root(module: Optional[pl.LightningModule]) -> Optional[nn.Module]:
+def fsdp_root(module: Optional[pl.LightningModule]) -> Optional[nn.Module]:
     """The FullyShardedDataParallel unit ``configure_model`` made of the module's model, else None."""
     model = getattr(module, "model", None)
     if model is None or not torch.distributed.is_available():
@@ -131,13 +131,13 @@ class MoLModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         """Under an FSDP strategy: the model made one FSDP unit, each module of a class in ``fsdp_units`` a unit
-        inside it (the strategy's settings come through Lightning's wrapping context). Done here, once, rather than by
-        Lightning's own auto-wrapping, which it repeats at each later stage, so that trainer.validate / test after
-        fit found the layers wrapped and left the root's tensors as the shard views of the fit's wrapper (Lightning
-        issue #19015)."""
+        inside it (the strategy's settings come through Lightning's wrapping context), once for the whole run.
+        Lightning's own auto-wrapping is redone at each stage: trainer.validate / test after fit found the layers
+        already wrapped, left the root unwrapped, and computed with its tensors still views of the fit's shards
+        (Lightning issue #19015)."""
         from lightning.pytorch.strategies import FSDPStrategy
 
-        if not isinstance(self.trainer.strategy, FSDPStrategy) or _fsdp_root(self) is not None:
+        if not isinstance(self.trainer.strategy, FSDPStrategy) or fsdp_root(self) is not None:
             return
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy, wrap
 
@@ -315,7 +315,7 @@ class MoLModule(pl.LightningModule):
         """Clip a fused AdamW's gradients here: Lightning's mixed-precision plugin refuses any optimizer that
         unscales inside ``step()``, even under bf16-mixed where no GradScaler exists (Lightning issue #21435).
         ``fused_adamw`` only picks the fused optimizer without a scaler, so these gradients are the true ones."""
-        fsdp = _fsdp_root(self)
+        fsdp = fsdp_root(self)
         if gradient_clip_val and gradient_clip_algorithm != "value" and fsdp is not None:
             # Lightning clips FSDP's gradients by value only (its issue #19235): each rank holds a shard of every
             # gradient, and FSDP's own clip_grad_norm_ all-reduces the shards' norms so all ranks scale alike
