@@ -2,8 +2,9 @@
 processes (gloo), so that tests/test_train_fsdp.py can run real FSDP sharding (FULL_SHARD over 2 processes) on a
 machine without GPUs. Not a test file itself; Lightning starts the other ranks by running this script again.
 
-Three things differ from a GPU run, each only where torch or Lightning refuse the CPU outright:
-- Lightning accepts FSDP only with a GPU accelerator, unless the strategy is a subclass: ``CPUFSDPStrategy``;
+Lightning accepts FSDP with a CPU accelerator only for a subclass of its strategy, as trainer=fsdp's
+(mol.train.fsdp.FSDPStrategy) is. Two things differ from a GPU run, each only where torch or Lightning refuse the CPU
+outright:
 - FSDP needs ``device_id=cpu`` to run on the CPU (Lightning passes the GPU's index, None here);
 - Lightning's full-state-dict context offloads to the CPU, which on tensors already there hands back views of
   storage FSDP frees (a segfault): offloading is turned off.
@@ -17,13 +18,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed.fsdp as fsdp
-from lightning.pytorch.strategies import FSDPStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-class CPUFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDPStrategy, accepted with ``accelerator=cpu`` (its check is on the exact class)."""
 
 
 _fsdp_init = fsdp.FullyShardedDataParallel.__init__

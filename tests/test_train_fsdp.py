@@ -1,5 +1,5 @@
-"""``python -m mol.train trainer=fsdp`` with real sharding: Lightning's FSDPStrategy, FULL_SHARD over 2 CPU
-processes (gloo), through tests/fsdp_cpu.py (which lets FSDP run without GPUs), on a tiny Llama. FSDP trains what one
+"""``python -m mol.train trainer=fsdp`` with real sharding: mol.train's FSDPStrategy (Lightning's), FULL_SHARD over 2
+CPU processes (gloo), through tests/fsdp_cpu.py (which lets FSDP run without GPUs), on a tiny Llama. FSDP trains what one
 process trains with the same global batch (norm clipping included), saves a whole adapter from sharded
 parameters, validates after fit with decoder layers wrapped, and resumes to exactly the uninterrupted run."""
 
@@ -15,7 +15,7 @@ import torch
 from test_train_utils import REPO, cli_env, make_causal_data, make_tiny_llama, quiet_trainer_overrides
 
 FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-        "trainer.strategy._target_=__main__.CPUFSDPStrategy", "+trainer.strategy.process_group_backend=gloo"]
+        "+trainer.strategy.process_group_backend=gloo"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,10 @@ def test_fsdp_trains_saves_and_validates_as_one_process(tiny, tmp_path):
     res_fsdp = json.loads((tmp_path / "fsdp" / "results.json").read_text())["run"]
     assert res_fsdp["val/loss"] == pytest.approx(res_one["val/loss"], rel=1e-5)
     ckpt = torch.load(tmp_path / "fsdp" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert {k.removeprefix("model.") for k in ckpt["state_dict"]} == set(one)  # trainable tensors, plain names
+    # the trainable tensors alone, gathered whole unit by unit (mol.train.fsdp), under their plain names
+    assert {k.removeprefix("model.") for k in ckpt["state_dict"]} == set(one)
+    for k in one:
+        assert torch.equal(ckpt["state_dict"][f"model.{k}"], fsdp[k]), k
 
 
 def test_fsdp_trains_lora_on_the_fused_experts_as_one_process(tiny, tmp_path):
@@ -141,7 +144,7 @@ def test_fsdp_mixed_precision_keeps_buffers_in_their_dtype(precision, tmp_path):
     from mol.train.app import build_trainer
 
     base = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1", f"trainer.precision={precision}",
-            "trainer.strategy._target_=fsdp_cpu.CPUFSDPStrategy", f"output_dir={tmp_path}"]
+            f"output_dir={tmp_path}"]
     strategy = build_trainer(compose(base), tmp_path, [], "logs").strategy
     if precision == "32-true":
         assert strategy.mixed_precision is None
