@@ -915,11 +915,13 @@ def whole_parameters(trainer: Any) -> Any:
     root = fsdp_root(trainer.lightning_module)
     if root is None:
         return contextlib.nullcontext()
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-    # on GPUs rank 0 gathers each unit's weights into CPU memory, as Lightning's full-state-dict checkpoints do
-    return FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True,
-                                                       offload_to_cpu=root.compute_device.type == "cuda")
+    # on GPUs rank 0 gathers each unit's weights into CPU memory, as Lightning's full-state-dict checkpoints do;
+    # unsharded (NO_SHARD, which FSDP also picks for a single process) they are whole already, and FSDP refuses
+    # to offload them
+    offload = root.compute_device.type == "cuda" and root.sharding_strategy != ShardingStrategy.NO_SHARD
+    return FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=offload)
 
 
 def _save_run_adapter(cfg: DictConfig, out: Path, datamodule: Any, model: Any, result: dict[str, Any]) -> None:
