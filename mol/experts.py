@@ -279,9 +279,17 @@ class ExpertsLoRA(AdapterLayer):
         LoRA delta: (pairs, in) -> (pairs, out)."""
         y = base_projection(self.base_layer, name, x, offsets, expert_ids)  # in projection_dtype
         if name in self.lora_A:
-            a, b = self._factors(name, y.dtype)
-            h = grouped_mm(self.dropout(x.to(y.dtype)), a, offsets)                # (pairs, rank)
-            y = y + grouped_mm(h, b, offsets) * self.scaling[name]
+            x = self.dropout(x.to(y.dtype))
+            if x.shape[0] < self.num_experts:
+                # a decode step (fewer pairs than experts; the shapes, not the data, decide): each pair's own
+                # factors, gathered, where the grouped GEMMs would cast and pad every expert's for a few rows
+                a = self.lora_A[name][expert_ids].to(y.dtype)                        # (pairs, rank, in)
+                b = self.lora_B[name][expert_ids].to(y.dtype)                        # (pairs, out, rank)
+                delta = torch.bmm(b, torch.bmm(a, x.unsqueeze(-1))).squeeze(-1)     # (pairs, out)
+            else:
+                a, b = self._factors(name, y.dtype)
+                delta = grouped_mm(grouped_mm(x, a, offsets), b, offsets)          # via (pairs, rank)
+            y = y + delta * self.scaling[name]
         return y
 
     def _factors(self, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

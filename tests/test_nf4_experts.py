@@ -241,14 +241,11 @@ def test_a_decode_step_dequantizes_only_the_chosen_experts_and_computes_the_same
     torch.testing.assert_close(outs[0], whole, rtol=1e-5, atol=1e-6)
 
 
-def test_nf4_experts_compute_in_the_dtype_the_model_is_cast_to(monkeypatch):
-    """A model quantized in float32 and then cast to bfloat16 (model.to, Lightning's bf16-true): dense experts would
-    compute in bfloat16, and so does NF4Experts (NF4Linear computes in its input's dtype). It went on dequantizing
-    to float32 and computing in it: twice the scratch memory, and on a GPU torch's grouped GEMM (bfloat16 only) left
-    for a per-expert loop that reads the offsets on the host. Its dequantize() (mol.unload) follows too."""
+@pytest.fixture
+def grouped_dtypes(monkeypatch) -> list[tuple[torch.dtype, torch.dtype]]:
+    """The (input, weight) dtypes of each grouped GEMM NF4Experts runs."""
     import mol.quant.experts as nf4_experts
 
-    quantized = mol.quantize(_base("qwen3_moe"), "nf4").to(torch.bfloat16)
     seen = []
     real = nf4_experts.grouped_mm
 
@@ -257,10 +254,19 @@ def test_nf4_experts_compute_in_the_dtype_the_model_is_cast_to(monkeypatch):
         return real(x, weight, offsets)
 
     monkeypatch.setattr(nf4_experts, "grouped_mm", recording)
+    return seen
+
+
+def test_nf4_experts_compute_in_the_dtype_the_model_is_cast_to(grouped_dtypes):
+    """A model quantized in float32 and then cast to bfloat16 (model.to, Lightning's bf16-true): dense experts would
+    compute in bfloat16, and so does NF4Experts (NF4Linear computes in its input's dtype). It went on dequantizing
+    to float32 and computing in it: twice the scratch memory, and on a GPU torch's grouped GEMM (bfloat16 only) left
+    for a per-expert loop that reads the offsets on the host. Its dequantize() (mol.unload) follows too."""
+    quantized = mol.quantize(_base("qwen3_moe"), "nf4").to(torch.bfloat16)
     with torch.no_grad():
         out = quantized(_ids()).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}, set(seen)
+    assert grouped_dtypes and set(grouped_dtypes) == {(torch.bfloat16, torch.bfloat16)}, set(grouped_dtypes)
     m = _experts_modules(quantized)[0][1]
     assert {info[1] for info in m.quantized_expert_tensors().values()} == {torch.bfloat16}
     assert all(t.dequantize().dtype == torch.bfloat16 for t in m.nf4.values())
@@ -272,26 +278,16 @@ def test_nf4_experts_compute_in_the_dtype_the_model_is_cast_to(monkeypatch):
     assert {info[1] for info in m.quantized_expert_tensors().values()} == {torch.float32}
 
 
-def test_nf4_experts_compute_in_the_autocast_dtype(monkeypatch):
+def test_nf4_experts_compute_in_the_autocast_dtype(grouped_dtypes):
     """A float32 model quantized to NF4 under autocast (mol.train's bf16-mixed): the experts dequantize into bf16
     and multiply in it, as dense float32 experts do there (ExpertsLoRA's projection_dtype), and the logits agree
     with the dequantized twin's under the same autocast."""
-    import mol.quant.experts as nf4_experts
-
     base = _base("qwen3_moe")
     quantized = mol.quantize(copy.deepcopy(base), "nf4", skip=["lm_head", "self_attn"])
-    seen = []
-    real = nf4_experts.grouped_mm
-
-    def recording(x, weight, offsets):
-        seen.append((x.dtype, weight.dtype))
-        return real(x, weight, offsets)
-
-    monkeypatch.setattr(nf4_experts, "grouped_mm", recording)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = quantized(_ids()).logits
         twin = _dequantized_twin(base, quantized)(_ids()).logits
-    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}, set(seen)
+    assert grouped_dtypes and set(grouped_dtypes) == {(torch.bfloat16, torch.bfloat16)}, set(grouped_dtypes)
     assert torch.allclose(out.float(), twin.float(), rtol=0, atol=2e-2 * float(twin.abs().max()))
 
 
