@@ -16,7 +16,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -241,13 +241,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {name: params[name] for name in model.mol_trainable}
 
 
-def save_adapter(model: nn.Module, directory: PathLike) -> Path:
+def save_adapter(model: nn.Module, directory: PathLike, tensors: Optional[Mapping[str, Tensor]] = None) -> Path:
     """Write the adapter of ``model`` (configs + trainable tensors only) to ``directory``; with those of the
     injects on modules inside it that its inject took over (each config under its module's name). Returns the
-    directory (created if missing)."""
+    directory (created if missing). ``tensors``: the trainable tensors by name, where the model's own are not whole
+    (FSDP's shards between steps: mol.train.fsdp.gather_trainable gathers them); exactly the adapter's names."""
     check_model(model, "save_adapter", then_directory=True)
     model = _uncompiled(model)
     require_adapter(model)
+    if tensors is not None and set(tensors) != set(model.mol_trainable):
+        missing, extra = sorted(set(model.mol_trainable) - set(tensors)), sorted(set(tensors) - set(model.mol_trainable))
+        raise ValueError(f"save_adapter(tensors=...) must hold exactly the adapter's trainable tensors: "
+                         f"{f'it lacks {missing[0]}' if missing else f'{extra[0]} is none of them'} "
+                         f"({len(missing)} missing, {len(extra)} extra); nothing was written")
     out = _directory(directory, "save_adapter", writing=True)
     inner = injected_inside(model)
     if inner:  # injected after the model's own inject (on a module added since): its tensors are not in the list
@@ -268,7 +274,8 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
         config["nested"] = [{"module": path, "configs": [c.to_dict() for c in configs]} for path, configs in nested]
     # serialized before anything is written: a config JSON cannot hold fails here, not beside new tensors
     text = _json_text(config, "save_adapter")
-    _atomic_write_files(out, [(WEIGHTS_NAME, _tensor_writer(adapter_state_dict(model), {"format": FORMAT})),
+    state = adapter_state_dict(model) if tensors is None else {n: tensors[n] for n in model.mol_trainable}
+    _atomic_write_files(out, [(WEIGHTS_NAME, _tensor_writer(state, {"format": FORMAT})),
                               (CONFIG_NAME, _text_writer(text))])
     return out
 

@@ -41,6 +41,30 @@ def test_save_load_round_trip_on_fresh_base(tmp_path, config):
     assert not any("base_layer" in k for k in saved)
 
 
+def test_save_adapter_writes_given_tensors_and_refuses_a_partial_set(tmp_path):
+    """save_adapter(tensors=...) (mol.train under FSDP, whose parameters are shard views) writes those tensors under
+    the model's configs, and loads back as the model; a set that lacks or adds a name writes nothing."""
+    base = make_tiny_llama()
+    model = mol.inject(copy.deepcopy(base), mol.MoLConfig(rank=4, num_experts=4, top_k=2, target_modules=["q_proj"]))
+    _train_a_little(model)
+    whole = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.zero_()  # what the model holds is not what is written
+    mol.save_adapter(model, tmp_path / "a", tensors=whole)
+    loaded = mol.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    for n, p in loaded.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, whole[n]), n
+    first = sorted(whole)[0]
+    for bad, match in [({k: v for k, v in whole.items() if k != first}, f"it lacks {first} .1 missing, 0 extra"),
+                       ({**whole, "model.extra": whole[first]}, "model.extra is none of them .0 missing, 1 extra")]:
+        with pytest.raises(ValueError, match=match + r".*nothing was written"):
+            mol.save_adapter(model, tmp_path / "b", tensors=bad)
+    assert not (tmp_path / "b").exists()
+
+
 def test_trainable_parameters_and_head_excluded():
     model = mol.inject(make_tiny_llama(), mol.MoLConfig(rank=2, num_experts=3, top_k=1))
     assert not isinstance(model.lm_head, mol.MoLLinear)

@@ -11,6 +11,7 @@ huggingface_hub's own settings (``HF_HUB_OFFLINE=1``: its cache only).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -825,7 +826,8 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
 
     import mol
     from mol.train.callbacks import LossHistory, RoutingHeatmap
-    from mol.train.module import MoLModule
+    from mol.train.fsdp import gather_trainable
+    from mol.train.module import MoLModule, fsdp_root
 
     if model is None:
         model = _seeded_model(cfg, datamodule)
@@ -898,23 +900,23 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
         metrics = trainer.test(module, datamodule=datamodule, verbose=False)
         result.update({k: float(v) for k, v in (metrics[0] if metrics else {}).items()})
     if not baseline:
-        with whole_parameters(trainer):  # every process enters: under FSDP, gathering the shards is collective
+        # Between steps FSDP leaves each parameter a view of this process's shard. Every process takes part in
+        # gathering them (collective): the trainable tensors one unit at a time for the adapter, and the whole
+        # model only for hub.peft_format's export_peft, which reads the layers
+        root = fsdp_root(module)
+        tensors = gather_trainable(root, to_rank0=True) if root is not None else None
+        hub = cfg.get("hub") or {}
+        whole = whole_parameters(root) if root is not None and hub.get("repo_id") and hub.get("peft_format") else None
+        with whole or contextlib.nullcontext():
             if trainer.is_global_zero:
-                _save_run_adapter(cfg, out, datamodule, model, result)
+                _save_run_adapter(cfg, out, datamodule, model, result, tensors)
     result["is_global_zero"] = trainer.is_global_zero
     return result
 
 
-def whole_parameters(trainer: Any) -> Any:
-    """A context in which the model's parameters are whole on rank 0. Between steps FSDP leaves each parameter a
-    view of this process's shard (a flat slice), which save_adapter would write as such. Elsewhere: nothing to do."""
-    import contextlib
-
-    from mol.train.module import fsdp_root
-
-    root = fsdp_root(trainer.lightning_module)
-    if root is None:
-        return contextlib.nullcontext()
+def whole_parameters(root: Any) -> Any:
+    """A context in which the parameters of the FSDP unit ``root`` and of every unit inside it are whole on rank 0
+    (gathered into its CPU memory on GPUs)."""
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
     # on GPUs rank 0 gathers each unit's weights into CPU memory, as Lightning's full-state-dict checkpoints do;
@@ -924,12 +926,14 @@ def whole_parameters(trainer: Any) -> Any:
     return FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=offload)
 
 
-def _save_run_adapter(cfg: DictConfig, out: Path, datamodule: Any, model: Any, result: dict[str, Any]) -> None:
-    """Rank 0: the run's adapter (with training_meta.json) to ``out``/adapter, and to the Hub if asked."""
+def _save_run_adapter(cfg: DictConfig, out: Path, datamodule: Any, model: Any, result: dict[str, Any],
+                      tensors: Optional[dict] = None) -> None:
+    """Rank 0: the run's adapter (with training_meta.json) to ``out``/adapter, and to the Hub if asked; ``tensors``:
+    its trainable tensors, gathered whole, where the model's are FSDP's shards."""
     import mol
 
     adapter_dir = out / "adapter"
-    mol.save_adapter(model, str(adapter_dir))
+    mol.save_adapter(model, str(adapter_dir), tensors=tensors)
     tok = cfg.model.get("tokenizer")
     # a local folder made absolute (a Hub id kept), so that mol.evaluate finds it from any directory
     model_dir = Path(str(cfg.model.path)).expanduser()
