@@ -275,6 +275,14 @@ def save_adapter(model: nn.Module, directory: PathLike, tensors: Optional[Mappin
     # serialized before anything is written: a config JSON cannot hold fails here, not beside new tensors
     text = _json_text(config, "save_adapter")
     state = adapter_state_dict(model) if tensors is None else {n: tensors[n] for n in model.mol_trainable}
+    # FSDP (use_orig_params) leaves each parameter a flat view of this process's shard between steps: a LoRA factor
+    # that is not 3-D (experts, rows, columns) is one, and would be written as such
+    sharded = [n for n, t in state.items() if getattr(t, "_fsdp_flattened", False) and t.dim() != 3
+               and (".lora_A" in n or ".lora_B" in n)]
+    if sharded:
+        raise ValueError(f"{sharded[0]} is a {list(state[sharded[0]].shape)} shard of FSDP's, not the whole tensor: "
+                         "save inside FullyShardedDataParallel.summon_full_params(fsdp_model), or pass "
+                         "tensors=mol.train.fsdp.gather_trainable(fsdp_model, to_rank0=True); nothing was written")
     _atomic_write_files(out, [(WEIGHTS_NAME, _tensor_writer(state, {"format": FORMAT})),
                               (CONFIG_NAME, _text_writer(text))])
     return out

@@ -6,6 +6,7 @@ parameters, validates after fit with decoder layers wrapped, and resumes to exac
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,53 @@ def test_fsdp_mixed_precision_keeps_buffers_in_their_dtype(precision, tmp_path):
     given = build_trainer(compose([*base, "+trainer.strategy.mixed_precision._target_=torch.distributed.fsdp."
                                           "MixedPrecision"]), tmp_path, [], "logs").strategy
     assert given.mixed_precision.param_dtype is None
+
+
+def _sharded_save(rank: int, out: str, port: int) -> None:
+    import copy
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    import mol
+    from conftest import make_tiny_llama
+    from mol.train.fsdp import gather_trainable
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = mol.inject(copy.deepcopy(make_tiny_llama()), mol.MoLConfig(rank=4, num_experts=4, top_k=2,
+                                                                      target_modules=["q_proj"]))
+    whole = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for p in model.parameters():
+        p.data = p.data.contiguous()
+    fsdp = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+    try:
+        mol.save_adapter(model, f"{out}/shards{rank}")
+        refused = "no error"
+    except ValueError as e:
+        refused = str(e)
+    gathered = gather_trainable(fsdp, to_rank0=True)
+    if rank == 0:
+        mol.save_adapter(model, f"{out}/gathered", tensors=gathered)
+        torch.save({"refused": refused, "whole": whole}, f"{out}/result.pt")
+    dist.destroy_process_group()
+
+
+def test_save_adapter_refuses_fsdp_shards_and_takes_gathered_tensors(tmp_path):
+    """A model FSDP sharded over 2 processes holds flat views of each process's shard between steps: save_adapter
+    refuses them by name (it wrote 1-D shards before), and writes the whole tensors gather_trainable returns."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:  # a free port for the 2 processes' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_save, args=(str(tmp_path), port), nprocs=2)
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    assert "shard of FSDP's, not the whole tensor" in result["refused"] and "nothing was written" in result["refused"]
+    saved = load_file(str(tmp_path / "gathered" / "adapter_model.safetensors"))
+    assert saved.keys() == result["whole"].keys()
+    for k, v in result["whole"].items():
+        assert torch.equal(saved[k], v), k
