@@ -826,8 +826,8 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
 
     import mol
     from mol.train.callbacks import LossHistory, RoutingHeatmap
-    from mol.train.fsdp import gather_trainable
-    from mol.train.module import MoLModule, fsdp_root
+    from mol.train.fsdp import fsdp_root, gather_trainable, whole_parameters
+    from mol.train.module import MoLModule
 
     if model is None:
         model = _seeded_model(cfg, datamodule)
@@ -912,18 +912,6 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
                 _save_run_adapter(cfg, out, datamodule, model, result, tensors)
     result["is_global_zero"] = trainer.is_global_zero
     return result
-
-
-def whole_parameters(root: Any) -> Any:
-    """A context in which the parameters of the FSDP unit ``root`` and of every unit inside it are whole on rank 0
-    (gathered into its CPU memory on GPUs)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
-
-    # on GPUs rank 0 gathers each unit's weights into CPU memory, as Lightning's full-state-dict checkpoints do;
-    # unsharded (NO_SHARD, which FSDP also picks for a single process) they are whole already, and FSDP refuses
-    # to offload them
-    offload = root.compute_device.type == "cuda" and root.sharding_strategy != ShardingStrategy.NO_SHARD
-    return FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=offload)
 
 
 def _save_run_adapter(cfg: DictConfig, out: Path, datamodule: Any, model: Any, result: dict[str, Any],

@@ -1,4 +1,5 @@
-"""mol.train's FSDP strategy (``trainer=fsdp``): Lightning's, with checkpoints that gather only what they keep.
+"""mol.train's FSDP pieces (``trainer=fsdp``): its strategy, Lightning's with checkpoints that gather only what they
+keep, and the gathers of FSDP's shards that saving needs.
 
 A mol.train checkpoint holds the trainable tensors alone (MoLModule.on_save_checkpoint). Lightning's FSDP strategy
 builds its full state dict first, gathering every weight of the model, frozen base included, into rank 0's CPU
@@ -8,13 +9,35 @@ trainable tensors.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
 from mol.inject import unwrapped_name
+
+
+def fsdp_root(module: Optional[pl.LightningModule]) -> Optional[nn.Module]:
+    """The FullyShardedDataParallel unit ``configure_model`` made of the module's model, else None."""
+    model = getattr(module, "model", None)
+    if model is None or not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return model if isinstance(model, FullyShardedDataParallel) else None
+
+
+def whole_parameters(root: Any) -> Any:
+    """A context in which the parameters of the FSDP unit ``root`` and of every unit inside it are whole on rank 0
+    (gathered into its CPU memory on GPUs)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    # on GPUs rank 0 gathers each unit's weights into CPU memory, as Lightning's full-state-dict checkpoints do;
+    # unsharded (NO_SHARD, which FSDP also picks for a single process) they are whole already, and FSDP refuses
+    # to offload them
+    offload = root.compute_device.type == "cuda" and root.sharding_strategy != ShardingStrategy.NO_SHARD
+    return FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=offload)
 
 
 def gather_trainable(root: nn.Module, to_rank0: bool) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from torch import nn
 
 import mol
 from mol.inject import unwrapped_name
+from mol.train.fsdp import fsdp_root
 
 RNG_KEY = "mol_rng_state"
 
@@ -87,16 +88,6 @@ def fused_adamw(setting: bool | str, on_cuda: bool, grad_scaler: bool, clipping:
         raise ValueError(f"optim.fused=true with trainer.gradient_clip_val set under {why}: a fused AdamW cannot "
                          "clip there; use optim.fused=auto (or false), or trainer.gradient_clip_val=null")
     return setting is True
-
-
-def fsdp_root(module: Optional[pl.LightningModule]) -> Optional[nn.Module]:
-    """The FullyShardedDataParallel unit ``configure_model`` made of the module's model, else None."""
-    model = getattr(module, "model", None)
-    if model is None or not torch.distributed.is_available():
-        return None
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return model if isinstance(model, FullyShardedDataParallel) else None
 
 
 class MoLModule(pl.LightningModule):
