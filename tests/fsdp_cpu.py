@@ -9,9 +9,10 @@ outright:
 - Lightning's full-state-dict context offloads to the CPU, which on tensors already there hands back views of
   storage FSDP frees (a segfault): offloading is turned off.
 mol.train's refusal of trainer=fsdp without GPUs is bypassed likewise. Set ``MOL_FSDP_UNITS=<file>`` to have rank 0
-write the number of FSDP units the model was wrapped in.
+write the number of FSDP units the model was wrapped in, and the NF4 code bytes each process holds.
 """
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ def main() -> None:
 
     import mol.train.app as app
     import mol.train.module as module
+    from mol.quant.linear import NF4Tensor
 
     fsdp.FullyShardedDataParallel.__init__ = _cpu_init
     lightning_fsdp._get_full_state_dict_context = _full_state_dict_context
@@ -53,9 +55,14 @@ def main() -> None:
 
         def configure_and_count(self):
             configure(self)
+            # the NF4 code bytes each process holds (its shards of them, under FSDP), and the model's
+            nf4 = [m for m in self.modules() if isinstance(m, NF4Tensor)]
+            held = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(held, sum(m.qweight.numel() * m.qweight.element_size() for m in nf4))
             if self.global_rank == 0:
                 units = sum(isinstance(m, fsdp.FullyShardedDataParallel) for m in self.modules())
-                Path(report).write_text(json.dumps({"units": units}))
+                total = sum((math.prod(m.weight_shape) + 1) // 2 for m in nf4)
+                Path(report).write_text(json.dumps({"units": units, "nf4_code_bytes": held, "nf4_total": total}))
 
         module.MoLModule.configure_model = configure_and_count
     app.main()

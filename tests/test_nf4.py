@@ -164,6 +164,42 @@ def test_nf4linear_keeps_no_dense_weight_for_backward():
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_codes_stored_as_a_floating_parameter_are_the_same_weight(dtype):
+    """store_codes_as (FSDP-QLoRA: FSDP shards floating parameters only): the same bytes as a frozen parameter; the
+    forward, the gradient and the uint8 state dict are unchanged, a uint8 state dict loads into it and back, and
+    .to(dtype) casts the bias but never the code bytes."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    q = NF4Linear.from_linear(lin)
+    held = NF4Linear.from_linear(lin)
+    assert held.store_codes_as(dtype)
+    assert isinstance(held.qweight, nn.Parameter) and not held.qweight.requires_grad and held.qweight.dtype == dtype
+    assert "qweight" not in dict(held.named_buffers())
+    x = torch.randn(5, 96, requires_grad=True)
+    torch.testing.assert_close(held(x), q(x), rtol=0, atol=0)
+    (gx_held,) = torch.autograd.grad(held(x).square().sum(), x)
+    (gx,) = torch.autograd.grad(q(x).square().sum(), x)
+    torch.testing.assert_close(gx_held, gx, rtol=0, atol=0)
+    sd = held.state_dict()
+    assert sd["qweight"].dtype == torch.uint8 and torch.equal(sd["qweight"], q.state_dict()["qweight"])
+    other = NF4Linear.from_linear(nn.Linear(96, 40))
+    other.store_codes_as(dtype)
+    other.load_state_dict(q.state_dict())  # uint8 codes into the parameter
+    torch.testing.assert_close(other(x), q(x), rtol=0, atol=0)
+    plain = NF4Linear.from_linear(nn.Linear(96, 40))
+    plain.load_state_dict(held.state_dict())  # and back into a buffer
+    torch.testing.assert_close(plain(x), q(x), rtol=0, atol=0)
+    cast = {torch.float32: torch.bfloat16, torch.bfloat16: torch.float16}[dtype]
+    held.to(cast)
+    assert held.qweight.dtype == dtype and held.bias.dtype == cast
+    torch.testing.assert_close(held(x.detach().to(cast)), q.to(cast)(x.detach().to(cast)), rtol=0, atol=0)
+    odd = NF4Linear.from_linear(nn.Linear(3, 2))  # 6 weights: 3 code bytes
+    assert not odd.store_codes_as(torch.float32) and odd.qweight.dtype == torch.uint8
+    with pytest.raises(TypeError, match="floating dtype"):
+        odd.store_codes_as(torch.int32)
+
+
 def test_quantize_model_skips_head_and_names():
     class Tiny(nn.Module):
         def __init__(self):

@@ -83,6 +83,20 @@ class _NF4LinearFn(torch.autograd.Function):
         return grad_x, None, grad_bias, None, None
 
 
+def _codes_to_state_dict(module: "NF4Tensor", state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    codes = state_dict.get(prefix + "qweight")
+    if codes is not None and codes.dtype != torch.uint8:
+        state_dict[prefix + "qweight"] = codes.view(torch.uint8)
+
+
+def _codes_from_state_dict(module: "NF4Tensor", state_dict: dict, prefix: str, *args) -> None:
+    param = module._parameters.get("qweight")
+    codes = state_dict.get(prefix + "qweight")
+    if param is not None and codes is not None and codes.dtype == torch.uint8 and codes.dim() == 1 \
+            and codes.numel() % param.dtype.itemsize == 0:
+        state_dict[prefix + "qweight"] = codes.view(param.dtype)  # a size that does not fit fails load's shape check
+
+
 class NF4Tensor(nn.Module):
     """A frozen tensor of any shape stored in NF4 with double quantization (~4.127 bits/param), as buffers named as
     bitsandbytes names them (``qweight``, ``absmax``, ``quant_map``, ``nested_absmax``, ``nested_quant_map``,
@@ -108,21 +122,54 @@ class NF4Tensor(nn.Module):
             self.register_buffer("offset", packed.offset.reshape(()))
         else:
             self.nested_absmax = self.nested_quant_map = self.offset = None
+        # the checkpoint holds uint8 codes whether they are a buffer or a parameter (store_codes_as)
+        self._register_state_dict_hook(_codes_to_state_dict)
+        self._register_load_state_dict_pre_hook(_codes_from_state_dict, with_module=True)
 
     def _apply(self, fn, recurse=True):
         state = {n: b for n, b in self._buffers.items() if b is not None}
+        param = self._parameters.get("qweight")
+        param_data = None if param is None else param.data
         super()._apply(fn, recurse)
         for n, old in state.items():
             new = self._buffers[n]
             if new.dtype != old.dtype:  # keep the quant state's dtype, take only the device change
                 self._buffers[n] = old.to(new.device)
+        param = self._parameters.get("qweight")
+        if param is not None and param.dtype != param_data.dtype:  # codes held in another dtype are bytes, not values
+            param.data = param_data.to(param.device)
         return self
+
+    def _codes(self) -> torch.Tensor:
+        codes = self._buffers.get("qweight")
+        if codes is None:
+            # held as a parameter of another dtype (store_codes_as); inside FSDP's forward a plain tensor attribute,
+            # a view of the gathered flat parameter (use_orig_params)
+            codes = self.qweight.view(torch.uint8)
+        return codes
+
+    def store_codes_as(self, dtype: torch.dtype) -> bool:
+        """Hold the 4-bit codes as a frozen ``nn.Parameter`` of the floating ``dtype`` (the same bytes reinterpreted,
+        as bitsandbytes' ``quant_storage``), for FSDP, which shards parameters but not buffers, and flattens only
+        floating tensors of one dtype per unit. The state dict still holds uint8 codes, and ``.to(dtype)`` does not
+        cast them. Returns False, leaving a buffer, where the code bytes do not fill whole ``dtype`` elements."""
+        if not dtype.is_floating_point:
+            raise TypeError(f"store_codes_as needs a floating dtype (FSDP flattens no integer tensors); got {dtype}")
+        codes = self._codes()
+        if codes.numel() % dtype.itemsize:
+            return False
+        if "qweight" in self._buffers:
+            del self._buffers["qweight"]
+        else:
+            del self._parameters["qweight"]
+        self.qweight = nn.Parameter(codes.view(dtype), requires_grad=False)
+        return True
 
     @property
     def packed(self) -> NF4Weight:
         """The packed weight as an NF4Weight (views of this module's buffers)."""
         b = self._buffers  # read directly: each forward builds this, and Module.__getattr__ costs a frame per buffer
-        return NF4Weight(b["qweight"], b["absmax"], b["quant_map"], self.weight_shape, self.weight_dtype,
+        return NF4Weight(self._codes(), b["absmax"], b["quant_map"], self.weight_shape, self.weight_dtype,
                          self.blocksize, b.get("nested_absmax"), b.get("nested_quant_map"), b.get("offset"),
                          self.nested_blocksize)
 
@@ -198,7 +245,7 @@ class NF4Linear(NF4Tensor):
             raise TypeError(f"NF4Linear expects a floating-point input, as nn.Linear does; got {x.dtype}. Cast it "
                             "first (e.g. x.float()), or embed token ids before the linear layers")
         lead = x.shape[:-1]
-        codes = self._buffers["qweight"]
+        codes = self._codes()
         if x.is_meta or codes.is_meta:  # shape inference (e.g. a model built on the meta device), as nn.Linear
             if x.device != codes.device:
                 raise RuntimeError(f"NF4Linear: the input is on {x.device} but the layer on {codes.device}; move "

@@ -1,5 +1,5 @@
 """mol.train's FSDP pieces (``trainer=fsdp``): its strategy, Lightning's with checkpoints that gather only what they
-keep, and the gathers of FSDP's shards that saving needs.
+keep, the gathers of FSDP's shards that saving needs, and NF4 codes held so that FSDP shards them (FSDP-QLoRA).
 
 A mol.train checkpoint holds the trainable tensors alone (MoLModule.on_save_checkpoint). Lightning's FSDP strategy
 builds its full state dict first, gathering every weight of the model, frozen base included, into rank 0's CPU
@@ -9,6 +9,7 @@ trainable tensors.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -40,6 +41,31 @@ def whole_parameters(root: Any) -> Any:
     return FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=offload)
 
 
+def nf4_codes_as_parameters(model: nn.Module) -> Optional[torch.dtype]:
+    """Before wrapping: every NF4 weight's 4-bit codes made a frozen parameter of the model's floating dtype (the
+    same bytes), so that FSDP shards them with the unit's other weights (it shards no buffers, and flattens only
+    floating tensors of one dtype per unit), as bitsandbytes' ``quant_storage`` does for FSDP-QLoRA. Returns that
+    dtype, or None if the model holds no NF4 weight. The few whose code bytes do not fill whole elements of it stay
+    buffers, which every process holds whole; a warning names them."""
+    from mol.quant.linear import NF4Tensor
+
+    tensors = [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Tensor)]
+    if not tensors:
+        return None
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    dtype = max(counts, key=counts.get) if counts else torch.float32
+    whole = [n for n, m in tensors if not m.store_codes_as(dtype)]
+    if whole:
+        more = " ..." if len(whole) > 3 else ""
+        warnings.warn(f"{len(whole)} NF4 weights ({whole[:3]}{more}) have a code byte count that is not a multiple "
+                      f"of {dtype.itemsize} ({dtype}): FSDP cannot shard their codes, and every process holds them "
+                      "whole", stacklevel=2)
+    return dtype
+
+
 def gather_trainable(root: nn.Module, to_rank0: bool) -> dict[str, torch.Tensor]:
     """Every trainable parameter of the FSDP units inside ``root``, whole, on the CPU, by its name before wrapping
     (on rank 0 where ``to_rank0``; empty elsewhere). Every process must call it: each unit's gather is collective."""
@@ -61,9 +87,25 @@ def gather_trainable(root: nn.Module, to_rank0: bool) -> dict[str, torch.Tensor]
 
 class FSDPStrategy(pl.strategies.FSDPStrategy):
     """Lightning's FSDPStrategy whose full-state-dict checkpoints hold the trainable tensors alone, gathered unit by
-    unit (see the module's docstring). Sharded checkpoints (``state_dict_type="sharded"``) are Lightning's."""
+    unit (see the module's docstring), and the optimizer state by parameter names. Sharded checkpoints
+    (``state_dict_type="sharded"``) are Lightning's."""
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         if self._state_dict_type != "full":
             return super().lightning_module_state_dict()
         return gather_trainable(self.model, to_rank0=True)
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """The optimizer's full state keyed by parameter names, as FSDP gives it (Lightning's load takes either).
+        Lightning renumbers it by parameter ids: for a single-process (NO_SHARD) QLoRA run it numbered the param
+        groups' entries apart from the state's, and the resume then looked up a frozen weight's name and failed."""
+        if self._state_dict_type != "full":
+            return super().optimizer_state(optimizer)
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from lightning.pytorch.strategies.fsdp import _get_full_state_dict_context
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        with _get_full_state_dict_context(self.model, world_size=self.world_size):
+            return FSDP.optim_state_dict(self.model, optimizer)

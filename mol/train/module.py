@@ -7,6 +7,7 @@ scheduler, RNG and data position: megabytes, not the base model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import resource
@@ -21,7 +22,7 @@ from torch import nn
 
 import mol
 from mol.inject import unwrapped_name
-from mol.train.fsdp import fsdp_root
+from mol.train.fsdp import fsdp_root, nf4_codes_as_parameters
 
 RNG_KEY = "mol_rng_state"
 
@@ -138,12 +139,23 @@ class MoLModule(pl.LightningModule):
             # order: a resumed run's Adam moments landed on the wrong elements. Contiguous tensors have one order.
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
+        overrides = {}
+        codes_dtype = nf4_codes_as_parameters(self.model)  # FSDP-QLoRA: the 4-bit codes sharded too
+        mixed = self.trainer.strategy.mixed_precision_config
+        if codes_dtype is not None and mixed is not None and mixed.param_dtype not in (None, codes_dtype):
+            # FSDP casts a unit's flat parameter whole to param_dtype, which would turn the codes' bytes into other
+            # bytes: gather in the model's dtype instead (autocast still computes in 16 bits)
+            overrides["mixed_precision"] = dataclasses.replace(mixed, param_dtype=None)
+            if self.global_rank == 0:
+                print(f"mol: trainer=fsdp shards the NF4 codes as {codes_dtype} parameters, so FSDP gathers "
+                      f"parameters in {codes_dtype}, not {mixed.param_dtype} (model.dtype={mixed.param_dtype} "
+                      "gathers in 16 bits)".replace("torch.", ""), flush=True)
         with warnings.catch_warnings():
             # "has both parameters with requires_grad=True and False": every unit holds frozen weights beside
             # the adapters that train them, so FSDP keeps a gradient buffer the size of each unit's shard
             warnings.filterwarnings("ignore", message=".*has both parameters with requires_grad=True and False")
             self.model = wrap(self.model, auto_wrap_policy=ModuleWrapPolicy(self.fsdp_units) if self.fsdp_units
-                              else None)
+                              else None, **overrides)
 
     # ------------------------------------------------------------------ forward / losses
     def forward(self, batch: dict[str, Any]) -> Any:
