@@ -2,11 +2,12 @@
 2 gloo processes) cannot reach: NCCL, Lightning's bf16-mixed FSDP precision, and the Triton kernels on FSDP's
 parameters.
 
-    python benchmarks/gpu_check_fsdp.py [--devices N]
+    python benchmarks/gpu_check_fsdp.py [--devices N] [--methods mol lora qlora-mol qlora]
 
 A tiny Llama and JSONL task built locally (tests/test_train_utils.py's helpers; needs hydra-core and pytest), MoL
-E=4 top-2 and LoRA on q/v/up, bf16-mixed. For each method: trainer=gpu, and trainer=fsdp (decoder layers as units)
-run to 4 steps, then FSDP stopped at 2 and resumed to 4. Checks: FSDP's step losses within 2e-2 (bf16) of the
+E=4 top-2 and LoRA on q/v/up, on the float32 model and on its NF4 quantization (QLoRA: the codes FSDP parameters),
+bf16-mixed. For each method: trainer=gpu, and trainer=fsdp (decoder layers as units) run to 4 steps, then FSDP
+stopped at 2 and resumed to 4. Checks: FSDP's step losses within 2e-2 (bf16) of the
 one-GPU run's, the resumed run's within 1e-3 of the uninterrupted FSDP run's, each adapter of whole tensors with
 the one-GPU run's names. One GPU is one FSDP process, which FSDP runs unsharded (NO_SHARD); with ``--devices 2`` (a
 machine with 2 GPUs) the FULL_SHARD run against the one-GPU run. Exits 1 on a failure.
@@ -19,6 +20,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# the QLoRA methods: each NF4 weight's codes are a parameter FSDP holds (in float32 here, the model's dtype)
+METHODS = {"mol": "method=mol method.num_experts=4", "lora": "method=lora",
+           "qlora-mol": "method=qlora-mol method.num_experts=4", "qlora": "method=qlora"}
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -26,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     args = ap.parse_args()
     import torch
     from safetensors.torch import load_file
@@ -51,9 +56,8 @@ def main():
     print("| method | one GPU losses | FSDP losses | worst diff | resumed worst diff | adapter whole, same names | ok |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     batch = 8
-    for method in ("method=mol method.num_experts=4", "method=lora"):
-        m = method.split()
-        tag = m[0].split("=")[1]
+    for tag in args.methods:
+        m = METHODS[tag].split()
         fsdp = ["trainer=fsdp", f"trainer.devices={args.devices}", f"data.batch_size={batch // args.devices}"]
         one = train(tmp / f"{tag}_one", *m, "trainer=gpu", f"data.batch_size={batch}", "trainer.max_steps=4")
         full = train(tmp / f"{tag}_fsdp", *m, *fsdp, "trainer.max_steps=4")
