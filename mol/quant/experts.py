@@ -124,7 +124,8 @@ class NF4Experts(nn.Module):
         # the forward computes in their dtype: the model cast to bfloat16 computes its experts in bfloat16 (torch's
         # grouped GEMM), not in the float32 they were quantized from
         for tensor in self.nf4.values():
-            cast = fn(torch.empty(0, dtype=tensor.weight_dtype, device=tensor.qweight.device))
+            # the code table's device: FSDP's _apply deregisters the codes when they are its parameters
+            cast = fn(torch.empty(0, dtype=tensor.weight_dtype, device=tensor.quant_map.device))
             if cast.is_floating_point():
                 tensor.weight_dtype = cast.dtype
         return self
@@ -132,7 +133,7 @@ class NF4Experts(nn.Module):
     def quantized_expert_tensors(self) -> dict[str, tuple[torch.Size, torch.dtype, torch.device]]:
         """name -> (shape, dtype computed in, device) of every expert tensor held in NF4, as mol.experts'
         expert_tensors reports a module's dense ones."""
-        return {n: (torch.Size(t.weight_shape), t.weight_dtype, t.qweight.device) for n, t in self.nf4.items()}
+        return {n: (torch.Size(t.weight_shape), t.weight_dtype, t.quant_map.device) for n, t in self.nf4.items()}
 
     def project_quantized(self, name: str, x: torch.Tensor, offsets: torch.Tensor, expert_ids: torch.Tensor
                           ) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch import nn
 
 import mol
 from mol.inject import unwrapped_name
+from mol.quant.linear import NF4Tensor
 from mol.train.fsdp import fsdp_root, nf4_codes_as_parameters
 
 RNG_KEY = "mol_rng_state"
@@ -140,6 +141,12 @@ class MoLModule(pl.LightningModule):
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
         overrides = {}
+        true_dtype = {"64-true": torch.float64, "32-true": torch.float32, "bf16-true": torch.bfloat16,
+                      "16-true": torch.float16}.get(str(self.trainer.precision))
+        if true_dtype is not None and any(isinstance(m, NF4Tensor) for m in self.model.modules()):
+            # Lightning casts the wrapped model to a "-true" precision's dtype, flat parameters whole: the NF4 codes'
+            # bytes must already be stored in that dtype (the codes themselves are never cast, see NF4Tensor._apply)
+            self.model.to(true_dtype)
         codes_dtype = nf4_codes_as_parameters(self.model)  # FSDP-QLoRA: the 4-bit codes sharded too
         mixed = self.trainer.strategy.mixed_precision_config
         if codes_dtype is not None and mixed is not None and mixed.param_dtype not in (None, codes_dtype):
