@@ -137,6 +137,19 @@ def test_fsdp_shards_the_nf4_codes_and_trains_qlora_as_one_process(tiny, tmp_pat
     assert _losses(tmp_path / "fsdp_bf16") == pytest.approx(_losses(tmp_path / "one_bf16"), rel=1e-4)
 
 
+def test_fsdp_runs_a_bf16_model_with_routers_and_nf4_codes(tiny, tmp_path):
+    """model.dtype=bfloat16 (FSDP's flat parameters then bf16, the adapters too): QLoRA-MoL's routers, float32 in
+    any model, are cast to it (FSDP refused to flatten them beside bf16 weights), and the codes are held as bf16
+    parameters, gathered in bf16 with no cast. The first loss is one bf16 process's."""
+    common = ["method=qlora-mol", "trainer.max_steps=1", "model.dtype=bfloat16", "trainer.precision=bf16-mixed"]
+    _train(tiny, tmp_path / "one", *common, "trainer=cpu", "data.batch_size=8", driver=False)
+    p = _train(tiny, tmp_path / "fsdp", *FSDP, *common, "data.batch_size=4")
+    assert "the routers' weights take the model's bfloat16" in p.stdout and "FSDP gathers" not in p.stdout
+    report = json.loads((tmp_path / "fsdp.units.json").read_text())
+    assert sum(report["nf4_code_bytes"]) == report["nf4_total"] > max(report["nf4_code_bytes"])
+    assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
+
+
 def test_a_resumed_fsdp_run_follows_the_uninterrupted_one(tiny, tmp_path):
     """MoL (whose lora_B is stored in another memory order than its shape's), the model wrapped whole
     (auto_wrap_policy=null): stopped at step 2 and resumed to step 4, the run logs the uninterrupted run's losses

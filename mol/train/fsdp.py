@@ -41,6 +41,27 @@ def whole_parameters(root: Any) -> Any:
     return FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=offload)
 
 
+def flat_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype FSDP's flat parameters hold for ``model``: its floating parameters' most common one (by count),
+    which every parameter of a unit must share."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def routers_to(model: nn.Module, dtype: torch.dtype) -> int:
+    """Every MoL router's weight cast to ``dtype`` (they are float32 whatever the model's dtype, which FSDP cannot
+    flatten beside a 16-bit unit; they still score in float32); returns how many were cast."""
+    from mol.routers import Router
+
+    routers = [m for m in model.modules() if isinstance(m, Router) and m.weight.dtype != dtype]
+    for router in routers:
+        router.to(dtype)
+    return len(routers)
+
+
 def nf4_codes_as_parameters(model: nn.Module) -> Optional[torch.dtype]:
     """Before wrapping: every NF4 weight's 4-bit codes made a frozen parameter of the model's floating dtype (the
     same bytes), so that FSDP shards them with the unit's other weights (it shards no buffers, and flattens only
@@ -52,11 +73,7 @@ def nf4_codes_as_parameters(model: nn.Module) -> Optional[torch.dtype]:
     tensors = [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Tensor)]
     if not tensors:
         return None
-    counts: dict[torch.dtype, int] = {}
-    for p in model.parameters():
-        if p.is_floating_point():
-            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    dtype = max(counts, key=counts.get) if counts else torch.float32
+    dtype = flat_dtype(model)
     whole = [n for n, m in tensors if not m.store_codes_as(dtype)]
     if whole:
         more = " ..." if len(whole) > 3 else ""

@@ -23,7 +23,7 @@ from torch import nn
 import mol
 from mol.inject import unwrapped_name
 from mol.quant.linear import NF4Tensor
-from mol.train.fsdp import fsdp_root, nf4_codes_as_parameters
+from mol.train.fsdp import flat_dtype, fsdp_root, nf4_codes_as_parameters, routers_to
 
 RNG_KEY = "mol_rng_state"
 
@@ -147,6 +147,9 @@ class MoLModule(pl.LightningModule):
             # Lightning casts the wrapped model to a "-true" precision's dtype, flat parameters whole: the NF4 codes'
             # bytes must already be stored in that dtype (the codes themselves are never cast, see NF4Tensor._apply)
             self.model.to(true_dtype)
+        if routers_to(self.model, flat_dtype(self.model)) and self.global_rank == 0:
+            print(f"mol: trainer=fsdp keeps one dtype per flattened module: the routers' weights take the model's "
+                  f"{flat_dtype(self.model)} (they still score in float32)".replace("torch.", ""), flush=True)
         codes_dtype = nf4_codes_as_parameters(self.model)  # FSDP-QLoRA: the 4-bit codes sharded too
         mixed = self.trainer.strategy.mixed_precision_config
         if codes_dtype is not None and mixed is not None and mixed.param_dtype not in (None, codes_dtype):
