@@ -2,7 +2,7 @@
 2 gloo processes) cannot reach: NCCL, Lightning's bf16-mixed FSDP precision, and the Triton kernels on FSDP's
 parameters.
 
-    python benchmarks/gpu_check_fsdp.py [--devices N] [--methods mol lora qlora-mol qlora]
+    python benchmarks/gpu_check_fsdp.py [--devices N] [--methods mol lora qlora-mol qlora qlora-mol-bf16]
 
 A tiny Llama and JSONL task built locally (tests/test_train_utils.py's helpers; needs hydra-core and pytest), MoL
 E=4 top-2 and LoRA on q/v/up, on the float32 model and on its NF4 quantization (QLoRA: the codes FSDP parameters),
@@ -22,7 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # the QLoRA methods: each NF4 weight's codes are a parameter FSDP holds (in float32 here, the model's dtype)
 METHODS = {"mol": "method=mol method.num_experts=4", "lora": "method=lora",
-           "qlora-mol": "method=qlora-mol method.num_experts=4", "qlora": "method=qlora"}
+           "qlora-mol": "method=qlora-mol method.num_experts=4", "qlora": "method=qlora",
+           # a bf16 model: FSDP flattens in bf16 (adapters, routers and codes too; trainer=gpu keeps float32 adapters)
+           "qlora-mol-bf16": "method=qlora-mol method.num_experts=4 model.dtype=bfloat16"}
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
