@@ -141,15 +141,15 @@ class MoLModule(pl.LightningModule):
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
         overrides = {}
-        true_dtype = {"64-true": torch.float64, "32-true": torch.float32, "bf16-true": torch.bfloat16,
-                      "16-true": torch.float16}.get(str(self.trainer.precision))
-        if true_dtype is not None and any(isinstance(m, NF4Tensor) for m in self.model.modules()):
+        if any(isinstance(m, NF4Tensor) for m in self.model.modules()):
             # Lightning casts the wrapped model to a "-true" precision's dtype, flat parameters whole: the NF4 codes'
-            # bytes must already be stored in that dtype (the codes themselves are never cast, see NF4Tensor._apply)
-            self.model.to(true_dtype)
-        if routers_to(self.model, flat_dtype(self.model)) and self.global_rank == 0:
+            # bytes must already be stored in that dtype, so its cast runs here first and is a no-op after wrapping
+            # (the codes themselves are never cast, see NF4Tensor._apply)
+            self.model = self.trainer.strategy.precision_plugin.convert_module(self.model)
+        dtype = flat_dtype(self.model)
+        if routers_to(self.model, dtype) and self.global_rank == 0:
             print(f"mol: trainer=fsdp keeps one dtype per flattened module: the routers' weights take the model's "
-                  f"{flat_dtype(self.model)} (they still score in float32)".replace("torch.", ""), flush=True)
+                  f"{dtype} (they still score in float32)".replace("torch.", ""), flush=True)
         codes_dtype = nf4_codes_as_parameters(self.model)  # FSDP-QLoRA: the 4-bit codes sharded too
         mixed = self.trainer.strategy.mixed_precision_config
         if codes_dtype is not None and mixed is not None and mixed.param_dtype not in (None, codes_dtype):
