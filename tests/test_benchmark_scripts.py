@@ -19,7 +19,10 @@ def test_host_overhead_runs_and_prints_its_table(flags):
     row = out.stdout.strip().splitlines()[-1].split("|")
     times = [float(v) for v in row[2:5]]
     assert all(t > 0 for t in times), out.stdout
-    assert times[1] > times[2]  # a forward plus backward costs more host time than the no-grad forward alone
+    if not flags:  # eager: a forward plus backward launches ~3x the no-grad forward's kernels (420 vs 120 µs here)
+        assert times[1] > times[2], out.stdout
+    # --graph: both are one faked replay plus glue, within a few µs of each other (CI saw 115.1 vs 115.2), so
+    # only the script's own checks (one captured training signature, the decode call captured) apply
 
 
 def test_bench_generate_tiny_runs_and_prints_its_table():
