@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import warnings
@@ -725,10 +726,17 @@ def adapter_layers(model: nn.Module) -> Iterable[tuple[str, AdapterLayer]]:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(number of trainable parameters, total number of parameters)."""
+    """(number of trainable parameters, total number of parameters). An NF4 weight counts as the values it stands
+    for (out × in), as PEFT counts bitsandbytes' 4-bit weights: its codes are buffers, or a parameter of half or a
+    quarter as many elements once ``store_codes_as`` holds them for FSDP."""
+    from mol.quant.linear import NF4Tensor  # mol.quant imports this module's layers
+
     check_model(model, "trainable_parameters")
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    nf4 = [m for m in model.modules() if isinstance(m, NF4Tensor)]
+    codes = {id(m._parameters["qweight"]) for m in nf4 if m._parameters.get("qweight") is not None}
+    params = [p for p in model.parameters() if id(p) not in codes]
+    nf4_values = sum(math.prod(m.weight_shape) for m in nf4)
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + nf4_values
 
 
 def aux_loss(model: nn.Module, device: Union[torch.device, str, None] = None) -> Tensor:

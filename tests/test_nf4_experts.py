@@ -309,3 +309,18 @@ def test_a_target_parameters_typo_on_nf4_experts_lists_the_tensors_on_offer(how)
         mol.inject(base, config)
     after = base.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())
+
+
+def test_trainable_parameters_count_nf4_weights_as_the_values_they_hold():
+    """Reference: the same adapter on the full-precision model. The NF4 codes (buffers, or parameters of a quarter as
+    many float32 elements once stored for FSDP) were counted as nothing, or as their storage elements."""
+    lora = mol.LoRAConfig(rank=4, target_modules=["q_proj", "v_proj"])
+    want = mol.trainable_parameters(mol.inject(_base("qwen3_moe"), lora))
+    quantized = mol.inject(mol.quantize(_base("qwen3_moe"), "nf4"), lora)
+    from mol.quant.linear import NF4Tensor
+
+    nf4 = [m for m in quantized.modules() if isinstance(m, NF4Tensor)]
+    assert _experts_modules(quantized) and any(isinstance(m, mol.quant.NF4Linear) for m in nf4)
+    assert mol.trainable_parameters(quantized) == want
+    assert all(m.store_codes_as(torch.float32) for m in nf4)
+    assert mol.trainable_parameters(quantized) == want
