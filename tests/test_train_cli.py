@@ -145,6 +145,13 @@ def test_fsdp_keeps_one_dtype_per_flat_parameter(model_dtype, choice, expect, ca
     fsdp_uniform_dtype(cfg, method)
     assert method.adapter_dtype == expect
     assert ("adapters take the model's bfloat16" in capsys.readouterr().out) == (expect != choice)
+    # the other processes Lightning's launcher starts (LOCAL_RANK=1 at import) run this too, and say nothing
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rank_zero_only, "rank", 1)
+        fsdp_uniform_dtype(cfg, instantiate(cfg.method, _convert_="all"))
+    assert capsys.readouterr().out == ""
     plain = instantiate(compose(["method=mol", f"model.dtype={model_dtype}", "output_dir=/z"]).method,
                         _convert_="all")
     fsdp_uniform_dtype(compose(["method=mol", f"model.dtype={model_dtype}", "output_dir=/z"]), plain)

@@ -367,9 +367,9 @@ def load_model(model_cfg: DictConfig, label_names: list[str]) -> tuple[Any, Any]
             mismatched = sorted(k[0] for k in info.get("mismatched_keys") or ())
             if mismatched and (path, len(label_names)) not in _reported_new_heads:  # once, not per fit
                 _reported_new_heads.add((path, len(label_names)))
-                print(f"mol: {path} has a {saved_labels}-label classification head and the data "
-                      f"{len(label_names)} labels: {', '.join(mismatched)} re-initialised with {len(label_names)} "
-                      f"outputs (model.modules_to_save trains it)", flush=True)
+                notice(f"{path} has a {saved_labels}-label classification head and the data "
+                       f"{len(label_names)} labels: {', '.join(mismatched)} re-initialised with {len(label_names)} "
+                       f"outputs (model.modules_to_save trains it)")
     elif model_cfg.task == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local)
     else:
@@ -454,6 +454,15 @@ def build_logger(cfg: DictConfig, out: Path, name: str = "logs") -> Any:
         raise ConfigError(f"cannot build logger {cls.__name__}: {_one_line(cause)}") from e
 
 
+def notice(message: str) -> None:
+    """A ``mol:`` line on stdout from rank 0 only: Lightning's DDP and FSDP launchers run this script again in every
+    other process (with LOCAL_RANK set, which Lightning's rank_zero_only reads), which would print it once each."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(f"mol: {message}", flush=True)
+
+
 def fsdp_uniform_dtype(cfg: DictConfig, method_cfg: Any) -> None:
     """FSDP flattens each wrapped module's parameters into one tensor, which must have one dtype, so float32
     adapters on a 16-bit model cannot share one with its frozen weights: under FSDP, adapter_dtype="auto" takes the
@@ -465,9 +474,9 @@ def fsdp_uniform_dtype(cfg: DictConfig, method_cfg: Any) -> None:
     if choice == "auto":
         if model_dtype in ("bfloat16", "float16"):
             method_cfg.adapter_dtype = "base"
-            print(f"mol: trainer=fsdp keeps one dtype per flattened module: the adapters take the model's "
-                  f"{model_dtype} (method.adapter_dtype=base); for float32 adapters load the model in float32 "
-                  f"(model.dtype=float32; trainer precision bf16-mixed computes in bf16 either way)")
+            notice(f"trainer=fsdp keeps one dtype per flattened module: the adapters take the model's "
+                   f"{model_dtype} (method.adapter_dtype=base); for float32 adapters load the model in float32 "
+                   f"(model.dtype=float32; trainer precision bf16-mixed computes in bf16 either way)")
         return
     raise ConfigError(f"method.adapter_dtype={choice} with model.dtype={model_dtype} under FSDP: FSDP flattens a "
                       f"module's parameters into one tensor of one dtype; set method.adapter_dtype=base or "
