@@ -9,7 +9,8 @@ outright:
 - Lightning's full-state-dict context offloads to the CPU, which on tensors already there hands back views of
   storage FSDP frees (a segfault): offloading is turned off.
 mol.train's refusal of trainer=fsdp without GPUs is bypassed likewise. Set ``MOL_FSDP_UNITS=<file>`` to have rank 0
-write the number of FSDP units the model was wrapped in, and the NF4 code bytes each process holds.
+write the number of FSDP units the model was wrapped in, and the NF4 code bytes each process holds, and
+``MOL_FSDP_HUB=<dir>`` to have ``hub.repo_id=...`` "upload" into that directory (no token, no network).
 """
 import json
 import math
@@ -39,6 +40,32 @@ def _full_state_dict_context(module, world_size, rank0_only=True):
         optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
 
 
+def _fake_hub(app, hub_dir: Path) -> None:
+    """hub.*'s checks pass without a token or network, and push_folder copies the files it would upload."""
+    import shutil
+
+    import huggingface_hub
+
+    import mol.io
+
+    check_hub = app.check_hub
+
+    def check_hub_offline(cfg, method_cfg):
+        offline, get_token = huggingface_hub.constants.HF_HUB_OFFLINE, huggingface_hub.get_token
+        huggingface_hub.constants.HF_HUB_OFFLINE, huggingface_hub.get_token = False, lambda: "token"
+        try:
+            check_hub(cfg, method_cfg)
+        finally:
+            huggingface_hub.constants.HF_HUB_OFFLINE, huggingface_hub.get_token = offline, get_token
+
+    def copy_folder(folder, repo_id, card, **kwargs):
+        shutil.copytree(folder, hub_dir, dirs_exist_ok=True)
+        return "commit"
+
+    app.check_hub = check_hub_offline
+    mol.io.push_folder = copy_folder
+
+
 def main() -> None:
     import lightning.pytorch.strategies.fsdp as lightning_fsdp
 
@@ -49,6 +76,9 @@ def main() -> None:
     fsdp.FullyShardedDataParallel.__init__ = _cpu_init
     lightning_fsdp._get_full_state_dict_context = _full_state_dict_context
     app.check_accelerator = lambda trainer_cfg, check_devices=True: None
+    hub_dir = os.environ.get("MOL_FSDP_HUB")
+    if hub_dir:
+        _fake_hub(app, Path(hub_dir))
     report = os.environ.get("MOL_FSDP_UNITS")
     if report:
         configure = module.MoLModule.configure_model

@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
     return {"llama": make_tiny_llama(root / "llama"), "data": make_causal_data(root / "data")}
 
 
-def _train(tiny, out: Path, *extra: str, driver: bool = True) -> subprocess.CompletedProcess:
+def _train(tiny, out: Path, *extra: str, driver: bool = True, hub: Path | None = None) -> subprocess.CompletedProcess:
     args = ["model=hf_causal", f"model.path={tiny['llama']}", "data=jsonl", f"data.train={tiny['data']['train']}",
             f"data.val={tiny['data']['val']}", "data.max_length=32", f"data.cache_dir={out.parent / 'cache'}",
             "trainer.max_epochs=-1", "optim.lr=1e-2", "optim.warmup_ratio=0", f"output_dir={out}",
@@ -33,6 +33,8 @@ def _train(tiny, out: Path, *extra: str, driver: bool = True) -> subprocess.Comp
     cmd = [sys.executable, str(REPO / "tests" / "fsdp_cpu.py")] if driver else [sys.executable, "-m", "mol.train"]
     env = cli_env()
     env["MOL_FSDP_UNITS"] = str(out.parent / f"{out.name}.units.json")
+    if hub is not None:  # hub.repo_id's upload copied there (tests/fsdp_cpu.py)
+        env["MOL_FSDP_HUB"] = str(hub)
     p = subprocess.run([*cmd, *args], cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p
@@ -57,7 +59,9 @@ def test_fsdp_trains_saves_and_validates_as_one_process(tiny, tmp_path):
     unclipped = tmp_path / "unclipped"
     _train(tiny, unclipped, *common[:2], "trainer=cpu", "data.batch_size=8", "trainer.gradient_clip_val=null",
            driver=False)
-    _train(tiny, tmp_path / "fsdp", *common, *FSDP, "data.batch_size=4")
+    # hub.peft_format: PEFT's format is exported from the model, its layers gathered whole for it
+    _train(tiny, tmp_path / "fsdp", *common, *FSDP, "data.batch_size=4", "hub.repo_id=me/run", "hub.peft_format=true",
+           hub=tmp_path / "hub")
     # the root and each of the 2 decoder layers (Llama's _no_split_modules, fsdp.yaml's auto_wrap_policy)
     assert json.loads((tmp_path / "fsdp.units.json").read_text())["units"] == 3
     one, fsdp = _adapter(tmp_path / "one"), _adapter(tmp_path / "fsdp")
@@ -76,6 +80,22 @@ def test_fsdp_trains_saves_and_validates_as_one_process(tiny, tmp_path):
     assert {k.removeprefix("model.") for k in ckpt["state_dict"]} == set(one)
     for k in one:
         assert torch.equal(ckpt["state_dict"][f"model.{k}"], fsdp[k]), k
+    assert res_fsdp["hub"] == "commit"
+    import copy
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    import mol
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny["llama"]))
+    ids = torch.randint(0, base.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "hub"))(input_ids=ids).logits
+        ours = mol.load_adapter(copy.deepcopy(base), tmp_path / "one" / "adapter")(input_ids=ids).logits
+        plain = base(input_ids=ids).logits
+    assert not torch.allclose(ours, plain, rtol=0, atol=1e-4)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
 
 
 def test_fsdp_trains_lora_on_the_fused_experts_as_one_process(tiny, tmp_path):
