@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from mol.config import LoRAConfig, MoLConfig, config_from_dict, is_number, is_whole, without_quantize_base
 from mol.experts import ExpertsLoRA, expert_tensors
-from mol.inject import (_uncompiled, adapter_layers, all_configs, all_or_nothing, check_model, inject,
+from mol.inject import (_uncompiled, _under_any, adapter_layers, all_configs, all_or_nothing, check_model, inject,
                         fused_experts, injected_inside, match_parameters, name_matches, nested_configs,
                         require_adapter, tied_parameter_names, unwrapped_name)
 from mol.layers import MoLLinear, is_conv1d, linear_forward_problem
@@ -708,7 +708,14 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
         "inference_mode": True,
     }
     if experts:
-        peft_config["target_parameters"] = list(cfg.target_parameters)
+        parameters = list(cfg.target_parameters)
+        # inject kept them off the modules_to_save; PEFT matches them over those too, wraps their tensors and then
+        # fails to save such a module whole: name the adapted tensors instead
+        if any(_under_any(n.rpartition(".")[0], cfg.modules_to_save) and name_matches(n, parameters)
+               for n in (unwrapped_name(n) for n, _ in model.named_parameters())):
+            parameters = [f"{name}.{t}" for name, layer in adapter_layers(model) if isinstance(layer, ExpertsLoRA)
+                          for t in layer.lora_A]
+        peft_config["target_parameters"] = parameters
     if any(len(aliases.get(n, ())) > 1 for n in model.mol_trainable):
         peft_config["ensure_weight_tying"] = True
     text = _json_text(peft_config, "export_peft")

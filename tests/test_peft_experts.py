@@ -237,6 +237,24 @@ def test_lora_on_a_dense_mlp_of_a_model_peft_rewrites_is_refused(targets, expert
                                atol=1e-12)
 
 
+def test_an_experts_module_in_modules_to_save_is_left_out_of_the_exported_target_parameters(tmp_path):
+    """modules_to_save=[layer 0's experts] trains that module whole and keeps inject's target_parameters off it; PEFT
+    matches target_parameters without that exclusion, so the export must name the adapted tensors (PEFT wrapped layer
+    0's tensors too, then refused to make a ParamWrapper a ModulesToSaveWrapper: a directory PEFT could not load)."""
+    base = _base("qwen3_moe")
+    model = _randomise(mol.inject(copy.deepcopy(base), mol.LoRAConfig(
+        rank=2, target_modules=["q_proj"], target_parameters=EXPERTS, modules_to_save=["model.layers.0.mlp.experts"])),
+        "lora_B", "experts.gate_up_proj", "experts.down_proj")
+    assert not isinstance(model.model.layers[0].mlp.experts, mol.ExpertsLoRA)
+    mol.export_peft(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_parameters"] == [
+        "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
+    loaded = _peft_load(base, tmp_path)
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_logits(mol.import_peft(copy.deepcopy(base), tmp_path)), _logits(model), rtol=1e-12,
+                               atol=1e-12)
+
+
 def test_push_to_hub_in_peft_format_carries_the_expert_lora(tmp_path, monkeypatch):
     base = _base("qwen3_moe")
     model = _randomise(mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, target_modules=[],
