@@ -528,6 +528,13 @@ def match_parameters(model: nn.Module, target_parameters: Sequence[str], exclude
         raise ValueError(f"target_parameters {unmatched!r} selects {taken[0]!r}, an expert tensor that already carries "
                          "an adapter (an earlier inject's); give each method its own tensors, or inject on a fresh "
                          "model to start over")
+    # the model holds such tensors, but in modules_to_save: say so, not that it holds no mixture-of-experts layer
+    saved = [f"{n}.{t}" for n, m in model.named_modules() if n and _under_any(n, exclude)
+             for t in expert_tensors(m) if name_matches(f"{n}.{t}", unmatched)]
+    if saved:
+        raise ValueError(f"target_parameters {unmatched!r} select only tensors of modules_to_save {exclude!r} (e.g. "
+                         f"{saved[0]!r}), which train whole and take no LoRA; narrow modules_to_save, or drop those "
+                         "entries from target_parameters")
     if unmatched:
         free = [(n, m) for n, m in modules if not _inside_adapter(n, adapters)]
         fused = fused_experts(free)

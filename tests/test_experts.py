@@ -605,13 +605,16 @@ class _CustomMoE(nn.Module):
                r"'num_experts'\], the flags transformers' use_experts_implementation sets"),
     ("twice", r"target_parameters \['experts\.gate_up_proj'\] selects 'model\.layers\.0\.mlp\.experts\.base_layer\."
               r"gate_up_proj', an expert tensor that already carries an adapter \(an earlier inject's\)"),
+    ("saved", r"target_parameters \['experts\.gate_up_proj'\] select only tensors of modules_to_save \['mlp'\] "
+              r"\(e\.g\. 'model\.layers\.0\.mlp\.experts\.gate_up_proj'\), which train whole and take no LoRA"),
 ])
 def test_errors_name_the_problem_and_leave_the_model_unchanged(case, match):
     """Each mistake raises a ValueError that names it and the fix, and the model is left as it was (modules,
     parameters, trainable flags): a tensor name that matches nothing (the expert tensors on offer are listed), the
     router's 2-D weight, a string for the list, no target at all, a target_modules entry that matches nothing beside
     valid target_parameters (the experts, wrapped first, are put back), a dense model, an experts module without
-    transformers' flags, and the same expert tensors injected twice."""
+    transformers' flags, the same expert tensors injected twice, and expert tensors that modules_to_save covers
+    (the model does hold them: not "it holds no mixture-of-experts layer")."""
     from conftest import make_tiny_llama
 
     model = _qwen3_moe()
@@ -630,6 +633,8 @@ def test_errors_name_the_problem_and_leave_the_model_unchanged(case, match):
         model = make_tiny_llama()
     elif case == "custom":
         model = _CustomMoE()
+    elif case == "saved":
+        kw["modules_to_save"] = ["mlp"]
     elif case == "twice":
         mol.inject(model, mol.LoRAConfig(rank=4, target_modules=[], target_parameters=EXPERTS))
         kw["rank"] = 2
