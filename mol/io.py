@@ -561,8 +561,11 @@ def _single_lora_config(model: nn.Module) -> LoRAConfig:
     lora = as_lora_config(configs[0]) if len(configs) == 1 else None
     if lora is not None:
         return lora
+    why = ("several adapters, from one inject call each or one call with a list of configs" if len(configs) > 1
+           else "a token-routed MoL, which has no PEFT equivalent" if isinstance(configs[0], MoLConfig)
+           else f"{configs[0].method} is not LoRA")
     raise ValueError(f"PEFT's LoRA format holds one LoRA adapter; this model carries {[c.method for c in configs]} "
-                     "(token-routed MoL has no PEFT equivalent): export a LoRAConfig adapter or use mol.save_adapter")
+                     f"({why}): export a model with one LoRAConfig adapter, or use mol.save_adapter")
 
 
 def _peft_expert_paths(name: str, layer: ExpertsLoRA) -> dict[str, str]:

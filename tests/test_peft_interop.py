@@ -136,9 +136,13 @@ def test_export_refuses_lora_on_a_sequence_classifier_head(tmp_path):
     assert rel(peft_model(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-6
 
 
-def test_export_refuses_routed_mol(tmp_path):
-    model = mol.inject(make_tiny_llama(), mol.MoLConfig(num_experts=4, top_k=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="token-routed MoL has no PEFT equivalent"):
+@pytest.mark.parametrize("configs, why", [
+    ([mol.MoLConfig(num_experts=4, top_k=2, target_modules=["q_proj"])], "a token-routed MoL, which has no PEFT"),
+    ([mol.LoRAConfig(target_modules=["q_proj"]), mol.LoRAConfig(target_modules=["v_proj"])], "several adapters"),
+    ([mol.IA3Config(target_modules=["k_proj"], feedforward_modules=None)], r"\(ia3 is not LoRA\)")])
+def test_export_refuses_what_peft_lora_cannot_hold_and_says_why(tmp_path, configs, why):
+    model = mol.inject(make_tiny_llama(), configs)
+    with pytest.raises(ValueError, match=why):
         mol.export_peft(model, tmp_path)
     assert not (tmp_path / "adapter_config.json").exists()
 
