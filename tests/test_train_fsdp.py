@@ -186,6 +186,29 @@ def test_routers_take_a_bf16_models_dtype_for_fsdp_and_still_score_in_float32(ti
     assert torch.equal(out.expert_ids, ref.expert_ids) and torch.equal(out.gates, ref.gates)
 
 
+def test_nf4_codes_stored_again_after_a_cast_take_the_models_new_dtype():
+    """Codes stored as float32 parameters, the model then cast to bf16 (.to() never casts the codes' bytes), and
+    nf4_codes_as_parameters called again before wrapping: the codes outnumbered the model's other weights (as in any
+    large model) and voted flat_dtype to float32, so they stayed float32 beside bf16 weights, which FSDP refuses to
+    flatten together. Reference: the same model cast without ever storing its codes."""
+    import copy
+
+    from torch import nn
+
+    import mol
+    from mol.train.fsdp import flat_dtype, nf4_codes_as_parameters
+
+    torch.manual_seed(0)
+    model = mol.quantize(nn.Sequential(nn.Linear(256, 256), nn.LayerNorm(256)), "nf4")
+    ref = copy.deepcopy(model).to(torch.bfloat16)
+    assert nf4_codes_as_parameters(model) == torch.float32
+    model.to(torch.bfloat16)
+    assert flat_dtype(model) == torch.bfloat16 and nf4_codes_as_parameters(model) == torch.bfloat16
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    assert torch.equal(model(x), ref(x))
+
+
 def test_a_resumed_fsdp_run_follows_the_uninterrupted_one(tiny, tmp_path):
     """MoL (whose lora_B is stored in another memory order than its shape's), the model wrapped whole
     (auto_wrap_policy=null): stopped at step 2 and resumed to step 4, the run logs the uninterrupted run's losses
