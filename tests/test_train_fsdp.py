@@ -283,7 +283,7 @@ def _sharded_save(rank: int, out: str, port: int) -> None:
 
     import mol
     from conftest import make_tiny_llama
-    from mol.train.fsdp import gather_trainable
+    from mol.train.fsdp import gather_trainable, nf4_codes_as_parameters
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -300,15 +300,33 @@ def _sharded_save(rank: int, out: str, port: int) -> None:
     except ValueError as e:
         refused = str(e)
     gathered = gather_trainable(fsdp, to_rank0=True)
+    # an NF4 layer wrapped with its codes stored: storing them again (in another dtype) or nf4_codes_as_parameters on
+    # the wrapped model replaced the parameter FSDP manages, and the next forward failed inside FSDP
+    q = mol.quantize(torch.nn.Sequential(torch.nn.Linear(64, 32)), "nf4")
+    nf4_codes_as_parameters(q)
+    x = torch.randn(3, 64)
+    y = q(x)
+    fq = FullyShardedDataParallel(q, device_id=torch.device("cpu"), use_orig_params=True)
+    codes = q[0].qweight
+    nf4 = {"same dtype": q[0].store_codes_as(torch.float32) and q[0].qweight is codes}
+    for name, call in (("store", lambda: q[0].store_codes_as(torch.bfloat16)),
+                       ("wrapped", lambda: nf4_codes_as_parameters(fq))):
+        try:
+            call()
+            nf4[name] = "no error"
+        except ValueError as e:
+            nf4[name] = str(e)
+    nf4["forward"] = torch.equal(fq(x), y)
     if rank == 0:
         mol.save_adapter(model, f"{out}/gathered", tensors=gathered)
-        torch.save({"refused": refused, "whole": whole}, f"{out}/result.pt")
+        torch.save({"refused": refused, "whole": whole, "nf4": nf4}, f"{out}/result.pt")
     dist.destroy_process_group()
 
 
 def test_save_adapter_refuses_fsdp_shards_and_takes_gathered_tensors(tmp_path):
     """A model FSDP sharded over 2 processes holds flat views of each process's shard between steps: save_adapter
-    refuses them by name (it wrote 1-D shards before), and writes the whole tensors gather_trainable returns."""
+    refuses them by name (it wrote 1-D shards before), and writes the whole tensors gather_trainable returns. NF4 codes
+    FSDP holds are not stored again, in another dtype, and nf4_codes_as_parameters refuses a wrapped model."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
@@ -318,6 +336,10 @@ def test_save_adapter_refuses_fsdp_shards_and_takes_gathered_tensors(tmp_path):
     mp.spawn(_sharded_save, args=(str(tmp_path), port), nprocs=2)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     assert "shard of FSDP's, not the whole tensor" in result["refused"] and "nothing was written" in result["refused"]
+    nf4 = result["nf4"]
+    assert nf4["same dtype"] is True and nf4["forward"] is True, nf4
+    assert "FullyShardedDataParallel holds these codes" in nf4["store"] and "before wrapping" in nf4["store"], nf4
+    assert "wrapped in FullyShardedDataParallel already" in nf4["wrapped"] and "before wrapping" in nf4["wrapped"], nf4
     saved = load_file(str(tmp_path / "gathered" / "adapter_model.safetensors"))
     assert saved.keys() == result["whole"].keys()
     for k, v in result["whole"].items():

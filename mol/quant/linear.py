@@ -152,9 +152,18 @@ class NF4Tensor(nn.Module):
         """Hold the 4-bit codes as a frozen ``nn.Parameter`` of the floating ``dtype`` (the same bytes reinterpreted,
         as bitsandbytes' ``quant_storage``), for FSDP, which shards parameters but not buffers, and flattens only
         floating tensors of one dtype per unit. The state dict still holds uint8 codes, and ``.to(dtype)`` does not
-        cast them. Returns False, leaving a buffer, where the code bytes do not fill whole ``dtype`` elements."""
+        cast them. Returns False, leaving a buffer, where the code bytes do not fill whole ``dtype`` elements. Call it
+        before wrapping in FSDP: once FSDP holds the codes, only their own dtype is accepted (a no-op)."""
         if not dtype.is_floating_point:
             raise TypeError(f"store_codes_as needs a floating dtype (FSDP flattens no integer tensors); got {dtype}")
+        param = self._parameters.get("qweight")
+        if param is not None and param.dtype == dtype:
+            return True  # the same Parameter kept: FSDP (and an optimizer) hold it by identity
+        if param is not None and getattr(param, "_fsdp_flattened", False):
+            # a new Parameter in its place would be one FSDP does not manage, and its next forward fails inside FSDP
+            raise ValueError(f"store_codes_as({dtype}): FullyShardedDataParallel holds these codes as {param.dtype} "
+                             "(this layer is wrapped already); store them before wrapping (mol.train.fsdp."
+                             "nf4_codes_as_parameters(model), then FullyShardedDataParallel(model, ...))")
         codes = self._codes()
         if codes.numel() % dtype.itemsize:
             return False

@@ -73,9 +73,19 @@ def nf4_codes_as_parameters(model: nn.Module) -> Optional[torch.dtype]:
     same bytes), so that FSDP shards them with the unit's other weights (it shards no buffers, and flattens only
     floating tensors of one dtype per unit), as bitsandbytes' ``quant_storage`` does for FSDP-QLoRA. Returns that
     dtype, or None if the model holds no NF4 weight. The few whose code bytes do not fill whole elements of it stay
-    buffers, which every process holds whole; a warning names them."""
+    buffers, which every process holds whole; a warning names them. Raises on a model FSDP wrapped already."""
     from mol.quant.linear import NF4Tensor
 
+    wrapped = any(getattr(p, "_fsdp_flattened", False) for p in model.parameters())
+    if not wrapped and torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+    if wrapped:
+        # FSDP shards only the parameters it found when wrapping: codes made parameters now would stay whole on
+        # every process, while this returned a dtype as if they were sharded
+        raise ValueError("nf4_codes_as_parameters: the model is wrapped in FullyShardedDataParallel already, which "
+                         "shards only the parameters it found when wrapping; call it on the model before wrapping")
     tensors = [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Tensor)]
     if not tensors:
         return None
