@@ -196,6 +196,14 @@ def test_codes_stored_as_a_floating_parameter_are_the_same_weight(dtype):
     torch.testing.assert_close(held(x.detach().to(cast)), q.to(cast)(x.detach().to(cast)), rtol=0, atol=0)
     odd = NF4Linear.from_linear(nn.Linear(3, 2))  # 6 weights: 3 code bytes
     assert not odd.store_codes_as(torch.float32) and odd.qweight.dtype == torch.uint8
+    # 12 code bytes: whole float32 elements, not whole float64 ones; the float32 parameter went back to a uint8
+    # buffer (it stayed, which FSDP refuses beside float64 weights, while nf4_codes_as_parameters said "whole")
+    twelve = NF4Linear.from_linear(nn.Linear(6, 4))
+    y = twelve(x[:, :6])
+    assert twelve.store_codes_as(torch.float32) and not twelve.store_codes_as(torch.float64)
+    assert "qweight" in dict(twelve.named_buffers()) and twelve.qweight.dtype == torch.uint8
+    assert "qweight" not in dict(twelve.named_parameters())
+    torch.testing.assert_close(twelve(x[:, :6]), y, rtol=0, atol=0)
     with pytest.raises(TypeError, match="floating dtype"):
         odd.store_codes_as(torch.int32)
 

@@ -166,6 +166,9 @@ class NF4Tensor(nn.Module):
                              "nf4_codes_as_parameters(model), then FullyShardedDataParallel(model, ...))")
         codes = self._codes()
         if codes.numel() % dtype.itemsize:
+            if param is not None:  # held in another dtype before: a buffer again, not a parameter of a third dtype
+                del self._parameters["qweight"]
+                self.register_buffer("qweight", codes)
             return False
         if "qweight" in self._buffers:
             del self._buffers["qweight"]
