@@ -233,9 +233,17 @@ def _base_model_name(model: nn.Module) -> str:
     return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "name_or_path", "") or "")
 
 
+def _fsdp_unwrapped(model: nn.Module) -> nn.Module:
+    """The model a FullyShardedDataParallel root wraps, where it carries the adapter, else model: FSDP forwards
+    attribute reads to it (``mol_configs`` included), so the wrapper passed for it looked like a model holding
+    another adapter inside."""
+    inner = model._modules.get("_fsdp_wrapped_module") if type(model).__name__ == "FullyShardedDataParallel" else None
+    return inner if inner is not None and "mol_configs" in inner.__dict__ else model
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The trainable adapter tensors, keyed by the model's parameter names."""
-    model = _uncompiled(model)
+    model = _fsdp_unwrapped(_uncompiled(model))
     require_adapter(model)
     params = {unwrapped_name(n): p for n, p in model.named_parameters()}  # FSDP may have nested modules since
     return {name: params[name] for name in model.mol_trainable}
@@ -245,9 +253,10 @@ def save_adapter(model: nn.Module, directory: PathLike, tensors: Optional[Mappin
     """Write the adapter of ``model`` (configs + trainable tensors only) to ``directory``; with those of the
     injects on modules inside it that its inject took over (each config under its module's name). Returns the
     directory (created if missing). ``tensors``: the trainable tensors by name, where the model's own are not whole
-    (FSDP's shards between steps: mol.train.fsdp.gather_trainable gathers them); exactly the adapter's names."""
+    (FSDP's shards between steps: mol.train.fsdp.gather_trainable gathers them); exactly the adapter's names. An
+    FSDP root saves the adapter of the model it wraps."""
     check_model(model, "save_adapter", then_directory=True)
-    model = _uncompiled(model)
+    model = _fsdp_unwrapped(_uncompiled(model))
     require_adapter(model)
     if tensors is not None and set(tensors) != set(model.mol_trainable):
         missing, extra = sorted(set(model.mol_trainable) - set(tensors)), sorted(set(tensors) - set(model.mol_trainable))

@@ -317,16 +317,27 @@ def _sharded_save(rank: int, out: str, port: int) -> None:
         except ValueError as e:
             nf4[name] = str(e)
     nf4["forward"] = torch.equal(fq(x), y)
+    # the FSDP wrapper passed for the model it wraps: refused as "an adapter of its own inside, inject its configs
+    # on this model instead", which neither named the problem nor fixed it
+    saved_from_root = {}
+    for name, tensors in (("shards", None), ("gathered", gathered if rank == 0 else None)):
+        try:
+            if rank == 0:
+                mol.save_adapter(fsdp, f"{out}/root_{name}", tensors=tensors)
+            saved_from_root[name] = "saved"
+        except ValueError as e:
+            saved_from_root[name] = str(e)
     if rank == 0:
         mol.save_adapter(model, f"{out}/gathered", tensors=gathered)
-        torch.save({"refused": refused, "whole": whole, "nf4": nf4}, f"{out}/result.pt")
+        torch.save({"refused": refused, "whole": whole, "nf4": nf4, "root": saved_from_root}, f"{out}/result.pt")
     dist.destroy_process_group()
 
 
 def test_save_adapter_refuses_fsdp_shards_and_takes_gathered_tensors(tmp_path):
     """A model FSDP sharded over 2 processes holds flat views of each process's shard between steps: save_adapter
-    refuses them by name (it wrote 1-D shards before), and writes the whole tensors gather_trainable returns. NF4 codes
-    FSDP holds are not stored again, in another dtype, and nf4_codes_as_parameters refuses a wrapped model."""
+    refuses them by name (it wrote 1-D shards before), and writes the whole tensors gather_trainable returns, given the
+    model or its FSDP wrapper. NF4 codes FSDP holds are not stored again, in another dtype, and
+    nf4_codes_as_parameters refuses a wrapped model."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
@@ -340,7 +351,12 @@ def test_save_adapter_refuses_fsdp_shards_and_takes_gathered_tensors(tmp_path):
     assert nf4["same dtype"] is True and nf4["forward"] is True, nf4
     assert "FullyShardedDataParallel holds these codes" in nf4["store"] and "before wrapping" in nf4["store"], nf4
     assert "wrapped in FullyShardedDataParallel already" in nf4["wrapped"] and "before wrapping" in nf4["wrapped"], nf4
+    root = result["root"]
+    assert "shard of FSDP's, not the whole tensor" in root["shards"] and root["gathered"] == "saved", root
+    assert not (tmp_path / "root_shards").exists()
     saved = load_file(str(tmp_path / "gathered" / "adapter_model.safetensors"))
     assert saved.keys() == result["whole"].keys()
+    from_root = load_file(str(tmp_path / "root_gathered" / "adapter_model.safetensors"))
+    assert from_root.keys() == saved.keys() and all(torch.equal(from_root[k], saved[k]) for k in saved)
     for k, v in result["whole"].items():
         assert torch.equal(saved[k], v), k
