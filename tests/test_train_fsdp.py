@@ -249,11 +249,12 @@ def test_fsdp_wrap_classes_resolves_the_policy_or_names_the_fix(tiny):
         fsdp_wrap_classes(bert, "no_split_modules")
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true"])
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true", "32-true"])
 def test_fsdp_mixed_precision_keeps_buffers_in_their_dtype(precision, tmp_path):
     """Under bf16-mixed / 16-mixed FSDP gathers parameters and reduces gradients in 16 bits, as Lightning sets it,
     but leaves buffers alone: Lightning's own setting casts every floating buffer, rounding NF4's float32 code
-    table and scales. 32-true: Lightning's own (no MixedPrecision of ours). A mixed_precision given in the config wins."""
+    table and scales (under bf16-true too, where NF4's are the only buffers the model's own cast leaves float32).
+    32-true: Lightning's own (no MixedPrecision of ours). A mixed_precision given in the config wins."""
     from test_train_utils import compose
 
     from mol.train.app import build_trainer

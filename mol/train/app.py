@@ -696,14 +696,15 @@ def fsdp_wrap_classes(model: Any, policy: Any) -> Optional[set]:
 
 
 def fsdp_mixed_precision(precision: str) -> Any:
-    """FSDP's MixedPrecision for ``trainer.precision`` 16-mixed / bf16-mixed: Lightning's (parameters gathered and
-    gradients reduced in the 16-bit dtype), except that buffers keep their dtype. Lightning casts every floating
-    buffer to 16 bits as well, which rounds an NF4 layer's float32 code table and scales (QLoRA computing with other
-    weights than its checkpoint's) and the rotary embeddings' inv_freq. None for other precisions: Lightning's."""
+    """FSDP's MixedPrecision for ``trainer.precision`` 16-mixed / bf16-mixed / 16-true / bf16-true: Lightning's
+    (parameters gathered and gradients reduced in the 16-bit dtype), except that buffers keep their dtype. Lightning
+    casts every floating buffer to 16 bits as well, which rounds an NF4 layer's float32 code table and scales (QLoRA
+    computing with other weights than its checkpoint's) and the rotary embeddings' inv_freq; under -true the model's
+    own cast has already set every other buffer's dtype. None for other precisions: Lightning's."""
     import torch
 
-    dtype = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "16-mixed": torch.float16, "16": torch.float16}.get(
-        precision)
+    dtype = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "16-mixed": torch.float16, "16": torch.float16,
+             "bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision)
     if dtype is None:
         return None
     from torch.distributed.fsdp import MixedPrecision
