@@ -318,6 +318,19 @@ def _sharded_save(rank: int, out: str, port: int) -> None:
         except ValueError as e:
             nf4[name] = str(e)
     nf4["forward"] = torch.equal(fq(x), y)
+    # FSDP's buffer_dtype casts every floating buffer at the first forward, NF4's float32 code tables and scales
+    # too: every weight changed by bf16's rounding, and the forward said nothing
+    from torch.distributed.fsdp import MixedPrecision
+
+    q16 = mol.quantize(torch.nn.Sequential(torch.nn.Linear(64, 32)), "nf4")
+    nf4_codes_as_parameters(q16)
+    f16 = FullyShardedDataParallel(q16, device_id=torch.device("cpu"), use_orig_params=True,
+                                   mixed_precision=MixedPrecision(buffer_dtype=torch.bfloat16))
+    try:
+        f16(x)
+        nf4["buffer_dtype"] = "no error"
+    except RuntimeError as e:
+        nf4["buffer_dtype"] = str(e)
     # the FSDP wrapper passed for the model it wraps: refused as "an adapter of its own inside, inject its configs
     # on this model instead", which neither named the problem nor fixed it
     saved_from_root = {}
@@ -337,8 +350,9 @@ def _sharded_save(rank: int, out: str, port: int) -> None:
 def test_save_adapter_refuses_fsdp_shards_and_takes_gathered_tensors(tmp_path):
     """A model FSDP sharded over 2 processes holds flat views of each process's shard between steps: save_adapter
     refuses them by name (it wrote 1-D shards before), and writes the whole tensors gather_trainable returns, given the
-    model or its FSDP wrapper. NF4 codes FSDP holds are not stored again, in another dtype, and
-    nf4_codes_as_parameters refuses a wrapped model."""
+    model or its FSDP wrapper. NF4 codes FSDP holds are not stored again, in another dtype,
+    nf4_codes_as_parameters refuses a wrapped model, and an NF4 forward refuses the code tables FSDP's buffer_dtype
+    rounded."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
@@ -352,6 +366,7 @@ def test_save_adapter_refuses_fsdp_shards_and_takes_gathered_tensors(tmp_path):
     assert nf4["same dtype"] is True and nf4["forward"] is True, nf4
     assert "FullyShardedDataParallel holds these codes" in nf4["store"] and "before wrapping" in nf4["store"], nf4
     assert "wrapped in FullyShardedDataParallel already" in nf4["wrapped"] and "before wrapping" in nf4["wrapped"], nf4
+    assert "quant_map is torch.bfloat16" in nf4["buffer_dtype"] and "buffer_dtype=None" in nf4["buffer_dtype"], nf4
     root = result["root"]
     assert "shard of FSDP's, not the whole tensor" in root["shards"] and root["gathered"] == "saved", root
     assert not (tmp_path / "root_shards").exists()

@@ -181,6 +181,13 @@ class NF4Tensor(nn.Module):
     def packed(self) -> NF4Weight:
         """The packed weight as an NF4Weight (views of this module's buffers)."""
         b = self._buffers  # read directly: each forward builds this, and Module.__getattr__ costs a frame per buffer
+        if b["quant_map"].dtype != torch.float32:
+            # .to() keeps it float32 (_apply); only a cast past it rounds the tables and scales, every weight with them
+            raise RuntimeError(f"NF4: quant_map is {b['quant_map'].dtype}, not float32: something cast the NF4 "
+                               "quantization state past .to() (FSDP's MixedPrecision(buffer_dtype=...) casts every "
+                               "floating buffer), rounding the code tables and scales and so every weight. Wrap with "
+                               "MixedPrecision(buffer_dtype=None), as mol.train's trainer=fsdp does, on a model "
+                               "quantized again or reloaded")
         return NF4Weight(self._codes(), b["absmax"], b["quant_map"], self.weight_shape, self.weight_dtype,
                          self.blocksize, b.get("nested_absmax"), b.get("nested_quant_map"), b.get("offset"),
                          self.nested_blocksize)
