@@ -331,6 +331,16 @@ def _sharded_save(rank: int, out: str, port: int) -> None:
         nf4["buffer_dtype"] = "no error"
     except RuntimeError as e:
         nf4["buffer_dtype"] = str(e)
+    # param_dtype other than the codes' dtype casts their bytes' values: the forward computed garbage, silently
+    q32 = mol.quantize(torch.nn.Sequential(torch.nn.Linear(64, 32)), "nf4")
+    nf4_codes_as_parameters(q32)
+    f32 = FullyShardedDataParallel(q32, device_id=torch.device("cpu"), use_orig_params=True,
+                                   mixed_precision=MixedPrecision(param_dtype=torch.bfloat16))
+    try:
+        f32(x.bfloat16())
+        nf4["param_dtype"] = "no error"
+    except RuntimeError as e:
+        nf4["param_dtype"] = str(e)
     # the FSDP wrapper passed for the model it wraps: refused as "an adapter of its own inside, inject its configs
     # on this model instead", which neither named the problem nor fixed it
     saved_from_root = {}
@@ -352,7 +362,7 @@ def test_save_adapter_refuses_fsdp_shards_and_takes_gathered_tensors(tmp_path):
     refuses them by name (it wrote 1-D shards before), and writes the whole tensors gather_trainable returns, given the
     model or its FSDP wrapper. NF4 codes FSDP holds are not stored again, in another dtype,
     nf4_codes_as_parameters refuses a wrapped model, and an NF4 forward refuses the code tables FSDP's buffer_dtype
-    rounded."""
+    rounded and the codes its param_dtype cast."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
@@ -367,6 +377,7 @@ def test_save_adapter_refuses_fsdp_shards_and_takes_gathered_tensors(tmp_path):
     assert "FullyShardedDataParallel holds these codes" in nf4["store"] and "before wrapping" in nf4["store"], nf4
     assert "wrapped in FullyShardedDataParallel already" in nf4["wrapped"] and "before wrapping" in nf4["wrapped"], nf4
     assert "quant_map is torch.bfloat16" in nf4["buffer_dtype"] and "buffer_dtype=None" in nf4["buffer_dtype"], nf4
+    assert "torch.bfloat16, stored as torch.float32" in nf4["param_dtype"] and "param_dtype" in nf4["param_dtype"], nf4
     root = result["root"]
     assert "shard of FSDP's, not the whole tensor" in root["shards"] and root["gathered"] == "saved", root
     assert not (tmp_path / "root_shards").exists()

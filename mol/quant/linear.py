@@ -145,7 +145,14 @@ class NF4Tensor(nn.Module):
         if codes is None:
             # held as a parameter of another dtype (store_codes_as); inside FSDP's forward a plain tensor attribute,
             # a view of the gathered flat parameter (use_orig_params)
-            codes = self.qweight.view(torch.uint8)
+            held = self.qweight
+            stored = self.__dict__.get("_codes_dtype", held.dtype)
+            if held.dtype != stored:  # FSDP cast the values the bytes spell, not the bytes: garbage codes
+                raise RuntimeError(f"NF4: the codes arrive as {held.dtype}, stored as {stored}: FSDP's "
+                                   f"MixedPrecision(param_dtype={held.dtype}) cast their bytes' values. Wrap with "
+                                   f"param_dtype={stored} or None (the dtype nf4_codes_as_parameters returns), or "
+                                   f"cast the model to {held.dtype} and store the codes again before wrapping")
+            codes = held.view(torch.uint8)
         return codes
 
     def store_codes_as(self, dtype: torch.dtype) -> bool:
@@ -175,6 +182,7 @@ class NF4Tensor(nn.Module):
         else:
             del self._parameters["qweight"]
         self.qweight = nn.Parameter(codes.view(dtype), requires_grad=False)
+        self._codes_dtype = dtype  # what _codes checks the forward's codes against (FSDP's param_dtype)
         return True
 
     @property
