@@ -299,16 +299,22 @@ def test_float32_call_inside_autocast_keeps_its_dtypes(fused, dense_gemms):
         assert a.grad.dtype == torch.float32 and rel(a.grad, b.grad) < 1e-5, f"d{name} rel err {rel(a.grad, b.grad)}"
 
 
-def test_on_off_environment_switches_read_every_spelling_and_refuse_others():
+def test_on_off_environment_switches_read_every_spelling_and_refuse_others(monkeypatch):
     # MOL_DB_FIRST=true used to turn the default-on switch off (only "1" meant on)
     import subprocess
     import sys
 
+    from mol.kernels import env_flag
+
+    for value, want in (("true", True), ("on", True), ("YES", True), ("0", False), ("off", False), (" ", None)):
+        monkeypatch.setenv("MOL_DB_FIRST", value)
+        assert env_flag("MOL_DB_FIRST", True) is (True if want is None else want), value
+        assert env_flag("MOL_DB_FIRST", False) is (False if want is None else want), value
+    monkeypatch.setenv("MOL_DB_FIRST", "maybe")
+    with pytest.raises(ValueError, match="MOL_DB_FIRST='maybe' is not an on/off value"):
+        env_flag("MOL_DB_FIRST", True)
+    # the kernels' module-level switches read it at import (one process: each import costs seconds)
     code = "import mol.kernels.routed_lora as r, mol.kernels.base_gemm as b; print(r.DB_FIRST, b.GLUON)"
-    for value, want in (("true", "True True"), ("on", "True True"), ("0", "False True"), ("", "True True")):
-        env = {**os.environ, "TRITON_INTERPRET": "1", "MOL_DB_FIRST": value}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        assert out.stdout.split("\n")[-2] == want, (value, out.stdout)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "MOL_DB_FIRST": "maybe"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode != 0 and "MOL_DB_FIRST='maybe' is not an on/off value" in out.stderr
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MOL_DB_FIRST": "false", "MOL_BASE_GEMM_GLUON": "off"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == "False False", out.stdout
