@@ -1017,3 +1017,28 @@ def test_nf4linear_on_meta_gives_a_meta_output():
     ids = torch.randint(0, 101, (2, 7), device="meta")
     out = model.to("meta")(input_ids=ids).logits
     assert out.is_meta and out.shape == dense(input_ids=ids).logits.shape == (2, 7, 101)
+
+
+def test_a_quantized_model_cast_to_bf16_stands_for_bf16_weights():
+    """mol.quantize, then .to(bfloat16): the NF4 weights stand for bf16 tensors, as when the model is cast before it
+    is quantized (the reference): dequantize() returns bf16, and LoRA's adapter_dtype="base" trains bf16 tensors.
+    They stayed float32 (NF4Linear's weight_dtype did not follow the cast), beside a bf16 model."""
+    import copy
+
+    import mol
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64))
+    cast_after = mol.quantize(copy.deepcopy(dense), "nf4", skip=[]).to(torch.bfloat16)
+    cast_before = mol.quantize(copy.deepcopy(dense).to(torch.bfloat16), "nf4", skip=[])
+    for a, b in zip(cast_after, cast_before):
+        if isinstance(a, NF4Linear):
+            assert a.weight_dtype == b.weight_dtype == torch.bfloat16
+            assert a.dequantize().dtype == torch.bfloat16 and a.qweight.dtype == torch.uint8
+            assert a.quant_map.dtype == torch.float32
+    lora = mol.LoRAConfig(rank=4, target_modules=["0", "2"], adapter_dtype="base")
+    after, before = mol.inject(cast_after, lora), mol.inject(cast_before, copy.deepcopy(lora))
+    assert {p.dtype for p in after.parameters() if p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in before.parameters() if p.requires_grad} == {torch.bfloat16}
+    nf4 = [m for m in after.to(torch.float32).modules() if isinstance(m, NF4Linear)]  # and back
+    assert len(nf4) == 2 and all(m.weight_dtype == torch.float32 for m in nf4)

@@ -118,18 +118,6 @@ class NF4Experts(nn.Module):
                 raise
         return getattr(self._modules["experts"], name)
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)  # NF4Tensor._apply keeps the NF4 codes' and scales' dtypes
-        # the dense expert tensors this module stands for follow .to(dtype) / .half() as the module's biases do, and
-        # the forward computes in their dtype: the model cast to bfloat16 computes its experts in bfloat16 (torch's
-        # grouped GEMM), not in the float32 they were quantized from
-        for tensor in self.nf4.values():
-            # the code table's device: FSDP's _apply deregisters the codes when they are its parameters
-            cast = fn(torch.empty(0, dtype=tensor.weight_dtype, device=tensor.quant_map.device))
-            if cast.is_floating_point():
-                tensor.weight_dtype = cast.dtype
-        return self
-
     def quantized_expert_tensors(self) -> dict[str, tuple[torch.Size, torch.dtype, torch.device]]:
         """name -> (shape, dtype computed in, device) of every expert tensor held in NF4, as mol.experts'
         expert_tensors reports a module's dense ones."""

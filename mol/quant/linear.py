@@ -102,7 +102,8 @@ class NF4Tensor(nn.Module):
     bitsandbytes names them (``qweight``, ``absmax``, ``quant_map``, ``nested_absmax``, ``nested_quant_map``,
     ``offset``), so that ``.to()``, ``state_dict()`` and devices work as for a parameter. ``.to(dtype)`` /
     ``.half()`` move the quantization state between devices but never change its dtype (a bf16 codebook would
-    silently change every weight). NF4Linear's weight, and each fused expert tensor of an NF4Experts."""
+    silently change every weight); they change ``weight_dtype``, the dtype of the dense tensor it stands for.
+    NF4Linear's weight, and each fused expert tensor of an NF4Experts."""
 
     def __init__(self, packed: NF4Weight, backend: str = "auto"):
         super().__init__()
@@ -138,6 +139,13 @@ class NF4Tensor(nn.Module):
         param = self._parameters.get("qweight")
         if param is not None and param.dtype != param_data.dtype:  # codes held in another dtype are bytes, not values
             param.data = param_data.to(param.device)
+        # the dense tensor this stands for follows .to(dtype) / .half() as a bias does: what dequantize() returns,
+        # the dtype NF4Experts computes in (torch's bf16 grouped GEMM on a model cast to bf16), the dtype adapters
+        # beside it take (adapter_dtype="base"), and the compute dtype save_bnb_4bit records
+        # (the code table's device: FSDP's _apply deregisters the codes when they are its parameters)
+        cast = fn(torch.empty(0, dtype=self.weight_dtype, device=self._buffers["quant_map"].device))
+        if cast.is_floating_point():
+            self.weight_dtype = cast.dtype
         return self
 
     def _codes(self) -> torch.Tensor:
