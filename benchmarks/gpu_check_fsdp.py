@@ -2,7 +2,8 @@
 2 gloo processes) cannot reach: NCCL, Lightning's bf16-mixed FSDP precision, and the Triton kernels on FSDP's
 parameters.
 
-    python benchmarks/gpu_check_fsdp.py [--devices N] [--methods mol lora qlora-mol qlora qlora-mol-bf16]
+    python benchmarks/gpu_check_fsdp.py [--devices N] [--methods mol lora qlora-mol qlora qlora-mol-bf16
+                                                  qlora-mol-bf16-true]
 
 A tiny Llama and JSONL task built locally (tests/test_train_utils.py's helpers; needs hydra-core and pytest), MoL
 E=4 top-2 and LoRA on q/v/up, on the float32 model and on its NF4 quantization (QLoRA: the codes FSDP parameters),
@@ -24,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"mol": "method=mol method.num_experts=4", "lora": "method=lora",
            "qlora-mol": "method=qlora-mol method.num_experts=4", "qlora": "method=qlora",
            # a bf16 model: FSDP flattens in bf16 (adapters, routers and codes too; trainer=gpu keeps float32 adapters)
-           "qlora-mol-bf16": "method=qlora-mol method.num_experts=4 model.dtype=bfloat16"}
+           "qlora-mol-bf16": "method=qlora-mol method.num_experts=4 model.dtype=bfloat16",
+           # bf16-true: Lightning casts the model to bf16 (codes stored in bf16 first); FSDP leaves buffers alone
+           "qlora-mol-bf16-true": "method=qlora-mol method.num_experts=4 trainer.precision=bf16-true"}
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
