@@ -212,6 +212,10 @@ def test_multirun_writes_to_output_dir_and_resumes_there(tmp_path):
     ("data.limit_train_examples=0", r"data.limit_train_examples=0 .*\(null: every example\)"),
     ("seed=abc", "seed=abc is not a whole number"),
     ("optim.lr=abc", "optim.lr=abc is not a number"),
+    ("optim.lr=-1", "optim.lr=-1 is out of range; it must be >= 0"),
+    ("optim.min_lr_ratio=-1", "optim.min_lr_ratio=-1 is out of range; it must be between 0 and 1"),
+    ("optim.warmup_ratio=3", "optim.warmup_ratio=3 is out of range"),
+    ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0 is out of range.*or null"),
     ("baseline.max_epochs=0", "baseline.max_epochs=0 is not a whole number >= 1"),
     ("model.dtype=bfloat17", "model.dtype=bfloat17 is not a torch floating-point dtype"),
     ("model.tokenizer=/no/such/tok", "model.tokenizer=/no/such/tok is neither a folder nor a Hub repo id"),
@@ -219,7 +223,9 @@ def test_multirun_writes_to_output_dir_and_resumes_there(tmp_path):
 def test_values_that_cannot_train_stop_before_anything_loads(override, match, tmp_path, monkeypatch):
     """These trained an untrained adapter into results (max_steps/max_epochs 0: Lightning's fit returns at once),
     ignored the limit (limit_train_examples=0), or ended in tracebacks from int(), float(), getattr(torch, ...),
-    transformers' hub lookup or inside the model; optim.lr=abc only after the head-only baseline had trained."""
+    transformers' hub lookup or inside the model; optim.lr=abc only after the head-only baseline had trained.
+    optim.lr=-1 failed in AdamW once fit began, optim.min_lr_ratio=-1 trained with a negative rate late in the run
+    (gradient ascent), silently; check_val_every_n_epoch=0 divided by zero inside fit."""
     from mol.train import app
     from test_train_utils import make_tokenizer
 
@@ -241,3 +247,19 @@ def test_a_mistyped_top_level_key_names_the_keys_there_are():
     assert msg is not None and "no key 'seeed' (did you mean seed?)" in msg and "+seeed" not in msg, msg
     msg = check_overrides(["adapter=x", "spilt=val"], REPO / "conf", config_name="evaluate")
     assert msg is not None and "did you mean split?" in msg and "mol.train" not in msg, msg
+
+
+@pytest.mark.parametrize("override, match", [
+    ("trainer.precision=bogus", "Precision 'bogus' is invalid"),
+    ("trainer.strategy=bogus", "invalid strategy name"),
+    ("trainer.devices=0", "devices=0"),
+    ("trainer.val_check_interval=-1", "val_check_interval"),
+    ("+trainer.gradient_clip_algorithm=bogus", "gradient_clip_algorithm"),
+])
+def test_trainer_values_lightning_refuses_are_one_config_error(override, match, tmp_path):
+    """Lightning's Trainer refuses these when it is built (before any training), with a traceback; now one line."""
+    from mol.train import app
+
+    cfg = compose(["model=hf_causal", "model.path=unused", override, f"output_dir={tmp_path}"])
+    with pytest.raises(app.ConfigError, match=f"the trainer settings are invalid: .*{match}"):
+        app.build_trainer(cfg, tmp_path, [], "logs")

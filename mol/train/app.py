@@ -495,13 +495,15 @@ def check_trainer_values(trainer_cfg: DictConfig) -> None:
         if v is not None and not is_whole(v):
             raise ConfigError(f"trainer.{key}={v} is not a whole number; pass e.g. trainer.{key}=10")
     # Lightning takes 0 (fit returns at once: an untrained adapter saved as the run's) and divides by a zero
-    # accumulate_grad_batches; below -1 it raises with a traceback
+    # accumulate_grad_batches (and check_val_every_n_epoch, inside fit); below -1 it raises with a traceback
     for key, lowest, fix in (("max_steps", 1, "or -1 to train for trainer.max_epochs"),
-                             ("max_epochs", 1, "or -1 with trainer.max_steps=N"), ("accumulate_grad_batches", 1, "")):
+                             ("max_epochs", 1, "or -1 with trainer.max_steps=N"), ("accumulate_grad_batches", 1, ""),
+                             ("check_val_every_n_epoch", 1, "or null to validate by trainer.val_check_interval")):
         v = trainer_cfg.get(key)
-        if v is not None and v < lowest and not (v == -1 and key != "accumulate_grad_batches"):
-            raise ConfigError(f"trainer.{key}={v} {'trains nothing' if v == 0 else 'is out of range'}; pass "
-                              f"trainer.{key}=N with N >= {lowest}{', ' + fix if fix else ''}")
+        if v is not None and v < lowest and not (v == -1 and key in ("max_steps", "max_epochs")):
+            what = "trains nothing" if v == 0 and "val" not in key else "is out of range"
+            raise ConfigError(f"trainer.{key}={v} {what}; pass trainer.{key}=N with N >= {lowest}"
+                              f"{', ' + fix if fix else ''}")
     v = trainer_cfg.get("gradient_clip_val")
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
         raise ConfigError(f"trainer.gradient_clip_val={v} is not a number; pass e.g. trainer.gradient_clip_val=1.0 "
@@ -541,6 +543,13 @@ def check_run_values(cfg: DictConfig) -> None:
             v = cfg[group].get(key)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"{group}.{key}={v} is not a number; pass e.g. {group}.{key}=1e-3")
+            # AdamW refused a negative lr only once fit began (after the baseline); a min_lr_ratio below 0 turned
+            # the rate negative late in the run (gradient ascent) and a warmup_ratio above 1 never reached lr
+            bounds, ok = {"lr": (">= 0", v >= 0), "weight_decay": (">= 0", v >= 0),
+                          "warmup_ratio": ("between 0 and 1", 0 <= v <= 1),
+                          "min_lr_ratio": ("between 0 and 1", 0 <= v <= 1)}[key]
+            if not ok:
+                raise ConfigError(f"{group}.{key}={v} is out of range; it must be {bounds}")
     epochs = cfg.baseline.get("max_epochs")
     if cfg.baseline.get("enabled") and cfg.model.get("task") == "classification" and epochs is not None and (
             not is_whole(epochs) or epochs == 0 or epochs < -1):
@@ -731,8 +740,16 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str,
         kw["max_epochs"] = max_epochs
     if not any(type(c).__name__ == "ModelCheckpoint" for c in callbacks):
         kw["enable_checkpointing"] = False  # the baseline is not resumable and needs no checkpoint
-    return pl.Trainer(default_root_dir=str(out), logger=build_logger(cfg, out, logger_name),
-                      callbacks=callbacks, use_distributed_sampler=False, enable_model_summary=False, **kw)
+    logger = build_logger(cfg, out, logger_name)
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return pl.Trainer(default_root_dir=str(out), logger=logger, callbacks=callbacks,
+                          use_distributed_sampler=False, enable_model_summary=False, **kw)
+    except (MisconfigurationException, ValueError, ImportError) as e:
+        # Lightning's own checks of trainer.* values (precision=bogus, devices=0, strategy, accelerator=tpu without
+        # torch_xla): a user's setting, not a bug, so one line rather than a traceback
+        raise ConfigError(f"the trainer settings are invalid: {_one_line(e)} (set trainer.* accordingly)") from e
 
 
 # ---------------------------------------------------------------------------- one fit
