@@ -94,6 +94,14 @@ def test_classification_labels_and_errors(tmp_path):
     junk.write_text('{"text": "a"}\nnot json\n')
     with pytest.raises(DataError, match="junk.jsonl:2 is not valid JSON"):
         TextDataModule(tok, "causal_lm", train=str(junk), cache_dir=None).setup()
+    # a file in another encoding (here Latin-1) was a UnicodeDecodeError traceback; an empty one named no fix
+    for name in ("latin1.jsonl", "latin1.json"):
+        (tmp_path / name).write_bytes('{"text": "a"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+        with pytest.raises(DataError, match=f"{name}:2 is not UTF-8 text .*re-save it as UTF-8"):
+            TextDataModule(tok, "causal_lm", train=str(tmp_path / name), cache_dir=None).setup()
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="empty.jsonl has no records; write one JSON object per line"):
+        TextDataModule(tok, "causal_lm", train=str(tmp_path / "empty.jsonl"), cache_dir=None).setup()
 
 
 def DataLoaderOf(dm):

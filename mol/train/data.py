@@ -24,6 +24,7 @@ Resuming: the training loader is stateful (Lightning saves ``state_dict()`` in e
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -174,21 +175,32 @@ def _read_records(path: Path) -> list[dict]:
         raise DataError(f"data file {path} does not exist; fix the data.* path (paths are relative to where you "
                         f"run){hint}")
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i} is not valid JSON ({e.msg}); one JSON object per line") from e
+    for i, line in enumerate(io.StringIO(_utf8_text(path), newline=None), 1):  # newlines as open() reads them
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i} is not valid JSON ({e.msg}); one JSON object per line") from e
     if not records:
-        raise DataError(f"{path} has no records")
+        raise DataError(f"{path} has no records; write one JSON object per line, e.g. {{\"text\": \"...\"}}")
     return records
+
+
+def _utf8_text(path: Path) -> str:
+    """The file's text; one that is not UTF-8 (a binary file, another encoding) is one DataError naming the line,
+    not a UnicodeDecodeError traceback."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line} is not UTF-8 text (byte 0x{data[e.start]:02x}: {e.reason}); data files are "
+                        "UTF-8 JSON: re-save it as UTF-8") from None
 
 
 def _read_json(path: Path) -> list[Any]:
     """The records of a .json file: a JSON array of records, or JSON lines (as a .jsonl file)."""
-    text = path.read_text(encoding="utf-8")
+    text = _utf8_text(path)
     if not text.lstrip().startswith("["):
         return _read_records(path)
     try:
@@ -197,7 +209,7 @@ def _read_json(path: Path) -> list[Any]:
         raise DataError(f"{path}:{e.lineno} is not valid JSON ({e.msg}); a .json file holds one array of records "
                         "or one JSON object per line") from e
     if not records:
-        raise DataError(f"{path} has no records")
+        raise DataError(f"{path} has no records; write a JSON array of objects, e.g. [{{\"text\": \"...\"}}]")
     return records
 
 
