@@ -263,3 +263,18 @@ def test_trainer_values_lightning_refuses_are_one_config_error(override, match, 
     cfg = compose(["model=hf_causal", "model.path=unused", override, f"output_dir={tmp_path}"])
     with pytest.raises(app.ConfigError, match=f"the trainer settings are invalid: .*{match}"):
         app.build_trainer(cfg, tmp_path, [], "logs")
+
+
+@pytest.mark.parametrize("sub", ["", "run"])
+def test_an_output_dir_that_is_a_file_is_one_line(sub, tmp_path, capsys):
+    """Hydra makes output_dir before mol.train's own code runs: a file there (or above it) was a FileExistsError /
+    NotADirectoryError traceback."""
+    from mol.train.app import main
+
+    (tmp_path / "f").write_text("")
+    out = tmp_path / "f" / sub if sub else tmp_path / "f"
+    with pytest.raises(SystemExit) as e:
+        main(["model=hf_causal", "model.path=unused", f"output_dir={out}"])
+    assert e.value.code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"output_dir={out}" in line and ("which is a file" if sub else "is a file, not a folder") in line, line

@@ -1241,6 +1241,18 @@ def _sweep_dir_overrides(overrides: list[str]) -> list[str]:
     return [f"hydra.sweep.dir={given[0]}", "hydra.sweep.subdir=${hydra.job.num}"]
 
 
+def _output_dir_not_a_folder(overrides: list[str]) -> Optional[str]:
+    """``output_dir=`` naming a file, or a path under one: Hydra makes the folder before any of mol's code runs, and
+    failed there in a FileExistsError / NotADirectoryError traceback."""
+    for value in (o.partition("=")[2] for o in overrides if o.startswith("output_dir=")):
+        path = Path(value).expanduser()
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "is a file" if existing == path else f"is inside {existing}, which is a file"
+            return f"output_dir={value} {where}, not a folder; pick another output_dir=..."
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry: validate overrides (one-line errors), then hand over to Hydra."""
     import hydra
@@ -1259,6 +1271,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             msg = check_overrides(combo, conf_dir, extra_dirs=tuple(config_dirs))
             if msg:
                 _fail(msg)
+    msg = _output_dir_not_a_folder(overrides)
+    if msg:
+        _fail(msg)
     if any(f in MULTIRUN_FLAGS for f in flags):
         msg = _sweep_hub_clash([a for a in overrides if not a.startswith("-")])
         if msg:
