@@ -4,6 +4,7 @@ run crosses an epoch boundary after the resume, so the data position and the nex
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -86,7 +87,8 @@ def test_resume_after_the_first_epoch_and_each_epoch_reshuffles(fused, max_epoch
     the batch sampler, every epoch replayed epoch 0's order and this resume skipped nothing. With optim.fused=true the
     fused AdamW's state (its step counts on the parameters' device) round-trips through last.ckpt too. With a finite
     trainer.max_epochs (the default config's form) the learning-rate schedule used to ask Lightning for the run's
-    length before the checkpoint was restored, which built the loader early: the resumed run replayed epoch 0."""
+    length before the checkpoint was restored, which built the loader early: the resumed run replayed epoch 0.
+    The resumed run appends to metrics.csv and train_loss.jsonl; a resume=auto with no checkpoint starts them anew."""
     from mol.train.app import run
     from mol.train.callbacks import read_loss_history
     from mol.train.data import ResumableSampler
@@ -117,11 +119,20 @@ def test_resume_after_the_first_epoch_and_each_epoch_reshuffles(fused, max_epoch
     full = losses("full", "trainer.max_steps=10")
     assert [e for e, _ in orders] == [0, 1, 2]
     assert orders[0][1] != orders[1][1] and orders[1][1] != orders[2][1]
-    losses("stopped", "trainer.max_steps=6")
+    # resume=auto where a run was killed before its first checkpoint starts afresh, and its logs with it: they
+    # used to be appended to, repeating steps 1.. after the killed run's
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "train_loss.jsonl").write_text('{"step": 1, "loss": 99.0}\n')
+    losses("stopped", "trainer.max_steps=6", "resume=auto")
+    assert len((tmp_path / "stopped" / "train_loss.jsonl").read_text().splitlines()) == 6
     resumed = losses("stopped", "trainer.max_steps=10", "resume=auto")
     assert sorted(full) == sorted(resumed) == list(range(1, 11))
     for step in range(7, 11):
         assert abs(resumed[step] - full[step]) <= 1e-6 * abs(full[step]), (step, resumed, full)
+    # and metrics.csv keeps the rows from before the resume (Lightning's CSV writer deleted the file on start)
+    with open(tmp_path / "stopped" / "logs" / "metrics.csv") as fh:
+        logged = [int(r["step"]) for r in csv.DictReader(fh) if r["train/loss"]]
+    assert logged == list(range(10)), logged
 
 
 def test_resume_from_an_epochs_last_step_takes_the_next_epochs_order(tmp_path):

@@ -428,10 +428,10 @@ def freeze_except(model: Any, names: list[str]) -> None:
         raise ConfigError(f"model.modules_to_save={names} matches no module; the baseline needs a trainable head")
 
 
-def build_logger(cfg: DictConfig, out: Path, name: str = "logs") -> Any:
+def build_logger(cfg: DictConfig, out: Path, name: str = "logs", append: bool = False) -> Any:
     """The ``logger`` group's Lightning logger, writing under ``out``: CSV and TensorBoard into ``out/name``
-    (no version subfolder: a resumed run appends to its own logs), others (W&B) with ``save_dir=out``. A key the
-    config sets wins over these defaults. Constructing a logger checks its package but writes nothing yet."""
+    (no version subfolder: a resumed run, ``append``, adds to its own logs), others (W&B) with ``save_dir=out``. A
+    key the config sets wins over these defaults. Constructing a logger checks its package but writes nothing yet."""
     from hydra.utils import get_class, instantiate
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -447,6 +447,8 @@ def build_logger(cfg: DictConfig, out: Path, name: str = "logs") -> Any:
         defaults.update(name=name, version="")
     params = inspect.signature(cls.__init__).parameters
     kwargs = {k: v for k, v in defaults.items() if k not in conf and k in params}
+    if append and cls is CSVLogger:  # Lightning's would delete the metrics.csv rows from before the resume
+        conf = OmegaConf.merge(conf, {"_target_": "mol.train.callbacks.appending_csv_logger"})
     try:
         return instantiate(conf, **kwargs)
     except Exception as e:  # a missing package (tensorboard, wandb) or a bad option
@@ -721,7 +723,8 @@ def fsdp_mixed_precision(precision: str) -> Any:
     return MixedPrecision(param_dtype=dtype, reduce_dtype=dtype, buffer_dtype=None)
 
 
-def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str, max_epochs: Optional[int] = None) -> Any:
+def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str, max_epochs: Optional[int] = None,
+                  append: bool = False) -> Any:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
@@ -740,7 +743,7 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str,
         kw["max_epochs"] = max_epochs
     if not any(type(c).__name__ == "ModelCheckpoint" for c in callbacks):
         kw["enable_checkpointing"] = False  # the baseline is not resumable and needs no checkpoint
-    logger = build_logger(cfg, out, logger_name)
+    logger = build_logger(cfg, out, logger_name, append=append)
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
@@ -886,19 +889,22 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
     callbacks: list = [LearningRateMonitor(logging_interval="step")]
     ckpt_path = None
     if not baseline:
-        append = resuming(cfg)  # a fresh run starts its logs; a resumed one continues them
+        ckpt_path = resolve_resume(cfg, out)
+        # a fresh run starts its logs; a resumed one continues them. resume=auto without a checkpoint (a run killed
+        # before its first) starts at step 1: appending would repeat the killed run's steps in the logs
+        append = ckpt_path is not None
         callbacks += [RoutingHeatmap(str(out), append=append),
                       LossHistory(str(out / "train_loss.jsonl"), append=append),
                       ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0,
                                       every_n_train_steps=int(cfg.trainer.ckpt_every_n_steps))]
-        ckpt_path = resolve_resume(cfg, out)
     run_dir = out / "baseline" if baseline else out
     if fsdp_strategy(cfg.trainer):
         strategy = cfg.trainer.strategy
         policy = strategy.get("auto_wrap_policy") if isinstance(strategy, DictConfig) else None
         module.fsdp_units = fsdp_wrap_classes(model, OmegaConf.to_container(policy) if OmegaConf.is_config(policy)
                                               else policy)
-    trainer = build_trainer(cfg, run_dir, callbacks, "logs", max_epochs=cfg.baseline.get("max_epochs") if baseline else None)
+    epochs = cfg.baseline.get("max_epochs") if baseline else None
+    trainer = build_trainer(cfg, run_dir, callbacks, "logs", max_epochs=epochs, append=ckpt_path is not None)
     try:  # refuse optim.fused=true where it cannot clip before fit starts, not inside it
         module.fused_adamw(trainer, on_cuda=False)
     except ValueError as e:

@@ -182,3 +182,29 @@ def read_loss_history(path: str) -> dict[int, float]:
                 out[int(r["step"])] = float(r["loss"])
     return out
 
+
+def appending_csv_logger(**kwargs: Any) -> Any:
+    """Lightning's ``CSVLogger`` that appends to an existing ``metrics.csv`` (a resumed run's earlier rows) where
+    Lightning's deletes it when its writer starts (only a warning says so)."""
+    import csv
+
+    from lightning.fabric.loggers.logger import rank_zero_experiment
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class KeptRowsWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:  # Lightning's removes the file; this reads its header instead
+            if self._fs.isfile(self.metrics_file_path):
+                with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
+                    self.metrics_keys = next(csv.reader(fh), [])  # save() appends, or rewrites on new columns
+
+    class AppendingCSVLogger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self) -> Any:
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = KeptRowsWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return AppendingCSVLogger(**kwargs)
