@@ -15,9 +15,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mol.io import CONFIG_NAME, WEIGHTS_NAME, _adapter_source, _hub_repo_id
-from mol.train.app import (ConfigError, _config_dir_args, _fail, asset_path, build_datamodule, check_accelerator,
-                           check_data_values, check_overrides, find_conf_dir, load_model, model_source,
-                           register_resolvers, run_guarded)
+from mol.train.app import (ConfigError, _config_dir_args, _fail, _one_line, asset_path, build_datamodule,
+                           check_accelerator, check_data_values, check_overrides, find_conf_dir, load_model,
+                           model_source, register_resolvers, run_guarded)
 
 
 def _read_meta(meta_file: Path) -> dict:
@@ -124,7 +124,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             data_cfg[f"{kind}_field"] = cfg.data.get(f"{kind}_field") or name
     run_cfg = OmegaConf.create({"model": model_cfg, "data": data_cfg, "seed": 0})
     model, tokenizer = load_model(run_cfg.model, meta.get("labels") or [])
-    mol.load_adapter(model, str(adapter))
+    try:
+        mol.load_adapter(model, str(adapter))
+    except ValueError as e:
+        # load_adapter's advice ("fix target_modules / modules_to_save") is for its config, which evaluate reads from
+        # the adapter: here the fix is the base model. Its other errors (a damaged file) name their own fix
+        if not any(k in str(e) for k in ("target_modules", "target_parameters", "modules_to_save")):
+            raise
+        raise ConfigError(f"the adapter {adapter} does not fit the base model {model_cfg.path}: {_one_line(e)}; "
+                          f"evaluate it on the model it was trained on ({meta.get('model_path')}, recorded in "
+                          f"{meta_file}): leave base_model= out or point it there") from e
     dm = build_datamodule(run_cfg, tokenizer)
     dm.fixed_labels = meta.get("labels") or None
     dm.setup()

@@ -98,6 +98,23 @@ def test_a_moved_base_model_names_base_model(trained, tmp_path):
     assert _evaluate(f"adapter={adapter}", f"model.path={trained['model']}")["test/loss"] == pytest.approx(want)
     with pytest.raises(ConfigError, match="base_model=.*nowhere is not a Hugging Face model folder"):
         _evaluate(f"adapter={adapter}", f"base_model={tmp_path / 'nowhere'}")
+    # a base model the adapter's layers are not in: load_adapter's advice, "Fix target_modules", was not a key
+    # mol.evaluate takes (it reads them from the adapter)
+    from test_train_utils import make_tiny_bert
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["configs"][0]["target_modules"] = ["q_proj", "v_proj"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"the adapter .* does not fit the base model .*bert: .*q_proj.*; evaluate "
+                                          r"it on the model it was trained on \(.*was_moved, recorded in .*\): leave "
+                                          r"base_model= out"):
+        _evaluate(f"adapter={adapter}", f"base_model={make_tiny_bert(tmp_path / 'bert')}")
+    # a damaged adapter file keeps load_adapter's own line, which names that fix
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated or corrupt") as e:
+        _evaluate(f"adapter={adapter}", f"base_model={trained['model']}")
+    assert "does not fit the base model" not in str(e.value)
 
 
 def test_a_missing_adapter_says_it_does_not_exist(tmp_path):
