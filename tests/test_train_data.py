@@ -179,3 +179,14 @@ def test_causal_examples_with_nothing_to_learn_within_max_length_are_left_out(tm
     only_test = TextDataModule(tok, "causal_lm", train=None, test=str(tr), max_length=1, cache_dir=None)
     only_test.setup()  # as mol.evaluate builds it: no train split to filter
     assert len(only_test.splits["test"]) == 6
+
+
+@pytest.mark.parametrize("weight", ["abc", -1, 0, True])
+def test_a_mixture_weight_that_is_no_positive_number_is_one_data_error(weight, tmp_path):
+    """`weight: abc` was a TypeError traceback from the comparison with 0."""
+    from mol.train.data import DataError, TextDataModule
+
+    tok = make_tokenizer(tmp_path / "tok")
+    tr = _write(tmp_path / "tr.jsonl", [{"text": "cat dog"}] * 4)
+    with pytest.raises(DataError, match=f"tr.jsonl has weight {weight!r}; a weight is a number > 0"):
+        TextDataModule(tok, "causal_lm", train=[{"path": str(tr), "weight": weight}], cache_dir=None).scan()

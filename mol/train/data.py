@@ -163,6 +163,9 @@ def _as_sources(spec: Union[None, str, dict, Sequence[Any]]) -> list[Source]:
         for k in ("split", "name", "revision"):  # `split: 1` from YAML
             if d.get(k) is not None:
                 d[k] = str(d[k])
+        w = d.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0:  # `weight: abc` was a TypeError later
+            raise DataError(f"data source {d['path']} has weight {w!r}; a weight is a number > 0, e.g. weight: 0.5")
         return [Source(**d)]
     return [s for item in spec for s in _as_sources(item)]
 
