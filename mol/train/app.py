@@ -497,10 +497,12 @@ def check_trainer_values(trainer_cfg: DictConfig) -> None:
         if v is not None and not is_whole(v):
             raise ConfigError(f"trainer.{key}={v} is not a whole number; pass e.g. trainer.{key}=10")
     # Lightning takes 0 (fit returns at once: an untrained adapter saved as the run's) and divides by a zero
-    # accumulate_grad_batches (and check_val_every_n_epoch, inside fit); below -1 it raises with a traceback
+    # accumulate_grad_batches (and check_val_every_n_epoch, inside fit); below -1 (ModelCheckpoint: below 0) it
+    # raises with a traceback
     for key, lowest, fix in (("max_steps", 1, "or -1 to train for trainer.max_epochs"),
                              ("max_epochs", 1, "or -1 with trainer.max_steps=N"), ("accumulate_grad_batches", 1, ""),
-                             ("check_val_every_n_epoch", 1, "or null to validate by trainer.val_check_interval")):
+                             ("check_val_every_n_epoch", 1, "or null to validate by trainer.val_check_interval"),
+                             ("ckpt_every_n_steps", 0, "0 saving last.ckpt only when training ends")):
         v = trainer_cfg.get(key)
         if v is not None and v < lowest and not (v == -1 and key in ("max_steps", "max_epochs")):
             what = "trains nothing" if v == 0 and "val" not in key else "is out of range"
