@@ -211,6 +211,8 @@ def test_multirun_writes_to_output_dir_and_resumes_there(tmp_path):
     ("data.eval_batch_size=0", "data.eval_batch_size=0 is not"),
     ("data.limit_train_examples=0", r"data.limit_train_examples=0 .*\(null: every example\)"),
     ("seed=abc", "seed=abc is not a whole number"),
+    ("seed=-1", "seed=-1 is not a whole number from 0 to 2"),
+    ("data.train=[]", r"data.train=\[\] names no training data; pass a file"),
     ("optim.lr=abc", "optim.lr=abc is not a number"),
     ("optim.lr=-1", "optim.lr=-1 is out of range; it must be >= 0"),
     ("optim.min_lr_ratio=-1", "optim.min_lr_ratio=-1 is out of range; it must be between 0 and 1"),

@@ -538,8 +538,8 @@ def check_data_values(data_cfg: DictConfig) -> None:
 def check_run_values(cfg: DictConfig) -> None:
     """The seed, data and optimizer values of a training run: of the wrong kind they failed in int() / float()
     with a traceback, ``optim.lr=abc`` only after the head-only baseline had trained."""
-    if not is_whole(cfg.get("seed")):
-        raise ConfigError(f"seed={cfg.get('seed')} is not a whole number; pass e.g. seed=0")
+    if not is_whole(cfg.get("seed")) or not 0 <= cfg.seed < 2**32:  # seed_everything's (numpy's) range
+        raise ConfigError(f"seed={cfg.get('seed')} is not a whole number from 0 to 2**32-1; pass e.g. seed=0")
     check_data_values(cfg.data)
     for group in ("optim", "baseline"):
         keys = ("lr", "weight_decay", "warmup_ratio", "min_lr_ratio") if group == "optim" else ("lr",)
@@ -1096,6 +1096,9 @@ def prepare(cfg: DictConfig) -> tuple[Any, Any]:
     build_logger(cfg, Path("."))  # a missing logger package fails here, not after the baseline's fit (writes nothing)
     tokenizer = _tokenizer_only(cfg.model)
     datamodule = build_datamodule(cfg, tokenizer)
+    if not datamodule.sources["train"]:  # data.train=[] with val/test given: a KeyError once fit asked for batches
+        raise ConfigError(f"data.train={_listing(cfg.data.train)} names no training data; pass a file, e.g. "
+                          "data.train=my/train.jsonl")
     datamodule.scan()
     return method_cfg, datamodule
 
