@@ -190,3 +190,16 @@ def test_a_mixture_weight_that_is_no_positive_number_is_one_data_error(weight, t
     tr = _write(tmp_path / "tr.jsonl", [{"text": "cat dog"}] * 4)
     with pytest.raises(DataError, match=f"tr.jsonl has weight {weight!r}; a weight is a number > 0"):
         TextDataModule(tok, "causal_lm", train=[{"path": str(tr), "weight": weight}], cache_dir=None).scan()
+
+
+def test_a_cache_dir_that_is_a_file_is_one_data_error(tmp_path):
+    """data.cache_dir naming a file (or a path under one) was a FileExistsError traceback while tokenising."""
+    from mol.train.data import DataError, TextDataModule
+
+    tok = make_tokenizer(tmp_path / "tok")
+    tr = _write(tmp_path / "tr.jsonl", [{"text": "cat dog"}] * 4)
+    (tmp_path / "f").write_text("")
+    for cache in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(DataError, match=r"data.cache_dir=.*f(/sub)? cannot hold the token cache .*data.cache_dir="
+                                            r"null"):
+            TextDataModule(tok, "causal_lm", train=str(tr), batch_size=2, cache_dir=str(cache)).setup()

@@ -504,7 +504,11 @@ def tokenize_source(source: Source, tokenizer: Any, task_kind: str, max_length: 
                 labels = list(ids)
             examples.append({"input_ids": ids, "labels": labels, "task": task})
     if key is not None:
-        key.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            key.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file of that name, or no permission: a FileExistsError / PermissionError traceback
+            raise DataError(f"data.cache_dir={cache_dir} cannot hold the token cache ({e.strerror}: {e.filename}); "
+                            "pick another data.cache_dir=DIR, or data.cache_dir=null to tokenise without one") from None
         tmp = key.with_suffix(f".tmp{os.getpid()}")
         torch.save(examples, tmp)
         os.replace(tmp, key)  # atomic: a killed run never leaves half a cache file
