@@ -158,6 +158,25 @@ def test_fsdp_keeps_one_dtype_per_flat_parameter(model_dtype, choice, expect, ca
     assert plain.adapter_dtype == "auto"  # no FSDP: nothing changes
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_a_baseline_head_that_matches_nothing_names_the_models_head(family):
+    """model=hf_classifier's default modules_to_save=[classifier] is BERT's head; a Llama classifier's is `score`:
+    the error named only the miss, so the user had to read the model's code to find the fix."""
+    import transformers as T
+
+    from mol.train.app import ConfigError, freeze_except
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    model = (T.LlamaForSequenceClassification(T.LlamaConfig(**small, num_key_value_heads=1, pad_token_id=0))
+             if family == "llama" else T.BertForSequenceClassification(T.BertConfig(**small)))
+    head = {"llama": "score", "bert": "classifier"}[family]
+    with pytest.raises(ConfigError, match=rf"head is {head}, so pass model.modules_to_save=\[{head}\]"):
+        freeze_except(model, ["lm_head"])
+    freeze_except(model, [head])  # the named fix works
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, _ in getattr(model, head).named_parameters(prefix=head)}
+
+
 def test_logger_group_errors_before_any_training(tmp_path, monkeypatch):
     """logger=...: a logger whose package is missing, or a class that does not import, stops the run in
     ``prepare`` (before the baseline's fit) with one line naming the logger and what is missing."""

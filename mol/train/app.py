@@ -425,7 +425,12 @@ def freeze_except(model: Any, names: list[str]) -> None:
             for p in m.parameters():
                 p.requires_grad_(True)
     if not hit:
-        raise ConfigError(f"model.modules_to_save={names} matches no module; the baseline needs a trainable head")
+        # the task head: what the model holds beside its base model (BERT's classifier, Llama's and Qwen's score)
+        prefix = getattr(model, "base_model_prefix", "")
+        heads = [n for n, m in model.named_children() if n != prefix and next(m.parameters(), None) is not None]
+        hint = f": this {type(model).__name__}'s head is {', '.join(heads)}, so pass model.modules_to_save=" \
+            f"[{','.join(heads)}]" if heads else ""
+        raise ConfigError(f"model.modules_to_save={names} matches no module; the baseline needs a trainable head{hint}")
 
 
 def build_logger(cfg: DictConfig, out: Path, name: str = "logs", append: bool = False) -> Any:
