@@ -237,6 +237,7 @@ def test_multirun_writes_to_output_dir_and_resumes_there(tmp_path):
     ("optim.min_lr_ratio=-1", "optim.min_lr_ratio=-1 is out of range; it must be between 0 and 1"),
     ("optim.warmup_ratio=3", "optim.warmup_ratio=3 is out of range"),
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0 is out of range.*or null"),
+    ("trainer.deterministic=maybe", "trainer.deterministic=maybe is not true, false or warn"),
     ("trainer.ckpt_every_n_steps=-1", "trainer.ckpt_every_n_steps=-1 is out of range.*N >= 0, 0 saving last.ckpt"),
     ("baseline.max_epochs=0", "baseline.max_epochs=0 is not a whole number >= 1"),
     ("model.dtype=bfloat17", "model.dtype=bfloat17 is not a torch floating-point dtype"),

@@ -517,6 +517,10 @@ def check_trainer_values(trainer_cfg: DictConfig) -> None:
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
         raise ConfigError(f"trainer.gradient_clip_val={v} is not a number; pass e.g. trainer.gradient_clip_val=1.0 "
                           "(or null: no clipping)")
+    v = trainer_cfg.get("deterministic")
+    if v is not None and not isinstance(v, bool) and v != "warn":  # Lightning passed "maybe" on without a word
+        raise ConfigError(f"trainer.deterministic={v} is not true, false or warn; pass trainer.deterministic=true "
+                          "(deterministic algorithms only), warn (warn where one is not), false, or null")
     v = trainer_cfg.get("devices")
     ok = is_whole(v) or v is None or (
         isinstance(v, str) and (v == "auto" or re.fullmatch(r"-?\d+|\d+(,\d*)+", v.replace(" ", "")))) or (
