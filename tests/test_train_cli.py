@@ -301,3 +301,23 @@ def test_an_output_dir_that_is_a_file_is_one_line(sub, tmp_path, capsys):
     assert e.value.code == 2
     line = _one_error_line(capsys.readouterr().err)
     assert f"output_dir={out}" in line and ("which is a file" if sub else "is a file, not a folder") in line, line
+
+
+def test_a_multirun_flag_after_the_overrides_reaches_hydra_as_one_sweep(tmp_path, monkeypatch):
+    """`... router=topk,switch output_dir=D -m`: mol.train appends the sweep folder's overrides, which then followed
+    the flag and Hydra's argparse refused them ("unrecognized arguments: hydra.sweep.dir=..."). Reference: Hydra's
+    own argument parser, given what mol.train hands it."""
+    import sys
+
+    import hydra
+    from hydra._internal.utils import get_args_parser
+
+    from mol.train import app
+
+    seen = {}
+    monkeypatch.setattr(hydra, "main", lambda **kw: (lambda task: (lambda: seen.update(argv=list(sys.argv[1:])))))
+    monkeypatch.setattr(sys, "argv", ["mol.train"])
+    app.main(["model=hf_causal", "model.path=unused", "router=topk,switch", f"output_dir={tmp_path / 'sw'}", "-m"])
+    args = get_args_parser().parse_args(seen["argv"])
+    assert args.multirun and "router=topk,switch" in args.overrides
+    assert f"hydra.sweep.dir={tmp_path / 'sw'}" in args.overrides

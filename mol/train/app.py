@@ -1298,6 +1298,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         msg = _sweep_hub_clash([a for a in overrides if not a.startswith("-")])
         if msg:
             _fail(msg)
+        # Hydra's argparse takes the overrides as one run of positionals: `a=1 -m` followed by the sweep folder's
+        # overrides split them around the flag ("unrecognized arguments"), so the flag goes first
+        argv = [a for a in argv if a in MULTIRUN_FLAGS] + [a for a in argv if a not in MULTIRUN_FLAGS]
         argv += _sweep_dir_overrides(overrides)
     sys.argv = [sys.argv[0]] + argv
     hydra.main(config_path=str(conf_dir), config_name=CONFIG_NAME, version_base="1.3")(_task)()
