@@ -254,6 +254,8 @@ class MoLConfig(MethodConfig):
         _patterns_or_empty(self)
         if self.top_k is None:  # MoLConfig(router="switch") is top-1 by definition: it must not need top_k=1 too
             self.top_k = default_top_k(self.router)
+            if is_whole(self.num_experts) and 1 <= self.num_experts < self.top_k:  # num_experts=1 (LoRA) needs none
+                self.top_k = self.num_experts
 
     def validate(self) -> None:
         _check_common(self)

@@ -605,6 +605,22 @@ def test_switch_router_needs_no_top_k_and_the_default_stays_two():
         mol.inject(torch.nn.Sequential(torch.nn.Linear(6, 5)), mol.MoLConfig(router="switch", top_k=2))
 
 
+def test_one_expert_config_needs_no_top_k_and_is_lora():
+    """MoLConfig(num_experts=1) (the docstring's "1: plain LoRA, no router") was refused with "top_k=2 is outside
+    1..1": the default top_k of 2 was checked against one expert, though MoLLinear(base, num_experts=1) takes the
+    same default. Left out, top_k is now at most num_experts; the layer is the one-expert LoRA, base + s * B A x."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5)
+    model = mol.inject(torch.nn.Sequential(copy.deepcopy(base)), MoLConfig(num_experts=1, rank=2, alpha=4))
+    layer = model[0]
+    assert layer.router is None and MoLConfig(num_experts=1).top_k == 1 == MoLConfig(num_experts=1, router="sequence").top_k
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 6)
+    want = base.double()(x.double()) + 2.0 * x.double() @ layer.lora_A[0].double().t() @ layer.lora_B[0].double().t()
+    torch.testing.assert_close(model(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_forward_problem_builds_no_graph_and_warns_nothing():
     """The reference product of linear_forward_problem ran outside no_grad: for a subclass whose weight requires grad
     (every fresh model's), it built an autograd graph and float() of it warned 'Converting a tensor with
