@@ -418,6 +418,8 @@ class Router(nn.Module):
         # else the top_k check below asked for a top_k "between 1 and 0"
         if not is_whole(num_experts) or num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
+        if kind != "soft" and not is_whole(top_k):  # a float failed only at the first forward, True routed top-1
+            raise ValueError(f"top_k must be an integer, got {top_k!r}; use e.g. top_k=2")
         if kind == "switch" and top_k != 1:
             raise ValueError(f"the switch router routes each token to one expert; got top_k={top_k}: set top_k=1 "
                              "or leave it out")

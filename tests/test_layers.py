@@ -545,6 +545,16 @@ def test_router_built_by_hand_names_a_bad_expert_count():
         Router(8, 0)
 
 
+@pytest.mark.parametrize("top_k", [2.0, True, "2"])
+def test_router_built_by_hand_refuses_a_top_k_that_is_no_integer(top_k):
+    """Router(8, 3, top_k=2.0) was built and failed only at its first forward ("slice indices must be integers");
+    top_k=True silently routed to one expert, "2" raised a bare TypeError. MoLConfig and MoLLinear refuse them."""
+    from mol.routers import Router
+
+    with pytest.raises(ValueError, match=rf"top_k must be an integer, got {top_k!r}"):
+        Router(8, 3, top_k=top_k)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"aux_loss_coef": -0.1}, r"MoLConfig.aux_loss_coef must be a finite number >= 0 \(0 turns it off\), got -0.1"),
     ({"z_loss_coef": -1e-3}, r"MoLConfig.z_loss_coef must be a finite number >= 0 .*got -0.001"),
