@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mol.config import default_top_k, is_whole
+from mol.config import default_top_k, is_whole, nonnegative_number_problem
 from mol.kernels import autocast_off
 
 
@@ -420,6 +420,9 @@ class Router(nn.Module):
             raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
         if kind != "soft" and not is_whole(top_k):  # a float failed only at the first forward, True routed top-1
             raise ValueError(f"top_k must be an integer, got {top_k!r}; use e.g. top_k=2")
+        problem = nonnegative_number_problem(noise_std)  # NaN noise made every training forward's logits NaN
+        if problem:
+            raise ValueError(f"noise_std {problem}")
         if kind == "switch" and top_k != 1:
             raise ValueError(f"the switch router routes each token to one expert; got top_k={top_k}: set top_k=1 "
                              "or leave it out")

@@ -555,6 +555,15 @@ def test_router_built_by_hand_refuses_a_top_k_that_is_no_integer(top_k):
         Router(8, 3, top_k=top_k)
 
 
+@pytest.mark.parametrize("noise", [-1.0, float("nan")])
+def test_router_built_by_hand_refuses_a_bad_noise_std(noise):
+    """Router(8, 3, noise_std=nan) was built and made every training forward's logits NaN; MoLLinear refuses it."""
+    from mol.routers import Router
+
+    with pytest.raises(ValueError, match=r"noise_std must be a finite number >= 0 \(0 turns it off\)"):
+        Router(8, 3, noise_std=noise)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"aux_loss_coef": -0.1}, r"MoLConfig.aux_loss_coef must be a finite number >= 0 \(0 turns it off\), got -0.1"),
     ({"z_loss_coef": -1e-3}, r"MoLConfig.z_loss_coef must be a finite number >= 0 .*got -0.001"),
