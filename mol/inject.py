@@ -241,6 +241,14 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str], se
                       f"no adapter: only the {len(names)} linear layers so named are adapted. {_NO_FUSED}",
                       stacklevel=2)
     if unmatched:
+        # the pattern names modules, but only ones modules_to_save trains whole: say so, not that the model has none
+        saved = [n for n, _ in model.named_modules()
+                 if n and _under_any(n, exclude) and not _inside_adapter(n, adapters)
+                 and (pattern.fullmatch(n) if isinstance(target_modules, str) else name_matches(n, unmatched))]
+        if saved:
+            raise ValueError(f"target_modules {what} select only modules of modules_to_save {exclude!r} (e.g. "
+                             f"{saved[0]!r}), which train whole and take no adapter; narrow modules_to_save, or drop "
+                             "those entries from target_modules")
         offered = sorted({n.split(".")[-1] for n, m in candidates if predicate(m)})
         # a bare layer name given as a string is a regex that must match the whole name, so it matches no layer
         hint = (f"; a string is one regex matched against the full name (as in PEFT): for every layer named so, pass "

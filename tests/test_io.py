@@ -173,6 +173,12 @@ def test_merge_refuses_token_routed_layers_and_changes_nothing():
     (mol.LoRAConfig(rank=-3), "rank must be a positive integer"),
     (mol.MoLConfig(router="hash"), "router='hash' is unknown"),
     (mol.MoLConfig(modules_to_save=["nohead"]), "modules_to_save entry 'nohead' matches no module"),
+    # said the pattern matched no module, offering the layer names without the one it named
+    (mol.MoLConfig(target_modules=["q_proj"], modules_to_save=["q_proj"]),
+     r"target_modules pattern\(s\) \['q_proj'\] select only modules of modules_to_save \['q_proj'\] .*"
+     r"'model\.layers\.0\.self_attn\.q_proj'.*narrow modules_to_save"),
+    (mol.LoRAConfig(target_modules=r".*\.v_proj", modules_to_save=["self_attn"]),
+     r"select only modules of modules_to_save \['self_attn'\]"),
 ])
 def test_bad_configs_fail_with_the_fix(config, message):
     with pytest.raises(ValueError, match=message):
