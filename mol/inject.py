@@ -744,13 +744,12 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(number of trainable parameters, total number of parameters). An NF4 weight counts as the values it stands
     for (out × in), as PEFT counts bitsandbytes' 4-bit weights: its codes are buffers, or a parameter of half or a
     quarter as many elements once ``store_codes_as`` holds them for FSDP."""
-    from mol.quant.linear import NF4Tensor  # mol.quant imports this module's layers
+    from mol.quant.linear import NF4Tensor, code_parameter_ids  # mol.quant imports this module's layers
 
     check_model(model, "trainable_parameters")
-    nf4 = [m for m in model.modules() if isinstance(m, NF4Tensor)]
-    codes = {id(m._parameters["qweight"]) for m in nf4 if m._parameters.get("qweight") is not None}
+    codes = code_parameter_ids(model)
     params = [p for p in model.parameters() if id(p) not in codes]
-    nf4_values = sum(math.prod(m.weight_shape) for m in nf4)
+    nf4_values = sum(math.prod(m.weight_shape) for m in model.modules() if isinstance(m, NF4Tensor))
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + nf4_values
 
 

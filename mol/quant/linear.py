@@ -213,6 +213,13 @@ class NF4Tensor(nn.Module):
         return dequantize_nf4(self.packed, dtype, backend=self.backend)
 
 
+def code_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the NF4 codes ``model`` holds as parameters (store_codes_as): bytes, not values, which parameter counts
+    and FSDP's dtype vote leave out."""
+    return {id(p) for m in model.modules()
+            if isinstance(m, NF4Tensor) and (p := m._parameters.get("qweight")) is not None}
+
+
 class NF4Linear(NF4Tensor):
     """A frozen linear layer whose weight is stored in NF4 with double quantization (QLoRA, ~4.127 bits/param).
 

@@ -45,11 +45,10 @@ def flat_dtype(model: nn.Module) -> torch.dtype:
     """The dtype FSDP's flat parameters hold for ``model``: its floating parameters' most common one (by count),
     which every parameter of a unit must share. NF4 codes held as parameters (store_codes_as) do not count: they
     are bytes that take any dtype, and ``.to()`` leaves them in their old one."""
-    from mol.quant.linear import NF4Tensor
+    from mol.quant.linear import code_parameter_ids
 
     # a large model's codes outnumber its other weights: counted, they kept a cast model's codes in the old dtype
-    codes = {id(m._parameters["qweight"]) for m in model.modules()
-             if isinstance(m, NF4Tensor) and m._parameters.get("qweight") is not None}
+    codes = code_parameter_ids(model)
     counts: dict[torch.dtype, int] = {}
     for p in model.parameters():
         if p.is_floating_point() and id(p) not in codes:
