@@ -239,6 +239,9 @@ def test_multirun_writes_to_output_dir_and_resumes_there(tmp_path):
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0 is out of range.*or null"),
     ("trainer.deterministic=maybe", "trainer.deterministic=maybe is not true, false or warn"),
     ("trainer.ckpt_every_n_steps=-1", "trainer.ckpt_every_n_steps=-1 is out of range.*N >= 0, 0 saving last.ckpt"),
+    # null passed the check, then int(None) in mol.train: a TypeError traceback (ckpt_every_n_steps: after the baseline)
+    ("trainer.ckpt_every_n_steps=null", r"trainer.ckpt_every_n_steps=null is not a whole number; pass .*N >= 0, 0 "),
+    ("trainer.max_steps=null", r"trainer.max_steps=null is not a whole number; pass .*N >= 1, or -1"),
     ("baseline.max_epochs=0", "baseline.max_epochs=0 is not a whole number >= 1"),
     ("model.dtype=bfloat17", "model.dtype=bfloat17 is not a torch floating-point dtype"),
     ("model.tokenizer=/no/such/tok", "model.tokenizer=/no/such/tok is neither a folder nor a Hub repo id"),

@@ -492,6 +492,10 @@ def fsdp_uniform_dtype(cfg: DictConfig, method_cfg: Any) -> None:
 
 _WHOLE_NUMBERS = ("max_steps", "max_epochs", "accumulate_grad_batches", "ckpt_every_n_steps", "log_every_n_steps",
                   "num_sanity_val_steps", "check_val_every_n_epoch")
+# those null cannot stand for: mol.train reads them itself (the schedule's length, ModelCheckpoint's interval)
+_CKPT_ZERO = "0 saving last.ckpt only at epoch ends and validations"
+_NOT_NULL = {"max_steps": "N >= 1, or -1 to train for trainer.max_epochs",
+             "ckpt_every_n_steps": f"N >= 0, {_CKPT_ZERO}"}
 
 
 def check_trainer_values(trainer_cfg: DictConfig) -> None:
@@ -499,6 +503,10 @@ def check_trainer_values(trainer_cfg: DictConfig) -> None:
     with a traceback; here in one line."""
     for key in _WHOLE_NUMBERS:
         v = trainer_cfg.get(key)
+        # mol's own int() of them: a TypeError traceback (ckpt_every_n_steps after the baseline's fit); a trainer group
+        # without max_steps still means -1
+        if v is None and key in _NOT_NULL and key in trainer_cfg:
+            raise ConfigError(f"trainer.{key}=null is not a whole number; pass trainer.{key}=N ({_NOT_NULL[key]})")
         if v is not None and not is_whole(v):
             raise ConfigError(f"trainer.{key}={v} is not a whole number; pass e.g. trainer.{key}=10")
     # Lightning takes 0 (fit returns at once: an untrained adapter saved as the run's) and divides by a zero
@@ -507,7 +515,7 @@ def check_trainer_values(trainer_cfg: DictConfig) -> None:
     for key, lowest, fix in (("max_steps", 1, "or -1 to train for trainer.max_epochs"),
                              ("max_epochs", 1, "or -1 with trainer.max_steps=N"), ("accumulate_grad_batches", 1, ""),
                              ("check_val_every_n_epoch", 1, "or null to validate by trainer.val_check_interval"),
-                             ("ckpt_every_n_steps", 0, "0 saving last.ckpt only when training ends")):
+                             ("ckpt_every_n_steps", 0, _CKPT_ZERO)):
         v = trainer_cfg.get(key)
         if v is not None and v < lowest and not (v == -1 and key in ("max_steps", "max_epochs")):
             what = "trains nothing" if v == 0 and "val" not in key else "is out of range"
