@@ -181,14 +181,15 @@ def test_causal_examples_with_nothing_to_learn_within_max_length_are_left_out(tm
     assert len(only_test.splits["test"]) == 6
 
 
-@pytest.mark.parametrize("weight", ["abc", -1, 0, True])
+@pytest.mark.parametrize("weight", ["abc", -1, 0, True, float("nan"), float("inf")])
 def test_a_mixture_weight_that_is_no_positive_number_is_one_data_error(weight, tmp_path):
-    """`weight: abc` was a TypeError traceback from the comparison with 0."""
+    """`weight: abc` was a TypeError traceback from the comparison with 0; nan and inf (YAML .nan / .inf) passed it
+    and failed in setup's int(weight), a ValueError / OverflowError traceback once fit began."""
     from mol.train.data import DataError, TextDataModule
 
     tok = make_tokenizer(tmp_path / "tok")
     tr = _write(tmp_path / "tr.jsonl", [{"text": "cat dog"}] * 4)
-    with pytest.raises(DataError, match=f"tr.jsonl has weight {weight!r}; a weight is a number > 0"):
+    with pytest.raises(DataError, match=f"tr.jsonl has weight {weight!r}; a weight is a finite number > 0"):
         TextDataModule(tok, "causal_lm", train=[{"path": str(tr), "weight": weight}], cache_dir=None).scan()
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import warnings
@@ -164,8 +165,10 @@ def _as_sources(spec: Union[None, str, dict, Sequence[Any]]) -> list[Source]:
             if d.get(k) is not None:
                 d[k] = str(d[k])
         w = d.get("weight", 1.0)
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0:  # `weight: abc` was a TypeError later
-            raise DataError(f"data source {d['path']} has weight {w!r}; a weight is a number > 0, e.g. weight: 0.5")
+        # `weight: abc` was a TypeError later; nan and inf (YAML .nan / .inf) an int() traceback in setup
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf:
+            raise DataError(f"data source {d['path']} has weight {w!r}; a weight is a finite number > 0, e.g. "
+                            "weight: 0.5")
         return [Source(**d)]
     return [s for item in spec for s in _as_sources(item)]
 
