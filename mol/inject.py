@@ -241,14 +241,18 @@ def match_modules(model: nn.Module, target_modules: Union[str, Sequence[str], se
                       f"no adapter: only the {len(names)} linear layers so named are adapted. {_NO_FUSED}",
                       stacklevel=2)
     if unmatched:
-        # the pattern names modules, but only ones modules_to_save trains whole: say so, not that the model has none
-        saved = [n for n, _ in model.named_modules()
-                 if n and _under_any(n, exclude) and not _inside_adapter(n, adapters)
-                 and (pattern.fullmatch(n) if isinstance(target_modules, str) else name_matches(n, unmatched))]
-        if saved:
-            raise ValueError(f"target_modules {what} select only modules of modules_to_save {exclude!r} (e.g. "
-                             f"{saved[0]!r}), which train whole and take no adapter; narrow modules_to_save, or drop "
-                             "those entries from target_modules")
+        # the pattern names modules, but only ones modules_to_save trains whole: say so, not that the model has none.
+        # Only the entries that do name such modules: a typo beside them names nothing there either
+        saved = {p: [n for n, _ in model.named_modules()
+                     if n and _under_any(n, exclude) and not _inside_adapter(n, adapters)
+                     and (pattern.fullmatch(n) if isinstance(target_modules, str) else name_matches(n, [p]))]
+                 for p in unmatched}
+        in_saved = [p for p in unmatched if saved[p]]
+        if in_saved:
+            shown = what if isinstance(target_modules, str) else f"pattern(s) {in_saved!r}"
+            raise ValueError(f"target_modules {shown} select only modules of modules_to_save {exclude!r} (e.g. "
+                             f"{saved[in_saved[0]][0]!r}), which train whole and take no adapter; narrow "
+                             "modules_to_save, or drop those entries from target_modules")
         offered = sorted({n.split(".")[-1] for n, m in candidates if predicate(m)})
         # a bare layer name given as a string is a regex that must match the whole name, so it matches no layer
         hint = (f"; a string is one regex matched against the full name (as in PEFT): for every layer named so, pass "
@@ -536,13 +540,15 @@ def match_parameters(model: nn.Module, target_parameters: Sequence[str], exclude
         raise ValueError(f"target_parameters {unmatched!r} selects {taken[0]!r}, an expert tensor that already carries "
                          "an adapter (an earlier inject's); give each method its own tensors, or inject on a fresh "
                          "model to start over")
-    # the model holds such tensors, but in modules_to_save: say so, not that it holds no mixture-of-experts layer
-    saved = [f"{n}.{t}" for n, m in model.named_modules() if n and _under_any(n, exclude)
-             for t in expert_tensors(m) if name_matches(f"{n}.{t}", unmatched)]
-    if saved:
-        raise ValueError(f"target_parameters {unmatched!r} select only tensors of modules_to_save {exclude!r} (e.g. "
-                         f"{saved[0]!r}), which train whole and take no LoRA; narrow modules_to_save, or drop those "
-                         "entries from target_parameters")
+    # the model holds such tensors, but in modules_to_save: say so, not that it holds no mixture-of-experts layer.
+    # Only the entries that do name such tensors: a typo beside them names nothing there either
+    saved = {p: [f"{n}.{t}" for n, m in model.named_modules() if n and _under_any(n, exclude)
+                 for t in expert_tensors(m) if name_matches(f"{n}.{t}", [p])] for p in unmatched}
+    in_saved = [p for p in unmatched if saved[p]]
+    if in_saved:
+        raise ValueError(f"target_parameters {in_saved!r} select only tensors of modules_to_save {exclude!r} (e.g. "
+                         f"{saved[in_saved[0]][0]!r}), which train whole and take no LoRA; narrow modules_to_save, or "
+                         "drop those entries from target_parameters")
     if unmatched:
         free = [(n, m) for n, m in modules if not _inside_adapter(n, adapters)]
         fused = fused_experts(free)

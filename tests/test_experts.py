@@ -607,6 +607,9 @@ class _CustomMoE(nn.Module):
               r"gate_up_proj', an expert tensor that already carries an adapter \(an earlier inject's\)"),
     ("saved", r"target_parameters \['experts\.gate_up_proj'\] select only tensors of modules_to_save \['mlp'\] "
               r"\(e\.g\. 'model\.layers\.0\.mlp\.experts\.gate_up_proj'\), which train whole and take no LoRA"),
+    # a typo beside it was said to select tensors of modules_to_save too
+    ("saved_and_typo", r"target_parameters \['experts\.gate_up_proj'\] select only tensors of modules_to_save "
+                       r"\['mlp'\]"),
 ])
 def test_errors_name_the_problem_and_leave_the_model_unchanged(case, match):
     """Each mistake raises a ValueError that names it and the fix, and the model is left as it was (modules,
@@ -635,6 +638,8 @@ def test_errors_name_the_problem_and_leave_the_model_unchanged(case, match):
         model = _CustomMoE()
     elif case == "saved":
         kw["modules_to_save"] = ["mlp"]
+    elif case == "saved_and_typo":
+        kw.update(modules_to_save=["mlp"], target_parameters=["experts.gate_up_proj", "experts.nope"])
     elif case == "twice":
         mol.inject(model, mol.LoRAConfig(rank=4, target_modules=[], target_parameters=EXPERTS))
         kw["rank"] = 2

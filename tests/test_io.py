@@ -179,6 +179,9 @@ def test_merge_refuses_token_routed_layers_and_changes_nothing():
      r"'model\.layers\.0\.self_attn\.q_proj'.*narrow modules_to_save"),
     (mol.LoRAConfig(target_modules=r".*\.v_proj", modules_to_save=["self_attn"]),
      r"select only modules of modules_to_save \['self_attn'\]"),
+    # a typo beside the entry modules_to_save covers was said to select modules of modules_to_save too
+    (mol.LoRAConfig(target_modules=["q_proj", "qq_proj"], modules_to_save=["q_proj"]),
+     r"target_modules pattern\(s\) \['q_proj'\] select only modules of modules_to_save \['q_proj'\]"),
 ])
 def test_bad_configs_fail_with_the_fix(config, message):
     with pytest.raises(ValueError, match=message):
