@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mol.io import CONFIG_NAME, WEIGHTS_NAME, _adapter_source, _hub_repo_id
+from mol.io import CONFIG_NAME, WEIGHTS_NAME, _adapter_source, _hub_repo_id, _read_configs
 from mol.train.app import (ConfigError, _config_dir_args, _fail, _one_line, asset_path, build_datamodule,
                            check_accelerator, check_data_values, check_overrides, find_conf_dir, load_model,
                            model_source, register_resolvers, run_guarded)
@@ -123,6 +123,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         for kind, name in (meta.get("fields") or {}).items():
             data_cfg[f"{kind}_field"] = cfg.data.get(f"{kind}_field") or name
     run_cfg = OmegaConf.create({"model": model_cfg, "data": data_cfg, "seed": 0})
+    # the adapter's own configs first: a damaged one (target_modules=[]) fails inject's validate() naming those keys
+    # too, and is no base model's fault: it must not get the base-model advice below
+    configs, nested = _read_configs(adapter)
+    for config in [*configs, *(c for _, inner in nested for c in inner)]:
+        try:
+            config.validate()
+        except ValueError as e:
+            raise ConfigError(f"{adapter / CONFIG_NAME} holds an invalid config ({_one_line(e)}); the file is "
+                              "damaged: copy the run's adapter folder again") from e
     model, tokenizer = load_model(run_cfg.model, meta.get("labels") or [])
     try:
         mol.load_adapter(model, str(adapter))
@@ -131,9 +140,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         # the adapter: here the fix is the base model. Its other errors (a damaged file) name their own fix
         if not any(k in str(e) for k in ("target_modules", "target_parameters", "modules_to_save")):
             raise
-        raise ConfigError(f"the adapter {adapter} does not fit the base model {model_cfg.path}: {_one_line(e)}; "
-                          f"evaluate it on the model it was trained on ({meta.get('model_path')}, recorded in "
-                          f"{meta_file}): leave base_model= out or point it there") from e
+        if cfg.get("base_model") or cfg.model.get("path"):
+            raise ConfigError(f"the adapter {adapter} does not fit the base model {model_cfg.path}: {_one_line(e)}; "
+                              f"evaluate it on the model it was trained on ({meta.get('model_path')}, recorded in "
+                              f"{meta_file}): leave base_model= out or point it there") from e
+        # the model the run recorded, which no longer holds the layers it trained (replaced since?)
+        raise ConfigError(f"the adapter {adapter} does not fit {model_cfg.path}, the base model {meta_file} records "
+                          f"(changed since the run?): {_one_line(e)}; pass base_model=DIR, the model it was trained "
+                          "on") from e
     dm = build_datamodule(run_cfg, tokenizer)
     dm.fixed_labels = meta.get("labels") or None
     dm.setup()

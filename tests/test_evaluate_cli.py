@@ -117,6 +117,29 @@ def test_a_moved_base_model_names_base_model(trained, tmp_path):
     assert "does not fit the base model" not in str(e.value)
 
 
+def test_an_adapter_that_does_not_fit_the_recorded_model_gets_no_base_model_advice(trained, tmp_path):
+    """With no base_model= given, an adapter that does not fit the model the run recorded was told to "leave
+    base_model= out"; a damaged adapter_config.json (target_modules=[], which inject's validate refuses naming
+    target_modules) was taken for a base model that does not fit."""
+    from mol.train.app import ConfigError
+
+    adapter, _ = _copy_run(trained, tmp_path)
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["configs"][0]["target_modules"] = ["nope_proj"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"does not fit .*llama, the base model .* records \(changed since the "
+                                          r"run\?\): .*nope_proj.*; pass base_model=DIR") as e:
+        _evaluate(f"adapter={adapter}")
+    assert "leave base_model= out" not in str(e.value)
+    config["configs"][0]["target_modules"] = []
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"adapter_config.json holds an invalid config \(.*target_modules is empty.*"
+                                          r"\); the file is damaged") as e:
+        _evaluate(f"adapter={adapter}")
+    assert "does not fit" not in str(e.value)
+
+
 def test_a_missing_adapter_says_it_does_not_exist(tmp_path):
     from mol.train.app import ConfigError
 
