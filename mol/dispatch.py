@@ -223,7 +223,9 @@ def fused_mol_linear(base_layer: torch.nn.Module, x: Tensor, x_lora: Tensor | No
     # so its GEMMs accumulate into the adapters' buffers like a plain weight's -- unless it has its own kernel
     # for this input (NF4's fused small-T matmul), which then runs first as a base output.
     weight_fn = None
-    if not use_weight and frozen_bias and getattr(base_layer, "is_quantized_linear", False):
+    # (an FSDP unit of its own forwards attributes to the NF4Linear inside, whose codes are whole only in its forward)
+    wrapped = "_fsdp_wrapped_module" in base_layer._modules
+    if not use_weight and frozen_bias and not wrapped and getattr(base_layer, "is_quantized_linear", False):
         own_kernel = getattr(base_layer, "uses_own_kernel", None)
         if hasattr(base_layer, "dequantize") and not (own_kernel is not None and own_kernel(x)):
             weight_fn = base_layer.dequantize

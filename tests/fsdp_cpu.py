@@ -9,7 +9,8 @@ outright:
 - Lightning's full-state-dict context offloads to the CPU, which on tensors already there hands back views of
   storage FSDP frees (a segfault): offloading is turned off.
 mol.train's refusal of trainer=fsdp without GPUs is bypassed likewise. Set ``MOL_FSDP_UNITS=<file>`` to have rank 0
-write the number of FSDP units the model was wrapped in, and the NF4 code bytes each process holds, and
+write the number of FSDP units the model was wrapped in (and how many mix frozen and trainable tensors), the
+gradient elements and NF4 code bytes each process holds, and
 ``MOL_FSDP_HUB=<dir>`` to have ``hub.repo_id=...`` "upload" into that directory (no token, no network).
 """
 import json
@@ -84,15 +85,29 @@ def main() -> None:
         configure = module.MoLModule.configure_model
 
         def configure_and_count(self):
+            if module.fsdp_root(self) is not None:  # a later stage's call: wrapped already, nothing to count
+                return configure(self)
             configure(self)
+            FSDP = fsdp.FullyShardedDataParallel
+            units = [m for m in self.modules() if isinstance(m, FSDP)]
+            # units whose own tensors (those of no unit inside) are part frozen, part trainable; and the elements
+            # of this process's flat parameters that take gradients (FSDP keeps and reduce-scatters a gradient for
+            # the whole of a flat parameter that holds any trainable tensor)
+            mixed = 0
+            for unit in units:
+                nested = {p for sub in FSDP.fsdp_modules(unit) if sub is not unit for p in sub.parameters()}
+                mixed += len({p.requires_grad for p in unit.parameters() if p not in nested}) == 2
+            flat = [u._handle.flat_param for u in units if u._handle is not None]
+            grads = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(grads, sum(f.numel() for f in flat if f.requires_grad))
             # the NF4 code bytes each process holds (its shards of them, under FSDP), and the model's
             nf4 = [m for m in self.modules() if isinstance(m, NF4Tensor)]
             held = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(held, sum(m.qweight.numel() * m.qweight.element_size() for m in nf4))
             if self.global_rank == 0:
-                units = sum(isinstance(m, fsdp.FullyShardedDataParallel) for m in self.modules())
                 total = sum((math.prod(m.weight_shape) + 1) // 2 for m in nf4)
-                Path(report).write_text(json.dumps({"units": units, "nf4_code_bytes": held, "nf4_total": total}))
+                Path(report).write_text(json.dumps({"units": len(units), "nf4_code_bytes": held, "nf4_total": total,
+                                                    "mixed_units": mixed, "grad_elements": grads}))
 
         module.MoLModule.configure_model = configure_and_count
     app.main()

@@ -442,6 +442,58 @@ def test_triton_backend_over_an_nf4_base_matches_reference(own_kernel, monkeypat
     assert fused[5] == ([] if own_kernel else [torch.float32, torch.float32])
 
 
+class _UnitStandIn(torch.nn.Module):
+    """What the fused path sees of an FSDP unit (mol.train.fsdp.adapter_units makes each adapted base one): a module
+    holding the base as ``_fsdp_wrapped_module`` that forwards attribute reads to it, as FullyShardedDataParallel
+    does, and whose tensors are whole only inside its forward (counted here)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self._fsdp_wrapped_module = inner
+        self.calls = 0
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._fsdp_wrapped_module, name)
+
+    def forward(self, x):
+        self.calls += 1
+        return self._fsdp_wrapped_module(x)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_base_in_an_fsdp_unit_of_its_own_is_called_as_a_module(quantized, monkeypatch):
+    """A base FSDP holds in a unit of its own is run through its forward (where FSDP gathers it), never read
+    directly by the fused kernels: its NF4 codes are not dequantized outside it (its attributes, forwarded by the
+    unit, would be this process's shard). Same function as the reference path."""
+    pytest.importorskip("triton")
+    from mol.quant import NF4Linear
+
+    torch.manual_seed(0)
+    inner = torch.nn.Linear(64, 24).requires_grad_(False)
+    inner = NF4Linear.from_linear(inner) if quantized else inner
+    layer = MoLLinear(_UnitStandIn(inner), num_experts=4, top_k=2, rank=3)
+    torch.nn.init.normal_(layer.lora_B, std=0.5)
+    if quantized:
+        monkeypatch.setattr(inner, "dequantize", lambda dtype=None: pytest.fail("dequantized outside the unit"))
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    w = torch.randn(2, 5, 24)
+    results = []
+    for backend in ("torch", "triton"):
+        layer.backend = backend
+        x.grad = None
+        layer.zero_grad()
+        layer.base_layer.calls = 0
+        y = layer(x)
+        ((y * w).sum() + layer.aux_loss()).backward()
+        results.append([y, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad])
+        assert layer.base_layer.calls == 1, backend
+    for a, b in zip(*results):
+        assert rel(a, b) < 1e-4
+
+
 def test_sequence_pooling_gradient():
     """The sequence router's mean pool (float32 accumulation; its dx a broadcast view) against autograd's own
     derivative of the mean, in float64, to second order; in bf16 its dx comes back in x's dtype and shape."""

@@ -50,6 +50,18 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "train_loss.jsonl").read_text().splitlines()]
 
 
+def _assert_units_apart(report_file: Path, adapter: dict[str, torch.Tensor], decoder_layers: int = 2) -> None:
+    """The root, each decoder layer (Llama's _no_split_modules, fsdp.yaml's auto_wrap_policy; none when it is null),
+    and each adapted layer and its frozen base are FSDP units, none of them part frozen, part trainable: the
+    processes' gradients hold the adapter's elements (FSDP pads each unit's to a multiple of the 2 processes), not
+    the frozen weights' too (as when each decoder layer's unit held its adapters: 88,192 for LoRA's 69,632)."""
+    report = json.loads(report_file.read_text())
+    layers = sum(k.endswith("lora_A") or k.endswith("lora_A.weight") for k in adapter)
+    assert report["units"] == 1 + decoder_layers + 2 * layers and report["mixed_units"] == 0, report
+    trainable = sum(v.numel() for v in adapter.values())
+    assert trainable <= sum(report["grad_elements"]) <= trainable + 2 * report["units"], (report, trainable)
+
+
 def test_fsdp_trains_saves_and_validates_as_one_process(tiny, tmp_path):
     """LoRA, 3 steps (so the final validation runs after fit, with the decoder layers wrapped: Lightning issue
     #19015), gradients clipped by a norm they exceed: the losses, the saved adapter and the validation loss of 2
@@ -59,13 +71,13 @@ def test_fsdp_trains_saves_and_validates_as_one_process(tiny, tmp_path):
     unclipped = tmp_path / "unclipped"
     _train(tiny, unclipped, *common[:2], "trainer=cpu", "data.batch_size=8", "trainer.gradient_clip_val=null",
            driver=False)
-    # hub.peft_format: PEFT's format is exported from the model, its layers gathered whole for it
+    # hub.peft_format: PEFT's format is exported from the model, its layers gathered whole for it; activation
+    # checkpointing recomputes each decoder layer with the adapter layers' units inside it
     _train(tiny, tmp_path / "fsdp", *common, *FSDP, "data.batch_size=4", "hub.repo_id=me/run", "hub.peft_format=true",
-           hub=tmp_path / "hub")
-    # the root and each of the 2 decoder layers (Llama's _no_split_modules, fsdp.yaml's auto_wrap_policy)
-    assert json.loads((tmp_path / "fsdp.units.json").read_text())["units"] == 3
+           "model.gradient_checkpointing=true", hub=tmp_path / "hub")
     one, fsdp = _adapter(tmp_path / "one"), _adapter(tmp_path / "fsdp")
     assert one.keys() == fsdp.keys() and len(one) == 28
+    _assert_units_apart(tmp_path / "fsdp.units.json", one)
     for k in one:
         assert fsdp[k].shape == one[k].shape, k  # whole tensors, not this rank's flat shard
         assert torch.allclose(fsdp[k], one[k], rtol=0, atol=2e-5), k
@@ -110,7 +122,10 @@ def test_fsdp_trains_lora_on_the_fused_experts_as_one_process(tiny, tmp_path):
     _train(tiny, tmp_path / "one", *common, "trainer=cpu", "data.batch_size=8", driver=False)
     _train(tiny, tmp_path / "fsdp", *common, *FSDP, "data.batch_size=4")
     report = json.loads((tmp_path / "fsdp.units.json").read_text())
-    assert report["units"] == 3 and sum(report["nf4_code_bytes"]) == report["nf4_total"] > 0
+    # the root, 2 decoder layers, and the 8 attention linears qlora adapts with their frozen bases; the experts' LoRA
+    # stays beside the experts in the decoder layers' units (its kernels read the expert tensors directly)
+    assert report["units"] == 3 + 2 * 8 and report["mixed_units"] == 2, report
+    assert sum(report["nf4_code_bytes"]) == report["nf4_total"] > 0
     assert max(report["nf4_code_bytes"]) < report["nf4_total"], report
     one, fsdp = _adapter(tmp_path / "one"), _adapter(tmp_path / "fsdp")
     assert one.keys() == fsdp.keys() and any(".experts.lora_B." in k for k in one)
@@ -129,12 +144,13 @@ def test_fsdp_shards_the_nf4_codes_and_trains_qlora_as_one_process(tiny, tmp_pat
     _train(tiny, tmp_path / "fsdp", *common, *FSDP, "data.batch_size=4")
     report = json.loads((tmp_path / "fsdp.units.json").read_text())
     held, total = report["nf4_code_bytes"], report["nf4_total"]
-    assert report["units"] == 3 and total > 0
+    assert total > 0
     # each process holds its part of every unit's flat parameter, codes included (how much of it is codes depends
     # on where they fall in it; FSDP pads the shards, never the codes)
     assert sum(held) == total and 0 < min(held) <= max(held) < total, held
     one, fsdp = _adapter(tmp_path / "one"), _adapter(tmp_path / "fsdp")
     assert one.keys() == fsdp.keys() and any(".lora_B" in k for k in one)
+    _assert_units_apart(tmp_path / "fsdp.units.json", one)  # the NF4 bases' codes in units of their own
     for k in one:
         assert torch.allclose(fsdp[k], one[k], rtol=0, atol=2e-5), k
     assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
@@ -210,18 +226,18 @@ def test_nf4_codes_stored_again_after_a_cast_take_the_models_new_dtype():
 
 
 def test_a_resumed_fsdp_run_follows_the_uninterrupted_one(tiny, tmp_path):
-    """MoL (whose lora_B is stored in another memory order than its shape's), the model wrapped whole
+    """MoL (whose lora_B is stored in another memory order than its shape's), no decoder-layer units
     (auto_wrap_policy=null): stopped at step 2 and resumed to step 4, the run logs the uninterrupted run's losses
     and saves its adapter; the Adam moments of a resumed FSDP run used to land on permuted elements of lora_B."""
     common = ["method=mol", "method.target_modules=[q_proj,v_proj,up_proj]", *FSDP, "data.batch_size=4",
               "trainer.strategy.auto_wrap_policy=null", "optim.min_lr_ratio=1.0", "trainer.ckpt_every_n_steps=1"]
     _train(tiny, tmp_path / "full", *common, "trainer.max_steps=4")
-    assert json.loads((tmp_path / "full.units.json").read_text())["units"] == 1
     _train(tiny, tmp_path / "stopped", *common, "trainer.max_steps=2")
     _train(tiny, tmp_path / "stopped", *common, "trainer.max_steps=4", "resume=auto")
     assert len(_losses(tmp_path / "full")) == 4
     assert _losses(tmp_path / "stopped") == pytest.approx(_losses(tmp_path / "full"), rel=1e-6)
     full, resumed = _adapter(tmp_path / "full"), _adapter(tmp_path / "stopped")
+    _assert_units_apart(tmp_path / "full.units.json", full, decoder_layers=0)
     assert full.keys() == resumed.keys()
     assert max(float(v.abs().max()) for k, v in full.items() if ".lora_B" in k) > 1e-2
     for k in full:
@@ -387,3 +403,31 @@ def test_save_adapter_refuses_fsdp_shards_and_takes_gathered_tensors(tmp_path):
     assert from_root.keys() == saved.keys() and all(torch.equal(from_root[k], saved[k]) for k in saved)
     for k, v in result["whole"].items():
         assert torch.equal(saved[k], v), k
+
+
+def test_adapter_units_part_every_adapted_layer_from_its_frozen_base(tiny_llama):
+    """mol.train.fsdp.adapter_units (no process group needed): LoRA and IA3 layers and their frozen bases, and
+    bottleneck adapters, each a unit whose own tensors (those of no unit inside) all train or are all frozen; a base
+    that trains a tensor itself stays with its layer."""
+    import mol
+    from mol.methods.adapters import BottleneckAdapter
+    from mol.methods.ia3 import IA3Linear
+    from mol.train.fsdp import adapter_units
+
+    model = mol.inject(tiny_llama, [mol.LoRAConfig(target_modules=["q_proj"]),
+                                    mol.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+                                    mol.AdapterConfig()])
+    layers = [m for m in model.modules() if isinstance(m, (mol.MoLLinear, IA3Linear))]
+    bottlenecks = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+    n = model.config.num_hidden_layers
+    assert len(layers) == 3 * n and len(bottlenecks) == n
+    units = adapter_units(model)
+    assert units == {id(m) for m in [*layers, *(m.base_layer for m in layers), *bottlenecks]}
+    modules = {id(m): m for m in model.modules()}
+    for i in units:
+        inner = {p for sub in modules[i].modules() if sub is not modules[i] and id(sub) in units
+                 for p in sub.parameters()}
+        own = [p for p in modules[i].parameters() if p not in inner]
+        assert own and len({p.requires_grad for p in own}) == 1, modules[i]
+    layers[0].base_layer.weight.requires_grad_(True)  # as BitFit's bias on an adapted layer
+    assert adapter_units(model) == units - {id(layers[0]), id(layers[0].base_layer)}

@@ -701,7 +701,8 @@ def fsdp_wrap_classes(model: Any, policy: Any) -> Optional[set]:
     """``trainer.strategy.auto_wrap_policy`` as the set of module classes MoLModule.configure_model makes FSDP units
     of (each gathers its weights only while it computes, then frees them): ``no_split_modules`` names the
     model's own ``_no_split_modules`` (its decoder layers, as Hugging Face Accelerate's transformer-based wrapping
-    does), a list names classes; null wraps the model whole (every weight gathered for the whole forward)."""
+    does), a list names classes; null makes none (the adapter layers and their bases are units of their own whatever
+    the policy: mol.train.fsdp.adapter_units)."""
     if policy is None:
         return None
     present = {type(m).__name__: type(m) for m in model.modules()}
@@ -710,7 +711,7 @@ def fsdp_wrap_classes(model: Any, policy: Any) -> Optional[set]:
         if not names:
             raise ConfigError(f"trainer.strategy.auto_wrap_policy=no_split_modules but {type(model).__name__} names "
                               f"no _no_split_modules: name the classes to wrap (trainer.strategy.auto_wrap_policy="
-                              f"[ClassName, ...]) or wrap the model whole with trainer.strategy.auto_wrap_policy=null")
+                              f"[ClassName, ...]) or make no such units with trainer.strategy.auto_wrap_policy=null")
         names = [n for n in names if n in present]  # Hugging Face lists classes some configs leave out
     elif isinstance(policy, (list, tuple)) and all(isinstance(n, str) for n in policy):
         names = list(policy)

@@ -98,6 +98,29 @@ def nf4_codes_as_parameters(model: nn.Module) -> Optional[torch.dtype]:
     return dtype
 
 
+def adapter_units(model: nn.Module) -> set[int]:
+    """The ids of the modules that become FSDP units of their own so that no unit flattens frozen and trainable
+    tensors together: each adapter layer (MoL/LoRA, IA3) with a frozen base, and that base, and each bottleneck
+    adapter. FSDP (use_orig_params) keeps a gradient for the whole of a flat parameter that holds any trainable
+    tensor, and reduce-scatters all of it every step: with the frozen base beside its adapters, as many gradient
+    elements and as much traffic as fine-tuning the whole unit. (PEFT's fsdp_auto_wrap_policy separates its LoRA
+    linears likewise.) An adapted base that trains a tensor itself (BitFit's biases) and LoRA on fused MoE experts,
+    whose kernels read the experts' tensors directly, stay in their decoder layer's unit."""
+    from mol.layers import MoLLinear
+    from mol.methods.adapters import BottleneckAdapter
+    from mol.methods.ia3 import IA3Linear
+
+    ids: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, BottleneckAdapter):
+            ids.add(id(m))
+        elif isinstance(m, (MoLLinear, IA3Linear)) and not any(p.requires_grad for p in m.base_layer.parameters()):
+            # the layer calls its base as a module once FSDP wraps it (dispatch's fused paths read a bare
+            # nn.Linear's or NF4Linear's weight themselves, which a unit of its own holds only inside its forward)
+            ids.update((id(m), id(m.base_layer)))
+    return ids
+
+
 def gather_trainable(root: nn.Module, to_rank0: bool) -> dict[str, torch.Tensor]:
     """Every trainable parameter of the FSDP units inside ``root``, whole, on the CPU, by its name before wrapping
     (on rank 0 where ``to_rank0``; empty elsewhere). Every process must call it: each unit's gather is collective."""

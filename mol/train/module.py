@@ -23,7 +23,7 @@ from torch import nn
 import mol
 from mol.inject import unwrapped_name
 from mol.quant.linear import NF4Tensor
-from mol.train.fsdp import flat_dtype, fsdp_root, nf4_codes_as_parameters, routers_to
+from mol.train.fsdp import adapter_units, flat_dtype, fsdp_root, nf4_codes_as_parameters, routers_to
 
 RNG_KEY = "mol_rng_state"
 
@@ -132,7 +132,7 @@ class MoLModule(pl.LightningModule):
 
         if not isinstance(self.trainer.strategy, FSDPStrategy) or fsdp_root(self) is not None:
             return
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy, wrap
+        from torch.distributed.fsdp.wrap import CustomPolicy, wrap
 
         for p in self.model.parameters():
             # FSDP keeps a tensor stored in another order than its shape's (MoLLinear's lora_B is (E, out, r) in
@@ -160,12 +160,14 @@ class MoLModule(pl.LightningModule):
                 print(f"mol: trainer=fsdp shards the NF4 codes as {codes_dtype} parameters, so FSDP gathers "
                       f"parameters in {codes_dtype}, not {mixed.param_dtype} (model.dtype={mixed.param_dtype} "
                       "gathers in 16 bits)".replace("torch.", ""), flush=True)
+        # the model's own units (its decoder layers) and, inside them, adapter layers and their frozen bases apart
+        separate, classes = adapter_units(self.model), tuple(self.fsdp_units or ())
+        policy = CustomPolicy(lambda m: id(m) in separate or isinstance(m, classes))
         with warnings.catch_warnings():
-            # "has both parameters with requires_grad=True and False": every unit holds frozen weights beside
-            # the adapters that train them, so FSDP keeps a gradient buffer the size of each unit's shard
+            # "has both parameters with requires_grad=True and False": what adapter_units leaves mixed (the root's
+            # modules_to_save beside its frozen embeddings, BitFit's biases, LoRA on fused experts)
             warnings.filterwarnings("ignore", message=".*has both parameters with requires_grad=True and False")
-            self.model = wrap(self.model, auto_wrap_policy=ModuleWrapPolicy(self.fsdp_units) if self.fsdp_units
-                              else None, **overrides)
+            self.model = wrap(self.model, auto_wrap_policy=policy, **overrides)
 
     # ------------------------------------------------------------------ forward / losses
     def forward(self, batch: dict[str, Any]) -> Any:
