@@ -233,7 +233,10 @@ def test_multirun_writes_to_output_dir_and_resumes_there(tmp_path):
     ("seed=-1", "seed=-1 is not a whole number from 0 to 2"),
     ("data.train=[]", r"data.train=\[\] names no training data; pass a file"),
     ("optim.lr=abc", "optim.lr=abc is not a number"),
-    ("optim.lr=-1", "optim.lr=-1 is out of range; it must be >= 0"),
+    ("optim.lr=-1", "optim.lr=-1 is out of range; it must be a finite number >= 0"),
+    # AdamW took them: NaN weights from the first step, without a word
+    ("optim.lr=inf", "optim.lr=inf is out of range; it must be a finite number >= 0"),
+    ("optim.weight_decay=nan", "optim.weight_decay=nan is out of range"),
     ("optim.min_lr_ratio=-1", "optim.min_lr_ratio=-1 is out of range; it must be between 0 and 1"),
     ("optim.warmup_ratio=3", "optim.warmup_ratio=3 is out of range"),
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0 is out of range.*or null"),

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -566,7 +567,9 @@ def check_run_values(cfg: DictConfig) -> None:
                 raise ConfigError(f"{group}.{key}={v} is not a number; pass e.g. {group}.{key}=1e-3")
             # AdamW refused a negative lr only once fit began (after the baseline); a min_lr_ratio below 0 turned
             # the rate negative late in the run (gradient ascent) and a warmup_ratio above 1 never reached lr
-            bounds, ok = {"lr": (">= 0", v >= 0), "weight_decay": (">= 0", v >= 0),
+            # (an inf or nan lr or weight decay trained to NaN weights without a word)
+            bounds, ok = {"lr": ("a finite number >= 0", 0 <= v < math.inf),
+                          "weight_decay": ("a finite number >= 0", 0 <= v < math.inf),
                           "warmup_ratio": ("between 0 and 1", 0 <= v <= 1),
                           "min_lr_ratio": ("between 0 and 1", 0 <= v <= 1)}[key]
             if not ok:
