@@ -410,6 +410,21 @@ def test_adapters_follow_a_bitsandbytes_base_dtype(case):
         assert base.bias.dtype == want and base.bias.requires_grad
 
 
+def _both_backends(layer: MoLLinear, x: torch.Tensor, w: torch.Tensor, before_each) -> list[list[torch.Tensor]]:
+    """y and the gradients of x, lora_A, lora_B and the router weight of ``(y * w).sum() + aux_loss``, on the torch
+    backend, then on the triton one (``before_each()`` called before each)."""
+    results = []
+    for backend in ("torch", "triton"):
+        layer.backend = backend
+        x.grad = None
+        layer.zero_grad()
+        before_each()
+        y = layer(x)
+        ((y * w).sum() + layer.aux_loss()).backward()
+        results.append([y, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad])
+    return results
+
+
 @pytest.mark.parametrize("own_kernel", [False, True])
 def test_triton_backend_over_an_nf4_base_matches_reference(own_kernel, monkeypatch):
     """QLoRA-MoL on the fused path: the NF4 base is dequantized inside the fused function (once in forward, once
@@ -425,21 +440,10 @@ def test_triton_backend_over_an_nf4_base_matches_reference(own_kernel, monkeypat
     dequantize = base.dequantize
     monkeypatch.setattr(base, "dequantize", lambda dtype=None: calls.append(dtype) or dequantize(dtype))
     monkeypatch.setattr(base, "uses_own_kernel", lambda x: own_kernel)
-    x = torch.randn(2, 5, 64, requires_grad=True)
-    w = torch.randn(2, 5, 24)
-    results = []
-    for backend in ("torch", "triton"):
-        layer.backend = backend
-        x.grad = None
-        layer.zero_grad()
-        calls.clear()
-        y = layer(x)
-        ((y * w).sum() + layer.aux_loss()).backward()
-        results.append([y, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad, list(calls)])
-    ref, fused = results
-    for a, b in zip(fused[:5], ref[:5]):
+    ref, fused = _both_backends(layer, torch.randn(2, 5, 64, requires_grad=True), torch.randn(2, 5, 24), calls.clear)
+    for a, b in zip(fused, ref):
         assert rel(a, b) < 1e-4
-    assert fused[5] == ([] if own_kernel else [torch.float32, torch.float32])
+    assert calls == ([] if own_kernel else [torch.float32, torch.float32])  # the triton backend's
 
 
 class _UnitStandIn(torch.nn.Module):
@@ -478,19 +482,10 @@ def test_a_base_in_an_fsdp_unit_of_its_own_is_called_as_a_module(quantized, monk
     torch.nn.init.normal_(layer.lora_B, std=0.5)
     if quantized:
         monkeypatch.setattr(inner, "dequantize", lambda dtype=None: pytest.fail("dequantized outside the unit"))
-    x = torch.randn(2, 5, 64, requires_grad=True)
-    w = torch.randn(2, 5, 24)
-    results = []
-    for backend in ("torch", "triton"):
-        layer.backend = backend
-        x.grad = None
-        layer.zero_grad()
-        layer.base_layer.calls = 0
-        y = layer(x)
-        ((y * w).sum() + layer.aux_loss()).backward()
-        results.append([y, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad])
-        assert layer.base_layer.calls == 1, backend
-    for a, b in zip(*results):
+    ref, fused = _both_backends(layer, torch.randn(2, 5, 64, requires_grad=True), torch.randn(2, 5, 24),
+                                lambda: setattr(layer.base_layer, "calls", 0))
+    assert layer.base_layer.calls == 1  # the triton backend's forward (its backward recomputes nothing)
+    for a, b in zip(fused, ref):
         assert rel(a, b) < 1e-4
 
 
