@@ -431,3 +431,37 @@ def test_adapter_units_part_every_adapted_layer_from_its_frozen_base(tiny_llama)
         assert own and len({p.requires_grad for p in own}) == 1, modules[i]
     layers[0].base_layer.weight.requires_grad_(True)  # as BitFit's bias on an adapted layer
     assert adapter_units(model) == units - {id(layers[0]), id(layers[0].base_layer)}
+
+
+def test_a_bottleneck_adapter_in_an_fsdp_unit_of_its_own_runs_through_it(tiny_llama):
+    """adapter_units makes each bottleneck adapter an FSDP unit, which takes its place as its sub-layer's
+    ``mol_adapter`` and gathers its weights only inside its own forward: the sub-layer's hook calls that unit (the
+    hook called the adapter itself, whose weights outside the unit are this process's flat shard: trainer=fsdp
+    method=adapter failed with "mat2 must be a matrix, got 1-D tensor")."""
+    import mol
+    from mol.methods.adapters import BottleneckAdapter
+
+    class Unit(torch.nn.Module):  # what the hook sees of FSDP's wrapper: a module whose forward runs the adapter
+        def __init__(self, inner):
+            super().__init__()
+            self._fsdp_wrapped_module, self.calls = inner, 0
+
+        def forward(self, h):
+            self.calls += 1
+            return self._fsdp_wrapped_module(h)
+
+    model = mol.inject(tiny_llama, mol.AdapterConfig(placement="houlsby"))
+    for m in model.modules():
+        if isinstance(m, BottleneckAdapter):
+            torch.nn.init.normal_(m.adapter_up.weight, std=0.5)  # not the identity it starts as
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        units = []
+        for m in list(model.modules()):
+            if isinstance(m._modules.get("mol_adapter"), BottleneckAdapter):
+                units.append(Unit(m.mol_adapter))
+                m.mol_adapter = units[-1]
+        after = model(input_ids=ids).logits
+    assert len(units) == 2 * model.config.num_hidden_layers and all(u.calls == 1 for u in units)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)

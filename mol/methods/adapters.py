@@ -141,10 +141,13 @@ class BottleneckAdapter(AdapterLayer):
                              f"{type(sublayer).__name__} whose output is {tuple(h.shape)}: point "
                              "attn_modules/mlp_modules at sub-layers whose output has the model's hidden size (the "
                              "attention or MLP block, or its output projection)")
+        # the sub-layer's child, not self: trainer=fsdp makes the adapter an FSDP unit of its own (adapter_units),
+        # which puts its wrapper there and gathers the weights only inside the wrapper's forward
+        adapter = sublayer._modules.get("mol_adapter", self)
         if isinstance(out, Tensor):
-            return self(out)
+            return adapter(out)
         if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
-            return (self(out[0]),) + tuple(out[1:])
+            return (adapter(out[0]),) + tuple(out[1:])
         raise TypeError(f"a bottleneck adapter needs its sub-layer to return a tensor or a tuple starting with one; "
                         f"{type(sublayer).__name__} returned {type(out).__name__}: point attn_modules/mlp_modules "
                         "at the sub-layer (or its output projection) instead")
