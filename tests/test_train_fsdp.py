@@ -465,3 +465,24 @@ def test_a_bottleneck_adapter_in_an_fsdp_unit_of_its_own_runs_through_it(tiny_ll
         after = model(input_ids=ids).logits
     assert len(units) == 2 * model.config.num_hidden_layers and all(u.calls == 1 for u in units)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_the_input_embeddings_prompt_tuning_reads_are_no_unit_of_their_own():
+    """BERT's _no_split_modules names BertEmbeddings, which trainer=fsdp made a unit; prompt tuning's pre-hook embeds
+    the tokens with its word embeddings in the model's forward, outside that unit's, where the weight is this
+    process's flat shard (trainer=fsdp method=prompt on a BERT classifier failed: "'weight' must be 2-D").
+    mol.train.fsdp.prompt_embedding_holders names the modules that hold them, which configure_model leaves whole."""
+    import transformers as T
+
+    import mol
+    from mol.train.fsdp import prompt_embedding_holders
+
+    cfg = T.BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_labels=3)
+    lora = mol.inject(T.BertForSequenceClassification(cfg), mol.LoRAConfig(rank=2, modules_to_save=["classifier"]))
+    assert prompt_embedding_holders(lora) == set()
+    model = mol.inject(T.BertForSequenceClassification(cfg),
+                       mol.PromptTuningConfig(num_virtual_tokens=3, modules_to_save=["classifier"]))
+    assert "BertEmbeddings" in model._no_split_modules
+    assert prompt_embedding_holders(model) == {id(model), id(model.bert), id(model.bert.embeddings),
+                                               id(model.bert.embeddings.word_embeddings)}

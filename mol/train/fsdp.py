@@ -121,6 +121,21 @@ def adapter_units(model: nn.Module) -> set[int]:
     return ids
 
 
+def prompt_embedding_holders(model: nn.Module) -> set[int]:
+    """The ids of the modules that hold the input embeddings prompt tuning reads, which must not be FSDP units: its
+    pre-hook embeds the tokens with them in the model's own forward, outside any such unit's, where their weights
+    are this process's flat shard (BERT's _no_split_modules names BertEmbeddings). In the root unit they are whole
+    for the model's whole forward, as with models whose decoder layers alone are units."""
+    from mol.methods.prefix import PromptEmbedding
+
+    embeddings = []
+    for m in model.modules():
+        if isinstance(getattr(m, "mol_prompt", None), PromptEmbedding):
+            owners = [m, m.get_encoder()] if hasattr(m, "get_encoder") else [m]  # the encoder's, encoder-decoder
+            embeddings += [o.get_input_embeddings() for o in owners if hasattr(o, "get_input_embeddings")]
+    return {id(m) for m in model.modules() if any(any(e is s for s in m.modules()) for e in embeddings)}
+
+
 def gather_trainable(root: nn.Module, to_rank0: bool) -> dict[str, torch.Tensor]:
     """Every trainable parameter of the FSDP units inside ``root``, whole, on the CPU, by its name before wrapping
     (on rank 0 where ``to_rank0``; empty elsewhere). Every process must call it: each unit's gather is collective."""
