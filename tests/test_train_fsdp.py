@@ -55,11 +55,19 @@ def _assert_units_apart(report_file: Path, adapter: dict[str, torch.Tensor], dec
     and each adapted layer and its frozen base are FSDP units, none of them part frozen, part trainable: the
     processes' gradients hold the adapter's elements (FSDP pads each unit's to a multiple of the 2 processes), not
     the frozen weights' too (as when each decoder layer's unit held its adapters: 88,192 for LoRA's 69,632)."""
-    report = json.loads(report_file.read_text())
+    report = _assert_no_mixed_unit(report_file, adapter)
     layers = sum(k.endswith("lora_A") or k.endswith("lora_A.weight") for k in adapter)
-    assert report["units"] == 1 + decoder_layers + 2 * layers and report["mixed_units"] == 0, report
+    assert report["units"] == 1 + decoder_layers + 2 * layers, report
+
+
+def _assert_no_mixed_unit(report_file: Path, adapter: dict[str, torch.Tensor]) -> dict:
+    """No FSDP unit holds frozen and trainable tensors together, and the gradients the processes keep hold the
+    adapter's elements alone (FSDP pads each unit's to a multiple of the 2 processes). Returns the report."""
+    report = json.loads(report_file.read_text())
     trainable = sum(v.numel() for v in adapter.values())
+    assert report["mixed_units"] == 0, report
     assert trainable <= sum(report["grad_elements"]) <= trainable + 2 * report["units"], (report, trainable)
+    return report
 
 
 def test_fsdp_trains_saves_and_validates_as_one_process(tiny, tmp_path):
@@ -108,6 +116,21 @@ def test_fsdp_trains_saves_and_validates_as_one_process(tiny, tmp_path):
         plain = base(input_ids=ids).logits
     assert not torch.allclose(ours, plain, rtol=0, atol=1e-4)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["method=adapter method.placement=houlsby", "method=ia3"])
+def test_fsdp_trains_bottleneck_adapters_and_ia3_in_units_of_their_own(method, tiny, tmp_path):
+    """Bottleneck adapters (called from their sub-layers' hooks) and IA3 layers (with their bases) each in an FSDP
+    unit of their own: 2 sharded processes train and save one process's adapter, and no unit is left mixed."""
+    common = [*method.split(), "trainer.max_steps=2"]
+    _train(tiny, tmp_path / "one", *common, "trainer=cpu", "data.batch_size=8", driver=False)
+    _train(tiny, tmp_path / "fsdp", *common, *FSDP, "data.batch_size=4")
+    one, fsdp = _adapter(tmp_path / "one"), _adapter(tmp_path / "fsdp")
+    assert one.keys() == fsdp.keys() and one
+    for k in one:
+        assert fsdp[k].shape == one[k].shape and torch.allclose(fsdp[k], one[k], rtol=0, atol=2e-5), k
+    assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    assert _assert_no_mixed_unit(tmp_path / "fsdp.units.json", one)["units"] > 3
 
 
 def test_fsdp_trains_lora_on_the_fused_experts_as_one_process(tiny, tmp_path):
