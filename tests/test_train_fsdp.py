@@ -435,7 +435,7 @@ def test_adapter_units_part_every_adapted_layer_from_its_frozen_base(tiny_llama)
     import mol
     from mol.methods.adapters import BottleneckAdapter
     from mol.methods.ia3 import IA3Linear
-    from mol.train.fsdp import adapter_units
+    from mol.train.fsdp import adapter_units, unit_rule
 
     model = mol.inject(tiny_llama, [mol.LoRAConfig(target_modules=["q_proj"]),
                                     mol.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]),
@@ -452,6 +452,10 @@ def test_adapter_units_part_every_adapted_layer_from_its_frozen_base(tiny_llama)
                  for p in sub.parameters()}
         own = [p for p in modules[i].parameters() if p not in inner]
         assert own and len({p.requires_grad for p in own}) == 1, modules[i]
+    # trainer=fsdp's rule (README's for a model wrapped by hand): those and the decoder layers
+    decoder = type(model.model.layers[0])
+    rule = unit_rule(model, {decoder})
+    assert {id(m) for m in model.modules() if rule(m)} == units | {id(m) for m in model.model.layers}
     layers[0].base_layer.weight.requires_grad_(True)  # as BitFit's bias on an adapted layer
     assert adapter_units(model) == units - {id(layers[0]), id(layers[0].base_layer)}
 

@@ -10,7 +10,7 @@ trainable tensors.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -134,6 +134,16 @@ def prompt_embedding_holders(model: nn.Module) -> set[int]:
             owners = [m, m.get_encoder()] if hasattr(m, "get_encoder") else [m]  # the encoder's, encoder-decoder
             embeddings += [o.get_input_embeddings() for o in owners if hasattr(o, "get_input_embeddings")]
     return {id(m) for m in model.modules() if any(any(e is s for s in m.modules()) for e in embeddings)}
+
+
+def unit_rule(model: nn.Module, classes: Iterable[type] = ()) -> Callable[[nn.Module], bool]:
+    """Which modules of ``model`` FSDP makes units, as ``trainer=fsdp`` wraps it: each module of ``classes`` (the
+    model's decoder layers, e.g. ``{LlamaDecoderLayer}``) but those holding the input embeddings prompt tuning reads
+    (``prompt_embedding_holders``), and inside them ``adapter_units``. For a model wrapped by hand, or by Accelerate
+    (its FSDP plugin's ``auto_wrap_policy``): ``CustomPolicy(unit_rule(model, {DecoderLayer}))`` from
+    torch.distributed.fsdp.wrap. Call it on the model about to be wrapped (it keeps module ids)."""
+    separate, whole, classes = adapter_units(model), prompt_embedding_holders(model), tuple(classes)
+    return lambda m: id(m) in separate or (isinstance(m, classes) and id(m) not in whole)
 
 
 def gather_trainable(root: nn.Module, to_rank0: bool) -> dict[str, torch.Tensor]:

@@ -23,8 +23,7 @@ from torch import nn
 import mol
 from mol.inject import unwrapped_name
 from mol.quant.linear import NF4Tensor
-from mol.train.fsdp import (adapter_units, flat_dtype, fsdp_root, nf4_codes_as_parameters, prompt_embedding_holders,
-                             routers_to)
+from mol.train.fsdp import flat_dtype, fsdp_root, nf4_codes_as_parameters, routers_to, unit_rule
 
 RNG_KEY = "mol_rng_state"
 
@@ -161,11 +160,8 @@ class MoLModule(pl.LightningModule):
                 print(f"mol: trainer=fsdp shards the NF4 codes as {codes_dtype} parameters, so FSDP gathers "
                       f"parameters in {codes_dtype}, not {mixed.param_dtype} (model.dtype={mixed.param_dtype} "
                       "gathers in 16 bits)".replace("torch.", ""), flush=True)
-        # the model's own units (its decoder layers) and, inside them, adapter layers and their frozen bases apart
-        # (not a module holding the input embeddings prompt tuning reads outside its forward: they stay in the root)
-        separate, classes = adapter_units(self.model), tuple(self.fsdp_units or ())
-        whole = prompt_embedding_holders(self.model)
-        policy = CustomPolicy(lambda m: id(m) in separate or (isinstance(m, classes) and id(m) not in whole))
+        # decoder-layer units and, inside them, each adapted layer and its frozen base apart
+        policy = CustomPolicy(unit_rule(self.model, self.fsdp_units or ()))
         with warnings.catch_warnings():
             # "has both parameters with requires_grad=True and False": what adapter_units leaves mixed (the root's
             # modules_to_save beside its frozen embeddings, BitFit's biases, LoRA on fused experts)
