@@ -26,7 +26,9 @@ def tiny(tmp_path_factory):
 
 
 def _train(tiny, out: Path, *extra: str, driver: bool = True, hub: Path | None = None) -> subprocess.CompletedProcess:
-    args = ["model=hf_causal", f"model.path={tiny['llama']}", "data=jsonl", f"data.train={tiny['data']['train']}",
+    model = next((a for a in extra if a.startswith("model=")), "model=hf_causal")
+    extra = tuple(a for a in extra if a != model)
+    args = [model, f"model.path={tiny['llama']}", "data=jsonl", f"data.train={tiny['data']['train']}",
             f"data.val={tiny['data']['val']}", "data.max_length=32", f"data.cache_dir={out.parent / 'cache'}",
             "trainer.max_epochs=-1", "optim.lr=1e-2", "optim.warmup_ratio=0", f"output_dir={out}",
             *quiet_trainer_overrides(), *extra]
@@ -131,6 +133,25 @@ def test_fsdp_trains_bottleneck_adapters_and_ia3_in_units_of_their_own(method, t
         assert fsdp[k].shape == one[k].shape and torch.allclose(fsdp[k], one[k], rtol=0, atol=2e-5), k
     assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     assert _assert_no_mixed_unit(tmp_path / "fsdp.units.json", one)["units"] > 3
+
+
+def test_fsdp_trains_a_classifier_with_its_head_in_a_unit_of_its_own(tiny, tmp_path):
+    """LoRA on a Llama classifier with modules_to_save=[score]: the head trains in a unit of its own, not in the
+    root's beside the frozen embeddings (whose gradient FSDP would keep and reduce-scatter too), and 2 sharded
+    processes train and save one process's adapter and head."""
+    from test_train_utils import make_classification_data
+
+    clf = {"llama": tiny["llama"], "data": make_classification_data(tmp_path / "kdata")}
+    common = ["model=hf_classifier", "model.modules_to_save=[score]", "method=lora", "trainer.max_steps=2",
+              "baseline.enabled=false"]
+    _train(clf, tmp_path / "one", *common, "trainer=cpu", "data.batch_size=8", driver=False)
+    _train(clf, tmp_path / "fsdp", *common, *FSDP, "data.batch_size=4")
+    one, fsdp = _adapter(tmp_path / "one"), _adapter(tmp_path / "fsdp")
+    assert one.keys() == fsdp.keys() and any(k.endswith("score.weight") for k in one)
+    for k in one:
+        assert fsdp[k].shape == one[k].shape and torch.allclose(fsdp[k], one[k], rtol=0, atol=5e-5), k
+    assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    _assert_no_mixed_unit(tmp_path / "fsdp.units.json", one)
 
 
 def test_fsdp_trains_lora_on_the_fused_experts_as_one_process(tiny, tmp_path):
@@ -513,3 +534,17 @@ def test_the_input_embeddings_prompt_tuning_reads_are_no_unit_of_their_own():
     assert "BertEmbeddings" in model._no_split_modules
     assert prompt_embedding_holders(model) == {id(model), id(model.bert), id(model.bert.embeddings),
                                                id(model.bert.embeddings.word_embeddings)}
+
+
+def test_modules_to_save_are_units_of_their_own_unless_they_share_a_tensor(tiny_llama):
+    """adapter_units takes each modules_to_save module (trained whole) apart from the root's frozen embeddings, but
+    not one whose tensor another module shares (a head tied to the input embeddings: FSDP keeps a shared tensor in
+    one unit)."""
+    import mol
+    from mol.train.fsdp import adapter_units
+
+    tiny_llama.lm_head.weight = tiny_llama.model.embed_tokens.weight
+    model = mol.inject(tiny_llama, mol.LoRAConfig(target_modules=["q_proj"], modules_to_save=["norm", "lm_head"]))
+    units = adapter_units(model)
+    assert id(model.model.norm) in units and model.model.norm.weight.requires_grad
+    assert id(model.lm_head) not in units and model.lm_head.weight.requires_grad

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from mol.inject import unwrapped_name
+from mol.inject import name_matches, unwrapped_name
 
 
 def fsdp_root(module: Optional[pl.LightningModule]) -> Optional[nn.Module]:
@@ -100,12 +100,13 @@ def nf4_codes_as_parameters(model: nn.Module) -> Optional[torch.dtype]:
 
 def adapter_units(model: nn.Module) -> set[int]:
     """The ids of the modules that become FSDP units of their own so that no unit flattens frozen and trainable
-    tensors together: each adapter layer (MoL/LoRA, IA3) with a frozen base, and that base, and each bottleneck
-    adapter. FSDP (use_orig_params) keeps a gradient for the whole of a flat parameter that holds any trainable
-    tensor, and reduce-scatters all of it every step: with the frozen base beside its adapters, as many gradient
-    elements and as much traffic as fine-tuning the whole unit. (PEFT's fsdp_auto_wrap_policy separates its LoRA
+    tensors together: each adapter layer (MoL/LoRA, IA3) with a frozen base, and that base, each bottleneck
+    adapter, and each module of modules_to_save. FSDP (use_orig_params) keeps a gradient for the whole of a flat
+    parameter that holds any trainable tensor, and reduce-scatters all of it every step: with the frozen base beside
+    its adapters, as many gradient elements and as much traffic as fine-tuning the whole unit. (PEFT's fsdp_auto_wrap_policy separates its LoRA
     linears likewise.) An adapted base that trains a tensor itself (BitFit's biases) and LoRA on fused MoE experts,
-    whose kernels read the experts' tensors directly, stay in their decoder layer's unit."""
+    whose kernels read the experts' tensors directly, stay in their decoder layer's unit, a tied modules_to_save
+    module and prefix / prompt tuning's tensors in the root's."""
     from mol.layers import MoLLinear
     from mol.methods.adapters import BottleneckAdapter
     from mol.methods.ia3 import IA3Linear
@@ -118,6 +119,17 @@ def adapter_units(model: nn.Module) -> set[int]:
             # the layer calls its base as a module once FSDP wraps it (dispatch's fused paths read a bare
             # nn.Linear's or NF4Linear's weight themselves, which a unit of its own holds only inside its forward)
             ids.update((id(m), id(m.base_layer)))
+    # modules_to_save (a classifier's head) beside the root's frozen embeddings; not one whose tensors another
+    # module shares (a head tied to the embeddings: FSDP keeps a shared tensor in one unit)
+    owners: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), set()).add(name)
+    saved = [entry for c in getattr(model, "mol_configs", []) for entry in getattr(c, "modules_to_save", [])]
+    for name, m in model.named_modules():
+        own = list(m.parameters())
+        if (name and saved and name_matches(name, saved) and own and all(p.requires_grad for p in own)
+                and all(n.startswith(name + ".") for p in own for n in owners[id(p)])):
+            ids.add(id(m))
     return ids
 
 
@@ -143,7 +155,7 @@ def unit_rule(model: nn.Module, classes: Iterable[type] = ()) -> Callable[[nn.Mo
     (its FSDP plugin's ``auto_wrap_policy``): ``CustomPolicy(unit_rule(model, {DecoderLayer}))`` from
     torch.distributed.fsdp.wrap. Call it on the model about to be wrapped (it keeps module ids)."""
     separate, whole, classes = adapter_units(model), prompt_embedding_holders(model), tuple(classes)
-    return lambda m: id(m) in separate or (isinstance(m, classes) and id(m) not in whole)
+    return lambda m: (id(m) in separate or isinstance(m, classes)) and id(m) not in whole
 
 
 def gather_trainable(root: nn.Module, to_rank0: bool) -> dict[str, torch.Tensor]:

@@ -163,8 +163,8 @@ class MoLModule(pl.LightningModule):
         # decoder-layer units and, inside them, each adapted layer and its frozen base apart
         policy = CustomPolicy(unit_rule(self.model, self.fsdp_units or ()))
         with warnings.catch_warnings():
-            # "has both parameters with requires_grad=True and False": what adapter_units leaves mixed (the root's
-            # modules_to_save beside its frozen embeddings, BitFit's biases, LoRA on fused experts)
+            # "has both parameters with requires_grad=True and False": what adapter_units leaves mixed (prompt
+            # tuning's tensors or a tied head in the root, BitFit's biases, LoRA on fused experts)
             warnings.filterwarnings("ignore", message=".*has both parameters with requires_grad=True and False")
             self.model = wrap(self.model, auto_wrap_policy=policy, **overrides)
 
