@@ -103,10 +103,10 @@ def adapter_units(model: nn.Module) -> set[int]:
     tensors together: each adapter layer (MoL/LoRA, IA3) with a frozen base, and that base, each bottleneck
     adapter, and each module of modules_to_save. FSDP (use_orig_params) keeps a gradient for the whole of a flat
     parameter that holds any trainable tensor, and reduce-scatters all of it every step: with the frozen base beside
-    its adapters, as many gradient elements and as much traffic as fine-tuning the whole unit. (PEFT's fsdp_auto_wrap_policy separates its LoRA
-    linears likewise.) An adapted base that trains a tensor itself (BitFit's biases) and LoRA on fused MoE experts,
-    whose kernels read the experts' tensors directly, stay in their decoder layer's unit, a tied modules_to_save
-    module and prefix / prompt tuning's tensors in the root's."""
+    its adapters, as many gradient elements and as much traffic as fine-tuning the whole unit. (PEFT's
+    fsdp_auto_wrap_policy separates its LoRA linears likewise.) An adapted base that trains a tensor itself
+    (BitFit's biases) and LoRA on fused MoE experts, whose kernels read the experts' tensors directly, stay in their
+    decoder layer's unit; a tied modules_to_save module and prefix / prompt tuning's tensors in the root's."""
     from mol.layers import MoLLinear
     from mol.methods.adapters import BottleneckAdapter
     from mol.methods.ia3 import IA3Linear
