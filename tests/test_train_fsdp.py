@@ -458,9 +458,8 @@ def test_adapter_units_part_every_adapted_layer_from_its_frozen_base(tiny_llama)
     from mol.methods.ia3 import IA3Linear
     from mol.train.fsdp import adapter_units, unit_rule
 
-    model = mol.inject(tiny_llama, [mol.LoRAConfig(target_modules=["q_proj"]),
-                                    mol.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]),
-                                    mol.AdapterConfig()])
+    ia3 = mol.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    model = mol.inject(tiny_llama, [mol.LoRAConfig(target_modules=["q_proj"]), ia3, mol.AdapterConfig()])
     layers = [m for m in model.modules() if isinstance(m, (mol.MoLLinear, IA3Linear))]
     bottlenecks = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
     n = model.config.num_hidden_layers
