@@ -272,7 +272,8 @@ def test_nf4_codes_stored_again_after_a_cast_take_the_models_new_dtype():
 def test_a_resumed_fsdp_run_follows_the_uninterrupted_one(tiny, tmp_path):
     """MoL (whose lora_B is stored in another memory order than its shape's), no decoder-layer units
     (auto_wrap_policy=null): stopped at step 2 and resumed to step 4, the run logs the uninterrupted run's losses
-    and saves its adapter; the Adam moments of a resumed FSDP run used to land on permuted elements of lora_B."""
+    and saves its adapter; the Adam moments of a resumed FSDP run used to land on permuted elements of lora_B. The
+    run equals DDP's."""
     common = ["method=mol", "method.target_modules=[q_proj,v_proj,up_proj]", *FSDP, "data.batch_size=4",
               "trainer.strategy.auto_wrap_policy=null", "optim.min_lr_ratio=1.0", "trainer.ckpt_every_n_steps=1"]
     _train(tiny, tmp_path / "full", *common, "trainer.max_steps=4")
@@ -286,6 +287,14 @@ def test_a_resumed_fsdp_run_follows_the_uninterrupted_one(tiny, tmp_path):
     assert max(float(v.abs().max()) for k, v in full.items() if ".lora_B" in k) > 1e-2
     for k in full:
         assert torch.allclose(resumed[k], full[k], rtol=0, atol=1e-6), k
+    # DDP over the same 2 processes and batches, router losses included (each process computes its own, as DDP
+    # does): the same losses and adapter, so the router losses' gradients reach the adapters' units whole too
+    ddp = [a for a in common if a not in FSDP and "auto_wrap_policy" not in a]
+    _train(tiny, tmp_path / "ddp", *ddp, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.max_steps=4", driver=False)
+    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "full"), rel=1e-6)
+    for k, v in _adapter(tmp_path / "ddp").items():
+        assert torch.allclose(v, full[k], rtol=0, atol=1e-6), k
 
 
 def test_fsdp_wrap_classes_resolves_the_policy_or_names_the_fix(tiny):
