@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from mol.inject import name_matches, unwrapped_name
+from mol.inject import name_matches, tied_parameter_names, unwrapped_name
 
 
 def fsdp_root(module: Optional[pl.LightningModule]) -> Optional[nn.Module]:
@@ -121,14 +121,16 @@ def adapter_units(model: nn.Module) -> set[int]:
             ids.update((id(m), id(m.base_layer)))
     # modules_to_save (a classifier's head) beside the root's frozen embeddings; not one whose tensors another
     # module shares (a head tied to the embeddings: FSDP keeps a shared tensor in one unit)
-    owners: dict[int, set[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), set()).add(name)
     saved = [entry for c in getattr(model, "mol_configs", []) for entry in getattr(c, "modules_to_save", [])]
+    if not saved:
+        return ids
+    tied = list(tied_parameter_names(model).values())
     for name, m in model.named_modules():
+        if not name or not name_matches(name, saved):
+            continue
+        inside = [[n.startswith(name + ".") for n in names] for names in tied]  # each tied tensor's names
         own = list(m.parameters())
-        if (name and saved and name_matches(name, saved) and own and all(p.requires_grad for p in own)
-                and all(n.startswith(name + ".") for p in own for n in owners[id(p)])):
+        if own and all(p.requires_grad for p in own) and not any(any(i) and not all(i) for i in inside):
             ids.add(id(m))
     return ids
 
