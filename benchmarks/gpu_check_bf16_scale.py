@@ -32,6 +32,8 @@ def _both(p_ptr, s_ptr, new_ptr, old_ptr, n, BLOCK: tl.constexpr):
 
 
 def main() -> int:
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check_bf16_scale.py needs a CUDA GPU and none is visible here")
     g = torch.Generator(device="cuda").manual_seed(0)
     n = 1 << 24
     p = torch.randint(-2**31, 2**31 - 1, (n,), device="cuda", dtype=torch.int32, generator=g)

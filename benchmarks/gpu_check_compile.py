@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=2048, help="batch x sequence, as 2 sequences")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on (non-reentrant)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check_compile.py needs a CUDA GPU and none is visible here")
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; Llama hidden 2048, {args.layers} layers, "
           f"2 x {args.tokens // 2} tokens, MoL E=8 top-2 r=16 on all 7 linears, float32 adapters"
           + (", gradient checkpointing (non-reentrant)" if args.checkpointing else ""))

@@ -37,6 +37,9 @@ def main():
     ap.add_argument("--devices", type=int, default=1)
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     args = ap.parse_args()
+    import torch  # only to look for a GPU: the runs are subprocesses
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check_fsdp.py needs a CUDA GPU and none is visible here; tests/fsdp_cpu.py runs FSDP on the CPU")
     import torch
     from safetensors.torch import load_file
     from test_train_utils import cli_env, make_causal_data, make_tiny_llama, quiet_trainer_overrides

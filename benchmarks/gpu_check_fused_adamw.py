@@ -82,6 +82,8 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--clip", type=float, default=0.05)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check_fused_adamw.py needs a CUDA GPU and none is visible here")
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device: {gpu}; torch {torch.__version__}; lightning {pl.__version__}")
     auto_setting = "auto" if args.device == "cuda" else True

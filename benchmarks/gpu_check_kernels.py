@@ -76,7 +76,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few cases only")
     args = ap.parse_args()
-    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check_kernels.py needs a CUDA GPU and none is visible here")
     gl.POISON = True
     gen = torch.Generator(device="cuda").manual_seed(0)
     cases = []

@@ -262,6 +262,8 @@ def main():
     ap.add_argument("--decode-only", action="store_true", help="only graph_inference_tokens: its check and the "
                     "eager decode timing")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check_layer_graphs.py needs a CUDA GPU and none is visible here")
     # the graphed and the plain layer must run the same kernels for the comparison to hold to 1e-3: eager base
     # GEMMs run cuBLAS, captured ones the tuned Triton kernel (bf16 rounding apart)
     bg.EAGER_CUBLAS = False

@@ -116,6 +116,8 @@ def main():
     ap.add_argument("--adapter-dtype", choices=["float32"], default=None,
                     help="lora_A and lora_B in float32 on the 16-bit layer (default: the layer's dtype)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check_routed.py needs a CUDA GPU and none is visible here")
     if args.base:
         bg.BASE_GEMM = args.base
     if args.shrink:

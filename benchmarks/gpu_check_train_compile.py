@@ -27,6 +27,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cpu", action="store_true")
     args = ap.parse_args()
+    import torch  # only to look for a GPU: the runs are subprocesses
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check_train_compile.py needs a CUDA GPU and none is visible here")
     if args.cpu:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch

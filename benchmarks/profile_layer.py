@@ -15,7 +15,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -79,6 +78,8 @@ def main():
     ap.add_argument("--experts", type=int, nargs=3, default=[8, 2, 16], metavar=("E", "K", "R"),
                     help="the routed layer of the kernel tables: experts, top-k, rank")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("profile_layer.py needs a CUDA GPU and none is visible here")
     lines = [f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", "",
              "| host cost per call | µs |", "| --- | --- |"]
     a = torch.randn(16, 16, device=DEV, dtype=DT)
