@@ -450,14 +450,15 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def _remove_hooks(module: nn.Module, owner: Any) -> None:
-    """Remove the forward (pre-)hooks of ``module`` that are ``owner`` or a bound method of it. inject keeps no
-    handles (a deep-copied model's hooks are re-bound to the copy, which a handle would not follow), so they are
-    found by owner, and removed from every table a hook id appears in, as a RemovableHandle would."""
+    """Remove the forward (pre-)hooks of ``module`` that are ``owner``, a bound method of it, or a partial of one
+    (prompt tuning's encoder hook). inject keeps no handles (a deep-copied model's hooks are re-bound to the copy,
+    which a handle would not follow), so they are found by owner, and removed from every table a hook id appears
+    in, as a RemovableHandle would."""
     tables = [getattr(module, t, None) for t in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
                                                 "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")]
     for hooks in (module._forward_hooks, module._forward_pre_hooks):
         for key, hook in list(hooks.items()):
-            if hook is owner or getattr(hook, "__self__", None) is owner:
+            if owner in (hook, getattr(hook, "__self__", None), getattr(getattr(hook, "func", None), "__self__", None)):
                 for table in tables:
                     if table is not None:
                         table.pop(key, None)

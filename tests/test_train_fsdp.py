@@ -120,10 +120,13 @@ def test_fsdp_trains_saves_and_validates_as_one_process(tiny, tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["method=adapter method.placement=houlsby", "method=ia3"])
-def test_fsdp_trains_bottleneck_adapters_and_ia3_in_units_of_their_own(method, tiny, tmp_path):
-    """Bottleneck adapters (called from their sub-layers' hooks) and IA3 layers (with their bases) each in an FSDP
-    unit of their own: 2 sharded processes train and save one process's adapter, and no unit is left mixed."""
+@pytest.mark.parametrize("method", ["method=adapter method.placement=houlsby", "method=ia3",
+                                    "method=prefix method.prefix_projection=true", "method=prompt"])
+def test_fsdp_trains_adapters_ia3_and_virtual_tokens_in_units_of_their_own(method, tiny, tmp_path):
+    """Bottleneck adapters (called from their sub-layers' hooks), IA3 layers (with their bases) and prefix / prompt
+    tuning's virtual tokens (called from the model's hooks; they trained in the root unit beside the frozen
+    embeddings, which FSDP then kept a gradient for) each in an FSDP unit of their own: 2 sharded processes train
+    and save one process's adapter, and no unit is left mixed."""
     common = [*method.split(), "trainer.max_steps=2"]
     _train(tiny, tmp_path / "one", *common, "trainer=cpu", "data.batch_size=8", driver=False)
     _train(tiny, tmp_path / "fsdp", *common, *FSDP, "data.batch_size=4")
@@ -489,6 +492,18 @@ def test_adapter_units_part_every_adapted_layer_from_its_frozen_base(tiny_llama)
     assert adapter_units(model) == units - {id(layers[0]), id(layers[0].base_layer)}
 
 
+class _UnitStandIn(torch.nn.Module):
+    """What a hook sees of FSDP's wrapper in the module's place: a module whose forward runs the wrapped one."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self._fsdp_wrapped_module, self.calls = inner, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self._fsdp_wrapped_module(*args)
+
+
 def test_a_bottleneck_adapter_in_an_fsdp_unit_of_its_own_runs_through_it(tiny_llama):
     """adapter_units makes each bottleneck adapter an FSDP unit, which takes its place as its sub-layer's
     ``mol_adapter`` and gathers its weights only inside its own forward: the sub-layer's hook calls that unit (the
@@ -496,15 +511,6 @@ def test_a_bottleneck_adapter_in_an_fsdp_unit_of_its_own_runs_through_it(tiny_ll
     method=adapter failed with "mat2 must be a matrix, got 1-D tensor")."""
     import mol
     from mol.methods.adapters import BottleneckAdapter
-
-    class Unit(torch.nn.Module):  # what the hook sees of FSDP's wrapper: a module whose forward runs the adapter
-        def __init__(self, inner):
-            super().__init__()
-            self._fsdp_wrapped_module, self.calls = inner, 0
-
-        def forward(self, h):
-            self.calls += 1
-            return self._fsdp_wrapped_module(h)
 
     model = mol.inject(tiny_llama, mol.AdapterConfig(placement="houlsby"))
     for m in model.modules():
@@ -516,11 +522,52 @@ def test_a_bottleneck_adapter_in_an_fsdp_unit_of_its_own_runs_through_it(tiny_ll
         units = []
         for m in list(model.modules()):
             if isinstance(m._modules.get("mol_adapter"), BottleneckAdapter):
-                units.append(Unit(m.mol_adapter))
+                units.append(_UnitStandIn(m.mol_adapter))
                 m.mol_adapter = units[-1]
         after = model(input_ids=ids).logits
     assert len(units) == 2 * model.config.num_hidden_layers and all(u.calls == 1 for u in units)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "prompt-t5"])
+def test_virtual_tokens_in_an_fsdp_unit_of_their_own_run_through_it(method, tiny_llama):
+    """adapter_units makes prefix / prompt tuning's module an FSDP unit, which takes its place in the model and
+    gathers its tensors only inside its own forward: the model's hooks (and the T5 encoder's, for a prompt) call
+    that unit, once a forward, and the outputs and gradients are those of the module called directly."""
+    import transformers
+
+    import mol
+    from mol.methods.prefix import PrefixEncoder, PromptEmbedding
+    from mol.train.fsdp import adapter_units
+
+    if method == "prompt-t5":
+        model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=101, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+            dropout_rate=0.0))
+    else:
+        model = tiny_llama
+    cfg = mol.PrefixTuningConfig(num_virtual_tokens=3) if method == "prefix" else mol.PromptTuningConfig(
+        num_virtual_tokens=3)
+    model = mol.inject(model, cfg)
+    attr = "mol_prefix" if method == "prefix" else "mol_prompt"
+    tokens = getattr(model, attr)
+    assert isinstance(tokens, (PrefixEncoder, PromptEmbedding)) and id(tokens) in adapter_units(model)
+    ids = torch.randint(0, 101, (2, 7))
+    kw = {"decoder_input_ids": torch.randint(0, 101, (2, 4))} if method == "prompt-t5" else {}
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, **kw).logits
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in tokens.parameters()]
+
+    before, grads = run()
+    unit = _UnitStandIn(tokens)
+    setattr(model, attr, unit)
+    after, grads_after = run()
+    assert unit.calls == 1
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert all(torch.equal(a, b) and a.abs().sum() > 0 for a, b in zip(grads, grads_after))
 
 
 def test_the_input_embeddings_prompt_tuning_reads_are_no_unit_of_their_own():

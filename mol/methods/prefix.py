@@ -16,6 +16,7 @@ prefix (or prepends the prompt embeddings) and shifts positions. Callers keep co
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -105,11 +106,18 @@ class _VirtualTokens(AdapterLayer):
     """Shared plumbing of prefix and prompt tuning: the hooks that add virtual positions to every call."""
 
     num_virtual_tokens: int
+    holder_attr: str = ""  # its name in the model it is attached to (_attach)
 
     def attach(self, model: nn.Module) -> None:
         # Bound methods (not closures), so copy.deepcopy(model) gives hooks that point at the copy.
         model.register_forward_pre_hook(self._on_call, with_kwargs=True)
         model.register_forward_hook(self._on_return, with_kwargs=True)
+
+    def _unit(self, holder: nn.Module) -> nn.Module:
+        """What the hooks call for the virtual tokens: this module, or what took its place in ``holder`` (an FSDP
+        unit of its own, mol.train.fsdp.adapter_units, whose tensors are whole only inside its forward)."""
+        unit = holder._modules.get(self.holder_attr)
+        return self if unit is None else unit
 
     # the hooks as registered: nothing while mol.disable_adapters holds the layer, else the method's own
     def _on_call(self, model: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
@@ -187,7 +195,7 @@ class PrefixEncoder(_VirtualTokens):
             self.embedding = nn.Embedding(num_virtual_tokens, num_layers * 2 * kv_dim, **kw)
             self.transform = None
 
-    def key_values(self, batch: int, dtype: torch.dtype) -> Tensor:
+    def forward(self, batch: int, dtype: torch.dtype) -> Tensor:
         """(2 * layers, batch, kv_heads, tokens, head_dim): layer i's keys at 2i, values at 2i + 1."""
         p = self.embedding.weight
         if self.transform is not None:
@@ -211,7 +219,7 @@ class PrefixEncoder(_VirtualTokens):
                     cache = DynamicCache(config=model.config)
                 except TypeError:  # transformers < 4.56 builds its layers lazily
                     cache = DynamicCache()
-            kv = self.key_values(batch, model.get_input_embeddings().weight.dtype)
+            kv = self._unit(model)(batch, model.get_input_embeddings().weight.dtype)
             for i in range(self.num_layers):
                 cache.update(kv[2 * i], kv[2 * i + 1], i)
             kw[key] = cache
@@ -239,7 +247,7 @@ class PromptEmbedding(_VirtualTokens):
         self._strip = False
         self._encoder_decoder = False
 
-    def _prompted(self, embeds: Tensor) -> Tensor:
+    def forward(self, embeds: Tensor) -> Tensor:
         """The prompt's embeddings in front of each sequence's: (batch, n + S, hidden)."""
         prompts = self.embedding.weight.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
         return torch.cat([prompts, embeds], dim=1)
@@ -251,12 +259,16 @@ class PromptEmbedding(_VirtualTokens):
         self._encoder_decoder = bool(getattr(text_config(model), "is_encoder_decoder", False))
         if self._encoder_decoder:
             # first among the encoder's pre-hooks: the routers' hook (mol.calls) reads the prompted tokens and mask
-            model.get_encoder().register_forward_pre_hook(self._on_encoder_call, with_kwargs=True, prepend=True)
+            # (the model bound too: the prompt is called through it, _unit; a partial of a bound method, which
+            # copy.deepcopy(model) points at the copy as it does the bound method)
+            hook = functools.partial(self._on_encoder_call, model)
+            model.get_encoder().register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
 
-    def _on_encoder_call(self, encoder: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
-        return None if self.disabled else self._encoder_pre_hook(encoder, args, kwargs)
+    def _on_encoder_call(self, model: nn.Module, encoder: nn.Module, args: tuple,
+                         kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        return None if self.disabled else self._encoder_pre_hook(model, encoder, args, kwargs)
 
-    def _encoder_pre_hook(self, encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _encoder_pre_hook(self, model: nn.Module, encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The prompt in front of the encoder's input; its mask extended unless the model's own hook did."""
         kw = call_kwargs(encoder, args, kwargs)
         embeds = kw.get("inputs_embeds")
@@ -264,7 +276,7 @@ class PromptEmbedding(_VirtualTokens):
             if kw.get("input_ids") is None:
                 raise ValueError(f"{type(self).__name__} needs input_ids or inputs_embeds in the encoder's call")
             embeds = encoder.get_input_embeddings()(kw["input_ids"])
-        kw["inputs_embeds"], kw["input_ids"] = self._prompted(embeds), None
+        kw["inputs_embeds"], kw["input_ids"] = self._unit(model)(embeds), None
         mask = kw.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[1] == embeds.shape[1]:
             kw["attention_mask"] = _real_in_front(mask, self.num_virtual_tokens)
@@ -306,7 +318,7 @@ class PromptEmbedding(_VirtualTokens):
         embeds = kw.get("inputs_embeds")
         if embeds is None:
             embeds = model.get_input_embeddings()(kw["input_ids"])
-        kw["inputs_embeds"], kw["input_ids"] = self._prompted(embeds), None
+        kw["inputs_embeds"], kw["input_ids"] = self._unit(model)(embeds), None
         self._length = embeds.shape[1]
         if (tt := kw.get("token_type_ids")) is not None:
             kw["token_type_ids"] = torch.cat([tt.new_zeros(batch, n), tt], dim=1)
@@ -384,6 +396,7 @@ def _attach(model: nn.Module, attr: str, module: _VirtualTokens) -> str:
             raise ValueError(f"{type(model).__name__} already carries {other}; use one of prefix or prompt tuning "
                              "per model (inject on a fresh model)")
     model.add_module(attr, module)
+    module.holder_attr = attr
     module.attach(model)
     return attr
 

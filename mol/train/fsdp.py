@@ -101,19 +101,21 @@ def nf4_codes_as_parameters(model: nn.Module) -> Optional[torch.dtype]:
 def adapter_units(model: nn.Module) -> set[int]:
     """The ids of the modules that become FSDP units of their own so that no unit flattens frozen and trainable
     tensors together: each adapter layer (MoL/LoRA, IA3) with a frozen base, and that base, each bottleneck
-    adapter, and each module of modules_to_save. FSDP (use_orig_params) keeps a gradient for the whole of a flat
+    adapter, prefix / prompt tuning's virtual tokens (their hooks call them as modules, through the unit), and each
+    module of modules_to_save. FSDP (use_orig_params) keeps a gradient for the whole of a flat
     parameter that holds any trainable tensor, and reduce-scatters all of it every step: with the frozen base beside
     its adapters, as many gradient elements and as much traffic as fine-tuning the whole unit. (PEFT's
     fsdp_auto_wrap_policy separates its LoRA linears likewise.) An adapted base that trains a tensor itself
     (BitFit's biases) and LoRA on fused MoE experts, whose kernels read the experts' tensors directly, stay in their
-    decoder layer's unit; a tied modules_to_save module and prefix / prompt tuning's tensors in the root's."""
+    decoder layer's unit; a tied modules_to_save module in the root's."""
     from mol.layers import MoLLinear
     from mol.methods.adapters import BottleneckAdapter
     from mol.methods.ia3 import IA3Linear
+    from mol.methods.prefix import _VirtualTokens
 
     ids: set[int] = set()
     for m in model.modules():
-        if isinstance(m, BottleneckAdapter):
+        if isinstance(m, (BottleneckAdapter, _VirtualTokens)):
             ids.add(id(m))
         elif isinstance(m, (MoLLinear, IA3Linear)) and not any(p.requires_grad for p in m.base_layer.parameters()):
             # the layer calls its base as a module once FSDP wraps it (dispatch's fused paths read a bare
