@@ -121,7 +121,7 @@ def test_fsdp_trains_saves_and_validates_as_one_process(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["method=adapter method.placement=houlsby", "method=ia3",
-                                    "method=prefix method.prefix_projection=true", "method=prompt"])
+                                    "method=prefix", "method=prompt"])
 def test_fsdp_trains_adapters_ia3_and_virtual_tokens_in_units_of_their_own(method, tiny, tmp_path):
     """Bottleneck adapters (called from their sub-layers' hooks), IA3 layers (with their bases) and prefix / prompt
     tuning's virtual tokens (called from the model's hooks; they trained in the root unit beside the frozen

@@ -198,8 +198,9 @@ class PrefixEncoder(_VirtualTokens):
     def forward(self, batch: int, dtype: torch.dtype) -> Tensor:
         """(2 * layers, batch, kv_heads, tokens, head_dim): layer i's keys at 2i, values at 2i + 1."""
         p = self.embedding.weight
-        if self.transform is not None:
-            p = self.transform(p)
+        # a tensor of its own, never a view of the weight: an FSDP unit frees its gathered weights after forward,
+        # and the keys and values are read later, in the attention layers (setStorage: ... storage of size 0)
+        p = self.transform(p) if self.transform is not None else p.clone()
         n = self.num_virtual_tokens
         p = p.to(dtype).view(n, 2 * self.num_layers, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
         return p.unsqueeze(1).expand(-1, batch, -1, -1, -1)
