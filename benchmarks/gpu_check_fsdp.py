@@ -3,7 +3,7 @@
 parameters.
 
     python benchmarks/gpu_check_fsdp.py [--devices N] [--methods mol lora qlora-mol qlora qlora-mol-bf16
-                                                  qlora-mol-bf16-true]
+                                                  qlora-mol-bf16-true prefix prompt]
 
 A tiny Llama and JSONL task built locally (tests/test_train_utils.py's helpers; needs hydra-core and pytest), MoL
 E=4 top-2 and LoRA on q/v/up, on the float32 model and on its NF4 quantization (QLoRA: the codes FSDP parameters),
@@ -27,7 +27,9 @@ METHODS = {"mol": "method=mol method.num_experts=4", "lora": "method=lora",
            # a bf16 model: FSDP flattens in bf16 (adapters, routers and codes too; trainer=gpu keeps float32 adapters)
            "qlora-mol-bf16": "method=qlora-mol method.num_experts=4 model.dtype=bfloat16",
            # bf16-true: Lightning casts the model to bf16 (codes stored in bf16 first); FSDP leaves buffers alone
-           "qlora-mol-bf16-true": "method=qlora-mol method.num_experts=4 trainer.precision=bf16-true"}
+           "qlora-mol-bf16-true": "method=qlora-mol method.num_experts=4 trainer.precision=bf16-true",
+           # the virtual tokens in FSDP units of their own, called from the model's hooks
+           "prefix": "method=prefix", "prompt": "method=prompt"}
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -40,7 +42,6 @@ def main():
     import torch  # only to look for a GPU: the runs are subprocesses
     if not torch.cuda.is_available():
         sys.exit("gpu_check_fsdp.py needs a CUDA GPU and none is visible here; tests/fsdp_cpu.py runs FSDP on the CPU")
-    import torch
     from safetensors.torch import load_file
     from test_train_utils import cli_env, make_causal_data, make_tiny_llama, quiet_trainer_overrides
 
