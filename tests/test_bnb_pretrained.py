@@ -321,3 +321,17 @@ def test_mol_train_takes_only_nf4_checkpoints_to_from_bnb_4bit():
     for other in ({**nf4, "bnb_4bit_quant_type": "fp4"}, {k: v for k, v in nf4.items() if k != "bnb_4bit_quant_type"},
                   {"quant_method": "bitsandbytes", "load_in_8bit": True}, {**nf4, "quant_method": "gptq"}, None):
         assert not is_bnb_nf4_config({"quantization_config": other})
+
+
+def test_a_checkpoint_without_a_4bit_layers_bias_is_refused(tmp_path):
+    """A checkpoint lacking the bias of a 4-bit layer (a model with attention biases) loaded without a word into a
+    layer without a bias, the model computing something else than the one saved."""
+    model = mol.quantize(_llama(attention_bias=True), "nf4")
+    directory = mol.save_bnb_4bit(model, tmp_path / "ckpt")
+    assert torch.equal(_logits(mol.from_bnb_4bit(directory)), _logits(model))
+    sd = load_file(directory / "model.safetensors")
+    del sd["model.layers.1.self_attn.v_proj.bias"]
+    save_file(sd, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 tensors of LlamaForCausalLM, e.g. "
+                                         r"\['model.layers.1.self_attn.v_proj.bias'\]"):
+        mol.from_bnb_4bit(directory)

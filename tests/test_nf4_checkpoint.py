@@ -198,3 +198,36 @@ def test_load_bnb_4bit_refuses_a_bias_that_does_not_fit_its_layer(bias):
                                          r"floats \(out_features\): the checkpoint is damaged or mixes two models"):
         load_bnb_4bit(model, sd)
     assert _types(model) == before
+
+
+def test_load_bnb_4bit_keeps_a_bias_the_state_dict_lacks_and_refuses_one_the_layer_lacks():
+    """A layer's bias outside the state dict given (a shard holding the 4-bit weight but not the bias, as
+    transformers' sharding may split them) was dropped: the NF4Linear was built without one, and the later
+    load_state_dict(rest, strict=False) ignored the bias key as unexpected, so the layer computed x W^T alone. A bias
+    for a layer the model declares without one was taken without a word."""
+    from mol.quant import dequantize_nf4_reference
+
+    torch.manual_seed(0)
+    source = _llama(attention_bias=True)
+    with torch.no_grad():
+        source.model.layers[0].self_attn.q_proj.bias.normal_()
+    bias = source.model.layers[0].self_attn.q_proj.bias.detach().clone()
+    sd = {**_bnb_sd(quantize(source, "nf4")), "model.layers.0.self_attn.q_proj.bias": bias}
+    weights = {k: v for k, v in sd.items() if not k.endswith(".bias")}
+    biases = {k: v for k, v in sd.items() if k.endswith(".bias")}
+    model = _llama(attention_bias=True)
+    names = load_bnb_4bit(model, weights)
+    assert "model.layers.0.self_attn.q_proj" in names
+    result = model.load_state_dict(biases, strict=False)
+    assert not result.unexpected_keys
+    q = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64)
+    ref = x.double() @ dequantize_nf4_reference(q.packed, torch.float64).T + bias.double()
+    torch.testing.assert_close(q(x).double(), ref, rtol=1e-5, atol=1e-5)
+    # a bias for a layer without one
+    plain = _llama()
+    before = _types(plain)
+    with pytest.raises(ValueError, match=r"holds 'model.layers.0.self_attn.q_proj.bias', but "
+                                         r"'model.layers.0.self_attn.q_proj' has no bias in the model"):
+        load_bnb_4bit(plain, sd)
+    assert _types(plain) == before

@@ -552,12 +552,13 @@ def _check_quantizable(linear: nn.Linear) -> None:
 def load_bnb_4bit(model: nn.Module, state_dict: dict[str, torch.Tensor], backend: str = "auto") -> list[str]:
     """Replace each nn.Linear (or Conv1D) whose '<name>.weight' is a bitsandbytes 4-bit entry of `state_dict` by an
     NF4Linear read from it (no bitsandbytes needed). Returns the names replaced; load the other keys yourself
-    (e.g. model.load_state_dict(rest, strict=False)).
+    (e.g. model.load_state_dict(rest, strict=False)); a layer's bias that `state_dict` lacks (in another shard) stays
+    the layer's own, for that call to fill.
     Raises, leaving the model as it was, when an entry is inconsistent, when a layer's shape differs from its
-    entry's, when an entry names a module that is not a linear layer, when the state dict holds 4-bit entries but
-    none names a module of the model (a prefix that differs: a LlamaForCausalLM checkpoint into a LlamaModel), and
-    when it holds bitsandbytes 8-bit entries (not supported). A state dict without 4-bit entries (a shard holding
-    only the embeddings) replaces nothing and returns []."""
+    entry's, when it holds a bias for a layer without one, when an entry names a module that is not a linear layer,
+    when the state dict holds 4-bit entries but none names a module of the model (a prefix that differs: a
+    LlamaForCausalLM checkpoint into a LlamaModel), and when it holds bitsandbytes 8-bit entries (not supported). A
+    state dict without 4-bit entries (a shard holding only the embeddings) replaces nothing and returns []."""
     check_model(model, "load_bnb_4bit")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"load_bnb_4bit takes a state dict (name -> tensor), got {type(state_dict).__name__}; read "
@@ -601,6 +602,14 @@ def load_bnb_4bit(model: nn.Module, state_dict: dict[str, torch.Tensor], backend
             raise ValueError(f"load_bnb_4bit: {name!r} is {shape[0]}x{shape[1]} (out x in) in the model but "
                              f"{new.out_features}x{new.in_features} in the checkpoint; load the checkpoint into "
                              "the model it was saved from")
+        own_bias = getattr(mod, "bias", None)
+        if new.bias is not None and own_bias is None:
+            raise ValueError(f"load_bnb_4bit: the state dict holds {name + '.bias'!r}, but {name!r} has no bias in "
+                             "the model; load the checkpoint into the model (config) it was saved from")
+        if new.bias is None and own_bias is not None:
+            # not in this state dict (another shard, or loaded after): keep the layer's own for load_state_dict to
+            # fill (it would ignore the key of a layer without one, the bias silently lost)
+            new.bias = nn.Parameter(own_bias.detach(), requires_grad=False)
         built.append((name, new))
     for name, new in built:  # every entry checked and read: nothing below can fail half-way
         replace_module(model, name, new)

@@ -312,7 +312,8 @@ def _load(model: nn.Module, tensors: _LazyTensors, backend: str, directory: Path
     if mismatched:
         raise ValueError(f"{WHO}: {len(mismatched)} tensors of {directory} do not fit {type(model).__name__}: "
                          f"{mismatched[:3]}; the checkpoint is of another architecture or config")
-    given = set(rest) | {k for k in expected if _owner(k, replaced) is not None}
+    # a replaced layer's tensors were read from the checkpoint, but a bias it lacks (still on the meta device)
+    given = set(rest) | {k for k in expected if _owner(k, replaced) is not None and not expected[k].is_meta}
     missing = {k for k in expected if k not in given}
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     untied = [k for k in sorted(missing) if not any(
