@@ -335,3 +335,24 @@ def test_a_checkpoint_without_a_4bit_layers_bias_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"lacks 1 tensors of LlamaForCausalLM, e.g. "
                                          r"\['model.layers.1.self_attn.v_proj.bias'\]"):
         mol.from_bnb_4bit(directory)
+
+
+def test_the_4bit_layers_compute_in_the_compute_dtype_and_it_round_trips(tmp_path):
+    """A checkpoint quantized from float32 weights with bnb_4bit_compute_dtype bfloat16 (as transformers writes
+    one loaded in one dtype with a compute dtype of another): the model is built in bfloat16, but its NF4 layers
+    still stood for float32 weights, so adapter_dtype="base" trained float32 adapters in a bfloat16 model (a
+    bitsandbytes Linear4bit gives them its compute dtype) and save_bnb_4bit wrote bnb_4bit_compute_dtype float32."""
+    _, directory = _saved(tmp_path)
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["quantization_config"]["bnb_4bit_compute_dtype"] = "bfloat16"
+    (directory / "config.json").write_text(json.dumps(cfg))
+    loaded = mol.from_bnb_4bit(directory)
+    q = loaded.model.layers[0].self_attn.q_proj
+    assert isinstance(q, NF4Linear) and q.weight_dtype == torch.bfloat16 and q.dequantize().dtype == torch.bfloat16
+    mol.inject(loaded, mol.LoRAConfig(rank=4, adapter_dtype="base"))
+    assert {p.dtype for p in loaded.parameters() if p.requires_grad} == {torch.bfloat16}
+    mol.unload(loaded)
+    again = mol.save_bnb_4bit(loaded, tmp_path / "again")
+    assert json.loads((again / "config.json").read_text())["quantization_config"]["bnb_4bit_compute_dtype"] == \
+        "bfloat16"
+    assert mol.from_bnb_4bit(again).model.layers[0].self_attn.q_proj.weight_dtype == torch.bfloat16

@@ -343,8 +343,12 @@ def _load(model: nn.Module, tensors: _LazyTensors, backend: str, directory: Path
         raise ValueError(f"{WHO}: {len(on_meta)} tensors of {type(model).__name__} were not in {directory} "
                          f"(e.g. {on_meta[:3]}); the checkpoint does not match the architecture")
     for m in model.modules():
-        if isinstance(m, NF4Linear) and m.bias is not None and m.bias.dtype != dtype:
-            m.bias.data = m.bias.data.to(dtype)  # as every other full-precision tensor
+        if isinstance(m, NF4Linear):
+            # the dtype it computes in, as after .to(dtype): what adapter_dtype="base" takes and save_bnb_4bit
+            # records as bnb_4bit_compute_dtype (the quant_state's dtype is the one it was quantized from)
+            m.weight_dtype = dtype
+            if m.bias is not None and m.bias.dtype != dtype:
+                m.bias.data = m.bias.data.to(dtype)  # as every other full-precision tensor
 
 
 def _init_new_heads(model: nn.Module, heads: set[str], unused: list[str], directory: Path) -> None:
