@@ -721,6 +721,16 @@ def test_incomplete_bnb_entry_names_missing_keys():
         NF4Linear.from_bnb_state_dict(sd, "l.")
 
 
+def test_a_bnb_entry_without_its_codes_says_so():
+    """The quant_state and scales of a layer without its packed codes ('<layer>.weight' itself) raised a bare
+    KeyError('l.weight'), not saying that the 4-bit entry is incomplete."""
+    sd = NF4Linear.from_linear(nn.Linear(128, 64)).to_bnb_state_dict("l.")
+    del sd["l.weight"]
+    with pytest.raises(KeyError, match=r"incomplete bitsandbytes 4-bit entry for 'l.weight': missing "
+                                       r"\['l.weight \(the packed 4-bit codes\)'\]"):
+        NF4Linear.from_bnb_state_dict(sd, "l.")
+
+
 @pytest.mark.parametrize("nbs", [0, -5, 1.5, 3, 48, True, "256", 8192])
 def test_nested_blocksize_is_validated(nbs):
     """nested_blocksize takes bitsandbytes' blocksizes only, as blocksize does; quantize checks it before changing

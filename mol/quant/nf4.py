@@ -307,15 +307,8 @@ def from_bnb_tensors(sd: dict[str, torch.Tensor], key: str) -> NF4Weight:
     numel = 1
     for d in shape:
         numel *= d
-    data = sd[key]
-    if data.dtype != torch.uint8:  # bnb allows another quant_storage dtype: the bytes are the same
-        data = data.contiguous().view(torch.uint8)
-    codes = data.reshape(-1)
-    if codes.numel() != -(-numel // 2):
-        raise ValueError(f"{key!r}: {codes.numel()} packed bytes but shape {shape} needs {-(-numel // 2)}")
-
     nested = key + ".nested_absmax" in sd
-    missing = [key + k for k in (".absmax",) if key + k not in sd]
+    missing = [key + k + what for k, what in (("", " (the packed 4-bit codes)"), (".absmax", "")) if key + k not in sd]
     if key + ".absmax" in sd and sd[key + ".absmax"].dtype == torch.uint8 and not nested:
         missing.append(key + ".nested_absmax (its absmax holds uint8 codes of a double quantization)")
     if nested:
@@ -323,6 +316,12 @@ def from_bnb_tensors(sd: dict[str, torch.Tensor], key: str) -> NF4Weight:
         missing += [f"{k} in {qs_key}" for k in ("nested_offset", "nested_blocksize") if k not in meta]
     if missing:
         raise KeyError(f"incomplete bitsandbytes 4-bit entry for {key!r}: missing {missing}")
+    data = sd[key]
+    if data.dtype != torch.uint8:  # bnb allows another quant_storage dtype: the bytes are the same
+        data = data.contiguous().view(torch.uint8)
+    codes = data.reshape(-1)
+    if codes.numel() != -(-numel // 2):
+        raise ValueError(f"{key!r}: {codes.numel()} packed bytes but shape {shape} needs {-(-numel // 2)}")
     absmax = sd[key + ".absmax"].reshape(-1)
     blocks = n_blocks(numel, blocksize)
     if absmax.numel() != blocks:
