@@ -356,3 +356,17 @@ def test_the_4bit_layers_compute_in_the_compute_dtype_and_it_round_trips(tmp_pat
     assert json.loads((again / "config.json").read_text())["quantization_config"]["bnb_4bit_compute_dtype"] == \
         "bfloat16"
     assert mol.from_bnb_4bit(again).model.layers[0].self_attn.q_proj.weight_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_bnb_4bit_leaves_out_tied_copies_as_save_pretrained_does(tmp_path, tied):
+    """save_bnb_4bit compared the state dict's entries of a tied head and its input embedding by identity, but
+    state_dict() gives each name a tensor object of its own: the head's copy of the embedding was always written
+    (a vocab x hidden tensor more than save_pretrained and bitsandbytes' checkpoints hold)."""
+    model, directory = _saved(tmp_path, tied)
+    _llama(tied).save_pretrained(tmp_path / "plain")
+    written, plain = load_file(directory / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+    assert ("lm_head.weight" in written) == ("lm_head.weight" in plain) == (not tied)
+    loaded = mol.from_bnb_4bit(directory)
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+    assert torch.equal(_logits(loaded), _logits(model))

@@ -81,7 +81,8 @@ def save_bnb_4bit(model: nn.Module, directory: PathLike, compute_dtype: torch.dt
     # tied copies (the head sharing the input embedding): transformers saves one name and ties again on load
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     for target, source in (tied.items() if isinstance(tied, dict) else ()):
-        if target in sd and source in sd and sd[target] is sd[source]:
+        # state_dict() gives each name its own detached tensor: one tied tensor is one storage, not one object
+        if target in sd and source in sd and _same_tensor(sd[target], sd[source]):
             del sd[target]
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}  # safetensors: no shared memory
     cfg = copy.deepcopy(config)
@@ -101,6 +102,12 @@ def save_bnb_4bit(model: nn.Module, directory: PathLike, compute_dtype: torch.dt
     _atomic_write_files(out, [("model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
                               ("config.json", lambda tmp: Path(tmp).write_text(cfg.to_json_string(use_diff=True)))])
     return out
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two state-dict entries are views of the same memory (a tied weight under two names)."""
+    return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.data_ptr() == b.data_ptr())
 
 
 def _bnb_config(compute_dtype: torch.dtype, double_quant: bool, skip: list[str]) -> dict:
