@@ -370,3 +370,33 @@ def test_save_bnb_4bit_leaves_out_tied_copies_as_save_pretrained_does(tmp_path, 
     loaded = mol.from_bnb_4bit(directory)
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
     assert torch.equal(_logits(loaded), _logits(model))
+
+
+def test_a_moe_checkpoint_with_experts_one_at_a_time_is_refused_saying_so(tmp_path):
+    """transformers saves a mixture-of-experts model's fused experts one expert at a time ('experts.0.down_proj.
+    weight', fused again on load), and so does every such bitsandbytes checkpoint it writes; from_bnb_4bit, which
+    reads the fused tensors only, said the tensors had no place in the model and advised the class they were saved
+    from, which they were. (A checkpoint with fused experts, as save_bnb_4bit writes, loads.)"""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                      num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "plain")  # transformers' own layout of the experts
+    per_expert = {k: v for k, v in load_file(tmp_path / "plain" / "model.safetensors").items() if ".experts." in k}
+    assert per_expert and all(k.split(".experts.")[1].split(".")[0].isdigit() for k in per_expert)
+    quantized = mol.quantize(model, "nf4", skip=["experts"])
+    directory = mol.save_bnb_4bit(quantized, tmp_path / "ckpt")
+    assert torch.equal(_logits(mol.from_bnb_4bit(directory)), _logits(quantized))
+    sd = {k: v for k, v in load_file(directory / "model.safetensors").items() if ".experts." not in k}
+    save_file({**sd, **per_expert}, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"holds the mixture-of-experts weights one expert at a time \(e.g. "
+                                         r"'model.layers.0.mlp.experts.0.down_proj.weight'.*call "
+                                         r"mol.quantize\(model, 'nf4'\)"):
+        mol.from_bnb_4bit(directory)

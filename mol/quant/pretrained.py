@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
+from mol.experts import expert_tensors
 from mol.inject import name_matches
 
 from .linear import NF4Linear, load_bnb_4bit
@@ -292,6 +293,13 @@ def _load(model: nn.Module, tensors: _LazyTensors, backend: str, directory: Path
     def in_head(key: str) -> bool:
         return any(key.startswith(h + ".") for h in heads)
 
+    per_expert = [k for k in unexpected if re.search(r"\.experts\.\d+\.", k)]
+    if per_expert and any(expert_tensors(m) for m in model.modules()):
+        raise ValueError(f"{WHO}: {directory} holds the mixture-of-experts weights one expert at a time (e.g. "
+                         f"{per_expert[0]!r}: the layout transformers saves, and loads by fusing the experts), while "
+                         f"{type(model).__name__} holds them fused (3-D tensors); {WHO} reads checkpoints with fused "
+                         "experts only (as save_bnb_4bit writes them). Load the full-precision model with "
+                         "from_pretrained and call mol.quantize(model, 'nf4'), which puts the experts in NF4 too")
     unused = []
     if new_heads:  # a checkpoint of another head: its tensors are left unused, as from_pretrained leaves them
         unused, unexpected = unexpected, []
