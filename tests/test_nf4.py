@@ -1052,3 +1052,15 @@ def test_a_quantized_model_cast_to_bf16_stands_for_bf16_weights():
     assert {p.dtype for p in before.parameters() if p.requires_grad} == {torch.bfloat16}
     nf4 = [m for m in after.to(torch.float32).modules() if isinstance(m, NF4Linear)]  # and back
     assert len(nf4) == 2 and all(m.weight_dtype == torch.float32 for m in nf4)
+
+
+def test_triton_backend_on_cpu_tensors_says_it_needs_cuda(monkeypatch):
+    """backend='triton' forced on an NF4 layer whose weight is on the CPU (no TRITON_INTERPRET) launched the Triton
+    kernel anyway, which failed with Triton's '0 active drivers ([]). There should only be one.', naming neither
+    the device nor the way out; MoLLinear's forced backend says it needs CUDA tensors."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = NF4Linear.from_linear(nn.Linear(64, 32), backend="triton")
+    with pytest.raises(RuntimeError, match=r"backend='triton' needs CUDA tensors .* the NF4 weight is on cpu"):
+        layer(torch.randn(2, 64))
+    with pytest.raises(RuntimeError, match=r"backend='triton' needs CUDA tensors"):
+        dequantize_nf4(quantize_nf4(torch.randn(64, 64)), backend="triton")

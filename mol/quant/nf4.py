@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -247,6 +248,10 @@ def dequantize_nf4(packed: NF4Weight, dtype: torch.dtype | None = None, backend:
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton'; got {backend!r}")
     if backend == "triton":
         dispatch.require_triton("dequantize_nf4")
+        if not (packed.codes.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):  # else Triton's "0 active drivers"
+            raise RuntimeError(f"NF4: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for testing); the "
+                               f"NF4 weight is on {packed.codes.device}: move the model to a GPU or use "
+                               "backend='torch' (or 'auto')")
     if backend == "triton" or (backend == "auto" and dispatch.auto_uses_triton(packed.codes)):
         from mol.kernels.nf4 import nf4_dequantize
         return nf4_dequantize(packed, dtype or packed.dtype)
