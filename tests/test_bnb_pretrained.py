@@ -400,3 +400,22 @@ def test_a_moe_checkpoint_with_experts_one_at_a_time_is_refused_saying_so(tmp_pa
                                          r"'model.layers.0.mlp.experts.0.down_proj.weight'.*call "
                                          r"mol.quantize\(model, 'nf4'\)"):
         mol.from_bnb_4bit(directory)
+
+
+def test_save_bnb_4bit_writes_the_generation_config_as_save_pretrained_does(tmp_path):
+    """save_bnb_4bit wrote no generation_config.json: a chat model's extra stop tokens and sampling defaults (which
+    from_bnb_4bit reads from a Hub checkpoint) were lost in a from_bnb_4bit -> save_bnb_4bit round trip, and
+    generate() on the saved model ran past the end of a turn."""
+    model = _llama()
+    model.generation_config.eos_token_id = [2, 5]
+    model.generation_config.do_sample, model.generation_config.temperature = True, 0.6
+    model.save_pretrained(tmp_path / "plain")
+    directory = mol.save_bnb_4bit(mol.quantize(model, "nf4"), tmp_path / "ckpt")
+    written = json.loads((directory / "generation_config.json").read_text())
+    reference = json.loads((tmp_path / "plain" / "generation_config.json").read_text())
+    assert {k: v for k, v in written.items() if k != "transformers_version"} == \
+        {k: v for k, v in reference.items() if k != "transformers_version"}
+    loaded = mol.from_bnb_4bit(directory)
+    assert loaded.generation_config.eos_token_id == [2, 5] and loaded.generation_config.temperature == 0.6
+    again = mol.save_bnb_4bit(loaded, tmp_path / "again")
+    assert json.loads((again / "generation_config.json").read_text())["eos_token_id"] == [2, 5]

@@ -54,8 +54,8 @@ def save_bnb_4bit(model: nn.Module, directory: PathLike, compute_dtype: torch.dt
     (``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True)``):
     ``model.safetensors`` with ``bnb_4bit_state_dict(model)`` (tied copies left out, as save_pretrained does) and
     ``config.json`` with its ``quantization_config``, whose ``llm_int8_skip_modules`` lists every linear layer mol
-    kept in full precision (so transformers builds Linear4bit exactly where the checkpoint has 4-bit entries).
-    ``compute_dtype`` (bnb_4bit_compute_dtype): default the dtype the layers were quantized from. Everything is
+    kept in full precision (so transformers builds Linear4bit exactly where the checkpoint has 4-bit entries), and,
+    for a model that generates, ``generation_config.json`` as save_pretrained writes it. ``compute_dtype`` (bnb_4bit_compute_dtype): default the dtype the layers were quantized from. Everything is
     checked before the first file is written; each file is written whole (a temp file renamed). Returns the
     directory. Load it with ``AutoModel...from_pretrained(directory)`` (bitsandbytes installed), or without
     bitsandbytes with ``mol.from_bnb_4bit(directory)``."""
@@ -98,9 +98,15 @@ def save_bnb_4bit(model: nn.Module, directory: PathLike, compute_dtype: torch.dt
 
     from mol.io import _atomic_write_files, _directory  # one atomic write for every file mol saves (and its mode)
 
+    writes = [("model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
+              ("config.json", lambda tmp: Path(tmp).write_text(cfg.to_json_string(use_diff=True)))]
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
+        # as save_pretrained: a chat model's stop tokens and sampling defaults, which from_pretrained reads back
+        text = generation.to_json_string(use_diff=True)
+        writes.append(("generation_config.json", lambda tmp: Path(tmp).write_text(text)))
     out = _directory(directory, "save_bnb_4bit", writing=True)
-    _atomic_write_files(out, [("model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
-                              ("config.json", lambda tmp: Path(tmp).write_text(cfg.to_json_string(use_diff=True)))])
+    _atomic_write_files(out, writes)
     return out
 
 
