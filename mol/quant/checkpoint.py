@@ -55,9 +55,9 @@ def save_bnb_4bit(model: nn.Module, directory: PathLike, compute_dtype: torch.dt
     ``model.safetensors`` with ``bnb_4bit_state_dict(model)`` (tied copies left out, as save_pretrained does) and
     ``config.json`` with its ``quantization_config``, whose ``llm_int8_skip_modules`` lists every linear layer mol
     kept in full precision (so transformers builds Linear4bit exactly where the checkpoint has 4-bit entries), and,
-    for a model that generates, ``generation_config.json`` as save_pretrained writes it. ``compute_dtype`` (bnb_4bit_compute_dtype): default the dtype the layers were quantized from. Everything is
-    checked before the first file is written; each file is written whole (a temp file renamed). Returns the
-    directory. Load it with ``AutoModel...from_pretrained(directory)`` (bitsandbytes installed), or without
+    for a model that generates, ``generation_config.json`` as save_pretrained writes it. ``compute_dtype``
+    (bnb_4bit_compute_dtype): default the dtype the layers were quantized from. Everything is checked before the
+    first file is written; each file is written whole (a temp file renamed). Returns the directory. Load it with ``AutoModel...from_pretrained(directory)`` (bitsandbytes installed), or without
     bitsandbytes with ``mol.from_bnb_4bit(directory)``."""
     check_model(model, "save_bnb_4bit", then_directory=True)
     config = getattr(model, "config", None)
