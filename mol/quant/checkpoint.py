@@ -57,8 +57,9 @@ def save_bnb_4bit(model: nn.Module, directory: PathLike, compute_dtype: torch.dt
     kept in full precision (so transformers builds Linear4bit exactly where the checkpoint has 4-bit entries), and,
     for a model that generates, ``generation_config.json`` as save_pretrained writes it. ``compute_dtype``
     (bnb_4bit_compute_dtype): default the dtype the layers were quantized from. Everything is checked before the
-    first file is written; each file is written whole (a temp file renamed). Returns the directory. Load it with ``AutoModel...from_pretrained(directory)`` (bitsandbytes installed), or without
-    bitsandbytes with ``mol.from_bnb_4bit(directory)``."""
+    first file is written; each file is written whole (a temp file renamed). Returns the directory. Load it with
+    ``AutoModel...from_pretrained(directory)`` (bitsandbytes installed), or without bitsandbytes with
+    ``mol.from_bnb_4bit(directory)``."""
     check_model(model, "save_bnb_4bit", then_directory=True)
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(config, "to_json_string", None)):
