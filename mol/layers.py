@@ -87,12 +87,14 @@ class _DeferredAuxLoss(torch.autograd.Function):
 class _AuxLossThroughOutput(torch.autograd.Function):
     """Identity on a layer's output whose backward also sends ``grad`` into the router loss ``aux``: how a
     forward recomputed by a reentrant checkpoint applies the gradient its _DeferredAuxLoss received (the
-    checkpoint backpropagates from the block's outputs only, so the loss must hang off one)."""
+    checkpoint backpropagates from the block's outputs only, so the loss must hang off one). It returns a copy, not
+    a view: autograd forbids in-place ops on a custom Function's view output, and models add to a layer's output in
+    place (Falcon's parallel attention: ``mlp_output += attention_output``)."""
 
     @staticmethod
     def forward(ctx, out: Tensor, aux: Tensor, grad: Tensor) -> Tensor:
         ctx.aux_dtype, ctx.grad = aux.dtype, grad
-        return out.view_as(out)
+        return out.clone()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):

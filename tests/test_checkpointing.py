@@ -162,6 +162,33 @@ def test_hf_llama_gradient_checkpointing(reentrant, backend, router):
         _assert_same(grads(), want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_falcon_adding_in_place_to_a_mol_output_checkpoints_with_the_router_loss(reentrant):
+    """Falcon's parallel attention adds the attention output to the MLP's in place (``mlp_output += ...``). Under
+    reentrant checkpointing the recomputed MoL layer's output carries the router loss's gradient, and must be a
+    tensor that in-place op may write (it was a view a custom Function made, which autograd refuses)."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           hidden_dropout=0.0, attention_dropout=0.0)).double().train()
+    mol.inject(model, mol.MoLConfig(num_experts=4, top_k=2, rank=4, aux_loss_coef=0.5, z_loss_coef=0.05))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "router" in n:
+                p.normal_(0, 0.2)
+    ids = torch.randint(0, 101, (2, 9))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        (model(input_ids=ids, labels=ids).loss + mol.aux_loss(model)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want = grads()
+    _enable_hf_checkpointing(model, reentrant)
+    _assert_same(grads(), want, rtol=1e-10, atol=1e-12)
+
+
 def test_router_loss_of_a_no_grad_forward_is_not_dropped_silently():
     """A forward under no_grad, then its router loss backpropagated: nothing recomputes that forward, so the
     gradient cannot reach the router. The layer says so at its next forward instead of training without it."""
