@@ -239,6 +239,15 @@ class RoutingContext:
         # [(mask, its flat float32 weights)], shared with the snapshots: one cast a call, not one a layer
         self._weights: list[tuple[Tensor, Tensor]] = []
 
+    def __getstate__(self) -> dict:
+        # a router keeps a snapshot of its last call (Router._call): a copied or pickled model must not carry that
+        # call's autograd graph (deepcopy refuses tensors that are no graph leaves, such as an encoder-decoder's
+        # memory, the encoder's output) nor its weak references (pickle refuses them)
+        state = {k: v.detach() if isinstance(v, Tensor) and (v.requires_grad or v.grad_fn is not None) else v
+                 for k, v in self.__dict__.items()}
+        state.pop("outside_states", None)
+        return state
+
     @property
     def batch_shape(self) -> tuple[int, int] | None:
         # read from the call's tokens when the hooks set it, not kept as ints: under torch.compile a tuple of ints

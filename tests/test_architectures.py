@@ -319,3 +319,38 @@ def test_all_linear_over_a_new_task_head_warns_and_names_modules_to_save(wrapped
     assert f"'{prefix}classifier.dense'" in message and f"modules_to_save=['{prefix}classifier']" in message
     assert head_warnings(classifier(), modules_to_save=["classifier"]) == []
     assert head_warnings(_falcon()) == []
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_encoder_decoder_with_mol_copies_and_pickles_after_a_training_forward(kind, tmp_path):
+    """An EMA or reference copy of an encoder-decoder taken mid-training: each router kept its last call's context,
+    whose encoder output (memory) is part of that forward's graph, which deepcopy refused ("only graph leaves") and
+    torch.save refused ("non-leaf tensor"). The copies give the original's outputs."""
+    import copy
+
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        base = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_ff=48, num_layers=2, num_heads=4,
+                                                   d_kv=8, decoder_start_token_id=0, dropout_rate=0.0))
+    else:
+        base = BartForConditionalGeneration(BartConfig(
+            vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32,
+            dropout=0.0))
+    model = mol.inject(base, mol.MoLConfig(num_experts=4, top_k=2, rank=4)).train()
+    _randomize(model)
+    ids, labels = torch.randint(3, VOCAB, (2, 7)), torch.randint(3, VOCAB, (2, 4))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    (model(input_ids=ids, attention_mask=mask, labels=labels).loss + mol.aux_loss(model)).backward()
+    twin = copy.deepcopy(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, labels=labels).logits
+        for other in (twin, loaded):
+            torch.testing.assert_close(other.eval()(input_ids=ids, attention_mask=mask, labels=labels).logits, want,
+                                       rtol=0, atol=0)
