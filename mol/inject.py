@@ -652,6 +652,7 @@ def inject(model: nn.Module, config: Union[MethodConfig, Sequence[MethodConfig]]
             raise ValueError(f"inject got {cfg} twice: the model carries this adapter already (or the list repeats "
                              "it); inject each config once, on a fresh model to start over")
         seen.append(cfg)
+    _refuse_peft_modules(model)
     if model.__dict__.get(_INSIDE):
         raise ValueError(f"this {type(model).__name__} sits inside a module that mol.inject adapted already: an "
                          "inject here would freeze that module's trainable tensors inside it, and its own would be "
@@ -662,6 +663,20 @@ def inject(model: nn.Module, config: Union[MethodConfig, Sequence[MethodConfig]]
     with all_or_nothing(model):
         _apply(model, configs)
     return given
+
+
+def _refuse_peft_modules(model: nn.Module) -> None:
+    """Raise, naming the fix, where ``model`` holds Hugging Face PEFT's modules (a ``PeftModel``, its LoRA layers):
+    inject would wrap PEFT's own ``lora_A`` / ``lora_B`` linears as layers of the model and freeze PEFT's adapter."""
+    found = [(n, type(m).__name__) for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"]
+    if found:
+        name, kind = found[0]
+        where = f" at {name!r}" if name else ""
+        raise ValueError(f"mol.inject got a model holding Hugging Face PEFT modules ({kind}{where}, "
+                         f"{len(found)} in all): mol would adapt PEFT's own layers (its lora_A / lora_B linears) and "
+                         "freeze PEFT's adapter. Fold PEFT's adapter into the base first (model = "
+                         "model.merge_and_unload()), or load it as a mol adapter instead (mol.import_peft(base_model, "
+                         "peft_dir)), and inject on the plain model")
 
 
 def _apply(model: nn.Module, configs: list[MethodConfig]) -> None:

@@ -397,3 +397,28 @@ def test_modules_to_save_on_tied_embeddings_cross_both_ways(tmp_path):
     got = mol.import_peft(untied, tmp_path / "peft").eval()
     with torch.no_grad():
         assert rel(got(input_ids=ids).logits, pm.eval()(input_ids=ids).logits) < 1e-6
+
+
+@pytest.mark.parametrize("config", [mol.MoLConfig(num_experts=2, top_k=1, rank=2), mol.LoRAConfig(rank=2)],
+                         ids=["mol", "lora"])
+def test_inject_on_a_peft_model_is_refused_and_changes_nothing(config):
+    """mol.inject on a PeftModel wrapped PEFT's own lora_A / lora_B linears in LoRA of their own ("all-linear" took
+    them for layers of the model) and froze PEFT's adapter, without a word. It now refuses, naming the fixes, and
+    leaves the model as it was: PEFT's output and trainable tensors."""
+    torch.manual_seed(0)
+    peft_model = get_peft_model(make_tiny_llama(layers=2), LoraConfig(r=2, target_modules=["q_proj"]))
+    _randomise_peft(peft_model)
+    ids = torch.randint(0, 101, (2, 6))
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match=r"PEFT modules.*merge_and_unload\(\).*mol\.import_peft"):
+        mol.inject(peft_model, config)
+    assert not any(isinstance(m, mol.MoLLinear) for m in peft_model.modules())
+    assert [n for n, p in peft_model.named_parameters() if p.requires_grad] == trainable
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, want, rtol=0, atol=0)
+    # the fix it names: fold PEFT's adapter in, then inject on the plain model
+    plain = peft_model.merge_and_unload()
+    mol.inject(plain, config)
+    assert any(isinstance(m, mol.MoLLinear) for m in plain.modules())
