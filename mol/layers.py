@@ -619,10 +619,14 @@ class MoLLinear(AdapterLayer):
                     "merge only LoRA (num_experts=1) adapters, or keep this adapter unmerged")
         return dense_weight_blocker(self.base_layer)
 
-    def _delta_weight(self) -> Tensor:
-        """B A * scaling in the base weight's own layout: (out, in), or (in, out) for a Conv1D base."""
-        delta = (self.lora_B[0].float() @ self.lora_A[0].float()) * self.scaling
+    def _delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """B A * scaling in the base weight's own layout: (out, in), or (in, out) for a Conv1D base, in ``dtype``."""
+        delta = (self.lora_B[0].to(dtype) @ self.lora_A[0].to(dtype)) * self.scaling
         return delta.t() if is_conv1d(self.base_layer) else delta
+
+    def _merge_dtype(self) -> torch.dtype:
+        # float32 or wider: a float64 weight (or adapter) must not pass through float32, which would round it
+        return torch.promote_types(torch.promote_types(self.base_layer.weight.dtype, self.lora_A.dtype), torch.float32)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -630,13 +634,13 @@ class MoLLinear(AdapterLayer):
         if reason:
             raise ValueError(reason)
         if not self.merged:
-            w = self.base_layer.weight
-            w.copy_((w.float() + self._delta_weight()).to(w.dtype))
+            w, dtype = self.base_layer.weight, self._merge_dtype()
+            w.copy_((w.to(dtype) + self._delta_weight(dtype)).to(w.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            w = self.base_layer.weight
-            w.copy_((w.float() - self._delta_weight()).to(w.dtype))
+            w, dtype = self.base_layer.weight, self._merge_dtype()
+            w.copy_((w.to(dtype) - self._delta_weight(dtype)).to(w.dtype))
             self.merged = False

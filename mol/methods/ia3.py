@@ -116,9 +116,11 @@ class IA3Linear(AdapterLayer):
         axis = 1 - out_axis if self.feedforward else out_axis
         shape = [1, 1]
         shape[axis] = -1
-        w.data = (w.data.float() * s.float().view(shape)).to(w.dtype)
+        # float32 or wider: a float64 weight must not pass through float32, which would round it
+        dtype = torch.promote_types(torch.promote_types(w.dtype, s.dtype), torch.float32)
+        w.data = (w.data.to(dtype) * s.to(dtype).view(shape)).to(w.dtype)
         if not self.feedforward and base.bias is not None:
-            base.bias.data = (base.bias.data.float() * s.float()).to(base.bias.dtype)
+            base.bias.data = (base.bias.data.to(dtype) * s.to(dtype)).to(base.bias.dtype)
 
     def merge(self) -> None:
         reason = self.merge_blocker()
@@ -136,7 +138,7 @@ class IA3Linear(AdapterLayer):
                 raise ValueError("cannot unmerge IA³: a scaling entry is exactly 0, so the merged weight lost that "
                                  "row/column; reload the base model and the adapter instead")
             with torch.no_grad():
-                self._scale_weight(1.0 / l.float())
+                self._scale_weight(1.0 / l.to(torch.promote_types(l.dtype, torch.float32)))
             self.merged = False
 
 
