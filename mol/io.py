@@ -648,6 +648,11 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
                          f"modules_to_save=[{heads[0].split('.')[0]!r}] and target_modules without it, or keep this "
                          "adapter in "
                          "mol's format (mol.save_adapter)")
+    if task == "SEQ_CLS" and not any(n.partition(".")[0] in _PEFT_SEQ_CLS_HEADS for n in model.mol_trainable
+                                     if ".lora_A" not in n and ".lora_B" not in n):
+        # PEFT's SEQ_CLS class wraps the head whole and then requires its weights in the file (KeyError on load); an
+        # adapter that leaves the head frozen has none: load it as a plain PeftModel, the head the base model's own
+        task = None
     rewritten = _peft_rewritten_linears(model)
     if rewritten:
         raise ValueError(f"export_peft: LoRA on {rewritten[0]!r} ({len(rewritten)} such layers) cannot be read by "

@@ -136,6 +136,31 @@ def test_export_refuses_lora_on_a_sequence_classifier_head(tmp_path):
     assert rel(peft_model(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-6
 
 
+def test_export_of_a_sequence_classifier_adapter_with_a_frozen_head_loads_in_peft(tmp_path):
+    """LoRA on a classifier's attention alone, its head frozen (a fine-tuned classifier's own head): export_peft
+    wrote task_type SEQ_CLS, whose PEFT class wraps the head whole and requires its weights in the file, so
+    PeftModel.from_pretrained failed with a KeyError. It loads now, with the base's head and mol's logits, and
+    imports back."""
+    from peft import PeftModel
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                                    num_hidden_layers=2, num_attention_heads=4,
+                                                    num_labels=3)).eval()
+    model = mol.inject(copy.deepcopy(base), mol.LoRAConfig(rank=2, target_modules=["query", "value"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    ids = torch.randint(1, 50, (2, 6))
+    want = model(input_ids=ids).logits
+    mol.export_peft(model, tmp_path / "p")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p").eval()
+    assert rel(peft_model(input_ids=ids).logits, want) <= 1e-6
+    assert rel(mol.import_peft(copy.deepcopy(base), tmp_path / "p")(input_ids=ids).logits, want) <= 1e-6
+
+
 @pytest.mark.parametrize("configs, why", [
     ([mol.MoLConfig(num_experts=4, top_k=2, target_modules=["q_proj"])], "a token-routed MoL, which has no PEFT"),
     ([mol.LoRAConfig(target_modules=["q_proj"]), mol.LoRAConfig(target_modules=["v_proj"])], "several adapters"),
