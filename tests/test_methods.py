@@ -505,6 +505,34 @@ def test_bert_classifier_matches_peft(method):
     assert any(n.startswith("classifier.") for n in ours.mol_trainable)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_prompt_tuning_on_a_decoder_classifier_pools_each_sequence_s_last_real_token(kind):
+    """Hugging Face's decoder classifiers (Llama, GPT-2, ...ForSequenceClassification) pool each sequence's last
+    token that is not pad_token_id, read from input_ids; given only inputs_embeds they pool the last position. Prompt
+    tuning passed the embeddings alone, so in a right-padded batch (mol.train's collator pads right) every shorter
+    sequence was classified from a padding position. Reference: the same sequence alone, without padding."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        base = LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_labels=3, pad_token_id=0))
+    else:
+        base = GPT2ForSequenceClassification(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, num_labels=3,
+                                                        pad_token_id=0))
+    model = mol.inject(base.eval(), mol.PromptTuningConfig(num_virtual_tokens=3, modules_to_save=["score"]))
+    randomize(model)
+    short, long = torch.randint(1, 97, (5,)), torch.randint(1, 97, (8,))
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    ids[0, :5], ids[1] = short, long
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask).logits
+        for row, alone in enumerate((short, long)):
+            assert_close(batched[row], model(input_ids=alone[None]).logits[0])
+
+
 def test_ia3_and_bitfit_on_nf4_base_with_mol():
     """QLoRA-style: MoL quantizes the base to NF4; IA³ and BitFit then adapt NF4 layers (IA³ refuses to merge)."""
     base = tiny_llama()

@@ -82,7 +82,9 @@ class PromptTuningConfig(MethodConfig):
     ``init``: ``"vocab"`` copies embeddings of random vocabulary tokens (PEFT's SAMPLE_VOCAB), ``"random"`` draws
     from N(0, 1) (PEFT's RANDOM). As in PEFT, the loss covers the virtual positions (labels -100) and given
     ``position_ids`` are ignored (the model numbers positions itself, virtual tokens first); unlike PEFT, token
-    logits come back for the caller's tokens only, so they line up with ``input_ids`` and ``labels``.
+    logits come back for the caller's tokens only, so they line up with ``input_ids`` and ``labels``; and on a
+    sequence classifier the call keeps ``input_ids`` (placeholders for the virtual tokens), from which Hugging Face's
+    decoder classifiers find each sequence's last real token to pool (PEFT's pool the last position, padding or not).
     ``adapter_dtype``: as MoLConfig's ("auto": float32 embeddings on a 16-bit model, as PEFT).
     ``modules_to_save``: as MoLConfig's (trained in full, saved along).
     """
@@ -233,6 +235,12 @@ class PrefixEncoder(_VirtualTokens):
 class PromptEmbedding(_VirtualTokens):
     """``num_virtual_tokens`` trainable input embeddings (``embedding.weight``: tokens x hidden)."""
 
+    # a sequence classifier (not encoder-decoder): its call keeps input_ids, placeholders in front of the caller's,
+    # from which the head finds each sequence's last real token (Llama's, GPT-2's ... pool it); the prompted
+    # embeddings go to its base model instead (_pending: that call's ids and embeddings, until the base model runs)
+    _seq_cls = False
+    _pending: Optional[tuple[Tensor, Tensor]] = None
+
     def __init__(self, num_virtual_tokens: int, word_embeddings: nn.Embedding, init: str = "vocab",
                  dtype: Optional[torch.dtype] = None):
         super().__init__()
@@ -258,12 +266,30 @@ class PromptEmbedding(_VirtualTokens):
         # An encoder-decoder model takes the prompt on its encoder's input (Lester et al.'s T5 setting; PEFT's
         # num_transformer_submodules=1): a hook on the encoder itself, which generate() calls on its own
         self._encoder_decoder = bool(getattr(text_config(model), "is_encoder_decoder", False))
+        inner = getattr(model, "base_model", None)
+        if not self._encoder_decoder and type(model).__name__.endswith("ForSequenceClassification") \
+                and isinstance(inner, nn.Module) and inner is not model:
+            self._seq_cls = True
+            # first among the base model's pre-hooks, so the routers' hook there sees the prompted embeddings
+            inner.register_forward_pre_hook(self._on_base_model_call, with_kwargs=True, prepend=True)
         if self._encoder_decoder:
             # first among the encoder's pre-hooks: the routers' hook (mol.calls) reads the prompted tokens and mask
             # (the model bound too: the prompt is called through it, _unit; a partial of a bound method, which
             # copy.deepcopy(model) points at the copy as it does the bound method)
             hook = functools.partial(self._on_encoder_call, model)
             model.get_encoder().register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+
+    def _on_base_model_call(self, inner: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        """A sequence classifier's base model, called by its head's forward: the prompted embeddings replace the
+        ids (placeholders in front) that the classifier's own call kept."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        kw = call_kwargs(inner, args, kwargs)
+        if kw.get("input_ids") is not pending[0]:
+            return None
+        kw["inputs_embeds"], kw["input_ids"] = pending[1], None
+        return (), kw
 
     def _on_encoder_call(self, model: nn.Module, encoder: nn.Module, args: tuple,
                          kwargs: dict) -> Optional[tuple[tuple, dict]]:
@@ -313,13 +339,22 @@ class PromptEmbedding(_VirtualTokens):
         # As PEFT: the model numbers positions itself (virtual tokens first), so given position ids are dropped.
         kw.pop("position_ids", None)
         kw.pop("cache_position", None)  # transformers < 5: let the model count from the cache, as PEFT does
-        self._strip = fresh
+        self._strip, self._pending = fresh, None
         if not fresh:
             return (), kw
-        embeds = kw.get("inputs_embeds")
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         if embeds is None:
-            embeds = model.get_input_embeddings()(kw["input_ids"])
-        kw["inputs_embeds"], kw["input_ids"] = self._unit(model)(embeds), None
+            embeds = model.get_input_embeddings()(ids)
+        prompted = self._unit(model)(embeds)
+        if self._seq_cls and ids is not None and kw.get("inputs_embeds") is None:
+            # HF's decoder classifiers pool each sequence's last token that is not pad_token_id, read from input_ids
+            # (given embeddings alone, the last position, padding or not): the ids stay, the virtual tokens as
+            # placeholders that are no padding, and the base model gets the embeddings (_on_base_model_call)
+            fill = 1 if getattr(getattr(model, "config", None), "pad_token_id", None) == 0 else 0
+            kw["input_ids"] = torch.cat([ids.new_full((batch, n), fill), ids], dim=1)
+            self._pending = (kw["input_ids"], prompted)
+        else:
+            kw["inputs_embeds"], kw["input_ids"] = prompted, None
         self._length = embeds.shape[1]
         if (tt := kw.get("token_type_ids")) is not None:
             kw["token_type_ids"] = torch.cat([tt.new_zeros(batch, n), tt], dim=1)
@@ -332,12 +367,12 @@ class PromptEmbedding(_VirtualTokens):
         # keys and values only, so its layers keep the caller's S positions and view).
         context = getattr(model, "mol_routing_context", None)
         if context is not None and context.in_call:
-            context.begin_call(kw["inputs_embeds"], kw.get("attention_mask"), context.continuation)
+            context.begin_call(prompted, kw.get("attention_mask"), context.continuation)
         return (), kw
 
     def _post_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         output = super()._post_hook(model, args, kwargs, output)
-        strip, self._strip = self._strip, False
+        strip, self._strip, self._pending = self._strip, False, None
         n = self.num_virtual_tokens
         if isinstance(output, tuple):  # return_dict=False: the logits follow the loss when the call had labels
             i = 1 if tuple_loss_index(model, args, kwargs, output) == 0 else 0
