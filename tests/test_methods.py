@@ -533,6 +533,39 @@ def test_prompt_tuning_on_a_decoder_classifier_pools_each_sequence_s_last_real_t
             assert_close(batched[row], model(input_ids=alone[None]).logits[0])
 
 
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_prompt_tuning_on_question_answering_lines_the_span_up_with_the_caller_s_tokens(kind):
+    """A question-answering head's start / end logits came back over the virtual tokens too, one column per position
+    in front of the caller's tokens, and its loss read start_positions / end_positions as indices into that longer
+    sequence: every answer span shifted n tokens to the left, into the prompt. Reference: the base model on the
+    prompt's embeddings in front of the tokens' own, its targets n further on."""
+    from transformers import BertConfig, BertForQuestionAnswering, LlamaConfig, LlamaForQuestionAnswering
+
+    torch.manual_seed(0)
+    if kind == "bert":
+        base = BertForQuestionAnswering(BertConfig(vocab_size=97, hidden_size=32, intermediate_size=48,
+                                                   num_hidden_layers=2, num_attention_heads=4)).eval()
+    else:
+        base = LlamaForQuestionAnswering(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48,
+                                                     num_hidden_layers=2, num_attention_heads=4,
+                                                     num_key_value_heads=2)).eval()
+    n = 3
+    model = mol.inject(copy.deepcopy(base), mol.PromptTuningConfig(num_virtual_tokens=n))
+    randomize(model)
+    ids, start, end = torch.randint(1, 97, (2, 8)), torch.tensor([2, 5]), torch.tensor([4, 6])
+    with torch.no_grad():
+        out = model(input_ids=ids, start_positions=start, end_positions=end)
+        embeds = base.get_input_embeddings()(ids)
+        prompted = torch.cat([model.mol_prompt.embedding.weight.expand(2, -1, -1), embeds], dim=1)
+        want = base(inputs_embeds=prompted, start_positions=start + n, end_positions=end + n)
+        as_tuple = model(input_ids=ids, start_positions=start, end_positions=end, return_dict=False)
+    assert_close(out.loss, want.loss)
+    assert_close(out.start_logits, want.start_logits[:, n:])
+    assert_close(out.end_logits, want.end_logits[:, n:])
+    assert_close(as_tuple[1], out.start_logits)
+    assert_close(as_tuple[2], out.end_logits)
+
+
 def test_ia3_and_bitfit_on_nf4_base_with_mol():
     """QLoRA-style: MoL quantizes the base to NF4; IA³ and BitFit then adapt NF4 layers (IA³ refuses to merge)."""
     base = tiny_llama()

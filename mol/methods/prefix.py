@@ -82,7 +82,8 @@ class PromptTuningConfig(MethodConfig):
     ``init``: ``"vocab"`` copies embeddings of random vocabulary tokens (PEFT's SAMPLE_VOCAB), ``"random"`` draws
     from N(0, 1) (PEFT's RANDOM). As in PEFT, the loss covers the virtual positions (labels -100) and given
     ``position_ids`` are ignored (the model numbers positions itself, virtual tokens first); unlike PEFT, token
-    logits come back for the caller's tokens only, so they line up with ``input_ids`` and ``labels``; and on a
+    logits come back for the caller's tokens only, so they line up with ``input_ids`` and ``labels`` (a question-
+    answering head's span logits too, and its ``start_positions`` / ``end_positions`` count the caller's tokens); on a
     sequence classifier the call keeps ``input_ids`` (placeholders for the virtual tokens), from which Hugging Face's
     decoder classifiers find each sequence's last real token to pool (PEFT's pool the last position, padding or not).
     ``adapter_dtype``: as MoLConfig's ("auto": float32 embeddings on a 16-bit model, as PEFT).
@@ -361,6 +362,9 @@ class PromptEmbedding(_VirtualTokens):
         labels = kw.get("labels")
         if isinstance(labels, Tensor) and labels.dim() == 2 and labels.shape[1] == embeds.shape[1]:
             kw["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)  # virtual tokens: no loss
+        for key in _SPAN_POSITIONS:  # question answering: the answer span's token indices, now past the prompt
+            if isinstance(kw.get(key), Tensor):
+                kw[key] = kw[key] + n
         # The routers' view of the call (set by mol.inject's first pre-hook, from the caller's tokens and mask) must
         # cover what the layers now see: the virtual tokens, as real ones, before the caller's. Without this a
         # routed layer's (batch, n + S) input met a (batch, S) mask and counted the padding (prefix tuning adds
@@ -384,7 +388,23 @@ class PromptEmbedding(_VirtualTokens):
             if isinstance(output, tuple):
                 return output[:i] + (logits[:, n:],) + output[i + 1:]
             output.logits = logits[:, n:]
+        if strip and type(model).__name__.endswith("ForQuestionAnswering"):
+            # the span logits (batch, n + S) likewise: (start_logits, end_logits), after the loss where there is one
+            def caller_s(t: Any) -> Any:
+                return t[:, n:] if isinstance(t, Tensor) and t.dim() == 2 and t.shape[1] == n + self._length else t
+
+            if isinstance(output, tuple):
+                kw = call_kwargs(model, args, kwargs)
+                j = 1 if all(kw.get(k) is not None for k in _SPAN_POSITIONS) and output and output[0].dim() == 0 else 0
+                return output[:j] + tuple(caller_s(t) for t in output[j:j + 2]) + output[j + 2:]
+            for name in ("start_logits", "end_logits"):
+                if getattr(output, name, None) is not None:
+                    setattr(output, name, caller_s(getattr(output, name)))
         return output
+
+
+# a question-answering model's labels: the answer span's first and last token
+_SPAN_POSITIONS = ("start_positions", "end_positions")
 
 
 def _real_in_front(mask: Tensor, n: int) -> Tensor:
