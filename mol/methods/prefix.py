@@ -287,8 +287,13 @@ class PromptEmbedding(_VirtualTokens):
         if pending is None:
             return None
         kw = call_kwargs(inner, args, kwargs)
-        if kw.get("input_ids") is not pending[0]:
-            return None
+        ids, kept = kw.get("input_ids"), pending[0]
+        if ids is not kept and not (isinstance(ids, Tensor) and ids.shape == kept.shape
+                                    and torch.equal(ids.to(kept.device), kept)):
+            # the placeholders would reach the embeddings in the prompt's place: say so rather than compute that
+            raise ValueError(f"prompt tuning: {type(inner).__name__} got other input_ids from its classifier than "
+                             "the classifier's call had, so the prompt cannot replace their placeholders; pass "
+                             "inputs_embeds instead of input_ids to this model")
         kw["inputs_embeds"], kw["input_ids"] = pending[1], None
         return (), kw
 
