@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mol.io import CONFIG_NAME, WEIGHTS_NAME, _adapter_source, _hub_repo_id, _read_configs
 from mol.train.app import (ConfigError, _config_dir_args, _fail, _one_line, asset_path, build_datamodule,
-                           check_accelerator, check_data_values, check_overrides, find_conf_dir, load_model,
-                           model_source, register_resolvers, run_guarded)
+                           check_accelerator, check_data_values, check_overrides, check_positions, find_conf_dir,
+                           load_model, model_source, register_resolvers, run_guarded)
 
 
 def _read_meta(meta_file: Path) -> dict:
@@ -104,7 +104,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split={cfg.split} is unknown; use split=test or split=val")
     check_accelerator(cfg.trainer, check_devices=False)  # evaluate runs on one device
-    check_data_values(cfg.data)
+    check_data_values(cfg.data, unset_ok=("max_length",))  # null: the run's
     meta = _read_meta(meta_file)
     tokenizer = cfg.model.get("tokenizer") or meta.get("tokenizer")
     if (tokenizer and not cfg.model.get("tokenizer") and not Path(str(tokenizer)).expanduser().exists()
@@ -116,7 +116,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                                             "tokenizer": tokenizer,
                                             "dtype": cfg.model.get("dtype") or meta.get("dtype") or "float32"})
     data_cfg = OmegaConf.merge(cfg.data, {"train": None, "val": None, "test": _eval_data(cfg, meta, meta_file),
-                                          "max_length": meta.get("max_length", cfg.data.max_length)})
+                                          "max_length": cfg.data.get("max_length") or meta.get("max_length", 64)})
     # chat data is read as the run read it: its chat template and field names, unless given here
     with open_dict(model_cfg), open_dict(data_cfg):
         model_cfg.chat_template = cfg.model.get("chat_template") or meta.get("chat_template")
@@ -151,6 +151,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     dm = build_datamodule(run_cfg, tokenizer)
     dm.fixed_labels = meta.get("labels") or None
     dm.setup()
+    check_positions(model, dm, configs)
     module = MoLModule(model, task=meta["task"])
     trainer = pl.Trainer(accelerator=str(cfg.trainer.accelerator), devices=1, precision=cfg.trainer.precision,
                          logger=False, enable_checkpointing=False, enable_model_summary=False,

@@ -252,3 +252,49 @@ def test_hydra_own_lines_still_print(tmp_path):
                  f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, timeout=300)
     assert p.stdout.count("Launching 2 jobs locally") == 1, p.stdout[-2000:]
     assert os.path.isdir(tmp_path / "sweep")
+
+
+# ---------------------------------------------------------------------------- texts longer than a position table
+@pytest.mark.parametrize("extra, match", [
+    ([], r"longest data.train example is 68 tokens \(data.max_length=256\), and BertForSequenceClassification has "
+         r"learned positions for 64; pass data.max_length=64"),
+    (["method=prompt", "data.max_length=64"], r"64 tokens \+ 20 virtual tokens .* pass data.max_length=44"),
+])
+def test_texts_longer_than_the_models_positions_are_one_line_before_training(extra, match, tiny, tmp_path):
+    """data=jsonl's max_length 256 on a BERT of 64 positions (or prompt tuning's 20 virtual tokens on top of 64) failed
+    inside the first forward with 'The expanded size of the tensor (256) must match the existing size (64)', after
+    the baseline had trained, instead of naming data.max_length."""
+    from mol.train.app import ConfigError, run
+
+    long_rows = tmp_path / "train.jsonl"
+    rows = open(tiny["cls"]["train"]).read().splitlines()
+    rows[0] = json.dumps({"text": " ".join(["apple"] * 68), "label": "fruit"})  # 68 tokens: no [CLS]
+    long_rows.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=match):
+        run(_cls_cfg(tiny, out, f"data.train={long_rows}", "baseline.enabled=true", *extra))
+    assert not (out / "baseline").exists() and not (out / "logs").exists()
+    assert run(_cls_cfg(tiny, tmp_path / "ok", f"data.train={long_rows}", "data.max_length=44", *extra[:1]))["run"]
+
+
+def test_evaluate_reads_data_max_length_and_checks_the_positions(tiny, tmp_path):
+    """mol.evaluate's data.max_length was replaced by the run's without a word; now it is read, and a length beyond
+    the model's positions is one ConfigError naming it."""
+    from mol.evaluate import evaluate
+    from mol.train.app import ConfigError, run
+
+    run(_cls_cfg(tiny, tmp_path / "run", "baseline.enabled=false"))
+    long_rows = tmp_path / "test.jsonl"
+    long_rows.write_text(json.dumps({"text": " ".join(["apple"] * 100), "label": "fruit"}) + "\n")
+
+    def ev(*o):
+        return evaluate(compose([f"adapter={tmp_path / 'run' / 'adapter'}", f"data.test={long_rows}",
+                                 f"data.cache_dir={tmp_path / 'cache'}", "trainer.enable_progress_bar=false", *o],
+                                config_name="evaluate"))
+
+    with pytest.raises(ConfigError, match=r"100 tokens \(data.max_length=256\).* pass data.max_length=64"):
+        ev()  # the run's data.max_length
+    with pytest.raises(ConfigError, match=r"100 tokens \(data.max_length=100\).* pass data.max_length=64"):
+        ev("data.max_length=100")
+    short, longer = ev("data.max_length=4"), ev("data.max_length=64")
+    assert short["examples"] == longer["examples"] == 1 and short["test/loss"] != pytest.approx(longer["test/loss"])

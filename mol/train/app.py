@@ -539,13 +539,14 @@ def check_trainer_values(trainer_cfg: DictConfig) -> None:
                           "trainer.devices=[0,1] or trainer.devices=auto")
 
 
-def check_data_values(data_cfg: DictConfig) -> None:
+def check_data_values(data_cfg: DictConfig, unset_ok: tuple[str, ...] = ()) -> None:
     """``data.max_length=abc`` failed in int() and ``data.max_length=0`` / ``data.eval_batch_size=0`` inside the
-    model or a loader, with a traceback; ``data.limit_train_examples=0`` meant no limit. Here in one line."""
+    model or a loader, with a traceback; ``data.limit_train_examples=0`` meant no limit. Here in one line.
+    ``unset_ok``: keys that may also be null (mol.evaluate's max_length: the run's)."""
     for key, lowest in (("batch_size", 1), ("eval_batch_size", 1), ("max_length", 1), ("num_workers", 0),
                         ("limit_train_examples", 1)):
         v = data_cfg.get(key)
-        if v is None and key in ("limit_train_examples", "num_workers"):
+        if v is None and key in ("limit_train_examples", "num_workers", *unset_ok):
             continue
         if not is_whole(v) or v < lowest:
             unset = " (null: every example)" if key == "limit_train_examples" else ""
@@ -828,6 +829,41 @@ def check_injection(model: Any, method_cfg: Any) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+_POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")  # BERT / RoBERTa, GPT-2, OPT
+
+
+def position_limit(model: Any) -> Optional[int]:
+    """How many positions a model with a learned absolute position table (BERT, RoBERTa, GPT-2, OPT) takes; None for
+    rotary or relative positions (Llama, Qwen ...), which take any length."""
+    from torch import nn
+
+    limits = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and name.rpartition(".")[2] in _POSITION_TABLES:
+            pad = m.padding_idx
+            # RoBERTa counts positions from padding_idx + 1, OPT from its offset of 2
+            limits.append(m.num_embeddings - int(getattr(m, "offset", 0) or 0) - (pad + 1 if pad is not None else 0))
+    return min(limits) if limits else None
+
+
+def check_positions(model: Any, datamodule: Any, method_cfg: Any) -> None:
+    """The longest example (plus prefix or prompt tuning's virtual tokens) fits the model's learned position table:
+    beyond it BERT and GPT-2 fail inside the forward (an index or expand error naming no setting)."""
+    limit = position_limit(model)
+    if limit is None:
+        return
+    configs = method_cfg if isinstance(method_cfg, (list, tuple)) else [method_cfg]
+    virtual = sum(int(getattr(c, "num_virtual_tokens", 0) or 0) for c in configs if c is not None)
+    longest, split = max(((len(e["input_ids"]), s) for s, ds in datamodule.splits.items() for e in ds.examples),
+                         default=(0, None))
+    if longest + virtual <= limit:
+        return
+    plus = f" + {virtual} virtual tokens" if virtual else ""
+    raise ConfigError(f"the longest data.{split} example is {longest} tokens{plus} (data.max_length="
+                      f"{datamodule.max_length}), and {type(model).__name__} has learned positions for {limit}; "
+                      f"pass data.max_length={max(1, limit - virtual)}")
+
+
 def read_checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """The tensor shapes of a checkpoint's ``state_dict``; an unreadable file is a one-line ConfigError."""
     import torch
@@ -884,6 +920,7 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
 
     if model is None:
         model = _seeded_model(cfg, datamodule)
+        check_positions(model, datamodule, method_cfg)
     modules_to_save = list(cfg.model.get("modules_to_save") or [])
     if baseline:
         freeze_except(model, modules_to_save)
@@ -1143,6 +1180,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if train_baseline or saved is not None:
         # a method that cannot apply, or a checkpoint of another method or shape, fails now, not after the baseline
         model = _seeded_model(cfg, datamodule)
+        check_positions(model, datamodule, method_cfg)
         shapes = check_injection(model, method_cfg)
         if saved is not None:
             check_checkpoint_fits(str(ckpt), saved, shapes)
