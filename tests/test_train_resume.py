@@ -164,6 +164,45 @@ def test_resume_from_an_epochs_last_step_takes_the_next_epochs_order(tmp_path):
         assert abs(resumed[step] - full[step]) <= 1e-6 * abs(full[step]), (step, resumed, full)
 
 
+def test_a_run_stopped_mid_epoch_by_max_steps_resumes_there_and_epochs_save_last(tmp_path, monkeypatch):
+    """Lightning's ModelCheckpoint with save_top_k=0 saved last.ckpt only every ckpt_every_n_steps, and else once,
+    when training ended, recording the epoch as finished: a run stopped by trainer.max_steps=3 (of 4 steps an epoch,
+    no checkpoint step on the way) and resumed to step 8 skipped the rest of epoch 0 and took epoch 1's order, and
+    trainer.ckpt_every_n_steps=0 ("last.ckpt only at epoch ends and validations") saved nothing until the run ended,
+    so a killed run had no checkpoint at all."""
+    import lightning.pytorch as pl
+
+    from mol.train.app import run
+    from mol.train.callbacks import read_loss_history
+    from test_train_utils import compose, quiet_trainer_overrides
+
+    model, data = make_tiny_llama(tmp_path / "llama"), make_causal_data(tmp_path / "data")
+    saves = []
+    save = pl.Trainer.save_checkpoint
+
+    def recording(self, path, *a, **k):
+        saves.append(self.global_step)
+        return save(self, path, *a, **k)
+
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", recording)
+
+    def losses(name, *extra):
+        run(compose(["method=lora", "model=hf_causal", f"model.path={model}", "data=jsonl",
+                     f"data.train={data['train']}", "data.batch_size=8", "data.max_length=32",
+                     f"data.cache_dir={tmp_path / 'cache'}", "optim.lr=1e-2", "optim.warmup_ratio=0",
+                     "optim.min_lr_ratio=1.0", "trainer.max_epochs=2", f"output_dir={tmp_path / name}",
+                     *quiet_trainer_overrides(), *extra]))
+        return read_loss_history(str(tmp_path / name / "train_loss.jsonl"))
+
+    full = losses("full", "trainer.ckpt_every_n_steps=0")
+    assert saves == [4, 8]  # each epoch's end
+    losses("stopped", "trainer.max_steps=3")
+    resumed = losses("stopped", "trainer.max_steps=8", "resume=auto")
+    assert sorted(full) == sorted(resumed) == list(range(1, 9))
+    for step in range(4, 9):
+        assert abs(resumed[step] - full[step]) <= 1e-6 * abs(full[step]), (step, resumed, full)
+
+
 def _cls_cfg(tmp_path, out, *extra):
     from test_train_utils import compose, make_classification_data, make_tiny_bert
 

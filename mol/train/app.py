@@ -765,7 +765,9 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: list, logger_name: str,
         kw["strategy"] = instantiate(kw["strategy"], _partial_=True)(**{k: v for k, v in extra.items() if v})
     if max_epochs is not None:
         kw["max_epochs"] = max_epochs
-    if not any(type(c).__name__ == "ModelCheckpoint" for c in callbacks):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
         kw["enable_checkpointing"] = False  # the baseline is not resumable and needs no checkpoint
     logger = build_logger(cfg, out, logger_name, append=append)
     from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -911,10 +913,10 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
     """Train one model (a method, or the head-only baseline) and evaluate it on the test split. ``model``: one
     ``_seeded_model`` already loaded, else loaded here."""
     import torch
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
 
     import mol
-    from mol.train.callbacks import LossHistory, RoutingHeatmap
+    from mol.train.callbacks import LossHistory, RoutingHeatmap, RunCheckpoint
     from mol.train.fsdp import fsdp_root, gather_trainable, whole_parameters
     from mol.train.module import MoLModule
 
@@ -955,8 +957,8 @@ def _fit(cfg: DictConfig, out: Path, datamodule: Any, method_cfg: Any, *, baseli
         append = ckpt_path is not None
         callbacks += [RoutingHeatmap(str(out), append=append),
                       LossHistory(str(out / "train_loss.jsonl"), append=append),
-                      ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0,
-                                      every_n_train_steps=int(cfg.trainer.ckpt_every_n_steps))]
+                      RunCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0,
+                                    every_n_train_steps=int(cfg.trainer.ckpt_every_n_steps))]
     run_dir = out / "baseline" if baseline else out
     if fsdp_strategy(cfg.trainer):
         strategy = cfg.trainer.strategy

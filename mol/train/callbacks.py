@@ -1,4 +1,4 @@
-"""Callbacks: routing heatmap + per-layer utilisation at each validation, and a per-step loss log."""
+"""Callbacks: routing heatmap + per-layer utilisation at each validation, a per-step loss log, the run's last.ckpt."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import mol
 
@@ -170,6 +171,37 @@ class LossHistory(pl.Callback):
                 fh.write(json.dumps({"step": trainer.global_step, "loss": sum(losses) / len(losses)}) + "\n")
                 fh.flush()
         self._acc = []
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` optimizer steps, at each epoch end and validation, and at the step
+    where ``trainer.max_steps`` stops the run.
+
+    Lightning's ModelCheckpoint with ``save_top_k=0`` saves ``last`` at epoch ends and validations only where a
+    top-k file was saved at the same step, so without a step interval a run had no checkpoint until it ended. Its
+    fallback at the end of training records the epoch as finished: a run stopped mid-epoch by ``max_steps`` and
+    resumed with a larger one skipped the rest of that epoch. Here that step is saved at its batch's end, as a
+    mid-epoch checkpoint, and the epoch end that follows it saves nothing."""
+
+    def _save_last_now(self, trainer: pl.Trainer) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self._save_last_now(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer) and not 0 < trainer.max_steps <= trainer.global_step:
+            self._save_last_now(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_now(trainer)
 
 
 def read_loss_history(path: str) -> dict[int, float]:
