@@ -204,3 +204,18 @@ def test_a_cache_dir_that_is_a_file_is_one_data_error(tmp_path):
         with pytest.raises(DataError, match=r"data.cache_dir=.*f(/sub)? cannot hold the token cache .*data.cache_dir="
                                             r"null"):
             TextDataModule(tok, "causal_lm", train=str(tr), batch_size=2, cache_dir=str(cache)).setup()
+
+
+@pytest.mark.parametrize("name, text", [("bom.jsonl", '{"text": "caf\u00e9 one"}\n\n{"text": "two red"}\n'),
+                                        ("bom.json", '[{"text": "caf\u00e9 one"}, {"text": "two red"}]')])
+def test_a_utf8_file_with_a_byte_order_mark_reads_as_without(name, text, tmp_path):
+    """A file saved as "UTF-8 with BOM" (Windows editors) failed its first line: 'is not valid JSON (Unexpected UTF-8
+    BOM (decode using utf-8-sig)); one JSON object per line', and a .json array was read as JSON lines."""
+    from mol.train.data import TextDataModule
+
+    tok = make_tokenizer(tmp_path / "tok")
+    (tmp_path / name).write_bytes(text.encode("utf-8-sig"))
+    dm = TextDataModule(tok, "causal_lm", train=str(tmp_path / name), batch_size=1, cache_dir=None)
+    dm.setup()
+    assert [e["input_ids"] for e in dm.splits["train"].examples] == [tok("caf\u00e9 one")["input_ids"],
+                                                                      tok("two red")["input_ids"]]

@@ -194,10 +194,11 @@ def _read_records(path: Path) -> list[dict]:
 
 def _utf8_text(path: Path) -> str:
     """The file's text; one that is not UTF-8 (a binary file, another encoding) is one DataError naming the line,
-    not a UnicodeDecodeError traceback."""
+    not a UnicodeDecodeError traceback. A leading byte-order mark (Windows editors' "UTF-8 with BOM") is dropped: it
+    failed the first line as invalid JSON."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line} is not UTF-8 text (byte 0x{data[e.start]:02x}: {e.reason}); data files are "
