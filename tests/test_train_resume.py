@@ -203,6 +203,29 @@ def test_a_run_stopped_mid_epoch_by_max_steps_resumes_there_and_epochs_save_last
         assert abs(resumed[step] - full[step]) <= 1e-6 * abs(full[step]), (step, resumed, full)
 
 
+def test_a_resume_with_another_lr_or_weight_decay_trains_with_them(tmp_path):
+    """The restored optimizer and schedule held the checkpoint's lr and weight decay: a run resumed with a lower
+    optim.lr (say, after its loss diverged) went on at the old one without a word."""
+    from mol.train.app import run
+    from test_train_utils import compose, quiet_trainer_overrides
+
+    model, data = make_tiny_llama(tmp_path / "llama"), make_causal_data(tmp_path / "data")
+
+    def go(*extra):
+        run(compose(["method=lora", "model=hf_causal", f"model.path={model}", "data=jsonl",
+                     f"data.train={data['train']}", "data.batch_size=8", f"data.cache_dir={tmp_path / 'cache'}",
+                     "optim.warmup_ratio=0", "optim.min_lr_ratio=1.0", "trainer.max_epochs=-1",
+                     f"output_dir={tmp_path / 'run'}", *quiet_trainer_overrides(), *extra]))
+
+    go("trainer.max_steps=2")
+    go("trainer.max_steps=4", "resume=auto", "optim.lr=0.25", "optim.weight_decay=0.1")
+    with open(tmp_path / "run" / "logs" / "metrics.csv") as fh:
+        lrs = [float(r["lr-AdamW"]) for r in csv.DictReader(fh) if r.get("lr-AdamW")]
+    assert lrs == [1e-3, 1e-3, 0.25, 0.25]
+    groups = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["optimizer_states"][0]
+    assert [(g["lr"], g["weight_decay"]) for g in groups["param_groups"]] == [(0.25, 0.1)]
+
+
 def _cls_cfg(tmp_path, out, *extra):
     from test_train_utils import compose, make_classification_data, make_tiny_bert
 

@@ -289,8 +289,9 @@ class MoLModule(pl.LightningModule):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = self.fused_adamw(self.trainer, on_cuda=all(p.is_cuda for p in params))
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas,
-                                fused=True if fused else None)
+        groups = [g for g in groups if g["params"]]
+        self._group_decay = [g["weight_decay"] for g in groups]  # what on_train_start sets again after a resume
+        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=True if fused else None)
         # The schedule's length is read in on_train_start, not here: asking Lightning for estimated_stepping_batches
         # now would build the train loader before a checkpoint is restored, and a resumed run with a finite
         # max_epochs would then never get its loader's position back (it replayed epoch 0 from the start).
@@ -312,6 +313,11 @@ class MoLModule(pl.LightningModule):
         self._total_steps = max(1, int(total))
         for config in self.trainer.lr_scheduler_configs:  # the rates of the step the run starts at, now known
             sched = config.scheduler
+            # optim.lr and optim.weight_decay as this run sets them: a resumed run's optimizer and schedule come back
+            # with the checkpoint's, so another value given on resume was ignored without a word
+            sched.base_lrs = [self.lr] * len(sched.base_lrs)
+            for group, decay in zip(sched.optimizer.param_groups, getattr(self, "_group_decay", ())):
+                group["initial_lr"], group["weight_decay"] = self.lr, decay
             lrs = [base * self._lr_factor(sched.last_epoch) for base in sched.base_lrs]
             for group, lr in zip(sched.optimizer.param_groups, lrs):
                 group["lr"] = lr
