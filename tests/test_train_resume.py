@@ -226,6 +226,28 @@ def test_a_resume_with_another_lr_or_weight_decay_trains_with_them(tmp_path):
     assert [(g["lr"], g["weight_decay"]) for g in groups["param_groups"]] == [(0.25, 0.1)]
 
 
+def test_a_resume_with_another_global_batch_is_one_data_error(tmp_path):
+    """The checkpoint's data position counts batches: resumed with another data.batch_size it skipped the wrong
+    number of examples of the epoch's order (half of them at half the batch), without a word."""
+    from mol.train.app import run
+    from mol.train.data import DataError
+    from test_train_utils import compose, quiet_trainer_overrides
+
+    model, data = make_tiny_llama(tmp_path / "llama"), make_causal_data(tmp_path / "data")
+
+    def go(*extra):
+        return run(compose(["method=lora", "model=hf_causal", f"model.path={model}", "data=jsonl",
+                            f"data.train={data['train']}", f"data.cache_dir={tmp_path / 'cache'}",
+                            "trainer.max_epochs=-1", f"output_dir={tmp_path / 'run'}", *quiet_trainer_overrides(),
+                            *extra]))
+
+    go("data.batch_size=8", "trainer.max_steps=2")
+    with pytest.raises(DataError, match="global batches of 8 examples and this run's are 4 .* resume with "
+                                        "data.batch_size=8"):
+        go("data.batch_size=4", "trainer.max_steps=4", "resume=auto")
+    assert go("data.batch_size=8", "trainer.max_steps=4", "resume=auto")["run"]["steps"] == 4
+
+
 def _cls_cfg(tmp_path, out, *extra):
     from test_train_utils import compose, make_classification_data, make_tiny_bert
 

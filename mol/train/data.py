@@ -601,10 +601,21 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         epoch, done = self.position_fn()
-        return {"epoch": epoch, "batches_done": done}
+        sampler = self.batch_sampler
+        return {"epoch": epoch, "batches_done": done, "global_batch": sampler.batch_size * sampler.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler._skip = (int(state["epoch"]), int(state["batches_done"]))
+        sampler = self.batch_sampler
+        saved, now = state.get("global_batch"), sampler.batch_size * sampler.world_size
+        if saved is not None and int(saved) != now:
+            # the position counts batches of the checkpoint's size: resumed with another, it skipped the wrong number
+            # of examples of the epoch's order, without a word
+            per = f"data.batch_size={int(saved) // sampler.world_size}" if int(saved) % sampler.world_size == 0 else \
+                f"data.batch_size x processes = {int(saved)}"
+            raise DataError(f"resume: the checkpoint's data position counts global batches of {int(saved)} examples "
+                            f"and this run's are {now} (data.batch_size={sampler.batch_size} x {sampler.world_size} "
+                            f"process(es)); resume with {per}, or start afresh in a new output_dir=...")
+        sampler._skip = (int(state["epoch"]), int(state["batches_done"]))
 
 
 class Collator:
