@@ -219,3 +219,17 @@ def test_a_utf8_file_with_a_byte_order_mark_reads_as_without(name, text, tmp_pat
     dm.setup()
     assert [e["input_ids"] for e in dm.splits["train"].examples] == [tok("caf\u00e9 one")["input_ids"],
                                                                       tok("two red")["input_ids"]]
+
+
+def test_a_classification_record_without_its_label_names_the_field(tmp_path):
+    """One record of a labelled file without its label was told to 'use a causal LM model (model=hf_causal) for
+    text, prompt/response or chat data', which fits a file without labels, not a row that lost its own."""
+    from mol.train.data import DataError, Fields, TextDataModule
+
+    tok = make_tokenizer(tmp_path / "tok")
+    rows = [{"sentence": "cat dog", "y": "animal"}, {"sentence": "red", "y": "color"}] * 2 + [{"sentence": "blue"}]
+    tr = _write(tmp_path / "tr.jsonl", rows)
+    with pytest.raises(DataError, match=r"tr.jsonl:5: the record has no `y \(data.label_field\)`; model.task="
+                                        r"classification needs one on every record: add it, or remove the record"):
+        TextDataModule(tok, "classification", train=str(tr), cache_dir=None,
+                       fields=Fields(text="sentence", label="y")).setup()

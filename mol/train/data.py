@@ -484,6 +484,9 @@ def tokenize_source(source: Source, tokenizer: Any, task_kind: str, max_length: 
         fmt = opened.format(rec, i, fields)
         task = str(rec.get("task", default_task))
         if task_kind == "classification":
+            if fmt == "text":  # scan() found labels on other records: this one lacks its own
+                raise DataError(f"{where}: the record has no `{fields.name('label')}`; model.task=classification "
+                                "needs one on every record: add it, or remove the record")
             if fmt != "text_label":
                 raise DataError(f"{where}: model.task=classification needs text/label records, got {fmt}; "
                                 "use a causal LM model (model=hf_causal) for text, prompt/response or chat data")
