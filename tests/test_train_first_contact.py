@@ -298,3 +298,17 @@ def test_evaluate_reads_data_max_length_and_checks_the_positions(tiny, tmp_path)
         ev("data.max_length=100")
     short, longer = ev("data.max_length=4"), ev("data.max_length=64")
     assert short["examples"] == longer["examples"] == 1 and short["test/loss"] != pytest.approx(longer["test/loss"])
+
+
+def test_a_router_override_on_a_method_without_a_router_says_so(tiny, tmp_path):
+    """router=switch with method=lora trained plain LoRA without a word: the router group only feeds method=mol and
+    qlora-mol. Said once per job that ignores it (a sweep across methods and routers still runs)."""
+    p = run_cli(["-m", "method=lora,mol", "router=switch", "router.top_k=1", "model=hf_causal",
+                 f"model.path={tiny['llama']}", "data=jsonl", f"data.train={tiny['causal']['train']}",
+                 "trainer.max_steps=1", "trainer.enable_progress_bar=false", f"data.cache_dir={tmp_path / 'cache'}",
+                 f"output_dir={tmp_path / 'sweep'}"], cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    said = "mol: router=switch router.top_k=1 changes nothing: LoRAConfig has no router (the router group configures " \
+        "method=mol and qlora-mol)"
+    assert p.stdout.count(said) == 1, p.stdout[-3000:]
+    assert json.loads((tmp_path / "sweep" / "1" / "results.json").read_text())["method_config"]["router"] == "switch"

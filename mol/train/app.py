@@ -582,6 +582,22 @@ def check_run_values(cfg: DictConfig) -> None:
                           "(or baseline.enabled=false)")
 
 
+def notice_unused_router(method_cfg: Any) -> None:
+    """``router=switch`` or ``router.top_k=4`` on a method without a router (method=lora ...): the router group only
+    feeds method=mol / qlora-mol, so the run trained as if it were not given, without a word. Said on stdout, not
+    refused: a sweep across methods and routers (``-m method=lora,mol router=topk,switch``) is fine."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    given = [o for o in HydraConfig.get().overrides.task
+             if re.split(r"[.=]", o.lstrip("+~"), maxsplit=1)[0] == "router"]
+    configs = method_cfg if isinstance(method_cfg, (list, tuple)) else [method_cfg]
+    if given and not any(hasattr(c, "router") for c in configs):
+        notice(f"{' '.join(given)} changes nothing: {type(configs[0]).__name__} has no router (the router group "
+               "configures method=mol and qlora-mol)")
+
+
 def check_hub(cfg: DictConfig, method_cfg: Any) -> None:
     """``hub.*``, before training: an upload that cannot happen (no token, offline, PEFT's format for a method PEFT
     cannot hold) would otherwise fail only once the run has finished."""
@@ -1152,6 +1168,7 @@ def prepare(cfg: DictConfig) -> tuple[Any, Any]:
     check_accelerator(cfg.trainer)
     method_cfg = build_method_config(cfg)
     fsdp_uniform_dtype(cfg, method_cfg)
+    notice_unused_router(method_cfg)
     check_hub(cfg, method_cfg)
     build_logger(cfg, Path("."))  # a missing logger package fails here, not after the baseline's fit (writes nothing)
     tokenizer = _tokenizer_only(cfg.model)
