@@ -233,3 +233,22 @@ def test_a_classification_record_without_its_label_names_the_field(tmp_path):
                                         r"classification needs one on every record: add it, or remove the record"):
         TextDataModule(tok, "classification", train=str(tr), cache_dir=None,
                        fields=Fields(text="sentence", label="y")).setup()
+
+
+def test_limit_train_examples_draws_from_every_source_of_a_mixture(tmp_path):
+    """data.limit_train_examples kept the first N examples of the concatenated mixture: every one from the first
+    source, the other tasks left out without a word."""
+    from mol.train.data import TextDataModule
+
+    tok = make_tokenizer(tmp_path / "tok")
+    a = _write(tmp_path / "a.jsonl", [{"text": "cat dog bird"}] * 40)
+    b = _write(tmp_path / "b.jsonl", [{"text": "red green blue"}] * 40)
+
+    def tasks(seed):
+        dm = TextDataModule(tok, "causal_lm", train=[{"path": str(a), "task": "a"}, {"path": str(b), "task": "b"}],
+                            cache_dir=None, limit_train_examples=20, seed=seed)
+        dm.setup()
+        return [e["task"] for e in dm.splits["train"].examples]
+
+    drawn = tasks(0)
+    assert len(drawn) == 20 and {"a", "b"} == set(drawn) and drawn == sorted(drawn) and drawn == tasks(0)

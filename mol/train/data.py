@@ -763,8 +763,11 @@ class TextDataModule(pl.LightningDataModule):
                     extra = torch.randperm(len(ex), generator=g)[: int(round(frac * len(ex)))].tolist()
                     ex = ex * whole + [ex[i] for i in extra]
                 examples += ex
-            if split == "train" and self.limit_train_examples:
-                examples = examples[: self.limit_train_examples]
+            if split == "train" and self.limit_train_examples and len(examples) > self.limit_train_examples:
+                # a seeded draw over the whole mixture, in its order: the first N came from the first source alone
+                g = torch.Generator().manual_seed(self.seed)
+                keep = sorted(torch.randperm(len(examples), generator=g)[: self.limit_train_examples].tolist())
+                examples = [examples[i] for i in keep]
             if split == "train" and examples and self.task_kind == "causal_lm":  # mol.evaluate has no train split
                 # a prompt of max_length tokens or more (or a one-token text, or a chat whose turns before the first
                 # assistant reply fill max_length) leaves no token to learn: a batch of only such examples has a
