@@ -248,6 +248,8 @@ def test_multirun_writes_to_output_dir_and_resumes_there(tmp_path):
     ("baseline.max_epochs=0", "baseline.max_epochs=0 is not a whole number >= 1"),
     ("model.dtype=bfloat17", "model.dtype=bfloat17 is not a torch floating-point dtype"),
     ("model.tokenizer=/no/such/tok", "model.tokenizer=/no/such/tok is neither a folder nor a Hub repo id"),
+    # without a repo to upload to it did nothing: the run saved mol's format alone, without a word
+    ("hub.peft_format=true", "hub.peft_format=true picks the format of the upload to hub.repo_id, which is unset"),
 ])
 def test_values_that_cannot_train_stop_before_anything_loads(override, match, tmp_path, monkeypatch):
     """These trained an untrained adapter into results (max_steps/max_epochs 0: Lightning's fit returns at once),

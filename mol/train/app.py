@@ -604,6 +604,10 @@ def check_hub(cfg: DictConfig, method_cfg: Any) -> None:
     hub = cfg.get("hub") or {}
     repo_id = hub.get("repo_id")
     if repo_id in (None, ""):
+        if hub.get("peft_format"):  # it shapes the upload only: the run saved mol's format, without a word
+            raise ConfigError("hub.peft_format=true picks the format of the upload to hub.repo_id, which is unset: the "
+                              "run would save mol's format alone. Pass hub.repo_id=owner/name too, or drop "
+                              "hub.peft_format and convert the saved adapter with mol.export_peft(model, dir)")
         return
     from mol.io import _REPO_ID
 
