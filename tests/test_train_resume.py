@@ -196,6 +196,9 @@ def test_a_run_stopped_mid_epoch_by_max_steps_resumes_there_and_epochs_save_last
 
     full = losses("full", "trainer.ckpt_every_n_steps=0")
     assert saves == [4, 8]  # each epoch's end
+    saves.clear()
+    losses("validated", "trainer.ckpt_every_n_steps=0", f"data.val={data['val']}", "trainer.val_check_interval=3")
+    assert saves == [3, 4, 7, 8]  # each validation's end, and each epoch's
     losses("stopped", "trainer.max_steps=3")
     resumed = losses("stopped", "trainer.max_steps=8", "resume=auto")
     assert sorted(full) == sorted(resumed) == list(range(1, 9))

@@ -195,7 +195,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer) and not 0 < trainer.max_steps <= trainer.global_step:
+        if not 0 < trainer.max_steps <= trainer.global_step:  # (a validation ending the epoch may have saved it)
             self._save_last_now(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
