@@ -341,3 +341,21 @@ def test_a_resume_file_that_is_no_torch_archive_says_so_without_torch_s_mmap_adv
                                           r"it is truncated or not a checkpoint") as e:
         read_checkpoint_shapes(str(path))
     assert "mmap" not in str(e.value)
+
+
+def test_a_checkpoint_with_damaged_bytes_is_refused_not_loaded(tmp_path):
+    """torch.load checks no checksum: a last.ckpt with flipped bytes inside a tensor (a bad disk, a copy gone wrong)
+    resumed with those bytes as adapter weights and Adam moments, without a word. The zip's CRCs catch it."""
+    from mol.train.app import ConfigError, read_checkpoint_shapes
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"model.w": torch.arange(4096, dtype=torch.float32)}}, path)
+    assert read_checkpoint_shapes(str(path)) == {"model.w": (4096,)}
+    data = bytearray(path.read_bytes())
+    at = data.find(torch.arange(4096, dtype=torch.float32)[1000:1004].numpy().tobytes())
+    assert at > 0
+    data[at:at + 16] = bytes(16)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"resume: .*last\.ckpt is damaged \(its entry \S+/data/0 fails its "
+                                          r"checksum\): pass another \.ckpt"):
+        read_checkpoint_shapes(str(path))

@@ -898,6 +898,14 @@ def read_checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
     if size == 0 or not zipfile.is_zipfile(path):
         why = "empty file" if size == 0 else "not a torch.save zip archive"
         raise ConfigError(f"resume: cannot read {path} ({why}); it is truncated or not a checkpoint: {fix}")
+    try:  # torch.load checks no checksum: damaged bytes inside a tensor loaded as weights and optimizer state
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        why = f"its entry {bad} fails its checksum"
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        bad, why = e, f"{type(e).__name__}: {_one_line(e)[:120]}"
+    if bad is not None:
+        raise ConfigError(f"resume: {path} is damaged ({why}): {fix}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
